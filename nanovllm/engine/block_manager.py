@@ -1,0 +1,119 @@
+"""Paged KV-cache bookkeeping with prefix caching.
+
+A block is identified by a hash chain: ``hash(block i) = xxh64(hash(block i-1), tokens of block i)``.
+A cache hit needs both the hash and the exact tokens to match, so a hash collision cannot alias two prefixes.
+
+Three rules keep it correct where nano-vllm was not:
+* A block is registered in the cache only after a step has *computed* its KV, never at allocation.  So two
+  identical prompts in the same step each compute their own block (no one reads a block not yet written),
+  and a chunked prefill never hands out blocks whose KV is still pending.
+* Only full blocks that end before a sequence's last token can be hits: at least one token is always left
+  to compute, so a prompt that is entirely cached still produces logits.
+* Freed blocks keep their hash until they are reused, so a preempted sequence (or a later request) can hit
+  them again; freed blocks are reused least-recently-freed first.
+"""
+from collections import OrderedDict
+
+import numpy as np
+import xxhash
+
+from nanovllm.engine.sequence import Sequence
+
+
+def chain_hash(prev_hash: int, tokens) -> int:
+    h = xxhash.xxh64()
+    h.update(prev_hash.to_bytes(8, "little"))
+    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return h.intdigest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.seq_hashes: dict[int, list[int]] = {}  # seq_id -> hashes of its registered blocks, in order
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free_blocks.popitem(last=False)
+        old = self.block_hash[block]
+        if old is not None and self.hash_to_block.get(old) == block:
+            del self.hash_to_block[old]
+        self.block_hash[block] = None
+        self.block_tokens[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """Blocks (and their hashes) that hold a computed copy of this sequence's leading full blocks."""
+        blocks, hashes, h = [], [], 0
+        bs = self.block_size
+        for i in range((len(seq) - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(h, tokens)
+            block = self.hash_to_block.get(h)
+            if block is None or self.block_tokens[block] != tokens:
+                break
+            blocks.append(block)
+            hashes.append(h)
+        return blocks, hashes
+
+    def try_allocate(self, seq: Sequence) -> bool:
+        """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit."""
+        assert not seq.block_table
+        hits, hashes = self._cached_prefix(seq)
+        fresh_needed = self.blocks_for(len(seq)) - len(hits)
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)
+        if fresh_needed > self.num_free_blocks - revived:
+            return False
+        for b in hits:
+            if self.ref_counts[b] == 0:
+                del self.free_blocks[b]
+            self.ref_counts[b] += 1
+        seq.block_table = hits + [self._take_free_block() for _ in range(fresh_needed)]
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        self.seq_hashes[seq.seq_id] = hashes
+        return True
+
+    def needs_block_to_append(self, seq: Sequence) -> bool:
+        return len(seq.block_table) < self.blocks_for(len(seq))
+
+    def append_block(self, seq: Sequence) -> None:
+        """Give a decoding sequence the block its newest token needs (caller checked one is free)."""
+        seq.block_table.append(self._take_free_block())
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Publish every full block whose KV is now computed, so later requests can hit it."""
+        hashes = self.seq_hashes[seq.seq_id]
+        bs = self.block_size
+        h = hashes[-1] if hashes else 0
+        for i in range(len(hashes), seq.num_computed_tokens // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(h, tokens)
+            block = seq.block_table[i]
+            self.block_hash[block] = h
+            self.block_tokens[block] = tokens
+            self.hash_to_block[h] = block
+            hashes.append(h)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the sequence's references; its blocks stay hashed (reusable as cache) until reallocated."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        self.seq_hashes.pop(seq.seq_id, None)

@@ -1,0 +1,53 @@
+"""The engine loop: schedule a step, run it on the model, feed the sampled tokens back to the scheduler."""
+import time
+
+import numpy as np
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.platforms import get_platform
+from nanovllm.sampling_params import SamplingParams
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.platform = get_platform(config.device)
+        self.runner = ModelRunner(config, self.platform)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len, config.eos_token_ids)
+        self._rng = np.random.default_rng(config.seed)
+        self._next_id = 0
+        self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
+                      "decode_steps": 0}
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        seq = Sequence(self._next_id, prompt_token_ids, params, seed)
+        self._next_id += 1
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> tuple[list[Sequence], bool, int]:
+        """Run one step; returns (finished sequences, was it a prefill, tokens computed)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return [], False, 0
+        start = time.perf_counter()
+        tokens = self.runner.run(batch)
+        elapsed = time.perf_counter() - start
+        finished = self.scheduler.postprocess(batch, tokens)
+        computed = sum(batch.num_new_tokens)
+        kind = "prefill" if batch.is_prefill else "decode"
+        self.stats[f"{kind}_tokens"] += computed
+        self.stats[f"{kind}_time"] += elapsed
+        if not batch.is_prefill:
+            self.stats["decode_steps"] += 1
+        return finished, batch.is_prefill, computed
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()

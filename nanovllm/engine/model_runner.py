@@ -1,0 +1,189 @@
+"""Owns the model, its KV cache and the device: turns a scheduled batch into ``StepInputs`` and tokens.
+
+Prefill steps run eagerly (or through the compiled prefill graph); decode steps go to a ``DecodeExecutor``:
+eager, or one compiled graph per batch-size bucket (see ``nanovllm/compile``).
+"""
+import numpy as np
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.step_inputs import StepInputs
+from nanovllm.layers.sampler import sample
+from nanovllm.logger import logger
+from nanovllm.models.loader import load_weights
+from nanovllm.models.registry import resolve_model_class
+from nanovllm.platforms.base import Platform
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, platform: Platform):
+        self.config = config
+        self.platform = platform
+        self.device = platform.device
+        hf = config.hf_config
+        self.dtype = platform.resolve_dtype(config.dtype, hf.get("torch_dtype") or hf.get("dtype"))
+        model_cls = resolve_model_class(hf)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_cls(hf)
+        finally:
+            torch.set_default_dtype(previous)
+        load_weights(self.model, config.model)
+        self.model.eval().requires_grad_(False)
+        self.vocab_size = self.model.args.vocab_size
+        self.block_size = config.kvcache_block_size
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.num_blocks = self._size_kv_cache()
+        self._allocate_kv_cache(self.num_blocks)
+        self.mode = "eager"
+
+    # ---- KV cache -------------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        a = self.model.args
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.block_size * self.dtype.itemsize
+
+    def _size_kv_cache(self) -> int:
+        cfg = self.config
+        if cfg.num_kvcache_blocks is not None:
+            num_blocks = cfg.num_kvcache_blocks
+        else:
+            budget = self._measure_kv_budget()
+            if budget is None:
+                budget = _CPU_DEFAULT_KV_BYTES
+            num_blocks = max(0, budget // self.kv_bytes_per_block())
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, but one sequence of "
+                f"max_model_len={cfg.max_model_len} needs {self.max_blocks_per_seq}; lower max_model_len, raise "
+                f"num_kvcache_blocks or gpu_memory_utilization")
+        return num_blocks
+
+    def _measure_kv_budget(self) -> int | None:
+        """Run the largest prefill and sampler once and size the cache from what memory is left."""
+        if not self.platform.supports_graph_capture:
+            return None
+        cfg = self.config
+        self.platform.reset_peak_memory()
+        seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
+        num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
+        blocks_each = -(-seq_len // self.block_size)
+        self._allocate_kv_cache(num_seqs * blocks_each)
+        tables = np.arange(num_seqs * blocks_each, dtype=np.int32).reshape(num_seqs, blocks_each)
+        tokens = np.zeros(num_seqs * seq_len, dtype=np.int64)
+        positions = np.tile(np.arange(seq_len), num_seqs)
+        slots = (tables[:, :, None] * self.block_size + np.arange(self.block_size)).reshape(num_seqs, -1)[:, :seq_len]
+        inputs = self._make_inputs(tokens, positions, slots.reshape(-1), tables,
+                                   np.full(num_seqs, seq_len), np.arange(0, num_seqs * seq_len + 1, seq_len),
+                                   np.arange(1, num_seqs + 1) * seq_len - 1, sampling=None)
+        with torch.inference_mode():
+            self.model(inputs, self.kv_caches, True)
+            logits = torch.zeros(cfg.max_num_seqs, self.vocab_size, device=self.device)
+            z = torch.zeros(cfg.max_num_seqs, device=self.device)
+            sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
+        self.platform.synchronize()
+        del self.kv_cache, self.kv_caches
+        return self.platform.available_kv_bytes(cfg.gpu_memory_utilization)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        a = self.model.args
+        self.kv_cache = torch.zeros(a.num_layers, 2, num_blocks, a.num_kv_heads, self.block_size, a.head_dim,
+                                    dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(a.num_layers)]
+
+    # ---- inputs ---------------------------------------------------------------------------------------
+    def _make_inputs(self, tokens, positions, slots, tables, context_lens, cu_seqlens, logits_indices,
+                     sampling) -> StepInputs:
+        n = len(context_lens)
+        if sampling is None:
+            sampling = (np.zeros(n, np.float32), np.full(n, -1), np.ones(n, np.float32), np.zeros(n), np.zeros(n))
+        temperature, top_k, top_p, seeds, sample_positions = sampling
+
+        def t(x, dtype):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+        host = StepInputs(
+            input_ids=t(tokens, torch.int64), positions=t(positions, torch.int64), slot_mapping=t(slots, torch.int64),
+            block_tables=t(tables, torch.int32), context_lens=t(context_lens, torch.int32),
+            cu_seqlens_q=t(cu_seqlens, torch.int32), logits_indices=t(logits_indices, torch.int64),
+            temperature=t(temperature, torch.float32), top_k=t(top_k, torch.int64), top_p=t(top_p, torch.float32),
+            seeds=t(seeds, torch.int64), sample_positions=t(sample_positions, torch.int64))
+        return host if self.device.type == "cpu" else host.to(self.device)
+
+    def _sampling_arrays(self, seqs, rows: int):
+        temperature = np.zeros(rows, np.float32)
+        top_k = np.full(rows, -1, np.int64)
+        top_p = np.ones(rows, np.float32)
+        seeds = np.zeros(rows, np.int64)
+        positions = np.zeros(rows, np.int64)
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+            seeds[i], positions[i] = seq.seed, len(seq)
+        return temperature, top_k, top_p, seeds, positions
+
+    def _block_table_array(self, seqs, rows: int, width: int) -> np.ndarray:
+        tables = np.zeros((rows, width), np.int32)
+        for i, seq in enumerate(seqs):
+            tables[i, :len(seq.block_table)] = seq.block_table
+        return tables
+
+    def prepare_prefill(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.block_size
+        tokens, positions, slots, cu, last = [], [], [], [0], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n)
+            tokens.append(np.asarray(seq.token_ids[start:start + n]))
+            positions.append(pos)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            cu.append(cu[-1] + n)
+            last.append(cu[-1] - 1)
+        seqs = batch.seqs
+        width = max(len(s.block_table) for s in seqs)
+        context = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)]
+        return self._make_inputs(np.concatenate(tokens), np.concatenate(positions), np.concatenate(slots),
+                                 self._block_table_array(seqs, len(seqs), width), np.asarray(context), np.asarray(cu),
+                                 np.asarray(last), self._sampling_arrays(seqs, len(seqs)))
+
+    def prepare_decode(self, batch: ScheduledBatch, rows: int) -> StepInputs:
+        """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""
+        bs = self.block_size
+        seqs = batch.seqs
+        n = len(seqs)
+        tokens = np.zeros(rows, np.int64)
+        positions = np.zeros(rows, np.int64)
+        slots = np.full(rows, -1, np.int64)
+        context = np.zeros(rows, np.int32)
+        for i, seq in enumerate(seqs):
+            pos = len(seq) - 1
+            tokens[i], positions[i], context[i] = seq.token_ids[-1], pos, pos + 1
+            slots[i] = seq.block_table[pos // bs] * bs + pos % bs
+        cu = np.minimum(np.arange(rows + 1), n)
+        return self._make_inputs(tokens, positions, slots, self._block_table_array(seqs, rows, self.max_blocks_per_seq),
+                                 context, cu, np.arange(rows), self._sampling_arrays(seqs, rows))
+
+    # ---- execution ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int]:
+        filtered = any(s.params.needs_filter for s in batch.seqs)
+        n = len(batch.seqs)
+        if batch.is_prefill:
+            inputs = self.prepare_prefill(batch)
+            logits = self.model(inputs, self.kv_caches, True)
+            tokens = self._sample(logits, inputs, filtered)
+        else:
+            inputs = self.prepare_decode(batch, n)
+            logits = self.model(inputs, self.kv_caches, False)
+            tokens = self._sample(logits, inputs, filtered)
+        return tokens[:n].tolist()
+
+    @staticmethod
+    def _sample(logits, inputs: StepInputs, filtered: bool) -> torch.Tensor:
+        return sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions,
+                      filtered=filtered)

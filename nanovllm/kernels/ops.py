@@ -1,0 +1,72 @@
+"""Attention and KV store as registered torch ops, so a compiled step sees each as one opaque node.
+
+Every op dispatches on the device of its inputs: CUDA tensors go to the Triton kernels in
+``triton_attention.py``, anything else to the pure-PyTorch twins in ``reference.py``.
+``NANOVLLM_ATTENTION=reference`` forces the twins everywhere (a debugging aid).
+Models call the thin wrappers at the bottom (``store_kv``, ``decode_attention``, ``prefill_attention``).
+"""
+import os
+
+import torch
+
+from nanovllm.kernels import reference
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("NANOVLLM_ATTENTION", "auto") != "reference"
+
+
+@torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
+def _store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    if _use_triton(key):
+        from nanovllm.kernels import triton_attention
+        triton_attention.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+@_store_kv.register_fake
+def _(key, value, k_cache, v_cache, slot_mapping):
+    return None
+
+
+@torch.library.custom_op("nanovllm::decode_attention", mutates_args=())
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    if _use_triton(q):
+        from nanovllm.kernels import triton_attention
+        return triton_attention.decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return reference.decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+@_decode_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("nanovllm::prefill_attention", mutates_args=())
+def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                       context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    if _use_triton(q):
+        from nanovllm.kernels import triton_attention
+        return triton_attention.prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens,
+                                                         block_tables, scale)
+    return reference.prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+
+@_prefill_attention.register_fake
+def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    return torch.empty_like(q)
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    torch.ops.nanovllm.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    return torch.ops.nanovllm.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
+    return torch.ops.nanovllm.prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)

@@ -1,0 +1,1 @@
+"""Building blocks of the model graphs: norms, rotary embedding, attention, sampler."""

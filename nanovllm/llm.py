@@ -1,0 +1,111 @@
+"""``LLM``: the user-facing offline batch-generation API (vLLM style)."""
+import os
+import time
+
+from tqdm.auto import tqdm
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.engine import Engine
+from nanovllm.logger import logger
+from nanovllm.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model, *, device: str = "auto", dtype: str = "auto", enforce_eager: bool = False,
+                 graph_batch_sizes=None, tensor_parallel_size: int = 1, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 16384, max_model_len: int = 4096,
+                 gpu_memory_utilization: float = 0.9, kvcache_block_size: int = 256,
+                 num_kvcache_blocks: int | None = None, seed: int = 0):
+        self.config = EngineConfig(
+            model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
+            graph_batch_sizes=graph_batch_sizes, tensor_parallel_size=tensor_parallel_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, kvcache_block_size=kvcache_block_size,
+            num_kvcache_blocks=num_kvcache_blocks, seed=seed)
+        if tensor_parallel_size != 1:
+            raise NotImplementedError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
+        start = time.perf_counter()
+        self.engine = Engine(self.config)
+        self.tokenizer = _load_tokenizer(self.config.model)
+        r = self.engine.runner
+        logger.info("ready in %.1fs: device=%s dtype=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB)",
+                    time.perf_counter() - start, r.device, str(r.dtype).replace("torch.", ""), r.mode,
+                    r.num_blocks, r.block_size, r.num_blocks * r.kv_bytes_per_block() / 2**30)
+
+    def _validate(self, prompts, sampling_params):
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str, a list of str or a list of token-id lists, "
+                            f"got {type(prompts).__name__}")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params; "
+                             f"pass one SamplingParams or a list of the same length")
+        vocab, limit = self.engine.runner.vocab_size, self.config.max_model_len
+        token_lists = []
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
+            params.validate()
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is text but {self.config.model!r} has no tokenizer; "
+                                     f"pass token-id lists instead")
+                ids = self.tokenizer.encode(prompt)
+            elif isinstance(prompt, (list, tuple)):
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                    raise TypeError(f"prompt {i} must be a str or a list of int token ids")
+                ids = list(prompt)
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+            else:
+                raise TypeError(f"prompt {i} must be a str or a list of int token ids, got {type(prompt).__name__}")
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) > limit:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens, more than max_model_len={limit}")
+            token_lists.append(ids)
+        return token_lists, list(sampling_params)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
+        """Generate for every prompt; returns ``[{"text": str, "token_ids": list[int]}]`` in input order."""
+        token_lists, params = self._validate(prompts, sampling_params)
+        engine = self.engine
+        seqs = [engine.add_request(ids, p) for ids, p in zip(token_lists, params)]
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        try:
+            while engine.has_work():
+                t = time.perf_counter()
+                finished, is_prefill, computed = engine.step()
+                rate = computed / max(time.perf_counter() - t, 1e-9)
+                if is_prefill:
+                    prefill_tps = rate
+                else:
+                    decode_tps = rate
+                bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)
+                bar.update(len(finished))
+        finally:
+            bar.close()
+        outputs = []
+        for seq in seqs:
+            ids = seq.completion_token_ids
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+            outputs.append({"text": text, "token_ids": ids})
+        return outputs
+
+
+def _load_tokenizer(model_dir: str):
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        logger.warning("no tokenizer in %s: only token-id prompts work and outputs carry no text", model_dir)
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir)

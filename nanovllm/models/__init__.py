@@ -1,0 +1,1 @@
+"""One file per architecture, plus the registry and the checkpoint loader."""

@@ -1,0 +1,144 @@
+"""The dense decoder-only transformer that Qwen3, Qwen2/2.5 and Llama share, as a function of ``StepInputs``.
+
+Variants differ only in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention
+and MLP bias (some Llamas), rope scaling and tied embeddings.  Projections are packed (qkv, gate_up) so each
+is one matmul; the loader slices the HF tensors into them.  The KV cache is handed in per call, so the
+forward has no hidden state besides weights and is traced unchanged by the graph compiler.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.engine.step_inputs import StepInputs
+from nanovllm.kernels import ops
+from nanovllm.layers.norm import RMSNorm
+from nanovllm.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class DecoderArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position: int
+    tie_word_embeddings: bool
+    qk_norm: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict, qk_norm: bool, qkv_bias: bool | None = None) -> "DecoderArgs":
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta), rope_scaling=scaling,
+            max_position=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), qk_norm=qk_norm,
+            qkv_bias=attention_bias if qkv_bias is None else qkv_bias, o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.scale = a.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(a.hidden_size, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, a.hidden_size, bias=a.o_bias)
+        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, x, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor], is_prefill: bool):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(inputs.positions, q, k)
+        k_cache, v_cache = kv
+        ops.store_kv(k, v, k_cache, v_cache, inputs.slot_mapping)
+        if is_prefill:
+            o = ops.prefill_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens,
+                                      inputs.block_tables, self.scale)
+        else:
+            o = ops.decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens, self.scale)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: DecoderArgs):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a, rotary)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, inputs, kv, is_prefill):
+        x = x + self.self_attn(self.input_layernorm(x), inputs, kv, is_prefill)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, a: DecoderArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(a, rotary) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of the dense architectures.  Subclasses set ``qk_norm`` / ``qkv_bias`` and nothing else."""
+    qk_norm = False
+    qkv_bias: bool | None = None  # None: follow config's attention_bias
+    graph_capturable = True
+    not_capturable_reason = ""
+    packed_modules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+    def __init__(self, hf_config: dict):
+        super().__init__()
+        self.args = a = DecoderArgs.from_hf(hf_config, self.qk_norm, self.qkv_bias)
+        self.model = DecoderBody(a)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        if a.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, inputs: StepInputs, kv_caches: list, is_prefill: bool) -> torch.Tensor:
+        """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence)."""
+        x = self.model.embed_tokens(inputs.input_ids)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, inputs, kv, is_prefill)
+        x = self.model.norm(x[inputs.logits_indices])
+        return self.lm_head(x)

@@ -1,0 +1,18 @@
+"""Maps a checkpoint's ``config.architectures`` to the class that implements it."""
+from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.models.qwen2 import Qwen2ForCausalLM
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+}
+
+
+def resolve_model_class(hf_config: dict):
+    archs = hf_config.get("architectures") or []
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"unsupported architecture {archs!r}; supported: {sorted(MODEL_REGISTRY)}")

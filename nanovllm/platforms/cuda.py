@@ -1,0 +1,42 @@
+"""CUDA: the checkpoint's dtype, memory measured after a warm-up, Inductor + CUDA graphs sharing one pool."""
+from contextlib import contextmanager
+
+import torch
+
+from nanovllm.platforms.base import Platform, _DTYPES
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    supports_graph_capture = True
+
+    def __init__(self, device: torch.device):
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(device)
+        torch.cuda.set_device(device)
+
+    def auto_dtype(self, checkpoint_dtype):
+        return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
+
+    def synchronize(self):
+        torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def available_kv_bytes(self, utilization):
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return int(total * utilization - used_by_others - peak)
+
+    def graph_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    @contextmanager
+    def capture(self, pool):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            yield graph

@@ -1,0 +1,58 @@
+"""Per-request sampling settings, validated when they are made."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens.
+
+    ``temperature=0`` is greedy.  ``top_k=-1`` and ``top_p=1.0`` switch those filters off.
+    A request with a ``seed`` draws the same tokens whatever else shares its batch.
+    """
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    max_tokens: int = 64
+    ignore_eos: bool = False
+    stop_token_ids: tuple = field(default_factory=tuple)
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise TypeError/ValueError naming the bad field and what is allowed."""
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not is_num(self.temperature):
+            raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not is_int(self.top_k):
+            raise TypeError(f"top_k must be an int, got {type(self.top_k).__name__}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not is_num(self.top_p):
+            raise TypeError(f"top_p must be a number, got {type(self.top_p).__name__}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not is_int(self.max_tokens):
+            raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+        if not all(is_int(t) for t in self.stop_token_ids):
+            raise TypeError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+
+    @property
+    def needs_filter(self) -> bool:
+        """True when top-k or top-p actually restricts the candidates (and sampling is not greedy)."""
+        return self.temperature > 0 and (self.top_k != -1 or self.top_p < 1.0)

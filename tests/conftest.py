@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-weight checkpoints built with transformers' config classes, and an HF oracle."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2)
+
+
+def make_config(arch: str, **overrides):
+    import transformers
+    kw = dict(TINY, **overrides)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(head_dim=32, rope_theta=1e6, **kw)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(rope_theta=1e6, **kw)
+    if arch == "llama":
+        return transformers.LlamaConfig(**kw)
+    if arch == "llama3":
+        scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=64, rope_theta=500000.0)
+        return transformers.LlamaConfig(rope_scaling=scaling, rope_theta=500000.0, **dict(kw, tie_word_embeddings=True))
+    raise ValueError(arch)
+
+
+def build_checkpoint(path, arch: str, seed: int = 0, std: float = 0.08, **overrides):
+    """Save a random-weight HF checkpoint (safetensors + config) and return its directory as str."""
+    import transformers
+    torch.manual_seed(seed)
+    config = make_config(arch, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, std)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session", params=["qwen3", "qwen2", "llama"])
+def tiny_model(request, tmp_path_factory):
+    return request.param, build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The oracle: transformers' own generate, greedy, float32, one prompt at a time (no padding)."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                               min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+        out.append(y[0, len(ids):].tolist())
+    return out
