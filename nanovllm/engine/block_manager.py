@@ -37,6 +37,7 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.seq_hashes: dict[int, list[int]] = {}  # seq_id -> hashes of its registered blocks, in order
+        self.cache_hit_tokens = 0  # total tokens served from the prefix cache (a statistic)
 
     @property
     def num_free_blocks(self) -> int:
@@ -83,6 +84,7 @@ class BlockManager:
             self.ref_counts[b] += 1
         seq.block_table = hits + [self._take_free_block() for _ in range(fresh_needed)]
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        self.cache_hit_tokens += seq.num_cached_tokens
         self.seq_hashes[seq.seq_id] = hashes
         return True
 
