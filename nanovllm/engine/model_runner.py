@@ -1,7 +1,10 @@
 """Owns the model, its KV cache and the device: turns a scheduled batch into ``StepInputs`` and tokens.
 
-Prefill steps run eagerly (or through the compiled prefill graph); decode steps go to a ``DecodeExecutor``:
-eager, or one compiled graph per batch-size bucket (see ``nanovllm/compile``).
+Steps go to an executor (``nanovllm/compile/executor.py``): eager, or graph mode with one compiled graph
+per decode batch-size bucket and one shape-dynamic prefill graph.  Inputs are padded the same way in both
+modes: decode rows up to the bucket, and every prefill gets one trailing padding sequence (one token,
+slot -1, context 0) and a block table at least two wide, so the dynamic prefill graph never meets a size
+of 1 (which the compiler would specialise on and recompile for).
 """
 import numpy as np
 import torch
@@ -40,7 +43,17 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
-        self.mode = "eager"
+        self.executor = self._make_executor()
+        self.mode = self.executor.mode
+
+    def _make_executor(self):
+        from nanovllm.compile.executor import EagerExecutor, GraphExecutor
+        if self.config.enforce_eager:
+            return EagerExecutor(self)
+        if not self.model.graph_capturable:
+            logger.warning("%s runs eagerly: %s", type(self.model).__name__, self.model.not_capturable_reason)
+            return EagerExecutor(self)
+        return GraphExecutor(self)
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -96,6 +109,7 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(a.num_layers)]
 
     # ---- inputs ---------------------------------------------------------------------------------------
+    @torch.inference_mode()  # inputs are always inference tensors, so compiled guards see one kind
     def _make_inputs(self, tokens, positions, slots, tables, context_lens, cu_seqlens, logits_indices,
                      sampling) -> StepInputs:
         n = len(context_lens)
@@ -134,7 +148,7 @@ class ModelRunner:
 
     def prepare_prefill(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
-        tokens, positions, slots, cu, last = [], [], [], [0], []
+        tokens, positions, slots, cu = [], [], [], [0]
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
@@ -143,19 +157,29 @@ class ModelRunner:
             table = np.asarray(seq.block_table, dtype=np.int64)
             slots.append(table[pos // bs] * bs + pos % bs)
             cu.append(cu[-1] + n)
-            last.append(cu[-1] - 1)
         seqs = batch.seqs
-        width = max(len(s.block_table) for s in seqs)
-        context = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)]
+        rows = len(seqs) + 1  # the trailing padding sequence
+        tokens.append(np.zeros(1, np.int64))
+        positions.append(np.zeros(1, np.int64))
+        slots.append(np.full(1, -1, np.int64))
+        cu.append(cu[-1] + 1)
+        width = max(2, max(len(s.block_table) for s in seqs))
+        context = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)] + [0]
+        cu = np.asarray(cu)
         return self._make_inputs(np.concatenate(tokens), np.concatenate(positions), np.concatenate(slots),
-                                 self._block_table_array(seqs, len(seqs), width), np.asarray(context), np.asarray(cu),
-                                 np.asarray(last), self._sampling_arrays(seqs, len(seqs)))
+                                 self._block_table_array(seqs, rows, width), np.asarray(context), cu,
+                                 cu[1:] - 1, self._sampling_arrays(seqs, rows))
 
-    def prepare_decode(self, batch: ScheduledBatch, rows: int) -> StepInputs:
+    def dummy_prefill_inputs(self) -> StepInputs:
+        """A small all-padding prefill, used to compile the prefill graph at start-up."""
+        rows, tokens = 3, 7
+        cu = np.array([0, 3, 6, 7])
+        return self._make_inputs(np.zeros(tokens, np.int64), np.arange(tokens), np.full(tokens, -1),
+                                 np.zeros((rows, 2), np.int32), np.zeros(rows, np.int32), cu, cu[1:] - 1, None)
+
+    def prepare_decode(self, seqs: list, rows: int) -> StepInputs:
         """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""
         bs = self.block_size
-        seqs = batch.seqs
-        n = len(seqs)
         tokens = np.zeros(rows, np.int64)
         positions = np.zeros(rows, np.int64)
         slots = np.full(rows, -1, np.int64)
@@ -164,7 +188,7 @@ class ModelRunner:
             pos = len(seq) - 1
             tokens[i], positions[i], context[i] = seq.token_ids[-1], pos, pos + 1
             slots[i] = seq.block_table[pos // bs] * bs + pos % bs
-        cu = np.minimum(np.arange(rows + 1), n)
+        cu = np.arange(rows + 1)
         return self._make_inputs(tokens, positions, slots, self._block_table_array(seqs, rows, self.max_blocks_per_seq),
                                  context, cu, np.arange(rows), self._sampling_arrays(seqs, rows))
 
@@ -172,18 +196,21 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int]:
         filtered = any(s.params.needs_filter for s in batch.seqs)
-        n = len(batch.seqs)
         if batch.is_prefill:
             inputs = self.prepare_prefill(batch)
-            logits = self.model(inputs, self.kv_caches, True)
-            tokens = self._sample(logits, inputs, filtered)
-        else:
-            inputs = self.prepare_decode(batch, n)
-            logits = self.model(inputs, self.kv_caches, False)
-            tokens = self._sample(logits, inputs, filtered)
-        return tokens[:n].tolist()
+            tokens, logits = self.executor.prefill(inputs)
+            return self._finish(tokens, logits, inputs, len(batch.seqs), filtered)
+        out = []
+        for start, rows, padded in self.executor.decode_plan(len(batch.seqs)):
+            inputs = self.prepare_decode(batch.seqs[start:start + rows], padded)
+            tokens, logits = self.executor.decode(inputs, padded)
+            out += self._finish(tokens, logits, inputs, rows, filtered)
+        return out
 
     @staticmethod
-    def _sample(logits, inputs: StepInputs, filtered: bool) -> torch.Tensor:
-        return sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions,
-                      filtered=filtered)
+    def _finish(tokens, logits, inputs: StepInputs, rows: int, filtered: bool) -> list[int]:
+        """Live rows' tokens; batches with top-k/top-p re-draw from the logits with the filtering sampler."""
+        if filtered:
+            tokens = sample(logits[:rows], inputs.temperature[:rows], inputs.top_k[:rows], inputs.top_p[:rows],
+                            inputs.seeds[:rows], inputs.sample_positions[:rows], filtered=True)
+        return tokens[:rows].tolist()

@@ -1,0 +1,1 @@
+"""Graph mode: bucket policy, per-bucket compile + capture, the dynamic prefill graph and the compile cache."""

@@ -1,0 +1,90 @@
+"""Executors run a prepared step: ``EagerExecutor`` calls the model directly, ``GraphExecutor`` replays
+per-bucket compiled graphs for decode and a shape-dynamic compiled graph for prefill.
+
+Both run the same step function (model forward, then the plain sampler) so graph mode and eager mode
+compute the same thing.  After start-up the graph executor never compiles: every call runs under
+``torch.compiler.set_stance("fail_on_recompile")``.
+"""
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from nanovllm.compile.bucket_graph import BucketGraph
+from nanovllm.compile.buckets import pick_bucket, split_batch
+from nanovllm.layers.sampler import sample
+from nanovllm.logger import logger
+
+
+def make_step(model, kv_caches, is_prefill: bool):
+    """The whole step, embedding to sampled token: (tokens [B], logits [B, V])."""
+    def step(inputs):
+        logits = model(inputs, kv_caches, is_prefill)
+        tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds,
+                        inputs.sample_positions)
+        return tokens, logits
+    return step
+
+
+class EagerExecutor:
+    mode = "eager"
+
+    def __init__(self, runner):
+        self.decode_step = make_step(runner.model, runner.kv_caches, is_prefill=False)
+        self.prefill_step = make_step(runner.model, runner.kv_caches, is_prefill=True)
+
+    def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
+        """(first row, live rows, padded rows) per chunk of a decode batch."""
+        return [(0, n, n)]
+
+    def decode(self, inputs, padded_rows: int):
+        return self.decode_step(inputs)
+
+    def prefill(self, inputs):
+        return self.prefill_step(inputs)
+
+
+class GraphExecutor(EagerExecutor):
+    mode = "graph"
+
+    def __init__(self, runner):
+        super().__init__(runner)
+        platform = runner.platform
+        self.buckets = runner.config.graph_batch_sizes
+        limit = 2 * len(self.buckets) + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               4 * limit)
+        compiled_decode = platform.compile(self.decode_step, dynamic=False)
+        self.compiled_prefill = platform.compile(self.prefill_step, dynamic=True)
+        self.graphs: dict[int, BucketGraph] = {}
+        start = time.perf_counter()
+        pool = platform.graph_pool()
+        bar = tqdm(sorted(self.buckets, reverse=True), desc="Compiling decode buckets", dynamic_ncols=True)
+        with torch.inference_mode():
+            for size in bar:  # largest first, so smaller graphs reuse the pool's memory
+                graph = BucketGraph(size, compiled_decode, runner.prepare_decode([], size), platform)
+                graph.compile()
+                graph.capture(pool)
+                self.graphs[size] = graph
+                logger.info("decode bucket %d compiled in %.1fs", size, graph.compile_seconds)
+            bar.close()
+            t = time.perf_counter()
+            self.compiled_prefill(runner.dummy_prefill_inputs())
+            platform.synchronize()
+            logger.info("prefill graph (dynamic token count) compiled in %.1fs", time.perf_counter() - t)
+        self.compile_seconds = time.perf_counter() - start
+        logger.info("graph mode ready: %d decode buckets + prefill in %.1fs", len(self.graphs), self.compile_seconds)
+
+    def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
+        return [(start, rows, pick_bucket(rows, self.buckets)) for start, rows in split_batch(n, self.buckets)]
+
+    @torch.inference_mode()
+    def decode(self, inputs, padded_rows: int):
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return self.graphs[padded_rows].run(inputs)
+
+    @torch.inference_mode()
+    def prefill(self, inputs):
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return self.compiled_prefill(inputs)

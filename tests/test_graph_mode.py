@@ -1,0 +1,94 @@
+"""Graph mode: whole-step graphs with no breaks, no recompiles after start-up, tokens identical to eager."""
+import random
+
+import pytest
+import torch
+
+from conftest import build_checkpoint
+from nanovllm import LLM, SamplingParams
+from nanovllm.compile.buckets import pick_bucket, split_batch
+from nanovllm.compile.executor import make_step
+from nanovllm.engine.sequence import Sequence
+
+BUCKETS = [1, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("graph"), "qwen3")
+
+
+@pytest.fixture(scope="module")
+def graph_llm(path):
+    return LLM(path, graph_batch_sizes=BUCKETS, max_num_seqs=7, kvcache_block_size=16, num_kvcache_blocks=96,
+               max_model_len=128)
+
+
+@pytest.fixture(scope="module")
+def eager_llm(path):
+    return LLM(path, enforce_eager=True, max_num_seqs=7, kvcache_block_size=16, num_kvcache_blocks=96,
+               max_model_len=128)
+
+
+def test_bucket_policy():
+    assert [pick_bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    assert split_batch(11, (1, 2, 4)) == [(0, 4), (4, 4), (8, 3)]
+    with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
+        pick_bucket(9, (1, 2, 4, 8))
+
+
+def test_default_buckets_are_capped_at_max_num_seqs(path):
+    from nanovllm.config import EngineConfig
+    assert EngineConfig(path, max_num_seqs=40).graph_batch_sizes == (1, 2, 4, 8, 16, 32, 40)
+    assert EngineConfig(path, graph_batch_sizes=[8, 2, 8, 4]).graph_batch_sizes == (2, 4, 8)
+
+
+def _decode_and_prefill_inputs(llm):
+    runner = llm.engine.runner
+    seq = Sequence(0, [5, 6, 7], SamplingParams(), seed=0)
+    seq.block_table = [0]
+    return runner.prepare_decode([seq], 4), runner.dummy_prefill_inputs()
+
+
+def test_decode_and_prefill_steps_trace_with_zero_graph_breaks(eager_llm):
+    runner = eager_llm.engine.runner
+    decode_inputs, prefill_inputs = _decode_and_prefill_inputs(eager_llm)
+    for is_prefill, inputs in ((False, decode_inputs), (True, prefill_inputs)):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(make_step(runner.model, runner.kv_caches, is_prefill))(inputs)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+def test_every_batch_size_matches_eager_without_recompiling(graph_llm, eager_llm):
+    from torch._dynamo.utils import counters
+    assert graph_llm.engine.runner.mode == "graph"
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    compiles_before = counters["stats"]["unique_graphs"]
+    for n in range(1, BUCKETS[-1] + 4):  # 1..7: every bucket, sizes between them, and splits past the largest
+        prompts = [[rng.randint(3, 383) for _ in range(rng.randint(1, 30))] for _ in range(n)]
+        with torch.compiler.set_stance("fail_on_recompile"):
+            graph = graph_llm.generate(prompts, params, use_tqdm=False)
+        eager = eager_llm.generate(prompts, params, use_tqdm=False)
+        assert [o["token_ids"] for o in graph] == [o["token_ids"] for o in eager], f"batch of {n}"
+    assert counters["stats"]["unique_graphs"] == compiles_before
+
+
+def test_seeded_sampling_in_graph_mode_matches_eager(graph_llm, eager_llm):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    params = [SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=s) for s in (11, 12)]
+    assert graph_llm.generate(prompts, params, use_tqdm=False) == eager_llm.generate(prompts, params, use_tqdm=False)
+
+
+def test_padded_rows_never_write_into_live_kv(graph_llm):
+    runner = graph_llm.engine.runner
+    seq = Sequence(0, [5, 6, 7], SamplingParams(), seed=0)
+    seq.block_table = [3]
+    inputs = runner.prepare_decode([seq], 4)  # one live row, three padded rows
+    before = runner.kv_cache.clone()
+    runner.executor.decode(inputs, 4)
+    changed = (runner.kv_cache != before).nonzero()
+    # only layer k/v of block 3, offset 2 (position 2 of the live sequence) may change
+    assert changed.numel() > 0
+    assert set(changed[:, 2].tolist()) == {3} and set(changed[:, 4].tolist()) == {2}
