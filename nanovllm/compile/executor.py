@@ -27,15 +27,19 @@ def make_step(model, kv_caches, is_prefill: bool):
 
 
 class EagerExecutor:
+    """Runs steps uncompiled.  ``pad_to_buckets`` pads decode batches as graph mode does (for comparisons)."""
     mode = "eager"
 
-    def __init__(self, runner):
+    def __init__(self, runner, pad_to_buckets: tuple[int, ...] | None = None):
         self.decode_step = make_step(runner.model, runner.kv_caches, is_prefill=False)
         self.prefill_step = make_step(runner.model, runner.kv_caches, is_prefill=True)
+        self.buckets = pad_to_buckets
 
     def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
         """(first row, live rows, padded rows) per chunk of a decode batch."""
-        return [(0, n, n)]
+        if not self.buckets:
+            return [(0, n, n)]
+        return [(start, rows, pick_bucket(rows, self.buckets)) for start, rows in split_batch(n, self.buckets)]
 
     def decode(self, inputs, padded_rows: int):
         return self.decode_step(inputs)
@@ -75,9 +79,6 @@ class GraphExecutor(EagerExecutor):
             logger.info("prefill graph (dynamic token count) compiled in %.1fs", time.perf_counter() - t)
         self.compile_seconds = time.perf_counter() - start
         logger.info("graph mode ready: %d decode buckets + prefill in %.1fs", len(self.graphs), self.compile_seconds)
-
-    def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
-        return [(start, rows, pick_bucket(rows, self.buckets)) for start, rows in split_batch(n, self.buckets)]
 
     @torch.inference_mode()
     def decode(self, inputs, padded_rows: int):

@@ -23,7 +23,7 @@ class Engine:
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
-                      "decode_steps": 0}
+                      "decode_steps": 0, "schedule_time": 0.0}
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
@@ -34,13 +34,16 @@ class Engine:
 
     def step(self) -> tuple[list[Sequence], bool, int]:
         """Run one step; returns (finished sequences, was it a prefill, tokens computed)."""
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return [], False, 0
         start = time.perf_counter()
         tokens = self.runner.run(batch)
         elapsed = time.perf_counter() - start
+        t1 = time.perf_counter()
         finished = self.scheduler.postprocess(batch, tokens)
+        self.stats["schedule_time"] += (start - t0) + (time.perf_counter() - t1)
         computed = sum(batch.num_new_tokens)
         kind = "prefill" if batch.is_prefill else "decode"
         self.stats[f"{kind}_tokens"] += computed

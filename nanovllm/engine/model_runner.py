@@ -6,6 +6,8 @@ modes: decode rows up to the bucket, and every prefill gets one trailing padding
 slot -1, context 0) and a block table at least two wide, so the dynamic prefill graph never meets a size
 of 1 (which the compiler would specialise on and recompile for).
 """
+import time
+
 import numpy as np
 import torch
 
@@ -43,6 +45,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
+        self.decode_prepare_time = 0.0  # host seconds spent building decode inputs (a statistic)
         self.executor = self._make_executor()
         self.mode = self.executor.mode
 
@@ -202,7 +205,9 @@ class ModelRunner:
             return self._finish(tokens, logits, inputs, len(batch.seqs), filtered)
         out = []
         for start, rows, padded in self.executor.decode_plan(len(batch.seqs)):
+            t = time.perf_counter()
             inputs = self.prepare_decode(batch.seqs[start:start + rows], padded)
+            self.decode_prepare_time += time.perf_counter() - t
             tokens, logits = self.executor.decode(inputs, padded)
             out += self._finish(tokens, logits, inputs, rows, filtered)
         return out

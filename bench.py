@@ -1,0 +1,123 @@
+"""nano-vllm's throughput benchmark, reproduced exactly, plus a batch-size sweep and an eager padding table.
+
+    python bench.py --bs 256                  # the headline number
+    python bench.py --sweep-bs 16,32,64,128,256
+    python bench.py --compare-padding --enforce-eager
+
+The workload is nano-vllm's: ``random.seed(0)``; prompts ``[[randint(0, 10000) for _ in range(randint(100, 1024))]
+...]``, then ``max_tokens=randint(100, 1024)`` per sequence, in that order (256 sequences: 142,827 input and
+133,966 output tokens); temperature 0.6, ignore_eos, max_model_len 4096; one warm-up generate, then one timed.
+Without ``--model`` a random-weight Qwen3-0.6B checkpoint is synthesized once and cached (no download).
+"""
+import argparse
+import json
+import time
+from random import randint, seed
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+
+
+def workload(num_seqs: int, max_input_len: int, max_output_len: int):
+    seed(0)
+    prompts = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
+              for _ in range(num_seqs)]
+    return prompts, params
+
+
+def build_llm(args, bs: int, enforce_eager: bool) -> LLM:
+    buckets = args.graph_batch_sizes
+    if buckets is not None:
+        buckets = [b for b in buckets if b <= bs] or None
+    return LLM(args.model, enforce_eager=enforce_eager, max_num_seqs=bs, graph_batch_sizes=buckets,
+               max_model_len=4096, dtype=args.dtype, device=args.device)
+
+
+def run_once(llm: LLM, args) -> dict:
+    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
+    engine = llm.engine
+    for key in engine.stats:
+        engine.stats[key] = 0 if isinstance(engine.stats[key], int) else 0.0
+    engine.runner.decode_prepare_time = 0.0
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    tokens = sum(p.max_tokens for p in params)
+    s = engine.stats
+    steps = max(s["decode_steps"], 1)
+    return {
+        "tokens": tokens, "input_tokens": sum(map(len, prompts)), "seconds": round(seconds, 3),
+        "tok_per_s": round(tokens / seconds, 2),
+        "prefill_seconds": round(s["prefill_time"], 3), "decode_seconds": round(s["decode_time"], 3),
+        "decode_steps": s["decode_steps"], "decode_step_ms": round(1000 * s["decode_time"] / steps, 3),
+        "host_prepare_ms_per_step": round(1000 * engine.runner.decode_prepare_time / steps, 3),
+        "host_schedule_ms_per_step": round(1000 * s["schedule_time"] / max(steps, 1), 3),
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+
+
+def describe(llm: LLM) -> dict:
+    r = llm.engine.runner
+    return {"device": torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu",
+            "dtype": str(r.dtype).replace("torch.", ""), "mode": r.mode, "torch": torch.__version__,
+            "max_num_seqs": llm.config.max_num_seqs, "graph_batch_sizes": list(llm.config.graph_batch_sizes),
+            "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF checkpoint dir (default: synthesized random-weight Qwen3-0.6B)")
+    p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest graph bucket")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--graph-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the result(s) to this file")
+    p.add_argument("--sweep-bs", type=lambda s: [int(x) for x in s.split(",")],
+                   help="run the bench once per max batch size (graph mode) and print a table")
+    p.add_argument("--compare-padding", action="store_true",
+                   help="eager mode with decode batches padded to buckets vs not padded")
+    args = p.parse_args()
+    if args.model is None:
+        from nanovllm.tools.synthesize import cached_synthetic
+        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+    results = []
+    if args.sweep_bs:
+        for bs in args.sweep_bs:
+            llm = build_llm(args, bs, args.enforce_eager)
+            results.append({**describe(llm), **run_once(llm, args)})
+            del llm
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        print("| max bs | tok/s | time (s) | decode step (ms) |\n|---|---|---|---|")
+        for r in results:
+            print(f"| {r['max_num_seqs']} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} | {r['decode_step_ms']:.2f} |")
+    elif args.compare_padding:
+        from nanovllm.compile.executor import EagerExecutor
+        llm = build_llm(args, args.bs, enforce_eager=True)
+        for padded in (False, True):
+            runner = llm.engine.runner
+            runner.executor = EagerExecutor(runner, llm.config.graph_batch_sizes if padded else None)
+            results.append({**describe(llm), "padding": padded, **run_once(llm, args)})
+        print("| eager decode | tok/s | time (s) |\n|---|---|---|")
+        for r in results:
+            print(f"| {'padded to buckets' if r['padding'] else 'not padded'} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} |")
+    else:
+        llm = build_llm(args, args.bs, args.enforce_eager)
+        r = {**describe(llm), **run_once(llm, args)}
+        results.append(r)
+        print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s")
+    for r in results:
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results if len(results) > 1 else results[0], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
