@@ -11,6 +11,10 @@ Without ``--model`` a random-weight Qwen3-0.6B checkpoint is synthesized once an
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from random import randint, seed
 
@@ -59,6 +63,21 @@ def run_once(llm: LLM, args) -> dict:
     }
 
 
+def run_in_subprocess(args, bs: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--bs", str(bs), "--json", out,
+               "--num-seqs", str(args.num_seqs), "--max-input-len", str(args.max_input_len),
+               "--max-output-len", str(args.max_output_len), "--dtype", args.dtype, "--device", args.device]
+        if args.enforce_eager:
+            cmd.append("--enforce-eager")
+        if args.graph_batch_sizes:
+            cmd += ["--graph-batch-sizes", ",".join(map(str, args.graph_batch_sizes))]
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
 def describe(llm: LLM) -> dict:
     r = llm.engine.runner
     return {"device": torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu",
@@ -89,11 +108,8 @@ def main():
         args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
     results = []
     if args.sweep_bs:
-        for bs in args.sweep_bs:
-            llm = build_llm(args, bs, args.enforce_eager)
-            results.append({**describe(llm), **run_once(llm, args)})
-            del llm
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        for bs in args.sweep_bs:  # one process per size, so each run gets the whole GPU to itself
+            results.append(run_in_subprocess(args, bs))
         print("| max bs | tok/s | time (s) | decode step (ms) |\n|---|---|---|---|")
         for r in results:
             print(f"| {r['max_num_seqs']} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} | {r['decode_step_ms']:.2f} |")

@@ -55,10 +55,11 @@ class GraphExecutor(EagerExecutor):
         super().__init__(runner)
         platform = runner.platform
         self.buckets = runner.config.graph_batch_sizes
-        limit = 2 * len(self.buckets) + 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               4 * limit)
+        # Every bucket is one more compiled entry of the same step code object, and each LLM in the process
+        # adds its own; raise Dynamo's limits by that much so none of them silently falls back to eager.
+        entries = len(self.buckets) + 4
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + entries
+        torch._dynamo.config.accumulated_recompile_limit += entries
         compiled_decode = platform.compile(self.decode_step, dynamic=False)
         self.compiled_prefill = platform.compile(self.prefill_step, dynamic=True)
         self.graphs: dict[int, BucketGraph] = {}

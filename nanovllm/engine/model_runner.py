@@ -102,14 +102,20 @@ class ModelRunner:
             z = torch.zeros(cfg.max_num_seqs, device=self.device)
             sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
         self.platform.synchronize()
-        del self.kv_cache, self.kv_caches
+        del self.kv_caches
         return self.platform.available_kv_bytes(cfg.gpu_memory_utilization)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
+        """One separate tensor per layer for K and one for V.
+
+        They must not be views of one shared buffer: the compiled step mutates them through ``store_kv``, and
+        Inductor can update a mutated graph input in place only when it is not a view of a larger base;
+        otherwise it clones the whole base and copies it back on every step.
+        """
         a = self.model.args
-        self.kv_cache = torch.zeros(a.num_layers, 2, num_blocks, a.num_kv_heads, self.block_size, a.head_dim,
-                                    dtype=self.dtype, device=self.device)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(a.num_layers)]
+        shape = (num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
 
     # ---- inputs ---------------------------------------------------------------------------------------
     @torch.inference_mode()  # inputs are always inference tensors, so compiled guards see one kind
