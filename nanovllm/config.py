@@ -46,7 +46,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 16384
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
-    kvcache_block_size: int = 256
+    kvcache_block_size: int = 64  # measured best on H100: see docs/PERFORMANCE.md
     num_kvcache_blocks: int | None = None
     seed: int = 0
     hf_config: dict = field(default_factory=dict)

@@ -14,7 +14,7 @@ class LLM:
     def __init__(self, model, *, device: str = "auto", dtype: str = "auto", enforce_eager: bool = False,
                  graph_batch_sizes=None, tensor_parallel_size: int = 1, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, max_model_len: int = 4096,
-                 gpu_memory_utilization: float = 0.9, kvcache_block_size: int = 256,
+                 gpu_memory_utilization: float = 0.9, kvcache_block_size: int = 64,
                  num_kvcache_blocks: int | None = None, seed: int = 0):
         self.config = EngineConfig(
             model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,

@@ -8,7 +8,7 @@ from nanovllm import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = build_checkpoint(tmp_path_factory.mktemp("bad"), "qwen3")
-    return LLM(path, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=64)
+    return LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=64)
 
 
 @pytest.mark.parametrize("prompts, params, error, words", [
@@ -72,7 +72,7 @@ def test_bad_llm_arguments_raise(llm, kwargs, error, words):
     args = dict(max_model_len=64)
     args.update(kwargs)
     with pytest.raises(error, match=words):
-        LLM(llm.config.model, **args)
+        LLM(llm.config.model, enforce_eager=True, **args)
 
 
 def test_missing_model_directory_and_config_raise(tmp_path):
@@ -96,11 +96,11 @@ def test_missing_or_misshaped_tensor_is_named(tmp_path):
     del tensors["model.layers.1.self_attn.k_proj.bias"]
     save_file(tensors, f"{path}/model.safetensors")
     with pytest.raises(ValueError, match="model.layers.1.self_attn.k_proj.bias"):
-        LLM(path, num_kvcache_blocks=64, kvcache_block_size=16)
+        LLM(path, enforce_eager=True, num_kvcache_blocks=64, kvcache_block_size=16)
     tensors["model.layers.1.self_attn.k_proj.bias"] = tensors["model.layers.1.self_attn.q_proj.bias"].clone()
     save_file(tensors, f"{path}/model.safetensors")
     with pytest.raises(ValueError, match=r"k_proj.bias.*shape \(64,\).*expects \(32,\)"):
-        LLM(path, num_kvcache_blocks=64, kvcache_block_size=16)
+        LLM(path, enforce_eager=True, num_kvcache_blocks=64, kvcache_block_size=16)
 
 
 def test_missing_safetensors_file_raises(tmp_path):
@@ -108,4 +108,4 @@ def test_missing_safetensors_file_raises(tmp_path):
     import os
     os.remove(f"{path}/model.safetensors")
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        LLM(path, num_kvcache_blocks=64, kvcache_block_size=16)
+        LLM(path, enforce_eager=True, num_kvcache_blocks=64, kvcache_block_size=16)

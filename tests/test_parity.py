@@ -17,7 +17,7 @@ def mixed_prompts(n=6, seed=0, max_len=40):
 def test_greedy_matches_transformers_on_mixed_length_batch(tiny_model):
     arch, path = tiny_model
     prompts = mixed_prompts()
-    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64)
     out = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in out] == hf_greedy(path, prompts, 10)
 
@@ -25,7 +25,7 @@ def test_greedy_matches_transformers_on_mixed_length_batch(tiny_model):
 def test_llama3_rope_scaling_and_tied_embeddings_match_transformers(tmp_path):
     path = build_checkpoint(tmp_path, "llama3")
     prompts = mixed_prompts(4, seed=1, max_len=90)
-    out = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64).generate(prompts, GREEDY, use_tqdm=False)
+    out = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64).generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in out] == hf_greedy(path, prompts, 10)
 
 
@@ -33,7 +33,7 @@ def test_prefix_cache_hit_gives_same_tokens_as_miss(tiny_model):
     arch, path = tiny_model
     shared = mixed_prompts(1, seed=2, max_len=1)[0] + [7] * 47  # 48 tokens: three full blocks of 16
     prompts = [shared + [11, 12, 13], shared + [21], shared]  # the last one is entirely a cached prefix
-    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64)
     first = llm.generate(prompts, GREEDY, use_tqdm=False)
     hits_before = llm.engine.block_manager.cache_hit_tokens
     again = llm.generate(prompts, GREEDY, use_tqdm=False)  # now every full block hits the cache
@@ -45,7 +45,7 @@ def test_prefix_cache_hit_gives_same_tokens_as_miss(tiny_model):
 def test_identical_prompts_in_one_step_match_transformers(tiny_model):
     arch, path = tiny_model
     prompt = [5] * 37
-    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64)
     out = llm.generate([prompt, prompt, prompt], GREEDY, use_tqdm=False)
     assert all(o["token_ids"] == hf_greedy(path, [prompt], 10)[0] for o in out)
 
@@ -54,7 +54,7 @@ def test_preemption_with_tiny_kv_cache_loses_nothing_and_matches(tiny_model):
     arch, path = tiny_model
     prompts = mixed_prompts(8, seed=3, max_len=30)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=8, max_model_len=64)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=8, max_model_len=64)
     out = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.cache_hit_tokens > 0  # re-admitted sequences hit their own freed blocks
@@ -64,7 +64,7 @@ def test_preemption_with_tiny_kv_cache_loses_nothing_and_matches(tiny_model):
 def test_chunked_prefill_matches_transformers(tiny_model):
     arch, path = tiny_model
     prompts = mixed_prompts(3, seed=4, max_len=100)
-    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=24)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=24)
     out = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in out] == hf_greedy(path, prompts, 10)
 
@@ -73,7 +73,7 @@ def test_generation_stops_on_eos_stop_ids_max_tokens_and_max_model_len(tmp_path)
     path = build_checkpoint(tmp_path, "qwen3")
     prompt = mixed_prompts(1, seed=5, max_len=20)[0]
     ref = hf_greedy(path, [prompt], 12)[0]
-    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=len(prompt) + 5)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=len(prompt) + 5)
     stop = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[ref[3]])
     got = llm.generate([prompt], stop, use_tqdm=False)[0]["token_ids"]
     assert got == ref[:ref.index(ref[3]) + 1]
@@ -90,6 +90,6 @@ def test_eos_from_generation_config_stops(tmp_path):
     ref = hf_greedy(path, [prompt], 8)[0]
     with open(f"{path}/generation_config.json", "w") as f:
         json.dump({"eos_token_id": [999, ref[2]]}, f)
-    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64)
     got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]["token_ids"]
     assert got == ref[:ref.index(ref[2]) + 1]

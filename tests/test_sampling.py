@@ -10,7 +10,7 @@ from nanovllm.layers.sampler import gumbel_noise, sample
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = build_checkpoint(tmp_path_factory.mktemp("s"), "qwen3", std=0.02)
-    return LLM(path, kvcache_block_size=16, num_kvcache_blocks=128)
+    return LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=128)
 
 
 def test_seeded_request_is_independent_of_batch_companions(llm):
@@ -33,8 +33,8 @@ def test_different_seeds_draw_different_tokens(llm):
 def test_unseeded_requests_are_reproducible_from_engine_seed(tmp_path):
     path = build_checkpoint(tmp_path, "llama", std=0.02)
     params = SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True)
-    a = LLM(path, num_kvcache_blocks=32, kvcache_block_size=16, seed=7).generate([[4, 5, 6]], params, use_tqdm=False)
-    b = LLM(path, num_kvcache_blocks=32, kvcache_block_size=16, seed=7).generate([[4, 5, 6]], params, use_tqdm=False)
+    a = LLM(path, enforce_eager=True, num_kvcache_blocks=32, kvcache_block_size=16, seed=7).generate([[4, 5, 6]], params, use_tqdm=False)
+    b = LLM(path, enforce_eager=True, num_kvcache_blocks=32, kvcache_block_size=16, seed=7).generate([[4, 5, 6]], params, use_tqdm=False)
     assert a == b
 
 
