@@ -5,6 +5,8 @@ Both run the same step function (model forward, then the plain sampler) so graph
 compute the same thing.  After start-up the graph executor never compiles: every call runs under
 ``torch.compiler.set_stance("fail_on_recompile")``.
 """
+import dataclasses
+import os
 import time
 
 import torch
@@ -49,37 +51,61 @@ class EagerExecutor:
 
 
 class GraphExecutor(EagerExecutor):
+    """Graph mode.  Decode is traced and lowered by the platform's compiler, then captured once per bucket.
+
+    Two decode compile policies (``NANOVLLM_DECODE_COMPILE``):
+    * ``shared`` (default): one compile whose batch dimension is symbolic, captured as a separate graph for
+      every bucket.  Buckets are at least 2 rows, since the compiler specialises a size of 1.
+    * ``per_bucket``: one static-shape compile per bucket (``dynamic=False``), each then captured.
+    On an H100 the static compile of Qwen3-0.6B took ~30 s per bucket (~7 min for the 14 default buckets)
+    with no measurable decode gain, so the shared compile is the default (docs/PERFORMANCE.md).
+    """
     mode = "graph"
 
     def __init__(self, runner):
         super().__init__(runner)
         platform = runner.platform
+        self.policy = os.environ.get("NANOVLLM_DECODE_COMPILE", "shared")
+        if self.policy not in ("shared", "per_bucket"):
+            raise ValueError(f"NANOVLLM_DECODE_COMPILE must be 'shared' or 'per_bucket', got {self.policy!r}")
         self.buckets = runner.config.graph_batch_sizes
-        # Every bucket is one more compiled entry of the same step code object, and each LLM in the process
-        # adds its own; raise Dynamo's limits by that much so none of them silently falls back to eager.
+        # Every bucket may be one more compiled entry of the same step code object, and each LLM in the
+        # process adds its own; raise Dynamo's limits by that much so none of them silently falls back to eager.
         entries = len(self.buckets) + 4
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + entries
         torch._dynamo.config.accumulated_recompile_limit += entries
-        compiled_decode = platform.compile(self.decode_step, dynamic=False)
+        static = self.policy == "per_bucket"
+        compiled_decode = platform.compile(self.decode_step, dynamic=False if static else None)
         self.compiled_prefill = platform.compile(self.prefill_step, dynamic=True)
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         pool = platform.graph_pool()
-        bar = tqdm(sorted(self.buckets, reverse=True), desc="Compiling decode buckets", dynamic_ncols=True)
+        sizes = sorted({self.padded_rows(b) for b in self.buckets}, reverse=True)
+        bar = tqdm(sizes, desc="Compiling decode buckets", dynamic_ncols=True)
         with torch.inference_mode():
             for size in bar:  # largest first, so smaller graphs reuse the pool's memory
-                graph = BucketGraph(size, compiled_decode, runner.prepare_decode([], size), platform)
+                inputs = runner.prepare_decode([], size)
+                if not static and not self.graphs:
+                    _mark_batch_dynamic(inputs)
+                graph = BucketGraph(size, compiled_decode, inputs, platform)
                 graph.compile()
                 graph.capture(pool)
                 self.graphs[size] = graph
-                logger.info("decode bucket %d compiled in %.1fs", size, graph.compile_seconds)
+                logger.info("decode bucket %d compiled and captured in %.1fs", size, graph.compile_seconds)
             bar.close()
             t = time.perf_counter()
             self.compiled_prefill(runner.dummy_prefill_inputs())
             platform.synchronize()
             logger.info("prefill graph (dynamic token count) compiled in %.1fs", time.perf_counter() - t)
         self.compile_seconds = time.perf_counter() - start
-        logger.info("graph mode ready: %d decode buckets + prefill in %.1fs", len(self.graphs), self.compile_seconds)
+        logger.info("graph mode ready (%s decode compile): %d decode graphs + prefill in %.1fs", self.policy,
+                    len(self.graphs), self.compile_seconds)
+
+    def padded_rows(self, bucket: int) -> int:
+        return bucket if self.policy == "per_bucket" else max(bucket, 2)
+
+    def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
+        return [(start, rows, self.padded_rows(padded)) for start, rows, padded in super().decode_plan(n)]
 
     @torch.inference_mode()
     def decode(self, inputs, padded_rows: int):
@@ -90,3 +116,9 @@ class GraphExecutor(EagerExecutor):
     def prefill(self, inputs):
         with torch.compiler.set_stance("fail_on_recompile"):
             return self.compiled_prefill(inputs)
+
+
+def _mark_batch_dynamic(inputs) -> None:
+    """Make dimension 0 (batch rows; rows + 1 for ``cu_seqlens_q``) of every decode input symbolic."""
+    for f in dataclasses.fields(inputs):
+        torch._dynamo.mark_dynamic(getattr(inputs, f.name), 0)
