@@ -74,7 +74,7 @@ def main():
             s = Sequence(i, [1] * args.context, SamplingParams(temperature=0.6), seed=i)
             s.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
             seqs.append(s)
-        graph_s = time_decode(runner, graph_exec, seqs, b)
+        graph_s = time_decode(runner, graph_exec, seqs, graph_exec.padded_rows(b))
         eager_s = time_decode(runner, eager_exec, seqs, b)
         floor = (weight_bytes + b * args.context * kv_per_token) / bw
         rows.append({"bucket": b, "context": args.context, "eager_ms": eager_s * 1e3, "graph_ms": graph_s * 1e3,

@@ -76,7 +76,8 @@ class GraphExecutor(EagerExecutor):
         torch._dynamo.config.accumulated_recompile_limit += entries
         static = self.policy == "per_bucket"
         compiled_decode = platform.compile(self.decode_step, dynamic=False if static else None)
-        self.compiled_prefill = platform.compile(self.prefill_step, dynamic=True)
+        # Prefill is one shape-dynamic graph where the platform says it pays (see Platform.compile_prefill).
+        self.compiled_prefill = platform.compile(self.prefill_step, dynamic=True) if platform.compile_prefill else None
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         pool = platform.graph_pool()
@@ -93,13 +94,14 @@ class GraphExecutor(EagerExecutor):
                 self.graphs[size] = graph
                 logger.info("decode bucket %d compiled and captured in %.1fs", size, graph.compile_seconds)
             bar.close()
-            t = time.perf_counter()
-            self.compiled_prefill(runner.dummy_prefill_inputs())
-            platform.synchronize()
-            logger.info("prefill graph (dynamic token count) compiled in %.1fs", time.perf_counter() - t)
+            if self.compiled_prefill is not None:
+                t = time.perf_counter()
+                self.compiled_prefill(runner.dummy_prefill_inputs())
+                platform.synchronize()
+                logger.info("prefill graph (dynamic token count) compiled in %.1fs", time.perf_counter() - t)
         self.compile_seconds = time.perf_counter() - start
-        logger.info("graph mode ready (%s decode compile): %d decode graphs + prefill in %.1fs", self.policy,
-                    len(self.graphs), self.compile_seconds)
+        logger.info("graph mode ready (%s decode compile): %d decode graphs, prefill %s, in %.1fs", self.policy,
+                    len(self.graphs), "compiled" if self.compiled_prefill else "eager", self.compile_seconds)
 
     def padded_rows(self, bucket: int) -> int:
         return bucket if self.policy == "per_bucket" else max(bucket, 2)
@@ -114,6 +116,8 @@ class GraphExecutor(EagerExecutor):
 
     @torch.inference_mode()
     def prefill(self, inputs):
+        if self.compiled_prefill is None:
+            return self.prefill_step(inputs)
         with torch.compiler.set_stance("fail_on_recompile"):
             return self.compiled_prefill(inputs)
 

@@ -10,6 +10,7 @@ class Platform:
     name = "base"
     supports_graph_capture = False
     compile_backend = "inductor"
+    compile_prefill = True  # compile prefill as one shape-dynamic graph (else it runs eagerly)
 
     def __init__(self, device: torch.device):
         self.device = device
