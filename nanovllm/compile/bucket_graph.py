@@ -41,6 +41,7 @@ class BucketGraph:
         """(tokens [size], logits [size, V]) for a batch padded to this bucket."""
         if self.graph is None:
             return self.compiled_step(inputs)
-        inputs.copy_into(self.static_inputs)
+        if inputs is not self.static_inputs:
+            inputs.copy_into(self.static_inputs)
         self.graph.replay()
         return self.static_outputs

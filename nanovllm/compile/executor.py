@@ -43,6 +43,10 @@ class EagerExecutor:
             return [(0, n, n)]
         return [(start, rows, pick_bucket(rows, self.buckets)) for start, rows in split_batch(n, self.buckets)]
 
+    def static_inputs(self, padded_rows: int):
+        """The buffers a captured graph reads, for the runner to fill directly; None when there are none."""
+        return None
+
     def decode(self, inputs, padded_rows: int):
         return self.decode_step(inputs)
 
@@ -102,6 +106,10 @@ class GraphExecutor(EagerExecutor):
         self.compile_seconds = time.perf_counter() - start
         logger.info("graph mode ready (%s decode compile): %d decode graphs, prefill %s, in %.1fs", self.policy,
                     len(self.graphs), "compiled" if self.compiled_prefill else "eager", self.compile_seconds)
+
+    def static_inputs(self, padded_rows: int):
+        graph = self.graphs[padded_rows]
+        return graph.static_inputs if graph.graph is not None else None
 
     def padded_rows(self, bucket: int) -> int:
         return bucket if self.policy == "per_bucket" else max(bucket, 2)

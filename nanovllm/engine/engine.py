@@ -26,7 +26,7 @@ class Engine:
                       "decode_steps": 0, "schedule_time": 0.0}
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         seq = Sequence(self._next_id, prompt_token_ids, params, seed)
         self._next_id += 1
         self.scheduler.add(seq)

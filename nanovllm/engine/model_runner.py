@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.layers.sampler import sample
@@ -45,6 +46,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
+        self.decode_builder = DecodeInputBuilder(self.device, self.block_size, self.max_blocks_per_seq)
         self.decode_prepare_time = 0.0  # host seconds spent building decode inputs (a statistic)
         self.executor = self._make_executor()
         self.mode = self.executor.mode
@@ -186,20 +188,9 @@ class ModelRunner:
         return self._make_inputs(np.zeros(tokens, np.int64), np.arange(tokens), np.full(tokens, -1),
                                  np.zeros((rows, 2), np.int32), np.zeros(rows, np.int32), cu, cu[1:] - 1, None)
 
-    def prepare_decode(self, seqs: list, rows: int) -> StepInputs:
+    def prepare_decode(self, seqs: list, rows: int, target: StepInputs | None = None) -> StepInputs:
         """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""
-        bs = self.block_size
-        tokens = np.zeros(rows, np.int64)
-        positions = np.zeros(rows, np.int64)
-        slots = np.full(rows, -1, np.int64)
-        context = np.zeros(rows, np.int32)
-        for i, seq in enumerate(seqs):
-            pos = len(seq) - 1
-            tokens[i], positions[i], context[i] = seq.token_ids[-1], pos, pos + 1
-            slots[i] = seq.block_table[pos // bs] * bs + pos % bs
-        cu = np.arange(rows + 1)
-        return self._make_inputs(tokens, positions, slots, self._block_table_array(seqs, rows, self.max_blocks_per_seq),
-                                 context, cu, np.arange(rows), self._sampling_arrays(seqs, rows))
+        return self.decode_builder.build(seqs, rows, target)
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -212,7 +203,7 @@ class ModelRunner:
         out = []
         for start, rows, padded in self.executor.decode_plan(len(batch.seqs)):
             t = time.perf_counter()
-            inputs = self.prepare_decode(batch.seqs[start:start + rows], padded)
+            inputs = self.prepare_decode(batch.seqs[start:start + rows], padded, self.executor.static_inputs(padded))
             self.decode_prepare_time += time.perf_counter() - t
             tokens, logits = self.executor.decode(inputs, padded)
             out += self._finish(tokens, logits, inputs, rows, filtered)

@@ -74,10 +74,13 @@ class Scheduler:
         bm = self.block_manager
         scheduled: list[Sequence] = []
         queue = list(self.running)
-        while queue:
-            seq = queue.pop(0)
+        head, tail = 0, len(queue)  # queue[head:tail] are still to be scheduled
+        while head < tail:
+            seq = queue[head]
+            head += 1
             while bm.needs_block_to_append(seq) and bm.num_free_blocks == 0:
-                victim = queue.pop() if queue else seq
+                victim = queue[tail - 1] if tail > head else seq
+                tail -= victim is not seq
                 self._preempt(victim)
                 if victim is seq:
                     break

@@ -22,7 +22,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] float32 Gumbel(0, 1) noise, a pure function of (seed, position, vocabulary id)."""
-    row_key = _mix(_mix(seeds & _MASK31) ^ (positions & _MASK31))
+    seed_key = _mix(seeds & _MASK31) ^ _mix(((seeds >> 31) & _MASK31) + 0x5BD1E995)
+    row_key = _mix(seed_key ^ (positions & _MASK31))
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _mix(_mix(row_key[:, None] ^ ((vocab[None, :] * 0x3C6EF35F) & _MASK31)) + 0x165667B1) & _MASK31
     uniform = ((bits >> 7).float() + 0.5) * (1.0 / (1 << 24))  # strictly inside (0, 1)

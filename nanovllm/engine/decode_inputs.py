@@ -1,0 +1,100 @@
+"""Builds decode ``StepInputs`` with as little host work per step as possible.
+
+Decode runs every few milliseconds for hundreds of sequences, so its input preparation is host overhead on
+the critical path.  Three things keep it small:
+* each sequence's padded block-table row and sampling settings are kept between steps and only the new
+  blocks are written (a sequence whose ``block_table`` list was replaced, e.g. after preemption, is rebuilt);
+* the batch is assembled with numpy in reusable staging tensors (pinned on CUDA), one set per row count;
+* on a capturing platform the staging tensors are copied straight into the graph's static input buffers.
+
+Padded rows follow the one rule of graph mode: token 0, slot -1, context length 0, greedy, discarded.
+"""
+import numpy as np
+import torch
+
+from nanovllm.engine.step_inputs import StepInputs
+
+
+class _SeqRow:
+    __slots__ = ("table_list", "row", "filled", "sampling", "seed")
+
+    def __init__(self, seq, width: int):
+        self.table_list = seq.block_table
+        self.row = np.zeros(width, np.int32)
+        self.filled = 0
+        p = seq.params
+        self.sampling = (p.temperature, p.top_k, p.top_p)
+        self.seed = seq.seed
+
+
+class DecodeInputBuilder:
+    def __init__(self, device: torch.device, block_size: int, max_blocks_per_seq: int):
+        self.device = device
+        self.block_size = block_size
+        self.width = max_blocks_per_seq
+        self._rows: dict[int, _SeqRow] = {}
+        self._staging: dict[int, StepInputs] = {}
+
+    def _staging_for(self, rows: int) -> StepInputs:
+        if rows not in self._staging:
+            pin = self.device.type == "cuda"
+
+            def z(*shape, dtype=torch.int64):
+                return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
+
+            with torch.inference_mode():
+                self._staging[rows] = StepInputs(
+                    input_ids=z(rows), positions=z(rows), slot_mapping=z(rows),
+                    block_tables=z(rows, self.width, dtype=torch.int32), context_lens=z(rows, dtype=torch.int32),
+                    cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32).pin_memory() if pin
+                    else torch.arange(rows + 1, dtype=torch.int32),
+                    logits_indices=torch.arange(rows).pin_memory() if pin else torch.arange(rows),
+                    temperature=z(rows, dtype=torch.float32), top_k=z(rows), top_p=z(rows, dtype=torch.float32),
+                    seeds=z(rows), sample_positions=z(rows))
+        return self._staging[rows]
+
+    def _row(self, seq) -> _SeqRow:
+        entry = self._rows.get(seq.seq_id)
+        if entry is None or entry.table_list is not seq.block_table:
+            entry = self._rows[seq.seq_id] = _SeqRow(seq, self.width)
+        table = seq.block_table
+        if entry.filled < len(table):
+            entry.row[entry.filled:len(table)] = table[entry.filled:]
+            entry.filled = len(table)
+        return entry
+
+    def build(self, seqs: list, rows: int, target: StepInputs | None = None) -> StepInputs:
+        """Inputs for ``seqs`` padded to ``rows``; written into ``target`` (static graph buffers) if given."""
+        n = len(seqs)
+        if len(self._rows) > 4 * max(rows, 64):  # forget finished sequences now and then
+            live = {s.seq_id for s in seqs}
+            self._rows = {k: v for k, v in self._rows.items() if k in live}
+        host = self._staging_for(rows)
+        entries = [self._row(s) for s in seqs]
+        lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
+        pos = lens - 1
+        ids, positions, slots = host.input_ids.numpy(), host.positions.numpy(), host.slot_mapping.numpy()
+        tables, context = host.block_tables.numpy(), host.context_lens.numpy()
+        ids[:n] = [s.token_ids[-1] for s in seqs]
+        positions[:n] = pos
+        context[:n] = lens
+        host.sample_positions.numpy()[:n] = lens
+        if n:
+            tables[:n] = np.stack([e.row for e in entries])
+            sampling = np.array([e.sampling for e in entries], dtype=np.float64)
+            host.temperature.numpy()[:n] = sampling[:, 0]
+            host.top_k.numpy()[:n] = sampling[:, 1]
+            host.top_p.numpy()[:n] = sampling[:, 2]
+            host.seeds.numpy()[:n] = [e.seed for e in entries]
+            slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
+                + pos % self.block_size
+        for array, pad in ((ids, 0), (positions, 0), (slots, -1), (context, 0), (tables, 0),
+                           (host.sample_positions.numpy(), 0), (host.temperature.numpy(), 0),
+                           (host.top_k.numpy(), -1), (host.top_p.numpy(), 1), (host.seeds.numpy(), 0)):
+            array[n:] = pad
+        if self.device.type == "cpu":
+            return host
+        if target is None:
+            return host.to(self.device)
+        host.copy_into(target)
+        return target
