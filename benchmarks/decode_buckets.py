@@ -46,6 +46,33 @@ def time_decode(runner, executor, seqs, rows, iters=20) -> float:
     return (time.perf_counter() - t) / iters
 
 
+def profile_largest(runner, graph_exec, bucket, context, blocks_per_seq) -> list:
+    """GPU time per kernel of the compiled decode step (run without its CUDA graph so kernels are visible)."""
+    seqs = []
+    for i in range(bucket):
+        s = Sequence(i, [1] * context, SamplingParams(temperature=0.6), seed=i)
+        s.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        seqs.append(s)
+    rows = graph_exec.padded_rows(bucket)
+    inputs = runner.prepare_decode(seqs, rows)
+    step = graph_exec.graphs[rows].compiled_step
+    with torch.inference_mode():
+        for _ in range(3):
+            step(inputs)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step(inputs)
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+    top = [{"kernel": e.key[:90], "ms_per_step": e.device_time_total / 5 / 1e3, "calls_per_step": e.count / 5}
+           for e in events]
+    print("top kernels per decode step (bucket %d, context %d):" % (bucket, context))
+    for t in top:
+        print(f"  {t['ms_per_step']:.3f} ms  x{t['calls_per_step']:.0f}  {t['kernel']}")
+    return top
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model")
@@ -82,6 +109,7 @@ def main():
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "copy_bandwidth_GBps": bw / 1e9, "init_seconds": init_seconds,
               "compile_seconds": getattr(graph_exec, "compile_seconds", None), "rows": rows}
+    result["profile_top_kernels"] = profile_largest(runner, graph_exec, max(buckets), args.context, blocks_per_seq)
     with open(os.path.join(out_dir, "decode_buckets.json"), "w") as f:
         json.dump(result, f, indent=2)
     lines = [f"copy bandwidth {bw / 1e9:.0f} GB/s; init {init_seconds:.1f}s "
