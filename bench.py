@@ -51,6 +51,12 @@ def run_once(llm: LLM, args) -> dict:
     seconds = time.perf_counter() - t
     tokens = sum(p.max_tokens for p in params)
     s = engine.stats
+    runner = engine.runner
+    floor = None
+    if runner.device.type == "cuda":  # ANCHORS.md's floor: weights once per step plus all KV read, at copy speed
+        weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        kv_bytes = s["decode_kv_tokens"] * runner.kv_bytes_per_block() // runner.block_size
+        floor = (s["decode_steps"] * weight_bytes + kv_bytes) / copy_bandwidth(runner.device)
     steps = max(s["decode_steps"], 1)
     return {
         "tokens": tokens, "input_tokens": sum(map(len, prompts)), "seconds": round(seconds, 3),
@@ -60,7 +66,22 @@ def run_once(llm: LLM, args) -> dict:
         "host_prepare_ms_per_step": round(1000 * engine.runner.decode_prepare_time / steps, 3),
         "host_schedule_ms_per_step": round(1000 * s["schedule_time"] / max(steps, 1), 3),
         "preemptions": engine.scheduler.num_preemptions,
+        "decode_floor_seconds": None if floor is None else round(floor, 3),
+        "decode_vs_floor": None if floor is None else round(floor / max(s["decode_time"], 1e-9), 3),
     }
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (the practical memory ceiling)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    return 2 * a.numel() * 10 / (time.perf_counter() - t)
 
 
 def run_in_subprocess(args, bs: int) -> dict:
@@ -86,6 +107,24 @@ def describe(llm: LLM) -> dict:
             "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size}
 
 
+def plot_sweep(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bs = [r["max_num_seqs"] for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(bs, [r["tok_per_s"] for r in results], "o-")
+    a.set(xlabel="max batch size (largest bucket)", ylabel="output tok/s", title="bench.py throughput")
+    b.plot(bs, [r["decode_step_ms"] for r in results], "o-", label="decode step (measured)")
+    if all(r.get("decode_floor_seconds") for r in results):
+        b.plot(bs, [1000 * r["decode_floor_seconds"] / max(r["decode_steps"], 1) for r in results], "s--",
+               label="byte floor (weights + KV at copy bandwidth)")
+    b.set(xlabel="max batch size (largest bucket)", ylabel="ms per decode step", title="decode step vs floor")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF checkpoint dir (default: synthesized random-weight Qwen3-0.6B)")
@@ -100,6 +139,7 @@ def main():
     p.add_argument("--json", help="also write the result(s) to this file")
     p.add_argument("--sweep-bs", type=lambda s: [int(x) for x in s.split(",")],
                    help="run the bench once per max batch size (graph mode) and print a table")
+    p.add_argument("--plot", help="with --sweep-bs: save a PNG of throughput and decode step time vs its floor")
     p.add_argument("--compare-padding", action="store_true",
                    help="eager mode with decode batches padded to buckets vs not padded")
     args = p.parse_args()
@@ -113,6 +153,8 @@ def main():
         print("| max bs | tok/s | time (s) | decode step (ms) |\n|---|---|---|---|")
         for r in results:
             print(f"| {r['max_num_seqs']} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} | {r['decode_step_ms']:.2f} |")
+        if args.plot:
+            plot_sweep(results, args.plot)
     elif args.compare_padding:
         from nanovllm.compile.executor import EagerExecutor
         llm = build_llm(args, args.bs, enforce_eager=True)

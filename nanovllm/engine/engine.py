@@ -23,7 +23,7 @@ class Engine:
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
-                      "decode_steps": 0, "schedule_time": 0.0}
+                      "decode_steps": 0, "schedule_time": 0.0, "decode_kv_tokens": 0}
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
@@ -38,6 +38,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return [], False, 0
+        if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
+            self.stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
         start = time.perf_counter()
         tokens = self.runner.run(batch)
         elapsed = time.perf_counter() - start
