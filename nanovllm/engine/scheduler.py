@@ -102,10 +102,12 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
         """Advance each sequence by this step's work; append sampled tokens; return those that finished."""
         finished = []
+        bm = self.block_manager
         for i, (seq, token) in enumerate(zip(batch.seqs, token_ids)):
             sampled = batch.samples(i)
             seq.num_computed_tokens += batch.num_new_tokens[i]
-            self.block_manager.register_computed(seq)
+            if seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
+                bm.register_computed(seq)  # a block just filled up
             if not sampled:
                 continue
             seq.token_ids.append(token)

@@ -261,7 +261,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 # --------------------------------------------------------------------------------------------- prefill
 
-@triton.jit
+# num_seqs and the block-table stride change with every prefill batch; Triton would otherwise specialise (and
+# JIT-compile a new variant) on whether each is 1 or a multiple of 16, seconds of compilation inside generate.
+@triton.jit(do_not_specialize=["num_seqs", "stride_btb"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, out_ptr,
                     qk_scale, num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_btb,
                     stride_cb, stride_ch, stride_ct,

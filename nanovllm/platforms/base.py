@@ -1,4 +1,5 @@
 """The interface every platform implements; defaults suit a device with no graph capture."""
+import os
 from contextlib import contextmanager
 
 import torch
@@ -14,6 +15,11 @@ class Platform:
 
     def __init__(self, device: torch.device):
         self.device = device
+        override = os.environ.get("NANOVLLM_COMPILE_PREFILL")  # "0"/"1": override the platform's choice
+        if override is not None:
+            if override not in ("0", "1"):
+                raise ValueError(f"NANOVLLM_COMPILE_PREFILL must be 0 or 1, got {override!r}")
+            self.compile_prefill = override == "1"
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":
