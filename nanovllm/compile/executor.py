@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.buckets import pick_bucket, split_batch
+from nanovllm.compile.cache import CompileCache, cache_disabled, key_fields
 from nanovllm.layers.sampler import sample
 from nanovllm.logger import logger
 
@@ -87,7 +88,8 @@ class GraphExecutor(EagerExecutor):
         pool = platform.graph_pool()
         sizes = sorted({self.padded_rows(b) for b in self.buckets}, reverse=True)
         bar = tqdm(sizes, desc="Compiling decode buckets", dynamic_ncols=True)
-        with torch.inference_mode():
+        self.cache = CompileCache(key_fields(runner))
+        with self.cache.activate(), torch.inference_mode():
             for size in bar:  # largest first, so smaller graphs reuse the pool's memory
                 inputs = runner.prepare_decode([], size)
                 if not static and not self.graphs:
@@ -104,8 +106,9 @@ class GraphExecutor(EagerExecutor):
                 platform.synchronize()
                 logger.info("prefill graph (dynamic token count) compiled in %.1fs", time.perf_counter() - t)
         self.compile_seconds = time.perf_counter() - start
-        logger.info("graph mode ready (%s decode compile): %d decode graphs, prefill %s, in %.1fs", self.policy,
-                    len(self.graphs), "compiled" if self.compiled_prefill else "eager", self.compile_seconds)
+        logger.info("graph mode ready (%s decode compile): %d decode graphs, prefill %s, in %.1fs (compile cache %s)",
+                    self.policy, len(self.graphs), "compiled" if self.compiled_prefill else "eager",
+                    self.compile_seconds, "off" if cache_disabled() else "hit" if self.cache.hit else "miss, saved")
 
     def static_inputs(self, padded_rows: int):
         graph = self.graphs[padded_rows]
