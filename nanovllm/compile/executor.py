@@ -1,5 +1,5 @@
-"""Executors run a prepared step: ``EagerExecutor`` calls the model directly, ``GraphExecutor`` replays
-per-bucket compiled graphs for decode and a shape-dynamic compiled graph for prefill.
+"""Executors run a prepared step: ``EagerExecutor`` calls the model directly, ``GraphExecutor`` replays one
+captured graph per decode bucket and (where the platform compiles prefill) runs a shape-dynamic prefill graph.
 
 Both run the same step function (model forward, then the plain sampler) so graph mode and eager mode
 compute the same thing.  After start-up the graph executor never compiles: every call runs under
@@ -63,7 +63,8 @@ class GraphExecutor(EagerExecutor):
       every bucket.  Buckets are at least 2 rows, since the compiler specialises a size of 1.
     * ``per_bucket``: one static-shape compile per bucket (``dynamic=False``), each then captured.
     On an H100 the static compile of Qwen3-0.6B took ~30 s per bucket (~7 min for the 14 default buckets)
-    with no measurable decode gain, so the shared compile is the default (docs/PERFORMANCE.md).
+    against ~56 s for the shared compile, so the shared one is the default; whether static shapes decode any
+    faster has not been measured yet (docs/PERFORMANCE.md).
     """
     mode = "graph"
 

@@ -39,7 +39,3 @@ class Sequence:
     def is_prefilling(self) -> bool:
         """More than the last token still lacks KV, so its next step is a prefill chunk, not a decode."""
         return self.num_computed_tokens < len(self.token_ids) - 1
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
