@@ -37,8 +37,9 @@ def main(argv=None):
     if args.list:
         entries = cache.list_entries()
         for e in entries:
-            print(f"{e['key']}  {e['architectures']} {e['dtype']} buckets={e['buckets']} {e['platform']} "
-                  f"({e['device_arch']})  {e['size_mb']} MB  {e['age_hours']} h old  {e['path']}")
+            print(f"{e['key']}  {e['architectures']} {e['dtype']} buckets={e['buckets']} "
+                  f"kv_blocks={e['num_kv_blocks']} {e['platform']} ({e['device_arch']})  {e['size_mb']} MB  "
+                  f"{e['age_hours']} h old  {e['path']}")
         print(f"{len(entries)} entries under {cache.compile_cache_dir()}")
         return
     if args.clear:
@@ -58,8 +59,10 @@ def main(argv=None):
         return
     for size, graph in sorted(executor.graphs.items()):
         print(f"bucket {size:4d}: {graph.compile_seconds:6.1f} s")
-    status = "already cached (hit)" if executor.cache.hit else "compiled and saved"
-    print(f"total: {time.perf_counter() - start:.1f} s for LLM(...) init; {status}; key {executor.cache.key}")
+    entry = executor.cache
+    status = "off" if cache.cache_disabled() else "already cached (hit)" if entry.hit else "compiled and saved"
+    print(f"total: {time.perf_counter() - start:.1f} s for LLM(...) init, {executor.compile_seconds:.1f} s of it "
+          f"compiling; cache {status}; key {entry.key} at {entry.entry}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Compile cache: keyed by what changes the code, safe under concurrent starts and corruption, and it
-makes a second start skip Inductor compilation."""
+"""Compile cache: keyed by what changes the code, safe under concurrent starts and corruption, and after
+``python -m nanovllm.precompile`` a new process's ``LLM(...)`` does no Inductor compilation."""
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,93 +15,153 @@ import torch
 from conftest import build_checkpoint
 from nanovllm.compile import cache
 
+ARGS = dict(graph_batch_sizes=[2], max_num_seqs=2, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64)
+PRECOMPILE_ARGS = ["--graph-batch-sizes", "2", "--max-num-seqs", "2", "--kvcache-block-size", "16",
+                   "--num-kvcache-blocks", "16", "--max-model-len", "64"]
 CHILD = r"""
 import json, sys, time
 from torch._dynamo.utils import counters
 from nanovllm import LLM
 t = time.perf_counter()
-llm = LLM(sys.argv[1], graph_batch_sizes=[2], max_num_seqs=2, kvcache_block_size=16, num_kvcache_blocks=16,
-          max_model_len=64)
+llm = LLM(sys.argv[1], **json.loads(sys.argv[2]))
 init = time.perf_counter() - t
 out = llm.generate([[1, 2, 3]], None, use_tqdm=False)[0]["token_ids"]
-print(json.dumps({"init": init, "hit": llm.engine.runner.executor.cache.hit, "tokens": out,
+c = llm.engine.runner.executor.cache
+print(json.dumps({"init": init, "hit": c.hit, "key": c.key, "tokens": out,
                   "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
-                  "fx_miss": counters["inductor"]["fxgraph_cache_miss"]}))
+                  "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "aot_hit": counters["aot_autograd"]["autograd_cache_hit"]}))
 """
 
 
-def _start(model, cache_root, inductor_dir):
+def _env(cache_root, inductor_dir):
+    """A fresh, empty Inductor cache of the child's own: only our cache can supply compiled artifacts."""
     env = dict(os.environ, NANOVLLM_CACHE_DIR=str(cache_root), TORCHINDUCTOR_CACHE_DIR=str(inductor_dir))
     env.pop("NANOVLLM_DISABLE_COMPILE_CACHE", None)
-    return subprocess.Popen([sys.executable, "-c", CHILD, model], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env.pop("TRITON_CACHE_DIR", None)
+    return env
 
 
-def _result(proc):
-    out, err = proc.communicate(timeout=900)
+def _popen(argv, env):
+    return subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _finish(proc) -> str:
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+    return out
 
 
-def test_concurrent_cold_starts_both_come_up_then_a_new_process_skips_inductor(tmp_path):
+def test_concurrent_cold_starts_then_a_new_process_compiles_nothing(tmp_path):
     model = build_checkpoint(tmp_path / "model", "qwen3")
     root = tmp_path / "nanovllm"
-    first, second = (_result(p) for p in [_start(model, root, tmp_path / f"inductor{i}") for i in (1, 2)])
-    assert sorted([first["hit"], second["hit"]]) == [False, True]  # one built under the lock, one loaded it
-    assert first["tokens"] == second["tokens"]
+    # precompile and an LLM start on the same key at once: one builds under the lock, the other loads it
+    pre = _popen(["-m", "nanovllm.precompile", "--model", model, *PRECOMPILE_ARGS], _env(root, tmp_path / "ind1"))
+    llm = _popen(["-c", CHILD, model, json.dumps(ARGS)], _env(root, tmp_path / "ind2"))
+    pre_out, child = _finish(pre), json.loads(_finish(llm).strip().splitlines()[-1])
+    print("\n" + pre_out)
+    pre_hit = "cache already cached (hit)" in pre_out
+    assert pre_hit != child["hit"], (pre_out, child)
+    assert re.search(r"key (\w+)", pre_out).group(1) == child["key"]  # precompile warms what LLM(...) looks up
+    assert re.search(r"bucket +2: +[\d.]+ s", pre_out)
     entries = cache.list_entries(root / "compile")
-    assert len(entries) == 1 and entries[0]["size_mb"] > 0
-    warm = _result(_start(model, root, tmp_path / "inductor3"))  # an empty Inductor cache: only ours can help
-    cold = first if not first["hit"] else second
-    print(f"\ncold init {cold['init']:.1f}s, warm init {warm['init']:.1f}s")
-    assert warm["hit"] and warm["fx_miss"] == 0 and warm["fx_hit"] > 0
-    assert cold["fx_miss"] > 0
-    assert warm["init"] < cold["init"]
-    assert warm["tokens"] == cold["tokens"]
+    assert len(entries) == 1 and entries[0]["key"] == child["key"] and entries[0]["size_mb"] > 0
+
+    warm_inductor = tmp_path / "ind3"
+    warm = json.loads(_finish(_popen(["-c", CHILD, model, json.dumps(ARGS)], _env(root, warm_inductor)))
+                      .strip().splitlines()[-1])
+    cold_init = child["init"] if not child["hit"] else float(re.search(r"total: ([\d.]+) s", pre_out).group(1))
+    print(f"cold init {cold_init:.1f}s, warm init {warm['init']:.1f}s")
+    assert warm["hit"] and warm["fx_miss"] == 0 and warm["fx_hit"] > 0 and warm["aot_hit"] > 0
+    assert not list(warm_inductor.rglob("*.so")), "Inductor compiled outside the cache entry"
+    assert warm["init"] < cold_init
+    assert warm["tokens"] == child["tokens"]
 
 
 def _compile_something():
+    torch._dynamo.reset()
     fn = torch.compile(lambda x: torch.sin(x) * 2 + 1, fullgraph=True)
-    fn(torch.randn(8))
+    assert torch.allclose(fn(torch.ones(8)), torch.sin(torch.ones(8)) * 2 + 1)
 
 
-def test_corrupt_entry_is_discarded_with_one_warning_and_rebuilt(tmp_path, caplog, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    fields = {"model_config": {"a": 1}, "dtype": "torch.float32"}
-    store = cache.CompileCache(fields, root=tmp_path)
+FIELDS = {"model_config": {"architectures": ["Qwen3ForCausalLM"]}, "dtype": "torch.float32"}
+
+
+@pytest.fixture(scope="module")
+def built_entry(tmp_path_factory):
+    """One small compiled entry, copied by each corruption test."""
+    root = tmp_path_factory.mktemp("built")
+    store = cache.CompileCache(FIELDS, root=root)
     with store.activate():
         _compile_something()
-    assert not store.hit and (store.entry / "artifacts.bin").exists()
-    with open(store.entry / "artifacts.bin", "r+b") as f:
-        f.truncate(10)
-    again = cache.CompileCache(fields, root=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="nanovllm"):
-        nanovllm_logger = logging.getLogger("nanovllm")
-        nanovllm_logger.addHandler(caplog.handler)
-        try:
-            with again.activate():
-                torch._dynamo.reset()
-                _compile_something()
-        finally:
-            nanovllm_logger.removeHandler(caplog.handler)
-    warnings = [r for r in caplog.records if "corrupt" in r.getMessage()]
-    assert len(warnings) == 1 and not again.hit
-    manifest = json.loads((again.entry / "manifest.json").read_text())
-    assert manifest["size"] == len((again.entry / "artifacts.bin").read_bytes())  # rebuilt whole
-    third = cache.CompileCache(fields, root=tmp_path)
-    with third.activate():
-        pass
-    assert third.hit
+    assert not store.hit and (store.entry / "manifest.json").exists()
+    assert any(f.suffix == ".so" for f in (store.entry / "inductor").rglob("*"))
+    return store.entry
 
 
-def test_changing_any_key_field_misses(tmp_path):
-    base = {"model_config": {"hidden_size": 64}, "dtype": "torch.bfloat16", "buckets": [1, 2, 4],
-            "source_sha256": "abc", "tensor_parallel_size": 1}
-    key = cache.key_of(base)
-    for field, value in [("buckets", [1, 2]), ("dtype", "torch.float32"), ("source_sha256", "abd"),
-                         ("tensor_parallel_size", 2), ("model_config", {"hidden_size": 128})]:
-        assert cache.key_of(dict(base, **{field: value})) != key, field
-    assert cache.key_of(dict(base)) == key
+def _flip_a_byte_of_a_kernel(entry):
+    so = sorted((entry / "inductor").rglob("*.so"))[0]
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    so.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated_artifacts": lambda e: open(e / "artifacts.bin", "r+b").truncate(10),
+    "corrupt_kernel": _flip_a_byte_of_a_kernel,
+    "garbage_manifest": lambda e: (e / "manifest.json").write_text("{not json"),
+    "no_manifest": lambda e: (e / "manifest.json").unlink(),  # a build that died before finishing
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_corrupt_entry_is_discarded_with_one_warning_and_rebuilt(built_entry, corruption, tmp_path, caplog):
+    root = tmp_path / "compile"
+    shutil.copytree(built_entry, root / built_entry.name)
+    store = cache.CompileCache(FIELDS, root=root)
+    assert store.entry == root / built_entry.name
+    CORRUPTIONS[corruption](store.entry)
+    nanovllm_logger = logging.getLogger("nanovllm")
+    nanovllm_logger.addHandler(caplog.handler)
+    try:
+        with store.activate():
+            _compile_something()
+    finally:
+        nanovllm_logger.removeHandler(caplog.handler)
+    warnings = [r for r in caplog.records if r.name == "nanovllm" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "corrupt" in warnings[0].getMessage() and not store.hit
+    manifest = json.loads((store.entry / "manifest.json").read_text())
+    assert manifest["size"] == len((store.entry / "artifacts.bin").read_bytes())  # rebuilt whole
+    again = cache.CompileCache(FIELDS, root=root)
+    with again.activate():
+        _compile_something()
+    assert again.hit
+
+
+def _fake_runner(**overrides):
+    cfg = SimpleNamespace(hf_config={"hidden_size": 64}, graph_batch_sizes=(1, 2, 4), kvcache_block_size=16,
+                          max_model_len=128, max_num_seqs=4, tensor_parallel_size=1)
+    runner = SimpleNamespace(config=cfg, dtype=torch.float32, num_blocks=96, device=torch.device("cpu"),
+                             platform=SimpleNamespace(name="cpu", compile_prefill=True))
+    for name, value in overrides.items():
+        setattr(cfg if hasattr(cfg, name) else runner, name, value)
+    return runner
+
+
+def test_changing_any_key_field_misses(monkeypatch):
+    key = cache.key_of(cache.key_fields(_fake_runner()))
+    assert cache.key_of(cache.key_fields(_fake_runner())) == key
+    for name, value in [("graph_batch_sizes", (1, 2)), ("dtype", torch.bfloat16), ("num_blocks", 95),
+                        ("kvcache_block_size", 32), ("max_model_len", 64), ("max_num_seqs", 8),
+                        ("tensor_parallel_size", 2), ("hf_config", {"hidden_size": 128}),
+                        ("platform", SimpleNamespace(name="cpu", compile_prefill=False))]:
+        assert cache.key_of(cache.key_fields(_fake_runner(**{name: value}))) != key, name
+    monkeypatch.setenv("NANOVLLM_DECODE_COMPILE", "per_bucket")
+    assert cache.key_of(cache.key_fields(_fake_runner())) != key, "decode compile policy"
+    monkeypatch.delenv("NANOVLLM_DECODE_COMPILE")
+    monkeypatch.setattr(cache, "source_hash", lambda: "0" * 64)
+    assert cache.key_of(cache.key_fields(_fake_runner())) != key, "traced source"
 
 
 def test_source_hash_changes_when_a_traced_file_changes(tmp_path):
@@ -107,28 +169,40 @@ def test_source_hash_changes_when_a_traced_file_changes(tmp_path):
     shutil.copytree(cache._PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     before = cache.source_hash(copy)
     assert before == cache.source_hash(cache._PACKAGE_DIR)
-    with open(copy / "layers" / "norm.py", "a") as f:
-        f.write("\n# a change\n")
-    assert cache.source_hash(copy) != before
+    for traced in ("layers/norm.py", "engine/step_inputs.py", "kernels/ops.py", "platforms/cpu.py"):
+        with open(copy / traced, "a") as f:
+            f.write("\n# a change\n")
+        assert cache.source_hash(copy) != before, traced
+        before = cache.source_hash(copy)
+    (copy / "llm.py").write_text("# not traced\n")
+    assert cache.source_hash(copy) == before
+
+
+def test_inductor_is_pointed_at_the_entry_and_restored(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    store = cache.CompileCache({"x": 2}, root=tmp_path / "c")
+    with store.activate():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(store.entry / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert "TRITON_CACHE_DIR" not in os.environ
 
 
 def test_disabled_cache_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOVLLM_DISABLE_COMPILE_CACHE", "1")
     store = cache.CompileCache({"x": 1}, root=tmp_path / "c")
     with store.activate():
-        pass
-    assert not (tmp_path / "c").exists()
+        _compile_something()
+    assert not (tmp_path / "c").exists() and not store.hit
 
 
-def test_precompile_list_and_clear(tmp_path, monkeypatch, capsys):
+def test_precompile_list_and_clear(built_entry, tmp_path, monkeypatch, capsys):
     from nanovllm import precompile
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    store = cache.CompileCache({"model_config": {"architectures": ["Qwen3ForCausalLM"]}})
-    with store.activate():
-        _compile_something()
+    shutil.copytree(built_entry, tmp_path / "compile" / built_entry.name)
     precompile.main(["--list"])
-    assert "1 entries" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 entries" in out and built_entry.name in out and "Qwen3ForCausalLM" in out
     precompile.main(["--clear"])
     assert "removed 1" in capsys.readouterr().out
     assert cache.list_entries() == []

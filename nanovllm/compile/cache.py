@@ -1,19 +1,26 @@
-"""Persistent compile cache: a keyed, locked, checksummed on-disk store of PyTorch's compile artifacts.
+"""Persistent compile cache: a keyed, locked, checksummed on-disk store of what PyTorch compiled.
 
-An entry lives in ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` and holds
-``artifacts.bin`` (``torch.compiler.save_cache_artifacts()``: Inductor FX-graph, AOTAutograd and Triton
-artifacts) and ``manifest.json`` (the key fields, versions, creation time, size and the artifact's sha256).
+An entry is ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` holding
+* ``artifacts.bin``: ``torch.compiler.save_cache_artifacts()`` (the "mega-cache": Inductor FX-graph,
+  AOTAutograd, autotune and bundled Triton artifacts), hot-loaded with ``torch.compiler.load_cache_artifacts``;
+* ``inductor/``: the ``TORCHINDUCTOR_CACHE_DIR`` (and ``TRITON_CACHE_DIR``) Inductor used while compiling this
+  entry.  Besides the graphs it keeps the compiled C++ kernels (``.so``), which the mega-cache does not carry:
+  without them a warm CPU start rebuilds every kernel with the C++ compiler;
+* ``manifest.json``: the key fields, versions, creation time, and the size and sha256 of ``artifacts.bin`` and
+  of every file under ``inductor/``.  Written last, it marks the entry complete.
 
 The key hashes everything that changes the generated code: model config, dtype, buckets, compile policies,
-static shapes (block size, table width, KV blocks), tensor-parallel size and rank, platform and device
-architecture, torch/triton/nanovllm versions and the contents of every traced source file.  The source hash
-matters: PyTorch's own FX-graph cache once served us a graph compiled for an older KV-cache layout.
+static shapes (block size, model length, sequences, KV blocks allocated), tensor-parallel size and rank,
+platform and device architecture, torch/triton/nanovllm versions and the contents of every traced source
+file.  Inductor works in the entry's own directory, never the shared default one: PyTorch's FX-graph cache once
+served us a graph compiled for an older KV-cache layout, and a per-key directory under a key that includes the
+source hash cannot hold such a graph.
 
-Safety: a file lock serialises builders of one key (a second process waits, then loads what the first
-saved); files are written to a temporary directory and renamed into place; an entry whose checksum does not
-match is discarded with one warning and rebuilt, never loaded.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns
-the cache off.  Dynamo still traces on a warm start; what the cache skips is Inductor lowering and Triton
-compilation.
+Safety: an ``fcntl`` lock serialises the processes starting on one key (a second waits, then loads what the
+first saved); files are written to temporaries and renamed into place; an entry whose checksums do not match is
+discarded with one warning and rebuilt, never loaded.  A "hit" whose compile still missed Inductor's cache is
+saved again.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.  Dynamo still traces on a warm start;
+what the cache skips is AOTAutograd, Inductor lowering, C++/Triton compilation and autotuning.
 """
 import contextlib
 import fcntl
@@ -34,6 +41,7 @@ from nanovllm.paths import compile_cache_dir
 
 _PACKAGE_DIR = Path(nanovllm.__file__).parent
 _TRACED_SOURCES = ("models", "layers", "kernels", "compile", "platforms", "engine/step_inputs.py")
+_UNCHECKED_SUFFIXES = (".lock", ".best_config")  # lock files, and autotune timings torch may rewrite
 
 
 def source_hash(package_dir: Path = _PACKAGE_DIR) -> str:
@@ -41,8 +49,7 @@ def source_hash(package_dir: Path = _PACKAGE_DIR) -> str:
     h = hashlib.sha256()
     for entry in _TRACED_SOURCES:
         path = package_dir / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             h.update(str(f.relative_to(package_dir)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()
@@ -52,7 +59,13 @@ def _device_arch(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
-    return f"{host_platform.machine()} {host_platform.processor()}"
+    info = {}
+    with contextlib.suppress(OSError):  # Inductor's C++ picks its vector ISA from these flags
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            info.setdefault(name.strip(), value.strip())
+    flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:12]
+    return f"{host_platform.machine()} {info.get('model name', host_platform.processor())} flags={flags}"
 
 
 def key_fields(runner) -> dict:
@@ -82,6 +95,66 @@ def cache_disabled() -> bool:
     return os.environ.get("NANOVLLM_DISABLE_COMPILE_CACHE", "0") not in ("", "0")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    return {str(f.relative_to(directory)): _sha256(f) for f in sorted(directory.rglob("*"))
+            if f.is_file() and not f.name.endswith(_UNCHECKED_SUFFIXES)}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clear_inductor_memory_caches() -> None:
+    from torch._inductor import utils
+    (getattr(utils, "clear_caches", None) or utils.clear_inductor_caches)()  # the older name
+
+
+@contextlib.contextmanager
+def _inductor_dir(directory: Path):
+    """Point Inductor's (and Triton's) on-disk caches at ``directory`` for the body, like ``fresh_cache``."""
+    saved = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+    _clear_inductor_memory_caches()  # in-memory code caches may point into the previous directory
+    try:
+        yield
+    finally:
+        _clear_inductor_memory_caches()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fxgraph_misses() -> int:
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["fxgraph_cache_miss"]
+
+
 class CompileCache:
     def __init__(self, fields: dict, root: Path | None = None):
         self.fields = fields
@@ -90,52 +163,71 @@ class CompileCache:
         self.entry = self.root / self.key
         self.hit = False
 
-    def _load(self) -> bool:
-        """Load a valid entry's artifacts; discard a corrupt one with a warning.  True on a hit."""
-        manifest_path, artifacts_path = self.entry / "manifest.json", self.entry / "artifacts.bin"
+    def _verified_artifacts(self) -> bytes | None:
+        """The entry's artifacts if every checksum matches; a corrupt entry is discarded with a warning."""
         if not self.entry.exists():
-            return False
+            return None
         try:
-            manifest = json.loads(manifest_path.read_text())
-            data = artifacts_path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != manifest["sha256"] or len(data) != manifest["size"]:
-                raise ValueError("checksum mismatch")
-            torch.compiler.load_cache_artifacts(data)
-            return True
+            manifest = json.loads((self.entry / "manifest.json").read_text())
+            if manifest["key"] != self.key:
+                raise ValueError(f"manifest is for key {manifest['key']}")
+            data = (self.entry / "artifacts.bin").read_bytes()
+            if len(data) != manifest["size"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+                raise ValueError("artifacts.bin checksum mismatch")
+            inductor = self.entry / "inductor"
+            for name, digest in manifest["inductor_files"].items():
+                if not (inductor / name).is_file() or _sha256(inductor / name) != digest:
+                    raise ValueError(f"inductor/{name} missing or checksum mismatch")
+            return data
         except Exception as e:  # any unreadable entry is rebuilt, never trusted
-            logger.warning("compile cache entry %s is corrupt (%s); discarding and rebuilding", self.entry, e)
+            logger.warning("compile cache entry %s is corrupt or incomplete (%s); discarding and rebuilding",
+                           self.entry, e)
             shutil.rmtree(self.entry, ignore_errors=True)
-            return False
+            return None
 
     def _save(self) -> None:
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
+            logger.info("compile cache: PyTorch recorded no artifacts; nothing saved")
             return
         data = saved[0]
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.", dir=self.root))
-        (tmp / "artifacts.bin").write_bytes(data)
-        manifest = {"key": self.key, "fields": self.fields, "created": time.time(), "size": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-        shutil.rmtree(self.entry, ignore_errors=True)
-        os.rename(tmp, self.entry)
+        _write_atomic(self.entry / "artifacts.bin", data)
+        versions = {k: self.fields.get(k) for k in ("torch", "triton", "nanovllm")}
+        manifest = {"key": self.key, "fields": self.fields, "versions": versions, "created": time.time(),
+                    "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "inductor_files": _file_hashes(self.entry / "inductor")}
+        _write_atomic(self.entry / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
 
     @contextlib.contextmanager
     def activate(self):
-        """Around compilation: load the entry if valid, else save what the body compiled (under a lock)."""
+        """Wrap compilation: load a valid entry, or save what the body compiled.  ``self.hit`` says which."""
         if cache_disabled():
             yield self
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{self.key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                self.hit = self._load()
+        inductor = self.entry / "inductor"
+        with _locked(self.root / f".{self.key}.lock"), _inductor_dir(inductor):
+            data = self._verified_artifacts()
+            loaded = data is not None and torch.compiler.load_cache_artifacts(data) is not None
+            if data is not None and not loaded:
+                logger.warning("compile cache entry %s could not be loaded by torch; rebuilding", self.entry)
+            if not loaded:  # start from nothing: no leftovers of a crashed or corrupt build
+                shutil.rmtree(self.entry, ignore_errors=True)
+            inductor.mkdir(parents=True, exist_ok=True)
+            from torch.compiler._cache import CacheArtifactManager
+            misses = _fxgraph_misses()
+            with CacheArtifactManager.with_fresh_cache():  # record only this entry's artifacts
                 yield self
+                self.hit = loaded and _fxgraph_misses() == misses
+                if loaded and not self.hit:
+                    logger.warning("compile cache entry %s was incomplete (Inductor recompiled); updating it",
+                                   self.entry)
                 if not self.hit:
                     self._save()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def list_entries(root: Path | None = None) -> list[dict]:
@@ -149,17 +241,20 @@ def list_entries(root: Path | None = None) -> list[dict]:
         f = m.get("fields", {})
         entries.append({"key": m.get("key"), "architectures": f.get("model_config", {}).get("architectures"),
                         "dtype": f.get("dtype"), "buckets": f.get("buckets"), "platform": f.get("platform"),
-                        "device_arch": f.get("device_arch"), "size_mb": round(m.get("size", 0) / 2**20, 2),
+                        "device_arch": f.get("device_arch"), "num_kv_blocks": f.get("num_kv_blocks"),
+                        "size_mb": round(_dir_bytes(manifest.parent) / 2**20, 2),
                         "age_hours": round((time.time() - m.get("created", time.time())) / 3600, 2),
                         "path": str(manifest.parent)})
     return entries
 
 
 def clear_entries(root: Path | None = None) -> int:
+    """Remove every entry (each under its lock, so a build in progress finishes first)."""
     root = Path(root) if root is not None else compile_cache_dir()
     n = 0
-    for entry in root.iterdir() if root.exists() else []:
+    for entry in sorted(root.iterdir()) if root.exists() else []:
         if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+            with _locked(root / f".{entry.name}.lock"):
+                shutil.rmtree(entry, ignore_errors=True)
             n += 1
     return n
