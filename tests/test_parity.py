@@ -93,3 +93,21 @@ def test_eos_from_generation_config_stops(tmp_path):
     llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64)
     got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]["token_ids"]
     assert got == ref[:ref.index(ref[2]) + 1]
+
+
+def test_stop_tokens_and_slot_reuse_while_the_next_step_is_already_launched(tiny_model):
+    """The engine launches step n+1 before it reads step n's tokens: a sequence that stops on a token at step n
+    is already in step n+1, whose row must be ignored; finished sequences' token slots go to new ones."""
+    arch, path = tiny_model
+    prompts = mixed_prompts(7, seed=4, max_len=25)
+    full = hf_greedy(path, prompts, 12)
+    # stop each sequence on the token it greedily produces at a different step (none for the last)
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[ids[i + 1]]) for i, ids in enumerate(full[:-1])]
+    params.append(SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    expected = [ids[:ids.index(p.stop_token_ids[0]) + 1] if p.stop_token_ids else ids for ids, p in zip(full, params)]
+    llm = LLM(path, enforce_eager=True, max_num_seqs=3, kvcache_block_size=16, num_kvcache_blocks=64)
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in out] == expected
+    assert any(len(e) < 12 for e in expected)
+    runner = llm.engine.runner
+    assert sorted(runner._free_slots) == list(range(3))  # every slot came back

@@ -19,12 +19,19 @@ from nanovllm.layers.sampler import sample
 from nanovllm.logger import logger
 
 
-def make_step(model, kv_caches, is_prefill: bool):
-    """The whole step, embedding to sampled token: (tokens [B], logits [B, V])."""
+def make_step(model, kv_caches, token_buffer, is_prefill: bool):
+    """The whole step, token buffer to token buffer: (tokens [B], logits [B, V]).
+
+    Input tokens still being sampled by the previous step are read from ``token_buffer``; every sampled token
+    is written back to it (see ``StepInputs``).
+    """
     def step(inputs):
-        logits = model(inputs, kv_caches, is_prefill)
+        from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
+        input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
+        logits = model(input_ids, inputs, kv_caches, is_prefill)
         tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds,
                         inputs.sample_positions)
+        token_buffer.index_copy_(0, inputs.out_slots, tokens)
         return tokens, logits
     return step
 
@@ -34,8 +41,8 @@ class EagerExecutor:
     mode = "eager"
 
     def __init__(self, runner, pad_to_buckets: tuple[int, ...] | None = None):
-        self.decode_step = make_step(runner.model, runner.kv_caches, is_prefill=False)
-        self.prefill_step = make_step(runner.model, runner.kv_caches, is_prefill=True)
+        self.decode_step = make_step(runner.model, runner.kv_caches, runner.token_buffer, is_prefill=False)
+        self.prefill_step = make_step(runner.model, runner.kv_caches, runner.token_buffer, is_prefill=True)
         self.buckets = pad_to_buckets
 
     def decode_plan(self, n: int) -> list[tuple[int, int, int]]:

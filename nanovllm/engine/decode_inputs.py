@@ -7,7 +7,9 @@ the critical path.  Three things keep it small:
 * the batch is assembled with numpy in reusable staging tensors (pinned on CUDA), one set per row count;
 * on a capturing platform the staging tensors are copied straight into the graph's static input buffers.
 
-Padded rows follow the one rule of graph mode: token 0, slot -1, context length 0, greedy, discarded.
+Padded rows follow the one rule of graph mode: token 0, slot -1, context length 0, greedy, discarded (its
+sample goes to the token buffer's scratch row).  A sequence whose newest token is still ``PENDING_TOKEN``
+reads it from its token slot on the device.
 """
 import numpy as np
 import torch
@@ -28,8 +30,9 @@ class _SeqRow:
 
 
 class DecodeInputBuilder:
-    def __init__(self, device: torch.device, block_size: int, max_blocks_per_seq: int):
+    def __init__(self, device: torch.device, block_size: int, max_blocks_per_seq: int, scratch_slot: int):
         self.device = device
+        self.scratch_slot = scratch_slot
         self.block_size = block_size
         self.width = max_blocks_per_seq
         self._rows: dict[int, _SeqRow] = {}
@@ -44,13 +47,13 @@ class DecodeInputBuilder:
 
             with torch.inference_mode():
                 self._staging[rows] = StepInputs(
-                    input_ids=z(rows), positions=z(rows), slot_mapping=z(rows),
+                    input_ids=z(rows), token_slots=z(rows), positions=z(rows), slot_mapping=z(rows),
                     block_tables=z(rows, self.width, dtype=torch.int32), context_lens=z(rows, dtype=torch.int32),
                     cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32).pin_memory() if pin
                     else torch.arange(rows + 1, dtype=torch.int32),
                     logits_indices=torch.arange(rows).pin_memory() if pin else torch.arange(rows),
                     temperature=z(rows, dtype=torch.float32), top_k=z(rows), top_p=z(rows, dtype=torch.float32),
-                    seeds=z(rows), sample_positions=z(rows))
+                    seeds=z(rows), sample_positions=z(rows), out_slots=z(rows))
         return self._staging[rows]
 
     def _row(self, seq) -> _SeqRow:
@@ -76,6 +79,11 @@ class DecodeInputBuilder:
         ids, positions, slots = host.input_ids.numpy(), host.positions.numpy(), host.slot_mapping.numpy()
         tables, context = host.block_tables.numpy(), host.context_lens.numpy()
         ids[:n] = [s.token_ids[-1] for s in seqs]
+        token_slots, out_slots = host.token_slots.numpy(), host.out_slots.numpy()
+        out_slots[:n] = [self.scratch_slot if s.token_slot is None else s.token_slot for s in seqs]
+        pending = ids[:n] < 0
+        token_slots[:n] = np.where(pending, out_slots[:n], -1)
+        ids[:n][pending] = 0
         positions[:n] = pos
         context[:n] = lens
         host.sample_positions.numpy()[:n] = lens
@@ -88,7 +96,8 @@ class DecodeInputBuilder:
             host.seeds.numpy()[:n] = [e.seed for e in entries]
             slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
                 + pos % self.block_size
-        for array, pad in ((ids, 0), (positions, 0), (slots, -1), (context, 0), (tables, 0),
+        for array, pad in ((ids, 0), (token_slots, -1), (out_slots, self.scratch_slot), (positions, 0), (slots, -1),
+                           (context, 0), (tables, 0),
                            (host.sample_positions.numpy(), 0), (host.temperature.numpy(), 0),
                            (host.top_k.numpy(), -1), (host.top_p.numpy(), 1), (host.seeds.numpy(), 0)):
             array[n:] = pad

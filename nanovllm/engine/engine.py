@@ -1,4 +1,9 @@
-"""The engine loop: schedule a step, run it on the model, feed the sampled tokens back to the scheduler."""
+"""The engine loop: schedule a step, launch it on the model, then feed the previous step's tokens back.
+
+Statistics (``Engine.stats``): tokens and wall seconds per step kind, decode steps, ``host_time`` (seconds
+the host spent scheduling, preparing and bookkeeping) and ``wait_time`` (seconds it waited for the device),
+and the KV tokens decode steps read.
+"""
 import time
 
 import numpy as np
@@ -23,7 +28,8 @@ class Engine:
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
-                      "decode_steps": 0, "schedule_time": 0.0, "decode_kv_tokens": 0}
+                      "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0, "decode_kv_tokens": 0}
+        self._pending = None  # (batch, handle) of the launched step whose tokens are not read yet
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
@@ -33,26 +39,48 @@ class Engine:
         return seq
 
     def step(self) -> tuple[list[Sequence], bool, int]:
-        """Run one step; returns (finished sequences, was it a prefill, tokens computed)."""
+        """Launch the next step, then finish the previous one while it runs.
+
+        Returns (sequences completed, whether the launched step is a prefill, tokens it computes).  The host
+        reads a step's tokens only after queueing the next step, which takes its input tokens from the device
+        token buffer, so scheduling and input preparation overlap the device's work.
+        """
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return [], False, 0
-        if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
-            self.stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
-        start = time.perf_counter()
-        tokens = self.runner.run(batch)
-        elapsed = time.perf_counter() - start
-        t1 = time.perf_counter()
-        finished = self.scheduler.postprocess(batch, tokens)
-        self.stats["schedule_time"] += (start - t0) + (time.perf_counter() - t1)
+        for seq in batch.preempted:
+            self.runner.release_slot(seq)
+        launched = None
+        if batch.seqs:
+            if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
+                self.stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
+            launched = self.runner.launch(batch)
+        finished = []
+        wait = 0.0
+        if self._pending is not None:
+            previous, handle = self._pending
+            t = time.perf_counter()
+            tokens = self.runner.collect(handle)
+            wait = time.perf_counter() - t
+            finished = self.scheduler.resolve(previous, tokens)
+        if batch.seqs:
+            self.scheduler.advance(batch)
+        for seq in finished + batch.finished:  # before the next schedule can admit new sequences
+            self.runner.release_slot(seq)
+        elapsed = time.perf_counter() - t0
+        self.stats["wait_time"] += wait
+        self.stats["host_time"] += elapsed - wait
+        # Wall time is charged to the step whose device work it waited for (the launched one when none was).
+        charged = self._pending[0] if self._pending is not None else batch
+        if charged.seqs:
+            kind = "prefill" if charged.is_prefill else "decode"
+            self.stats[f"{kind}_time"] += elapsed
+        self._pending = (batch, launched) if launched is not None else None
         computed = sum(batch.num_new_tokens)
-        kind = "prefill" if batch.is_prefill else "decode"
-        self.stats[f"{kind}_tokens"] += computed
-        self.stats[f"{kind}_time"] += elapsed
-        if not batch.is_prefill:
-            self.stats["decode_steps"] += 1
+        if batch.seqs:
+            kind = "prefill" if batch.is_prefill else "decode"
+            self.stats[f"{kind}_tokens"] += computed
+            self.stats[f"{kind}_steps"] += 1
         return finished, batch.is_prefill, computed
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._pending is not None or self.scheduler.has_work()

@@ -5,6 +5,10 @@ per decode batch-size bucket and one shape-dynamic prefill graph.  Inputs are pa
 modes: decode rows up to the bucket, and every prefill gets one trailing padding sequence (one token,
 slot -1, context 0) and a block table at least two wide, so the dynamic prefill graph never meets a size
 of 1 (which the compiler would specialise on and recompile for).
+
+A step is ``launch``-ed (queued on the device; its tokens land in the device token buffer and are copied
+to pinned host memory in the background) and later ``collect``-ed, so the engine can schedule and prepare
+the next step while this one runs.
 """
 import time
 
@@ -14,6 +18,7 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import PENDING_TOKEN
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.layers.sampler import sample
 from nanovllm.logger import logger
@@ -46,7 +51,16 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
-        self.decode_builder = DecodeInputBuilder(self.device, self.block_size, self.max_blocks_per_seq)
+        # One row per running sequence for its newest sampled token, plus a scratch row (see StepInputs).
+        self.scratch_slot = config.max_num_seqs
+        self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        pin = self.device.type == "cuda"
+        self._host_tokens = [torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, pin_memory=pin)
+                             for _ in range(2)]  # a launched step copies into one while the other is read
+        self._launches = 0
+        self.decode_builder = DecodeInputBuilder(self.device, self.block_size, self.max_blocks_per_seq,
+                                                 self.scratch_slot)
         self.decode_prepare_time = 0.0  # host seconds spent building decode inputs (a statistic)
         self.executor = self._make_executor()
         self.mode = self.executor.mode
@@ -99,7 +113,7 @@ class ModelRunner:
                                    np.full(num_seqs, seq_len), np.arange(0, num_seqs * seq_len + 1, seq_len),
                                    np.arange(1, num_seqs + 1) * seq_len - 1, sampling=None)
         with torch.inference_mode():
-            self.model(inputs, self.kv_caches, True)
+            self.model(inputs.input_ids, inputs, self.kv_caches, True)
             logits = torch.zeros(cfg.max_num_seqs, self.vocab_size, device=self.device)
             z = torch.zeros(cfg.max_num_seqs, device=self.device)
             sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
@@ -122,8 +136,10 @@ class ModelRunner:
     # ---- inputs ---------------------------------------------------------------------------------------
     @torch.inference_mode()  # inputs are always inference tensors, so compiled guards see one kind
     def _make_inputs(self, tokens, positions, slots, tables, context_lens, cu_seqlens, logits_indices,
-                     sampling) -> StepInputs:
+                     sampling, out_slots=None) -> StepInputs:
         n = len(context_lens)
+        if out_slots is None:
+            out_slots = np.full(n, self.scratch_slot)
         if sampling is None:
             sampling = (np.zeros(n, np.float32), np.full(n, -1), np.ones(n, np.float32), np.zeros(n), np.zeros(n))
         temperature, top_k, top_p, seeds, sample_positions = sampling
@@ -132,11 +148,13 @@ class ModelRunner:
             return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
 
         host = StepInputs(
-            input_ids=t(tokens, torch.int64), positions=t(positions, torch.int64), slot_mapping=t(slots, torch.int64),
+            input_ids=t(tokens, torch.int64), token_slots=t(np.full(len(tokens), -1), torch.int64),
+            positions=t(positions, torch.int64), slot_mapping=t(slots, torch.int64),
             block_tables=t(tables, torch.int32), context_lens=t(context_lens, torch.int32),
             cu_seqlens_q=t(cu_seqlens, torch.int32), logits_indices=t(logits_indices, torch.int64),
             temperature=t(temperature, torch.float32), top_k=t(top_k, torch.int64), top_p=t(top_p, torch.float32),
-            seeds=t(seeds, torch.int64), sample_positions=t(sample_positions, torch.int64))
+            seeds=t(seeds, torch.int64), sample_positions=t(sample_positions, torch.int64),
+            out_slots=t(out_slots, torch.int64))
         return host if self.device.type == "cpu" else host.to(self.device)
 
     def _sampling_arrays(self, seqs, rows: int):
@@ -160,10 +178,15 @@ class ModelRunner:
     def prepare_prefill(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
         tokens, positions, slots, cu = [], [], [], [0]
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        out_slots = np.full(len(batch.seqs) + 1, self.scratch_slot)
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
-            tokens.append(np.asarray(seq.token_ids[start:start + n]))
+            chunk = np.asarray(seq.token_ids[start:start + n])
+            assert (chunk != PENDING_TOKEN).all(), "a prefill chunk must not contain an unresolved token"
+            tokens.append(chunk)
+            if batch.samples(i):
+                out_slots[i] = seq.token_slot
             positions.append(pos)
             table = np.asarray(seq.block_table, dtype=np.int64)
             slots.append(table[pos // bs] * bs + pos % bs)
@@ -179,7 +202,7 @@ class ModelRunner:
         cu = np.asarray(cu)
         return self._make_inputs(np.concatenate(tokens), np.concatenate(positions), np.concatenate(slots),
                                  self._block_table_array(seqs, rows, width), np.asarray(context), cu,
-                                 cu[1:] - 1, self._sampling_arrays(seqs, rows))
+                                 cu[1:] - 1, self._sampling_arrays(seqs, rows), out_slots)
 
     def dummy_prefill_inputs(self) -> StepInputs:
         """A small all-padding prefill, used to compile the prefill graph at start-up."""
@@ -192,27 +215,58 @@ class ModelRunner:
         """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""
         return self.decode_builder.build(seqs, rows, target)
 
+    # ---- token slots ----------------------------------------------------------------------------------
+    def _assign_slot(self, seq) -> None:
+        if seq.token_slot is None:
+            if not self._free_slots:
+                raise RuntimeError(f"more than max_num_seqs={self.config.max_num_seqs} sequences hold token slots")
+            seq.token_slot = self._free_slots.pop()
+
+    def release_slot(self, seq) -> None:
+        """Give a finished or preempted sequence's token slot back (steps already queued may still write it)."""
+        if seq.token_slot is not None:
+            self._free_slots.append(seq.token_slot)
+            seq.token_slot = None
+
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
+    def launch(self, batch: ScheduledBatch):
+        """Queue the step on the device; returns a handle for ``collect``.  Its tokens also stay on the device."""
+        host = self._host_tokens[self._launches % 2]
+        self._launches += 1
         filtered = any(s.params.needs_filter for s in batch.seqs)
+        for seq in batch.seqs:
+            self._assign_slot(seq)
         if batch.is_prefill:
             inputs = self.prepare_prefill(batch)
             tokens, logits = self.executor.prefill(inputs)
-            return self._finish(tokens, logits, inputs, len(batch.seqs), filtered)
-        out = []
-        for start, rows, padded in self.executor.decode_plan(len(batch.seqs)):
-            t = time.perf_counter()
-            inputs = self.prepare_decode(batch.seqs[start:start + rows], padded, self.executor.static_inputs(padded))
-            self.decode_prepare_time += time.perf_counter() - t
-            tokens, logits = self.executor.decode(inputs, padded)
-            out += self._finish(tokens, logits, inputs, rows, filtered)
-        return out
+            self._emit(tokens, logits, inputs, len(batch.seqs), filtered, host, 0)
+        else:
+            for start, rows, padded in self.executor.decode_plan(len(batch.seqs)):
+                t = time.perf_counter()
+                inputs = self.prepare_decode(batch.seqs[start:start + rows], padded,
+                                             self.executor.static_inputs(padded))
+                self.decode_prepare_time += time.perf_counter() - t
+                tokens, logits = self.executor.decode(inputs, padded)
+                self._emit(tokens, logits, inputs, rows, filtered, host, start)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return host, len(batch.seqs), event
 
     @staticmethod
-    def _finish(tokens, logits, inputs: StepInputs, rows: int, filtered: bool) -> list[int]:
-        """Live rows' tokens; batches with top-k/top-p re-draw from the logits with the filtering sampler."""
+    def collect(handle) -> list[int]:
+        """Wait for a launched step and return its sampled tokens, one per scheduled sequence."""
+        host, n, event = handle
+        if event is not None:
+            event.synchronize()
+        return host[:n].tolist()
+
+    def _emit(self, tokens, logits, inputs: StepInputs, rows: int, filtered: bool, host, offset: int) -> None:
+        """Copy live rows' tokens to ``host`` in the background; batches with top-k/top-p re-draw them first."""
         if filtered:
             tokens = sample(logits[:rows], inputs.temperature[:rows], inputs.top_k[:rows], inputs.top_p[:rows],
                             inputs.seeds[:rows], inputs.sample_positions[:rows], filtered=True)
-        return tokens[:rows].tolist()
+            self.token_buffer.index_copy_(0, inputs.out_slots[:rows], tokens)
+        host[offset:offset + rows].copy_(tokens[:rows], non_blocking=True)

@@ -5,12 +5,20 @@ decode step (one token for every running sequence whose prompt is done).  Prefil
 prefill work that fits.  When the KV cache cannot hold the next decode token of every running sequence,
 the most recently admitted one is preempted: its blocks are freed (they stay in the prefix cache) and it
 goes back to the front of the queue to be recomputed.  No request is ever dropped.
+
+The engine launches a step before it reads the previous step's tokens, so the host's work overlaps the
+device's.  Each step therefore has two halves here: ``advance`` (right after launch) moves every sequence
+forward by the work launched, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes
+sequences that reach their length limits; ``resolve`` (one step later) writes the sampled tokens in and
+finishes sequences on EOS or stop tokens.  A sequence that hits EOS may already be in the next launched
+step; that row's result is ignored and its KV write lands in blocks it no longer owns but that nothing
+reads before a later step (stream order) overwrites them.
 """
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 @dataclass
@@ -18,6 +26,9 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # per sequence: tokens computed this step, starting at seq.num_computed_tokens
     is_prefill: bool
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to the queue while scheduling this
+    sampled: list[tuple[int, Sequence]] = field(default_factory=list)  # (row, seq) given a PENDING_TOKEN
+    finished: list[Sequence] = field(default_factory=list)  # finished on length by ``advance``
 
     def samples(self, seq_index: int) -> bool:
         """Whether this step reaches the sequence's last token, so its sampled token is kept."""
@@ -73,6 +84,7 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch:
         bm = self.block_manager
         scheduled: list[Sequence] = []
+        preempted: list[Sequence] = []
         queue = list(self.running)
         head, tail = 0, len(queue)  # queue[head:tail] are still to be scheduled
         while head < tail:
@@ -82,6 +94,7 @@ class Scheduler:
                 victim = queue[tail - 1] if tail > head else seq
                 tail -= victim is not seq
                 self._preempt(victim)
+                preempted.append(victim)
                 if victim is seq:
                     break
             else:
@@ -90,7 +103,7 @@ class Scheduler:
                 scheduled.append(seq)
         if not scheduled and self.running:
             raise RuntimeError("KV cache too small to decode even one sequence; raise num_kvcache_blocks")
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
+        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False, preempted=preempted)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -99,29 +112,43 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
-        """Advance each sequence by this step's work; append sampled tokens; return those that finished."""
-        finished = []
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample."""
         bm = self.block_manager
-        for i, (seq, token) in enumerate(zip(batch.seqs, token_ids)):
+        for i, seq in enumerate(batch.seqs):
+            if seq.status is SequenceStatus.FINISHED:  # hit EOS in the step resolved since this one launched
+                continue
             sampled = batch.samples(i)
             seq.num_computed_tokens += batch.num_new_tokens[i]
             if seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
-                bm.register_computed(seq)  # a block just filled up
+                bm.register_computed(seq)  # a block just filled up (its tokens are all resolved by now)
             if not sampled:
                 continue
-            seq.token_ids.append(token)
-            if self._should_stop(seq, token):
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.free(seq)
-                self.running.remove(seq)
+            seq.token_ids.append(PENDING_TOKEN)
+            batch.sampled.append((i, seq))
+            if seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                self._finish(seq)
+                batch.finished.append(seq)
+
+    def resolve(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
+        """Write an advanced step's sampled tokens in; return the sequences that are now complete."""
+        finished = list(batch.finished)
+        for row, seq in batch.sampled:
+            token = token_ids[row]
+            assert seq.token_ids[-1] == PENDING_TOKEN
+            seq.token_ids[-1] = token
+            if seq.status is not SequenceStatus.FINISHED and self._stops_on(seq, token):
+                self._finish(seq)
                 finished.append(seq)
         return finished
 
-    def _should_stop(self, seq: Sequence, token: int) -> bool:
-        p = seq.params
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return True
-        if token in p.stop_token_ids:
-            return True
-        return seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len
+    def _finish(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:  # preempted while its last token was still pending
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+
+    def _stops_on(self, seq: Sequence, token: int) -> bool:
+        return (not seq.params.ignore_eos and token in self.eos_token_ids) or token in seq.params.stop_token_ids

@@ -3,6 +3,10 @@ from enum import Enum, auto
 
 from nanovllm.sampling_params import SamplingParams
 
+# Stands in ``token_ids`` for a token that a launched step is still sampling on the device (the engine runs
+# one step ahead of the host); the step's results replace it before anything reads its value on the host.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -23,6 +27,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
+        self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
 
     def __len__(self) -> int:
         return len(self.token_ids)

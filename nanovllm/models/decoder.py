@@ -135,9 +135,9 @@ class DecoderForCausalLM(nn.Module):
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, inputs: StepInputs, kv_caches: list, is_prefill: bool) -> torch.Tensor:
-        """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence)."""
-        x = self.model.embed_tokens(inputs.input_ids)
+    def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list, is_prefill: bool) -> torch.Tensor:
+        """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence) of tokens ``input_ids``."""
+        x = self.model.embed_tokens(input_ids)
         for layer, kv in zip(self.model.layers, kv_caches):
             x = layer(x, inputs, kv, is_prefill)
         x = self.model.norm(x[inputs.logits_indices])
