@@ -75,6 +75,28 @@ def run_once(llm: LLM, args) -> dict:
     }
 
 
+def profile_decode(llm: LLM, args, skip: int, steps: int) -> list[dict]:
+    """GPU time per kernel over ``steps`` engine steps of the workload, after ``skip`` steps (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    engine = llm.engine
+    plain_step = engine.step
+    with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=skip, warmup=2, active=steps)) as prof:
+        def step():
+            out = plain_step()
+            prof.step()
+            return out
+        engine.step = step
+        try:
+            llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            engine.step = plain_step
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in rows) or 1
+    return [{"kernel": e.key[:90], "ms_per_step": round(e.device_time_total / 1000 / steps, 3),
+             "share": round(e.device_time_total / total, 3), "calls_per_step": e.count // steps} for e in rows[:25]]
+
+
 def copy_bandwidth(device) -> float:
     """Bytes read + written per second by a large device-to-device copy (the practical memory ceiling)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -144,6 +166,8 @@ def main():
     p.add_argument("--sweep-bs", type=lambda s: [int(x) for x in s.split(",")],
                    help="run the bench once per max batch size (graph mode) and print a table")
     p.add_argument("--plot", help="with --sweep-bs: save a PNG of throughput and decode step time vs its floor")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timed run, profile this many decode steps (from step 300) and print GPU time per kernel")
     p.add_argument("--compare-padding", action="store_true",
                    help="eager mode with decode batches padded to buckets vs not padded")
     args = p.parse_args()
@@ -174,6 +198,11 @@ def main():
         r = {**describe(llm), **run_once(llm, args)}
         results.append(r)
         print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s")
+        if args.profile_steps and llm.engine.runner.device.type == "cuda":
+            r["kernel_profile"] = profile_decode(llm, args, 300, args.profile_steps)
+            print("| kernel | ms/step | share | calls/step |\n|---|---|---|---|")
+            for k in r["kernel_profile"]:
+                print(f"| {k['kernel']} | {k['ms_per_step']} | {k['share']:.1%} | {k['calls_per_step']} |")
     for r in results:
         print(json.dumps(r))
     if args.json:

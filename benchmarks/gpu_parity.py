@@ -1,8 +1,13 @@
 """Parity with transformers on a GPU: tiny random Qwen3/Qwen2/Llama in float32 (token-identical) and bfloat16
 (logprob-margin rule), eager and graph mode, then bench.py's first 8 prompts on Qwen3-0.6B in bf16 graph mode.
 
-    python benchmarks/gpu_parity.py        # writes $OUT/gpu_parity.json, prints a table
+    python benchmarks/gpu_parity.py                  # writes $OUT/gpu_parity.json, prints a table
+    python benchmarks/gpu_parity.py --bench-only     # only the Qwen3-0.6B check, with bench.py's engine settings
+
+With ``--bench-only`` the engine is configured exactly as ``python bench.py --bs 256`` (256 sequences, the
+default buckets, max_model_len 4096), so it reuses that run's compile cache.
 """
+import argparse
 import json
 import os
 import sys
@@ -15,11 +20,14 @@ from nanovllm.tools import oracle  # noqa: E402
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench-only", action="store_true")
+    args = p.parse_args()
     out_dir = os.environ.get("OUT", "results")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     tmp = tempfile.mkdtemp()
-    for arch in ("qwen3", "qwen2", "llama", "llama3"):
+    for arch in () if args.bench_only else ("qwen3", "qwen2", "llama", "llama3"):
         path = build_checkpoint(os.path.join(tmp, arch), arch)
         for dtype in ("float32", "bfloat16"):
             for eager in (True, False):
@@ -31,11 +39,13 @@ def main():
     from nanovllm.tools.synthesize import cached_synthetic
     model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
     prompts = workload(8, 1024, 1024)[0]
-    v = oracle.run(model, "bfloat16", "cuda", 8, 32, 0.1, prompts=prompts, max_num_seqs=8, max_model_len=2048,
-                   num_kvcache_blocks=64)
+    settings = dict(max_num_seqs=256, max_model_len=4096) if args.bench_only else \
+        dict(max_num_seqs=8, max_model_len=2048, num_kvcache_blocks=64)
+    v = oracle.run(model, "bfloat16", "cuda", 8, 32, 0.1, prompts=prompts, **settings)
     rows.append({"model": "qwen3-0.6b (bench prompts 0-7)", "dtype": "bfloat16", "mode": "graph", "verdicts": v})
     with open(os.path.join(out_dir, "gpu_parity.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"compile_prefill": os.environ.get("NANOVLLM_COMPILE_PREFILL", "platform default"),
+                   "rows": rows}, f, indent=1)
     print("| model | dtype | mode | identical | near-tie | MISMATCH |\n|---|---|---|---|---|---|")
     for r in rows:
         c = [sum(v["status"] == s for v in r["verdicts"]) for s in ("identical", "near-tie", "MISMATCH")]

@@ -1,0 +1,53 @@
+"""Where `LLM(...)` start-up time goes: times bench.py's engine start and profiles it with cProfile.
+
+    python benchmarks/init_profile.py [--model DIR] [--bs 256]    # writes $OUT/init_profile.{json,prof}
+
+Run it twice in a row to see a cold start (empty compile cache) and a warm one.
+"""
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model")
+    p.add_argument("--bs", type=int, default=256)
+    p.add_argument("--top", type=int, default=35)
+    args = p.parse_args()
+    out_dir = os.environ.get("OUT", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    t = time.perf_counter()
+    import torch  # noqa: F401  (import time is part of a user's start-up, reported separately)
+    from nanovllm import LLM
+    imports = time.perf_counter() - t
+    if args.model is None:
+        from nanovllm.tools.synthesize import cached_synthetic
+        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+    profiler = cProfile.Profile()
+    t = time.perf_counter()
+    profiler.enable()
+    llm = LLM(args.model, max_num_seqs=args.bs, max_model_len=4096)
+    profiler.disable()
+    init = time.perf_counter() - t
+    executor = llm.engine.runner.executor
+    result = {"imports_s": round(imports, 2), "init_s": round(init, 2),
+              "graph_setup_s": round(getattr(executor, "compile_seconds", 0.0), 2),
+              "cache": None if not hasattr(executor, "cache") else ("hit" if executor.cache.hit else "miss"),
+              "buckets": {size: round(g.compile_seconds, 2) for size, g in getattr(executor, "graphs", {}).items()}}
+    profiler.dump_stats(os.path.join(out_dir, f"init_profile_{result['cache']}.prof"))
+    for key in ("cumulative", "tottime"):
+        s = io.StringIO()
+        pstats.Stats(profiler, stream=s).sort_stats(key).print_stats(args.top)
+        print(s.getvalue()[-12000:] if key == "cumulative" else s.getvalue()[-6000:])
+    print(json.dumps(result))
+    with open(os.path.join(out_dir, f"init_profile_{result['cache']}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
