@@ -49,8 +49,6 @@ class ModelRunner:
         self.vocab_size = self.model.args.vocab_size
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self.num_blocks = self._size_kv_cache()
-        self._allocate_kv_cache(self.num_blocks)
         # One row per running sequence for its newest sampled token, plus a scratch row (see StepInputs).
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
@@ -59,6 +57,8 @@ class ModelRunner:
         self._host_tokens = [torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, pin_memory=pin)
                              for _ in range(2)]  # a launched step copies into one while the other is read
         self._launches = 0
+        self.num_blocks = self._size_kv_cache()
+        self._allocate_kv_cache(self.num_blocks)
         self.decode_builder = DecodeInputBuilder(self.device, self.block_size, self.max_blocks_per_seq,
                                                  self.scratch_slot)
         self.decode_prepare_time = 0.0  # host seconds spent building decode inputs (a statistic)
