@@ -143,7 +143,7 @@ def _fake_runner(**overrides):
     cfg = SimpleNamespace(hf_config={"hidden_size": 64}, graph_batch_sizes=(1, 2, 4), kvcache_block_size=16,
                           max_model_len=128, max_num_seqs=4, tensor_parallel_size=1)
     runner = SimpleNamespace(config=cfg, dtype=torch.float32, num_blocks=96, device=torch.device("cpu"),
-                             platform=SimpleNamespace(name="cpu", compile_prefill=True))
+                             platform=SimpleNamespace(name="cpu"))
     for name, value in overrides.items():
         setattr(cfg if hasattr(cfg, name) else runner, name, value)
     return runner
@@ -155,11 +155,8 @@ def test_changing_any_key_field_misses(monkeypatch):
     for name, value in [("graph_batch_sizes", (1, 2)), ("dtype", torch.bfloat16), ("num_blocks", 95),
                         ("kvcache_block_size", 32), ("max_model_len", 64), ("max_num_seqs", 8),
                         ("tensor_parallel_size", 2), ("hf_config", {"hidden_size": 128}),
-                        ("platform", SimpleNamespace(name="cpu", compile_prefill=False))]:
+                        ("platform", SimpleNamespace(name="npu"))]:
         assert cache.key_of(cache.key_fields(_fake_runner(**{name: value}))) != key, name
-    monkeypatch.setenv("NANOVLLM_DECODE_COMPILE", "per_bucket")
-    assert cache.key_of(cache.key_fields(_fake_runner())) != key, "decode compile policy"
-    monkeypatch.delenv("NANOVLLM_DECODE_COMPILE")
     monkeypatch.setattr(cache, "source_hash", lambda: "0" * 64)
     assert cache.key_of(cache.key_fields(_fake_runner())) != key, "traced source"
 

@@ -53,9 +53,9 @@ def _decode_and_prefill_inputs(llm):
 def test_decode_and_prefill_steps_trace_with_zero_graph_breaks(eager_llm):
     runner = eager_llm.engine.runner
     decode_inputs, prefill_inputs = _decode_and_prefill_inputs(eager_llm)
-    for is_prefill, inputs in ((False, decode_inputs), (True, prefill_inputs)):
+    for inputs in (decode_inputs, prefill_inputs):
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(make_step(runner.model, runner.kv_caches, runner.token_buffer, is_prefill))(inputs)
+        explanation = torch._dynamo.explain(make_step(runner.model, runner.kv_caches, runner.token_buffer))(inputs)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
 

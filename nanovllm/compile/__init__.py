@@ -1,1 +1,1 @@
-"""Graph mode: bucket policy, per-bucket compile + capture, the dynamic prefill graph and the compile cache."""
+"""Graph mode: bucket policy, one compiled step captured per decode bucket, and the compile cache."""

@@ -9,7 +9,7 @@ An entry is ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` holding
 * ``manifest.json``: the key fields, versions, creation time, and the size and sha256 of ``artifacts.bin`` and
   of every file under ``inductor/``.  Written last, it marks the entry complete.
 
-The key hashes everything that changes the generated code: model config, dtype, buckets, compile policies,
+The key hashes everything that changes the generated code: model config, dtype, buckets,
 static shapes (block size, model length, sequences, KV blocks allocated), tensor-parallel size and rank,
 platform and device architecture, torch/triton/nanovllm versions and the contents of every traced source
 file.  Inductor works in the entry's own directory, never the shared default one: PyTorch's FX-graph cache once
@@ -78,8 +78,7 @@ def key_fields(runner) -> dict:
     cfg = runner.config
     return {
         "model_config": cfg.hf_config, "dtype": str(runner.dtype), "buckets": list(cfg.graph_batch_sizes),
-        "decode_compile": os.environ.get("NANOVLLM_DECODE_COMPILE", "shared"),
-        "compile_prefill": runner.platform.compile_prefill, "kvcache_block_size": cfg.kvcache_block_size,
+        "kvcache_block_size": cfg.kvcache_block_size,
         "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs, "num_kv_blocks": runner.num_blocks,
         "tensor_parallel_size": cfg.tensor_parallel_size, "rank": 0, "platform": runner.platform.name,
         "device_arch": _device_arch(runner.device), "torch": torch.__version__, "triton": triton_version,

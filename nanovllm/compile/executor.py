@@ -1,12 +1,13 @@
-"""Executors run a prepared step: ``EagerExecutor`` calls the model directly, ``GraphExecutor`` replays one
-captured graph per decode bucket and (where the platform compiles prefill) runs a shape-dynamic prefill graph.
+"""Executors run a prepared step: ``EagerExecutor`` calls the step function directly, ``GraphExecutor`` runs
+one compiled step, replayed as a captured graph per decode bucket and called directly for prefill.
 
-Both run the same step function (model forward, then the plain sampler) so graph mode and eager mode
-compute the same thing.  After start-up the graph executor never compiles: every call runs under
-``torch.compiler.set_stance("fail_on_recompile")``.
+Prefill and decode are the same function of ``StepInputs`` (the attention op picks its kernel when it runs),
+so graph mode compiles once: the token and sequence counts are symbolic, each decode bucket is captured
+from that one compiled step, and prefill runs it at whatever size it has.  Graph and eager mode run the
+same step function and compute the same thing.  After start-up the graph executor never compiles: every
+call runs under ``torch.compiler.set_stance("fail_on_recompile")``.
 """
 import dataclasses
-import os
 import time
 
 import torch
@@ -19,7 +20,7 @@ from nanovllm.layers.sampler import sample
 from nanovllm.logger import logger
 
 
-def make_step(model, kv_caches, token_buffer, is_prefill: bool):
+def make_step(model, kv_caches, token_buffer):
     """The whole step, token buffer to token buffer: (tokens [B], logits [B, V]).
 
     Input tokens still being sampled by the previous step are read from ``token_buffer``; every sampled token
@@ -28,7 +29,7 @@ def make_step(model, kv_caches, token_buffer, is_prefill: bool):
     def step(inputs):
         from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
         input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
-        logits = model(input_ids, inputs, kv_caches, is_prefill)
+        logits = model(input_ids, inputs, kv_caches)
         tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds,
                         inputs.sample_positions)
         token_buffer.index_copy_(0, inputs.out_slots, tokens)
@@ -41,8 +42,7 @@ class EagerExecutor:
     mode = "eager"
 
     def __init__(self, runner, pad_to_buckets: tuple[int, ...] | None = None):
-        self.decode_step = make_step(runner.model, runner.kv_caches, runner.token_buffer, is_prefill=False)
-        self.prefill_step = make_step(runner.model, runner.kv_caches, runner.token_buffer, is_prefill=True)
+        self.step = make_step(runner.model, runner.kv_caches, runner.token_buffer)
         self.buckets = pad_to_buckets
 
     def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
@@ -56,74 +56,60 @@ class EagerExecutor:
         return None
 
     def decode(self, inputs, padded_rows: int):
-        return self.decode_step(inputs)
+        return self.step(inputs)
 
     def prefill(self, inputs):
-        return self.prefill_step(inputs)
+        return self.step(inputs)
 
 
 class GraphExecutor(EagerExecutor):
-    """Graph mode.  Decode is traced and lowered by the platform's compiler, then captured once per bucket.
-
-    Two decode compile policies (``NANOVLLM_DECODE_COMPILE``):
-    * ``shared`` (default): one compile whose batch dimension is symbolic, captured as a separate graph for
-      every bucket.  Buckets are at least 2 rows, since the compiler specialises a size of 1.
-    * ``per_bucket``: one static-shape compile per bucket (``dynamic=False``), each then captured.
-    On an H100 the static compile of Qwen3-0.6B took ~30 s per bucket (~7 min for the 14 default buckets)
-    against ~56 s for the shared compile, so the shared one is the default; whether static shapes decode any
-    faster has not been measured yet (docs/PERFORMANCE.md).
+    """Graph mode: one compile of the step with symbolic token and sequence counts, first traced on a small
+    prefill (so the two counts get separate symbols), then captured once per decode bucket, largest first,
+    in one shared memory pool.  Buckets are at least 2 rows, since the compiler specialises a size of 1.
+    A bucket that would need a second compile fails start-up instead of compiling silently.
     """
     mode = "graph"
 
     def __init__(self, runner):
         super().__init__(runner)
         platform = runner.platform
-        self.policy = os.environ.get("NANOVLLM_DECODE_COMPILE", "shared")
-        if self.policy not in ("shared", "per_bucket"):
-            raise ValueError(f"NANOVLLM_DECODE_COMPILE must be 'shared' or 'per_bucket', got {self.policy!r}")
         self.buckets = runner.config.graph_batch_sizes
-        # Every bucket may be one more compiled entry of the same step code object, and each LLM in the
-        # process adds its own; raise Dynamo's limits by that much so none of them silently falls back to eager.
-        entries = len(self.buckets) + 4
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + entries
-        torch._dynamo.config.accumulated_recompile_limit += entries
-        static = self.policy == "per_bucket"
-        compiled_decode = platform.compile(self.decode_step, dynamic=False if static else None)
-        # Prefill is one shape-dynamic graph where the platform says it pays (see Platform.compile_prefill).
-        self.compiled_prefill = platform.compile(self.prefill_step, dynamic=True) if platform.compile_prefill else None
+        # Each LLM in the process adds one compiled entry of the same step code object; raise Dynamo's
+        # limits so none of them silently falls back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + 4
+        torch._dynamo.config.accumulated_recompile_limit += 4
+        self.compiled = platform.compile(self.step, dynamic=None)
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         pool = platform.graph_pool()
         sizes = sorted({self.padded_rows(b) for b in self.buckets}, reverse=True)
-        bar = tqdm(sizes, desc="Compiling decode buckets", dynamic_ncols=True)
         self.cache = CompileCache(key_fields(runner))
         with self.cache.activate(), torch.inference_mode():
-            for size in bar:  # largest first, so smaller graphs reuse the pool's memory
-                inputs = runner.prepare_decode([], size)
-                if not static and not self.graphs:
-                    _mark_batch_dynamic(inputs)
-                graph = BucketGraph(size, compiled_decode, inputs, platform)
-                graph.compile()
-                graph.capture(pool)
-                self.graphs[size] = graph
-                logger.info("decode bucket %d compiled and captured in %.1fs", size, graph.compile_seconds)
-            bar.close()
-            if self.compiled_prefill is not None:
-                t = time.perf_counter()
-                self.compiled_prefill(runner.dummy_prefill_inputs())
-                platform.synchronize()
-                logger.info("prefill graph (dynamic token count) compiled in %.1fs", time.perf_counter() - t)
+            t = time.perf_counter()
+            trace_inputs = runner.dummy_prefill_inputs()
+            _mark_dynamic(trace_inputs)
+            self.compiled(trace_inputs)
+            platform.synchronize()
+            self.trace_seconds = time.perf_counter() - t
+            logger.info("step compiled (symbolic token and sequence counts) in %.1fs", self.trace_seconds)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                for size in tqdm(sizes, desc="Capturing decode buckets", dynamic_ncols=True):
+                    graph = BucketGraph(size, self.compiled, runner.prepare_decode([], size), platform)
+                    graph.compile()
+                    graph.capture(pool)  # largest first, so smaller graphs reuse the pool's memory
+                    self.graphs[size] = graph
         self.compile_seconds = time.perf_counter() - start
-        logger.info("graph mode ready (%s decode compile): %d decode graphs, prefill %s, in %.1fs (compile cache %s)",
-                    self.policy, len(self.graphs), "compiled" if self.compiled_prefill else "eager",
-                    self.compile_seconds, "off" if cache_disabled() else "hit" if self.cache.hit else "miss, saved")
+        logger.info("graph mode ready: one compiled step, %d decode graphs, in %.1fs (compile cache %s)",
+                    len(self.graphs), self.compile_seconds,
+                    "off" if cache_disabled() else "hit" if self.cache.hit else "miss, saved")
 
     def static_inputs(self, padded_rows: int):
         graph = self.graphs[padded_rows]
         return graph.static_inputs if graph.graph is not None else None
 
-    def padded_rows(self, bucket: int) -> int:
-        return bucket if self.policy == "per_bucket" else max(bucket, 2)
+    @staticmethod
+    def padded_rows(bucket: int) -> int:
+        return max(bucket, 2)
 
     def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
         return [(start, rows, self.padded_rows(padded)) for start, rows, padded in super().decode_plan(n)]
@@ -135,13 +121,11 @@ class GraphExecutor(EagerExecutor):
 
     @torch.inference_mode()
     def prefill(self, inputs):
-        if self.compiled_prefill is None:
-            return self.prefill_step(inputs)
         with torch.compiler.set_stance("fail_on_recompile"):
-            return self.compiled_prefill(inputs)
+            return self.compiled(inputs)
 
 
-def _mark_batch_dynamic(inputs) -> None:
-    """Make dimension 0 (batch rows; rows + 1 for ``cu_seqlens_q``) of every decode input symbolic."""
+def _mark_dynamic(inputs) -> None:
+    """Make dimension 0 (tokens, sequences, or sequences + 1 for ``cu_seqlens_q``) of every input symbolic."""
     for f in dataclasses.fields(inputs):
         torch._dynamo.mark_dynamic(getattr(inputs, f.name), 0)

@@ -1,10 +1,10 @@
 """Owns the model, its KV cache and the device: turns a scheduled batch into ``StepInputs`` and tokens.
 
-Steps go to an executor (``nanovllm/compile/executor.py``): eager, or graph mode with one compiled graph
-per decode batch-size bucket and one shape-dynamic prefill graph.  Inputs are padded the same way in both
-modes: decode rows up to the bucket, and every prefill gets one trailing padding sequence (one token,
-slot -1, context 0) and a block table at least two wide, so the dynamic prefill graph never meets a size
-of 1 (which the compiler would specialise on and recompile for).
+Steps go to an executor (``nanovllm/compile/executor.py``): eager, or graph mode with one compiled step
+captured per decode batch-size bucket and called directly for prefill.  Inputs are padded the same way in
+both modes: decode rows up to the bucket, and every prefill gets one trailing padding sequence (one token,
+slot -1, context 0), so the compiled step never meets a size of 1 (which the compiler would specialise on
+and recompile for).  Block tables are always ``max_blocks_per_seq`` wide, a static shape.
 
 A step is ``launch``-ed (queued on the device; its tokens land in the device token buffer and are copied
 to pinned host memory in the background) and later ``collect``-ed, so the engine can schedule and prepare
@@ -113,7 +113,7 @@ class ModelRunner:
                                    np.full(num_seqs, seq_len), np.arange(0, num_seqs * seq_len + 1, seq_len),
                                    np.arange(1, num_seqs + 1) * seq_len - 1, sampling=None)
         with torch.inference_mode():
-            self.model(inputs.input_ids, inputs, self.kv_caches, True)
+            self.model(inputs.input_ids, inputs, self.kv_caches)
             logits = torch.zeros(cfg.max_num_seqs, self.vocab_size, device=self.device)
             z = torch.zeros(cfg.max_num_seqs, device=self.device)
             sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
@@ -197,19 +197,20 @@ class ModelRunner:
         positions.append(np.zeros(1, np.int64))
         slots.append(np.full(1, -1, np.int64))
         cu.append(cu[-1] + 1)
-        width = max(2, max(len(s.block_table) for s in seqs))
         context = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)] + [0]
         cu = np.asarray(cu)
         return self._make_inputs(np.concatenate(tokens), np.concatenate(positions), np.concatenate(slots),
-                                 self._block_table_array(seqs, rows, width), np.asarray(context), cu,
+                                 self._block_table_array(seqs, rows, self.max_blocks_per_seq), np.asarray(context), cu,
                                  cu[1:] - 1, self._sampling_arrays(seqs, rows), out_slots)
 
     def dummy_prefill_inputs(self) -> StepInputs:
-        """A small all-padding prefill, used to compile the prefill graph at start-up."""
+        """A small all-padding prefill (7 tokens, 3 sequences) on which the step is first traced: token and
+        sequence counts differ, so the compiler gives them separate symbols."""
         rows, tokens = 3, 7
         cu = np.array([0, 3, 6, 7])
         return self._make_inputs(np.zeros(tokens, np.int64), np.arange(tokens), np.full(tokens, -1),
-                                 np.zeros((rows, 2), np.int32), np.zeros(rows, np.int32), cu, cu[1:] - 1, None)
+                                 np.zeros((rows, self.max_blocks_per_seq), np.int32), np.zeros(rows, np.int32), cu,
+                                 cu[1:] - 1, None)
 
     def prepare_decode(self, seqs: list, rows: int, target: StepInputs | None = None) -> StepInputs:
         """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""

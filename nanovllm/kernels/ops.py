@@ -3,7 +3,7 @@
 Every op dispatches on the device of its inputs: CUDA tensors go to the Triton kernels in
 ``triton_attention.py``, anything else to the pure-PyTorch twins in ``reference.py``.
 ``NANOVLLM_ATTENTION=reference`` forces the twins everywhere (a debugging aid).
-Models call the thin wrappers at the bottom (``store_kv``, ``decode_attention``, ``prefill_attention``).
+Models call the thin wrappers at the bottom (``store_kv``, ``paged_attention``).
 """
 import os
 
@@ -31,31 +31,28 @@ def _(key, value, k_cache, v_cache, slot_mapping):
     return None
 
 
-@torch.library.custom_op("nanovllm::decode_attention", mutates_args=())
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+@torch.library.custom_op("nanovllm::paged_attention", mutates_args=())
+def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its paged KV, for prefill and decode alike.
+
+    The kernel is chosen when the op runs, not when it is traced, so one compiled step serves both: a batch
+    with one new token per sequence (every decode step) takes the split-KV decode kernel, any other the
+    varlen prefill kernel.  Both compute the same thing for one token per sequence.
+    """
+    one_token_each = q.shape[0] == context_lens.shape[0]
     if _use_triton(q):
         from nanovllm.kernels import triton_attention
-        return triton_attention.decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return reference.decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
-
-
-@_decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("nanovllm::prefill_attention", mutates_args=())
-def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                       context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
-    if _use_triton(q):
-        from nanovllm.kernels import triton_attention
+        if one_token_each:
+            return triton_attention.decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
         return triton_attention.prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                                          block_tables, scale)
+    if one_token_each:
+        return reference.decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
     return reference.prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
-@_prefill_attention.register_fake
+@_paged_attention.register_fake
 def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
     return torch.empty_like(q)
 
@@ -64,9 +61,5 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     torch.ops.nanovllm.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-    return torch.ops.nanovllm.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-
-
-def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
-    return torch.ops.nanovllm.prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
+    return torch.ops.nanovllm.paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)

@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
 
-    def forward(self, x, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor], is_prefill: bool):
+    def forward(self, x, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor]):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -78,11 +78,8 @@ class Attention(nn.Module):
         q, k = self.rotary(inputs.positions, q, k)
         k_cache, v_cache = kv
         ops.store_kv(k, v, k_cache, v_cache, inputs.slot_mapping)
-        if is_prefill:
-            o = ops.prefill_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens,
-                                      inputs.block_tables, self.scale)
-        else:
-            o = ops.decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens, self.scale)
+        o = ops.paged_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens, inputs.block_tables,
+                                self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -105,8 +102,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, inputs, kv, is_prefill):
-        x = x + self.self_attn(self.input_layernorm(x), inputs, kv, is_prefill)
+    def forward(self, x, inputs, kv):
+        x = x + self.self_attn(self.input_layernorm(x), inputs, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,10 +132,10 @@ class DecoderForCausalLM(nn.Module):
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list, is_prefill: bool) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list) -> torch.Tensor:
         """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence) of tokens ``input_ids``."""
         x = self.model.embed_tokens(input_ids)
         for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, inputs, kv, is_prefill)
+            x = layer(x, inputs, kv)
         x = self.model.norm(x[inputs.logits_indices])
         return self.lm_head(x)

@@ -1,5 +1,4 @@
 """The interface every platform implements; defaults suit a device with no graph capture."""
-import os
 from contextlib import contextmanager
 
 import torch
@@ -11,15 +10,9 @@ class Platform:
     name = "base"
     supports_graph_capture = False
     compile_backend = "inductor"
-    compile_prefill = True  # compile prefill as one shape-dynamic graph (else it runs eagerly)
 
     def __init__(self, device: torch.device):
         self.device = device
-        override = os.environ.get("NANOVLLM_COMPILE_PREFILL")  # "0"/"1": override the platform's choice
-        if override is not None:
-            if override not in ("0", "1"):
-                raise ValueError(f"NANOVLLM_COMPILE_PREFILL must be 0 or 1, got {override!r}")
-            self.compile_prefill = override == "1"
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":
@@ -39,8 +32,8 @@ class Platform:
     def reset_peak_memory(self) -> None:
         pass
 
-    def compile(self, fn, dynamic: bool):
-        """Lower ``fn`` with this platform's compiler; one static graph per input shape unless ``dynamic``."""
+    def compile(self, fn, dynamic: bool | None):
+        """Lower ``fn`` with this platform's compiler (``dynamic=None``: only dims marked dynamic are symbolic)."""
         return torch.compile(fn, backend=self.compile_backend, fullgraph=True, dynamic=dynamic)
 
     def graph_pool(self):

@@ -9,11 +9,6 @@ from nanovllm.platforms.base import Platform, _DTYPES
 class CudaPlatform(Platform):
     name = "cuda"
     supports_graph_capture = True
-    # Measured on an H100 (bench.py --bs 256, Qwen3-0.6B): the dynamic prefill graph runs the bench's prefill in
-    # 0.40 s against 0.89 s eagerly (16,803 against 15,510 tok/s overall) but costs ~65 s of cold compile, and
-    # its bf16 parity run against transformers on the GPU has not completed yet.  Until it has, prefill stays
-    # eager on CUDA (verified); NANOVLLM_COMPILE_PREFILL=1 turns the compiled prefill on.
-    compile_prefill = False
 
     def __init__(self, device: torch.device):
         if device.index is None:
