@@ -44,6 +44,8 @@ def main():
         s = io.StringIO()
         pstats.Stats(profiler, stream=s).sort_stats(key).print_stats(args.top)
         print(s.getvalue()[-12000:] if key == "cumulative" else s.getvalue()[-6000:])
+    from torch._dynamo.utils import compile_times
+    print("PyTorch compile phases (seconds):\n" + str(compile_times(repr="str", aggregate=True)))
     print(json.dumps(result))
     with open(os.path.join(out_dir, f"init_profile_{result['cache']}.json"), "w") as f:
         json.dump(result, f, indent=1)
