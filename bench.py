@@ -46,9 +46,11 @@ def run_once(llm: LLM, args) -> dict:
     for key in engine.stats:
         engine.stats[key] = 0 if isinstance(engine.stats[key], int) else 0.0
     engine.runner.decode_prepare_time = 0.0
+    engine.step_log = []
     t = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t
+    log, engine.step_log = engine.step_log, None
     tokens = sum(p.max_tokens for p in params)
     s = engine.stats
     runner = engine.runner
@@ -72,7 +74,19 @@ def run_once(llm: LLM, args) -> dict:
         "preemptions": engine.scheduler.num_preemptions,
         "decode_floor_seconds": None if floor is None else round(floor, 3),
         "decode_vs_floor": None if floor is None else round(floor / max(s["decode_time"], 1e-9), 3),
+        "decode_by_batch": decode_by_batch(log),
     }
+
+
+def decode_by_batch(log: list) -> dict:
+    """Decode steps and wall seconds by running-batch size range (where the decode time goes)."""
+    edges = [1, 16, 64, 128, 192, 256, 1 << 30]
+    out = {}
+    for lo, hi in zip(edges, edges[1:]):
+        times = [t for kind, n, t in log if kind == "decode" and lo <= n < hi]
+        if times:
+            out[f"{lo}-{hi - 1}" if hi < 1 << 30 else f">={lo}"] = {"steps": len(times), "seconds": round(sum(times), 3)}
+    return out
 
 
 def profile_decode(llm: LLM, args, skip: int, steps: int) -> list[dict]:

@@ -30,6 +30,7 @@ class Engine:
         self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                       "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0, "decode_kv_tokens": 0}
         self._pending = None  # (batch, handle) of the launched step whose tokens are not read yet
+        self.step_log: list | None = None  # set to a list to record (kind, sequences, wall seconds) per step
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
@@ -74,6 +75,8 @@ class Engine:
         if charged.seqs:
             kind = "prefill" if charged.is_prefill else "decode"
             self.stats[f"{kind}_time"] += elapsed
+            if self.step_log is not None:
+                self.step_log.append((kind, len(charged.seqs), elapsed))
         self._pending = (batch, launched) if launched is not None else None
         computed = sum(batch.num_new_tokens)
         if batch.seqs:
