@@ -6,8 +6,10 @@ An entry is ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` holding
 * ``inductor/``: the ``TORCHINDUCTOR_CACHE_DIR`` (and ``TRITON_CACHE_DIR``) Inductor used while compiling this
   entry.  Besides the graphs it keeps the compiled C++ kernels (``.so``), which the mega-cache does not carry:
   without them a warm CPU start rebuilds every kernel with the C++ compiler;
-* ``manifest.json``: the key fields, versions, creation time, and the size and sha256 of ``artifacts.bin`` and
-  of every file under ``inductor/``.  Written last, it marks the entry complete.
+* ``step.bin`` (where PyTorch's AOT precompile API works): the Dynamo-compiled step, so a warm start does not
+  trace it again (``nanovllm/compile/saved_step.py``);
+* ``manifest.json``: the key fields, versions, creation time, and the size and sha256 of ``artifacts.bin``, of
+  ``step.bin`` and of every file under ``inductor/``.  Written last, it marks the entry complete.
 
 The key hashes everything that changes the generated code: model config, dtype, buckets,
 static shapes (block size, model length, sequences, KV blocks allocated), tensor-parallel size and rank,
@@ -19,8 +21,8 @@ source hash cannot hold such a graph.
 Safety: an ``fcntl`` lock serialises the processes starting on one key (a second waits, then loads what the
 first saved); files are written to temporaries and renamed into place; an entry whose checksums do not match is
 discarded with one warning and rebuilt, never loaded.  A "hit" whose compile still missed Inductor's cache is
-saved again.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.  Dynamo still traces on a warm start;
-what the cache skips is AOTAutograd, Inductor lowering, C++/Triton compilation and autotuning.
+saved again.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.  With ``step.bin`` a warm start skips
+Dynamo tracing as well as AOTAutograd, Inductor lowering, C++/Triton compilation and autotuning.
 """
 import contextlib
 import fcntl
@@ -161,9 +163,24 @@ class CompileCache:
         self.root = Path(root) if root is not None else compile_cache_dir()
         self.entry = self.root / self.key
         self.hit = False
+        self.enabled = not cache_disabled()
+        self.loaded = False  # a verified entry was loaded (it may still lack a saved step)
+        self.saved_step: bytes | None = None  # the entry's verified step.bin
+        self._artifacts: bytes | None = None
+        self._step: bytes | None = None  # what step.bin will hold when the entry is (re)written
+        self._step_changed = False
+
+    def store_step(self, data: bytes) -> None:
+        """Keep this serialized compiled step in the entry (written when the body of ``activate`` ends)."""
+        self._step, self._step_changed = data, True
+
+    def drop_step(self) -> None:
+        """Remove the entry's saved step (it could not be used), so later starts do not try it again."""
+        self._step, self._step_changed = None, True
 
     def _verified_artifacts(self) -> bytes | None:
-        """The entry's artifacts if every checksum matches; a corrupt entry is discarded with a warning."""
+        """The entry's artifacts if every checksum matches (``saved_step`` gets its step); a corrupt entry is
+        discarded with a warning."""
         if not self.entry.exists():
             return None
         try:
@@ -177,6 +194,11 @@ class CompileCache:
             for name, digest in manifest["inductor_files"].items():
                 if not (inductor / name).is_file() or _sha256(inductor / name) != digest:
                     raise ValueError(f"inductor/{name} missing or checksum mismatch")
+            if manifest.get("step") is not None:
+                step, want = (self.entry / "step.bin").read_bytes(), manifest["step"]
+                if (len(step), hashlib.sha256(step).hexdigest()) != (want["size"], want["sha256"]):
+                    raise ValueError("step.bin checksum mismatch")
+                self.saved_step = self._step = step
             return data
         except Exception as e:  # any unreadable entry is rebuilt, never trusted
             logger.warning("compile cache entry %s is corrupt or incomplete (%s); discarding and rebuilding",
@@ -186,39 +208,50 @@ class CompileCache:
 
     def _save(self) -> None:
         saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
+        data = saved[0] if saved is not None else self._artifacts  # a loaded entry keeps what it had
+        if data is None and self._step is None:
             logger.info("compile cache: PyTorch recorded no artifacts; nothing saved")
             return
-        data = saved[0]
+        data = data or b""
         _write_atomic(self.entry / "artifacts.bin", data)
+        step = None
+        if self._step is not None:
+            _write_atomic(self.entry / "step.bin", self._step)
+            step = {"size": len(self._step), "sha256": hashlib.sha256(self._step).hexdigest()}
+        else:
+            (self.entry / "step.bin").unlink(missing_ok=True)
         versions = {k: self.fields.get(k) for k in ("torch", "triton", "nanovllm")}
         manifest = {"key": self.key, "fields": self.fields, "versions": versions, "created": time.time(),
-                    "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "step": step,
                     "inductor_files": _file_hashes(self.entry / "inductor")}
         _write_atomic(self.entry / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
 
     @contextlib.contextmanager
     def activate(self):
         """Wrap compilation: load a valid entry, or save what the body compiled.  ``self.hit`` says which."""
-        if cache_disabled():
+        if not self.enabled:
             yield self
             return
         self.root.mkdir(parents=True, exist_ok=True)
         inductor = self.entry / "inductor"
         with _locked(self.root / f".{self.key}.lock"), _inductor_dir(inductor):
             data = self._verified_artifacts()
-            loaded = data is not None and torch.compiler.load_cache_artifacts(data) is not None
+            # an entry whose build recorded no artifacts (everything is in step.bin) has nothing to hot-load
+            loaded = data is not None and (data == b"" or torch.compiler.load_cache_artifacts(data) is not None)
             if data is not None and not loaded:
                 logger.warning("compile cache entry %s could not be loaded by torch; rebuilding", self.entry)
             if not loaded:  # start from nothing: no leftovers of a crashed or corrupt build
                 shutil.rmtree(self.entry, ignore_errors=True)
+                self.saved_step = self._step = None
+            self.loaded, self._artifacts = loaded, data if loaded else None
             inductor.mkdir(parents=True, exist_ok=True)
             from torch.compiler._cache import CacheArtifactManager
             misses = _fxgraph_misses()
             with CacheArtifactManager.with_fresh_cache():  # record only this entry's artifacts
                 yield self
-                self.hit = loaded and _fxgraph_misses() == misses
-                if loaded and not self.hit:
+                inductor_hit = _fxgraph_misses() == misses
+                self.hit = loaded and inductor_hit and not self._step_changed
+                if loaded and not inductor_hit:
                     logger.warning("compile cache entry %s was incomplete (Inductor recompiled); updating it",
                                    self.entry)
                 if not self.hit:

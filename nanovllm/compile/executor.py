@@ -5,9 +5,10 @@ Prefill and decode are the same function of ``StepInputs`` (the attention op pic
 so graph mode compiles once: the token and sequence counts are symbolic, each decode bucket is captured
 from that one compiled step, and prefill runs it at whatever size it has.  Graph and eager mode run the
 same step function and compute the same thing.  After start-up the graph executor never compiles: every
-call runs under ``torch.compiler.set_stance("fail_on_recompile")``.
+call runs under ``torch.compiler.set_stance("fail_on_recompile")``, and a step loaded from the compile cache
+(``saved_step.py``) raises on inputs its guards reject instead of compiling.
 """
-import dataclasses
+import functools
 import time
 
 import torch
@@ -16,25 +17,30 @@ from tqdm.auto import tqdm
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.buckets import pick_bucket, split_batch
 from nanovllm.compile.cache import CompileCache, cache_disabled, key_fields
+from nanovllm.compile.saved_step import compiled_step
 from nanovllm.layers.sampler import sample
 from nanovllm.logger import logger
 
 
-def make_step(model, kv_caches, token_buffer):
+def run_step(model, kv_caches, token_buffer, inputs):
     """The whole step, token buffer to token buffer: (tokens [B], logits [B, V]).
 
     Input tokens still being sampled by the previous step are read from ``token_buffer``; every sampled token
     is written back to it (see ``StepInputs``).
     """
-    def step(inputs):
-        from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
-        input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
-        logits = model(input_ids, inputs, kv_caches)
-        tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds,
-                        inputs.sample_positions)
-        token_buffer.index_copy_(0, inputs.out_slots, tokens)
-        return tokens, logits
-    return step
+    from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
+    input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
+    logits = model(input_ids, inputs, kv_caches)
+    tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds,
+                    inputs.sample_positions)
+    token_buffer.index_copy_(0, inputs.out_slots, tokens)
+    return tokens, logits
+
+
+def make_step(model, kv_caches, token_buffer):
+    """``step(inputs)``.  The model and tensors are bound arguments, not a closure: a compiled step saved to
+    the compile cache then reads this process's objects when loaded (``saved_step.py``)."""
+    return functools.partial(run_step, model, kv_caches, token_buffer)
 
 
 class EagerExecutor:
@@ -78,7 +84,6 @@ class GraphExecutor(EagerExecutor):
         # limits so none of them silently falls back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + 4
         torch._dynamo.config.accumulated_recompile_limit += 4
-        self.compiled = platform.compile(self.step, dynamic=None)
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         pool = platform.graph_pool()
@@ -86,12 +91,12 @@ class GraphExecutor(EagerExecutor):
         self.cache = CompileCache(key_fields(runner))
         with self.cache.activate(), torch.inference_mode():
             t = time.perf_counter()
-            trace_inputs = runner.dummy_prefill_inputs()
-            _mark_dynamic(trace_inputs)
-            self.compiled(trace_inputs)
+            self.compiled, self.step_origin = compiled_step(platform, self.step, runner.dummy_prefill_inputs,
+                                                            self.cache)
             platform.synchronize()
             self.trace_seconds = time.perf_counter() - t
-            logger.info("step compiled (symbolic token and sequence counts) in %.1fs", self.trace_seconds)
+            logger.info("step %s (symbolic token and sequence counts) in %.1fs", _ORIGINS[self.step_origin],
+                        self.trace_seconds)
             with torch.compiler.set_stance("fail_on_recompile"):
                 for size in tqdm(sizes, desc="Capturing decode buckets", dynamic_ncols=True):
                     graph = BucketGraph(size, self.compiled, runner.prepare_decode([], size), platform)
@@ -125,7 +130,5 @@ class GraphExecutor(EagerExecutor):
             return self.compiled(inputs)
 
 
-def _mark_dynamic(inputs) -> None:
-    """Make dimension 0 (tokens, sequences, or sequences + 1 for ``cu_seqlens_q``) of every input symbolic."""
-    for f in dataclasses.fields(inputs):
-        torch._dynamo.mark_dynamic(getattr(inputs, f.name), 0)
+_ORIGINS = {"loaded": "loaded from the compile cache, not traced", "aot": "traced, compiled and saved",
+            "traced": "traced and compiled"}
