@@ -62,7 +62,7 @@ def main(argv=None):
     entry = executor.cache
     status = "off" if cache.cache_disabled() else "already cached (hit)" if entry.hit else "compiled and saved"
     print(f"total: {time.perf_counter() - start:.1f} s for LLM(...) init, {executor.compile_seconds:.1f} s of it "
-          f"compiling; cache {status}; key {entry.key} at {entry.entry}")
+          f"compiling; cache {status}; step {executor.step_origin}; key {entry.key} at {entry.entry}")
 
 
 if __name__ == "__main__":

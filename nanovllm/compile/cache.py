@@ -251,7 +251,7 @@ class CompileCache:
                 yield self
                 inductor_hit = _fxgraph_misses() == misses
                 self.hit = loaded and inductor_hit and not self._step_changed
-                if loaded and not inductor_hit:
+                if loaded and not inductor_hit and not self._step_changed:  # (a dropped step is traced anew)
                     logger.warning("compile cache entry %s was incomplete (Inductor recompiled); updating it",
                                    self.entry)
                 if not self.hit:

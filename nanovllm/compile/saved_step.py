@@ -52,8 +52,8 @@ def aot_unsupported_reason() -> str | None:
     """Why this torch cannot save a compiled step, or None when it can."""
     if not callable(getattr(torch.compiler, "load_compiled_function", None)):
         return f"torch {torch.__version__} has no torch.compiler.load_compiled_function"
-    if not getattr(torch._dynamo.config, "enable_aot_compile", True):
-        return "torch._dynamo.config.enable_aot_compile is off"
+    if not hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return f"torch {torch.__version__} has no torch._dynamo.config.enable_aot_compile"
     return None
 
 
@@ -71,7 +71,9 @@ def trace(platform, step: functools.partial) -> BoundStep:
 def aot_compile(platform, step: functools.partial, trace_inputs) -> tuple[BoundStep, bytes]:
     """Trace and lower the step now (``trace_inputs`` marked dynamic); returns it and its serialized form."""
     fn, bound = _unbind(step)
-    compiled = platform.compile(fn, dynamic=None).aot_compile(((*bound, trace_inputs), {}))
+    # torch.compile attaches ``.aot_compile`` only under this flag, off by default in older releases
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        compiled = platform.compile(fn, dynamic=None).aot_compile(((*bound, trace_inputs), {}))
     with tempfile.TemporaryDirectory() as d:  # the save API takes a path (and returns bytes only in newer torch)
         path = os.path.join(d, "step.bin")
         compiled.save_compiled_function(path)
