@@ -43,7 +43,7 @@ DECODE_VARIANTS = {
     "chunk_rev": DecodeVariant("split", chunk_tiles=8, reverse=True),
     "streamk": DecodeVariant("streamk"),
 }
-DEFAULT_VARIANT = "streamk"
+DEFAULT_VARIANT = "legacy"
 
 
 def decode_variant() -> str:
