@@ -35,8 +35,11 @@ def build_llm(args, bs: int, enforce_eager: bool) -> LLM:
     buckets = args.graph_batch_sizes
     if buckets is not None:
         buckets = [b for b in buckets if b <= bs] or None
-    return LLM(args.model, enforce_eager=enforce_eager, max_num_seqs=bs, graph_batch_sizes=buckets,
-               max_model_len=4096, dtype=args.dtype, device=args.device)
+    t = time.perf_counter()
+    llm = LLM(args.model, enforce_eager=enforce_eager, max_num_seqs=bs, graph_batch_sizes=buckets,
+              max_model_len=4096, dtype=args.dtype, device=args.device)
+    llm.init_seconds = time.perf_counter() - t
+    return llm
 
 
 def run_once(llm: LLM, args) -> dict:
@@ -144,7 +147,24 @@ def describe(llm: LLM) -> dict:
     return {"device": torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu",
             "dtype": str(r.dtype).replace("torch.", ""), "mode": r.mode, "torch": torch.__version__,
             "max_num_seqs": llm.config.max_num_seqs, "graph_batch_sizes": list(llm.config.graph_batch_sizes),
-            "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size}
+            "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size,
+            "decode_attention": decode_attention_variant(r.device),
+            "init_seconds": round(llm.init_seconds, 2), **compile_cache_state(r.executor)}
+
+
+def decode_attention_variant(device) -> str:
+    if device.type != "cuda":
+        return "reference"
+    from nanovllm.kernels.triton_decode import decode_variant
+    return decode_variant()
+
+
+def compile_cache_state(executor) -> dict:
+    """Whether start-up found its compiled step in the compile cache (graph mode only)."""
+    cache = getattr(executor, "cache", None)
+    if cache is None:
+        return {}
+    return {"compile_cache": "hit" if cache.hit else "miss", "step": getattr(executor, "step_origin", None)}
 
 
 def plot_sweep(results: list[dict], path: str) -> None:

@@ -1,6 +1,7 @@
 """Where `LLM(...)` start-up time goes: times bench.py's engine start and profiles it with cProfile.
 
-    python benchmarks/init_profile.py [--model DIR] [--bs 256]    # writes $OUT/init_profile.{json,prof}
+    python benchmarks/init_profile.py [--model DIR] [--bs 256] [--no-cprofile]
+                                                      # writes $OUT/init_profile_{hit,miss}.{json,prof}
 
 Run it twice in a row to see a cold start (empty compile cache) and a warm one.
 """
@@ -18,6 +19,7 @@ def main():
     p.add_argument("--model")
     p.add_argument("--bs", type=int, default=256)
     p.add_argument("--top", type=int, default=35)
+    p.add_argument("--no-cprofile", action="store_true", help="time start-up only (cProfile slows tracing)")
     args = p.parse_args()
     out_dir = os.environ.get("OUT", "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -28,19 +30,24 @@ def main():
     if args.model is None:
         from nanovllm.tools.synthesize import cached_synthetic
         args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
-    profiler = cProfile.Profile()
+    profiler = None if args.no_cprofile else cProfile.Profile()
     t = time.perf_counter()
-    profiler.enable()
+    if profiler:
+        profiler.enable()
     llm = LLM(args.model, max_num_seqs=args.bs, max_model_len=4096)
-    profiler.disable()
+    if profiler:
+        profiler.disable()
     init = time.perf_counter() - t
     executor = llm.engine.runner.executor
     result = {"imports_s": round(imports, 2), "init_s": round(init, 2),
               "graph_setup_s": round(getattr(executor, "compile_seconds", 0.0), 2),
               "cache": None if not hasattr(executor, "cache") else ("hit" if executor.cache.hit else "miss"),
+              "step": getattr(executor, "step_origin", None),
+              "step_seconds": round(getattr(executor, "trace_seconds", 0.0), 2),
               "buckets": {size: round(g.compile_seconds, 2) for size, g in getattr(executor, "graphs", {}).items()}}
-    profiler.dump_stats(os.path.join(out_dir, f"init_profile_{result['cache']}.prof"))
-    for key in ("cumulative", "tottime"):
+    if profiler:
+        profiler.dump_stats(os.path.join(out_dir, f"init_profile_{result['cache']}.prof"))
+    for key in ("cumulative", "tottime") if profiler else ():
         s = io.StringIO()
         pstats.Stats(profiler, stream=s).sort_stats(key).print_stats(args.top)
         print(s.getvalue()[-12000:] if key == "cumulative" else s.getvalue()[-6000:])

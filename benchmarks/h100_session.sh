@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One GPU call that measures what issues #6 and #7 ask for; logs and JSON go to $OUT (default ./results).
+#
+#     bash benchmarks/h100_session.sh            # on the GPU machine, from the repository root
+#
+# In order: decode-attention variants at bench's mixed lengths; a cold start (empty compile cache) timed
+# without the profiler; bench.py --bs 256 warm with each decode variant (the first one also gives the warm
+# init time); bench's first 8 prompts against transformers (bf16, logprob-margin rule).  Each step has its
+# own time limit, so one that hangs does not cost the rest.  SKIP="mixed parity" leaves steps out.
+set -u
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NANOVLLM_CACHE_DIR="${NANOVLLM_CACHE_DIR:-/tmp/nanovllm-bench-cache}"
+export OUT="${OUT:-results}"
+VARIANTS="${VARIANTS:-legacy chunk chunk_rev streamk}"
+SKIP="${SKIP:-}"
+mkdir -p "$OUT"
+T0=$SECONDS
+
+step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, its output in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  case " $SKIP " in *" $name "*) echo "--- $name: skipped"; return;; esac
+  local t=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "--- $name: rc=$? in $((SECONDS - t))s (session $((SECONDS - T0))s)"
+  grep -E "^(Total:|mean %|checks:|\| )" "$OUT/$name.log" | tail -12
+}
+
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+step mixed 150 python benchmarks/decode_mixed.py
+rm -rf "$NANOVLLM_CACHE_DIR/compile"  # a cold start (the synthesized checkpoint stays)
+step cold 200 python benchmarks/init_profile.py --no-cprofile
+grep -E '^\{"imports_s' "$OUT/cold.log"
+for v in $VARIANTS; do
+  NANOVLLM_DECODE_VARIANT=$v step "bench_$v" 120 python bench.py --bs 256 --json "$OUT/bench_$v.json"
+done
+step parity 180 python benchmarks/gpu_parity.py --bench-only
+python - <<'EOF'
+import glob, json, os
+out = os.environ["OUT"]
+rows = []
+for path in sorted(glob.glob(f"{out}/bench_*.json")):
+    r = json.load(open(path))
+    rows.append(f"| {r['decode_attention']} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} | {r['decode_step_ms']:.2f} | "
+                f"{r['decode_vs_floor']} | {r['init_seconds']} ({r.get('compile_cache')}, {r.get('step')}) |")
+table = "| decode attention | tok/s | s | decode ms/step | floor/decode | init s |\n|---|---|---|---|---|---|\n"
+table += "\n".join(rows)
+print(table)
+open(f"{out}/summary.md", "w").write(table + "\n")
+EOF
