@@ -4,14 +4,15 @@
 #     bash benchmarks/h100_session.sh            # on the GPU machine, from the repository root
 #
 # In order: decode-attention variants at bench's mixed lengths; a cold start (empty compile cache) timed
-# without the profiler; bench.py --bs 256 warm with each decode variant (the first one also gives the warm
-# init time); bench's first 8 prompts against transformers (bf16, logprob-margin rule).  Each step has its
-# own time limit, so one that hangs does not cost the rest.  SKIP="mixed parity" leaves steps out.
+# without the profiler; a warm start under cProfile (where its seconds go); bench.py --bs 256 warm with each
+# decode variant in $VARIANTS; bench's first 8 prompts against transformers (bf16, logprob-margin rule); GPU
+# time per kernel at several batch sizes (profile_run.py).  Each step has its own time limit, so one that
+# hangs does not cost the rest.  SKIP="mixed profile" leaves steps out.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NANOVLLM_CACHE_DIR="${NANOVLLM_CACHE_DIR:-/tmp/nanovllm-bench-cache}"
 export OUT="${OUT:-results}"
-VARIANTS="${VARIANTS:-legacy chunk chunk_rev streamk}"
+VARIANTS="${VARIANTS:-legacy}"
 SKIP="${SKIP:-}"
 mkdir -p "$OUT"
 T0=$SECONDS
@@ -31,10 +32,13 @@ step mixed 150 python benchmarks/decode_mixed.py
 rm -rf "$NANOVLLM_CACHE_DIR/compile"  # a cold start (the synthesized checkpoint stays)
 step cold 200 python benchmarks/init_profile.py --no-cprofile
 grep -E '^\{"imports_s' "$OUT/cold.log"
+step warm 120 python benchmarks/init_profile.py --top 25
+grep -E '^\{"imports_s' "$OUT/warm.log"
 for v in $VARIANTS; do
   NANOVLLM_DECODE_VARIANT=$v step "bench_$v" 120 python bench.py --bs 256 --json "$OUT/bench_$v.json"
 done
 step parity 180 python benchmarks/gpu_parity.py --bench-only
+step profile 150 python benchmarks/profile_run.py
 python - <<'EOF'
 import glob, json, os
 out = os.environ["OUT"]

@@ -4,6 +4,11 @@ Variants differ only in flags read from the HF config: q/k RMSNorm (Qwen3), qkv 
 and MLP bias (some Llamas), rope scaling and tied embeddings.  Projections are packed (qkv, gate_up) so each
 is one matmul; the loader slices the HF tensors into them.  The KV cache is handed in per call, so the
 forward has no hidden state besides weights and is traced unchanged by the graph compiler.
+
+Compile time: each layer is two nested compile regions (``torch.compiler.nested_compile_region``) around the
+KV store and attention, so the compiler lowers the layer's code once and reuses it for every layer instead of
+lowering ``num_layers`` copies.  The store and attention ops stay outside the regions because a region may not
+mutate its inputs (``store_kv`` writes the cache).  In eager mode the regions are plain calls.
 """
 from dataclasses import dataclass
 
@@ -68,19 +73,23 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
 
-    def forward(self, x, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor]):
+    def project(self, x, positions):
+        """q [T, Hq, D], k and v [T, Hkv, D], normed (Qwen3) and rotated."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(inputs.positions, q, k)
+        return (*self.rotary(positions, q, k), v)
+
+    def attend(self, q, k, v, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor]):
+        """Store this step's k/v in the paged cache, then attend over it: [T, Hq * D]."""
         k_cache, v_cache = kv
         ops.store_kv(k, v, k_cache, v_cache, inputs.slot_mapping)
         o = ops.paged_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens, inputs.block_tables,
                                 self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return o.reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):
@@ -103,8 +112,25 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(a)
 
     def forward(self, x, inputs, kv):
-        x = x + self.self_attn(self.input_layernorm(x), inputs, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        q, k, v = _before_attention(self, x, inputs.positions)
+        return _after_attention(self, x, self.self_attn.attend(q, k, v, inputs, kv))
+
+
+def _compile_once(fn):
+    """``torch.compiler.nested_compile_region`` where this torch has it (2.8+), else ``fn`` unchanged."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    return region(fn) if region is not None else fn
+
+
+@_compile_once
+def _before_attention(layer: DecoderLayer, x, positions):
+    return layer.self_attn.project(layer.input_layernorm(x), positions)
+
+
+@_compile_once
+def _after_attention(layer: DecoderLayer, x, o):
+    x = x + layer.self_attn.o_proj(o)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class DecoderBody(nn.Module):
