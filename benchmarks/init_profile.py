@@ -20,6 +20,8 @@ def main():
     p.add_argument("--bs", type=int, default=256)
     p.add_argument("--top", type=int, default=35)
     p.add_argument("--no-cprofile", action="store_true", help="time start-up only (cProfile slows tracing)")
+    p.add_argument("--only", help="also print cumulative time of functions whose path matches this regex")
+    p.add_argument("--callers", help="also print who calls functions matching this regex")
     args = p.parse_args()
     out_dir = os.environ.get("OUT", "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -41,6 +43,7 @@ def main():
     executor = llm.engine.runner.executor
     result = {"imports_s": round(imports, 2), "init_s": round(init, 2),
               "graph_setup_s": round(getattr(executor, "compile_seconds", 0.0), 2),
+              "phases_s": llm.engine.runner.init_phases,
               "cache": None if not hasattr(executor, "cache") else ("hit" if executor.cache.hit else "miss"),
               "step": getattr(executor, "step_origin", None),
               "step_seconds": round(getattr(executor, "trace_seconds", 0.0), 2),
@@ -51,6 +54,11 @@ def main():
         s = io.StringIO()
         pstats.Stats(profiler, stream=s).sort_stats(key).print_stats(args.top)
         print(s.getvalue()[-12000:] if key == "cumulative" else s.getvalue()[-6000:])
+    for restriction, method in ((args.only, "print_stats"), (args.callers, "print_callers")):
+        if profiler and restriction:
+            s = io.StringIO()
+            getattr(pstats.Stats(profiler, stream=s).sort_stats("cumulative"), method)(restriction, args.top)
+            print(s.getvalue()[-8000:])
     from torch._dynamo.utils import compile_times
     print("PyTorch compile phases (seconds):\n" + str(compile_times(repr="str", aggregate=True)))
     print(json.dumps(result))

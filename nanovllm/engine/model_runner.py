@@ -31,6 +31,16 @@ _CPU_DEFAULT_KV_BYTES = 1 << 30
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, platform: Platform):
+        # Start-up seconds per phase, for the "ready" log line and benchmarks/init_profile.py.
+        self.init_phases: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            self.init_phases[name] = round(now - clock, 2)
+            clock = now
+
         self.config = config
         self.platform = platform
         self.device = platform.device
@@ -44,8 +54,10 @@ class ModelRunner:
                 self.model = model_cls(hf)
         finally:
             torch.set_default_dtype(previous)
+        phase("build_model")
         load_weights(self.model, config.model)
         self.model.eval().requires_grad_(False)
+        phase("load_weights")
         self.vocab_size = self.model.args.vocab_size
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
@@ -59,11 +71,13 @@ class ModelRunner:
         self._launches = 0
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
+        phase("size_kv_cache")
         self.decode_builder = DecodeInputBuilder(self.device, self.block_size, self.max_blocks_per_seq,
                                                  self.scratch_slot)
         self.decode_prepare_time = 0.0  # host seconds spent building decode inputs (a statistic)
         self.executor = self._make_executor()
         self.mode = self.executor.mode
+        phase("compile_and_capture" if self.mode == "graph" else "executor")
 
     def _make_executor(self):
         from nanovllm.compile.executor import EagerExecutor, GraphExecutor
