@@ -46,6 +46,13 @@ def test_gumbel_noise_is_a_pure_function_and_roughly_standard():
     assert abs(g.mean().item() - 0.5772) < 0.02 and abs(g.std().item() - 1.2825) < 0.03
 
 
+def test_uniforms_from_extreme_bits_stay_inside_the_open_interval():
+    from nanovllm.layers.sampler import uniform_from_bits
+    u = uniform_from_bits(torch.tensor([0, 1, 255, 256, 2**30, 2**31 - 257, 2**31 - 1]))
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
 def test_sampler_frequencies_follow_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
     n = logits.shape[0]

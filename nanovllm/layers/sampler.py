@@ -23,13 +23,23 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """31-bit integers -> float32 uniforms in [2**-24, 1 - 2**-24]: strictly inside (0, 1), so the noise is finite.
+
+    23 bits are used so that k + 0.5 is exact in float32; with 24 the top value rounded to 1.0, whose noise is
+    +inf (about 1 row in 110 of a 150k vocabulary then drew a uniformly random token)."""
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 23))
+
+
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] float32 Gumbel(0, 1) noise, a pure function of (seed, position, vocabulary id)."""
     seed_key = _mix(seeds & _MASK31) ^ _mix(((seeds >> 31) & _MASK31) + 0x5BD1E995)
     row_key = _mix(seed_key ^ (positions & _MASK31))
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix(_mix(row_key[:, None] ^ ((vocab[None, :] * 0x3C6EF35F) & _MASK31)) + 0x165667B1) & _MASK31
-    uniform = ((bits >> 7).float() + 0.5) * (1.0 / (1 << 24))  # strictly inside (0, 1)
+    # The vocabulary id enters by xor, not by a product: Inductor folds ``arange * constant`` into its index
+    # arithmetic, and inside the chunked argmax's view that gave a coefficient beyond int32 in Triton's codegen.
+    bits = _mix(_mix(row_key[:, None] ^ vocab[None, :]) + 0x165667B1) & _MASK31
+    uniform = uniform_from_bits(bits)
     return -torch.log(-torch.log(uniform))
 
 
