@@ -197,6 +197,8 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the result(s) to this file")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time the workload this many times in one process (the first is nano-vllm's number)")
     p.add_argument("--sweep-bs", type=lambda s: [int(x) for x in s.split(",")],
                    help="run the bench once per max batch size (graph mode) and print a table")
     p.add_argument("--plot", help="with --sweep-bs: save a PNG of throughput and decode step time vs its floor")
@@ -229,9 +231,10 @@ def main():
             print(f"| {'padded to buckets' if r['padding'] else 'not padded'} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} |")
     else:
         llm = build_llm(args, args.bs, args.enforce_eager)
-        r = {**describe(llm), **run_once(llm, args)}
-        results.append(r)
-        print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s")
+        for _ in range(args.repeat):
+            r = {**describe(llm), **run_once(llm, args)}
+            results.append(r)
+            print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s")
         if args.profile_steps and llm.engine.runner.device.type == "cuda":
             r["kernel_profile"] = profile_decode(llm, args, 300, args.profile_steps)
             print("| kernel | ms/step | share | calls/step |\n|---|---|---|---|")

@@ -103,6 +103,9 @@ class Scheduler:
                 scheduled.append(seq)
         if not scheduled and self.running:
             raise RuntimeError("KV cache too small to decode even one sequence; raise num_kvcache_blocks")
+        # Longest context first: the decode attention kernel's programs start in row order, so the longest
+        # ones start earliest and the last wave holds the shortest (less idle tail when lengths are mixed).
+        scheduled.sort(key=len, reverse=True)
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False, preempted=preempted)
 
     def _preempt(self, seq: Sequence) -> None:

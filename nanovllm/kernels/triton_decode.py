@@ -7,7 +7,8 @@ on ``context_lens`` values, so a launch can be captured in a CUDA graph and repl
 
 * ``legacy``: one program per (sequence, KV head, split); each sequence's context is cut into ``num_splits``
   equal parts, with ``num_splits`` sized to fill 2 waves of SMs (1 split at batch 256).  Balanced for uniform
-  contexts, but with mixed lengths the long sequences' programs are stragglers.
+  contexts; with mixed lengths the long sequences' programs would be stragglers, so the grid runs the KV head
+  fastest and the scheduler hands rows over longest context first: the longest programs start first.
 * ``chunk`` / ``chunk_rev`` (flash-decoding): a split is a fixed number of KV tiles (``decode_chunk_tiles``,
   at most 8 x 64 tokens), the grid holds the most splits any row could need, and programs past their row's
   context exit at once; the reduce merges only non-empty splits.  ``chunk_rev`` launches the highest splits
@@ -61,8 +62,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
                    CHUNK_TILES: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)  # fastest-varying, so programs start in row order (rows come longest first)
+    b = tl.program_id(1)
     split = tl.program_id(2)
     if REVERSE:
         split = num_splits - 1 - split
@@ -182,7 +183,7 @@ def _launch_split(q, k_cache, v_cache, block_tables, context_lens, scale, out, v
     else:
         part_out = part_lse = out  # unused
     group = num_q_heads // num_kv_heads
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -5,9 +5,6 @@ noise: ``argmax(logits / T + gumbel)`` is an exact draw from ``softmax(logits / 
 state, so a seeded request draws the same tokens whatever shares its batch, eager and graph agree, and the
 whole sampler is a pure function of tensors that compiles and replays inside a CUDA graph.
 
-Both argmaxes run over vocabulary chunks (``argmax_rows``): one row per program would leave most of the GPU
-idle at small batches, since a row of 150k entries is a long sequential reduction.
-
 Top-k / top-p need a full sort of the vocabulary, which costs more than the rest of a small model's decode
 step; the plain path skips it and the runner calls ``sample(..., filtered=True)`` only for batches that need it.
 """
@@ -37,7 +34,7 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) 
     row_key = _mix(seed_key ^ (positions & _MASK31))
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     # The vocabulary id enters by xor, not by a product: Inductor folds ``arange * constant`` into its index
-    # arithmetic, and inside the chunked argmax's view that gave a coefficient beyond int32 in Triton's codegen.
+    # arithmetic, where a reshaped vocabulary once gave a coefficient beyond int32 in Triton's codegen.
     bits = _mix(_mix(row_key[:, None] ^ vocab[None, :]) + 0x165667B1) & _MASK31
     uniform = uniform_from_bits(bits)
     return -torch.log(-torch.log(uniform))
@@ -55,35 +52,13 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def _chunks(vocab_size: int) -> int:
-    """The largest divisor of ``vocab_size`` up to 256 that leaves chunks of at least 256 entries (1: none)."""
-    for d in range(min(256, vocab_size // 256), 1, -1):
-        if vocab_size % d == 0:
-            return d
-    return 1
-
-
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(dim=-1)`` for [B, V], computed as a max per vocabulary chunk, then over chunks.
-
-    Same result, ties included: both levels keep the first maximum, so the winner is the lowest index
-    holding the row's maximum."""
-    rows, vocab = x.shape
-    chunks = _chunks(vocab)
-    if chunks == 1:
-        return x.argmax(dim=-1)
-    best, where = x.view(rows, chunks, vocab // chunks).max(dim=-1)
-    chunk = best.argmax(dim=-1, keepdim=True)
-    return (chunk * (vocab // chunks) + where.gather(1, chunk)).squeeze(1)
-
-
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            seeds: torch.Tensor, positions: torch.Tensor, filtered: bool = False) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> token ids [B] int64."""
     logits = logits.float()
-    greedy = argmax_rows(logits)
+    greedy = logits.argmax(dim=-1)
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     if filtered:
         scaled = _apply_top_k_top_p(scaled, top_k, top_p)
-    drawn = argmax_rows(scaled + gumbel_noise(seeds, positions, logits.shape[-1]))
+    drawn = (scaled + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(dim=-1)
     return torch.where(temperature > 0, drawn, greedy)

@@ -1,0 +1,22 @@
+"""Scheduler behaviour that the engine's speed depends on (host-side only, no model)."""
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+
+def test_decode_rows_come_longest_context_first():
+    scheduler = Scheduler(BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=512, max_model_len=256,
+                          eos_token_ids=())
+    lengths = [5, 40, 12, 40, 3]
+    seqs = [Sequence(i, [1] * n, SamplingParams(max_tokens=4), seed=0) for i, n in enumerate(lengths)]
+    for seq in seqs:
+        scheduler.add(seq)
+    prefill = scheduler.schedule()
+    assert prefill.is_prefill and prefill.seqs == seqs  # prefill keeps admission order
+    scheduler.advance(prefill)
+    scheduler.resolve(prefill, [7] * len(prefill.seqs))
+    decode = scheduler.schedule()
+    assert not decode.is_prefill
+    assert [len(s) for s in decode.seqs] == sorted((n + 1 for n in lengths), reverse=True)
+    assert [s.seq_id for s in decode.seqs][:2] == [1, 3]  # ties keep admission order
