@@ -50,6 +50,7 @@ def run_once(llm: LLM, args) -> dict:
         engine.stats[key] = 0 if isinstance(engine.stats[key], int) else 0.0
     engine.runner.decode_prepare_time = 0.0
     engine.step_log = []
+    engine.block_manager.reset_prefix_cache()  # a repeated run must prefill in full, like the first
     t = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t
@@ -198,7 +199,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the result(s) to this file")
     p.add_argument("--repeat", type=int, default=1,
-                   help="time the workload this many times in one process (the first is nano-vllm's number)")
+                   help="time the workload this many times in one process, each with an empty prefix cache")
     p.add_argument("--sweep-bs", type=lambda s: [int(x) for x in s.split(",")],
                    help="run the bench once per max batch size (graph mode) and print a table")
     p.add_argument("--plot", help="with --sweep-bs: save a PNG of throughput and decode step time vs its floor")

@@ -1,4 +1,4 @@
-"""Scheduler behaviour that the engine's speed depends on (host-side only, no model)."""
+"""Scheduler and block-manager behaviour that benchmarks and the engine's speed depend on (host only)."""
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -20,3 +20,21 @@ def test_decode_rows_come_longest_context_first():
     assert not decode.is_prefill
     assert [len(s) for s in decode.seqs] == sorted((n + 1 for n in lengths), reverse=True)
     assert [s.seq_id for s in decode.seqs][:2] == [1, 3]  # ties keep admission order
+
+
+def test_reset_prefix_cache_forgets_cached_blocks_and_refuses_while_blocks_are_held():
+    import pytest
+    bm = BlockManager(8, 4)
+    first = Sequence(0, list(range(9)), SamplingParams(), seed=0)
+    assert bm.try_allocate(first)
+    first.num_computed_tokens = 9
+    bm.register_computed(first)
+    with pytest.raises(RuntimeError, match="blocks in use"):
+        bm.reset_prefix_cache()
+    bm.free(first)
+    again = Sequence(1, list(range(9)), SamplingParams(), seed=0)
+    assert bm.try_allocate(again) and bm.cache_hit_tokens == 8  # two full blocks served from the cache
+    bm.free(again)
+    bm.reset_prefix_cache()
+    fresh = Sequence(2, list(range(9)), SamplingParams(), seed=0)
+    assert bm.try_allocate(fresh) and bm.cache_hit_tokens == 8  # no new hits after the reset

@@ -109,6 +109,16 @@ class BlockManager:
             self.hash_to_block[h] = block
             hashes.append(h)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (benchmarks: repeated runs of one workload must not hit each other's KV).
+
+        Only allowed while no sequence holds blocks."""
+        if len(self.free_blocks) != self.num_blocks:
+            raise RuntimeError(f"reset_prefix_cache with {self.num_blocks - len(self.free_blocks)} blocks in use")
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; its blocks stay hashed (reusable as cache) until reallocated."""
         for block in reversed(seq.block_table):
