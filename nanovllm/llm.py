@@ -28,7 +28,8 @@ class LLM:
         self.engine = Engine(self.config)
         self.tokenizer = _load_tokenizer(self.config.model)
         r = self.engine.runner
-        logger.info("ready in %.1fs: device=%s dtype=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB); seconds by phase: %s",
+        logger.info("ready in %.1fs: device=%s dtype=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB); "
+                    "seconds by phase: %s",
                     time.perf_counter() - start, r.device, str(r.dtype).replace("torch.", ""), r.mode,
                     r.num_blocks, r.block_size, r.num_blocks * r.kv_bytes_per_block() / 2**30,
                     ", ".join(f"{k} {v}" for k, v in r.init_phases.items()))

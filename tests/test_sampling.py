@@ -79,4 +79,3 @@ def test_greedy_ignores_filters_and_seed(llm):
     fancy = llm.generate([prompt], SamplingParams(temperature=0, top_k=3, top_p=0.5, seed=9, max_tokens=8,
                                                   ignore_eos=True), use_tqdm=False)
     assert plain == fancy
-

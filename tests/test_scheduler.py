@@ -1,4 +1,6 @@
 """Scheduler and block-manager behaviour that benchmarks and the engine's speed depend on (host only)."""
+import pytest
+
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -23,7 +25,6 @@ def test_decode_rows_come_longest_context_first():
 
 
 def test_reset_prefix_cache_forgets_cached_blocks_and_refuses_while_blocks_are_held():
-    import pytest
     bm = BlockManager(8, 4)
     first = Sequence(0, list(range(9)), SamplingParams(), seed=0)
     assert bm.try_allocate(first)
