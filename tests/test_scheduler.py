@@ -1,7 +1,10 @@
-"""Scheduler and block-manager behaviour that benchmarks and the engine's speed depend on (host only)."""
+"""Host-side engine behaviour: scheduler order, the prefix-cache reset, decode input staging (no model)."""
 import pytest
 
+import torch
+
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -39,3 +42,23 @@ def test_reset_prefix_cache_forgets_cached_blocks_and_refuses_while_blocks_are_h
     bm.reset_prefix_cache()
     fresh = Sequence(2, list(range(9)), SamplingParams(), seed=0)
     assert bm.try_allocate(fresh) and bm.cache_hit_tokens == 8  # no new hits after the reset
+
+
+def _decoding(seq_id: int, length: int) -> Sequence:
+    seq = Sequence(seq_id, list(range(1, length + 1)), SamplingParams(), seed=seq_id)
+    seq.block_table = [seq_id]
+    return seq
+
+
+def test_decode_chunks_of_one_bucket_get_their_own_staging():
+    """A step split into two chunks of the same bucket (and the next step) must not overwrite inputs whose
+    asynchronous copy to the device may still be pending."""
+    builder = DecodeInputBuilder(torch.device("cpu"), block_size=16, max_blocks_per_seq=4, scratch_slot=9)
+    first = builder.build([_decoding(0, 5), _decoding(1, 7)], rows=2, slot=(0, 1))
+    expected = {name: t.clone() for name, t in vars(first).items()}
+    second = builder.build([_decoding(2, 3)], rows=2, slot=(1, 1))  # the step's next chunk, same bucket
+    following = builder.build([_decoding(3, 9)], rows=2, slot=(0, 0))  # the next step's first chunk
+    for name, t in vars(first).items():
+        assert torch.equal(t, expected[name]), name
+    assert second.context_lens.tolist() == [3, 0] and following.context_lens.tolist() == [9, 0]
+    assert first.context_lens.tolist() == [5, 7]

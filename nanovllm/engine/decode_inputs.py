@@ -4,7 +4,10 @@ Decode runs every few milliseconds for hundreds of sequences, so its input prepa
 the critical path.  Three things keep it small:
 * each sequence's padded block-table row and sampling settings are kept between steps and only the new
   blocks are written (a sequence whose ``block_table`` list was replaced, e.g. after preemption, is rebuilt);
-* the batch is assembled with numpy in reusable staging tensors (pinned on CUDA), one set per row count;
+* the batch is assembled with numpy in reusable staging tensors (pinned on CUDA);
+* one staging set per (row count, ``slot``): the runner passes slot (chunk of the step, launch parity), because
+  a set's asynchronous copy to the device may still be pending while later chunks and the next step are
+  prepared; a set is reused two launches later, after the engine has waited for the step that read it;
 * on a capturing platform the staging tensors are copied straight into the graph's static input buffers.
 
 Padded rows follow the one rule of graph mode: token 0, slot -1, context length 0, greedy, discarded (its
@@ -38,15 +41,16 @@ class DecodeInputBuilder:
         self._rows: dict[int, _SeqRow] = {}
         self._staging: dict[int, StepInputs] = {}
 
-    def _staging_for(self, rows: int) -> StepInputs:
-        if rows not in self._staging:
+    def _staging_for(self, rows: int, slot) -> StepInputs:
+        key = (rows, slot)
+        if key not in self._staging:
             pin = self.device.type == "cuda"
 
             def z(*shape, dtype=torch.int64):
                 return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
 
             with torch.inference_mode():
-                self._staging[rows] = StepInputs(
+                self._staging[key] = StepInputs(
                     input_ids=z(rows), token_slots=z(rows), positions=z(rows), slot_mapping=z(rows),
                     block_tables=z(rows, self.width, dtype=torch.int32), context_lens=z(rows, dtype=torch.int32),
                     cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32).pin_memory() if pin
@@ -54,7 +58,7 @@ class DecodeInputBuilder:
                     logits_indices=torch.arange(rows).pin_memory() if pin else torch.arange(rows),
                     temperature=z(rows, dtype=torch.float32), top_k=z(rows), top_p=z(rows, dtype=torch.float32),
                     seeds=z(rows), sample_positions=z(rows), out_slots=z(rows))
-        return self._staging[rows]
+        return self._staging[key]
 
     def _row(self, seq) -> _SeqRow:
         entry = self._rows.get(seq.seq_id)
@@ -66,13 +70,15 @@ class DecodeInputBuilder:
             entry.filled = len(table)
         return entry
 
-    def build(self, seqs: list, rows: int, target: StepInputs | None = None) -> StepInputs:
-        """Inputs for ``seqs`` padded to ``rows``; written into ``target`` (static graph buffers) if given."""
+    def build(self, seqs: list, rows: int, target: StepInputs | None = None, slot=(0, 0)) -> StepInputs:
+        """Inputs for ``seqs`` padded to ``rows``; written into ``target`` (static graph buffers) if given.
+
+        ``slot`` picks the staging set (see the module docstring); on the CPU the staging set is the result."""
         n = len(seqs)
         if len(self._rows) > 4 * max(rows, 64):  # forget finished sequences now and then
             live = {s.seq_id for s in seqs}
             self._rows = {k: v for k, v in self._rows.items() if k in live}
-        host = self._staging_for(rows)
+        host = self._staging_for(rows, slot)
         entries = [self._row(s) for s in seqs]
         lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
         pos = lens - 1

@@ -226,9 +226,9 @@ class ModelRunner:
                                  np.zeros((rows, self.max_blocks_per_seq), np.int32), np.zeros(rows, np.int32), cu,
                                  cu[1:] - 1, None)
 
-    def prepare_decode(self, seqs: list, rows: int, target: StepInputs | None = None) -> StepInputs:
+    def prepare_decode(self, seqs: list, rows: int, target: StepInputs | None = None, slot=(0, 0)) -> StepInputs:
         """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""
-        return self.decode_builder.build(seqs, rows, target)
+        return self.decode_builder.build(seqs, rows, target, slot)
 
     # ---- token slots ----------------------------------------------------------------------------------
     def _assign_slot(self, seq) -> None:
@@ -257,10 +257,10 @@ class ModelRunner:
             tokens, logits = self.executor.prefill(inputs)
             self._emit(tokens, logits, inputs, len(batch.seqs), filtered, host, 0)
         else:
-            for start, rows, padded in self.executor.decode_plan(len(batch.seqs)):
+            for chunk, (start, rows, padded) in enumerate(self.executor.decode_plan(len(batch.seqs))):
                 t = time.perf_counter()
                 inputs = self.prepare_decode(batch.seqs[start:start + rows], padded,
-                                             self.executor.static_inputs(padded))
+                                             self.executor.static_inputs(padded), slot=(chunk, self._launches % 2))
                 self.decode_prepare_time += time.perf_counter() - t
                 tokens, logits = self.executor.decode(inputs, padded)
                 self._emit(tokens, logits, inputs, rows, filtered, host, start)
