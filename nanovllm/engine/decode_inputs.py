@@ -1,7 +1,7 @@
 """Builds decode ``StepInputs`` with as little host work per step as possible.
 
 Decode runs every few milliseconds for hundreds of sequences, so its input preparation is host overhead on
-the critical path.  Three things keep it small:
+the critical path.  These keep it small:
 * each sequence's padded block-table row and sampling settings are kept between steps and only the new
   blocks are written (a sequence whose ``block_table`` list was replaced, e.g. after preemption, is rebuilt);
 * the batch is assembled with numpy in reusable staging tensors (pinned on CUDA);
@@ -39,7 +39,7 @@ class DecodeInputBuilder:
         self.block_size = block_size
         self.width = max_blocks_per_seq
         self._rows: dict[int, _SeqRow] = {}
-        self._staging: dict[int, StepInputs] = {}
+        self._staging: dict[tuple, StepInputs] = {}  # (rows, slot) -> pinned staging set
 
     def _staging_for(self, rows: int, slot) -> StepInputs:
         key = (rows, slot)
