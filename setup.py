@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="A compiler-centric, graph-mode LLM inference engine with a vLLM-style offline API",
     packages=find_packages(include=["nanovllm", "nanovllm.*"]),
+    package_data={"nanovllm.kernels": ["*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.7", "transformers>=4.51", "safetensors", "xxhash", "tqdm", "numpy"],
     extras_require={

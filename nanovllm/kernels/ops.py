@@ -1,13 +1,16 @@
-"""Attention and KV store as registered torch ops, so a compiled step sees each as one opaque node.
+"""Attention, KV store and projections as registered torch ops, so a compiled step sees each as one opaque node.
 
 Every op dispatches on the device of its inputs: CUDA tensors go to the Triton kernels in
 ``triton_attention.py``, anything else to the pure-PyTorch twins in ``reference.py``.
 ``NANOVLLM_ATTENTION=reference`` forces the twins everywhere (a debugging aid).
-Models call the thin wrappers at the bottom (``store_kv``, ``paged_attention``).
+Projections (``linear``) take the Triton skinny-matmul kernel on tuned decode shapes, cuBLAS otherwise.
+Models call the thin wrappers (``store_kv``, ``paged_attention``, ``linear``).
 """
 import os
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from nanovllm.kernels import reference
 
@@ -63,3 +66,36 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
     return torch.ops.nanovllm.paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+
+@torch.library.custom_op("nanovllm::linear", mutates_args=())
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
+    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves.
+
+    The kernel is chosen when the op runs, from the row count: decode batches whose shape has a measured
+    Triton configuration (``matmul_configs.py``) take the skinny kernel, everything else cuBLAS.
+    """
+    from nanovllm.kernels import matmul_configs
+    cfg = matmul_configs.choose(x, weight, silu_mul)
+    if cfg is not None:
+        from nanovllm.kernels.triton_matmul import linear_triton
+        return linear_triton(x, weight, bias, cfg, silu_mul)
+    y = F.linear(x, weight, bias)
+    if not silu_mul:
+        return y
+    if x.is_cuda and x.dtype != torch.float32:
+        from nanovllm.kernels.triton_matmul import silu_mul_triton
+        return silu_mul_triton(y)
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@_linear.register_fake
+def _(x, weight, bias, silu_mul):
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    return x.new_empty(x.shape[0], n)
+
+
+def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:
+    """A projection of ``x`` [T, K] (see ``_linear``); ``silu_mul`` takes the packed MLP gate/up weight."""
+    return torch.ops.nanovllm.linear(x, weight, bias, silu_mul)

@@ -2,8 +2,10 @@
 
 Variants differ only in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention
 and MLP bias (some Llamas), rope scaling and tied embeddings.  Projections are packed (qkv, gate_up) so each
-is one matmul; the loader slices the HF tensors into them.  The KV cache is handed in per call, so the
-forward has no hidden state besides weights and is traced unchanged by the graph compiler.
+is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
+(cuBLAS, or a tuned Triton kernel for decode batches; the MLP's SiLU-and-multiply is fused into its gate/up
+matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
+traced unchanged by the graph compiler.
 
 Compile time: each layer is two nested compile regions (``torch.compiler.nested_compile_region``) around the
 KV store and attention, so the compiler lowers the layer's code once and reuses it for every layer instead of
@@ -13,7 +15,6 @@ mutate its inputs (``store_kv`` writes the cache).  In eager mode the regions ar
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.engine.step_inputs import StepInputs
@@ -61,6 +62,11 @@ class DecoderArgs:
         )
 
 
+def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` through ``ops.linear``, which takes the tuned Triton kernel for decode-sized batches."""
+    return ops.linear(x, linear.weight, linear.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding):
         super().__init__()
@@ -75,7 +81,7 @@ class Attention(nn.Module):
 
     def project(self, x, positions):
         """q [T, Hq, D], k and v [T, Hkv, D], normed (Qwen3) and rotated."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = _project(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -99,8 +105,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        h = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias, silu_mul=True)
+        return _project(self.down_proj, h)
 
 
 class DecoderLayer(nn.Module):
@@ -129,7 +135,7 @@ def _before_attention(layer: DecoderLayer, x, positions):
 
 @_compile_once
 def _after_attention(layer: DecoderLayer, x, o):
-    x = x + layer.self_attn.o_proj(o)
+    x = x + _project(layer.self_attn.o_proj, o)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
@@ -164,4 +170,4 @@ class DecoderForCausalLM(nn.Module):
         for layer, kv in zip(self.model.layers, kv_caches):
             x = layer(x, inputs, kv)
         x = self.model.norm(x[inputs.logits_indices])
-        return self.lm_head(x)
+        return _project(self.lm_head, x)

@@ -1,0 +1,165 @@
+"""Tune the decode matmuls: every candidate Triton configuration against cuBLAS, per weight shape and bucket.
+
+    python benchmarks/matmul_sweep.py                      # Qwen3-0.6B shapes, the default decode buckets
+    python benchmarks/matmul_sweep.py --preset llama-3.2-1b --buckets 2,8,64,256
+
+For each projection of the model (qkv, o, gate/up with the fused SiLU-and-multiply, down, LM head) and each
+batch size, it checks every candidate against ``F.linear`` (relative error < 1e-2) and times it as the engine
+runs it: a CUDA graph of one launch per layer, each on its own weight tensor (so nothing is served from L2
+that a real step would read from memory), replayed.  The baseline is cuBLAS (``F.linear``; for gate/up plus
+the unfused SiLU-and-multiply kernel).  A Triton config enters the table only where it beats the baseline by
+``--margin``.  Writes all timings to ``$OUT/matmul_sweep.json`` and the winners into the dispatch table
+(``nanovllm/kernels/matmul_tuned.json`` by default, merged under this GPU's compute capability).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import write_json  # noqa: E402
+from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES  # noqa: E402
+from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, table_key  # noqa: E402
+from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton  # noqa: E402
+
+
+def model_shapes(fields: dict) -> dict[str, tuple[int, int, int, bool]]:
+    """name -> (weight rows N, K, layers, silu_mul) of every decode projection."""
+    h, layers = fields["hidden_size"], fields["num_hidden_layers"]
+    heads = fields["num_attention_heads"]
+    d = fields.get("head_dim") or h // heads
+    q, kv, inter = heads * d, fields["num_key_value_heads"] * d, fields["intermediate_size"]
+    return {"qkv": (q + 2 * kv, h, layers, False), "o": (h, q, layers, False),
+            "gate_up": (2 * inter, h, layers, True), "down": (h, inter, layers, False),
+            "lm_head": (fields["vocab_size"], h, 4, False)}
+
+
+def candidates(m: int) -> list[MatmulConfig]:
+    """Configs worth timing at batch m: M tiles near m, narrow N tiles and split K for the small batches."""
+    block_ms = (16,) if m <= 16 else (16, 32) if m <= 32 else (32, 64) if m <= 64 else (64, 128)
+    out = []
+    for bm in block_ms:
+        if bm <= 32:
+            for bn in (32, 64, 128):
+                for bk, stages in ((128, 4), (256, 3)):
+                    for split in (1, 2, 4):
+                        out.append(MatmulConfig(bm, bn, bk, split, False, 4, stages))
+            for bk, split in ((128, 1), (256, 1), (256, 2), (128, 4)):
+                out.append(MatmulConfig(bm, 64, bk, split, True, 4, 4 if bk == 128 else 3))
+        else:
+            for bn in (64, 128):
+                for bk in (64, 128):
+                    for split in (1, 2):
+                        for warps in ((4, 8) if bn == 128 else (4,)):
+                            out.append(MatmulConfig(bm, bn, bk, split, False, warps, 4 if bk == 64 else 3))
+    return out
+
+
+def time_launches(calls, replays: int = 20) -> float:
+    """Microseconds per call of ``calls`` (a list of thunks), captured in one CUDA graph and replayed."""
+    for c in calls:  # compile and allocate outside the capture
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / replays / len(calls)
+
+
+def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log):
+    copies = layers if n * k < 1 << 26 else 1  # the LM head is larger than L2 on its own
+    weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for _ in range(copies)]
+    n_out = n // 2 if silu else n
+    rows, table = [], []
+    for m in buckets:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        want = F.linear(x.float(), weights[0].float())
+        if silu:
+            gate, up = want.chunk(2, dim=-1)
+            want = F.silu(gate) * up
+
+        def baseline(w):
+            y = F.linear(x, w)
+            return silu_mul_triton(y) if silu else y
+        per_layer = [weights[i % len(weights)] for i in range(layers)]
+        base_us = time_launches([lambda w=w: baseline(w) for w in per_layer])
+        results = []
+        for cfg in candidates(m):
+            if not cfg.fits(m, n_out, k):
+                continue
+            try:
+                got = linear_triton(x, weights[0], None, cfg, silu)
+                err = ((got.float() - want).norm() / want.norm()).item()
+                if not err < 1e-2:
+                    log(f"  {name} m={m} {cfg}: WRONG (relative error {err:.2e})")
+                    continue
+                us = time_launches([lambda w=w, c=cfg: linear_triton(x, w, None, c, silu) for w in per_layer])
+            except Exception as e:  # e.g. out of shared memory: the config is not a candidate here
+                log(f"  {name} m={m} {cfg}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            results.append((us, cfg))
+        results.sort(key=lambda r: r[0])
+        best_us, best = results[0] if results else (float("inf"), None)
+        win = best is not None and best_us < base_us * (1 - margin)
+        table.append([m, vars(best) if win else None])
+        rows.append({"shape": name, "n_out": n_out, "k": k, "m": m, "cublas_us": round(base_us, 2),
+                     "best_us": round(best_us, 2), "best": vars(best) if best else None,
+                     "chosen": "triton" if win else "cublas",
+                     "top": [[round(us, 2), vars(c)] for us, c in results[:5]]})
+        log(f"| {name} | {m} | {base_us:.1f} | {best_us:.1f} | {base_us / best_us:.2f}x | {best} |")
+    return rows, table_key(n_out, k, silu), table
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3-0.6b", help="a preset of nanovllm.tools.synthesize")
+    p.add_argument("--buckets", default=",".join(str(max(2, b)) for b in DEFAULT_GRAPH_BATCH_SIZES))
+    p.add_argument("--shapes", default="gate_up,down,qkv,o,lm_head")
+    p.add_argument("--margin", type=float, default=0.03, help="required speed-up over cuBLAS (fraction)")
+    p.add_argument("--table", default=str(TABLE_PATH), help="dispatch table to merge the winners into")
+    args = p.parse_args()
+    from nanovllm.tools.synthesize import PRESETS
+    shapes = model_shapes(PRESETS[args.preset]["fields"])
+    buckets = sorted({int(b) for b in args.buckets.split(",")})
+    dtype = torch.bfloat16
+    arch = "{}.{}".format(*torch.cuda.get_device_capability())
+    print(f"{torch.cuda.get_device_name()} (sm {arch}), {args.preset}, buckets {buckets}")
+    print("| shape | m | cuBLAS us | Triton us | speed-up | best config |\n|---|---|---|---|---|---|", flush=True)
+    all_rows, tuned = [], {}
+    start = time.perf_counter()
+    for name in args.shapes.split(","):  # results are saved after every shape, so a cut-off run keeps them
+        n, k, layers, silu = shapes[name]
+        rows, key, table = sweep_shape(name, n, k, layers, silu, buckets, dtype, args.margin,
+                                       lambda s: print(s, flush=True))
+        all_rows += rows
+        tuned[key] = table
+        write_json("matmul_sweep.json", {"device": torch.cuda.get_device_name(), "arch": arch,
+                                         "preset": args.preset, "seconds": round(time.perf_counter() - start, 1),
+                                         "rows": all_rows})
+        merge_table(args.table, arch, {key: table})
+    print(f"table: {args.table} ({len(tuned)} shapes for sm {arch}), sweep {time.perf_counter() - start:.0f}s")
+
+
+def merge_table(path: str, arch: str, tuned: dict) -> None:
+    existing = json.loads(open(path).read()) if os.path.exists(path) else {}
+    existing.setdefault("arch", {}).setdefault(arch, {}).update(tuned)
+    existing["note"] = "written by benchmarks/matmul_sweep.py; see nanovllm/kernels/matmul_configs.py"
+    with open(path, "w") as f:
+        json.dump(existing, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()
