@@ -22,7 +22,8 @@ from nanovllm import LLM, SamplingParams  # noqa: E402
 
 CATEGORIES = (("attention", ("_decode", "_prefill", "streamk")),  # our Triton kernels (nanovllm/kernels)
               ("store_kv", ("_store_kv",)),
-              ("matmul", ("nvjet", "gemm", "cutlass", "sm90_", "cublas", "splitK")))
+              ("sampler", ("_gumbel_argmax",)),
+              ("matmul", ("_linear_kernel", "nvjet", "gemm", "cutlass", "sm90_", "cublas", "splitK")))
 
 
 def category(name: str) -> str:
