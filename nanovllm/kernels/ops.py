@@ -4,7 +4,8 @@ Every op dispatches on the device of its inputs: CUDA tensors go to the Triton k
 ``triton_attention.py``, anything else to the pure-PyTorch twins in ``reference.py``.
 ``NANOVLLM_ATTENTION=reference`` forces the twins everywhere (a debugging aid).
 Projections (``linear``) take the Triton skinny-matmul kernel on tuned decode shapes, cuBLAS otherwise.
-Models call the thin wrappers (``store_kv``, ``paged_attention``, ``linear``).
+``rope_store_kv`` fuses the q/k norm, rope and KV store that sit between the qkv projection and attention.
+Models call the thin wrappers (``rope_store_kv``, ``store_kv``, ``paged_attention``, ``linear``).
 """
 import os
 from typing import Optional
@@ -60,12 +61,30 @@ def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
     return torch.empty_like(q)
 
 
-def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    torch.ops.nanovllm.store_kv(key, value, k_cache, v_cache, slot_mapping)
+@torch.library.custom_op("nanovllm::rope_store_kv", mutates_args=("k_cache", "v_cache"))
+def _rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                   q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor], eps: float,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                   num_kv_heads: int) -> torch.Tensor:
+    """Packed qkv -> q [T, Hq, D], with k and v stored: per-head q/k RMSNorm (weights given), rope, KV store.
+
+    bf16/fp16 CUDA tensors take one fused Triton kernel.  float32 (where results must stay those of
+    transformers bit for bit) and other devices run the model's own torch code (``reference.py``), then the
+    store op's kernel."""
+    if _use_triton(qkv) and qkv.dtype != torch.float32:
+        from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
+        return rope_store_kv_triton(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                                    k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+    q, k, v = reference.norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                                            num_heads, num_kv_heads, k_cache.shape[3])
+    _store_kv(k, v, k_cache, v_cache, slot_mapping)  # the Triton store on CUDA: no host sync, graph-capturable
+    return q
 
 
-def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
-    return torch.ops.nanovllm.paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+@_rope_store_kv.register_fake
+def _(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
+      num_heads, num_kv_heads):
+    return qkv.new_empty(qkv.shape[0], num_heads, k_cache.shape[3])
 
 
 @torch.library.custom_op("nanovllm::linear", mutates_args=())
@@ -94,6 +113,20 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 def _(x, weight, bias, silu_mul):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty(x.shape[0], n)
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    torch.ops.nanovllm.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps: float, k_cache, v_cache,
+                  slot_mapping, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    return torch.ops.nanovllm.rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                                            k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+
+
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
+    return torch.ops.nanovllm.paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
 def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:

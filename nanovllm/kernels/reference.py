@@ -76,3 +76,30 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         pos = torch.arange(length - (hi - lo), length, device=q.device)
         out[lo:hi] = _attend(q[lo:hi], k, v, pos, scale)
     return out
+
+
+def norm_rope_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                        q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+                        num_heads: int, num_kv_heads: int, head_dim: int):
+    """Split packed ``qkv`` [T, (Hq + 2 Hkv) D] into q, k, v; RMSNorm q and k per head (when weights are given)
+    and rotate them.  The model's own norm and rope code, unfused; no host sync, so it may be graph-captured."""
+    from nanovllm.layers.norm import rms_norm
+    from nanovllm.layers.rotary import apply_rotary
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(-1, num_heads, head_dim)
+    k = k.reshape(-1, num_kv_heads, head_dim)
+    v = v.reshape(-1, num_kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
+    q, k = apply_rotary(positions, q, k, cos_cache, sin_cache)
+    return q, k, v
+
+
+def rope_store_kv_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps: float,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                            num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """``norm_rope_reference``, then k and v stored in the cache; returns q [T, Hq, D]."""
+    q, k, v = norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                                  num_heads, num_kv_heads, k_cache.shape[3])
+    store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    return q

@@ -40,9 +40,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, Hq, D], k [T, Hkv, D] rotated by their positions [T]."""
-        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]
-        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return apply_rotary(positions, q, k, self.cos_cache, self.sin_cache)
+
+
+def apply_rotary(positions, q, k, cos_cache, sin_cache):
+    """q [T, Hq, D], k [T, Hkv, D] rotated by the float32 cos/sin rows of their positions (rounded to q's dtype)."""
+    cos = cos_cache[positions].to(q.dtype)[:, None, :]
+    sin = sin_cache[positions].to(q.dtype)[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

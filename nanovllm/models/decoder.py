@@ -7,10 +7,12 @@ is one matmul; the loader slices the HF tensors into them.  Every projection goe
 matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
 traced unchanged by the graph compiler.
 
-Compile time: each layer is two nested compile regions (``torch.compiler.nested_compile_region``) around the
-KV store and attention, so the compiler lowers the layer's code once and reuses it for every layer instead of
-lowering ``num_layers`` copies.  The store and attention ops stay outside the regions because a region may not
-mutate its inputs (``store_kv`` writes the cache).  In eager mode the regions are plain calls.
+A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``),
+attention, then everything after attention as one nested compile region (``torch.compiler.nested_compile_region``),
+so the compiler lowers that code once and reuses it for every layer instead of lowering ``num_layers`` copies.
+The ops before attention stay outside the region because a region may not mutate its inputs (the store writes
+the cache).  The region ends with the next layer's input norm (or the final norm), so the residual add and that
+norm fuse into one kernel.  In eager mode the region is a plain call.
 """
 from dataclasses import dataclass
 
@@ -75,24 +77,19 @@ class Attention(nn.Module):
         self.scale = a.head_dim ** -0.5
         self.qkv_proj = nn.Linear(a.hidden_size, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, a.hidden_size, bias=a.o_bias)
+        self.eps = a.rms_norm_eps
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
 
-    def project(self, x, positions):
-        """q [T, Hq, D], k and v [T, Hkv, D], normed (Qwen3) and rotated."""
-        q, k, v = _project(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return (*self.rotary(positions, q, k), v)
-
-    def attend(self, q, k, v, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor]):
-        """Store this step's k/v in the paged cache, then attend over it: [T, Hq * D]."""
+    def attend(self, h, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor]):
+        """Project ``h``, norm (Qwen3) and rotate q and k, store k and v in the paged cache, then attend over it:
+        [T, Hq * D].  Everything between the qkv matmul and attention is one fused op (``ops.rope_store_kv``)."""
         k_cache, v_cache = kv
-        ops.store_kv(k, v, k_cache, v_cache, inputs.slot_mapping)
+        q = ops.rope_store_kv(_project(self.qkv_proj, h), inputs.positions, self.rotary.cos_cache,
+                              self.rotary.sin_cache, self.q_norm.weight if self.q_norm is not None else None,
+                              self.k_norm.weight if self.k_norm is not None else None, self.eps, k_cache, v_cache,
+                              inputs.slot_mapping, self.num_heads, self.num_kv_heads)
         o = ops.paged_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens, inputs.block_tables,
                                 self.scale)
         return o.reshape(-1, self.q_size)
@@ -117,9 +114,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, inputs, kv):
-        q, k, v = _before_attention(self, x, inputs.positions)
-        return _after_attention(self, x, self.self_attn.attend(q, k, v, inputs, kv))
+    def forward(self, x, h, inputs, kv, next_norm: RMSNorm):
+        """x: the residual stream; h: x through this layer's input norm.  Returns the new x, and it through
+        ``next_norm`` (the next layer's input norm, or the final norm), so that norm fuses into this layer."""
+        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv))
 
 
 def _compile_once(fn):
@@ -129,14 +127,10 @@ def _compile_once(fn):
 
 
 @_compile_once
-def _before_attention(layer: DecoderLayer, x, positions):
-    return layer.self_attn.project(layer.input_layernorm(x), positions)
-
-
-@_compile_once
-def _after_attention(layer: DecoderLayer, x, o):
+def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o):
     x = x + _project(layer.self_attn.o_proj, o)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x, next_norm(x)
 
 
 class DecoderBody(nn.Module):
@@ -166,8 +160,10 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list) -> torch.Tensor:
         """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence) of tokens ``input_ids``."""
+        layers = self.model.layers
         x = self.model.embed_tokens(input_ids)
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, inputs, kv)
-        x = self.model.norm(x[inputs.logits_indices])
-        return _project(self.lm_head, x)
+        h = layers[0].input_layernorm(x)
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
+        for layer, kv, next_norm in zip(layers, kv_caches, next_norms):
+            x, h = layer(x, h, inputs, kv, next_norm)
+        return _project(self.lm_head, h[inputs.logits_indices])  # the norm is per row: select after it
