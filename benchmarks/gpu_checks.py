@@ -6,6 +6,7 @@ casts truncate where a GPU rounds to nearest).
 * ``rope_store``: the fused q/k-norm + rope + KV-store kernel against the model's torch code, bf16, Qwen3-0.6B
   heads, with and without the q/k norm: the share of q and cache elements that differ and the largest
   difference (rope alone must be exact; the norm's float32 sum may flip a few elements by one bf16 ulp).
+  Measured on an H100: exact without the norm; 5-9 elements in a million differ with it (at most 0.0156).
 * ``matmul``: every configuration in the dispatch table against ``F.linear`` (relative error).
 """
 import os
@@ -44,10 +45,9 @@ def rope_store_rows(tokens: int, qk_norm: bool) -> dict:
     differ = sum((a != b).sum().item() for a, b in pairs)
     total = sum(a.numel() for a, _ in pairs)
     max_diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
-    # rope alone must be exact; the norm's float32 sum may round a few elements one bf16 ulp the other way
-    beyond_ulp = sum(((a.float() - b.float()).abs() > b.float().abs() * 2 ** -7 + 1e-6).sum().item()
-                     for a, b in pairs)
-    ok = beyond_ulp == 0 and (differ / total < 1e-2 if qk_norm else differ == 0)
+    # rope alone must be exact; the norm's float32 sum (another order) may round an element of q or k one bf16
+    # ulp the other way, which rope then carries into both halves of that head: a few in a million elements
+    ok = differ / total < 1e-4 if qk_norm else differ == 0
     return {"check": f"rope_store T={tokens} qk_norm={qk_norm}", "differing": differ / total, "max_abs": max_diff,
             "ok": ok}
 
