@@ -87,7 +87,9 @@ def _mul(x, y, PTX: tl.constexpr):
         return x * y
 
 
-@triton.jit
+# The split counts follow the batch size, which changes with every prefill batch: without do_not_specialize
+# Triton would JIT-compile a variant (on whether each is 1 or a multiple of 16) inside generate.
+@triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
 def _gumbel_argmax_split_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_idx_ptr,
                                 stride_row, V, tiles_per_split, num_splits, BLOCK: tl.constexpr, PTX: tl.constexpr):
     row = tl.program_id(0)
@@ -124,7 +126,7 @@ def _gumbel_argmax_split_kernel(logits_ptr, temperature_ptr, seeds_ptr, position
     tl.store(best_idx_ptr + row * num_splits + split, top_idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _gumbel_argmax_pick_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_splits, SPLITS: tl.constexpr):
     row = tl.program_id(0)
     s = tl.arange(0, SPLITS)
