@@ -150,6 +150,7 @@ def describe(llm: LLM) -> dict:
             "max_num_seqs": llm.config.max_num_seqs, "graph_batch_sizes": list(llm.config.graph_batch_sizes),
             "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size,
             "decode_attention": decode_attention_variant(r.device),
+            "matmul": os.environ.get("NANOVLLM_MATMUL", "auto") if r.device.type == "cuda" else "torch",
             "init_seconds": round(llm.init_seconds, 2), **compile_cache_state(r.executor)}
 
 

@@ -138,7 +138,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         """One separate tensor per layer for K and one for V.
 
-        They must not be views of one shared buffer: the compiled step mutates them through ``store_kv``, and
+        They must not be views of one shared buffer: the compiled step mutates them through the KV store, and
         Inductor can update a mutated graph input in place only when it is not a view of a larger base;
         otherwise it clones the whole base and copies it back on every step.
         """

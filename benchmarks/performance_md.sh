@@ -3,7 +3,7 @@
 # (3 runs, cold compile first), parity with transformers, the per-kernel profile, then the eager bench.
 # Logs and JSON to $OUT.
 #
-#     bash benchmarks/session_h100.sh       # on the GPU machine, from the repository root
+#     bash benchmarks/performance_md.sh       # on the GPU machine, from the repository root
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NANOVLLM_CACHE_DIR="${NANOVLLM_CACHE_DIR:-/tmp/nanovllm-bench-cache}"
