@@ -16,6 +16,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.compile.executor import EagerExecutor
 from nanovllm.engine.sequence import Sequence
+from common import default_model, out_dir as results_dir  # noqa: E402  (benchmarks/common.py)
 
 
 def copy_bandwidth() -> float:
@@ -80,10 +81,8 @@ def main():
     p.add_argument("--buckets", default=None, help="buckets to time (default: all compiled ones)")
     args = p.parse_args()
     if args.model is None:
-        from nanovllm.tools.synthesize import cached_synthetic
-        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
-    out_dir = os.environ.get("OUT", "results")
-    os.makedirs(out_dir, exist_ok=True)
+        args.model = default_model()
+    out_dir = results_dir()
     t = time.perf_counter()
     llm = LLM(args.model, max_model_len=4096)
     init_seconds = time.perf_counter() - t

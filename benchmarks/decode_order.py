@@ -12,6 +12,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import run_once  # noqa: E402
 from nanovllm import LLM  # noqa: E402
+from common import default_model, out_dir  # noqa: E402  (benchmarks/common.py)
 
 
 def running_order(scheduler):
@@ -33,8 +34,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     if args.model is None:
-        from nanovllm.tools.synthesize import cached_synthetic
-        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+        args.model = default_model()
     llm = LLM(args.model, max_num_seqs=256, max_model_len=4096)
     bench_args = types.SimpleNamespace(num_seqs=256, max_input_len=1024, max_output_len=1024)
     rows = []
@@ -48,8 +48,7 @@ def main():
                                                              "decode_vs_floor", "decode_by_batch")}})
             print(f"| {order} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} | {r['decode_step_ms']:.3f} | "
                   f"{r['decode_vs_floor']} |", flush=True)
-    out = os.environ.get("OUT", "results")
-    os.makedirs(out, exist_ok=True)
+    out = out_dir()
     with open(os.path.join(out, "decode_order.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -17,14 +17,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from conftest import build_checkpoint  # noqa: E402
 from nanovllm.tools import oracle  # noqa: E402
+from common import default_model, out_dir as results_dir  # noqa: E402  (benchmarks/common.py)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench-only", action="store_true")
     args = p.parse_args()
-    out_dir = os.environ.get("OUT", "results")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = results_dir()
     rows = []
     tmp = tempfile.mkdtemp()
     for arch in () if args.bench_only else ("qwen3", "qwen2", "llama", "llama3"):
@@ -36,8 +36,7 @@ def main():
                                max_model_len=512, max_num_seqs=8, num_kvcache_blocks=256)
                 rows.append({"model": arch, "dtype": dtype, "mode": "eager" if eager else "graph", "verdicts": v})
     from bench import workload
-    from nanovllm.tools.synthesize import cached_synthetic
-    model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+    model = default_model()
     prompts = workload(8, 1024, 1024)[0]
     settings = dict(max_num_seqs=256, max_model_len=4096) if args.bench_only else \
         dict(max_num_seqs=8, max_model_len=2048, num_kvcache_blocks=64)

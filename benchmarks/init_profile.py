@@ -12,6 +12,7 @@ import json
 import os
 import pstats
 import time
+from common import default_model, out_dir as results_dir  # noqa: E402  (benchmarks/common.py)
 
 
 def main():
@@ -23,15 +24,13 @@ def main():
     p.add_argument("--only", help="also print cumulative time of functions whose path matches this regex")
     p.add_argument("--callers", help="also print who calls functions matching this regex")
     args = p.parse_args()
-    out_dir = os.environ.get("OUT", "results")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = results_dir()
     t = time.perf_counter()
     import torch  # noqa: F401  (import time is part of a user's start-up, reported separately)
     from nanovllm import LLM
     imports = time.perf_counter() - t
     if args.model is None:
-        from nanovllm.tools.synthesize import cached_synthetic
-        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+        args.model = default_model()
     profiler = None if args.no_cprofile else cProfile.Profile()
     t = time.perf_counter()
     if profiler:

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench import workload  # noqa: E402
+from common import default_model  # noqa: E402  (benchmarks/common.py)
 
 
 def run_transformers(model_dir: str, prompts, params, attn: str, device: str) -> dict:
@@ -66,8 +67,7 @@ def main():
     p.add_argument("--nanovllm", action="store_true", help="also run nanovllm and print the ratio")
     args = p.parse_args()
     if args.model is None:
-        from nanovllm.tools.synthesize import cached_synthetic
-        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+        args.model = default_model()
     prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
     results = [run_transformers(args.model, prompts, params, args.attn, args.device)]
     if args.nanovllm:

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import copy_bandwidth, workload  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
+from common import default_model, out_dir  # noqa: E402  (benchmarks/common.py)
 
 CATEGORIES = (("attention", ("_decode", "_prefill", "streamk")),  # our Triton kernels (nanovllm/kernels)
               ("store_kv", ("_store_kv",)),
@@ -81,8 +82,7 @@ def main():
     p.add_argument("--bs", type=int, default=256)
     args = p.parse_args()
     if args.model is None:
-        from nanovllm.tools.synthesize import cached_synthetic
-        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+        args.model = default_model()
     llm = LLM(args.model, max_num_seqs=args.bs, max_model_len=4096)
     runner = llm.engine.runner
     bandwidth = copy_bandwidth(runner.device)
@@ -127,8 +127,7 @@ def main():
         print(f"\ntop kernels at batch {w['batch'][1]} (ms/step, calls/step):")
         for name, t, calls in w["top_kernels"]:
             print(f"  {t:8.3f} {calls:4d}  {name}")
-    out = os.environ.get("OUT", "results")
-    os.makedirs(out, exist_ok=True)
+    out = out_dir()
     with open(os.path.join(out, "profile_run.json"), "w") as f:
         json.dump(windows, f, indent=1)
 
