@@ -22,3 +22,36 @@ def default_model() -> str:
     """bench.py's default: a random-weight bf16 Qwen3-0.6B, synthesized once and cached."""
     from nanovllm.tools.synthesize import cached_synthetic
     return str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+
+
+def graph_us(calls, replays: int = 20) -> float:
+    """Microseconds per call of ``calls`` (a list of thunks), captured in one CUDA graph and replayed.
+
+    Each thunk runs once eagerly first, so compiles and allocations happen outside the capture."""
+    import torch
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / replays / len(calls)
+
+
+def linear_reference(x, weight, silu_mul: bool):
+    """What ``ops.linear`` (without bias) computes, in float32: the oracle of the matmul kernels."""
+    import torch.nn.functional as F
+    want = F.linear(x.float(), weight.float())
+    if silu_mul:
+        gate, up = want.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+    return want

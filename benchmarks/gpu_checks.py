@@ -13,10 +13,9 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import linear_reference, write_json  # noqa: E402
 from nanovllm.kernels import matmul_configs  # noqa: E402
 from nanovllm.kernels.reference import rope_store_kv_reference  # noqa: E402
 from nanovllm.kernels.triton_matmul import linear_triton  # noqa: E402
@@ -63,10 +62,7 @@ def matmul_rows() -> list[dict]:
             if cfg is None:
                 continue
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            want = F.linear(x.float(), w.float())
-            if silu:
-                gate, up = want.chunk(2, dim=-1)
-                want = F.silu(gate) * up
+            want = linear_reference(x, w, bool(silu))
             err = ((linear_triton(x, w, None, cfg, bool(silu)).float() - want).norm() / want.norm()).item()
             rows.append({"check": f"matmul {key} m={m}", "rel_err": err, "ok": err < 1e-2})
     return rows

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import graph_us, linear_reference, write_json  # noqa: E402
 from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES  # noqa: E402
 from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, table_key  # noqa: E402
 from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton  # noqa: E402
@@ -59,26 +59,6 @@ def candidates(m: int) -> list[MatmulConfig]:
     return out
 
 
-def time_launches(calls, replays: int = 20) -> float:
-    """Microseconds per call of ``calls`` (a list of thunks), captured in one CUDA graph and replayed."""
-    for c in calls:  # compile and allocate outside the capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / replays / len(calls)
-
-
 def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log):
     copies = layers if n * k < 1 << 26 else 1  # the LM head is larger than L2 on its own
     weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for _ in range(copies)]
@@ -86,16 +66,13 @@ def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log):
     rows, table = [], []
     for m in buckets:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        want = F.linear(x.float(), weights[0].float())
-        if silu:
-            gate, up = want.chunk(2, dim=-1)
-            want = F.silu(gate) * up
+        want = linear_reference(x, weights[0], silu)
 
         def baseline(w):
             y = F.linear(x, w)
             return silu_mul_triton(y) if silu else y
         per_layer = [weights[i % len(weights)] for i in range(layers)]
-        base_us = time_launches([lambda w=w: baseline(w) for w in per_layer])
+        base_us = graph_us([lambda w=w: baseline(w) for w in per_layer])
         results = []
         for cfg in candidates(m):
             if not cfg.fits(m, n_out, k):
@@ -106,7 +83,7 @@ def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log):
                 if not err < 1e-2:
                     log(f"  {name} m={m} {cfg}: WRONG (relative error {err:.2e})")
                     continue
-                us = time_launches([lambda w=w, c=cfg: linear_triton(x, w, None, c, silu) for w in per_layer])
+                us = graph_us([lambda w=w, c=cfg: linear_triton(x, w, None, c, silu) for w in per_layer])
             except Exception as e:  # e.g. out of shared memory: the config is not a candidate here
                 log(f"  {name} m={m} {cfg}: {type(e).__name__}: {str(e)[:80]}")
                 continue

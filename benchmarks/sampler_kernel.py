@@ -12,26 +12,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import graph_us, write_json  # noqa: E402
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton  # noqa: E402
 from nanovllm.layers.sampler import gumbel_argmax_reference  # noqa: E402
-
-
-def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / replays / calls
 
 
 def main():
@@ -46,8 +29,8 @@ def main():
         positions = torch.randint(0, 4096, (batch,), device="cuda", generator=g)
         args = (logits, temperature, seeds, positions)
         differ = (gumbel_argmax_triton(*args) != gumbel_argmax_reference(*args)).sum().item()
-        kernel_us = graph_us(lambda: gumbel_argmax_triton(*args))
-        ref_us = graph_us(lambda: compiled(*args))
+        kernel_us = graph_us([lambda: gumbel_argmax_triton(*args)] * 20, replays=10)
+        ref_us = graph_us([lambda: compiled(*args)] * 20, replays=10)
         rows.append({"batch": batch, "rows_differing": differ, "kernel_us": round(kernel_us, 1),
                      "compiled_reference_us": round(ref_us, 1)})
         print(f"| {batch} | {differ} | {kernel_us:.1f} | {ref_us:.1f} |", flush=True)
