@@ -209,6 +209,8 @@ def main():
     p.add_argument("--compare-padding", action="store_true",
                    help="eager mode with decode batches padded to buckets vs not padded")
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.model is None:
         from nanovllm.tools.synthesize import cached_synthetic
         args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
