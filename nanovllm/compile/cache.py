@@ -13,10 +13,10 @@ An entry is ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` holding
 
 The key hashes everything that changes the generated code: model config, dtype, buckets,
 static shapes (block size, model length, sequences, KV blocks allocated), tensor-parallel size and rank,
-platform and device architecture, torch/triton/nanovllm versions and the contents of every traced source
-file.  Inductor works in the entry's own directory, never the shared default one: PyTorch's FX-graph cache once
-served us a graph compiled for an older KV-cache layout, and a per-key directory under a key that includes the
-source hash cannot hold such a graph.
+platform and device architecture, torch/triton/nanovllm versions, whether Inductor emits programmatic dependent
+launch, and the contents of every traced source file.  Inductor works in the entry's own directory, never the
+shared default one: PyTorch's FX-graph cache once served us a graph compiled for an older KV-cache layout, and a
+per-key directory under a key that includes the source hash cannot hold such a graph.
 
 Safety: an ``fcntl`` lock serialises the processes starting on one key (a second waits, then loads what the
 first saved); files are written to temporaries and renamed into place; an entry whose checksums do not match is
@@ -84,8 +84,14 @@ def key_fields(runner) -> dict:
         "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs, "num_kv_blocks": runner.num_blocks,
         "tensor_parallel_size": cfg.tensor_parallel_size, "rank": 0, "platform": runner.platform.name,
         "device_arch": _device_arch(runner.device), "torch": torch.__version__, "triton": triton_version,
-        "nanovllm": nanovllm.__version__, "source_sha256": source_hash(),
+        "nanovllm": nanovllm.__version__, "source_sha256": source_hash(), "inductor_pdl": _inductor_pdl(),
     }
+
+
+def _inductor_pdl() -> bool:
+    """Whether Inductor emits programmatic-dependent-launch code (``nanovllm/kernels/pdl.py``)."""
+    from torch._inductor import config
+    return bool(getattr(config.triton, "enable_pdl", False))
 
 
 def key_of(fields: dict) -> str:

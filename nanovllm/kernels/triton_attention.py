@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets
 from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its own modules; re-exported here)
     _decode_config, decode_attention_configured, decode_attention_triton, decode_num_splits)
@@ -28,7 +29,8 @@ from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct,
                      NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -56,7 +58,7 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tenso
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, HEADS_P2=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[2], num_warps=4)
+        BLOCK_SIZE=k_cache.shape[2], num_warps=4, **pdl_launch(key.device))
 
 
 # --------------------------------------------------------------------------------------------- prefill
@@ -68,7 +70,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
                     qk_scale, num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_btb,
                     stride_cb, stride_ch, stride_ct,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    PDL: tl.constexpr):
+    pdl_begin(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
     # Sequence b owns tiles [cu[b] // BLOCK_M + b, ...): find the last b whose first tile is <= ours.
@@ -146,7 +150,8 @@ def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch(q.device))
     return out
 
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets, _num_sms
 
 
@@ -61,7 +62,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_cb, stride_ch, stride_ct,
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
-                   CHUNK_TILES: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   CHUNK_TILES: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl_begin(PDL)
     kv_head = tl.program_id(0)  # fastest-varying, so programs start in row order (rows come longest first)
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -116,7 +119,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
 @triton.jit
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, out_ptr, num_splits, stride_ob, stride_oh,
                           NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr,
-                          CHUNK_TOKENS: tl.constexpr):
+                          CHUNK_TOKENS: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_P)
@@ -189,12 +193,13 @@ def _launch_split(q, k_cache, v_cache, block_tables, context_lens, scale, out, v
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1, CHUNK_TILES=chunk_tiles,
-        REVERSE=var.reverse, DOT_PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages)
+        REVERSE=var.reverse, DOT_PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch(q.device))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
             part_out, part_lse, context_lens, out, num_splits, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits),
-            CHUNK_TOKENS=chunk_tiles * block_n, num_warps=4)
+            CHUNK_TOKENS=chunk_tiles * block_n, num_warps=4, **pdl_launch(q.device))
 
 
 def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, *, variant=None,

@@ -17,11 +17,14 @@ transposed), which lets the tensor-core instruction's long side run along N when
 
 Which configuration serves which shape is ``nanovllm/kernels/matmul_configs.py``; ``ops.linear`` dispatches.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm.kernels.matmul_configs import MatmulConfig
+from nanovllm.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch
 
 
 @triton.jit
@@ -57,11 +60,22 @@ def _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_st
         return acc
 
 
+@triton.jit
+def _prefetch_l2(w_ptr, offs_n, n_mask, k_start, k_steps, stride_wn, BLOCK_K: tl.constexpr):
+    """Ask L2 for this program's slab of weight rows, one request per 128 bytes (64 bf16/fp16 values)."""
+    rows = tl.where(n_mask, offs_n, 0).to(tl.int64)[:, None] * stride_wn
+    lines = tl.arange(0, BLOCK_K // 64) * 64
+    for s in range(k_steps):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [w_ptr + rows + (k_start + s * BLOCK_K + lines)[None, :]],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K, stride_xm, stride_wn,
                    stride_om, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr,
                    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -71,6 +85,11 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M,
     n_mask = offs_n < N_OUT
     k_steps = K // (SPLIT_K * BLOCK_K)
     k_start = pid_k * k_steps * BLOCK_K
+    if PREFETCH:  # no kernel writes the weights, so this may overlap the previous kernel (before pdl_begin)
+        _prefetch_l2(w_ptr, offs_n, n_mask, k_start, k_steps, stride_wn, BLOCK_K)
+        if SILU_MUL:
+            _prefetch_l2(w_ptr + N_OUT * stride_wn, offs_n, n_mask, k_start, k_steps, stride_wn, BLOCK_K)
+    pdl_begin(PDL)
     acc = _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn,
                            BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST)
     if SILU_MUL:  # the up half of the packed weight starts N_OUT rows further
@@ -113,7 +132,8 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M,
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, N_OUT, stride_in, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, N_OUT, stride_in, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N_OUT
@@ -129,8 +149,14 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if m:
         block = 1024
         _silu_mul_kernel[(m, triton.cdiv(two_i // 2, block))](gate_up, out, two_i // 2, gate_up.stride(0),
-                                                              out.stride(0), BLOCK=block)
+                                                              out.stride(0), BLOCK=block,
+                                                              **pdl_launch(gate_up.device))
     return out
+
+
+def _prefetch_weights(device: torch.device) -> bool:
+    """Prefetch weights into L2 ahead of ``pdl_begin``: only worth it when the launch overlaps the previous kernel."""
+    return pdl_enabled(device) and os.environ.get("NANOVLLM_MATMUL_PREFETCH", "1") != "0"
 
 
 _COUNTERS: dict = {}
@@ -174,5 +200,6 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                          SILU_MUL=silu_mul, SPLIT_K=cfg.split_k, SWAP=cfg.swap, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not x.is_cuda,
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         PREFETCH=_prefetch_weights(x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                         **pdl_launch(x.device))
     return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
+
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
@@ -53,7 +55,8 @@ def _rope_store_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_n
                        stride_cb, stride_ch, stride_ct,
                        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HQ_P2: tl.constexpr,
                        HKV_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       QK_NORM: tl.constexpr, DTYPE: tl.constexpr):
+                       QK_NORM: tl.constexpr, DTYPE: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HEAD_DIM)
@@ -103,5 +106,5 @@ def rope_store_kv_triton(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HQ_P2=triton.next_power_of_2(num_heads),
         HKV_P2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, QK_NORM=qk_norm,
-        DTYPE=_TL_DTYPES[qkv.dtype], num_warps=4)
+        DTYPE=_TL_DTYPES[qkv.dtype], num_warps=4, **pdl_launch(qkv.device))
     return q

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _num_sms
 
 # H100, bf16 logits, V = 151,936 (tuned over BLOCK 512-4096, 4/8 warps, 2-8 programs per SM): within a few
@@ -91,7 +92,9 @@ def _mul(x, y, PTX: tl.constexpr):
 # Triton would JIT-compile a variant (on whether each is 1 or a multiple of 16) inside generate.
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
 def _gumbel_argmax_split_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_idx_ptr,
-                                stride_row, V, tiles_per_split, num_splits, BLOCK: tl.constexpr, PTX: tl.constexpr):
+                                stride_row, V, tiles_per_split, num_splits, BLOCK: tl.constexpr, PTX: tl.constexpr,
+                                PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     start = split * tiles_per_split * BLOCK
@@ -127,7 +130,9 @@ def _gumbel_argmax_split_kernel(logits_ptr, temperature_ptr, seeds_ptr, position
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _gumbel_argmax_pick_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_splits, SPLITS: tl.constexpr):
+def _gumbel_argmax_pick_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_splits, SPLITS: tl.constexpr,
+                               PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, SPLITS)
     valid = s < num_splits
@@ -175,9 +180,11 @@ def gumbel_argmax_triton(logits: torch.Tensor, temperature: torch.Tensor, seeds:
     seeds, positions = seeds.long().contiguous(), positions.long().contiguous()
     _gumbel_argmax_split_kernel[(batch, num_splits)](
         logits, temperature, seeds, positions, best_val, best_idx, logits.stride(0), vocab, tiles_per_split,
-        num_splits, BLOCK=block, PTX=logits.is_cuda and torch.version.hip is None, num_warps=num_warps)
+        num_splits, BLOCK=block, PTX=logits.is_cuda and torch.version.hip is None, num_warps=num_warps,
+        **pdl_launch(logits.device))
     _gumbel_argmax_pick_kernel[(batch,)](best_val, best_idx, out, num_splits,
-                                         SPLITS=triton.next_power_of_2(num_splits), num_warps=1)
+                                         SPLITS=triton.next_power_of_2(num_splits), num_warps=1,
+                                         **pdl_launch(logits.device))
     return out
 
 

@@ -3,6 +3,7 @@ from contextlib import contextmanager
 
 import torch
 
+from nanovllm.kernels.pdl import configure_inductor
 from nanovllm.platforms.base import Platform, _DTYPES
 
 
@@ -15,6 +16,7 @@ class CudaPlatform(Platform):
             device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(device)
         torch.cuda.set_device(device)
+        configure_inductor(device)  # Inductor's kernels take part in programmatic dependent launch (Hopper+)
 
     def auto_dtype(self, checkpoint_dtype):
         return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)

@@ -1,0 +1,67 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels of a step, on Hopper (sm_90) and newer.
+
+Without PDL, the next kernel on a stream is launched only after the previous one has finished and its writes
+have been flushed.  Each decode step runs about 260 kernels, most of them a few microseconds long, so the gap
+and ramp-up between kernels add up.  With PDL, a kernel is launched as soon as every program of the previous
+kernel has called ``gdc_launch_dependents`` (or exited).  Its programs become resident early and then block in
+``gdc_wait`` until the previous kernel has completed and its writes are visible.  What overlaps is the launch
+and scheduling latency, plus any work a program does before its wait.  The skinny matmul does work there: it
+prefetches its weights, which no kernel writes, into L2 (see ``triton_matmul.py``).
+
+Every kernel launched with ``launch_pdl`` must call ``pdl_begin`` (this module) before it reads or writes
+anything another kernel touches, and before any early exit.  Then a kernel cannot complete before the kernel
+ahead of it has.  That keeps ordering transitive: a kernel that waits on its predecessor has also waited on
+everything before that.  Kernels launched without PDL (cuBLAS, copies) keep the stream's usual full ordering.
+
+Inductor's own kernels follow the same protocol when ``torch._inductor.config.triton.enable_pdl`` is set.
+``configure_inductor`` sets it with this switch, unless ``TORCHINDUCTOR_ENABLE_PDL`` is set explicitly.
+
+``NANOVLLM_PDL=0`` turns PDL off.  It is always off under ``TRITON_INTERPRET=1``, off CUDA, and before sm_90.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are launched with PDL."""
+    if device.type != "cuda" or os.environ.get("NANOVLLM_PDL", "1") == "0":
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: the kernel's ``PDL`` constexpr, plus Triton's ``launch_pdl`` when on."""
+    if pdl_enabled(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+def configure_inductor(device: torch.device) -> bool:
+    """Make Inductor's generated kernels follow PDL too (where this torch supports it); returns whether it does."""
+    from torch._inductor import config
+    if not hasattr(config.triton, "enable_pdl"):
+        return False
+    if "TORCHINDUCTOR_ENABLE_PDL" not in os.environ:
+        config.triton.enable_pdl = pdl_enabled(device)
+    return bool(config.triton.enable_pdl)
+
+
+@triton.jit
+def pdl_begin(PDL: tl.constexpr):
+    """Wait until the previous kernel has completed and its writes are visible, then let the next kernel launch.
+
+    Call it in every program, before any access to data another kernel touches and before any early return."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -1,0 +1,77 @@
+"""Programmatic dependent launch (nanovllm/kernels/pdl.py): when it is on, and the protocol every kernel follows."""
+import ast
+import inspect
+
+import pytest
+import torch
+
+from nanovllm.kernels import pdl, triton_attention, triton_decode, triton_matmul, triton_rope_store, triton_sampler
+
+KERNEL_MODULES = (triton_attention, triton_decode, triton_matmul, triton_rope_store, triton_sampler)
+
+
+def test_off_without_cuda_or_when_disabled(monkeypatch):
+    assert not pdl.pdl_enabled(torch.device("cpu"))
+    assert pdl.pdl_launch(torch.device("cpu")) == {"PDL": False}  # no launch_pdl: the interpreter never sees it
+    monkeypatch.setenv("NANOVLLM_PDL", "0")
+    assert not pdl.pdl_enabled(torch.device("cuda", 0))  # decided before any CUDA query
+    monkeypatch.setenv("NANOVLLM_PDL", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.pdl_enabled(torch.device("cuda", 0))
+
+
+def test_inductor_follows_the_switch(monkeypatch):
+    from torch._inductor import config
+    if not hasattr(config.triton, "enable_pdl"):
+        pytest.skip("this torch's Inductor has no PDL code generation")
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    monkeypatch.setattr(config.triton, "enable_pdl", True)
+    assert pdl.configure_inductor(torch.device("cpu")) is False
+    assert config.triton.enable_pdl is False
+    monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "1")  # an explicit setting wins
+    monkeypatch.setattr(config.triton, "enable_pdl", True)
+    assert pdl.configure_inductor(torch.device("cpu")) is True
+
+
+def _pdl_kernels():
+    for module in KERNEL_MODULES:
+        tree = ast.parse(inspect.getsource(module))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and "PDL" in [a.arg for a in node.args.args]:
+                yield f"{module.__name__}.{node.name}", node
+
+
+def _is_pdl_begin(stmt) -> bool:
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+            and getattr(stmt.value.func, "id", None) == "pdl_begin")
+
+
+def test_every_pdl_kernel_waits_before_it_can_return():
+    kernels = dict(_pdl_kernels())
+    assert {"_decode_kernel", "_linear_kernel", "_rope_store_kernel", "_prefill_kernel"} <= {
+        name.rsplit(".", 1)[1] for name in kernels}
+    for name, fn in kernels.items():
+        body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) \
+            else fn.body  # skip a docstring
+        first = next((i for i, stmt in enumerate(body) if _is_pdl_begin(stmt)), None)
+        assert first is not None, f"{name} takes PDL but never calls pdl_begin at its top level"
+        before = body[:first]
+        assert not any(isinstance(n, ast.Return) for stmt in before for n in ast.walk(stmt)), \
+            f"{name} may return before pdl_begin"
+        loads = [n for stmt in before for n in ast.walk(stmt)
+                 if isinstance(n, ast.Call) and getattr(n.func, "attr", None) in ("load", "store", "atomic_add")]
+        assert not loads, f"{name} reads or writes memory before pdl_begin"
+
+
+def test_every_pdl_launch_passes_the_switch():
+    """A kernel taking PDL is launched with ``**pdl_launch(...)``, so ``launch_pdl`` and the wait go together."""
+    for module in KERNEL_MODULES:
+        source = inspect.getsource(module)
+        for name, _ in _pdl_kernels():
+            kernel = name.rsplit(".", 1)[1]
+            if not name.startswith(module.__name__ + "."):
+                continue
+            launch = source.split(f"{kernel}[", 1)
+            assert len(launch) == 2, f"{kernel} is never launched"
+            call = launch[1].split(")\n", 1)[0]
+            assert "**pdl_launch(" in call, f"{kernel}'s launch does not pass **pdl_launch(...)"
