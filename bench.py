@@ -51,9 +51,11 @@ def run_once(llm: LLM, args) -> dict:
     engine.runner.decode_prepare_time = 0.0
     engine.step_log = []
     engine.block_manager.reset_prefix_cache()  # a repeated run must prefill in full, like the first
+    allocator = allocator_counts(engine.runner.device)
     t = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t
+    allocator = {k: v - allocator[k] for k, v in allocator_counts(engine.runner.device).items()}
     log, engine.step_log = engine.step_log, None
     tokens = sum(p.max_tokens for p in params)
     s = engine.stats
@@ -79,7 +81,19 @@ def run_once(llm: LLM, args) -> dict:
         "decode_floor_seconds": None if floor is None else round(floor, 3),
         "decode_vs_floor": None if floor is None else round(floor / max(s["decode_time"], 1e-9), 3),
         "decode_by_batch": decode_by_batch(log),
+        # wall ms charged to each prefill step, and what the caching allocator did during the run (device
+        # mallocs/frees and out-of-memory retries, each of which synchronises and frees the cache)
+        "prefill_step_ms": [round(1000 * t, 1) for kind, _, t in log if kind == "prefill"],
+        "allocator": allocator,
     }
+
+
+def allocator_counts(device) -> dict:
+    """Cumulative device allocations, frees and allocation retries of torch's caching allocator (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
 
 def decode_by_batch(log: list) -> dict:

@@ -3,7 +3,8 @@
     python benchmarks/profile_run.py [--model DIR] [--at 256,192,128,64,32,8] [--steps 10]
 
 Runs bench's workload once (after its warm-up) and, the first time the running batch drops to each size in
-``--at``, profiles ``--steps`` decode steps (synchronising before and after the window).  Per window it
+``--at``, profiles ``--steps`` decode steps (synchronising before and after the window); with ``--prefill``
+also all the prefill steps, as one window (printed as batch 0-0, floor 0).  Per window it
 prints the wall and GPU-busy milliseconds per step, the byte floor of those steps (weights + KV read at the
 measured copy bandwidth), GPU time by kernel category, and the top kernels.  Writes $OUT/profile_run.json.
 """
@@ -80,6 +81,7 @@ def main():
     p.add_argument("--at", default="256,192,128,64,32,8")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--bs", type=int, default=256)
+    p.add_argument("--prefill", action="store_true", help="also profile all the prefill steps as one window")
     args = p.parse_args()
     if args.model is None:
         args.model = default_model()
@@ -90,10 +92,24 @@ def main():
     kv_per_token = runner.kv_bytes_per_block() // runner.block_size
     targets = sorted((int(x) for x in args.at.split(",")), reverse=True)
     windows, state = [], {"prof": None, "left": 0, "t": 0.0, "floor": 0.0, "batch": []}
+    prefill = {"prof": None, "done": False}
     plain_launch = runner.launch
 
     def launch(batch):
         s = state
+        if args.prefill and batch.is_prefill and prefill["prof"] is None and not prefill["done"]:
+            torch.cuda.synchronize()  # one window over all the prefill steps
+            prefill.update(prof=profile(activities=[ProfilerActivity.CUDA]), t=time.perf_counter(), steps=0)
+            prefill["prof"].start()
+        if prefill["prof"] is not None and not batch.is_prefill:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - prefill["t"]
+            prefill["prof"].stop()
+            windows.append(dict(summarize(kernel_events(prefill["prof"]), wall, prefill["steps"], 0.0, [0]),
+                                kind="prefill"))
+            prefill.update(prof=None, done=True)
+        if batch.is_prefill and prefill["prof"] is not None:
+            prefill["steps"] += 1
         if not batch.is_prefill and s["prof"] is None and targets and len(batch.seqs) <= targets[0]:
             targets.pop(0)
             torch.cuda.synchronize()
@@ -124,7 +140,8 @@ def main():
         print(f"| {w['batch'][0]}-{w['batch'][1]} | {w['wall_ms']} | {w['gpu_busy_ms']} | {w['floor_ms']} | "
               f"{w['floor_ms'] / max(w['gpu_busy_ms'], 1e-9):.0%} | {w['kernels_per_step']} | {cats} |")
     for w in windows:
-        print(f"\ntop kernels at batch {w['batch'][1]} (ms/step, calls/step):")
+        where = "the prefill steps" if w.get("kind") == "prefill" else f"batch {w['batch'][1]}"
+        print(f"\ntop kernels at {where} (ms/step, calls/step):")
         for name, t, calls in w["top_kernels"]:
             print(f"  {t:8.3f} {calls:4d}  {name}")
     out = out_dir()
