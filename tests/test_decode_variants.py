@@ -126,3 +126,21 @@ def test_chunk_size_is_static_and_shrinks_for_small_batches():
     big = td.decode_chunk_tiles(256, 8, 64, dev)
     small = td.decode_chunk_tiles(1, 8, 64, dev)
     assert big == 8 and 1 <= small < big
+
+
+@pytest.mark.parametrize("variant", ["legacy", "chunk"])
+def test_tma_tiles_match_pointer_loads(variant, monkeypatch):
+    """The TMA path (whole tiles through tensor descriptors, used on Hopper in bf16/fp16) gives bit-identical
+    outputs to the pointer loads, with contexts ending inside, at and past tile edges and a padded row."""
+    ctx = [0, 1, 15, 16, 17, 47, 48, 100]
+    outs = {}
+    for tma in (False, True):
+        monkeypatch.setattr(td, "use_tma", lambda q, k_cache, block_n, _tma=tma: _tma)
+        outs[tma] = run(variant, ctx, dtype=BF16, block_size=16, block_n=16, seed=3)
+    assert torch.equal(outs[True], outs[False])
+
+
+def test_tma_only_where_it_can_run(monkeypatch):
+    q = torch.zeros(2, 4, 32, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 2, 16, 32, dtype=torch.bfloat16)
+    assert not td.use_tma(q, cache, 16)  # not CUDA

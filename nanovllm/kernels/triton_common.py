@@ -59,12 +59,18 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, offs, kv_valid, keep, m_i, l_i, ac
     if MASKED:
         k = tl.load(k_cache_ptr + offs, mask=kv_valid[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offs, mask=kv_valid[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale  # log2 units
-        s = tl.where(keep, s, float("-inf"))
     else:
         k = tl.load(k_cache_ptr + offs)
         v = tl.load(v_cache_ptr + offs)
-        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    return _softmax_step(q, k, v, keep, m_i, l_i, acc, qk_scale, MASKED, DOT_PRECISION)
+
+
+@triton.jit
+def _softmax_step(q, k, v, keep, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The online-softmax update of ``_attend_tile`` for K and V tiles already loaded."""
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale  # log2 units
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -76,5 +82,3 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, offs, kv_valid, keep, m_i, l_i, ac
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "K and V caches must match"
     assert k_cache.stride(3) == 1, "head_dim must be contiguous in the cache"
-
-

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
-from nanovllm.kernels.triton_common import _LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets, _num_sms
+from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets, _num_sms,
+                                            _softmax_step)
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,14 @@ def decode_variant() -> str:
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables_ptr, context_lens_ptr,
                    out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_cb, stride_ch, stride_ct,
-                   NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                   GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
                    CHUNK_TILES: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, TMA: tl.constexpr):
     pdl_begin(PDL)
     kv_head = tl.program_id(0)  # fastest-varying, so programs start in row order (rows come longest first)
     b = tl.program_id(1)
@@ -94,10 +96,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     head_off = kv_head.to(tl.int64) * stride_ch
     for start in range(lo, full_hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        offs = head_off + _kv_offsets(bt_row, start, n, n < full_hi, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
-        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], None, None,
-                                     m_i, l_i, acc, qk_scale, False, DOT_PRECISION)
+        if TMA:  # whole tiles as bulk copies: row (block, head, token) of the cache viewed as [rows, HEAD_DIM]
+            block = tl.load(bt_row + start // BLOCK_SIZE)
+            row = (block * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + start % BLOCK_SIZE
+            m_i, l_i, acc = _softmax_step(q, k_desc.load([row, 0]), v_desc.load([row, 0]), None, m_i, l_i, acc,
+                                          qk_scale, False, DOT_PRECISION)
+        else:
+            n = start + tl.arange(0, BLOCK_N)
+            offs = head_off + _kv_offsets(bt_row, start, n, n < full_hi, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
+            m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], None, None,
+                                         m_i, l_i, acc, qk_scale, False, DOT_PRECISION)
     for start in range(full_hi, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         valid = n < hi
@@ -169,6 +177,22 @@ def decode_chunk_tiles(batch: int, num_kv_heads: int, max_tiles: int, device: to
     return chunk
 
 
+def use_tma(q: torch.Tensor, k_cache: torch.Tensor, block_n: int) -> bool:
+    """Whether the split kernel loads whole KV tiles with the tensor memory accelerator (Hopper+, bf16/fp16, a
+    contiguous cache whose blocks hold whole tiles); ``NANOVLLM_DECODE_TMA=0`` turns it off."""
+    if not q.is_cuda or os.environ.get("NANOVLLM_DECODE_TMA", "1") == "0" or q.dtype == torch.float32:
+        return False
+    return (torch.cuda.get_device_capability(q.device)[0] >= 9 and k_cache.is_contiguous()
+            and k_cache.shape[2] % block_n == 0)
+
+
+def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
+    """Host-side TMA descriptors of both caches viewed as [blocks x heads x tokens, head_dim], [block_n, D] boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    head_dim = k_cache.shape[3]
+    return tuple(TensorDescriptor.from_tensor(c.view(-1, head_dim), [block_n, head_dim]) for c in (k_cache, v_cache))
+
+
 def _launch_split(q, k_cache, v_cache, block_tables, context_lens, scale, out, var, block_n, num_warps,
                   num_stages, num_splits, chunk_tiles):
     batch, num_q_heads, head_dim = q.shape
@@ -187,13 +211,15 @@ def _launch_split(q, k_cache, v_cache, block_tables, context_lens, scale, out, v
     else:
         part_out = part_lse = out  # unused
     group = num_q_heads // num_kv_heads
+    tma = use_tma(q, k_cache, block_n)
+    k_desc, v_desc = _kv_descriptors(k_cache, v_cache, block_n) if tma else (k_cache, v_cache)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * _LOG2E, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, out, part_out, part_lse, scale * _LOG2E,
+        num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1, CHUNK_TILES=chunk_tiles,
-        REVERSE=var.reverse, DOT_PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        REVERSE=var.reverse, DOT_PRECISION=_dot_precision(q), TMA=tma, num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(q.device))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
