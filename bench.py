@@ -10,6 +10,7 @@ The workload is nano-vllm's: ``random.seed(0)``; prompts ``[[randint(0, 10000) f
 Without ``--model`` a random-weight Qwen3-0.6B checkpoint is synthesized once and cached (no download).
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -52,9 +53,14 @@ def run_once(llm: LLM, args) -> dict:
     engine.step_log = []
     engine.block_manager.reset_prefix_cache()  # a repeated run must prefill in full, like the first
     allocator = allocator_counts(engine.runner.device)
+    collections = []  # (generation, seconds) of every garbage collection during the timed run
+    gc.callbacks.append(gc_timer(collections))
     t = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        seconds = time.perf_counter() - t
+        gc.callbacks.pop()
     allocator = {k: v - allocator[k] for k, v in allocator_counts(engine.runner.device).items()}
     log, engine.step_log = engine.step_log, None
     tokens = sum(p.max_tokens for p in params)
@@ -85,7 +91,21 @@ def run_once(llm: LLM, args) -> dict:
         # mallocs/frees and out-of-memory retries, each of which synchronises and frees the cache)
         "prefill_step_ms": [round(1000 * t, 1) for kind, _, t in log if kind == "prefill"],
         "allocator": allocator,
+        "gc": {"collections": len(collections), "ms": round(1000 * sum(d for _, d in collections), 1),
+               "full": sum(1 for g, _ in collections if g == 2)},
     }
+
+
+def gc_timer(out: list):
+    """A ``gc.callbacks`` hook appending (generation, seconds) of each collection to ``out``."""
+    start = [0.0]
+
+    def hook(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            out.append((info["generation"], time.perf_counter() - start[0]))
+    return hook
 
 
 def allocator_counts(device) -> dict:
