@@ -26,6 +26,7 @@ import triton
 
 from nanovllm.kernels import reference as ref
 from nanovllm.kernels import triton_attention as ta
+from nanovllm.kernels.triton_decode import DecodeVariant
 
 DEV = "cuda"
 T0 = time.time()
@@ -204,7 +205,7 @@ def bench_decode(copy_bw, sweep):
             if sweep and time.time() - T0 < 200:
                 if ctx != "mixed":
                     configs += [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in DECODE_SWEEP]
-                configs += [dict(waves=w) for w in (4, 8)]
+                configs += [dict(waves=w) for w in (2, 8)]
             for i, cfg in enumerate(configs):
                 try:
                     fn = lambda: ta.decode_attention_configured(q, kc, vc, bt, cl, d ** -0.5, **cfg)
@@ -215,7 +216,7 @@ def bench_decode(copy_bw, sweep):
                 bw = nbytes / ms / 1e6
                 splits = ta.decode_num_splits(batch, hkv, bt.shape[1], bs,
                                               cfg.get("block_n") or ta._decode_config(q, bs)[0], q.device,
-                                              cfg.get("waves", 2))
+                                              cfg.get("waves", DecodeVariant.waves))
                 row = dict(batch=batch, ctx=ctx, block_size=bs, config=cfg or "default", splits=splits, us=ms * 1e3,
                            GBps=bw, frac_of_copy=bw / copy_bw)
                 (RESULTS["decode"] if i == 0 else RESULTS["decode_sweep"]).append(row)
