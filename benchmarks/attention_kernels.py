@@ -205,7 +205,7 @@ def bench_decode(copy_bw, sweep):
             if sweep and time.time() - T0 < 200:
                 if ctx != "mixed":
                     configs += [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in DECODE_SWEEP]
-                configs += [dict(waves=w) for w in (2, 8)]
+                configs += [dict(waves=w) for w in (4, 8)]
             for i, cfg in enumerate(configs):
                 try:
                     fn = lambda: ta.decode_attention_configured(q, kc, vc, bt, cl, d ** -0.5, **cfg)

@@ -6,8 +6,7 @@ every launch parameter depend only on static shapes (batch, KV heads, block-tabl
 on ``context_lens`` values, so a launch can be captured in a CUDA graph and replayed with other lengths.
 
 * ``legacy``: one program per (sequence, KV head, split); each sequence's context is cut into ``num_splits``
-  equal parts, with ``num_splits`` sized to give 4 programs per SM (1 split from batch 66 up for 8 KV heads on
-  132 SMs, 2 at batches 33-64).  Balanced for uniform
+  equal parts, with ``num_splits`` sized to fill 2 waves of SMs (1 split at batch 256).  Balanced for uniform
   contexts; with mixed lengths the long sequences' programs would be stragglers, so the grid runs the KV head
   fastest and the scheduler hands rows over longest context first: the longest programs start first.
 * ``chunk`` / ``chunk_rev`` (flash-decoding): a split is a fixed number of KV tiles (``decode_chunk_tiles``,
@@ -37,10 +36,10 @@ class DecodeVariant:
     kind: str  # "split" (the kernel below) or "streamk"
     chunk_tiles: int = 0  # split: 0 = legacy proportional splits, else the largest fixed chunk (in BLOCK_N tiles)
     reverse: bool = False  # split: launch the highest split index first
-    # legacy: splits give this many programs per SM.  4, not 2: on an H100 with bench-like contexts
-    # (benchmarks/decode_policy.py) 2 splits instead of 1 at batch 48 / 64 are 15% / 10% faster; batch 4 and 16
-    # gain 1-5%, batch 32 loses 3.6% (3 splits instead of 2), batch 96 up is unchanged (1 split either way).
-    waves: int = 4
+    # legacy: splits fill this many waves of SMs.  On an H100, 4 (2 splits instead of 1 at batch 33-64) was
+    # 10-15% faster per launch at batch 48-64 in benchmarks/decode_policy.py, but not in bench.py --bs 256:
+    # its steps at running batch 16-63 took 0.845-0.861 s with 4 against 0.845-0.850 s with 2 (same call).
+    waves: int = 2
     programs_per_sm: int = 12  # streamk: a multiple of every likely occupancy (1, 2, 3, 4, 6 programs per SM)
 
 
@@ -165,7 +164,7 @@ def _decode_config(q: torch.Tensor, block_size: int):
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, block_n: int,
                       device: torch.device, waves: int = DecodeVariant.waves) -> int:
-    """Legacy splits per (sequence, KV head): at least ``waves`` x SM count programs, from static shapes."""
+    """Legacy splits per (sequence, KV head): enough programs to fill ``waves`` x SM count, from static shapes."""
     max_tiles = triton.cdiv(max_blocks * block_size, block_n)
     want = triton.cdiv(waves * _num_sms(device), batch * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_tiles, 4), 64))  # keep >= ~4 tiles of work per split
