@@ -106,3 +106,16 @@ def test_ops_linear_on_cpu_is_torch():
     torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b))
     gate, up = F.linear(x, w, b).chunk(2, dim=-1)
     torch.testing.assert_close(ops.linear(x, w, b, silu_mul=True), F.silu(gate) * up)
+
+
+def test_row_limits_list_where_table_configs_end(monkeypatch):
+    """The start-up warm-up (GraphExecutor._compile_prefill_matmuls) runs the step at these row counts."""
+    from nanovllm.kernels import matmul_configs
+    assert matmul_configs.triton_row_limits(torch.device("cpu")) == []
+    monkeypatch.setattr(matmul_configs, "_arch", lambda device: "9.0")
+    table = json.loads(matmul_configs.TABLE_PATH.read_text())["arch"]["9.0"]
+    want = sorted({m for rows in table.values() for m, cfg in rows if cfg})
+    got = matmul_configs.triton_row_limits(torch.device("cuda", 0))
+    assert got == want and got[0] >= 2 and got == sorted(got)
+    monkeypatch.setenv("NANOVLLM_MATMUL", "cublas")
+    assert matmul_configs.triton_row_limits(torch.device("cuda", 0)) == []

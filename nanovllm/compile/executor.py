@@ -18,6 +18,7 @@ from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.buckets import pick_bucket, split_batch
 from nanovllm.compile.cache import CompileCache, cache_disabled, key_fields
 from nanovllm.compile.saved_step import compiled_step
+from nanovllm.kernels.matmul_configs import triton_row_limits
 from nanovllm.layers.sampler import sample
 from nanovllm.logger import logger
 
@@ -103,10 +104,22 @@ class GraphExecutor(EagerExecutor):
                     graph.compile()
                     graph.capture(pool)  # largest first, so smaller graphs reuse the pool's memory
                     self.graphs[size] = graph
+                self._compile_prefill_matmuls(runner)
         self.compile_seconds = time.perf_counter() - start
         logger.info("graph mode ready: one compiled step, %d decode graphs, in %.1fs (compile cache %s)",
                     len(self.graphs), self.compile_seconds,
                     "off" if cache_disabled() else "hit" if self.cache.hit else "miss, saved")
+
+    def _compile_prefill_matmuls(self, runner) -> None:
+        """Run the step once at each row count where a Triton matmul config ends, so that a prefill of that
+        many tokens or sequences finds its kernels compiled.  The decode graphs only compiled the configs of
+        their bucket sizes; a config first met inside generate would compile there (0.4-0.6 s each, seen with
+        --bs 32, whose prefills have up to 33 sequences).  Nothing is written: every slot is -1."""
+        limit = min(runner.config.max_num_batched_tokens, runner.config.max_num_seqs + 1)
+        for rows in triton_row_limits(runner.device):  # each >= 2: the smallest bucket is padded to 2
+            self.compiled(runner.dummy_prefill_inputs(rows, rows))
+            if rows >= limit:
+                break
 
     def static_inputs(self, padded_rows: int):
         graph = self.graphs[padded_rows]

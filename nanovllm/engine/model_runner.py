@@ -217,11 +217,12 @@ class ModelRunner:
                                  self._block_table_array(seqs, rows, self.max_blocks_per_seq), np.asarray(context), cu,
                                  cu[1:] - 1, self._sampling_arrays(seqs, rows), out_slots)
 
-    def dummy_prefill_inputs(self) -> StepInputs:
-        """A small all-padding prefill (7 tokens, 3 sequences) on which the step is first traced: token and
-        sequence counts differ, so the compiler gives them separate symbols."""
-        rows, tokens = 3, 7
-        cu = np.array([0, 3, 6, 7])
+    def dummy_prefill_inputs(self, tokens: int = 7, rows: int = 3) -> StepInputs:
+        """An all-padding prefill (slot -1, context 0) of ``tokens`` tokens in ``rows`` sequences, the last of one
+        token.  The step is first traced on the default 7 tokens in 3 sequences: token and sequence counts
+        differ, so the compiler gives them separate symbols."""
+        assert 2 <= rows <= tokens
+        cu = np.append(np.linspace(0, tokens - 1, rows).astype(np.int64), tokens)
         return self._make_inputs(np.zeros(tokens, np.int64), np.arange(tokens), np.full(tokens, -1),
                                  np.zeros((rows, self.max_blocks_per_seq), np.int32), np.zeros(rows, np.int32), cu,
                                  cu[1:] - 1, None)

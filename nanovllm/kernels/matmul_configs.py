@@ -68,3 +68,12 @@ def choose(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> MatmulConfi
         if m <= max_m:
             return cfg if cfg is not None and cfg.fits(m, n_out, k) else None
     return None
+
+
+def triton_row_limits(device: torch.device) -> list[int]:
+    """Every row count at which some shape's Triton config of this GPU's table ends (ascending): running each
+    once compiles every config a step of at most that many rows can pick."""
+    if device.type != "cuda" or os.environ.get("NANOVLLM_MATMUL", "auto") == "cublas":
+        return []
+    table = _load(os.environ.get("NANOVLLM_MATMUL_TABLE") or str(TABLE_PATH)).get(_arch(device), {})
+    return sorted({max_m for rows in table.values() for max_m, cfg in rows if cfg is not None})
