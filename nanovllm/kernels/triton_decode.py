@@ -16,6 +16,8 @@ on ``context_lens`` values, so a launch can be captured in a CUDA graph and repl
 * ``streamk`` (``triton_decode_streamk.py``): a fixed number of programs (``programs_per_sm`` x SMs) share the
   batch's total KV tiles equally, each walking a contiguous run of (sequence, head, tile) that may span rows.
 
+On Hopper, in bf16/fp16, the split kernel loads its whole KV tiles through TMA descriptors of the cache
+(``use_tma``; bit-identical to the pointer loads, 1-4% faster at bench's batches, ``benchmarks/decode_policy.py``).
 ``NANOVLLM_DECODE_VARIANT`` picks the variant ``decode_attention_triton`` uses (default ``DEFAULT_VARIANT``).
 A row with ``context_lens == 0`` yields zeros in every variant.
 """
@@ -220,7 +222,8 @@ def _launch_split(q, k_cache, v_cache, block_tables, context_lens, scale, out, v
         q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, out, part_out, part_lse, scale * _LOG2E,
         num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1, CHUNK_TILES=chunk_tiles,
         REVERSE=var.reverse, DOT_PRECISION=_dot_precision(q), TMA=tma, num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(q.device))

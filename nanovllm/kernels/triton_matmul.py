@@ -15,6 +15,9 @@ writes ``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``, saving a kernel and a round
 intermediate.  ``SWAP`` puts the weight tile on the left of ``tl.dot`` (the output block is computed
 transposed), which lets the tensor-core instruction's long side run along N when M is tiny.
 
+On Hopper the kernel takes part in programmatic dependent launch (``pdl.py``): before it waits for the previous
+kernel it asks L2 for its slab of the weights (``PREFETCH``), which no kernel writes.
+
 Which configuration serves which shape is ``nanovllm/kernels/matmul_configs.py``; ``ops.linear`` dispatches.
 """
 import os
