@@ -8,24 +8,9 @@
 # decode variant in $VARIANTS; bench's first 8 prompts against transformers (bf16, logprob-margin rule); GPU
 # time per kernel at several batch sizes (profile_run.py).  Each step has its own time limit, so one that
 # hangs does not cost the rest.  SKIP="mixed profile" leaves steps out.
-set -u
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_steps.sh
 export NANOVLLM_CACHE_DIR="${NANOVLLM_CACHE_DIR:-/tmp/nanovllm-bench-cache}"
-export OUT="${OUT:-results}"
 VARIANTS="${VARIANTS:-legacy}"
-SKIP="${SKIP:-}"
-mkdir -p "$OUT"
-T0=$SECONDS
-
-step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, its output in $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  case " $SKIP " in *" $name "*) echo "--- $name: skipped"; return;; esac
-  local t=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "--- $name: rc=$? in $((SECONDS - t))s (session $((SECONDS - T0))s)"
-  grep -E "^(Total:|mean %|checks:|\| )" "$OUT/$name.log" | tail -12
-}
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 step mixed 150 python benchmarks/decode_mixed.py

@@ -5,18 +5,8 @@
 # Logs and JSON to $OUT.
 #
 #     bash benchmarks/pdl_ab.sh       # on the GPU machine, from the repository root
-set -u
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export OUT="${OUT:-results}"
+source benchmarks/gpu_steps.sh
 export NANOVLLM_DISABLE_COMPILE_CACHE=1
-mkdir -p "$OUT"
-step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, its output in $OUT/NAME.log
-  local name=$1 limit=$2 t=$SECONDS
-  shift 2
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "--- $name: rc=$? in $((SECONDS - t))s"
-  grep -E "^(Total:|checks:|\| )|Error|error:" "$OUT/$name.log" | tail -16
-}
 nvidia-smi --query-gpu=name --format=csv,noheader
 python -c "import torch, triton; from torch._inductor import config; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'inductor enable_pdl:', getattr(config.triton, 'enable_pdl', 'absent'))"

@@ -5,18 +5,8 @@
 # Logs and JSON to $OUT.
 #
 #     bash benchmarks/performance_md.sh       # on the GPU machine, from the repository root
-set -u
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_steps.sh
 export NANOVLLM_CACHE_DIR="${NANOVLLM_CACHE_DIR:-/tmp/nanovllm-bench-cache}"
-export OUT="${OUT:-results}"
-mkdir -p "$OUT"
-step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, its output in $OUT/NAME.log
-  local name=$1 limit=$2 t=$SECONDS
-  shift 2
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "--- $name: rc=$? in $((SECONDS - t))s"
-  grep -E "^(Total:|checks:|\| )" "$OUT/$name.log" | tail -16
-}
 nvidia-smi --query-gpu=name --format=csv,noheader
 step checks 120 python benchmarks/gpu_checks.py
 step bench 240 python bench.py --bs 256 --repeat 3 --json "$OUT/bench.json"
