@@ -18,12 +18,13 @@ Inductor's own kernels follow the same protocol when ``torch._inductor.config.tr
 
 ``NANOVLLM_PDL=0`` turns PDL off.  It is always off under ``TRITON_INTERPRET=1``, off CUDA, and before sm_90.
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from nanovllm.kernels.triton_common import _hopper_or_newer
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -32,12 +33,7 @@ def pdl_enabled(device: torch.device) -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    return _hopper_or_newer(device)
 
 
 def pdl_launch(device: torch.device) -> dict:

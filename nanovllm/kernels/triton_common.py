@@ -4,6 +4,8 @@ online-softmax step over one KV tile.
 ``triton_attention.py`` (KV store, prefill) and ``triton_decode*.py`` (decode variants) build on these.  The cache
 layout is ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` (see ``reference.py``).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,18 @@ def _num_sms(device: torch.device) -> int:
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
+
+
+def _hopper_or_newer(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or newer (PDL and TMA need it)."""
+    if device.type != "cuda":
+        return False
+    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _dot_precision(q: torch.Tensor) -> str:

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
-from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets, _num_sms,
-                                            _softmax_step)
+from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _hopper_or_newer,
+                                            _kv_offsets, _num_sms, _softmax_step)
 
 
 @dataclass(frozen=True)
@@ -187,8 +187,7 @@ def use_tma(q: torch.Tensor, k_cache: torch.Tensor, block_n: int) -> bool:
     contiguous cache whose blocks hold whole tiles); ``NANOVLLM_DECODE_TMA=0`` turns it off."""
     if not q.is_cuda or os.environ.get("NANOVLLM_DECODE_TMA", "1") == "0" or q.dtype == torch.float32:
         return False
-    return (torch.cuda.get_device_capability(q.device)[0] >= 9 and k_cache.is_contiguous()
-            and k_cache.shape[2] % block_n == 0)
+    return _hopper_or_newer(q.device) and k_cache.is_contiguous() and k_cache.shape[2] % block_n == 0
 
 
 def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
