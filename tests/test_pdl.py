@@ -1,11 +1,15 @@
 """Programmatic dependent launch (nanovllm/kernels/pdl.py): when it is on, and the protocol every kernel follows."""
 import ast
 import inspect
+import os
 
-import pytest
-import torch
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, as in the other kernel tests
 
-from nanovllm.kernels import pdl, triton_attention, triton_decode, triton_matmul, triton_rope_store, triton_sampler
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nanovllm.kernels import (pdl, triton_attention, triton_decode, triton_matmul, triton_rope_store,  # noqa: E402
+                              triton_sampler)
 
 KERNEL_MODULES = (triton_attention, triton_decode, triton_matmul, triton_rope_store, triton_sampler)
 
