@@ -77,6 +77,9 @@ def run_once(llm: LLM, args) -> dict:
         "tokens": tokens, "input_tokens": sum(map(len, prompts)), "seconds": round(seconds, 3),
         "tok_per_s": round(tokens / seconds, 2),
         "prefill_seconds": round(s["prefill_time"], 3), "decode_seconds": round(s["decode_time"], 3),
+        # generate's time outside engine steps: prompt checks and adding requests before the first step, and the
+        # loop's own work between steps (progress, detokenizing finished sequences) while the device runs one
+        "other_seconds": round(seconds - s["prefill_time"] - s["decode_time"], 3),
         "decode_steps": s["decode_steps"], "decode_step_ms": round(1000 * s["decode_time"] / steps, 3),
         "host_prepare_ms_per_step": round(1000 * engine.runner.decode_prepare_time / steps, 3),
         # host work per engine step (schedule, prepare, launch, bookkeeping) and time blocked on the device:

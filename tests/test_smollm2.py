@@ -35,3 +35,17 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
                                                add_generation_prompt=True)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in out["text"]
+
+
+def test_outputs_keep_input_order_and_text_when_sequences_finish_out_of_order(smollm2):
+    """Texts are detokenized as sequences finish (mid-loop); each still matches its own token ids."""
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(smollm2, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=512)
+    lengths = [9, 2, 5]  # the second finishes first, the first last
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(CHAT[:3], params, use_tqdm=False)
+    assert [len(o["token_ids"]) for o in outs] == lengths
+    for o in outs:
+        assert o["text"] == llm.tokenizer.decode(o["token_ids"], skip_special_tokens=True)
+    alone = llm.generate(CHAT[0], params[0], use_tqdm=False)[0]
+    assert alone == outs[0]
