@@ -1,4 +1,6 @@
 """Host-side engine behaviour: scheduler order, the prefix-cache reset, decode input staging (no model)."""
+import dataclasses
+
 import pytest
 
 import torch
@@ -55,10 +57,31 @@ def test_decode_chunks_of_one_bucket_get_their_own_staging():
     asynchronous copy to the device may still be pending."""
     builder = DecodeInputBuilder(torch.device("cpu"), block_size=16, max_blocks_per_seq=4, scratch_slot=9)
     first = builder.build([_decoding(0, 5), _decoding(1, 7)], rows=2, slot=(0, 1))
-    expected = {name: t.clone() for name, t in vars(first).items()}
+    expected = {f.name: getattr(first, f.name).clone() for f in dataclasses.fields(first)}
     second = builder.build([_decoding(2, 3)], rows=2, slot=(1, 1))  # the step's next chunk, same bucket
     following = builder.build([_decoding(3, 9)], rows=2, slot=(0, 0))  # the next step's first chunk
-    for name, t in vars(first).items():
-        assert torch.equal(t, expected[name]), name
+    for name, t in expected.items():
+        assert torch.equal(getattr(first, name), t), name
     assert second.context_lens.tolist() == [3, 0] and following.context_lens.tolist() == [9, 0]
     assert first.context_lens.tolist() == [5, 7]
+
+
+def test_decode_staging_is_one_buffer_that_moves_in_one_copy():
+    """Every staged input is a view of one aligned byte buffer; ``to`` and ``copy_into`` move that buffer whole."""
+    builder = DecodeInputBuilder(torch.device("cpu"), block_size=16, max_blocks_per_seq=4, scratch_slot=9)
+    staged = builder.build([_decoding(0, 5), _decoding(1, 12)], rows=3)
+    base = staged.buffer.data_ptr()
+    for f in dataclasses.fields(staged):
+        t = getattr(staged, f.name)
+        assert t.untyped_storage().data_ptr() == staged.buffer.untyped_storage().data_ptr(), f.name
+        assert (t.data_ptr() - base) % 64 == 0 and t.is_contiguous(), f.name
+    moved = staged.to("cpu")
+    assert moved.layout == staged.layout and torch.equal(moved.buffer, staged.buffer)
+    target = builder.build([], rows=3, slot=(0, 1)).to("cpu")  # like a graph's static inputs: padding only
+    with torch.inference_mode():  # as the executors call it
+        staged.copy_into(target)
+    for f in dataclasses.fields(staged):
+        assert torch.equal(getattr(target, f.name), getattr(staged, f.name)), f.name
+    assert torch.equal(target.buffer, staged.buffer)
+    assert target.context_lens.tolist() == [5, 12, 0] and target.block_tables[1].tolist() == [1, 0, 0, 0]
+    assert target.cu_seqlens_q.tolist() == [0, 1, 2, 3] and target.slot_mapping.tolist() == [4, 27, -1]

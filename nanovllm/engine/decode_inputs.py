@@ -4,7 +4,8 @@ Decode runs every few milliseconds for hundreds of sequences, so its input prepa
 the critical path.  These keep it small:
 * each sequence's padded block-table row and sampling settings are kept between steps and only the new
   blocks are written (a sequence whose ``block_table`` list was replaced, e.g. after preemption, is rebuilt);
-* the batch is assembled with numpy in reusable staging tensors (pinned on CUDA);
+* the batch is assembled with numpy in reusable staging tensors, views of one (pinned on CUDA) buffer, so
+  it reaches the device, or a graph's static inputs, in one copy (``StepInputs.packed``);
 * one staging set per (row count, ``slot``): the runner passes slot (chunk of the step, launch parity), because
   a set's asynchronous copy to the device may still be pending while later chunks and the next step are
   prepared; a set is reused two launches later, after the engine has waited for the step that read it;
@@ -44,20 +45,20 @@ class DecodeInputBuilder:
     def _staging_for(self, rows: int, slot) -> StepInputs:
         key = (rows, slot)
         if key not in self._staging:
-            pin = self.device.type == "cuda"
-
             def z(*shape, dtype=torch.int64):
-                return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
+                return torch.empty(*shape, dtype=dtype, device="meta")
 
-            with torch.inference_mode():
-                self._staging[key] = StepInputs(
-                    input_ids=z(rows), token_slots=z(rows), positions=z(rows), slot_mapping=z(rows),
-                    block_tables=z(rows, self.width, dtype=torch.int32), context_lens=z(rows, dtype=torch.int32),
-                    cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32).pin_memory() if pin
-                    else torch.arange(rows + 1, dtype=torch.int32),
-                    logits_indices=torch.arange(rows).pin_memory() if pin else torch.arange(rows),
-                    temperature=z(rows, dtype=torch.float32), top_k=z(rows), top_p=z(rows, dtype=torch.float32),
-                    seeds=z(rows), sample_positions=z(rows), out_slots=z(rows))
+            like = StepInputs(
+                input_ids=z(rows), token_slots=z(rows), positions=z(rows), slot_mapping=z(rows),
+                block_tables=z(rows, self.width, dtype=torch.int32), context_lens=z(rows, dtype=torch.int32),
+                cu_seqlens_q=z(rows + 1, dtype=torch.int32), logits_indices=z(rows),
+                temperature=z(rows, dtype=torch.float32), top_k=z(rows), top_p=z(rows, dtype=torch.float32),
+                seeds=z(rows), sample_positions=z(rows), out_slots=z(rows))
+            with torch.inference_mode():  # one pinned buffer: the set reaches the device in one copy
+                host = StepInputs.packed(like, pin_memory=self.device.type == "cuda")
+                host.cu_seqlens_q.copy_(torch.arange(rows + 1, dtype=torch.int32))
+                host.logits_indices.copy_(torch.arange(rows))
+            self._staging[key] = host
         return self._staging[key]
 
     def _row(self, seq) -> _SeqRow:
