@@ -93,3 +93,26 @@ def test_padded_rows_never_write_into_live_kv(graph_llm):
     # only layer k/v of block 3, offset 2 (position 2 of the live sequence) may change
     assert changed.numel() > 0
     assert set(changed[:, 2].tolist()) == {3} and set(changed[:, 4].tolist()) == {2}
+
+
+def test_prefill_inputs_are_one_packed_buffer(eager_llm):
+    """A real prefill's inputs are views of one buffer (on CUDA: pinned, moved in one asynchronous copy)."""
+    engine = eager_llm.engine
+    seqs = [Sequence(100 + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i) for i, n in enumerate((5, 9))]
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    batch = engine.scheduler.schedule()
+    try:
+        assert batch.is_prefill and batch.seqs == seqs
+        for seq in seqs:
+            engine.runner._assign_slot(seq)  # as launch does
+        inputs = engine.runner.prepare_prefill(batch)
+        storage = inputs.buffer.untyped_storage().data_ptr()
+        for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "cu_seqlens_q"):
+            assert getattr(inputs, name).untyped_storage().data_ptr() == storage, name
+        assert inputs.input_ids.tolist() == list(range(1, 6)) + list(range(1, 10)) + [0]  # + the padding token
+        assert inputs.cu_seqlens_q.tolist() == [0, 5, 14, 15] and inputs.context_lens.tolist() == [5, 9, 0]
+    finally:
+        for seq in seqs:
+            engine.scheduler._finish(seq)
+            engine.runner.release_slot(seq)

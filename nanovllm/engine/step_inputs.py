@@ -50,6 +50,13 @@ class StepInputs:
         inputs.buffer, inputs.layout = buffer, layout  # not fields: a compiled step never sees them
         return inputs
 
+    def packed_copy(self, pin_memory: bool = False) -> "StepInputs":
+        """These values in a new packed instance on the host (pinned if asked), to move in one copy."""
+        out = StepInputs.packed(self, pin_memory=pin_memory)
+        for f in fields(self):
+            getattr(out, f.name).copy_(getattr(self, f.name))
+        return out
+
     def to(self, device) -> "StepInputs":
         if getattr(self, "buffer", None) is not None:
             return self._views(self.buffer.to(device, non_blocking=True), self.layout)

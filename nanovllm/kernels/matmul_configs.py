@@ -50,7 +50,13 @@ def _load(path: str) -> dict:
 
 
 def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    return _arch_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of(index: int) -> str:
+    """Compute capability as the table keys it; cached, since ``choose`` runs at every projection of a step."""
+    major, minor = torch.cuda.get_device_capability(index)
     return f"{major}.{minor}"
 
 
