@@ -98,7 +98,8 @@ def test_padded_rows_never_write_into_live_kv(graph_llm):
 def test_prefill_inputs_are_one_packed_buffer(eager_llm):
     """A real prefill's inputs are views of one buffer (on CUDA: pinned, moved in one asynchronous copy)."""
     engine = eager_llm.engine
-    seqs = [Sequence(100 + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i) for i, n in enumerate((5, 9))]
+    seqs = [Sequence(100 + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i)
+            for i, n in enumerate((5, 9))]
     for seq in seqs:
         engine.scheduler.add(seq)
     batch = engine.scheduler.schedule()
