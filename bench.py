@@ -37,8 +37,9 @@ def build_llm(args, bs: int, enforce_eager: bool) -> LLM:
     if buckets is not None:
         buckets = [b for b in buckets if b <= bs] or None
     t = time.perf_counter()
+    extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
     llm = LLM(args.model, enforce_eager=enforce_eager, max_num_seqs=bs, graph_batch_sizes=buckets,
-              max_model_len=4096, dtype=args.dtype, device=args.device)
+              max_model_len=4096, dtype=args.dtype, device=args.device, **extra)
     llm.init_seconds = time.perf_counter() - t
     return llm
 
@@ -175,6 +176,8 @@ def run_in_subprocess(args, bs: int) -> dict:
             cmd.append("--enforce-eager")
         if args.graph_batch_sizes:
             cmd += ["--graph-batch-sizes", ",".join(map(str, args.graph_batch_sizes))]
+        if args.max_num_batched_tokens is not None:
+            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         subprocess.run(cmd, check=True)
         with open(out) as f:
             return json.load(f)
@@ -185,6 +188,7 @@ def describe(llm: LLM) -> dict:
     return {"device": torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu",
             "dtype": str(r.dtype).replace("torch.", ""), "mode": r.mode, "torch": torch.__version__,
             "max_num_seqs": llm.config.max_num_seqs, "graph_batch_sizes": list(llm.config.graph_batch_sizes),
+            "max_num_batched_tokens": llm.config.max_num_batched_tokens,
             "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size,
             "decode_attention": decode_attention_variant(r.device),
             "matmul": os.environ.get("NANOVLLM_MATMUL", "auto") if r.device.type == "cuda" else "torch",
@@ -233,6 +237,7 @@ def main():
     p.add_argument("--max-output-len", type=int, default=1024)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--graph-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens per prefill step (default: the LLM default)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the result(s) to this file")

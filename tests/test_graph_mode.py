@@ -117,3 +117,15 @@ def test_prefill_inputs_are_one_packed_buffer(eager_llm):
         for seq in seqs:
             engine.scheduler._finish(seq)
             engine.runner.release_slot(seq)
+
+
+def test_dummy_prefill_positions_stay_inside_the_model_length(eager_llm):
+    """Start-up runs all-padding prefills as large as a step can be; their positions must index the rope tables
+    (on CUDA an out-of-range position is a device-side assert)."""
+    runner = eager_llm.engine.runner
+    inputs = runner.dummy_prefill_inputs(tokens=1000, rows=5)
+    cu = inputs.cu_seqlens_q.tolist()
+    assert cu[0] == 0 and cu[-1] == 1000 and len(cu) == 6
+    positions = inputs.positions
+    assert positions.max().item() < eager_llm.config.max_model_len and positions.min().item() == 0
+    assert [positions[start].item() for start in cu[:-1]] == [0] * 5  # each sequence starts at position 0

@@ -143,8 +143,8 @@ class ModelRunner:
         sits in the caching allocator before the first generate.  Otherwise the first real prefill allocates
         it from the device: 5 allocations, about 30 ms, in the first timed run of bench.py on an H100."""
         cfg = self.config
-        tokens = cfg.max_num_batched_tokens + 1  # plus the trailing padding sequence's token
-        rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens) + 1
+        real = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)  # the most a step can hold
+        tokens, rows = real + 1, min(cfg.max_num_seqs, real) + 1  # plus the trailing padding sequence
         with torch.inference_mode():
             self.executor.prefill(self.dummy_prefill_inputs(tokens, rows))
         self.platform.synchronize()
@@ -243,7 +243,10 @@ class ModelRunner:
         differ, so the compiler gives them separate symbols."""
         assert 2 <= rows <= tokens
         cu = np.append(np.linspace(0, tokens - 1, rows).astype(np.int64), tokens)
-        return self._make_inputs(np.zeros(tokens, np.int64), np.arange(tokens), np.full(tokens, -1),
+        # positions count from 0 in each sequence and stay inside the rope tables (max_model_len)
+        positions = np.arange(tokens) - np.repeat(cu[:-1], np.diff(cu))
+        positions = np.minimum(positions, self.config.max_model_len - 1)
+        return self._make_inputs(np.zeros(tokens, np.int64), positions, np.full(tokens, -1),
                                  np.zeros((rows, self.max_blocks_per_seq), np.int32), np.zeros(rows, np.int32), cu,
                                  cu[1:] - 1, None)
 
