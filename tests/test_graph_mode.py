@@ -119,13 +119,20 @@ def test_prefill_inputs_are_one_packed_buffer(eager_llm):
             engine.runner.release_slot(seq)
 
 
-def test_dummy_prefill_positions_stay_inside_the_model_length(eager_llm):
-    """Start-up runs all-padding prefills as large as a step can be; their positions must index the rope tables
-    (on CUDA an out-of-range position is a device-side assert)."""
+def test_dummy_prefills_are_valid_prompts_inside_the_model_length(eager_llm):
+    """Start-up runs all-padding prefills as large as a step can be.  Each dummy sequence must be a valid prompt:
+    context = its tokens and positions from 0 (the attention kernel reads KV blocks below position 0 otherwise, an
+    illegal address on CUDA), all inside max_model_len (the rope tables)."""
     runner = eager_llm.engine.runner
-    inputs = runner.dummy_prefill_inputs(tokens=1000, rows=5)
+    limit = eager_llm.config.max_model_len
+    inputs = runner.dummy_prefill_inputs(tokens=4 * limit + 1, rows=5)
     cu = inputs.cu_seqlens_q.tolist()
-    assert cu[0] == 0 and cu[-1] == 1000 and len(cu) == 6
-    positions = inputs.positions
-    assert positions.max().item() < eager_llm.config.max_model_len and positions.min().item() == 0
-    assert [positions[start].item() for start in cu[:-1]] == [0] * 5  # each sequence starts at position 0
+    assert cu[0] == 0 and cu[-1] == 4 * limit + 1 and len(cu) == 6
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    assert inputs.context_lens.tolist() == lengths and max(lengths) == limit
+    positions = inputs.positions.tolist()
+    for start, n in zip(cu, lengths):
+        assert positions[start:start + n] == list(range(n))
+    assert set(inputs.slot_mapping.tolist()) == {-1}
+    with pytest.raises(AssertionError, match="longer than max_model_len"):
+        runner.dummy_prefill_inputs(tokens=4 * limit + 3, rows=3)

@@ -238,17 +238,18 @@ class ModelRunner:
                                  cu[1:] - 1, self._sampling_arrays(seqs, rows), out_slots, packed=True)
 
     def dummy_prefill_inputs(self, tokens: int = 7, rows: int = 3) -> StepInputs:
-        """An all-padding prefill (slot -1, context 0) of ``tokens`` tokens in ``rows`` sequences, the last of one
-        token.  The step is first traced on the default 7 tokens in 3 sequences: token and sequence counts
-        differ, so the compiler gives them separate symbols."""
+        """A prefill of ``tokens`` tokens in ``rows`` sequences (the last of one token) that writes nothing (every
+        slot -1).  Each sequence is a whole prompt (context = its tokens, positions from 0), as the attention
+        kernel requires, and reads KV block 0 only; a sequence is at most ``max_model_len`` tokens long if
+        ``tokens <= rows * max_model_len``.  The step is first traced on the default 7 tokens in 3 sequences:
+        token and sequence counts differ, so the compiler gives them separate symbols."""
         assert 2 <= rows <= tokens
         cu = np.append(np.linspace(0, tokens - 1, rows).astype(np.int64), tokens)
-        # positions count from 0 in each sequence and stay inside the rope tables (max_model_len)
-        positions = np.arange(tokens) - np.repeat(cu[:-1], np.diff(cu))
-        positions = np.minimum(positions, self.config.max_model_len - 1)
+        lengths = np.diff(cu)
+        positions = np.arange(tokens) - np.repeat(cu[:-1], lengths)
+        assert lengths.max() <= self.config.max_model_len, "dummy sequences longer than max_model_len"
         return self._make_inputs(np.zeros(tokens, np.int64), positions, np.full(tokens, -1),
-                                 np.zeros((rows, self.max_blocks_per_seq), np.int32), np.zeros(rows, np.int32), cu,
-                                 cu[1:] - 1, None)
+                                 np.zeros((rows, self.max_blocks_per_seq), np.int32), lengths, cu, cu[1:] - 1, None)
 
     def prepare_decode(self, seqs: list, rows: int, target: StepInputs | None = None, slot=(0, 0)) -> StepInputs:
         """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""
