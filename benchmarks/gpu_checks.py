@@ -52,8 +52,7 @@ def rope_store_rows(tokens: int, qk_norm: bool) -> dict:
 
 
 def matmul_rows() -> list[dict]:
-    table = matmul_configs._load(str(matmul_configs.TABLE_PATH)).get(
-        "{}.{}".format(*torch.cuda.get_device_capability()), {})
+    table = matmul_configs._load(str(matmul_configs.TABLE_PATH)).get(matmul_configs._arch(torch.device("cuda")), {})
     rows = []
     for key, entries in table.items():
         n_out, k, silu = (int(v) for v in key.split(","))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import graph_us, linear_reference, write_json  # noqa: E402
 from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES  # noqa: E402
-from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, table_key  # noqa: E402
+from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, table_key  # noqa: E402
 from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def main():
     shapes = model_shapes(PRESETS[args.preset]["fields"])
     buckets = sorted({int(b) for b in args.buckets.split(",")})
     dtype = torch.bfloat16
-    arch = "{}.{}".format(*torch.cuda.get_device_capability())
+    arch = _arch(torch.device("cuda"))  # the key the dispatch table is read under
     print(f"{torch.cuda.get_device_name()} (sm {arch}), {args.preset}, buckets {buckets}")
     print("| shape | m | cuBLAS us | Triton us | speed-up | best config |\n|---|---|---|---|---|---|", flush=True)
     all_rows, tuned = [], {}

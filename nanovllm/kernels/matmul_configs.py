@@ -50,14 +50,9 @@ def _load(path: str) -> dict:
 
 
 def _arch(device: torch.device) -> str:
-    return _arch_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _arch_of(index: int) -> str:
-    """Compute capability as the table keys it; cached, since ``choose`` runs at every projection of a step."""
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"{major}.{minor}"
+    """The compute capability as the table keys it ("9.0")."""
+    from nanovllm.kernels.triton_common import device_capability  # triton: present wherever CUDA is
+    return "%d.%d" % device_capability(device)
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> MatmulConfig | None:

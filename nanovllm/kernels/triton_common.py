@@ -14,25 +14,32 @@ _LOG2E = 1.4426950408889634
 _SM_COUNT: dict = {}
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # interpreter runs: any fixed number keeps the split logic exercised
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
 
 
-def _hopper_or_newer(device: torch.device) -> bool:
-    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or newer (PDL and TMA need it)."""
-    if device.type != "cuda":
-        return False
-    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, cached: kernel dispatch asks at every launch."""
+    return _capability(_index(device))
 
 
 @functools.lru_cache(maxsize=None)
-def _major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def _hopper_or_newer(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or newer (PDL and TMA need it)."""
+    return device.type == "cuda" and device_capability(device)[0] >= 9
 
 
 def _dot_precision(q: torch.Tensor) -> str:
