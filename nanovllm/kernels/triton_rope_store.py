@@ -7,9 +7,8 @@ Each program takes one token's row of ``qkv`` [T, (Hq + 2 Hkv) D] and computes w
 code does (the normed value, its product with the weight, each rope product and their sum).  On an H100 in
 bf16 (``benchmarks/gpu_checks.py``) the result equals the torch code's exactly without the q/k norm, and with it
 in all but 5-9 elements per million (one ulp, where the norm's float32 sum, taken in another order, rounds the
-other way).  q goes to a new [T, Hq, D]
-tensor; k and v to their cache slot, skipped for slot -1.  The grid is (T,): no data-dependent shapes, so it is
-captured in CUDA graphs like the other kernels.
+other way).  q goes to a new [T, Hq, D] tensor; k and v to their cache slot, skipped for slot -1.  The grid is
+(T,): no data-dependent shapes, so it is captured in CUDA graphs like the other kernels.
 """
 import torch
 import triton
