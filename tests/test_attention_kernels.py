@@ -201,6 +201,20 @@ def test_prefill_attention_kernel_empty_sequence_and_block_256(poison):
     assert_close(out, want, BF16)
 
 
+def test_prefill_attention_kernel_padding_sequence_of_many_tokens_gets_zeros(poison):
+    # A prefill padded to a graph's token count puts the padding tokens in one sequence of context 0.  Its
+    # positions are negative: it must attend to nothing (zeros) and read no block-table entry, in particular
+    # not the row before its own, which belongs to a real sequence.
+    q_lens, ctx = [40, 150], [40, 0]
+    k, v, tables, lens = make_cache(ctx, 2, 32, 16, F32, seed=8)
+    cu = torch.tensor([0, 40, 190], dtype=torch.int32)
+    q = torch.randn(190, 4, 32)
+    want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, 0.2)
+    out = ta.prefill_attention_configured(q, k, v, cu, lens, tables, 0.2, block_m=16, block_n=16)
+    assert_close(out, want, F32)
+    assert torch.equal(out[40:], torch.zeros_like(out[40:]))
+
+
 def test_prefill_attention_kernel_matches_decode_for_single_tokens(poison):
     # One new token per sequence: prefill and decode compute the same thing.
     ctx = [1, 16, 29, 64]

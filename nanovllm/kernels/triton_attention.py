@@ -104,7 +104,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     head_off = (head // GROUP).to(tl.int64) * stride_ch
     first_pos = ctx - q_len + m0
-    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # KV tiles every row of this tile sees whole
+    # KV tiles every row of this tile sees whole.  At least 0: a padding sequence (context 0, any number of
+    # tokens) has negative positions, attends to nothing and gets zeros, reading no block-table entry.
+    full_end = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, 0)
     kv_end = tl.minimum(ctx, first_pos + BLOCK_M)  # nothing past the last row's position
     for start in range(0, full_end, BLOCK_N):  # unmasked tiles
         n = start + tl.arange(0, BLOCK_N)
