@@ -38,6 +38,8 @@ def build_llm(args, bs: int, enforce_eager: bool) -> LLM:
         buckets = [b for b in buckets if b <= bs] or None
     t = time.perf_counter()
     extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    if args.prefill_graph_sizes is not None:
+        extra["prefill_graph_sizes"] = args.prefill_graph_sizes
     llm = LLM(args.model, enforce_eager=enforce_eager, max_num_seqs=bs, graph_batch_sizes=buckets,
               max_model_len=4096, dtype=args.dtype, device=args.device, **extra)
     llm.init_seconds = time.perf_counter() - t
@@ -178,6 +180,8 @@ def run_in_subprocess(args, bs: int) -> dict:
             cmd += ["--graph-batch-sizes", ",".join(map(str, args.graph_batch_sizes))]
         if args.max_num_batched_tokens is not None:
             cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        if args.prefill_graph_sizes is not None:
+            cmd += ["--prefill-graph-sizes", ",".join(map(str, args.prefill_graph_sizes)) or "none"]
         subprocess.run(cmd, check=True)
         with open(out) as f:
             return json.load(f)
@@ -189,6 +193,7 @@ def describe(llm: LLM) -> dict:
             "dtype": str(r.dtype).replace("torch.", ""), "mode": r.mode, "torch": torch.__version__,
             "max_num_seqs": llm.config.max_num_seqs, "graph_batch_sizes": list(llm.config.graph_batch_sizes),
             "max_num_batched_tokens": llm.config.max_num_batched_tokens,
+            "prefill_graph_sizes": list(getattr(getattr(r.executor, "prefill_graphs", None), "sizes", ())),
             "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size,
             "decode_attention": decode_attention_variant(r.device),
             "matmul": os.environ.get("NANOVLLM_MATMUL", "auto") if r.device.type == "cuda" else "torch",
@@ -238,6 +243,8 @@ def main():
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--graph-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per prefill step (default: the LLM default)")
+    p.add_argument("--prefill-graph-sizes", type=lambda s: [] if s == "none" else [int(x) for x in s.split(",")],
+                   help="token counts prefill steps are captured at, or 'none' (default: the LLM default)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the result(s) to this file")

@@ -34,6 +34,24 @@ def normalize_graph_batch_sizes(sizes, max_num_seqs: int) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
+def normalize_prefill_graph_sizes(sizes, max_num_seqs: int, max_step_tokens: int) -> tuple[int, ...] | None:
+    """Validate, deduplicate and sort the token counts prefill steps are captured at; ``None`` stays ``None``
+    (the platform's default, see ``compile/prefill_graphs.py``) and an empty list turns prefill graphs off.
+
+    A prefill graph has ``max_num_seqs + 1`` sequence rows and must hold more tokens than rows (a step with one
+    token per row is a decode step), and no step holds more than ``max_step_tokens`` tokens."""
+    if sizes is None:
+        return None
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise TypeError(f"prefill_graph_sizes must be a list of token counts, got {sizes!r}")
+    sizes = list(sizes)
+    for s in sizes:
+        if not isinstance(s, int) or isinstance(s, bool) or not max_num_seqs + 1 < s <= max_step_tokens:
+            raise ValueError(f"prefill graph sizes must be ints in (max_num_seqs + 1, the most tokens a step holds] "
+                             f"= ({max_num_seqs + 1}, {max_step_tokens}], got {s!r} in {sizes}")
+    return tuple(sorted(set(sizes)))
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -41,6 +59,7 @@ class EngineConfig:
     dtype: str = "auto"
     enforce_eager: bool = False
     graph_batch_sizes: tuple | None = None
+    prefill_graph_sizes: tuple | None = None  # None: the platform's default; (): prefill steps are not captured
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
@@ -86,6 +105,13 @@ class EngineConfig:
         if limit:
             self.max_model_len = min(self.max_model_len, int(limit))
         self.eos_token_ids = read_eos_token_ids(self.model, self.hf_config)
+        self.prefill_graph_sizes = normalize_prefill_graph_sizes(self.prefill_graph_sizes, self.max_num_seqs,
+                                                                 self.max_step_tokens)
+
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens a prefill step holds: the step budget, or every sequence at its longest."""
+        return min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
 
 
 def read_eos_token_ids(model_dir: str, hf_config: dict) -> tuple[int, ...]:

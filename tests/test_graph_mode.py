@@ -30,6 +30,16 @@ def eager_llm(path):
                max_model_len=128)
 
 
+@pytest.fixture(scope="module")
+def padded_prefill_llms(path):
+    """Graph mode with prefill steps padded to 16 or 48 tokens (uncaptured on the CPU, the same padding as the
+    captured prefill graphs of CUDA), and eager mode with the same step budget (so the same chunking)."""
+    common = dict(max_num_seqs=7, kvcache_block_size=16, num_kvcache_blocks=96, max_model_len=128,
+                  max_num_batched_tokens=48)
+    return (LLM(path, graph_batch_sizes=BUCKETS, prefill_graph_sizes=[48, 16, 16], **common),
+            LLM(path, enforce_eager=True, **common))
+
+
 def test_bucket_policy():
     assert [pick_bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
     assert split_batch(11, (1, 2, 4)) == [(0, 4), (4, 4), (8, 3)]
@@ -136,3 +146,60 @@ def test_dummy_prefills_are_valid_prompts_inside_the_model_length(eager_llm):
     assert set(inputs.slot_mapping.tolist()) == {-1}
     with pytest.raises(AssertionError, match="longer than max_model_len"):
         runner.dummy_prefill_inputs(tokens=4 * limit + 3, rows=3)
+
+
+def test_default_prefill_graph_sizes_and_bad_ones(path):
+    from nanovllm.compile.prefill_graphs import default_prefill_sizes
+    from nanovllm.config import EngineConfig
+    assert default_prefill_sizes(256, 16384) == (4096, 8192, 12288, 16384)
+    assert default_prefill_sizes(256, 1000) == (448, 704, 1000)  # sizes up to max_num_seqs + 1 are dropped
+    assert EngineConfig(path, max_num_seqs=8, max_model_len=512).max_step_tokens == 4096
+    assert EngineConfig(path, prefill_graph_sizes=[]).prefill_graph_sizes == ()
+    for bad in ([8], [20000], ["64"]):
+        with pytest.raises(ValueError, match="must be ints in"):
+            EngineConfig(path, max_num_seqs=7, prefill_graph_sizes=bad)
+    with pytest.raises(TypeError, match="list of token counts"):
+        EngineConfig(path, prefill_graph_sizes=64)
+
+
+def test_prefill_padded_to_a_graph_size_gets_one_padding_sequence_then_empty_rows(padded_prefill_llms):
+    llm = padded_prefill_llms[0]
+    engine, runner = llm.engine, llm.engine.runner
+    assert runner.executor.prefill_graphs.sizes == (16, 48) and runner.executor.captures_every_prefill()
+    assert runner.executor.prefill_plan(14) == ((16, 8), None)  # nothing captured on the CPU: no static inputs
+    assert runner.executor.prefill_plan(17)[0] == (48, 8)
+    seqs = [Sequence(200 + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i)
+            for i, n in enumerate((5, 9))]
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    batch = engine.scheduler.schedule()
+    try:
+        for seq in seqs:
+            runner._assign_slot(seq)
+        inputs = runner.prepare_prefill(batch, (16, 8))
+        assert inputs.input_ids.tolist() == list(range(1, 6)) + list(range(1, 10)) + [0, 0]
+        assert inputs.cu_seqlens_q.tolist() == [0, 5, 14] + [16] * 6
+        assert inputs.context_lens.tolist() == [5, 9] + [0] * 6
+        assert inputs.slot_mapping.tolist()[14:] == [-1, -1] and min(inputs.slot_mapping.tolist()[:14]) >= 0
+        assert inputs.logits_indices.tolist() == [4, 13] + [15] * 6
+        assert inputs.out_slots.tolist() == [s.token_slot for s in seqs] + [runner.scratch_slot] * 6
+        with pytest.raises(AssertionError, match="padded shape"):
+            runner.prepare_prefill(batch, (13, 8))
+    finally:
+        for seq in seqs:
+            engine.scheduler._finish(seq)
+            runner.release_slot(seq)
+
+
+def test_padded_prefill_steps_match_eager(padded_prefill_llms):
+    """Prompts of 1-100 tokens under a 48-token step budget: chunked prefills of every size, padded to 16 or 48
+    tokens, must give eager mode's tokens, greedy and seeded."""
+    graph, eager = padded_prefill_llms
+    rng = random.Random(1)
+    prompts = [[rng.randint(3, 383) for _ in range(n)] for n in (1, 7, 15, 16, 17, 40, 100)]
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    seeded = [SamplingParams(temperature=0.8, max_tokens=5, ignore_eos=True, seed=s) for s in range(len(prompts))]
+    for params in (greedy, seeded):
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got = graph.generate(prompts, params, use_tqdm=False)
+        assert got == eager.generate(prompts, params, use_tqdm=False)

@@ -1,12 +1,11 @@
-"""``BucketGraph``: one decode batch size, compiled once and, where the platform can, captured as a graph.
+"""``BucketGraph``: one step shape (a decode batch size, or a prefill token count), captured as a graph where
+the platform can.
 
-Invariants: the compiled function is only ever called with inputs of exactly this bucket's shapes (so it
-never recompiles), and on a capturing platform every replay reads the same static input buffers, into which
-``run`` copies the live batch (already padded to the bucket by the runner).
+Invariants: the compiled function is only ever called with inputs of exactly this bucket's shapes, and on a
+capturing platform every replay reads the same static input buffers, into which ``run`` copies the live
+batch (already padded to the bucket by the runner) unless the runner filled them directly.
 """
 import time
-
-import torch
 
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.platforms.base import Platform
@@ -38,7 +37,7 @@ class BucketGraph:
         self.graph = graph
 
     def run(self, inputs: StepInputs):
-        """(tokens [size], logits [size, V]) for a batch padded to this bucket."""
+        """(tokens [rows], logits [rows, V]) for a batch padded to this bucket."""
         if self.graph is None:
             return self.compiled_step(inputs)
         if inputs is not self.static_inputs:

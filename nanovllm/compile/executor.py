@@ -1,9 +1,10 @@
 """Executors run a prepared step: ``EagerExecutor`` calls the step function directly, ``GraphExecutor`` runs
-one compiled step, replayed as a captured graph per decode bucket and called directly for prefill.
+one compiled step, replayed as a captured graph per decode bucket and per prefill token count.
 
 Prefill and decode are the same function of ``StepInputs`` (the attention op picks its kernel when it runs),
-so graph mode compiles once: the token and sequence counts are symbolic, each decode bucket is captured
-from that one compiled step, and prefill runs it at whatever size it has.  Graph and eager mode run the
+so graph mode compiles once: the token and sequence counts are symbolic, and each decode bucket and prefill
+size (``prefill_graphs.py``) is captured from that one compiled step.  A prefill no graph holds calls the
+compiled step directly, at whatever size it has.  Graph and eager mode run the
 same step function and compute the same thing.  After start-up the graph executor never compiles: every
 call runs under ``torch.compiler.set_stance("fail_on_recompile")``, and a step loaded from the compile cache
 (``saved_step.py``) raises on inputs its guards reject instead of compiling.
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.buckets import pick_bucket, split_batch
 from nanovllm.compile.cache import CompileCache, cache_disabled, key_fields
+from nanovllm.compile.prefill_graphs import PrefillGraphs, default_prefill_sizes
 from nanovllm.compile.saved_step import compiled_step
 from nanovllm.kernels.matmul_configs import triton_row_limits
 from nanovllm.layers.sampler import sample
@@ -62,6 +64,14 @@ class EagerExecutor:
         """The buffers a captured graph reads, for the runner to fill directly; None when there are none."""
         return None
 
+    def prefill_plan(self, num_tokens: int):
+        """((tokens, rows) to pad a prefill step of ``num_tokens`` tokens to, the buffers to fill), or (None, None):
+        unpadded (one trailing padding sequence of one token), into new inputs."""
+        return None, None
+
+    def captures_every_prefill(self) -> bool:
+        return False
+
     def decode(self, inputs, padded_rows: int):
         return self.step(inputs)
 
@@ -81,6 +91,7 @@ class GraphExecutor(EagerExecutor):
         super().__init__(runner)
         platform = runner.platform
         self.buckets = runner.config.graph_batch_sizes
+        self.max_prefill_tokens = runner.config.max_step_tokens
         # Each LLM in the process adds one compiled entry of the same step code object; raise Dynamo's
         # limits so none of them silently falls back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + 4
@@ -99,16 +110,38 @@ class GraphExecutor(EagerExecutor):
             logger.info("step %s (symbolic token and sequence counts) in %.1fs", _ORIGINS[self.step_origin],
                         self.trace_seconds)
             with torch.compiler.set_stance("fail_on_recompile"):
+                self.prefill_graphs = PrefillGraphs(runner, self.compiled, self._prefill_sizes(runner), pool)
                 for size in tqdm(sizes, desc="Capturing decode buckets", dynamic_ncols=True):
                     graph = BucketGraph(size, self.compiled, runner.prepare_decode([], size), platform)
                     graph.compile()
                     graph.capture(pool)  # largest first, so smaller graphs reuse the pool's memory
                     self.graphs[size] = graph
-                self._compile_prefill_matmuls(runner)
+                if not self.captures_every_prefill():
+                    self._compile_prefill_matmuls(runner)
         self.compile_seconds = time.perf_counter() - start
-        logger.info("graph mode ready: one compiled step, %d decode graphs, in %.1fs (compile cache %s)",
-                    len(self.graphs), self.compile_seconds,
+        logger.info("graph mode ready: one compiled step, %d decode graphs, prefill graphs of %s tokens, in %.1fs "
+                    "(compile cache %s)", len(self.graphs), list(self.prefill_graphs.sizes) or "no",
+                    self.compile_seconds,
                     "off" if cache_disabled() else "hit" if self.cache.hit else "miss, saved")
+
+    @staticmethod
+    def _prefill_sizes(runner) -> tuple[int, ...]:
+        cfg = runner.config
+        if cfg.prefill_graph_sizes is not None:
+            return cfg.prefill_graph_sizes
+        if not runner.platform.supports_graph_capture:  # padding without a capture only costs
+            return ()
+        return default_prefill_sizes(cfg.max_num_seqs, cfg.max_step_tokens)
+
+    def captures_every_prefill(self) -> bool:
+        return self.prefill_graphs.covers(self.max_prefill_tokens)
+
+    def prefill_plan(self, num_tokens: int):
+        shape = self.prefill_graphs.shape_for(num_tokens)
+        if shape is None:
+            return None, None
+        graph = self.prefill_graphs.graphs[shape[0]]
+        return shape, graph.static_inputs if graph.graph is not None else None
 
     def _compile_prefill_matmuls(self, runner) -> None:
         """Run the step once at each row count where a Triton matmul config ends, so that a prefill of that
@@ -140,7 +173,8 @@ class GraphExecutor(EagerExecutor):
     @torch.inference_mode()
     def prefill(self, inputs):
         with torch.compiler.set_stance("fail_on_recompile"):
-            return self.compiled(inputs)
+            graph = self.prefill_graphs.graph_for(inputs)
+            return graph.run(inputs) if graph is not None else self.compiled(inputs)
 
 
 _ORIGINS = {"loaded": "loaded from the compile cache, not traced", "aot": "traced, compiled and saved",

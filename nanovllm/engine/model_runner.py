@@ -1,10 +1,11 @@
 """Owns the model, its KV cache and the device: turns a scheduled batch into ``StepInputs`` and tokens.
 
 Steps go to an executor (``nanovllm/compile/executor.py``): eager, or graph mode with one compiled step
-captured per decode batch-size bucket and called directly for prefill.  Inputs are padded the same way in
-both modes: decode rows up to the bucket, and every prefill gets one trailing padding sequence (one token,
-slot -1, context 0), so the compiled step never meets a size of 1 (which the compiler would specialise on
-and recompile for).  Block tables are always ``max_blocks_per_seq`` wide, a static shape.
+captured per decode batch-size bucket and per prefill token count.  Decode rows are padded up to the bucket
+in both modes.  A prefill gets a trailing padding sequence (slot -1, context 0): of one token, or in graph
+mode of as many tokens as pad the step to its prefill graph's size (``prepare_prefill``).  So the compiled
+step never meets a size of 1 (which the compiler would specialise on and recompile for).  Block tables are
+always ``max_blocks_per_seq`` wide, a static shape.
 
 A step is ``launch``-ed (queued on the device; its tokens land in the device token buffer and are copied
 to pinned host memory in the background) and later ``collect``-ed, so the engine can schedule and prepare
@@ -78,7 +79,7 @@ class ModelRunner:
         self.executor = self._make_executor()
         self.mode = self.executor.mode
         phase("compile_and_capture" if self.mode == "graph" else "executor")
-        if self.platform.supports_graph_capture:
+        if self.platform.supports_graph_capture and not self.executor.captures_every_prefill():
             self._warm_largest_prefill()
             phase("warm_largest_prefill")
 
@@ -143,7 +144,7 @@ class ModelRunner:
         sits in the caching allocator before the first generate.  Otherwise the first real prefill allocates
         it from the device: 5 allocations, about 30 ms, in the first timed run of bench.py on an H100."""
         cfg = self.config
-        real = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)  # the most a step can hold
+        real = cfg.max_step_tokens
         tokens, rows = real + 1, min(cfg.max_num_seqs, real) + 1  # plus the trailing padding sequence
         with torch.inference_mode():
             self.executor.prefill(self.dummy_prefill_inputs(tokens, rows))
@@ -164,11 +165,12 @@ class ModelRunner:
     # ---- inputs ---------------------------------------------------------------------------------------
     @torch.inference_mode()  # inputs are always inference tensors, so compiled guards see one kind
     def _make_inputs(self, tokens, positions, slots, tables, context_lens, cu_seqlens, logits_indices,
-                     sampling, out_slots=None, packed: bool = False) -> StepInputs:
-        """Step inputs on the device from host arrays.  ``packed`` (real prefill steps) stages them in one pinned
-        buffer: one asynchronous copy.  Separate pageable copies would each make the host wait for the device
-        to finish the step before (about 10 ms per prefill step on an H100), so the host could not prepare and
-        queue the next step while this one runs."""
+                     sampling, out_slots=None, packed: bool = False, target: StepInputs | None = None) -> StepInputs:
+        """Step inputs on the device from host arrays, or copied into ``target`` (a graph's static inputs, packed
+        alike).  ``packed`` (real prefill steps) stages them in one pinned buffer: one asynchronous copy.
+        Separate pageable copies would each make the host wait for the device to finish the step before (about
+        10 ms per prefill step on an H100), so the host could not prepare and queue the next step while this
+        one runs."""
         n = len(context_lens)
         if out_slots is None:
             out_slots = np.full(n, self.scratch_slot)
@@ -189,6 +191,9 @@ class ModelRunner:
             out_slots=t(out_slots, torch.int64))
         if packed:
             host = host.packed_copy(pin_memory=self.device.type == "cuda")
+        if target is not None:
+            host.copy_into(target)
+            return target
         return host if self.device.type == "cpu" else host.to(self.device)
 
     def _sampling_arrays(self, seqs, rows: int):
@@ -209,35 +214,42 @@ class ModelRunner:
             tables[i, :len(seq.block_table)] = seq.block_table
         return tables
 
-    def prepare_prefill(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare_prefill(self, batch: ScheduledBatch, shape: tuple[int, int] | None = None,
+                        target: StepInputs | None = None) -> StepInputs:
+        """Inputs of a prefill step, padded to ``shape`` = (tokens, rows) of a prefill graph
+        (``compile/prefill_graphs.py``) and written into ``target``, its static inputs, when given.  Without a
+        shape the step gets one trailing padding sequence of one token.  The tokens past the real ones form one
+        padding sequence of context 0 (slot -1: nothing is stored); further padding rows hold no tokens."""
         bs = self.block_size
         tokens, positions, slots, cu = [], [], [], [0]
-        out_slots = np.full(len(batch.seqs) + 1, self.scratch_slot)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        seqs = batch.seqs
+        for seq, n in zip(seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
             chunk = np.asarray(seq.token_ids[start:start + n])
             assert (chunk != PENDING_TOKEN).all(), "a prefill chunk must not contain an unresolved token"
             tokens.append(chunk)
-            if batch.samples(i):
-                out_slots[i] = seq.token_slot
             positions.append(pos)
             table = np.asarray(seq.block_table, dtype=np.int64)
             slots.append(table[pos // bs] * bs + pos % bs)
             cu.append(cu[-1] + n)
-        seqs = batch.seqs
-        rows = len(seqs) + 1  # the trailing padding sequence
-        tokens.append(np.zeros(1, np.int64))
-        positions.append(np.zeros(1, np.int64))
-        slots.append(np.full(1, -1, np.int64))
-        cu.append(cu[-1] + 1)
-        context = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)] + [0]
-        cu = np.asarray(cu)
+        num_tokens, rows = shape or (cu[-1] + 1, len(seqs) + 1)
+        assert num_tokens >= cu[-1] and rows > len(seqs), "the padded shape must hold the step and a padding row"
+        pad = num_tokens - cu[-1]
+        tokens.append(np.zeros(pad, np.int64))
+        positions.append(np.zeros(pad, np.int64))
+        slots.append(np.full(pad, -1, np.int64))
+        cu = np.asarray(cu + [num_tokens] * (rows - len(seqs)))
+        out_slots = np.full(rows, self.scratch_slot)
+        for i, seq in enumerate(seqs):
+            if batch.samples(i):
+                out_slots[i] = seq.token_slot
+        context = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)] + [0] * (rows - len(seqs))
         return self._make_inputs(np.concatenate(tokens), np.concatenate(positions), np.concatenate(slots),
                                  self._block_table_array(seqs, rows, self.max_blocks_per_seq), np.asarray(context), cu,
-                                 cu[1:] - 1, self._sampling_arrays(seqs, rows), out_slots, packed=True)
+                                 cu[1:] - 1, self._sampling_arrays(seqs, rows), out_slots, packed=True, target=target)
 
-    def dummy_prefill_inputs(self, tokens: int = 7, rows: int = 3) -> StepInputs:
+    def dummy_prefill_inputs(self, tokens: int = 7, rows: int = 3, packed: bool = False) -> StepInputs:
         """A prefill of ``tokens`` tokens in ``rows`` sequences (the last of one token) that writes nothing (every
         slot -1).  Each sequence is a whole prompt (context = its tokens, positions from 0), as the attention
         kernel requires, and reads KV block 0 only; a sequence is at most ``max_model_len`` tokens long if
@@ -249,7 +261,8 @@ class ModelRunner:
         positions = np.arange(tokens) - np.repeat(cu[:-1], lengths)
         assert lengths.max() <= self.config.max_model_len, "dummy sequences longer than max_model_len"
         return self._make_inputs(np.zeros(tokens, np.int64), positions, np.full(tokens, -1),
-                                 np.zeros((rows, self.max_blocks_per_seq), np.int32), lengths, cu, cu[1:] - 1, None)
+                                 np.zeros((rows, self.max_blocks_per_seq), np.int32), lengths, cu, cu[1:] - 1, None,
+                                 packed=packed)
 
     def prepare_decode(self, seqs: list, rows: int, target: StepInputs | None = None, slot=(0, 0)) -> StepInputs:
         """One token per sequence, padded to ``rows``: padded rows get slot -1 and context length 0."""
@@ -278,7 +291,7 @@ class ModelRunner:
         for seq in batch.seqs:
             self._assign_slot(seq)
         if batch.is_prefill:
-            inputs = self.prepare_prefill(batch)
+            inputs = self.prepare_prefill(batch, *self.executor.prefill_plan(sum(batch.num_new_tokens)))
             tokens, logits = self.executor.prefill(inputs)
             self._emit(tokens, logits, inputs, len(batch.seqs), filtered, host, 0)
         else:

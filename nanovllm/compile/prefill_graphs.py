@@ -1,0 +1,61 @@
+"""``PrefillGraphs``: prefill steps captured as graphs at a few token counts.
+
+Uncaptured, the compiled step launches every kernel of a prefill step from Python: 25-50 ms of host time
+for a 16k-token step on an H100's host, against about 34 ms of device work, so prefill waited on the host.
+A captured step costs the host one input copy and one replay.
+
+Shapes: every graph has ``max_num_seqs + 1`` sequence rows and one of a few token counts: by default a
+quarter, half, three quarters and all of the most tokens a step holds (``max_num_batched_tokens`` unless
+every sequence at its longest holds fewer), where chunked prefill fills every step of a batch but the last.
+A step of ``t`` tokens runs in the smallest graph of at least ``t`` tokens, padded by
+``ModelRunner.prepare_prefill``: the tokens past ``t`` form one padding sequence of context 0 (attention
+gives it zeros; its slots are -1, so nothing is stored) and the rows after it are sequences of no tokens.
+There is always at least one padding row, since a step holds at most ``max_num_seqs`` sequences.
+Padding rows sample into the token buffer's scratch row.
+
+Every graph is the one compiled step (symbolic token and sequence counts) at another size, so capturing
+compiles nothing.  The graphs share the decode graphs' memory pool and are captured before them, largest
+first, so the smaller graphs reuse the largest one's memory.
+"""
+import bisect
+
+from tqdm.auto import tqdm
+
+from nanovllm.compile.bucket_graph import BucketGraph
+
+
+def default_prefill_sizes(max_num_seqs: int, max_step_tokens: int) -> tuple[int, ...]:
+    """1/4, 2/4, 3/4 and 4/4 of the most tokens a step holds (``EngineConfig.max_step_tokens``; multiples of 64
+    below it), keeping those above ``max_num_seqs + 1``."""
+    sizes = {max_step_tokens * k // 4 // 64 * 64 for k in (1, 2, 3)} | {max_step_tokens}
+    return tuple(sorted(s for s in sizes if s > max_num_seqs + 1))
+
+
+class PrefillGraphs:
+    def __init__(self, runner, compiled_step, sizes: tuple[int, ...], pool):
+        self.sizes = tuple(sorted(sizes))
+        self.rows = runner.config.max_num_seqs + 1
+        self.graphs: dict[int, BucketGraph] = {}
+        if not self.sizes:
+            return
+        # Anything a prefill this wide sets up lazily happens here, outside the capture.
+        compiled_step(runner.dummy_prefill_inputs(self.sizes[0], self.rows))
+        for size in tqdm(self.sizes[::-1], desc="Capturing prefill steps", dynamic_ncols=True):
+            graph = BucketGraph(size, compiled_step, runner.dummy_prefill_inputs(size, self.rows, packed=True),
+                                runner.platform)
+            graph.capture(pool)
+            self.graphs[size] = graph
+
+    def covers(self, max_tokens: int) -> bool:
+        """Whether every prefill step of at most ``max_tokens`` tokens runs in a graph."""
+        return bool(self.sizes) and self.sizes[-1] >= max_tokens
+
+    def shape_for(self, num_tokens: int) -> tuple[int, int] | None:
+        """(tokens, rows) a step of ``num_tokens`` tokens is padded to, or None if no graph holds it."""
+        i = bisect.bisect_left(self.sizes, num_tokens)
+        return (self.sizes[i], self.rows) if i < len(self.sizes) else None
+
+    def graph_for(self, inputs) -> BucketGraph | None:
+        if inputs.context_lens.shape[0] != self.rows:
+            return None
+        return self.graphs.get(inputs.input_ids.shape[0])
