@@ -1,4 +1,4 @@
-# Shared by the one-call GPU scripts (performance_md.sh, pdl_ab.sh, h100_session.sh, tree_ab.sh); source it,
+# Shared by the one-call GPU scripts (performance_md.sh, pdl_ab.sh, h100_session.sh, tree_ab.sh, flag_ab.sh); source it,
 # don't run it.
 # Sets PYTHONPATH to the repository root and OUT (default ./results, created), and defines
 #
