@@ -6,7 +6,8 @@ A captured step costs the host one input copy and one replay.
 
 Shapes: every graph has ``max_num_seqs + 1`` sequence rows and one of a few token counts: by default a
 quarter, half, three quarters and all of the most tokens a step holds (``max_num_batched_tokens`` unless
-every sequence at its longest holds fewer), where chunked prefill fills every step of a batch but the last.
+every sequence at its longest holds fewer), where chunked prefill fills every step of a batch but the last,
+and powers of two from 512 below that, for the small prefills of sequences admitted while others decode.
 A step of ``t`` tokens runs in the smallest graph of at least ``t`` tokens, padded by
 ``ModelRunner.prepare_prefill``: the tokens past ``t`` form one padding sequence of context 0 (attention
 gives it zeros; its slots are -1, so nothing is stored) and the rows after it are sequences of no tokens.
@@ -25,9 +26,13 @@ from nanovllm.compile.bucket_graph import BucketGraph
 
 
 def default_prefill_sizes(max_num_seqs: int, max_step_tokens: int) -> tuple[int, ...]:
-    """1/4, 2/4, 3/4 and 4/4 of the most tokens a step holds (``EngineConfig.max_step_tokens``; multiples of 64
-    below it), keeping those above ``max_num_seqs + 1``."""
+    """Powers of two from 512 below a quarter of the most tokens a step holds (``EngineConfig.max_step_tokens``),
+    then 1/4, 2/4, 3/4 (multiples of 64) and all of it; only those above ``max_num_seqs + 1``."""
     sizes = {max_step_tokens * k // 4 // 64 * 64 for k in (1, 2, 3)} | {max_step_tokens}
+    size = 512
+    while size < max_step_tokens // 4:
+        sizes.add(size)
+        size *= 2
     return tuple(sorted(s for s in sizes if s > max_num_seqs + 1))
 
 
