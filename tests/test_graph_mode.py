@@ -194,13 +194,15 @@ def test_prefill_padded_to_a_graph_size_gets_one_padding_sequence_then_empty_row
 
 def test_padded_prefill_steps_match_eager(padded_prefill_llms):
     """Prompts of 1-100 tokens under a 48-token step budget: chunked prefills of every size, padded to 16 or 48
-    tokens, must give eager mode's tokens, greedy and seeded."""
+    tokens, must give eager mode's tokens, greedy, seeded and with top-k/top-p."""
     graph, eager = padded_prefill_llms
     rng = random.Random(1)
     prompts = [[rng.randint(3, 383) for _ in range(n)] for n in (1, 7, 15, 16, 17, 40, 100)]
     greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     seeded = [SamplingParams(temperature=0.8, max_tokens=5, ignore_eos=True, seed=s) for s in range(len(prompts))]
-    for params in (greedy, seeded):
+    filtered = [SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_tokens=5, ignore_eos=True, seed=s)
+                for s in range(len(prompts))]  # re-drawn outside the graph from its logits
+    for params in (greedy, seeded, filtered):
         with torch.compiler.set_stance("fail_on_recompile"):
             got = graph.generate(prompts, params, use_tqdm=False)
         assert got == eager.generate(prompts, params, use_tqdm=False)

@@ -70,6 +70,8 @@ class EagerExecutor:
         return None, None
 
     def captures_every_prefill(self) -> bool:
+        """Whether every prefill step runs in a prefill graph (captured where the platform can), so that start-up
+        need not warm the uncaptured prefill path."""
         return False
 
     def decode(self, inputs, padded_rows: int):
@@ -81,8 +83,9 @@ class EagerExecutor:
 
 class GraphExecutor(EagerExecutor):
     """Graph mode: one compile of the step with symbolic token and sequence counts, first traced on a small
-    prefill (so the two counts get separate symbols), then captured once per decode bucket, largest first,
-    in one shared memory pool.  Buckets are at least 2 rows, since the compiler specialises a size of 1.
+    prefill (so the two counts get separate symbols), then captured once per prefill size and once per decode
+    bucket, each kind largest first, in one shared memory pool.  Buckets are at least 2 rows, since the compiler
+    specialises a size of 1.
     A bucket that would need a second compile fails start-up instead of compiling silently.
     """
     mode = "graph"
