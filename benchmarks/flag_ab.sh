@@ -5,7 +5,7 @@
 #     VARIANTS="default|--prefill-graph-sizes none" ROUNDS=2 REPEAT=2 bash benchmarks/flag_ab.sh
 #
 # VARIANTS: '|'-separated extra bench arguments ("default": none).  BENCH_ARGS (default "--bs 256") go to every
-# run.  The table at the end lists every run's JSON in $OUT (the same table as tree_ab.sh).
+# run.  The table at the end (gpu_steps.sh's runs_table) lists every run's JSON in $OUT.
 source benchmarks/gpu_steps.sh
 VARIANTS=${VARIANTS:-default}
 ROUNDS=${ROUNDS:-2}
@@ -21,13 +21,4 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 for i in "${!variants[@]}"; do echo "v$i: ${variants[$i]}"; done
-python - "$OUT" <<'PY'
-import glob, json, os, sys
-print("| run | tok/s | seconds | prefill s | decode s | other s |\n|---|---|---|---|---|---|")
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "v*_r[0-9]*.json"))):
-    runs = json.load(open(path))
-    for r in runs if isinstance(runs, list) else [runs]:
-        other = r["seconds"] - r["prefill_seconds"] - r["decode_seconds"]
-        print(f"| {os.path.basename(path)[:-5]} | {r['tok_per_s']:.0f} | {r['seconds']:.3f} | {r['prefill_seconds']:.3f}"
-              f" | {r['decode_seconds']:.3f} | {other:.3f} |")
-PY
+runs_table 'v*_r[0-9]*.json'

@@ -25,13 +25,4 @@ for round in $(seq 1 "$ROUNDS"); do
       --json "$OUT/${label}_r$round.json"
   done
 done
-python - "$OUT" <<'EOF'
-import glob, json, os, sys
-print("| run | tok/s | seconds | prefill s | decode s | other s |\n|---|---|---|---|---|---|")
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*_r[0-9]*.json"))):
-    runs = json.load(open(path))
-    for r in runs if isinstance(runs, list) else [runs]:
-        other = r["seconds"] - r["prefill_seconds"] - r["decode_seconds"]
-        print(f"| {os.path.basename(path)[:-5]} | {r['tok_per_s']:.0f} | {r['seconds']:.3f} | {r['prefill_seconds']:.3f}"
-              f" | {r['decode_seconds']:.3f} | {other:.3f} |")
-EOF
+runs_table '*_r[0-9]*.json'
