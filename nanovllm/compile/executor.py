@@ -94,7 +94,6 @@ class GraphExecutor(EagerExecutor):
         super().__init__(runner)
         platform = runner.platform
         self.buckets = runner.config.graph_batch_sizes
-        self.max_prefill_tokens = runner.config.max_step_tokens
         # Each LLM in the process adds one compiled entry of the same step code object; raise Dynamo's
         # limits so none of them silently falls back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + 4
@@ -137,7 +136,7 @@ class GraphExecutor(EagerExecutor):
         return default_prefill_sizes(cfg.max_num_seqs, cfg.max_step_tokens)
 
     def captures_every_prefill(self) -> bool:
-        return self.prefill_graphs.covers(self.max_prefill_tokens)
+        return self.prefill_graphs.cover_every_step
 
     def prefill_plan(self, num_tokens: int):
         shape = self.prefill_graphs.shape_for(num_tokens)

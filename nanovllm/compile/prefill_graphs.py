@@ -40,6 +40,8 @@ class PrefillGraphs:
     def __init__(self, runner, compiled_step, sizes: tuple[int, ...], pool):
         self.sizes = tuple(sorted(sizes))
         self.rows = runner.config.max_num_seqs + 1
+        # Whether every prefill step runs in a graph: no step holds more than max_step_tokens.
+        self.cover_every_step = bool(self.sizes) and self.sizes[-1] >= runner.config.max_step_tokens
         self.graphs: dict[int, BucketGraph] = {}
         if not self.sizes:
             return
@@ -50,10 +52,6 @@ class PrefillGraphs:
                                 runner.platform)
             graph.capture(pool)
             self.graphs[size] = graph
-
-    def covers(self, max_tokens: int) -> bool:
-        """Whether every prefill step of at most ``max_tokens`` tokens runs in a graph."""
-        return bool(self.sizes) and self.sizes[-1] >= max_tokens
 
     def shape_for(self, num_tokens: int) -> tuple[int, int] | None:
         """(tokens, rows) a step of ``num_tokens`` tokens is padded to, or None if no graph holds it."""
