@@ -1,4 +1,5 @@
 """Graph mode: whole-step graphs with no breaks, no recompiles after start-up, tokens identical to eager."""
+import contextlib
 import random
 
 import pytest
@@ -105,10 +106,11 @@ def test_padded_rows_never_write_into_live_kv(graph_llm):
     assert set(changed[:, 2].tolist()) == {3} and set(changed[:, 4].tolist()) == {2}
 
 
-def test_prefill_inputs_are_one_packed_buffer(eager_llm):
-    """A real prefill's inputs are views of one buffer (on CUDA: pinned, moved in one asynchronous copy)."""
-    engine = eager_llm.engine
-    seqs = [Sequence(100 + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i)
+@contextlib.contextmanager
+def _scheduled_prefill(engine, first_id: int):
+    """A scheduled prefill of two prompts (tokens 1..5 and 1..9) holding token slots, as ``launch`` would give
+    them; yields (batch, seqs) and finishes both afterwards, so the engine can be used again."""
+    seqs = [Sequence(first_id + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i)
             for i, n in enumerate((5, 9))]
     for seq in seqs:
         engine.scheduler.add(seq)
@@ -116,17 +118,23 @@ def test_prefill_inputs_are_one_packed_buffer(eager_llm):
     try:
         assert batch.is_prefill and batch.seqs == seqs
         for seq in seqs:
-            engine.runner._assign_slot(seq)  # as launch does
-        inputs = engine.runner.prepare_prefill(batch)
+            engine.runner._assign_slot(seq)
+        yield batch, seqs
+    finally:
+        for seq in seqs:
+            engine.scheduler._finish(seq)
+            engine.runner.release_slot(seq)
+
+
+def test_prefill_inputs_are_one_packed_buffer(eager_llm):
+    """A real prefill's inputs are views of one buffer (on CUDA: pinned, moved in one asynchronous copy)."""
+    with _scheduled_prefill(eager_llm.engine, first_id=100) as (batch, _):
+        inputs = eager_llm.engine.runner.prepare_prefill(batch)
         storage = inputs.buffer.untyped_storage().data_ptr()
         for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "cu_seqlens_q"):
             assert getattr(inputs, name).untyped_storage().data_ptr() == storage, name
         assert inputs.input_ids.tolist() == list(range(1, 6)) + list(range(1, 10)) + [0]  # + the padding token
         assert inputs.cu_seqlens_q.tolist() == [0, 5, 14, 15] and inputs.context_lens.tolist() == [5, 9, 0]
-    finally:
-        for seq in seqs:
-            engine.scheduler._finish(seq)
-            engine.runner.release_slot(seq)
 
 
 def test_dummy_prefills_are_valid_prompts_inside_the_model_length(eager_llm):
@@ -169,14 +177,7 @@ def test_prefill_padded_to_a_graph_size_gets_one_padding_sequence_then_empty_row
     assert runner.executor.prefill_graphs.sizes == (16, 48) and runner.executor.captures_every_prefill()
     assert runner.executor.prefill_plan(14) == ((16, 8), None)  # nothing captured on the CPU: no static inputs
     assert runner.executor.prefill_plan(17)[0] == (48, 8)
-    seqs = [Sequence(200 + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i)
-            for i, n in enumerate((5, 9))]
-    for seq in seqs:
-        engine.scheduler.add(seq)
-    batch = engine.scheduler.schedule()
-    try:
-        for seq in seqs:
-            runner._assign_slot(seq)
+    with _scheduled_prefill(engine, first_id=200) as (batch, seqs):
         inputs = runner.prepare_prefill(batch, (16, 8))
         assert inputs.input_ids.tolist() == list(range(1, 6)) + list(range(1, 10)) + [0, 0]
         assert inputs.cu_seqlens_q.tolist() == [0, 5, 14] + [16] * 6
@@ -186,10 +187,6 @@ def test_prefill_padded_to_a_graph_size_gets_one_padding_sequence_then_empty_row
         assert inputs.out_slots.tolist() == [s.token_slot for s in seqs] + [runner.scratch_slot] * 6
         with pytest.raises(AssertionError, match="padded shape"):
             runner.prepare_prefill(batch, (13, 8))
-    finally:
-        for seq in seqs:
-            engine.scheduler._finish(seq)
-            runner.release_slot(seq)
 
 
 def test_padded_prefill_steps_match_eager(padded_prefill_llms):
