@@ -46,7 +46,8 @@ def build_llm(args, bs: int, enforce_eager: bool) -> LLM:
     return llm
 
 
-def run_once(llm: LLM, args) -> dict:
+def run_once(llm: LLM, args, keep_steps: bool = False) -> dict:
+    """One warm-up and one timed generate of the workload; ``keep_steps`` adds every step's times."""
     prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
     engine = llm.engine
@@ -95,22 +96,31 @@ def run_once(llm: LLM, args) -> dict:
         "decode_by_batch": decode_by_batch(log),
         # wall ms charged to each prefill step, and what the caching allocator did during the run (device
         # mallocs/frees and out-of-memory retries, each of which synchronises and frees the cache)
-        "prefill_step_ms": [round(1000 * t, 1) for kind, _, t in log if kind == "prefill"],
+        "prefill_step_ms": [round(1000 * r.seconds, 1) for r in log if r.kind == "prefill"],
         "allocator": allocator,
-        "gc": {"collections": len(collections), "ms": round(1000 * sum(d for _, d in collections), 1),
-               "full": sum(1 for g, _ in collections if g == 2)},
+        "gc": {"collections": len(collections), "ms": round(1000 * sum(d for _, _, d in collections), 1),
+               "full": sum(1 for _, g, _ in collections if g == 2)},
+        **({"step_log": step_log_json(log, collections, t)} if keep_steps else {}),
     }
 
 
+def step_log_json(log: list, collections: list, origin: float) -> dict:
+    """Every engine step and garbage collection of a run, in ms from ``origin`` (for host_stalls.py)."""
+    ms = lambda x: round(1000 * x, 3)  # noqa: E731
+    return {"fields": ["kind", "seqs", "start_ms", "ms", "wait_ms", "launch_ms"],
+            "steps": [[r.kind, r.seqs, ms(r.start - origin), ms(r.seconds), ms(r.wait), ms(r.launch)] for r in log],
+            "gc": [[ms(start - origin), generation, ms(d)] for start, generation, d in collections]}
+
+
 def gc_timer(out: list):
-    """A ``gc.callbacks`` hook appending (generation, seconds) of each collection to ``out``."""
+    """A ``gc.callbacks`` hook appending (start, generation, seconds) of each collection to ``out``."""
     start = [0.0]
 
     def hook(phase, info):
         if phase == "start":
             start[0] = time.perf_counter()
         else:
-            out.append((info["generation"], time.perf_counter() - start[0]))
+            out.append((start[0], info["generation"], time.perf_counter() - start[0]))
     return hook
 
 
@@ -127,7 +137,7 @@ def decode_by_batch(log: list) -> dict:
     edges = [1, 16, 64, 128, 192, 256, 1 << 30]
     out = {}
     for lo, hi in zip(edges, edges[1:]):
-        times = [t for kind, n, t in log if kind == "decode" and lo <= n < hi]
+        times = [r.seconds for r in log if r.kind == "decode" and lo <= r.seqs < hi]
         if times:
             out[f"{lo}-{hi - 1}" if hi < 1 << 30 else f">={lo}"] = {"steps": len(times), "seconds": round(sum(times), 3)}
     return out
@@ -233,8 +243,9 @@ def plot_sweep(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """bench's options (benchmarks/host_stalls.py adds its own)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF checkpoint dir (default: synthesized random-weight Qwen3-0.6B)")
     p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest graph bucket")
     p.add_argument("--num-seqs", type=int, default=256)
@@ -257,6 +268,11 @@ def main():
                    help="after the timed run, profile this many decode steps (from step 300) and print GPU time per kernel")
     p.add_argument("--compare-padding", action="store_true",
                    help="eager mode with decode batches padded to buckets vs not padded")
+    return p
+
+
+def main():
+    p = make_parser()
     args = p.parse_args()
     if args.repeat < 1:
         p.error(f"--repeat must be >= 1, got {args.repeat}")

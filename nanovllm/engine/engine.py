@@ -5,6 +5,7 @@ the host spent scheduling, preparing and bookkeeping) and ``wait_time`` (seconds
 and the KV tokens decode steps read.
 """
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,6 +16,16 @@ from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
+
+
+class StepRecord(NamedTuple):
+    """One entry of ``Engine.step_log``: an engine step's wall time, charged to the step whose work it waited for."""
+    kind: str  # "prefill" or "decode"
+    seqs: int  # sequences in that step
+    start: float  # time.perf_counter() when the engine step began
+    seconds: float  # its wall time
+    wait: float  # of which blocked on the device
+    launch: float  # of which scheduling, preparing and launching the next step (before the wait)
 
 
 class Engine:
@@ -30,7 +41,7 @@ class Engine:
         self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                       "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0, "decode_kv_tokens": 0}
         self._pending = None  # (batch, handle) of the launched step whose tokens are not read yet
-        self.step_log: list | None = None  # set to a list to record (kind, sequences, wall seconds) per step
+        self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
@@ -55,6 +66,7 @@ class Engine:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 self.stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             launched = self.runner.launch(batch)
+        launch = time.perf_counter() - t0
         finished = []
         wait = 0.0
         if self._pending is not None:
@@ -76,7 +88,7 @@ class Engine:
             kind = "prefill" if charged.is_prefill else "decode"
             self.stats[f"{kind}_time"] += elapsed
             if self.step_log is not None:
-                self.step_log.append((kind, len(charged.seqs), elapsed))
+                self.step_log.append(StepRecord(kind, len(charged.seqs), t0, elapsed, wait, launch))
         self._pending = (batch, launched) if launched is not None else None
         computed = sum(batch.num_new_tokens)
         if batch.seqs:
