@@ -1,0 +1,100 @@
+"""The measuring tools: the engine's per-step log, the slow-step analysis of benchmarks/host_stalls.py, the idle
+gaps of benchmarks/profile_run.py and the dispatch-table merge of benchmarks/matmul_sweep.py (CPU only)."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import build_checkpoint
+from nanovllm import LLM, SamplingParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "benchmarks")):  # bench.py, and the benchmarks' own `from common import`
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+@pytest.fixture(scope="module")
+def eager_llm(tmp_path_factory):
+    return LLM(build_checkpoint(tmp_path_factory.mktemp("diag"), "qwen3"), enforce_eager=True, max_num_seqs=4,
+               max_model_len=128)
+
+
+def test_step_log_records_every_step_with_its_split(eager_llm):
+    engine = eager_llm.engine
+    engine.step_log = []
+    try:
+        eager_llm.generate([[1, 2, 3]] * 3 + [[4, 5, 6, 7, 8]], SamplingParams(max_tokens=5), use_tqdm=False)
+        log = engine.step_log
+    finally:
+        engine.step_log = None
+    # The first step's wall time is charged to its own prefill (nothing was pending), the second step's to that
+    # prefill too (it waited for its tokens), every later one to the decode step it waited for.
+    kinds = [r.kind for r in log]
+    assert kinds[:2] == ["prefill", "prefill"] and set(kinds[2:]) == {"decode"} and len(kinds) >= 6
+    assert all(0 < r.seqs <= 4 for r in log) and log[0].seqs == 4
+    assert all(b.start >= a.start + a.seconds for a, b in zip(log, log[1:]))
+    for r in log:
+        assert r.seconds > 0 and r.wait >= 0 and r.launch >= 0
+        assert r.wait + r.launch <= r.seconds + 1e-6
+
+
+def _synthetic_log(slow: range, gc_at: int) -> dict:
+    """100 decode steps of 5 ms (4 ms waiting, 0.8 ms launching), except ``slow`` ones whose launch takes 8 ms
+    while the device idles (no wait), with one garbage collection inside step ``gc_at``."""
+    steps, t = [], 0.0
+    for i in range(100):
+        wait, launch = (0.0, 8.0) if i in slow else (4.0, 0.8)
+        ms = wait + launch + 0.2
+        steps.append(["decode", 64, t, ms, wait, launch])
+        t += ms + 0.05
+    return {"fields": ["kind", "seqs", "start_ms", "ms", "wait_ms", "launch_ms"], "steps": steps,
+            "gc": [[steps[gc_at][2] + 1.0, 0, 6.5]]}
+
+
+def test_slow_clusters_find_a_host_stall_and_blame_the_launch():
+    from host_stalls import slow_clusters
+    clusters = slow_clusters(_synthetic_log(range(40, 43), gc_at=41))
+    assert len(clusters) == 1
+    c = clusters[0]
+    assert c["steps"] == 3 and c["seqs"] == "64-64"
+    assert c["extra_ms"]["launch"] == pytest.approx(3 * 7.2, abs=0.01)
+    assert c["extra_ms"]["wait"] == pytest.approx(-3 * 4.0, abs=0.01)
+    assert c["gc_ms"] == 6.5
+    assert slow_clusters(_synthetic_log(range(0), gc_at=5)) == []
+
+
+def test_step_log_json_round_trips_through_the_analysis(eager_llm):
+    import bench
+    from host_stalls import step_table
+    engine = eager_llm.engine
+    engine.step_log = []
+    try:
+        eager_llm.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=4), use_tqdm=False)
+        log = engine.step_log
+    finally:
+        engine.step_log = None
+    data = json.loads(json.dumps(bench.step_log_json(log, [(log[1].start, 0, 0.001)], log[0].start)))
+    cols = step_table(data)
+    assert list(cols["kind"]) == [r.kind for r in log]
+    assert cols["start_ms"][0] == 0.0 and (cols["after_ms"] >= -1e-3).all()
+    assert data["gc"] == [[round(1000 * (log[1].start - log[0].start), 3), 0, 1.0]]
+
+
+def test_idle_gaps_are_charged_to_the_pair_of_kernel_kinds():
+    from profile_run import idle_before
+    events = [("nvjet_a", 0, 10), ("_decode_kernel", 12, 20), ("triton_poi_fused_x", 19, 25), ("nvjet_b", 30, 40)]
+    other = "other (fused elementwise / norms / rope)"
+    assert idle_before(events) == {("matmul", "attention"): 2, (other, "matmul"): 5}
+
+
+def test_matmul_table_merge_keeps_unswept_batch_sizes(tmp_path):
+    from matmul_sweep import merge_table
+    path = tmp_path / "table.json"
+    cfg = {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4, "swap": True, "num_warps": 4,
+           "num_stages": 4}
+    merge_table(str(path), "9.0", {"1024,2048,0": [[16, cfg], [64, None], [256, None]]})
+    merge_table(str(path), "9.0", {"1024,2048,0": [[64, dict(cfg, block_m=32)], [128, None]]})
+    rows = json.loads(path.read_text())["arch"]["9.0"]["1024,2048,0"]
+    assert rows == [[16, cfg], [64, dict(cfg, block_m=32)], [128, None], [256, None]]
