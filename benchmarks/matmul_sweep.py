@@ -9,7 +9,9 @@ runs it: a CUDA graph of one launch per layer, each on its own weight tensor (so
 that a real step would read from memory), replayed.  The baseline is cuBLAS (``F.linear``; for gate/up plus
 the unfused SiLU-and-multiply kernel).  A Triton config enters the table only where it beats the baseline by
 ``--margin``.  Writes all timings to ``$OUT/matmul_sweep.json`` and the winners into the dispatch table
-(``nanovllm/kernels/matmul_tuned.json`` by default, merged under this GPU's compute capability).
+(``nanovllm/kernels/matmul_tuned.json`` by default, merged under this GPU's compute capability: a swept batch
+size replaces its row, the rows of other batch sizes stay).  ``--margin -1`` takes the best Triton config
+everywhere, for an end-to-end comparison with cuBLAS (``NANOVLLM_MATMUL_TABLE=... python bench.py``).
 """
 import argparse
 import json
@@ -131,8 +133,13 @@ def main():
 
 
 def merge_table(path: str, arch: str, tuned: dict) -> None:
+    """Write ``tuned`` rows into the table at ``path``: a swept batch size replaces its row, others stay."""
     existing = json.loads(open(path).read()) if os.path.exists(path) else {}
-    existing.setdefault("arch", {}).setdefault(arch, {}).update(tuned)
+    shapes = existing.setdefault("arch", {}).setdefault(arch, {})
+    for key, rows in tuned.items():
+        merged = {max_m: cfg for max_m, cfg in shapes.get(key, [])}
+        merged.update({max_m: cfg for max_m, cfg in rows})
+        shapes[key] = [[max_m, merged[max_m]] for max_m in sorted(merged)]
     existing["note"] = "written by benchmarks/matmul_sweep.py; see nanovllm/kernels/matmul_configs.py"
     with open(path, "w") as f:
         json.dump(existing, f, indent=1, sort_keys=True)

@@ -59,6 +59,18 @@ def busy_ns(events) -> int:
     return total
 
 
+def idle_before(events) -> dict[tuple[str, str], int]:
+    """GPU idle ns between consecutive kernels, by (category before, category after): where launches serialise."""
+    out, end, prev = {}, None, None
+    for name, s, e in sorted(events, key=lambda x: x[1]):
+        if end is not None and s > end:
+            key = (prev, category(name))
+            out[key] = out.get(key, 0) + s - end
+        if end is None or e > end:
+            end, prev = e, category(name)
+    return out
+
+
 def summarize(events, wall_s: float, steps: int, floor_s: float, batch: list[int]) -> dict:
     by_cat, by_name = {}, {}
     for name, s, e in events:
@@ -71,6 +83,9 @@ def summarize(events, wall_s: float, steps: int, floor_s: float, batch: list[int
             "floor_ms": round(1000 * floor_s / steps, 3),
             "kernels_per_step": len(events) // steps,
             "by_category_ms": {k: ms(v) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            # idle time between kernels inside the window (including between steps), by the pair of categories
+            "idle_ms": {f"{a} -> {b}": ms(v)
+                        for (a, b), v in sorted(idle_before(events).items(), key=lambda kv: -kv[1])[:8]},
             "top_kernels": [[n[:100], ms(v), sum(1 for x in events if x[0] == n) // steps]
                             for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]]}
 
@@ -141,7 +156,9 @@ def main():
               f"{w['floor_ms'] / max(w['gpu_busy_ms'], 1e-9):.0%} | {w['kernels_per_step']} | {cats} |")
     for w in windows:
         where = "the prefill steps" if w.get("kind") == "prefill" else f"batch {w['batch'][1]}"
-        print(f"\ntop kernels at {where} (ms/step, calls/step):")
+        print(f"\nGPU idle between kernels at {where} (ms/step): " +
+              ", ".join(f"{k} {v}" for k, v in w["idle_ms"].items()))
+        print(f"top kernels at {where} (ms/step, calls/step):")
         for name, t, calls in w["top_kernels"]:
             print(f"  {t:8.3f} {calls:4d}  {name}")
     out = out_dir()
