@@ -134,10 +134,13 @@ def gpu_numa() -> list[str]:
     import glob
     import torch
     lines = []
-    bus = torch.cuda.get_device_properties(0).pci_bus_id if torch.cuda.is_available() else None
-    for path in glob.glob("/sys/bus/pci/devices/*/numa_node"):
-        if bus and os.path.basename(os.path.dirname(path)).lower().endswith(bus.lower()[-7:]):
-            lines.append(f"  GPU {bus}: NUMA node {open(path).read().strip()}")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    pci = [getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
+    if None not in pci:  # the properties hold the PCI address as integers
+        address = "%04x:%02x:%02x.0" % tuple(pci)
+        path = f"/sys/bus/pci/devices/{address}/numa_node"
+        node = open(path).read().strip() if os.path.exists(path) else "unknown"
+        lines.append(f"  GPU at PCI {address}: NUMA node {node}")
     for node in sorted(glob.glob("/sys/devices/system/node/node[0-9]*/cpulist")):
         lines.append(f"  {node.split('/')[-2]}: CPUs {open(node).read().strip()}")
     lines.append(f"  this process may run on CPUs {sorted(os.sched_getaffinity(0))}")
