@@ -98,3 +98,18 @@ def test_matmul_table_merge_keeps_unswept_batch_sizes(tmp_path):
     merge_table(str(path), "9.0", {"1024,2048,0": [[64, dict(cfg, block_m=32)], [128, None]]})
     rows = json.loads(path.read_text())["arch"]["9.0"]["1024,2048,0"]
     assert rows == [[16, cfg], [64, dict(cfg, block_m=32)], [128, None], [256, None]]
+
+
+def test_free_block_order_for_the_placement_experiments():
+    from host_stalls import order_free_blocks
+    from nanovllm.engine.block_manager import BlockManager
+    bm = BlockManager(16, 4)
+    bm.free_blocks.move_to_end(0)  # as a finished run leaves it: not in id order
+    order_free_blocks(bm, "keep", 0)
+    assert list(bm.free_blocks)[-1] == 0
+    order_free_blocks(bm, "shuffle", 3)
+    shuffled = list(bm.free_blocks)
+    assert sorted(shuffled) == list(range(16)) and shuffled != list(range(16))
+    order_free_blocks(bm, "ascending", 0)
+    assert list(bm.free_blocks) == list(range(16))
+    assert bm._take_free_block() == 0
