@@ -168,50 +168,37 @@ def test_prefill_attention_kernel_matches_reference(poison, head_dim, group, num
     q_lens = [37, 1, 20, 5, 64]
     prefix = [0, 40, 3 * block_size - 20, 0, block_size]
     ctx = [a + b for a, b in zip(q_lens, prefix)]
-    k, v, tables, lens = make_cache(ctx, num_kv_heads, head_dim, block_size, dtype, seed=head_dim * group)
+    check_prefill(q_lens, ctx, num_kv_heads, group * num_kv_heads, head_dim, block_size, dtype, head_dim * group,
+                  head_dim ** -0.5, block_m, block_n)
+
+
+def check_prefill(q_lens, ctx, num_kv_heads, num_q_heads, head_dim, block_size, dtype, seed, scale, block_m,
+                  block_n):
+    """The prefill kernel against the reference on a fresh cache and random queries; returns the kernel's output."""
+    k, v, tables, lens = make_cache(ctx, num_kv_heads, head_dim, block_size, dtype, seed=seed)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(sum(q_lens), group * num_kv_heads, head_dim).to(dtype)
-    scale = head_dim ** -0.5
+    q = torch.randn(sum(q_lens), num_q_heads, head_dim).to(dtype)
     want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, scale)
     out = ta.prefill_attention_configured(q, k, v, cu, lens, tables, scale, block_m=block_m, block_n=block_n)
     assert_close(out, want, dtype)
+    return out
 
 
 def test_prefill_attention_kernel_query_tiles_span_sequences(poison):
     # Query tiles straddle sequence boundaries in the packed batch; each must land on its own rows.
-    q_lens, prefix = [70, 33], [10, 0]
-    ctx = [a + b for a, b in zip(q_lens, prefix)]
-    k, v, tables, lens = make_cache(ctx, 2, 32, 16, F32, seed=21)
-    cu = torch.tensor([0, 70, 103], dtype=torch.int32)
-    q = torch.randn(103, 4, 32)
-    want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, 0.2)
-    out = ta.prefill_attention_configured(q, k, v, cu, lens, tables, 0.2, block_m=16, block_n=16)
-    assert_close(out, want, F32)
+    check_prefill([70, 33], [80, 33], 2, 4, 32, 16, F32, seed=21, scale=0.2, block_m=16, block_n=16)
 
 
 def test_prefill_attention_kernel_empty_sequence_and_block_256(poison):
     # A sequence with no new tokens sits between two others; block size 256 at tiny batch.
-    q_lens, prefix = [3, 0, 17], [250, 0, 0]
-    ctx = [a + b for a, b in zip(q_lens, prefix)]
-    k, v, tables, lens = make_cache(ctx, 1, 64, 256, BF16, seed=5)
-    cu = torch.tensor([0, 3, 3, 20], dtype=torch.int32)
-    q = torch.randn(20, 2, 64).to(BF16)
-    want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, 0.125)
-    out = ta.prefill_attention_configured(q, k, v, cu, lens, tables, 0.125, block_m=16, block_n=64)
-    assert_close(out, want, BF16)
+    check_prefill([3, 0, 17], [253, 0, 17], 1, 2, 64, 256, BF16, seed=5, scale=0.125, block_m=16, block_n=64)
 
 
 def test_prefill_attention_kernel_padding_sequence_of_many_tokens_gets_zeros(poison):
     # A prefill padded to a graph's token count puts the padding tokens in one sequence of context 0.  Its
     # positions are negative: it must attend to nothing (zeros) and read no block-table entry, in particular
     # not the row before its own, which belongs to a real sequence.
-    q_lens, ctx = [40, 150], [40, 0]
-    k, v, tables, lens = make_cache(ctx, 2, 32, 16, F32, seed=8)
-    cu = torch.tensor([0, 40, 190], dtype=torch.int32)
-    q = torch.randn(190, 4, 32)
-    want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, 0.2)
-    out = ta.prefill_attention_configured(q, k, v, cu, lens, tables, 0.2, block_m=16, block_n=16)
-    assert_close(out, want, F32)
+    out = check_prefill([40, 150], [40, 0], 2, 4, 32, 16, F32, seed=8, scale=0.2, block_m=16, block_n=16)
     assert torch.equal(out[40:], torch.zeros_like(out[40:]))
 
 
