@@ -40,6 +40,8 @@ def build_llm(args, bs: int, enforce_eager: bool) -> LLM:
     extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
     if args.prefill_graph_sizes is not None:
         extra["prefill_graph_sizes"] = args.prefill_graph_sizes
+    if args.pipeline_depth is not None:
+        extra["pipeline_depth"] = args.pipeline_depth
     llm = LLM(args.model, enforce_eager=enforce_eager, max_num_seqs=bs, graph_batch_sizes=buckets,
               max_model_len=4096, dtype=args.dtype, device=args.device, **extra)
     llm.init_seconds = time.perf_counter() - t
@@ -192,6 +194,8 @@ def run_in_subprocess(args, bs: int) -> dict:
             cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         if args.prefill_graph_sizes is not None:
             cmd += ["--prefill-graph-sizes", ",".join(map(str, args.prefill_graph_sizes)) or "none"]
+        if args.pipeline_depth is not None:
+            cmd += ["--pipeline-depth", str(args.pipeline_depth)]
         subprocess.run(cmd, check=True)
         with open(out) as f:
             return json.load(f)
@@ -202,7 +206,7 @@ def describe(llm: LLM) -> dict:
     return {"device": torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu",
             "dtype": str(r.dtype).replace("torch.", ""), "mode": r.mode, "torch": torch.__version__,
             "max_num_seqs": llm.config.max_num_seqs, "graph_batch_sizes": list(llm.config.graph_batch_sizes),
-            "max_num_batched_tokens": llm.config.max_num_batched_tokens,
+            "max_num_batched_tokens": llm.config.max_num_batched_tokens, "pipeline_depth": llm.config.pipeline_depth,
             "prefill_graph_sizes": list(getattr(getattr(r.executor, "prefill_graphs", None), "sizes", ())),
             "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size,
             "decode_attention": decode_attention_variant(r.device),
@@ -256,6 +260,8 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per prefill step (default: the LLM default)")
     p.add_argument("--prefill-graph-sizes", type=lambda s: [] if s == "none" else [int(x) for x in s.split(",")],
                    help="token counts prefill steps are captured at, or 'none' (default: the LLM default)")
+    p.add_argument("--pipeline-depth", type=int,
+                   help="engine steps queued before the host reads the oldest's tokens (default: the LLM default)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the result(s) to this file")

@@ -68,6 +68,9 @@ class EngineConfig:
     kvcache_block_size: int = 64  # measured best on H100: see docs/PERFORMANCE.md
     num_kvcache_blocks: int | None = None
     seed: int = 0
+    # Engine steps queued on the device before the host reads the oldest one's tokens: 1 queues the next step
+    # while the current one runs; 2 also rides out host stalls of up to a step's length (engine/engine.py).
+    pipeline_depth: int = 2
     hf_config: dict = field(default_factory=dict)
     eos_token_ids: tuple = ()
 
@@ -84,6 +87,7 @@ class EngineConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1)
         _check_int("seed", self.seed, 0)
+        _check_int("pipeline_depth", self.pipeline_depth, 1)
         _check_int("kvcache_block_size", self.kvcache_block_size, 16)
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")

@@ -15,13 +15,15 @@ class LLM:
                  graph_batch_sizes=None, tensor_parallel_size: int = 1, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.9, kvcache_block_size: int = 64,
-                 num_kvcache_blocks: int | None = None, seed: int = 0, prefill_graph_sizes=None):
+                 num_kvcache_blocks: int | None = None, seed: int = 0, prefill_graph_sizes=None,
+                 pipeline_depth: int = 2):
         self.config = EngineConfig(
             model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
             graph_batch_sizes=graph_batch_sizes, tensor_parallel_size=tensor_parallel_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, kvcache_block_size=kvcache_block_size,
-            num_kvcache_blocks=num_kvcache_blocks, seed=seed, prefill_graph_sizes=prefill_graph_sizes)
+            num_kvcache_blocks=num_kvcache_blocks, seed=seed, prefill_graph_sizes=prefill_graph_sizes,
+            pipeline_depth=pipeline_depth)
         if tensor_parallel_size != 1:
             raise NotImplementedError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
         start = time.perf_counter()

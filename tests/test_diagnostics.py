@@ -29,10 +29,12 @@ def test_step_log_records_every_step_with_its_split(eager_llm):
         log = engine.step_log
     finally:
         engine.step_log = None
-    # The first step's wall time is charged to its own prefill (nothing was pending), the second step's to that
-    # prefill too (it waited for its tokens), every later one to the decode step it waited for.
+    # An engine step's wall time is charged to the oldest queued step: the prefill for the first ``depth`` steps
+    # (which only queue steps) and the step after them (which waits for the prefill's tokens), then each decode.
+    depth = engine.config.pipeline_depth
     kinds = [r.kind for r in log]
-    assert kinds[:2] == ["prefill", "prefill"] and set(kinds[2:]) == {"decode"} and len(kinds) >= 6
+    assert kinds[:depth + 1] == ["prefill"] * (depth + 1) and set(kinds[depth + 1:]) == {"decode"}
+    assert len(kinds) >= 6
     assert all(0 < r.seqs <= 4 for r in log) and log[0].seqs == 4
     assert all(b.start >= a.start + a.seconds for a, b in zip(log, log[1:]))
     for r in log:

@@ -95,12 +95,15 @@ class BlockManager:
         """Give a decoding sequence the block its newest token needs (caller checked one is free)."""
         seq.block_table.append(self._take_free_block())
 
-    def register_computed(self, seq: Sequence) -> None:
-        """Publish every full block whose KV is now computed, so later requests can hit it."""
+    def register_computed(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Publish every full block whose KV is now computed (within the first ``num_tokens`` tokens, default
+        ``seq.num_computed_tokens``: the caller leaves out tokens still being sampled), so later requests can
+        hit it."""
         hashes = self.seq_hashes[seq.seq_id]
         bs = self.block_size
         h = hashes[-1] if hashes else 0
-        for i in range(len(hashes), seq.num_computed_tokens // bs):
+        limit = seq.num_computed_tokens if num_tokens is None else num_tokens
+        for i in range(len(hashes), limit // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(h, tokens)
             block = seq.block_table[i]

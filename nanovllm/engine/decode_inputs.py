@@ -6,9 +6,10 @@ the critical path.  These keep it small:
   blocks are written (a sequence whose ``block_table`` list was replaced, e.g. after preemption, is rebuilt);
 * the batch is assembled with numpy in reusable staging tensors, views of one (pinned on CUDA) buffer, so
   it reaches the device, or a graph's static inputs, in one copy (``StepInputs.packed``);
-* one staging set per (row count, ``slot``): the runner passes slot (chunk of the step, launch parity), because
-  a set's asynchronous copy to the device may still be pending while later chunks and the next step are
-  prepared; a set is reused two launches later, after the engine has waited for the step that read it;
+* one staging set per (row count, ``slot``): the runner passes slot (chunk of the step, launch turn in its ring
+  of pipeline depth + 1), because a set's asynchronous copy to the device may still be pending while later
+  chunks and the next steps are prepared; a set is reused a ring later, after the engine has waited for the
+  step that read it;
 * on a capturing platform the staging tensors are copied straight into the graph's static input buffers.
 
 Padded rows follow the one rule of graph mode: token 0, slot -1, context length 0, greedy, discarded (its

@@ -1,10 +1,17 @@
-"""The engine loop: schedule a step, launch it on the model, then feed the previous step's tokens back.
+"""The engine loop: schedule a step, launch it on the model, then feed the oldest queued step's tokens back.
+
+Up to ``pipeline_depth`` steps stay queued on the device (default 2): each engine step launches one and then
+reads the tokens of the one launched ``pipeline_depth`` steps before.  A step's inputs take the newest tokens
+from the device token buffer, so the host never waits for them.  With depth 1 the device runs out of work
+whenever the host takes longer than one step to schedule and launch the next; with depth 2 a host stall of up
+to one device step (a few ms: the lent H100 machines' CPUs have them, docs/PERFORMANCE.md) costs nothing.
 
 Statistics (``Engine.stats``): tokens and wall seconds per step kind, decode steps, ``host_time`` (seconds
 the host spent scheduling, preparing and bookkeeping) and ``wait_time`` (seconds it waited for the device),
 and the KV tokens decode steps read.
 """
 import time
+from collections import deque
 from typing import NamedTuple
 
 import numpy as np
@@ -40,7 +47,7 @@ class Engine:
         self._next_id = 0
         self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                       "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0, "decode_kv_tokens": 0}
-        self._pending = None  # (batch, handle) of the launched step whose tokens are not read yet
+        self._in_flight: deque = deque()  # (batch, handle) of launched steps whose tokens are not read yet
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
@@ -51,10 +58,11 @@ class Engine:
         return seq
 
     def step(self) -> tuple[list[Sequence], bool, int]:
-        """Launch the next step, then finish the previous one while it runs.
+        """Launch the next step, then finish the oldest queued one if ``pipeline_depth`` steps are queued after
+        it (or if nothing was launched).
 
         Returns (sequences completed, whether the launched step is a prefill, tokens it computes).  The host
-        reads a step's tokens only after queueing the next step, which takes its input tokens from the device
+        reads a step's tokens only after queueing later ones, which take their input tokens from the device
         token buffer, so scheduling and input preparation overlap the device's work.
         """
         t0 = time.perf_counter()
@@ -66,11 +74,13 @@ class Engine:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 self.stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             launched = self.runner.launch(batch)
+            self._in_flight.append((batch, launched))
         launch = time.perf_counter() - t0
         finished = []
         wait = 0.0
-        if self._pending is not None:
-            previous, handle = self._pending
+        previous = None
+        if self._in_flight and (len(self._in_flight) > self.config.pipeline_depth or launched is None):
+            previous, handle = self._in_flight.popleft()
             t = time.perf_counter()
             tokens = self.runner.collect(handle)
             wait = time.perf_counter() - t
@@ -82,14 +92,13 @@ class Engine:
         elapsed = time.perf_counter() - t0
         self.stats["wait_time"] += wait
         self.stats["host_time"] += elapsed - wait
-        # Wall time is charged to the step whose device work it waited for (the launched one when none was).
-        charged = self._pending[0] if self._pending is not None else batch
+        # Wall time is charged to the step whose device work it waited for, or else to the oldest queued one.
+        charged = previous if previous is not None else self._in_flight[0][0] if self._in_flight else batch
         if charged.seqs:
             kind = "prefill" if charged.is_prefill else "decode"
             self.stats[f"{kind}_time"] += elapsed
             if self.step_log is not None:
                 self.step_log.append(StepRecord(kind, len(charged.seqs), t0, elapsed, wait, launch))
-        self._pending = (batch, launched) if launched is not None else None
         computed = sum(batch.num_new_tokens)
         if batch.seqs:
             kind = "prefill" if batch.is_prefill else "decode"
@@ -98,4 +107,4 @@ class Engine:
         return finished, batch.is_prefill, computed
 
     def has_work(self) -> bool:
-        return self._pending is not None or self.scheduler.has_work()
+        return bool(self._in_flight) or self.scheduler.has_work()

@@ -67,8 +67,11 @@ class ModelRunner:
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         pin = self.device.type == "cuda"
+        # Host buffers and decode staging sets go round a ring one longer than the engine's pipeline depth: a
+        # launch reuses the ones of the launch ``ring`` before it, whose step the engine has collected by then.
+        self._ring = config.pipeline_depth + 1
         self._host_tokens = [torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, pin_memory=pin)
-                             for _ in range(2)]  # a launched step copies into one while the other is read
+                             for _ in range(self._ring)]
         self._launches = 0
         self.num_blocks = self._size_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
@@ -285,7 +288,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch):
         """Queue the step on the device; returns a handle for ``collect``.  Its tokens also stay on the device."""
-        host = self._host_tokens[self._launches % 2]
+        turn = self._launches % self._ring
+        host = self._host_tokens[turn]
         self._launches += 1
         filtered = any(s.params.needs_filter for s in batch.seqs)
         for seq in batch.seqs:
@@ -298,7 +302,7 @@ class ModelRunner:
             for chunk, (start, rows, padded) in enumerate(self.executor.decode_plan(len(batch.seqs))):
                 t = time.perf_counter()
                 inputs = self.prepare_decode(batch.seqs[start:start + rows], padded,
-                                             self.executor.static_inputs(padded), slot=(chunk, self._launches % 2))
+                                             self.executor.static_inputs(padded), slot=(chunk, turn))
                 self.decode_prepare_time += time.perf_counter() - t
                 tokens, logits = self.executor.decode(inputs, padded)
                 self._emit(tokens, logits, inputs, rows, filtered, host, start)

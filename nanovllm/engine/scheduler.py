@@ -6,13 +6,18 @@ prefill work that fits.  When the KV cache cannot hold the next decode token of 
 the most recently admitted one is preempted: its blocks are freed (they stay in the prefix cache) and it
 goes back to the front of the queue to be recomputed.  No request is ever dropped.
 
-The engine launches a step before it reads the previous step's tokens, so the host's work overlaps the
-device's.  Each step therefore has two halves here: ``advance`` (right after launch) moves every sequence
-forward by the work launched, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes
-sequences that reach their length limits; ``resolve`` (one step later) writes the sampled tokens in and
-finishes sequences on EOS or stop tokens.  A sequence that hits EOS may already be in the next launched
-step; that row's result is ignored and its KV write lands in blocks it no longer owns but that nothing
-reads before a later step (stream order) overwrites them.
+The engine keeps up to ``pipeline_depth`` steps queued before it reads the oldest one's tokens, so the host's
+work overlaps the device's.  Each step therefore has two halves here: ``advance`` (right after launch) moves
+every sequence forward by the work launched, puts a ``PENDING_TOKEN`` where a token is being sampled and
+finishes sequences that reach their length limits; ``resolve`` (``pipeline_depth`` steps later) writes the
+sampled tokens in and finishes sequences on EOS or stop tokens.  So a sequence's newest tokens (at most one
+per queued step) may be pending, and:
+* a sequence that hits EOS may already be in the steps launched since; it is cut after its EOS (a token
+  sampled after it, pending or already advanced, is dropped), those rows' results are ignored, and their KV
+  writes land in blocks it no longer owns but that nothing reads before a later step (stream order)
+  overwrites them;
+* a full block is published to the prefix cache only once its tokens are all resolved;
+* a preempted sequence is readmitted only once its tokens are all resolved (its prefill recomputes them).
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,7 +32,8 @@ class ScheduledBatch:
     num_new_tokens: list[int]  # per sequence: tokens computed this step, starting at seq.num_computed_tokens
     is_prefill: bool
     preempted: list[Sequence] = field(default_factory=list)  # sent back to the queue while scheduling this
-    sampled: list[tuple[int, Sequence]] = field(default_factory=list)  # (row, seq) given a PENDING_TOKEN
+    # (row, seq, index in seq.token_ids) of every PENDING_TOKEN this step put in
+    sampled: list[tuple[int, Sequence, int]] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # finished on length by ``advance``
 
     def samples(self, seq_index: int) -> bool:
@@ -47,6 +53,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -70,6 +77,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.token_ids[-1] == PENDING_TOKEN:  # preempted with tokens still being sampled: wait for them
+                break
             if not self.block_manager.try_allocate(seq):
                 break
             self.waiting.popleft()
@@ -110,6 +119,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        self._unpublished.discard(seq)
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -124,26 +134,49 @@ class Scheduler:
             sampled = batch.samples(i)
             seq.num_computed_tokens += batch.num_new_tokens[i]
             if seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
-                bm.register_computed(seq)  # a block just filled up (its tokens are all resolved by now)
+                self._publish(seq)  # a block just filled up
             if not sampled:
                 continue
+            batch.sampled.append((i, seq, len(seq.token_ids)))
             seq.token_ids.append(PENDING_TOKEN)
-            batch.sampled.append((i, seq))
             if seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
                 self._finish(seq)
                 batch.finished.append(seq)
 
     def resolve(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
-        """Write an advanced step's sampled tokens in; return the sequences that are now complete."""
+        """Write an advanced step's sampled tokens in; return the sequences that are now complete.
+
+        Steps are resolved in launch order, so each token filled in is its sequence's oldest pending one."""
         finished = list(batch.finished)
-        for row, seq in batch.sampled:
+        for row, seq, index in batch.sampled:
+            if index >= len(seq.token_ids):  # cut off after an EOS resolved in an earlier step
+                continue
             token = token_ids[row]
-            assert seq.token_ids[-1] == PENDING_TOKEN
-            seq.token_ids[-1] = token
-            if seq.status is not SequenceStatus.FINISHED and self._stops_on(seq, token):
-                self._finish(seq)
-                finished.append(seq)
+            assert seq.token_ids[index] == PENDING_TOKEN
+            seq.token_ids[index] = token
+            if self._stops_on(seq, token):
+                del seq.token_ids[index + 1:]  # tokens sampled after the stop token, by steps already launched
+                if seq.status is not SequenceStatus.FINISHED:
+                    self._finish(seq)
+                    finished.append(seq)
+                # else: finished on length by a later step's ``advance``; reported when that step resolves
+        if self._unpublished:
+            for seq in list(self._unpublished):
+                self._publish(seq)
         return finished
+
+    def _publish(self, seq: Sequence) -> None:
+        """Register the sequence's computed full blocks whose tokens are all resolved; remember it if a pending
+        token holds one back."""
+        resolved = len(seq.token_ids)
+        while resolved and seq.token_ids[resolved - 1] == PENDING_TOKEN:
+            resolved -= 1
+        bm = self.block_manager
+        bm.register_computed(seq, min(seq.num_computed_tokens, resolved))
+        if seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
+            self._unpublished.add(seq)
+        else:
+            self._unpublished.discard(seq)
 
     def _finish(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
@@ -152,6 +185,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
+        self._unpublished.discard(seq)
 
     def _stops_on(self, seq: Sequence, token: int) -> bool:
         return (not seq.params.ignore_eos and token in self.eos_token_ids) or token in seq.params.stop_token_ids

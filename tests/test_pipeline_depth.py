@@ -1,0 +1,135 @@
+"""Steps queued ahead of the host (``pipeline_depth``): same tokens at every depth, and the scheduler's rules for
+tokens that are still being sampled (cut after a stop token, late prefix-cache publication, late readmission)."""
+import pytest
+
+from conftest import build_checkpoint, hf_greedy
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.block_manager import BlockManager, chain_hash
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from test_parity import mixed_prompts
+
+EOS = 2
+
+
+def _scheduler(num_blocks=16, block_size=16) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=4, max_num_batched_tokens=256,
+                     max_model_len=256, eos_token_ids=(EOS,))
+
+
+def _launch(scheduler: Scheduler):
+    batch = scheduler.schedule()
+    scheduler.advance(batch)
+    return batch
+
+
+def _generate_counting_queue(llm, prompts, params) -> tuple[list[list[int]], int]:
+    """Token ids, and the most steps that were already queued when one more was launched."""
+    queued = []
+    launch = llm.engine.runner.launch
+
+    def counting_launch(batch):
+        queued.append(len(llm.engine._in_flight))
+        return launch(batch)
+
+    llm.engine.runner.launch = counting_launch
+    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)], max(queued)
+
+
+def test_every_depth_gives_the_same_tokens(tmp_path):
+    """Stop tokens at different steps, seeded sampling and more prompts than rows, at depths 1-3, in a tiny KV
+    cache (preemption) and again in a roomy one twice (prefix-cache hits): the same tokens everywhere, and
+    transformers' where greedy."""
+    path = build_checkpoint(tmp_path, "qwen3")
+    prompts = mixed_prompts(9, seed=7, max_len=30) + [[4] * 20 + [9, 9], [4] * 20 + [17]]
+    full = hf_greedy(path, prompts, 16)
+    params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[ids[i % 5 + 1]])
+              for i, ids in enumerate(full[:6])]
+    params += [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * 3
+    params += [SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True, seed=5 + i) for i in range(2)]
+    outputs = []
+    for depth in (1, 2, 3):
+        tight = LLM(path, enforce_eager=True, max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=4,
+                    max_model_len=64, pipeline_depth=depth)
+        out, most_queued = _generate_counting_queue(tight, prompts, params)
+        assert most_queued == depth
+        assert tight.engine.scheduler.num_preemptions > 0
+        assert sorted(tight.engine.runner._free_slots) == list(range(4))  # every token slot came back
+        roomy = LLM(path, enforce_eager=True, max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=64,
+                    max_model_len=64, pipeline_depth=depth)
+        first, _ = _generate_counting_queue(roomy, prompts, params)
+        again, _ = _generate_counting_queue(roomy, prompts, params)
+        assert roomy.engine.block_manager.cache_hit_tokens > 0
+        outputs += [out, first, again]
+    assert all(out == outputs[0] for out in outputs)
+    for ids, p, got in zip(full, params, outputs[0]):
+        if p.temperature == 0:
+            stop = p.stop_token_ids[0] if p.stop_token_ids else None
+            assert got == (ids[:ids.index(stop) + 1] if stop in ids else ids)
+    assert any(len(got) < 16 for got in outputs[0][:6])  # some stop tokens did stop a sequence early
+
+
+def test_a_stop_token_cuts_tokens_sampled_after_it_and_the_sequence_is_reported_once():
+    """Depth 2: step n samples EOS while steps n+1 and n+2 are already advanced, and n+2 finished the sequence
+    on max_tokens.  The output ends at EOS; the sequence is reported once, when step n+2 resolves."""
+    scheduler = _scheduler()
+    seq = Sequence(0, [5] * 10, SamplingParams(max_tokens=3), seed=0)
+    scheduler.add(seq)
+    prefill, first, second = _launch(scheduler), _launch(scheduler), _launch(scheduler)
+    assert seq.status is SequenceStatus.FINISHED and second.finished == [seq]  # on length, tokens pending
+    assert seq.completion_token_ids == [PENDING_TOKEN] * 3
+    assert scheduler.resolve(prefill, [7]) == []
+    assert scheduler.resolve(first, [EOS]) == []  # already finished on length: not reported twice
+    assert seq.completion_token_ids == [7, EOS]
+    assert scheduler.resolve(second, [8]) == [seq]
+    assert seq.completion_token_ids == [7, EOS]
+
+
+def test_a_stop_token_finishes_a_running_sequence_whose_next_token_is_pending():
+    scheduler = _scheduler()
+    seq = Sequence(0, [5] * 10, SamplingParams(max_tokens=8), seed=0)
+    scheduler.add(seq)
+    prefill, first = _launch(scheduler), _launch(scheduler)
+    assert scheduler.resolve(prefill, [EOS]) == [seq]
+    assert seq.status is SequenceStatus.FINISHED and seq.completion_token_ids == [EOS]
+    assert scheduler.resolve(first, [9]) == [] and seq.completion_token_ids == [EOS]
+    assert not scheduler.has_work() and scheduler.block_manager.num_free_blocks == 16
+
+
+def test_a_full_block_is_published_only_once_its_tokens_are_resolved():
+    scheduler = _scheduler()
+    bm = scheduler.block_manager
+    seq = Sequence(0, list(range(3, 17)), SamplingParams(max_tokens=8, ignore_eos=True), seed=0)  # 14 tokens
+    scheduler.add(seq)
+    prefill, first = _launch(scheduler), _launch(scheduler)  # first computes position 14
+    assert scheduler.resolve(prefill, [40]) == []
+    second = _launch(scheduler)  # computes position 15, the block's last, whose token (step first's) is pending
+    assert seq.num_computed_tokens == 16 and seq.token_ids[15] == PENDING_TOKEN
+    assert bm.seq_hashes[0] == [] and not bm.hash_to_block  # not published with a pending token in it
+    scheduler.resolve(first, [41])
+    block_tokens = tuple(range(3, 17)) + (40, 41)
+    assert bm.seq_hashes[0] == [chain_hash(0, block_tokens)]
+    assert bm.block_tokens[seq.block_table[0]] == block_tokens
+    scheduler.resolve(second, [42])
+
+
+def test_a_preempted_sequence_waits_for_its_pending_tokens_before_readmission():
+    scheduler = _scheduler()
+    seq = Sequence(0, [5] * 10, SamplingParams(max_tokens=8, ignore_eos=True), seed=0)
+    scheduler.add(seq)
+    prefill, first = _launch(scheduler), _launch(scheduler)
+    scheduler._preempt(seq)  # as the decode scheduler does when the cache is full
+    assert seq.token_ids[-2:] == [PENDING_TOKEN] * 2
+    scheduler.resolve(prefill, [6])
+    assert not scheduler.schedule().seqs  # one token still pending: its prefill could not hold it
+    scheduler.resolve(first, [7])
+    again = scheduler.schedule()
+    assert again.is_prefill and again.seqs == [seq] and seq.token_ids[-2:] == [6, 7]
+
+
+def test_pipeline_depth_must_be_a_positive_int(tmp_path):
+    path = build_checkpoint(tmp_path, "qwen3")
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        LLM(path, enforce_eager=True, num_kvcache_blocks=16, pipeline_depth=0)
+    with pytest.raises(TypeError, match="pipeline_depth"):
+        LLM(path, enforce_eager=True, num_kvcache_blocks=16, pipeline_depth=1.5)
