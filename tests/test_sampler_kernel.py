@@ -104,3 +104,100 @@ def test_op_uses_the_reference_off_gpu_and_matches_the_kernel():
     via_sample = sampler.sample(logits, temperature, torch.full((8,), -1), torch.ones(8), seeds, positions)
     kernel = ts.gumbel_argmax_triton(logits, temperature, seeds, positions)
     assert torch.equal(via_op, kernel) and torch.equal(via_sample, kernel)
+
+
+# The skip (``skip=True``, the default): tiles whose bound cannot beat the program's best skip the precise logs.
+# It must give exactly the tokens of ``skip=False``.
+INF = float("inf")
+
+
+def nan_as_never_chosen(logits):
+    """The reference's input for the kernel's NaN rule: torch.argmax picks a NaN, the kernel never does."""
+    return torch.where(logits.isnan(), -INF, logits.float())
+
+
+def both(logits, temperature, seeds, positions, **kwargs):
+    """(skip, no skip) tokens; the caller checks them against each other and the reference."""
+    got = ts.gumbel_argmax_triton(logits, temperature, seeds, positions, skip=True, **kwargs)
+    plain = ts.gumbel_argmax_triton(logits, temperature, seeds, positions, skip=False, **kwargs)
+    return got, plain
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 1000), (3, 5003), (8, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_skip_gives_the_tokens_of_no_skip_and_the_reference(batch, vocab, dtype, splits):
+    logits, temperature, seeds, positions = rows(batch, vocab, dtype, seed=3)
+    want = sampler.gumbel_argmax_reference(logits, temperature, seeds, positions)
+    # BLOCK 128: 2 to 40 tiles per split, the last one partial where V is not a multiple (the tests above run the
+    # default BLOCK)
+    got, plain = both(logits, temperature, seeds, positions, num_splits=splits, block=128)
+    assert torch.equal(got, plain) and torch.equal(got, want)
+
+
+def test_the_bound_covers_every_uniform():
+    """For each of the 2**23 uniforms the kernel can draw, its bound is >= its own noise and torch's (the formula
+    of ``sampler.gumbel_noise``), and the bound without its margin is >= the exact G (float64)."""
+    bits = torch.arange(2**23, dtype=torch.int64) << 9
+    u = sampler.uniform_from_bits(bits)
+    noise, bound = ts.gumbel_bound_triton(u, block=65536)  # few programs: the interpreter is slow per program
+    torch_noise = -torch.log(-torch.log(u))  # sampler.gumbel_noise's float32 noise of u
+    torch.testing.assert_close(noise, torch_noise, rtol=1e-6, atol=1e-6)
+    assert (bound >= noise).all() and (bound >= torch_noise).all()
+    # The margin only pays for rounding: the bound's exact value, as _gumbel_upper writes it, is above G already.
+    d = 0x3F800000 - (1.0 - u).view(torch.int32).double()
+    exact_g = -torch.log(-torch.log(u.double()))
+    assert (d * (0.6931471805599453 / 2**23) >= exact_g).all()
+    # ... and close where the noise is large (the chord under log2 on [1, 2] is at most 0.0861 below it).
+    assert (bound - torch_noise)[u > 0.99].max() < 0.063 + 1e-4
+
+
+def tiles_computed(logits, temperature, seed, position, block):
+    """How many tiles of one row the skip computes precisely with one split (the kernel's rule, in torch)."""
+    uniform, noise = ts.gumbel_noise_triton(torch.tensor([seed]), torch.tensor([position]), logits.shape[0])
+    s = logits.float() * sampler.inverse_temperature(torch.tensor([temperature]))
+    ub, score = s + ts.gumbel_bound_triton(uniform[0])[1], s + noise[0]
+    running, computed = -INF, 0
+    for tile in range(0, logits.shape[0], block):
+        if running == -INF or ub[tile:tile + block].nan_to_num(-INF, INF).max() > running:
+            computed += 1
+            running = max(running, score[tile:tile + block].nan_to_num(-INF, INF).max().item())
+    return computed
+
+
+def test_most_tiles_are_skipped():
+    logits = torch.randn(16384, generator=torch.Generator().manual_seed(5)) * 2
+    assert tiles_computed(logits, 1.0, 11, 3, 256) <= 16  # of 64 (about ln 64 + 1 expected)
+
+
+def test_skip_adversarial_rows():
+    vocab, block = 2000, 256  # 8 tiles, the last one partial; 8 or 3 tiles per split below
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(12, vocab, generator=gen)
+    logits[0, vocab - 1] = 30.0  # the winner in the very last (partial) tile
+    logits[1] = torch.arange(vocab) * 0.05  # a ramp: every tile a new record, the winner in the last tile
+    logits[2, torch.rand(vocab, generator=gen) < 0.3] = float("nan")
+    logits[3, torch.rand(vocab, generator=gen) < 0.5] = -INF
+    logits[3, torch.rand(vocab, generator=gen) < 0.2] = float("nan")
+    logits[4] = -INF  # answers 0, as torch.argmax
+    logits[5] = float("nan")  # never a NaN: answers 0 too
+    logits[6, :1024] = float("nan")  # the first tiles are NaN, a finite winner later
+    logits[7] = -3.0
+    logits[7, [1900, 300, 1000, 300 + block]] = 1e4  # T = 1e-6 absorbs the noise: exact ties, 300 must win
+    logits[8] = logits[7]
+    logits[9] = torch.randn(vocab, generator=gen) * 1e4  # large logits
+    logits[10] = torch.randn(vocab, generator=gen)  # tiny temperature: greedy in effect, the noise only breaks ties
+    logits[11, 5] = INF  # +inf wins at its smallest index
+    logits[11, 1500] = INF
+    temperature = torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0, 1.0, 1.0, 1e-6, 1e-9, 1.0, 1e-3, 1.0])
+    seeds, positions = torch.arange(12) * 977, torch.arange(12) + 2**33
+    want = sampler.gumbel_argmax_reference(nan_as_never_chosen(logits), temperature, seeds, positions)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        for splits in (1, 3):
+            got, plain = both(x, temperature, seeds, positions, num_splits=splits, block=block)
+            assert torch.equal(got, plain), (dtype, splits)
+            if dtype == torch.float32:
+                assert torch.equal(got, want), splits
+                assert got[[0, 4, 5, 7, 8, 11]].tolist() == [vocab - 1, 0, 0, 300, 300, 5]
+                assert not logits[torch.arange(12), got][torch.arange(12) != 5].isnan().any()
