@@ -17,7 +17,9 @@ than the main one that holds the GIL makes the main thread wait for it after eve
 to ``$OUT/host_stalls.json`` and ``$OUT/spy_*.txt``; the tables go to stdout.  Also printed: the process's threads
 and children, the GPU's NUMA node, and per run the main thread's CPU migrations and context switches.  Options for
 the later-run slowdown (docs/PERFORMANCE.md): ``--blocks`` sets the free KV blocks' order before each run,
-``--pause`` idles the GPU between runs, ``--pin-main`` pins the engine loop to one CPU.  py-spy's wheel can be
+``--pause`` idles the GPU between runs, ``--pin-main`` pins the engine loop to one CPU.  ``--inject-stall 8,50``
+sleeps 8 ms before every 50th decode launch of the timed runs, to see how much of a known stall the engine's queue
+(``--pipeline-depth``) hides.  py-spy's wheel can be
 carried to the GPU machine (``pip download py-spy``, then ``pip install --no-deps`` there).
 """
 import os
@@ -167,32 +169,54 @@ def describe_process() -> list[str]:
     return lines + [f"  child {c.strip()[:120]}" for c in children if "ps --ppid" not in c]
 
 
+def stalling_schedule(scheduler, ms: float, every: int, injected: list):
+    """``scheduler.schedule`` that sleeps ``ms`` ms after every ``every``-th decode batch it schedules, before the
+    engine launches it: a host stall of known size.  Appends each stall's ms to ``injected``."""
+    plain, count = scheduler.schedule, [0]
+
+    def schedule():
+        batch = plain()
+        if batch.seqs and not batch.is_prefill:
+            count[0] += 1
+            if count[0] % every == 0:
+                t = time.perf_counter()
+                time.sleep(ms / 1000)
+                injected.append(1000 * (time.perf_counter() - t))
+        return batch
+    return schedule
+
+
 def timed_run(llm, args, run: int) -> dict:
-    """bench's run_once with the step log kept, the free-block order set, the main thread's scheduler counters
-    and py-spy around it; adds the slow clusters."""
+    """bench's run_once with the step log kept, the free-block order set, stalls injected, the main thread's
+    scheduler counters and py-spy around it; adds the slow clusters."""
     spies = start_spies(args.spy_rate, f"run{run}")
-    bm = llm.engine.block_manager
+    bm, scheduler = llm.engine.block_manager, llm.engine.scheduler
     plain_reset = bm.reset_prefix_cache  # run_once calls it after its warm-up, right before the timed run
+    plain_schedule, injected = scheduler.schedule, []
 
     def reset():
         plain_reset()
         order_free_blocks(bm, args.blocks, run)
+        if args.inject_stall:
+            scheduler.schedule = stalling_schedule(scheduler, *args.inject_stall, injected)
     bm.reset_prefix_cache = reset
     sched = thread_sched()
     try:
         r = bench.run_once(llm, args, keep_steps=True)
     finally:
         bm.reset_prefix_cache = plain_reset
+        scheduler.schedule = plain_schedule
         spy_files = stop_spies(spies)
     sched = {k: v - sched[k] for k, v in thread_sched().items()}
-    return {**r, "clusters": slow_clusters(r["step_log"]), "spy_files": spy_files, "main_thread": sched}
+    return {**r, "clusters": slow_clusters(r["step_log"]), "spy_files": spy_files, "main_thread": sched,
+            "injected_ms": [len(injected), round(sum(injected), 1)]}
 
 
 def report(run: int, r: dict) -> None:
     clusters = r["clusters"]
     print(f"\nrun {run}: {r['tok_per_s']:.0f} tok/s, prefill {r['prefill_seconds']:.3f} s, decode "
           f"{r['decode_seconds']:.3f} s, {len(clusters)} slow clusters, {r['gc']['collections']} collections "
-          f"({r['gc']['ms']} ms); main thread: {r['main_thread']}")
+          f"({r['gc']['ms']} ms); main thread: {r['main_thread']}; injected stalls (count, ms): {r['injected_ms']}")
     print("| start s | steps | seqs | extra ms | wait | launch | after | gap | gc ms |\n" + "|---" * 9 + "|")
     for c in clusters:
         e = c["extra_ms"]
@@ -213,6 +237,9 @@ def main():
                    help="free KV blocks' order before each timed run (after its warm-up): as left, by id, shuffled")
     p.add_argument("--pin-main", type=int, help="pin the engine loop's thread to this CPU (threads started "
                    "before, such as the CUDA driver's, keep their CPUs)")
+    p.add_argument("--inject-stall", type=lambda s: (float(s.split(",")[0]), int(s.split(",")[1])),
+                   help="MS,EVERY: sleep MS ms before launching every EVERY-th decode step of the timed runs "
+                   "(how much of a known host stall the engine's queue hides: compare --pipeline-depth 1 and 2)")
     args = p.parse_args()
     args.model = args.model or default_model()
     llm = bench.build_llm(args, args.bs, args.enforce_eager)

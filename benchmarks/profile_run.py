@@ -29,6 +29,8 @@ CATEGORIES = (("attention", ("_decode", "_prefill", "streamk")),  # our Triton k
 
 
 def category(name: str) -> str:
+    if "Memset" in name:  # e.g. a library clearing its output or workspace before a kernel
+        return "memset"
     if name.startswith("triton_"):  # Inductor's fused kernels: named after the ops they fuse
         return "sampler" if "argmax" in name else "other (fused elementwise / norms / rope)"
     for cat, keys in CATEGORIES:
@@ -38,10 +40,10 @@ def category(name: str) -> str:
 
 
 def kernel_events(prof) -> list[tuple[str, int, int]]:
-    """(name, start ns, end ns) of every device kernel the profiler saw."""
+    """(name, start ns, end ns) of every device kernel and memset the profiler saw."""
     out = []
     for e in prof.profiler.kineto_results.events():
-        if e.device_type() == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name() and "Memset" not in e.name():
+        if e.device_type() == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name():
             out.append((e.name(), e.start_ns(), e.start_ns() + e.duration_ns()))
     return out
 

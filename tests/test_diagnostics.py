@@ -115,3 +115,17 @@ def test_free_block_order_for_the_placement_experiments():
     order_free_blocks(bm, "ascending", 0)
     assert list(bm.free_blocks) == list(range(16))
     assert bm._take_free_block() == 0
+
+
+def test_injected_stalls_hit_every_nth_decode_launch_only():
+    from types import SimpleNamespace
+
+    from host_stalls import stalling_schedule
+    batches = iter([SimpleNamespace(seqs=[1], is_prefill=True)] + [SimpleNamespace(seqs=[1], is_prefill=False)] * 7
+                   + [SimpleNamespace(seqs=[], is_prefill=False)] * 3)
+    scheduler = SimpleNamespace(schedule=lambda: next(batches))
+    injected = []
+    schedule = stalling_schedule(scheduler, 2.0, 3, injected)
+    for _ in range(11):
+        schedule()
+    assert len(injected) == 2 and all(ms >= 2.0 for ms in injected)  # the 3rd and 6th decode batches
