@@ -69,8 +69,8 @@ class EngineConfig:
     num_kvcache_blocks: int | None = None
     seed: int = 0
     # Engine steps queued on the device before the host reads the oldest one's tokens: 1 queues the next step
-    # while the current one runs; 2 also rides out host stalls of up to a step's length (engine/engine.py).
-    pipeline_depth: int = 2
+    # while the current one runs; 3 also rides out host stalls of up to about two steps (engine/engine.py).
+    pipeline_depth: int = 3
     hf_config: dict = field(default_factory=dict)
     eos_token_ids: tuple = ()
 

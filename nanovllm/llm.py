@@ -16,7 +16,7 @@ class LLM:
                  max_num_batched_tokens: int = 16384, max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.9, kvcache_block_size: int = 64,
                  num_kvcache_blocks: int | None = None, seed: int = 0, prefill_graph_sizes=None,
-                 pipeline_depth: int = 2):
+                 pipeline_depth: int = 3):
         self.config = EngineConfig(
             model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
             graph_batch_sizes=graph_batch_sizes, tensor_parallel_size=tensor_parallel_size,

@@ -1,10 +1,13 @@
 """The engine loop: schedule a step, launch it on the model, then feed the oldest queued step's tokens back.
 
-Up to ``pipeline_depth`` steps stay queued on the device (default 2): each engine step launches one and then
+Up to ``pipeline_depth`` steps stay queued on the device (default 3): each engine step launches one and then
 reads the tokens of the one launched ``pipeline_depth`` steps before.  A step's inputs take the newest tokens
 from the device token buffer, so the host never waits for them.  With depth 1 the device runs out of work
-whenever the host takes longer than one step to schedule and launch the next; with depth 2 a host stall of up
-to one device step (a few ms: the lent H100 machines' CPUs have them, docs/PERFORMANCE.md) costs nothing.
+whenever the host takes longer than one step to schedule and launch the next; with depth d it has about d - 1
+steps of work left when the host starts on the next one, so a host stall shorter than that costs nothing (the
+lent H100 machines' CPUs stall for 6-30 ms at times; docs/PERFORMANCE.md measures injected stalls at depths
+1-4).  The price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth``
+steps compute a row for it that is thrown away.
 
 Statistics (``Engine.stats``): tokens and wall seconds per step kind, decode steps, ``host_time`` (seconds
 the host spent scheduling, preparing and bookkeeping) and ``wait_time`` (seconds it waited for the device),
