@@ -85,3 +85,58 @@ def test_decode_staging_is_one_buffer_that_moves_in_one_copy():
     assert torch.equal(target.buffer, staged.buffer)
     assert target.context_lens.tolist() == [5, 12, 0] and target.block_tables[1].tolist() == [1, 0, 0, 0]
     assert target.cu_seqlens_q.tolist() == [0, 1, 2, 3] and target.slot_mapping.tolist() == [4, 27, -1]
+
+
+def test_decode_inputs_reused_from_the_last_batch_equal_inputs_built_anew():
+    """Drive the scheduler through decode steps (three launched ahead of their tokens, a small KV cache so that
+    sequences are preempted and readmitted, lengths that cross blocks, batches that change row count and come
+    back): the builder that reuses its last batch per row count gives the inputs a fresh builder gives."""
+    import random
+    rng = random.Random(0)
+    scheduler = Scheduler(BlockManager(14, 4), max_num_seqs=6, max_num_batched_tokens=64, max_model_len=64,
+                          eos_token_ids=())
+    for i in range(9):
+        params = SamplingParams(temperature=0.5 + i / 10, top_k=i + 1, max_tokens=rng.randint(5, 40), ignore_eos=True)
+        scheduler.add(Sequence(i, [rng.randint(1, 99) for _ in range(rng.randint(1, 9))], params, seed=i))
+    reusing = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=16, scratch_slot=6)
+    in_flight, decode_steps, reused = [], 0, 0
+    while scheduler.has_work() or in_flight:
+        batch = scheduler.schedule()
+        for seq in batch.seqs:
+            seq.token_slot = seq.seq_id % 6
+        if batch.seqs and not batch.is_prefill:
+            rows = 4 if len(batch.seqs) <= 4 else 8  # two row counts: a batch can leave one and come back to it
+            last = reusing._batches.get((rows, 0))
+            reused += last is not None and last.seqs == batch.seqs
+            got = reusing.build(batch.seqs, rows)
+            fresh = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=16, scratch_slot=6)
+            want = fresh.build(batch.seqs, rows)
+            for f in dataclasses.fields(want):
+                assert torch.equal(getattr(got, f.name), getattr(want, f.name)), (decode_steps, f.name)
+            decode_steps += 1
+        if batch.seqs:
+            in_flight.append(batch)
+        if in_flight and (len(in_flight) > 3 or not batch.seqs):
+            done = in_flight.pop(0)
+            scheduler.resolve(done, [rng.randint(1, 99) for _ in done.seqs])
+        if batch.seqs:
+            scheduler.advance(batch)
+    assert decode_steps > 50 and reused > 40 and scheduler.num_preemptions > 0
+
+
+def test_decode_inputs_of_a_batch_that_comes_back_after_steps_in_another_row_count_are_rebuilt():
+    seqs = [_decoding(i, 3 + i) for i in range(3)]
+    extra = _decoding(3, 2)
+    builder = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=4, scratch_slot=9)
+    builder.build(seqs, rows=4)
+    for step in range(5):  # five steps with a fourth sequence, in the 8-row batch: blocks fill and new ones open
+        for seq in seqs + [extra]:
+            seq.token_ids.append(7)
+            if len(seq.block_table) * 4 < len(seq.token_ids):
+                seq.block_table.append(10 + 4 * seq.seq_id + len(seq.block_table))
+        builder.build(seqs + [extra], rows=8)
+    got = builder.build(seqs, rows=4)  # back to 4 rows: the 4-row batch it kept is five steps old
+    want = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=4, scratch_slot=9).build(seqs, 4)
+    for f in dataclasses.fields(want):
+        assert torch.equal(getattr(got, f.name), getattr(want, f.name)), f.name
+    assert got.block_tables[2].tolist() == [2, 19, 20, 0]

@@ -4,6 +4,8 @@ Decode runs every few milliseconds for hundreds of sequences, so its input prepa
 the critical path.  These keep it small:
 * each sequence's padded block-table row and sampling settings are kept between steps and only the new
   blocks are written (a sequence whose ``block_table`` list was replaced, e.g. after preemption, is rebuilt);
+* a batch of the same sequences as the last one of its row count, one step later (the common case), reuses
+  that batch's block-table matrix and sampling settings, updating only the rows that just got a new block;
 * the batch is assembled with numpy in reusable staging tensors, views of one (pinned on CUDA) buffer, so
   it reaches the device, or a graph's static inputs, in one copy (``StepInputs.packed``);
 * one staging set per (row count, ``slot``): the runner passes slot (chunk of the step, launch turn in its ring
@@ -34,6 +36,15 @@ class _SeqRow:
         self.seed = seq.seed
 
 
+class _Batch:
+    """One row count's last batch: its sequences, their block-table lists and lengths, and the arrays built."""
+    __slots__ = ("seqs", "table_lists", "lens", "tables", "sampling", "seeds")
+
+    def __init__(self, seqs, table_lists, lens, tables, sampling, seeds):
+        self.seqs, self.table_lists, self.lens = seqs, table_lists, lens
+        self.tables, self.sampling, self.seeds = tables, sampling, seeds
+
+
 class DecodeInputBuilder:
     def __init__(self, device: torch.device, block_size: int, max_blocks_per_seq: int, scratch_slot: int):
         self.device = device
@@ -42,6 +53,7 @@ class DecodeInputBuilder:
         self.width = max_blocks_per_seq
         self._rows: dict[int, _SeqRow] = {}
         self._staging: dict[tuple, StepInputs] = {}  # (rows, slot) -> pinned staging set
+        self._batches: dict[tuple, _Batch] = {}  # (rows, chunk) -> its last batch
 
     def _staging_for(self, rows: int, slot) -> StepInputs:
         key = (rows, slot)
@@ -72,17 +84,38 @@ class DecodeInputBuilder:
             entry.filled = len(table)
         return entry
 
+    def _batch(self, seqs: list, lens: np.ndarray, key: tuple) -> _Batch:
+        """The block tables [n, width] and sampling settings of ``seqs``: the last batch of ``key`` one decode step
+        later (same sequences, same block-table lists, each one token longer), or built anew."""
+        table_lists = [s.block_table for s in seqs]
+        last = self._batches.get(key)
+        if (last is not None and last.seqs == seqs and last.table_lists == table_lists
+                and np.array_equal(last.lens + 1, lens)):
+            pos = lens - 1
+            for i in np.flatnonzero(pos % self.block_size == 0):  # the rows whose newest token opened a block
+                b = pos[i] // self.block_size
+                last.tables[i, b] = table_lists[i][b]
+            last.lens = lens
+            return last
+        if len(self._rows) > 4 * max(len(seqs), 64):  # forget finished sequences now and then
+            live = {s.seq_id for s in seqs}
+            self._rows = {k: v for k, v in self._rows.items() if k in live}
+        entries = [self._row(s) for s in seqs]
+        n = len(seqs)
+        tables = np.stack([e.row for e in entries]) if n else np.zeros((0, self.width), np.int32)
+        sampling = np.array([e.sampling for e in entries], dtype=np.float64).reshape(n, 3)
+        seeds = np.array([e.seed for e in entries], dtype=np.int64)
+        self._batches[key] = batch = _Batch(list(seqs), table_lists, lens, tables, sampling, seeds)
+        return batch
+
     def build(self, seqs: list, rows: int, target: StepInputs | None = None, slot=(0, 0)) -> StepInputs:
         """Inputs for ``seqs`` padded to ``rows``; written into ``target`` (static graph buffers) if given.
 
         ``slot`` picks the staging set (see the module docstring); on the CPU the staging set is the result."""
         n = len(seqs)
-        if len(self._rows) > 4 * max(rows, 64):  # forget finished sequences now and then
-            live = {s.seq_id for s in seqs}
-            self._rows = {k: v for k, v in self._rows.items() if k in live}
         host = self._staging_for(rows, slot)
-        entries = [self._row(s) for s in seqs]
         lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
+        batch = self._batch(seqs, lens, (rows, slot[0]))
         pos = lens - 1
         ids, positions, slots = host.input_ids.numpy(), host.positions.numpy(), host.slot_mapping.numpy()
         tables, context = host.block_tables.numpy(), host.context_lens.numpy()
@@ -96,12 +129,11 @@ class DecodeInputBuilder:
         context[:n] = lens
         host.sample_positions.numpy()[:n] = lens
         if n:
-            tables[:n] = np.stack([e.row for e in entries])
-            sampling = np.array([e.sampling for e in entries], dtype=np.float64)
-            host.temperature.numpy()[:n] = sampling[:, 0]
-            host.top_k.numpy()[:n] = sampling[:, 1]
-            host.top_p.numpy()[:n] = sampling[:, 2]
-            host.seeds.numpy()[:n] = [e.seed for e in entries]
+            tables[:n] = batch.tables
+            host.temperature.numpy()[:n] = batch.sampling[:, 0]
+            host.top_k.numpy()[:n] = batch.sampling[:, 1]
+            host.top_p.numpy()[:n] = batch.sampling[:, 2]
+            host.seeds.numpy()[:n] = batch.seeds
             slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
                 + pos % self.block_size
         for array, pad in ((ids, 0), (token_slots, -1), (out_slots, self.scratch_slot), (positions, 0), (slots, -1),

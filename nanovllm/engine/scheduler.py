@@ -96,9 +96,13 @@ class Scheduler:
         preempted: list[Sequence] = []
         queue = list(self.running)
         head, tail = 0, len(queue)  # queue[head:tail] are still to be scheduled
+        block_size = bm.block_size
         while head < tail:
             seq = queue[head]
             head += 1
+            if len(seq.block_table) * block_size >= len(seq.token_ids):  # the common case: its blocks have room
+                scheduled.append(seq)
+                continue
             while bm.needs_block_to_append(seq) and bm.num_free_blocks == 0:
                 victim = queue[tail - 1] if tail > head else seq
                 tail -= victim is not seq
@@ -127,19 +131,22 @@ class Scheduler:
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample."""
-        bm = self.block_manager
-        for i, seq in enumerate(batch.seqs):
+        # The host runs this for every sequence of every step, so it is written for speed: ``batch.samples`` and
+        # ``Sequence`` properties inlined, and a decode step samples every sequence.
+        block_size, hashes, decode = self.block_manager.block_size, self.block_manager.seq_hashes, not batch.is_prefill
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is SequenceStatus.FINISHED:  # hit EOS in the step resolved since this one launched
                 continue
-            sampled = batch.samples(i)
-            seq.num_computed_tokens += batch.num_new_tokens[i]
-            if seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
+            tokens = seq.token_ids
+            computed = seq.num_computed_tokens + n
+            seq.num_computed_tokens = computed
+            if computed // block_size > len(hashes[seq.seq_id]):
                 self._publish(seq)  # a block just filled up
-            if not sampled:
+            if not (decode or computed == len(tokens)):  # a prefill chunk short of the last token samples nothing
                 continue
-            batch.sampled.append((i, seq, len(seq.token_ids)))
-            seq.token_ids.append(PENDING_TOKEN)
-            if seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            batch.sampled.append((i, seq, len(tokens)))
+            tokens.append(PENDING_TOKEN)
+            if len(tokens) - seq.num_prompt_tokens >= seq.params.max_tokens or len(tokens) >= self.max_model_len:
                 self._finish(seq)
                 batch.finished.append(seq)
 
