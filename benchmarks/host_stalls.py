@@ -22,6 +22,7 @@ sleeps 8 ms before every 50th decode launch of the timed runs, to see how much o
 (``--pipeline-depth``) hides.  py-spy's wheel can be
 carried to the GPU machine (``pip download py-spy``, then ``pip install --no-deps`` there).
 """
+import argparse
 import os
 import shutil
 import signal
@@ -186,6 +187,18 @@ def stalling_schedule(scheduler, ms: float, every: int, injected: list):
     return schedule
 
 
+def stall_spec(text: str) -> tuple[float, int]:
+    """``--inject-stall``'s "MS,EVERY" as (milliseconds > 0, every-th decode step >= 1)."""
+    try:
+        ms, every = text.split(",")
+        ms, every = float(ms), int(every)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MS,EVERY such as 8,40, got {text!r}") from None
+    if ms <= 0 or every < 1:
+        raise argparse.ArgumentTypeError(f"MS must be > 0 and EVERY >= 1, got {text!r}")
+    return ms, every
+
+
 def timed_run(llm, args, run: int) -> dict:
     """bench's run_once with the step log kept, the free-block order set, stalls injected, the main thread's
     scheduler counters and py-spy around it; adds the slow clusters."""
@@ -237,7 +250,7 @@ def main():
                    help="free KV blocks' order before each timed run (after its warm-up): as left, by id, shuffled")
     p.add_argument("--pin-main", type=int, help="pin the engine loop's thread to this CPU (threads started "
                    "before, such as the CUDA driver's, keep their CPUs)")
-    p.add_argument("--inject-stall", type=lambda s: (float(s.split(",")[0]), int(s.split(",")[1])),
+    p.add_argument("--inject-stall", type=stall_spec,
                    help="MS,EVERY: sleep MS ms before launching every EVERY-th decode step of the timed runs "
                    "(how much of a known host stall the engine's queue hides: compare --pipeline-depth 1 and 2)")
     args = p.parse_args()

@@ -129,3 +129,13 @@ def test_injected_stalls_hit_every_nth_decode_launch_only():
     for _ in range(11):
         schedule()
     assert len(injected) == 2 and all(ms >= 2.0 for ms in injected)  # the 3rd and 6th decode batches
+
+
+@pytest.mark.parametrize("bad", ["8", "8,", "x,40", "8,4.5", "0,40", "8,0", "8,40,2"])
+def test_inject_stall_option_rejects_bad_values_clearly(bad):
+    import argparse
+
+    from host_stalls import stall_spec
+    assert stall_spec("8,40") == (8.0, 40) and stall_spec("2.5,1") == (2.5, 1)
+    with pytest.raises(argparse.ArgumentTypeError, match="MS"):
+        stall_spec(bad)
