@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels import matmul_configs, ops  # noqa: E402
 from nanovllm.kernels.matmul_configs import MatmulConfig  # noqa: E402
+from nanovllm.kernels.options import KernelOptions, current_options, set_options  # noqa: E402
 from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton  # noqa: E402
 
 CONFIGS = [
@@ -76,18 +77,25 @@ def test_config_must_split_k_evenly():
         linear_triton(torch.randn(4, 96), torch.randn(32, 96), None, MatmulConfig(16, 32, 64))
 
 
-def test_dispatch_reads_the_table_by_row_count(tmp_path, monkeypatch):
+@pytest.fixture
+def restore_options():
+    saved = current_options()
+    yield
+    set_options(saved)
+
+
+def test_dispatch_reads_the_table_by_row_count(tmp_path, monkeypatch, restore_options):
     table = {"arch": {"9.0": {matmul_configs.table_key(1024, 2048, False): [
         [16, {"block_m": 16, "block_n": 32, "block_k": 128, "split_k": 4}], [64, None],
         [256, {"block_m": 64, "block_n": 64, "block_k": 128}]]}}}
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
-    monkeypatch.setenv("NANOVLLM_MATMUL_TABLE", str(path))
+    set_options(KernelOptions.from_env({"NANOVLLM_MATMUL_TABLE": str(path)}))
     monkeypatch.setattr(matmul_configs, "_arch", lambda device: "9.0")
 
-    class FakeCuda:  # choose() only reads is_cuda, dtype, shape and device
+    class FakeCuda:  # choose() only reads dtype, shape and device
         def __init__(self, m, k, dtype=torch.bfloat16):
-            self.is_cuda, self.dtype, self.shape, self.device = True, dtype, (m, k), None
+            self.dtype, self.shape, self.device = dtype, (m, k), None
 
     w = FakeCuda(1024, 2048)
     assert matmul_configs.choose(FakeCuda(8, 2048), w, False) == MatmulConfig(16, 32, 128, split_k=4)
@@ -97,7 +105,7 @@ def test_dispatch_reads_the_table_by_row_count(tmp_path, monkeypatch):
     assert matmul_configs.choose(FakeCuda(8, 2048), w, True) is None  # no silu entry
     assert matmul_configs.choose(FakeCuda(8, 2048, torch.float32), FakeCuda(1024, 2048, torch.float32),
                                  False) is None  # fp32 stays with cuBLAS
-    monkeypatch.setenv("NANOVLLM_MATMUL", "cublas")
+    set_options(KernelOptions.from_env({"NANOVLLM_MATMUL_TABLE": str(path), "NANOVLLM_MATMUL": "cublas"}))
     assert matmul_configs.choose(FakeCuda(8, 2048), w, False) is None
 
 
@@ -108,7 +116,7 @@ def test_ops_linear_on_cpu_is_torch():
     torch.testing.assert_close(ops.linear(x, w, b, silu_mul=True), F.silu(gate) * up)
 
 
-def test_row_limits_list_where_table_configs_end(monkeypatch):
+def test_row_limits_list_where_table_configs_end(monkeypatch, restore_options):
     """The start-up warm-up (GraphExecutor._compile_prefill_matmuls) runs the step at these row counts."""
     from nanovllm.kernels import matmul_configs
     assert matmul_configs.triton_row_limits(torch.device("cpu")) == []
@@ -117,5 +125,7 @@ def test_row_limits_list_where_table_configs_end(monkeypatch):
     want = sorted({m for rows in table.values() for m, cfg in rows if cfg})
     got = matmul_configs.triton_row_limits(torch.device("cuda", 0))
     assert got == want and got[0] >= 2 and got == sorted(got)
-    monkeypatch.setenv("NANOVLLM_MATMUL", "cublas")
+    set_options(KernelOptions(triton_matmul=False))
+    assert matmul_configs.triton_row_limits(torch.device("cuda", 0)) == []
+    set_options(KernelOptions(reference_kernels=True))  # the twins run: no Triton matmul to warm up
     assert matmul_configs.triton_row_limits(torch.device("cuda", 0)) == []

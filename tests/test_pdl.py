@@ -10,21 +10,28 @@ import torch  # noqa: E402
 
 from nanovllm.kernels import (pdl, triton_attention, triton_decode, triton_matmul, triton_rope_store,  # noqa: E402
                               triton_sampler)
+from nanovllm.kernels.options import KernelOptions, current_options, set_options  # noqa: E402
 
 KERNEL_MODULES = (triton_attention, triton_decode, triton_matmul, triton_rope_store, triton_sampler)
 
 
-def test_off_without_cuda_or_when_disabled(monkeypatch):
+@pytest.fixture
+def restore_options():
+    saved = current_options()
+    yield
+    set_options(saved)
+
+
+def test_off_without_cuda_or_when_disabled(restore_options):
     assert not pdl.pdl_enabled(torch.device("cpu"))
     assert pdl.pdl_launch(torch.device("cpu")) == {"PDL": False}  # no launch_pdl: the interpreter never sees it
-    monkeypatch.setenv("NANOVLLM_PDL", "0")
+    set_options(KernelOptions.from_env({"NANOVLLM_PDL": "0"}))
     assert not pdl.pdl_enabled(torch.device("cuda", 0))  # decided before any CUDA query
-    monkeypatch.setenv("NANOVLLM_PDL", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not pdl.pdl_enabled(torch.device("cuda", 0))
+    set_options(KernelOptions.from_env({"NANOVLLM_PDL": "1", "TRITON_INTERPRET": "1"}))
+    assert not current_options().pdl and not pdl.pdl_enabled(torch.device("cuda", 0))
 
 
-def test_inductor_follows_the_switch(monkeypatch):
+def test_inductor_follows_the_switch(monkeypatch, restore_options):
     from torch._inductor import config
     if not hasattr(config.triton, "enable_pdl"):
         pytest.skip("this torch's Inductor has no PDL code generation")

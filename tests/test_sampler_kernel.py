@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from nanovllm.kernels import sampling  # noqa: E402
 from nanovllm.kernels import triton_sampler as ts  # noqa: E402
 from nanovllm.layers import sampler  # noqa: E402
 
@@ -33,10 +34,10 @@ def rows(batch, vocab, dtype, seed=0):
 def test_uniforms_and_noise_match_the_torch_hash(vocab):
     seeds, positions = torch.tensor(SEEDS), torch.tensor(POSITIONS)
     uniform, noise = ts.gumbel_noise_triton(seeds, positions, vocab)
-    bits = sampler._mix32(sampler.row_keys(seeds, positions)[:, None] ^ torch.arange(vocab)[None, :])
-    assert torch.equal(uniform, sampler.uniform_from_bits(bits))  # bit for bit
+    bits = sampling.mix32(sampling.row_keys(seeds, positions)[:, None] ^ torch.arange(vocab)[None, :])
+    assert torch.equal(uniform, sampling.uniform_from_bits(bits))  # bit for bit
     assert (uniform > 0).all() and (uniform < 1).all()
-    want = sampler.gumbel_noise(seeds, positions, vocab)
+    want = sampling.gumbel_noise(seeds, positions, vocab)
     assert torch.isfinite(noise).all()
     torch.testing.assert_close(noise, want, rtol=1e-6, atol=1e-6)  # numpy's log against torch's: an ulp or so
     assert not torch.equal(noise[5], noise[6])  # same seed, other position
@@ -50,7 +51,7 @@ def test_tokens_match_the_reference(batch, vocab, dtype):
     logits, temperature, seeds, positions = rows(batch, vocab, dtype)
     got = ts.gumbel_argmax_triton(logits, temperature, seeds, positions)
     assert got.dtype == torch.int64 and got.shape == (batch,)
-    assert torch.equal(got, sampler.gumbel_argmax_reference(logits, temperature, seeds, positions))
+    assert torch.equal(got, sampling.gumbel_argmax_reference(logits, temperature, seeds, positions))
     greedy = temperature == 0
     assert torch.equal(got[greedy], logits.float().argmax(-1)[greedy])
 
@@ -61,7 +62,7 @@ def test_sampled_rows_depend_on_the_noise():
     temperature = torch.tensor([0.0, 1, 1, 1, 1, 1, 1, 1])
     got = ts.gumbel_argmax_triton(logits, temperature, torch.arange(8), torch.zeros(8, dtype=torch.long))
     assert got[0] == 0 and len(set(got[1:].tolist())) > 4
-    assert torch.equal(got, sampler.gumbel_argmax_reference(logits, temperature, torch.arange(8),
+    assert torch.equal(got, sampling.gumbel_argmax_reference(logits, temperature, torch.arange(8),
                                                             torch.zeros(8, dtype=torch.long)))
 
 
@@ -128,7 +129,7 @@ def both(logits, temperature, seeds, positions, **kwargs):
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_skip_gives_the_tokens_of_no_skip_and_the_reference(batch, vocab, dtype, splits):
     logits, temperature, seeds, positions = rows(batch, vocab, dtype, seed=3)
-    want = sampler.gumbel_argmax_reference(logits, temperature, seeds, positions)
+    want = sampling.gumbel_argmax_reference(logits, temperature, seeds, positions)
     # BLOCK 128: 2 to 40 tiles per split, the last one partial where V is not a multiple (the tests above run the
     # default BLOCK)
     got, plain = both(logits, temperature, seeds, positions, num_splits=splits, block=128)
@@ -137,11 +138,11 @@ def test_skip_gives_the_tokens_of_no_skip_and_the_reference(batch, vocab, dtype,
 
 def test_the_bound_covers_every_uniform():
     """For each of the 2**23 uniforms the kernel can draw, its bound is >= its own noise and torch's (the formula
-    of ``sampler.gumbel_noise``), and the bound without its margin is >= the exact G (float64)."""
+    of ``sampling.gumbel_noise``), and the bound without its margin is >= the exact G (float64)."""
     bits = torch.arange(2**23, dtype=torch.int64) << 9
-    u = sampler.uniform_from_bits(bits)
+    u = sampling.uniform_from_bits(bits)
     noise, bound = ts.gumbel_bound_triton(u, block=65536)  # few programs: the interpreter is slow per program
-    torch_noise = -torch.log(-torch.log(u))  # sampler.gumbel_noise's float32 noise of u
+    torch_noise = -torch.log(-torch.log(u))  # sampling.gumbel_noise's float32 noise of u
     torch.testing.assert_close(noise, torch_noise, rtol=1e-6, atol=1e-6)
     assert (bound >= noise).all() and (bound >= torch_noise).all()
     # The margin only pays for rounding: the bound's exact value, as _gumbel_upper writes it, is above G already.
@@ -155,7 +156,7 @@ def test_the_bound_covers_every_uniform():
 def tiles_computed(logits, temperature, seed, position, block):
     """How many tiles of one row the skip computes precisely with one split (the kernel's rule, in torch)."""
     uniform, noise = ts.gumbel_noise_triton(torch.tensor([seed]), torch.tensor([position]), logits.shape[0])
-    s = logits.float() * sampler.inverse_temperature(torch.tensor([temperature]))
+    s = logits.float() * sampling.inverse_temperature(torch.tensor([temperature]))
     ub, score = s + ts.gumbel_bound_triton(uniform[0])[1], s + noise[0]
     running, computed = -INF, 0
     for tile in range(0, logits.shape[0], block):
@@ -191,7 +192,7 @@ def test_skip_adversarial_rows():
     logits[11, 1500] = INF
     temperature = torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0, 1.0, 1.0, 1e-6, 1e-9, 1.0, 1e-3, 1.0])
     seeds, positions = torch.arange(12) * 977, torch.arange(12) + 2**33
-    want = sampler.gumbel_argmax_reference(nan_as_never_chosen(logits), temperature, seeds, positions)
+    want = sampling.gumbel_argmax_reference(nan_as_never_chosen(logits), temperature, seeds, positions)
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.to(dtype)
         for splits in (1, 3):

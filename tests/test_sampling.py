@@ -4,7 +4,8 @@ import torch
 
 from conftest import build_checkpoint
 from nanovllm import LLM, SamplingParams
-from nanovllm.layers.sampler import gumbel_noise, sample
+from nanovllm.kernels.sampling import gumbel_noise, uniform_from_bits
+from nanovllm.layers.sampler import sample
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,6 @@ def test_gumbel_noise_is_a_pure_function_and_roughly_standard():
 
 
 def test_uniforms_from_extreme_bits_stay_inside_the_open_interval():
-    from nanovllm.layers.sampler import uniform_from_bits
     u = uniform_from_bits(torch.tensor([0, 1, 511, 512, 2**31, 2**32 - 513, 2**32 - 1]))  # 32-bit hash values
     assert (u > 0).all() and (u < 1).all()
     assert u[0] == 2**-24 and u[-1] == 1 - 2**-24 and u[-2] < u[-1]  # 23 bits used, k + 0.5 exact

@@ -5,16 +5,18 @@ configuration of ``triton_matmul.py`` against cuBLAS for each weight shape of a 
 and writes ``matmul_tuned.json`` (beside this file) with the winners.  Entries are keyed by the GPU's compute
 capability, then by ``"N_OUT,K,silu"``; each holds ``[max_m, config or null]`` pairs in ascending ``max_m``
 (null: cuBLAS won).  A shape, batch or GPU without an entry runs cuBLAS (``F.linear``), as does every fp32
-matmul (so fp32 results stay those of torch) and anything when ``NANOVLLM_MATMUL=cublas``.
-``NANOVLLM_MATMUL_TABLE=path`` reads another table.
+matmul (so fp32 results stay those of torch) and everything when ``KernelOptions.triton_matmul`` is off
+(``NANOVLLM_MATMUL=cublas``).  ``KernelOptions.matmul_table`` (``NANOVLLM_MATMUL_TABLE``) names another table.
+Only the CUDA implementation of ``nanovllm::linear`` (``cuda.py``) asks ``choose``.
 """
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from nanovllm.kernels.options import current_options
 
 TABLE_PATH = Path(__file__).with_name("matmul_tuned.json")
 
@@ -55,16 +57,18 @@ def _arch(device: torch.device) -> str:
     return "%d.%d" % device_capability(device)
 
 
+def _table(device: torch.device) -> dict:
+    """This GPU's part of the table in force: ``{"N_OUT,K,silu": [(max_m, config or None), ...]}``."""
+    return _load(current_options().matmul_table or str(TABLE_PATH)).get(_arch(device), {})
+
+
 def choose(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> MatmulConfig | None:
-    """The Triton config for ``x @ weight.T`` on this GPU, or None for cuBLAS."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
-        return None
-    if os.environ.get("NANOVLLM_MATMUL", "auto") == "cublas":
+    """The Triton config for ``x @ weight.T`` (CUDA tensors) on this GPU, or None for cuBLAS."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or not current_options().triton_matmul:
         return None
     m, k = x.shape
     n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    rows = _load(os.environ.get("NANOVLLM_MATMUL_TABLE") or str(TABLE_PATH)).get(_arch(x.device), {}).get(
-        table_key(n_out, k, silu_mul), ())
+    rows = _table(x.device).get(table_key(n_out, k, silu_mul), ())
     for max_m, cfg in rows:
         if m <= max_m:
             return cfg if cfg is not None and cfg.fits(m, n_out, k) else None
@@ -74,7 +78,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> MatmulConfi
 def triton_row_limits(device: torch.device) -> list[int]:
     """Every row count at which some shape's Triton config of this GPU's table ends (ascending): running each
     once compiles every config a step of at most that many rows can pick."""
-    if device.type != "cuda" or os.environ.get("NANOVLLM_MATMUL", "auto") == "cublas":
+    options = current_options()
+    if device.type != "cuda" or not options.triton_matmul or options.reference_kernels:
         return []
-    table = _load(os.environ.get("NANOVLLM_MATMUL_TABLE") or str(TABLE_PATH)).get(_arch(device), {})
-    return sorted({max_m for rows in table.values() for max_m, cfg in rows if cfg is not None})
+    return sorted({max_m for rows in _table(device).values() for max_m, cfg in rows if cfg is not None})

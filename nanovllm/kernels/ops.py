@@ -1,33 +1,27 @@
-"""Attention, KV store and projections as registered torch ops, so a compiled step sees each as one opaque node.
+"""The fused ops of a step as registered torch ops, so a compiled step sees each as one opaque node.
 
-Every op dispatches on the device of its inputs: CUDA tensors go to the Triton kernels in
-``triton_attention.py``, anything else to the pure-PyTorch twins in ``reference.py``.
-``NANOVLLM_ATTENTION=reference`` forces the twins everywhere (a debugging aid).
-Projections (``linear``) take the Triton skinny-matmul kernel on tuned decode shapes, cuBLAS otherwise.
-``rope_store_kv`` fuses the q/k norm, rope and KV store that sit between the qkv projection and attention.
-Models call the thin wrappers (``rope_store_kv``, ``store_kv``, ``paged_attention``, ``linear``).
+Ops: ``nanovllm::store_kv``, ``nanovllm::rope_store_kv``, ``nanovllm::paged_attention``, ``nanovllm::linear`` and
+``nanovllm::gumbel_argmax``.  Each is a ``torch.library.custom_op`` whose default implementation is its
+pure-PyTorch twin (``reference.py``, ``sampling.py``), which runs on any device, with a fake implementation for
+tracing.  A platform registers faster implementations per device type with ``torch.library.register_kernel``
+(the CUDA platform: ``cuda.py``, the Triton kernels); the dispatcher picks by the device of the inputs, so
+models and layers call the wrappers below and never name a device.
+
+Contracts shared by every implementation (see ``reference.py`` for the cache layout and ``context_lens``):
+no host synchronisation and no data-dependent shapes, so a step may be graph-captured; slot -1 is never written;
+a row with context 0 gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
 """
-import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from nanovllm.kernels import reference
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and os.environ.get("NANOVLLM_ATTENTION", "auto") != "reference"
+from nanovllm.kernels import reference, sampling
 
 
 @torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
 def _store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
-    if _use_triton(key):
-        from nanovllm.kernels import triton_attention
-        triton_attention.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
-    else:
-        reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+    reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
 
 
 @_store_kv.register_fake
@@ -40,20 +34,10 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV, for prefill and decode alike.
 
-    The kernel is chosen when the op runs, not when it is traced, so one compiled step serves both: a batch
-    with one new token per sequence (every decode step) takes the split-KV decode kernel, any other the
-    varlen prefill kernel.  Both compute the same thing for one token per sequence.
-    """
-    one_token_each = q.shape[0] == context_lens.shape[0]
-    if _use_triton(q):
-        from nanovllm.kernels import triton_attention
-        if one_token_each:
-            return triton_attention.decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-        return triton_attention.prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens,
-                                                         block_tables, scale)
-    if one_token_each:
-        return reference.decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return reference.prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    Implementations choose their kernel when the op runs, not when it is traced, so one compiled step serves
+    both: a batch with one new token per sequence (every decode step) may take a decode kernel, any other the
+    varlen prefill kernel.  Both compute the same thing for one token per sequence."""
+    return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
 @_paged_attention.register_fake
@@ -66,19 +50,9 @@ def _rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
                    q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor], eps: float,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
                    num_kv_heads: int) -> torch.Tensor:
-    """Packed qkv -> q [T, Hq, D], with k and v stored: per-head q/k RMSNorm (weights given), rope, KV store.
-
-    bf16/fp16 CUDA tensors take one fused Triton kernel.  float32 (where results must stay those of
-    transformers bit for bit) and other devices run the model's own torch code (``reference.py``), then the
-    store op's kernel."""
-    if _use_triton(qkv) and qkv.dtype != torch.float32:
-        from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
-        return rope_store_kv_triton(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
-                                    k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
-    q, k, v = reference.norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
-                                            num_heads, num_kv_heads, k_cache.shape[3])
-    _store_kv(k, v, k_cache, v_cache, slot_mapping)  # the Triton store on CUDA: no host sync, graph-capturable
-    return q
+    """Packed qkv -> q [T, Hq, D], with k and v stored: per-head q/k RMSNorm (weights given), rope, KV store."""
+    return reference.rope_store_kv_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                                             k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
 
 
 @_rope_store_kv.register_fake
@@ -89,30 +63,26 @@ def _(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k
 
 @torch.library.custom_op("nanovllm::linear", mutates_args=())
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
-    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves.
-
-    The kernel is chosen when the op runs, from the row count: decode batches whose shape has a measured
-    Triton configuration (``matmul_configs.py``) take the skinny kernel, everything else cuBLAS.
-    """
-    from nanovllm.kernels import matmul_configs
-    cfg = matmul_configs.choose(x, weight, silu_mul)
-    if cfg is not None:
-        from nanovllm.kernels.triton_matmul import linear_triton
-        return linear_triton(x, weight, bias, cfg, silu_mul)
-    y = F.linear(x, weight, bias)
-    if not silu_mul:
-        return y
-    if x.is_cuda and x.dtype != torch.float32:
-        from nanovllm.kernels.triton_matmul import silu_mul_triton
-        return silu_mul_triton(y)
-    gate, up = y.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves."""
+    return reference.linear_reference(x, weight, bias, silu_mul)
 
 
 @_linear.register_fake
 def _(x, weight, bias, silu_mul):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("nanovllm::gumbel_argmax", mutates_args=())
+def _gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] int64 (see ``sampling.gumbel_argmax_reference``)."""
+    return sampling.gumbel_argmax_reference(logits, temperature, seeds, positions)
+
+
+@_gumbel_argmax.register_fake
+def _(logits, temperature, seeds, positions):
+    return torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
 
 
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -132,3 +102,8 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
 def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:
     """A projection of ``x`` [T, K] (see ``_linear``); ``silu_mul`` takes the packed MLP gate/up weight."""
     return torch.ops.nanovllm.linear(x, weight, bias, silu_mul)
+
+
+def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:
+    """Token ids [B] drawn from logits [B, V] (greedy where ``temperature`` is 0); see ``_gumbel_argmax``."""
+    return torch.ops.nanovllm.gumbel_argmax(logits, temperature, seeds, positions)

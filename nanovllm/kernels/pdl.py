@@ -5,8 +5,7 @@ have been flushed.  Each decode step runs about 260 kernels, most of them a few 
 and ramp-up between kernels add up.  With PDL, a kernel is launched as soon as every program of the previous
 kernel has called ``gdc_launch_dependents`` (or exited).  Its programs become resident early and then block in
 ``gdc_wait`` until the previous kernel has completed and its writes are visible.  What overlaps is the launch
-and scheduling latency, plus any work a program does before its wait.  The skinny matmul does work there: it
-prefetches its weights, which no kernel writes, into L2 (see ``triton_matmul.py``).
+and scheduling latency; every kernel here waits first, so none does work before its wait.
 
 Every kernel launched with ``launch_pdl`` must call ``pdl_begin`` (this module) before it reads or writes
 anything another kernel touches, and before any early exit.  Then a kernel cannot complete before the kernel
@@ -16,7 +15,8 @@ everything before that.  Kernels launched without PDL (cuBLAS, copies) keep the 
 Inductor's own kernels follow the same protocol when ``torch._inductor.config.triton.enable_pdl`` is set.
 ``configure_inductor`` sets it with this switch, unless ``TORCHINDUCTOR_ENABLE_PDL`` is set explicitly.
 
-``NANOVLLM_PDL=0`` turns PDL off.  It is always off under ``TRITON_INTERPRET=1``, off CUDA, and before sm_90.
+The switch is ``KernelOptions.pdl`` (``options.py``: ``NANOVLLM_PDL=0`` turns it off, and it is off under
+``TRITON_INTERPRET=1``).  PDL is also off on any device but CUDA and before sm_90.
 """
 import os
 
@@ -24,14 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_common import _hopper_or_newer
 
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL."""
-    if device.type != "cuda" or os.environ.get("NANOVLLM_PDL", "1") == "0":
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or not current_options().pdl:
         return False
     return _hopper_or_newer(device)
 

@@ -1,4 +1,5 @@
-"""Pure-PyTorch paged attention and KV store: the CPU path and the oracle for the Triton kernels.
+"""Pure-PyTorch paged attention, KV store, q/k norm + rope and projections: the default implementations of the ops
+in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.
 
 KV cache layout, shared by every implementation (one tensor per layer for K, one for V):
 
@@ -10,81 +11,149 @@ A slot id is ``block * block_size + offset``; slot -1 means "padded row, write n
 ``context_lens[b]`` is the number of KV tokens sequence ``b`` has in the cache *including* the tokens of
 the current step (they are stored before attention runs).  In prefill the query token ``j`` of a sequence
 with ``q_len`` new tokens sits at absolute position ``context_lens[b] - q_len + j`` and attends causally to
-KV positions ``0 .. that position``.  A row with ``context_lens == 0`` (a padded decode row) gets zeros.
+KV positions ``0 .. that position``.  A token at a negative position (a row with ``context_lens == 0``) gets
+zeros.  Cache entries at or past a row's context are never read into its result, whatever they hold.
+
+Every twin uses only static shapes: no ``.item()``, ``.tolist()``, ``nonzero`` or boolean-mask indexing, so
+none synchronises with the host and each traces whole (``torch.compile(fullgraph=True)``, ``make_fx``).  The
+price is that attention reads every column of the block table, not only those a row's context reaches.
+
+Attention works on query tiles: ``[N, M]`` query rows that share one sequence (decode: one row per sequence;
+prefill: runs of ``_PREFILL_TILE`` consecutive tokens, the tiling of the Triton prefill kernel), each with the
+block-table row of its sequence.  A tile gathers its sequence's KV once for all its rows and attends in float32
+with ``scaled_dot_product_attention`` under a causal mask by position; tiles are taken a group at a time so that
+the gathered KV stays near ``_CHUNK_ELEMENTS``.
 """
 import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels.norm_rope import apply_rotary, rms_norm
+
+_PREFILL_TILE = 32  # query tokens per prefill tile
+_CHUNK_ELEMENTS = 1 << 24  # elements of gathered K and V held at once, about (at least one tile's)
 
 
 def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
-    """Write ``key``/``value`` [T, Hkv, D] into their slots; rows whose slot is -1 are skipped."""
+    """Write ``key``/``value`` [T, Hkv, D] into their slots; rows whose slot is -1 leave the cache as it was.
+
+    Every row writes (a static shape): a padded row writes to the slot of the first real row the value that row
+    writes, or, when no row is real, writes slot 0's own contents back.  Rows aimed at one slot thus carry one
+    value, whatever order the writes land in."""
+    if slot_mapping.shape[0] == 0:
+        return
     block_size = k_cache.shape[2]
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
+    # Index tensors of shape [1], never 0-d ones: indexing with a 0-d tensor reads its value on the host.
+    first = valid.to(torch.int32).argmax(dim=0, keepdim=True)  # the first real row, or row 0 when there is none
+    any_valid = valid[first]
+    fallback = torch.where(any_valid, slot_mapping[first].long(), 0)
+    slots = torch.where(valid, slot_mapping.long(), fallback)
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, :, offsets, :] = key[valid].to(k_cache.dtype)
-    v_cache[blocks, :, offsets, :] = value[valid].to(v_cache.dtype)
+    for src, cache in ((key, k_cache), (value, v_cache)):
+        src = src.to(cache.dtype)
+        stored = cache[fallback // block_size, :, fallback % block_size]  # [1, Hkv, D]
+        filler = torch.where(any_valid[:, None, None], src[first], stored)
+        cache[blocks, :, offsets] = torch.where(valid[:, None, None], src, filler)
 
 
-def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first ``length`` cached tokens as [Hkv, length, D]."""
-    num_blocks = -(-length // cache.shape[2])
-    tiles = cache[block_table[:num_blocks].long()]  # [n, Hkv, bs, D]
-    return tiles.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])[:, :length]
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     silu_mul: bool) -> torch.Tensor:
+    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves."""
+    y = F.linear(x, weight, bias)
+    if not silu_mul:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of q [Tq, Hq, D] at absolute ``q_positions`` over k, v [Hkv, L, D], in float32."""
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[0]
-    group = num_q_heads // num_kv_heads
-    qf = q.float().permute(1, 0, 2)  # [Hq, Tq, D]
-    kf = k.float().repeat_interleave(group, dim=0)
-    vf = v.float().repeat_interleave(group, dim=0)
-    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, Tq, L]
-    kv_pos = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill(kv_pos[None, None, :] > q_positions[None, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vf).permute(1, 0, 2).to(q.dtype)  # [Tq, Hq, D]
+def _attend_tiles(q: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, tables: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of query tiles q [N, M, Hq, D] at positions ``q_pos`` [N, M] over the paged KV of their
+    sequences (context ``ctx`` [N], block-table rows ``tables`` [N, W]) -> float32 [N, M, Hq, D].
+
+    Each tile gathers W x block_size KV positions.  Positions at or past the context read position 0 instead (the
+    mask hides them; what the cache holds there, NaN included, never reaches the result).  A row at a negative
+    position sees nothing and gets zeros, set explicitly: not every attention backend returns zeros for a fully
+    masked row."""
+    num_tiles, rows, num_q_heads, head_dim = q.shape
+    num_blocks, num_kv_heads, block_size, _ = k_cache.shape
+    length = tables.shape[1] * block_size
+    tiles_per_group = max(1, min(num_tiles, _CHUNK_ELEMENTS // (length * (2 * num_kv_heads * head_dim + rows))))
+    k_rows, v_rows = k_cache.reshape(-1, head_dim), v_cache.reshape(-1, head_dim)  # row (block, head, offset)
+    kv_pos = torch.arange(length, device=q.device)
+    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+    q_pos, ctx = q_pos.long(), ctx.long()
+    outs = []
+    for t0 in range(0, num_tiles, tiles_per_group):
+        t1 = min(t0 + tiles_per_group, num_tiles)
+        n = t1 - t0
+        src = torch.where(kv_pos[None, :] < ctx[t0:t1, None], kv_pos[None, :], 0)  # [n, L]
+        blocks = tables[t0:t1].long().clamp(0, num_blocks - 1).gather(1, src // block_size)
+        index = ((blocks[:, None, :] * num_kv_heads + heads) * block_size + (src % block_size)[:, None, :]).flatten()
+        k, v = (c.index_select(0, index).view(n, num_kv_heads, length, head_dim).float() for c in (k_rows, v_rows))
+        pos = q_pos[t0:t1]
+        keep = kv_pos[None, None, :] <= pos[:, :, None]  # [n, M, L]
+        out = F.scaled_dot_product_attention(q[t0:t1].float().transpose(1, 2), k, v, attn_mask=keep[:, None],
+                                             scale=scale, enable_gqa=True)  # [n, Hq, M, D]
+        out = torch.where((pos >= 0)[:, None, :, None], out, 0.0)
+        outs.append(out.transpose(1, 2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each row's ``context_lens`` tokens."""
-    out = torch.zeros_like(q)
-    for b, length in enumerate(context_lens.tolist()):
-        if length <= 0:
-            continue
-        k = _gather_kv(k_cache, block_tables[b], length)
-        v = _gather_kv(v_cache, block_tables[b], length)
-        pos = torch.tensor([length - 1], device=q.device)
-        out[b] = _attend(q[b:b + 1], k, v, pos, scale)[0]
-    return out
+    if q.shape[0] == 0:
+        return torch.zeros_like(q)
+    ctx = context_lens.long()
+    out = _attend_tiles(q[:, None], (ctx - 1)[:, None], ctx, block_tables, k_cache, v_cache, scale)
+    return out[:, 0].to(q.dtype)
 
 
 def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                                 scale: float) -> torch.Tensor:
-    """Variable-length causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache."""
-    out = torch.zeros_like(q)
-    starts = cu_seqlens_q.tolist()
-    for b, length in enumerate(context_lens.tolist()):
-        lo, hi = starts[b], starts[b + 1]
-        if hi <= lo or length <= 0:
-            continue
-        k = _gather_kv(k_cache, block_tables[b], length)
-        v = _gather_kv(v_cache, block_tables[b], length)
-        pos = torch.arange(length - (hi - lo), length, device=q.device)
-        out[lo:hi] = _attend(q[lo:hi], k, v, pos, scale)
-    return out
+    """Variable-length causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache.
+
+    Sequence b owns query tiles ``first[b] ..`` with ``first[b] = cu[b] // M + b``; ``T // M + B`` tiles cover
+    every sequence, whatever its length (the Triton prefill kernel's grid), so the tile count is static."""
+    num_tokens, num_seqs = q.shape[0], cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or num_seqs <= 0:
+        return torch.zeros_like(q)
+    rows = min(_PREFILL_TILE, num_tokens)
+    cu = cu_seqlens_q.long()
+    starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
+    first = starts // rows + torch.arange(num_seqs, device=q.device)  # strictly increasing
+    tile = torch.arange(num_tokens // rows + num_seqs, device=q.device)
+    seq = torch.searchsorted(first, tile, right=True) - 1  # the last sequence starting at or before each tile
+    i = (tile - first[seq])[:, None] * rows + torch.arange(rows, device=q.device)  # [N, M] index in the sequence
+    valid = i < q_lens[seq][:, None]
+    ctx = context_lens.long()[seq]
+    q_pos = torch.where(valid, ctx[:, None] - q_lens[seq][:, None] + i, -1)
+    token = torch.where(valid, starts[seq][:, None] + i, num_tokens)  # row num_tokens: a scratch row
+    q_tiles = q[token.clamp(max=num_tokens - 1)]
+    out = _attend_tiles(q_tiles, q_pos, ctx, block_tables[seq], k_cache, v_cache, scale)
+    full = q.new_zeros(num_tokens + 1, *q.shape[1:])
+    full.index_copy_(0, token.flatten(), out.flatten(0, 1).to(q.dtype))
+    return full[:num_tokens]
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """The twin of ``nanovllm::paged_attention``: decode attention when every sequence has one new token (a
+    cheaper tiling of the same computation), varlen prefill attention otherwise."""
+    if q.shape[0] == context_lens.shape[0]:
+        return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
 def norm_rope_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
                         q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                         num_heads: int, num_kv_heads: int, head_dim: int):
     """Split packed ``qkv`` [T, (Hq + 2 Hkv) D] into q, k, v; RMSNorm q and k per head (when weights are given)
-    and rotate them.  The model's own norm and rope code, unfused; no host sync, so it may be graph-captured."""
-    from nanovllm.layers.norm import rms_norm
-    from nanovllm.layers.rotary import apply_rotary
+    and rotate them.  The model's own norm and rope code (``norm_rope.py``), unfused."""
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q = q.reshape(-1, num_heads, head_dim)
     k = k.reshape(-1, num_kv_heads, head_dim)

@@ -1,7 +1,8 @@
 """Fused Triton kernels for the paged KV cache: KV store, decode attention and varlen prefill attention.
 
-These are the CUDA path of the ops in ``ops.py``; ``reference.py`` holds their pure-PyTorch twins, the cache
-layout ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` and the meaning of ``context_lens``.
+``cuda.py`` registers them for CUDA tensors as implementations of the ops in ``ops.py``; ``reference.py`` holds
+their pure-PyTorch twins, the cache layout ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` and the
+meaning of ``context_lens``.
 
 * ``store_kv_triton``: one program per token writes all its KV heads into their slot (slot -1 is skipped).
 * ``decode_attention_triton``: split-KV decode attention, in ``triton_decode.py`` (re-exported here).
@@ -126,7 +127,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
 
 
 def _prefill_config(q: torch.Tensor):
-    """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel (bf16: best of the H100 sweep)."""
+    """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel (bf16: the best of a GPU sweep)."""
     if q.dtype == torch.float32:
         return 64, 32, 4, 2
     return 64, 64, 4, 3

@@ -1,7 +1,7 @@
 """Pieces shared by the Triton attention kernels: device facts, the ``tl.dot`` mode, paged-KV addressing and the
 online-softmax step over one KV tile.
 
-``triton_attention.py`` (KV store, prefill) and ``triton_decode*.py`` (decode variants) build on these.  The cache
+``triton_attention.py`` (KV store, prefill) and ``triton_decode.py`` (decode) build on these.  The cache
 layout is ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` (see ``reference.py``).
 """
 import functools
@@ -43,7 +43,7 @@ def _hopper_or_newer(device: torch.device) -> bool:
 
 
 def _dot_precision(q: torch.Tensor) -> str:
-    """``tl.dot`` mode: exact fp32 for fp32 inputs; "upcast" off GPU, where the Triton interpreter (3.9)
+    """``tl.dot`` mode: exact fp32 for fp32 inputs; "upcast" off GPU, where the Triton interpreter
     multiplies bf16 operands as their raw uint16 bits, so both operands go to fp32 first."""
     if not q.is_cuda:
         return "upcast"

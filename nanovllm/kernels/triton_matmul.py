@@ -1,13 +1,12 @@
 """Skinny matmuls for decode: ``x[M, K] @ w[N, K].T`` with M (the batch) small, in Triton.
 
-At decode a projection reads its whole weight to produce a few hundred rows, so the matmul is bound by memory,
-by how many SMs it keeps busy and, at these sizes (4-13 MB per projection), by fixed launch and ramp-up time:
-on an H100 every projection takes 5-10 us however few rows it has, cuBLAS and this kernel alike, and this kernel
-is 4-16% faster than cuBLAS up to 32-64 rows and slower above (``benchmarks/matmul_sweep.py``; the dispatch table
-keeps cuBLAS where it won).  The kernel tiles the output into small ``BLOCK_M x BLOCK_N`` blocks and, where
-the output has too few blocks to fill the GPU, also splits K (``SPLIT_K``): every split writes an fp32 partial
-and the last split of each output block to finish (counted with an atomic) sums them and writes the result, so
-a launch stays one kernel with no memset and no second pass.  Counters are reset by that last split, so a
+At decode a projection reads its whole weight to produce a few rows, so the matmul is bound by memory, by how
+many SMs it keeps busy and by fixed launch and ramp-up time.  Whether this kernel or cuBLAS is faster is measured
+per shape and row count (``benchmarks/matmul_sweep.py``) and recorded in the dispatch table, which keeps cuBLAS
+where it won.  The kernel tiles the output into small ``BLOCK_M x BLOCK_N`` blocks and, where the output has too
+few blocks to fill the GPU, also splits K (``SPLIT_K``): every split writes an fp32 partial and the last split of
+each output block to finish (counted with an atomic) sums them and writes the result, so a launch stays one
+kernel with no memset and no second pass.  Counters are reset by that last split, so a
 launch can be captured in a CUDA graph and replayed.
 
 ``SILU_MUL`` fuses the MLP's activation: ``w`` is the packed ``[gate; up]`` weight ``[2I, K]`` and the kernel
@@ -15,19 +14,16 @@ writes ``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``, saving a kernel and a round
 intermediate.  ``SWAP`` puts the weight tile on the left of ``tl.dot`` (the output block is computed
 transposed), which lets the tensor-core instruction's long side run along N when M is tiny.
 
-On Hopper the kernel takes part in programmatic dependent launch (``pdl.py``): before it waits for the previous
-kernel it asks L2 for its slab of the weights (``PREFETCH``), which no kernel writes.
+On Hopper the kernel takes part in programmatic dependent launch (``pdl.py``).
 
-Which configuration serves which shape is ``nanovllm/kernels/matmul_configs.py``; ``ops.linear`` dispatches.
+Which configuration serves which shape is ``matmul_configs.py``; the op ``nanovllm::linear`` dispatches (``cuda.py``).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm.kernels.matmul_configs import MatmulConfig
-from nanovllm.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -63,22 +59,11 @@ def _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_st
         return acc
 
 
-@triton.jit
-def _prefetch_l2(w_ptr, offs_n, n_mask, k_start, k_steps, stride_wn, BLOCK_K: tl.constexpr):
-    """Ask L2 for this program's slab of weight rows, one request per 128 bytes (64 bf16/fp16 values)."""
-    rows = tl.where(n_mask, offs_n, 0).to(tl.int64)[:, None] * stride_wn
-    lines = tl.arange(0, BLOCK_K // 64) * 64
-    for s in range(k_steps):
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                  [w_ptr + rows + (k_start + s * BLOCK_K + lines)[None, :]],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K, stride_xm, stride_wn,
                    stride_om, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr,
                    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                   UPCAST: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -88,10 +73,6 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M,
     n_mask = offs_n < N_OUT
     k_steps = K // (SPLIT_K * BLOCK_K)
     k_start = pid_k * k_steps * BLOCK_K
-    if PREFETCH:  # no kernel writes the weights, so this may overlap the previous kernel (before pdl_begin)
-        _prefetch_l2(w_ptr, offs_n, n_mask, k_start, k_steps, stride_wn, BLOCK_K)
-        if SILU_MUL:
-            _prefetch_l2(w_ptr + N_OUT * stride_wn, offs_n, n_mask, k_start, k_steps, stride_wn, BLOCK_K)
     pdl_begin(PDL)
     acc = _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn,
                            BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST)
@@ -157,11 +138,6 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _prefetch_weights(device: torch.device) -> bool:
-    """Prefetch weights into L2 ahead of ``pdl_begin``: only worth it when the launch overlaps the previous kernel."""
-    return pdl_enabled(device) and os.environ.get("NANOVLLM_MATMUL_PREFETCH", "1") != "0"
-
-
 _COUNTERS: dict = {}
 _COUNTER_SLOTS = 1 << 16
 
@@ -203,6 +179,5 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                          SILU_MUL=silu_mul, SPLIT_K=cfg.split_k, SWAP=cfg.swap, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not x.is_cuda,
-                         PREFETCH=_prefetch_weights(x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                         **pdl_launch(x.device))
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device))
     return out

@@ -1,14 +1,14 @@
 """One kernel from the packed qkv projection to attention's inputs: per-head RMSNorm of q and k (Qwen3), rotary
 embedding, and the KV store into the paged cache.  It replaces the compiler's norm/rope kernels and the separate
-store kernel (two to three launches per layer, each a few microseconds at decode).
+store kernel (two to three short launches per layer at decode).
 
 Each program takes one token's row of ``qkv`` [T, (Hq + 2 Hkv) D] and computes what
 ``reference.rope_store_kv_reference`` computes, rounding to the model's dtype after each step where the torch
-code does (the normed value, its product with the weight, each rope product and their sum).  On an H100 in
-bf16 (``benchmarks/gpu_checks.py``) the result equals the torch code's exactly without the q/k norm, and with it
-in all but 5-9 elements per million (one ulp, where the norm's float32 sum, taken in another order, rounds the
-other way).  q goes to a new [T, Hq, D] tensor; k and v to their cache slot, skipped for slot -1.  The grid is
-(T,): no data-dependent shapes, so it is captured in CUDA graphs like the other kernels.
+code does (the normed value, its product with the weight, each rope product and their sum).  In bf16 the result
+equals the torch code's exactly without the q/k norm; with it, an element may differ by one ulp where the norm's
+float32 sum, taken in another order, rounds the other way.  q goes to a new [T, Hq, D] tensor; k and v to their
+cache slot, skipped for slot -1.  The grid is (T,): no data-dependent shapes, so it is captured in CUDA graphs
+like the other kernels.
 """
 import torch
 import triton
@@ -22,8 +22,8 @@ def _round(x, DTYPE: tl.constexpr):
     """x rounded to the model's dtype and back to float32 (what a torch op in that dtype stores).
 
     bf16 rounds to nearest even by integer arithmetic on the float's bits: a ``.to(bf16).to(fp32)`` round trip
-    left the values unrounded on the GPU (about 10% of elements one bf16 ulp off the torch code) and truncates
-    in the interpreter.  Finite values only, which is all a norm and rope produce."""
+    can be folded away on the GPU (leaving values one bf16 ulp off the torch code) and truncates in the
+    interpreter.  Finite values only, which is all a norm and rope produce."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000

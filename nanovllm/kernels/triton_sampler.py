@@ -1,7 +1,7 @@
 """Fused Gumbel-max sampling for CUDA: each row's token drawn in one read of the logits.
 
-``gumbel_argmax_triton`` is the CUDA side of the op ``nanovllm::gumbel_argmax`` (``nanovllm/layers/sampler.py``,
-which holds the torch reference and the definition of the hash).  Per row it returns
+``gumbel_argmax_triton`` is the CUDA implementation of the op ``nanovllm::gumbel_argmax`` (``sampling.py`` holds the
+torch twin and the definition of the hash).  Per row it returns
 
 * T > 0: argmax over v of ``logits[v] * (1 / max(T, 1e-6)) + gumbel(seed, position, v)``;
 * T <= 0: argmax over v of ``logits[v]`` (greedy),
@@ -9,17 +9,14 @@ which holds the torch reference and the definition of the hash).  Per row it ret
 ties going to the smallest index, as ``torch.argmax``.  The noise is the reference's, computed in ``tl.uint32``
 (``*`` wraps mod 2**32, ``>>`` is logical) and turned into the same float32 uniforms bit for bit, so both paths
 draw the same tokens except at float-rounding-level near-ties of the final scores: ``tl.log`` may differ from a
-``log`` by an ulp (on an H100 it equals torch's CUDA ``log`` for every uniform; torch's CPU ``log`` differs from
-both by an ulp on about 14% of them).
+``log`` by an ulp (torch's CPU ``log`` and the GPU's may disagree that way).
 
 Two stages.  ``_gumbel_argmax_split_kernel`` runs on a (row, split) grid: each program walks its contiguous
 run of BLOCK-wide vocabulary tiles, keeps a per-lane running best (value, index), and writes its split's best to
 small fp32 / int32 scratch.  ``_gumbel_argmax_pick_kernel`` (one program per row) takes the best split, the
 smaller index on equal values.  The split count depends only on (B, V) and the SM count, never on data, so a
 launch can be captured in a CUDA graph and replayed.  The logits are read once; the two precise logs per
-element are most of the cost (H100, bf16, V = 151,936: 106 us at B = 256 against 207 us for the int64-hash
-sampler compiled by Inductor, 11 us against 104 us at B = 16; a greedy-only batch runs at the memory speed,
-39 us at B = 256).
+element are most of the cost, which the skip below avoids.
 
 Skipping tiles that cannot win (``skip=True``, the default).  A program keeps ``running``, the largest precise
 score it has seen.  For each tile it first bounds every lane's score by ``s + _gumbel_upper(u)`` (a few integer
@@ -29,9 +26,8 @@ tiles skip the logs.  The tokens are exactly those of ``skip=False``: a skipped 
 so none is strictly greater than the program's best, and its indices are larger than those of the tile that set
 ``running`` (tiles go in increasing order), so the smallest index of the maximum is unchanged; NaN scores are
 never taken either way, and a row of -inf keeps answering its split's start index.  The pick kernel is the same.
-H100, V = 151,936, half the rows greedy: 84 -> 62 us at B = 256, 27 -> 22 us at B = 64; all rows sampled: 102 ->
-77 us at B = 256.  Small batches (few tiles per split, latency-bound) lose up to 0.7 us (B = 8: 6.1 -> 6.8 us):
-the skip's code takes 40 registers a thread against 32 (ptxas, sm_90), so fewer programs fit on an SM.
+The skip's code takes more registers a thread, so small latency-bound batches may lose a little; its measured
+effect is in docs/PERFORMANCE.md.
 
 ``gumbel_noise_triton`` writes the kernel's uniforms and noise for a [B, V] grid: a debugging and test aid.
 """
@@ -42,8 +38,7 @@ import triton.language as tl
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _num_sms
 
-# H100, bf16 logits, V = 151,936 (tuned over BLOCK 512-4096, 4/8 warps, 2-8 programs per SM): within a few
-# percent of the best at every batch size tried (1, 16, 64, 256).
+# Tuned on a GPU over BLOCK 512-4096, 4/8 warps and 2-8 programs per SM (docs/PERFORMANCE.md).
 BLOCK = 1024  # vocabulary ids per tile
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8  # stage-1 programs aimed at when the batch alone does not fill the GPU
@@ -53,7 +48,7 @@ _MAX_INDEX = tl.constexpr(_INT32_MAX)  # a global read inside a kernel must be a
 
 @triton.jit
 def _mix32(x):
-    """The 32-bit finaliser of ``sampler._mix32`` on uint32 (the products wrap mod 2**32)."""
+    """The 32-bit finaliser of ``sampling.mix32`` on uint32 (the products wrap mod 2**32)."""
     x = x ^ (x >> 16)
     x = x * 0x21F0AAAD
     x = x ^ (x >> 15)
@@ -63,7 +58,7 @@ def _mix32(x):
 
 @triton.jit
 def _row_key(seeds_ptr, positions_ptr, row):
-    """``sampler.row_keys`` for one row.  The int64 inputs are masked to 32 bits before the cast, so the cast never
+    """``sampling.row_keys`` for one row.  The int64 inputs are masked to 32 bits before the cast, so the cast never
     depends on how a backend truncates out-of-range values."""
     seed = tl.load(seeds_ptr + row)
     position = tl.load(positions_ptr + row)
@@ -75,7 +70,7 @@ def _row_key(seeds_ptr, positions_ptr, row):
 
 @triton.jit
 def _uniform(bits):
-    """``sampler.uniform_from_bits``, exactly: the top 23 bits k as the float 1 + k / 2**23 (exponent bits set by
+    """``sampling.uniform_from_bits``, exactly: the top 23 bits k as the float 1 + k / 2**23 (exponent bits set by
     hand, no int-to-float conversion), minus (1 - 2**-24), which is (k + 0.5) / 2**23 with no rounding."""
     one_plus = ((bits >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
     return one_plus - 0.99999994039535522
@@ -83,8 +78,8 @@ def _uniform(bits):
 
 @triton.jit
 def _gumbel(u):
-    """-log(-log(u)); on CUDA ``tl.log`` gave the same float32 as torch's ``log`` for every one of the 2**23 uniforms
-    (H100, Triton 3.6), so the kernel's noise equals the reference's there bit for bit."""
+    """-log(-log(u)); where ``tl.log`` and torch's ``log`` agree on every one of the 2**23 uniforms, the kernel's
+    noise equals the reference's bit for bit."""
     return -tl.log(-tl.log(u))
 
 
@@ -253,8 +248,8 @@ def _gumbel_noise_kernel(seeds_ptr, positions_ptr, uniform_ptr, noise_ptr, V, BL
 
 def gumbel_noise_triton(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int,
                         block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's (uniform, noise), each [B, V] float32: compare with ``sampler.uniform_from_bits`` and
-    ``sampler.gumbel_noise``."""
+    """The kernel's (uniform, noise), each [B, V] float32: compare with ``sampling.uniform_from_bits`` and
+    ``sampling.gumbel_noise``."""
     batch = seeds.shape[0]
     uniform = torch.empty(batch, vocab_size, dtype=torch.float32, device=seeds.device)
     noise = torch.empty_like(uniform)

@@ -1,6 +1,8 @@
-"""RMSNorm, computed the way transformers computes it so float32 results match bit for bit."""
+"""RMSNorm as a module; the math (``kernels/norm_rope.rms_norm``) matches transformers' bit for bit in float32."""
 import torch
 from torch import nn
+
+from nanovllm.kernels.norm_rope import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -11,11 +13,3 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim: statistics in float32, the normed value rounded to x's dtype, then scaled."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)

@@ -1,18 +1,45 @@
-"""The interface every platform implements; defaults suit a device with no graph capture."""
+"""The interface every platform implements; the defaults suit a CPU-like device with no graph capture.
+
+A platform owns everything about its device: dtypes, memory queries, host staging, completion events, the
+compiler backend, graph capture, and which kernel implements each op.  Making one reads the kernel options from
+the environment (``KernelOptions.from_env``), installs them for the process (``set_options``) and registers its
+kernels with ``torch.library`` (``register_kernels``); every op's pure-PyTorch twin is the default on any device.
+"""
+import contextlib
+import hashlib
+import platform as host_platform
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+from nanovllm.kernels import ops  # noqa: F401  (defines the ops, with their twins as the default on every device)
+from nanovllm.kernels.options import KernelOptions, set_options
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _DoneEvent:
+    """A completion handle for a device whose work is done by the time it is queued (the host runs it)."""
+
+    def synchronize(self) -> None:
+        pass
 
 
 class Platform:
     name = "base"
     supports_graph_capture = False
     compile_backend = "inductor"
+    pin_memory = False  # whether host staging buffers for device copies should be page-locked
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, options: KernelOptions | None = None):
         self.device = device
+        self.options = KernelOptions.from_env() if options is None else options
+        set_options(self.options)
+        self.register_kernels()
+
+    def register_kernels(self) -> None:
+        """Register this platform's implementations of the ops (``torch.library.register_kernel``)."""
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":
@@ -25,12 +52,32 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def record_event(self):
+        """A handle whose ``synchronize()`` waits for all device work queued so far."""
+        return _DoneEvent()
+
     def available_kv_bytes(self, utilization: float) -> int | None:
         """Bytes the KV cache may take, or None when the platform cannot measure memory."""
         return None
 
     def reset_peak_memory(self) -> None:
         pass
+
+    def arch(self) -> str:
+        """The processor, as far as it changes generated code: machine, model name and a hash of the CPU flags
+        (Inductor's C++ backend picks its vector instructions from them)."""
+        info = {}
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                name, _, value = line.partition(":")
+                info.setdefault(name.strip(), value.strip())
+        flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:12]
+        return f"{host_platform.machine()} {info.get('model name', host_platform.processor())} flags={flags}"
+
+    def describe(self) -> dict:
+        """What runs where, for logs and benchmark records."""
+        return {"name": self.name, "device": str(self.device), "arch": self.arch(),
+                "options": self.options.as_dict()}
 
     def compile(self, fn, dynamic: bool | None):
         """Lower ``fn`` with this platform's compiler (``dynamic=None``: only dims marked dynamic are symbolic)."""

@@ -1,28 +1,39 @@
-"""CUDA: the checkpoint's dtype, memory measured after a warm-up, Inductor + CUDA graphs sharing one pool."""
+"""CUDA: the checkpoint's dtype, memory measured after a warm-up, pinned host staging, Inductor + CUDA graphs
+sharing one pool, and the Triton kernels registered for the ops (``nanovllm/kernels/cuda.py``)."""
 from contextlib import contextmanager
 
 import torch
 
+from nanovllm.kernels.cuda import register_cuda_kernels
 from nanovllm.kernels.pdl import configure_inductor
-from nanovllm.platforms.base import Platform, _DTYPES
+from nanovllm.platforms.base import _DTYPES, Platform
 
 
 class CudaPlatform(Platform):
     name = "cuda"
     supports_graph_capture = True
+    pin_memory = True
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, options=None):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(device)
         torch.cuda.set_device(device)
+        super().__init__(device, options)
         configure_inductor(device)  # Inductor's kernels take part in programmatic dependent launch (Hopper+)
+
+    def register_kernels(self):
+        register_cuda_kernels()
 
     def auto_dtype(self, checkpoint_dtype):
         return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
 
     def synchronize(self):
         torch.cuda.synchronize(self.device)
+
+    def record_event(self):
+        event = torch.cuda.Event()
+        event.record()  # on the current stream: completes when everything queued before it has
+        return event
 
     def reset_peak_memory(self):
         torch.cuda.empty_cache()
@@ -33,6 +44,10 @@ class CudaPlatform(Platform):
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         return int(total * utilization - used_by_others - peak)
+
+    def arch(self):
+        major, minor = torch.cuda.get_device_capability(self.device)
+        return f"{torch.cuda.get_device_name(self.device)} sm_{major}{minor}"
 
     def graph_pool(self):
         return torch.cuda.graph_pool_handle()

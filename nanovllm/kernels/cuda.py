@@ -1,0 +1,88 @@
+"""The Triton implementations of the ops in ``ops.py``, registered for CUDA tensors by the CUDA platform.
+
+``register_cuda_kernels()`` registers one function per op with ``torch.library.register_kernel`` for device type
+"cuda"; from then on the dispatcher sends CUDA inputs there and every other device keeps the op's pure-PyTorch
+twin.  Registering again is a no-op (a process may make several engines).  Each registered function reads
+``current_options()`` once per call: with ``reference_kernels`` set it runs the twin, so options installed by a
+later engine take effect without registering anything again.  Choices that are by design made at run time stay
+inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
+configuration by row count (``matmul_configs.py``), and float32 rope on torch so that results stay
+transformers' bit for bit.
+
+A platform for another device registers its own implementations the same way, under its device type, without
+touching models or layers.  ``device_type`` lets a test register these functions for CPU tensors, which the
+Triton interpreter (``TRITON_INTERPRET=1``) runs.
+"""
+import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels import matmul_configs, ops, reference, sampling  # noqa: F401  (ops: defines the ops)
+from nanovllm.kernels.options import current_options
+from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
+from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton
+from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
+from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
+
+_registered: set[str] = set()
+
+
+def _store_kv(key, value, k_cache, v_cache, slot_mapping):
+    if current_options().reference_kernels:
+        reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    if current_options().reference_kernels:
+        return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                                   scale)
+    if q.shape[0] == context_lens.shape[0]:  # one new token per sequence: every decode step
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+
+def _rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+                   slot_mapping, num_heads, num_kv_heads):
+    if current_options().reference_kernels:
+        return reference.rope_store_kv_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight,
+                                                 eps, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+    if qkv.dtype == torch.float32:  # the model's torch code, so results stay transformers' bit for bit
+        q, k, v = reference.norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight,
+                                                eps, num_heads, num_kv_heads, k_cache.shape[3])
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        return q
+    return rope_store_kv_triton(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache,
+                                v_cache, slot_mapping, num_heads, num_kv_heads)
+
+
+def _linear(x, weight, bias, silu_mul):
+    if current_options().reference_kernels:
+        return reference.linear_reference(x, weight, bias, silu_mul)
+    cfg = matmul_configs.choose(x, weight, silu_mul)
+    if cfg is not None:
+        return linear_triton(x, weight, bias, cfg, silu_mul)
+    if x.dtype == torch.float32:  # fp32 stays with torch end to end
+        return reference.linear_reference(x, weight, bias, silu_mul)
+    y = F.linear(x, weight, bias)
+    return silu_mul_triton(y) if silu_mul else y
+
+
+def _gumbel_argmax(logits, temperature, seeds, positions):
+    if current_options().reference_kernels:
+        return sampling.gumbel_argmax_reference(logits, temperature, seeds, positions)
+    return gumbel_argmax_triton(logits, temperature, seeds, positions)
+
+
+KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_attention,
+           "nanovllm::rope_store_kv": _rope_store_kv, "nanovllm::linear": _linear,
+           "nanovllm::gumbel_argmax": _gumbel_argmax}
+
+
+def register_cuda_kernels(device_type: str = "cuda") -> None:
+    """Route the ops' ``device_type`` tensors to the Triton kernels (idempotent)."""
+    if device_type in _registered:
+        return
+    for name, fn in KERNELS.items():
+        torch.library.register_kernel(name, device_type, fn)
+    _registered.add(device_type)
