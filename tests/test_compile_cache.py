@@ -63,7 +63,7 @@ def test_concurrent_cold_starts_then_a_new_process_traces_and_compiles_nothing(t
     llm = _popen(["-c", CHILD, model, json.dumps(ARGS)], _env(root, tmp_path / "ind2"))
     pre_out, child = _finish(pre), json.loads(_finish(llm).strip().splitlines()[-1])
     print("\n" + pre_out)
-    pre_hit = "cache already cached (hit)" in pre_out
+    pre_hit = "cache hit;" in pre_out
     assert pre_hit != child["hit"], (pre_out, child)
     assert re.search(r"key (\w+)", pre_out).group(1) == child["key"]  # precompile warms what LLM(...) looks up
     assert re.search(r"bucket +2: +[\d.]+ s", pre_out)
@@ -146,26 +146,30 @@ def test_corrupt_entry_is_discarded_with_one_warning_and_rebuilt(built_entry, co
     assert again.hit
 
 
-def _fake_runner(**overrides):
+def _key(**overrides):
+    """key_fields of a small config on a fake CPU platform, with one field or argument changed."""
     cfg = SimpleNamespace(hf_config={"hidden_size": 64}, graph_batch_sizes=(1, 2, 4), kvcache_block_size=16,
                           max_model_len=128, max_num_seqs=4, tensor_parallel_size=1)
-    runner = SimpleNamespace(config=cfg, dtype=torch.float32, num_blocks=96, device=torch.device("cpu"),
-                             platform=SimpleNamespace(name="cpu"))
+    option_values = overrides.pop("options", {"pdl": False})
+    options = SimpleNamespace(as_dict=lambda: option_values)
+    args = dict(dtype=torch.float32, num_kv_blocks=96,
+                platform=SimpleNamespace(name="cpu", arch=lambda: "x86_64", options=options))
     for name, value in overrides.items():
-        setattr(cfg if hasattr(cfg, name) else runner, name, value)
-    return runner
+        setattr(cfg, name, value) if hasattr(cfg, name) else args.__setitem__(name, value)
+    return cache.key_of(cache.key_fields(cfg, **args))
 
 
 def test_changing_any_key_field_misses(monkeypatch):
-    key = cache.key_of(cache.key_fields(_fake_runner()))
-    assert cache.key_of(cache.key_fields(_fake_runner())) == key
-    for name, value in [("graph_batch_sizes", (1, 2)), ("dtype", torch.bfloat16), ("num_blocks", 95),
+    key = _key()
+    assert _key() == key
+    other_platform = SimpleNamespace(name="npu", arch=lambda: "x86_64", options=SimpleNamespace(as_dict=dict))
+    for name, value in [("graph_batch_sizes", (1, 2)), ("dtype", torch.bfloat16), ("num_kv_blocks", 95),
                         ("kvcache_block_size", 32), ("max_model_len", 64), ("max_num_seqs", 8),
                         ("tensor_parallel_size", 2), ("hf_config", {"hidden_size": 128}),
-                        ("platform", SimpleNamespace(name="npu"))]:
-        assert cache.key_of(cache.key_fields(_fake_runner(**{name: value}))) != key, name
+                        ("platform", other_platform), ("options", {"pdl": True})]:
+        assert _key(**{name: value}) != key, name
     monkeypatch.setattr(cache, "source_hash", lambda: "0" * 64)
-    assert cache.key_of(cache.key_fields(_fake_runner())) != key, "traced source"
+    assert _key() != key, "traced source"
 
 
 def test_source_hash_changes_when_a_traced_file_changes(tmp_path):
@@ -173,7 +177,7 @@ def test_source_hash_changes_when_a_traced_file_changes(tmp_path):
     shutil.copytree(cache._PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     before = cache.source_hash(copy)
     assert before == cache.source_hash(cache._PACKAGE_DIR)
-    for traced in ("layers/norm.py", "engine/step_inputs.py", "kernels/ops.py", "platforms/cpu.py"):
+    for traced in ("layers/norm.py", "step/inputs.py", "kernels/ops.py", "platforms/cpu.py"):
         with open(copy / traced, "a") as f:
             f.write("\n# a change\n")
         assert cache.source_hash(copy) != before, traced

@@ -8,8 +8,8 @@ import torch
 from conftest import build_checkpoint
 from nanovllm import LLM, SamplingParams
 from nanovllm.compile.buckets import pick_bucket, split_batch
-from nanovllm.compile.executor import make_step
 from nanovllm.engine.sequence import Sequence
+from nanovllm.step import make_step
 
 BUCKETS = [1, 2, 4]
 
@@ -58,7 +58,7 @@ def _decode_and_prefill_inputs(llm):
     runner = llm.engine.runner
     seq = Sequence(0, [5, 6, 7], SamplingParams(), seed=0)
     seq.block_table = [0]
-    return runner.prepare_decode([seq], 4), runner.dummy_prefill_inputs()
+    return runner.decode_builder.build([seq], 4), runner.prefill_builder.dummy()
 
 
 def test_decode_and_prefill_steps_trace_with_zero_graph_breaks(eager_llm):
@@ -96,7 +96,7 @@ def test_padded_rows_never_write_into_live_kv(graph_llm):
     runner = graph_llm.engine.runner
     seq = Sequence(0, [5, 6, 7], SamplingParams(), seed=0)
     seq.block_table = [3]
-    inputs = runner.prepare_decode([seq], 4)  # one live row, three padded rows
+    inputs = runner.decode_builder.build([seq], 4)  # one live row, three padded rows
     stacked = lambda: torch.stack([torch.stack(kv) for kv in runner.kv_caches])  # [layer, k/v, block, head, off, d]
     before = stacked()
     runner.executor.decode(inputs, 4)
@@ -129,7 +129,7 @@ def _scheduled_prefill(engine, first_id: int):
 def test_prefill_inputs_are_one_packed_buffer(eager_llm):
     """A real prefill's inputs are views of one buffer (on CUDA: pinned, moved in one asynchronous copy)."""
     with _scheduled_prefill(eager_llm.engine, first_id=100) as (batch, _):
-        inputs = eager_llm.engine.runner.prepare_prefill(batch)
+        inputs = eager_llm.engine.runner.prefill_builder.build(batch)
         storage = inputs.buffer.untyped_storage().data_ptr()
         for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "cu_seqlens_q"):
             assert getattr(inputs, name).untyped_storage().data_ptr() == storage, name
@@ -143,7 +143,7 @@ def test_dummy_prefills_are_valid_prompts_inside_the_model_length(eager_llm):
     illegal address on CUDA), all inside max_model_len (the rope tables)."""
     runner = eager_llm.engine.runner
     limit = eager_llm.config.max_model_len
-    inputs = runner.dummy_prefill_inputs(tokens=4 * limit + 1, rows=5)
+    inputs = runner.prefill_builder.dummy(tokens=4 * limit + 1, rows=5)
     cu = inputs.cu_seqlens_q.tolist()
     assert cu[0] == 0 and cu[-1] == 4 * limit + 1 and len(cu) == 6
     lengths = [b - a for a, b in zip(cu, cu[1:])]
@@ -153,7 +153,7 @@ def test_dummy_prefills_are_valid_prompts_inside_the_model_length(eager_llm):
         assert positions[start:start + n] == list(range(n))
     assert set(inputs.slot_mapping.tolist()) == {-1}
     with pytest.raises(AssertionError, match="longer than max_model_len"):
-        runner.dummy_prefill_inputs(tokens=4 * limit + 3, rows=3)
+        runner.prefill_builder.dummy(tokens=4 * limit + 3, rows=3)
 
 
 def test_default_prefill_graph_sizes_and_bad_ones(path):
@@ -178,7 +178,7 @@ def test_prefill_padded_to_a_graph_size_gets_one_padding_sequence_then_empty_row
     assert runner.executor.prefill_plan(14) == ((16, 8), None)  # nothing captured on the CPU: no static inputs
     assert runner.executor.prefill_plan(17)[0] == (48, 8)
     with _scheduled_prefill(engine, first_id=200) as (batch, seqs):
-        inputs = runner.prepare_prefill(batch, (16, 8))
+        inputs = runner.prefill_builder.build(batch, (16, 8))
         assert inputs.input_ids.tolist() == list(range(1, 6)) + list(range(1, 10)) + [0, 0]
         assert inputs.cu_seqlens_q.tolist() == [0, 5, 14] + [16] * 6
         assert inputs.context_lens.tolist() == [5, 9] + [0] * 6
@@ -186,7 +186,7 @@ def test_prefill_padded_to_a_graph_size_gets_one_padding_sequence_then_empty_row
         assert inputs.logits_indices.tolist() == [4, 13] + [15] * 6
         assert inputs.out_slots.tolist() == [s.token_slot for s in seqs] + [runner.scratch_slot] * 6
         with pytest.raises(AssertionError, match="padded shape"):
-            runner.prepare_prefill(batch, (13, 8))
+            runner.prefill_builder.build(batch, (13, 8))
 
 
 def test_padded_prefill_steps_match_eager(padded_prefill_llms):

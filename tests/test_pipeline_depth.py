@@ -1,6 +1,7 @@
 """Steps queued ahead of the host (``pipeline_depth``): same tokens at every depth, and the scheduler's rules for
 tokens that are still being sampled (cut after a stop token, late prefix-cache publication, late readmission)."""
 import pytest
+import torch
 
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
@@ -24,16 +25,14 @@ def _launch(scheduler: Scheduler):
 
 
 def _generate_counting_queue(llm, prompts, params) -> tuple[list[list[int]], int]:
-    """Token ids, and the most steps that were already queued when one more was launched."""
-    queued = []
-    launch = llm.engine.runner.launch
-
-    def counting_launch(batch):
-        queued.append(len(llm.engine._in_flight))
-        return launch(batch)
-
-    llm.engine.runner.launch = counting_launch
-    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)], max(queued)
+    """Token ids, and the most steps queued on the device after any engine step."""
+    engine = llm.engine
+    seqs = [engine.add_request(p, q) for p, q in zip(prompts, params)]
+    queued = 0
+    while engine.has_work():
+        engine.step()
+        queued = max(queued, len(engine.pipeline))
+    return [s.completion_token_ids for s in seqs], queued
 
 
 def test_every_depth_gives_the_same_tokens(tmp_path):
@@ -133,3 +132,16 @@ def test_pipeline_depth_must_be_a_positive_int(tmp_path):
         LLM(path, enforce_eager=True, num_kvcache_blocks=16, pipeline_depth=0)
     with pytest.raises(TypeError, match="pipeline_depth"):
         LLM(path, enforce_eager=True, num_kvcache_blocks=16, pipeline_depth=1.5)
+
+
+def test_a_pipeline_slot_is_not_handed_out_before_its_step_is_collected():
+    from nanovllm.engine.pipeline import StepPipeline
+    pipe = StepPipeline(2, lambda: torch.zeros(4, dtype=torch.int64))
+    for i in range(3):  # depth + 1 slots, all queued
+        slot = pipe.next_slot()
+        slot.host_tokens[:1] = i
+        pipe.push(f"step{i}", slot, 1, None)
+    with pytest.raises(RuntimeError, match="before its step was collected"):
+        pipe.next_slot()
+    assert pipe.should_collect(launched=True) and pipe.collect() == ("step0", [0])
+    assert pipe.next_slot().index == 0 and len(pipe) == 2

@@ -55,11 +55,11 @@ def _decoding(seq_id: int, length: int) -> Sequence:
 def test_decode_chunks_of_one_bucket_get_their_own_staging():
     """A step split into two chunks of the same bucket (and the next step) must not overwrite inputs whose
     asynchronous copy to the device may still be pending."""
-    builder = DecodeInputBuilder(torch.device("cpu"), block_size=16, max_blocks_per_seq=4, scratch_slot=9)
-    first = builder.build([_decoding(0, 5), _decoding(1, 7)], rows=2, slot=(0, 1))
+    builder = DecodeInputBuilder(device=torch.device("cpu"), pin_memory=False, block_size=16, table_width=4, scratch_slot=9)
+    first = builder.build([_decoding(0, 5), _decoding(1, 7)], rows=2, chunk=0, slot=1)
     expected = {f.name: getattr(first, f.name).clone() for f in dataclasses.fields(first)}
-    second = builder.build([_decoding(2, 3)], rows=2, slot=(1, 1))  # the step's next chunk, same bucket
-    following = builder.build([_decoding(3, 9)], rows=2, slot=(0, 0))  # the next step's first chunk
+    second = builder.build([_decoding(2, 3)], rows=2, chunk=1, slot=1)  # the step's next chunk, same bucket
+    following = builder.build([_decoding(3, 9)], rows=2, chunk=0, slot=0)  # the next step's first chunk
     for name, t in expected.items():
         assert torch.equal(getattr(first, name), t), name
     assert second.context_lens.tolist() == [3, 0] and following.context_lens.tolist() == [9, 0]
@@ -68,7 +68,7 @@ def test_decode_chunks_of_one_bucket_get_their_own_staging():
 
 def test_decode_staging_is_one_buffer_that_moves_in_one_copy():
     """Every staged input is a view of one aligned byte buffer; ``to`` and ``copy_into`` move that buffer whole."""
-    builder = DecodeInputBuilder(torch.device("cpu"), block_size=16, max_blocks_per_seq=4, scratch_slot=9)
+    builder = DecodeInputBuilder(device=torch.device("cpu"), pin_memory=False, block_size=16, table_width=4, scratch_slot=9)
     staged = builder.build([_decoding(0, 5), _decoding(1, 12)], rows=3)
     base = staged.buffer.data_ptr()
     for f in dataclasses.fields(staged):
@@ -77,7 +77,7 @@ def test_decode_staging_is_one_buffer_that_moves_in_one_copy():
         assert (t.data_ptr() - base) % 64 == 0 and t.is_contiguous(), f.name
     moved = staged.to("cpu")
     assert moved.layout == staged.layout and torch.equal(moved.buffer, staged.buffer)
-    target = builder.build([], rows=3, slot=(0, 1)).to("cpu")  # like a graph's static inputs: padding only
+    target = builder.build([], rows=3, chunk=0, slot=1).to("cpu")  # like a graph's static inputs: padding only
     with torch.inference_mode():  # as the executors call it
         staged.copy_into(target)
     for f in dataclasses.fields(staged):
@@ -98,7 +98,7 @@ def test_decode_inputs_reused_from_the_last_batch_equal_inputs_built_anew():
     for i in range(9):
         params = SamplingParams(temperature=0.5 + i / 10, top_k=i + 1, max_tokens=rng.randint(5, 40), ignore_eos=True)
         scheduler.add(Sequence(i, [rng.randint(1, 99) for _ in range(rng.randint(1, 9))], params, seed=i))
-    reusing = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=16, scratch_slot=6)
+    reusing = DecodeInputBuilder(device=torch.device("cpu"), pin_memory=False, block_size=4, table_width=16, scratch_slot=6)
     in_flight, decode_steps, reused = [], 0, 0
     while scheduler.has_work() or in_flight:
         batch = scheduler.schedule()
@@ -109,7 +109,7 @@ def test_decode_inputs_reused_from_the_last_batch_equal_inputs_built_anew():
             last = reusing._batches.get((rows, 0))
             reused += last is not None and last.seqs == batch.seqs
             got = reusing.build(batch.seqs, rows)
-            fresh = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=16, scratch_slot=6)
+            fresh = DecodeInputBuilder(device=torch.device("cpu"), pin_memory=False, block_size=4, table_width=16, scratch_slot=6)
             want = fresh.build(batch.seqs, rows)
             for f in dataclasses.fields(want):
                 assert torch.equal(getattr(got, f.name), getattr(want, f.name)), (decode_steps, f.name)
@@ -127,7 +127,7 @@ def test_decode_inputs_reused_from_the_last_batch_equal_inputs_built_anew():
 def test_decode_inputs_of_a_batch_that_comes_back_after_steps_in_another_row_count_are_rebuilt():
     seqs = [_decoding(i, 3 + i) for i in range(3)]
     extra = _decoding(3, 2)
-    builder = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=4, scratch_slot=9)
+    builder = DecodeInputBuilder(device=torch.device("cpu"), pin_memory=False, block_size=4, table_width=4, scratch_slot=9)
     builder.build(seqs, rows=4)
     for step in range(5):  # five steps with a fourth sequence, in the 8-row batch: blocks fill and new ones open
         for seq in seqs + [extra]:
@@ -136,7 +136,7 @@ def test_decode_inputs_of_a_batch_that_comes_back_after_steps_in_another_row_cou
                 seq.block_table.append(10 + 4 * seq.seq_id + len(seq.block_table))
         builder.build(seqs + [extra], rows=8)
     got = builder.build(seqs, rows=4)  # back to 4 rows: the 4-row batch it kept is five steps old
-    want = DecodeInputBuilder(torch.device("cpu"), block_size=4, max_blocks_per_seq=4, scratch_slot=9).build(seqs, 4)
+    want = DecodeInputBuilder(device=torch.device("cpu"), pin_memory=False, block_size=4, table_width=4, scratch_slot=9).build(seqs, 4)
     for f in dataclasses.fields(want):
         assert torch.equal(getattr(got, f.name), getattr(want, f.name)), f.name
     assert got.block_tables[2].tolist() == [2, 19, 20, 0]

@@ -7,12 +7,11 @@ batch (already padded to the bucket by the runner) unless the runner filled them
 """
 import time
 
-from nanovllm.engine.step_inputs import StepInputs
-from nanovllm.platforms.base import Platform
+from nanovllm.step import StepInputs
 
 
 class BucketGraph:
-    def __init__(self, size: int, compiled_step, static_inputs: StepInputs, platform: Platform):
+    def __init__(self, size: int, compiled_step, static_inputs: StepInputs, platform):
         self.size = size
         self.compiled_step = compiled_step
         self.static_inputs = static_inputs

@@ -14,9 +14,9 @@ An entry is ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` holding
 The key hashes everything that changes the generated code: model config, dtype, buckets,
 static shapes (block size, model length, sequences, KV blocks allocated), tensor-parallel size and rank,
 platform and device architecture, torch/triton/nanovllm versions, whether Inductor emits programmatic dependent
-launch, and the contents of every traced source file.  Inductor works in the entry's own directory, never the
-shared default one: PyTorch's FX-graph cache once served us a graph compiled for an older KV-cache layout, and a
-per-key directory under a key that includes the source hash cannot hold such a graph.
+launch, the kernel options, and the contents of every traced source file.  Inductor works in the entry's own
+directory, never the shared default one: PyTorch's own FX-graph cache keys on the traced graph, not on our
+sources, so a per-key directory under a key that includes the source hash is what keeps a stale graph out.
 
 Safety: an ``fcntl`` lock serialises the processes starting on one key (a second waits, then loads what the
 first saved); files are written to temporaries and renamed into place; an entry whose checksums do not match is
@@ -29,7 +29,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform as host_platform
 import shutil
 import tempfile
 import time
@@ -37,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-import nanovllm
 from nanovllm.logger import logger
 from nanovllm.paths import compile_cache_dir
+from nanovllm.version import __version__
 
-_PACKAGE_DIR = Path(nanovllm.__file__).parent
-_TRACED_SOURCES = ("models", "layers", "kernels", "compile", "platforms", "engine/step_inputs.py")
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_TRACED_SOURCES = ("models", "layers", "kernels", "compile", "platforms", "step")
 _UNCHECKED_SUFFIXES = (".lock", ".best_config")  # lock files, and autotune timings torch may rewrite
 
 
@@ -57,34 +56,21 @@ def source_hash(package_dir: Path = _PACKAGE_DIR) -> str:
     return h.hexdigest()
 
 
-def _device_arch(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
-    info = {}
-    with contextlib.suppress(OSError):  # Inductor's C++ picks its vector ISA from these flags
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            info.setdefault(name.strip(), value.strip())
-    flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:12]
-    return f"{host_platform.machine()} {info.get('model name', host_platform.processor())} flags={flags}"
-
-
-def key_fields(runner) -> dict:
-    """Everything that changes the code the compiler generates for this runner."""
+def key_fields(config, *, dtype, num_kv_blocks: int, platform) -> dict:
+    """Everything that changes the code the compiler generates for an engine of ``config`` on ``platform``."""
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    cfg = runner.config
     return {
-        "model_config": cfg.hf_config, "dtype": str(runner.dtype), "buckets": list(cfg.graph_batch_sizes),
-        "kvcache_block_size": cfg.kvcache_block_size,
-        "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs, "num_kv_blocks": runner.num_blocks,
-        "tensor_parallel_size": cfg.tensor_parallel_size, "rank": 0, "platform": runner.platform.name,
-        "device_arch": _device_arch(runner.device), "torch": torch.__version__, "triton": triton_version,
-        "nanovllm": nanovllm.__version__, "source_sha256": source_hash(), "inductor_pdl": _inductor_pdl(),
+        "model_config": config.hf_config, "dtype": str(dtype), "buckets": list(config.graph_batch_sizes),
+        "kvcache_block_size": config.kvcache_block_size, "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs, "num_kv_blocks": num_kv_blocks,
+        "tensor_parallel_size": config.tensor_parallel_size, "rank": 0, "platform": platform.name,
+        "device_arch": platform.arch(), "kernel_options": platform.options.as_dict(), "torch": torch.__version__,
+        "triton": triton_version, "nanovllm": __version__, "source_sha256": source_hash(),
+        "inductor_pdl": _inductor_pdl(),
     }
 
 

@@ -1,15 +1,14 @@
 """``PrefillGraphs``: prefill steps captured as graphs at a few token counts.
 
-Uncaptured, the compiled step launches every kernel of a prefill step from Python: 25-50 ms of host time
-for a 16k-token step on an H100's host, against about 34 ms of device work, so prefill waited on the host.
-A captured step costs the host one input copy and one replay.
+Uncaptured, the compiled step launches every kernel of a prefill step from Python, which can cost the host more
+time than the device needs for the step; a captured step costs the host one input copy and one replay.
 
 Shapes: every graph has ``max_num_seqs + 1`` sequence rows and one of a few token counts: by default a
 quarter, half, three quarters and all of the most tokens a step holds (``max_num_batched_tokens`` unless
 every sequence at its longest holds fewer), where chunked prefill fills every step of a batch but the last,
 and powers of two from 512 below that, for the small prefills of sequences admitted while others decode.
 A step of ``t`` tokens runs in the smallest graph of at least ``t`` tokens, padded by
-``ModelRunner.prepare_prefill``: the tokens past ``t`` form one padding sequence of context 0 (attention
+``PrefillInputBuilder.build`` (``nanovllm/engine/prefill_inputs.py``): the tokens past ``t`` form one padding sequence of context 0 (attention
 gives it zeros; its slots are -1, so nothing is stored) and the rows after it are sequences of no tokens.
 There is always at least one padding row, since a step holds at most ``max_num_seqs`` sequences.
 Padding rows sample into the token buffer's scratch row.
@@ -37,19 +36,19 @@ def default_prefill_sizes(max_num_seqs: int, max_step_tokens: int) -> tuple[int,
 
 
 class PrefillGraphs:
-    def __init__(self, runner, compiled_step, sizes: tuple[int, ...], pool):
+    def __init__(self, compiled_step, sizes: tuple[int, ...], spec, pool):
+        """``spec``: the executor's ``ExecutorSpec`` (max_num_seqs, max_step_tokens, dummy_prefill, platform)."""
         self.sizes = tuple(sorted(sizes))
-        self.rows = runner.config.max_num_seqs + 1
+        self.rows = spec.max_num_seqs + 1
         # Whether every prefill step runs in a graph: no step holds more than max_step_tokens.
-        self.cover_every_step = bool(self.sizes) and self.sizes[-1] >= runner.config.max_step_tokens
+        self.cover_every_step = bool(self.sizes) and self.sizes[-1] >= spec.max_step_tokens
         self.graphs: dict[int, BucketGraph] = {}
         if not self.sizes:
             return
         # Anything a prefill this wide sets up lazily happens here, outside the capture.
-        compiled_step(runner.dummy_prefill_inputs(self.sizes[0], self.rows))
+        compiled_step(spec.dummy_prefill(self.sizes[0], self.rows))
         for size in tqdm(self.sizes[::-1], desc="Capturing prefill steps", dynamic_ncols=True):
-            graph = BucketGraph(size, compiled_step, runner.dummy_prefill_inputs(size, self.rows, packed=True),
-                                runner.platform)
+            graph = BucketGraph(size, compiled_step, spec.dummy_prefill(size, self.rows, packed=True), spec.platform)
             graph.capture(pool)
             self.graphs[size] = graph
 

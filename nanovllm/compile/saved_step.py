@@ -1,13 +1,13 @@
 """The compiled step, saved in the compile-cache entry so that a warm start skips Dynamo tracing.
 
-Graph mode compiles one step function with symbolic token and sequence counts.  A warm start used to
-re-trace it with Dynamo (tens of seconds for a 28-layer model) even when Inductor's artifacts were cached.
-With PyTorch's AOT precompile API (``torch.compile(f).aot_compile(...)``, ``save_compiled_function``,
-``torch.compiler.load_compiled_function``) the Dynamo output itself (guards, bytecode and the bundled
-AOTAutograd/Inductor graph) is written to the entry and loaded on the next start; nothing is traced.
+Graph mode compiles one step function with symbolic token and sequence counts.  Tracing it with Dynamo takes
+tens of seconds for a deep model even when Inductor's artifacts are cached.  With PyTorch's AOT precompile API
+(``torch.compile(f).aot_compile(...)``, ``save_compiled_function``, ``torch.compiler.load_compiled_function``)
+the Dynamo output itself (guards, bytecode and the bundled AOTAutograd/Inductor graph) is written to the entry
+and loaded on the next start; nothing is traced.
 
 Binding: the step is ``functools.partial(run_step, model, kv_caches, token_buffer, ...)`` (see
-``make_step``).  What is compiled is ``run_step`` with every bound object as an explicit argument, so the saved
+``nanovllm.step.make_step``).  What is compiled is ``run_step`` with every bound object as an explicit argument, so the saved
 function holds no module and no tensor of the process that saved it: each call reads parameters, KV tensors
 and buffers from its arguments, i.e. from this process's objects, and its guards check their shapes, dtypes,
 strides and devices.  (Objects captured in a closure are pickled by value: stale copies of the weights.)  Any

@@ -8,67 +8,61 @@ the critical path.  These keep it small:
   that batch's block-table matrix and sampling settings, updating only the rows that just got a new block;
 * the batch is assembled with numpy in reusable staging tensors, views of one (pinned on CUDA) buffer, so
   it reaches the device, or a graph's static inputs, in one copy (``StepInputs.packed``);
-* one staging set per (row count, ``slot``): the runner passes slot (chunk of the step, launch turn in its ring
-  of pipeline depth + 1), because a set's asynchronous copy to the device may still be pending while later
-  chunks and the next steps are prepared; a set is reused a ring later, after the engine has waited for the
-  step that read it;
+* one staging set per (row count, chunk of the step, pipeline slot): a set's asynchronous copy to the device
+  may still be pending while later chunks and the next steps are prepared; ``StepPipeline`` hands a slot out
+  again only after the step that last used it was collected;
 * on a capturing platform the staging tensors are copied straight into the graph's static input buffers.
 
-Padded rows follow the one rule of graph mode: token 0, slot -1, context length 0, greedy, discarded (its
-sample goes to the token buffer's scratch row).  A sequence whose newest token is still ``PENDING_TOKEN``
-reads it from its token slot on the device.
+Padded rows are ``StepInputs.pad_rows``'s.  A sequence whose newest token is still ``PENDING_TOKEN`` reads it
+from its token slot on the device.
 """
 import numpy as np
 import torch
 
-from nanovllm.engine.step_inputs import StepInputs
+from nanovllm.step import StepInputs
 
 
 class _SeqRow:
-    __slots__ = ("table_list", "row", "filled", "sampling", "seed")
+    __slots__ = ("table_list", "row", "filled", "params", "seed")
 
     def __init__(self, seq, width: int):
         self.table_list = seq.block_table
         self.row = np.zeros(width, np.int32)
         self.filled = 0
-        p = seq.params
-        self.sampling = (p.temperature, p.top_k, p.top_p)
+        self.params = seq.params
         self.seed = seq.seed
 
 
 class _Batch:
-    """One row count's last batch: its sequences, their block-table lists and lengths, and the arrays built."""
-    __slots__ = ("seqs", "table_lists", "lens", "tables", "sampling", "seeds")
+    """One row count's last batch: its sequences, their block-table lists and lengths, and the arrays built
+    (``tables`` [n, width] and the per-row sampling fields ``temperature``, ``top_k``, ``top_p``, ``seeds``)."""
+    __slots__ = ("seqs", "table_lists", "lens", "tables", "temperature", "top_k", "top_p", "seeds")
 
-    def __init__(self, seqs, table_lists, lens, tables, sampling, seeds):
-        self.seqs, self.table_lists, self.lens = seqs, table_lists, lens
-        self.tables, self.sampling, self.seeds = tables, sampling, seeds
+    def __init__(self, seqs, table_lists, lens, tables, entries):
+        self.seqs, self.table_lists, self.lens, self.tables = seqs, table_lists, lens, tables
+        n = len(entries)
+        self.temperature = np.fromiter((e.params.temperature for e in entries), np.float32, n)
+        self.top_k = np.fromiter((e.params.top_k for e in entries), np.int64, n)
+        self.top_p = np.fromiter((e.params.top_p for e in entries), np.float32, n)
+        self.seeds = np.fromiter((e.seed for e in entries), np.int64, n)
 
 
 class DecodeInputBuilder:
-    def __init__(self, device: torch.device, block_size: int, max_blocks_per_seq: int, scratch_slot: int):
-        self.device = device
+    def __init__(self, *, device: torch.device, pin_memory: bool, block_size: int, table_width: int,
+                 scratch_slot: int):
+        self.device, self.pin_memory = device, pin_memory
         self.scratch_slot = scratch_slot
         self.block_size = block_size
-        self.width = max_blocks_per_seq
+        self.width = table_width
         self._rows: dict[int, _SeqRow] = {}
         self._staging: dict[tuple, StepInputs] = {}  # (rows, slot) -> pinned staging set
         self._batches: dict[tuple, _Batch] = {}  # (rows, chunk) -> its last batch
 
-    def _staging_for(self, rows: int, slot) -> StepInputs:
+    def _staging_for(self, rows: int, slot: tuple) -> StepInputs:
         key = (rows, slot)
         if key not in self._staging:
-            def z(*shape, dtype=torch.int64):
-                return torch.empty(*shape, dtype=dtype, device="meta")
-
-            like = StepInputs(
-                input_ids=z(rows), token_slots=z(rows), positions=z(rows), slot_mapping=z(rows),
-                block_tables=z(rows, self.width, dtype=torch.int32), context_lens=z(rows, dtype=torch.int32),
-                cu_seqlens_q=z(rows + 1, dtype=torch.int32), logits_indices=z(rows),
-                temperature=z(rows, dtype=torch.float32), top_k=z(rows), top_p=z(rows, dtype=torch.float32),
-                seeds=z(rows), sample_positions=z(rows), out_slots=z(rows))
             with torch.inference_mode():  # one pinned buffer: the set reaches the device in one copy
-                host = StepInputs.packed(like, pin_memory=self.device.type == "cuda")
+                host = StepInputs.packed(StepInputs.shaped(rows, rows, self.width), pin_memory=self.pin_memory)
                 host.cu_seqlens_q.copy_(torch.arange(rows + 1, dtype=torch.int32))
                 host.logits_indices.copy_(torch.arange(rows))
             self._staging[key] = host
@@ -103,19 +97,19 @@ class DecodeInputBuilder:
         entries = [self._row(s) for s in seqs]
         n = len(seqs)
         tables = np.stack([e.row for e in entries]) if n else np.zeros((0, self.width), np.int32)
-        sampling = np.array([e.sampling for e in entries], dtype=np.float64).reshape(n, 3)
-        seeds = np.array([e.seed for e in entries], dtype=np.int64)
-        self._batches[key] = batch = _Batch(list(seqs), table_lists, lens, tables, sampling, seeds)
+        self._batches[key] = batch = _Batch(list(seqs), table_lists, lens, tables, entries)
         return batch
 
-    def build(self, seqs: list, rows: int, target: StepInputs | None = None, slot=(0, 0)) -> StepInputs:
+    def build(self, seqs: list, rows: int, *, target: StepInputs | None = None, chunk: int = 0,
+              slot: int = 0) -> StepInputs:
         """Inputs for ``seqs`` padded to ``rows``; written into ``target`` (static graph buffers) if given.
 
-        ``slot`` picks the staging set (see the module docstring); on the CPU the staging set is the result."""
+        ``chunk`` (of the step) and ``slot`` (the step's pipeline slot) pick the staging set (see the module
+        docstring); where the device is the host, the staging set is the result."""
         n = len(seqs)
-        host = self._staging_for(rows, slot)
+        host = self._staging_for(rows, (chunk, slot))
         lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
-        batch = self._batch(seqs, lens, (rows, slot[0]))
+        batch = self._batch(seqs, lens, (rows, chunk))
         pos = lens - 1
         ids, positions, slots = host.input_ids.numpy(), host.positions.numpy(), host.slot_mapping.numpy()
         tables, context = host.block_tables.numpy(), host.context_lens.numpy()
@@ -130,18 +124,14 @@ class DecodeInputBuilder:
         host.sample_positions.numpy()[:n] = lens
         if n:
             tables[:n] = batch.tables
-            host.temperature.numpy()[:n] = batch.sampling[:, 0]
-            host.top_k.numpy()[:n] = batch.sampling[:, 1]
-            host.top_p.numpy()[:n] = batch.sampling[:, 2]
+            host.temperature.numpy()[:n] = batch.temperature
+            host.top_k.numpy()[:n] = batch.top_k
+            host.top_p.numpy()[:n] = batch.top_p
             host.seeds.numpy()[:n] = batch.seeds
             slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
                 + pos % self.block_size
-        for array, pad in ((ids, 0), (token_slots, -1), (out_slots, self.scratch_slot), (positions, 0), (slots, -1),
-                           (context, 0), (tables, 0),
-                           (host.sample_positions.numpy(), 0), (host.temperature.numpy(), 0),
-                           (host.top_k.numpy(), -1), (host.top_p.numpy(), 1), (host.seeds.numpy(), 0)):
-            array[n:] = pad
-        if self.device.type == "cpu":
+        host.pad_rows(n, n, self.scratch_slot)
+        if host.input_ids.device == self.device:
             return host
         if target is None:
             return host.to(self.device)

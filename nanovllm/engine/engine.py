@@ -1,20 +1,18 @@
 """The engine loop: schedule a step, launch it on the model, then feed the oldest queued step's tokens back.
 
-Up to ``pipeline_depth`` steps stay queued on the device (default 3): each engine step launches one and then
-reads the tokens of the one launched ``pipeline_depth`` steps before.  A step's inputs take the newest tokens
-from the device token buffer, so the host never waits for them.  With depth 1 the device runs out of work
-whenever the host takes longer than one step to schedule and launch the next; with depth d it has about d - 1
-steps of work left when the host starts on the next one, so a host stall shorter than that costs nothing (the
-lent H100 machines' CPUs stall for 6-30 ms at times; docs/PERFORMANCE.md measures injected stalls at depths
-1-4).  The price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth``
-steps compute a row for it that is thrown away.
+Up to ``pipeline_depth`` steps stay queued on the device (``StepPipeline``): each engine step launches one and
+then reads the tokens of the one launched ``pipeline_depth`` steps before.  A step's inputs take the newest
+tokens from the device token buffer, so the host never waits for them; with depth d the device has about d - 1
+steps of work left when the host starts on the next one, so a host stall shorter than that costs nothing.  The
+price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth`` steps
+compute a row for it that is thrown away.
 
-Statistics (``Engine.stats``): tokens and wall seconds per step kind, decode steps, ``host_time`` (seconds
-the host spent scheduling, preparing and bookkeeping) and ``wait_time`` (seconds it waited for the device),
-and the KV tokens decode steps read.
+Statistics (``Engine.stats``, zeroed by ``reset_stats``): tokens, steps and wall seconds per step kind,
+``host_time`` (seconds the host spent scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited
+for the device), ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps
+read (``decode_kv_tokens``) and ``preemptions``.
 """
 import time
-from collections import deque
 from typing import NamedTuple
 
 import numpy as np
@@ -22,6 +20,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.pipeline import StepPipeline
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.platforms import get_platform
@@ -48,10 +47,28 @@ class Engine:
                                    config.max_model_len, config.eos_token_ids)
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
-        self.stats = {"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
-                      "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0, "decode_kv_tokens": 0}
-        self._in_flight: deque = deque()  # (batch, handle) of launched steps whose tokens are not read yet
+        self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens)
+        self.stats: dict = {}
+        self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
+
+    def reset_stats(self) -> None:
+        """Zero ``stats``."""
+        self.stats.update({"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
+                           "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0,
+                           "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0})
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use stay), so the next prompts are computed in full."""
+        self.block_manager.reset_prefix_cache()
+
+    def describe(self) -> dict:
+        """What this engine runs: platform, device, dtype, mode, KV cache, graphs, start-up phases, options."""
+        cfg = self.config
+        return {"platform": self.platform.name, "device": self.platform.arch(), **self.runner.describe(),
+                "graph_batch_sizes": list(cfg.graph_batch_sizes), "max_num_seqs": cfg.max_num_seqs,
+                "max_num_batched_tokens": cfg.max_num_batched_tokens, "pipeline_depth": cfg.pipeline_depth,
+                "kernel_options": self.platform.options.as_dict()}
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
@@ -69,23 +86,26 @@ class Engine:
         token buffer, so scheduling and input preparation overlap the device's work.
         """
         t0 = time.perf_counter()
+        stats = self.stats
         batch = self.scheduler.schedule()
+        stats["preemptions"] += len(batch.preempted)
         for seq in batch.preempted:
             self.runner.release_slot(seq)
-        launched = None
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
-                self.stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
-            launched = self.runner.launch(batch)
-            self._in_flight.append((batch, launched))
+                stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
+            slot = self.pipeline.next_slot()
+            prepared = self.runner.decode_prepare_time
+            event = self.runner.launch(batch, slot)
+            stats["decode_prepare_time"] += self.runner.decode_prepare_time - prepared
+            self.pipeline.push(batch, slot, len(batch.seqs), event)
         launch = time.perf_counter() - t0
         finished = []
         wait = 0.0
         previous = None
-        if self._in_flight and (len(self._in_flight) > self.config.pipeline_depth or launched is None):
-            previous, handle = self._in_flight.popleft()
+        if self.pipeline.should_collect(launched=bool(batch.seqs)):
             t = time.perf_counter()
-            tokens = self.runner.collect(handle)
+            previous, tokens = self.pipeline.collect()
             wait = time.perf_counter() - t
             finished = self.scheduler.resolve(previous, tokens)
         if batch.seqs:
@@ -96,7 +116,8 @@ class Engine:
         self.stats["wait_time"] += wait
         self.stats["host_time"] += elapsed - wait
         # Wall time is charged to the step whose device work it waited for, or else to the oldest queued one.
-        charged = previous if previous is not None else self._in_flight[0][0] if self._in_flight else batch
+        oldest = self.pipeline.oldest()
+        charged = previous if previous is not None else oldest if oldest is not None else batch
         if charged.seqs:
             kind = "prefill" if charged.is_prefill else "decode"
             self.stats[f"{kind}_time"] += elapsed
@@ -110,4 +131,4 @@ class Engine:
         return finished, batch.is_prefill, computed
 
     def has_work(self) -> bool:
-        return bool(self._in_flight) or self.scheduler.has_work()
+        return len(self.pipeline) > 0 or self.scheduler.has_work()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllm.engine.step_inputs import StepInputs
+from nanovllm.step import StepInputs
 from nanovllm.kernels import ops
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding

@@ -1,8 +1,9 @@
 """``StepInputs``: the whole interface between host and device for one model step.
 
 A pytree of tensors and nothing else, so a compiled step can take it as input and a graph replay can copy
-into a static instance.  Rows of a decode batch beyond the live sequences are padding: slot -1 (the KV store
-skips it), context length 0 (attention returns zeros) and a sample that is thrown away.
+into a static instance.  Padding is defined once, here (``PADDING``): a padded token has slot -1 (the KV store
+skips it) and a padded sequence row context length 0 (attention returns zeros), is greedy, and samples into the
+token buffer's scratch row, so its token is thrown away.  Builders fill real rows and call ``pad_rows``.
 
 Sampled tokens live in a small device buffer, one row per running sequence (its "token slot"), so a step can
 read the token the previous step sampled without a round trip through the host: ``token_slots`` says where
@@ -15,8 +16,21 @@ field.  Each small copy costs the device a few microseconds between two decode s
 """
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
+
+# Value of each per-token / per-row field in a padding position.  ``out_slots`` pads to the scratch row, whose
+# index depends on the engine (``max_num_seqs``); ``cu_seqlens_q`` and ``logits_indices`` describe the layout.
+PADDING = {"input_ids": 0, "token_slots": -1, "positions": 0, "slot_mapping": -1, "block_tables": 0,
+           "context_lens": 0, "temperature": 0.0, "top_k": -1, "top_p": 1.0, "seeds": 0, "sample_positions": 0}
+# dtype of every field: int64 ids, slots and positions; int32 block tables, lengths and offsets.
+DTYPES = {"input_ids": torch.int64, "token_slots": torch.int64, "positions": torch.int64,
+          "slot_mapping": torch.int64, "block_tables": torch.int32, "context_lens": torch.int32,
+          "cu_seqlens_q": torch.int32, "logits_indices": torch.int64, "temperature": torch.float32,
+          "top_k": torch.int64, "top_p": torch.float32, "seeds": torch.int64, "sample_positions": torch.int64,
+          "out_slots": torch.int64}
+_PER_TOKEN = ("input_ids", "token_slots", "positions", "slot_mapping")
 
 
 @dataclass
@@ -35,6 +49,32 @@ class StepInputs:
     seeds: torch.Tensor           # [B] int64, per-request noise seed
     sample_positions: torch.Tensor  # [B] int64, index of the token being drawn (keys the noise)
     out_slots: torch.Tensor       # [B] int64, token-buffer row that receives each sampled token
+
+    @classmethod
+    def shaped(cls, tokens: int, rows: int, table_width: int, device="meta") -> "StepInputs":
+        """Uninitialised inputs of ``tokens`` tokens in ``rows`` sequence rows (``meta``: shapes only)."""
+        def shape(name):
+            if name in _PER_TOKEN:
+                return (tokens,)
+            if name == "block_tables":
+                return (rows, table_width)
+            return (rows + 1,) if name == "cu_seqlens_q" else (rows,)
+        return cls(**{name: torch.empty(shape(name), dtype=dtype, device=device) for name, dtype in DTYPES.items()})
+
+    @classmethod
+    def from_arrays(cls, **arrays) -> "StepInputs":
+        """Host tensors from numpy arrays (or lists) named by field, each converted to its field's dtype."""
+        missing = DTYPES.keys() - arrays.keys()
+        assert not missing, f"StepInputs.from_arrays lacks {sorted(missing)}"
+        return cls(**{name: torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dtype)
+                      for name, dtype in DTYPES.items()})
+
+    def pad_rows(self, first_token: int, first_row: int, scratch_slot: int) -> None:
+        """Make tokens from ``first_token`` and sequence rows from ``first_row`` padding (``PADDING``), in place.
+        Host tensors only; ``cu_seqlens_q`` and ``logits_indices`` are the builder's."""
+        for name, value in PADDING.items():  # numpy views: a few microseconds for all fields, every decode step
+            getattr(self, name).numpy()[first_token if name in _PER_TOKEN else first_row:] = value
+        self.out_slots.numpy()[first_row:] = scratch_slot
 
     @classmethod
     def packed(cls, like: "StepInputs", device=None, pin_memory: bool = False) -> "StepInputs":

@@ -1,0 +1,61 @@
+"""The paged KV cache: how many blocks it gets, and its tensors.
+
+Layout (shared by every attention implementation, see ``nanovllm/kernels/reference.py``): per layer one K and
+one V tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``.  They are separate tensors, never views of one
+shared buffer: the compiled step mutates them through the KV store, and Inductor updates a mutated graph input in
+place only when it is not a view of a larger base (otherwise it clones the whole base and copies it back on every
+step).
+
+Sizing: a fixed ``num_kvcache_blocks``; else, where the platform can measure memory, what is left of
+``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler
+at full batch); else ``DEFAULT_KV_BYTES``.  Every sequence of ``max_model_len`` tokens must fit.
+"""
+from typing import Callable
+
+import torch
+
+DEFAULT_KV_BYTES = 1 << 30  # where memory cannot be measured (CPU)
+
+
+class KVCacheSpec:
+    """The shape of one engine's cache: layers, KV heads, head size, block size and dtype."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.dtype = block_size, dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.block_size * self.dtype.itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_block // self.block_size
+
+    def allocate(self, num_blocks: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed (K, V) tensors per layer."""
+        shape = (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=device),
+                 torch.zeros(shape, dtype=self.dtype, device=device)) for _ in range(self.num_layers)]
+
+
+def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float, platform,
+                    max_blocks_per_seq: int, max_model_len: int, probe: Callable[[], None]) -> int:
+    """The number of KV blocks to allocate.  ``probe`` runs the step at its most memory-hungry shape (it may
+    allocate a temporary cache); it is only called where the platform measures memory."""
+    if fixed is not None:
+        num_blocks = fixed
+    else:
+        budget = None
+        if platform.supports_graph_capture:  # a platform that can measure memory
+            platform.reset_peak_memory()
+            probe()
+            platform.synchronize()
+            budget = platform.available_kv_bytes(utilization)
+        num_blocks = max(0, (DEFAULT_KV_BYTES if budget is None else budget) // spec.bytes_per_block)
+    if num_blocks < max_blocks_per_seq:
+        raise ValueError(
+            f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
+            f"max_model_len={max_model_len} needs {max_blocks_per_seq}; lower max_model_len, raise "
+            f"num_kvcache_blocks or gpu_memory_utilization")
+    return num_blocks
