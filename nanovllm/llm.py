@@ -11,30 +11,22 @@ from nanovllm.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model, *, device: str = "auto", dtype: str = "auto", enforce_eager: bool = False,
-                 graph_batch_sizes=None, tensor_parallel_size: int = 1, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 16384, max_model_len: int = 4096,
-                 gpu_memory_utilization: float = 0.9, kvcache_block_size: int = 64,
-                 num_kvcache_blocks: int | None = None, seed: int = 0, prefill_graph_sizes=None,
-                 pipeline_depth: int = 3):
-        self.config = EngineConfig(
-            model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
-            graph_batch_sizes=graph_batch_sizes, tensor_parallel_size=tensor_parallel_size,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization, kvcache_block_size=kvcache_block_size,
-            num_kvcache_blocks=num_kvcache_blocks, seed=seed, prefill_graph_sizes=prefill_graph_sizes,
-            pipeline_depth=pipeline_depth)
-        if tensor_parallel_size != 1:
-            raise NotImplementedError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
+    """``LLM(model, **options)``: an engine on one HF checkpoint.  Every option is keyword-only and is a field of
+    ``EngineConfig`` (``nanovllm/config.py``, where each is documented); an unknown one raises ``TypeError``."""
+
+    def __init__(self, model, **options):
+        self.config = EngineConfig(model=model, **options)
         start = time.perf_counter()
         self.engine = Engine(self.config)
         self.tokenizer = _load_tokenizer(self.config.model)
-        r = self.engine.runner
-        logger.info("ready in %.1fs: device=%s dtype=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB); "
-                    "seconds by phase: %s",
-                    time.perf_counter() - start, r.device, str(r.dtype).replace("torch.", ""), r.mode,
-                    r.num_blocks, r.block_size, r.num_blocks * r.kv_bytes_per_block() / 2**30,
-                    ", ".join(f"{k} {v}" for k, v in r.init_phases.items()))
+        self.init_seconds = time.perf_counter() - start
+        d = self.engine.describe()
+        logger.info("ready in %.1fs: device=%s dtype=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB); kernel options: "
+                    "%s; seconds by phase: %s", self.init_seconds, self.engine.platform.device, d["dtype"],
+                    d["mode"], d["num_kv_blocks"], d["kvcache_block_size"],
+                    d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
+                    ", ".join(f"{k}={v}" for k, v in d["kernel_options"].items()),
+                    ", ".join(f"{k} {v}" for k, v in d["init_phases"].items()))
 
     def _validate(self, prompts, sampling_params):
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -97,8 +89,8 @@ class LLM:
                     prefill_tps = rate
                 else:
                     decode_tps = rate
-                # Detokenize while the device runs the step just launched: the host waits for it anyway,
-                # whereas after the loop nothing overlaps it (bench's 134k tokens: 0.1 s on a 2-core CPU).
+                # Detokenize while the device runs the steps just launched: the host waits for them anyway,
+                # whereas after the loop nothing overlaps it.
                 for seq in finished:
                     outputs[seq.seq_id] = self._output(seq)
                 bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)

@@ -1,6 +1,6 @@
 """Warm the compile cache ahead of time, or inspect and clear it.
 
-    python -m nanovllm.precompile --model PATH [--graph-batch-sizes 16,32,...] [--dtype ...] [--device ...]
+    python -m nanovllm.precompile --model PATH [any LLM(...) option as a flag, e.g. --graph-batch-sizes 16,32]
     python -m nanovllm.precompile --list
     python -m nanovllm.precompile --clear
 
@@ -10,28 +10,15 @@ with those arguments looks up, and prints the per-bucket compile times and the t
 import argparse
 import time
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
+from nanovllm.cli import add_engine_args, engine_kwargs
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF checkpoint directory")
-    p.add_argument("--graph-batch-sizes", type=_ints)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kvcache-block-size", type=int, default=64)
-    p.add_argument("--num-kvcache-blocks", type=int)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--list", action="store_true", help="list cache entries (key fields, size, age)")
     p.add_argument("--clear", action="store_true", help="remove every cache entry")
+    add_engine_args(p)
     args = p.parse_args(argv)
     from nanovllm.compile import cache
     if args.list:
@@ -49,20 +36,17 @@ def main(argv=None):
         p.error("--model is required unless --list or --clear is given")
     from nanovllm import LLM
     start = time.perf_counter()
-    llm = LLM(args.model, graph_batch_sizes=args.graph_batch_sizes, dtype=args.dtype, device=args.device,
-              tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len, kvcache_block_size=args.kvcache_block_size,
-              num_kvcache_blocks=args.num_kvcache_blocks, gpu_memory_utilization=args.gpu_memory_utilization)
-    executor = llm.engine.runner.executor
-    if executor.mode != "graph":
+    llm = LLM(args.model, **engine_kwargs(args))
+    d = llm.engine.describe()
+    if d["mode"] != "graph":
         print("this model runs eagerly; nothing to precompile")
         return
+    executor = llm.engine.runner.executor
     for size, graph in sorted(executor.graphs.items()):
         print(f"bucket {size:4d}: {graph.compile_seconds:6.1f} s")
     entry = executor.cache
-    status = "off" if cache.cache_disabled() else "already cached (hit)" if entry.hit else "compiled and saved"
     print(f"total: {time.perf_counter() - start:.1f} s for LLM(...) init, {executor.compile_seconds:.1f} s of it "
-          f"compiling; cache {status}; step {executor.step_origin}; key {entry.key} at {entry.entry}")
+          f"compiling; cache {d['compile_cache']}; step {d['step_origin']}; key {entry.key} at {entry.entry}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Per-request sampling settings, validated when they are made."""
+import math
 from dataclasses import dataclass, field
 
 
@@ -28,6 +29,11 @@ class SamplingParams:
 
         def is_num(x):
             return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if is_num(value) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
 
         if not is_num(self.temperature):
             raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")

@@ -41,6 +41,10 @@ def test_bad_generate_arguments_raise_and_engine_stays_usable(llm, prompts, para
     (dict(temperature="hot"), TypeError, "temperature must be a number"),
     (dict(max_tokens=2.5), TypeError, "max_tokens must be an int"),
     (dict(seed="x"), TypeError, "seed"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number, got nan"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite number, got inf"),
+    (dict(top_p=float("nan")), ValueError, "top_p must be a finite number"),
+    (dict(top_p=float("-inf")), ValueError, "top_p must be a finite number"),
 ])
 def test_bad_sampling_params_raise(kwargs, error, words):
     with pytest.raises(error, match=words):
@@ -109,3 +113,21 @@ def test_missing_safetensors_file_raises(tmp_path):
     os.remove(f"{path}/model.safetensors")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         LLM(path, enforce_eager=True, num_kvcache_blocks=64, kvcache_block_size=16)
+
+
+def test_truncated_safetensors_file_names_the_file(tmp_path):
+    path = build_checkpoint(tmp_path, "llama")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*truncated or corrupt"):
+        LLM(path, enforce_eager=True, num_kvcache_blocks=64, kvcache_block_size=16)
+
+
+def test_unknown_load_format_raises(llm):
+    with pytest.raises(ValueError, match="load_format must be one of 'safetensors', 'dummy', got 'pt'"):
+        LLM(llm.config.model, enforce_eager=True, load_format="pt")
+
+
+def test_nan_gpu_memory_utilization_raises(llm):
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(llm.config.model, enforce_eager=True, gpu_memory_utilization=float("nan"))
