@@ -1,13 +1,21 @@
-"""nano-vllm's throughput benchmark, reproduced exactly, plus a batch-size sweep and an eager padding table.
+"""nano-vllm's throughput benchmark, reproduced exactly, and a batch-size sweep.
 
-    python bench.py --bs 256                  # the headline number
-    python bench.py --sweep-bs 16,32,64,128,256
-    python bench.py --compare-padding --enforce-eager
+    python bench.py --bs 256                          # the headline number
+    python bench.py --sweep-bs 16,32,64,128,256 [--plot sweep.png]
+    python bench.py --bs 256 --enforce-eager --load-format dummy
 
 The workload is nano-vllm's: ``random.seed(0)``; prompts ``[[randint(0, 10000) for _ in range(randint(100, 1024))]
 ...]``, then ``max_tokens=randint(100, 1024)`` per sequence, in that order (256 sequences: 142,827 input and
 133,966 output tokens); temperature 0.6, ignore_eos, max_model_len 4096; one warm-up generate, then one timed.
-Without ``--model`` a random-weight Qwen3-0.6B checkpoint is synthesized once and cached (no download).
+``--max-input-len`` and ``--max-output-len`` replace the two 1024s and must be at least 100.  The tokens counted
+are the tokens generated; a run whose count differs from the sum of ``max_tokens`` fails.
+
+Engine options are the flags of ``nanovllm/cli.py`` (one per ``LLM(...)`` argument); ``--bs`` sets
+``max_num_seqs`` and drops decode buckets above it.  Without ``--model`` a random-weight Qwen3-0.6B checkpoint is
+synthesized once and cached (no download).  Each run prints nano-vllm's ``Total: ...`` line, then a JSON line:
+``llm.engine.describe()`` (device, mode, KV cache, graphs, start-up phases, kernel options), the time split
+into prefill, decode and the rest, host and device-wait time per step, and the decode byte floor (weights once
+per decode step plus every KV token read, at the measured copy bandwidth; CUDA only).
 """
 import argparse
 import gc
@@ -21,117 +29,104 @@ from random import randint, seed
 
 import torch
 
+from benchmarks.common import copy_bandwidth, decode_floor_seconds, default_model
 from nanovllm import LLM, SamplingParams
+from nanovllm.cli import add_engine_args, engine_kwargs, flag_name
+
+MIN_LEN = 100  # nano-vllm draws prompt and output lengths from randint(100, max)
+
+
+class TokenCountMismatch(RuntimeError):
+    """The engine generated another number of tokens than the workload asks for."""
 
 
 def workload(num_seqs: int, max_input_len: int, max_output_len: int):
     seed(0)
-    prompts = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
+    prompts = [[randint(0, 10000) for _ in range(randint(MIN_LEN, max_input_len))] for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(MIN_LEN, max_output_len))
               for _ in range(num_seqs)]
     return prompts, params
 
 
-def build_llm(args, bs: int, enforce_eager: bool) -> LLM:
-    buckets = args.graph_batch_sizes
-    if buckets is not None:
-        buckets = [b for b in buckets if b <= bs] or None
-    t = time.perf_counter()
-    extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
-    if args.prefill_graph_sizes is not None:
-        extra["prefill_graph_sizes"] = args.prefill_graph_sizes
-    if args.pipeline_depth is not None:
-        extra["pipeline_depth"] = args.pipeline_depth
-    llm = LLM(args.model, enforce_eager=enforce_eager, max_num_seqs=bs, graph_batch_sizes=buckets,
-              max_model_len=4096, dtype=args.dtype, device=args.device, **extra)
-    llm.init_seconds = time.perf_counter() - t
-    return llm
-
-
-def run_once(llm: LLM, args, keep_steps: bool = False) -> dict:
-    """One warm-up and one timed generate of the workload; ``keep_steps`` adds every step's times."""
-    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
-    llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
-    engine = llm.engine
-    for key in engine.stats:
-        engine.stats[key] = 0 if isinstance(engine.stats[key], int) else 0.0
-    engine.runner.decode_prepare_time = 0.0
-    engine.step_log = []
-    engine.block_manager.reset_prefix_cache()  # a repeated run must prefill in full, like the first
-    allocator = allocator_counts(engine.runner.device)
-    collections = []  # (generation, seconds) of every garbage collection during the timed run
-    gc.callbacks.append(gc_timer(collections))
-    t = time.perf_counter()
+def int_list(text: str) -> list[int]:
     try:
-        llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        seconds = time.perf_counter() - t
-        gc.callbacks.pop()
-    allocator = {k: v - allocator[k] for k, v in allocator_counts(engine.runner.device).items()}
-    log, engine.step_log = engine.step_log, None
-    tokens = sum(p.max_tokens for p in params)
-    s = engine.stats
-    runner = engine.runner
-    floor = None
-    if runner.device.type == "cuda":  # ANCHORS.md's floor: weights once per step plus all KV read, at copy speed
-        weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-        kv_bytes = s["decode_kv_tokens"] * runner.kv_bytes_per_block() // runner.block_size
-        floor = (s["decode_steps"] * weight_bytes + kv_bytes) / copy_bandwidth(runner.device)
-    steps = max(s["decode_steps"], 1)
-    engine_steps = max(s["decode_steps"] + s["prefill_steps"], 1)
-    return {
-        "tokens": tokens, "input_tokens": sum(map(len, prompts)), "seconds": round(seconds, 3),
-        "tok_per_s": round(tokens / seconds, 2),
-        "prefill_seconds": round(s["prefill_time"], 3), "decode_seconds": round(s["decode_time"], 3),
-        # generate's time outside engine steps: prompt checks and adding requests before the first step, and the
-        # loop's own work between steps (progress, detokenizing finished sequences) while the device runs one
-        "other_seconds": round(seconds - s["prefill_time"] - s["decode_time"], 3),
-        "decode_steps": s["decode_steps"], "decode_step_ms": round(1000 * s["decode_time"] / steps, 3),
-        "host_prepare_ms_per_step": round(1000 * engine.runner.decode_prepare_time / steps, 3),
-        # host work per engine step (schedule, prepare, launch, bookkeeping) and time blocked on the device:
-        # the host overlaps the device, so it costs throughput only where it exceeds the device's step time
-        "host_ms_per_step": round(1000 * s["host_time"] / engine_steps, 3),
-        "device_wait_ms_per_step": round(1000 * s["wait_time"] / engine_steps, 3),
-        "preemptions": engine.scheduler.num_preemptions,
-        "decode_floor_seconds": None if floor is None else round(floor, 3),
-        "decode_vs_floor": None if floor is None else round(floor / max(s["decode_time"], 1e-9), 3),
-        "decode_by_batch": decode_by_batch(log),
-        # wall ms charged to each prefill step, and what the caching allocator did during the run (device
-        # mallocs/frees and out-of-memory retries, each of which synchronises and frees the cache)
-        "prefill_step_ms": [round(1000 * r.seconds, 1) for r in log if r.kind == "prefill"],
-        "allocator": allocator,
-        "gc": {"collections": len(collections), "ms": round(1000 * sum(d for _, _, d in collections), 1),
-               "full": sum(1 for _, g, _ in collections if g == 2)},
-        **({"step_log": step_log_json(log, collections, t)} if keep_steps else {}),
-    }
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
-def step_log_json(log: list, collections: list, origin: float) -> dict:
-    """Every engine step and garbage collection of a run, in ms from ``origin`` (for host_stalls.py)."""
-    ms = lambda x: round(1000 * x, 3)  # noqa: E731
-    return {"fields": ["kind", "seqs", "start_ms", "ms", "wait_ms", "launch_ms"],
-            "steps": [[r.kind, r.seqs, ms(r.start - origin), ms(r.seconds), ms(r.wait), ms(r.launch)] for r in log],
-            "gc": [[ms(start - origin), generation, ms(d)] for start, generation, d in collections]}
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--model", help="HF checkpoint dir (default: synthesized random-weight Qwen3-0.6B)")
+    p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest decode bucket")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--max-input-len", type=int, default=1024, help=f"longest prompt (>= {MIN_LEN})")
+    p.add_argument("--max-output-len", type=int, default=1024, help=f"largest max_tokens (>= {MIN_LEN})")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time the workload this many times in one process, each with an empty prefix cache")
+    p.add_argument("--json", help="also write the result(s) to this file")
+    p.add_argument("--sweep-bs", type=int_list,
+                   help="run the bench once per max batch size, each in a fresh process, and print a table")
+    p.add_argument("--plot", help="with --sweep-bs: save a PNG of throughput and decode step time vs its floor")
+    add_engine_args(p, skip=("model", "max_num_seqs"), defaults={"max_model_len": 4096})
+    return p
 
 
-def gc_timer(out: list):
-    """A ``gc.callbacks`` hook appending (start, generation, seconds) of each collection to ``out``."""
-    start = [0.0]
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` (exit 2) on a value the workload or the engine cannot take."""
+    for flag, value, least, why in (
+            ("--num-seqs", args.num_seqs, 1, ""), ("--bs", args.bs, 1, ""), ("--repeat", args.repeat, 1, ""),
+            ("--max-input-len", args.max_input_len, MIN_LEN,
+             f": nano-vllm's workload draws prompt lengths from randint({MIN_LEN}, max-input-len)"),
+            ("--max-output-len", args.max_output_len, MIN_LEN,
+             f": nano-vllm's workload draws max_tokens from randint({MIN_LEN}, max-output-len)")):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}{why}, got {value}")
+    if args.sweep_bs is not None and (not args.sweep_bs or min(args.sweep_bs) < 1):
+        parser.error(f"--sweep-bs must list batch sizes >= 1, got {args.sweep_bs}")
+    if args.plot and not args.sweep_bs:
+        parser.error("--plot needs --sweep-bs")
 
-    def hook(phase, info):
-        if phase == "start":
-            start[0] = time.perf_counter()
-        else:
-            out.append((start[0], info["generation"], time.perf_counter() - start[0]))
-    return hook
+
+def llm_kwargs(args: argparse.Namespace, bs: int) -> dict:
+    """``LLM(...)`` keyword arguments of one run: the engine flags, ``max_num_seqs=bs`` and the given decode
+    buckets up to ``bs`` (the defaults if none is left)."""
+    kwargs = dict(engine_kwargs(args), max_num_seqs=bs)
+    if kwargs.get("graph_batch_sizes"):
+        kwargs["graph_batch_sizes"] = [b for b in kwargs["graph_batch_sizes"] if b <= bs] or None
+    return kwargs
 
 
-def allocator_counts(device) -> dict:
-    """Cumulative device allocations, frees and allocation retries of torch's caching allocator (CUDA only)."""
-    if device.type != "cuda":
-        return {}
-    stats = torch.cuda.memory_stats(device)
-    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+def engine_argv(kwargs: dict) -> list[str]:
+    """The engine flags that ``add_engine_args`` parses back into ``kwargs``."""
+    argv = []
+    for name, value in kwargs.items():
+        if isinstance(value, bool):
+            argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        elif isinstance(value, (list, tuple)):
+            argv += [flag_name(name), ",".join(map(str, value)) or "none"]
+        elif value is not None:
+            argv += [flag_name(name), str(value)]
+    return argv
+
+
+def child_argv(args: argparse.Namespace, bs: int, json_path: str) -> list[str]:
+    """The command that runs this bench at max batch size ``bs`` in a fresh process, writing ``json_path``."""
+    return [sys.executable, os.path.abspath(__file__), "--model", args.model, "--bs", str(bs),
+            "--num-seqs", str(args.num_seqs), "--max-input-len", str(args.max_input_len),
+            "--max-output-len", str(args.max_output_len), "--repeat", str(args.repeat), "--json", json_path,
+            *engine_argv(engine_kwargs(args))]
+
+
+def count_generated(outputs: list[dict], params: list[SamplingParams]) -> int:
+    """Tokens ``llm.generate`` returned; under ignore_eos they must add up to the sum of ``max_tokens``."""
+    generated = sum(len(out["token_ids"]) for out in outputs)
+    expected = sum(p.max_tokens for p in params)
+    if generated != expected:
+        raise TokenCountMismatch(f"the engine generated {generated} tokens but the workload asks for {expected} "
+                                 f"(sum of max_tokens, ignore_eos): the throughput would be wrong")
+    return generated
 
 
 def decode_by_batch(log: list) -> dict:
@@ -141,92 +136,127 @@ def decode_by_batch(log: list) -> dict:
     for lo, hi in zip(edges, edges[1:]):
         times = [r.seconds for r in log if r.kind == "decode" and lo <= r.seqs < hi]
         if times:
-            out[f"{lo}-{hi - 1}" if hi < 1 << 30 else f">={lo}"] = {"steps": len(times), "seconds": round(sum(times), 3)}
+            label = f"{lo}-{hi - 1}" if hi < 1 << 30 else f">={lo}"
+            out[label] = {"steps": len(times), "seconds": round(sum(times), 3)}
     return out
 
 
-def profile_decode(llm: LLM, args, skip: int, steps: int) -> list[dict]:
-    """GPU time per kernel over ``steps`` engine steps of the workload, after ``skip`` steps (CUDA only)."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
-    engine = llm.engine
-    plain_step = engine.step
-    with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=skip, warmup=2, active=steps)) as prof:
-        def step():
-            out = plain_step()
-            prof.step()
-            return out
-        engine.step = step
-        try:
-            llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            engine.step = plain_step
-    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in rows) or 1
-    return [{"kernel": e.key[:90], "ms_per_step": round(e.device_time_total / 1000 / steps, 3),
-             "share": round(e.device_time_total / total, 3), "calls_per_step": e.count // steps} for e in rows[:25]]
+def summarize(stats: dict, seconds: float, tokens: int, input_tokens: int, log: list, info: dict,
+              bandwidth: float | None) -> dict:
+    """One timed run's JSON fields from the engine's ``stats``, its step log and ``describe()`` (``info``)."""
+    steps = max(stats["decode_steps"], 1)
+    engine_steps = max(stats["decode_steps"] + stats["prefill_steps"], 1)
+    floor = None if not bandwidth else decode_floor_seconds(
+        stats["decode_steps"], stats["decode_kv_tokens"], info["weight_bytes"], info["kv_bytes_per_token"], bandwidth)
+    return {
+        "tokens": tokens, "input_tokens": input_tokens, "seconds": round(seconds, 3),
+        "tok_per_s": round(tokens / seconds, 2),
+        "prefill_seconds": round(stats["prefill_time"], 3), "decode_seconds": round(stats["decode_time"], 3),
+        # generate's time outside engine steps: prompt checks and adding requests before the first step
+        "other_seconds": round(seconds - stats["prefill_time"] - stats["decode_time"], 3),
+        "decode_steps": stats["decode_steps"], "decode_step_ms": round(1000 * stats["decode_time"] / steps, 3),
+        "host_prepare_ms_per_step": round(1000 * stats["decode_prepare_time"] / steps, 3),
+        # host work per engine step and time blocked on the device: the host overlaps the device, so host work
+        # costs throughput only where it exceeds the device's step time
+        "host_ms_per_step": round(1000 * stats["host_time"] / engine_steps, 3),
+        "device_wait_ms_per_step": round(1000 * stats["wait_time"] / engine_steps, 3),
+        "preemptions": stats["preemptions"],
+        "copy_bandwidth_gbps": None if not bandwidth else round(bandwidth / 1e9, 1),
+        "decode_floor_seconds": None if floor is None else round(floor, 3),
+        "decode_vs_floor": None if floor is None else round(floor / max(stats["decode_time"], 1e-9), 3),
+        "decode_by_batch": decode_by_batch(log),
+        "prefill_step_ms": [round(1000 * r.seconds, 1) for r in log if r.kind == "prefill"],
+    }
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes read + written per second by a large device-to-device copy (the practical memory ceiling)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize(device)
-    return 2 * a.numel() * 10 / (time.perf_counter() - t)
+def gc_timer(out: list):
+    """A ``gc.callbacks`` hook appending (generation, seconds) of each collection to ``out``."""
+    start = [0.0]
+
+    def hook(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            out.append((info["generation"], time.perf_counter() - start[0]))
+    return hook
 
 
-def run_in_subprocess(args, bs: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--bs", str(bs), "--json", out,
-               "--num-seqs", str(args.num_seqs), "--max-input-len", str(args.max_input_len),
-               "--max-output-len", str(args.max_output_len), "--dtype", args.dtype, "--device", args.device]
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
-        if args.graph_batch_sizes:
-            cmd += ["--graph-batch-sizes", ",".join(map(str, args.graph_batch_sizes))]
-        if args.max_num_batched_tokens is not None:
-            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        if args.prefill_graph_sizes is not None:
-            cmd += ["--prefill-graph-sizes", ",".join(map(str, args.prefill_graph_sizes)) or "none"]
-        if args.pipeline_depth is not None:
-            cmd += ["--pipeline-depth", str(args.pipeline_depth)]
-        subprocess.run(cmd, check=True)
-        with open(out) as f:
-            return json.load(f)
-
-
-def describe(llm: LLM) -> dict:
-    r = llm.engine.runner
-    return {"device": torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu",
-            "dtype": str(r.dtype).replace("torch.", ""), "mode": r.mode, "torch": torch.__version__,
-            "max_num_seqs": llm.config.max_num_seqs, "graph_batch_sizes": list(llm.config.graph_batch_sizes),
-            "max_num_batched_tokens": llm.config.max_num_batched_tokens, "pipeline_depth": llm.config.pipeline_depth,
-            "prefill_graph_sizes": list(getattr(getattr(r.executor, "prefill_graphs", None), "sizes", ())),
-            "kv_blocks": r.num_blocks, "kvcache_block_size": r.block_size,
-            "decode_attention": decode_attention_variant(r.device),
-            "matmul": os.environ.get("NANOVLLM_MATMUL", "auto") if r.device.type == "cuda" else "torch",
-            "init_seconds": round(llm.init_seconds, 2), **compile_cache_state(r.executor)}
-
-
-def decode_attention_variant(device) -> str:
-    if device.type != "cuda":
-        return "reference"
-    from nanovllm.kernels.triton_decode import decode_variant
-    return decode_variant()
-
-
-def compile_cache_state(executor) -> dict:
-    """Whether start-up found its compiled step in the compile cache (graph mode only)."""
-    cache = getattr(executor, "cache", None)
-    if cache is None:
+def allocator_counts(cuda: bool) -> dict:
+    """Cumulative device allocations, frees and allocation retries of torch's caching allocator (CUDA only)."""
+    if not cuda:
         return {}
-    return {"compile_cache": "hit" if cache.hit else "miss", "step": getattr(executor, "step_origin", None)}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
+def run_once(llm, args, info: dict, bandwidth: float | None) -> dict:
+    """One warm-up and one timed generate of the workload, with an empty prefix cache and zeroed stats."""
+    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
+    engine = llm.engine
+    engine.reset_stats()
+    engine.reset_prefix_cache()  # a repeated run must prefill in full, like the first
+    cuda = info["device_type"] == "cuda"
+    allocator = allocator_counts(cuda)
+    collections = []
+    hook = gc_timer(collections)
+    gc.callbacks.append(hook)
+    engine.step_log = []
+    t = time.perf_counter()
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        seconds = time.perf_counter() - t
+        gc.callbacks.remove(hook)
+        log, engine.step_log = engine.step_log, None
+    tokens = count_generated(outputs, params)
+    result = summarize(engine.stats, seconds, tokens, sum(map(len, prompts)), log, info, bandwidth)
+    # what the caching allocator did during the run (each device malloc or retry synchronises) and the garbage
+    # collections (a full one stalls the host for milliseconds)
+    result["allocator"] = {k: v - allocator[k] for k, v in allocator_counts(cuda).items()}
+    result["gc"] = {"collections": len(collections), "ms": round(1000 * sum(d for _, d in collections), 1),
+                    "full": sum(1 for g, _ in collections if g == 2)}
+    return result
+
+
+def bench_process(args) -> list[dict]:
+    """Build the engine at ``--bs`` and time the workload ``--repeat`` times."""
+    kwargs = llm_kwargs(args, args.bs)
+    t = time.perf_counter()
+    llm = LLM(args.model, **kwargs)
+    init_seconds = time.perf_counter() - t
+    info = llm.engine.describe()
+    bandwidth = None
+    if info["device_type"] == "cuda":
+        device = kwargs.get("device", "cuda")
+        bandwidth = copy_bandwidth(device if device.startswith("cuda") else "cuda")
+    results = []
+    for _ in range(args.repeat):
+        r = {**info, "torch": torch.__version__, "init_seconds": round(init_seconds, 2),
+             **run_once(llm, args, info, bandwidth)}
+        results.append(r)
+        print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s",
+              flush=True)
+    return results
+
+
+def sweep(args) -> list[dict]:
+    """One fresh process per max batch size (each gets the whole GPU to itself); prints a table."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for bs in args.sweep_bs:
+            path = os.path.join(tmp, f"bs{bs}.json")
+            if (rc := subprocess.run(child_argv(args, bs, path)).returncode) != 0:
+                sys.exit(f"bench.py: the run at --bs {bs} failed (exit status {rc})")
+            with open(path) as f:
+                got = json.load(f)
+            results += got if isinstance(got, list) else [got]
+    print("| max bs | tok/s | time (s) | decode step (ms) |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['max_num_seqs']} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} | {r['decode_step_ms']:.2f} |")
+    if args.plot:
+        plot_sweep(results, args.plot)
+    return results
 
 
 def plot_sweep(results: list[dict], path: str) -> None:
@@ -247,79 +277,22 @@ def plot_sweep(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
-    """bench's options (benchmarks/host_stalls.py adds its own)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF checkpoint dir (default: synthesized random-weight Qwen3-0.6B)")
-    p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest graph bucket")
-    p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--max-input-len", type=int, default=1024)
-    p.add_argument("--max-output-len", type=int, default=1024)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--graph-batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--max-num-batched-tokens", type=int, help="tokens per prefill step (default: the LLM default)")
-    p.add_argument("--prefill-graph-sizes", type=lambda s: [] if s == "none" else [int(x) for x in s.split(",")],
-                   help="token counts prefill steps are captured at, or 'none' (default: the LLM default)")
-    p.add_argument("--pipeline-depth", type=int,
-                   help="engine steps queued before the host reads the oldest's tokens (default: the LLM default)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="also write the result(s) to this file")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="time the workload this many times in one process, each with an empty prefix cache")
-    p.add_argument("--sweep-bs", type=lambda s: [int(x) for x in s.split(",")],
-                   help="run the bench once per max batch size (graph mode) and print a table")
-    p.add_argument("--plot", help="with --sweep-bs: save a PNG of throughput and decode step time vs its floor")
-    p.add_argument("--profile-steps", type=int, default=0,
-                   help="after the timed run, profile this many decode steps (from step 300) and print GPU time per kernel")
-    p.add_argument("--compare-padding", action="store_true",
-                   help="eager mode with decode batches padded to buckets vs not padded")
-    return p
-
-
-def main():
-    p = make_parser()
-    args = p.parse_args()
-    if args.repeat < 1:
-        p.error(f"--repeat must be >= 1, got {args.repeat}")
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.model is None:
-        from nanovllm.tools.synthesize import cached_synthetic
-        args.model = str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
-    results = []
-    if args.sweep_bs:
-        for bs in args.sweep_bs:  # one process per size, so each run gets the whole GPU to itself
-            results.append(run_in_subprocess(args, bs))
-        print("| max bs | tok/s | time (s) | decode step (ms) |\n|---|---|---|---|")
-        for r in results:
-            print(f"| {r['max_num_seqs']} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} | {r['decode_step_ms']:.2f} |")
-        if args.plot:
-            plot_sweep(results, args.plot)
-    elif args.compare_padding:
-        from nanovllm.compile.executor import EagerExecutor
-        llm = build_llm(args, args.bs, enforce_eager=True)
-        for padded in (False, True):
-            runner = llm.engine.runner
-            runner.executor = EagerExecutor(runner, llm.config.graph_batch_sizes if padded else None)
-            results.append({**describe(llm), "padding": padded, **run_once(llm, args)})
-        print("| eager decode | tok/s | time (s) |\n|---|---|---|")
-        for r in results:
-            print(f"| {'padded to buckets' if r['padding'] else 'not padded'} | {r['tok_per_s']:.0f} | {r['seconds']:.2f} |")
-    else:
-        llm = build_llm(args, args.bs, args.enforce_eager)
-        for _ in range(args.repeat):
-            r = {**describe(llm), **run_once(llm, args)}
-            results.append(r)
-            print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s")
-        if args.profile_steps and llm.engine.runner.device.type == "cuda":
-            r["kernel_profile"] = profile_decode(llm, args, 300, args.profile_steps)
-            print("| kernel | ms/step | share | calls/step |\n|---|---|---|---|")
-            for k in r["kernel_profile"]:
-                print(f"| {k['kernel']} | {k['ms_per_step']} | {k['share']:.1%} | {k['calls_per_step']} |")
+        args.model = default_model()
+    try:
+        results = sweep(args) if args.sweep_bs else bench_process(args)
+    except TokenCountMismatch as e:
+        sys.exit(f"bench.py: {e}")
     for r in results:
-        print(json.dumps(r))
+        print(json.dumps(r, default=str))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results if len(results) > 1 else results[0], f, indent=2)
+            json.dump(results if len(results) > 1 else results[0], f, indent=2, default=str)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,4 +1,16 @@
-"""What the benchmark scripts share: where results go and which checkpoint they run by default."""
+"""What the benchmark scripts share: where results go, the default checkpoint, and the one set of GPU timers.
+
+Timers (CUDA only; each synchronises before it returns):
+
+* ``cuda_ms(fn)``: milliseconds per call of ``fn``, timed with CUDA events around ``reps`` back-to-back calls.
+* ``graph_us(calls)``: microseconds per call of a list of thunks captured in one CUDA graph and replayed (no
+  launch overhead; give each thunk its own buffers where the data would otherwise stay in L2).
+* ``copy_bandwidth(device)``: bytes read + written per second by a large device-to-device copy, the practical
+  memory ceiling every bandwidth-bound number here is compared with.
+
+``decode_floor_seconds`` is the decode byte floor of docs/PERFORMANCE.md: each decode step reads the weights
+once and every running sequence's KV, at copy bandwidth.
+"""
 import json
 import os
 
@@ -11,17 +23,40 @@ def out_dir() -> str:
 
 
 def write_json(name: str, obj) -> str:
-    """Write ``obj`` as ``<out_dir>/<name>`` and return the path."""
+    """Write ``obj`` as ``<out_dir>/<name>`` (what JSON cannot hold as its ``str``) and return the path."""
     path = os.path.join(out_dir(), name)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, default=str)
     return path
 
 
 def default_model() -> str:
-    """bench.py's default: a random-weight bf16 Qwen3-0.6B, synthesized once and cached."""
+    """bench.py's default checkpoint: a random-weight bf16 Qwen3-0.6B, synthesized once and cached."""
     from nanovllm.tools.synthesize import cached_synthetic
     return str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+
+
+def decode_floor_seconds(decode_steps: int, decode_kv_tokens: int, weight_bytes: int, kv_bytes_per_token: int,
+                         bandwidth: float) -> float:
+    """Seconds the decode steps need at least: weights once per step plus every KV token read, over
+    ``bandwidth`` bytes per second."""
+    if bandwidth <= 0:
+        raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+    return (decode_steps * weight_bytes + decode_kv_tokens * kv_bytes_per_token) / bandwidth
+
+
+def cuda_ms(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Milliseconds per call of ``fn`` on the current CUDA stream (CUDA events around ``reps`` calls)."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def graph_us(calls, replays: int = 20) -> float:
@@ -36,22 +71,15 @@ def graph_us(calls, replays: int = 20) -> float:
     with torch.cuda.graph(graph):
         for c in calls:
             c()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / replays / len(calls)
+    return cuda_ms(graph.replay, reps=replays, warmup=3) * 1000 / len(calls)
 
 
-def linear_reference(x, weight, silu_mul: bool):
-    """What ``ops.linear`` (without bias) computes, in float32: the oracle of the matmul kernels."""
-    import torch.nn.functional as F
-    want = F.linear(x.float(), weight.float())
-    if silu_mul:
-        gate, up = want.chunk(2, dim=-1)
-        want = F.silu(gate) * up
-    return want
+def copy_bandwidth(device="cuda", nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy of ``nbytes`` (the practical ceiling)."""
+    import torch
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    with torch.cuda.device(a.device):
+        ms = cuda_ms(lambda: b.copy_(a), reps=10, warmup=2)
+    return 2 * nbytes / (ms / 1000)
+

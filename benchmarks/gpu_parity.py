@@ -5,7 +5,7 @@
     python benchmarks/gpu_parity.py --bench-only     # only the Qwen3-0.6B check, with bench.py's engine settings
 
 With ``--bench-only`` the engine is configured exactly as ``python bench.py --bs 256`` (256 sequences, the
-default buckets, max_model_len 4096), so it reuses that run's compile cache.
+default buckets, max_model_len 4096), so it reuses that run's compile cache.  Exits non-zero on a mismatch.
 """
 import argparse
 import json
@@ -13,18 +13,20 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from conftest import build_checkpoint  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from bench import workload  # noqa: E402
+from benchmarks.common import default_model, write_json  # noqa: E402
+from conftest import build_checkpoint  # noqa: E402  (tests/conftest.py: tiny random checkpoints)
 from nanovllm.tools import oracle  # noqa: E402
-from common import default_model, out_dir as results_dir  # noqa: E402  (benchmarks/common.py)
+
+STATUSES = ("identical", "near-tie", "MISMATCH")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench-only", action="store_true")
     args = p.parse_args()
-    out_dir = results_dir()
     rows = []
     tmp = tempfile.mkdtemp()
     for arch in () if args.bench_only else ("qwen3", "qwen2", "llama", "llama3"):
@@ -32,25 +34,22 @@ def main():
         for dtype in ("float32", "bfloat16"):
             for eager in (True, False):
                 v = oracle.run(path, dtype, "cuda", 8, 24, 0.1, enforce_eager=eager, kvcache_block_size=16,
-                               graph_batch_sizes=[8],
-                               max_model_len=512, max_num_seqs=8, num_kvcache_blocks=256)
+                               graph_batch_sizes=[8], max_model_len=512, max_num_seqs=8, num_kvcache_blocks=256)
                 rows.append({"model": arch, "dtype": dtype, "mode": "eager" if eager else "graph", "verdicts": v})
-    from bench import workload
-    model = default_model()
     prompts = workload(8, 1024, 1024)[0]
     settings = dict(max_num_seqs=256, max_model_len=4096) if args.bench_only else \
         dict(max_num_seqs=8, max_model_len=2048, num_kvcache_blocks=64)
-    v = oracle.run(model, "bfloat16", "cuda", 8, 32, 0.1, prompts=prompts, **settings)
+    v = oracle.run(default_model(), "bfloat16", "cuda", 8, 32, 0.1, prompts=prompts, **settings)
     rows.append({"model": "qwen3-0.6b (bench prompts 0-7)", "dtype": "bfloat16", "mode": "graph", "verdicts": v})
-    with open(os.path.join(out_dir, "gpu_parity.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json("gpu_parity.json", rows)
     print("| model | dtype | mode | identical | near-tie | MISMATCH |\n|---|---|---|---|---|---|")
     for r in rows:
-        c = [sum(v["status"] == s for v in r["verdicts"]) for s in ("identical", "near-tie", "MISMATCH")]
-        print(f"| {r['model']} | {r['dtype']} | {r['mode']} | {c[0]} | {c[1]} | {c[2]} |")
+        counts = [sum(v["status"] == s for v in r["verdicts"]) for s in STATUSES]
+        print(f"| {r['model']} | {r['dtype']} | {r['mode']} | " + " | ".join(map(str, counts)) + " |")
         for v in r["verdicts"]:
             if v["status"] != "identical":
                 print("   ", json.dumps(v))
+    sys.exit(1 if any(v["status"] == "MISMATCH" for r in rows for v in r["verdicts"]) else 0)
 
 
 if __name__ == "__main__":

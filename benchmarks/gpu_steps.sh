@@ -1,5 +1,4 @@
-# Shared by the one-call GPU scripts (performance_md.sh, pdl_ab.sh, h100_session.sh, tree_ab.sh, flag_ab.sh); source it,
-# don't run it.
+# The step runner of the one-call GPU scripts (performance_md.sh, ab.sh); source it, don't run it.
 # Sets PYTHONPATH to the repository root and OUT (default ./results, created), and defines
 #
 #     step NAME LIMIT_S CMD...
@@ -10,7 +9,8 @@
 #
 #     runs_table GLOB
 #
-# prints a markdown table of every timed run in the bench JSON files $OUT/GLOB (tok/s and its time split).
+# prints a markdown table of every timed run in the bench JSON files $OUT/GLOB (tok/s and its time split),
+# then one of the mean by configuration (a file's name without its _rN round suffix).
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OUT="${OUT:-results}"
@@ -30,13 +30,23 @@ step() {
 
 runs_table() {
   python - "$OUT" "$1" <<'PY'
-import glob, json, os, sys
-print("| run | tok/s | seconds | prefill s | decode s | other s |\n|---|---|---|---|---|---|")
+import glob, json, os, re, sys
+runs = []
 for path in sorted(glob.glob(os.path.join(sys.argv[1], sys.argv[2]))):
-    runs = json.load(open(path))
-    for r in runs if isinstance(runs, list) else [runs]:
-        other = r["seconds"] - r["prefill_seconds"] - r["decode_seconds"]
-        print(f"| {os.path.basename(path)[:-5]} | {r['tok_per_s']:.0f} | {r['seconds']:.3f} | {r['prefill_seconds']:.3f}"
-              f" | {r['decode_seconds']:.3f} | {other:.3f} |")
+    data = json.load(open(path))
+    runs += [(os.path.basename(path)[:-5], r) for r in (data if isinstance(data, list) else [data])]
+print("| run | tok/s | seconds | prefill s | decode s | other s |\n|---|---|---|---|---|---|")
+for name, r in runs:
+    other = r["seconds"] - r["prefill_seconds"] - r["decode_seconds"]
+    print(f"| {name} | {r['tok_per_s']:.0f} | {r['seconds']:.3f} | {r['prefill_seconds']:.3f}"
+          f" | {r['decode_seconds']:.3f} | {other:.3f} |")
+groups = {}
+for name, r in runs:
+    groups.setdefault(re.sub(r"_r\d+$", "", name), []).append(r)
+print("\n| configuration | runs | mean tok/s | min-max tok/s | mean decode s |\n|---|---|---|---|---|")
+for name, rs in groups.items():
+    tps = [r["tok_per_s"] for r in rs]
+    print(f"| {name} | {len(rs)} | {sum(tps) / len(tps):.0f} | {min(tps):.0f}-{max(tps):.0f}"
+          f" | {sum(r['decode_seconds'] for r in rs) / len(rs):.3f} |")
 PY
 }

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import graph_us, linear_reference, write_json  # noqa: E402
+from benchmarks.common import graph_us, write_json  # noqa: E402
 from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES  # noqa: E402
 from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, table_key  # noqa: E402
+from nanovllm.kernels.reference import linear_reference  # noqa: E402
 from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log):
     rows, table = [], []
     for m in buckets:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        want = linear_reference(x, weights[0], silu)
+        want = linear_reference(x.float(), weights[0].float(), None, silu)
 
         def baseline(w):
             y = F.linear(x, w)

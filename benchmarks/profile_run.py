@@ -1,51 +1,101 @@
-"""Where a decode step's GPU time goes, at several running-batch sizes of bench.py's workload (CUDA only).
+"""Where the GPU time of bench.py's workload goes, per window of engine steps (CUDA only).
 
-    python benchmarks/profile_run.py [--model DIR] [--at 256,192,128,64,32,8] [--steps 10]
+    python benchmarks/profile_run.py [--at 256,192,128,64,32,8] [--steps 10] [--prefill] [bench's engine flags]
 
-Runs bench's workload once (after its warm-up) and, the first time the running batch drops to each size in
-``--at``, profiles ``--steps`` decode steps (synchronising before and after the window); with ``--prefill``
-also all the prefill steps, as one window (printed as batch 0-0, floor 0).  Per window it
-prints the wall and GPU-busy milliseconds per step, the byte floor of those steps (weights + KV read at the
-measured copy bandwidth), GPU time by kernel category, and the top kernels.  Writes $OUT/profile_run.json.
+The workload runs twice through the engine's public step loop (``add_request``, ``step``, ``has_work``).  The
+first pass records what each step launched (its kind and rows, from the change in ``llm.engine.stats``); the
+second, with an empty prefix cache, profiles the windows planned from it: ``--steps`` steps from the first
+decode step whose batch is at most each size in ``--at``, and with ``--prefill`` the first run of prefill steps.
+The device is synchronised before and after each window, so a window holds exactly its steps' kernels.  Per
+window it prints the wall and GPU-busy ms per step, the byte floor of its decode steps (weights + KV read at the
+measured copy bandwidth), GPU time by kernel category, GPU idle time between kernels by the pair of categories
+around the gap, and the top kernels.  Writes ``$OUT/profile_run.json``.
 """
 import argparse
-import json
 import os
 import sys
 import time
-
-import torch
-from torch.profiler import ProfilerActivity, profile
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import copy_bandwidth, workload  # noqa: E402
-from nanovllm import LLM, SamplingParams  # noqa: E402
-from common import default_model, out_dir  # noqa: E402  (benchmarks/common.py)
+from bench import llm_kwargs, workload  # noqa: E402
+from benchmarks.common import copy_bandwidth, default_model, write_json  # noqa: E402
 
-CATEGORIES = (("attention", ("_decode", "_prefill", "streamk")),  # our Triton kernels (nanovllm/kernels)
+CATEGORIES = (("attention", ("_decode", "_prefill")),  # our Triton kernels (nanovllm/kernels)
               ("store_kv", ("_store_kv",)),
               ("sampler", ("_gumbel_argmax",)),
               ("matmul", ("_linear_kernel", "nvjet", "gemm", "cutlass", "sm90_", "cublas", "splitK")))
+OTHER = "other (fused elementwise / norms / rope)"
+
+
+class Launch(NamedTuple):
+    """What one engine step launched: ``kind`` ("prefill", "decode" or None), its rows (decode) or tokens
+    (prefill), and the KV tokens a decode step reads."""
+    kind: str | None
+    size: int
+    kv_tokens: int
+
+
+def launched(before: dict, after: dict) -> Launch:
+    """The step launched between two snapshots of ``llm.engine.stats``."""
+    if after["decode_steps"] > before["decode_steps"]:
+        return Launch("decode", after["decode_tokens"] - before["decode_tokens"],
+                      after["decode_kv_tokens"] - before["decode_kv_tokens"])
+    if after["prefill_steps"] > before["prefill_steps"]:
+        return Launch("prefill", after["prefill_tokens"] - before["prefill_tokens"], 0)
+    return Launch(None, 0, 0)
+
+
+def plan_windows(plan: list[Launch], at: list[int], steps: int, prefill: bool) -> list[tuple[str, int, int]]:
+    """(label, first step, end step) of each window to profile, in step order and not overlapping."""
+    windows, end = [], 0
+    if prefill:
+        first = next((i for i, s in enumerate(plan) if s.kind == "prefill"), None)
+        if first is not None:
+            end = next((i for i in range(first, len(plan)) if plan[i].kind != "prefill"), len(plan))
+            windows.append(("prefill", first, end))
+    for size in sorted(at, reverse=True):
+        first = next((i for i in range(end, len(plan)) if plan[i].kind == "decode" and plan[i].size <= size), None)
+        if first is not None:
+            end = min(first + steps, len(plan))
+            windows.append((f"decode <={size}", first, end))
+    return windows
+
+
+def run_steps(engine, prompts, params, hook=None) -> list[Launch]:
+    """Add the workload and step the engine until it is done; ``hook(i, phase)`` runs before ("start") and after
+    ("end") step ``i``.  Returns what each step launched."""
+    for ids, p in zip(prompts, params):
+        engine.add_request(ids, p)
+    plan = []
+    while engine.has_work():
+        i = len(plan)
+        if hook:
+            hook(i, "start")
+        before = dict(engine.stats)
+        engine.step()
+        plan.append(launched(before, engine.stats))
+        if hook:
+            hook(i, "end")
+    return plan
 
 
 def category(name: str) -> str:
     if "Memset" in name:  # e.g. a library clearing its output or workspace before a kernel
         return "memset"
     if name.startswith("triton_"):  # Inductor's fused kernels: named after the ops they fuse
-        return "sampler" if "argmax" in name else "other (fused elementwise / norms / rope)"
+        return "sampler" if "argmax" in name else OTHER
     for cat, keys in CATEGORIES:
         if any(k in name for k in keys):
             return cat
-    return "other (fused elementwise / norms / rope)"
+    return OTHER
 
 
 def kernel_events(prof) -> list[tuple[str, int, int]]:
     """(name, start ns, end ns) of every device kernel and memset the profiler saw."""
-    out = []
-    for e in prof.profiler.kineto_results.events():
-        if e.device_type() == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name():
-            out.append((e.name(), e.start_ns(), e.start_ns() + e.duration_ns()))
-    return out
+    import torch
+    return [(e.name(), e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
+            if e.device_type() == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name()]
 
 
 def busy_ns(events) -> int:
@@ -73,99 +123,96 @@ def idle_before(events) -> dict[tuple[str, str], int]:
     return out
 
 
-def summarize(events, wall_s: float, steps: int, floor_s: float, batch: list[int]) -> dict:
+def summarize(label: str, events, wall_s: float, window: list[Launch], floor_s: float) -> dict:
     by_cat, by_name = {}, {}
     for name, s, e in events:
         by_cat[category(name)] = by_cat.get(category(name), 0) + e - s
         by_name[name] = by_name.get(name, 0) + e - s
-    span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) if events else 0
+    steps = max(len(window), 1)
     ms = lambda ns: round(ns / 1e6 / steps, 3)  # noqa: E731
-    return {"batch": [min(batch), max(batch)], "steps": steps, "wall_ms": round(1000 * wall_s / steps, 3),
-            "kernel_span_ms": ms(span), "gpu_busy_ms": ms(busy_ns(events)),
-            "floor_ms": round(1000 * floor_s / steps, 3),
-            "kernels_per_step": len(events) // steps,
+    sizes = [s.size for s in window if s.kind] or [0]
+    return {"window": label, "steps": len(window), "sizes": [min(sizes), max(sizes)],
+            "wall_ms": round(1000 * wall_s / steps, 3), "gpu_busy_ms": ms(busy_ns(events)),
+            "floor_ms": round(1000 * floor_s / steps, 3), "kernels_per_step": len(events) // steps,
             "by_category_ms": {k: ms(v) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-            # idle time between kernels inside the window (including between steps), by the pair of categories
             "idle_ms": {f"{a} -> {b}": ms(v)
                         for (a, b), v in sorted(idle_before(events).items(), key=lambda kv: -kv[1])[:8]},
             "top_kernels": [[n[:100], ms(v), sum(1 for x in events if x[0] == n) // steps]
                             for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]]}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model")
-    p.add_argument("--at", default="256,192,128,64,32,8")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--bs", type=int, default=256)
-    p.add_argument("--prefill", action="store_true", help="also profile all the prefill steps as one window")
-    args = p.parse_args()
-    if args.model is None:
-        args.model = default_model()
-    llm = LLM(args.model, max_num_seqs=args.bs, max_model_len=4096)
-    runner = llm.engine.runner
-    bandwidth = copy_bandwidth(runner.device)
-    weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
-    kv_per_token = runner.kv_bytes_per_block() // runner.block_size
-    targets = sorted((int(x) for x in args.at.split(",")), reverse=True)
-    windows, state = [], {"prof": None, "left": 0, "t": 0.0, "floor": 0.0, "batch": []}
-    prefill = {"prof": None, "done": False}
-    plain_launch = runner.launch
+def profile_windows(llm, prompts, params, windows, floor_of) -> tuple[list[dict], list[Launch]]:
+    """Run the workload once more, profiling each window; returns the summaries and what each step launched."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    starts = {first: (label, end) for label, first, end in windows}
+    ends = {end - 1: first for _, first, end in windows}
+    state, out = {}, []
 
-    def launch(batch):
-        s = state
-        if args.prefill and batch.is_prefill and prefill["prof"] is None and not prefill["done"]:
-            torch.cuda.synchronize()  # one window over all the prefill steps
-            prefill.update(prof=profile(activities=[ProfilerActivity.CUDA]), t=time.perf_counter(), steps=0)
-            prefill["prof"].start()
-        if prefill["prof"] is not None and not batch.is_prefill:
+    def hook(i, phase):
+        if phase == "start" and i in starts:
             torch.cuda.synchronize()
-            wall = time.perf_counter() - prefill["t"]
-            prefill["prof"].stop()
-            windows.append(dict(summarize(kernel_events(prefill["prof"]), wall, prefill["steps"], 0.0, [0]),
-                                kind="prefill"))
-            prefill.update(prof=None, done=True)
-        if batch.is_prefill and prefill["prof"] is not None:
-            prefill["steps"] += 1
-        if not batch.is_prefill and s["prof"] is None and targets and len(batch.seqs) <= targets[0]:
-            targets.pop(0)
+            state.update(first=i, prof=profile(activities=[ProfilerActivity.CUDA]), t=time.perf_counter())
+            state["prof"].start()
+        elif phase == "end" and i in ends:
             torch.cuda.synchronize()
-            s.update(prof=profile(activities=[ProfilerActivity.CUDA]), left=args.steps, floor=0.0, batch=[])
-            s["prof"].start()
-            s["t"] = time.perf_counter()
-        handle = plain_launch(batch)
-        if s["prof"] is not None and not batch.is_prefill:
-            s["floor"] += (weight_bytes + kv_per_token * sum(len(q) for q in batch.seqs)) / bandwidth
-            s["batch"].append(len(batch.seqs))
-            s["left"] -= 1
-            if s["left"] == 0:
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - s["t"]
-                s["prof"].stop()
-                windows.append(summarize(kernel_events(s["prof"]), wall, args.steps, s["floor"], s["batch"]))
-                s["prof"] = None
-        return handle
+            wall = time.perf_counter() - state["t"]
+            state["prof"].stop()
+            out.append((state["first"], i + 1, state["prof"], wall))
+
+    llm.engine.reset_prefix_cache()
+    plan = run_steps(llm.engine, prompts, params, hook)
+    summaries = []
+    for first, end, prof, wall in out:
+        window = plan[first:end]
+        summaries.append(summarize(starts[first][0], kernel_events(prof), wall, window, floor_of(window)))
+    return summaries, plan
+
+
+def main():
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.cli import add_engine_args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF checkpoint dir (default: bench.py's synthesized Qwen3-0.6B)")
+    p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest decode bucket")
+    p.add_argument("--at", default="256,192,128,64,32,8", help="running-batch sizes to profile a window at")
+    p.add_argument("--steps", type=int, default=10, help="engine steps per decode window")
+    p.add_argument("--prefill", action="store_true", help="also profile the first run of prefill steps")
+    add_engine_args(p, skip=("model", "max_num_seqs"), defaults={"max_model_len": 4096})
+    args = p.parse_args()
+    if args.steps < 1 or args.bs < 1:
+        p.error(f"--steps and --bs must be >= 1, got {args.steps} and {args.bs}")
+    llm = LLM(args.model or default_model(), **llm_kwargs(args, args.bs))
+    info = llm.engine.describe()
+    if info["device_type"] != "cuda":
+        p.error(f"profile_run.py profiles CUDA kernels; the engine runs on {info['device']}")
+    bandwidth = copy_bandwidth()
+
+    def floor_of(window: list[Launch]) -> float:
+        return sum(info["weight_bytes"] + s.kv_tokens * info["kv_bytes_per_token"]
+                   for s in window if s.kind == "decode") / bandwidth
 
     prompts, params = workload(256, 1024, 1024)
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)
-    runner.launch = launch
-    llm.generate(prompts, params, use_tqdm=False)
-    print("| batch | wall ms | GPU busy ms | floor ms | floor/busy | kernels | by category (ms) |\n"
-          "|---|---|---|---|---|---|---|")
-    for w in windows:
+    plan = run_steps(llm.engine, prompts, params)
+    windows = plan_windows(plan, [int(x) for x in args.at.split(",")], args.steps, args.prefill)
+    summaries, second = profile_windows(llm, prompts, params, windows, floor_of)
+    if second != plan:
+        print("note: the profiled pass launched other steps than the planning pass; windows may be off")
+    print("| window | steps | sizes | wall ms | GPU busy ms | floor ms | floor/busy | kernels | by category (ms) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for w in summaries:
         cats = ", ".join(f"{k} {v}" for k, v in w["by_category_ms"].items())
-        print(f"| {w['batch'][0]}-{w['batch'][1]} | {w['wall_ms']} | {w['gpu_busy_ms']} | {w['floor_ms']} | "
-              f"{w['floor_ms'] / max(w['gpu_busy_ms'], 1e-9):.0%} | {w['kernels_per_step']} | {cats} |")
-    for w in windows:
-        where = "the prefill steps" if w.get("kind") == "prefill" else f"batch {w['batch'][1]}"
-        print(f"\nGPU idle between kernels at {where} (ms/step): " +
-              ", ".join(f"{k} {v}" for k, v in w["idle_ms"].items()))
-        print(f"top kernels at {where} (ms/step, calls/step):")
+        print(f"| {w['window']} | {w['steps']} | {w['sizes'][0]}-{w['sizes'][1]} | {w['wall_ms']} | "
+              f"{w['gpu_busy_ms']} | {w['floor_ms']} | {w['floor_ms'] / max(w['gpu_busy_ms'], 1e-9):.0%} | "
+              f"{w['kernels_per_step']} | {cats} |")
+    for w in summaries:
+        print(f"\nGPU idle between kernels, {w['window']} (ms/step): "
+              + ", ".join(f"{k} {v}" for k, v in w["idle_ms"].items()))
+        print(f"top kernels, {w['window']} (ms/step, calls/step):")
         for name, t, calls in w["top_kernels"]:
             print(f"  {t:8.3f} {calls:4d}  {name}")
-    out = out_dir()
-    with open(os.path.join(out, "profile_run.json"), "w") as f:
-        json.dump(windows, f, indent=1)
+    write_json("profile_run.json", {"engine": info, "copy_gbps": round(bandwidth / 1e9, 1), "windows": summaries})
 
 
 if __name__ == "__main__":
