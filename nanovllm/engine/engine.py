@@ -95,9 +95,8 @@ class Engine:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             slot = self.pipeline.next_slot()
-            prepared = self.runner.decode_prepare_time
-            event = self.runner.launch(batch, slot)
-            stats["decode_prepare_time"] += self.runner.decode_prepare_time - prepared
+            event, prepare_seconds = self.runner.launch(batch, slot)
+            stats["decode_prepare_time"] += prepare_seconds
             self.pipeline.push(batch, slot, len(batch.seqs), event)
         launch = time.perf_counter() - t0
         finished = []

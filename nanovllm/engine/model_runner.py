@@ -61,7 +61,6 @@ class ModelRunner:
             probe=self._probe_peak_memory)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         phase("size_kv_cache")
-        self.decode_prepare_time = 0.0  # host seconds spent building decode inputs (a statistic)
         spec = ExecutorSpec(
             step=make_step(self.model, self.kv_caches, self.token_buffer), platform=platform,
             graph_batch_sizes=config.graph_batch_sizes, prefill_graph_sizes=config.prefill_graph_sizes,
@@ -130,11 +129,13 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, slot: StepSlot):
         """Queue the step on the device; its tokens land in the token buffer and, in the background, in
-        ``slot.host_tokens``.  Returns the platform event recorded after its work."""
+        ``slot.host_tokens``.  Returns (the platform event recorded after its work, host seconds spent building
+        decode inputs)."""
         filtered = any(s.params.needs_filter for s in batch.seqs)
         for seq in batch.seqs:
             self._assign_slot(seq)
         ex = self.executor
+        prepare_seconds = 0.0
         if batch.is_prefill:
             shape, target = ex.prefill_plan(sum(batch.num_new_tokens))
             inputs = self.prefill_builder.build(batch, shape, target)
@@ -145,10 +146,10 @@ class ModelRunner:
                 t = time.perf_counter()
                 inputs = self.decode_builder.build(batch.seqs[start:start + rows], padded,
                                                    target=ex.static_inputs(padded), chunk=chunk, slot=slot.index)
-                self.decode_prepare_time += time.perf_counter() - t
+                prepare_seconds += time.perf_counter() - t
                 tokens, logits = ex.decode(inputs, padded)
                 self._emit(tokens, logits, inputs, rows, filtered, slot.host_tokens, start)
-        return self.platform.record_event()
+        return self.platform.record_event(), prepare_seconds
 
     def _emit(self, tokens, logits, inputs, rows: int, filtered: bool, host, offset: int) -> None:
         """Copy live rows' tokens to ``host`` in the background; batches with top-k/top-p re-draw them first."""
