@@ -5,6 +5,7 @@ import time
 from tqdm.auto import tqdm
 
 from nanovllm.config import EngineConfig
+from nanovllm.detokenizer import TextStream
 from nanovllm.engine.engine import Engine
 from nanovllm.logger import logger
 from nanovllm.sampling_params import SamplingParams
@@ -44,39 +45,65 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params; "
                              f"pass one SamplingParams or a list of the same length")
-        vocab, limit = self.engine.runner.vocab_size, self.config.max_model_len
         token_lists = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
             params.validate()
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is text but {self.config.model!r} has no tokenizer; "
-                                     f"pass token-id lists instead")
-                ids = self.tokenizer.encode(prompt)
-            elif isinstance(prompt, (list, tuple)):
-                ids = list(prompt)
-                # per element only in C (map, min, max): bench's 143k prompt tokens are checked in a few ms
-                if not all(issubclass(t, int) and t is not bool for t in set(map(type, ids))):
-                    raise TypeError(f"prompt {i} must be a str or a list of int token ids")
-                if ids and (min(ids) < 0 or max(ids) >= vocab):
-                    bad = next(t for t in ids if not 0 <= t < vocab)
-                    raise ValueError(f"prompt {i} has token id {bad} outside the vocabulary [0, {vocab})")
-            else:
-                raise TypeError(f"prompt {i} must be a str or a list of int token ids, got {type(prompt).__name__}")
-            if not ids:
-                raise ValueError(f"prompt {i} is empty")
-            if len(ids) > limit:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens, more than max_model_len={limit}")
-            token_lists.append(ids)
+            if params.stop and self.tokenizer is None:
+                raise ValueError(f"sampling_params[{i}] has stop strings but {self.config.model!r} has no tokenizer")
+            token_lists.append(self.encode_prompt(prompt, i))
         return token_lists, list(sampling_params)
+
+    def encode_prompt(self, prompt, index: int = 0) -> list[int]:
+        """A prompt's token ids: a str is tokenized, a list of ints checked against the vocabulary.  Raises
+        ``TypeError``/``ValueError`` naming prompt ``index`` and the bad value (empty, too long, bad id)."""
+        vocab, limit = self.engine.runner.vocab_size, self.config.max_model_len
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is text but {self.config.model!r} has no tokenizer; "
+                                 f"pass token-id lists instead")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            # per element only in C (map, min, max): bench's 143k prompt tokens are checked in a few ms
+            if not all(issubclass(t, int) and t is not bool for t in set(map(type, ids))):
+                raise TypeError(f"prompt {index} must be a str or a list of int token ids")
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                bad = next(t for t in ids if not 0 <= t < vocab)
+                raise ValueError(f"prompt {index} has token id {bad} outside the vocabulary [0, {vocab})")
+        else:
+            raise TypeError(f"prompt {index} must be a str or a list of int token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        if len(ids) > limit:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens, more than max_model_len={limit}")
+        return ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The token ids of one conversation through the checkpoint's chat template, ready for the assistant's
+        reply.  Raises ``ValueError`` if there is no tokenizer or no template."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.config.model!r} has no chat template (tokenizer_config.json "
+                             f"'chat_template' or chat_template.jinja)")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
+        """``generate`` for one conversation (a list of ``{"role", "content"}`` dicts) or a list of them, each
+        through the chat template; returns one output per conversation."""
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            messages = [messages]
+        if not isinstance(messages, list) or not all(isinstance(m, list) for m in messages):
+            raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
+        return self.generate([self.apply_chat_template(m) for m in messages], sampling_params, use_tqdm)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
         """Generate for every prompt; returns ``[{"text": str, "token_ids": list[int]}]`` in input order."""
         token_lists, params = self._validate(prompts, sampling_params)
         engine = self.engine
         seqs = [engine.add_request(ids, p) for ids, p in zip(token_lists, params)]
+        streams = {s.seq_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if s.params.stop}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         outputs = {}  # seq_id -> output, filled as sequences finish
@@ -84,6 +111,8 @@ class LLM:
             while engine.has_work():
                 t = time.perf_counter()
                 finished, is_prefill, computed = engine.step()
+                if streams:
+                    finished += self._apply_stop_strings(streams)
                 rate = computed / max(time.perf_counter() - t, 1e-9)
                 if is_prefill:
                     prefill_tps = rate
@@ -92,18 +121,44 @@ class LLM:
                 # Detokenize while the device runs the steps just launched: the host waits for them anyway,
                 # whereas after the loop nothing overlaps it.
                 for seq in finished:
-                    outputs[seq.seq_id] = self._output(seq)
+                    outputs[seq.seq_id] = self._output(seq, streams.get(seq.seq_id))
                 bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)
                 bar.update(len(finished))
         finally:
             bar.close()
-        return [outputs.get(seq.seq_id) or self._output(seq) for seq in seqs]
+        return [outputs.get(seq.seq_id) or self._output(seq, streams.get(seq.seq_id)) for seq in seqs]
 
-    def _output(self, seq) -> dict:
-        """A finished sequence's completion: its token ids and their text ("" without a tokenizer)."""
+    def _apply_stop_strings(self, streams: dict) -> list:
+        """Feed the last step's new tokens to the text of requests with stop strings; abort those whose text now
+        holds one and return them (they are finished)."""
+        stopped = []
+        for seq in self.engine.updated_sequences():
+            stream = streams.get(seq.seq_id)
+            if stream is None or stream.stopped:
+                continue
+            stream.push(seq.token_ids[seq.num_prompt_tokens + len(stream.token_ids):seq.num_resolved_tokens])
+            if stream.stopped and self.engine.abort(seq):
+                stopped.append(seq)
+        return stopped
+
+    def _output(self, seq, stream: TextStream | None = None) -> dict:
+        """A finished sequence's completion: its token ids, their text ("" without a tokenizer), why it ended
+        ("stop": EOS, a stop token or string; "length") and, if asked, its logprobs: per token a dict
+        ``{token id: logprob}`` of the sampled token, then the ``logprobs`` most likely ones."""
         ids = seq.completion_token_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        return {"text": text, "token_ids": ids}
+        reason = seq.finish_reason
+        if stream is not None:
+            stream.push(ids[len(stream.token_ids):])
+            stream.finish()
+            ids, text = ids[:stream.num_tokens], stream.text
+            reason = "stop" if stream.stopped else reason
+        else:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        out = {"text": text, "token_ids": ids, "finish_reason": reason}
+        if seq.logprobs is not None:
+            out["logprobs"] = [{token: chosen, **dict(zip(top_ids, top))}
+                               for token, (chosen, top_ids, top) in zip(ids, seq.logprobs)]
+        return out
 
 
 def _load_tokenizer(model_dir: str):

@@ -2,6 +2,10 @@
 import math
 from dataclasses import dataclass, field
 
+# Alternatives a step can report per sampled token (``logprobs``): a static size, so the tensor the runner reads
+# them from has one shape for every batch.
+MAX_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -9,6 +13,9 @@ class SamplingParams:
 
     ``temperature=0`` is greedy.  ``top_k=-1`` and ``top_p=1.0`` switch those filters off.
     A request with a ``seed`` draws the same tokens whatever else shares its batch.
+    ``stop``: strings that end the completion when its text contains one; the text returned stops before it.
+    ``logprobs=k`` (0 to ``MAX_LOGPROBS``): report, for every generated token, its log-probability and the ``k``
+    most likely tokens' (from the model's raw distribution, before temperature or filters).
     """
     temperature: float = 1.0
     top_k: int = -1
@@ -17,9 +24,13 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple = field(default_factory=tuple)
     seed: int | None = None
+    stop: tuple = field(default_factory=tuple)
+    logprobs: int | None = None
 
     def __post_init__(self):
         self.stop_token_ids = tuple(self.stop_token_ids)
+        if isinstance(self.stop, (str, list)):
+            self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         self.validate()
 
     def validate(self) -> None:
@@ -57,6 +68,15 @@ class SamplingParams:
             raise TypeError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
         if self.seed is not None and not is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}")
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop strings must not be empty, got {self.stop!r}")
+        if self.logprobs is not None:
+            if not is_int(self.logprobs):
+                raise TypeError(f"logprobs must be an int or None, got {type(self.logprobs).__name__}")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def needs_filter(self) -> bool:

@@ -7,6 +7,10 @@ steps of work left when the host starts on the next one, so a host stall shorter
 price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth`` steps
 compute a row for it that is thrown away.
 
+Hooks for a server: ``updated_sequences()`` lists the sequences the last step wrote tokens into (each one's new
+tokens are those past what the caller had seen, up to ``Sequence.num_resolved_tokens``), and ``abort(seq)`` ends
+a request at once, even while queued steps still hold its pending tokens, and frees its KV blocks.
+
 Statistics (``Engine.stats``, zeroed by ``reset_stats``): tokens, steps and wall seconds per step kind,
 ``host_time`` (seconds the host spent scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited
 for the device), ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps
@@ -51,6 +55,7 @@ class Engine:
         self.stats: dict = {}
         self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
+        self._resolved = None  # the batch the last step resolved, for ``updated_sequences``
 
     def reset_stats(self) -> None:
         """Zero ``stats``."""
@@ -104,9 +109,10 @@ class Engine:
         previous = None
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
             t = time.perf_counter()
-            previous, tokens = self.pipeline.collect()
+            previous, tokens, logprobs = self.pipeline.collect()
             wait = time.perf_counter() - t
-            finished = self.scheduler.resolve(previous, tokens)
+            finished = self.scheduler.resolve(previous, tokens, logprobs)
+        self._resolved = previous
         if batch.seqs:
             self.scheduler.advance(batch)
         for seq in finished + batch.finished:  # before the next schedule can admit new sequences
@@ -128,6 +134,24 @@ class Engine:
             self.stats[f"{kind}_tokens"] += computed
             self.stats[f"{kind}_steps"] += 1
         return finished, batch.is_prefill, computed
+
+    def updated_sequences(self) -> list[Sequence]:
+        """The sequences the last ``step`` wrote a resolved token into, each once.  (A sequence finished by that
+        step is in its returned list; one cut by an EOS resolved earlier may be reported finished without a new
+        token.)"""
+        batch = self._resolved
+        if batch is None:
+            return []
+        return [seq for _, seq, index in batch.sampled if index < len(seq.token_ids)]
+
+    def abort(self, seq: Sequence) -> bool:
+        """End ``seq`` now, wherever it is (waiting, prefilling, decoding with tokens still pending in queued
+        steps): its KV blocks and token slot are freed at once and no later step reports it.  Returns False
+        if it had already finished."""
+        if not self.scheduler.abort(seq):
+            return False
+        self.runner.release_slot(seq)
+        return True
 
     def has_work(self) -> bool:
         return len(self.pipeline) > 0 or self.scheduler.has_work()

@@ -23,7 +23,8 @@ from nanovllm.engine.prefill_inputs import PrefillInputBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import sample
 from nanovllm.models.loader import build_model
-from nanovllm.step import make_step, redraw_filtered
+from nanovllm.sampling_params import MAX_LOGPROBS
+from nanovllm.step import make_step, redraw_filtered, token_logprobs
 
 
 class ModelRunner:
@@ -132,6 +133,11 @@ class ModelRunner:
         ``slot.host_tokens``.  Returns (the platform event recorded after its work, host seconds spent building
         decode inputs)."""
         filtered = any(s.params.needs_filter for s in batch.seqs)
+        slot.has_logprobs = any(s.logprobs is not None for s in batch.seqs)
+        if slot.has_logprobs and slot.host_logprobs is None:
+            rows, pin = self.config.max_num_seqs + 1, self.platform.pin_memory
+            slot.host_logprobs = (torch.zeros(rows, 1 + MAX_LOGPROBS, pin_memory=pin),
+                                  torch.zeros(rows, MAX_LOGPROBS, dtype=torch.int64, pin_memory=pin))
         for seq in batch.seqs:
             self._assign_slot(seq)
         ex = self.executor
@@ -140,7 +146,7 @@ class ModelRunner:
             shape, target = ex.prefill_plan(sum(batch.num_new_tokens))
             inputs = self.prefill_builder.build(batch, shape, target)
             tokens, logits = ex.prefill(inputs)
-            self._emit(tokens, logits, inputs, len(batch.seqs), filtered, slot.host_tokens, 0)
+            self._emit(tokens, logits, inputs, len(batch.seqs), filtered, slot, 0)
         else:
             for chunk, (start, rows, padded) in enumerate(ex.decode_plan(len(batch.seqs))):
                 t = time.perf_counter()
@@ -148,11 +154,17 @@ class ModelRunner:
                                                    target=ex.static_inputs(padded), chunk=chunk, slot=slot.index)
                 prepare_seconds += time.perf_counter() - t
                 tokens, logits = ex.decode(inputs, padded)
-                self._emit(tokens, logits, inputs, rows, filtered, slot.host_tokens, start)
+                self._emit(tokens, logits, inputs, rows, filtered, slot, start)
         return self.platform.record_event(), prepare_seconds
 
-    def _emit(self, tokens, logits, inputs, rows: int, filtered: bool, host, offset: int) -> None:
-        """Copy live rows' tokens to ``host`` in the background; batches with top-k/top-p re-draw them first."""
+    def _emit(self, tokens, logits, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int) -> None:
+        """Copy live rows' tokens (and logprobs, if the step reports them) to ``slot``'s host buffers in the
+        background; batches with top-k/top-p re-draw the tokens first.  This runs before the next graph replays,
+        whose outputs may share memory with these logits."""
         if filtered:
             tokens = redraw_filtered(self.token_buffer, logits, inputs, rows)
-        host[offset:offset + rows].copy_(tokens[:rows], non_blocking=True)
+        slot.host_tokens[offset:offset + rows].copy_(tokens[:rows], non_blocking=True)
+        if slot.has_logprobs:
+            values, ids = token_logprobs(logits, tokens, rows)
+            slot.host_logprobs[0][offset:offset + rows].copy_(values, non_blocking=True)
+            slot.host_logprobs[1][offset:offset + rows].copy_(ids, non_blocking=True)

@@ -20,6 +20,10 @@ class StepSlot:
     def __init__(self, index: int, host_tokens: torch.Tensor):
         self.index = index
         self.host_tokens = host_tokens  # [max_num_seqs + 1] int64 on the host: the step's tokens land here
+        # (values [max_num_seqs + 1, 1 + MAX_LOGPROBS], ids [.., MAX_LOGPROBS]) on the host, made by the runner the
+        # first time a step of this slot reports logprobs; ``has_logprobs`` says whether the current one does
+        self.host_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.has_logprobs = False
         self.event = None  # set at launch: the platform's event recorded after the step's work
         self.busy = False
 
@@ -51,14 +55,19 @@ class StepPipeline:
         """Whether to read the oldest step now: more than ``depth`` are queued, or nothing new was launched."""
         return bool(self._queued) and (len(self._queued) > self.depth or not launched)
 
-    def collect(self) -> tuple[Any, list[int]]:
-        """Wait for the oldest queued step; returns (its work, its sampled tokens) and frees its slot."""
+    def collect(self) -> tuple[Any, list[int], tuple | None]:
+        """Wait for the oldest queued step; returns (its work, its sampled tokens, its logprobs: None or numpy
+        (values [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])) and frees its slot."""
         work, slot, n = self._queued.popleft()
         if slot.event is not None:
             slot.event.synchronize()
         tokens = slot.host_tokens[:n].tolist()
-        slot.busy, slot.event = False, None
-        return work, tokens
+        logprobs = None
+        if slot.has_logprobs:
+            values, ids = slot.host_logprobs
+            logprobs = (values[:n].numpy().copy(), ids[:n].numpy().copy())
+        slot.busy, slot.event, slot.has_logprobs = False, None, False
+        return work, tokens, logprobs
 
     def oldest(self) -> Any:
         """The work of the oldest queued step, or None."""

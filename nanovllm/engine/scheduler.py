@@ -17,7 +17,9 @@ per queued step) may be pending, and:
   writes land in blocks it no longer owns but that nothing reads before a later step (stream order)
   overwrites them;
 * a full block is published to the prefix cache only once its tokens are all resolved;
-* a preempted sequence is readmitted only once its tokens are all resolved (its prefill recomputes them).
+* a preempted sequence is readmitted only once its tokens are all resolved (its prefill recomputes them);
+* ``abort`` ends a sequence at once, wherever it is: its pending tokens are cut as after an EOS (the queued
+  steps' rows for it are then ignored) and its blocks are freed.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -147,26 +149,33 @@ class Scheduler:
             batch.sampled.append((i, seq, len(tokens)))
             tokens.append(PENDING_TOKEN)
             if len(tokens) - seq.num_prompt_tokens >= seq.params.max_tokens or len(tokens) >= self.max_model_len:
-                self._finish(seq)
+                self._finish(seq, "length")
                 batch.finished.append(seq)
 
-    def resolve(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
+    def resolve(self, batch: ScheduledBatch, token_ids: list[int], logprobs=None) -> list[Sequence]:
         """Write an advanced step's sampled tokens in; return the sequences that are now complete.
 
-        Steps are resolved in launch order, so each token filled in is its sequence's oldest pending one."""
+        ``logprobs``: the step's (values [rows, 1 + MAX_LOGPROBS], ids [rows, MAX_LOGPROBS]) when a sequence of
+        the batch asked for them (``ModelRunner``).  Steps are resolved in launch order, so each token filled in
+        is its sequence's oldest pending one, and ``seq.logprobs`` stays one entry per resolved token."""
         finished = list(batch.finished)
         for row, seq, index in batch.sampled:
-            if index >= len(seq.token_ids):  # cut off after an EOS resolved in an earlier step
+            if index >= len(seq.token_ids):  # cut off after an EOS resolved in an earlier step, or aborted
                 continue
             token = token_ids[row]
             assert seq.token_ids[index] == PENDING_TOKEN
             seq.token_ids[index] = token
+            if seq.logprobs is not None:
+                values, ids = logprobs
+                k = seq.params.logprobs
+                seq.logprobs.append((float(values[row, 0]), ids[row, :k].tolist(), values[row, 1:k + 1].tolist()))
             if self._stops_on(seq, token):
                 del seq.token_ids[index + 1:]  # tokens sampled after the stop token, by steps already launched
                 if seq.status is not SequenceStatus.FINISHED:
-                    self._finish(seq)
+                    self._finish(seq, "stop")
                     finished.append(seq)
-                # else: finished on length by a later step's ``advance``; reported when that step resolves
+                else:  # finished on length by a later step's ``advance``; reported when that step resolves
+                    seq.finish_reason = "stop"
         if self._unpublished:
             for seq in list(self._unpublished):
                 self._publish(seq)
@@ -185,7 +194,18 @@ class Scheduler:
         else:
             self._unpublished.discard(seq)
 
-    def _finish(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence) -> bool:
+        """End an unfinished sequence now (False if it had finished): its pending tokens are cut, so the steps
+        still queued skip it when they resolve, and its blocks are freed (their late KV writes are harmless, as
+        after an EOS).  The caller releases its token slot."""
+        if seq.status is SequenceStatus.FINISHED:
+            return False
+        del seq.token_ids[seq.num_resolved_tokens:]
+        self._finish(seq, "abort")
+        return True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:  # preempted while its last token was still pending

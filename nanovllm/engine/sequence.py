@@ -28,6 +28,10 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
+        self.finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort", once finished
+        # per resolved completion token, if ``params.logprobs`` is set: (its logprob, top ids, top logprobs)
+        self.logprobs: list[tuple[float, list[int], list[float]]] | None = \
+            [] if params.logprobs is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -39,6 +43,14 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_resolved_tokens(self) -> int:
+        """Tokens whose values are known on the host: all but the trailing ``PENDING_TOKEN``s."""
+        n, tokens = len(self.token_ids), self.token_ids
+        while n > self.num_prompt_tokens and tokens[n - 1] == PENDING_TOKEN:
+            n -= 1
+        return n
 
     @property
     def is_prefilling(self) -> bool:

@@ -1,0 +1,84 @@
+"""``TextStream``: one completion's text as its tokens arrive, with stop strings.
+
+Contract:
+* The text is that of ``tokenizer.decode(token_ids, skip_special_tokens=True)``, built incrementally: the
+  concatenation of everything ``push`` and ``finish`` return equals ``text``, and, for a completion that no stop
+  string cut, ``text`` equals that one-shot decode (``finish`` checks it and completes the text from it).  A
+  character whose UTF-8 bytes span several tokens comes out whole, once its last token arrives.
+* A stop string ends the text just before it: ``stopped`` becomes True, ``text`` is cut there and
+  ``num_tokens`` is the number of tokens pushed up to the one that completed it (later tokens are ignored).
+  While a stop string could still begin in the last ``len(longest stop) - 1`` characters, those are held back
+  from ``push``'s return, so no returned text is ever taken back.
+
+Decoding uses the tokenizers library's ``DecodeStream`` (one Rust call per token) when the tokenizer has a
+fast backend and does not clean up spaces in Python; otherwise it re-decodes the whole completion per token,
+which is exact but quadratic.
+"""
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # older tokenizers
+    DecodeStream = None
+
+REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self._hold = max(map(len, self.stop), default=1) - 1
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        fast = (DecodeStream is not None and backend is not None
+                and not getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._backend = backend if fast else None
+        self._decoder = DecodeStream(skip_special_tokens=True) if fast else None
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.num_tokens = 0  # tokens that count: all pushed, or those up to the stop string
+        self.stopped = False
+        self._sent = 0  # characters of ``text`` already returned
+
+    def push(self, token_ids) -> str:
+        """Add tokens; returns the text now safe to show."""
+        for token in token_ids:
+            if self.stopped:
+                break
+            self.token_ids.append(token)
+            self.num_tokens += 1
+            piece = self._decode_next(token)
+            if piece:
+                self._append(piece)
+        return self._take(final=self.stopped)
+
+    def finish(self) -> str:
+        """The completion ended: returns the rest of the text, held-back characters and an incomplete last
+        character included."""
+        if not self.stopped:
+            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            if full.startswith(self.text) and len(full) > len(self.text):
+                self._append(full[len(self.text):])
+        return self._take(final=True)
+
+    def _decode_next(self, token: int) -> str:
+        if self._decoder is not None:
+            return self._decoder.step(self._backend, token) or ""
+        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if full.endswith(REPLACEMENT) or not full.startswith(self.text):
+            return ""
+        return full[len(self.text):]
+
+    def _append(self, piece: str) -> None:
+        start = max(0, len(self.text) - self._hold)
+        self.text += piece
+        if not self.stop:
+            return
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+
+    def _take(self, final: bool) -> str:
+        end = len(self.text) if final else max(self._sent, len(self.text) - self._hold)
+        out = self.text[self._sent:end]
+        self._sent = end
+        return out
