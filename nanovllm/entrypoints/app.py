@@ -1,0 +1,108 @@
+"""The FastAPI application: routes, the API key and the OpenAI error shape.
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (behind the API key when one is
+set: ``Authorization: Bearer KEY``, else 401), and, always open, ``GET /health`` (503 once the engine has
+failed), ``GET /version`` and ``GET /metrics`` (Prometheus text).  Every error is
+``{"error": {"message", "type", "param", "code"}}``: a body that fails validation is a 400 naming the field and
+the value, an unknown route a 404; the server stays up after all of them.  The engine loop starts and stops with
+the application (its lifespan).
+"""
+import hmac
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from nanovllm.entrypoints.chat import create_chat_completion
+from nanovllm.entrypoints.completions import create_completion
+from nanovllm.entrypoints.metrics import CONTENT_TYPE
+from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
+from nanovllm.entrypoints.serving import Serving
+from nanovllm.logger import logger
+from nanovllm.version import __version__
+
+
+def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        serving.loop.start()
+        yield
+        serving.loop.shutdown()
+
+    app = FastAPI(title="nanovllm", version=__version__, lifespan=lifespan)
+
+    def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
+                           None, "invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "nanovllm",
+            "root": serving.llm.config.model, "max_model_len": serving.max_model_len}]}
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await create_completion(serving, body, request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await create_chat_completion(serving, body, request)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        if serving.loop.error is not None:
+            return JSONResponse(APIError(503, f"the engine failed: {serving.loop.error!r}").body(), 503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, e: RequestValidationError):
+        return JSONResponse(_validation_error(e).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        logger.exception("request %s failed", request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {e!r}").body(), status_code=500)
+
+    return app
+
+
+def _validation_error(e: RequestValidationError) -> APIError:
+    """A 400 naming the first field that failed and the value it got."""
+    first = e.errors()[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('msg')}")
+    # a union (prompt, stop, content) reports one error per member type: name the field, not the member
+    members = {"str", "list[str]", "list[int]", "list[list[int]]", "int", "float", "bool"}
+    param = ".".join(x for x in loc if x not in members and not x.startswith(("function-", "list[", "dict[")))
+    message = f"{param or 'body'}: {first.get('msg')}"
+    if "input" in first and first.get("type") != "missing":
+        message += f" (got {first['input']!r})"
+    return APIError(400, message, param or None)

@@ -1,0 +1,103 @@
+"""``POST /v1/chat/completions``: messages through the checkpoint's chat template, streamed or not.
+
+``max_completion_tokens`` (or the older ``max_tokens``) defaults to the room left under ``max_model_len``.
+``logprobs=true`` with ``top_logprobs=k`` (k <= 20) gives per token its text, bytes, logprob and the k most likely
+tokens'.  A stream first sends each choice's ``{"role": "assistant", "content": ""}`` delta, then content deltas
+(one chunk per choice per engine step that produced text), the finish reason, the usage chunk if
+``stream_options.include_usage``, and ``data: [DONE]``.  Image parts are refused (no VL model yet).
+"""
+import time
+
+from starlette.responses import JSONResponse, Response
+
+from nanovllm.entrypoints.protocol import APIError, ChatRequest, bad_request
+from nanovllm.entrypoints.serving import Serving, request_id
+from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
+
+
+async def create_chat_completion(serving: Serving, req: ChatRequest, request) -> Response:
+    req.check_unsupported()
+    serving.check_model(req.model)
+    messages = [m.template_dict(i) for i, m in enumerate(req.messages)]
+    try:
+        ids = serving.llm.apply_chat_template(messages)
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from None
+    except Exception as e:  # noqa: BLE001 - a template that rejects these messages (jinja raise_exception)
+        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = serving.max_tokens_for(len(ids), req.requested_max_tokens(), None, field)
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    handles = serving.submit([(ids, req.sampling_params(max_tokens, serving.defaults, k))], req.n)
+    reply = _Reply(serving, req, request_id("chatcmpl"), len(ids))
+    if req.stream:
+        return EventStreamResponse(reply.stream(handles))
+    body = await unless_disconnected(request, reply.collect(handles))
+    return JSONResponse(body) if body is not None else Response(status_code=499)
+
+
+class _Reply:
+    def __init__(self, serving: Serving, req: ChatRequest, rid: str, prompt_len: int):
+        self.serving, self.req, self.id, self.prompt_len = serving, req, rid, prompt_len
+        self.created = int(time.time())
+        self.completion_tokens = 0
+
+    def _logprobs(self, update) -> dict | None:
+        if not self.req.logprobs:
+            return None
+        serving = self.serving
+
+        def entry(token, logprob):
+            return {"token": serving.token_text(token), "logprob": logprob, "bytes": serving.token_bytes(token)}
+
+        return {"content": [dict(entry(t, chosen), top_logprobs=[entry(i, v) for i, v in zip(top_ids, top)])
+                            for t, (chosen, top_ids, top) in zip(update.token_ids, update.logprobs)]}
+
+    def _usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_len, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_len + self.completion_tokens}
+
+    def _body(self, obj: str, choices: list, usage) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.serving.model_name,
+                "choices": choices, "usage": usage}
+
+    async def collect(self, handles) -> dict:
+        choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(self.req.n)]
+        async for _, update in self.serving.updates(handles):
+            self.completion_tokens += len(update.token_ids)
+            choice = choices[update.index]
+            choice["message"]["content"] += update.text
+            choice["finish_reason"] = update.finish_reason
+            logprobs = self._logprobs(update)
+            if logprobs is not None:
+                if choice["logprobs"] is None:
+                    choice["logprobs"] = {"content": []}
+                choice["logprobs"]["content"] += logprobs["content"]
+        return self._body("chat.completion", choices, self._usage())
+
+    async def stream(self, handles):
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+
+        def chunk(choices, usage=None):
+            body = self._body("chat.completion.chunk", choices, usage)
+            if not include_usage:
+                del body["usage"]
+            return sse(body)
+
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(self.req.n)])
+            async for _, update in self.serving.updates(handles):
+                self.completion_tokens += len(update.token_ids)
+                logprobs = self._logprobs(update)
+                if not (update.text or update.finish_reason or (logprobs and logprobs["content"])):
+                    continue  # tokens whose text is held back (an incomplete character, a possible stop string)
+                delta = {"content": update.text} if update.text else {}
+                yield chunk([{"index": update.index, "delta": delta, "logprobs": logprobs,
+                              "finish_reason": update.finish_reason}])
+            if include_usage:
+                yield chunk([], self._usage())
+        except APIError as e:
+            yield sse(e.body())
+        yield DONE

@@ -1,0 +1,85 @@
+"""Running one API request: its sequences' deltas turned into per-choice text, tokens and logprobs.
+
+``run_choices`` is an async generator over a submitted request: for each engine delta of a choice it yields a
+``ChoiceUpdate`` (new text safe to show, the tokens and logprobs that count, and the finish reason on the last
+one).  Stop strings are applied here (``TextStream``): the choice ends with finish reason "stop" and its sequence
+is aborted, so its KV is freed at once.  If the consumer stops early (a client that went away), every unfinished
+choice is aborted.  Usage counts are exact: a choice counts the tokens up to the one that completed its stop
+string.
+"""
+import dataclasses
+import time
+
+from nanovllm.detokenizer import TextStream
+from nanovllm.entrypoints.protocol import APIError
+
+
+@dataclasses.dataclass
+class ChoiceUpdate:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list | None  # per token (logprob, top ids, top logprobs)
+    finish_reason: str | None
+
+
+class Choice:
+    def __init__(self, index: int, tokenizer, stop):
+        self.index = index
+        self.stream = TextStream(tokenizer, stop)
+        self.finish_reason: str | None = None
+        self.last_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.stream.num_tokens
+
+    def add(self, delta) -> ChoiceUpdate:
+        before = self.stream.num_tokens
+        text = self.stream.push(delta.token_ids)
+        kept = self.stream.num_tokens - before
+        logprobs = delta.logprobs[:kept] if delta.logprobs is not None else None
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif delta.finish_reason is not None:
+            text += self.stream.finish()
+            self.finish_reason = delta.finish_reason
+        return ChoiceUpdate(self.index, text, delta.token_ids[:kept], logprobs, self.finish_reason)
+
+
+async def run_choices(loop, handle, tokenizer, metrics):
+    """Yield ``ChoiceUpdate``s of every choice of ``handle`` until all are finished (see the module docstring)."""
+    choices = [Choice(i, tokenizer, p.stop) for i, p in enumerate(handle.params)]
+    open_choices = len(choices)
+    try:
+        while open_choices:
+            index, delta = await handle.queue.get()
+            if delta.error is not None:
+                raise APIError(500, f"the engine failed: {delta.error!r}")
+            choice = choices[index]
+            if choice.finish_reason is not None:  # stopped by a stop string; the engine had sent more already
+                continue
+            update = choice.add(delta)
+            _observe(metrics, handle, choice, update, len(delta.token_ids))
+            if update.finish_reason is not None:
+                open_choices -= 1
+                if delta.finish_reason is None:  # a stop string ended it: the engine still runs it
+                    loop.abort(handle, [index])
+            yield update
+    finally:
+        unfinished = [c.index for c in choices if c.finish_reason is None]
+        if unfinished:
+            loop.abort(handle, unfinished)
+
+
+def _observe(metrics, handle, choice: Choice, update: ChoiceUpdate, generated: int) -> None:
+    now = time.perf_counter()
+    if generated:
+        if choice.last_token_time is None:
+            metrics.first_token(now - handle.arrival, len(handle.prompt_ids))
+        else:
+            metrics.inter_token(now - choice.last_token_time, generated)
+        choice.last_token_time = now
+        metrics.generated(generated)
+    if update.finish_reason is not None:
+        metrics.finished(update.finish_reason, now - handle.arrival)

@@ -1,0 +1,59 @@
+"""The server's command line: ``python -m nanovllm.serve MODEL [flags]`` and ``nanovllm serve MODEL [flags]``.
+
+Server flags (host, port, served model name, API key, the waiting-queue bound) are this file's; every ``LLM(...)``
+option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``), so none is written here.  The engine is
+built (weights, KV cache, compilation) before the port opens, so a client that reaches ``/health`` finds it ready.
+"""
+import argparse
+import os
+import sys
+
+from nanovllm.cli import add_engine_args, engine_kwargs
+
+DEFAULT_MAX_WAITING_SEQS = 4096
+
+
+def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server (/v1/completions, "
+                                "/v1/chat/completions, /v1/models, /health, /version, /metrics)")
+    p.add_argument("model", help="HF checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: MODEL as given)")
+    p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $NANOVLLM_API_KEY, else none)")
+    p.add_argument("--max-waiting-seqs", type=int, default=DEFAULT_MAX_WAITING_SEQS,
+                   help="sequences that may wait for a batch slot; a request that would pass it gets 503 "
+                        f"(default: {DEFAULT_MAX_WAITING_SEQS})")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_engine_args(p)
+    return p
+
+
+def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
+    args = make_parser(prog).parse_args(argv)
+    if args.max_waiting_seqs < 0:
+        raise SystemExit(f"--max-waiting-seqs must be >= 0, got {args.max_waiting_seqs}")
+    import uvicorn
+
+    from nanovllm.entrypoints.app import build_app
+    from nanovllm.entrypoints.serving import Serving
+    from nanovllm.llm import LLM
+    from nanovllm.logger import logger
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    serving = Serving(llm, args.served_model_name or args.model, args.max_waiting_seqs)
+    app = build_app(serving, args.api_key)
+    logger.info("serving %r on http://%s:%d (API key %s)", serving.model_name, args.host, args.port,
+                "required" if args.api_key else "not required")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=30)
+
+
+def main(argv=None) -> None:
+    """``nanovllm SUBCOMMAND ...``: ``serve`` is the only one so far."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "serve":
+        raise SystemExit("usage: nanovllm serve MODEL [flags]  (nanovllm serve --help lists the flags)")
+    serve(argv[1:], prog="nanovllm serve")

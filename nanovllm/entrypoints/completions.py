@@ -1,0 +1,114 @@
+"""``POST /v1/completions``: OpenAI's legacy completions, streamed or not.
+
+The prompt is a string, a list of strings, a list of token ids or a list of those; each prompt has ``n`` choices,
+numbered ``prompt index * n + choice``.  ``max_tokens`` defaults to 16 (OpenAI's default), capped to the room left
+under ``max_model_len``.  ``echo`` puts the prompt's text before the completion's.  ``logprobs=k`` (k <= 5) gives
+per token its text, logprob, the k most likely tokens' and its offset in the choice's text.  A stream sends one
+chunk per choice per engine step that produced text (or logprobs, or the finish), then, with
+``stream_options.include_usage``, a chunk with empty choices and the usage, then ``data: [DONE]``.
+"""
+import time
+
+from starlette.responses import JSONResponse, Response
+
+from nanovllm.entrypoints.protocol import APIError, CompletionRequest
+from nanovllm.entrypoints.serving import Serving, request_id
+from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
+
+DEFAULT_MAX_TOKENS = 16
+
+
+async def create_completion(serving: Serving, req: CompletionRequest, request) -> Response:
+    req.check_unsupported()
+    serving.check_model(req.model)
+    prompts, echoes = [], []
+    for i, prompt in enumerate(req.prompts()):
+        ids = serving.encode(prompt, i)
+        max_tokens = serving.max_tokens_for(len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
+        prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs)))
+        if req.echo:
+            echoes.append(prompt if isinstance(prompt, str) else serving.tokenizer.decode(ids))
+    handles = serving.submit(prompts, req.n)
+    reply = _Reply(serving, req, request_id("cmpl"), [len(ids) for ids, _ in prompts], echoes)
+    if req.stream:
+        return EventStreamResponse(reply.stream(handles))
+    body = await unless_disconnected(request, reply.collect(handles))
+    return JSONResponse(body) if body is not None else Response(status_code=499)
+
+
+class _Reply:
+    def __init__(self, serving: Serving, req: CompletionRequest, rid: str, prompt_lens: list[int], echoes):
+        self.serving, self.req, self.id = serving, req, rid
+        self.created = int(time.time())
+        self.prompt_lens, self.echoes = prompt_lens, echoes
+        n = req.n
+        self.total = len(prompt_lens) * n
+        self.completion_tokens = 0
+        self.offsets = [len(echoes[i // n]) if echoes else 0 for i in range(self.total)]  # logprobs text_offset
+
+    def _choice(self, prompt: int, update, echoed: bool) -> dict:
+        index = prompt * self.req.n + update.index
+        text = (self.echoes[prompt] if echoed else "") + update.text
+        self.completion_tokens += len(update.token_ids)
+        logprobs = self._logprobs(index, update) if self.req.logprobs is not None else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}
+
+    def _logprobs(self, index: int, update) -> dict:
+        token_text = self.serving.token_text
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, (chosen, top_ids, top) in zip(update.token_ids, update.logprobs):
+            text = token_text(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(chosen)
+            out["top_logprobs"].append({text: chosen, **{token_text(t): v for t, v in zip(top_ids, top)}})
+            out["text_offset"].append(self.offsets[index])
+            self.offsets[index] += len(text)
+        return out
+
+    def _usage(self) -> dict:
+        prompt = sum(self.prompt_lens)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def _body(self, choices: list, usage) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.serving.model_name, "choices": choices, "usage": usage}
+
+    async def collect(self, handles) -> dict:
+        choices = [None] * self.total
+        async for prompt, update in self.serving.updates(handles):
+            part = self._choice(prompt, update, echoed=False)
+            whole = choices[part["index"]]
+            if whole is None:
+                text = self.echoes[prompt] if self.echoes else ""
+                whole = choices[part["index"]] = {"index": part["index"], "text": text, "logprobs": None,
+                                                  "finish_reason": None}
+            whole["text"] += part["text"]
+            whole["finish_reason"] = part["finish_reason"]
+            if part["logprobs"] is not None:
+                if whole["logprobs"] is None:
+                    whole["logprobs"] = part["logprobs"]
+                else:
+                    for key, values in part["logprobs"].items():
+                        whole["logprobs"][key] += values
+        return self._body(choices, self._usage())
+
+    async def stream(self, handles):
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        echoed = set()
+        try:
+            async for prompt, update in self.serving.updates(handles):
+                first = (prompt, update.index) not in echoed and bool(self.echoes)
+                echoed.add((prompt, update.index))
+                choice = self._choice(prompt, update, echoed=first)
+                if not (choice["text"] or choice["logprobs"] or choice["finish_reason"]):
+                    continue  # tokens whose text is held back (an incomplete character, a possible stop string)
+                chunk = self._body([choice], None)
+                if not include_usage:
+                    del chunk["usage"]
+                yield sse(chunk)
+            if include_usage:
+                yield sse(self._body([], self._usage()))
+        except APIError as e:
+            yield sse(e.body())
+        yield DONE

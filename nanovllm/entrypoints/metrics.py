@@ -1,0 +1,66 @@
+"""Prometheus metrics of the server, named as vLLM names its own with the prefix ``nanovllm:``.
+
+Gauges (read from the engine loop at each scrape): ``num_requests_running``, ``num_requests_waiting`` (sequences:
+a request of ``n`` choices counts ``n``), ``kv_cache_usage_perc`` (0 to 1, as vLLM).  Counters:
+``prompt_tokens_total``, ``generation_tokens_total``, ``request_success_total{finished_reason}``.  Histograms:
+``time_to_first_token_seconds``, ``inter_token_latency_seconds``, ``e2e_request_latency_seconds``.  Every metric
+has a ``model_name`` label.  Each server has its own registry, so several can live in one process (tests).
+"""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, engine_stats):
+        """``engine_stats()`` returns ``{"running", "waiting", "kv_cache_usage"}`` (``EngineLoop.stats``)."""
+        self.registry = r = CollectorRegistry()
+        self._engine_stats = engine_stats
+        labels = ["model_name"]
+
+        def gauge(name, doc):
+            return Gauge(f"nanovllm:{name}", doc, labels, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting for a batch slot.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = all).")
+        self.prompt_tokens = Counter("nanovllm:prompt_tokens", "Prompt tokens of requests that got a first "
+                                     "token.", labels, registry=r).labels(model_name)
+        self.generation_tokens = Counter("nanovllm:generation_tokens", "Tokens generated.", labels,
+                                         registry=r).labels(model_name)
+        self._success = Counter("nanovllm:request_success", "Finished sequences, by finish reason.",
+                                labels + ["finished_reason"], registry=r)
+        self._model_name = model_name
+        self.ttft = Histogram("nanovllm:time_to_first_token_seconds", "Seconds from arrival to the first token.",
+                              labels, buckets=_TTFT_BUCKETS, registry=r).labels(model_name)
+        self.itl = Histogram("nanovllm:inter_token_latency_seconds", "Seconds between a sequence's tokens.",
+                             labels, buckets=_ITL_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("nanovllm:e2e_request_latency_seconds", "Seconds from arrival to the last token.",
+                             labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
+
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        self.ttft.observe(seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def inter_token(self, seconds: float, tokens: int) -> None:
+        self.itl.observe(seconds)
+
+    def generated(self, tokens: int) -> None:
+        self.generation_tokens.inc(tokens)
+
+    def finished(self, reason: str, seconds: float) -> None:
+        self._success.labels(self._model_name, reason).inc()
+        self.e2e.observe(seconds)
+
+    def render(self) -> bytes:
+        stats = self._engine_stats()
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_usage.set(stats["kv_cache_usage"])
+        return generate_latest(self.registry)

@@ -1,0 +1,165 @@
+"""The OpenAI request bodies (pydantic), the error shape, and turning a request into ``SamplingParams``.
+
+Errors a client causes are raised as ``APIError`` and answered as ``{"error": {"message", "type", "param",
+"code"}}`` with the status it carries (``app.py``).  Fields vLLM accepts beyond OpenAI's (``top_k``,
+``stop_token_ids``, ``ignore_eos``) are read from the body.  Fields whose feature nanovllm lacks (penalties, logit
+bias, tools, ...) are accepted at their neutral value and rejected with a 400 naming them otherwise, never
+silently ignored; unknown fields are ignored, as OpenAI clients send extras.
+"""
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions ``logprobs``
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """What completions and chat share: the sampling fields."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # accepted only at the value that means "off"
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None
+
+    _neutral = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
+                "repetition_penalty": (None, 1.0), "logit_bias": (None, {}), "min_tokens": (None, 0)}
+
+    def check_unsupported(self) -> None:
+        for name, allowed in self._neutral.items():
+            if getattr(self, name) not in allowed:
+                raise bad_request(f"{name}={getattr(self, name)!r} is not supported by nanovllm (only "
+                                  f"{allowed[-1]!r})", name)
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+        if self.n < 1:
+            raise bad_request(f"n must be >= 1, got {self.n}", "n")
+
+    def sampling_params(self, max_tokens: int, defaults: dict, logprobs: int | None) -> SamplingParams:
+        """The request's ``SamplingParams``; a field it leaves out takes the checkpoint's generation_config.json
+        value (``defaults``), then OpenAI's default.  Bad values raise a 400 naming the field."""
+        def pick(name, default):
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, default)
+
+        top_k = pick("top_k", -1)
+        try:
+            return SamplingParams(
+                temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+                top_k=-1 if top_k == 0 else top_k, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                stop_token_ids=self.stop_token_ids or (), seed=self.seed,
+                stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []), logprobs=logprobs)
+        except (TypeError, ValueError) as e:
+            name = str(e).split(" ")[0]
+            raise bad_request(str(e), name if name in type(self).model_fields else None) from None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.suffix:
+            raise bad_request("suffix is not supported by nanovllm", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request(f"best_of={self.best_of} is not supported by nanovllm (only best_of = n)", "best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise bad_request(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo together with logprobs needs the prompt's logprobs, which nanovllm does not "
+                              "compute", "echo")
+
+    def prompts(self) -> list:
+        """The prompts: a str, or a list of token ids, each."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise bad_request("prompt must not be an empty list", "prompt")
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def template_dict(self, index: int) -> dict:
+        """``{"role", "content"}`` for the chat template; text parts are joined, other parts rejected."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{index}]: content part of type {part.get('type')!r} is not "
+                                      f"supported (text only)", "messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if not self.messages:
+            raise bad_request("messages must not be empty", "messages")
+        if self.tools:
+            raise bad_request("tools are not supported by nanovllm", "tools")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise bad_request("response_format other than text is not supported by nanovllm", "response_format")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                                  "top_logprobs")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

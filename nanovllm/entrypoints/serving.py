@@ -1,0 +1,165 @@
+"""``Serving``: what the completion and chat handlers share: the model, the engine loop, the metrics, and the
+steps from a validated request to submitted sequences.
+
+* It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
+* ``check_model``: a request naming another model gets a 404.
+* ``max_tokens_for``: a prompt that leaves no room under ``max_model_len`` gets a 400, as does an explicit
+  ``max_tokens`` that would pass it; without one, the endpoint's default is capped to the room left.
+* ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
+  full waiting queue gets a 503 and the prompts already submitted are aborted.
+* ``updates``: the ``ChoiceUpdate``s of all of a request's prompts as they come, tagged with the prompt's index.
+"""
+import asyncio
+import dataclasses
+import functools
+import json
+import os
+import time
+import uuid
+
+from nanovllm.entrypoints.choices import run_choices
+from nanovllm.entrypoints.engine_loop import EngineDead, EngineLoop, Overloaded
+from nanovllm.entrypoints.metrics import ServerMetrics
+from nanovllm.entrypoints.protocol import APIError, bad_request
+
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields requests default to
+
+
+class Serving:
+    def __init__(self, llm, served_model_name: str, max_waiting_seqs: int):
+        if llm.tokenizer is None:
+            raise ValueError(f"the server needs a tokenizer, and {llm.config.model!r} has none (tokenizer.json)")
+        self.llm, self.tokenizer = llm, llm.tokenizer
+        self.model_name = served_model_name
+        self.max_model_len = llm.config.max_model_len
+        self.loop = EngineLoop(llm, max_waiting_seqs)
+        self.metrics = ServerMetrics(served_model_name, self.loop.stats)
+        self.defaults = _generation_defaults(llm.config.model)
+        self.created = int(time.time())
+        decoder = getattr(getattr(llm.tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_decoder = _unicode_to_byte() if type(decoder).__name__ == "ByteLevel" else None
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           "model", "model_not_found")
+
+    def encode(self, prompt, index: int) -> list[int]:
+        try:
+            return self.llm.encode_prompt(prompt, index)
+        except (TypeError, ValueError) as e:
+            raise bad_request(str(e), "prompt") from None
+
+    def max_tokens_for(self, num_prompt_tokens: int, requested: int | None, default: int | None,
+                       field: str = "max_tokens") -> int:
+        room = self.max_model_len - num_prompt_tokens
+        if room <= 0:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens, and the prompt "
+                              f"has {num_prompt_tokens}: no room is left for a completion.", "prompt")
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested > room:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                              f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
+                              f"prompt, {requested} in the completion). Please reduce the prompt or {field}.", field)
+        return requested
+
+    def submit(self, prompts: list[tuple[list[int], object]], n: int) -> list:
+        """Submit each (prompt ids, SamplingParams) as ``n`` sequences; returns one handle per prompt."""
+        handles = []
+        try:
+            for ids, p in prompts:
+                choices = [p if p.seed is None else dataclasses.replace(p, seed=p.seed + i) for i in range(n)]
+                handles.append(self.loop.submit(ids, choices))
+        except (Overloaded, EngineDead) as e:
+            for h in handles:
+                self.loop.abort(h)
+            raise APIError(503, str(e), None, "overloaded" if isinstance(e, Overloaded) else "engine_dead") from None
+        return handles
+
+    async def updates(self, handles):
+        """``(prompt index, ChoiceUpdate)`` of every choice of every handle, as they come."""
+        gens = [run_choices(self.loop, h, self.tokenizer, self.metrics) for h in handles]
+        if len(gens) == 1:
+            async for update in gens[0]:
+                yield 0, update
+            return
+        async for item in _merge(gens):
+            yield item
+
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - one Serving per server, kept for its life
+    def token_text(self, token_id: int) -> str:
+        """A token's own text (a lone byte of a longer character decodes to U+FFFD)."""
+        return self.tokenizer.decode([token_id])
+
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019
+    def token_bytes(self, token_id: int) -> list[int]:
+        """A token's UTF-8 bytes: its true bytes under a byte-level BPE (so that the bytes of the tokens of a
+        split character join into it), else those of its text."""
+        if self._byte_decoder is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if piece is not None and all(c in self._byte_decoder for c in piece):
+                return [self._byte_decoder[c] for c in piece]
+        return list(self.token_text(token_id).encode())
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): printable bytes stand for themselves, the others for the
+    characters from U+0100 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _generation_defaults(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("do_sample") is False:
+        return {}
+    return {k: config[k] for k in GENERATION_DEFAULTS if config.get(k) is not None}
+
+
+async def _merge(gens):
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(k, gen):
+        try:
+            async for item in gen:
+                queue.put_nowait((k, item, None))
+            queue.put_nowait((k, done, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((k, None, e))
+
+    tasks = [asyncio.create_task(pump(k, g)) for k, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            k, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+                continue
+            yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gens:
+            await g.aclose()
