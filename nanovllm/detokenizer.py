@@ -3,7 +3,8 @@
 Contract:
 * The text is that of ``tokenizer.decode(token_ids, skip_special_tokens=True)``, built incrementally: the
   concatenation of everything ``push`` and ``finish`` return equals ``text``, and, for a completion that no stop
-  string cut, ``text`` equals that one-shot decode (``finish`` checks it and completes the text from it).  A
+  string cut, ``text`` equals that one-shot decode of the tokens pushed (``finish`` checks it and completes the
+  text from it); ``skip`` counts a token without its text.  A
   character whose UTF-8 bytes span several tokens comes out whole, once its last token arrives.
 * A stop string ends the text just before it: ``stopped`` becomes True, ``text`` is cut there and
   ``num_tokens`` is the number of tokens pushed up to the one that completed it (later tokens are ignored).
@@ -49,6 +50,11 @@ class TextStream:
             if piece:
                 self._append(piece)
         return self._take(final=self.stopped)
+
+    def skip(self, token_ids) -> None:
+        """Count tokens whose text is not part of the completion (a stop token's, as OpenAI servers do)."""
+        if not self.stopped:
+            self.num_tokens += len(token_ids)
 
     def finish(self) -> str:
         """The completion ended: returns the rest of the text, held-back characters and an incomplete last

@@ -2,10 +2,11 @@
 
 ``run_choices`` is an async generator over a submitted request: for each engine delta of a choice it yields a
 ``ChoiceUpdate`` (new text safe to show, the tokens and logprobs that count, and the finish reason on the last
-one).  Stop strings are applied here (``TextStream``): the choice ends with finish reason "stop" and its sequence
-is aborted, so its KV is freed at once.  If the consumer stops early (a client that went away), every unfinished
-choice is aborted.  Usage counts are exact: a choice counts the tokens up to the one that completed its stop
-string.
+one).  A stop token's text (EOS or ``stop_token_ids``) is left out, as OpenAI servers do (offline
+``LLM.generate`` keeps a non-special stop token's text).  Stop strings are applied here (``TextStream``): the
+choice ends with finish reason "stop" and its sequence is aborted, so its KV is freed at once.  If the consumer
+stops early (a client that went away), every unfinished choice is aborted and counted as finished on "abort".
+Usage counts are exact: a choice counts the tokens up to the one that completed its stop string.
 """
 import dataclasses
 import time
@@ -36,7 +37,12 @@ class Choice:
 
     def add(self, delta) -> ChoiceUpdate:
         before = self.stream.num_tokens
-        text = self.stream.push(delta.token_ids)
+        tokens = delta.token_ids
+        if delta.finish_reason == "stop" and tokens:  # ended by its EOS or a stop token: not part of the text
+            text = self.stream.push(tokens[:-1])
+            self.stream.skip(tokens[-1:])
+        else:
+            text = self.stream.push(tokens)
         kept = self.stream.num_tokens - before
         logprobs = delta.logprobs[:kept] if delta.logprobs is not None else None
         if self.stream.stopped:
@@ -70,6 +76,8 @@ async def run_choices(loop, handle, tokenizer, metrics):
         unfinished = [c.index for c in choices if c.finish_reason is None]
         if unfinished:
             loop.abort(handle, unfinished)
+            for _ in unfinished:
+                metrics.finished("abort", time.perf_counter() - handle.arrival)
 
 
 def _observe(metrics, handle, choice: Choice, update: ChoiceUpdate, generated: int) -> None:

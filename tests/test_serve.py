@@ -1,0 +1,293 @@
+"""The OpenAI-compatible server, started in a subprocess on a tiny checkpoint and driven by the official ``openai``
+client (and ``httpx`` where the raw response matters): outputs equal offline ``LLM``'s, streams equal non-streamed
+replies, stop strings, ``n``, logprobs, 32 concurrent streams, dropped streams, the bounded queue, errors, the API
+key and the metrics."""
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from serve_helpers import CHAIN_TEXT, build_text_checkpoint  # noqa: E402
+
+KEY = "test-key"
+MAX_WAITING = 32
+ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=768, max_model_len=256, max_num_seqs=32)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_text_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in ENGINE.items()]
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nanovllm.serve", model[0], "--port", str(port),
+                                 "--served-model-name", "tiny", "--api-key", KEY, "--max-waiting-seqs",
+                                 str(MAX_WAITING), *flags], stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()}")
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not come up:\n{log.read_text()}")
+        time.sleep(0.5)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+    return LLM(model[0], **ENGINE)
+
+
+def post(server, path, body, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, str):  # raw (broken) JSON
+        headers["Content-Type"] = "application/json"
+    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+    return httpx.post(server + path, headers=headers, timeout=60, **kwargs)
+
+
+def metrics(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(server + "/metrics").text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels.get("finished_reason") and "le" not in s.labels} | {
+        f"{s.name}{{{s.labels['finished_reason']}}}": s.value for family in text_string_to_metric_families(text)
+        for s in family.samples if s.labels.get("finished_reason")}
+
+
+def wait_for_metrics(server, **expected) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        m = metrics(server)
+        if all(m.get(f"nanovllm:{k}") == v for k, v in expected.items()) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+def stream_text(stream) -> tuple[list[str], dict]:
+    """(the text pieces of a streamed completion or chat reply, its last choice and usage)"""
+    pieces, last = [], {}
+    for chunk in stream:
+        if chunk.usage is not None:
+            last["usage"] = chunk.usage
+        for choice in chunk.choices:
+            text = choice.text if hasattr(choice, "text") else (choice.delta.content or "")
+            pieces.append(text)
+            if choice.finish_reason:
+                last["finish_reason"] = choice.finish_reason
+    return pieces, last
+
+
+@pytest.mark.parametrize("prompt", ["The quick brown fox", [5, 6, 7, 8, 9]])
+def test_greedy_completion_and_logprobs_equal_offline_and_the_stream_equals_the_reply(client, offline, prompt):
+    want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=12, logprobs=3), use_tqdm=False)[0]
+    got = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=12, logprobs=3)
+    choice = got.choices[0]
+    assert choice.text == want["text"] and choice.finish_reason == want["finish_reason"]
+    assert got.usage.completion_tokens == len(want["token_ids"])
+    assert got.usage.prompt_tokens == len(offline.encode_prompt(prompt))
+    assert choice.logprobs.token_logprobs == pytest.approx([next(iter(e.values())) for e in want["logprobs"]],
+                                                            abs=1e-4)
+    for top, entry in zip(choice.logprobs.top_logprobs, want["logprobs"]):  # keyed by token text
+        assert top == pytest.approx({offline.tokenizer.decode([t]): v for t, v in entry.items()}, abs=1e-4)
+    pieces, last = stream_text(client.completions.create(
+        model="tiny", prompt=prompt, temperature=0, max_tokens=12, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(pieces) == choice.text and last["finish_reason"] == choice.finish_reason
+    assert last["usage"].completion_tokens == got.usage.completion_tokens
+
+
+def test_chat_streams_multibyte_characters_whole(client, offline):
+    messages = [{"role": "user", "content": "Say something."}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, logprobs=True,
+                                           top_logprobs=2)
+    assert reply.choices[0].message.content == CHAIN_TEXT and reply.choices[0].finish_reason == "stop"
+    tokens = len(offline.tokenizer.encode(CHAIN_TEXT)) + 1  # and EOS
+    assert reply.usage.prompt_tokens == len(offline.apply_chat_template(messages))
+    assert reply.usage.completion_tokens == tokens == len(reply.choices[0].logprobs.content)
+    joined = b"".join(bytes(t.bytes) for t in reply.choices[0].logprobs.content[:-1])
+    assert joined.decode() == CHAIN_TEXT  # the bytes of the tokens of a split character join into it
+    pieces, last = stream_text(client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(pieces) == CHAIN_TEXT and last["usage"].completion_tokens == tokens
+    assert not any("\ufffd" in p for p in pieces) and {"ë", "𝄞"} <= set(pieces)
+
+
+def test_stop_strings_and_stop_token_ids(client, model, offline):
+    start = [model[1][0]]  # the chain's first token: the model answers CHAIN_TEXT
+    got = client.completions.create(model="tiny", prompt=start, temperature=0, max_tokens=40, stop=["☃𝄞", "zzz"])
+    assert got.choices[0].text == "Zoë: " and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens == len(offline.tokenizer.encode("Zoë: ☃𝄞"))
+    pieces, last = stream_text(client.completions.create(model="tiny", prompt=start, temperature=0, max_tokens=40,
+                                                         stop="☃𝄞", stream=True))
+    assert "".join(pieces) == "Zoë: " and last["finish_reason"] == "stop"
+    colon = offline.tokenizer.convert_tokens_to_ids(":")
+    got = client.completions.create(model="tiny", prompt=start, temperature=0, max_tokens=40,
+                                    extra_body={"stop_token_ids": [colon]})
+    assert got.choices[0].text == "Zoë" and got.choices[0].finish_reason == "stop"
+    got = client.completions.create(model="tiny", prompt=start, temperature=0, max_tokens=2, stop="Paris")
+    assert got.choices[0].text == "Zo" and got.choices[0].finish_reason == "length"
+
+
+def test_n_choices_are_seeded_draws_equal_to_offline(client, offline):
+    got = client.completions.create(model="tiny", prompt=[5, 6, 7], n=2, temperature=1.0, seed=3, max_tokens=8,
+                                    extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in got.choices) == [0, 1] and got.usage.completion_tokens == 16
+    for choice in got.choices:
+        params = SamplingParams(temperature=1.0, seed=3 + choice.index, max_tokens=8, ignore_eos=True)
+        assert choice.text == offline.generate([[5, 6, 7]], params, use_tqdm=False)[0]["text"]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
+                                          temperature=0)
+    assert [c.message.content for c in chat.choices] == [CHAIN_TEXT, CHAIN_TEXT]
+
+
+def test_32_concurrent_streams_all_finish(server):
+    async def one(aclient, i):
+        stream = await aclient.completions.create(model="tiny", prompt=f"Hello {i}", max_tokens=16, temperature=0.8,
+                                                  stream=True, stream_options={"include_usage": True},
+                                                  extra_body={"ignore_eos": True})
+        text, reason, usage = "", None, None
+        async for chunk in stream:
+            for c in chunk.choices:
+                text, reason = text + c.text, c.finish_reason or reason
+            usage = chunk.usage or usage
+        return text, reason, usage.completion_tokens
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=300) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert [(reason, tokens) for _, reason, tokens in results] == [("length", 16)] * 32
+    assert all(text for text, _, _ in results)
+
+
+def test_dropped_streams_free_their_kv_and_a_full_queue_answers_503(server, client):
+    before = metrics(server).get('nanovllm:request_success_total{abort}', 0.0)
+    long = dict(model="tiny", prompt=[5, 6], max_tokens=250, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+    running = client.completions.create(n=32, **long)  # fills every batch slot (max_num_seqs=32)
+    next(iter(running))  # a first token: all 32 are running
+    waiting = client.completions.create(n=20, **long)  # no slot: waits
+    assert metrics(server)["nanovllm:num_requests_waiting"] == 20
+    with pytest.raises(openai.APIStatusError) as refused:  # 20 more would pass --max-waiting-seqs=32
+        client.completions.create(n=20, **long)
+    assert refused.value.status_code == 503 and "max-waiting-seqs" in refused.value.message
+    running.close()
+    waiting.close()
+    m = wait_for_metrics(server, num_requests_running=0, num_requests_waiting=0, kv_cache_usage_perc=0)
+    assert (m["nanovllm:num_requests_running"], m["nanovllm:num_requests_waiting"]) == (0, 0)
+    assert m["nanovllm:kv_cache_usage_perc"] == 0
+    assert m['nanovllm:request_success_total{abort}'] - before == 52  # aborted, not finished on length
+
+
+BAD = [  # (path, body, status, param, words in the message)
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", "-1"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "hot"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs", "6"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "0"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", "-5"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "0.5"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", ""),
+    ("/v1/completions", {"prompt": [5] * 300}, 400, "prompt", "300"),
+    ("/v1/completions", {"prompt": [5] * 256}, 400, "prompt", "256"),
+    ("/v1/completions", {"prompt": [5] * 10, "max_tokens": 250}, 400, "max_tokens", "260"),
+    ("/v1/completions", {"prompt": [5, 9999]}, 400, "prompt", "9999"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", ""),
+    ("/v1/completions", {"temperature": 0}, 400, "prompt", "required"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "model", "gpt-9"),
+    ("/v1/completions", '{"prompt": "hi",', 400, None, "JSON"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", ""),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages", "image_url"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21,
+                              "logprobs": True}, 400, "top_logprobs", "21"),
+    ("/v1/nowhere", {}, 404, None, ""),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,words", BAD)
+def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param, words):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert words in error["message"]
+
+
+def test_the_server_stays_up_after_errors_and_the_client_sees_them(server, client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="hi")
+    assert httpx.get(server + "/health").status_code == 200
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_api_key(server):
+    for key in (None, "wrong"):
+        r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server + "/v1/models").status_code == 401
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server + "/health").status_code == 200  # health, version and metrics are open
+    assert httpx.get(server + "/metrics").status_code == 200
+
+
+def test_models_version_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert "version" in httpx.get(server + "/version").json()
+    client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
+    m = metrics(server)  # parsed by prometheus_client's parser
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert f"nanovllm:{name}" in m
+    assert m["nanovllm:prompt_tokens_total"] > 0 and m["nanovllm:generation_tokens_total"] >= 3
+    assert m["nanovllm:time_to_first_token_seconds_count"] >= 1
+    assert m["nanovllm:inter_token_latency_seconds_count"] >= 2
+
+
+def test_every_engine_option_is_a_server_flag(capsys):
+    from nanovllm.cli import flag_name
+    from nanovllm.config import engine_fields
+    from nanovllm.entrypoints.cli import main, make_parser
+    text = make_parser().format_help()
+    assert all(flag_name(f.name) in text for f in engine_fields() if f.name != "model")
+    with pytest.raises(SystemExit, match="nanovllm serve MODEL"):
+        main(["--help"])
+    assert json.loads(json.dumps(make_parser().parse_args(["m", "--port", "1"]).port)) == 1
