@@ -124,11 +124,30 @@ def test_greedy_completion_and_logprobs_equal_offline_and_the_stream_equals_the_
                                                             abs=1e-4)
     for top, entry in zip(choice.logprobs.top_logprobs, want["logprobs"]):  # keyed by token text
         assert top == pytest.approx({offline.tokenizer.decode([t]): v for t, v in entry.items()}, abs=1e-4)
-    pieces, last = stream_text(client.completions.create(
-        model="tiny", prompt=prompt, temperature=0, max_tokens=12, stream=True,
-        stream_options={"include_usage": True}))
-    assert "".join(pieces) == choice.text and last["finish_reason"] == choice.finish_reason
-    assert last["usage"].completion_tokens == got.usage.completion_tokens
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=12, logprobs=3,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.text for k in chunks for c in k.choices) == choice.text
+    assert [c.finish_reason for k in chunks for c in k.choices if c.finish_reason] == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+    streamed = [x for k in chunks for c in k.choices for x in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(choice.logprobs.token_logprobs, abs=1e-6)
+
+
+def test_a_list_of_prompts_with_n_and_echo(client, offline):
+    prompts = ["Hello world", "The quick"]
+    got = client.completions.create(model="tiny", prompt=prompts, n=2, echo=True, max_tokens=3, temperature=0)
+    assert sorted(c.index for c in got.choices) == [0, 1, 2, 3]
+    for c in got.choices:  # choice index = prompt index * n + choice
+        want = offline.generate([prompts[c.index // 2]], SamplingParams(temperature=0, max_tokens=3),
+                                use_tqdm=False)[0]["text"]
+        assert c.text == prompts[c.index // 2] + want
+    assert got.usage.prompt_tokens == sum(len(offline.encode_prompt(p)) for p in prompts)
+    streamed = {}
+    for chunk in client.completions.create(model="tiny", prompt=prompts, n=2, echo=True, max_tokens=3,
+                                           temperature=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {c.index: c.text for c in got.choices}
 
 
 def test_chat_streams_multibyte_characters_whole(client, offline):
@@ -207,12 +226,16 @@ def test_dropped_streams_free_their_kv_and_a_full_queue_answers_503(server, clie
     with pytest.raises(openai.APIStatusError) as refused:  # 20 more would pass --max-waiting-seqs=32
         client.completions.create(n=20, **long)
     assert refused.value.status_code == 503 and "max-waiting-seqs" in refused.value.message
+    with pytest.raises(httpx.TimeoutException):  # a non-streamed request whose client gives up while it waits
+        httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=1,
+                   json={"model": "tiny", "prompt": [5, 6], "max_tokens": 250, "ignore_eos": True})
+    assert wait_for_metrics(server, num_requests_waiting=20)["nanovllm:num_requests_waiting"] == 20
     running.close()
     waiting.close()
     m = wait_for_metrics(server, num_requests_running=0, num_requests_waiting=0, kv_cache_usage_perc=0)
     assert (m["nanovllm:num_requests_running"], m["nanovllm:num_requests_waiting"]) == (0, 0)
     assert m["nanovllm:kv_cache_usage_perc"] == 0
-    assert m['nanovllm:request_success_total{abort}'] - before == 52  # aborted, not finished on length
+    assert m['nanovllm:request_success_total{abort}'] - before == 53  # aborted, not finished on length
 
 
 BAD = [  # (path, body, status, param, words in the message)

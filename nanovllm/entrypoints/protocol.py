@@ -31,6 +31,11 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
 
+# fields of features nanovllm lacks, and the values that mean "off" (the only ones accepted)
+_NEUTRAL = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "repetition_penalty": (None, 1.0),
+            "logit_bias": (None, {}), "min_tokens": (None, 0)}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -58,11 +63,8 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
 
-    _neutral = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
-                "repetition_penalty": (None, 1.0), "logit_bias": (None, {}), "min_tokens": (None, 0)}
-
     def check_unsupported(self) -> None:
-        for name, allowed in self._neutral.items():
+        for name, allowed in _NEUTRAL.items():
             if getattr(self, name) not in allowed:
                 raise bad_request(f"{name}={getattr(self, name)!r} is not supported by nanovllm (only "
                                   f"{allowed[-1]!r})", name)
