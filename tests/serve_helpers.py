@@ -9,13 +9,24 @@ hidden direction, far larger than anything the layers add, and the LM head row o
 reads that direction.  So wherever the last token is a chain token, the greedy next token is the following one,
 and after the chat template's generation prompt (which ends with the chain's first token) the model answers
 ``CHAIN_TEXT`` and then EOS, whatever came before.
+
+``running_server`` starts ``python -m nanovllm.serve`` in a subprocess and yields its base URL once ``/health``
+answers; ``post``, ``metrics`` (parsed by prometheus_client), ``wait_for_metrics`` and ``stream_text`` talk to it.
 """
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import build_checkpoint
 
+ROOT = Path(__file__).resolve().parent.parent
 CHAIN_TEXT = "Zoë: ☃𝄞 fine! Paris"
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -67,3 +78,88 @@ def _plant_chain(out_dir: Path, chain: list[int]) -> None:
         embed[token] = 50.0 * direction  # dwarfs the layers' additions: the final norm sees ~ this direction
         head[following] = 3.0 * direction  # logit ~ 3 * sqrt(hidden) = 24 where the chain is the last token
     save_file(weights, path, metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def running_server(model_dir: str, log_dir: Path, *flags: str, **engine):
+    """The server on a free port (engine options as keyword arguments), stopped on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags += tuple(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in engine.items())
+    log = Path(log_dir) / "server.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nanovllm.serve", model_dir, "--port", str(port), *flags],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(proc, base, log)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _wait_until_healthy(proc, base: str, log: Path) -> None:
+    import httpx
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()}")
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server did not come up:\n{log.read_text()}")
+        time.sleep(0.5)
+
+
+def post(server: str, path: str, body, key: str | None):
+    """POST a JSON body (a str is sent as is: broken JSON), with the API key if given."""
+    import httpx
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, str):
+        headers["Content-Type"] = "application/json"
+    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+    return httpx.post(server + path, headers=headers, timeout=60, **kwargs)
+
+
+def metrics(server: str) -> dict:
+    """Every sample of /metrics by name (``request_success_total{REASON}`` per finish reason), histogram buckets
+    left out."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(server + "/metrics").text):
+        for s in family.samples:
+            if "le" in s.labels:
+                continue
+            reason = s.labels.get("finished_reason")
+            out[f"{s.name}{{{reason}}}" if reason else s.name] = s.value
+    return out
+
+
+def wait_for_metrics(server: str, **expected) -> dict:
+    """/metrics once every ``nanovllm:NAME`` equals its expected value (or after two minutes)."""
+    deadline = time.monotonic() + 120
+    while True:
+        m = metrics(server)
+        if all(m.get(f"nanovllm:{k}") == v for k, v in expected.items()) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+def stream_text(stream) -> tuple[list[str], dict]:
+    """(the text pieces of a streamed completion or chat reply, its finish reason and usage)"""
+    pieces, last = [], {}
+    for chunk in stream:
+        if chunk.usage is not None:
+            last["usage"] = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.text if hasattr(choice, "text") else (choice.delta.content or ""))
+            if choice.finish_reason:
+                last["finish_reason"] = choice.finish_reason
+    return pieces, last

@@ -5,11 +5,8 @@ key and the metrics."""
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -18,12 +15,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from serve_helpers import CHAIN_TEXT, build_text_checkpoint  # noqa: E402
+from serve_helpers import (CHAIN_TEXT, ROOT, build_text_checkpoint, metrics, post, running_server,  # noqa: E402
+                           stream_text, wait_for_metrics)
 
 KEY = "test-key"
 MAX_WAITING = 32
 ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=768, max_model_len=256, max_num_seqs=32)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -33,33 +30,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in ENGINE.items()]
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nanovllm.serve", model[0], "--port", str(port),
-                                 "--served-model-name", "tiny", "--api-key", KEY, "--max-waiting-seqs",
-                                 str(MAX_WAITING), *flags], stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not come up:\n{log.read_text()}")
-        time.sleep(0.5)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=60)
+    with running_server(model[0], tmp_path_factory.mktemp("log"), "--served-model-name", "tiny", "--api-key", KEY,
+                        "--max-waiting-seqs", str(MAX_WAITING), **ENGINE) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -70,46 +43,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def offline(model):
     return LLM(model[0], **ENGINE)
-
-
-def post(server, path, body, key=KEY):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, str):  # raw (broken) JSON
-        headers["Content-Type"] = "application/json"
-    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
-    return httpx.post(server + path, headers=headers, timeout=60, **kwargs)
-
-
-def metrics(server) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
-    text = httpx.get(server + "/metrics").text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if not s.labels.get("finished_reason") and "le" not in s.labels} | {
-        f"{s.name}{{{s.labels['finished_reason']}}}": s.value for family in text_string_to_metric_families(text)
-        for s in family.samples if s.labels.get("finished_reason")}
-
-
-def wait_for_metrics(server, **expected) -> dict:
-    deadline = time.monotonic() + 120
-    while True:
-        m = metrics(server)
-        if all(m.get(f"nanovllm:{k}") == v for k, v in expected.items()) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.2)
-
-
-def stream_text(stream) -> tuple[list[str], dict]:
-    """(the text pieces of a streamed completion or chat reply, its last choice and usage)"""
-    pieces, last = [], {}
-    for chunk in stream:
-        if chunk.usage is not None:
-            last["usage"] = chunk.usage
-        for choice in chunk.choices:
-            text = choice.text if hasattr(choice, "text") else (choice.delta.content or "")
-            pieces.append(text)
-            if choice.finish_reason:
-                last["finish_reason"] = choice.finish_reason
-    return pieces, last
 
 
 @pytest.mark.parametrize("prompt", ["The quick brown fox", [5, 6, 7, 8, 9]])
@@ -265,7 +198,7 @@ BAD = [  # (path, body, status, param, words in the message)
 
 @pytest.mark.parametrize("path,body,status,param,words", BAD)
 def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param, words):
-    r = post(server, path, body)
+    r = post(server, path, body, KEY)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
@@ -283,7 +216,7 @@ def test_the_server_stays_up_after_errors_and_the_client_sees_them(server, clien
 
 def test_api_key(server):
     for key in (None, "wrong"):
-        r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, key=key)
+        r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, key)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server + "/v1/models").status_code == 401
     bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)

@@ -177,4 +177,7 @@ class EngineLoop:
                 events += [(item[1], i, SeqDelta([], None, None, error)) for i in range(len(item[1].params))]
         self._live.clear()
         if events and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dispatch, events)
+            try:
+                self._loop.call_soon_threadsafe(self._dispatch, events)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
