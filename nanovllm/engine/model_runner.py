@@ -4,7 +4,9 @@ It owns the model (``nanovllm.models.build_model``), its KV cache (``kv_cache.py
 the input builders (``prefill_inputs.py``, ``decode_inputs.py``) and the executor (``nanovllm/compile``).
 Decode rows are padded to the executor's bucket; a prefill step gets a trailing padding sequence (see
 ``PrefillInputBuilder``).  ``launch`` queues a step on the device and copies its tokens, in the background,
-to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the engine reads them later.
+to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the engine reads them later.  A batch in
+which a request asked for logprobs also gets them, computed from the step's logits after it (``token_logprobs``)
+and copied to the slot the same way; other batches pay nothing for them.
 
 The token buffer has one row per running sequence (its "token slot", held from its first sample until it
 finishes or is preempted) for its newest sampled token, plus a scratch row for padding (``StepInputs``).

@@ -66,6 +66,9 @@ class Serving:
 
     def submit(self, prompts: list[tuple[list[int], object]], n: int) -> list:
         """Submit each (prompt ids, SamplingParams) as ``n`` sequences; returns one handle per prompt."""
+        if n * len(prompts) > self.loop.max_waiting_seqs:
+            raise APIError(503, f"{len(prompts)} prompt(s) x n={n} sequences would pass --max-waiting-seqs="
+                                f"{self.loop.max_waiting_seqs}", "n", "overloaded")
         handles = []
         try:
             for ids, p in prompts:
