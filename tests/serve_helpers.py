@@ -60,7 +60,8 @@ def build_text_checkpoint(out_dir) -> tuple[str, list[int]]:
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     chain = [tok.encode(prompt)[-1]] + tok.encode(CHAIN_TEXT) + [eos]
     assert len(set(chain)) == len(chain) and tok.decode(chain[1:], skip_special_tokens=True) == CHAIN_TEXT
-    build_checkpoint(out_dir, "qwen3", eos_token_id=eos, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    build_checkpoint(out_dir, "qwen3", eos_token_id=eos, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                     max_position_embeddings=4096)
     _plant_chain(out_dir, chain)
     return str(out_dir), chain
 

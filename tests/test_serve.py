@@ -20,7 +20,9 @@ from serve_helpers import (CHAIN_TEXT, ROOT, build_text_checkpoint, metrics, pos
 
 KEY = "test-key"
 MAX_WAITING = 32
-ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=768, max_model_len=256, max_num_seqs=32)
+# room for 32 sequences of max_model_len, so the 32 long streams of the queue test keep running for 2,000 steps
+ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=4200, max_model_len=2048,
+              max_num_seqs=32)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ def test_32_concurrent_streams_all_finish(server):
 
 def test_dropped_streams_free_their_kv_and_a_full_queue_answers_503(server, client):
     before = metrics(server).get('nanovllm:request_success_total{abort}', 0.0)
-    long = dict(model="tiny", prompt=[5, 6], max_tokens=250, temperature=0, stream=True,
+    long = dict(model="tiny", prompt=[5, 6], max_tokens=2000, temperature=0, stream=True,
                 extra_body={"ignore_eos": True})
     running = client.completions.create(n=32, **long)  # fills every batch slot (max_num_seqs=32)
     next(iter(running))  # a first token: all 32 are running
@@ -160,8 +162,8 @@ def test_dropped_streams_free_their_kv_and_a_full_queue_answers_503(server, clie
         client.completions.create(n=20, **long)
     assert refused.value.status_code == 503 and "max-waiting-seqs" in refused.value.message
     with pytest.raises(httpx.TimeoutException):  # a non-streamed request whose client gives up while it waits
-        httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=1,
-                   json={"model": "tiny", "prompt": [5, 6], "max_tokens": 250, "ignore_eos": True})
+        httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                   json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2000, "ignore_eos": True})
     assert wait_for_metrics(server, num_requests_waiting=20)["nanovllm:num_requests_waiting"] == 20
     running.close()
     waiting.close()
@@ -179,9 +181,9 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", "-5"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "0.5"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", ""),
-    ("/v1/completions", {"prompt": [5] * 300}, 400, "prompt", "300"),
-    ("/v1/completions", {"prompt": [5] * 256}, 400, "prompt", "256"),
-    ("/v1/completions", {"prompt": [5] * 10, "max_tokens": 250}, 400, "max_tokens", "260"),
+    ("/v1/completions", {"prompt": [5] * 2100}, 400, "prompt", "2100"),
+    ("/v1/completions", {"prompt": [5] * 2048}, 400, "prompt", "2048"),
+    ("/v1/completions", {"prompt": [5] * 10, "max_tokens": 2040}, 400, "max_tokens", "2050"),
     ("/v1/completions", {"prompt": [5, 9999]}, 400, "prompt", "9999"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", ""),
     ("/v1/completions", {"temperature": 0}, 400, "prompt", "required"),
