@@ -50,10 +50,12 @@ def _frequency_exponents(head_dim: int) -> torch.Tensor:
     return torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
 
 
-def longrope_inv_freq(head_dim: int, base: float, factors) -> torch.Tensor:
-    """LongRoPE: each inverse frequency divided by its own rescale factor (``short_factor`` or ``long_factor``)."""
+def longrope_inv_freq(head_dim: int, base: float, scaling: dict, which: str) -> torch.Tensor:
+    """LongRoPE: each inverse frequency divided by its own rescale factor from ``scaling[which]`` (``short_factor``
+    or ``long_factor``)."""
+    factors = scaling[which]
     if len(factors) != head_dim // 2:
-        raise ValueError(f"LongRoPE factor lists need head_dim / 2 = {head_dim // 2} entries, got {len(factors)}")
+        raise ValueError(f"rope_scaling {which} needs head_dim / 2 = {head_dim // 2} entries, got {len(factors)}")
     return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base ** _frequency_exponents(head_dim))
 
 
@@ -98,11 +100,14 @@ def rope_cos_sin(head_dim: int, max_position: int, base: float, scaling: dict | 
     are [2 * max_position, head_dim]: the short-factor rows, then the long-factor rows."""
     rope_type = _rope_type(scaling)
     if rope_type == "longrope":
+        missing = [k for k in ("short_factor", "long_factor") if k not in scaling]
+        if missing:
+            raise ValueError(f"rope_scaling {scaling!r} of type 'longrope' lacks {missing}")
         factor = longrope_attention_factor(scaling, max_position)
-        short = _cos_sin(longrope_inv_freq(head_dim, base, scaling["short_factor"]), max_position, factor)
+        short = _cos_sin(longrope_inv_freq(head_dim, base, scaling, "short_factor"), max_position, factor)
         if longrope_switch(scaling, max_position) is None:
             return short
-        long = _cos_sin(longrope_inv_freq(head_dim, base, scaling["long_factor"]), max_position, factor)
+        long = _cos_sin(longrope_inv_freq(head_dim, base, scaling, "long_factor"), max_position, factor)
         return torch.cat((short[0], long[0])), torch.cat((short[1], long[1]))
     inv_freq = 1.0 / (base ** _frequency_exponents(head_dim))
     if rope_type == "llama3":

@@ -1,11 +1,11 @@
-"""The dense decoder-only transformer that Qwen3, Qwen2/2.5 and Llama share, as a function of ``StepInputs``.
+"""The dense decoder-only transformer that Qwen3, Qwen2/2.5, Llama and MiniCPM share, as a function of ``StepInputs``.
 
 Variants differ only in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention
 and MLP bias (some Llamas), rope scaling (Llama-3, LongRoPE) and tied embeddings; a subclass may rewrite its
-weights once they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv, gate_up) so each
-is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
-(cuBLAS, or a tuned Triton kernel for decode batches; the MLP's SiLU-and-multiply is fused into its gate/up
-matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
+weights once they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed
+(qkv, gate_up) so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through
+``ops.linear`` (cuBLAS, or a tuned Triton kernel for decode batches; the MLP's SiLU-and-multiply is fused into its
+gate/up matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
 traced unchanged by the graph compiler.
 
 A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``),
