@@ -96,6 +96,8 @@ def test_synthesized_minicpm4_0_5b_has_the_real_config_and_matches_the_oracle(tm
     assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))  # tied, as the real checkpoint
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, [2, 73440], 2)
+    again = synthesize.synthesize(out / "config.json", tmp_path / "again", dtype="float32")  # a config.json path
+    assert json.loads((again / "config.json").read_text()) == cfg
     prompts = [[(11 * i + 5) % 512 for i in range(n)] for n in (3, 40)]
     verdicts = oracle.run(str(out), "float32", "cpu", len(prompts), 6, 0.0, prompts=prompts, enforce_eager=True,
                           kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64)

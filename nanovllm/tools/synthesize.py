@@ -89,6 +89,7 @@ def _load_config(preset_or_config, overrides: dict):
         d = dict(preset["fields"])
         if preset["config"] != "minicpm":
             d["architectures"] = [preset["config"].replace("Config", "ForCausalLM")]
+            cls = getattr(transformers, preset["config"])
         gen = dict(preset["generation"])
         tok = qwen_tokenizer_dir() if preset["tokenizer"] == "qwen" else None
     else:
@@ -101,23 +102,22 @@ def _load_config(preset_or_config, overrides: dict):
         if d.get("model_type") not in CONFIG_MAPPING and d.get("model_type") not in minicpm.MODEL_TYPES:
             raise ValueError(f"{str(path)!r}: model_type {d.get('model_type')!r} is not a "
                              f"transformers architecture")
+        cls = None if d["model_type"] in minicpm.MODEL_TYPES else CONFIG_MAPPING[d["model_type"]]
         gen = dict(bos=d.get("bos_token_id"), eos=d.get("eos_token_id"), pad=d.get("pad_token_id"))
         tok = None
         for k in ("torch_dtype", "dtype", "quantization_config", "_name_or_path", "auto_map"):
             d.pop(k, None)
     is_minicpm = d.get("model_type") in minicpm.MODEL_TYPES
-    cls = transformers.LlamaConfig if is_minicpm else CONFIG_MAPPING[d["model_type"]]
     known = set(minicpm.with_defaults(d)) if is_minicpm else set(cls().to_dict()) | set(d)
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown config field(s) {bad} for "
-                         f"{d.get('model_type') if is_minicpm else cls.__name__}")
+        raise ValueError(f"unknown config field(s) {bad} for {d['model_type'] if is_minicpm else cls.__name__}")
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         d.pop("layer_types", None)  # per-layer list; let the config rebuild it for the new depth
     d.update(overrides)
     if "eos_token_id" in overrides:
         gen["eos"] = overrides["eos_token_id"]
-    if is_minicpm:
+    if is_minicpm:  # no transformers class: the weights are the same-shape Llama's, config.json stays MiniCPM's
         tied = minicpm.with_defaults(d)["tie_word_embeddings"]
         return minicpm.llama_config(d, tie_word_embeddings=tied), gen, tok, d
     return cls(**d), gen, tok, None
