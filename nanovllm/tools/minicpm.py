@@ -14,8 +14,10 @@ The formulas are written here from the reference's definition, apart from nanovl
 differently, ``nanovllm/models/minicpm.py``); only the defaults of fields a config.json omits are the model's.
 Weights are folded in float32 and saved in float32.
 
-``MINICPM4_0_5B`` is openbmb/MiniCPM4-0.5B's config.json (its ``auto_map``, ``_name_or_path`` and version fields
-left out); ``python -m nanovllm.tools.synthesize minicpm4-0.5b OUT`` writes it with random weights.
+``MINICPM4_0_5B`` is openbmb/MiniCPM4-0.5B's config.json (its ``auto_map``, ``_name_or_path``, dtype and version
+fields left out), read from a public copy of the repository's files, not from the hub; other public code quotes the
+same shape, epsilon and LongRoPE lists.  ``python -m nanovllm.tools.synthesize minicpm4-0.5b OUT`` writes it with
+random weights.
 """
 import argparse
 import json
