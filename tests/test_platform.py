@@ -24,7 +24,8 @@ def test_cpu_platform_facts(restore_options):
     platform.record_event().synchronize()  # nothing queued on a CPU: returns at once
     assert re.fullmatch(r".+ flags=[0-9a-f]{12}", platform.arch())
     assert platform.describe() == {"name": "cpu", "device": "cpu", "arch": platform.arch(),
-                                   "options": platform.options.as_dict()}
+                                   "options": platform.options.as_dict(), "versions": {}}
+    assert platform.distributed_backend == "gloo" and not platform.measures_memory and not platform.static_shapes
 
 
 def test_making_a_platform_installs_its_options_from_the_environment(monkeypatch, restore_options):
