@@ -3,8 +3,8 @@ documentation (cited in each module) and computes the documented result on the C
 
 ``install_npu(monkeypatch)`` / ``install_mps(monkeypatch)`` make them visible to one test: ``torch_npu`` and
 ``torchair`` in ``sys.modules`` and ``torch.npu``; or ``torch.mps`` / ``torch.backends.mps`` answers of an Apple
-GPU.  The host-memory devices under them (``host_device.py``) stay registered for the rest of the process, which
-is harmless: no tensor of those devices exists outside these tests.
+GPU.  The host-memory "npu" device under the NPU stand-in (``host_device.py``) stays registered for the rest of the
+process, which is harmless: no tensor of that device exists outside these tests.
 """
 import sys
 
@@ -14,7 +14,7 @@ import torch
 def install_npu(monkeypatch):
     """(torch_npu, torchair) stand-ins, installed for the calling test."""
     from . import host_device, npu_runtime, torchair
-    host_device.install("npu")
+    host_device.install()
     torch_npu, npu = npu_runtime.make_torch_npu()
     air = torchair.make_torchair()
     monkeypatch.setitem(sys.modules, "torch_npu", torch_npu)
@@ -27,8 +27,8 @@ def install_npu(monkeypatch):
 
 
 def install_mps(monkeypatch, *, macos=(15, 0)):
-    """The torch.mps stand-in, installed for the calling test, as on macOS ``macos``."""
-    from . import host_device, mps
-    host_device.install("mps")
+    """The torch.mps stand-in, installed for the calling test, as on macOS ``macos``; the MPS platform's tensors
+    stay on the CPU (``mps.py`` says why)."""
+    from . import mps
     mps.patch(monkeypatch, macos)
     return mps

@@ -1,16 +1,18 @@
-"""A device type whose tensors live in host memory: the ground the NPU and MPS stand-ins stand on (tests only).
+"""A device type whose tensors live in host memory: the ground the NPU stand-in stands on (tests only).
 
 ``install("npu")`` renames PyTorch's PrivateUse1 backend to ``npu`` (what ``import torch_npu`` does on a real
-machine) and ``install("mps")`` uses the built-in MPS device type; either way, from then on tensors of that device
-type exist in this CPU-only process:
+machine); from then on tensors of that device type exist in this CPU-only process:
 
 * ``torch.device("npu:0")`` parses, ``tensor.device.type == "npu"``, and the dispatcher sends ops on those tensors
-  to the device's dispatch key (PrivateUse1 or MPS), so ``torch.library.register_kernel(op, "npu", fn)`` is what
+  to the PrivateUse1 dispatch key, so ``torch.library.register_kernel(op, "npu", fn)`` is what
   runs for them, exactly as with a real backend.  Fake tensors (Dynamo, AOTAutograd) keep the device.
 * Their memory is host memory: a device tensor is made from a CPU tensor by re-tagging its DLPack capsule with
-  the device's DLPack type (``kDLExtDev`` is mapped to PrivateUse1 by ``torch.from_dlpack``, ``kDLMetal`` to MPS);
+  the device's DLPack type (``torch.from_dlpack`` maps ``kDLExtDev`` to PrivateUse1);
   the capsule's deleter keeps the CPU owner alive, so storages are reference-counted as usual.
-* Every aten op on them reaches one Python fallback for the dispatch key.  View and metadata ops (``view``,
+* Why PrivateUse1 and not the built-in MPS type too: PyTorch's Python bindings take a device guard for the
+  tensor's device (indexing, ``.to``, ``copy_``, ``item``), and a CPU-only build has none for MPS; only PrivateUse1
+  accepts one registered from Python.  So the MPS stand-in (``mps.py``) cannot have "mps" tensors.
+* Every aten op on them without a generic kernel reaches one Python fallback for the key.  View and metadata ops (``view``,
   ``as_strided``, ``set_`` ...) run the CPU kernel on the device tensors themselves (those kernels only edit
   sizes, strides and storage, so views share storage for real).  Every other op runs on CPU aliases of its
   device arguments (DLPack again, no copy) and its new outputs are re-tagged to the device; an output that is an
@@ -26,8 +28,8 @@ import ctypes
 
 import torch
 
-_DLPACK_CODE = {"npu": 12, "mps": 8}  # kDLExtDev (PrivateUse1 in torch.from_dlpack), kDLMetal
-_DISPATCH_KEY = {"npu": "PrivateUse1", "mps": "MPS"}
+_DLPACK_CODE = {"npu": 12}  # kDLExtDev, which torch.from_dlpack maps to PrivateUse1
+_DISPATCH_KEY = {"npu": "PrivateUse1"}
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 # Ops whose CPU kernel only edits tensor metadata (sizes, strides, offset, storage): run as they are on device
 # tensors, so views keep sharing storage.
@@ -66,7 +68,7 @@ def _resize(t: torch.Tensor, size, device_type: str) -> None:
     if t.untyped_storage().nbytes() >= (numel + t.storage_offset()) * t.element_size():
         torch.ops.aten.resize_.default.redispatch(_CPU, t, size)
         return
-    fresh = to_device(torch.empty(size, dtype=t.dtype), device_type)
+    fresh = to_device(torch.empty(size, dtype=t.dtype, device="cpu"), device_type)
     torch.ops.aten.set_.source_Storage_storage_offset.redispatch(_CPU, t, fresh.untyped_storage(), 0, size,
                                                                   fresh.stride())
 
@@ -93,7 +95,7 @@ def _make_fallback(device_type: str):
         for i, arg in enumerate(op._schema.arguments[:len(host_args)]):
             # A Python number where the schema has a Tensor is a "wrapped number" the boxed call unwrapped
             if isinstance(host_args[i], (int, float, bool)) and isinstance(arg.type, torch._C.TensorType):
-                host_args[i] = torch.scalar_tensor(host_args[i], dtype=torch.tensor(host_args[i]).dtype)
+                host_args[i] = torch.tensor(host_args[i], device="cpu")
         if name in ("aten::_copy_from", "aten::_copy_from_and_resize"):  # copy_ between the host and the device
             src, dst = host_args[0], host_args[1]
             if name == "aten::_copy_from_and_resize" and dst.shape != src.shape:
@@ -103,12 +105,14 @@ def _make_fallback(device_type: str):
             return args[1]
         if isinstance(kwargs.get("out"), torch.Tensor) and kwargs["out"].device.type == device_type:
             out = kwargs["out"]
-            host_kwargs["out"] = torch.empty(0, dtype=out.dtype)
+            host_kwargs["out"] = torch.empty(0, dtype=out.dtype, device="cpu")  # (a torch.device mode may be on)
             op(*host_args, **host_kwargs)
             _resize(out, host_kwargs["out"].shape, device_type)
             to_host(out).copy_(host_kwargs["out"])
             return out
         result = op(*host_args, **host_kwargs)
+        if isinstance(kwargs.get("device"), torch.device) and kwargs["device"].type != device_type:
+            return result  # an explicit copy off the device
         pairs = [(h, a) for h, a in zip(host_args + list(host_kwargs.values()), list(args) + list(kwargs.values()))
                  if isinstance(a, torch.Tensor)]
 
@@ -125,14 +129,13 @@ def _make_fallback(device_type: str):
     return fallback
 
 
-def install(device_type: str, device_module=None) -> None:
-    """Make ``device_type`` ("npu" or "mps") a host-memory device of this process (idempotent; permanent, since
-    the backend rename and the fallback cannot be undone, but inert until a tensor of that device is made)."""
+def install(device_type: str = "npu") -> None:
+    """Make ``device_type`` a host-memory device of this process (idempotent; permanent, since the backend rename
+    and the fallback cannot be undone, but inert until a tensor of that device is made)."""
     if device_type in _installed:
         return
-    if device_type == "npu":
-        from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
-        _setup_privateuseone_for_python_backend("npu", backend_module=device_module)
+    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+    _setup_privateuseone_for_python_backend(device_type)
     lib = torch.library.Library("_", "IMPL")
     lib.fallback(_make_fallback(device_type), _DISPATCH_KEY[device_type])
     _installed[device_type] = lib

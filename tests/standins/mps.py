@@ -4,8 +4,14 @@ Sources: PyTorch 2.13's ``torch/mps/__init__.py`` (``synchronize``, ``empty_cach
 "recommended max working set size for GPU memory in bytes", ``driver_allocated_memory``: "total GPU memory
 allocated by Metal driver for the process in bytes ... includes cached allocations in MPSAllocator pools"),
 ``torch/mps/event.py`` (``Event.record()``, ``Event.synchronize()``) and ``torch/backends/mps/__init__.py``
-(``is_available``, ``is_built``, ``is_macos_or_newer(major, minor)``).  The device under it is the host-memory "mps"
-device of ``host_device.py``; the memory figures are the stand-in's (``RECOMMENDED_BYTES``, ``DRIVER_BYTES``).
+(``is_available``, ``is_built``, ``is_macos_or_newer(major, minor)``).  The memory figures are the stand-in's
+(``RECOMMENDED_BYTES``, ``DRIVER_BYTES``).
+
+Limit: a CPU-only PyTorch cannot hold "mps" tensors (its Python bindings take a device guard, and a CPU build has
+none for MPS; see ``host_device.py``), so ``patch`` also makes the MPS platform put its tensors on the CPU.  What is
+proven is the platform's side (device choice, dtypes, memory sizing from these queries, events, eager by default,
+opt-in compilation, the one-device rule) and that its kernels are the twins; not Metal, and not MPSInductor: a
+compiled step here is Inductor's CPU code.
 """
 import torch
 
@@ -38,3 +44,7 @@ def patch(monkeypatch, macos: tuple[int, int]) -> None:
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: RECOMMENDED_BYTES)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: DRIVER_BYTES)
     monkeypatch.setattr(torch.mps, "Event", Event)
+    from nanovllm.platforms.mps import MpsPlatform
+    init = MpsPlatform.__init__
+    monkeypatch.setattr(MpsPlatform, "__init__", lambda self, device, options=None: init(
+        self, torch.device("cpu"), options))

@@ -90,9 +90,10 @@ def _fia_compute(query, key, value, table, lengths: list[int], scale: float):
     """[FIA] result of paged decode: softmax(scale * q k^T) v over each row's first ``lengths[b]`` cache tokens,
     through nanovllm's twin (every block of the row is read, the mask hides the rest)."""
     q, k, v, t = (to_host(x) for x in (query, key, value, table))
-    ctx = torch.tensor(lengths if len(lengths) > 1 else lengths * q.shape[0], dtype=torch.int32)[:q.shape[0]]
+    ctx = torch.tensor(lengths if len(lengths) > 1 else lengths * q.shape[0], dtype=torch.int32,
+                       device="cpu")[:q.shape[0]]
     out = decode_attention_reference(q[:, :, 0], k, v, t, ctx, scale)[:, :, None]
-    return to_device(out.contiguous(), query.device.type), to_device(torch.zeros(1, dtype=torch.float32), "npu")
+    return to_device(out.contiguous(), query.device.type), to_device(torch.zeros(1, dtype=torch.float32, device="cpu"), "npu")
 
 
 def npu_fused_infer_attention_score(query, key, value, **kw):
@@ -153,12 +154,12 @@ def _scatter_nd_update_(input: torch.Tensor, indices: torch.Tensor, updates: tor
              "updates shape = indices.shape[:-1] + input.shape[a:] ([SND] 约束说明)")
     host, idx, upd = to_host(input), to_host(indices).long().reshape(-1, a), to_host(updates).reshape(-1,
                                                                                                     *input.shape[a:])
-    bounds = torch.tensor(input.shape[:a])
+    bounds = torch.tensor(input.shape[:a], device="cpu")
     _require(bool(((idx >= 0) & (idx < bounds)).all()), "indices in range ([SND] 索引数据不支持越界)")
     # Not documented: what duplicate indices do.  nanovllm relies only on duplicates that write equal values.
     _, inverse = torch.unique(idx, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(len(idx)), "amin", include_self=False)
+    first = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device="cpu").scatter_reduce(
+        0, inverse, torch.arange(len(idx), device="cpu"), "amin", include_self=False)
     _require(bool((upd == upd[first[inverse]]).all()), "duplicate indices write equal values (not documented)")
     host[tuple(idx.unbind(-1))] = upd
     calls.append("npu_scatter_nd_update_")
