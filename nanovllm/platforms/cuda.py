@@ -4,7 +4,8 @@ sharing one pool, NCCL, and the Triton kernels registered for the ops (``nanovll
 Below Hopper: TMA loads and programmatic dependent launch need sm_90; ``KernelOptions.hopper_features``
 (``NANOVLLM_HOPPER_FEATURES=0``) turns both off on any GPU, so the path older GPUs take can be run on an H100.
 Compute capability below 8.0 (Volta, Turing) has no bfloat16: ``auto`` gives float16 there, and asking for
-bfloat16 is an error.
+bfloat16 is an error.  Triton's README lists compute capability 8.0+ as supported hardware, so below that the
+Triton kernels (and Inductor's) are outside what Triton promises; a warning at start-up names the fallbacks.
 """
 from contextlib import contextmanager
 
@@ -12,6 +13,7 @@ import torch
 
 from nanovllm.kernels.cuda import register_cuda_kernels
 from nanovllm.kernels.pdl import configure_inductor
+from nanovllm.logger import logger
 from nanovllm.platforms.base import _DTYPES, Platform
 
 
@@ -28,6 +30,10 @@ class CudaPlatform(Platform):
         torch.cuda.set_device(device)
         super().__init__(device, options)
         configure_inductor(device)  # Inductor's kernels take part in programmatic dependent launch (Hopper+)
+        if not self._has_bf16():
+            logger.warning("%s: Triton's README supports compute capability 8.0+; if its kernels fail here, "
+                           "NANOVLLM_KERNELS=reference runs the ops' PyTorch twins and enforce_eager=True skips "
+                           "Inductor's Triton code", self.arch())
 
     def register_kernels(self):
         register_cuda_kernels()
