@@ -44,20 +44,25 @@ def npu(monkeypatch, tmp_path):
 
 
 def _run(model_dir, **kw):
-    llm = LLM(model_dir, device="npu", **ENGINE, **kw)
+    llm = LLM(model_dir, device="npu", **{**ENGINE, **kw})
     return llm, [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
 def test_npu_eager_gives_the_cpu_tokens_through_fia_and_scatter(npu, model_dir, cpu_tokens):
-    llm, tokens = _run(model_dir, enforce_eager=True)
+    llm = LLM(model_dir, device="npu", enforce_eager=True, gpu_memory_utilization=0.12,
+              **{k: v for k, v in ENGINE.items() if k != "num_kvcache_blocks"})
+    tokens = [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert tokens == cpu_tokens["bfloat16"]
     runner = llm.engine.runner
+    budget = llm.engine.platform.available_kv_bytes(0.12)  # torch.npu.mem_get_info and the allocator's statistics
+    assert runner.num_blocks == budget // runner.kv_spec.bytes_per_block and npu_runtime.stats["peak_resets"] > 0
     assert runner.kv_caches[0][0].device == torch.device("npu", 0) and runner.token_buffer.device.type == "npu"
     assert next(runner.model.parameters()).device.type == "npu" and runner.dtype == torch.bfloat16
     calls = collections.Counter(npu_ops.calls)
     layers, decode_steps = 2, GREEDY.max_tokens - 1
     assert calls["npu_fused_infer_attention_score"] == layers * decode_steps  # prefill: the twin
-    assert calls["npu_scatter_nd_update_"] == 2 * layers * GREEDY.max_tokens  # K and V, every step
+    # K and V, every step, and once in the probe prefill that sized the KV cache
+    assert calls["npu_scatter_nd_update_"] == 2 * layers * (GREEDY.max_tokens + 1)
 
 
 @pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
@@ -81,20 +86,27 @@ def test_npu_graph_modes_give_the_cpu_tokens_with_only_convertible_ops(npu, mode
 
 
 def test_npu_warm_start_hits_our_cache_and_torchairs(npu, model_dir, cpu_tokens):
-    first, _ = _run(model_dir)
+    first, _ = _run(model_dir, graph_batch_sizes=[4])
     assert first.engine.describe()["compile_cache"] == "miss"
     entry = first.engine.runner.executor.cache.entry
-    saved = sorted(p.name for p in (entry / "platform").rglob("compiled_module"))
-    assert saved == ["compiled_module"] * 2  # torchair's files, inside our entry
-    second, tokens = _run(model_dir)
+    saved = [p.relative_to(entry).parts for p in (entry / "platform").rglob("compiled_module")]
+    assert len(saved) == 1 and saved[0][-2] == "decode_4"  # torchair's file for the bucket, inside our entry
+    second, tokens = _run(model_dir, graph_batch_sizes=[4])
     assert tokens == cpu_tokens["bfloat16"]
-    assert second.engine.describe()["compile_cache"] == "hit" and torchair.stats["cache_loads"] == 2
+    assert second.engine.describe()["compile_cache"] == "hit" and torchair.stats["cache_loads"] == 1
 
 
 def test_npu_float32_runs_the_twins(npu, model_dir, cpu_tokens):
     _, tokens = _run(model_dir, dtype="float32", enforce_eager=True)
     assert tokens == cpu_tokens["float32"]
     assert "npu_fused_infer_attention_score" not in npu_ops.calls  # FIA takes float16/bfloat16 only
+
+
+def test_npu_without_the_compile_cache_compiles_through_get_npu_backend(npu, model_dir, cpu_tokens, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_DISABLE_COMPILE_CACHE", "1")
+    llm, tokens = _run(model_dir, graph_batch_sizes=[4])
+    assert tokens == cpu_tokens["bfloat16"] and llm.engine.describe()["compile_cache"] == "off"
+    assert len(torchair.stats["graphs"]) == 1 and torchair.stats["cache_saves"] == 0
 
 
 def test_npu_prefill_graph_sizes_are_refused(npu, model_dir):

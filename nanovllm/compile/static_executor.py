@@ -67,7 +67,8 @@ class StaticGraphExecutor(EagerExecutor):
             for size in tqdm(sorted(set(self.buckets), reverse=True), desc="Compiling decode buckets",
                              dynamic_ncols=True):
                 self.module.add_method(f"decode_{size}")
-                compiled = platform.compile_static(self.module, f"decode_{size}", self.cache.platform_dir)
+                cache_dir = None if cache_disabled() else self.cache.platform_dir
+                compiled = platform.compile_static(self.module, f"decode_{size}", cache_dir)
                 graph = BucketGraph(size, compiled, spec.decode_inputs(size), platform)
                 graph.compile()  # the first call traces and compiles; every later call runs under fail_on_recompile
                 self.graphs[size] = graph

@@ -104,9 +104,14 @@ def register_traced(name: str, device_type: str, fn: Callable | None) -> None:
         _TRACED[(name, device_type)] = fn
 
 
+@torch._dynamo.assume_constant_result  # read while tracing, no guard: registering never recompiles other graphs
+def _has_traced(name: str, device_type: str) -> bool:
+    return (name, device_type) in _TRACED
+
+
 def _traced(name: str, device: torch.device) -> Callable | None:
-    if _TRACED and torch.compiler.is_compiling():
-        return _TRACED.get((name, device.type))
+    if torch.compiler.is_compiling() and _has_traced(name, device.type):
+        return _TRACED[(name, device.type)]
     return None
 
 

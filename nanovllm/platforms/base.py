@@ -101,9 +101,9 @@ class Platform:
         """Lower ``fn`` with this platform's compiler (``dynamic=None``: only dims marked dynamic are symbolic)."""
         return torch.compile(fn, backend=self.compile_backend, fullgraph=True, dynamic=dynamic)
 
-    def compile_static(self, owner, name: str, cache_dir: Path):
+    def compile_static(self, owner, name: str, cache_dir: Path | None):
         """A callable running ``owner.<name>(inputs)`` compiled for one static input shape (``static_shapes``
-        platforms only); ``cache_dir`` is where the compiler may keep its own artifacts."""
+        platforms only); ``cache_dir`` is where the compiler may keep its own artifacts (None: cache off)."""
         raise NotImplementedError(f"the {self.name} platform compiles with symbolic shapes")
 
     def graph_pool(self):

@@ -102,18 +102,24 @@ class NpuPlatform(Platform):
         config.mode = self.options.npu_graph_mode
         return config
 
-    def compile(self, fn, dynamic):
+    def _backend(self):
         import torchair
-        if dynamic is not False:
-            raise ValueError("the npu platform compiles static shapes only (dynamic=False)")
-        backend = torchair.get_npu_backend(compiler_config=self._compiler_config())
-        return _InlinedRegions(torch.compile(fn, backend=backend, fullgraph=True, dynamic=False))
+        return torchair.get_npu_backend(compiler_config=self._compiler_config())
 
-    def compile_static(self, owner, name: str, cache_dir: Path):
+    def compile(self, fn, dynamic):
+        if dynamic is not False:
+            raise ValueError(f"the npu platform compiles static shapes only (dynamic=False), got dynamic={dynamic}")
+        return _InlinedRegions(torch.compile(fn, backend=self._backend(), fullgraph=True, dynamic=False))
+
+    def compile_static(self, owner, name: str, cache_dir: Path | None):
+        """``cache_compile`` of the method (its config taken from the backend, as its doc allows), or plain
+        ``torch.compile`` when the compile cache is off (``cache_dir`` None)."""
         import torchair
         method = getattr(owner, name)
-        return _InlinedRegions(torchair.inference.cache_compile(method, config=self._compiler_config(),
-                                                                dynamic=False, cache_dir=str(cache_dir)))
+        if cache_dir is None:
+            return self.compile(method, dynamic=False)
+        return _InlinedRegions(torchair.inference.cache_compile(method, backend=self._backend(), dynamic=False,
+                                                                cache_dir=str(cache_dir)))
 
 
 class _InlinedRegions:
