@@ -4,17 +4,15 @@
 machine); from then on tensors of that device type exist in this CPU-only process:
 
 * ``torch.device("npu:0")`` parses, ``tensor.device.type == "npu"``, and the dispatcher sends ops on those tensors
-  to the PrivateUse1 dispatch key, so ``torch.library.register_kernel(op, "npu", fn)`` is what
-  runs for them, exactly as with a real backend.  Fake tensors (Dynamo, AOTAutograd) keep the device.
+  to the PrivateUse1 dispatch key, so ``torch.library.register_kernel(op, "npu", fn)`` is what runs for them,
+  exactly as with a real backend (torch_npu is a PrivateUse1 backend too).  Fake tensors (Dynamo, AOTAutograd)
+  keep the device.
 * Their memory is host memory: a device tensor is made from a CPU tensor by re-tagging its DLPack capsule with
-  the device's DLPack type (``torch.from_dlpack`` maps ``kDLExtDev`` to PrivateUse1);
-  the capsule's deleter keeps the CPU owner alive, so storages are reference-counted as usual.
-* Why PrivateUse1 and not the built-in MPS type too: PyTorch's Python bindings take a device guard for the
-  tensor's device (indexing, ``.to``, ``copy_``, ``item``), and a CPU-only build has none for MPS; only PrivateUse1
-  accepts one registered from Python.  So the MPS stand-in (``mps.py``) cannot have "mps" tensors.
-* Every aten op on them without a generic kernel reaches one Python fallback for the key.  View and metadata ops (``view``,
-  ``as_strided``, ``set_`` ...) run the CPU kernel on the device tensors themselves (those kernels only edit
-  sizes, strides and storage, so views share storage for real).  Every other op runs on CPU aliases of its
+  the device's DLPack type (``torch.from_dlpack`` maps ``kDLExtDev`` to PrivateUse1); the capsule's deleter keeps
+  the CPU owner alive, so storages are reference-counted as usual.
+* Every aten op on them that has no generic kernel reaches one Python fallback for the key.  View and metadata
+  ops (``view``, ``as_strided``, ``set_`` ...) run the CPU kernel on the device tensors themselves (those kernels
+  only edit sizes, strides and storage, so views share storage for real).  Every other op runs on CPU aliases of its
   device arguments (DLPack again, no copy) and its new outputs are re-tagged to the device; an output that is an
   input (in-place and ``out=`` ops) is returned as that input.  Factory ops get ``device=cpu`` and are re-tagged.
 
@@ -23,6 +21,10 @@ streams are trivially complete), there is no pinned host memory (torch's Python 
 allocator) and no device generator, memory statistics are whatever the stand-ins report, and numerical results are
 the CPU kernels'.  What it does prove is our side: which device our code allocates on, which kernels the
 dispatcher picks for our ops on that device, and that tracing and compiling see the device.
+
+Why not the same for MPS: PyTorch's Python bindings take a device guard for a tensor's device (indexing, ``.to``,
+``copy_``, ``item``), a CPU-only build has none for MPS, and only PrivateUse1 accepts one registered from Python.
+So the MPS stand-in (``mps.py``) keeps the MPS platform's tensors on the CPU.
 """
 import ctypes
 
