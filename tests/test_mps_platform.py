@@ -32,8 +32,9 @@ def cpu_tokens(model_dir):
 
 
 @pytest.fixture
-def mps(monkeypatch):
+def mps(monkeypatch, tmp_path):
     saved = current_options()
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path / "cache"))
     yield install_mps(monkeypatch)
     set_options(saved)
 
