@@ -73,9 +73,8 @@ class StaticGraphExecutor(EagerExecutor):
                 graph.compile()  # the first call traces and compiles; every later call runs under fail_on_recompile
                 self.graphs[size] = graph
         self.compile_seconds = time.perf_counter() - start
-        logger.info("graph mode ready: %d static decode graphs (%s), prefill eager, in %.1fs (compile cache %s)",
-                    len(self.graphs), platform.options.as_dict().get("npu_graph_mode", platform.name),
-                    self.compile_seconds, self._cache_state())
+        logger.info("graph mode ready: %d static decode graphs (%s compiler), prefill eager, in %.1fs (compile cache "
+                    "%s)", len(self.graphs), platform.name, self.compile_seconds, self._cache_state())
 
     def _cache_state(self) -> str:
         return "off" if cache_disabled() else "hit" if self.cache.hit else "miss"
