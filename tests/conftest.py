@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The kernel tests run Triton on CPU tensors.  The switch must be set before anything imports triton: a triton
+# imported without it keeps its library functions (tl.max, tl.sum, ...) compiled, and interpreted kernels that
+# call them fail, so the outcome would depend on which test module pytest happens to import first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
