@@ -108,3 +108,19 @@ def test_dummy_weights_fill_every_expert_and_follow_the_seed(tmp_path, arch, nam
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     out = [[o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)] for llm in (a, b)]
     assert out[0] == out[1] and all(len(t) == 4 for t in out[0])
+
+
+def test_qwen3_30b_a3b_preset_writes_a_config_that_builds_the_real_model(tmp_path):
+    """The config bench runs with dummy weights: 30.5B parameters, 3.3B of them active per token."""
+    from nanovllm.models.registry import resolve_model_class
+    from nanovllm.tools.synthesize import synthesize
+    out = synthesize("qwen3-30b-a3b", tmp_path / "cfg", tokenizer=False, config_only=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json"]
+    config = json.loads((out / "config.json").read_text())
+    with torch.device("meta"):
+        model = resolve_model_class(config)(config)
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = total - expert + expert * 8 // 128
+    assert round(total / 1e9, 1) == 30.5 and 3.3e9 < active < 3.4e9
+    assert all(type(layer.mlp).__name__ == "SparseMoe" for layer in model.model.layers)
