@@ -146,5 +146,5 @@ def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_
         _align_kernel[(chunks,)](ids, hist, sorted_ids, block_expert, block_rows, num_pairs, num_experts, chunks,
                                  num_blocks, CHUNK=chunk, BLOCK_P=triton.next_power_of_2(chunk),
                                  BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=32, BLOCK_B=64,
-                                 BLOCK_M=block_m, **pdl_launch(dev))
+                                 BLOCK_M=block_m, num_warps=8, **pdl_launch(dev))  # a [128, E] running count
     return sorted_ids, block_expert, block_rows
