@@ -141,13 +141,10 @@ def decode_by_batch(log: list) -> dict:
     return out
 
 
-def summarize(stats: dict, seconds: float, tokens: int, input_tokens: int, log: list, info: dict,
-              bandwidth: float | None) -> dict:
-    """One timed run's JSON fields from the engine's ``stats``, its step log and ``describe()`` (``info``)."""
+def summarize(stats: dict, seconds: float, tokens: int, input_tokens: int, log: list) -> dict:
+    """One timed run's JSON fields from the engine's ``stats`` and its step log."""
     steps = max(stats["decode_steps"], 1)
     engine_steps = max(stats["decode_steps"] + stats["prefill_steps"], 1)
-    floor = None if not bandwidth else decode_floor_seconds(
-        stats["decode_steps"], stats["decode_kv_tokens"], info["weight_bytes"], info["kv_bytes_per_token"], bandwidth)
     return {
         "tokens": tokens, "input_tokens": input_tokens, "seconds": round(seconds, 3),
         "tok_per_s": round(tokens / seconds, 2),
@@ -160,10 +157,7 @@ def summarize(stats: dict, seconds: float, tokens: int, input_tokens: int, log: 
         # costs throughput only where it exceeds the device's step time
         "host_ms_per_step": round(1000 * stats["host_time"] / engine_steps, 3),
         "device_wait_ms_per_step": round(1000 * stats["wait_time"] / engine_steps, 3),
-        "preemptions": stats["preemptions"],
-        "copy_bandwidth_gbps": None if not bandwidth else round(bandwidth / 1e9, 1),
-        "decode_floor_seconds": None if floor is None else round(floor, 3),
-        "decode_vs_floor": None if floor is None else round(floor / max(stats["decode_time"], 1e-9), 3),
+        "preemptions": stats["preemptions"], "decode_kv_tokens": stats["decode_kv_tokens"],
         "decode_by_batch": decode_by_batch(log),
         "prefill_step_ms": [round(1000 * r.seconds, 1) for r in log if r.kind == "prefill"],
     }
@@ -189,7 +183,16 @@ def allocator_counts(cuda: bool) -> dict:
     return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
 
-def run_once(llm, args, info: dict, bandwidth: float | None) -> dict:
+def add_floor(result: dict, info: dict, bandwidth: float | None) -> None:
+    """Add the decode byte floor (weights per step + KV read, at ``bandwidth`` bytes/s) to a run's fields."""
+    floor = None if not bandwidth else decode_floor_seconds(
+        result["decode_steps"], result["decode_kv_tokens"], info["weight_bytes"], info["kv_bytes_per_token"], bandwidth)
+    result["copy_bandwidth_gbps"] = None if not bandwidth else round(bandwidth / 1e9, 1)
+    result["decode_floor_seconds"] = None if floor is None else round(floor, 3)
+    result["decode_vs_floor"] = None if floor is None else round(floor / max(result["decode_seconds"], 1e-9), 3)
+
+
+def run_once(llm, args, info: dict) -> dict:
     """One warm-up and one timed generate of the workload, with an empty prefix cache and zeroed stats."""
     prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
@@ -210,7 +213,7 @@ def run_once(llm, args, info: dict, bandwidth: float | None) -> dict:
         gc.callbacks.remove(hook)
         log, engine.step_log = engine.step_log, None
     tokens = count_generated(outputs, params)
-    result = summarize(engine.stats, seconds, tokens, sum(map(len, prompts)), log, info, bandwidth)
+    result = summarize(engine.stats, seconds, tokens, sum(map(len, prompts)), log)
     # what the caching allocator did during the run (each device malloc or retry synchronises) and the garbage
     # collections (a full one stalls the host for milliseconds)
     result["allocator"] = {k: v - allocator[k] for k, v in allocator_counts(cuda).items()}
@@ -226,17 +229,20 @@ def bench_process(args) -> list[dict]:
     llm = LLM(args.model, **kwargs)
     init_seconds = time.perf_counter() - t
     info = llm.engine.describe()
+    results = []
+    for _ in range(args.repeat):
+        r = {**info, "torch": torch.__version__, "init_seconds": round(init_seconds, 2),
+             **run_once(llm, args, info)}
+        results.append(r)
+        print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s",
+              flush=True)
+    # Measured after the timed runs, so that its 2 GiB copy test cannot disturb them (docs/PERFORMANCE.md).
     bandwidth = None
     if info["device_type"] == "cuda":
         device = kwargs.get("device", "cuda")
         bandwidth = copy_bandwidth(device if device.startswith("cuda") else "cuda")
-    results = []
-    for _ in range(args.repeat):
-        r = {**info, "torch": torch.__version__, "init_seconds": round(init_seconds, 2),
-             **run_once(llm, args, info, bandwidth)}
-        results.append(r)
-        print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s",
-              flush=True)
+    for r in results:
+        add_floor(r, info, bandwidth)
     return results
 
 

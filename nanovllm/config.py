@@ -8,11 +8,13 @@ documentation.  Fields with ``init=False`` are filled from the checkpoint direct
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
 def _opt(default, help: str, **metadata):
@@ -69,9 +71,10 @@ def normalize_prefill_graph_sizes(sizes, max_num_seqs: int, max_step_tokens: int
 class EngineConfig:
     model: str = field(metadata={"help": "HF checkpoint directory (config.json plus safetensors, one file or "
                                          "sharded with an index; with load_format='dummy' config.json alone)"})
-    device: str = _opt("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`")
-    dtype: str = _opt("auto", "the checkpoint's dtype on CUDA, float32 on CPU; or `float32`, `bfloat16`, "
-                              "`float16`", choices=DTYPES)
+    device: str = _opt("auto", "`auto` (CUDA, else an Ascend NPU, else Apple MPS, else CPU), `cpu`, `cuda`, `cuda:N`, "
+                               "`npu`, `npu:N` or `mps`")
+    dtype: str = _opt("auto", "the checkpoint's dtype on CUDA (float16 below compute capability 8.0) and NPU, "
+                              "float16 on MPS, float32 on CPU; or `float32`, `bfloat16`, `float16`", choices=DTYPES)
     load_format: str = _opt("safetensors", "`safetensors` reads the checkpoint; `dummy` draws random weights on "
                                            "the device from config.json alone, deterministic under `seed`",
                             choices=LOAD_FORMATS)
@@ -87,10 +90,11 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
     max_model_len: int = _opt(4096, "prompt + completion limit (capped by the checkpoint's "
                                     "`max_position_embeddings`)")
-    gpu_memory_utilization: float = _opt(0.9, "share of GPU memory for weights, activations and KV cache")
+    gpu_memory_utilization: float = _opt(0.9, "share of device memory for weights, activations and KV cache (on "
+                                               "MPS: of `torch.mps.recommended_max_memory()`)")
     kvcache_block_size: int = _opt(64, "tokens per KV block (a power of two >= 16; docs/PERFORMANCE.md has the "
                                        "measurement behind the default)")
-    num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free GPU memory; on "
+    num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free device memory; on "
                                                 "CPU 1 GiB worth)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")
     pipeline_depth: int = _opt(3, "engine steps queued on the device before the host reads the oldest one's "
@@ -123,9 +127,9 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
-        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")
-                                                 and not self.device.startswith("cuda:")):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'npu', 'npu:N' or 'mps', "
+                             f"got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:

@@ -76,3 +76,37 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
                                min_new_tokens=0, eos_token_id=None, pad_token_id=0)
         out.append(y[0, len(ids):].tolist())
     return out
+
+
+# A tiny MiniCPM4: tied embeddings (the key omitted, as in openbmb's config.json), MiniCPM4's scale_emb and
+# scale_depth, hidden_size / dim_model_base = 4, and LongRoPE whose short factors are not 1 and whose long factors
+# differ, switching past 64 tokens.
+MINICPM_TINY = dict(
+    architectures=["MiniCPMForCausalLM"], model_type="minicpm", vocab_size=384, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, scale_emb=12, scale_depth=1.4, dim_model_base=16,
+    rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.3, 1.9, 2.8, 4.0, 5.5, 7.0, 8.0],
+                      long_factor=[1.0, 1.6, 2.9, 4.5, 7.0, 10.0, 14.0, 16.0], original_max_position_embeddings=64))
+
+
+def build_minicpm_checkpoint(path, seed: int = 0, **overrides) -> str:
+    """Save a random-weight MiniCPM checkpoint (``MINICPM_TINY`` with ``overrides``; a None value drops the key)
+    and return its directory.  Weights: embedding std 0.02 and the rest 0.2, so that scale_emb (12) does not make
+    every next token the current one."""
+    import json
+    import transformers
+    from nanovllm.tools import minicpm
+    cfg = {k: v for k, v in dict(MINICPM_TINY, **overrides).items() if v is not None}
+    torch.manual_seed(seed)
+    tied = minicpm.with_defaults(cfg)["tie_word_embeddings"]
+    model = transformers.LlamaForCausalLM(minicpm.llama_config(cfg, tie_word_embeddings=tied))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.02 if "embed_tokens" in name else 0.2)
+    model.save_pretrained(path)
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(cfg, f)
+    return str(path)

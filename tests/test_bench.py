@@ -175,7 +175,8 @@ def test_decode_floor_is_weights_per_step_plus_kv_read_over_bandwidth():
     with pytest.raises(ValueError, match="bandwidth must be positive"):
         decode_floor_seconds(1, 1, 1, 1, 0)
     stats = {k: 0 for k in STATS} | {"decode_steps": 10, "decode_time": 2.0, "decode_kv_tokens": 1000}
-    r = bench.summarize(stats, 4.0, 100, 50, [], DESCRIBE, 1e9)
+    r = bench.summarize(stats, 4.0, 100, 50, [])
+    bench.add_floor(r, DESCRIBE, 1e9)
     floor = (10 * 10**6 + 1000 * 1024) / 1e9
     assert r["decode_floor_seconds"] == round(floor, 3) and r["decode_vs_floor"] == round(floor / 2.0, 3)
     assert r["copy_bandwidth_gbps"] == 1.0

@@ -152,8 +152,9 @@ def _key(**overrides):
                           max_model_len=128, max_num_seqs=4, tensor_parallel_size=1)
     option_values = overrides.pop("options", {"pdl": False})
     options = SimpleNamespace(as_dict=lambda: option_values)
+    versions = overrides.pop("versions", {})
     args = dict(dtype=torch.float32, num_kv_blocks=96,
-                platform=SimpleNamespace(name="cpu", arch=lambda: "x86_64", options=options))
+                platform=SimpleNamespace(name="cpu", arch=lambda: "x86_64", options=options, versions=lambda: versions))
     for name, value in overrides.items():
         setattr(cfg, name, value) if hasattr(cfg, name) else args.__setitem__(name, value)
     return cache.key_of(cache.key_fields(cfg, **args))
@@ -162,11 +163,13 @@ def _key(**overrides):
 def test_changing_any_key_field_misses(monkeypatch):
     key = _key()
     assert _key() == key
-    other_platform = SimpleNamespace(name="npu", arch=lambda: "x86_64", options=SimpleNamespace(as_dict=dict))
+    other_platform = SimpleNamespace(name="npu", arch=lambda: "x86_64", options=SimpleNamespace(as_dict=dict),
+                                     versions=dict)
     for name, value in [("graph_batch_sizes", (1, 2)), ("dtype", torch.bfloat16), ("num_kv_blocks", 95),
                         ("kvcache_block_size", 32), ("max_model_len", 64), ("max_num_seqs", 8),
                         ("tensor_parallel_size", 2), ("hf_config", {"hidden_size": 128}),
-                        ("platform", other_platform), ("options", {"pdl": True})]:
+                        ("platform", other_platform), ("options", {"pdl": True}),
+                        ("versions", {"cann": "8.5.0", "torch_npu": "2.13.0"})]:
         assert _key(**{name: value}) != key, name
     monkeypatch.setattr(cache, "source_hash", lambda: "0" * 64)
     assert _key() != key, "traced source"
@@ -214,3 +217,24 @@ def test_precompile_list_and_clear(built_entry, tmp_path, monkeypatch, capsys):
     precompile.main(["--clear"])
     assert "removed 1" in capsys.readouterr().out
     assert cache.list_entries() == []
+
+
+def test_platform_compiler_files_are_kept_checksummed_and_verified(tmp_path):
+    """A platform compiler's own cache (torchair's, on the NPU) lives in the entry's ``platform/``: an entry made of
+    it alone is saved, a warm start that adds nothing is a hit, and a changed file discards the entry."""
+    root = tmp_path / "compile"
+    store = cache.CompileCache(FIELDS, root=root)
+    with store.activate():
+        (store.platform_dir / "decode_4").mkdir()
+        (store.platform_dir / "decode_4" / "compiled_module").write_text("graph")
+    manifest = json.loads((store.entry / "manifest.json").read_text())
+    assert not store.hit and list(manifest["platform_files"]) == ["decode_4/compiled_module"]
+    again = cache.CompileCache(FIELDS, root=root)
+    with again.activate():
+        assert (again.platform_dir / "decode_4" / "compiled_module").read_text() == "graph"
+    assert again.hit
+    (root / store.key / "platform" / "decode_4" / "compiled_module").write_text("stale")
+    third = cache.CompileCache(FIELDS, root=root)
+    with third.activate():
+        assert not (third.platform_dir / "decode_4").exists()  # discarded before the compiler runs
+    assert not third.hit

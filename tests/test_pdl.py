@@ -31,6 +31,22 @@ def test_off_without_cuda_or_when_disabled(restore_options):
     assert not current_options().pdl and not pdl.pdl_enabled(torch.device("cuda", 0))
 
 
+def test_hopper_features_off_sends_a_hopper_gpu_down_the_pre_hopper_path(monkeypatch, restore_options):
+    """One switch (NANOVLLM_HOPPER_FEATURES=0) turns off both TMA loads and PDL, on an sm_90 GPU as on older ones."""
+    from nanovllm.kernels import triton_common
+    monkeypatch.setattr(triton_common, "device_capability", lambda device: (9, 0))
+    gpu = torch.device("cuda", 0)
+    q, k_cache = torch.empty(2, 4, 64, dtype=torch.bfloat16), torch.empty(8, 2, 64, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: gpu))  # tensors that report the (fake) GPU
+    set_options(KernelOptions.from_env({}))
+    assert pdl.pdl_enabled(gpu) and triton_decode.use_tma(q, k_cache, 64)
+    set_options(KernelOptions.from_env({"NANOVLLM_HOPPER_FEATURES": "0"}))
+    assert not pdl.pdl_enabled(gpu) and not triton_decode.use_tma(q, k_cache, 64)
+    monkeypatch.setattr(triton_common, "device_capability", lambda device: (8, 0))  # an A100: off either way
+    set_options(KernelOptions.from_env({}))
+    assert not pdl.pdl_enabled(gpu) and not triton_decode.use_tma(q, k_cache, 64)
+
+
 def test_inductor_follows_the_switch(monkeypatch, restore_options):
     from torch._inductor import config
     if not hasattr(config.triton, "enable_pdl"):

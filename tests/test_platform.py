@@ -24,7 +24,8 @@ def test_cpu_platform_facts(restore_options):
     platform.record_event().synchronize()  # nothing queued on a CPU: returns at once
     assert re.fullmatch(r".+ flags=[0-9a-f]{12}", platform.arch())
     assert platform.describe() == {"name": "cpu", "device": "cpu", "arch": platform.arch(),
-                                   "options": platform.options.as_dict()}
+                                   "options": platform.options.as_dict(), "versions": {}}
+    assert platform.distributed_backend == "gloo" and not platform.measures_memory and not platform.static_shapes
 
 
 def test_making_a_platform_installs_its_options_from_the_environment(monkeypatch, restore_options):
@@ -62,3 +63,25 @@ def test_compiled_cpu_steps_inline_the_sampler(restore_options):
                                         seeds, positions)
     assert not any("nanovllm.gumbel_argmax" in c for c in code)  # no call of the op (fused kernels keep its name)
     assert torch.equal(tokens, sampling.gumbel_argmax_reference(logits, temperature, seeds, positions))
+
+
+def test_cuda_below_compute_capability_8_gets_float16(monkeypatch):
+    """Volta and Turing have no bfloat16: ``auto`` gives float16 there and asking for bfloat16 names the GPU."""
+    from nanovllm.platforms.cuda import CudaPlatform
+    platform = object.__new__(CudaPlatform)  # no GPU here: only the dtype rule is exercised
+    platform.device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert platform.resolve_dtype("auto", "bfloat16") == torch.float16
+    assert platform.resolve_dtype("auto", None) == torch.float16
+    assert platform.resolve_dtype("auto", "float32") == torch.float32
+    with pytest.raises(ValueError, match=r"dtype='bfloat16'.*Tesla T4 sm_75"):
+        platform.resolve_dtype("bfloat16", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert platform.resolve_dtype("auto", "bfloat16") == torch.bfloat16
+    assert CudaPlatform.distributed_backend == "nccl" and CudaPlatform.measures_memory
+
+
+def test_a_bad_device_names_the_value():
+    with pytest.raises(ValueError, match="device='tpu'"):
+        get_platform("tpu")

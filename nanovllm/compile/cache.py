@@ -8,13 +8,16 @@ An entry is ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` holding
   without them a warm CPU start rebuilds every kernel with the C++ compiler;
 * ``step.bin`` (where PyTorch's AOT precompile API works): the Dynamo-compiled step, so a warm start does not
   trace it again (``nanovllm/compile/saved_step.py``);
+* ``platform/``: the platform compiler's own cache, where it has one (the NPU: torchair's ``cache_compile``);
 * ``manifest.json``: the key fields, versions, creation time, and the size and sha256 of ``artifacts.bin``, of
-  ``step.bin`` and of every file under ``inductor/``.  Written last, it marks the entry complete.
+  ``step.bin`` and of every file under ``inductor/`` and ``platform/``.  Written last, it marks the entry
+  complete.
 
 The key hashes everything that changes the generated code: model config, dtype, buckets,
 static shapes (block size, model length, sequences, KV blocks allocated), tensor-parallel size and rank,
-platform and device architecture, torch/triton/nanovllm versions, whether Inductor emits programmatic dependent
-launch, the kernel options, and the contents of every traced source file.  Inductor works in the entry's own
+platform and device architecture, the platform's software versions (CUDA; CANN, torch_npu, torchair), torch/triton/
+nanovllm versions, whether Inductor emits programmatic dependent launch, the kernel options, and the contents of
+every traced source file.  Inductor works in the entry's own
 directory, never the shared default one: PyTorch's own FX-graph cache keys on the traced graph, not on our
 sources, so a per-key directory under a key that includes the source hash is what keeps a stale graph out.
 
@@ -68,7 +71,8 @@ def key_fields(config, *, dtype, num_kv_blocks: int, platform) -> dict:
         "kvcache_block_size": config.kvcache_block_size, "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs, "num_kv_blocks": num_kv_blocks,
         "tensor_parallel_size": config.tensor_parallel_size, "rank": 0, "platform": platform.name,
-        "device_arch": platform.arch(), "kernel_options": platform.options.as_dict(), "torch": torch.__version__,
+        "device_arch": platform.arch(), "platform_versions": platform.versions(),
+        "kernel_options": platform.options.as_dict(), "torch": torch.__version__,
         "triton": triton_version, "nanovllm": __version__, "source_sha256": source_hash(),
         "inductor_pdl": _inductor_pdl(),
     }
@@ -154,6 +158,7 @@ class CompileCache:
         self.key = key_of(fields)
         self.root = Path(root) if root is not None else compile_cache_dir()
         self.entry = self.root / self.key
+        self.platform_dir = self.entry / "platform"  # the platform compiler's own cache (see the module doc)
         self.hit = False
         self.enabled = not cache_disabled()
         self.loaded = False  # a verified entry was loaded (it may still lack a saved step)
@@ -182,10 +187,11 @@ class CompileCache:
             data = (self.entry / "artifacts.bin").read_bytes()
             if len(data) != manifest["size"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
                 raise ValueError("artifacts.bin checksum mismatch")
-            inductor = self.entry / "inductor"
-            for name, digest in manifest["inductor_files"].items():
-                if not (inductor / name).is_file() or _sha256(inductor / name) != digest:
-                    raise ValueError(f"inductor/{name} missing or checksum mismatch")
+            listed = {"inductor": manifest["inductor_files"], "platform": manifest.get("platform_files", {})}
+            for sub, files in listed.items():
+                for name, digest in files.items():
+                    if not (self.entry / sub / name).is_file() or _sha256(self.entry / sub / name) != digest:
+                        raise ValueError(f"{sub}/{name} missing or checksum mismatch")
             if manifest.get("step") is not None:
                 step, want = (self.entry / "step.bin").read_bytes(), manifest["step"]
                 if (len(step), hashlib.sha256(step).hexdigest()) != (want["size"], want["sha256"]):
@@ -201,7 +207,8 @@ class CompileCache:
     def _save(self) -> None:
         saved = torch.compiler.save_cache_artifacts()
         data = saved[0] if saved is not None else self._artifacts  # a loaded entry keeps what it had
-        if data is None and self._step is None:
+        platform_files = _file_hashes(self.platform_dir)
+        if data is None and self._step is None and not platform_files:
             logger.info("compile cache: PyTorch recorded no artifacts; nothing saved")
             return
         data = data or b""
@@ -215,7 +222,7 @@ class CompileCache:
         versions = {k: self.fields.get(k) for k in ("torch", "triton", "nanovllm")}
         manifest = {"key": self.key, "fields": self.fields, "versions": versions, "created": time.time(),
                     "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "step": step,
-                    "inductor_files": _file_hashes(self.entry / "inductor")}
+                    "inductor_files": _file_hashes(self.entry / "inductor"), "platform_files": platform_files}
         _write_atomic(self.entry / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
 
     @contextlib.contextmanager
@@ -237,14 +244,16 @@ class CompileCache:
                 self.saved_step = self._step = None
             self.loaded, self._artifacts = loaded, data if loaded else None
             inductor.mkdir(parents=True, exist_ok=True)
+            self.platform_dir.mkdir(parents=True, exist_ok=True)
+            platform_before = _file_hashes(self.platform_dir)
             from torch.compiler._cache import CacheArtifactManager
             misses = _fxgraph_misses()
             with CacheArtifactManager.with_fresh_cache():  # record only this entry's artifacts
                 yield self
-                inductor_hit = _fxgraph_misses() == misses
-                self.hit = loaded and inductor_hit and not self._step_changed
-                if loaded and not inductor_hit and not self._step_changed:  # (a dropped step is traced anew)
-                    logger.warning("compile cache entry %s was incomplete (Inductor recompiled); updating it",
+                complete = _fxgraph_misses() == misses and _file_hashes(self.platform_dir) == platform_before
+                self.hit = loaded and complete and not self._step_changed
+                if loaded and not complete and not self._step_changed:  # (a dropped step is traced anew)
+                    logger.warning("compile cache entry %s was incomplete (the compiler compiled again); updating it",
                                    self.entry)
                 if not self.hit:
                     self._save()

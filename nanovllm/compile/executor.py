@@ -180,12 +180,21 @@ class GraphExecutor(EagerExecutor):
 
 
 def make_executor(spec: ExecutorSpec, *, enforce_eager: bool, capturable: bool, not_capturable_reason: str = ""):
-    """The executor for a model: graph mode unless eager is forced or the model cannot be captured (logged)."""
+    """The executor for a model: graph mode unless eager is forced, the model cannot be captured (logged) or the
+    platform runs eagerly by default (MPS); one static graph per bucket where the platform needs static shapes."""
+    platform = spec.platform
     if enforce_eager:
         return EagerExecutor(spec)
     if not capturable:
         logger.warning("the model runs eagerly: %s", not_capturable_reason)
         return EagerExecutor(spec)
+    if not platform.compiles_by_default:
+        logger.info("the %s platform runs eagerly by default (nanovllm/platforms/%s.py says why and how to compile)",
+                    platform.name, platform.name)
+        return EagerExecutor(spec)
+    if platform.static_shapes:
+        from nanovllm.compile.static_executor import StaticGraphExecutor  # it builds on this module
+        return StaticGraphExecutor(spec)
     return GraphExecutor(spec)
 
 

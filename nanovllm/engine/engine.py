@@ -41,6 +41,7 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.platform = get_platform(config.device)
+        self.platform.check_tensor_parallel(config.tensor_parallel_size)
         self.runner = ModelRunner(config, self.platform)
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

@@ -47,7 +47,7 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
         num_blocks = fixed
     else:
         budget = None
-        if platform.supports_graph_capture:  # a platform that can measure memory
+        if platform.measures_memory:
             platform.reset_peak_memory()
             probe()
             platform.synchronize()

@@ -45,15 +45,74 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(head_dim: int, max_position: int, base: float, scaling: dict | None = None):
-    """float32 (cos, sin) tables [max_position, head_dim] of the rotate-half rope, with Llama-3 scaling if asked."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type == "llama3":
-        inv_freq = llama3_inv_freq(inv_freq, scaling)
-    elif rope_type not in ("default", None):
-        raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported (supported: default, llama3)")
+def _frequency_exponents(head_dim: int) -> torch.Tensor:
+    """The exponents 2i / head_dim of the rope base, one per rotated pair (float32, as transformers builds them)."""
+    return torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+
+
+def longrope_inv_freq(head_dim: int, base: float, scaling: dict, which: str) -> torch.Tensor:
+    """LongRoPE: each inverse frequency divided by its own rescale factor from ``scaling[which]`` (``short_factor``
+    or ``long_factor``)."""
+    factors = scaling[which]
+    if len(factors) != head_dim // 2:
+        raise ValueError(f"rope_scaling {which} needs head_dim / 2 = {head_dim // 2} entries, got {len(factors)}")
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base ** _frequency_exponents(head_dim))
+
+
+def longrope_attention_factor(scaling: dict, max_position: int) -> float:
+    """The factor cos and sin are multiplied by: ``attention_factor`` if given, else sqrt(1 + ln s / ln L) for
+    L = ``original_max_position_embeddings`` and s = ``factor`` (default max_position / L), 1 when s <= 1."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling.get("original_max_position_embeddings") or max_position
+    factor = scaling.get("factor") or max_position / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def longrope_switch(scaling: dict | None, max_position: int) -> int | None:
+    """For LongRoPE whose long factors can be reached and differ from the short ones: the context length past which
+    a sequence's tokens take the long factors (``original_max_position_embeddings``).  None otherwise, so that a
+    checkpoint like MiniCPM4-0.5B (equal factors, original == max_position_embeddings) gets one plain table."""
+    if _rope_type(scaling) != "longrope":
+        return None
+    original = scaling.get("original_max_position_embeddings") or max_position
+    if max_position <= original or list(scaling["long_factor"]) == list(scaling["short_factor"]):
+        return None
+    return original
+
+
+def _rope_type(scaling: dict | None) -> str | None:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def _cos_sin(inv_freq: torch.Tensor, max_position: int, attention_factor: float = 1.0):
     positions = torch.arange(max_position, dtype=torch.int64).float()
     freqs = positions[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    if attention_factor == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def rope_cos_sin(head_dim: int, max_position: int, base: float, scaling: dict | None = None):
+    """float32 (cos, sin) tables [max_position, head_dim] of the rotate-half rope, scaled as ``scaling`` asks
+    (``llama3``, ``longrope``).  LongRoPE uses the short factors; where ``longrope_switch`` is not None the tables
+    are [2 * max_position, head_dim]: the short-factor rows, then the long-factor rows."""
+    rope_type = _rope_type(scaling)
+    if rope_type == "longrope":
+        missing = [k for k in ("short_factor", "long_factor") if k not in scaling]
+        if missing:
+            raise ValueError(f"rope_scaling {scaling!r} of type 'longrope' lacks {missing}")
+        factor = longrope_attention_factor(scaling, max_position)
+        short = _cos_sin(longrope_inv_freq(head_dim, base, scaling, "short_factor"), max_position, factor)
+        if longrope_switch(scaling, max_position) is None:
+            return short
+        long = _cos_sin(longrope_inv_freq(head_dim, base, scaling, "long_factor"), max_position, factor)
+        return torch.cat((short[0], long[0])), torch.cat((short[1], long[1]))
+    inv_freq = 1.0 / (base ** _frequency_exponents(head_dim))
+    if rope_type == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
+    elif rope_type not in ("default", None):
+        raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported "
+                                  f"(supported: default, llama3, longrope)")
+    return _cos_sin(inv_freq, max_position)

@@ -8,11 +8,16 @@ tracing.  A platform registers faster implementations per device type with ``tor
 (the CUDA platform: ``cuda.py``, the Triton kernels); the dispatcher picks by the device of the inputs, so
 models and layers call the wrappers below and never name a device.
 
+A platform whose graph compiler lowers only ops it knows may also register, per device type, a *traced
+implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
+place of the opaque op while compiling (the NPU platform: torchair's Ascend IR mode, ``kernels/npu.py``).  Eager
+calls always take the registered kernel.
+
 Contracts shared by every implementation (see ``reference.py`` for the cache layout and ``context_lens``):
 no host synchronisation and no data-dependent shapes, so a step may be graph-captured; slot -1 is never written;
 a row with context 0 gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -99,23 +104,54 @@ def _(logits, temperature, seeds, positions):
     return torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
 
 
+_TRACED: dict[tuple[str, str], Callable] = {}  # (op name, device type) -> its traced implementation
+
+
+def register_traced(name: str, device_type: str, fn: Callable | None) -> None:
+    """Make ``fn`` (same signature as the op ``nanovllm::<name>``) what Dynamo traces for the op on
+    ``device_type`` tensors; ``None`` removes it."""
+    if name not in _OPS:
+        raise ValueError(f"no op nanovllm::{name}; expected one of {', '.join(_OPS)}")
+    if fn is None:
+        _TRACED.pop((name, device_type), None)
+    else:
+        _TRACED[(name, device_type)] = fn
+
+
+@torch._dynamo.assume_constant_result  # read while tracing, no guard: registering never recompiles other graphs
+def _has_traced(name: str, device_type: str) -> bool:
+    return (name, device_type) in _TRACED
+
+
+def _traced(name: str, device: torch.device) -> Callable | None:
+    if torch.compiler.is_compiling() and _has_traced(name, device.type):
+        return _TRACED[(name, device.type)]
+    return None
+
+
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    fn = _traced("store_kv", k_cache.device)
+    if fn is not None:
+        return fn(key, value, k_cache, v_cache, slot_mapping)
     torch.ops.nanovllm.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 def rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps: float, k_cache, v_cache,
                   slot_mapping, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    return torch.ops.nanovllm.rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
-                                            k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+    fn = _traced("rope_store_kv", k_cache.device) or torch.ops.nanovllm.rope_store_kv
+    return fn(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
+              num_heads, num_kv_heads)
 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
-    return torch.ops.nanovllm.paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    fn = _traced("paged_attention", q.device) or torch.ops.nanovllm.paged_attention
+    return fn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
 def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:
     """A projection of ``x`` [T, K] (see ``_linear``); ``silu_mul`` takes the packed MLP gate/up weight."""
-    return torch.ops.nanovllm.linear(x, weight, bias, silu_mul)
+    fn = _traced("linear", x.device) or torch.ops.nanovllm.linear
+    return fn(x, weight, bias, silu_mul)
 
 
 def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
@@ -125,4 +161,8 @@ def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch
 
 def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:
     """Token ids [B] drawn from logits [B, V] (greedy where ``temperature`` is 0); see ``_gumbel_argmax``."""
-    return torch.ops.nanovllm.gumbel_argmax(logits, temperature, seeds, positions)
+    fn = _traced("gumbel_argmax", logits.device) or torch.ops.nanovllm.gumbel_argmax
+    return fn(logits, temperature, seeds, positions)
+
+
+_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "gumbel_argmax")

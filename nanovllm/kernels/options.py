@@ -1,4 +1,5 @@
-"""The switches a user or a debugging engineer may flip for the kernels, read from the environment in one place.
+"""The switches a user or a debugging engineer may flip for the kernels and the platforms, read from the environment
+in one place.
 
 ``KernelOptions.from_env()`` is the only reader of these variables:
 
@@ -8,6 +9,13 @@
 * ``NANOVLLM_MATMUL_TABLE``: the path of another matmul dispatch table (what a tuning benchmark writes).
 * ``NANOVLLM_PDL``: ``1`` (default) or ``0``, which turns programmatic dependent launch off.  It is always off
   under ``TRITON_INTERPRET=1`` (the interpreter cannot launch with it).
+* ``NANOVLLM_HOPPER_FEATURES``: ``1`` (default) or ``0``, which makes a Hopper (sm_90+) GPU take the pre-Hopper
+  path: no TMA loads and no programmatic dependent launch (``triton_common.hopper_features``), so that path can be
+  run on an H100.
+* ``NANOVLLM_NPU_GRAPH_MODE``: ``max-autotune`` (default: torchair lowers each decode graph to Ascend IR) or
+  ``reduce-overhead`` (torchair captures it as an aclgraph); see ``nanovllm/platforms/npu.py``.
+* ``NANOVLLM_MPS_COMPILE``: ``0`` (default: MPS runs eagerly) or ``1``, which compiles the step with
+  MPSInductor, with a warning (``nanovllm/platforms/mps.py``).
 
 A value outside those raises ``ValueError`` naming the variable and the value.
 
@@ -20,7 +28,8 @@ import os
 from dataclasses import asdict, dataclass
 
 _CHOICES = {"NANOVLLM_KERNELS": ("auto", "reference"), "NANOVLLM_MATMUL": ("auto", "cublas"),
-            "NANOVLLM_PDL": ("1", "0")}
+            "NANOVLLM_PDL": ("1", "0"), "NANOVLLM_HOPPER_FEATURES": ("1", "0"),
+            "NANOVLLM_NPU_GRAPH_MODE": ("max-autotune", "reduce-overhead"), "NANOVLLM_MPS_COMPILE": ("0", "1")}
 
 
 def _read(env, name: str) -> str:
@@ -36,6 +45,9 @@ class KernelOptions:
     triton_matmul: bool = True  # decode projections may take the tuned Triton matmul (else cuBLAS)
     matmul_table: str | None = None  # another matmul dispatch table (None: the one shipped beside the kernels)
     pdl: bool = True  # Triton kernels take part in programmatic dependent launch (where the GPU supports it)
+    hopper_features: bool = True  # TMA and PDL where the GPU has them; False: the pre-Hopper path everywhere
+    npu_graph_mode: str = "max-autotune"  # torchair's CompilerConfig().mode on the NPU platform
+    mps_compile: bool = False  # compile the step on MPS (MPSInductor) instead of running it eagerly
 
     @classmethod
     def from_env(cls, env=None) -> "KernelOptions":
@@ -44,7 +56,10 @@ class KernelOptions:
         return cls(reference_kernels=_read(env, "NANOVLLM_KERNELS") == "reference",
                    triton_matmul=_read(env, "NANOVLLM_MATMUL") == "auto",
                    matmul_table=env.get("NANOVLLM_MATMUL_TABLE") or None,
-                   pdl=_read(env, "NANOVLLM_PDL") == "1" and env.get("TRITON_INTERPRET") != "1")
+                   pdl=_read(env, "NANOVLLM_PDL") == "1" and env.get("TRITON_INTERPRET") != "1",
+                   hopper_features=_read(env, "NANOVLLM_HOPPER_FEATURES") == "1",
+                   npu_graph_mode=_read(env, "NANOVLLM_NPU_GRAPH_MODE"),
+                   mps_compile=_read(env, "NANOVLLM_MPS_COMPILE") == "1")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -16,7 +16,8 @@ Inductor's own kernels follow the same protocol when ``torch._inductor.config.tr
 ``configure_inductor`` sets it with this switch, unless ``TORCHINDUCTOR_ENABLE_PDL`` is set explicitly.
 
 The switch is ``KernelOptions.pdl`` (``options.py``: ``NANOVLLM_PDL=0`` turns it off, and it is off under
-``TRITON_INTERPRET=1``).  PDL is also off on any device but CUDA and before sm_90.
+``TRITON_INTERPRET=1``).  PDL is also off on any device but CUDA, before sm_90, and with Hopper features off
+(``NANOVLLM_HOPPER_FEATURES=0``, ``triton_common._hopper_or_newer``).
 """
 import os
 

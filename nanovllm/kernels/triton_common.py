@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.options import current_options
+
 _LOG2E = 1.4426950408889634
 _SM_COUNT: dict = {}
 
@@ -38,8 +40,12 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def _hopper_or_newer(device: torch.device) -> bool:
-    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or newer (PDL and TMA need it)."""
-    return device.type == "cuda" and device_capability(device)[0] >= 9
+    """Whether kernels on ``device`` may use Hopper features (TMA loads, PDL): a CUDA GPU of compute capability 9.0
+    or newer, unless ``KernelOptions.hopper_features`` is off (``NANOVLLM_HOPPER_FEATURES=0``), which sends a
+    Hopper GPU down the pre-Hopper path."""
+    if device.type != "cuda" or not current_options().hopper_features:
+        return False
+    return device_capability(device)[0] >= 9
 
 
 def _dot_precision(q: torch.Tensor) -> str:

@@ -119,8 +119,8 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size
 
 
 def use_tma(q: torch.Tensor, k_cache: torch.Tensor, block_n: int) -> bool:
-    """Whether the kernel loads whole KV tiles with the tensor memory accelerator: Hopper+, bf16/fp16, and a
-    contiguous cache whose blocks hold whole tiles."""
+    """Whether the kernel loads whole KV tiles with the tensor memory accelerator: Hopper+ with Hopper features on,
+    bf16/fp16, and a contiguous cache whose blocks hold whole tiles."""
     if q.device.type != "cuda" or q.dtype == torch.float32:
         return False
     return _hopper_or_newer(q.device) and k_cache.is_contiguous() and k_cache.shape[2] % block_n == 0

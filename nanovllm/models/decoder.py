@@ -1,9 +1,10 @@
 """The decoder-only transformer that every architecture shares, as a function of ``StepInputs``.
 
 Variants differ in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention and MLP
-bias (some Llamas), rope scaling and tied embeddings; and in each layer's MLP (``make_mlp``): dense, or a
-mixture of experts (``moe.py``) in the MoE architectures.  Projections are packed (qkv, gate_up) so each
-is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
+bias (some Llamas), rope scaling (Llama-3, LongRoPE) and tied embeddings; in each layer's MLP (``make_mlp``):
+dense, or a mixture of experts (``moe.py``) in the MoE architectures; and a subclass may rewrite its weights once
+they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv, gate_up)
+so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
 (cuBLAS, or a tuned Triton kernel for decode batches; the MLP's SiLU-and-multiply is fused into its gate/up
 matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
 traced unchanged by the graph compiler.
@@ -83,11 +84,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
 
-    def attend(self, h, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor]):
-        """Project ``h``, norm (Qwen3) and rotate q and k, store k and v in the paged cache, then attend over it:
-        [T, Hq * D].  Everything between the qkv matmul and attention is one fused op (``ops.rope_store_kv``)."""
+    def attend(self, h, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor], rope_rows: torch.Tensor):
+        """Project ``h``, norm (Qwen3) and rotate q and k (by the rope table rows ``rope_rows``), store k and v in
+        the paged cache, then attend over it: [T, Hq * D].  Everything between the qkv matmul and attention is one
+        fused op (``ops.rope_store_kv``)."""
         k_cache, v_cache = kv
-        q = ops.rope_store_kv(_project(self.qkv_proj, h), inputs.positions, self.rotary.cos_cache,
+        q = ops.rope_store_kv(_project(self.qkv_proj, h), rope_rows, self.rotary.cos_cache,
                               self.rotary.sin_cache, self.q_norm.weight if self.q_norm is not None else None,
                               self.k_norm.weight if self.k_norm is not None else None, self.eps, k_cache, v_cache,
                               inputs.slot_mapping, self.num_heads, self.num_kv_heads)
@@ -117,10 +119,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = mlp  # [T, H] -> [T, H]: MLP, or a mixture of experts (moe.py)
 
-    def forward(self, x, h, inputs, kv, next_norm: RMSNorm):
+    def forward(self, x, h, inputs, kv, next_norm: RMSNorm, rope_rows):
         """x: the residual stream; h: x through this layer's input norm.  Returns the new x, and it through
         ``next_norm`` (the next layer's input norm, or the final norm), so that norm fuses into this layer."""
-        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv))
+        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope_rows))
 
 
 def _compile_once(fn):
@@ -140,14 +142,15 @@ class DecoderBody(nn.Module):
     def __init__(self, a: DecoderArgs, mlps: list[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
+        self.rotary = rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
         self.layers = nn.ModuleList(DecoderLayer(a, rotary, mlp) for mlp in mlps)
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
 
 class DecoderForCausalLM(nn.Module):
-    """Base of every architecture.  Dense subclasses set ``qk_norm`` / ``qkv_bias``; mixture-of-experts ones
-    also override ``make_mlp`` and declare their checkpoint names (``loader.py``)."""
+    """Base of every architecture.  Dense subclasses set ``qk_norm`` / ``qkv_bias``, and may read more of the
+    config and override ``after_loading``; mixture-of-experts ones also override ``make_mlp`` and declare their
+    checkpoint names (``loader.py``)."""
     qk_norm = False
     qkv_bias: bool | None = None  # None: follow config's attention_bias
     graph_capturable = True
@@ -167,12 +170,17 @@ class DecoderForCausalLM(nn.Module):
         a = self.args
         return MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
 
+    def after_loading(self) -> None:
+        """Called once the weights are filled (from a checkpoint or at random), before the first step: a subclass
+        may rewrite them here (MiniCPM folds its scalings into them).  Nothing to do for the plain decoder."""
+
     def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list) -> torch.Tensor:
         """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence) of tokens ``input_ids``."""
         layers = self.model.layers
+        rope_rows = self.model.rotary.table_rows(inputs.positions, inputs.context_lens, inputs.cu_seqlens_q)
         x = self.model.embed_tokens(input_ids)
         h = layers[0].input_layernorm(x)
         next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
         for layer, kv, next_norm in zip(layers, kv_caches, next_norms):
-            x, h = layer(x, h, inputs, kv, next_norm)
+            x, h = layer(x, h, inputs, kv, next_norm, rope_rows)
         return _project(self.lm_head, h[inputs.logits_indices])  # the norm is per row: select after it

@@ -8,7 +8,8 @@ Checkpoints are one file or sharded with an index.  Names the model declares are
 loads it whole.  Every parameter must be filled exactly; a missing or mis-shaped tensor (one expert's included)
 raises an error that names it as the checkpoint does, and a truncated or corrupt file one that names the file.
 Tied embeddings need no ``lm_head.weight``; tensors the model does not use (e.g. rotary caches) are ignored.
-Values are converted to the model's dtype on load.
+Values are converted to the model's dtype on load.  Once filled, either way, the model's ``after_loading`` may
+rewrite its weights (MiniCPM folds its scalings into them).
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with
 ``seed`` (norm weights 1, everything else normal with std 0.02), the same on every run of one device type.
@@ -41,6 +42,7 @@ def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, mo
         fill_dummy_weights(model, seed)
     else:
         load_weights(model, model_dir)
+    model.after_loading()
     return model.eval().requires_grad_(False)
 
 

@@ -1,5 +1,6 @@
 """Maps a checkpoint's ``config.architectures`` to the class that implements it."""
 from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.models.minicpm import MiniCPM4ForCausalLM, MiniCPMForCausalLM
 from nanovllm.models.mixtral import MixtralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -10,6 +11,8 @@ MODEL_REGISTRY = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MiniCPMForCausalLM": MiniCPMForCausalLM,
+    "MiniCPM4ForCausalLM": MiniCPM4ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,

@@ -25,10 +25,21 @@ class _DoneEvent:
     def synchronize(self) -> None:
         pass
 
+    def versions(self) -> dict:
+        """Versions of the device software stack that change compiled artifacts (the compile cache keys on them)."""
+        return {}
+
+    def check_tensor_parallel(self, size: int) -> None:
+        """Raise ``ValueError`` if this platform cannot run ``size`` tensor-parallel ranks."""
+
 
 class Platform:
     name = "base"
     supports_graph_capture = False
+    measures_memory = False  # available_kv_bytes answers (after a probe step); else the KV cache gets a fixed size
+    static_shapes = False  # the compiler needs one static graph per step shape (no symbolic sizes)
+    compiles_by_default = True  # graph mode unless enforce_eager; False: eager unless the platform's option says
+    distributed_backend = "gloo"  # torch.distributed backend for tensor parallelism on this device
     compile_backend = "inductor"
     pin_memory = False  # whether host staging buffers for device copies should be page-locked
 
@@ -51,6 +62,13 @@ class Platform:
 
     def synchronize(self) -> None:
         pass
+
+    def versions(self) -> dict:
+        """Versions of the device software stack that change compiled artifacts (the compile cache keys on them)."""
+        return {}
+
+    def check_tensor_parallel(self, size: int) -> None:
+        """Raise ``ValueError`` if this platform cannot run ``size`` tensor-parallel ranks."""
 
     def record_event(self):
         """A handle whose ``synchronize()`` waits for all device work queued so far."""
@@ -77,11 +95,16 @@ class Platform:
     def describe(self) -> dict:
         """What runs where, for logs and benchmark records."""
         return {"name": self.name, "device": str(self.device), "arch": self.arch(),
-                "options": self.options.as_dict()}
+                "options": self.options.as_dict(), "versions": self.versions()}
 
     def compile(self, fn, dynamic: bool | None):
         """Lower ``fn`` with this platform's compiler (``dynamic=None``: only dims marked dynamic are symbolic)."""
         return torch.compile(fn, backend=self.compile_backend, fullgraph=True, dynamic=dynamic)
+
+    def compile_static(self, owner, name: str, cache_dir: Path | None):
+        """A callable running ``owner.<name>(inputs)`` compiled for one static input shape (``static_shapes``
+        platforms only); ``cache_dir`` is where the compiler may keep its own artifacts (None: cache off)."""
+        raise NotImplementedError(f"the {self.name} platform compiles with symbolic shapes")
 
     def graph_pool(self):
         return None

@@ -1,17 +1,27 @@
 """CUDA: the checkpoint's dtype, memory measured after a warm-up, pinned host staging, Inductor + CUDA graphs
-sharing one pool, and the Triton kernels registered for the ops (``nanovllm/kernels/cuda.py``)."""
+sharing one pool, NCCL, and the Triton kernels registered for the ops (``nanovllm/kernels/cuda.py``).
+
+Below Hopper: TMA loads and programmatic dependent launch need sm_90; ``KernelOptions.hopper_features``
+(``NANOVLLM_HOPPER_FEATURES=0``) turns both off on any GPU, so the path older GPUs take can be run on an H100.
+Compute capability below 8.0 (Volta, Turing) has no bfloat16: ``auto`` gives float16 there, and asking for
+bfloat16 is an error.  Triton's README lists compute capability 8.0+ as supported hardware, so below that the
+Triton kernels (and Inductor's) are outside what Triton promises; a warning at start-up names the fallbacks.
+"""
 from contextlib import contextmanager
 
 import torch
 
 from nanovllm.kernels.cuda import register_cuda_kernels
 from nanovllm.kernels.pdl import configure_inductor
+from nanovllm.logger import logger
 from nanovllm.platforms.base import _DTYPES, Platform
 
 
 class CudaPlatform(Platform):
     name = "cuda"
     supports_graph_capture = True
+    measures_memory = True
+    distributed_backend = "nccl"
     pin_memory = True
 
     def __init__(self, device: torch.device, options=None):
@@ -20,12 +30,29 @@ class CudaPlatform(Platform):
         torch.cuda.set_device(device)
         super().__init__(device, options)
         configure_inductor(device)  # Inductor's kernels take part in programmatic dependent launch (Hopper+)
+        if not self._has_bf16():
+            logger.warning("%s: Triton's README supports compute capability 8.0+; if its kernels fail here, "
+                           "NANOVLLM_KERNELS=reference runs the ops' PyTorch twins and enforce_eager=True skips "
+                           "Inductor's Triton code", self.arch())
 
     def register_kernels(self):
         register_cuda_kernels()
 
+    def _has_bf16(self) -> bool:
+        return torch.cuda.get_device_capability(self.device)[0] >= 8
+
+    def resolve_dtype(self, requested, checkpoint_dtype):
+        if requested == "bfloat16" and not self._has_bf16():
+            raise ValueError(f"dtype='bfloat16' needs compute capability 8.0+, but {self.arch()} has none; "
+                             f"use 'float16' or 'float32'")
+        return super().resolve_dtype(requested, checkpoint_dtype)
+
     def auto_dtype(self, checkpoint_dtype):
-        return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
+        dtype = _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
+        return torch.float16 if dtype == torch.bfloat16 and not self._has_bf16() else dtype
+
+    def versions(self):
+        return {"cuda": torch.version.cuda}
 
     def synchronize(self):
         torch.cuda.synchronize(self.device)

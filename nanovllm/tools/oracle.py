@@ -4,12 +4,17 @@
 
 float32 must be token-identical.  In lower precision the rule of DESIGN.md applies: the first position where
 the two outputs diverge must be one where transformers' top two candidates are within ``--margin`` nats.
+transformers has no MiniCPM class: for a MiniCPM checkpoint it runs the equivalent Llama checkpoint, written to a
+temporary directory by ``nanovllm.tools.minicpm``.
 Exits non-zero on a failure, so it doubles as a check on checkpoints the tests have never seen.
 """
 import argparse
+import contextlib
 import json
 import random
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -54,12 +59,25 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)
     del llm
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(dev).eval()
+    with _transformers_checkpoint(model_dir) as hf_dir:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).to(dev).eval()
     verdicts = []
     for prompt, out in zip(prompts, ours):
         theirs, logprobs = hf_greedy_with_logprobs(hf, prompt, max_tokens, dev)
         verdicts.append(compare(out["token_ids"], theirs, logprobs, margin, exact=dtype == "float32"))
     return verdicts
+
+
+@contextlib.contextmanager
+def _transformers_checkpoint(model_dir: str):
+    """``model_dir``, or for a MiniCPM checkpoint its Llama equivalent in a temporary directory."""
+    from nanovllm.tools import minicpm
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") not in minicpm.MODEL_TYPES:
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="nanovllm-oracle-") as tmp:
+        yield str(minicpm.to_llama(model_dir, tmp))
 
 
 def main():

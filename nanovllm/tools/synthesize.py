@@ -6,7 +6,9 @@
 PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to
 a config.json (or a directory holding one). The model is built with transformers
 (``AutoModelForCausalLM.from_config``), so the saved state dict uses standard HF names
-(``model.layers.0.self_attn.q_proj.weight``, ...). Every weight is drawn from
+(``model.layers.0.self_attn.q_proj.weight``, ...). MiniCPM (``minicpm4-0.5b``, or a config.json
+of model_type ``minicpm``/``minicpm4``), which transformers lacks, is built as the Llama of the
+same shape (``nanovllm.tools.minicpm``) and saved with its own config.json. Every weight is drawn from
 N(0, 0.02) in float32 with a generator seeded by ``--seed`` and then cast, so a seed
 gives the same weights (up to rounding) in every dtype; RMSNorm weights are ones.
 Tied ``lm_head`` is stored once. Output: model.safetensors, config.json,
@@ -24,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from nanovllm.paths import models_dir
+from nanovllm.tools import minicpm
 from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
                                          save_weights, write_config_json, write_generation_config)
 
@@ -58,6 +61,8 @@ PRESETS = {
                                          original_max_position_embeddings=8192),
                     tie_word_embeddings=True, bos_token_id=128000,
                     eos_token_id=[128001, 128008, 128009])),
+    "minicpm4-0.5b": dict(config="minicpm", tokenizer=None, generation=minicpm.MINICPM4_0_5B_GENERATION,
+                          fields=minicpm.MINICPM4_0_5B),
     "qwen3-30b-a3b": dict(  # 30.5B parameters (61 GB in bf16): write it with --config-only, run load_format=dummy
         config="Qwen3MoeConfig", tokenizer="qwen", generation=_QWEN_GEN,
         fields=dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
@@ -82,15 +87,18 @@ def qwen_tokenizer_dir() -> Path | None:
 
 
 def _load_config(preset_or_config, overrides: dict):
-    """Return (config, generation ids dict, default tokenizer dir or None)."""
+    """Return (transformers config of the weights, generation ids dict, default tokenizer dir or None,
+    the config.json to write instead of that config's own, or None)."""
     import transformers
     from transformers import CONFIG_MAPPING
 
     name = str(preset_or_config)
     if name in PRESETS:
         preset = PRESETS[name]
-        d = dict(preset["fields"], architectures=[preset["config"].replace("Config", "ForCausalLM")])
-        cls = getattr(transformers, preset["config"])
+        d = dict(preset["fields"])
+        if preset["config"] != "minicpm":
+            d["architectures"] = [preset["config"].replace("Config", "ForCausalLM")]
+            cls = getattr(transformers, preset["config"])
         gen = dict(preset["generation"])
         tok = qwen_tokenizer_dir() if preset["tokenizer"] == "qwen" else None
     else:
@@ -100,24 +108,28 @@ def _load_config(preset_or_config, overrides: dict):
             raise ValueError(f"unknown preset {name!r} and no such config file; expected one of "
                              f"{', '.join(PRESETS)} or a path to a config.json (or its directory)")
         d = json.loads(path.read_text())
-        if d.get("model_type") not in CONFIG_MAPPING:
+        if d.get("model_type") not in CONFIG_MAPPING and d.get("model_type") not in minicpm.MODEL_TYPES:
             raise ValueError(f"{str(path)!r}: model_type {d.get('model_type')!r} is not a "
                              f"transformers architecture")
-        cls = CONFIG_MAPPING[d["model_type"]]
+        cls = None if d["model_type"] in minicpm.MODEL_TYPES else CONFIG_MAPPING[d["model_type"]]
         gen = dict(bos=d.get("bos_token_id"), eos=d.get("eos_token_id"), pad=d.get("pad_token_id"))
         tok = None
-        for k in ("torch_dtype", "dtype", "quantization_config", "_name_or_path"):
+        for k in ("torch_dtype", "dtype", "quantization_config", "_name_or_path", "auto_map"):
             d.pop(k, None)
-    known = set(cls().to_dict()) | set(d)
+    is_minicpm = d.get("model_type") in minicpm.MODEL_TYPES
+    known = set(minicpm.with_defaults(d)) if is_minicpm else set(cls().to_dict()) | set(d)
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown config field(s) {bad} for {cls.__name__}")
+        raise ValueError(f"unknown config field(s) {bad} for {d['model_type'] if is_minicpm else cls.__name__}")
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         d.pop("layer_types", None)  # per-layer list; let the config rebuild it for the new depth
     d.update(overrides)
     if "eos_token_id" in overrides:
         gen["eos"] = overrides["eos_token_id"]
-    return cls(**d), gen, tok
+    if is_minicpm:  # no transformers class: the weights are the same-shape Llama's, config.json stays MiniCPM's
+        tied = minicpm.with_defaults(d)["tie_word_embeddings"]
+        return minicpm.llama_config(d, tie_word_embeddings=tied), gen, tok, d
+    return cls(**d), gen, tok, None
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
@@ -142,6 +154,22 @@ def _random_init(model, seed: int) -> None:
                 p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
 
 
+def _write_config_files(tmp: Path, config, checkpoint_config, dtype: str, gen: dict, tok_src, out_dir) -> str:
+    """config.json (the checkpoint's own where transformers has no class for it), generation_config.json and
+    the tokenizer files into ``tmp``; returns the architecture written."""
+    if checkpoint_config is None:
+        write_config_json(config, tmp, dtype)
+    else:
+        checkpoint_config = dict(checkpoint_config, torch_dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(checkpoint_config, indent=2) + "\n")
+    write_generation_config(tmp, **gen)
+    if tok_src is not None:
+        _copy_tokenizer(tok_src, tmp)
+    else:
+        logger.warning("note: no tokenizer written to %s (pass --tokenizer DIR to add one)", out_dir)
+    return (checkpoint_config or {}).get("architectures", config.architectures)[0]
+
+
 def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=None,
                seed: int = 0, overwrite: bool = False, config_only: bool = False, **overrides) -> Path:
     """Write a random-weight checkpoint for a preset or config.json into ``out_dir``.
@@ -155,17 +183,14 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
 
     torch_dtype = check_dtype(dtype, allow_none=False)
     out_dir = Path(out_dir).expanduser()
-    config, gen, default_tok = _load_config(preset_or_config, overrides)
+    config, gen, default_tok, checkpoint_config = _load_config(preset_or_config, overrides)
     tok_src = default_tok if tokenizer is None else (tokenizer or None)
     if config_only:
         config.dtype = torch_dtype
         with atomic_output_dir(out_dir, overwrite) as tmp:
-            write_config_json(config, tmp, dtype)
-            write_generation_config(tmp, **gen)
-            if tok_src is not None:
-                _copy_tokenizer(tok_src, tmp)
+            arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
         logger.info("wrote the config of %s (%s, no weights: load it with load_format='dummy') at %s",
-                    preset_or_config, config.architectures[0], out_dir)
+                    preset_or_config, arch, out_dir)
         return out_dir
     try:  # skip transformers' own (slow) init: every weight is overwritten below
         from transformers.initialization import no_init_weights
@@ -183,16 +208,10 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
         dropped = save_weights(model, tmp / "model.safetensors")
         if dropped and not config.tie_word_embeddings:
             raise RuntimeError(f"shared tensors {dropped} but tie_word_embeddings is false")
-        write_config_json(config, tmp, dtype)
-        write_generation_config(tmp, **gen)
-        if tok_src is not None:
-            _copy_tokenizer(tok_src, tmp)
-        else:
-            logger.warning("note: no tokenizer written to %s (pass --tokenizer DIR to add one)",
-                           out_dir)
+        arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
     n = sum(p.numel() for p in model.parameters())
-    logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config,
-                config.architectures[0], n / 1e6, dtype, seed, out_dir)
+    logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config, arch,
+                n / 1e6, dtype, seed, out_dir)
     return out_dir
 
 

@@ -1,0 +1,134 @@
+"""The Ascend implementations of the ops, registered for "npu" tensors by the NPU platform (``platforms/npu.py``).
+
+Sources (every vendor call below follows them; ``tests/standins/`` checks each call against the same pages):
+* attention: ``torch_npu.npu_fused_infer_attention_score`` (FIA), Ascend/op-plugin ``docs/zh/custom_APIs/torch_npu/
+  torch_npu-npu_fused_infer_attention_score.md``; its graph-mode twin ``torchair.ops.npu_fused_infer_attention_score``,
+  Ascend/torchair ``docs/zh/ascend_ir/api/ops/npu_fused_infer_attention_score.md``;
+* KV store: ``torch_npu.npu_scatter_nd_update_``, Ascend/op-plugin ``docs/zh/custom_APIs/torch_npu/
+  torch_npu-npu_scatter_nd_update_.md`` ("supports graph mode"; vllm-ascend's torchair attention wrote its paged cache
+  with it).
+
+Decode attention is FIA's paged path (PageAttention, query length 1): query in ``BNSD`` layout [B, Hq, 1, D] over
+the cache in the layout FIA documents as the faster one for paged decode, ``BnNBsD`` [blocks, Hkv, block_size, D]
+(nanovllm's cache layout, ``reference.py``), ``block_table`` int32 [B, width], ``block_size``,
+``num_key_value_heads`` for GQA and ``actual_seq_lengths_kv`` = each row's context length.  FIA takes float16 and
+bfloat16 only.  Lengths are host ints in torch_npu's eager API but int64 device tensors in torchair's graph-mode op,
+which is why the two paths differ:
+
+* eager (``register_npu_kernels``): the kernel reads the lengths to the host, one synchronisation per layer.  Eager
+  mode is for debugging; the graph path has none.
+* graph (``register_npu_traced``): Dynamo traces ``traced_*`` in place of the opaque ops (``ops.register_traced``),
+  so torchair sees only ops it converts.  In ``max-autotune`` (Ascend IR) attention is the torchair op with device
+  lengths.  In ``reduce-overhead`` (aclgraph) FIA would need host lengths refreshed at every replay (vllm-ascend
+  does it with ``graph_task_update_begin/end``), which device-resident ``StepInputs`` cannot give, so attention
+  there is the pure-PyTorch twin (no host reads; it reads every block of the table).
+
+Prefill attention is the twin everywhere: FIA's paged prefill needs ``block_size`` a multiple of 128 and, in the TND
+layout, head_dim 128 (the doc's PageAttention and TND constraints), which nanovllm's defaults do not meet.
+
+KV store: one ``npu_scatter_nd_update_`` per cache with indices (block, kv head, offset) [T, Hkv, 3] and updates
+[T, Hkv, D].  The op does not skip out-of-range indices ("不支持越界"), so padded rows (slot -1) are sent, as in
+the twin, to the first real row's slot with that row's values, or, when no row is real, to slot 0 with slot 0's
+own contents: every duplicate index writes equal values (what duplicates do is not documented; equal values make
+the order irrelevant).  Row with context 0 gets zeros, as the op contract says.
+"""
+import torch
+
+from nanovllm.kernels import ops, reference, sampling  # noqa: F401  (ops: defines the ops)
+
+_registered: set[str] = set()
+_FIA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _scatter_rows(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """(indices [T, Hkv, 3] int32, updates [T, Hkv, D]) writing ``src`` [T, Hkv, D] to its slots (see module doc)."""
+    num_kv_heads, block_size = cache.shape[1], cache.shape[2]
+    valid = slot_mapping >= 0
+    first = valid.to(torch.int32).argmax(dim=0, keepdim=True)  # [1]: never a 0-d index (a host read)
+    any_valid = valid[first]
+    slots = torch.where(valid, slot_mapping, torch.where(any_valid, slot_mapping[first], 0)).long()
+    src = src.to(cache.dtype)
+    fill = torch.where(any_valid[:, None, None], src[first], cache[0:1, :, 0])
+    updates = torch.where(valid[:, None, None], src, fill)
+    rows = slots.shape[0]
+    heads = torch.arange(num_kv_heads, device=slots.device)
+    index = torch.stack([(slots // block_size)[:, None].expand(rows, num_kv_heads), heads[None, :].expand(
+        rows, num_kv_heads), (slots % block_size)[:, None].expand(rows, num_kv_heads)], dim=-1)
+    return index.to(torch.int32), updates
+
+
+def store_kv_npu(key, value, k_cache, v_cache, slot_mapping) -> None:
+    if slot_mapping.shape[0] == 0:
+        return
+    import torch_npu
+    for src, cache in ((key, k_cache), (value, v_cache)):
+        index, updates = _scatter_rows(src, cache, slot_mapping)
+        torch_npu.npu_scatter_nd_update_(cache, index, updates)
+
+
+def rope_store_kv_npu(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+                      slot_mapping, num_heads, num_kv_heads):
+    q, k, v = reference.norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                                            num_heads, num_kv_heads, k_cache.shape[3])
+    store_kv_npu(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def _fia_decode(fia, q, k_cache, v_cache, context_lens, block_tables, scale, lengths):
+    """FIA paged decode of q [B, Hq, D]; rows of context 0 get zeros (FIA reads them as length 1: padding rows)."""
+    batch, num_heads, head_dim = q.shape
+    out, _ = fia(q.reshape(batch, num_heads, 1, head_dim).contiguous(), k_cache, v_cache,
+                 actual_seq_lengths_kv=lengths, block_table=block_tables.clamp(min=0).to(torch.int32),
+                 block_size=k_cache.shape[2], num_heads=num_heads, num_key_value_heads=k_cache.shape[1],
+                 scale=scale, input_layout="BNSD")
+    return torch.where((context_lens > 0)[:, None, None], out.reshape(batch, num_heads, head_dim), 0.0).to(q.dtype)
+
+
+def _is_fia_decode(q, context_lens) -> bool:
+    return q.shape[0] == context_lens.shape[0] and q.dtype in _FIA_DTYPES
+
+
+def paged_attention_npu(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    """Eager: FIA for decode (lengths read to the host), the twin otherwise."""
+    if not _is_fia_decode(q, context_lens):
+        return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                                   scale)
+    import torch_npu
+    lengths = context_lens.clamp(min=1).tolist()
+    return _fia_decode(torch_npu.npu_fused_infer_attention_score, q, k_cache, v_cache, context_lens, block_tables,
+                       scale, lengths)
+
+
+def traced_paged_attention_ascend_ir(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    """Graph, max-autotune: torchair's FIA with the lengths as an int64 device tensor, the twin for prefill."""
+    if not _is_fia_decode(q, context_lens):
+        return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                                   scale)
+    import torchair
+    return _fia_decode(torchair.ops.npu_fused_infer_attention_score, q, k_cache, v_cache, context_lens,
+                       block_tables, scale, context_lens.clamp(min=1).to(torch.int64))
+
+
+KERNELS = {"nanovllm::store_kv": store_kv_npu, "nanovllm::rope_store_kv": rope_store_kv_npu,
+           "nanovllm::paged_attention": paged_attention_npu}
+
+
+def register_npu_kernels() -> None:
+    """Route the ops' "npu" tensors to the implementations above (idempotent); ``linear`` and ``gumbel_argmax``
+    keep their twins, which are plain torch ops on any device."""
+    if "npu" in _registered:
+        return
+    for name, fn in KERNELS.items():
+        torch.library.register_kernel(name, "npu", fn)
+    _registered.add("npu")
+
+
+def register_npu_traced(graph_mode: str) -> None:
+    """What Dynamo traces for each op on "npu" tensors under torchair's ``graph_mode`` (see the module doc): only
+    torch_npu/torchair ops and plain torch ops, so no op needs an Ascend converter of ours."""
+    attention = traced_paged_attention_ascend_ir if graph_mode == "max-autotune" else \
+        reference.paged_attention_reference
+    for name, fn in (("store_kv", store_kv_npu), ("rope_store_kv", rope_store_kv_npu),
+                     ("paged_attention", attention), ("linear", reference.linear_reference),
+                     ("gumbel_argmax", sampling.gumbel_argmax_reference)):
+        ops.register_traced(name, "npu", fn)

@@ -1,0 +1,137 @@
+"""Ascend NPU through torch_npu and torchair.  Written to the vendors' documentation, run only against the stand-ins
+in ``tests/standins/`` (no Ascend card was available): see the README's platform table.
+
+* Device: ``npu`` / ``npu:N``.  ``import torch_npu`` registers the device and ``torch.npu`` and must come before
+  ``import torchair`` (torchair guide).  Dtypes: the checkpoint's float16 or bfloat16, else bfloat16 (FIA, the
+  attention kernel, takes no float32; float32 runs the twins).
+* Memory: ``torch.npu.mem_get_info`` (free, total), ``max_memory_allocated`` and ``memory_reserved`` after a probe
+  step, as on CUDA.  Completion: ``torch.npu.Event`` and ``torch.npu.synchronize``.  Staging buffers are pinned.
+* Distributed backend: ``hccl`` (for tensor parallelism, which nanovllm does not implement yet on any platform).
+* Kernels: ``nanovllm/kernels/npu.py`` (FIA attention, ``npu_scatter_nd_update_`` KV store), registered for "npu".
+* Compilation: ``torchair.get_npu_backend(compiler_config=CompilerConfig())`` with ``CompilerConfig().mode`` from
+  ``KernelOptions.npu_graph_mode`` (``NANOVLLM_NPU_GRAPH_MODE``).  Default ``max-autotune``: torchair's own
+  default, what nano-vllm-ascend ran (3,954 tok/s on an A3 910C), and the only mode whose FIA takes the attention
+  lengths as a device tensor, so the step stays free of host reads.  ``reduce-overhead`` (aclgraph capture, what
+  vllm-ascend moved to, refreshing host-side lengths before each replay) is the option; here its attention is the
+  twin (``kernels/npu.py`` says why), and aclgraph's stream budget (2,048 streams in all, per the torchair guide as
+  summarised in the project's capability notes) bounds how many buckets can be captured.
+* Static shapes (``static_shapes``): each decode bucket is compiled on its own with ``dynamic=False`` and
+  ``fullgraph=True`` (``compile/static_executor.py``), through torchair's compile cache ``cache_compile`` (one
+  method per bucket, whose files live in nanovllm's compile-cache entry, keyed by the CANN, torch_npu and torchair
+  versions).  Nested compile regions are inlined while tracing: torchair converts no ``invoke_subgraph``.
+"""
+import importlib.metadata
+from pathlib import Path
+
+import torch
+
+from nanovllm.kernels.npu import register_npu_kernels, register_npu_traced
+from nanovllm.platforms.base import Platform
+
+_HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def npu_present() -> bool:
+    """Whether torch_npu is installed and sees a device (imports it only when it is installed)."""
+    import importlib.util
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers torch.npu)
+    return torch.npu.is_available() and torch.npu.device_count() > 0
+
+
+class NpuPlatform(Platform):
+    name = "npu"
+    measures_memory = True
+    static_shapes = True
+    distributed_backend = "hccl"
+    pin_memory = True
+
+    def __init__(self, device: torch.device, options=None):
+        import torch_npu  # noqa: F401  (before torchair, which the compile step imports)
+        if not torch.npu.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for but torch.npu.is_available() is False")
+        if device.index is None:
+            device = torch.device("npu", torch.npu.current_device())
+        if device.index >= torch.npu.device_count():
+            raise ValueError(f"device={str(device)!r}: only {torch.npu.device_count()} NPUs are visible")
+        torch.npu.set_device(device)
+        super().__init__(device, options)
+
+    def register_kernels(self):
+        register_npu_kernels()
+        register_npu_traced(self.options.npu_graph_mode)
+
+    def auto_dtype(self, checkpoint_dtype):
+        return _HALF.get(checkpoint_dtype or "", torch.bfloat16)
+
+    def synchronize(self):
+        torch.npu.synchronize(self.device)
+
+    def record_event(self):
+        event = torch.npu.Event()
+        event.record()
+        return event
+
+    def reset_peak_memory(self):
+        torch.npu.empty_cache()
+        torch.npu.reset_peak_memory_stats(self.device)
+
+    def available_kv_bytes(self, utilization):
+        free, total = torch.npu.mem_get_info(self.device)
+        used_by_others = total - free - torch.npu.memory_reserved(self.device)
+        peak = torch.npu.max_memory_allocated(self.device)
+        return int(total * utilization - used_by_others - peak)
+
+    def arch(self):
+        return torch.npu.get_device_name(self.device)
+
+    def versions(self):
+        import torch_npu
+        try:
+            torchair_version = importlib.metadata.version("torchair")
+        except importlib.metadata.PackageNotFoundError:  # torchair inside a torch_npu wheel
+            import torchair
+            torchair_version = getattr(torchair, "__version__", None)
+        return {"cann": torch_npu.npu.utils.get_cann_version(), "torch_npu": torch_npu.__version__,
+                "torchair": torchair_version}
+
+    def _compiler_config(self):
+        import torchair
+        config = torchair.CompilerConfig()
+        config.mode = self.options.npu_graph_mode
+        return config
+
+    def _backend(self):
+        import torchair
+        return torchair.get_npu_backend(compiler_config=self._compiler_config())
+
+    def compile(self, fn, dynamic):
+        if dynamic is not False:
+            raise ValueError(f"the npu platform compiles static shapes only (dynamic=False), got dynamic={dynamic}")
+        return _InlinedRegions(torch.compile(fn, backend=self._backend(), fullgraph=True, dynamic=False))
+
+    def compile_static(self, owner, name: str, cache_dir: Path | None):
+        """``cache_compile`` of the method (its config taken from the backend, as its doc allows), or plain
+        ``torch.compile`` when the compile cache is off (``cache_dir`` None)."""
+        import torchair
+        method = getattr(owner, name)
+        if cache_dir is None:
+            return self.compile(method, dynamic=False)
+        return _InlinedRegions(torchair.inference.cache_compile(method, backend=self._backend(), dynamic=False,
+                                                                cache_dir=str(cache_dir)))
+
+
+class _InlinedRegions:
+    """Calls a compiled function with Dynamo inlining ``nested_compile_region`` calls (torch 2.13+), so no
+    ``invoke_subgraph`` reaches torchair."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        config = torch._dynamo.config
+        if not hasattr(config, "inline_invoke_subgraph"):
+            return self.compiled(*args, **kwargs)
+        with config.patch(inline_invoke_subgraph=True):
+            return self.compiled(*args, **kwargs)
