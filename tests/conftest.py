@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The kernel tests run Triton on CPU tensors.  The switch must be set before anything imports triton: a triton
+# imported without it keeps its library functions (tl.max, tl.sum, ...) compiled, and interpreted kernels that
+# call them fail, so the outcome would depend on which test module pytest happens to import first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -25,6 +29,17 @@ def make_config(arch: str, **overrides):
         scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=64, rope_theta=500000.0)
         return transformers.LlamaConfig(rope_scaling=scaling, rope_theta=500000.0, **dict(kw, tie_word_embeddings=True))
+    if arch == "qwen3_moe":  # sparse, dense, sparse
+        return transformers.Qwen3MoeConfig(head_dim=32, rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1,
+                                           mlp_only_layers=[1], **dict(kw, num_hidden_layers=3))
+    if arch == "mixtral":
+        return transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
+                                          sliding_window=None, **dict(kw, intermediate_size=48))
+    if arch == "qwen2_moe":  # dense, then sparse with a shared expert
+        return transformers.Qwen2MoeConfig(rope_theta=1e6, num_experts=6, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                           norm_topk_prob=False, decoder_sparse_step=2, **kw)
     raise ValueError(arch)
 
 

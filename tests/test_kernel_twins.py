@@ -7,6 +7,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from nanovllm.kernels import moe_reference
 from nanovllm.kernels import reference as ref
 from nanovllm.kernels import sampling
 from nanovllm.layers.rotary import RotaryEmbedding
@@ -133,6 +134,9 @@ def _twin_calls():
                                                         torch.ones(16), torch.ones(16), 1e-6, k, v,
                                                         torch.tensor([0, 1, -1, 3, 4, 5], dtype=torch.int32), 4, 2)),
         ("linear", ref.linear_reference, (torch.randn(3, 8), torch.randn(10, 8), torch.randn(10), True)),
+        ("fused_moe", moe_reference.fused_moe_reference, (torch.randn(5, 8), torch.randn(5, 4), torch.randn(4, 12, 8),
+                                                          torch.randn(4, 8, 6), 2, True)),
+        ("moe_align", moe_reference.align_reference, (torch.randint(0, 4, (5, 2)), 4, 4)),
         ("gumbel_argmax", sampling.gumbel_argmax_reference, (logits, temp, seeds, positions)),
         ("filtered", sampling.filtered_gumbel_argmax, (logits, temp, torch.tensor([-1, 3, 5]),
                                                        torch.tensor([1.0, 0.9, 0.5]), seeds, positions)),

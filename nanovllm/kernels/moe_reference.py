@@ -1,0 +1,102 @@
+"""Pure-PyTorch twin of ``nanovllm::fused_moe`` (the CPU path and the oracle of the Triton kernels), and the
+reference of the expert-sorted, block-aligned layout the Triton grouped GEMMs read.
+
+Contract of the op, shared by every implementation::
+
+    fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]
+
+* Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities; with ``renormalize``
+  they are divided by their sum (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral, whose "top-k, then softmax
+  over the chosen" is the same thing).  Router weights stay float32 until they multiply an expert's output.
+* Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x`` (gate rows first).
+* The result is the router-weighted sum of the token's ``top_k`` expert outputs, in x's dtype.
+
+The twin takes the gather form: each (token, k) pair gathers its expert's weights and multiplies, a chunk of
+pairs at a time, so memory stays bounded and every shape depends only on T, top_k and the weights' shapes (no
+``.item()``, no data-dependent shape: it traces whole and replays in a graph).
+
+Layout of the grouped form (``align_reference``; ``triton_moe_align.py`` computes it on the GPU).  Pair
+``p = token * top_k + k`` goes to expert ``ids[p]``.  Pairs are grouped by expert, in pair order inside an
+expert; each expert's group starts at a multiple of ``block_m`` and is padded up to one.  The buffers have
+static sizes: ``num_blocks = ceil((P + min(E, P) * (block_m - 1)) / block_m)`` blocks of ``block_m`` slots,
+``P = T * top_k``, however the tokens are routed.  Example, ``E = 3``, ``block_m = 4``, ids ``[2, 0, 2, 2, 0,
+2]``: expert 0 holds pairs 1, 4 (one block), expert 1 none, expert 2 pairs 0, 2, 3, 5 (one block)::
+
+    sorted_ids  = [1, 4, -, -, 0, 2, 3, 5, ...]   slots past a block's rows are never read (left unwritten)
+    block_expert = [0, 2, 0, ...]                 blocks past the last expert's: rows 0, the GEMMs skip them
+    block_rows   = [2, 4, 0, ...]
+"""
+import torch
+import torch.nn.functional as F
+
+_CHUNK_ELEMENTS = 1 << 24  # gathered expert weight elements held at once, about (at least one pair's)
+
+
+def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """(weights float32 [T, top_k], expert ids int64 [T, top_k]), the most probable expert first."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                      w2: torch.Tensor) -> torch.Tensor:
+    """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype."""
+    num_tokens, top_k = ids.shape
+    hidden = x.shape[1]
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    num_pairs = num_tokens * top_k
+    per_pair = w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]
+    chunk = max(1, _CHUNK_ELEMENTS // per_pair)
+    flat_ids = ids.reshape(-1)
+    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    outs = []
+    for p0 in range(0, num_pairs, chunk):
+        e = flat_ids[p0:p0 + chunk]
+        xs = x.index_select(0, token_of[p0:p0 + chunk])
+        gate_up = torch.bmm(w13.index_select(0, e), xs[:, :, None])[:, :, 0]  # [c, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        outs.append(torch.bmm(w2.index_select(0, e), (F.silu(gate) * up)[:, :, None])[:, :, 0])  # [c, H]
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    y = y.float() * weights.reshape(-1, 1)
+    return y.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+
+
+def fused_moe_reference(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                        top_k: int, renormalize: bool) -> torch.Tensor:
+    """The twin of ``nanovllm::fused_moe`` (see the module docstring)."""
+    weights, ids = route_reference(router_logits, top_k, renormalize)
+    return experts_reference(x, weights, ids, w13, w2)
+
+
+def num_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Blocks of ``block_m`` slots that hold every expert's pairs, each group padded to whole blocks, whatever
+    the routing: each expert that gets a pair (at most ``min(E, P)`` of them) wastes under one block."""
+    return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
+
+
+def align_reference(ids: torch.Tensor, num_experts: int, block_m: int):
+    """The grouped layout of expert ids [T, top_k] (module docstring): (sorted_ids int32 [num_blocks * block_m]
+    with -1 in padding slots, block_expert int32 [num_blocks], block_rows int32 [num_blocks]).  Static shapes."""
+    flat = ids.reshape(-1).long()
+    num_pairs = flat.shape[0]
+    num_blocks = num_aligned_blocks(num_pairs, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat,
+                                                                                        torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    end = padded.cumsum(0)
+    start = end - padded
+    order = torch.sort(flat, stable=True).indices  # pairs grouped by expert, in pair order inside one
+    first_of_expert = counts.cumsum(0) - counts
+    rank = torch.arange(num_pairs, device=ids.device) - first_of_expert[flat[order]]
+    slots = torch.full((num_blocks * block_m,), -1, dtype=torch.int64, device=ids.device)
+    slots.index_copy_(0, start[flat[order]] + rank, order)
+    row0 = torch.arange(num_blocks, device=ids.device) * block_m
+    expert = torch.searchsorted(end, row0, right=True)  # the first expert whose group ends past row0
+    in_range = expert < num_experts
+    expert = expert.clamp(max=num_experts - 1)
+    rows = torch.where(in_range, (start[expert] + counts[expert] - row0).clamp(0, block_m), 0)
+    return slots.to(torch.int32), torch.where(in_range, expert, 0).to(torch.int32), rows.to(torch.int32)

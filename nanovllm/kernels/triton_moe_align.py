@@ -1,0 +1,150 @@
+"""Routing and the expert-sorted, block-aligned layout of the fused MoE, in two Triton launches with static grids.
+
+``route_triton``: one program per chunk of tokens takes the float32 softmax of its router logits, picks the
+``top_k`` largest (the lowest expert index among equal ones), renormalises them when asked and writes
+``ids``/``weights`` [T, top_k]; with ``histogram`` it also writes how many of its pairs went to each expert,
+one row per chunk (``hist`` [chunks, E]).
+
+``align_triton``: one program per chunk of pairs (the same chunks) reads the histogram rows: their column sums
+give each expert's group start (counts padded to ``block_m``, an exclusive prefix sum), the rows above its own
+give how many of the expert's pairs come from earlier chunks, and a running count inside the chunk the rest.
+So every pair gets its slot without a sort or an atomic, and pairs keep their order inside an expert.  The
+programs also fill the block table (``block_expert``, ``block_rows``) in strides.  Slots past a block's rows are
+left unwritten: the GEMMs never read them.  ``moe_reference.align_reference`` is the same layout in torch.
+
+The histogram costs each align program a read of ``chunks x E`` int32: nothing at decode, and about 0.5 MB per
+program at a 16k-token prefill with top-8 of 128 experts (a scan kernel would remove it if a profile shows it).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels.moe_reference import num_aligned_blocks
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
+
+_PAIRS_PER_CHUNK = 128  # (token, k) pairs a routing/align program handles, at most
+
+
+@triton.jit
+def _route_kernel(logits_ptr, ids_ptr, weights_ptr, hist_ptr, T, E, stride_l, TOP_K: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, HISTOGRAM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    pdl_begin(PDL)
+    tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = tokens < T
+    experts = tl.arange(0, BLOCK_E)
+    e_mask = experts < E
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_l + experts[None, :],
+                     mask=t_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+    logits = tl.where(e_mask[None, :], logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    p = tl.where(e_mask[None, :], p, -2.0)  # below any probability and below the -1 of a chosen expert
+    cols = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    hist = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(p, 1)
+        idx = tl.min(tl.where(p == best[:, None], experts[None, :], BLOCK_E), 1)
+        top_w = tl.where(cols[None, :] == k, best[:, None], top_w)
+        top_i = tl.where(cols[None, :] == k, idx[:, None], top_i)
+        chosen = experts[None, :] == idx[:, None]
+        p = tl.where(chosen, -1.0, p)
+        if HISTOGRAM:
+            hist += tl.sum((chosen & t_mask[:, None]).to(tl.int32), 0)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, 1)[:, None]  # columns past TOP_K hold 0
+    out = tokens[:, None].to(tl.int64) * TOP_K + cols[None, :]
+    out_mask = t_mask[:, None] & (cols[None, :] < TOP_K)
+    tl.store(ids_ptr + out, top_i, mask=out_mask)
+    tl.store(weights_ptr + out, top_w, mask=out_mask)
+    if HISTOGRAM:
+        tl.store(hist_ptr + pid * E + experts, hist, mask=e_mask)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, hist_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, N, E, NUM_CHUNKS, NUM_BLOCKS,
+                  CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+    c = tl.program_id(0)
+    pdl_begin(PDL)
+    experts = tl.arange(0, BLOCK_E)
+    e_mask = experts < E
+    total = tl.zeros([BLOCK_E], dtype=tl.int32)
+    before = tl.zeros([BLOCK_E], dtype=tl.int32)  # this expert's pairs in earlier chunks
+    for r0 in range(0, NUM_CHUNKS, BLOCK_C):
+        rows = r0 + tl.arange(0, BLOCK_C)
+        h = tl.load(hist_ptr + rows[:, None] * E + experts[None, :],
+                    mask=(rows < NUM_CHUNKS)[:, None] & e_mask[None, :], other=0)
+        total += tl.sum(h, 0)
+        before += tl.sum(tl.where((rows < c)[:, None], h, 0), 0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+
+    offs = tl.arange(0, BLOCK_P)
+    pairs = c * CHUNK + offs
+    p_mask = (offs < CHUNK) & (pairs < N)
+    e = tl.load(ids_ptr + pairs, mask=p_mask, other=0)
+    onehot = ((e[:, None] == experts[None, :]) & p_mask[:, None]).to(tl.int32)  # [BLOCK_P, BLOCK_E]
+    rank = tl.sum(tl.where(onehot != 0, tl.cumsum(onehot, 0) - 1, 0), 1)  # earlier pairs of this chunk
+    base = tl.sum(tl.where(onehot != 0, (start + before)[None, :], 0), 1)
+    tl.store(sorted_ptr + (base + rank).to(tl.int64), pairs, mask=p_mask)
+
+    for b0 in range(c * BLOCK_B, NUM_BLOCKS, NUM_CHUNKS * BLOCK_B):
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        row0 = blocks * BLOCK_M
+        # the first expert whose group ends past row0: the number of (real) experts that end at or before it
+        expert = tl.sum(((end[None, :] <= row0[:, None]) & e_mask[None, :]).to(tl.int32), 1)
+        picked = experts[None, :] == expert[:, None]  # all false past the last expert
+        first = tl.sum(tl.where(picked, start[None, :], 0), 1)
+        count = tl.sum(tl.where(picked, total[None, :], 0), 1)
+        block_rows = tl.minimum(tl.maximum(first + count - row0, 0), BLOCK_M)
+        b_mask = blocks < NUM_BLOCKS
+        tl.store(block_expert_ptr + blocks, tl.where(expert < E, expert, 0), mask=b_mask)
+        tl.store(block_rows_ptr + blocks, block_rows, mask=b_mask)
+
+
+def _tokens_per_chunk(top_k: int) -> int:
+    return max(1, triton.next_power_of_2(_PAIRS_PER_CHUNK // top_k + 1) // 2)  # a power of 2, times top_k <= 128
+
+
+def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool, histogram: bool = False):
+    """(weights float32 [T, top_k], ids int32 [T, top_k], hist int32 [chunks, E] or None); see the docstring."""
+    num_tokens, num_experts = router_logits.shape
+    assert router_logits.stride(1) == 1 and 1 <= top_k <= num_experts
+    dev = router_logits.device
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=dev)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=dev)
+    block_t = _tokens_per_chunk(top_k)
+    chunks = triton.cdiv(num_tokens, block_t)
+    hist = torch.empty(chunks, num_experts, dtype=torch.int32, device=dev) if histogram else None
+    if num_tokens:
+        _route_kernel[(chunks,)](router_logits, ids, weights, hist if histogram else ids, num_tokens, num_experts,
+                                 router_logits.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
+                                 HISTOGRAM=histogram, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts),
+                                 BLOCK_K=triton.next_power_of_2(top_k), **pdl_launch(dev))
+    return weights, ids, hist
+
+
+def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_ids, block_expert, block_rows) of ``route_triton``'s ids and histogram (``align_reference``'s
+    layout; padding slots of ``sorted_ids`` are left unwritten)."""
+    num_tokens, top_k = ids.shape
+    num_pairs = num_tokens * top_k
+    num_blocks = num_aligned_blocks(num_pairs, num_experts, block_m)
+    dev = ids.device
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    block_rows = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    chunk = _tokens_per_chunk(top_k) * top_k
+    chunks = hist.shape[0]
+    assert chunks == triton.cdiv(num_tokens, chunk // top_k), "hist must come from route_triton of these ids"
+    if num_pairs:
+        _align_kernel[(chunks,)](ids, hist, sorted_ids, block_expert, block_rows, num_pairs, num_experts, chunks,
+                                 num_blocks, CHUNK=chunk, BLOCK_P=triton.next_power_of_2(chunk),
+                                 BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=32, BLOCK_B=64,
+                                 BLOCK_M=block_m, num_warps=8, **pdl_launch(dev))  # a [128, E] running count
+    return sorted_ids, block_expert, block_rows

@@ -1,0 +1,72 @@
+"""The mixture-of-experts MLP that MoE architectures put in place of a decoder layer's dense MLP.
+
+``SparseMoe(x)``: router logits (``ops.linear`` with the router weight ``gate`` [E, H]), then one op,
+``ops.fused_moe``, for routing, the experts and the weighted top-k sum (``kernels/moe_reference.py`` states its
+contract), plus, where the architecture has one, a shared expert scaled by a sigmoid gate (Qwen2-MoE).  The
+experts are stacked: ``experts.gate_up_proj`` [E, 2I, H] (gate rows, then up) and ``experts.down_proj`` [E, H, I],
+the names transformers itself uses for them in memory; the loader stacks checkpoints' per-expert tensors into
+them (``loader.py``, named by each model file).  Every shape is static, so an MoE layer is captured in graph mode
+like a dense one.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanovllm.kernels import ops
+from nanovllm.models.decoder import MLP
+
+
+@dataclass(frozen=True)
+class MoeArgs:
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per expert
+    renormalize: bool  # divide the top-k probabilities by their sum
+    shared_intermediate_size: int = 0  # the shared expert's (Qwen2-MoE); 0: none
+
+    @classmethod
+    def from_hf(cls, cfg: dict, *, experts_keys: tuple[str, ...], intermediate_key: str, renormalize: bool,
+                shared_key: str | None = None) -> "MoeArgs":
+        """Read from an HF config; the first of ``experts_keys`` present gives the number of experts."""
+        key = next((k for k in experts_keys if cfg.get(k) is not None), None)
+        if key is None:
+            raise ValueError(f"the config gives no number of experts (looked for {', '.join(experts_keys)})")
+        args = cls(num_experts=cfg[key], top_k=cfg.get("num_experts_per_tok"),
+                   intermediate_size=cfg.get(intermediate_key), renormalize=bool(renormalize),
+                   shared_intermediate_size=(cfg.get(shared_key) or 0) if shared_key else 0)
+        for name, value in ((key, args.num_experts), ("num_experts_per_tok", args.top_k),
+                            (intermediate_key, args.intermediate_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config {name}={value!r} must be a positive int")
+        if args.top_k > args.num_experts:
+            raise ValueError(f"config num_experts_per_tok={args.top_k} exceeds the {args.num_experts} experts "
+                             f"({key})")
+        return args
+
+
+class Experts(nn.Module):
+    """The stacked expert weights (uninitialised: the loader fills them)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoe(nn.Module):
+    def __init__(self, hidden_size: int, m: MoeArgs):
+        super().__init__()
+        self.top_k, self.renormalize = m.top_k, m.renormalize
+        self.gate = nn.Linear(hidden_size, m.num_experts, bias=False)
+        self.experts = Experts(m.num_experts, hidden_size, m.intermediate_size)
+        self.shared_expert = MLP(hidden_size, m.shared_intermediate_size) if m.shared_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if m.shared_intermediate_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = ops.linear(x, self.gate.weight)
+        y = ops.fused_moe(x, logits, self.experts.gate_up_proj, self.experts.down_proj, self.top_k,
+                          self.renormalize)
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
+        return y

@@ -1,0 +1,145 @@
+"""The fused MoE (``nanovllm::fused_moe``): its pure-PyTorch twin against a naive per-expert oracle, and the Triton
+routing, layout and both GEMM forms against the twin, on CPU under the Triton interpreter (tiny shapes: it is
+slow).  Cases: random routing, every token on one expert, experts that get no token, top-k equal to the number
+of experts, padded rows (zero inputs, tied logits), several routing chunks, dims that are not tile multiples.
+
+The GPU check and timing at Qwen3-30B-A3B's shape is benchmarks/moe_kernel.py.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from nanovllm.kernels import moe_configs  # noqa: E402
+from nanovllm.kernels import moe_reference as ref  # noqa: E402
+from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
+from nanovllm.kernels.triton_moe import fused_moe_triton  # noqa: E402
+from nanovllm.kernels.triton_moe_align import align_triton, route_triton  # noqa: E402
+
+GROUPED = MoeConfig("grouped", 16, 32, 32)
+GATHER = MoeConfig("gather", 1, 32, 32)
+
+
+def naive_moe(x, logits, w13, w2, top_k, renormalize):
+    """Float64, expert by expert over the tokens that chose it (transformers' loop)."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for e in range(w13.shape[0]):
+        token, k = torch.where(ids == e)
+        gate, up = F.linear(x[token].double(), w13[e].double()).chunk(2, dim=-1)
+        out.index_add_(0, token, F.linear(F.silu(gate) * up, w2[e].double()) * weights[token, k, None])
+    return out
+
+
+def make_case(num_tokens, num_experts, hidden=80, inter=48, seed=0, favour=None):
+    """x, router logits, w13, w2; ``favour``: an expert every token prefers by far (not a tie)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    if favour is not None:
+        logits[:, favour] += 20.0
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter ** 0.5
+    return x, logits, w13, w2
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_twin_matches_the_naive_oracle_in_one_chunk_or_many(renormalize, monkeypatch):
+    x, logits, w13, w2 = make_case(7, 6)
+    want = naive_moe(x, logits, w13, w2, 2, renormalize)
+    got = ref.fused_moe_reference(x, logits, w13, w2, 2, renormalize)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(ref, "_CHUNK_ELEMENTS", 1)  # one pair per chunk
+    torch.testing.assert_close(ref.fused_moe_reference(x, logits, w13, w2, 2, renormalize), got, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts", [(1, 2, 8), (70, 2, 8), (5, 3, 3), (9, 1, 16)])
+def test_triton_routing_matches_the_twin_over_one_or_several_chunks(num_tokens, top_k, num_experts):
+    _, logits, _, _ = make_case(num_tokens, num_experts, seed=num_tokens)
+    for renormalize in (True, False):
+        weights, ids, hist = route_triton(logits, top_k, renormalize, histogram=True)
+        want_w, want_ids = ref.route_reference(logits, top_k, renormalize)
+        assert torch.equal(ids.long(), want_ids)
+        torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-7)
+        assert torch.equal(hist.sum(0), torch.bincount(want_ids.flatten(), minlength=num_experts).int())
+
+
+@pytest.mark.parametrize("ids", [
+    [[2, 0], [2, 2], [0, 2]],  # the docstring's example, three experts
+    [[1], [1], [1], [1], [1], [1], [1], [1]],  # one expert, exactly half a block
+    [[3, 1, 0, 2]] * 5,  # top-k == E: every expert, 5 pairs each
+])
+def test_triton_layout_matches_the_reference_layout(ids):
+    ids = torch.tensor(ids, dtype=torch.int32)
+    num_experts = int(ids.max()) + 1
+    hist = torch.bincount(ids.flatten().long(), minlength=num_experts).int()[None]  # one routing chunk
+    for block_m in (4, 16):
+        got = align_triton(ids, hist, num_experts, block_m)
+        want = ref.align_reference(ids, num_experts, block_m)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])  # block experts and rows
+        valid = want[0] >= 0
+        assert torch.equal(got[0][valid], want[0][valid])
+        assert sorted(want[0][valid].tolist()) == list(range(ids.numel()))
+
+
+def test_layout_over_several_routing_chunks_keeps_pair_order_inside_each_expert():
+    _, logits, _, _ = make_case(150, 5, seed=3)  # top-2: 64 tokens per chunk, three chunks
+    _, ids, hist = route_triton(logits, 2, True, histogram=True)
+    assert hist.shape == (3, 5)
+    got = align_triton(ids, hist, 5, 16)
+    want = ref.align_reference(ids, 5, 16)
+    valid = want[0] >= 0
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert torch.equal(got[0][valid], want[0][valid])
+
+
+CASES = {
+    "random": dict(num_tokens=5, num_experts=8, top_k=2),
+    "one_expert_for_all": dict(num_tokens=20, num_experts=8, top_k=1, favour=3),
+    "empty_experts": dict(num_tokens=3, num_experts=16, top_k=1),
+    "top_k_is_e": dict(num_tokens=6, num_experts=4, top_k=4),
+    "many_blocks": dict(num_tokens=33, num_experts=4, top_k=2),  # the grouped form's; gather runs pair by pair
+}
+FORMS = [(case, cfg) for case in CASES for cfg in (GROUPED, GATHER) if not (case == "many_blocks" and cfg is GATHER)]
+
+
+@pytest.mark.parametrize("case,cfg", FORMS, ids=[f"{case}-{cfg.form}" for case, cfg in FORMS])
+def test_triton_moe_matches_the_twin(case, cfg):
+    kw = dict(CASES[case])
+    top_k = kw.pop("top_k")
+    x, logits, w13, w2 = make_case(**kw)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        args = (x.to(dtype), logits.to(dtype), w13.to(dtype), w2.to(dtype), top_k, True)
+        got = fused_moe_triton(*args, cfg=cfg)
+        want = ref.fused_moe_reference(*args)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert rel_err(got, want) < tol, f"{dtype}: relative error {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("cfg", [GROUPED, GATHER], ids=["grouped", "gather"])
+def test_padded_rows_give_zeros_and_leave_real_rows_alone(cfg):
+    """Bucket padding: zero inputs with all-equal logits (every expert ties) beside real rows."""
+    x, logits, w13, w2 = make_case(6, 8)
+    x[3:], logits[3:] = 0.0, 0.0
+    got = fused_moe_triton(x, logits, w13, w2, 2, False, cfg=cfg)
+    assert torch.equal(got[3:], torch.zeros_like(got[3:]))
+    real = ref.fused_moe_reference(x[:3], logits[:3], w13, w2, 2, False)
+    assert rel_err(got[:3], real) < 1e-5
+
+
+def test_dispatch_by_token_count():
+    assert moe_configs.choose(1).form == moe_configs.choose(moe_configs.GATHER_MAX_TOKENS).form == "gather"
+    blocks = [moe_configs.choose(t).block_m for t in (moe_configs.GATHER_MAX_TOKENS + 1, 128, 129, 10 ** 6)]
+    assert blocks == sorted(blocks) and blocks[0] == 16 and moe_configs.choose(10 ** 6).form == "grouped"
