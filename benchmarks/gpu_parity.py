@@ -15,6 +15,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+# tests/conftest.py runs the Triton kernels in the interpreter unless told otherwise; here they run on the GPU
+os.environ.setdefault("TRITON_INTERPRET", "0")
 from bench import workload  # noqa: E402
 from benchmarks.common import default_model, write_json  # noqa: E402
 from conftest import build_checkpoint  # noqa: E402  (tests/conftest.py: tiny random checkpoints)
