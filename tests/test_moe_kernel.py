@@ -140,6 +140,8 @@ def test_padded_rows_give_zeros_and_leave_real_rows_alone(cfg):
 
 
 def test_dispatch_by_token_count():
-    assert moe_configs.choose(1).form == moe_configs.choose(moe_configs.GATHER_MAX_TOKENS).form == "gather"
-    blocks = [moe_configs.choose(t).block_m for t in (moe_configs.GATHER_MAX_TOKENS + 1, 128, 129, 10 ** 6)]
+    assert moe_configs.choose(1, gather_max_tokens=4).form == "gather"
+    assert moe_configs.choose(4, gather_max_tokens=4).form == "gather"
+    assert moe_configs.choose(1).form == "grouped"  # the gather form lost at every T measured (moe_configs.py)
+    blocks = [moe_configs.choose(t).block_m for t in (moe_configs.GATHER_MAX_TOKENS + 1, 256, 257, 10 ** 6)]
     assert blocks == sorted(blocks) and blocks[0] == 16 and moe_configs.choose(10 ** 6).form == "grouped"

@@ -8,13 +8,16 @@ Two forms:
 * ``grouped``: pairs sorted by expert into ``block_m``-row blocks (``triton_moe_align.py``), then a grouped GEMM
   per block that reads each expert tile once per block (5 launches: routing, align, up, down, top-k sum).
 
-The numbers below are starting points taken from the peers' untuned defaults and their Qwen3-30B-A3B H100
-table (block_m 16 up to 128 tokens, then larger), not measurements of ours: ``benchmarks/moe_kernel.py`` times
-both forms and several block sizes at T = 1, 16, 64, 256 on that shape, and its results should replace them.
+``benchmarks/moe_kernel.py`` times both forms and several tiles at T = 1, 16, 64, 256 on Qwen3-30B-A3B's shape
+(E 128, top-8, H 2048, I 768).  On an H100 the grouped form with 16 x 32 x 128 tiles was the fastest at all four,
+and the gather form slower than every grouped tile (docs/PERFORMANCE.md has the table); so the grouped form serves
+every size and the gather form is only taken when ``gather_max_tokens`` asks for it (it
+has not been timed on other shapes, e.g. Mixtral's 8 large experts).  Above 256 tokens the tiles are the peers'
+untimed defaults (larger ``block_m`` for prefill).
 """
 from dataclasses import dataclass
 
-GATHER_MAX_TOKENS = 4  # T at or below: the gather form (to be set from benchmarks/moe_kernel.py)
+GATHER_MAX_TOKENS = 0  # T at or below: the gather form (it lost at every T measured)
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class MoeConfig:
 
 GATHER = MoeConfig("gather", 1, 32, 128)
 GROUPED_BY_TOKENS = (  # (max T, config), ascending; the last serves every larger T
-    (128, MoeConfig("grouped", 16, 64, 64)),
+    (256, MoeConfig("grouped", 16, 32, 128)),
     (512, MoeConfig("grouped", 32, 64, 64)),
     (2048, MoeConfig("grouped", 64, 64, 64, num_warps=4, num_stages=4)),
     (1 << 62, MoeConfig("grouped", 64, 128, 64, num_warps=8, num_stages=4)),
