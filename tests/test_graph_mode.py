@@ -122,7 +122,7 @@ def _scheduled_prefill(engine, first_id: int):
         yield batch, seqs
     finally:
         for seq in seqs:
-            engine.scheduler._finish(seq)
+            engine.scheduler.abort(seq)
             engine.runner.release_slot(seq)
 
 
