@@ -85,6 +85,25 @@ def test_npu_graph_modes_give_the_cpu_tokens_with_only_convertible_ops(npu, mode
     assert torchair.stats["cache_saves"] == 2
 
 
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    """(checkpoint dir, CPU eager bfloat16 tokens) of a tiny Qwen3-MoE."""
+    import transformers  # noqa: F401  (before torch_npu is importable, as above)
+    path = build_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe")
+    return path, [o["token_ids"] for o in LLM(path, device="cpu", dtype="bfloat16", enforce_eager=True, **ENGINE)
+                  .generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def test_npu_max_autotune_runs_an_moe_model_with_only_convertible_ops(moe_model, npu, monkeypatch):
+    """The fused MoE op reaches torchair as plain torch ops (its twin traced), not as an opaque nanovllm op."""
+    path, want = moe_model
+    monkeypatch.setenv("NANOVLLM_NPU_GRAPH_MODE", "max-autotune")
+    llm, tokens = _run(path, graph_batch_sizes=[4])
+    assert tokens == want and llm.engine.describe()["mode"] == "graph"
+    ops = set().union(*(g["ops"] for g in torchair.stats["graphs"]))
+    assert ops and not any(op.startswith("nanovllm::") for op in ops)
+
+
 def test_npu_warm_start_hits_our_cache_and_torchairs(npu, model_dir, cpu_tokens):
     first, _ = _run(model_dir, graph_batch_sizes=[4])
     assert first.engine.describe()["compile_cache"] == "miss"

@@ -156,7 +156,8 @@ def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:
 
 def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
     """The MoE MLP of ``x`` [T, H] (see ``_fused_moe``)."""
-    return torch.ops.nanovllm.fused_moe(x, router_logits, w13, w2, top_k, renormalize)
+    fn = _traced("fused_moe", x.device) or torch.ops.nanovllm.fused_moe
+    return fn(x, router_logits, w13, w2, top_k, renormalize)
 
 
 def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:
@@ -165,4 +166,4 @@ def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:
     return fn(logits, temperature, seeds, positions)
 
 
-_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "gumbel_argmax")
+_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "fused_moe", "gumbel_argmax")
