@@ -25,13 +25,6 @@ class _DoneEvent:
     def synchronize(self) -> None:
         pass
 
-    def versions(self) -> dict:
-        """Versions of the device software stack that change compiled artifacts (the compile cache keys on them)."""
-        return {}
-
-    def check_tensor_parallel(self, size: int) -> None:
-        """Raise ``ValueError`` if this platform cannot run ``size`` tensor-parallel ranks."""
-
 
 class Platform:
     name = "base"
