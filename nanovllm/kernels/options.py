@@ -10,7 +10,7 @@ in one place.
 * ``NANOVLLM_PDL``: ``1`` (default) or ``0``, which turns programmatic dependent launch off.  It is always off
   under ``TRITON_INTERPRET=1`` (the interpreter cannot launch with it).
 * ``NANOVLLM_HOPPER_FEATURES``: ``1`` (default) or ``0``, which makes a Hopper (sm_90+) GPU take the pre-Hopper
-  path: no TMA loads and no programmatic dependent launch (``triton_common.hopper_features``), so that path can be
+  path: no TMA loads and no programmatic dependent launch (``triton_common._hopper_or_newer``), so that path can be
   run on an H100.
 * ``NANOVLLM_NPU_GRAPH_MODE``: ``max-autotune`` (default: torchair lowers each decode graph to Ascend IR) or
   ``reduce-overhead`` (torchair captures it as an aclgraph); see ``nanovllm/platforms/npu.py``.
