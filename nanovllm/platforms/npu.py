@@ -10,11 +10,11 @@ in ``tests/standins/`` (no Ascend card was available): see the README's platform
 * Kernels: ``nanovllm/kernels/npu.py`` (FIA attention, ``npu_scatter_nd_update_`` KV store), registered for "npu".
 * Compilation: ``torchair.get_npu_backend(compiler_config=CompilerConfig())`` with ``CompilerConfig().mode`` from
   ``KernelOptions.npu_graph_mode`` (``NANOVLLM_NPU_GRAPH_MODE``).  Default ``max-autotune``: torchair's own
-  default, what nano-vllm-ascend ran (3,954 tok/s on an A3 910C), and the only mode whose FIA takes the attention
-  lengths as a device tensor, so the step stays free of host reads.  ``reduce-overhead`` (aclgraph capture, what
-  vllm-ascend moved to, refreshing host-side lengths before each replay) is the option; here its attention is the
-  twin (``kernels/npu.py`` says why), and aclgraph's stream budget (2,048 streams in all, per the torchair guide as
-  summarised in the project's capability notes) bounds how many buckets can be captured.
+  default, what nano-vllm-ascend ran (its throughput: docs/PERFORMANCE.md), and the only mode whose FIA takes the
+  attention lengths as a device tensor, so the step stays free of host reads.  ``reduce-overhead`` (aclgraph
+  capture, what vllm-ascend moved to, refreshing host-side lengths before each replay) is the option; here its
+  attention is the twin (``kernels/npu.py`` says why), and aclgraph's stream budget (2,048 streams in all, per the
+  torchair guide as summarised in the project's capability notes) bounds how many buckets can be captured.
 * Static shapes (``static_shapes``): each decode bucket is compiled on its own with ``dynamic=False`` and
   ``fullgraph=True`` (``compile/static_executor.py``), through torchair's compile cache ``cache_compile`` (one
   method per bucket, whose files live in nanovllm's compile-cache entry, keyed by the CANN, torch_npu and torchair
