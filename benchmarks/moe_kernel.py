@@ -28,8 +28,9 @@ from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference 
 DEV = "cuda"
 E, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
-CANDIDATES = [moe_configs.GATHER, MoeConfig("gather", 1, 16, 128), MoeConfig("grouped", 16, 64, 64), MoeConfig("grouped", 16, 32, 128),
-              MoeConfig("grouped", 32, 64, 64), MoeConfig("grouped", 64, 64, 64, num_stages=4),
+CANDIDATES = [moe_configs.GATHER, MoeConfig("gather", 1, 16, 128), MoeConfig("grouped", 16, 64, 64),
+              MoeConfig("grouped", 16, 32, 128), MoeConfig("grouped", 32, 64, 64),
+              MoeConfig("grouped", 64, 64, 64, num_stages=4),
               MoeConfig("grouped", 64, 128, 64, num_warps=8, num_stages=4)]
 CHECKS: list[dict] = []
 
