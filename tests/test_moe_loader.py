@@ -94,6 +94,16 @@ def test_bad_moe_config_values_are_errors_that_name_them(tmp_path, change, messa
         LLM(str(tmp_path), load_format="dummy", **SMALL)
 
 
+@pytest.mark.parametrize("value", [None, 0])
+def test_qwen2_moe_without_a_shared_expert_size_is_an_error_that_names_it(tmp_path, value):
+    """Not a model without its shared expert: that would ignore the checkpoint's shared-expert tensors."""
+    config = make_config("qwen2_moe").to_dict()
+    config.update(architectures=["Qwen2MoeForCausalLM"], shared_expert_intermediate_size=value)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"shared_expert_intermediate_size={value!r} must be a positive int"):
+        LLM(str(tmp_path), load_format="dummy", **SMALL)
+
+
 @pytest.mark.parametrize("arch,name", [("qwen3_moe", "Qwen3MoeForCausalLM"), ("mixtral", "MixtralForCausalLM")])
 def test_dummy_weights_fill_every_expert_and_follow_the_seed(tmp_path, arch, name):
     config = make_config(arch).to_dict()

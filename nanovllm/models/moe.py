@@ -28,15 +28,19 @@ class MoeArgs:
     @classmethod
     def from_hf(cls, cfg: dict, *, experts_keys: tuple[str, ...], intermediate_key: str, renormalize: bool,
                 shared_key: str | None = None) -> "MoeArgs":
-        """Read from an HF config; the first of ``experts_keys`` present gives the number of experts."""
+        """Read from an HF config; the first of ``experts_keys`` present gives the number of experts; with
+        ``shared_key`` the architecture has a shared expert, whose size must be given."""
         key = next((k for k in experts_keys if cfg.get(k) is not None), None)
         if key is None:
             raise ValueError(f"the config gives no number of experts (looked for {', '.join(experts_keys)})")
         args = cls(num_experts=cfg[key], top_k=cfg.get("num_experts_per_tok"),
                    intermediate_size=cfg.get(intermediate_key), renormalize=bool(renormalize),
-                   shared_intermediate_size=(cfg.get(shared_key) or 0) if shared_key else 0)
-        for name, value in ((key, args.num_experts), ("num_experts_per_tok", args.top_k),
-                            (intermediate_key, args.intermediate_size)):
+                   shared_intermediate_size=cfg.get(shared_key) if shared_key else 0)
+        checked = [(key, args.num_experts), ("num_experts_per_tok", args.top_k),
+                   (intermediate_key, args.intermediate_size)]
+        if shared_key:  # missing or 0 would drop the checkpoint's shared expert without a word
+            checked.append((shared_key, args.shared_intermediate_size))
+        for name, value in checked:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config {name}={value!r} must be a positive int")
         if args.top_k > args.num_experts:
