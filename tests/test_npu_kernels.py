@@ -106,3 +106,13 @@ def test_the_scatter_stand_in_rejects_out_of_range_and_unequal_duplicates(npu):
     assert npu_ops.npu_scatter_nd_update_(cache, torch.tensor([[1], [1]]).to("npu"),
                                           torch.ones(2, 3).to("npu")) is cache
     assert cache.cpu()[1].tolist() == [1.0] * 3
+
+
+@pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
+def test_every_registered_op_has_a_traced_npu_implementation(mode):
+    """torchair converts no nanovllm op, so each one (a new op included) needs what Dynamo traces in its place."""
+    from nanovllm.kernels import ops
+    defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("nanovllm::")}
+    assert defined == set(ops._OPS)
+    npu_kernels.register_npu_traced(mode)
+    assert all(ops._has_traced(name, "npu") for name in ops._OPS)
