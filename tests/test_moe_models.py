@@ -110,6 +110,14 @@ def test_qwen2_moe_shared_expert_matches_transformers(tmp_path):
     assert tokens(llm, prompts, 10) == hf_greedy(path, prompts, 10)
 
 
+def test_qwen2_moe_follows_the_configs_qkv_bias(tmp_path):
+    path = build_checkpoint(tmp_path, "qwen2_moe", qkv_bias=False)
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.bias is None
+    prompts = prompts_of(3, seed=6, max_len=30)
+    assert tokens(llm, prompts, 6) == hf_greedy(path, prompts, 6)
+
+
 def test_a_model_that_cannot_be_captured_runs_eagerly_and_says_why_once(tmp_path, monkeypatch, caplog):
     base = registry.MODEL_REGISTRY["MixtralForCausalLM"]
 
