@@ -1,7 +1,8 @@
 """The fused MoE (``nanovllm::fused_moe``): its pure-PyTorch twin against a naive per-expert oracle, and the Triton
 routing, layout and both GEMM forms against the twin, on CPU under the Triton interpreter (tiny shapes: it is
 slow).  Cases: random routing, every token on one expert, experts that get no token, top-k equal to the number
-of experts, padded rows (zero inputs, tied logits), several routing chunks, dims that are not tile multiples.
+of experts, padded rows (zero inputs, tied logits), a row of NaN logits, several routing chunks, dims that are
+not tile multiples.
 
 The GPU check and timing at Qwen3-30B-A3B's shape is benchmarks/moe_kernel.py.
 """
@@ -137,6 +138,18 @@ def test_padded_rows_give_zeros_and_leave_real_rows_alone(cfg):
     assert torch.equal(got[3:], torch.zeros_like(got[3:]))
     real = ref.fused_moe_reference(x[:3], logits[:3], w13, w2, 2, False)
     assert rel_err(got[:3], real) < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [GROUPED, GATHER], ids=["grouped", "gather"])
+def test_a_row_of_nan_logits_spoils_only_its_own_output(cfg):
+    """Its ids stay valid experts: out of range, the grouped layout put its pair on another row's slot."""
+    x, logits, w13, w2 = make_case(6, 8)
+    logits[2] = float("nan")
+    _, ids, hist = route_triton(logits, 2, True, histogram=True)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 8 and int(hist.sum()) == ids.numel()
+    got = fused_moe_triton(x, logits, w13, w2, 2, True, cfg=cfg)
+    rest = torch.tensor([0, 1, 3, 4, 5])
+    assert rel_err(got[rest], ref.fused_moe_reference(x[rest], logits[rest], w13, w2, 2, True)) < 1e-5
 
 
 def test_dispatch_by_token_count():

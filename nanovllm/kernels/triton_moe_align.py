@@ -2,8 +2,9 @@
 
 ``route_triton``: one program per chunk of tokens takes the float32 softmax of its router logits, picks the
 ``top_k`` largest (the lowest expert index among equal ones), renormalises them when asked and writes
-``ids``/``weights`` [T, top_k]; with ``histogram`` it also writes how many of its pairs went to each expert,
-one row per chunk (``hist`` [chunks, E]).
+``ids``/``weights`` [T, top_k]; with ``histogram`` it also writes how many of its pairs went to each expert, one row
+per chunk (``hist`` [chunks, E]).  Every id is a valid expert, even for a row of NaN logits (an overflow), so such a
+row spoils only its own output.
 
 ``align_triton``: one program per chunk of pairs (the same chunks) reads the histogram rows: their column sums
 give each expert's group start (counts padded to ``block_m``, an exclusive prefix sum), the rows above its own
@@ -48,6 +49,7 @@ def _route_kernel(logits_ptr, ids_ptr, weights_ptr, hist_ptr, T, E, stride_l, TO
     for k in tl.static_range(TOP_K):
         best = tl.max(p, 1)
         idx = tl.min(tl.where(p == best[:, None], experts[None, :], BLOCK_E), 1)
+        idx = tl.minimum(idx, E - 1)  # a NaN row matches nothing: keep its ids in range, off other rows' slots
         top_w = tl.where(cols[None, :] == k, best[:, None], top_w)
         top_i = tl.where(cols[None, :] == k, idx[:, None], top_i)
         chosen = experts[None, :] == idx[:, None]
