@@ -127,3 +127,36 @@ def test_text_stream_holds_back_a_possible_stop_string_and_never_takes_text_back
         assert "thr" not in shown  # the start of the stop string is not shown before it is known
     assert stream.stopped and stream.text == "one two " and shown + stream.finish() == "one two "
     assert stream.num_tokens == len(tok.encode("one two three"))
+
+
+def test_a_stop_token_resolved_after_the_length_finish_comes_with_the_finish(llm, text_model):
+    """With steps queued, a sequence can be finished on length at launch and then resolve a stop token still
+    pending: the server must get that token with the finish (reason "stop"), not earlier as ordinary text."""
+    from nanovllm.entrypoints.choices import Choice
+    from nanovllm.entrypoints.engine_loop import EngineLoop, RequestHandle
+    chain, m = text_model[1], 8
+    stop = chain[m - 1]  # the completion's second-to-last token: pending when the last one is launched
+    params = SamplingParams(temperature=0, max_tokens=m, stop_token_ids=[stop])
+
+    class Inline:  # stands in for the asyncio loop: deltas are dispatched at once
+        @staticmethod
+        def call_soon_threadsafe(fn, *args):
+            fn(*args)
+
+    loop = EngineLoop(llm, max_waiting_seqs=8)
+    loop._loop = Inline()
+    sent = []
+    loop._dispatch = lambda events: sent.extend(delta for _, _, delta in events)
+    handle = RequestHandle([chain[0]], [params])
+    loop._inbox.append(("add", handle))
+    loop._drain()
+    while llm.engine.has_work():
+        finished, _, _ = llm.engine.step()
+        loop._send(finished)
+    assert [t for d in sent for t in d.token_ids] == chain[1:m]
+    assert sent[-1].finish_reason == "stop" and sent[-1].token_ids[-1] == stop
+    assert all(stop not in d.token_ids for d in sent[:-1])
+    choice = Choice(0, llm.tokenizer, ())
+    updates = [choice.add(d) for d in sent]
+    assert choice.finish_reason == "stop" and choice.num_tokens == m - 1
+    assert "".join(u.text for u in updates) == llm.tokenizer.decode(chain[1:m - 1], skip_special_tokens=True)

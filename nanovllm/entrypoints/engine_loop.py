@@ -5,7 +5,8 @@ Contract:
   (``submit``, ``abort``: thread-safe, non-blocking) and hears back through each request's ``asyncio.Queue``, fed
   once per engine step with one ``call_soon_threadsafe``.
 * New requests join the running batch between steps.  Each engine step sends, per sequence that got tokens, a
-  ``SeqDelta``: its newly resolved tokens (and logprobs), and its finish reason on the last one.  A request of
+  ``SeqDelta``: its newly resolved tokens (and logprobs), and its finish reason on the last one.  A stop token
+  (EOS or ``stop_token_ids``) is always the last token of the delta that carries the finish reason "stop".  A request of
   ``n`` choices is ``n`` sequences; choice ``i`` with a seed gets ``seed + i``.
 * ``abort`` ends a request's sequences at once and frees their KV blocks (``Engine.abort``), even while queued
   steps still hold their pending tokens; nothing more is sent for them.
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import deque
 
+from nanovllm.engine.sequence import SequenceStatus
 from nanovllm.logger import logger
 
 
@@ -147,6 +149,8 @@ class EngineLoop:
             entry = self._live.get(seq.seq_id)
             if entry is None:
                 continue
+            if seq.status is SequenceStatus.FINISHED and seq.seq_id not in done:
+                continue  # finished on length at launch: a pending token may yet be a stop token; sent with the end
             handle, i = entry
             start = handle._sent[i]
             end = seq.num_resolved_tokens - seq.num_prompt_tokens
