@@ -77,16 +77,16 @@ class EngineLoop:
 
     def submit(self, prompt_ids: list[int], params: list) -> RequestHandle:
         """Queue a request of ``len(params)`` sequences on one prompt; raises ``Overloaded``/``EngineDead``."""
-        if self.error is not None:
-            raise EngineDead(f"the engine failed: {self.error!r}")
-        with self._lock:
+        with self._lock:  # against ``_fail``: a request either sees the error or is in the inbox it fails
+            if self.error is not None:
+                raise EngineDead(f"the engine failed: {self.error!r}")
             waiting = self._inbox_seqs + self._snapshot["waiting"]
             if waiting + len(params) > self.max_waiting_seqs:
                 raise Overloaded(f"{waiting} sequences are waiting for a batch slot; this request's {len(params)} "
                                  f"would pass --max-waiting-seqs={self.max_waiting_seqs}")
             self._inbox_seqs += len(params)
-        handle = RequestHandle(prompt_ids, params)
-        self._inbox.append(("add", handle))
+            handle = RequestHandle(prompt_ids, params)
+            self._inbox.append(("add", handle))
         self._wake.set()
         return handle
 
@@ -174,9 +174,11 @@ class EngineLoop:
                               "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks}
 
     def _fail(self, error: BaseException) -> None:
-        self.error = error
+        with self._lock:
+            self.error = error
+            inbox = list(self._inbox)
         events = [(handle, i, SeqDelta([], None, None, error)) for handle, i in self._live.values()]
-        for item in list(self._inbox):
+        for item in inbox:
             if item[0] == "add":
                 events += [(item[1], i, SeqDelta([], None, None, error)) for i in range(len(item[1].params))]
         self._live.clear()
