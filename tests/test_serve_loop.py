@@ -1,5 +1,6 @@
 """The server's engine loop in process (FastAPI's TestClient): an engine that fails answers its requests with a
-500, then /health and new requests with a 503, and the process stays up."""
+500, then /health and new requests with a 503, and the process stays up; a request of ``n`` choices counts its
+prompt once in the metrics."""
 import pytest
 
 pytest.importorskip("fastapi")
@@ -36,3 +37,28 @@ def test_a_server_needs_a_tokenizer(tmp_path):
               max_model_len=64)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         Serving(llm, "tiny", max_waiting_seqs=8)
+
+
+def test_a_request_of_n_choices_counts_its_prompt_once():
+    import asyncio
+
+    from nanovllm.entrypoints.choices import run_choices
+    from nanovllm.entrypoints.engine_loop import RequestHandle, SeqDelta
+    from nanovllm.entrypoints.metrics import ServerMetrics
+    from nanovllm.sampling_params import SamplingParams
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + t) for t in ids)
+
+    async def run():
+        handle = RequestHandle([1, 2, 3, 4, 5], [SamplingParams(max_tokens=2)] * 3)
+        for i in range(3):
+            handle.queue.put_nowait((i, SeqDelta([0], None, None)))
+            handle.queue.put_nowait((i, SeqDelta([1], None, "length")))
+        return [u async for u in run_choices(None, handle, Tokenizer(), metrics)]
+
+    metrics = ServerMetrics("tiny", lambda: {"running": 0, "waiting": 0, "kv_cache_usage": 0.0})
+    updates = asyncio.run(run())
+    assert [u.finish_reason for u in updates].count("length") == 3
+    assert metrics.prompt_tokens._value.get() == 5 and metrics.generation_tokens._value.get() == 6

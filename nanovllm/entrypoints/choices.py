@@ -57,6 +57,7 @@ async def run_choices(loop, handle, tokenizer, metrics):
     """Yield ``ChoiceUpdate``s of every choice of ``handle`` until all are finished (see the module docstring)."""
     choices = [Choice(i, tokenizer, p.stop) for i, p in enumerate(handle.params)]
     open_choices = len(choices)
+    counted_prompt = False  # a request's prompt is counted once, whatever its ``n``
     try:
         while open_choices:
             index, delta = await handle.queue.get()
@@ -66,6 +67,9 @@ async def run_choices(loop, handle, tokenizer, metrics):
             if choice.finish_reason is not None:  # stopped by a stop string; the engine had sent more already
                 continue
             update = choice.add(delta)
+            if delta.token_ids and not counted_prompt:
+                metrics.prompt(len(handle.prompt_ids))
+                counted_prompt = True
             _observe(metrics, handle, choice, update, len(delta.token_ids))
             if update.finish_reason is not None:
                 open_choices -= 1
@@ -84,7 +88,7 @@ def _observe(metrics, handle, choice: Choice, update: ChoiceUpdate, generated: i
     now = time.perf_counter()
     if generated:
         if choice.last_token_time is None:
-            metrics.first_token(now - handle.arrival, len(handle.prompt_ids))
+            metrics.first_token(now - handle.arrival)
         else:
             metrics.inter_token(now - choice.last_token_time, generated)
         choice.last_token_time = now

@@ -31,7 +31,7 @@ class ServerMetrics:
         self.waiting = gauge("num_requests_waiting", "Sequences waiting for a batch slot.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = all).")
         self.prompt_tokens = Counter("nanovllm:prompt_tokens", "Prompt tokens of requests that got a first "
-                                     "token.", labels, registry=r).labels(model_name)
+                                     "token (once per request, whatever its n).", labels, registry=r).labels(model_name)
         self.generation_tokens = Counter("nanovllm:generation_tokens", "Tokens generated.", labels,
                                          registry=r).labels(model_name)
         self._success = Counter("nanovllm:request_success", "Finished sequences, by finish reason.",
@@ -44,9 +44,11 @@ class ServerMetrics:
         self.e2e = Histogram("nanovllm:e2e_request_latency_seconds", "Seconds from arrival to the last token.",
                              labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
 
-    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+    def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
-        self.prompt_tokens.inc(prompt_tokens)
+
+    def prompt(self, tokens: int) -> None:
+        self.prompt_tokens.inc(tokens)
 
     def inter_token(self, seconds: float, tokens: int) -> None:
         self.itl.observe(seconds)
