@@ -62,3 +62,35 @@ def test_a_request_of_n_choices_counts_its_prompt_once():
     updates = asyncio.run(run())
     assert [u.finish_reason for u in updates].count("length") == 3
     assert metrics.prompt_tokens._value.get() == 5 and metrics.generation_tokens._value.get() == 6
+
+
+def test_a_chat_stream_dropped_after_its_first_chunk_is_aborted(tmp_path):
+    """The client leaves while the role chunk is being sent, before the reply reads any engine update: the
+    request's sequences must still be aborted (here: an abort queued for the engine loop, which is not started)."""
+    import asyncio
+
+    from nanovllm.entrypoints.chat import create_chat_completion
+    from nanovllm.entrypoints.protocol import ChatRequest
+
+    path, _ = build_text_checkpoint(tmp_path)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
+    serving = Serving(llm, "tiny", max_waiting_seqs=8)
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
+
+    class Request:
+        async def receive(self):
+            return {"type": "http.disconnect"}
+
+    async def run():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            await asyncio.sleep(0.05)  # a slow socket: the disconnect is noticed meanwhile
+
+        response = await create_chat_completion(serving, req, Request())
+        await response({"type": "http"}, Request().receive, send)
+        return sent
+
+    asyncio.run(run())
+    assert [item[0] for item in serving.loop._inbox] == ["add", "abort"]

@@ -31,7 +31,7 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
     handles = serving.submit([(ids, req.sampling_params(max_tokens, serving.defaults, k))], req.n)
     reply = _Reply(serving, req, request_id("chatcmpl"), len(ids))
     if req.stream:
-        return EventStreamResponse(reply.stream(handles))
+        return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))
     body = await unless_disconnected(request, reply.collect(handles))
     return JSONResponse(body) if body is not None else Response(status_code=499)
 

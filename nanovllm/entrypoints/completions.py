@@ -31,7 +31,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request) -
     handles = serving.submit(prompts, req.n)
     reply = _Reply(serving, req, request_id("cmpl"), [len(ids) for ids, _ in prompts], echoes)
     if req.stream:
-        return EventStreamResponse(reply.stream(handles))
+        return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))
     body = await unless_disconnected(request, reply.collect(handles))
     return JSONResponse(body) if body is not None else Response(status_code=499)
 

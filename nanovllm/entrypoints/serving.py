@@ -7,6 +7,7 @@ steps from a validated request to submitted sequences.
   ``max_tokens`` that would pass it; without one, the endpoint's default is capped to the room left.
 * ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
   full waiting queue gets a 503 and the prompts already submitted are aborted.
+* ``abort``: ends a request's sequences still running (a client that went away).
 * ``updates``: the ``ChoiceUpdate``s of all of a request's prompts as they come, tagged with the prompt's index.
 """
 import asyncio
@@ -75,10 +76,14 @@ class Serving:
                 choices = [p if p.seed is None else dataclasses.replace(p, seed=p.seed + i) for i in range(n)]
                 handles.append(self.loop.submit(ids, choices))
         except (Overloaded, EngineDead) as e:
-            for h in handles:
-                self.loop.abort(h)
+            self.abort(handles)
             raise APIError(503, str(e), None, "overloaded" if isinstance(e, Overloaded) else "engine_dead") from None
         return handles
+
+    def abort(self, handles) -> None:
+        """End every sequence of ``handles`` still running (those finished are left as they are)."""
+        for h in handles:
+            self.loop.abort(h)
 
     async def updates(self, handles):
         """``(prompt index, ChoiceUpdate)`` of every choice of every handle, as they come."""

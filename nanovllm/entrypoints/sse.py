@@ -4,8 +4,9 @@ A request handler can't rely on a failed write to learn of a disconnect (nothing
 waits for its first token), so both helpers race the work against the ASGI ``http.disconnect`` message, as vLLM
 does.  ``EventStreamResponse`` streams server-sent events (``data: {...}`` lines, then ``data: [DONE]``) and closes
 its event generator when the client leaves, which runs the generator's ``finally`` (``run_choices`` aborts the
-unfinished choices there).  ``unless_disconnected`` runs a non-streamed handler's coroutine and cancels it if the
-client leaves first.
+unfinished choices there), then calls its ``on_close`` (the handlers abort the request there too, for a client
+that left before the generator got to ``run_choices``).  ``unless_disconnected`` runs a non-streamed handler's
+coroutine and cancels it if the client leaves first.
 """
 import asyncio
 import json
@@ -28,8 +29,9 @@ async def _wait_for_disconnect(receive) -> None:
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, events):
+    def __init__(self, events, on_close=None):
         self.events = events  # an async generator of ``str`` chunks
+        self.on_close = on_close  # called once the stream has ended, whether or not ``events`` got to start
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache"})  # no body attribute: no Content-Length
 
@@ -49,6 +51,8 @@ class EventStreamResponse(Response):
             stream.cancel()
             results = await asyncio.gather(stream, listener, return_exceptions=True)
             await self.events.aclose()
+            if self.on_close is not None:
+                self.on_close()
         error = results[0]
         if isinstance(error, BaseException) and not isinstance(error, (asyncio.CancelledError, OSError)):
             raise error
