@@ -1,7 +1,8 @@
 """``TextStream``: one completion's text as its tokens arrive, with stop strings.
 
 Contract:
-* The text is that of ``tokenizer.decode(token_ids, skip_special_tokens=True)``, built incrementally: the
+* The text is that of ``tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)``
+  (a tokenizer's clean-up of spaces, " ," -> ",", would rewrite text already returned), built incrementally: the
   concatenation of everything ``push`` and ``finish`` return equals ``text``, and, for a completion that no stop
   string cut, ``text`` equals that one-shot decode of the tokens pushed (``finish`` checks it and completes the
   text from it); ``skip`` counts a token without its text.  A
@@ -12,8 +13,7 @@ Contract:
   from ``push``'s return, so no returned text is ever taken back.
 
 Decoding uses the tokenizers library's ``DecodeStream`` (one Rust call per token) when the tokenizer has a
-fast backend and does not clean up spaces in Python; otherwise it re-decodes the whole completion per token,
-which is exact but quadratic.
+fast backend; otherwise it re-decodes the whole completion per token, which is exact but quadratic.
 """
 try:
     from tokenizers.decoders import DecodeStream
@@ -29,8 +29,7 @@ class TextStream:
         self.stop = tuple(stop)
         self._hold = max(map(len, self.stop), default=1) - 1
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        fast = (DecodeStream is not None and backend is not None
-                and not getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        fast = DecodeStream is not None and backend is not None
         self._backend = backend if fast else None
         self._decoder = DecodeStream(skip_special_tokens=True) if fast else None
         self.token_ids: list[int] = []
@@ -60,7 +59,7 @@ class TextStream:
         """The completion ended: returns the rest of the text, held-back characters and an incomplete last
         character included."""
         if not self.stopped:
-            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            full = self._decode_all()
             if full.startswith(self.text) and len(full) > len(self.text):
                 self._append(full[len(self.text):])
         return self._take(final=True)
@@ -68,10 +67,13 @@ class TextStream:
     def _decode_next(self, token: int) -> str:
         if self._decoder is not None:
             return self._decoder.step(self._backend, token) or ""
-        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        full = self._decode_all()
         if full.endswith(REPLACEMENT) or not full.startswith(self.text):
             return ""
         return full[len(self.text):]
+
+    def _decode_all(self) -> str:
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _append(self, piece: str) -> None:
         start = max(0, len(self.text) - self._hold)

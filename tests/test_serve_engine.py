@@ -160,3 +160,21 @@ def test_a_stop_token_resolved_after_the_length_finish_comes_with_the_finish(llm
     updates = [choice.add(d) for d in sent]
     assert choice.finish_reason == "stop" and choice.num_tokens == m - 1
     assert "".join(u.text for u in updates) == llm.tokenizer.decode(chain[1:m - 1], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("decode_stream", [True, False])
+def test_text_stream_of_a_tokenizer_that_cleans_up_spaces_loses_no_text(text_model, decode_stream, monkeypatch):
+    """Cleaning up spaces (" ," -> ",") rewrites text already shown once a later token arrives, so the stream
+    decodes with it off, in both of its decoders, rather than stall at the rewritten spot."""
+    import nanovllm.detokenizer
+    from serve_helpers import build_tokenizer
+    if not decode_stream:
+        monkeypatch.setattr(nanovllm.detokenizer, "DecodeStream", None)
+    tok = build_tokenizer(text_model[0] + "/cleanup")
+    tok.clean_up_tokenization_spaces = True
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True  # transformers >= 5
+    ids = tok.encode("Hello") + tok.encode(" ") + tok.encode(",") + tok.encode(" world and more")
+    assert tok.decode(ids) == "Hello, world and more"  # the clean-up is in effect
+    stream = TextStream(tok)
+    shown = "".join(stream.push([t]) for t in ids) + stream.finish()
+    assert shown == stream.text == "Hello , world and more"
