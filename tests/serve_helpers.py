@@ -99,7 +99,11 @@ def running_server(model_dir: str, log_dir: Path, *flags: str, **engine):
         yield base
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a server that ignores SIGTERM must not outlive the tests
+            proc.kill()
+            proc.wait()
 
 
 def _wait_until_healthy(proc, base: str, log: Path) -> None:
