@@ -29,8 +29,6 @@ class SamplingParams:
 
     def __post_init__(self):
         self.stop_token_ids = tuple(self.stop_token_ids)
-        if isinstance(self.stop, (str, list)):
-            self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         self.validate()
 
     def validate(self) -> None:
@@ -68,6 +66,8 @@ class SamplingParams:
             raise TypeError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
         if self.seed is not None and not is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if isinstance(self.stop, (str, list)):  # here, not only at construction: ``stop`` may be set later
+            self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}")
         if any(not s for s in self.stop):

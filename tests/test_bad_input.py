@@ -45,6 +45,11 @@ def test_bad_generate_arguments_raise_and_engine_stays_usable(llm, prompts, para
     (dict(temperature=float("inf")), ValueError, "temperature must be a finite number, got inf"),
     (dict(top_p=float("nan")), ValueError, "top_p must be a finite number"),
     (dict(top_p=float("-inf")), ValueError, "top_p must be a finite number"),
+    (dict(logprobs=21), ValueError, r"logprobs must be in \[0, 20\], got 21"),
+    (dict(logprobs=-1), ValueError, r"logprobs must be in \[0, 20\], got -1"),
+    (dict(logprobs=True), TypeError, "logprobs must be an int or None, got bool"),
+    (dict(stop=["x", ""]), ValueError, "stop strings must not be empty"),
+    (dict(stop=[1]), TypeError, r"stop must be a str or a list of str, got \(1,\)"),
 ])
 def test_bad_sampling_params_raise(kwargs, error, words):
     with pytest.raises(error, match=words):
@@ -57,6 +62,10 @@ def test_mutated_sampling_params_are_revalidated_before_work(llm):
     with pytest.raises(ValueError, match="top_k"):
         llm.generate([[1, 2]], params, use_tqdm=False)
     assert not llm.engine.has_work()
+    params = SamplingParams()
+    params.stop = ["a"]  # what the error message asks for is accepted when set after construction too
+    params.validate()
+    assert params.stop == ("a",)
 
 
 def test_unknown_llm_keyword_raises_type_error_naming_it(llm):
