@@ -48,7 +48,7 @@ def test_a_request_of_n_choices_counts_its_prompt_once():
     from nanovllm.sampling_params import SamplingParams
 
     class Tokenizer:
-        def decode(self, ids, skip_special_tokens=True):
+        def decode(self, ids, **options):
             return "".join(chr(97 + t) for t in ids)
 
     async def run():
