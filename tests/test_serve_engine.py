@@ -156,6 +156,7 @@ def test_a_stop_token_resolved_after_the_length_finish_comes_with_the_finish(llm
     assert [t for d in sent for t in d.token_ids] == chain[1:m]
     assert sent[-1].finish_reason == "stop" and sent[-1].token_ids[-1] == stop
     assert all(stop not in d.token_ids for d in sent[:-1])
+    assert [len(d.token_ids) for d in sent] == [1] * (m - 1)  # the tokens before it still come one per step
     choice = Choice(0, llm.tokenizer, ())
     updates = [choice.add(d) for d in sent]
     assert choice.finish_reason == "stop" and choice.num_tokens == m - 1

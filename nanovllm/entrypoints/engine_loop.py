@@ -19,7 +19,6 @@ import threading
 import time
 from collections import deque
 
-from nanovllm.engine.sequence import SequenceStatus
 from nanovllm.logger import logger
 
 
@@ -149,8 +148,8 @@ class EngineLoop:
             entry = self._live.get(seq.seq_id)
             if entry is None:
                 continue
-            if seq.status is SequenceStatus.FINISHED and seq.seq_id not in done:
-                continue  # finished on length at launch: a pending token may yet be a stop token; sent with the end
+            if seq.finish_reason == "stop" and seq.seq_id not in done:
+                continue  # finished on length at launch, then a pending token was a stop token: sent with the end
             handle, i = entry
             start = handle._sent[i]
             end = seq.num_resolved_tokens - seq.num_prompt_tokens
