@@ -106,3 +106,32 @@ class Platform:
     def capture(self, pool):
         """Record the device work of the body for replay; a no-op where there is no graph capture."""
         yield None
+
+
+class TorchDevicePlatform(Platform):
+    """A device whose ``torch.<name>`` module has CUDA's API (``torch.cuda``; ``torch.npu`` from torch_npu):
+    synchronisation, completion events and memory measured after a probe step are written once, here."""
+    measures_memory = True
+    pin_memory = True
+
+    def __init__(self, device: torch.device, options: KernelOptions | None = None):
+        self._api = getattr(torch, self.name)  # read once: ``record_event`` runs every step
+        super().__init__(device, options)
+
+    def synchronize(self):
+        self._api.synchronize(self.device)
+
+    def record_event(self):
+        event = self._api.Event()
+        event.record()  # on the current stream: completes when everything queued before it has
+        return event
+
+    def reset_peak_memory(self):
+        self._api.empty_cache()
+        self._api.reset_peak_memory_stats(self.device)
+
+    def available_kv_bytes(self, utilization):
+        free, total = self._api.mem_get_info(self.device)
+        used_by_others = total - free - self._api.memory_reserved(self.device)
+        peak = self._api.max_memory_allocated(self.device)
+        return int(total * utilization - used_by_others - peak)

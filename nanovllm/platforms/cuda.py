@@ -14,15 +14,13 @@ import torch
 from nanovllm.kernels.cuda import register_cuda_kernels
 from nanovllm.kernels.pdl import configure_inductor
 from nanovllm.logger import logger
-from nanovllm.platforms.base import _DTYPES, Platform
+from nanovllm.platforms.base import _DTYPES, TorchDevicePlatform
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(TorchDevicePlatform):
     name = "cuda"
     supports_graph_capture = True
-    measures_memory = True
     distributed_backend = "nccl"
-    pin_memory = True
 
     def __init__(self, device: torch.device, options=None):
         if device.index is None:
@@ -53,24 +51,6 @@ class CudaPlatform(Platform):
 
     def versions(self):
         return {"cuda": torch.version.cuda}
-
-    def synchronize(self):
-        torch.cuda.synchronize(self.device)
-
-    def record_event(self):
-        event = torch.cuda.Event()
-        event.record()  # on the current stream: completes when everything queued before it has
-        return event
-
-    def reset_peak_memory(self):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def available_kv_bytes(self, utilization):
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        return int(total * utilization - used_by_others - peak)
 
     def arch(self):
         major, minor = torch.cuda.get_device_capability(self.device)

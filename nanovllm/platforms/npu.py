@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nanovllm.kernels.npu import register_npu_kernels, register_npu_traced
-from nanovllm.platforms.base import Platform
+from nanovllm.platforms.base import TorchDevicePlatform
 
 _HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,12 +40,10 @@ def npu_present() -> bool:
     return torch.npu.is_available() and torch.npu.device_count() > 0
 
 
-class NpuPlatform(Platform):
+class NpuPlatform(TorchDevicePlatform):
     name = "npu"
-    measures_memory = True
     static_shapes = True
     distributed_backend = "hccl"
-    pin_memory = True
 
     def __init__(self, device: torch.device, options=None):
         import torch_npu  # noqa: F401  (before torchair, which the compile step imports)
@@ -64,24 +62,6 @@ class NpuPlatform(Platform):
 
     def auto_dtype(self, checkpoint_dtype):
         return _HALF.get(checkpoint_dtype or "", torch.bfloat16)
-
-    def synchronize(self):
-        torch.npu.synchronize(self.device)
-
-    def record_event(self):
-        event = torch.npu.Event()
-        event.record()
-        return event
-
-    def reset_peak_memory(self):
-        torch.npu.empty_cache()
-        torch.npu.reset_peak_memory_stats(self.device)
-
-    def available_kv_bytes(self, utilization):
-        free, total = torch.npu.mem_get_info(self.device)
-        used_by_others = total - free - torch.npu.memory_reserved(self.device)
-        peak = torch.npu.max_memory_allocated(self.device)
-        return int(total * utilization - used_by_others - peak)
 
     def arch(self):
         return torch.npu.get_device_name(self.device)
