@@ -29,7 +29,7 @@ from random import randint, seed
 
 import torch
 
-from benchmarks.common import copy_bandwidth, decode_floor_seconds, default_model
+from benchmarks.common import copy_bandwidth, decode_floor_seconds, default_model, step_weight_bytes
 from nanovllm import LLM, SamplingParams
 from nanovllm.cli import add_engine_args, engine_kwargs, flag_name
 
@@ -184,9 +184,12 @@ def allocator_counts(cuda: bool) -> dict:
 
 
 def add_floor(result: dict, info: dict, bandwidth: float | None) -> None:
-    """Add the decode byte floor (weights per step + KV read, at ``bandwidth`` bytes/s) to a run's fields."""
+    """Add the decode byte floor (weights per step + KV read, at ``bandwidth`` bytes/s) to a run's fields; the
+    weights per step are the run's ``decode_weight_bytes_per_step`` (``run_once``) where it has them."""
     floor = None if not bandwidth else decode_floor_seconds(
-        result["decode_steps"], result["decode_kv_tokens"], info["weight_bytes"], info["kv_bytes_per_token"], bandwidth)
+        result["decode_steps"], result["decode_kv_tokens"],
+        result.get("decode_weight_bytes_per_step", info["weight_bytes"]),
+        info["kv_bytes_per_token"], bandwidth)
     result["copy_bandwidth_gbps"] = None if not bandwidth else round(bandwidth / 1e9, 1)
     result["decode_floor_seconds"] = None if floor is None else round(floor, 3)
     result["decode_vs_floor"] = None if floor is None else round(floor / max(result["decode_seconds"], 1e-9), 3)
@@ -214,6 +217,11 @@ def run_once(llm, args, info: dict) -> dict:
         log, engine.step_log = engine.step_log, None
     tokens = count_generated(outputs, params)
     result = summarize(engine.stats, seconds, tokens, sum(map(len, prompts)), log)
+    # the weights a decode step reads: all of them, except the experts no token of the step was routed to (MoE)
+    sizes = [r.seqs for r in log if r.kind == "decode"]
+    result["decode_weight_bytes_per_step"] = round(sum(
+        step_weight_bytes(b, info["weight_bytes"], info.get("expert_bytes", 0), info.get("expert_share", 0.0))
+        for b in sizes) / max(len(sizes), 1)) if sizes else info["weight_bytes"]
     # what the caching allocator did during the run (each device malloc or retry synchronises) and the garbage
     # collections (a full one stalls the host for milliseconds)
     result["allocator"] = {k: v - allocator[k] for k, v in allocator_counts(cuda).items()}

@@ -9,7 +9,9 @@ Timers (CUDA only; each synchronises before it returns):
   memory ceiling every bandwidth-bound number here is compared with.
 
 ``decode_floor_seconds`` is the decode byte floor of docs/PERFORMANCE.md: each decode step reads the weights
-once and every running sequence's KV, at copy bandwidth.
+once and every running sequence's KV, at copy bandwidth.  In a mixture of experts a step reads only the experts
+its tokens were routed to: ``step_weight_bytes`` counts the expected share under uniform routing (random weights
+route close to uniformly; a real checkpoint's skew touches fewer experts, so its floor is lower).
 """
 import json
 import os
@@ -43,6 +45,16 @@ def decode_floor_seconds(decode_steps: int, decode_kv_tokens: int, weight_bytes:
     if bandwidth <= 0:
         raise ValueError(f"bandwidth must be positive, got {bandwidth}")
     return (decode_steps * weight_bytes + decode_kv_tokens * kv_bytes_per_token) / bandwidth
+
+
+def step_weight_bytes(batch: int, weight_bytes: int, expert_bytes: int = 0, expert_share: float = 0.0) -> float:
+    """Expected weight bytes a decode step of ``batch`` sequences reads: every weight that is not a routed
+    expert, plus each expert with the probability that at least one of the ``batch`` tokens picks it, where a
+    token picks a given expert with probability ``expert_share`` (top_k / experts)."""
+    if not 0.0 <= expert_share <= 1.0 or not 0 <= expert_bytes <= weight_bytes:
+        raise ValueError(f"expert_share={expert_share} must lie in [0, 1] and expert_bytes={expert_bytes} in "
+                         f"[0, weight_bytes={weight_bytes}]")
+    return weight_bytes - expert_bytes + expert_bytes * (1.0 - (1.0 - expert_share) ** batch)
 
 
 def cuda_ms(fn, reps: int = 10, warmup: int = 2) -> float:

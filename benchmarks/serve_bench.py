@@ -11,7 +11,8 @@ Each is sent to ``/v1/completions`` streamed (``stream_options.include_usage``) 
 
 Per rate it reports TTFT (first chunk with text), TPOT (``(latency - TTFT) / (tokens - 1)``, tokens from the usage
 chunk), ITL (gaps between text chunks) and end-to-end latency at p50/p90/p99 in ms, request throughput and output
-tokens/s, as a table and one JSON line, also written to ``$OUT/serve_bench.json`` (``benchmarks/common.py``).
+tokens/s, as a table and one JSON line, also written to ``$OUT/serve_bench.json`` (``--json`` names another
+file; ``benchmarks/common.py``).
 ``--plot`` draws median and p99 TTFT and TPOT against the achieved request rate (needs matplotlib).
 """
 import argparse
@@ -169,6 +170,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     p.add_argument("--plot", help="save a PNG of latency against request rate")
+    p.add_argument("--json", default="serve_bench.json", help="file name of the JSON result under $OUT")
     return p
 
 
@@ -189,7 +191,7 @@ def main() -> None:
     print_table(rows)
     result = {"model": model, "base_url": args.base_url, "num_prompts": args.num_prompts, "runs": rows}
     print(json.dumps(result))
-    write_json("serve_bench.json", result)
+    write_json(args.json, result)
     if args.plot:
         plot(rows, args.plot)
     if any(r["failed"] for r in rows):

@@ -182,6 +182,17 @@ def test_decode_floor_is_weights_per_step_plus_kv_read_over_bandwidth():
     assert r["copy_bandwidth_gbps"] == 1.0
 
 
+def test_moe_step_reads_only_the_experts_its_tokens_were_routed_to():
+    from benchmarks.common import step_weight_bytes
+    assert step_weight_bytes(7, 1000) == 1000  # dense: every weight, every step
+    # 600 of 1000 bytes are experts; one token routed to 2 of 8 experts reads a quarter of them
+    assert step_weight_bytes(1, 1000, 600, 0.25) == pytest.approx(400 + 150)
+    assert step_weight_bytes(2, 1000, 600, 0.25) == pytest.approx(400 + 600 * (1 - 0.75 ** 2))
+    assert step_weight_bytes(256, 1000, 600, 8 / 128) == pytest.approx(1000, rel=1e-6)
+    with pytest.raises(ValueError, match="expert_share=1.5"):
+        step_weight_bytes(1, 1000, 600, 1.5)
+
+
 def _maintained_scripts() -> set[str]:
     names = os.listdir(os.path.join(ROOT, "benchmarks"))
     return {f for f in names if f.endswith((".py", ".sh")) and f != "__init__.py"}

@@ -25,6 +25,7 @@ from nanovllm.engine.prefill_inputs import PrefillInputBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import sample
 from nanovllm.models.loader import build_model
+from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
 from nanovllm.step import make_step, redraw_filtered, token_logprobs
 
@@ -109,6 +110,7 @@ class ModelRunner:
                 "num_kv_blocks": self.num_blocks, "kvcache_block_size": self.block_size,
                 "kv_bytes_per_token": self.kv_spec.bytes_per_token,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                **dict(zip(("expert_bytes", "expert_share"), expert_footprint(self.model))),
                 "init_phases": dict(self.init_phases), **self.executor.describe()}
 
     def new_host_tokens(self) -> torch.Tensor:

@@ -74,3 +74,11 @@ class SparseMoe(nn.Module):
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return y
+
+
+def expert_footprint(model: nn.Module) -> tuple[int, float]:
+    """(bytes of all routed experts' weights, share of a layer's experts one token is routed to: top_k / E) for
+    the byte floor of a decode step (``benchmarks/common.step_weight_bytes``); (0, 0.0) for a dense model."""
+    layers = [m for m in model.modules() if isinstance(m, SparseMoe)]
+    nbytes = sum(p.numel() * p.element_size() for m in layers for p in m.experts.parameters())
+    return nbytes, (layers[0].top_k / layers[0].experts.gate_up_proj.shape[0]) if layers else 0.0
