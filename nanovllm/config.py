@@ -90,8 +90,8 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
     max_model_len: int = _opt(4096, "prompt + completion limit (capped by the checkpoint's "
                                     "`max_position_embeddings`)")
-    gpu_memory_utilization: float = _opt(0.9, "share of device memory for weights, activations and KV cache (on "
-                                               "MPS: of `torch.mps.recommended_max_memory()`)")
+    gpu_memory_utilization: float = _opt(0.92, "share of device memory for weights, activations and KV cache "
+                                                "(vLLM's default; on MPS: of `torch.mps.recommended_max_memory()`)")
     kvcache_block_size: int = _opt(64, "tokens per KV block (a power of two >= 16; docs/PERFORMANCE.md has the "
                                        "measurement behind the default)")
     num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free device memory; on "

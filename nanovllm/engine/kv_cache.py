@@ -8,7 +8,9 @@ step).
 
 Sizing: a fixed ``num_kvcache_blocks``; else, where the platform can measure memory, what is left of
 ``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler
-at full batch); else ``DEFAULT_KV_BYTES``.  Every sequence of ``max_model_len`` tokens must fit.
+at full batch), not counting the temporary cache the probe wrote into (the real cache takes its place: it is
+measured while still alive, so platforms that read the peak and those that read current use agree); else
+``DEFAULT_KV_BYTES``.  Every sequence of ``max_model_len`` tokens must fit.
 """
 from typing import Callable
 
@@ -40,18 +42,21 @@ class KVCacheSpec:
 
 
 def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float, platform,
-                    max_blocks_per_seq: int, max_model_len: int, probe: Callable[[], None]) -> int:
-    """The number of KV blocks to allocate.  ``probe`` runs the step at its most memory-hungry shape (it may
-    allocate a temporary cache); it is only called where the platform measures memory."""
+                    max_blocks_per_seq: int, max_model_len: int, probe: Callable[[], list]) -> int:
+    """The number of KV blocks to allocate.  ``probe`` runs the step at its most memory-hungry shape with a
+    temporary cache and returns that cache (a list of (K, V)); it is only called where the platform measures
+    memory."""
     if fixed is not None:
         num_blocks = fixed
     else:
         budget = None
         if platform.measures_memory:
             platform.reset_peak_memory()
-            probe()
+            temporary = probe()
             platform.synchronize()
-            budget = platform.available_kv_bytes(utilization)
+            budget = platform.available_kv_bytes(utilization) + sum(
+                t.numel() * t.element_size() for kv in temporary for t in kv)
+            del temporary
         num_blocks = max(0, (DEFAULT_KV_BYTES if budget is None else budget) // spec.bytes_per_block)
     if num_blocks < max_blocks_per_seq:
         raise ValueError(

@@ -81,9 +81,9 @@ class ModelRunner:
             self._warm_largest_prefill()
             phase("warm_largest_prefill")
 
-    def _probe_peak_memory(self) -> None:
+    def _probe_peak_memory(self) -> list:
         """Run the largest prefill (with a temporary cache) and a full-batch filtered sample once, so the peak
-        memory they need is known before the KV cache takes the rest."""
+        memory they need is known before the KV cache takes the rest; returns the temporary cache."""
         cfg = self.config
         seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
         num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
@@ -94,6 +94,7 @@ class ModelRunner:
             logits = torch.zeros(cfg.max_num_seqs, self.vocab_size, device=self.device)
             z = torch.zeros(cfg.max_num_seqs, device=self.device)
             sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
+        return kv
 
     def _warm_largest_prefill(self) -> None:
         """Run the largest uncaptured prefill once (all padding: nothing is written), so that its activation
