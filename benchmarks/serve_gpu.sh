@@ -6,6 +6,7 @@
 #
 #     STEPS="ours" bash benchmarks/serve_gpu.sh     # on the GPU machine; vLLM staged in /tmp/site (../shared/peers)
 #     STEPS="vllm" bash benchmarks/serve_gpu.sh
+#     TOKENIZER=DIR ...                              # tokenizer files to add to a checkpoint that has none
 #     MODEL=DIR N=8 CLIENT_ARGS="--max-output-len 8" STEPS=ours bash benchmarks/serve_gpu.sh   # a smoke test
 #
 # Logs and JSON stay in /tmp/nanovllm-results/serve (kept while the machine is warm); each call packs all of it into
@@ -16,6 +17,10 @@ source benchmarks/gpu_steps.sh
 export NANOVLLM_CACHE_DIR=/tmp/nanovllm-serve-cache PYTHONUNBUFFERED=1
 MODEL=${MODEL:-$(python -c "from benchmarks.common import default_model; print(default_model())")}
 N=${N:-256}  # prompts per run at the medium and saturating rates; half of it at the light rate
+if [ ! -f "$MODEL/tokenizer.json" ]; then  # both servers need one; synthesize writes one only where it has it
+  [ -n "${TOKENIZER:-}" ] || { echo "$MODEL has no tokenizer: set TOKENIZER=DIR"; exit 2; }
+  cp "$TOKENIZER"/* "$MODEL"/
+fi
 VP="env PYTHONPATH=/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0"
 URL=http://127.0.0.1:8000
 
@@ -24,7 +29,7 @@ up() {  # up NAME CMD...: start a server, wait for /health (at most 300 s)
   "$@" > "$OUT/$name.server.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 300); do curl -sf "$URL/health" > /dev/null && { echo "$name up after $((SECONDS - T0))s"; return; }
-    sleep 1; done
+    kill -0 "$SERVER" 2> /dev/null || break; sleep 1; done
   echo "$name did not come up"; tail -20 "$OUT/$name.server.log"
 }
 down() { kill "$SERVER"; wait "$SERVER" 2> /dev/null; pkill -f "vllm.entrypoints.openai|nanovllm.serve"; sleep 3; }
