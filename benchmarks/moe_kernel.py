@@ -4,7 +4,7 @@ Mixtral-8x7B's (E=8, top-2, H=4096, I=14336): exact against the PyTorch twin, an
     python benchmarks/moe_kernel.py [--shape qwen3-30b-a3b|mixtral] [--tokens 1,16,64,256] [--layers 4]
                                                                       # writes $OUT/moe_kernel_<shape>.json
 
-Checks: every candidate form and block size against ``fused_moe_reference`` (relative error < 2e-2), at each
+Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
 token count and at a prefill of 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape) a
 prefill of 140,000 tokens, whose per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its end.
 
@@ -30,10 +30,8 @@ DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336)}  # E, top-k, H, I
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
-CANDIDATES = [moe_configs.GATHER, MoeConfig("gather", 1, 16, 128), MoeConfig("grouped", 16, 64, 64),
-              MoeConfig("grouped", 16, 32, 128), MoeConfig("grouped", 32, 64, 64),
-              MoeConfig("grouped", 64, 64, 64, num_stages=4),
-              MoeConfig("grouped", 64, 128, 64, num_warps=8, num_stages=4)]
+CANDIDATES = [MoeConfig(16, 64, 64), MoeConfig(16, 32, 128), MoeConfig(32, 64, 64), MoeConfig(64, 64, 64, num_stages=4),
+              MoeConfig(64, 128, 64, num_warps=8, num_stages=4)]
 CHECKS: list[dict] = []
 
 
@@ -75,9 +73,7 @@ def check_exactness(tokens: list[int], weights) -> None:
         x, logits = make_inputs(t, seed=t)
         want = fused_moe_reference(x, logits, w13, w2, TOP_K, True)
         for cfg in CANDIDATES:
-            if cfg.form == "gather" and t > 256:  # each pair reads its expert: 300 GB at 4096 tokens
-                continue
-            check(f"T={t} {cfg.form} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k}",
+            check(f"T={t} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k}",
                   rel_err(fused_moe_triton(x, logits, w13, w2, TOP_K, True, cfg=cfg), want))
         check(f"T={t} ops.fused_moe (registered)", rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True), want))
     if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31:
@@ -93,26 +89,24 @@ def check_exactness(tokens: list[int], weights) -> None:
 
 def timing_rows(tokens: list[int], layers: list, bandwidth: float) -> list[dict]:
     from nanovllm.kernels.triton_moe import fused_moe_triton
-    print("| T | form | block_m | block_n | block_k | pick | us | experts | GB/s | of copy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | block_m | block_n | block_k | pick | us | experts | GB/s | of copy |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     rows = []
     for t in tokens:
         inputs = [make_inputs(t, seed=100 * t + i) for i in range(len(layers))]
         nbytes = sum(expert_bytes(route_reference(lg, TOP_K, True)[1], t) for _, lg in inputs) / len(inputs)
         touched = sum(int(torch.unique(route_reference(lg, TOP_K, True)[1]).numel()) for _, lg in inputs)
-        picked = moe_configs.choose(t)
+        picked = moe_configs.choose(t, TOP_K, E)
         for cfg in CANDIDATES:
-            if cfg.form == "gather" and t > 256:
-                continue
             calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, cfg=cfg)
                      for (x, lg), w in zip(inputs, layers)]
             us = graph_us(calls, replays=10)
-            row = {"tokens": t, "form": cfg.form, "block_m": cfg.block_m, "block_n": cfg.block_n,
+            row = {"tokens": t, "block_m": cfg.block_m, "block_n": cfg.block_n,
                    "block_k": cfg.block_k, "picked": cfg == picked, "us": round(us, 1),
                    "experts_touched": round(touched / len(inputs), 1), "gbps": round(nbytes / us / 1e3, 1),
                    "of_copy": round(nbytes / us / 1e3 / (bandwidth / 1e9), 3)}
             rows.append(row)
-            print(f"| {t} | {cfg.form} | {cfg.block_m} | {cfg.block_n} | {cfg.block_k} | "
+            print(f"| {t} | {cfg.block_m} | {cfg.block_n} | {cfg.block_k} | "
                   f"{'*' if row['picked'] else ''} | {row['us']} | {row['experts_touched']} | {row['gbps']} | "
                   f"{row['of_copy']:.1%} |", flush=True)
     return rows
@@ -149,7 +143,7 @@ def main():
     print(f"checks: {len(CHECKS) - len(failed)}/{len(CHECKS)} ok")
     write_json(f"moe_kernel_{args.shape}.json", {"device": torch.cuda.get_device_name(), "shape": dict(E=E, top_k=TOP_K,
                hidden=HIDDEN, intermediate=INTER), "copy_gbps": round(bandwidth / 1e9, 1),
-               "gather_max_tokens": moe_configs.GATHER_MAX_TOKENS, "checks": CHECKS, "timing": rows})
+               "checks": CHECKS, "timing": rows})
     sys.exit(1 if failed else 0)
 
 

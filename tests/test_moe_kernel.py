@@ -1,10 +1,10 @@
 """The fused MoE (``nanovllm::fused_moe``): its pure-PyTorch twin against a naive per-expert oracle, and the Triton
-routing, layout and both GEMM forms against the twin, on CPU under the Triton interpreter (tiny shapes: it is
+routing, layout and grouped GEMMs against the twin, on CPU under the Triton interpreter (tiny shapes: it is
 slow).  Cases: random routing, every token on one expert, experts that get no token, top-k equal to the number
 of experts, padded rows (zero inputs, tied logits), a row of NaN logits, several routing chunks, dims that are
 not tile multiples.
 
-The GPU check and timing at Qwen3-30B-A3B's shape is benchmarks/moe_kernel.py.
+The GPU check and timing at Qwen3-30B-A3B's and Mixtral's shapes is benchmarks/moe_kernel.py.
 """
 import os
 
@@ -22,8 +22,7 @@ from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe import fused_moe_triton  # noqa: E402
 from nanovllm.kernels.triton_moe_align import align_triton, route_triton  # noqa: E402
 
-GROUPED = MoeConfig("grouped", 16, 32, 32)
-GATHER = MoeConfig("gather", 1, 32, 32)
+GROUPED = MoeConfig(16, 32, 32)
 
 
 def naive_moe(x, logits, w13, w2, top_k, renormalize):
@@ -70,7 +69,7 @@ def test_twin_matches_the_naive_oracle_in_one_chunk_or_many(renormalize, monkeyp
 def test_triton_routing_matches_the_twin_over_one_or_several_chunks(num_tokens, top_k, num_experts):
     _, logits, _, _ = make_case(num_tokens, num_experts, seed=num_tokens)
     for renormalize in (True, False):
-        weights, ids, hist = route_triton(logits, top_k, renormalize, histogram=True)
+        weights, ids, hist = route_triton(logits, top_k, renormalize)
         want_w, want_ids = ref.route_reference(logits, top_k, renormalize)
         assert torch.equal(ids.long(), want_ids)
         torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-7)
@@ -97,7 +96,7 @@ def test_triton_layout_matches_the_reference_layout(ids):
 
 def test_layout_over_several_routing_chunks_keeps_pair_order_inside_each_expert():
     _, logits, _, _ = make_case(150, 5, seed=3)  # top-2: 64 tokens per chunk, three chunks
-    _, ids, hist = route_triton(logits, 2, True, histogram=True)
+    _, ids, hist = route_triton(logits, 2, True)
     assert hist.shape == (3, 5)
     got = align_triton(ids, hist, 5, 16)
     want = ref.align_reference(ids, 5, 16)
@@ -111,13 +110,12 @@ CASES = {
     "one_expert_for_all": dict(num_tokens=20, num_experts=8, top_k=1, favour=3),
     "empty_experts": dict(num_tokens=3, num_experts=16, top_k=1),
     "top_k_is_e": dict(num_tokens=6, num_experts=4, top_k=4),
-    "many_blocks": dict(num_tokens=33, num_experts=4, top_k=2),  # the grouped form's; gather runs pair by pair
+    "many_blocks": dict(num_tokens=33, num_experts=4, top_k=2),
 }
-FORMS = [(case, cfg) for case in CASES for cfg in (GROUPED, GATHER) if not (case == "many_blocks" and cfg is GATHER)]
 
 
-@pytest.mark.parametrize("case,cfg", FORMS, ids=[f"{case}-{cfg.form}" for case, cfg in FORMS])
-def test_triton_moe_matches_the_twin(case, cfg):
+@pytest.mark.parametrize("case", CASES)
+def test_triton_moe_matches_the_twin(case, cfg=GROUPED):
     kw = dict(CASES[case])
     top_k = kw.pop("top_k")
     x, logits, w13, w2 = make_case(**kw)
@@ -129,8 +127,7 @@ def test_triton_moe_matches_the_twin(case, cfg):
         assert rel_err(got, want) < tol, f"{dtype}: relative error {rel_err(got, want):.2e}"
 
 
-@pytest.mark.parametrize("cfg", [GROUPED, GATHER], ids=["grouped", "gather"])
-def test_padded_rows_give_zeros_and_leave_real_rows_alone(cfg):
+def test_padded_rows_give_zeros_and_leave_real_rows_alone(cfg=GROUPED):
     """Bucket padding: zero inputs with all-equal logits (every expert ties) beside real rows."""
     x, logits, w13, w2 = make_case(6, 8)
     x[3:], logits[3:] = 0.0, 0.0
@@ -140,21 +137,23 @@ def test_padded_rows_give_zeros_and_leave_real_rows_alone(cfg):
     assert rel_err(got[:3], real) < 1e-5
 
 
-@pytest.mark.parametrize("cfg", [GROUPED, GATHER], ids=["grouped", "gather"])
-def test_a_row_of_nan_logits_spoils_only_its_own_output(cfg):
+def test_a_row_of_nan_logits_spoils_only_its_own_output(cfg=GROUPED):
     """Its ids stay valid experts: out of range, the grouped layout put its pair on another row's slot."""
     x, logits, w13, w2 = make_case(6, 8)
     logits[2] = float("nan")
-    _, ids, hist = route_triton(logits, 2, True, histogram=True)
+    _, ids, hist = route_triton(logits, 2, True)
     assert int(ids.min()) >= 0 and int(ids.max()) < 8 and int(hist.sum()) == ids.numel()
     got = fused_moe_triton(x, logits, w13, w2, 2, True, cfg=cfg)
     rest = torch.tensor([0, 1, 3, 4, 5])
     assert rel_err(got[rest], ref.fused_moe_reference(x[rest], logits[rest], w13, w2, 2, True)) < 1e-5
 
 
-def test_dispatch_by_token_count():
-    assert moe_configs.choose(1, gather_max_tokens=4).form == "gather"
-    assert moe_configs.choose(4, gather_max_tokens=4).form == "gather"
-    assert moe_configs.choose(1).form == "grouped"  # the gather form lost at every T measured (moe_configs.py)
-    blocks = [moe_configs.choose(t).block_m for t in (moe_configs.GATHER_MAX_TOKENS + 1, 256, 257, 10 ** 6)]
-    assert blocks == sorted(blocks) and blocks[0] == 16 and moe_configs.choose(10 ** 6).form == "grouped"
+def test_dispatch_by_rows_per_expert():
+    # Qwen3-30B-A3B (top-8 of 128) and Mixtral (top-2 of 8) at the sizes benchmarks/moe_kernel.py timed
+    picks = {(t, k, e): moe_configs.choose(t, k, e).block_m
+             for t in (1, 16, 64, 256, 1024, 4096) for k, e in ((8, 128), (2, 8))}
+    assert picks[(256, 8, 128)] == 16 and picks[(1024, 8, 128)] == 64 and picks[(16, 2, 8)] == 16
+    assert picks[(256, 2, 8)] == 64 and moe_configs.choose(4096, 8, 128).block_n == 128
+    for k, e in ((8, 128), (2, 8)):  # more rows per expert never takes smaller blocks
+        blocks = [picks[(t, k, e)] for t in (1, 16, 64, 256, 1024, 4096)]
+        assert blocks == sorted(blocks)

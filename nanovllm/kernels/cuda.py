@@ -6,7 +6,7 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 ``current_options()`` once per call: with ``reference_kernels`` set it runs the twin, so options installed by a
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
-configuration by row count (``matmul_configs.py``), the MoE form and tiles by token count (``moe_configs.py``),
+configuration by row count (``matmul_configs.py``), the MoE tiles by rows per expert (``moe_configs.py``),
 and float32 rope and MoE on torch so that results stay
 transformers' bit for bit.
 

@@ -15,7 +15,7 @@ The twin takes the gather form: each (token, k) pair gathers its expert's weight
 pairs at a time, so memory stays bounded and every shape depends only on T, top_k and the weights' shapes (no
 ``.item()``, no data-dependent shape: it traces whole and replays in a graph).
 
-Layout of the grouped form (``align_reference``; ``triton_moe_align.py`` computes it on the GPU).  Pair
+Layout the Triton kernels use (``align_reference``; ``triton_moe_align.py`` computes it on the GPU).  Pair
 ``p = token * top_k + k`` goes to expert ``ids[p]``.  Pairs are grouped by expert, in pair order inside an
 expert; each expert's group starts at a multiple of ``block_m`` and is padded up to one.  The buffers have
 static sizes: ``num_blocks = ceil((P + min(E, P) * (block_m - 1)) / block_m)`` blocks of ``block_m`` slots,

@@ -2,18 +2,14 @@
 with the router weight multiplied in, then the sum over each token's top-k, all with static shapes and grids (no
 host sync, so a step replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
 
-Two forms (``moe_configs.py`` picks one by token count):
-
-* grouped: the (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``).
-  A program of ``_grouped_up_kernel`` takes one block and one column tile: it gathers the block's token rows of
-  x (``pair // top_k``), reads the expert's gate and up tiles and writes ``silu(gate) * up`` [block_m, block_n] to
-  the block's rows of the intermediate ``[slots, I]``.  ``_grouped_down_kernel`` multiplies those rows by the
-  expert's ``w2`` tile, scales each row by its pair's router weight and writes it to the pair's row of ``[P, H]``,
-  which a torch sum over top-k folds into ``[T, H]``.  Block index runs fastest in the grid, so the programs that
-  read one expert tile run together and share it through L2.  Blocks with no rows (the static padding of the
-  layout) return at once.
-* gather: one program per pair (up) or per token (down, summing its top-k in registers) and column tile, a GEMV
-  over the pair's expert: no layout, no sum kernel.
+The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``;
+``moe_configs.py`` picks the tiles by rows per expert).  A program of ``_grouped_up_kernel`` takes one block and
+one column tile: it gathers the block's token rows of x (``pair // top_k``), reads the expert's gate and up
+tiles and writes ``silu(gate) * up`` [block_m, block_n] to the block's rows of the intermediate ``[slots, I]``.
+``_grouped_down_kernel`` multiplies those rows by the expert's ``w2`` tile, scales each row by its pair's router
+weight and writes it to the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Block
+index runs fastest in the grid, so the programs that read one expert tile run together and share it through L2.
+Blocks with no rows (the static padding of the layout) return at once.
 
 Offsets are int64 wherever a row index meets a stride (token rows, expert bases, pair rows): ``T * top_k * H``
 and ``E * 2I * H`` pass 2**31 on large models and prefills, which broke vLLM and SGLang with int32.
@@ -95,68 +91,15 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, sorted_ptr, block_expert_ptr, block_
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _gemv(a_row, w_rows, offs_k, k_mask, n_mask):
-    """sum over this K tile of a[k] * w[n, k] -> float32 [BLOCK_N]."""
-    a = tl.load(a_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-    return tl.sum(w * a[None, :], 1)
-
-
-@triton.jit
-def _gather_up_kernel(x_ptr, w13_ptr, ids_ptr, inter_ptr, I, H, stride_x, stride_we, stride_wn, stride_i,
-                      TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    pair = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pdl_begin(PDL)
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
-    x_row = x_ptr + (pair // TOP_K) * stride_x
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < I
-    gate_rows = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-    up_rows = gate_rows + I * stride_wn
-    acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < H
-        acc_gate += _gemv(x_row, gate_rows, offs_k, k_mask, n_mask)
-        acc_up += _gemv(x_row, up_rows, offs_k, k_mask, n_mask)
-    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    tl.store(inter_ptr + pair * stride_i + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
-def _gather_down_kernel(inter_ptr, w2_ptr, ids_ptr, weights_ptr, out_ptr, I, H, stride_i, stride_we, stride_wn,
-                        stride_o, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PDL: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pdl_begin(PDL)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < H
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in range(TOP_K):
-        pair = token * TOP_K + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        w_rows = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            acc += _gemv(inter_ptr + pair * stride_i, w_rows, offs_k, offs_k < I, n_mask)
-        out += tl.load(weights_ptr + pair) * acc
-    tl.store(out_ptr + token * stride_o + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
 def _launch_args(cfg: MoeConfig, dev: torch.device) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **pdl_launch(dev))
 
 
-def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor | None,
+def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor, cfg: MoeConfig) -> torch.Tensor:
-    """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids``, and ``hist``
-    when ``cfg`` is grouped) -> [T, H] in x's dtype."""
+    """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
+    -> [T, H] in x's dtype."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -167,16 +110,6 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     if num_tokens == 0:
         return torch.zeros_like(x)
     args = _launch_args(cfg, dev)
-    if cfg.form == "gather":
-        inter = x.new_empty(num_tokens * top_k, inter_size)
-        _gather_up_kernel[(num_tokens * top_k, triton.cdiv(inter_size, cfg.block_n))](
-            x, w13, ids, inter, inter_size, hidden, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-            TOP_K=top_k, **args)
-        out = torch.empty_like(x)
-        _gather_down_kernel[(num_tokens, triton.cdiv(hidden, cfg.block_n))](
-            inter, w2, ids, weights, out, inter_size, hidden, inter.stride(0), w2.stride(0), w2.stride(1),
-            out.stride(0), TOP_K=top_k, **args)
-        return out
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)
     num_blocks = block_expert.shape[0]
     precision = _dot_precision(x)
@@ -193,7 +126,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
 
 def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
                      renormalize: bool, cfg: MoeConfig | None = None) -> torch.Tensor:
-    """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the form and tiles."""
-    cfg = cfg or choose(x.shape[0])
-    weights, ids, hist = route_triton(router_logits, top_k, renormalize, histogram=cfg.form == "grouped")
+    """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the tiles."""
+    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0])
+    weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg)

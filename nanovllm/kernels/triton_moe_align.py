@@ -2,8 +2,8 @@
 
 ``route_triton``: one program per chunk of tokens takes the float32 softmax of its router logits, picks the
 ``top_k`` largest (the lowest expert index among equal ones), renormalises them when asked and writes
-``ids``/``weights`` [T, top_k]; with ``histogram`` it also writes how many of its pairs went to each expert, one row
-per chunk (``hist`` [chunks, E]).  Every id is a valid expert, even for a row of NaN logits (an overflow), so such a
+``ids``/``weights`` [T, top_k], and how many of its pairs went to each expert, one row per chunk (``hist``
+[chunks, E]).  Every id is a valid expert, even for a row of NaN logits (an overflow), so such a
 row spoils only its own output.
 
 ``align_triton``: one program per chunk of pairs (the same chunks) reads the histogram rows: their column sums
@@ -28,7 +28,7 @@ _PAIRS_PER_CHUNK = 128  # (token, k) pairs a routing/align program handles, at m
 
 @triton.jit
 def _route_kernel(logits_ptr, ids_ptr, weights_ptr, hist_ptr, T, E, stride_l, TOP_K: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, HISTOGRAM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     pdl_begin(PDL)
@@ -54,16 +54,14 @@ def _route_kernel(logits_ptr, ids_ptr, weights_ptr, hist_ptr, T, E, stride_l, TO
         top_i = tl.where(cols[None, :] == k, idx[:, None], top_i)
         chosen = experts[None, :] == idx[:, None]
         p = tl.where(chosen, -1.0, p)
-        if HISTOGRAM:
-            hist += tl.sum((chosen & t_mask[:, None]).to(tl.int32), 0)
+        hist += tl.sum((chosen & t_mask[:, None]).to(tl.int32), 0)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, 1)[:, None]  # columns past TOP_K hold 0
     out = tokens[:, None].to(tl.int64) * TOP_K + cols[None, :]
     out_mask = t_mask[:, None] & (cols[None, :] < TOP_K)
     tl.store(ids_ptr + out, top_i, mask=out_mask)
     tl.store(weights_ptr + out, top_w, mask=out_mask)
-    if HISTOGRAM:
-        tl.store(hist_ptr + pid * E + experts, hist, mask=e_mask)
+    tl.store(hist_ptr + pid * E + experts, hist, mask=e_mask)
 
 
 @triton.jit
@@ -113,8 +111,8 @@ def _tokens_per_chunk(top_k: int) -> int:
     return max(1, triton.next_power_of_2(_PAIRS_PER_CHUNK // top_k + 1) // 2)  # a power of 2, times top_k <= 128
 
 
-def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool, histogram: bool = False):
-    """(weights float32 [T, top_k], ids int32 [T, top_k], hist int32 [chunks, E] or None); see the docstring."""
+def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """(weights float32 [T, top_k], ids int32 [T, top_k], hist int32 [chunks, E]); see the docstring."""
     num_tokens, num_experts = router_logits.shape
     assert router_logits.stride(1) == 1 and 1 <= top_k <= num_experts
     dev = router_logits.device
@@ -122,11 +120,11 @@ def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool, his
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=dev)
     block_t = _tokens_per_chunk(top_k)
     chunks = triton.cdiv(num_tokens, block_t)
-    hist = torch.empty(chunks, num_experts, dtype=torch.int32, device=dev) if histogram else None
+    hist = torch.empty(chunks, num_experts, dtype=torch.int32, device=dev)
     if num_tokens:
-        _route_kernel[(chunks,)](router_logits, ids, weights, hist if histogram else ids, num_tokens, num_experts,
+        _route_kernel[(chunks,)](router_logits, ids, weights, hist, num_tokens, num_experts,
                                  router_logits.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
-                                 HISTOGRAM=histogram, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts),
+                                 BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts),
                                  BLOCK_K=triton.next_power_of_2(top_k), **pdl_launch(dev))
     return weights, ids, hist
 
