@@ -251,6 +251,13 @@ def test_every_engine_option_is_a_server_flag(capsys):
     assert json.loads(json.dumps(make_parser().parse_args(["m", "--port", "1"]).port)) == 1
 
 
+def test_the_server_queues_two_steps_ahead_unless_told_otherwise():
+    from nanovllm.cli import engine_kwargs
+    from nanovllm.entrypoints.cli import make_parser
+    assert engine_kwargs(make_parser().parse_args(["m"])) == {"pipeline_depth": 2}
+    assert engine_kwargs(make_parser().parse_args(["m", "--pipeline-depth", "3"])) == {"pipeline_depth": 3}
+
+
 def test_serve_bench_runs_against_the_server(server, tmp_path):
     """benchmarks/serve_bench.py at a tiny scale: every request completes with exactly its max_tokens."""
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
