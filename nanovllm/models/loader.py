@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanovllm.models.registry import resolve_model_class
+from nanovllm.models.svd_moe import compressed_class
 
 _DUMMY_STD = 0.02
 
@@ -31,6 +32,8 @@ def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, mo
                 load_format: str = "safetensors", seed: int = 0) -> nn.Module:
     """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients."""
     model_cls = resolve_model_class(hf_config)
+    if "expert_compression" in hf_config:  # low-rank experts (svd_moe.py)
+        model_cls = compressed_class(model_cls, hf_config["expert_compression"])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
