@@ -41,7 +41,7 @@ def test_activation_aware_beats_pca_on_held_out_inputs_of_the_calibration_subspa
 
     pca = output_error(*pca_fit(w, rank))
     act = output_error(*activation_fit(w, calib, rank, ridge=1e-4))
-    assert pca > 0.3 and act < 0.05 * pca, (pca, act)
+    assert pca > 0.3 and act < 1e-6, (pca, act)  # seen: 0.55 and 4e-11
 
 
 def test_fits_at_full_rank_reproduce_the_weights():
