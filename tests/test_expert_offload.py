@@ -55,3 +55,37 @@ def test_bad_offload_options_name_the_value(checkpoint):
         LLM(path, experts_on_device=2, **ENGINE)
     with pytest.raises(ValueError, match="experts_on_device=99"):
         LLM(path, offload_experts=True, experts_on_device=99, **ENGINE)
+
+
+def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import offload_bench
+    result = offload_bench.main(["--model", checkpoint[0], "--load-format", "safetensors", "--device", "cpu",
+                                 "--dtype", "float32", "--batch-sizes", "1,2", "--max-tokens", "4",
+                                 "--prompt-len", "6", "--out", str(tmp_path)])
+    rows = json.load(open(tmp_path / "offload_bench.json"))["rows"]
+    assert [(r["batch"], r["prefetch"]) for r in rows] == [(1, True), (1, False), (2, True), (2, False)]
+    assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows)
+    assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in rows)  # 1 slot for top-2
+    assert result["expert_offload"]["expert_cache_bytes"] > 0
+    assert "| batch | prefetch |" in (tmp_path / "offload_bench.md").read_text()
+
+
+@pytest.mark.parametrize("num_tokens", [3, 200])  # the gather form, and the grouped form with its histogram
+def test_slot_experts_in_triton_match_the_twin(num_tokens):
+    import torch
+    from nanovllm.kernels.moe_reference import route_reference
+    from nanovllm.models.expert_offload import run_slot_experts
+    g = torch.Generator().manual_seed(0)
+    slots, hidden, inter = 3, 32, 16
+    x = torch.randn(num_tokens, hidden, generator=g)
+    w13 = torch.randn(slots, 2 * inter, hidden, generator=g) / 8
+    w2 = torch.randn(slots, hidden, inter, generator=g) / 8
+    weights, ids = route_reference(torch.randn(num_tokens, slots, generator=g), 2, True)
+    weights = torch.where(ids == 2, torch.zeros_like(weights), weights)  # a masked-out round
+    want = run_slot_experts(x, weights, ids, w13, w2, triton=False)
+    got = run_slot_experts(x, weights, ids, w13, w2, triton=True)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -117,13 +117,25 @@ class ExpertCache:
         return torch.tensor(table, dtype=torch.int64, device=self.device)
 
 
-def _run_experts(x, weights, slot_ids, w13, w2):
-    if x.device.type == "cuda":
-        from nanovllm.kernels.moe_configs import GATHER
-        from nanovllm.kernels.triton_moe import experts_triton
-        return experts_triton(x.contiguous(), weights.contiguous(), slot_ids.to(torch.int32).contiguous(), None,
-                              w13, w2, GATHER)
-    return experts_reference(x, weights, slot_ids, w13, w2)
+def run_slot_experts(x, weights, slot_ids, w13, w2, triton: bool):
+    """The experts' part of the MoE op on the cache's slots (``slot_ids`` [T, top_k]): the Triton kernels where
+    ``triton`` (the form ``moe_configs.choose`` picks; the grouped form's per-chunk histogram of slot ids is
+    built here, as ``route_triton`` would), else the PyTorch twin."""
+    if not triton:
+        return experts_reference(x, weights, slot_ids, w13, w2)
+    from nanovllm.kernels.moe_configs import choose
+    from nanovllm.kernels.triton_moe import experts_triton
+    from nanovllm.kernels.triton_moe_align import _tokens_per_chunk
+    num_tokens, top_k = slot_ids.shape
+    cfg, hist, slots = choose(num_tokens), None, w13.shape[0]
+    if cfg.form != "gather":
+        block_t = _tokens_per_chunk(top_k)
+        chunks = -(-num_tokens // block_t)
+        padded = torch.nn.functional.pad(slot_ids, (0, 0, 0, chunks * block_t - num_tokens), value=slots)
+        hist = torch.nn.functional.one_hot(padded.view(chunks, -1), slots + 1)[..., :slots].sum(1)
+        hist = hist.to(torch.int32).contiguous()
+    return experts_triton(x.contiguous(), weights.contiguous(), slot_ids.to(torch.int32).contiguous(), hist,
+                          w13, w2, cfg)
 
 
 class OffloadedMoe(torch.nn.Module):
@@ -158,7 +170,7 @@ class OffloadedMoe(torch.nn.Module):
             if len(chunk) < len(needed):
                 in_chunk = torch.isin(ids, torch.tensor(chunk, device=ids.device))
                 w = torch.where(in_chunk, weights, torch.zeros_like(weights))
-            part = _run_experts(x, w, c.slot_map()[ids], c.w13, c.w2)
+            part = run_slot_experts(x, w, c.slot_map()[ids], c.w13, c.w2, x.device.type == "cuda")
             y = part if y is None else y + part
         if y is None:
             y = torch.zeros_like(x)
@@ -185,15 +197,20 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
         caches.append(cache)
         offloaded.append(layers[i].mlp)
     model.to(device)  # the caches are not modules: their host copies stay where they are
-    if prefetch:
-        for a, b in zip(offloaded, offloaded[1:]):
-            a.next_moe = b
+    set_prefetch(model, prefetch)
     for cache in caches:  # warm start: the first experts resident, so "all resident" fetches nothing later
         cache.ensure(list(range(cache.num_slots)))
         cache.hits = cache.misses = cache.prefetched = cache.bytes_fetched = 0
     model.graph_capturable = False
     model.not_capturable_reason = NOT_CAPTURABLE_REASON
     return caches
+
+
+def set_prefetch(model: torch.nn.Module, on: bool) -> None:
+    """Turn the next-layer prefetch of an offloaded model on or off (for A/B measurements)."""
+    offloaded = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoe)]
+    for a, b in zip(offloaded, offloaded[1:] + [None]):
+        a.next_moe = b if on else None
 
 
 def offload_stats(model: torch.nn.Module) -> dict:
