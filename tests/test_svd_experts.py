@@ -1,6 +1,7 @@
 """Compressed (low-rank) experts end to end: calibration inputs collected by running the model, checkpoints
 written by ``compress_experts`` (both methods) that ``LLM`` recognises from their config and runs; at full rank
-the logprobs equal the original model's within float32 tolerance; re-running either tool is safe.
+the logprobs equal the original model's within float32 tolerance, and graph mode gives the same tokens;
+re-running either tool is safe.
 """
 import json
 
@@ -41,6 +42,9 @@ def test_full_rank_pca_gives_the_original_logprobs(mixtral, tmp_path):
     assert got_tokens == want_tokens
     assert torch.allclose(torch.tensor(got_lp), torch.tensor(want_lp), atol=1e-4, rtol=0)
     assert compress(mixtral, str(out), rank=full, method="pca")["rank"] == full  # re-run: kept
+    graph = LLM(str(out), graph_batch_sizes=[1, 2, 4], **ENGINE)
+    assert graph.engine.runner.mode == "graph"
+    assert [o["token_ids"] for o in graph.generate(prompts, PARAMS, use_tqdm=False)] == want_tokens
 
 
 def test_calibrated_low_rank_model_loads_and_generates_and_tools_rerun_safely(mixtral, tmp_path):
@@ -66,3 +70,4 @@ def test_bad_compression_arguments_name_the_value(mixtral, tmp_path):
         compress(mixtral, str(tmp_path / "o"), rank=4, method="svd")
     with pytest.raises(ValueError, match="needs --calib"):
         compress(mixtral, str(tmp_path / "o"), rank=4, method="activation")
+

@@ -13,8 +13,9 @@ per expert, so that ``W_e ≈ U · V_e``::
 ``h = silu(U_g V_g,e x) * (U_u V_u,e x)`` (the bases expand before the SiLU: it is not linear) and
 ``z = V_d,e h``; the router-weighted sum of ``z`` over a token's pairs is taken in the rank space, and ``U_d``,
 shared and linear, is applied once per token after it.  ``U_g``, ``U_u`` and ``U_d`` are dense matmuls over all
-pairs (tokens) of the layer.  Pairs are processed a bounded chunk at a time; every shape depends only on the step's
-token count, so the layer traces and replays in a graph.
+pairs (tokens) of the layer.  Each expert runs on every token with its router weight (zero where unrouted):
+every shape depends only on the step's token count and no Python branch or loop on it, so the layer traces
+(prefill with dynamic shapes included) and replays in a graph.
 
 ``compressed_class(cls, compression)`` is ``cls`` with its sparse MLPs built as ``SvdMoe`` (the full experts are
 never allocated); ``loader.build_model`` uses it when the config says the checkpoint is compressed.
@@ -27,7 +28,6 @@ from nanovllm.kernels import ops
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.moe import SparseMoe
 
-_CHUNK_ELEMENTS = 1 << 24  # gathered per-expert V elements held at once, about
 
 
 class SvdExperts(nn.Module):
@@ -45,26 +45,18 @@ class SvdExperts(nn.Module):
 
 
 def svd_experts_forward(x, weights, ids, ex: SvdExperts) -> torch.Tensor:
-    """The router-weighted sum of the chosen low-rank experts (``weights``/``ids`` [T, top_k]) -> [T, H]."""
-    num_tokens, top_k = ids.shape
-    if num_tokens == 0:
-        return torch.zeros_like(x)
-    num_pairs = num_tokens * top_k
-    rd = ex.down_V.shape[1]
-    per_pair = ex.gate_V[0].numel() + ex.up_V[0].numel() + ex.down_V[0].numel()
-    chunk = max(1, _CHUNK_ELEMENTS // per_pair)
-    flat_ids = ids.reshape(-1)
-    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
-    zs = []
-    for p0 in range(0, num_pairs, chunk):
-        e = flat_ids[p0:p0 + chunk]
-        xs = x.index_select(0, token_of[p0:p0 + chunk])[:, :, None]
-        g = torch.bmm(ex.gate_V.index_select(0, e), xs)[:, :, 0] @ ex.gate_U.T  # [c, I]
-        u = torch.bmm(ex.up_V.index_select(0, e), xs)[:, :, 0] @ ex.up_U.T
-        zs.append(torch.bmm(ex.down_V.index_select(0, e), (F.silu(g) * u)[:, :, None])[:, :, 0])  # [c, Rd]
-    z = zs[0] if len(zs) == 1 else torch.cat(zs)
-    z = (z.float() * weights.reshape(-1, 1)).view(num_tokens, top_k, rd).sum(dim=1)
-    return (z.to(x.dtype) @ ex.down_U.T).to(x.dtype)
+    """The router-weighted sum of the chosen low-rank experts (``weights``/``ids`` [T, top_k]) -> [T, H]: one
+    pass per expert over every token, its router weight 0 where the token did not pick it.  The rank-R factors
+    make the extra work small, and nothing depends on the routing or on the token count (no loop over pairs,
+    no branch on T), so a dynamic-shape trace of a prefill holds no guard on T."""
+    dense = torch.zeros(x.shape[0], ex.gate_V.shape[0], dtype=torch.float32, device=x.device)
+    dense.scatter_(1, ids, weights.float())
+    z = None
+    for e in range(ex.gate_V.shape[0]):
+        h = F.silu(F.linear(F.linear(x, ex.gate_V[e]), ex.gate_U)) * F.linear(F.linear(x, ex.up_V[e]), ex.up_U)
+        part = F.linear(h, ex.down_V[e]).float() * dense[:, e:e + 1]
+        z = part if z is None else z + part
+    return F.linear(z.to(x.dtype), ex.down_U)
 
 
 class SvdMoe(nn.Module):
