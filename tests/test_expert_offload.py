@@ -89,3 +89,4 @@ def test_slot_experts_in_triton_match_the_twin(num_tokens):
     want = run_slot_experts(x, weights, ids, w13, w2, triton=False)
     got = run_slot_experts(x, weights, ids, w13, w2, triton=True)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+

@@ -46,7 +46,8 @@ class ModelRunner:
         self.dtype = platform.resolve_dtype(config.dtype, hf.get("torch_dtype") or hf.get("dtype"))
         offload = config.offload_experts  # built on the host, then all but the experts moved to the device
         self.model = build_model(hf, dtype=self.dtype, device=torch.device("cpu") if offload else self.device,
-                                 model_dir=config.model, load_format=config.load_format, seed=config.seed)
+                                 model_dir=config.model, load_format=config.load_format, seed=config.seed,
+                                 draw_device=self.device if offload and self.device.type != "cpu" else None)
         self.expert_caches = (offload_experts(self.model, self.device, config.experts_on_device,
                                               config.offload_prefetch) if offload else [])
         phase("build_model")
