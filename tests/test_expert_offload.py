@@ -90,3 +90,19 @@ def test_slot_experts_in_triton_match_the_twin(num_tokens):
     got = run_slot_experts(x, weights, ids, w13, w2, triton=True)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
+
+
+def test_start_up_line_says_what_each_part_takes(checkpoint, caplog):
+    import logging
+    log = logging.getLogger("nanovllm")
+    log.addHandler(caplog.handler)
+    try:
+        LLM(checkpoint[0], offload_experts=True, experts_on_device=1, **ENGINE)
+    finally:
+        log.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("expert offload:")]
+    assert len(lines) == 1 and "non-expert weights" in lines[0] and "expert cache" in lines[0]
+    assert "KV cache" in lines[0] and "in host memory" in lines[0]
+    reasons = [r.getMessage() for r in caplog.records if "runs eagerly" in r.getMessage()]
+    assert reasons == ["the model runs eagerly: experts are offloaded to host memory (offload_experts=True): "
+                       "routing decides the copies"]
