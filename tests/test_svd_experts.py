@@ -71,3 +71,16 @@ def test_bad_compression_arguments_name_the_value(mixtral, tmp_path):
     with pytest.raises(ValueError, match="needs --calib"):
         compress(mixtral, str(tmp_path / "o"), rank=4, method="activation")
 
+
+
+def test_a_config_only_model_gives_a_config_only_compressed_one_that_runs_on_dummy_weights(mixtral, tmp_path):
+    import shutil
+    src = tmp_path / "config_only"
+    src.mkdir()
+    shutil.copy(f"{mixtral}/config.json", src / "config.json")
+    out = tmp_path / "out"
+    compress(str(src), str(out), rank=4, method="pca")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    llm = LLM(str(out), load_format="dummy", enforce_eager=True, **ENGINE)
+    assert llm.engine.runner.model.model.layers[0].mlp.experts.gate_V.shape[1] == 4
+    assert len(llm.generate([[5, 6, 7]], PARAMS, use_tqdm=False)[0]["token_ids"]) == 6

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nanovllm.models.loader import build_model, checkpoint_files
 from nanovllm.models.moe import SparseMoe
+from nanovllm.models.registry import resolve_model_class
 from nanovllm.tools.svd_fit import activation_fit, pca_fit
 
 METHODS = ("pca", "activation")
@@ -96,8 +97,11 @@ def compress(model_dir: str, out_dir: str, *, rank: int, method: str, calib: str
     os.makedirs(out_dir, exist_ok=True)
     has_weights = any(n.endswith(".safetensors") for n in os.listdir(model_dir))
     dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
-    model = build_model(hf, dtype=dtype, device=torch.device("cpu"), model_dir=model_dir,
-                        load_format="safetensors" if has_weights else "dummy")
+    if has_weights:
+        model = build_model(hf, dtype=dtype, device=torch.device("cpu"), model_dir=model_dir)
+    else:  # only the shapes are needed
+        with torch.device("meta"):
+            model = resolve_model_class(hf)(hf)
     layers = [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoe)]
     if not layers:
         raise ValueError(f"{model_dir!r} has no mixture-of-experts layer to compress")
