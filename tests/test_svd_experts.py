@@ -84,3 +84,17 @@ def test_a_config_only_model_gives_a_config_only_compressed_one_that_runs_on_dum
     llm = LLM(str(out), load_format="dummy", enforce_eager=True, **ENGINE)
     assert llm.engine.runner.model.model.layers[0].mlp.experts.gate_V.shape[1] == 4
     assert len(llm.generate([[5, 6, 7]], PARAMS, use_tqdm=False)[0]["token_ids"]) == 6
+
+
+def test_an_interrupted_compression_resumes_and_keeps_finished_layers(mixtral, tmp_path):
+    out = tmp_path / "r"
+    compress(mixtral, str(out), rank=4, method="pca")
+    (out / "config.json").unlink()  # as if stopped before the end
+    (out / "experts-0001.safetensors").unlink()
+    kept = (out / "experts-0000.safetensors").stat().st_mtime_ns
+    compress(mixtral, str(out), rank=4, method="pca")
+    assert (out / "experts-0001.safetensors").is_file() and (out / "config.json").is_file()
+    assert (out / "experts-0000.safetensors").stat().st_mtime_ns == kept
+    compress(mixtral, str(out), rank=3, method="pca")  # other settings: every layer redone
+    assert (out / "experts-0000.safetensors").stat().st_mtime_ns != kept
+    assert json.load(open(out / "config.json"))["expert_compression"]["rank"] == 3

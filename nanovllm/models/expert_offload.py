@@ -16,8 +16,9 @@ Graph mode: an offloaded model runs eagerly (``graph_capturable = False`` with a
 experts a step needs is known only after routing, on the host, and the copies it triggers depend on it; a
 captured graph would replay the copies of the step it was captured on.  Capturing the attention segments
 between eager MoE layers is possible, but each decode step would then replay one graph per layer with a host
-sync between them; the copies dominate a step when experts do not fit (a Mixtral-8x7B expert is 336 MiB in
-16-bit), so the graph saving is small against them, and eager is the correct-by-construction choice.
+sync between them; when experts do not fit, copying whole experts over the host link dominates a step, so the
+launch overhead a graph saves is small against it, and eager is the correct-by-construction choice
+(``benchmarks/offload_bench.py`` measures the copy share of a step).
 
 Counters (``ExpertCache.hits``, ``misses``, ``prefetched``, ``bytes_fetched``; ``offload_stats(model)`` sums
 them) count per (step, layer, needed expert): a hit is an expert already resident (or being prefetched) when a
