@@ -100,6 +100,13 @@ class EngineConfig:
     pipeline_depth: int = _opt(3, "engine steps queued on the device before the host reads the oldest one's "
                                   "tokens (1 queues only the next step); a sequence that stops on EOS is computed "
                                   "for up to this many steps past it")
+    offload_experts: bool = _opt(False, "keep mixture-of-experts weights in (pinned) host memory and a per-layer "
+                                        "device cache of `experts_on_device` experts, evicted least recently "
+                                        "used; the model then runs eagerly")
+    experts_on_device: int | None = _opt(None, "device slots per MoE layer with `offload_experts` (default: all "
+                                               "of the layer's experts)")
+    offload_prefetch: bool = _opt(True, "with `offload_experts`, each MoE layer applies the next one's router to "
+                                        "its input and starts copying the experts it picks")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 
@@ -120,6 +127,13 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         _check_int("pipeline_depth", self.pipeline_depth, 1)
         _check_int("kvcache_block_size", self.kvcache_block_size, 16)
+        for name in ("offload_experts", "offload_prefetch"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.experts_on_device is not None:
+            _check_int("experts_on_device", self.experts_on_device, 1)
+            if not self.offload_experts:
+                raise ValueError(f"experts_on_device={self.experts_on_device} needs offload_experts=True")
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")
         if self.num_kvcache_blocks is not None:

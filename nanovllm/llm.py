@@ -28,6 +28,13 @@ class LLM:
                     d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                     ", ".join(f"{k}={v}" for k, v in d["kernel_options"].items()),
                     ", ".join(f"{k} {v}" for k, v in d["init_phases"].items()))
+        if "expert_offload" in d:
+            o = d["expert_offload"]
+            logger.info("expert offload: device memory %.2f GiB non-expert weights + %.2f GiB expert cache + %.2f "
+                        "GiB KV cache; %.2f GiB of experts in host memory", d["weight_bytes"] / 2**30,
+                        o["expert_cache_bytes"] / 2**30,
+                        d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
+                        o["expert_host_bytes"] / 2**30)
 
     def _validate(self, prompts, sampling_params):
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):

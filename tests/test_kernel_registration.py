@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent('''
 
     calls = []
     for name in ("store_kv_triton", "decode_attention_triton", "prefill_attention_triton", "rope_store_kv_triton",
-                 "linear_triton", "silu_mul_triton", "fused_moe_triton", "gumbel_argmax_triton"):
+                 "linear_triton", "silu_mul_triton", "fused_moe_triton", "moe_experts_triton",
+                 "gumbel_argmax_triton"):
         def spy(*args, _name=name, _fn=getattr(cuda, name)):
             calls.append(_name)
             return _fn(*args)
@@ -61,6 +62,9 @@ SCRIPT = textwrap.dedent('''
         moe = (torch.randn(3, 32), torch.randn(3, 4), torch.randn(4, 16, 32) / 6, torch.randn(4, 32, 8) / 3)
         out["moe_fp32"] = ops.fused_moe(*moe, 2, True)
         out["moe_bf16"] = ops.fused_moe(*(t.to(torch.bfloat16) for t in moe), 2, True)
+        routed = (torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.5, 0.5]]), torch.tensor([[1, 3], [0, 2], [3, 3]]))
+        out["experts_bf16"] = ops.moe_experts(moe[0].to(torch.bfloat16), *routed, moe[2].to(torch.bfloat16),
+                                              moe[3].to(torch.bfloat16))
         out["sample"] = ops.gumbel_argmax(torch.randn(3, 500), torch.tensor([0.0, 1.0, 0.5]), torch.arange(3),
                                           torch.arange(3))
         out["k"], out["v"] = k, v
@@ -93,6 +97,7 @@ def test_cuda_kernels_route_by_shape_and_options():
     assert eval(lines["TRITON"]) == sorted([
         "decode_attention_triton", "prefill_attention_triton", "store_kv_triton",
         "rope_store_kv_triton", "store_kv_triton",  # bf16 rope: fused; fp32: torch rope, then the store kernel
-        "silu_mul_triton", "fused_moe_triton", "gumbel_argmax_triton"])  # fp32 linear and MoE stay torch
+        "silu_mul_triton", "fused_moe_triton", "moe_experts_triton", "gumbel_argmax_triton"])  # fp32 linear
+    # and MoE stay torch
     assert eval(lines["REFERENCE"]) == []
     assert "AGREE" in proc.stdout

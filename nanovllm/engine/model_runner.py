@@ -24,6 +24,7 @@ from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import sample
+from nanovllm.models.expert_offload import offload_experts, offload_stats
 from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
@@ -44,8 +45,12 @@ class ModelRunner:
         self.config, self.platform, self.device = config, platform, platform.device
         hf = config.hf_config
         self.dtype = platform.resolve_dtype(config.dtype, hf.get("torch_dtype") or hf.get("dtype"))
-        self.model = build_model(hf, dtype=self.dtype, device=self.device, model_dir=config.model,
-                                 load_format=config.load_format, seed=config.seed)
+        offload = config.offload_experts  # built on the host, then all but the experts moved to the device
+        self.model = build_model(hf, dtype=self.dtype, device=torch.device("cpu") if offload else self.device,
+                                 model_dir=config.model, load_format=config.load_format, seed=config.seed,
+                                 draw_device=self.device if offload and self.device.type != "cpu" else None)
+        self.expert_caches = (offload_experts(self.model, self.device, config.experts_on_device,
+                                              config.offload_prefetch) if offload else [])
         phase("build_model")
         a = self.model.args
         self.vocab_size = a.vocab_size
@@ -112,6 +117,7 @@ class ModelRunner:
                 "kv_bytes_per_token": self.kv_spec.bytes_per_token,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
                 **dict(zip(("expert_bytes", "expert_share"), expert_footprint(self.model))),
+                **({"expert_offload": offload_stats(self.model)} if self.expert_caches else {}),
                 "init_phases": dict(self.init_phases), **self.executor.describe()}
 
     def new_host_tokens(self) -> torch.Tensor:

@@ -21,7 +21,7 @@ from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, samp
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
 from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton
-from nanovllm.kernels.triton_moe import fused_moe_triton
+from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
 
@@ -76,6 +76,12 @@ def _fused_moe(x, router_logits, w13, w2, top_k, renormalize):
     return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize)
 
 
+def _moe_experts(x, weights, ids, w13, w2):
+    if current_options().reference_kernels or x.dtype == torch.float32:
+        return moe_reference.experts_reference(x, weights, ids, w13, w2)
+    return moe_experts_triton(x, weights, ids, w13, w2)
+
+
 def _gumbel_argmax(logits, temperature, seeds, positions):
     if current_options().reference_kernels:
         return sampling.gumbel_argmax_reference(logits, temperature, seeds, positions)
@@ -84,7 +90,8 @@ def _gumbel_argmax(logits, temperature, seeds, positions):
 
 KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_attention,
            "nanovllm::rope_store_kv": _rope_store_kv, "nanovllm::linear": _linear,
-           "nanovllm::fused_moe": _fused_moe, "nanovllm::gumbel_argmax": _gumbel_argmax}
+           "nanovllm::fused_moe": _fused_moe, "nanovllm::moe_experts": _moe_experts,
+           "nanovllm::gumbel_argmax": _gumbel_argmax}
 
 
 def register_cuda_kernels(device_type: str = "cuda") -> None:

@@ -1,7 +1,7 @@
 """The fused ops of a step as registered torch ops, so a compiled step sees each as one opaque node.
 
 Ops: ``nanovllm::store_kv``, ``nanovllm::rope_store_kv``, ``nanovllm::paged_attention``, ``nanovllm::linear``,
-``nanovllm::fused_moe`` and ``nanovllm::gumbel_argmax``.  Each is a ``torch.library.custom_op`` whose default
+``nanovllm::fused_moe``, ``nanovllm::moe_experts`` and ``nanovllm::gumbel_argmax``.  Each is a ``torch.library.custom_op`` whose default
 implementation is its pure-PyTorch twin (``reference.py``, ``moe_reference.py``, ``sampling.py``), which runs on
 any device, with a fake implementation for
 tracing.  A platform registers faster implementations per device type with ``torch.library.register_kernel``
@@ -92,6 +92,19 @@ def _(x, router_logits, w13, w2, top_k, renormalize):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("nanovllm::moe_experts", mutates_args=())
+def _moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                 w2: torch.Tensor) -> torch.Tensor:
+    """The experts' part of ``fused_moe`` for tokens already routed: weights float32 [T, top_k] and ids [T, top_k]
+    into the stacked ``w13``/``w2`` (an expert cache's slots, ``models/expert_offload.py``) -> [T, H]."""
+    return moe_reference.experts_reference(x, weights, ids, w13, w2)
+
+
+@_moe_experts.register_fake
+def _(x, weights, ids, w13, w2):
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("nanovllm::gumbel_argmax", mutates_args=())
 def _gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
@@ -158,6 +171,11 @@ def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch
     """The MoE MLP of ``x`` [T, H] (see ``_fused_moe``)."""
     fn = _traced("fused_moe", x.device) or torch.ops.nanovllm.fused_moe
     return fn(x, router_logits, w13, w2, top_k, renormalize)
+
+
+def moe_experts(x, weights, ids, w13, w2) -> torch.Tensor:
+    """The routed experts of ``x`` [T, H] (see ``_moe_experts``)."""
+    return torch.ops.nanovllm.moe_experts(x, weights, ids, w13, w2)
 
 
 def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:

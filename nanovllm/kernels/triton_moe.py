@@ -22,7 +22,7 @@ import triton.language as tl
 from nanovllm.kernels.moe_configs import MoeConfig, choose
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot, _dot_precision
-from nanovllm.kernels.triton_moe_align import align_triton, route_triton
+from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 
 
 @triton.jit
@@ -130,3 +130,13 @@ def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     cfg = cfg or choose(x.shape[0], top_k, w13.shape[0])
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg)
+
+
+def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                       w2: torch.Tensor) -> torch.Tensor:
+    """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
+    ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
+    num_experts = w13.shape[0]
+    cfg = choose(x.shape[0], ids.shape[1], num_experts)
+    return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
+                          chunk_histogram(ids, num_experts), w13, w2, cfg)

@@ -129,6 +129,17 @@ def route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     return weights, ids, hist
 
 
+def chunk_histogram(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``route_triton``'s ``hist`` for ids routed elsewhere (an expert cache's slot ids): int32 [chunks, E], the
+    pairs of each chunk of ``_tokens_per_chunk`` tokens per expert, in torch ops of static shape."""
+    num_tokens, top_k = ids.shape
+    block_t = _tokens_per_chunk(top_k)
+    chunks = triton.cdiv(num_tokens, block_t)
+    padded = torch.nn.functional.pad(ids.long(), (0, 0, 0, chunks * block_t - num_tokens), value=num_experts)
+    counts = torch.nn.functional.one_hot(padded.view(chunks, -1), num_experts + 1)[..., :num_experts].sum(1)
+    return counts.to(torch.int32).contiguous()
+
+
 def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_ids, block_expert, block_rows) of ``route_triton``'s ids and histogram (``align_reference``'s
     layout; padding slots of ``sorted_ids`` are left unwritten)."""

@@ -23,14 +23,19 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanovllm.models.registry import resolve_model_class
+from nanovllm.models.svd_moe import compressed_class
 
 _DUMMY_STD = 0.02
 
 
 def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, model_dir: str,
-                load_format: str = "safetensors", seed: int = 0) -> nn.Module:
-    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients."""
+                load_format: str = "safetensors", seed: int = 0, draw_device: torch.device | None = None
+                ) -> nn.Module:
+    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients;
+    dummy weights are drawn on ``draw_device`` (default: where each parameter is) and copied into place."""
     model_cls = resolve_model_class(hf_config)
+    if "expert_compression" in hf_config:  # low-rank experts (svd_moe.py)
+        model_cls = compressed_class(model_cls, hf_config["expert_compression"])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -39,7 +44,7 @@ def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, mo
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":
-        fill_dummy_weights(model, seed)
+        fill_dummy_weights(model, seed, draw_device)
     else:
         load_weights(model, model_dir)
     model.after_loading()
@@ -47,17 +52,22 @@ def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, mo
 
 
 @torch.no_grad()
-def fill_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights drawn on each parameter's device, deterministic under ``seed``."""
+def fill_dummy_weights(model: nn.Module, seed: int, draw_device: torch.device | None = None) -> None:
+    """Random weights drawn on each parameter's device (or on ``draw_device``, e.g. a GPU for a model built on
+    the host, and copied), deterministic under ``seed``."""
     generators = {}
     for name, param in model.named_parameters():  # shared (tied) parameters are listed once
         if "norm" in name.rsplit(".", 2)[-2]:
             param.fill_(1.0)
             continue
-        device = param.device
+        device = draw_device or param.device
         if device not in generators:
             generators[device] = torch.Generator(device=device).manual_seed(seed)
-        param.normal_(0.0, _DUMMY_STD, generator=generators[device])
+        if device == param.device:
+            param.normal_(0.0, _DUMMY_STD, generator=generators[device])
+        else:
+            drawn = torch.empty_like(param, device=device).normal_(0.0, _DUMMY_STD, generator=generators[device])
+            param.copy_(drawn)
 
 
 def checkpoint_files(model_dir: str) -> list[str]:

@@ -71,6 +71,13 @@ PRESETS = {
                     vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
                     rope_parameters=dict(rope_type="default", rope_theta=1e6), attention_bias=False,
                     tie_word_embeddings=False, **_QWEN_TOKENS)),
+    "mixtral-8x7b": dict(  # 46.7B parameters (93 GB in bf16): --config-only and load_format=dummy, as above
+        config="MixtralConfig", tokenizer=None, generation=dict(bos=1, eos=2),
+        fields=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                    vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e6), sliding_window=None,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "special_tokens_map.json", "added_tokens.json",

@@ -1,0 +1,144 @@
+"""Expert offload on a GPU: Mixtral-8x7B's real config with dummy weights, the device budget capped so that the
+experts do not fit, decode throughput against the host-to-device copy floor.
+
+    python benchmarks/offload_bench.py [--model DIR] [--budget-gb 16] [--experts-on-device 1]
+        [--batch-sizes 1,16] [--max-tokens 32] [--prompt-len 32] [--out DIR]
+
+Without ``--model`` it writes the ``mixtral-8x7b`` preset's config (``tools/synthesize.py --config-only``) and
+runs it with ``load_format="dummy"``.  ``gpu_memory_utilization`` is ``--budget-gb`` over the device's memory.
+One engine is built (experts on the host take ~93 GB of pinned memory); prefetch is switched on and off on it.
+
+Per batch size and prefetch setting: a prefill-only pass (``max_tokens=1``), then the same prompts with
+``--max-tokens``; the decode figures are the second pass's engine statistics minus nothing (decode steps only),
+and the expert traffic of decode is the counter difference of the two passes.  Measured: decode tok/s, hit rate
+(hits over hits + misses of needed experts), bytes fetched per decode step, pinned host-to-device bandwidth
+(a 1 GiB copy), and the floor: bytes fetched per step over that bandwidth; ``pct_of_floor`` = floor / measured
+step time, which is also the share of a step the copies would take if nothing else ran.  Random weights route
+near-uniformly: real routing is skewed, so this hit rate is a lower bound.  Writes ``offload_bench.json`` and
+``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or ./results).
+"""
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import out_dir, write_json  # noqa: E402
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.models.expert_offload import offload_stats, set_prefetch  # noqa: E402
+
+
+def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a host-to-device copy from pinned memory (plain memory copy on the CPU)."""
+    pin = device.type == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=pin)
+    if pin:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return 5 * nbytes / (start.elapsed_time(end) / 1000)
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    return 5 * nbytes / (time.perf_counter() - t)
+
+
+def run_case(llm, prompts, max_tokens: int) -> dict:
+    model, engine = llm.engine.runner.model, llm.engine
+    params1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    before = offload_stats(model)
+    llm.generate(prompts, params1, use_tqdm=False)
+    after_prefill = offload_stats(model)
+    engine.reset_stats()
+    llm.generate(prompts, params, use_tqdm=False)
+    after = offload_stats(model)
+    s = dict(engine.stats)
+    prefill_delta = {k: after_prefill[k] - before[k] for k in ("hits", "misses", "prefetched", "bytes_fetched")}
+    total = {k: after[k] - after_prefill[k] for k in prefill_delta}
+    decode = {k: total[k] - prefill_delta[k] for k in total}  # the second pass's prefill is like the first's
+    steps = max(s["decode_steps"], 1)
+    step_s = s["decode_time"] / steps
+    return {"decode_tokens": s["decode_tokens"], "decode_steps": s["decode_steps"],
+            "decode_tok_s": round(s["decode_tokens"] / max(s["decode_time"], 1e-9), 2),
+            "decode_step_ms": round(1000 * step_s, 3),
+            "hit_rate": round(decode["hits"] / max(decode["hits"] + decode["misses"], 1), 4),
+            "bytes_fetched_per_step": decode["bytes_fetched"] / steps, "decode_counters": decode}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint dir (default: the mixtral-8x7b preset's config, dummy weights)")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--budget-gb", type=float, default=16.0, help="device memory the engine may use (CUDA)")
+    p.add_argument("--experts-on-device", type=int, default=1)
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.out:
+        os.environ["OUT"] = a.out
+    model = a.model
+    if model is None:
+        from nanovllm.tools.synthesize import synthesize
+        model = os.path.join(out_dir(), "mixtral-8x7b-config")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            synthesize("mixtral-8x7b", model, dtype="bfloat16", config_only=True)
+    device = torch.device(a.device)
+    sizes = [int(b) for b in a.batch_sizes.split(",")]
+    engine = dict(device=a.device, dtype=a.dtype, load_format=a.load_format, offload_experts=True,
+                  experts_on_device=a.experts_on_device, max_num_seqs=max(sizes), max_model_len=512,
+                  max_num_batched_tokens=2048)  # a small prefill keeps the activation peak inside the budget
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        engine["gpu_memory_utilization"] = min(1.0, a.budget_gb * 2**30 / total)
+    else:
+        engine["num_kvcache_blocks"] = 64
+    bandwidth = h2d_bandwidth(device)
+    t = time.perf_counter()
+    llm = LLM(model, **engine)
+    init_s = time.perf_counter() - t
+    desc = llm.engine.describe()
+    rng = random.Random(0)
+    vocab = llm.engine.runner.vocab_size
+    rows = []
+    for bs in sizes:
+        prompts = [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(bs)]
+        for prefetch in (True, False):
+            set_prefetch(llm.engine.runner.model, prefetch)
+            r = run_case(llm, prompts, a.max_tokens)
+            floor_s = r["bytes_fetched_per_step"] / bandwidth
+            r.update(batch=bs, prefetch=prefetch, floor_step_ms=round(1000 * floor_s, 3),
+                     pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
+            rows.append(r)
+    result = {"model": model, "engine": engine, "init_seconds": round(init_s, 1), "h2d_bytes_per_s": bandwidth,
+              "weight_bytes_on_device": desc["weight_bytes"], "expert_offload": desc["expert_offload"],
+              "num_kv_blocks": desc["num_kv_blocks"], "mode": desc["mode"], "rows": rows}
+    write_json("offload_bench.json", result)
+    lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; expert cache {desc['expert_offload']['expert_cache_bytes'] / 2**30:.2f}"
+             f" GiB; non-expert weights {desc['weight_bytes'] / 2**30:.2f} GiB", "",
+             "| batch | prefetch | decode tok/s | step ms | hit rate | MB fetched/step | floor ms | % of floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['decode_tok_s']} | {r['decode_step_ms']} | "
+              f"{r['hit_rate']:.3f} | {r['bytes_fetched_per_step'] / 1e6:.1f} | {r['floor_step_ms']} | "
+              f"{r['pct_of_floor']} |" for r in rows]
+    with open(os.path.join(out_dir(), "offload_bench.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

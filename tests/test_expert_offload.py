@@ -1,0 +1,108 @@
+"""Expert offload (``models/expert_offload.py``): with 1, 2 or every expert resident per layer, tiny Qwen3-MoE and
+Mixtral give the same greedy float32 tokens as without offload and as transformers; the cache's counters: with
+every expert resident nothing is fetched after start-up, with one slot the misses fetch whole experts; an
+offloaded model runs eagerly and says why.
+"""
+import pytest
+
+from conftest import build_checkpoint, hf_greedy
+from nanovllm import LLM, SamplingParams
+from test_moe_models import ENGINE, prompts_of, tokens
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def checkpoint(request, tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    prompts = prompts_of(4, seed=7, max_len=30)
+    return path, prompts, hf_greedy(path, prompts, 8)
+
+
+def _stats(llm):
+    return llm.engine.describe()["expert_offload"]
+
+
+@pytest.mark.parametrize("slots", [1, 2, None])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_offload_changes_no_token(checkpoint, slots, prefetch):
+    path, prompts, want = checkpoint
+    plain = LLM(path, enforce_eager=True, **ENGINE)
+    llm = LLM(path, offload_experts=True, experts_on_device=slots, offload_prefetch=prefetch, **ENGINE)
+    assert llm.engine.runner.mode == "eager"
+    assert tokens(llm, prompts, 8) == tokens(plain, prompts, 8) == want
+    stats = _stats(llm)
+    if slots is None:
+        assert stats["misses"] == stats["prefetched"] == stats["bytes_fetched"] == 0 and stats["hits"] > 0
+    else:
+        assert stats["misses"] + stats["prefetched"] > 0 and stats["bytes_fetched"] > 0
+
+
+def test_counters_count_whole_experts(checkpoint):
+    path, prompts, _ = checkpoint
+    llm = LLM(path, offload_experts=True, experts_on_device=1, offload_prefetch=False, **ENGINE)
+    caches = llm.engine.runner.expert_caches
+    tokens(llm, prompts, 4)
+    stats = _stats(llm)
+    assert stats["prefetched"] == 0 and stats["misses"] > 0
+    assert stats["bytes_fetched"] == sum(c.misses * c.expert_bytes for c in caches)
+    layer = llm.engine.runner.model.model.layers[0].mlp
+    w13 = layer.cache.host_w13
+    assert stats["expert_cache_bytes"] * w13.shape[0] == stats["expert_host_bytes"]  # 1 slot of E, every layer
+
+
+def test_bad_offload_options_name_the_value(checkpoint):
+    path = checkpoint[0]
+    with pytest.raises(ValueError, match="experts_on_device=2 needs offload_experts=True"):
+        LLM(path, experts_on_device=2, **ENGINE)
+    with pytest.raises(ValueError, match="experts_on_device=99"):
+        LLM(path, offload_experts=True, experts_on_device=99, **ENGINE)
+
+
+def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import offload_bench
+    result = offload_bench.main(["--model", checkpoint[0], "--load-format", "safetensors", "--device", "cpu",
+                                 "--dtype", "float32", "--batch-sizes", "1,2", "--max-tokens", "4",
+                                 "--prompt-len", "6", "--out", str(tmp_path)])
+    rows = json.load(open(tmp_path / "offload_bench.json"))["rows"]
+    assert [(r["batch"], r["prefetch"]) for r in rows] == [(1, True), (1, False), (2, True), (2, False)]
+    assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows)
+    assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in rows)  # 1 slot for top-2
+    assert result["expert_offload"]["expert_cache_bytes"] > 0
+    assert "| batch | prefetch |" in (tmp_path / "offload_bench.md").read_text()
+
+
+@pytest.mark.parametrize("num_tokens", [3, 200])  # one routing chunk, several
+def test_slot_experts_in_triton_match_the_twin(num_tokens):
+    import torch
+    from nanovllm.kernels.moe_reference import experts_reference, route_reference
+    from nanovllm.kernels.triton_moe import moe_experts_triton
+    g = torch.Generator().manual_seed(0)
+    slots, hidden, inter = 3, 32, 16
+    x = torch.randn(num_tokens, hidden, generator=g)
+    w13 = torch.randn(slots, 2 * inter, hidden, generator=g) / 8
+    w2 = torch.randn(slots, hidden, inter, generator=g) / 8
+    weights, ids = route_reference(torch.randn(num_tokens, slots, generator=g), 2, True)
+    weights = torch.where(ids == 2, torch.zeros_like(weights), weights)  # a masked-out round
+    want = experts_reference(x, weights, ids, w13, w2)
+    got = moe_experts_triton(x, weights, ids, w13, w2)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+
+def test_start_up_line_says_what_each_part_takes(checkpoint, caplog):
+    import logging
+    log = logging.getLogger("nanovllm")
+    log.addHandler(caplog.handler)
+    try:
+        LLM(checkpoint[0], offload_experts=True, experts_on_device=1, **ENGINE)
+    finally:
+        log.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("expert offload:")]
+    assert len(lines) == 1 and "non-expert weights" in lines[0] and "expert cache" in lines[0]
+    assert "KV cache" in lines[0] and "in host memory" in lines[0]
+    reasons = [r.getMessage() for r in caplog.records if "runs eagerly" in r.getMessage()]
+    assert reasons == ["the model runs eagerly: experts are offloaded to host memory (offload_experts=True): "
+                       "routing decides the copies"]
