@@ -126,7 +126,7 @@ def _scheduled_prefill(engine, first_id: int):
             engine.runner.release_slot(seq)
 
 
-def test_prefill_inputs_are_one_packed_buffer(eager_llm):
+def test_prefill_step_data_is_one_packed_buffer(eager_llm):
     """A real prefill's inputs are views of one buffer (on CUDA: pinned, moved in one asynchronous copy)."""
     with _scheduled_prefill(eager_llm.engine, first_id=100) as (batch, _):
         inputs = eager_llm.engine.runner.prefill_builder.build(batch)

@@ -89,3 +89,4 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
         assert any("_layering_probe imports nanovllm.engine" in v for v in violations())
     finally:
         bad.unlink()
+

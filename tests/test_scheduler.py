@@ -87,7 +87,7 @@ def test_decode_staging_is_one_buffer_that_moves_in_one_copy():
     assert target.cu_seqlens_q.tolist() == [0, 1, 2, 3] and target.slot_mapping.tolist() == [4, 27, -1]
 
 
-def test_decode_inputs_reused_from_the_last_batch_equal_inputs_built_anew():
+def test_decode_step_data_reused_from_the_last_batch_equals_data_built_anew():
     """Drive the scheduler through decode steps (three launched ahead of their tokens, a small KV cache so that
     sequences are preempted and readmitted, lengths that cross blocks, batches that change row count and come
     back): the builder that reuses its last batch per row count gives the inputs a fresh builder gives."""
@@ -124,7 +124,7 @@ def test_decode_inputs_reused_from_the_last_batch_equal_inputs_built_anew():
     assert decode_steps > 50 and reused > 40 and scheduler.num_preemptions > 0
 
 
-def test_decode_inputs_of_a_batch_that_comes_back_after_steps_in_another_row_count_are_rebuilt():
+def test_decode_step_data_of_a_batch_that_comes_back_after_steps_in_another_row_count_is_rebuilt():
     seqs = [_decoding(i, 3 + i) for i in range(3)]
     extra = _decoding(3, 2)
     builder = DecodeInputBuilder(device=torch.device("cpu"), pin_memory=False, block_size=4, table_width=4, scratch_slot=9)

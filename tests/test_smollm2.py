@@ -37,7 +37,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     assert "Paris" in out["text"]
 
 
-def test_outputs_keep_input_order_and_text_when_sequences_finish_out_of_order(smollm2):
+def test_outputs_keep_prompt_order_and_text_when_sequences_finish_out_of_order(smollm2):
     """Texts are detokenized as sequences finish (mid-loop); each still matches its own token ids."""
     from nanovllm import LLM, SamplingParams
     llm = LLM(smollm2, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=512)

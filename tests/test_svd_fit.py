@@ -27,7 +27,7 @@ def test_pca_recovers_a_shared_basis_to_the_noise_level():
     assert _rel(u1 @ v1, clean) > 100 * noise_level  # one direction short: far off
 
 
-def test_activation_aware_beats_pca_on_held_out_inputs_of_the_calibration_subspace():
+def test_activation_aware_beats_pca_on_held_out_activations_of_the_calibration_subspace():
     g = torch.Generator().manual_seed(1)
     experts, out, inp, sub, rank = 4, 32, 32, 2, 8  # the experts' outputs span experts * sub = rank dims
     w = torch.randn(experts, out, inp, generator=g, dtype=torch.float64)

@@ -119,7 +119,7 @@ def test_synthesize_cli_and_tokenizer_dir(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_bad_inputs_give_clear_errors(tmp_path):
+def test_bad_arguments_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"'qwen9'.*qwen3-0\.6b, qwen2\.5-0\.5b, llama-3\.2-1b"):
         syn.synthesize("qwen9", tmp_path / "x")
     with pytest.raises(ValueError, match=r"'int8'.*float32, bfloat16, float16"):
