@@ -114,8 +114,8 @@ KERNELS = {"nanovllm::store_kv": store_kv_npu, "nanovllm::rope_store_kv": rope_s
 
 
 def register_npu_kernels() -> None:
-    """Route the ops' "npu" tensors to the implementations above (idempotent); ``linear``, ``fused_moe`` and
-    ``gumbel_argmax`` keep their twins, which are plain torch ops on any device."""
+    """Route the ops' "npu" tensors to the implementations above (idempotent); ``linear``, ``fused_moe``,
+    ``moe_experts`` and ``gumbel_argmax`` keep their twins, which are plain torch ops on any device."""
     if "npu" in _registered:
         return
     for name, fn in KERNELS.items():
@@ -131,5 +131,6 @@ def register_npu_traced(graph_mode: str) -> None:
     for name, fn in (("store_kv", store_kv_npu), ("rope_store_kv", rope_store_kv_npu),
                      ("paged_attention", attention), ("linear", reference.linear_reference),
                      ("fused_moe", moe_reference.fused_moe_reference),
+                     ("moe_experts", moe_reference.experts_reference),
                      ("gumbel_argmax", sampling.gumbel_argmax_reference)):
         ops.register_traced(name, "npu", fn)

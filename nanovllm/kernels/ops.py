@@ -175,7 +175,8 @@ def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch
 
 def moe_experts(x, weights, ids, w13, w2) -> torch.Tensor:
     """The routed experts of ``x`` [T, H] (see ``_moe_experts``)."""
-    return torch.ops.nanovllm.moe_experts(x, weights, ids, w13, w2)
+    fn = _traced("moe_experts", x.device) or torch.ops.nanovllm.moe_experts
+    return fn(x, weights, ids, w13, w2)
 
 
 def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:
@@ -184,4 +185,4 @@ def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:
     return fn(logits, temperature, seeds, positions)
 
 
-_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "fused_moe", "gumbel_argmax")
+_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "fused_moe", "moe_experts", "gumbel_argmax")
