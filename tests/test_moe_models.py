@@ -1,5 +1,5 @@
 """Mixture-of-experts models (Qwen3-MoE with a dense layer between sparse ones, Mixtral, Qwen2-MoE's shared expert):
-greedy float32 tokens identical to transformers in eager and graph mode, on mixed-length batches, with prefix-cache
+greedy float32 tokens identical to transformers in eager and graph mode (Qwen2-MoE on one mixed-length batch), on mixed-length batches, with prefix-cache
 hits and forced preemption; graph mode with no graph break and no recompile across batch sizes; the eager
 fallback of a model that declares itself not capturable.
 
@@ -101,13 +101,16 @@ def test_decode_and_prefill_steps_trace_with_zero_graph_breaks(engines):
         assert explanation.graph_count == 1
 
 
-def test_qwen2_moe_shared_expert_matches_transformers(tmp_path):
+def test_qwen2_moe_shared_expert_matches_transformers_in_both_modes(tmp_path):
     path = build_checkpoint(tmp_path, "qwen2_moe")
-    llm = LLM(path, enforce_eager=True, **ENGINE)
-    layers = llm.engine.runner.model.model.layers
-    assert type(layers[0].mlp).__name__ == "MLP" and layers[1].mlp.shared_expert is not None
     prompts = prompts_of(5, seed=4, max_len=40)
-    assert tokens(llm, prompts, 10) == hf_greedy(path, prompts, 10)
+    want = hf_greedy(path, prompts, 10)
+    for eager in (True, False):
+        llm = LLM(path, enforce_eager=eager, graph_batch_sizes=BUCKETS, **ENGINE)
+        layers = llm.engine.runner.model.model.layers
+        assert type(layers[0].mlp).__name__ == "MLP" and layers[1].mlp.shared_expert is not None
+        assert llm.engine.describe()["mode"] == ("eager" if eager else "graph")
+        assert tokens(llm, prompts, 10) == want
 
 
 def test_qwen2_moe_follows_the_configs_qkv_bias(tmp_path):
