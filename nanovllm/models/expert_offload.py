@@ -5,11 +5,11 @@ CPU as device), moves everything that is not an expert (attention, norms, embedd
 to ``device``, and gives each ``SparseMoe`` an ``ExpertCache``: the layer's stacked experts stay on the host
 (pinned where the device is CUDA) and ``slots`` of them live on the device, evicted least recently used.
 
-A step of an offloaded layer routes on the device, reads the set of chosen experts on the host (one sync per
-layer), makes them resident (copies on a side stream on CUDA; the compute stream waits on each copy's event) and
-runs the experts on the slots (``ops.moe_experts``), with the expert ids remapped to slots.  A step that needs more distinct experts
-than there are slots runs in rounds of at most ``slots`` experts, the router weights of the others set to zero.
-With ``prefetch``, each layer also applies the next MoE layer's router to its own input and starts copying the
+A step of an offloaded layer routes on the device, reads the set of chosen experts on the host (one sync per layer),
+makes them resident (copies on a side stream on CUDA; the compute stream waits on each copy's event) and runs the
+experts on the slots (``ops.moe_experts``), with the expert ids remapped to slots. A step that needs more distinct
+experts than there are slots runs in rounds of at most ``slots`` experts, the router weights of the others set to
+zero. With ``prefetch``, each layer also applies the next MoE layer's router to its own input and starts copying the
 experts that guess picks, so the copies overlap this layer's compute.
 
 Graph mode: an offloaded model runs eagerly (``graph_capturable = False`` with a logged reason).  The set of
