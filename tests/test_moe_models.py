@@ -1,6 +1,7 @@
 """Mixture-of-experts models (Qwen3-MoE with a dense layer between sparse ones, Mixtral, Qwen2-MoE's shared expert):
 greedy float32 tokens identical to transformers in eager and graph mode on mixed-length batches (Qwen2-MoE: one),
-with prefix-cache hits and forced preemption; graph mode with no graph break and no recompile across batch sizes; the eager fallback of a model that declares itself not capturable.
+with prefix-cache hits and forced preemption; graph mode with no graph break and no recompile across batch sizes;
+the eager fallback of a model that declares itself not capturable.
 
 Both engines of an architecture get a small KV cache (16 blocks of 16 tokens for up to 7 sequences), so that
 the preemption test must preempt; the other tests assert tokens, which preemption must not change.
