@@ -1,6 +1,6 @@
 """The package's layers: a package imports only packages below it, and no two packages import each other.
 
-The order (README, "Layout") from the bottom: the foundation modules, kernels, layers, step, models, platforms,
+The order (README, "Layout") from the bottom: the foundation modules, kernels and distributed, layers, step, models, platforms,
 compile, engine, the user API (``llm``, ``cli``, ``precompile``, ``detokenizer``, the package itself), tools,
 entrypoints (the server), ``serve`` (its ``python -m`` entry).  Imports inside functions count too.  Packages of one
 layer never import each other; the single modules of the foundation and API layers may, but no two units (package
@@ -14,7 +14,7 @@ import nanovllm
 PACKAGE = Path(nanovllm.__file__).parent
 LAYERS = [
     ("nanovllm.logger", "nanovllm.paths", "nanovllm.version", "nanovllm.config", "nanovllm.sampling_params"),
-    ("nanovllm.kernels",),
+    ("nanovllm.kernels", "nanovllm.distributed"),
     ("nanovllm.layers",),
     ("nanovllm.step",),
     ("nanovllm.models",),

@@ -1,0 +1,57 @@
+"""The tensor-parallel group of this process: its rank and size, set once before a model is built (the model's
+layers read them to size their shards) and read by the collectives.
+
+``init_process_group`` joins ``torch.distributed``'s default group (gloo on CPU, nccl on CUDA, hccl on Ascend: the
+platform names it) and records the rank and size.  Every process nanovllm starts keeps NVLink multicast off
+(``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``): on shared machines a multicast object can take
+the host's GPUs out of service.
+"""
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tensor-parallel rank {self.rank} outside [0, size={self.size})")
+
+
+_current = TensorParallel()
+
+
+def current() -> TensorParallel:
+    """This process's group (rank 0 of 1 unless ``set_current`` or ``init_process_group`` said otherwise)."""
+    return _current
+
+
+def set_current(tp: TensorParallel) -> TensorParallel:
+    """Make ``tp`` this process's group; returns the previous one."""
+    global _current
+    previous, _current = _current, tp
+    return previous
+
+
+def init_process_group(backend: str, rank: int, size: int, init_method: str | None = None,
+                       timeout_s: float = 600.0) -> TensorParallel:
+    """Join the default process group of ``size`` ranks as ``rank`` (``init_method`` None: env://, as torchrun
+    sets it) and make it current."""
+    import datetime
+    for key, value in NO_MULTICAST.items():
+        os.environ[key] = value
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
+        raise RuntimeError(f"a process group of rank {dist.get_rank()} of {dist.get_world_size()} already exists; "
+                           f"asked for rank {rank} of {size}")
+    tp = TensorParallel(rank, size)
+    set_current(tp)
+    return tp
