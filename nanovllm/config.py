@@ -85,7 +85,8 @@ class EngineConfig:
         None, "token counts prefill steps are captured at (CUDA default: 512, 1024, ... below a quarter of "
               "`max_num_batched_tokens`, then 1/4, 2/4, 3/4 and all of it); `[]` (flag: `none`) turns prefill "
               "graphs off", list_of=int)
-    tensor_parallel_size: int = _opt(1, "only 1 is implemented so far")
+    tensor_parallel_size: int = _opt(1, "ranks the model is split over (heads, MLP and vocabulary), one process "
+                                         "and device each on this node, started by `LLM`; offline `generate` only")
     max_num_seqs: int = _opt(256, "sequences decoding at once")
     max_num_batched_tokens: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
     max_model_len: int = _opt(4096, "prompt + completion limit (capped by the checkpoint's "
@@ -119,8 +120,6 @@ class EngineConfig:
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        if self.tensor_parallel_size != 1:
-            raise NotImplementedError(f"tensor_parallel_size={self.tensor_parallel_size}: only 1 is supported so far")
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1)

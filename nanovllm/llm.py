@@ -4,6 +4,8 @@ import time
 
 from tqdm.auto import tqdm
 
+import nanovllm.distributed as distributed
+from nanovllm import workers
 from nanovllm.config import EngineConfig
 from nanovllm.detokenizer import TextStream
 from nanovllm.engine.engine import Engine
@@ -16,6 +18,14 @@ class LLM:
     ``EngineConfig`` (``nanovllm/config.py``, where each is documented); an unknown one raises ``TypeError``."""
 
     def __init__(self, model, **options):
+        self._workers = None
+        size = options.get("tensor_parallel_size", 1)
+        if isinstance(size, int) and size > 1 and distributed.current().size == 1:  # rank 0 starts the others
+            EngineConfig(model=model, **options)  # bad options fail here, before any process starts
+            self._workers = workers.Workers(type(self), model, options, size)
+        tp = distributed.current()
+        if tp.size > 1:
+            options = dict(options, device=workers.rank_device(options.get("device", "auto"), tp.rank))
         self.config = EngineConfig(model=model, **options)
         start = time.perf_counter()
         self.engine = Engine(self.config)
@@ -35,6 +45,15 @@ class LLM:
                         o["expert_cache_bytes"] / 2**30,
                         d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                         o["expert_host_bytes"] / 2**30)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers and leave their group (also at exit and when the LLM is deleted); the
+        LLM cannot generate afterwards."""
+        if self._workers is not None:
+            self._workers.close()
+
+    def __del__(self):
+        self.close()
 
     def _validate(self, prompts, sampling_params):
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -107,6 +126,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
         """Generate for every prompt; returns ``[{"text": str, "token_ids": list[int]}]`` in input order."""
+        if self._workers is not None:  # every rank runs the same call (workers.py)
+            self._workers.call("generate", prompts, sampling_params, use_tqdm=False)
         token_lists, params = self._validate(prompts, sampling_params)
         engine = self.engine
         seqs = [engine.add_request(ids, p) for ids, p in zip(token_lists, params)]

@@ -1,10 +1,10 @@
 """The package's layers: a package imports only packages below it, and no two packages import each other.
 
-The order (README, "Layout") from the bottom: the foundation modules, kernels and distributed, layers, step, models, platforms,
-compile, engine, the user API (``llm``, ``cli``, ``precompile``, ``detokenizer``, the package itself), tools,
-entrypoints (the server), ``serve`` (its ``python -m`` entry).  Imports inside functions count too.  Packages of one
-layer never import each other; the single modules of the foundation and API layers may, but no two units (package
-or module) import each other.
+The order (README, "Layout") from the bottom: the foundation modules, kernels and distributed, layers, step, models,
+platforms, compile, engine, the user API (``llm``, ``cli``, ``precompile``, ``detokenizer``, ``workers``, the
+package itself), tools, entrypoints (the server), ``serve`` (its ``python -m`` entry). Imports inside functions
+count too. Packages of one layer never import each other; the single modules of the foundation and API layers may,
+but no two units (package or module) import each other.
 """
 import ast
 from pathlib import Path
@@ -21,7 +21,7 @@ LAYERS = [
     ("nanovllm.platforms",),
     ("nanovllm.compile",),
     ("nanovllm.engine",),
-    ("nanovllm.llm", "nanovllm.cli", "nanovllm.precompile", "nanovllm.detokenizer", "nanovllm"),
+    ("nanovllm.llm", "nanovllm.cli", "nanovllm.precompile", "nanovllm.detokenizer", "nanovllm.workers", "nanovllm"),
     ("nanovllm.tools",),
     ("nanovllm.entrypoints",),
     ("nanovllm.serve",),

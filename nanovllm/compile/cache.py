@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+import nanovllm.distributed as distributed
 from nanovllm.logger import logger
 from nanovllm.paths import compile_cache_dir
 from nanovllm.version import __version__
@@ -70,7 +71,8 @@ def key_fields(config, *, dtype, num_kv_blocks: int, platform) -> dict:
         "model_config": config.hf_config, "dtype": str(dtype), "buckets": list(config.graph_batch_sizes),
         "kvcache_block_size": config.kvcache_block_size, "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs, "num_kv_blocks": num_kv_blocks,
-        "tensor_parallel_size": config.tensor_parallel_size, "rank": 0, "platform": platform.name,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "rank": distributed.current().rank, "platform": platform.name,
         "device_arch": platform.arch(), "platform_versions": platform.versions(),
         "kernel_options": platform.options.as_dict(), "torch": torch.__version__,
         "triton": triton_version, "nanovllm": __version__, "source_sha256": source_hash(),

@@ -47,3 +47,12 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """``x`` of every rank, concatenated along the last dimension in rank order."""
     size = current().size
     return x if size == 1 else torch.ops.nanovllm.tp_all_gather_last_dim(x, size)
+
+
+def agree_min(value: int, device) -> int:
+    """The smallest of the ranks' ``value`` (every rank gets it): e.g. the KV blocks all ranks can hold."""
+    if current().size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import nanovllm.distributed as distributed
 from nanovllm.compile.cache import key_fields
 from nanovllm.compile.executor import ExecutorSpec, make_executor
 from nanovllm.config import EngineConfig
@@ -56,7 +57,8 @@ class ModelRunner:
         self.vocab_size = a.vocab_size
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self.kv_spec = KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, self.block_size, self.dtype)
+        kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this rank's, under tensor parallelism
+        self.kv_spec = KVCacheSpec(a.num_layers, kv_heads, a.head_dim, self.block_size, self.dtype)
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -68,6 +70,7 @@ class ModelRunner:
             self.kv_spec, fixed=config.num_kvcache_blocks, utilization=config.gpu_memory_utilization,
             platform=platform, max_blocks_per_seq=self.max_blocks_per_seq, max_model_len=config.max_model_len,
             probe=self._probe_peak_memory)
+        self.num_blocks = distributed.agree_min(self.num_blocks, self.device)  # tensor parallelism: one size
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         phase("size_kv_cache")
         spec = ExecutorSpec(

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import nanovllm.distributed as distributed
 from nanovllm.step import StepInputs
 from nanovllm.kernels import ops
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding
+from nanovllm.models import tensor_parallel as tp
 
 
 @dataclass
@@ -74,8 +76,9 @@ def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.num_heads = tp.split(a.num_heads, "num_attention_heads")  # this rank's (tensor_parallel.py)
+        self.num_kv_heads, self.head_dim = tp.kv_heads(a.num_kv_heads)[0], a.head_dim
+        self.q_size, self.kv_size = self.num_heads * a.head_dim, self.num_kv_heads * a.head_dim
         self.scale = a.head_dim ** -0.5
         self.qkv_proj = nn.Linear(a.hidden_size, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, a.hidden_size, bias=a.o_bias)
@@ -99,16 +102,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The dense SiLU MLP, gate and up packed into one weight."""
+    """The dense SiLU MLP, gate and up packed into one weight.  Under tensor parallelism each rank holds a slice
+    of the intermediate size and the outputs are summed over the group, unless ``reduce`` is False (the caller
+    sums them with its own)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, reduce: bool = True):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        local = tp.split(intermediate_size, "intermediate_size")
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * local, bias=bias)
+        self.down_proj = nn.Linear(local, hidden_size, bias=bias)
+        self.reduce = reduce
 
     def forward(self, x):
         h = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias, silu_mul=True)
-        return _project(self.down_proj, h)
+        if self.reduce:
+            return tp.row_parallel(self.down_proj, h)
+        return ops.linear(h, self.down_proj.weight, self.down_proj.bias if tp.first_rank() else None)
 
 
 class DecoderLayer(nn.Module):
@@ -133,7 +142,7 @@ def _compile_once(fn):
 
 @_compile_once
 def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o):
-    x = x + _project(layer.self_attn.o_proj, o)
+    x = x + tp.row_parallel(layer.self_attn.o_proj, o)
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, next_norm(x)
 
@@ -161,14 +170,26 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.args = a = DecoderArgs.from_hf(hf_config, self.qk_norm, self.qkv_bias)
         self.model = DecoderBody(a, [self.make_mlp(hf_config, i) for i in range(a.num_layers)])
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
-        if a.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = nn.Linear(a.hidden_size, tp.vocab_rows(a.vocab_size), bias=False)
+        if a.tie_word_embeddings and self.lm_head.weight.shape == self.model.embed_tokens.weight.shape:
+            self.lm_head.weight = self.model.embed_tokens.weight  # else tie_lm_head copies this rank's rows
 
     def make_mlp(self, hf_config: dict, layer_idx: int) -> nn.Module:
         """Layer ``layer_idx``'s MLP (``self.args`` is set): the dense one of ``intermediate_size``."""
         a = self.args
         return MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
+
+    @torch.no_grad()
+    def tie_lm_head(self) -> None:
+        """Under tensor parallelism with tied embeddings: this rank's vocabulary rows of the embedding (zeros for
+        the padding) into its LM head shard.  Called by the loader before ``after_loading``."""
+        w = self.lm_head.weight
+        if w is self.model.embed_tokens.weight or not self.args.tie_word_embeddings:
+            return
+        start = distributed.current().rank * w.shape[0]
+        rows = self.model.embed_tokens.weight[start:start + w.shape[0]]
+        w.zero_()
+        w[:rows.shape[0]].copy_(rows)
 
     def after_loading(self) -> None:
         """Called once the weights are filled (from a checkpoint or at random), before the first step: a subclass
@@ -183,4 +204,5 @@ class DecoderForCausalLM(nn.Module):
         next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
         for layer, kv, next_norm in zip(layers, kv_caches, next_norms):
             x, h = layer(x, h, inputs, kv, next_norm, rope_rows)
-        return _project(self.lm_head, h[inputs.logits_indices])  # the norm is per row: select after it
+        logits = _project(self.lm_head, h[inputs.logits_indices])  # the norm is per row: select after it
+        return tp.gather_logits(logits, self.args.vocab_size)

@@ -17,12 +17,15 @@ rewrite its weights (MiniCPM folds its scalings into them).
 import json
 import os
 import re
+import zlib
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+import nanovllm.distributed as distributed
 from nanovllm.models.registry import resolve_model_class
+from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
 
 _DUMMY_STD = 0.02
@@ -47,6 +50,8 @@ def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, mo
         fill_dummy_weights(model, seed, draw_device)
     else:
         load_weights(model, model_dir)
+    if hasattr(model, "tie_lm_head"):
+        model.tie_lm_head()
     model.after_loading()
     return model.eval().requires_grad_(False)
 
@@ -61,7 +66,10 @@ def fill_dummy_weights(model: nn.Module, seed: int, draw_device: torch.device | 
             param.fill_(1.0)
             continue
         device = draw_device or param.device
-        if device not in generators:
+        if distributed.current().size > 1:  # each parameter its own stream: replicated ones agree across ranks
+            generators[device] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(
+                name.encode()))
+        elif device not in generators:
             generators[device] = torch.Generator(device=device).manual_seed(seed)
         if device == param.device:
             param.normal_(0.0, _DUMMY_STD, generator=generators[device])
@@ -124,8 +132,8 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     target, where = _target(name, model)
                     if target not in params or (tied and target == "lm_head.weight"):
                         continue
-                    tensor = f.get_tensor(name)
                     param = params[target]
+                    tensor = _rank_piece(f.get_tensor(name), target, where, param, model)
                     with torch.no_grad():
                         if where is None:
                             if tuple(tensor.shape) != tuple(param.shape):
@@ -198,9 +206,33 @@ def _copy_expert(where, name, tensor, param):
     dst.copy_(tensor.to(param.dtype))
 
 
+def _rank_piece(tensor: torch.Tensor, target: str, where, param: torch.Tensor, model) -> torch.Tensor:
+    """The piece of checkpoint tensor ``tensor`` this tensor-parallel rank holds (all of it at one rank); rows past
+    the tensor's end (the LM head's vocabulary padding) come back as zeros."""
+    if where is None:
+        local = tuple(param.shape)
+    elif isinstance(where, tuple):  # one expert: its gate or up rows, or all its rows
+        local = tuple(param.shape[1:])
+        if where[1] is not None:
+            local = (local[0] // 2,) + local[1:]
+    else:
+        local = (_packed_sizes(target, param, model.args)[where],) + tuple(param.shape[1:])
+    cut = checkpoint_slice(target, where, local, model.args)
+    if cut is None:
+        return tensor
+    dim, start, length = cut
+    piece = tensor.narrow(dim, start, max(0, min(length, tensor.shape[dim] - start)))
+    if piece.shape[dim] < length:
+        pad = list(piece.shape)
+        pad[dim] = length - piece.shape[dim]
+        piece = torch.cat([piece, piece.new_zeros(pad)], dim)
+    return piece
+
+
 def _packed_sizes(target: str, param: torch.Tensor, a) -> list[int]:
     if ".qkv_proj." in target:
-        return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+        kv = (param.shape[0] - a.head_dim * a.num_heads // distributed.current().size) // 2
+        return [param.shape[0] - 2 * kv, kv, kv]
     if ".gate_up_proj." in target:
         return [param.shape[0] // 2] * 2
     raise AssertionError(f"unknown packed parameter {target}")

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import nanovllm.distributed as distributed
 from nanovllm.kernels import ops
+from nanovllm.models import tensor_parallel as tp
 from nanovllm.models.decoder import MLP
 
 
@@ -63,8 +65,10 @@ class SparseMoe(nn.Module):
         super().__init__()
         self.top_k, self.renormalize = m.top_k, m.renormalize
         self.gate = nn.Linear(hidden_size, m.num_experts, bias=False)
-        self.experts = Experts(m.num_experts, hidden_size, m.intermediate_size)
-        self.shared_expert = MLP(hidden_size, m.shared_intermediate_size) if m.shared_intermediate_size else None
+        # tensor parallelism: each rank holds every expert's slice of the intermediate size (tensor_parallel.py)
+        self.experts = Experts(m.num_experts, hidden_size, tp.split(m.intermediate_size, "moe_intermediate_size"))
+        self.shared_expert = MLP(hidden_size, m.shared_intermediate_size, reduce=False) \
+            if m.shared_intermediate_size else None
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if m.shared_intermediate_size else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +77,7 @@ class SparseMoe(nn.Module):
                           self.renormalize)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
-        return y
+        return distributed.all_reduce(y)  # one sum over the ranks' partial experts (and shared expert)
 
 
 def expert_footprint(model: nn.Module) -> tuple[int, float]:

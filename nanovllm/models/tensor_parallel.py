@@ -1,0 +1,84 @@
+"""How the shared decoder's tensors split over the tensor-parallel group (``distributed.current()``), as vLLM
+splits them:
+
+* attention heads: each rank takes ``num_heads / N`` query heads and ``num_kv_heads / N`` KV heads; with fewer KV
+  heads than ranks each KV head is replicated, rank r using head ``r * num_kv_heads // N``;
+* column-parallel (outputs split, no collective): the packed qkv and gate/up projections (each part split on its
+  own), the experts' gate/up, and the LM head (vocabulary rows, padded to a multiple of N; the logits are
+  gathered back in rank order and the padding cut);
+* row-parallel (inputs split, then one all-reduce): attention's output projection and the MLP's (or the experts')
+  down projection; a bias is added once, after the sum;
+* replicated: embeddings, norms, routers.
+
+``checkpoint_slice`` says which piece of a checkpoint tensor a rank's parameter holds, from the parameter's local
+shape, so the loader copies only that piece.
+"""
+import torch
+
+import nanovllm.distributed as distributed
+from nanovllm.kernels import ops
+
+
+def split(total: int, what: str) -> int:
+    """``total`` over the group's ranks; an error naming ``what`` where it does not divide."""
+    size = distributed.current().size
+    if total % size:
+        raise ValueError(f"tensor_parallel_size={size} does not divide {what}={total}")
+    return total // size
+
+
+def kv_heads(num_kv_heads: int) -> tuple[int, int]:
+    """(KV heads per rank, this rank's first KV head)."""
+    tp = distributed.current()
+    if num_kv_heads >= tp.size:
+        local = split(num_kv_heads, "num_key_value_heads")
+        return local, tp.rank * local
+    if tp.size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp.size} is not a multiple of num_key_value_heads={num_kv_heads}, "
+                         f"so its KV heads cannot be replicated evenly")
+    return 1, tp.rank * num_kv_heads // tp.size
+
+
+def vocab_rows(vocab_size: int) -> int:
+    """LM head rows per rank (the vocabulary padded to a multiple of the group size)."""
+    size = distributed.current().size
+    return -(-vocab_size // size)
+
+
+def first_rank() -> bool:
+    return distributed.current().rank == 0
+
+
+def row_parallel(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` of a row-parallel projection: this rank's partial product, summed over the group."""
+    if distributed.current().size == 1:
+        return ops.linear(x, linear.weight, linear.bias)
+    y = distributed.all_reduce(ops.linear(x, linear.weight))
+    return y if linear.bias is None else y + linear.bias
+
+
+def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Every rank's vocabulary rows of the logits, in order, without the padding."""
+    if distributed.current().size == 1:
+        return logits
+    return distributed.all_gather_last_dim(logits)[..., :vocab_size]
+
+
+def checkpoint_slice(target: str, part, local_shape: tuple, args) -> tuple[int, int, int] | None:
+    """(dim, start, length) of the checkpoint tensor that fills this rank's piece of parameter ``target`` (``part``
+    as the loader's ``_target`` gives it, ``local_shape`` the piece's shape in the checkpoint tensor's layout), or
+    None where the rank holds all of it."""
+    tp = distributed.current()
+    if tp.size == 1:
+        return None
+    names = target.split(".")
+    if ("o_proj" in names or "down_proj" in names) and not target.endswith(".bias"):  # row-parallel: inputs
+        length = local_shape[-1]
+        return len(local_shape) - 1, tp.rank * length, length
+    if not any(n in names for n in ("qkv_proj", "gate_up_proj", "lm_head")):
+        return None
+    length = local_shape[0]
+    if "qkv_proj" in names and part in (1, 2):
+        _, first = kv_heads(args.num_kv_heads)
+        return 0, first * args.head_dim, length
+    return 0, tp.rank * length, length

@@ -1,0 +1,112 @@
+"""Tensor parallelism across processes: every rank builds the same engine on its own device (the model takes its
+shard from ``distributed.current()``) and runs every ``generate`` call rank 0 runs, in the same order.  The engine
+is deterministic (same scheduler, same seeds, identical logits after the LM head's gather), so the ranks' steps and
+hence their collectives line up without sending any step's inputs: only the calls travel, over a gloo group.
+
+``LLM(path, tensor_parallel_size=N)`` spawns ranks 1..N-1 (``Workers``) on this node, each on ``cuda:rank`` (or the
+CPU), joined by a TCP rendezvous on localhost.  Joining a group that ``torchrun`` describes (several nodes) is not
+built yet.
+
+Rank 0 checks its workers before each call; a worker that died makes that call raise, and a collective with a dead
+peer fails with gloo's or NCCL's error.  Workers are daemon processes, so none outlives rank 0.
+"""
+import atexit
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nanovllm.distributed as distributed
+
+_control = None  # the gloo group the calls travel on
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
+
+
+def rank_device(device: str, rank: int) -> str:
+    """The device of ``rank`` for the engine option ``device``: ``cuda:rank`` on CUDA, else the option."""
+    return f"cuda:{rank}" if _backend(device) == "nccl" else device
+
+
+def _join(backend: str, rank: int, size: int, init_method: str | None) -> None:
+    global _control
+    distributed.init_process_group(backend, rank, size, init_method)
+    _control = dist.new_group(backend="gloo")
+
+
+def broadcast_call(call: tuple | None = None):
+    """Rank 0: send ``call`` to every rank; another rank: receive the next one."""
+    box = [call]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+def serve_calls(llm) -> None:
+    """A worker's loop: run each call rank 0 sends, until it sends ``("exit",)``."""
+    while True:
+        call = broadcast_call()
+        if call[0] == "exit":
+            return
+        name, args, kwargs = call
+        try:
+            getattr(llm, name)(*args, **kwargs)
+        except (ValueError, TypeError):  # bad input: rank 0 raised the same error before any collective
+            pass
+
+
+class Workers:
+    """Rank 0's side of a tensor-parallel engine (see the module docstring)."""
+
+    def __init__(self, llm_class, model, options: dict, size: int):
+        """Start ranks 1..``size``-1, each building ``llm_class(model, **options)``, and join them as rank 0."""
+        device = options.get("device", "auto")
+        if _backend(device) == "nccl" and size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={size} is more than the {torch.cuda.device_count()} visible CUDA "
+                             f"devices")
+        self.procs = []
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        init = f"tcp://127.0.0.1:{port}"
+        for rank in range(1, size):
+            p = ctx.Process(target=_worker_main, args=(rank, size, init, llm_class, model, options),
+                            daemon=True)
+            p.start()
+            self.procs.append(p)
+        _join(_backend(device), 0, size, init)
+        self.closed = False
+        atexit.register(self.close)
+
+    def call(self, name: str, *args, **kwargs) -> None:
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"tensor-parallel worker(s) died: {', '.join(f'rank {r} (exit code {c})' for r, c in dead)}")
+        broadcast_call((name, args, kwargs))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if all(p.is_alive() for p in self.procs):
+                broadcast_call(("exit",))
+        finally:
+            for p in self.procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+            global _control
+            _control = None
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            distributed.set_current(distributed.TensorParallel())  # this process is one rank of one again
+
+
+def _worker_main(rank: int, size: int, init: str, llm_class, model, options: dict) -> None:
+    _join(_backend(options.get("device", "auto")), rank, size, init)
+    serve_calls(llm_class(model, **options))
+
