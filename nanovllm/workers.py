@@ -33,6 +33,8 @@ def rank_device(device: str, rank: int) -> str:
 
 def _join(backend: str, rank: int, size: int, init_method: str | None) -> None:
     global _control
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # NCCL binds each rank to the current device
     distributed.init_process_group(backend, rank, size, init_method)
     _control = dist.new_group(backend="gloo")
 
