@@ -133,7 +133,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     if target not in params or (tied and target == "lm_head.weight"):
                         continue
                     param = params[target]
-                    tensor = _rank_piece(f.get_tensor(name), target, where, param, model)
+                    tensor = _rank_piece(f, name, target, where, param, model)
                     with torch.no_grad():
                         if where is None:
                             if tuple(tensor.shape) != tuple(param.shape):
@@ -206,9 +206,10 @@ def _copy_expert(where, name, tensor, param):
     dst.copy_(tensor.to(param.dtype))
 
 
-def _rank_piece(tensor: torch.Tensor, target: str, where, param: torch.Tensor, model) -> torch.Tensor:
-    """The piece of checkpoint tensor ``tensor`` this tensor-parallel rank holds (all of it at one rank); rows past
-    the tensor's end (the LM head's vocabulary padding) come back as zeros."""
+def _rank_piece(f, name: str, target: str, where, param: torch.Tensor, model) -> torch.Tensor:
+    """The piece of tensor ``name`` of the open checkpoint file ``f`` that this tensor-parallel rank holds (all of
+    it at one rank), read from the file alone (``get_slice``: a rank never holds the whole tensor); rows past the
+    tensor's end (the LM head's vocabulary padding) come back as zeros."""
     if where is None:
         local = tuple(param.shape)
     elif isinstance(where, tuple):  # one expert: its gate or up rows, or all its rows
@@ -219,9 +220,11 @@ def _rank_piece(tensor: torch.Tensor, target: str, where, param: torch.Tensor, m
         local = (_packed_sizes(target, param, model.args)[where],) + tuple(param.shape[1:])
     cut = checkpoint_slice(target, where, local, model.args)
     if cut is None:
-        return tensor
+        return f.get_tensor(name)
     dim, start, length = cut
-    piece = tensor.narrow(dim, start, max(0, min(length, tensor.shape[dim] - start)))
+    stored = f.get_slice(name)
+    stop = min(start + length, stored.get_shape()[dim])
+    piece = stored[(slice(None),) * dim + (slice(start, max(start, stop)),)]
     if piece.shape[dim] < length:
         pad = list(piece.shape)
         pad[dim] = length - piece.shape[dim]
