@@ -26,6 +26,18 @@ from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, rou
 
 
 @triton.jit
+def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
+    """Block ``pid_b`` of the sorted layout, which holds ``rows`` pairs: (its expert, the mask of its real rows,
+    its slots, their pair indices), all int64 where they meet a stride."""
+    expert = tl.load(block_expert_ptr + pid_b).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < rows
+    slots = pid_b.to(tl.int64) * BLOCK_M + offs_m
+    pairs = tl.load(sorted_ptr + slots, mask=m_mask, other=0).to(tl.int64)
+    return expert, m_mask, slots, pairs
+
+
+@triton.jit
 def _grouped_up_kernel(x_ptr, w13_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr, I, H, stride_x,
                        stride_we, stride_wn, stride_i, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
@@ -35,12 +47,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, sorted_ptr, block_expert_ptr, block_rows_
     rows = tl.load(block_rows_ptr + pid_b)
     if rows == 0:
         return
-    expert = tl.load(block_expert_ptr + pid_b).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < rows
-    slots = pid_b.to(tl.int64) * BLOCK_M + offs_m
-    pairs = tl.load(sorted_ptr + slots, mask=m_mask, other=0)
-    tokens = (pairs // TOP_K).to(tl.int64)
+    expert, m_mask, slots, pairs = _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M)
+    tokens = pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     gate_rows = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
@@ -70,11 +78,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, sorted_ptr, block_expert_ptr, block_
     rows = tl.load(block_rows_ptr + pid_b)
     if rows == 0:
         return
-    expert = tl.load(block_expert_ptr + pid_b).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < rows
-    slots = pid_b.to(tl.int64) * BLOCK_M + offs_m
-    pairs = tl.load(sorted_ptr + slots, mask=m_mask, other=0).to(tl.int64)
+    expert, m_mask, slots, pairs = _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     w_rows = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
