@@ -154,7 +154,8 @@ class EngineConfig:
             raise FileNotFoundError(f"no config.json in model directory {self.model!r}")
         with open(config_path) as f:
             self.hf_config = json.load(f)
-        limit = self.hf_config.get("max_position_embeddings")
+        limit = (self.hf_config.get("max_position_embeddings")  # vision-language models: their text config's
+                 or (self.hf_config.get("text_config") or {}).get("max_position_embeddings"))
         if limit:
             self.max_model_len = min(self.max_model_len, int(limit))
         self.eos_token_ids = read_eos_token_ids(self.model, self.hf_config)
@@ -175,7 +176,7 @@ def engine_fields() -> list:
 def read_eos_token_ids(model_dir: str, hf_config: dict) -> tuple[int, ...]:
     """Every EOS id the checkpoint declares: config.json and generation_config.json may each list several."""
     ids = []
-    sources = [hf_config]
+    sources = [hf_config, hf_config.get("text_config") or {}]  # a vision-language model's may sit in the latter
     gen_path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gen_path):
         with open(gen_path) as f:

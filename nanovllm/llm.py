@@ -10,6 +10,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.detokenizer import TextStream
 from nanovllm.engine.engine import Engine
 from nanovllm.logger import logger
+from nanovllm.multimodal import ImagePrompts, chat_prompt
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -30,6 +31,8 @@ class LLM:
         start = time.perf_counter()
         self.engine = Engine(self.config)
         self.tokenizer = _load_tokenizer(self.config.model)
+        hf = self.config.hf_config  # vision-language checkpoints: prompts with images (multimodal.py)
+        self._images = ImagePrompts(self.config.model, hf, self.tokenizer) if "vision_config" in hf else None
         self.init_seconds = time.perf_counter() - start
         d = self.engine.describe()
         logger.info("ready in %.1fs: device=%s dtype=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB); kernel options: "
@@ -56,10 +59,11 @@ class LLM:
         self.close()
 
     def _validate(self, prompts, sampling_params):
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a str, a list of str or a list of token-id lists, "
+            raise TypeError(f"prompts must be a str, a dict, a list of str or dicts, or a list of token-id lists, "
                             f"got {type(prompts).__name__}")
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -71,15 +75,32 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params; "
                              f"pass one SamplingParams or a list of the same length")
-        token_lists = []
+        token_lists, images = [], []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
             params.validate()
             if params.stop and self.tokenizer is None:
                 raise ValueError(f"sampling_params[{i}] has stop strings but {self.config.model!r} has no tokenizer")
-            token_lists.append(self.encode_prompt(prompt, i))
-        return token_lists, list(sampling_params)
+            ids, image_inputs = self.encode_request(prompt, i)
+            token_lists.append(ids)
+            images.append(image_inputs)
+        return token_lists, list(sampling_params), images
+
+    def encode_request(self, prompt, index: int = 0):
+        """(token ids, ``ImageInputs`` or None) of a prompt: a str, a token-id list, or a dict with ``prompt`` (or
+        ``prompt_token_ids``) and ``multi_modal_data`` (``nanovllm/multimodal.py``).  Raises as ``encode_prompt``,
+        and ``ValueError`` for images a text-only model cannot take, or placeholders that don't match them."""
+        if not isinstance(prompt, dict):
+            return self.encode_prompt(prompt, index), None
+        if self._images is None:
+            if (prompt.get("multi_modal_data") or {}).get("image") is not None:
+                raise ValueError(f"prompt {index} has images but {self.config.model!r} is not a vision-language "
+                                 f"model (its config has no vision_config)")
+            return self.encode_prompt(prompt.get("prompt", prompt.get("prompt_token_ids")), index), None
+        ids, image_inputs = self._images.encode(prompt, index)
+        ids = self.encode_prompt(ids, index)  # the vocabulary and max_model_len checks, image tokens included
+        return ids, image_inputs
 
     def encode_prompt(self, prompt, index: int = 0) -> list[int]:
         """A prompt's token ids: a str is tokenized, a list of ints checked against the vocabulary.  Raises
@@ -117,20 +138,27 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
         """``generate`` for one conversation (a list of ``{"role", "content"}`` dicts) or a list of them, each
-        through the chat template; returns one output per conversation."""
+        through the chat template; returns one output per conversation.  A content may be a list of OpenAI-style
+        parts, ``{"type": "text", "text": ...}`` and, for vision-language models, ``{"type": "image", "image":
+        PIL.Image or path}``."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             messages = [messages]
         if not isinstance(messages, list) or not all(isinstance(m, list) for m in messages):
             raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
-        return self.generate([self.apply_chat_template(m) for m in messages], sampling_params, use_tqdm)
+        prompts = []
+        for conversation in messages:
+            text_messages, images = chat_prompt(conversation)
+            ids = self.apply_chat_template(text_messages)
+            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
         """Generate for every prompt; returns ``[{"text": str, "token_ids": list[int]}]`` in input order."""
         if self._workers is not None:  # every rank runs the same call (workers.py)
             self._workers.call("generate", prompts, sampling_params, use_tqdm=False)
-        token_lists, params = self._validate(prompts, sampling_params)
+        token_lists, params, images = self._validate(prompts, sampling_params)
         engine = self.engine
-        seqs = [engine.add_request(ids, p) for ids, p in zip(token_lists, params)]
+        seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]
         streams = {s.seq_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if s.params.stop}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0

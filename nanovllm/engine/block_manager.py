@@ -1,7 +1,9 @@
 """Paged KV-cache bookkeeping with prefix caching.
 
-A block is identified by a hash chain: ``hash(block i) = xxh64(hash(block i-1), tokens of block i)``.
-A cache hit needs both the hash and the exact tokens to match, so a hash collision cannot alias two prefixes.
+A block is identified by a hash chain: ``hash(block i) = xxh64(hash(block i-1), key of block i)``, where the key
+is the block's tokens followed by the hashes of any images among them (``Sequence.block_key``): two prompts with
+the same image placeholder tokens but different images never share a block, nor any block after it.
+A cache hit needs both the hash and the exact key to match, so a hash collision cannot alias two prefixes.
 
 Three rules keep it correct where nano-vllm was not:
 * A block is registered in the cache only after a step has *computed* its KV, never at allocation.  So two
@@ -61,7 +63,7 @@ class BlockManager:
         blocks, hashes, h = [], [], 0
         bs = self.block_size
         for i in range((len(seq) - 1) // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = seq.block_key(i * bs, (i + 1) * bs)
             h = chain_hash(h, tokens)
             block = self.hash_to_block.get(h)
             if block is None or self.block_tokens[block] != tokens:
@@ -104,7 +106,7 @@ class BlockManager:
         h = hashes[-1] if hashes else 0
         limit = seq.num_computed_tokens if num_tokens is None else num_tokens
         for i in range(len(hashes), limit // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = seq.block_key(i * bs, (i + 1) * bs)
             h = chain_hash(h, tokens)
             block = seq.block_table[i]
             self.block_hash[block] = h

@@ -23,7 +23,7 @@ from nanovllm.step import StepInputs
 
 
 class _SeqRow:
-    __slots__ = ("table_list", "row", "filled", "params", "seed")
+    __slots__ = ("table_list", "row", "filled", "params", "seed", "rope_delta")
 
     def __init__(self, seq, width: int):
         self.table_list = seq.block_table
@@ -31,12 +31,14 @@ class _SeqRow:
         self.filled = 0
         self.params = seq.params
         self.seed = seq.seed
+        self.rope_delta = seq.rope_delta
 
 
 class _Batch:
     """One row count's last batch: its sequences, their block-table lists and lengths, and the arrays built
-    (``tables`` [n, width] and the per-row sampling fields ``temperature``, ``top_k``, ``top_p``, ``seeds``)."""
-    __slots__ = ("seqs", "table_lists", "lens", "tables", "temperature", "top_k", "top_p", "seeds")
+    (``tables`` [n, width], the per-row sampling fields ``temperature``, ``top_k``, ``top_p``, ``seeds``, and
+    ``rope_delta``, each row's position minus its token index: nonzero after images, ``mrope.py``)."""
+    __slots__ = ("seqs", "table_lists", "lens", "tables", "temperature", "top_k", "top_p", "seeds", "rope_delta")
 
     def __init__(self, seqs, table_lists, lens, tables, entries):
         self.seqs, self.table_lists, self.lens, self.tables = seqs, table_lists, lens, tables
@@ -45,6 +47,7 @@ class _Batch:
         self.top_k = np.fromiter((e.params.top_k for e in entries), np.int64, n)
         self.top_p = np.fromiter((e.params.top_p for e in entries), np.float32, n)
         self.seeds = np.fromiter((e.seed for e in entries), np.int64, n)
+        self.rope_delta = np.fromiter((e.rope_delta for e in entries), np.int64, n)
 
 
 class DecodeInputBuilder:
@@ -119,7 +122,7 @@ class DecodeInputBuilder:
         pending = ids[:n] < 0
         token_slots[:n] = np.where(pending, out_slots[:n], -1)
         ids[:n][pending] = 0
-        positions[:n] = pos
+        positions[:n] = pos + batch.rope_delta
         context[:n] = lens
         host.sample_positions.numpy()[:n] = lens
         if n:

@@ -26,7 +26,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.pipeline import StepPipeline
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import ImageInputs, Sequence
 from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
 
@@ -76,9 +76,11 @@ class Engine:
                 "max_num_batched_tokens": cfg.max_num_batched_tokens, "pipeline_depth": cfg.pipeline_depth,
                 "kernel_options": self.platform.options.as_dict()}
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    images: ImageInputs | None = None) -> Sequence:
+        """Queue a request; ``images`` for a prompt with images (vision-language models)."""
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-        seq = Sequence(self._next_id, prompt_token_ids, params, seed)
+        seq = Sequence(self._next_id, prompt_token_ids, params, seed, images)
         self._next_id += 1
         self.scheduler.add(seq)
         return seq

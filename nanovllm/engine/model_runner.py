@@ -6,7 +6,8 @@ Decode rows are padded to the executor's bucket; a prefill step gets a trailing 
 ``PrefillInputBuilder``).  ``launch`` queues a step on the device and copies its tokens, in the background,
 to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the engine reads them later.  A batch in
 which a request asked for logprobs also gets them, computed from the step's logits after it (``token_logprobs``)
-and copied to the slot the same way; other batches pay nothing for them.
+and copied to the slot the same way; other batches pay nothing for them.  A prefill that reaches image tokens
+(vision-language models) runs eagerly with the extra inputs ``image_step.py`` builds.
 
 The token buffer has one row per running sequence (its "token slot", held from its first sample until it
 finishes or is preempted) for its newest sampled token, plus a scratch row for padding (``StepInputs``).
@@ -19,6 +20,7 @@ import nanovllm.distributed as distributed
 from nanovllm.compile.cache import key_fields
 from nanovllm.compile.executor import ExecutorSpec, make_executor
 from nanovllm.config import EngineConfig
+from nanovllm.engine import image_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks
 from nanovllm.engine.pipeline import StepSlot
@@ -29,7 +31,7 @@ from nanovllm.models.expert_offload import offload_experts, offload_stats
 from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.step import make_step, redraw_filtered, token_logprobs
+from nanovllm.step import make_step, redraw_filtered, run_step, token_logprobs
 
 
 class ModelRunner:
@@ -156,7 +158,12 @@ class ModelRunner:
             self._assign_slot(seq)
         ex = self.executor
         prepare_seconds = 0.0
-        if batch.is_prefill:
+        if batch.is_prefill and image_step.carries_images(batch):  # eagerly: the tower's shapes vary per image
+            inputs = self.prefill_builder.build(batch)
+            mm = image_step.build(self.model, batch, inputs.input_ids.shape[0], self.device)
+            tokens, logits = run_step(self.model, self.kv_caches, self.token_buffer, inputs, mm)
+            self._emit(tokens, logits, inputs, len(batch.seqs), filtered, slot, 0)
+        elif batch.is_prefill:
             shape, target = ex.prefill_plan(sum(batch.num_new_tokens))
             inputs = self.prefill_builder.build(batch, shape, target)
             tokens, logits = ex.prefill(inputs)

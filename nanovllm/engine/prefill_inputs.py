@@ -59,7 +59,7 @@ class PrefillInputBuilder:
             assert (chunk != PENDING_TOKEN).all(), "a prefill chunk must not contain an unresolved token"
             table = np.asarray(seq.block_table, dtype=np.int64)
             tokens.append(chunk)
-            positions.append(pos)
+            positions.append(seq.rope_positions(start, n))
             slots.append(table[pos // bs] * bs + pos % bs)
             cu.append(cu[-1] + n)
         num_tokens, rows = shape or (cu[-1] + 1, len(seqs) + 1)

@@ -1,11 +1,40 @@
-"""One request as it moves through the engine: its tokens, its KV blocks and how far its KV is computed."""
+"""One request as it moves through the engine: its tokens, its KV blocks and how far its KV is computed.
+
+A prompt with images (vision-language models) also carries ``ImageInputs``: the images' pixels, where their
+tokens are in the prompt, a hash of each image (the prefix cache keys blocks by it, so equal placeholder tokens
+in front of different images never share KV) and the prompt's M-RoPE positions (``nanovllm/models/mrope.py``).
+"""
+from dataclasses import dataclass, field
 from enum import Enum, auto
+
+import numpy as np
 
 from nanovllm.sampling_params import SamplingParams
 
 # Stands in ``token_ids`` for a token that a launched step is still sampling on the device (the engine runs
 # one step ahead of the host); the step's results replace it before anything reads its value on the host.
 PENDING_TOKEN = -1
+
+
+@dataclass
+class ImageInputs:
+    pixel_values: object          # [patches, C * temporal_patch * patch * patch] float32 host tensor, all images
+    grid_thw: list                # per image: (t, h, w) patches before the merge
+    spans: list                   # per image: (first token, number of tokens) in the prompt
+    hashes: list                  # per image: content hash (int < 2**63)
+    positions3: np.ndarray        # [3, prompt tokens] int64 M-RoPE positions
+    rope_delta: int               # position minus token index past the prompt's last image (<= 0)
+    encoded: object = field(default=None, repr=False)  # the tower's output while the prompt is prefilled
+
+    def keys_between(self, start: int, end: int) -> tuple:
+        """Hashes of the images with tokens in [start, end): what a KV block over those tokens depends on besides
+        its token ids."""
+        return tuple(h for (first, n), h in zip(self.spans, self.hashes) if first < end and first + n > start)
+
+    @property
+    def end(self) -> int:
+        """One past the prompt's last image token."""
+        return max(first + n for first, n in self.spans)
 
 
 class SequenceStatus(Enum):
@@ -17,8 +46,11 @@ class SequenceStatus(Enum):
 class Sequence:
     """Invariant: the KV of ``token_ids[:num_computed_tokens]`` is in the blocks of ``block_table``."""
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams, seed: int):
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams, seed: int,
+                 images: ImageInputs | None = None):
         self.seq_id = seq_id
+        self.images = images
+        self.rope_delta = images.rope_delta if images is not None else 0
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -32,6 +64,20 @@ class Sequence:
         # per resolved completion token, if ``params.logprobs`` is set: (its logprob, top ids, top logprobs)
         self.logprobs: list[tuple[float, list[int], list[float]]] | None = \
             [] if params.logprobs is not None else None
+
+    def block_key(self, start: int, end: int) -> tuple:
+        """The identity of the KV of tokens [start, end): their ids, then the hashes of images among them."""
+        tokens = tuple(self.token_ids[start:end])
+        return tokens + self.images.keys_between(start, end) if self.images is not None else tokens
+
+    def rope_positions(self, start: int, n: int) -> np.ndarray:
+        """1-D rope positions of tokens [start, start + n): their indices, shifted as M-RoPE shifts text (an image
+        token's entry is its temporal component; a step with image tokens uses ``images.positions3``)."""
+        pos = np.arange(start, start + n)
+        if self.images is None:
+            return pos
+        prompt = self.images.positions3[0]
+        return np.where(pos < len(prompt), prompt[np.minimum(pos, len(prompt) - 1)], pos + self.rope_delta)
 
     def __len__(self) -> int:
         return len(self.token_ids)

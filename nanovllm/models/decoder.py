@@ -87,13 +87,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
 
-    def attend(self, h, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor], rope_rows: torch.Tensor):
-        """Project ``h``, norm (Qwen3) and rotate q and k (by the rope table rows ``rope_rows``), store k and v in
-        the paged cache, then attend over it: [T, Hq * D].  Everything between the qkv matmul and attention is one
-        fused op (``ops.rope_store_kv``)."""
+    def attend(self, h, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor], rope: tuple):
+        """Project ``h``, norm (Qwen3) and rotate q and k (``rope``: each token's row of the cos and sin tables),
+        store k and v in the paged cache, then attend over it: [T, Hq * D].  Everything between the qkv matmul
+        and attention is one fused op (``ops.rope_store_kv``)."""
         k_cache, v_cache = kv
-        q = ops.rope_store_kv(_project(self.qkv_proj, h), rope_rows, self.rotary.cos_cache,
-                              self.rotary.sin_cache, self.q_norm.weight if self.q_norm is not None else None,
+        rows, cos, sin = rope
+        q = ops.rope_store_kv(_project(self.qkv_proj, h), rows, cos, sin,
+                              self.q_norm.weight if self.q_norm is not None else None,
                               self.k_norm.weight if self.k_norm is not None else None, self.eps, k_cache, v_cache,
                               inputs.slot_mapping, self.num_heads, self.num_kv_heads)
         o = ops.paged_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens, inputs.block_tables,
@@ -128,10 +129,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = mlp  # [T, H] -> [T, H]: MLP, or a mixture of experts (moe.py)
 
-    def forward(self, x, h, inputs, kv, next_norm: RMSNorm, rope_rows):
+    def forward(self, x, h, inputs, kv, next_norm: RMSNorm, rope: tuple):
         """x: the residual stream; h: x through this layer's input norm.  Returns the new x, and it through
         ``next_norm`` (the next layer's input norm, or the final norm), so that norm fuses into this layer."""
-        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope_rows))
+        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope))
 
 
 def _compile_once(fn):
@@ -197,12 +198,23 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list) -> torch.Tensor:
         """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence) of tokens ``input_ids``."""
+        rotary = self.model.rotary
+        rows = rotary.table_rows(inputs.positions, inputs.context_lens, inputs.cu_seqlens_q)
+        return self.run_layers(self.model.embed_tokens(input_ids), inputs, kv_caches,
+                               (rows, rotary.cos_cache, rotary.sin_cache))
+
+    def run_layers(self, x: torch.Tensor, inputs: StepInputs, kv_caches: list, rope: tuple,
+                   layer_adds: tuple = ()) -> torch.Tensor:
+        """Logits [B, V] from the input embeddings ``x`` [T, H] (``forward``'s contract).  ``rope`` is (each token's
+        row in the cos and sin tables, the tables); ``layer_adds`` (vision-language models) is (token rows,
+        features [n, H] per layer): layer i's output gains ``layer_adds[1][i]`` at those rows."""
         layers = self.model.layers
-        rope_rows = self.model.rotary.table_rows(inputs.positions, inputs.context_lens, inputs.cu_seqlens_q)
-        x = self.model.embed_tokens(input_ids)
         h = layers[0].input_layernorm(x)
         next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
-        for layer, kv, next_norm in zip(layers, kv_caches, next_norms):
-            x, h = layer(x, h, inputs, kv, next_norm, rope_rows)
+        for i, (layer, kv, next_norm) in enumerate(zip(layers, kv_caches, next_norms)):
+            x, h = layer(x, h, inputs, kv, next_norm, rope)
+            if layer_adds and i < len(layer_adds[1]):
+                x = x.index_add(0, layer_adds[0], layer_adds[1][i].to(x.dtype))
+                h = next_norm(x)
         logits = _project(self.lm_head, h[inputs.logits_indices])  # the norm is per row: select after it
         return tp.gather_logits(logits, self.args.vocab_size)

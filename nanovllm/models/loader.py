@@ -1,7 +1,8 @@
 """Builds a model from its HF config and fills its weights: from a safetensors checkpoint, or random.
 
 Checkpoints are one file or sharded with an index.  Names the model declares are mapped (its file says how):
-``checkpoint_renames`` rewrites a module name (Mixtral's ``block_sparse_moe`` is our ``mlp``); HF tensors named in
+``checkpoint_prefixes`` rewrites a leading prefix (a VL model's ``model.language_model.``), and names under one of
+its ``unpacked_prefixes`` are taken as they are; ``checkpoint_renames`` rewrites a module name (Mixtral's ``block_sparse_moe`` is our ``mlp``); HF tensors named in
 ``packed_modules`` (q/k/v, gate/up) are copied into their slice of the packed parameter; per-expert tensors
 ``....experts.<e>.<part>.weight`` whose part is in ``expert_weights`` are stacked into ``....experts.<stacked>``
 ([E, 2I, H] for gate/up, each a half; [E, H, I] for down); a checkpoint that already holds the stacked tensor
@@ -99,8 +100,14 @@ _EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\
 def _target(name: str, model: nn.Module) -> tuple[str, object]:
     """HF tensor name -> (our parameter name, where in it the tensor goes): None for the whole parameter, ``i``
     for shard i of a packed one, ``(expert, half)`` for one expert of a stacked one (half None: all its rows)."""
+    for old, new in getattr(model, "checkpoint_prefixes", {}).items():
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
     for old, new in getattr(model, "checkpoint_renames", {}).items():
         name = name.replace(f".{old}.", f".{new}.")
+    if name.startswith(getattr(model, "unpacked_prefixes", ())):
+        return name, None
     experts = getattr(model, "expert_weights", {})
     m = _EXPERT.match(name)
     if m and m["part"] in experts:
@@ -115,9 +122,13 @@ def _target(name: str, model: nn.Module) -> tuple[str, object]:
 
 
 def _checkpoint_name(name: str, model: nn.Module) -> str:
-    """Our name -> the checkpoint's (``checkpoint_renames`` undone), for error messages."""
+    """Our name -> the checkpoint's (``checkpoint_renames`` and ``checkpoint_prefixes`` undone; the newest naming),
+    for error messages."""
     for old, new in getattr(model, "checkpoint_renames", {}).items():
         name = name.replace(f".{new}.", f".{old}.")
+    for old, new in getattr(model, "checkpoint_prefixes", {}).items():
+        if name.startswith(new):
+            return old + name[len(new):]
     return name
 
 

@@ -20,11 +20,12 @@ from nanovllm.sampling_params import MAX_LOGPROBS
 from nanovllm.step.inputs import StepInputs
 
 
-def run_step(model, kv_caches, token_buffer, inputs: StepInputs):
-    """The whole step: (tokens [B], logits [B, V])."""
+def run_step(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
+    """The whole step: (tokens [B], logits [B, V]).  ``mm``: a vision-language model's extra inputs for a prefill
+    chunk with image tokens (``nanovllm/models/qwen_vl.py``), handed to the model."""
     from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
     input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
-    logits = model(input_ids, inputs, kv_caches)
+    logits = model(input_ids, inputs, kv_caches) if mm is None else model(input_ids, inputs, kv_caches, mm)
     tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions)
     token_buffer.index_copy_(0, inputs.out_slots, tokens)
     return tokens, logits
