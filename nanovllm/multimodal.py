@@ -100,7 +100,9 @@ def chat_prompt(messages: list[dict]) -> tuple[list[dict], list]:
 def _part_image(part: dict):
     if "image" in part:
         return part["image"]
-    url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
+    url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+    if not isinstance(url, str):
+        raise ValueError(f"an image_url part needs image_url.url (a data: URL or a local path), got {part!r}")
     if isinstance(url, str) and url.startswith("data:"):
         import base64
         import io

@@ -16,6 +16,7 @@ Statistics (``Engine.stats``, zeroed by ``reset_stats``): tokens, steps and wall
 for the device), ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps
 read (``decode_kv_tokens``) and ``preemptions``.
 """
+import dataclasses
 import time
 from typing import NamedTuple
 
@@ -78,8 +79,10 @@ class Engine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     images: ImageInputs | None = None) -> Sequence:
-        """Queue a request; ``images`` for a prompt with images (vision-language models)."""
+        """Queue a request; ``images`` for a prompt with images (vision-language models), copied: each sequence
+        keeps its own tower output while it prefills."""
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        images = dataclasses.replace(images, encoded=None) if images is not None else None
         seq = Sequence(self._next_id, prompt_token_ids, params, seed, images)
         self._next_id += 1
         self.scheduler.add(seq)

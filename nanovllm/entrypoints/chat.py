@@ -4,7 +4,9 @@
 ``logprobs=true`` with ``top_logprobs=k`` (k <= 20) gives per token its text, bytes, logprob and the k most likely
 tokens'.  A stream first sends each choice's ``{"role": "assistant", "content": ""}`` delta, then content deltas
 (one chunk per choice per engine step that produced text), the finish reason, the usage chunk if
-``stream_options.include_usage``, and ``data: [DONE]``.  Image parts are refused (no VL model yet).
+``stream_options.include_usage``, and ``data: [DONE]``.  Image parts (``{"type": "image_url", "image_url":
+{"url": "data:image/...;base64,..." or a local path}}``) are taken by vision-language models and refused, with a
+400, by the others.
 """
 import time
 
@@ -13,22 +15,33 @@ from starlette.responses import JSONResponse, Response
 from nanovllm.entrypoints.protocol import APIError, ChatRequest, bad_request
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
+from nanovllm.multimodal import chat_prompt
 
 
 async def create_chat_completion(serving: Serving, req: ChatRequest, request) -> Response:
     req.check_unsupported()
     serving.check_model(req.model)
-    messages = [m.template_dict(i) for i, m in enumerate(req.messages)]
+    try:
+        messages, images = chat_prompt([m.template_dict(i) for i, m in enumerate(req.messages)])
+    except (ValueError, KeyError, TypeError) as e:
+        raise bad_request(f"an image part is malformed: {e}", "messages") from None
     try:
         ids = serving.llm.apply_chat_template(messages)
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     except Exception as e:  # noqa: BLE001 - a template that rejects these messages (jinja raise_exception)
         raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+    image_inputs = None
+    if images:  # placeholders in the text, the images beside it (nanovllm/multimodal.py)
+        try:
+            ids, image_inputs = serving.llm.encode_request({"prompt_token_ids": ids,
+                                                            "multi_modal_data": {"image": images}})
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e).replace("prompt 0", "the conversation"), "messages") from None
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.max_tokens_for(len(ids), req.requested_max_tokens(), None, field)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    handles = serving.submit([(ids, req.sampling_params(max_tokens, serving.defaults, k))], req.n)
+    handles = serving.submit([(ids, req.sampling_params(max_tokens, serving.defaults, k), image_inputs)], req.n)
     reply = _Reply(serving, req, request_id("chatcmpl"), len(ids))
     if req.stream:
         return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))

@@ -41,8 +41,8 @@ class SeqDelta:
 class RequestHandle:
     """One API request on the asyncio side: its queue of ``(choice index, SeqDelta)`` events."""
 
-    def __init__(self, prompt_ids: list[int], params: list):
-        self.prompt_ids, self.params = prompt_ids, params
+    def __init__(self, prompt_ids: list[int], params: list, images=None):
+        self.prompt_ids, self.params, self.images = prompt_ids, params, images
         self.queue: asyncio.Queue = asyncio.Queue()
         self.arrival = time.perf_counter()
         self._seqs: list = [None] * len(params)  # engine thread only
@@ -74,8 +74,9 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    def submit(self, prompt_ids: list[int], params: list) -> RequestHandle:
-        """Queue a request of ``len(params)`` sequences on one prompt; raises ``Overloaded``/``EngineDead``."""
+    def submit(self, prompt_ids: list[int], params: list, images=None) -> RequestHandle:
+        """Queue a request of ``len(params)`` sequences on one prompt (with its ``ImageInputs``, if it has images);
+        raises ``Overloaded``/``EngineDead``."""
         with self._lock:  # against ``_fail``: a request either sees the error or is in the inbox it fails
             if self.error is not None:
                 raise EngineDead(f"the engine failed: {self.error!r}")
@@ -84,7 +85,7 @@ class EngineLoop:
                 raise Overloaded(f"{waiting} sequences are waiting for a batch slot; this request's {len(params)} "
                                  f"would pass --max-waiting-seqs={self.max_waiting_seqs}")
             self._inbox_seqs += len(params)
-            handle = RequestHandle(prompt_ids, params)
+            handle = RequestHandle(prompt_ids, params, images)
             self._inbox.append(("add", handle))
         self._wake.set()
         return handle
@@ -129,7 +130,7 @@ class EngineLoop:
             handle = item[1]
             if item[0] == "add":
                 for i, params in enumerate(handle.params):
-                    seq = engine.add_request(handle.prompt_ids, params)
+                    seq = engine.add_request(handle.prompt_ids, params, handle.images)
                     handle._seqs[i] = seq
                     self._live[seq.seq_id] = (handle, i)
                 with self._lock:

@@ -127,16 +127,17 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def template_dict(self, index: int) -> dict:
-        """``{"role", "content"}`` for the chat template; text parts are joined, other parts rejected."""
+        """``{"role", "content"}`` for the chat template: a string, or the list of parts (text, and ``image_url``
+        or ``image`` for vision-language models, which ``nanovllm.multimodal.chat_prompt`` resolves); other parts
+        are rejected."""
         content = self.content
         if isinstance(content, list):
-            texts = []
             for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad_request(f"messages[{index}]: content part of type {part.get('type')!r} is not "
-                                      f"supported (text only)", "messages")
-                texts.append(part["text"])
-            content = "".join(texts)
+                kind = part.get("type")
+                if not (kind == "text" and isinstance(part.get("text"), str)) and kind not in ("image_url", "image"):
+                    raise bad_request(f"messages[{index}]: content part of type {kind!r} is not supported (text, "
+                                      f"image_url)", "messages")
+            return {"role": self.role, "content": content}
         return {"role": self.role, "content": content or ""}
 
 

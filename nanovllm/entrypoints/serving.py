@@ -67,16 +67,17 @@ class Serving:
                               f"prompt, {requested} in the completion). Please reduce the prompt or {field}.", field)
         return requested
 
-    def submit(self, prompts: list[tuple[list[int], object]], n: int) -> list:
-        """Submit each (prompt ids, SamplingParams) as ``n`` sequences; returns one handle per prompt."""
+    def submit(self, prompts: list[tuple], n: int) -> list:
+        """Submit each (prompt ids, SamplingParams[, ImageInputs]) as ``n`` sequences; returns one handle per
+        prompt."""
         if n * len(prompts) > self.loop.max_waiting_seqs:
             raise APIError(503, f"{len(prompts)} prompt(s) x n={n} sequences would pass --max-waiting-seqs="
                                 f"{self.loop.max_waiting_seqs}", "n", "overloaded")
         handles = []
         try:
-            for ids, p in prompts:
+            for ids, p, *images in prompts:
                 choices = [p if p.seed is None else dataclasses.replace(p, seed=p.seed + i) for i in range(n)]
-                handles.append(self.loop.submit(ids, choices))
+                handles.append(self.loop.submit(ids, choices, *images))
         except (Overloaded, EngineDead) as e:
             self.abort(handles)
             raise APIError(503, str(e), None, "overloaded" if isinstance(e, Overloaded) else "engine_dead") from None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+import nanovllm.distributed as distributed
 from nanovllm.models.decoder import DecoderForCausalLM
 from nanovllm.models.mrope import frequency_components, per_token_tables
 from nanovllm.models.qwen25_vision import Qwen25VisionTower
@@ -58,6 +59,9 @@ class QwenVLBase(DecoderForCausalLM):
     unpacked_prefixes = ("visual.",)  # the tower keeps HF's separate gate/up projections
 
     def __init__(self, hf_config: dict):
+        if distributed.current().size > 1:
+            raise ValueError(f"{type(self).__name__} runs at tensor_parallel_size=1 only: the vision tower is not "
+                             f"split across ranks yet")
         text = text_config(hf_config)
         super().__init__(text)
         vision = dict(hf_config.get("vision_config") or {})
