@@ -22,7 +22,12 @@ class LLM:
     def __init__(self, model, **options):
         self._workers = None
         size = options.get("tensor_parallel_size", 1)
-        if isinstance(size, int) and size > 1 and distributed.current().size == 1:  # rank 0 starts the others
+        torchrun_worker = False  # a torchrun rank other than 0: serves rank 0's calls, then exits (workers.py)
+        if distributed.current().size == 1 and workers.launched_by_torchrun():  # torchrun made the ranks
+            EngineConfig(model=model, **options)
+            peers = workers.TorchrunPeers(options, size)
+            self._workers, torchrun_worker = (peers, False) if peers.rank == 0 else (None, True)
+        elif isinstance(size, int) and size > 1 and distributed.current().size == 1:  # rank 0 starts the others
             EngineConfig(model=model, **options)  # bad options fail here, before any process starts
             self._workers = workers.Workers(type(self), model, options, size)
         tp = distributed.current()
@@ -49,6 +54,8 @@ class LLM:
                         o["expert_cache_bytes"] / 2**30,
                         d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                         o["expert_host_bytes"] / 2**30)
+        if torchrun_worker:
+            workers.serve_then_exit(self)  # never returns: the rest of the user's script is rank 0's
 
     def close(self) -> None:
         """Stop the tensor-parallel workers and leave their group (also at exit and when the LLM is deleted); the

@@ -3,14 +3,26 @@ shard from ``distributed.current()``) and runs every ``generate`` call rank 0 ru
 is deterministic (same scheduler, same seeds, identical logits after the LM head's gather), so the ranks' steps and
 hence their collectives line up without sending any step's inputs: only the calls travel, over a gloo group.
 
-``LLM(path, tensor_parallel_size=N)`` spawns ranks 1..N-1 (``Workers``) on this node, each on ``cuda:rank`` (or the
-CPU), joined by a TCP rendezvous on localhost.  Joining a group that ``torchrun`` describes (several nodes) is not
-built yet.
+Two ways to get the ranks:
 
-Rank 0 checks its workers before each call; a worker that died makes that call raise, and a collective with a dead
-peer fails with gloo's or NCCL's error.  Workers are daemon processes, so none outlives rank 0.
+* **One node, spawned.**  ``LLM(path, tensor_parallel_size=N)`` spawns ranks 1..N-1 (``Workers``) on this node, each
+  on ``cuda:rank`` (or the CPU), joined by a TCP rendezvous on localhost.  Rank 0 checks its workers before each
+  call; a worker that died makes that call raise, and a collective with a dead peer fails with gloo's or NCCL's
+  error.  Workers are daemon processes, so none outlives rank 0.
+* **Under torchrun, any number of nodes.**  When torchrun started this process (``launched_by_torchrun``: ``RANK``,
+  ``WORLD_SIZE`` > 1 and ``MASTER_ADDR`` in the environment), every rank runs the user's script; ``LLM(...)`` joins
+  the env:// group (``cuda:LOCAL_RANK`` per process, NCCL; gloo on the CPU) instead of spawning, and
+  ``tensor_parallel_size`` must equal ``WORLD_SIZE``.  Rank 0 returns from ``LLM(...)`` and runs the rest of the
+  script (``TorchrunPeers`` mirrors its calls); every other rank builds its engine, serves rank 0's calls, and when
+  rank 0 closes the ``LLM`` (or exits) leaves the group and ends its process with exit code 0 inside ``LLM(...)``,
+  so the rest of the script never runs there.  A rank that dies makes torchrun stop the others.
+
+The control group never times out waiting for rank 0's next call (a user's script may compute for hours between
+two ``generate`` calls); a dead rank 0 ends the workers as said above.
 """
 import atexit
+import datetime
+import os
 import socket
 
 import torch
@@ -26,17 +38,29 @@ def _backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
 
 
+def launched_by_torchrun() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) if torchrun started this process as one of several ranks, else None."""
+    env = os.environ
+    if "RANK" in env and "MASTER_ADDR" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    return None
+
+
 def rank_device(device: str, rank: int) -> str:
-    """The device of ``rank`` for the engine option ``device``: ``cuda:rank`` on CUDA, else the option."""
-    return f"cuda:{rank}" if _backend(device) == "nccl" else device
+    """The device of this process for the engine option ``device``: ``cuda:LOCAL_RANK`` under torchrun,
+    ``cuda:rank`` for a spawned rank, the option itself off CUDA."""
+    if _backend(device) != "nccl":
+        return device
+    launched = launched_by_torchrun()
+    return f"cuda:{launched[2] if launched else rank}"
 
 
-def _join(backend: str, rank: int, size: int, init_method: str | None) -> None:
+def _join(backend: str, rank: int, size: int, init_method: str | None, local_rank: int | None = None) -> None:
     global _control
     if backend == "nccl":
-        torch.cuda.set_device(rank)  # NCCL binds each rank to the current device
+        torch.cuda.set_device(rank if local_rank is None else local_rank)  # NCCL binds a rank to the current device
     distributed.init_process_group(backend, rank, size, init_method)
-    _control = dist.new_group(backend="gloo")
+    _control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
 
 
 def broadcast_call(call: tuple | None = None):
@@ -101,11 +125,49 @@ class Workers:
                 p.join(timeout=30)
                 if p.is_alive():
                     p.kill()
-            global _control
-            _control = None
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            distributed.set_current(distributed.TensorParallel())  # this process is one rank of one again
+            leave_group()
+
+
+class TorchrunPeers:
+    """Rank 0's side of a group that torchrun started (see the module docstring): ``call`` and ``close`` as
+    ``Workers``'s; the other ranks' processes belong to torchrun."""
+
+    def __init__(self, options: dict, size: int):
+        rank, world, local_rank = launched_by_torchrun()
+        if size != world:
+            raise ValueError(f"tensor_parallel_size={size} but torchrun started WORLD_SIZE={world} processes; "
+                             f"they must be equal")
+        _join(_backend(options.get("device", "auto")), rank, world, None, local_rank)
+        self.rank, self.closed = rank, False
+        if rank == 0:
+            atexit.register(self.close)
+
+    def call(self, name: str, *args, **kwargs) -> None:
+        broadcast_call((name, args, kwargs))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.rank == 0:
+            broadcast_call(("exit",))
+        leave_group()
+
+
+def serve_then_exit(llm) -> None:
+    """A torchrun rank other than 0, its engine built: serve rank 0's calls, leave the group, end the process."""
+    serve_calls(llm)
+    leave_group()
+    raise SystemExit(0)
+
+
+def leave_group() -> None:
+    """Forget the control group and leave the default one; this process is one rank of one again."""
+    global _control
+    _control = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    distributed.set_current(distributed.TensorParallel())
 
 
 def _worker_main(rank: int, size: int, init: str, llm_class, model, options: dict) -> None:

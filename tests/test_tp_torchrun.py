@@ -1,0 +1,87 @@
+"""Tensor parallelism under torchrun (env:// rendezvous), on the CPU over gloo: two ranks on one node, and two
+"nodes" (two torchrun agents on localhost), each give transformers' greedy float32 tokens; only rank 0 runs the
+script past ``LLM(...)``, every rank exits 0; a ``tensor_parallel_size`` other than ``WORLD_SIZE`` is refused."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import build_checkpoint, hf_greedy
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128, enforce_eager=True,
+              device="cpu")
+PROMPTS = [[5, 9, 13, 2, 7], [11, 3], [4, 4, 8, 15, 16, 23, 42, 1, 2]]
+
+
+def script(tmp_path, model: str, out: Path) -> Path:
+    path = tmp_path / "my_script.py"
+    path.write_text(textwrap.dedent(f"""
+        import json, os
+        from nanovllm import LLM, SamplingParams
+        llm = LLM({model!r}, tensor_parallel_size=2, **{ENGINE!r})
+        print("PAST_LLM rank", os.environ["RANK"], flush=True)
+        outs = llm.generate({PROMPTS!r}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+        with open({str(out)!r}, "w") as f:
+            json.dump([o["token_ids"] for o in outs], f)
+        llm.close()
+    """))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def model_and_reference(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+    return path, hf_greedy(path, PROMPTS, 6)
+
+
+def test_two_ranks_on_one_node(model_and_reference, tmp_path):
+    path, want = model_and_reference
+    out = tmp_path / "tokens.json"
+    proc = torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                    str(script(tmp_path, path, out)))
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log
+    assert json.loads(out.read_text()) == want
+    assert "PAST_LLM rank 0" in log and "PAST_LLM rank 1" not in log, log
+
+
+def test_two_nodes_of_one_rank_each(model_and_reference, tmp_path):
+    path, want = model_and_reference
+    out = tmp_path / "tokens.json"
+    port = str(free_port())
+    my_script = str(script(tmp_path, path, out))
+    nodes = [torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr",
+                      "127.0.0.1", "--master-port", port, my_script) for rank in (0, 1)]
+    logs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs
+    assert json.loads(out.read_text()) == want
+    assert "PAST_LLM rank 0" in logs[0] and "PAST_LLM" not in logs[1], logs
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_size_other_than_the_world_is_refused(model_and_reference, monkeypatch, size):
+    from nanovllm import LLM
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=f"tensor_parallel_size={size} but torchrun started WORLD_SIZE=2"):
+        LLM(model_and_reference[0], tensor_parallel_size=size, **ENGINE)
