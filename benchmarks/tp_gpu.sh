@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Tensor parallelism on two GPUs (nvidia-h200-x2): `bench.py --bs 256` on the Qwen3-32B config with dummy weights
+# at tensor_parallel_size 2 and 1, and vLLM at TP 2 beside it (../shared/peers: its configs/ and peer_vllm.py in
+# /tmp/vl, vLLM in /tmp/site).
+#
+#     STEPS="tp2" bash benchmarks/tp_gpu.sh; STEPS="vllm tp1" bash benchmarks/tp_gpu.sh
+#
+# Logs and JSON stay in /tmp/nanovllm-results/tp while the machine is warm; each call packs all of it into
+# $OUT/tp.tgz (the GPU tool returns few files).  Runs of one step are numbered.
+REAL_OUT=${OUT:-results}
+export OUT=/tmp/nanovllm-results/tp
+source benchmarks/gpu_steps.sh
+export NANOVLLM_CACHE_DIR=/tmp/nanovllm-tp-cache PYTHONUNBUFFERED=1
+CFG=/tmp/qwen3-32b
+mkdir -p $CFG && cp /tmp/vl/configs/qwen3-32b.json $CFG/config.json
+BENCH="python bench.py --bs 256 --model $CFG --load-format dummy"
+next() { n=1; while [ -e "$OUT/$1_$n.log" ]; do n=$((n + 1)); done; echo "$1_$n"; }
+for s in ${STEPS:-tp2 tp1 vllm}; do
+  case $s in
+    tp2) name=$(next tp2); step "$name" 480 $BENCH --tensor-parallel-size 2 --json "$OUT/$name.json" ;;
+    tp1) name=$(next tp1); step "$name" 480 $BENCH --json "$OUT/$name.json" ;;
+    vllm) step "$(next vllm)" 480 env PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 /tmp/vl/peer_vllm.py \
+            --config /tmp/vl/configs/qwen3-32b.json --tp 2 --out "$OUT" ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+grep -h "ready in" "$OUT"/*.log 2>/dev/null | tail -4
+runs_table "tp*.json"
+tar czf "$REAL_OUT/tp.tgz" -C /tmp/nanovllm-results tp
