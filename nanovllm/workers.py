@@ -117,15 +117,18 @@ class Workers:
         if self.closed:
             return
         self.closed = True
+        alive = all(p.is_alive() for p in self.procs)
         try:
-            if all(p.is_alive() for p in self.procs):
+            if alive:
                 broadcast_call(("exit",))
+                leave_group()  # with the workers, which leave on "exit": NCCL tears a communicator down together
         finally:
             for p in self.procs:
                 p.join(timeout=30)
                 if p.is_alive():
                     p.kill()
-            leave_group()
+            if not alive:
+                leave_group()
 
 
 class TorchrunPeers:
@@ -173,4 +176,5 @@ def leave_group() -> None:
 def _worker_main(rank: int, size: int, init: str, llm_class, model, options: dict) -> None:
     _join(_backend(options.get("device", "auto")), rank, size, init)
     serve_calls(llm_class(model, **options))
+    leave_group()
 
