@@ -32,6 +32,20 @@ def write_json(name: str, obj) -> str:
     return path
 
 
+def print_verdicts(rows: list[dict]) -> bool:
+    """Print parity rows ({model, dtype, mode, verdicts: oracle.compare's}) as a table, each divergence under its
+    row; True if any verdict is a MISMATCH."""
+    statuses = ("identical", "near-tie", "MISMATCH")
+    print("| model | dtype | mode | identical | near-tie | MISMATCH |\n|---|---|---|---|---|---|")
+    for r in rows:
+        counts = [sum(v["status"] == s for v in r["verdicts"]) for s in statuses]
+        print(f"| {r['model']} | {r['dtype']} | {r['mode']} | " + " | ".join(map(str, counts)) + " |")
+        for v in r["verdicts"]:
+            if v["status"] != "identical":
+                print("   ", json.dumps(v))
+    return any(v["status"] == "MISMATCH" for r in rows for v in r["verdicts"])
+
+
 def default_model() -> str:
     """bench.py's default checkpoint: a random-weight bf16 Qwen3-0.6B, synthesized once and cached."""
     from nanovllm.tools.synthesize import cached_synthetic

