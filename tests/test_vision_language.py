@@ -93,7 +93,7 @@ def test_chat_with_image_parts_equals_the_placeholder_prompt(vl_model, oracle):
     assert llm.chat(messages, greedy(), use_tqdm=False)[0]["token_ids"] == expected[0]["token_ids"]
 
 
-def test_bad_image_input_names_the_problem_and_the_engine_goes_on(vl_model, oracle, tmp_path):
+def test_bad_images_name_the_problem_and_the_engine_goes_on(vl_model, oracle, tmp_path):
     _, path = vl_model
     llm, refs = oracle
     img = picture(64, 64, 1)
