@@ -4,12 +4,13 @@ A Conv3d patch embedding, ``depth`` pre-norm blocks (RMSNorm, attention with 2-D
 (RMSNorm, then an MLP over each ``merge``² patches).  Most blocks attend within windows of ``window_size`` pixels
 (``window_order``); the blocks in ``fullatt_block_indexes`` attend over whole images.  The windowed layout is
 kept through all blocks (full attention is order-free within an image) and undone after the merger.  Module
-names are transformers' (``model.visual.`` in a checkpoint).  Eager; dtype follows the weights.
+names are transformers': a checkpoint's keys less one of ``hf_prefixes`` load strictly.  Eager; dtype follows the weights.
 """
 import torch
 from torch import nn
 
-from nanovllm.models.vision_common import VisionAttention, activation, image_bounds, rotary_2d
+from nanovllm.models.vision_common import (HF_PREFIXES, PatchEmbed, VisionAttention, activation, image_bounds,
+                                           rotary_2d)
 
 
 class RMSNorm(nn.Module):
@@ -48,18 +49,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, c: dict, bias: bool):
-        super().__init__()
-        self.shape = (c["in_channels"], c["temporal_patch_size"], c["patch_size"], c["patch_size"])
-        self.proj = nn.Conv3d(c["in_channels"], c["hidden_size"], kernel_size=self.shape[1:], stride=self.shape[1:],
-                              bias=bias)
-
-    def forward(self, pixels):
-        w = self.proj.weight
-        return self.proj(pixels.view(-1, *self.shape).to(w.dtype)).view(pixels.shape[0], -1)
-
-
 class Merger(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
@@ -95,10 +84,13 @@ def window_order(grids: list, merge: int, window: int) -> tuple[torch.Tensor, li
 
 
 class Qwen25VisionTower(nn.Module):
+    hf_prefixes = HF_PREFIXES
     def __init__(self, vision_config: dict):
         super().__init__()
-        c = dict(DEFAULTS, **{k: v for k, v in vision_config.items() if v is not None})
-        c.setdefault("in_channels", c.get("in_chans", 3))
+        given = {k: v for k, v in vision_config.items() if v is not None}
+        if "in_channels" not in given and "in_chans" in given:  # the key older checkpoints' configs use
+            given["in_channels"] = given["in_chans"]
+        c = dict(DEFAULTS, **given)
         self.merge, self.patch_size, self.window_size = c["spatial_merge_size"], c["patch_size"], c["window_size"]
         self.full_attention = set(c["fullatt_block_indexes"])
         self.head_dim = c["hidden_size"] // c["num_heads"]

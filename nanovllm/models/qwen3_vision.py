@@ -5,13 +5,14 @@ A Conv3d patch embedding plus learned position embeddings (a square table, resam
 aligned, to each image's grid: ``interpolated_positions``), ``depth`` pre-norm blocks (LayerNorm, attention with
 2-D rope over each whole image, GELU MLP) and a merger.  The outputs of the blocks named in
 ``deepstack_visual_indexes`` go through their own mergers (LayerNorm after the merge) and are added by the
-language model to its first layers' hidden states at the image tokens.  Module names are transformers'.  Eager.
+language model to its first layers' hidden states at the image tokens.  Module names are
+transformers': a checkpoint's keys less one of ``hf_prefixes`` load strictly.  Eager; dtype follows the weights.
 """
 import torch
 from torch import nn
 
-from nanovllm.models.vision_common import VisionAttention, activation, block_order_hw, image_bounds, rotary_2d
-from nanovllm.models.qwen25_vision import PatchEmbed
+from nanovllm.models.vision_common import (HF_PREFIXES, PatchEmbed, VisionAttention, activation, block_order_hw,
+                                           image_bounds, rotary_2d)
 
 DEFAULTS = dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304, num_heads=16,
                 in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584,
@@ -82,6 +83,7 @@ def interpolated_positions(grids: list, merge: int, side: int) -> tuple[torch.Te
 
 
 class Qwen3VisionTower(nn.Module):
+    hf_prefixes = HF_PREFIXES
     def __init__(self, vision_config: dict):
         super().__init__()
         c = dict(DEFAULTS, **{k: v for k, v in vision_config.items() if v is not None})

@@ -1,4 +1,5 @@
-"""Pieces the Qwen vision towers share: patch order, 2-D rotary, attention over variable-length segments.
+"""Pieces the Qwen vision towers share: checkpoint prefixes, patch embedding, patch order, 2-D rotary, attention
+over variable-length segments.
 
 Patches arrive (from the image processor) in merge-block order: for each t, for each block of ``merge`` × ``merge``
 patches in row-major block order, the block's patches row-major.  So the ``merge``² patches a token merges are
@@ -6,6 +7,10 @@ consecutive.  Everything here runs eagerly; grids are host integers (the caller 
 """
 import torch
 import torch.nn.functional as F
+
+# Where a checkpoint keeps a tower's weights: transformers 5 names, then older ones.  A tower's own state-dict
+# keys are the checkpoint's with the prefix stripped.
+HF_PREFIXES = ("model.visual.", "visual.")
 
 
 def block_order_hw(t: int, h: int, w: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +53,20 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
         qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))  # [segments, heads, length, D]
         out[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
     return out
+
+
+class PatchEmbed(torch.nn.Module):
+    """Each flattened patch [C*T*P*P] -> [hidden] through a Conv3d whose kernel is the patch (HF's weight)."""
+
+    def __init__(self, c: dict, bias: bool):
+        super().__init__()
+        self.shape = (c["in_channels"], c["temporal_patch_size"], c["patch_size"], c["patch_size"])
+        kernel = self.shape[1:]
+        self.proj = torch.nn.Conv3d(c["in_channels"], c["hidden_size"], kernel_size=kernel, stride=kernel, bias=bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = pixels.view(-1, *self.shape).to(self.proj.weight.dtype)
+        return self.proj(patches).view(pixels.shape[0], -1)
 
 
 class VisionAttention(torch.nn.Module):
