@@ -4,7 +4,8 @@ A Conv3d patch embedding, ``depth`` pre-norm blocks (RMSNorm, attention with 2-D
 (RMSNorm, then an MLP over each ``merge``² patches).  Most blocks attend within windows of ``window_size`` pixels
 (``window_order``); the blocks in ``fullatt_block_indexes`` attend over whole images.  The windowed layout is
 kept through all blocks (full attention is order-free within an image) and undone after the merger.  Module
-names are transformers': a checkpoint's keys less one of ``hf_prefixes`` load strictly.  Eager; dtype follows the weights.
+names are transformers': a checkpoint's keys less one of ``hf_prefixes`` load strictly.  Eager; dtype follows the
+weights.
 """
 import torch
 from torch import nn
