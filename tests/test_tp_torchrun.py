@@ -1,8 +1,8 @@
-"""Tensor parallelism under torchrun (env:// rendezvous), on the CPU over gloo: two ranks on one node, and two
-"nodes" (two torchrun agents on localhost), each give transformers' greedy float32 tokens (and TP=1's); only rank 0
-runs the script past ``LLM(...)``, every rank exits 0; a ``tensor_parallel_size`` other than ``WORLD_SIZE`` is
-refused.  A rank that dies, or hangs past ``NANOVLLM_TP_TIMEOUT_S``, makes rank 0's call raise with a note saying
-so (not hang), later calls raise at once, and every process ends."""
+"""Tensor parallelism under torchrun (env:// rendezvous), on the CPU over gloo: two ranks on one node, and two "nodes"
+(two torchrun agents on localhost, static or c10d rendezvous), each give transformers' greedy float32 tokens (and
+TP=1's); only rank 0 runs the script past ``LLM(...)``, every rank exits 0; a ``tensor_parallel_size`` other than
+``WORLD_SIZE`` is refused. A rank that dies, or hangs past ``NANOVLLM_TP_TIMEOUT_S``, makes rank 0's call raise with
+a note saying so (not hang), later calls raise at once, and every process ends."""
 import json
 import os
 import socket
@@ -71,17 +71,25 @@ def test_two_ranks_on_one_node(model_and_reference, tmp_path):
     assert "PAST_LLM rank 0" in log and "PAST_LLM rank 1" not in log, log
 
 
-def test_two_nodes_of_one_rank_each(model_and_reference, tmp_path):
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_nodes_of_one_rank_each(model_and_reference, tmp_path, rendezvous):
+    """Static: ``--node-rank`` and ``--master-addr``, node 0 holds rank 0.  c10d (the README's example): the
+    rendezvous numbers the ranks, so either agent may hold rank 0."""
     path, want = model_and_reference
     out = tmp_path / "tokens.json"
     port = str(free_port())
     my_script = str(script(tmp_path, path, out))
-    nodes = [torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr",
-                      "127.0.0.1", "--master-port", port, my_script) for rank in (0, 1)]
+    if rendezvous == "static":
+        args = [["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port] for rank in (0, 1)]
+    else:
+        args = [["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]] * 2
+    nodes = [torchrun("--nnodes", "2", "--nproc-per-node", "1", *a, my_script) for a in args]
     logs = [p.communicate(timeout=240)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], logs
     assert json.loads(out.read_text()) == want
-    assert "PAST_LLM rank 0" in logs[0] and "PAST_LLM" not in logs[1], logs
+    if rendezvous == "static":
+        assert "PAST_LLM rank 0" in logs[0] and "PAST_LLM" not in logs[1], logs
+    assert "".join(logs).count("PAST_LLM") == 1 and "PAST_LLM rank 0" in "".join(logs), logs
 
 
 @pytest.mark.parametrize("size", [1, 3])
