@@ -17,7 +17,14 @@ from nanovllm.sampling_params import SamplingParams
 
 class LLM:
     """``LLM(model, **options)``: an engine on one HF checkpoint.  Every option is keyword-only and is a field of
-    ``EngineConfig`` (``nanovllm/config.py``, where each is documented); an unknown one raises ``TypeError``."""
+    ``EngineConfig`` (``nanovllm/config.py``, where each is documented); an unknown one raises ``TypeError``.
+
+    ``tensor_parallel_size=N`` > 1 (``nanovllm/workers.py``): on one node ``LLM`` spawns ranks 1..N-1 itself.
+    Under torchrun (``RANK``, ``WORLD_SIZE`` > 1, ``MASTER_ADDR`` set) it joins torchrun's env:// group instead, N
+    must equal ``WORLD_SIZE`` (``ValueError`` otherwise), and only rank 0 returns from ``LLM(...)``: every other
+    rank builds its engine, serves rank 0's calls until rank 0 closes the LLM (``close``, ``__del__`` or its exit),
+    then leaves the group and exits its process (``sys.exit(0)``) inside ``LLM(...)``, so the rest of the script
+    runs on rank 0 only."""
 
     def __init__(self, model, **options):
         self._workers = None
@@ -171,28 +178,36 @@ class LLM:
         seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]
         streams = {s.seq_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if s.params.stop}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
         outputs = {}  # seq_id -> output, filled as sequences finish
         try:
-            while engine.has_work():
-                t = time.perf_counter()
-                finished, is_prefill, computed = engine.step()
-                if streams:
-                    finished += self._apply_stop_strings(streams)
-                rate = computed / max(time.perf_counter() - t, 1e-9)
-                if is_prefill:
-                    prefill_tps = rate
-                else:
-                    decode_tps = rate
-                # Detokenize while the device runs the steps just launched: the host waits for them anyway,
-                # whereas after the loop nothing overlaps it.
-                for seq in finished:
-                    outputs[seq.seq_id] = self._output(seq, streams.get(seq.seq_id))
-                bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)
-                bar.update(len(finished))
+            self._steps(engine, streams, bar, outputs)
+        except BaseException as e:  # the ranks ran steps together: they are out of step now (workers.py)
+            if self._workers is not None:
+                self._workers.failed(e)
+            raise
         finally:
             bar.close()
         return [outputs.get(seq.seq_id) or self._output(seq, streams.get(seq.seq_id)) for seq in seqs]
+
+    def _steps(self, engine, streams: dict, bar, outputs: dict) -> None:
+        """``generate``'s loop: step until every request finished, filling ``outputs``."""
+        prefill_tps = decode_tps = 0.0
+        while engine.has_work():
+            t = time.perf_counter()
+            finished, is_prefill, computed = engine.step()
+            if streams:
+                finished += self._apply_stop_strings(streams)
+            rate = computed / max(time.perf_counter() - t, 1e-9)
+            if is_prefill:
+                prefill_tps = rate
+            else:
+                decode_tps = rate
+            # Detokenize while the device runs the steps just launched: the host waits for them anyway,
+            # whereas after the loop nothing overlaps it.
+            for seq in finished:
+                outputs[seq.seq_id] = self._output(seq, streams.get(seq.seq_id))
+            bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)
+            bar.update(len(finished))
 
     def _apply_stop_strings(self, streams: dict) -> list:
         """Feed the last step's new tokens to the text of requests with stop strings; abort those whose text now

@@ -15,10 +15,15 @@ Two ways to get the ranks:
   ``tensor_parallel_size`` must equal ``WORLD_SIZE``.  Rank 0 returns from ``LLM(...)`` and runs the rest of the
   script (``TorchrunPeers`` mirrors its calls); every other rank builds its engine, serves rank 0's calls, and when
   rank 0 closes the ``LLM`` (or exits) leaves the group and ends its process with exit code 0 inside ``LLM(...)``,
-  so the rest of the script never runs there.  A rank that dies makes torchrun stop the others.
+  so the rest of the script never runs there.
 
-The control group never times out waiting for rank 0's next call (a user's script may compute for hours between
-two ``generate`` calls); a dead rank 0 ends the workers as said above.
+A rank that dies: torchrun stops the other ranks of its agent (one node: rank 0 gets SIGTERM).  Another node's
+rank 0 learns it from its collectives: gloo fails at once (connection closed); a peer that hangs, or NCCL, fails
+after the group's timeout, ``NANOVLLM_TP_TIMEOUT_S`` seconds (default 600; NCCL's watchdog then ends the process).
+The error rank 0's ``generate`` raises carries a note saying so; the ranks are then out of step, so every later
+call raises ``RuntimeError`` at once and ``close`` only leaves the group.  The control group never times out
+waiting for rank 0's next call (a user's script may compute for hours between two ``generate`` calls); a dead rank
+0 makes the others' wait fail (gloo: connection closed), and torchrun stops them.
 """
 import atexit
 import datetime
@@ -32,6 +37,19 @@ import torch.multiprocessing as mp
 import nanovllm.distributed as distributed
 
 _control = None  # the gloo group the calls travel on
+TIMEOUT_ENV = "NANOVLLM_TP_TIMEOUT_S"  # seconds a collective of the default group waits for a peer
+
+
+def timeout_s() -> float:
+    """The default group's timeout: ``$NANOVLLM_TP_TIMEOUT_S`` seconds, 600 when unset."""
+    value = os.environ.get(TIMEOUT_ENV, "600")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
+    return seconds
 
 
 def _backend(device: str) -> str:
@@ -59,7 +77,7 @@ def _join(backend: str, rank: int, size: int, init_method: str | None, local_ran
     global _control
     if backend == "nccl":
         torch.cuda.set_device(rank if local_rank is None else local_rank)  # NCCL binds a rank to the current device
-    distributed.init_process_group(backend, rank, size, init_method)
+    distributed.init_process_group(backend, rank, size, init_method, timeout_s())
     _control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
 
 
@@ -83,7 +101,25 @@ def serve_calls(llm) -> None:
             pass
 
 
-class Workers:
+class _Peers:
+    """What rank 0's two sides share: once a call failed after the ranks started it, they are out of step."""
+    broken: str | None = None
+    label = "tensor-parallel rank 0"
+
+    def check(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"{self.label}: an earlier call failed ({self.broken}); the ranks are out of step "
+                               f"or gone, so this LLM cannot run calls any more")
+
+    def failed(self, error: BaseException) -> None:
+        """Rank 0's call raised ``error`` after the other ranks started it: refuse later calls, explain it."""
+        self.broken = f"{type(error).__name__}: {error}"[:300]
+        error.add_note(f"{self.label}: this call failed after the other ranks started it; if a peer rank died, "
+                       f"its log (torchrun reports the first failure) says why; a peer that hangs fails a collective "
+                       f"after {TIMEOUT_ENV}={timeout_s():g} s.  Later calls of this LLM raise at once.")
+
+
+class Workers(_Peers):
     """Rank 0's side of a tensor-parallel engine (see the module docstring)."""
 
     def __init__(self, llm_class, model, options: dict, size: int):
@@ -111,13 +147,14 @@ class Workers:
         dead = [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
         if dead:
             raise RuntimeError(f"tensor-parallel worker(s) died: {', '.join(f'rank {r} (exit code {c})' for r, c in dead)}")
+        self.check()
         broadcast_call((name, args, kwargs))
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        alive = all(p.is_alive() for p in self.procs)
+        alive = all(p.is_alive() for p in self.procs) and not self.broken
         try:
             if alive:
                 broadcast_call(("exit",))
@@ -131,7 +168,7 @@ class Workers:
                 leave_group()
 
 
-class TorchrunPeers:
+class TorchrunPeers(_Peers):
     """Rank 0's side of a group that torchrun started (see the module docstring): ``call`` and ``close`` as
     ``Workers``'s; the other ranks' processes belong to torchrun."""
 
@@ -142,19 +179,30 @@ class TorchrunPeers:
                              f"they must be equal")
         _join(_backend(options.get("device", "auto")), rank, world, None, local_rank)
         self.rank, self.closed = rank, False
+        self.label = f"tensor-parallel rank 0 of {world} (torchrun)"
         if rank == 0:
             atexit.register(self.close)
 
     def call(self, name: str, *args, **kwargs) -> None:
-        broadcast_call((name, args, kwargs))
+        self.check()
+        try:
+            broadcast_call((name, args, kwargs))
+        except Exception as e:  # a peer that died closed its connection
+            self.broken = f"{type(e).__name__}: {e}"[:300]
+            raise RuntimeError(f"{self.label}: sending {name!r} to the other ranks failed: a peer rank is gone "
+                               f"(its log, or torchrun's report of the first failure, says why)") from e
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.rank == 0:
+        if self.rank == 0 and not self.broken:
             broadcast_call(("exit",))
-        leave_group()
+        try:
+            leave_group()
+        except Exception:
+            if not self.broken:
+                raise
 
 
 def serve_then_exit(llm) -> None:
