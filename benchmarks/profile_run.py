@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import llm_kwargs, workload  # noqa: E402
 from benchmarks.common import copy_bandwidth, default_model, write_json  # noqa: E402
 
-CATEGORIES = (("attention", ("_decode", "_prefill")),  # our Triton kernels (nanovllm/kernels)
+CATEGORIES = (("collective", ("nccl", "all_reduce", "one_shot", "two_shot")),  # tensor parallelism
+              ("attention", ("_decode", "_prefill")),  # our Triton kernels (nanovllm/kernels)
               ("store_kv", ("_store_kv",)),
               ("sampler", ("_gumbel_argmax",)),
               ("matmul", ("_linear_kernel", "nvjet", "gemm", "cutlass", "sm90_", "cublas", "splitK")))

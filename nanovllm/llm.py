@@ -10,6 +10,7 @@ from nanovllm import workers
 from nanovllm.config import EngineConfig
 from nanovllm.detokenizer import TextStream
 from nanovllm.engine.engine import Engine
+from nanovllm.engine_mirror import MirroredEngine
 from nanovllm.logger import logger
 from nanovllm.multimodal import ImagePrompts, chat_prompt
 from nanovllm.sampling_params import SamplingParams
@@ -42,7 +43,9 @@ class LLM:
             options = dict(options, device=workers.rank_device(options.get("device", "auto"), tp.rank))
         self.config = EngineConfig(model=model, **options)
         start = time.perf_counter()
-        self.engine = Engine(self.config)
+        self._engine = Engine(self.config)
+        # the engine for callers that step it themselves (the server): at N > 1 its calls run on every rank
+        self.engine = self._engine if self._workers is None else MirroredEngine(self._engine, self._workers)
         self.tokenizer = _load_tokenizer(self.config.model)
         hf = self.config.hf_config  # vision-language checkpoints: prompts with images (multimodal.py)
         self._images = ImagePrompts(self.config.model, hf, self.tokenizer) if "vision_config" in hf else None
@@ -122,7 +125,7 @@ class LLM:
     def encode_prompt(self, prompt, index: int = 0) -> list[int]:
         """A prompt's token ids: a str is tokenized, a list of ints checked against the vocabulary.  Raises
         ``TypeError``/``ValueError`` naming prompt ``index`` and the bad value (empty, too long, bad id)."""
-        vocab, limit = self.engine.runner.vocab_size, self.config.max_model_len
+        vocab, limit = self._engine.runner.vocab_size, self.config.max_model_len
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index} is text but {self.config.model!r} has no tokenizer; "
@@ -174,7 +177,7 @@ class LLM:
         if self._workers is not None:  # every rank runs the same call (workers.py)
             self._workers.call("generate", prompts, sampling_params, use_tqdm=False)
         token_lists, params, images = self._validate(prompts, sampling_params)
-        engine = self.engine
+        engine = self._engine
         seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]
         streams = {s.seq_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if s.params.stop}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -213,12 +216,12 @@ class LLM:
         """Feed the last step's new tokens to the text of requests with stop strings; abort those whose text now
         holds one and return them (they are finished)."""
         stopped = []
-        for seq in self.engine.updated_sequences():
+        for seq in self._engine.updated_sequences():
             stream = streams.get(seq.seq_id)
             if stream is None or stream.stopped:
                 continue
             stream.push(seq.token_ids[seq.num_prompt_tokens + len(stream.token_ids):seq.num_resolved_tokens])
-            if stream.stopped and self.engine.abort(seq):
+            if stream.stopped and self._engine.abort(seq):
                 stopped.append(seq)
         return stopped
 

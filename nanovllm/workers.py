@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nanovllm.distributed as distributed
+from nanovllm.engine_mirror import EngineReplica
 
 _control = None  # the gloo group the calls travel on
 TIMEOUT_ENV = "NANOVLLM_TP_TIMEOUT_S"  # seconds a collective of the default group waits for a peer
@@ -89,14 +90,16 @@ def broadcast_call(call: tuple | None = None):
 
 
 def serve_calls(llm) -> None:
-    """A worker's loop: run each call rank 0 sends, until it sends ``("exit",)``."""
+    """A worker's loop: run each call rank 0 sends, until it sends ``("exit",)``.  A call named ``"engine"`` is
+    one of ``MirroredEngine``'s (``engine_mirror.py``)."""
+    replica = EngineReplica(llm.engine)
     while True:
         call = broadcast_call()
         if call[0] == "exit":
             return
         name, args, kwargs = call
         try:
-            getattr(llm, name)(*args, **kwargs)
+            (replica if name == "engine" else getattr(llm, name))(*args, **kwargs)
         except (ValueError, TypeError):  # bad input: rank 0 raised the same error before any collective
             pass
 

@@ -81,9 +81,15 @@ def _plant_chain(out_dir: Path, chain: list[int]) -> None:
     save_file(weights, path, metadata={"format": "pt"})
 
 
+class ServerURL(str):
+    """The server's base URL, with its process id as ``pid``."""
+    pid: int
+
+
 @contextlib.contextmanager
 def running_server(model_dir: str, log_dir: Path, *flags: str, **engine):
-    """The server on a free port (engine options as keyword arguments), stopped on exit."""
+    """The server on a free port (engine options as keyword arguments), stopped on exit; yields its
+    ``ServerURL``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -93,7 +99,8 @@ def running_server(model_dir: str, log_dir: Path, *flags: str, **engine):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nanovllm.serve", model_dir, "--port", str(port), *flags],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    base = ServerURL(f"http://127.0.0.1:{port}")
+    base.pid = proc.pid
     try:
         _wait_until_healthy(proc, base, log)
         yield base

@@ -22,7 +22,7 @@ LAYERS = [
     ("nanovllm.compile",),
     ("nanovllm.engine",),
     ("nanovllm.llm", "nanovllm.cli", "nanovllm.precompile", "nanovllm.detokenizer", "nanovllm.workers",
-     "nanovllm.multimodal", "nanovllm"),
+     "nanovllm.multimodal", "nanovllm.engine_mirror", "nanovllm"),
     ("nanovllm.tools",),
     ("nanovllm.entrypoints",),
     ("nanovllm.serve",),

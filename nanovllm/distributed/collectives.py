@@ -7,6 +7,11 @@ inside is captured with the rest of the step's CUDA graph.  Both return a new te
   vocabulary-parallel LM head).
 
 At a group size of 1 both return ``x`` itself and no op enters the graph.
+
+On CUDA, ``use_one_shot_all_reduce`` routes the all-reduces of up to a given size (a decode step's) through
+PyTorch's symmetric-memory one-shot kernel instead of NCCL: each rank copies its part into a buffer its peers map
+over NVLink, then every rank sums all parts with peer loads.  No multicast object is made
+(``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` is set by ``group.py``).  Larger all-reduces (prefill) stay on NCCL.
 """
 import torch
 import torch.distributed as dist
@@ -14,8 +19,26 @@ import torch.distributed as dist
 from nanovllm.distributed.group import current
 
 
+_one_shot: dict = {}  # dtype -> (symmetric buffer, group name), set by ``use_one_shot_all_reduce``
+
+
+def use_one_shot_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int) -> None:
+    """Make all-reduces of at most ``max_numel`` elements of ``dtype`` take the symmetric-memory one-shot kernel
+    (CUDA, every rank of the group must call it: the buffer's rendezvous is collective)."""
+    import torch.distributed._symmetric_memory as symm_mem
+    group = dist.group.WORLD.group_name
+    buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)
+    symm_mem.rendezvous(buffer, group)
+    _one_shot[dtype] = (buffer, group)
+
+
 @torch.library.custom_op("nanovllm::tp_all_reduce", mutates_args=())
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    one_shot = _one_shot.get(x.dtype)
+    if one_shot is not None and x.numel() <= one_shot[0].numel() and x.is_cuda:
+        buffer, group = one_shot
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(buffer[:x.numel()], x.contiguous(), "sum",
+                                                           group).view_as(x)
     y = x.clone()
     dist.all_reduce(y)
     return y

@@ -74,6 +74,8 @@ class ModelRunner:
             probe=self._probe_peak_memory)
         self.num_blocks = distributed.agree_min(self.num_blocks, self.device)  # tensor parallelism: one size
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
+        if distributed.current().size > 1 and self.device.type == "cuda" and platform.options.one_shot_all_reduce:
+            distributed.use_one_shot_all_reduce(self.device, self.dtype, config.max_num_seqs * a.hidden_size)
         phase("size_kv_cache")
         spec = ExecutorSpec(
             step=make_step(self.model, self.kv_caches, self.token_buffer), platform=platform,

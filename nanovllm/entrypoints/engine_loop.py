@@ -73,6 +73,8 @@ class EngineLoop:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # the tensor-parallel ranks leave with the server (nanovllm/workers.py)
+            self.llm.close()
 
     def submit(self, prompt_ids: list[int], params: list, images=None) -> RequestHandle:
         """Queue a request of ``len(params)`` sequences on one prompt (with its ``ImageInputs``, if it has images);

@@ -28,8 +28,6 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.jso
 
 class Serving:
     def __init__(self, llm, served_model_name: str, max_waiting_seqs: int):
-        if llm.config.tensor_parallel_size > 1:  # its ranks mirror generate calls only (nanovllm/workers.py)
-            raise ValueError(f"tensor_parallel_size={llm.config.tensor_parallel_size}: the server runs one rank so far")
         if llm.tokenizer is None:
             raise ValueError(f"the server needs a tokenizer, and {llm.config.model!r} has none (tokenizer.json)")
         self.llm, self.tokenizer = llm, llm.tokenizer

@@ -14,6 +14,8 @@ in one place.
   run on an H100.
 * ``NANOVLLM_NPU_GRAPH_MODE``: ``max-autotune`` (default: torchair lowers each decode graph to Ascend IR) or
   ``reduce-overhead`` (torchair captures it as an aclgraph); see ``nanovllm/platforms/npu.py``.
+* ``NANOVLLM_ALLREDUCE``: ``one_shot`` (default) or ``nccl``: how a tensor-parallel step on CUDA all-reduces up to
+  a decode step's worth of rows (``nanovllm/distributed/collectives.py``); larger ones always take NCCL.
 * ``NANOVLLM_MPS_COMPILE``: ``0`` (default: MPS runs eagerly) or ``1``, which compiles the step with
   MPSInductor, with a warning (``nanovllm/platforms/mps.py``).
 
@@ -29,7 +31,8 @@ from dataclasses import asdict, dataclass
 
 _CHOICES = {"NANOVLLM_KERNELS": ("auto", "reference"), "NANOVLLM_MATMUL": ("auto", "cublas"),
             "NANOVLLM_PDL": ("1", "0"), "NANOVLLM_HOPPER_FEATURES": ("1", "0"),
-            "NANOVLLM_NPU_GRAPH_MODE": ("max-autotune", "reduce-overhead"), "NANOVLLM_MPS_COMPILE": ("0", "1")}
+            "NANOVLLM_NPU_GRAPH_MODE": ("max-autotune", "reduce-overhead"), "NANOVLLM_MPS_COMPILE": ("0", "1"),
+            "NANOVLLM_ALLREDUCE": ("one_shot", "nccl")}
 
 
 def _read(env, name: str) -> str:
@@ -48,6 +51,7 @@ class KernelOptions:
     hopper_features: bool = True  # TMA and PDL where the GPU has them; False: the pre-Hopper path everywhere
     npu_graph_mode: str = "max-autotune"  # torchair's CompilerConfig().mode on the NPU platform
     mps_compile: bool = False  # compile the step on MPS (MPSInductor) instead of running it eagerly
+    one_shot_all_reduce: bool = True  # tensor parallelism on CUDA: decode-sized all-reduces by symmetric memory
 
     @classmethod
     def from_env(cls, env=None) -> "KernelOptions":
@@ -59,7 +63,8 @@ class KernelOptions:
                    pdl=_read(env, "NANOVLLM_PDL") == "1" and env.get("TRITON_INTERPRET") != "1",
                    hopper_features=_read(env, "NANOVLLM_HOPPER_FEATURES") == "1",
                    npu_graph_mode=_read(env, "NANOVLLM_NPU_GRAPH_MODE"),
-                   mps_compile=_read(env, "NANOVLLM_MPS_COMPILE") == "1")
+                   mps_compile=_read(env, "NANOVLLM_MPS_COMPILE") == "1",
+                   one_shot_all_reduce=_read(env, "NANOVLLM_ALLREDUCE") == "one_shot")
 
     def as_dict(self) -> dict:
         return asdict(self)
