@@ -22,14 +22,14 @@ BENCH="python bench.py --bs 256 --model $CFG --load-format dummy"
 next() { n=1; while [ -e "$OUT/$1_$n.log" ]; do n=$((n + 1)); done; echo "$1_$n"; }
 for s in ${STEPS:-tp2 tp1 vllm}; do
   case $s in
-    tp2) name=$(next tp2); step "$name" 480 $BENCH --tensor-parallel-size 2 --json "$OUT/$name.json" ;;
-    tp2nccl) name=$(next tp2nccl); step "$name" 480 env NANOVLLM_ALLREDUCE=nccl $BENCH --tensor-parallel-size 2 \
+    tp2) name=$(next tp2); step "$name" 300 $BENCH --tensor-parallel-size 2 --json "$OUT/$name.json" ;;
+    tp2nccl) name=$(next tp2nccl); step "$name" 300 env NANOVLLM_ALLREDUCE=nccl $BENCH --tensor-parallel-size 2 \
                --json "$OUT/$name.json" ;;
-    ar) step "$(next ar)" 240 python benchmarks/allreduce_bench.py --gpus 2 --hidden 5120 ;;
-    prof2) step "$(next prof2)" 480 python benchmarks/profile_run.py --model $CFG --load-format dummy \
+    ar) step "$(next ar)" 180 python benchmarks/allreduce_bench.py --gpus 2 --hidden 5120 ;;
+    prof2) step "$(next prof2)" 300 python benchmarks/profile_run.py --model $CFG --load-format dummy \
              --tensor-parallel-size 2 --at 256,64,8 --steps 8 ;;
-    tp1) name=$(next tp1); step "$name" 480 $BENCH --json "$OUT/$name.json" ;;
-    vllm) step "$(next vllm)" 480 env PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 /tmp/vl/peer_vllm.py \
+    tp1) name=$(next tp1); step "$name" 360 $BENCH --json "$OUT/$name.json" ;;
+    vllm) step "$(next vllm)" 360 env PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 /tmp/vl/peer_vllm.py \
             --config /tmp/vl/configs/qwen3-32b.json --tp 2 --out "$OUT" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
