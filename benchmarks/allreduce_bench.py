@@ -58,7 +58,7 @@ def rank_main(rank: int, size: int, port: int, args, out: list | None):
         x = torch.randn(r, args.hidden, device="cuda", dtype=torch.bfloat16) * (rank + 1)
         want = x.clone()
         dist.all_reduce(want)
-        one = torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()], x, "sum", group)
+        one = torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()].view(x.shape), x, "sum", group)
         two_in = buf[:x.numel()].view_as(x)
         two_in.copy_(x)
         two = torch.ops.symm_mem.two_shot_all_reduce_(two_in, "sum", group).clone()
@@ -70,7 +70,7 @@ def rank_main(rank: int, size: int, port: int, args, out: list | None):
             dist.all_reduce(y)
 
         def one_shot():
-            torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()], x, "sum", group)
+            torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()].view(x.shape), x, "sum", group)
 
         def two_shot():
             two_in.copy_(x)

@@ -37,8 +37,8 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     one_shot = _one_shot.get(x.dtype)
     if one_shot is not None and x.numel() <= one_shot[0].numel() and x.is_cuda:
         buffer, group = one_shot
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buffer[:x.numel()], x.contiguous(), "sum",
-                                                           group).view_as(x)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(buffer[:x.numel()].view(x.shape), x.contiguous(), "sum",
+                                                           group)
     y = x.clone()
     dist.all_reduce(y)
     return y
