@@ -98,3 +98,16 @@ def test_an_interrupted_compression_resumes_and_keeps_finished_layers(mixtral, t
     compress(mixtral, str(out), rank=3, method="pca")  # other settings: every layer redone
     assert (out / "experts-0000.safetensors").stat().st_mtime_ns != kept
     assert json.load(open(out / "config.json"))["expert_compression"]["rank"] == 3
+
+
+def test_a_compressed_class_pickles_by_reference_so_the_compile_cache_can_save_its_step():
+    import pickle
+
+    from nanovllm.models.mixtral import MixtralForCausalLM
+    from nanovllm.models.svd_moe import compressed_class
+    compression = {"method": "pca", "rank": 4, "ridge": 1e-4, "ranks": {"gate": 4, "up": 4, "down": 3}}
+    cls = compressed_class(MixtralForCausalLM, compression)
+    assert compressed_class(MixtralForCausalLM, dict(compression)) is cls
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    other = compressed_class(MixtralForCausalLM, dict(compression, ranks={"gate": 4, "up": 4, "down": 4}))
+    assert other is not cls and pickle.loads(pickle.dumps(other)) is other

@@ -93,8 +93,13 @@ def check_compression(compression) -> dict:
 
 
 def compressed_class(cls: type, compression: dict) -> type:
-    """``cls`` whose sparse MLPs are ``SvdMoe`` with ``compression["ranks"]``."""
+    """``cls`` whose sparse MLPs are ``SvdMoe`` with ``compression["ranks"]``: one class per (``cls``, ranks),
+    kept as an attribute of this module under its name so that pickle (the compile cache's saved step) finds it
+    by reference once the loader has made it again."""
     ranks = check_compression(compression)["ranks"]
+    name = f"Svd{cls.__name__}_" + "_".join(f"{part}{r}" for part, r in sorted(ranks.items()))
+    if name in globals():
+        return globals()[name]
 
     class Compressed(cls):
         def make_mlp(self, hf_config: dict, layer_idx: int):
@@ -105,5 +110,7 @@ def compressed_class(cls: type, compression: dict) -> type:
                 return SvdMoe(mlp, ranks, device)
             return mlp.to_empty(device=device)
 
-    Compressed.__name__ = Compressed.__qualname__ = f"Svd{cls.__name__}"
+    Compressed.__name__ = Compressed.__qualname__ = name
+    Compressed.__module__ = __name__
+    globals()[name] = Compressed
     return Compressed
