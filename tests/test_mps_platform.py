@@ -5,6 +5,7 @@ where macOS has it, the KV cache sized from the documented memory queries, one d
 No Mac ran this, and the tensors stay on the CPU (a CPU-only PyTorch cannot hold "mps" tensors; ``standins/mps.py``
 says why): what is proven is the platform's side, not Metal and not MPSInductor.
 """
+import contextlib
 import logging
 
 import pytest
@@ -39,12 +40,23 @@ def mps(monkeypatch, tmp_path):
     set_options(saved)
 
 
+@contextlib.contextmanager
+def _captured(caplog):
+    """The package logger does not propagate to the root logger, where caplog listens: hand it caplog's handler."""
+    log = logging.getLogger("nanovllm")
+    log.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(caplog.handler)
+
+
 def _tokens(llm):
     return [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
 def test_mps_runs_eagerly_by_default_with_the_cpu_tokens(mps, model_dir, cpu_tokens, caplog):
-    with caplog.at_level(logging.INFO, logger="nanovllm"):
+    with _captured(caplog):
         llm = LLM(model_dir, device="mps", **ENGINE)
     assert llm.engine.platform.name == "mps" and llm.engine.describe()["mode"] == "eager"
     assert "mps platform runs eagerly by default" in caplog.text
@@ -64,7 +76,7 @@ def test_mps_compiles_only_when_asked_and_warns(mps, model_dir, cpu_tokens, monk
     # capture, no recompile) and the compiled step's tokens checkable.
     monkeypatch.setattr(MpsPlatform, "compile_backend", "eager")
     monkeypatch.setenv("NANOVLLM_MPS_COMPILE", "1")
-    with caplog.at_level(logging.WARNING, logger="nanovllm"):
+    with _captured(caplog):
         llm = LLM(model_dir, device="mps", num_kvcache_blocks=24, **ENGINE)
     assert "MPSInductor, which has reported silent wrong results" in caplog.text
     d = llm.engine.describe()
