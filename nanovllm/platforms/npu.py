@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from nanovllm.distributed.functional import register_traced_collectives
 from nanovllm.kernels.npu import register_npu_kernels, register_npu_traced
 from nanovllm.platforms.base import TorchDevicePlatform
 
@@ -67,6 +66,7 @@ class NpuPlatform(TorchDevicePlatform):
     def register_kernels(self):
         register_npu_kernels()
         register_npu_traced(self.options.npu_graph_mode)
+        from nanovllm.distributed.functional import register_traced_collectives  # (here: ``auto`` imports this file)
         register_traced_collectives("npu")
 
     @classmethod

@@ -15,8 +15,8 @@ Sources (Ascend/pytorch, where someone with an Ascend card can check each fact):
   float8 types); any other raises "Unsupported data type for HCCL process group".
 
 Limits (the stand-in's, not HCCL's): PyTorch lets Python build a ``ProcessGroup`` but not a c10d ``Backend``, so
-``create`` returns a ``ProcessGroup`` subclass where torch_npu returns a backend of the default group; the
-``torch.distributed`` calls nanovllm makes reach it the same way.  C++ functional collectives call
+the creator here makes a ``ProcessGroup`` subclass (``ProcessGroupHCCL`` below) where torch_npu's makes a backend
+of the default group; the ``torch.distributed`` calls nanovllm makes reach it the same way.  C++ functional collectives call
 ``_allgather_base``, which a Python process group cannot override, so ``register`` also gives
 ``_c10d_functional::all_gather_into_tensor`` a kernel for "npu" tensors that runs the gather through this group.
 Every collective completes before it returns (gloo, synchronously).  ``stats`` counts the collectives run.
