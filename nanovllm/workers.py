@@ -6,16 +6,21 @@ hence their collectives line up without sending any step's inputs: only the call
 Two ways to get the ranks:
 
 * **One node, spawned.**  ``LLM(path, tensor_parallel_size=N)`` spawns ranks 1..N-1 (``Workers``) on this node, each
-  on ``cuda:rank`` (or the CPU), joined by a TCP rendezvous on localhost.  Rank 0 checks its workers before each
+  on the device its platform gives rank r (``cuda:r``, ``npu:r``; the CPU is shared), joined by a TCP rendezvous on
+  localhost.  Rank 0 checks its workers before each
   call; a worker that died makes that call raise, and a collective with a dead peer fails with gloo's or NCCL's
   error.  Workers are daemon processes, so none outlives rank 0.
 * **Under torchrun, any number of nodes.**  When torchrun started this process (``launched_by_torchrun``: ``RANK``,
   ``WORLD_SIZE`` > 1 and ``MASTER_ADDR`` in the environment), every rank runs the user's script; ``LLM(...)`` joins
-  the env:// group (``cuda:LOCAL_RANK`` per process, NCCL; gloo on the CPU) instead of spawning, and
+  the env:// group (``cuda:LOCAL_RANK`` per process) instead of spawning, and
   ``tensor_parallel_size`` must equal ``WORLD_SIZE``.  Rank 0 returns from ``LLM(...)`` and runs the rest of the
   script (``TorchrunPeers`` mirrors its calls); every other rank builds its engine, serves rank 0's calls, and when
   rank 0 closes the ``LLM`` (or exits) leaves the group and ends its process with exit code 0 inside ``LLM(...)``,
   so the rest of the script never runs there.
+
+Every rank asks its platform's class (``platforms.platform_class``) for the group's backend (nccl on CUDA, hccl on
+an Ascend NPU, gloo on the CPU), its device, and to bind that device before joining, so NCCL and HCCL take the same
+path.
 
 A rank that dies: torchrun stops the other ranks of its agent (one node: rank 0 gets SIGTERM).  Another node's
 rank 0 learns it from its collectives: gloo fails at once (connection closed); a peer that hangs, or NCCL, fails
@@ -30,12 +35,12 @@ import datetime
 import os
 import socket
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nanovllm.distributed as distributed
 from nanovllm.engine_mirror import EngineReplica
+from nanovllm.platforms import platform_class
 
 _control = None  # the gloo group the calls travel on
 TIMEOUT_ENV = "NANOVLLM_TP_TIMEOUT_S"  # seconds a collective of the default group waits for a peer
@@ -53,10 +58,6 @@ def timeout_s() -> float:
     return seconds
 
 
-def _backend(device: str) -> str:
-    return "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
-
-
 def launched_by_torchrun() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) if torchrun started this process as one of several ranks, else None."""
     env = os.environ
@@ -66,19 +67,18 @@ def launched_by_torchrun() -> tuple[int, int, int] | None:
 
 
 def rank_device(device: str, rank: int) -> str:
-    """The device of this process for the engine option ``device``: ``cuda:LOCAL_RANK`` under torchrun,
-    ``cuda:rank`` for a spawned rank, the option itself off CUDA."""
-    if _backend(device) != "nccl":
-        return device
+    """The device of this process for the engine option ``device``: the platform's device of ``LOCAL_RANK`` under
+    torchrun, of ``rank`` for a spawned rank (``cuda:r``, ``npu:r``; the option itself for the CPU)."""
     launched = launched_by_torchrun()
-    return f"cuda:{launched[2] if launched else rank}"
+    return platform_class(device).rank_device(device, launched[2] if launched else rank)
 
 
-def _join(backend: str, rank: int, size: int, init_method: str | None, local_rank: int | None = None) -> None:
+def _join(device: str, rank: int, size: int, init_method: str | None) -> None:
+    """Bind this rank's device and join the default group over the platform's backend, then the control group."""
     global _control
-    if backend == "nccl":
-        torch.cuda.set_device(rank if local_rank is None else local_rank)  # NCCL binds a rank to the current device
-    distributed.init_process_group(backend, rank, size, init_method, timeout_s())
+    platform = platform_class(device)
+    platform.bind_rank(rank_device(device, rank))
+    distributed.init_process_group(platform.distributed_backend, rank, size, init_method, timeout_s())
     _control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
 
 
@@ -128,9 +128,11 @@ class Workers(_Peers):
     def __init__(self, llm_class, model, options: dict, size: int):
         """Start ranks 1..``size``-1, each building ``llm_class(model, **options)``, and join them as rank 0."""
         device = options.get("device", "auto")
-        if _backend(device) == "nccl" and size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={size} is more than the {torch.cuda.device_count()} visible CUDA "
-                             f"devices")
+        platform = platform_class(device)
+        count = platform.visible_device_count()
+        if count is not None and size > count:
+            raise ValueError(f"tensor_parallel_size={size} is more than the {count} visible {platform.name} devices "
+                             f"(${platform.visible_devices_env} limits them)")
         self.procs = []
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -142,7 +144,7 @@ class Workers(_Peers):
                             daemon=True)
             p.start()
             self.procs.append(p)
-        _join(_backend(device), 0, size, init)
+        _join(device, 0, size, init)
         self.closed = False
         atexit.register(self.close)
 
@@ -176,11 +178,11 @@ class TorchrunPeers(_Peers):
     ``Workers``'s; the other ranks' processes belong to torchrun."""
 
     def __init__(self, options: dict, size: int):
-        rank, world, local_rank = launched_by_torchrun()
+        rank, world, _ = launched_by_torchrun()
         if size != world:
             raise ValueError(f"tensor_parallel_size={size} but torchrun started WORLD_SIZE={world} processes; "
                              f"they must be equal")
-        _join(_backend(options.get("device", "auto")), rank, world, None, local_rank)
+        _join(options.get("device", "auto"), rank, world, None)
         self.rank, self.closed = rank, False
         self.label = f"tensor-parallel rank 0 of {world} (torchrun)"
         if rank == 0:
@@ -225,7 +227,7 @@ def leave_group() -> None:
 
 
 def _worker_main(rank: int, size: int, init: str, llm_class, model, options: dict) -> None:
-    _join(_backend(options.get("device", "auto")), rank, size, init)
+    _join(options.get("device", "auto"), rank, size, init)
     serve_calls(llm_class(model, **options))
     leave_group()
 

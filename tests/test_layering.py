@@ -13,7 +13,8 @@ import nanovllm
 
 PACKAGE = Path(nanovllm.__file__).parent
 LAYERS = [
-    ("nanovllm.logger", "nanovllm.paths", "nanovllm.version", "nanovllm.config", "nanovllm.sampling_params"),
+    ("nanovllm.logger", "nanovllm.paths", "nanovllm.version", "nanovllm.config", "nanovllm.sampling_params",
+     "nanovllm.traced"),
     ("nanovllm.kernels", "nanovllm.distributed"),
     ("nanovllm.layers",),
     ("nanovllm.step",),

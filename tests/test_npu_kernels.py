@@ -110,11 +110,13 @@ def test_the_scatter_stand_in_rejects_out_of_range_and_unequal_duplicates(npu):
 
 @pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
 def test_every_registered_op_has_a_traced_npu_implementation(mode):
-    """torchair converts no nanovllm op, so each one (a new op included) needs what Dynamo traces in its place.
-    The tensor-parallel collectives (``nanovllm/distributed``) are the known exception: tensor parallelism on the
-    NPU is not built yet, and until it is they have no traced implementation there."""
+    """torchair converts no nanovllm op, so each one (a new op and the tensor-parallel collectives included) needs
+    what Dynamo traces in its place: the platform registers the ops' and the collectives' (``traced.py``)."""
+    from nanovllm import traced
+    from nanovllm.distributed import functional
     from nanovllm.kernels import ops
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("nanovllm::")}
-    assert defined - {"tp_all_reduce", "tp_all_gather_last_dim"} == set(ops._OPS)
+    assert defined == set(ops._OPS) | set(functional.TRACED)
     npu_kernels.register_npu_traced(mode)
-    assert all(ops._has_traced(name, "npu") for name in ops._OPS)
+    functional.register_traced_collectives("npu")
+    assert all(traced.has(name, "npu") for name in defined)

@@ -4,7 +4,8 @@ import os
 import re
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-PLATFORM_FILES = ("test_npu_platform.py", "test_npu_kernels.py", "test_mps_platform.py")
+PLATFORM_FILES = ("test_npu_platform.py", "test_npu_kernels.py", "test_npu_tensor_parallel.py",
+                  "test_mps_platform.py")
 
 
 def test_only_the_platform_files_match_the_platform_keywords():

@@ -45,7 +45,7 @@ from nanovllm.paths import compile_cache_dir
 from nanovllm.version import __version__
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
-_TRACED_SOURCES = ("models", "layers", "kernels", "compile", "platforms", "step")
+_TRACED_SOURCES = ("models", "layers", "kernels", "distributed", "compile", "platforms", "step", "traced.py")
 _UNCHECKED_SUFFIXES = (".lock", ".best_config")  # lock files, and autotune timings torch may rewrite
 
 

@@ -6,7 +6,9 @@ inside is captured with the rest of the step's CUDA graph.  Both return a new te
 * ``all_gather_last_dim(x)``: the ranks' ``x`` concatenated along the last dimension, rank order (the logits of a
   vocabulary-parallel LM head).
 
-At a group size of 1 both return ``x`` itself and no op enters the graph.
+At a group size of 1 both return ``x`` itself and no op enters the graph.  While compiling for a device type
+with a traced implementation registered (``nanovllm/traced.py``; the NPU platform registers ``functional.py``'s),
+Dynamo traces that in place of the op.
 
 On CUDA, ``use_one_shot_all_reduce`` routes the all-reduces of up to a given size (a decode step's) through
 PyTorch's symmetric-memory one-shot kernel instead of NCCL: each rank copies its part into a buffer its peers map
@@ -16,6 +18,7 @@ over NVLink, then every rank sums all parts with peer loads.  No multicast objec
 import torch
 import torch.distributed as dist
 
+from nanovllm import traced
 from nanovllm.distributed.group import current
 
 
@@ -63,13 +66,17 @@ def _(x, size):
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` over the tensor-parallel group."""
-    return x if current().size == 1 else torch.ops.nanovllm.tp_all_reduce(x)
+    if current().size == 1:
+        return x
+    return (traced.lookup("tp_all_reduce", x.device) or torch.ops.nanovllm.tp_all_reduce)(x)
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """``x`` of every rank, concatenated along the last dimension in rank order."""
     size = current().size
-    return x if size == 1 else torch.ops.nanovllm.tp_all_gather_last_dim(x, size)
+    if size == 1:
+        return x
+    return (traced.lookup("tp_all_gather_last_dim", x.device) or torch.ops.nanovllm.tp_all_gather_last_dim)(x, size)
 
 
 def agree_min(value: int, device) -> int:

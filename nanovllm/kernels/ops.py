@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from nanovllm import traced
 from nanovllm.kernels import moe_reference, reference, sampling
 
 
@@ -117,29 +118,15 @@ def _(logits, temperature, seeds, positions):
     return torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
 
 
-_TRACED: dict[tuple[str, str], Callable] = {}  # (op name, device type) -> its traced implementation
-
-
 def register_traced(name: str, device_type: str, fn: Callable | None) -> None:
     """Make ``fn`` (same signature as the op ``nanovllm::<name>``) what Dynamo traces for the op on
-    ``device_type`` tensors; ``None`` removes it."""
+    ``device_type`` tensors; ``None`` removes it (``nanovllm/traced.py``)."""
     if name not in _OPS:
         raise ValueError(f"no op nanovllm::{name}; expected one of {', '.join(_OPS)}")
-    if fn is None:
-        _TRACED.pop((name, device_type), None)
-    else:
-        _TRACED[(name, device_type)] = fn
+    traced.register(name, device_type, fn)
 
 
-@torch._dynamo.assume_constant_result  # read while tracing, no guard: registering never recompiles other graphs
-def _has_traced(name: str, device_type: str) -> bool:
-    return (name, device_type) in _TRACED
-
-
-def _traced(name: str, device: torch.device) -> Callable | None:
-    if torch.compiler.is_compiling() and _has_traced(name, device.type):
-        return _TRACED[(name, device.type)]
-    return None
+_traced = traced.lookup
 
 
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:

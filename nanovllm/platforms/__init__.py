@@ -29,28 +29,40 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def platform_class(device: str) -> type[Platform]:
+    """The platform class of ``device`` ("auto" resolved), without making one: what a tensor-parallel rank asks
+    before its engine exists (its distributed backend, its device, binding it)."""
+    kind = resolve_device(device).split(":")[0]
+    if kind == "cuda":
+        from nanovllm.platforms.cuda import CudaPlatform
+        return CudaPlatform
+    if kind == "npu":
+        from nanovllm.platforms.npu import NpuPlatform
+        return NpuPlatform
+    if kind == "mps":
+        from nanovllm.platforms.mps import MpsPlatform
+        return MpsPlatform
+    if kind != "cpu":
+        raise ValueError(f"device={device!r} is not one of 'auto', {', '.join(map(repr, DEVICE_KINDS))} "
+                         f"(or 'cuda:N', 'npu:N')")
+    from nanovllm.platforms.cpu import CpuPlatform
+    return CpuPlatform
+
+
 def get_platform(device: str = "auto", options: KernelOptions | None = None) -> Platform:
     """The platform of ``device`` ("auto", "cpu", "cuda", "cuda:N", "npu", "npu:N" or "mps"); ``options`` default
     to the environment's."""
     device = resolve_device(device)
-    kind = device.split(":")[0]
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} was asked for but torch.cuda.is_available() is False")
-        from nanovllm.platforms.cuda import CudaPlatform
-        return CudaPlatform(torch.device(device), options)
+    cls = platform_class(device)
+    kind = cls.name
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but torch.cuda.is_available() is False")
     if kind == "npu":
-        from nanovllm.platforms.npu import NpuPlatform, npu_present
+        from nanovllm.platforms.npu import npu_present
         if not npu_present():
             raise ValueError(f"device={device!r} was asked for but torch_npu is not installed or sees no NPU")
-        return NpuPlatform(torch.device(device), options)
     if kind == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError(f"device={device!r} was asked for but torch.backends.mps.is_available() is False")
-        from nanovllm.platforms.mps import MpsPlatform
-        return MpsPlatform(torch.device("mps"), options)
-    if device != "cpu":
-        raise ValueError(f"device={device!r} is not one of 'auto', {', '.join(map(repr, DEVICE_KINDS))} "
-                         f"(or 'cuda:N', 'npu:N')")
-    from nanovllm.platforms.cpu import CpuPlatform
-    return CpuPlatform(torch.device("cpu"), options)
+        device = "mps"
+    return cls(torch.device(device), options)

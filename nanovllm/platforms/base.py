@@ -33,6 +33,7 @@ class Platform:
     static_shapes = False  # the compiler needs one static graph per step shape (no symbolic sizes)
     compiles_by_default = True  # graph mode unless enforce_eager; False: eager unless the platform's option says
     distributed_backend = "gloo"  # torch.distributed backend for tensor parallelism on this device
+    visible_devices_env: str | None = None  # the variable that limits which devices a process sees, if any
     compile_backend = "inductor"
     pin_memory = False  # whether host staging buffers for device copies should be page-locked
 
@@ -44,6 +45,23 @@ class Platform:
 
     def register_kernels(self) -> None:
         """Register this platform's implementations of the ops (``torch.library.register_kernel``)."""
+
+    # Tensor parallelism: what a rank asks of its platform's class before its engine (and platform) exists.
+    @classmethod
+    def rank_device(cls, device: str, index: int) -> str:
+        """The device of the rank on this node's device ``index`` (its local rank), for the engine option
+        ``device``: the option itself for a host device, which every rank shares."""
+        return device
+
+    @classmethod
+    def bind_rank(cls, device: str) -> None:
+        """Make ``device`` this process's current device, before it joins the group (NCCL and HCCL bind a rank to
+        the current device)."""
+
+    @classmethod
+    def visible_device_count(cls) -> int | None:
+        """How many devices ranks can take on this node, or None where ranks share one (a host device)."""
+        return None
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":
@@ -115,8 +133,25 @@ class TorchDevicePlatform(Platform):
     pin_memory = True
 
     def __init__(self, device: torch.device, options: KernelOptions | None = None):
-        self._api = getattr(torch, self.name)  # read once: ``record_event`` runs every step
+        self._api = self.device_api()  # read once: ``record_event`` runs every step
         super().__init__(device, options)
+
+    @classmethod
+    def device_api(cls):
+        """``torch.<name>``, the device's runtime module."""
+        return getattr(torch, cls.name)
+
+    @classmethod
+    def rank_device(cls, device, index):
+        return f"{cls.name}:{index}"
+
+    @classmethod
+    def bind_rank(cls, device):
+        cls.device_api().set_device(torch.device(device))
+
+    @classmethod
+    def visible_device_count(cls):
+        return cls.device_api().device_count()
 
     def synchronize(self):
         self._api.synchronize(self.device)

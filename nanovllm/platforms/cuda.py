@@ -21,6 +21,7 @@ class CudaPlatform(TorchDevicePlatform):
     name = "cuda"
     supports_graph_capture = True
     distributed_backend = "nccl"
+    visible_devices_env = "CUDA_VISIBLE_DEVICES"
 
     def __init__(self, device: torch.device, options=None):
         if device.index is None:

@@ -6,7 +6,13 @@ in ``tests/standins/`` (no Ascend card was available): see the README's platform
   attention kernel, takes no float32; float32 runs the twins).
 * Memory: ``torch.npu.mem_get_info`` (free, total), ``max_memory_allocated`` and ``memory_reserved`` after a probe
   step, as on CUDA.  Completion: ``torch.npu.Event`` and ``torch.npu.synchronize``.  Staging buffers are pinned.
-* Distributed backend: ``hccl`` (for tensor parallelism, which nanovllm does not implement yet on any platform).
+* Tensor parallelism: backend ``hccl``, which ``import torch_npu`` registers for "npu" devices
+  (``torch.distributed.Backend.register_backend("hccl", ..., extended_api=True, devices=["npu"])`` in Ascend/pytorch
+  ``torch_npu/__init__.py``).  Rank r of a node runs on ``npu:r`` and calls ``torch.npu.set_device`` before
+  joining the group, as torchair's guide to collectives in graph mode does (``docs/context/集合通信入图.md``).
+  Graph mode traces the collectives as PyTorch's functional collectives, which torchair converts
+  (``distributed/functional.py``).  ``ASCEND_RT_VISIBLE_DEVICES`` limits the NPUs a process sees (vllm-ascend's
+  tutorials set it for multi-NPU runs).
 * Kernels: ``nanovllm/kernels/npu.py`` (FIA attention, ``npu_scatter_nd_update_`` KV store), registered for "npu".
 * Compilation: ``torchair.get_npu_backend(compiler_config=CompilerConfig())`` with ``CompilerConfig().mode`` from
   ``KernelOptions.npu_graph_mode`` (``NANOVLLM_NPU_GRAPH_MODE``).  Default ``max-autotune``: torchair's own
@@ -44,6 +50,7 @@ class NpuPlatform(TorchDevicePlatform):
     name = "npu"
     static_shapes = True
     distributed_backend = "hccl"
+    visible_devices_env = "ASCEND_RT_VISIBLE_DEVICES"
 
     def __init__(self, device: torch.device, options=None):
         import torch_npu  # noqa: F401  (before torchair, which the compile step imports)
@@ -59,6 +66,13 @@ class NpuPlatform(TorchDevicePlatform):
     def register_kernels(self):
         register_npu_kernels()
         register_npu_traced(self.options.npu_graph_mode)
+        from nanovllm.distributed.functional import register_traced_collectives  # (here: ``auto`` imports this file)
+        register_traced_collectives("npu")
+
+    @classmethod
+    def device_api(cls):
+        import torch_npu  # noqa: F401  (registers torch.npu and the hccl backend)
+        return torch.npu
 
     def auto_dtype(self, checkpoint_dtype):
         return _HALF.get(checkpoint_dtype or "", torch.bfloat16)

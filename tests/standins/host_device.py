@@ -15,6 +15,8 @@ machine); from then on tensors of that device type exist in this CPU-only proces
   only edit sizes, strides and storage, so views share storage for real).  Every other op runs on CPU aliases of its
   device arguments (DLPack again, no copy) and its new outputs are re-tagged to the device; an output that is an
   input (in-place and ``out=`` ops) is returned as that input.  Factory ops get ``device=cpu`` and are re-tagged.
+* Device indices are kept (DLPack's ``device_id``): a new output is on the index of the op's ``device`` argument,
+  else of its first device tensor, so ``npu:1`` tensors stay ``npu:1`` (a tensor-parallel rank's device).
 
 Limits, stated so nobody mistakes this for the hardware: every op runs synchronously on the CPU (events and
 streams are trivially complete), there is no pinned host memory (torch's Python PrivateUse1 hooks have no pinned
@@ -44,11 +46,12 @@ _capsule_pointer.restype = ctypes.c_void_p
 _capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 
 
-def _retag(t: torch.Tensor, code: int) -> torch.Tensor:
-    """``t``'s memory as a tensor of the device with DLPack type ``code`` (1: CPU); no copy."""
+def _retag(t: torch.Tensor, code: int, index: int = 0) -> torch.Tensor:
+    """``t``'s memory as a tensor of device ``index`` of the device with DLPack type ``code`` (1: CPU); no copy."""
     capsule = torch.utils.dlpack.to_dlpack(t)
     # DLManagedTensor starts with DLTensor {void* data; DLDevice {int32 device_type; int32 device_id}; ...}
-    ctypes.cast(_capsule_pointer(capsule, b"dltensor") + 8, ctypes.POINTER(ctypes.c_int32))[0] = code
+    device = ctypes.cast(_capsule_pointer(capsule, b"dltensor") + 8, ctypes.POINTER(ctypes.c_int32))
+    device[0], device[1] = code, index
     return torch.utils.dlpack.from_dlpack(capsule)
 
 
@@ -57,9 +60,9 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return _retag(t, 1)
 
 
-def to_device(t: torch.Tensor, device_type: str) -> torch.Tensor:
-    """A device tensor aliasing CPU tensor ``t``."""
-    return _retag(t.contiguous() if t.numel() == 0 else t, _DLPACK_CODE[device_type])
+def to_device(t: torch.Tensor, device_type: str, index: int = 0) -> torch.Tensor:
+    """A tensor of device ``index`` of ``device_type`` aliasing CPU tensor ``t``."""
+    return _retag(t.contiguous() if t.numel() == 0 else t, _DLPACK_CODE[device_type], index)
 
 
 def _resize(t: torch.Tensor, size, device_type: str) -> None:
@@ -70,9 +73,20 @@ def _resize(t: torch.Tensor, size, device_type: str) -> None:
     if t.untyped_storage().nbytes() >= (numel + t.storage_offset()) * t.element_size():
         torch.ops.aten.resize_.default.redispatch(_CPU, t, size)
         return
-    fresh = to_device(torch.empty(size, dtype=t.dtype, device="cpu"), device_type)
+    fresh = to_device(torch.empty(size, dtype=t.dtype, device="cpu"), device_type, t.device.index or 0)
     torch.ops.aten.set_.source_Storage_storage_offset.redispatch(_CPU, t, fresh.untyped_storage(), 0, size,
                                                                   fresh.stride())
+
+
+def _index_of(device, args, device_type: str) -> int:
+    """The device index of an op's new outputs: its ``device`` argument's, else its first device tensor's."""
+    if isinstance(device, torch.device) and device.index is not None:
+        return device.index
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else [a]):
+            if isinstance(t, torch.Tensor) and t.device.type == device_type:
+                return t.device.index or 0
+    return 0
 
 
 def _make_fallback(device_type: str):
@@ -113,8 +127,10 @@ def _make_fallback(device_type: str):
             to_host(out).copy_(host_kwargs["out"])
             return out
         result = op(*host_args, **host_kwargs)
-        if isinstance(kwargs.get("device"), torch.device) and kwargs["device"].type != device_type:
+        device = kwargs.get("device")
+        if isinstance(device, torch.device) and device.type != device_type:
             return result  # an explicit copy off the device
+        index = _index_of(device, args, device_type)
         pairs = [(h, a) for h, a in zip(host_args + list(host_kwargs.values()), list(args) + list(kwargs.values()))
                  if isinstance(a, torch.Tensor)]
 
@@ -123,7 +139,7 @@ def _make_fallback(device_type: str):
                 for h, a in pairs:
                     if o is h:  # an in-place op returns its input
                         return a
-                return to_device(o, device_type)
+                return to_device(o, device_type, index)
             if isinstance(o, (list, tuple)):
                 return type(o)(back(y) for y in o)
             return o

@@ -45,7 +45,12 @@ from . import npu_ops
 MODES = ("max-autotune", "reduce-overhead", "npugraph_ex")
 # Ops with an Ascend converter (beyond aten): torchair ships these two (python/torchair/ops/
 # _npu_fused_infer_attention_score.py; the npu_scatter_nd_update converter under _ge_concrete_graph/ge_converter).
-CONVERTERS = {"air::npu_fused_infer_attention_score", "npu::npu_scatter_nd_update_"}
+# And PyTorch's functional collectives: _ge_concrete_graph/ge_converter/c10d_functional/c10d_functional.py converts
+# all_reduce, all_gather_into_tensor, reduce_scatter_tensor, broadcast and wait_tensor (torch >= 2.3.1).
+CONVERTERS = {"air::npu_fused_infer_attention_score", "npu::npu_scatter_nd_update_",
+              "_c10d_functional::all_reduce", "_c10d_functional::all_gather_into_tensor",
+              "_c10d_functional::reduce_scatter_tensor", "_c10d_functional::broadcast",
+              "_c10d_functional::wait_tensor"}
 _HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::item"}
 stats = {"graphs": [], "cache_saves": 0, "cache_loads": 0, "traces": 0}
 
