@@ -106,8 +106,9 @@ class EngineConfig:
                                         "used; the model then runs eagerly")
     experts_on_device: int | None = _opt(None, "device slots per MoE layer with `offload_experts` (default: all "
                                                "of the layer's experts)")
-    offload_prefetch: bool = _opt(True, "with `offload_experts`, each MoE layer applies the next one's router to "
-                                        "its input and starts copying the experts it picks")
+    offload_prefetch: bool = _opt(False, "with `offload_experts`, each MoE layer applies the next one's router to "
+                                         "its input and starts copying the experts it picks (off by default: "
+                                         "measured slower, docs/PERFORMANCE.md)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 

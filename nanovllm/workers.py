@@ -35,6 +35,7 @@ import datetime
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -218,11 +219,21 @@ def serve_then_exit(llm) -> None:
 
 
 def leave_group() -> None:
-    """Forget the control group and leave the default one; this process is one rank of one again."""
+    """Forget the control group and leave the default one; this process is one rank of one again.
+
+    NCCL groups are aborted, not destroyed: ``destroy_process_group`` waits for every rank's communicator
+    teardown, and two H200 ranks were seen stuck in it together at exit.  Leaving happens after the last step's
+    results were read, so nothing is in flight (the device is synchronized first) and an abort, which returns
+    without waiting for the peers, loses nothing."""
     global _control
     _control = None
+    distributed.release_one_shot_all_reduce()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.get_backend() == "nccl":
+            torch.cuda.synchronize()
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
     distributed.set_current(distributed.TensorParallel())
 
 

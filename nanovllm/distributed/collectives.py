@@ -35,6 +35,12 @@ def use_one_shot_all_reduce(device: torch.device, dtype: torch.dtype, max_numel:
     _one_shot[dtype] = (buffer, group)
 
 
+def release_one_shot_all_reduce() -> None:
+    """Drop the symmetric buffers (leaving the group): later all-reduces take NCCL or gloo until the next
+    ``use_one_shot_all_reduce``."""
+    _one_shot.clear()
+
+
 @torch.library.custom_op("nanovllm::tp_all_reduce", mutates_args=())
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     one_shot = _one_shot.get(x.dtype)
