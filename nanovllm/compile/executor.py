@@ -111,9 +111,9 @@ class GraphExecutor(EagerExecutor):
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         pool = platform.graph_pool()
-        self.logprob_graphs = LogprobGraphs(spec, pool, self.padded_rows)
         sizes = sorted({self.padded_rows(b) for b in self.buckets}, reverse=True)
         self.cache = CompileCache(spec.cache_key)
+        self.logprob_graphs = LogprobGraphs(spec, pool, self.padded_rows, self.cache.root)
         # Floats read by the traced code (norm eps, rope factors) stay constants: when a second engine in the
         # process has other values, Dynamo would otherwise turn them into graph inputs on recompiling, which
         # nested compile regions cannot take.  Sizes are made symbolic explicitly (``saved_step.mark_dynamic``).

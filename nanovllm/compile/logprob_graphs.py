@@ -32,10 +32,10 @@ def variant_key(cache_key: dict, **extra) -> dict:
 
 
 class LogprobGraphs:
-    def __init__(self, spec, pool, padded_rows):
+    def __init__(self, spec, pool, padded_rows, cache_root):
         """``spec``: the executor's ``ExecutorSpec``; ``pool``: its graph memory pool; ``padded_rows(bucket)``:
-        the rows a bucket's graph has."""
-        self.spec, self.pool, self.padded_rows = spec, pool, padded_rows
+        the rows a bucket's graph has; ``cache_root``: the directory of the plain step's cache entry."""
+        self.spec, self.pool, self.padded_rows, self.cache_root = spec, pool, padded_rows, cache_root
         self.compiled = None
         self.step_origin: str | None = None
         self.cache: CompileCache | None = None
@@ -44,7 +44,7 @@ class LogprobGraphs:
     def compiled_step(self):
         """The variant compiled with symbolic token and sequence counts (compiled on the first call)."""
         if self.compiled is None:
-            self.cache = CompileCache(variant_key(self.spec.cache_key))
+            self.cache = CompileCache(variant_key(self.spec.cache_key), self.cache_root)
             with self.cache.activate(), torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
                 self.compiled, self.step_origin = compiled_step(self.spec.platform, self.spec.logprob_step,
                                                                 self.spec.dummy_prefill, self.cache)
@@ -72,9 +72,10 @@ class LogprobGraphs:
 
 
 class StaticLogprobGraphs:
-    def __init__(self, spec, module):
-        """``spec``: the executor's ``ExecutorSpec``; ``module``: a ``StepModule`` of ``spec.logprob_step``."""
-        self.spec, self.module = spec, module
+    def __init__(self, spec, module, cache_root):
+        """``spec``: the executor's ``ExecutorSpec``; ``module``: a ``StepModule`` of ``spec.logprob_step``;
+        ``cache_root``: the directory of the plain step's cache entry."""
+        self.spec, self.module, self.cache_root = spec, module, cache_root
         self.graphs: dict[int, BucketGraph] = {}
         self.caches: dict[int, CompileCache] = {}
 
@@ -83,7 +84,7 @@ class StaticLogprobGraphs:
         graph = self.graphs.get(size)
         if graph is None:
             spec, name = self.spec, f"decode_logprobs_{size}"
-            cache = self.caches[size] = CompileCache(variant_key(spec.cache_key, bucket=size))
+            cache = self.caches[size] = CompileCache(variant_key(spec.cache_key, bucket=size), self.cache_root)
             with cache.activate(), torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
                 self.module.add_method(name)
                 compiled = spec.platform.compile_static(self.module, name,

@@ -62,10 +62,10 @@ class StaticGraphExecutor(EagerExecutor):
                              f"compiles static decode buckets only and runs prefill eagerly; leave it unset or []")
         self.buckets = spec.graph_batch_sizes
         self.module = StepModule(spec.step)
-        self.logprob_graphs = StaticLogprobGraphs(spec, StepModule(spec.logprob_step))
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         self.cache = CompileCache(spec.cache_key)
+        self.logprob_graphs = StaticLogprobGraphs(spec, StepModule(spec.logprob_step), self.cache.root)
         with self.cache.activate(), torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
             for size in tqdm(sorted(set(self.buckets), reverse=True), desc="Compiling decode buckets",
                              dynamic_ncols=True):
