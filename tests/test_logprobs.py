@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import build_checkpoint, hf_logprobs
+from conftest import build_checkpoint, check_against_transformers
 from nanovllm import LLM, SamplingParams
 from nanovllm.compile.cache import key_of
 from nanovllm.compile.logprob_graphs import variant_key
@@ -59,7 +59,8 @@ def test_the_variant_is_built_when_first_asked_for_then_replayed_per_bucket(grap
     # a batch of 3 (bucket 4), with and without logprobs: one variant replay per decode step, nothing compiled
     graphs_before = counters["stats"]["unique_graphs"]
     ex.logprob_graphs.graph(4)
-    plain_runs, variant_runs = _count_runs(monkeypatch, ex.graphs[4]), _count_runs(monkeypatch, ex.logprob_graphs.graphs[4])
+    plain_runs = _count_runs(monkeypatch, ex.graphs[4])
+    variant_runs = _count_runs(monkeypatch, ex.logprob_graphs.graphs[4])
     out = graph_llm.generate(PROMPTS[:3], [with_lp, plain, plain], use_tqdm=False)
     assert len(variant_runs) == 3 and plain_runs == []  # 4 tokens: one from the prefill, 3 decode steps
     assert counters["stats"]["unique_graphs"] == graphs_before and ex.logprob_graphs.compiled is compiled
@@ -68,16 +69,6 @@ def test_the_variant_is_built_when_first_asked_for_then_replayed_per_bucket(grap
 
     graph_llm.generate(PROMPTS[:3], plain, use_tqdm=False)  # without logprobs: the plain graph again
     assert len(plain_runs) == 3 and len(variant_runs) == 3
-
-
-def _check_against_transformers(path, prompt, out, k):
-    want = hf_logprobs(path, prompt, out["token_ids"])
-    for row, token, entry in zip(want, out["token_ids"], out["logprobs"]):
-        assert next(iter(entry)) == token
-        assert entry[token] == pytest.approx(row[token].item(), abs=1e-4)
-        top, ids = row.topk(k)
-        assert set(entry) == {token, *ids.tolist()}  # the sampled token first, then the top k
-        assert [entry[t] for t in ids.tolist()] == pytest.approx(top.tolist(), abs=1e-4)
 
 
 def test_graph_logprobs_equal_eager_and_transformers(graph_llm, eager_llm, path):
@@ -92,7 +83,7 @@ def test_graph_logprobs_equal_eager_and_transformers(graph_llm, eager_llm, path)
             assert list(a) == list(b)  # the same ids in the same order
             torch.testing.assert_close(torch.tensor(list(a.values())), torch.tensor(list(b.values())),
                                        rtol=0, atol=1e-5)
-        _check_against_transformers(path, prompt, g, 5)
+        check_against_transformers(path, prompt, g, 5)
     # the top-k (top_k=8) request drew outside the top token somewhere: its logprob is the drawn token's
     assert any(next(iter(entry.values())) < max(entry.values()) for entry in graph[1]["logprobs"])
 
@@ -113,7 +104,7 @@ def test_a_mixed_batch_reports_each_requests_own_logprobs(graph_llm, eager_llm, 
             [list(e) for e in alone["logprobs"]]
         for a, b in zip(out["logprobs"], alone["logprobs"]):
             assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
-    _check_against_transformers(path, PROMPTS[3], mixed[3], 20)
+    check_against_transformers(path, PROMPTS[3], mixed[3], 20)
 
 
 def test_the_variant_key_differs_per_step_and_bucket():
