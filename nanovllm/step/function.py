@@ -8,11 +8,11 @@ and ``redraw_filtered`` re-draws, after the step, the rows of a batch that asked
 request draws the same token in either path when its filters keep the winner).
 
 Logprobs come out of the step itself: ``run_step_with_logprobs`` is ``run_step`` plus, for every row, a
-fixed-size result computed from the logits the sampler drew from (``token_logprobs``: the sampled token's logprob
-and the top ``MAX_LOGPROBS``) whatever each request's ``k``, so its shapes are static and a compiled variant is one
-graph per bucket.  A batch none of whose requests asked for logprobs runs plain ``run_step`` and pays nothing for
-them.  When ``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its logprob from the
-step's outputs (the log-normaliser follows from the top token's logit and logprob).
+fixed-size float32 result computed from the logits the sampler drew from (``token_logprobs``: the sampled token's
+logprob and the top ``MAX_LOGPROBS``) whatever each request's ``k``, so its shapes are static and a compiled
+variant is one graph per bucket.  A batch none of whose requests asked for logprobs runs plain ``run_step`` and
+pays nothing for them.  When ``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its
+logprob from the step's outputs (the log-normaliser follows from the top token's logit and logprob).
 """
 import functools
 
@@ -62,10 +62,14 @@ def redraw_filtered(token_buffer, logits, inputs: StepInputs, rows: int) -> torc
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, from the raw logits (before temperature and filters), in float32: values [B, 1 + MAX_LOGPROBS]
     (the sampled token's logprob, then the top logprobs in descending order) and ids [B, MAX_LOGPROBS] int64 (the
-    top tokens).  A vocabulary smaller than ``MAX_LOGPROBS`` repeats its last entry to fill the row."""
-    logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens[:, None])
-    top, ids = logprobs.topk(min(MAX_LOGPROBS, logprobs.shape[-1]), dim=-1)
+    top tokens).  A vocabulary smaller than ``MAX_LOGPROBS`` repeats its last entry to fill the row.
+
+    log_softmax(x) = x - logsumexp(x), so only the logits the result holds are normalised: no [B, V] logprobs
+    tensor is made (the top k of the logits are the top k of their logprobs)."""
+    log_norm = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    chosen = logits.gather(1, tokens[:, None]).float() - log_norm
+    top, ids = logits.topk(min(MAX_LOGPROBS, logits.shape[-1]), dim=-1)
+    top = top.float() - log_norm
     if top.shape[-1] < MAX_LOGPROBS:
         fill = MAX_LOGPROBS - top.shape[-1]
         top, ids = torch.cat([top, top[:, -1:].expand(-1, fill)], 1), torch.cat([ids, ids[:, -1:].expand(-1, fill)], 1)
@@ -76,6 +80,6 @@ def rechoose_logprob(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tens
                      rows: int) -> torch.Tensor:
     """``values`` of the first ``rows`` rows with column 0 the logprob of ``tokens`` (re-drawn after the step):
     logit(token) - logsumexp, where logsumexp = logit(top token) - its logprob."""
-    logits = logits[:rows].float()
-    log_norm = logits.gather(1, ids[:rows, :1]) - values[:rows, 1:2]
-    return torch.cat([logits.gather(1, tokens[:rows, None]) - log_norm, values[:rows, 1:]], dim=1)
+    log_norm = logits[:rows].gather(1, ids[:rows, :1]).float() - values[:rows, 1:2]
+    chosen = logits[:rows].gather(1, tokens[:rows, None]).float() - log_norm
+    return torch.cat([chosen, values[:rows, 1:]], dim=1)
