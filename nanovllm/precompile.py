@@ -1,11 +1,13 @@
 """Warm the compile cache ahead of time, or inspect and clear it.
 
     python -m nanovllm.precompile --model PATH [any LLM(...) option as a flag, e.g. --graph-batch-sizes 16,32]
+                                  [--logprobs]
     python -m nanovllm.precompile --list
     python -m nanovllm.precompile --clear
 
 Warming builds ``LLM(...)`` with the same arguments, so it fills exactly the entry that a later ``LLM(...)``
-with those arguments looks up, and prints the per-bucket compile times and the total.
+with those arguments looks up, and prints the per-bucket compile times and the total.  ``--logprobs`` also builds
+the step's logprobs variant for every bucket (otherwise built, and cached, when a request first asks for logprobs).
 """
 import argparse
 import time
@@ -18,13 +20,14 @@ def main(argv=None):
     p.add_argument("--model", help="HF checkpoint directory")
     p.add_argument("--list", action="store_true", help="list cache entries (key fields, size, age)")
     p.add_argument("--clear", action="store_true", help="remove every cache entry")
+    p.add_argument("--logprobs", action="store_true", help="also build the logprobs variant of every bucket")
     add_engine_args(p)
     args = p.parse_args(argv)
     from nanovllm.compile import cache
     if args.list:
         entries = cache.list_entries()
         for e in entries:
-            print(f"{e['key']}  {e['architectures']} {e['dtype']} buckets={e['buckets']} "
+            print(f"{e['key']}  {e['architectures']} {e['dtype']} buckets={e['buckets']} step={e['step']} "
                   f"kv_blocks={e['num_kv_blocks']} {e['platform']} ({e['device_arch']})  {e['size_mb']} MB  "
                   f"{e['age_hours']} h old  {e['path']}")
         print(f"{len(entries)} entries under {cache.compile_cache_dir()}")
@@ -47,6 +50,10 @@ def main(argv=None):
     entry = executor.cache
     print(f"total: {time.perf_counter() - start:.1f} s for LLM(...) init, {executor.compile_seconds:.1f} s of it "
           f"compiling; cache {d['compile_cache']}; step {d['step_origin']}; key {entry.key} at {entry.entry}")
+    if args.logprobs:
+        start = time.perf_counter()
+        executor.build_logprob_graphs()
+        print(f"logprobs variant: {time.perf_counter() - start:.1f} s for buckets {executor.logprob_graph_sizes()}")
 
 
 if __name__ == "__main__":

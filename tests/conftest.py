@@ -78,6 +78,29 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
     return out
 
 
+def hf_logprobs(model_dir: str, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """transformers' float32 log_softmax of the distribution each completion token was drawn from:
+    [len(completion), vocab], one forward pass over the prompt and the completion."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion[:-1]])).logits[0, len(prompt) - 1:]
+    return logits.float().log_softmax(-1)
+
+
+def check_against_transformers(model_dir: str, prompt: list[int], out: dict, k: int) -> None:
+    """``out`` (one ``generate`` result with ``logprobs=k``) holds, per token, transformers' logprob of the sampled
+    token first, then its top ``k`` tokens' (float32, within 1e-4)."""
+    want = hf_logprobs(model_dir, prompt, out["token_ids"])
+    assert len(out["logprobs"]) == len(out["token_ids"]) == len(want)
+    for row, token, entry in zip(want, out["token_ids"], out["logprobs"]):
+        assert next(iter(entry)) == token
+        assert entry[token] == pytest.approx(row[token].item(), abs=1e-4)
+        top, ids = row.topk(k)
+        assert set(entry) == {token, *ids.tolist()}  # the sampled token first, then the top k
+        assert [entry[t] for t in ids.tolist()] == pytest.approx(top.tolist(), abs=1e-4)
+
+
 # A tiny MiniCPM4: tied embeddings (the key omitted, as in openbmb's config.json), MiniCPM4's scale_emb and
 # scale_depth, hidden_size / dim_model_base = 4, and LongRoPE whose short factors are not 1 and whose long factors
 # differ, switching past 64 tokens.

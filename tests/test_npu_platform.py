@@ -165,3 +165,23 @@ def test_without_torch_npu_the_npu_is_an_error_and_auto_skips_it():
     assert resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ValueError, match="device='npu'.*torch_npu is not installed"):
         get_platform("npu")
+
+
+def test_npu_logprobs_compile_one_static_variant_per_bucket_when_asked(npu, model_dir):
+    """The logprobs variant is a static graph of its own per bucket, compiled when a batch of that bucket first
+    asks for logprobs, with only convertible ops, cached in an entry of its own; its logprobs are the CPU's."""
+    asked = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+    llm, _ = _run(model_dir)
+    assert len(torchair.stats["graphs"]) == 2  # the plain buckets; GREEDY asked for no logprobs
+    got = llm.generate(PROMPTS, asked, use_tqdm=False)
+    ex = llm.engine.runner.executor
+    assert len(torchair.stats["graphs"]) == 3 and ex.logprob_graph_sizes() == [4]
+    entry = ex.logprob_graphs.caches[4].entry
+    assert entry != ex.cache.entry and [p.parts[-2] for p in entry.rglob("compiled_module")] == ["decode_logprobs_4"]
+    want = LLM(model_dir, device="cpu", dtype="bfloat16", enforce_eager=True, **ENGINE).generate(
+        PROMPTS, asked, use_tqdm=False)
+    for g, w in zip(got, want):
+        assert g["token_ids"] == w["token_ids"]
+        for a, b in zip(g["logprobs"], w["logprobs"], strict=True):
+            assert list(a) == list(b)
+            assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from conftest import build_checkpoint, hf_greedy
+from conftest import build_checkpoint, check_against_transformers, hf_greedy
 from nanovllm import LLM, SamplingParams
 
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128, enforce_eager=True)
@@ -30,6 +30,13 @@ def test_two_ranks_match_transformers_and_survive_a_bad_prompt(tp_llm):
         llm.generate([[10_000]], GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)] == want[:1]
     assert len(llm._workers.procs) == 1 and llm._workers.procs[0].is_alive()
+
+
+def test_two_ranks_report_transformers_logprobs(tp_llm):
+    path, llm = tp_llm
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=4)
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False)):
+        check_against_transformers(path, prompt, out, 4)
 
 
 def test_closing_stops_the_workers_and_leaves_the_group(tp_llm):

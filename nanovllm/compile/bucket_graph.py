@@ -36,7 +36,8 @@ class BucketGraph:
         self.graph = graph
 
     def run(self, inputs: StepInputs):
-        """(tokens [rows], logits [rows, V]) for a batch padded to this bucket."""
+        """The step's outputs (tokens [rows], logits [rows, V], and the logprobs variant's values and ids) for a
+        batch padded to this bucket."""
         if self.graph is None:
             return self.compiled_step(inputs)
         if inputs is not self.static_inputs:

@@ -276,6 +276,7 @@ def list_entries(root: Path | None = None) -> list[dict]:
         f = m.get("fields", {})
         entries.append({"key": m.get("key"), "architectures": f.get("model_config", {}).get("architectures"),
                         "dtype": f.get("dtype"), "buckets": f.get("buckets"), "platform": f.get("platform"),
+                        "step": f.get("step", "plain") + (f" bucket {f['bucket']}" if "bucket" in f else ""),
                         "device_arch": f.get("device_arch"), "num_kv_blocks": f.get("num_kv_blocks"),
                         "size_mb": round(_dir_bytes(manifest.parent) / 2**20, 2),
                         "age_hours": round((time.time() - m.get("created", time.time())) / 3600, 2),

@@ -6,8 +6,12 @@ shapes it must serve and builders of dummy inputs.  Prefill and decode are the s
 (the attention op picks its kernel when it runs), so graph mode compiles once: the token and sequence counts are
 symbolic, and each decode bucket and prefill size (``prefill_graphs.py``) is captured from that one compiled
 step.  A prefill no graph holds calls the compiled step directly, at whatever size it has.  After start-up the
-graph executor never compiles: every call runs under ``torch.compiler.set_stance("fail_on_recompile")``, and a
-step loaded from the compile cache (``saved_step.py``) raises on inputs its guards reject instead of compiling.
+graph executor compiles only the logprobs variant of the step, lazily (``logprob_graphs.py``): every call runs
+under ``torch.compiler.set_stance("fail_on_recompile")``, and a step loaded from the compile cache
+(``saved_step.py``) raises on inputs its guards reject instead of compiling.
+
+``decode`` and ``prefill`` take ``logprobs``: whether to run the variant (``ExecutorSpec.logprob_step``) that also
+returns the step's logprobs.  Both return (tokens, logits, None or (values, ids)) (``nanovllm/step/function.py``).
 """
 import time
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from tqdm.auto import tqdm
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.buckets import pick_bucket, split_batch
 from nanovllm.compile.cache import CompileCache, cache_disabled
+from nanovllm.compile.logprob_graphs import LogprobGraphs
 from nanovllm.compile.prefill_graphs import PrefillGraphs, default_prefill_sizes
 from nanovllm.compile.saved_step import compiled_step
 from nanovllm.kernels.matmul_configs import triton_row_limits
@@ -29,6 +34,7 @@ from nanovllm.step import StepInputs
 @dataclass(frozen=True)
 class ExecutorSpec:
     step: Callable  # make_step(model, kv_caches, token_buffer): StepInputs -> (tokens, logits)
+    logprob_step: Callable  # make_step(..., logprobs=True): StepInputs -> (tokens, logits, values, ids)
     platform: object  # nanovllm.platforms.base.Platform
     graph_batch_sizes: tuple[int, ...]
     prefill_graph_sizes: tuple[int, ...] | None  # None: the platform's default
@@ -44,7 +50,7 @@ class EagerExecutor:
     mode = "eager"
 
     def __init__(self, spec: ExecutorSpec):
-        self.step = spec.step
+        self.step, self.logprob_step = spec.step, spec.logprob_step
         self.buckets: tuple[int, ...] | None = None
 
     def decode_plan(self, n: int) -> list[tuple[int, int, int]]:
@@ -53,8 +59,9 @@ class EagerExecutor:
             return [(0, n, n)]
         return [(start, rows, pick_bucket(rows, self.buckets)) for start, rows in split_batch(n, self.buckets)]
 
-    def static_inputs(self, padded_rows: int) -> StepInputs | None:
-        """The buffers a captured graph reads, for the runner to fill directly; None when there are none."""
+    def static_inputs(self, padded_rows: int, logprobs: bool = False) -> StepInputs | None:
+        """The buffers the captured graph of this decode step reads (the logprobs variant's with ``logprobs``),
+        for the runner to fill directly; None when there are none."""
         return None
 
     def prefill_plan(self, num_tokens: int):
@@ -66,14 +73,22 @@ class EagerExecutor:
         """Whether every prefill step runs in a prefill graph, so that start-up need not warm the other path."""
         return False
 
+    def logprob_graph_sizes(self) -> list[int]:
+        """The decode buckets whose logprobs variant has been built so far."""
+        return []
+
     def describe(self) -> dict:
-        return {"mode": self.mode, "prefill_graph_sizes": [], "compile_cache": None, "step_origin": None}
+        return {"mode": self.mode, "prefill_graph_sizes": [], "compile_cache": None, "step_origin": None,
+                "logprob_graph_sizes": []}
 
-    def decode(self, inputs: StepInputs, padded_rows: int):
-        return self.step(inputs)
+    def build_logprob_graphs(self) -> None:
+        """Build the logprobs variant of every decode bucket now, rather than when first asked for."""
 
-    def prefill(self, inputs: StepInputs):
-        return self.step(inputs)
+    def decode(self, inputs: StepInputs, padded_rows: int, logprobs: bool = False):
+        return step_outputs((self.logprob_step if logprobs else self.step)(inputs))
+
+    def prefill(self, inputs: StepInputs, logprobs: bool = False):
+        return step_outputs((self.logprob_step if logprobs else self.step)(inputs))
 
 
 class GraphExecutor(EagerExecutor):
@@ -98,6 +113,7 @@ class GraphExecutor(EagerExecutor):
         pool = platform.graph_pool()
         sizes = sorted({self.padded_rows(b) for b in self.buckets}, reverse=True)
         self.cache = CompileCache(spec.cache_key)
+        self.logprob_graphs = LogprobGraphs(spec, pool, self.padded_rows, self.cache.root)
         # Floats read by the traced code (norm eps, rope factors) stay constants: when a second engine in the
         # process has other values, Dynamo would otherwise turn them into graph inputs on recompiling, which
         # nested compile regions cannot take.  Sizes are made symbolic explicitly (``saved_step.mark_dynamic``).
@@ -126,7 +142,14 @@ class GraphExecutor(EagerExecutor):
 
     def describe(self) -> dict:
         return {"mode": self.mode, "prefill_graph_sizes": list(self.prefill_graphs.sizes),
-                "compile_cache": self._cache_state(), "step_origin": self.step_origin}
+                "compile_cache": self._cache_state(), "step_origin": self.step_origin,
+                "logprob_graph_sizes": self.logprob_graph_sizes()}
+
+    def logprob_graph_sizes(self) -> list[int]:
+        return sorted(self.logprob_graphs.graphs)
+
+    def build_logprob_graphs(self) -> None:
+        self.logprob_graphs.build_all(self.buckets)
 
     def _prefill_sizes(self) -> tuple[int, ...]:
         spec = self.spec
@@ -156,8 +179,11 @@ class GraphExecutor(EagerExecutor):
             if rows >= limit:
                 break
 
-    def static_inputs(self, padded_rows: int) -> StepInputs | None:
-        graph = self.graphs[padded_rows]
+    def _graph(self, padded_rows: int, logprobs: bool) -> BucketGraph:
+        return self.logprob_graphs.graph(padded_rows) if logprobs else self.graphs[padded_rows]
+
+    def static_inputs(self, padded_rows: int, logprobs: bool = False) -> StepInputs | None:
+        graph = self._graph(padded_rows, logprobs)
         return graph.static_inputs if graph.graph is not None else None
 
     @staticmethod
@@ -168,15 +194,25 @@ class GraphExecutor(EagerExecutor):
         return [(start, rows, self.padded_rows(padded)) for start, rows, padded in super().decode_plan(n)]
 
     @torch.inference_mode()
-    def decode(self, inputs: StepInputs, padded_rows: int):
+    def decode(self, inputs: StepInputs, padded_rows: int, logprobs: bool = False):
+        graph = self._graph(padded_rows, logprobs)  # the variant's is built here, before the stance
         with torch.compiler.set_stance("fail_on_recompile"):
-            return self.graphs[padded_rows].run(inputs)
+            return step_outputs(graph.run(inputs))
 
     @torch.inference_mode()
-    def prefill(self, inputs: StepInputs):
+    def prefill(self, inputs: StepInputs, logprobs: bool = False):
+        if logprobs:  # uncaptured, at the size the runner padded to
+            compiled = self.logprob_graphs.compiled_step()
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return step_outputs(compiled(inputs))
         with torch.compiler.set_stance("fail_on_recompile"):
             graph = self.prefill_graphs.graph_for(inputs)
-            return graph.run(inputs) if graph is not None else self.compiled(inputs)
+            return step_outputs(graph.run(inputs) if graph is not None else self.compiled(inputs))
+
+
+def step_outputs(out: tuple) -> tuple:
+    """(tokens, logits, None or (values, ids)) of a plain or logprobs step's outputs."""
+    return (*out, None) if len(out) == 2 else (out[0], out[1], (out[2], out[3]))
 
 
 def make_executor(spec: ExecutorSpec, *, enforce_eager: bool, capturable: bool, not_capturable_reason: str = ""):

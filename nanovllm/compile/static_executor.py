@@ -11,7 +11,8 @@ The step's bound objects (``make_step``: model, KV cache, token buffer) are gath
 one method per bucket, each with a code object of its own: torchair's compile cache (``cache_compile``) caches a
 method of an ``nn.Module``, traced once, and Dynamo keeps its compiled entries per code object.  The compiler's
 own artifacts go to the compile-cache entry's ``platform/`` directory (``CompileCache.platform_dir``), under
-nanovllm's key, lock and checksums.
+nanovllm's key, lock and checksums.  The logprobs variant of a bucket is compiled the first time a batch of that
+bucket asks for logprobs, into a ``StepModule`` of its own (``logprob_graphs.StaticLogprobGraphs``).
 """
 import functools
 import time
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.cache import CompileCache, cache_disabled
-from nanovllm.compile.executor import EagerExecutor, ExecutorSpec
+from nanovllm.compile.executor import EagerExecutor, ExecutorSpec, step_outputs
+from nanovllm.compile.logprob_graphs import StaticLogprobGraphs
 from nanovllm.logger import logger
 
 
@@ -63,6 +65,7 @@ class StaticGraphExecutor(EagerExecutor):
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         self.cache = CompileCache(spec.cache_key)
+        self.logprob_graphs = StaticLogprobGraphs(spec, StepModule(spec.logprob_step), self.cache.root)
         with self.cache.activate(), torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
             for size in tqdm(sorted(set(self.buckets), reverse=True), desc="Compiling decode buckets",
                              dynamic_ncols=True):
@@ -81,9 +84,16 @@ class StaticGraphExecutor(EagerExecutor):
 
     def describe(self) -> dict:
         return {"mode": self.mode, "prefill_graph_sizes": [], "compile_cache": self._cache_state(),
-                "step_origin": "static"}
+                "step_origin": "static", "logprob_graph_sizes": self.logprob_graph_sizes()}
+
+    def logprob_graph_sizes(self) -> list[int]:
+        return sorted(self.logprob_graphs.graphs)
+
+    def build_logprob_graphs(self) -> None:
+        self.logprob_graphs.build_all(self.buckets)
 
     @torch.inference_mode()
-    def decode(self, inputs, padded_rows: int):
+    def decode(self, inputs, padded_rows: int, logprobs: bool = False):
+        graph = self.logprob_graphs.graph(padded_rows) if logprobs else self.graphs[padded_rows]
         with torch.compiler.set_stance("fail_on_recompile"):
-            return self.graphs[padded_rows].run(inputs)
+            return step_outputs(graph.run(inputs))

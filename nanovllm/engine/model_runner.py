@@ -5,9 +5,10 @@ the input builders (``prefill_inputs.py``, ``decode_inputs.py``) and the executo
 Decode rows are padded to the executor's bucket; a prefill step gets a trailing padding sequence (see
 ``PrefillInputBuilder``).  ``launch`` queues a step on the device and copies its tokens, in the background,
 to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the engine reads them later.  A batch in
-which a request asked for logprobs also gets them, computed from the step's logits after it (``token_logprobs``)
-and copied to the slot the same way; other batches pay nothing for them.  A prefill that reaches image tokens
-(vision-language models) runs eagerly with the extra inputs ``image_step.py`` builds.
+which a request asked for logprobs runs the step's logprobs variant (``run_step_with_logprobs``, compiled like the
+step), whose logprobs are copied to the slot the same way; other batches run the plain step and pay nothing.  A
+prefill that reaches image tokens (vision-language models) runs eagerly with the extra inputs ``image_step.py``
+builds.
 
 The token buffer has one row per running sequence (its "token slot", held from its first sample until it
 finishes or is preempted) for its newest sampled token, plus a scratch row for padding (``StepInputs``).
@@ -18,7 +19,7 @@ import torch
 
 import nanovllm.distributed as distributed
 from nanovllm.compile.cache import key_fields
-from nanovllm.compile.executor import ExecutorSpec, make_executor
+from nanovllm.compile.executor import ExecutorSpec, make_executor, step_outputs
 from nanovllm.config import EngineConfig
 from nanovllm.engine import image_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
@@ -31,7 +32,7 @@ from nanovllm.models.expert_offload import offload_experts, offload_stats
 from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.step import make_step, redraw_filtered, run_step, token_logprobs
+from nanovllm.step import make_step, rechoose_logprob, redraw_filtered, run_step, run_step_with_logprobs
 
 
 class ModelRunner:
@@ -78,7 +79,8 @@ class ModelRunner:
             distributed.use_one_shot_all_reduce(self.device, self.dtype, config.max_num_seqs * a.hidden_size)
         phase("size_kv_cache")
         spec = ExecutorSpec(
-            step=make_step(self.model, self.kv_caches, self.token_buffer), platform=platform,
+            step=make_step(self.model, self.kv_caches, self.token_buffer),
+            logprob_step=make_step(self.model, self.kv_caches, self.token_buffer, logprobs=True), platform=platform,
             graph_batch_sizes=config.graph_batch_sizes, prefill_graph_sizes=config.prefill_graph_sizes,
             max_num_seqs=config.max_num_seqs, max_step_tokens=config.max_step_tokens,
             dummy_prefill=self.prefill_builder.dummy,
@@ -158,36 +160,40 @@ class ModelRunner:
                                   torch.zeros(rows, MAX_LOGPROBS, dtype=torch.int64, pin_memory=pin))
         for seq in batch.seqs:
             self._assign_slot(seq)
-        ex = self.executor
+        ex, lp = self.executor, slot.has_logprobs
         prepare_seconds = 0.0
         if batch.is_prefill and image_step.carries_images(batch):  # eagerly: the tower's shapes vary per image
             inputs = self.prefill_builder.build(batch)
             mm = image_step.build(self.model, batch, inputs.input_ids.shape[0], self.device)
-            tokens, logits = run_step(self.model, self.kv_caches, self.token_buffer, inputs, mm)
-            self._emit(tokens, logits, inputs, len(batch.seqs), filtered, slot, 0)
+            step = run_step_with_logprobs if lp else run_step
+            outputs = step_outputs(step(self.model, self.kv_caches, self.token_buffer, inputs, mm))
+            self._emit(outputs, inputs, len(batch.seqs), filtered, slot, 0)
         elif batch.is_prefill:
             shape, target = ex.prefill_plan(sum(batch.num_new_tokens))
             inputs = self.prefill_builder.build(batch, shape, target)
-            tokens, logits = ex.prefill(inputs)
-            self._emit(tokens, logits, inputs, len(batch.seqs), filtered, slot, 0)
+            self._emit(ex.prefill(inputs, lp), inputs, len(batch.seqs), filtered, slot, 0)
         else:
             for chunk, (start, rows, padded) in enumerate(ex.decode_plan(len(batch.seqs))):
+                target = ex.static_inputs(padded, lp)  # (builds the logprobs variant's graph the first time)
                 t = time.perf_counter()
                 inputs = self.decode_builder.build(batch.seqs[start:start + rows], padded,
-                                                   target=ex.static_inputs(padded), chunk=chunk, slot=slot.index)
+                                                   target=target, chunk=chunk, slot=slot.index)
                 prepare_seconds += time.perf_counter() - t
-                tokens, logits = ex.decode(inputs, padded)
-                self._emit(tokens, logits, inputs, rows, filtered, slot, start)
+                self._emit(ex.decode(inputs, padded, lp), inputs, rows, filtered, slot, start)
         return self.platform.record_event(), prepare_seconds
 
-    def _emit(self, tokens, logits, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int) -> None:
-        """Copy live rows' tokens (and logprobs, if the step reports them) to ``slot``'s host buffers in the
-        background; batches with top-k/top-p re-draw the tokens first.  This runs before the next graph replays,
-        whose outputs may share memory with these logits."""
+    def _emit(self, outputs, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int) -> None:
+        """Copy live rows' tokens (and logprobs, if the step reports them) from the step's ``outputs`` (tokens,
+        logits, None or (values, ids)) to ``slot``'s host buffers in the background; batches with top-k/top-p
+        re-draw the tokens first.  This runs before the next graph replays, whose outputs may share memory with
+        these."""
+        tokens, logits, logprobs = outputs
         if filtered:
             tokens = redraw_filtered(self.token_buffer, logits, inputs, rows)
         slot.host_tokens[offset:offset + rows].copy_(tokens[:rows], non_blocking=True)
-        if slot.has_logprobs:
-            values, ids = token_logprobs(logits, tokens, rows)
-            slot.host_logprobs[0][offset:offset + rows].copy_(values, non_blocking=True)
-            slot.host_logprobs[1][offset:offset + rows].copy_(ids, non_blocking=True)
+        if logprobs is not None:
+            values, ids = logprobs
+            if filtered:
+                values = rechoose_logprob(logits, values, ids, tokens, rows)
+            slot.host_logprobs[0][offset:offset + rows].copy_(values[:rows], non_blocking=True)
+            slot.host_logprobs[1][offset:offset + rows].copy_(ids[:rows], non_blocking=True)

@@ -7,9 +7,12 @@ vocabulary, which costs more than the rest of a small model's decode step; the c
 and ``redraw_filtered`` re-draws, after the step, the rows of a batch that asked for them (same noise, so a seeded
 request draws the same token in either path when its filters keep the winner).
 
-Logprobs (``token_logprobs``) are likewise computed after the step, from the logits it returns, and only for a
-batch in which a request asked for them: a fixed-size result (the sampled token's logprob and the top
-``MAX_LOGPROBS``) whatever each request's ``k``, so a batch's cost does not depend on what its requests asked.
+Logprobs come out of the step itself: ``run_step_with_logprobs`` is ``run_step`` plus, for every row, a
+fixed-size float32 result computed from the logits the sampler drew from (``token_logprobs``: the sampled token's
+logprob and the top ``MAX_LOGPROBS``) whatever each request's ``k``, so its shapes are static and a compiled
+variant is one graph per bucket.  A batch none of whose requests asked for logprobs runs plain ``run_step`` and
+pays nothing for them.  When ``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its
+logprob from the step's outputs (the log-normaliser follows from the top token's logit and logprob).
 """
 import functools
 
@@ -31,10 +34,20 @@ def run_step(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
     return tokens, logits
 
 
-def make_step(model, kv_caches, token_buffer):
-    """``step(inputs)``.  The model and tensors are bound arguments, not a closure: a compiled step saved to
-    the compile cache then reads this process's objects when loaded (``nanovllm/compile/saved_step.py``)."""
-    return functools.partial(run_step, model, kv_caches, token_buffer)
+def run_step_with_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
+    """``run_step`` and its logprobs: (tokens [B], logits [B, V], values [B, 1 + MAX_LOGPROBS], ids
+    [B, MAX_LOGPROBS]) (see ``token_logprobs``).  A code object of its own, so Dynamo compiles it apart from
+    ``run_step``."""
+    tokens, logits = run_step(model, kv_caches, token_buffer, inputs, mm)
+    values, ids = token_logprobs(logits, tokens)
+    return tokens, logits, values, ids
+
+
+def make_step(model, kv_caches, token_buffer, logprobs: bool = False):
+    """``step(inputs)``: ``run_step``, or ``run_step_with_logprobs`` with ``logprobs``.  The model and tensors are
+    bound arguments, not a closure: a compiled step saved to the compile cache then reads this process's objects
+    when loaded (``nanovllm/compile/saved_step.py``)."""
+    return functools.partial(run_step_with_logprobs if logprobs else run_step, model, kv_caches, token_buffer)
 
 
 def redraw_filtered(token_buffer, logits, inputs: StepInputs, rows: int) -> torch.Tensor:
@@ -46,15 +59,27 @@ def redraw_filtered(token_buffer, logits, inputs: StepInputs, rows: int) -> torc
     return tokens
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For the first ``rows`` rows, from the raw logits (before temperature and filters): values
-    [rows, 1 + MAX_LOGPROBS] float32 (the sampled token's logprob, then the top logprobs in descending order) and
-    ids [rows, MAX_LOGPROBS] int64 (the top tokens).  A vocabulary smaller than ``MAX_LOGPROBS`` repeats its last
-    entry to fill the row."""
-    logprobs = logits[:rows].float().log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens[:rows, None])
-    top, ids = logprobs.topk(min(MAX_LOGPROBS, logprobs.shape[-1]), dim=-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, from the raw logits (before temperature and filters), in float32: values [B, 1 + MAX_LOGPROBS]
+    (the sampled token's logprob, then the top logprobs in descending order) and ids [B, MAX_LOGPROBS] int64 (the
+    top tokens).  A vocabulary smaller than ``MAX_LOGPROBS`` repeats its last entry to fill the row.
+
+    log_softmax(x) = x - logsumexp(x), so only the logits the result holds are normalised: no [B, V] logprobs
+    tensor is made (the top k of the logits are the top k of their logprobs)."""
+    log_norm = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    chosen = logits.gather(1, tokens[:, None]).float() - log_norm
+    top, ids = logits.topk(min(MAX_LOGPROBS, logits.shape[-1]), dim=-1)
+    top = top.float() - log_norm
     if top.shape[-1] < MAX_LOGPROBS:
         fill = MAX_LOGPROBS - top.shape[-1]
         top, ids = torch.cat([top, top[:, -1:].expand(-1, fill)], 1), torch.cat([ids, ids[:, -1:].expand(-1, fill)], 1)
     return torch.cat([chosen, top], dim=1), ids
+
+
+def rechoose_logprob(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor,
+                     rows: int) -> torch.Tensor:
+    """``values`` of the first ``rows`` rows with column 0 the logprob of ``tokens`` (re-drawn after the step):
+    logit(token) - logsumexp, where logsumexp = logit(top token) - its logprob."""
+    log_norm = logits[:rows].gather(1, ids[:rows, :1]).float() - values[:rows, 1:2]
+    chosen = logits[:rows].gather(1, tokens[:rows, None]).float() - log_norm
+    return torch.cat([chosen, values[:rows, 1:]], dim=1)
