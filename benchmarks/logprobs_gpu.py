@@ -11,7 +11,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+os.environ.setdefault("TRITON_INTERPRET", "0")  # tests/conftest.py would switch Triton to its CPU interpreter
 
 
 def main():
