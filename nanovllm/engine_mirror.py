@@ -6,7 +6,8 @@ At N > 1, rank 0's ``llm.engine`` is a ``MirroredEngine``: ``add_request``, ``st
 ``workers.py``), then run it on rank 0's engine.  Each other rank replays the calls on its own engine in the same
 order (``EngineReplica``), so every rank's scheduler makes the same decisions and their steps' collectives line up,
 exactly as for a mirrored ``generate``.  A sequence travels as its ``seq_id``: ranks number requests identically.
-Everything else (``has_work``, ``updated_sequences``, ``scheduler``, ``stats``...) reads rank 0's engine.
+Everything else (``has_work``, ``updated_sequences``, ``scheduler``, ``stats``...) reads rank 0's engine, and
+``step_log`` (which ``bench.py`` sets to a list) is rank 0's engine's, read and set.
 
 Each mirrored call costs one broadcast on the control group before rank 0 runs it.
 """
@@ -23,6 +24,14 @@ class MirroredEngine:
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
+
+    @property
+    def step_log(self):
+        return self._engine.step_log
+
+    @step_log.setter
+    def step_log(self, value) -> None:  # set on the engine that steps, not on this wrapper
+        self._engine.step_log = value
 
     def add_request(self, prompt_token_ids, params, images=None) -> Sequence:
         self._peers.call("engine", "add_request", prompt_token_ids, params, images)

@@ -25,7 +25,8 @@ class LLM:
     must equal ``WORLD_SIZE`` (``ValueError`` otherwise), and only rank 0 returns from ``LLM(...)``: every other
     rank builds its engine, serves rank 0's calls until rank 0 closes the LLM (``close``, ``__del__`` or its exit),
     then leaves the group and exits its process (``sys.exit(0)``) inside ``LLM(...)``, so the rest of the script
-    runs on rank 0 only."""
+    runs on rank 0 only.  If the engine fails to build after the other ranks started, ``LLM(...)`` stops them
+    (``close``) before the error propagates."""
 
     def __init__(self, model, **options):
         self._workers = None
@@ -43,12 +44,17 @@ class LLM:
             options = dict(options, device=workers.rank_device(options.get("device", "auto"), tp.rank))
         self.config = EngineConfig(model=model, **options)
         start = time.perf_counter()
-        self._engine = Engine(self.config)
-        # the engine for callers that step it themselves (the server): at N > 1 its calls run on every rank
-        self.engine = self._engine if self._workers is None else MirroredEngine(self._engine, self._workers)
-        self.tokenizer = _load_tokenizer(self.config.model)
-        hf = self.config.hf_config  # vision-language checkpoints: prompts with images (multimodal.py)
-        self._images = ImagePrompts(self.config.model, hf, self.tokenizer) if "vision_config" in hf else None
+        try:
+            self._engine = Engine(self.config)
+            # the engine for callers that step it themselves (the server): at N > 1 its calls run on every rank
+            self.engine = self._engine if self._workers is None else MirroredEngine(self._engine, self._workers)
+            self.tokenizer = _load_tokenizer(self.config.model)
+            hf = self.config.hf_config  # vision-language checkpoints: prompts with images (multimodal.py)
+            self._images = ImagePrompts(self.config.model, hf, self.tokenizer) if "vision_config" in hf else None
+        except BaseException:  # the other ranks started (and may wait on a collective): stop them, leave the group
+            if self._workers is not None:
+                self._workers.close(serving=False)
+            raise
         self.init_seconds = time.perf_counter() - start
         d = self.engine.describe()
         logger.info("ready in %.1fs: device=%s dtype=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB); kernel options: "

@@ -9,7 +9,8 @@ Two ways to get the ranks:
   on the device its platform gives rank r (``cuda:r``, ``npu:r``; the CPU is shared), joined by a TCP rendezvous on
   localhost.  Rank 0 checks its workers before each
   call; a worker that died makes that call raise, and a collective with a dead peer fails with gloo's or NCCL's
-  error.  Workers are daemon processes, so none outlives rank 0.
+  error.  Workers are daemon processes, so none outlives rank 0; if rank 0's engine fails to build, ``LLM``
+  terminates them (they may be waiting for rank 0 in a collective of their own start).
 * **Under torchrun, any number of nodes.**  When torchrun started this process (``launched_by_torchrun``: ``RANK``,
   ``WORLD_SIZE`` > 1 and ``MASTER_ADDR`` in the environment), every rank runs the user's script; ``LLM(...)`` joins
   the env:// group (``cuda:LOCAL_RANK`` per process) instead of spawning, and
@@ -156,17 +157,27 @@ class Workers(_Peers):
         self.check()
         broadcast_call((name, args, kwargs))
 
-    def close(self) -> None:
+    def close(self, serving: bool = True) -> None:
+        """Send the workers ``("exit",)``, leave the group with them and join them (a worker still alive after
+        30 s is killed).  ``serving=False``: rank 0 failed before the workers began serving its calls (each may
+        wait for rank 0 in a collective of its engine's start, and would not receive the message), so they are
+        terminated instead.  A worker already gone makes neither raise."""
         if self.closed:
             return
         self.closed = True
-        alive = all(p.is_alive() for p in self.procs) and not self.broken
+        alive = serving and all(p.is_alive() for p in self.procs) and not self.broken
+        if alive:
+            try:
+                broadcast_call(("exit",))
+            except RuntimeError:  # a worker died since the check (gloo: connection closed): stop the rest below
+                alive = False
         try:
             if alive:
-                broadcast_call(("exit",))
                 leave_group()  # with the workers, which leave on "exit": NCCL tears a communicator down together
         finally:
             for p in self.procs:
+                if not serving:
+                    p.terminate()
                 p.join(timeout=30)
                 if p.is_alive():
                     p.kill()
@@ -198,12 +209,19 @@ class TorchrunPeers(_Peers):
             raise RuntimeError(f"{self.label}: sending {name!r} to the other ranks failed: a peer rank is gone "
                                f"(its log, or torchrun's report of the first failure, says why)") from e
 
-    def close(self) -> None:
+    def close(self, serving: bool = True) -> None:
+        """As ``Workers.close``; with ``serving=False`` rank 0 sends no exit message and only leaves the group,
+        so the other ranks' collectives fail and torchrun ends them."""
         if self.closed:
             return
         self.closed = True
+        if not serving:
+            self.broken = "rank 0 failed to build its engine"
         if self.rank == 0 and not self.broken:
-            broadcast_call(("exit",))
+            try:
+                broadcast_call(("exit",))
+            except RuntimeError as e:  # a peer is already gone: nothing to tell it; still leave the group
+                self.broken = f"{type(e).__name__}: {e}"[:300]
         try:
             leave_group()
         except Exception:
