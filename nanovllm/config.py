@@ -86,7 +86,7 @@ class EngineConfig:
               "`max_num_batched_tokens`, then 1/4, 2/4, 3/4 and all of it); `[]` (flag: `none`) turns prefill "
               "graphs off", list_of=int)
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (heads, MLP and vocabulary), one process "
-                                         "and device each on this node, started by `LLM`; offline `generate` only")
+                                         "and device each on this node, started by `LLM` (or torchrun's ranks)")
     max_num_seqs: int = _opt(256, "sequences decoding at once")
     max_num_batched_tokens: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
     max_model_len: int = _opt(4096, "prompt + completion limit (capped by the checkpoint's "

@@ -173,7 +173,7 @@ class Workers(_Peers):
                 alive = False
         try:
             if alive:
-                leave_group()  # with the workers, which leave on "exit": NCCL tears a communicator down together
+                leave_group()  # the workers leave too, on "exit"
         finally:
             for p in self.procs:
                 if not serving:
