@@ -96,8 +96,11 @@ def test_npu_platforms_name_the_backend_and_the_rank_device(npu, model_dir):
     assert npu_class.rank_device("npu", 1) == "npu:1" and CudaPlatform.rank_device("auto", 3) == "cuda:3"
     assert CpuPlatform.rank_device("cpu", 1) == "cpu" and CpuPlatform.visible_device_count() is None
     from standins import npu_runtime
-    npu_class.bind_rank("npu:1")
-    assert npu_runtime.stats["current_device"] == 1 and npu_class.visible_device_count() == npu_runtime.DEVICES
+    try:
+        npu_class.bind_rank("npu:1")
+        assert npu_runtime.stats["current_device"] == 1 and npu_class.visible_device_count() == npu_runtime.DEVICES
+    finally:
+        npu_class.bind_rank("npu:0")  # the stand-in's current device outlives the test: later tests expect npu:0
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 is more than the 2 visible npu devices"):
         LLM(model_dir, device="npu", tensor_parallel_size=3)
 
