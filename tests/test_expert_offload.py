@@ -106,3 +106,18 @@ def test_start_up_line_says_what_each_part_takes(checkpoint, caplog):
     reasons = [r.getMessage() for r in caplog.records if "runs eagerly" in r.getMessage()]
     assert reasons == ["the model runs eagerly: experts are offloaded to host memory (offload_experts=True): "
                        "routing decides the copies"]
+
+
+def test_a_step_needing_more_experts_than_slots_uses_the_resident_ones_before_copying():
+    import torch
+
+    from nanovllm.models.expert_offload import ExpertCache
+    cache = ExpertCache(torch.randn(4, 6, 3), torch.randn(4, 3, 3), torch.device("cpu"), slots=1, pin=False)
+    cache.ensure([3])  # expert 3 resident, as after a step whose last round was expert 3
+    cache.hits = cache.misses = 0
+    order = cache.resident_first([0, 1, 2, 3])
+    assert order == [3, 0, 1, 2]
+    for e in order:  # the rounds of one slot
+        cache.ensure([e])
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert cache.resident_first([0, 1]) == [0, 1] and cache.resident_first([1, 2, 0]) == [2, 1, 0]

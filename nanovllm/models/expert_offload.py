@@ -8,8 +8,8 @@ to ``device``, and gives each ``SparseMoe`` an ``ExpertCache``: the layer's stac
 A step of an offloaded layer routes on the device, reads the set of chosen experts on the host (one sync per layer),
 makes them resident (copies on a side stream on CUDA; the compute stream waits on each copy's event) and runs the
 experts on the slots (``ops.moe_experts``), with the expert ids remapped to slots. A step that needs more distinct
-experts than there are slots runs in rounds of at most ``slots`` experts, the router weights of the others set to
-zero. With ``prefetch``, each layer also applies the next MoE layer's router to its own input and starts copying the
+experts than there are slots runs in rounds of at most ``slots`` experts, resident ones first, the router weights
+of the others set to zero. With ``prefetch``, each layer also applies the next MoE layer's router to its own input and starts copying the
 experts that guess picks, so the copies overlap this layer's compute.
 
 Graph mode: an offloaded model runs eagerly (``graph_capturable = False`` with a logged reason).  The set of
@@ -101,6 +101,12 @@ class ExpertCache:
                 if event is not None:
                     current.wait_event(event)
 
+    def resident_first(self, experts: list[int]) -> list[int]:
+        """``experts`` with the resident ones first (order otherwise kept): when a step runs in rounds, the
+        resident experts are used before any copy could evict them (in id order, a step needing every expert
+        with one slot would evict the resident one before reaching it, and never hit)."""
+        return [e for e in experts if e in self.lru] + [e for e in experts if e not in self.lru]
+
     def prefetch(self, experts: list[int]) -> None:
         """Start copying the guessed ``experts`` that are not resident (at most ``num_slots``, the most likely
         first), evicting the least recently used; they count as ``prefetched``, not as misses."""
@@ -140,8 +146,8 @@ class OffloadedMoe(torch.nn.Module):
         weights, ids = route_reference(ops.linear(x, self.gate.weight), self.top_k, self.renormalize)
         if self.next_moe is not None and x.shape[0]:
             self.next_moe.cache.prefetch(self.next_moe.guess(x))
-        needed = torch.unique(ids).tolist()
         c = self.cache
+        needed = c.resident_first(torch.unique(ids).tolist())
         y = None
         for r in range(0, len(needed), c.num_slots):
             chunk = needed[r:r + c.num_slots]
