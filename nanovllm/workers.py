@@ -6,10 +6,14 @@ hence their collectives line up without sending any step's inputs: only the call
 Two ways to get the ranks:
 
 * **One node, spawned.**  ``LLM(path, tensor_parallel_size=N)`` spawns ranks 1..N-1 (``Workers``) on this node, each
-  on the device its platform gives rank r (``cuda:r``, ``npu:r``; the CPU is shared), joined by a TCP rendezvous on
-  localhost.  Rank 0 checks its workers before each
-  call; a worker that died makes that call raise, and a collective with a dead peer fails with gloo's or NCCL's
-  error.  Workers are daemon processes, so none outlives rank 0; if rank 0's engine fails to build, ``LLM``
+  on the device its platform gives rank r (``cuda:r``, ``npu:r``; the CPU is shared), joined through a TCP store
+  rank 0 hosts on localhost (``distributed/rendezvous.py``).  While the group forms, rank 0 watches its workers: one
+  that dies before joining (it cannot unpickle its arguments, say an ``llm_class`` its process cannot import, or it
+  crashes at import) makes ``LLM(...)`` raise ``RuntimeError`` ("tensor-parallel worker(s) died: rank 1 (exit code
+  1) ...") within a fraction of a second, with the other workers stopped and this process a rank of one again; a
+  worker that never starts fails the same way after ``NANOVLLM_TP_TIMEOUT_S``.  Rank 0 checks its workers before
+  each call; a worker that died makes that call raise, and a collective with a dead peer fails with gloo's or
+  NCCL's error.  Workers are daemon processes, so none outlives rank 0; if rank 0's engine fails to build, ``LLM``
   terminates them (they may be waiting for rank 0 in a collective of their own start).
 * **Under torchrun, any number of nodes.**  When torchrun started this process (``launched_by_torchrun``: ``RANK``,
   ``WORLD_SIZE`` > 1 and ``MASTER_ADDR`` in the environment), every rank runs the user's script; ``LLM(...)`` joins
@@ -34,13 +38,13 @@ waiting for rank 0's next call (a user's script may compute for hours between tw
 import atexit
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nanovllm.distributed as distributed
+from nanovllm.distributed import rendezvous
 from nanovllm.engine_mirror import EngineReplica
 from nanovllm.platforms import platform_class
 
@@ -75,12 +79,15 @@ def rank_device(device: str, rank: int) -> str:
     return platform_class(device).rank_device(device, launched[2] if launched else rank)
 
 
-def _join(device: str, rank: int, size: int, init_method: str | None) -> None:
-    """Bind this rank's device and join the default group over the platform's backend, then the control group."""
+def _join(device: str, rank: int, size: int, store: dist.Store | None = None) -> None:
+    """Bind this rank's device and join the default group over the platform's backend (through ``store``, rank
+    0's, announcing this rank there first; None: env://), then the control group."""
     global _control
     platform = platform_class(device)
     platform.bind_rank(rank_device(device, rank))
-    distributed.init_process_group(platform.distributed_backend, rank, size, init_method, timeout_s())
+    if store is not None and rank:
+        rendezvous.announce(store, rank)
+    distributed.init_process_group(platform.distributed_backend, rank, size, None, timeout_s(), store=store)
     _control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
 
 
@@ -135,25 +142,37 @@ class Workers(_Peers):
         if count is not None and size > count:
             raise ValueError(f"tensor_parallel_size={size} is more than the {count} visible {platform.name} devices "
                              f"(${platform.visible_devices_env} limits them)")
-        self.procs = []
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        self.procs, timeout = [], timeout_s()
+        store = rendezvous.host(size, timeout)
         ctx = mp.get_context("spawn")
-        init = f"tcp://127.0.0.1:{port}"
-        for rank in range(1, size):
-            p = ctx.Process(target=_worker_main, args=(rank, size, init, llm_class, model, options),
-                            daemon=True)
-            p.start()
-            self.procs.append(p)
-        _join(device, 0, size, init)
+        try:
+            for rank in range(1, size):
+                p = ctx.Process(target=_worker_main, args=(rank, size, store.port, llm_class, model, options),
+                                daemon=True)
+                p.start()
+                self.procs.append(p)
+            rendezvous.wait_for_ranks(store, list(range(1, size)), self.dead, timeout)
+            _join(device, 0, size, store)
+        except BaseException:  # a worker died (or never started): stop the others, stay a rank of one
+            for p in self.procs:
+                p.terminate()
+            for p in self.procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+            leave_group()
+            raise
         self.closed = False
         atexit.register(self.close)
 
+    def dead(self) -> list[tuple[int, int | None]]:
+        """(rank, exit code) of each worker whose process ended."""
+        return [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
+
     def call(self, name: str, *args, **kwargs) -> None:
-        dead = [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
+        dead = self.dead()
         if dead:
-            raise RuntimeError(f"tensor-parallel worker(s) died: {', '.join(f'rank {r} (exit code {c})' for r, c in dead)}")
+            raise RuntimeError(rendezvous.describe_dead(dead))
         self.check()
         broadcast_call((name, args, kwargs))
 
@@ -194,7 +213,7 @@ class TorchrunPeers(_Peers):
         if size != world:
             raise ValueError(f"tensor_parallel_size={size} but torchrun started WORLD_SIZE={world} processes; "
                              f"they must be equal")
-        _join(options.get("device", "auto"), rank, world, None)
+        _join(options.get("device", "auto"), rank, world)
         self.rank, self.closed = rank, False
         self.label = f"tensor-parallel rank 0 of {world} (torchrun)"
         if rank == 0:
@@ -255,8 +274,8 @@ def leave_group() -> None:
     distributed.set_current(distributed.TensorParallel())
 
 
-def _worker_main(rank: int, size: int, init: str, llm_class, model, options: dict) -> None:
-    _join(options.get("device", "auto"), rank, size, init)
+def _worker_main(rank: int, size: int, port: int, llm_class, model, options: dict) -> None:
+    _join(options.get("device", "auto"), rank, size, rendezvous.connect(port, size, timeout_s()))
     serve_calls(llm_class(model, **options))
     leave_group()
 

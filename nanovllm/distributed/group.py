@@ -4,7 +4,8 @@ layers read them to size their shards) and read by the collectives.
 ``init_process_group`` joins ``torch.distributed``'s default group (gloo on CPU, nccl on CUDA, hccl on Ascend: the
 platform names it) and records the rank and size.  Every process nanovllm starts keeps NVLink multicast off
 (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``): on shared machines a multicast object can take
-the host's GPUs out of service.
+the host's GPUs out of service.  A group whose rank 0 spawned the others meets through rank 0's store
+(``rendezvous.py``), so a rank that dies before joining is seen at once.
 """
 import os
 from dataclasses import dataclass
@@ -40,15 +41,15 @@ def set_current(tp: TensorParallel) -> TensorParallel:
 
 
 def init_process_group(backend: str, rank: int, size: int, init_method: str | None = None,
-                       timeout_s: float = 600.0) -> TensorParallel:
-    """Join the default process group of ``size`` ranks as ``rank`` (``init_method`` None: env://, as torchrun
-    sets it) and make it current."""
+                       timeout_s: float = 600.0, store: dist.Store | None = None) -> TensorParallel:
+    """Join the default process group of ``size`` ranks as ``rank`` and make it current: through ``store`` when
+    given (``rendezvous.py``), else ``init_method`` (None: env://, as torchrun sets it)."""
     import datetime
     for key, value in NO_MULTICAST.items():
         os.environ[key] = value
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, init_method=None if store is not None else init_method, rank=rank,
+                                world_size=size, timeout=datetime.timedelta(seconds=timeout_s), store=store)
     elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
         raise RuntimeError(f"a process group of rank {dist.get_rank()} of {dist.get_world_size()} already exists; "
                            f"asked for rank {rank} of {size}")
