@@ -9,30 +9,18 @@ import sys
 import time
 import types
 
-import psutil
 import pytest
 import torch.distributed as dist
 
 from conftest import build_checkpoint
 from nanovllm import LLM, SamplingParams, distributed
 from nanovllm.distributed import rendezvous
+from test_tp_sizes import spawned_workers
 
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64, enforce_eager=True,
               device="cpu")
 PROMPTS = [[5, 9, 13, 2, 7], [11, 3]]
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-
-def spawned_workers() -> list[int]:
-    """This process's live children that multiprocessing spawned (not its resource tracker, not zombies)."""
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
-                out.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 @pytest.fixture
