@@ -142,7 +142,7 @@ class Workers(_Peers):
         if count is not None and size > count:
             raise ValueError(f"tensor_parallel_size={size} is more than the {count} visible {platform.name} devices "
                              f"(${platform.visible_devices_env} limits them)")
-        self.procs, timeout = [], timeout_s()
+        self.procs, self.closed, timeout = [], False, timeout_s()
         store = rendezvous.host(size, timeout)
         ctx = mp.get_context("spawn")
         try:
@@ -154,15 +154,8 @@ class Workers(_Peers):
             rendezvous.wait_for_ranks(store, list(range(1, size)), self.dead, timeout)
             _join(device, 0, size, store)
         except BaseException:  # a worker died (or never started): stop the others, stay a rank of one
-            for p in self.procs:
-                p.terminate()
-            for p in self.procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-            leave_group()
+            self.close(serving=False)
             raise
-        self.closed = False
         atexit.register(self.close)
 
     def dead(self) -> list[tuple[int, int | None]]:
@@ -178,9 +171,10 @@ class Workers(_Peers):
 
     def close(self, serving: bool = True) -> None:
         """Send the workers ``("exit",)``, leave the group with them and join them (a worker still alive after
-        30 s is killed).  ``serving=False``: rank 0 failed before the workers began serving its calls (each may
-        wait for rank 0 in a collective of its engine's start, and would not receive the message), so they are
-        terminated instead.  A worker already gone makes neither raise."""
+        30 s is killed).  ``serving=False``: rank 0 failed before the workers began serving its calls (a worker
+        died at start-up, or rank 0's engine failed to build; each may wait for rank 0 in a collective of its
+        engine's start, and would not receive the message), so they are terminated instead.  A worker already
+        gone makes neither raise."""
         if self.closed:
             return
         self.closed = True

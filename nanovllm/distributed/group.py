@@ -48,8 +48,8 @@ def init_process_group(backend: str, rank: int, size: int, init_method: str | No
     for key, value in NO_MULTICAST.items():
         os.environ[key] = value
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=None if store is not None else init_method, rank=rank,
-                                world_size=size, timeout=datetime.timedelta(seconds=timeout_s), store=store)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=timeout_s), store=store)
     elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
         raise RuntimeError(f"a process group of rank {dist.get_rank()} of {dist.get_world_size()} already exists; "
                            f"asked for rank {rank} of {size}")
