@@ -12,7 +12,8 @@ from nanovllm.detokenizer import TextStream
 from nanovllm.engine.engine import Engine
 from nanovllm.engine_mirror import MirroredEngine
 from nanovllm.logger import logger
-from nanovllm.multimodal import ImagePrompts, chat_prompt
+from nanovllm.multimodal import chat_prompt
+from nanovllm.prompts import Prompts
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -48,9 +49,9 @@ class LLM:
             self._engine = Engine(self.config)
             # the engine for callers that step it themselves (the server): at N > 1 its calls run on every rank
             self.engine = self._engine if self._workers is None else MirroredEngine(self._engine, self._workers)
-            self.tokenizer = _load_tokenizer(self.config.model)
-            hf = self.config.hf_config  # vision-language checkpoints: prompts with images (multimodal.py)
-            self._images = ImagePrompts(self.config.model, hf, self.tokenizer) if "vision_config" in hf else None
+            self.prompts = Prompts(self.config.model, self.config.hf_config, self._engine.runner.vocab_size,
+                                   self.config.max_model_len)
+            self.tokenizer = self.prompts.tokenizer
         except BaseException:  # the other ranks started (and may wait on a collective): stop them, leave the group
             if self._workers is not None:
                 self._workers.close(serving=False)
@@ -105,7 +106,7 @@ class LLM:
             params.validate()
             if params.stop and self.tokenizer is None:
                 raise ValueError(f"sampling_params[{i}] has stop strings but {self.config.model!r} has no tokenizer")
-        if self._images is not None and sum(isinstance(p, dict) for p in prompts) > 1:
+        if self.prompts.images is not None and sum(isinstance(p, dict) for p in prompts) > 1:
             # image preprocessing takes milliseconds per image, mostly outside the GIL: spread it over threads
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
                 encoded = list(pool.map(self.encode_request, prompts, range(len(prompts))))
@@ -114,53 +115,16 @@ class LLM:
         return [ids for ids, _ in encoded], list(sampling_params), [im for _, im in encoded]
 
     def encode_request(self, prompt, index: int = 0):
-        """(token ids, ``ImageInputs`` or None) of a prompt: a str, a token-id list, or a dict with ``prompt`` (or
-        ``prompt_token_ids``) and ``multi_modal_data`` (``nanovllm/multimodal.py``).  Raises as ``encode_prompt``,
-        and ``ValueError`` for images a text-only model cannot take, or placeholders that don't match them."""
-        if not isinstance(prompt, dict):
-            return self.encode_prompt(prompt, index), None
-        if self._images is None:
-            if (prompt.get("multi_modal_data") or {}).get("image") is not None:
-                raise ValueError(f"prompt {index} has images but {self.config.model!r} is not a vision-language "
-                                 f"model (its config has no vision_config)")
-            return self.encode_prompt(prompt.get("prompt", prompt.get("prompt_token_ids")), index), None
-        ids, image_inputs = self._images.encode(prompt, index)
-        ids = self.encode_prompt(ids, index)  # the vocabulary and max_model_len checks, image tokens included
-        return ids, image_inputs
+        """(token ids, ``ImageInputs`` or None) of one prompt (``Prompts.encode_request``, ``nanovllm/prompts.py``)."""
+        return self.prompts.encode_request(prompt, index)
 
     def encode_prompt(self, prompt, index: int = 0) -> list[int]:
-        """A prompt's token ids: a str is tokenized, a list of ints checked against the vocabulary.  Raises
-        ``TypeError``/``ValueError`` naming prompt ``index`` and the bad value (empty, too long, bad id)."""
-        vocab, limit = self._engine.runner.vocab_size, self.config.max_model_len
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"prompt {index} is text but {self.config.model!r} has no tokenizer; "
-                                 f"pass token-id lists instead")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-            # per element only in C (map, min, max): bench's 143k prompt tokens are checked in a few ms
-            if not all(issubclass(t, int) and t is not bool for t in set(map(type, ids))):
-                raise TypeError(f"prompt {index} must be a str or a list of int token ids")
-            if ids and (min(ids) < 0 or max(ids) >= vocab):
-                bad = next(t for t in ids if not 0 <= t < vocab)
-                raise ValueError(f"prompt {index} has token id {bad} outside the vocabulary [0, {vocab})")
-        else:
-            raise TypeError(f"prompt {index} must be a str or a list of int token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        if len(ids) > limit:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens, more than max_model_len={limit}")
-        return ids
+        """A prompt's checked token ids (``Prompts.encode_prompt``)."""
+        return self.prompts.encode_prompt(prompt, index)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """The token ids of one conversation through the checkpoint's chat template, ready for the assistant's
-        reply.  Raises ``ValueError`` if there is no tokenizer or no template."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.config.model!r} has no chat template (tokenizer_config.json "
-                             f"'chat_template' or chat_template.jinja)")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+        """One conversation's token ids through the chat template (``Prompts.apply_chat_template``)."""
+        return self.prompts.apply_chat_template(messages)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
         """``generate`` for one conversation (a list of ``{"role", "content"}`` dicts) or a list of them, each
@@ -249,11 +213,3 @@ class LLM:
             out["logprobs"] = [{token: chosen, **dict(zip(top_ids, top))}
                                for token, (chosen, top_ids, top) in zip(ids, seq.logprobs)]
         return out
-
-
-def _load_tokenizer(model_dir: str):
-    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        logger.warning("no tokenizer in %s: only token-id prompts work and outputs carry no text", model_dir)
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir)

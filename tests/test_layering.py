@@ -23,7 +23,7 @@ LAYERS = [
     ("nanovllm.compile",),
     ("nanovllm.engine",),
     ("nanovllm.llm", "nanovllm.cli", "nanovllm.precompile", "nanovllm.detokenizer", "nanovllm.workers",
-     "nanovllm.multimodal", "nanovllm.engine_mirror", "nanovllm"),
+     "nanovllm.multimodal", "nanovllm.prompts", "nanovllm.engine_mirror", "nanovllm"),
     ("nanovllm.tools",),
     ("nanovllm.entrypoints",),
     ("nanovllm.serve",),

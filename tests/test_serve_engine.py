@@ -133,26 +133,15 @@ def test_a_stop_token_resolved_after_the_length_finish_comes_with_the_finish(llm
     """With steps queued, a sequence can be finished on length at launch and then resolve a stop token still
     pending: the server must get that token with the finish (reason "stop"), not earlier as ordinary text."""
     from nanovllm.entrypoints.choices import Choice
-    from nanovllm.entrypoints.engine_loop import EngineLoop, RequestHandle
+    from nanovllm.entrypoints.engine_core import EngineCore
     chain, m = text_model[1], 8
     stop = chain[m - 1]  # the completion's second-to-last token: pending when the last one is launched
     params = SamplingParams(temperature=0, max_tokens=m, stop_token_ids=[stop])
-
-    class Inline:  # stands in for the asyncio loop: deltas are dispatched at once
-        @staticmethod
-        def call_soon_threadsafe(fn, *args):
-            fn(*args)
-
-    loop = EngineLoop(llm, max_waiting_seqs=8)
-    loop._loop = Inline()
+    core = EngineCore(llm.engine)
+    core.apply(("add", 7, [chain[0]], [params], None))
     sent = []
-    loop._dispatch = lambda events: sent.extend(delta for _, _, delta in events)
-    handle = RequestHandle([chain[0]], [params])
-    loop._inbox.append(("add", handle))
-    loop._drain()
     while llm.engine.has_work():
-        finished, _, _ = llm.engine.step()
-        loop._send(finished)
+        sent += [delta for rid, _, delta in core.step() if rid == 7]
     assert [t for d in sent for t in d.token_ids] == chain[1:m]
     assert sent[-1].finish_reason == "stop" and sent[-1].token_ids[-1] == stop
     assert all(stop not in d.token_ids for d in sent[:-1])

@@ -21,7 +21,7 @@ def test_an_engine_failure_fails_its_requests_and_the_health_check(tmp_path):
         raise RuntimeError("device lost")
 
     llm.engine.step = broken_step
-    with TestClient(build_app(Serving(llm, "tiny", max_waiting_seqs=8))) as client:
+    with TestClient(build_app(Serving.on_llm(llm, "tiny", max_waiting_seqs=8))) as client:
         assert client.get("/health").status_code == 200
         r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
@@ -36,7 +36,7 @@ def test_a_server_needs_a_tokenizer(tmp_path):
     llm = LLM(build_checkpoint(tmp_path, "qwen3"), enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=8,
               max_model_len=64)
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        Serving(llm, "tiny", max_waiting_seqs=8)
+        Serving.on_llm(llm, "tiny", max_waiting_seqs=8)
 
 
 def test_a_request_of_n_choices_counts_its_prompt_once():
@@ -74,7 +74,7 @@ def test_a_chat_stream_dropped_after_its_first_chunk_is_aborted(tmp_path):
 
     path, _ = build_text_checkpoint(tmp_path)
     llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
-    serving = Serving(llm, "tiny", max_waiting_seqs=8)
+    serving = Serving.on_llm(llm, "tiny", max_waiting_seqs=8)
     req = ChatRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
 
     class Request:
@@ -93,4 +93,4 @@ def test_a_chat_stream_dropped_after_its_first_chunk_is_aborted(tmp_path):
         return sent
 
     asyncio.run(run())
-    assert [item[0] for item in serving.loop._inbox] == ["add", "abort"]
+    assert [item[0] for item in serving.loop._outbox] == ["add", "abort"]  # queued for the engine, not yet sent

@@ -27,9 +27,11 @@ def offline(model):
     return LLM(model, **ENGINE)
 
 
-def children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid``, at any depth (the engine process, its rank 1, their helpers)."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    found = [int(p) for p in out.split()]
+    return found + [q for p in found for q in descendants(p)]
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -70,8 +72,8 @@ def test_two_ranks_serve_offline_tokens_through_drops_and_stop_strings(model, of
                                             stop=[want[0][4:7]])
         assert stopped.choices[0].text == stop_want and stopped.choices[0].finish_reason == "stop"
         assert [complete(p) for p in PROMPTS] == want  # still in step after the abort and the stop string
-        workers = children(base.pid)
-        assert len(workers) >= 1  # the spawned rank 1 (and multiprocessing's resource tracker)
+        workers = descendants(base.pid)
+        assert len(workers) >= 2  # the engine process and its rank 1 (and multiprocessing's resource trackers)
     deadline = time.monotonic() + 20
     while alive(workers) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -47,7 +47,7 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{
             "id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "nanovllm",
-            "root": serving.llm.config.model, "max_model_len": serving.max_model_len}]}
+            "root": serving.prompts.model, "max_model_len": serving.max_model_len}]}
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):

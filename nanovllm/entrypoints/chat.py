@@ -26,7 +26,7 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
     except (ValueError, KeyError, TypeError) as e:
         raise bad_request(f"an image part is malformed: {e}", "messages") from None
     try:
-        ids = serving.llm.apply_chat_template(messages)
+        ids = serving.prompts.apply_chat_template(messages)
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     except Exception as e:  # noqa: BLE001 - a template that rejects these messages (jinja raise_exception)
@@ -34,7 +34,7 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
     image_inputs = None
     if images:  # placeholders in the text, the images beside it (nanovllm/multimodal.py)
         try:
-            ids, image_inputs = serving.llm.encode_request({"prompt_token_ids": ids,
+            ids, image_inputs = serving.prompts.encode_request({"prompt_token_ids": ids,
                                                             "multi_modal_data": {"image": images}})
         except (ValueError, TypeError) as e:
             raise bad_request(str(e).replace("prompt 0", "the conversation"), "messages") from None

@@ -1,25 +1,31 @@
-"""``EngineLoop``: one background thread steps the engine while requests come and go on the asyncio side.
+"""``EngineLoop``: the server's front side of its engine, for the asyncio handlers.  The engine itself is an
+``EngineCore`` (``engine_core.py``) behind two pipes, in a process of its own (``in_process``, the server's
+default, ``engine_process.py``) or in a thread of this one (``in_thread``, on a caller's ``LLM``).
 
 Contract:
-* Only the engine thread touches the engine and its ``Sequence``s.  The asyncio side talks to it through an inbox
-  (``submit``, ``abort``: thread-safe, non-blocking) and hears back through each request's ``asyncio.Queue``, fed
-  once per engine step with one ``call_soon_threadsafe``.
-* New requests join the running batch between steps.  Each engine step sends, per sequence that got tokens, a
-  ``SeqDelta``: its newly resolved tokens (and logprobs), and its finish reason on the last one.  A stop token
-  (EOS or ``stop_token_ids``) is always the last token of the delta that carries the finish reason "stop".  A request of
-  ``n`` choices is ``n`` sequences; choice ``i`` with a seed gets ``seed + i``.
-* ``abort`` ends a request's sequences at once and frees their KV blocks (``Engine.abort``), even while queued
-  steps still hold their pending tokens; nothing more is sent for them.
-* ``submit`` refuses (``Overloaded``) when the sequences waiting for a batch slot would pass ``max_waiting_seqs``,
-  so the queue is bounded.  If the engine fails, every live request gets the error and later submits are refused.
+* ``submit`` and ``abort`` are non-blocking and called on the event loop's thread.  A writer thread sends the
+  commands; a reader thread takes each engine step's deltas and hands them, with one ``call_soon_threadsafe`` per
+  step, to each request's ``asyncio.Queue`` as ``(choice index, SeqDelta)``.  A request of ``n`` choices is ``n``
+  sequences.  New requests join the running batch between steps.
+* ``abort`` ends the request's choices at once (the core frees their KV blocks); nothing more is delivered for them.
+* ``submit`` refuses (``Overloaded``) when the sequences waiting for a batch slot (submitted and not yet in the
+  engine, plus those in its waiting queue) would pass ``max_waiting_seqs``, so the queue is bounded.
+* If the engine fails or its process dies, every live request gets a delta carrying the error, ``error`` is set and
+  later submits raise ``EngineDead``.
+* ``stats``: sequences running and waiting, and the share of KV blocks in use, as of the last step.
 """
 import asyncio
-import dataclasses
+import itertools
+import pickle
 import threading
 import time
 from collections import deque
 
+from nanovllm.entrypoints import engine_process
+from nanovllm.entrypoints.engine_core import EngineCore, SeqDelta, dumps
 from nanovllm.logger import logger
+
+__all__ = ["EngineDead", "EngineLoop", "Overloaded", "RequestHandle", "SeqDelta"]
 
 
 class Overloaded(Exception):
@@ -30,14 +36,6 @@ class EngineDead(Exception):
     pass
 
 
-@dataclasses.dataclass
-class SeqDelta:
-    token_ids: list[int]
-    logprobs: list | None  # per token (logprob, top ids, top logprobs), when asked
-    finish_reason: str | None  # set on a sequence's last delta: "stop", "length" or "abort"
-    error: BaseException | None = None
-
-
 class RequestHandle:
     """One API request on the asyncio side: its queue of ``(choice index, SeqDelta)`` events."""
 
@@ -45,147 +43,162 @@ class RequestHandle:
         self.prompt_ids, self.params, self.images = prompt_ids, params, images
         self.queue: asyncio.Queue = asyncio.Queue()
         self.arrival = time.perf_counter()
-        self._seqs: list = [None] * len(params)  # engine thread only
-        self._sent = [0] * len(params)  # engine thread only: completion tokens sent per choice
+        self.rid: int | None = None
+        self.open = set(range(len(params)))  # choices the engine may still send for
 
 
 class EngineLoop:
-    def __init__(self, llm, max_waiting_seqs: int):
-        self.llm, self.engine = llm, llm.engine
+    def __init__(self, to_core, from_core, max_waiting_seqs: int, process=None, llm=None):
+        """Use ``in_process`` or ``in_thread``."""
         self.max_waiting_seqs = max_waiting_seqs
-        self._inbox: deque = deque()
+        self._to_core, self._from_core = to_core, from_core
+        self._process, self._llm = process, llm
+        self._core_thread = None
+        self._outbox: deque = deque()  # commands for the writer thread
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._inbox_seqs = 0  # sequences submitted and not yet handed to the engine
-        self._live: dict[int, tuple[RequestHandle, int]] = {}  # seq_id -> (handle, choice), engine thread only
+        self._rids = itertools.count()
+        self._handles: dict[int, RequestHandle] = {}  # event loop's thread only
+        self._submitted = self._added = 0  # sequences submitted here, and handed to the engine (as last reported)
+        self._snapshot = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
         self._stopping = False
         self.error: BaseException | None = None
-        self._snapshot = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="nanovllm-engine-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="nanovllm-engine-writer", daemon=True)
 
-    # ---- asyncio side -------------------------------------------------------------------------------
+    @classmethod
+    def in_process(cls, model: str, options: dict, max_waiting_seqs: int) -> tuple["EngineLoop", dict]:
+        """Build the engine in a process of its own (blocks until it is ready); returns the loop and the
+        engine's ``info`` (``engine_process.start``)."""
+        process, to_core, from_core, info = engine_process.start(model, options)
+        return cls(to_core, from_core, max_waiting_seqs, process=process), info
+
+    @classmethod
+    def in_thread(cls, llm, max_waiting_seqs: int) -> "EngineLoop":
+        """Step ``llm``'s engine in a thread of this process; the loop closes ``llm`` when it shuts down."""
+        import multiprocessing
+        core_inbox, to_core = multiprocessing.Pipe(duplex=False)
+        from_core, core_outbox = multiprocessing.Pipe(duplex=False)
+        loop = cls(to_core, from_core, max_waiting_seqs, llm=llm)
+        loop._core_thread = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox),
+                                             name="nanovllm-engine", daemon=True)
+        return loop
+
+    # ---- event loop's thread ------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        if self._core_thread is not None:
+            self._core_thread.start()
+        self._reader.start()
+        self._writer.start()
 
     def shutdown(self) -> None:
         self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():  # the tensor-parallel ranks leave with the server (nanovllm/workers.py)
-            self.llm.close()
+        self._send(("stop",))
+        if self._process is not None:
+            self._writer.join(timeout=10)
+            engine_process.stop(self._process, self._to_core)
+        elif self._core_thread is not None and self._core_thread.is_alive():
+            self._core_thread.join(timeout=30)
+            if not self._core_thread.is_alive():  # the tensor-parallel ranks leave with the server (workers.py)
+                self._llm.close()
 
     def submit(self, prompt_ids: list[int], params: list, images=None) -> RequestHandle:
         """Queue a request of ``len(params)`` sequences on one prompt (with its ``ImageInputs``, if it has images);
         raises ``Overloaded``/``EngineDead``."""
-        with self._lock:  # against ``_fail``: a request either sees the error or is in the inbox it fails
+        with self._lock:
             if self.error is not None:
                 raise EngineDead(f"the engine failed: {self.error!r}")
-            waiting = self._inbox_seqs + self._snapshot["waiting"]
+            waiting = self._submitted - self._added + self._snapshot["waiting"]
             if waiting + len(params) > self.max_waiting_seqs:
                 raise Overloaded(f"{waiting} sequences are waiting for a batch slot; this request's {len(params)} "
                                  f"would pass --max-waiting-seqs={self.max_waiting_seqs}")
-            self._inbox_seqs += len(params)
-            handle = RequestHandle(prompt_ids, params, images)
-            self._inbox.append(("add", handle))
-        self._wake.set()
+            self._submitted += len(params)
+        handle = RequestHandle(prompt_ids, params, images)
+        handle.rid = next(self._rids)
+        self._handles[handle.rid] = handle
+        self._send(("add", handle.rid, prompt_ids, params, images))
         return handle
 
     def abort(self, handle: RequestHandle, choices=None) -> None:
-        """End the request's sequences (``choices``: their indices; default all) and free their KV blocks."""
-        self._inbox.append(("abort", handle, choices))
-        self._wake.set()
+        """End the request's choices (``choices``: their indices; default all) and free their KV blocks."""
+        ending = [i for i in (handle.open.copy() if choices is None else choices) if i in handle.open]
+        if handle.rid is None or not ending:
+            return
+        handle.open.difference_update(ending)
+        if not handle.open:
+            self._handles.pop(handle.rid, None)
+        self._send(("abort", handle.rid, ending))
 
     def stats(self) -> dict:
-        """Sequences running and waiting, and the share of KV blocks in use, as of the last engine step."""
         with self._lock:
-            return dict(self._snapshot, waiting=self._snapshot["waiting"] + self._inbox_seqs)
+            return dict(self._snapshot, waiting=self._snapshot["waiting"] + self._submitted - self._added)
 
-    @staticmethod
-    def _dispatch(events) -> None:
-        for handle, index, delta in events:
-            handle.queue.put_nowait((index, delta))
-
-    # ---- engine thread ------------------------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while not self._stopping:
-                self._wake.clear()
-                self._drain()
-                if not engine.has_work():
-                    self._publish()
-                    self._wake.wait()
-                    continue
-                finished, _, _ = engine.step()
-                self._send(finished)
-                self._publish()
-        except BaseException as e:  # noqa: BLE001 - reported to every request, then the loop stops
-            logger.exception("engine loop failed")
-            self._fail(e)
-
-    def _drain(self) -> None:
-        engine = self.engine
-        while self._inbox:
-            item = self._inbox.popleft()
-            handle = item[1]
-            if item[0] == "add":
-                for i, params in enumerate(handle.params):
-                    seq = engine.add_request(handle.prompt_ids, params, handle.images)
-                    handle._seqs[i] = seq
-                    self._live[seq.seq_id] = (handle, i)
-                with self._lock:
-                    self._inbox_seqs -= len(handle.params)
-                    self._snapshot["waiting"] = len(engine.scheduler.waiting)
-            else:
-                for i in item[2] if item[2] is not None else range(len(handle.params)):
-                    seq = handle._seqs[i]
-                    if seq is not None and self._live.pop(seq.seq_id, None) is not None:
-                        engine.abort(seq)
-
-    def _send(self, finished) -> None:
-        done = {seq.seq_id for seq in finished}
-        events = []
-        for seq in dict.fromkeys(self.engine.updated_sequences() + finished):  # each once, in order
-            entry = self._live.get(seq.seq_id)
-            if entry is None:
+    def _dispatch(self, events) -> None:
+        for rid, i, delta in events:
+            handle = self._handles.get(rid)
+            if handle is None or i not in handle.open:
                 continue
-            if seq.finish_reason == "stop" and seq.seq_id not in done:
-                continue  # finished on length at launch, then a pending token was a stop token: sent with the end
-            handle, i = entry
-            start = handle._sent[i]
-            end = seq.num_resolved_tokens - seq.num_prompt_tokens
-            tokens = seq.token_ids[seq.num_prompt_tokens + start:seq.num_prompt_tokens + end]
-            handle._sent[i] = end
-            logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
-            reason = None
-            if seq.seq_id in done:
-                reason = seq.finish_reason
-                del self._live[seq.seq_id]
-            if tokens or reason:
-                events.append((handle, i, SeqDelta(tokens, logprobs, reason)))
-        if events:
-            self._loop.call_soon_threadsafe(self._dispatch, events)
+            if delta.finish_reason is not None:
+                handle.open.discard(i)
+                if not handle.open:
+                    del self._handles[rid]
+            handle.queue.put_nowait((i, delta))
 
-    def _publish(self) -> None:
-        engine = self.engine
-        bm = engine.block_manager
-        with self._lock:
-            self._snapshot = {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
-                              "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks}
+    def _fail_all(self, error: BaseException) -> None:
+        for handle in self._handles.values():
+            for i in sorted(handle.open):
+                handle.queue.put_nowait((i, SeqDelta([], None, None, error)))
+            handle.open.clear()
+        self._handles.clear()
+
+    # ---- the writer and reader threads --------------------------------------------------------------
+    def _send(self, command) -> None:
+        self._outbox.append(command)
+        self._wake.set()
+
+    def _write(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                command = self._outbox.popleft()
+                try:
+                    self._to_core.send_bytes(dumps(command))
+                except OSError:  # the engine is gone; the reader reports it
+                    return
+                if command[0] == "stop":
+                    return
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = pickle.loads(self._from_core.recv_bytes())
+                if message[0] == "step":
+                    _, events, snapshot, added = message
+                    with self._lock:
+                        self._snapshot, self._added = snapshot, added
+                    if events:
+                        self._loop.call_soon_threadsafe(self._dispatch, events)
+                elif message[0] == "failed":
+                    self._fail(RuntimeError(message[1]))
+                    return
+                else:  # "stopped"
+                    return
+        except (EOFError, OSError):
+            if not self._stopping:
+                code = None
+                if self._process is not None:
+                    self._process.join(5)
+                    code = self._process.exitcode
+                self._fail(EngineDead(f"the engine process exited (code {code})"))
 
     def _fail(self, error: BaseException) -> None:
-        with self._lock:
+        with self._lock:  # against ``submit``: a request either sees the error or is among those failed
             self.error = error
-            inbox = list(self._inbox)
-        events = [(handle, i, SeqDelta([], None, None, error)) for handle, i in self._live.values()]
-        for item in inbox:
-            if item[0] == "add":
-                events += [(item[1], i, SeqDelta([], None, None, error)) for i in range(len(item[1].params))]
-        self._live.clear()
-        if events and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._dispatch, events)
-            except RuntimeError:  # the event loop is closed: the server is shutting down
-                pass
+        logger.error("the engine failed: %s", error)
+        try:
+            self._loop.call_soon_threadsafe(self._fail_all, error)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass

@@ -1,5 +1,5 @@
-"""``Serving``: what the completion and chat handlers share: the model, the engine loop, the metrics, and the
-steps from a validated request to submitted sequences.
+"""``Serving``: what the completion and chat handlers share: the checkpoint's ``Prompts``, the engine loop, the
+metrics, and the steps from a validated request to submitted sequences.
 
 * It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
 * ``check_model``: a request naming another model gets a 404.
@@ -22,23 +22,29 @@ from nanovllm.entrypoints.choices import run_choices
 from nanovllm.entrypoints.engine_loop import EngineDead, EngineLoop, Overloaded
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.protocol import APIError, bad_request
+from nanovllm.prompts import Prompts
 
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields requests default to
 
 
 class Serving:
-    def __init__(self, llm, served_model_name: str, max_waiting_seqs: int):
-        if llm.tokenizer is None:
-            raise ValueError(f"the server needs a tokenizer, and {llm.config.model!r} has none (tokenizer.json)")
-        self.llm, self.tokenizer = llm, llm.tokenizer
+    def __init__(self, loop: EngineLoop, prompts: Prompts, served_model_name: str):
+        """``loop``: the engine (``EngineLoop``); ``prompts``: the checkpoint's tokenizer and prompt checks."""
+        if prompts.tokenizer is None:
+            raise ValueError(f"the server needs a tokenizer, and {prompts.model!r} has none (tokenizer.json)")
+        self.loop, self.prompts, self.tokenizer = loop, prompts, prompts.tokenizer
         self.model_name = served_model_name
-        self.max_model_len = llm.config.max_model_len
-        self.loop = EngineLoop(llm, max_waiting_seqs)
+        self.max_model_len = prompts.max_model_len
         self.metrics = ServerMetrics(served_model_name, self.loop.stats)
-        self.defaults = _generation_defaults(llm.config.model)
+        self.defaults = _generation_defaults(prompts.model)
         self.created = int(time.time())
-        decoder = getattr(getattr(llm.tokenizer, "backend_tokenizer", None), "decoder", None)
+        decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
         self._byte_decoder = _unicode_to_byte() if type(decoder).__name__ == "ByteLevel" else None
+
+    @classmethod
+    def on_llm(cls, llm, served_model_name: str, max_waiting_seqs: int) -> "Serving":
+        """Serve a caller's ``LLM``, its engine stepped in a thread of this process."""
+        return cls(EngineLoop.in_thread(llm, max_waiting_seqs), llm.prompts, served_model_name)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -47,7 +53,7 @@ class Serving:
 
     def encode(self, prompt, index: int) -> list[int]:
         try:
-            return self.llm.encode_prompt(prompt, index)
+            return self.prompts.encode_prompt(prompt, index)
         except (TypeError, ValueError) as e:
             raise bad_request(str(e), "prompt") from None
 

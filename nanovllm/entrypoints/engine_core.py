@@ -1,0 +1,127 @@
+"""``EngineCore``: the server's engine side.  It steps one engine and talks to the front (``engine_loop.py``) over
+a pair of pipes only, so it runs the same in a thread of the server's process or in a process of its own
+(``engine_process.py``, the server's default: its host work then never waits on the front's GIL).
+
+Messages, each one pickle (``send_bytes``):
+* front -> core: ``("add", rid, prompt_ids, [SamplingParams per choice], ImageInputs or None)``,
+  ``("abort", rid, [choice indices] or None for all)``, ``("stop",)``.
+* core -> front: ``("step", [(rid, choice, SeqDelta)], snapshot, added)`` after each step, and after commands
+  that arrived while the engine was idle; ``snapshot`` is ``{"running", "waiting", "kv_cache_usage"}`` and
+  ``added`` the number of sequences handed to the engine so far.  ``("failed", message)`` if the engine raised,
+  after which the core stops; ``("stopped",)`` after a ``stop``.
+
+Contract of the deltas: per sequence that got tokens in a step, its newly resolved tokens (and logprobs), and on
+its last one its finish reason.  A stop token (EOS or ``stop_token_ids``) is always the last token of the delta that
+carries the finish reason "stop".  ``abort`` ends the choices at once and frees their KV blocks (``Engine.abort``),
+even while queued steps still hold their pending tokens; nothing more is sent for them.  A request whose choices
+all ended is forgotten.  The core stops, closing the engine's LLM, on ``stop`` or when the front's pipe closes.
+"""
+import dataclasses
+import pickle
+
+from nanovllm.logger import logger
+
+
+@dataclasses.dataclass
+class SeqDelta:
+    token_ids: list[int]
+    logprobs: list | None  # per token (logprob, top ids, top logprobs), when asked
+    finish_reason: str | None  # set on a sequence's last delta: "stop", "length" or "abort"
+    error: BaseException | None = None
+
+
+def dumps(message) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class EngineCore:
+    def __init__(self, engine):
+        self.engine = engine
+        self.added = 0  # sequences handed to the engine so far
+        self._live: dict[int, list] = {}  # seq_id -> [rid, choice, completion tokens sent]
+        self._seqs: dict[int, list] = {}  # rid -> its sequences (None once ended), by choice
+
+    def apply(self, command) -> None:
+        """Run one ``add`` or ``abort`` command."""
+        if command[0] == "add":
+            _, rid, prompt_ids, params, images = command
+            seqs = []
+            for i, p in enumerate(params):
+                seq = self.engine.add_request(prompt_ids, p, images)
+                self._live[seq.seq_id] = [rid, i, 0]
+                seqs.append(seq)
+            self._seqs[rid] = seqs
+            self.added += len(params)
+        elif command[0] == "abort":
+            _, rid, choices = command
+            seqs = self._seqs.get(rid)
+            if seqs is None:
+                return
+            for i in range(len(seqs)) if choices is None else choices:
+                seq = seqs[i]
+                if seq is not None and self._live.pop(seq.seq_id, None) is not None:
+                    self.engine.abort(seq)
+                seqs[i] = None
+            self._forget_if_done(rid)
+        else:
+            raise ValueError(f"unknown engine command {command[0]!r}")
+
+    def step(self) -> list:
+        """One engine step; returns its ``(rid, choice, SeqDelta)`` events."""
+        finished, _, _ = self.engine.step()
+        done = {seq.seq_id for seq in finished}
+        events = []
+        for seq in dict.fromkeys(self.engine.updated_sequences() + finished):  # each once, in order
+            entry = self._live.get(seq.seq_id)
+            if entry is None:
+                continue
+            if seq.finish_reason == "stop" and seq.seq_id not in done:
+                continue  # finished on length at launch, then a pending token was a stop token: sent with the end
+            rid, i, start = entry
+            end = seq.num_resolved_tokens - seq.num_prompt_tokens
+            tokens = seq.token_ids[seq.num_prompt_tokens + start:seq.num_prompt_tokens + end]
+            entry[2] = end
+            logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
+            reason = None
+            if seq.seq_id in done:
+                reason = seq.finish_reason
+                del self._live[seq.seq_id]
+                self._seqs[rid][i] = None
+                self._forget_if_done(rid)
+            if tokens or reason:
+                events.append((rid, i, SeqDelta(tokens, logprobs, reason)))
+        return events
+
+    def snapshot(self) -> dict:
+        engine = self.engine
+        bm = engine.block_manager
+        return {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
+                "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks}
+
+    def _forget_if_done(self, rid: int) -> None:
+        if all(s is None for s in self._seqs[rid]):
+            del self._seqs[rid]
+
+    def serve(self, inbox, outbox) -> None:
+        """Run commands from ``inbox`` and step between them until ``stop`` or until the front's end closes;
+        report every step on ``outbox``."""
+        engine = self.engine
+        try:
+            while True:
+                # between steps take what has arrived; idle, wait for the next command
+                while inbox.poll(0 if engine.has_work() else None):
+                    command = pickle.loads(inbox.recv_bytes())
+                    if command[0] == "stop":
+                        outbox.send_bytes(dumps(("stopped",)))
+                        return
+                    self.apply(command)
+                events = self.step() if engine.has_work() else []
+                outbox.send_bytes(dumps(("step", events, self.snapshot(), self.added)))
+        except (EOFError, BrokenPipeError, ConnectionResetError):  # the front is gone
+            return
+        except BaseException as e:  # noqa: BLE001 - reported to the front, which fails every request
+            logger.exception("engine loop failed")
+            try:
+                outbox.send_bytes(dumps(("failed", repr(e))))
+            except OSError:
+                pass
