@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Serving on the GPU: our server (python -m nanovllm.serve) and vLLM's (vllm.entrypoints.openai.api_server), same
 # Qwen3-0.6B-shaped checkpoint, each driven by our client (benchmarks/serve_bench.py) and by vLLM's (`vllm bench
-# serve`, random dataset of like lengths) at a light, a medium and a saturating request rate; for ours also
-# pipeline depths 1 and 2 beside the default, at the medium and saturating rates.
+# serve`, random dataset of like lengths) at a light, a medium and a saturating request rate.  Steps:
+#   ours    our server as users start it (the engine in a process of its own), both clients
+#   thread  ours with --engine-thread (the engine in a thread of the server's process), our client, medium and sat.
+#   depths  ours at pipeline depths 1 and 3 (the default is 2), our client, medium and saturating
+#   vllm    vLLM's server as users start it (its engine core in a process of its own), both clients
+#   vllm1   vLLM's server with VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process), our client, medium and saturating
 #
-#     STEPS="ours" bash benchmarks/serve_gpu.sh     # on the GPU machine; vLLM staged in /tmp/site (../shared/peers)
-#     STEPS="vllm" bash benchmarks/serve_gpu.sh
+#     STEPS="ours thread" bash benchmarks/serve_gpu.sh   # on the GPU machine; vLLM staged in /tmp/site (../shared/peers)
+#     STEPS="vllm ours" bash benchmarks/serve_gpu.sh
 #     TOKENIZER=DIR ...                              # tokenizer files to add to a checkpoint that has none
 #     MODEL=DIR N=8 CLIENT_ARGS="--max-output-len 8" STEPS=ours bash benchmarks/serve_gpu.sh   # a smoke test
 #
@@ -21,7 +25,9 @@ if [ ! -f "$MODEL/tokenizer.json" ]; then  # both servers need one; synthesize w
   [ -n "${TOKENIZER:-}" ] || { echo "$MODEL has no tokenizer: set TOKENIZER=DIR"; exit 2; }
   cp "$TOKENIZER"/* "$MODEL"/
 fi
-VP="env PYTHONPATH=/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0"
+VP="env PYTHONPATH=/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0"  # vLLM's client
+VSERVE="env PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0"
+OURS="env PYTHONPATH=$PWD:/tmp/site python -m nanovllm.serve $MODEL --served-model-name qwen3"
 URL=http://127.0.0.1:8000
 
 up() {  # up NAME CMD...: start a server, wait for /health (at most 300 s)
@@ -50,16 +56,15 @@ clients() {  # clients PREFIX: both clients at the three rates
 }
 for s in ${STEPS:-ours vllm}; do
   case $s in
-    ours) up ours env PYTHONPATH="$PWD:/tmp/site" python -m nanovllm.serve "$MODEL" --served-model-name qwen3
-          clients nano; down
-          for d in 1 2; do
-            up "ours_d$d" env PYTHONPATH="$PWD:/tmp/site" python -m nanovllm.serve "$MODEL" --served-model-name qwen3 \
-              --pipeline-depth $d
-            ours_client "nano_d${d}_load" 16,inf "$N"; down
-          done ;;
-    vllm) up vllm $VP python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name qwen3 \
+    ours) up ours $OURS; clients nano; down ;;
+    thread) up ours_thread $OURS --engine-thread; ours_client nano_thread_load 16,inf "$N"; down ;;
+    depths) for d in 1 3; do
+              up "ours_d$d" $OURS --pipeline-depth $d; ours_client "nano_d${d}_load" 16,inf "$N"; down
+            done ;;
+    vllm|vllm1) [ "$s" = vllm ] && server=$VSERVE || server=$VP
+          up "$s" $server python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name qwen3 \
             --load-format dummy --max-model-len 4096 --max-num-seqs 256 --seed 0 --port 8000
-          clients vllm; down ;;
+          if [ "$s" = vllm ]; then clients vllm; else ours_client vllm1_load 16,inf "$N"; fi; down ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
