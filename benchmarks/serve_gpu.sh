@@ -3,12 +3,11 @@
 # Qwen3-0.6B-shaped checkpoint, each driven by our client (benchmarks/serve_bench.py) and by vLLM's (`vllm bench
 # serve`, random dataset of like lengths) at a light, a medium and a saturating request rate.  Steps:
 #   ours    our server as users start it (the engine in a process of its own), both clients
-#   thread  ours with --engine-thread (the engine in a thread of the server's process), our client, medium and sat.
 #   depths  ours at pipeline depths 1 and 3 (the default is 2), our client, medium and saturating
 #   vllm    vLLM's server as users start it (its engine core in a process of its own), both clients
 #   vllm1   vLLM's server with VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process), our client, medium and saturating
 #
-#     STEPS="ours thread" bash benchmarks/serve_gpu.sh   # on the GPU machine; vLLM staged in /tmp/site (../shared/peers)
+#     STEPS="ours depths" bash benchmarks/serve_gpu.sh   # on the GPU machine; vLLM staged in /tmp/site (../shared/peers)
 #     STEPS="vllm ours" bash benchmarks/serve_gpu.sh
 #     TOKENIZER=DIR ...                              # tokenizer files to add to a checkpoint that has none
 #     MODEL=DIR N=8 CLIENT_ARGS="--max-output-len 8" STEPS=ours bash benchmarks/serve_gpu.sh   # a smoke test
@@ -57,7 +56,6 @@ clients() {  # clients PREFIX: both clients at the three rates
 for s in ${STEPS:-ours vllm}; do
   case $s in
     ours) up ours $OURS; clients nano; down ;;
-    thread) up ours_thread $OURS --engine-thread; ours_client nano_thread_load 16,inf "$N"; down ;;
     depths) for d in 1 3; do
               up "ours_d$d" $OURS --pipeline-depth $d; ours_client "nano_d${d}_load" 16,inf "$N"; down
             done ;;

@@ -1,7 +1,6 @@
 """The server's engine in a process of its own (``entrypoints/engine_process.py``): an engine that fails to build
 ends the command with its error; an engine process that dies fails its requests and the health check while the
-server stays up; Ctrl-C (SIGINT to the whole process group) leaves no process behind; ``--engine-thread`` serves
-the same tokens as the default."""
+server stays up; Ctrl-C (SIGINT to the whole process group) leaves no process behind."""
 import os
 import signal
 import subprocess
@@ -94,13 +93,3 @@ def test_ctrl_c_leaves_no_process_behind(model, tmp_path):
         while alive(tree) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert alive(tree) == []
-
-
-def test_the_engine_in_a_thread_serves_the_same_tokens(model, tmp_path):
-    prompts = ["The quick brown fox", [5, 6, 7, 8]]
-    with running_server(model, tmp_path, **ENGINE) as base:
-        base.model = model
-        want = [greedy(base, p) for p in prompts]
-    with running_server(model, tmp_path, "--engine-thread", **ENGINE) as base:
-        base.model = model
-        assert [greedy(base, p) for p in prompts] == want

@@ -1,7 +1,6 @@
 """The server at ``--tensor-parallel-size 2`` on the CPU (gloo): the engine loop's step-level calls are mirrored
 to the worker rank (``nanovllm/engine_mirror.py``), so replies equal offline ``LLM``'s at N = 1, also after a
 dropped stream and a stop string (aborts the worker must replay), and stopping the server ends its worker."""
-import os
 import subprocess
 import time
 

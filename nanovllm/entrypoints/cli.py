@@ -4,8 +4,8 @@ Server flags (host, port, served model name, API key, the waiting-queue bound) a
 option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``), so none is written here; the server
 overrides one default, ``SERVER_DEFAULTS``: 2 steps queued ahead instead of 3, which measured lower TTFT and TPOT
 under load and more saturated throughput than both 1 and 3 (docs/PERFORMANCE.md, the serving section).  The engine
-runs in a process of its own (``entrypoints/engine_process.py``; ``--engine-thread``: in a thread of the server's),
-and is built (weights, KV cache, compilation) before the port opens, so a client that reaches ``/health`` finds it
+runs in a process of its own (``entrypoints/engine_process.py``: under load that measured 1.5x the saturated
+throughput of a thread in the server's process, docs/PERFORMANCE.md), and is built (weights, KV cache, compilation) before the port opens, so a client that reaches ``/health`` finds it
 ready; if it fails to build, the command exits with its error.
 """
 import argparse
@@ -31,8 +31,6 @@ def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentPars
     p.add_argument("--max-waiting-seqs", type=int, default=DEFAULT_MAX_WAITING_SEQS,
                    help="sequences that may wait for a batch slot; a request that would pass it gets 503 "
                         f"(default: {DEFAULT_MAX_WAITING_SEQS})")
-    p.add_argument("--engine-thread", action="store_true",
-                   help="step the engine in a thread of the server's process instead of a process of its own")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p, defaults=SERVER_DEFAULTS)
@@ -48,24 +46,19 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
     from nanovllm.entrypoints.app import build_app
     from nanovllm.entrypoints.engine_loop import EngineLoop
     from nanovllm.entrypoints.serving import Serving
-    from nanovllm.llm import LLM
     from nanovllm.logger import logger
     from nanovllm.prompts import Prompts
 
-    name = args.served_model_name or args.model
-    if args.engine_thread:
-        serving = Serving.on_llm(LLM(args.model, **engine_kwargs(args)), name, args.max_waiting_seqs)
-    else:
-        try:
-            loop, info = EngineLoop.in_process(args.model, engine_kwargs(args), args.max_waiting_seqs)
-        except RuntimeError as e:
-            raise SystemExit(f"nanovllm serve: {e}") from None
-        try:
-            serving = Serving(loop, Prompts(info["model"], info["hf_config"], info["vocab_size"],
-                                            info["max_model_len"]), name)
-        except BaseException:
-            loop.shutdown()
-            raise
+    try:
+        loop, info = EngineLoop.in_process(args.model, engine_kwargs(args), args.max_waiting_seqs)
+    except RuntimeError as e:
+        raise SystemExit(f"nanovllm serve: {e}") from None
+    try:
+        serving = Serving(loop, Prompts(info["model"], info["hf_config"], info["vocab_size"], info["max_model_len"]),
+                          args.served_model_name or args.model)
+    except BaseException:
+        loop.shutdown()
+        raise
     app = build_app(serving, args.api_key)
     logger.info("serving %r on http://%s:%d (API key %s)", serving.model_name, args.host, args.port,
                 "required" if args.api_key else "not required")

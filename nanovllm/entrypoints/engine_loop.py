@@ -1,6 +1,7 @@
 """``EngineLoop``: the server's front side of its engine, for the asyncio handlers.  The engine itself is an
 ``EngineCore`` (``engine_core.py``) behind two pipes, in a process of its own (``in_process``, the server's
-default, ``engine_process.py``) or in a thread of this one (``in_thread``, on a caller's ``LLM``).
+default, ``engine_process.py``) or in a thread of this one (``in_thread``: on a caller's ``LLM``, as the
+in-process tests serve one).
 
 Contract:
 * ``submit`` and ``abort`` are non-blocking and called on the event loop's thread.  A writer thread sends the
