@@ -32,7 +32,7 @@ def plot(found: list[dict], path: str) -> None:
     lines: dict[str, list] = {}
     for r in found:
         lines.setdefault(r["line"], []).append(r)
-    rates = sorted({float(r["rate"]) for r in found if r["rate"] not in ("inf", None) and float(r["rate"]) != float("inf")})
+    rates = sorted({_rate(r["rate"]) for r in found} - {float("inf")})
     x_of = {rate: i for i, rate in enumerate(rates)}  # saturating ("inf") drawn last
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for label, rs in sorted(lines.items()):
@@ -73,8 +73,9 @@ def main() -> None:
     for r in found:
         cell = lambda pair: "-" if pair[0] is None else f"{pair[0]:.1f} ({pair[1]:.1f})"  # noqa: E731
         itl = "-" if r["itl"] is None else f"{r['itl']:.2f}"
-        print(f"| {r['line'].split(':')[0]}: {r['run']} | {r['rate']} | {r['done']} | {r['tok/s']:,.0f} | {cell(r['ttft'])} | "
-              f"{cell(r['tpot'])} | {itl} |")
+        name = f"{r['line'].split(':')[0]}: {r['run']}"
+        print(f"| {name} | {r['rate']} | {r['done']} | {r['tok/s']:,.0f} | {cell(r['ttft'])} | {cell(r['tpot'])} | "
+              f"{itl} |")
 
 
 if __name__ == "__main__":

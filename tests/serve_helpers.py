@@ -11,7 +11,8 @@ and after the chat template's generation prompt (which ends with the chain's fir
 ``CHAIN_TEXT`` and then EOS, whatever came before.
 
 ``running_server`` starts ``python -m nanovllm.serve`` in a subprocess and yields its base URL once ``/health``
-answers; ``post``, ``metrics`` (parsed by prometheus_client), ``wait_for_metrics`` and ``stream_text`` talk to it.
+answers; ``post``, ``metrics`` (parsed by prometheus_client), ``wait_for_metrics`` and ``stream_text`` talk to it;
+``descendants`` and ``alive`` follow its processes.
 """
 import contextlib
 import os
@@ -175,3 +176,23 @@ def stream_text(stream) -> tuple[list[str], dict]:
             if choice.finish_reason:
                 last["finish_reason"] = choice.finish_reason
     return pieces, last
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid``, at any depth (the engine process, its tensor-parallel ranks, their helpers)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    found = [int(p) for p in out.split()]
+    return found + [q for p in found for q in descendants(p)]
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie waiting to be reaped is not)."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(pid)
+        except FileNotFoundError:
+            pass
+    return out

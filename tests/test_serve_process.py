@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from serve_helpers import ROOT, build_text_checkpoint, running_server  # noqa: E402
+from serve_helpers import ROOT, alive, build_text_checkpoint, descendants, running_server  # noqa: E402
 
 ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=256)
 
@@ -21,12 +21,6 @@ ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return build_text_checkpoint(tmp_path_factory.mktemp("serve_process"))[0]
-
-
-def descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    found = [int(p) for p in out.split()]
-    return found + [q for p in found for q in descendants(p)]
 
 
 def engine_process(server_pid: int) -> int:
@@ -37,18 +31,6 @@ def engine_process(server_pid: int) -> int:
         if "multiprocessing.spawn" in cmdline and "resource_tracker" not in cmdline:
             return pid
     raise AssertionError(f"no engine process under {server_pid}")
-
-
-def alive(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(pid)
-        except FileNotFoundError:
-            pass
-    return out
 
 
 def greedy(base: str, prompt) -> str:

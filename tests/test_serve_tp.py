@@ -1,7 +1,6 @@
 """The server at ``--tensor-parallel-size 2`` on the CPU (gloo): the engine loop's step-level calls are mirrored
 to the worker rank (``nanovllm/engine_mirror.py``), so replies equal offline ``LLM``'s at N = 1, also after a
 dropped stream and a stop string (aborts the worker must replay), and stopping the server ends its worker."""
-import subprocess
 import time
 
 import pytest
@@ -10,7 +9,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from serve_helpers import build_text_checkpoint, running_server, wait_for_metrics  # noqa: E402
+from serve_helpers import alive, build_text_checkpoint, descendants, running_server, wait_for_metrics  # noqa: E402
 
 ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=256, max_model_len=512, max_num_seqs=8)
 PROMPTS = ["The quick brown fox", "Numbers like 12345", "Paris is"]
@@ -24,26 +23,6 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def offline(model):
     return LLM(model, **ENGINE)
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes under ``pid``, at any depth (the engine process, its rank 1, their helpers)."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    found = [int(p) for p in out.split()]
-    return found + [q for p in found for q in descendants(p)]
-
-
-def alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie waiting to be reaped is not)."""
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(pid)
-        except FileNotFoundError:
-            pass
-    return out
 
 
 def test_two_ranks_serve_offline_tokens_through_drops_and_stop_strings(model, offline, tmp_path):

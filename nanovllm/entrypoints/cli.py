@@ -4,9 +4,9 @@ Server flags (host, port, served model name, API key, the waiting-queue bound) a
 option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``), so none is written here; the server
 overrides one default, ``SERVER_DEFAULTS``: 2 steps queued ahead instead of 3, which measured lower TTFT and TPOT
 under load and more saturated throughput than both 1 and 3 (docs/PERFORMANCE.md, the serving section).  The engine
-runs in a process of its own (``entrypoints/engine_process.py``: under load that measured 1.5x the saturated
-throughput of a thread in the server's process, docs/PERFORMANCE.md), and is built (weights, KV cache, compilation) before the port opens, so a client that reaches ``/health`` finds it
-ready; if it fails to build, the command exits with its error.
+runs in a process of its own (``entrypoints/engine_process.py``; saturated, it measured more throughput than a
+thread in the server's process: docs/PERFORMANCE.md) and is built (weights, KV cache, compilation) before the port
+opens, so a client that reaches ``/health`` finds it ready; if it fails to build, the command exits with its error.
 """
 import argparse
 import os

@@ -3,7 +3,7 @@ waits until it is ready; ``main`` is that process.
 
 Why a process: the front (HTTP, JSON, detokenization, stop strings) and the engine's host work (scheduling,
 launching graphs) then run on two cores instead of taking turns on one GIL; under load the front's work per token
-is enough to slow every engine step (saturated, a thread in the server's process gave two thirds of the output
+is enough to slow every engine step (saturated, a thread in the server's process gave clearly fewer output
 tokens/s: docs/PERFORMANCE.md, the serving section).
 
 Contract:
