@@ -2,17 +2,18 @@
 experts do not fit, decode throughput against the host-to-device copy floor.
 
     python benchmarks/offload_bench.py [--model DIR] [--budget-gb 16] [--experts-on-device 1]
-        [--batch-sizes 1,16] [--max-tokens 32] [--prompt-len 32] [--out DIR]
+        [--batch-sizes 1,16] [--prefetch on,off] [--host-shares 0,0.5] [--max-tokens 32] [--prompt-len 32] [--out DIR]
 
 Without ``--model`` it writes the ``mixtral-8x7b`` preset's config (``tools/synthesize.py --config-only``) and
 runs it with ``load_format="dummy"``.  ``gpu_memory_utilization`` is ``--budget-gb`` over the device's memory.
-One engine is built (experts on the host take ~93 GB of pinned memory); prefetch is switched on and off on it.
+One engine is built (experts on the host take ~93 GB of pinned memory); prefetch and the share of misses the host
+computes (``offload_host_share``) are switched on it.
 
-Per batch size and prefetch setting: a prefill-only pass (``max_tokens=1``), then the same prompts with
+Per batch size, prefetch setting and host share: a prefill-only pass (``max_tokens=1``), then the same prompts with
 ``--max-tokens``; the decode figures are the second pass's engine statistics minus nothing (decode steps only),
 and the expert traffic of decode is the counter difference of the two passes.  Measured: decode tok/s, hit rate
 (hits over hits + misses of needed experts), bytes fetched per decode step, pinned host-to-device bandwidth
-(a 1 GiB copy), and the floor: bytes fetched per step over that bandwidth; ``pct_of_floor`` = floor / measured
+(a 1 GiB copy), experts computed on the host per step, and the floor: bytes fetched per step over that bandwidth; ``pct_of_floor`` = floor / measured
 step time, which is also the share of a step the copies would take if nothing else ran.  Random weights route
 near-uniformly: real routing is skewed, so this hit rate is a lower bound.  Writes ``offload_bench.json`` and
 ``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or ./results).
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import out_dir, write_json  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.models.expert_offload import offload_stats, set_prefetch  # noqa: E402
+from nanovllm.models.expert_offload import offload_stats, set_host_share, set_prefetch  # noqa: E402
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -63,7 +64,8 @@ def run_case(llm, prompts, max_tokens: int) -> dict:
     llm.generate(prompts, params, use_tqdm=False)
     after = offload_stats(model)
     s = dict(engine.stats)
-    prefill_delta = {k: after_prefill[k] - before[k] for k in ("hits", "misses", "prefetched", "bytes_fetched")}
+    prefill_delta = {k: after_prefill[k] - before[k]
+                     for k in ("hits", "misses", "prefetched", "bytes_fetched", "host_computed")}
     total = {k: after[k] - after_prefill[k] for k in prefill_delta}
     decode = {k: total[k] - prefill_delta[k] for k in total}  # the second pass's prefill is like the first's
     steps = max(s["decode_steps"], 1)
@@ -72,7 +74,8 @@ def run_case(llm, prompts, max_tokens: int) -> dict:
             "decode_tok_s": round(s["decode_tokens"] / max(s["decode_time"], 1e-9), 2),
             "decode_step_ms": round(1000 * step_s, 3),
             "hit_rate": round(decode["hits"] / max(decode["hits"] + decode["misses"], 1), 4),
-            "bytes_fetched_per_step": decode["bytes_fetched"] / steps, "decode_counters": decode}
+            "bytes_fetched_per_step": decode["bytes_fetched"] / steps,
+            "host_computed_per_step": round(decode["host_computed"] / steps, 2), "decode_counters": decode}
 
 
 def main(argv=None) -> dict:
@@ -84,6 +87,8 @@ def main(argv=None) -> dict:
     p.add_argument("--budget-gb", type=float, default=16.0, help="device memory the engine may use (CUDA)")
     p.add_argument("--experts-on-device", type=int, default=1)
     p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--prefetch", default="on,off", help="prefetch settings to run, of on and off")
+    p.add_argument("--host-shares", default="0", help="offload_host_share values to run (0: copy every miss)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--out", default=None)
@@ -116,24 +121,26 @@ def main(argv=None) -> dict:
     rows = []
     for bs in sizes:
         prompts = [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(bs)]
-        for prefetch in (True, False):
-            set_prefetch(llm.engine.runner.model, prefetch)
-            r = run_case(llm, prompts, a.max_tokens)
-            floor_s = r["bytes_fetched_per_step"] / bandwidth
-            r.update(batch=bs, prefetch=prefetch, floor_step_ms=round(1000 * floor_s, 3),
-                     pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
-            rows.append(r)
+        for prefetch in [x == "on" for x in a.prefetch.split(",")]:
+            for share in [float(x) for x in a.host_shares.split(",")]:
+                set_prefetch(llm.engine.runner.model, prefetch)
+                set_host_share(llm.engine.runner.model, share)
+                r = run_case(llm, prompts, a.max_tokens)
+                floor_s = r["bytes_fetched_per_step"] / bandwidth
+                r.update(batch=bs, prefetch=prefetch, host_share=share, floor_step_ms=round(1000 * floor_s, 3),
+                         pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
+                rows.append(r)
     result = {"model": model, "engine": engine, "init_seconds": round(init_s, 1), "h2d_bytes_per_s": bandwidth,
               "weight_bytes_on_device": desc["weight_bytes"], "expert_offload": desc["expert_offload"],
               "num_kv_blocks": desc["num_kv_blocks"], "mode": desc["mode"], "rows": rows}
     write_json("offload_bench.json", result)
     lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; expert cache {desc['expert_offload']['expert_cache_bytes'] / 2**30:.2f}"
              f" GiB; non-expert weights {desc['weight_bytes'] / 2**30:.2f} GiB", "",
-             "| batch | prefetch | decode tok/s | step ms | hit rate | MB fetched/step | floor ms | % of floor |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['decode_tok_s']} | {r['decode_step_ms']} | "
-              f"{r['hit_rate']:.3f} | {r['bytes_fetched_per_step'] / 1e6:.1f} | {r['floor_step_ms']} | "
-              f"{r['pct_of_floor']} |" for r in rows]
+             "| batch | prefetch | host share | decode tok/s | step ms | hit rate | MB fetched/step | host experts/step "
+             "| copy floor ms | % of floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_share']:g} | {r['decode_tok_s']} | "
+              f"{r['decode_step_ms']} | {r['hit_rate']:.3f} | {r['bytes_fetched_per_step'] / 1e6:.1f} | "
+              f"{r['host_computed_per_step']} | {r['floor_step_ms']} | {r['pct_of_floor']} |" for r in rows]
     with open(os.path.join(out_dir(), "offload_bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,7 +1,8 @@
 """Expert offload (``models/expert_offload.py``): with 1, 2 or every expert resident per layer, tiny Qwen3-MoE and
 Mixtral give the same greedy float32 tokens as without offload and as transformers; the cache's counters: with
-every expert resident nothing is fetched after start-up, with one slot the misses fetch whole experts; an
-offloaded model runs eagerly and says why.
+every expert resident nothing is fetched after start-up, with one slot the misses fetch whole experts; with a
+host share, the host computes that share of the misses and the tokens stay the same; an offloaded model runs
+eagerly and says why.
 """
 import pytest
 
@@ -49,8 +50,29 @@ def test_counters_count_whole_experts(checkpoint):
     assert stats["expert_cache_bytes"] * w13.shape[0] == stats["expert_host_bytes"]  # 1 slot of E, every layer
 
 
+@pytest.mark.parametrize("share", [0.5, 1.0])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
+    path, prompts, want = checkpoint
+    copying = LLM(path, offload_experts=True, experts_on_device=slots, **ENGINE)
+    llm = LLM(path, offload_experts=True, experts_on_device=slots, offload_host_share=share, **ENGINE)
+    assert tokens(llm, prompts, 8) == tokens(copying, prompts, 8) == want
+    stats, copied = _stats(llm), _stats(copying)
+    assert stats["host_computed"] > 0 and copied["host_computed"] == 0
+    caches = llm.engine.runner.expert_caches
+    assert stats["bytes_fetched"] == (stats["misses"] - stats["host_computed"]) * caches[0].expert_bytes
+    if share == 1.0:  # every miss computed on the host: nothing copied after start-up
+        assert stats["bytes_fetched"] == 0 and stats["misses"] == stats["host_computed"]
+    else:
+        assert 0 < stats["bytes_fetched"] < copied["bytes_fetched"]
+
+
 def test_bad_offload_options_name_the_value(checkpoint):
     path = checkpoint[0]
+    with pytest.raises(ValueError, match="offload_host_share=0.5 needs offload_experts=True"):
+        LLM(path, offload_host_share=0.5, **ENGINE)
+    with pytest.raises(ValueError, match="offload_host_share must be a number in \\[0, 1\\], got 1.5"):
+        LLM(path, offload_experts=True, offload_host_share=1.5, **ENGINE)
     with pytest.raises(ValueError, match="experts_on_device=2 needs offload_experts=True"):
         LLM(path, experts_on_device=2, **ENGINE)
     with pytest.raises(ValueError, match="experts_on_device=99"):
@@ -65,11 +87,15 @@ def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
     from benchmarks import offload_bench
     result = offload_bench.main(["--model", checkpoint[0], "--load-format", "safetensors", "--device", "cpu",
                                  "--dtype", "float32", "--batch-sizes", "1,2", "--max-tokens", "4",
-                                 "--prompt-len", "6", "--out", str(tmp_path)])
+                                 "--prompt-len", "6", "--host-shares", "0,1", "--out", str(tmp_path)])
     rows = json.load(open(tmp_path / "offload_bench.json"))["rows"]
-    assert [(r["batch"], r["prefetch"]) for r in rows] == [(1, True), (1, False), (2, True), (2, False)]
+    assert [(r["batch"], r["prefetch"], r["host_share"]) for r in rows] == [
+        (b, p, s) for b in (1, 2) for p in (True, False) for s in (0.0, 1.0)]
     assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows)
-    assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in rows)  # 1 slot for top-2
+    copying = [r for r in rows if r["host_share"] == 0 and not r["prefetch"]]
+    assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in copying)  # 1 slot for top-2
+    on_host = [r for r in rows if r["host_share"] == 1 and not r["prefetch"]]
+    assert all(r["bytes_fetched_per_step"] == 0 and r["host_computed_per_step"] > 0 for r in on_host)
     assert result["expert_offload"]["expert_cache_bytes"] > 0
     assert "| batch | prefetch |" in (tmp_path / "offload_bench.md").read_text()
 

@@ -54,7 +54,7 @@ class ModelRunner:
                                  model_dir=config.model, load_format=config.load_format, seed=config.seed,
                                  draw_device=self.device if offload and self.device.type != "cpu" else None)
         self.expert_caches = (offload_experts(self.model, self.device, config.experts_on_device,
-                                              config.offload_prefetch) if offload else [])
+                                              config.offload_prefetch, config.offload_host_share) if offload else [])
         phase("build_model")
         a = self.model.args
         self.vocab_size = a.vocab_size

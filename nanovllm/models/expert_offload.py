@@ -1,6 +1,6 @@
 """Expert offload: every expert of an MoE layer in (pinned) host memory, and a device cache of a few of them.
 
-``offload_experts(model, device, slots, prefetch)`` takes a model built on the host (``build_model`` with the
+``offload_experts(model, device, slots, prefetch, host_share)`` takes a model built on the host (``build_model`` with the
 CPU as device), moves everything that is not an expert (attention, norms, embeddings, routers, shared experts)
 to ``device``, and gives each ``SparseMoe`` an ``ExpertCache``: the layer's stacked experts stay on the host
 (pinned where the device is CUDA) and ``slots`` of them live on the device, evicted least recently used.
@@ -9,8 +9,14 @@ A step of an offloaded layer routes on the device, reads the set of chosen exper
 makes them resident (copies on a side stream on CUDA; the compute stream waits on each copy's event) and runs the
 experts on the slots (``ops.moe_experts``), with the expert ids remapped to slots. A step that needs more distinct
 experts than there are slots runs in rounds of at most ``slots`` experts, resident ones first, the router weights
-of the others set to zero. With ``prefetch``, each layer also applies the next MoE layer's router to its own input and starts copying the
-experts that guess picks, so the copies overlap this layer's compute.
+of the others set to zero. With ``prefetch``, each layer also applies the next MoE layer's router to its own input
+and starts copying the experts that guess picks, so the copies overlap this layer's compute.
+
+With ``host_share`` > 0, that share of a step's non-resident experts (rounded, the last ones of the step's list) is
+computed by the host from its own copy instead of being copied (Fiddler's idea: the host's memory reads the expert
+at a rate close to the link's, so both together move about twice the bytes per second).  The layer's input and
+routing go to the host first, the device's rounds (copies and kernels) are launched next, and the host computes its
+experts while the device works; its result is added to the device's in float32.
 
 Graph mode: an offloaded model runs eagerly (``graph_capturable = False`` with a logged reason).  The set of
 experts a step needs is known only after routing, on the host, and the copies it triggers depend on it; a
@@ -20,9 +26,9 @@ sync between them; when experts do not fit, copying whole experts over the host 
 launch overhead a graph saves is small against it, and eager is the correct-by-construction choice
 (``benchmarks/offload_bench.py`` measures the copy share of a step).
 
-Counters (``ExpertCache.hits``, ``misses``, ``prefetched``, ``bytes_fetched``; ``offload_stats(model)`` sums
-them) count per (step, layer, needed expert): a hit is an expert already resident (or being prefetched) when a
-step needs it.
+Counters (``ExpertCache.hits``, ``misses``, ``prefetched``, ``bytes_fetched``, ``host_computed``;
+``offload_stats(model)`` sums them) count per (step, layer, needed expert): a hit is an expert already resident (or
+being prefetched) when a step needs it; a miss is copied or (``host_computed``) computed on the host.
 """
 from collections import OrderedDict
 
@@ -51,7 +57,8 @@ class ExpertCache:
         self.free = list(range(slots - 1, -1, -1))
         self.events: dict[int, object] = {}  # slot -> copy event not yet waited on (CUDA)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.hits = self.misses = self.prefetched = self.bytes_fetched = 0
+        self.hits = self.misses = self.prefetched = self.bytes_fetched = self.host_computed = 0
+        self.host_share = 0.0
         self.expert_bytes = (w13[0].numel() * w13.element_size() + w2[0].numel() * w2.element_size())
 
     @property
@@ -117,6 +124,26 @@ class ExpertCache:
                 self.prefetched += 1
                 self._copy_in(e, keep)
 
+    def split_for_host(self, needed: list[int]) -> list[int]:
+        """The experts of ``needed`` the host computes: ``host_share`` of the non-resident ones, the last ones."""
+        missing = [e for e in needed if e not in self.lru]
+        count = round(len(missing) * self.host_share)
+        return missing[len(missing) - count:] if count else []
+
+    def compute_on_host(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                        experts: list[int]) -> torch.Tensor:
+        """The router-weighted sum of ``experts``' outputs for the tokens routed to them, computed on the host from
+        its copies; ``x``, ``weights``, ``ids`` are host tensors.  Returns float32 [T, H] on the host."""
+        y = torch.zeros(x.shape, dtype=torch.float32)
+        for e in experts:
+            rows, picks = (ids == e).nonzero(as_tuple=True)
+            gate, up = (x[rows] @ self.host_w13[e].T).chunk(2, dim=-1)
+            out = (torch.nn.functional.silu(gate) * up) @ self.host_w2[e].T
+            y.index_add_(0, rows, out.float() * weights[rows, picks, None])
+            self.misses += 1
+            self.host_computed += 1
+        return y
+
     def slot_map(self) -> torch.Tensor:
         """Expert id -> slot (0 for experts not resident), on the device."""
         table = [0] * self.host_w13.shape[0]
@@ -148,25 +175,32 @@ class OffloadedMoe(torch.nn.Module):
             self.next_moe.cache.prefetch(self.next_moe.guess(x))
         c = self.cache
         needed = c.resident_first(torch.unique(ids).tolist())
+        on_host = c.split_for_host(needed)
+        if on_host:  # to the host before the device's rounds are queued: reading them later would wait for those
+            host_inputs = (x.cpu(), weights.cpu(), ids.cpu())
+            needed = [e for e in needed if e not in on_host]
         y = None
         for r in range(0, len(needed), c.num_slots):
             chunk = needed[r:r + c.num_slots]
             c.ensure(chunk)
             w = weights
-            if len(chunk) < len(needed):
+            if len(chunk) < len(needed) or on_host:
                 in_chunk = torch.isin(ids, torch.tensor(chunk, device=ids.device))
                 w = torch.where(in_chunk, weights, torch.zeros_like(weights))
             part = ops.moe_experts(x, w, c.slot_map()[ids], c.w13, c.w2)
             y = part if y is None else y + part
         if y is None:
             y = torch.zeros_like(x)
+        if on_host:
+            y = (y.float() + c.compute_on_host(*host_inputs, on_host).to(y.device)).to(x.dtype)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return y
 
 
 @torch.no_grad()
-def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | None, prefetch: bool) -> list:
+def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | None, prefetch: bool,
+                    host_share: float = 0.0) -> list:
     """Turn ``model`` (built on the host) into an offloaded one on ``device`` (module docstring); ``slots``
     None: every expert resident.  Returns the layers' caches."""
     layers = model.model.layers
@@ -184,9 +218,10 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
         offloaded.append(layers[i].mlp)
     model.to(device)  # the caches are not modules: their host copies stay where they are
     set_prefetch(model, prefetch)
+    set_host_share(model, host_share)
     for cache in caches:  # warm start: the first experts resident, so "all resident" fetches nothing later
         cache.ensure(list(range(cache.num_slots)))
-        cache.hits = cache.misses = cache.prefetched = cache.bytes_fetched = 0
+        cache.hits = cache.misses = cache.prefetched = cache.bytes_fetched = cache.host_computed = 0
     model.graph_capturable = False
     model.not_capturable_reason = NOT_CAPTURABLE_REASON
     return caches
@@ -199,10 +234,18 @@ def set_prefetch(model: torch.nn.Module, on: bool) -> None:
         a.next_moe = b if on else None
 
 
+def set_host_share(model: torch.nn.Module, share: float) -> None:
+    """Set the share of non-resident experts the host computes, in every offloaded layer (for A/B measurements)."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, OffloadedMoe):
+            layer.mlp.cache.host_share = share
+
+
 def offload_stats(model: torch.nn.Module) -> dict:
     """The counters summed over the model's expert caches, plus device and host bytes of experts."""
     caches = [layer.mlp.cache for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoe)]
-    stats = {k: sum(getattr(c, k) for c in caches) for k in ("hits", "misses", "prefetched", "bytes_fetched")}
+    stats = {k: sum(getattr(c, k) for c in caches)
+             for k in ("hits", "misses", "prefetched", "bytes_fetched", "host_computed")}
     stats["expert_cache_bytes"] = sum(c.device_bytes for c in caches)
     stats["expert_host_bytes"] = sum(c.expert_bytes * c.host_w13.shape[0] for c in caches)
     return stats
