@@ -149,7 +149,15 @@ class ExpertCache:
         table = [0] * self.host_w13.shape[0]
         for e, s in self.lru.items():
             table[e] = s
-        return torch.tensor(table, dtype=torch.int64, device=self.device)
+        return self.to_device(table)
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """An int64 tensor of ``values`` on the device, queued on the compute stream without waiting for it (a
+        plain copy from pageable memory would wait for the queued copies of experts, and so would the host)."""
+        t = torch.tensor(values, dtype=torch.int64)
+        if self.stream is None:
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
 
 class OffloadedMoe(torch.nn.Module):
@@ -185,7 +193,7 @@ class OffloadedMoe(torch.nn.Module):
             c.ensure(chunk)
             w = weights
             if len(chunk) < len(needed) or on_host:
-                in_chunk = torch.isin(ids, torch.tensor(chunk, device=ids.device))
+                in_chunk = torch.isin(ids, c.to_device(chunk))
                 w = torch.where(in_chunk, weights, torch.zeros_like(weights))
             part = ops.moe_experts(x, w, c.slot_map()[ids], c.w13, c.w2)
             y = part if y is None else y + part
