@@ -1,7 +1,7 @@
 """Expert offload: every expert of an MoE layer in (pinned) host memory, and a device cache of a few of them.
 
-``offload_experts(model, device, slots, prefetch, host_share)`` takes a model built on the host (``build_model`` with the
-CPU as device), moves everything that is not an expert (attention, norms, embeddings, routers, shared experts)
+``offload_experts(model, device, slots, prefetch, host_share)`` takes a model built on the host (``build_model``
+with the CPU as device), moves everything that is not an expert (attention, norms, embeddings, routers, shared experts)
 to ``device``, and gives each ``SparseMoe`` an ``ExpertCache``: the layer's stacked experts stay on the host
 (pinned where the device is CUDA) and ``slots`` of them live on the device, evicted least recently used.
 
@@ -28,8 +28,11 @@ launch overhead a graph saves is small against it, and eager is the correct-by-c
 
 Counters (``ExpertCache.hits``, ``misses``, ``prefetched``, ``bytes_fetched``, ``host_computed``;
 ``offload_stats(model)`` sums them) count per (step, layer, needed expert): a hit is an expert already resident (or
-being prefetched) when a step needs it; a miss is copied or (``host_computed``) computed on the host.
+being prefetched) when a step needs it; a miss is copied or (``host_computed``) computed on the host.  Two timers
+show where a step with host compute spends its time: ``host_seconds`` (the host computing its experts) and
+``join_seconds`` (the host then waiting for the device's rounds of the same layer).
 """
+import time
 from collections import OrderedDict
 
 import torch
@@ -38,6 +41,7 @@ from nanovllm.kernels import ops
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.moe import SparseMoe
 
+COUNTERS = ("hits", "misses", "prefetched", "bytes_fetched", "host_computed", "host_seconds", "join_seconds")
 NOT_CAPTURABLE_REASON = "experts are offloaded to host memory (offload_experts=True): routing decides the copies"
 
 
@@ -57,9 +61,13 @@ class ExpertCache:
         self.free = list(range(slots - 1, -1, -1))
         self.events: dict[int, object] = {}  # slot -> copy event not yet waited on (CUDA)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.hits = self.misses = self.prefetched = self.bytes_fetched = self.host_computed = 0
+        self.reset_counters()
         self.host_share = 0.0
         self.expert_bytes = (w13[0].numel() * w13.element_size() + w2[0].numel() * w2.element_size())
+
+    def reset_counters(self) -> None:
+        self.hits = self.misses = self.prefetched = self.bytes_fetched = self.host_computed = 0
+        self.host_seconds = self.join_seconds = 0.0
 
     @property
     def device_bytes(self) -> int:
@@ -134,6 +142,7 @@ class ExpertCache:
                         experts: list[int]) -> torch.Tensor:
         """The router-weighted sum of ``experts``' outputs for the tokens routed to them, computed on the host from
         its copies; ``x``, ``weights``, ``ids`` are host tensors.  Returns float32 [T, H] on the host."""
+        start = time.perf_counter()
         y = torch.zeros(x.shape, dtype=torch.float32)
         for e in experts:
             rows, picks = (ids == e).nonzero(as_tuple=True)
@@ -142,7 +151,18 @@ class ExpertCache:
             y.index_add_(0, rows, out.float() * weights[rows, picks, None])
             self.misses += 1
             self.host_computed += 1
+        self.host_seconds += time.perf_counter() - start
         return y
+
+    def join(self, y: torch.Tensor, host_y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the device's part, on the device) plus ``host_y`` (``compute_on_host``'s), in float32, in y's
+        dtype; the wait for the device's queued rounds is timed in ``join_seconds``."""
+        start = time.perf_counter()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+            host_y = host_y.pin_memory()
+        self.join_seconds += time.perf_counter() - start
+        return (y.float() + host_y.to(y.device, non_blocking=self.stream is not None)).to(y.dtype)
 
     def slot_map(self) -> torch.Tensor:
         """Expert id -> slot (0 for experts not resident), on the device."""
@@ -200,7 +220,7 @@ class OffloadedMoe(torch.nn.Module):
         if y is None:
             y = torch.zeros_like(x)
         if on_host:
-            y = (y.float() + c.compute_on_host(*host_inputs, on_host).to(y.device)).to(x.dtype)
+            y = c.join(y, c.compute_on_host(*host_inputs, on_host))
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return y
@@ -229,7 +249,7 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     set_host_share(model, host_share)
     for cache in caches:  # warm start: the first experts resident, so "all resident" fetches nothing later
         cache.ensure(list(range(cache.num_slots)))
-        cache.hits = cache.misses = cache.prefetched = cache.bytes_fetched = cache.host_computed = 0
+        cache.reset_counters()
     model.graph_capturable = False
     model.not_capturable_reason = NOT_CAPTURABLE_REASON
     return caches
@@ -253,7 +273,7 @@ def offload_stats(model: torch.nn.Module) -> dict:
     """The counters summed over the model's expert caches, plus device and host bytes of experts."""
     caches = [layer.mlp.cache for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoe)]
     stats = {k: sum(getattr(c, k) for c in caches)
-             for k in ("hits", "misses", "prefetched", "bytes_fetched", "host_computed")}
+             for k in COUNTERS}
     stats["expert_cache_bytes"] = sum(c.device_bytes for c in caches)
     stats["expert_host_bytes"] = sum(c.expert_bytes * c.host_w13.shape[0] for c in caches)
     return stats
