@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
+CUDA_OFFLOAD_HOST_SHARE = 0.5  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
@@ -109,9 +110,10 @@ class EngineConfig:
     offload_prefetch: bool = _opt(False, "with `offload_experts`, each MoE layer applies the next one's router to "
                                          "its input and starts copying the experts it picks (off by default: "
                                          "measured slower, docs/PERFORMANCE.md)")
-    offload_host_share: float = _opt(0.0, "with `offload_experts`, the share of a step's non-resident experts "
-                                          "that the host computes from its own copy instead of copying them to "
-                                          "the device (0: copy every one)")
+    offload_host_share: float | None = _opt(None, "with `offload_experts`, the share of a step's non-resident "
+                                                  "experts that the host computes from its own copy instead of "
+                                                  "copying them to the device (0: copy every one; default: "
+                                                  f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, measured faster, else 0)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 
@@ -133,10 +135,11 @@ class EngineConfig:
         for name in ("offload_experts", "offload_prefetch"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if isinstance(self.offload_host_share, bool) or not isinstance(self.offload_host_share, (int, float)) \
-                or not 0.0 <= self.offload_host_share <= 1.0:
-            raise ValueError(f"offload_host_share must be a number in [0, 1], got {self.offload_host_share!r}")
-        if self.offload_host_share and not self.offload_experts:
+        share = self.offload_host_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not 0.0 <= share <= 1.0):
+            raise ValueError(f"offload_host_share must be a number in [0, 1], got {share!r}")
+        if share and not self.offload_experts:
             raise ValueError(f"offload_host_share={self.offload_host_share} needs offload_experts=True")
         if self.experts_on_device is not None:
             _check_int("experts_on_device", self.experts_on_device, 1)

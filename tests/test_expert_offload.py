@@ -50,6 +50,15 @@ def test_counters_count_whole_experts(checkpoint):
     assert stats["expert_cache_bytes"] * w13.shape[0] == stats["expert_host_bytes"]  # 1 slot of E, every layer
 
 
+def test_the_host_computes_no_expert_by_default_off_cuda(checkpoint):
+    path, prompts, want = checkpoint
+    llm = LLM(path, offload_experts=True, experts_on_device=1, **ENGINE)  # offload_host_share=None: 0 on the CPU
+    assert tokens(llm, prompts, 8) == want
+    assert all(c.host_share == 0 for c in llm.engine.runner.expert_caches)
+    stats = _stats(llm)
+    assert stats["misses"] > 0 and stats["host_computed"] == 0
+
+
 @pytest.mark.parametrize("share", [0.5, 1.0])
 @pytest.mark.parametrize("slots", [1, 2])
 def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
@@ -59,6 +68,7 @@ def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
     assert tokens(llm, prompts, 8) == tokens(copying, prompts, 8) == want
     stats, copied = _stats(llm), _stats(copying)
     assert stats["host_computed"] > 0 and copied["host_computed"] == 0
+    assert stats["host_seconds"] > 0 and copied["host_seconds"] == copied["join_seconds"] == 0
     caches = llm.engine.runner.expert_caches
     assert stats["bytes_fetched"] == (stats["misses"] - stats["host_computed"]) * caches[0].expert_bytes
     if share == 1.0:  # every miss computed on the host: nothing copied after start-up
@@ -96,6 +106,7 @@ def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
     assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in copying)  # 1 slot for top-2
     on_host = [r for r in rows if r["host_share"] == 1 and not r["prefetch"]]
     assert all(r["bytes_fetched_per_step"] == 0 and r["host_computed_per_step"] > 0 for r in on_host)
+    assert all(r["host_ms_per_step"] == r["join_ms_per_step"] == 0 for r in copying)  # no host compute, no join
     assert result["expert_offload"]["expert_cache_bytes"] > 0
     assert "| batch | prefetch |" in (tmp_path / "offload_bench.md").read_text()
 

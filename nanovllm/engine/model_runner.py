@@ -20,7 +20,7 @@ import torch
 import nanovllm.distributed as distributed
 from nanovllm.compile.cache import key_fields
 from nanovllm.compile.executor import ExecutorSpec, make_executor, step_outputs
-from nanovllm.config import EngineConfig
+from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE, EngineConfig
 from nanovllm.engine import image_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks
@@ -53,8 +53,11 @@ class ModelRunner:
         self.model = build_model(hf, dtype=self.dtype, device=torch.device("cpu") if offload else self.device,
                                  model_dir=config.model, load_format=config.load_format, seed=config.seed,
                                  draw_device=self.device if offload and self.device.type != "cpu" else None)
+        share = config.offload_host_share
+        if share is None:
+            share = CUDA_OFFLOAD_HOST_SHARE if self.device.type == "cuda" else 0.0
         self.expert_caches = (offload_experts(self.model, self.device, config.experts_on_device,
-                                              config.offload_prefetch, config.offload_host_share) if offload else [])
+                                              config.offload_prefetch, share) if offload else [])
         phase("build_model")
         a = self.model.args
         self.vocab_size = a.vocab_size
