@@ -2,23 +2,27 @@
 experts do not fit, decode throughput against the host-to-device copy floor.
 
     python benchmarks/offload_bench.py [--model DIR] [--budget-gb 16] [--experts-on-device 1]
-        [--batch-sizes 1,16] [--prefetch on,off] [--host-shares 0,0.5] [--max-tokens 32] [--prompt-len 32] [--out DIR]
+        [--batch-sizes 1,16] [--prefetch on,off] [--host-shares 0,0.5] [--host-threads N,M] [--max-tokens 32]
+        [--prompt-len 32] [--out DIR]
 
 Without ``--model`` it writes the ``mixtral-8x7b`` preset's config (``tools/synthesize.py --config-only``) and
 runs it with ``load_format="dummy"``.  ``gpu_memory_utilization`` is ``--budget-gb`` over the device's memory.
 One engine is built (experts on the host take ~93 GB of pinned memory); prefetch and the share of misses the host
 computes (``offload_host_share``) are switched on it.
 
-Per batch size, prefetch setting and host share: a prefill-only pass (``max_tokens=1``), then the same prompts with
-``--max-tokens``; the decode figures are the second pass's engine statistics minus nothing (decode steps only),
-and the expert traffic of decode is the counter difference of the two passes.  Measured: decode tok/s, hit rate
-(hits over hits + misses of needed experts), bytes fetched per decode step, pinned host-to-device bandwidth
-(a 1 GiB copy), experts computed on the host per step, and the floor: bytes fetched per step over that bandwidth; ``pct_of_floor`` = floor / measured
-step time, which is also the share of a step the copies would take if nothing else ran.  Random weights route
-near-uniformly: real routing is skewed, so this hit rate is a lower bound.  Writes ``offload_bench.json`` and
-``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or ./results).
+Per batch size, prefetch setting, host thread count (``torch.set_num_threads``) and host share: a prefill-only pass
+(``max_tokens=1``), then the same prompts with ``--max-tokens``; the decode figures are the second pass's engine
+statistics minus nothing (decode steps only), and the expert traffic of decode is the counter difference of the two
+passes. Measured: decode tok/s, hit rate (hits over hits + misses of needed experts), bytes fetched per decode step,
+the bandwidth of the copy a miss makes (one expert's pinned matrices into a device slot), experts computed on the
+host per step with the host's time on them and its wait for the device after them, and the floor: bytes fetched per
+step over that bandwidth; ``pct_of_floor`` = floor / measured step time, which is also the share of a step the
+copies would take if nothing else ran. Random weights route near-uniformly: real routing is skewed, so this hit rate
+is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or
+./results).
 """
 import argparse
+import itertools
 import os
 import random
 import sys
@@ -29,28 +33,34 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import out_dir, write_json  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.models.expert_offload import offload_stats, set_host_share, set_prefetch  # noqa: E402
+from nanovllm.models.expert_offload import COUNTERS, offload_stats, set_host_share, set_prefetch  # noqa: E402
 
 
-def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes per second of a host-to-device copy from pinned memory (plain memory copy on the CPU)."""
-    pin = device.type == "cuda"
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=pin)
-    if pin:
-        torch.cuda.synchronize(device)
+def expert_copy_bandwidth(cache, reps: int = 5) -> float:
+    """Bytes per second of the copy a miss makes: a resident expert's host matrices into its own device slot (the
+    same bytes, so nothing changes), on the cache's copy stream where it has one."""
+    expert, slot = next(iter(cache.lru.items()))
+    pairs = [(cache.w13[slot], cache.host_w13[expert]), (cache.w2[slot], cache.host_w2[expert])]
+
+    def copy():
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=cache.stream is not None)
+
+    if cache.stream is None:
+        t = time.perf_counter()
+        for _ in range(reps):
+            copy()
+        return reps * cache.expert_bytes / (time.perf_counter() - t)
+    torch.cuda.synchronize(cache.device)
+    with torch.cuda.stream(cache.stream):
+        copy()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(5):
-            dst.copy_(src, non_blocking=True)
+        for _ in range(reps):
+            copy()
         end.record()
-        end.synchronize()
-        return 5 * nbytes / (start.elapsed_time(end) / 1000)
-    t = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    return 5 * nbytes / (time.perf_counter() - t)
+    end.synchronize()
+    return reps * cache.expert_bytes / (start.elapsed_time(end) / 1000)
 
 
 def run_case(llm, prompts, max_tokens: int) -> dict:
@@ -64,8 +74,7 @@ def run_case(llm, prompts, max_tokens: int) -> dict:
     llm.generate(prompts, params, use_tqdm=False)
     after = offload_stats(model)
     s = dict(engine.stats)
-    prefill_delta = {k: after_prefill[k] - before[k]
-                     for k in ("hits", "misses", "prefetched", "bytes_fetched", "host_computed")}
+    prefill_delta = {k: after_prefill[k] - before[k] for k in COUNTERS}
     total = {k: after[k] - after_prefill[k] for k in prefill_delta}
     decode = {k: total[k] - prefill_delta[k] for k in total}  # the second pass's prefill is like the first's
     steps = max(s["decode_steps"], 1)
@@ -75,7 +84,9 @@ def run_case(llm, prompts, max_tokens: int) -> dict:
             "decode_step_ms": round(1000 * step_s, 3),
             "hit_rate": round(decode["hits"] / max(decode["hits"] + decode["misses"], 1), 4),
             "bytes_fetched_per_step": decode["bytes_fetched"] / steps,
-            "host_computed_per_step": round(decode["host_computed"] / steps, 2), "decode_counters": decode}
+            "host_computed_per_step": round(decode["host_computed"] / steps, 2),
+            "host_ms_per_step": round(1000 * decode["host_seconds"] / steps, 1),
+            "join_ms_per_step": round(1000 * decode["join_seconds"] / steps, 1), "decode_counters": decode}
 
 
 def main(argv=None) -> dict:
@@ -89,6 +100,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--prefetch", default="on,off", help="prefetch settings to run, of on and off")
     p.add_argument("--host-shares", default="0", help="offload_host_share values to run (0: copy every miss)")
+    p.add_argument("--host-threads", default="", help="torch.set_num_threads values to run (default: torch's own)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--out", default=None)
@@ -111,36 +123,43 @@ def main(argv=None) -> dict:
         engine["gpu_memory_utilization"] = min(1.0, a.budget_gb * 2**30 / total)
     else:
         engine["num_kvcache_blocks"] = 64
-    bandwidth = h2d_bandwidth(device)
     t = time.perf_counter()
     llm = LLM(model, **engine)
     init_s = time.perf_counter() - t
+    bandwidth = expert_copy_bandwidth(llm.engine.runner.expert_caches[0])
     desc = llm.engine.describe()
     rng = random.Random(0)
     vocab = llm.engine.runner.vocab_size
+    thread_counts = [int(x) for x in a.host_threads.split(",")] if a.host_threads else [torch.get_num_threads()]
     rows = []
     for bs in sizes:
         prompts = [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(bs)]
         for prefetch in [x == "on" for x in a.prefetch.split(",")]:
-            for share in [float(x) for x in a.host_shares.split(",")]:
+            for threads, share in itertools.product(thread_counts, [float(x) for x in a.host_shares.split(",")]):
+                torch.set_num_threads(threads)
                 set_prefetch(llm.engine.runner.model, prefetch)
                 set_host_share(llm.engine.runner.model, share)
                 r = run_case(llm, prompts, a.max_tokens)
                 floor_s = r["bytes_fetched_per_step"] / bandwidth
-                r.update(batch=bs, prefetch=prefetch, host_share=share, floor_step_ms=round(1000 * floor_s, 3),
+                r.update(batch=bs, prefetch=prefetch, host_share=share, host_threads=threads,
+                         floor_step_ms=round(1000 * floor_s, 3),
                          pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
                 rows.append(r)
-    result = {"model": model, "engine": engine, "init_seconds": round(init_s, 1), "h2d_bytes_per_s": bandwidth,
+    result = {"model": model, "engine": engine, "cpu_count": os.cpu_count(), "init_seconds": round(init_s, 1),
+              "h2d_bytes_per_s": bandwidth,
               "weight_bytes_on_device": desc["weight_bytes"], "expert_offload": desc["expert_offload"],
               "num_kv_blocks": desc["num_kv_blocks"], "mode": desc["mode"], "rows": rows}
     write_json("offload_bench.json", result)
-    lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; expert cache {desc['expert_offload']['expert_cache_bytes'] / 2**30:.2f}"
-             f" GiB; non-expert weights {desc['weight_bytes'] / 2**30:.2f} GiB", "",
-             "| batch | prefetch | host share | decode tok/s | step ms | hit rate | MB fetched/step | host experts/step "
-             "| copy floor ms | % of floor |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_share']:g} | {r['decode_tok_s']} | "
-              f"{r['decode_step_ms']} | {r['hit_rate']:.3f} | {r['bytes_fetched_per_step'] / 1e6:.1f} | "
-              f"{r['host_computed_per_step']} | {r['floor_step_ms']} | {r['pct_of_floor']} |" for r in rows]
+    cache_gib = desc['expert_offload']['expert_cache_bytes'] / 2**30
+    lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; expert cache {cache_gib:.2f} GiB; non-expert weights "
+             f"{desc['weight_bytes'] / 2**30:.2f} GiB; {os.cpu_count()} host CPUs",
+             "", "| batch | prefetch | host threads | host share | decode tok/s | step ms | hit rate | MB fetched/step "
+             "| host experts/step | host ms/step | join wait ms/step | copy floor ms | % of floor |",
+             "|---" * 13 + "|"]
+    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_threads']} | {r['host_share']:g} | "
+              f"{r['decode_tok_s']} | {r['decode_step_ms']} | {r['hit_rate']:.3f} | "
+              f"{r['bytes_fetched_per_step'] / 1e6:.1f} | {r['host_computed_per_step']} | {r['host_ms_per_step']} | "
+              f"{r['join_ms_per_step']} | {r['floor_step_ms']} | {r['pct_of_floor']} |" for r in rows]
     with open(os.path.join(out_dir(), "offload_bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
