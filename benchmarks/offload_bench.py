@@ -11,9 +11,8 @@ One engine is built (experts on the host take ~93 GB of pinned memory); prefetch
 computes (``offload_host_share``) are switched on it.
 
 Per batch size, prefetch setting, host thread count (``torch.set_num_threads``) and host share: a prefill-only pass
-(``max_tokens=1``), then the same prompts with ``--max-tokens``; the decode figures are the second pass's engine
-statistics minus nothing (decode steps only), and the expert traffic of decode is the counter difference of the two
-passes. Measured: decode tok/s, hit rate (hits over hits + misses of needed experts), bytes fetched per decode step,
+(``max_tokens=1``), then the same prompts with ``--max-tokens``; the decode figures are the second pass's decode
+steps (the engine's own statistics), and the expert traffic of decode is the counter difference of the two passes. Measured: decode tok/s, hit rate (hits over hits + misses of needed experts), bytes fetched per decode step,
 the bandwidth of the copy a miss makes (one expert's pinned matrices into a device slot), experts computed on the
 host per step with the host's time on them and its wait for the device after them, and the floor: bytes fetched per
 step over that bandwidth; ``pct_of_floor`` = floor / measured step time, which is also the share of a step the
