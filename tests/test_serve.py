@@ -98,7 +98,7 @@ def test_chat_streams_multibyte_characters_whole(client, offline):
     pieces, last = stream_text(client.chat.completions.create(
         model="tiny", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}))
     assert "".join(pieces) == CHAIN_TEXT and last["usage"].completion_tokens == tokens
-    assert not any("\ufffd" in p for p in pieces) and {"ë", "𝄞"} <= set(pieces)
+    assert not any("\ufffd" in p for p in pieces)  # no piece ends inside a character (pieces may join steps)
 
 
 def test_stop_strings_and_stop_token_ids(client, model, offline):

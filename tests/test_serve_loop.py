@@ -94,3 +94,50 @@ def test_a_chat_stream_dropped_after_its_first_chunk_is_aborted(tmp_path):
 
     asyncio.run(run())
     assert [item[0] for item in serving.loop._outbox] == ["add", "abort"]  # queued for the engine, not yet sent
+
+
+def test_deltas_queued_together_are_joined_per_choice():
+    """A front that falls behind takes each choice's queued deltas as one update: same text, tokens and logprobs
+    as one at a time, fewer chunks."""
+    import asyncio
+
+    from nanovllm.entrypoints.choices import run_choices
+    from nanovllm.entrypoints.engine_loop import RequestHandle, SeqDelta
+    from nanovllm.entrypoints.metrics import ServerMetrics
+    from nanovllm.sampling_params import SamplingParams
+
+    class Tokenizer:
+        def decode(self, ids, **options):
+            return "".join(chr(97 + t) for t in ids)
+
+    def lp(t):
+        return (-0.5 * t, [t], [-0.5 * t])
+
+    async def run(one_at_a_time: bool):
+        handle = RequestHandle([1, 2], [SamplingParams(max_tokens=4, logprobs=1)] * 2)
+        events = [(0, SeqDelta([0], [lp(0)], None)), (1, SeqDelta([3], [lp(3)], None)),
+                  (0, SeqDelta([1, 2], [lp(1), lp(2)], None)), (1, SeqDelta([4], [lp(4)], "stop")),
+                  (0, SeqDelta([5], [lp(5)], "length"))]
+        updates = []
+        if one_at_a_time:
+            gen = run_choices(None, handle, Tokenizer(), metrics)
+            for event in events:
+                handle.queue.put_nowait(event)
+                updates.append(await anext(gen))
+            return updates
+        for event in events:
+            handle.queue.put_nowait(event)
+        return [u async for u in run_choices(None, handle, Tokenizer(), metrics)]
+
+    metrics = ServerMetrics("tiny", lambda: {"running": 0, "waiting": 0, "kv_cache_usage": 0.0})
+    alone, joined = asyncio.run(run(True)), asyncio.run(run(False))
+    assert len(alone) == 5 and len(joined) == 2
+    for index in (0, 1):
+        mine = [u for u in alone if u.index == index]
+        (together,) = [u for u in joined if u.index == index]
+        assert "".join(u.text for u in mine) == together.text
+        assert sum((u.token_ids for u in mine), []) == together.token_ids
+        assert sum((u.logprobs for u in mine), []) == together.logprobs
+        assert mine[-1].finish_reason == together.finish_reason
+    assert [u.text for u in joined] == ["abcf", "d"] and [u.finish_reason for u in joined] == ["length", "stop"]
+    assert metrics.generation_tokens._value.get() == 2 * 6

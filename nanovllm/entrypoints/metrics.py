@@ -51,7 +51,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(tokens)
 
     def inter_token(self, seconds: float, tokens: int) -> None:
-        self.itl.observe(seconds)
+        """``tokens`` arrived together ``seconds`` after the sequence's previous ones: each waited its share."""
+        for _ in range(tokens):
+            self.itl.observe(seconds / tokens)
 
     def generated(self, tokens: int) -> None:
         self.generation_tokens.inc(tokens)
