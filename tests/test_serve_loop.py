@@ -141,3 +141,38 @@ def test_deltas_queued_together_are_joined_per_choice():
         assert mine[-1].finish_reason == together.finish_reason
     assert [u.text for u in joined] == ["abcf", "d"] and [u.finish_reason for u in joined] == ["length", "stop"]
     assert metrics.generation_tokens._value.get() == 2 * 6
+
+
+def test_text_prompts_that_arrive_together_are_tokenized_in_one_batch_off_the_loop():
+    import asyncio
+    import threading
+
+    from nanovllm.entrypoints.tokenizing import BatchTokenizer
+
+    class Tokenizer:
+        def __init__(self):
+            self.batches, self.threads = [], set()
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def __call__(self, texts):
+            self.batches.append(list(texts))
+            self.threads.add(threading.current_thread().name)
+            if "bad" in texts:
+                raise ValueError("cannot tokenize 'bad'")
+            return {"input_ids": [self.encode(t) for t in texts]}
+
+    async def run(texts):
+        return await asyncio.gather(*(batcher.encode(t) for t in texts), return_exceptions=True)
+
+    tok = Tokenizer()
+    batcher = BatchTokenizer(tok)
+    texts = [f"prompt {i}" for i in range(20)]
+    assert asyncio.run(run(texts)) == [tok.encode(t) for t in texts]
+    assert tok.batches == [texts]  # one call for all that arrived together
+    assert tok.threads == {"nanovllm-tokenizer_0"} and threading.current_thread().name not in tok.threads
+    results = asyncio.run(run(["ok", "bad"]))  # a failing batch fails each of its prompts, and the next one works
+    assert all(isinstance(r, ValueError) and "'bad'" in str(r) for r in results)
+    assert asyncio.run(run(["again"])) == [tok.encode("again")]
+    batcher.close()

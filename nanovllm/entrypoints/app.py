@@ -30,6 +30,7 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
         serving.loop.start()
         yield
         serving.loop.shutdown()
+        serving.batch_tokenizer.close()
 
     app = FastAPI(title="nanovllm", version=__version__, lifespan=lifespan)
 

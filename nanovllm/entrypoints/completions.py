@@ -7,6 +7,7 @@ per token its text, logprob, the k most likely tokens' and its offset in the cho
 chunk per choice per engine step that produced text (or logprobs, or the finish), then, with
 ``stream_options.include_usage``, a chunk with empty choices and the usage, then ``data: [DONE]``.
 """
+import asyncio
 import time
 
 from starlette.responses import JSONResponse, Response
@@ -22,8 +23,9 @@ async def create_completion(serving: Serving, req: CompletionRequest, request) -
     req.check_unsupported()
     serving.check_model(req.model)
     prompts, echoes = [], []
-    for i, prompt in enumerate(req.prompts()):
-        ids = serving.encode(prompt, i)
+    texts = list(req.prompts())
+    encoded = await asyncio.gather(*(serving.encode(prompt, i) for i, prompt in enumerate(texts)))
+    for prompt, ids in zip(texts, encoded):
         max_tokens = serving.max_tokens_for(len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
         prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs)))
         if req.echo:

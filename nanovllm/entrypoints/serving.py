@@ -3,6 +3,8 @@ metrics, and the steps from a validated request to submitted sequences.
 
 * It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
 * ``check_model``: a request naming another model gets a 404.
+* ``encode``: a prompt's token ids, checked (400 naming the prompt); text is tokenized off the event loop, with the
+  other text prompts that arrive with it (``tokenizing.BatchTokenizer``).
 * ``max_tokens_for``: a prompt that leaves no room under ``max_model_len`` gets a 400, as does an explicit
   ``max_tokens`` that would pass it; without one, the endpoint's default is capped to the room left.
 * ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
@@ -22,6 +24,7 @@ from nanovllm.entrypoints.choices import run_choices
 from nanovllm.entrypoints.engine_loop import EngineDead, EngineLoop, Overloaded
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.protocol import APIError, bad_request
+from nanovllm.entrypoints.tokenizing import BatchTokenizer
 from nanovllm.prompts import Prompts
 
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields requests default to
@@ -33,6 +36,7 @@ class Serving:
         if prompts.tokenizer is None:
             raise ValueError(f"the server needs a tokenizer, and {prompts.model!r} has none (tokenizer.json)")
         self.loop, self.prompts, self.tokenizer = loop, prompts, prompts.tokenizer
+        self.batch_tokenizer = BatchTokenizer(prompts.tokenizer)
         self.model_name = served_model_name
         self.max_model_len = prompts.max_model_len
         self.metrics = ServerMetrics(served_model_name, self.loop.stats)
@@ -51,7 +55,9 @@ class Serving:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                            "model", "model_not_found")
 
-    def encode(self, prompt, index: int) -> list[int]:
+    async def encode(self, prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            prompt = await self.batch_tokenizer.encode(prompt)
         try:
             return self.prompts.encode_prompt(prompt, index)
         except (TypeError, ValueError) as e:
