@@ -4,7 +4,8 @@ The prompt is a string, a list of strings, a list of token ids or a list of thos
 numbered ``prompt index * n + choice``.  ``max_tokens`` defaults to 16 (OpenAI's default), capped to the room left
 under ``max_model_len``.  ``echo`` puts the prompt's text before the completion's.  ``logprobs=k`` (k <= 5) gives
 per token its text, logprob, the k most likely tokens' and its offset in the choice's text.  A stream sends one
-chunk per choice per engine step that produced text (or logprobs, or the finish), then, with
+chunk per choice per engine step that produced text (or logprobs, or the finish; the steps a busy front took
+together count as one: ``choices.queued``), then, with
 ``stream_options.include_usage``, a chunk with empty choices and the usage, then ``data: [DONE]``.
 """
 import asyncio
