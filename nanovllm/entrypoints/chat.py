@@ -4,9 +4,9 @@
 ``logprobs=true`` with ``top_logprobs=k`` (k <= 20) gives per token its text, bytes, logprob and the k most likely
 tokens'.  A stream first sends each choice's ``{"role": "assistant", "content": ""}`` delta, then content deltas
 (one chunk per choice per engine step that produced text, steps a busy front took together counting as one),
-the finish reason, the usage chunk if ``stream_options.include_usage``, and ``data: [DONE]``.  Image parts (``{"type": "image_url", "image_url":
-{"url": "data:image/...;base64,..." or a local path}}``) are taken by vision-language models and refused, with a
-400, by the others.
+the finish reason, the usage chunk if ``stream_options.include_usage``, and ``data: [DONE]``.  Image parts
+(``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..." or a local path}}``) are taken by
+vision-language models and refused, with a 400, by the others.
 """
 import time
 
