@@ -175,4 +175,5 @@ def test_text_prompts_that_arrive_together_are_tokenized_in_one_batch_off_the_lo
     results = asyncio.run(run(["ok", "bad"]))  # a failing batch fails each of its prompts, and the next one works
     assert all(isinstance(r, ValueError) and "'bad'" in str(r) for r in results)
     assert asyncio.run(run(["again"])) == [tok.encode("again")]
+    assert asyncio.run(batcher.call(lambda: threading.current_thread().name)) == "nanovllm-tokenizer_0"
     batcher.close()

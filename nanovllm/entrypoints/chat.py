@@ -26,7 +26,7 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
     except (ValueError, KeyError, TypeError) as e:
         raise bad_request(f"an image part is malformed: {e}", "messages") from None
     try:
-        ids = serving.prompts.apply_chat_template(messages)
+        ids = await serving.batch_tokenizer.call(serving.prompts.apply_chat_template, messages)
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     except Exception as e:  # noqa: BLE001 - a template that rejects these messages (jinja raise_exception)

@@ -8,7 +8,8 @@ serving meanwhile. One thread, so the tokenizer is never used from two threads a
 
 Contract: ``await encode(text)`` returns exactly ``tokenizer.encode(text)`` (special tokens added as ``encode``
 adds them). If the batch call raises, every prompt of the batch raises that error. A caller cancelled while it
-waits (a client that went away) gets nothing, and the others are unaffected.
+waits (a client that went away) gets nothing, and the others are unaffected. ``await call(fn, *args)`` runs any
+other use of the tokenizer (a chat template) on the same thread and returns or raises what ``fn`` does.
 """
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,9 @@ class BatchTokenizer:
         if self._task is None:
             self._task = loop.create_task(self._drain())
         return await future
+
+    async def call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
