@@ -3,7 +3,7 @@ experts do not fit, decode throughput against the host-to-device copy floor.
 
     python benchmarks/offload_bench.py [--model DIR] [--budget-gb 16] [--experts-on-device 1]
         [--batch-sizes 1,16] [--prefetch on,off] [--host-shares 0,0.5] [--host-threads N,M] [--max-tokens 32]
-        [--prompt-len 32] [--out DIR]
+        [--prompt-len 32] [--profile] [--out DIR]
 
 Without ``--model`` it writes the ``mixtral-8x7b`` preset's config (``tools/synthesize.py --config-only``) and
 runs it with ``load_format="dummy"``.  ``gpu_memory_utilization`` is ``--budget-gb`` over the device's memory.
@@ -18,7 +18,9 @@ host per step with the host's time on them and its wait for the device after the
 step over that bandwidth; ``pct_of_floor`` = floor / measured step time, which is also the share of a step the
 copies would take if nothing else ran. Random weights route near-uniformly: real routing is skewed, so this hit rate
 is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or
-./results).
+./results).  ``--profile`` then runs the first batch size once more, at the last host share and thread count, under
+``torch.profiler`` and writes its operators by host time to ``offload_profile.txt`` (where a step's host time goes
+beside the copies and the host's experts).
 """
 import argparse
 import itertools
@@ -102,6 +104,7 @@ def main(argv=None) -> dict:
     p.add_argument("--host-threads", default="", help="torch.set_num_threads values to run (default: torch's own)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--profile", action="store_true", help="also profile one run (offload_profile.txt)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.out:
@@ -162,7 +165,22 @@ def main(argv=None) -> dict:
     with open(os.path.join(out_dir(), "offload_bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if a.profile:
+        profile(llm, [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(sizes[0])], a.max_tokens)
     return result
+
+
+def profile(llm, prompts, max_tokens: int) -> None:
+    """One generate of ``prompts`` under torch.profiler: operators by host time, to ``offload_profile.txt``."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    with open(os.path.join(out_dir(), "offload_profile.txt"), "w") as f:
+        f.write(f"{len(prompts)} prompts, {max_tokens} tokens\n{table}\n")
+    print(table)
 
 
 if __name__ == "__main__":
