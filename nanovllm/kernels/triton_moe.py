@@ -13,7 +13,8 @@ Blocks with no rows (the static padding of the layout) return at once.
 
 Offsets are int64 wherever a row index meets a stride (token rows, expert bases, pair rows): ``T * top_k * H``
 and ``E * 2I * H`` pass 2**31 on large models and prefills, which broke vLLM and SGLang with int32.
-Accumulation is float32; the intermediate and the per-pair outputs are stored in x's dtype.
+Accumulation is float32; the intermediate and the per-pair outputs are stored in x's dtype.  ``w2`` may be a
+transposed view ([E, H, I] over [E, I, H] memory, as an expert cache keeps it): a constexpr picks the strided load.
 """
 import torch
 import triton
@@ -70,8 +71,9 @@ def _grouped_up_kernel(x_ptr, w13_ptr, sorted_ptr, block_expert_ptr, block_rows_
 
 @triton.jit
 def _grouped_down_kernel(inter_ptr, w2_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, weights_ptr, out_ptr, I, H,
-                         stride_i, stride_we, stride_wn, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         stride_i, stride_we, stride_wn, stride_wk, stride_o, W2_STRIDED_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -88,7 +90,11 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, sorted_ptr, block_expert_ptr, block_
         k_mask = offs_k < I
         a = tl.load(inter_ptr + slots[:, None] * stride_i + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if W2_STRIDED_K:
+            w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk
+        else:
+            w_tile = w_rows + offs_k[None, :]
+        w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += _dot(a, tl.trans(w), DOT_PRECISION)
     acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -108,8 +114,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
     inter_size = two_i // 2
-    assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1 and w2.shape == (num_experts, hidden,
-                                                                                         inter_size)
+    assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.shape == (num_experts, hidden, inter_size)
     dev = x.device
     if num_tokens == 0:
         return torch.zeros_like(x)
@@ -124,7 +129,8 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     per_pair = x.new_empty(num_tokens * top_k, hidden)
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
         inter, w2, sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden, inter.stride(0),
-        w2.stride(0), w2.stride(1), per_pair.stride(0), BLOCK_M=cfg.block_m, DOT_PRECISION=precision, **args)
+        w2.stride(0), w2.stride(1), w2.stride(2), per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
+        BLOCK_M=cfg.block_m, DOT_PRECISION=precision, **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
