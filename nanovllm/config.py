@@ -112,7 +112,8 @@ class EngineConfig:
                                          "measured slower, docs/PERFORMANCE.md)")
     offload_host_share: float | None = _opt(None, "with `offload_experts`, the share of a step's non-resident "
                                                   "experts that the host computes from its own copy instead of "
-                                                  "copying them to the device (0: copy every one; default: "
+                                                  "copying them to the device, the expert on the boundary split "
+                                                  "along its intermediate rows (0: copy every one; default: "
                                                   f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, measured faster, else 0)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)

@@ -67,8 +67,8 @@ class LLM:
         if "expert_offload" in d:
             o = d["expert_offload"]
             logger.info("expert offload: device memory %.2f GiB non-expert weights + %.2f GiB expert cache + %.2f "
-                        "GiB KV cache; %.2f GiB of experts in host memory", d["weight_bytes"] / 2**30,
-                        o["expert_cache_bytes"] / 2**30,
+                        "GiB split-expert scratch + %.2f GiB KV cache; %.2f GiB of experts in host memory",
+                        d["weight_bytes"] / 2**30, o["expert_cache_bytes"] / 2**30, o["split_scratch_bytes"] / 2**30,
                         d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                         o["expert_host_bytes"] / 2**30)
         if torchrun_worker:

@@ -70,11 +70,68 @@ def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
     assert stats["host_computed"] > 0 and copied["host_computed"] == 0
     assert stats["host_seconds"] > 0 and copied["host_seconds"] == copied["join_seconds"] == 0
     caches = llm.engine.runner.expert_caches
-    assert stats["bytes_fetched"] == (stats["misses"] - stats["host_computed"]) * caches[0].expert_bytes
+    # a split expert's device rows are fetched, the rest computed on the host: the two add up to the misses
+    assert stats["bytes_fetched"] == pytest.approx((stats["misses"] - stats["host_computed"]) * caches[0].expert_bytes)
     if share == 1.0:  # every miss computed on the host: nothing copied after start-up
         assert stats["bytes_fetched"] == 0 and stats["misses"] == stats["host_computed"]
     else:
         assert 0 < stats["bytes_fetched"] < copied["bytes_fetched"]
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.6])
+def test_a_split_expert_changes_no_token(checkpoint, share):
+    """One slot and top-2: most layers miss one or two experts, so the share splits an expert along its
+    intermediate rows in most steps; the tokens stay the transformers ones."""
+    path, prompts, want = checkpoint
+    llm = LLM(path, offload_experts=True, experts_on_device=1, offload_host_share=share, **ENGINE)
+    assert tokens(llm, prompts, 8) == want
+    stats = _stats(llm)
+    assert stats["splits"] > 0 and 0 < stats["bytes_fetched"]
+    assert stats["split_scratch_bytes"] == llm.engine.runner.expert_caches[0].expert_bytes
+
+
+def test_the_plan_splits_the_boundary_expert_at_the_share():
+    import torch
+
+    from nanovllm.models.expert_cache import ExpertCache, SplitScratch
+    inter, hidden = 64, 8
+    cache = ExpertCache(torch.randn(6, 2 * inter, hidden), torch.randn(6, hidden, inter), torch.device("cpu"),
+                        slots=2, pin=False, scratch=SplitScratch(inter, hidden, torch.float32, torch.device("cpu")))
+    cache.ensure([0, 1])
+    cases = {  # share: needed [0, 2, 3, 4] (0 resident, 3 missing) -> (device whole, split, host whole)
+        0.0: ([0, 2, 3, 4], None, []),
+        1.0: ([0], None, [2, 3, 4]),
+        0.5: ([0, 2], (3, 32), [4]),  # 1.5 experts each: expert 3 split at row 32 of 64
+        0.25: ([0, 2, 3], (4, 16), []),  # device 2.25
+        0.33: ([0, 2, 3], None, [4]),  # device 2.01: 0.64 rows round to 0, so expert 4 goes whole to the host
+        0.01: ([0, 2, 3, 4], None, []),  # device 2.97: 62.08 rows round to 64, so expert 4 stays whole on the device
+    }
+    for share, want in cases.items():
+        cache.host_share = share
+        assert cache.plan([0, 2, 3, 4]) == want, share
+    cache.scratch = None  # without a scratch the boundary expert goes whole to the host
+    cache.host_share = 0.5
+    assert cache.plan([0, 2, 3, 4]) == ([0, 2], None, [3, 4])
+
+
+def test_a_split_expert_is_the_sum_of_its_device_and_host_rows():
+    import torch
+
+    from nanovllm.kernels.moe_reference import experts_reference
+    from nanovllm.models.expert_cache import ExpertCache, SplitScratch
+    g = torch.Generator().manual_seed(0)
+    inter, hidden, tokens_ = 48, 16, 5
+    w13, w2 = torch.randn(4, 2 * inter, hidden, generator=g), torch.randn(4, hidden, inter, generator=g)
+    cache = ExpertCache(w13, w2, torch.device("cpu"), slots=1, pin=False,
+                        scratch=SplitScratch(inter, hidden, torch.float32, torch.device("cpu")))
+    x = torch.randn(tokens_, hidden, generator=g)
+    ids = torch.tensor([[2, 1], [0, 2], [3, 1], [2, 3], [1, 0]])
+    weights = torch.rand(tokens_, 2, generator=g)
+    want = experts_reference(x, torch.where(ids == 2, weights, torch.zeros_like(weights)), ids, w13, w2)
+    for k in (16, 32):
+        device = cache.run_split(x, weights, ids, 2, k, experts_reference)
+        host = cache.compute_on_host(x, weights, ids, [], (2, k))
+        assert torch.allclose(device + host, want, atol=1e-4, rtol=1e-4), k
 
 
 def test_bad_offload_options_name_the_value(checkpoint):
@@ -104,6 +161,10 @@ def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
     assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows)
     copying = [r for r in rows if r["host_share"] == 0 and not r["prefetch"]]
     assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in copying)  # 1 slot for top-2
+    # copying every miss, the missed bytes are the fetched ones, and the host's link only lowers the floor
+    assert all(0 < r["two_link_floor_ms"] < r["floor_step_ms"] for r in copying)
+    assert all(r["missed_bytes_per_step"] == r["bytes_fetched_per_step"] and r["splits_per_step"] == 0
+               for r in copying)
     on_host = [r for r in rows if r["host_share"] == 1 and not r["prefetch"]]
     assert all(r["bytes_fetched_per_step"] == 0 and r["host_computed_per_step"] > 0 for r in on_host)
     assert all(r["host_ms_per_step"] == r["join_ms_per_step"] == 0 for r in copying)  # no host compute, no join
@@ -126,6 +187,9 @@ def test_slot_experts_in_triton_match_the_twin(num_tokens):
     want = experts_reference(x, weights, ids, w13, w2)
     got = moe_experts_triton(x, weights, ids, w13, w2)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    w2_view = w2.transpose(1, 2).contiguous().transpose(1, 2)  # an expert cache's layout: [S, I, H] memory
+    assert w2_view.stride(2) != 1
+    assert torch.allclose(moe_experts_triton(x, weights, ids, w13, w2_view), want, atol=1e-4, rtol=1e-4)
 
 
 
@@ -148,7 +212,7 @@ def test_start_up_line_says_what_each_part_takes(checkpoint, caplog):
 def test_a_step_needing_more_experts_than_slots_uses_the_resident_ones_before_copying():
     import torch
 
-    from nanovllm.models.expert_offload import ExpertCache
+    from nanovllm.models.expert_cache import ExpertCache
     cache = ExpertCache(torch.randn(4, 6, 3), torch.randn(4, 3, 3), torch.device("cpu"), slots=1, pin=False)
     cache.ensure([3])  # expert 3 resident, as after a step whose last round was expert 3
     cache.hits = cache.misses = 0
