@@ -12,11 +12,15 @@ computes (``offload_host_share``) are switched on it.
 
 Per batch size, prefetch setting, host thread count (``torch.set_num_threads``) and host share: a prefill-only pass
 (``max_tokens=1``), then the same prompts with ``--max-tokens``; the decode figures are the second pass's decode
-steps (the engine's own statistics), and the expert traffic of decode is the counter difference of the two passes. Measured: decode tok/s, hit rate (hits over hits + misses of needed experts), bytes fetched per decode step,
-the bandwidth of the copy a miss makes (one expert's pinned matrices into a device slot), experts computed on the
-host per step with the host's time on them and its wait for the device after them, and the floor: bytes fetched per
-step over that bandwidth; ``pct_of_floor`` = floor / measured step time, which is also the share of a step the
-copies would take if nothing else ran. Random weights route near-uniformly: real routing is skewed, so this hit rate
+steps (the engine's own statistics), and the expert traffic of decode is the counter difference of the two passes.
+Measured: decode tok/s, hit rate (hits over hits + misses of needed experts), bytes fetched per decode step, the
+bandwidth of the copy a miss makes (one expert's pinned matrices into a device slot), experts split between device
+and host per step, the host's share of the experts in experts per step with the host's time on them and its wait for
+the device after them, and two floors.  The copy floor: bytes fetched per step over the copy bandwidth;
+``pct_of_floor`` = that floor / measured step time, the share of a step the copies would take if nothing else ran.
+The two-link floor: every missed expert's bytes per step over the copy bandwidth plus the rate at which the host
+computes one expert for one token (``host_expert_bandwidth``, at the row's thread count), the step time if copies
+and host compute were perfectly balanced and nothing else ran. Random weights route near-uniformly: real routing is skewed, so this hit rate
 is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or
 ./results).  ``--profile`` then runs the first batch size once more, at the last host share and thread count, under
 ``torch.profiler`` and writes its operators by host time to ``offload_profile.txt`` (where a step's host time goes
@@ -41,7 +45,7 @@ def expert_copy_bandwidth(cache, reps: int = 5) -> float:
     """Bytes per second of the copy a miss makes: a resident expert's host matrices into its own device slot (the
     same bytes, so nothing changes), on the cache's copy stream where it has one."""
     expert, slot = next(iter(cache.lru.items()))
-    pairs = [(cache.w13[slot], cache.host_w13[expert]), (cache.w2[slot], cache.host_w2[expert])]
+    pairs = [(cache.w13[slot], cache.host_w13[expert]), (cache.w2t[slot], cache.host_w2t[expert])]
 
     def copy():
         for dst, src in pairs:
@@ -62,6 +66,20 @@ def expert_copy_bandwidth(cache, reps: int = 5) -> float:
         end.record()
     end.synchronize()
     return reps * cache.expert_bytes / (start.elapsed_time(end) / 1000)
+
+
+def host_expert_bandwidth(cache, reps: int = 5) -> float:
+    """Bytes per second of the host computing one whole expert for one token from its own copy, the way a step does
+    (``ExpertCache.compute_on_host``), best of ``reps``; the counters it moves are outside the measured deltas."""
+    hidden = cache.host_w13.shape[2]
+    x = torch.randn(1, hidden, dtype=cache.host_w13.dtype)
+    weights, ids = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        cache.compute_on_host(x, weights, ids, [0], None)
+        best = min(best, time.perf_counter() - t)
+    return cache.expert_bytes / best
 
 
 def run_case(llm, prompts, max_tokens: int) -> dict:
@@ -85,6 +103,8 @@ def run_case(llm, prompts, max_tokens: int) -> dict:
             "decode_step_ms": round(1000 * step_s, 3),
             "hit_rate": round(decode["hits"] / max(decode["hits"] + decode["misses"], 1), 4),
             "bytes_fetched_per_step": decode["bytes_fetched"] / steps,
+            "missed_bytes_per_step": decode["misses"] * llm.engine.runner.expert_caches[0].expert_bytes / steps,
+            "splits_per_step": round(decode["splits"] / steps, 2),
             "host_computed_per_step": round(decode["host_computed"] / steps, 2),
             "host_ms_per_step": round(1000 * decode["host_seconds"] / steps, 1),
             "join_ms_per_step": round(1000 * decode["join_seconds"] / steps, 1), "decode_counters": decode}
@@ -129,6 +149,7 @@ def main(argv=None) -> dict:
     llm = LLM(model, **engine)
     init_s = time.perf_counter() - t
     bandwidth = expert_copy_bandwidth(llm.engine.runner.expert_caches[0])
+    host_rate = host_expert_bandwidth(llm.engine.runner.expert_caches[0])
     desc = llm.engine.describe()
     rng = random.Random(0)
     vocab = llm.engine.runner.vocab_size
@@ -143,25 +164,31 @@ def main(argv=None) -> dict:
                 set_host_share(llm.engine.runner.model, share)
                 r = run_case(llm, prompts, a.max_tokens)
                 floor_s = r["bytes_fetched_per_step"] / bandwidth
+                rate = host_expert_bandwidth(llm.engine.runner.expert_caches[0])  # at this row's threads
+                both_s = r["missed_bytes_per_step"] / (bandwidth + rate)
                 r.update(batch=bs, prefetch=prefetch, host_share=share, host_threads=threads,
-                         floor_step_ms=round(1000 * floor_s, 3),
+                         host_expert_bytes_per_s=rate,
+                         floor_step_ms=round(1000 * floor_s, 3), two_link_floor_ms=round(1000 * both_s, 3),
                          pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
                 rows.append(r)
     result = {"model": model, "engine": engine, "cpu_count": os.cpu_count(), "init_seconds": round(init_s, 1),
-              "h2d_bytes_per_s": bandwidth,
+              "h2d_bytes_per_s": bandwidth, "host_expert_bytes_per_s": host_rate,
               "weight_bytes_on_device": desc["weight_bytes"], "expert_offload": desc["expert_offload"],
               "num_kv_blocks": desc["num_kv_blocks"], "mode": desc["mode"], "rows": rows}
     write_json("offload_bench.json", result)
     cache_gib = desc['expert_offload']['expert_cache_bytes'] / 2**30
-    lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; expert cache {cache_gib:.2f} GiB; non-expert weights "
-             f"{desc['weight_bytes'] / 2**30:.2f} GiB; {os.cpu_count()} host CPUs",
+    lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; the host computes an expert at {host_rate / 1e9:.1f} GB/s; expert "
+             f"cache {cache_gib:.2f} GiB; non-expert weights {desc['weight_bytes'] / 2**30:.2f} GiB; "
+             f"{os.cpu_count()} host CPUs",
              "", "| batch | prefetch | host threads | host share | decode tok/s | step ms | hit rate | MB fetched/step "
-             "| host experts/step | host ms/step | join wait ms/step | copy floor ms | % of floor |",
-             "|---" * 13 + "|"]
+             "| split experts/step | host experts/step | host ms/step | join wait ms/step | copy floor ms | % of floor "
+             "| two-link floor ms |",
+             "|---" * 15 + "|"]
     lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_threads']} | {r['host_share']:g} | "
               f"{r['decode_tok_s']} | {r['decode_step_ms']} | {r['hit_rate']:.3f} | "
-              f"{r['bytes_fetched_per_step'] / 1e6:.1f} | {r['host_computed_per_step']} | {r['host_ms_per_step']} | "
-              f"{r['join_ms_per_step']} | {r['floor_step_ms']} | {r['pct_of_floor']} |" for r in rows]
+              f"{r['bytes_fetched_per_step'] / 1e6:.1f} | {r['splits_per_step']} | {r['host_computed_per_step']} | "
+              f"{r['host_ms_per_step']} | {r['join_ms_per_step']} | {r['floor_step_ms']} | {r['pct_of_floor']} | "
+              f"{r['two_link_floor_ms']} |" for r in rows]
     with open(os.path.join(out_dir(), "offload_bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
