@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
                 both_s = r["missed_bytes_per_step"] / (bandwidth + rate)
                 r.update(batch=bs, prefetch=prefetch, host_share=share, host_threads=threads,
                          host_expert_bytes_per_s=rate,
-                         floor_step_ms=round(1000 * floor_s, 3), two_link_floor_ms=round(1000 * both_s, 3),
+                         floor_step_ms=round(1000 * floor_s, 6), two_link_floor_ms=round(1000 * both_s, 6),
                          pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
                 rows.append(r)
     result = {"model": model, "engine": engine, "cpu_count": os.cpu_count(), "init_seconds": round(init_s, 1),
@@ -187,8 +187,8 @@ def main(argv=None) -> dict:
     lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_threads']} | {r['host_share']:g} | "
               f"{r['decode_tok_s']} | {r['decode_step_ms']} | {r['hit_rate']:.3f} | "
               f"{r['bytes_fetched_per_step'] / 1e6:.1f} | {r['splits_per_step']} | {r['host_computed_per_step']} | "
-              f"{r['host_ms_per_step']} | {r['join_ms_per_step']} | {r['floor_step_ms']} | {r['pct_of_floor']} | "
-              f"{r['two_link_floor_ms']} |" for r in rows]
+              f"{r['host_ms_per_step']} | {r['join_ms_per_step']} | {r['floor_step_ms']:.1f} | {r['pct_of_floor']} | "
+              f"{r['two_link_floor_ms']:.1f} |" for r in rows]
     with open(os.path.join(out_dir(), "offload_bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -216,9 +216,9 @@ def test_a_step_needing_more_experts_than_slots_uses_the_resident_ones_before_co
     cache = ExpertCache(torch.randn(4, 6, 3), torch.randn(4, 3, 3), torch.device("cpu"), slots=1, pin=False)
     cache.ensure([3])  # expert 3 resident, as after a step whose last round was expert 3
     cache.hits = cache.misses = 0
-    order = cache.resident_first([0, 1, 2, 3])
-    assert order == [3, 0, 1, 2]
+    order, split, on_host = cache.plan([0, 1, 2, 3])  # host share 0: all on the device
+    assert order == [3, 0, 1, 2] and split is None and on_host == []
     for e in order:  # the rounds of one slot
         cache.ensure([e])
     assert (cache.hits, cache.misses) == (1, 3)
-    assert cache.resident_first([0, 1]) == [0, 1] and cache.resident_first([1, 2, 0]) == [2, 1, 0]
+    assert cache.plan([0, 1])[0] == [0, 1] and cache.plan([1, 2, 0])[0] == [2, 1, 0]

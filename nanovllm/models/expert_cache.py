@@ -132,12 +132,6 @@ class ExpertCache:
                 if event is not None:
                     current.wait_event(event)
 
-    def resident_first(self, experts: list[int]) -> list[int]:
-        """``experts`` with the resident ones first (order otherwise kept): when a step runs in rounds, the
-        resident experts are used before any copy could evict them (in id order, a step needing every expert
-        with one slot would evict the resident one before reaching it, and never hit)."""
-        return [e for e in experts if e in self.lru] + [e for e in experts if e not in self.lru]
-
     def prefetch(self, experts: list[int]) -> None:
         """Start copying the guessed ``experts`` that are not resident (at most ``num_slots``, the most likely
         first), evicting the least recently used; they count as ``prefetched``, not as misses."""
@@ -150,7 +144,9 @@ class ExpertCache:
 
     def plan(self, needed: list[int]) -> tuple[list[int], tuple[int, int] | None, list[int]]:
         """(the experts the device runs whole, resident ones first; the split expert and its row k, or None; the
-        experts the host runs whole) for a step needing ``needed`` (module docstring)."""
+        experts the host runs whole) for a step needing ``needed`` (module docstring).  Resident experts come first
+        because a step with more experts than slots runs in rounds: in id order, a step needing every expert with
+        one slot would evict the resident one before reaching it, and never hit."""
         resident = [e for e in needed if e in self.lru]
         missing = [e for e in needed if e not in self.lru]
         device_work = (1.0 - self.host_share) * len(missing)

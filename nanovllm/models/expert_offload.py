@@ -64,7 +64,7 @@ class OffloadedMoe(torch.nn.Module):
         if self.next_moe is not None and x.shape[0]:
             self.next_moe.cache.prefetch(self.next_moe.guess(x))
         c = self.cache
-        on_device, split, on_host = c.plan(c.resident_first(torch.unique(ids).tolist()))
+        on_device, split, on_host = c.plan(torch.unique(ids).tolist())
         host_part = bool(on_host) or split is not None
         if host_part:  # to the host before the device's part is queued: reading them later would wait for it
             host_inputs = (x.cpu(), weights.cpu(), ids.cpu())
