@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
-CUDA_OFFLOAD_HOST_SHARE = 0.5  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
+CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
