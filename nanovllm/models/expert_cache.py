@@ -12,9 +12,7 @@ share of the non-resident experts' work, counted in experts, the last ones of th
 boundary is split along its intermediate dimension at a row ``k`` (a multiple of 16 where I is): the device copies
 its rows [0, k) into the shared ``SplitScratch`` and computes them, the host computes rows [k, I) from its own copy.
 The two partial sums are exact parts of the expert's output, so the split changes only the float32 summation order.
-The rest of the device's experts run through the slots.  A split expert does not enter the cache.  The host's part
-runs on a host thread (``host_thread``, one for the model) while the caller queues the device's part, and ``join``
-adds the two.
+The rest of the device's experts run through the slots.  A split expert does not enter the cache.
 
 Counters (per step, layer and needed expert): ``hits`` (resident, or being prefetched), ``misses`` (copied, split
 or computed on the host), ``prefetched``, ``bytes_fetched`` (host to device), ``splits`` (experts split between
@@ -24,7 +22,6 @@ experts: 1 per whole expert, (I - k) / I for a split one), ``host_seconds`` (the
 """
 import time
 from collections import OrderedDict
-from concurrent.futures import Executor, Future
 
 import torch
 
@@ -56,7 +53,7 @@ class ExpertCache:
     """The device slots of one MoE layer's experts over their host copies (see the module docstring)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, device: torch.device, slots: int, pin: bool,
-                 scratch: SplitScratch | None = None, host_thread: Executor | None = None):
+                 scratch: SplitScratch | None = None):
         num_experts, two_i, hidden = w13.shape
         if not 1 <= slots <= num_experts:
             raise ValueError(f"experts_on_device={slots} must be in [1, {num_experts}] (the layer's experts)")
@@ -65,7 +62,7 @@ class ExpertCache:
         self.host_w2t = w2t.pin_memory() if pin else w2t
         self.inter = two_i // 2
         self.split_step = 16 if self.inter % 16 == 0 else 1
-        self.device, self.num_slots, self.scratch, self.host_thread = device, slots, scratch, host_thread
+        self.device, self.num_slots, self.scratch = device, slots, scratch
         self.w13 = torch.empty((slots, two_i, hidden), dtype=w13.dtype, device=device)
         self.w2t = torch.empty((slots, self.inter, hidden), dtype=w2.dtype, device=device)
         self.slot_w2 = self.w2t.transpose(1, 2)
@@ -177,17 +174,13 @@ class ExpertCache:
         return moe_experts(x, w, torch.zeros_like(ids), *s.views(k))
 
     def compute_on_host(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[int],
-                        split: tuple[int, int] | None, threads: int | None = None) -> tuple:
+                        split: tuple[int, int] | None) -> torch.Tensor:
         """The router-weighted sum of ``experts``' outputs, and of rows [k, I) of the split expert's, for the tokens
-        routed to them, computed on the host from its copies with ``threads`` torch threads (default: as set);
-        ``x``, ``weights``, ``ids`` are host tensors.  Returns (float32 [T, H] on the host, the whole experts
-        computed, the host's work in experts, its seconds).  It moves no counter, so it may run on the host thread
-        while the caller queues the device's part."""
+        routed to them, computed on the host from its copies; ``x``, ``weights``, ``ids`` are host tensors.
+        Returns float32 [T, H] on the host."""
         start = time.perf_counter()
-        if threads is not None and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)  # a thread keeps its own count
         y = torch.zeros(x.shape, dtype=torch.float32)
-        inter, work = self.inter, 0.0
+        inter = self.inter
         parts = [(e, 0) for e in experts] + ([split] if split is not None else [])
         for e, k in parts:
             rows, picks = (ids == e).nonzero(as_tuple=True)
@@ -198,28 +191,14 @@ class ExpertCache:
                 gate, up = (xs @ w13.T).chunk(2, dim=-1)
             out = (torch.nn.functional.silu(gate) * up) @ self.host_w2t[e, k:]
             y.index_add_(0, rows, out.float() * weights[rows, picks, None])
-            work += (inter - k) / inter
-        return y, len(experts), work, time.perf_counter() - start
+            self.misses += k == 0  # a split expert counted its miss on the device
+            self.host_computed += (inter - k) / inter
+        self.host_seconds += time.perf_counter() - start
+        return y
 
-    def start_on_host(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[int],
-                      split: tuple[int, int] | None) -> Future:
-        """Bring the layer's input and routing to the host (before the device's part is queued: reading them later
-        would wait for it) and start ``compute_on_host`` on the host thread (inline without one)."""
-        args = (x.cpu(), weights.cpu(), ids.cpu(), experts, split, torch.get_num_threads())
-        if self.host_thread is not None:
-            return self.host_thread.submit(self.compute_on_host, *args)
-        done = Future()
-        done.set_result(self.compute_on_host(*args))
-        return done
-
-    def join(self, y: torch.Tensor, pending: Future) -> torch.Tensor:
-        """``y`` (the device's part, on the device) plus the host's (``start_on_host``'s ``pending``), in float32,
-        in y's dtype; the counters take the host's work, and the wait for the device's queued part after the host
-        finished is timed in ``join_seconds``."""
-        host_y, whole, work, seconds = pending.result()
-        self.misses += whole  # a split expert counted its miss on the device
-        self.host_computed += work
-        self.host_seconds += seconds
+    def join(self, y: torch.Tensor, host_y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the device's part, on the device) plus ``host_y`` (``compute_on_host``'s), in float32, in y's
+        dtype; the wait for the device's queued rounds is timed in ``join_seconds``."""
         start = time.perf_counter()
         if self.stream is not None:
             torch.cuda.current_stream(self.device).synchronize()

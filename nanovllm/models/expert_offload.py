@@ -17,9 +17,8 @@ With ``host_share`` > 0, the host computes that share of the non-resident expert
 copying it (Fiddler's idea: the host's memory reads an expert at a rate close to the link's, so both together move
 about twice the bytes per second): whole experts, and the rows [k, I) of the one expert on the boundary, whose rows
 [0, k) the device copies into a scratch shared by the layers and computes, so that each layer's work is split at the
-share exactly.  The layer's input and routing go to the host first; the host computes its part on a host thread
-of its own while this thread queues the device's part (copies and kernels; torch releases the GIL inside each op),
-and the host's result is added to the device's in float32.
+share exactly.  The layer's input and routing go to the host first, the device's part (copies and kernels) is
+launched next, and the host computes its part while the device works; its result is added to the device's in float32.
 
 Graph mode: an offloaded model runs eagerly (``graph_capturable = False`` with a logged reason).  The set of
 experts a step needs is known only after routing, on the host, and the copies it triggers depend on it; a
@@ -32,8 +31,6 @@ launch overhead a graph saves is small against it, and eager is the correct-by-c
 ``offload_stats(model)`` sums the caches' counters (``expert_cache.COUNTERS``) and adds the device and host bytes of
 experts.
 """
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from nanovllm.kernels import ops
@@ -69,8 +66,8 @@ class OffloadedMoe(torch.nn.Module):
         c = self.cache
         on_device, split, on_host = c.plan(torch.unique(ids).tolist())
         host_part = bool(on_host) or split is not None
-        if host_part:
-            pending = c.start_on_host(x, weights, ids, on_host, split)
+        if host_part:  # to the host before the device's part is queued: reading them later would wait for it
+            host_inputs = (x.cpu(), weights.cpu(), ids.cpu())
         y = c.run_split(x, weights, ids, *split, ops.moe_experts) if split else None
         for r in range(0, len(on_device), c.num_slots):
             chunk = on_device[r:r + c.num_slots]
@@ -84,7 +81,7 @@ class OffloadedMoe(torch.nn.Module):
         if y is None:
             y = torch.zeros_like(x)
         if host_part:
-            y = c.join(y, pending)
+            y = c.join(y, c.compute_on_host(*host_inputs, on_host, split))
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return y
@@ -104,12 +101,11 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     scratch = None  # room for a split expert's device rows, unless every expert is resident
     if slots is not None and slots < num_experts:
         scratch = SplitScratch(two_i // 2, hidden, moes[0][1].experts.gate_up_proj.dtype, device)
-    host_thread = ThreadPoolExecutor(1, thread_name_prefix="nanovllm-host-experts")  # started on first use
     caches, offloaded = [], []
     for i, moe in moes:
         w13, w2 = moe.experts.gate_up_proj.data, moe.experts.down_proj.data
         del moe.experts  # the host copy lives on in the cache only
-        cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratch, host_thread)
+        cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratch)
         layers[i].mlp = OffloadedMoe(moe, cache)
         caches.append(cache)
         offloaded.append(layers[i].mlp)
