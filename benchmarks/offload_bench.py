@@ -38,8 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import out_dir, write_json  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.models.expert_offload import (COUNTERS, offload_stats, set_host_first, set_host_share,  # noqa: E402
-                                            set_prefetch)
+from nanovllm.models.expert_offload import COUNTERS, offload_stats, set_host_share, set_prefetch  # noqa: E402
 
 
 def expert_copy_bandwidth(cache, reps: int = 5) -> float:
@@ -122,7 +121,6 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--prefetch", default="on,off", help="prefetch settings to run, of on and off")
     p.add_argument("--host-shares", default="0", help="offload_host_share values to run (0: copy every miss)")
-    p.add_argument("--host-first", default="off", help="A/B: host computes before the device's kernels (on,off)")
     p.add_argument("--host-threads", default="", help="torch.set_num_threads values to run (default: torch's own)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
@@ -160,10 +158,8 @@ def main(argv=None) -> dict:
     for bs in sizes:
         prompts = [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(bs)]
         for prefetch in [x == "on" for x in a.prefetch.split(",")]:
-            for threads, share, first in itertools.product(thread_counts, [float(x) for x in a.host_shares.split(",")],
-                                                           [x == "on" for x in a.host_first.split(",")]):
+            for threads, share in itertools.product(thread_counts, [float(x) for x in a.host_shares.split(",")]):
                 torch.set_num_threads(threads)
-                set_host_first(llm.engine.runner.model, first)
                 set_prefetch(llm.engine.runner.model, prefetch)
                 set_host_share(llm.engine.runner.model, share)
                 r = run_case(llm, prompts, a.max_tokens)
@@ -171,7 +167,7 @@ def main(argv=None) -> dict:
                 rate = host_expert_bandwidth(llm.engine.runner.expert_caches[0])  # at this row's threads
                 both_s = r["missed_bytes_per_step"] / (bandwidth + rate)
                 r.update(batch=bs, prefetch=prefetch, host_share=share, host_threads=threads,
-                         host_expert_bytes_per_s=rate, host_first=first,
+                         host_expert_bytes_per_s=rate,
                          floor_step_ms=round(1000 * floor_s, 6), two_link_floor_ms=round(1000 * both_s, 6),
                          pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
                 rows.append(r)
@@ -188,8 +184,7 @@ def main(argv=None) -> dict:
              "| split experts/step | host experts/step | host ms/step | join wait ms/step | copy floor ms | % of floor "
              "| two-link floor ms |",
              "|---" * 15 + "|"]
-    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_threads']} | {r['host_share']:g}"
-              f"{' first' if r['host_first'] else ''} | "
+    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_threads']} | {r['host_share']:g} | "
               f"{r['decode_tok_s']} | {r['decode_step_ms']} | {r['hit_rate']:.3f} | "
               f"{r['bytes_fetched_per_step'] / 1e6:.1f} | {r['splits_per_step']} | {r['host_computed_per_step']} | "
               f"{r['host_ms_per_step']} | {r['join_ms_per_step']} | {r['floor_step_ms']:.1f} | {r['pct_of_floor']} | "

@@ -23,7 +23,7 @@ for s in ${STEPS:-ours vllm svd}; do
   case $s in
     ours) step ours 480 python benchmarks/offload_bench.py --model $CFG --budget-gb 16 --experts-on-device 1 \
             --batch-sizes 1,16 --max-tokens 32 --prefetch ${PREFETCH:-off} --host-shares ${HOST_SHARES:-0,0.5} \
-            --host-threads "${HOST_THREADS:-}" --host-first ${HOST_FIRST:-off} ${PROFILE:+--profile} ;;
+            --host-threads "${HOST_THREADS:-}" ${PROFILE:+--profile} ;;
     vllm) step vllm 480 env PYTHONPATH=/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
             python3 benchmarks/peer_offload.py --model $CFG --budget-gb 16 --cpu-offload-gb 80 \
             --batch-sizes 1,16 --max-tokens 32 --out "$OUT" ;;

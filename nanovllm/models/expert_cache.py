@@ -72,7 +72,6 @@ class ExpertCache:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.reset_counters()
         self.host_share = 0.0
-        self.host_first = False  # A/B: the host computes once the device's copies are queued, before its kernels
         self.expert_bytes = 3 * self.inter * hidden * w13.element_size()
 
     def reset_counters(self) -> None:
@@ -159,8 +158,10 @@ class ExpertCache:
         split = (missing[whole], k) if whole < len(missing) and k > 0 and self.scratch is not None else None
         return resident + missing[:whole], split, missing[whole + (split is not None):]
 
-    def copy_split(self, expert: int, k: int) -> None:
-        """Queue the copy of rows [0, k) of ``expert`` into the scratch; the compute stream waits for it."""
+    def run_split(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert: int, k: int,
+                  moe_experts) -> torch.Tensor:
+        """The device's rows [0, k) of ``expert`` for the tokens routed to it (``moe_experts``: the MoE op), copied
+        into the scratch first."""
         s, src13, inter = self.scratch, self.host_w13[expert], self.inter
         event = self._copy([(s.w13[:k], src13[:k]), (s.w13[k:2 * k], src13[inter:inter + k]),
                             (s.w2t[:k], self.host_w2t[expert, :k])])
@@ -169,13 +170,8 @@ class ExpertCache:
         self.misses += 1
         self.splits += 1
         self.bytes_fetched += self.expert_bytes * k // inter
-
-    def run_split(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert: int, k: int,
-                  moe_experts) -> torch.Tensor:
-        """The device's rows [0, k) of ``expert`` (copied by ``copy_split``) for the tokens routed to it
-        (``moe_experts``: the MoE op)."""
         w = torch.where(ids == expert, weights, torch.zeros_like(weights))
-        return moe_experts(x, w, torch.zeros_like(ids), *self.scratch.views(k))
+        return moe_experts(x, w, torch.zeros_like(ids), *s.views(k))
 
     def compute_on_host(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[int],
                         split: tuple[int, int] | None) -> torch.Tensor:

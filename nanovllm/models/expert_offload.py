@@ -68,18 +68,10 @@ class OffloadedMoe(torch.nn.Module):
         host_part = bool(on_host) or split is not None
         if host_part:  # to the host before the device's part is queued: reading them later would wait for it
             host_inputs = (x.cpu(), weights.cpu(), ids.cpu())
-        rounds = [on_device[r:r + c.num_slots] for r in range(0, len(on_device), c.num_slots)]
-        if split:
-            c.copy_split(*split)
-        host_y = None
-        if host_part and c.host_first and len(rounds) <= 1:  # every copy queued: the host need not wait for kernels
-            if rounds:
-                c.ensure(rounds[0])
-            host_y = c.compute_on_host(*host_inputs, on_host, split)
         y = c.run_split(x, weights, ids, *split, ops.moe_experts) if split else None
-        for i, chunk in enumerate(rounds):
-            if host_y is None or i:
-                c.ensure(chunk)
+        for r in range(0, len(on_device), c.num_slots):
+            chunk = on_device[r:r + c.num_slots]
+            c.ensure(chunk)
             w = weights
             if len(chunk) < len(on_device) or host_part:
                 in_chunk = torch.isin(ids, c.to_device(chunk))
@@ -89,7 +81,7 @@ class OffloadedMoe(torch.nn.Module):
         if y is None:
             y = torch.zeros_like(x)
         if host_part:
-            y = c.join(y, host_y if host_y is not None else c.compute_on_host(*host_inputs, on_host, split))
+            y = c.join(y, c.compute_on_host(*host_inputs, on_host, split))
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return y
@@ -140,13 +132,6 @@ def set_host_share(model: torch.nn.Module, share: float) -> None:
     for layer in model.model.layers:
         if isinstance(layer.mlp, OffloadedMoe):
             layer.mlp.cache.host_share = share
-
-
-def set_host_first(model: torch.nn.Module, on: bool) -> None:
-    """A/B: whether the host computes its part once the device's copies are queued, before the device's kernels."""
-    for layer in model.model.layers:
-        if isinstance(layer.mlp, OffloadedMoe):
-            layer.mlp.cache.host_first = on
 
 
 def offload_stats(model: torch.nn.Module) -> dict:
