@@ -20,8 +20,8 @@ the device after them, and two floors.  The copy floor: bytes fetched per step o
 ``pct_of_floor`` = that floor / measured step time, the share of a step the copies would take if nothing else ran.
 The two-link floor: every missed expert's bytes per step over the copy bandwidth plus the rate at which the host
 computes one expert for one token (``host_expert_bandwidth``, at the row's thread count), the step time if copies
-and host compute were perfectly balanced and nothing else ran. Random weights route near-uniformly: real routing is skewed, so this hit rate
-is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or
+and host compute were perfectly balanced and nothing else ran.  Random weights route near-uniformly: real routing
+is skewed, so this hit rate is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or
 ./results).  ``--profile`` then runs the first batch size once more, at the last host share and thread count, under
 ``torch.profiler`` and writes its operators by host time to ``offload_profile.txt`` (where a step's host time goes
 beside the copies and the host's experts).
@@ -70,7 +70,7 @@ def expert_copy_bandwidth(cache, reps: int = 5) -> float:
 
 def host_expert_bandwidth(cache, reps: int = 5) -> float:
     """Bytes per second of the host computing one whole expert for one token from its own copy, the way a step does
-    (``ExpertCache.compute_on_host``), best of ``reps``; the counters it moves are outside the measured deltas."""
+    (``ExpertCache.compute_on_host``), best of ``reps``; the counters it moves fall outside the rows' deltas."""
     hidden = cache.host_w13.shape[2]
     x = torch.randn(1, hidden, dtype=cache.host_w13.dtype)
     weights, ids = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int64)

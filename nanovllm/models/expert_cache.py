@@ -16,9 +16,9 @@ The rest of the device's experts run through the slots.  A split expert does not
 
 Counters (per step, layer and needed expert): ``hits`` (resident, or being prefetched), ``misses`` (copied, split
 or computed on the host), ``prefetched``, ``bytes_fetched`` (host to device), ``splits`` (experts split between
-the device and the host), ``host_computed`` (the host's work in
-experts: 1 per whole expert, (I - k) / I for a split one), ``host_seconds`` (the host computing) and
-``join_seconds`` (the host then waiting for the device's part of the same layer).
+the device and the host), ``host_computed`` (the host's work in experts: 1 per whole expert, (I - k) / I for a
+split one), ``host_seconds`` (the host computing) and ``join_seconds`` (the host then waiting for the device's part
+of the same layer).
 """
 import time
 from collections import OrderedDict
