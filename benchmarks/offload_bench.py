@@ -21,8 +21,8 @@ the device after them, and two floors.  The copy floor: bytes fetched per step o
 The two-link floor: every missed expert's bytes per step over the copy bandwidth plus the rate at which the host
 computes one expert for one token (``host_expert_bandwidth``, at the row's thread count), the step time if copies
 and host compute were perfectly balanced and nothing else ran.  Random weights route near-uniformly: real routing
-is skewed, so this hit rate is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to ``--out`` (default ``$OUT`` or
-./results).  ``--profile`` then runs the first batch size once more, at the last host share and thread count, under
+is skewed, so this hit rate is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to
+``--out`` (default ``$OUT`` or ./results).  ``--profile`` then runs the first batch size once more, at the last host share and thread count, under
 ``torch.profiler`` and writes its operators by host time to ``offload_profile.txt`` (where a step's host time goes
 beside the copies and the host's experts).
 """
