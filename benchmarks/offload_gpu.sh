@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Expert offload and low-rank experts on one GPU, Mixtral-8x7B's config with dummy weights.  Steps:
 #   ours    offload_bench.py: offload, device budget 16 GB, one expert per layer on the device, batch 1 and 16,
-#           prefetch $PREFETCH (default off; "on,off" for both), host shares $HOST_SHARES (default 0,0.5), host
+#           prefetch $PREFETCH (default off; "on,off" for both), host shares $HOST_SHARES (default 0,0.45), host
 #           threads $HOST_THREADS (default torch's own); PROFILE=1 adds a profile of batch 1 (offload_profile.txt)
 #   vllm    peer_offload.py: vLLM 0.26 with cpu_offload_gb at the same budget (vLLM staged in /tmp/site)
 #   host    host_experts.py: one Mixtral expert's pinned copy against the host computing it, and both at once
@@ -22,7 +22,7 @@ BENCH="python bench.py --bs 256 --load-format dummy --max-model-len 4096"
 for s in ${STEPS:-ours vllm svd}; do
   case $s in
     ours) step ours 480 python benchmarks/offload_bench.py --model $CFG --budget-gb 16 --experts-on-device 1 \
-            --batch-sizes 1,16 --max-tokens 32 --prefetch ${PREFETCH:-off} --host-shares ${HOST_SHARES:-0,0.5} \
+            --batch-sizes 1,16 --max-tokens 32 --prefetch ${PREFETCH:-off} --host-shares ${HOST_SHARES:-0,0.45} \
             --host-threads "${HOST_THREADS:-}" ${PROFILE:+--profile} ;;
     vllm) step vllm 480 env PYTHONPATH=/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
             python3 benchmarks/peer_offload.py --model $CFG --budget-gb 16 --cpu-offload-gb 80 \

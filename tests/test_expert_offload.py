@@ -57,6 +57,7 @@ def test_the_host_computes_no_expert_by_default_off_cuda(checkpoint):
     assert all(c.host_share == 0 for c in llm.engine.runner.expert_caches)
     stats = _stats(llm)
     assert stats["misses"] > 0 and stats["host_computed"] == 0
+    assert stats["split_scratch_bytes"] == 0  # no host share, no scratch on the device
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])

@@ -98,8 +98,8 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
         raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer")
     pin = device.type == "cuda"
     num_experts, two_i, hidden = moes[0][1].experts.gate_up_proj.shape
-    scratch = None  # room for a split expert's device rows, unless every expert is resident
-    if slots is not None and slots < num_experts:
+    scratch = None  # room for a split expert's device rows, when the host takes a share of the misses
+    if host_share > 0 and slots is not None and slots < num_experts:
         scratch = SplitScratch(two_i // 2, hidden, moes[0][1].experts.gate_up_proj.dtype, device)
     caches, offloaded = [], []
     for i, moe in moes:
@@ -128,7 +128,8 @@ def set_prefetch(model: torch.nn.Module, on: bool) -> None:
 
 
 def set_host_share(model: torch.nn.Module, share: float) -> None:
-    """Set the share of non-resident experts the host computes, in every offloaded layer (for A/B measurements)."""
+    """Set the share of non-resident experts the host computes, in every offloaded layer (for A/B measurements); a
+    model offloaded with share 0 has no split scratch, so its boundary expert then goes whole to the host."""
     for layer in model.model.layers:
         if isinstance(layer.mlp, OffloadedMoe):
             layer.mlp.cache.host_share = share
