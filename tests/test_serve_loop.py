@@ -43,7 +43,8 @@ def test_a_request_of_n_choices_counts_its_prompt_once():
     import asyncio
 
     from nanovllm.entrypoints.choices import run_choices
-    from nanovllm.entrypoints.engine_loop import RequestHandle, SeqDelta
+    from nanovllm.engine.outputs import SequenceOutput
+    from nanovllm.entrypoints.engine_loop import RequestHandle
     from nanovllm.entrypoints.metrics import ServerMetrics
     from nanovllm.sampling_params import SamplingParams
 
@@ -54,8 +55,8 @@ def test_a_request_of_n_choices_counts_its_prompt_once():
     async def run():
         handle = RequestHandle([1, 2, 3, 4, 5], [SamplingParams(max_tokens=2)] * 3)
         for i in range(3):
-            handle.queue.put_nowait((i, SeqDelta([0], None, None)))
-            handle.queue.put_nowait((i, SeqDelta([1], None, "length")))
+            handle.queue.put_nowait((i, SequenceOutput(0, [0], None, None)))
+            handle.queue.put_nowait((i, SequenceOutput(0, [1], None, "length")))
         return [u async for u in run_choices(None, handle, Tokenizer(), metrics)]
 
     metrics = ServerMetrics("tiny", lambda: {"running": 0, "waiting": 0, "kv_cache_usage": 0.0})
@@ -102,7 +103,8 @@ def test_deltas_queued_together_are_joined_per_choice():
     import asyncio
 
     from nanovllm.entrypoints.choices import run_choices
-    from nanovllm.entrypoints.engine_loop import RequestHandle, SeqDelta
+    from nanovllm.engine.outputs import SequenceOutput
+    from nanovllm.entrypoints.engine_loop import RequestHandle
     from nanovllm.entrypoints.metrics import ServerMetrics
     from nanovllm.sampling_params import SamplingParams
 
@@ -115,9 +117,9 @@ def test_deltas_queued_together_are_joined_per_choice():
 
     async def run(one_at_a_time: bool):
         handle = RequestHandle([1, 2], [SamplingParams(max_tokens=4, logprobs=1)] * 2)
-        events = [(0, SeqDelta([0], [lp(0)], None)), (1, SeqDelta([3], [lp(3)], None)),
-                  (0, SeqDelta([1, 2], [lp(1), lp(2)], None)), (1, SeqDelta([4], [lp(4)], "stop")),
-                  (0, SeqDelta([5], [lp(5)], "length"))]
+        events = [(0, SequenceOutput(0, [0], [lp(0)], None)), (1, SequenceOutput(0, [3], [lp(3)], None)),
+                  (0, SequenceOutput(0, [1, 2], [lp(1), lp(2)], None)), (1, SequenceOutput(0, [4], [lp(4)], "stop")),
+                  (0, SequenceOutput(0, [5], [lp(5)], "length"))]
         updates = []
         if one_at_a_time:
             gen = run_choices(None, handle, Tokenizer(), metrics)

@@ -6,12 +6,12 @@ in-process tests serve one).
 Contract:
 * ``submit`` and ``abort`` are non-blocking and called on the event loop's thread.  A writer thread sends the
   commands; a reader thread takes each engine step's deltas and hands them, with one ``call_soon_threadsafe`` per
-  step, to each request's ``asyncio.Queue`` as ``(choice index, SeqDelta)``.  A request of ``n`` choices is ``n``
+  step, to each request's ``asyncio.Queue`` as ``(choice index, SequenceOutput)``.  A request of ``n`` choices is ``n``
   sequences.  New requests join the running batch between steps.
 * ``abort`` ends the request's choices at once (the core frees their KV blocks); nothing more is delivered for them.
 * ``submit`` refuses (``Overloaded``) when the sequences waiting for a batch slot (submitted and not yet in the
   engine, plus those in its waiting queue) would pass ``max_waiting_seqs``, so the queue is bounded.
-* If the engine fails or its process dies, every live request gets a delta carrying the error, ``error`` is set and
+* If the engine fails or its process dies, every live request gets ``(None, error)``, ``error`` is set and
   later submits raise ``EngineDead``.
 * ``stats``: sequences running and waiting, and the share of KV blocks in use, as of the last step.
 """
@@ -23,10 +23,10 @@ import time
 from collections import deque
 
 from nanovllm.entrypoints import engine_process
-from nanovllm.entrypoints.engine_core import EngineCore, SeqDelta, dumps
+from nanovllm.entrypoints.engine_core import EngineCore, dumps
 from nanovllm.logger import logger
 
-__all__ = ["EngineDead", "EngineLoop", "Overloaded", "RequestHandle", "SeqDelta"]
+__all__ = ["EngineDead", "EngineLoop", "Overloaded", "RequestHandle"]
 
 
 class Overloaded(Exception):
@@ -38,7 +38,7 @@ class EngineDead(Exception):
 
 
 class RequestHandle:
-    """One API request on the asyncio side: its queue of ``(choice index, SeqDelta)`` events."""
+    """One API request on the asyncio side: its queue of ``(choice index, SequenceOutput)`` events."""
 
     def __init__(self, prompt_ids: list[int], params: list, images=None):
         self.prompt_ids, self.params, self.images = prompt_ids, params, images
@@ -149,8 +149,7 @@ class EngineLoop:
 
     def _fail_all(self, error: BaseException) -> None:
         for handle in self._handles.values():
-            for i in sorted(handle.open):
-                handle.queue.put_nowait((i, SeqDelta([], None, None, error)))
+            handle.queue.put_nowait((None, error))
             handle.open.clear()
         self._handles.clear()
 
