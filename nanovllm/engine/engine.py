@@ -154,27 +154,33 @@ class Engine:
 
 
 def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:
-    """The outputs of a resolved step: each sequence it wrote a token into, then each it finished, once.
+    """The outputs of a resolved step: each sequence it wrote a token into, then each other one it finished.
 
+    Steps resolve in launch order, so the token a step wrote at ``index`` is its sequence's newest resolved one.
     A sequence finished on length when a later step launched, whose token resolved here is a stop token, is
     reported once, with the finish reason "stop", when that later step resolves and finishes it."""
     done = set(finished)
-    seen = set()
     outputs = []
-    updated = [seq for _, seq, index in batch.sampled if index < len(seq.token_ids)]
-    for seq in updated + finished:
-        if seq in seen:
+    for _, seq, index in batch.sampled:
+        tokens = seq.token_ids
+        if index >= len(tokens):  # cut after an EOS resolved earlier, or aborted
             continue
-        seen.add(seq)
         ends = seq in done
-        if seq.finish_reason == "stop" and not ends:
+        if ends:
+            done.discard(seq)
+        elif seq.finish_reason == "stop":
             continue
-        start = seq.num_reported_tokens
-        end = seq.num_resolved_tokens - seq.num_prompt_tokens
-        first = seq.num_prompt_tokens + start
-        seq.num_reported_tokens = end
-        logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
-        if end > start or ends:
-            outputs.append(SequenceOutput(seq.seq_id, seq.token_ids[first:first + end - start], logprobs,
-                                          seq.finish_reason if ends else None))
+        outputs.append(_output(seq, index + 1, ends))
+    for seq in finished:
+        if seq in done:
+            outputs.append(_output(seq, seq.num_resolved_tokens, True))
     return outputs
+
+
+def _output(seq: Sequence, resolved: int, ends: bool) -> SequenceOutput:
+    """``seq``'s tokens past those reported, up to its first ``resolved`` tokens."""
+    start, end = seq.num_reported_tokens, resolved - seq.num_prompt_tokens
+    seq.num_reported_tokens = end
+    logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
+    return SequenceOutput(seq.seq_id, seq.token_ids[seq.num_prompt_tokens + start:resolved], logprobs,
+                          seq.finish_reason if ends else None)
