@@ -3,7 +3,7 @@
 ``get(name)`` is the only reader of ``os.environ`` for these names (a test holds the package to it): it returns
 the parsed value, or the default when the variable is unset or empty; a value the variable does not allow raises
 ``ValueError`` naming the variable and the value.  ``get(name, env)`` reads a mapping instead (tests, and
-``KernelOptions.from_env``).  ``python -m nanovllm.envs`` prints the README's table of the ``NANOVLLM_*`` ones.
+``KernelOptions.from_env``).  ``python -m nanovllm.cli env`` prints the README's table of the ``NANOVLLM_*`` ones.
 
 The process-wide settings nanovllm changes outside itself (an environment variable set for child processes, a
 compiler setting that outlives an engine) are recorded with ``note_process_setting`` where they are made, and
@@ -135,6 +135,3 @@ def markdown_table() -> str:
     rows += [f"| `{v.name}` | {v.meaning} |" for v in _VARIABLES if v.name.startswith("NANOVLLM_")]
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    print(markdown_table())
