@@ -19,9 +19,12 @@ from typing import Callable, Mapping
 @dataclass(frozen=True)
 class EnvVar:
     name: str
-    default: object  # what ``get`` returns when the variable is unset or empty
+    default: object  # what ``get`` returns when the variable is unset or empty (a callable: what it returns then)
     meaning: str  # the README's words for it (markdown)
     parse: Callable[[str, str], object]  # (name, raw value) -> value; raises ValueError naming both
+
+    def default_value(self):
+        return self.default() if callable(self.default) else self.default
 
 
 def _choice(*allowed: str, upper: bool = False) -> Callable[[str, str], str]:
@@ -63,7 +66,7 @@ def _path(name: str, raw: str) -> Path:
 _VARIABLES = (
     EnvVar("NANOVLLM_LOG_LEVEL", "INFO", "the package logger's level: `DEBUG`, `INFO` (default), `WARNING`, `ERROR`",
            _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)),
-    EnvVar("NANOVLLM_CACHE_DIR", Path.home() / ".cache" / "nanovllm",
+    EnvVar("NANOVLLM_CACHE_DIR", lambda: Path.home() / ".cache" / "nanovllm",
            "root for converted models and compile artifacts (default `~/.cache/nanovllm`)", _path),
     EnvVar("NANOVLLM_DISABLE_COMPILE_CACHE", False, "`1` turns the persistent compile cache off; `0` (default)",
            _flag),
@@ -105,7 +108,7 @@ def get(name: str, env: Mapping[str, str] | None = None):
     if var is None:
         raise KeyError(f"{name} is not a declared environment variable (nanovllm/envs.py)")
     raw = (os.environ if env is None else env).get(name)
-    return var.default if not raw else var.parse(name, raw)
+    return var.default_value() if not raw else var.parse(name, raw)
 
 
 def is_set(name: str, env: Mapping[str, str] | None = None) -> bool:

@@ -16,13 +16,15 @@ ENV_MODULE = PACKAGE / "envs.py"
 
 
 def _code_strings(tree: ast.AST) -> list[str]:
-    """The string constants of a module, but for docstrings and the names passed to ``envs.get``/``envs.is_set``."""
+    """The string constants of a module, but for docstrings, f-string parts (messages) and the names passed to
+    ``envs.get``/``envs.is_set``."""
     skip = {id(node.body[0].value) for node in ast.walk(tree)
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
             and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
     skip |= {id(node.args[0]) for node in ast.walk(tree) if isinstance(node, ast.Call) and node.args
              and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "is_set")
              and isinstance(node.func.value, ast.Name) and node.func.value.id == "envs"}
+    skip |= {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
     return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
             and isinstance(node.value, str) and id(node) not in skip]
 
@@ -66,8 +68,9 @@ def test_readme_lists_exactly_the_declared_variables():
 
 def test_unset_or_empty_gives_the_default():
     for name, var in envs.VARIABLES.items():
-        assert envs.get(name, {}) == var.default
-        assert envs.get(name, {name: ""}) == var.default
+        assert envs.get(name, {}) == var.default_value()
+        assert envs.get(name, {name: ""}) == var.default_value()
+    assert envs.get("NANOVLLM_CACHE_DIR", {}) == Path.home() / ".cache" / "nanovllm"
 
 
 @pytest.mark.parametrize("name,raw,value", [
