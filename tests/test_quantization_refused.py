@@ -40,7 +40,8 @@ def _to_fp8_layout(path: str) -> None:
 def test_an_fp8_checkpoint_is_refused_by_name(tmp_path):
     path = build_checkpoint(tmp_path, "qwen3")
     _to_fp8_layout(path)
-    with pytest.raises(ValueError, match=r"quantization_config.quant_method='fp8' is not supported \(supported: none\)"):
+    expected = r"quantization_config.quant_method='fp8' is not supported \(supported: none\)"
+    with pytest.raises(ValueError, match=expected):
         LLM(path, **OPTIONS)
 
 
