@@ -14,7 +14,7 @@ import nanovllm
 PACKAGE = Path(nanovllm.__file__).parent
 LAYERS = [
     ("nanovllm.logger", "nanovllm.paths", "nanovllm.version", "nanovllm.config", "nanovllm.sampling_params",
-     "nanovllm.traced"),
+     "nanovllm.traced", "nanovllm.envs"),
     ("nanovllm.kernels", "nanovllm.distributed"),
     ("nanovllm.layers",),
     ("nanovllm.step",),

@@ -1,6 +1,11 @@
-"""The server's engine loop in process (FastAPI's TestClient): an engine that fails answers its requests with a
-500, then /health and new requests with a 503, and the process stays up; a request of ``n`` choices counts its
-prompt once in the metrics."""
+"""The server's front in process (FastAPI's TestClient): an engine that fails answers its requests with a 500,
+then /health and new requests with a 503, and the process stays up; a request of ``n`` choices counts its prompt
+once in the metrics.  Here the ``EngineCore`` runs in a thread of the test, over the same pipes the server's engine
+process uses (``tests/test_serve_process.py`` covers that process)."""
+import json
+import multiprocessing
+import threading
+
 import pytest
 
 pytest.importorskip("fastapi")
@@ -9,8 +14,17 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from nanovllm import LLM  # noqa: E402
 from nanovllm.entrypoints.app import build_app  # noqa: E402
+from nanovllm.entrypoints.engine_core import EngineCore  # noqa: E402
+from nanovllm.entrypoints.engine_loop import EngineLoop  # noqa: E402
 from nanovllm.entrypoints.serving import Serving  # noqa: E402
+from nanovllm.prompts import Prompts  # noqa: E402
 from serve_helpers import build_text_checkpoint  # noqa: E402
+
+
+def prompts_of(path: str, max_model_len: int = 128) -> Prompts:
+    with open(f"{path}/config.json") as f:
+        hf_config = json.load(f)
+    return Prompts(path, hf_config, hf_config["vocab_size"], max_model_len)
 
 
 def test_an_engine_failure_fails_its_requests_and_the_health_check(tmp_path):
@@ -21,22 +35,31 @@ def test_an_engine_failure_fails_its_requests_and_the_health_check(tmp_path):
         raise RuntimeError("device lost")
 
     llm.engine.step = broken_step
-    with TestClient(build_app(Serving.on_llm(llm, "tiny", max_waiting_seqs=8))) as client:
-        assert client.get("/health").status_code == 200
-        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
-        assert client.get("/health").status_code == 503
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-        assert client.get("/version").status_code == 200
+    core_inbox, to_core = multiprocessing.Pipe(duplex=False)
+    from_core, core_outbox = multiprocessing.Pipe(duplex=False)
+    core = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox), daemon=True)
+    core.start()
+    try:
+        loop = EngineLoop(to_core, from_core, max_waiting_seqs=8)
+        with TestClient(build_app(Serving(loop, llm.prompts, "tiny"))) as client:
+            assert client.get("/health").status_code == 200
+            r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+            assert client.get("/health").status_code == 503
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+            assert client.get("/version").status_code == 200
+        core.join(timeout=30)
+        assert not core.is_alive()  # the failed core ended; the server's front stayed up until closed
+    finally:
+        llm.close()
 
 
 def test_a_server_needs_a_tokenizer(tmp_path):
     from conftest import build_checkpoint
-    llm = LLM(build_checkpoint(tmp_path, "qwen3"), enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=8,
-              max_model_len=64)
+    path = build_checkpoint(tmp_path, "qwen3")
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        Serving.on_llm(llm, "tiny", max_waiting_seqs=8)
+        Serving(EngineLoop(None, None, max_waiting_seqs=8), prompts_of(path), "tiny")
 
 
 def test_a_request_of_n_choices_counts_its_prompt_once():
@@ -74,8 +97,7 @@ def test_a_chat_stream_dropped_after_its_first_chunk_is_aborted(tmp_path):
     from nanovllm.entrypoints.protocol import ChatRequest
 
     path, _ = build_text_checkpoint(tmp_path)
-    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
-    serving = Serving.on_llm(llm, "tiny", max_waiting_seqs=8)
+    serving = Serving(EngineLoop(None, None, max_waiting_seqs=8), prompts_of(path), "tiny")
     req = ChatRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
 
     class Request:
