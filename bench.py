@@ -25,27 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from random import randint, seed
 
 import torch
 
-from benchmarks.common import copy_bandwidth, decode_floor_seconds, default_model, step_weight_bytes
+from benchmarks.common import (MIN_LEN, copy_bandwidth, decode_floor_seconds, default_model, llm_kwargs,
+                               step_weight_bytes, workload)
 from nanovllm import LLM, SamplingParams
 from nanovllm.cli import add_engine_args, engine_kwargs, flag_name
-
-MIN_LEN = 100  # nano-vllm draws prompt and output lengths from randint(100, max)
 
 
 class TokenCountMismatch(RuntimeError):
     """The engine generated another number of tokens than the workload asks for."""
-
-
-def workload(num_seqs: int, max_input_len: int, max_output_len: int):
-    seed(0)
-    prompts = [[randint(0, 10000) for _ in range(randint(MIN_LEN, max_input_len))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(MIN_LEN, max_output_len))
-              for _ in range(num_seqs)]
-    return prompts, params
 
 
 def int_list(text: str) -> list[int]:
@@ -87,15 +77,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--sweep-bs must list batch sizes >= 1, got {args.sweep_bs}")
     if args.plot and not args.sweep_bs:
         parser.error("--plot needs --sweep-bs")
-
-
-def llm_kwargs(args: argparse.Namespace, bs: int) -> dict:
-    """``LLM(...)`` keyword arguments of one run: the engine flags, ``max_num_seqs=bs`` and the given decode
-    buckets up to ``bs`` (the defaults if none is left)."""
-    kwargs = dict(engine_kwargs(args), max_num_seqs=bs)
-    if kwargs.get("graph_batch_sizes"):
-        kwargs["graph_batch_sizes"] = [b for b in kwargs["graph_batch_sizes"] if b <= bs] or None
-    return kwargs
 
 
 def engine_argv(kwargs: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """Serving benchmark: Poisson arrivals through the OpenAI API against a running server (ours or ``vllm serve``).
 
     python -m nanovllm.serve MODEL &                  # or: vllm serve MODEL
-    python benchmarks/serve_bench.py --request-rate 4,16,inf --num-prompts 256 [--plot latency.png]
+    python -m benchmarks.serve_bench --request-rate 4,16,inf --num-prompts 256 [--plot latency.png]
 
 Prompts are token ids drawn like bench.py's (nano-vllm's) workload: ``random.seed(0)``, then per request
 ``randint(0, --max-token-id)`` ids, ``randint(--min-input-len, --max-input-len)`` of them, and ``max_tokens =
@@ -22,13 +22,11 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import write_json
 
 
 @dataclass
