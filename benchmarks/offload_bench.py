@@ -18,18 +18,14 @@ installs its offloader): decode tok/s from the two passes' extra tokens over the
 really offloaded (the weights' device bytes below the checkpoint's).
 """
 import argparse
-import itertools
+import json
 import os
 import random
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import out_dir, write_json  # noqa: E402
-from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.models.expert_offload import COUNTERS, offload_stats, set_host_share, set_prefetch  # noqa: E402
+from benchmarks.common import out_dir, write_json
 
 
 def expert_copy_bandwidth(cache, reps: int = 5) -> float:
