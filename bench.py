@@ -2,20 +2,16 @@
 
     python bench.py --bs 256                          # the headline number
     python bench.py --sweep-bs 16,32,64,128,256 [--plot sweep.png]
-    python bench.py --bs 256 --enforce-eager --load-format dummy
 
-The workload is nano-vllm's: ``random.seed(0)``; prompts ``[[randint(0, 10000) for _ in range(randint(100, 1024))]
-...]``, then ``max_tokens=randint(100, 1024)`` per sequence, in that order (256 sequences: 142,827 input and
-133,966 output tokens); temperature 0.6, ignore_eos, max_model_len 4096; one warm-up generate, then one timed.
-``--max-input-len`` and ``--max-output-len`` replace the two 1024s and must be at least 100.  The tokens counted
+The workload is nano-vllm's (``benchmarks.common.workload``: 256 sequences, 142,827 input and 133,966 output
+tokens; temperature 0.6, ignore_eos, max_model_len 4096); one warm-up generate, then one timed.
+``--max-input-len`` and ``--max-output-len`` replace its two 1024s and must be at least 100.  The tokens counted
 are the tokens generated; a run whose count differs from the sum of ``max_tokens`` fails.
 
-Engine options are the flags of ``nanovllm/cli.py`` (one per ``LLM(...)`` argument); ``--bs`` sets
-``max_num_seqs`` and drops decode buckets above it.  Without ``--model`` a random-weight Qwen3-0.6B checkpoint is
-synthesized once and cached (no download).  Each run prints nano-vllm's ``Total: ...`` line, then a JSON line:
-``llm.engine.describe()`` (device, mode, KV cache, graphs, start-up phases, kernel options), the time split
-into prefill, decode and the rest, host and device-wait time per step, and the decode byte floor (weights once
-per decode step plus every KV token read, at the measured copy bandwidth; CUDA only).
+Engine options are the flags of ``nanovllm/cli.py``; ``--bs`` sets ``max_num_seqs`` and drops decode buckets
+above it.  Without ``--model`` a random-weight Qwen3-0.6B is synthesized once and cached.  Each run prints
+nano-vllm's ``Total: ...`` line, then a JSON line: ``llm.engine.describe()``, the time split into prefill, decode
+and the rest, host and device-wait time per step, and the decode byte floor (CUDA only).
 """
 import argparse
 import gc

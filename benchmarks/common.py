@@ -43,7 +43,9 @@ def default_model() -> str:
 
 
 def workload(num_seqs: int, max_input_len: int, max_output_len: int):
-    """nano-vllm's bench workload: ``(prompts, params)``, token-id prompts and one ``SamplingParams`` each."""
+    """nano-vllm's bench workload, ``(prompts, params)``: ``random.seed(0)``; prompts ``[[randint(0, 10000) for _
+    in range(randint(100, max_input_len))] ...]``, then ``max_tokens=randint(100, max_output_len)`` per sequence, in
+    that order; temperature 0.6, ignore_eos."""
     from nanovllm import SamplingParams
     seed(0)
     prompts = [[randint(0, 10000) for _ in range(randint(MIN_LEN, max_input_len))] for _ in range(num_seqs)]

@@ -1,21 +1,17 @@
 """Expert offload on a GPU: Mixtral-8x7B's real config with dummy weights, the device budget capped so that the
 experts do not fit, decode throughput against the host-to-device copy floor; ours, or vLLM's ``cpu_offload_gb``.
 
-    python -m benchmarks.offload_bench [--model DIR] [--budget-gb 16] [--experts-on-device 1] [--host-share S]
-        [--batch-sizes 1,16] [--max-tokens 32] [--prompt-len 32] [--profile] [--out DIR]
+    python -m benchmarks.offload_bench [--model DIR] [--budget-gb 16] [--host-share S] [--batch-sizes 1,16]
     env PYTHONPATH=/tmp/site python -m benchmarks.offload_bench --engine vllm --model DIR [--cpu-offload-gb 80]
 
-Without ``--model`` it writes the ``mixtral-8x7b`` preset's config and runs it with ``load_format="dummy"``;
-``gpu_memory_utilization`` is ``--budget-gb`` over the device's memory.  Per batch size: a prefill-only pass
-(``max_tokens=1``), then the same random prompts with ``--max-tokens``.  Ours (``offload_bench.json`` and a table
-in ``offload_bench.md``): the second pass's decode steps (the engine's statistics) and the expert traffic of decode
-(counter differences): decode tok/s, hit rate, bytes fetched per step, the bandwidth of a miss's copy, experts
-split between device and host, and two floors: the copies' (bytes fetched over the copy bandwidth) and the
-two-link one (missed bytes over copy plus host-compute bandwidth).  Random weights route near-uniformly, so the
-hit rate is a lower bound.  ``--profile`` writes the first batch size's operators by host time to
-``offload_profile.txt``.  vLLM (``offload_vllm.json``, run under vLLM's path, eager, the V1 model runner that
-installs its offloader): decode tok/s from the two passes' extra tokens over their extra time, and whether it
-really offloaded (the weights' device bytes below the checkpoint's).
+Without ``--model`` it writes the ``mixtral-8x7b`` preset's config.  Per batch size: a prefill-only pass, then the
+same random prompts with ``--max-tokens``.  Ours (``offload_bench.json``, a table in ``offload_bench.md``): the
+second pass's decode statistics and expert traffic (counter differences): decode tok/s, hit rate, bytes fetched
+per step, experts split between device and host, and two floors: the copies' (bytes fetched over the copy
+bandwidth) and the two-link one (missed bytes over copy plus host-compute bandwidth).  Random weights route
+near-uniformly, so the hit rate is a lower bound.  ``--profile`` writes the first batch size's operators by host
+time to ``offload_profile.txt``.  vLLM (``offload_vllm.json``): decode tok/s from the two passes' extra tokens over
+their extra time, and whether it really offloaded (the weights' device bytes below the checkpoint's).
 """
 import argparse
 import json
