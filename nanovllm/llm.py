@@ -36,7 +36,7 @@ class LLM:
             engine = self.engine_class(self.config)
             # what generate and the server step: at N > 1 its mutating calls run on every rank
             self.engine = engine if peers is None else parallel.MirroredEngine(engine, peers)
-            self._engine = self.engine
+            self._engine = self.engine  # the output loop aborts stopped requests through it: mirrored too
             self.prompts = Prompts(self.config.model, self.config.hf_config, engine.runner.vocab_size,
                                    self.config.max_model_len)
             self.tokenizer = self.prompts.tokenizer
