@@ -70,6 +70,11 @@ class LogprobGraphs:
         for bucket in sorted({self.padded_rows(b) for b in buckets}, reverse=True):
             self.graph(bucket)
 
+    def close(self) -> None:
+        """Drop the variant's graphs and compiled step."""
+        self.graphs.clear()
+        self.compiled = self.spec = None
+
 
 class StaticLogprobGraphs:
     def __init__(self, spec, module, cache_root):
@@ -97,3 +102,9 @@ class StaticLogprobGraphs:
     def build_all(self, buckets) -> None:
         for bucket in sorted(set(buckets), reverse=True):
             self.graph(bucket)
+
+    def close(self) -> None:
+        """Drop the variant's graphs and its module's hold on the model."""
+        self.graphs.clear()
+        self.module.release()
+        self.spec = None

@@ -20,6 +20,11 @@ per queued step) may be pending, and:
 * a preempted sequence is readmitted only once its tokens are all resolved (its prefill recomputes them);
 * ``abort`` ends a sequence at once, wherever it is: its pending tokens are cut as after an EOS (the queued
   steps' rows for it are then ignored) and its blocks are freed.
+
+The scheduler owns a running sequence's resources: its KV blocks (``BlockManager``) and its token slot (its row of
+the device token buffer, ``Sequence.token_slot``).  A sequence gets both when it is admitted and gives both back
+wherever it stops running: preemption, finish, abort.  A slot given back may still be written by steps already
+queued; the sequence that gets it next reads it only through steps launched after those.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -55,6 +60,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))  # token slots of no running sequence
         self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
 
     def add(self, seq: Sequence) -> None:
@@ -85,6 +91,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
             seqs.append(seq)
@@ -124,8 +131,7 @@ class Scheduler:
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False, preempted=preempted)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
-        self._unpublished.discard(seq)
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -196,8 +202,8 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> bool:
         """End an unfinished sequence now (False if it had finished): its pending tokens are cut, so the steps
-        still queued skip it when they resolve, and its blocks are freed (their late KV writes are harmless, as
-        after an EOS).  The caller releases its token slot."""
+        still queued skip it when they resolve, and its blocks and token slot are freed (their late writes are
+        harmless, as after an EOS)."""
         if seq.status is SequenceStatus.FINISHED:
             return False
         del seq.token_ids[seq.num_resolved_tokens:]
@@ -211,8 +217,15 @@ class Scheduler:
         else:  # preempted while its last token was still pending
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back the sequence's KV blocks and token slot (a preempted one may hold neither any more)."""
         self.block_manager.free(seq)
         self._unpublished.discard(seq)
+        if seq.token_slot is not None:
+            self.free_slots.append(seq.token_slot)
+            seq.token_slot = None
 
     def _stops_on(self, seq: Sequence, token: int) -> bool:
         return (not seq.params.ignore_eos and token in self.eos_token_ids) or token in seq.params.stop_token_ids

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import nanovllm.distributed as distributed
+from nanovllm.models import expert_offload
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
@@ -33,10 +34,22 @@ _DUMMY_STD = 0.02
 
 
 def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, model_dir: str,
-                load_format: str = "safetensors", seed: int = 0, draw_device: torch.device | None = None
-                ) -> nn.Module:
-    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients;
-    dummy weights are drawn on ``draw_device`` (default: where each parameter is) and copied into place."""
+                load_format: str = "safetensors", seed: int = 0, offload_experts: bool = False,
+                experts_on_device: int | None = None, offload_host_share: float | None = None) -> nn.Module:
+    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients.
+
+    With ``offload_experts`` the model is built on the host (dummy weights drawn on ``device``, as without offload)
+    and then offloaded (``expert_offload.offload_experts``, with ``experts_on_device`` slots per layer and the
+    host's share ``offload_host_share``): its experts stay in host memory, the rest moves to ``device``."""
+    if not offload_experts:
+        return _build(hf_config, dtype, device, model_dir, load_format, seed, draw_device=None)
+    model = _build(hf_config, dtype, torch.device("cpu"), model_dir, load_format, seed, draw_device=device)
+    expert_offload.offload_experts(model, device, experts_on_device, offload_host_share)
+    return model
+
+
+def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir: str, load_format: str, seed: int,
+           draw_device: torch.device | None) -> nn.Module:
     model_cls = resolve_model_class(hf_config)
     if "expert_compression" in hf_config:  # low-rank experts (svd_moe.py)
         model_cls = compressed_class(model_cls, hf_config["expert_compression"])
