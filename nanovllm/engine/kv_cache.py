@@ -55,9 +55,9 @@ def register_engine(runner) -> None:
 
 
 def held_by_engines(device: torch.device) -> tuple[int, int]:
-    """(live engines on ``device``, the device bytes they hold)."""
-    engines = [e for e in list(_ENGINES) if e.device == device]
-    return len(engines), sum(e.device_bytes() for e in engines)
+    """(live engines that hold memory on ``device``, the bytes they hold)."""
+    held = [n for n in (e.device_bytes() for e in list(_ENGINES) if e.device == device) if n]
+    return len(held), sum(held)
 
 
 def _measure(platform, utilization: float, probe: Callable[[], list]) -> int:
