@@ -1,19 +1,15 @@
 """The paged KV cache: how many blocks it gets, and its tensors.
 
-Layout (shared by every attention implementation, see ``nanovllm/kernels/reference.py``): per layer one K and
-one V tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``.  They are separate tensors, never views of one
-shared buffer: the compiled step mutates them through the KV store, and Inductor updates a mutated graph input in
-place only when it is not a view of a larger base (otherwise it clones the whole base and copies it back on every
-step).
+Layout (shared by every attention implementation, ``nanovllm/kernels/reference.py``): per layer one K and one V
+tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``, separate tensors, never views of one buffer (Inductor
+updates a mutated graph input in place only when it is not a view of a larger base).
 
-Sizing: a fixed ``num_kvcache_blocks``; else, where the platform can measure memory, what is left of
-``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler
-at full batch), not counting the temporary cache the probe wrote into (the real cache takes its place: it is
-measured while still alive, so platforms that read the peak and those that read current use agree); else
-``DEFAULT_KV_BYTES``.  When the measured room is short of one sequence, garbage is collected (an engine dropped in
-a reference cycle still holds its memory) and memory measured again.  Every sequence of ``max_model_len`` tokens
-must fit; when it does not and other engines of this process (``register_engine``) still hold memory on the
-device, the error says how much.
+Sizing: a fixed ``num_kvcache_blocks``; else, where the platform measures memory, what is left of
+``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler at full
+batch), the probe's temporary cache counted as free; else ``DEFAULT_KV_BYTES``.  When that is short of one sequence of
+``max_model_len`` tokens, garbage is collected (an engine dropped in a reference cycle holds memory until then) and
+memory measured again; if it is still short, the error names the other live engines of the process
+(``register_engine``) and what they hold.
 """
 import gc
 import weakref

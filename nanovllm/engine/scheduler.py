@@ -1,30 +1,19 @@
 """Continuous batching, prefill first, with chunked prefill and preemption by recompute.
 
-Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens) or a
-decode step (one token for every running sequence whose prompt is done).  Prefill wins whenever there is
-prefill work that fits.  When the KV cache cannot hold the next decode token of every running sequence,
-the most recently admitted one is preempted: its blocks are freed (they stay in the prefix cache) and it
-goes back to the front of the queue to be recomputed.  No request is ever dropped.
+Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens) or a decode step
+(one token for every running sequence whose prompt is done); prefill wins whenever prefill work fits.  When the KV
+cache cannot hold every running sequence's next token, the most recently admitted one is preempted: its blocks are
+freed (they stay in the prefix cache) and it goes back to the front of the queue.  No request is ever dropped.
 
-The engine keeps up to ``pipeline_depth`` steps queued before it reads the oldest one's tokens, so the host's
-work overlaps the device's.  Each step therefore has two halves here: ``advance`` (right after launch) moves
-every sequence forward by the work launched, puts a ``PENDING_TOKEN`` where a token is being sampled and
-finishes sequences that reach their length limits; ``resolve`` (``pipeline_depth`` steps later) writes the
-sampled tokens in and finishes sequences on EOS or stop tokens.  So a sequence's newest tokens (at most one
-per queued step) may be pending, and:
-* a sequence that hits EOS may already be in the steps launched since; it is cut after its EOS (a token
-  sampled after it, pending or already advanced, is dropped), those rows' results are ignored, and their KV
-  writes land in blocks it no longer owns but that nothing reads before a later step (stream order)
-  overwrites them;
-* a full block is published to the prefix cache only once its tokens are all resolved;
-* a preempted sequence is readmitted only once its tokens are all resolved (its prefill recomputes them);
-* ``abort`` ends a sequence at once, wherever it is: its pending tokens are cut as after an EOS (the queued
-  steps' rows for it are then ignored) and its blocks are freed.
+Steps are launched ahead of their tokens (``pipeline_depth``), so each has two halves: ``advance`` (right after
+launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes sequences on
+length; ``resolve`` (later) writes the sampled tokens in and finishes sequences on EOS or stop tokens.  A sequence cut
+by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
+published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
 
-The scheduler owns a running sequence's resources: its KV blocks (``BlockManager``) and its token slot (its row of
-the device token buffer, ``Sequence.token_slot``).  A sequence gets both when it is admitted and gives both back
-wherever it stops running: preemption, finish, abort.  A slot given back may still be written by steps already
-queued; the sequence that gets it next reads it only through steps launched after those.
+The scheduler owns a running sequence's resources: its KV blocks and its token slot (its row of the device token
+buffer).  It hands out both on admission and takes both back on preemption, finish and abort; late writes by steps
+already queued land where nothing reads them before a later step overwrites them.
 """
 from collections import deque
 from dataclasses import dataclass, field

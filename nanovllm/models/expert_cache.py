@@ -1,24 +1,18 @@
 """One MoE layer's experts in (pinned) host memory behind a device cache of a few of them, and the host's share.
 
-``ExpertCache(w13, w2, device, slots, pin, scratch, host_share)`` keeps the layer's stacked experts on the host (pinned where
-the device is CUDA): ``host_w13`` [E, 2I, H] as the model stores it, and the down projection transposed,
-``host_w2t`` [E, I, H], so that any run of intermediate rows of an expert is one contiguous block.  ``slots`` whole
-experts live on the device in the same layout (``w13`` [S, 2I, H], ``w2t`` [S, I, H]; ``slot_w2`` is the [S, H, I]
-view the MoE kernel takes), evicted least recently used.  Copies run on a side stream on CUDA; the compute stream
-waits on each copy's event.
+``ExpertCache(w13, w2, device, slots, pin, scratch, host_share)`` keeps the layer's experts on the host (``host_w13``
+[E, 2I, H]; the down projection transposed, ``host_w2t`` [E, I, H], so any run of intermediate rows is contiguous) and
+``slots`` whole experts on the device in the same layout, evicted least recently used.  Copies run on a side stream
+on CUDA; the compute stream waits on each copy's event.
 
-``plan(needed)`` splits a step's experts between the device and the host by ``host_share``: the host takes that
-share of the non-resident experts' work, counted in experts, the last ones of the list whole, and the expert on the
-boundary is split along its intermediate dimension at a row ``k`` (a multiple of 16 where I is): the device copies
-its rows [0, k) into the shared ``SplitScratch`` and computes them, the host computes rows [k, I) from its own copy.
-The two partial sums are exact parts of the expert's output, so the split changes only the float32 summation order.
-The rest of the device's experts run through the slots.  A split expert does not enter the cache.
+``plan(needed)`` splits a step's experts by ``host_share``: the host takes that share of the non-resident experts'
+work, whole experts from the end of the list, and the expert on the boundary is split at intermediate row ``k``: the
+device copies rows [0, k) into the shared ``SplitScratch`` and computes them, the host computes rows [k, I).  The two
+partial sums are exact parts of the expert's output.  A split expert does not enter the cache.
 
-Counters (per step, layer and needed expert): ``hits`` (resident), ``misses`` (copied, split or computed on the
-host), ``bytes_fetched`` (host to device), ``splits`` (experts split between
-the device and the host), ``host_computed`` (the host's work in experts: 1 per whole expert, (I - k) / I for a
-split one), ``host_seconds`` (the host computing) and ``join_seconds`` (the host then waiting for the device's part
-of the same layer).
+Counters (``COUNTERS``, per step, layer and needed expert): ``hits``, ``misses`` (copied, split or computed on the
+host), ``bytes_fetched``, ``splits``, ``host_computed`` (in experts), ``host_seconds`` and ``join_seconds`` (the host
+waiting for the device's part of the same layer).
 """
 import time
 from collections import OrderedDict

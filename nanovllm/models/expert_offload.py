@@ -1,34 +1,17 @@
 """Expert offload: every expert of an MoE layer in (pinned) host memory, and a device cache of a few of them.
 
-``offload_experts(model, device, slots, host_share)`` takes a model built on the host (``build_model`` does this
-when asked to offload), moves everything that is not an expert (attention, norms, embeddings, routers, shared experts)
-to ``device``, and gives each ``SparseMoe`` an ``ExpertCache`` (``expert_cache.py``): the layer's stacked experts stay
-on the host (pinned where the device is CUDA) and ``slots`` of them live on the device, evicted least recently used.
+``offload_experts(model, device, slots, host_share)`` takes a model built on the host (``build_model`` does so when
+asked to offload), moves everything but the experts to ``device`` and gives each ``SparseMoe`` an ``ExpertCache``
+(``expert_cache.py``) with ``slots`` experts on the device, evicted least recently used.
 
-A step of an offloaded layer routes on the device, reads the set of chosen experts on the host (one sync per layer)
-and splits them between the device and the host (``ExpertCache.plan``).  The device makes its whole experts resident
-(copies on a side stream on CUDA; the compute stream waits on each copy's event) and runs them on the slots
-(``ops.moe_experts``), with the expert ids remapped to slots. A step that needs more distinct experts than there are
-slots runs in rounds of at most ``slots`` experts, resident ones first, the router weights of the others set to
-zero.
+A step of an offloaded layer routes on the device, reads the chosen experts on the host (one sync per layer) and
+splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
+the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
+from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.
 
-With ``host_share`` > 0 (default: ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), the host computes that share of the non-resident experts' work from its own copy instead of
-copying it (Fiddler's idea: the host's memory reads an expert at a rate close to the link's, so both together move
-about twice the bytes per second): whole experts, and the rows [k, I) of the one expert on the boundary, whose rows
-[0, k) the device copies into a scratch shared by the layers and computes, so that each layer's work is split at the
-share exactly.  The layer's input and routing go to the host first, the device's part (copies and kernels) is
-launched next, and the host computes its part while the device works; its result is added to the device's in float32.
-
-Graph mode: an offloaded model runs eagerly (``graph_capturable = False`` with a logged reason).  The set of
-experts a step needs is known only after routing, on the host, and the copies it triggers depend on it; a
-captured graph would replay the copies of the step it was captured on.  Capturing the attention segments
-between eager MoE layers is possible, but each decode step would then replay one graph per layer with a host
-sync between them; when experts do not fit, copying whole experts over the host link dominates a step, so the
-launch overhead a graph saves is small against it, and eager is the correct-by-construction choice
-(``benchmarks/offload_bench.py`` measures the copy share of a step).
-
-``offload_stats(model)`` sums the caches' counters (``expert_cache.COUNTERS``) and adds the device and host bytes of
-experts.
+An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
+known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
+``offload_stats(model)`` sums the caches' counters and adds the device and host bytes of experts.
 """
 import torch
 
