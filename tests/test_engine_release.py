@@ -71,6 +71,9 @@ def test_close_releases_the_model_kv_cache_and_graphs_while_the_engine_is_refere
     assert held["model"]() is None and held["kv"]() is None and held["token_buffer"]() is None
     assert executor.graphs == {} and executor.compiled is None and executor.logprob_graphs.graphs == {}
     assert engine.runner.device_bytes() == 0
+    engine.add_request([1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match=r"this engine was closed \(Engine.close\(\)\)"):
+        engine.step()
 
 
 class _ShortMemory:

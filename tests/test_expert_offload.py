@@ -152,23 +152,25 @@ def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import offload_bench
-    result = offload_bench.main(["--model", checkpoint[0], "--load-format", "safetensors", "--device", "cpu",
-                                 "--dtype", "float32", "--batch-sizes", "1,2", "--max-tokens", "4",
-                                 "--prompt-len", "6", "--host-shares", "0,1", "--out", str(tmp_path)])
-    rows = json.load(open(tmp_path / "offload_bench.json"))["rows"]
-    assert [(r["batch"], r["host_share"]) for r in rows] == [(b, s) for b in (1, 2) for s in (0.0, 1.0)]
-    assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows)
-    copying = [r for r in rows if r["host_share"] == 0]
+    rows = {}
+    for share in (0, 1):
+        out = tmp_path / f"share{share}"
+        result = offload_bench.main(["--model", checkpoint[0], "--load-format", "safetensors", "--device", "cpu",
+                                     "--dtype", "float32", "--batch-sizes", "1,2", "--max-tokens", "4",
+                                     "--prompt-len", "6", "--host-share", str(share), "--out", str(out)])
+        rows[share] = json.load(open(out / "offload_bench.json"))["rows"]
+        assert [r["batch"] for r in rows[share]] == [1, 2]
+        assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows[share])
+        assert result["expert_offload"]["expert_cache_bytes"] > 0
+        assert "| batch |" in (out / "offload_bench.md").read_text()
+    copying, on_host = rows[0], rows[1]
     assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in copying)  # 1 slot for top-2
     # copying every miss, the missed bytes are the fetched ones, and the host's link only lowers the floor
     assert all(0 < r["two_link_floor_ms"] < r["floor_step_ms"] for r in copying)
     assert all(r["missed_bytes_per_step"] == r["bytes_fetched_per_step"] and r["splits_per_step"] == 0
                for r in copying)
-    on_host = [r for r in rows if r["host_share"] == 1]
-    assert all(r["bytes_fetched_per_step"] == 0 and r["host_computed_per_step"] > 0 for r in on_host)
     assert all(r["host_ms_per_step"] == r["join_ms_per_step"] == 0 for r in copying)  # no host compute, no join
-    assert result["expert_offload"]["expert_cache_bytes"] > 0
-    assert "| batch |" in (tmp_path / "offload_bench.md").read_text()
+    assert all(r["bytes_fetched_per_step"] == 0 and r["host_computed_per_step"] > 0 for r in on_host)
 
 
 @pytest.mark.parametrize("num_tokens", [3, 200])  # one routing chunk, several

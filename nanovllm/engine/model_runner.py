@@ -163,6 +163,8 @@ class ModelRunner:
         """Queue the step on the device; its tokens land in the token buffer and, in the background, in
         ``slot.host_tokens``.  Returns (the platform event recorded after its work, host seconds spent building
         decode inputs)."""
+        if self.model is None:
+            raise RuntimeError("this engine was closed (Engine.close()); build a new LLM to generate again")
         filtered = any(s.params.needs_filter for s in batch.seqs)
         slot.has_logprobs = any(s.logprobs is not None for s in batch.seqs)
         if slot.has_logprobs and slot.host_logprobs is None:
