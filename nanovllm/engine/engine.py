@@ -152,10 +152,10 @@ class Engine:
         if it had already finished."""
         return self.scheduler.abort(seq)
 
-    def has_work(self) -> bool:
-        return len(self.pipeline) > 0 or self.scheduler.has_work()
-
     def close(self) -> None:
         """Release the device memory: the executor's graphs, the KV cache, the model and the token buffers
         (idempotent).  Steps already queued finish first; the engine cannot step afterwards."""
         self.runner.close()
+
+    def has_work(self) -> bool:
+        return len(self.pipeline) > 0 or self.scheduler.has_work()

@@ -59,7 +59,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
-        self.token_slot: int | None = None  # its row of the device token buffer (newest sampled token), while running
+        self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
         self.finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort", once finished
         # per resolved completion token, if ``params.logprobs`` is set: (its logprob, top ids, top logprobs)
         self.logprobs: list[tuple[float, list[int], list[float]]] | None = \
