@@ -99,8 +99,6 @@ class Engine:
         stats = self.stats
         batch = self.scheduler.schedule()
         stats["preemptions"] += len(batch.preempted)
-        for seq in batch.preempted:
-            self.runner.release_slot(seq)
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
@@ -119,8 +117,6 @@ class Engine:
             finished = self.scheduler.resolve(previous, tokens, logprobs)
         if batch.seqs:
             self.scheduler.advance(batch)
-        for seq in finished + batch.finished:  # before the next schedule can admit new sequences
-            self.runner.release_slot(seq)
         elapsed = time.perf_counter() - t0
         self.stats["wait_time"] += wait
         self.stats["host_time"] += elapsed - wait
@@ -144,10 +140,12 @@ class Engine:
         """End ``seq`` now, wherever it is (waiting, prefilling, decoding with tokens still pending in queued
         steps): its KV blocks and token slot are freed at once and no later step reports it.  Returns False
         if it had already finished."""
-        if not self.scheduler.abort(seq):
-            return False
-        self.runner.release_slot(seq)
-        return True
+        return self.scheduler.abort(seq)
+
+    def close(self) -> None:
+        """Release the device memory: the executor's graphs, the KV cache, the model and the token buffers
+        (idempotent).  Steps already queued finish first; the engine cannot step afterwards."""
+        self.runner.close()
 
     def has_work(self) -> bool:
         return len(self.pipeline) > 0 or self.scheduler.has_work()
