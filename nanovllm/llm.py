@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
-from nanovllm import parallel
+from nanovllm import envs, parallel
 from nanovllm.completion import Completion
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import Engine
@@ -51,6 +51,9 @@ class LLM:
                     d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                     ", ".join(f"{k}={v}" for k, v in d["kernel_options"].items()),
                     ", ".join(f"{k} {v}" for k, v in d["init_phases"].items()))
+        changed = envs.process_settings()
+        if changed:
+            logger.info("process-wide settings nanovllm changed: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
         if "expert_offload" in d:
             o = d["expert_offload"]
             logger.info("expert offload: device memory %.2f GiB non-expert weights + %.2f GiB expert cache + %.2f "

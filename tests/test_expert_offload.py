@@ -7,7 +7,7 @@ eagerly and says why.
 import pytest
 
 from conftest import build_checkpoint, hf_greedy
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM
 from test_moe_models import ENGINE, prompts_of, tokens
 
 

@@ -2,7 +2,6 @@
 tokens equal transformers', a bad prompt raises on rank 0 and leaves both ranks usable, and closing it (or a worker
 that died) leaves no process behind."""
 import os
-import signal
 
 import pytest
 

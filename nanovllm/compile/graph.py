@@ -14,6 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from nanovllm import envs
 from nanovllm.compile.base import Executor, ExecutorSpec, step_outputs
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.cache import CompileCache, cache_disabled
@@ -39,8 +40,12 @@ class GraphExecutor(Executor):
         self.buckets = spec.graph_batch_sizes
         # Each LLM in the process adds one compiled entry of the same step code object; raise Dynamo's
         # limits so none of them silently falls back to eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8) + 4
-        torch._dynamo.config.accumulated_recompile_limit += 4
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 8) + 4
+        dynamo.accumulated_recompile_limit += 4
+        envs.note_process_setting("torch._dynamo.config.recompile_limit", dynamo.recompile_limit)
+        envs.note_process_setting("torch._dynamo.config.accumulated_recompile_limit",
+                                  dynamo.accumulated_recompile_limit)
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         pool = platform.graph_pool()
