@@ -1,7 +1,6 @@
 """Greedy float32 output is token-identical to transformers, whatever the cache and scheduler do."""
 import random
 
-
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
 
