@@ -43,7 +43,7 @@ def test_abort_with_pending_tokens_frees_blocks_and_slot_and_is_never_reported(l
         assert drop.seq_id not in [out.seq_id for out in outputs]
     assert reported == [keep.seq_id] and keep.completion_token_ids == alone
     assert engine.block_manager.num_free_blocks == free_blocks
-    assert sorted(engine.runner._free_slots) == list(range(llm.config.max_num_seqs))
+    assert sorted(engine.scheduler.free_slots) == list(range(llm.config.max_num_seqs))
 
 
 def test_abort_of_a_waiting_sequence_and_step_outputs_carry_each_token_once(llm):
