@@ -9,12 +9,8 @@ compute a row for it that is thrown away.
 
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason; it is the engine's one output channel.  ``abort(seq)`` ends a request at once, even
-while queued steps still hold its pending tokens, and frees its KV blocks.
-
-Statistics (``Engine.stats``, zeroed by ``reset_stats``): tokens, steps and wall seconds per step kind,
-``host_time`` (seconds the host spent scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited
-for the device), ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps
-read (``decode_kv_tokens``) and ``preemptions``.
+while queued steps still hold its pending tokens, and frees its KV blocks.  ``stats`` counts tokens, steps and
+host and device time (``reset_stats`` lists them).
 """
 import dataclasses
 import time
@@ -60,7 +56,10 @@ class Engine:
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
     def reset_stats(self) -> None:
-        """Zero ``stats``."""
+        """Zero ``stats``: tokens, steps and wall seconds per step kind, ``host_time`` (seconds the host spent
+        scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited for the device),
+        ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps read
+        (``decode_kv_tokens``) and ``preemptions``."""
         self.stats.update({"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                            "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0,
                            "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0})

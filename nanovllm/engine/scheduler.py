@@ -11,9 +11,8 @@ length; ``resolve`` (later) writes the sampled tokens in and finishes sequences 
 by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
 
-The scheduler owns a running sequence's resources: its KV blocks and its token slot (its row of the device token
-buffer).  It hands out both on admission and takes both back on preemption, finish and abort; late writes by steps
-already queued land where nothing reads them before a later step overwrites them.
+The scheduler owns a running sequence's KV blocks and token slot (its row of the device token buffer): it hands out
+both on admission and takes both back on preemption, finish and abort (late writes by queued steps land unread).
 """
 from collections import deque
 from dataclasses import dataclass, field

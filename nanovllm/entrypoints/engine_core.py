@@ -1,6 +1,5 @@
-"""``EngineCore``: the server's engine side.  It steps one engine and talks to the front (``engine_loop.py``) over
-a pair of pipes only, so it runs the same in a thread of the server's process or in a process of its own
-(``engine_process.py``, the server's default: its host work then never waits on the front's GIL).
+"""``EngineCore``: the server's engine side.  It steps one engine and talks to the front (``engine_loop.py``) over a
+pair of pipes only, so it runs the same in a thread or in a process of its own (``engine_process.py``, the default).
 
 Messages, each one pickle (``send_bytes``):
 * front -> core: ``("add", rid, prompt_ids, [SamplingParams per choice], ImageInputs or None)``,
@@ -10,10 +9,10 @@ Messages, each one pickle (``send_bytes``):
   ``added`` the number of sequences handed to the engine so far.  ``("failed", message)`` if the engine raised,
   after which the core stops; ``("stopped",)`` after a ``stop``.
 
-The outputs are the engine's own (``nanovllm/engine/outputs.py`` states their contract), each tagged with its
-request and choice.  ``abort`` ends the choices at once and frees their KV blocks (``Engine.abort``),
-even while queued steps still hold their pending tokens; nothing more is sent for them.  A request whose choices
-all ended is forgotten.  The core stops, closing the engine's LLM, on ``stop`` or when the front's pipe closes.
+The outputs are the engine's own (``nanovllm/engine/outputs.py``), each tagged with its request and choice.
+``abort`` ends the choices at once and frees their KV blocks (``Engine.abort``); nothing more is sent for them.  A
+request whose choices all ended is forgotten.  The core stops, closing the engine's LLM, on ``stop`` or when the
+front's pipe closes.
 """
 import pickle
 
