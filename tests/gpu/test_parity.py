@@ -25,15 +25,29 @@ def failures(verdicts: list[dict], allowed: set[str]) -> list[dict]:
     return [v for v in verdicts if v["status"] not in allowed]
 
 
+# MiniCPM's tiny config has LongRoPE long factors that a sequence reaches (original_max_position_embeddings 64 <
+# max_model_len): in graph mode on CUDA its first tokens differ from transformers (eager mode and the CPU match);
+# found by this suite, already so at abb1673, not yet fixed.  MiniCPM4-0.5B's own config has no such switch.
+KNOWN = {("minicpm", False): "MiniCPM with a reachable LongRoPE switch diverges in graph mode on CUDA"}
+
+
+def expect_known_failure(request, checkpoint: str, eager: bool) -> None:
+    family = request.node.callspec.params["checkpoint"]
+    if (family, eager) in KNOWN:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN[family, eager]))
+
+
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
-def test_float32_is_token_identical_to_transformers(checkpoint, eager):
+def test_float32_is_token_identical_to_transformers(request, checkpoint, eager):
+    expect_known_failure(request, checkpoint, eager)
     from nanovllm.tools import oracle
     verdicts = oracle.run(checkpoint, "float32", "cuda", 8, 24, 0.1, enforce_eager=eager, **ENGINE)
     assert failures(verdicts, {"identical"}) == []
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
-def test_bfloat16_diverges_only_at_near_ties(checkpoint, eager):
+def test_bfloat16_diverges_only_at_near_ties(request, checkpoint, eager):
+    expect_known_failure(request, checkpoint, eager)
     from nanovllm.tools import oracle
     verdicts = oracle.run(checkpoint, "bfloat16", "cuda", 8, 24, 0.1, enforce_eager=eager, **ENGINE)
     assert failures(verdicts, {"identical", "near-tie"}) == []
