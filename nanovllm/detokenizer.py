@@ -23,6 +23,11 @@ except ImportError:  # older tokenizers
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
 
+def decode(tokenizer, token_ids) -> str:
+    """A completion's text, decoded at once: what ``TextStream`` builds incrementally."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
@@ -73,7 +78,7 @@ class TextStream:
         return full[len(self.text):]
 
     def _decode_all(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode(self.tokenizer, self.token_ids)
 
     def _append(self, piece: str) -> None:
         start = max(0, len(self.text) - self._hold)

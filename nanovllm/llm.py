@@ -5,12 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
-import nanovllm.distributed as distributed
-from nanovllm import workers
+from nanovllm import envs, parallel
+from nanovllm.completion import Completion
 from nanovllm.config import EngineConfig
-from nanovllm.detokenizer import TextStream
 from nanovllm.engine.engine import Engine
-from nanovllm.engine_mirror import MirroredEngine
 from nanovllm.logger import logger
 from nanovllm.multimodal import chat_prompt
 from nanovllm.prompts import Prompts
@@ -21,40 +19,29 @@ class LLM:
     """``LLM(model, **options)``: an engine on one HF checkpoint.  Every option is keyword-only and is a field of
     ``EngineConfig`` (``nanovllm/config.py``, where each is documented); an unknown one raises ``TypeError``.
 
-    ``tensor_parallel_size=N`` > 1 (``nanovllm/workers.py``): on one node ``LLM`` spawns ranks 1..N-1 itself.
-    Under torchrun (``RANK``, ``WORLD_SIZE`` > 1, ``MASTER_ADDR`` set) it joins torchrun's env:// group instead, N
-    must equal ``WORLD_SIZE`` (``ValueError`` otherwise), and only rank 0 returns from ``LLM(...)``: every other
-    rank builds its engine, serves rank 0's calls until rank 0 closes the LLM (``close``, ``__del__`` or its exit),
-    then leaves the group and exits its process (``sys.exit(0)``) inside ``LLM(...)``, so the rest of the script
-    runs on rank 0 only.  If the engine fails to build after the other ranks started, ``LLM(...)`` stops them
-    (``close``) before the error propagates."""
+    ``tensor_parallel_size=N`` > 1: ``LLM`` starts ranks 1..N-1 (or joins torchrun's; ``nanovllm/parallel/``),
+    and ``engine`` is then a ``MirroredEngine``: rank 0 validates and encodes every request, and only engine calls
+    travel to the other ranks.  Under torchrun only rank 0 returns from ``LLM(...)``; every other rank serves rank
+    0's engine calls and ends its process when rank 0 closes.  If the engine fails to build after the other ranks
+    started, ``LLM(...)`` stops them before the error propagates.  ``close()`` (or ``with LLM(...) as llm:``)
+    releases the engine and the other ranks."""
+    engine_class = Engine  # what every rank builds; a subclass must be importable in a spawned process
 
     def __init__(self, model, **options):
-        self._workers = None
-        size = options.get("tensor_parallel_size", 1)
-        torchrun_worker = False  # a torchrun rank other than 0: serves rank 0's calls, then exits (workers.py)
-        if distributed.current().size == 1 and workers.launched_by_torchrun():  # torchrun made the ranks
-            EngineConfig(model=model, **options)
-            peers = workers.TorchrunPeers(options, size)
-            self._workers, torchrun_worker = (peers, False) if peers.rank == 0 else (None, True)
-        elif isinstance(size, int) and size > 1 and distributed.current().size == 1:  # rank 0 starts the others
-            EngineConfig(model=model, **options)  # bad options fail here, before any process starts
-            self._workers = workers.Workers(type(self), model, options, size)
-        tp = distributed.current()
-        if tp.size > 1:
-            options = dict(options, device=workers.rank_device(options.get("device", "auto"), tp.rank))
-        self.config = EngineConfig(model=model, **options)
+        self._closed = False
+        peers = parallel.start(model, options, self.engine_class)  # None at one rank
+        self.config = EngineConfig(model=model, **parallel.rank_options(options))
         start = time.perf_counter()
         try:
-            self._engine = Engine(self.config)
-            # the engine for callers that step it themselves (the server): at N > 1 its calls run on every rank
-            self.engine = self._engine if self._workers is None else MirroredEngine(self._engine, self._workers)
-            self.prompts = Prompts(self.config.model, self.config.hf_config, self._engine.runner.vocab_size,
+            engine = self.engine_class(self.config)
+            # what generate and the server step: at N > 1 its mutating calls run on every rank
+            self.engine = engine if peers is None else parallel.MirroredEngine(engine, peers)
+            self.prompts = Prompts(self.config.model, self.config.hf_config, engine.runner.vocab_size,
                                    self.config.max_model_len)
             self.tokenizer = self.prompts.tokenizer
         except BaseException:  # the other ranks started (and may wait on a collective): stop them, leave the group
-            if self._workers is not None:
-                self._workers.close(serving=False)
+            if peers is not None:
+                peers.close(serving=False)
             raise
         self.init_seconds = time.perf_counter() - start
         d = self.engine.describe()
@@ -64,6 +51,9 @@ class LLM:
                     d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                     ", ".join(f"{k}={v}" for k, v in d["kernel_options"].items()),
                     ", ".join(f"{k} {v}" for k, v in d["init_phases"].items()))
+        changed = envs.process_settings()
+        if changed:
+            logger.info("process-wide settings nanovllm changed: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
         if "expert_offload" in d:
             o = d["expert_offload"]
             logger.info("expert offload: device memory %.2f GiB non-expert weights + %.2f GiB expert cache + %.2f "
@@ -71,17 +61,28 @@ class LLM:
                         d["weight_bytes"] / 2**30, o["expert_cache_bytes"] / 2**30, o["split_scratch_bytes"] / 2**30,
                         d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                         o["expert_host_bytes"] / 2**30)
-        if torchrun_worker:
-            workers.serve_then_exit(self)  # never returns: the rest of the user's script is rank 0's
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers and leave their group (also at exit and when the LLM is deleted); the
-        LLM cannot generate afterwards."""
-        if self._workers is not None:
-            self._workers.close()
+        """Release the engine: the other tensor-parallel ranks close theirs and the group is left, then this
+        rank's engine is closed (its device memory freed).  Idempotent; also on leaving a ``with`` block and on
+        deletion.  The LLM cannot generate afterwards."""
+        engine = getattr(self, "engine", None)  # None: __init__ failed before the engine existed
+        if self._closed or engine is None:
+            return
+        self._closed = True
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "_closed"):
+            self.close()
 
     def _validate(self, prompts, sampling_params):
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
@@ -144,72 +145,38 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
         """Generate for every prompt; returns ``[{"text": str, "token_ids": list[int]}]`` in input order."""
-        if self._workers is not None:  # every rank runs the same call (workers.py)
-            self._workers.call("generate", prompts, sampling_params, use_tqdm=False)
         token_lists, params, images = self._validate(prompts, sampling_params)
-        engine = self._engine
+        engine = self.engine
         seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]
-        streams = {s.seq_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if s.params.stop}
+        completions = {s.seq_id: Completion(self.tokenizer, s.params) for s in seqs}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        outputs = {}  # seq_id -> output, filled as sequences finish
+        outputs = {}  # seq_id -> output, made as each finishes (while the device runs the steps queued)
         try:
-            self._steps(engine, streams, bar, outputs)
-        except BaseException as e:  # the ranks ran steps together: they are out of step now (workers.py)
-            if self._workers is not None:
-                self._workers.failed(e)
-            raise
+            self._steps(engine, {s.seq_id: s for s in seqs}, completions, outputs, bar)
         finally:
             bar.close()
-        return [outputs.get(seq.seq_id) or self._output(seq, streams.get(seq.seq_id)) for seq in seqs]
+        return [outputs[seq.seq_id] for seq in seqs]
 
-    def _steps(self, engine, streams: dict, bar, outputs: dict) -> None:
-        """``generate``'s loop: step until every request finished, filling ``outputs``."""
+    def _steps(self, engine, seqs: dict, completions: dict, outputs: dict, bar) -> None:
+        """``generate``'s loop: step until every request finished, feeding each step's outputs to the
+        completions; a completion that a stop string ended has its sequence aborted."""
         prefill_tps = decode_tps = 0.0
         while engine.has_work():
             t = time.perf_counter()
-            finished, is_prefill, computed = engine.step()
-            if streams:
-                finished += self._apply_stop_strings(streams)
-            rate = computed / max(time.perf_counter() - t, 1e-9)
-            if is_prefill:
+            result = engine.step()
+            done = 0
+            for out in result.outputs:
+                completion = completions[out.seq_id]
+                completion.add(out)
+                if completion.finish_reason is not None:
+                    if out.finish_reason is None:  # a stop string ended it: the engine still runs it
+                        engine.abort(seqs[out.seq_id])
+                    outputs[out.seq_id] = completion.output()
+                    done += 1
+            rate = result.num_tokens / max(time.perf_counter() - t, 1e-9)
+            if result.is_prefill:
                 prefill_tps = rate
             else:
                 decode_tps = rate
-            # Detokenize while the device runs the steps just launched: the host waits for them anyway,
-            # whereas after the loop nothing overlaps it.
-            for seq in finished:
-                outputs[seq.seq_id] = self._output(seq, streams.get(seq.seq_id))
             bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)
-            bar.update(len(finished))
-
-    def _apply_stop_strings(self, streams: dict) -> list:
-        """Feed the last step's new tokens to the text of requests with stop strings; abort those whose text now
-        holds one and return them (they are finished)."""
-        stopped = []
-        for seq in self._engine.updated_sequences():
-            stream = streams.get(seq.seq_id)
-            if stream is None or stream.stopped:
-                continue
-            stream.push(seq.token_ids[seq.num_prompt_tokens + len(stream.token_ids):seq.num_resolved_tokens])
-            if stream.stopped and self._engine.abort(seq):
-                stopped.append(seq)
-        return stopped
-
-    def _output(self, seq, stream: TextStream | None = None) -> dict:
-        """A finished sequence's completion: its token ids, their text ("" without a tokenizer), why it ended
-        ("stop": EOS, a stop token or string; "length") and, if asked, its logprobs: per token a dict
-        ``{token id: logprob}`` of the sampled token, then the ``logprobs`` most likely ones."""
-        ids = seq.completion_token_ids
-        reason = seq.finish_reason
-        if stream is not None:
-            stream.push(ids[len(stream.token_ids):])
-            stream.finish()
-            ids, text = ids[:stream.num_tokens], stream.text
-            reason = "stop" if stream.stopped else reason
-        else:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        out = {"text": text, "token_ids": ids, "finish_reason": reason}
-        if seq.logprobs is not None:
-            out["logprobs"] = [{token: chosen, **dict(zip(top_ids, top))}
-                               for token, (chosen, top_ids, top) in zip(ids, seq.logprobs)]
-        return out
+            bar.update(done)

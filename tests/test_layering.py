@@ -16,15 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ("nanovllm", "benchmarks")  # packages whose every module is checked, with the top-level scripts
-# Known breaches, each list to be deleted with its xfail test below when its fix (issue 39) lands.
-KNOWN_CIRCLES = [("nanovllm/compile/executor.py", "nanovllm/compile/static_executor.py")]
-KNOWN_VIOLATIONS = [
-    "benchmarks/gpu_parity.py imports tests/conftest.py, a layer above it (tests/ over benchmarks/)",
-    "benchmarks/gpu_parity.py imports bench.py, a layer above it (bench.py over benchmarks/)",
-    "benchmarks/logprobs_gpu.py imports tests/conftest.py, a layer above it (tests/ over benchmarks/)",
-    "benchmarks/profile_run.py imports bench.py, a layer above it (bench.py over benchmarks/)",
-    "benchmarks/vl_parity.py imports tests/vl_checkpoints.py, a layer above it (tests/ over benchmarks/)",
-]
 
 
 def readme_layers(readme: str) -> list[list[str]]:
@@ -153,23 +144,11 @@ def readme_violations() -> list[str]:
 
 
 def test_every_import_goes_down_the_readmes_layers():
-    assert [v for v in readme_violations() if v not in KNOWN_VIOLATIONS] == []
-
-
-@pytest.mark.xfail(strict=True, reason="issue 39 item 5: benchmarks/ imports tests/ and bench.py; when its fix "
-                                       "lands this passes: delete this test and KNOWN_VIOLATIONS")
-def test_the_known_violations_are_gone():
-    assert [v for v in readme_violations() if v in KNOWN_VIOLATIONS] == []
+    assert readme_violations() == []
 
 
 def test_no_modules_import_each_other_in_a_circle():
-    assert [c for c in circles(ROOT) if c not in KNOWN_CIRCLES] == []
-
-
-@pytest.mark.xfail(strict=True, reason="issue 39 item 3: compile/executor.py <-> static_executor.py; when its fix "
-                                       "lands this passes: delete this test and KNOWN_CIRCLES")
-def test_the_known_circles_are_gone():
-    assert [c for c in circles(ROOT) if c in KNOWN_CIRCLES] == []
+    assert circles(ROOT) == []
 
 
 # The checks on a small tree of their own, written under tmp_path.

@@ -252,11 +252,13 @@ def test_every_engine_option_is_a_server_flag(capsys):
     assert json.loads(json.dumps(make_parser().parse_args(["m", "--port", "1"]).port)) == 1
 
 
-def test_the_server_queues_two_steps_ahead_unless_told_otherwise():
+def test_the_server_leaves_every_engine_default_to_llm():
+    """No engine option has a second default in the server: a flag not given is not passed (pipeline_depth is 3,
+    EngineConfig's, offline and online)."""
     from nanovllm.cli import engine_kwargs
     from nanovllm.entrypoints.cli import make_parser
-    assert engine_kwargs(make_parser().parse_args(["m"])) == {"pipeline_depth": 2}
-    assert engine_kwargs(make_parser().parse_args(["m", "--pipeline-depth", "3"])) == {"pipeline_depth": 3}
+    assert engine_kwargs(make_parser().parse_args(["m"])) == {}
+    assert engine_kwargs(make_parser().parse_args(["m", "--pipeline-depth", "2"])) == {"pipeline_depth": 2}
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The server at ``--tensor-parallel-size 2`` on the CPU (gloo): the engine loop's step-level calls are mirrored
-to the worker rank (``nanovllm/engine_mirror.py``), so replies equal offline ``LLM``'s at N = 1, also after a
+to the worker rank (``nanovllm/parallel/mirror.py``), so replies equal offline ``LLM``'s at N = 1, also after a
 dropped stream and a stop string (aborts the worker must replay), and stopping the server ends its worker."""
 import time
 

@@ -1,17 +1,17 @@
-"""Closing rank 0's side of a tensor-parallel group (``nanovllm/workers.py``) when a peer is already gone: the exit
-message fails as gloo fails it (``RuntimeError``), yet ``close`` does not raise, still ends and joins every spawned
-worker, and leaves the group once; a close for a failed start sends no exit message at all.  No process starts:
-the workers are stand-ins."""
+"""Closing rank 0's side of a tensor-parallel group (``nanovllm/parallel/control.py``) when a peer is already gone:
+the close message fails as gloo fails it (``RuntimeError``), yet ``close`` does not raise, still ends and joins
+every spawned rank, and leaves the group once; a close for a failed start sends no message at all; a closed or
+broken group refuses calls.  No process starts: the ranks are stand-ins."""
 import pytest
 
-from nanovllm import workers
+from nanovllm.parallel import control
 
 
 class Proc:
-    """A stand-in worker process that records what ``close`` did to it."""
+    """A stand-in rank process that records what ``close`` did to it."""
 
     def __init__(self):
-        self.alive, self.did = True, []
+        self.alive, self.did, self.exitcode = True, [], None
 
     def is_alive(self):
         return self.alive
@@ -30,43 +30,56 @@ class Proc:
 
 @pytest.fixture
 def sent(monkeypatch):
-    """Calls to ``broadcast_call`` and ``leave_group``; the broadcast fails as a closed gloo connection does."""
+    """Calls to ``send`` and ``leave_group``; the send fails as a closed gloo connection does."""
     log = []
 
-    def broadcast(call=None):
-        log.append(call)
+    def send(op, arg=0, payload=b""):
+        log.append(op)
         raise RuntimeError("Connection closed by peer")
 
-    monkeypatch.setattr(workers, "broadcast_call", broadcast)
-    monkeypatch.setattr(workers, "leave_group", lambda: log.append("leave"))
+    monkeypatch.setattr(control, "send", send)
+    monkeypatch.setattr(control, "leave_group", lambda: log.append("leave"))
     return log
 
 
-def spawned(procs) -> workers.Workers:
-    peers = object.__new__(workers.Workers)  # as __init__ leaves it, without starting processes
-    peers.procs, peers.closed = procs, False
-    return peers
-
-
-def test_workers_close_survives_a_peer_gone_and_still_stops_the_rest(sent):
+def test_spawned_close_survives_a_peer_gone_and_still_stops_the_rest(sent):
     procs = [Proc(), Proc()]
-    spawned(procs).close()
-    assert sent == [("exit",), "leave"]
-    assert all(p.did == ["join", "kill"] for p in procs)  # the stand-ins never exit on their own
+    control.SpawnedPeers(procs).close()
+    assert sent == [control.CLOSE, "leave"]
+    assert all(p.did == ["terminate", "join"] for p in procs)  # not told to close: ended by signal
 
 
-def test_a_failed_start_terminates_the_workers_without_an_exit_message(sent):
+def test_a_failed_start_terminates_the_ranks_without_a_message(sent):
     procs = [Proc()]
-    peers = spawned(procs)
+    peers = control.SpawnedPeers(procs)
     peers.close(serving=False)
     peers.close()  # a second close (atexit, __del__) does nothing
     assert sent == ["leave"] and procs[0].did == ["terminate", "join"]
+    with pytest.raises(RuntimeError, match="the engine was closed"):
+        peers.send(0)
 
 
 @pytest.mark.parametrize("serving", [True, False])
 def test_torchrun_rank_0_close_survives_a_peer_gone(sent, serving):
-    peers = object.__new__(workers.TorchrunPeers)
-    peers.rank, peers.closed = 0, False
+    peers = control.TorchrunPeers(2)
     peers.close(serving=serving)
-    assert sent == ([("exit",)] if serving else []) + ["leave"]
-    assert peers.broken  # later calls raise at once
+    assert sent == ([control.CLOSE] if serving else []) + ["leave"]
+    assert peers.broken
+
+
+def test_a_call_that_failed_after_the_peers_had_it_breaks_the_group(sent):
+    peers = control.TorchrunPeers(2)
+    with pytest.raises(RuntimeError, match="Connection closed by peer") as raised:
+        peers.send(0)
+    assert "Later calls of this LLM raise at once" in "".join(raised.value.__notes__)
+    with pytest.raises(RuntimeError, match="an earlier call failed"):
+        peers.send(0)
+    assert sent == [0]  # the second call never reached the channel
+
+
+def test_a_dead_spawned_rank_is_named_with_its_exit_code(sent):
+    procs = [Proc(), Proc()]
+    procs[1].alive, procs[1].exitcode = False, 1
+    with pytest.raises(RuntimeError, match=r"died: rank 2 \(exit code 1\)"):
+        control.SpawnedPeers(procs).send(0)
+    assert sent == []

@@ -2,7 +2,6 @@
 tokens equal transformers', a bad prompt raises on rank 0 and leaves both ranks usable, and closing it (or a worker
 that died) leaves no process behind."""
 import os
-import signal
 
 import pytest
 
@@ -29,7 +28,7 @@ def test_two_ranks_match_transformers_and_survive_a_bad_prompt(tp_llm):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[10_000]], GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)] == want[:1]
-    assert len(llm._workers.procs) == 1 and llm._workers.procs[0].is_alive()
+    assert len(llm.engine.peers.procs) == 1 and llm.engine.peers.procs[0].is_alive()
 
 
 def test_two_ranks_report_transformers_logprobs(tp_llm):
@@ -41,7 +40,7 @@ def test_two_ranks_report_transformers_logprobs(tp_llm):
 
 def test_closing_stops_the_workers_and_leaves_the_group(tp_llm):
     from nanovllm import distributed
-    procs = tp_llm[1]._workers.procs
+    procs = tp_llm[1].engine.peers.procs
     tp_llm[1].close()
     assert all(not p.is_alive() for p in procs)
     assert distributed.current() == distributed.TensorParallel(0, 1)
@@ -57,7 +56,7 @@ def test_a_dead_worker_is_reported_on_the_next_call(tmp_path):
         import os, signal, time
         from nanovllm import LLM, SamplingParams
         llm = LLM({path!r}, tensor_parallel_size=2, **{ENGINE!r})
-        worker = llm._workers.procs[0]
+        worker = llm.engine.peers.procs[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(10)
         try:

@@ -5,8 +5,8 @@ scheduler made the same decisions.  ``llm.engine.reset_prefix_cache()`` (what ``
 ``benchmarks/profile_run.py`` call) empties the worker's cache too, and a ``step_log`` set on ``llm.engine`` (as
 ``bench.py`` does) records the steps ``generate`` runs.
 
-Rank 1's counters come from ``CountingLLM.write_counters``, a call rank 0 sends it like any other: the worker
-builds the LLM class rank 0 was built with."""
+Each rank's counters come from ``CountingEngine``, the ``engine_class`` every rank builds: it writes them to a file
+at each ``reset_stats``, a call rank 0 mirrors like any other."""
 import json
 import os
 import random
@@ -15,7 +15,8 @@ import time
 import pytest
 
 from conftest import build_checkpoint, hf_greedy
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, SamplingParams, distributed
+from nanovllm.engine.engine import Engine
 
 pytestmark = pytest.mark.slow
 
@@ -29,28 +30,43 @@ PREEMPT = [[rng.randint(3, 383) for _ in range(rng.randint(10, 30))] for _ in ra
 PREEMPT_TOKENS = 24
 
 
-class CountingLLM(LLM):
-    def write_counters(self, path: str) -> None:
-        """Write this rank's cache-hit tokens and preemptions to ``path`` (JSON, atomically)."""
+COUNTERS_DIR = "NANOVLLM_TEST_COUNTERS_DIR"  # where CountingEngine writes (the spawned rank inherits it)
+
+
+class CountingEngine(Engine):
+    """At its n-th ``reset_stats`` writes its cache-hit tokens and preemptions to ``rank{r}-{n}.json``."""
+
+    def __init__(self, config):
+        self.resets = 0
+        super().__init__(config)
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        path = os.path.join(os.environ[COUNTERS_DIR], f"rank{distributed.current().rank}-{self.resets}.json")
         with open(path + ".tmp", "w") as f:
-            json.dump(counters_of(self), f)
+            json.dump({"hits": self.block_manager.cache_hit_tokens, "preemptions": self.scheduler.num_preemptions}, f)
         os.replace(path + ".tmp", path)
+        self.resets += 1
 
 
-def counters_of(llm) -> dict:
-    return {"hits": llm._engine.block_manager.cache_hit_tokens, "preemptions": llm._engine.scheduler.num_preemptions}
+class CountingLLM(LLM):
+    engine_class = CountingEngine
 
 
-def both_ranks(llm, tmp_path) -> list[dict]:
+def both_ranks(llm) -> list[dict]:
     """[rank 0's counters, rank 1's] once every call sent before has run on both."""
-    path = str(tmp_path / f"rank1-{time.monotonic_ns()}.json")
-    llm._workers.call("write_counters", path)
+    llm.engine.reset_stats()
+    n = llm.engine._engine.resets - 1
+    paths = [os.path.join(os.environ[COUNTERS_DIR], f"rank{r}-{n}.json") for r in (0, 1)]
     deadline = time.monotonic() + 60
-    while not os.path.exists(path):
+    while not os.path.exists(paths[1]):
         assert time.monotonic() < deadline, "rank 1 did not write its counters"
         time.sleep(0.05)
-    with open(path) as f:
-        return [counters_of(llm), json.load(f)]
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
 
 
 def tokens(llm, prompts, max_tokens: int) -> list[list[int]]:
@@ -72,32 +88,33 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["eager", "graph"])
-def tp(request, reference):
+def tp(request, reference, tmp_path_factory):
     graph = dict(graph_batch_sizes=[1, 2, 4]) if request.param == "graph" else dict(enforce_eager=True)
-    llm = CountingLLM(reference[0], tensor_parallel_size=2, **graph, **ENGINE)
-    assert llm.engine.runner.mode == request.param
-    yield llm
-    llm.close()
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv(COUNTERS_DIR, str(tmp_path_factory.mktemp("counters")))
+        with CountingLLM(reference[0], tensor_parallel_size=2, **graph, **ENGINE) as llm:
+            assert llm.engine.runner.mode == request.param
+            yield llm
 
 
-def test_prefix_hits_match_one_rank_and_the_reset_reaches_every_rank(tp, reference, tmp_path):
+def test_prefix_hits_match_one_rank_and_the_reset_reaches_every_rank(tp, reference):
     want = reference[1]["prefix"]
     tp.engine.reset_prefix_cache()
-    start = both_ranks(tp, tmp_path)
+    start = both_ranks(tp)
     assert tokens(tp, PREFIX, 6) == want  # one step: identical prefixes never read blocks not yet computed
-    assert both_ranks(tp, tmp_path) == start
+    assert both_ranks(tp) == start
     assert tokens(tp, PREFIX, 6) == want  # now every full block hits
-    hit = both_ranks(tp, tmp_path)
+    hit = both_ranks(tp)
     assert [h["hits"] - s["hits"] for h, s in zip(hit, start)] == [PREFIX_HITS, PREFIX_HITS]
     tp.engine.reset_prefix_cache()  # mirrored: a worker that kept its cache would hit alone, out of step
     assert tokens(tp, PREFIX, 6) == want
-    assert both_ranks(tp, tmp_path) == hit
+    assert both_ranks(tp) == hit
 
 
-def test_preemption_matches_one_rank(tp, reference, tmp_path):
-    before = both_ranks(tp, tmp_path)
+def test_preemption_matches_one_rank(tp, reference):
+    before = both_ranks(tp)
     assert tokens(tp, PREEMPT, PREEMPT_TOKENS) == reference[1]["preempt"]
-    after = both_ranks(tp, tmp_path)
+    after = both_ranks(tp)
     preempted = [a["preemptions"] - b["preemptions"] for a, b in zip(after, before)]
     assert preempted == [reference[2], reference[2]]  # both ranks preempted as often as TP=1 did
 
@@ -107,7 +124,7 @@ def test_a_step_log_set_on_the_mirrored_engine_records_generate(tp):
     try:
         tokens(tp, PREFIX[:2], 3)
         log = tp.engine.step_log
-        assert log is tp._engine.step_log and {r.kind for r in log} == {"prefill", "decode"}
+        assert log is tp.engine._engine.step_log and {r.kind for r in log} == {"prefill", "decode"}
     finally:
         tp.engine.step_log = None
-    assert tp._engine.step_log is None
+    assert tp.engine._engine.step_log is None

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams, distributed
+from nanovllm.engine.engine import Engine
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_four_ranks_replicate_kv_heads_and_match_one_rank(model):
     try:
         attn = llm.engine.runner.model.model.layers[0].self_attn
         assert (attn.num_heads, attn.num_kv_heads) == (2, 1)  # 8 / 4 query heads; KV head 0 of 2 for rank 0
-        assert len(llm._workers.procs) == 3
+        assert len(llm.engine.peers.procs) == 3
         assert tokens(llm) == want
     finally:
         llm.close()
@@ -62,20 +63,25 @@ def test_a_size_that_does_not_divide_the_heads_is_refused_and_leaves_no_worker(m
     assert distributed.current() == distributed.TensorParallel(0, 1)
 
 
+class FailsOnRankZero(Engine):
+    def __init__(self, config):
+        if distributed.current().rank == 0:
+            raise RuntimeError("rank 0 cannot build its engine")
+        super().__init__(config)
+
+
+class FailsOnRankZeroLLM(LLM):
+    engine_class = FailsOnRankZero
+
+
 def test_an_engine_that_fails_on_rank_0_alone_stops_its_workers(model, monkeypatch):
     """The worker builds its engine and waits in a collective for rank 0, which never comes, so it would not hear
-    an exit message: ``LLM`` must end it at once, not wait out the group's timeout (60 s here, so that a regression
-    fails this test instead of hanging it)."""
-    import nanovllm.llm
-
-    def fail(config):
-        raise RuntimeError("rank 0 cannot build its engine")
-
-    monkeypatch.setattr(nanovllm.llm, "Engine", fail)
+    a close message: ``LLM`` must end it at once, not wait out the group's timeout (60 s here, so that a
+    regression fails this test instead of hanging it)."""
     monkeypatch.setenv("NANOVLLM_TP_TIMEOUT_S", "60")  # the worker inherits it
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="rank 0 cannot build its engine"):
-        LLM(model, tensor_parallel_size=2, **ENGINE)
+        FailsOnRankZeroLLM(model, tensor_parallel_size=2, **ENGINE)
     assert time.monotonic() - start < 45  # not the timeout
     assert spawned_workers() == []
     assert distributed.current() == distributed.TensorParallel(0, 1)

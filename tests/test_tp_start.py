@@ -1,9 +1,9 @@
-"""A tensor-parallel worker that dies before it joins the group (``nanovllm/workers.py``, the start-up rendezvous in
-``nanovllm/distributed/rendezvous.py``): ``LLM(..., tensor_parallel_size=2)`` raises ``RuntimeError`` naming rank 1
-and its exit code within seconds, not after the group's timeout, leaves no worker process, and leaves this process
-a rank of one, so a TP=2 LLM built next works.  The worker dies as it would for an ``llm_class`` defined where its
-spawned process cannot import it: the class lives in a module only this process has (``sys.modules``), so it
-pickles here and fails to unpickle there.  Also the rendezvous's wait on its own: every rank announced, a rank
+"""A tensor-parallel worker that dies before it joins the group (``nanovllm/parallel/launch.py``, the start-up
+rendezvous in ``nanovllm/distributed/rendezvous.py``): ``LLM(..., tensor_parallel_size=2)`` raises ``RuntimeError``
+naming rank 1 and its exit code within seconds, not after the group's timeout, leaves no worker process, and leaves
+this process a rank of one, so a TP=2 LLM built next works.  The worker dies as it would for an ``engine_class``
+defined where its spawned process cannot import it: the class lives in a module only this process has
+(``sys.modules``), so it pickles here and fails to unpickle there.  Also the rendezvous's wait on its own: every rank announced, a rank
 that never does (the timeout), a dead rank."""
 import sys
 import time
@@ -15,6 +15,7 @@ import torch.distributed as dist
 from conftest import build_checkpoint
 from nanovllm import LLM, SamplingParams, distributed
 from nanovllm.distributed import rendezvous
+from nanovllm.engine.engine import Engine
 from test_tp_sizes import spawned_workers
 
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64, enforce_eager=True,
@@ -25,12 +26,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 @pytest.fixture
 def ghost_class(monkeypatch):
-    """An ``LLM`` subclass whose module exists in this process only."""
+    """An ``LLM`` subclass whose engine class lives in a module that exists in this process only."""
     module = types.ModuleType("nanovllm_test_ghost_module")
-    cls = type("GhostLLM", (LLM,), {"__module__": module.__name__})
-    module.GhostLLM = cls
+    module.GhostEngine = type("GhostEngine", (Engine,), {"__module__": module.__name__})
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    return cls
+    return type("GhostLLM", (LLM,), {"engine_class": module.GhostEngine})
 
 
 def test_a_worker_that_dies_before_joining_raises_at_once_and_leaves_nothing(tmp_path, ghost_class):

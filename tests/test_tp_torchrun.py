@@ -105,13 +105,14 @@ def test_a_size_other_than_the_world_is_refused(model_and_reference, monkeypatch
 
 
 def failing_script(tmp_path, model: str, rank_1_does: str) -> Path:
-    """Rank 1 runs ``rank_1_does`` instead of rank 0's generate call; rank 0 reports what its calls raise."""
+    """Rank 1 runs ``rank_1_does`` instead of an engine step; rank 0 reports what its calls raise."""
     path = tmp_path / "failing.py"
     path.write_text(textwrap.dedent(f"""
         import os, time
         from nanovllm import LLM, SamplingParams
+        from nanovllm.engine.engine import Engine
         if os.environ["RANK"] == "1":
-            LLM.generate = lambda self, *args, **kwargs: {rank_1_does}
+            Engine.step = lambda self: {rank_1_does}
         llm = LLM({model!r}, tensor_parallel_size=2, **{ENGINE!r})
         for attempt in ("FIRST", "SECOND"):
             try:
@@ -149,7 +150,7 @@ def test_a_rank_that_hangs_fails_rank_0_after_the_timeout(model_and_reference, t
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
 def test_a_bad_timeout_is_refused(monkeypatch, value):
-    from nanovllm import workers
+    from nanovllm.parallel import control
     monkeypatch.setenv("NANOVLLM_TP_TIMEOUT_S", value)
     with pytest.raises(ValueError, match="NANOVLLM_TP_TIMEOUT_S"):
-        workers.timeout_s()
+        control.timeout_s()

@@ -22,7 +22,7 @@ in ``tests/standins/`` (no Ascend card was available): see the README's platform
   attention is the twin (``kernels/npu.py`` says why), and aclgraph's stream budget (2,048 streams in all, per the
   torchair guide as summarised in the project's capability notes) bounds how many buckets can be captured.
 * Static shapes (``static_shapes``): each decode bucket is compiled on its own with ``dynamic=False`` and
-  ``fullgraph=True`` (``compile/static_executor.py``), through torchair's compile cache ``cache_compile`` (one
+  ``fullgraph=True`` (``compile/static_graph.py``), through torchair's compile cache ``cache_compile`` (one
   method per bucket, whose files live in nanovllm's compile-cache entry, keyed by the CANN, torch_npu and torchair
   versions).  Nested compile regions are inlined while tracing: torchair converts no ``invoke_subgraph``.
 """

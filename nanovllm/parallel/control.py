@@ -1,0 +1,178 @@
+"""The control channel of a tensor-parallel group, and rank 0's handle on the other ranks.
+
+Contract:
+* ``open_channel`` (every rank, right after joining the default group) makes the gloo group calls travel on; it
+  never times out, since rank 0 may idle for hours between two calls.  ``leave_group`` forgets it and leaves the
+  default group: this process is a rank of one again.
+* ``send(op, arg, payload)`` on rank 0 and ``receive()`` on every other rank move one call, in order: an int64
+  header ``[op, arg, len(payload)]``, then the payload's bytes only when there are any.
+* ``SpawnedPeers`` (ranks rank 0 spawned) and ``TorchrunPeers`` (ranks torchrun started): ``send`` raises
+  ``RuntimeError`` naming each dead rank and its exit code, and raises at once after an earlier call failed once
+  the peers had it (``failed``); ``close`` sends ``CLOSE``, leaves the group, ends spawned ranks and never raises
+  for a peer already gone.
+* ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 600), seconds a default-group collective waits for a peer.
+"""
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+import nanovllm.distributed as distributed
+from nanovllm import envs
+from nanovllm.distributed.rendezvous import describe_dead
+
+CLOSE = -1  # the op that ends a rank's replay
+_control = None  # the gloo group calls travel on
+_header = torch.zeros(3, dtype=torch.int64)
+
+
+def timeout_s() -> float:
+    """The default group's timeout: ``$NANOVLLM_TP_TIMEOUT_S`` seconds (``nanovllm/envs.py``)."""
+    return envs.get("NANOVLLM_TP_TIMEOUT_S")
+
+
+def open_channel() -> None:
+    global _control
+    _control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+
+
+def send(op: int, arg: int = 0, payload: bytes = b"") -> None:
+    _header[0], _header[1], _header[2] = op, arg, len(payload)
+    dist.broadcast(_header, src=0, group=_control)
+    if payload:
+        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=_control)
+
+
+def receive() -> tuple[int, int, bytes]:
+    """The next call rank 0 sent: (op, arg, payload)."""
+    dist.broadcast(_header, src=0, group=_control)
+    op, arg, size = _header.tolist()
+    if not size:
+        return op, arg, b""
+    payload = torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=_control)
+    return op, arg, payload.numpy().tobytes()
+
+
+def leave_group() -> None:
+    """Forget the control group and leave the default one.  NCCL groups are aborted after a device sync, not
+    destroyed: ``destroy_process_group`` waits on every rank's teardown and can hang at exit; the sync means no
+    work is in flight, so the abort loses nothing."""
+    global _control
+    _control = None
+    distributed.release_one_shot_all_reduce()
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            torch.cuda.synchronize()
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+    distributed.set_current(distributed.TensorParallel())
+
+
+class _Peers:
+    """What both kinds of peers share: once a call failed after the peers had it, the ranks are out of step."""
+    broken: str | None = None
+    closed = False
+    label = "tensor-parallel rank 0"
+    death_grace_s = 0.0  # how long a failed call waits for the peer that caused it to show as dead
+
+    def dead(self) -> list[tuple[int, int | None]]:
+        """(rank, exit code) of each peer known to have ended."""
+        return []
+
+    def send(self, op: int, arg: int = 0, payload: bytes = b"") -> None:
+        if self.closed:
+            raise RuntimeError(f"{self.label}: the engine was closed")
+        dead = self.dead()
+        if dead:
+            self.broken = describe_dead(dead)
+            raise RuntimeError(self.broken)
+        if self.broken:
+            raise RuntimeError(f"{self.label}: an earlier call failed ({self.broken}); the ranks are out of step "
+                               f"or gone, so this engine cannot run calls any more")
+        try:
+            send(op, arg, payload)
+        except Exception as e:  # a peer that died closed its connection
+            self.failed(e)
+            raise
+
+    def failed(self, error: BaseException) -> None:
+        """A call failed on rank 0 after the peers had it: refuse later calls.  Raises ``RuntimeError`` naming
+        the rank(s) if a peer is found dead within ``death_grace_s``; else adds a note to ``error``."""
+        self.broken = f"{type(error).__name__}: {error}"[:300]
+        deadline = time.monotonic() + (self.death_grace_s if isinstance(error, Exception) else 0.0)
+        while True:
+            dead = self.dead()
+            if dead:
+                raise RuntimeError(f"{describe_dead(dead)}; its traceback is in its stderr") from error
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        error.add_note(f"{self.label}: this call failed after the other ranks started it; if a peer rank died, "
+                       f"its log (torchrun reports the first failure) says why; a peer that hangs fails a collective "
+                       f"after NANOVLLM_TP_TIMEOUT_S={timeout_s():g} s.  Later calls of this LLM raise at once.")
+
+
+class SpawnedPeers(_Peers):
+    """Ranks 1..N-1 as the processes rank 0 spawned (``procs``, rank order)."""
+    death_grace_s = 3.0
+
+    def __init__(self, procs: list):
+        self.procs = procs
+
+    def dead(self) -> list[tuple[int, int | None]]:
+        return [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
+
+    def close(self, serving: bool = True) -> None:
+        """Send ``CLOSE``, leave the group with the peers and join them.  ``serving=False`` (rank 0 failed before
+        they served calls; each may wait in a collective of its engine's start), a peer that cannot be told, or
+        one alive after 30 s: ended by signal.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        told = serving and not self.broken and not self.dead()
+        if told:
+            try:
+                send(CLOSE)
+            except RuntimeError:  # a peer died since the check (gloo: connection closed)
+                told = False
+        try:
+            if told:
+                leave_group()  # the peers leave too, on CLOSE
+        finally:
+            for p in self.procs:
+                if not told:
+                    p.terminate()
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+            if not told:
+                leave_group()
+
+
+class TorchrunPeers(_Peers):
+    """Ranks 1..N-1 of a group torchrun started: their processes are torchrun's."""
+
+    def __init__(self, world: int):
+        self.label = f"tensor-parallel rank 0 of {world} (torchrun)"
+
+    def close(self, serving: bool = True) -> None:
+        """Send ``CLOSE`` (not with ``serving=False``: the peers' collectives then fail and torchrun ends them)
+        and leave the group.  Idempotent."""
+        if self.closed:
+            return
+        if not serving:
+            self.broken = "rank 0 failed to build its engine"
+        if not self.broken:
+            try:
+                send(CLOSE)
+            except RuntimeError as e:  # a peer is already gone: nothing to tell it; still leave the group
+                self.broken = f"{type(e).__name__}: {e}"[:300]
+        self.closed = True
+        try:
+            leave_group()
+        except Exception:
+            if not self.broken:
+                raise

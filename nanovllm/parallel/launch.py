@@ -1,0 +1,125 @@
+"""Starting the ranks of a tensor-parallel engine: ``start(model, options, engine_class)``, called by ``LLM``
+before it builds rank 0's engine, returns rank 0's peers (``control.py``) or None at one rank.
+
+* ``tensor_parallel_size=N`` > 1 on one node: spawns ranks 1..N-1, each on the device its platform gives rank r
+  (``cuda:r``, ``npu:r``; the CPU is shared), meeting through rank 0's store (``distributed/rendezvous.py``).  A
+  rank that dies before joining makes ``start`` raise ``RuntimeError`` naming it and its exit code, leaving no
+  process and this process a rank of one.
+* Under torchrun (``RANK``, ``WORLD_SIZE`` > 1, ``MASTER_ADDR`` set): joins torchrun's env:// group; N must equal
+  ``WORLD_SIZE`` (``ValueError``).  Rank 0 returns; any other rank builds its engine, replays rank 0's calls
+  (``mirror.serve``) until rank 0 closes, leaves the group and ends its process (exit code 0) inside ``start``.
+* A rank other than 0 builds ``engine_class(config)`` (importable in a spawned process) with the options of its
+  rank (``rank_options``).  Any exception there is a bug: it logs the traceback and ends its process with exit
+  code 1, so that rank 0's next call or collective fails instead of waiting for it.
+* Options are validated (``EngineConfig``) before any process starts or any group is joined.
+"""
+import atexit
+import os
+import sys
+
+import torch.multiprocessing as mp
+
+import nanovllm.distributed as distributed
+from nanovllm.config import EngineConfig
+from nanovllm.distributed import rendezvous
+from nanovllm.logger import logger
+from nanovllm.parallel import control, mirror
+from nanovllm.platforms import platform_class
+
+
+def launched_by_torchrun() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) if torchrun started this process as one of several ranks, else None."""
+    env = os.environ
+    if "RANK" in env and "MASTER_ADDR" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    return None
+
+
+def rank_device(device: str, rank: int) -> str:
+    """This process's device for the option ``device``: the platform's device of ``LOCAL_RANK`` under torchrun,
+    of ``rank`` for a spawned rank (``cuda:r``, ``npu:r``; the option itself for the CPU)."""
+    launched = launched_by_torchrun()
+    return platform_class(device).rank_device(device, launched[2] if launched else rank)
+
+
+def rank_options(options: dict) -> dict:
+    """``options`` with this process's device in the current group (unchanged at one rank)."""
+    tp = distributed.current()
+    if tp.size == 1:
+        return options
+    return dict(options, device=rank_device(options.get("device", "auto"), tp.rank))
+
+
+def join(device: str, rank: int, size: int, store=None) -> None:
+    """Bind this rank's device, join the default group over the platform's backend (through rank 0's ``store``,
+    announcing this rank there first; None: env://), then open the control channel."""
+    platform = platform_class(device)
+    platform.bind_rank(rank_device(device, rank))
+    if store is not None and rank:
+        rendezvous.announce(store, rank)
+    distributed.init_process_group(platform.distributed_backend, rank, size, None, control.timeout_s(), store=store)
+    control.open_channel()
+
+
+def start(model, options: dict, engine_class):
+    """Rank 0's peers, or None at one rank (see the module docstring)."""
+    size = options.get("tensor_parallel_size", 1)
+    if distributed.current().size > 1:  # already in a group: this process is one rank of it
+        return None
+    launched = launched_by_torchrun()
+    if launched:
+        EngineConfig(model=model, **options)
+        rank, world, _ = launched
+        if size != world:
+            raise ValueError(f"tensor_parallel_size={size} but torchrun started WORLD_SIZE={world} processes; "
+                             f"they must be equal")
+        join(options.get("device", "auto"), rank, world)
+        if rank == 0:
+            peers = control.TorchrunPeers(world)
+            atexit.register(peers.close)
+            return peers
+        _serve(engine_class, model, options, rank, world)
+        raise SystemExit(0)
+    if isinstance(size, int) and size > 1:
+        EngineConfig(model=model, **options)  # bad options fail here, before any process starts
+        return _spawn(engine_class, model, options, size)
+    return None
+
+
+def _spawn(engine_class, model, options: dict, size: int) -> control.SpawnedPeers:
+    platform = platform_class(options.get("device", "auto"))
+    count = platform.visible_device_count()
+    if count is not None and size > count:
+        raise ValueError(f"tensor_parallel_size={size} is more than the {count} visible {platform.name} devices "
+                         f"(${platform.visible_devices_env} limits them)")
+    timeout = control.timeout_s()
+    store = rendezvous.host(size, timeout)
+    ctx = mp.get_context("spawn")
+    peers = control.SpawnedPeers([])
+    try:
+        for rank in range(1, size):
+            p = ctx.Process(target=_serve, args=(engine_class, model, options, rank, size, store.port),
+                            daemon=True)
+            p.start()
+            peers.procs.append(p)
+        rendezvous.wait_for_ranks(store, list(range(1, size)), peers.dead, timeout)
+        join(options.get("device", "auto"), 0, size, store)
+    except BaseException:  # a rank died (or never started): stop the others, stay a rank of one
+        peers.close(serving=False)
+        raise
+    atexit.register(peers.close)
+    return peers
+
+
+def _serve(engine_class, model, options: dict, rank: int, size: int, port: int | None = None) -> None:
+    """A rank other than 0: join through rank 0's store on ``port`` (a spawned rank; torchrun's joined already),
+    build the engine, replay rank 0's calls, leave the group; on any exception, log it and exit with code 1."""
+    try:
+        if port is not None:
+            join(options.get("device", "auto"), rank, size, rendezvous.connect(port, size, control.timeout_s()))
+        mirror.serve(engine_class(EngineConfig(model=model, **rank_options(options))))
+        control.leave_group()
+    except BaseException:  # noqa: BLE001 - a bug on this rank: rank 0 must see it, not wait for this rank
+        logger.exception("tensor-parallel rank %d failed; ending its process with exit code 1", rank)
+        sys.stderr.flush()
+        os._exit(1)
