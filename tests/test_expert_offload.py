@@ -61,6 +61,7 @@ def test_the_host_computes_no_expert_by_default_off_cuda(checkpoint):
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
 @pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.slow
 def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
     path, prompts, want = checkpoint
     copying = LLM(path, offload_experts=True, experts_on_device=slots, **ENGINE)
@@ -79,6 +80,7 @@ def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.6])
+@pytest.mark.slow
 def test_a_split_expert_changes_no_token(checkpoint, share):
     """One slot and top-2: most layers miss one or two experts, so the share splits an expert along its
     intermediate rows in most steps; the tokens stay the transformers ones."""
@@ -146,6 +148,7 @@ def test_bad_offload_options_name_the_value(checkpoint):
         LLM(path, offload_experts=True, experts_on_device=99, **ENGINE)
 
 
+@pytest.mark.slow
 def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
     import json
     import os

@@ -73,6 +73,7 @@ def test_npu_eager_gives_the_cpu_tokens_through_fia_and_scatter(npu, model_dir, 
 
 
 @pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
+@pytest.mark.slow
 def test_npu_graph_modes_give_the_cpu_tokens_with_only_convertible_ops(npu, model_dir, cpu_tokens, monkeypatch, mode):
     monkeypatch.setenv("NANOVLLM_NPU_GRAPH_MODE", mode)
     llm, tokens = _run(model_dir)
@@ -169,6 +170,7 @@ def test_without_torch_npu_the_npu_is_an_error_and_auto_skips_it():
         get_platform("npu")
 
 
+@pytest.mark.slow
 def test_npu_logprobs_compile_one_static_variant_per_bucket_when_asked(npu, model_dir):
     """The logprobs variant is a static graph of its own per bucket, compiled when a batch of that bucket first
     asks for logprobs, with only convertible ops, cached in an entry of its own; its logprobs are the CPU's."""

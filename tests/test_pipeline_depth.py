@@ -35,6 +35,7 @@ def _generate_counting_queue(llm, prompts, params) -> tuple[list[list[int]], int
     return [s.completion_token_ids for s in seqs], queued
 
 
+@pytest.mark.slow
 def test_every_depth_gives_the_same_tokens(tmp_path):
     """Stop tokens at different steps, seeded sampling and more prompts than rows, at depths 1-3, in a tiny KV
     cache (preemption) and again in a roomy one twice (prefix-cache hits): the same tokens everywhere, and
