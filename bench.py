@@ -2,20 +2,16 @@
 
     python bench.py --bs 256                          # the headline number
     python bench.py --sweep-bs 16,32,64,128,256 [--plot sweep.png]
-    python bench.py --bs 256 --enforce-eager --load-format dummy
 
-The workload is nano-vllm's: ``random.seed(0)``; prompts ``[[randint(0, 10000) for _ in range(randint(100, 1024))]
-...]``, then ``max_tokens=randint(100, 1024)`` per sequence, in that order (256 sequences: 142,827 input and
-133,966 output tokens); temperature 0.6, ignore_eos, max_model_len 4096; one warm-up generate, then one timed.
-``--max-input-len`` and ``--max-output-len`` replace the two 1024s and must be at least 100.  The tokens counted
+The workload is nano-vllm's (``benchmarks.common.workload``: 256 sequences, 142,827 input and 133,966 output
+tokens; temperature 0.6, ignore_eos, max_model_len 4096); one warm-up generate, then one timed.
+``--max-input-len`` and ``--max-output-len`` replace its two 1024s and must be at least 100.  The tokens counted
 are the tokens generated; a run whose count differs from the sum of ``max_tokens`` fails.
 
-Engine options are the flags of ``nanovllm/cli.py`` (one per ``LLM(...)`` argument); ``--bs`` sets
-``max_num_seqs`` and drops decode buckets above it.  Without ``--model`` a random-weight Qwen3-0.6B checkpoint is
-synthesized once and cached (no download).  Each run prints nano-vllm's ``Total: ...`` line, then a JSON line:
-``llm.engine.describe()`` (device, mode, KV cache, graphs, start-up phases, kernel options), the time split
-into prefill, decode and the rest, host and device-wait time per step, and the decode byte floor (weights once
-per decode step plus every KV token read, at the measured copy bandwidth; CUDA only).
+Engine options are the flags of ``nanovllm/cli.py``; ``--bs`` sets ``max_num_seqs`` and drops decode buckets
+above it.  Without ``--model`` a random-weight Qwen3-0.6B is synthesized once and cached.  Each run prints
+nano-vllm's ``Total: ...`` line, then a JSON line: ``llm.engine.describe()``, the time split into prefill, decode
+and the rest, host and device-wait time per step, and the decode byte floor (CUDA only).
 """
 import argparse
 import gc
@@ -25,27 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from random import randint, seed
 
 import torch
 
-from benchmarks.common import copy_bandwidth, decode_floor_seconds, default_model, step_weight_bytes
+from benchmarks.common import (MIN_LEN, copy_bandwidth, decode_floor_seconds, default_model, llm_kwargs,
+                               step_weight_bytes, workload)
 from nanovllm import LLM, SamplingParams
 from nanovllm.cli import add_engine_args, engine_kwargs, flag_name
-
-MIN_LEN = 100  # nano-vllm draws prompt and output lengths from randint(100, max)
 
 
 class TokenCountMismatch(RuntimeError):
     """The engine generated another number of tokens than the workload asks for."""
-
-
-def workload(num_seqs: int, max_input_len: int, max_output_len: int):
-    seed(0)
-    prompts = [[randint(0, 10000) for _ in range(randint(MIN_LEN, max_input_len))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(MIN_LEN, max_output_len))
-              for _ in range(num_seqs)]
-    return prompts, params
 
 
 def int_list(text: str) -> list[int]:
@@ -87,15 +73,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--sweep-bs must list batch sizes >= 1, got {args.sweep_bs}")
     if args.plot and not args.sweep_bs:
         parser.error("--plot needs --sweep-bs")
-
-
-def llm_kwargs(args: argparse.Namespace, bs: int) -> dict:
-    """``LLM(...)`` keyword arguments of one run: the engine flags, ``max_num_seqs=bs`` and the given decode
-    buckets up to ``bs`` (the defaults if none is left)."""
-    kwargs = dict(engine_kwargs(args), max_num_seqs=bs)
-    if kwargs.get("graph_batch_sizes"):
-        kwargs["graph_batch_sizes"] = [b for b in kwargs["graph_batch_sizes"] if b <= bs] or None
-    return kwargs
 
 
 def engine_argv(kwargs: dict) -> list[str]:

@@ -2,7 +2,7 @@
 (``dist.all_reduce``) and PyTorch's symmetric-memory one-shot and two-shot kernels (peer loads over NVLink, no
 multicast: ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and ``NCCL_NVLS_ENABLE=0`` stay set).
 
-    python benchmarks/allreduce_bench.py [--gpus 2] [--hidden 5120] [--rows 1,16,64,128,256,1024,4096]
+    python -m benchmarks.allreduce_bench [--gpus 2] [--hidden 5120] [--rows 1,16,64,128,256,1024,4096]
 
 Each way runs ``--reps`` all-reduces of ``[rows, hidden]`` bf16 back to back inside one CUDA graph (as in a
 captured decode step), after checking its sum against NCCL's; the graph is replayed and timed with CUDA events.

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: where results go, the default checkpoint, and the one set of GPU timers.
+"""What the benchmark programs and bench.py share: where results go, the default checkpoint, nano-vllm's bench
+workload, the engine arguments of one bench run, and the one set of GPU timers.
 
 Timers (CUDA only; each synchronises before it returns):
 
@@ -15,6 +16,9 @@ route close to uniformly; a real checkpoint's skew touches fewer experts, so its
 """
 import json
 import os
+from random import randint, seed
+
+MIN_LEN = 100  # nano-vllm draws prompt and output lengths from randint(100, max)
 
 
 def out_dir() -> str:
@@ -32,24 +36,32 @@ def write_json(name: str, obj) -> str:
     return path
 
 
-def print_verdicts(rows: list[dict]) -> bool:
-    """Print parity rows ({model, dtype, mode, verdicts: oracle.compare's}) as a table, each divergence under its
-    row; True if any verdict is a MISMATCH."""
-    statuses = ("identical", "near-tie", "MISMATCH")
-    print("| model | dtype | mode | identical | near-tie | MISMATCH |\n|---|---|---|---|---|---|")
-    for r in rows:
-        counts = [sum(v["status"] == s for v in r["verdicts"]) for s in statuses]
-        print(f"| {r['model']} | {r['dtype']} | {r['mode']} | " + " | ".join(map(str, counts)) + " |")
-        for v in r["verdicts"]:
-            if v["status"] != "identical":
-                print("   ", json.dumps(v))
-    return any(v["status"] == "MISMATCH" for r in rows for v in r["verdicts"])
-
-
 def default_model() -> str:
     """bench.py's default checkpoint: a random-weight bf16 Qwen3-0.6B, synthesized once and cached."""
     from nanovllm.tools.synthesize import cached_synthetic
     return str(cached_synthetic("qwen3-0.6b", dtype="bfloat16"))
+
+
+def workload(num_seqs: int, max_input_len: int, max_output_len: int):
+    """nano-vllm's bench workload, ``(prompts, params)``: ``random.seed(0)``; prompts ``[[randint(0, 10000) for _
+    in range(randint(100, max_input_len))] ...]``, then ``max_tokens=randint(100, max_output_len)`` per sequence, in
+    that order; temperature 0.6, ignore_eos."""
+    from nanovllm import SamplingParams
+    seed(0)
+    prompts = [[randint(0, 10000) for _ in range(randint(MIN_LEN, max_input_len))] for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(MIN_LEN, max_output_len))
+              for _ in range(num_seqs)]
+    return prompts, params
+
+
+def llm_kwargs(args, bs: int) -> dict:
+    """``LLM(...)`` keyword arguments of one run: the engine flags of ``args`` (``nanovllm.cli``),
+    ``max_num_seqs=bs`` and the given decode buckets up to ``bs`` (the defaults if none is left)."""
+    from nanovllm.cli import engine_kwargs
+    kwargs = dict(engine_kwargs(args), max_num_seqs=bs)
+    if kwargs.get("graph_batch_sizes"):
+        kwargs["graph_batch_sizes"] = [b for b in kwargs["graph_batch_sizes"] if b <= bs] or None
+    return kwargs
 
 
 def decode_floor_seconds(decode_steps: int, decode_kv_tokens: int, weight_bytes: int, kv_bytes_per_token: int,

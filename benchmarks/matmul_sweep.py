@@ -1,7 +1,7 @@
 """Tune the decode matmuls: every candidate Triton configuration against cuBLAS, per weight shape and bucket.
 
-    python benchmarks/matmul_sweep.py                      # Qwen3-0.6B shapes, the default decode buckets
-    python benchmarks/matmul_sweep.py --preset llama-3.2-1b --buckets 2,8,64,256
+    python -m benchmarks.matmul_sweep                      # Qwen3-0.6B shapes, the default decode buckets
+    python -m benchmarks.matmul_sweep --preset llama-3.2-1b --buckets 2,8,64,256
 
 For each projection of the model (qkv, o, gate/up with the fused SiLU-and-multiply, down, LM head) and each
 batch size, it checks every candidate against ``F.linear`` (relative error < 1e-2) and times it as the engine
@@ -16,18 +16,16 @@ everywhere, for an end-to-end comparison with cuBLAS (``NANOVLLM_MATMUL_TABLE=..
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import graph_us, write_json  # noqa: E402
-from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES  # noqa: E402
-from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, table_key  # noqa: E402
-from nanovllm.kernels.reference import linear_reference  # noqa: E402
-from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton  # noqa: E402
+from benchmarks.common import graph_us, write_json
+from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES
+from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, table_key
+from nanovllm.kernels.reference import linear_reference
+from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton
 
 
 def model_shapes(fields: dict) -> dict[str, tuple[int, int, int, bool]]:

@@ -1,7 +1,7 @@
 """The fused MoE's Triton kernels on a GPU, at Qwen3-30B-A3B's shape (E=128, top-8, H=2048, I=768, bf16) or
 Mixtral-8x7B's (E=8, top-2, H=4096, I=14336): exact against the PyTorch twin, and fast against the copy ceiling.
 
-    python benchmarks/moe_kernel.py [--shape qwen3-30b-a3b|mixtral] [--tokens 1,16,64,256] [--layers 4]
+    python -m benchmarks.moe_kernel [--shape qwen3-30b-a3b|mixtral] [--tokens 1,16,64,256] [--layers 4]
                                                                       # writes $OUT/moe_kernel_<shape>.json
 
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
@@ -15,16 +15,14 @@ routing touched (each once) plus activations, over the time.  The ``pick`` colum
 ``nanovllm/kernels/moe_configs.py``.  Exits non-zero if a check fails.
 """
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth, graph_us, write_json  # noqa: E402
-from nanovllm.kernels import moe_configs  # noqa: E402
-from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
-from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference  # noqa: E402
+from benchmarks.common import copy_bandwidth, graph_us, write_json
+from nanovllm.kernels import moe_configs
+from nanovllm.kernels.moe_configs import MoeConfig
+from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 
 DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336)}  # E, top-k, H, I

@@ -1,44 +1,27 @@
 """Expert offload on a GPU: Mixtral-8x7B's real config with dummy weights, the device budget capped so that the
-experts do not fit, decode throughput against the host-to-device copy floor.
+experts do not fit, decode throughput against the host-to-device copy floor; ours, or vLLM's ``cpu_offload_gb``.
 
-    python benchmarks/offload_bench.py [--model DIR] [--budget-gb 16] [--experts-on-device 1]
-        [--batch-sizes 1,16] [--prefetch on,off] [--host-shares 0,0.5] [--host-threads N,M] [--max-tokens 32]
-        [--prompt-len 32] [--profile] [--out DIR]
+    python -m benchmarks.offload_bench [--model DIR] [--budget-gb 16] [--host-share S] [--batch-sizes 1,16]
+    env PYTHONPATH=/tmp/site python -m benchmarks.offload_bench --engine vllm --model DIR [--cpu-offload-gb 80]
 
-Without ``--model`` it writes the ``mixtral-8x7b`` preset's config (``tools/synthesize.py --config-only``) and
-runs it with ``load_format="dummy"``.  ``gpu_memory_utilization`` is ``--budget-gb`` over the device's memory.
-One engine is built (experts on the host take ~93 GB of pinned memory); prefetch and the share of misses the host
-computes (``offload_host_share``) are switched on it.
-
-Per batch size, prefetch setting, host thread count (``torch.set_num_threads``) and host share: a prefill-only pass
-(``max_tokens=1``), then the same prompts with ``--max-tokens``; the decode figures are the second pass's decode
-steps (the engine's own statistics), and the expert traffic of decode is the counter difference of the two passes.
-Measured: decode tok/s, hit rate (hits over hits + misses of needed experts), bytes fetched per decode step, the
-bandwidth of the copy a miss makes (one expert's pinned matrices into a device slot), experts split between device
-and host per step, the host's share of the experts in experts per step with the host's time on them and its wait for
-the device after them, and two floors.  The copy floor: bytes fetched per step over the copy bandwidth;
-``pct_of_floor`` = that floor / measured step time, the share of a step the copies would take if nothing else ran.
-The two-link floor: every missed expert's bytes per step over the copy bandwidth plus the rate at which the host
-computes one expert for one token (``host_expert_bandwidth``, at the row's thread count), the step time if copies
-and host compute were perfectly balanced and nothing else ran.  Random weights route near-uniformly: real routing
-is skewed, so this hit rate is a lower bound. Writes ``offload_bench.json`` and ``offload_bench.md`` (a table) to
-``--out`` (default ``$OUT`` or ./results).  ``--profile`` then runs the first batch size once more, at the last host share and thread count, under
-``torch.profiler`` and writes its operators by host time to ``offload_profile.txt`` (where a step's host time goes
-beside the copies and the host's experts).
+Without ``--model`` it writes the ``mixtral-8x7b`` preset's config.  Per batch size: a prefill-only pass, then the
+same random prompts with ``--max-tokens``.  Ours (``offload_bench.json``, a table in ``offload_bench.md``): the
+second pass's decode statistics and expert traffic (counter differences): decode tok/s, hit rate, bytes fetched
+per step, experts split between device and host, and two floors: the copies' (bytes fetched over the copy
+bandwidth) and the two-link one (missed bytes over copy plus host-compute bandwidth).  Random weights route
+near-uniformly, so the hit rate is a lower bound.  ``--profile`` writes the first batch size's operators by host
+time to ``offload_profile.txt``.  vLLM (``offload_vllm.json``): decode tok/s from the two passes' extra tokens over
+their extra time, and whether it really offloaded (the weights' device bytes below the checkpoint's).
 """
 import argparse
-import itertools
+import json
 import os
 import random
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import out_dir, write_json  # noqa: E402
-from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.models.expert_offload import COUNTERS, offload_stats, set_host_share, set_prefetch  # noqa: E402
+from benchmarks.common import out_dir, write_json
 
 
 def expert_copy_bandwidth(cache, reps: int = 5) -> float:
@@ -83,6 +66,8 @@ def host_expert_bandwidth(cache, reps: int = 5) -> float:
 
 
 def run_case(llm, prompts, max_tokens: int) -> dict:
+    from nanovllm import SamplingParams
+    from nanovllm.models.expert_offload import COUNTERS, offload_stats
     model, engine = llm.engine.runner.model, llm.engine
     params1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -110,18 +95,20 @@ def run_case(llm, prompts, max_tokens: int) -> dict:
             "join_ms_per_step": round(1000 * decode["join_seconds"] / steps, 1), "decode_counters": decode}
 
 
-def main(argv=None) -> dict:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", choices=("nanovllm", "vllm"), default="nanovllm")
     p.add_argument("--model", help="checkpoint dir (default: the mixtral-8x7b preset's config, dummy weights)")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--budget-gb", type=float, default=16.0, help="device memory the engine may use (CUDA)")
     p.add_argument("--experts-on-device", type=int, default=1)
+    p.add_argument("--host-share", type=float, default=None,
+                   help="offload_host_share: the share of misses the host computes (default: the engine's)")
+    p.add_argument("--host-threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--cpu-offload-gb", type=float, default=80.0, help="vLLM's cpu_offload_gb (--engine vllm)")
     p.add_argument("--batch-sizes", default="1,16")
-    p.add_argument("--prefetch", default="on,off", help="prefetch settings to run, of on and off")
-    p.add_argument("--host-shares", default="0", help="offload_host_share values to run (0: copy every miss)")
-    p.add_argument("--host-threads", default="", help="torch.set_num_threads values to run (default: torch's own)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--profile", action="store_true", help="also profile one run (offload_profile.txt)")
@@ -129,63 +116,61 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.out:
         os.environ["OUT"] = a.out
-    model = a.model
-    if model is None:
+    if a.model is None:
         from nanovllm.tools.synthesize import synthesize
-        model = os.path.join(out_dir(), "mixtral-8x7b-config")
-        if not os.path.isfile(os.path.join(model, "config.json")):
-            synthesize("mixtral-8x7b", model, dtype="bfloat16", config_only=True)
-    device = torch.device(a.device)
-    sizes = [int(b) for b in a.batch_sizes.split(",")]
+        a.model = os.path.join(out_dir(), "mixtral-8x7b-config")
+        if not os.path.isfile(os.path.join(a.model, "config.json")):
+            synthesize("mixtral-8x7b", a.model, dtype="bfloat16", config_only=True)
+    a.sizes = [int(b) for b in a.batch_sizes.split(",")]
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    if a.engine == "vllm":
+        return run_vllm(a)
+    from nanovllm import LLM
+    if a.host_threads:
+        torch.set_num_threads(a.host_threads)
     engine = dict(device=a.device, dtype=a.dtype, load_format=a.load_format, offload_experts=True,
-                  experts_on_device=a.experts_on_device, max_num_seqs=max(sizes), max_model_len=512,
+                  experts_on_device=a.experts_on_device, max_num_seqs=max(a.sizes), max_model_len=512,
                   max_num_batched_tokens=2048)  # a small prefill keeps the activation peak inside the budget
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
+    if a.host_share is not None:
+        engine["offload_host_share"] = a.host_share
+    if torch.device(a.device).type == "cuda":
+        total = torch.cuda.get_device_properties(a.device).total_memory
         engine["gpu_memory_utilization"] = min(1.0, a.budget_gb * 2**30 / total)
     else:
         engine["num_kvcache_blocks"] = 64
     t = time.perf_counter()
-    llm = LLM(model, **engine)
+    llm = LLM(a.model, **engine)
     init_s = time.perf_counter() - t
-    bandwidth = expert_copy_bandwidth(llm.engine.runner.expert_caches[0])
-    host_rate = host_expert_bandwidth(llm.engine.runner.expert_caches[0])
+    cache = llm.engine.runner.expert_caches[0]
+    bandwidth, host_rate = expert_copy_bandwidth(cache), host_expert_bandwidth(cache)
     desc = llm.engine.describe()
     rng = random.Random(0)
     vocab = llm.engine.runner.vocab_size
-    thread_counts = [int(x) for x in a.host_threads.split(",")] if a.host_threads else [torch.get_num_threads()]
     rows = []
-    for bs in sizes:
+    for bs in a.sizes:
         prompts = [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(bs)]
-        for prefetch in [x == "on" for x in a.prefetch.split(",")]:
-            for threads, share in itertools.product(thread_counts, [float(x) for x in a.host_shares.split(",")]):
-                torch.set_num_threads(threads)
-                set_prefetch(llm.engine.runner.model, prefetch)
-                set_host_share(llm.engine.runner.model, share)
-                r = run_case(llm, prompts, a.max_tokens)
-                floor_s = r["bytes_fetched_per_step"] / bandwidth
-                rate = host_expert_bandwidth(llm.engine.runner.expert_caches[0])  # at this row's threads
-                both_s = r["missed_bytes_per_step"] / (bandwidth + rate)
-                r.update(batch=bs, prefetch=prefetch, host_share=share, host_threads=threads,
-                         host_expert_bytes_per_s=rate,
-                         floor_step_ms=round(1000 * floor_s, 6), two_link_floor_ms=round(1000 * both_s, 6),
-                         pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
-                rows.append(r)
-    result = {"model": model, "engine": engine, "cpu_count": os.cpu_count(), "init_seconds": round(init_s, 1),
-              "h2d_bytes_per_s": bandwidth, "host_expert_bytes_per_s": host_rate,
+        r = run_case(llm, prompts, a.max_tokens)
+        floor_s = r["bytes_fetched_per_step"] / bandwidth
+        both_s = r["missed_bytes_per_step"] / (bandwidth + host_rate)
+        r.update(batch=bs, floor_step_ms=round(1000 * floor_s, 6), two_link_floor_ms=round(1000 * both_s, 6),
+                 pct_of_floor=round(100 * floor_s / max(r["decode_step_ms"] / 1000, 1e-12), 1))
+        rows.append(r)
+    result = {"model": a.model, "engine": engine, "cpu_count": os.cpu_count(), "host_threads": torch.get_num_threads(),
+              "init_seconds": round(init_s, 1), "h2d_bytes_per_s": bandwidth, "host_expert_bytes_per_s": host_rate,
               "weight_bytes_on_device": desc["weight_bytes"], "expert_offload": desc["expert_offload"],
               "num_kv_blocks": desc["num_kv_blocks"], "mode": desc["mode"], "rows": rows}
     write_json("offload_bench.json", result)
-    cache_gib = desc['expert_offload']['expert_cache_bytes'] / 2**30
-    lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; the host computes an expert at {host_rate / 1e9:.1f} GB/s; expert "
-             f"cache {cache_gib:.2f} GiB; non-expert weights {desc['weight_bytes'] / 2**30:.2f} GiB; "
-             f"{os.cpu_count()} host CPUs",
-             "", "| batch | prefetch | host threads | host share | decode tok/s | step ms | hit rate | MB fetched/step "
-             "| split experts/step | host experts/step | host ms/step | join wait ms/step | copy floor ms | % of floor "
-             "| two-link floor ms |",
-             "|---" * 15 + "|"]
-    lines += [f"| {r['batch']} | {'on' if r['prefetch'] else 'off'} | {r['host_threads']} | {r['host_share']:g} | "
-              f"{r['decode_tok_s']} | {r['decode_step_ms']} | {r['hit_rate']:.3f} | "
+    cache_gib = desc["expert_offload"]["expert_cache_bytes"] / 2**30
+    lines = [f"H2D {bandwidth / 1e9:.1f} GB/s; the host computes an expert at {host_rate / 1e9:.1f} GB/s on "
+             f"{torch.get_num_threads()} threads; expert cache {cache_gib:.2f} GiB; non-expert weights "
+             f"{desc['weight_bytes'] / 2**30:.2f} GiB", "",
+             "| batch | decode tok/s | step ms | hit rate | MB fetched/step | split experts/step | host experts/step "
+             "| host ms/step | join wait ms/step | copy floor ms | % of floor | two-link floor ms |", "|---" * 12 + "|"]
+    lines += [f"| {r['batch']} | {r['decode_tok_s']} | {r['decode_step_ms']} | {r['hit_rate']:.3f} | "
               f"{r['bytes_fetched_per_step'] / 1e6:.1f} | {r['splits_per_step']} | {r['host_computed_per_step']} | "
               f"{r['host_ms_per_step']} | {r['join_ms_per_step']} | {r['floor_step_ms']:.1f} | {r['pct_of_floor']} | "
               f"{r['two_link_floor_ms']:.1f} |" for r in rows]
@@ -193,12 +178,57 @@ def main(argv=None) -> dict:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     if a.profile:
-        profile(llm, [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(sizes[0])], a.max_tokens)
+        profile(llm, [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(a.sizes[0])], a.max_tokens)
+    return result
+
+
+def param_bytes(config: dict) -> int:
+    """Bytes of a Mixtral-style checkpoint's parameters in 16-bit: embeddings, attention, experts, norms, head."""
+    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    dim = config.get("head_dim") or h // heads
+    experts, vocab = config.get("num_local_experts", 1), config["vocab_size"]
+    per_layer = h * heads * dim * 2 + h * kv * dim * 2 + experts * 3 * h * inter + experts * h + 2 * h
+    return 2 * (layers * per_layer + 2 * vocab * h + h)
+
+
+def run_vllm(a) -> dict:
+    """vLLM with ``cpu_offload_gb`` under the same budget; the V2 model runner never installs vLLM's offloader
+    (vllm-project/vllm#51396), so the V1 runner is asked for."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    import vllm
+    from vllm import LLM, SamplingParams
+    total = torch.cuda.get_device_properties(0).total_memory
+    t = time.perf_counter()
+    llm = LLM(a.model, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, seed=0, max_model_len=512,
+              max_num_seqs=max(a.sizes), cpu_offload_gb=a.cpu_offload_gb,
+              gpu_memory_utilization=min(1.0, a.budget_gb * 2**30 / total))
+    init_s = time.perf_counter() - t
+    with open(os.path.join(a.model, "config.json")) as f:
+        config = json.load(f)
+    allocated, rng, rows = torch.cuda.memory_allocated(), random.Random(0), []
+    for bs in a.sizes:
+        prompts = [{"prompt_token_ids": [rng.randrange(3, config["vocab_size"]) for _ in range(a.prompt_len)]}
+                   for _ in range(bs)]
+        timing = {}
+        for n in (1, a.max_tokens):
+            t = time.perf_counter()
+            outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+            timing[n] = (time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs))
+        extra_s, extra_tokens = (timing[a.max_tokens][i] - timing[1][i] for i in (0, 1))
+        rows.append(dict(batch=bs, decode_tok_s=round(extra_tokens / extra_s, 3), prefill_s=round(timing[1][0], 3),
+                         decode_step_ms=round(1000 * extra_s / (a.max_tokens - 1), 2)))
+    result = dict(engine=f"vllm-{vllm.__version__}", model=a.model, cpu_offload_gb=a.cpu_offload_gb,
+                  budget_gb=a.budget_gb, init_s=round(init_s, 1), model_param_bytes=param_bytes(config),
+                  cuda_allocated_bytes=allocated, offloaded=allocated < param_bytes(config), rows=rows)
+    print(json.dumps(result), flush=True)
+    write_json("offload_vllm.json", result)
     return result
 
 
 def profile(llm, prompts, max_tokens: int) -> None:
     """One generate of ``prompts`` under torch.profiler: operators by host time, to ``offload_profile.txt``."""
+    from nanovllm import SamplingParams
     from torch.profiler import ProfilerActivity
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

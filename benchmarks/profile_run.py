@@ -1,6 +1,6 @@
 """Where the GPU time of bench.py's workload goes, per window of engine steps (CUDA only).
 
-    python benchmarks/profile_run.py [--at 256,192,128,64,32,8] [--steps 10] [--prefill] [bench's engine flags]
+    python -m benchmarks.profile_run [--at 256,192,128,64,32,8] [--steps 10] [--prefill] [bench's engine flags]
 
 The workload runs twice through the engine's public step loop (``add_request``, ``step``, ``has_work``).  The
 first pass records what each step launched (its kind and rows, from the change in ``llm.engine.stats``); the
@@ -12,14 +12,10 @@ measured copy bandwidth), GPU time by kernel category, GPU idle time between ker
 around the gap, and the top kernels.  Writes ``$OUT/profile_run.json``.
 """
 import argparse
-import os
-import sys
 import time
 from typing import NamedTuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import llm_kwargs, workload  # noqa: E402
-from benchmarks.common import copy_bandwidth, default_model, write_json  # noqa: E402
+from benchmarks.common import copy_bandwidth, default_model, llm_kwargs, workload, write_json
 
 CATEGORIES = (("collective", ("nccl", "all_reduce", "one_shot", "two_shot")),  # tensor parallelism
               ("attention", ("_decode", "_prefill")),  # our Triton kernels (nanovllm/kernels)

@@ -1,7 +1,7 @@
 """Serving benchmark: Poisson arrivals through the OpenAI API against a running server (ours or ``vllm serve``).
 
     python -m nanovllm.serve MODEL &                  # or: vllm serve MODEL
-    python benchmarks/serve_bench.py --request-rate 4,16,inf --num-prompts 256 [--plot latency.png]
+    python -m benchmarks.serve_bench --request-rate 4,16,inf --num-prompts 256 [--plot latency.png]
 
 Prompts are token ids drawn like bench.py's (nano-vllm's) workload: ``random.seed(0)``, then per request
 ``randint(0, --max-token-id)`` ids, ``randint(--min-input-len, --max-input-len)`` of them, and ``max_tokens =
@@ -12,8 +12,7 @@ Each is sent to ``/v1/completions`` streamed (``stream_options.include_usage``) 
 Per rate it reports TTFT (first chunk with text), TPOT (``(latency - TTFT) / (tokens - 1)``, tokens from the usage
 chunk), ITL (gaps between text chunks) and end-to-end latency at p50/p90/p99 in ms, request throughput and output
 tokens/s, as a table and one JSON line, also written to ``$OUT/serve_bench.json`` (``--json`` names another
-file; ``benchmarks/common.py``).
-``--plot`` draws median and p99 TTFT and TPOT against the achieved request rate (needs matplotlib).
+file).  ``--plot`` draws median and p99 TTFT and TPOT against the achieved request rate (needs matplotlib).
 """
 import argparse
 import asyncio
@@ -22,13 +21,11 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import write_json
 
 
 @dataclass
@@ -112,7 +109,8 @@ def summarize(rate: float, results: list[Result], duration: float) -> dict:
     ms = lambda xs: {f"p{q}": float(np.percentile(xs, q)) * 1e3 if len(xs) else None for q in (50, 90, 99)}  # noqa
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in good if r.output_tokens > 1]
     out_tokens = sum(r.output_tokens for r in good)
-    return {"request_rate": rate if rate != float("inf") else "inf", "completed": len(good), "failed": len(results) - len(good),
+    return {"request_rate": rate if rate != float("inf") else "inf", "completed": len(good),
+            "failed": len(results) - len(good),
             "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": duration,
             "request_throughput": len(good) / duration, "output_throughput": out_tokens / duration,
             "ttft_ms": ms([r.ttft for r in good]), "tpot_ms": ms(tpot), "itl_ms": ms([x for r in good for x in r.itl]),

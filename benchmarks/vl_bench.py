@@ -1,7 +1,7 @@
 """Vision-language throughput: Qwen2.5-VL-3B's real config with dummy weights, nanovllm or vLLM on one workload.
 
-    python benchmarks/vl_bench.py --engine nanovllm [--enforce-eager] [--tokenizer DIR]
-    env PYTHONPATH=/tmp/site python benchmarks/vl_bench.py --engine vllm   # vLLM staged per ../shared/peers
+    python -m benchmarks.vl_bench --engine nanovllm [--enforce-eager] [--tokenizer DIR]
+    env PYTHONPATH=/tmp/site python -m benchmarks.vl_bench --engine vllm   # vLLM staged per ../shared/peers
 
 Workload (the VL issue's): ``--num-seqs`` (256) requests, each one synthetic 448x448 picture (a different one per
 request: 32x32 patches, 256 image tokens) in front of a text prompt drawn as nano-vllm's bench draws it (100 to
@@ -17,10 +17,8 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json (the fields that shape the model)
 QWEN25_VL_3B = {

@@ -4,6 +4,8 @@
 the field); ``engine_kwargs(args)`` returns the ``LLM(...)`` keyword arguments of the flags that were given.
 A flag that is not given is not passed, so ``LLM``'s own default applies.  Bools are switches
 (``--enforce-eager``); list fields take comma-separated ints, and ``none`` for an empty list.
+``python -m nanovllm.cli`` prints the README's argument table, ``python -m nanovllm.cli env`` its table of
+environment variables (``nanovllm/envs.py``).
 """
 import argparse
 import typing
@@ -74,4 +76,7 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    from nanovllm import envs
+    print(envs.markdown_table() if sys.argv[1:] == ["env"] else markdown_table())

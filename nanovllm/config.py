@@ -15,6 +15,7 @@ DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224,
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()  # quantization_config.quant_method values a checkpoint may have
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
@@ -100,21 +101,19 @@ class EngineConfig:
                                                 "CPU 1 GiB worth)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")
     pipeline_depth: int = _opt(3, "engine steps queued on the device before the host reads the oldest one's "
-                                  "tokens (1 queues only the next step); a sequence that stops on EOS is computed "
-                                  "for up to this many steps past it")
+                                  "tokens (1 queues only the next step), offline and in the server alike; deeper "
+                                  "hides longer host stalls, and a sequence that stops on EOS is computed for up to "
+                                  "this many steps past it")
     offload_experts: bool = _opt(False, "keep mixture-of-experts weights in (pinned) host memory and a per-layer "
                                         "device cache of `experts_on_device` experts, evicted least recently "
                                         "used; the model then runs eagerly")
     experts_on_device: int | None = _opt(None, "device slots per MoE layer with `offload_experts` (default: all "
                                                "of the layer's experts)")
-    offload_prefetch: bool = _opt(False, "with `offload_experts`, each MoE layer applies the next one's router to "
-                                         "its input and starts copying the experts it picks (off by default: "
-                                         "measured slower, docs/PERFORMANCE.md)")
     offload_host_share: float | None = _opt(None, "with `offload_experts`, the share of a step's non-resident "
                                                   "experts that the host computes from its own copy instead of "
                                                   "copying them to the device, the expert on the boundary split "
                                                   "along its intermediate rows (0: copy every one; default: "
-                                                  f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, measured faster, else 0)")
+                                                  f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, else 0)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 
@@ -133,9 +132,8 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         _check_int("pipeline_depth", self.pipeline_depth, 1)
         _check_int("kvcache_block_size", self.kvcache_block_size, 16)
-        for name in ("offload_experts", "offload_prefetch"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.offload_experts, bool):
+            raise TypeError(f"offload_experts must be a bool, got {self.offload_experts!r}")
         share = self.offload_host_share
         if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
                                   or not 0.0 <= share <= 1.0):
@@ -167,6 +165,7 @@ class EngineConfig:
             raise FileNotFoundError(f"no config.json in model directory {self.model!r}")
         with open(config_path) as f:
             self.hf_config = json.load(f)
+        check_quantization(self.hf_config)
         limit = (self.hf_config.get("max_position_embeddings")  # vision-language models: their text config's
                  or (self.hf_config.get("text_config") or {}).get("max_position_embeddings"))
         if limit:
@@ -184,6 +183,21 @@ class EngineConfig:
 def engine_fields() -> list:
     """The user-settable fields of ``EngineConfig`` (``model`` first), in declaration order."""
     return [f for f in fields(EngineConfig) if f.init]
+
+
+def check_quantization(hf_config: dict) -> None:
+    """Refuse a quantized checkpoint whose ``quantization_config.quant_method`` is not supported, naming it, so
+    that its weights are never loaded as if they were unquantized (a vision-language model's may sit in its
+    ``text_config``)."""
+    for config in (hf_config, hf_config.get("text_config") or {}):
+        quant = config.get("quantization_config")
+        if quant is None:
+            continue
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        if method not in SUPPORTED_QUANT_METHODS:
+            supported = ", ".join(SUPPORTED_QUANT_METHODS) or "none"
+            raise ValueError(f"quantization_config.quant_method={method!r} is not supported (supported: "
+                             f"{supported})")
 
 
 def read_eos_token_ids(model_dir: str, hf_config: dict) -> tuple[int, ...]:

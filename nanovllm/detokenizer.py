@@ -1,19 +1,18 @@
 """``TextStream``: one completion's text as its tokens arrive, with stop strings.
 
-Contract:
 * The text is that of ``tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)``
   (a tokenizer's clean-up of spaces, " ," -> ",", would rewrite text already returned), built incrementally: the
   concatenation of everything ``push`` and ``finish`` return equals ``text``, and, for a completion that no stop
   string cut, ``text`` equals that one-shot decode of the tokens pushed (``finish`` checks it and completes the
-  text from it); ``skip`` counts a token without its text.  A
-  character whose UTF-8 bytes span several tokens comes out whole, once its last token arrives.
+  text from it); ``skip`` counts a token without its text.  A character whose UTF-8 bytes span several tokens
+  comes out whole, once its last token arrives.
 * A stop string ends the text just before it: ``stopped`` becomes True, ``text`` is cut there and
   ``num_tokens`` is the number of tokens pushed up to the one that completed it (later tokens are ignored).
   While a stop string could still begin in the last ``len(longest stop) - 1`` characters, those are held back
   from ``push``'s return, so no returned text is ever taken back.
 
-Decoding uses the tokenizers library's ``DecodeStream`` (one Rust call per token) when the tokenizer has a
-fast backend; otherwise it re-decodes the whole completion per token, which is exact but quadratic.
+With a fast tokenizer, decoding uses the tokenizers library's ``DecodeStream``; otherwise it re-decodes the whole
+completion per token (exact, but quadratic).
 """
 try:
     from tokenizers.decoders import DecodeStream
@@ -21,6 +20,11 @@ except ImportError:  # older tokenizers
     DecodeStream = None
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+
+
+def decode(tokenizer, token_ids) -> str:
+    """A completion's text, decoded at once: what ``TextStream`` builds incrementally."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class TextStream:
@@ -73,7 +77,7 @@ class TextStream:
         return full[len(self.text):]
 
     def _decode_all(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode(self.tokenizer, self.token_ids)
 
     def _append(self, piece: str) -> None:
         start = max(0, len(self.text) - self._hold)

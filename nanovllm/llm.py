@@ -5,9 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
-from nanovllm import parallel
+from nanovllm import envs, parallel
+from nanovllm.completion import Completion
 from nanovllm.config import EngineConfig
-from nanovllm.detokenizer import TextStream
 from nanovllm.engine.engine import Engine
 from nanovllm.logger import logger
 from nanovllm.multimodal import chat_prompt
@@ -36,7 +36,6 @@ class LLM:
             engine = self.engine_class(self.config)
             # what generate and the server step: at N > 1 its mutating calls run on every rank
             self.engine = engine if peers is None else parallel.MirroredEngine(engine, peers)
-            self._engine = self.engine  # the output loop aborts stopped requests through it: mirrored too
             self.prompts = Prompts(self.config.model, self.config.hf_config, engine.runner.vocab_size,
                                    self.config.max_model_len)
             self.tokenizer = self.prompts.tokenizer
@@ -52,6 +51,9 @@ class LLM:
                     d["num_kv_blocks"] * d["kvcache_block_size"] * d["kv_bytes_per_token"] / 2**30,
                     ", ".join(f"{k}={v}" for k, v in d["kernel_options"].items()),
                     ", ".join(f"{k} {v}" for k, v in d["init_phases"].items()))
+        changed = envs.process_settings()
+        if changed:
+            logger.info("process-wide settings nanovllm changed: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
         if "expert_offload" in d:
             o = d["expert_offload"]
             logger.info("expert offload: device memory %.2f GiB non-expert weights + %.2f GiB expert cache + %.2f "
@@ -146,63 +148,35 @@ class LLM:
         token_lists, params, images = self._validate(prompts, sampling_params)
         engine = self.engine
         seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]
-        streams = {s.seq_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if s.params.stop}
+        completions = {s.seq_id: Completion(self.tokenizer, s.params) for s in seqs}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        outputs = {}  # seq_id -> output, filled as sequences finish
+        outputs = {}  # seq_id -> output, made as each finishes (while the device runs the steps queued)
         try:
-            self._steps(engine, streams, bar, outputs)
+            self._steps(engine, {s.seq_id: s for s in seqs}, completions, outputs, bar)
         finally:
             bar.close()
-        return [outputs.get(seq.seq_id) or self._output(seq, streams.get(seq.seq_id)) for seq in seqs]
+        return [outputs[seq.seq_id] for seq in seqs]
 
-    def _steps(self, engine, streams: dict, bar, outputs: dict) -> None:
-        """``generate``'s loop: step until every request finished, filling ``outputs``."""
+    def _steps(self, engine, seqs: dict, completions: dict, outputs: dict, bar) -> None:
+        """``generate``'s loop: step until every request finished, feeding each step's outputs to the
+        completions; a completion that a stop string ended has its sequence aborted."""
         prefill_tps = decode_tps = 0.0
         while engine.has_work():
             t = time.perf_counter()
-            finished, is_prefill, computed = engine.step()
-            if streams:
-                finished += self._apply_stop_strings(streams)
-            rate = computed / max(time.perf_counter() - t, 1e-9)
-            if is_prefill:
+            result = engine.step()
+            done = 0
+            for out in result.outputs:
+                completion = completions[out.seq_id]
+                completion.add(out)
+                if completion.finish_reason is not None:
+                    if out.finish_reason is None:  # a stop string ended it: the engine still runs it
+                        engine.abort(seqs[out.seq_id])
+                    outputs[out.seq_id] = completion.output()
+                    done += 1
+            rate = result.num_tokens / max(time.perf_counter() - t, 1e-9)
+            if result.is_prefill:
                 prefill_tps = rate
             else:
                 decode_tps = rate
-            # Detokenize while the device runs the steps just launched: the host waits for them anyway,
-            # whereas after the loop nothing overlaps it.
-            for seq in finished:
-                outputs[seq.seq_id] = self._output(seq, streams.get(seq.seq_id))
             bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)
-            bar.update(len(finished))
-
-    def _apply_stop_strings(self, streams: dict) -> list:
-        """Feed the last step's new tokens to the text of requests with stop strings; abort those whose text now
-        holds one and return them (they are finished)."""
-        stopped = []
-        for seq in self._engine.updated_sequences():
-            stream = streams.get(seq.seq_id)
-            if stream is None or stream.stopped:
-                continue
-            stream.push(seq.token_ids[seq.num_prompt_tokens + len(stream.token_ids):seq.num_resolved_tokens])
-            if stream.stopped and self._engine.abort(seq):
-                stopped.append(seq)
-        return stopped
-
-    def _output(self, seq, stream: TextStream | None = None) -> dict:
-        """A finished sequence's completion: its token ids, their text ("" without a tokenizer), why it ended
-        ("stop": EOS, a stop token or string; "length") and, if asked, its logprobs: per token a dict
-        ``{token id: logprob}`` of the sampled token, then the ``logprobs`` most likely ones."""
-        ids = seq.completion_token_ids
-        reason = seq.finish_reason
-        if stream is not None:
-            stream.push(ids[len(stream.token_ids):])
-            stream.finish()
-            ids, text = ids[:stream.num_tokens], stream.text
-            reason = "stop" if stream.stopped else reason
-        else:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        out = {"text": text, "token_ids": ids, "finish_reason": reason}
-        if seq.logprobs is not None:
-            out["logprobs"] = [{token: chosen, **dict(zip(top_ids, top))}
-                               for token, (chosen, top_ids, top) in zip(ids, seq.logprobs)]
-        return out
+            bar.update(done)

@@ -1,16 +1,13 @@
-"""The package logger; ``NANOVLLM_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR) sets its level."""
+"""The package logger; ``NANOVLLM_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR; ``nanovllm/envs.py``) sets its level."""
 import logging
-import os
 
-_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from nanovllm import envs
 
 
 def get_logger() -> logging.Logger:
     logger = logging.getLogger("nanovllm")
     if not getattr(logger, "_nanovllm_configured", False):
-        level = os.environ.get("NANOVLLM_LOG_LEVEL", "INFO").upper()
-        if level not in _LEVELS:
-            raise ValueError(f"NANOVLLM_LOG_LEVEL must be one of {_LEVELS}, got {level!r}")
+        level = envs.get("NANOVLLM_LOG_LEVEL")
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s nanovllm %(levelname)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)

@@ -1,14 +1,14 @@
 """Where nanovllm keeps files it makes: converted models and the compile cache.
 
-The root is ``$NANOVLLM_CACHE_DIR`` if set, else ``~/.cache/nanovllm``.
+The root is ``$NANOVLLM_CACHE_DIR`` if set, else ``~/.cache/nanovllm`` (``nanovllm/envs.py``).
 """
-import os
 from pathlib import Path
+
+from nanovllm import envs
 
 
 def cache_root() -> Path:
-    root = os.environ.get("NANOVLLM_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "nanovllm"
+    return envs.get("NANOVLLM_CACHE_DIR")
 
 
 def models_dir() -> Path:

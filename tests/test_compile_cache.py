@@ -55,6 +55,7 @@ def _finish(proc) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_concurrent_cold_starts_then_a_new_process_traces_and_compiles_nothing(tmp_path):
     model = build_checkpoint(tmp_path / "model", "qwen3")
     root = tmp_path / "nanovllm"

@@ -19,6 +19,7 @@ def two_checkpoints(tmp_path_factory):
             build_checkpoint(tmp_path_factory.mktemp("eps6"), "llama", seed=1, rms_norm_eps=1e-6))
 
 
+@pytest.mark.slow
 def test_engines_with_different_float_configs_run_one_after_another(two_checkpoints, tmp_path, monkeypatch):
     """A (cold cache), B (cold), A again (warm: its entry is loaded) in one process, each equal to eager mode."""
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))

@@ -7,7 +7,7 @@ eagerly and says why.
 import pytest
 
 from conftest import build_checkpoint, hf_greedy
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM
 from test_moe_models import ENGINE, prompts_of, tokens
 
 
@@ -23,27 +23,26 @@ def _stats(llm):
 
 
 @pytest.mark.parametrize("slots", [1, 2, None])
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_offload_changes_no_token(checkpoint, slots, prefetch):
+def test_offload_changes_no_token(checkpoint, slots):
     path, prompts, want = checkpoint
     plain = LLM(path, enforce_eager=True, **ENGINE)
-    llm = LLM(path, offload_experts=True, experts_on_device=slots, offload_prefetch=prefetch, **ENGINE)
+    llm = LLM(path, offload_experts=True, experts_on_device=slots, **ENGINE)
     assert llm.engine.runner.mode == "eager"
     assert tokens(llm, prompts, 8) == tokens(plain, prompts, 8) == want
     stats = _stats(llm)
     if slots is None:
-        assert stats["misses"] == stats["prefetched"] == stats["bytes_fetched"] == 0 and stats["hits"] > 0
+        assert stats["misses"] == stats["bytes_fetched"] == 0 and stats["hits"] > 0
     else:
-        assert stats["misses"] + stats["prefetched"] > 0 and stats["bytes_fetched"] > 0
+        assert stats["misses"] > 0 and stats["bytes_fetched"] > 0
 
 
 def test_counters_count_whole_experts(checkpoint):
     path, prompts, _ = checkpoint
-    llm = LLM(path, offload_experts=True, experts_on_device=1, offload_prefetch=False, **ENGINE)
+    llm = LLM(path, offload_experts=True, experts_on_device=1, **ENGINE)
     caches = llm.engine.runner.expert_caches
     tokens(llm, prompts, 4)
     stats = _stats(llm)
-    assert stats["prefetched"] == 0 and stats["misses"] > 0
+    assert stats["misses"] > 0
     assert stats["bytes_fetched"] == sum(c.misses * c.expert_bytes for c in caches)
     layer = llm.engine.runner.model.model.layers[0].mlp
     w13 = layer.cache.host_w13
@@ -62,6 +61,7 @@ def test_the_host_computes_no_expert_by_default_off_cuda(checkpoint):
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
 @pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.slow
 def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
     path, prompts, want = checkpoint
     copying = LLM(path, offload_experts=True, experts_on_device=slots, **ENGINE)
@@ -80,6 +80,7 @@ def test_experts_computed_on_the_host_change_no_token(checkpoint, share, slots):
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.6])
+@pytest.mark.slow
 def test_a_split_expert_changes_no_token(checkpoint, share):
     """One slot and top-2: most layers miss one or two experts, so the share splits an expert along its
     intermediate rows in most steps; the tokens stay the transformers ones."""
@@ -147,30 +148,32 @@ def test_bad_offload_options_name_the_value(checkpoint):
         LLM(path, offload_experts=True, experts_on_device=99, **ENGINE)
 
 
+@pytest.mark.slow
 def test_offload_bench_runs_at_tiny_size(checkpoint, tmp_path):
     import json
     import os
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import offload_bench
-    result = offload_bench.main(["--model", checkpoint[0], "--load-format", "safetensors", "--device", "cpu",
-                                 "--dtype", "float32", "--batch-sizes", "1,2", "--max-tokens", "4",
-                                 "--prompt-len", "6", "--host-shares", "0,1", "--out", str(tmp_path)])
-    rows = json.load(open(tmp_path / "offload_bench.json"))["rows"]
-    assert [(r["batch"], r["prefetch"], r["host_share"]) for r in rows] == [
-        (b, p, s) for b in (1, 2) for p in (True, False) for s in (0.0, 1.0)]
-    assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows)
-    copying = [r for r in rows if r["host_share"] == 0 and not r["prefetch"]]
+    rows = {}
+    for share in (0, 1):
+        out = tmp_path / f"share{share}"
+        result = offload_bench.main(["--model", checkpoint[0], "--load-format", "safetensors", "--device", "cpu",
+                                     "--dtype", "float32", "--batch-sizes", "1,2", "--max-tokens", "4",
+                                     "--prompt-len", "6", "--host-share", str(share), "--out", str(out)])
+        rows[share] = json.load(open(out / "offload_bench.json"))["rows"]
+        assert [r["batch"] for r in rows[share]] == [1, 2]
+        assert all(r["decode_tokens"] == 3 * r["batch"] and 0 <= r["hit_rate"] <= 1 for r in rows[share])
+        assert result["expert_offload"]["expert_cache_bytes"] > 0
+        assert "| batch |" in (out / "offload_bench.md").read_text()
+    copying, on_host = rows[0], rows[1]
     assert all(r["bytes_fetched_per_step"] > 0 and r["pct_of_floor"] > 0 for r in copying)  # 1 slot for top-2
     # copying every miss, the missed bytes are the fetched ones, and the host's link only lowers the floor
     assert all(0 < r["two_link_floor_ms"] < r["floor_step_ms"] for r in copying)
     assert all(r["missed_bytes_per_step"] == r["bytes_fetched_per_step"] and r["splits_per_step"] == 0
                for r in copying)
-    on_host = [r for r in rows if r["host_share"] == 1 and not r["prefetch"]]
-    assert all(r["bytes_fetched_per_step"] == 0 and r["host_computed_per_step"] > 0 for r in on_host)
     assert all(r["host_ms_per_step"] == r["join_ms_per_step"] == 0 for r in copying)  # no host compute, no join
-    assert result["expert_offload"]["expert_cache_bytes"] > 0
-    assert "| batch | prefetch |" in (tmp_path / "offload_bench.md").read_text()
+    assert all(r["bytes_fetched_per_step"] == 0 and r["host_computed_per_step"] > 0 for r in on_host)
 
 
 @pytest.mark.parametrize("num_tokens", [3, 200])  # one routing chunk, several

@@ -99,7 +99,7 @@ def test_padded_rows_never_write_into_live_kv(graph_llm):
     inputs = runner.decode_builder.build([seq], 4)  # one live row, three padded rows
     stacked = lambda: torch.stack([torch.stack(kv) for kv in runner.kv_caches])  # [layer, k/v, block, head, off, d]
     before = stacked()
-    runner.executor.decode(inputs, 4)
+    runner.executor.run_decode(inputs, 4)
     changed = (stacked() != before).nonzero()
     # only layer k/v of block 3, offset 2 (position 2 of the live sequence) may change
     assert changed.numel() > 0
@@ -108,8 +108,8 @@ def test_padded_rows_never_write_into_live_kv(graph_llm):
 
 @contextlib.contextmanager
 def _scheduled_prefill(engine, first_id: int):
-    """A scheduled prefill of two prompts (tokens 1..5 and 1..9) holding token slots, as ``launch`` would give
-    them; yields (batch, seqs) and finishes both afterwards, so the engine can be used again."""
+    """A scheduled prefill of two prompts (tokens 1..5 and 1..9), holding the token slots the scheduler gave them;
+    yields (batch, seqs) and aborts both afterwards (freeing blocks and slots), so the engine can be used again."""
     seqs = [Sequence(first_id + i, list(range(1, n + 1)), SamplingParams(max_tokens=2), seed=i)
             for i, n in enumerate((5, 9))]
     for seq in seqs:
@@ -117,13 +117,11 @@ def _scheduled_prefill(engine, first_id: int):
     batch = engine.scheduler.schedule()
     try:
         assert batch.is_prefill and batch.seqs == seqs
-        for seq in seqs:
-            engine.runner._assign_slot(seq)
+        assert None not in (s.token_slot for s in seqs)
         yield batch, seqs
     finally:
         for seq in seqs:
             engine.scheduler.abort(seq)
-            engine.runner.release_slot(seq)
 
 
 def test_prefill_step_data_is_one_packed_buffer(eager_llm):
@@ -175,8 +173,8 @@ def test_prefill_padded_to_a_graph_size_gets_one_padding_sequence_then_empty_row
     llm = padded_prefill_llms[0]
     engine, runner = llm.engine, llm.engine.runner
     assert runner.executor.prefill_graphs.sizes == (16, 48) and runner.executor.captures_every_prefill()
-    assert runner.executor.prefill_plan(14) == ((16, 8), None)  # nothing captured on the CPU: no static inputs
-    assert runner.executor.prefill_plan(17)[0] == (48, 8)
+    assert runner.executor.prefill_shape(14) == ((16, 8), None)  # nothing captured on the CPU: no static inputs
+    assert runner.executor.prefill_shape(17)[0] == (48, 8)
     with _scheduled_prefill(engine, first_id=200) as (batch, seqs):
         inputs = runner.prefill_builder.build(batch, (16, 8))
         assert inputs.input_ids.tolist() == list(range(1, 6)) + list(range(1, 10)) + [0, 0]

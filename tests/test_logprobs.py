@@ -41,6 +41,7 @@ def _count_runs(monkeypatch, graph) -> list:
     return runs
 
 
+@pytest.mark.slow
 def test_the_variant_is_built_when_first_asked_for_then_replayed_per_bucket(graph_llm, monkeypatch):
     ex = graph_llm.engine.runner.executor
     plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

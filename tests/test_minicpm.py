@@ -61,6 +61,7 @@ def test_longrope_prompts_past_the_boundary_and_decoding_across_it_match_the_ora
     assert _tokens(llm, ACROSS) == oracle_tokens[len(MIXED):]
 
 
+@pytest.mark.slow
 def test_graph_mode_matches_the_oracle_without_recompiling(checkpoint, oracle_tokens):
     llm = LLM(checkpoint[0], graph_batch_sizes=[2, 4], max_num_seqs=4, max_model_len=128, **ENGINE)
     assert llm.engine.runner.mode == "graph"

@@ -67,6 +67,7 @@ def test_prefix_cache_hits_match_transformers_in_both_modes(engines):
         assert llm.engine.block_manager.cache_hit_tokens - hits >= 48 + 48 + 32  # every full block, again
 
 
+@pytest.mark.slow
 def test_forced_preemption_matches_transformers_in_both_modes(engines):
     path, eager, graph = engines
     prompts = prompts_of(8, seed=3, max_len=40)
@@ -77,6 +78,7 @@ def test_forced_preemption_matches_transformers_in_both_modes(engines):
         assert llm.engine.scheduler.num_preemptions > before
 
 
+@pytest.mark.slow
 def test_every_batch_size_matches_eager_without_recompiling(engines):
     from torch._dynamo.utils import counters
     _, eager, graph = engines
@@ -101,6 +103,7 @@ def test_decode_and_prefill_steps_trace_with_zero_graph_breaks(engines):
         assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_qwen2_moe_shared_expert_matches_transformers_in_both_modes(tmp_path):
     path = build_checkpoint(tmp_path, "qwen2_moe")
     prompts = prompts_of(5, seed=4, max_len=40)

@@ -16,6 +16,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.options import current_options, set_options
 from standins import install_mps
 
+pytestmark = pytest.mark.platform
+
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 ENGINE = dict(kvcache_block_size=16, max_model_len=128, max_num_seqs=4, graph_batch_sizes=[4])

@@ -10,6 +10,8 @@ from nanovllm.kernels import npu as npu_kernels
 from nanovllm.kernels import reference
 from standins import install_npu, npu_ops
 
+pytestmark = pytest.mark.platform
+
 BLOCKS, KV_HEADS, BLOCK, DIM = 6, 2, 16, 32
 
 

@@ -14,6 +14,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.options import current_options, set_options
 from standins import install_npu, npu_ops, npu_runtime, torchair
 
+pytestmark = pytest.mark.platform
+
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 ENGINE = dict(num_kvcache_blocks=24, kvcache_block_size=16, max_model_len=128, max_num_seqs=4,
@@ -71,6 +73,7 @@ def test_npu_eager_gives_the_cpu_tokens_through_fia_and_scatter(npu, model_dir, 
 
 
 @pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
+@pytest.mark.slow
 def test_npu_graph_modes_give_the_cpu_tokens_with_only_convertible_ops(npu, model_dir, cpu_tokens, monkeypatch, mode):
     monkeypatch.setenv("NANOVLLM_NPU_GRAPH_MODE", mode)
     llm, tokens = _run(model_dir)
@@ -167,6 +170,7 @@ def test_without_torch_npu_the_npu_is_an_error_and_auto_skips_it():
         get_platform("npu")
 
 
+@pytest.mark.slow
 def test_npu_logprobs_compile_one_static_variant_per_bucket_when_asked(npu, model_dir):
     """The logprobs variant is a static graph of its own per bucket, compiled when a batch of that bucket first
     asks for logprobs, with only convertible ops, cached in an entry of its own; its logprobs are the CPU's."""

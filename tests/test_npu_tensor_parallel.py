@@ -18,6 +18,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.options import current_options, set_options
 from standins import hccl, install_npu, torchair
 
+pytestmark = [pytest.mark.platform, pytest.mark.slow]
+
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 ENGINE = dict(num_kvcache_blocks=24, kvcache_block_size=16, max_model_len=128, max_num_seqs=4,

@@ -1,8 +1,6 @@
 """Greedy float32 output is token-identical to transformers, whatever the cache and scheduler do."""
 import random
 
-import pytest
-
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
 
@@ -109,5 +107,4 @@ def test_stop_tokens_and_slot_reuse_while_the_next_step_is_already_launched(tiny
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [o["token_ids"] for o in out] == expected
     assert any(len(e) < 12 for e in expected)
-    runner = llm.engine.runner
-    assert sorted(runner._free_slots) == list(range(3))  # every slot came back
+    assert sorted(llm.engine.scheduler.free_slots) == list(range(3))  # every slot came back

@@ -35,6 +35,7 @@ def _generate_counting_queue(llm, prompts, params) -> tuple[list[list[int]], int
     return [s.completion_token_ids for s in seqs], queued
 
 
+@pytest.mark.slow
 def test_every_depth_gives_the_same_tokens(tmp_path):
     """Stop tokens at different steps, seeded sampling and more prompts than rows, at depths 1-3, in a tiny KV
     cache (preemption) and again in a roomy one twice (prefix-cache hits): the same tokens everywhere, and
@@ -53,7 +54,7 @@ def test_every_depth_gives_the_same_tokens(tmp_path):
         out, most_queued = _generate_counting_queue(tight, prompts, params)
         assert most_queued == depth
         assert tight.engine.scheduler.num_preemptions > 0
-        assert sorted(tight.engine.runner._free_slots) == list(range(4))  # every token slot came back
+        assert sorted(tight.engine.scheduler.free_slots) == list(range(4))  # every token slot came back
         roomy = LLM(path, enforce_eager=True, max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=64,
                     max_model_len=64, pipeline_depth=depth)
         first, _ = _generate_counting_queue(roomy, prompts, params)

@@ -127,6 +127,7 @@ def both(logits, temperature, seeds, positions, **kwargs):
 @pytest.mark.parametrize("batch,vocab", [(1, 1000), (3, 5003), (8, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.slow
 def test_skip_gives_the_tokens_of_no_skip_and_the_reference(batch, vocab, dtype, splits):
     logits, temperature, seeds, positions = rows(batch, vocab, dtype, seed=3)
     want = sampling.gumbel_argmax_reference(logits, temperature, seeds, positions)
@@ -171,6 +172,7 @@ def test_most_tiles_are_skipped():
     assert tiles_computed(logits, 1.0, 11, 3, 256) <= 16  # of 64 (about ln 64 + 1 expected)
 
 
+@pytest.mark.slow
 def test_skip_adversarial_rows():
     vocab, block = 2000, 256  # 8 tiles, the last one partial; 8 or 3 tiles per split below
     gen = torch.Generator().manual_seed(7)

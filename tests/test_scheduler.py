@@ -102,8 +102,9 @@ def test_decode_step_data_reused_from_the_last_batch_equals_data_built_anew():
     in_flight, decode_steps, reused = [], 0, 0
     while scheduler.has_work() or in_flight:
         batch = scheduler.schedule()
-        for seq in batch.seqs:
-            seq.token_slot = seq.seq_id % 6
+        slots = [s.token_slot for s in scheduler.running]  # each running sequence holds a slot of its own
+        assert None not in slots and len(set(slots)) == len(slots)
+        assert sorted(slots + scheduler.free_slots) == list(range(6))
         if batch.seqs and not batch.is_prefill:
             rows = 4 if len(batch.seqs) <= 4 else 8  # two row counts: a batch can leave one and come back to it
             last = reusing._batches.get((rows, 0))
@@ -122,6 +123,7 @@ def test_decode_step_data_reused_from_the_last_batch_equals_data_built_anew():
         if batch.seqs:
             scheduler.advance(batch)
     assert decode_steps > 50 and reused > 40 and scheduler.num_preemptions > 0
+    assert sorted(scheduler.free_slots) == list(range(6))  # every slot came back
 
 
 def test_decode_step_data_of_a_batch_that_comes_back_after_steps_in_another_row_count_is_rebuilt():

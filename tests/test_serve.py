@@ -129,6 +129,7 @@ def test_n_choices_are_seeded_draws_equal_to_offline(client, offline):
     assert [c.message.content for c in chat.choices] == [CHAIN_TEXT, CHAIN_TEXT]
 
 
+@pytest.mark.slow
 def test_32_concurrent_streams_all_finish(server):
     async def one(aclient, i):
         stream = await aclient.completions.create(model="tiny", prompt=f"Hello {i}", max_tokens=16, temperature=0.8,
@@ -251,13 +252,16 @@ def test_every_engine_option_is_a_server_flag(capsys):
     assert json.loads(json.dumps(make_parser().parse_args(["m", "--port", "1"]).port)) == 1
 
 
-def test_the_server_queues_two_steps_ahead_unless_told_otherwise():
+def test_the_server_leaves_every_engine_default_to_llm():
+    """No engine option has a second default in the server: a flag not given is not passed (pipeline_depth is 3,
+    EngineConfig's, offline and online)."""
     from nanovllm.cli import engine_kwargs
     from nanovllm.entrypoints.cli import make_parser
-    assert engine_kwargs(make_parser().parse_args(["m"])) == {"pipeline_depth": 2}
-    assert engine_kwargs(make_parser().parse_args(["m", "--pipeline-depth", "3"])) == {"pipeline_depth": 3}
+    assert engine_kwargs(make_parser().parse_args(["m"])) == {}
+    assert engine_kwargs(make_parser().parse_args(["m", "--pipeline-depth", "2"])) == {"pipeline_depth": 2}
 
 
+@pytest.mark.slow
 def test_serve_bench_runs_against_the_server(server, tmp_path):
     """benchmarks/serve_bench.py at a tiny scale: every request completes with exactly its max_tokens."""
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))

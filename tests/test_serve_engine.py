@@ -38,26 +38,25 @@ def test_abort_with_pending_tokens_frees_blocks_and_slot_and_is_never_reported(l
     assert PENDING_TOKEN not in drop.token_ids and drop.block_table == [] and drop.token_slot is None
     reported = []
     while engine.has_work():
-        finished, _, _ = engine.step()
-        reported += finished
-        assert drop not in engine.updated_sequences()
-    assert reported == [keep] and keep.completion_token_ids == alone
+        outputs = engine.step().outputs
+        reported += [out.seq_id for out in outputs if out.finish_reason is not None]
+        assert drop.seq_id not in [out.seq_id for out in outputs]
+    assert reported == [keep.seq_id] and keep.completion_token_ids == alone
     assert engine.block_manager.num_free_blocks == free_blocks
-    assert sorted(engine.runner._free_slots) == list(range(llm.config.max_num_seqs))
+    assert sorted(engine.scheduler.free_slots) == list(range(llm.config.max_num_seqs))
 
 
-def test_abort_of_a_waiting_sequence_and_updated_sequences_deltas(llm):
+def test_abort_of_a_waiting_sequence_and_step_outputs_carry_each_token_once(llm):
     engine = llm.engine
     seq = engine.add_request([5, 6], SamplingParams(max_tokens=3))
     assert engine.abort(seq) and not engine.scheduler.has_work() and seq.completion_token_ids == []
     seq = engine.add_request([5, 6], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     seen = []
     while engine.has_work():
-        finished, _, _ = engine.step()
-        if seq in engine.updated_sequences():
-            seen.append(seq.num_resolved_tokens - seq.num_prompt_tokens)
-    assert seen == [1, 2, 3, 4, 5, 6]  # one resolved token per step, in order
-    assert seq.finish_reason == "length"
+        seen += [(out.token_ids, out.finish_reason) for out in engine.step().outputs if out.seq_id == seq.seq_id]
+    # one resolved token per step, in order; the finish reason on the last output only
+    assert [t for ids, _ in seen for t in ids] == seq.completion_token_ids and all(len(ids) == 1 for ids, _ in seen)
+    assert [r for _, r in seen] == [None] * 5 + ["length"]
 
 
 def test_abort_is_safe_for_a_preempted_sequence_with_pending_tokens():
@@ -146,9 +145,9 @@ def test_a_stop_token_resolved_after_the_length_finish_comes_with_the_finish(llm
     assert sent[-1].finish_reason == "stop" and sent[-1].token_ids[-1] == stop
     assert all(stop not in d.token_ids for d in sent[:-1])
     assert [len(d.token_ids) for d in sent] == [1] * (m - 1)  # the tokens before it still come one per step
-    choice = Choice(0, llm.tokenizer, ())
+    choice = Choice(0, llm.tokenizer, params)
     updates = [choice.add(d) for d in sent]
-    assert choice.finish_reason == "stop" and choice.num_tokens == m - 1
+    assert choice.finish_reason == "stop" and choice.completion.token_ids == chain[1:m]
     assert "".join(u.text for u in updates) == llm.tokenizer.decode(chain[1:m - 1], skip_special_tokens=True)
 
 

@@ -1,6 +1,11 @@
-"""The server's engine loop in process (FastAPI's TestClient): an engine that fails answers its requests with a
-500, then /health and new requests with a 503, and the process stays up; a request of ``n`` choices counts its
-prompt once in the metrics."""
+"""The server's front in process (FastAPI's TestClient): an engine that fails answers its requests with a 500,
+then /health and new requests with a 503, and the process stays up; a request of ``n`` choices counts its prompt
+once in the metrics.  Here the ``EngineCore`` runs in a thread of the test, over the same pipes the server's engine
+process uses (``tests/test_serve_process.py`` covers that process)."""
+import json
+import multiprocessing
+import threading
+
 import pytest
 
 pytest.importorskip("fastapi")
@@ -9,8 +14,17 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from nanovllm import LLM  # noqa: E402
 from nanovllm.entrypoints.app import build_app  # noqa: E402
+from nanovllm.entrypoints.engine_core import EngineCore  # noqa: E402
+from nanovllm.entrypoints.engine_loop import EngineLoop  # noqa: E402
 from nanovllm.entrypoints.serving import Serving  # noqa: E402
+from nanovllm.prompts import Prompts  # noqa: E402
 from serve_helpers import build_text_checkpoint  # noqa: E402
+
+
+def prompts_of(path: str, max_model_len: int = 128) -> Prompts:
+    with open(f"{path}/config.json") as f:
+        hf_config = json.load(f)
+    return Prompts(path, hf_config, hf_config["vocab_size"], max_model_len)
 
 
 def test_an_engine_failure_fails_its_requests_and_the_health_check(tmp_path):
@@ -21,29 +35,39 @@ def test_an_engine_failure_fails_its_requests_and_the_health_check(tmp_path):
         raise RuntimeError("device lost")
 
     llm.engine.step = broken_step
-    with TestClient(build_app(Serving.on_llm(llm, "tiny", max_waiting_seqs=8))) as client:
-        assert client.get("/health").status_code == 200
-        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
-        assert client.get("/health").status_code == 503
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-        assert client.get("/version").status_code == 200
+    core_inbox, to_core = multiprocessing.Pipe(duplex=False)
+    from_core, core_outbox = multiprocessing.Pipe(duplex=False)
+    core = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox), daemon=True)
+    core.start()
+    try:
+        loop = EngineLoop(to_core, from_core, max_waiting_seqs=8)
+        with TestClient(build_app(Serving(loop, llm.prompts, "tiny"))) as client:
+            assert client.get("/health").status_code == 200
+            r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+            assert client.get("/health").status_code == 503
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+            assert client.get("/version").status_code == 200
+        core.join(timeout=30)
+        assert not core.is_alive()  # the failed core ended; the server's front stayed up until closed
+    finally:
+        llm.close()
 
 
 def test_a_server_needs_a_tokenizer(tmp_path):
     from conftest import build_checkpoint
-    llm = LLM(build_checkpoint(tmp_path, "qwen3"), enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=8,
-              max_model_len=64)
+    path = build_checkpoint(tmp_path, "qwen3")
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        Serving.on_llm(llm, "tiny", max_waiting_seqs=8)
+        Serving(EngineLoop(None, None, max_waiting_seqs=8), prompts_of(path), "tiny")
 
 
 def test_a_request_of_n_choices_counts_its_prompt_once():
     import asyncio
 
     from nanovllm.entrypoints.choices import run_choices
-    from nanovllm.entrypoints.engine_loop import RequestHandle, SeqDelta
+    from nanovllm.engine.outputs import SequenceOutput
+    from nanovllm.entrypoints.engine_loop import RequestHandle
     from nanovllm.entrypoints.metrics import ServerMetrics
     from nanovllm.sampling_params import SamplingParams
 
@@ -54,8 +78,8 @@ def test_a_request_of_n_choices_counts_its_prompt_once():
     async def run():
         handle = RequestHandle([1, 2, 3, 4, 5], [SamplingParams(max_tokens=2)] * 3)
         for i in range(3):
-            handle.queue.put_nowait((i, SeqDelta([0], None, None)))
-            handle.queue.put_nowait((i, SeqDelta([1], None, "length")))
+            handle.queue.put_nowait((i, SequenceOutput(0, [0], None, None)))
+            handle.queue.put_nowait((i, SequenceOutput(0, [1], None, "length")))
         return [u async for u in run_choices(None, handle, Tokenizer(), metrics)]
 
     metrics = ServerMetrics("tiny", lambda: {"running": 0, "waiting": 0, "kv_cache_usage": 0.0})
@@ -73,8 +97,7 @@ def test_a_chat_stream_dropped_after_its_first_chunk_is_aborted(tmp_path):
     from nanovllm.entrypoints.protocol import ChatRequest
 
     path, _ = build_text_checkpoint(tmp_path)
-    llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
-    serving = Serving.on_llm(llm, "tiny", max_waiting_seqs=8)
+    serving = Serving(EngineLoop(None, None, max_waiting_seqs=8), prompts_of(path), "tiny")
     req = ChatRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
 
     class Request:
@@ -102,7 +125,8 @@ def test_deltas_queued_together_are_joined_per_choice():
     import asyncio
 
     from nanovllm.entrypoints.choices import run_choices
-    from nanovllm.entrypoints.engine_loop import RequestHandle, SeqDelta
+    from nanovllm.engine.outputs import SequenceOutput
+    from nanovllm.entrypoints.engine_loop import RequestHandle
     from nanovllm.entrypoints.metrics import ServerMetrics
     from nanovllm.sampling_params import SamplingParams
 
@@ -115,9 +139,9 @@ def test_deltas_queued_together_are_joined_per_choice():
 
     async def run(one_at_a_time: bool):
         handle = RequestHandle([1, 2], [SamplingParams(max_tokens=4, logprobs=1)] * 2)
-        events = [(0, SeqDelta([0], [lp(0)], None)), (1, SeqDelta([3], [lp(3)], None)),
-                  (0, SeqDelta([1, 2], [lp(1), lp(2)], None)), (1, SeqDelta([4], [lp(4)], "stop")),
-                  (0, SeqDelta([5], [lp(5)], "length"))]
+        events = [(0, SequenceOutput(0, [0], [lp(0)], None)), (1, SequenceOutput(0, [3], [lp(3)], None)),
+                  (0, SequenceOutput(0, [1, 2], [lp(1), lp(2)], None)), (1, SequenceOutput(0, [4], [lp(4)], "stop")),
+                  (0, SequenceOutput(0, [5], [lp(5)], "length"))]
         updates = []
         if one_at_a_time:
             gen = run_choices(None, handle, Tokenizer(), metrics)

@@ -15,6 +15,8 @@ pytest.importorskip("fastapi")
 
 from serve_helpers import ROOT, alive, build_text_checkpoint, descendants, running_server  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=256)
 
 

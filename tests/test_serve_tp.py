@@ -11,6 +11,8 @@ pytest.importorskip("fastapi")
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from serve_helpers import alive, build_text_checkpoint, descendants, running_server, wait_for_metrics  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ENGINE = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=256, max_model_len=512, max_num_seqs=8)
 PROMPTS = ["The quick brown fox", "Numbers like 12345", "Paris is"]
 

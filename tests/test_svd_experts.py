@@ -29,6 +29,7 @@ def mixtral(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral")
 
 
+@pytest.mark.slow
 def test_full_rank_pca_gives_the_original_logprobs(mixtral, tmp_path):
     out = tmp_path / "svd"
     hf = json.load(open(f"{mixtral}/config.json"))

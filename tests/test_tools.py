@@ -163,6 +163,7 @@ def smol(tmp_path_factory):
         yield path, calls
 
 
+@pytest.mark.slow
 def test_default_model_cached(smol):
     path, calls = smol
     mtime = (path / "model.safetensors").stat().st_mtime_ns
@@ -172,6 +173,7 @@ def test_default_model_cached(smol):
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_converted_smollm2_checkpoint(smol):
     from transformers import AutoTokenizer
 
@@ -190,6 +192,7 @@ def test_converted_smollm2_checkpoint(smol):
     assert tok.convert_ids_to_tokens(2) == "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_smollm2_answers_paris(smol):
     from transformers import AutoTokenizer
 

@@ -8,6 +8,8 @@ import torch.multiprocessing as mp
 
 from nanovllm import distributed
 
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
     with socket.socket() as s:

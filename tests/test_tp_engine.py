@@ -2,7 +2,6 @@
 tokens equal transformers', a bad prompt raises on rank 0 and leaves both ranks usable, and closing it (or a worker
 that died) leaves no process behind."""
 import os
-import signal
 
 import pytest
 
@@ -47,6 +46,7 @@ def test_closing_stops_the_workers_and_leaves_the_group(tp_llm):
     assert distributed.current() == distributed.TensorParallel(0, 1)
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_reported_on_the_next_call(tmp_path):
     import subprocess
     import sys

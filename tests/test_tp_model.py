@@ -9,6 +9,8 @@ import torch.multiprocessing as mp
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import distributed
 
+pytestmark = pytest.mark.slow
+
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
 PROMPTS = [[5, 9, 13, 2, 7], [11, 3], [4, 4, 8, 15, 16, 23, 42, 1, 2]]
 

@@ -18,6 +18,8 @@ from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams, distributed
 from nanovllm.engine.engine import Engine
 
+pytestmark = pytest.mark.slow
+
 # 10 blocks of 16 tokens: the prefix workload fits at once (3 blocks a prompt), the preemption one cannot (4)
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=10, max_model_len=64, device="cpu")
 SHARED = [3] + [7] * 31  # two full blocks

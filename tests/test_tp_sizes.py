@@ -11,6 +11,8 @@ from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams, distributed
 from nanovllm.engine.engine import Engine
 
+pytestmark = pytest.mark.slow
+
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64, enforce_eager=True,
               device="cpu")
 PROMPTS = [[5, 9, 13, 2, 7], [11, 3], list(range(20, 45))]

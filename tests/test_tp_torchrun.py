@@ -15,6 +15,8 @@ import pytest
 
 from conftest import build_checkpoint, hf_greedy
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128, enforce_eager=True,
               device="cpu")

@@ -54,6 +54,7 @@ def test_eager_matches_transformers_with_prefill_chunked_inside_images(vl_model,
     assert [o["token_ids"] for o in chunked.generate(mixed_prompts(), greedy(), use_tqdm=False)] == refs
 
 
+@pytest.mark.slow
 def test_graph_mode_matches_transformers(vl_model, oracle):
     _, path = vl_model
     _, refs = oracle
@@ -62,6 +63,7 @@ def test_graph_mode_matches_transformers(vl_model, oracle):
     assert [o["token_ids"] for o in llm.generate(mixed_prompts(), greedy(), use_tqdm=False)] == refs
 
 
+@pytest.mark.slow
 def test_prefix_cache_tells_images_apart_behind_equal_placeholders(vl_model, oracle):
     _, path = vl_model
     llm, _ = oracle

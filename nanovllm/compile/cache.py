@@ -1,31 +1,17 @@
 """Persistent compile cache: a keyed, locked, checksummed on-disk store of what PyTorch compiled.
 
-An entry is ``<NANOVLLM_CACHE_DIR or ~/.cache/nanovllm>/compile/<key>/`` holding
-* ``artifacts.bin``: ``torch.compiler.save_cache_artifacts()`` (the "mega-cache": Inductor FX-graph,
-  AOTAutograd, autotune and bundled Triton artifacts), hot-loaded with ``torch.compiler.load_cache_artifacts``;
-* ``inductor/``: the ``TORCHINDUCTOR_CACHE_DIR`` (and ``TRITON_CACHE_DIR``) Inductor used while compiling this
-  entry.  Besides the graphs it keeps the compiled C++ kernels (``.so``), which the mega-cache does not carry:
-  without them a warm CPU start rebuilds every kernel with the C++ compiler;
-* ``step.bin`` (where PyTorch's AOT precompile API works): the Dynamo-compiled step, so a warm start does not
-  trace it again (``nanovllm/compile/saved_step.py``);
-* ``platform/``: the platform compiler's own cache, where it has one (the NPU: torchair's ``cache_compile``);
-* ``manifest.json``: the key fields, versions, creation time, and the size and sha256 of ``artifacts.bin``, of
-  ``step.bin`` and of every file under ``inductor/`` and ``platform/``.  Written last, it marks the entry
-  complete.
+An entry is ``<NANOVLLM_CACHE_DIR>/compile/<key>/``: ``artifacts.bin`` (PyTorch's mega-cache, hot-loaded),
+``inductor/`` (the Inductor and Triton cache directories used while compiling it, which keep the compiled C++
+kernels the mega-cache lacks), ``step.bin`` (the Dynamo-compiled step, where PyTorch's AOT precompile works:
+``saved_step.py``), ``platform/`` (the platform compiler's own cache) and ``manifest.json`` (key fields, versions,
+sizes and sha256 of every file; written last, it marks the entry complete).
 
-The key hashes everything that changes the generated code: model config, dtype, buckets,
-static shapes (block size, model length, sequences, KV blocks allocated), tensor-parallel size and rank,
-platform and device architecture, the platform's software versions (CUDA; CANN, torch_npu, torchair), torch/triton/
-nanovllm versions, whether Inductor emits programmatic dependent launch, the kernel options, and the contents of
-every traced source file.  Inductor works in the entry's own
-directory, never the shared default one: PyTorch's own FX-graph cache keys on the traced graph, not on our
-sources, so a per-key directory under a key that includes the source hash is what keeps a stale graph out.
-
-Safety: an ``fcntl`` lock serialises the processes starting on one key (a second waits, then loads what the
-first saved); files are written to temporaries and renamed into place; an entry whose checksums do not match is
-discarded with one warning and rebuilt, never loaded.  A "hit" whose compile still missed Inductor's cache is
-saved again.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.  With ``step.bin`` a warm start skips
-Dynamo tracing as well as AOTAutograd, Inductor lowering, C++/Triton compilation and autotuning.
+The key (``key_fields``) hashes everything that changes the generated code, the traced source files included.
+Inductor works in the entry's own directory while the entry is active (``TORCHINDUCTOR_CACHE_DIR`` and
+``TRITON_CACHE_DIR`` are set for that scope and restored after), so a graph cached under other sources is never
+found.  An ``fcntl`` lock serialises processes on one key; files are written to temporaries and renamed; an entry
+whose checksums do not match is discarded with a warning and rebuilt, never loaded; a "hit" that still compiled is
+saved again.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.
 """
 import contextlib
 import fcntl
@@ -40,6 +26,7 @@ from pathlib import Path
 import torch
 
 import nanovllm.distributed as distributed
+from nanovllm import envs
 from nanovllm.logger import logger
 from nanovllm.paths import compile_cache_dir
 from nanovllm.version import __version__
@@ -91,7 +78,7 @@ def key_of(fields: dict) -> str:
 
 
 def cache_disabled() -> bool:
-    return os.environ.get("NANOVLLM_DISABLE_COMPILE_CACHE", "0") not in ("", "0")
+    return envs.get("NANOVLLM_DISABLE_COMPILE_CACHE")
 
 
 def _sha256(path: Path) -> str:
@@ -123,7 +110,8 @@ def _clear_inductor_memory_caches() -> None:
 
 @contextlib.contextmanager
 def _inductor_dir(directory: Path):
-    """Point Inductor's (and Triton's) on-disk caches at ``directory`` for the body, like ``fresh_cache``."""
+    """Point Inductor's (and Triton's) on-disk caches at ``directory`` for the body, like ``fresh_cache``; the
+    two variables are restored afterwards (they are read by the compiler, not declared in ``nanovllm/envs.py``)."""
     saved = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")

@@ -1,22 +1,18 @@
 """The logprobs variant of the step in graph mode, built lazily: only once a batch asks for logprobs.
 
-The variant is ``ExecutorSpec.logprob_step`` (``run_step_with_logprobs``: the step plus fixed-size logprobs, so
-its shapes are static per bucket).  The plain step's graphs stay as they are, so a request without logprobs pays
-nothing; a decode batch with logprobs replays the variant's graph of its bucket instead, so decode is one graph
-replay per bucket either way.  Each variant graph has its own static inputs (all padding when built), so building
-one never runs the step on a live batch: the runner asks for them (``static_inputs``) before filling them.
+The variant is ``ExecutorSpec.logprob_step`` (the step plus fixed-size logprobs, static shapes per bucket).  The plain
+step's graphs stay as they are, so a request without logprobs pays nothing; a decode batch with logprobs replays the
+variant's graph of its bucket instead.  Each variant graph has its own all-padding static inputs, so building one never
+runs the step on a live batch.
 
-* ``LogprobGraphs`` (``GraphExecutor``): the variant compiled once, with symbolic token and sequence counts, the
-  first time any step asks for logprobs, then captured per decode bucket the first time that bucket does, in the
-  executor's memory pool (whose graphs' outputs are read before the next replay, as for the plain graphs).
-  Prefill steps with logprobs call the compiled variant directly (uncaptured), at the size the runner padded to.
-* ``StaticLogprobGraphs`` (``StaticGraphExecutor``): one static compile per decode bucket, the first time that
-  bucket asks for logprobs, as a method of its own (``decode_logprobs_<size>``) of a ``StepModule`` of the variant.
+* ``LogprobGraphs`` (``GraphExecutor``): the variant compiled once with symbolic counts, the first time any step asks
+  for logprobs, then captured per decode bucket when that bucket first does, in the executor's memory pool.  Prefill
+  steps with logprobs call the compiled variant directly, uncaptured.
+* ``StaticLogprobGraphs`` (``StaticGraphExecutor``): one static compile per decode bucket, as a method of its own
+  (``decode_logprobs_<size>``) of a ``StepModule`` of the variant.
 
-Compile cache: the variant lives in entries of its own, keyed as the plain step's plus ``step="logprobs"`` (and,
-for static compiles, the bucket), so it never collides with the plain step's entry nor changes it, and a warm
-start loads the variant the first time it is asked for.  Building compiles under the same Dynamo settings as the
-executor's start-up; replays run under ``fail_on_recompile``.
+The variant's compile-cache entries are keyed as the plain step's plus ``step="logprobs"`` (and, for static compiles,
+the bucket), so they never collide with the plain step's entry.
 """
 import torch
 
@@ -70,6 +66,11 @@ class LogprobGraphs:
         for bucket in sorted({self.padded_rows(b) for b in buckets}, reverse=True):
             self.graph(bucket)
 
+    def close(self) -> None:
+        """Drop the variant's graphs and compiled step."""
+        self.graphs.clear()
+        self.compiled = self.spec = None
+
 
 class StaticLogprobGraphs:
     def __init__(self, spec, module, cache_root):
@@ -97,3 +98,9 @@ class StaticLogprobGraphs:
     def build_all(self, buckets) -> None:
         for bucket in sorted(set(buckets), reverse=True):
             self.graph(bucket)
+
+    def close(self) -> None:
+        """Drop the variant's graphs and its module's hold on the model."""
+        self.graphs.clear()
+        self.module.release()
+        self.spec = None

@@ -1,17 +1,12 @@
-"""``PrefillGraphs``: prefill steps captured as graphs at a few token counts.
+"""``PrefillGraphs``: prefill steps captured as graphs at a few token counts, so a captured prefill step costs the
+host one input copy and one replay instead of a Python launch of every kernel.
 
-Uncaptured, the compiled step launches every kernel of a prefill step from Python, which can cost the host more
-time than the device needs for the step; a captured step costs the host one input copy and one replay.
-
-Shapes: every graph has ``max_num_seqs + 1`` sequence rows and one of a few token counts: by default a
-quarter, half, three quarters and all of the most tokens a step holds (``max_num_batched_tokens`` unless
-every sequence at its longest holds fewer), where chunked prefill fills every step of a batch but the last,
-and powers of two from 512 below that, for the small prefills of sequences admitted while others decode.
-A step of ``t`` tokens runs in the smallest graph of at least ``t`` tokens, padded by
-``PrefillInputBuilder.build`` (``nanovllm/engine/prefill_inputs.py``): the tokens past ``t`` form one padding sequence of context 0 (attention
-gives it zeros; its slots are -1, so nothing is stored) and the rows after it are sequences of no tokens.
-There is always at least one padding row, since a step holds at most ``max_num_seqs`` sequences.
-Padding rows sample into the token buffer's scratch row.
+Shapes: every graph has ``max_num_seqs + 1`` sequence rows and one of a few token counts
+(``default_prefill_sizes``).  A step of ``t`` tokens runs in the smallest graph of at least ``t`` tokens, padded by
+``PrefillInputBuilder.build`` (``nanovllm/engine/prefill_inputs.py``): the tokens past ``t`` form one padding
+sequence of context 0 (attention gives it zeros; its slots are -1, so nothing is stored) and the rows after it are
+sequences of no tokens.  There is always at least one padding row, since a step holds at most ``max_num_seqs``
+sequences.  Padding rows sample into the token buffer's scratch row.  A step no graph holds runs uncaptured.
 
 Every graph is the one compiled step (symbolic token and sequence counts) at another size, so capturing
 compiles nothing.  The graphs share the decode graphs' memory pool and are captured before them, largest
@@ -27,6 +22,8 @@ from nanovllm.compile.bucket_graph import BucketGraph
 def default_prefill_sizes(max_num_seqs: int, max_step_tokens: int) -> tuple[int, ...]:
     """Powers of two from 512 below a quarter of the most tokens a step holds (``EngineConfig.max_step_tokens``),
     then 1/4, 2/4, 3/4 (multiples of 64) and all of it; only those above ``max_num_seqs + 1``."""
+    # The fractions serve chunked prefill, which fills every step of a batch but the last; the powers of two serve
+    # the small prefills of sequences admitted while others decode.
     sizes = {max_step_tokens * k // 4 // 64 * 64 for k in (1, 2, 3)} | {max_step_tokens}
     size = 512
     while size < max_step_tokens // 4:

@@ -1,22 +1,18 @@
 """The compiled step, saved in the compile-cache entry so that a warm start skips Dynamo tracing.
 
-Graph mode compiles one step function with symbolic token and sequence counts.  Tracing it with Dynamo takes
-tens of seconds for a deep model even when Inductor's artifacts are cached.  With PyTorch's AOT precompile API
-(``torch.compile(f).aot_compile(...)``, ``save_compiled_function``, ``torch.compiler.load_compiled_function``)
-the Dynamo output itself (guards, bytecode and the bundled AOTAutograd/Inductor graph) is written to the entry
-and loaded on the next start; nothing is traced.
+Graph mode compiles one step function with symbolic token and sequence counts.  PyTorch's AOT precompile API
+(``aot_compile``, ``save_compiled_function``, ``torch.compiler.load_compiled_function``) writes the Dynamo output
+itself (guards, bytecode, the bundled AOTAutograd/Inductor graph) to the entry; the next start loads it untraced.
 
-Binding: the step is ``functools.partial(run_step, model, kv_caches, token_buffer, ...)`` (see
-``nanovllm.step.make_step``).  What is compiled is ``run_step`` with every bound object as an explicit argument, so the saved
-function holds no module and no tensor of the process that saved it: each call reads parameters, KV tensors
-and buffers from its arguments, i.e. from this process's objects, and its guards check their shapes, dtypes,
-strides and devices.  (Objects captured in a closure are pickled by value: stale copies of the weights.)  Any
-number of bound objects works, so a new buffer in ``make_step`` needs no change here.
+Binding: the step is ``functools.partial(run_step, model, kv_caches, token_buffer, ...)`` (``step.make_step``).
+What is compiled is ``run_step`` with every bound object as an explicit argument, so the saved function holds no
+module and no tensor of the process that saved it: each call reads parameters, KV tensors and buffers from this
+process's objects, and its guards check their shapes, dtypes, strides and devices.  Any number of bound objects works.
 
-Safety: the file sits in the entry's directory under the entry's key (torch version and source hash
-included) and is checksummed in its manifest (``CompileCache``).  A loaded step that cannot be used (API
-missing, unpickling or guard failure on the first call) is dropped with one warning and the step is traced
-as before.  A loaded step never recompiles: a call whose inputs fail its guards raises instead.
+Safety: the file sits under the entry's key (torch version and source hash included) and is checksummed in its
+manifest (``CompileCache``).  A loaded step that cannot be used (API missing, unpickling or guard failure on the
+first call) is dropped with one warning and the step is traced.  A loaded step never recompiles: a later call
+whose inputs fail its guards raises.
 """
 import dataclasses
 import functools
@@ -58,6 +54,7 @@ def aot_unsupported_reason() -> str | None:
 
 
 def _unbind(step: functools.partial) -> tuple[Callable, tuple]:
+    # Bound objects become explicit arguments: a closure would be pickled by value (stale copies of the weights).
     assert isinstance(step, functools.partial) and not step.keywords, "make_step returns partial(run_step, *objs)"
     return step.func, step.args
 

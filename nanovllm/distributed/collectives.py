@@ -11,9 +11,7 @@ with a traced implementation registered (``nanovllm/traced.py``; the NPU platfor
 Dynamo traces that in place of the op.
 
 On CUDA, ``use_one_shot_all_reduce`` routes the all-reduces of up to a given size (a decode step's) through
-PyTorch's symmetric-memory one-shot kernel instead of NCCL: each rank copies its part into a buffer its peers map
-over NVLink, then every rank sums all parts with peer loads.  No multicast object is made
-(``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` is set by ``group.py``).  Larger all-reduces (prefill) stay on NCCL.
+PyTorch's symmetric-memory one-shot kernel instead of NCCL; larger all-reduces (prefill) stay on NCCL.
 """
 import torch
 import torch.distributed as dist
@@ -28,6 +26,8 @@ _one_shot: dict = {}  # dtype -> (symmetric buffer, group name), set by ``use_on
 def use_one_shot_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int) -> None:
     """Make all-reduces of at most ``max_numel`` elements of ``dtype`` take the symmetric-memory one-shot kernel
     (CUDA, every rank of the group must call it: the buffer's rendezvous is collective)."""
+    # Each rank copies its part into a buffer its peers map over NVLink, then every rank sums all parts with peer
+    # loads.  No multicast object is made (``group.py`` sets ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``).
     import torch.distributed._symmetric_memory as symm_mem
     group = dist.group.WORLD.group_name
     buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from nanovllm import envs
+
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
@@ -45,8 +47,9 @@ def init_process_group(backend: str, rank: int, size: int, init_method: str | No
     """Join the default process group of ``size`` ranks as ``rank`` and make it current: through ``store`` when
     given (``rendezvous.py``), else ``init_method`` (None: env://, as torchrun sets it)."""
     import datetime
-    for key, value in NO_MULTICAST.items():
+    for key, value in NO_MULTICAST.items():  # process-wide: NCCL reads them when the group forms
         os.environ[key] = value
+        envs.note_process_setting(key, value)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=timeout_s), store=store)

@@ -1,7 +1,4 @@
-"""Builds decode ``StepInputs`` with as little host work per step as possible.
-
-Decode runs every few milliseconds for hundreds of sequences, so its input preparation is host overhead on
-the critical path.  These keep it small:
+"""Builds decode ``StepInputs`` with little host work per step (decode input preparation is on the critical path):
 * each sequence's padded block-table row and sampling settings are kept between steps and only the new
   blocks are written (a sequence whose ``block_table`` list was replaced, e.g. after preemption, is rebuilt);
 * a batch of the same sequences as the last one of its row count, one step later (the common case), reuses

@@ -7,14 +7,10 @@ steps of work left when the host starts on the next one, so a host stall shorter
 price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth`` steps
 compute a row for it that is thrown away.
 
-Hooks for a server: ``updated_sequences()`` lists the sequences the last step wrote tokens into (each one's new
-tokens are those past what the caller had seen, up to ``Sequence.num_resolved_tokens``), and ``abort(seq)`` ends
-a request at once, even while queued steps still hold its pending tokens, and frees its KV blocks.
-
-Statistics (``Engine.stats``, zeroed by ``reset_stats``): tokens, steps and wall seconds per step kind,
-``host_time`` (seconds the host spent scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited
-for the device), ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps
-read (``decode_kv_tokens``) and ``preemptions``.
+``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
+output, its finish reason; it is the engine's one output channel.  ``abort(seq)`` ends a request at once, even
+while queued steps still hold its pending tokens, and frees its KV blocks.  ``stats`` counts tokens, steps and
+host and device time (``reset_stats`` lists them).
 """
 import dataclasses
 import time
@@ -25,6 +21,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.outputs import SequenceOutput, StepResult
 from nanovllm.engine.pipeline import StepPipeline
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import ImageInputs, Sequence
@@ -57,10 +54,12 @@ class Engine:
         self.stats: dict = {}
         self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
-        self._resolved = None  # the batch the last step resolved, for ``updated_sequences``
 
     def reset_stats(self) -> None:
-        """Zero ``stats``."""
+        """Zero ``stats``: tokens, steps and wall seconds per step kind, ``host_time`` (seconds the host spent
+        scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited for the device),
+        ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps read
+        (``decode_kv_tokens``) and ``preemptions``."""
         self.stats.update({"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                            "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0,
                            "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0})
@@ -88,20 +87,17 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
-    def step(self) -> tuple[list[Sequence], bool, int]:
+    def step(self) -> StepResult:
         """Launch the next step, then finish the oldest queued one if ``pipeline_depth`` steps are queued after
-        it (or if nothing was launched).
+        it (or if nothing was launched), and report what that one resolved (``outputs.py``).
 
-        Returns (sequences completed, whether the launched step is a prefill, tokens it computes).  The host
-        reads a step's tokens only after queueing later ones, which take their input tokens from the device
-        token buffer, so scheduling and input preparation overlap the device's work.
+        The host reads a step's tokens only after queueing later ones, which take their input tokens from the
+        device token buffer, so scheduling and input preparation overlap the device's work.
         """
         t0 = time.perf_counter()
         stats = self.stats
         batch = self.scheduler.schedule()
         stats["preemptions"] += len(batch.preempted)
-        for seq in batch.preempted:
-            self.runner.release_slot(seq)
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
@@ -118,11 +114,8 @@ class Engine:
             previous, tokens, logprobs = self.pipeline.collect()
             wait = time.perf_counter() - t
             finished = self.scheduler.resolve(previous, tokens, logprobs)
-        self._resolved = previous
         if batch.seqs:
             self.scheduler.advance(batch)
-        for seq in finished + batch.finished:  # before the next schedule can admit new sequences
-            self.runner.release_slot(seq)
         elapsed = time.perf_counter() - t0
         self.stats["wait_time"] += wait
         self.stats["host_time"] += elapsed - wait
@@ -139,25 +132,52 @@ class Engine:
             kind = "prefill" if batch.is_prefill else "decode"
             self.stats[f"{kind}_tokens"] += computed
             self.stats[f"{kind}_steps"] += 1
-        return finished, batch.is_prefill, computed
-
-    def updated_sequences(self) -> list[Sequence]:
-        """The sequences the last ``step`` wrote a resolved token into, each once.  (A sequence finished by that
-        step is in its returned list; one cut by an EOS resolved earlier may be reported finished without a new
-        token.)"""
-        batch = self._resolved
-        if batch is None:
-            return []
-        return [seq for _, seq, index in batch.sampled if index < len(seq.token_ids)]
+        outputs = _outputs(previous, finished) if previous is not None else []
+        return StepResult(outputs, batch.is_prefill, computed)
 
     def abort(self, seq: Sequence) -> bool:
         """End ``seq`` now, wherever it is (waiting, prefilling, decoding with tokens still pending in queued
         steps): its KV blocks and token slot are freed at once and no later step reports it.  Returns False
         if it had already finished."""
-        if not self.scheduler.abort(seq):
-            return False
-        self.runner.release_slot(seq)
-        return True
+        return self.scheduler.abort(seq)
+
+    def close(self) -> None:
+        """Release the device memory: the executor's graphs, the KV cache, the model and the token buffers
+        (idempotent).  Steps already queued finish first; the engine cannot step afterwards."""
+        self.runner.close()
 
     def has_work(self) -> bool:
         return len(self.pipeline) > 0 or self.scheduler.has_work()
+
+
+def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:
+    """The outputs of a resolved step: each sequence it wrote a token into, then each other one it finished.
+
+    Steps resolve in launch order, so the token a step wrote at ``index`` is its sequence's newest resolved one.
+    A sequence finished on length when a later step launched, whose token resolved here is a stop token, is
+    reported once, with the finish reason "stop", when that later step resolves and finishes it."""
+    done = set(finished)
+    outputs = []
+    for _, seq, index in batch.sampled:
+        tokens = seq.token_ids
+        if index >= len(tokens):  # cut after an EOS resolved earlier, or aborted
+            continue
+        ends = seq in done
+        if ends:
+            done.discard(seq)
+        elif seq.finish_reason == "stop":
+            continue
+        outputs.append(_output(seq, index + 1, ends))
+    for seq in finished:
+        if seq in done:
+            outputs.append(_output(seq, seq.num_resolved_tokens, True))
+    return outputs
+
+
+def _output(seq: Sequence, resolved: int, ends: bool) -> SequenceOutput:
+    """``seq``'s tokens past those reported, up to its first ``resolved`` tokens."""
+    start, end = seq.num_reported_tokens, resolved - seq.num_prompt_tokens
+    seq.num_reported_tokens = end
+    logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
+    return SequenceOutput(seq.seq_id, seq.token_ids[seq.num_prompt_tokens + start:resolved], logprobs,
+                          seq.finish_reason if ends else None)

@@ -1,17 +1,18 @@
 """The paged KV cache: how many blocks it gets, and its tensors.
 
-Layout (shared by every attention implementation, see ``nanovllm/kernels/reference.py``): per layer one K and
-one V tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``.  They are separate tensors, never views of one
-shared buffer: the compiled step mutates them through the KV store, and Inductor updates a mutated graph input in
-place only when it is not a view of a larger base (otherwise it clones the whole base and copies it back on every
-step).
+Layout (shared by every attention implementation, ``nanovllm/kernels/reference.py``): per layer one K and one V
+tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``, separate tensors, never views of one buffer (Inductor
+updates a mutated graph input in place only when it is not a view of a larger base).
 
-Sizing: a fixed ``num_kvcache_blocks``; else, where the platform can measure memory, what is left of
-``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler
-at full batch), not counting the temporary cache the probe wrote into (the real cache takes its place: it is
-measured while still alive, so platforms that read the peak and those that read current use agree); else
-``DEFAULT_KV_BYTES``.  Every sequence of ``max_model_len`` tokens must fit.
+Sizing: a fixed ``num_kvcache_blocks``; else, where the platform measures memory, what is left of
+``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler at full
+batch), the probe's temporary cache counted as free; else ``DEFAULT_KV_BYTES``.  When that is short of one sequence of
+``max_model_len`` tokens, garbage is collected (an engine dropped in a reference cycle holds memory until then) and
+memory measured again; if it is still short, the error names the other live engines of the process
+(``register_engine``) and what they hold.
 """
+import gc
+import weakref
 from typing import Callable
 
 import torch
@@ -41,6 +42,28 @@ class KVCacheSpec:
                  torch.zeros(shape, dtype=self.dtype, device=device)) for _ in range(self.num_layers)]
 
 
+_ENGINES: "weakref.WeakSet" = weakref.WeakSet()  # live engines' runners, for the error when memory is short
+
+
+def register_engine(runner) -> None:
+    """Note a live engine's runner (``device`` and ``device_bytes()``), weakly: a dropped engine leaves the set."""
+    _ENGINES.add(runner)
+
+
+def held_by_engines(device: torch.device) -> tuple[int, int]:
+    """(live engines that hold memory on ``device``, the bytes they hold)."""
+    held = [n for n in (e.device_bytes() for e in list(_ENGINES) if e.device == device) if n]
+    return len(held), sum(held)
+
+
+def _measure(platform, utilization: float, probe: Callable[[], list]) -> int:
+    """Bytes the cache may take: the platform's answer after the probe step, plus the probe's temporary cache."""
+    platform.reset_peak_memory()
+    temporary = probe()
+    platform.synchronize()
+    return platform.available_kv_bytes(utilization) + sum(t.numel() * t.element_size() for kv in temporary for t in kv)
+
+
 def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float, platform,
                     max_blocks_per_seq: int, max_model_len: int, probe: Callable[[], list]) -> int:
     """The number of KV blocks to allocate.  ``probe`` runs the step at its most memory-hungry shape with a
@@ -48,19 +71,19 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
     memory."""
     if fixed is not None:
         num_blocks = fixed
+    elif platform.measures_memory:
+        num_blocks = max(0, _measure(platform, utilization, probe) // spec.bytes_per_block)
+        if num_blocks < max_blocks_per_seq and gc.collect():  # unreachable objects found: maybe a dropped engine
+            num_blocks = max(0, _measure(platform, utilization, probe) // spec.bytes_per_block)
     else:
-        budget = None
-        if platform.measures_memory:
-            platform.reset_peak_memory()
-            temporary = probe()
-            platform.synchronize()
-            budget = platform.available_kv_bytes(utilization) + sum(
-                t.numel() * t.element_size() for kv in temporary for t in kv)
-            del temporary
-        num_blocks = max(0, (DEFAULT_KV_BYTES if budget is None else budget) // spec.bytes_per_block)
+        num_blocks = DEFAULT_KV_BYTES // spec.bytes_per_block
     if num_blocks < max_blocks_per_seq:
-        raise ValueError(
-            f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
-            f"max_model_len={max_model_len} needs {max_blocks_per_seq}; lower max_model_len, raise "
-            f"num_kvcache_blocks or gpu_memory_utilization")
+        problem = (f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
+                   f"max_model_len={max_model_len} needs {max_blocks_per_seq}")
+        engines, held = held_by_engines(platform.device)
+        if engines:
+            raise ValueError(
+                f"{problem}: {engines} other engine(s) of this process still hold {held / 2**30:.2f} GiB on "
+                f"{platform.device}; close them (LLM.close()) or drop every reference to them first")
+        raise ValueError(f"{problem}; lower max_model_len, raise num_kvcache_blocks or gpu_memory_utilization")
     return num_blocks

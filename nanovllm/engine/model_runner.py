@@ -10,29 +10,32 @@ step), whose logprobs are copied to the slot the same way; other batches run the
 prefill that reaches image tokens (vision-language models) runs eagerly with the extra inputs ``image_step.py``
 builds.
 
-The token buffer has one row per running sequence (its "token slot", held from its first sample until it
-finishes or is preempted) for its newest sampled token, plus a scratch row for padding (``StepInputs``).
+The token buffer has one row per running sequence (its "token slot", which the scheduler hands out) for its newest
+sampled token, plus a scratch row for padding (``StepInputs``).
 """
+import functools
 import time
 
 import torch
 
 import nanovllm.distributed as distributed
 from nanovllm.compile.cache import key_fields
-from nanovllm.compile.executor import ExecutorSpec, make_executor, step_outputs
-from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE, EngineConfig
+from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
+from nanovllm.compile.factory import make_executor
+from nanovllm.config import EngineConfig
 from nanovllm.engine import image_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
-from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks
+from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
 from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import sample
-from nanovllm.models.expert_offload import offload_experts, offload_stats
+from nanovllm.models.expert_offload import expert_caches, offload_stats
 from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.step import make_step, rechoose_logprob, redraw_filtered, run_step, run_step_with_logprobs
+from nanovllm.step import (StepInputs, make_step, rechoose_logprob, redraw_filtered, run_step,
+                           run_step_with_logprobs)
 
 
 class ModelRunner:
@@ -49,15 +52,10 @@ class ModelRunner:
         self.config, self.platform, self.device = config, platform, platform.device
         hf = config.hf_config
         self.dtype = platform.resolve_dtype(config.dtype, hf.get("torch_dtype") or hf.get("dtype"))
-        offload = config.offload_experts  # built on the host, then all but the experts moved to the device
-        self.model = build_model(hf, dtype=self.dtype, device=torch.device("cpu") if offload else self.device,
-                                 model_dir=config.model, load_format=config.load_format, seed=config.seed,
-                                 draw_device=self.device if offload and self.device.type != "cpu" else None)
-        share = config.offload_host_share
-        if share is None:
-            share = CUDA_OFFLOAD_HOST_SHARE if self.device.type == "cuda" else 0.0
-        self.expert_caches = (offload_experts(self.model, self.device, config.experts_on_device,
-                                              config.offload_prefetch, share) if offload else [])
+        self.model = build_model(hf, dtype=self.dtype, device=self.device, model_dir=config.model,
+                                 load_format=config.load_format, seed=config.seed,
+                                 offload_experts=config.offload_experts, experts_on_device=config.experts_on_device,
+                                 offload_host_share=config.offload_host_share)
         phase("build_model")
         a = self.model.args
         self.vocab_size = a.vocab_size
@@ -67,7 +65,6 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(a.num_layers, kv_heads, a.head_dim, self.block_size, self.dtype)
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
-        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
                             table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)
@@ -78,8 +75,8 @@ class ModelRunner:
             probe=self._probe_peak_memory)
         self.num_blocks = distributed.agree_min(self.num_blocks, self.device)  # tensor parallelism: one size
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
-        if distributed.current().size > 1 and self.device.type == "cuda" and platform.options.one_shot_all_reduce:
-            distributed.use_one_shot_all_reduce(self.device, self.dtype, config.max_num_seqs * a.hidden_size)
+        register_engine(self)
+        platform.prepare_tensor_parallel(self.dtype, config.max_num_seqs * a.hidden_size)
         phase("size_kv_cache")
         spec = ExecutorSpec(
             step=make_step(self.model, self.kv_caches, self.token_buffer),
@@ -87,7 +84,7 @@ class ModelRunner:
             graph_batch_sizes=config.graph_batch_sizes, prefill_graph_sizes=config.prefill_graph_sizes,
             max_num_seqs=config.max_num_seqs, max_step_tokens=config.max_step_tokens,
             dummy_prefill=self.prefill_builder.dummy,
-            decode_inputs=lambda rows: self.decode_builder.build([], rows),
+            decode_inputs=functools.partial(self.decode_builder.build, []),  # not a closure over the runner
             cache_key=key_fields(config, dtype=self.dtype, num_kv_blocks=self.num_blocks, platform=platform))
         self.executor = make_executor(spec, enforce_eager=config.enforce_eager,
                                       capturable=self.model.graph_capturable,
@@ -119,7 +116,7 @@ class ModelRunner:
         cfg = self.config
         real = cfg.max_step_tokens
         with torch.inference_mode():  # plus the trailing padding sequence
-            self.executor.prefill(self.prefill_builder.dummy(real + 1, min(cfg.max_num_seqs, real) + 1))
+            self.executor.run_prefill(self.prefill_builder.dummy(real + 1, min(cfg.max_num_seqs, real) + 1))
         self.platform.synchronize()
 
     def describe(self) -> dict:
@@ -136,18 +133,29 @@ class ModelRunner:
         """A host buffer for one step's sampled tokens (pinned where the platform pins)."""
         return torch.zeros(self.config.max_num_seqs + 1, dtype=torch.int64, pin_memory=self.platform.pin_memory)
 
-    # ---- token slots ----------------------------------------------------------------------------------
-    def _assign_slot(self, seq) -> None:
-        if seq.token_slot is None:
-            if not self._free_slots:
-                raise RuntimeError(f"more than max_num_seqs={self.config.max_num_seqs} sequences hold token slots")
-            seq.token_slot = self._free_slots.pop()
+    def device_bytes(self) -> int:
+        """Bytes of weights, KV cache and token buffer this runner holds on its device (0 once closed)."""
+        if self.model is None:
+            return 0
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer,
+                   *(t for kv in self.kv_caches for t in kv)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
 
-    def release_slot(self, seq) -> None:
-        """Give a finished or preempted sequence's token slot back (steps already queued may still write it)."""
-        if seq.token_slot is not None:
-            self._free_slots.append(seq.token_slot)
-            seq.token_slot = None
+    def close(self) -> None:
+        """Release the executor's graphs, the KV cache, the model and the token buffer (idempotent); the runner
+        cannot launch a step afterwards."""
+        if self.model is None:
+            return
+        self.platform.synchronize()  # no queued step still reads what is dropped here
+        self.executor.close()
+        self.executor = self.model = self.token_buffer = None
+        self.kv_caches = []
+        self.platform.release_memory()
+
+    @property
+    def expert_caches(self) -> list:
+        """The device caches of the model's offloaded MoE layers (none unless ``offload_experts``)."""
+        return expert_caches(self.model)
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -155,16 +163,28 @@ class ModelRunner:
         """Queue the step on the device; its tokens land in the token buffer and, in the background, in
         ``slot.host_tokens``.  Returns (the platform event recorded after its work, host seconds spent building
         decode inputs)."""
+        if self.model is None:
+            raise RuntimeError("this engine was closed (Engine.close()); build a new LLM to generate again")
         filtered = any(s.params.needs_filter for s in batch.seqs)
         slot.has_logprobs = any(s.logprobs is not None for s in batch.seqs)
         if slot.has_logprobs and slot.host_logprobs is None:
             rows, pin = self.config.max_num_seqs + 1, self.platform.pin_memory
             slot.host_logprobs = (torch.zeros(rows, 1 + MAX_LOGPROBS, pin_memory=pin),
                                   torch.zeros(rows, MAX_LOGPROBS, dtype=torch.int64, pin_memory=pin))
-        for seq in batch.seqs:
-            self._assign_slot(seq)
-        ex, lp = self.executor, slot.has_logprobs
+        lp = slot.has_logprobs
         prepare_seconds = 0.0
+
+        def emit(outputs, inputs, part: Part) -> None:
+            self._emit(outputs, inputs, part.rows, filtered, slot, part.start)
+
+        def build_decode(part: Part) -> StepInputs:
+            nonlocal prepare_seconds
+            t = time.perf_counter()
+            inputs = self.decode_builder.build(batch.seqs[part.start:part.start + part.rows], part.shape[1],
+                                               target=part.target, chunk=part.index, slot=slot.index)
+            prepare_seconds += time.perf_counter() - t
+            return inputs
+
         if batch.is_prefill and image_step.carries_images(batch):  # eagerly: the tower's shapes vary per image
             inputs = self.prefill_builder.build(batch)
             mm = image_step.build(self.model, batch, inputs.input_ids.shape[0], self.device)
@@ -172,17 +192,12 @@ class ModelRunner:
             outputs = step_outputs(step(self.model, self.kv_caches, self.token_buffer, inputs, mm))
             self._emit(outputs, inputs, len(batch.seqs), filtered, slot, 0)
         elif batch.is_prefill:
-            shape, target = ex.prefill_plan(sum(batch.num_new_tokens))
-            inputs = self.prefill_builder.build(batch, shape, target)
-            self._emit(ex.prefill(inputs, lp), inputs, len(batch.seqs), filtered, slot, 0)
+            self.executor.run(prefill=True, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens), logprobs=lp,
+                              build=lambda part: self.prefill_builder.build(batch, part.shape, part.target),
+                              emit=emit)
         else:
-            for chunk, (start, rows, padded) in enumerate(ex.decode_plan(len(batch.seqs))):
-                target = ex.static_inputs(padded, lp)  # (builds the logprobs variant's graph the first time)
-                t = time.perf_counter()
-                inputs = self.decode_builder.build(batch.seqs[start:start + rows], padded,
-                                                   target=target, chunk=chunk, slot=slot.index)
-                prepare_seconds += time.perf_counter() - t
-                self._emit(ex.decode(inputs, padded, lp), inputs, rows, filtered, slot, start)
+            self.executor.run(prefill=False, rows=len(batch.seqs), tokens=len(batch.seqs), logprobs=lp,
+                              build=build_decode, emit=emit)
         return self.platform.record_event(), prepare_seconds
 
     def _emit(self, outputs, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int) -> None:

@@ -1,25 +1,18 @@
 """Continuous batching, prefill first, with chunked prefill and preemption by recompute.
 
-Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens) or a
-decode step (one token for every running sequence whose prompt is done).  Prefill wins whenever there is
-prefill work that fits.  When the KV cache cannot hold the next decode token of every running sequence,
-the most recently admitted one is preempted: its blocks are freed (they stay in the prefix cache) and it
-goes back to the front of the queue to be recomputed.  No request is ever dropped.
+Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens) or a decode step
+(one token for every running sequence whose prompt is done); prefill wins whenever prefill work fits.  When the KV
+cache cannot hold every running sequence's next token, the most recently admitted one is preempted: its blocks are
+freed (they stay in the prefix cache) and it goes back to the front of the queue.  No request is ever dropped.
 
-The engine keeps up to ``pipeline_depth`` steps queued before it reads the oldest one's tokens, so the host's
-work overlaps the device's.  Each step therefore has two halves here: ``advance`` (right after launch) moves
-every sequence forward by the work launched, puts a ``PENDING_TOKEN`` where a token is being sampled and
-finishes sequences that reach their length limits; ``resolve`` (``pipeline_depth`` steps later) writes the
-sampled tokens in and finishes sequences on EOS or stop tokens.  So a sequence's newest tokens (at most one
-per queued step) may be pending, and:
-* a sequence that hits EOS may already be in the steps launched since; it is cut after its EOS (a token
-  sampled after it, pending or already advanced, is dropped), those rows' results are ignored, and their KV
-  writes land in blocks it no longer owns but that nothing reads before a later step (stream order)
-  overwrites them;
-* a full block is published to the prefix cache only once its tokens are all resolved;
-* a preempted sequence is readmitted only once its tokens are all resolved (its prefill recomputes them);
-* ``abort`` ends a sequence at once, wherever it is: its pending tokens are cut as after an EOS (the queued
-  steps' rows for it are then ignored) and its blocks are freed.
+Steps are launched ahead of their tokens (``pipeline_depth``), so each has two halves: ``advance`` (right after
+launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes sequences on
+length; ``resolve`` (later) writes the sampled tokens in and finishes sequences on EOS or stop tokens.  A sequence cut
+by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
+published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
+
+The scheduler owns a running sequence's KV blocks and token slot (its row of the device token buffer): it hands out
+both on admission and takes both back on preemption, finish and abort (late writes by queued steps land unread).
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -55,6 +48,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))  # token slots of no running sequence
         self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
 
     def add(self, seq: Sequence) -> None:
@@ -85,6 +79,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
             seqs.append(seq)
@@ -124,8 +119,7 @@ class Scheduler:
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False, preempted=preempted)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
-        self._unpublished.discard(seq)
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -196,8 +190,8 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> bool:
         """End an unfinished sequence now (False if it had finished): its pending tokens are cut, so the steps
-        still queued skip it when they resolve, and its blocks are freed (their late KV writes are harmless, as
-        after an EOS).  The caller releases its token slot."""
+        still queued skip it when they resolve, and its blocks and token slot are freed (their late writes are
+        harmless, as after an EOS)."""
         if seq.status is SequenceStatus.FINISHED:
             return False
         del seq.token_ids[seq.num_resolved_tokens:]
@@ -211,8 +205,15 @@ class Scheduler:
         else:  # preempted while its last token was still pending
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back the sequence's KV blocks and token slot (a preempted one may hold neither any more)."""
         self.block_manager.free(seq)
         self._unpublished.discard(seq)
+        if seq.token_slot is not None:
+            self.free_slots.append(seq.token_slot)
+            seq.token_slot = None
 
     def _stops_on(self, seq: Sequence, token: int) -> bool:
         return (not seq.params.ignore_eos and token in self.eos_token_ids) or token in seq.params.stop_token_ids

@@ -60,6 +60,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
+        self.num_reported_tokens = 0  # completion tokens the engine's step outputs carried so far
         self.finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort", once finished
         # per resolved completion token, if ``params.logprobs`` is set: (its logprob, top ids, top logprobs)
         self.logprobs: list[tuple[float, list[int], list[float]]] | None = \
@@ -81,10 +82,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def completion_token_ids(self) -> list[int]:

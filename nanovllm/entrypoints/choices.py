@@ -1,12 +1,11 @@
 """Running one API request: its sequences' deltas turned into per-choice text, tokens and logprobs.
 
-``run_choices`` is an async generator over a submitted request: for each engine delta of a choice it yields a
+``run_choices`` is an async generator over a submitted request: for each engine output of a choice it yields a
 ``ChoiceUpdate`` (new text safe to show, the tokens and logprobs that count, and the finish reason on the last
-one).  A stop token's text (EOS or ``stop_token_ids``) is left out, as OpenAI servers do (offline
-``LLM.generate`` keeps a non-special stop token's text).  Stop strings are applied here (``TextStream``): the
-choice ends with finish reason "stop" and its sequence is aborted, so its KV is freed at once.  If the consumer
-stops early (a client that went away), every unfinished choice is aborted and counted as finished on "abort".
-Usage counts are exact: a choice counts the tokens up to the one that completed its stop string.
+one), made by the same ``Completion`` as ``LLM.generate``'s (``nanovllm/completion.py`` states the rules for stop
+tokens and stop strings).  A choice a stop string ended has its sequence aborted, so its KV is freed at once.  If
+the consumer stops early (a client that went away), every unfinished choice is aborted and counted as finished on
+"abort".
 
 When deltas queue up faster than the request is served (a busy front at saturation), they are taken together and
 each choice's are joined into one update, as vLLM's output collector does: one chunk then carries several tokens,
@@ -15,8 +14,8 @@ so the front's work per token falls as its load rises instead of falling behind 
 import dataclasses
 import time
 
-from nanovllm.detokenizer import TextStream
-from nanovllm.entrypoints.engine_core import SeqDelta
+from nanovllm.completion import Completion
+from nanovllm.engine.outputs import SequenceOutput
 from nanovllm.entrypoints.protocol import APIError
 
 
@@ -30,44 +29,30 @@ class ChoiceUpdate:
 
 
 class Choice:
-    def __init__(self, index: int, tokenizer, stop):
+    def __init__(self, index: int, tokenizer, params):
         self.index = index
-        self.stream = TextStream(tokenizer, stop)
-        self.finish_reason: str | None = None
+        self.completion = Completion(tokenizer, params, incremental=True)
         self.last_token_time: float | None = None
 
     @property
-    def num_tokens(self) -> int:
-        return self.stream.num_tokens
+    def finish_reason(self) -> str | None:
+        return self.completion.finish_reason
 
-    def add(self, delta) -> ChoiceUpdate:
-        before = self.stream.num_tokens
-        tokens = delta.token_ids
-        if delta.finish_reason == "stop" and tokens:  # ended by its EOS or a stop token: not part of the text
-            text = self.stream.push(tokens[:-1])
-            self.stream.skip(tokens[-1:])
-        else:
-            text = self.stream.push(tokens)
-        kept = self.stream.num_tokens - before
-        logprobs = delta.logprobs[:kept] if delta.logprobs is not None else None
-        if self.stream.stopped:
-            self.finish_reason = "stop"
-        elif delta.finish_reason is not None:
-            text += self.stream.finish()
-            self.finish_reason = delta.finish_reason
-        return ChoiceUpdate(self.index, text, delta.token_ids[:kept], logprobs, self.finish_reason)
+    def add(self, output: SequenceOutput) -> ChoiceUpdate:
+        d = self.completion.add(output)
+        return ChoiceUpdate(self.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
 
 
 async def run_choices(loop, handle, tokenizer, metrics):
     """Yield ``ChoiceUpdate``s of every choice of ``handle`` until all are finished (see the module docstring)."""
-    choices = [Choice(i, tokenizer, p.stop) for i, p in enumerate(handle.params)]
+    choices = [Choice(i, tokenizer, p) for i, p in enumerate(handle.params)]
     open_choices = len(choices)
     counted_prompt = False  # a request's prompt is counted once, whatever its ``n``
     try:
         while open_choices:
             for index, delta in queued(handle.queue, await handle.queue.get()):
-                if delta.error is not None:
-                    raise APIError(500, f"the engine failed: {delta.error!r}")
+                if index is None:  # the engine failed (``EngineLoop``)
+                    raise APIError(500, f"the engine failed: {delta!r}")
                 choice = choices[index]
                 if choice.finish_reason is not None:  # stopped by a stop string; the engine had sent more already
                     continue
@@ -90,21 +75,22 @@ async def run_choices(loop, handle, tokenizer, metrics):
 
 
 def queued(queue, first: tuple) -> list[tuple]:
-    """``first`` and every ``(choice index, SeqDelta)`` already in ``queue``, each choice's deltas joined into one
-    (tokens and logprobs in order, the last one's finish reason), in order of each choice's first delta.  An
-    error delta is returned alone."""
-    joined: dict[int, SeqDelta] = {}
+    """``first`` and every ``(choice index, SequenceOutput)`` already in ``queue``, each choice's outputs joined
+    into one (tokens and logprobs in order, the last one's finish reason), in order of each choice's first one.
+    An engine failure ``(None, error)`` is returned alone."""
+    joined: dict[int, SequenceOutput] = {}
     event = first
     while True:
         index, delta = event
-        if delta.error is not None:
+        if index is None:
             return [event]
         before = joined.get(index)
         if before is None:
             joined[index] = delta
         else:
             logprobs = before.logprobs + delta.logprobs if before.logprobs is not None else None
-            joined[index] = SeqDelta(before.token_ids + delta.token_ids, logprobs, delta.finish_reason)
+            joined[index] = SequenceOutput(delta.seq_id, before.token_ids + delta.token_ids, logprobs,
+                                           delta.finish_reason)
         if queue.empty():
             return list(joined.items())
         event = queue.get_nowait()

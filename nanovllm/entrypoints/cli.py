@@ -1,21 +1,20 @@
 """The server's command line: ``python -m nanovllm.serve MODEL [flags]`` and ``nanovllm serve MODEL [flags]``.
 
 Server flags (host, port, served model name, API key, the waiting-queue bound) are this file's; every ``LLM(...)``
-option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``), so none is written here; the server
-overrides one default, ``SERVER_DEFAULTS``: 2 steps queued ahead instead of 3, which measured lower TTFT and TPOT
-under load and more saturated throughput than both 1 and 3 (docs/PERFORMANCE.md, the serving section).  The engine
-runs in a process of its own (``entrypoints/engine_process.py``; saturated, it measured more throughput than a
-thread in the server's process: docs/PERFORMANCE.md) and is built (weights, KV cache, compilation) before the port
-opens, so a client that reaches ``/health`` finds it ready; if it fails to build, the command exits with its error.
+option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``) with its default, so none is written here.
+The engine runs in a process of its own (``entrypoints/engine_process.py``) and is built (weights, KV cache,
+compilation) before the port opens, so a client that reaches ``/health`` finds it ready; if it fails to build, the
+command exits with its error.  Without the ``serve`` extra (FastAPI, uvicorn) the command exits with one line naming
+the missing module and the extra to install.
 """
 import argparse
-import os
 import sys
 
+from nanovllm import envs
 from nanovllm.cli import add_engine_args, engine_kwargs
 
 DEFAULT_MAX_WAITING_SEQS = 4096
-SERVER_DEFAULTS = {"pipeline_depth": 2}
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")  # what the server needs of the `serve` extra
 
 
 def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentParser:
@@ -26,14 +25,14 @@ def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentPars
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: MODEL as given)")
-    p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
+    p.add_argument("--api-key", default=envs.get("NANOVLLM_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 routes (default: $NANOVLLM_API_KEY, else none)")
     p.add_argument("--max-waiting-seqs", type=int, default=DEFAULT_MAX_WAITING_SEQS,
                    help="sequences that may wait for a batch slot; a request that would pass it gets 503 "
                         f"(default: {DEFAULT_MAX_WAITING_SEQS})")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
-    add_engine_args(p, defaults=SERVER_DEFAULTS)
+    add_engine_args(p)
     return p
 
 
@@ -41,6 +40,7 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
     args = make_parser(prog).parse_args(argv)
     if args.max_waiting_seqs < 0:
         raise SystemExit(f"--max-waiting-seqs must be >= 0, got {args.max_waiting_seqs}")
+    require_serve_extra()
     import uvicorn
 
     from nanovllm.entrypoints.app import build_app
@@ -63,6 +63,17 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
     logger.info("serving %r on http://%s:%d (API key %s)", serving.model_name, args.host, args.port,
                 "required" if args.api_key else "not required")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=30)
+
+
+def require_serve_extra() -> None:
+    """Exit with one line naming the first missing module of the ``serve`` extra, and how to install it."""
+    import importlib
+    for name in SERVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise SystemExit(f"nanovllm serve: the server needs the `serve` extra, and module {name!r} is missing: "
+                             f'pip install "nanovllm[serve]" (from a checkout: pip install -e ".[serve]")') from None
 
 
 def main(argv=None) -> None:

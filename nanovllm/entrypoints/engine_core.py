@@ -1,33 +1,22 @@
-"""``EngineCore``: the server's engine side.  It steps one engine and talks to the front (``engine_loop.py``) over
-a pair of pipes only, so it runs the same in a thread of the server's process or in a process of its own
-(``engine_process.py``, the server's default: its host work then never waits on the front's GIL).
+"""``EngineCore``: the server's engine side.  It steps one engine and talks to the front (``engine_loop.py``) over a
+pair of pipes only, so it runs the same in a thread or in a process of its own (``engine_process.py``, the default).
 
 Messages, each one pickle (``send_bytes``):
 * front -> core: ``("add", rid, prompt_ids, [SamplingParams per choice], ImageInputs or None)``,
   ``("abort", rid, [choice indices] or None for all)``, ``("stop",)``.
-* core -> front: ``("step", [(rid, choice, SeqDelta)], snapshot, added)`` after each step, and after commands
+* core -> front: ``("step", [(rid, choice, SequenceOutput)], snapshot, added)`` after each step, and after commands
   that arrived while the engine was idle; ``snapshot`` is ``{"running", "waiting", "kv_cache_usage"}`` and
   ``added`` the number of sequences handed to the engine so far.  ``("failed", message)`` if the engine raised,
   after which the core stops; ``("stopped",)`` after a ``stop``.
 
-Contract of the deltas: per sequence that got tokens in a step, its newly resolved tokens (and logprobs), and on
-its last one its finish reason.  A stop token (EOS or ``stop_token_ids``) is always the last token of the delta that
-carries the finish reason "stop".  ``abort`` ends the choices at once and frees their KV blocks (``Engine.abort``),
-even while queued steps still hold their pending tokens; nothing more is sent for them.  A request whose choices
-all ended is forgotten.  The core stops, closing the engine's LLM, on ``stop`` or when the front's pipe closes.
+The outputs are the engine's own (``nanovllm/engine/outputs.py``), each tagged with its request and choice.
+``abort`` ends the choices at once and frees their KV blocks (``Engine.abort``); nothing more is sent for them.  A
+request whose choices all ended is forgotten.  The core stops, closing the engine's LLM, on ``stop`` or when the
+front's pipe closes.
 """
-import dataclasses
 import pickle
 
 from nanovllm.logger import logger
-
-
-@dataclasses.dataclass
-class SeqDelta:
-    token_ids: list[int]
-    logprobs: list | None  # per token (logprob, top ids, top logprobs), when asked
-    finish_reason: str | None  # set on a sequence's last delta: "stop", "length" or "abort"
-    error: BaseException | None = None
 
 
 def dumps(message) -> bytes:
@@ -38,7 +27,7 @@ class EngineCore:
     def __init__(self, engine):
         self.engine = engine
         self.added = 0  # sequences handed to the engine so far
-        self._live: dict[int, list] = {}  # seq_id -> [rid, choice, completion tokens sent]
+        self._live: dict[int, tuple] = {}  # seq_id -> (rid, choice)
         self._seqs: dict[int, list] = {}  # rid -> its sequences (None once ended), by choice
 
     def apply(self, command) -> None:
@@ -48,7 +37,7 @@ class EngineCore:
             seqs = []
             for i, p in enumerate(params):
                 seq = self.engine.add_request(prompt_ids, p, images)
-                self._live[seq.seq_id] = [rid, i, 0]
+                self._live[seq.seq_id] = (rid, i)
                 seqs.append(seq)
             self._seqs[rid] = seqs
             self.added += len(params)
@@ -67,29 +56,18 @@ class EngineCore:
             raise ValueError(f"unknown engine command {command[0]!r}")
 
     def step(self) -> list:
-        """One engine step; returns its ``(rid, choice, SeqDelta)`` events."""
-        finished, _, _ = self.engine.step()
-        done = {seq.seq_id for seq in finished}
+        """One engine step; returns its outputs as ``(rid, choice, SequenceOutput)``."""
         events = []
-        for seq in dict.fromkeys(self.engine.updated_sequences() + finished):  # each once, in order
-            entry = self._live.get(seq.seq_id)
+        for out in self.engine.step().outputs:
+            entry = self._live.get(out.seq_id)
             if entry is None:
                 continue
-            if seq.finish_reason == "stop" and seq.seq_id not in done:
-                continue  # finished on length at launch, then a pending token was a stop token: sent with the end
-            rid, i, start = entry
-            end = seq.num_resolved_tokens - seq.num_prompt_tokens
-            tokens = seq.token_ids[seq.num_prompt_tokens + start:seq.num_prompt_tokens + end]
-            entry[2] = end
-            logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
-            reason = None
-            if seq.seq_id in done:
-                reason = seq.finish_reason
-                del self._live[seq.seq_id]
+            rid, i = entry
+            if out.finish_reason is not None:
+                del self._live[out.seq_id]
                 self._seqs[rid][i] = None
                 self._forget_if_done(rid)
-            if tokens or reason:
-                events.append((rid, i, SeqDelta(tokens, logprobs, reason)))
+            events.append((rid, i, out))
         return events
 
     def snapshot(self) -> dict:

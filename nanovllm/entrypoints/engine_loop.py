@@ -1,17 +1,14 @@
 """``EngineLoop``: the server's front side of its engine, for the asyncio handlers.  The engine itself is an
-``EngineCore`` (``engine_core.py``) behind two pipes, in a process of its own (``in_process``, the server's
-default, ``engine_process.py``) or in a thread of this one (``in_thread``: on a caller's ``LLM``, as the
-in-process tests serve one).
-
-Contract:
+``EngineCore`` (``engine_core.py``) behind two pipes, in a process of its own (``in_process``,
+``engine_process.py``).  Contract:
 * ``submit`` and ``abort`` are non-blocking and called on the event loop's thread.  A writer thread sends the
   commands; a reader thread takes each engine step's deltas and hands them, with one ``call_soon_threadsafe`` per
-  step, to each request's ``asyncio.Queue`` as ``(choice index, SeqDelta)``.  A request of ``n`` choices is ``n``
+  step, to each request's ``asyncio.Queue`` as ``(choice index, SequenceOutput)``.  A request of ``n`` choices is ``n``
   sequences.  New requests join the running batch between steps.
 * ``abort`` ends the request's choices at once (the core frees their KV blocks); nothing more is delivered for them.
 * ``submit`` refuses (``Overloaded``) when the sequences waiting for a batch slot (submitted and not yet in the
   engine, plus those in its waiting queue) would pass ``max_waiting_seqs``, so the queue is bounded.
-* If the engine fails or its process dies, every live request gets a delta carrying the error, ``error`` is set and
+* If the engine fails or its process dies, every live request gets ``(None, error)``, ``error`` is set and
   later submits raise ``EngineDead``.
 * ``stats``: sequences running and waiting, and the share of KV blocks in use, as of the last step.
 """
@@ -23,10 +20,10 @@ import time
 from collections import deque
 
 from nanovllm.entrypoints import engine_process
-from nanovllm.entrypoints.engine_core import EngineCore, SeqDelta, dumps
+from nanovllm.entrypoints.engine_core import dumps
 from nanovllm.logger import logger
 
-__all__ = ["EngineDead", "EngineLoop", "Overloaded", "RequestHandle", "SeqDelta"]
+__all__ = ["EngineDead", "EngineLoop", "Overloaded", "RequestHandle"]
 
 
 class Overloaded(Exception):
@@ -38,7 +35,7 @@ class EngineDead(Exception):
 
 
 class RequestHandle:
-    """One API request on the asyncio side: its queue of ``(choice index, SeqDelta)`` events."""
+    """One API request on the asyncio side: its queue of ``(choice index, SequenceOutput)`` events."""
 
     def __init__(self, prompt_ids: list[int], params: list, images=None):
         self.prompt_ids, self.params, self.images = prompt_ids, params, images
@@ -49,12 +46,12 @@ class RequestHandle:
 
 
 class EngineLoop:
-    def __init__(self, to_core, from_core, max_waiting_seqs: int, process=None, llm=None):
-        """Use ``in_process`` or ``in_thread``."""
+    def __init__(self, to_core, from_core, max_waiting_seqs: int, process=None):
+        """The front of the ``EngineCore`` at the other ends of the pipes ``to_core`` and ``from_core``, run by
+        ``process`` (``in_process`` builds both); stopping the core is then the process's business."""
         self.max_waiting_seqs = max_waiting_seqs
         self._to_core, self._from_core = to_core, from_core
-        self._process, self._llm = process, llm
-        self._core_thread = None
+        self._process = process
         self._outbox: deque = deque()  # commands for the writer thread
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -75,22 +72,9 @@ class EngineLoop:
         process, to_core, from_core, info = engine_process.start(model, options)
         return cls(to_core, from_core, max_waiting_seqs, process=process), info
 
-    @classmethod
-    def in_thread(cls, llm, max_waiting_seqs: int) -> "EngineLoop":
-        """Step ``llm``'s engine in a thread of this process; the loop closes ``llm`` when it shuts down."""
-        import multiprocessing
-        core_inbox, to_core = multiprocessing.Pipe(duplex=False)
-        from_core, core_outbox = multiprocessing.Pipe(duplex=False)
-        loop = cls(to_core, from_core, max_waiting_seqs, llm=llm)
-        loop._core_thread = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox),
-                                             name="nanovllm-engine", daemon=True)
-        return loop
-
     # ---- event loop's thread ------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._core_thread is not None:
-            self._core_thread.start()
         self._reader.start()
         self._writer.start()
 
@@ -100,10 +84,6 @@ class EngineLoop:
         if self._process is not None:
             self._writer.join(timeout=10)
             engine_process.stop(self._process, self._to_core)
-        elif self._core_thread is not None and self._core_thread.is_alive():
-            self._core_thread.join(timeout=30)
-            if not self._core_thread.is_alive():  # the tensor-parallel ranks leave with the server (workers.py)
-                self._llm.close()
 
     def submit(self, prompt_ids: list[int], params: list, images=None) -> RequestHandle:
         """Queue a request of ``len(params)`` sequences on one prompt (with its ``ImageInputs``, if it has images);
@@ -149,8 +129,7 @@ class EngineLoop:
 
     def _fail_all(self, error: BaseException) -> None:
         for handle in self._handles.values():
-            for i in sorted(handle.open):
-                handle.queue.put_nowait((i, SeqDelta([], None, None, error)))
+            handle.queue.put_nowait((None, error))
             handle.open.clear()
         self._handles.clear()
 

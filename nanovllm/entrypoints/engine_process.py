@@ -1,10 +1,6 @@
 """The server's engine in a process of its own: ``start`` spawns it, builds ``LLM(model, **options)`` there and
-waits until it is ready; ``main`` is that process.
-
-Why a process: the front (HTTP, JSON, detokenization, stop strings) and the engine's host work (scheduling,
-launching graphs) then run on two cores instead of taking turns on one GIL; under load the front's work per token
-is enough to slow every engine step (saturated, a thread in the server's process gave clearly fewer output
-tokens/s: docs/PERFORMANCE.md, the serving section).
+waits until it is ready; ``main`` is that process.  The front (HTTP, JSON, detokenization, stop strings) and the
+engine's host work (scheduling, launching graphs) then run on two cores instead of taking turns on one GIL.
 
 Contract:
 * ``start`` returns ``(process, to_core, from_core, info)`` once the engine is built; ``info`` has ``model``,

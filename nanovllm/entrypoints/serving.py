@@ -45,11 +45,6 @@ class Serving:
         decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
         self._byte_decoder = _unicode_to_byte() if type(decoder).__name__ == "ByteLevel" else None
 
-    @classmethod
-    def on_llm(cls, llm, served_model_name: str, max_waiting_seqs: int) -> "Serving":
-        """Serve a caller's ``LLM``, its engine stepped in a thread of this process."""
-        return cls(EngineLoop.in_thread(llm, max_waiting_seqs), llm.prompts, served_model_name)
-
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",

@@ -1,12 +1,9 @@
 """Which tiles the Triton fused MoE (``triton_moe.py``) takes for a step: chosen by the mean number of rows each
 expert gets, ``T * top_k / E``, since that, not the token count alone, says how full a block of ``block_m`` rows is.
 
-``benchmarks/moe_kernel.py`` times five tile sets on Qwen3-30B-A3B's experts (E 128, top-8, H 2048, I 768) and on
-Mixtral-8x7B's (E 8, top-2, H 4096, I 14336) at T = 1 to 4096 (docs/PERFORMANCE.md has the tables).  On an H100:
-up to 16 rows per expert the 16 x 32 x 128 tiles were the fastest, or within 6% of it, on both shapes; at 64 rows
-per expert the 64 x 64 x 64 tiles (Mixtral at T = 256: 1.05 ms against 2.01 ms for the small tiles; Qwen3 at
-T = 1024); beyond, 64 x 128 x 64.  A gather form (one GEMV per token and expert, no sorted layout) lost to the
-grouped GEMM at every size on both shapes and was removed.
+``BY_ROWS_PER_EXPERT`` maps that mean to a tile set: small tiles while experts get few rows (decode), larger ones
+as they fill.  The thresholds come from timing the candidate tile sets on real MoE shapes
+(``benchmarks/moe_kernel.py``; the measurements are in docs/PERFORMANCE.md).
 """
 from dataclasses import dataclass
 

@@ -1,30 +1,18 @@
 """Pure-PyTorch twin of ``nanovllm::fused_moe`` (the CPU path and the oracle of the Triton kernels), and the
 reference of the expert-sorted, block-aligned layout the Triton grouped GEMMs read.
 
-Contract of the op, shared by every implementation::
+Contract of the op, shared by every implementation:
+``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
+* Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities, divided by their sum with
+  ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
+* Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x`` (gate rows first); the
+  result is the router-weighted sum of the token's ``top_k`` expert outputs, in x's dtype.
+The twin gathers each (token, k) pair's expert weights, a chunk of pairs at a time: bounded memory, and every shape
+depends only on T, top_k and the weights (no ``.item()``), so it traces whole and replays in a graph.
 
-    fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]
-
-* Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities; with ``renormalize``
-  they are divided by their sum (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral, whose "top-k, then softmax
-  over the chosen" is the same thing).  Router weights stay float32 until they multiply an expert's output.
-* Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x`` (gate rows first).
-* The result is the router-weighted sum of the token's ``top_k`` expert outputs, in x's dtype.
-
-The twin takes the gather form: each (token, k) pair gathers its expert's weights and multiplies, a chunk of
-pairs at a time, so memory stays bounded and every shape depends only on T, top_k and the weights' shapes (no
-``.item()``, no data-dependent shape: it traces whole and replays in a graph).
-
-Layout the Triton kernels use (``align_reference``; ``triton_moe_align.py`` computes it on the GPU).  Pair
-``p = token * top_k + k`` goes to expert ``ids[p]``.  Pairs are grouped by expert, in pair order inside an
-expert; each expert's group starts at a multiple of ``block_m`` and is padded up to one.  The buffers have
-static sizes: ``num_blocks = ceil((P + min(E, P) * (block_m - 1)) / block_m)`` blocks of ``block_m`` slots,
-``P = T * top_k``, however the tokens are routed.  Example, ``E = 3``, ``block_m = 4``, ids ``[2, 0, 2, 2, 0,
-2]``: expert 0 holds pairs 1, 4 (one block), expert 1 none, expert 2 pairs 0, 2, 3, 5 (one block)::
-
-    sorted_ids  = [1, 4, -, -, 0, 2, 3, 5, ...]   slots past a block's rows are never read (left unwritten)
-    block_expert = [0, 2, 0, ...]                 blocks past the last expert's: rows 0, the GEMMs skip them
-    block_rows   = [2, 4, 0, ...]
+Layout (``align_reference``; ``triton_moe_align.py`` on the GPU): pair ``p = token * top_k + k`` goes to expert
+``ids[p]``; pairs are grouped by expert, in pair order inside one, each group starting at a multiple of ``block_m``
+and padded up to one, in ``num_aligned_blocks`` blocks whatever the routing (static sizes).
 """
 import torch
 import torch.nn.functional as F
@@ -80,7 +68,15 @@ def num_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def align_reference(ids: torch.Tensor, num_experts: int, block_m: int):
     """The grouped layout of expert ids [T, top_k] (module docstring): (sorted_ids int32 [num_blocks * block_m]
-    with -1 in padding slots, block_expert int32 [num_blocks], block_rows int32 [num_blocks]).  Static shapes."""
+    with -1 in padding slots, block_expert int32 [num_blocks], block_rows int32 [num_blocks]).  Static shapes.
+
+    Example, ``E = 3``, ``block_m = 4``, ids ``[2, 0, 2, 2, 0, 2]``: expert 0 holds pairs 1, 4 (one block), expert 1
+    none, expert 2 pairs 0, 2, 3, 5 (one block)::
+
+        sorted_ids   = [1, 4, -1, -1, 0, 2, 3, 5, ...]  the Triton kernels leave padding slots unwritten (never read)
+        block_expert = [0, 2, 0, ...]                   blocks past the last expert's: rows 0, the GEMMs skip them
+        block_rows   = [2, 4, 0, ...]
+    """
     flat = ids.reshape(-1).long()
     num_pairs = flat.shape[0]
     num_blocks = num_aligned_blocks(num_pairs, num_experts, block_m)

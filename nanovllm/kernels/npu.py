@@ -1,36 +1,18 @@
 """The Ascend implementations of the ops, registered for "npu" tensors by the NPU platform (``platforms/npu.py``).
+Every vendor call follows the torch_npu/torchair documentation named at it; ``tests/standins/`` checks each call.
 
-Sources (every vendor call below follows them; ``tests/standins/`` checks each call against the same pages):
-* attention: ``torch_npu.npu_fused_infer_attention_score`` (FIA), Ascend/op-plugin ``docs/zh/custom_APIs/torch_npu/
-  torch_npu-npu_fused_infer_attention_score.md``; its graph-mode twin ``torchair.ops.npu_fused_infer_attention_score``,
-  Ascend/torchair ``docs/zh/ascend_ir/api/ops/npu_fused_infer_attention_score.md``;
-* KV store: ``torch_npu.npu_scatter_nd_update_``, Ascend/op-plugin ``docs/zh/custom_APIs/torch_npu/
-  torch_npu-npu_scatter_nd_update_.md`` ("supports graph mode"; vllm-ascend's torchair attention wrote its paged cache
-  with it).
-
-Decode attention is FIA's paged path (PageAttention, query length 1): query in ``BNSD`` layout [B, Hq, 1, D] over
-the cache in the layout FIA documents as the faster one for paged decode, ``BnNBsD`` [blocks, Hkv, block_size, D]
-(nanovllm's cache layout, ``reference.py``), ``block_table`` int32 [B, width], ``block_size``,
-``num_key_value_heads`` for GQA and ``actual_seq_lengths_kv`` = each row's context length.  FIA takes float16 and
-bfloat16 only.  Lengths are host ints in torch_npu's eager API but int64 device tensors in torchair's graph-mode op,
-which is why the two paths differ:
-
-* eager (``register_npu_kernels``): the kernel reads the lengths to the host, one synchronisation per layer.  Eager
-  mode is for debugging; the graph path has none.
-* graph (``register_npu_traced``): Dynamo traces ``traced_*`` in place of the opaque ops (``ops.register_traced``),
-  so torchair sees only ops it converts.  In ``max-autotune`` (Ascend IR) attention is the torchair op with device
-  lengths.  In ``reduce-overhead`` (aclgraph) FIA would need host lengths refreshed at every replay (vllm-ascend
-  does it with ``graph_task_update_begin/end``), which device-resident ``StepInputs`` cannot give, so attention
-  there is the pure-PyTorch twin (no host reads; it reads every block of the table).
-
-Prefill attention is the twin everywhere: FIA's paged prefill needs ``block_size`` a multiple of 128 and, in the TND
-layout, head_dim 128 (the doc's PageAttention and TND constraints), which nanovllm's defaults do not meet.
-
-KV store: one ``npu_scatter_nd_update_`` per cache with indices (block, kv head, offset) [T, Hkv, 3] and updates
-[T, Hkv, D].  The op does not skip out-of-range indices ("不支持越界"), so padded rows (slot -1) are sent, as in
-the twin, to the first real row's slot with that row's values, or, when no row is real, to slot 0 with slot 0's
-own contents: every duplicate index writes equal values (what duplicates do is not documented; equal values make
-the order irrelevant).  Row with context 0 gets zeros, as the op contract says.
+* Decode attention is FIA's paged path (``npu_fused_infer_attention_score``, query length 1): query ``BNSD``
+  [B, Hq, 1, D] over nanovllm's cache layout, FIA's ``BnNBsD`` [blocks, Hkv, block_size, D] (``reference.py``), the
+  int32 block table and each row's context length; float16 and bfloat16 only (float32 runs the twin).  Rows of
+  context 0 get zeros, as the op contract says.
+* Eager (``register_npu_kernels``): FIA with the lengths read to the host, one synchronisation per layer; eager
+  mode is for debugging.  Graph (``register_npu_traced``): Dynamo traces, in place of each opaque op, a function of
+  torch, torch_npu and torchair ops only.  In ``max-autotune`` attention is torchair's FIA with the lengths as a
+  device tensor (no host reads); in ``reduce-overhead`` (aclgraph) it is the pure-PyTorch twin.
+* Prefill attention is the twin everywhere (FIA's paged prefill needs ``block_size`` a multiple of 128 and, in
+  the TND layout, head_dim 128).
+* KV store: one ``npu_scatter_nd_update_`` per cache.  That op does not skip out-of-range indices, so padded rows
+  (slot -1) are sent where they rewrite equal values (``_scatter_rows``): they leave the cache unchanged.
 """
 import torch
 
@@ -41,7 +23,10 @@ _FIA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _scatter_rows(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor):
-    """(indices [T, Hkv, 3] int32, updates [T, Hkv, D]) writing ``src`` [T, Hkv, D] to its slots (see module doc)."""
+    """(indices [T, Hkv, 3] int32, updates [T, Hkv, D]) writing ``src`` [T, Hkv, D] to its slots.  A padded row
+    (slot -1) goes to the first real row's slot with that row's values or, when no row is real, to slot 0 with slot
+    0's own contents: every duplicate index writes equal values (what duplicates do is not documented; equal values
+    make the order irrelevant)."""
     num_kv_heads, block_size = cache.shape[1], cache.shape[2]
     valid = slot_mapping >= 0
     first = valid.to(torch.int32).argmax(dim=0, keepdim=True)  # [1]: never a 0-d index (a host read)
@@ -57,6 +42,8 @@ def _scatter_rows(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Te
     return index.to(torch.int32), updates
 
 
+# torch_npu.npu_scatter_nd_update_: Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_scatter_nd_update_.md
+# ("supports graph mode"; "不支持越界": no out-of-range index).  vllm-ascend's torchair attention wrote its cache with it.
 def store_kv_npu(key, value, k_cache, v_cache, slot_mapping) -> None:
     if slot_mapping.shape[0] == 0:
         return
@@ -74,6 +61,10 @@ def rope_store_kv_npu(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_nor
     return q
 
 
+# FIA: Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_fused_infer_attention_score.md; its graph-mode
+# twin torchair.ops.npu_fused_infer_attention_score: Ascend/torchair docs/zh/ascend_ir/api/ops/
+# npu_fused_infer_attention_score.md.  BnNBsD is the cache layout FIA documents as the faster one for paged decode.
+# Lengths are host ints in torch_npu's eager API and int64 device tensors in torchair's op.
 def _fia_decode(fia, q, k_cache, v_cache, context_lens, block_tables, scale, lengths):
     """FIA paged decode of q [B, Hq, D]; rows of context 0 get zeros (FIA reads them as length 1: padding rows)."""
     batch, num_heads, head_dim = q.shape
@@ -126,6 +117,8 @@ def register_npu_kernels() -> None:
 def register_npu_traced(graph_mode: str) -> None:
     """What Dynamo traces for each op on "npu" tensors under torchair's ``graph_mode`` (see the module doc): only
     torch_npu/torchair ops and plain torch ops, so no op needs an Ascend converter of ours."""
+    # Under aclgraph (reduce-overhead) FIA would need host lengths refreshed at every replay (vllm-ascend does it
+    # with graph_task_update_begin/end), which device-resident StepInputs cannot give: attention is the twin there.
     attention = traced_paged_attention_ascend_ir if graph_mode == "max-autotune" else \
         reference.paged_attention_reference
     for name, fn in (("store_kv", store_kv_npu), ("rope_store_kv", rope_store_kv_npu),

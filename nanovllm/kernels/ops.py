@@ -1,17 +1,14 @@
 """The fused ops of a step as registered torch ops, so a compiled step sees each as one opaque node.
 
-Ops: ``nanovllm::store_kv``, ``nanovllm::rope_store_kv``, ``nanovllm::paged_attention``, ``nanovllm::linear``,
-``nanovllm::fused_moe``, ``nanovllm::moe_experts`` and ``nanovllm::gumbel_argmax``. Each is a
-``torch.library.custom_op`` whose default implementation is its pure-PyTorch twin (``reference.py``,
-``moe_reference.py``, ``sampling.py``), which runs on any device, with a fake implementation for tracing. A platform
-registers faster implementations per device type with ``torch.library.register_kernel`` (the CUDA platform:
-``cuda.py``, the Triton kernels); the dispatcher picks by the device of the inputs, so models and layers call the
-wrappers below and never name a device.
+``nanovllm::store_kv``, ``rope_store_kv``, ``paged_attention``, ``linear``, ``fused_moe``, ``moe_experts`` and
+``gumbel_argmax`` are each a ``torch.library.custom_op`` whose default implementation is its pure-PyTorch twin
+(``reference.py``, ``moe_reference.py``, ``sampling.py``), which runs on any device, with a fake for tracing.  A
+platform registers faster implementations per device type (``torch.library.register_kernel``; CUDA: ``cuda.py``);
+the dispatcher picks by the inputs' device, so models and layers call the wrappers below and never name a device.
 
 A platform whose graph compiler lowers only ops it knows may also register, per device type, a *traced
 implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
-place of the opaque op while compiling (the NPU platform: torchair's Ascend IR mode, ``kernels/npu.py``).  Eager
-calls always take the registered kernel.
+place of the opaque op while compiling (the NPU platform, ``kernels/npu.py``).  Eager calls take the registered kernel.
 
 Contracts shared by every implementation (see ``reference.py`` for the cache layout and ``context_lens``):
 no host synchronisation and no data-dependent shapes, so a step may be graph-captured; slot -1 is never written;

@@ -2,10 +2,7 @@
 in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.
 
 KV cache layout, shared by every implementation (one tensor per layer for K, one for V):
-
-    cache[num_blocks, num_kv_heads, block_size, head_dim]
-
-so that one KV head's tokens inside a block are contiguous (a tile the decode kernel reads in one sweep).
+``cache[num_blocks, num_kv_heads, block_size, head_dim]``, so one KV head's tokens inside a block are contiguous.
 A slot id is ``block * block_size + offset``; slot -1 means "padded row, write nothing".
 
 ``context_lens[b]`` is the number of KV tokens sequence ``b`` has in the cache *including* the tokens of
@@ -14,15 +11,8 @@ with ``q_len`` new tokens sits at absolute position ``context_lens[b] - q_len + 
 KV positions ``0 .. that position``.  A token at a negative position (a row with ``context_lens == 0``) gets
 zeros.  Cache entries at or past a row's context are never read into its result, whatever they hold.
 
-Every twin uses only static shapes: no ``.item()``, ``.tolist()``, ``nonzero`` or boolean-mask indexing, so
-none synchronises with the host and each traces whole (``torch.compile(fullgraph=True)``, ``make_fx``).  The
-price is that attention reads every column of the block table, not only those a row's context reaches.
-
-Attention works on query tiles: ``[N, M]`` query rows that share one sequence (decode: one row per sequence;
-prefill: runs of ``_PREFILL_TILE`` consecutive tokens, the tiling of the Triton prefill kernel), each with the
-block-table row of its sequence.  A tile gathers its sequence's KV once for all its rows and attends in float32
-with ``scaled_dot_product_attention`` under a causal mask by position; tiles are taken a group at a time so that
-the gathered KV stays near ``_CHUNK_ELEMENTS``.
+Every twin uses only static shapes (no ``.item()``, ``.tolist()``, ``nonzero`` or boolean-mask indexing): none syncs
+with the host, each traces whole (``fullgraph=True``, ``make_fx``), and attention reads every column of the block table.
 """
 import torch
 import torch.nn.functional as F
@@ -67,6 +57,10 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.silu(gate) * up
 
 
+# Attention works on query tiles: [N, M] query rows that share one sequence (decode: one row per sequence; prefill:
+# runs of _PREFILL_TILE consecutive tokens, the Triton prefill kernel's tiling), each with its sequence's block-table
+# row.  A tile gathers its sequence's KV once for all its rows and attends in float32 with SDPA under a causal mask
+# by position; tiles are taken a group at a time so that the gathered KV stays near _CHUNK_ELEMENTS.
 def _attend_tiles(q: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, tables: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of query tiles q [N, M, Hq, D] at positions ``q_pos`` [N, M] over the paged KV of their

@@ -1,22 +1,17 @@
 """Skinny matmuls for decode: ``x[M, K] @ w[N, K].T`` with M (the batch) small, in Triton.
 
 At decode a projection reads its whole weight to produce a few rows, so the matmul is bound by memory, by how
-many SMs it keeps busy and by fixed launch and ramp-up time.  Whether this kernel or cuBLAS is faster is measured
-per shape and row count (``benchmarks/matmul_sweep.py``) and recorded in the dispatch table, which keeps cuBLAS
-where it won.  The kernel tiles the output into small ``BLOCK_M x BLOCK_N`` blocks and, where the output has too
-few blocks to fill the GPU, also splits K (``SPLIT_K``): every split writes an fp32 partial and the last split of
-each output block to finish (counted with an atomic) sums them and writes the result, so a launch stays one
-kernel with no memset and no second pass.  Counters are reset by that last split, so a
-launch can be captured in a CUDA graph and replayed.
+many SMs it keeps busy and by fixed launch and ramp-up time.  Which shapes and row counts take this kernel, and
+with which configuration, is ``matmul_configs.py``'s table (cuBLAS serves the rest); ``nanovllm::linear``
+dispatches (``cuda.py``).  The kernel tiles the output into small ``BLOCK_M x BLOCK_N`` blocks and, where the output
+has too few blocks to fill the GPU, also splits K (``SPLIT_K``): every split writes an fp32 partial and the last
+split of each output block to finish (counted with an atomic) sums them in a fixed order and writes the result, so
+a launch stays one kernel with no memset and no second pass.  That last split resets the counters, so a launch
+can be captured in a CUDA graph and replayed.
 
 ``SILU_MUL`` fuses the MLP's activation: ``w`` is the packed ``[gate; up]`` weight ``[2I, K]`` and the kernel
-writes ``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``, saving a kernel and a round trip of the ``[M, 2I]``
-intermediate.  ``SWAP`` puts the weight tile on the left of ``tl.dot`` (the output block is computed
-transposed), which lets the tensor-core instruction's long side run along N when M is tiny.
-
-On Hopper the kernel takes part in programmatic dependent launch (``pdl.py``).
-
-Which configuration serves which shape is ``matmul_configs.py``; the op ``nanovllm::linear`` dispatches (``cuda.py``).
+writes ``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``.  ``SWAP`` computes the output block transposed (the same
+result).  On Hopper the kernel takes part in programmatic dependent launch (``pdl.py``).
 """
 import torch
 import triton
@@ -38,6 +33,8 @@ def _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_st
                      UPCAST: tl.constexpr):
     """sum over k in [k_start, k_start + k_steps * BLOCK_K) of x[m, k] * w[n, k], as an fp32 [BLOCK_M, BLOCK_N]."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
+    # SWAP puts the weight tile on the left of tl.dot, which lets the tensor-core instruction's long side run along
+    # N when M is tiny.
     if SWAP:
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -76,7 +73,9 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M,
     pdl_begin(PDL)
     acc = _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn,
                            BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST)
-    if SILU_MUL:  # the up half of the packed weight starts N_OUT rows further
+    # SILU_MUL saves a kernel and a round trip of the [M, 2I] intermediate; the up half of the packed weight starts
+    # N_OUT rows further.
+    if SILU_MUL:
         acc_up = _partial_product(x_ptr, w_ptr + N_OUT * stride_wn, offs_m, offs_n, m_mask, n_mask, k_start,
                                   k_steps, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST)
     out_mask = m_mask[:, None] & n_mask[None, :]

@@ -7,14 +7,12 @@ The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``tri
 one column tile: it gathers the block's token rows of x (``pair // top_k``), reads the expert's gate and up
 tiles and writes ``silu(gate) * up`` [block_m, block_n] to the block's rows of the intermediate ``[slots, I]``.
 ``_grouped_down_kernel`` multiplies those rows by the expert's ``w2`` tile, scales each row by its pair's router
-weight and writes it to the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Block
-index runs fastest in the grid, so the programs that read one expert tile run together and share it through L2.
-Blocks with no rows (the static padding of the layout) return at once.
+weight and writes it to the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Blocks
+with no rows (the static padding of the layout) return at once.
 
-Offsets are int64 wherever a row index meets a stride (token rows, expert bases, pair rows): ``T * top_k * H``
-and ``E * 2I * H`` pass 2**31 on large models and prefills, which broke vLLM and SGLang with int32.
-Accumulation is float32; the intermediate and the per-pair outputs are stored in x's dtype.  ``w2`` may be a
-transposed view ([E, H, I] over [E, I, H] memory, as an expert cache keeps it): a constexpr picks the strided load.
+Offsets are int64 wherever a row index meets a stride, so sizes past 2**31 elements are safe.  Accumulation is
+float32; the intermediate and the per-pair outputs are stored in x's dtype.  ``w2`` may be a transposed view
+([E, H, I] over [E, I, H] memory, as an expert cache keeps it): a constexpr picks the strided load.
 """
 import torch
 import triton
@@ -29,7 +27,8 @@ from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, rou
 @triton.jit
 def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
     """Block ``pid_b`` of the sorted layout, which holds ``rows`` pairs: (its expert, the mask of its real rows,
-    its slots, their pair indices), all int64 where they meet a stride."""
+    its slots, their pair indices), all int64 where they meet a stride (``T * top_k * H`` and ``E * 2I * H`` pass
+    2**31 on large models and prefills)."""
     expert = tl.load(block_expert_ptr + pid_b).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < rows
@@ -123,6 +122,8 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     num_blocks = block_expert.shape[0]
     precision = _dot_precision(x)
     inter = x.new_empty(num_blocks * cfg.block_m, inter_size)
+    # Block index runs fastest in the grid, so the programs that read one expert tile run together and share it
+    # through L2.
     _grouped_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
         x, w13, sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0), w13.stride(0),
         w13.stride(1), inter.stride(0), TOP_K=top_k, BLOCK_M=cfg.block_m, DOT_PRECISION=precision, **args)

@@ -12,9 +12,6 @@ give how many of the expert's pairs come from earlier chunks, and a running coun
 So every pair gets its slot without a sort or an atomic, and pairs keep their order inside an expert.  The
 programs also fill the block table (``block_expert``, ``block_rows``) in strides.  Slots past a block's rows are
 left unwritten: the GEMMs never read them.  ``moe_reference.align_reference`` is the same layout in torch.
-
-The histogram costs each align program a read of ``chunks x E`` int32: nothing at decode, and about 0.5 MB per
-program at a 16k-token prefill with top-8 of 128 experts (a scan kernel would remove it if a profile shows it).
 """
 import torch
 import triton
@@ -74,6 +71,8 @@ def _align_kernel(ids_ptr, hist_ptr, sorted_ptr, block_expert_ptr, block_rows_pt
     e_mask = experts < E
     total = tl.zeros([BLOCK_E], dtype=tl.int32)
     before = tl.zeros([BLOCK_E], dtype=tl.int32)  # this expert's pairs in earlier chunks
+    # Every program reads the whole chunks x E histogram: nothing at decode, about 0.5 MB per program at a 16k-token
+    # prefill with top-8 of 128 experts (a scan kernel would remove it if a profile shows it matters).
     for r0 in range(0, NUM_CHUNKS, BLOCK_C):
         rows = r0 + tl.arange(0, BLOCK_C)
         h = tl.load(hist_ptr + rows[:, None] * E + experts[None, :],

@@ -2,33 +2,16 @@
 
 ``gumbel_argmax_triton`` is the CUDA implementation of the op ``nanovllm::gumbel_argmax`` (``sampling.py`` holds the
 torch twin and the definition of the hash).  Per row it returns
-
 * T > 0: argmax over v of ``logits[v] * (1 / max(T, 1e-6)) + gumbel(seed, position, v)``;
 * T <= 0: argmax over v of ``logits[v]`` (greedy),
+ties going to the smallest index, as ``torch.argmax``.  The noise is the reference's, computed in ``tl.uint32`` and
+turned into the same float32 uniforms bit for bit, so both paths draw the same tokens except at float-rounding-level
+near-ties of the final scores (``tl.log`` may differ from a ``log`` by an ulp).
 
-ties going to the smallest index, as ``torch.argmax``.  The noise is the reference's, computed in ``tl.uint32``
-(``*`` wraps mod 2**32, ``>>`` is logical) and turned into the same float32 uniforms bit for bit, so both paths
-draw the same tokens except at float-rounding-level near-ties of the final scores: ``tl.log`` may differ from a
-``log`` by an ulp (torch's CPU ``log`` and the GPU's may disagree that way).
-
-Two stages.  ``_gumbel_argmax_split_kernel`` runs on a (row, split) grid: each program walks its contiguous
-run of BLOCK-wide vocabulary tiles, keeps a per-lane running best (value, index), and writes its split's best to
-small fp32 / int32 scratch.  ``_gumbel_argmax_pick_kernel`` (one program per row) takes the best split, the
-smaller index on equal values.  The split count depends only on (B, V) and the SM count, never on data, so a
-launch can be captured in a CUDA graph and replayed.  The logits are read once; the two precise logs per
-element are most of the cost, which the skip below avoids.
-
-Skipping tiles that cannot win (``skip=True``, the default).  A program keeps ``running``, the largest precise
-score it has seen.  For each tile it first bounds every lane's score by ``s + _gumbel_upper(u)`` (a few integer
-and float operations, no log: see ``_gumbel_upper``) and computes the precise noise only when that bound's
-maximum exceeds ``running``; after k tiles a new tile holds a new record with chance about 1 / (k + 1), so most
-tiles skip the logs.  The tokens are exactly those of ``skip=False``: a skipped tile's every score is <= running,
-so none is strictly greater than the program's best, and its indices are larger than those of the tile that set
-``running`` (tiles go in increasing order), so the smallest index of the maximum is unchanged; NaN scores are
-never taken either way, and a row of -inf keeps answering its split's start index.  The pick kernel is the same.
-The skip's code takes more registers a thread, so small latency-bound batches may lose a little; its measured
-effect is in docs/PERFORMANCE.md.
-
+Two stages: a (row, split) grid of programs, each keeping its split's best, then one program per row taking the
+best split.  The split count depends only on (B, V) and the SM count, never on data, so a launch can be captured
+in a CUDA graph.  With ``skip=True`` (the default) a program computes the precise noise of a tile only where a cheap
+upper bound could beat its best score so far; the tokens are exactly those of ``skip=False``.
 ``gumbel_noise_triton`` writes the kernel's uniforms and noise for a [B, V] grid: a debugging and test aid.
 """
 import torch
@@ -38,7 +21,7 @@ import triton.language as tl
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _num_sms
 
-# Tuned on a GPU over BLOCK 512-4096, 4/8 warps and 2-8 programs per SM (docs/PERFORMANCE.md).
+# Tuned on a GPU over BLOCK 512-4096, 4/8 warps and 2-8 programs per SM.
 BLOCK = 1024  # vocabulary ids per tile
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8  # stage-1 programs aimed at when the batch alone does not fill the GPU
@@ -118,6 +101,12 @@ def _mul(x, y, PTX: tl.constexpr):
         return x * y
 
 
+# Each program walks its contiguous run of BLOCK-wide tiles with a per-lane running best (value, index); the logits
+# are read once, and the two precise logs per element are most of the cost, which SKIP avoids for most tiles: after
+# k tiles a new one holds a new record with chance about 1 / (k + 1).  SKIP is exact: a skipped tile's every score is
+# <= running, so none beats the program's best, and its indices are larger than those of the tile that set running
+# (tiles go in increasing order), so the smallest index of the maximum is unchanged; NaN scores are never taken
+# either way, and a row of -inf keeps answering its split's start index.  Its code takes more registers a thread.
 # The split counts follow the batch size, which changes with every prefill batch: without do_not_specialize
 # Triton would JIT-compile a variant (on whether each is 1 or a multiple of 16) inside generate.
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])

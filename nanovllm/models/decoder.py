@@ -5,16 +5,13 @@ bias (some Llamas), rope scaling (Llama-3, LongRoPE) and tied embeddings; in eac
 dense, or a mixture of experts (``moe.py``) in the MoE architectures; and a subclass may rewrite its weights once
 they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv, gate_up)
 so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
-(cuBLAS, or a tuned Triton kernel for decode batches; the MLP's SiLU-and-multiply is fused into its gate/up
-matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is
-traced unchanged by the graph compiler.
+(the MLP's SiLU-and-multiply fused into its gate/up matmul).  The KV cache is handed in per call, so the forward
+has no hidden state besides weights and is traced unchanged by the graph compiler.
 
-A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``),
-attention, then everything after attention as one nested compile region (``torch.compiler.nested_compile_region``),
-so the compiler lowers that code once and reuses it for every layer instead of lowering ``num_layers`` copies.
-The ops before attention stay outside the region because a region may not mutate its inputs (the store writes
-the cache).  The region ends with the next layer's input norm (or the final norm), so the residual add and that
-norm fuse into one kernel.  In eager mode the region is a plain call.
+A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``), attention,
+then everything after attention as one nested compile region that the compiler lowers once for every layer.  The
+region ends with the next layer's input norm (or the final norm), so the residual add and that norm fuse into one
+kernel.  In eager mode the region is a plain call.
 """
 from dataclasses import dataclass
 
@@ -136,7 +133,11 @@ class DecoderLayer(nn.Module):
 
 
 def _compile_once(fn):
-    """``torch.compiler.nested_compile_region`` where this torch has it (2.8+), else ``fn`` unchanged."""
+    """``torch.compiler.nested_compile_region`` where this torch has it (2.8+), else ``fn`` unchanged.
+
+    The compiler lowers the region once and reuses it for every layer instead of lowering ``num_layers`` copies.
+    The ops before attention stay outside it because a region may not mutate its inputs (the store writes the
+    cache)."""
     region = getattr(torch.compiler, "nested_compile_region", None)
     return region(fn) if region is not None else fn
 

@@ -1,31 +1,25 @@
 """One MoE layer's experts in (pinned) host memory behind a device cache of a few of them, and the host's share.
 
-``ExpertCache(w13, w2, device, slots, pin, scratch)`` keeps the layer's stacked experts on the host (pinned where
-the device is CUDA): ``host_w13`` [E, 2I, H] as the model stores it, and the down projection transposed,
-``host_w2t`` [E, I, H], so that any run of intermediate rows of an expert is one contiguous block.  ``slots`` whole
-experts live on the device in the same layout (``w13`` [S, 2I, H], ``w2t`` [S, I, H]; ``slot_w2`` is the [S, H, I]
-view the MoE kernel takes), evicted least recently used.  Copies run on a side stream on CUDA; the compute stream
-waits on each copy's event.
+``ExpertCache(w13, w2, device, slots, pin, scratch, host_share)`` keeps the layer's experts on the host (``host_w13``
+[E, 2I, H]; the down projection transposed, ``host_w2t`` [E, I, H], so any run of intermediate rows is contiguous) and
+``slots`` whole experts on the device in the same layout, evicted least recently used.  Copies run on a side stream
+on CUDA; the compute stream waits on each copy's event.
 
-``plan(needed)`` splits a step's experts between the device and the host by ``host_share``: the host takes that
-share of the non-resident experts' work, counted in experts, the last ones of the list whole, and the expert on the
-boundary is split along its intermediate dimension at a row ``k`` (a multiple of 16 where I is): the device copies
-its rows [0, k) into the shared ``SplitScratch`` and computes them, the host computes rows [k, I) from its own copy.
-The two partial sums are exact parts of the expert's output, so the split changes only the float32 summation order.
-The rest of the device's experts run through the slots.  A split expert does not enter the cache.
+``plan(needed)`` splits a step's experts by ``host_share``: the host takes that share of the non-resident experts'
+work, whole experts from the end of the list, and the expert on the boundary is split at intermediate row ``k``: the
+device copies rows [0, k) into the shared ``SplitScratch`` and computes them, the host computes rows [k, I).  The two
+partial sums are exact parts of the expert's output.  A split expert does not enter the cache.
 
-Counters (per step, layer and needed expert): ``hits`` (resident, or being prefetched), ``misses`` (copied, split
-or computed on the host), ``prefetched``, ``bytes_fetched`` (host to device), ``splits`` (experts split between
-the device and the host), ``host_computed`` (the host's work in experts: 1 per whole expert, (I - k) / I for a
-split one), ``host_seconds`` (the host computing) and ``join_seconds`` (the host then waiting for the device's part
-of the same layer).
+Counters (``COUNTERS``, per step, layer and needed expert): ``hits``, ``misses`` (copied, split or computed on the
+host), ``bytes_fetched``, ``splits``, ``host_computed`` (in experts), ``host_seconds`` and ``join_seconds`` (the host
+waiting for the device's part of the same layer).
 """
 import time
 from collections import OrderedDict
 
 import torch
 
-COUNTERS = ("hits", "misses", "prefetched", "bytes_fetched", "splits", "host_computed", "host_seconds",
+COUNTERS = ("hits", "misses", "bytes_fetched", "splits", "host_computed", "host_seconds",
             "join_seconds")
 
 
@@ -53,7 +47,7 @@ class ExpertCache:
     """The device slots of one MoE layer's experts over their host copies (see the module docstring)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, device: torch.device, slots: int, pin: bool,
-                 scratch: SplitScratch | None = None):
+                 scratch: SplitScratch | None = None, host_share: float = 0.0):
         num_experts, two_i, hidden = w13.shape
         if not 1 <= slots <= num_experts:
             raise ValueError(f"experts_on_device={slots} must be in [1, {num_experts}] (the layer's experts)")
@@ -71,11 +65,11 @@ class ExpertCache:
         self.events: dict[int, object] = {}  # slot -> copy event not yet waited on (CUDA)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.reset_counters()
-        self.host_share = 0.0
+        self.host_share = host_share
         self.expert_bytes = 3 * self.inter * hidden * w13.element_size()
 
     def reset_counters(self) -> None:
-        self.hits = self.misses = self.prefetched = self.bytes_fetched = self.splits = 0
+        self.hits = self.misses = self.bytes_fetched = self.splits = 0
         self.host_computed = self.host_seconds = self.join_seconds = 0.0
 
     @property
@@ -131,16 +125,6 @@ class ExpertCache:
                 event = self.events.pop(self.lru[e], None)
                 if event is not None:
                     current.wait_event(event)
-
-    def prefetch(self, experts: list[int]) -> None:
-        """Start copying the guessed ``experts`` that are not resident (at most ``num_slots``, the most likely
-        first), evicting the least recently used; they count as ``prefetched``, not as misses."""
-        guess = experts[:self.num_slots]
-        keep = set(guess)
-        for e in guess:
-            if e not in self.lru:
-                self.prefetched += 1
-                self._copy_in(e, keep)
 
     def plan(self, needed: list[int]) -> tuple[list[int], tuple[int, int] | None, list[int]]:
         """(the experts the device runs whole, resident ones first; the split expert and its row k, or None; the

@@ -1,44 +1,27 @@
 """Expert offload: every expert of an MoE layer in (pinned) host memory, and a device cache of a few of them.
 
-``offload_experts(model, device, slots, prefetch, host_share)`` takes a model built on the host (``build_model``
-with the CPU as device), moves everything that is not an expert (attention, norms, embeddings, routers, shared experts)
-to ``device``, and gives each ``SparseMoe`` an ``ExpertCache`` (``expert_cache.py``): the layer's stacked experts stay
-on the host (pinned where the device is CUDA) and ``slots`` of them live on the device, evicted least recently used.
+``offload_experts(model, device, slots, host_share)`` takes a model built on the host (``build_model`` does so when
+asked to offload), moves everything but the experts to ``device`` and gives each ``SparseMoe`` an ``ExpertCache``
+(``expert_cache.py``) with ``slots`` experts on the device, evicted least recently used.
 
-A step of an offloaded layer routes on the device, reads the set of chosen experts on the host (one sync per layer)
-and splits them between the device and the host (``ExpertCache.plan``).  The device makes its whole experts resident
-(copies on a side stream on CUDA; the compute stream waits on each copy's event) and runs them on the slots
-(``ops.moe_experts``), with the expert ids remapped to slots. A step that needs more distinct experts than there are
-slots runs in rounds of at most ``slots`` experts, resident ones first, the router weights of the others set to
-zero. With ``prefetch``, each layer also applies the next MoE layer's router to its own input and starts copying
-the experts that guess picks, so the copies overlap this layer's compute.
+A step of an offloaded layer routes on the device, reads the chosen experts on the host (one sync per layer) and
+splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
+the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
+from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.
 
-With ``host_share`` > 0, the host computes that share of the non-resident experts' work from its own copy instead of
-copying it (Fiddler's idea: the host's memory reads an expert at a rate close to the link's, so both together move
-about twice the bytes per second): whole experts, and the rows [k, I) of the one expert on the boundary, whose rows
-[0, k) the device copies into a scratch shared by the layers and computes, so that each layer's work is split at the
-share exactly.  The layer's input and routing go to the host first, the device's part (copies and kernels) is
-launched next, and the host computes its part while the device works; its result is added to the device's in float32.
-
-Graph mode: an offloaded model runs eagerly (``graph_capturable = False`` with a logged reason).  The set of
-experts a step needs is known only after routing, on the host, and the copies it triggers depend on it; a
-captured graph would replay the copies of the step it was captured on.  Capturing the attention segments
-between eager MoE layers is possible, but each decode step would then replay one graph per layer with a host
-sync between them; when experts do not fit, copying whole experts over the host link dominates a step, so the
-launch overhead a graph saves is small against it, and eager is the correct-by-construction choice
-(``benchmarks/offload_bench.py`` measures the copy share of a step).
-
-``offload_stats(model)`` sums the caches' counters (``expert_cache.COUNTERS``) and adds the device and host bytes of
-experts.
+An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
+known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
+``offload_stats(model)`` sums the caches' counters and adds the device and host bytes of experts.
 """
 import torch
 
+from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE
 from nanovllm.kernels import ops
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.expert_cache import COUNTERS, ExpertCache, SplitScratch
 from nanovllm.models.moe import SparseMoe
 
-__all__ = ["COUNTERS", "OffloadedMoe", "offload_experts", "offload_stats", "set_host_share", "set_prefetch"]
+__all__ = ["COUNTERS", "OffloadedMoe", "expert_caches", "offload_experts", "offload_stats"]
 NOT_CAPTURABLE_REASON = "experts are offloaded to host memory (offload_experts=True): routing decides the copies"
 
 
@@ -50,19 +33,9 @@ class OffloadedMoe(torch.nn.Module):
         self.top_k, self.renormalize = moe.top_k, moe.renormalize
         self.gate, self.shared_expert, self.shared_expert_gate = moe.gate, moe.shared_expert, moe.shared_expert_gate
         self.cache = cache
-        self.next_moe: "OffloadedMoe | None" = None  # set by offload_experts when prefetching
-
-    def guess(self, x: torch.Tensor) -> list[int]:
-        """The experts this layer's router picks for ``x`` (another layer's input), most picked first."""
-        _, ids = route_reference(torch.nn.functional.linear(x, self.gate.weight), self.top_k, self.renormalize)
-        counts = torch.bincount(ids.reshape(-1), minlength=self.gate.weight.shape[0])
-        order = torch.argsort(counts, descending=True, stable=True)
-        return [e for e, c in zip(order.tolist(), counts[order].tolist()) if c > 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route_reference(ops.linear(x, self.gate.weight), self.top_k, self.renormalize)
-        if self.next_moe is not None and x.shape[0]:
-            self.next_moe.cache.prefetch(self.next_moe.guess(x))
         c = self.cache
         on_device, split, on_host = c.plan(torch.unique(ids).tolist())
         host_part = bool(on_host) or split is not None
@@ -88,10 +61,12 @@ class OffloadedMoe(torch.nn.Module):
 
 
 @torch.no_grad()
-def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | None, prefetch: bool,
-                    host_share: float = 0.0) -> list:
+def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | None,
+                    host_share: float | None = None) -> list:
     """Turn ``model`` (built on the host) into an offloaded one on ``device`` (module docstring); ``slots``
-    None: every expert resident.  Returns the layers' caches."""
+    None: every expert resident; ``host_share`` None: the device's default.  Returns the layers' caches."""
+    if host_share is None:
+        host_share = CUDA_OFFLOAD_HOST_SHARE if device.type == "cuda" else 0.0
     layers = model.model.layers
     moes = [(i, layer.mlp) for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoe)]
     if not moes:
@@ -101,17 +76,14 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     scratch = None  # room for a split expert's device rows, when the host takes a share of the misses
     if host_share > 0 and slots is not None and slots < num_experts:
         scratch = SplitScratch(two_i // 2, hidden, moes[0][1].experts.gate_up_proj.dtype, device)
-    caches, offloaded = [], []
+    caches = []
     for i, moe in moes:
         w13, w2 = moe.experts.gate_up_proj.data, moe.experts.down_proj.data
         del moe.experts  # the host copy lives on in the cache only
-        cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratch)
+        cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratch, host_share)
         layers[i].mlp = OffloadedMoe(moe, cache)
         caches.append(cache)
-        offloaded.append(layers[i].mlp)
     model.to(device)  # the caches are not modules: their host copies stay where they are
-    set_prefetch(model, prefetch)
-    set_host_share(model, host_share)
     for cache in caches:  # warm start: the first experts resident, so "all resident" fetches nothing later
         cache.ensure(list(range(cache.num_slots)))
         cache.reset_counters()
@@ -120,24 +92,14 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     return caches
 
 
-def set_prefetch(model: torch.nn.Module, on: bool) -> None:
-    """Turn the next-layer prefetch of an offloaded model on or off (for A/B measurements)."""
-    offloaded = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoe)]
-    for a, b in zip(offloaded, offloaded[1:] + [None]):
-        a.next_moe = b if on else None
-
-
-def set_host_share(model: torch.nn.Module, share: float) -> None:
-    """Set the share of non-resident experts the host computes, in every offloaded layer (for A/B measurements); a
-    model offloaded with share 0 has no split scratch, so its boundary expert then goes whole to the host."""
-    for layer in model.model.layers:
-        if isinstance(layer.mlp, OffloadedMoe):
-            layer.mlp.cache.host_share = share
+def expert_caches(model: torch.nn.Module) -> list[ExpertCache]:
+    """The caches of the model's offloaded MoE layers, in layer order (none for a model not offloaded)."""
+    return [layer.mlp.cache for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoe)]
 
 
 def offload_stats(model: torch.nn.Module) -> dict:
     """The counters summed over the model's expert caches, plus device and host bytes of experts."""
-    caches = [layer.mlp.cache for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoe)]
+    caches = expert_caches(model)
     stats = {k: sum(getattr(c, k) for c in caches) for k in COUNTERS}
     stats["expert_cache_bytes"] = sum(c.device_bytes for c in caches)
     stats["split_scratch_bytes"] = caches[0].scratch.nbytes if caches[0].scratch is not None else 0

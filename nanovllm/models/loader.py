@@ -1,19 +1,17 @@
 """Builds a model from its HF config and fills its weights: from a safetensors checkpoint, or random.
 
-Checkpoints are one file or sharded with an index.  Names the model declares are mapped (its file says how):
-``checkpoint_prefixes`` rewrites a leading prefix (a VL model's ``model.language_model.``), and names under one of
-its ``unpacked_prefixes`` are taken as they are; ``checkpoint_renames`` rewrites a module name (Mixtral's ``block_sparse_moe`` is our ``mlp``); HF tensors named in
-``packed_modules`` (q/k/v, gate/up) are copied into their slice of the packed parameter; per-expert tensors
-``....experts.<e>.<part>.weight`` whose part is in ``expert_weights`` are stacked into ``....experts.<stacked>``
-([E, 2I, H] for gate/up, each a half; [E, H, I] for down); a checkpoint that already holds the stacked tensor
-loads it whole.  Every parameter must be filled exactly; a missing or mis-shaped tensor (one expert's included)
-raises an error that names it as the checkpoint does, and a truncated or corrupt file one that names the file.
-Tied embeddings need no ``lm_head.weight``; tensors the model does not use (e.g. rotary caches) are ignored.
-Values are converted to the model's dtype on load.  Once filled, either way, the model's ``after_loading`` may
-rewrite its weights (MiniCPM folds its scalings into them).
+Checkpoints are one file or sharded with an index.  Names are mapped as the model declares: ``checkpoint_prefixes``
+(a leading prefix rewritten), ``unpacked_prefixes`` (names taken as they are), ``checkpoint_renames`` (a module
+renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the packed parameter) and ``expert_weights``
+(per-expert tensors stacked into ``experts.<stacked>``; a stacked tensor in the checkpoint loads whole).  Every
+parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
+corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
+are converted to the model's dtype; then the model's ``after_loading`` may rewrite its weights.
 
-``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with
-``seed`` (norm weights 1, everything else normal with std 0.02), the same on every run of one device type.
+``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
+(norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With
+``offload_experts`` the model is built on the host and its experts stay there behind a device cache
+(``expert_offload.py``).
 """
 import json
 import os
@@ -25,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import nanovllm.distributed as distributed
+from nanovllm.models import expert_offload
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
@@ -33,10 +32,22 @@ _DUMMY_STD = 0.02
 
 
 def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, model_dir: str,
-                load_format: str = "safetensors", seed: int = 0, draw_device: torch.device | None = None
-                ) -> nn.Module:
-    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients;
-    dummy weights are drawn on ``draw_device`` (default: where each parameter is) and copied into place."""
+                load_format: str = "safetensors", seed: int = 0, offload_experts: bool = False,
+                experts_on_device: int | None = None, offload_host_share: float | None = None) -> nn.Module:
+    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients.
+
+    With ``offload_experts`` the model is built on the host (dummy weights drawn on ``device``, as without offload)
+    and then offloaded (``expert_offload.offload_experts``, with ``experts_on_device`` slots per layer and the
+    host's share ``offload_host_share``): its experts stay in host memory, the rest moves to ``device``."""
+    if not offload_experts:
+        return _build(hf_config, dtype, device, model_dir, load_format, seed, draw_device=None)
+    model = _build(hf_config, dtype, torch.device("cpu"), model_dir, load_format, seed, draw_device=device)
+    expert_offload.offload_experts(model, device, experts_on_device, offload_host_share)
+    return model
+
+
+def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir: str, load_format: str, seed: int,
+           draw_device: torch.device | None) -> nn.Module:
     model_cls = resolve_model_class(hf_config)
     if "expert_compression" in hf_config:  # low-rank experts (svd_moe.py)
         model_cls = compressed_class(model_cls, hf_config["expert_compression"])

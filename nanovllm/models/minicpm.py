@@ -1,23 +1,17 @@
 """MiniCPM and MiniCPM4: ``MiniCPMForCausalLM`` (openbmb's checkpoints, model_type ``minicpm``) and
 ``MiniCPM4ForCausalLM`` (transformers' name): the shared decoder (Llama-shaped, no biases) with three scalings
-read from config.json, and LongRoPE (``layers/rotary.py``).
-
-The scalings of the reference code:
+read from config.json, and LongRoPE (``layers/rotary.py``).  The scalings of the reference code:
 - the embedding output is multiplied by ``scale_emb``;
 - each attention and each MLP branch is multiplied by ``scale_depth / sqrt(num_hidden_layers)`` before it joins
   the residual stream;
 - the LM head's input is divided by ``hidden_size / dim_model_base``.
 
-They are folded into the weights once these are loaded (``after_loading``), so the shared decoder runs unchanged
-and a step costs what a Llama step of the same shape costs: ``embed_tokens`` times ``scale_emb``; ``o_proj`` and
-``down_proj`` times the residual scale; the final norm's weight divided by the width ratio, and also by
-``scale_emb`` when the LM head is tied to the (now scaled) embedding.  The math is the reference's; only where
-products are rounded differs.
-
-Fields a config.json leaves out take the defaults of its architecture's own config class: openbmb's
-``MiniCPMConfig`` (scales 1, ``dim_model_base`` 1, tied embeddings) or transformers' ``MiniCPM4Config``
-(``scale_emb`` 12, ``scale_depth`` 1.4, ``dim_model_base`` 256, None meaning no scaling, tied embeddings).
-InfLLM-v2 sparse attention (``sparse_config``, MiniCPM4-8B) and MiniCPM-MoE (``num_experts``) are refused.
+They are folded into the weights once these are loaded (``after_loading``), so the shared decoder runs unchanged:
+``embed_tokens`` times ``scale_emb``; ``o_proj`` and ``down_proj`` times the residual scale; the final norm's weight
+divided by the width ratio, and also by ``scale_emb`` when the LM head is tied to the (now scaled) embedding.  The
+math is the reference's; only where products are rounded differs.  Fields a config.json leaves out take its
+architecture's config class's defaults (``config_defaults``; None means no scaling).  InfLLM-v2 sparse attention
+(``sparse_config``, MiniCPM4-8B) and MiniCPM-MoE (``num_experts``) are refused.
 """
 import math
 
@@ -27,6 +21,7 @@ from nanovllm.models.decoder import DecoderForCausalLM
 
 
 class MiniCPMForCausalLM(DecoderForCausalLM):
+    # openbmb's MiniCPMConfig defaults.
     config_defaults = {"scale_emb": 1, "scale_depth": 1, "dim_model_base": 1, "tie_word_embeddings": True}
 
     def __init__(self, hf_config: dict):
@@ -58,6 +53,7 @@ class MiniCPMForCausalLM(DecoderForCausalLM):
 
 
 class MiniCPM4ForCausalLM(MiniCPMForCausalLM):
+    # transformers' MiniCPM4Config defaults.
     config_defaults = {"scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256, "tie_word_embeddings": True}
 
 

@@ -1,24 +1,18 @@
 """Low-rank (SVD) experts: a compressed checkpoint's MoE layers, and how a model class is adapted to load one.
 
-A checkpoint is compressed when its config.json holds ``expert_compression`` (written by
-``tools/compress_experts.py``): ``{"method", "rank", "ridge", "ranks": {"gate": Rg, "up": Ru, "down": Rd}}``.
-Per layer, each of the three expert matrices has one basis shared by the layer's experts and one small matrix
-per expert, so that ``W_e ≈ U · V_e``::
-
-    experts.gate_U [I, Rg]   experts.gate_V [E, Rg, H]
-    experts.up_U   [I, Ru]   experts.up_V   [E, Ru, H]
-    experts.down_U [H, Rd]   experts.down_V [E, Rd, I]
+A checkpoint is compressed when its config.json holds ``expert_compression`` (written by ``tools/compress_experts.py``):
+``{"method", "rank", "ridge", "ranks": {"gate": Rg, "up": Ru, "down": Rd}}``.  Per layer, each expert matrix has one
+basis shared by the layer's experts and one small matrix per expert, ``W_e ≈ U · V_e`` (``SvdExperts``:
+``gate_U [I, Rg]``, ``gate_V [E, Rg, H]``, likewise ``up``; ``down_U [H, Rd]``, ``down_V [E, Rd, I]``).
 
 ``SvdMoe`` routes as ``SparseMoe`` (``moe_reference.route_reference``) and computes, per (token, k) pair,
 ``h = silu(U_g V_g,e x) * (U_u V_u,e x)`` (the bases expand before the SiLU: it is not linear) and
 ``z = V_d,e h``; the router-weighted sum of ``z`` over a token's pairs is taken in the rank space, and ``U_d``,
-shared and linear, is applied once per token after it.  ``U_g``, ``U_u`` and ``U_d`` are dense matmuls over all
-pairs (tokens) of the layer.  Each expert runs on every token with its router weight (zero where unrouted):
-every shape depends only on the step's token count and no Python branch or loop on it, so the layer traces
-(prefill with dynamic shapes included) and replays in a graph.
+shared and linear, is applied once per token after it.  Every shape depends only on the step's token count, so the
+layer traces (prefill with dynamic shapes included) and replays in a graph (``svd_experts_forward``).
 
-``compressed_class(cls, compression)`` is ``cls`` with its sparse MLPs built as ``SvdMoe`` (the full experts are
-never allocated); ``loader.build_model`` uses it when the config says the checkpoint is compressed.
+``compressed_class(cls, compression)`` is ``cls`` with its sparse MLPs built as ``SvdMoe`` (the full experts never
+allocated); ``loader.build_model`` uses it for a compressed checkpoint.
 """
 import torch
 import torch.nn.functional as F

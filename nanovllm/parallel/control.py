@@ -16,16 +16,15 @@ Contract:
 """
 import collections
 import datetime
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
 import nanovllm.distributed as distributed
+from nanovllm import envs
 from nanovllm.distributed.rendezvous import describe_dead
 
-TIMEOUT_ENV = "NANOVLLM_TP_TIMEOUT_S"
 CLOSE = -1  # the op that ends a rank's replay
 MAX_IN_FLIGHT = 16
 _control = None  # the gloo group calls travel on
@@ -34,15 +33,8 @@ _header = torch.zeros(3, dtype=torch.int64)  # a receiving rank's
 
 
 def timeout_s() -> float:
-    """The default group's timeout: ``$NANOVLLM_TP_TIMEOUT_S`` seconds, 600 when unset."""
-    value = os.environ.get(TIMEOUT_ENV, "600")
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
-    return seconds
+    """The default group's timeout: ``$NANOVLLM_TP_TIMEOUT_S`` seconds (``nanovllm/envs.py``)."""
+    return envs.get("NANOVLLM_TP_TIMEOUT_S")
 
 
 def open_channel() -> None:
@@ -136,7 +128,7 @@ class _Peers:
             time.sleep(0.05)
         error.add_note(f"{self.label}: this call failed after the other ranks started it; if a peer rank died, "
                        f"its log (torchrun reports the first failure) says why; a peer that hangs fails a collective "
-                       f"after {TIMEOUT_ENV}={timeout_s():g} s.  Later calls of this LLM raise at once.")
+                       f"after NANOVLLM_TP_TIMEOUT_S={timeout_s():g} s.  Later calls of this LLM raise at once.")
 
 
 class SpawnedPeers(_Peers):

@@ -44,7 +44,7 @@ class MirroredEngine:
     ``control.TorchrunPeers``."""
     MIRRORED = ("add_request", "step", "abort", "reset_prefix_cache", "reset_stats", "close")
     READ_ONLY = ("config", "platform", "runner", "block_manager", "scheduler", "pipeline", "stats", "step_log",
-                 "describe", "has_work", "updated_sequences")
+                 "describe", "has_work")
 
     config = _Read()
     platform = _Read()
@@ -56,7 +56,6 @@ class MirroredEngine:
     step_log = _Read(writable=True)
     describe = _Read()
     has_work = _Read()
-    updated_sequences = _Read()
 
     def __init__(self, engine: Engine, peers):
         self._engine, self.peers = engine, peers

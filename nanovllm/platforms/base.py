@@ -81,6 +81,13 @@ class Platform:
     def check_tensor_parallel(self, size: int) -> None:
         """Raise ``ValueError`` if this platform cannot run ``size`` tensor-parallel ranks."""
 
+    def prepare_tensor_parallel(self, dtype: torch.dtype, max_elements: int) -> None:
+        """Set up this rank's collectives for all-reduces of up to ``max_elements`` elements of ``dtype`` (a decode
+        step's), once the group exists; every rank calls it, after its model is built."""
+
+    def release_memory(self) -> None:
+        """Return cached device memory that no tensor uses to the device (after an engine is closed)."""
+
     def record_event(self):
         """A handle whose ``synchronize()`` waits for all device work queued so far."""
         return _DoneEvent()
@@ -160,6 +167,9 @@ class TorchDevicePlatform(Platform):
         event = self._api.Event()
         event.record()  # on the current stream: completes when everything queued before it has
         return event
+
+    def release_memory(self):
+        self._api.empty_cache()
 
     def reset_peak_memory(self):
         self._api.empty_cache()

@@ -1,5 +1,7 @@
 """CUDA: the checkpoint's dtype, memory measured after a warm-up, pinned host staging, Inductor + CUDA graphs
-sharing one pool, NCCL, and the Triton kernels registered for the ops (``nanovllm/kernels/cuda.py``).
+sharing one pool, NCCL (small all-reduces through the symmetric-memory one-shot kernel where
+``KernelOptions.one_shot_all_reduce``: ``prepare_tensor_parallel``), and the Triton kernels registered for the ops
+(``nanovllm/kernels/cuda.py``).
 
 Below Hopper: TMA loads and programmatic dependent launch need sm_90; ``KernelOptions.hopper_features``
 (``NANOVLLM_HOPPER_FEATURES=0``) turns both off on any GPU, so the path older GPUs take can be run on an H100.
@@ -11,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+import nanovllm.distributed as distributed
 from nanovllm.kernels.cuda import register_cuda_kernels
 from nanovllm.kernels.pdl import configure_inductor
 from nanovllm.logger import logger
@@ -36,6 +39,10 @@ class CudaPlatform(TorchDevicePlatform):
 
     def register_kernels(self):
         register_cuda_kernels()
+
+    def prepare_tensor_parallel(self, dtype, max_elements):
+        if distributed.current().size > 1 and self.options.one_shot_all_reduce:
+            distributed.use_one_shot_all_reduce(self.device, dtype, max_elements)
 
     def _has_bf16(self) -> bool:
         return torch.cuda.get_device_capability(self.device)[0] >= 8

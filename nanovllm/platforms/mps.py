@@ -1,18 +1,15 @@
-"""Apple MPS: written to PyTorch's ``torch.mps`` documentation, run only against the stand-in in ``tests/standins/``
-(no Mac was available): see the README's platform table.
+"""Apple MPS: written to PyTorch's ``torch.mps`` documentation, run only against the stand-in in ``tests/standins/``:
+see the README's platform table.
 
 * Device ``mps``.  Dtype: float16 by default; bfloat16 when asked for and the OS has it (macOS 14+,
   ``torch.backends.mps.is_macos_or_newer(14, 0)``), else a ``ValueError``; float32 when asked for.
 * Memory: the KV cache gets ``recommended_max_memory() * gpu_memory_utilization - driver_allocated_memory()``
   after a probe step (the driver's figure includes the allocator's cached blocks, so the probe's peak is
-  counted).  Where that leaves too little, ``num_kvcache_blocks`` fixes the size, as the MPS port of nano-vllm did.
-* Kernels: the ops' pure-PyTorch twins (their defaults on every device), host-sync free.  The MPS port found
-  ``scaled_dot_product_attention`` failing in decode with grouped KV heads and wrote attention by hand; the twin
-  calls SDPA in float32 with an explicit mask and ``enable_gqa``, which no Mac has run here.
-* No graph capture (PyTorch has no MPS graph API).  Eager by default: MPSInductor has reported silent wrong
-  results (RMSNorm returning zeros, pytorch#150629; a broadcast sum off by 2x, #170360; LayerNorm off by up to
-  1.8, #191976).  ``NANOVLLM_MPS_COMPILE=1`` (``KernelOptions.mps_compile``) compiles the step with it, with a
-  warning.
+  counted).  Where that leaves too little, ``num_kvcache_blocks`` fixes the size.
+* Kernels: the ops' pure-PyTorch twins (their defaults on every device), host-sync free; attention calls SDPA in
+  float32 with an explicit mask and ``enable_gqa``.
+* No graph capture (PyTorch has no MPS graph API).  Eager by default, since MPSInductor has reported silent wrong
+  results; ``NANOVLLM_MPS_COMPILE=1`` (``KernelOptions.mps_compile``) compiles the step with it, with a warning.
 * One device: tensor parallelism is an error.
 """
 import platform as host_platform
@@ -23,6 +20,8 @@ from nanovllm.logger import logger
 from nanovllm.platforms.base import Platform
 
 
+# The MPS port of nano-vllm found scaled_dot_product_attention failing in decode with grouped KV heads and wrote
+# attention by hand; the twin's float32 SDPA with an explicit mask and enable_gqa has not run on a Mac.
 class MpsPlatform(Platform):
     name = "mps"
     measures_memory = True
@@ -33,6 +32,8 @@ class MpsPlatform(Platform):
             logger.warning("NANOVLLM_MPS_COMPILE=1: compiling the step with MPSInductor, which has reported silent "
                            "wrong results (pytorch#150629, #170360, #191976); compare its output with eager mode")
 
+    # MPSInductor's reported silent wrong results: RMSNorm returning zeros (pytorch#150629), a broadcast sum off by
+    # 2x (#170360), LayerNorm off by up to 1.8 (#191976).
     @property
     def compiles_by_default(self) -> bool:
         return self.options.mps_compile

@@ -1,30 +1,18 @@
-"""Ascend NPU through torch_npu and torchair.  Written to the vendors' documentation, run only against the stand-ins
-in ``tests/standins/`` (no Ascend card was available): see the README's platform table.
+"""Ascend NPU through torch_npu and torchair, written to the vendors' documentation and run only against the
+stand-ins in ``tests/standins/`` (the README's platform table).
 
-* Device: ``npu`` / ``npu:N``.  ``import torch_npu`` registers the device and ``torch.npu`` and must come before
-  ``import torchair`` (torchair guide).  Dtypes: the checkpoint's float16 or bfloat16, else bfloat16 (FIA, the
-  attention kernel, takes no float32; float32 runs the twins).
-* Memory: ``torch.npu.mem_get_info`` (free, total), ``max_memory_allocated`` and ``memory_reserved`` after a probe
-  step, as on CUDA.  Completion: ``torch.npu.Event`` and ``torch.npu.synchronize``.  Staging buffers are pinned.
-* Tensor parallelism: backend ``hccl``, which ``import torch_npu`` registers for "npu" devices
-  (``torch.distributed.Backend.register_backend("hccl", ..., extended_api=True, devices=["npu"])`` in Ascend/pytorch
-  ``torch_npu/__init__.py``).  Rank r of a node runs on ``npu:r`` and calls ``torch.npu.set_device`` before
-  joining the group, as torchair's guide to collectives in graph mode does (``docs/context/集合通信入图.md``).
-  Graph mode traces the collectives as PyTorch's functional collectives, which torchair converts
-  (``distributed/functional.py``).  ``ASCEND_RT_VISIBLE_DEVICES`` limits the NPUs a process sees (vllm-ascend's
-  tutorials set it for multi-NPU runs).
-* Kernels: ``nanovllm/kernels/npu.py`` (FIA attention, ``npu_scatter_nd_update_`` KV store), registered for "npu".
-* Compilation: ``torchair.get_npu_backend(compiler_config=CompilerConfig())`` with ``CompilerConfig().mode`` from
-  ``KernelOptions.npu_graph_mode`` (``NANOVLLM_NPU_GRAPH_MODE``).  Default ``max-autotune``: torchair's own
-  default, what nano-vllm-ascend ran (its throughput: docs/PERFORMANCE.md), and the only mode whose FIA takes the
-  attention lengths as a device tensor, so the step stays free of host reads.  ``reduce-overhead`` (aclgraph
-  capture, what vllm-ascend moved to, refreshing host-side lengths before each replay) is the option; here its
-  attention is the twin (``kernels/npu.py`` says why), and aclgraph's stream budget (2,048 streams in all, per the
-  torchair guide as summarised in the project's capability notes) bounds how many buckets can be captured.
+* Device: ``npu`` / ``npu:N``.  ``import torch_npu`` registers the device and must come before ``import torchair``.
+  Dtypes: the checkpoint's float16 or bfloat16, else bfloat16 (the attention kernel takes no float32; float32 runs
+  the twins).  Memory and completion as on CUDA, through ``torch.npu``; staging buffers are pinned.
+* Tensor parallelism: backend ``hccl`` (registered by ``import torch_npu``); rank r of a node runs on ``npu:r`` and
+  sets it before joining the group.  Graph mode traces the collectives as PyTorch's functional collectives, which
+  torchair converts (``distributed/functional.py``).  ``ASCEND_RT_VISIBLE_DEVICES`` limits the NPUs a process sees.
+* Kernels: ``kernels/npu.py``.  Compilation: ``torchair.get_npu_backend``, its mode ``KernelOptions.npu_graph_mode``.
+  Default ``max-autotune``, the only mode whose attention takes its lengths as a device tensor, so the step stays
+  free of host reads; in ``reduce-overhead`` (aclgraph capture) attention is the twin.
 * Static shapes (``static_shapes``): each decode bucket is compiled on its own with ``dynamic=False`` and
-  ``fullgraph=True`` (``compile/static_executor.py``), through torchair's compile cache ``cache_compile`` (one
-  method per bucket, whose files live in nanovllm's compile-cache entry, keyed by the CANN, torch_npu and torchair
-  versions).  Nested compile regions are inlined while tracing: torchair converts no ``invoke_subgraph``.
+  ``fullgraph=True`` (``compile/static_graph.py``) through torchair's ``cache_compile``, whose files live in the
+  compile-cache entry (keyed by the CANN, torch_npu and torchair versions).  Nested compile regions are inlined.
 """
 import importlib.metadata
 from pathlib import Path
@@ -53,13 +41,15 @@ class NpuPlatform(TorchDevicePlatform):
     visible_devices_env = "ASCEND_RT_VISIBLE_DEVICES"
 
     def __init__(self, device: torch.device, options=None):
-        import torch_npu  # noqa: F401  (before torchair, which the compile step imports)
+        import torch_npu  # noqa: F401  (before torchair, which the compile step imports: torchair guide)
         if not torch.npu.is_available():
             raise ValueError(f"device={str(device)!r} was asked for but torch.npu.is_available() is False")
         if device.index is None:
             device = torch.device("npu", torch.npu.current_device())
         if device.index >= torch.npu.device_count():
             raise ValueError(f"device={str(device)!r}: only {torch.npu.device_count()} NPUs are visible")
+        # Before joining a process group, as torchair's guide to collectives in graph mode does
+        # (docs/context/集合通信入图.md).
         torch.npu.set_device(device)
         super().__init__(device, options)
 
@@ -71,6 +61,8 @@ class NpuPlatform(TorchDevicePlatform):
 
     @classmethod
     def device_api(cls):
+        # hccl: torch.distributed.Backend.register_backend("hccl", ..., extended_api=True, devices=["npu"]) in
+        # Ascend/pytorch torch_npu/__init__.py.
         import torch_npu  # noqa: F401  (registers torch.npu and the hccl backend)
         return torch.npu
 
@@ -90,6 +82,9 @@ class NpuPlatform(TorchDevicePlatform):
         return {"cann": torch_npu.npu.utils.get_cann_version(), "torch_npu": torch_npu.__version__,
                 "torchair": torchair_version}
 
+    # max-autotune is torchair's own default and what nano-vllm-ascend ran.  reduce-overhead (aclgraph, what
+    # vllm-ascend moved to) refreshes host-side lengths before each replay, and aclgraph's stream budget (2,048 in
+    # all, per the torchair guide) bounds how many buckets can be captured.
     def _compiler_config(self):
         import torchair
         config = torchair.CompilerConfig()

@@ -2,21 +2,17 @@
 
     python -m nanovllm.tools.convert_gguf IN.gguf OUT_DIR [--dtype float32|bfloat16|float16]
 
-Dequantization, tensor renaming and config/tokenizer rebuilding are done by transformers'
-GGUF loader (``from_pretrained(dir, gguf_file=name)``); this module writes a clean checkpoint:
-
-* ``model.safetensors``   - the state dict; tied tensors (lm_head tied to embed_tokens)
-                            are stored once, and ``tie_word_embeddings`` stays true;
-* ``config.json``         - with ``architectures``, ``dtype`` and ``torch_dtype``; the GGUF
-                            ``quantization_config`` is dropped (the weights are dequantized);
-                            legacy ``rope_theta``/``rope_scaling`` keys are added next to
-                            transformers 5's ``rope_parameters`` for readers of either form;
+Dequantization, tensor renaming and config/tokenizer rebuilding are done by transformers' GGUF loader
+(``from_pretrained(dir, gguf_file=name)``); this module writes a clean checkpoint:
+* ``model.safetensors``: the state dict; a tied lm_head is stored once (``tie_word_embeddings`` stays true);
+* ``config.json``: with ``architectures``, ``dtype`` and ``torch_dtype``; the GGUF ``quantization_config`` is dropped
+  (the weights are dequantized); legacy ``rope_theta``/``rope_scaling`` keys sit next to ``rope_parameters``;
 * tokenizer.json, tokenizer_config.json (chat template included), chat_template.jinja;
-* ``generation_config.json`` - bos/eos/pad ids.
+* ``generation_config.json``: bos/eos/pad ids.
 
-Output goes to a temp sibling dir renamed onto OUT_DIR at the end (never half-written).
-The helpers for that (``atomic_output_dir``, ``save_weights``, ``write_config_json``,
-``file_lock``) are shared with ``synthesize`` and ``default_model``.
+Output goes to a temp sibling dir renamed onto OUT_DIR at the end (never half-written); its helpers
+(``atomic_output_dir``, ``save_weights``, ``write_config_json``, ``file_lock``) serve ``synthesize`` and
+``default_model`` too.
 """
 from __future__ import annotations
 

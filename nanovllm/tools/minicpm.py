@@ -2,21 +2,16 @@
 
     python -m nanovllm.tools.minicpm MINICPM_DIR OUT_DIR
 
-No released transformers has openbmb's ``MiniCPMForCausalLM`` (5.23 has no MiniCPM4 either), so the oracle is
-transformers' ``LlamaForCausalLM`` with MiniCPM's three scalings folded into its weights, written as a Llama
-checkpoint ``from_pretrained`` loads:
+No released transformers has openbmb's ``MiniCPMForCausalLM``, so the oracle is its ``LlamaForCausalLM`` with
+MiniCPM's three scalings folded into its weights, written as a Llama checkpoint ``from_pretrained`` loads:
 - the embedding times ``scale_emb``;
 - ``o_proj`` and ``down_proj`` times ``scale_depth / sqrt(num_hidden_layers)``;
 - an untied ``lm_head`` equal to the (unscaled) LM-head weight divided by ``hidden_size / dim_model_base``;
-- LongRoPE through transformers' own ``longrope`` rope type (factors picked per forward pass by its largest
-  position).
+- LongRoPE through transformers' own ``longrope`` rope type.
 The formulas are written here from the reference's definition, apart from nanovllm's model (which folds them
 differently, ``nanovllm/models/minicpm.py``); only the defaults of fields a config.json omits are the model's.
-Weights are folded in float32 and saved in float32.
-
-``MINICPM4_0_5B`` is openbmb/MiniCPM4-0.5B's config.json (its ``auto_map``, ``_name_or_path``, dtype and version
-fields left out), read from a public copy of the repository's files, not from the hub; other public code quotes the
-same shape, epsilon and LongRoPE lists.  ``python -m nanovllm.tools.synthesize minicpm4-0.5b OUT`` writes it with
+Weights are folded and saved in float32.  ``MINICPM4_0_5B`` is openbmb/MiniCPM4-0.5B's config.json (its
+``auto_map``, ``_name_or_path``, dtype and version fields left out), which ``synthesize minicpm4-0.5b`` writes with
 random weights.
 """
 import argparse
@@ -24,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+# MINICPM4_0_5B is read from a public copy of the repository's files, not from the hub; other public code quotes
+# the same shape, epsilon and LongRoPE lists.
 _MINICPM4_0_5B_ROPE_FACTORS = [  # short_factor and long_factor are this same list
     1.0004360675811768, 1.0668443441390991, 1.1631425619125366, 1.3025742769241333, 1.5040205717086792,
     1.7941505908966064, 2.2101221084594727, 2.802666664123535, 3.6389970779418945, 4.804192543029785,
@@ -61,6 +58,7 @@ def llama_config(cfg: dict, tie_word_embeddings: bool = False):
         params = {k: rope[k] for k in ("short_factor", "long_factor", "factor", "attention_factor") if k in rope}
         params["original_max_position_embeddings"] = (rope.get("original_max_position_embeddings")
                                                       or cfg["max_position_embeddings"])
+        # transformers picks the factors per forward pass by its largest position.
     elif rope_type == "default":
         params = {}
     else:

