@@ -5,13 +5,16 @@ Contract:
   never times out, since rank 0 may idle for hours between two calls.  ``leave_group`` forgets it and leaves the
   default group: this process is a rank of one again.
 * ``send(op, arg, payload)`` on rank 0 and ``receive()`` on every other rank move one call, in order: an int64
-  header ``[op, arg, len(payload)]``, then the payload's bytes only when there are any.
+  header ``[op, arg, len(payload)]``, then the payload's bytes only when there are any.  ``send`` does not wait
+  for the peers to take the call (gloo would wait for each to post its receive, i.e. to finish its last call):
+  up to ``MAX_IN_FLIGHT`` calls stay in flight, and a failed one raises from a later ``send`` or ``flush``.
 * ``SpawnedPeers`` (ranks rank 0 spawned) and ``TorchrunPeers`` (ranks torchrun started): ``send`` raises
   ``RuntimeError`` naming each dead rank and its exit code, and raises at once after an earlier call failed once
   the peers had it (``failed``); ``close`` sends ``CLOSE``, leaves the group, ends spawned ranks and never raises
   for a peer already gone.
 * ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 600), seconds a default-group collective waits for a peer.
 """
+import collections
 import datetime
 import time
 
@@ -23,8 +26,10 @@ from nanovllm import envs
 from nanovllm.distributed.rendezvous import describe_dead
 
 CLOSE = -1  # the op that ends a rank's replay
+MAX_IN_FLIGHT = 16
 _control = None  # the gloo group calls travel on
-_header = torch.zeros(3, dtype=torch.int64)
+_in_flight: collections.deque = collections.deque()  # ([work], [tensor]) of each send not yet seen complete
+_header = torch.zeros(3, dtype=torch.int64)  # a receiving rank's
 
 
 def timeout_s() -> float:
@@ -38,10 +43,20 @@ def open_channel() -> None:
 
 
 def send(op: int, arg: int = 0, payload: bytes = b"") -> None:
-    _header[0], _header[1], _header[2] = op, arg, len(payload)
-    dist.broadcast(_header, src=0, group=_control)
+    tensors = [torch.tensor([op, arg, len(payload)], dtype=torch.int64)]
     if payload:
-        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=_control)
+        tensors.append(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    _in_flight.append(([dist.broadcast(t, src=0, group=_control, async_op=True) for t in tensors], tensors))
+    while _in_flight and (len(_in_flight) > MAX_IN_FLIGHT or all(w.is_completed() for w in _in_flight[0][0])):
+        for work in _in_flight.popleft()[0]:
+            work.wait()  # raises if this send failed
+
+
+def flush() -> None:
+    """Wait until every call sent has been taken by every peer."""
+    while _in_flight:
+        for work in _in_flight.popleft()[0]:
+            work.wait()
 
 
 def receive() -> tuple[int, int, bytes]:
@@ -61,6 +76,7 @@ def leave_group() -> None:
     work is in flight, so the abort loses nothing."""
     global _control
     _control = None
+    _in_flight.clear()
     distributed.release_one_shot_all_reduce()
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
@@ -136,6 +152,7 @@ class SpawnedPeers(_Peers):
         if told:
             try:
                 send(CLOSE)
+                flush()
             except RuntimeError:  # a peer died since the check (gloo: connection closed)
                 told = False
         try:
@@ -168,6 +185,7 @@ class TorchrunPeers(_Peers):
         if not self.broken:
             try:
                 send(CLOSE)
+                flush()
             except RuntimeError as e:  # a peer is already gone: nothing to tell it; still leave the group
                 self.broken = f"{type(e).__name__}: {e}"[:300]
         self.closed = True
