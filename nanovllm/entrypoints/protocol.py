@@ -31,6 +31,25 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
 
+def check_text(value, param: str) -> None:
+    """A 400 naming ``param`` if ``value`` holds a string that is not valid Unicode text: a lone surrogate, which
+    JSON's ``\\u`` escapes can carry and no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_request(f"{param} holds {value[e.start]!r} at character {e.start}, a lone surrogate: not valid "
+                              f"Unicode text", param) from None
+    elif isinstance(value, BaseModel):
+        check_text(value.model_dump(), param)
+    elif isinstance(value, dict):
+        for item in value.values():
+            check_text(item, param)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_text(item, param)
+
+
 # fields of features nanovllm lacks, and the values that mean "off" (the only ones accepted)
 _NEUTRAL = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "repetition_penalty": (None, 1.0),
             "logit_bias": (None, {}), "min_tokens": (None, 0)}
@@ -64,6 +83,8 @@ class _Request(BaseModel):
     min_tokens: int | None = None
 
     def check_unsupported(self) -> None:
+        for name in type(self).model_fields:
+            check_text(getattr(self, name), name)
         for name, allowed in _NEUTRAL.items():
             if getattr(self, name) not in allowed:
                 raise bad_request(f"{name}={getattr(self, name)!r} is not supported by nanovllm (only "
