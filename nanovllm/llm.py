@@ -144,7 +144,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
-        """Generate for every prompt; returns ``[{"text": str, "token_ids": list[int]}]`` in input order."""
+        """Generate for every prompt; returns one output per prompt, in input order: ``{"text", "token_ids",
+        "finish_reason"}`` and, if asked, ``"logprobs"`` (``Completion.output``, ``nanovllm/completion.py``)."""
         token_lists, params, images = self._validate(prompts, sampling_params)
         engine = self.engine
         seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]
