@@ -22,7 +22,3 @@ class StepResult(NamedTuple):
     outputs: list[SequenceOutput]  # each sequence at most once, in the order its tokens resolved
     is_prefill: bool  # whether the step this call launched is a prefill
     num_tokens: int  # tokens the launched step computes
-
-    @property
-    def finished(self) -> list[SequenceOutput]:
-        return [out for out in self.outputs if out.finish_reason is not None]
