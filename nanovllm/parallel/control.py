@@ -48,15 +48,18 @@ def send(op: int, arg: int = 0, payload: bytes = b"") -> None:
         tensors.append(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
     _in_flight.append(([dist.broadcast(t, src=0, group=_control, async_op=True) for t in tensors], tensors))
     while _in_flight and (len(_in_flight) > MAX_IN_FLIGHT or all(w.is_completed() for w in _in_flight[0][0])):
-        for work in _in_flight.popleft()[0]:
-            work.wait()  # raises if this send failed
+        _wait_oldest()
 
 
 def flush() -> None:
     """Wait until every call sent has been taken by every peer."""
     while _in_flight:
-        for work in _in_flight.popleft()[0]:
-            work.wait()
+        _wait_oldest()
+
+
+def _wait_oldest() -> None:
+    for work in _in_flight.popleft()[0]:
+        work.wait()  # raises if that send failed
 
 
 def receive() -> tuple[int, int, bytes]:
