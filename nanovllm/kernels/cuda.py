@@ -28,34 +28,36 @@ from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
 _registered: set[str] = set()
 
 
-def _store_kv(key, value, k_cache, v_cache, slot_mapping):
+def _store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     if current_options().reference_kernels:
-        reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+        reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
-        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def _paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+def _paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale):
     if current_options().reference_kernels:
         return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                   scale)
+                                                   scale, k_scale, v_scale)
     if q.shape[0] == context_lens.shape[0]:  # one new token per sequence: every decode step
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale,
+                                    v_scale)
 
 
 def _rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-                   slot_mapping, num_heads, num_kv_heads):
+                   slot_mapping, num_heads, num_kv_heads, k_scale, v_scale):
     if current_options().reference_kernels:
         return reference.rope_store_kv_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight,
-                                                 eps, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+                                                 eps, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                                                 k_scale, v_scale)
     if qkv.dtype == torch.float32:  # the model's torch code, so results stay transformers' bit for bit
         q, k, v = reference.norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight,
                                                 eps, num_heads, num_kv_heads, k_cache.shape[3])
-        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return q
     return rope_store_kv_triton(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache,
-                                v_cache, slot_mapping, num_heads, num_kv_heads)
+                                v_cache, slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
 
 
 def _linear(x, weight, bias, silu_mul):

@@ -44,7 +44,9 @@ def _scatter_rows(src: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Te
 
 # torch_npu.npu_scatter_nd_update_: Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_scatter_nd_update_.md
 # ("supports graph mode"; "不支持越界": no out-of-range index).  vllm-ascend's torchair attention wrote its cache with it.
-def store_kv_npu(key, value, k_cache, v_cache, slot_mapping) -> None:
+def store_kv_npu(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    if k_scale is not None:  # the platform refuses kv_cache_dtype="fp8" before a cache is made
+        raise NotImplementedError("an FP8 KV cache on the NPU")
     if slot_mapping.shape[0] == 0:
         return
     import torch_npu
@@ -54,10 +56,10 @@ def store_kv_npu(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def rope_store_kv_npu(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-                      slot_mapping, num_heads, num_kv_heads):
+                      slot_mapping, num_heads, num_kv_heads, k_scale=None, v_scale=None):
     q, k, v = reference.norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
                                             num_heads, num_kv_heads, k_cache.shape[3])
-    store_kv_npu(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_npu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q
 
 
@@ -79,22 +81,24 @@ def _is_fia_decode(q, context_lens) -> bool:
     return q.shape[0] == context_lens.shape[0] and q.dtype in _FIA_DTYPES
 
 
-def paged_attention_npu(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+def paged_attention_npu(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale=None,
+                        v_scale=None):
     """Eager: FIA for decode (lengths read to the host), the twin otherwise."""
-    if not _is_fia_decode(q, context_lens):
+    if not _is_fia_decode(q, context_lens) or k_scale is not None:
         return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                   scale)
+                                                   scale, k_scale, v_scale)
     import torch_npu
     lengths = context_lens.clamp(min=1).tolist()
     return _fia_decode(torch_npu.npu_fused_infer_attention_score, q, k_cache, v_cache, context_lens, block_tables,
                        scale, lengths)
 
 
-def traced_paged_attention_ascend_ir(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+def traced_paged_attention_ascend_ir(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                     k_scale=None, v_scale=None):
     """Graph, max-autotune: torchair's FIA with the lengths as an int64 device tensor, the twin for prefill."""
-    if not _is_fia_decode(q, context_lens):
+    if not _is_fia_decode(q, context_lens) or k_scale is not None:
         return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                   scale)
+                                                   scale, k_scale, v_scale)
     import torchair
     return _fia_decode(torchair.ops.npu_fused_infer_attention_score, q, k_cache, v_cache, context_lens,
                        block_tables, scale, context_lens.clamp(min=1).to(torch.int64))

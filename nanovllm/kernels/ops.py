@@ -10,7 +10,8 @@ A platform whose graph compiler lowers only ops it knows may also register, per 
 implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
 place of the opaque op while compiling (the NPU platform, ``kernels/npu.py``).  Eager calls take the registered kernel.
 
-Contracts shared by every implementation (see ``reference.py`` for the cache layout and ``context_lens``):
+Contracts shared by every implementation (see ``reference.py`` for the cache layout and ``context_lens``, and
+``kv_quant.py`` for an FP8 cache, whose ``k_scale``/``v_scale`` the KV ops take; None for any other cache):
 no host synchronisation and no data-dependent shapes, so a step may be graph-captured; slot -1 is never written;
 a row with context 0 gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
 """
@@ -24,28 +25,31 @@ from nanovllm.kernels import moe_reference, reference, sampling
 
 @torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
 def _store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:
-    reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+              slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor],
+              v_scale: Optional[torch.Tensor]) -> None:
+    reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @_store_kv.register_fake
-def _(key, value, k_cache, v_cache, slot_mapping):
+def _(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     return None
 
 
 @torch.library.custom_op("nanovllm::paged_attention", mutates_args=())
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                     k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV, for prefill and decode alike.
 
     Implementations choose their kernel when the op runs, not when it is traced, so one compiled step serves
     both: a batch with one new token per sequence (every decode step) may take a decode kernel, any other the
     varlen prefill kernel.  Both compute the same thing for one token per sequence."""
-    return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                               k_scale, v_scale)
 
 
 @_paged_attention.register_fake
-def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale):
     return torch.empty_like(q)
 
 
@@ -53,15 +57,17 @@ def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
 def _rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
                    q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor], eps: float,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
-                   num_kv_heads: int) -> torch.Tensor:
+                   num_kv_heads: int, k_scale: Optional[torch.Tensor],
+                   v_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """Packed qkv -> q [T, Hq, D], with k and v stored: per-head q/k RMSNorm (weights given), rope, KV store."""
     return reference.rope_store_kv_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
-                                             k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+                                             k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, k_scale,
+                                             v_scale)
 
 
 @_rope_store_kv.register_fake
 def _(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
-      num_heads, num_kv_heads):
+      num_heads, num_kv_heads, k_scale, v_scale):
     return qkv.new_empty(qkv.shape[0], num_heads, k_cache.shape[3])
 
 
@@ -126,23 +132,24 @@ def register_traced(name: str, device_type: str, fn: Callable | None) -> None:
 _traced = traced.lookup
 
 
-def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+def store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     fn = _traced("store_kv", k_cache.device)
     if fn is not None:
-        return fn(key, value, k_cache, v_cache, slot_mapping)
-    torch.ops.nanovllm.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        return fn(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    torch.ops.nanovllm.store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps: float, k_cache, v_cache,
-                  slot_mapping, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                  slot_mapping, num_heads: int, num_kv_heads: int, k_scale=None, v_scale=None) -> torch.Tensor:
     fn = _traced("rope_store_kv", k_cache.device) or torch.ops.nanovllm.rope_store_kv
     return fn(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
-              num_heads, num_kv_heads)
+              num_heads, num_kv_heads, k_scale, v_scale)
 
 
-def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float, k_scale=None,
+                    v_scale=None) -> torch.Tensor:
     fn = _traced("paged_attention", q.device) or torch.ops.nanovllm.paged_attention
-    return fn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return fn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale)
 
 
 def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:

@@ -11,12 +11,16 @@ with ``q_len`` new tokens sits at absolute position ``context_lens[b] - q_len + 
 KV positions ``0 .. that position``.  A token at a negative position (a row with ``context_lens == 0``) gets
 zeros.  Cache entries at or past a row's context are never read into its result, whatever they hold.
 
+An FP8 cache (``kv_quant.py``) stores e4m3 elements with per-head scales: the store quantises, attention
+dequantises to float32 before it multiplies (``k_scale``/``v_scale`` [Hkv], None for a cache in the model's dtype).
+
 Every twin uses only static shapes (no ``.item()``, ``.tolist()``, ``nonzero`` or boolean-mask indexing): none syncs
 with the host, each traces whole (``fullgraph=True``, ``make_fx``), and attention reads every column of the block table.
 """
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import kv_quant
 from nanovllm.kernels.norm_rope import apply_rotary, rms_norm
 
 _PREFILL_TILE = 32  # query tokens per prefill tile
@@ -24,7 +28,8 @@ _CHUNK_ELEMENTS = 1 << 24  # elements of gathered K and V held at once, about (a
 
 
 def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
     """Write ``key``/``value`` [T, Hkv, D] into their slots; rows whose slot is -1 leave the cache as it was.
 
     Every row writes (a static shape): a padded row writes to the slot of the first real row the value that row
@@ -40,8 +45,8 @@ def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
     fallback = torch.where(any_valid, slot_mapping[first].long(), 0)
     slots = torch.where(valid, slot_mapping.long(), fallback)
     blocks, offsets = slots // block_size, slots % block_size
-    for src, cache in ((key, k_cache), (value, v_cache)):
-        src = src.to(cache.dtype)
+    for src, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        src = kv_quant.quantize(src, scale) if kv_quant.is_fp8(cache) else src.to(cache.dtype)
         stored = cache[fallback // block_size, :, fallback % block_size]  # [1, Hkv, D]
         filler = torch.where(any_valid[:, None, None], src[first], stored)
         cache[blocks, :, offsets] = torch.where(valid[:, None, None], src, filler)
@@ -62,7 +67,7 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # row.  A tile gathers its sequence's KV once for all its rows and attends in float32 with SDPA under a causal mask
 # by position; tiles are taken a group at a time so that the gathered KV stays near _CHUNK_ELEMENTS.
 def _attend_tiles(q: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, tables: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, kv_scales: tuple) -> torch.Tensor:
     """Causal attention of query tiles q [N, M, Hq, D] at positions ``q_pos`` [N, M] over the paged KV of their
     sequences (context ``ctx`` [N], block-table rows ``tables`` [N, W]) -> float32 [N, M, Hq, D].
 
@@ -85,7 +90,10 @@ def _attend_tiles(q: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, table
         src = torch.where(kv_pos[None, :] < ctx[t0:t1, None], kv_pos[None, :], 0)  # [n, L]
         blocks = tables[t0:t1].long().clamp(0, num_blocks - 1).gather(1, src // block_size)
         index = ((blocks[:, None, :] * num_kv_heads + heads) * block_size + (src % block_size)[:, None, :]).flatten()
-        k, v = (c.index_select(0, index).view(n, num_kv_heads, length, head_dim).float() for c in (k_rows, v_rows))
+        k, v = (c.index_select(0, index).view(n, num_kv_heads, length, head_dim) for c in (k_rows, v_rows))
+        if kv_scales[0] is not None:
+            k, v = kv_quant.dequantize(k, kv_scales[0]), kv_quant.dequantize(v, kv_scales[1])
+        k, v = k.float(), v.float()
         pos = q_pos[t0:t1]
         keep = kv_pos[None, None, :] <= pos[:, :, None]  # [n, M, L]
         out = F.scaled_dot_product_attention(q[t0:t1].float().transpose(1, 2), k, v, attn_mask=keep[:, None],
@@ -96,18 +104,22 @@ def _attend_tiles(q: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, table
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+                               ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each row's ``context_lens`` tokens."""
     if q.shape[0] == 0:
         return torch.zeros_like(q)
     ctx = context_lens.long()
-    out = _attend_tiles(q[:, None], (ctx - 1)[:, None], ctx, block_tables, k_cache, v_cache, scale)
+    out = _attend_tiles(q[:, None], (ctx - 1)[:, None], ctx, block_tables, k_cache, v_cache, scale,
+                        (k_scale, v_scale))
     return out[:, 0].to(q.dtype)
 
 
 def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                                scale: float) -> torch.Tensor:
+                                scale: float, k_scale: torch.Tensor | None = None,
+                                v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-length causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache.
 
     Sequence b owns query tiles ``first[b] ..`` with ``first[b] = cu[b] // M + b``; ``T // M + B`` tiles cover
@@ -127,7 +139,7 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     q_pos = torch.where(valid, ctx[:, None] - q_lens[seq][:, None] + i, -1)
     token = torch.where(valid, starts[seq][:, None] + i, num_tokens)  # row num_tokens: a scratch row
     q_tiles = q[token.clamp(max=num_tokens - 1)]
-    out = _attend_tiles(q_tiles, q_pos, ctx, block_tables[seq], k_cache, v_cache, scale)
+    out = _attend_tiles(q_tiles, q_pos, ctx, block_tables[seq], k_cache, v_cache, scale, (k_scale, v_scale))
     full = q.new_zeros(num_tokens + 1, *q.shape[1:])
     full.index_copy_(0, token.flatten(), out.flatten(0, 1).to(q.dtype))
     return full[:num_tokens]
@@ -135,12 +147,14 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                              scale: float) -> torch.Tensor:
+                              scale: float, k_scale: torch.Tensor | None = None,
+                              v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The twin of ``nanovllm::paged_attention``: decode attention when every sequence has one new token (a
     cheaper tiling of the same computation), varlen prefill attention otherwise."""
     if q.shape[0] == context_lens.shape[0]:
-        return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+        return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                       k_scale, v_scale)
 
 
 def norm_rope_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
@@ -160,9 +174,10 @@ def norm_rope_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: t
 
 def rope_store_kv_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps: float,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                            num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                            num_heads: int, num_kv_heads: int, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``norm_rope_reference``, then k and v stored in the cache; returns q [T, Hq, D]."""
     q, k, v = norm_rope_reference(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
                                   num_heads, num_kv_heads, k_cache.shape[3])
-    store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q

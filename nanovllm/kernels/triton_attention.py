@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
-from nanovllm.kernels.triton_common import _LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets
+from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets,
+                                            _kv_scales, _quantize_fp8, kv_scale_args)
 from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its own modules; re-exported here)
     _decode_config, decode_attention_configured, decode_attention_triton, decode_num_splits)
 
@@ -27,10 +28,10 @@ from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its
 # ----------------------------------------------------------------------------------------------- store
 
 @triton.jit
-def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct,
                      NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -41,25 +42,30 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     mask = h < NUM_HEADS
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:
+        k = _quantize_fp8(k, tl.load(k_scale_ptr + h, mask=mask, other=1.0))
+        v = _quantize_fp8(v, tl.load(v_scale_ptr + h, mask=mask, other=1.0))
     dst = (slot // BLOCK_SIZE) * stride_cb + h * stride_ch + (slot % BLOCK_SIZE) * stride_ct + d
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """Write ``key``/``value`` [T, Hkv, D] into their slots of the paged cache; slot -1 is skipped."""
+                    slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
+    """Write ``key``/``value`` [T, Hkv, D] into their slots of the paged cache (quantised with the per-head
+    scales into an FP8 cache); slot -1 is skipped."""
     _check_cache(k_cache, v_cache)
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     assert key.stride(2) == 1 and value.stride(2) == 1
+    scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_cache, v_cache, slot_mapping, *scales,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, HEADS_P2=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[2], num_warps=4, **pdl_launch(key.device))
+        BLOCK_SIZE=k_cache.shape[2], FP8=fp8, num_warps=4, **pdl_launch(key.device))
 
 
 # --------------------------------------------------------------------------------------------- prefill
@@ -68,11 +74,11 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tenso
 # JIT-compile a new variant) on whether each is 1 or a multiple of 16, seconds of compilation inside generate.
 @triton.jit(do_not_specialize=["num_seqs", "stride_btb"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, out_ptr,
-                    qk_scale, num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_btb,
+                    k_scale_ptr, v_scale_ptr, qk_scale, num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_btb,
                     stride_cb, stride_ch, stride_ct,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    PDL: tl.constexpr):
+                    FP8: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -104,6 +110,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     head_off = (head // GROUP).to(tl.int64) * stride_ch
+    k_scale, v_scale = _kv_scales(k_scale_ptr, v_scale_ptr, head // GROUP, FP8)
+    qk_scale = qk_scale * k_scale
     first_pos = ctx - q_len + m0
     # KV tiles every row of this tile sees whole.  At least 0: a padding sequence (context 0, any number of
     # tokens) has negative positions, attends to nothing and gets zeros, reading no block-table entry.
@@ -121,7 +129,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
         keep = (n[None, :] <= pos[:, None]) & valid[None, :]
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], valid, keep,
                                      m_i, l_i, acc, qk_scale, True, DOT_PRECISION)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -133,8 +141,8 @@ def _prefill_config(q: torch.Tensor):
     return 64, 64, 4, 3
 
 
-def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, *,
-                                 block_m=None, block_n=None, num_warps=None, num_stages=None):
+def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale=None,
+                                 v_scale=None, *, block_m=None, block_n=None, num_warps=None, num_stages=None):
     """``prefill_attention_triton`` with its launch parameters exposed (for benchmarks and tests)."""
     _check_cache(k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -148,21 +156,24 @@ def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens
     if num_tokens == 0 or num_seqs == 0:
         return out
     grid = (num_tokens // block_m + num_seqs, num_q_heads)  # upper bound on query tiles over all sequences
+    scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, scale * _LOG2E, num_seqs,
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, *scales, scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), FP8=fp8, num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(q.device))
     return out
 
 
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """Varlen causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache."""
-    return prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+                             scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+    """Varlen causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache (an FP8 cache
+    with its per-head scales)."""
+    return prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                        k_scale, v_scale)
 
 
 __all__ = ["store_kv_triton", "decode_attention_triton", "prefill_attention_triton"]

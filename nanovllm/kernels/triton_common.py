@@ -1,5 +1,5 @@
-"""Pieces shared by the Triton attention kernels: device facts, the ``tl.dot`` mode, paged-KV addressing and the
-online-softmax step over one KV tile.
+"""Pieces shared by the Triton attention kernels: device facts, the ``tl.dot`` mode, paged-KV addressing, the FP8
+KV element's rounding (``kv_quant.py``) and the online-softmax step over one KV tile.
 
 ``triton_attention.py`` (KV store, prefill) and ``triton_decode.py`` (decode) build on these.  The cache
 layout is ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` (see ``reference.py``).
@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import kv_quant
 from nanovllm.kernels.options import current_options
 
 _LOG2E = 1.4426950408889634
@@ -65,6 +66,29 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _quantize_fp8(x, scale):
+    """x / scale rounded to the nearest e4m3 value, saturated at ±448, as ``kv_quant.quantize`` (IEEE division).
+
+    Normal values are rounded to e4m3's three mantissa bits (nearest even) by integer arithmetic on the float's
+    bits, so the conversion that follows is exact: the interpreter's own rounding loses the carry into the
+    exponent (1.97 became 1).  Subnormals (below 2^-6) are left to the conversion, which the interpreter flushes
+    to zero and the GPU rounds."""
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -448.0), 448.0)
+    bits = y.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(y) >= 0.015625, rounded, y).to(tl.float8e4nv)
+
+
+@triton.jit
+def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, SCALED: tl.constexpr):
+    """(k_scale, v_scale) of one KV head of an FP8 cache; (1, 1) for a cache in the model's dtype."""
+    if SCALED:
+        return tl.load(k_scale_ptr + kv_head), tl.load(v_scale_ptr + kv_head)
+    else:
+        return 1.0, 1.0
+
+
+@triton.jit
 def _kv_offsets(block_table_row, start, n, valid, stride_cb, stride_ct,
                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Element offsets (without the head term) of KV tokens ``n`` of one sequence in the paged cache."""
@@ -94,18 +118,29 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, offs, kv_valid, keep, m_i, l_i, ac
 
 @triton.jit
 def _softmax_step(q, k, v, keep, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The online-softmax update of ``_attend_tile`` for K and V tiles already loaded."""
-    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale  # log2 units
+    """The online-softmax update of ``_attend_tile`` for K and V tiles already loaded.  K and V of an FP8 cache
+    are widened to q's dtype here (exact), and multiplied in it; their scales are the callers'."""
+    s = _dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION) * qk_scale  # log2 units
     if MASKED:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION)
     return m_new, l_i, acc
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "K and V caches must match"
     assert k_cache.stride(3) == 1, "head_dim must be contiguous in the cache"
+
+
+def kv_scale_args(k_cache: torch.Tensor, k_scale, v_scale) -> tuple[tuple, bool]:
+    """((k_scale, v_scale) to pass a kernel, whether the cache is FP8): the scales of an FP8 cache, which it must
+    have, else the cache itself twice as unused placeholders."""
+    if k_cache.dtype != kv_quant.FP8_DTYPE:
+        return (k_cache, k_cache), False
+    assert k_scale is not None and v_scale is not None, "an FP8 KV cache needs k_scale and v_scale"
+    assert k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.shape == (k_cache.shape[1],)
+    return (k_scale, v_scale), True

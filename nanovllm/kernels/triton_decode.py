@@ -18,19 +18,19 @@ import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _hopper_or_newer,
-                                            _kv_offsets, _num_sms, _softmax_step)
+                                            _kv_offsets, _kv_scales, _num_sms, _softmax_step, kv_scale_args)
 
 _WAVES = 2  # programs aimed at: this many per SM
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables_ptr, context_lens_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits,
+                   out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_cb, stride_ch, stride_ct,
                    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                    GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr):
     pdl_begin(PDL)
     kv_head = tl.program_id(0)  # fastest-varying, so programs start in row order (rows come longest first)
     b = tl.program_id(1)
@@ -53,6 +53,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     head_off = kv_head.to(tl.int64) * stride_ch
+    k_scale, v_scale = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, FP8)
+    qk_scale = qk_scale * k_scale
     for start in range(lo, full_hi, BLOCK_N):
         if TMA:  # whole tiles as bulk copies: row (block, head, token) of the cache viewed as [rows, HEAD_DIM]
             block = tl.load(bt_row + start // BLOCK_SIZE)
@@ -71,7 +73,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], valid,
                                      valid[None, :], m_i, l_i, acc, qk_scale, True, DOT_PRECISION)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty context or empty split: zeros
+    out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]  # empty context or empty split: zeros
     if not PARTIAL:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + q_head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -122,7 +124,7 @@ def use_tma(q: torch.Tensor, k_cache: torch.Tensor, block_n: int) -> bool:
     """Whether the kernel loads whole KV tiles with the tensor memory accelerator: Hopper+ with Hopper features on,
     bf16/fp16, and a contiguous cache whose blocks hold whole tiles."""
     if q.device.type != "cuda" or q.dtype == torch.float32:
-        return False
+        return False  # an FP8 cache loads its tiles the same way (half the bytes per box)
     return _hopper_or_newer(q.device) and k_cache.is_contiguous() and k_cache.shape[2] % block_n == 0
 
 
@@ -133,8 +135,8 @@ def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
     return tuple(TensorDescriptor.from_tensor(c.view(-1, head_dim), [block_n, head_dim]) for c in (k_cache, v_cache))
 
 
-def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, *, num_splits=None,
-                                block_n=None, num_warps=None, num_stages=None):
+def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None,
+                                *, num_splits=None, block_n=None, num_warps=None, num_stages=None):
     """``decode_attention_triton`` with its launch parameters exposed (tests and kernel benchmarks).  Overrides
     must stay functions of static shapes for the launch to be graph-capturable."""
     _check_cache(k_cache, v_cache)
@@ -156,13 +158,15 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
     group = num_q_heads // num_kv_heads
     tma = use_tma(q, k_cache, block_n)
     k_desc, v_desc = _kv_descriptors(k_cache, v_cache, block_n) if tma else (k_cache, v_cache)
+    scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, out, part_out, part_lse, scale * _LOG2E,
+        q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, out, part_out, part_lse, *scales,
+        scale * _LOG2E,
         num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        PARTIAL=num_splits > 1, DOT_PRECISION=_dot_precision(q), TMA=tma, num_warps=num_warps,
+        PARTIAL=num_splits > 1, DOT_PRECISION=_dot_precision(q), FP8=fp8, TMA=tma, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(q.device))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
@@ -173,6 +177,8 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Paged decode attention: q [B, Hq, D] -> [B, Hq, D] over each row's ``context_lens`` cached tokens."""
-    return decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale)
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, k_scale=None,
+                            v_scale=None) -> torch.Tensor:
+    """Paged decode attention: q [B, Hq, D] -> [B, Hq, D] over each row's ``context_lens`` cached tokens (an FP8
+    cache with its per-head scales)."""
+    return decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)

@@ -7,7 +7,7 @@ Each program takes one token's row of ``qkv`` [T, (Hq + 2 Hkv) D] and computes w
 code does (the normed value, its product with the weight, each rope product and their sum).  In bf16 the result
 equals the torch code's exactly without the q/k norm; with it, an element may differ by one ulp where the norm's
 float32 sum, taken in another order, rounds the other way.  q goes to a new [T, Hq, D] tensor; k and v to their
-cache slot, skipped for slot -1.  The grid is (T,): no data-dependent shapes, so it is captured in CUDA graphs
+cache slot (quantised, into an FP8 cache, from those DTYPE values: ``kv_quant.py``), skipped for slot -1.  The grid is (T,): no data-dependent shapes, so it is captured in CUDA graphs
 like the other kernels.
 """
 import torch
@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
+from nanovllm.kernels.triton_common import _quantize_fp8, kv_scale_args
 
 
 @triton.jit
@@ -50,11 +51,11 @@ def _norm_rope(row_ptr, norm_w_ptr, cos, sin, rot_sign, heads, d, rot_d, head_ma
 
 @triton.jit
 def _rope_store_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr,
-                       k_cache_ptr, v_cache_ptr, slot_ptr, eps, stride_qkv, stride_cos, stride_qo,
+                       k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, eps, stride_qkv, stride_cos, stride_qo,
                        stride_cb, stride_ch, stride_ct,
                        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HQ_P2: tl.constexpr,
                        HKV_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       QK_NORM: tl.constexpr, DTYPE: tl.constexpr, PDL: tl.constexpr):
+                       QK_NORM: tl.constexpr, DTYPE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
@@ -79,6 +80,9 @@ def _rope_store_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_n
                        HEAD_DIM, QK_NORM, DTYPE)
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + hk[:, None] * HEAD_DIM + d[None, :],
                     mask=k_mask[:, None])
+        if FP8:
+            k = _quantize_fp8(k, tl.load(k_scale_ptr + hk, mask=k_mask, other=1.0)[:, None])
+            v = _quantize_fp8(v, tl.load(v_scale_ptr + hk, mask=k_mask, other=1.0)[:, None])
         dst = (slot // BLOCK_SIZE) * stride_cb + hk[:, None] * stride_ch + (slot % BLOCK_SIZE) * stride_ct + d[None, :]
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=k_mask[:, None])
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=k_mask[:, None])
@@ -88,7 +92,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 
 def rope_store_kv_triton(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
-                         slot_mapping, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                         slot_mapping, num_heads: int, num_kv_heads: int, k_scale=None, v_scale=None) -> torch.Tensor:
     """The fused form of ``reference.rope_store_kv_reference`` (same arguments; the result as described above)."""
     num_tokens = qkv.shape[0]
     head_dim, block_size = k_cache.shape[3], k_cache.shape[2]
@@ -99,11 +103,12 @@ def rope_store_kv_triton(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_
     if num_tokens == 0:
         return q
     qk_norm = q_norm_weight is not None
+    scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
     _rope_store_kernel[(num_tokens,)](
         qkv, positions, cos_cache, sin_cache, q_norm_weight if qk_norm else qkv, k_norm_weight if qk_norm else qkv,
-        q, k_cache, v_cache, slot_mapping, eps, qkv.stride(0), cos_cache.stride(0), q.stride(0),
+        q, k_cache, v_cache, slot_mapping, *scales, eps, qkv.stride(0), cos_cache.stride(0), q.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HQ_P2=triton.next_power_of_2(num_heads),
         HKV_P2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, QK_NORM=qk_norm,
-        DTYPE=_TL_DTYPES[qkv.dtype], num_warps=4, **pdl_launch(qkv.device))
+        DTYPE=_TL_DTYPES[qkv.dtype], FP8=fp8, num_warps=4, **pdl_launch(qkv.device))
     return q
