@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; both FP8 spellings are e4m3
+KV_CACHE_SCALES = ("auto", "one", "tensor", "head")
 CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
 SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()  # quantization_config.quant_method values a checkpoint may have
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
@@ -97,6 +99,13 @@ class EngineConfig:
                                                 "(vLLM's default; on MPS: of `torch.mps.recommended_max_memory()`)")
     kvcache_block_size: int = _opt(64, "tokens per KV block (a power of two >= 16; docs/PERFORMANCE.md has the "
                                        "measurement behind the default)")
+    kv_cache_dtype: str = _opt("auto", "`auto` keeps K and V in the model's dtype; `fp8` (or `fp8_e4m3`) stores "
+                                       "them as float8 e4m3 with per-layer scales, about twice the tokens in the "
+                                       "same memory", choices=KV_CACHE_DTYPES)
+    kv_cache_scales: str = _opt("auto", "scales of an FP8 KV cache: `auto` takes the checkpoint's "
+                                        "`k_scale`/`v_scale` (or `kv_scale`) and otherwise `one`; `one` is 1.0; "
+                                        "`tensor` and `head` are calibrated at start-up per layer, or per layer "
+                                        "and KV head", choices=KV_CACHE_SCALES)
     num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free device memory; on "
                                                 "CPU 1 GiB worth)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")
@@ -156,6 +165,14 @@ class EngineConfig:
                              f"got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_scales not in KV_CACHE_SCALES:
+            raise ValueError(f"kv_cache_scales must be one of {', '.join(map(repr, KV_CACHE_SCALES))}, "
+                             f"got {self.kv_cache_scales!r}")
+        if self.kv_cache_scales != "auto" and self.kv_cache_dtype == "auto":
+            raise ValueError(f"kv_cache_scales={self.kv_cache_scales!r} needs kv_cache_dtype='fp8'")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
                              f"got {self.load_format!r}")
@@ -173,6 +190,10 @@ class EngineConfig:
         self.eos_token_ids = read_eos_token_ids(self.model, self.hf_config)
         self.prefill_graph_sizes = normalize_prefill_graph_sizes(self.prefill_graph_sizes, self.max_num_seqs,
                                                                  self.max_step_tokens)
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype != "auto"
 
     @property
     def max_step_tokens(self) -> int:

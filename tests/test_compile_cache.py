@@ -154,7 +154,7 @@ def _key(**overrides):
     option_values = overrides.pop("options", {"pdl": False})
     options = SimpleNamespace(as_dict=lambda: option_values)
     versions = overrides.pop("versions", {})
-    args = dict(dtype=torch.float32, num_kv_blocks=96,
+    args = dict(dtype=torch.float32, kv_dtype=torch.float32, num_kv_blocks=96,
                 platform=SimpleNamespace(name="cpu", arch=lambda: "x86_64", options=options, versions=lambda: versions))
     for name, value in overrides.items():
         setattr(cfg, name, value) if hasattr(cfg, name) else args.__setitem__(name, value)
@@ -167,6 +167,7 @@ def test_changing_any_key_field_misses(monkeypatch):
     other_platform = SimpleNamespace(name="npu", arch=lambda: "x86_64", options=SimpleNamespace(as_dict=dict),
                                      versions=dict)
     for name, value in [("graph_batch_sizes", (1, 2)), ("dtype", torch.bfloat16), ("num_kv_blocks", 95),
+                        ("kv_dtype", torch.float8_e4m3fn),
                         ("kvcache_block_size", 32), ("max_model_len", 64), ("max_num_seqs", 8),
                         ("tensor_parallel_size", 2), ("hf_config", {"hidden_size": 128}),
                         ("platform", other_platform), ("options", {"pdl": True}),

@@ -47,7 +47,7 @@ def source_hash(package_dir: Path = _PACKAGE_DIR) -> str:
     return h.hexdigest()
 
 
-def key_fields(config, *, dtype, num_kv_blocks: int, platform) -> dict:
+def key_fields(config, *, dtype, kv_dtype, num_kv_blocks: int, platform) -> dict:
     """Everything that changes the code the compiler generates for an engine of ``config`` on ``platform``."""
     try:
         import triton
@@ -55,7 +55,8 @@ def key_fields(config, *, dtype, num_kv_blocks: int, platform) -> dict:
     except ImportError:
         triton_version = None
     return {
-        "model_config": config.hf_config, "dtype": str(dtype), "buckets": list(config.graph_batch_sizes),
+        "model_config": config.hf_config, "dtype": str(dtype), "kv_cache_dtype": str(kv_dtype),
+        "buckets": list(config.graph_batch_sizes),
         "kvcache_block_size": config.kvcache_block_size, "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs, "num_kv_blocks": num_kv_blocks,
         "tensor_parallel_size": config.tensor_parallel_size,

@@ -92,3 +92,13 @@ def agree_min(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def agree_max(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise largest of the ranks' ``t`` (every rank gets it), outside any graph: e.g. a calibrated
+    scale that must be one number for the whole layer."""
+    if current().size == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t

@@ -30,12 +30,15 @@ from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import sample
+from nanovllm.models import kv_scales
 from nanovllm.models.expert_offload import expert_caches, offload_stats
-from nanovllm.models.loader import build_model
+from nanovllm.models.loader import build_model, checkpoint_files
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
 from nanovllm.step import (StepInputs, make_step, rechoose_logprob, redraw_filtered, run_step,
                            run_step_with_logprobs)
+
+CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
 
 
 class ModelRunner:
@@ -62,13 +65,15 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this rank's, under tensor parallelism
-        self.kv_spec = KVCacheSpec(a.num_layers, kv_heads, a.head_dim, self.block_size, self.dtype)
+        self.kv_spec = KVCacheSpec(a.num_layers, kv_heads, a.head_dim, self.block_size,
+                                   platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
                             table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)
         self.decode_builder = DecodeInputBuilder(**builder_args)
+        self.kv_scales = self._set_kv_scales() if config.fp8_kv_cache else None
         self.num_blocks = plan_num_blocks(
             self.kv_spec, fixed=config.num_kvcache_blocks, utilization=config.gpu_memory_utilization,
             platform=platform, max_blocks_per_seq=self.max_blocks_per_seq, max_model_len=config.max_model_len,
@@ -85,7 +90,8 @@ class ModelRunner:
             max_num_seqs=config.max_num_seqs, max_step_tokens=config.max_step_tokens,
             dummy_prefill=self.prefill_builder.dummy,
             decode_inputs=functools.partial(self.decode_builder.build, []),  # not a closure over the runner
-            cache_key=key_fields(config, dtype=self.dtype, num_kv_blocks=self.num_blocks, platform=platform))
+            cache_key=key_fields(config, dtype=self.dtype, kv_dtype=self.kv_spec.dtype, num_kv_blocks=self.num_blocks,
+                                 platform=platform))
         self.executor = make_executor(spec, enforce_eager=config.enforce_eager,
                                       capturable=self.model.graph_capturable,
                                       not_capturable_reason=self.model.not_capturable_reason)
@@ -94,6 +100,25 @@ class ModelRunner:
         if platform.supports_graph_capture and not self.executor.captures_every_prefill():
             self._warm_largest_prefill()
             phase("warm_largest_prefill")
+
+    def _set_kv_scales(self) -> str:
+        """Fill the FP8 cache's scales as ``kv_cache_scales`` says (``models/kv_scales.py``); returns their source:
+        "checkpoint", "one", or the calibration ("tensor", "head") over ``CALIBRATION_TOKENS`` random tokens."""
+        choice, cfg = self.config.kv_cache_scales, self.config
+        if choice == "auto" and cfg.load_format == "safetensors" and \
+                kv_scales.load_checkpoint_scales(self.model, checkpoint_files(cfg.model)):
+            return "checkpoint"
+        if choice in ("auto", "one"):
+            return "one"
+        n = min(CALIBRATION_TOKENS, cfg.max_model_len, cfg.max_num_batched_tokens)
+        spec = self.kv_spec
+        kv = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, self.dtype).allocate(
+            -(-n // self.block_size), self.device)
+        ids = torch.randint(self.vocab_size, (n,), generator=torch.Generator().manual_seed(cfg.seed))
+        with torch.inference_mode():
+            self.model(ids.to(self.device), self.prefill_builder.probe(1, n), kv)
+        kv_scales.calibrate(self.model, kv, per_head=choice == "head")
+        return choice
 
     def _probe_peak_memory(self) -> list:
         """Run the largest prefill (with a temporary cache) and a full-batch filtered sample once, so the peak
@@ -122,6 +147,7 @@ class ModelRunner:
     def describe(self) -> dict:
         """What this runner is, for the start-up log line and benchmarks."""
         return {"device_type": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
+                "kv_cache_dtype": str(self.kv_spec.dtype).replace("torch.", ""), "kv_scales": self.kv_scales,
                 "num_kv_blocks": self.num_blocks, "kvcache_block_size": self.block_size,
                 "kv_bytes_per_token": self.kv_spec.bytes_per_token,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),

@@ -20,7 +20,7 @@ from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.step import StepInputs
-from nanovllm.kernels import ops
+from nanovllm.kernels import kv_quant, ops
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding
 from nanovllm.models import tensor_parallel as tp
@@ -83,19 +83,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
+        # An FP8 KV cache's per-head scales (kernels/kv_quant.py), float32 in any model dtype: 1 until the
+        # checkpoint or calibration sets them (models/kv_scales.py).
+        self.register_buffer("k_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
 
     def attend(self, h, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor], rope: tuple):
         """Project ``h``, norm (Qwen3) and rotate q and k (``rope``: each token's row of the cos and sin tables),
         store k and v in the paged cache, then attend over it: [T, Hq * D].  Everything between the qkv matmul
         and attention is one fused op (``ops.rope_store_kv``)."""
         k_cache, v_cache = kv
+        scales = (self.k_scale, self.v_scale) if kv_quant.is_fp8(k_cache) else (None, None)
         rows, cos, sin = rope
         q = ops.rope_store_kv(_project(self.qkv_proj, h), rows, cos, sin,
                               self.q_norm.weight if self.q_norm is not None else None,
                               self.k_norm.weight if self.k_norm is not None else None, self.eps, k_cache, v_cache,
-                              inputs.slot_mapping, self.num_heads, self.num_kv_heads)
+                              inputs.slot_mapping, self.num_heads, self.num_kv_heads, *scales)
         o = ops.paged_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens, inputs.block_tables,
-                                self.scale)
+                                self.scale, *scales)
         return o.reshape(-1, self.q_size)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from nanovllm.kernels import kv_quant
 from nanovllm.kernels import ops  # noqa: F401  (defines the ops, with their twins as the default on every device)
 from nanovllm.kernels.options import KernelOptions, set_options
 
@@ -36,6 +37,7 @@ class Platform:
     visible_devices_env: str | None = None  # the variable that limits which devices a process sees, if any
     compile_backend = "inductor"
     pin_memory = False  # whether host staging buffers for device copies should be page-locked
+    fp8_kv_cache = True  # whether K and V may be stored as float8 e4m3 (kv_cache_dtype="fp8") here
 
     def __init__(self, device: torch.device, options: KernelOptions | None = None):
         self.device = device
@@ -70,6 +72,14 @@ class Platform:
 
     def auto_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
         return torch.float32
+
+    def kv_cache_dtype(self, requested: str, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type for the engine option ``kv_cache_dtype`` (``auto``: the model's)."""
+        if requested == "auto":
+            return model_dtype
+        if not self.fp8_kv_cache:
+            raise ValueError(f"kv_cache_dtype={requested!r} is not supported on {self.name}; use 'auto'")
+        return kv_quant.FP8_DTYPE
 
     def synchronize(self) -> None:
         pass

@@ -57,6 +57,12 @@ class CudaPlatform(TorchDevicePlatform):
         dtype = _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
         return torch.float16 if dtype == torch.bfloat16 and not self._has_bf16() else dtype
 
+    def kv_cache_dtype(self, requested, model_dtype):
+        if requested != "auto" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError(f"kv_cache_dtype={requested!r} needs compute capability 8.9+ (Ada, Hopper), but "
+                             f"{self.arch()} has less; use 'auto'")
+        return super().kv_cache_dtype(requested, model_dtype)
+
     def versions(self):
         return {"cuda": torch.version.cuda}
 

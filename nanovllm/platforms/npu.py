@@ -36,6 +36,7 @@ def npu_present() -> bool:
 
 class NpuPlatform(TorchDevicePlatform):
     name = "npu"
+    fp8_kv_cache = False  # FIA and the cache scatter are written for the model's dtype (kernels/npu.py)
     static_shapes = True
     distributed_backend = "hccl"
     visible_devices_env = "ASCEND_RT_VISIBLE_DEVICES"
