@@ -1,9 +1,9 @@
 """``kv_cache_dtype="fp8"`` end to end on CPU: greedy float32 tokens equal an oracle with the same rounding, in
 eager and graph mode, with prefix hits, preemption and chunked prefill; scales from the checkpoint or calibrated.
 
-The oracle is transformers' own model (float32, its ``generate``) with one change: an attention function,
-registered under ``transformers.AttentionInterface``, that passes the layer's K and V through the FP8 cache's
-rounding (``kv_quant.round_trip``: x / scale to the nearest e4m3 value, saturated at ±448, times scale, per KV head)
+The oracle is transformers' own model (float32, its ``generate``) with one change: an attention function
+(``tools/oracle.py:fp8_kv_attention``), registered under ``transformers.AttentionInterface``, that passes the
+layer's K and V through the FP8 cache's rounding (``kv_quant.round_trip``: x / scale to the nearest e4m3 value, saturated at ±448, times scale, per KV head)
 and then runs transformers' SDPA attention.  transformers caches K and V unrounded and rounds them again at every
 step; rounding is a function of the value, so every position sees what our cache stores for it.
 """
@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_checkpoint
 from nanovllm import LLM, SamplingParams
-from nanovllm.kernels import kv_quant
-from nanovllm.models.kv_scales import attention_layers
+from nanovllm.tools import oracle
 
 ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=24, max_model_len=128, max_num_seqs=4,
               graph_batch_sizes=[1, 2, 4], kv_cache_dtype="fp8")
@@ -30,19 +29,8 @@ def prompts_of(n, seed, max_len):
 def fp8_oracle(path: str, prompts, max_new_tokens: int, scales: list) -> list[list[int]]:
     """transformers' greedy tokens with K and V rounded as an FP8 cache with per-layer ``scales`` [(k, v)] does."""
     import transformers
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def rounded(x, scale):  # x [B, Hkv, S, D]: round_trip works on [..., Hkv, D]
-        return kv_quant.round_trip(x.transpose(1, 2), scale).transpose(1, 2).to(x.dtype)
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        k_scale, v_scale = scales[module.layer_idx]
-        return sdpa_attention_forward(module, query, rounded(key, k_scale), rounded(value, v_scale), attention_mask,
-                                      **kwargs)
-
-    transformers.AttentionInterface.register("nanovllm_fp8_kv", attention)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                              attn_implementation="nanovllm_fp8_kv").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=oracle.fp8_kv_attention(scales)).eval()
     out = []
     for ids in prompts:
         x = torch.tensor([ids])
@@ -54,7 +42,7 @@ def fp8_oracle(path: str, prompts, max_new_tokens: int, scales: list) -> list[li
 
 
 def engine_scales(llm) -> list:
-    return [(a.k_scale.clone(), a.v_scale.clone()) for a in attention_layers(llm.engine.runner.model)]
+    return oracle.engine_kv_scales(llm)
 
 
 def greedy(llm, prompts, n):

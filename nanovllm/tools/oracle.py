@@ -5,7 +5,8 @@
 float32 must be token-identical.  In lower precision the rule of DESIGN.md applies: the first position where
 the two outputs diverge must be one where transformers' top two candidates are within ``--margin`` nats.
 transformers has no MiniCPM class: for a MiniCPM checkpoint it runs the equivalent Llama checkpoint, written to a
-temporary directory by ``nanovllm.tools.minicpm``.
+temporary directory by ``nanovllm.tools.minicpm``.  With ``--kv-cache-dtype fp8`` transformers' attention first
+passes each layer's K and V through the FP8 cache's rounding with our engine's scales (``fp8_kv_attention``).
 Exits non-zero on a failure, so it doubles as a check on checkpoints the tests have never seen.
 """
 import argparse
@@ -28,6 +29,35 @@ def hf_greedy_with_logprobs(model, prompt: list[int], max_new_tokens: int, devic
     tokens = out.sequences[0, len(prompt):].tolist()
     logprobs = [s[0].float().log_softmax(-1) for s in out.scores]
     return tokens, logprobs
+
+
+def fp8_kv_attention(scales: list) -> str:
+    """Register, and name, a transformers attention function that rounds layer i's K and V as an FP8 KV cache with
+    ``scales[i]`` = (k_scale, v_scale) [KV heads] does (``kv_quant.round_trip``), then runs transformers' SDPA.
+    transformers caches K and V unrounded and rounds them at every step: the same values as our cache's."""
+    import transformers
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from nanovllm.kernels import kv_quant
+
+    def rounded(x, scale):  # x [B, Hkv, S, D]
+        return kv_quant.round_trip(x.transpose(1, 2), scale.to(x.device)).transpose(1, 2).to(x.dtype)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        k_scale, v_scale = scales[module.layer_idx]
+        return sdpa_attention_forward(module, query, rounded(key, k_scale), rounded(value, v_scale), attention_mask,
+                                      **kwargs)
+
+    transformers.AttentionInterface.register("nanovllm_fp8_kv", attention)
+    return "nanovllm_fp8_kv"
+
+
+def engine_kv_scales(llm) -> list | None:
+    """Each layer's (k_scale, v_scale) of an engine with an FP8 KV cache (None without one)."""
+    from nanovllm.models.kv_scales import attention_layers
+    if not llm.config.fp8_kv_cache:
+        return None
+    return [(a.k_scale.cpu(), a.v_scale.cpu()) for a in attention_layers(llm.engine.runner.model)]
 
 
 def compare(ours: list[int], theirs: list[int], logprobs, margin: float, exact: bool) -> dict:
@@ -58,9 +88,11 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
                    for _ in range(num_prompts)]
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)
+    scales = engine_kv_scales(llm)
     del llm
+    attention = {} if scales is None else {"attn_implementation": fp8_kv_attention(scales)}
     with _transformers_checkpoint(model_dir) as hf_dir:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).to(dev).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, **attention).to(dev).eval()
     verdicts = []
     for prompt, out in zip(prompts, ours):
         theirs, logprobs = hf_greedy_with_logprobs(hf, prompt, max_tokens, dev)
@@ -89,9 +121,10 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--margin", type=float, default=0.1, help="allowed logprob gap at a divergence (nats)")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     args = p.parse_args()
     verdicts = run(args.model, args.dtype, args.device, args.num_prompts, args.max_tokens, args.margin,
-                   enforce_eager=args.enforce_eager, max_model_len=1024)
+                   enforce_eager=args.enforce_eager, max_model_len=1024, kv_cache_dtype=args.kv_cache_dtype)
     for v in verdicts:
         print(json.dumps(v))
     failed = sum(v["status"] == "MISMATCH" for v in verdicts)
