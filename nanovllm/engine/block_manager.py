@@ -13,8 +13,6 @@ Three rules keep it correct where nano-vllm was not:
   to compute, so a prompt that is entirely cached still produces logits.
 * Freed blocks keep their hash until they are reused, so a preempted sequence (or a later request) can hit
   them again; freed blocks are reused least-recently-freed first.
-A sequence that wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit, since a hit would skip
-positions whose logprobs it asked for; it still publishes its blocks for others.
 """
 from collections import OrderedDict
 
@@ -75,7 +73,9 @@ class BlockManager:
         return blocks, hashes
 
     def try_allocate(self, seq: Sequence) -> bool:
-        """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit."""
+        """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit.  One that
+        wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit: a hit would skip positions whose
+        logprobs it asked for (it still publishes its blocks for others)."""
         assert not seq.block_table
         hits, hashes = ([], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
         fresh_needed = self.blocks_for(len(seq)) - len(hits)
