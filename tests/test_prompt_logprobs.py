@@ -117,3 +117,25 @@ def test_a_preempted_request_reports_its_prompt_logprobs_once(path, hf):
         check_prompt_logprobs(hf, prompt, out["prompt_logprobs"], 1)
         assert len(out["token_ids"]) == 40
     llm.close()
+
+
+def test_a_vision_language_prompt_with_an_image_agrees_with_its_sampled_logprobs(tmp_path):
+    """Qwen3-VL, prefill chunked inside the image (its tokens 4..7, chunks of 6): the prompt's greedy next token,
+    appended to it, gets as its prompt logprob entry what the sampled row reported for it (another code path)."""
+    from vl_checkpoints import build_vl_checkpoint, picture
+    path = build_vl_checkpoint(tmp_path, "qwen3_vl")
+    llm = LLM(path, enforce_eager=True, dtype="float32", max_model_len=512, max_num_batched_tokens=6)
+    image = {"image": picture(64, 64, 3)}
+    ids, _ = llm.encode_request({"prompt": "Look at <|vision_start|><|image_pad|><|vision_end|> and tell me",
+                                 "multi_modal_data": image})
+    sampled = llm.generate([{"prompt_token_ids": ids, "multi_modal_data": image}],
+                           SamplingParams(temperature=0, max_tokens=1, logprobs=2), use_tqdm=False)[0]
+    longer = ids + sampled["token_ids"]
+    out = llm.generate([{"prompt_token_ids": longer, "multi_modal_data": image}],
+                       SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    got = out["prompt_logprobs"]
+    assert len(got) == len(longer) and got[0] is None
+    assert all(next(iter(got[p])) == longer[p] for p in range(1, len(longer)))
+    want = sampled["logprobs"][0]
+    assert list(got[-1]) == list(want) and list(got[-1].values()) == pytest.approx(list(want.values()), abs=1e-4)
+    llm.close()

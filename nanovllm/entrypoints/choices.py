@@ -77,8 +77,8 @@ async def run_choices(loop, handle, tokenizer, metrics):
 
 def queued(queue, first: tuple) -> list[tuple]:
     """``first`` and every ``(choice index, SequenceOutput)`` already in ``queue``, each choice's outputs joined
-    into one (tokens, logprobs and prompt logprobs in order, the last one's finish reason), in order of each choice's first one.
-    An engine failure ``(None, error)`` is returned alone."""
+    into one (tokens, logprobs and prompt logprobs in order, the last one's finish reason), in order of each
+    choice's first one.  An engine failure ``(None, error)`` is returned alone."""
     joined: dict[int, SequenceOutput] = {}
     event = first
     while True:
