@@ -1,8 +1,9 @@
 """``SamplingParams(prompt_logprobs=k)``: per prompt token, transformers' float32 log_softmax of it and of the top k
 (within 1e-4), position 0 None, one entry per prompt token; for a plain prompt, for a prompt chunked over several
 prefill steps and for a prompt whose prefix is in the prefix cache (which it does not take, yet it publishes its own
-blocks), in eager and graph mode; a batch mixing it with plain requests leaves theirs as they are alone; a bad value
-is refused by name."""
+blocks), in eager and graph mode; a batch mixing it with plain requests leaves theirs as they are alone; a preempted
+request reports them once; a vision-language prompt and two tensor-parallel ranks too; a bad value is refused by
+name."""
 import pytest
 import torch
 
@@ -139,3 +140,12 @@ def test_a_vision_language_prompt_with_an_image_agrees_with_its_sampled_logprobs
     want = sampled["logprobs"][0]
     assert list(got[-1]) == list(want) and list(got[-1].values()) == pytest.approx(list(want.values()), abs=1e-4)
     llm.close()
+
+
+def test_two_tensor_parallel_ranks_report_transformers_prompt_logprobs(path, hf):
+    """Every rank runs the prompt-logprob rows (the LM head gathers its vocabulary shards over the group)."""
+    with LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE) as llm:
+        outs = llm.generate([LONG, LONG[:9]], [SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=4),
+                                               SamplingParams(temperature=0, max_tokens=2)], use_tqdm=False)
+    check_prompt_logprobs(hf, LONG, outs[0]["prompt_logprobs"], 4)
+    assert outs[1]["prompt_logprobs"] is None
