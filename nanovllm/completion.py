@@ -8,7 +8,7 @@ Rules, the same offline and online (vLLM's defaults):
   usage counts), and its text is not part of the text.
 * A stop string ends it with "stop": the text ends just before it, ``token_ids`` with the token that completed
   it, and ``stopped_by_string`` tells the caller to abort the engine's sequence.
-* ``logprobs`` has one entry per token that counts.
+* ``logprobs`` has one entry per token that counts; ``prompt_logprobs`` (when asked) one per prompt token.
 """
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ class CompletionDelta:
     token_ids: list[int]  # new tokens that count
     logprobs: list | None  # per token (logprob, top ids, top logprobs)
     finish_reason: str | None  # set once, on the completion's last delta
+    prompt_logprobs: list | None = None  # new prompt positions' entries (``SequenceOutput.prompt_logprobs``)
 
 
 class Completion:
@@ -32,6 +33,7 @@ class Completion:
             else None
         self.token_ids: list[int] = []
         self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self._stop_token = False
 
@@ -43,6 +45,9 @@ class Completion:
         """Take the engine's next output of this sequence (ignored once the completion finished)."""
         if self.finish_reason is not None:
             return CompletionDelta("", [], [] if self.logprobs is not None else None, self.finish_reason)
+        prompt_logprobs = output.prompt_logprobs
+        if self.prompt_logprobs is not None and prompt_logprobs:
+            self.prompt_logprobs += prompt_logprobs
         tokens = output.token_ids
         stop_token = output.finish_reason == "stop" and bool(tokens)
         text = ""
@@ -67,7 +72,7 @@ class Completion:
             self._stop_token = stop_token
             if self.stream is not None:
                 text += self.stream.finish()
-        return CompletionDelta(text, kept_tokens, logprobs, self.finish_reason)
+        return CompletionDelta(text, kept_tokens, logprobs, self.finish_reason, prompt_logprobs)
 
     @property
     def text(self) -> str:
@@ -79,10 +84,14 @@ class Completion:
         return decode(self.tokenizer, self.token_ids[:-1] if self._stop_token else self.token_ids)
 
     def output(self) -> dict:
-        """``LLM.generate``'s output of a finished completion: text, token ids, finish reason and, if asked,
-        logprobs as one dict ``{token id: logprob}`` per token (the sampled token, then the most likely ones)."""
+        """``LLM.generate``'s output of a finished completion: text, token ids, finish reason, if asked logprobs as
+        one dict ``{token id: logprob}`` per token (the sampled token, then the most likely ones), and
+        ``prompt_logprobs``: None unless asked, else per prompt token None (the first) or such a dict (the prompt
+        token, then the most likely ones)."""
         out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason}
         if self.logprobs is not None:
             out["logprobs"] = [{token: chosen, **dict(zip(top_ids, top))}
                                for token, (chosen, top_ids, top) in zip(self.token_ids, self.logprobs)]
+        out["prompt_logprobs"] = None if self.prompt_logprobs is None else \
+            [None if e is None else {e[0]: e[1], **dict(zip(e[2], e[3]))} for e in self.prompt_logprobs]
         return out

@@ -146,8 +146,15 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
-        """Generate for every prompt; returns one output per prompt, in input order: ``{"text", "token_ids",
-        "finish_reason"}`` and, if asked, ``"logprobs"`` (``Completion.output``, ``nanovllm/completion.py``)."""
+        """Generate for every prompt; returns one output per prompt, in input order (``Completion.output``,
+        ``nanovllm/completion.py``), a dict of:
+
+        * ``"text"``, ``"token_ids"`` (the completion's), ``"finish_reason"`` ("stop", "length");
+        * ``"logprobs"``, only with ``SamplingParams(logprobs=k)``: per completion token a dict ``{token id:
+          logprob}``, the sampled token first, then the ``k`` most likely tokens (1 to k + 1 entries);
+        * ``"prompt_logprobs"``: None unless ``SamplingParams(prompt_logprobs=k)``, else a list as long as the
+          prompt: None for its first token, then per prompt token a dict ``{token id: logprob}``, that token first
+          (its logprob given the tokens before it), then the ``k`` most likely tokens there (1 to k + 1 entries)."""
         token_lists, params, images = self._validate(prompts, sampling_params)
         engine = self.engine
         seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]

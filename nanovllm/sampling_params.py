@@ -16,6 +16,9 @@ class SamplingParams:
     ``stop``: strings that end the completion when its text contains one; the text returned stops before it.
     ``logprobs=k`` (0 to ``MAX_LOGPROBS``): report, for every generated token, its log-probability and the ``k``
     most likely tokens' (from the model's raw distribution, before temperature or filters).
+    ``prompt_logprobs=k`` (0 to ``MAX_LOGPROBS``): report, for every prompt token after the first, its
+    log-probability given the tokens before it and the ``k`` most likely tokens' there (raw distribution too).  Such
+    a request computes its whole prompt: it takes no prefix-cache hit.
     """
     temperature: float = 1.0
     top_k: int = -1
@@ -26,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple = field(default_factory=tuple)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         self.stop_token_ids = tuple(self.stop_token_ids)
@@ -72,11 +76,14 @@ class SamplingParams:
             raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop strings must not be empty, got {self.stop!r}")
-        if self.logprobs is not None:
-            if not is_int(self.logprobs):
-                raise TypeError(f"logprobs must be an int or None, got {type(self.logprobs).__name__}")
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not is_int(value):
+                raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+            if not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     @property
     def needs_filter(self) -> bool:

@@ -144,5 +144,5 @@ def test_a_pipeline_slot_is_not_handed_out_before_its_step_is_collected():
         pipe.push(f"step{i}", slot, 1, None)
     with pytest.raises(RuntimeError, match="before its step was collected"):
         pipe.next_slot()
-    assert pipe.should_collect(launched=True) and pipe.collect() == ("step0", [0], None)
+    assert pipe.should_collect(launched=True) and pipe.collect() == ("step0", [0], None, None)
     assert pipe.next_slot().index == 0 and len(pipe) == 2

@@ -99,7 +99,8 @@ def test_stop_strings_and_chat_offline(llm):
     assert short["finish_reason"] == "length"  # ends inside "ë": the text is the one-shot decode's
     assert short["text"] == llm.tokenizer.decode(short["token_ids"]) == "Zo\ufffd"
     plain = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    assert set(plain[0]) == {"text", "token_ids", "finish_reason"} and plain[0]["finish_reason"] == "length"
+    assert set(plain[0]) == {"text", "token_ids", "finish_reason", "prompt_logprobs"}
+    assert plain[0]["finish_reason"] == "length" and plain[0]["prompt_logprobs"] is None
 
 
 def test_text_stream_is_exact_for_characters_split_across_tokens(llm):

@@ -73,9 +73,11 @@ class BlockManager:
         return blocks, hashes
 
     def try_allocate(self, seq: Sequence) -> bool:
-        """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit."""
+        """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit.  One that
+        wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit: a hit would skip positions whose
+        logprobs it asked for (it still publishes its blocks for others)."""
         assert not seq.block_table
-        hits, hashes = self._cached_prefix(seq)
+        hits, hashes = ([], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
         fresh_needed = self.blocks_for(len(seq)) - len(hits)
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)
         if fresh_needed > self.num_free_blocks - revived:

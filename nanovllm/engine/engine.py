@@ -8,7 +8,8 @@ price: a sequence that stops on EOS is already in the steps launched since, so u
 compute a row for it that is thrown away.
 
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
-output, its finish reason; it is the engine's one output channel.  ``abort(seq)`` ends a request at once, even
+output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
+channel.  ``abort(seq)`` ends a request at once, even
 while queued steps still hold its pending tokens, and frees its KV blocks.  ``stats`` counts tokens, steps and
 host and device time (``reset_stats`` lists them).
 """
@@ -111,8 +112,10 @@ class Engine:
         previous = None
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
             t = time.perf_counter()
-            previous, tokens, logprobs = self.pipeline.collect()
+            previous, tokens, logprobs, prompt_logprobs = self.pipeline.collect()
             wait = time.perf_counter() - t
+            if prompt_logprobs is not None:
+                _record_prompt_logprobs(*prompt_logprobs)
             finished = self.scheduler.resolve(previous, tokens, logprobs)
         if batch.seqs:
             self.scheduler.advance(batch)
@@ -175,9 +178,27 @@ def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:
 
 
 def _output(seq: Sequence, resolved: int, ends: bool) -> SequenceOutput:
-    """``seq``'s tokens past those reported, up to its first ``resolved`` tokens."""
+    """``seq``'s tokens past those reported, up to its first ``resolved`` tokens, and its prompt logprobs not
+    reported yet (all of them come with its first output: the steps that computed them resolved before)."""
     start, end = seq.num_reported_tokens, resolved - seq.num_prompt_tokens
     seq.num_reported_tokens = end
     logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
+    prompt = None
+    if seq.prompt_logprobs is not None:
+        prompt = seq.prompt_logprobs[seq.num_reported_prompt_logprobs:]
+        seq.num_reported_prompt_logprobs = len(seq.prompt_logprobs)
     return SequenceOutput(seq.seq_id, seq.token_ids[seq.num_prompt_tokens + start:resolved], logprobs,
-                          seq.finish_reason if ends else None)
+                          seq.finish_reason if ends else None, prompt)
+
+
+def _record_prompt_logprobs(groups: list, values, ids) -> None:
+    """Append a resolved prefill step's prompt logprobs (``StepSlot.prompt_logprobs``) to their sequences: each
+    group's rows are positions ``first`` .. ``first + count - 1`` of its prompt, in order."""
+    row = 0
+    for seq, first, count in groups:
+        assert len(seq.prompt_logprobs) == first, "prompt logprobs resolve in position order"
+        k = seq.params.prompt_logprobs
+        v, i = values[row:row + count], ids[row:row + count]
+        seq.prompt_logprobs += zip(seq.token_ids[first:first + count], v[:, 0].tolist(), i[:, :k].tolist(),
+                                   v[:, 1:k + 1].tolist())
+        row += count

@@ -8,7 +8,8 @@ to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the eng
 which a request asked for logprobs runs the step's logprobs variant (``run_step_with_logprobs``, compiled like the
 step), whose logprobs are copied to the slot the same way; other batches run the plain step and pay nothing.  A
 prefill that reaches image tokens (vision-language models) runs eagerly with the extra inputs ``image_step.py``
-builds.
+builds, and so does a prefill in which a request computes prompt logprobs (``run_step_with_prompt_logprobs``),
+whose prompt rows' logprobs are copied to the slot's ``prompt_logprobs`` in the background.
 
 The token buffer has one row per running sequence (its "token slot", which the scheduler hands out) for its newest
 sampled token, plus a scratch row for padding (``StepInputs``).
@@ -27,7 +28,7 @@ from nanovllm.engine import image_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
 from nanovllm.engine.pipeline import StepSlot
-from nanovllm.engine.prefill_inputs import PrefillInputBuilder
+from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import sample
 from nanovllm.models import kv_scales
@@ -37,6 +38,7 @@ from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
 from nanovllm.step import (StepInputs, make_step, rechoose_logprob, redraw_filtered, run_step,
                            run_step_with_logprobs)
+from nanovllm.step.prompt_logprobs import run_step_with_prompt_logprobs
 
 CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
 
@@ -211,12 +213,17 @@ class ModelRunner:
             prepare_seconds += time.perf_counter() - t
             return inputs
 
-        if batch.is_prefill and image_step.carries_images(batch):  # eagerly: the tower's shapes vary per image
+        prompt = prompt_logprob_rows(batch) if batch.is_prefill else None
+        images = batch.is_prefill and image_step.carries_images(batch)
+        if images or (prompt is not None and prompt[0]):  # eagerly: image shapes vary, prompt rows need all of h
             inputs = self.prefill_builder.build(batch)
-            mm = image_step.build(self.model, batch, inputs.input_ids.shape[0], self.device)
-            step = run_step_with_logprobs if lp else run_step
-            outputs = step_outputs(step(self.model, self.kv_caches, self.token_buffer, inputs, mm))
-            self._emit(outputs, inputs, len(batch.seqs), filtered, slot, 0)
+            mm = image_step.build(self.model, batch, inputs.input_ids.shape[0], self.device) if images else None
+            if prompt[0]:
+                self._launch_prompt_logprobs(inputs, mm, prompt, lp, filtered, slot, len(batch.seqs))
+            else:
+                step = run_step_with_logprobs if lp else run_step
+                outputs = step_outputs(step(self.model, self.kv_caches, self.token_buffer, inputs, mm))
+                self._emit(outputs, inputs, len(batch.seqs), filtered, slot, 0)
         elif batch.is_prefill:
             self.executor.run(prefill=True, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens), logprobs=lp,
                               build=lambda part: self.prefill_builder.build(batch, part.shape, part.target),
@@ -225,6 +232,21 @@ class ModelRunner:
             self.executor.run(prefill=False, rows=len(batch.seqs), tokens=len(batch.seqs), logprobs=lp,
                               build=build_decode, emit=emit)
         return self.platform.record_event(), prepare_seconds
+
+    def _launch_prompt_logprobs(self, inputs: StepInputs, mm, prompt: tuple, logprobs: bool, filtered: bool,
+                                slot: StepSlot, rows: int) -> None:
+        """Run a prefill of ``rows`` sequences that computes prompt logprobs (``prompt``: ``prompt_logprob_rows``)
+        and copy them to ``slot.prompt_logprobs`` in the background, its tokens as ``_emit`` does."""
+        groups, token_rows, targets = prompt
+        token_rows, targets = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (token_rows, targets))
+        tokens, logits, sampled, (values, ids) = run_step_with_prompt_logprobs(
+            self.model, self.kv_caches, self.token_buffer, inputs, token_rows, targets, logprobs, mm)
+        self._emit((tokens, logits, sampled), inputs, rows, filtered, slot, 0)
+        pin = self.platform.pin_memory
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in (values, ids)]
+        for h, t in zip(host, (values, ids)):
+            h.copy_(t, non_blocking=True)
+        slot.prompt_logprobs = (groups, *host)
 
     def _emit(self, outputs, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int) -> None:
         """Copy live rows' tokens (and logprobs, if the step reports them) from the step's ``outputs`` (tokens,

@@ -4,6 +4,8 @@ Contract of a ``SequenceOutput``: ``token_ids`` are the sequence's completion to
 output (with their logprobs, when asked); ``finish_reason`` is set on its last output only ("stop": EOS or a stop
 token, "length"), after which the engine reports nothing more for it.  A stop token is always the last token of
 the output that carries ``finish_reason == "stop"``.  An aborted sequence gets no output (the caller ended it).
+``prompt_logprobs`` (when asked) are the prompt positions' entries not carried before: all of them, on the first
+output.
 Outputs are plain data (no ``Sequence``), so they cross a pipe to the server's front unchanged.
 """
 from dataclasses import dataclass
@@ -16,6 +18,9 @@ class SequenceOutput:
     token_ids: list[int]
     logprobs: list | None  # per token (its logprob, top ids, top logprobs) when the request asked for logprobs
     finish_reason: str | None = None
+    # per prompt position, when the request asked for prompt logprobs: None for the first, then (the prompt token,
+    # its logprob, top ids, top logprobs)
+    prompt_logprobs: list | None = None
 
 
 class StepResult(NamedTuple):

@@ -8,7 +8,8 @@ device is done with it.  There are ``depth + 1`` slots, used round robin, so a s
 
 The rule that makes this safe, enforced here: a slot is handed out again only after ``collect`` has waited for
 its previous step.  Until then the device may still be copying that step's inputs out of the slot's staging
-buffers and its tokens into the slot's host buffer.
+buffers and its tokens into the slot's host buffer.  A prefill step that computes prompt logprobs leaves them on its
+slot too (``prompt_logprobs``), handed back with its tokens.
 """
 from collections import deque
 from typing import Any, Callable
@@ -24,6 +25,9 @@ class StepSlot:
         # first time a step of this slot reports logprobs; ``has_logprobs`` says whether the current one does
         self.host_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.has_logprobs = False
+        # the current step's prompt logprobs, if it computes any: (per row group (sequence, first prompt position,
+        # rows), values [rows, 1 + MAX_LOGPROBS], ids [rows, MAX_LOGPROBS]) on the host, copied in the background
+        self.prompt_logprobs: tuple | None = None
         self.event = None  # set at launch: the platform's event recorded after the step's work
         self.busy = False
 
@@ -55,9 +59,10 @@ class StepPipeline:
         """Whether to read the oldest step now: more than ``depth`` are queued, or nothing new was launched."""
         return bool(self._queued) and (len(self._queued) > self.depth or not launched)
 
-    def collect(self) -> tuple[Any, list[int], tuple | None]:
+    def collect(self) -> tuple[Any, list[int], tuple | None, tuple | None]:
         """Wait for the oldest queued step; returns (its work, its sampled tokens, its logprobs: None or numpy
-        (values [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])) and frees its slot."""
+        (values [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS]), its prompt logprobs: None or
+        ``StepSlot.prompt_logprobs`` with numpy arrays) and frees its slot."""
         work, slot, n = self._queued.popleft()
         if slot.event is not None:
             slot.event.synchronize()
@@ -66,8 +71,11 @@ class StepPipeline:
         if slot.has_logprobs:
             values, ids = slot.host_logprobs
             logprobs = (values[:n].numpy().copy(), ids[:n].numpy().copy())
-        slot.busy, slot.event, slot.has_logprobs = False, None, False
-        return work, tokens, logprobs
+        prompt = slot.prompt_logprobs
+        if prompt is not None:
+            prompt = (prompt[0], prompt[1].numpy(), prompt[2].numpy())
+        slot.busy, slot.event, slot.has_logprobs, slot.prompt_logprobs = False, None, False, None
+        return work, tokens, logprobs, prompt
 
     def oldest(self) -> Any:
         """The work of the oldest queued step, or None."""

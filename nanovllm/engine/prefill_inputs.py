@@ -6,7 +6,8 @@ meets a size of 1, which the compiler would specialise on.  Padded to a prefill 
 past the real ones all belong to that padding sequence and the rows after it hold no tokens.  Block tables are
 always ``table_width`` (blocks of a ``max_model_len`` sequence) wide, a static shape.  Real steps are staged in
 one (pinned, where the platform pins) host buffer and reach the device, or a graph's static inputs, in one copy:
-separate pageable copies would each wait for the step before to finish.
+separate pageable copies would each wait for the step before to finish.  ``prompt_logprob_rows`` says which token
+rows of that layout predict a prompt token whose logprob a request asked for.
 """
 import numpy as np
 import torch
@@ -26,6 +27,23 @@ def sampling_arrays(seqs, rows: int) -> dict:
         out["temperature"][i], out["top_k"][i], out["top_p"][i] = p.temperature, p.top_k, p.top_p
         out["seeds"][i], out["sample_positions"][i] = seq.seed, len(seq)
     return out
+
+
+def prompt_logprob_rows(batch) -> tuple[list, np.ndarray, np.ndarray]:
+    """The rows of a prefill batch (laid out as ``PrefillInputBuilder.build`` lays it out) whose logprobs of the next
+    prompt token were asked for (``Sequence.prompt_logprob_span``): (per sequence with some, (sequence, first prompt
+    position, count)), their token rows [n] and the prompt tokens they predict [n]."""
+    groups, rows, targets, offset = [], [], [], 0
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        first, count = seq.prompt_logprob_span(n)
+        if count:
+            groups.append((seq, first, count))
+            rows.append(np.arange(offset, offset + count))
+            targets.append(np.asarray(seq.token_ids[first:first + count], np.int64))
+        offset += n
+    if not groups:
+        return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return groups, np.concatenate(rows), np.concatenate(targets)
 
 
 class PrefillInputBuilder:

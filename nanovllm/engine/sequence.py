@@ -3,6 +3,9 @@
 A prompt with images (vision-language models) also carries ``ImageInputs``: the images' pixels, where their
 tokens are in the prompt, a hash of each image (the prefix cache keys blocks by it, so equal placeholder tokens
 in front of different images never share KV) and the prompt's M-RoPE positions (``nanovllm/models/mrope.py``).
+
+A request with ``prompt_logprobs`` computes them while its prompt is prefilled for the first time
+(``wants_prompt_logprobs``): ``prompt_logprobs`` collects one entry per prompt position, ``None`` for the first.
 """
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -65,6 +68,10 @@ class Sequence:
         # per resolved completion token, if ``params.logprobs`` is set: (its logprob, top ids, top logprobs)
         self.logprobs: list[tuple[float, list[int], list[float]]] | None = \
             [] if params.logprobs is not None else None
+        # per prompt position, if ``params.prompt_logprobs`` is set: None for position 0, then (the prompt token,
+        # its logprob, top ids, top logprobs), appended as the prefill steps that computed them resolve
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+        self.num_reported_prompt_logprobs = 0  # entries of ``prompt_logprobs`` the step outputs carried so far
 
     def block_key(self, start: int, end: int) -> tuple:
         """The identity of the KV of tokens [start, end): their ids, then the hashes of images among them."""
@@ -94,6 +101,21 @@ class Sequence:
         while n > self.num_prompt_tokens and tokens[n - 1] == PENDING_TOKEN:
             n -= 1
         return n
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and its prompt has not been prefilled yet: nothing was sampled, so the
+        prompt is not a readmission after preemption (whose prompt logprobs were computed the first time)."""
+        return self.prompt_logprobs is not None and len(self.token_ids) == self.num_prompt_tokens
+
+    def prompt_logprob_span(self, n: int) -> tuple[int, int]:
+        """(first prompt position, count) whose logprobs a prefill chunk of ``n`` tokens from
+        ``num_computed_tokens`` yields: row i of the chunk predicts position ``start + i + 1``, a prompt logprob up
+        to the prompt's last token (the last row predicts the first completion token).  (0, 0) when none."""
+        if not self.wants_prompt_logprobs:
+            return 0, 0
+        start = self.num_computed_tokens
+        return start + 1, max(0, min(start + n, self.num_prompt_tokens - 1) - start)
 
     @property
     def is_prefilling(self) -> bool:

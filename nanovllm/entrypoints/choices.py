@@ -26,6 +26,7 @@ class ChoiceUpdate:
     token_ids: list[int]
     logprobs: list | None  # per token (logprob, top ids, top logprobs)
     finish_reason: str | None
+    prompt_logprobs: list | None = None  # new prompt positions' entries (``SequenceOutput.prompt_logprobs``)
 
 
 class Choice:
@@ -40,7 +41,7 @@ class Choice:
 
     def add(self, output: SequenceOutput) -> ChoiceUpdate:
         d = self.completion.add(output)
-        return ChoiceUpdate(self.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
+        return ChoiceUpdate(self.index, d.text, d.token_ids, d.logprobs, d.finish_reason, d.prompt_logprobs)
 
 
 async def run_choices(loop, handle, tokenizer, metrics):
@@ -76,8 +77,8 @@ async def run_choices(loop, handle, tokenizer, metrics):
 
 def queued(queue, first: tuple) -> list[tuple]:
     """``first`` and every ``(choice index, SequenceOutput)`` already in ``queue``, each choice's outputs joined
-    into one (tokens and logprobs in order, the last one's finish reason), in order of each choice's first one.
-    An engine failure ``(None, error)`` is returned alone."""
+    into one (tokens, logprobs and prompt logprobs in order, the last one's finish reason), in order of each
+    choice's first one.  An engine failure ``(None, error)`` is returned alone."""
     joined: dict[int, SequenceOutput] = {}
     event = first
     while True:
@@ -89,8 +90,9 @@ def queued(queue, first: tuple) -> list[tuple]:
             joined[index] = delta
         else:
             logprobs = before.logprobs + delta.logprobs if before.logprobs is not None else None
+            prompt = before.prompt_logprobs + delta.prompt_logprobs if before.prompt_logprobs is not None else None
             joined[index] = SequenceOutput(delta.seq_id, before.token_ids + delta.token_ids, logprobs,
-                                           delta.finish_reason)
+                                           delta.finish_reason, prompt)
         if queue.empty():
             return list(joined.items())
         event = queue.get_nowait()

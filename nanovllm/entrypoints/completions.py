@@ -3,7 +3,10 @@
 The prompt is a string, a list of strings, a list of token ids or a list of those; each prompt has ``n`` choices,
 numbered ``prompt index * n + choice``.  ``max_tokens`` defaults to 16 (OpenAI's default), capped to the room left
 under ``max_model_len``.  ``echo`` puts the prompt's text before the completion's.  ``logprobs=k`` (k <= 5) gives
-per token its text, logprob, the k most likely tokens' and its offset in the choice's text.  A stream sends one
+per token its text, logprob, the k most likely tokens' and its offset in the choice's text; with ``echo``, the
+prompt's tokens come first (the engine's prompt logprobs; the first token's logprob and top entries are null), as
+lm-eval-harness's loglikelihood requests expect.  With ``stream``, the prompt comes in a choice's first chunk.  A
+stream sends one
 chunk per choice per engine step that produced text (or logprobs, or the finish; the steps a busy front took
 together count as one: ``choices.queued``), then, with
 ``stream_options.include_usage``, a chunk with empty choices and the usage, then ``data: [DONE]``.
@@ -28,11 +31,12 @@ async def create_completion(serving: Serving, req: CompletionRequest, request) -
     encoded = await asyncio.gather(*(serving.encode(prompt, i) for i, prompt in enumerate(texts)))
     for prompt, ids in zip(texts, encoded):
         max_tokens = serving.max_tokens_for(len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
-        prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs)))
+        prompt_logprobs = req.logprobs if req.echo else None
+        prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs, prompt_logprobs)))
         if req.echo:
             echoes.append(prompt if isinstance(prompt, str) else serving.tokenizer.decode(ids))
     handles = serving.submit(prompts, req.n)
-    reply = _Reply(serving, req, request_id("cmpl"), [len(ids) for ids, _ in prompts], echoes)
+    reply = _Reply(serving, req, request_id("cmpl"), [ids for ids, _ in prompts], echoes)
     if req.stream:
         return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))
     body = await unless_disconnected(request, reply.collect(handles))
@@ -40,12 +44,13 @@ async def create_completion(serving: Serving, req: CompletionRequest, request) -
 
 
 class _Reply:
-    def __init__(self, serving: Serving, req: CompletionRequest, rid: str, prompt_lens: list[int], echoes):
+    def __init__(self, serving: Serving, req: CompletionRequest, rid: str, prompt_ids: list[list[int]], echoes):
         self.serving, self.req, self.id = serving, req, rid
         self.created = int(time.time())
-        self.prompt_lens, self.echoes = prompt_lens, echoes
+        self.prompt_ids, self.echoes = prompt_ids, echoes
+        self.prompt_lens = [len(ids) for ids in prompt_ids]
         n = req.n
-        self.total = len(prompt_lens) * n
+        self.total = len(prompt_ids) * n
         self.completion_tokens = 0
         self.offsets = [len(echoes[i // n]) if echoes else 0 for i in range(self.total)]  # logprobs text_offset
 
@@ -53,19 +58,33 @@ class _Reply:
         index = prompt * self.req.n + update.index
         text = (self.echoes[prompt] if echoed else "") + update.text
         self.completion_tokens += len(update.token_ids)
-        logprobs = self._logprobs(index, update) if self.req.logprobs is not None else None
+        logprobs = self._logprobs(index, prompt, update) if self.req.logprobs is not None else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}
 
-    def _logprobs(self, index: int, update) -> dict:
+    def _logprobs(self, index: int, prompt: int, update) -> dict:
+        """The legacy ``logprobs`` object of ``update``'s tokens, after its prompt's tokens when it carries the
+        prompt logprobs (``echo``): those are offset from the start of the echoed text, the completion's from its
+        end."""
         token_text = self.serving.token_text
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token, (chosen, top_ids, top) in zip(update.token_ids, update.logprobs):
+
+        def add(token: int, chosen, top: dict | None, offset: int) -> int:
             text = token_text(token)
             out["tokens"].append(text)
             out["token_logprobs"].append(chosen)
-            out["top_logprobs"].append({text: chosen, **{token_text(t): v for t, v in zip(top_ids, top)}})
-            out["text_offset"].append(self.offsets[index])
-            self.offsets[index] += len(text)
+            out["top_logprobs"].append(None if top is None else {token_text(t): v for t, v in top.items()})
+            out["text_offset"].append(offset)
+            return offset + len(text)
+
+        offset = 0
+        for position, entry in enumerate(update.prompt_logprobs or ()):
+            if entry is None:  # the first prompt token: nothing before it to predict it from
+                offset = add(self.prompt_ids[prompt][position], None, None, offset)
+            else:
+                token, chosen, top_ids, top = entry
+                offset = add(token, chosen, {token: chosen, **dict(zip(top_ids, top))}, offset)
+        for token, (chosen, top_ids, top) in zip(update.token_ids, update.logprobs):
+            self.offsets[index] = add(token, chosen, {token: chosen, **dict(zip(top_ids, top))}, self.offsets[index])
         return out
 
     def _usage(self) -> dict:

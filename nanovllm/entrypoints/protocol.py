@@ -94,7 +94,8 @@ class _Request(BaseModel):
         if self.n < 1:
             raise bad_request(f"n must be >= 1, got {self.n}", "n")
 
-    def sampling_params(self, max_tokens: int, defaults: dict, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, defaults: dict, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's ``SamplingParams``; a field it leaves out takes the checkpoint's generation_config.json
         value (``defaults``), then OpenAI's default.  Bad values raise a 400 naming the field."""
         def pick(name, default):
@@ -107,7 +108,8 @@ class _Request(BaseModel):
                 temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
                 top_k=-1 if top_k == 0 else top_k, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
                 stop_token_ids=self.stop_token_ids or (), seed=self.seed,
-                stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []), logprobs=logprobs)
+                stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []), logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs)
         except (TypeError, ValueError) as e:
             name = str(e).split(" ")[0]
             raise bad_request(str(e), name if name in type(self).model_fields else None) from None
@@ -128,9 +130,6 @@ class CompletionRequest(_Request):
             raise bad_request(f"best_of={self.best_of} is not supported by nanovllm (only best_of = n)", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise bad_request(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {self.logprobs}", "logprobs")
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo together with logprobs needs the prompt's logprobs, which nanovllm does not "
-                              "compute", "echo")
 
     def prompts(self) -> list:
         """The prompts: a str, or a list of token ids, each."""

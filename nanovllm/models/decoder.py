@@ -202,16 +202,27 @@ class DecoderForCausalLM(nn.Module):
         """Called once the weights are filled (from a checkpoint or at random), before the first step: a subclass
         may rewrite them here (MiniCPM folds its scalings into them).  Nothing to do for the plain decoder."""
 
-    def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list) -> torch.Tensor:
-        """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence) of tokens ``input_ids``."""
+    def forward(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list, mm=None) -> torch.Tensor:
+        """Logits [B, V] for the rows ``inputs.logits_indices`` (one per sequence) of tokens ``input_ids``; ``mm``:
+        a vision-language model's extra inputs (``hidden_states``)."""
+        return self.logits(self.hidden_states(input_ids, inputs, kv_caches, mm)[inputs.logits_indices])
+
+    def hidden_states(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list, mm=None) -> torch.Tensor:
+        """The final normed hidden states [T, H] of every token (``logits`` turns rows of them into logits).  The
+        plain decoder takes no ``mm``; a vision-language model overrides this to use it."""
+        assert mm is None, f"{type(self).__name__} takes no multimodal inputs"
         rotary = self.model.rotary
         rows = rotary.table_rows(inputs.positions, inputs.context_lens, inputs.cu_seqlens_q)
         return self.run_layers(self.model.embed_tokens(input_ids), inputs, kv_caches,
                                (rows, rotary.cos_cache, rotary.sin_cache))
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states ``h`` [n, H]: logits [n, V], gathered over the tensor-parallel ranks."""
+        return tp.gather_logits(_project(self.lm_head, h), self.args.vocab_size)
+
     def run_layers(self, x: torch.Tensor, inputs: StepInputs, kv_caches: list, rope: tuple,
                    layer_adds: tuple = ()) -> torch.Tensor:
-        """Logits [B, V] from the input embeddings ``x`` [T, H] (``forward``'s contract).  ``rope`` is (each token's
+        """The final normed hidden states [T, H] from the input embeddings ``x`` [T, H].  ``rope`` is (each token's
         row in the cos and sin tables, the tables); ``layer_adds`` (vision-language models) is (token rows,
         features [n, H] per layer): layer i's output gains ``layer_adds[1][i]`` at those rows."""
         layers = self.model.layers
@@ -222,5 +233,4 @@ class DecoderForCausalLM(nn.Module):
             if layer_adds and i < len(layer_adds[1]):
                 x = x.index_add(0, layer_adds[0], layer_adds[1][i].to(x.dtype))
                 h = next_norm(x)
-        logits = _project(self.lm_head, h[inputs.logits_indices])  # the norm is per row: select after it
-        return tp.gather_logits(logits, self.args.vocab_size)
+        return h  # the norm is per row: a caller selects the rows it needs after it

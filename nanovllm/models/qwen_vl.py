@@ -81,9 +81,9 @@ class QwenVLBase(DecoderForCausalLM):
     def visual_dtype(self) -> torch.dtype:
         return next(self.visual.parameters()).dtype
 
-    def forward(self, input_ids: torch.Tensor, inputs, kv_caches: list, mm: MultiModalStep | None = None):
+    def hidden_states(self, input_ids: torch.Tensor, inputs, kv_caches: list, mm: MultiModalStep | None = None):
         if mm is None:
-            return super().forward(input_ids, inputs, kv_caches)
+            return super().hidden_states(input_ids, inputs, kv_caches)
         x = self.model.embed_tokens(input_ids)
         x = x.index_copy(0, mm.image_rows, mm.image_embeds.to(x.dtype))
         rotary = self.model.rotary

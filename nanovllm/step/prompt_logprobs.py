@@ -1,0 +1,31 @@
+"""A prefill step that also reports prompt logprobs: ``run_step_with_prompt_logprobs``, run eagerly.
+
+It is ``run_step`` (or ``run_step_with_logprobs``) on a prefill whose tokens are all known on the host, split so
+the final hidden states of every token are at hand (``model.hidden_states``); besides the sampled rows, the rows
+``rows`` of the requests that asked for prompt logprobs go through the LM head (``model.logits``) in pieces of at
+most ``PIECE_ROWS`` rows, so a long prompt never makes a [T, V] logits tensor, and each piece gives, per row, the
+logprob of ``targets`` (the next prompt token) and the top ``MAX_LOGPROBS`` (``token_logprobs``: float32, fixed
+size).  Only batches with such a request run it; the compiled step is left as it is.
+"""
+import torch
+
+from nanovllm.layers.sampler import sample
+from nanovllm.step.function import token_logprobs
+from nanovllm.step.inputs import StepInputs
+
+PIECE_ROWS = 1024  # rows of logits made at once: bounds the step's extra memory at PIECE_ROWS x vocabulary
+
+
+def run_step_with_prompt_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, rows: torch.Tensor,
+                                  targets: torch.Tensor, logprobs: bool, mm=None) -> tuple:
+    """(tokens [B], logits [B, V], None or the sampled rows' (values, ids) when ``logprobs``, the prompt rows'
+    (values [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])).  ``rows`` [n]: token rows whose next token is a
+    prompt token, ``targets`` [n]: those tokens.  A prefill's inputs carry every token (no ``token_slots``)."""
+    hidden = model.hidden_states(inputs.input_ids, inputs, kv_caches, mm)
+    logits = model.logits(hidden[inputs.logits_indices])
+    tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions)
+    token_buffer.index_copy_(0, inputs.out_slots, tokens)
+    pieces = [token_logprobs(model.logits(hidden[rows[lo:lo + PIECE_ROWS]]), targets[lo:lo + PIECE_ROWS])
+              for lo in range(0, rows.shape[0], PIECE_ROWS)]
+    prompt = (torch.cat([v for v, _ in pieces]), torch.cat([i for _, i in pieces]))
+    return tokens, logits, token_logprobs(logits, tokens) if logprobs else None, prompt
