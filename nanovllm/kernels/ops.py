@@ -10,10 +10,9 @@ A platform whose graph compiler lowers only ops it knows may also register, per 
 implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
 place of the opaque op while compiling (the NPU platform, ``kernels/npu.py``).  Eager calls take the registered kernel.
 
-Contracts shared by every implementation (see ``reference.py`` for the cache layout and ``context_lens``, and
-``kv_quant.py`` for an FP8 cache, whose ``k_scale``/``v_scale`` the KV ops take; None for any other cache):
-no host synchronisation and no data-dependent shapes, so a step may be graph-captured; slot -1 is never written;
-a row with context 0 gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
+Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py``: an FP8 cache's scales, None
+otherwise): no host sync or data-dependent shapes (graph-capturable); slot -1 is never written; a row with context 0
+gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
 """
 from typing import Callable, Optional
 

@@ -1,7 +1,5 @@
 """Pure-PyTorch paged attention, KV store, q/k norm + rope and projections: the default implementations of the ops
-in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.
-
-KV cache layout, shared by every implementation (one tensor per layer for K, one for V):
+in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.  KV cache layout, shared by every implementation (one tensor per layer for K, one for V):
 ``cache[num_blocks, num_kv_heads, block_size, head_dim]``, so one KV head's tokens inside a block are contiguous.
 A slot id is ``block * block_size + offset``; slot -1 means "padded row, write nothing".
 
@@ -9,10 +7,8 @@ A slot id is ``block * block_size + offset``; slot -1 means "padded row, write n
 the current step (they are stored before attention runs).  In prefill the query token ``j`` of a sequence
 with ``q_len`` new tokens sits at absolute position ``context_lens[b] - q_len + j`` and attends causally to
 KV positions ``0 .. that position``.  A token at a negative position (a row with ``context_lens == 0``) gets
-zeros.  Cache entries at or past a row's context are never read into its result, whatever they hold.
-
-An FP8 cache (``kv_quant.py``) stores e4m3 elements with per-head scales: the store quantises, attention
-dequantises to float32 before it multiplies (``k_scale``/``v_scale`` [Hkv], None for a cache in the model's dtype).
+zeros.  Cache entries at or past a row's context are never read into its result, whatever they hold.  An FP8
+cache (``kv_quant.py``): the store quantises, attention dequantises to float32 before it multiplies.
 
 Every twin uses only static shapes (no ``.item()``, ``.tolist()``, ``nonzero`` or boolean-mask indexing): none syncs
 with the host, each traces whole (``fullgraph=True``, ``make_fx``), and attention reads every column of the block table.
