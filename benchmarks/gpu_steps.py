@@ -33,16 +33,20 @@ class Step:
     vllm_config: tuple[tuple[str, object], ...] = ()  # config.json fields changed for vLLM only
 
 
-BENCH, DUMMY = ("--bs", "256"), ("--load-format", "dummy")
+BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
     Step("bench-vllm", "vllm", "default", "bench"),
+    Step("bench-fp8kv-ours", "ours", "default", "bench", BENCH + FP8_KV),
+    Step("bench-fp8kv-vllm", "vllm", "default", "bench", FP8_KV),
     Step("eager-ours", "ours", "default", "bench", BENCH + ("--enforce-eager",)),
     Step("pre-hopper-ours", "ours", "default", "bench", BENCH, env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     Step("batch1-ours", "ours", "peer:qwen3-8b", "bench", ("--bs", "1", "--num-seqs", "2")),
     Step("batch1-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
     Step("moe-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH),
     Step("moe-vllm", "vllm", "preset:qwen3-30b-a3b", "bench"),
+    Step("moe-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8_KV),
+    Step("moe-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8_KV),
     Step("minicpm-ours", "ours", "preset:minicpm4-0.5b", "bench", BENCH),
     # vLLM refuses model_type "minicpm" without remote code; as "llama" it resolves its own MiniCPM class
     Step("minicpm-vllm", "vllm", "preset:minicpm4-0.5b", "bench", vllm_config=(("model_type", "llama"),)),
@@ -58,6 +62,7 @@ STEPS = [
     Step("tp1-ours", "ours", "peer:qwen3-32b", "bench", BENCH),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
+    Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
