@@ -12,11 +12,15 @@ head is), which the cache never sees.  So the same scales round the same values.
 """
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import build_checkpoint, build_minicpm_checkpoint, hf_greedy
 from nanovllm import LLM
 from nanovllm.tools import minicpm, oracle
 from test_kv_fp8 import ENGINE, fp8_oracle, greedy, prompts_of
+from vl_checkpoints import IMAGE_PAD, build_vl_checkpoint, picture
+
+PH = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def _calibrated(path, **kw):
@@ -61,3 +65,57 @@ def test_qwen2_moe_shared_expert_matches_the_rounding_oracle(tmp_path):
     got = greedy(llm, prompts, 12)
     assert got == fp8_oracle(path, prompts, 12, oracle.engine_kv_scales(llm))
     assert got != hf_greedy(path, prompts, 12)
+
+
+# Vision-language: the text layers' projections are scaled from std 0.08 (vl_checkpoints) to 0.3, as test_kv_fp8's
+# checkpoints, so that the rounding changes tokens.  The rounding attention is the text model's only: the vision
+# tower's attention has no KV cache (and no layer_idx) and keeps SDPA.
+VL_PROMPTS = [{"prompt": f"Describe {PH} in a few words.", "multi_modal_data": {"image": picture(120, 90, 1)}},
+              {"prompt": f"Compare {PH} with this.", "multi_modal_data": {"image": picture(200, 150, 2)}}]
+VL_ENGINE = dict(ENGINE, max_model_len=256, max_num_seqs=2, graph_batch_sizes=[1, 2], dtype="float32")
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def vl_checkpoint(request, tmp_path_factory):
+    """(checkpoint, the eager engine, its tokens on ``VL_PROMPTS``)."""
+    path = build_vl_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    weights = load_file(f"{path}/model.safetensors")
+    for name in weights:
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            weights[name] = weights[name] * (0.3 / 0.08)
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    llm = LLM(path, enforce_eager=True, kv_cache_scales="head", **VL_ENGINE)
+    return path, llm, greedy(llm, VL_PROMPTS, 10)
+
+
+def vl_oracle(path, llm, scales) -> list[list[int]]:
+    """transformers' VL model's greedy tokens on ``VL_PROMPTS`` (``llm``'s token ids and pixels), its text attention
+    rounding K and V with ``scales`` (None: plain SDPA)."""
+    import transformers
+    attention = {} if scales is None else {
+        "attn_implementation": {"text_config": oracle.fp8_kv_attention(scales), "vision_config": "sdpa"}}
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, **attention).eval()
+    out = []
+    for i, prompt in enumerate(VL_PROMPTS):
+        ids, images = llm.encode_request(prompt, i)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=10,
+                               min_new_tokens=0, eos_token_id=None, pad_token_id=0, pixel_values=images.pixel_values,
+                               image_grid_thw=torch.tensor(images.grid_thw), mm_token_type_ids=(x == IMAGE_PAD).int())
+        out.append(y[0, len(ids):].tolist())
+    return out
+
+
+def test_vision_language_eager_matches_the_rounding_oracle(vl_checkpoint):
+    path, llm, eager = vl_checkpoint
+    assert eager == vl_oracle(path, llm, oracle.engine_kv_scales(llm))
+    assert eager != vl_oracle(path, llm, None)
+
+
+@pytest.mark.slow
+def test_vision_language_graph_mode_equals_eager(vl_checkpoint):
+    path, _, eager = vl_checkpoint
+    llm = LLM(path, kv_cache_scales="head", **VL_ENGINE)
+    assert llm.engine.runner.mode == "graph"
+    assert greedy(llm, VL_PROMPTS, 10) == eager
