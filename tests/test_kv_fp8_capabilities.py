@@ -119,3 +119,18 @@ def test_vision_language_graph_mode_equals_eager(vl_checkpoint):
     llm = LLM(path, kv_cache_scales="head", **VL_ENGINE)
     assert llm.engine.runner.mode == "graph"
     assert greedy(llm, VL_PROMPTS, 10) == eager
+
+
+@pytest.mark.parametrize("choice", ["one", "tensor"])
+def test_two_tensor_parallel_ranks_equal_one(tmp_path, choice):
+    """A per-tensor scale is agreed over the ranks (its amax is the largest of theirs), so rank 0 holds the scale
+    of one rank and both store what one rank stores."""
+    path = build_checkpoint(tmp_path, "qwen3", std=0.3)
+    prompts = prompts_of(4, seed=9, max_len=40)
+    one = LLM(path, enforce_eager=True, kv_cache_scales=choice, **ENGINE)
+    want = greedy(one, prompts, 12)
+    with LLM(path, enforce_eager=True, kv_cache_scales=choice, tensor_parallel_size=2, **ENGINE) as two:
+        assert greedy(two, prompts, 12) == want
+        for (k2, v2), (k1, v1) in zip(oracle.engine_kv_scales(two), oracle.engine_kv_scales(one)):
+            assert len(k2) == 1 and len(k1) == 2  # rank 0 holds one of the two KV heads
+            assert k2.tolist() == pytest.approx(k1[:1].tolist()) and v2.tolist() == pytest.approx(v1[:1].tolist())
