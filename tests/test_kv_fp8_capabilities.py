@@ -134,3 +134,25 @@ def test_two_tensor_parallel_ranks_equal_one(tmp_path, choice):
         for (k2, v2), (k1, v1) in zip(oracle.engine_kv_scales(two), oracle.engine_kv_scales(one)):
             assert len(k2) == 1 and len(k1) == 2  # rank 0 holds one of the two KV heads
             assert k2.tolist() == pytest.approx(k1[:1].tolist()) and v2.tolist() == pytest.approx(v1[:1].tolist())
+
+
+def test_expert_offload_changes_no_token(tmp_path):
+    path = build_checkpoint(tmp_path, "qwen3_moe", std=0.3)
+    prompts = prompts_of(4, seed=10, max_len=30)
+    plain = _calibrated(path, enforce_eager=True)
+    offload = _calibrated(path, offload_experts=True, experts_on_device=1)
+    assert greedy(offload, prompts, 10) == greedy(plain, prompts, 10)
+    assert offload.engine.describe()["expert_offload"]["misses"] > 0
+
+
+@pytest.mark.slow
+def test_graph_mode_matches_the_rounding_oracle_with_chunks_prefix_hits_and_preemption(tmp_path):
+    """``test_kv_fp8.py``'s eager test, in graph mode: the same prompts, cache and step budget."""
+    path = build_checkpoint(tmp_path, "qwen3", std=0.3)
+    shared = prompts_of(1, seed=0, max_len=1)[0] * 40
+    prompts = [shared + tail for tail in prompts_of(6, seed=1, max_len=30)]
+    llm = LLM(path, **dict(ENGINE, max_num_batched_tokens=40, num_kvcache_blocks=10))
+    assert llm.engine.runner.mode == "graph"
+    got = greedy(llm, prompts, 24)
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.block_manager.cache_hit_tokens > 0
+    assert got == fp8_oracle(path, prompts, 24, oracle.engine_kv_scales(llm))
