@@ -156,3 +156,40 @@ def test_graph_mode_matches_the_rounding_oracle_with_chunks_prefix_hits_and_pree
     got = greedy(llm, prompts, 24)
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.block_manager.cache_hit_tokens > 0
     assert got == fp8_oracle(path, prompts, 24, oracle.engine_kv_scales(llm))
+
+
+def _server_args(path, *flags):
+    from nanovllm.entrypoints.cli import make_parser
+    return make_parser().parse_args([path, *flags])
+
+
+def test_the_servers_command_line_takes_the_kv_cache_dtype(capsys):
+    from nanovllm.cli import engine_kwargs
+    kwargs = engine_kwargs(_server_args("m", "--kv-cache-dtype", "fp8", "--kv-cache-scales", "head"))
+    assert kwargs["kv_cache_dtype"] == "fp8" and kwargs["kv_cache_scales"] == "head"
+    assert "kv_cache_dtype" not in engine_kwargs(_server_args("m"))  # not given: LLM's default ("auto")
+    with pytest.raises(SystemExit):
+        _server_args("m", "--kv-cache-dtype", "fp16")
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_a_request_to_the_server_is_answered_by_an_fp8_engine(tmp_path):
+    """The in-process app (``test_server_echo.py``'s ``served``) over an engine built from the server's flags:
+    greedy text and logprobs equal the same engine's offline ones."""
+    pytest.importorskip("fastapi")
+    from nanovllm import SamplingParams
+    from nanovllm.cli import engine_kwargs
+    from serve_helpers import build_text_checkpoint
+    from test_server_echo import completion, served
+    path, _ = build_text_checkpoint(tmp_path)
+    args = _server_args(path, "--kv-cache-dtype", "fp8", "--kv-cache-scales", "tensor", "--enforce-eager")
+    with LLM(path, **dict(engine_kwargs(args), kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=128)) as llm:
+        assert llm.engine.describe()["kv_cache_dtype"] == "float8_e4m3fn"
+        assert llm.engine.describe()["kv_scales"] == "tensor"
+        prompt = "The quick brown fox"
+        offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, logprobs=1), use_tqdm=False)[0]
+        with served(llm) as client:
+            choice = completion(client, prompt=prompt, max_tokens=6, logprobs=1)["choices"][0]
+    assert choice["text"] == offline["text"]
+    want = [entry[t] for entry, t in zip(offline["logprobs"], offline["token_ids"])]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-6)
