@@ -7,8 +7,9 @@ The oracle is ``test_kv_fp8.py``'s: transformers in float32 with an attention fu
 MiniCPM's oracle is transformers' Llama on the equivalent checkpoint (``tools/minicpm.py:to_llama``).  It folds
 ``scale_emb`` into the embedding and ``scale_depth / sqrt(layers)`` into ``o_proj`` and ``down_proj`` exactly as our
 model does, so the residual stream, and with it every layer's K and V, is the same on both sides, with no constant
-factor between them; the two differ only at the LM head (our final norm is divided by the width ratio, the oracle's
-head is), which the cache never sees.  So the same scales round the same values.
+factor between them; the two differ only at the LM head (our final norm is divided by the width ratio, and by
+``scale_emb`` when tied, the oracle's head by the width ratio), which the cache never sees.  So the same scales
+round the same values.
 """
 import pytest
 import torch
