@@ -103,9 +103,9 @@ class EngineConfig:
                                        "them as float8 e4m3 with per-layer scales, about twice the tokens in the "
                                        "same memory", choices=KV_CACHE_DTYPES)
     kv_cache_scales: str = _opt("auto", "scales of an FP8 KV cache: `auto` takes the checkpoint's "
-                                        "`k_scale`/`v_scale` (or `kv_scale`) and otherwise `one`; `one` is 1.0; "
+                                        "`k_scale`/`v_scale` (or `kv_scale`) and otherwise `head`; `one` is 1.0; "
                                         "`tensor` and `head` are calibrated at start-up per layer, or per layer "
-                                        "and KV head", choices=KV_CACHE_SCALES)
+                                        "and KV head (docs/PERFORMANCE.md compares them)", choices=KV_CACHE_SCALES)
     num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free device memory; on "
                                                 "CPU 1 GiB worth)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")

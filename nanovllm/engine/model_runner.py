@@ -105,13 +105,15 @@ class ModelRunner:
 
     def _set_kv_scales(self) -> str:
         """Fill the FP8 cache's scales as ``kv_cache_scales`` says (``models/kv_scales.py``); returns their source:
-        "checkpoint", "one", or the calibration ("tensor", "head") over ``CALIBRATION_TOKENS`` random tokens."""
+        "checkpoint", "one", or the calibration ("tensor", "head") over ``CALIBRATION_TOKENS`` random tokens.
+        Without checkpoint scales ``auto`` calibrates per head, the scheme that measured best."""
         choice, cfg = self.config.kv_cache_scales, self.config
         if choice == "auto" and cfg.load_format == "safetensors" and \
                 kv_scales.load_checkpoint_scales(self.model, checkpoint_files(cfg.model)):
             return "checkpoint"
-        if choice in ("auto", "one"):
+        if choice == "one":
             return "one"
+        choice = "head" if choice == "auto" else choice
         n = min(CALIBRATION_TOKENS, cfg.max_model_len, cfg.max_num_batched_tokens)
         spec = self.kv_spec
         kv = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, self.dtype).allocate(
