@@ -20,7 +20,7 @@ import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets,
-                                            _kv_scales, _quantize_fp8, kv_scale_args)
+                                            _fp8_mma_dtype, _kv_scales, _quantize_fp8, kv_scale_args)
 from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its own modules; re-exported here)
     _decode_config, decode_attention_configured, decode_attention_triton, decode_num_splits)
 
@@ -112,6 +112,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
     head_off = (head // GROUP).to(tl.int64) * stride_ch
     k_scale, v_scale = _kv_scales(k_scale_ptr, v_scale_ptr, head // GROUP, FP8)
     qk_scale = qk_scale * k_scale
+    if FP8:
+        q = _fp8_mma_dtype(q)
     first_pos = ctx - q_len + m0
     # KV tiles every row of this tile sees whole.  At least 0: a padding sequence (context 0, any number of
     # tokens) has negative positions, attends to nothing and gets zeros, reading no block-table entry.

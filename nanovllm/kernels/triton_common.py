@@ -89,6 +89,16 @@ def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, SCALED: tl.constexpr):
 
 
 @triton.jit
+def _fp8_mma_dtype(q):
+    """q as the MMA operand type of attention over an FP8 cache: fp16 in place of bf16, since e4m3 widens to fp16 in
+    one instruction and to bf16 only through it.  Exact for q (bf16 values inside fp16's range) and for K and V."""
+    if q.dtype == tl.bfloat16:
+        return q.to(tl.float16)
+    else:
+        return q
+
+
+@triton.jit
 def _kv_offsets(block_table_row, start, n, valid, stride_cb, stride_ct,
                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Element offsets (without the head term) of KV tokens ``n`` of one sequence in the paged cache."""

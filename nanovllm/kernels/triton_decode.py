@@ -18,7 +18,8 @@ import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _hopper_or_newer,
-                                            _kv_offsets, _kv_scales, _num_sms, _softmax_step, kv_scale_args)
+                                            _fp8_mma_dtype, _kv_offsets, _kv_scales, _num_sms, _softmax_step,
+                                            kv_scale_args)
 
 _WAVES = 2  # programs aimed at: this many per SM
 
@@ -55,6 +56,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
     head_off = kv_head.to(tl.int64) * stride_ch
     k_scale, v_scale = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, FP8)
     qk_scale = qk_scale * k_scale
+    if FP8:
+        q = _fp8_mma_dtype(q)
     for start in range(lo, full_hi, BLOCK_N):
         if TMA:  # whole tiles as bulk copies: row (block, head, token) of the cache viewed as [rows, HEAD_DIM]
             block = tl.load(bt_row + start // BLOCK_SIZE)
