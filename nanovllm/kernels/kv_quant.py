@@ -3,8 +3,9 @@
 An FP8 cache holds ``float8_e4m3fn`` elements with one float32 scale per (layer, KV head) for K and one for V
 (``k_scale``/``v_scale`` [Hkv]): an element ``x`` is stored as ``round_to_nearest_even(clamp(x / scale, ±448))``,
 ``x`` being the value in the model's dtype, and read back as ``stored * scale``.  Every implementation (the
-PyTorch twins here and in ``reference.py``, the Triton kernels) rounds the same way; attention multiplies in the
-model's dtype (or float32) after dequantising, never in FP8.  A cache in the model's dtype takes no scales (None).
+PyTorch twins here and in ``reference.py``, the Triton kernels) rounds the same way; attention multiplies in 16 or
+32 bits after widening (the Triton kernels: fp16 for a bf16 model), never in FP8.  A cache in the model's dtype
+takes no scales (None).
 """
 import torch
 
