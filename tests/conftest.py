@@ -64,10 +64,11 @@ def tiny_model(request, tmp_path_factory):
     return request.param, build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """The oracle: transformers' own generate, greedy, float32, one prompt at a time (no padding)."""
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, **load) -> list[list[int]]:
+    """The oracle: transformers' own generate, greedy, float32, one prompt at a time (no padding); ``load`` goes to
+    ``from_pretrained`` (e.g. an ``attn_implementation``)."""
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **load).eval()
     out = []
     for ids in prompts:
         x = torch.tensor([ids])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_checkpoint
+from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
 from nanovllm.tools import oracle
 
@@ -28,17 +28,7 @@ def prompts_of(n, seed, max_len):
 
 def fp8_oracle(path: str, prompts, max_new_tokens: int, scales: list) -> list[list[int]]:
     """transformers' greedy tokens with K and V rounded as an FP8 cache with per-layer ``scales`` [(k, v)] does."""
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=oracle.fp8_kv_attention(scales)).eval()
-    out = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
-                               min_new_tokens=0, eos_token_id=None, pad_token_id=0)
-        out.append(y[0, len(ids):].tolist())
-    return out
+    return hf_greedy(path, prompts, max_new_tokens, attn_implementation=oracle.fp8_kv_attention(scales))
 
 
 def engine_scales(llm) -> list:
@@ -88,7 +78,6 @@ def test_calibrated_scales_match_the_oracle_with_those_scales(tmp_path, choice):
 
 
 def test_the_rounding_changes_tokens_so_the_oracle_is_not_the_plain_model(tmp_path):
-    from conftest import hf_greedy
     path = build_checkpoint(tmp_path, "qwen3", std=0.3)
     prompts = prompts_of(6, seed=1, max_len=60)
     ones = [(torch.ones(2), torch.ones(2))] * 2
