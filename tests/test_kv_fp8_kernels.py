@@ -19,6 +19,7 @@ from nanovllm.kernels import reference as ref  # noqa: E402
 from nanovllm.kernels import triton_attention as ta  # noqa: E402
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton  # noqa: E402
 from nanovllm.layers.rotary import RotaryEmbedding  # noqa: E402
+from test_attention_kernels import make_cache  # noqa: E402
 
 F32, BF16, FP8 = torch.float32, torch.bfloat16, kv_quant.FP8_DTYPE
 SUBNORMAL = 2.0 ** -6
@@ -84,21 +85,14 @@ def test_fused_rope_store_kernel_matches_twin(qk_norm):
 
 
 def fp8_cache(ctx_lens, num_kv_heads, head_dim, block_size, seed):
-    """A random FP8 cache with shuffled block tables and per-head scales, and its dequantised float32 copy."""
+    """``make_cache``'s cache as FP8 (values x 20, saturated) with per-head scales, and its dequantised float32
+    copy."""
+    k, v, tables, lens = make_cache(ctx_lens, num_kv_heads, head_dim, block_size, torch.float32, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    per_seq = [-(-c // block_size) for c in ctx_lens]
-    num_blocks = sum(per_seq) + 2
-    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
-    tables = torch.zeros(len(ctx_lens), max(1, max(per_seq)), dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(per_seq):
-        tables[b, :n] = perm[at:at + n]
-        at += n
     scales = [torch.rand(num_kv_heads, generator=g) * 0.1 + 0.01 for _ in range(2)]
-    shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    caches = [(torch.randn(shape, generator=g) * 20).clamp(-448, 448).to(FP8) for _ in range(2)]
+    caches = [(c * 20).clamp(-448, 448).to(FP8) for c in (k, v)]
     plain = [kv_quant.dequantize(c, s) for c, s in zip(caches, scales)]
-    return caches, scales, plain, tables, torch.tensor(ctx_lens, dtype=torch.int32)
+    return caches, scales, plain, tables, lens
 
 
 def test_twin_attends_over_the_dequantised_cache():
