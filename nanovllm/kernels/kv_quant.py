@@ -10,7 +10,7 @@ takes no scales (None).
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite e4m3fn value
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448, the largest finite e4m3fn value
 
 
 def is_fp8(cache: torch.Tensor) -> bool:

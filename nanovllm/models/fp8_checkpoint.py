@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
+
 SCALE_SUFFIX = "_scale_inv"
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 _FP8_DTYPES = ("F8_E4M3",)  # safetensors' dtype names of the float8 weights this format stores
 
 
@@ -130,7 +131,7 @@ def _quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tenso
     amax = padded.view(nb, block[0], kb, block[1]).abs().amax(dim=(1, 3))
     scale_inv = amax.clamp(min=1e-12) / FP8_MAX
     expanded = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (weight.float() / expanded).to(torch.float8_e4m3fn), scale_inv
+    return (weight.float() / expanded).to(FP8_DTYPE), scale_inv
 
 
 def quantizable(name: str, tensor: torch.Tensor, skip: list[str]) -> bool:
