@@ -66,7 +66,6 @@ STEPS = [
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
-    Step("kernels-fp8kv", "ours", "own", "module", ("benchmarks.kernel_bench", "--fp8-decode")),
     Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
     Step("moe-kernel-mixtral", "ours", "own", "module",
          ("benchmarks.moe_kernel", "--shape", "mixtral", "--tokens", "1,16,64,256,1024,4096")),

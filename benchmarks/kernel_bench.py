@@ -1,11 +1,10 @@
 """The fused Triton kernels' speed on a GPU against the copy ceiling (their exactness is tests/gpu/test_kernels.py).
 
     python -m benchmarks.kernel_bench        # prints a table, writes $OUT/kernel_bench.json
-    python -m benchmarks.kernel_bench --fp8-decode   # decode over an FP8 KV cache: its launch sweep
 
 Each case is timed as CUDA-graph replays, each call on its own buffers where one would fit in L2: the bytes a
 kernel must move over its time, as a share of the device-to-device copy bandwidth.  Decode attention at bench's
-shapes (Qwen3-0.6B heads, bf16, KV block 64), the sampler over Qwen3's vocabulary, and each tuned matmul of this
+shapes (Qwen3-0.6B heads, bf16, KV block 64; over a bf16 and an FP8 cache, half the KV bytes), the sampler over Qwen3's vocabulary, and each tuned matmul of this
 GPU's dispatch table at the largest batch its Triton config serves.
 """
 import math
@@ -64,6 +63,7 @@ def timed(kernel: str, case: str, nbytes: int, calls, bandwidth: float) -> dict:
 
 
 def timing_rows(bandwidth: float) -> list[dict]:
+    from nanovllm.kernels.kv_quant import FP8_DTYPE
     from nanovllm.kernels.triton_decode import decode_attention_triton
     from nanovllm.kernels.triton_matmul import linear_triton
     from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
@@ -75,7 +75,11 @@ def timing_rows(bandwidth: float) -> list[dict]:
         nbytes = sum(lens) * hkv * d * 2 * 2 + 2 * q.numel() * 2
         rows.append(timed("decode attention", f"B{batch} ctx {ctx}", nbytes,
                           [lambda: decode_attention_triton(q, kc, vc, bt, cl, d ** -0.5)] * 5, bandwidth))
-        del kc, vc
+        k8, v8 = (c.clamp(-448, 448).to(FP8_DTYPE) for c in (kc, vc))
+        scales = [torch.full((hkv,), 0.01, device=DEV) for _ in range(2)]
+        rows.append(timed("decode attention, FP8 KV", f"B{batch} ctx {ctx}", nbytes // 2 + q.numel() * 2,
+                          [lambda: decode_attention_triton(q, k8, v8, bt, cl, d ** -0.5, *scales)] * 5, bandwidth))
+        del kc, vc, k8, v8
     for batch in (8, 64, 256):
         sets = [sampler_args(batch) for _ in range(copies(batch * VOCAB * 2))]
         rows.append(timed("sampler", f"B{batch} x {VOCAB}", batch * VOCAB * 2,
@@ -89,41 +93,13 @@ def timing_rows(bandwidth: float) -> list[dict]:
     return rows
 
 
-def fp8_decode_rows(bandwidth: float) -> list[dict]:
-    """Decode attention over an FP8 cache (half the KV bytes) at bench's shapes, at its default launch and at each
-    (BLOCK_N, warps, stages) of a small sweep, the bf16 default beside it."""
-    from nanovllm.kernels.triton_decode import decode_attention_configured
-    rows, hq, hkv, d = [], 16, 8, 128
-    for batch, ctx in [(256, 512), (256, 1024), (64, 4096)]:
-        lens = [ctx] * batch
-        kc, vc, bt, cl = make_cache(lens, hkv, d, 64, BF16)
-        k8, v8 = (c.clamp(-448, 448).to(torch.float8_e4m3fn) for c in (kc, vc))
-        scales = [torch.full((hkv,), 0.01, device=DEV) for _ in range(2)]
-        q = torch.randn(batch, hq, d, dtype=BF16, device=DEV)
-        kv_bytes = sum(lens) * hkv * d * 2
-        rows.append(timed("decode bf16", f"B{batch} ctx {ctx}", 2 * kv_bytes + 4 * q.numel(),
-                          [lambda: decode_attention_configured(q, kc, vc, bt, cl, d ** -0.5)] * 5, bandwidth))
-        for cfg in [None, *((n, w, s) for n in (64, 128) for w in (2, 4, 8) for s in (2, 3, 4))]:
-            over = dict(zip(("block_n", "num_warps", "num_stages"), cfg)) if cfg else {}
-            rows.append(timed("decode fp8", f"B{batch} ctx {ctx} {cfg or 'default'}", kv_bytes + 4 * q.numel(),
-                              [lambda: decode_attention_configured(q, k8, v8, bt, cl, d ** -0.5, *scales, **over)] * 5,
-                              bandwidth))
-        del kc, vc, k8, v8
-    return rows
-
-
 def main():
-    import argparse
-
     import triton
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fp8-decode", action="store_true", help="only the FP8-cache decode attention sweep")
-    args = p.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(DEV)
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     print("| kernel | case | us | GB/s | of copy |\n|---|---|---|---|---|")
-    rows = fp8_decode_rows(bandwidth) if args.fp8_decode else timing_rows(bandwidth)
+    rows = timing_rows(bandwidth)
     write_json("kernel_bench.json", {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                      "triton": triton.__version__, "copy_gbps": round(bandwidth / 1e9, 1),
                                      "timing": rows})
