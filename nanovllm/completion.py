@@ -17,6 +17,11 @@ from nanovllm.engine.outputs import SequenceOutput
 from nanovllm.sampling_params import SamplingParams
 
 
+def logprob_dict(token: int, chosen: float, top_ids: list[int], top: list[float]) -> dict:
+    """One position's logprobs as ``{token id: logprob}``: the token itself first, then the most likely ones."""
+    return {token: chosen, **dict(zip(top_ids, top))}
+
+
 @dataclass
 class CompletionDelta:
     text: str  # new text safe to show (always "" for a completion that is not incremental)
@@ -90,8 +95,7 @@ class Completion:
         token, then the most likely ones)."""
         out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason}
         if self.logprobs is not None:
-            out["logprobs"] = [{token: chosen, **dict(zip(top_ids, top))}
-                               for token, (chosen, top_ids, top) in zip(self.token_ids, self.logprobs)]
+            out["logprobs"] = [logprob_dict(token, *entry) for token, entry in zip(self.token_ids, self.logprobs)]
         out["prompt_logprobs"] = None if self.prompt_logprobs is None else \
-            [None if e is None else {e[0]: e[1], **dict(zip(e[2], e[3]))} for e in self.prompt_logprobs]
+            [None if e is None else logprob_dict(*e) for e in self.prompt_logprobs]
         return out

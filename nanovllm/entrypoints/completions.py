@@ -16,6 +16,7 @@ import time
 
 from starlette.responses import JSONResponse, Response
 
+from nanovllm.completion import logprob_dict
 from nanovllm.entrypoints.protocol import APIError, CompletionRequest
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
@@ -81,10 +82,9 @@ class _Reply:
             if entry is None:  # the first prompt token: nothing before it to predict it from
                 offset = add(self.prompt_ids[prompt][position], None, None, offset)
             else:
-                token, chosen, top_ids, top = entry
-                offset = add(token, chosen, {token: chosen, **dict(zip(top_ids, top))}, offset)
-        for token, (chosen, top_ids, top) in zip(update.token_ids, update.logprobs):
-            self.offsets[index] = add(token, chosen, {token: chosen, **dict(zip(top_ids, top))}, self.offsets[index])
+                offset = add(entry[0], entry[1], logprob_dict(*entry), offset)
+        for token, entry in zip(update.token_ids, update.logprobs):
+            self.offsets[index] = add(token, entry[0], logprob_dict(token, *entry), self.offsets[index])
         return out
 
     def _usage(self) -> dict:
