@@ -60,9 +60,9 @@ def _rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_w
                                 v_cache, slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
 
 
-def _linear(x, weight, bias, silu_mul):
-    if current_options().reference_kernels:
-        return reference.linear_reference(x, weight, bias, silu_mul)
+def _linear(x, weight, bias, silu_mul, weight_scale, group):
+    if current_options().reference_kernels or weight_scale is not None:
+        return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group)
     cfg = matmul_configs.choose(x, weight, silu_mul)
     if cfg is not None:
         return linear_triton(x, weight, bias, cfg, silu_mul)
@@ -72,15 +72,16 @@ def _linear(x, weight, bias, silu_mul):
     return silu_mul_triton(y) if silu_mul else y
 
 
-def _fused_moe(x, router_logits, w13, w2, top_k, renormalize):
-    if current_options().reference_kernels or x.dtype == torch.float32:  # fp32 stays with torch, as for linear
-        return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize)
+def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group):
+    if current_options().reference_kernels or x.dtype == torch.float32 or w13_scale is not None:
+        return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
+                                                 group)  # fp32 stays with torch, as for linear
     return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize)
 
 
-def _moe_experts(x, weights, ids, w13, w2):
-    if current_options().reference_kernels or x.dtype == torch.float32:
-        return moe_reference.experts_reference(x, weights, ids, w13, w2)
+def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group):
+    if current_options().reference_kernels or x.dtype == torch.float32 or w13_scale is not None:
+        return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
     return moe_experts_triton(x, weights, ids, w13, w2)
 
 

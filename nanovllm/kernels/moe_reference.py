@@ -17,6 +17,8 @@ and padded up to one, in ``num_aligned_blocks`` blocks whatever the routing (sta
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import weight_quant
+
 _CHUNK_ELEMENTS = 1 << 24  # gathered expert weight elements held at once, about (at least one pair's)
 
 
@@ -30,8 +32,10 @@ def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 
 
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-                      w2: torch.Tensor) -> torch.Tensor:
-    """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype."""
+                      w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                      group: int = 0) -> torch.Tensor:
+    """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype.
+    FP8 experts (with scales) are dequantized into x's dtype, a chunk of pairs at a time."""
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
     if num_tokens == 0:
@@ -45,19 +49,28 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     for p0 in range(0, num_pairs, chunk):
         e = flat_ids[p0:p0 + chunk]
         xs = x.index_select(0, token_of[p0:p0 + chunk])
-        gate_up = torch.bmm(w13.index_select(0, e), xs[:, :, None])[:, :, 0]  # [c, 2I]
+        gate_up = torch.bmm(_gather(w13, w13_scale, group, e, x.dtype), xs[:, :, None])[:, :, 0]  # [c, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        outs.append(torch.bmm(w2.index_select(0, e), (F.silu(gate) * up)[:, :, None])[:, :, 0])  # [c, H]
+        down = _gather(w2, w2_scale, group, e, x.dtype)
+        outs.append(torch.bmm(down, (F.silu(gate) * up)[:, :, None])[:, :, 0])  # [c, H]
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     y = y.float() * weights.reshape(-1, 1)
     return y.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 
 
+def _gather(w: torch.Tensor, scale: torch.Tensor | None, group: int, e: torch.Tensor, dtype: torch.dtype):
+    """Experts ``e`` of stacked ``w``, dequantized into ``dtype`` where they are FP8."""
+    if scale is None:
+        return w.index_select(0, e)
+    return weight_quant.dequantize(w.index_select(0, e), scale.index_select(0, e), group, dtype)
+
+
 def fused_moe_reference(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                        top_k: int, renormalize: bool) -> torch.Tensor:
+                        top_k: int, renormalize: bool, w13_scale: torch.Tensor | None = None,
+                        w2_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
     """The twin of ``nanovllm::fused_moe`` (see the module docstring)."""
     weights, ids = route_reference(router_logits, top_k, renormalize)
-    return experts_reference(x, weights, ids, w13, w2)
+    return experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
 
 
 def num_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:

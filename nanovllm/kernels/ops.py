@@ -11,7 +11,7 @@ implementation* of an op (``register_traced``): a function of ops that compiler 
 place of the opaque op while compiling (the NPU platform, ``kernels/npu.py``).  Eager calls take the registered kernel.
 
 Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py``: an FP8 cache's scales, None
-otherwise): no host sync or data-dependent shapes (graph-capturable); slot -1 is never written; a row with context 0
+otherwise; ``weight_quant.py``: an FP8 weight's scales and group, None and 0 otherwise): no host sync or data-dependent shapes (graph-capturable); slot -1 is never written; a row with context 0
 gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
 """
 from typing import Callable, Optional
@@ -71,40 +71,47 @@ def _(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k
 
 
 @torch.library.custom_op("nanovllm::linear", mutates_args=())
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
-    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves."""
-    return reference.linear_reference(x, weight, bias, silu_mul)
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu_mul: bool,
+            weight_scale: Optional[torch.Tensor], group: int) -> torch.Tensor:
+    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves.  An FP8
+    ``weight`` comes with its ``weight_scale`` per row and ``group`` columns (``weight_quant.py``), else None, 0."""
+    return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group)
 
 
 @_linear.register_fake
-def _(x, weight, bias, silu_mul):
+def _(x, weight, bias, silu_mul, weight_scale, group):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty(x.shape[0], n)
 
 
 @torch.library.custom_op("nanovllm::fused_moe", mutates_args=())
 def _fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
-               renormalize: bool) -> torch.Tensor:
+               renormalize: bool, w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
+               group: int) -> torch.Tensor:
     """A mixture-of-experts MLP: x [T, H], router logits [T, E], stacked experts w13 [E, 2I, H] (gate rows, then
-    up) and w2 [E, H, I] -> [T, H]; routing, experts and the weighted top-k sum (``moe_reference.py``)."""
-    return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize)
+    up) and w2 [E, H, I] -> [T, H]; routing, experts and the weighted top-k sum (``moe_reference.py``).  FP8
+    experts come with their scales per row and ``group`` columns (``weight_quant.py``), else None, None, 0."""
+    return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
+                                             group)
 
 
 @_fused_moe.register_fake
-def _(x, router_logits, w13, w2, top_k, renormalize):
+def _(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("nanovllm::moe_experts", mutates_args=())
 def _moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-                 w2: torch.Tensor) -> torch.Tensor:
+                 w2: torch.Tensor, w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
+                 group: int) -> torch.Tensor:
     """The experts' part of ``fused_moe`` for tokens already routed: weights float32 [T, top_k] and ids [T, top_k]
-    into the stacked ``w13``/``w2`` (an expert cache's slots, ``models/expert_offload.py``) -> [T, H]."""
-    return moe_reference.experts_reference(x, weights, ids, w13, w2)
+    into the stacked ``w13``/``w2`` (an expert cache's slots, ``models/expert_offload.py``) -> [T, H]; scales as
+    ``fused_moe``'s."""
+    return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
 
 
 @_moe_experts.register_fake
-def _(x, weights, ids, w13, w2):
+def _(x, weights, ids, w13, w2, w13_scale, w2_scale, group):
     return torch.empty_like(x)
 
 
@@ -151,22 +158,23 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
     return fn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale)
 
 
-def linear(x, weight, bias=None, silu_mul: bool = False) -> torch.Tensor:
+def linear(x, weight, bias=None, silu_mul: bool = False, weight_scale=None, group: int = 0) -> torch.Tensor:
     """A projection of ``x`` [T, K] (see ``_linear``); ``silu_mul`` takes the packed MLP gate/up weight."""
     fn = _traced("linear", x.device) or torch.ops.nanovllm.linear
-    return fn(x, weight, bias, silu_mul)
+    return fn(x, weight, bias, silu_mul, weight_scale, group)
 
 
-def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
+def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, w13_scale=None, w2_scale=None,
+              group: int = 0) -> torch.Tensor:
     """The MoE MLP of ``x`` [T, H] (see ``_fused_moe``)."""
     fn = _traced("fused_moe", x.device) or torch.ops.nanovllm.fused_moe
-    return fn(x, router_logits, w13, w2, top_k, renormalize)
+    return fn(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group)
 
 
-def moe_experts(x, weights, ids, w13, w2) -> torch.Tensor:
+def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None, group: int = 0) -> torch.Tensor:
     """The routed experts of ``x`` [T, H] (see ``_moe_experts``)."""
     fn = _traced("moe_experts", x.device) or torch.ops.nanovllm.moe_experts
-    return fn(x, weights, ids, w13, w2)
+    return fn(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
 
 
 def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:

@@ -16,7 +16,7 @@ with the host, each traces whole (``fullgraph=True``, ``make_fx``), and attentio
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels import kv_quant
+from nanovllm.kernels import kv_quant, weight_quant
 from nanovllm.kernels.norm_rope import apply_rotary, rms_norm
 
 _PREFILL_TILE = 32  # query tokens per prefill tile
@@ -48,9 +48,12 @@ def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
         cache[blocks, :, offsets] = torch.where(valid[:, None, None], src, filler)
 
 
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     silu_mul: bool) -> torch.Tensor:
-    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves."""
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
+                     weight_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+    """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves.  An FP8
+    weight is dequantized into x's dtype first (``weight_quant.py``)."""
+    if weight_scale is not None:
+        weight = weight_quant.dequantize(weight, weight_scale, group, x.dtype)
     y = F.linear(x, weight, bias)
     if not silu_mul:
         return y
