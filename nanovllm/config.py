@@ -18,6 +18,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; both FP8 spelling
 KV_CACHE_SCALES = ("auto", "one", "tensor", "head")
 CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
 SUPPORTED_QUANT_METHODS: tuple[str, ...] = ("fp8",)  # quantization_config.quant_method values a checkpoint may have
+QUANTIZATIONS = ("fp8",)  # the ``quantization`` option's values (None: as the checkpoint says)
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
@@ -106,6 +107,11 @@ class EngineConfig:
                                         "`k_scale`/`v_scale` (or `kv_scale`) and otherwise `head`; `one` is 1.0; "
                                         "`tensor` and `head` are calibrated at start-up per layer, or per layer "
                                         "and KV head (docs/PERFORMANCE.md compares them)", choices=KV_CACHE_SCALES)
+    quantization: str | None = _opt(None, "weights' quantization: unset follows the checkpoint (a block-FP8 "
+                                          "checkpoint runs in FP8 as stored); `fp8` quantizes an unquantized "
+                                          "checkpoint, or dummy weights, at load time: the decoder layers' "
+                                          "projections and experts in float8 e4m3 with a float32 scale per row and "
+                                          "128 columns", choices=QUANTIZATIONS)
     num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free device memory; on "
                                                 "CPU 1 GiB worth)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")
@@ -173,6 +179,9 @@ class EngineConfig:
                              f"got {self.kv_cache_scales!r}")
         if self.kv_cache_scales != "auto" and self.kv_cache_dtype == "auto":
             raise ValueError(f"kv_cache_scales={self.kv_cache_scales!r} needs kv_cache_dtype='fp8'")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {', '.join(map(repr, QUANTIZATIONS))}, "
+                             f"got {self.quantization!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
                              f"got {self.load_format!r}")
@@ -196,6 +205,15 @@ class EngineConfig:
         return self.kv_cache_dtype != "auto"
 
     @property
+    def online_quantization(self) -> str | None:
+        """The quantization to apply at load time: ``quantization``, unless the checkpoint is already quantized
+        and read as it is; dummy weights of a quantized checkpoint's config are quantized as it says."""
+        quant = quantization_method(self.hf_config)
+        if quant is not None and self.load_format != "dummy":
+            return None
+        return self.quantization or quant
+
+    @property
     def max_step_tokens(self) -> int:
         """The most tokens a prefill step holds: the step budget, or every sequence at its longest."""
         return min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
@@ -206,11 +224,20 @@ def engine_fields() -> list:
     return [f for f in fields(EngineConfig) if f.init]
 
 
+def quantization_method(hf_config: dict) -> str | None:
+    """The checkpoint's ``quantization_config.quant_method`` (a vision-language model's may sit in its
+    ``text_config``), or None."""
+    for config in (hf_config, hf_config.get("text_config") or {}):
+        quant = config.get("quantization_config")
+        if isinstance(quant, dict):
+            return quant.get("quant_method")
+    return None
+
+
 def check_quantization(hf_config: dict) -> None:
     """Refuse a quantized checkpoint whose ``quantization_config.quant_method`` is not supported, naming it, so
     that its weights are never loaded as if they were unquantized (a vision-language model's may sit in its
-    ``text_config``).  "fp8" is the block-FP8 layout (loaded and dequantized to the model dtype at load time; FP8
-    compute is not implemented yet): ``weight_block_size`` two positive ints, ``fmt`` "e4m3" and
+    ``text_config``).  "fp8" is the block-FP8 layout (``models/fp8_checkpoint.py``): ``weight_block_size`` two positive ints, ``fmt`` "e4m3" and
     ``activation_scheme`` "dynamic" where given; another value of them is refused by name."""
     for config in (hf_config, hf_config.get("text_config") or {}):
         quant = config.get("quantization_config")

@@ -1,9 +1,11 @@
-"""Block-FP8 checkpoints (the Qwen3-*-FP8 layout: float8 weights, a ``weight_scale_inv`` per block) load with their
-weights dequantized into the model dtype: greedy float32 tokens equal transformers' on a float32 copy whose weights
-are the dequantized ones, in eager and graph mode, dense and MoE, at one rank and two; a misaligned shard, a bad
-block size or format is refused by name; ``synthesize --quantize fp8`` writes one that loads."""
+"""Block-FP8 checkpoints (the Qwen3-*-FP8 layout: float8 weights, a ``weight_scale_inv`` per block) load as stored:
+the projections and experts stay float8 in memory with their scales, and greedy float32 tokens equal transformers'
+on a float32 copy whose weights are the dequantized ones, in eager and graph mode, dense and MoE, at one rank and
+two; a misaligned shard, a bad block size or format is refused by name; ``synthesize --quantize fp8`` writes one
+that loads."""
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -85,7 +87,11 @@ def test_eager_and_graph_match_transformers_on_the_dequantized_weights(quantized
     prompts = prompts_of(5, seed=1, max_len=40)
     want = hf_greedy(plain, prompts, GREEDY.max_tokens)
     eager = LLM(path, enforce_eager=True, **ENGINE)
-    assert eager.engine.describe()["quantization"] == "fp8 (block 32x48, dequantized at load)"
+    assert re.fullmatch(r"fp8 weights \((\d+) of \1 projections and expert stacks, scales per row and 48 columns\)",
+                        eager.engine.describe()["quantization"])
+    layer = eager.engine.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.self_attn.qkv_proj.weight_scale.shape == (layer.self_attn.qkv_proj.weight.shape[0], 2)
     assert greedy(eager, prompts) == want
     graph = LLM(path, **ENGINE)
     assert graph.engine.runner.mode == "graph"
@@ -189,7 +195,7 @@ def test_synthesize_writes_an_fp8_checkpoint_that_loads(tmp_path):
     assert weights["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn
     assert weights["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (1, 1)  # [128, 64] in one block
     llm = LLM(str(out), enforce_eager=True, **ENGINE)
-    assert llm.engine.describe()["quantization"] == "fp8 (block 128x128, dequantized at load)"
+    assert "scales per row and 128 columns" in llm.engine.describe()["quantization"]
     plain = dequantized_copy(str(out), tmp_path / "plain", block=(128, 128))
     prompts = prompts_of(2, seed=5, max_len=20)
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)

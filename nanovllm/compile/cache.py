@@ -56,6 +56,7 @@ def key_fields(config, *, dtype, kv_dtype, num_kv_blocks: int, platform) -> dict
         triton_version = None
     return {
         "model_config": config.hf_config, "dtype": str(dtype), "kv_cache_dtype": str(kv_dtype),
+        "quantization": config.online_quantization,
         "buckets": list(config.graph_batch_sizes),
         "kvcache_block_size": config.kvcache_block_size, "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs, "num_kv_blocks": num_kv_blocks,

@@ -31,7 +31,7 @@ from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import sample
-from nanovllm.models import fp8_checkpoint, kv_scales
+from nanovllm.models import fp8_checkpoint, fp8_weights, kv_scales
 from nanovllm.models.expert_offload import expert_caches, offload_stats
 from nanovllm.models.loader import build_model, checkpoint_files
 from nanovllm.models.moe import expert_footprint
@@ -60,7 +60,8 @@ class ModelRunner:
         self.model = build_model(hf, dtype=self.dtype, device=self.device, model_dir=config.model,
                                  load_format=config.load_format, seed=config.seed,
                                  offload_experts=config.offload_experts, experts_on_device=config.experts_on_device,
-                                 offload_host_share=config.offload_host_share)
+                                 offload_host_share=config.offload_host_share,
+                                 quantization=config.online_quantization)
         phase("build_model")
         a = self.model.args
         self.vocab_size = a.vocab_size
@@ -154,7 +155,7 @@ class ModelRunner:
                 "kv_cache_dtype": str(self.kv_spec.dtype).replace("torch.", ""), "kv_scales": self.kv_scales,
                 "num_kv_blocks": self.num_blocks, "kvcache_block_size": self.block_size,
                 "kv_bytes_per_token": self.kv_spec.bytes_per_token,
-                "quantization": fp8_checkpoint.describe(self.config.hf_config),
+                "quantization": fp8_weights.describe(self.model) or fp8_checkpoint.describe(self.config.hf_config),
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
                 **dict(zip(("expert_bytes", "expert_share"), expert_footprint(self.model))),
                 **({"expert_offload": offload_stats(self.model)} if self.expert_caches else {}),

@@ -52,3 +52,8 @@ def quantize(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
 def expand_block_scales(scale_inv: torch.Tensor, rows: int, block_rows: int) -> torch.Tensor:
     """A block-FP8 checkpoint's ``weight_scale_inv`` [ceil(N / bn), G] -> this format's [rows, G] (float32)."""
     return scale_inv.float().repeat_interleave(block_rows, dim=0)[:rows]
+
+
+def scale_of(module, attr: str = "weight") -> tuple[torch.Tensor | None, int]:
+    """(scale, group) of a module's parameter ``attr`` that ``models/fp8_weights.py`` quantized, else (None, 0)."""
+    return getattr(module, f"{attr}_scale", None), getattr(module, "quant_group", 0)

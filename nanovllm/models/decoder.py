@@ -20,7 +20,7 @@ from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.step import StepInputs
-from nanovllm.kernels import kv_quant, ops
+from nanovllm.kernels import kv_quant, ops, weight_quant
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding
 from nanovllm.models import tensor_parallel as tp
@@ -65,9 +65,10 @@ class DecoderArgs:
         )
 
 
-def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` through ``ops.linear``, which takes the tuned Triton kernel for decode-sized batches."""
-    return ops.linear(x, linear.weight, linear.bias)
+def project(linear: nn.Linear, x: torch.Tensor, bias: bool = True, silu_mul: bool = False) -> torch.Tensor:
+    """``linear(x)`` through ``ops.linear`` (the tuned Triton kernel for decode-sized batches), with the weight's
+    FP8 scales where it has them (``models/fp8_weights.py``); ``bias=False`` leaves the bias out."""
+    return ops.linear(x, linear.weight, linear.bias if bias else None, silu_mul, *weight_quant.scale_of(linear))
 
 
 class Attention(nn.Module):
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         scales = (self.k_scale, self.v_scale) if kv_quant.is_fp8(k_cache) else (None, None)
         rows, cos, sin = rope
-        q = ops.rope_store_kv(_project(self.qkv_proj, h), rows, cos, sin,
+        q = ops.rope_store_kv(project(self.qkv_proj, h), rows, cos, sin,
                               self.q_norm.weight if self.q_norm is not None else None,
                               self.k_norm.weight if self.k_norm is not None else None, self.eps, k_cache, v_cache,
                               inputs.slot_mapping, self.num_heads, self.num_kv_heads, *scales)
@@ -117,10 +118,10 @@ class MLP(nn.Module):
         self.reduce = reduce
 
     def forward(self, x):
-        h = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias, silu_mul=True)
+        h = project(self.gate_up_proj, x, silu_mul=True)
         if self.reduce:
             return tp.row_parallel(self.down_proj, h)
-        return ops.linear(h, self.down_proj.weight, self.down_proj.bias if tp.first_rank() else None)
+        return project(self.down_proj, h, bias=tp.first_rank())
 
 
 class DecoderLayer(nn.Module):
@@ -218,7 +219,7 @@ class DecoderForCausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states ``h`` [n, H]: logits [n, V], gathered over the tensor-parallel ranks."""
-        return tp.gather_logits(_project(self.lm_head, h), self.args.vocab_size)
+        return tp.gather_logits(project(self.lm_head, h), self.args.vocab_size)
 
     def run_layers(self, x: torch.Tensor, inputs: StepInputs, kv_caches: list, rope: tuple,
                    layer_adds: tuple = ()) -> torch.Tensor:

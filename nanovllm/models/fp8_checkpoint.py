@@ -2,8 +2,9 @@
 
 A quantized Linear ``X.weight`` is float8_e4m3fn [N, K] with ``X.weight_scale_inv`` float32 [ceil(N/bn), ceil(K/bk)]
 for ``weight_block_size`` [bn, bk]: the real weight is the float8 value times its block's scale (the last block in
-each dimension may be partial).  The loader dequantizes each such tensor at load time, in float32, into the model's
-dtype: the model then runs as an unquantized one (FP8 compute is not implemented yet).  A tensor-parallel rank reads
+each dimension may be partial).  The loader keeps such a tensor in float8 with its scales expanded per row
+(``read_quantized``: ``kernels/weight_quant.py``'s format), or dequantizes it in float32 into the model's dtype
+where the model keeps that parameter unquantized (``read``).  A tensor-parallel rank reads
 only its rows or columns of the weight and the matching blocks of the scale; a rank's piece that does not start on a
 block boundary (or ends inside a block short of the tensor's end) is an error naming the tensor, the block and the
 shard.  ``quantize_checkpoint_fp8`` rewrites a safetensors checkpoint in this layout (for tests and synthesis).
@@ -15,10 +16,16 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from nanovllm.kernels import weight_quant
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
 
 SCALE_SUFFIX = "_scale_inv"
 _FP8_DTYPES = ("F8_E4M3",)  # safetensors' dtype names of the float8 weights this format stores
+
+
+def is_float8(f, name: str) -> bool:
+    """Whether tensor ``name`` of the open safetensors file ``f`` is stored in float8."""
+    return f.get_slice(name).get_dtype() in _FP8_DTYPES
 
 
 def quantization_config(hf_config: dict) -> dict | None:
@@ -38,9 +45,9 @@ def block_size(hf_config: dict) -> tuple[int, int] | None:
 
 
 def describe(hf_config: dict) -> str | None:
-    """The quantization for the start-up line, or None for an unquantized checkpoint."""
+    """The start-up line's quantization of a block-FP8 checkpoint none of whose weights stayed float8, else None."""
     block = block_size(hf_config)
-    return None if block is None else f"fp8 (block {block[0]}x{block[1]}, dequantized at load)"
+    return None if block is None else f"fp8 checkpoint (block {block[0]}x{block[1]}), dequantized at load"
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -68,12 +75,18 @@ class ScaleReader:
     def __exit__(self, *exc):
         self._stack.close()
 
-    def is_fp8(self, f, name: str) -> bool:
-        return f.get_slice(name).get_dtype() in _FP8_DTYPES
-
     def read(self, f, name: str, cut: tuple[int, int, int] | None) -> torch.Tensor:
         """The float32 dequantized piece of float8 tensor ``name`` (of open file ``f``): all of it (``cut`` None)
         or ``(dim, start, stop)``, stop within the tensor."""
+        return dequantize(*self._pieces(f, name, cut), self.block)
+
+    def read_quantized(self, f, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the float8 piece, float32 scales per row and ``block[1]`` columns: ``weight_quant.py``'s format)."""
+        weight, scale_inv = self._pieces(f, name, cut)
+        return weight, weight_quant.expand_block_scales(scale_inv, weight.shape[0], self.block[0])
+
+    def _pieces(self, f, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float8 piece, the scale blocks it touches), checked against the block size."""
         scale_name = name + SCALE_SUFFIX
         if self.where is None:
             self.where = self._scan()
@@ -92,7 +105,7 @@ class ScaleReader:
             raise ValueError(f"tensor {scale_name!r} has shape {tuple(scales.get_shape())}, weight_block_size "
                              f"{list(self.block)} on {name!r} of shape {tuple(shape)} needs {tuple(expected)}")
         if cut is None:
-            return dequantize(stored[:], scales[:], self.block)
+            return stored[:], scales[:]
         dim, start, stop = cut
         b = self.block[dim]
         if start % b or (stop % b and stop != shape[dim]):
@@ -101,9 +114,7 @@ class ScaleReader:
                              f"{shape[dim]} (a shard of {stop - start}); choose a tensor_parallel_size whose shards "
                              f"are multiples of {b}")
         index = (slice(None),) * dim
-        weight = stored[index + (slice(start, stop),)]
-        scale = scales[index + (slice(start // b, -(-stop // b)),)]
-        return dequantize(weight, scale, self.block)
+        return stored[index + (slice(start, stop),)], scales[index + (slice(start // b, -(-stop // b)),)]
 
     def _scan(self) -> dict[str, str]:
         where = {}

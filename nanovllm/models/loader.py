@@ -7,7 +7,8 @@ renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the pack
 parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
 corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
 are converted to the model's dtype; then the model's ``after_loading`` may rewrite its weights.  A block-FP8
-checkpoint's float8 weights are dequantized into the model's dtype as they are read (``fp8_checkpoint.py``).
+checkpoint's float8 weights stay float8 with their scales where the model quantizes that parameter
+(``fp8_weights.py``), and are dequantized into the model's dtype elsewhere (``fp8_checkpoint.py``).
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
 (norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With
@@ -24,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import nanovllm.distributed as distributed
-from nanovllm.models import expert_offload, fp8_checkpoint
+from nanovllm.kernels import weight_quant
+from nanovllm.models import expert_offload, fp8_checkpoint, fp8_weights
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
@@ -34,21 +36,23 @@ _DUMMY_STD = 0.02
 
 def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, model_dir: str,
                 load_format: str = "safetensors", seed: int = 0, offload_experts: bool = False,
-                experts_on_device: int | None = None, offload_host_share: float | None = None) -> nn.Module:
+                experts_on_device: int | None = None, offload_host_share: float | None = None,
+                quantization: str | None = None) -> nn.Module:
     """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients.
+    ``quantization="fp8"`` quantizes the filled weights (``fp8_weights.quantize_online``).
 
     With ``offload_experts`` the model is built on the host (dummy weights drawn on ``device``, as without offload)
     and then offloaded (``expert_offload.offload_experts``, with ``experts_on_device`` slots per layer and the
     host's share ``offload_host_share``): its experts stay in host memory, the rest moves to ``device``."""
     if not offload_experts:
-        return _build(hf_config, dtype, device, model_dir, load_format, seed, draw_device=None)
-    model = _build(hf_config, dtype, torch.device("cpu"), model_dir, load_format, seed, draw_device=device)
+        return _build(hf_config, dtype, device, model_dir, load_format, seed, None, quantization)
+    model = _build(hf_config, dtype, torch.device("cpu"), model_dir, load_format, seed, device, quantization)
     expert_offload.offload_experts(model, device, experts_on_device, offload_host_share)
     return model
 
 
 def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir: str, load_format: str, seed: int,
-           draw_device: torch.device | None) -> nn.Module:
+           draw_device: torch.device | None, quantization: str | None) -> nn.Module:
     model_cls = resolve_model_class(hf_config)
     if "expert_compression" in hf_config:  # low-rank experts (svd_moe.py)
         model_cls = compressed_class(model_cls, hf_config["expert_compression"])
@@ -66,6 +70,8 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
     if hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     model.after_loading()
+    if quantization == "fp8":
+        fp8_weights.quantize_online(model)
     return model.eval().requires_grad_(False)
 
 
@@ -147,14 +153,31 @@ def _checkpoint_name(name: str, model: nn.Module) -> str:
 def load_weights(model: nn.Module, model_dir: str, fp8_block: tuple[int, int] | None = None) -> None:
     """Fill ``model``'s parameters from the checkpoint in ``model_dir``; ``fp8_block`` is a block-FP8 checkpoint's
     ``weight_block_size``, by which its float8 weights are dequantized."""
+    files = checkpoint_files(model_dir)
+    if fp8_block is not None:  # weights stored in float8 stay so, with their scales (fp8_weights.py)
+        fp8_weights.prepare_for_checkpoint(model, _float8_targets(model, files), fp8_block[1])
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     filled: dict[str, set] = {}
-    files = checkpoint_files(model_dir)
     with fp8_checkpoint.ScaleReader(files, fp8_block) as scales:
         for path in files:
             _load_file(path, model, params, tied, scales, filled)
     _check_filled(model, model_dir, params, tied, filled)
+
+
+def _float8_targets(model: nn.Module, files: list[str]) -> set[str]:
+    """Our parameters every checkpoint part of which is float8 (a packed or stacked one mixing float8 and other
+    parts is dequantized instead)."""
+    parts: dict[str, set] = {}
+    float8: dict[str, set] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                target, where = _target(name, model)
+                parts.setdefault(target, set()).add(where)
+                if fp8_checkpoint.is_float8(f, name):
+                    float8.setdefault(target, set()).add(where)
+    return {t for t, got in float8.items() if got == parts[t]}
 
 
 def _load_file(path: str, model: nn.Module, params: dict, tied: bool, scales, filled: dict[str, set]) -> None:
@@ -166,21 +189,35 @@ def _load_file(path: str, model: nn.Module, params: dict, tied: bool, scales, fi
                         or name.endswith(fp8_checkpoint.SCALE_SUFFIX)):
                     continue
                 param = params[target]
-                tensor = _rank_piece(f, name, target, where, param, model, scales)
-                with torch.no_grad():
-                    if where is None:
-                        if tuple(tensor.shape) != tuple(param.shape):
-                            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                             f"the model expects {tuple(param.shape)}")
-                        param.copy_(tensor.to(param.dtype))
-                    elif isinstance(where, tuple):
-                        _copy_expert(where, name, tensor, param)
-                    else:
-                        _copy_shard(target, where, name, tensor, param, model.args)
+                if weight_quant.is_fp8(param):  # the float8 piece and its scales, each into its place
+                    tensor, scale = _rank_piece(f, name, target, where, param, model, scales, quantized=True)
+                    _copy(name, target, where, scale, getattr(*_owner(model, target + "_scale")), model)
+                else:
+                    tensor = _rank_piece(f, name, target, where, param, model, scales)
+                _copy(name, target, where, tensor, param, model)
                 filled.setdefault(target, set()).add(where)
     except SafetensorError as e:
         raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it again"
                          ) from e
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module, _, attr = name.rpartition(".")
+    return model.get_submodule(module), attr
+
+
+@torch.no_grad()
+def _copy(name: str, target: str, where, tensor: torch.Tensor, param: torch.Tensor, model: nn.Module) -> None:
+    """Copy checkpoint tensor ``name`` (this rank's piece) into its place in ``param`` (``where``: ``_target``'s)."""
+    if where is None:
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(param.shape)}")
+        param.copy_(tensor.to(param.dtype))
+    elif isinstance(where, tuple):
+        _copy_expert(where, name, tensor, param)
+    else:
+        _copy_shard(target, where, name, tensor, param, model.args)
 
 
 def _check_filled(model: nn.Module, model_dir: str, params: dict, tied: bool, filled: dict[str, set]) -> None:
@@ -242,11 +279,11 @@ def _copy_expert(where, name, tensor, param):
     dst.copy_(tensor.to(param.dtype))
 
 
-def _rank_piece(f, name: str, target: str, where, param: torch.Tensor, model, scales) -> torch.Tensor:
+def _rank_piece(f, name: str, target: str, where, param: torch.Tensor, model, scales, quantized: bool = False):
     """The piece of tensor ``name`` of the open checkpoint file ``f`` that this tensor-parallel rank holds (all of
     it at one rank), read from the file alone (``get_slice``: a rank never holds the whole tensor); rows past the
     tensor's end (the LM head's vocabulary padding) come back as zeros.  A float8 tensor comes back dequantized
-    (``scales``, a ``fp8_checkpoint.ScaleReader``)."""
+    (``scales``, a ``fp8_checkpoint.ScaleReader``), or with ``quantized`` as (float8 piece, its scales per row)."""
     if where is None:
         local = tuple(param.shape)
     elif isinstance(where, tuple):  # one expert: its gate or up rows, or all its rows
@@ -256,7 +293,9 @@ def _rank_piece(f, name: str, target: str, where, param: torch.Tensor, model, sc
     else:
         local = (_packed_sizes(target, param, model.args)[where],) + tuple(param.shape[1:])
     cut = checkpoint_slice(target, where, local, model.args)
-    fp8 = scales.is_fp8(f, name)
+    fp8 = fp8_checkpoint.is_float8(f, name)
+    if quantized:
+        return scales.read_quantized(f, name, None if cut is None else (cut[0], cut[1], cut[1] + cut[2]))
     if cut is None:
         return scales.read(f, name, None) if fp8 else f.get_tensor(name)
     dim, start, length = cut

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import nanovllm.distributed as distributed
-from nanovllm.kernels import ops
+from nanovllm.kernels import ops, weight_quant
 from nanovllm.models import tensor_parallel as tp
 from nanovllm.models.decoder import MLP
 
@@ -73,8 +73,10 @@ class SparseMoe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = ops.linear(x, self.gate.weight)
-        y = ops.fused_moe(x, logits, self.experts.gate_up_proj, self.experts.down_proj, self.top_k,
-                          self.renormalize)
+        ex = self.experts
+        w13_scale, group = weight_quant.scale_of(ex, "gate_up_proj")
+        y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, self.renormalize, w13_scale,
+                          weight_quant.scale_of(ex, "down_proj")[0], group)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return distributed.all_reduce(y)  # one sum over the ranks' partial experts (and shared expert)

@@ -16,7 +16,7 @@ shape, so the loader copies only that piece.
 import torch
 
 import nanovllm.distributed as distributed
-from nanovllm.kernels import ops
+from nanovllm.kernels import ops, weight_quant
 
 
 def split(total: int, what: str) -> int:
@@ -51,9 +51,10 @@ def first_rank() -> bool:
 
 def row_parallel(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` of a row-parallel projection: this rank's partial product, summed over the group."""
+    scale, group = weight_quant.scale_of(linear)
     if distributed.current().size == 1:
-        return ops.linear(x, linear.weight, linear.bias)
-    y = distributed.all_reduce(ops.linear(x, linear.weight))
+        return ops.linear(x, linear.weight, linear.bias, False, scale, group)
+    y = distributed.all_reduce(ops.linear(x, linear.weight, None, False, scale, group))
     return y if linear.bias is None else y + linear.bias
 
 

@@ -1,0 +1,80 @@
+"""FP8 weights in a model: which parameters are quantized, how their modules hold them, and online quantization.
+
+Quantized are the projections of every decoder layer (attention's qkv and output, the dense MLP's gate/up and
+down, a shared expert's) and the stacked routed experts; embeddings, the LM head, norms, routers, the shared
+expert's gate and vision towers stay in the model's dtype.  A quantized parameter ``P`` of a module becomes
+float8_e4m3fn, its module gains the float32 buffer ``P_scale`` and the int ``quant_group``
+(``kernels/weight_quant.py`` states the format; ``weight_quant.scale_of`` reads them back for the ops).
+
+* ``quantize_online(model)``: the loaded weights quantized in place, ``GROUP`` columns per scale (vLLM's
+  ``quantization="fp8"`` on an unquantized checkpoint or dummy weights), one parameter at a time.
+* ``prepare_for_checkpoint(model, names, group)``: the parameters ``names`` (those whose every checkpoint part is
+  float8) made FP8 and empty, for the loader to fill with the checkpoint's bytes and scales.
+"""
+import torch
+from torch import nn
+
+from nanovllm.kernels import weight_quant
+from nanovllm.models.decoder import MLP, DecoderLayer
+from nanovllm.models.moe import Experts, SparseMoe
+
+
+def quantizable(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Our parameter name -> (its module, its attribute name) for every parameter this scheme quantizes."""
+    owners = {id(m): name for name, m in model.named_modules()}
+    out = {}
+
+    def add(module: nn.Module | None, attr: str) -> None:
+        if module is not None:
+            out[f"{owners[id(module)]}.{attr}"] = (module, attr)
+
+    for layer in (m for m in model.modules() if isinstance(m, DecoderLayer)):
+        add(layer.self_attn.qkv_proj, "weight")
+        add(layer.self_attn.o_proj, "weight")
+        mlps = [layer.mlp] if isinstance(layer.mlp, MLP) else []
+        if isinstance(layer.mlp, SparseMoe):
+            mlps += [layer.mlp.shared_expert] if layer.mlp.shared_expert is not None else []
+            if isinstance(layer.mlp.experts, Experts):
+                add(layer.mlp.experts, "gate_up_proj")
+                add(layer.mlp.experts, "down_proj")
+        for mlp in mlps:
+            add(mlp.gate_up_proj, "weight")
+            add(mlp.down_proj, "weight")
+    return out
+
+
+def _replace(module: nn.Module, attr: str, weight: torch.Tensor, scale: torch.Tensor, group: int) -> None:
+    setattr(module, attr, nn.Parameter(weight, requires_grad=False))
+    module.register_buffer(f"{attr}_scale", scale, persistent=False)
+    module.quant_group = group
+
+
+@torch.no_grad()
+def quantize_online(model: nn.Module, group: int = weight_quant.GROUP) -> None:
+    """Quantize every quantizable parameter of the loaded ``model`` in place (the old storage is freed as each
+    one is replaced)."""
+    for module, attr in quantizable(model).values():
+        q, scale = weight_quant.quantize(getattr(module, attr), group)
+        _replace(module, attr, q, scale, group)
+
+
+def prepare_for_checkpoint(model: nn.Module, names: set[str], group: int) -> None:
+    """Make the quantizable parameters in ``names`` empty FP8 ones with zero scales of ``group`` columns."""
+    for name, (module, attr) in quantizable(model).items():
+        if name in names:
+            old = getattr(module, attr)
+            scale = torch.zeros(*old.shape[:-1], weight_quant.num_groups(old.shape[-1], group), dtype=torch.float32,
+                                device=old.device)
+            _replace(module, attr, torch.empty(old.shape, dtype=weight_quant.FP8_DTYPE, device=old.device), scale,
+                     group)
+
+
+def describe(model: nn.Module) -> str | None:
+    """``"fp8 (N of M weights, group G)"`` for a model with FP8 weights, else None."""
+    targets = quantizable(model)
+    quantized = [(m, a) for m, a in targets.values() if weight_quant.is_fp8(getattr(m, a))]
+    if not quantized:
+        return None
+    groups = sorted({m.quant_group for m, _ in quantized})
+    return f"fp8 weights ({len(quantized)} of {len(targets)} projections and expert stacks, " \
+           f"scales per row and {'/'.join(map(str, groups))} columns)"
