@@ -10,6 +10,7 @@ import torch
 from conftest import build_checkpoint
 from nanovllm import LLM
 from nanovllm.config import EngineConfig
+from nanovllm.kernels import weight_quant
 
 OPTIONS = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=8, max_model_len=64)
 
@@ -38,14 +39,16 @@ def _to_fp8_layout(path: str) -> None:
                              "weight_block_size": [128, 128]})
 
 
-def test_an_fp8_checkpoint_loads_with_its_weights_dequantized(tmp_path):
+def test_an_fp8_checkpoint_loads_with_its_weights_in_float8(tmp_path):
     path = build_checkpoint(tmp_path, "qwen3")
     from safetensors.torch import load_file
     plain = load_file(Path(path) / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
     _to_fp8_layout(path)
     llm = LLM(path, **OPTIONS)
-    assert llm.engine.describe()["quantization"] == "fp8 (block 128x128, dequantized at load)"
-    loaded = llm.engine.runner.model.model.layers[0].mlp.down_proj.weight
+    assert "scales per row and 128 columns" in llm.engine.describe()["quantization"]
+    down = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.float8_e4m3fn
+    loaded = weight_quant.dequantize(down.weight, down.weight_scale, down.quant_group, torch.float32)
     assert not torch.equal(loaded, plain) and torch.allclose(loaded, plain, rtol=0.07, atol=2e-3)
 
 

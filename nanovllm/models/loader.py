@@ -6,9 +6,8 @@ renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the pack
 (per-expert tensors stacked into ``experts.<stacked>``; a stacked tensor in the checkpoint loads whole).  Every
 parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
 corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
-are converted to the model's dtype; then the model's ``after_loading`` may rewrite its weights.  A block-FP8
-checkpoint's float8 weights stay float8 with their scales where the model quantizes that parameter
-(``fp8_weights.py``), and are dequantized into the model's dtype elsewhere (``fp8_checkpoint.py``).
+are converted to the model's dtype, then ``after_loading`` may rewrite them.  Block-FP8 weights stay float8 with
+their scales where the model quantizes that parameter (``fp8_weights.py``), else are dequantized (``fp8_checkpoint``).
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
 (norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With
