@@ -34,6 +34,7 @@ class Step:
 
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
+FP8 = ("--quantization", "fp8")
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
     Step("bench-vllm", "vllm", "default", "bench"),
@@ -47,6 +48,16 @@ STEPS = [
     Step("moe-vllm", "vllm", "preset:qwen3-30b-a3b", "bench"),
     Step("moe-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8_KV),
     Step("moe-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8_KV),
+    Step("bench-fp8-ours", "ours", "default", "bench", BENCH + FP8),
+    Step("bench-fp8-vllm", "vllm", "default", "bench", FP8),
+    Step("batch1-fp8-ours", "ours", "peer:qwen3-8b", "bench", ("--bs", "1", "--num-seqs", "2") + FP8),
+    Step("batch1-fp8-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1") + FP8),
+    Step("moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8),
+    Step("moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8),
+    Step("moe-fp8-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + FP8_KV),
+    Step("moe-fp8-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + FP8_KV),
+    Step("dense32b-fp8-ours", "ours", "peer:qwen3-32b", "bench", BENCH + FP8),
+    Step("dense32b-fp8-vllm", "vllm", "peer:qwen3-32b", "bench", FP8),
     Step("minicpm-ours", "ours", "preset:minicpm4-0.5b", "bench", BENCH),
     # vLLM refuses model_type "minicpm" without remote code; as "llama" it resolves its own MiniCPM class
     Step("minicpm-vllm", "vllm", "preset:minicpm4-0.5b", "bench", vllm_config=(("model_type", "llama"),)),
@@ -63,6 +74,7 @@ STEPS = [
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
     Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
+    Step("parity-fp8", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_fp8_weights.py")),
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),

@@ -3,23 +3,19 @@
 the checkpoint whose weights are those FP8 values dequantized, in eager and graph mode, with chunked prefill,
 prefix hits and preemption; MiniCPM4 and a vision-language model's language part too; two ranks equal one.
 
-The oracle is independent of our model code: it quantizes each checkpoint tensor the FP8 layout would store
-(``fp8_checkpoint.quantizable``) with ``weight_quant.quantize`` and writes back ``dequantize`` of it.  Scales are
-per row, so quantizing q, k and v (or gate and up, or one expert) apart equals quantizing them packed.
+The oracle (``tools/fp8_oracle.py``) is independent of our model code: it quantizes each checkpoint tensor the FP8
+layout would store with ``weight_quant.quantize`` and writes back ``dequantize`` of it.  Scales are per row, so
+quantizing q, k and v (or gate and up, or one expert) apart equals quantizing them packed.
 """
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from conftest import build_checkpoint, build_minicpm_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
-from nanovllm.kernels import weight_quant
-from nanovllm.models.fp8_checkpoint import quantizable
-from nanovllm.tools import minicpm
+from nanovllm.tools import fp8_oracle, minicpm
 
 ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=24, max_model_len=128, max_num_seqs=4,
               graph_batch_sizes=[1, 2, 4], quantization="fp8")
@@ -39,16 +35,7 @@ def greedy(llm, prompts, n=12):
 
 def fp8_copy(path: str, out: Path) -> str:
     """A float32 copy of checkpoint ``path`` whose quantizable weights are their FP8 values, dequantized."""
-    out.mkdir()
-    weights = load_file(f"{path}/model.safetensors")
-    for name, t in weights.items():
-        if name.startswith("model.layers.") and quantizable(name, t, []):  # not a vision tower's
-            weights[name] = weight_quant.dequantize(*weight_quant.quantize(t), weight_quant.GROUP, t.dtype)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for extra in Path(path).iterdir():
-        if extra.name != "model.safetensors":
-            shutil.copy(extra, out / extra.name)
-    return str(out)
+    return fp8_oracle.write_dequantized(path, out, online=True)
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama", pytest.param("qwen3_moe", marks=pytest.mark.slow),

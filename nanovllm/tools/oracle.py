@@ -6,7 +6,8 @@ float32 must be token-identical.  In lower precision the rule of DESIGN.md appli
 the two outputs diverge must be one where transformers' top two candidates are within ``--margin`` nats.
 transformers has no MiniCPM class: for a MiniCPM checkpoint it runs the equivalent Llama checkpoint, written to a
 temporary directory by ``nanovllm.tools.minicpm``.  With ``--kv-cache-dtype fp8`` transformers' attention first
-passes each layer's K and V through the FP8 cache's rounding with our engine's scales (``fp8_kv_attention``).
+passes each layer's K and V through the FP8 cache's rounding with our engine's scales (``fp8_kv_attention``); FP8
+weights (a block-FP8 checkpoint, or ``--quantization fp8``) are run by transformers dequantized (``fp8_oracle.py``).
 Exits non-zero on a failure, so it doubles as a check on checkpoints the tests have never seen.
 """
 import argparse
@@ -91,7 +92,7 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
     scales = engine_kv_scales(llm)
     del llm
     attention = {} if scales is None else {"attn_implementation": fp8_kv_attention(scales)}
-    with _transformers_checkpoint(model_dir) as hf_dir:
+    with _transformers_checkpoint(model_dir, llm_kwargs.get("quantization")) as hf_dir:
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, **attention).to(dev).eval()
     verdicts = []
     for prompt, out in zip(prompts, ours):
@@ -101,15 +102,20 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
 
 
 @contextlib.contextmanager
-def _transformers_checkpoint(model_dir: str):
-    """``model_dir``, or for a MiniCPM checkpoint its Llama equivalent in a temporary directory."""
-    from nanovllm.tools import minicpm
+def _transformers_checkpoint(model_dir: str, quantization: str | None = None):
+    """``model_dir``, or in a temporary directory: for a MiniCPM checkpoint its Llama equivalent, for FP8 weights
+    their dequantized values (``fp8_oracle.py``), or both."""
+    from nanovllm.models import fp8_checkpoint
+    from nanovllm.tools import fp8_oracle, minicpm
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    if config.get("model_type") not in minicpm.MODEL_TYPES:
+    minicpm_model = config.get("model_type") in minicpm.MODEL_TYPES
+    fp8 = quantization == "fp8" or fp8_checkpoint.block_size(config) is not None
+    if not minicpm_model and not fp8:
         yield model_dir
         return
     with tempfile.TemporaryDirectory(prefix="nanovllm-oracle-") as tmp:
-        yield str(minicpm.to_llama(model_dir, tmp))
+        path = str(minicpm.to_llama(model_dir, f"{tmp}/llama")) if minicpm_model else model_dir
+        yield fp8_oracle.write_dequantized(path, f"{tmp}/fp8", quantization == "fp8") if fp8 else path
 
 
 def main():
@@ -122,9 +128,11 @@ def main():
     p.add_argument("--margin", type=float, default=0.1, help="allowed logprob gap at a divergence (nats)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
+    p.add_argument("--quantization", default=None, choices=["fp8"])
     args = p.parse_args()
     verdicts = run(args.model, args.dtype, args.device, args.num_prompts, args.max_tokens, args.margin,
-                   enforce_eager=args.enforce_eager, max_model_len=1024, kv_cache_dtype=args.kv_cache_dtype)
+                   enforce_eager=args.enforce_eager, max_model_len=1024, kv_cache_dtype=args.kv_cache_dtype,
+                   quantization=args.quantization)
     for v in verdicts:
         print(json.dumps(v))
     failed = sum(v["status"] == "MISMATCH" for v in verdicts)

@@ -1,0 +1,54 @@
+"""The weights an FP8 engine computes with, as a plain checkpoint transformers can run: the oracle of FP8 weights.
+
+``write_dequantized(src, dst, online)`` copies checkpoint directory ``src`` to ``dst`` with every weight the FP8
+engine holds in float8 replaced by its dequantized value in the checkpoint's float dtype: a block-FP8 checkpoint's
+float8 tensors times their block scales (its ``quantization_config`` dropped), or with ``online`` (the engine's
+``quantization="fp8"``) each decoder-layer projection and expert weight quantized and dequantized as
+``kernels/weight_quant.py`` does (scales per row, so q/k/v or one expert alone give what the packed tensor gives).
+Files other than the weights are copied as they are.  One safetensors file or an index of several.
+"""
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from nanovllm.kernels import weight_quant
+from nanovllm.models import fp8_checkpoint
+
+
+def _dequantized(weights: dict, online: bool, block, every: dict) -> dict:
+    out = {}
+    for name, t in weights.items():
+        if name.endswith(fp8_checkpoint.SCALE_SUFFIX):
+            continue
+        if t.dtype == weight_quant.FP8_DTYPE:
+            t = fp8_checkpoint.dequantize(t, every[name + fp8_checkpoint.SCALE_SUFFIX], block)
+        elif online and name.startswith("model.layers.") and fp8_checkpoint.quantizable(name, t, []):
+            t = weight_quant.dequantize(*weight_quant.quantize(t), weight_quant.GROUP, t.dtype)
+        out[name] = t
+    return out
+
+
+def write_dequantized(src, dst, online: bool) -> str:
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    block = fp8_checkpoint.block_size(config)
+    files = sorted(src.glob("*.safetensors"))
+    every = {n: t for f in files for n, t in load_file(str(f)).items()} if block else {}
+    for f in files:
+        save_file(_dequantized(load_file(str(f)), online, block, every), str(dst / f.name), metadata={"format": "pt"})
+    for extra in src.iterdir():
+        if extra.suffix != ".safetensors" and extra.is_file():
+            shutil.copy(extra, dst / extra.name)
+    if block:
+        config.pop("quantization_config", None)
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+    index = dst / "model.safetensors.index.json"
+    if index.is_file():  # the scale tensors are gone
+        data = json.loads(index.read_text())
+        data["weight_map"] = {n: f for n, f in data["weight_map"].items()
+                              if not n.endswith(fp8_checkpoint.SCALE_SUFFIX)}
+        index.write_text(json.dumps(data, indent=2))
+    return str(dst)
