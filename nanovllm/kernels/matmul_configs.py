@@ -116,12 +116,8 @@ def _fp8_tile(m: int) -> MatmulConfig:
 
 def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int) -> MatmulConfig | None:
     """The Triton config for ``x @ dequantize(weight).T`` with an FP8 ``weight`` in groups of ``group`` columns
-    (``weight_quant.py``), or None: dequantize once and run cuBLAS (large M, fp32, no config fits, or
-    ``KernelOptions.triton_matmul`` off).
-
-    A heuristic, to be replaced by measured entries (``benchmarks/fp8_matmul.py`` times it against the
-    alternatives): a tile by M; split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
-    blocks than the GPU has SMs; the largest BLOCK_K (128, 64, 32, 16) that fits K and the group."""
+    (``weight_quant.py``), or None: dequantize once and run cuBLAS (past ``FP8_TRITON_MAX_M`` rows, fp32, no
+    config fits, or ``KernelOptions.triton_matmul`` off)."""
     if x.dtype not in (torch.bfloat16, torch.float16) or not current_options().triton_matmul:
         return None
     m, k = x.shape
@@ -129,11 +125,19 @@ def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int
         return None
     from nanovllm.kernels.triton_common import _num_sms  # triton: present wherever this kernel runs
     n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    return fp8_config(m, n_out, k, group, _num_sms(x.device))
+
+
+def fp8_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
+    """The FP8 kernel's config for ``m`` rows of an ``[n_out, k]`` output in groups of ``group``, or None if none
+    fits K.  A heuristic, to be replaced by measured entries (``benchmarks/fp8_matmul.py`` times it against the
+    alternatives): a tile by M; split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
+    blocks than ``num_sms``; the largest BLOCK_K (128, 64, 32, 16) that fits K and the group."""
     tile = _fp8_tile(m)
     blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)
     split = 1
     if m <= 64:
-        while blocks * split < _num_sms(x.device) and split < _FP8_MAX_SPLIT:
+        while blocks * split < num_sms and split < _FP8_MAX_SPLIT:
             split *= 2
     for block_k in (b for b in (128, 64, 32, 16) if b <= tile.block_k):
         for s in (split >> i for i in range(split.bit_length())):  # split, split / 2, ..., 1
