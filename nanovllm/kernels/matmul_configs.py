@@ -100,18 +100,20 @@ FP8_TRITON_MAX_M = 1024  # past this many rows an FP8 projection dequantizes its
 _FP8_MAX_SPLIT = 8
 
 
-def _fp8_tile(m: int) -> MatmulConfig:
-    """The tile shape (split and BLOCK_K still to choose) for ``m`` rows: swapped narrow tiles for decode batches,
-    square ones as M grows."""
-    if m <= 16:
-        return MatmulConfig(16, 64, 128, swap=True, num_warps=4, num_stages=4)
-    if m <= 32:
-        return MatmulConfig(32, 64, 128, swap=True, num_warps=4, num_stages=4)
-    if m <= 64:
-        return MatmulConfig(64, 64, 128, num_warps=4, num_stages=4)
-    if m <= 256:
-        return MatmulConfig(64, 128, 128, num_warps=4, num_stages=3)
-    return MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)
+# (max_m, tile) in ascending max_m: swapped narrow tiles for decode batches, square ones as M grows; the last also
+# serves larger M where asked (the benchmark), though choose_fp8 stops at FP8_TRITON_MAX_M.  Split K and BLOCK_K
+# are chosen per shape (fp8_config).
+_FP8_TILES = ((16, MatmulConfig(16, 64, 128, swap=True, num_warps=4, num_stages=4)),
+              (32, MatmulConfig(32, 64, 128, swap=True, num_warps=4, num_stages=4)),
+              (64, MatmulConfig(64, 64, 128, num_warps=4, num_stages=4)),
+              (256, MatmulConfig(64, 128, 128, num_warps=4, num_stages=3)),
+              (FP8_TRITON_MAX_M, MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)))
+
+
+def fp8_row_limits() -> list[int]:
+    """The row counts at which the FP8 kernel's tile changes (ascending): running each once compiles every
+    config an FP8 step of at most that many rows can pick (as ``triton_row_limits`` for the bf16 table)."""
+    return [max_m for max_m, _ in _FP8_TILES]
 
 
 def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int) -> MatmulConfig | None:
@@ -133,7 +135,7 @@ def fp8_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulCo
     fits K.  A heuristic, to be replaced by measured entries (``benchmarks/fp8_matmul.py`` times it against the
     alternatives): a tile by M; split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
     blocks than ``num_sms``; the largest BLOCK_K (128, 64, 32, 16) that fits K and the group."""
-    tile = _fp8_tile(m)
+    tile = next((t for max_m, t in _FP8_TILES if m <= max_m), _FP8_TILES[-1][1])
     blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)
     split = 1
     if m <= 64:
