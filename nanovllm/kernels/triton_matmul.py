@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.matmul_configs import MatmulConfig
-from nanovllm.kernels.weight_quant import FP8_DTYPE, num_groups
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
+from nanovllm.kernels.weight_quant import FP8_DTYPE, num_groups
 
 
 @triton.jit
