@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
-from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton
+from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
 from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
@@ -61,8 +61,14 @@ def _rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_w
 
 
 def _linear(x, weight, bias, silu_mul, weight_scale, group):
-    if current_options().reference_kernels or weight_scale is not None:
+    if current_options().reference_kernels or (weight_scale is not None and x.dtype == torch.float32):
         return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group)
+    if weight_scale is not None:  # FP8: stream it at small M; past that, dequantize once for cuBLAS
+        cfg = matmul_configs.choose_fp8(x, weight, silu_mul, group)
+        if cfg is not None:
+            return linear_triton(x, weight, bias, cfg, silu_mul, weight_scale, group)
+        y = F.linear(x, dequantize_triton(weight, weight_scale, group, x.dtype), bias)
+        return silu_mul_triton(y) if silu_mul else y
     cfg = matmul_configs.choose(x, weight, silu_mul)
     if cfg is not None:
         return linear_triton(x, weight, bias, cfg, silu_mul)

@@ -7,11 +7,12 @@ capability, then by ``"N_OUT,K,silu"``; each holds ``[max_m, config or null]`` p
 (null: cuBLAS won).  A shape, batch or GPU without an entry runs cuBLAS (``F.linear``), as does every fp32
 matmul (so fp32 results stay those of torch) and everything when ``KernelOptions.triton_matmul`` is off
 (``NANOVLLM_MATMUL=cublas``).  ``KernelOptions.matmul_table`` (``NANOVLLM_MATMUL_TABLE``) names another table.
-Only the CUDA implementation of ``nanovllm::linear`` (``cuda.py``) asks ``choose``.
+Only the CUDA implementation of ``nanovllm::linear`` (``cuda.py``) asks ``choose``, and for an FP8 weight
+``choose_fp8``, a heuristic by row count until measured entries replace it.
 """
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +35,17 @@ class MatmulConfig:
     def fits(self, m: int, n_out: int, k: int) -> bool:
         """Whether this config can run the shape (K must split evenly into whole BLOCK_K steps)."""
         return k % (self.split_k * self.block_k) == 0
+
+    def scales_per_tile(self, k: int, group: int) -> bool:
+        """Whether an FP8 weight's scale changes inside one split's K range (``group`` columns per scale), so
+        that every K-tile's product is scaled on its own rather than the split's sum once."""
+        return group < k and group % (k // self.split_k) != 0
+
+    def fits_fp8(self, k: int, group: int) -> bool:
+        """Whether this config can run an FP8 weight of K columns in groups of ``group``: ``fits``, and no K-tile
+        straddles two groups (BLOCK_K divides the group) where the scale changes inside a split."""
+        return k % (self.split_k * self.block_k) == 0 and (not self.scales_per_tile(k, group)
+                                                           or group % self.block_k == 0)
 
 
 def table_key(n_out: int, k: int, silu_mul: bool) -> str:
@@ -82,3 +94,56 @@ def triton_row_limits(device: torch.device) -> list[int]:
     if device.type != "cuda" or not options.triton_matmul or options.reference_kernels:
         return []
     return sorted({max_m for rows in _table(device).values() for max_m, cfg in rows if cfg is not None})
+
+
+FP8_TRITON_MAX_M = 1024  # past this many rows an FP8 projection dequantizes its weight once and runs cuBLAS
+_FP8_MAX_SPLIT = 8
+
+
+# (max_m, tile) in ascending max_m: swapped narrow tiles for decode batches, square ones as M grows; the last also
+# serves larger M where asked (the benchmark), though choose_fp8 stops at FP8_TRITON_MAX_M.  Split K and BLOCK_K
+# are chosen per shape (fp8_config).
+_FP8_TILES = ((16, MatmulConfig(16, 64, 128, swap=True, num_warps=4, num_stages=4)),
+              (32, MatmulConfig(32, 64, 128, swap=True, num_warps=4, num_stages=4)),
+              (64, MatmulConfig(64, 64, 128, num_warps=4, num_stages=4)),
+              (256, MatmulConfig(64, 128, 128, num_warps=4, num_stages=3)),
+              (FP8_TRITON_MAX_M, MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)))
+
+
+def fp8_row_limits() -> list[int]:
+    """The row counts at which the FP8 kernel's tile changes (ascending): running each once compiles every
+    config an FP8 step of at most that many rows can pick (as ``triton_row_limits`` for the bf16 table)."""
+    return [max_m for max_m, _ in _FP8_TILES]
+
+
+def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int) -> MatmulConfig | None:
+    """The Triton config for ``x @ dequantize(weight).T`` with an FP8 ``weight`` in groups of ``group`` columns
+    (``weight_quant.py``), or None: dequantize once and run cuBLAS (past ``FP8_TRITON_MAX_M`` rows, fp32, no
+    config fits, or ``KernelOptions.triton_matmul`` off)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or not current_options().triton_matmul:
+        return None
+    m, k = x.shape
+    if m > FP8_TRITON_MAX_M:
+        return None
+    from nanovllm.kernels.triton_common import _num_sms  # triton: present wherever this kernel runs
+    n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    return fp8_config(m, n_out, k, group, _num_sms(x.device))
+
+
+def fp8_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
+    """The FP8 kernel's config for ``m`` rows of an ``[n_out, k]`` output in groups of ``group``, or None if none
+    fits K.  A heuristic, to be replaced by measured entries (``benchmarks/fp8_matmul.py`` times it against the
+    alternatives): a tile by M; split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
+    blocks than ``num_sms``; the largest BLOCK_K (128, 64, 32, 16) that fits K and the group."""
+    tile = next((t for max_m, t in _FP8_TILES if m <= max_m), _FP8_TILES[-1][1])
+    blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)
+    split = 1
+    if m <= 64:
+        while blocks * split < num_sms and split < _FP8_MAX_SPLIT:
+            split *= 2
+    for block_k in (b for b in (128, 64, 32, 16) if b <= tile.block_k):
+        for s in (split >> i for i in range(split.bit_length())):  # split, split / 2, ..., 1
+            cfg = replace(tile, block_k=block_k, split_k=s)
+            if cfg.fits_fp8(k, group):
+                return cfg
+    return None

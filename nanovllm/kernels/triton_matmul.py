@@ -12,6 +12,10 @@ can be captured in a CUDA graph and replayed.
 ``SILU_MUL`` fuses the MLP's activation: ``w`` is the packed ``[gate; up]`` weight ``[2I, K]`` and the kernel
 writes ``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``.  ``SWAP`` computes the output block transposed (the same
 result).  On Hopper the kernel takes part in programmatic dependent launch (``pdl.py``).
+
+``W_FP8`` reads an FP8 weight (``weight_quant.py``: e4m3 with a float32 scale per row and group of columns) at half
+the bytes of bf16, widens each tile to x's dtype in registers and scales each group's partial product
+(``matmul_configs.choose_fp8`` picks its tiles; BLOCK_K divides the group unless one scale covers a whole split).
 """
 import torch
 import triton
@@ -19,6 +23,7 @@ import triton.language as tl
 
 from nanovllm.kernels.matmul_configs import MatmulConfig
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
+from nanovllm.kernels.weight_quant import FP8_DTYPE, num_groups
 
 
 @triton.jit
@@ -28,11 +33,18 @@ def _load_tile(ptr, rows, cols, row_mask, stride_row):
 
 
 @triton.jit
-def _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    """sum over k in [k_start, k_start + k_steps * BLOCK_K) of x[m, k] * w[n, k], as an fp32 [BLOCK_M, BLOCK_N]."""
+def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn,
+                     stride_sn, group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SWAP: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr):
+    """sum over k in [k_start, k_start + k_steps * BLOCK_K) of x[m, k] * w[n, k], as an fp32 [BLOCK_M, BLOCK_N].
+
+    With ``W_FP8`` the weight is e4m3 with a float32 scale per row and ``group`` columns (``weight_quant.py``):
+    each tile is widened to x's dtype (exact) and its product scaled by its group's scale (``SCALE_PER_TILE``,
+    BLOCK_K divides ``group``), or, where every column of the product shares one group, the sum once at the end."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
+    k0 = k_start
+    if W_FP8:
+        s_row = s_ptr + offs_n.to(tl.int64) * stride_sn
     # SWAP puts the weight tile on the left of tl.dot, which lets the tensor-core instruction's long side run along
     # N when M is tiny.
     if SWAP:
@@ -45,22 +57,33 @@ def _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_st
         if UPCAST:  # the Triton interpreter (CPU tests) multiplies bf16 operands wrongly; fp32 is exact
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        if SWAP:
+        elif W_FP8:
+            w = w.to(x.dtype)
+        if W_FP8 and SCALE_PER_TILE:
+            s = tl.load(s_row + k0 // group, mask=n_mask, other=0.0)  # [BLOCK_N]
+            if SWAP:
+                acc_t += tl.dot(w, tl.trans(x)) * s[:, None]
+            else:
+                acc += tl.dot(x, tl.trans(w)) * s[None, :]
+        elif SWAP:
             acc_t = tl.dot(w, tl.trans(x), acc_t)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
         offs_k += BLOCK_K
+        k0 += BLOCK_K
     if SWAP:
-        return tl.trans(acc_t)
-    else:
-        return acc
+        acc = tl.trans(acc_t)
+    if W_FP8 and not SCALE_PER_TILE:
+        acc = acc * tl.load(s_row + k_start // group, mask=n_mask, other=0.0)[None, :]
+    return acc
 
 
 @triton.jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K, stride_xm, stride_wn,
-                   stride_om, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr,
-                   SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, PDL: tl.constexpr):
+def _linear_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K, stride_xm,
+                   stride_wn, stride_sn, stride_om, group, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                   SPLIT_K: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+                   PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -71,13 +94,15 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M,
     k_steps = K // (SPLIT_K * BLOCK_K)
     k_start = pid_k * k_steps * BLOCK_K
     pdl_begin(PDL)
-    acc = _partial_product(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn,
-                           BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST)
+    acc = _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm,
+                           stride_wn, stride_sn, group, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8,
+                           SCALE_PER_TILE)
     # SILU_MUL saves a kernel and a round trip of the [M, 2I] intermediate; the up half of the packed weight starts
-    # N_OUT rows further.
+    # N_OUT rows further (and so do its scales).
     if SILU_MUL:
-        acc_up = _partial_product(x_ptr, w_ptr + N_OUT * stride_wn, offs_m, offs_n, m_mask, n_mask, k_start,
-                                  k_steps, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST)
+        acc_up = _partial_product(x_ptr, w_ptr + N_OUT * stride_wn, s_ptr + N_OUT * stride_sn, offs_m, offs_n,
+                                  m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn, stride_sn, group, BLOCK_M,
+                                  BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8, SCALE_PER_TILE)
     out_mask = m_mask[:, None] & n_mask[None, :]
     finish = True
     if SPLIT_K > 1:
@@ -137,6 +162,29 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, out_ptr, K, stride_wn, stride_sn, stride_on, group, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < K
+    w = tl.load(w_ptr + row * stride_wn + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + row * stride_sn + cols // group, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_on + cols, (w * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_triton(weight: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """``weight_quant.dequantize`` of an FP8 weight [N, K] in one pass (the same values: an fp32 product rounded
+    once), with no float32 temporaries: the large-M path of an FP8 projection, ahead of cuBLAS."""
+    n, k = weight.shape
+    assert weight.stride(1) == 1 and scale.stride(1) == 1 and scale.shape == (n, num_groups(k, group))
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    if n and k:
+        block = 1024
+        _dequantize_kernel[(n, triton.cdiv(k, block))](weight, scale, out, k, weight.stride(0), scale.stride(0),
+                                                        out.stride(0), group, BLOCK=block)
+    return out
+
+
 _COUNTERS: dict = {}
 _COUNTER_SLOTS = 1 << 16
 
@@ -155,14 +203,22 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: MatmulConfig,
-                  silu_mul: bool = False) -> torch.Tensor:
-    """``x @ weight.T (+ bias)``, or with ``silu_mul`` the fused MLP activation of a packed gate/up weight."""
+                  silu_mul: bool = False, weight_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+    """``x @ weight.T (+ bias)``, or with ``silu_mul`` the fused MLP activation of a packed gate/up weight.  An FP8
+    ``weight`` comes with its float32 ``weight_scale`` [N, ceil(K / group)] (``weight_quant.py``)."""
     m, k = x.shape
     n = weight.shape[0]
     n_out = n // 2 if silu_mul else n
     assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
     assert cfg.fits(m, n_out, k), f"{cfg} cannot run K={k}"
     assert not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16), "fp32 matmuls stay with cuBLAS"
+    fp8 = weight_scale is not None
+    if fp8:
+        assert weight.dtype == FP8_DTYPE and weight_scale.dtype == torch.float32 and weight_scale.stride(1) == 1
+        assert weight_scale.shape == (n, num_groups(k, group)), f"scale {tuple(weight_scale.shape)} for {n}x{k}"
+        assert cfg.fits_fp8(k, group), f"{cfg} cannot run K={k} in groups of {group}"
+    else:
+        assert weight.dtype == x.dtype, f"weight {weight.dtype} for x {x.dtype}"
     out = x.new_empty(m, n_out)
     if m == 0:
         return out
@@ -174,9 +230,11 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         counters = _counters(x.device)
     else:
         partial = counters = out  # unused
-    _linear_kernel[grid](x, weight, bias if bias is not None else out, out, partial, counters, m, n_out, k,
-                         x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                         SILU_MUL=silu_mul, SPLIT_K=cfg.split_k, SWAP=cfg.swap, BLOCK_M=cfg.block_m,
-                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not x.is_cuda,
+    scale = weight_scale if fp8 else out  # unused without FP8
+    _linear_kernel[grid](x, weight, scale, bias if bias is not None else out, out, partial, counters, m, n_out, k,
+                         x.stride(0), weight.stride(0), scale.stride(0) if fp8 else 0, out.stride(0), max(group, 1),
+                         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=cfg.split_k, SWAP=cfg.swap,
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not x.is_cuda,
+                         W_FP8=fp8, SCALE_PER_TILE=fp8 and cfg.scales_per_tile(k, group),
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device))
     return out

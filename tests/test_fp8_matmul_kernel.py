@@ -1,0 +1,163 @@
+"""The skinny Triton matmul over an FP8 weight (``W_FP8`` in nanovllm/kernels/triton_matmul.py) against its twin
+``reference.linear_reference`` on CPU under the Triton interpreter, ``choose_fp8``'s configurations, and the CUDA
+dispatch of an FP8 ``nanovllm::linear`` (``cuda._linear``, called on CPU tensors).
+
+The GPU timings that should replace the heuristic are benchmarks/fp8_matmul.py's.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from nanovllm.kernels import matmul_configs, reference, weight_quant  # noqa: E402
+from nanovllm.kernels.matmul_configs import MatmulConfig, choose_fp8, fp8_config, fp8_row_limits  # noqa: E402
+from nanovllm.kernels.options import KernelOptions, current_options, set_options  # noqa: E402
+from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton  # noqa: E402
+
+CONFIGS = [
+    MatmulConfig(16, 32, 32),
+    MatmulConfig(16, 16, 32, split_k=2),
+    MatmulConfig(32, 16, 16, split_k=4, swap=True),
+    MatmulConfig(16, 32, 64, swap=True, split_k=2),
+]
+
+
+def fp8_weight(n, k, group, seed=0):
+    """An FP8 weight [n, k] whose rows and groups have scales far apart (a per-tile scale mix-up shows)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) / 8
+    w *= torch.logspace(-2, 1, n)[:, None] * torch.linspace(0.2, 5, k)[None, :]
+    return weight_quant.quantize(w, group)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("group", [128, 64, 32])  # one group (group = K), two, four
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_fp8_kernel_matches_twin(cfg, group, silu_mul, m):
+    torch.manual_seed(m)
+    k, n = 128, 80  # N_OUT = 80 (or 40 with silu_mul): a partial last column block
+    w, scale = fp8_weight(n, k, group, seed=m)
+    x, b = torch.randn(m, k), torch.randn(n)
+    if not cfg.fits_fp8(k, group):  # a K-tile would straddle two groups
+        with pytest.raises(AssertionError, match=f"groups of {group}"):
+            linear_triton(x, w, None, cfg, silu_mul, scale, group)
+        return
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for bias in (None, b.to(dtype)):
+            got = linear_triton(x.to(dtype), w, bias, cfg, silu_mul, scale, group)
+            want = reference.linear_reference(x.to(dtype).float(), w, None if bias is None else bias.float(),
+                                              silu_mul, scale, group)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert rel_err(got, want) < tol, f"{dtype} bias={bias is not None}: relative error"
+
+
+def test_scale_changes_per_tile_only_inside_a_split():
+    # K = 128 in groups of 64: a split of 128 or of 96 columns spans two groups, a split of 64 lies in one.
+    assert MatmulConfig(16, 32, 32).scales_per_tile(128, 64)
+    assert not MatmulConfig(16, 32, 32, split_k=2).scales_per_tile(128, 64)
+    assert not MatmulConfig(16, 32, 32).scales_per_tile(128, 128)  # one group: the scale once at the end
+    assert not MatmulConfig(16, 32, 32).scales_per_tile(96, 128)
+    assert MatmulConfig(16, 32, 64).fits_fp8(128, 64) and not MatmulConfig(16, 32, 128).fits_fp8(256, 64)
+
+
+@pytest.mark.parametrize("cfg", [MatmulConfig(16, 32, 32), MatmulConfig(16, 16, 16, split_k=2, swap=True)],
+                         ids=str)
+def test_partial_last_group(cfg):
+    """K = 96 in groups of 64: the second group has 32 columns, and its scale serves only those."""
+    k, n, group = 96, 48, 64
+    w, scale = fp8_weight(n, k, group, seed=3)
+    assert scale.shape == (n, 2)
+    x = torch.randn(7, k)
+    got = linear_triton(x, w, None, cfg, False, scale, group)
+    assert rel_err(got, reference.linear_reference(x, w, None, False, scale, group)) < 1e-5
+
+
+def test_dequantize_triton_is_the_twins_dequantize():
+    for k, group in ((128, 128), (96, 64), (200, 16)):
+        w, scale = fp8_weight(24, k, group)
+        for dtype in (torch.float32, torch.float16):
+            assert torch.equal(dequantize_triton(w, scale, group, dtype), weight_quant.dequantize(w, scale, group,
+                                                                                                 dtype))
+        # the interpreter rounds fp32 to bf16 by truncation (the GPU to nearest): equal within one bf16 step
+        got = dequantize_triton(w, scale, group, torch.bfloat16)
+        torch.testing.assert_close(got, weight_quant.dequantize(w, scale, group, torch.bfloat16), rtol=2 ** -7,
+                                   atol=0)
+
+
+@pytest.fixture
+def restore_options():
+    saved = current_options()
+    yield
+    set_options(saved)
+
+
+def test_choose_fp8_picks_a_fitting_config_by_row_count(restore_options):
+    w = torch.empty(2048, 1024, dtype=weight_quant.FP8_DTYPE)
+    for m in (1, 5, 16, 33, 64, 100, 256, 300, matmul_configs.FP8_TRITON_MAX_M):
+        x = torch.empty(m, 1024, dtype=torch.bfloat16)
+        for group, silu in ((128, False), (64, True), (1024, False)):
+            cfg = choose_fp8(x, w, silu, group)
+            assert cfg is not None and cfg.fits_fp8(1024, group), (m, group)
+            assert m <= cfg.block_m or cfg.block_m >= 64
+    small, large = (choose_fp8(torch.empty(m, 1024, dtype=torch.bfloat16), w, False, 128) for m in (1, 200))
+    assert small.swap and small.block_m == 16 and large.block_m == 64 and large.split_k == 1
+    # a decode batch with too few output blocks for the SMs splits K (8 SMs stand in for a GPU on CPU)
+    assert choose_fp8(torch.empty(1, 1024, dtype=torch.bfloat16), w[:64], False, 128).split_k > 1
+    assert choose_fp8(torch.empty(1, 1024, dtype=torch.bfloat16), w[:64], False, 16).block_k == 16
+    big = torch.empty(matmul_configs.FP8_TRITON_MAX_M + 1, 1024, dtype=torch.bfloat16)
+    assert choose_fp8(big, w, False, 128) is None  # prefill: dequantize once, then cuBLAS
+    assert choose_fp8(torch.empty(4, 1000, dtype=torch.bfloat16), w, False, 128) is None  # K = 1000: no BLOCK_K
+    assert choose_fp8(torch.empty(4, 1024), w, False, 128) is None  # fp32 stays exact, on the twin
+    set_options(KernelOptions(triton_matmul=False))
+    assert choose_fp8(torch.empty(4, 1024, dtype=torch.bfloat16), w, False, 128) is None
+
+
+def test_fp8_config_splits_k_until_the_sms_are_busy():
+    # Qwen3-8B on 132 SMs: qkv (6144 rows, 96 tiles of 64) splits in two at M = 1; gate_up's 12288 do not split
+    assert fp8_config(1, 6144, 4096, 128, 132) == MatmulConfig(16, 64, 128, split_k=2, swap=True)
+    assert fp8_config(1, 12288, 4096, 128, 132).split_k == 1
+    assert fp8_config(1, 1024, 1024, 128, 132).split_k == 8  # 16 tiles; K = 1024 in 8 splits of one tile
+    assert fp8_config(200, 1024, 1024, 128, 132).split_k == 1  # past decode sizes K is not split
+    assert fp8_config(8192, 4096, 4096, 128, 132) == MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)
+    # a step of at most each limit's rows compiles no tile beyond those of the limits
+    limits = fp8_row_limits()
+    assert limits == sorted(limits) and limits[-1] == matmul_configs.FP8_TRITON_MAX_M
+    for n_out in (1024, 4096):
+        configs = {fp8_config(m, n_out, 4096, 128, 132) for m in range(1, limits[-1] + 1)}
+        assert configs == {fp8_config(m, n_out, 4096, 128, 132) for m in limits}
+
+
+@pytest.mark.parametrize("m", [3, matmul_configs.FP8_TRITON_MAX_M + 1])
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_cuda_linear_dispatch_of_fp8_matches_twin(monkeypatch, restore_options, m, silu_mul):
+    """``cuda._linear`` runs the FP8 kernel at small M, dequantize + F.linear past FP8_TRITON_MAX_M, and the twin
+    for float32 activations or reference kernels, all agreeing with the twin."""
+    from nanovllm.kernels import cuda
+    calls = []
+    for name in ("linear_triton", "dequantize_triton"):
+        def spy(*args, _name=name, _fn=getattr(cuda, name)):
+            calls.append(_name)
+            return _fn(*args)
+        monkeypatch.setattr(cuda, name, spy)
+    k, n, group = 64, 32, 32
+    w, scale = fp8_weight(n, k, group)
+    x, b = torch.randn(m, k), torch.randn(n)
+    want = reference.linear_reference(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group)
+    got = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group)
+    assert calls == (["linear_triton"] if m <= matmul_configs.FP8_TRITON_MAX_M else ["dequantize_triton"])
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
+    calls.clear()
+    fp32 = cuda._linear(x, w, b, silu_mul, scale, group)
+    assert calls == [] and torch.equal(fp32, reference.linear_reference(x, w, b, silu_mul, scale, group))
+    set_options(KernelOptions(reference_kernels=True))
+    assert torch.equal(cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group), want)
+    assert calls == []
