@@ -1,23 +1,26 @@
 """One MoE layer's experts in (pinned) host memory behind a device cache of a few of them, and the host's share.
 
-``ExpertCache(w13, w2, device, slots, pin, scratch, host_share)`` keeps the layer's experts on the host (``host_w13``
-[E, 2I, H]; the down projection transposed, ``host_w2t`` [E, I, H], so any run of intermediate rows is contiguous) and
-``slots`` whole experts on the device in the same layout, evicted least recently used.  Copies run on a side stream
-on CUDA; the compute stream waits on each copy's event.
+``ExpertCache(w13, w2, device, slots, pin, scratch, host_share, w13_scale, w2_scale, group)`` keeps the experts on
+the host (``host_w13`` [E, 2I, H]; the down projection transposed, ``host_w2t`` [E, I, H], so any run of intermediate
+rows is contiguous) and ``slots`` of them on the device in the same layout, evicted least recently used.  FP8 experts
+(``kernels/weight_quant.py``) travel with their scales, laid out as their weights (the down scales transposed,
+[E, ceil(I/g), H]).  Copies run on a side stream on CUDA; the compute stream waits on each copy's event.
 
 ``plan(needed)`` splits a step's experts by ``host_share``: the host takes that share of the non-resident experts'
 work, whole experts from the end of the list, and the expert on the boundary is split at intermediate row ``k``: the
-device copies rows [0, k) into the shared ``SplitScratch`` and computes them, the host computes rows [k, I).  The two
-partial sums are exact parts of the expert's output.  A split expert does not enter the cache.
-
-Counters (``COUNTERS``, per step, layer and needed expert): ``hits``, ``misses`` (copied, split or computed on the
-host), ``bytes_fetched``, ``splits``, ``host_computed`` (in experts), ``host_seconds`` and ``join_seconds`` (the host
-waiting for the device's part of the same layer).
+device copies rows [0, k) into the shared ``SplitScratch`` and computes them, the host rows [k, I).  The two partial
+sums are exact, FP8 too, with ``k`` anywhere in a scale group: the device's columns [0, k) of the down projection take
+groups [0, ceil(k/g)) of its scales, the host dequantizes columns [k, I) with their own groups'.  A split expert does
+not enter the cache.  Counters (``COUNTERS``, per step, layer and needed expert): ``hits``, ``misses`` (copied, split
+or computed on the host), ``bytes_fetched`` (weights and scales copied), ``splits``, ``host_computed`` (in experts),
+``host_seconds`` and ``join_seconds`` (the host waiting for the device's part of the same layer).
 """
 import time
 from collections import OrderedDict
 
 import torch
+
+from nanovllm.kernels import weight_quant
 
 COUNTERS = ("hits", "misses", "bytes_fetched", "splits", "host_computed", "host_seconds",
             "join_seconds")
@@ -28,45 +31,71 @@ class SplitScratch:
     model: layers run one at a time, and each copy into it waits for the compute stream, which holds the kernel that
     read it last."""
 
-    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device, group: int = 0):
         self.w13 = torch.empty((2 * inter, hidden), dtype=dtype, device=device)
         self.w2t = torch.empty((inter, hidden), dtype=dtype, device=device)
+        self.group = group  # FP8 experts' scale group, 0 for unquantized ones (no scales)
+        self.w13_scale = self.w2t_scale = None
+        if group:
+            groups = weight_quant.num_groups
+            self.w13_scale = torch.empty((2 * inter, groups(hidden, group)), dtype=torch.float32, device=device)
+            self.w2t_scale = torch.empty((groups(inter, group), hidden), dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:
-        return self.w13.numel() * self.w13.element_size() + self.w2t.numel() * self.w2t.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2t, self.w13_scale, self.w2t_scale)
+                   if t is not None)
 
-    def views(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel's stacks of one expert of intermediate size ``k``: w13 [1, 2k, H] (gate rows, then up rows)
-        and w2 [1, H, k] (a transposed view)."""
+    def views(self, k: int) -> tuple:
+        """``moe_experts``' weight arguments for one expert of intermediate size ``k``: w13 [1, 2k, H] (gate rows,
+        then up rows), w2 [1, H, k] (a transposed view), their scales laid out alike (None unquantized), group."""
         hidden = self.w13.shape[1]
-        return self.w13[:2 * k].view(1, 2 * k, hidden), self.w2t[:k].view(1, k, hidden).transpose(1, 2)
+        w13, w2 = self.w13[:2 * k].view(1, 2 * k, hidden), self.w2t[:k].view(1, k, hidden).transpose(1, 2)
+        if not self.group:
+            return w13, w2, None, None, 0
+        w2t_scale = self.w2t_scale[:weight_quant.num_groups(k, self.group)]
+        return w13, w2, self.w13_scale[:2 * k].unsqueeze(0), w2t_scale.unsqueeze(0).transpose(1, 2), self.group
 
 
 class ExpertCache:
     """The device slots of one MoE layer's experts over their host copies (see the module docstring)."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, device: torch.device, slots: int, pin: bool,
-                 scratch: SplitScratch | None = None, host_share: float = 0.0):
+                 scratch: SplitScratch | None = None, host_share: float = 0.0, w13_scale: torch.Tensor | None = None,
+                 w2_scale: torch.Tensor | None = None, group: int = 0):
         num_experts, two_i, hidden = w13.shape
         if not 1 <= slots <= num_experts:
             raise ValueError(f"experts_on_device={slots} must be in [1, {num_experts}] (the layer's experts)")
-        w2t = w2.transpose(1, 2).contiguous()
-        self.host_w13 = w13.pin_memory() if pin else w13
-        self.host_w2t = w2t.pin_memory() if pin else w2t
+        assert (w13_scale is None) == (w2_scale is None) == (group == 0), "FP8 experts come with both scales"
+        assert scratch is None or scratch.group == group, "the split scratch holds this layer's format"
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory() if pin else t
+
+        self.group = group
+        self.host_w13, self.host_w2t = host(w13), host(w2.transpose(1, 2).contiguous())
+        self.host_w13_scale = host(w13_scale.contiguous()) if group else None
+        self.host_w2t_scale = host(w2_scale.transpose(1, 2).contiguous()) if group else None
         self.inter = two_i // 2
         self.split_step = 16 if self.inter % 16 == 0 else 1
         self.device, self.num_slots, self.scratch = device, slots, scratch
         self.w13 = torch.empty((slots, two_i, hidden), dtype=w13.dtype, device=device)
         self.w2t = torch.empty((slots, self.inter, hidden), dtype=w2.dtype, device=device)
         self.slot_w2 = self.w2t.transpose(1, 2)
+        self.w13_scale = self.w2t_scale = self.slot_w2_scale = None
+        self.stacks = [(self.w13, self.host_w13), (self.w2t, self.host_w2t)]  # (device slots, host experts)
+        if group:
+            self.w13_scale = torch.empty((slots, *w13_scale.shape[1:]), dtype=torch.float32, device=device)
+            self.w2t_scale = torch.empty((slots, *self.host_w2t_scale.shape[1:]), dtype=torch.float32, device=device)
+            self.slot_w2_scale = self.w2t_scale.transpose(1, 2)
+            self.stacks += [(self.w13_scale, self.host_w13_scale), (self.w2t_scale, self.host_w2t_scale)]
         self.lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
         self.free = list(range(slots - 1, -1, -1))
         self.events: dict[int, object] = {}  # slot -> copy event not yet waited on (CUDA)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.reset_counters()
         self.host_share = host_share
-        self.expert_bytes = 3 * self.inter * hidden * w13.element_size()
+        self.expert_bytes = sum(src[0].numel() * src.element_size() for _, src in self.stacks)  # scales included
 
     def reset_counters(self) -> None:
         self.hits = self.misses = self.bytes_fetched = self.splits = 0
@@ -85,9 +114,16 @@ class ExpertCache:
                 return self.lru.pop(victim)
         raise AssertionError(f"all {self.num_slots} slots are kept")  # callers keep at most num_slots experts
 
+    def slot_weights(self) -> tuple:
+        """``moe_experts``' weight arguments over the slots: w13 [S, 2I, H], w2 [S, H, I] (a transposed view), their
+        scales laid out alike (None unquantized) and the group."""
+        return self.w13, self.slot_w2, self.w13_scale, self.slot_w2_scale, self.group
+
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
-        """Copy each (device destination, host source) pair; on CUDA on the side stream, after the compute stream's
-        queued readers of the destinations, returning the copies' event (None elsewhere)."""
+        """Copy each (device destination, host source) pair, counted in ``bytes_fetched``; on CUDA on the side
+        stream, after the compute stream's queued readers of the destinations, returning the copies' event (None
+        elsewhere)."""
+        self.bytes_fetched += sum(src.numel() * src.element_size() for _, src in pairs)
         if self.stream is None:
             for dst, src in pairs:
                 dst.copy_(src)
@@ -102,11 +138,10 @@ class ExpertCache:
 
     def _copy_in(self, expert: int, keep: set) -> None:
         slot = self._slot_for(expert, keep)
-        event = self._copy([(self.w13[slot], self.host_w13[expert]), (self.w2t[slot], self.host_w2t[expert])])
+        event = self._copy([(dst[slot], src[expert]) for dst, src in self.stacks])
         if event is not None:
             self.events[slot] = event
         self.lru[expert] = slot
-        self.bytes_fetched += self.expert_bytes
 
     def ensure(self, experts: list[int]) -> None:
         """Make ``experts`` (at most ``num_slots``) resident and most recently used; the compute stream waits
@@ -145,15 +180,22 @@ class ExpertCache:
     def run_split(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert: int, k: int,
                   moe_experts) -> torch.Tensor:
         """The device's rows [0, k) of ``expert`` for the tokens routed to it (``moe_experts``: the MoE op), copied
-        into the scratch first."""
-        s, src13, inter = self.scratch, self.host_w13[expert], self.inter
-        event = self._copy([(s.w13[:k], src13[:k]), (s.w13[k:2 * k], src13[inter:inter + k]),
-                            (s.w2t[:k], self.host_w2t[expert, :k])])
+        into the scratch first (with the scales of FP8 experts: rows [0, k) of w13's, groups [0, ceil(k/g)) of
+        w2's)."""
+        s, inter = self.scratch, self.inter
+
+        def rows(dst13, src13, dst2t, src2t, k2):  # gate rows [0, k), up rows [I, I + k), w2t rows [0, k2)
+            return [(dst13[:k], src13[:k]), (dst13[k:2 * k], src13[inter:inter + k]), (dst2t[:k2], src2t[:k2])]
+
+        pairs = rows(s.w13, self.host_w13[expert], s.w2t, self.host_w2t[expert], k)
+        if self.group:
+            pairs += rows(s.w13_scale, self.host_w13_scale[expert], s.w2t_scale, self.host_w2t_scale[expert],
+                          weight_quant.num_groups(k, self.group))
+        event = self._copy(pairs)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         self.misses += 1
         self.splits += 1
-        self.bytes_fetched += self.expert_bytes * k // inter
         w = torch.where(ids == expert, weights, torch.zeros_like(weights))
         return moe_experts(x, w, torch.zeros_like(ids), *s.views(k))
 
@@ -168,17 +210,25 @@ class ExpertCache:
         parts = [(e, 0) for e in experts] + ([split] if split is not None else [])
         for e, k in parts:
             rows, picks = (ids == e).nonzero(as_tuple=True)
-            xs, w13 = x[rows], self.host_w13[e]
+            xs, (w13, w2t) = x[rows], self._host_expert(e, x.dtype)
             if k:
                 gate, up = xs @ w13[k:inter].T, xs @ w13[inter + k:].T
             else:  # a whole expert: one matmul over gate and up
                 gate, up = (xs @ w13.T).chunk(2, dim=-1)
-            out = (torch.nn.functional.silu(gate) * up) @ self.host_w2t[e, k:]
+            out = (torch.nn.functional.silu(gate) * up) @ w2t[k:]
             y.index_add_(0, rows, out.float() * weights[rows, picks, None])
             self.misses += k == 0  # a split expert counted its miss on the device
             self.host_computed += (inter - k) / inter
         self.host_seconds += time.perf_counter() - start
         return y
+
+    def _host_expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s host w13 [2I, H] and w2t [I, H], FP8 ones dequantized into ``dtype`` (as the twin does)."""
+        if not self.group:
+            return self.host_w13[e], self.host_w2t[e]
+        w13 = weight_quant.dequantize(self.host_w13[e], self.host_w13_scale[e], self.group, dtype)
+        w2 = weight_quant.dequantize(self.host_w2t[e].T, self.host_w2t_scale[e].T, self.group, dtype)  # [H, I]
+        return w13, w2.T
 
     def join(self, y: torch.Tensor, host_y: torch.Tensor) -> torch.Tensor:
         """``y`` (the device's part, on the device) plus ``host_y`` (``compute_on_host``'s), in float32, in y's

@@ -8,6 +8,8 @@ A step of an offloaded layer routes on the device, reads the chosen experts on t
 splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
 the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
 from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.
+FP8 experts (``kernels/weight_quant.py``) stay FP8: the slots hold float8 weights with their scales, the device's
+``moe_experts`` takes the slots' scales, and the host dequantizes its own experts.
 
 An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
 known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
@@ -16,7 +18,7 @@ known only after routing, on the host, and a captured graph would replay the cop
 import torch
 
 from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE
-from nanovllm.kernels import ops
+from nanovllm.kernels import ops, weight_quant
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.expert_cache import COUNTERS, ExpertCache, SplitScratch
 from nanovllm.models.moe import SparseMoe
@@ -49,7 +51,7 @@ class OffloadedMoe(torch.nn.Module):
             if len(chunk) < len(on_device) or host_part:
                 in_chunk = torch.isin(ids, c.to_device(chunk))
                 w = torch.where(in_chunk, weights, torch.zeros_like(weights))
-            part = ops.moe_experts(x, w, c.slot_map()[ids], c.w13, c.slot_w2)
+            part = ops.moe_experts(x, w, c.slot_map()[ids], *c.slot_weights())
             y = part if y is None else y + part
         if y is None:
             y = torch.zeros_like(x)
@@ -73,14 +75,19 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
         raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer")
     pin = device.type == "cuda"
     num_experts, two_i, hidden = moes[0][1].experts.gate_up_proj.shape
-    scratch = None  # room for a split expert's device rows, when the host takes a share of the misses
-    if host_share > 0 and slots is not None and slots < num_experts:
-        scratch = SplitScratch(two_i // 2, hidden, moes[0][1].experts.gate_up_proj.dtype, device)
+    splits = host_share > 0 and slots is not None and slots < num_experts
+    scratches = {}  # (dtype, group) -> room for a split expert's device rows, one per expert format of the model
     caches = []
     for i, moe in moes:
         w13, w2 = moe.experts.gate_up_proj.data, moe.experts.down_proj.data
+        w13_scale, group = weight_quant.scale_of(moe.experts, "gate_up_proj")
+        w2_scale, _ = weight_quant.scale_of(moe.experts, "down_proj")
         del moe.experts  # the host copy lives on in the cache only
-        cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratch, host_share)
+        key = (w13.dtype, group)
+        if splits and key not in scratches:
+            scratches[key] = SplitScratch(two_i // 2, hidden, w13.dtype, device, group)
+        cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratches.get(key), host_share, w13_scale,
+                            w2_scale, group)
         layers[i].mlp = OffloadedMoe(moe, cache)
         caches.append(cache)
     model.to(device)  # the caches are not modules: their host copies stay where they are
@@ -102,6 +109,7 @@ def offload_stats(model: torch.nn.Module) -> dict:
     caches = expert_caches(model)
     stats = {k: sum(getattr(c, k) for c in caches) for k in COUNTERS}
     stats["expert_cache_bytes"] = sum(c.device_bytes for c in caches)
-    stats["split_scratch_bytes"] = caches[0].scratch.nbytes if caches[0].scratch is not None else 0
+    scratches = {id(c.scratch): c.scratch for c in caches if c.scratch is not None}
+    stats["split_scratch_bytes"] = sum(s.nbytes for s in scratches.values())
     stats["expert_host_bytes"] = sum(c.expert_bytes * c.host_w13.shape[0] for c in caches)
     return stats
