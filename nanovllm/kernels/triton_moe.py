@@ -14,8 +14,8 @@ Offsets are int64 wherever a row index meets a stride, so sizes past 2**31 eleme
 float32; the intermediate and the per-pair outputs are stored in x's dtype.  ``w2`` may be a transposed view
 ([E, H, I] over [E, I, H] memory, as an expert cache keeps it): a constexpr picks the strided load.
 FP8 experts (``weight_quant.py``: e4m3 with a float32 scale per row and ``group`` columns) are weight-only: each
-tile is widened in registers to x's dtype and each K tile's partial product scaled by its rows' scales, so a K
-tile must lie inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).
+weight tile is dequantized in registers into x's dtype (its rows' scales of one group), so a K tile must lie
+inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).
 """
 import math
 
@@ -43,15 +43,15 @@ def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _weight_dot(a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``a`` [M, K] times the weight tile ``w`` [N, K] transposed, float32.  An FP8 tile (``GROUP`` > 0) is widened
-    to a's dtype and its product scaled by its rows' scales (``scale_rows`` [N]) of the group holding column
-    ``k0``: the tile lies inside that group."""
+def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).  An FP8 tile (``GROUP`` >
+    0) is first widened, scaled by its rows' scales (``scale_rows`` [N]) of the group holding column ``k0`` (the
+    tile lies inside it) and rounded to a's dtype, as the twin dequantizes: the dot then still accumulates in place,
+    which scaling each partial product would prevent."""
     if GROUP > 0:
         scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
-        return _dot(a, tl.trans(w.to(a.dtype)), DOT_PRECISION) * scale[None, :]
-    else:
-        return _dot(a, tl.trans(w), DOT_PRECISION)
+        w = (w.to(tl.float32) * scale[:, None]).to(a.dtype)
+    return acc + _dot(a, tl.trans(w), DOT_PRECISION)
 
 
 @triton.jit
@@ -83,8 +83,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, 
         w_mask = n_mask[:, None] & k_mask[None, :]
         gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
         up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
-        acc_gate += _weight_dot(a, gate, gate_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
-        acc_up += _weight_dot(a, up, up_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
+        acc_gate = _weight_dot(acc_gate, a, gate, gate_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
+        acc_up = _weight_dot(acc_up, a, up, up_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(inter_ptr + slots[:, None] * stride_i + offs_n[None, :], h.to(inter_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
@@ -118,7 +118,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_
         else:
             w_tile = w_rows + offs_k[None, :]
         w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += _weight_dot(a, w, scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
+        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
     acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
