@@ -34,7 +34,8 @@ BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' 
 CANDIDATES = [MoeConfig(16, 64, 64), MoeConfig(16, 32, 128), MoeConfig(32, 64, 64), MoeConfig(64, 64, 64, num_stages=4),
               MoeConfig(64, 128, 64, num_warps=8, num_stages=4)]
 FP8_CANDIDATES = CANDIDATES + [MoeConfig(16, 64, 128), MoeConfig(32, 64, 128), MoeConfig(64, 64, 128, num_stages=4),
-                               MoeConfig(64, 128, 128, num_warps=8, num_stages=3)]  # a K tile per 128-column group
+                               MoeConfig(64, 128, 128, num_warps=8, num_stages=3),  # a K tile per 128-column group
+                               MoeConfig(128, 128, 64, num_warps=8, num_stages=3)]
 CHECKS: list[dict] = []
 
 

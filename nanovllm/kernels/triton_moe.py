@@ -1,21 +1,17 @@
-"""The fused MoE on CUDA: routing, then the experts' gate/up GEMM with SiLU-and-multiply fused, then the down GEMM
-with the router weight multiplied in, then the sum over each token's top-k, all with static shapes and grids (no
-host sync, so a step replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
+"""The fused MoE on CUDA: routing, the experts' gate/up GEMM with SiLU-and-multiply fused, the down GEMM with the
+router weight multiplied in, then the sum over each token's top-k; static shapes and grids (no host sync, so a step
+replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
 
-The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``;
-``moe_configs.py`` picks the tiles by rows per expert).  A program of ``_grouped_up_kernel`` takes one block and
-one column tile: it gathers the block's token rows of x (``pair // top_k``), reads the expert's gate and up
-tiles and writes ``silu(gate) * up`` [block_m, block_n] to the block's rows of the intermediate ``[slots, I]``.
-``_grouped_down_kernel`` multiplies those rows by the expert's ``w2`` tile, scales each row by its pair's router
-weight and writes it to the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Blocks
-with no rows (the static padding of the layout) return at once.
-
-Offsets are int64 wherever a row index meets a stride, so sizes past 2**31 elements are safe.  Accumulation is
-float32; the intermediate and the per-pair outputs are stored in x's dtype.  ``w2`` may be a transposed view
-([E, H, I] over [E, I, H] memory, as an expert cache keeps it): a constexpr picks the strided load.
-FP8 experts (``weight_quant.py``: e4m3 with a float32 scale per row and ``group`` columns) are weight-only: each
-weight tile is dequantized in registers into x's dtype (its rows' scales of one group), so a K tile must lie
-inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).
+The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``; ``moe_configs.py``
+picks the tiles).  A program of ``_grouped_up_kernel`` takes one block and one column tile: it gathers the block's
+token rows of x (``pair // top_k``) and writes ``silu(gate) * up`` to the block's rows of the intermediate
+``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2`` tile, scales each row by its router
+weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
+(the layout's static padding) return at once.  Offsets are int64 where a row index meets a stride; accumulation is
+float32; the intermediate and outputs are in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
+memory, as an expert cache keeps it): a constexpr picks the strided load.  FP8 experts (``weight_quant.py``) are
+weight-only: each tile is dequantized in registers into x's dtype (its rows' scales of one group), so a K tile must
+lie inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).
 """
 import math
 
