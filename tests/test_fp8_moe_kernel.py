@@ -46,9 +46,9 @@ def rel_err(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
-def transposed_view(w2):
-    """``w2`` [E, H, I] as a view over [E, I, H] memory, as an expert cache keeps it."""
-    return w2.transpose(1, 2).contiguous().transpose(1, 2)
+def transposed_view(t):
+    """``t`` [E, H, X] as a view over [E, X, H] memory, as an expert cache keeps ``w2`` and its scales."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @pytest.mark.parametrize("layout", GROUPS)
@@ -64,13 +64,15 @@ def test_fp8_fused_moe_matches_the_twin(num_tokens, layout):
         assert rel_err(got, want) < TOLERANCE[dtype], f"{dtype}: relative error {rel_err(got, want):.2e}"
 
 
-def test_fp8_fused_moe_reads_a_transposed_w2_view():
+@pytest.mark.parametrize("scale_view", [False, True])
+def test_fp8_fused_moe_reads_a_transposed_w2_view(scale_view):
     group = GROUPS["partial_last_group"]
     w13, s13, w2, s2 = fp8_experts(group, seed=3)
     strided = transposed_view(w2)
     assert strided.stride(2) != 1 and torch.equal(strided.float(), w2.float())
+    s2_in = transposed_view(s2) if scale_view else s2
     x, logits = inputs(7, seed=3)
-    got = fused_moe_triton(x, logits, w13, strided, TOP_K, True, s13, s2, group, cfg=CFG)
+    got = fused_moe_triton(x, logits, w13, strided, TOP_K, True, s13, s2_in, group, cfg=CFG)
     assert rel_err(got, ref.fused_moe_reference(x, logits, w13, w2, TOP_K, True, s13, s2, group)) < 1e-5
 
 
@@ -84,9 +86,9 @@ def test_fp8_moe_experts_matches_the_twin_on_given_routing(strided):
     ids = torch.randint(0, EXPERTS, (7, TOP_K), generator=gen)
     ids[0] = 4
     weights = torch.rand(7, TOP_K, generator=gen)
-    w2_in = transposed_view(w2) if strided else w2
+    w2_in, s2_in = (transposed_view(w2), transposed_view(s2)) if strided else (w2, s2)
     for dtype in (torch.float32, torch.bfloat16):
-        got = moe_experts_triton(x.to(dtype), weights, ids, w13, w2_in, s13, s2, group)
+        got = moe_experts_triton(x.to(dtype), weights, ids, w13, w2_in, s13, s2_in, group)
         want = ref.experts_reference(x.to(dtype), weights, ids, w13, w2, s13, s2, group)
         assert rel_err(got, want) < TOLERANCE[dtype], f"{dtype}: relative error {rel_err(got, want):.2e}"
 
