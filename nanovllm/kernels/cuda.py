@@ -21,7 +21,7 @@ from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, samp
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
-from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton
+from nanovllm.kernels.triton_moe import fp8_supported, fused_moe_triton, moe_experts_triton
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
 
@@ -79,16 +79,18 @@ def _linear(x, weight, bias, silu_mul, weight_scale, group):
 
 
 def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group):
-    if current_options().reference_kernels or x.dtype == torch.float32 or w13_scale is not None:
+    if (current_options().reference_kernels or x.dtype == torch.float32  # fp32 stays with torch, as for linear
+            or w13_scale is not None and not fp8_supported(group, x.shape[1], w2.shape[2])):
         return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
-                                                 group)  # fp32 stays with torch, as for linear
-    return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize)
+                                                 group)
+    return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group)
 
 
 def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group):
-    if current_options().reference_kernels or x.dtype == torch.float32 or w13_scale is not None:
+    if (current_options().reference_kernels or x.dtype == torch.float32
+            or w13_scale is not None and not fp8_supported(group, x.shape[1], w2.shape[2])):
         return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
-    return moe_experts_triton(x, weights, ids, w13, w2)
+    return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
 
 
 def _gumbel_argmax(logits, temperature, seeds, positions):

@@ -1,19 +1,20 @@
-"""The fused MoE on CUDA: routing, then the experts' gate/up GEMM with SiLU-and-multiply fused, then the down GEMM
-with the router weight multiplied in, then the sum over each token's top-k, all with static shapes and grids (no
-host sync, so a step replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
+"""The fused MoE on CUDA: routing, the experts' gate/up GEMM with SiLU-and-multiply fused, the down GEMM with the
+router weight multiplied in, then the sum over each token's top-k; static shapes and grids (no host sync, so a step
+replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
 
-The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``;
-``moe_configs.py`` picks the tiles by rows per expert).  A program of ``_grouped_up_kernel`` takes one block and
-one column tile: it gathers the block's token rows of x (``pair // top_k``), reads the expert's gate and up
-tiles and writes ``silu(gate) * up`` [block_m, block_n] to the block's rows of the intermediate ``[slots, I]``.
-``_grouped_down_kernel`` multiplies those rows by the expert's ``w2`` tile, scales each row by its pair's router
-weight and writes it to the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Blocks
-with no rows (the static padding of the layout) return at once.
-
-Offsets are int64 wherever a row index meets a stride, so sizes past 2**31 elements are safe.  Accumulation is
-float32; the intermediate and the per-pair outputs are stored in x's dtype.  ``w2`` may be a transposed view
-([E, H, I] over [E, I, H] memory, as an expert cache keeps it): a constexpr picks the strided load.
+The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``; ``moe_configs.py``
+picks the tiles).  A program of ``_grouped_up_kernel`` takes one block and one column tile: it gathers the block's
+token rows of x (``pair // top_k``) and writes ``silu(gate) * up`` to the block's rows of the intermediate
+``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2`` tile, scales each row by its router
+weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
+(the layout's static padding) return at once.  Offsets are int64 where a row index meets a stride; accumulation is
+float32; the intermediate and outputs are in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
+memory, as an expert cache keeps it): a constexpr picks the strided load.  FP8 experts (``weight_quant.py``) are
+weight-only: each tile is dequantized in registers into x's dtype (its rows' scales of one group), so a K tile must
+lie inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -38,9 +39,22 @@ def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _grouped_up_kernel(x_ptr, w13_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr, I, H, stride_x,
-                       stride_we, stride_wn, stride_i, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).  An FP8 tile (``GROUP`` >
+    0) is first widened, scaled by its rows' scales (``scale_rows`` [N]) of the group holding column ``k0`` (the
+    tile lies inside it) and rounded to a's dtype, as the twin dequantizes: the dot then still accumulates in place,
+    which scaling each partial product would prevent."""
+    if GROUP > 0:
+        scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
+        w = (w.to(tl.float32) * scale[:, None]).to(a.dtype)
+    return acc + _dot(a, tl.trans(w), DOT_PRECISION)
+
+
+@triton.jit
+def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr, I, H,
+                       stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_i, TOP_K: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -53,6 +67,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, sorted_ptr, block_expert_ptr, block_rows_
     n_mask = offs_n < I
     gate_rows = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
     up_rows = gate_rows + I * stride_wn
+    gate_scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
+    up_scales = gate_scales + I * stride_sn
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -61,18 +77,21 @@ def _grouped_up_kernel(x_ptr, w13_ptr, sorted_ptr, block_expert_ptr, block_rows_
         a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
         w_mask = n_mask[:, None] & k_mask[None, :]
-        acc_gate += _dot(a, tl.trans(tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)), DOT_PRECISION)
-        acc_up += _dot(a, tl.trans(tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)), DOT_PRECISION)
+        gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        acc_gate = _weight_dot(acc_gate, a, gate, gate_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
+        acc_up = _weight_dot(acc_up, a, up, up_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(inter_ptr + slots[:, None] * stride_i + offs_n[None, :], h.to(inter_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def _grouped_down_kernel(inter_ptr, w2_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, weights_ptr, out_ptr, I, H,
-                         stride_i, stride_we, stride_wn, stride_wk, stride_o, W2_STRIDED_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, weights_ptr,
+                         out_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
+                         stride_o, W2_STRIDED_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -83,6 +102,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, sorted_ptr, block_expert_ptr, block_
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     w_rows = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+    scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -94,21 +114,39 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, sorted_ptr, block_expert_ptr, block_
         else:
             w_tile = w_rows + offs_k[None, :]
         w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += _dot(a, tl.trans(w), DOT_PRECISION)
+        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
     acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _launch_args(cfg: MoeConfig, dev: torch.device) -> dict:
-    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **pdl_launch(dev))
+def fp8_block_k(block_k: int, group: int, k: int) -> int | None:
+    """The K tile over ``k`` FP8 columns scaled per ``group``: ``block_k`` where every tile lies inside one group,
+    else the largest power of two dividing both; None where that is below ``tl.dot``'s 16."""
+    if group >= k or group % block_k == 0:
+        return block_k
+    tile = math.gcd(block_k, group)
+    return tile if tile >= 16 else None
+
+
+def fp8_supported(group: int, hidden: int, inter: int) -> bool:
+    """Whether the kernels take FP8 experts of this ``group`` (else the twin must): some tile fits both GEMMs."""
+    return group > 0 and all(fp8_block_k(16, group, k) for k in (hidden, inter))
+
+
+def _scale_args(w: torch.Tensor, scale: torch.Tensor | None, group: int, k: int) -> tuple:
+    """(scale tensor, its three strides) of an FP8 weight [E, N, k], checked; placeholders (w, zeros) otherwise."""
+    if scale is None:
+        return w, 0, 0, 0
+    assert scale.dtype == torch.float32 and scale.shape == (*w.shape[:2], -(-k // group)), "FP8 scale shape"
+    return scale, *scale.stride()
 
 
 def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
-                   w13: torch.Tensor, w2: torch.Tensor, cfg: MoeConfig) -> torch.Tensor:
+                   w13: torch.Tensor, w2: torch.Tensor, cfg: MoeConfig, w13_scale: torch.Tensor | None = None,
+                   w2_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
-    -> [T, H] in x's dtype."""
+    -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group`` (``fp8_supported`` must hold)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -117,37 +155,47 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     dev = x.device
     if num_tokens == 0:
         return torch.zeros_like(x)
-    args = _launch_args(cfg, dev)
+    fp8 = w13_scale is not None
+    group = group if fp8 else 0
+    up_k = fp8_block_k(cfg.block_k, group, hidden) if fp8 else cfg.block_k
+    down_k = fp8_block_k(cfg.block_k, group, inter_size) if fp8 else cfg.block_k
+    assert up_k and down_k, f"no K tile fits FP8 group {group} (fp8_supported)"
+    args = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(dev))
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)
     num_blocks = block_expert.shape[0]
     precision = _dot_precision(x)
     inter = x.new_empty(num_blocks * cfg.block_m, inter_size)
     # Block index runs fastest in the grid, so the programs that read one expert tile run together and share it
     # through L2.
+    s13, *s13_strides = _scale_args(w13, w13_scale, group, hidden)
     _grouped_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
-        x, w13, sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0), w13.stride(0),
-        w13.stride(1), inter.stride(0), TOP_K=top_k, BLOCK_M=cfg.block_m, DOT_PRECISION=precision, **args)
+        x, w13, s13, sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0), w13.stride(0),
+        w13.stride(1), *s13_strides, inter.stride(0), TOP_K=top_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_K=up_k,
+        DOT_PRECISION=precision, **args)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
+    s2, *s2_strides = _scale_args(w2, w2_scale, group, inter_size)
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
-        inter, w2, sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden, inter.stride(0),
-        w2.stride(0), w2.stride(1), w2.stride(2), per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
-        BLOCK_M=cfg.block_m, DOT_PRECISION=precision, **args)
+        inter, w2, s2, sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden, inter.stride(0),
+        w2.stride(0), w2.stride(1), w2.stride(2), *s2_strides, per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
+        GROUP=group, BLOCK_M=cfg.block_m, BLOCK_K=down_k, DOT_PRECISION=precision, **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
 def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
-                     renormalize: bool, cfg: MoeConfig | None = None) -> torch.Tensor:
+                     renormalize: bool, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                     group: int = 0, cfg: MoeConfig | None = None) -> torch.Tensor:
     """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the tiles."""
     cfg = cfg or choose(x.shape[0], top_k, w13.shape[0])
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
-    return experts_triton(x, weights, ids, hist, w13, w2, cfg)
+    return experts_triton(x, weights, ids, hist, w13, w2, cfg, w13_scale, w2_scale, group)
 
 
 def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-                       w2: torch.Tensor) -> torch.Tensor:
+                       w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                       group: int = 0) -> torch.Tensor:
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
     num_experts = w13.shape[0]
     cfg = choose(x.shape[0], ids.shape[1], num_experts)
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
-                          chunk_histogram(ids, num_experts), w13, w2, cfg)
+                          chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group)

@@ -8,8 +8,8 @@ a group boundary.  A block-FP8 checkpoint's ``weight_scale_inv`` per [bn, bk] bl
 ``group = bk``, its rows repeated (``expand_block_scales``); online quantization uses ``GROUP`` columns.
 
 Every op that takes such a weight computes with the dequantized values in the activations' dtype (or wider):
-the twins dequantize first (``dequantize``), the Triton kernels widen each tile in registers and scale the
-partial product of each group.  Quantizing rounds to nearest even after clamping to ±448 (``quantize``).
+the twins dequantize first (``dequantize``); the Triton kernels widen each tile in registers and scale it, or the
+partial product of its group.  Quantizing rounds to nearest even after clamping to ±448 (``quantize``).
 """
 import torch
 
