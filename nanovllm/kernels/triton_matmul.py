@@ -1,21 +1,18 @@
 """Skinny matmuls for decode: ``x[M, K] @ w[N, K].T`` with M (the batch) small, in Triton.
 
-At decode a projection reads its whole weight to produce a few rows, so the matmul is bound by memory, by how
-many SMs it keeps busy and by fixed launch and ramp-up time.  Which shapes and row counts take this kernel, and
-with which configuration, is ``matmul_configs.py``'s table (cuBLAS serves the rest); ``nanovllm::linear``
-dispatches (``cuda.py``).  The kernel tiles the output into small ``BLOCK_M x BLOCK_N`` blocks and, where the output
-has too few blocks to fill the GPU, also splits K (``SPLIT_K``): every split writes an fp32 partial and the last
-split of each output block to finish (counted with an atomic) sums them in a fixed order and writes the result, so
-a launch stays one kernel with no memset and no second pass.  That last split resets the counters, so a launch
-can be captured in a CUDA graph and replayed.
+At decode a projection is bound by memory, SM occupancy and launch time.  Which shapes and row counts take this
+kernel, and with which configuration, is ``matmul_configs.py``'s table (cuBLAS serves the rest).  The kernel tiles
+the output into small ``BLOCK_M x BLOCK_N`` blocks and, where the output has too few blocks to fill the GPU, also
+splits K (``SPLIT_K``): every split writes an fp32 partial and the last split of each output block to finish
+(counted with an atomic) sums them in a fixed order and writes the result, so a launch stays one kernel with no
+memset and no second pass; it resets the counters, so a launch can be replayed in a CUDA graph.
 
-``SILU_MUL`` fuses the MLP's activation: ``w`` is the packed ``[gate; up]`` weight ``[2I, K]`` and the kernel
-writes ``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``.  ``SWAP`` computes the output block transposed (the same
-result).  On Hopper the kernel takes part in programmatic dependent launch (``pdl.py``).
-
-``W_FP8`` reads an FP8 weight (``weight_quant.py``: e4m3 with a float32 scale per row and group of columns) at half
-the bytes of bf16, widens each tile to x's dtype in registers and scales each group's partial product
-(``matmul_configs.choose_fp8`` picks its tiles; BLOCK_K divides the group unless one scale covers a whole split).
+``SILU_MUL`` fuses the MLP's activation: ``w`` is the packed ``[gate; up]`` weight ``[2I, K]`` and the kernel writes
+``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``.  ``SWAP`` computes the output block transposed (the same result).  On
+Hopper the kernel takes part in programmatic dependent launch (``pdl.py``).  ``W_FP8`` reads an FP8 weight
+(``weight_quant.py``: e4m3 with a float32 scale per row and group of columns) at half the bytes of bf16, widens each
+tile to x's dtype in registers and scales each group's partial product (``matmul_configs.choose_fp8`` picks its
+tiles; BLOCK_K divides the group unless one scale covers a whole split).
 """
 import torch
 import triton

@@ -1,19 +1,18 @@
 """One MoE layer's experts in (pinned) host memory behind a device cache of a few of them, and the host's share.
 
 ``ExpertCache(w13, w2, device, slots, pin, scratch, host_share, w13_scale, w2_scale, group)`` keeps the experts on
-the host (``host_w13`` [E, 2I, H]; the down projection transposed, ``host_w2t`` [E, I, H], so any run of intermediate
-rows is contiguous) and ``slots`` of them on the device in the same layout, evicted least recently used.  FP8 experts
-(``kernels/weight_quant.py``) travel with their scales, laid out as their weights (the down scales transposed,
-[E, ceil(I/g), H]).  Copies run on a side stream on CUDA; the compute stream waits on each copy's event.
+the host (``host_w13`` [E, 2I, H]; the down projection transposed, ``host_w2t`` [E, I, H], so any run of
+intermediate rows is contiguous) and ``slots`` of them on the device in the same layout, evicted least recently
+used.  FP8 experts travel with their scales, laid out as their weights.  Copies run on a side stream on CUDA.
 
 ``plan(needed)`` splits a step's experts by ``host_share``: the host takes that share of the non-resident experts'
 work, whole experts from the end of the list, and the expert on the boundary is split at intermediate row ``k``: the
 device copies rows [0, k) into the shared ``SplitScratch`` and computes them, the host rows [k, I).  The two partial
-sums are exact, FP8 too, with ``k`` anywhere in a scale group: the device's columns [0, k) of the down projection take
-groups [0, ceil(k/g)) of its scales, the host dequantizes columns [k, I) with their own groups'.  A split expert does
-not enter the cache.  Counters (``COUNTERS``, per step, layer and needed expert): ``hits``, ``misses`` (copied, split
-or computed on the host), ``bytes_fetched`` (weights and scales copied), ``splits``, ``host_computed`` (in experts),
-``host_seconds`` and ``join_seconds`` (the host waiting for the device's part of the same layer).
+sums are exact, FP8 too, with ``k`` anywhere in a scale group: the device's columns [0, k) of the down projection
+take groups [0, ceil(k/g)) of its scales, the host dequantizes columns [k, I) with their own groups'.  It is not
+cached.  Counters (``COUNTERS``, per step, layer and needed expert): ``hits``, ``misses`` (copied, split or computed
+on the host), ``bytes_fetched`` (weights and scales copied), ``splits``, ``host_computed`` (in experts),
+``host_seconds``, ``join_seconds`` (the host waiting for the device's part of the layer).
 """
 import time
 from collections import OrderedDict

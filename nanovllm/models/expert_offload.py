@@ -7,9 +7,8 @@ asked to offload), moves everything but the experts to ``device`` and gives each
 A step of an offloaded layer routes on the device, reads the chosen experts on the host (one sync per layer) and
 splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
 the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
-from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.
-FP8 experts (``kernels/weight_quant.py``) stay FP8: the slots hold float8 weights with their scales, the device's
-``moe_experts`` takes the slots' scales, and the host dequantizes its own experts.
+from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.  FP8
+experts stay FP8: the slots hold their scales too, and the host dequantizes its own experts.
 
 An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
 known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
