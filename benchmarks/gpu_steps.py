@@ -79,7 +79,6 @@ STEPS = [
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
     Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
-    Step("fp8-matmul", "ours", "own", "module", ("benchmarks.fp8_matmul",)),
     Step("moe-kernel-fp8", "ours", "own", "module", ("benchmarks.moe_kernel", "--fp8", "--tokens", "1,16,64,256,1024,4096")),
     Step("moe-kernel-mixtral", "ours", "own", "module",
          ("benchmarks.moe_kernel", "--shape", "mixtral", "--tokens", "1,16,64,256,1024,4096")),

@@ -35,7 +35,7 @@ def greedy(llm, prompts, n=12):
 
 def fp8_copy(path: str, out: Path) -> str:
     """A float32 copy of checkpoint ``path`` whose quantizable weights are their FP8 values, dequantized."""
-    return fp8_oracle.write_dequantized(path, out, online=True)
+    return fp8_oracle.write_dequantized(path, out, online=torch.float32)
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama", pytest.param("qwen3_moe", marks=pytest.mark.slow),

@@ -96,18 +96,17 @@ def triton_row_limits(device: torch.device) -> list[int]:
     return sorted({max_m for rows in _table(device).values() for max_m, cfg in rows if cfg is not None})
 
 
-FP8_TRITON_MAX_M = 1024  # past this many rows an FP8 projection dequantizes its weight once and runs cuBLAS
+# Past this many rows an FP8 projection dequantizes its weight once and runs cuBLAS: measured on the H100 (the
+# FP8 weights table of docs/PERFORMANCE.md), the kernel below loses to that from 64-128 rows on Qwen3-0.6B shapes.
+FP8_TRITON_MAX_M = 64
 _FP8_MAX_SPLIT = 8
 
 
-# (max_m, tile) in ascending max_m: swapped narrow tiles for decode batches, square ones as M grows; the last also
-# serves larger M where asked (the benchmark), though choose_fp8 stops at FP8_TRITON_MAX_M.  Split K and BLOCK_K
-# are chosen per shape (fp8_config).
-_FP8_TILES = ((16, MatmulConfig(16, 64, 128, swap=True, num_warps=4, num_stages=4)),
-              (32, MatmulConfig(32, 64, 128, swap=True, num_warps=4, num_stages=4)),
-              (64, MatmulConfig(64, 64, 128, num_warps=4, num_stages=4)),
-              (256, MatmulConfig(64, 128, 128, num_warps=4, num_stages=3)),
-              (FP8_TRITON_MAX_M, MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)))
+# (max_m, tile) in ascending max_m, the fastest measured at M = 1, 16 and 64 on Qwen3-0.6B and -8B shapes; the last
+# also serves larger M where asked (the benchmark).  Split K and BLOCK_K are chosen per shape (fp8_config).
+_FP8_TILES = ((16, MatmulConfig(16, 64, 128, num_warps=4, num_stages=4)),
+              (32, MatmulConfig(32, 64, 128, num_warps=4, num_stages=4)),
+              (FP8_TRITON_MAX_M, MatmulConfig(64, 64, 128, num_warps=4, num_stages=4)))
 
 
 def fp8_row_limits() -> list[int]:
@@ -132,8 +131,7 @@ def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int
 
 def fp8_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
     """The FP8 kernel's config for ``m`` rows of an ``[n_out, k]`` output in groups of ``group``, or None if none
-    fits K.  A heuristic, to be replaced by measured entries (``benchmarks/fp8_matmul.py`` times it against the
-    alternatives): a tile by M; split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
+    fits K: the measured tile by M (docs/PERFORMANCE.md, FP8 weights); split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
     blocks than ``num_sms``; the largest BLOCK_K (128, 64, 32, 16) that fits K and the group."""
     tile = next((t for max_m, t in _FP8_TILES if m <= max_m), _FP8_TILES[-1][1])
     blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)

@@ -3,8 +3,9 @@
 ``write_dequantized(src, dst, online)`` copies checkpoint directory ``src`` to ``dst`` with every weight the FP8
 engine holds in float8 replaced by its dequantized value in the checkpoint's float dtype: a block-FP8 checkpoint's
 float8 tensors times their block scales (its ``quantization_config`` dropped), or with ``online`` (the engine's
-``quantization="fp8"``) each decoder-layer projection and expert weight quantized and dequantized as
-``kernels/weight_quant.py`` does (scales per row, so q/k/v or one expert alone give what the packed tensor gives).
+``quantization="fp8"``; the model's dtype, in which the engine quantizes) each decoder-layer projection and expert
+weight cast to it, quantized and dequantized as ``kernels/weight_quant.py`` does (scales per row, so q/k/v or one
+expert alone give what the packed tensor gives).
 Files other than the weights are copied as they are.  One safetensors file or an index of several.
 """
 import json
@@ -17,7 +18,7 @@ from nanovllm.kernels import weight_quant
 from nanovllm.models import fp8_checkpoint
 
 
-def _dequantized(weights: dict, online: bool, block, every: dict) -> dict:
+def _dequantized(weights: dict, online, block, every: dict) -> dict:
     out = {}
     for name, t in weights.items():
         if name.endswith(fp8_checkpoint.SCALE_SUFFIX):
@@ -25,12 +26,13 @@ def _dequantized(weights: dict, online: bool, block, every: dict) -> dict:
         if t.dtype == weight_quant.FP8_DTYPE:
             t = fp8_checkpoint.dequantize(t, every[name + fp8_checkpoint.SCALE_SUFFIX], block)
         elif online and name.startswith("model.layers.") and fp8_checkpoint.quantizable(name, t, []):
+            t = t.to(online)  # the engine quantizes the weights in the model's dtype
             t = weight_quant.dequantize(*weight_quant.quantize(t), weight_quant.GROUP, t.dtype)
         out[name] = t
     return out
 
 
-def write_dequantized(src, dst, online: bool) -> str:
+def write_dequantized(src, dst, online=None) -> str:
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())

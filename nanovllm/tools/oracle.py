@@ -92,7 +92,7 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
     scales = engine_kv_scales(llm)
     del llm
     attention = {} if scales is None else {"attn_implementation": fp8_kv_attention(scales)}
-    with _transformers_checkpoint(model_dir, llm_kwargs.get("quantization")) as hf_dir:
+    with _transformers_checkpoint(model_dir, llm_kwargs.get("quantization"), torch_dtype) as hf_dir:
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, **attention).to(dev).eval()
     verdicts = []
     for prompt, out in zip(prompts, ours):
@@ -102,7 +102,7 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
 
 
 @contextlib.contextmanager
-def _transformers_checkpoint(model_dir: str, quantization: str | None = None):
+def _transformers_checkpoint(model_dir: str, quantization: str | None = None, dtype=torch.float32):
     """``model_dir``, or in a temporary directory: for a MiniCPM checkpoint its Llama equivalent, for FP8 weights
     their dequantized values (``fp8_oracle.py``), or both."""
     from nanovllm.models import fp8_checkpoint
@@ -115,7 +115,8 @@ def _transformers_checkpoint(model_dir: str, quantization: str | None = None):
         return
     with tempfile.TemporaryDirectory(prefix="nanovllm-oracle-") as tmp:
         path = str(minicpm.to_llama(model_dir, f"{tmp}/llama")) if minicpm_model else model_dir
-        yield fp8_oracle.write_dequantized(path, f"{tmp}/fp8", quantization == "fp8") if fp8 else path
+        online = dtype if quantization == "fp8" else None
+        yield fp8_oracle.write_dequantized(path, f"{tmp}/fp8", online) if fp8 else path
 
 
 def main():
