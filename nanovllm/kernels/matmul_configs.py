@@ -103,16 +103,10 @@ _FP8_MAX_SPLIT = 8
 
 
 # (max_m, tile) in ascending max_m, the fastest measured at M = 1, 16 and 64 on Qwen3-0.6B and -8B shapes; the last
-# also serves larger M where asked (the benchmark).  Split K and BLOCK_K are chosen per shape (fp8_config).
+# also serves a larger M (fp8_config, asked directly).  Split K and BLOCK_K are chosen per shape (fp8_config).
 _FP8_TILES = ((16, MatmulConfig(16, 64, 128, num_warps=4, num_stages=4)),
               (32, MatmulConfig(32, 64, 128, num_warps=4, num_stages=4)),
               (FP8_TRITON_MAX_M, MatmulConfig(64, 64, 128, num_warps=4, num_stages=4)))
-
-
-def fp8_row_limits() -> list[int]:
-    """The row counts at which the FP8 kernel's tile changes (ascending): running each once compiles every
-    config an FP8 step of at most that many rows can pick (as ``triton_row_limits`` for the bf16 table)."""
-    return [max_m for max_m, _ in _FP8_TILES]
 
 
 def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int) -> MatmulConfig | None:
