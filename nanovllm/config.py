@@ -237,8 +237,9 @@ def quantization_method(hf_config: dict) -> str | None:
 def check_quantization(hf_config: dict) -> None:
     """Refuse a quantized checkpoint whose ``quantization_config.quant_method`` is not supported, naming it, so
     that its weights are never loaded as if they were unquantized (a vision-language model's may sit in its
-    ``text_config``).  "fp8" is the block-FP8 layout (``models/fp8_checkpoint.py``): ``weight_block_size`` two positive ints, ``fmt`` "e4m3" and
-    ``activation_scheme`` "dynamic" where given; another value of them is refused by name."""
+    ``text_config``).  "fp8" is the block-FP8 layout (``models/fp8_checkpoint.py``): ``weight_block_size`` two
+    positive ints, ``fmt`` "e4m3" and ``activation_scheme`` "dynamic" where given; another value is refused by
+    name."""
     for config in (hf_config, hf_config.get("text_config") or {}):
         quant = config.get("quantization_config")
         if quant is None:

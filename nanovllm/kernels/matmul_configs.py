@@ -8,7 +8,7 @@ capability, then by ``"N_OUT,K,silu"``; each holds ``[max_m, config or null]`` p
 matmul (so fp32 results stay those of torch) and everything when ``KernelOptions.triton_matmul`` is off
 (``NANOVLLM_MATMUL=cublas``).  ``KernelOptions.matmul_table`` (``NANOVLLM_MATMUL_TABLE``) names another table.
 Only the CUDA implementation of ``nanovllm::linear`` (``cuda.py``) asks ``choose``, and for an FP8 weight
-``choose_fp8``, a heuristic by row count until measured entries replace it.
+``choose_fp8``: tiles by row count, measured on the H100 (docs/PERFORMANCE.md, FP8 weights).
 """
 import functools
 import json
@@ -125,7 +125,7 @@ def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int
 
 def fp8_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
     """The FP8 kernel's config for ``m`` rows of an ``[n_out, k]`` output in groups of ``group``, or None if none
-    fits K: the measured tile by M (docs/PERFORMANCE.md, FP8 weights); split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
+    fits K: the measured tile by M; split K, up to ``_FP8_MAX_SPLIT`` ways, while a decode-sized output has fewer
     blocks than ``num_sms``; the largest BLOCK_K (128, 64, 32, 16) that fits K and the group."""
     tile = next((t for max_m, t in _FP8_TILES if m <= max_m), _FP8_TILES[-1][1])
     blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)

@@ -10,9 +10,9 @@ A platform whose graph compiler lowers only ops it knows may also register, per 
 implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
 place of the opaque op while compiling (the NPU platform, ``kernels/npu.py``).  Eager calls take the registered kernel.
 
-Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py``: an FP8 cache's scales, None
-otherwise; ``weight_quant.py``: an FP8 weight's scales and group, None and 0 otherwise): no host sync or data-dependent shapes (graph-capturable); slot -1 is never written; a row with context 0
-gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
+Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py`` and ``weight_quant.py``: FP8
+scales, None otherwise): no host sync or data-dependent shapes (graph-capturable); slot -1 is never written; a row
+with context 0 gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
 """
 from typing import Callable, Optional
 
