@@ -150,7 +150,7 @@ def test_corrupt_entry_is_discarded_with_one_warning_and_rebuilt(built_entry, co
 def _key(**overrides):
     """key_fields of a small config on a fake CPU platform, with one field or argument changed."""
     cfg = SimpleNamespace(hf_config={"hidden_size": 64}, graph_batch_sizes=(1, 2, 4), kvcache_block_size=16,
-                          max_model_len=128, max_num_seqs=4, tensor_parallel_size=1)
+                          max_model_len=128, max_num_seqs=4, tensor_parallel_size=1, online_quantization=None)
     option_values = overrides.pop("options", {"pdl": False})
     options = SimpleNamespace(as_dict=lambda: option_values)
     versions = overrides.pop("versions", {})
@@ -167,7 +167,7 @@ def test_changing_any_key_field_misses(monkeypatch):
     other_platform = SimpleNamespace(name="npu", arch=lambda: "x86_64", options=SimpleNamespace(as_dict=dict),
                                      versions=dict)
     for name, value in [("graph_batch_sizes", (1, 2)), ("dtype", torch.bfloat16), ("num_kv_blocks", 95),
-                        ("kv_dtype", torch.float8_e4m3fn),
+                        ("kv_dtype", torch.float8_e4m3fn), ("online_quantization", "fp8"),
                         ("kvcache_block_size", 32), ("max_model_len", 64), ("max_num_seqs", 8),
                         ("tensor_parallel_size", 2), ("hf_config", {"hidden_size": 128}),
                         ("platform", other_platform), ("options", {"pdl": True}),
