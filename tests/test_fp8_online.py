@@ -135,11 +135,8 @@ def test_two_ranks_equal_one(tmp_path):
                             num_attention_heads=8, num_key_value_heads=2)
     prompts = prompts_of(4, seed=6, max_len=30)
     one = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
-    two = LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
-    try:
+    with LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE) as two:
         assert greedy(two, prompts) == one
-    finally:
-        two.close()
 
 
 def test_the_config_flag_reaches_the_command_line():
