@@ -59,6 +59,15 @@ def build_checkpoint(path, arch: str, seed: int = 0, std: float = 0.08, **overri
     return str(path)
 
 
+@pytest.fixture
+def restore_options():
+    """Put back the kernel options in force (``nanovllm.kernels.options``) after a test that sets others."""
+    from nanovllm.kernels.options import current_options, set_options
+    saved = current_options()
+    yield
+    set_options(saved)
+
+
 @pytest.fixture(scope="session", params=["qwen3", "qwen2", "llama"])
 def tiny_model(request, tmp_path_factory):
     return request.param, build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)

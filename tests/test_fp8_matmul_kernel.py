@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels import matmul_configs, reference, weight_quant  # noqa: E402
 from nanovllm.kernels.matmul_configs import MatmulConfig, choose_fp8, fp8_config  # noqa: E402
-from nanovllm.kernels.options import KernelOptions, current_options, set_options  # noqa: E402
+from nanovllm.kernels.options import KernelOptions, set_options  # noqa: E402
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton  # noqa: E402
 
 CONFIGS = [
@@ -89,13 +89,6 @@ def test_dequantize_triton_is_the_twins_dequantize():
         got = dequantize_triton(w, scale, group, torch.bfloat16)
         torch.testing.assert_close(got, weight_quant.dequantize(w, scale, group, torch.bfloat16), rtol=2 ** -7,
                                    atol=0)
-
-
-@pytest.fixture
-def restore_options():
-    saved = current_options()
-    yield
-    set_options(saved)
 
 
 def test_choose_fp8_picks_a_fitting_config_by_row_count(restore_options):

@@ -8,13 +8,6 @@ from nanovllm.kernels import options as opts
 from nanovllm.kernels.options import KernelOptions, current_options, set_options
 
 
-@pytest.fixture
-def restore_options():
-    saved = current_options()
-    yield
-    set_options(saved)
-
-
 def test_defaults_when_nothing_is_set():
     assert KernelOptions.from_env({}) == KernelOptions()
     assert KernelOptions().as_dict() == {"reference_kernels": False, "triton_matmul": True, "matmul_table": None,

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels import matmul_configs, ops  # noqa: E402
 from nanovllm.kernels.matmul_configs import MatmulConfig  # noqa: E402
-from nanovllm.kernels.options import KernelOptions, current_options, set_options  # noqa: E402
+from nanovllm.kernels.options import KernelOptions, set_options  # noqa: E402
 from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton  # noqa: E402
 
 CONFIGS = [
@@ -75,13 +75,6 @@ def test_config_must_split_k_evenly():
     assert not MatmulConfig(16, 32, 256, split_k=4).fits(8, 1024, 768)
     with pytest.raises(AssertionError, match="cannot run"):
         linear_triton(torch.randn(4, 96), torch.randn(32, 96), None, MatmulConfig(16, 32, 64))
-
-
-@pytest.fixture
-def restore_options():
-    saved = current_options()
-    yield
-    set_options(saved)
 
 
 def test_dispatch_reads_the_table_by_row_count(tmp_path, monkeypatch, restore_options):

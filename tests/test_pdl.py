@@ -15,13 +15,6 @@ from nanovllm.kernels.options import KernelOptions, current_options, set_options
 KERNEL_MODULES = (triton_attention, triton_decode, triton_matmul, triton_rope_store, triton_sampler)
 
 
-@pytest.fixture
-def restore_options():
-    saved = current_options()
-    yield
-    set_options(saved)
-
-
 def test_off_without_cuda_or_when_disabled(restore_options):
     assert not pdl.pdl_enabled(torch.device("cpu"))
     assert pdl.pdl_launch(torch.device("cpu")) == {"PDL": False}  # no launch_pdl: the interpreter never sees it

@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from nanovllm.kernels import ops, sampling
-from nanovllm.kernels.options import KernelOptions, current_options, set_options
+from nanovllm.kernels.options import KernelOptions, current_options
 from nanovllm.platforms import get_platform
-
-
-@pytest.fixture
-def restore_options():
-    saved = current_options()
-    yield
-    set_options(saved)
 
 
 def test_cpu_platform_facts(restore_options):
