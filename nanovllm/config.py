@@ -208,7 +208,7 @@ class EngineConfig:
     def online_quantization(self) -> str | None:
         """The quantization to apply at load time: ``quantization``, unless the checkpoint is already quantized
         and read as it is; dummy weights of a quantized checkpoint's config are quantized as it says."""
-        quant = quantization_method(self.hf_config)
+        quant = (quantization_config(self.hf_config) or {}).get("quant_method")
         if quant is not None and self.load_format != "dummy":
             return None
         return self.quantization or quant
@@ -224,13 +224,11 @@ def engine_fields() -> list:
     return [f for f in fields(EngineConfig) if f.init]
 
 
-def quantization_method(hf_config: dict) -> str | None:
-    """The checkpoint's ``quantization_config.quant_method`` (a vision-language model's may sit in its
-    ``text_config``), or None."""
+def quantization_config(hf_config: dict) -> dict | None:
+    """The checkpoint's ``quantization_config`` (a vision-language model's may sit in its ``text_config``)."""
     for config in (hf_config, hf_config.get("text_config") or {}):
-        quant = config.get("quantization_config")
-        if isinstance(quant, dict):
-            return quant.get("quant_method")
+        if config.get("quantization_config") is not None:
+            return config["quantization_config"]
     return None
 
 

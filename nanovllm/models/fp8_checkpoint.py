@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from nanovllm.config import quantization_config
 from nanovllm.kernels import weight_quant
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
 
@@ -26,14 +27,6 @@ _FP8_DTYPES = ("F8_E4M3",)  # safetensors' dtype names of the float8 weights thi
 def is_float8(f, name: str) -> bool:
     """Whether tensor ``name`` of the open safetensors file ``f`` is stored in float8."""
     return f.get_slice(name).get_dtype() in _FP8_DTYPES
-
-
-def quantization_config(hf_config: dict) -> dict | None:
-    """The checkpoint's ``quantization_config`` (a vision-language model's may sit in its ``text_config``)."""
-    for config in (hf_config, hf_config.get("text_config") or {}):
-        if config.get("quantization_config") is not None:
-            return config["quantization_config"]
-    return None
 
 
 def block_size(hf_config: dict) -> tuple[int, int] | None:
