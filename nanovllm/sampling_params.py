@@ -1,10 +1,74 @@
-"""Per-request sampling settings, validated when they are made."""
+"""Per-request sampling settings, validated when they are made: ``SamplingParams`` and the structured-output
+constraint it may carry (``StructuredOutputsParams``, vLLM's spelling)."""
+import json as _json
 import math
 from dataclasses import dataclass, field
 
 # Alternatives a step can report per sampled token (``logprobs``): a static size, so the tensor the runner reads
 # them from has one shape for every batch.
 MAX_LOGPROBS = 20
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a completion's text, enforced token by token by a grammar (xgrammar): exactly one of
+
+    ``json``: a JSON schema (a dict, or its JSON text) the text must validate against;
+    ``json_object=True``: any JSON object;
+    ``regex``: a regular expression the whole text must match;
+    ``choice``: a list of strings, the text being one of them;
+    ``grammar``: an EBNF grammar (xgrammar's dialect, GBNF-like, with a ``root`` rule).
+    The grammar ends when the constraint is met: the model may then only emit its end-of-sequence token."""
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list | None = None
+    grammar: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise TypeError/ValueError naming the bad field."""
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if not isinstance(self.json_object, bool):
+            raise TypeError(f"json_object must be a bool, got {type(self.json_object).__name__}")
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise TypeError(f"structured_outputs.json must be a JSON schema (dict or str), "
+                            f"got {type(self.json).__name__}")
+        if isinstance(self.json, str):
+            try:
+                _json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"structured_outputs.{name} must be a non-empty str, got {value!r}")
+        if self.choice is not None:
+            if isinstance(self.choice, tuple):
+                self.choice = list(self.choice)
+            if not isinstance(self.choice, list) or not self.choice or \
+                    not all(isinstance(c, str) and c for c in self.choice):
+                raise TypeError(f"structured_outputs.choice must be a non-empty list of non-empty str, "
+                                f"got {self.choice!r}")
+
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what the grammar is compiled from, a hashable cache key."""
+        if self.json is not None:
+            text = self.json if isinstance(self.json, str) else _json.dumps(self.json, sort_keys=True)
+            return "json", text
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", _json.dumps(self.choice)
+        return "grammar", self.grammar
 
 
 @dataclass
@@ -19,6 +83,11 @@ class SamplingParams:
     ``prompt_logprobs=k`` (0 to ``MAX_LOGPROBS``): report, for every prompt token after the first, its
     log-probability given the tokens before it and the ``k`` most likely tokens' there (raw distribution too).  Such
     a request computes its whole prompt: it takes no prefix-cache hit.
+    Penalties, with vLLM's semantics, change the logits before temperature: ``repetition_penalty`` (> 0, 1 is off)
+    divides a positive logit and multiplies a negative one of every token in the prompt or the completion so far;
+    ``frequency_penalty`` (in [-2, 2]) subtracts itself times a token's count in the completion so far, and
+    ``presence_penalty`` (in [-2, 2]) subtracts itself from every token the completion holds.
+    ``structured_outputs``: a ``StructuredOutputsParams`` the completion's text is constrained to.
     """
     temperature: float = 1.0
     top_k: int = -1
@@ -30,6 +99,10 @@ class SamplingParams:
     stop: tuple = field(default_factory=tuple)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         self.stop_token_ids = tuple(self.stop_token_ids)
@@ -84,6 +157,33 @@ class SamplingParams:
                 raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
             if not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not is_num(value):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise TypeError(f"structured_outputs must be a StructuredOutputsParams, "
+                                f"got {type(self.structured_outputs).__name__}")
+            self.structured_outputs.validate()
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when a penalty changes the logits."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def needs_processing(self) -> bool:
+        """True when the step must change this request's logits before sampling (penalties, a grammar)."""
+        return self.has_penalties or self.structured_outputs is not None
 
     @property
     def needs_filter(self) -> bool:

@@ -1,0 +1,105 @@
+"""Structured outputs on the host: a request's ``StructuredOutputsParams`` compiled by xgrammar into a matcher per
+sequence, and the bitmask of the tokens each constrained row may take next.
+
+``check(spec)`` parses the constraint without a tokenizer (milliseconds): a bad schema, regex or grammar raises
+``ValueError`` naming the field, before the request is queued.  ``Grammars`` compiles against the checkpoint's
+tokenizer on a thread pool as requests arrive (xgrammar caches equal constraints), so compiling overlaps the steps
+before the request samples.  JSON is compiled without free whitespace (``", "`` and ``": "`` separators): a small
+model cannot then loop on blank space.  A matcher advances only over resolved tokens; the engine resolves a
+constrained sequence's tokens before it builds the sequence's next mask (``Engine.step``).
+Bit ``i`` of word ``j`` of a row's int32 bitmask allows token ``32 * j + i`` (xgrammar's layout).
+"""
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from nanovllm.sampling_params import StructuredOutputsParams
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:  # an install without it: say what to install
+        raise ImportError("structured outputs need xgrammar: pip install xgrammar") from e
+    return xgrammar
+
+
+def _choice_ebnf(choices: list) -> str:
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _source(xgr, spec: StructuredOutputsParams):
+    """The tokenizer-free ``xgr.Grammar`` of ``spec``."""
+    kind, text = spec.key()
+    if kind == "json":
+        return xgr.Grammar.from_json_schema(text, any_whitespace=False)
+    if kind == "json_object":
+        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+    if kind == "regex":
+        return xgr.Grammar.from_regex(text)
+    if kind == "choice":
+        return xgr.Grammar.from_ebnf(_choice_ebnf(spec.choice))
+    return xgr.Grammar.from_ebnf(text)
+
+
+def check(spec: StructuredOutputsParams) -> None:
+    """Raise ``ValueError`` naming the field if xgrammar cannot parse ``spec``."""
+    xgr = _xgrammar()
+    kind = spec.key()[0]
+    try:
+        _source(xgr, spec)
+    except RuntimeError as e:  # xgrammar's parse errors: "[time] file.cc:line: message"
+        message = str(e).strip().split(": ", 1)[-1] if ".cc:" in str(e) else str(e).strip()
+        raise ValueError(f"structured_outputs.{kind} cannot be compiled: {message}") from None
+
+
+class Grammars:
+    """The engine's compiled grammars: ``start(seq)`` when a constrained request arrives, ``fill`` a step's
+    bitmask rows, ``accept`` each resolved token."""
+
+    def __init__(self, model_dir: str, vocab_size: int, stop_token_ids, threads: int = 8):
+        self.model_dir, self.vocab_size, self.stop_token_ids = model_dir, vocab_size, list(stop_token_ids)
+        self.threads = threads
+        self.words = -(-vocab_size // 32)  # int32 words of a bitmask row
+        self._compiler = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._batch = None
+
+    def _ensure(self):
+        if self._compiler is None:
+            from transformers import AutoTokenizer
+            xgr = _xgrammar()
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=self.threads)
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="nanovllm-grammar")
+            self._batch = xgr.BatchGrammarMatcher(self.threads)
+        return self._compiler
+
+    def compile(self, spec: StructuredOutputsParams) -> Future:
+        """A future of the matcher of ``spec`` (compiled on the pool)."""
+        compiler = self._ensure()
+        xgr = _xgrammar()
+
+        def build():
+            kind, text = spec.key()
+            if kind in ("json", "json_object"):
+                compiled = compiler.compile_json_schema(text if kind == "json" else '{"type": "object"}',
+                                                        any_whitespace=False)
+            elif kind == "regex":
+                compiled = compiler.compile_regex(text)
+            else:
+                compiled = compiler.compile_grammar(_choice_ebnf(spec.choice) if kind == "choice" else text)
+            return xgr.GrammarMatcher(compiled)
+
+        return self._pool.submit(build)
+
+    def fill(self, matchers: list, bitmask: np.ndarray) -> None:
+        """Row ``i`` of ``bitmask`` [>= len(matchers), words] int32 := the tokens ``matchers[i]`` allows next."""
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(len(matchers))))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
