@@ -143,3 +143,16 @@ def test_compiled_cpu_steps_inline_the_logits_processor(restore_options):
         got, code = run_and_get_code(torch.compile(ops.process_logits, fullgraph=True), *args)
     assert not any("nanovllm.process_logits" in c for c in code)
     assert torch.equal(got, process_logits_reference(*args))
+
+
+def test_the_mask_agrees_with_xgrammars_own_masking():
+    xgr = pytest.importorskip("xgrammar")
+    bitmask = xgr.allocate_token_bitmask(3, 70)  # xgrammar's layout: [B, ceil(V / 32)] int32
+    bitmask.copy_(torch.randint(-2**31, 2**31, bitmask.shape, dtype=torch.int64).to(torch.int32))
+    logits = torch.randn(3, 70)
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, bitmask)
+    params = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 3)
+    got = ops.process_logits(logits, torch.arange(3), params, bitmask, torch.zeros(3, 70, dtype=torch.int32),
+                             torch.zeros(3, 70, dtype=torch.bool))
+    assert torch.equal(got, want) and (got == -INF).any()
