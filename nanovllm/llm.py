@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from nanovllm import envs, parallel
 from nanovllm.completion import Completion
 from nanovllm.config import EngineConfig
+from nanovllm.engine import grammar
 from nanovllm.engine.engine import Engine
 from nanovllm.logger import logger
 from nanovllm.multimodal import chat_prompt
@@ -107,6 +108,11 @@ class LLM:
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
             params.validate()
+            if params.structured_outputs is not None:
+                try:
+                    grammar.check(params.structured_outputs)
+                except ValueError as e:
+                    raise ValueError(f"sampling_params[{i}]: {e}") from None
             if params.stop and self.tokenizer is None:
                 raise ValueError(f"sampling_params[{i}] has stop strings but {self.config.model!r} has no tokenizer")
         if self.prompts.images is not None and sum(isinstance(p, dict) for p in prompts) > 1:

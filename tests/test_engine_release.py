@@ -51,7 +51,7 @@ def test_a_dropped_graph_mode_engine_is_freed_without_the_garbage_collector(path
         engine = Engine(EngineConfig(path, **SMALL))
         assert engine.runner.mode == "graph"
         _run(engine)
-        assert engine.runner.executor.logprob_graph_sizes() == [2]
+        assert engine.runner.executor.variant_graph_sizes() == [2]
         held = _held(engine)
         del engine
         assert {name: ref() is None for name, ref in held.items()} == dict.fromkeys(held, True)
@@ -69,7 +69,7 @@ def test_close_releases_the_model_kv_cache_and_graphs_while_the_engine_is_refere
     gc.collect()
     assert held["engine"]() is engine and held["executor"]() is executor  # still referenced here
     assert held["model"]() is None and held["kv"]() is None and held["token_buffer"]() is None
-    assert executor.graphs == {} and executor.compiled is None and executor.logprob_graphs.graphs == {}
+    assert executor.graphs == {} and executor.compiled is None and executor.variant_graphs["logprobs"].graphs == {}
     assert engine.runner.device_bytes() == 0
     engine.add_request([1, 2], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match=r"this engine was closed \(Engine.close\(\)\)"):

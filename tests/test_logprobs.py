@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from conftest import build_checkpoint, check_against_transformers
 from nanovllm import LLM, SamplingParams
 from nanovllm.compile.cache import key_of
-from nanovllm.compile.logprob_graphs import variant_key
+from nanovllm.compile.variant_graphs import variant_key
 
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=48, max_model_len=128)
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [30, 31, 32]]
@@ -46,26 +46,26 @@ def test_the_variant_is_built_when_first_asked_for_then_replayed_per_bucket(grap
     ex = graph_llm.engine.runner.executor
     plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     graph_llm.generate(PROMPTS[:3], plain, use_tqdm=False)
-    assert ex.logprob_graphs.compiled is None and ex.logprob_graph_sizes() == []  # no cost without logprobs
+    assert ex.variant_graphs["logprobs"].compiled is None and ex.variant_graph_sizes() == []  # no cost without logprobs
 
     with_lp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
     graph_llm.generate(PROMPTS[:1], with_lp, use_tqdm=False)
-    assert ex.logprob_graph_sizes() == [2]  # bucket 1 is padded to 2 rows
-    compiled = ex.logprob_graphs.compiled
+    assert ex.variant_graph_sizes() == [2]  # bucket 1 is padded to 2 rows
+    compiled = ex.variant_graphs["logprobs"].compiled
     # its own cache entry, next to the plain step's, which it leaves as it was
-    assert ex.logprob_graphs.cache.key == key_of(variant_key(ex.spec.cache_key)) != ex.cache.key
-    assert ex.logprob_graphs.cache.entry.parent == ex.cache.entry.parent
-    assert (ex.logprob_graphs.cache.entry / "manifest.json").is_file()
+    assert ex.variant_graphs["logprobs"].cache.key == key_of(variant_key(ex.spec.cache_key)) != ex.cache.key
+    assert ex.variant_graphs["logprobs"].cache.entry.parent == ex.cache.entry.parent
+    assert (ex.variant_graphs["logprobs"].cache.entry / "manifest.json").is_file()
 
     # a batch of 3 (bucket 4), with and without logprobs: one variant replay per decode step, nothing compiled
     graphs_before = counters["stats"]["unique_graphs"]
-    ex.logprob_graphs.graph(4)
+    ex.variant_graphs["logprobs"].graph(4)
     plain_runs = _count_runs(monkeypatch, ex.graphs[4])
-    variant_runs = _count_runs(monkeypatch, ex.logprob_graphs.graphs[4])
+    variant_runs = _count_runs(monkeypatch, ex.variant_graphs["logprobs"].graphs[4])
     out = graph_llm.generate(PROMPTS[:3], [with_lp, plain, plain], use_tqdm=False)
     assert len(variant_runs) == 3 and plain_runs == []  # 4 tokens: one from the prefill, 3 decode steps
-    assert counters["stats"]["unique_graphs"] == graphs_before and ex.logprob_graphs.compiled is compiled
-    assert ex.logprob_graph_sizes() == [2, 4] and ex.describe()["logprob_graph_sizes"] == [2, 4]
+    assert counters["stats"]["unique_graphs"] == graphs_before and ex.variant_graphs["logprobs"].compiled is compiled
+    assert ex.variant_graph_sizes() == [2, 4] and ex.describe()["variant_graph_sizes"] == {"logprobs": [2, 4]}
     assert len(out[0]["logprobs"]) == 4 and "logprobs" not in out[1]
 
     graph_llm.generate(PROMPTS[:3], plain, use_tqdm=False)  # without logprobs: the plain graph again

@@ -5,16 +5,13 @@ then reads the tokens of the one launched ``pipeline_depth`` steps before.  A st
 tokens from the device token buffer, so the host never waits for them; with depth d the device has about d - 1
 steps of work left when the host starts on the next one, so a host stall shorter than that costs nothing.  The
 price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth`` steps
-compute a row for it that is thrown away.  A sequence with a grammar (structured outputs) cannot be run ahead: its
-next mask depends on its last token.  While a queued step samples for one, ``step()`` launches nothing and only
-resolves the oldest step, so such a sequence is scheduled again only with its tokens known and its grammar
-advanced over them (``grammar.py``).
+compute a row for it that is thrown away.  A sequence with a grammar cannot run ahead (its next mask needs its last
+token): while a queued step samples for one, ``step()`` only resolves the oldest step and launches nothing.
 
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
-channel.  ``abort(seq)`` ends a request at once, even
-while queued steps still hold its pending tokens, and frees its KV blocks.  ``stats`` counts tokens, steps and
-host and device time (``reset_stats`` lists them).
+channel.  ``abort(seq)`` ends a request at once, even while queued steps still hold its pending tokens, and frees
+its KV blocks.  ``stats`` counts tokens, steps and host and device time (``reset_stats`` lists them).
 """
 import dataclasses
 import time

@@ -7,13 +7,11 @@ Decode rows are padded to the executor's bucket; a prefill step gets a trailing 
 to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the engine reads them later.  A batch in
 which a request asked for logprobs, penalties or a grammar runs that variant of the step (``nanovllm.step.STEPS``,
 compiled like the step; the per-slot rows of penalties and masks are ``logits_slots.py``'s), whose logprobs are
-copied to the slot the same way; other batches run the plain step and pay nothing.  A
-prefill that reaches image tokens (vision-language models) runs eagerly with the extra inputs ``image_step.py``
-builds, and so does a prefill in which a request computes prompt logprobs (``run_step_with_prompt_logprobs``),
-whose prompt rows' logprobs are copied to the slot's ``prompt_logprobs`` in the background.
-
-The token buffer has one row per running sequence (its "token slot", which the scheduler hands out) for its newest
-sampled token, plus a scratch row for padding (``StepInputs``).
+copied to the slot the same way; other batches run the plain step and pay nothing.  A prefill that reaches image
+tokens (vision-language models) runs eagerly with the extra inputs ``image_step.py`` builds, and so does a prefill
+in which a request computes prompt logprobs (``run_step_with_prompt_logprobs``), whose prompt rows' logprobs are
+copied to the slot's ``prompt_logprobs`` in the background.  The token buffer has one row per running sequence
+(its "token slot", which the scheduler hands out) for its newest sampled token, plus a scratch row for padding.
 """
 import functools
 import time
