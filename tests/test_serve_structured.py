@@ -1,6 +1,12 @@
 """Structured outputs and penalties in the server.  Without a server: every spelling of a constraint gives its
 ``StructuredOutputsParams``; bad schemas, regexes, grammars, two constraints at once and lone surrogates are 400s
-naming the field; penalties reach ``SamplingParams``."""
+naming the field; penalties reach ``SamplingParams``.  Through the server on the tiny checkpoint, with the
+``openai`` client: outputs validate, match or are one of the choices, a mixed batch gives each request what it
+gives alone, and penalised greedy picks follow the formula."""
+import asyncio
+import json
+import re
+
 import pytest
 
 pytest.importorskip("pydantic")
@@ -136,3 +142,91 @@ def test_a_lone_surrogate_in_any_text_of_a_request_is_a_400_naming_its_field(end
     with pytest.raises(APIError) as e:
         req.check_unsupported()
     assert e.value.status == 400 and e.value.param == param and "lone surrogate" in e.value.message
+
+
+# --- end to end: the tiny checkpoint's server, driven by the openai client (random weights: the constraint alone
+# makes its outputs well formed, so the schemas bound every string and number for the outputs to end) ---
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from serve_helpers import build_text_checkpoint, running_server
+    model_dir, _ = build_text_checkpoint(tmp_path_factory.mktemp("structured"))
+    with running_server(model_dir, tmp_path_factory.mktemp("log"), "--served-model-name", "tiny",
+                        enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=256, max_model_len=512,
+                        max_num_seqs=8) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_json_schema_outputs_validate_streamed_or_not(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, response_format=fmt, temperature=0,
+                                           max_tokens=64)
+    text = reply.choices[0].message.content
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert reply.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=MESSAGES, response_format=fmt, temperature=0, max_tokens=64, stream=True)
+        if c.choices]
+    assert "".join(pieces) == text
+    sampled = client.completions.create(model="tiny", prompt="hi", n=3, seed=1, temperature=1.0, max_tokens=64,
+                                        extra_body={"guided_json": SCHEMA})
+    for choice in sampled.choices:
+        jsonschema.validate(json.loads(choice.text), SCHEMA)
+
+
+def test_json_object_regex_choice_and_grammar_hold(client):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, response_format={"type": "json_object"},
+                                           temperature=0, max_tokens=64)
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    regex = "[a-z]{2,6}@[a-z]{2,6}\\.(com|org)"
+    got = client.completions.create(model="tiny", prompt="mail: ", temperature=0.8, seed=3, n=2, max_tokens=32,
+                                    extra_body={"structured_outputs": {"regex": regex}})
+    assert all(re.fullmatch(regex, c.text) and c.finish_reason == "stop" for c in got.choices), got.choices
+    choices = ["Paris", "London", "Rome"]
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=8,
+                                           extra_body={"guided_choice": choices})
+    assert reply.choices[0].message.content in choices
+    grammar = 'root ::= "one" (", " ("two" | "three"))*'
+    got = client.completions.create(model="tiny", prompt="count: ", temperature=0, max_tokens=24,
+                                    extra_body={"structured_outputs": {"grammar": grammar}})
+    assert re.fullmatch("one(, (two|three))*", got.choices[0].text), got.choices[0].text
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gives_alone(client):
+    bodies = [dict(prompt="hi", extra_body={"guided_json": SCHEMA}), dict(prompt="The quick brown fox"),
+              dict(prompt="mail: ", extra_body={"guided_regex": "[a-z]{2,8}"}),
+              dict(prompt="Hello world", frequency_penalty=1.5, presence_penalty=0.5),
+              dict(prompt="Paris is", extra_body={"repetition_penalty": 1.3, "guided_choice": ["yes", "no"]})]
+    alone = [client.completions.create(model="tiny", temperature=0, max_tokens=24, **b).choices[0].text
+             for b in bodies]
+
+    async def together():
+        async with openai.AsyncOpenAI(base_url=str(client.base_url), api_key="unused", max_retries=0,
+                                      timeout=120) as aclient:
+            replies = await asyncio.gather(*(aclient.completions.create(model="tiny", temperature=0, max_tokens=24,
+                                                                        **b) for b in bodies))
+        return [r.choices[0].text for r in replies]
+
+    assert asyncio.run(together()) == alone
+
+
+def test_penalties_change_greedy_output_as_their_formula_says(client):
+    """Greedy under frequency and presence penalties picks, at each step, the token whose raw logprob less the
+    penalty of its count in the completion so far is highest (checked where the top 5 decide it)."""
+    plain = client.completions.create(model="tiny", prompt=[5, 6, 7], temperature=0, max_tokens=24,
+                                      extra_body={"ignore_eos": True})
+    got = client.completions.create(model="tiny", prompt=[5, 6, 7], temperature=0, max_tokens=24, logprobs=5,
+                                    frequency_penalty=1.0, presence_penalty=0.5, extra_body={"ignore_eos": True})
+    assert got.choices[0].text != plain.choices[0].text  # the penalties bite on this repetitive model
+    lp = got.choices[0].logprobs
+    counts: dict[str, int] = {}
+    for token, top in zip(lp.tokens, lp.top_logprobs):
+        scores = {t: v - 1.0 * counts.get(t, 0) - 0.5 * (counts.get(t, 0) > 0) for t, v in top.items()}
+        fifth = sorted(top.values(), reverse=True)[min(4, len(top) - 1)]  # (top holds the chosen token too)
+        if max(scores.values()) >= fifth:  # nothing outside the top 5 can beat it
+            assert scores[token] == pytest.approx(max(scores.values()), abs=1e-4), (token, scores)
+        counts[token] = counts.get(token, 0) + 1
