@@ -1,18 +1,20 @@
 """Warm the compile cache ahead of time, or inspect and clear it.
 
     python -m nanovllm.precompile --model PATH [any LLM(...) option as a flag, e.g. --graph-batch-sizes 16,32]
-                                  [--logprobs]
+                                  [--variants logprobs processed ...]
     python -m nanovllm.precompile --list
     python -m nanovllm.precompile --clear
 
 Warming builds ``LLM(...)`` with the same arguments, so it fills exactly the entry that a later ``LLM(...)``
-with those arguments looks up, and prints the per-bucket compile times and the total.  ``--logprobs`` also builds
-the step's logprobs variant for every bucket (otherwise built, and cached, when a request first asks for logprobs).
+with those arguments looks up, and prints the per-bucket compile times and the total.  ``--variants`` also builds
+those variants of the step for every bucket (``nanovllm.step.VARIANTS``: logprobs; processed, for penalties and
+structured outputs; processed_logprobs), which are otherwise built, and cached, when a request first needs one.
 """
 import argparse
 import time
 
 from nanovllm.cli import add_engine_args, engine_kwargs
+from nanovllm.step import VARIANTS
 
 
 def main(argv=None):
@@ -20,7 +22,8 @@ def main(argv=None):
     p.add_argument("--model", help="HF checkpoint directory")
     p.add_argument("--list", action="store_true", help="list cache entries (key fields, size, age)")
     p.add_argument("--clear", action="store_true", help="remove every cache entry")
-    p.add_argument("--logprobs", action="store_true", help="also build the logprobs variant of every bucket")
+    p.add_argument("--variants", nargs="+", default=[], choices=VARIANTS,
+                   help="also build these variants of the step for every bucket")
     add_engine_args(p)
     args = p.parse_args(argv)
     from nanovllm.compile import cache
@@ -50,10 +53,11 @@ def main(argv=None):
     entry = executor.cache
     print(f"total: {time.perf_counter() - start:.1f} s for LLM(...) init, {executor.compile_seconds:.1f} s of it "
           f"compiling; cache {d['compile_cache']}; step {d['step_origin']}; key {entry.key} at {entry.entry}")
-    if args.logprobs:
+    for variant in args.variants:
         start = time.perf_counter()
-        executor.build_logprob_graphs()
-        print(f"logprobs variant: {time.perf_counter() - start:.1f} s for buckets {executor.logprob_graph_sizes()}")
+        executor.build_variant_graphs(variant)
+        print(f"{variant} variant: {time.perf_counter() - start:.1f} s for buckets "
+              f"{executor.variant_graph_sizes(variant)}")
 
 
 if __name__ == "__main__":

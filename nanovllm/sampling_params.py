@@ -60,7 +60,7 @@ class StructuredOutputsParams:
     def key(self) -> tuple[str, str]:
         """(kind, text): what the grammar is compiled from, a hashable cache key."""
         if self.json is not None:
-            text = self.json if isinstance(self.json, str) else _json.dumps(self.json, sort_keys=True)
+            text = self.json if isinstance(self.json, str) else _json.dumps(self.json)  # property order matters
             return "json", text
         if self.json_object:
             return "json_object", ""

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     calls = []
     for name in ("store_kv_triton", "decode_attention_triton", "prefill_attention_triton", "rope_store_kv_triton",
                  "linear_triton", "silu_mul_triton", "fused_moe_triton", "moe_experts_triton",
-                 "gumbel_argmax_triton"):
+                 "process_logits_triton", "gumbel_argmax_triton"):
         def spy(*args, _name=name, _fn=getattr(cuda, name)):
             calls.append(_name)
             return _fn(*args)
@@ -65,6 +65,10 @@ SCRIPT = textwrap.dedent('''
         routed = (torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.5, 0.5]]), torch.tensor([[1, 3], [0, 2], [3, 3]]))
         out["experts_bf16"] = ops.moe_experts(moe[0].to(torch.bfloat16), *routed, moe[2].to(torch.bfloat16),
                                               moe[3].to(torch.bfloat16))
+        params = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 1.2, 0.5, 0.5]])
+        out["logits"] = ops.process_logits(torch.randn(3, 500).to(torch.bfloat16), torch.tensor([1, 0, 1]), params,
+                                           torch.randint(-2**31, 2**31 - 1, (2, 16), dtype=torch.int32),
+                                           torch.randint(0, 3, (2, 500), dtype=torch.int32), torch.rand(2, 500) < 0.5)
         out["sample"] = ops.gumbel_argmax(torch.randn(3, 500), torch.tensor([0.0, 1.0, 0.5]), torch.arange(3),
                                           torch.arange(3))
         out["k"], out["v"] = k, v
@@ -81,7 +85,7 @@ SCRIPT = textwrap.dedent('''
     print("REFERENCE", sorted(calls))
     for key in fast:
         a, b = fast[key].float(), twin[key].float()
-        tol = 0 if key in ("k", "v", "sample") else 2e-2
+        tol = 0 if key in ("k", "v", "sample", "logits") else 2e-2
         assert torch.allclose(a, b, rtol=tol, atol=tol), key
     print("AGREE")
 ''')
@@ -97,7 +101,8 @@ def test_cuda_kernels_route_by_shape_and_options():
     assert eval(lines["TRITON"]) == sorted([
         "decode_attention_triton", "prefill_attention_triton", "store_kv_triton",
         "rope_store_kv_triton", "store_kv_triton",  # bf16 rope: fused; fp32: torch rope, then the store kernel
-        "silu_mul_triton", "fused_moe_triton", "moe_experts_triton", "gumbel_argmax_triton"])  # fp32 linear
+        "silu_mul_triton", "fused_moe_triton", "moe_experts_triton", "process_logits_triton",
+        "gumbel_argmax_triton"])  # fp32 linear
     # and MoE stay torch
     assert eval(lines["REFERENCE"]) == []
     assert "AGREE" in proc.stdout

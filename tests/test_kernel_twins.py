@@ -1,12 +1,13 @@
-"""The pure-PyTorch twins (nanovllm/kernels/reference.py, sampling.py): exact against a naive oracle, blind to what
-the cache holds past a context, and free of host synchronisation and data-dependent shapes, proven by tracing
-each one with fake tensors (``make_fx``) and with Dynamo under ``fullgraph=True``."""
+"""The pure-PyTorch twins (nanovllm/kernels/reference.py, logits.py, sampling.py): exact against a naive oracle,
+blind to what the cache holds past a context, and free of host synchronisation and data-dependent shapes, proven by
+tracing each one with fake tensors (``make_fx``) and with Dynamo under ``fullgraph=True``."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import moe_reference
 from nanovllm.kernels import reference as ref
 from nanovllm.kernels import sampling
@@ -137,6 +138,10 @@ def _twin_calls():
         ("fused_moe", moe_reference.fused_moe_reference, (torch.randn(5, 8), torch.randn(5, 4), torch.randn(4, 12, 8),
                                                           torch.randn(4, 8, 6), 2, True)),
         ("moe_align", moe_reference.align_reference, (torch.randint(0, 4, (5, 2)), 4, 4)),
+        ("process_logits", logits_twin.process_logits_reference,
+         (logits, torch.tensor([1, 0, 1]), torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 1.2, 0.5, 0.5]]),
+          torch.tensor([[-1, 7], [5, -2**31]], dtype=torch.int32), torch.randint(0, 3, (2, 50), dtype=torch.int32),
+          torch.rand(2, 50) < 0.5)),
         ("gumbel_argmax", sampling.gumbel_argmax_reference, (logits, temp, seeds, positions)),
         ("filtered", sampling.filtered_gumbel_argmax, (logits, temp, torch.tensor([-1, 3, 5]),
                                                        torch.tensor([1.0, 0.9, 0.5]), seeds, positions)),

@@ -1,11 +1,11 @@
 """The executor contract: ``Executor.run`` launches one step of a scheduled batch, in as many parts as its shapes need.
 
-An executor sees only an ``ExecutorSpec``: the step function (``nanovllm.step.make_step``) and its logprobs variant,
-the platform, the shapes it must serve and builders of all-padding inputs.  ``run`` takes the step's kind and size
-and two callbacks of the runner: ``build(part)`` returns the inputs of one ``Part`` (a decode chunk of at most the
-largest bucket, or the whole prefill), padded to ``part.shape`` and written into ``part.target`` (a captured graph's
-static buffers) when it has one; ``emit(outputs, inputs, part)`` takes that part's outputs (tokens, logits, None or
-(values, ids)) and runs before the next part is launched, whose replay may overwrite them.
+An executor sees only an ``ExecutorSpec``: the step function (``nanovllm.step.make_step``) and its variants, the
+platform, the shapes it must serve and builders of all-padding inputs.  ``run`` takes the step's kind, size and
+variant and two callbacks of the runner: ``build(part)`` returns the inputs of one ``Part`` (a decode chunk of at
+most the largest bucket, or the whole prefill), padded to ``part.shape`` and written into ``part.target`` (a
+captured graph's static buffers) when it has one; ``emit(outputs, inputs, part)`` takes that part's outputs
+(``step_outputs``) and runs before the next part is launched, whose replay may overwrite them.
 
 Subclasses say how a step is padded (``decode_chunks``, ``padded_rows``, ``prefill_shape``, ``static_inputs``) and
 how a part runs (``run_decode``, ``run_prefill``); the padding defaults here pad nothing.
@@ -21,7 +21,7 @@ from nanovllm.step import StepInputs
 @dataclass(frozen=True)
 class ExecutorSpec:
     step: Callable  # make_step(model, kv_caches, token_buffer): StepInputs -> (tokens, logits)
-    logprob_step: Callable  # make_step(..., logprobs=True): StepInputs -> (tokens, logits, values, ids)
+    variants: dict  # name -> make_step(..., variant=name) (nanovllm.step.STEPS)
     platform: object  # nanovllm.platforms.base.Platform
     graph_batch_sizes: tuple[int, ...]
     prefill_graph_sizes: tuple[int, ...] | None  # None: the platform's default
@@ -42,30 +42,37 @@ class Part(NamedTuple):
 
 
 def step_outputs(out: tuple) -> tuple:
-    """(tokens, logits, None or (values, ids)) of a plain or logprobs step's outputs."""
-    return (*out, None) if len(out) == 2 else (out[0], out[1], (out[2], out[3]))
+    """(tokens, logits, None or (values, ids), None or the raw logits) of the outputs of the step or a variant
+    (``nanovllm.step.STEPS``): a processed variant's logits are those it sampled from, its raw logits the model's."""
+    logprobs = (out[2], out[3]) if len(out) >= 4 else None
+    raw = out[-1] if len(out) in (3, 5) else None
+    return out[0], out[1], logprobs, raw
 
 
 class Executor:
     mode: str
 
     def __init__(self, spec: ExecutorSpec):
-        self.step, self.logprob_step = spec.step, spec.logprob_step
+        self.step, self.variants = spec.step, dict(spec.variants)
         self.buckets: tuple[int, ...] | None = None
 
+    def step_of(self, variant: str | None):
+        """The uncompiled step function of ``variant`` (None: the plain step)."""
+        return self.step if variant is None else self.variants[variant]
+
     def run(self, *, prefill: bool, rows: int, tokens: int, build: Callable[[Part], StepInputs],
-            emit: Callable[[tuple, StepInputs, Part], None], logprobs: bool = False) -> None:
-        """Launch a step of ``rows`` sequences and ``tokens`` tokens (module docstring); ``logprobs``: run the
-        variant that also returns the step's logprobs."""
+            emit: Callable[[tuple, StepInputs, Part], None], variant: str | None = None) -> None:
+        """Launch a step of ``rows`` sequences and ``tokens`` tokens (module docstring); ``variant``: run that
+        variant of the step instead (a key of ``ExecutorSpec.variants``)."""
         if prefill:
             part = Part(0, 0, rows, *self.prefill_shape(tokens))
             inputs = build(part)
-            emit(self.run_prefill(inputs, logprobs), inputs, part)
+            emit(self.run_prefill(inputs, variant), inputs, part)
             return
         for index, (start, live, padded) in enumerate(self.decode_chunks(rows)):
-            part = Part(index, start, live, (padded, padded), self.static_inputs(padded, logprobs))
+            part = Part(index, start, live, (padded, padded), self.static_inputs(padded, variant))
             inputs = build(part)
-            emit(self.run_decode(inputs, padded, logprobs), inputs, part)
+            emit(self.run_decode(inputs, padded, variant), inputs, part)
 
     @staticmethod
     def padded_rows(bucket: int) -> int:
@@ -79,9 +86,9 @@ class Executor:
         return [(start, rows, self.padded_rows(pick_bucket(rows, self.buckets)))
                 for start, rows in split_batch(n, self.buckets)]
 
-    def static_inputs(self, padded_rows: int, logprobs: bool = False) -> StepInputs | None:
-        """The buffers the captured graph of this decode step reads (the logprobs variant's with ``logprobs``),
-        for the runner to fill directly; None when there are none."""
+    def static_inputs(self, padded_rows: int, variant: str | None = None) -> StepInputs | None:
+        """The buffers the captured graph of this decode step (of ``variant``) reads, for the runner to fill
+        directly; None when there are none."""
         return None
 
     def prefill_shape(self, num_tokens: int) -> tuple[tuple[int, int] | None, StepInputs | None]:
@@ -89,11 +96,11 @@ class Executor:
         unpadded (one trailing padding sequence of one token), into new inputs."""
         return None, None
 
-    def run_decode(self, inputs: StepInputs, padded_rows: int, logprobs: bool = False) -> tuple:
+    def run_decode(self, inputs: StepInputs, padded_rows: int, variant: str | None = None) -> tuple:
         """The outputs of one decode part, ``inputs`` padded to ``padded_rows`` (``step_outputs``)."""
         raise NotImplementedError
 
-    def run_prefill(self, inputs: StepInputs, logprobs: bool = False) -> tuple:
+    def run_prefill(self, inputs: StepInputs, variant: str | None = None) -> tuple:
         """The outputs of a prefill step (``step_outputs``)."""
         raise NotImplementedError
 
@@ -101,17 +108,17 @@ class Executor:
         """Whether every prefill step runs in a prefill graph, so that start-up need not warm the other path."""
         return False
 
-    def logprob_graph_sizes(self) -> list[int]:
-        """The decode buckets whose logprobs variant has been built so far."""
+    def variant_graph_sizes(self, variant: str = "logprobs") -> list[int]:
+        """The decode buckets whose graph of ``variant`` has been built so far."""
         return []
 
-    def build_logprob_graphs(self) -> None:
-        """Build the logprobs variant of every decode bucket now, rather than when first asked for."""
+    def build_variant_graphs(self, variant: str = "logprobs") -> None:
+        """Build ``variant``'s graph of every decode bucket now, rather than when first asked for."""
 
     def describe(self) -> dict:
         return {"mode": self.mode, "prefill_graph_sizes": [], "compile_cache": None, "step_origin": None,
-                "logprob_graph_sizes": []}
+                "variant_graph_sizes": {}}
 
     def close(self) -> None:
         """Drop the step functions and everything built from them (idempotent); the executor cannot run after."""
-        self.step = self.logprob_step = None
+        self.step, self.variants = None, {}

@@ -6,8 +6,8 @@ from nanovllm.step import StepInputs
 class EagerExecutor(Executor):
     mode = "eager"
 
-    def run_decode(self, inputs: StepInputs, padded_rows: int, logprobs: bool = False) -> tuple:
-        return step_outputs((self.logprob_step if logprobs else self.step)(inputs))
+    def run_decode(self, inputs: StepInputs, padded_rows: int, variant: str | None = None) -> tuple:
+        return step_outputs(self.step_of(variant)(inputs))
 
-    def run_prefill(self, inputs: StepInputs, logprobs: bool = False) -> tuple:
-        return step_outputs((self.logprob_step if logprobs else self.step)(inputs))
+    def run_prefill(self, inputs: StepInputs, variant: str | None = None) -> tuple:
+        return step_outputs(self.step_of(variant)(inputs))

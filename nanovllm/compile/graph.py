@@ -5,7 +5,7 @@ graph mode compiles once: the token and sequence counts are symbolic, and each d
 (``prefill_graphs.py``) is captured from that one compiled step.  A prefill no graph holds calls the compiled step
 directly, at whatever size it has.  Decode parts are padded to their bucket (at least 2 rows, since the compiler
 specialises a size of 1) and built straight into the captured graph's static inputs.  After start-up only the
-logprobs variant of the step is compiled, lazily (``logprob_graphs.py``): every call runs under
+variants of the step are compiled, lazily (``variant_graphs.py``): every call runs under
 ``torch.compiler.set_stance("fail_on_recompile")``, and a step loaded from the compile cache (``saved_step.py``)
 raises on inputs its guards reject instead of compiling.
 """
@@ -18,7 +18,7 @@ from nanovllm import envs
 from nanovllm.compile.base import Executor, ExecutorSpec, step_outputs
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.cache import CompileCache, cache_disabled
-from nanovllm.compile.logprob_graphs import LogprobGraphs
+from nanovllm.compile.variant_graphs import VariantGraphs
 from nanovllm.compile.prefill_graphs import PrefillGraphs, default_prefill_sizes
 from nanovllm.compile.saved_step import compiled_step
 from nanovllm.kernels.matmul_configs import triton_row_limits
@@ -51,7 +51,8 @@ class GraphExecutor(Executor):
         pool = platform.graph_pool()
         sizes = sorted({self.padded_rows(b) for b in self.buckets}, reverse=True)
         self.cache = CompileCache(spec.cache_key)
-        self.logprob_graphs = LogprobGraphs(spec, pool, self.padded_rows, self.cache.root)
+        self.variant_graphs = {name: VariantGraphs(spec, name, pool, self.padded_rows, self.cache.root)
+                               for name in spec.variants}
         # Floats read by the traced code (norm eps, rope factors) stay constants: when a second engine in the
         # process has other values, Dynamo would otherwise turn them into graph inputs on recompiling, which
         # nested compile regions cannot take.  Sizes are made symbolic explicitly (``saved_step.mark_dynamic``).
@@ -81,13 +82,13 @@ class GraphExecutor(Executor):
     def describe(self) -> dict:
         return {"mode": self.mode, "prefill_graph_sizes": list(self.prefill_graphs.sizes),
                 "compile_cache": self._cache_state(), "step_origin": self.step_origin,
-                "logprob_graph_sizes": self.logprob_graph_sizes()}
+                "variant_graph_sizes": {name: sorted(v.graphs) for name, v in self.variant_graphs.items() if v.graphs}}
 
-    def logprob_graph_sizes(self) -> list[int]:
-        return sorted(self.logprob_graphs.graphs)
+    def variant_graph_sizes(self, variant: str = "logprobs") -> list[int]:
+        return sorted(self.variant_graphs[variant].graphs)
 
-    def build_logprob_graphs(self) -> None:
-        self.logprob_graphs.build_all(self.buckets)
+    def build_variant_graphs(self, variant: str = "logprobs") -> None:
+        self.variant_graphs[variant].build_all(self.buckets)
 
     def _prefill_sizes(self) -> tuple[int, ...]:
         spec = self.spec
@@ -117,11 +118,11 @@ class GraphExecutor(Executor):
             if rows >= limit:
                 break
 
-    def _graph(self, padded_rows: int, logprobs: bool) -> BucketGraph:
-        return self.logprob_graphs.graph(padded_rows) if logprobs else self.graphs[padded_rows]
+    def _graph(self, padded_rows: int, variant: str | None) -> BucketGraph:
+        return self.graphs[padded_rows] if variant is None else self.variant_graphs[variant].graph(padded_rows)
 
-    def static_inputs(self, padded_rows: int, logprobs: bool = False) -> StepInputs | None:
-        graph = self._graph(padded_rows, logprobs)  # (builds the logprobs variant's graph the first time)
+    def static_inputs(self, padded_rows: int, variant: str | None = None) -> StepInputs | None:
+        graph = self._graph(padded_rows, variant)  # (builds the variant's graph the first time)
         return graph.static_inputs if graph.graph is not None else None
 
     @staticmethod
@@ -129,15 +130,15 @@ class GraphExecutor(Executor):
         return max(bucket, 2)
 
     @torch.inference_mode()
-    def run_decode(self, inputs: StepInputs, padded_rows: int, logprobs: bool = False) -> tuple:
-        graph = self._graph(padded_rows, logprobs)  # the variant's is built here, before the stance
+    def run_decode(self, inputs: StepInputs, padded_rows: int, variant: str | None = None) -> tuple:
+        graph = self._graph(padded_rows, variant)  # the variant's is built here, before the stance
         with torch.compiler.set_stance("fail_on_recompile"):
             return step_outputs(graph.run(inputs))
 
     @torch.inference_mode()
-    def run_prefill(self, inputs: StepInputs, logprobs: bool = False) -> tuple:
-        if logprobs:  # uncaptured, at the size the runner padded to
-            compiled = self.logprob_graphs.compiled_step()
+    def run_prefill(self, inputs: StepInputs, variant: str | None = None) -> tuple:
+        if variant is not None:  # uncaptured, at the size the runner padded to
+            compiled = self.variant_graphs[variant].compiled_step()
             with torch.compiler.set_stance("fail_on_recompile"):
                 return step_outputs(compiled(inputs))
         with torch.compiler.set_stance("fail_on_recompile"):
@@ -148,7 +149,8 @@ class GraphExecutor(Executor):
         super().close()
         self.graphs.clear()
         self.prefill_graphs.graphs.clear()
-        self.logprob_graphs.close()
+        for graphs in self.variant_graphs.values():
+            graphs.close()
         self.compiled = self.spec = None
 
 

@@ -11,8 +11,8 @@ The step's bound objects (``make_step``: model, KV cache, token buffer) are gath
 one method per bucket, each with a code object of its own: torchair's compile cache (``cache_compile``) caches a
 method of an ``nn.Module``, traced once, and Dynamo keeps its compiled entries per code object.  The compiler's
 own artifacts go to the compile-cache entry's ``platform/`` directory (``CompileCache.platform_dir``), under
-nanovllm's key, lock and checksums.  The logprobs variant of a bucket is compiled the first time a batch of that
-bucket asks for logprobs, into a ``StepModule`` of its own (``logprob_graphs.StaticLogprobGraphs``).
+nanovllm's key, lock and checksums.  A variant of a bucket (logprobs, processed logits) is compiled the first time
+a batch of that bucket asks for it, into a ``StepModule`` of its own (``variant_graphs.StaticVariantGraphs``).
 """
 import functools
 import time
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from nanovllm.compile.base import Executor, ExecutorSpec, step_outputs
 from nanovllm.compile.bucket_graph import BucketGraph
 from nanovllm.compile.cache import CompileCache, cache_disabled
-from nanovllm.compile.logprob_graphs import StaticLogprobGraphs
+from nanovllm.compile.variant_graphs import StaticVariantGraphs
 from nanovllm.logger import logger
 
 
@@ -75,7 +75,8 @@ class StaticGraphExecutor(Executor):
         self.graphs: dict[int, BucketGraph] = {}
         start = time.perf_counter()
         self.cache = CompileCache(spec.cache_key)
-        self.logprob_graphs = StaticLogprobGraphs(spec, StepModule(spec.logprob_step), self.cache.root)
+        self.variant_graphs = {name: StaticVariantGraphs(spec, name, StepModule(step), self.cache.root)
+                               for name, step in spec.variants.items()}
         with self.cache.activate(), torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
             for size in tqdm(sorted(set(self.buckets), reverse=True), desc="Compiling decode buckets",
                              dynamic_ncols=True):
@@ -94,25 +95,27 @@ class StaticGraphExecutor(Executor):
 
     def describe(self) -> dict:
         return {"mode": self.mode, "prefill_graph_sizes": [], "compile_cache": self._cache_state(),
-                "step_origin": "static", "logprob_graph_sizes": self.logprob_graph_sizes()}
+                "step_origin": "static",
+                "variant_graph_sizes": {name: sorted(v.graphs) for name, v in self.variant_graphs.items() if v.graphs}}
 
-    def logprob_graph_sizes(self) -> list[int]:
-        return sorted(self.logprob_graphs.graphs)
+    def variant_graph_sizes(self, variant: str = "logprobs") -> list[int]:
+        return sorted(self.variant_graphs[variant].graphs)
 
-    def build_logprob_graphs(self) -> None:
-        self.logprob_graphs.build_all(self.buckets)
+    def build_variant_graphs(self, variant: str = "logprobs") -> None:
+        self.variant_graphs[variant].build_all(self.buckets)
 
     @torch.inference_mode()
-    def run_decode(self, inputs, padded_rows: int, logprobs: bool = False):
-        graph = self.logprob_graphs.graph(padded_rows) if logprobs else self.graphs[padded_rows]
+    def run_decode(self, inputs, padded_rows: int, variant: str | None = None):
+        graph = self.graphs[padded_rows] if variant is None else self.variant_graphs[variant].graph(padded_rows)
         with torch.compiler.set_stance("fail_on_recompile"):
             return step_outputs(graph.run(inputs))
 
-    def run_prefill(self, inputs, logprobs: bool = False):  # eagerly (module docstring)
-        return step_outputs((self.logprob_step if logprobs else self.step)(inputs))
+    def run_prefill(self, inputs, variant: str | None = None):  # eagerly (module docstring)
+        return step_outputs(self.step_of(variant)(inputs))
 
     def close(self) -> None:
         super().close()
         self.graphs.clear()
-        self.logprob_graphs.close()
+        for graphs in self.variant_graphs.values():
+            graphs.close()
         self.module.release()

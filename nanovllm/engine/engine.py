@@ -5,7 +5,10 @@ then reads the tokens of the one launched ``pipeline_depth`` steps before.  A st
 tokens from the device token buffer, so the host never waits for them; with depth d the device has about d - 1
 steps of work left when the host starts on the next one, so a host stall shorter than that costs nothing.  The
 price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth`` steps
-compute a row for it that is thrown away.
+compute a row for it that is thrown away.  A sequence with a grammar (structured outputs) cannot be run ahead: its
+next mask depends on its last token.  While a queued step samples for one, ``step()`` launches nothing and only
+resolves the oldest step, so such a sequence is scheduled again only with its tokens known and its grammar
+advanced over them (``grammar.py``).
 
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
@@ -24,10 +27,13 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.outputs import SequenceOutput, StepResult
 from nanovllm.engine.pipeline import StepPipeline
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import ImageInputs, Sequence
 from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
+
+
+_EMPTY = ScheduledBatch([], [], False)  # what ``step()`` launches while it waits on a constrained sequence
 
 
 class StepRecord(NamedTuple):
@@ -84,6 +90,8 @@ class Engine:
         seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         images = dataclasses.replace(images, encoded=None) if images is not None else None
         seq = Sequence(self._next_id, prompt_token_ids, params, seed, images)
+        if params.structured_outputs is not None:
+            seq.grammar = self.runner.grammars.start(params.structured_outputs)
         self._next_id += 1
         self.scheduler.add(seq)
         return seq
@@ -97,7 +105,8 @@ class Engine:
         """
         t0 = time.perf_counter()
         stats = self.stats
-        batch = self.scheduler.schedule()
+        # a queued step samples for a sequence with a grammar: resolve it before scheduling that sequence again
+        batch = _EMPTY if self.pipeline.holds_constrained() else self.scheduler.schedule()
         stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
@@ -105,7 +114,8 @@ class Engine:
             slot = self.pipeline.next_slot()
             event, prepare_seconds = self.runner.launch(batch, slot)
             stats["decode_prepare_time"] += prepare_seconds
-            self.pipeline.push(batch, slot, len(batch.seqs), event)
+            self.pipeline.push(batch, slot, len(batch.seqs), event,
+                               constrained=any(s.grammar is not None for s in batch.seqs))
         launch = time.perf_counter() - t0
         finished = []
         wait = 0.0
@@ -117,6 +127,9 @@ class Engine:
             if prompt_logprobs is not None:
                 _record_prompt_logprobs(*prompt_logprobs)
             finished = self.scheduler.resolve(previous, tokens, logprobs)
+            for _, seq, index in previous.sampled:
+                if seq.grammar is not None and index < len(seq.token_ids):
+                    seq.grammar.accept(seq.token_ids[index])
         if batch.seqs:
             self.scheduler.advance(batch)
         elapsed = time.perf_counter() - t0

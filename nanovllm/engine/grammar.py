@@ -12,8 +12,6 @@ Bit ``i`` of word ``j`` of a row's int32 bitmask allows token ``32 * j + i`` (xg
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
-
 from nanovllm.sampling_params import StructuredOutputsParams
 
 
@@ -96,10 +94,35 @@ class Grammars:
 
         return self._pool.submit(build)
 
-    def fill(self, matchers: list, bitmask: np.ndarray) -> None:
-        """Row ``i`` of ``bitmask`` [>= len(matchers), words] int32 := the tokens ``matchers[i]`` allows next."""
+    def start(self, spec: StructuredOutputsParams) -> "SequenceGrammar":
+        """A sequence's grammar, compiling in the background."""
+        return SequenceGrammar(self.compile(spec))
+
+    def fill(self, matchers: list, bitmask) -> None:
+        """Row ``i`` of ``bitmask`` [>= len(matchers), words] int32 (a host tensor) := the tokens ``matchers[i]``
+        allows next."""
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(len(matchers))))
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SequenceGrammar:
+    """One sequence's matcher: compiled in the background, then advanced over its resolved tokens."""
+
+    def __init__(self, future: Future):
+        self._future, self._matcher = future, None
+
+    def matcher(self):
+        """The matcher (waits for the compile the first time)."""
+        if self._matcher is None:
+            self._matcher = self._future.result()
+        return self._matcher
+
+    def accept(self, token: int) -> None:
+        """Advance over a resolved token.  A token the mask allowed is always accepted; a stop token after the
+        grammar ended is too."""
+        matcher = self.matcher()
+        if not matcher.is_terminated():
+            matcher.accept_token(token)

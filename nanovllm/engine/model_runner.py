@@ -5,8 +5,9 @@ the input builders (``prefill_inputs.py``, ``decode_inputs.py``) and the executo
 Decode rows are padded to the executor's bucket; a prefill step gets a trailing padding sequence (see
 ``PrefillInputBuilder``).  ``launch`` queues a step on the device and copies its tokens, in the background,
 to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the engine reads them later.  A batch in
-which a request asked for logprobs runs the step's logprobs variant (``run_step_with_logprobs``, compiled like the
-step), whose logprobs are copied to the slot the same way; other batches run the plain step and pay nothing.  A
+which a request asked for logprobs, penalties or a grammar runs that variant of the step (``nanovllm.step.STEPS``,
+compiled like the step; the per-slot rows of penalties and masks are ``logits_slots.py``'s), whose logprobs are
+copied to the slot the same way; other batches run the plain step and pay nothing.  A
 prefill that reaches image tokens (vision-language models) runs eagerly with the extra inputs ``image_step.py``
 builds, and so does a prefill in which a request computes prompt logprobs (``run_step_with_prompt_logprobs``),
 whose prompt rows' logprobs are copied to the slot's ``prompt_logprobs`` in the background.
@@ -26,7 +27,9 @@ from nanovllm.compile.factory import make_executor
 from nanovllm.config import EngineConfig
 from nanovllm.engine import image_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
+from nanovllm.engine.grammar import Grammars
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
+from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
 from nanovllm.engine.scheduler import ScheduledBatch
@@ -36,8 +39,8 @@ from nanovllm.models.expert_offload import expert_caches, offload_stats
 from nanovllm.models.loader import build_model, checkpoint_files
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.step import (StepInputs, make_step, rechoose_logprob, redraw_filtered, run_step,
-                           run_step_with_logprobs)
+from nanovllm.step import (VARIANTS, LogitsState, StepInputs, make_step, rechoose_logprob, redraw_filtered,
+                           variant_name)
 from nanovllm.step.prompt_logprobs import run_step_with_prompt_logprobs
 
 CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
@@ -72,6 +75,9 @@ class ModelRunner:
                                    platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
+        self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device)
+        self.grammars = Grammars(config.model, self.vocab_size, config.eos_token_ids)
+        self.logits_slots = LogitsSlots(self.logits_state, self.device, platform.pin_memory, self.grammars)
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
                             table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)
@@ -88,7 +94,8 @@ class ModelRunner:
         phase("size_kv_cache")
         spec = ExecutorSpec(
             step=make_step(self.model, self.kv_caches, self.token_buffer),
-            logprob_step=make_step(self.model, self.kv_caches, self.token_buffer, logprobs=True), platform=platform,
+            variants={name: make_step(self.model, self.kv_caches, self.token_buffer, name, self.logits_state)
+                      for name in VARIANTS}, platform=platform,
             graph_batch_sizes=config.graph_batch_sizes, prefill_graph_sizes=config.prefill_graph_sizes,
             max_num_seqs=config.max_num_seqs, max_step_tokens=config.max_step_tokens,
             dummy_prefill=self.prefill_builder.dummy,
@@ -169,8 +176,9 @@ class ModelRunner:
         """Bytes of weights, KV cache and token buffer this runner holds on its device (0 once closed)."""
         if self.model is None:
             return 0
-        tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer,
-                   *(t for kv in self.kv_caches for t in kv)]
+        state = self.logits_state
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer, state.params, state.bitmask,
+                   state.counts, state.seen, *(t for kv in self.kv_caches for t in kv)]
         return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
 
     def close(self) -> None:
@@ -180,7 +188,8 @@ class ModelRunner:
             return
         self.platform.synchronize()  # no queued step still reads what is dropped here
         self.executor.close()
-        self.executor = self.model = self.token_buffer = None
+        self.grammars.close()
+        self.executor = self.model = self.token_buffer = self.logits_state = self.logits_slots = None
         self.kv_caches = []
         self.platform.release_memory()
 
@@ -198,16 +207,21 @@ class ModelRunner:
         if self.model is None:
             raise RuntimeError("this engine was closed (Engine.close()); build a new LLM to generate again")
         filtered = any(s.params.needs_filter for s in batch.seqs)
+        processed = any(s.params.needs_processing for s in batch.seqs)
         slot.has_logprobs = any(s.logprobs is not None for s in batch.seqs)
         if slot.has_logprobs and slot.host_logprobs is None:
             rows, pin = self.config.max_num_seqs + 1, self.platform.pin_memory
             slot.host_logprobs = (torch.zeros(rows, 1 + MAX_LOGPROBS, pin_memory=pin),
                                   torch.zeros(rows, MAX_LOGPROBS, dtype=torch.int64, pin_memory=pin))
         lp = slot.has_logprobs
+        variant = variant_name(lp, processed)
         prepare_seconds = 0.0
+        if processed:
+            self.logits_slots.prepare(batch.seqs, [not batch.is_prefill or batch.samples(i)
+                                                   for i in range(len(batch.seqs))], slot.index)
 
         def emit(outputs, inputs, part: Part) -> None:
-            self._emit(outputs, inputs, part.rows, filtered, slot, part.start)
+            self._emit(outputs, inputs, part.rows, filtered, slot, part.start, processed)
 
         def build_decode(part: Part) -> StepInputs:
             nonlocal prepare_seconds
@@ -223,47 +237,49 @@ class ModelRunner:
             inputs = self.prefill_builder.build(batch)
             mm = image_step.build(self.model, batch, inputs.input_ids.shape[0], self.device) if images else None
             if prompt[0]:
-                self._launch_prompt_logprobs(inputs, mm, prompt, lp, filtered, slot, len(batch.seqs))
+                self._launch_prompt_logprobs(inputs, mm, prompt, lp, filtered, slot, len(batch.seqs), processed)
             else:
-                step = run_step_with_logprobs if lp else run_step
-                outputs = step_outputs(step(self.model, self.kv_caches, self.token_buffer, inputs, mm))
-                self._emit(outputs, inputs, len(batch.seqs), filtered, slot, 0)
+                step = make_step(self.model, self.kv_caches, self.token_buffer, variant, self.logits_state)
+                self._emit(step_outputs(step(inputs, mm)), inputs, len(batch.seqs), filtered, slot, 0, processed)
         elif batch.is_prefill:
-            self.executor.run(prefill=True, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens), logprobs=lp,
+            self.executor.run(prefill=True, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens), variant=variant,
                               build=lambda part: self.prefill_builder.build(batch, part.shape, part.target),
                               emit=emit)
         else:
-            self.executor.run(prefill=False, rows=len(batch.seqs), tokens=len(batch.seqs), logprobs=lp,
+            self.executor.run(prefill=False, rows=len(batch.seqs), tokens=len(batch.seqs), variant=variant,
                               build=build_decode, emit=emit)
         return self.platform.record_event(), prepare_seconds
 
     def _launch_prompt_logprobs(self, inputs: StepInputs, mm, prompt: tuple, logprobs: bool, filtered: bool,
-                                slot: StepSlot, rows: int) -> None:
+                                slot: StepSlot, rows: int, processed: bool) -> None:
         """Run a prefill of ``rows`` sequences that computes prompt logprobs (``prompt``: ``prompt_logprob_rows``)
         and copy them to ``slot.prompt_logprobs`` in the background, its tokens as ``_emit`` does."""
         groups, token_rows, targets = prompt
         token_rows, targets = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (token_rows, targets))
-        tokens, logits, sampled, (values, ids) = run_step_with_prompt_logprobs(
-            self.model, self.kv_caches, self.token_buffer, inputs, token_rows, targets, logprobs, mm)
-        self._emit((tokens, logits, sampled), inputs, rows, filtered, slot, 0)
+        tokens, logits, sampled, raw, (values, ids) = run_step_with_prompt_logprobs(
+            self.model, self.kv_caches, self.token_buffer, inputs, token_rows, targets, logprobs, mm,
+            self.logits_state if processed else None)
+        self._emit((tokens, logits, sampled, raw), inputs, rows, filtered, slot, 0, processed)
         pin = self.platform.pin_memory
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in (values, ids)]
         for h, t in zip(host, (values, ids)):
             h.copy_(t, non_blocking=True)
         slot.prompt_logprobs = (groups, *host)
 
-    def _emit(self, outputs, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int) -> None:
-        """Copy live rows' tokens (and logprobs, if the step reports them) from the step's ``outputs`` (tokens,
-        logits, None or (values, ids)) to ``slot``'s host buffers in the background; batches with top-k/top-p
-        re-draw the tokens first.  This runs before the next graph replays, whose outputs may share memory with
-        these."""
-        tokens, logits, logprobs = outputs
+    def _emit(self, outputs, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int,
+              processed: bool) -> None:
+        """Copy live rows' tokens (and logprobs, if the step reports them) from the step's ``outputs``
+        (``step_outputs``) to ``slot``'s host buffers in the background; batches with top-k/top-p re-draw the
+        tokens first (a processed step's counts follow).  This runs before the next graph replays, whose outputs
+        may share memory with these."""
+        tokens, logits, logprobs, raw = outputs
         if filtered:
-            tokens = redraw_filtered(self.token_buffer, logits, inputs, rows)
+            tokens = redraw_filtered(self.token_buffer, logits, inputs, rows, tokens,
+                                     self.logits_state if processed else None)
         slot.host_tokens[offset:offset + rows].copy_(tokens[:rows], non_blocking=True)
         if logprobs is not None:
             values, ids = logprobs
             if filtered:
-                values = rechoose_logprob(logits, values, ids, tokens, rows)
+                values = rechoose_logprob(raw if raw is not None else logits, values, ids, tokens, rows)
             slot.host_logprobs[0][offset:offset + rows].copy_(values[:rows], non_blocking=True)
             slot.host_logprobs[1][offset:offset + rows].copy_(ids[:rows], non_blocking=True)

@@ -72,6 +72,7 @@ class Sequence:
         # its logprob, top ids, top logprobs), appended as the prefill steps that computed them resolve
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.num_reported_prompt_logprobs = 0  # entries of ``prompt_logprobs`` the step outputs carried so far
+        self.grammar = None  # a ``grammar.SequenceGrammar`` if ``params.structured_outputs`` is set (the engine's)
 
     def block_key(self, start: int, end: int) -> tuple:
         """The identity of the KV of tokens [start, end): their ids, then the hashes of images among them."""

@@ -17,9 +17,11 @@ Triton interpreter (``TRITON_INTERPRET=1``) runs.
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
+from nanovllm.kernels.triton_logits import process_logits_triton
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
 from nanovllm.kernels.triton_moe import fp8_supported, fused_moe_triton, moe_experts_triton
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
@@ -99,10 +101,16 @@ def _gumbel_argmax(logits, temperature, seeds, positions):
     return gumbel_argmax_triton(logits, temperature, seeds, positions)
 
 
+def _process_logits(logits, slots, params, bitmask, counts, seen):
+    if current_options().reference_kernels:
+        return logits_twin.process_logits_reference(logits, slots, params, bitmask, counts, seen)
+    return process_logits_triton(logits, slots, params, bitmask, counts, seen)
+
+
 KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_attention,
            "nanovllm::rope_store_kv": _rope_store_kv, "nanovllm::linear": _linear,
            "nanovllm::fused_moe": _fused_moe, "nanovllm::moe_experts": _moe_experts,
-           "nanovllm::gumbel_argmax": _gumbel_argmax}
+           "nanovllm::process_logits": _process_logits, "nanovllm::gumbel_argmax": _gumbel_argmax}
 
 
 def register_cuda_kernels(device_type: str = "cuda") -> None:

@@ -16,6 +16,7 @@ Every vendor call follows the torch_npu/torchair documentation named at it; ``te
 """
 import torch
 
+from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import moe_reference, ops, reference, sampling  # noqa: F401  (ops: defines the ops)
 
 _registered: set[str] = set()
@@ -110,7 +111,7 @@ KERNELS = {"nanovllm::store_kv": store_kv_npu, "nanovllm::rope_store_kv": rope_s
 
 def register_npu_kernels() -> None:
     """Route the ops' "npu" tensors to the implementations above (idempotent); ``linear``, ``fused_moe``,
-    ``moe_experts`` and ``gumbel_argmax`` keep their twins, which are plain torch ops on any device."""
+    ``moe_experts``, ``process_logits`` and ``gumbel_argmax`` keep their twins, plain torch ops on any device."""
     if "npu" in _registered:
         return
     for name, fn in KERNELS.items():
@@ -129,5 +130,6 @@ def register_npu_traced(graph_mode: str) -> None:
                      ("paged_attention", attention), ("linear", reference.linear_reference),
                      ("fused_moe", moe_reference.fused_moe_reference),
                      ("moe_experts", moe_reference.experts_reference),
+                     ("process_logits", logits_twin.process_logits_reference),
                      ("gumbel_argmax", sampling.gumbel_argmax_reference)):
         ops.register_traced(name, "npu", fn)

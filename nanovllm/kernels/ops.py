@@ -1,10 +1,10 @@
 """The fused ops of a step as registered torch ops, so a compiled step sees each as one opaque node.
 
-``nanovllm::store_kv``, ``rope_store_kv``, ``paged_attention``, ``linear``, ``fused_moe``, ``moe_experts`` and
-``gumbel_argmax`` are each a ``torch.library.custom_op`` whose default implementation is its pure-PyTorch twin
-(``reference.py``, ``moe_reference.py``, ``sampling.py``), which runs on any device, with a fake for tracing.  A
-platform registers faster implementations per device type (``torch.library.register_kernel``; CUDA: ``cuda.py``);
-the dispatcher picks by the inputs' device, so models and layers call the wrappers below and never name a device.
+``nanovllm::store_kv``, ``rope_store_kv``, ``paged_attention``, ``linear``, ``fused_moe``, ``moe_experts``,
+``process_logits`` and ``gumbel_argmax`` are each a ``torch.library.custom_op`` whose default implementation is its
+pure-PyTorch twin (``reference.py``, ``moe_reference.py``, ``logits.py``, ``sampling.py``, any device), with a
+fake for tracing.  A platform registers faster implementations per device type (``torch.library.register_kernel``;
+CUDA: ``cuda.py``); the dispatcher picks by the inputs' device, so models and layers call the wrappers below.
 
 A platform whose graph compiler lowers only ops it knows may also register, per device type, a *traced
 implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from nanovllm import traced
+from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import moe_reference, reference, sampling
 
 
@@ -127,6 +128,19 @@ def _(logits, temperature, seeds, positions):
     return torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
 
 
+@torch.library.custom_op("nanovllm::process_logits", mutates_args=())
+def _process_logits(logits: torch.Tensor, slots: torch.Tensor, params: torch.Tensor, bitmask: torch.Tensor,
+                    counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> a new [B, V] with each row's penalties and token mask applied, from state row ``slots[b]``
+    (see ``logits.process_logits_reference``)."""
+    return logits_twin.process_logits_reference(logits, slots, params, bitmask, counts, seen)
+
+
+@_process_logits.register_fake
+def _(logits, slots, params, bitmask, counts, seen):
+    return torch.empty_like(logits)
+
+
 def register_traced(name: str, device_type: str, fn: Callable | None) -> None:
     """Make ``fn`` (same signature as the op ``nanovllm::<name>``) what Dynamo traces for the op on
     ``device_type`` tensors; ``None`` removes it (``nanovllm/traced.py``)."""
@@ -183,4 +197,11 @@ def gumbel_argmax(logits, temperature, seeds, positions) -> torch.Tensor:
     return fn(logits, temperature, seeds, positions)
 
 
-_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "fused_moe", "moe_experts", "gumbel_argmax")
+def process_logits(logits, slots, params, bitmask, counts, seen) -> torch.Tensor:
+    """Logits [B, V] with the penalties and token masks of state rows ``slots`` applied; see ``_process_logits``."""
+    fn = _traced("process_logits", logits.device) or torch.ops.nanovllm.process_logits
+    return fn(logits, slots, params, bitmask, counts, seen)
+
+
+_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "fused_moe", "moe_experts", "process_logits",
+        "gumbel_argmax")

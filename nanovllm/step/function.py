@@ -1,18 +1,15 @@
 """What one step computes, as a function of ``StepInputs``: the same in eager and graph mode, prefill and decode.
 
-``run_step`` goes from the device token buffer to the device token buffer: input tokens that the previous step
-is still sampling are read from the buffer (``StepInputs.token_slots``), and every sampled token is written back
-(``StepInputs.out_slots``), so queued steps never wait for the host.  Top-k / top-p need a sort of the whole
-vocabulary, which costs more than the rest of a small model's decode step; the compiled step draws without them
-and ``redraw_filtered`` re-draws, after the step, the rows of a batch that asked for them (same noise, so a seeded
-request draws the same token in either path when its filters keep the winner).
-
-Logprobs come out of the step itself: ``run_step_with_logprobs`` is ``run_step`` plus, for every row, a
-fixed-size float32 result computed from the logits the sampler drew from (``token_logprobs``: the sampled token's
-logprob and the top ``MAX_LOGPROBS``) whatever each request's ``k``, so its shapes are static and a compiled
-variant is one graph per bucket.  A batch none of whose requests asked for logprobs runs plain ``run_step`` and
-pays nothing for them.  When ``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its
-logprob from the step's outputs (the log-normaliser follows from the top token's logit and logprob).
+``run_step`` goes from the device token buffer to the device token buffer: input tokens still being sampled are
+read from it (``StepInputs.token_slots``) and every sampled token is written back (``out_slots``), so queued steps
+never wait for the host.  Top-k / top-p need a sort of the vocabulary: the compiled step draws without them and
+``redraw_filtered`` re-draws, after the step, the rows of a batch that asked for them (same noise).
+Variants (``STEPS``), each a code object of its own, so Dynamo compiles each apart and a batch pays only for what
+its requests ask: ``logprobs`` adds, per row, fixed-size float32 logprobs of the raw logits (``token_logprobs``:
+the sampled token's and the top ``MAX_LOGPROBS``); ``processed`` samples from logits a ``LogitsState`` changed
+(penalties, grammar masks) and counts the sampled tokens; ``processed_logprobs`` is both.  When
+``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its logprob from the step's outputs
+(the log-normaliser follows from the top token's raw logit and logprob) and the state's counts follow the new token.
 """
 import functools
 
@@ -21,17 +18,26 @@ import torch
 from nanovllm.layers.sampler import sample
 from nanovllm.sampling_params import MAX_LOGPROBS
 from nanovllm.step.inputs import StepInputs
+from nanovllm.step.logits_state import LogitsState
+
+
+def _forward(model, kv_caches, token_buffer, inputs: StepInputs, mm):
+    from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
+    input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
+    return model(input_ids, inputs, kv_caches) if mm is None else model(input_ids, inputs, kv_caches, mm)
+
+
+def _sample(token_buffer, logits, inputs: StepInputs) -> torch.Tensor:
+    tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions)
+    token_buffer.index_copy_(0, inputs.out_slots, tokens)
+    return tokens
 
 
 def run_step(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
     """The whole step: (tokens [B], logits [B, V]).  ``mm``: a vision-language model's extra inputs for a prefill
     chunk with image tokens (``nanovllm/models/qwen_vl.py``), handed to the model."""
-    from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
-    input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
-    logits = model(input_ids, inputs, kv_caches) if mm is None else model(input_ids, inputs, kv_caches, mm)
-    tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions)
-    token_buffer.index_copy_(0, inputs.out_slots, tokens)
-    return tokens, logits
+    logits = _forward(model, kv_caches, token_buffer, inputs, mm)
+    return _sample(token_buffer, logits, inputs), logits
 
 
 def run_step_with_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
@@ -43,19 +49,55 @@ def run_step_with_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, m
     return tokens, logits, values, ids
 
 
-def make_step(model, kv_caches, token_buffer, logprobs: bool = False):
-    """``step(inputs)``: ``run_step``, or ``run_step_with_logprobs`` with ``logprobs``.  The model and tensors are
+def run_processed_step(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
+    """``run_step`` for a batch in which a request has penalties or a grammar: the sampler draws from the logits
+    ``state`` processed, and the sampled tokens are counted.  (tokens [B], processed logits [B, V], raw logits)."""
+    raw = _forward(model, kv_caches, token_buffer, inputs, mm)
+    logits = state.process(raw, inputs.out_slots)
+    tokens = _sample(token_buffer, logits, inputs)
+    state.count(inputs.out_slots, tokens)
+    return tokens, logits, raw
+
+
+def run_processed_step_with_logprobs(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs,
+                                     mm=None):
+    """``run_processed_step`` and the logprobs of the raw logits (as every step reports them): (tokens, logits,
+    values, ids, raw logits)."""
+    tokens, logits, raw = run_processed_step(model, kv_caches, token_buffer, state, inputs, mm)
+    values, ids = token_logprobs(raw, tokens)
+    return tokens, logits, values, ids, raw
+
+
+STEPS = {None: run_step, "logprobs": run_step_with_logprobs, "processed": run_processed_step,
+         "processed_logprobs": run_processed_step_with_logprobs}  # the step and its variants, by name
+VARIANTS = tuple(name for name in STEPS if name is not None)
+
+
+def variant_name(logprobs: bool, processed: bool) -> str | None:
+    """The variant a batch runs: ``None`` (the plain step) unless a request asks for logprobs or processing."""
+    return {(False, False): None, (True, False): "logprobs", (False, True): "processed",
+            (True, True): "processed_logprobs"}[(bool(logprobs), bool(processed))]
+
+
+def make_step(model, kv_caches, token_buffer, variant: str | None = None, state: LogitsState | None = None):
+    """``step(inputs)``: ``STEPS[variant]`` (the processed ones take ``state``).  The model and tensors are
     bound arguments, not a closure: a compiled step saved to the compile cache then reads this process's objects
     when loaded (``nanovllm/compile/saved_step.py``)."""
-    return functools.partial(run_step_with_logprobs if logprobs else run_step, model, kv_caches, token_buffer)
+    bound = (model, kv_caches, token_buffer) + ((state,) if variant in ("processed", "processed_logprobs") else ())
+    return functools.partial(STEPS[variant], *bound)
 
 
-def redraw_filtered(token_buffer, logits, inputs: StepInputs, rows: int) -> torch.Tensor:
+def redraw_filtered(token_buffer, logits, inputs: StepInputs, rows: int, drawn: torch.Tensor,
+                    state: LogitsState | None = None) -> torch.Tensor:
     """Re-draw the first ``rows`` rows of a step with their top-k / top-p filters and write them back to the
-    token buffer; returns the tokens [rows]."""
+    token buffer; returns the tokens [rows].  ``drawn``: the tokens the step drew, which a processed step counted
+    in ``state``: the count moves to the new token."""
     tokens = sample(logits[:rows], inputs.temperature[:rows], inputs.top_k[:rows], inputs.top_p[:rows],
                     inputs.seeds[:rows], inputs.sample_positions[:rows], filtered=True)
     token_buffer.index_copy_(0, inputs.out_slots[:rows], tokens)
+    if state is not None:
+        state.count(inputs.out_slots[:rows], drawn[:rows], -1)
+        state.count(inputs.out_slots[:rows], tokens)
     return tokens
 
 

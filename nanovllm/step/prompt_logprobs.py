@@ -12,20 +12,28 @@ import torch
 from nanovllm.layers.sampler import sample
 from nanovllm.step.function import token_logprobs
 from nanovllm.step.inputs import StepInputs
+from nanovllm.step.logits_state import LogitsState
 
 PIECE_ROWS = 1024  # rows of logits made at once: bounds the step's extra memory at PIECE_ROWS x vocabulary
 
 
 def run_step_with_prompt_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, rows: torch.Tensor,
-                                  targets: torch.Tensor, logprobs: bool, mm=None) -> tuple:
-    """(tokens [B], logits [B, V], None or the sampled rows' (values, ids) when ``logprobs``, the prompt rows'
-    (values [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])).  ``rows`` [n]: token rows whose next token is a
-    prompt token, ``targets`` [n]: those tokens.  A prefill's inputs carry every token (no ``token_slots``)."""
+                                  targets: torch.Tensor, logprobs: bool, mm=None,
+                                  state: LogitsState | None = None) -> tuple:
+    """(tokens [B], logits [B, V] sampled from, None or the sampled rows' (values, ids) when ``logprobs``, None or
+    the raw logits (with ``state``: processed as ``run_processed_step`` does), the prompt rows' (values
+    [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])).  ``rows`` [n]: token rows whose next token is a prompt token,
+    ``targets`` [n]: those tokens.  A prefill's inputs carry every token (no ``token_slots``)."""
     hidden = model.hidden_states(inputs.input_ids, inputs, kv_caches, mm)
-    logits = model.logits(hidden[inputs.logits_indices])
+    raw = logits = model.logits(hidden[inputs.logits_indices])
+    if state is not None:
+        logits = state.process(raw, inputs.out_slots)
     tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions)
     token_buffer.index_copy_(0, inputs.out_slots, tokens)
+    if state is not None:
+        state.count(inputs.out_slots, tokens)
     pieces = [token_logprobs(model.logits(hidden[rows[lo:lo + PIECE_ROWS]]), targets[lo:lo + PIECE_ROWS])
               for lo in range(0, rows.shape[0], PIECE_ROWS)]
     prompt = (torch.cat([v for v, _ in pieces]), torch.cat([i for _, i in pieces]))
-    return tokens, logits, token_logprobs(logits, tokens) if logprobs else None, prompt
+    return (tokens, logits, token_logprobs(raw, tokens) if logprobs else None, raw if state is not None else None,
+            prompt)

@@ -1,18 +1,18 @@
-"""The logprobs variant of the step in graph mode, built lazily: only once a batch asks for logprobs.
+"""A variant of the step in graph mode (``ExecutorSpec.variants``: logprobs, processed logits, both), built lazily:
+only once a batch asks for it.
 
-The variant is ``ExecutorSpec.logprob_step`` (the step plus fixed-size logprobs, static shapes per bucket).  The plain
-step's graphs stay as they are, so a request without logprobs pays nothing; a decode batch with logprobs replays the
-variant's graph of its bucket instead.  Each variant graph has its own all-padding static inputs, so building one never
-runs the step on a live batch.
+The plain step's graphs stay as they are, so a request that asks for no variant pays nothing; a decode batch that
+does replays the variant's graph of its bucket instead.  Each variant graph has its own all-padding static inputs,
+so building one never runs the step on a live batch.
 
-* ``LogprobGraphs`` (``GraphExecutor``): the variant compiled once with symbolic counts, the first time any step asks
-  for logprobs, then captured per decode bucket when that bucket first does, in the executor's memory pool.  Prefill
-  steps with logprobs call the compiled variant directly, uncaptured.
-* ``StaticLogprobGraphs`` (``StaticGraphExecutor``): one static compile per decode bucket, as a method of its own
-  (``decode_logprobs_<size>``) of a ``StepModule`` of the variant.
+* ``VariantGraphs`` (``GraphExecutor``): the variant compiled once with symbolic counts, the first time a step asks
+  for it, then captured per decode bucket when that bucket first does, in the executor's memory pool.  Prefill
+  steps of the variant call the compiled variant directly, uncaptured.
+* ``StaticVariantGraphs`` (``StaticGraphExecutor``): one static compile per decode bucket, as a method of its own
+  (``decode_<variant>_<size>``) of a ``StepModule`` of the variant.
 
-The variant's compile-cache entries are keyed as the plain step's plus ``step="logprobs"`` (and, for static compiles,
-the bucket), so they never collide with the plain step's entry.
+A variant's compile-cache entries are keyed as the plain step's plus ``step=<variant>`` (and, for static compiles,
+the bucket), so they never collide with the plain step's entry or another variant's.
 """
 import torch
 
@@ -22,16 +22,17 @@ from nanovllm.compile.saved_step import compiled_step
 from nanovllm.logger import logger
 
 
-def variant_key(cache_key: dict, **extra) -> dict:
-    """The compile-cache key fields of the logprobs variant: the plain step's plus ``step="logprobs"``."""
-    return {**cache_key, "step": "logprobs", **extra}
+def variant_key(cache_key: dict, name: str = "logprobs", **extra) -> dict:
+    """The compile-cache key fields of variant ``name``: the plain step's plus ``step=name``."""
+    return {**cache_key, "step": name, **extra}
 
 
-class LogprobGraphs:
-    def __init__(self, spec, pool, padded_rows, cache_root):
-        """``spec``: the executor's ``ExecutorSpec``; ``pool``: its graph memory pool; ``padded_rows(bucket)``:
-        the rows a bucket's graph has; ``cache_root``: the directory of the plain step's cache entry."""
-        self.spec, self.pool, self.padded_rows, self.cache_root = spec, pool, padded_rows, cache_root
+class VariantGraphs:
+    def __init__(self, spec, name: str, pool, padded_rows, cache_root):
+        """``spec``: the executor's ``ExecutorSpec``; ``name``: a key of ``spec.variants``; ``pool``: its graph
+        memory pool; ``padded_rows(bucket)``: the rows a bucket's graph has; ``cache_root``: the directory of the
+        plain step's cache entry."""
+        self.spec, self.name, self.pool, self.padded_rows, self.cache_root = spec, name, pool, padded_rows, cache_root
         self.compiled = None
         self.step_origin: str | None = None
         self.cache: CompileCache | None = None
@@ -40,11 +41,11 @@ class LogprobGraphs:
     def compiled_step(self):
         """The variant compiled with symbolic token and sequence counts (compiled on the first call)."""
         if self.compiled is None:
-            self.cache = CompileCache(variant_key(self.spec.cache_key), self.cache_root)
+            self.cache = CompileCache(variant_key(self.spec.cache_key, self.name), self.cache_root)
             with self.cache.activate(), torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
-                self.compiled, self.step_origin = compiled_step(self.spec.platform, self.spec.logprob_step,
+                self.compiled, self.step_origin = compiled_step(self.spec.platform, self.spec.variants[self.name],
                                                                 self.spec.dummy_prefill, self.cache)
-            logger.info("logprobs step variant %s (compile cache %s)", self.step_origin,
+            logger.info("%s step variant %s (compile cache %s)", self.name, self.step_origin,
                         "off" if cache_disabled() else "hit" if self.cache.hit else "miss")
         return self.compiled
 
@@ -62,7 +63,7 @@ class LogprobGraphs:
         return graph
 
     def build_all(self, buckets) -> None:
-        """Compile the variant and capture every bucket now (``python -m nanovllm.precompile --logprobs``)."""
+        """Compile the variant and capture every bucket now (``python -m nanovllm.precompile --variants``)."""
         for bucket in sorted({self.padded_rows(b) for b in buckets}, reverse=True):
             self.graph(bucket)
 
@@ -72,11 +73,11 @@ class LogprobGraphs:
         self.compiled = self.spec = None
 
 
-class StaticLogprobGraphs:
-    def __init__(self, spec, module, cache_root):
-        """``spec``: the executor's ``ExecutorSpec``; ``module``: a ``StepModule`` of ``spec.logprob_step``;
+class StaticVariantGraphs:
+    def __init__(self, spec, name: str, module, cache_root):
+        """``spec``: the executor's ``ExecutorSpec``; ``module``: a ``StepModule`` of ``spec.variants[name]``;
         ``cache_root``: the directory of the plain step's cache entry."""
-        self.spec, self.module, self.cache_root = spec, module, cache_root
+        self.spec, self.name, self.module, self.cache_root = spec, name, module, cache_root
         self.graphs: dict[int, BucketGraph] = {}
         self.caches: dict[int, CompileCache] = {}
 
@@ -84,8 +85,9 @@ class StaticLogprobGraphs:
         """The variant's static graph of the bucket of ``size`` rows (compiled on the first call)."""
         graph = self.graphs.get(size)
         if graph is None:
-            spec, name = self.spec, f"decode_logprobs_{size}"
-            cache = self.caches[size] = CompileCache(variant_key(spec.cache_key, bucket=size), self.cache_root)
+            spec, name = self.spec, f"decode_{self.name}_{size}"
+            cache = self.caches[size] = CompileCache(variant_key(spec.cache_key, self.name, bucket=size),
+                                                     self.cache_root)
             with cache.activate(), torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
                 self.module.add_method(name)
                 compiled = spec.platform.compile_static(self.module, name,
