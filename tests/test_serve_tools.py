@@ -1,5 +1,6 @@
-"""Tool calls without a server: ``tools``/``tool_choice`` checks, the schemas that force a call, the hermes parser on
-worked examples, a streamed choice adding up to the reply, and the chat template rendering tools and history."""
+"""Tool calls: ``tools``/``tool_choice`` checks, the schemas that force a call, the hermes parser on worked examples, a
+streamed choice adding up to the reply, the chat template rendering tools and history; and through the server on the
+tiny checkpoint with the ``openai`` client, named and "required" calls with valid arguments, streamed or not."""
 import json
 
 import pytest
@@ -12,7 +13,8 @@ from nanovllm.entrypoints.tool_calls import PARSERS, ToolPlan, ToolStream  # noq
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,10}$"},
+                                               "unit": {"enum": ["c", "f"]}},
                    "required": ["city", "unit"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters
 
@@ -158,3 +160,72 @@ def test_a_history_call_whose_arguments_are_not_json_is_a_400():
     with pytest.raises(APIError) as e:
         req.messages[0].template_dict(0)
     assert e.value.param == "messages" and "messages[0].tool_calls[0].function.arguments" in e.value.message
+
+
+# --- end to end: the tiny checkpoint's server (random weights: the grammar alone makes the calls well formed) ---
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from serve_helpers import build_text_checkpoint, running_server
+    model_dir, _ = build_text_checkpoint(tmp_path_factory.mktemp("tools"))
+    with running_server(model_dir, tmp_path_factory.mktemp("log"), "--served-model-name", "tiny",
+                        enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=128, max_model_len=512,
+                        max_num_seqs=4) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def reply_and_stream(client, **body):
+    """(the non-streamed choice, the streamed one as the openai client accumulates it)"""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           temperature=0, max_tokens=64, **body)
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                temperature=0, max_tokens=64, stream=True, **body):
+        state.handle_chunk(chunk)
+    return reply.choices[0], state.get_final_completion().choices[0]
+
+
+def calls_of(choice) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or ()]
+
+
+@pytest.mark.parametrize("choice,parallel", [({"type": "function", "function": {"name": "get_weather"}}, None),
+                                             ("required", None), ("required", False)])
+def test_forced_calls_have_valid_arguments_streamed_or_not(client, choice, parallel):
+    jsonschema = pytest.importorskip("jsonschema")
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    reply, streamed = reply_and_stream(client, tools=[WEATHER, TIME], tool_choice=choice, **extra)
+    assert reply.finish_reason == streamed.finish_reason == "tool_calls"
+    assert reply.message.content is None and streamed.message.content is None
+    calls = calls_of(reply)
+    assert calls and calls == calls_of(streamed)
+    assert all(c.id.startswith("call_") and c.type == "function" for c in reply.message.tool_calls)
+    if isinstance(choice, dict) or parallel is False:
+        assert len(calls) == 1
+    schemas = {t["function"]["name"]: t["function"].get("parameters", {"type": "object"}) for t in (WEATHER, TIME)}
+    for name, arguments in calls:
+        jsonschema.validate(arguments, schemas[name])
+    if isinstance(choice, dict):
+        assert calls[0][0] == "get_weather"
+
+
+def test_auto_without_markup_is_plain_content_streamed_or_not(client):
+    from serve_helpers import CHAIN_TEXT
+    reply, streamed = reply_and_stream(client, tools=[WEATHER])
+    assert reply.message.content == streamed.message.content == CHAIN_TEXT
+    assert reply.message.tool_calls is None and not streamed.message.tool_calls
+    assert reply.finish_reason == streamed.finish_reason == "stop"
+
+
+def test_a_conversation_with_tool_history_is_answered(client):
+    history = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    reply = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], temperature=0,
+                                           max_tokens=32)
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content
