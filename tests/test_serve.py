@@ -180,7 +180,13 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs", "6"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "0"),
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", "-5"),
-    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "0.5"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", "[-2, 2], got 2.5"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "got 0"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "(a"}, 400, "guided_regex", "guided_regex cannot be"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}, 400, "guided_regex",
+     "guided_regex and guided_choice"),
+    ("/v1/completions", r'{"prompt": "hi", "guided_choice": ["\udcff"]}', 400, "guided_choice", "lone surrogate"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", ""),
     ("/v1/completions", {"prompt": [5] * 2100}, 400, "prompt", "2100"),
     ("/v1/completions", {"prompt": [5] * 2048}, 400, "prompt", "2048"),
@@ -195,6 +201,16 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/chat/completions", {"messages": []}, 400, "messages", ""),
     ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "\udcff"}]}', 400, "messages",
      "lone surrogate"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+     r'"function": {"name": "f", "description": "\udcff"}}]}', 400, "tools", "lone surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, 400, "response_format",
+     "response_format.json_schema cannot be compiled"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "tool_choice", "'g'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -2.5}, 400,
+     "frequency_penalty", "-2.5"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages", "image_url"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21,

@@ -6,7 +6,10 @@ tokens'.  A stream first sends each choice's ``{"role": "assistant", "content": 
 (one chunk per choice per engine step that produced text, steps a busy front took together counting as one),
 the finish reason, the usage chunk if ``stream_options.include_usage``, and ``data: [DONE]``.  Image parts
 (``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..." or a local path}}``) are taken by
-vision-language models and refused, with a 400, by the others.
+vision-language models and refused, with a 400, by the others.  ``tools`` and ``tool_choice`` (``tool_calls.py``)
+give a message with ``tool_calls`` and finish on "tool_calls"; streamed as OpenAI streams them: each call's id and
+name, then its arguments, once the choice has finished.  ``response_format`` and vLLM's ``structured_outputs``
+constrain the output (``structured.py``).
 """
 import time
 
@@ -15,18 +18,23 @@ from starlette.responses import JSONResponse, Response
 from nanovllm.entrypoints.protocol import APIError, ChatRequest, bad_request
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
+from nanovllm.entrypoints.structured import request_constraint
+from nanovllm.entrypoints.tool_calls import ToolPlan, ToolStream
 from nanovllm.multimodal import chat_prompt
 
 
 async def create_chat_completion(serving: Serving, req: ChatRequest, request) -> Response:
     req.check_unsupported()
     serving.check_model(req.model)
+    plan = ToolPlan.of(req)
+    constraint = request_constraint(req, plan.constraint() if plan is not None else None)
     try:
         messages, images = chat_prompt([m.template_dict(i) for i, m in enumerate(req.messages)])
     except (ValueError, KeyError, TypeError) as e:
         raise bad_request(f"an image part is malformed: {e}", "messages") from None
     try:
-        ids = await serving.batch_tokenizer.call(serving.prompts.apply_chat_template, messages)
+        ids = await serving.batch_tokenizer.call(serving.prompts.apply_chat_template, messages,
+                                               plan.render if plan is not None else None)
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     except Exception as e:  # noqa: BLE001 - a template that rejects these messages (jinja raise_exception)
@@ -41,8 +49,9 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.max_tokens_for(len(ids), req.requested_max_tokens(), None, field)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    handles = serving.submit([(ids, req.sampling_params(max_tokens, serving.defaults, k), image_inputs)], req.n)
-    reply = _Reply(serving, req, request_id("chatcmpl"), len(ids))
+    params = req.sampling_params(max_tokens, serving.defaults, k, structured_outputs=constraint)
+    handles = serving.submit([(ids, params, image_inputs)], req.n)
+    reply = _Reply(serving, req, request_id("chatcmpl"), len(ids), plan)
     if req.stream:
         return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))
     body = await unless_disconnected(request, reply.collect(handles))
@@ -50,8 +59,8 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
 
 
 class _Reply:
-    def __init__(self, serving: Serving, req: ChatRequest, rid: str, prompt_len: int):
-        self.serving, self.req, self.id, self.prompt_len = serving, req, rid, prompt_len
+    def __init__(self, serving: Serving, req: ChatRequest, rid: str, prompt_len: int, plan: ToolPlan | None):
+        self.serving, self.req, self.id, self.prompt_len, self.plan = serving, req, rid, prompt_len, plan
         self.created = int(time.time())
         self.completion_tokens = 0
 
@@ -87,30 +96,58 @@ class _Reply:
                 if choice["logprobs"] is None:
                     choice["logprobs"] = {"content": []}
                 choice["logprobs"]["content"] += logprobs["content"]
+        if self.plan is not None:
+            for choice in choices:
+                message = choice["message"]
+                message["content"], calls, choice["finish_reason"] = self.plan.reply(message["content"],
+                                                                                     choice["finish_reason"])
+                if calls:
+                    message["tool_calls"] = calls
         return self._body("chat.completion", choices, self._usage())
 
+    def _chunk(self, choices: list, usage=None) -> str:
+        body = self._body("chat.completion.chunk", choices, usage)
+        if not (self.req.stream_options and self.req.stream_options.include_usage):
+            del body["usage"]
+        return sse(body)
+
+    def _piece(self, index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
+
     async def stream(self, handles):
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
-
-        def chunk(choices, usage=None):
-            body = self._body("chat.completion.chunk", choices, usage)
-            if not include_usage:
-                del body["usage"]
-            return sse(body)
-
-        try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(self.req.n)])
+        tools = [ToolStream(self.plan) for _ in range(self.req.n)] if self.plan is not None else None
+        try:  # with tools, the content is null until some is sent, as in OpenAI's streams
+            yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": None if tools else ""},
+                                "logprobs": None, "finish_reason": None} for i in range(self.req.n)])
             async for _, update in self.serving.updates(handles):
                 self.completion_tokens += len(update.token_ids)
                 logprobs = self._logprobs(update)
-                if not (update.text or update.finish_reason or (logprobs and logprobs["content"])):
+                text, reason = update.text, update.finish_reason
+                if tools is not None:
+                    text = tools[update.index].push(text)
+                    if reason is not None:
+                        for event in self._tool_finish(tools[update.index], update.index, text, logprobs, reason):
+                            yield event
+                        continue
+                if not (text or reason or (logprobs and logprobs["content"])):
                     continue  # tokens whose text is held back (an incomplete character, a possible stop string)
-                delta = {"content": update.text} if update.text else {}
-                yield chunk([{"index": update.index, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": update.finish_reason}])
-            if include_usage:
-                yield chunk([], self._usage())
+                yield self._piece(update.index, {"content": text} if text else {}, logprobs, reason)
+            if self.req.stream_options and self.req.stream_options.include_usage:
+                yield self._chunk([], self._usage())
         except APIError as e:
             yield sse(e.body())
         yield DONE
+
+    def _tool_finish(self, tool: ToolStream, index: int, text: str, logprobs, reason: str):
+        """The last chunks of a streamed choice under tools: the content left, each call (its id and name, then its
+        arguments) and the finish reason."""
+        rest, calls, reason = tool.finish(reason)
+        text += rest
+        if text or (logprobs and logprobs["content"]):
+            yield self._piece(index, {"content": text} if text else {}, logprobs)
+        for i, call in enumerate(calls):
+            function = call["function"]
+            yield self._piece(index, {"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                      "function": {"name": function["name"], "arguments": ""}}]})
+            yield self._piece(index, {"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]})
+        yield self._piece(index, {}, None, reason)

@@ -10,6 +10,7 @@ stream sends one
 chunk per choice per engine step that produced text (or logprobs, or the finish; the steps a busy front took
 together count as one: ``choices.queued``), then, with
 ``stream_options.include_usage``, a chunk with empty choices and the usage, then ``data: [DONE]``.
+``structured_outputs``, the ``guided_*`` fields or ``response_format`` constrain every choice (``structured.py``).
 """
 import asyncio
 import time
@@ -20,6 +21,7 @@ from nanovllm.completion import logprob_dict
 from nanovllm.entrypoints.protocol import APIError, CompletionRequest
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
+from nanovllm.entrypoints.structured import request_constraint
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -27,13 +29,15 @@ DEFAULT_MAX_TOKENS = 16
 async def create_completion(serving: Serving, req: CompletionRequest, request) -> Response:
     req.check_unsupported()
     serving.check_model(req.model)
+    constraint = request_constraint(req)
     prompts, echoes = [], []
     texts = list(req.prompts())
     encoded = await asyncio.gather(*(serving.encode(prompt, i) for i, prompt in enumerate(texts)))
     for prompt, ids in zip(texts, encoded):
         max_tokens = serving.max_tokens_for(len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
         prompt_logprobs = req.logprobs if req.echo else None
-        prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs, prompt_logprobs)))
+        prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs, prompt_logprobs,
+                                                 constraint)))
         if req.echo:
             echoes.append(prompt if isinstance(prompt, str) else serving.tokenizer.decode(ids))
     handles = serving.submit(prompts, req.n)

@@ -2,15 +2,17 @@
 
 Errors a client causes are raised as ``APIError`` and answered as ``{"error": {"message", "type", "param",
 "code"}}`` with the status it carries (``app.py``).  Fields vLLM accepts beyond OpenAI's (``top_k``,
-``stop_token_ids``, ``ignore_eos``) are read from the body.  Fields whose feature nanovllm lacks (penalties, logit
-bias, tools, ...) are accepted at their neutral value and rejected with a 400 naming them otherwise, never
-silently ignored; unknown fields are ignored, as OpenAI clients send extras.
+``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``, ``structured_outputs``, ``guided_*``) are read from
+the body.  Fields whose feature nanovllm lacks (``logit_bias``, ``min_tokens``) are accepted at their neutral value
+and rejected with a 400 naming them otherwise, never silently ignored; unknown fields are ignored, as OpenAI clients
+send extras.  Every text a request carries (dict keys included) must be valid Unicode: ``check_text``.
 """
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions ``logprobs``
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -43,7 +45,8 @@ def check_text(value, param: str) -> None:
     elif isinstance(value, BaseModel):
         check_text(value.model_dump(), param)
     elif isinstance(value, dict):
-        for item in value.values():
+        for key, item in value.items():
+            check_text(key, param)
             check_text(item, param)
     elif isinstance(value, (list, tuple)):
         for item in value:
@@ -51,8 +54,7 @@ def check_text(value, param: str) -> None:
 
 
 # fields of features nanovllm lacks, and the values that mean "off" (the only ones accepted)
-_NEUTRAL = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "repetition_penalty": (None, 1.0),
-            "logit_bias": (None, {}), "min_tokens": (None, 0)}
+_NEUTRAL = {"logit_bias": (None, {}), "min_tokens": (None, 0)}
 
 
 class StreamOptions(BaseModel):
@@ -75,10 +77,17 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # accepted only at the value that means "off"
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    # the output's constraint, in any one of its spellings (``structured.py``)
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # accepted only at the value that means "off"
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
 
@@ -95,9 +104,11 @@ class _Request(BaseModel):
             raise bad_request(f"n must be >= 1, got {self.n}", "n")
 
     def sampling_params(self, max_tokens: int, defaults: dict, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """The request's ``SamplingParams``; a field it leaves out takes the checkpoint's generation_config.json
-        value (``defaults``), then OpenAI's default.  Bad values raise a 400 naming the field."""
+        value (``defaults``), then OpenAI's default.  Bad values raise a 400 naming the field.
+        ``structured_outputs``: the request's checked constraint (``structured.request_constraint``)."""
         def pick(name, default):
             value = getattr(self, name)
             return value if value is not None else defaults.get(name, default)
@@ -109,7 +120,9 @@ class _Request(BaseModel):
                 top_k=-1 if top_k == 0 else top_k, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
                 stop_token_ids=self.stop_token_ids or (), seed=self.seed,
                 stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []), logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
+                prompt_logprobs=prompt_logprobs, presence_penalty=pick("presence_penalty", 0.0),
+                frequency_penalty=pick("frequency_penalty", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0), structured_outputs=structured_outputs)
         except (TypeError, ValueError) as e:
             name = str(e).split(" ")[0]
             raise bad_request(str(e), name if name in type(self).model_fields else None) from None
@@ -145,11 +158,14 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's reply: the call it answers
 
     def template_dict(self, index: int) -> dict:
-        """``{"role", "content"}`` for the chat template: a string, or the list of parts (text, and ``image_url``
-        or ``image`` for vision-language models, which ``nanovllm.multimodal.chat_prompt`` resolves); other parts
-        are rejected."""
+        """The message for the chat template: ``{"role", "content"}``, the content a string or the list of parts
+        (text, and ``image_url`` or ``image`` for vision-language models, which ``nanovllm.multimodal.chat_prompt``
+        resolves; other parts are rejected), and as transformers' tools API expects, an assistant's ``tool_calls``
+        (each call's JSON ``arguments`` text parsed into an object), a tool's ``tool_call_id`` and any ``name``."""
         content = self.content
         if isinstance(content, list):
             for part in content:
@@ -157,8 +173,29 @@ class ChatMessage(BaseModel):
                 if not (kind == "text" and isinstance(part.get("text"), str)) and kind not in ("image_url", "image"):
                     raise bad_request(f"messages[{index}]: content part of type {kind!r} is not supported (text, "
                                       f"image_url)", "messages")
-            return {"role": self.role, "content": content}
-        return {"role": self.role, "content": content or ""}
+        out = {"role": self.role, "content": content if isinstance(content, list) else content or ""}
+        if self.tool_calls is not None:
+            out["tool_calls"] = [_template_tool_call(call, f"messages[{index}].tool_calls[{i}]")
+                                 for i, call in enumerate(self.tool_calls)]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if isinstance((self.model_extra or {}).get("name"), str):
+            out["name"] = self.model_extra["name"]
+        return out
+
+
+def _template_tool_call(call: dict, where: str) -> dict:
+    """An OpenAI tool call of the history as chat templates read it: ``arguments`` a JSON object, not its text."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request(f"{where}.function.name must be a string, got {call!r}", "messages")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as e:
+            raise bad_request(f"{where}.function.arguments is not valid JSON: {e}", "messages") from None
+    return {**call, "type": "function", "function": {**function, "arguments": arguments}}
 
 
 class ChatRequest(_Request):
@@ -166,17 +203,14 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
         if not self.messages:
             raise bad_request("messages must not be empty", "messages")
-        if self.tools:
-            raise bad_request("tools are not supported by nanovllm", "tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise bad_request("response_format other than text is not supported by nanovllm", "response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
