@@ -50,9 +50,9 @@ class ChannelLayout:
         column cut keeps every row's scale: a row's scale holds over any of its columns."""
         stored, rows = tuple(scales.get_shape()), shape[0]
         if stored in ((), (1,), (1, 1)):
-            per_row = scales[:].float().reshape(1, 1).expand(rows, 1)
+            per_row = scales[()].float().reshape(1, 1).expand(rows, 1)  # [()]: a 0-d slice takes no [:]
         elif stored in ((rows,), (rows, 1)):
-            per_row = scales[:].float().reshape(rows, 1)
+            per_row = scales[()].float().reshape(rows, 1)
         else:
             raise ValueError(f"tensor {name + self.suffix!r} has shape {stored}; {name!r} of shape {tuple(shape)} "
                              f"needs ({rows}, 1) (strategy 'channel') or (1,) (strategy 'tensor')")
@@ -62,8 +62,9 @@ class ChannelLayout:
 
     @staticmethod
     def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """float32 ``weight * scale`` of a float8 piece and its ``scale_piece``."""
-        return weight.float() * scale
+        """float32 ``weight * scale`` of a float8 piece and its ``scale_piece`` (or of a whole weight and its scale
+        as stored: any of the shapes above)."""
+        return weight.float() * scale.float().reshape(-1, 1)
 
     @staticmethod
     def row_scales(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
