@@ -17,8 +17,12 @@ LOAD_FORMATS = ("safetensors", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; both FP8 spellings are e4m3
 KV_CACHE_SCALES = ("auto", "one", "tensor", "head")
 CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
-SUPPORTED_QUANT_METHODS: tuple[str, ...] = ("fp8",)  # quantization_config.quant_method values a checkpoint may have
+SUPPORTED_QUANT_METHODS = ("fp8", "compressed-tensors")  # quantization_config.quant_method values a checkpoint may have
 QUANTIZATIONS = ("fp8",)  # the ``quantization`` option's values (None: as the checkpoint says)
+_COMPRESSED_FP8 = {  # compressed-tensors FP8: config group part -> key -> (the library's default, values supported)
+    "weights": dict(num_bits=(8, [8]), type=("int", ["float"]), strategy=("tensor", ["channel", "tensor"]),
+                    symmetric=(True, [True]), dynamic=(False, [False])),
+    "input_activations": dict(num_bits=(8, [8]), type=("int", ["float"]), dynamic=(False, [True]))}
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
@@ -211,7 +215,7 @@ class EngineConfig:
         quant = (quantization_config(self.hf_config) or {}).get("quant_method")
         if quant is not None and self.load_format != "dummy":
             return None
-        return self.quantization or quant
+        return self.quantization or (quant and "fp8")  # every supported quant_method is an FP8 one
 
     @property
     def max_step_tokens(self) -> int:
@@ -233,20 +237,21 @@ def quantization_config(hf_config: dict) -> dict | None:
 
 
 def check_quantization(hf_config: dict) -> None:
-    """Refuse a quantized checkpoint whose ``quantization_config.quant_method`` is not supported, naming it, so
-    that its weights are never loaded as if they were unquantized (a vision-language model's may sit in its
-    ``text_config``).  "fp8" is the block-FP8 layout (``models/fp8_checkpoint.py``): ``weight_block_size`` two
-    positive ints, ``fmt`` "e4m3" and ``activation_scheme`` "dynamic" where given; another value is refused by
-    name."""
+    """Refuse a quantized checkpoint whose ``quantization_config`` is not supported, naming the field and its value,
+    so that its weights are never loaded as if they were unquantized (a vision-language model's may sit in its
+    ``text_config``).  "fp8" is the block layout (``models/fp8_checkpoint.py``): ``weight_block_size`` two positive
+    ints, ``fmt`` "e4m3", ``activation_scheme`` "dynamic"; "compressed-tensors" as ``_check_compressed_fp8`` says."""
     for config in (hf_config, hf_config.get("text_config") or {}):
         quant = config.get("quantization_config")
         if quant is None:
             continue
         method = quant.get("quant_method") if isinstance(quant, dict) else None
         if method not in SUPPORTED_QUANT_METHODS:
-            supported = ", ".join(SUPPORTED_QUANT_METHODS) or "none"
             raise ValueError(f"quantization_config.quant_method={method!r} is not supported (supported: "
-                             f"{supported})")
+                             f"{', '.join(SUPPORTED_QUANT_METHODS)})")
+        if method == "compressed-tensors":
+            _check_compressed_fp8(quant)
+            continue
         block = quant.get("weight_block_size")
         if not (isinstance(block, list) and len(block) == 2
                 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
@@ -256,6 +261,25 @@ def check_quantization(hf_config: dict) -> None:
             if field in quant and quant[field] != allowed:
                 raise ValueError(f"quantization_config.{field}={quant[field]!r} is not supported for "
                                  f"quant_method='fp8' (supported: {allowed!r})")
+
+
+def _check_compressed_fp8(quant: dict) -> None:
+    """llm-compressor's FP8 (``_COMPRESSED_FP8``), computed weight-only: no static input or output activation scales."""
+    groups = quant.get("config_groups")
+    checks = [("format", quant.get("format"), [None, "float-quantized"]),
+              ("config_groups", "a dict" if isinstance(groups, dict) and groups else groups, ["a dict"])]
+    for g, group in (groups if isinstance(groups, dict) else {}).items():
+        checks += [(f"config_groups.{g}.format", group.get("format"), [None, "float-quantized"]),
+                   (f"config_groups.{g}.output_activations", group.get("output_activations"), [None])]
+        for part, rules in _COMPRESSED_FP8.items():
+            spec = group.get(part)
+            if spec is not None or part == "weights":
+                checks += [(f"config_groups.{g}.{part}.{key}", (spec or {}).get(key, default), allowed)
+                           for key, (default, allowed) in rules.items()]
+    for field, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"quantization_config.{field}={value!r} is not supported for quant_method="
+                             f"'compressed-tensors' (supported: {' or '.join(map(repr, allowed))})")
 
 
 def read_eos_token_ids(model_dir: str, hf_config: dict) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """A quantized checkpoint whose ``quantization_config.quant_method`` is not supported is refused by name when the
 ``LLM`` is made, before any weight is read, instead of loading its packed weights as if they were unquantized; a
-block-FP8 checkpoint (``fp8``) loads."""
+block-FP8 checkpoint (``fp8``) loads, and compressed-tensors is checked field by field (``test_fp8_compressed.py``)."""
 import json
 from pathlib import Path
 
@@ -52,11 +52,23 @@ def test_an_fp8_checkpoint_loads_with_its_weights_in_float8(tmp_path):
     assert not torch.equal(loaded, plain) and torch.allclose(loaded, plain, rtol=0.07, atol=2e-3)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "bitsandbytes", "some-future-format"])
-def test_every_quant_method_is_refused_by_name(tmp_path, method):
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "some-future-format"])
+def test_every_other_quant_method_is_refused_by_name(tmp_path, method):
     path = build_checkpoint(tmp_path, "qwen3")
     _set_quantization(path, {"quant_method": method, "bits": 4})
-    with pytest.raises(ValueError, match=rf"quant_method={method!r} is not supported \(supported: fp8\)"):
+    with pytest.raises(ValueError, match=rf"quant_method={method!r} is not supported \(supported: fp8, "
+                                         rf"compressed-tensors\)"):
+        LLM(path, load_format="dummy", **OPTIONS)
+
+
+def test_compressed_tensors_other_than_fp8_is_refused_naming_the_field(tmp_path):
+    path = build_checkpoint(tmp_path, "qwen3")
+    int4 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True}
+    _set_quantization(path, {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                             "config_groups": {"group_0": {"targets": ["Linear"], "weights": int4}}})
+    with pytest.raises(ValueError, match=r"quantization_config.format='pack-quantized' is not supported for "
+                                         r"quant_method='compressed-tensors' \(supported: None or "
+                                         r"'float-quantized'\)"):
         LLM(path, load_format="dummy", **OPTIONS)
 
 

@@ -1,13 +1,14 @@
-"""Block-FP8 checkpoints (``quant_method: "fp8"``, the Qwen3-*-FP8 / DeepSeek-V3 layout), read and written.
+"""FP8 checkpoints, read and written: the block layout (``quant_method: "fp8"``, Qwen3-*-FP8 / DeepSeek-V3) and
+compressed-tensors' (``compressed_tensors.py``), each a layout object that ``ScaleReader`` reads by.
 
-A quantized Linear ``X.weight`` is float8_e4m3fn [N, K] with ``X.weight_scale_inv`` float32 [ceil(N/bn), ceil(K/bk)]
-for ``weight_block_size`` [bn, bk]: the real weight is the float8 value times its block's scale (the last block in
-each dimension may be partial).  The loader keeps such a tensor in float8 with its scales expanded per row
-(``read_quantized``: ``kernels/weight_quant.py``'s format), or dequantizes it in float32 into the model's dtype
-where the model keeps that parameter unquantized (``read``).  A tensor-parallel rank reads
-only its rows or columns of the weight and the matching blocks of the scale; a rank's piece that does not start on a
-block boundary (or ends inside a block short of the tensor's end) is an error naming the tensor, the block and the
-shard.  ``quantize_checkpoint_fp8`` rewrites a safetensors checkpoint in this layout (for tests and synthesis).
+Block layout: a quantized Linear ``X.weight`` is float8_e4m3fn [N, K] with ``X.weight_scale_inv`` float32
+[ceil(N/bn), ceil(K/bk)] for ``weight_block_size`` [bn, bk]: the real weight is the float8 value times its block's
+scale (the last block in each dimension may be partial).  The loader keeps such a tensor in float8 with its scales
+expanded per row (``read_quantized``: ``kernels/weight_quant.py``'s format), or dequantizes it in float32 into the
+model's dtype where the model keeps that parameter unquantized (``read``).  A tensor-parallel rank reads only its
+rows or columns of the weight and the matching scales; a block-layout piece that does not start on a block boundary
+(or ends inside a block short of the tensor's end) is an error naming the tensor, the block and the shard.
+``quantize_checkpoint`` rewrites a safetensors checkpoint in a layout (for tests and synthesis).
 """
 import json
 from contextlib import ExitStack
@@ -19,9 +20,11 @@ from safetensors import SafetensorError, safe_open
 from nanovllm.config import quantization_config
 from nanovllm.kernels import weight_quant
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
+from nanovllm.models import compressed_tensors, fp8_weights
+from nanovllm.models.compressed_tensors import ChannelLayout
 
 SCALE_SUFFIX = "_scale_inv"
-_FP8_DTYPES = ("F8_E4M3",)  # safetensors' dtype names of the float8 weights this format stores
+_FP8_DTYPES = ("F8_E4M3",)  # safetensors' dtype names of the float8 weights these layouts store
 
 
 def is_float8(f, name: str) -> bool:
@@ -37,10 +40,21 @@ def block_size(hf_config: dict) -> tuple[int, int] | None:
     return tuple(quant["weight_block_size"])
 
 
-def describe(hf_config: dict) -> str | None:
-    """The start-up line's quantization of a block-FP8 checkpoint none of whose weights stayed float8, else None."""
-    block = block_size(hf_config)
-    return None if block is None else f"fp8 checkpoint (block {block[0]}x{block[1]}), dequantized at load"
+def layout(hf_config: dict):
+    """The layout of an FP8 checkpoint's quantized weights (``BlockLayout`` or ``ChannelLayout``), else None."""
+    block, strategies = block_size(hf_config), compressed_tensors.strategies(hf_config)
+    return BlockLayout(block) if block else ChannelLayout(strategies) if strategies else None
+
+
+def describe(hf_config: dict, kept: str | None = None) -> str | None:
+    """The start-up line's quantization of an FP8 checkpoint, its layout named: ``kept`` is ``fp8_weights.describe``
+    of the loaded model (None: no weight stayed float8, so all were dequantized at load).  Else ``kept``."""
+    found = layout(hf_config)
+    if found is None:
+        return kept
+    if kept is None:
+        return f"fp8 checkpoint ({found.name}), dequantized at load"
+    return f"{kept}, from an fp8 checkpoint ({found.name})"
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -51,12 +65,84 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     return weight.float() * scale
 
 
-class ScaleReader:
-    """Finds each float8 weight's ``weight_scale_inv`` partner in any file of the checkpoint and dequantizes
-    (a rank's piece of) the weight; use as a context manager (it keeps the files it opened open until exit)."""
+class BlockLayout:
+    """A ``weight_scale_inv`` per [bn, bk] block; in memory, scales per row and bk columns."""
+    suffix = SCALE_SUFFIX
 
-    def __init__(self, files: list[str], block: tuple[int, int] | None):
-        self.block = block
+    def __init__(self, block: tuple[int, int] = (128, 128)):
+        self.block = tuple(block)
+        self.name = f"block {self.block[0]}x{self.block[1]}"
+
+    def group(self, k: int) -> int:
+        return self.block[1]
+
+    def scale_piece(self, name: str, shape: tuple, scales, cut: tuple[int, int, int] | None) -> torch.Tensor:
+        """The scale blocks that the piece ``cut`` (None, or ``(dim, start, stop)``) of float8 tensor ``name``
+        (stored ``shape``) touches, checked against the block size; ``scales`` is the stored scales' slice."""
+        expected = [-(-shape[0] // self.block[0]), -(-shape[1] // self.block[1])]
+        if list(scales.get_shape()) != expected:
+            raise ValueError(f"tensor {name + self.suffix!r} has shape {tuple(scales.get_shape())}, weight_block_size "
+                             f"{list(self.block)} on {name!r} of shape {tuple(shape)} needs {tuple(expected)}")
+        if cut is None:
+            return scales[:]
+        dim, start, stop = cut
+        b = self.block[dim]
+        if start % b or (stop % b and stop != shape[dim]):
+            raise ValueError(f"tensor {name!r}: weight_block_size {list(self.block)} does not divide this "
+                             f"tensor-parallel rank's shard, {'rows' if dim == 0 else 'columns'} {start}:{stop} of "
+                             f"{shape[dim]} (a shard of {stop - start}); choose a tensor_parallel_size whose shards "
+                             f"are multiples of {b}")
+        return scales[(slice(None),) * dim + (slice(start // b, -(-stop // b)),)]
+
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return dequantize(weight, scale, self.block)
+
+    def row_scales(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return weight_quant.expand_block_scales(scale, weight.shape[0], self.block[0])
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float8 weight, float32 scale_inv per block): each block scaled so that its largest magnitude is
+        FP8_MAX."""
+        rows, cols = weight.shape
+        block = self.block
+        nb, kb = -(-rows // block[0]), -(-cols // block[1])
+        padded = weight.float().new_zeros(nb * block[0], kb * block[1])
+        padded[:rows, :cols] = weight.float()
+        amax = padded.view(nb, block[0], kb, block[1]).abs().amax(dim=(1, 3))
+        scale_inv = amax.clamp(min=1e-12) / FP8_MAX
+        expanded = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        return (weight.float() / expanded).to(FP8_DTYPE), scale_inv
+
+    def quantization_config(self, skip: list[str]) -> dict:
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(self.block), **({"modules_to_not_convert": skip} if skip else {})}
+
+
+def prepare_model(model, names: set[str], layout) -> None:
+    """Make the model's parameters ``names`` empty FP8 ones for the loader to fill in ``layout``'s scales
+    (``fp8_weights.prepare_for_checkpoint``).  A module's FP8 parameters share one group: the largest
+    ``layout.group`` of their (this rank's) column counts, which is the layout's own for each of them where scales
+    span whole rows (a group past a parameter's columns still means one scale per row)."""
+    owners = fp8_weights.quantizable(model)
+    targets = names & owners.keys()
+    group_of: dict[int, int] = {}
+    for name in targets:
+        module, attr = owners[name]
+        group_of[id(module)] = max(group_of.get(id(module), 0), layout.group(getattr(module, attr).shape[-1]))
+    by_group: dict[int, set[str]] = {}
+    for name in targets:
+        by_group.setdefault(group_of[id(owners[name][0])], set()).add(name)
+    for group, members in by_group.items():
+        fp8_weights.prepare_for_checkpoint(model, members, group)
+
+
+class ScaleReader:
+    """Finds each float8 weight's scale partner (``layout.suffix``) in any file of the checkpoint and reads (a
+    rank's piece of) the weight by ``layout``; use as a context manager (it keeps the files it opened open until
+    exit)."""
+
+    def __init__(self, files: list[str], layout):
+        self.layout = layout
         self.files = files
         self.where: dict[str, str] | None = None  # scale name -> its file, found at the first float8 tensor
         self._stack = ExitStack()
@@ -68,53 +154,45 @@ class ScaleReader:
     def __exit__(self, *exc):
         self._stack.close()
 
+    def is_scale(self, name: str) -> bool:
+        return self.layout is not None and name.endswith(".weight" + self.layout.suffix)
+
     def read(self, f, name: str, cut: tuple[int, int, int] | None) -> torch.Tensor:
         """The float32 dequantized piece of float8 tensor ``name`` (of open file ``f``): all of it (``cut`` None)
         or ``(dim, start, stop)``, stop within the tensor."""
-        return dequantize(*self._pieces(f, name, cut), self.block)
+        return self.layout.dequantize(*self._pieces(f, name, cut))
 
     def read_quantized(self, f, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the float8 piece, float32 scales per row and ``block[1]`` columns: ``weight_quant.py``'s format)."""
-        weight, scale_inv = self._pieces(f, name, cut)
-        return weight, weight_quant.expand_block_scales(scale_inv, weight.shape[0], self.block[0])
+        """(the float8 piece, its float32 scales per row: ``weight_quant.py``'s format)."""
+        weight, scale = self._pieces(f, name, cut)
+        return weight, self.layout.row_scales(weight, scale)
 
     def _pieces(self, f, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float8 piece, the scale blocks it touches), checked against the block size."""
-        scale_name = name + SCALE_SUFFIX
+        """(float8 piece, the stored scales it needs), checked by the layout."""
+        if self.layout is None:
+            raise ValueError(f"tensor {name!r} is float8 but config.json has no FP8 quantization_config "
+                             f"(quant_method 'fp8' or 'compressed-tensors') to read its scales by")
+        scale_name = name + self.layout.suffix
         if self.where is None:
             self.where = self._scan()
         if scale_name not in self.where:
             raise ValueError(f"tensor {name!r} is float8 but the checkpoint has no {scale_name!r} to scale it")
-        if self.block is None:
-            raise ValueError(f"tensor {name!r} is float8 but config.json has no fp8 quantization_config "
-                             f"(weight_block_size) to read its scales by")
         stored = f.get_slice(name)
         shape = stored.get_shape()
         if len(shape) != 2:
-            raise ValueError(f"tensor {name!r} is float8 of shape {tuple(shape)}; block-FP8 weights are 2-D")
-        scales = self._file(self.where[scale_name]).get_slice(scale_name)
-        expected = [-(-shape[0] // self.block[0]), -(-shape[1] // self.block[1])]
-        if list(scales.get_shape()) != expected:
-            raise ValueError(f"tensor {scale_name!r} has shape {tuple(scales.get_shape())}, weight_block_size "
-                             f"{list(self.block)} on {name!r} of shape {tuple(shape)} needs {tuple(expected)}")
+            raise ValueError(f"tensor {name!r} is float8 of shape {tuple(shape)}; FP8 weights are 2-D")
+        scales = self.layout.scale_piece(name, shape, self._file(self.where[scale_name]).get_slice(scale_name), cut)
         if cut is None:
-            return stored[:], scales[:]
+            return stored[:], scales
         dim, start, stop = cut
-        b = self.block[dim]
-        if start % b or (stop % b and stop != shape[dim]):
-            raise ValueError(f"tensor {name!r}: weight_block_size {list(self.block)} does not divide this "
-                             f"tensor-parallel rank's shard, {'rows' if dim == 0 else 'columns'} {start}:{stop} of "
-                             f"{shape[dim]} (a shard of {stop - start}); choose a tensor_parallel_size whose shards "
-                             f"are multiples of {b}")
-        index = (slice(None),) * dim
-        return stored[index + (slice(start, stop),)], scales[index + (slice(start // b, -(-stop // b)),)]
+        return stored[(slice(None),) * dim + (slice(start, stop),)], scales
 
     def _scan(self) -> dict[str, str]:
         where = {}
         for path in self.files:  # headers only: the tensors stay on disk
             try:
                 with safe_open(path, framework="pt") as f:
-                    where.update((name, path) for name in f.keys() if name.endswith(SCALE_SUFFIX))
+                    where.update((name, path) for name in f.keys() if self.is_scale(name))
             except SafetensorError as e:
                 raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it "
                                  f"again") from e
@@ -126,42 +204,30 @@ class ScaleReader:
         return self._open[path]
 
 
-def _quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 weight, float32 scale_inv per block): each block scaled so that its largest magnitude is FP8_MAX."""
-    rows, cols = weight.shape
-    nb, kb = -(-rows // block[0]), -(-cols // block[1])
-    padded = weight.float().new_zeros(nb * block[0], kb * block[1])
-    padded[:rows, :cols] = weight.float()
-    amax = padded.view(nb, block[0], kb, block[1]).abs().amax(dim=(1, 3))
-    scale_inv = amax.clamp(min=1e-12) / FP8_MAX
-    expanded = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (weight.float() / expanded).to(FP8_DTYPE), scale_inv
-
-
 def quantizable(name: str, tensor: torch.Tensor, skip: list[str]) -> bool:
-    """A Linear weight that the block-FP8 layout stores in float8: 2-D ``*proj.weight`` / ``w1|w2|w3.weight``
-    outside the embeddings, the LM head, MoE routers and the modules listed in ``skip``."""
+    """A Linear weight that the FP8 layouts store in float8: 2-D ``*proj.weight`` / ``w1|w2|w3.weight`` outside
+    the embeddings, the LM head, MoE routers and the modules listed in ``skip``."""
     if tensor.ndim != 2 or not name.endswith(".weight") or any(s in name for s in skip):
         return False
     leaf = name.rsplit(".", 2)[-2]
     return leaf.endswith("proj") or leaf in ("w1", "w2", "w3")
 
 
-def quantize_checkpoint_fp8(model_dir, block: tuple[int, int] = (128, 128),
-                            modules_to_not_convert: list[str] | None = None) -> None:
-    """Rewrite the safetensors checkpoint in ``model_dir`` in place in the block-FP8 layout: every quantizable
-    weight becomes float8 with its ``weight_scale_inv``, and config.json gets the fp8 ``quantization_config``."""
+def quantize_checkpoint(model_dir, layout, skip: list[str] | None = None) -> None:
+    """Rewrite the safetensors checkpoint in ``model_dir`` in place in ``layout``: every quantizable weight
+    (outside ``skip``) becomes float8 with its scale tensor, and config.json gets the layout's
+    ``quantization_config``."""
     from safetensors.torch import load_file, save_file
     model_dir = Path(model_dir)
-    skip = list(modules_to_not_convert or [])
+    skip = list(skip or [])
     added = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
         weights = load_file(str(path))
         for name in [n for n, t in weights.items() if quantizable(n, t, skip)]:
-            weights[name], weights[name + SCALE_SUFFIX] = _quantize(weights[name], block)
-            added[name + SCALE_SUFFIX] = path.name
+            weights[name], weights[name + layout.suffix] = layout.quantize(weights[name])
+            added[name + layout.suffix] = path.name
         save_file(weights, str(path), metadata=metadata or {"format": "pt"})
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.is_file():  # a sharded checkpoint: its index names the new scale tensors too
@@ -170,7 +236,11 @@ def quantize_checkpoint_fp8(model_dir, block: tuple[int, int] = (128, 128),
         index_path.write_text(json.dumps(index, indent=2) + "\n")
     config_path = model_dir / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(block),
-                                     **({"modules_to_not_convert": skip} if skip else {})}
+    config["quantization_config"] = layout.quantization_config(skip)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def quantize_checkpoint_fp8(model_dir, block: tuple[int, int] = (128, 128),
+                            modules_to_not_convert: list[str] | None = None) -> None:
+    """``quantize_checkpoint`` in the block layout of ``block``, ``modules_to_not_convert`` left unquantized."""
+    quantize_checkpoint(model_dir, BlockLayout(block), modules_to_not_convert)

