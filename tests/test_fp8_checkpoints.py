@@ -87,7 +87,8 @@ def test_eager_and_graph_match_transformers_on_the_dequantized_weights(quantized
     prompts = prompts_of(5, seed=1, max_len=40)
     want = hf_greedy(plain, prompts, GREEDY.max_tokens)
     eager = LLM(path, enforce_eager=True, **ENGINE)
-    assert re.fullmatch(r"fp8 weights \((\d+) of \1 projections and expert stacks, scales per row and 48 columns\)",
+    assert re.fullmatch(r"fp8 weights \((\d+) of \1 projections and expert stacks, scales per row and 48 columns\), "
+                        r"from an fp8 checkpoint \(block 32x48\)",
                         eager.engine.describe()["quantization"])
     layer = eager.engine.runner.model.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn

@@ -109,7 +109,7 @@ def _transformers_checkpoint(model_dir: str, quantization: str | None = None, dt
     from nanovllm.tools import fp8_oracle, minicpm
     config = json.loads((Path(model_dir) / "config.json").read_text())
     minicpm_model = config.get("model_type") in minicpm.MODEL_TYPES
-    fp8 = quantization == "fp8" or fp8_checkpoint.block_size(config) is not None
+    fp8 = quantization == "fp8" or fp8_checkpoint.layout(config) is not None
     if not minicpm_model and not fp8:
         yield model_dir
         return
