@@ -51,6 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-len", type=int, default=1024, help=f"largest max_tokens (>= {MIN_LEN})")
     p.add_argument("--repeat", type=int, default=1,
                    help="time the workload this many times in one process, each with an empty prefix cache")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="on every request (1 is off); the step's processed variant is built before timing")
     p.add_argument("--json", help="also write the result(s) to this file")
     p.add_argument("--sweep-bs", type=int_list,
                    help="run the bench once per max batch size, each in a fresh process, and print a table")
@@ -93,6 +95,7 @@ def child_argv(args: argparse.Namespace, bs: int, json_path: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--model", args.model, "--bs", str(bs),
             "--num-seqs", str(args.num_seqs), "--max-input-len", str(args.max_input_len),
             "--max-output-len", str(args.max_output_len), "--repeat", str(args.repeat), "--json", json_path,
+            "--repetition-penalty", str(args.repetition_penalty),
             *engine_argv(engine_kwargs(args))]
 
 
@@ -175,8 +178,12 @@ def add_floor(result: dict, info: dict, bandwidth: float | None) -> None:
 def run_once(llm, args, info: dict) -> dict:
     """One warm-up and one timed generate of the workload, with an empty prefix cache and zeroed stats."""
     prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    for p in params:
+        p.repetition_penalty = args.repetition_penalty
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
     engine = llm.engine
+    if args.repetition_penalty != 1:  # the variant's graphs, built when first asked for, are built before timing
+        engine.runner.executor.build_variant_graphs("processed")
     engine.reset_stats()
     engine.reset_prefix_cache()  # a repeated run must prefill in full, like the first
     cuda = info["device_type"] == "cuda"

@@ -54,6 +54,21 @@ def workload(num_seqs: int, max_input_len: int, max_output_len: int):
     return prompts, params
 
 
+_FIELDS = [("name", {"type": "string", "maxLength": 32}), ("age", {"type": "integer", "minimum": 0, "maximum": 150}),
+           ("score", {"type": "number"}), ("active", {"type": "boolean"}),
+           ("city", {"type": "string", "enum": ["Paris", "Rome", "Oslo", "Lima", "Pune"]}),
+           ("email", {"type": "string", "maxLength": 40}), ("count", {"type": "integer"}),
+           ("tag", {"type": "string", "maxLength": 16})]
+
+
+def json_schema(i: int) -> dict:
+    """Request ``i``'s JSON schema in the structured-output workloads: an object of 4 to 6 required typed fields
+    (strings of bounded length, an enum, integers, a number, a boolean), 24 distinct schemas in turn."""
+    fields = [_FIELDS[(i + j) % len(_FIELDS)] for j in range(4 + i % 3)]
+    return {"type": "object", "properties": dict(fields), "required": [name for name, _ in fields],
+            "additionalProperties": False}
+
+
 def llm_kwargs(args, bs: int) -> dict:
     """``LLM(...)`` keyword arguments of one run: the engine flags of ``args`` (``nanovllm.cli``),
     ``max_num_seqs=bs`` and the given decode buckets up to ``bs`` (the defaults if none is left)."""

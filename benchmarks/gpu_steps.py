@@ -31,6 +31,7 @@ class Step:
     env: tuple[tuple[str, str | None], ...] = ()  # None unsets the variable
     limit_s: int = 600
     vllm_config: tuple[tuple[str, object], ...] = ()  # config.json fields changed for vLLM only
+    client: tuple[str, ...] = ()  # a serve row's extra serve_bench.py flags
 
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
@@ -66,6 +67,11 @@ STEPS = [
     Step("vl-vllm", "vllm", "own", "vl"),
     Step("serve-ours", "ours", "default", "serve"),
     Step("serve-vllm", "vllm", "default", "serve"),
+    Step("serve-json-ours", "ours", "default", "serve", client=("--structured-share", "0.5")),
+    Step("serve-json-vllm", "vllm", "default", "serve", client=("--structured-share", "0.5")),
+    Step("json-ours", "ours", "default", "structured"),
+    Step("json-vllm", "vllm", "default", "structured"),
+    Step("bench-reppen-ours", "ours", "default", "bench", BENCH + ("--repetition-penalty", "1.1")),
     Step("offload-ours", "ours", "preset:mixtral-8x7b", "offload"),
     Step("offload-vllm", "vllm", "preset:mixtral-8x7b", "offload", ("--cpu-offload-gb", "80")),
     Step("tp-ours", "ours", "peer:qwen3-32b", "bench", BENCH + ("--tensor-parallel-size", "2")),
@@ -185,6 +191,11 @@ def commands(step: Step, ctx: Context) -> list[Command]:
                          "--experts-on-device", "1", "--batch-sizes", "1,16", "--max-tokens", "32", *step.flags], env)]
     if step.workload == "serve":
         return serve_commands(step, ctx, env)
+    if step.workload == "structured":  # xgrammar: vLLM's staged one, for ours too (it has no other)
+        env["PYTHONPATH"] = str(ctx.site) if vllm else f"{ctx.tree}:{ctx.site}"
+        engine = "vllm" if vllm else "nanovllm"
+        return [Command([py, "-m", "benchmarks.structured_bench", "--engine", engine, "--model",
+                         with_tokenizer(model_dir(step, ctx), ctx), *step.flags], env)]
     if step.workload == "pytest":
         env.update(TRITON_INTERPRET="0", **({"TOKENIZER": ctx.tokenizer} if ctx.tokenizer else {}))
         return [Command([py, "-m", "pytest", "-q", *step.flags], env)]
@@ -208,7 +219,7 @@ def serve_commands(step: Step, ctx: Context, env: dict) -> list[Command]:
     client = [py, "-m", "benchmarks.serve_bench", "--base-url", SERVER, "--model", "qwen3"]
     ours = {"PYTHONPATH": str(ctx.tree)}
     return [Command(server + list(step.flags), env, background=True, label="server"),
-            Command(client + ["--request-rate", "4", "--num-prompts", "128", "--json", "light.json"], ours,
-                    label="light"),
-            Command(client + ["--request-rate", "16,inf", "--num-prompts", "256", "--json", "load.json"], ours,
-                    label="load")]
+            Command(client + ["--request-rate", "4", "--num-prompts", "128", "--json", "light.json", *step.client],
+                    ours, label="light"),
+            Command(client + ["--request-rate", "16,inf", "--num-prompts", "256", "--json", "load.json",
+                              *step.client], ours, label="load")]

@@ -5,7 +5,9 @@
 
 Prompts are token ids drawn like bench.py's (nano-vllm's) workload: ``random.seed(0)``, then per request
 ``randint(0, --max-token-id)`` ids, ``randint(--min-input-len, --max-input-len)`` of them, and ``max_tokens =
-randint(--min-output-len, --max-output-len)``; ``ignore_eos``, so each request generates exactly ``max_tokens``.
+randint(--min-output-len, --max-output-len)``; ``ignore_eos``, so each request generates exactly ``max_tokens``,
+except the ``--structured-share`` whose ``response_format`` is a JSON schema (``common.json_schema``), which end
+with their object.
 Each is sent to ``/v1/completions`` streamed (``stream_options.include_usage``) at times of a Poisson process of
 ``--request-rate`` requests/s (``inf``: all at once), at most ``--max-concurrency`` in flight.
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from benchmarks.common import write_json
+from benchmarks.common import json_schema, write_json
 
 
 @dataclass
@@ -38,16 +40,23 @@ class Result:
     itl: list = field(default_factory=list)
 
 
-def workload(args) -> list[tuple[list[int], int]]:
+def workload(args) -> list[tuple[list[int], int, dict | None]]:
+    """(prompt, max_tokens, JSON schema or None) per request; a ``--structured-share`` of them, spread evenly, get
+    ``json_schema(i)``."""
     random.seed(0)
+    share = args.structured_share
     return [([random.randint(0, args.max_token_id) for _ in range(random.randint(args.min_input_len,
                                                                                   args.max_input_len))],
-             random.randint(args.min_output_len, args.max_output_len)) for _ in range(args.num_prompts)]
+             random.randint(args.min_output_len, args.max_output_len),
+             json_schema(i) if int((i + 1) * share) > int(i * share) else None) for i in range(args.num_prompts)]
 
 
-async def one_request(client: httpx.AsyncClient, args, model: str, prompt: list[int], max_tokens: int) -> Result:
+async def one_request(client: httpx.AsyncClient, args, model: str, prompt: list[int], max_tokens: int,
+                      schema: dict | None) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": args.temperature,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": schema is None, "stream": True, "stream_options": {"include_usage": True}}
+    if schema is not None:  # ends when the object is complete
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "record", "schema": schema}}
     result = Result()
     start = last = time.perf_counter()
     try:
@@ -72,7 +81,7 @@ async def one_request(client: httpx.AsyncClient, args, model: str, prompt: list[
                         result.itl.append(now - last)
                     last = now
         result.latency = time.perf_counter() - start
-        result.ok = result.output_tokens == max_tokens
+        result.ok = result.output_tokens == max_tokens or schema is not None and result.output_tokens > 0
         if not result.ok:
             result.error = f"generated {result.output_tokens} tokens, asked for {max_tokens}"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
@@ -86,17 +95,17 @@ async def run_rate(args, model: str, rate: float, requests) -> dict:
     gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     rng = np.random.default_rng(args.seed)
 
-    async def limited(client, prompt, max_tokens):
+    async def limited(client, prompt, max_tokens, schema):
         if gate is None:
-            return await one_request(client, args, model, prompt, max_tokens)
+            return await one_request(client, args, model, prompt, max_tokens, schema)
         async with gate:
-            return await one_request(client, args, model, prompt, max_tokens)
+            return await one_request(client, args, model, prompt, max_tokens, schema)
 
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
         tasks = []
         start = time.perf_counter()
-        for prompt, max_tokens in requests:
-            tasks.append(asyncio.create_task(limited(client, prompt, max_tokens)))
+        for prompt, max_tokens, schema in requests:
+            tasks.append(asyncio.create_task(limited(client, prompt, max_tokens, schema)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.exponential(1.0 / rate))
         results = await asyncio.gather(*tasks)
@@ -166,6 +175,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-len", type=int, default=1024)
     p.add_argument("--max-token-id", type=int, default=10000, help="prompt ids are drawn from [0, this]")
     p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--structured-share", type=float, default=0.0,
+                   help="share of requests with a JSON schema (response_format json_schema; they end with it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     p.add_argument("--plot", help="save a PNG of latency against request rate")
     p.add_argument("--json", default="serve_bench.json", help="file name of the JSON result under $OUT")
