@@ -10,6 +10,7 @@ constrained sequence's tokens before it builds the sequence's next mask (``Engin
 Bit ``i`` of word ``j`` of a row's int32 bitmask allows token ``32 * j + i`` (xgrammar's layout).
 """
 import json
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from nanovllm.sampling_params import StructuredOutputsParams
@@ -56,7 +57,7 @@ class Grammars:
     """The engine's compiled grammars: ``start(seq)`` when a constrained request arrives, ``fill`` a step's
     bitmask rows, ``accept`` each resolved token."""
 
-    def __init__(self, model_dir: str, vocab_size: int, stop_token_ids, threads: int = 8):
+    def __init__(self, model_dir: str, vocab_size: int, stop_token_ids, threads: int = min(16, os.cpu_count() or 1)):
         self.model_dir, self.vocab_size, self.stop_token_ids = model_dir, vocab_size, list(stop_token_ids)
         self.threads = threads
         self.words = -(-vocab_size // 32)  # int32 words of a bitmask row
