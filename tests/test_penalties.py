@@ -97,4 +97,4 @@ def test_graph_mode_equals_eager_with_penalties(path, llm, tmp_path, monkeypatch
     want = llm.generate(PROMPTS, params, use_tqdm=False)
     got = graph.generate(PROMPTS, params, use_tqdm=False)
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
-    assert set(graph.engine.describe()["variant_graph_sizes"]) == {"processed", "processed_logprobs"}
+    assert "processed_logprobs" in graph.engine.describe()["variant_graph_sizes"]  # every batch asks logprobs
