@@ -8,8 +8,10 @@ Workload: ``--num-seqs`` (256) prompts drawn as bench.py draws them (``random.se
 random token ids), request ``i`` constrained by ``benchmarks.common.json_schema(i)`` (4 to 6 typed fields),
 temperature 0.6, at most ``--max-tokens``.  Then the same prompts unconstrained, each with ``max_tokens`` = the
 tokens its constrained run generated and ``ignore_eos``, so both runs generate the same tokens' worth of work.  Each
-run is timed after a warm-up of its own kind (the step's variants built).  The model is bench.py's random
-Qwen3-0.6B (or ``--model``, which needs tokenizer files); vLLM loads it with dummy weights and its xgrammar backend.
+run is timed after a warm-up of its own kind (the step's variants built); for nanovllm the JSON also holds each run's
+engine stats (host, device-wait and grammar seconds, steps).  The model is bench.py's random
+Qwen3-0.6B (or ``--model``, which needs tokenizer files); vLLM loads it with dummy weights and its xgrammar backend,
+without free whitespace in JSON (``disable_any_whitespace``), as ours compiles it.
 Prints one line per run and writes ``structured_<engine>.json`` under ``$OUT``.
 """
 import argparse
@@ -33,8 +35,17 @@ class _Nano:
         self.llm = LLM(model, max_num_seqs=bs, max_model_len=4096)
 
     def warm(self) -> None:
-        for variant in ("processed",):
+        for variant in ("forward",):
             self.llm.engine.runner.executor.build_variant_graphs(variant)
+
+    def reset_stats(self) -> None:
+        self.llm.engine.reset_stats()
+
+    def stats(self) -> dict:
+        """Where the run's seconds went: the engine's host and device-wait time, of the host time the grammars'
+        (mask fills, matcher advances), and the steps."""
+        s = self.llm.engine.stats
+        return {k: round(s[k], 3) for k in ("host_time", "wait_time", "grammar_time", "prefill_steps", "decode_steps")}
 
     def sampling(self, schema: dict | None, max_tokens: int):
         spec = self.spec(json=schema) if schema is not None else None
@@ -47,12 +58,22 @@ class _Nano:
 class _Vllm:
     def __init__(self, model: str, bs: int):
         from vllm import LLM, SamplingParams
+        from vllm.config import StructuredOutputsConfig
         from vllm.sampling_params import StructuredOutputsParams
         self.params, self.spec = SamplingParams, StructuredOutputsParams
-        self.llm = LLM(model, load_format="dummy", max_num_seqs=bs, max_model_len=4096, seed=0)
+        # compact JSON, as ours compiles it: a random model then cannot pad an object with blank space
+        outputs = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+        self.llm = LLM(model, load_format="dummy", max_num_seqs=bs, max_model_len=4096, seed=0,
+                       structured_outputs_config=outputs)
 
     def warm(self) -> None:
         pass
+
+    def reset_stats(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
 
     def sampling(self, schema: dict | None, max_tokens: int):
         spec = self.spec(json=schema) if schema is not None else None
@@ -80,12 +101,15 @@ def main(argv=None) -> dict:
     engine.generate(prompts[:8], [engine.sampling(s, 32) for s in schemas[:8]])  # warm-up, constrained
     engine.warm()
     result = {"engine": args.engine, "init_s": round(init_s, 1), "num_seqs": args.num_seqs}
+    engine.reset_stats()
     t = time.perf_counter()
     constrained = engine.generate(prompts, [engine.sampling(s, args.max_tokens) for s in schemas])
     seconds = time.perf_counter() - t
+    constrained_stats = engine.stats()
     valid = sum(_parses(engine, ids) for ids in constrained)
     lengths = [max(1, len(ids)) for ids in constrained]
     engine.generate(prompts[:8], [engine.sampling(None, 32)] * 8)  # warm-up, plain
+    engine.reset_stats()
     t = time.perf_counter()
     plain = engine.generate(prompts, [engine.sampling(None, n) for n in lengths])
     plain_seconds = time.perf_counter() - t
@@ -94,6 +118,7 @@ def main(argv=None) -> dict:
                   plain_tokens=sum(len(ids) for ids in plain), plain_seconds=round(plain_seconds, 2),
                   plain_tok_s=round(sum(len(ids) for ids in plain) / plain_seconds, 1))
     result["constrained_over_plain"] = round(result["tok_s"] / result["plain_tok_s"], 3)
+    result.update(constrained_stats=constrained_stats, plain_stats=engine.stats())
     print(f"{args.engine}: constrained {result['tok_s']:.0f} tok/s ({tokens} tokens, {seconds:.1f} s, {valid} of "
           f"{len(prompts)} parse as JSON); plain {result['plain_tok_s']:.0f} tok/s; ratio "
           f"{result['constrained_over_plain']}")

@@ -43,7 +43,10 @@ class Part(NamedTuple):
 
 def step_outputs(out: tuple) -> tuple:
     """(tokens, logits, None or (values, ids), None or the raw logits) of the outputs of the step or a variant
-    (``nanovllm.step.STEPS``): a processed variant's logits are those it sampled from, its raw logits the model's."""
+    (``nanovllm.step.STEPS``): a processed variant's logits are those it sampled from, its raw logits the model's;
+    the ``forward`` variant samples nothing (tokens None)."""
+    if len(out) == 1:
+        return None, out[0], None, None
     logprobs = (out[2], out[3]) if len(out) >= 4 else None
     raw = out[-1] if len(out) in (3, 5) else None
     return out[0], out[1], logprobs, raw

@@ -5,8 +5,9 @@ then reads the tokens of the one launched ``pipeline_depth`` steps before.  A st
 tokens from the device token buffer, so the host never waits for them; with depth d the device has about d - 1
 steps of work left when the host starts on the next one, so a host stall shorter than that costs nothing.  The
 price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth`` steps
-compute a row for it that is thrown away.  A sequence with a grammar cannot run ahead (its next mask needs its last
-token): while a queued step samples for one, ``step()`` only resolves the oldest step and launches nothing.
+compute a row for it that is thrown away.  A step that samples for a sequence with a grammar needs that sequence's
+last token on the host for its mask: it is launched in two halves (``ModelRunner.launch_forward`` then ``finish``),
+and between them ``step()`` resolves every queued step, so the host fills the masks while the device runs the model.
 
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
@@ -28,9 +29,6 @@ from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import ImageInputs, Sequence
 from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
-
-
-_EMPTY = ScheduledBatch([], [], False)  # what ``step()`` launches while it waits on a constrained sequence
 
 
 class StepRecord(NamedTuple):
@@ -63,10 +61,12 @@ class Engine:
         """Zero ``stats``: tokens, steps and wall seconds per step kind, ``host_time`` (seconds the host spent
         scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited for the device),
         ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps read
-        (``decode_kv_tokens``) and ``preemptions``."""
+        (``decode_kv_tokens``), ``preemptions`` and ``grammar_time`` (host seconds filling masks and advancing
+        grammars, ``Grammars.seconds``)."""
         self.stats.update({"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                            "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0,
-                           "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0})
+                           "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0, "grammar_time": 0.0})
+        self.runner.grammars.seconds = 0.0
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use stay), so the next prompts are computed in full."""
@@ -102,51 +102,64 @@ class Engine:
         """
         t0 = time.perf_counter()
         stats = self.stats
-        # a queued step samples for a sequence with a grammar: resolve it before scheduling that sequence again
-        batch = _EMPTY if self.pipeline.holds_constrained() else self.scheduler.schedule()
+        batch = self.scheduler.schedule()
         stats["preemptions"] += len(batch.preempted)
+        collected = []  # (step, its finished sequences) of each step resolved here, oldest first
+        wait = 0.0
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             slot = self.pipeline.next_slot()
-            event, prepare_seconds = self.runner.launch(batch, slot)
+            if _samples_constrained(batch):  # its masks need every queued step's tokens: resolve them meanwhile
+                parts, prepare_seconds = self.runner.launch_forward(batch, slot)
+                while len(self.pipeline):
+                    wait += self._collect(collected)
+                event = self.runner.finish(batch, slot, parts)
+            else:
+                event, prepare_seconds = self.runner.launch(batch, slot)
             stats["decode_prepare_time"] += prepare_seconds
-            self.pipeline.push(batch, slot, len(batch.seqs), event,
-                               constrained=any(s.grammar is not None for s in batch.seqs))
-        launch = time.perf_counter() - t0
-        finished = []
-        wait = 0.0
-        previous = None
+            self.pipeline.push(batch, slot, len(batch.seqs), event)
+        launch = time.perf_counter() - t0 - wait
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
-            t = time.perf_counter()
-            previous, tokens, logprobs, prompt_logprobs = self.pipeline.collect()
-            wait = time.perf_counter() - t
-            if prompt_logprobs is not None:
-                _record_prompt_logprobs(*prompt_logprobs)
-            finished = self.scheduler.resolve(previous, tokens, logprobs)
-            for _, seq, index in previous.sampled:
-                if seq.grammar is not None and index < len(seq.token_ids):
-                    seq.grammar.accept(seq.token_ids[index])
+            wait += self._collect(collected)
         if batch.seqs:
             self.scheduler.advance(batch)
         elapsed = time.perf_counter() - t0
-        self.stats["wait_time"] += wait
-        self.stats["host_time"] += elapsed - wait
+        stats["wait_time"] += wait
+        stats["host_time"] += elapsed - wait
+        stats["grammar_time"] = self.runner.grammars.seconds
         # Wall time is charged to the step whose device work it waited for, or else to the oldest queued one.
+        previous = collected[-1][0] if collected else None
         oldest = self.pipeline.oldest()
         charged = previous if previous is not None else oldest if oldest is not None else batch
         if charged.seqs:
             kind = "prefill" if charged.is_prefill else "decode"
-            self.stats[f"{kind}_time"] += elapsed
+            stats[f"{kind}_time"] += elapsed
             if self.step_log is not None:
                 self.step_log.append(StepRecord(kind, len(charged.seqs), t0, elapsed, wait, launch))
         computed = sum(batch.num_new_tokens)
         if batch.seqs:
             kind = "prefill" if batch.is_prefill else "decode"
-            self.stats[f"{kind}_tokens"] += computed
-            self.stats[f"{kind}_steps"] += 1
-        outputs = _outputs(previous, finished) if previous is not None else []
+            stats[f"{kind}_tokens"] += computed
+            stats[f"{kind}_steps"] += 1
+        outputs = [out for step, finished in collected for out in _outputs(step, finished)]
         return StepResult(outputs, batch.is_prefill, computed)
+
+    def _collect(self, collected: list) -> float:
+        """Wait for the oldest queued step and resolve it (its tokens, logprobs and prompt logprobs; grammars
+        advance over its tokens); appends (step, finished sequences) to ``collected``, returns the seconds waited."""
+        t = time.perf_counter()
+        previous, tokens, logprobs, prompt_logprobs = self.pipeline.collect()
+        wait = time.perf_counter() - t
+        if prompt_logprobs is not None:
+            _record_prompt_logprobs(*prompt_logprobs)
+        finished = self.scheduler.resolve(previous, tokens, logprobs)
+        resolved = [(seq.grammar, seq.token_ids[index]) for _, seq, index in previous.sampled
+                    if seq.grammar is not None and index < len(seq.token_ids)]
+        if resolved:
+            self.runner.grammars.accept(resolved)
+        collected.append((previous, finished))
+        return wait
 
     def abort(self, seq: Sequence) -> bool:
         """End ``seq`` now, wherever it is (waiting, prefilling, decoding with tokens still pending in queued
@@ -161,6 +174,12 @@ class Engine:
 
     def has_work(self) -> bool:
         return len(self.pipeline) > 0 or self.scheduler.has_work()
+
+
+def _samples_constrained(batch: ScheduledBatch) -> bool:
+    """Whether ``batch`` samples the next token of a sequence with a grammar."""
+    return any(seq.grammar is not None and (not batch.is_prefill or batch.samples(i))
+               for i, seq in enumerate(batch.seqs))
 
 
 def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:

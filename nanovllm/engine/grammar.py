@@ -11,6 +11,7 @@ Bit ``i`` of word ``j`` of a row's int32 bitmask allows token ``32 * j + i`` (xg
 """
 import json
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from nanovllm.sampling_params import StructuredOutputsParams
@@ -55,7 +56,8 @@ def check(spec: StructuredOutputsParams) -> None:
 
 class Grammars:
     """The engine's compiled grammars: ``start(seq)`` when a constrained request arrives, ``fill`` a step's
-    bitmask rows, ``accept`` each resolved token."""
+    bitmask rows, ``accept`` each resolved token.  ``seconds``: host time spent in ``fill`` and ``accept``
+    (waiting for compiles included)."""
 
     def __init__(self, model_dir: str, vocab_size: int, stop_token_ids, threads: int = min(16, os.cpu_count() or 1)):
         self.model_dir, self.vocab_size, self.stop_token_ids = model_dir, vocab_size, list(stop_token_ids)
@@ -64,6 +66,7 @@ class Grammars:
         self._compiler = None
         self._pool: ThreadPoolExecutor | None = None
         self._batch = None
+        self.seconds = 0.0
 
     def _ensure(self):
         if self._compiler is None:
@@ -99,10 +102,24 @@ class Grammars:
         """A sequence's grammar, compiling in the background."""
         return SequenceGrammar(self.compile(spec))
 
-    def fill(self, matchers: list, bitmask) -> None:
-        """Row ``i`` of ``bitmask`` [>= len(matchers), words] int32 (a host tensor) := the tokens ``matchers[i]``
-        allows next."""
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(len(matchers))))
+    def fill(self, grammars: list["SequenceGrammar"], bitmask) -> None:
+        """Row ``i`` of ``bitmask`` [>= len(grammars), words] int32 (a host tensor) := the tokens ``grammars[i]``
+        allows next; every token where it has ended (its row's token is thrown away: the sequence finished)."""
+        start = time.perf_counter()
+        matchers = [g.matcher() for g in grammars]
+        live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+        if len(live) < len(matchers):
+            bitmask[[i for i, m in enumerate(matchers) if m.is_terminated()]] = -1
+        if live:
+            self._batch.batch_fill_next_token_bitmask([matchers[i] for i in live], bitmask, live)
+        self.seconds += time.perf_counter() - start
+
+    def accept(self, resolved: list[tuple["SequenceGrammar", int]]) -> None:
+        """Advance each grammar over its resolved token, in order."""
+        start = time.perf_counter()
+        for grammar, token in resolved:
+            grammar.accept(token)
+        self.seconds += time.perf_counter() - start
 
     def close(self) -> None:
         if self._pool is not None:

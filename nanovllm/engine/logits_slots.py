@@ -42,7 +42,8 @@ class LogitsSlots:
         fresh = [s for s in seqs if s.token_slot is not None and self.owner[s.token_slot] != s.seq_id]
         if fresh:
             self._initialise(fresh, pipeline_slot)
-        masked = [s for s, samples in zip(seqs, sampling) if samples and s.grammar is not None]
+        masked = [s for s, samples in zip(seqs, sampling)  # (a sequence the step's row outlived has no slot)
+                  if samples and s.grammar is not None and s.token_slot is not None]
         if masked:
             self._fill_masks(masked, pipeline_slot)
 
@@ -80,7 +81,7 @@ class LogitsSlots:
     def _fill_masks(self, seqs: list, pipeline_slot: int) -> None:
         n, words = len(seqs), self.state.bitmask.shape[1]
         host = self._staging(self._masks, pipeline_slot, (n, words), torch.int32)[:n]
-        self.grammars.fill([s.grammar.matcher() for s in seqs], host)
+        self.grammars.fill([s.grammar for s in seqs], host)
         ints = self._staging(self._ints, -1 - pipeline_slot, (n,), torch.int64)[:n]
         ints.numpy()[:] = [s.token_slot for s in seqs]
         self.state.bitmask.index_copy_(0, self._to_device(ints), self._to_device(host))

@@ -1,17 +1,15 @@
 """``ModelRunner``: one model on one device, turning a scheduled batch into a launched step.
 
-It owns the model (``nanovllm.models.build_model``), its KV cache (``kv_cache.py``), the device token buffer,
-the input builders (``prefill_inputs.py``, ``decode_inputs.py``) and the executor (``nanovllm/compile``).
-Decode rows are padded to the executor's bucket; a prefill step gets a trailing padding sequence (see
-``PrefillInputBuilder``).  ``launch`` queues a step on the device and copies its tokens, in the background,
-to the host buffer of the ``StepSlot`` the engine's pipeline handed out; the engine reads them later.  A batch in
-which a request asked for logprobs, penalties or a grammar runs that variant of the step (``nanovllm.step.STEPS``,
-compiled like the step; the per-slot rows of penalties and masks are ``logits_slots.py``'s), whose logprobs are
-copied to the slot the same way; other batches run the plain step and pay nothing.  A prefill that reaches image
-tokens (vision-language models) runs eagerly with the extra inputs ``image_step.py`` builds, and so does a prefill
-in which a request computes prompt logprobs (``run_step_with_prompt_logprobs``), whose prompt rows' logprobs are
-copied to the slot's ``prompt_logprobs`` in the background.  The token buffer has one row per running sequence
-(its "token slot", which the scheduler hands out) for its newest sampled token, plus a scratch row for padding.
+It owns the model (``nanovllm.models.build_model``), its KV cache (``kv_cache.py``), the device token buffer
+(one row per running sequence, its "token slot", plus a scratch row), the input builders and the executor
+(``nanovllm/compile``).  ``launch`` queues a step and copies its tokens, in the background, to the host buffer of
+the engine's ``StepSlot``.  A batch in which a request asked for logprobs, penalties or a grammar runs that variant
+of the step (``nanovllm.step.STEPS``; the per-slot rows of penalties and masks are ``logits_slots.py``'s); other
+batches run the plain step and pay nothing.  A batch in which a constrained sequence samples is launched in two
+halves: ``launch_forward`` queues the model, the engine resolves the earlier steps meanwhile, and ``finish`` fills
+the grammar masks and samples.  A prefill that reaches image tokens (``image_step.py``) or computes prompt logprobs
+(``run_step_with_prompt_logprobs``) runs eagerly and whole; prompt logprobs go to the slot's ``prompt_logprobs``.
+Start-up probes and calibration are ``runner_setup.py``'s.
 """
 import functools
 import time
@@ -23,7 +21,7 @@ from nanovllm.compile.cache import key_fields
 from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
 from nanovllm.compile.factory import make_executor
 from nanovllm.config import EngineConfig
-from nanovllm.engine import image_step
+from nanovllm.engine import image_step, runner_setup
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.grammar import Grammars
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
@@ -31,18 +29,14 @@ from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.layers.sampler import sample
-from nanovllm.models import fp8_checkpoint, fp8_weights, kv_scales
+from nanovllm.models import fp8_checkpoint, fp8_weights
 from nanovllm.models.expert_offload import expert_caches, offload_stats
-from nanovllm.models.loader import build_model, checkpoint_files
+from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.step import (VARIANTS, LogitsState, StepInputs, make_step, rechoose_logprob, redraw_filtered,
-                           variant_name)
+from nanovllm.step import (VARIANTS, LogitsState, SamplingRows, StepInputs, make_step, rechoose_logprob,
+                           redraw_filtered, sample_processed, token_logprobs, variant_name)
 from nanovllm.step.prompt_logprobs import run_step_with_prompt_logprobs
-
-CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
-
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, platform):
@@ -80,11 +74,11 @@ class ModelRunner:
                             table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)
         self.decode_builder = DecodeInputBuilder(**builder_args)
-        self.kv_scales = self._set_kv_scales() if config.fp8_kv_cache else None
+        self.kv_scales = runner_setup.set_kv_scales(self) if config.fp8_kv_cache else None
         self.num_blocks = plan_num_blocks(
             self.kv_spec, fixed=config.num_kvcache_blocks, utilization=config.gpu_memory_utilization,
             platform=platform, max_blocks_per_seq=self.max_blocks_per_seq, max_model_len=config.max_model_len,
-            probe=self._probe_peak_memory)
+            probe=functools.partial(runner_setup.probe_peak_memory, self))
         self.num_blocks = distributed.agree_min(self.num_blocks, self.device)  # tensor parallelism: one size
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         register_engine(self)
@@ -106,53 +100,8 @@ class ModelRunner:
         self.mode = self.executor.mode
         phase("compile_and_capture" if self.mode == "graph" else "executor")
         if platform.supports_graph_capture and not self.executor.captures_every_prefill():
-            self._warm_largest_prefill()
+            runner_setup.warm_largest_prefill(self)
             phase("warm_largest_prefill")
-
-    def _set_kv_scales(self) -> str:
-        """Fill the FP8 cache's scales as ``kv_cache_scales`` says (``models/kv_scales.py``); returns their source:
-        "checkpoint", "one", or the calibration ("tensor", "head") over ``CALIBRATION_TOKENS`` random tokens.
-        Without checkpoint scales ``auto`` calibrates per head, the scheme that measured best."""
-        choice, cfg = self.config.kv_cache_scales, self.config
-        if choice == "auto" and cfg.load_format == "safetensors" and \
-                kv_scales.load_checkpoint_scales(self.model, checkpoint_files(cfg.model)):
-            return "checkpoint"
-        if choice == "one":
-            return "one"
-        choice = "head" if choice == "auto" else choice
-        n = min(CALIBRATION_TOKENS, cfg.max_model_len, cfg.max_num_batched_tokens)
-        spec = self.kv_spec
-        kv = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, self.dtype).allocate(
-            -(-n // self.block_size), self.device)
-        ids = torch.randint(self.vocab_size, (n,), generator=torch.Generator().manual_seed(cfg.seed))
-        with torch.inference_mode():
-            self.model(ids.to(self.device), self.prefill_builder.probe(1, n), kv)
-        kv_scales.calibrate(self.model, kv, per_head=choice == "head")
-        return choice
-
-    def _probe_peak_memory(self) -> list:
-        """Run the largest prefill (with a temporary cache) and a full-batch filtered sample once, so the peak
-        memory they need is known before the KV cache takes the rest; returns the temporary cache."""
-        cfg = self.config
-        seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
-        num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
-        kv = self.kv_spec.allocate(num_seqs * -(-seq_len // self.block_size), self.device)
-        inputs = self.prefill_builder.probe(num_seqs, seq_len)
-        with torch.inference_mode():
-            self.model(inputs.input_ids, inputs, kv)
-            logits = torch.zeros(cfg.max_num_seqs, self.vocab_size, device=self.device)
-            z = torch.zeros(cfg.max_num_seqs, device=self.device)
-            sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
-        return kv
-
-    def _warm_largest_prefill(self) -> None:
-        """Run the largest uncaptured prefill once (all padding: nothing is written), so that its activation
-        memory sits in the caching allocator before the first generate instead of being allocated inside it."""
-        cfg = self.config
-        real = cfg.max_step_tokens
-        with torch.inference_mode():  # plus the trailing padding sequence
-            self.executor.run_prefill(self.prefill_builder.dummy(real + 1, min(cfg.max_num_seqs, real) + 1))
-        self.platform.synchronize()
 
     def describe(self) -> dict:
         """What this runner is, for the start-up log line and benchmarks."""
@@ -202,6 +151,41 @@ class ModelRunner:
         """Queue the step on the device; its tokens land in the token buffer and, in the background, in
         ``slot.host_tokens``.  Returns (the platform event recorded after its work, host seconds spent building
         decode inputs)."""
+        filtered, processed, variant = self._begin(batch, slot)
+        if processed:
+            self.logits_slots.prepare(batch.seqs, _sampling(batch), slot.index)
+        prepare_seconds = self._run(batch, slot, variant, filtered, processed)
+        return self.platform.record_event(), prepare_seconds
+
+    @torch.inference_mode()
+    def launch_forward(self, batch: ScheduledBatch, slot: StepSlot):
+        """Queue the forward half of a processed step (``nanovllm.step.function.run_forward``), for a batch whose
+        grammar masks the host fills while it runs; ``finish`` samples it.  Returns (what ``finish`` takes,
+        host seconds spent building decode inputs).  A step that runs eagerly (images, prompt logprobs) is not
+        split: ``finish`` launches it whole."""
+        filtered, processed, _ = self._begin(batch, slot)
+        if batch.is_prefill and (image_step.carries_images(batch) or prompt_logprob_rows(batch)[0]):
+            return None, 0.0
+        parts = []
+        prepare_seconds = self._run(batch, slot, "forward", filtered, processed, parts)
+        return parts, prepare_seconds
+
+    @torch.inference_mode()
+    def finish(self, batch: ScheduledBatch, slot: StepSlot, parts) -> object:
+        """Fill the masks of ``batch`` (every earlier step resolved) and sample what ``launch_forward`` left;
+        returns the platform event recorded after the step's work."""
+        if parts is None:
+            return self.launch(batch, slot)[0]
+        self.logits_slots.prepare(batch.seqs, _sampling(batch), slot.index)
+        filtered = any(s.params.needs_filter for s in batch.seqs)
+        for start, rows, raw, sampling in parts:
+            tokens, logits, raw = sample_processed(self.token_buffer, self.logits_state, raw, sampling)
+            logprobs = token_logprobs(raw, tokens) if slot.has_logprobs else None
+            self._emit((tokens, logits, logprobs, raw), sampling, rows, filtered, slot, start, True)
+        return self.platform.record_event()
+
+    def _begin(self, batch: ScheduledBatch, slot: StepSlot) -> tuple[bool, bool, str | None]:
+        """(filtered, processed, variant) of a batch about to launch; sets up ``slot``'s logprobs."""
         if self.model is None:
             raise RuntimeError("this engine was closed (Engine.close()); build a new LLM to generate again")
         filtered = any(s.params.needs_filter for s in batch.seqs)
@@ -211,15 +195,22 @@ class ModelRunner:
             rows, pin = self.config.max_num_seqs + 1, self.platform.pin_memory
             slot.host_logprobs = (torch.zeros(rows, 1 + MAX_LOGPROBS, pin_memory=pin),
                                   torch.zeros(rows, MAX_LOGPROBS, dtype=torch.int64, pin_memory=pin))
-        lp = slot.has_logprobs
-        variant = variant_name(lp, processed)
+        return filtered, processed, variant_name(slot.has_logprobs, processed)
+
+    def _run(self, batch: ScheduledBatch, slot: StepSlot, variant: str | None, filtered: bool, processed: bool,
+             parts: list | None = None) -> float:
+        """Launch ``variant`` of the step on ``batch``; the forward variant's logits and sampling rows go to
+        ``parts`` as (first row, rows, logits, ``SamplingRows``).  Returns the seconds spent building decode
+        inputs."""
         prepare_seconds = 0.0
-        if processed:
-            self.logits_slots.prepare(batch.seqs, [not batch.is_prefill or batch.samples(i)
-                                                   for i in range(len(batch.seqs))], slot.index)
+        lp = slot.has_logprobs
 
         def emit(outputs, inputs, part: Part) -> None:
-            self._emit(outputs, inputs, part.rows, filtered, slot, part.start, processed)
+            if parts is not None:  # the graph's outputs and inputs are reused by the next part or step
+                rows = part.rows
+                parts.append((part.start, rows, outputs[1][:rows].clone(), SamplingRows.of(inputs, rows)))
+            else:
+                self._emit(outputs, inputs, part.rows, filtered, slot, part.start, processed)
 
         def build_decode(part: Part) -> StepInputs:
             nonlocal prepare_seconds
@@ -246,7 +237,7 @@ class ModelRunner:
         else:
             self.executor.run(prefill=False, rows=len(batch.seqs), tokens=len(batch.seqs), variant=variant,
                               build=build_decode, emit=emit)
-        return self.platform.record_event(), prepare_seconds
+        return prepare_seconds
 
     def _launch_prompt_logprobs(self, inputs: StepInputs, mm, prompt: tuple, logprobs: bool, filtered: bool,
                                 slot: StepSlot, rows: int, processed: bool) -> None:
@@ -281,3 +272,8 @@ class ModelRunner:
                 values = rechoose_logprob(raw if raw is not None else logits, values, ids, tokens, rows)
             slot.host_logprobs[0][offset:offset + rows].copy_(values[:rows], non_blocking=True)
             slot.host_logprobs[1][offset:offset + rows].copy_(ids[:rows], non_blocking=True)
+
+
+def _sampling(batch: ScheduledBatch) -> list[bool]:
+    """Per sequence of ``batch``: whether the step samples its next token."""
+    return [not batch.is_prefill or batch.samples(i) for i in range(len(batch.seqs))]

@@ -29,7 +29,6 @@ class StepSlot:
         # rows), values [rows, 1 + MAX_LOGPROBS], ids [rows, MAX_LOGPROBS]) on the host, copied in the background
         self.prompt_logprobs: tuple | None = None
         self.event = None  # set at launch: the platform's event recorded after the step's work
-        self.constrained = False  # the step samples for a sequence with a grammar
         self.busy = False
 
 
@@ -40,7 +39,6 @@ class StepPipeline:
         self._slots = [StepSlot(i, make_host_tokens()) for i in range(depth + 1)]
         self._queued: deque = deque()  # (what the caller launched, slot, number of tokens)
         self._launches = 0
-        self._constrained = 0  # queued steps pushed ``constrained``
 
     def next_slot(self) -> StepSlot:
         """The slot for the step about to be launched (round robin); it must have been collected."""
@@ -50,19 +48,12 @@ class StepPipeline:
                                f"({len(self._queued)} steps queued, depth {self.depth})")
         return slot
 
-    def push(self, work: Any, slot: StepSlot, num_tokens: int, event, constrained: bool = False) -> None:
-        """Record a launched step: ``work`` (the scheduler's batch), its slot, tokens it samples and its event;
-        ``constrained``: it samples for a sequence whose next step needs those tokens on the host first."""
+    def push(self, work: Any, slot: StepSlot, num_tokens: int, event) -> None:
+        """Record a launched step: ``work`` (the scheduler's batch), its slot, tokens it samples and its event."""
         assert slot is self.next_slot() and not slot.busy
         slot.busy, slot.event = True, event
         self._launches += 1
         self._queued.append((work, slot, num_tokens))
-        self._constrained += constrained
-        slot.constrained = constrained
-
-    def holds_constrained(self) -> bool:
-        """Whether a queued step was pushed ``constrained``."""
-        return self._constrained > 0
 
     def should_collect(self, launched: bool) -> bool:
         """Whether to read the oldest step now: more than ``depth`` are queued, or nothing new was launched."""
@@ -83,8 +74,7 @@ class StepPipeline:
         prompt = slot.prompt_logprobs
         if prompt is not None:
             prompt = (prompt[0], prompt[1].numpy(), prompt[2].numpy())
-        self._constrained -= slot.constrained
-        slot.busy, slot.event, slot.has_logprobs, slot.prompt_logprobs, slot.constrained = False, None, False, None, False
+        slot.busy, slot.event, slot.has_logprobs, slot.prompt_logprobs = False, None, False, None
         return work, tokens, logprobs, prompt
 
     def oldest(self) -> Any:

@@ -52,7 +52,18 @@ def run_step_with_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, m
 def run_processed_step(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
     """``run_step`` for a batch in which a request has penalties or a grammar: the sampler draws from the logits
     ``state`` processed, and the sampled tokens are counted.  (tokens [B], processed logits [B, V], raw logits)."""
-    raw = _forward(model, kv_caches, token_buffer, inputs, mm)
+    return sample_processed(token_buffer, state, _forward(model, kv_caches, token_buffer, inputs, mm), inputs)
+
+
+def run_forward(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
+    """The step's first half, for a batch whose grammar masks are filled while it runs: (raw logits [B, V],).
+    ``sample_processed`` (with ``token_logprobs`` if asked) is its second half."""
+    return (_forward(model, kv_caches, token_buffer, inputs, mm),)
+
+
+def sample_processed(token_buffer, state: LogitsState, raw: torch.Tensor, inputs):
+    """Sample from ``raw`` logits processed by ``state``, write the tokens to the token buffer and count them:
+    (tokens [B], processed logits [B, V], raw).  ``inputs``: a ``StepInputs`` or ``SamplingRows`` of B rows."""
     logits = state.process(raw, inputs.out_slots)
     tokens = _sample(token_buffer, logits, inputs)
     state.count(inputs.out_slots, tokens)
@@ -69,7 +80,7 @@ def run_processed_step_with_logprobs(model, kv_caches, token_buffer, state: Logi
 
 
 STEPS = {None: run_step, "logprobs": run_step_with_logprobs, "processed": run_processed_step,
-         "processed_logprobs": run_processed_step_with_logprobs}  # the step and its variants, by name
+         "processed_logprobs": run_processed_step_with_logprobs, "forward": run_forward}  # the step and its variants
 VARIANTS = tuple(name for name in STEPS if name is not None)
 
 

@@ -1,0 +1,60 @@
+"""The start-up runs of a ``ModelRunner`` (``model_runner.py``) beside its step launches: calibrating an FP8 KV
+cache's scales, probing the peak memory of the largest step before the KV cache is sized, and warming the
+largest uncaptured prefill so its activations sit in the caching allocator before the first request.
+Each takes the runner and reads its model, builders, specs and config; none changes what a step computes."""
+import torch
+
+from nanovllm.engine.kv_cache import KVCacheSpec
+from nanovllm.layers.sampler import sample
+from nanovllm.models import kv_scales
+from nanovllm.models.loader import checkpoint_files
+
+CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
+
+
+def set_kv_scales(runner) -> str:
+    """Fill the FP8 cache's scales as ``kv_cache_scales`` says (``models/kv_scales.py``); returns their source:
+    "checkpoint", "one", or the calibration ("tensor", "head") over ``CALIBRATION_TOKENS`` random tokens.
+    Without checkpoint scales ``auto`` calibrates per head, the scheme that measured best."""
+    choice, cfg = runner.config.kv_cache_scales, runner.config
+    if choice == "auto" and cfg.load_format == "safetensors" and \
+            kv_scales.load_checkpoint_scales(runner.model, checkpoint_files(cfg.model)):
+        return "checkpoint"
+    if choice == "one":
+        return "one"
+    choice = "head" if choice == "auto" else choice
+    n = min(CALIBRATION_TOKENS, cfg.max_model_len, cfg.max_num_batched_tokens)
+    spec = runner.kv_spec
+    kv = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, runner.dtype).allocate(
+        -(-n // runner.block_size), runner.device)
+    ids = torch.randint(runner.vocab_size, (n,), generator=torch.Generator().manual_seed(cfg.seed))
+    with torch.inference_mode():
+        runner.model(ids.to(runner.device), runner.prefill_builder.probe(1, n), kv)
+    kv_scales.calibrate(runner.model, kv, per_head=choice == "head")
+    return choice
+
+
+def probe_peak_memory(runner) -> list:
+    """Run the largest prefill (with a temporary cache) and a full-batch filtered sample once, so the peak
+    memory they need is known before the KV cache takes the rest; returns the temporary cache."""
+    cfg = runner.config
+    seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
+    num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
+    kv = runner.kv_spec.allocate(num_seqs * -(-seq_len // runner.block_size), runner.device)
+    inputs = runner.prefill_builder.probe(num_seqs, seq_len)
+    with torch.inference_mode():
+        runner.model(inputs.input_ids, inputs, kv)
+        logits = torch.zeros(cfg.max_num_seqs, runner.vocab_size, device=runner.device)
+        z = torch.zeros(cfg.max_num_seqs, device=runner.device)
+        sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
+    return kv
+
+
+def warm_largest_prefill(runner) -> None:
+    """Run the largest uncaptured prefill once (all padding: nothing is written), so that its activation
+    memory sits in the caching allocator before the first generate instead of being allocated inside it."""
+    cfg = runner.config
+    real = cfg.max_step_tokens
+    with torch.inference_mode():  # plus the trailing padding sequence
+        runner.executor.run_prefill(runner.prefill_builder.dummy(real + 1, min(cfg.max_num_seqs, real) + 1))
+    runner.platform.synchronize()
