@@ -35,7 +35,7 @@ class _Nano:
         self.llm = LLM(model, max_num_seqs=bs, max_model_len=4096)
 
     def warm(self) -> None:
-        for variant in ("forward",):
+        for variant in ("forward", "sample"):
             self.llm.engine.runner.executor.build_variant_graphs(variant)
 
     def reset_stats(self) -> None:

@@ -1,15 +1,15 @@
 """Warm the compile cache ahead of time, or inspect and clear it.
 
     python -m nanovllm.precompile --model PATH [any LLM(...) option as a flag, e.g. --graph-batch-sizes 16,32]
-                                  [--variants logprobs processed forward ...]
+                                  [--variants logprobs processed forward sample ...]
     python -m nanovllm.precompile --list
     python -m nanovllm.precompile --clear
 
 Warming builds ``LLM(...)`` with the same arguments, so it fills exactly the entry that a later ``LLM(...)``
 with those arguments looks up, and prints the per-bucket compile times and the total.  ``--variants`` also builds
 those variants of the step for every bucket (``nanovllm.step.VARIANTS``: logprobs; processed, for penalties;
-processed_logprobs; forward, the model's half of a step that samples under a grammar), which are otherwise built,
-and cached, when a request first needs one.
+processed_logprobs; forward and sample, the halves of a step that samples under a grammar; sample_logprobs), which
+are otherwise built, and cached, when a request first needs one.
 """
 import argparse
 import time

@@ -11,6 +11,7 @@ Bit ``i`` of word ``j`` of a row's int32 bitmask allows token ``32 * j + i`` (xg
 """
 import json
 import os
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -43,6 +44,35 @@ def _source(xgr, spec: StructuredOutputsParams):
     return xgr.Grammar.from_ebnf(text)
 
 
+_BOUNDED = re.compile(r'(?<![\w"\\])(\w+)\{(\d+), (\d+)\} ("(?:[^"\\]|\\.)*")')  # rule{lo, hi} "literal"
+FILL_ROWS = 64  # the fewest bitmask rows worth a thread of their own (``Grammars.fill``)
+MAX_UNROLLED = 256  # a bounded repetition of at most this many optional items is unrolled (``unroll_bounded``)
+
+
+def unroll_bounded(ebnf: str) -> str:
+    """``ebnf`` with each bounded repetition of a rule followed by a literal, ``x{lo, hi} "t"`` (a JSON string's
+    ``maxLength``: ``char{0, 32} "\""``; an array's ``maxItems``), spelled as ``x`` lo times then rules
+    ``r_k ::= "t" | x r_(k-1)``, ``r_0 ::= "t"``: the same language.  xgrammar masks its own form slowly (the closing
+    literal lies outside the repetition, so most tokens stay undecided until run time: xgrammar issue #852, up to
+    milliseconds per mask); in this form the literal closes each rule and the masks are precomputed."""
+    defined = set(re.findall(r"^(\w+) ::=", ebnf, re.M))
+    chains: dict[tuple[str, str], list] = {}  # (rule, literal) -> [chain name, longest chain needed]
+
+    def rewrite(match) -> str:
+        name, lo, hi, end = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+        if name not in defined or not 0 <= hi - lo <= MAX_UNROLLED:
+            return match.group(0)
+        chain = chains.setdefault((name, end), [next(c for c in (f"{name}_then{i}" for i in range(len(chains) + 2))
+                                                     if f"{c}_0" not in defined), 0])
+        chain[1] = max(chain[1], hi - lo)
+        return " ".join([name] * lo + [f"{chain[0]}_{hi - lo}"])
+
+    out = _BOUNDED.sub(rewrite, ebnf)
+    rules = [f"{base}_{k} ::= {end}" + (f" | ({name} {base}_{k - 1})" if k else "")
+             for (name, end), (base, longest) in chains.items() for k in range(longest + 1)]
+    return out if not rules else out + "\n" + "\n".join(rules) + "\n"
+
+
 def check(spec: StructuredOutputsParams) -> None:
     """Raise ``ValueError`` naming the field if xgrammar cannot parse ``spec``."""
     xgr = _xgrammar()
@@ -59,13 +89,17 @@ class Grammars:
     bitmask rows, ``accept`` each resolved token.  ``seconds``: host time spent in ``fill`` and ``accept``
     (waiting for compiles included)."""
 
-    def __init__(self, model_dir: str, vocab_size: int, stop_token_ids, threads: int = min(16, os.cpu_count() or 1)):
+    def __init__(self, model_dir: str, vocab_size: int, stop_token_ids, threads: int = min(16, os.cpu_count() or 1),
+                 fill_threads: int = min(4, max(1, (os.cpu_count() or 1) // 4))):
+        """``threads`` compile grammars; ``fill_threads`` fill a step's masks, each at least ``FILL_ROWS`` rows
+        (one xgrammar batch matcher of one thread each: xgrammar's own threads cost more than they saved)."""
         self.model_dir, self.vocab_size, self.stop_token_ids = model_dir, vocab_size, list(stop_token_ids)
-        self.threads = threads
+        self.threads, self.fill_threads = threads, fill_threads
         self.words = -(-vocab_size // 32)  # int32 words of a bitmask row
         self._compiler = None
         self._pool: ThreadPoolExecutor | None = None
-        self._batch = None
+        self._fill_pool: ThreadPoolExecutor | None = None
+        self._batches: list = []
         self.seconds = 0.0
 
     def _ensure(self):
@@ -77,7 +111,9 @@ class Grammars:
                                                       stop_token_ids=self.stop_token_ids)
             self._compiler = xgr.GrammarCompiler(info, max_threads=self.threads)
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="nanovllm-grammar")
-            self._batch = xgr.BatchGrammarMatcher(self.threads)
+            self._batches = [xgr.BatchGrammarMatcher(1) for _ in range(self.fill_threads)]
+            if self.fill_threads > 1:
+                self._fill_pool = ThreadPoolExecutor(self.fill_threads - 1, thread_name_prefix="nanovllm-mask")
         return self._compiler
 
     def compile(self, spec: StructuredOutputsParams) -> Future:
@@ -88,8 +124,7 @@ class Grammars:
         def build():
             kind, text = spec.key()
             if kind in ("json", "json_object"):
-                compiled = compiler.compile_json_schema(text if kind == "json" else '{"type": "object"}',
-                                                        any_whitespace=False)
+                compiled = compiler.compile_grammar(unroll_bounded(str(_source(xgr, spec))))
             elif kind == "regex":
                 compiled = compiler.compile_regex(text)
             else:
@@ -107,12 +142,21 @@ class Grammars:
         allows next; every token where it has ended (its row's token is thrown away: the sequence finished)."""
         start = time.perf_counter()
         matchers = [g.matcher() for g in grammars]
-        live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+        ended = [m.is_terminated() for m in matchers]
+        live = [i for i, e in enumerate(ended) if not e]
         if len(live) < len(matchers):
-            bitmask[[i for i, m in enumerate(matchers) if m.is_terminated()]] = -1
-        if live:
-            self._batch.batch_fill_next_token_bitmask([matchers[i] for i in live], bitmask, live)
+            bitmask[[i for i, e in enumerate(ended) if e]] = -1
+        parts = max(1, min(self.fill_threads, len(live) // FILL_ROWS))
+        chunks = [live[k::parts] for k in range(parts)]  # interleaved: neighbours cost alike
+        futures = [self._fill_pool.submit(self._fill_rows, k, chunks[k], matchers, bitmask) for k in range(1, parts)]
+        self._fill_rows(0, chunks[0], matchers, bitmask)
+        for future in futures:
+            future.result()
         self.seconds += time.perf_counter() - start
+
+    def _fill_rows(self, k: int, rows: list[int], matchers: list, bitmask) -> None:
+        if rows:
+            self._batches[k].batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
 
     def accept(self, resolved: list[tuple["SequenceGrammar", int]]) -> None:
         """Advance each grammar over its resolved token, in order."""
@@ -122,8 +166,9 @@ class Grammars:
         self.seconds += time.perf_counter() - start
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._fill_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 class SequenceGrammar:

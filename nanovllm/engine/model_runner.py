@@ -34,8 +34,8 @@ from nanovllm.models.expert_offload import expert_caches, offload_stats
 from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.step import (VARIANTS, LogitsState, SamplingRows, StepInputs, make_step, rechoose_logprob,
-                           redraw_filtered, sample_processed, token_logprobs, variant_name)
+from nanovllm.step import (VARIANTS, LogitsState, StepInputs, make_step, rechoose_logprob, redraw_filtered,
+                           variant_name)
 from nanovllm.step.prompt_logprobs import run_step_with_prompt_logprobs
 
 class ModelRunner:
@@ -67,7 +67,7 @@ class ModelRunner:
                                    platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
-        self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device)
+        self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)
         self.grammars = Grammars(config.model, self.vocab_size, config.eos_token_ids)
         self.logits_slots = LogitsSlots(self.logits_state, self.device, platform.pin_memory, self.grammars)
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
@@ -125,7 +125,7 @@ class ModelRunner:
             return 0
         state = self.logits_state
         tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer, state.params, state.bitmask,
-                   state.counts, state.seen, *(t for kv in self.kv_caches for t in kv)]
+                   state.counts, state.seen, state.logits, *(t for kv in self.kv_caches for t in kv)]
         return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
 
     def close(self) -> None:
@@ -159,29 +159,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_forward(self, batch: ScheduledBatch, slot: StepSlot):
-        """Queue the forward half of a processed step (``nanovllm.step.function.run_forward``), for a batch whose
-        grammar masks the host fills while it runs; ``finish`` samples it.  Returns (what ``finish`` takes,
-        host seconds spent building decode inputs).  A step that runs eagerly (images, prompt logprobs) is not
-        split: ``finish`` launches it whole."""
+        """Queue the first half of a processed step (``forward``: the model, its logits kept in the logits state),
+        for a batch whose grammar masks the host fills while it runs; ``finish`` queues the second.  Returns (what
+        ``finish`` takes: the step's inputs, host seconds spent building decode inputs).  A step that runs eagerly
+        (images, prompt logprobs) or in several decode parts is not split: ``finish`` launches it whole."""
         filtered, processed, _ = self._begin(batch, slot)
-        if batch.is_prefill and (image_step.carries_images(batch) or prompt_logprob_rows(batch)[0]):
+        if (image_step.carries_images(batch) or prompt_logprob_rows(batch)[0]) if batch.is_prefill else \
+                len(self.executor.decode_chunks(len(batch.seqs))) > 1:
             return None, 0.0
-        parts = []
-        prepare_seconds = self._run(batch, slot, "forward", filtered, processed, parts)
-        return parts, prepare_seconds
+        kept = []
+        prepare_seconds = self._run(batch, slot, "forward", filtered, processed, kept)
+        return kept[0], prepare_seconds
 
     @torch.inference_mode()
-    def finish(self, batch: ScheduledBatch, slot: StepSlot, parts) -> object:
-        """Fill the masks of ``batch`` (every earlier step resolved) and sample what ``launch_forward`` left;
-        returns the platform event recorded after the step's work."""
-        if parts is None:
+    def finish(self, batch: ScheduledBatch, slot: StepSlot, inputs: StepInputs | None) -> object:
+        """Fill the masks of ``batch`` (every earlier step resolved) and queue the second half of its step
+        (``sample``, on the inputs of the first); returns the platform event recorded after the step's work."""
+        if inputs is None:
             return self.launch(batch, slot)[0]
         self.logits_slots.prepare(batch.seqs, _sampling(batch), slot.index)
         filtered = any(s.params.needs_filter for s in batch.seqs)
-        for start, rows, raw, sampling in parts:
-            tokens, logits, raw = sample_processed(self.token_buffer, self.logits_state, raw, sampling)
-            logprobs = token_logprobs(raw, tokens) if slot.has_logprobs else None
-            self._emit((tokens, logits, logprobs, raw), sampling, rows, filtered, slot, start, True)
+        self.executor.run(prefill=batch.is_prefill, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens),
+                          variant="sample_logprobs" if slot.has_logprobs else "sample", build=lambda part: inputs,
+                          emit=lambda out, inp, part: self._emit(out, inp, part.rows, filtered, slot, part.start, True))
         return self.platform.record_event()
 
     def _begin(self, batch: ScheduledBatch, slot: StepSlot) -> tuple[bool, bool, str | None]:
@@ -198,17 +198,15 @@ class ModelRunner:
         return filtered, processed, variant_name(slot.has_logprobs, processed)
 
     def _run(self, batch: ScheduledBatch, slot: StepSlot, variant: str | None, filtered: bool, processed: bool,
-             parts: list | None = None) -> float:
-        """Launch ``variant`` of the step on ``batch``; the forward variant's logits and sampling rows go to
-        ``parts`` as (first row, rows, logits, ``SamplingRows``).  Returns the seconds spent building decode
-        inputs."""
+             kept: list | None = None) -> float:
+        """Launch ``variant`` of the step on ``batch``; the forward variant's inputs go to ``kept`` (its tokens
+        come from its second half).  Returns the seconds spent building decode inputs."""
         prepare_seconds = 0.0
         lp = slot.has_logprobs
 
         def emit(outputs, inputs, part: Part) -> None:
-            if parts is not None:  # the graph's outputs and inputs are reused by the next part or step
-                rows = part.rows
-                parts.append((part.start, rows, outputs[1][:rows].clone(), SamplingRows.of(inputs, rows)))
+            if kept is not None:
+                kept.append(inputs)
             else:
                 self._emit(outputs, inputs, part.rows, filtered, slot, part.start, processed)
 

@@ -7,7 +7,8 @@ never wait for the host.  Top-k / top-p need a sort of the vocabulary: the compi
 Variants (``STEPS``), each a code object of its own, so Dynamo compiles each apart and a batch pays only for what
 its requests ask: ``logprobs`` adds, per row, fixed-size float32 logprobs of the raw logits (``token_logprobs``:
 the sampled token's and the top ``MAX_LOGPROBS``); ``processed`` samples from logits a ``LogitsState`` changed
-(penalties, grammar masks) and counts the sampled tokens; ``processed_logprobs`` is both.  When
+(penalties, grammar masks) and counts the sampled tokens; ``processed_logprobs`` is both; ``forward`` and
+``sample`` (or ``sample_logprobs``) are a processed step in two halves, between which the host fills masks.  When
 ``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its logprob from the step's outputs
 (the log-normaliser follows from the top token's raw logit and logprob) and the state's counts follow the new token.
 """
@@ -55,15 +56,30 @@ def run_processed_step(model, kv_caches, token_buffer, state: LogitsState, input
     return sample_processed(token_buffer, state, _forward(model, kv_caches, token_buffer, inputs, mm), inputs)
 
 
-def run_forward(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
-    """The step's first half, for a batch whose grammar masks are filled while it runs: (raw logits [B, V],).
-    ``sample_processed`` (with ``token_logprobs`` if asked) is its second half."""
-    return (_forward(model, kv_caches, token_buffer, inputs, mm),)
+def run_forward(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
+    """A split step's first half, for a batch whose grammar masks are filled while it runs: the model's logits,
+    kept in ``state.logits`` for the second half (``run_sample``).  Returns (raw logits [B, V],)."""
+    raw = _forward(model, kv_caches, token_buffer, inputs, mm)
+    state.logits[:raw.shape[0]].copy_(raw)
+    return (raw,)
 
 
-def sample_processed(token_buffer, state: LogitsState, raw: torch.Tensor, inputs):
+def run_sample(token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
+    """A split step's second half: ``run_processed_step`` on the logits its first half kept, with the same
+    inputs."""
+    return sample_processed(token_buffer, state, state.logits[:inputs.out_slots.shape[0]], inputs)
+
+
+def run_sample_with_logprobs(token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
+    """``run_sample`` and the logprobs of the raw logits, as ``run_processed_step_with_logprobs``."""
+    tokens, logits, raw = run_sample(token_buffer, state, inputs)
+    values, ids = token_logprobs(raw, tokens)
+    return tokens, logits, values, ids, raw
+
+
+def sample_processed(token_buffer, state: LogitsState, raw: torch.Tensor, inputs: StepInputs):
     """Sample from ``raw`` logits processed by ``state``, write the tokens to the token buffer and count them:
-    (tokens [B], processed logits [B, V], raw).  ``inputs``: a ``StepInputs`` or ``SamplingRows`` of B rows."""
+    (tokens [B], processed logits [B, V], raw)."""
     logits = state.process(raw, inputs.out_slots)
     tokens = _sample(token_buffer, logits, inputs)
     state.count(inputs.out_slots, tokens)
@@ -80,7 +96,8 @@ def run_processed_step_with_logprobs(model, kv_caches, token_buffer, state: Logi
 
 
 STEPS = {None: run_step, "logprobs": run_step_with_logprobs, "processed": run_processed_step,
-         "processed_logprobs": run_processed_step_with_logprobs, "forward": run_forward}  # the step and its variants
+         "processed_logprobs": run_processed_step_with_logprobs, "forward": run_forward, "sample": run_sample,
+         "sample_logprobs": run_sample_with_logprobs}  # the step and its variants, by name
 VARIANTS = tuple(name for name in STEPS if name is not None)
 
 
@@ -94,7 +111,10 @@ def make_step(model, kv_caches, token_buffer, variant: str | None = None, state:
     """``step(inputs)``: ``STEPS[variant]`` (the processed ones take ``state``).  The model and tensors are
     bound arguments, not a closure: a compiled step saved to the compile cache then reads this process's objects
     when loaded (``nanovllm/compile/saved_step.py``)."""
-    bound = (model, kv_caches, token_buffer) + ((state,) if variant in ("processed", "processed_logprobs") else ())
+    if variant in ("sample", "sample_logprobs"):  # no model: the logits come from ``state``
+        return functools.partial(STEPS[variant], token_buffer, state)
+    bound = (model, kv_caches, token_buffer) + ((state,) if variant in ("processed", "processed_logprobs",
+                                                                         "forward") else ())
     return functools.partial(STEPS[variant], *bound)
 
 

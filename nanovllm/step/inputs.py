@@ -15,7 +15,6 @@ between host and device, or into a graph's static inputs packed the same way, is
 field.  Each small copy costs the device a few microseconds between two decode steps.
 """
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -110,21 +109,6 @@ class StepInputs:
             return
         for f in fields(self):
             getattr(static, f.name).copy_(getattr(self, f.name), non_blocking=True)
-
-
-class SamplingRows(NamedTuple):
-    """The fields of a step's first ``rows`` rows that sampling reads, copied (``of``): what a step sampled after
-    its forward half (``nanovllm.step.function.sample_processed``) keeps while the graph's buffers are reused."""
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    seeds: torch.Tensor
-    sample_positions: torch.Tensor
-    out_slots: torch.Tensor
-
-    @classmethod
-    def of(cls, inputs: StepInputs, rows: int) -> "SamplingRows":
-        return cls(*(getattr(inputs, name)[:rows].clone() for name in cls._fields))
 
 
 _ALIGN = 64  # bytes: every view starts aligned, as the compiled kernels assume of their inputs

@@ -1,18 +1,18 @@
 """``LogitsState``: what a step needs, per token slot, to change a request's logits before sampling.
 
-Penalties and structured outputs are per request; a request's state lives in the row of its token slot (the row
-of the token buffer that holds its newest token, ``StepInputs.out_slots``), so a step reads it by the same index
-it writes tokens by, and rows of other requests, padding and prefill chunks that sample nothing (the scratch row)
-read a neutral row.  Per slot:
+Penalties and structured outputs are per request; a request's state lives in the row of its token slot
+(``StepInputs.out_slots``), so a step reads it by the index it writes tokens by; padding and prefill chunks that
+sample nothing read the neutral scratch row.  Per slot:
 * ``params`` [S, 4] float32: (mask on, repetition penalty, frequency penalty, presence penalty); (0, 1, 0, 0) is
   neutral;
 * ``bitmask`` [S, ceil(V / 32)] int32: the tokens a grammar allows next (``engine/grammar.py``), read where the
   mask is on;
 * ``counts`` [S, V] int32: each token's count in the completion so far, updated by the step that samples it
-  (``count``); ``seen`` [S, V] bool: the token is in the prompt (repetition penalty).
+  (``count``); ``seen`` [S, V] bool: the token is in the prompt (repetition penalty);
+* ``logits`` [S, V] (the model's dtype), by step row, not slot: a split step's logits, from its forward half to its
+  sample half (``nanovllm.step.function.run_forward``).
 The host (``engine/logits_slots.py``) fills a slot's rows when a request takes it and its bitmask row before each
-step; the step only reads them and adds its sampled tokens to ``counts``.  Registered as a pytree, so a compiled
-step takes it as an argument.
+step; the step adds its sampled tokens to ``counts``.  A pytree, so a compiled step takes it as an argument.
 """
 from dataclasses import dataclass
 
@@ -30,13 +30,16 @@ class LogitsState:
     bitmask: torch.Tensor
     counts: torch.Tensor
     seen: torch.Tensor
+    logits: torch.Tensor
 
     @classmethod
-    def allocate(cls, slots: int, vocab_size: int, device) -> "LogitsState":
+    def allocate(cls, slots: int, vocab_size: int, device, dtype=torch.float32) -> "LogitsState":
+        """``slots`` rows of ``vocab_size`` tokens; ``dtype``: the model's logits'."""
         params = torch.tensor(NEUTRAL, dtype=torch.float32).repeat(slots, 1).to(device)
         return cls(params, torch.full((slots, -(-vocab_size // 32)), -1, dtype=torch.int32, device=device),
                    torch.zeros(slots, vocab_size, dtype=torch.int32, device=device),
-                   torch.zeros(slots, vocab_size, dtype=torch.bool, device=device))
+                   torch.zeros(slots, vocab_size, dtype=torch.bool, device=device),
+                   torch.zeros(slots, vocab_size, dtype=dtype, device=device))
 
     def process(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The logits [B, V] the sampler draws from: penalties applied, disallowed tokens -inf."""
@@ -49,7 +52,8 @@ class LogitsState:
                                accumulate=True)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.params, self.bitmask, self.counts, self.seen))
+        return sum(t.numel() * t.element_size() for t in (self.params, self.bitmask, self.counts, self.seen,
+                                                          self.logits))
 
 
 pytree.register_dataclass(LogitsState)
