@@ -1,7 +1,7 @@
 """Structured outputs offline, on the real SmolLM2 and its tokenizer: every text a JSON schema, JSON object,
 regex, choice or EBNF grammar constrains is valid; constrained, penalised and plain requests in one batch each get
-what they get alone; a deeper pipeline changes nothing (a constrained sequence is resolved before it is scheduled
-again); a constraint xgrammar cannot parse is a ``ValueError`` naming it, and nothing of that call stays queued.
+what they get alone; a stop string ends a constrained request and the rest of its batch goes on; a deeper pipeline
+changes nothing (a constrained sequence's mask waits for its tokens); a constraint xgrammar cannot parse is a ``ValueError`` naming it, and nothing of that call stays queued.
 """
 import json
 import re
@@ -74,6 +74,19 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(llm):
     assert together[1]["token_ids"] != together[3]["token_ids"]
 
 
+def test_a_stop_string_ends_a_constrained_request_and_its_batch_goes_on(llm):
+    # the stop string aborts the request between the two halves of a step that samples for it
+    prompts = [_chat(llm, "Describe a club member as JSON."), _chat(llm, "Write about the sea.")]
+    plain = SamplingParams(temperature=0, max_tokens=24)
+    stopped = SamplingParams(temperature=0, max_tokens=80, stop=['"age"'],
+                             structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    full = llm.generate(prompts[:1], _constrained(json=SCHEMA), use_tqdm=False)[0]["text"]
+    out = llm.generate(prompts, [stopped, plain], use_tqdm=False)
+    assert '"age"' in full and out[0]["text"] == full[:full.index('"age"')]
+    assert out[0]["finish_reason"] == "stop"
+    assert out[1]["token_ids"] == llm.generate(prompts[1:], plain, use_tqdm=False)[0]["token_ids"]
+
+
 def test_a_deeper_pipeline_gives_the_same_constrained_texts(smollm2, llm):
     deep = LLM(smollm2, **dict(ENGINE, pipeline_depth=3))
     prompts = [_chat(llm, "Describe a club member as JSON."), _chat(llm, "Write about the sea.")]
@@ -104,10 +117,14 @@ def test_structured_outputs_params_need_exactly_one_constraint():
 @pytest.mark.slow
 def test_graph_mode_equals_eager_with_masks(smollm2, llm, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
-    graph = LLM(smollm2, **dict(ENGINE, enforce_eager=False, graph_batch_sizes=[1, 2, 4]))
+    # buckets of at most 2 rows: a batch of 5 decodes in 3 parts, each split into its model and sampling halves
+    graph = LLM(smollm2, **dict(ENGINE, enforce_eager=False, graph_batch_sizes=[1, 2]))
     prompts = [_chat(llm, "Describe a club member as JSON."), _chat(llm, "Write about the sea."),
-               _chat(llm, "Which is a fruit?")]
+               _chat(llm, "Which is a fruit?"), _chat(llm, "Describe another member as JSON."),
+               _chat(llm, "Write about a cat.")]
     params = [_constrained(json=SCHEMA), SamplingParams(temperature=0, max_tokens=24, frequency_penalty=0.8),
-              _constrained(choice=["apple", "hammer"])]
+              _constrained(choice=["apple", "hammer"]), _constrained(json=SCHEMA),
+              SamplingParams(temperature=0, max_tokens=24)]
     assert [o["token_ids"] for o in graph.generate(prompts, params, use_tqdm=False)] == \
         [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert set(graph.engine.describe()["variant_graph_sizes"]) >= {"forward", "sample"}

@@ -1,14 +1,13 @@
 """The engine loop: schedule a step, launch it on the model, then feed the oldest queued step's tokens back.
 
-Up to ``pipeline_depth`` steps stay queued on the device (``StepPipeline``): each engine step launches one and
-then reads the tokens of the one launched ``pipeline_depth`` steps before.  A step's inputs take the newest
-tokens from the device token buffer, so the host never waits for them; with depth d the device has about d - 1
-steps of work left when the host starts on the next one, so a host stall shorter than that costs nothing.  The
-price: a sequence that stops on EOS is already in the steps launched since, so up to ``pipeline_depth`` steps
-compute a row for it that is thrown away.  A step that samples for a sequence with a grammar needs that sequence's
-last token on the host for its mask: it is launched in two halves (``ModelRunner.launch_forward`` then ``finish``),
-and between them ``step()`` resolves every queued step, so the host fills the masks while the device runs the model.
-
+Up to ``pipeline_depth`` steps stay queued on the device (``StepPipeline``); a step's inputs take the newest tokens
+from the device token buffer, so the host never waits for them and a host stall shorter than the queued work costs
+nothing.  The price: a sequence that stops on EOS is already in the steps launched since, so up to
+``pipeline_depth`` steps compute a row for it that is thrown away.  A step that samples for a sequence with a
+grammar needs that sequence's last token on the host for its mask, so it runs in two halves: ``step()`` queues its
+model half (``ModelRunner.launch_forward``) and returns; the next ``step()`` resolves every step queued before it,
+fills the masks while the device runs the model, and queues the sampling half (``finish``) before it schedules the
+next step, so the host's bookkeeping in between overlaps the device too.
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
 channel.  ``abort(seq)`` ends a request at once, even while queued steps still hold its pending tokens, and frees
@@ -56,6 +55,7 @@ class Engine:
         self.stats: dict = {}
         self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
+        self._ahead = None  # (batch, its slot, its inputs): a step whose model half is queued, sampled next call
 
     def reset_stats(self) -> None:
         """Zero ``stats``: tokens, steps and wall seconds per step kind, ``host_time`` (seconds the host spent
@@ -102,23 +102,27 @@ class Engine:
         """
         t0 = time.perf_counter()
         stats = self.stats
-        batch = self.scheduler.schedule()
-        stats["preemptions"] += len(batch.preempted)
         collected = []  # (step, its finished sequences) of each step resolved here, oldest first
         wait = 0.0
+        if self._ahead is not None:  # the model half the last call queued: resolve every step before it, sample it
+            batch, slot, kept = self._ahead
+            while len(self.pipeline):
+                wait += self._collect(collected)
+            self.pipeline.push(batch, slot, len(batch.seqs), self.runner.finish(batch, slot, kept))
+            self._ahead = None
+        batch = self.scheduler.schedule()
+        stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             slot = self.pipeline.next_slot()
-            if _samples_constrained(batch):  # its masks need every queued step's tokens: resolve them meanwhile
-                parts, prepare_seconds = self.runner.launch_forward(batch, slot)
-                while len(self.pipeline):
-                    wait += self._collect(collected)
-                event = self.runner.finish(batch, slot, parts)
-            else:
+            if _samples_constrained(batch) and self.runner.splits(batch):  # sampled next call, after those before
+                kept, prepare_seconds = self.runner.launch_forward(batch, slot)
+                self._ahead = (batch, slot, kept)
+            else:  # or an eager prefill: a prefilling sequence has no token pending, its mask is filled now
                 event, prepare_seconds = self.runner.launch(batch, slot)
+                self.pipeline.push(batch, slot, len(batch.seqs), event)
             stats["decode_prepare_time"] += prepare_seconds
-            self.pipeline.push(batch, slot, len(batch.seqs), event)
         launch = time.perf_counter() - t0 - wait
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
             wait += self._collect(collected)
@@ -173,7 +177,7 @@ class Engine:
         self.runner.close()
 
     def has_work(self) -> bool:
-        return len(self.pipeline) > 0 or self.scheduler.has_work()
+        return len(self.pipeline) > 0 or self._ahead is not None or self.scheduler.has_work()
 
 
 def _samples_constrained(batch: ScheduledBatch) -> bool:

@@ -157,30 +157,33 @@ class ModelRunner:
         prepare_seconds = self._run(batch, slot, variant, filtered, processed)
         return self.platform.record_event(), prepare_seconds
 
+    def splits(self, batch: ScheduledBatch) -> bool:
+        """Whether ``batch`` can run in two halves (``launch_forward``, ``finish``): any step but a prefill that
+        runs eagerly (images, prompt logprobs)."""
+        return not batch.is_prefill or not (image_step.carries_images(batch) or prompt_logprob_rows(batch)[0])
+
     @torch.inference_mode()
     def launch_forward(self, batch: ScheduledBatch, slot: StepSlot):
         """Queue the first half of a processed step (``forward``: the model, its logits kept in the logits state),
-        for a batch whose grammar masks the host fills while it runs; ``finish`` queues the second.  Returns (what
-        ``finish`` takes: the step's inputs, host seconds spent building decode inputs).  A step that runs eagerly
-        (images, prompt logprobs) or in several decode parts is not split: ``finish`` launches it whole."""
+        for a batch that ``splits`` and whose grammar masks the host fills while it runs; ``finish`` queues the
+        second.  Returns (what ``finish`` takes: the step's inputs and which rows sample, host seconds spent
+        building decode inputs)."""
         filtered, processed, _ = self._begin(batch, slot)
-        if (image_step.carries_images(batch) or prompt_logprob_rows(batch)[0]) if batch.is_prefill else \
-                len(self.executor.decode_chunks(len(batch.seqs))) > 1:
-            return None, 0.0
         kept = []
         prepare_seconds = self._run(batch, slot, "forward", filtered, processed, kept)
-        return kept[0], prepare_seconds
+        return (kept, _sampling(batch)), prepare_seconds
 
     @torch.inference_mode()
-    def finish(self, batch: ScheduledBatch, slot: StepSlot, inputs: StepInputs | None) -> object:
+    def finish(self, batch: ScheduledBatch, slot: StepSlot, kept: tuple) -> object:
         """Fill the masks of ``batch`` (every earlier step resolved) and queue the second half of its step
-        (``sample``, on the inputs of the first); returns the platform event recorded after the step's work."""
-        if inputs is None:
-            return self.launch(batch, slot)[0]
-        self.logits_slots.prepare(batch.seqs, _sampling(batch), slot.index)
+        (``sample``, on the inputs of the first); returns the platform event recorded after the step's work.
+        The scheduler may have advanced ``batch`` since ``launch_forward``: what it needs is in ``kept``."""
+        inputs, sampling = kept
+        self.logits_slots.prepare(batch.seqs, sampling, slot.index)
         filtered = any(s.params.needs_filter for s in batch.seqs)
         self.executor.run(prefill=batch.is_prefill, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens),
-                          variant="sample_logprobs" if slot.has_logprobs else "sample", build=lambda part: inputs,
+                          variant="sample_logprobs" if slot.has_logprobs else "sample",
+                          build=lambda part: inputs[part.index],
                           emit=lambda out, inp, part: self._emit(out, inp, part.rows, filtered, slot, part.start, True))
         return self.platform.record_event()
 
@@ -199,14 +202,16 @@ class ModelRunner:
 
     def _run(self, batch: ScheduledBatch, slot: StepSlot, variant: str | None, filtered: bool, processed: bool,
              kept: list | None = None) -> float:
-        """Launch ``variant`` of the step on ``batch``; the forward variant's inputs go to ``kept`` (its tokens
-        come from its second half).  Returns the seconds spent building decode inputs."""
+        """Launch ``variant`` of the step on ``batch``; the forward variant's inputs go to ``kept``, one per part
+        (its tokens come from its second half; a later part may reuse a part's buffers, so those are copied).
+        Returns the seconds spent building decode inputs."""
         prepare_seconds = 0.0
         lp = slot.has_logprobs
+        several = not batch.is_prefill and len(self.executor.decode_chunks(len(batch.seqs))) > 1
 
         def emit(outputs, inputs, part: Part) -> None:
             if kept is not None:
-                kept.append(inputs)
+                kept.append(inputs.clone() if several else inputs)
             else:
                 self._emit(outputs, inputs, part.rows, filtered, slot, part.start, processed)
 

@@ -58,16 +58,16 @@ def run_processed_step(model, kv_caches, token_buffer, state: LogitsState, input
 
 def run_forward(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
     """A split step's first half, for a batch whose grammar masks are filled while it runs: the model's logits,
-    kept in ``state.logits`` for the second half (``run_sample``).  Returns (raw logits [B, V],)."""
+    kept in ``state.logits`` by token slot for the second half (``run_sample``).  Returns (raw logits [B, V],)."""
     raw = _forward(model, kv_caches, token_buffer, inputs, mm)
-    state.logits[:raw.shape[0]].copy_(raw)
+    state.logits.index_copy_(0, inputs.out_slots, raw)
     return (raw,)
 
 
 def run_sample(token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
     """A split step's second half: ``run_processed_step`` on the logits its first half kept, with the same
     inputs."""
-    return sample_processed(token_buffer, state, state.logits[:inputs.out_slots.shape[0]], inputs)
+    return sample_processed(token_buffer, state, state.logits.index_select(0, inputs.out_slots), inputs)
 
 
 def run_sample_with_logprobs(token_buffer, state: LogitsState, inputs: StepInputs, mm=None):

@@ -97,6 +97,12 @@ class StepInputs:
             getattr(out, f.name).copy_(getattr(self, f.name))
         return out
 
+    def clone(self) -> "StepInputs":
+        """A copy on the same device (packed if this is), which later writes to this one leave alone."""
+        if getattr(self, "buffer", None) is not None:
+            return self._views(self.buffer.clone(), self.layout)
+        return StepInputs(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
     def to(self, device) -> "StepInputs":
         if getattr(self, "buffer", None) is not None:
             return self._views(self.buffer.to(device, non_blocking=True), self.layout)

@@ -9,8 +9,8 @@ sample nothing read the neutral scratch row.  Per slot:
   mask is on;
 * ``counts`` [S, V] int32: each token's count in the completion so far, updated by the step that samples it
   (``count``); ``seen`` [S, V] bool: the token is in the prompt (repetition penalty);
-* ``logits`` [S, V] (the model's dtype), by step row, not slot: a split step's logits, from its forward half to its
-  sample half (``nanovllm.step.function.run_forward``).
+* ``logits`` [S, V] (the model's dtype): a split step's logits, from its forward half to its sample half
+  (``nanovllm.step.function.run_forward``; padding rows share the scratch row).
 The host (``engine/logits_slots.py``) fills a slot's rows when a request takes it and its bitmask row before each
 step; the step adds its sampled tokens to ``counts``.  A pytree, so a compiled step takes it as an argument.
 """
