@@ -75,7 +75,6 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(llm):
 
 
 def test_a_stop_string_ends_a_constrained_request_and_its_batch_goes_on(llm):
-    # the stop string aborts the request between the two halves of a step that samples for it
     prompts = [_chat(llm, "Describe a club member as JSON."), _chat(llm, "Write about the sea.")]
     plain = SamplingParams(temperature=0, max_tokens=24)
     stopped = SamplingParams(temperature=0, max_tokens=80, stop=['"age"'],

@@ -5,9 +5,8 @@ from the device token buffer, so the host never waits for them and a host stall 
 nothing.  The price: a sequence that stops on EOS is already in the steps launched since, so up to
 ``pipeline_depth`` steps compute a row for it that is thrown away.  A step that samples for a sequence with a
 grammar needs that sequence's last token on the host for its mask, so it runs in two halves: ``step()`` queues its
-model half (``ModelRunner.launch_forward``) and returns; the next ``step()`` resolves every step queued before it,
-fills the masks while the device runs the model, and queues the sampling half (``finish``) before it schedules the
-next step, so the host's bookkeeping in between overlaps the device too.
+model half (``ModelRunner.launch_forward``), resolves every step queued before it and fills the masks while the
+device runs the model, then queues the sampling half (``finish``).
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
 channel.  ``abort(seq)`` ends a request at once, even while queued steps still hold its pending tokens, and frees
@@ -55,7 +54,6 @@ class Engine:
         self.stats: dict = {}
         self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
-        self._ahead = None  # (batch, its slot, its inputs): a step whose model half is queued, sampled next call
 
     def reset_stats(self) -> None:
         """Zero ``stats``: tokens, steps and wall seconds per step kind, ``host_time`` (seconds the host spent
@@ -104,24 +102,20 @@ class Engine:
         stats = self.stats
         collected = []  # (step, its finished sequences) of each step resolved here, oldest first
         wait = 0.0
-        if self._ahead is not None:  # the model half the last call queued: resolve every step before it, sample it
-            batch, slot, kept = self._ahead
-            while len(self.pipeline):
-                wait += self._collect(collected)
-            self.pipeline.push(batch, slot, len(batch.seqs), self.runner.finish(batch, slot, kept))
-            self._ahead = None
         batch = self.scheduler.schedule()
         stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             slot = self.pipeline.next_slot()
-            if _samples_constrained(batch) and self.runner.splits(batch):  # sampled next call, after those before
+            if _samples_constrained(batch) and self.runner.splits(batch):  # resolve the steps before it meanwhile
                 kept, prepare_seconds = self.runner.launch_forward(batch, slot)
-                self._ahead = (batch, slot, kept)
+                while len(self.pipeline):
+                    wait += self._collect(collected)
+                event = self.runner.finish(batch, slot, kept)
             else:  # or an eager prefill: a prefilling sequence has no token pending, its mask is filled now
                 event, prepare_seconds = self.runner.launch(batch, slot)
-                self.pipeline.push(batch, slot, len(batch.seqs), event)
+            self.pipeline.push(batch, slot, len(batch.seqs), event)
             stats["decode_prepare_time"] += prepare_seconds
         launch = time.perf_counter() - t0 - wait
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
@@ -177,7 +171,7 @@ class Engine:
         self.runner.close()
 
     def has_work(self) -> bool:
-        return len(self.pipeline) > 0 or self._ahead is not None or self.scheduler.has_work()
+        return len(self.pipeline) > 0 or self.scheduler.has_work()
 
 
 def _samples_constrained(batch: ScheduledBatch) -> bool:

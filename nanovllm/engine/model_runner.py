@@ -177,7 +177,7 @@ class ModelRunner:
     def finish(self, batch: ScheduledBatch, slot: StepSlot, kept: tuple) -> object:
         """Fill the masks of ``batch`` (every earlier step resolved) and queue the second half of its step
         (``sample``, on the inputs of the first); returns the platform event recorded after the step's work.
-        The scheduler may have advanced ``batch`` since ``launch_forward``: what it needs is in ``kept``."""
+        ``kept``: what ``launch_forward`` returned."""
         inputs, sampling = kept
         self.logits_slots.prepare(batch.seqs, sampling, slot.index)
         filtered = any(s.params.needs_filter for s in batch.seqs)
