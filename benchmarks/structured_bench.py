@@ -7,8 +7,9 @@ requests unconstrained.
 Workload: ``--num-seqs`` (256) prompts drawn as bench.py draws them (``random.seed(0)``, 100 to ``--max-input-len``
 random token ids), request ``i`` constrained by ``benchmarks.common.json_schema(i)`` (4 to 6 typed fields),
 temperature 0.6, at most ``--max-tokens``.  Then the same prompts unconstrained, each with ``max_tokens`` = the
-tokens its constrained run generated and ``ignore_eos``, so both runs generate the same tokens' worth of work.  Each
-run is timed after a warm-up of its own kind (the step's variants built); for nanovllm the JSON also holds each run's
+tokens its constrained run generated and ``ignore_eos``, so both runs generate the same tokens' worth of work, each
+from an empty prefix cache (the second run would otherwise find the first one's prompts cached).  Each run is timed
+after a warm-up of its own kind (the step's variants built); for nanovllm the JSON also holds each run's
 engine stats (host, device-wait and grammar seconds, steps).  The model is bench.py's random
 Qwen3-0.6B (or ``--model``, which needs tokenizer files); vLLM loads it with dummy weights and its xgrammar backend,
 without free whitespace in JSON (``disable_any_whitespace``), as ours compiles it.
@@ -38,8 +39,10 @@ class _Nano:
         for variant in ("forward", "sample"):
             self.llm.engine.runner.executor.build_variant_graphs(variant)
 
-    def reset_stats(self) -> None:
+    def reset(self) -> None:
+        """Zero the stats and forget every cached prefix: each timed run computes its prompts in full."""
         self.llm.engine.reset_stats()
+        self.llm.engine.reset_prefix_cache()
 
     def stats(self) -> dict:
         """Where the run's seconds went: the engine's host and device-wait time, of the host time the grammars'
@@ -69,8 +72,8 @@ class _Vllm:
     def warm(self) -> None:
         pass
 
-    def reset_stats(self) -> None:
-        pass
+    def reset(self) -> None:
+        self.llm.reset_prefix_cache()
 
     def stats(self) -> dict:
         return {}
@@ -101,7 +104,7 @@ def main(argv=None) -> dict:
     engine.generate(prompts[:8], [engine.sampling(s, 32) for s in schemas[:8]])  # warm-up, constrained
     engine.warm()
     result = {"engine": args.engine, "init_s": round(init_s, 1), "num_seqs": args.num_seqs}
-    engine.reset_stats()
+    engine.reset()
     t = time.perf_counter()
     constrained = engine.generate(prompts, [engine.sampling(s, args.max_tokens) for s in schemas])
     seconds = time.perf_counter() - t
@@ -109,7 +112,7 @@ def main(argv=None) -> dict:
     valid = sum(_parses(engine, ids) for ids in constrained)
     lengths = [max(1, len(ids)) for ids in constrained]
     engine.generate(prompts[:8], [engine.sampling(None, 32)] * 8)  # warm-up, plain
-    engine.reset_stats()
+    engine.reset()
     t = time.perf_counter()
     plain = engine.generate(prompts, [engine.sampling(None, n) for n in lengths])
     plain_seconds = time.perf_counter() - t
