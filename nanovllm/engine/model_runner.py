@@ -38,6 +38,7 @@ from nanovllm.step import (VARIANTS, LogitsState, StepInputs, make_step, rechoos
                            variant_name)
 from nanovllm.step.prompt_logprobs import run_step_with_prompt_logprobs
 
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, platform):
         self.init_phases: dict[str, float] = {}  # start-up seconds per phase, for the "ready" log line
