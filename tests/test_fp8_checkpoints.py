@@ -143,14 +143,18 @@ def test_a_scale_in_another_shard_file_is_found(tmp_path):
     assert greedy(LLM(path, enforce_eager=True, **ENGINE), prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
 
 
-def test_a_float8_weight_without_its_scale_is_refused_by_name(tmp_path):
-    path = fp8_checkpoint(tmp_path, "qwen3")
+def refused_without_scale(path: str, weight: str, scale: str) -> None:
+    """Drop tensor ``scale`` from the checkpoint at ``path``: loading it must raise naming ``weight`` and ``scale``."""
     weights = load_file(f"{path}/model.safetensors")
-    del weights["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+    del weights[scale]
     save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.o_proj.weight' is float8 but the checkpoint "
-                                         r"has no 'model.layers.1.self_attn.o_proj.weight_scale_inv'"):
+    with pytest.raises(ValueError, match=re.escape(f"'{weight}' is float8 but the checkpoint has no '{scale}'")):
         LLM(path, enforce_eager=True, **ENGINE)
+
+
+def test_a_float8_weight_without_its_scale_is_refused_by_name(tmp_path):
+    refused_without_scale(fp8_checkpoint(tmp_path, "qwen3"), "model.layers.1.self_attn.o_proj.weight",
+                          "model.layers.1.self_attn.o_proj.weight_scale_inv")
 
 
 @pytest.mark.parametrize("field,value", [("weight_block_size", [128]), ("weight_block_size", [128, 0]),

@@ -15,7 +15,7 @@ from nanovllm import LLM
 from nanovllm.models import fp8_checkpoint
 from nanovllm.models.compressed_tensors import ChannelLayout
 from nanovllm.tools import fp8_oracle
-from test_fp8_checkpoints import ENGINE, GREEDY, greedy, prompts_of
+from test_fp8_checkpoints import ENGINE, GREEDY, greedy, prompts_of, refused_without_scale
 
 
 def compressed_checkpoint(tmp_path: Path, arch: str, strategy: str = "channel") -> str:
@@ -123,13 +123,8 @@ def test_scales_follow_a_row_shard_and_stay_whole_over_a_column_shard():
 
 
 def test_a_float8_weight_without_its_scale_is_refused_by_name(tmp_path):
-    path = compressed_checkpoint(tmp_path, "qwen3")
-    weights = load_file(f"{path}/model.safetensors")
-    del weights["model.layers.1.mlp.down_proj.weight_scale"]
-    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj.weight' is float8 but the checkpoint has "
-                                         r"no 'model.layers.1.mlp.down_proj.weight_scale'"):
-        LLM(path, enforce_eager=True, **ENGINE)
+    refused_without_scale(compressed_checkpoint(tmp_path, "qwen3"), "model.layers.1.mlp.down_proj.weight",
+                          "model.layers.1.mlp.down_proj.weight_scale")
 
 
 def test_dummy_weights_of_a_compressed_config_run_in_fp8(tmp_path):
