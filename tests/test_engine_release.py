@@ -51,7 +51,7 @@ def test_a_dropped_graph_mode_engine_is_freed_without_the_garbage_collector(path
         engine = Engine(EngineConfig(path, **SMALL))
         assert engine.runner.mode == "graph"
         _run(engine)
-        assert engine.runner.executor.variant_graph_sizes() == [2]
+        assert engine.runner.executor.variant_graph_sizes("logprobs") == [2]
         held = _held(engine)
         del engine
         assert {name: ref() is None for name, ref in held.items()} == dict.fromkeys(held, True)

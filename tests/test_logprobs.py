@@ -46,14 +46,15 @@ def test_the_variant_is_built_when_first_asked_for_then_replayed_per_bucket(grap
     ex = graph_llm.engine.runner.executor
     plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     graph_llm.generate(PROMPTS[:3], plain, use_tqdm=False)
-    assert ex.variant_graphs["logprobs"].compiled is None and ex.variant_graph_sizes() == []  # no cost without logprobs
+    # no cost without logprobs
+    assert ex.variant_graphs["logprobs"].compiled is None and ex.variant_graph_sizes("logprobs") == []
 
     with_lp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
     graph_llm.generate(PROMPTS[:1], with_lp, use_tqdm=False)
-    assert ex.variant_graph_sizes() == [2]  # bucket 1 is padded to 2 rows
+    assert ex.variant_graph_sizes("logprobs") == [2]  # bucket 1 is padded to 2 rows
     compiled = ex.variant_graphs["logprobs"].compiled
     # its own cache entry, next to the plain step's, which it leaves as it was
-    assert ex.variant_graphs["logprobs"].cache.key == key_of(variant_key(ex.spec.cache_key)) != ex.cache.key
+    assert ex.variant_graphs["logprobs"].cache.key == key_of(variant_key(ex.spec.cache_key, "logprobs")) != ex.cache.key
     assert ex.variant_graphs["logprobs"].cache.entry.parent == ex.cache.entry.parent
     assert (ex.variant_graphs["logprobs"].cache.entry / "manifest.json").is_file()
 
@@ -65,7 +66,7 @@ def test_the_variant_is_built_when_first_asked_for_then_replayed_per_bucket(grap
     out = graph_llm.generate(PROMPTS[:3], [with_lp, plain, plain], use_tqdm=False)
     assert len(variant_runs) == 3 and plain_runs == []  # 4 tokens: one from the prefill, 3 decode steps
     assert counters["stats"]["unique_graphs"] == graphs_before and ex.variant_graphs["logprobs"].compiled is compiled
-    assert ex.variant_graph_sizes() == [2, 4] and ex.describe()["variant_graph_sizes"] == {"logprobs": [2, 4]}
+    assert ex.variant_graph_sizes("logprobs") == [2, 4] and ex.describe()["variant_graph_sizes"] == {"logprobs": [2, 4]}
     assert len(out[0]["logprobs"]) == 4 and "logprobs" not in out[1]
 
     graph_llm.generate(PROMPTS[:3], plain, use_tqdm=False)  # without logprobs: the plain graph again
@@ -110,6 +111,6 @@ def test_a_mixed_batch_reports_each_requests_own_logprobs(graph_llm, eager_llm, 
 
 def test_the_variant_key_differs_per_step_and_bucket():
     fields = {"model_config": {"a": 1}, "buckets": [1, 2]}
-    keys = {key_of(fields), key_of(variant_key(fields)), key_of(variant_key(fields, bucket=2)),
-            key_of(variant_key(fields, bucket=1))}
+    keys = {key_of(fields), key_of(variant_key(fields, "logprobs")), key_of(variant_key(fields, "logprobs", bucket=2)),
+            key_of(variant_key(fields, "logprobs", bucket=1))}
     assert len(keys) == 4

@@ -179,7 +179,7 @@ def test_npu_logprobs_compile_one_static_variant_per_bucket_when_asked(npu, mode
     assert len(torchair.stats["graphs"]) == 2  # the plain buckets; GREEDY asked for no logprobs
     got = llm.generate(PROMPTS, asked, use_tqdm=False)
     ex = llm.engine.runner.executor
-    assert len(torchair.stats["graphs"]) == 3 and ex.variant_graph_sizes() == [4]
+    assert len(torchair.stats["graphs"]) == 3 and ex.variant_graph_sizes("logprobs") == [4]
     entry = ex.variant_graphs["logprobs"].caches[4].entry
     assert entry != ex.cache.entry and [p.parts[-2] for p in entry.rglob("compiled_module")] == ["decode_logprobs_4"]
     want = LLM(model_dir, device="cpu", dtype="bfloat16", enforce_eager=True, **ENGINE).generate(

@@ -111,11 +111,11 @@ class Executor:
         """Whether every prefill step runs in a prefill graph, so that start-up need not warm the other path."""
         return False
 
-    def variant_graph_sizes(self, variant: str = "logprobs") -> list[int]:
+    def variant_graph_sizes(self, variant: str) -> list[int]:
         """The decode buckets whose graph of ``variant`` has been built so far."""
         return []
 
-    def build_variant_graphs(self, variant: str = "logprobs") -> None:
+    def build_variant_graphs(self, variant: str) -> None:
         """Build ``variant``'s graph of every decode bucket now, rather than when first asked for."""
 
     def describe(self) -> dict:

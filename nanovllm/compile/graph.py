@@ -84,10 +84,10 @@ class GraphExecutor(Executor):
                 "compile_cache": self._cache_state(), "step_origin": self.step_origin,
                 "variant_graph_sizes": {name: sorted(v.graphs) for name, v in self.variant_graphs.items() if v.graphs}}
 
-    def variant_graph_sizes(self, variant: str = "logprobs") -> list[int]:
+    def variant_graph_sizes(self, variant: str) -> list[int]:
         return sorted(self.variant_graphs[variant].graphs)
 
-    def build_variant_graphs(self, variant: str = "logprobs") -> None:
+    def build_variant_graphs(self, variant: str) -> None:
         self.variant_graphs[variant].build_all(self.buckets)
 
     def _prefill_sizes(self) -> tuple[int, ...]:

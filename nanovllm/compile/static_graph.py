@@ -11,7 +11,7 @@ The step's bound objects (``make_step``: model, KV cache, token buffer) are gath
 one method per bucket, each with a code object of its own: torchair's compile cache (``cache_compile``) caches a
 method of an ``nn.Module``, traced once, and Dynamo keeps its compiled entries per code object.  The compiler's
 own artifacts go to the compile-cache entry's ``platform/`` directory (``CompileCache.platform_dir``), under
-nanovllm's key, lock and checksums.  A variant of a bucket (logprobs, processed logits) is compiled the first time
+nanovllm's key, lock and checksums.  A variant of a bucket (``nanovllm.step.STEPS``) is compiled the first time
 a batch of that bucket asks for it, into a ``StepModule`` of its own (``variant_graphs.StaticVariantGraphs``).
 """
 import functools
@@ -98,10 +98,10 @@ class StaticGraphExecutor(Executor):
                 "step_origin": "static",
                 "variant_graph_sizes": {name: sorted(v.graphs) for name, v in self.variant_graphs.items() if v.graphs}}
 
-    def variant_graph_sizes(self, variant: str = "logprobs") -> list[int]:
+    def variant_graph_sizes(self, variant: str) -> list[int]:
         return sorted(self.variant_graphs[variant].graphs)
 
-    def build_variant_graphs(self, variant: str = "logprobs") -> None:
+    def build_variant_graphs(self, variant: str) -> None:
         self.variant_graphs[variant].build_all(self.buckets)
 
     @torch.inference_mode()

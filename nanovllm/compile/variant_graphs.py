@@ -1,5 +1,5 @@
-"""A variant of the step in graph mode (``ExecutorSpec.variants``: logprobs, processed logits, both), built lazily:
-only once a batch asks for it.
+"""A variant of the step in graph mode (``ExecutorSpec.variants``, ``nanovllm.step.STEPS``), built lazily: only
+once a batch asks for it.
 
 The plain step's graphs stay as they are, so a request that asks for no variant pays nothing; a decode batch that
 does replays the variant's graph of its bucket instead.  Each variant graph has its own all-padding static inputs,
@@ -22,7 +22,7 @@ from nanovllm.compile.saved_step import compiled_step
 from nanovllm.logger import logger
 
 
-def variant_key(cache_key: dict, name: str = "logprobs", **extra) -> dict:
+def variant_key(cache_key: dict, name: str, **extra) -> dict:
     """The compile-cache key fields of variant ``name``: the plain step's plus ``step=name``."""
     return {**cache_key, "step": name, **extra}
 

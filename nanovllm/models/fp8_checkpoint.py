@@ -65,6 +65,11 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     return weight.float() * scale
 
 
+def is_scale_name(layout, name: str) -> bool:
+    """Whether tensor ``name`` is a float8 weight's scale in a checkpoint of ``layout`` (None: no FP8 layout)."""
+    return layout is not None and name.endswith(".weight" + layout.suffix)
+
+
 class BlockLayout:
     """A ``weight_scale_inv`` per [bn, bk] block; in memory, scales per row and bk columns."""
     suffix = SCALE_SUFFIX
@@ -155,7 +160,7 @@ class ScaleReader:
         self._stack.close()
 
     def is_scale(self, name: str) -> bool:
-        return self.layout is not None and name.endswith(".weight" + self.layout.suffix)
+        return is_scale_name(self.layout, name)
 
     def read(self, f, name: str, cut: tuple[int, int, int] | None) -> torch.Tensor:
         """The float32 dequantized piece of float8 tensor ``name`` (of open file ``f``): all of it (``cut`` None)

@@ -28,7 +28,8 @@ def _forward(model, kv_caches, token_buffer, inputs: StepInputs, mm):
     return model(input_ids, inputs, kv_caches) if mm is None else model(input_ids, inputs, kv_caches, mm)
 
 
-def _sample(token_buffer, logits, inputs: StepInputs) -> torch.Tensor:
+def sample_tokens(token_buffer, logits, inputs: StepInputs) -> torch.Tensor:
+    """Draw each row's token from ``logits`` (no top-k / top-p: ``redraw_filtered``) into the token buffer."""
     tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions)
     token_buffer.index_copy_(0, inputs.out_slots, tokens)
     return tokens
@@ -38,7 +39,7 @@ def run_step(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
     """The whole step: (tokens [B], logits [B, V]).  ``mm``: a vision-language model's extra inputs for a prefill
     chunk with image tokens (``nanovllm/models/qwen_vl.py``), handed to the model."""
     logits = _forward(model, kv_caches, token_buffer, inputs, mm)
-    return _sample(token_buffer, logits, inputs), logits
+    return sample_tokens(token_buffer, logits, inputs), logits
 
 
 def run_step_with_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
@@ -81,7 +82,7 @@ def sample_processed(token_buffer, state: LogitsState, raw: torch.Tensor, inputs
     """Sample from ``raw`` logits processed by ``state``, write the tokens to the token buffer and count them:
     (tokens [B], processed logits [B, V], raw)."""
     logits = state.process(raw, inputs.out_slots)
-    tokens = _sample(token_buffer, logits, inputs)
+    tokens = sample_tokens(token_buffer, logits, inputs)
     state.count(inputs.out_slots, tokens)
     return tokens, logits, raw
 

@@ -9,8 +9,7 @@ size).  Only batches with such a request run it; the compiled step is left as it
 """
 import torch
 
-from nanovllm.layers.sampler import sample
-from nanovllm.step.function import token_logprobs
+from nanovllm.step.function import sample_processed, sample_tokens, token_logprobs
 from nanovllm.step.inputs import StepInputs
 from nanovllm.step.logits_state import LogitsState
 
@@ -25,13 +24,11 @@ def run_step_with_prompt_logprobs(model, kv_caches, token_buffer, inputs: StepIn
     [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])).  ``rows`` [n]: token rows whose next token is a prompt token,
     ``targets`` [n]: those tokens.  A prefill's inputs carry every token (no ``token_slots``)."""
     hidden = model.hidden_states(inputs.input_ids, inputs, kv_caches, mm)
-    raw = logits = model.logits(hidden[inputs.logits_indices])
+    raw = model.logits(hidden[inputs.logits_indices])
     if state is not None:
-        logits = state.process(raw, inputs.out_slots)
-    tokens = sample(logits, inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions)
-    token_buffer.index_copy_(0, inputs.out_slots, tokens)
-    if state is not None:
-        state.count(inputs.out_slots, tokens)
+        tokens, logits, _ = sample_processed(token_buffer, state, raw, inputs)
+    else:
+        tokens, logits = sample_tokens(token_buffer, raw, inputs), raw
     pieces = [token_logprobs(model.logits(hidden[rows[lo:lo + PIECE_ROWS]]), targets[lo:lo + PIECE_ROWS])
               for lo in range(0, rows.shape[0], PIECE_ROWS)]
     prompt = (torch.cat([v for v, _ in pieces]), torch.cat([i for _, i in pieces]))

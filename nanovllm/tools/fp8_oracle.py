@@ -21,7 +21,7 @@ from nanovllm.models import fp8_checkpoint
 def _dequantized(weights: dict, online, layout, every: dict) -> dict:
     out = {}
     for name, t in weights.items():
-        if layout is not None and name.endswith(".weight" + layout.suffix):
+        if fp8_checkpoint.is_scale_name(layout, name):
             continue
         if t.dtype == weight_quant.FP8_DTYPE:
             t = layout.dequantize(t, every[name + layout.suffix])
@@ -51,6 +51,6 @@ def write_dequantized(src, dst, online=None) -> str:
     if index.is_file():  # the scale tensors are gone
         data = json.loads(index.read_text())
         data["weight_map"] = {n: f for n, f in data["weight_map"].items()
-                              if not (layout and n.endswith(".weight" + layout.suffix))}
+                              if not fp8_checkpoint.is_scale_name(layout, n)}
         index.write_text(json.dumps(data, indent=2))
     return str(dst)
