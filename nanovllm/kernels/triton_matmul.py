@@ -11,8 +11,8 @@ memset and no second pass; it resets the counters, so a launch can be replayed i
 ``silu(x @ gate.T) * (x @ up.T)`` ``[M, I]``.  ``SWAP`` computes the output block transposed (the same result).  On
 Hopper the kernel takes part in programmatic dependent launch (``pdl.py``).  ``W_FP8`` reads an FP8 weight
 (``weight_quant.py``: e4m3 with a float32 scale per row and group of columns) at half the bytes of bf16, widens each
-tile to x's dtype in registers and scales each group's partial product (``matmul_configs.choose_fp8`` picks its
-tiles; BLOCK_K divides the group unless one scale covers a whole split).
+tile in registers (to fp16 beside bf16 x, ``FP16_MMA``) and scales each group's partial product
+(``matmul_configs.choose_fp8`` picks its tiles; BLOCK_K divides the group unless one scale covers a whole split).
 """
 import torch
 import triton
@@ -32,12 +32,17 @@ def _load_tile(ptr, rows, cols, row_mask, stride_row):
 @triton.jit
 def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn,
                      stride_sn, group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SWAP: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr):
+                     SWAP: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+                     FP16_MMA: tl.constexpr):
     """sum over k in [k_start, k_start + k_steps * BLOCK_K) of x[m, k] * w[n, k], as an fp32 [BLOCK_M, BLOCK_N].
 
     With ``W_FP8`` the weight is e4m3 with a float32 scale per row and ``group`` columns (``weight_quant.py``):
     each tile is widened to x's dtype (exact) and its product scaled by its group's scale (``SCALE_PER_TILE``,
-    BLOCK_K divides ``group``), or, where every column of the product shares one group, the sum once at the end."""
+    BLOCK_K divides ``group``), or, where every column of the product shares one group, the sum once at the end.
+    ``FP16_MMA`` (an FP8 weight, bf16 x) multiplies in fp16: e4m3 widens to fp16 in one instruction, to bf16 only
+    through fp32.  x is scaled by 2^-8 first, so activations up to 1.6e7 stay inside fp16's range, and the sum
+    by 2^8 at the end: exact for every x of magnitude 2^-6 or more (fp16 carries more mantissa than bf16), and
+    below that an absolute error under 2^-16 per element."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     k0 = k_start
     if W_FP8:
@@ -51,10 +56,13 @@ def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_star
     for _ in range(k_steps):
         x = _load_tile(x_ptr, offs_m, offs_k, m_mask, stride_xm)  # [BLOCK_M, BLOCK_K]
         w = _load_tile(w_ptr, offs_n, offs_k, n_mask, stride_wn)  # [BLOCK_N, BLOCK_K]
+        if FP16_MMA:
+            x = (x.to(tl.float32) * 0.00390625).to(tl.float16)
+            w = w.to(tl.float16)
         if UPCAST:  # the Triton interpreter (CPU tests) multiplies bf16 operands wrongly; fp32 is exact
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        elif W_FP8:
+        elif W_FP8 and not FP16_MMA:
             w = w.to(x.dtype)
         if W_FP8 and SCALE_PER_TILE:
             s = tl.load(s_row + k0 // group, mask=n_mask, other=0.0)  # [BLOCK_N]
@@ -72,6 +80,8 @@ def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_star
         acc = tl.trans(acc_t)
     if W_FP8 and not SCALE_PER_TILE:
         acc = acc * tl.load(s_row + k_start // group, mask=n_mask, other=0.0)[None, :]
+    if FP16_MMA:
+        acc = acc * 256.0
     return acc
 
 
@@ -80,7 +90,7 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_
                    stride_wn, stride_sn, stride_om, group, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                    SPLIT_K: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
-                   PDL: tl.constexpr):
+                   FP16_MMA: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -93,13 +103,13 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_
     pdl_begin(PDL)
     acc = _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm,
                            stride_wn, stride_sn, group, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8,
-                           SCALE_PER_TILE)
+                           SCALE_PER_TILE, FP16_MMA)
     # SILU_MUL saves a kernel and a round trip of the [M, 2I] intermediate; the up half of the packed weight starts
     # N_OUT rows further (and so do its scales).
     if SILU_MUL:
         acc_up = _partial_product(x_ptr, w_ptr + N_OUT * stride_wn, s_ptr + N_OUT * stride_sn, offs_m, offs_n,
                                   m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn, stride_sn, group, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8, SCALE_PER_TILE)
+                                  BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8, SCALE_PER_TILE, FP16_MMA)
     out_mask = m_mask[:, None] & n_mask[None, :]
     finish = True
     if SPLIT_K > 1:
@@ -233,5 +243,6 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=cfg.split_k, SWAP=cfg.swap,
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not x.is_cuda,
                          W_FP8=fp8, SCALE_PER_TILE=fp8 and cfg.scales_per_tile(k, group),
+                         FP16_MMA=fp8 and x.dtype == torch.bfloat16,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device))
     return out
