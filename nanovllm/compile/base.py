@@ -58,6 +58,7 @@ class Executor:
     def __init__(self, spec: ExecutorSpec):
         self.step, self.variants = spec.step, dict(spec.variants)
         self.buckets: tuple[int, ...] | None = None
+        self.variant_graphs: dict = {}  # graph executors: variant name -> its decode graphs, built as asked for
 
     def step_of(self, variant: str | None):
         """The uncompiled step function of ``variant`` (None: the plain step)."""
@@ -113,14 +114,21 @@ class Executor:
 
     def variant_graph_sizes(self, variant: str) -> list[int]:
         """The decode buckets whose graph of ``variant`` has been built so far."""
-        return []
+        graphs = self.variant_graphs.get(variant)
+        return sorted(graphs.graphs) if graphs is not None else []
+
+    def built_variant_graphs(self) -> dict[str, list[int]]:
+        """Every variant with a graph built so far -> its decode buckets."""
+        return {name: sorted(v.graphs) for name, v in self.variant_graphs.items() if v.graphs}
 
     def build_variant_graphs(self, variant: str) -> None:
         """Build ``variant``'s graph of every decode bucket now, rather than when first asked for."""
+        if variant in self.variant_graphs:
+            self.variant_graphs[variant].build_all(self.buckets)
 
     def describe(self) -> dict:
         return {"mode": self.mode, "prefill_graph_sizes": [], "compile_cache": None, "step_origin": None,
-                "variant_graph_sizes": {}}
+                "variant_graph_sizes": self.built_variant_graphs()}
 
     def close(self) -> None:
         """Drop the step functions and everything built from them (idempotent); the executor cannot run after."""

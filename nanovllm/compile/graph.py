@@ -82,13 +82,7 @@ class GraphExecutor(Executor):
     def describe(self) -> dict:
         return {"mode": self.mode, "prefill_graph_sizes": list(self.prefill_graphs.sizes),
                 "compile_cache": self._cache_state(), "step_origin": self.step_origin,
-                "variant_graph_sizes": {name: sorted(v.graphs) for name, v in self.variant_graphs.items() if v.graphs}}
-
-    def variant_graph_sizes(self, variant: str) -> list[int]:
-        return sorted(self.variant_graphs[variant].graphs)
-
-    def build_variant_graphs(self, variant: str) -> None:
-        self.variant_graphs[variant].build_all(self.buckets)
+                "variant_graph_sizes": self.built_variant_graphs()}
 
     def _prefill_sizes(self) -> tuple[int, ...]:
         spec = self.spec
