@@ -176,8 +176,7 @@ class Engine:
 
 def _samples_constrained(batch: ScheduledBatch) -> bool:
     """Whether ``batch`` samples the next token of a sequence with a grammar."""
-    return any(seq.grammar is not None and (not batch.is_prefill or batch.samples(i))
-               for i, seq in enumerate(batch.seqs))
+    return any(seq.grammar is not None and samples for seq, samples in zip(batch.seqs, batch.sampling()))
 
 
 def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:

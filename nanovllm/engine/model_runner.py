@@ -154,7 +154,7 @@ class ModelRunner:
         decode inputs)."""
         filtered, processed, variant = self._begin(batch, slot)
         if processed:
-            self.logits_slots.prepare(batch.seqs, _sampling(batch), slot.index)
+            self.logits_slots.prepare(batch.seqs, batch.sampling(), slot.index)
         prepare_seconds = self._run(batch, slot, variant, filtered, processed)
         return self.platform.record_event(), prepare_seconds
 
@@ -167,21 +167,20 @@ class ModelRunner:
     def launch_forward(self, batch: ScheduledBatch, slot: StepSlot):
         """Queue the first half of a processed step (``forward``: the model, its logits kept in the logits state),
         for a batch that ``splits`` and whose grammar masks the host fills while it runs; ``finish`` queues the
-        second.  Returns (what ``finish`` takes: the step's inputs and which rows sample, host seconds spent
-        building decode inputs)."""
+        second.  Returns (what ``finish`` takes: the step's inputs, which rows sample and whether any row filters,
+        host seconds spent building decode inputs)."""
         filtered, processed, _ = self._begin(batch, slot)
         kept = []
         prepare_seconds = self._run(batch, slot, "forward", filtered, processed, kept)
-        return (kept, _sampling(batch)), prepare_seconds
+        return (kept, batch.sampling(), filtered), prepare_seconds
 
     @torch.inference_mode()
     def finish(self, batch: ScheduledBatch, slot: StepSlot, kept: tuple) -> object:
         """Fill the masks of ``batch`` (every earlier step resolved) and queue the second half of its step
         (``sample``, on the inputs of the first); returns the platform event recorded after the step's work.
         ``kept``: what ``launch_forward`` returned."""
-        inputs, sampling = kept
+        inputs, sampling, filtered = kept
         self.logits_slots.prepare(batch.seqs, sampling, slot.index)
-        filtered = any(s.params.needs_filter for s in batch.seqs)
         self.executor.run(prefill=batch.is_prefill, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens),
                           variant="sample_logprobs" if slot.has_logprobs else "sample",
                           build=lambda part: inputs[part.index],
@@ -276,8 +275,3 @@ class ModelRunner:
                 values = rechoose_logprob(raw if raw is not None else logits, values, ids, tokens, rows)
             slot.host_logprobs[0][offset:offset + rows].copy_(values[:rows], non_blocking=True)
             slot.host_logprobs[1][offset:offset + rows].copy_(ids[:rows], non_blocking=True)
-
-
-def _sampling(batch: ScheduledBatch) -> list[bool]:
-    """Per sequence of ``batch``: whether the step samples its next token."""
-    return [not batch.is_prefill or batch.samples(i) for i in range(len(batch.seqs))]

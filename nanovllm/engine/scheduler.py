@@ -36,6 +36,11 @@ class ScheduledBatch:
         seq = self.seqs[seq_index]
         return seq.num_computed_tokens + self.num_new_tokens[seq_index] == len(seq)
 
+    def sampling(self) -> list[bool]:
+        """Per sequence: whether this step samples its next token (every decode row; a prefill chunk that
+        ``samples``)."""
+        return [not self.is_prefill or self.samples(i) for i in range(len(self.seqs))]
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
