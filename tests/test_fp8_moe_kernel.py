@@ -64,6 +64,22 @@ def test_fp8_fused_moe_matches_the_twin(num_tokens, layout):
         assert rel_err(got, want) < TOLERANCE[dtype], f"{dtype}: relative error {rel_err(got, want):.2e}"
 
 
+@pytest.mark.parametrize("layout", ["one_group", "several_groups"])
+def test_bf16_activations_past_fp16_range_and_small_ones(layout):
+    """bf16 x multiplies in fp16 (scaled by 2^-4 first): a token at 3e5 (past fp16's 65504; w13 scaled down so the
+    intermediate, the down kernel's input, stays that large) stays finite and right, and a token of small values
+    (2^-7 at most) keeps its precision."""
+    group = GROUPS[layout]
+    w13, s13, w2, s2 = fp8_experts(group, seed=11)
+    x, logits = inputs(2, seed=11)
+    x = x / x.abs().amax(dim=1, keepdim=True)
+    for row, (x_scale, w13_scale) in enumerate(((3e5, 1e-3), (2.0 ** -7, 1.0))):
+        xs = (x[row:row + 1] * x_scale).bfloat16()
+        got = fused_moe_triton(xs, logits[row:row + 1], w13, w2, TOP_K, True, s13 * w13_scale, s2, group, cfg=CFG)
+        want = ref.fused_moe_reference(xs, logits[row:row + 1], w13, w2, TOP_K, True, s13 * w13_scale, s2, group)
+        assert torch.isfinite(got).all() and rel_err(got, want) < 2e-2, f"token {row}: {rel_err(got, want):.2e}"
+
+
 @pytest.mark.parametrize("scale_view", [False, True])
 def test_fp8_fused_moe_reads_a_transposed_w2_view(scale_view):
     group = GROUPS["partial_last_group"]

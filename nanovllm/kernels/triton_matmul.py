@@ -40,9 +40,9 @@ def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_star
     each tile is widened to x's dtype (exact) and its product scaled by its group's scale (``SCALE_PER_TILE``,
     BLOCK_K divides ``group``), or, where every column of the product shares one group, the sum once at the end.
     ``FP16_MMA`` (an FP8 weight, bf16 x) multiplies in fp16: e4m3 widens to fp16 in one instruction, to bf16 only
-    through fp32.  x is scaled by 2^-8 first, so activations up to 1.6e7 stay inside fp16's range, and the sum
-    by 2^8 at the end: exact for every x of magnitude 2^-6 or more (fp16 carries more mantissa than bf16), and
-    below that an absolute error under 2^-16 per element."""
+    through fp32.  x is scaled by 2^-4 first, so activations up to 1.0e6 stay inside fp16's range, and the sum
+    by 2^4 at the end: exact for every x of magnitude 2^-10 or more (fp16 carries more mantissa than bf16), and
+    below that an absolute error under 2^-20 per element."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     k0 = k_start
     if W_FP8:
@@ -57,7 +57,7 @@ def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_star
         x = _load_tile(x_ptr, offs_m, offs_k, m_mask, stride_xm)  # [BLOCK_M, BLOCK_K]
         w = _load_tile(w_ptr, offs_n, offs_k, n_mask, stride_wn)  # [BLOCK_N, BLOCK_K]
         if FP16_MMA:
-            x = (x.to(tl.float32) * 0.00390625).to(tl.float16)
+            x = (x.to(tl.float32) * 0.0625).to(tl.float16)
             w = w.to(tl.float16)
         if UPCAST:  # the Triton interpreter (CPU tests) multiplies bf16 operands wrongly; fp32 is exact
             x = x.to(tl.float32)
@@ -81,7 +81,7 @@ def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_star
     if W_FP8 and not SCALE_PER_TILE:
         acc = acc * tl.load(s_row + k_start // group, mask=n_mask, other=0.0)[None, :]
     if FP16_MMA:
-        acc = acc * 256.0
+        acc = acc * 16.0
     return acc
 
 

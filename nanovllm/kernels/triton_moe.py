@@ -10,8 +10,9 @@ weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k fol
 (the layout's static padding) return at once.  Offsets are int64 where a row index meets a stride; accumulation is
 float32; the intermediate and outputs are in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
 memory, as an expert cache keeps it): a constexpr picks the strided load.  FP8 experts (``weight_quant.py``) are
-weight-only: each tile is dequantized in registers into x's dtype (its rows' scales of one group), so a K tile must
-lie inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).
+weight-only, and a K tile lies inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can): beside
+bf16 x each tile is widened to fp16 and multiplied by x scaled into fp16, its product scaled by its group's scales
+(or the sum once, where one group spans K); beside fp16 x it is dequantized into x's dtype as the twin does.
 """
 import math
 
@@ -39,21 +40,50 @@ def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).  An FP8 tile (``GROUP`` >
-    0) is first widened, scaled by its rows' scales (``scale_rows`` [N]) of the group holding column ``k0`` (the
-    tile lies inside it) and rounded to a's dtype, as the twin dequantizes: the dot then still accumulates in place,
-    which scaling each partial product would prevent."""
+def _mma_operand(a, FP16_MMA: tl.constexpr):
+    """The activation tile as the MMA takes it: with ``FP16_MMA`` (FP8 experts, bf16 x) scaled by 2^-4 into fp16,
+    so values up to 1.0e6 stay in range and those of 2^-10 or more exact (``_finish`` multiplies the 2^4 back)."""
+    if FP16_MMA:
+        return (a.to(tl.float32) * 0.0625).to(tl.float16)
+    return a
+
+
+@triton.jit
+def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                FP16_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).
+
+    An FP8 tile (``GROUP`` > 0) with ``FP16_MMA`` is widened to fp16 (one instruction from e4m3) and multiplied by
+    the fp16 ``a``; the product is scaled by its rows' scales of the group holding column ``k0`` (the tile lies
+    inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once in ``_finish``.  Without
+    ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin dequantizes."""
     if GROUP > 0:
+        if FP16_MMA:
+            part = tl.dot(a, tl.trans(w.to(tl.float16)))
+            if ONE_GROUP:
+                return acc + part
+            scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
+            return acc + part * scale[None, :]
         scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
         w = (w.to(tl.float32) * scale[:, None]).to(a.dtype)
     return acc + _dot(a, tl.trans(w), DOT_PRECISION)
 
 
 @triton.jit
+def _finish(acc, scale_rows, n_mask, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr):
+    """The sum of ``_weight_dot``'s products, with what they left for the end: 2^4 (``FP16_MMA``) and the rows'
+    one scale (``ONE_GROUP``)."""
+    if FP16_MMA:
+        acc = acc * 16.0
+        if ONE_GROUP:
+            acc = acc * tl.load(scale_rows, mask=n_mask, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
 def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr, I, H,
                        stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_i, TOP_K: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -76,11 +106,16 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, 
         k_mask = offs_k < H
         a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
+        a = _mma_operand(a, FP16_MMA)
         w_mask = n_mask[:, None] & k_mask[None, :]
         gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
         up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
-        acc_gate = _weight_dot(acc_gate, a, gate, gate_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
-        acc_up = _weight_dot(acc_up, a, up, up_scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
+        acc_gate = _weight_dot(acc_gate, a, gate, gate_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA,
+                               DOT_PRECISION)
+        acc_up = _weight_dot(acc_up, a, up, up_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA,
+                             DOT_PRECISION)
+    acc_gate = _finish(acc_gate, gate_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
+    acc_up = _finish(acc_up, up_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(inter_ptr + slots[:, None] * stride_i + offs_n[None, :], h.to(inter_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
@@ -89,7 +124,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, 
 @triton.jit
 def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, weights_ptr,
                          out_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
-                         stride_o, W2_STRIDED_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         stride_o, W2_STRIDED_K: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                         FP16_MMA: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          PDL: tl.constexpr):
     pid_b = tl.program_id(0)
@@ -109,12 +145,14 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_
         k_mask = offs_k < I
         a = tl.load(inter_ptr + slots[:, None] * stride_i + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
+        a = _mma_operand(a, FP16_MMA)
         if W2_STRIDED_K:
             w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk
         else:
             w_tile = w_rows + offs_k[None, :]
         w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, DOT_PRECISION)
+        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, DOT_PRECISION)
+    acc = _finish(acc, scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
     acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
@@ -160,6 +198,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     up_k = fp8_block_k(cfg.block_k, group, hidden) if fp8 else cfg.block_k
     down_k = fp8_block_k(cfg.block_k, group, inter_size) if fp8 else cfg.block_k
     assert up_k and down_k, f"no K tile fits FP8 group {group} (fp8_supported)"
+    fp16_mma = fp8 and x.dtype == torch.bfloat16
     args = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(dev))
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)
     num_blocks = block_expert.shape[0]
@@ -170,14 +209,15 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     s13, *s13_strides = _scale_args(w13, w13_scale, group, hidden)
     _grouped_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
         x, w13, s13, sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0), w13.stride(0),
-        w13.stride(1), *s13_strides, inter.stride(0), TOP_K=top_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_K=up_k,
+        w13.stride(1), *s13_strides, inter.stride(0), TOP_K=top_k, GROUP=group, ONE_GROUP=group >= hidden,
+        FP16_MMA=fp16_mma, BLOCK_M=cfg.block_m, BLOCK_K=up_k,
         DOT_PRECISION=precision, **args)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
     s2, *s2_strides = _scale_args(w2, w2_scale, group, inter_size)
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
         inter, w2, s2, sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden, inter.stride(0),
         w2.stride(0), w2.stride(1), w2.stride(2), *s2_strides, per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
-        GROUP=group, BLOCK_M=cfg.block_m, BLOCK_K=down_k, DOT_PRECISION=precision, **args)
+        GROUP=group, ONE_GROUP=group >= inter_size, FP16_MMA=fp16_mma, BLOCK_M=cfg.block_m, BLOCK_K=down_k, DOT_PRECISION=precision, **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
