@@ -7,7 +7,8 @@ Mixtral-8x7B's (E=8, top-2, H=4096, I=14336): exact against the PyTorch twin, an
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
 token count and at a prefill of 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape) a
 prefill of 140,000 tokens, whose per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its end.
-With ``--fp8`` the experts are also quantized (``weight_quant.quantize``, group 128) and every check and timing
+With ``--fp8`` the experts are also quantized (``weight_quant.quantize``, one scale per row as online quantization
+does, or per ``--group`` columns as a block-FP8 checkpoint) and every check and timing
 runs on them too, against the twin that dequantizes them; FP8 rows sit beside bf16 rows at each token count.
 
 Timing: each candidate captured in a CUDA graph and replayed, cycling over ``--layers`` sets of expert weights
@@ -30,6 +31,7 @@ from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336)}  # E, top-k, H, I
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
+GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main()
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
 CANDIDATES = [MoeConfig(16, 64, 64), MoeConfig(16, 32, 128), MoeConfig(32, 64, 64), MoeConfig(64, 64, 64, num_stages=4),
               MoeConfig(64, 128, 64, num_warps=8, num_stages=4)]
@@ -45,9 +47,8 @@ def expert_bytes(ids: torch.Tensor, num_tokens: int, fp8: bool = False) -> int:
     touched = int(torch.unique(ids).numel())
     per_expert = 3 * INTER * HIDDEN * 2
     if fp8:
-        group = weight_quant.GROUP
-        per_expert = 3 * INTER * HIDDEN + 4 * (2 * INTER * weight_quant.num_groups(HIDDEN, group)
-                                               + HIDDEN * weight_quant.num_groups(INTER, group))
+        per_expert = 3 * INTER * HIDDEN + 4 * (2 * INTER * weight_quant.num_groups(HIDDEN, GROUP)
+                                               + HIDDEN * weight_quant.num_groups(INTER, GROUP))
     return touched * per_expert + 2 * num_tokens * HIDDEN * 2
 
 
@@ -67,8 +68,8 @@ def make_weights():
 
 def quantized(layer):
     """The FP8 experts of a bf16 ``layer``, as ``make_weights`` gives them."""
-    (w13, s13), (w2, s2) = (weight_quant.quantize(w, weight_quant.GROUP) for w in layer[:2])
-    return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=weight_quant.GROUP)
+    (w13, s13), (w2, s2) = (weight_quant.quantize(w, GROUP) for w in layer[:2])
+    return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=GROUP)
 
 
 def label(layer) -> str:
@@ -157,11 +158,13 @@ def main():
     p.add_argument("--tokens", default="1,16,64,256", help="token counts to time (comma-separated)")
     p.add_argument("--layers", type=int, default=4, help="expert weight sets the timed graph cycles over")
     p.add_argument("--no-timing", action="store_true", help="run the exactness checks only")
-    p.add_argument("--fp8", action="store_true", help="also FP8 experts (weight_quant, group 128), beside bf16")
+    p.add_argument("--fp8", action="store_true", help="also FP8 experts (weight_quant), beside bf16")
+    p.add_argument("--group", type=int, default=0, help="FP8 columns per scale (default: one scale per row)")
     args = p.parse_args()
     tokens = parse_tokens(args.tokens)
-    global E, TOP_K, HIDDEN, INTER
+    global E, TOP_K, HIDDEN, INTER, GROUP
     E, TOP_K, HIDDEN, INTER = SHAPES[args.shape]
+    GROUP = args.group or max(HIDDEN, INTER)
     torch.manual_seed(0)
     layers = [make_weights() for _ in range(max(1, args.layers))]
     variants = [layers] + ([[quantized(layer) for layer in layers]] if args.fp8 else [])

@@ -114,8 +114,8 @@ class EngineConfig:
     quantization: str | None = _opt(None, "weights' quantization: unset follows the checkpoint (a block-FP8 "
                                           "checkpoint runs in FP8 as stored); `fp8` quantizes an unquantized "
                                           "checkpoint, or dummy weights, at load time: the decoder layers' "
-                                          "projections and experts in float8 e4m3 with a float32 scale per row and "
-                                          "128 columns", choices=QUANTIZATIONS)
+                                          "projections and experts in float8 e4m3 with a float32 scale per row",
+                                      choices=QUANTIZATIONS)
     num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free device memory; on "
                                                 "CPU 1 GiB worth)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")

@@ -200,7 +200,7 @@ def test_synthesize_writes_an_fp8_checkpoint_that_loads(tmp_path):
     assert weights["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn
     assert weights["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (1, 1)  # [128, 64] in one block
     llm = LLM(str(out), enforce_eager=True, **ENGINE)
-    assert "scales per row and 128 columns" in llm.engine.describe()["quantization"]
+    assert "scales per row), from an fp8 checkpoint (block 128x128)" in llm.engine.describe()["quantization"]
     plain = dequantized_copy(str(out), tmp_path / "plain", block=(128, 128))
     prompts = prompts_of(2, seed=5, max_len=20)
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)

@@ -1,5 +1,5 @@
 """``quantization="fp8"`` end to end on CPU: the decoder layers' projections and experts are quantized at load time
-(float8 e4m3, a float32 scale per row and 128 columns) and greedy float32 tokens equal transformers' on a copy of
+(float8 e4m3, a float32 scale per row) and greedy float32 tokens equal transformers' on a copy of
 the checkpoint whose weights are those FP8 values dequantized, in eager and graph mode, with chunked prefill,
 prefix hits and preemption; MiniCPM4 and a vision-language model's language part too; two ranks equal one.
 
@@ -19,7 +19,7 @@ from nanovllm.tools import fp8_oracle, minicpm
 
 ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=24, max_model_len=128, max_num_seqs=4,
               graph_batch_sizes=[1, 2, 4], quantization="fp8")
-# hidden 200 and intermediate 136: a partial group of 72 (then 8) columns after the first 128
+# hidden 200 and intermediate 136: no power of two
 SHAPES = dict(hidden_size=200, intermediate_size=136)
 
 
@@ -46,18 +46,19 @@ def checkpoint(request, tmp_path_factory):
     return path, fp8_copy(path, tmp / "oracle")
 
 
-def test_quantized_weights_are_float8_with_scales_per_row_and_group(checkpoint):
+def test_quantized_weights_are_float8_with_one_scale_per_row(checkpoint):
     llm = LLM(checkpoint[0], enforce_eager=True, **ENGINE)
     layer = llm.engine.runner.model.model.layers[0]
     qkv = layer.self_attn.qkv_proj
-    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == (qkv.weight.shape[0], 2)
+    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == (qkv.weight.shape[0], 1)
     assert llm.engine.runner.model.lm_head.weight.dtype == torch.float32  # the LM head stays
     assert llm.engine.runner.model.model.embed_tokens.weight.dtype == torch.float32
     experts = getattr(layer.mlp, "experts", None)
     if experts is not None:  # MoE: experts quantized, router not
-        assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_up_proj_scale.shape[-1] == 2
+        assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_up_proj_scale.shape[-1] == 1
+        assert experts.down_proj_scale.shape[-1] == 1
         assert layer.mlp.gate.weight.dtype == torch.float32
-    assert "fp8 weights" in llm.engine.describe()["quantization"]
+    assert "scales per row)" in llm.engine.describe()["quantization"]
 
 
 def test_eager_matches_transformers_on_the_dequantized_weights_with_chunks_hits_and_preemption(checkpoint):
@@ -130,13 +131,16 @@ def test_an_unknown_quantization_is_refused_by_name(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one(tmp_path):
-    # every row-parallel shard a whole number of 128-column groups: 8 heads of 32 and 256 MLP columns, halved
-    path = build_checkpoint(tmp_path / "plain", "qwen3", hidden_size=128, intermediate_size=256,
+    # a row-parallel shard's scale comes from the whole row: 200 MLP columns, halved, on shards that
+    # no power-of-two group of 8 or more divides
+    path = build_checkpoint(tmp_path / "plain", "qwen3", hidden_size=192, intermediate_size=200,
                             num_attention_heads=8, num_key_value_heads=2)
     prompts = prompts_of(4, seed=6, max_len=30)
     one = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
     with LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE) as two:
         assert greedy(two, prompts) == one
+        layer = two.engine.runner.model.model.layers[0]  # rank 0's half of the rows' columns, the whole rows' scales
+        assert layer.mlp.down_proj.weight.shape[1] == 100 and layer.mlp.down_proj.weight_scale.shape[1] == 1
 
 
 def test_the_config_flag_reaches_the_command_line():

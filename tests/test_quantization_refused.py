@@ -45,7 +45,7 @@ def test_an_fp8_checkpoint_loads_with_its_weights_in_float8(tmp_path):
     plain = load_file(Path(path) / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
     _to_fp8_layout(path)
     llm = LLM(path, **OPTIONS)
-    assert "scales per row and 128 columns" in llm.engine.describe()["quantization"]
+    assert "scales per row), from an fp8 checkpoint (block 128x128)" in llm.engine.describe()["quantization"]
     down = llm.engine.runner.model.model.layers[0].mlp.down_proj
     assert down.weight.dtype == torch.float8_e4m3fn
     loaded = weight_quant.dequantize(down.weight, down.weight_scale, down.quant_group, torch.float32)

@@ -5,7 +5,8 @@ scale per output row and ``group`` consecutive input columns (the last group may
 is ``w[..., n, k] * scale[..., n, k // group]``.  Rows carry their own scales, so packing (q/k/v, gate/up),
 stacking experts and splitting rows over tensor-parallel ranks never cut a scale; a rank's columns must start on
 a group boundary.  A block-FP8 checkpoint's ``weight_scale_inv`` per [bn, bk] block becomes this with
-``group = bk``, its rows repeated (``expand_block_scales``); online quantization uses ``GROUP`` columns.
+``group = bk``, its rows repeated (``expand_block_scales``); online quantization scales whole rows (a group at
+least K: one scale per row).
 
 Every op that takes such a weight computes with the dequantized values in the activations' dtype (or wider):
 the twins dequantize first (``dequantize``); the Triton kernels widen each tile in registers and scale it, or the
@@ -14,9 +15,6 @@ partial product of its group.  Quantizing rounds to nearest even after clamping 
 import torch
 
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
-
-GROUP = 128  # input columns per scale of online quantization (DeepSeek-V3's and Qwen3-FP8's block width)
-
 
 def is_fp8(weight: torch.Tensor) -> bool:
     return weight.dtype == FP8_DTYPE
@@ -36,16 +34,22 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, group: int, dtype: tor
     return (weight.float() * expand_columns(scale, weight.shape[-1], group)).to(dtype)
 
 
-def quantize(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 weight, float32 scale [..., N, G]) of ``weight`` [..., N, K]: each row's group scaled so that its
-    largest magnitude is 448 (an all-zero group gets scale 1)."""
+def group_amax(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """The largest magnitude of each row's groups of ``weight`` [..., N, K]: float32 [..., N, G]."""
     k = weight.shape[-1]
     g = num_groups(k, group)
     w = weight.float()
     padded = torch.nn.functional.pad(w, (0, g * group - k)) if g * group != k else w
-    amax = padded.unflatten(-1, (g, group)).abs().amax(dim=-1)
+    return padded.unflatten(-1, (g, group)).abs().amax(dim=-1)
+
+
+def quantize(weight: torch.Tensor, group: int, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, float32 scale [..., N, G]) of ``weight`` [..., N, K]: each row's group scaled so that its
+    largest magnitude (``amax``, default ``group_amax``: a tensor-parallel shard may pass the whole row's) is 448
+    (an all-zero group gets scale 1)."""
+    amax = group_amax(weight, group) if amax is None else amax
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w / expand_columns(scale, k, group)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = (weight.float() / expand_columns(scale, weight.shape[-1], group)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 

@@ -6,14 +6,17 @@ expert's gate and vision towers stay in the model's dtype.  A quantized paramete
 float8_e4m3fn, its module gains the float32 buffer ``P_scale`` and the int ``quant_group``
 (``kernels/weight_quant.py`` states the format; ``weight_quant.scale_of`` reads them back for the ops).
 
-* ``quantize_online(model)``: the loaded weights quantized in place, ``GROUP`` columns per scale (vLLM's
-  ``quantization="fp8"`` on an unquantized checkpoint or dummy weights), one parameter at a time.
+* ``quantize_online(model)``: the loaded weights quantized in place with one scale per output row (vLLM's
+  ``quantization="fp8"`` on an unquantized checkpoint or dummy weights), one parameter at a time.  A module's
+  ``quant_group`` is then its widest K; a row-parallel shard takes the whole row's largest magnitude from every
+  rank, so tensor parallelism quantizes exactly as one GPU does.
 * ``prepare_for_checkpoint(model, names, group)``: the parameters ``names`` (those whose every checkpoint part is
   float8) made FP8 and empty, for the loader to fill with the checkpoint's bytes and scales.
 """
 import torch
 from torch import nn
 
+import nanovllm.distributed as distributed
 from nanovllm.kernels import weight_quant
 from nanovllm.models.decoder import MLP, DecoderLayer
 from nanovllm.models.moe import Experts, SparseMoe
@@ -21,25 +24,31 @@ from nanovllm.models.moe import Experts, SparseMoe
 
 def quantizable(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Our parameter name -> (its module, its attribute name) for every parameter this scheme quantizes."""
+    return {name: (module, attr) for name, (module, attr, _) in _targets(model).items()}
+
+
+def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
+    """``quantizable``'s entries with whether tensor parallelism splits the parameter's input columns (row-parallel:
+    attention's output and the down projections)."""
     owners = {id(m): name for name, m in model.named_modules()}
     out = {}
 
-    def add(module: nn.Module | None, attr: str) -> None:
+    def add(module: nn.Module | None, attr: str, row_parallel: bool) -> None:
         if module is not None:
-            out[f"{owners[id(module)]}.{attr}"] = (module, attr)
+            out[f"{owners[id(module)]}.{attr}"] = (module, attr, row_parallel)
 
     for layer in (m for m in model.modules() if isinstance(m, DecoderLayer)):
-        add(layer.self_attn.qkv_proj, "weight")
-        add(layer.self_attn.o_proj, "weight")
+        add(layer.self_attn.qkv_proj, "weight", False)
+        add(layer.self_attn.o_proj, "weight", True)
         mlps = [layer.mlp] if isinstance(layer.mlp, MLP) else []
         if isinstance(layer.mlp, SparseMoe):
             mlps += [layer.mlp.shared_expert] if layer.mlp.shared_expert is not None else []
             if isinstance(layer.mlp.experts, Experts):
-                add(layer.mlp.experts, "gate_up_proj")
-                add(layer.mlp.experts, "down_proj")
+                add(layer.mlp.experts, "gate_up_proj", False)
+                add(layer.mlp.experts, "down_proj", True)
         for mlp in mlps:
-            add(mlp.gate_up_proj, "weight")
-            add(mlp.down_proj, "weight")
+            add(mlp.gate_up_proj, "weight", False)
+            add(mlp.down_proj, "weight", True)
     return out
 
 
@@ -50,12 +59,21 @@ def _replace(module: nn.Module, attr: str, weight: torch.Tensor, scale: torch.Te
 
 
 @torch.no_grad()
-def quantize_online(model: nn.Module, group: int = weight_quant.GROUP) -> None:
+def quantize_online(model: nn.Module, group: int | None = None) -> None:
     """Quantize every quantizable parameter of the loaded ``model`` in place (the old storage is freed as each
-    one is replaced)."""
-    for module, attr in quantizable(model).values():
-        q, scale = weight_quant.quantize(getattr(module, attr), group)
-        _replace(module, attr, q, scale, group)
+    one is replaced): one scale per row, or per row and ``group`` columns."""
+    targets = _targets(model).values()
+    widest: dict[int, int] = {}
+    for module, attr, _ in targets:
+        widest[id(module)] = max(widest.get(id(module), 0), getattr(module, attr).shape[-1])
+    for module, attr, row_parallel in targets:
+        weight = getattr(module, attr)
+        columns = group or widest[id(module)]
+        amax = weight_quant.group_amax(weight, columns)
+        if group is None and row_parallel:
+            amax = distributed.agree_max(amax)
+        q, scale = weight_quant.quantize(weight, columns, amax)
+        _replace(module, attr, q, scale, columns)
 
 
 def prepare_for_checkpoint(model: nn.Module, names: set[str], group: int) -> None:
@@ -70,11 +88,12 @@ def prepare_for_checkpoint(model: nn.Module, names: set[str], group: int) -> Non
 
 
 def describe(model: nn.Module) -> str | None:
-    """``"fp8 (N of M weights, group G)"`` for a model with FP8 weights, else None."""
+    """``"fp8 weights (N of M ..., scales per ...)"`` for a model with FP8 weights, else None."""
     targets = quantizable(model)
     quantized = [(m, a) for m, a in targets.values() if weight_quant.is_fp8(getattr(m, a))]
     if not quantized:
         return None
-    groups = sorted({m.quant_group for m, _ in quantized})
-    return f"fp8 weights ({len(quantized)} of {len(targets)} projections and expert stacks, " \
-           f"scales per row and {'/'.join(map(str, groups))} columns)"
+    per_row = all(m.quant_group >= getattr(m, a).shape[-1] for m, a in quantized)
+    groups = "row" if per_row else "row and " + "/".join(map(str, sorted({m.quant_group for m, _ in quantized}))) \
+        + " columns"
+    return f"fp8 weights ({len(quantized)} of {len(targets)} projections and expert stacks, scales per {groups})"

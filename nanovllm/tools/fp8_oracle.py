@@ -5,7 +5,7 @@ engine holds in float8 replaced by its dequantized value in the checkpoint's flo
 tensors times their scales, per block, channel or tensor as its layout says (``fp8_checkpoint.layout``; its
 ``quantization_config`` dropped), or with ``online`` (the engine's ``quantization="fp8"``; the model's dtype, in
 which the engine quantizes) each decoder-layer projection and expert weight cast to it, quantized and dequantized
-as ``kernels/weight_quant.py`` does (scales per row, so q/k/v or one expert alone give what the packed tensor gives).
+as the engine does (one scale per row, so q/k/v or one expert alone give what the packed tensor gives).
 Files other than the weights are copied as they are.  One safetensors file or an index of several.
 """
 import json
@@ -27,7 +27,7 @@ def _dequantized(weights: dict, online, layout, every: dict) -> dict:
             t = layout.dequantize(t, every[name + layout.suffix])
         elif online and name.startswith("model.layers.") and fp8_checkpoint.quantizable(name, t, []):
             t = t.to(online)  # the engine quantizes the weights in the model's dtype
-            t = weight_quant.dequantize(*weight_quant.quantize(t), weight_quant.GROUP, t.dtype)
+            t = weight_quant.dequantize(*weight_quant.quantize(t, t.shape[-1]), t.shape[-1], t.dtype)  # per row
         out[name] = t
     return out
 
