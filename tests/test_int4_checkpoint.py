@@ -234,3 +234,15 @@ def test_quantize_checkpoint_rewrites_per_expert_weights_and_a_sharded_index(tmp
     assert json.loads((path / "config.json").read_text())["quantization_config"] == dict(
         quant_method="awq", bits=4, group_size=32, zero_point=True, version="gemm",
         modules_to_not_convert=["self_attn"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "fp8", "--group-size", "64"], "group_size, sym and desc_act are int4 options; quantize='fp8'"),
+    (["--quantize", "awq", "--desc-act"], "desc_act=True is a GPTQ option; method='awq' has none"),
+])
+def test_synthesize_refuses_int4_options_where_they_mean_nothing(tmp_path, capsys, args, message):
+    from nanovllm.tools import synthesize
+    config = build_checkpoint(tmp_path / "src", "qwen3") + "/config.json"
+    with pytest.raises(SystemExit):
+        synthesize.main([config, str(tmp_path / "out"), "--dtype", "float32", *args])
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
