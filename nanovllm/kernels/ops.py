@@ -3,18 +3,16 @@
 ``nanovllm::store_kv``, ``rope_store_kv``, ``paged_attention``, ``linear``, ``linear_int4``, ``fused_moe``,
 ``moe_experts``, ``process_logits`` and ``gumbel_argmax`` are each a ``torch.library.custom_op`` whose default
 implementation is its pure-PyTorch twin (``reference.py``, ``moe_reference.py``, ``logits.py``, ``sampling.py``,
-any device), with a fake for tracing.  A platform registers faster implementations per device type
-(``torch.library.register_kernel``; CUDA: ``cuda.py``); the dispatcher picks by the inputs' device, so models and
-layers call the wrappers below.
+any device), with a fake for tracing.  A platform registers faster ones per device type (``register_kernel``;
+CUDA: ``cuda.py``); the dispatcher picks by the inputs' device, so models and layers call the wrappers below.
 
 A platform whose graph compiler lowers only ops it knows may also register, per device type, a *traced
 implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
 place of the opaque op while compiling (the NPU platform, ``kernels/npu.py``).  Eager calls take the registered kernel.
 
-Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py`` and ``weight_quant.py``: FP8
-scales, None otherwise; ``int4_quant.py``: int4 weights): no host sync or data-dependent shapes (graph-capturable);
-slot -1 is never written; a row with context 0 gets zeros; ``gumbel_argmax`` returns greedy tokens where the
-temperature is 0.
+Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py``, ``weight_quant.py``: FP8 scales,
+None otherwise; ``int4_quant.py``: int4 weights): no host sync or data-dependent shapes (graph-capturable); slot -1
+is never written; a row with context 0 gets zeros; ``gumbel_argmax`` is greedy where the temperature is 0.
 """
 from typing import Callable, Optional
 
