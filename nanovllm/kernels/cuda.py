@@ -6,8 +6,8 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 ``current_options()`` once per call: with ``reference_kernels`` set it runs the twin, so options installed by a
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
-configuration by row count (``matmul_configs.py``), the MoE tiles by rows per expert (``moe_configs.py``),
-and float32 rope and MoE on torch so that results stay
+configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``), the MoE tiles by rows
+per expert (``moe_configs.py``), and float32 rope, MoE and int4 projections on torch so that results stay
 transformers' bit for bit.
 
 A platform for another device registers its own implementations the same way, under its device type, without
@@ -26,6 +26,7 @@ from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, sil
 from nanovllm.kernels.triton_moe import fp8_supported, fused_moe_triton, moe_experts_triton
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
+from nanovllm.kernels.triton_w4a16 import choose_w4a16, dequantize_int4_triton, linear_w4a16_triton
 
 _registered: set[str] = set()
 
@@ -80,6 +81,18 @@ def _linear(x, weight, bias, silu_mul, weight_scale, group):
     return silu_mul_triton(y) if silu_mul else y
 
 
+def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
+    if current_options().reference_kernels or x.dtype == torch.float32:  # fp32 stays exact, on the twin
+        return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul)
+    cfg = choose_w4a16(x, qweight, silu_mul, group)
+    if cfg is not None:  # stream the packed weight at small M; past that, dequantize once for cuBLAS
+        return linear_w4a16_triton(x, qweight, scale, zero, group, perm, bias, cfg, silu_mul)
+    if perm is not None:
+        x = x.index_select(1, perm)
+    y = F.linear(x, dequantize_int4_triton(qweight, scale, zero, group, x.dtype), bias)
+    return silu_mul_triton(y) if silu_mul else y
+
+
 def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group):
     if (current_options().reference_kernels or x.dtype == torch.float32  # fp32 stays with torch, as for linear
             or w13_scale is not None and not fp8_supported(group, x.shape[1], w2.shape[2])):
@@ -109,7 +122,8 @@ def _process_logits(logits, slots, params, bitmask, counts, seen):
 
 KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_attention,
            "nanovllm::rope_store_kv": _rope_store_kv, "nanovllm::linear": _linear,
-           "nanovllm::fused_moe": _fused_moe, "nanovllm::moe_experts": _moe_experts,
+           "nanovllm::linear_int4": _linear_int4, "nanovllm::fused_moe": _fused_moe,
+           "nanovllm::moe_experts": _moe_experts,
            "nanovllm::process_logits": _process_logits, "nanovllm::gumbel_argmax": _gumbel_argmax}
 
 

@@ -1,18 +1,18 @@
 """The fused ops of a step as registered torch ops, so a compiled step sees each as one opaque node.
 
-``nanovllm::store_kv``, ``rope_store_kv``, ``paged_attention``, ``linear``, ``fused_moe``, ``moe_experts``,
-``process_logits`` and ``gumbel_argmax`` are each a ``torch.library.custom_op`` whose default implementation is its
-pure-PyTorch twin (``reference.py``, ``moe_reference.py``, ``logits.py``, ``sampling.py``, any device), with a
-fake for tracing.  A platform registers faster implementations per device type (``torch.library.register_kernel``;
+``nanovllm::store_kv``, ``rope_store_kv``, ``paged_attention``, ``linear``, ``linear_int4``, ``fused_moe``,
+``moe_experts``, ``process_logits`` and ``gumbel_argmax`` are each a ``torch.library.custom_op`` whose default
+implementation is its pure-PyTorch twin (``reference.py``, ``moe_reference.py``, ``logits.py``, ``sampling.py``,
+any device), with a fake for tracing.  A platform registers faster ones per device type (``register_kernel``;
 CUDA: ``cuda.py``); the dispatcher picks by the inputs' device, so models and layers call the wrappers below.
 
 A platform whose graph compiler lowers only ops it knows may also register, per device type, a *traced
 implementation* of an op (``register_traced``): a function of ops that compiler converts, which Dynamo traces in
 place of the opaque op while compiling (the NPU platform, ``kernels/npu.py``).  Eager calls take the registered kernel.
 
-Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py`` and ``weight_quant.py``: FP8
-scales, None otherwise): no host sync or data-dependent shapes (graph-capturable); slot -1 is never written; a row
-with context 0 gets zeros; ``gumbel_argmax`` returns greedy tokens where the temperature is 0.
+Shared contracts (``reference.py``: cache layout, ``context_lens``; ``kv_quant.py``, ``weight_quant.py``: FP8 scales,
+None otherwise; ``int4_quant.py``: int4 weights): no host sync or data-dependent shapes (graph-capturable); slot -1
+is never written; a row with context 0 gets zeros; ``gumbel_argmax`` is greedy where the temperature is 0.
 """
 from typing import Callable, Optional
 
@@ -82,6 +82,20 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 @_linear.register_fake
 def _(x, weight, bias, silu_mul, weight_scale, group):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("nanovllm::linear_int4", mutates_args=())
+def _linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
+    """``x[:, perm] @ W.T + bias`` (``perm`` None: x as is) for an int4 weight W = (qweight, scale, zero) in groups
+    of ``group`` columns (``int4_quant.py``); ``silu_mul`` as ``_linear``'s."""
+    return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul)
+
+
+@_linear_int4.register_fake
+def _(x, qweight, scale, zero, group, perm, bias, silu_mul):
+    n = qweight.shape[0] // 2 if silu_mul else qweight.shape[0]
     return x.new_empty(x.shape[0], n)
 
 
@@ -178,6 +192,12 @@ def linear(x, weight, bias=None, silu_mul: bool = False, weight_scale=None, grou
     return fn(x, weight, bias, silu_mul, weight_scale, group)
 
 
+def linear_int4(x, qweight, scale, zero, group: int, perm=None, bias=None, silu_mul: bool = False) -> torch.Tensor:
+    """A projection of ``x`` [T, K] by an int4 weight (see ``_linear_int4``)."""
+    fn = _traced("linear_int4", x.device) or torch.ops.nanovllm.linear_int4
+    return fn(x, qweight, scale, zero, group, perm, bias, silu_mul)
+
+
 def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, w13_scale=None, w2_scale=None,
               group: int = 0) -> torch.Tensor:
     """The MoE MLP of ``x`` [T, H] (see ``_fused_moe``)."""
@@ -203,5 +223,5 @@ def process_logits(logits, slots, params, bitmask, counts, seen) -> torch.Tensor
     return fn(logits, slots, params, bitmask, counts, seen)
 
 
-_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "fused_moe", "moe_experts", "process_logits",
-        "gumbel_argmax")
+_OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "linear_int4", "fused_moe", "moe_experts",
+        "process_logits", "gumbel_argmax")

@@ -16,7 +16,7 @@ with the host, each traces whole (``fullgraph=True``, ``make_fx``), and attentio
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels import kv_quant, weight_quant
+from nanovllm.kernels import int4_quant, kv_quant, weight_quant
 from nanovllm.kernels.norm_rope import apply_rotary, rms_norm
 
 _PREFILL_TILE = 32  # query tokens per prefill tile
@@ -55,8 +55,22 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if weight_scale is not None:
         weight = weight_quant.dequantize(weight, weight_scale, group, x.dtype)
     y = F.linear(x, weight, bias)
-    if not silu_mul:
-        return y
+    return _silu_mul(y) if silu_mul else y
+
+
+def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                          group: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                          silu_mul: bool = False) -> torch.Tensor:
+    """``x[:, perm] @ W.T + bias`` (``perm`` None: x as is) for the int4 weight W = (qweight, scale, zero, group)
+    (``int4_quant.py``), dequantized into x's dtype first; ``silu_mul`` as in ``linear_reference``."""
+    if perm is not None:
+        x = x.index_select(1, perm)
+    y = F.linear(x, int4_quant.dequantize(qweight, scale, zero, group, x.dtype), bias)
+    return _silu_mul(y) if silu_mul else y
+
+
+def _silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the two halves of a packed [T, 2I] MLP projection."""
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -1,0 +1,226 @@
+"""w4a16 projections: ``x[M, K] @ W[N, K].T (+ bias)`` with W an int4 weight (``int4_quant.py``), in Triton.
+
+The weight is streamed packed: each [BLOCK_N, BLOCK_K / 2] byte tile is split in registers into its even (low
+nibble) and odd (high nibble) columns, ``(q - zero) * scale`` is computed in float32 and rounded once to x's dtype
+(the values of ``int4_quant.dequantize``), and the tile meets x's in ``tl.dot`` with fp32 accumulation.  BLOCK_K
+divides ``group`` (or one group covers all of K), so a tile has one scale and zero per row; a partial last group
+needs nothing more.  Tiles, split K (the last split of an output block to arrive, counted with an atomic, sums
+the fp32 partials in a fixed order and resets its counter) and ``SILU_MUL`` (a packed [gate; up] weight of 2I rows
+-> ``silu(gate) * up`` [M, I]) follow ``triton_matmul.py``; the kernel takes part in PDL (``pdl.py``).  With
+``perm`` int32 [K] (GPTQ's act order, applied at load time) it computes ``x[:, perm] @ W.T``, gathering x's
+columns through it.  ``choose_w4a16`` picks the tiles by row count; past ``W4A16_TRITON_MAX_M`` rows, or where no
+tile fits, the CUDA op dequantizes the whole weight once (``dequantize_int4_triton``) and runs cuBLAS.
+"""
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels.int4_quant import num_groups
+from nanovllm.kernels.matmul_configs import MatmulConfig
+from nanovllm.kernels.options import current_options
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
+from nanovllm.kernels.triton_common import _num_sms
+from nanovllm.kernels.triton_matmul import _COUNTER_SLOTS, _counters
+
+# Past this many rows the weight is dequantized once and multiplied by cuBLAS (prefill).
+W4A16_TRITON_MAX_M = 64
+_MAX_SPLIT = 8
+_TILES = ((16, MatmulConfig(16, 64, 128)), (32, MatmulConfig(32, 64, 128)),
+          (W4A16_TRITON_MAX_M, MatmulConfig(64, 64, 128)))  # (max_m, tile) in ascending max_m
+
+
+@triton.jit
+def _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
+                     stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """sum over k in [k_start, k_start + k_steps * BLOCK_K) of x[m, perm[k]] * W[n, k], an fp32 [BLOCK_M, BLOCK_N]."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    offs_byte = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+    k0 = k_start
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    q_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    s_row = s_ptr + offs_n.to(tl.int64) * stride_sn
+    z_row = z_ptr + offs_n.to(tl.int64) * stride_zn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(k_steps):
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + offs_k)
+        else:
+            cols = offs_k
+        x = tl.load(x_rows + cols[None, :], mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+        packed = tl.load(q_rows + offs_byte[None, :], mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 2]
+        scale = tl.load(s_row + k0 // group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        zero = tl.load(z_row + k0 // group, mask=n_mask, other=0).to(tl.float32)[:, None]
+        even = (((packed & 0xF).to(tl.float32) - zero) * scale).to(x.dtype)
+        odd = (((packed >> 4).to(tl.float32) - zero) * scale).to(x.dtype)
+        w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
+        if UPCAST:  # the Triton interpreter (CPU tests) multiplies bf16 operands wrongly; fp32 is exact
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+        offs_k += BLOCK_K
+        offs_byte += BLOCK_K // 2
+        k0 += BLOCK_K
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K,
+                  stride_xm, stride_qn, stride_sn, stride_zn, stride_om, group, HAS_PERM: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N_OUT
+    k_steps = K // (SPLIT_K * BLOCK_K)
+    k_start = pid_k * k_steps * BLOCK_K
+    pdl_begin(PDL)
+    acc = _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
+                           stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K,
+                           UPCAST)
+    if SILU_MUL:  # the up half starts N_OUT rows further, in the weight, its scales and its zeros
+        acc_up = _partial_product(x_ptr, perm_ptr, qw_ptr + N_OUT * stride_qn, s_ptr + N_OUT * stride_sn,
+                                  z_ptr + N_OUT * stride_zn, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
+                                  stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM, BLOCK_M, BLOCK_N,
+                                  BLOCK_K, UPCAST)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    finish = True
+    if SPLIT_K > 1:
+        # partial[split, half, m, n] in fp32; the last split to arrive at this output block sums them.
+        plane = M * N_OUT
+        cell = offs_m[:, None].to(tl.int64) * N_OUT + offs_n[None, :]
+        halves = 2 if SILU_MUL else 1
+        tl.store(partial_ptr + pid_k * halves * plane + cell, acc, mask=out_mask)
+        if SILU_MUL:
+            tl.store(partial_ptr + (pid_k * 2 + 1) * plane + cell, acc_up, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        finish = arrived == SPLIT_K - 1
+        if finish:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if SILU_MUL:
+                acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):  # a fixed order, so the result does not depend on arrival order
+                acc += tl.load(partial_ptr + s * halves * plane + cell, mask=out_mask, other=0.0,
+                               cache_modifier=".cg")
+                if SILU_MUL:
+                    acc_up += tl.load(partial_ptr + (s * 2 + 1) * plane + cell, mask=out_mask, other=0.0,
+                                      cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    if finish:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if SILU_MUL:
+                acc_up += tl.load(bias_ptr + N_OUT + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def fits(cfg: MatmulConfig, k: int, group: int) -> bool:
+    """Whether ``cfg`` runs K columns in groups of ``group``: whole BLOCK_K steps per split, and no K-tile
+    straddling two groups (BLOCK_K divides the group, or one group covers all of K)."""
+    return k % (cfg.split_k * cfg.block_k) == 0 and (group % cfg.block_k == 0 or group >= k)
+
+
+def w4a16_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
+    """The tile for ``m`` rows of an ``[n_out, k]`` output in groups of ``group``, or None if none fits: BLOCK_M by
+    row count; split K, up to ``_MAX_SPLIT`` ways, while the output has fewer blocks than ``num_sms``; the largest
+    BLOCK_K (128, 64, 32, 16) that fits."""
+    tile = next((t for max_m, t in _TILES if m <= max_m), _TILES[-1][1])
+    blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)
+    split = 1
+    while blocks * split < num_sms and split < _MAX_SPLIT:
+        split *= 2
+    for block_k in (128, 64, 32, 16):
+        for s in (split >> i for i in range(split.bit_length())):  # split, split / 2, ..., 1
+            cfg = replace(tile, block_k=block_k, split_k=s)
+            if fits(cfg, k, group):
+                return cfg
+    return None
+
+
+def choose_w4a16(x: torch.Tensor, qweight: torch.Tensor, silu_mul: bool, group: int) -> MatmulConfig | None:
+    """The kernel's tile for ``x`` and an int4 ``qweight``, or None for dequantize + cuBLAS: float32 x, more than
+    ``W4A16_TRITON_MAX_M`` rows, no fitting tile, or ``KernelOptions.triton_matmul`` off."""
+    m, k = x.shape
+    if x.dtype not in (torch.bfloat16, torch.float16) or m > W4A16_TRITON_MAX_M or not current_options().triton_matmul:
+        return None
+    n_out = qweight.shape[0] // 2 if silu_mul else qweight.shape[0]
+    return w4a16_config(m, n_out, k, group, _num_sms(x.device))
+
+
+def linear_w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                        perm: torch.Tensor | None, bias: torch.Tensor | None, cfg: MatmulConfig,
+                        silu_mul: bool = False) -> torch.Tensor:
+    """``x[:, perm] @ W.T (+ bias)`` (``perm`` None: x as is) for the int4 weight W = (qweight, scale, zero, group);
+    with ``silu_mul`` the fused MLP activation of a packed gate/up weight."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    n_out = n // 2 if silu_mul else n
+    assert qweight.dtype == torch.uint8 and qweight.shape[1] * 2 == k, f"qweight {tuple(qweight.shape)} for K={k}"
+    assert scale.dtype == torch.float16 and zero.dtype == torch.uint8
+    assert scale.shape == zero.shape == (n, num_groups(k, group)), f"scale {tuple(scale.shape)} for {n}x{k}"
+    assert x.stride(1) == 1 and qweight.stride(1) == 1 and scale.stride(1) == 1 and zero.stride(1) == 1
+    assert not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16), "fp32 int4 projections stay with the twin"
+    assert perm is None or (perm.dtype == torch.int32 and perm.shape == (k,)), "perm: int32 [K]"
+    assert fits(cfg, k, group), (f"{cfg} cannot run K={k} in groups of {group}: BLOCK_K={cfg.block_k} must divide "
+                                 f"group={group} (or the group cover K) and split_k * BLOCK_K divide K")
+    out = x.new_empty(m, n_out)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+    if cfg.split_k > 1:
+        assert grid[0] * grid[1] <= _COUNTER_SLOTS, "too many output blocks for the split-K counters"
+        partial = torch.empty(cfg.split_k * (2 if silu_mul else 1) * m * n_out, dtype=torch.float32,
+                              device=x.device)
+        counters = _counters(x.device)
+    else:
+        partial = counters = out  # unused
+    _w4a16_kernel[grid](x, perm if perm is not None else out, qweight, scale, zero,
+                        bias if bias is not None else out, out, partial, counters, m, n_out, k, x.stride(0),
+                        qweight.stride(0), scale.stride(0), zero.stride(0), out.stride(0), group,
+                        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+                        SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                        UPCAST=not x.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        **pdl_launch(x.device))
+    return out
+
+
+@triton.jit
+def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, HALF_K, stride_qn, stride_sn, stride_zn, stride_on, group,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    byte = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = byte < HALF_K
+    packed = tl.load(qw_ptr + row * stride_qn + byte, mask=mask, other=0)
+    for half in tl.static_range(2):
+        col = 2 * byte + half
+        code = ((packed >> (4 * half)) & 0xF).to(tl.float32)
+        scale = tl.load(s_ptr + row * stride_sn + col // group, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + row * stride_zn + col // group, mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + row * stride_on + col, ((code - zero) * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_int4_triton(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """``int4_quant.dequantize`` of a weight [N, K] in one pass (the same values), with no float32 temporaries:
+    the large-M path of an int4 projection, ahead of cuBLAS."""
+    n, half_k = qweight.shape
+    assert qweight.stride(1) == 1 and scale.stride(1) == 1 and zero.stride(1) == 1
+    assert scale.shape == zero.shape == (n, num_groups(2 * half_k, group)), f"scale {tuple(scale.shape)}"
+    out = torch.empty(n, 2 * half_k, dtype=dtype, device=qweight.device)
+    if n and half_k:
+        block = 512
+        _dequantize_kernel[(n, triton.cdiv(half_k, block))](qweight, scale, zero, out, half_k, qweight.stride(0),
+                                                             scale.stride(0), zero.stride(0), out.stride(0), group,
+                                                             BLOCK=block)
+    return out
