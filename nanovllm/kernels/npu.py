@@ -110,8 +110,8 @@ KERNELS = {"nanovllm::store_kv": store_kv_npu, "nanovllm::rope_store_kv": rope_s
 
 
 def register_npu_kernels() -> None:
-    """Route the ops' "npu" tensors to the implementations above (idempotent); ``linear``, ``fused_moe``,
-    ``moe_experts``, ``process_logits`` and ``gumbel_argmax`` keep their twins, plain torch ops on any device."""
+    """Route the ops' "npu" tensors to the implementations above (idempotent); ``linear``, ``linear_int4``,
+    ``fused_moe``, ``moe_experts``, ``process_logits`` and ``gumbel_argmax`` keep their twins, plain torch ops on any device."""
     if "npu" in _registered:
         return
     for name, fn in KERNELS.items():
@@ -128,6 +128,7 @@ def register_npu_traced(graph_mode: str) -> None:
         reference.paged_attention_reference
     for name, fn in (("store_kv", store_kv_npu), ("rope_store_kv", rope_store_kv_npu),
                      ("paged_attention", attention), ("linear", reference.linear_reference),
+                     ("linear_int4", reference.linear_int4_reference),
                      ("fused_moe", moe_reference.fused_moe_reference),
                      ("moe_experts", moe_reference.experts_reference),
                      ("process_logits", logits_twin.process_logits_reference),
