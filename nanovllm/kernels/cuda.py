@@ -93,19 +93,26 @@ def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
     return silu_mul_triton(y) if silu_mul else y
 
 
-def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group):
-    if (current_options().reference_kernels or x.dtype == torch.float32  # fp32 stays with torch, as for linear
-            or w13_scale is not None and not fp8_supported(group, x.shape[1], w2.shape[2])):
+def _moe_on_twin(x, w13, w13_scale, group) -> bool:
+    """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), or quantized experts (FP8 or int4:
+    the same K tiles fit a group) whose group no K tile fits."""
+    return (current_options().reference_kernels or x.dtype == torch.float32
+            or w13_scale is not None and not fp8_supported(group, x.shape[1], w13.shape[1] // 2))
+
+
+def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero, w2_zero):
+    if _moe_on_twin(x, w13, w13_scale, group):
         return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
-                                                 group)
-    return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group)
+                                                 group, w13_zero, w2_zero)
+    return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero,
+                            w2_zero)
 
 
-def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group):
-    if (current_options().reference_kernels or x.dtype == torch.float32
-            or w13_scale is not None and not fp8_supported(group, x.shape[1], w2.shape[2])):
-        return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
-    return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
+def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero):
+    if _moe_on_twin(x, w13, w13_scale, group):
+        return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero,
+                                               w2_zero)
+    return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero)
 
 
 def _gumbel_argmax(logits, temperature, seeds, positions):

@@ -7,6 +7,8 @@ Contract of the op, shared by every implementation:
   ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
 * Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x`` (gate rows first); the
   result is the router-weighted sum of the token's ``top_k`` expert outputs, in x's dtype.
+* Quantized experts are dequantized into x's dtype first: FP8 (``weight_quant.py``; scales, ``group``) or int4
+  (``int4_quant.py``; uint8 w13 [E, 2I, H/2] and w2 [E, H, I/2] with fp16 scales, uint8 zeros and ``group``).
 The twin gathers each (token, k) pair's expert weights, a chunk of pairs at a time: bounded memory, and every shape
 depends only on T, top_k and the weights (no ``.item()``), so it traces whole and replays in a graph.
 
@@ -17,7 +19,7 @@ and padded up to one, in ``num_aligned_blocks`` blocks whatever the routing (sta
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels import weight_quant
+from nanovllm.kernels import int4_quant, weight_quant
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered expert weight elements held at once, about (at least one pair's)
 
@@ -33,15 +35,18 @@ def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
                       w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                      group: int = 0) -> torch.Tensor:
+                      group: int = 0, w13_zero: torch.Tensor | None = None,
+                      w2_zero: torch.Tensor | None = None) -> torch.Tensor:
     """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype.
-    FP8 experts (with scales) are dequantized into x's dtype, a chunk of pairs at a time."""
+    FP8 experts (with scales) and int4 ones (with scales and zeros) are dequantized into x's dtype, a chunk of
+    pairs at a time."""
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
     if num_tokens == 0:
         return torch.zeros_like(x)
     num_pairs = num_tokens * top_k
-    per_pair = w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]
+    columns = 2 if w13_zero is not None else 1  # an int4 byte holds two
+    per_pair = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * columns
     chunk = max(1, _CHUNK_ELEMENTS // per_pair)
     flat_ids = ids.reshape(-1)
     token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
@@ -49,28 +54,34 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     for p0 in range(0, num_pairs, chunk):
         e = flat_ids[p0:p0 + chunk]
         xs = x.index_select(0, token_of[p0:p0 + chunk])
-        gate_up = torch.bmm(_gather(w13, w13_scale, group, e, x.dtype), xs[:, :, None])[:, :, 0]  # [c, 2I]
+        w13_e = _gather(w13, w13_scale, w13_zero, group, e, x.dtype)
+        gate_up = torch.bmm(w13_e, xs[:, :, None])[:, :, 0]  # [c, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        down = _gather(w2, w2_scale, group, e, x.dtype)
+        down = _gather(w2, w2_scale, w2_zero, group, e, x.dtype)
         outs.append(torch.bmm(down, (F.silu(gate) * up)[:, :, None])[:, :, 0])  # [c, H]
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     y = y.float() * weights.reshape(-1, 1)
     return y.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 
 
-def _gather(w: torch.Tensor, scale: torch.Tensor | None, group: int, e: torch.Tensor, dtype: torch.dtype):
-    """Experts ``e`` of stacked ``w``, dequantized into ``dtype`` where they are FP8."""
+def _gather(w: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None, group: int, e: torch.Tensor,
+            dtype: torch.dtype):
+    """Experts ``e`` of stacked ``w``, dequantized into ``dtype`` where they are FP8 or int4 (with ``zero``)."""
     if scale is None:
         return w.index_select(0, e)
+    if zero is not None:
+        return int4_quant.dequantize(w.index_select(0, e), scale.index_select(0, e), zero.index_select(0, e), group,
+                                     dtype)
     return weight_quant.dequantize(w.index_select(0, e), scale.index_select(0, e), group, dtype)
 
 
 def fused_moe_reference(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                         top_k: int, renormalize: bool, w13_scale: torch.Tensor | None = None,
-                        w2_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+                        w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
+                        w2_zero: torch.Tensor | None = None) -> torch.Tensor:
     """The twin of ``nanovllm::fused_moe`` (see the module docstring)."""
     weights, ids = route_reference(router_logits, top_k, renormalize)
-    return experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group)
+    return experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero)
 
 
 def num_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:

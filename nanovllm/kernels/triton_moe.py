@@ -9,10 +9,10 @@ token rows of x (``pair // top_k``) and writes ``silu(gate) * up`` to the block'
 weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
 (the layout's static padding) return at once.  Offsets are int64 where a row index meets a stride; accumulation is
 float32; the intermediate and outputs are in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
-memory, as an expert cache keeps it): a constexpr picks the strided load.  FP8 experts (``weight_quant.py``) are
-weight-only, and a K tile lies inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can): beside
-bf16 x each tile is widened to fp16 and multiplied by x scaled into fp16, its product scaled by its group's scales
-(or the sum once, where one group spans K); beside fp16 x it is dequantized into x's dtype as the twin does.
+memory, as an expert cache keeps it): a constexpr picks the strided load.  Quantized experts are weight-only, and
+a K tile lies inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).  FP8 experts
+(``weight_quant.py``) and int4 experts (``int4_quant.py``: uint8 ``w13``/``w2`` with fp16 scales and uint8 zeros)
+take the tile paths of ``triton_moe_tiles.py``: int4 tiles are dequantized into x's dtype as the twin does.
 """
 import math
 
@@ -22,7 +22,8 @@ import triton.language as tl
 
 from nanovllm.kernels.moe_configs import MoeConfig, choose
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
-from nanovllm.kernels.triton_common import _dot, _dot_precision
+from nanovllm.kernels.triton_common import _dot_precision
+from nanovllm.kernels.triton_moe_tiles import _finish, _int4_tile, _mma_operand, _weight_dot
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 
 
@@ -40,51 +41,11 @@ def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _mma_operand(a, FP16_MMA: tl.constexpr):
-    """The activation tile as the MMA takes it: with ``FP16_MMA`` (FP8 experts, bf16 x) scaled by 2^-4 into fp16,
-    so values up to 1.0e6 stay in range and those of 2^-10 or more exact (``_finish`` multiplies the 2^4 back)."""
-    if FP16_MMA:
-        return (a.to(tl.float32) * 0.0625).to(tl.float16)
-    return a
-
-
-@triton.jit
-def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
-                FP16_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).
-
-    An FP8 tile (``GROUP`` > 0) with ``FP16_MMA`` is widened to fp16 (one instruction from e4m3) and multiplied by
-    the fp16 ``a``; the product is scaled by its rows' scales of the group holding column ``k0`` (the tile lies
-    inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once in ``_finish``.  Without
-    ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin dequantizes."""
-    if GROUP > 0:
-        if FP16_MMA:
-            part = tl.dot(a, tl.trans(w.to(tl.float16)))
-            if ONE_GROUP:
-                return acc + part
-            scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
-            return acc + part * scale[None, :]
-        scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
-        w = (w.to(tl.float32) * scale[:, None]).to(a.dtype)
-    return acc + _dot(a, tl.trans(w), DOT_PRECISION)
-
-
-@triton.jit
-def _finish(acc, scale_rows, n_mask, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr):
-    """The sum of ``_weight_dot``'s products, with what they left for the end: 2^4 (``FP16_MMA``) and the rows'
-    one scale (``ONE_GROUP``)."""
-    if FP16_MMA:
-        acc = acc * 16.0
-        if ONE_GROUP:
-            acc = acc * tl.load(scale_rows, mask=n_mask, other=0.0)[None, :]
-    return acc
-
-
-@triton.jit
-def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr, I, H,
-                       stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_i, TOP_K: tl.constexpr,
-                       GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr,
+                       I, H, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                       stride_zg, stride_i, TOP_K: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                       FP16_MMA: tl.constexpr, INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -99,6 +60,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, 
     up_rows = gate_rows + I * stride_wn
     gate_scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
     up_scales = gate_scales + I * stride_sn
+    gate_zeros = zero_ptr + expert * stride_ze + offs_n.to(tl.int64) * stride_zn
+    up_zeros = gate_zeros + I * stride_zn
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -107,12 +70,18 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, 
         a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
         a = _mma_operand(a, FP16_MMA)
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
-        up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        if INT4:
+            gate = _int4_tile(gate_rows, k0, H, n_mask, 1, gate_scales, gate_zeros, stride_sg, stride_zg, a, GROUP,
+                              False, BLOCK_N, BLOCK_K)
+            up = _int4_tile(up_rows, k0, H, n_mask, 1, up_scales, up_zeros, stride_sg, stride_zg, a, GROUP, False,
+                            BLOCK_N, BLOCK_K)
+        else:
+            w_mask = n_mask[:, None] & k_mask[None, :]
+            gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
+            up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
         acc_gate = _weight_dot(acc_gate, a, gate, gate_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA,
-                               DOT_PRECISION)
-        acc_up = _weight_dot(acc_up, a, up, up_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA,
+                               INT4, DOT_PRECISION)
+        acc_up = _weight_dot(acc_up, a, up, up_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, INT4,
                              DOT_PRECISION)
     acc_gate = _finish(acc_gate, gate_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
     acc_up = _finish(acc_up, up_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
@@ -122,12 +91,12 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, 
 
 
 @triton.jit
-def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, weights_ptr,
-                         out_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
-                         stride_o, W2_STRIDED_K: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
-                         FP16_MMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         PDL: tl.constexpr):
+def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr,
+                         weights_ptr, out_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se, stride_sn,
+                         stride_sg, stride_ze, stride_zn, stride_zg, stride_o, W2_STRIDED_K: tl.constexpr,
+                         GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, INT4: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -139,6 +108,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_
     n_mask = offs_n < H
     w_rows = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
     scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
+    zeros = zero_ptr + expert * stride_ze + offs_n.to(tl.int64) * stride_zn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -146,12 +116,16 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_
         a = tl.load(inter_ptr + slots[:, None] * stride_i + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
         a = _mma_operand(a, FP16_MMA)
-        if W2_STRIDED_K:
-            w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk
+        if INT4:
+            w = _int4_tile(w_rows, k0, I, n_mask, stride_wk, scales, zeros, stride_sg, stride_zg, a, GROUP,
+                           W2_STRIDED_K, BLOCK_N, BLOCK_K)
         else:
-            w_tile = w_rows + offs_k[None, :]
-        w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, DOT_PRECISION)
+            if W2_STRIDED_K:
+                w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk
+            else:
+                w_tile = w_rows + offs_k[None, :]
+            w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, INT4, DOT_PRECISION)
     acc = _finish(acc, scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
     acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
     tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -159,8 +133,9 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_
 
 
 def fp8_block_k(block_k: int, group: int, k: int) -> int | None:
-    """The K tile over ``k`` FP8 columns scaled per ``group``: ``block_k`` where every tile lies inside one group,
-    else the largest power of two dividing both; None where that is below ``tl.dot``'s 16."""
+    """The K tile over ``k`` columns of a weight quantized per ``group`` (FP8 or int4): ``block_k`` where every
+    tile lies inside one group, else the largest power of two dividing both; None where that is below
+    ``tl.dot``'s 16."""
     if group >= k or group % block_k == 0:
         return block_k
     tile = math.gcd(block_k, group)
@@ -168,74 +143,89 @@ def fp8_block_k(block_k: int, group: int, k: int) -> int | None:
 
 
 def fp8_supported(group: int, hidden: int, inter: int) -> bool:
-    """Whether the kernels take FP8 experts of this ``group`` (else the twin must): some tile fits both GEMMs."""
+    """Whether the kernels take quantized (FP8 or int4) experts of this ``group`` (else the twin must): some tile
+    fits both GEMMs."""
     return group > 0 and all(fp8_block_k(16, group, k) for k in (hidden, inter))
 
 
-def _scale_args(w: torch.Tensor, scale: torch.Tensor | None, group: int, k: int) -> tuple:
-    """(scale tensor, its three strides) of an FP8 weight [E, N, k], checked; placeholders (w, zeros) otherwise."""
-    if scale is None:
+def _group_args(w: torch.Tensor, t: torch.Tensor | None, group: int, k: int, dtype: torch.dtype) -> tuple:
+    """(a per-group tensor of the weight [E, N, k columns] ``w``, its three strides), checked; placeholders
+    (w, zeros) where ``t`` is None."""
+    if t is None:
         return w, 0, 0, 0
-    assert scale.dtype == torch.float32 and scale.shape == (*w.shape[:2], -(-k // group)), "FP8 scale shape"
-    return scale, *scale.stride()
+    assert t.dtype == dtype and t.shape == (*w.shape[:2], -(-k // group)), \
+        f"{t.dtype} {tuple(t.shape)}: {dtype} [{w.shape[0]}, {w.shape[1]}, ceil({k} / {group})] expected"
+    return t, *t.stride()
 
 
 def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor, cfg: MoeConfig, w13_scale: torch.Tensor | None = None,
-                   w2_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+                   w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
+                   w2_zero: torch.Tensor | None = None) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
-    -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group`` (``fp8_supported`` must hold)."""
+    -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group``, int4 ones (uint8 ``w13``/``w2``)
+    with their scales, zeros and ``group`` (``fp8_supported`` must hold)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
     inter_size = two_i // 2
-    assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.shape == (num_experts, hidden, inter_size)
+    int4 = w13_zero is not None
+    per_byte = 2 if int4 else 1  # columns a stored element holds
+    assert x.stride(1) == 1 and w13.stride(2) == 1 and w13.shape[2] * per_byte == hidden
+    assert w2.shape == (num_experts, hidden, inter_size // per_byte), f"w2 {tuple(w2.shape)} for I={inter_size}"
+    assert not int4 or (w13.dtype == w2.dtype == torch.uint8 and w2_zero is not None), "int4: uint8 w13, w2, zeros"
     dev = x.device
     if num_tokens == 0:
         return torch.zeros_like(x)
-    fp8 = w13_scale is not None
-    group = group if fp8 else 0
-    up_k = fp8_block_k(cfg.block_k, group, hidden) if fp8 else cfg.block_k
-    down_k = fp8_block_k(cfg.block_k, group, inter_size) if fp8 else cfg.block_k
-    assert up_k and down_k, f"no K tile fits FP8 group {group} (fp8_supported)"
-    fp16_mma = fp8 and x.dtype == torch.bfloat16
-    args = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(dev))
+    quantized = w13_scale is not None
+    group = group if quantized else 0
+    up_k = fp8_block_k(cfg.block_k, group, hidden) if quantized else cfg.block_k
+    down_k = fp8_block_k(cfg.block_k, group, inter_size) if quantized else cfg.block_k
+    assert up_k and down_k, f"no K tile fits group {group} (fp8_supported)"
+    fp16_mma = quantized and not int4 and x.dtype == torch.bfloat16
+    scale_dtype = torch.float16 if int4 else torch.float32
+    args = dict(BLOCK_N=cfg.block_n, FP16_MMA=fp16_mma, INT4=int4, BLOCK_M=cfg.block_m, GROUP=group,
+                DOT_PRECISION=_dot_precision(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **pdl_launch(dev))
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)
     num_blocks = block_expert.shape[0]
-    precision = _dot_precision(x)
     inter = x.new_empty(num_blocks * cfg.block_m, inter_size)
     # Block index runs fastest in the grid, so the programs that read one expert tile run together and share it
     # through L2.
-    s13, *s13_strides = _scale_args(w13, w13_scale, group, hidden)
+    s13 = _group_args(w13, w13_scale, group, hidden, scale_dtype)
+    z13 = _group_args(w13, w13_zero, group, hidden, torch.uint8)
     _grouped_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
-        x, w13, s13, sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0), w13.stride(0),
-        w13.stride(1), *s13_strides, inter.stride(0), TOP_K=top_k, GROUP=group, ONE_GROUP=group >= hidden,
-        FP16_MMA=fp16_mma, BLOCK_M=cfg.block_m, BLOCK_K=up_k,
-        DOT_PRECISION=precision, **args)
+        x, w13, s13[0], z13[0], sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0),
+        w13.stride(0), w13.stride(1), *s13[1:], *z13[1:], inter.stride(0), TOP_K=top_k, ONE_GROUP=group >= hidden,
+        BLOCK_K=up_k, **args)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
-    s2, *s2_strides = _scale_args(w2, w2_scale, group, inter_size)
+    s2 = _group_args(w2, w2_scale, group, inter_size, scale_dtype)
+    z2 = _group_args(w2, w2_zero, group, inter_size, torch.uint8)
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
-        inter, w2, s2, sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden, inter.stride(0),
-        w2.stride(0), w2.stride(1), w2.stride(2), *s2_strides, per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
-        GROUP=group, ONE_GROUP=group >= inter_size, FP16_MMA=fp16_mma, BLOCK_M=cfg.block_m, BLOCK_K=down_k, DOT_PRECISION=precision, **args)
+        inter, w2, s2[0], z2[0], sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden,
+        inter.stride(0), *w2.stride(), *s2[1:], *z2[1:], per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
+        ONE_GROUP=group >= inter_size, BLOCK_K=down_k, **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
 def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
                      renormalize: bool, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                     group: int = 0, cfg: MoeConfig | None = None) -> torch.Tensor:
+                     group: int = 0, w13_zero: torch.Tensor | None = None, w2_zero: torch.Tensor | None = None,
+                     cfg: MoeConfig | None = None) -> torch.Tensor:
     """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the tiles."""
     cfg = cfg or choose(x.shape[0], top_k, w13.shape[0])
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
-    return experts_triton(x, weights, ids, hist, w13, w2, cfg, w13_scale, w2_scale, group)
+    return experts_triton(x, weights, ids, hist, w13, w2, cfg, w13_scale, w2_scale, group, w13_zero, w2_zero)
 
 
 def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
                        w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                       group: int = 0) -> torch.Tensor:
+                       group: int = 0, w13_zero: torch.Tensor | None = None,
+                       w2_zero: torch.Tensor | None = None) -> torch.Tensor:
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
     num_experts = w13.shape[0]
     cfg = choose(x.shape[0], ids.shape[1], num_experts)
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
-                          chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group)
+                          chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group, w13_zero,
+                          w2_zero)
