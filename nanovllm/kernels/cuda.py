@@ -100,7 +100,8 @@ def _moe_on_twin(x, w13, w13_scale, group) -> bool:
             or w13_scale is not None and not fp8_supported(group, x.shape[1], w13.shape[1] // 2))
 
 
-def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero, w2_zero):
+def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero=None,
+               w2_zero=None):
     if _moe_on_twin(x, w13, w13_scale, group):
         return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
                                                  group, w13_zero, w2_zero)
@@ -108,7 +109,7 @@ def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scal
                             w2_zero)
 
 
-def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero):
+def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero=None, w2_zero=None):
     if _moe_on_twin(x, w13, w13_scale, group):
         return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero,
                                                w2_zero)

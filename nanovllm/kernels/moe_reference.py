@@ -5,10 +5,8 @@ Contract of the op, shared by every implementation:
 ``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
 * Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities, divided by their sum with
   ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
-* Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x`` (gate rows first); the
-  result is the router-weighted sum of the token's ``top_k`` expert outputs, in x's dtype.
-* Quantized experts are dequantized into x's dtype first: FP8 (``weight_quant.py``; scales, ``group``) or int4
-  (``int4_quant.py``; uint8 w13 [E, 2I, H/2] and w2 [E, H, I/2] with fp16 scales, uint8 zeros and ``group``).
+* Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)``, ``[gate; up] = w13[e] @ x`` (gate rows first; FP8 or int4
+  experts dequantized to x's dtype first); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
 The twin gathers each (token, k) pair's expert weights, a chunk of pairs at a time: bounded memory, and every shape
 depends only on T, top_k and the weights (no ``.item()``), so it traces whole and replays in a graph.
 
