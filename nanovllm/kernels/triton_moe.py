@@ -40,21 +40,12 @@ def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _mma_operand(a, FP16_MMA: tl.constexpr):
-    """The activation tile as the MMA takes it: with ``FP16_MMA`` (FP8 experts, bf16 x) scaled by 2^-4 into fp16,
-    so values up to 1.0e6 stay in range and those of 2^-10 or more exact (``_finish`` multiplies the 2^4 back)."""
-    if FP16_MMA:
-        return (a.to(tl.float32) * 0.0625).to(tl.float16)
-    return a
-
-
-@triton.jit
 def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
                 FP16_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).
 
     An FP8 tile (``GROUP`` > 0) with ``FP16_MMA`` is widened to fp16 (one instruction from e4m3) and multiplied by
-    the fp16 ``a``; the product is scaled by its rows' scales of the group holding column ``k0`` (the tile lies
+    ``a`` (scaled into fp16 by the caller); the product is scaled by its rows' scales of the group holding column ``k0`` (the tile lies
     inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once in ``_finish``.  Without
     ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin dequantizes."""
     if GROUP > 0:
@@ -106,7 +97,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, 
         k_mask = offs_k < H
         a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        a = _mma_operand(a, FP16_MMA)
+        if FP16_MMA:  # scaled by 2^-4 into fp16: in range to 1e6, exact from 2^-10 (_finish multiplies it back)
+            a = (a.to(tl.float32) * 0.0625).to(tl.float16)
         w_mask = n_mask[:, None] & k_mask[None, :]
         gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
         up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
@@ -145,7 +137,8 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, sorted_ptr, block_expert_
         k_mask = offs_k < I
         a = tl.load(inter_ptr + slots[:, None] * stride_i + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        a = _mma_operand(a, FP16_MMA)
+        if FP16_MMA:  # scaled by 2^-4 into fp16: in range to 1e6, exact from 2^-10 (_finish multiplies it back)
+            a = (a.to(tl.float32) * 0.0625).to(tl.float16)
         if W2_STRIDED_K:
             w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk
         else:
