@@ -218,7 +218,7 @@ def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
                      renormalize: bool, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                      group: int = 0, cfg: MoeConfig | None = None) -> torch.Tensor:
     """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the tiles."""
-    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0])
+    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0], w13_scale is not None)
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg, w13_scale, w2_scale, group)
 
@@ -229,6 +229,6 @@ def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
     num_experts = w13.shape[0]
-    cfg = choose(x.shape[0], ids.shape[1], num_experts)
+    cfg = choose(x.shape[0], ids.shape[1], num_experts, w13_scale is not None)
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
                           chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group)
