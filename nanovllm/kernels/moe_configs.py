@@ -2,8 +2,9 @@
 expert gets, ``T * top_k / E``, since that, not the token count alone, says how full a block of ``block_m`` rows is.
 
 ``BY_ROWS_PER_EXPERT`` maps that mean to a tile set: small tiles while experts get few rows (decode), larger ones
-as they fill; FP8 experts take a wider column tile at decode sizes (``FP8_DECODE``).  The thresholds come from timing the candidate tile sets on real MoE shapes
-(``benchmarks/moe_kernel.py``; the measurements are in docs/PERFORMANCE.md).
+as they fill; FP8 experts take a wider column tile at decode sizes (``FP8_DECODE``).  The thresholds come from
+timing the candidate tile sets on real MoE shapes (``benchmarks/moe_kernel.py``; the measurements are in
+docs/PERFORMANCE.md).
 """
 from dataclasses import dataclass
 
