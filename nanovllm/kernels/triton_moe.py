@@ -45,8 +45,8 @@ def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexp
     """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).
 
     An FP8 tile (``GROUP`` > 0) with ``FP16_MMA`` is widened to fp16 (one instruction from e4m3) and multiplied by
-    ``a`` (scaled into fp16 by the caller); the product is scaled by its rows' scales of the group holding column ``k0`` (the tile lies
-    inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once in ``_finish``.  Without
+    ``a`` (scaled into fp16 by the caller); the product is scaled by its rows' scales of the group holding column
+    ``k0`` (the tile lies inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once in ``_finish``.  Without
     ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin dequantizes."""
     if GROUP > 0:
         if FP16_MMA:
@@ -74,7 +74,8 @@ def _finish(acc, scale_rows, n_mask, GROUP: tl.constexpr, ONE_GROUP: tl.constexp
 @triton.jit
 def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr, I, H,
                        stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_i, TOP_K: tl.constexpr,
-                       GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -210,7 +211,8 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
         inter, w2, s2, sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden, inter.stride(0),
         w2.stride(0), w2.stride(1), w2.stride(2), *s2_strides, per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
-        GROUP=group, ONE_GROUP=group >= inter_size, FP16_MMA=fp16_mma, BLOCK_M=cfg.block_m, BLOCK_K=down_k, DOT_PRECISION=precision, **args)
+        GROUP=group, ONE_GROUP=group >= inter_size, FP16_MMA=fp16_mma, BLOCK_M=cfg.block_m, BLOCK_K=down_k,
+        DOT_PRECISION=precision, **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
