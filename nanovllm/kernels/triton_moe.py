@@ -47,7 +47,8 @@ def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexp
     An FP8 tile (``GROUP`` > 0) with ``FP16_MMA`` is widened to fp16 (one instruction from e4m3) and multiplied by
     ``a`` (scaled into fp16 by the caller); the product is scaled by its rows' scales of the group holding column
     ``k0`` (the tile lies inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once in
-    ``_finish``.  Without ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin dequantizes."""
+    ``_finish``.  Without ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin
+    dequantizes."""
     if GROUP > 0:
         if FP16_MMA:
             part = tl.dot(a, tl.trans(w.to(tl.float16)))
