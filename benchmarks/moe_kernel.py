@@ -123,9 +123,9 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
         inputs = [make_inputs(t, seed=100 * t + i) for i in range(len(variants[0]))]
         routed = [route_reference(lg, TOP_K, True)[1] for _, lg in inputs]
         touched = sum(int(torch.unique(ids).numel()) for ids in routed) / len(inputs)
-        picked = moe_configs.choose(t, TOP_K, E)
         for layers in variants:
             fp8 = bool(layers[0][2])
+            picked = moe_configs.choose(t, TOP_K, E, fp8)
             nbytes = sum(expert_bytes(ids, t, fp8) for ids in routed) / len(inputs)
             for cfg in FP8_CANDIDATES if fp8 else CANDIDATES:
                 calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg)

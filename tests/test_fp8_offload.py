@@ -44,7 +44,8 @@ def test_fp8_experts_offloaded_change_no_token(checkpoint, slots):
     caches = llm.engine.runner.expert_caches
     for c in caches:
         assert c.w13.dtype == c.w2t.dtype == c.host_w13.dtype == c.host_w2t.dtype == torch.float8_e4m3fn
-        assert c.w13_scale.dtype == c.w2t_scale.dtype == torch.float32 and c.group == max(c.inter, c.host_w13.shape[2])  # per row
+        assert c.w13_scale.dtype == c.w2t_scale.dtype == torch.float32
+        assert c.group == max(c.inter, c.host_w13.shape[2])  # one scale per row
         assert c.expert_bytes == copied_bytes(c, c.inter) < 3 * c.inter * c.host_w13.shape[2] * 4 / 2  # fp32's half
     stats = _stats(llm)
     if slots is None:

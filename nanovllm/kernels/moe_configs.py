@@ -2,8 +2,9 @@
 expert gets, ``T * top_k / E``, since that, not the token count alone, says how full a block of ``block_m`` rows is.
 
 ``BY_ROWS_PER_EXPERT`` maps that mean to a tile set: small tiles while experts get few rows (decode), larger ones
-as they fill.  The thresholds come from timing the candidate tile sets on real MoE shapes
-(``benchmarks/moe_kernel.py``; the measurements are in docs/PERFORMANCE.md).
+as they fill; FP8 experts take a wider column tile at decode sizes (``FP8_DECODE``).  The thresholds come from
+timing the candidate tile sets on real MoE shapes (``benchmarks/moe_kernel.py``; the measurements are in
+docs/PERFORMANCE.md).
 """
 from dataclasses import dataclass
 
@@ -22,9 +23,14 @@ BY_ROWS_PER_EXPERT = (  # (at most this many rows per expert on average, config)
     (64, MoeConfig(64, 64, 64, num_warps=4, num_stages=4)),
     (float("inf"), MoeConfig(64, 128, 64, num_warps=8, num_stages=4)),
 )
+# FP8 experts (half the bytes per tile) while experts get at most 16 rows: a wider column tile
+FP8_DECODE = MoeConfig(16, 64, 128)
 
 
-def choose(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
-    """The tiles for a step of ``num_tokens`` tokens routed to ``top_k`` of ``num_experts`` experts each."""
+def choose(num_tokens: int, top_k: int, num_experts: int, fp8: bool = False) -> MoeConfig:
+    """The tiles for a step of ``num_tokens`` tokens routed to ``top_k`` of ``num_experts`` experts each (``fp8``:
+    FP8 experts)."""
     rows = num_tokens * top_k / num_experts
+    if fp8 and rows <= BY_ROWS_PER_EXPERT[0][0]:
+        return FP8_DECODE
     return next(cfg for limit, cfg in BY_ROWS_PER_EXPERT if rows <= limit)

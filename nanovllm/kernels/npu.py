@@ -111,7 +111,8 @@ KERNELS = {"nanovllm::store_kv": store_kv_npu, "nanovllm::rope_store_kv": rope_s
 
 def register_npu_kernels() -> None:
     """Route the ops' "npu" tensors to the implementations above (idempotent); ``linear``, ``linear_int4``,
-    ``fused_moe``, ``moe_experts``, ``process_logits`` and ``gumbel_argmax`` keep their twins, plain torch ops on any device."""
+    ``fused_moe``, ``moe_experts``, ``process_logits`` and ``gumbel_argmax`` keep their twins, plain torch ops on
+    any device."""
     if "npu" in _registered:
         return
     for name, fn in KERNELS.items():

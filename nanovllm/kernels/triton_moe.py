@@ -23,7 +23,7 @@ import triton.language as tl
 from nanovllm.kernels.moe_configs import MoeConfig, choose
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision
-from nanovllm.kernels.triton_moe_tiles import _finish, _int4_tile, _mma_operand, _weight_dot
+from nanovllm.kernels.triton_moe_tiles import _finish, _int4_tile, _weight_dot
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 
 
@@ -69,7 +69,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
         k_mask = offs_k < H
         a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        a = _mma_operand(a, FP16_MMA)
+        if FP16_MMA:  # scaled by 2^-4 into fp16: in range to 1e6, exact from 2^-10 (_finish multiplies it back)
+            a = (a.to(tl.float32) * 0.0625).to(tl.float16)
         if INT4:
             gate = _int4_tile(gate_rows, k0, H, n_mask, 1, gate_scales, gate_zeros, stride_sg, stride_zg, a, GROUP,
                               False, BLOCK_N, BLOCK_K)
@@ -115,7 +116,8 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
         k_mask = offs_k < I
         a = tl.load(inter_ptr + slots[:, None] * stride_i + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        a = _mma_operand(a, FP16_MMA)
+        if FP16_MMA:  # scaled by 2^-4 into fp16: in range to 1e6, exact from 2^-10 (_finish multiplies it back)
+            a = (a.to(tl.float32) * 0.0625).to(tl.float16)
         if INT4:
             w = _int4_tile(w_rows, k0, I, n_mask, stride_wk, scales, zeros, stride_sg, stride_zg, a, GROUP,
                            W2_STRIDED_K, BLOCK_N, BLOCK_K)
@@ -213,7 +215,7 @@ def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
                      group: int = 0, w13_zero: torch.Tensor | None = None, w2_zero: torch.Tensor | None = None,
                      cfg: MoeConfig | None = None) -> torch.Tensor:
     """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the tiles."""
-    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0])
+    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0], w13_scale is not None and w13_zero is None)
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg, w13_scale, w2_scale, group, w13_zero, w2_zero)
 
@@ -225,7 +227,7 @@ def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
     num_experts = w13.shape[0]
-    cfg = choose(x.shape[0], ids.shape[1], num_experts)
+    cfg = choose(x.shape[0], ids.shape[1], num_experts, w13_scale is not None and w13_zero is None)
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
                           chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group, w13_zero,
                           w2_zero)

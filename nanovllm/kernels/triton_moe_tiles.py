@@ -4,8 +4,8 @@ experts.  A K tile never straddles two groups of a quantized weight (``triton_mo
 tile has one scale (and zero) per row.
 
 * bf16/fp16: the tile as stored, multiplied as is.
-* FP8: ``_mma_operand``, ``_weight_dot`` and ``_finish`` (their docstrings): beside bf16 x an fp16 MMA with the
-  scales applied to products, beside fp16 x the tile dequantized into x's dtype.
+* FP8: ``_weight_dot`` and ``_finish`` (their docstrings): beside bf16 x an fp16 MMA (x scaled into fp16 by the
+  kernel) with the scales applied to products, beside fp16 x the tile dequantized into x's dtype.
 * int4: ``_int4_tile`` reads the tile's [BLOCK_N, BLOCK_K / 2] bytes, splits each byte into its even (low nibble)
   and odd (high nibble) column, computes ``(q - zero) * scale`` in float32 and rounds once to x's dtype, the values
   of ``int4_quant.dequantize``; the tile then multiplies as a bf16 one.
@@ -14,15 +14,6 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.triton_common import _dot
-
-
-@triton.jit
-def _mma_operand(a, FP16_MMA: tl.constexpr):
-    """The activation tile as the MMA takes it: with ``FP16_MMA`` (FP8 experts, bf16 x) scaled by 2^-4 into fp16,
-    so values up to 1.0e6 stay in range and those of 2^-10 or more exact (``_finish`` multiplies the 2^4 back)."""
-    if FP16_MMA:
-        return (a.to(tl.float32) * 0.0625).to(tl.float16)
-    return a
 
 
 @triton.jit
@@ -51,10 +42,10 @@ def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexp
     """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).
 
     An FP8 tile (``GROUP`` > 0, not ``INT4``) with ``FP16_MMA`` is widened to fp16 (one instruction from e4m3) and
-    multiplied by the fp16 ``a``; the product is scaled by its rows' scales of the group holding column ``k0`` (the
-    tile lies inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once in ``_finish``.  Without
-    ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin dequantizes.  An int4
-    tile comes dequantized (``_int4_tile``)."""
+    multiplied by ``a`` (scaled into fp16 by the caller); the product is scaled by its rows' scales of the group
+    holding column ``k0`` (the tile lies inside it), or, where one group spans all of K (``ONE_GROUP``), the sum once
+    in ``_finish``.  Without ``FP16_MMA`` (fp16 x) the tile is widened, scaled and rounded to a's dtype, as the twin
+    dequantizes.  An int4 tile comes dequantized (``_int4_tile``)."""
     if GROUP > 0 and not INT4:
         if FP16_MMA:
             part = tl.dot(a, tl.trans(w.to(tl.float16)))
