@@ -51,7 +51,7 @@ def _dequantized(weights: dict, every: dict, scheme: dict, dtype: torch.dtype) -
             else:
                 w = gptq_weight(t, every[base + ".qzeros"], every[base + ".scales"], every.get(base + ".g_idx"),
                                 scheme["group"], scheme["v2"])
-            out[base + ".weight"] = w.to(dtype)
+            out[base + ".weight"] = w.to(dtype).contiguous()
     return out
 
 
