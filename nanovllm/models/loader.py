@@ -6,14 +6,13 @@ renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the pack
 (per-expert tensors stacked into ``experts.<stacked>``; a stacked tensor in the checkpoint loads whole).  Every
 parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
 corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
-are converted to the model's dtype, then ``after_loading`` may rewrite them.  An FP8 checkpoint's float8 weights
-(any ``fp8_checkpoint`` layout) stay float8 with their scales where the model quantizes them, else are dequantized.
-A GPTQ or AWQ checkpoint's int4 Linears are read by ``int4_loader.py``; its dummy weights are quantized to int4.
+are converted to the model's dtype, then ``after_loading`` may rewrite them.  Float8 weights (``fp8_checkpoint``)
+stay so with their scales where the model quantizes them, else are dequantized; GPTQ/AWQ ones: ``int4_loader.py``.
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
-(norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With
-``offload_experts`` the model is built on the host and its experts stay there behind a device cache
-(``expert_offload.py``).
+(norm weights 1, everything else normal with std 0.02; int4 for a GPTQ/AWQ config), the same on every run of one
+device type.  With ``offload_experts`` the model is built on the host and its experts stay there behind a device
+cache (``expert_offload.py``).
 """
 import json
 import os
