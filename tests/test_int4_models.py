@@ -1,7 +1,8 @@
 """GPTQ and AWQ checkpoints of dense models (Qwen3, Llama) load with their projections in int4 and run them through
 ``linear_int4``: greedy float32 tokens equal transformers' on the dequantized weights (``tools/int4_oracle.py``) for
 GPTQ symmetric with a partial last group, asymmetric, one group per row and desc_act, and AWQ, over prompts of mixed
-lengths; graph mode equals eager; two ranks equal one; desc_act with two ranks, a group a shard would cut, an
+lengths; graph mode equals eager; two ranks equal one; routed experts, and a packed projection whose parts differ in
+act order, are dequantized at load and still match; desc_act with two ranks, a group a shard would cut, an
 unsupported field and ``quantization="fp8"`` are refused by name; dummy weights of an int4 config run in int4."""
 import json
 import random
@@ -165,3 +166,41 @@ def test_dummy_weights_of_an_int4_config_run_in_int4(tmp_path):
     down = model.model.layers[0].mlp.down_proj
     assert down.weight.dtype == torch.uint8 and down.weight_scale.shape == (64, 4)  # 112 columns: 3 x 32 + 16
     assert all(len(t) == GREEDY.max_tokens for t in greedy(llm, prompts_of(2, seed=5, max_len=20)))
+
+
+@pytest.mark.slow
+def test_moe_routed_experts_are_dequantized_at_load_and_match_transformers(tmp_path):
+    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    quantize_checkpoint_int4(path, "gptq", group=32)
+    assert "model.layers.0.mlp.experts.7.down_proj.qweight" in load_file(f"{path}/model.safetensors")
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == ("int4 weights (8 of 8 projections, gptq, group 32); routed experts "
+                                            "dequantized at load (4 expert stacks)")
+    assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
+    prompts = prompts_of(3, seed=6, max_len=30)
+    plain = write_dequantized(path, tmp_path / "plain")
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path):
+    """GPTQ gives q, k and v one act order (one input); a checkpoint where they differ cannot share one
+    permutation of x, so that packed projection is dequantized at load."""
+    from safetensors.torch import save_file
+    from nanovllm.models.int4_checkpoint import quantize_linear
+    path = build_checkpoint(tmp_path / "llama", "llama")
+    k_proj = load_file(f"{path}/model.safetensors")["model.layers.0.self_attn.k_proj.weight"]
+    quantize_checkpoint_int4(path, "gptq", group=32, desc_act=True)
+    weights = load_file(f"{path}/model.safetensors")
+    stored = quantize_linear(k_proj, "gptq", 32, True, torch.Generator().manual_seed(99))
+    weights.update((f"model.layers.0.self_attn.k_proj.{suffix}", t) for suffix, t in stored.items())
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == ("int4 weights (7 of 8 projections, gptq, group 32); 1 projection "
+                                            "dequantized at load (their parts mix int4 and plain weights or act "
+                                            "orders)")
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
+    prompts = prompts_of(3, seed=7, max_len=30)
+    plain = write_dequantized(path, tmp_path / "plain")
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)

@@ -78,7 +78,7 @@ def load(model: nn.Module, files: list[str], scheme: dict, filled: dict[str, set
                 copy(base + ".weight", target, where, weight, params[target], model)
                 dequantized.add(target)
             filled.setdefault(target, set()).add(where)
-    model.int4_scheme = dict(method=scheme["method"], group=scheme["group"], dequantized=len(dequantized))
+    model.int4_scheme = dict(method=scheme["method"], group=scheme["group"], dequantized=sorted(dequantized))
 
 
 def _held_in_int4(model: nn.Module, tensors: _Tensors, bases: list[str], target_of) -> set[str]:

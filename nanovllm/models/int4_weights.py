@@ -8,8 +8,8 @@ the uint8 ``qweight`` [N, K/2] of ``kernels/int4_quant.py``'s format, with the b
 columns, else None), and the int ``quant_group`` (``int4_quant.is_int4`` checks ``weight_zero``).  A group wider
 than the module's (this rank's) K is stored as K: one group per row either way.
 
-``model.int4_scheme`` records where the int4 came from, for ``describe``: the method, the group and how many
-parameters of the checkpoint's int4 were dequantized into the model's dtype at load instead.
+``model.int4_scheme`` records where the int4 came from, for ``describe``: the method, the group and which of our
+parameters the checkpoint stores in int4 were dequantized into the model's dtype at load instead.
 """
 import torch
 from torch import nn
@@ -60,12 +60,12 @@ def quantize_online(model: nn.Module, scheme: dict) -> None:
     for module, _ in quantizable(model).values():
         width = module_group(scheme["group"], module.weight.shape[1])
         hold(module, *int4_quant.quantize(module.weight, width, scheme["sym"]), width)
-    model.int4_scheme = dict(method=scheme["method"], group=scheme["group"], dequantized=0)
+    model.int4_scheme = dict(method=scheme["method"], group=scheme["group"], dequantized=[])
 
 
 def describe(model: nn.Module) -> str | None:
-    """``"int4 weights (N of M projections, gptq|awq, group G)"`` for a model with int4 weights (and how many of
-    the checkpoint's int4 parameters were dequantized at load), else None."""
+    """``"int4 weights (N of M projections, gptq|awq, group G)"`` for a model with int4 weights (and what of the
+    checkpoint's int4 was dequantized at load), else None."""
     scheme = getattr(model, "int4_scheme", None)
     if scheme is None:
         return None
@@ -73,6 +73,11 @@ def describe(model: nn.Module) -> str | None:
     held = sum(int4_quant.is_int4(m) for m, _ in targets.values())
     group = "whole rows" if scheme["group"] == -1 else f"group {scheme['group']}"
     text = f"int4 weights ({held} of {len(targets)} projections, {scheme['method']}, {group})"
-    if scheme["dequantized"]:
-        text += f", {scheme['dequantized']} more int4 parameters (routed experts, mixed packings) dequantized at load"
+    experts = [n for n in scheme["dequantized"] if ".experts." in n]
+    if experts:
+        text += f"; routed experts dequantized at load ({len(experts)} expert stacks)"
+    mixed = len(scheme["dequantized"]) - len(experts)
+    if mixed:
+        text += (f"; {mixed} projection{'s' * (mixed > 1)} dequantized at load (their parts mix int4 and plain "
+                 f"weights or act orders)")
     return text
