@@ -17,7 +17,8 @@ LOAD_FORMATS = ("safetensors", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; both FP8 spellings are e4m3
 KV_CACHE_SCALES = ("auto", "one", "tensor", "head")
 CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
-SUPPORTED_QUANT_METHODS = ("fp8", "compressed-tensors")  # quantization_config.quant_method values a checkpoint may have
+INT4_METHODS = ("gptq", "awq")  # their fields are checked where the model is built (models/int4_checkpoint.py)
+SUPPORTED_QUANT_METHODS = ("fp8", "compressed-tensors") + INT4_METHODS  # a checkpoint's quant_method values
 QUANTIZATIONS = ("fp8",)  # the ``quantization`` option's values (None: as the checkpoint says)
 _COMPRESSED_FP8 = {  # compressed-tensors FP8: config group part -> key -> (the library's default, values supported)
     "weights": dict(num_bits=(8, [8]), type=("int", ["float"]), strategy=("tensor", ["channel", "tensor"]),
@@ -144,13 +145,9 @@ class EngineConfig:
             raise FileNotFoundError(f"model directory not found: {self.model!r}")
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
-        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _check_int("max_model_len", self.max_model_len, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("pipeline_depth", self.pipeline_depth, 1)
-        _check_int("kvcache_block_size", self.kvcache_block_size, 16)
+        for name, minimum in dict(tensor_parallel_size=1, max_num_seqs=1, max_num_batched_tokens=1, max_model_len=1,
+                                  seed=0, pipeline_depth=1, kvcache_block_size=16).items():
+            _check_int(name, getattr(self, name), minimum)
         if not isinstance(self.offload_experts, bool):
             raise TypeError(f"offload_experts must be a bool, got {self.offload_experts!r}")
         share = self.offload_host_share
@@ -196,6 +193,9 @@ class EngineConfig:
         with open(config_path) as f:
             self.hf_config = json.load(f)
         check_quantization(self.hf_config)
+        method = (quantization_config(self.hf_config) or {}).get("quant_method")
+        if self.quantization and method in INT4_METHODS:
+            raise ValueError(f"quantization={self.quantization!r} cannot apply to a quant_method={method!r} checkpoint")
         limit = (self.hf_config.get("max_position_embeddings")  # vision-language models: their text config's
                  or (self.hf_config.get("text_config") or {}).get("max_position_embeddings"))
         if limit:
@@ -215,7 +215,7 @@ class EngineConfig:
         quant = (quantization_config(self.hf_config) or {}).get("quant_method")
         if quant is not None and self.load_format != "dummy":
             return None
-        return self.quantization or (quant and "fp8")  # every supported quant_method is an FP8 one
+        return self.quantization or (quant if quant in INT4_METHODS else quant and "fp8")
 
     @property
     def max_step_tokens(self) -> int:
@@ -240,7 +240,8 @@ def check_quantization(hf_config: dict) -> None:
     """Refuse a quantized checkpoint whose ``quantization_config`` is not supported, naming the field and its value,
     so that its weights are never loaded as if they were unquantized (a vision-language model's may sit in its
     ``text_config``).  "fp8" is the block layout (``models/fp8_checkpoint.py``): ``weight_block_size`` two positive
-    ints, ``fmt`` "e4m3", ``activation_scheme`` "dynamic"; "compressed-tensors" as ``_check_compressed_fp8`` says."""
+    ints, ``fmt`` "e4m3", ``activation_scheme`` "dynamic"; "compressed-tensors" as ``_check_compressed_fp8`` says;
+    "gptq" and "awq" where the model is built (``models/int4_checkpoint.py``)."""
     for config in (hf_config, hf_config.get("text_config") or {}):
         quant = config.get("quantization_config")
         if quant is None:
@@ -251,6 +252,7 @@ def check_quantization(hf_config: dict) -> None:
                              f"{', '.join(SUPPORTED_QUANT_METHODS)})")
         if method == "compressed-tensors":
             _check_compressed_fp8(quant)
+        if method != "fp8":
             continue
         block = quant.get("weight_block_size")
         if not (isinstance(block, list) and len(block) == 2

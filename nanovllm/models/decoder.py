@@ -5,8 +5,9 @@ bias (some Llamas), rope scaling (Llama-3, LongRoPE) and tied embeddings; in eac
 dense, or a mixture of experts (``moe.py``) in the MoE architectures; and a subclass may rewrite its weights once
 they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv, gate_up)
 so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
-(the MLP's SiLU-and-multiply fused into its gate/up matmul).  The KV cache is handed in per call, so the forward
-has no hidden state besides weights and is traced unchanged by the graph compiler.
+or, for an int4 weight, ``ops.linear_int4`` (the MLP's SiLU-and-multiply fused into its gate/up matmul).  The KV
+cache is handed in per call, so the forward has no hidden state besides weights and is traced unchanged by the
+graph compiler.
 
 A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``), attention,
 then everything after attention as one nested compile region that the compiler lowers once for every layer.  The
@@ -20,7 +21,7 @@ from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.step import StepInputs
-from nanovllm.kernels import kv_quant, ops, weight_quant
+from nanovllm.kernels import kv_quant, ops
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding
 from nanovllm.models import tensor_parallel as tp
@@ -67,8 +68,9 @@ class DecoderArgs:
 
 def project(linear: nn.Linear, x: torch.Tensor, bias: bool = True, silu_mul: bool = False) -> torch.Tensor:
     """``linear(x)`` through ``ops.linear`` (the tuned Triton kernel for decode-sized batches), with the weight's
-    FP8 scales where it has them (``models/fp8_weights.py``); ``bias=False`` leaves the bias out."""
-    return ops.linear(x, linear.weight, linear.bias if bias else None, silu_mul, *weight_quant.scale_of(linear))
+    FP8 scales where it has them (``models/fp8_weights.py``), or ``ops.linear_int4`` for an int4 weight
+    (``models/int4_weights.py``); ``bias=False`` leaves the bias out."""
+    return tp.matmul(linear, x, linear.bias if bias else None, silu_mul)
 
 
 class Attention(nn.Module):

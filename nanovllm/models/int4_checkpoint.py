@@ -8,6 +8,7 @@ A quantized Linear ``X.weight`` is stored as ``X.qweight``, ``X.qzeros``, ``X.sc
 Anything else is a ValueError naming the field and its value, so such weights are never loaded.
 """
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from nanovllm.models.fp8_checkpoint import quantizable
 
 METHODS = ("gptq", "awq")
 GPTQ_FORMATS = {"gptq": False, "gptq_v2": True}  # checkpoint_format -> whether qzeros hold the zero itself (v2)
+_ONE_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
+              "w1": "w13", "w3": "w13"}  # Linears that read one input, so GPTQ gives them one act order
 
 
 def _refuse(method: str, field: str, value, allowed: str):
@@ -115,7 +118,8 @@ def quantize_checkpoint_int4(model_dir, method: str, group: int = 128, sym: bool
     every quantizable weight (``fp8_checkpoint.quantizable``, MoE experts stored per expert included; outside
     ``skip``) ``X.weight`` becomes ``X.qweight``/``X.qzeros``/``X.scales`` (+ ``X.g_idx``), the sharded index (if
     any) and config.json's ``quantization_config`` follow.  ``sym`` None: GPTQ symmetric, AWQ asymmetric (AWQ
-    stores zeros either way).  ``desc_act`` (GPTQ): each weight's columns grouped in an order drawn from ``seed``."""
+    stores zeros either way).  ``desc_act`` (GPTQ): each weight's columns grouped in an order drawn from ``seed``
+    and its input (q/k/v, gate/up share one, as GPTQ's act order comes from the input's activations)."""
     from safetensors.torch import load_file, save_file
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not an int4 checkpoint layout (supported: {', '.join(METHODS)})")
@@ -125,7 +129,6 @@ def quantize_checkpoint_int4(model_dir, method: str, group: int = 128, sym: bool
         raise ValueError(f"desc_act=True is a GPTQ option; method={method!r} has none")
     sym = (method == "gptq") if sym is None else sym
     model_dir, skip = Path(model_dir), list(skip or [])
-    generator = torch.Generator().manual_seed(seed) if desc_act else None
     added, removed = {}, set()
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -133,6 +136,9 @@ def quantize_checkpoint_int4(model_dir, method: str, group: int = 128, sym: bool
         weights = load_file(str(path))
         for name in [n for n, t in weights.items() if quantizable(n, t, skip)]:
             base = name[:-len("weight")]
+            module, _, leaf = base[:-1].rpartition(".")
+            order = f"{module}.{_ONE_INPUT.get(leaf, leaf)}".encode()
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(order)) if desc_act else None
             try:
                 stored = quantize_linear(weights.pop(name), method, group, sym, generator)
             except ValueError as e:

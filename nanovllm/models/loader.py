@@ -6,13 +6,13 @@ renamed), ``packed_modules`` (q/k/v, gate/up copied into their slice of the pack
 (per-expert tensors stacked into ``experts.<stacked>``; a stacked tensor in the checkpoint loads whole).  Every
 parameter must be filled exactly: a missing or mis-shaped tensor raises an error naming it as the checkpoint does, a
 corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; unused tensors are ignored.  Values
-are converted to the model's dtype, then ``after_loading`` may rewrite them.  An FP8 checkpoint's float8 weights
-(any ``fp8_checkpoint`` layout) stay float8 with their scales where the model quantizes them, else are dequantized.
+are converted to the model's dtype, then ``after_loading`` may rewrite them.  Float8 weights (``fp8_checkpoint``)
+stay so with their scales where the model quantizes them, else are dequantized; GPTQ/AWQ ones: ``int4_loader.py``.
 
 ``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
-(norm weights 1, everything else normal with std 0.02), the same on every run of one device type.  With
-``offload_experts`` the model is built on the host and its experts stay there behind a device cache
-(``expert_offload.py``).
+(norm weights 1, everything else normal with std 0.02; int4 for a GPTQ/AWQ config), the same on every run of one
+device type.  With ``offload_experts`` the model is built on the host and its experts stay there behind a device
+cache (``expert_offload.py``).
 """
 import json
 import os
@@ -25,7 +25,7 @@ from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.kernels import weight_quant
-from nanovllm.models import expert_offload, fp8_checkpoint, fp8_weights
+from nanovllm.models import expert_offload, fp8_checkpoint, fp8_weights, int4_checkpoint, int4_loader, int4_weights
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
@@ -62,15 +62,18 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
             model = model_cls(hf_config)
     finally:
         torch.set_default_dtype(previous)
+    int4 = int4_checkpoint.int4_config(hf_config)  # a GPTQ or AWQ checkpoint's, its fields checked
     if load_format == "dummy":
         fill_dummy_weights(model, seed, draw_device)
     else:
-        load_weights(model, model_dir, fp8_checkpoint.layout(hf_config))
+        load_weights(model, model_dir, fp8_checkpoint.layout(hf_config), int4)
     if hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     model.after_loading()
     if quantization == "fp8":
         fp8_weights.quantize_online(model)
+    elif quantization in int4_checkpoint.METHODS:  # dummy weights of a GPTQ or AWQ config
+        int4_weights.quantize_online(model, int4)
     return model.eval().requires_grad_(False)
 
 
@@ -149,15 +152,18 @@ def _checkpoint_name(name: str, model: nn.Module) -> str:
     return name
 
 
-def load_weights(model: nn.Module, model_dir: str, fp8_layout=None) -> None:
+def load_weights(model: nn.Module, model_dir: str, fp8_layout=None, int4: dict | None = None) -> None:
     """Fill ``model``'s parameters from the checkpoint in ``model_dir``; ``fp8_layout`` is an FP8 checkpoint's
-    (``fp8_checkpoint.layout``), by which its float8 weights and their scales are read."""
+    (``fp8_checkpoint.layout``), by which its float8 weights and their scales are read; ``int4`` a GPTQ or AWQ
+    checkpoint's scheme (``int4_checkpoint.int4_config``), by which ``int4_loader`` reads its int4 Linears."""
     files = checkpoint_files(model_dir)
     if fp8_layout is not None:  # weights stored in float8 stay so, with their scales (fp8_weights.py)
         fp8_checkpoint.prepare_model(model, _float8_targets(model, files), fp8_layout)
+    filled: dict[str, set] = {}
+    if int4 is not None:
+        int4_loader.load(model, files, int4, filled, _target, _packed_sizes, _copy)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
-    filled: dict[str, set] = {}
     with fp8_checkpoint.ScaleReader(files, fp8_layout) as scales:
         for path in files:
             _load_file(path, model, params, tied, scales, filled)

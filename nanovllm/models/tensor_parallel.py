@@ -10,13 +10,13 @@ splits them:
   down projection; a bias is added once, after the sum;
 * replicated: embeddings, norms, routers.
 
-``checkpoint_slice`` says which piece of a checkpoint tensor a rank's parameter holds, from the parameter's local
-shape, so the loader copies only that piece.
+``matmul`` runs one projection by its weight's format.  ``checkpoint_slice`` says which piece of a checkpoint
+tensor a rank's parameter holds, from the parameter's local shape, so the loader copies only that piece.
 """
 import torch
 
 import nanovllm.distributed as distributed
-from nanovllm.kernels import ops, weight_quant
+from nanovllm.kernels import int4_quant, ops, weight_quant
 
 
 def split(total: int, what: str) -> int:
@@ -49,12 +49,20 @@ def first_rank() -> bool:
     return distributed.current().rank == 0
 
 
+def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False):
+    """``x @ linear.weight.T + bias`` by the op the weight's format names: ``ops.linear_int4`` for an int4 weight
+    (``models/int4_weights.py``), else ``ops.linear`` with its FP8 scales where it has them."""
+    if int4_quant.is_int4(linear):
+        return ops.linear_int4(x, linear.weight, linear.weight_scale, linear.weight_zero, linear.quant_group,
+                               linear.weight_perm, bias, silu_mul)
+    return ops.linear(x, linear.weight, bias, silu_mul, *weight_quant.scale_of(linear))
+
+
 def row_parallel(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` of a row-parallel projection: this rank's partial product, summed over the group."""
-    scale, group = weight_quant.scale_of(linear)
     if distributed.current().size == 1:
-        return ops.linear(x, linear.weight, linear.bias, False, scale, group)
-    y = distributed.all_reduce(ops.linear(x, linear.weight, None, False, scale, group))
+        return matmul(linear, x, linear.bias)
+    y = distributed.all_reduce(matmul(linear, x, None))
     return y if linear.bias is None else y + linear.bias
 
 

@@ -1,0 +1,206 @@
+"""GPTQ and AWQ checkpoints of dense models (Qwen3, Llama) load with their projections in int4 and run them through
+``linear_int4``: greedy float32 tokens equal transformers' on the dequantized weights (``tools/int4_oracle.py``) for
+GPTQ symmetric with a partial last group, asymmetric, one group per row and desc_act, and AWQ, over prompts of mixed
+lengths; graph mode equals eager; two ranks equal one; routed experts, and a packed projection whose parts differ in
+act order, are dequantized at load and still match; desc_act with two ranks, a group a shard would cut, an
+unsupported field and ``quantization="fp8"`` are refused by name; dummy weights of an int4 config run in int4."""
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_checkpoint, hf_greedy
+from nanovllm import LLM, SamplingParams
+from nanovllm.config import EngineConfig
+from nanovllm.kernels import int4_quant
+from nanovllm.models import int4_weights
+from nanovllm.models.int4_checkpoint import quantize_checkpoint_int4
+from nanovllm.tools.int4_oracle import write_dequantized
+
+ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128, max_num_seqs=4,
+              graph_batch_sizes=[1, 2, 4])
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+# name: (architecture, quantize_checkpoint_int4's options, build_checkpoint's overrides).  An intermediate size of
+# 112 gives down_proj a partial last group (3 x 32 + 16 columns).
+LAYOUTS = {
+    "gptq-sym-partial-group": ("qwen3", dict(method="gptq", group=32), dict(intermediate_size=112)),
+    "gptq-asym": ("llama", dict(method="gptq", group=32, sym=False), {}),
+    "gptq-whole-rows": ("qwen3", dict(method="gptq", group=-1), {}),
+    "gptq-desc-act": ("llama", dict(method="gptq", group=32, desc_act=True), {}),
+    "awq-partial-group": ("qwen3", dict(method="awq", group=32), dict(intermediate_size=112)),
+}
+
+
+def prompts_of(n, seed, max_len):
+    rng = random.Random(seed)
+    return [[rng.randint(3, 383) for _ in range(rng.randint(1, max_len))] for _ in range(n)]
+
+
+def greedy(llm, prompts):
+    return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def int4_checkpoint(tmp_path: Path, layout: str) -> str:
+    arch, quantize, overrides = LAYOUTS[layout]
+    path = build_checkpoint(tmp_path / layout, arch, **overrides)
+    quantize_checkpoint_int4(path, **quantize)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def quantized(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    path = int4_checkpoint(tmp, request.param)
+    return request.param, path, write_dequantized(path, tmp / "dequantized")
+
+
+def test_eager_matches_transformers_on_the_dequantized_weights(quantized):
+    layout, path, plain = quantized
+    prompts = prompts_of(5, seed=1, max_len=40)
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    quantize = LAYOUTS[layout][1]
+    group = "whole rows" if quantize["group"] == -1 else f"group {quantize['group']}"
+    assert int4_weights.describe(model) == f"int4 weights (8 of 8 projections, {quantize['method']}, {group})"
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        assert int4_quant.is_int4(linear) and linear.weight.dtype == torch.uint8
+        assert (linear.weight_perm is not None) == quantize.get("desc_act", False)
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+def test_the_oracle_differs_from_the_unquantized_weights(tmp_path):
+    """The dequantized weights change the tokens, so matching them says the int4 values were used."""
+    original = build_checkpoint(tmp_path / "plain", "qwen3")
+    path = shutil.copytree(original, tmp_path / "gptq")
+    quantize_checkpoint_int4(path, "gptq", group=32)
+    oracle = write_dequantized(path, tmp_path / "dequantized")
+    prompts = prompts_of(5, seed=1, max_len=40)
+    assert hf_greedy(oracle, prompts, GREEDY.max_tokens) != hf_greedy(original, prompts, GREEDY.max_tokens)
+    before = load_file(f"{original}/model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    after = load_file(f"{oracle}/model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    step = before.abs().amax() / 7.5  # one quantization step of the widest group
+    assert not torch.equal(before, after) and (before - after).abs().max() <= 0.6 * step
+
+
+def test_graph_mode_equals_eager(tmp_path):
+    path = int4_checkpoint(tmp_path, "gptq-desc-act")  # act order: x's columns gathered inside the graph
+    prompts = prompts_of(4, seed=2, max_len=30)
+    eager = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
+    graph = LLM(path, **ENGINE)
+    assert graph.engine.runner.mode == "graph"
+    assert greedy(graph, prompts) == eager
+
+
+def test_modules_to_not_convert_stay_in_the_model_dtype(tmp_path):
+    path = build_checkpoint(tmp_path / "qwen3", "qwen3")
+    quantize_checkpoint_int4(path, "awq", group=32, skip=["layers.1.mlp"])
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    layers = llm.engine.runner.model.model.layers
+    assert int4_quant.is_int4(layers[0].mlp.down_proj) and not int4_quant.is_int4(layers[1].mlp.down_proj)
+    assert layers[1].mlp.gate_up_proj.weight.dtype == torch.float32
+    assert int4_weights.describe(llm.engine.runner.model) == "int4 weights (6 of 8 projections, awq, group 32)"
+    prompts = prompts_of(3, seed=3, max_len=20)
+    plain = write_dequantized(path, tmp_path / "plain")
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one(tmp_path):
+    path = int4_checkpoint(tmp_path, "gptq-asym")  # 128 and 64 columns: each rank's shard whole groups of 32
+    prompts = prompts_of(4, seed=4, max_len=30)
+    one = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
+    with LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE) as two:
+        assert greedy(two, prompts) == one
+
+
+def test_desc_act_with_two_ranks_is_refused_naming_it(tmp_path):
+    path = int4_checkpoint(tmp_path, "gptq-desc-act")
+    with pytest.raises(ValueError, match=r"quantization_config.desc_act=True .* tensor_parallel_size=2"):
+        LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
+
+
+def test_a_shard_that_cuts_a_group_is_refused_naming_the_layer_group_and_shard(tmp_path):
+    path = int4_checkpoint(tmp_path, "gptq-sym-partial-group")  # down_proj's 112 columns: 56 is not 32k
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.down_proj': int4 group_size 32 does not divide "
+                                         r"this tensor-parallel rank's shard, input columns (0:56|56:112) of 112"):
+        LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
+
+
+def _set_field(path: str, field: str, value) -> None:
+    config_path = Path(path, "config.json")
+    config = json.loads(config_path.read_text())
+    config["quantization_config"][field] = value
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("method,field,value", [("gptq", "bits", 8), ("awq", "version", "gemv"),
+                                                ("gptq", "checkpoint_format", "marlin")])
+def test_an_unsupported_field_is_refused_by_name(tmp_path, method, field, value):
+    path = build_checkpoint(tmp_path / "qwen3", "qwen3")
+    quantize_checkpoint_int4(path, method, group=32)
+    _set_field(path, field, value)
+    with pytest.raises(ValueError, match=re.escape(f"quantization_config.{field}={value!r} is not supported for "
+                                                   f"quant_method={method!r}")):
+        LLM(path, enforce_eager=True, **ENGINE)
+
+
+def test_fp8_quantization_of_an_int4_checkpoint_is_refused_naming_both(tmp_path):
+    path = int4_checkpoint(tmp_path, "gptq-asym")
+    with pytest.raises(ValueError, match=r"quantization='fp8' cannot apply to a quant_method='gptq' checkpoint"):
+        LLM(path, quantization="fp8", **ENGINE)
+
+
+def test_dummy_weights_of_an_int4_config_run_in_int4(tmp_path):
+    path = int4_checkpoint(tmp_path, "awq-partial-group")
+    assert EngineConfig(path).online_quantization is None  # read as stored
+    assert EngineConfig(path, load_format="dummy").online_quantization == "awq"  # not "fp8"
+    llm = LLM(path, load_format="dummy", enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == "int4 weights (8 of 8 projections, awq, group 32)"
+    down = model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.uint8 and down.weight_scale.shape == (64, 4)  # 112 columns: 3 x 32 + 16
+    assert all(len(t) == GREEDY.max_tokens for t in greedy(llm, prompts_of(2, seed=5, max_len=20)))
+
+
+@pytest.mark.slow
+def test_moe_routed_experts_are_dequantized_at_load_and_match_transformers(tmp_path):
+    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    quantize_checkpoint_int4(path, "gptq", group=32)
+    assert "model.layers.0.mlp.experts.7.down_proj.qweight" in load_file(f"{path}/model.safetensors")
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == ("int4 weights (8 of 8 projections, gptq, group 32); routed experts "
+                                            "dequantized at load (4 expert stacks)")
+    assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
+    prompts = prompts_of(3, seed=6, max_len=30)
+    plain = write_dequantized(path, tmp_path / "plain")
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path):
+    """GPTQ gives q, k and v one act order (one input); a checkpoint where they differ cannot share one
+    permutation of x, so that packed projection is dequantized at load."""
+    from safetensors.torch import save_file
+    from nanovllm.models.int4_checkpoint import quantize_linear
+    path = build_checkpoint(tmp_path / "llama", "llama")
+    k_proj = load_file(f"{path}/model.safetensors")["model.layers.0.self_attn.k_proj.weight"]
+    quantize_checkpoint_int4(path, "gptq", group=32, desc_act=True)
+    weights = load_file(f"{path}/model.safetensors")
+    stored = quantize_linear(k_proj, "gptq", 32, True, torch.Generator().manual_seed(99))
+    weights.update((f"model.layers.0.self_attn.k_proj.{suffix}", t) for suffix, t in stored.items())
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == ("int4 weights (7 of 8 projections, gptq, group 32); 1 projection "
+                                            "dequantized at load (their parts mix int4 and plain weights or act "
+                                            "orders)")
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
+    prompts = prompts_of(3, seed=7, max_len=30)
+    plain = write_dequantized(path, tmp_path / "plain")
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
