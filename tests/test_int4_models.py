@@ -67,6 +67,7 @@ def test_eager_matches_transformers_on_the_dequantized_weights(quantized):
     quantize = LAYOUTS[layout][1]
     group = "whole rows" if quantize["group"] == -1 else f"group {quantize['group']}"
     assert int4_weights.describe(model) == f"int4 weights (8 of 8 projections, {quantize['method']}, {group})"
+    assert llm.engine.describe()["quantization"] == int4_weights.describe(model)  # the start-up line says it
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
         assert int4_quant.is_int4(linear) and linear.weight.dtype == torch.uint8

@@ -29,7 +29,7 @@ from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.models import fp8_checkpoint, fp8_weights
+from nanovllm.models import fp8_checkpoint, fp8_weights, int4_weights
 from nanovllm.models.expert_offload import expert_caches, offload_stats
 from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
@@ -110,7 +110,8 @@ class ModelRunner:
                 "kv_cache_dtype": str(self.kv_spec.dtype).replace("torch.", ""), "kv_scales": self.kv_scales,
                 "num_kv_blocks": self.num_blocks, "kvcache_block_size": self.block_size,
                 "kv_bytes_per_token": self.kv_spec.bytes_per_token,
-                "quantization": fp8_checkpoint.describe(self.config.hf_config, fp8_weights.describe(self.model)),
+                "quantization": int4_weights.describe(self.model) or fp8_checkpoint.describe(
+                    self.config.hf_config, fp8_weights.describe(self.model)),
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
                 **dict(zip(("expert_bytes", "expert_share"), expert_footprint(self.model))),
                 **({"expert_offload": offload_stats(self.model)} if self.expert_caches else {}),
