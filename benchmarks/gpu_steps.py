@@ -2,7 +2,7 @@
 
 A row names a model, a workload, an engine and flags.  Models: ``default`` (bench.py's random Qwen3-0.6B),
 ``preset:NAME`` (``nanovllm.tools.synthesize``'s config of NAME), ``peer:NAME`` (``PEERS/configs/NAME.json``),
-the last two with dummy weights, or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
+the last two with dummy weights (``NAME+gptq`` / ``NAME+awq``: the config with an int4 ``quantization_config``), or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
 Engines: ``ours``, ``vllm`` (vLLM staged per ../shared/peers/README.md: its packages in ``Context.site``, its
 scripts in ``Context.peers``) or ``tests``.  ``commands(step, ctx)`` turns a row into the commands of one run (a
 server runs in the background while its clients run); each writes its JSON into the run's folder, its ``$OUT``.
@@ -19,6 +19,10 @@ from pathlib import Path
 MODELS = Path("/tmp/nanovllm-models")  # configs written for dummy weights, on the GPU machine's scratch disk
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 SERVER = "http://127.0.0.1:8000"
+INT4_CONFIGS = {  # a model name's "+gptq" / "+awq": the quantization_config its dummy weights are quantized by
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ STEPS = [
     Step("moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8),
     Step("moe-fp8-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + FP8_KV),
     Step("moe-fp8-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + FP8_KV),
+    Step("batch1-gptq-ours", "ours", "peer:qwen3-8b+gptq", "bench", ("--bs", "1", "--num-seqs", "2")),
+    Step("batch1-awq-ours", "ours", "peer:qwen3-8b+awq", "bench", ("--bs", "1", "--num-seqs", "2")),
+    Step("moe-gptq-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", BENCH),
     Step("dense32b-fp8-ours", "ours", "peer:qwen3-32b", "bench", BENCH + FP8),
     Step("dense32b-fp8-vllm", "vllm", "peer:qwen3-32b", "bench", FP8),
     Step("minicpm-ours", "ours", "preset:minicpm4-0.5b", "bench", BENCH),
@@ -89,6 +96,7 @@ STEPS = [
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
     Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
     Step("moe-kernel-fp8", "ours", "own", "module", ("benchmarks.moe_kernel", "--fp8", "--tokens", "1,16,64,256,1024,4096")),
+    Step("int4-kernel", "ours", "own", "module", ("benchmarks.int4_kernel",)),
     Step("moe-kernel-mixtral", "ours", "own", "module",
          ("benchmarks.moe_kernel", "--shape", "mixtral", "--tokens", "1,16,64,256,1024,4096")),
     Step("profile", "ours", "own", "module", ("benchmarks.profile_run", "--prefill")),
@@ -127,13 +135,17 @@ def model_dir(step: Step, ctx: Context) -> str:
         return subprocess.run([sys.executable, "-c", code], cwd=ctx.tree, check=True, capture_output=True,
                               text=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree))).stdout.strip()
     path = MODELS / name
+    base, _, int4 = name.partition("+")
     if not ctx.dry and not (path / "config.json").is_file():
         if kind == "preset":
-            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", name, str(path), "--config-only"],
+            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", base, str(path), "--config-only"],
                            cwd=ctx.tree, check=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree)))
         else:
             path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text((ctx.peers / "configs" / f"{name}.json").read_text())
+            (path / "config.json").write_text((ctx.peers / "configs" / f"{base}.json").read_text())
+        if int4:
+            config = json.loads((path / "config.json").read_text())
+            (path / "config.json").write_text(json.dumps(dict(config, quantization_config=INT4_CONFIGS[int4])))
     return str(path)
 
 

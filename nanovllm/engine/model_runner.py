@@ -112,7 +112,9 @@ class ModelRunner:
                 "kv_bytes_per_token": self.kv_spec.bytes_per_token,
                 "quantization": int4_weights.describe(self.model) or fp8_checkpoint.describe(
                     self.config.hf_config, fp8_weights.describe(self.model)),
-                "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                "weight_bytes": sum(t.numel() * t.element_size() for t in self.model.parameters()) + sum(
+                    t.numel() * t.element_size() for name, t in self.model.named_buffers()
+                    if name.endswith(("_scale", "_zero"))),  # quantized weights' scales and zeros are read too
                 **dict(zip(("expert_bytes", "expert_share"), expert_footprint(self.model))),
                 **({"expert_offload": offload_stats(self.model)} if self.expert_caches else {}),
                 "init_phases": dict(self.init_phases), **self.executor.describe()}
