@@ -6,13 +6,13 @@ or [1] / [] (strategy "tensor"; [N] and [1, 1] are taken too): the real weight i
 In ``kernels/weight_quant.py``'s format that is one scale per row over all K columns (group >= K): a per-tensor
 scale is repeated on every row, so packing q/k/v or gate/up, stacking experts and splitting rows over
 tensor-parallel ranks keep each row's own scale, and a column shard keeps its rows' scales whole.  Input
-activations are not quantized (``config.check_quantization`` takes only dynamic ones, or none): compute is
+activations are not quantized (``quant_config.check_quantization`` takes only dynamic ones, or none): compute is
 weight-only.  ``ChannelLayout.quantize`` and ``quantization_config`` write this layout (``synthesize --quantize
 compressed-fp8``, via ``fp8_checkpoint.quantize_checkpoint``).
 """
 import torch
 
-from nanovllm.config import quantization_config
+from nanovllm.quant_config import quantization_config
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
 
 STRATEGIES = ("channel", "tensor")
@@ -20,7 +20,7 @@ STRATEGIES = ("channel", "tensor")
 
 def strategies(hf_config: dict) -> list[str] | None:
     """The weight strategies of a compressed-tensors checkpoint's config groups (validated by
-    ``config.check_quantization``; "tensor" where left out, as the library defaults), else None."""
+    ``quant_config.check_quantization``; "tensor" where left out, as the library defaults), else None."""
     quant = quantization_config(hf_config)
     if not quant or quant.get("quant_method") != "compressed-tensors":
         return None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from nanovllm.config import quantization_config
+from nanovllm.quant_config import quantization_config
 from nanovllm.kernels import weight_quant
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
 from nanovllm.models import compressed_tensors, fp8_weights
@@ -33,7 +33,7 @@ def is_float8(f, name: str) -> bool:
 
 
 def block_size(hf_config: dict) -> tuple[int, int] | None:
-    """``weight_block_size`` of an fp8 checkpoint (validated by ``config.check_quantization``), else None."""
+    """``weight_block_size`` of an fp8 checkpoint (validated by ``quant_config.check_quantization``), else None."""
     quant = quantization_config(hf_config)
     if not quant or quant.get("quant_method") != "fp8":
         return None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from nanovllm.config import quantization_config
+from nanovllm.quant_config import quantization_config
 from nanovllm.kernels import int4_quant
 from nanovllm.models import int4_formats
 from nanovllm.models.fp8_checkpoint import quantizable

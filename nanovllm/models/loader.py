@@ -9,15 +9,12 @@ corrupt file one naming the file.  Tied embeddings need no ``lm_head.weight``; u
 are converted to the model's dtype, then ``after_loading`` may rewrite them.  Float8 weights (``fp8_checkpoint``)
 stay so with their scales where the model quantizes them, else are dequantized; GPTQ/AWQ ones: ``int4_loader.py``.
 
-``load_format="dummy"`` needs config.json only: weights are drawn on the device from a generator seeded with ``seed``
-(norm weights 1, everything else normal with std 0.02; int4 for a GPTQ/AWQ config), the same on every run of one
-device type.  With ``offload_experts`` the model is built on the host and its experts stay there behind a device
-cache (``expert_offload.py``).
+``load_format="dummy"``: config.json only (``dummy_weights.py``; int4 for a GPTQ/AWQ config).  ``offload_experts``:
+the model is built on the host, its experts kept there behind a device cache (``expert_offload.py``).
 """
 import json
 import os
 import re
-import zlib
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,12 +22,12 @@ from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.kernels import weight_quant
-from nanovllm.models import expert_offload, fp8_checkpoint, fp8_weights, int4_checkpoint, int4_loader, int4_weights
+from nanovllm.models import (dummy_weights, expert_offload, fp8_checkpoint, fp8_weights, int4_checkpoint, int4_loader,
+                             int4_weights)
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
 
-_DUMMY_STD = 0.02
 
 
 def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, model_dir: str,
@@ -64,7 +61,7 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
         torch.set_default_dtype(previous)
     int4 = int4_checkpoint.int4_config(hf_config)  # a GPTQ or AWQ checkpoint's, its fields checked
     if load_format == "dummy":
-        fill_dummy_weights(model, seed, draw_device)
+        dummy_weights.fill_dummy_weights(model, seed, draw_device)
     else:
         load_weights(model, model_dir, fp8_checkpoint.layout(hf_config), int4)
     if hasattr(model, "tie_lm_head"):
@@ -75,28 +72,6 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
     elif quantization in int4_checkpoint.METHODS:  # dummy weights of a GPTQ or AWQ config
         int4_weights.quantize_online(model, int4)
     return model.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def fill_dummy_weights(model: nn.Module, seed: int, draw_device: torch.device | None = None) -> None:
-    """Random weights drawn on each parameter's device (or on ``draw_device``, e.g. a GPU for a model built on
-    the host, and copied), deterministic under ``seed``."""
-    generators = {}
-    for name, param in model.named_parameters():  # shared (tied) parameters are listed once
-        if "norm" in name.rsplit(".", 2)[-2]:
-            param.fill_(1.0)
-            continue
-        device = draw_device or param.device
-        if distributed.current().size > 1:  # each parameter its own stream: replicated ones agree across ranks
-            generators[device] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(
-                name.encode()))
-        elif device not in generators:
-            generators[device] = torch.Generator(device=device).manual_seed(seed)
-        if device == param.device:
-            param.normal_(0.0, _DUMMY_STD, generator=generators[device])
-        else:
-            drawn = torch.empty_like(param, device=device).normal_(0.0, _DUMMY_STD, generator=generators[device])
-            param.copy_(drawn)
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
@@ -153,9 +128,8 @@ def _checkpoint_name(name: str, model: nn.Module) -> str:
 
 
 def load_weights(model: nn.Module, model_dir: str, fp8_layout=None, int4: dict | None = None) -> None:
-    """Fill ``model``'s parameters from the checkpoint in ``model_dir``; ``fp8_layout`` is an FP8 checkpoint's
-    (``fp8_checkpoint.layout``), by which its float8 weights and their scales are read; ``int4`` a GPTQ or AWQ
-    checkpoint's scheme (``int4_checkpoint.int4_config``), by which ``int4_loader`` reads its int4 Linears."""
+    """Fill ``model``'s parameters from the checkpoint in ``model_dir``; ``fp8_layout`` (``fp8_checkpoint.layout``)
+    reads float8 weights and scales, ``int4`` (``int4_checkpoint.int4_config``) GPTQ/AWQ ones (``int4_loader``)."""
     files = checkpoint_files(model_dir)
     if fp8_layout is not None:  # weights stored in float8 stay so, with their scales (fp8_weights.py)
         fp8_checkpoint.prepare_model(model, _float8_targets(model, files), fp8_layout)
