@@ -1,11 +1,10 @@
 """w4a16 projections: ``x[M, K] @ W[N, K].T (+ bias)`` with W an int4 weight (``int4_quant.py``), in Triton.
 
 The weight is streamed packed: each [BLOCK_N, BLOCK_K / 2] byte tile is split in registers into its even (low
-nibble) and odd (high nibble) columns.  Beside 16-bit x, ``q - zero`` becomes exact fp16 integers that meet x in fp16
-(bf16 x scaled by 2^-4: in range to 1e6, exact from 2^-10) and each tile's product is scaled by its group's scales;
-beside float32 x ``(q - zero) * scale`` is rounded once to x's dtype (``int4_quant.dequantize``) before the dot.
-BLOCK_K divides ``group`` (or one group covers all of K), so a tile has one scale and zero per row; a partial last
-group needs nothing more.  Tiles, split K (the last split of an output block to arrive, counted with an atomic, sums
+nibble) and odd (high nibble) columns, ``(q - zero) * scale`` is computed in float32 and rounded once to x's dtype
+(the values of ``int4_quant.dequantize``), and the tile meets x's in ``tl.dot`` with fp32 accumulation.  BLOCK_K
+divides ``group`` (or one group covers all of K), so a tile has one scale and zero per row; a partial last group
+needs nothing more.  Tiles, split K (the last split of an output block to arrive, counted with an atomic, sums
 the fp32 partials in a fixed order and resets its counter) and ``SILU_MUL`` (a packed [gate; up] weight of 2I rows
 -> ``silu(gate) * up`` [M, I]) follow ``triton_matmul.py``; the kernel takes part in PDL (``pdl.py``).  With
 ``perm`` int32 [K] (GPTQ's act order, applied at load time) it computes ``x[:, perm] @ W.T``, gathering x's
@@ -27,7 +26,11 @@ from nanovllm.kernels.triton_matmul import _COUNTER_SLOTS, _counters
 
 # Past this many rows the weight is dequantized once and multiplied by cuBLAS (prefill).
 W4A16_TRITON_MAX_M = 64
-_MAX_SPLIT = 8
+_MAX_SPLIT = 16
+# At decode sizes split K until the launch has this many programs per SM: the H100 sweep
+# (``python -m benchmarks.int4_kernel --sweep 1,16``, docs/PERFORMANCE.md) found each Qwen3-8B shape's fastest tile
+# there or within 2%.
+_DECODE_PROGRAMS_PER_SM = 4
 _TILES = ((16, MatmulConfig(16, 64, 128)), (32, MatmulConfig(32, 64, 128)),
           (W4A16_TRITON_MAX_M, MatmulConfig(64, 64, 128)))  # (max_m, tile) in ascending max_m
 
@@ -35,14 +38,8 @@ _TILES = ((16, MatmulConfig(16, 64, 128)), (32, MatmulConfig(32, 64, 128)),
 @triton.jit
 def _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
                      stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                     FP16_MMA: tl.constexpr, ONE_GROUP: tl.constexpr):
-    """sum over k in [k_start, k_start + k_steps * BLOCK_K) of x[m, perm[k]] * W[n, k], an fp32 [BLOCK_M, BLOCK_N].
-
-    ``FP16_MMA`` (16-bit x): x in fp16 (bf16 scaled by 2^-4, ``_finish`` multiplies it back) meets ``q - zero`` as
-    exact fp16 integers (the code's bits under 1024's exponent, minus 1024 + zero), and each tile's product is
-    scaled by its rows' scale, or the sum once where one group spans K (``ONE_GROUP``).  Otherwise the tile is
-    dequantized into x's dtype as ``int4_quant.dequantize`` rounds."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """sum over k in [k_start, k_start + k_steps * BLOCK_K) of x[m, perm[k]] * W[n, k], an fp32 [BLOCK_M, BLOCK_N]."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_byte = k_start // 2 + tl.arange(0, BLOCK_K // 2)
     k0 = k_start
@@ -58,36 +55,18 @@ def _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_ma
             cols = offs_k
         x = tl.load(x_rows + cols[None, :], mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
         packed = tl.load(q_rows + offs_byte[None, :], mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 2]
-        if FP16_MMA:
-            if x.dtype == tl.bfloat16:
-                x = (x.to(tl.float32) * 0.0625).to(tl.float16)
-            base = (tl.load(z_row + k0 // group, mask=n_mask, other=0).to(tl.float16) + 1024.0)[:, None]
-            even = ((packed & 0xF).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - base
-            odd = ((packed >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - base
-            w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
-            if ONE_GROUP:
-                acc = tl.dot(x, tl.trans(w), acc)
-            else:
-                scale = tl.load(s_row + k0 // group, mask=n_mask, other=0.0).to(tl.float32)
-                acc += tl.dot(x, tl.trans(w)) * scale[None, :]
-        else:
-            scale = tl.load(s_row + k0 // group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            zero = tl.load(z_row + k0 // group, mask=n_mask, other=0).to(tl.float32)[:, None]
-            even = (((packed & 0xF).to(tl.float32) - zero) * scale).to(x.dtype)
-            odd = (((packed >> 4).to(tl.float32) - zero) * scale).to(x.dtype)
-            w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
-            if UPCAST:  # the Triton interpreter (CPU tests) multiplies bf16 operands wrongly; fp32 is exact
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc)
+        scale = tl.load(s_row + k0 // group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        zero = tl.load(z_row + k0 // group, mask=n_mask, other=0).to(tl.float32)[:, None]
+        even = (((packed & 0xF).to(tl.float32) - zero) * scale).to(x.dtype)
+        odd = (((packed >> 4).to(tl.float32) - zero) * scale).to(x.dtype)
+        w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
+        if UPCAST:  # the Triton interpreter (CPU tests) multiplies bf16 operands wrongly; fp32 is exact
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
         offs_k += BLOCK_K
         offs_byte += BLOCK_K // 2
         k0 += BLOCK_K
-    if FP16_MMA:
-        if ONE_GROUP:
-            acc *= tl.load(s_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if x_ptr.dtype.element_ty == tl.bfloat16:
-            acc *= 16.0
     return acc
 
 
@@ -95,8 +74,7 @@ def _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_ma
 def _w4a16_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K,
                   stride_xm, stride_qn, stride_sn, stride_zn, stride_om, group, HAS_PERM: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, FP16_MMA: tl.constexpr,
-                  ONE_GROUP: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -109,12 +87,12 @@ def _w4a16_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part
     pdl_begin(PDL)
     acc = _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
                            stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K,
-                           UPCAST, FP16_MMA, ONE_GROUP)
+                           UPCAST)
     if SILU_MUL:  # the up half starts N_OUT rows further, in the weight, its scales and its zeros
         acc_up = _partial_product(x_ptr, perm_ptr, qw_ptr + N_OUT * stride_qn, s_ptr + N_OUT * stride_sn,
                                   z_ptr + N_OUT * stride_zn, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
                                   stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM, BLOCK_M, BLOCK_N,
-                                  BLOCK_K, UPCAST, FP16_MMA, ONE_GROUP)
+                                  BLOCK_K, UPCAST)
     out_mask = m_mask[:, None] & n_mask[None, :]
     finish = True
     if SPLIT_K > 1:
@@ -159,12 +137,13 @@ def fits(cfg: MatmulConfig, k: int, group: int) -> bool:
 
 def w4a16_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
     """The tile for ``m`` rows of an ``[n_out, k]`` output in groups of ``group``, or None if none fits: BLOCK_M by
-    row count; split K, up to ``_MAX_SPLIT`` ways, while the output has fewer blocks than ``num_sms``; the largest
-    BLOCK_K (128, 64, 32, 16) that fits."""
+    row count; split K, up to ``_MAX_SPLIT`` ways, while the launch has fewer programs than ``num_sms`` (at most 16
+    rows: ``_DECODE_PROGRAMS_PER_SM`` times that); the largest BLOCK_K (128, 64, 32, 16) that fits."""
     tile = next((t for max_m, t in _TILES if m <= max_m), _TILES[-1][1])
     blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)
+    target = num_sms * (_DECODE_PROGRAMS_PER_SM if m <= 16 else 1)
     split = 1
-    while blocks * split < num_sms and split < _MAX_SPLIT:
+    while blocks * split < target and split < _MAX_SPLIT:
         split *= 2
     for block_k in (128, 64, 32, 16):
         for s in (split >> i for i in range(split.bit_length())):  # split, split / 2, ..., 1
@@ -216,8 +195,7 @@ def linear_w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
                         qweight.stride(0), scale.stride(0), zero.stride(0), out.stride(0), group,
                         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
                         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                        UPCAST=not x.is_cuda, FP16_MMA=x.dtype in (torch.bfloat16, torch.float16),
-                        ONE_GROUP=group >= k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        UPCAST=not x.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                         **pdl_launch(x.device))
     return out
 
