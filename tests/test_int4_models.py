@@ -66,7 +66,8 @@ def test_eager_matches_transformers_on_the_dequantized_weights(quantized):
     model = llm.engine.runner.model
     quantize = LAYOUTS[layout][1]
     group = "whole rows" if quantize["group"] == -1 else f"group {quantize['group']}"
-    assert int4_weights.describe(model) == f"int4 weights (8 of 8 projections, {quantize['method']}, {group})"
+    assert int4_weights.describe(model) == (f"int4 weights (8 of 8 projections and expert stacks, "
+                                            f"{quantize['method']}, {group})")
     assert llm.engine.describe()["quantization"] == int4_weights.describe(model)  # the start-up line says it
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
@@ -105,7 +106,8 @@ def test_modules_to_not_convert_stay_in_the_model_dtype(tmp_path):
     layers = llm.engine.runner.model.model.layers
     assert int4_quant.is_int4(layers[0].mlp.down_proj) and not int4_quant.is_int4(layers[1].mlp.down_proj)
     assert layers[1].mlp.gate_up_proj.weight.dtype == torch.float32
-    assert int4_weights.describe(llm.engine.runner.model) == "int4 weights (6 of 8 projections, awq, group 32)"
+    assert int4_weights.describe(llm.engine.runner.model) == ("int4 weights (6 of 8 projections and expert stacks, "
+                                                              "awq, group 32)")
     prompts = prompts_of(3, seed=3, max_len=20)
     plain = write_dequantized(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
@@ -163,25 +165,101 @@ def test_dummy_weights_of_an_int4_config_run_in_int4(tmp_path):
     assert EngineConfig(path, load_format="dummy").online_quantization == "awq"  # not "fp8"
     llm = LLM(path, load_format="dummy", enforce_eager=True, **ENGINE)
     model = llm.engine.runner.model
-    assert int4_weights.describe(model) == "int4 weights (8 of 8 projections, awq, group 32)"
+    assert int4_weights.describe(model) == "int4 weights (8 of 8 projections and expert stacks, awq, group 32)"
     down = model.model.layers[0].mlp.down_proj
     assert down.weight.dtype == torch.uint8 and down.weight_scale.shape == (64, 4)  # 112 columns: 3 x 32 + 16
     assert all(len(t) == GREEDY.max_tokens for t in greedy(llm, prompts_of(2, seed=5, max_len=20)))
 
 
+# name: (architecture, quantize_checkpoint_int4's options, projections and expert stacks).  Qwen3-MoE has 2 sparse
+# layers of 8 experts (I = 32) and a dense one; Mixtral (block_sparse_moe's w1/w3/w2) 2 layers of 4 experts with
+# I = 48: a partial last group of down's columns.
+MOE_LAYOUTS = {
+    "qwen3_moe-gptq": ("qwen3_moe", dict(method="gptq", group=32), 12),
+    "mixtral-awq": ("mixtral", dict(method="awq", group=32), 8),
+}
+
+
+@pytest.fixture(scope="module", params=list(MOE_LAYOUTS))
+def moe_quantized(request, tmp_path_factory):
+    arch, quantize, _ = MOE_LAYOUTS[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    path = build_checkpoint(tmp / arch, arch)
+    quantize_checkpoint_int4(path, **quantize)
+    return request.param, path, write_dequantized(path, tmp / "dequantized")
+
+
+def _assert_int4_experts(experts, group: int) -> None:
+    num_experts, two_i, half_h = experts.gate_up_proj.shape
+    hidden, inter = half_h * 2, two_i // 2
+    assert experts.down_proj.shape == (num_experts, hidden, inter // 2) and experts.quant_group == group
+    for attr, (rows, k) in (("gate_up_proj", (two_i, hidden)), ("down_proj", (hidden, inter))):
+        assert int4_quant.is_int4(experts, attr) and getattr(experts, attr).dtype == torch.uint8
+        groups = -(-k // group)
+        assert getattr(experts, f"{attr}_scale").shape == (num_experts, rows, groups)
+        assert getattr(experts, f"{attr}_scale").dtype == torch.float16
+        assert getattr(experts, f"{attr}_zero").shape == (num_experts, rows, groups)
+
+
 @pytest.mark.slow
-def test_moe_routed_experts_are_dequantized_at_load_and_match_transformers(tmp_path):
-    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
-    quantize_checkpoint_int4(path, "gptq", group=32)
-    assert "model.layers.0.mlp.experts.7.down_proj.qweight" in load_file(f"{path}/model.safetensors")
+def test_moe_routed_experts_stay_int4_and_match_transformers(moe_quantized):
+    layout, path, plain = moe_quantized
+    assert re.search(r"\.experts\.\d+\.(down_proj|w2)\.qweight", " ".join(load_file(f"{path}/model.safetensors")))
     llm = LLM(path, enforce_eager=True, **ENGINE)
     model = llm.engine.runner.model
-    assert int4_weights.describe(model) == ("int4 weights (8 of 8 projections, gptq, group 32); routed experts "
-                                            "dequantized at load (4 expert stacks)")
-    assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
-    prompts = prompts_of(3, seed=6, max_len=30)
+    _, quantize, count = MOE_LAYOUTS[layout]
+    assert int4_weights.describe(model) == (f"int4 weights ({count} of {count} projections and expert stacks, "
+                                            f"{quantize['method']}, group 32)")
+    _assert_int4_experts(model.model.layers[0].mlp.experts, 32)
+    prompts = prompts_of(4, seed=6, max_len=30)
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+@pytest.mark.slow
+def test_moe_graph_mode_equals_eager(tmp_path):
+    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    quantize_checkpoint_int4(path, "gptq", group=-1, sym=False)  # whole rows: one group of max(H, I) for both
+    prompts = prompts_of(4, seed=8, max_len=30)
+    eager = LLM(path, enforce_eager=True, **ENGINE)
+    _assert_int4_experts(eager.engine.runner.model.model.layers[0].mlp.experts, 64)
+    graph = LLM(path, **ENGINE)
+    assert graph.engine.runner.mode == "graph"
+    assert greedy(graph, prompts) == greedy(eager, prompts)
+
+
+@pytest.mark.slow
+def test_moe_experts_with_an_act_order_are_dequantized_and_still_match(tmp_path):
+    """desc_act gives each expert its own column order, which the fused MoE op cannot gather: those experts are
+    dequantized at load, the projections stay int4."""
+    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    quantize_checkpoint_int4(path, "gptq", group=32, desc_act=True)
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == ("int4 weights (8 of 12 projections and expert stacks, gptq, group 32); "
+                                            "4 routed expert stacks dequantized at load (GPTQ act orders, or parts "
+                                            "mixing int4 and plain weights)")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.down_proj.dtype == torch.float32 and not int4_quant.is_int4(experts, "down_proj")
+    prompts = prompts_of(3, seed=9, max_len=30)
     plain = write_dequantized(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+def test_dummy_int4_moe_weights_run_with_int4_experts(tmp_path):
+    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    quantize_checkpoint_int4(path, "gptq", group=32)
+    llm = LLM(path, load_format="dummy", enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == "int4 weights (12 of 12 projections and expert stacks, gptq, group 32)"
+    _assert_int4_experts(model.model.layers[2].mlp.experts, 32)
+    assert all(len(t) == GREEDY.max_tokens for t in greedy(llm, prompts_of(2, seed=5, max_len=20)))
+
+
+def test_offloading_int4_experts_is_refused_naming_both(tmp_path):
+    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    quantize_checkpoint_int4(path, "awq", group=32)
+    with pytest.raises(ValueError, match=r"offload_experts=True .* int4 experts"):
+        LLM(path, offload_experts=True, enforce_eager=True, **ENGINE)
 
 
 def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path):
@@ -198,7 +276,8 @@ def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path)
     save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
     llm = LLM(path, enforce_eager=True, **ENGINE)
     model = llm.engine.runner.model
-    assert int4_weights.describe(model) == ("int4 weights (7 of 8 projections, gptq, group 32); 1 projection "
+    assert int4_weights.describe(model) == ("int4 weights (7 of 8 projections and expert stacks, gptq, group 32); 1 "
+                                            "projection "
                                             "dequantized at load (their parts mix int4 and plain weights or act "
                                             "orders)")
     assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
