@@ -1,9 +1,10 @@
-"""GPTQ and AWQ checkpoints of dense models (Qwen3, Llama) load with their projections in int4 and run them through
-``linear_int4``: greedy float32 tokens equal transformers' on the dequantized weights (``tools/int4_oracle.py``) for
-GPTQ symmetric with a partial last group, asymmetric, one group per row and desc_act, and AWQ, over prompts of mixed
-lengths; graph mode equals eager; two ranks equal one; routed experts, and a packed projection whose parts differ in
-act order, are dequantized at load and still match; desc_act with two ranks, a group a shard would cut, an
-unsupported field and ``quantization="fp8"`` are refused by name; dummy weights of an int4 config run in int4."""
+"""GPTQ and AWQ checkpoints of dense and MoE models (Qwen3, Llama, Qwen3-MoE, Mixtral) load with their projections
+and routed experts in int4 and run them through ``linear_int4`` and ``fused_moe``: greedy float32 tokens equal
+transformers' on the dequantized weights (``tools/int4_oracle.py``) for GPTQ symmetric with a partial last group,
+asymmetric, one group per row and desc_act, and AWQ, over prompts of mixed lengths; graph mode equals eager; two
+ranks equal one; act-ordered experts, and a packed projection whose parts differ in act order, are dequantized at
+load and still match; desc_act with two ranks, a group a shard would cut (experts' too), an unsupported field,
+``quantization="fp8"`` and offloading int4 experts are refused by name; dummy weights of an int4 config run in int4."""
 import json
 import random
 import re
@@ -284,3 +285,23 @@ def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path)
     prompts = prompts_of(3, seed=7, max_len=30)
     plain = write_dequantized(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+@pytest.mark.slow
+def test_moe_two_ranks_equal_one(tmp_path):
+    """Experts' gate/up split by rows, down by columns: each rank's 16 of I = 32 lie inside one group of 32."""
+    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    quantize_checkpoint_int4(path, "awq", group=32)
+    prompts = prompts_of(4, seed=10, max_len=30)
+    one = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
+    with LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE) as two:
+        assert greedy(two, prompts) == one
+
+
+def test_an_expert_shard_that_cuts_a_group_is_refused_naming_the_layer(tmp_path):
+    path = build_checkpoint(tmp_path / "mixtral", "mixtral")  # experts' I = 48: each rank's 24 columns cut a group
+    quantize_checkpoint_int4(path, "gptq", group=16)
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.block_sparse_moe.experts.\d+.w2': int4 group_size "
+                                         r"16 does not divide this tensor-parallel rank's shard, input columns "
+                                         r"(0:24|24:48) of 48"):
+        LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
