@@ -8,8 +8,7 @@ A step of an offloaded layer routes on the device, reads the chosen experts on t
 splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
 the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
 from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.  FP8
-experts stay FP8: the slots hold their scales too, and the host dequantizes its own experts.  Int4 experts are
-refused (a ValueError naming both).
+experts stay FP8 (the slots hold their scales too, the host dequantizes its own); int4 experts are refused.
 
 An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
 known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
