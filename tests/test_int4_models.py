@@ -1,9 +1,9 @@
-"""GPTQ and AWQ checkpoints of dense models (Qwen3, Llama) load with their projections in int4 and run them through
-``linear_int4``: greedy float32 tokens equal transformers' on the dequantized weights (``tools/int4_oracle.py``) for
-GPTQ symmetric with a partial last group, asymmetric, one group per row and desc_act, and AWQ, over prompts of mixed
-lengths; graph mode equals eager; two ranks equal one; routed experts, and a packed projection whose parts differ in
-act order, are dequantized at load and still match; desc_act with two ranks, a group a shard would cut, an
-unsupported field and ``quantization="fp8"`` are refused by name; dummy weights of an int4 config run in int4."""
+"""GPTQ and AWQ checkpoints of dense and MoE models (Qwen3, Llama, Qwen3-MoE, Mixtral) load with projections and
+routed experts in int4, run by ``linear_int4`` and ``fused_moe``: greedy float32 tokens equal transformers' on the
+dequantized weights (``tools/int4_oracle.py``) for GPTQ sym with a partial last group, asym, one group per row and
+desc_act, and AWQ; graph mode equals eager; two ranks equal one; act-ordered experts and a packed projection whose
+parts differ in act order are dequantized at load and still match; desc_act with two ranks, a group a shard would cut,
+an unsupported field, ``quantization="fp8"`` and offloading int4 experts are refused by name; dummy weights run int4."""
 import json
 import random
 import re
@@ -66,7 +66,8 @@ def test_eager_matches_transformers_on_the_dequantized_weights(quantized):
     model = llm.engine.runner.model
     quantize = LAYOUTS[layout][1]
     group = "whole rows" if quantize["group"] == -1 else f"group {quantize['group']}"
-    assert int4_weights.describe(model) == f"int4 weights (8 of 8 projections, {quantize['method']}, {group})"
+    assert int4_weights.describe(model) == (f"int4 weights (8 of 8 projections and expert stacks, "
+                                            f"{quantize['method']}, {group})")
     assert llm.engine.describe()["quantization"] == int4_weights.describe(model)  # the start-up line says it
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
@@ -105,7 +106,8 @@ def test_modules_to_not_convert_stay_in_the_model_dtype(tmp_path):
     layers = llm.engine.runner.model.model.layers
     assert int4_quant.is_int4(layers[0].mlp.down_proj) and not int4_quant.is_int4(layers[1].mlp.down_proj)
     assert layers[1].mlp.gate_up_proj.weight.dtype == torch.float32
-    assert int4_weights.describe(llm.engine.runner.model) == "int4 weights (6 of 8 projections, awq, group 32)"
+    assert int4_weights.describe(llm.engine.runner.model) == ("int4 weights (6 of 8 projections and expert stacks, "
+                                                              "awq, group 32)")
     prompts = prompts_of(3, seed=3, max_len=20)
     plain = write_dequantized(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
@@ -163,25 +165,97 @@ def test_dummy_weights_of_an_int4_config_run_in_int4(tmp_path):
     assert EngineConfig(path, load_format="dummy").online_quantization == "awq"  # not "fp8"
     llm = LLM(path, load_format="dummy", enforce_eager=True, **ENGINE)
     model = llm.engine.runner.model
-    assert int4_weights.describe(model) == "int4 weights (8 of 8 projections, awq, group 32)"
+    assert int4_weights.describe(model) == "int4 weights (8 of 8 projections and expert stacks, awq, group 32)"
     down = model.model.layers[0].mlp.down_proj
     assert down.weight.dtype == torch.uint8 and down.weight_scale.shape == (64, 4)  # 112 columns: 3 x 32 + 16
     assert all(len(t) == GREEDY.max_tokens for t in greedy(llm, prompts_of(2, seed=5, max_len=20)))
 
 
+# name: (architecture, quantize_checkpoint_int4's options, projections and expert stacks).  Mixtral's experts
+# (block_sparse_moe's w1/w3/w2) have I = 48: a partial last group of down's columns.
+MOE_LAYOUTS = {
+    "qwen3_moe-gptq": ("qwen3_moe", dict(method="gptq", group=32), 12),
+    "mixtral-awq": ("mixtral", dict(method="awq", group=32), 8),
+}
+
+
+@pytest.fixture(scope="module", params=list(MOE_LAYOUTS))
+def moe_quantized(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    path = moe_checkpoint(tmp, *MOE_LAYOUTS[request.param][:1], **MOE_LAYOUTS[request.param][1])
+    return request.param, path, write_dequantized(path, tmp / "dequantized")
+
+
+def moe_checkpoint(tmp_path: Path, arch: str, method: str, **quantize) -> str:
+    path = build_checkpoint(tmp_path / arch, arch)
+    quantize_checkpoint_int4(path, method, **quantize)
+    return path
+
+
+def _assert_int4_experts(experts, group: int) -> None:
+    num_experts, two_i, half_h = experts.gate_up_proj.shape
+    hidden, inter = half_h * 2, two_i // 2
+    assert experts.down_proj.shape == (num_experts, hidden, inter // 2) and experts.quant_group == group
+    for attr, (rows, k) in (("gate_up_proj", (two_i, hidden)), ("down_proj", (hidden, inter))):
+        assert int4_quant.is_int4(experts, attr) and getattr(experts, attr).dtype == torch.uint8
+        scale, zero = getattr(experts, f"{attr}_scale"), getattr(experts, f"{attr}_zero")
+        assert scale.dtype == torch.float16 and scale.shape == zero.shape == (num_experts, rows, -(-k // group))
+
+
 @pytest.mark.slow
-def test_moe_routed_experts_are_dequantized_at_load_and_match_transformers(tmp_path):
-    path = build_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
-    quantize_checkpoint_int4(path, "gptq", group=32)
-    assert "model.layers.0.mlp.experts.7.down_proj.qweight" in load_file(f"{path}/model.safetensors")
+def test_moe_routed_experts_stay_int4_and_match_transformers(moe_quantized):
+    layout, path, plain = moe_quantized
+    assert re.search(r"\.experts\.\d+\.(down_proj|w2)\.qweight", " ".join(load_file(f"{path}/model.safetensors")))
     llm = LLM(path, enforce_eager=True, **ENGINE)
     model = llm.engine.runner.model
-    assert int4_weights.describe(model) == ("int4 weights (8 of 8 projections, gptq, group 32); routed experts "
-                                            "dequantized at load (4 expert stacks)")
+    _, quantize, count = MOE_LAYOUTS[layout]
+    assert int4_weights.describe(model) == (f"int4 weights ({count} of {count} projections and expert stacks, "
+                                            f"{quantize['method']}, group 32)")
+    _assert_int4_experts(model.model.layers[0].mlp.experts, 32)
+    prompts = prompts_of(4, seed=6, max_len=30)
+    assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+@pytest.mark.slow
+def test_moe_graph_mode_equals_eager(tmp_path):
+    path = moe_checkpoint(tmp_path, "qwen3_moe", "gptq", group=-1, sym=False)  # one group of max(H, I) for both
+    prompts = prompts_of(4, seed=8, max_len=30)
+    eager = LLM(path, enforce_eager=True, **ENGINE)
+    _assert_int4_experts(eager.engine.runner.model.model.layers[0].mlp.experts, 64)
+    graph = LLM(path, **ENGINE)
+    assert graph.engine.runner.mode == "graph"
+    assert greedy(graph, prompts) == greedy(eager, prompts)
+
+
+@pytest.mark.slow
+def test_moe_experts_with_an_act_order_are_dequantized_and_still_match(tmp_path):
+    """desc_act gives each expert its own column order, which the fused MoE op cannot gather: those experts are
+    dequantized at load, the projections stay int4."""
+    path = moe_checkpoint(tmp_path, "qwen3_moe", "gptq", group=32, desc_act=True)
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == ("int4 weights (8 of 12 projections and expert stacks, gptq, group 32); "
+                                            "4 routed expert stacks dequantized at load (GPTQ act orders, or parts "
+                                            "mixing int4 and plain weights)")
     assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
-    prompts = prompts_of(3, seed=6, max_len=30)
+    prompts = prompts_of(3, seed=9, max_len=30)
     plain = write_dequantized(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+def test_dummy_int4_moe_weights_run_with_int4_experts(tmp_path):
+    path = moe_checkpoint(tmp_path, "qwen3_moe", "gptq", group=32)
+    llm = LLM(path, load_format="dummy", enforce_eager=True, **ENGINE)
+    model = llm.engine.runner.model
+    assert int4_weights.describe(model) == "int4 weights (12 of 12 projections and expert stacks, gptq, group 32)"
+    _assert_int4_experts(model.model.layers[2].mlp.experts, 32)
+    assert all(len(t) == GREEDY.max_tokens for t in greedy(llm, prompts_of(2, seed=5, max_len=20)))
+
+
+def test_offloading_int4_experts_is_refused_naming_both(tmp_path):
+    path = moe_checkpoint(tmp_path, "qwen3_moe", "awq", group=32)
+    with pytest.raises(ValueError, match=r"offload_experts=True .* int4 experts"):
+        LLM(path, offload_experts=True, enforce_eager=True, **ENGINE)
 
 
 def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path):
@@ -198,10 +272,28 @@ def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path)
     save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
     llm = LLM(path, enforce_eager=True, **ENGINE)
     model = llm.engine.runner.model
-    assert int4_weights.describe(model) == ("int4 weights (7 of 8 projections, gptq, group 32); 1 projection "
-                                            "dequantized at load (their parts mix int4 and plain weights or act "
-                                            "orders)")
+    assert int4_weights.describe(model) == ("int4 weights (7 of 8 projections and expert stacks, gptq, group 32); 1 "
+                                            "projection dequantized at load (their parts mix int4 and plain weights "
+                                            "or act orders)")
     assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
     prompts = prompts_of(3, seed=7, max_len=30)
     plain = write_dequantized(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
+
+
+@pytest.mark.slow
+def test_moe_two_ranks_equal_one(tmp_path):
+    """Experts' gate/up split by rows, down by columns: each rank's 16 of I = 32 lie inside one group of 32."""
+    path = moe_checkpoint(tmp_path, "qwen3_moe", "awq", group=32)
+    prompts = prompts_of(4, seed=10, max_len=30)
+    one = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
+    with LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE) as two:
+        assert greedy(two, prompts) == one
+
+
+def test_an_expert_shard_that_cuts_a_group_is_refused_naming_the_layer(tmp_path):
+    path = moe_checkpoint(tmp_path, "mixtral", "gptq", group=16)  # I = 48: each rank's 24 columns cut a group
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.block_sparse_moe.experts.\d+.w2': int4 group_size "
+                                         r"16 does not divide this tensor-parallel rank's shard, input columns "
+                                         r"(0:24|24:48) of 48"):
+        LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)

@@ -8,7 +8,7 @@ A step of an offloaded layer routes on the device, reads the chosen experts on t
 splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
 the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
 from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.  FP8
-experts stay FP8: the slots hold their scales too, and the host dequantizes its own experts.
+experts stay FP8 (the slots hold their scales too, the host dequantizes its own); int4 experts are refused.
 
 An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
 known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
@@ -17,7 +17,7 @@ known only after routing, on the host, and a captured graph would replay the cop
 import torch
 
 from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE
-from nanovllm.kernels import ops, weight_quant
+from nanovllm.kernels import int4_quant, ops, weight_quant
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.expert_cache import COUNTERS, ExpertCache, SplitScratch
 from nanovllm.models.moe import SparseMoe
@@ -72,6 +72,9 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     moes = [(i, layer.mlp) for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoe)]
     if not moes:
         raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer")
+    if int4_quant.is_int4(moes[0][1].experts, "gate_up_proj"):  # the cache's slots and host math are FP8's
+        raise ValueError("offload_experts=True is not supported with int4 experts (a GPTQ or AWQ checkpoint's): "
+                         "run without offload_experts, or offload an unquantized or FP8 checkpoint")
     pin = device.type == "cuda"
     num_experts, two_i, hidden = moes[0][1].experts.gate_up_proj.shape
     splits = host_share > 0 and slots is not None and slots < num_experts

@@ -3,12 +3,14 @@
 Every checkpoint Linear ``X`` stored as ``X.qweight``, ``X.qzeros``, ``X.scales`` (and ``X.g_idx``) is converted to
 the in-memory int4 format (``int4_formats.py``: rows are output features) and placed through the loader's own name
 mapping of ``X.weight``: q/k/v into qkv and gate/up into gate_up at their row offsets, which apply to qweight,
-scale and zero rows alike, and per-expert tensors into their expert's slice.  A parameter stays int4
-(``int4_weights.py``) where the model may hold it so and every checkpoint part of it is int4 with one act order;
-any other (the stacked routed experts, a packed one mixing int4 and plain parts or act orders) is dequantized into
-the model's dtype.  Tensor parallelism: a column-parallel rank takes its rows; a row-parallel one its columns, i.e.
-qweight bytes and scale/zero groups, so its columns must start and end on group boundaries or lie inside one group
-(else a ValueError naming the layer, the group and the shard).  GPTQ's desc_act is refused with more than one rank.
+scale and zero rows alike, and per-expert Linears into their expert's slice of the stacked experts (gate or up
+rows of ``gate_up_proj``, all of ``down_proj``).  A parameter stays int4 (``int4_weights.py``) where every
+checkpoint part of it is int4 with one act order, routed experts only with none (GPTQ's desc_act permutes each
+expert's columns its own way) and both stacks of a layer's experts or neither; any other is dequantized into the
+model's dtype.  Tensor parallelism: a column-parallel rank (gate/up, experts' too) takes its rows; a row-parallel
+one (down, experts' too) its columns, i.e. qweight bytes and scale/zero groups, so its columns must start and end
+on group boundaries or lie inside one group (else a ValueError naming the layer, the group and the shard).
+GPTQ's desc_act is refused with more than one rank.
 """
 from contextlib import ExitStack
 
@@ -54,7 +56,7 @@ def load(model: nn.Module, files: list[str], scheme: dict, filled: dict[str, set
                          f"permuted across shards; use tensor_parallel_size=1 or a checkpoint without desc_act")
     with _Tensors(files) as tensors:
         bases = sorted(n[:-len(SUFFIX)] for n in tensors.where if n.endswith(SUFFIX))
-        held = _held_in_int4(model, tensors, bases, target_of)
+        held = _held_in_int4(model, tensors, bases, target_of, scheme["group"])
         int4_weights.prepare_for_checkpoint(model, held, scheme["group"])
         params = dict(model.named_parameters(remove_duplicate=False))
         dequantized = set()
@@ -81,9 +83,9 @@ def load(model: nn.Module, files: list[str], scheme: dict, filled: dict[str, set
     model.int4_scheme = dict(method=scheme["method"], group=scheme["group"], dequantized=sorted(dequantized))
 
 
-def _held_in_int4(model: nn.Module, tensors: _Tensors, bases: list[str], target_of) -> set[str]:
+def _held_in_int4(model: nn.Module, tensors: _Tensors, bases: list[str], target_of, group: int) -> set[str]:
     """Our parameters that stay int4: ones ``int4_weights`` may hold, every checkpoint part of which is int4 and
-    whose parts share one act order (their ``g_idx``)."""
+    whose parts share one act order (their ``g_idx``; experts' must be the plain one), a layer's experts whole."""
     parts: dict[str, set] = {}
     for name in tensors.where:
         if name.endswith(".weight"):
@@ -96,8 +98,21 @@ def _held_in_int4(model: nn.Module, tensors: _Tensors, bases: list[str], target_
         parts.setdefault(target, set()).add(where)
         int4.setdefault(target, set()).add(where)
         orders.setdefault(target, []).append(tensors.get(base + ".g_idx"))
-    candidates = int4_weights.quantizable(model).keys()
-    return {t for t, got in int4.items() if t in candidates and got == parts[t] and _one_order(orders[t])}
+    candidates = int4_weights.quantizable(model)
+    held = {t for t, got in int4.items() if t in candidates and got == parts[t] and _one_order(orders[t])
+            and (candidates[t][1] == "weight" or all(_plain_order(g, group) for g in orders[t]))}
+    modules: dict[int, list[str]] = {}
+    for name, (module, _) in candidates.items():
+        modules.setdefault(id(module), []).append(name)
+    return {t for t in held if all(n in held for n in modules[id(candidates[t][0])])}
+
+
+def _plain_order(g_idx: torch.Tensor | None, group: int) -> bool:
+    """Whether ``g_idx`` (None: absent) puts column k in group k // group, i.e. permutes nothing."""
+    if g_idx is None:
+        return True
+    k = g_idx.shape[0]
+    return torch.equal(g_idx.to(torch.int64), torch.arange(k) // int4_formats.group_width(group, k))
 
 
 def _one_order(g_idx: list) -> bool:
@@ -156,9 +171,9 @@ def _place_int4(model: nn.Module, base: str, target: str, where, weight: tuple, 
         scale, zero = (t[:, first:first + _scale_count(start, stop, width)] for t in (scale, zero))
     name = base + ".weight"
     copy(name, target, where, qweight, param, model)
-    copy(name + "_scale", target, where, scale, module.weight_scale, model)
-    copy(name + "_zero", target, where, zero, module.weight_zero, model)
-    if perm is not None:
+    copy(name + "_scale", target, where, scale, getattr(module, f"{attr}_scale"), model)
+    copy(name + "_zero", target, where, zero, getattr(module, f"{attr}_zero"), model)
+    if perm is not None:  # a projection's: experts with an act order are not held in int4
         module.weight_perm = perm.to(param.device)
 
 

@@ -5,8 +5,9 @@
 contract), plus, where the architecture has one, a shared expert scaled by a sigmoid gate (Qwen2-MoE).  The
 experts are stacked: ``experts.gate_up_proj`` [E, 2I, H] (gate rows, then up) and ``experts.down_proj`` [E, H, I],
 the names transformers itself uses for them in memory; the loader stacks checkpoints' per-expert tensors into
-them (``loader.py``, named by each model file).  Every shape is static, so an MoE layer is captured in graph mode
-like a dense one.
+them (``loader.py``, named by each model file).  FP8 experts carry their scales, int4 ones scales and zeros
+(``fp8_weights.py``, ``int4_weights.py``), passed to the op as they are.  Every shape is static, so an MoE layer
+is captured in graph mode like a dense one.
 """
 from dataclasses import dataclass
 
@@ -76,7 +77,8 @@ class SparseMoe(nn.Module):
         ex = self.experts
         w13_scale, group = weight_quant.scale_of(ex, "gate_up_proj")
         y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, self.renormalize, w13_scale,
-                          weight_quant.scale_of(ex, "down_proj")[0], group)
+                          weight_quant.scale_of(ex, "down_proj")[0], group, getattr(ex, "gate_up_proj_zero", None),
+                          getattr(ex, "down_proj_zero", None))  # zeros: int4 experts (int4_weights.py)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return distributed.all_reduce(y)  # one sum over the ranks' partial experts (and shared expert)
