@@ -85,31 +85,14 @@ def _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_star
     return acc
 
 
-@triton.jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K, stride_xm,
-                   stride_wn, stride_sn, stride_om, group, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                   SPLIT_K: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
-                   FP16_MMA: tl.constexpr, PDL: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N_OUT
-    k_steps = K // (SPLIT_K * BLOCK_K)
-    k_start = pid_k * k_steps * BLOCK_K
-    pdl_begin(PDL)
-    acc = _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm,
-                           stride_wn, stride_sn, group, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8,
-                           SCALE_PER_TILE, FP16_MMA)
-    # SILU_MUL saves a kernel and a round trip of the [M, 2I] intermediate; the up half of the packed weight starts
-    # N_OUT rows further (and so do its scales).
-    if SILU_MUL:
-        acc_up = _partial_product(x_ptr, w_ptr + N_OUT * stride_wn, s_ptr + N_OUT * stride_sn, offs_m, offs_n,
-                                  m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn, stride_sn, group, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8, SCALE_PER_TILE, FP16_MMA)
+@triton.jit
+def _write_output(acc, acc_up, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k, partial_ptr, counter_ptr,
+                  bias_ptr, out_ptr, M, N_OUT, stride_om, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write one output block from this split's fp32 sums (``acc_up``: the up half's, with ``SILU_MUL``): alone, or
+    with ``SPLIT_K`` > 1 through ``partial_ptr``, where the last split to arrive (``counter_ptr``) sums every
+    split's in a fixed order and resets its counter; then bias, SiLU-and-multiply and the store in out's dtype.
+    Shared by every skinny-matmul kernel (this file's and ``triton_w4a16.py``'s)."""
     out_mask = m_mask[:, None] & n_mask[None, :]
     finish = True
     if SPLIT_K > 1:
@@ -144,6 +127,36 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_
             acc = acc * tl.sigmoid(acc) * acc_up
         tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _linear_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K, stride_xm,
+                   stride_wn, stride_sn, stride_om, group, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                   SPLIT_K: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+                   FP16_MMA: tl.constexpr, PDL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N_OUT
+    k_steps = K // (SPLIT_K * BLOCK_K)
+    k_start = pid_k * k_steps * BLOCK_K
+    pdl_begin(PDL)
+    acc = _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm,
+                           stride_wn, stride_sn, group, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8,
+                           SCALE_PER_TILE, FP16_MMA)
+    # SILU_MUL saves a kernel and a round trip of the [M, 2I] intermediate; the up half of the packed weight starts
+    # N_OUT rows further (and so do its scales).
+    if SILU_MUL:
+        acc_up = _partial_product(x_ptr, w_ptr + N_OUT * stride_wn, s_ptr + N_OUT * stride_sn, offs_m, offs_n,
+                                  m_mask, n_mask, k_start, k_steps, stride_xm, stride_wn, stride_sn, group, BLOCK_M,
+                                  BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8, SCALE_PER_TILE, FP16_MMA)
+    _write_output(acc, acc_up if SILU_MUL else acc, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k,
+                  partial_ptr, counter_ptr, bias_ptr, out_ptr, M, N_OUT, stride_om, HAS_BIAS, SILU_MUL, SPLIT_K,
+                  BLOCK_M, BLOCK_N)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from nanovllm.kernels.matmul_configs import MatmulConfig
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _num_sms
-from nanovllm.kernels.triton_matmul import _COUNTER_SLOTS, _counters
+from nanovllm.kernels.triton_matmul import _COUNTER_SLOTS, _counters, _write_output
 
 # Past this many rows the weight is dequantized once and multiplied by cuBLAS (prefill).
 W4A16_TRITON_MAX_M = 64
@@ -93,40 +93,9 @@ def _w4a16_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part
                                   z_ptr + N_OUT * stride_zn, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
                                   stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM, BLOCK_M, BLOCK_N,
                                   BLOCK_K, UPCAST)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    finish = True
-    if SPLIT_K > 1:
-        # partial[split, half, m, n] in fp32; the last split to arrive at this output block sums them.
-        plane = M * N_OUT
-        cell = offs_m[:, None].to(tl.int64) * N_OUT + offs_n[None, :]
-        halves = 2 if SILU_MUL else 1
-        tl.store(partial_ptr + pid_k * halves * plane + cell, acc, mask=out_mask)
-        if SILU_MUL:
-            tl.store(partial_ptr + (pid_k * 2 + 1) * plane + cell, acc_up, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        finish = arrived == SPLIT_K - 1
-        if finish:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if SILU_MUL:
-                acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):  # a fixed order, so the result does not depend on arrival order
-                acc += tl.load(partial_ptr + s * halves * plane + cell, mask=out_mask, other=0.0,
-                               cache_modifier=".cg")
-                if SILU_MUL:
-                    acc_up += tl.load(partial_ptr + (s * 2 + 1) * plane + cell, mask=out_mask, other=0.0,
-                                      cache_modifier=".cg")
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-    if finish:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if SILU_MUL:
-                acc_up += tl.load(bias_ptr + N_OUT + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if SILU_MUL:
-            acc = acc * tl.sigmoid(acc) * acc_up
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _write_output(acc, acc_up if SILU_MUL else acc, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k,
+                  partial_ptr, counter_ptr, bias_ptr, out_ptr, M, N_OUT, stride_om, HAS_BIAS, SILU_MUL, SPLIT_K,
+                  BLOCK_M, BLOCK_N)
 
 
 def fits(cfg: MatmulConfig, k: int, group: int) -> bool:
