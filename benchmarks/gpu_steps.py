@@ -2,7 +2,8 @@
 
 A row names a model, a workload, an engine and flags.  Models: ``default`` (bench.py's random Qwen3-0.6B),
 ``preset:NAME`` (``nanovllm.tools.synthesize``'s config of NAME), ``peer:NAME`` (``PEERS/configs/NAME.json``),
-the last two with dummy weights (``NAME+gptq`` / ``NAME+awq``: the config with an int4 ``quantization_config``), or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
+the last two with dummy weights (``NAME+gptq`` / ``NAME+awq``: the config with an int4 ``quantization_config``),
+or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
 Engines: ``ours``, ``vllm`` (vLLM staged per ../shared/peers/README.md: its packages in ``Context.site``, its
 scripts in ``Context.peers``) or ``tests``.  ``commands(step, ctx)`` turns a row into the commands of one run (a
 server runs in the background while its clients run); each writes its JSON into the run's folder, its ``$OUT``.
@@ -96,7 +97,8 @@ STEPS = [
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
     Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
     Step("moe-kernel-fp8", "ours", "own", "module", ("benchmarks.moe_kernel", "--fp8", "--tokens", "1,16,64,256,1024,4096")),
-    Step("int4-kernel", "ours", "own", "module", ("benchmarks.int4_kernel",)),
+    Step("int4-kernel", "ours", "own", "module",
+         ("benchmarks.kernel_bench", "--int4", "--rows", "1,16,64,256", "--tokens", "16,256")),
     Step("moe-kernel-mixtral", "ours", "own", "module",
          ("benchmarks.moe_kernel", "--shape", "mixtral", "--tokens", "1,16,64,256,1024,4096")),
     Step("profile", "ours", "own", "module", ("benchmarks.profile_run", "--prefill")),
