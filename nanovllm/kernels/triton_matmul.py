@@ -222,6 +222,17 @@ def _counters(device: torch.device) -> torch.Tensor:
     return _COUNTERS[key]
 
 
+def launch_plan(cfg: MatmulConfig, m: int, n_out: int, silu_mul: bool, out: torch.Tensor) -> tuple:
+    """(grid, fp32 partials, arrival counters) of a skinny-matmul launch writing ``out`` [m, n_out]: one program per
+    output block and split; without split K the two buffers are ``out`` itself, unused."""
+    grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+    if cfg.split_k == 1:
+        return grid, out, out
+    assert grid[0] * grid[1] <= _COUNTER_SLOTS, "too many output blocks for the split-K counters"
+    partial = torch.empty(cfg.split_k * (2 if silu_mul else 1) * m * n_out, dtype=torch.float32, device=out.device)
+    return grid, partial, _counters(out.device)
+
+
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: MatmulConfig,
                   silu_mul: bool = False, weight_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
     """``x @ weight.T (+ bias)``, or with ``silu_mul`` the fused MLP activation of a packed gate/up weight.  An FP8
@@ -242,14 +253,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = x.new_empty(m, n_out)
     if m == 0:
         return out
-    grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-    if cfg.split_k > 1:
-        assert grid[0] * grid[1] <= _COUNTER_SLOTS, "too many output blocks for the split-K counters"
-        partial = torch.empty(cfg.split_k * (2 if silu_mul else 1) * m * n_out, dtype=torch.float32,
-                              device=x.device)
-        counters = _counters(x.device)
-    else:
-        partial = counters = out  # unused
+    grid, partial, counters = launch_plan(cfg, m, n_out, silu_mul, out)
     scale = weight_scale if fp8 else out  # unused without FP8
     _linear_kernel[grid](x, weight, scale, bias if bias is not None else out, out, partial, counters, m, n_out, k,
                          x.stride(0), weight.stride(0), scale.stride(0) if fp8 else 0, out.stride(0), max(group, 1),

@@ -22,7 +22,7 @@ from nanovllm.kernels.matmul_configs import MatmulConfig
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _num_sms
-from nanovllm.kernels.triton_matmul import _COUNTER_SLOTS, _counters, _write_output
+from nanovllm.kernels.triton_matmul import _write_output, launch_plan
 
 # Past this many rows the weight is dequantized once and multiplied by cuBLAS (prefill).
 W4A16_TRITON_MAX_M = 64
@@ -151,14 +151,7 @@ def linear_w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     out = x.new_empty(m, n_out)
     if m == 0:
         return out
-    grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-    if cfg.split_k > 1:
-        assert grid[0] * grid[1] <= _COUNTER_SLOTS, "too many output blocks for the split-K counters"
-        partial = torch.empty(cfg.split_k * (2 if silu_mul else 1) * m * n_out, dtype=torch.float32,
-                              device=x.device)
-        counters = _counters(x.device)
-    else:
-        partial = counters = out  # unused
+    grid, partial, counters = launch_plan(cfg, m, n_out, silu_mul, out)
     _w4a16_kernel[grid](x, perm if perm is not None else out, qweight, scale, zero,
                         bias if bias is not None else out, out, partial, counters, m, n_out, k, x.stride(0),
                         qweight.stride(0), scale.stride(0), zero.stride(0), out.stride(0), group,
