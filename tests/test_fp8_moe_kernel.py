@@ -17,15 +17,14 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels import cuda, weight_quant  # noqa: E402
 from nanovllm.kernels import moe_reference as ref  # noqa: E402
-from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
-from nanovllm.kernels.triton_moe import (experts_triton, fp8_block_k, fp8_supported,  # noqa: E402
+from nanovllm.kernels.triton_moe import (experts_triton, group_block_k, group_supported,  # noqa: E402
                                          fused_moe_triton, moe_experts_triton)
+from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe_align import chunk_histogram  # noqa: E402
+from moe_kernel_cases import (CFG, EXPERTS, GROUPS, HIDDEN, INTER, TOP_K, inputs, rel_err,  # noqa: E402
+                              transposed_view)
 
-HIDDEN, INTER, EXPERTS, TOP_K = 80, 48, 8, 2
-CFG = MoeConfig(16, 32, 64)  # block_k 64: groups of 16 and 32 narrow the K tile
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-GROUPS = {"one_group": HIDDEN, "several_groups": 16, "partial_last_group": 32}  # 32: 80 = 32+32+16, 48 = 32+16
 
 
 def fp8_experts(group, seed=0):
@@ -35,20 +34,6 @@ def fp8_experts(group, seed=0):
     w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) * torch.logspace(-1, 1, HIDDEN) / HIDDEN ** 0.5
     w2 = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * torch.logspace(1, -1, INTER) / INTER ** 0.5
     return (*weight_quant.quantize(w13, group), *weight_quant.quantize(w2, group))
-
-
-def inputs(num_tokens, seed=0):
-    gen = torch.Generator().manual_seed(100 + seed)
-    return torch.randn(num_tokens, HIDDEN, generator=gen), torch.randn(num_tokens, EXPERTS, generator=gen)
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-
-
-def transposed_view(t):
-    """``t`` [E, H, X] as a view over [E, X, H] memory, as an expert cache keeps ``w2`` and its scales."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @pytest.mark.parametrize("layout", GROUPS)
@@ -123,13 +108,13 @@ def test_a_wide_k_tile_is_narrowed_to_the_group_and_gives_what_a_fitting_tile_gi
 
 
 def test_k_tiles_fit_the_group():
-    assert fp8_block_k(128, 128, 2048) == 128  # online FP8: one tile per group
-    assert fp8_block_k(64, 128, 2048) == 64  # two tiles per group
-    assert fp8_block_k(128, 64, 2048) == 64 and fp8_block_k(128, 48, 2048) == 16  # narrowed
-    assert fp8_block_k(128, 24, 2048) is None  # no tile of 16 or more fits
-    assert fp8_block_k(128, 24, 24) == 128 and fp8_block_k(64, 1000, 768) == 64  # one group over all of K
-    assert fp8_supported(128, 2048, 768) and fp8_supported(16, 80, 48) and fp8_supported(80, 80, 48)
-    assert not fp8_supported(24, 80, 48) and not fp8_supported(0, 80, 48)
+    assert group_block_k(128, 128, 2048) == 128  # online FP8: one tile per group
+    assert group_block_k(64, 128, 2048) == 64  # two tiles per group
+    assert group_block_k(128, 64, 2048) == 64 and group_block_k(128, 48, 2048) == 16  # narrowed
+    assert group_block_k(128, 24, 2048) is None  # no tile of 16 or more fits
+    assert group_block_k(128, 24, 24) == 128 and group_block_k(64, 1000, 768) == 64  # one group over all of K
+    assert group_supported(128, 2048, 768) and group_supported(16, 80, 48) and group_supported(80, 80, 48)
+    assert not group_supported(24, 80, 48) and not group_supported(0, 80, 48)
 
 
 @pytest.mark.parametrize("op", ["fused_moe", "moe_experts"])

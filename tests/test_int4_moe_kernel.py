@@ -18,14 +18,13 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels import cuda, int4_quant, ops  # noqa: E402
 from nanovllm.kernels import moe_reference as ref  # noqa: E402
-from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe import experts_triton, fused_moe_triton, moe_experts_triton  # noqa: E402
+from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe_align import chunk_histogram  # noqa: E402
+from moe_kernel_cases import (CFG, EXPERTS, GROUPS, HIDDEN, INTER, TOP_K, inputs, rel_err,  # noqa: E402
+                              transposed_view)
 
-HIDDEN, INTER, EXPERTS, TOP_K = 80, 48, 8, 2
-CFG = MoeConfig(16, 32, 64)  # block_k 64: groups of 16 and 32 narrow the K tile
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-GROUPS = {"one_group": HIDDEN, "several_groups": 16, "partial_last_group": 32}  # 32: 80 = 32+32+16, 48 = 32+16
 
 
 def int4_experts(group, sym=False, seed=0):
@@ -37,20 +36,6 @@ def int4_experts(group, sym=False, seed=0):
     w2 = (torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) + (0 if sym else 0.5)) \
         * torch.logspace(1, -1, INTER) / INTER ** 0.5
     return (*int4_quant.quantize(w13, group, sym), *int4_quant.quantize(w2, group, sym))
-
-
-def inputs(num_tokens, seed=0):
-    gen = torch.Generator().manual_seed(100 + seed)
-    return torch.randn(num_tokens, HIDDEN, generator=gen), torch.randn(num_tokens, EXPERTS, generator=gen)
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-
-
-def transposed_view(t):
-    """``t`` [E, H, X] as a view over [E, X, H] memory, as an expert cache keeps ``w2`` and its scales."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def routed(num_tokens, seed):

@@ -23,7 +23,7 @@ from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
 from nanovllm.kernels.triton_logits import process_logits_triton
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
-from nanovllm.kernels.triton_moe import fp8_supported, fused_moe_triton, moe_experts_triton
+from nanovllm.kernels.triton_moe import group_supported, fused_moe_triton, moe_experts_triton
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
 from nanovllm.kernels.triton_w4a16 import choose_w4a16, dequantize_int4_triton, linear_w4a16_triton
@@ -97,7 +97,7 @@ def _moe_on_twin(x, w13, w13_scale, group) -> bool:
     """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), or quantized experts (FP8 or int4:
     the same K tiles fit a group) whose group no K tile fits."""
     return (current_options().reference_kernels or x.dtype == torch.float32
-            or w13_scale is not None and not fp8_supported(group, x.shape[1], w13.shape[1] // 2))
+            or w13_scale is not None and not group_supported(group, x.shape[1], w13.shape[1] // 2))
 
 
 def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero=None,

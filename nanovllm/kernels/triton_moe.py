@@ -10,7 +10,7 @@ weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k fol
 (the layout's static padding) return at once.  Offsets are int64 where a row index meets a stride; accumulation is
 float32; the intermediate and outputs are in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
 memory, as an expert cache keeps it): a constexpr picks the strided load.  Quantized experts are weight-only, and
-a K tile lies inside one group (``fp8_block_k``; ``fp8_supported`` says when no tile can).  FP8 experts
+a K tile lies inside one group (``group_block_k``; ``group_supported`` says when no tile can).  FP8 experts
 (``weight_quant.py``) and int4 experts (``int4_quant.py``: uint8 ``w13``/``w2`` with fp16 scales and uint8 zeros)
 take the tile paths of ``triton_moe_tiles.py``: int4 tiles are dequantized into x's dtype as the twin does.
 """
@@ -134,7 +134,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def fp8_block_k(block_k: int, group: int, k: int) -> int | None:
+def group_block_k(block_k: int, group: int, k: int) -> int | None:
     """The K tile over ``k`` columns of a weight quantized per ``group`` (FP8 or int4): ``block_k`` where every
     tile lies inside one group, else the largest power of two dividing both; None where that is below
     ``tl.dot``'s 16."""
@@ -144,10 +144,10 @@ def fp8_block_k(block_k: int, group: int, k: int) -> int | None:
     return tile if tile >= 16 else None
 
 
-def fp8_supported(group: int, hidden: int, inter: int) -> bool:
+def group_supported(group: int, hidden: int, inter: int) -> bool:
     """Whether the kernels take quantized (FP8 or int4) experts of this ``group`` (else the twin must): some tile
     fits both GEMMs."""
-    return group > 0 and all(fp8_block_k(16, group, k) for k in (hidden, inter))
+    return group > 0 and all(group_block_k(16, group, k) for k in (hidden, inter))
 
 
 def _group_args(w: torch.Tensor, t: torch.Tensor | None, group: int, k: int, dtype: torch.dtype) -> tuple:
@@ -166,7 +166,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
                    w2_zero: torch.Tensor | None = None) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
     -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group``, int4 ones (uint8 ``w13``/``w2``)
-    with their scales, zeros and ``group`` (``fp8_supported`` must hold)."""
+    with their scales, zeros and ``group`` (``group_supported`` must hold)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -181,9 +181,9 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         return torch.zeros_like(x)
     quantized = w13_scale is not None
     group = group if quantized else 0
-    up_k = fp8_block_k(cfg.block_k, group, hidden) if quantized else cfg.block_k
-    down_k = fp8_block_k(cfg.block_k, group, inter_size) if quantized else cfg.block_k
-    assert up_k and down_k, f"no K tile fits group {group} (fp8_supported)"
+    up_k = group_block_k(cfg.block_k, group, hidden) if quantized else cfg.block_k
+    down_k = group_block_k(cfg.block_k, group, inter_size) if quantized else cfg.block_k
+    assert up_k and down_k, f"no K tile fits group {group} (group_supported)"
     fp16_mma = quantized and not int4 and x.dtype == torch.bfloat16
     scale_dtype = torch.float16 if int4 else torch.float32
     args = dict(BLOCK_N=cfg.block_n, FP16_MMA=fp16_mma, INT4=int4, BLOCK_M=cfg.block_m, GROUP=group,

@@ -1,6 +1,6 @@
 """The weight side of the fused MoE's grouped GEMMs (``triton_moe.py``): how one expert's [BLOCK_N, BLOCK_K] weight
 tile is read and meets the activation tile, for bf16/fp16, FP8 (``weight_quant.py``) and int4 (``int4_quant.py``)
-experts.  A K tile never straddles two groups of a quantized weight (``triton_moe.fp8_block_k`` picks it), so a
+experts.  A K tile never straddles two groups of a quantized weight (``triton_moe.group_block_k`` picks it), so a
 tile has one scale (and zero) per row.
 
 * bf16/fp16: the tile as stored, multiplied as is.
