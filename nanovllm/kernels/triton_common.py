@@ -57,6 +57,24 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"  # the flag only matters for fp32 operands
 
 
+# Four bytes b0..b3 of $4 -> $0, $1: the low nibbles of (b0, b1), (b2, b3) as 16-bit halves ORed with MAGIC (the
+# exponent of 128 in bf16 or of 1024 in fp16, both halves); $2, $3: the high nibbles alike.  prmt 0x4140 spreads
+# b0 and b1 into the low bytes of the two halves (selector 4 picks a zero byte), lop3 0xEA is (a & b) | c.
+_NIBBLES = """{
+.reg .b32 lo, hi;
+prmt.b32 lo, $4, 0, 0x4140;
+prmt.b32 hi, $4, 0, 0x4342;
+lop3.b32 $0, lo, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $1, hi, 0x000F000F, MAGIC, 0xEA;
+shr.u32 lo, lo, 4;
+shr.u32 hi, hi, 4;
+lop3.b32 $2, lo, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $3, hi, 0x000F000F, MAGIC, 0xEA;
+}"""
+_NIBBLES_BF16 = tl.constexpr(_NIBBLES.replace("MAGIC", "0x43004300"))
+_NIBBLES_FP16 = tl.constexpr(_NIBBLES.replace("MAGIC", "0x64006400"))
+
+
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr):
     if DOT_PRECISION == "upcast":
@@ -154,3 +172,27 @@ def kv_scale_args(k_cache: torch.Tensor, k_scale, v_scale) -> tuple[tuple, bool]
     assert k_scale is not None and v_scale is not None, "an FP8 KV cache needs k_scale and v_scale"
     assert k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.shape == (k_cache.shape[1],)
     return (k_scale, v_scale), True
+
+
+@triton.jit
+def _int4_minus_zero(packed, zero, dtype: tl.constexpr, ASM: tl.constexpr):
+    """(even, odd): the low- and high-nibble codes of the uint8 bytes ``packed`` minus ``zero`` (uint8, broadcast to
+    it), exact small integers in ``dtype``.
+
+    ``ASM`` (a GPU; used with a 16-bit ``dtype``): four bytes at a time in one register, each code ORed under the exponent of
+    128 (bf16) or 1024 (fp16) in both halves of a word, so two codes become two exact 16-bit numbers 128 + q per
+    instruction, and 128 + zero is subtracted in pairs; Triton's own code would unpack every byte into a register of
+    its own, and those instructions, not the bytes, bound a decode-sized dequantizing matmul.  Otherwise the same
+    values through float32 (the interpreter has no inline assembly)."""
+    if ASM and dtype == tl.bfloat16:
+        even, odd = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        base = (zero.to(tl.float32) + 128.0).to(tl.bfloat16)
+        return even - base, odd - base
+    if ASM and dtype == tl.float16:
+        even, odd = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        base = (zero.to(tl.float32) + 1024.0).to(tl.float16)
+        return even - base, odd - base
+    z = zero.to(tl.float32)
+    return ((packed & 0xF).to(tl.float32) - z).to(dtype), ((packed >> 4).to(tl.float32) - z).to(dtype)

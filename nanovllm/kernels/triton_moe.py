@@ -72,10 +72,10 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
         if FP16_MMA:  # scaled by 2^-4 into fp16: in range to 1e6, exact from 2^-10 (_finish multiplies it back)
             a = (a.to(tl.float32) * 0.0625).to(tl.float16)
         if INT4:
-            gate = _int4_tile(gate_rows, k0, H, n_mask, 1, gate_scales, gate_zeros, stride_sg, stride_zg, a, GROUP,
-                              False, BLOCK_N, BLOCK_K)
-            up = _int4_tile(up_rows, k0, H, n_mask, 1, up_scales, up_zeros, stride_sg, stride_zg, a, GROUP, False,
-                            BLOCK_N, BLOCK_K)
+            gate = _int4_tile(gate_rows, k0, H, n_mask, 1, gate_zeros, stride_zg, a, GROUP, False, BLOCK_N,
+                              BLOCK_K, DOT_PRECISION != "upcast")
+            up = _int4_tile(up_rows, k0, H, n_mask, 1, up_zeros, stride_zg, a, GROUP, False, BLOCK_N, BLOCK_K,
+                            DOT_PRECISION != "upcast")
         else:
             w_mask = n_mask[:, None] & k_mask[None, :]
             gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
@@ -119,8 +119,8 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
         if FP16_MMA:  # scaled by 2^-4 into fp16: in range to 1e6, exact from 2^-10 (_finish multiplies it back)
             a = (a.to(tl.float32) * 0.0625).to(tl.float16)
         if INT4:
-            w = _int4_tile(w_rows, k0, I, n_mask, stride_wk, scales, zeros, stride_sg, stride_zg, a, GROUP,
-                           W2_STRIDED_K, BLOCK_N, BLOCK_K)
+            w = _int4_tile(w_rows, k0, I, n_mask, stride_wk, zeros, stride_zg, a, GROUP, W2_STRIDED_K, BLOCK_N,
+                           BLOCK_K, DOT_PRECISION != "upcast")
         else:
             if W2_STRIDED_K:
                 w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk

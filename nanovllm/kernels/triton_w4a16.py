@@ -21,7 +21,7 @@ from nanovllm.kernels.int4_quant import num_groups
 from nanovllm.kernels.matmul_configs import MatmulConfig
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
-from nanovllm.kernels.triton_common import _num_sms
+from nanovllm.kernels.triton_common import _int4_minus_zero, _num_sms
 from nanovllm.kernels.triton_matmul import _write_output, launch_plan
 
 # Past this many rows the weight is dequantized once and multiplied by cuBLAS (prefill).
@@ -49,21 +49,19 @@ def _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_ma
     z_row = z_ptr + offs_n.to(tl.int64) * stride_zn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for _ in range(k_steps):
+        packed = tl.load(q_rows + offs_byte[None, :], mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 2]
         if HAS_PERM:
             cols = tl.load(perm_ptr + offs_k)
         else:
             cols = offs_k
         x = tl.load(x_rows + cols[None, :], mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
-        packed = tl.load(q_rows + offs_byte[None, :], mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 2]
-        scale = tl.load(s_row + k0 // group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        zero = tl.load(z_row + k0 // group, mask=n_mask, other=0).to(tl.float32)[:, None]
-        even = (((packed & 0xF).to(tl.float32) - zero) * scale).to(x.dtype)
-        odd = (((packed >> 4).to(tl.float32) - zero) * scale).to(x.dtype)
-        w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
         if UPCAST:  # the Triton interpreter (CPU tests) multiplies bf16 operands wrongly; fp32 is exact
             x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc)
+        zero = tl.load(z_row + k0 // group, mask=n_mask, other=0)
+        even, odd = _int4_minus_zero(packed, zero[:, None], x.dtype, not UPCAST)
+        w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
+        scale = tl.load(s_row + k0 // group, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.dot(x, tl.trans(w)) * scale[None, :]
         offs_k += BLOCK_K
         offs_byte += BLOCK_K // 2
         k0 += BLOCK_K

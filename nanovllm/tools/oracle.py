@@ -7,7 +7,8 @@ the two outputs diverge must be one where transformers' top two candidates are w
 transformers has no MiniCPM class: for a MiniCPM checkpoint it runs the equivalent Llama checkpoint, written to a
 temporary directory by ``nanovllm.tools.minicpm``.  With ``--kv-cache-dtype fp8`` transformers' attention first
 passes each layer's K and V through the FP8 cache's rounding with our engine's scales (``fp8_kv_attention``); FP8
-weights (a block-FP8 checkpoint, or ``--quantization fp8``) are run by transformers dequantized (``fp8_oracle.py``).
+weights (a block-FP8 checkpoint, or ``--quantization fp8``) are run by transformers dequantized (``fp8_oracle.py``),
+GPTQ and AWQ checkpoints likewise (``int4_oracle.py``).
 Exits non-zero on a failure, so it doubles as a check on checkpoints the tests have never seen.
 """
 import argparse
@@ -104,12 +105,16 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
 @contextlib.contextmanager
 def _transformers_checkpoint(model_dir: str, quantization: str | None = None, dtype=torch.float32):
     """``model_dir``, or in a temporary directory: for a MiniCPM checkpoint its Llama equivalent, for FP8 weights
-    their dequantized values (``fp8_oracle.py``), or both."""
-    from nanovllm.models import fp8_checkpoint
-    from nanovllm.tools import fp8_oracle, minicpm
+    their dequantized values (``fp8_oracle.py``), for a GPTQ or AWQ checkpoint its (``int4_oracle.py``), or both."""
+    from nanovllm.models import fp8_checkpoint, int4_checkpoint
+    from nanovllm.tools import fp8_oracle, int4_oracle, minicpm
     config = json.loads((Path(model_dir) / "config.json").read_text())
     minicpm_model = config.get("model_type") in minicpm.MODEL_TYPES
     fp8 = quantization == "fp8" or fp8_checkpoint.layout(config) is not None
+    if int4_checkpoint.int4_config(config) is not None:
+        with tempfile.TemporaryDirectory(prefix="nanovllm-oracle-") as tmp:
+            yield int4_oracle.write_dequantized(model_dir, f"{tmp}/int4")
+        return
     if not minicpm_model and not fp8:
         yield model_dir
         return
