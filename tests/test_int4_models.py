@@ -3,7 +3,7 @@ routed experts in int4, run by ``linear_int4`` and ``fused_moe``: greedy float32
 dequantized weights (``tools/int4_oracle.py``) for GPTQ sym with a partial last group, asym, one group per row and
 desc_act, and AWQ; graph mode equals eager; two ranks equal one; act-ordered experts and a packed projection whose
 parts differ in act order are dequantized at load and still match; desc_act with two ranks, a group a shard would cut,
-an unsupported field, ``quantization="fp8"`` and offloading int4 experts are refused by name; dummy weights run int4."""
+an unsupported field and ``quantization="fp8"`` are refused by name; dummy weights and offloaded experts run int4."""
 import json
 import random
 import re
@@ -252,10 +252,10 @@ def test_dummy_int4_moe_weights_run_with_int4_experts(tmp_path):
     assert all(len(t) == GREEDY.max_tokens for t in greedy(llm, prompts_of(2, seed=5, max_len=20)))
 
 
-def test_offloading_int4_experts_is_refused_naming_both(tmp_path):
-    path = moe_checkpoint(tmp_path, "qwen3_moe", "awq", group=32)
-    with pytest.raises(ValueError, match=r"offload_experts=True .* int4 experts"):
-        LLM(path, offload_experts=True, enforce_eager=True, **ENGINE)
+def test_offloading_int4_experts_changes_no_token(tmp_path):  # the slots' int4 layout: test_int4_offload.py
+    path, prompts = moe_checkpoint(tmp_path, "qwen3_moe", "awq", group=32), prompts_of(3, seed=4, max_len=20)
+    llm = LLM(path, offload_experts=True, experts_on_device=1, enforce_eager=True, **ENGINE)
+    assert greedy(llm, prompts) == greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
 
 
 def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path):

@@ -1,59 +1,74 @@
 """One MoE layer's experts in (pinned) host memory behind a device cache of a few of them, and the host's share.
 
-``ExpertCache(w13, w2, device, slots, pin, scratch, host_share, w13_scale, w2_scale, group)`` keeps the experts on
-the host (``host_w13`` [E, 2I, H]; the down projection transposed, ``host_w2t`` [E, I, H], so any run of
-intermediate rows is contiguous) and ``slots`` of them on the device in the same layout, evicted least recently
-used.  FP8 experts travel with their scales, laid out as their weights.  Copies run on a side stream on CUDA.
-
-``plan(needed)`` splits a step's experts by ``host_share``: the host takes that share of the non-resident experts'
-work, whole experts from the end of the list, and the expert on the boundary is split at intermediate row ``k``: the
-device copies rows [0, k) into the shared ``SplitScratch`` and computes them, the host rows [k, I).  The two partial
-sums are exact, FP8 too, with ``k`` anywhere in a scale group: the device's columns [0, k) of the down projection
-take groups [0, ceil(k/g)) of its scales, the host dequantizes columns [k, I) with their own groups'.  It is not
-cached.  Counters (``COUNTERS``, per step, layer and needed expert): ``hits``, ``misses`` (copied, split or computed
-on the host), ``bytes_fetched`` (weights and scales copied), ``splits``, ``host_computed`` (in experts),
-``host_seconds``, ``join_seconds`` (the host waiting for the device's part of the layer).
+``ExpertCache(w13, w2, device, slots, pin, scratch, host_share, w13_scale, w2_scale, group, w13_zero, w2_zero)``
+keeps the experts on the host (``host_w13`` [E, 2I, H]; w2 transposed, ``host_w2t`` [E, I, H], so any run of
+intermediate rows is contiguous) and ``slots`` of them on the device alike, evicted least recently used.  FP8 experts
+travel with their scales, int4 ones (``int4_quant.py``) with scales and zeros, laid out as their weights; int4 codes
+stay packed: w13 [E, 2I, H/2] and w2t w2's bytes [E, H, I/2] transposed, [E, I/2, H] (the kernels read w2's strided
+view).  Copies run on a side stream on CUDA.  ``plan(needed)`` splits a step's experts by ``host_share``: the host
+takes that share of the non-resident experts' work, whole experts from the end of the list, and the boundary expert
+is split at intermediate row ``k`` (int4: even, whole bytes of w2t): the device copies rows [0, k) into the shared
+``SplitScratch`` and computes them, the host rows [k, I).  The sums are exact with ``k`` anywhere in a group: the
+device's columns [0, k) of w2 take groups [0, ceil(k/g)), the host dequantizes the whole expert.  Counters
+(``COUNTERS``): ``hits``, ``misses`` (copied, split or computed on the host), ``bytes_fetched`` (weights, scales and
+zeros copied), ``splits``, ``host_computed`` (in experts), ``host_seconds``, ``join_seconds`` (waiting for the device).
 """
 import time
 from collections import OrderedDict
 
 import torch
 
-from nanovllm.kernels import weight_quant
+from nanovllm.kernels import int4_quant, weight_quant
 
 COUNTERS = ("hits", "misses", "bytes_fetched", "splits", "host_computed", "host_seconds",
             "join_seconds")
+PARTS = ("", "_scale", "_zero")  # suffixes of an expert's stored tensors: weights, scales (quantized), zeros (int4)
+
+
+def _transposed(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.transpose(-2, -1)
+
+
+def _w2t_rows(k: int, group: int, int4: bool) -> dict[str, int]:
+    """Rows of w2t, of its scales and of its zeros (by ``PARTS`` suffix) that intermediate rows [0, k) take."""
+    groups = weight_quant.num_groups(k, group or 1)
+    return {"": k // 2 if int4 else k, "_scale": groups, "_zero": groups}
 
 
 class SplitScratch:
     """Device room for the device's rows of one split expert (at most a whole expert), shared by every layer of a
     model: layers run one at a time, and each copy into it waits for the compute stream, which holds the kernel that
-    read it last."""
+    read it last.  ``hidden`` is H (an int4 expert's columns, two per byte)."""
 
-    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device, group: int = 0):
-        self.w13 = torch.empty((2 * inter, hidden), dtype=dtype, device=device)
-        self.w2t = torch.empty((inter, hidden), dtype=dtype, device=device)
-        self.group = group  # FP8 experts' scale group, 0 for unquantized ones (no scales)
-        self.w13_scale = self.w2t_scale = None
-        if group:
-            groups = weight_quant.num_groups
-            self.w13_scale = torch.empty((2 * inter, groups(hidden, group)), dtype=torch.float32, device=device)
-            self.w2t_scale = torch.empty((groups(inter, group), hidden), dtype=torch.float32, device=device)
+    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device, group: int = 0,
+                 int4: bool = False):
+        per_byte = 2 if int4 else 1
+        self.w13 = torch.empty((2 * inter, hidden // per_byte), dtype=dtype, device=device)
+        self.w2t = torch.empty((inter // per_byte, hidden), dtype=dtype, device=device)
+        self.group, self.int4 = group, int4  # scale group (0: unquantized, no scales); int4: with zeros
+        self.w13_scale = self.w2t_scale = self.w13_zero = self.w2t_zero = None
+        groups = weight_quant.num_groups
+        for suffix, dt in (("_scale", torch.float16 if int4 else torch.float32), ("_zero", torch.uint8)):
+            if group and (int4 or suffix == "_scale"):
+                setattr(self, "w13" + suffix, torch.empty((2 * inter, groups(hidden, group)), dtype=dt, device=device))
+                setattr(self, "w2t" + suffix, torch.empty((groups(inter, group), hidden), dtype=dt, device=device))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2t, self.w13_scale, self.w2t_scale)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2t, self.w13_scale, self.w2t_scale,
+                                                          self.w13_zero, self.w2t_zero) if t is not None)
 
     def views(self, k: int) -> tuple:
         """``moe_experts``' weight arguments for one expert of intermediate size ``k``: w13 [1, 2k, H] (gate rows,
-        then up rows), w2 [1, H, k] (a transposed view), their scales laid out alike (None unquantized), group."""
-        hidden = self.w13.shape[1]
-        w13, w2 = self.w13[:2 * k].view(1, 2 * k, hidden), self.w2t[:k].view(1, k, hidden).transpose(1, 2)
-        if not self.group:
-            return w13, w2, None, None, 0
-        w2t_scale = self.w2t_scale[:weight_quant.num_groups(k, self.group)]
-        return w13, w2, self.w13_scale[:2 * k].unsqueeze(0), w2t_scale.unsqueeze(0).transpose(1, 2), self.group
+        then up rows), w2 [1, H, k] (a transposed view; int4: [1, H, k/2]), their scales, the group, their zeros,
+        laid out alike (None where the format has none)."""
+        per_row = _w2t_rows(k, self.group, self.int4)
+        w13, w2 = {}, {}
+        for suffix in PARTS:
+            t13, t2t = getattr(self, "w13" + suffix), getattr(self, "w2t" + suffix)
+            if t13 is not None:
+                w13[suffix], w2[suffix] = t13[:2 * k].unsqueeze(0), t2t[:per_row[suffix]].unsqueeze(0).transpose(1, 2)
+        return (w13[""], w2[""], w13.get("_scale"), w2.get("_scale"), self.group, w13.get("_zero"), w2.get("_zero"))
 
 
 class ExpertCache:
@@ -61,40 +76,41 @@ class ExpertCache:
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, device: torch.device, slots: int, pin: bool,
                  scratch: SplitScratch | None = None, host_share: float = 0.0, w13_scale: torch.Tensor | None = None,
-                 w2_scale: torch.Tensor | None = None, group: int = 0):
-        num_experts, two_i, hidden = w13.shape
+                 w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
+                 w2_zero: torch.Tensor | None = None):
+        num_experts, two_i, _ = w13.shape
         if not 1 <= slots <= num_experts:
             raise ValueError(f"experts_on_device={slots} must be in [1, {num_experts}] (the layer's experts)")
-        assert (w13_scale is None) == (w2_scale is None) == (group == 0), "FP8 experts come with both scales"
-        assert scratch is None or scratch.group == group, "the split scratch holds this layer's format"
+        assert (w13_scale is None) == (w2_scale is None) == (group == 0), "quantized experts come with both scales"
+        assert (w13_zero is None) == (w2_zero is None) and (w13_zero is None or group), "int4: both zeros, scales"
+        self.group, self.int4 = group, w13_zero is not None
+        assert scratch is None or (scratch.group, scratch.int4) == (group, self.int4), "the scratch holds this format"
 
         def host(t: torch.Tensor) -> torch.Tensor:
+            t = t.contiguous()
             return t.pin_memory() if pin else t
 
-        self.group = group
-        self.host_w13, self.host_w2t = host(w13), host(w2.transpose(1, 2).contiguous())
-        self.host_w13_scale = host(w13_scale.contiguous()) if group else None
-        self.host_w2t_scale = host(w2_scale.transpose(1, 2).contiguous()) if group else None
         self.inter = two_i // 2
-        self.split_step = 16 if self.inter % 16 == 0 else 1
+        self.split_step = 16 if self.inter % 16 == 0 else 2 if self.int4 else 1  # int4: whole bytes of w2t
         self.device, self.num_slots, self.scratch = device, slots, scratch
-        self.w13 = torch.empty((slots, two_i, hidden), dtype=w13.dtype, device=device)
-        self.w2t = torch.empty((slots, self.inter, hidden), dtype=w2.dtype, device=device)
-        self.slot_w2 = self.w2t.transpose(1, 2)
-        self.w13_scale = self.w2t_scale = self.slot_w2_scale = None
-        self.stacks = [(self.w13, self.host_w13), (self.w2t, self.host_w2t)]  # (device slots, host experts)
-        if group:
-            self.w13_scale = torch.empty((slots, *w13_scale.shape[1:]), dtype=torch.float32, device=device)
-            self.w2t_scale = torch.empty((slots, *self.host_w2t_scale.shape[1:]), dtype=torch.float32, device=device)
-            self.slot_w2_scale = self.w2t_scale.transpose(1, 2)
-            self.stacks += [(self.w13_scale, self.host_w13_scale), (self.w2t_scale, self.host_w2t_scale)]
+        self.stacks = []  # (device slots, host experts)
+        for suffix, t13, t2 in zip(PARTS, (w13, w13_scale, w13_zero), (w2, w2_scale, w2_zero)):
+            for name, t in (("w13" + suffix, t13), ("w2t" + suffix, _transposed(t2))):
+                src = None if t is None else host(t)
+                dst = None if t is None else torch.empty((slots, *t.shape[1:]), dtype=t.dtype, device=device)
+                setattr(self, "host_" + name, src)
+                setattr(self, name, dst)
+                if t is not None:
+                    self.stacks.append((dst, src))
+        self.slot_w2, self.slot_w2_scale, self.slot_w2_zero = map(_transposed, (self.w2t, self.w2t_scale,
+                                                                                self.w2t_zero))
         self.lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
         self.free = list(range(slots - 1, -1, -1))
         self.events: dict[int, object] = {}  # slot -> copy event not yet waited on (CUDA)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.reset_counters()
         self.host_share = host_share
-        self.expert_bytes = sum(src[0].numel() * src.element_size() for _, src in self.stacks)  # scales included
+        self.expert_bytes = sum(src[0].numel() * src.element_size() for _, src in self.stacks)  # scales, zeros too
 
     def reset_counters(self) -> None:
         self.hits = self.misses = self.bytes_fetched = self.splits = 0
@@ -114,9 +130,11 @@ class ExpertCache:
         raise AssertionError(f"all {self.num_slots} slots are kept")  # callers keep at most num_slots experts
 
     def slot_weights(self) -> tuple:
-        """``moe_experts``' weight arguments over the slots: w13 [S, 2I, H], w2 [S, H, I] (a transposed view), their
-        scales laid out alike (None unquantized) and the group."""
-        return self.w13, self.slot_w2, self.w13_scale, self.slot_w2_scale, self.group
+        """``moe_experts``' weight arguments over the slots: w13 [S, 2I, H], w2 [S, H, I] (a transposed view; int4:
+        packed, [S, 2I, H/2] and [S, H, I/2]), their scales, the group, their zeros (None where the format has
+        none)."""
+        return (self.w13, self.slot_w2, self.w13_scale, self.slot_w2_scale, self.group, self.w13_zero,
+                self.slot_w2_zero)
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         """Copy each (device destination, host source) pair, counted in ``bytes_fetched``; on CUDA on the side
@@ -179,17 +197,17 @@ class ExpertCache:
     def run_split(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert: int, k: int,
                   moe_experts) -> torch.Tensor:
         """The device's rows [0, k) of ``expert`` for the tokens routed to it (``moe_experts``: the MoE op), copied
-        into the scratch first (with the scales of FP8 experts: rows [0, k) of w13's, groups [0, ceil(k/g)) of
-        w2's)."""
-        s, inter = self.scratch, self.inter
-
-        def rows(dst13, src13, dst2t, src2t, k2):  # gate rows [0, k), up rows [I, I + k), w2t rows [0, k2)
-            return [(dst13[:k], src13[:k]), (dst13[k:2 * k], src13[inter:inter + k]), (dst2t[:k2], src2t[:k2])]
-
-        pairs = rows(s.w13, self.host_w13[expert], s.w2t, self.host_w2t[expert], k)
-        if self.group:
-            pairs += rows(s.w13_scale, self.host_w13_scale[expert], s.w2t_scale, self.host_w2t_scale[expert],
-                          weight_quant.num_groups(k, self.group))
+        into the scratch first (with the scales and zeros of quantized experts: rows [0, k) of w13's, groups
+        [0, ceil(k/g)) of w2's; int4 w2t's rows are bytes, k/2 of them)."""
+        assert not (self.int4 and k % 2), f"an int4 expert splits at an even row (whole bytes of w2t), not {k}"
+        s, inter, pairs, rows2 = self.scratch, self.inter, [], _w2t_rows(k, self.group, self.int4)
+        for suffix in PARTS:  # gate rows [0, k), up rows [I, I + k), w2t rows [0, rows2)
+            src13, src2t = getattr(self, "host_w13" + suffix), getattr(self, "host_w2t" + suffix)
+            if src13 is None:
+                continue
+            dst13, dst2t, k2 = getattr(s, "w13" + suffix), getattr(s, "w2t" + suffix), rows2[suffix]
+            src13, src2t = src13[expert], src2t[expert]
+            pairs += [(dst13[:k], src13[:k]), (dst13[k:2 * k], src13[inter:inter + k]), (dst2t[:k2], src2t[:k2])]
         event = self._copy(pairs)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -222,9 +240,16 @@ class ExpertCache:
         return y
 
     def _host_expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ``e``'s host w13 [2I, H] and w2t [I, H], FP8 ones dequantized into ``dtype`` (as the twin does)."""
+        """Expert ``e``'s host w13 [2I, H] and w2t [I, H], FP8 and int4 ones dequantized into ``dtype`` (as the twin
+        does)."""
         if not self.group:
             return self.host_w13[e], self.host_w2t[e]
+        if self.int4:
+            w13 = int4_quant.dequantize(self.host_w13[e], self.host_w13_scale[e], self.host_w13_zero[e], self.group,
+                                        dtype)
+            w2 = int4_quant.dequantize(self.host_w2t[e].T, self.host_w2t_scale[e].T, self.host_w2t_zero[e].T,
+                                       self.group, dtype)  # [H, I]
+            return w13, w2.T
         w13 = weight_quant.dequantize(self.host_w13[e], self.host_w13_scale[e], self.group, dtype)
         w2 = weight_quant.dequantize(self.host_w2t[e].T, self.host_w2t_scale[e].T, self.group, dtype)  # [H, I]
         return w13, w2.T

@@ -7,8 +7,8 @@ asked to offload), moves everything but the experts to ``device`` and gives each
 A step of an offloaded layer routes on the device, reads the chosen experts on the host (one sync per layer) and
 splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
 the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
-from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), and its result is added in float32.  FP8
-experts stay FP8 (the slots hold their scales too, the host dequantizes its own); int4 experts are refused.
+from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), added in float32.  FP8 and int4 (GPTQ, AWQ)
+experts stay quantized (the slots hold their scales and int4 zeros, the host dequantizes its own copy).
 
 An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
 known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
@@ -17,7 +17,7 @@ known only after routing, on the host, and a captured graph would replay the cop
 import torch
 
 from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE
-from nanovllm.kernels import int4_quant, ops, weight_quant
+from nanovllm.kernels import ops, weight_quant
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.expert_cache import COUNTERS, ExpertCache, SplitScratch
 from nanovllm.models.moe import SparseMoe
@@ -72,24 +72,26 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     moes = [(i, layer.mlp) for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoe)]
     if not moes:
         raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer")
-    if int4_quant.is_int4(moes[0][1].experts, "gate_up_proj"):  # the cache's slots and host math are FP8's
-        raise ValueError("offload_experts=True is not supported with int4 experts (a GPTQ or AWQ checkpoint's): "
-                         "run without offload_experts, or offload an unquantized or FP8 checkpoint")
     pin = device.type == "cuda"
-    num_experts, two_i, hidden = moes[0][1].experts.gate_up_proj.shape
+    num_experts = moes[0][1].experts.gate_up_proj.shape[0]
     splits = host_share > 0 and slots is not None and slots < num_experts
     scratches = {}  # (dtype, group) -> room for a split expert's device rows, one per expert format of the model
     caches = []
     for i, moe in moes:
-        w13, w2 = moe.experts.gate_up_proj.data, moe.experts.down_proj.data
-        w13_scale, group = weight_quant.scale_of(moe.experts, "gate_up_proj")
-        w2_scale, _ = weight_quant.scale_of(moe.experts, "down_proj")
+        ex = moe.experts
+        w13, w2 = ex.gate_up_proj.data, ex.down_proj.data
+        w13_scale, group = weight_quant.scale_of(ex, "gate_up_proj")
+        w2_scale, _ = weight_quant.scale_of(ex, "down_proj")
+        group = group if w13_scale is not None else 0  # experts dequantized at load keep no scales
+        w13_zero, w2_zero = getattr(ex, "gate_up_proj_zero", None), getattr(ex, "down_proj_zero", None)  # int4
         del moe.experts  # the host copy lives on in the cache only
-        key = (w13.dtype, group)
+        key = (w13.dtype, group)  # int4 experts' uint8 codes are a dtype of their own
         if splits and key not in scratches:
-            scratches[key] = SplitScratch(two_i // 2, hidden, w13.dtype, device, group)
+            int4 = w13_zero is not None
+            scratches[key] = SplitScratch(w13.shape[1] // 2, w13.shape[2] * (2 if int4 else 1), w13.dtype, device,
+                                          group, int4)
         cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratches.get(key), host_share, w13_scale,
-                            w2_scale, group)
+                            w2_scale, group, w13_zero, w2_zero)
         layers[i].mlp = OffloadedMoe(moe, cache)
         caches.append(cache)
     model.to(device)  # the caches are not modules: their host copies stay where they are
