@@ -24,8 +24,9 @@ class LLM:
     and ``engine`` is then a ``MirroredEngine``: rank 0 validates and encodes every request, and only engine calls
     travel to the other ranks.  Under torchrun only rank 0 returns from ``LLM(...)``; every other rank serves rank
     0's engine calls and ends its process when rank 0 closes.  If the engine fails to build after the other ranks
-    started, ``LLM(...)`` stops them before the error propagates.  ``close()`` (or ``with LLM(...) as llm:``)
-    releases the engine and the other ranks."""
+    started, ``LLM(...)`` stops them before the error propagates; if a rank died meanwhile and rank 0's error is a
+    ``RuntimeError`` (a collective's), it raises ``RuntimeError`` naming that rank and carrying its error instead.
+    ``close()`` (or ``with LLM(...) as llm:``) releases the engine and the other ranks."""
     engine_class = Engine  # what every rank builds; a subclass must be importable in a spawned process
 
     def __init__(self, model, **options):
@@ -40,9 +41,12 @@ class LLM:
             self.prompts = Prompts(self.config.model, self.config.hf_config, engine.runner.vocab_size,
                                    self.config.max_model_len)
             self.tokenizer = self.prompts.tokenizer
-        except BaseException:  # the other ranks started (and may wait on a collective): stop them, leave the group
+        except BaseException as e:  # the other ranks started (and may wait on a collective): stop them, leave the group
             if peers is not None:
-                peers.close(serving=False)
+                try:
+                    peers.build_failed(e)  # raises a dead peer's own error instead of the collective's
+                finally:
+                    peers.close(serving=False)
             raise
         self.init_seconds = time.perf_counter() - start
         d = self.engine.describe()

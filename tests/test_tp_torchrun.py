@@ -2,7 +2,8 @@
 (two torchrun agents on localhost, static or c10d rendezvous), each give transformers' greedy float32 tokens (and
 TP=1's); only rank 0 runs the script past ``LLM(...)``, every rank exits 0; a ``tensor_parallel_size`` other than
 ``WORLD_SIZE`` is refused. A rank that dies, or hangs past ``NANOVLLM_TP_TIMEOUT_S``, makes rank 0's call raise with
-a note saying so (not hang), later calls raise at once, and every process ends."""
+a note saying so (not hang), or naming it with its own error when it raised one; later calls raise at once, and
+every process ends."""
 import json
 import os
 import socket
@@ -126,16 +127,24 @@ def failing_script(tmp_path, model: str, rank_1_does: str) -> Path:
     return path
 
 
-def test_a_rank_that_dies_makes_rank_0_raise_on_another_node(model_and_reference, tmp_path):
+RAISES = "(_ for _ in ()).throw(ValueError('injected on rank 1'))"  # a lambda that raises
+
+
+@pytest.mark.parametrize("rank_1_does, first, code", [
+    ("os._exit(3)", "this call failed after the other ranks started it", 3),  # no report: a note on gloo's error
+    (RAISES, "FIRST RAISED tensor-parallel worker(s) died: rank 1 (failed): ValueError: injected on rank 1", 1)],
+    ids=["exits", "raises"])
+def test_a_rank_that_dies_makes_rank_0_raise_on_another_node(model_and_reference, tmp_path, rank_1_does, first,
+                                                              code):
     port = str(free_port())
-    my_script = str(failing_script(tmp_path, model_and_reference[0], "os._exit(3)"))
+    my_script = str(failing_script(tmp_path, model_and_reference[0], rank_1_does))
     nodes = [torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr",
                       "127.0.0.1", "--master-port", port, my_script) for rank in (0, 1)]
     logs = [p.communicate(timeout=120)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [1, 1], logs
-    assert "FIRST RAISED" in logs[0] and "this call failed after the other ranks started it" in logs[0], logs[0]
+    assert "FIRST RAISED" in logs[0] and first in logs[0], logs[0]
     assert "SECOND RAISED tensor-parallel rank 0 of 2 (torchrun): an earlier call failed" in logs[0], logs[0]
-    assert "CLOSED" in logs[0] and "exitcode  : 5" in logs[0] and "exitcode  : 3" in logs[1], logs
+    assert "CLOSED" in logs[0] and "exitcode  : 5" in logs[0] and f"exitcode  : {code}" in logs[1], logs
 
 
 def test_a_rank_that_hangs_fails_rank_0_after_the_timeout(model_and_reference, tmp_path):

@@ -1,8 +1,9 @@
 """A bug on a tensor-parallel worker reaches rank 0 as an error, not a hang (``nanovllm/parallel/launch.py``): on
 two CPU ranks (gloo), an engine call that raises on rank 1 only (a ``ValueError`` or ``TypeError``, the kinds a
 worker once swallowed) ends rank 1's process with exit code 1, and rank 0's ``generate`` raises ``RuntimeError``
-naming rank 1 and that code within seconds; later calls raise at once, and closing leaves no worker and this
-process a rank of one.  The generate runs in a thread, so that a regression fails the test instead of hanging it."""
+naming rank 1, that code and rank 1's own error (type and message) within seconds; later calls raise at once, and
+closing leaves no worker and this process a rank of one.  The generate runs in a thread, so that a regression fails
+the test instead of hanging it."""
 import threading
 import time
 
@@ -61,14 +62,15 @@ def generate_with_bound(llm, prompt) -> tuple[BaseException | None, float]:
     return (raised[0] if raised else None), time.monotonic() - start
 
 
-@pytest.mark.parametrize("prompt", [[99, 1, 2], [98, 1, 2]], ids=["add_request", "step"])
-def test_a_failure_on_rank_1_alone_raises_on_rank_0(model, monkeypatch, prompt):
+@pytest.mark.parametrize("prompt, error", [([99, 1, 2], "TypeError"), ([98, 1, 2], "ValueError")],
+                         ids=["add_request", "step"])
+def test_a_failure_on_rank_1_alone_raises_on_rank_0(model, monkeypatch, prompt, error):
     monkeypatch.setenv("NANOVLLM_TP_TIMEOUT_S", str(5 * BOUND_S))  # the worker inherits it
     with FailsOnRankOneLLM(model, tensor_parallel_size=2, **ENGINE) as llm:
         assert generate_with_bound(llm, [5, 6, 7])[0] is None  # in step so far
-        error, seconds = generate_with_bound(llm, prompt)
-        assert isinstance(error, RuntimeError), error
-        assert "tensor-parallel worker(s) died: rank 1 (exit code 1)" in str(error)
+        raised, seconds = generate_with_bound(llm, prompt)
+        assert isinstance(raised, RuntimeError), raised
+        assert f"tensor-parallel worker(s) died: rank 1 (exit code 1): {error}: injected on rank 1" in str(raised)
         assert seconds < 30
         with pytest.raises(RuntimeError, match="rank 1 \\(exit code 1\\)"):
             llm.generate([[5, 6, 7]], use_tqdm=False)

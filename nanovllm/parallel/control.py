@@ -8,10 +8,10 @@ Contract:
   header ``[op, arg, len(payload)]``, then the payload's bytes only when there are any.  ``send`` does not wait
   for the peers to take the call (gloo would wait for each to post its receive, i.e. to finish its last call):
   up to ``MAX_IN_FLIGHT`` calls stay in flight, and a failed one raises from a later ``send`` or ``flush``.
-* ``SpawnedPeers`` (ranks rank 0 spawned) and ``TorchrunPeers`` (ranks torchrun started): ``send`` raises
-  ``RuntimeError`` naming each dead rank and its exit code, and raises at once after an earlier call failed once
-  the peers had it (``failed``); ``close`` sends ``CLOSE``, leaves the group, ends spawned ranks and never raises
-  for a peer already gone.
+* ``SpawnedPeers`` and ``TorchrunPeers``: ``send``, ``failed`` (a call failed after the peers had it) and
+  ``build_failed`` (rank 0's build failed) raise ``RuntimeError`` naming each dead rank, its exit code and the
+  error it reported (``distributed/rendezvous.py``), chaining the collective's; later calls raise at once;
+  ``close`` sends ``CLOSE``, leaves the group, ends spawned ranks and never raises for a peer already gone.
 * ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 600), seconds a default-group collective waits for a peer.
 """
 import collections
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import nanovllm.distributed as distributed
 from nanovllm import envs
-from nanovllm.distributed.rendezvous import describe_dead
+from nanovllm.distributed import rendezvous
 
 CLOSE = -1  # the op that ends a rank's replay
 MAX_IN_FLIGHT = 16
@@ -96,17 +96,26 @@ class _Peers:
     closed = False
     label = "tensor-parallel rank 0"
     death_grace_s = 0.0  # how long a failed call waits for the peer that caused it to show as dead
+    store = None  # where a failing peer reports its error (rendezvous.report_error)
 
     def dead(self) -> list[tuple[int, int | None]]:
         """(rank, exit code) of each peer known to have ended."""
         return []
+
+    def failures(self) -> list[tuple[int, int | None]]:
+        """(rank, exit code or None) of each peer known to have failed: ``dead`` unless a subclass knows more."""
+        return self.dead()
+
+    def describe(self, dead: list[tuple[int, int | None]]) -> str:
+        """``dead`` named with the errors those ranks reported (``rendezvous.describe_dead``)."""
+        return rendezvous.describe_dead(dead, rendezvous.reported_errors(self.store, [r for r, _ in dead]))
 
     def send(self, op: int, arg: int = 0, payload: bytes = b"") -> None:
         if self.closed:
             raise RuntimeError(f"{self.label}: the engine was closed")
         dead = self.dead()
         if dead:
-            self.broken = describe_dead(dead)
+            self.broken = self.describe(dead)
             raise RuntimeError(self.broken)
         if self.broken:
             raise RuntimeError(f"{self.label}: an earlier call failed ({self.broken}); the ranks are out of step "
@@ -117,29 +126,45 @@ class _Peers:
             self.failed(e)
             raise
 
+    def _wait_for_failures(self, grace_s: float) -> list[tuple[int, int | None]]:
+        deadline = time.monotonic() + grace_s
+        while not (failed := self.failures()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return failed
+
     def failed(self, error: BaseException) -> None:
         """A call failed on rank 0 after the peers had it: refuse later calls.  Raises ``RuntimeError`` naming
-        the rank(s) if a peer is found dead within ``death_grace_s``; else adds a note to ``error``."""
+        the rank(s) and their errors if a peer is found failed within ``death_grace_s``; else adds a note to
+        ``error``."""
         self.broken = f"{type(error).__name__}: {error}"[:300]
-        deadline = time.monotonic() + (self.death_grace_s if isinstance(error, Exception) else 0.0)
-        while True:
-            dead = self.dead()
-            if dead:
-                raise RuntimeError(f"{describe_dead(dead)}; its traceback is in its stderr") from error
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
+        dead = self._wait_for_failures(self.death_grace_s if isinstance(error, Exception) else 0.0)
+        if dead:
+            self.broken = self.describe(dead)
+            raise RuntimeError(f"{self.broken}; the traceback is in its stderr") from error
         error.add_note(f"{self.label}: this call failed after the other ranks started it; if a peer rank died, "
                        f"its log (torchrun reports the first failure) says why; a peer that hangs fails a collective "
                        f"after NANOVLLM_TP_TIMEOUT_S={timeout_s():g} s.  Later calls of this LLM raise at once.")
+
+    def build_failed(self, error: BaseException) -> None:
+        """Rank 0's engine build raised ``error`` after the peers started.  A ``RuntimeError`` (what a collective
+        raises when its peer is gone) gives way to the failed peers' own errors: raises ``RuntimeError`` naming
+        them, from ``error``, if a peer is found failed within ``death_grace_s``.  Any other error is rank 0's
+        own: it stays, with a note naming a peer already failed.  Returns when ``error`` stays."""
+        if not isinstance(error, Exception):
+            return
+        dead = self._wait_for_failures(self.death_grace_s if isinstance(error, RuntimeError) else 0.0)
+        if dead and isinstance(error, RuntimeError):
+            raise RuntimeError(f"{self.describe(dead)}; the traceback is in its stderr") from error
+        if dead:
+            error.add_note(f"{self.label}: meanwhile {self.describe(dead)}")
 
 
 class SpawnedPeers(_Peers):
     """Ranks 1..N-1 as the processes rank 0 spawned (``procs``, rank order)."""
     death_grace_s = 3.0
 
-    def __init__(self, procs: list):
-        self.procs = procs
+    def __init__(self, procs: list, store=None):
+        self.procs, self.store = procs, store  # store: the rendezvous store rank 0 hosts
 
     def dead(self) -> list[tuple[int, int | None]]:
         return [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
@@ -177,6 +202,11 @@ class TorchrunPeers(_Peers):
 
     def __init__(self, world: int):
         self.label = f"tensor-parallel rank 0 of {world} (torchrun)"
+        self.world, self.store = world, rendezvous.group_store()
+
+    def failures(self) -> list[tuple[int, int | None]]:
+        """The ranks that reported an error (their processes are torchrun's: no exit code here)."""
+        return [(r, None) for r in rendezvous.reported_errors(self.store, range(1, self.world))]
 
     def close(self, serving: bool = True) -> None:
         """Send ``CLOSE`` (not with ``serving=False``: the peers' collectives then fail and torchrun ends them)

@@ -9,8 +9,9 @@ before it builds rank 0's engine, returns rank 0's peers (``control.py``) or Non
   ``WORLD_SIZE`` (``ValueError``).  Rank 0 returns; any other rank builds its engine, replays rank 0's calls
   (``mirror.serve``) until rank 0 closes, leaves the group and ends its process (exit code 0) inside ``start``.
 * A rank other than 0 builds ``engine_class(config)`` (importable in a spawned process) with the options of its
-  rank (``rank_options``).  Any exception there is a bug: it logs the traceback and ends its process with exit
-  code 1, so that rank 0's next call or collective fails instead of waiting for it.
+  rank (``rank_options``).  Any exception there ends it: it logs the traceback, reports "TypeName: message" in the
+  store (``rendezvous.report_error``) and exits with code 1, so that rank 0's next call or collective fails and
+  raises ``RuntimeError`` carrying that message (``control.py``) instead of waiting for it.
 * Options are validated (``EngineConfig``) before any process starts or any group is joined.
 """
 import atexit
@@ -95,7 +96,7 @@ def _spawn(engine_class, model, options: dict, size: int) -> control.SpawnedPeer
     timeout = control.timeout_s()
     store = rendezvous.host(size, timeout)
     ctx = mp.get_context("spawn")
-    peers = control.SpawnedPeers([])
+    peers = control.SpawnedPeers([], store)
     try:
         for rank in range(1, size):
             p = ctx.Process(target=_serve, args=(engine_class, model, options, rank, size, store.port),
@@ -103,7 +104,11 @@ def _spawn(engine_class, model, options: dict, size: int) -> control.SpawnedPeer
             p.start()
             peers.procs.append(p)
         rendezvous.wait_for_ranks(store, list(range(1, size)), peers.dead, timeout)
-        join(options.get("device", "auto"), 0, size, store)
+        try:
+            join(options.get("device", "auto"), 0, size, store)
+        except Exception as e:  # a rank that died while joining: its own error, not the transport's
+            peers.build_failed(e)
+            raise
     except BaseException:  # a rank died (or never started): stop the others, stay a rank of one
         peers.close(serving=False)
         raise
@@ -113,13 +118,17 @@ def _spawn(engine_class, model, options: dict, size: int) -> control.SpawnedPeer
 
 def _serve(engine_class, model, options: dict, rank: int, size: int, port: int | None = None) -> None:
     """A rank other than 0: join through rank 0's store on ``port`` (a spawned rank; torchrun's joined already),
-    build the engine, replay rank 0's calls, leave the group; on any exception, log it and exit with code 1."""
+    build the engine, replay rank 0's calls, leave the group; on any exception, log it, report it to rank 0 in the
+    store and exit with code 1."""
+    store = None
     try:
         if port is not None:
-            join(options.get("device", "auto"), rank, size, rendezvous.connect(port, size, control.timeout_s()))
+            store = rendezvous.connect(port, size, control.timeout_s())
+            join(options.get("device", "auto"), rank, size, store)
         mirror.serve(engine_class(EngineConfig(model=model, **rank_options(options))))
         control.leave_group()
-    except BaseException:  # noqa: BLE001 - a bug on this rank: rank 0 must see it, not wait for this rank
+    except BaseException as e:  # noqa: BLE001 - rank 0 must see it, not wait for this rank
         logger.exception("tensor-parallel rank %d failed; ending its process with exit code 1", rank)
+        rendezvous.report_error(store if store is not None else rendezvous.group_store(), rank, e)
         sys.stderr.flush()
         os._exit(1)
