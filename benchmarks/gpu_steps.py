@@ -64,8 +64,13 @@ STEPS = [
     Step("moe-fp8-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + FP8_KV),
     Step("moe-fp8-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + FP8_KV),
     Step("batch1-gptq-ours", "ours", "peer:qwen3-8b+gptq", "bench", ("--bs", "1", "--num-seqs", "2")),
+    Step("batch1-gptq-vllm", "vllm", "peer:qwen3-8b+gptq", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
     Step("batch1-awq-ours", "ours", "peer:qwen3-8b+awq", "bench", ("--bs", "1", "--num-seqs", "2")),
+    Step("batch1-awq-vllm", "vllm", "peer:qwen3-8b+awq", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
     Step("moe-gptq-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", BENCH),
+    Step("moe-gptq-vllm", "vllm", "preset:qwen3-30b-a3b+gptq", "bench"),
+    Step("mixtral-gptq-ours", "ours", "preset:mixtral-8x7b+gptq", "bench", BENCH),
+    Step("mixtral-gptq-vllm", "vllm", "preset:mixtral-8x7b+gptq", "bench"),
     Step("dense32b-fp8-ours", "ours", "peer:qwen3-32b", "bench", BENCH + FP8),
     Step("dense32b-fp8-vllm", "vllm", "peer:qwen3-32b", "bench", FP8),
     Step("minicpm-ours", "ours", "preset:minicpm4-0.5b", "bench", BENCH),
@@ -85,6 +90,8 @@ STEPS = [
     Step("bench-reppen-ours", "ours", "default", "bench", BENCH + ("--repetition-penalty", "1.1")),
     Step("offload-ours", "ours", "preset:mixtral-8x7b", "offload"),
     Step("offload-vllm", "vllm", "preset:mixtral-8x7b", "offload", ("--cpu-offload-gb", "80")),
+    Step("offload-gptq-ours", "ours", "preset:mixtral-8x7b+gptq", "offload"),
+    Step("offload-gptq-vllm", "vllm", "preset:mixtral-8x7b+gptq", "offload", ("--cpu-offload-gb", "20")),
     Step("tp-ours", "ours", "peer:qwen3-32b", "bench", BENCH + ("--tensor-parallel-size", "2")),
     Step("tp-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "2"), env=(("VLLM_ENABLE_V1_MULTIPROCESSING", None),)),
     Step("tp1-ours", "ours", "peer:qwen3-32b", "bench", BENCH),
@@ -156,7 +163,7 @@ def vllm_config(step: Step, ctx: Context) -> list[str]:
     kind, _, name = step.model.partition(":")
     if kind == "default":
         return []
-    if kind == "peer" and not step.vllm_config:
+    if kind == "peer" and not step.vllm_config and "+" not in name:
         return ["--config", str(ctx.peers / "configs" / f"{name}.json")]
     path = MODELS / f"{name}-vllm.json"
     if not ctx.dry:
