@@ -28,7 +28,7 @@ def expert_copy_bandwidth(cache, reps: int = 5) -> float:
     """Bytes per second of the copy a miss makes: a resident expert's host matrices into its own device slot (the
     same bytes, so nothing changes), on the cache's copy stream where it has one."""
     expert, slot = next(iter(cache.lru.items()))
-    pairs = [(cache.w13[slot], cache.host_w13[expert]), (cache.w2t[slot], cache.host_w2t[expert])]
+    pairs = [(dst[slot], src[expert]) for dst, src in cache.stacks]  # weights, and scales and zeros if quantized
 
     def copy():
         for dst, src in pairs:
@@ -54,8 +54,10 @@ def expert_copy_bandwidth(cache, reps: int = 5) -> float:
 def host_expert_bandwidth(cache, reps: int = 5) -> float:
     """Bytes per second of the host computing one whole expert for one token from its own copy, the way a step does
     (``ExpertCache.compute_on_host``), best of ``reps``; the counters it moves fall outside the rows' deltas."""
-    hidden = cache.host_w13.shape[2]
-    x = torch.randn(1, hidden, dtype=cache.host_w13.dtype)
+    hidden = cache.host_w2t.shape[2]  # w13's last dim is H / 2 bytes for int4 experts
+    dtype = cache.host_w13.dtype if cache.host_w13.dtype.is_floating_point and cache.host_w13.element_size() > 1 \
+        else torch.bfloat16  # quantized experts meet 16-bit activations
+    x = torch.randn(1, hidden, dtype=dtype)
     weights, ids = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int64)
     best = float("inf")
     for _ in range(reps + 1):
