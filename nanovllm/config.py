@@ -129,7 +129,7 @@ class EngineConfig:
                                                   "experts that the host computes from its own copy instead of "
                                                   "copying them to the device, the expert on the boundary split "
                                                   "along its intermediate rows (0: copy every one; default: "
-                                                  f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, else 0)")
+                                                  f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, else 0; 0 for int4 experts)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 

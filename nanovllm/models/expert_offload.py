@@ -7,8 +7,8 @@ asked to offload), moves everything but the experts to ``device`` and gives each
 A step of an offloaded layer routes on the device, reads the chosen experts on the host (one sync per layer) and
 splits them between device and host (``ExpertCache.plan``): the device makes its experts resident and runs them on
 the slots, in rounds of at most ``slots`` experts; the host computes ``host_share`` of the non-resident experts' work
-from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0), added in float32.  FP8 and int4 (GPTQ, AWQ)
-experts stay quantized (the slots hold their scales and int4 zeros, the host dequantizes its own copy).
+from its own copy (default ``CUDA_OFFLOAD_HOST_SHARE`` on CUDA, else 0, and 0 for int4 experts, which the host
+dequantizes whole at each use), added in float32.  FP8 and int4 experts stay quantized (with scales and zeros).
 
 An offloaded model runs eagerly (``graph_capturable = False`` with a logged reason): which experts a step copies is
 known only after routing, on the host, and a captured graph would replay the copies of the step it was captured on.
@@ -17,7 +17,7 @@ known only after routing, on the host, and a captured graph would replay the cop
 import torch
 
 from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE
-from nanovllm.kernels import ops, weight_quant
+from nanovllm.kernels import int4_quant, ops, weight_quant
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.expert_cache import COUNTERS, ExpertCache, SplitScratch
 from nanovllm.models.moe import SparseMoe
@@ -66,10 +66,11 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
                     host_share: float | None = None) -> list:
     """Turn ``model`` (built on the host) into an offloaded one on ``device`` (module docstring); ``slots``
     None: every expert resident; ``host_share`` None: the device's default.  Returns the layers' caches."""
-    if host_share is None:
-        host_share = CUDA_OFFLOAD_HOST_SHARE if device.type == "cuda" else 0.0
     layers = model.model.layers
     moes = [(i, layer.mlp) for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoe)]
+    if host_share is None:
+        int4 = any(int4_quant.is_int4(moe.experts, "gate_up_proj") for _, moe in moes)
+        host_share = CUDA_OFFLOAD_HOST_SHARE if device.type == "cuda" and not int4 else 0.0
     if not moes:
         raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer")
     pin = device.type == "cuda"

@@ -68,14 +68,16 @@ def prepare_for_checkpoint(model: nn.Module, names: set[str], group: int) -> Non
 
 
 @torch.no_grad()
-def quantize_online(model: nn.Module, scheme: dict) -> None:
+def quantize_online(model: nn.Module, scheme: dict, device: torch.device | None = None) -> None:
     """Quantize every quantizable parameter of the loaded ``model`` to int4 in place, round to nearest per row and
     ``scheme["group"]`` columns, symmetric as ``scheme["sym"]`` says (``int4_checkpoint.int4_config``'s dict): dummy
-    weights of a GPTQ or AWQ config."""
+    weights of a GPTQ or AWQ config.  With ``device`` each weight is quantized there and held where it was."""
     widest = widest_k(model)
     for module, attr in quantizable(model).values():
         width = module_group(scheme["group"], widest[id(module)])
-        hold(module, attr, *int4_quant.quantize(getattr(module, attr), width, scheme["sym"]), width)
+        weight = getattr(module, attr)
+        parts = int4_quant.quantize(weight.to(device or weight.device), width, scheme["sym"])
+        hold(module, attr, *(t.to(weight.device) for t in parts), width)
     model.int4_scheme = dict(method=scheme["method"], group=scheme["group"], dequantized=[])
 
 

@@ -22,27 +22,28 @@ from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.kernels import weight_quant
-from nanovllm.models import (dummy_weights, expert_offload, fp8_checkpoint, fp8_weights, int4_checkpoint, int4_loader,
-                             int4_weights)
+from nanovllm.models import (dummy_weights, expert_offload, fp8_checkpoint, fp8_weights, int4_checkpoint,
+                             int4_loader, int4_weights)
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.tensor_parallel import checkpoint_slice
 from nanovllm.models.svd_moe import compressed_class
-
 
 
 def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, model_dir: str,
                 load_format: str = "safetensors", seed: int = 0, offload_experts: bool = False,
                 experts_on_device: int | None = None, offload_host_share: float | None = None,
                 quantization: str | None = None) -> nn.Module:
-    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients.
-    ``quantization="fp8"`` quantizes the filled weights (``fp8_weights.quantize_online``).
-
-    With ``offload_experts`` the model is built on the host (dummy weights drawn on ``device``, as without offload)
-    and then offloaded (``expert_offload.offload_experts``, with ``experts_on_device`` slots per layer and the
-    host's share ``offload_host_share``): its experts stay in host memory, the rest moves to ``device``."""
-    if not offload_experts:
+    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients;
+    ``quantization="fp8"`` quantizes them (``fp8_weights.quantize_online``).  Built on the host (dummy weights drawn
+    on ``device``) for dummy weights of a GPTQ/AWQ config (quantized on ``device``, then moved) and with
+    ``offload_experts`` (``expert_offload.offload_experts``: ``experts_on_device`` slots per layer, the host's share
+    ``offload_host_share``; the experts stay on the host)."""
+    dummy_int4 = load_format == "dummy" and quantization in int4_checkpoint.METHODS and device.type != "cpu"
+    if not offload_experts and not dummy_int4:
         return _build(hf_config, dtype, device, model_dir, load_format, seed, None, quantization)
     model = _build(hf_config, dtype, torch.device("cpu"), model_dir, load_format, seed, device, quantization)
+    if not offload_experts:  # 16-bit Mixtral-8x7B would not fit 80 GB before quantizing
+        return model.to(device)
     expert_offload.offload_experts(model, device, experts_on_device, offload_host_share)
     return model
 
@@ -70,7 +71,7 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
     if quantization == "fp8":
         fp8_weights.quantize_online(model)
     elif quantization in int4_checkpoint.METHODS:  # dummy weights of a GPTQ or AWQ config
-        int4_weights.quantize_online(model, int4)
+        int4_weights.quantize_online(model, int4, draw_device)
     return model.eval().requires_grad_(False)
 
 
