@@ -10,7 +10,7 @@ shapes (Qwen3-0.6B heads, bf16, KV block 64; over a bf16 and an FP8 cache, half 
 Qwen3's vocabulary, and each tuned matmul of this GPU's dispatch table at the largest batch its Triton config serves.
 ``--int4``: the w4a16 projection on Qwen3-8B's shapes and the fused MoE with int4 experts on Qwen3-30B-A3B's, each
 checked against its twin (relative error < 2e-2; exit 1 otherwise), timed against bf16 over four weights cycled and
-against the int4 byte floor; ``--sweep`` also times every candidate tile (BLOCK_N 32-128, split K 1-16).
+against the int4 byte floor; ``--sweep`` also times every candidate tile (BLOCK_N 32-128, split K 1-16, 2 or 4 stages).
 """
 import argparse
 import math
@@ -145,8 +145,8 @@ def int4_sweep(rows: list[int], table: list) -> list[dict]:
             x = torch.randn(m, k, device="cuda").bfloat16()
             picked = w4a16_config(m, n_out, k, INT4_GROUP, _num_sms(x.device))
             times = {}
-            for cfg in (MatmulConfig(16 if m <= 16 else 64, bn, 128, split_k=s) for bn in (32, 64, 128)
-                        for s in (1, 2, 4, 8, 16)):
+            for cfg in (MatmulConfig(16 if m <= 16 else 32 if m <= 32 else 64, bn, 128, split_k=s, num_stages=st)
+                        for bn in (32, 64, 128) for s in (1, 2, 4, 8, 16) for st in (2, 4)):
                 if fits(cfg, k, INT4_GROUP):
                     times[cfg] = graph_us([lambda p=p, c=cfg: linear_w4a16_triton(x, *p, INT4_GROUP, None, None, c,
                                                                                   silu) for p in packed])
@@ -154,7 +154,7 @@ def int4_sweep(rows: list[int], table: list) -> list[dict]:
             row = dict(op=name, rows=m, best=str(best), best_us=times[best], picked=str(picked),
                        picked_us=times.get(picked), all={str(c): t for c, t in times.items()})
             out.append(row)
-            table.append(f"| {name} | {m} | {best.block_n}x{best.split_k}: {times[best]:.1f} | "
+            table.append(f"| {name} | {m} | {best.block_n}x{best.split_k} s{best.num_stages}: {times[best]:.1f} | "
                          f"{picked.block_n}x{picked.split_k}: {times.get(picked, float('nan')):.1f} |")
     return out
 

@@ -96,13 +96,13 @@ def test_dequantize_triton_is_the_formats_dequantize():
 
 
 def test_w4a16_config_by_rows_split_and_group():
-    # at most 16 rows: split until 4 programs per SM (the H100 sweep's best tiles of the Qwen3-8B shapes)
-    assert w4a16_config(1, 12288, 4096, 128, 132) == MatmulConfig(16, 64, 128, split_k=4)  # gate/up: 192 blocks
-    assert w4a16_config(1, 6144, 4096, 128, 132) == MatmulConfig(16, 64, 128, split_k=8)  # qkv: 96 blocks
-    assert w4a16_config(16, 4096, 12288, 128, 132) == MatmulConfig(16, 64, 128, split_k=16)  # down: 64 blocks
+    # at most 16 rows: split until 2 programs per SM, above it 1 (the H100 sweep's rule on the Qwen3-8B shapes)
+    assert w4a16_config(1, 12288, 4096, 128, 132) == MatmulConfig(16, 64, 128, split_k=2)  # gate/up: 192 blocks
+    assert w4a16_config(1, 6144, 4096, 128, 132) == MatmulConfig(16, 64, 128, split_k=4)  # qkv: 96 blocks
+    assert w4a16_config(16, 4096, 12288, 128, 132) == MatmulConfig(16, 64, 128, split_k=8)  # down: 64 blocks
     assert w4a16_config(1, 1024, 4096, 128, 132) == MatmulConfig(16, 64, 128, split_k=16)  # 16 blocks
-    assert w4a16_config(20, 4096, 4096, 128, 132).block_m == 32
-    assert w4a16_config(64, 8192, 4096, 128, 132) == MatmulConfig(64, 64, 128, split_k=2)  # 128 blocks
+    assert w4a16_config(20, 4096, 4096, 128, 132) == MatmulConfig(32, 128, 128, split_k=8, num_stages=2)
+    assert w4a16_config(64, 8192, 4096, 128, 132) == MatmulConfig(64, 128, 128, split_k=4, num_stages=2)  # 64
     assert w4a16_config(1, 4096, 4096, 32, 132).block_k == 32  # BLOCK_K divides the group
     assert w4a16_config(1, 4096, 96, 64, 132) == MatmulConfig(16, 64, 32, split_k=1)  # the partial group's tiles
     assert w4a16_config(1, 4096, 4096, 4096, 132).block_k == 128  # one group

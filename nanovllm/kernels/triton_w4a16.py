@@ -27,12 +27,12 @@ from nanovllm.kernels.triton_matmul import _write_output, launch_plan
 # Past this many rows the weight is dequantized once and multiplied by cuBLAS (prefill).
 W4A16_TRITON_MAX_M = 64
 _MAX_SPLIT = 16
-# At decode sizes split K until the launch has this many programs per SM: the H100 sweep (``python -m
-# benchmarks.kernel_bench --int4 --sweep 1,16``, docs/PERFORMANCE.md) found each Qwen3-8B shape's fastest tile there
-# or within 2%.
-_DECODE_PROGRAMS_PER_SM = 4
-_TILES = ((16, MatmulConfig(16, 64, 128)), (32, MatmulConfig(32, 64, 128)),
-          (W4A16_TRITON_MAX_M, MatmulConfig(64, 64, 128)))  # (max_m, tile) in ascending max_m
+# At up to 16 rows split K until the launch has this many programs per SM, above that one per SM: the H100 sweep
+# (``python -m benchmarks.kernel_bench --int4 --sweep 1,16,32,64``, docs/PERFORMANCE.md) found these tiles within 6%
+# of each row count's best on Qwen3-8B's shapes together.
+_DECODE_PROGRAMS_PER_SM = 2
+_TILES = ((16, MatmulConfig(16, 64, 128)), (32, MatmulConfig(32, 128, 128, num_stages=2)),
+          (W4A16_TRITON_MAX_M, MatmulConfig(64, 128, 128, num_stages=2)))  # (max_m, tile) in ascending max_m
 
 
 @triton.jit
