@@ -33,16 +33,18 @@ def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, mo
                 load_format: str = "safetensors", seed: int = 0, offload_experts: bool = False,
                 experts_on_device: int | None = None, offload_host_share: float | None = None,
                 quantization: str | None = None) -> nn.Module:
-    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, in eval mode without gradients;
-    ``quantization="fp8"`` quantizes them (``fp8_weights.quantize_online``).  Built on the host (dummy weights drawn
-    on ``device``) for dummy weights of a GPTQ/AWQ config (quantized on ``device``, then moved) and with
-    ``offload_experts`` (``expert_offload.offload_experts``: ``experts_on_device`` slots per layer, the host's share
-    ``offload_host_share``; the experts stay on the host)."""
-    dummy_int4 = load_format == "dummy" and quantization in int4_checkpoint.METHODS and device.type != "cpu"
-    if not offload_experts and not dummy_int4:
-        return _build(hf_config, dtype, device, model_dir, load_format, seed, None, quantization)
+    """The model of ``hf_config`` on ``device`` in ``dtype``, weights filled, eval mode, no gradients; ``quantization=
+    "fp8"`` quantizes them.  Built on the host, dummy weights drawn on ``device``: dummy GPTQ/AWQ weights too large in
+    16 bits (quantized on ``device``), and with ``offload_experts`` (``expert_offload.offload_experts``: the experts
+    stay on the host, ``experts_on_device`` slots per layer, the host's share ``offload_host_share``)."""
+    if not offload_experts:
+        try:
+            return _build(hf_config, dtype, device, model_dir, load_format, seed, None, quantization)
+        except torch.OutOfMemoryError:  # 16-bit dummy Mixtral-8x7B passes 80 GB before it is quantized to int4
+            if load_format != "dummy" or quantization not in int4_checkpoint.METHODS:
+                raise
     model = _build(hf_config, dtype, torch.device("cpu"), model_dir, load_format, seed, device, quantization)
-    if not offload_experts:  # 16-bit Mixtral-8x7B would not fit 80 GB before quantizing
+    if not offload_experts:
         return model.to(device)
     expert_offload.offload_experts(model, device, experts_on_device, offload_host_share)
     return model
@@ -148,8 +150,7 @@ def load_weights(model: nn.Module, model_dir: str, fp8_layout=None, int4: dict |
 def _float8_targets(model: nn.Module, files: list[str]) -> set[str]:
     """Our parameters every checkpoint part of which is float8 (a packed or stacked one mixing float8 and other
     parts is dequantized instead)."""
-    parts: dict[str, set] = {}
-    float8: dict[str, set] = {}
+    parts, float8 = {}, {}  # target -> the places its checkpoint parts fill; those of float8 parts
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
@@ -176,8 +177,7 @@ def _load_file(path: str, model: nn.Module, params: dict, tied: bool, scales, fi
                 _copy(name, target, where, tensor, param, model)
                 filled.setdefault(target, set()).add(where)
     except SafetensorError as e:
-        raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it again"
-                         ) from e
+        raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it again") from e
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -244,8 +244,7 @@ def _copy_shard(target, shard, name, tensor, param, args):
 
 
 def _copy_expert(where, name, tensor, param):
-    """Copy one expert's HF tensor into its slice of a stacked parameter [E, rows, cols]: all its rows, or the
-    gate (half 0) or up (half 1) rows of a packed gate/up."""
+    """One expert's HF tensor into its stacked parameter [E, rows, cols]: all rows, or gate (half 0) or up (1)."""
     expert, half = where
     if expert >= param.shape[0]:
         raise ValueError(f"tensor {name!r} is for expert {expert}, the model has {param.shape[0]} experts")
