@@ -246,3 +246,14 @@ def test_synthesize_refuses_int4_options_where_they_mean_nothing(tmp_path, capsy
     with pytest.raises(SystemExit):
         synthesize.main([config, str(tmp_path / "out"), "--dtype", "float32", *args])
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_oracle_tool_runs_transformers_on_a_gptq_checkpoints_dequantized_weights(tmp_path):
+    """``tools/oracle.run`` on an int4 checkpoint: float32 identical; without the dequantized copy transformers
+    could not load the checkpoint's qweight/qzeros/scales at all."""
+    from nanovllm.tools import oracle
+    path = build_checkpoint(tmp_path / "qwen3", "qwen3")
+    quantize_checkpoint_int4(path, "gptq", group=32, sym=False)
+    verdicts = oracle.run(path, "float32", "cpu", 3, 6, 0.0, enforce_eager=True, max_model_len=256,
+                          kvcache_block_size=16, num_kvcache_blocks=64)
+    assert [v["status"] for v in verdicts] == ["identical"] * 3
