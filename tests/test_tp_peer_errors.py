@@ -8,9 +8,6 @@ pair.cc:553] Connection closed by peer [127.0.0.1]:32684. This is typically caus
 ...")``; now it raises ``RuntimeError("tensor-parallel worker(s) died: rank 1 (exit code 1): ValueError: injected at
 build on rank 1; ...")`` from the gloo error, within seconds, and leaves no worker.  The report's store round trip,
 its length cap, and rank 0's choice between its own error and a dead peer's run without starting a process."""
-import threading
-import time
-
 import pytest
 
 from conftest import build_checkpoint
@@ -20,10 +17,7 @@ from nanovllm.engine.engine import Engine
 from nanovllm.parallel import control
 from test_tp_close import Proc
 from test_tp_sizes import spawned_workers
-
-ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64, enforce_eager=True,
-              device="cpu")
-BOUND_S = 60  # a hang would last the group's timeout (NANOVLLM_TP_TIMEOUT_S, set above this)
+from test_tp_worker_failure import BOUND_S, ENGINE, within_bound
 
 
 class FailsToBuildOnRankOne(Engine):
@@ -42,24 +36,12 @@ class FailsToBuildOnRankOneLLM(LLM):
 def test_a_build_failure_on_rank_1_alone_raises_its_own_error_on_rank_0(tmp_path, monkeypatch):
     model = build_checkpoint(tmp_path / "qwen3", "qwen3")
     monkeypatch.setenv("NANOVLLM_TP_TIMEOUT_S", str(5 * BOUND_S))  # the worker inherits it
-    raised = []
-
-    def build():
-        try:
-            FailsToBuildOnRankOneLLM(model, tensor_parallel_size=2, **ENGINE).close()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            raised.append(e)
-
-    start = time.monotonic()
-    thread = threading.Thread(target=build, daemon=True)
-    thread.start()
-    thread.join(BOUND_S)
-    assert not thread.is_alive(), f"LLM(...) still builds {BOUND_S} s after rank 1 failed"
-    assert time.monotonic() - start < 30
-    assert len(raised) == 1 and isinstance(raised[0], RuntimeError), raised
-    message = str(raised[0])
-    assert "rank 1 (exit code 1): ValueError: injected at build on rank 1" in message, message
-    assert raised[0].__cause__ is not None  # the collective's own error, chained
+    error, seconds = within_bound(lambda: FailsToBuildOnRankOneLLM(model, tensor_parallel_size=2, **ENGINE).close(),
+                                  f"LLM(...) still builds {BOUND_S} s after rank 1 failed")
+    assert seconds < 30
+    assert isinstance(error, RuntimeError), error
+    assert "rank 1 (exit code 1): ValueError: injected at build on rank 1" in str(error), str(error)
+    assert error.__cause__ is not None  # the collective's own error, chained
     assert spawned_workers() == [] and distributed.current() == distributed.TensorParallel(0, 1)
 
 

@@ -44,13 +44,13 @@ def model(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
 
 
-def generate_with_bound(llm, prompt) -> tuple[BaseException | None, float]:
-    """(what ``llm.generate([prompt])`` raised, its seconds); fails the test if it runs past ``BOUND_S``."""
+def within_bound(call, hang: str) -> tuple[BaseException | None, float]:
+    """(what ``call()`` raised, its seconds), run in a thread; fails the test with ``hang`` past ``BOUND_S``."""
     raised = []
 
     def run():
         try:
-            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+            call()
         except BaseException as e:  # noqa: BLE001 - handed to the test
             raised.append(e)
 
@@ -58,8 +58,15 @@ def generate_with_bound(llm, prompt) -> tuple[BaseException | None, float]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(BOUND_S)
-    assert not thread.is_alive(), f"rank 0 still waits {BOUND_S} s after rank 1 failed"
+    assert not thread.is_alive(), hang
     return (raised[0] if raised else None), time.monotonic() - start
+
+
+def generate_with_bound(llm, prompt) -> tuple[BaseException | None, float]:
+    """(what ``llm.generate([prompt])`` raised, its seconds); fails the test if it runs past ``BOUND_S``."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    return within_bound(lambda: llm.generate([prompt], params, use_tqdm=False),
+                        f"rank 0 still waits {BOUND_S} s after rank 1 failed")
 
 
 @pytest.mark.parametrize("prompt, error", [([99, 1, 2], "TypeError"), ([98, 1, 2], "ValueError")],
