@@ -7,7 +7,7 @@ A quantized weight ``w`` [..., N, K] (K even) is three tensors and a group width
 * ``scale`` float16 [..., N, G] and ``zero`` uint8 [..., N, G], G = ceil(K / group): one per output row and
   ``group`` consecutive input columns (the last group may be partial);
 * the real weight is ``(q[n, k] - zero[n, k // group]) * scale[n, k // group]``, computed in float32 and rounded
-  once to the activations' dtype (``dequantize``; every implementation computes the same values).
+  once to the activations' dtype (``dequantize``, the twins'; the GPU kernels scale the product instead).
 
 GPTQ and AWQ checkpoints (``models/int4_checkpoint.py``) are repacked into this layout at load time; rows carry their
 own scales, so packing q/k/v or gate/up, stacking experts and splitting rows over ranks never cut a group, and a

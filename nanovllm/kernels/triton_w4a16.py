@@ -1,10 +1,11 @@
 """w4a16 projections: ``x[M, K] @ W[N, K].T (+ bias)`` with W an int4 weight (``int4_quant.py``), in Triton.
 
 The weight is streamed packed: each [BLOCK_N, BLOCK_K / 2] byte tile is split in registers into its even (low
-nibble) and odd (high nibble) columns, ``(q - zero) * scale`` is computed in float32 and rounded once to x's dtype
-(the values of ``int4_quant.dequantize``), and the tile meets x's in ``tl.dot`` with fp32 accumulation.  BLOCK_K
-divides ``group`` (or one group covers all of K), so a tile has one scale and zero per row; a partial last group
-needs nothing more.  Tiles, split K (the last split of an output block to arrive, counted with an atomic, sums
+nibble) and odd (high nibble) columns as exact ``q - zero`` in x's dtype (``triton_common._int4_minus_zero``), the
+tile meets x's in ``tl.dot`` with fp32 accumulation, and the product is scaled by its rows' scales: no weight is
+rounded to 16 bits, so the result is nearer the real product than the twin's, which rounds ``(q - zero) * scale``
+first.  BLOCK_K divides ``group`` (or one group covers all of K), so a tile has one scale and zero per row; a
+partial last group needs nothing more.  Tiles, split K (the last split of an output block to arrive, counted with an atomic, sums
 the fp32 partials in a fixed order and resets its counter) and ``SILU_MUL`` (a packed [gate; up] weight of 2I rows
 -> ``silu(gate) * up`` [M, I]) follow ``triton_matmul.py``; the kernel takes part in PDL (``pdl.py``).  With
 ``perm`` int32 [K] (GPTQ's act order, applied at load time) it computes ``x[:, perm] @ W.T``, gathering x's
