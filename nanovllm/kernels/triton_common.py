@@ -179,9 +179,9 @@ def _int4_minus_zero(packed, zero, dtype: tl.constexpr, ASM: tl.constexpr):
     """(even, odd): the low- and high-nibble codes of the uint8 bytes ``packed`` minus ``zero`` (uint8, broadcast to
     it), exact small integers in ``dtype``.
 
-    ``ASM`` (a GPU; used with a 16-bit ``dtype``): four bytes at a time in one register, each code ORed under the exponent of
-    128 (bf16) or 1024 (fp16) in both halves of a word, so two codes become two exact 16-bit numbers 128 + q per
-    instruction, and 128 + zero is subtracted in pairs; Triton's own code would unpack every byte into a register of
+    ``ASM`` (a GPU; 16-bit ``dtype``): four bytes at a time in one register, each code ORed under the exponent of
+    128 (bf16) or 1024 (fp16) in both halves of a word, so two codes become two exact 16-bit numbers (128 or 1024)
+    + q per instruction, and that + zero is subtracted in pairs; Triton's own code would unpack every byte into a register of
     its own, and those instructions, not the bytes, bound a decode-sized dequantizing matmul.  Otherwise the same
     values through float32 (the interpreter has no inline assembly)."""
     if ASM and dtype == tl.bfloat16:
