@@ -4,13 +4,13 @@ The weight is streamed packed: each [BLOCK_N, BLOCK_K / 2] byte tile is split in
 nibble) and odd (high nibble) columns as exact ``q - zero`` in x's dtype (``triton_common._int4_minus_zero``), the
 tile meets x's in ``tl.dot`` with fp32 accumulation, and the product is scaled by its rows' scales: no weight is
 rounded to 16 bits, so the result is nearer the real product than the twin's, which rounds ``(q - zero) * scale``
-first.  BLOCK_K divides ``group`` (or one group covers all of K), so a tile has one scale and zero per row; a
-partial last group needs nothing more.  Tiles, split K (the last split of an output block to arrive, counted with
-an atomic, sums the fp32 partials in a fixed order and resets its counter) and ``SILU_MUL`` (a packed [gate; up] weight of 2I rows
--> ``silu(gate) * up`` [M, I]) follow ``triton_matmul.py``; the kernel takes part in PDL (``pdl.py``).  With
-``perm`` int32 [K] (GPTQ's act order, applied at load time) it computes ``x[:, perm] @ W.T``, gathering x's
-columns through it.  ``choose_w4a16`` picks the tiles by row count; past ``W4A16_TRITON_MAX_M`` rows, or where no
-tile fits, the CUDA op dequantizes the whole weight once (``dequantize_int4_triton``) and runs cuBLAS.
+first. BLOCK_K divides ``group`` (or one group covers all of K), so a tile has one scale and zero per row; a partial
+last group needs nothing more. Tiles, split K (the last split of an output block to arrive, counted with an atomic,
+sums the fp32 partials in a fixed order and resets its counter) and ``SILU_MUL`` (a packed [gate; up] weight of 2I
+rows -> ``silu(gate) * up`` [M, I]) follow ``triton_matmul.py``; the kernel takes part in PDL (``pdl.py``). With
+``perm`` int32 [K] (GPTQ's act order, applied at load time) it computes ``x[:, perm] @ W.T``, gathering x's columns
+through it. ``choose_w4a16`` picks the tiles by row count; past ``W4A16_TRITON_MAX_M`` rows, or where no tile fits,
+the CUDA op dequantizes the whole weight once (``dequantize_int4_triton``) and runs cuBLAS.
 """
 from dataclasses import replace
 
