@@ -22,6 +22,14 @@ def _stats(llm):
     return llm.engine.describe()["expert_offload"]
 
 
+def assert_copy_counters(stats: dict, slots: int | None, expert_bytes: int) -> None:
+    """Every expert resident (``slots`` None): no miss, nothing copied; fewer slots: each miss copied one expert."""
+    if slots is None:
+        assert stats["misses"] == stats["bytes_fetched"] == 0 and stats["hits"] > 0
+    else:
+        assert stats["misses"] > 0 and stats["bytes_fetched"] == stats["misses"] * expert_bytes
+
+
 @pytest.mark.parametrize("slots", [1, 2, None])
 def test_offload_changes_no_token(checkpoint, slots):
     path, prompts, want = checkpoint
