@@ -129,21 +129,28 @@ def _write_output(acc, acc_up, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid
                  acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _program_tile(M, N_OUT, K, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """This program's output block and K range in a skinny launch (grid: N blocks, M blocks, K splits): its ids,
+    row and column offsets and masks, and the first column and number of BLOCK_K steps of its split."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_steps = K // (SPLIT_K * BLOCK_K)
+    return pid_m, pid_n, pid_k, offs_m, offs_n, offs_m < M, offs_n < N_OUT, pid_k * k_steps * BLOCK_K, k_steps
+
+
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N_OUT, K, stride_xm,
                    stride_wn, stride_sn, stride_om, group, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                    SPLIT_K: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
                    FP16_MMA: tl.constexpr, PDL: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N_OUT
-    k_steps = K // (SPLIT_K * BLOCK_K)
-    k_start = pid_k * k_steps * BLOCK_K
+    pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask, k_start, k_steps = _program_tile(M, N_OUT, K, SPLIT_K, BLOCK_M,
+                                                                                           BLOCK_N, BLOCK_K)
     pdl_begin(PDL)
     acc = _partial_product(x_ptr, w_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps, stride_xm,
                            stride_wn, stride_sn, group, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, UPCAST, W_FP8,

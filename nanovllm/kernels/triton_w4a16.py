@@ -23,7 +23,7 @@ from nanovllm.kernels.matmul_configs import MatmulConfig
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _int4_minus_zero, _num_sms
-from nanovllm.kernels.triton_matmul import _write_output, launch_plan
+from nanovllm.kernels.triton_matmul import _program_tile, _write_output, launch_plan
 
 # Past this many rows the weight is dequantized once and multiplied by cuBLAS (prefill).
 W4A16_TRITON_MAX_M = 64
@@ -74,15 +74,8 @@ def _w4a16_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part
                   stride_xm, stride_qn, stride_sn, stride_zn, stride_om, group, HAS_PERM: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N_OUT
-    k_steps = K // (SPLIT_K * BLOCK_K)
-    k_start = pid_k * k_steps * BLOCK_K
+    pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask, k_start, k_steps = _program_tile(M, N_OUT, K, SPLIT_K, BLOCK_M,
+                                                                                           BLOCK_N, BLOCK_K)
     pdl_begin(PDL)
     acc = _partial_product(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, k_start, k_steps,
                            stride_xm, stride_qn, stride_sn, stride_zn, group, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K,
