@@ -9,6 +9,7 @@ model cannot then loop on blank space.  A matcher advances only over resolved to
 constrained sequence's tokens before it builds the sequence's next mask (``Engine.step``).
 Bit ``i`` of word ``j`` of a row's int32 bitmask allows token ``32 * j + i`` (xgrammar's layout).
 """
+import functools
 import json
 import os
 import re
@@ -30,9 +31,8 @@ def _choice_ebnf(choices: list) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def _source(xgr, spec: StructuredOutputsParams):
-    """The tokenizer-free ``xgr.Grammar`` of ``spec``."""
-    kind, text = spec.key()
+def _source(xgr, kind: str, text: str):
+    """The tokenizer-free ``xgr.Grammar`` of a constraint's ``StructuredOutputsParams.key()``."""
     if kind == "json":
         return xgr.Grammar.from_json_schema(text, any_whitespace=False)
     if kind == "json_object":
@@ -40,7 +40,7 @@ def _source(xgr, spec: StructuredOutputsParams):
     if kind == "regex":
         return xgr.Grammar.from_regex(text)
     if kind == "choice":
-        return xgr.Grammar.from_ebnf(_choice_ebnf(spec.choice))
+        return xgr.Grammar.from_ebnf(_choice_ebnf(json.loads(text)))
     return xgr.Grammar.from_ebnf(text)
 
 
@@ -74,14 +74,22 @@ def unroll_bounded(ebnf: str) -> str:
 
 
 def check(spec: StructuredOutputsParams) -> None:
-    """Raise ``ValueError`` naming the field if xgrammar cannot parse ``spec``."""
-    xgr = _xgrammar()
-    kind = spec.key()[0]
+    """Raise ``ValueError`` naming the field if xgrammar cannot parse ``spec`` (each distinct constraint is parsed
+    once: requests repeat their schemas)."""
+    kind, text = spec.key()
+    message = _parse_error(kind, text)
+    if message is not None:
+        raise ValueError(f"structured_outputs.{kind} cannot be compiled: {message}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_error(kind: str, text: str) -> str | None:
+    """xgrammar's message if it cannot parse the constraint, else None."""
     try:
-        _source(xgr, spec)
+        _source(_xgrammar(), kind, text)
     except RuntimeError as e:  # xgrammar's parse errors: "[time] file.cc:line: message"
-        message = str(e).strip().split(": ", 1)[-1] if ".cc:" in str(e) else str(e).strip()
-        raise ValueError(f"structured_outputs.{kind} cannot be compiled: {message}") from None
+        return str(e).strip().split(": ", 1)[-1] if ".cc:" in str(e) else str(e).strip()
+    return None
 
 
 class Grammars:
@@ -124,7 +132,7 @@ class Grammars:
         def build():
             kind, text = spec.key()
             if kind in ("json", "json_object"):
-                compiled = compiler.compile_grammar(unroll_bounded(str(_source(xgr, spec))))
+                compiled = compiler.compile_grammar(unroll_bounded(str(_source(xgr, kind, text))))
             elif kind == "regex":
                 compiled = compiler.compile_regex(text)
             else:
