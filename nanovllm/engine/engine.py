@@ -5,8 +5,8 @@ from the device token buffer, so the host never waits for them and a host stall 
 nothing.  The price: a sequence that stops on EOS is already in the steps launched since, so up to
 ``pipeline_depth`` steps compute a row for it that is thrown away.  A step that samples for a sequence with a
 grammar needs that sequence's last token on the host for its mask, so it runs in two halves: ``step()`` queues its
-model half (``ModelRunner.launch_forward``), resolves every step queued before it and fills the masks while the
-device runs the model, then queues the sampling half (``finish``).
+model half (``ModelRunner.launch_forward``), resolves the steps queued before it if one still samples such a token
+(a decode step's) and fills the masks while the device runs the model, then queues the sampling half (``finish``).
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
 channel.  ``abort(seq)`` ends a request at once, even while queued steps still hold its pending tokens, and frees
@@ -24,7 +24,7 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.outputs import SequenceOutput, StepResult
 from nanovllm.engine.pipeline import StepPipeline
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
-from nanovllm.engine.sequence import ImageInputs, Sequence
+from nanovllm.engine.sequence import PENDING_TOKEN, ImageInputs, Sequence
 from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
 
@@ -108,9 +108,9 @@ class Engine:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             slot = self.pipeline.next_slot()
-            if _samples_constrained(batch) and self.runner.splits(batch):  # resolve the steps before it meanwhile
+            if _samples_constrained(batch) and self.runner.splits(batch):
                 kept, prepare_seconds = self.runner.launch_forward(batch, slot)
-                while len(self.pipeline):
+                while _awaits_tokens(batch) and len(self.pipeline):  # resolve the steps before it meanwhile
                     wait += self._collect(collected)
                 event = self.runner.finish(batch, slot, kept)
             else:  # or an eager prefill: a prefilling sequence has no token pending, its mask is filled now
@@ -177,6 +177,14 @@ class Engine:
 def _samples_constrained(batch: ScheduledBatch) -> bool:
     """Whether ``batch`` samples the next token of a sequence with a grammar."""
     return any(seq.grammar is not None and samples for seq, samples in zip(batch.seqs, batch.sampling()))
+
+
+def _awaits_tokens(batch: ScheduledBatch) -> bool:
+    """Whether ``batch`` samples for a sequence with a grammar whose newest token a queued step still samples: its
+    mask can be filled only once that step is resolved.  A prefill's sequences have none pending (the scheduler
+    readmits a preempted sequence only once its tokens are resolved)."""
+    return any(seq.grammar is not None and samples and seq.token_ids[-1] == PENDING_TOKEN
+               for seq, samples in zip(batch.seqs, batch.sampling()))
 
 
 def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:

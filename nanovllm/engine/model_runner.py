@@ -168,13 +168,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_forward(self, batch: ScheduledBatch, slot: StepSlot):
-        """Queue the first half of a processed step (``forward``: the model, its logits kept in the logits state),
-        for a batch that ``splits`` and whose grammar masks the host fills while it runs; ``finish`` queues the
-        second.  Returns (what ``finish`` takes: the step's inputs, which rows sample and whether any row filters,
-        host seconds spent building decode inputs)."""
+        """Queue the first half of a processed step (the model, its logits kept in the logits state), for a batch
+        that ``splits`` and whose grammar masks the host fills while it runs; ``finish`` queues the second.  A
+        decode step runs the ``forward`` variant; a prefill the plain step, whose prefill graphs launch in one call
+        where a compiled variant launches kernel by kernel (its unmasked tokens are overwritten by the second half).
+        Returns (what ``finish`` takes: the step's inputs, which rows sample and whether any row filters, host
+        seconds spent building decode inputs)."""
         filtered, processed, _ = self._begin(batch, slot)
         kept = []
-        prepare_seconds = self._run(batch, slot, "forward", filtered, processed, kept)
+        variant = None if batch.is_prefill else "forward"
+        prepare_seconds = self._run(batch, slot, variant, filtered, processed, kept)
         return (kept, batch.sampling(), filtered), prepare_seconds
 
     @torch.inference_mode()
@@ -205,15 +208,17 @@ class ModelRunner:
 
     def _run(self, batch: ScheduledBatch, slot: StepSlot, variant: str | None, filtered: bool, processed: bool,
              kept: list | None = None) -> float:
-        """Launch ``variant`` of the step on ``batch``; the forward variant's inputs go to ``kept``, one per part
-        (its tokens come from its second half; a later part may reuse a part's buffers, so those are copied).
-        Returns the seconds spent building decode inputs."""
+        """Launch ``variant`` of the step on ``batch``; with ``kept``, a split step's first half, whose inputs go to
+        ``kept``, one per part (its tokens come from its second half; a later part may reuse a part's buffers, so
+        those are copied).  Returns the seconds spent building decode inputs."""
         prepare_seconds = 0.0
         lp = slot.has_logprobs
         several = not batch.is_prefill and len(self.executor.decode_chunks(len(batch.seqs))) > 1
 
         def emit(outputs, inputs, part: Part) -> None:
             if kept is not None:
+                if variant is None:  # the plain step's logits, kept as ``forward`` keeps its own
+                    self.logits_state.keep(outputs[1], inputs.out_slots)
                 kept.append(inputs.clone() if several else inputs)
             else:
                 self._emit(outputs, inputs, part.rows, filtered, slot, part.start, processed)

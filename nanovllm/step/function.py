@@ -61,7 +61,7 @@ def run_forward(model, kv_caches, token_buffer, state: LogitsState, inputs: Step
     """A split step's first half, for a batch whose grammar masks are filled while it runs: the model's logits,
     kept in ``state.logits`` by token slot for the second half (``run_sample``).  Returns (raw logits [B, V],)."""
     raw = _forward(model, kv_caches, token_buffer, inputs, mm)
-    state.logits.index_copy_(0, inputs.out_slots, raw)
+    state.keep(raw, inputs.out_slots)
     return (raw,)
 
 

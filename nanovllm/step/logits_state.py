@@ -45,6 +45,10 @@ class LogitsState:
         """The logits [B, V] the sampler draws from: penalties applied, disallowed tokens -inf."""
         return ops.process_logits(logits, slots, self.params, self.bitmask, self.counts, self.seen)
 
+    def keep(self, logits: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep a split step's logits [B, V] in ``logits``, row ``b`` in row ``slots[b]``, for its sample half."""
+        self.logits.index_copy_(0, slots, logits)
+
     def count(self, slots: torch.Tensor, tokens: torch.Tensor, delta: int = 1) -> None:
         """Add ``delta`` to each row's sampled token's count in its slot (padding counts in the neutral scratch
         row)."""
