@@ -28,8 +28,8 @@ class LogitsSlots:
 
     def _staging(self, store: dict, key: int, shape: tuple, dtype) -> torch.Tensor:
         buf = store.get(key)
-        if buf is None or buf.shape[0] < shape[0]:
-            rows = max(shape[0], 2 * (buf.shape[0] if buf is not None else 16))
+        if buf is None or buf.shape[0] < shape[0]:  # first made for every token slot: pinning costs milliseconds
+            rows = max(shape[0], 2 * (buf.shape[0] if buf is not None else 0), self.state.params.shape[0])
             buf = store[key] = torch.empty((rows, *shape[1:]), dtype=dtype, pin_memory=self.pin_memory)
         return buf
 
