@@ -124,3 +124,19 @@ def test_ended_grammar_allows_every_token():
     grammars.fill([done, live], mask)
     assert (mask[0] == -1).all() and 0 < int((mask[1] != 0).sum()) < grammars.words
     grammars.close()
+
+
+def test_equal_constraints_compile_once(monkeypatch):
+    import nanovllm.engine.grammar as grammar
+    from nanovllm.sampling_params import StructuredOutputsParams
+    from nanovllm.tools.default_model import default_model_path
+    monkeypatch.setattr(grammar, "COMPILED_CACHE", 2)
+    grammars = grammar.Grammars(str(default_model_path()), 49152, [0], fill_threads=1)
+    a, b = (grammars.start(StructuredOutputsParams(choice=["yes", "no"])) for _ in range(2))
+    assert a._compiled is b._compiled and a.matcher() is not b.matcher()  # one compile, a matcher each
+    c = grammars.start(StructuredOutputsParams(regex="[0-9]+"))
+    assert c._compiled is not a._compiled
+    grammars.start(StructuredOutputsParams(choice=["maybe"]))  # the third constraint evicts the oldest
+    assert grammars.start(StructuredOutputsParams(choice=["yes", "no"]))._compiled is not a._compiled
+    assert grammars.start(StructuredOutputsParams(regex="[0-9]+"))._compiled is not c._compiled  # evicted in turn
+    grammars.close()

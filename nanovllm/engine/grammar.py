@@ -3,7 +3,7 @@ sequence, and the bitmask of the tokens each constrained row may take next.
 
 ``check(spec)`` parses the constraint without a tokenizer (milliseconds): a bad schema, regex or grammar raises
 ``ValueError`` naming the field, before the request is queued.  ``Grammars`` compiles against the checkpoint's
-tokenizer on a thread pool as requests arrive (xgrammar caches equal constraints), so compiling overlaps the steps
+tokenizer on a thread pool as requests arrive (equal constraints once), so compiling overlaps the steps
 before the request samples.  JSON is compiled without free whitespace (``", "`` and ``": "`` separators): a small
 model cannot then loop on blank space.  A matcher advances only over resolved tokens; the engine resolves a
 constrained sequence's tokens before it builds the sequence's next mask (``Engine.step``).
@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from nanovllm.sampling_params import StructuredOutputsParams
@@ -46,6 +47,7 @@ def _source(xgr, kind: str, text: str):
 
 _BOUNDED = re.compile(r'(?<![\w"\\])(\w+)\{(\d+), (\d+)\} ("(?:[^"\\]|\\.)*")')  # rule{lo, hi} "literal"
 FILL_ROWS = 64  # the fewest bitmask rows worth a thread of their own (``Grammars.fill``)
+COMPILED_CACHE = 256  # compiled constraints kept by ``Grammars`` (xgrammar's compiler caches its own as well)
 MAX_UNROLLED = 256  # a bounded repetition of at most this many optional items is unrolled (``unroll_bounded``)
 
 
@@ -108,6 +110,7 @@ class Grammars:
         self._pool: ThreadPoolExecutor | None = None
         self._fill_pool: ThreadPoolExecutor | None = None
         self._batches: list = []
+        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()  # the latest constraints' compiles
         self.seconds = 0.0
 
     def _ensure(self):
@@ -124,26 +127,33 @@ class Grammars:
                 self._fill_pool = ThreadPoolExecutor(self.fill_threads - 1, thread_name_prefix="nanovllm-mask")
         return self._compiler
 
-    def compile(self, spec: StructuredOutputsParams) -> Future:
-        """A future of the matcher of ``spec`` (compiled on the pool)."""
+    def _compiled(self, key: tuple[str, str]) -> Future:
+        """A future of the ``xgr.CompiledGrammar`` of a constraint's ``StructuredOutputsParams.key()``: compiled on
+        the pool the first time, then shared (requests repeat their schemas; parsing one again costs more than its
+        matcher)."""
+        future = self._cache.get(key)
+        if future is not None:
+            self._cache.move_to_end(key)
+            return future
         compiler = self._ensure()
         xgr = _xgrammar()
 
         def build():
-            kind, text = spec.key()
+            kind, text = key
             if kind in ("json", "json_object"):
-                compiled = compiler.compile_grammar(unroll_bounded(str(_source(xgr, kind, text))))
-            elif kind == "regex":
-                compiled = compiler.compile_regex(text)
-            else:
-                compiled = compiler.compile_grammar(_choice_ebnf(spec.choice) if kind == "choice" else text)
-            return xgr.GrammarMatcher(compiled)
+                return compiler.compile_grammar(unroll_bounded(str(_source(xgr, kind, text))))
+            if kind == "regex":
+                return compiler.compile_regex(text)
+            return compiler.compile_grammar(_choice_ebnf(json.loads(text)) if kind == "choice" else text)
 
-        return self._pool.submit(build)
+        future = self._cache[key] = self._pool.submit(build)
+        if len(self._cache) > COMPILED_CACHE:
+            self._cache.popitem(last=False)
+        return future
 
     def start(self, spec: StructuredOutputsParams) -> "SequenceGrammar":
         """A sequence's grammar, compiling in the background."""
-        return SequenceGrammar(self.compile(spec))
+        return SequenceGrammar(self._compiled(spec.key()))
 
     def fill(self, grammars: list["SequenceGrammar"], bitmask) -> None:
         """Row ``i`` of ``bitmask`` [>= len(grammars), words] int32 (a host tensor) := the tokens ``grammars[i]``
@@ -180,15 +190,15 @@ class Grammars:
 
 
 class SequenceGrammar:
-    """One sequence's matcher: compiled in the background, then advanced over its resolved tokens."""
+    """One sequence's matcher: its grammar compiled in the background, then advanced over its resolved tokens."""
 
-    def __init__(self, future: Future):
-        self._future, self._matcher = future, None
+    def __init__(self, compiled: Future):
+        self._compiled, self._matcher = compiled, None
 
     def matcher(self):
-        """The matcher (waits for the compile the first time)."""
+        """The matcher (made the first time, once the compile is done)."""
         if self._matcher is None:
-            self._matcher = self._future.result()
+            self._matcher = _xgrammar().GrammarMatcher(self._compiled.result())
         return self._matcher
 
     def accept(self, token: int) -> None:
