@@ -8,8 +8,9 @@ a processed step reads to apply penalties and grammar masks.
 * each constrained sequence that samples in the step gets its bitmask row from its grammar, which has accepted
   every token of the sequence (the engine resolves a constrained sequence's tokens before scheduling it again).
 Everything reaches the device through one pinned staging buffer per pipeline slot (reused only after its step
-was collected, as ``StepPipeline`` guarantees), in copies queued on the step's stream, so the host never waits.
-A plain step never reads these rows, so a request without penalties or grammar costs nothing here.
+was collected, as ``StepPipeline`` guarantees), in copies queued on the step's stream, so the host never waits;
+the masks' copies run beside the queued steps (``Platform.beside``), which read no row being filled but rows whose
+tokens are thrown away.  A plain step never reads these rows: a request without either costs nothing here.
 """
 import numpy as np
 import torch
@@ -18,9 +19,10 @@ from nanovllm.step import LogitsState
 
 
 class LogitsSlots:
-    def __init__(self, state: LogitsState, device, pin_memory: bool, grammars):
+    def __init__(self, state: LogitsState, platform, grammars):
         """``state``: the device rows; ``grammars``: the engine's ``Grammars`` (fills bitmask rows)."""
-        self.state, self.device, self.pin_memory, self.grammars = state, device, pin_memory, grammars
+        self.state, self.platform, self.grammars = state, platform, grammars
+        self.device, self.pin_memory = platform.device, platform.pin_memory
         self.owner: list = [None] * state.params.shape[0]  # seq_id whose rows each slot holds
         self._ints: dict[int, torch.Tensor] = {}  # pipeline slot -> pinned int64 staging (-1 - slot: masks')
         self._floats: dict[int, torch.Tensor] = {}  # pipeline slot -> pinned float32 staging
@@ -84,4 +86,5 @@ class LogitsSlots:
         self.grammars.fill([s.grammar for s in seqs], host)
         ints = self._staging(self._ints, -1 - pipeline_slot, (n,), torch.int64)[:n]
         ints.numpy()[:] = [s.token_slot for s in seqs]
-        self.state.bitmask.index_copy_(0, self._to_device(ints), self._to_device(host))
+        with self.platform.beside():  # the rows of queued steps' live sequences are not these (module docstring)
+            self.state.bitmask.index_copy_(0, self._to_device(ints), self._to_device(host))

@@ -70,7 +70,7 @@ class ModelRunner:
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)
         self.grammars = Grammars(config.model, self.vocab_size, config.eos_token_ids)
-        self.logits_slots = LogitsSlots(self.logits_state, self.device, platform.pin_memory, self.grammars)
+        self.logits_slots = LogitsSlots(self.logits_state, platform, self.grammars)
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
                             table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)

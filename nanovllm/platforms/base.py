@@ -142,6 +142,12 @@ class Platform:
         """Record the device work of the body for replay; a no-op where there is no graph capture."""
         yield None
 
+    def beside(self):
+        """A context in which copies are queued beside the work already queued (on a stream of their own, where
+        the device has streams), and work queued after it waits for them.  The body must not touch memory that
+        the work queued before it still uses."""
+        return contextlib.nullcontext()
+
 
 class TorchDevicePlatform(Platform):
     """A device whose ``torch.<name>`` module has CUDA's API (``torch.cuda``; ``torch.npu`` from torch_npu):
@@ -151,6 +157,7 @@ class TorchDevicePlatform(Platform):
 
     def __init__(self, device: torch.device, options: KernelOptions | None = None):
         self._api = self.device_api()  # read once: ``record_event`` runs every step
+        self._side = None  # the stream of ``beside``, made when first asked for
         super().__init__(device, options)
 
     @classmethod
@@ -177,6 +184,15 @@ class TorchDevicePlatform(Platform):
         event = self._api.Event()
         event.record()  # on the current stream: completes when everything queued before it has
         return event
+
+    @contextmanager
+    def beside(self):
+        if self._side is None:
+            self._side = self._api.Stream(self.device)
+        current = self._api.current_stream(self.device)
+        with self._api.stream(self._side):
+            yield
+        current.wait_stream(self._side)
 
     def release_memory(self):
         self._api.empty_cache()
