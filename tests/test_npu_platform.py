@@ -156,6 +156,11 @@ def test_npu_platform_facts(npu, monkeypatch):
     assert platform.resolve_dtype("auto", "float16") == torch.float16
     assert platform.resolve_dtype("auto", "float32") == torch.bfloat16
     platform.record_event().synchronize()
+    waits = npu_runtime.stats["stream_waits"]
+    with platform.beside():  # copies on a stream of its own; the current stream waits for them afterwards
+        side = platform.device_api().current_stream(platform.device)
+    assert side is platform._side and npu_runtime.stats["stream_waits"] == waits + 1
+    assert platform.device_api().current_stream(platform.device) is not side
     with pytest.raises(ValueError, match="'npu:7'"):
         get_platform("npu:7")
     with pytest.raises(ValueError, match="NANOVLLM_NPU_GRAPH_MODE='npugraph'"):

@@ -5,13 +5,14 @@ Each function nanovllm calls is here with the signature of Ascend/pytorch (commi
 ``(free, total)`` bytes), ``torch_npu/npu/utils.py`` (``synchronize``, ``set_device``, ``current_device``,
 ``get_cann_version(module="CANN")``), ``torch_npu/npu/memory.py`` (``empty_cache``, ``reset_peak_memory_stats``,
 ``max_memory_allocated``, ``memory_reserved``), ``torch_npu/npu/streams.py`` (``Event`` with ``record`` and
-``synchronize``), and ``torch_npu.__version__``.  ``import torch_npu`` on a card renames PrivateUse1 to "npu"
+``synchronize``; ``Stream`` with ``wait_stream``, ``current_stream`` and ``stream``), and ``torch_npu.__version__``.  ``import torch_npu`` on a card renames PrivateUse1 to "npu"
 and registers ``torch.npu``; ``install`` does the same with the host-memory device of ``host_device.py``.
 
 The device reports ``DEVICES`` cards of ``TOTAL_BYTES`` each, ``FREE_BYTES`` free; the allocator statistics are
 the stand-in's own bookkeeping (``stats``), not measurements.  Work is synchronous, so events and
 ``synchronize`` only count calls.
 """
+import contextlib
 import importlib.machinery
 import types
 
@@ -26,7 +27,7 @@ TOTAL_BYTES = 1 << 30
 FREE_BYTES = 900 << 20
 DEVICE_NAME = "Ascend910B3 (stand-in)"
 stats = {"current_device": 0, "synchronize": 0, "events_recorded": 0, "empty_cache": 0, "peak_resets": 0,
-         "max_memory_allocated": 64 << 20, "memory_reserved": 96 << 20}
+         "max_memory_allocated": 64 << 20, "memory_reserved": 96 << 20, "stream_waits": 0}
 
 
 def _index(device) -> int:
@@ -62,6 +63,41 @@ class Event:
             raise RuntimeError("stand-in: synchronize() on an event never recorded")
 
 
+class Stream:
+    """torch_npu.npu.Stream(device=None, priority=0): ``wait_stream(stream)``.  Work is synchronous, so a wait is
+    only counted."""
+
+    def __init__(self, device=None, priority=0):
+        self.device_index = _check(device)
+
+    def wait_stream(self, stream):
+        stats["stream_waits"] += 1
+
+
+_current = {}  # device index -> the stream ``stream`` made current there (None: its default stream)
+_default = {}  # device index -> its default stream
+
+
+@contextlib.contextmanager
+def _stream(stream):
+    """torch_npu.npu.stream(stream): ``stream`` is the current one in the body."""
+    index = stream.device_index
+    saved = _current.get(index)
+    _current[index] = stream
+    try:
+        yield
+    finally:
+        _current[index] = saved
+
+
+def _current_stream(device=None):
+    """torch_npu.npu.current_stream(device=None)."""
+    index = _check(device)
+    if _current.get(index) is None:
+        _default.setdefault(index, Stream(index))
+    return _current.get(index) or _default[index]
+
+
 def _device_module() -> types.ModuleType:
     m = types.ModuleType("torch.npu")
     m.is_available = lambda: DEVICES > 0
@@ -77,6 +113,7 @@ def _device_module() -> types.ModuleType:
     m.max_memory_allocated = lambda device=None: (_check(device), stats["max_memory_allocated"])[1]
     m.memory_reserved = lambda device=None: (_check(device), stats["memory_reserved"])[1]
     m.Event = Event
+    m.Stream, m.stream, m.current_stream = Stream, _stream, _current_stream
     m.utils = types.ModuleType("torch_npu.npu.utils")
     m.utils.get_cann_version = lambda module="CANN": CANN_VERSION
     return m
