@@ -1,6 +1,7 @@
 """``LLM``: the user-facing offline batch-generation API (vLLM style)."""
 import os
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
@@ -14,6 +15,12 @@ from nanovllm.logger import logger
 from nanovllm.multimodal import chat_prompt
 from nanovllm.prompts import Prompts
 from nanovllm.sampling_params import SamplingParams
+
+
+def _close_engine(engine) -> None:
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
 
 
 class LLM:
@@ -30,7 +37,6 @@ class LLM:
     engine_class = Engine  # what every rank builds; a subclass must be importable in a spawned process
 
     def __init__(self, model, **options):
-        self._closed = False
         peers = parallel.start(model, options, self.engine_class)  # None at one rank
         self.config = EngineConfig(model=model, **parallel.rank_options(options))
         start = time.perf_counter()
@@ -38,6 +44,9 @@ class LLM:
             engine = self.engine_class(self.config)
             # what generate and the server step: at N > 1 its mutating calls run on every rank
             self.engine = engine if peers is None else parallel.MirroredEngine(engine, peers)
+            # closed when this LLM is collected, or at exit while every module still works (a __del__ left for
+            # the interpreter's teardown finds torch half dismantled)
+            self._finalizer = weakref.finalize(self, _close_engine, self.engine)
             self.prompts = Prompts(self.config.model, self.config.hf_config, engine.runner.vocab_size,
                                    self.config.max_model_len)
             self.tokenizer = self.prompts.tokenizer
@@ -71,25 +80,17 @@ class LLM:
 
     def close(self) -> None:
         """Release the engine: the other tensor-parallel ranks close theirs and the group is left, then this
-        rank's engine is closed (its device memory freed).  Idempotent; also on leaving a ``with`` block and on
-        deletion.  The LLM cannot generate afterwards."""
-        engine = getattr(self, "engine", None)  # None: __init__ failed before the engine existed
-        if self._closed or engine is None:
-            return
-        self._closed = True
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        rank's engine is closed (its device memory freed).  Idempotent; also on leaving a ``with`` block, on
+        deletion and at interpreter exit.  The LLM cannot generate afterwards."""
+        finalizer = getattr(self, "_finalizer", None)  # None: __init__ failed before the engine existed
+        if finalizer is not None:
+            finalizer()  # runs once
 
     def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):
-        if hasattr(self, "_closed"):
-            self.close()
 
     def _validate(self, prompts, sampling_params):
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts

@@ -51,3 +51,24 @@ def test_closing_two_ranks_ends_the_worker_and_closes_rank_0s_engine(model):
         llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
     llm.close()
     assert llm.engine._engine.closes == 1
+
+
+def test_an_llm_left_in_a_global_is_closed_at_exit_before_teardown(model):
+    """A script that never closes its LLM: the engine closes at exit while every module still works (a device's
+    synchronize, for one, is gone once the interpreter dismantles torch)."""
+    import subprocess
+    import sys
+    script = f"""
+import sys
+from nanovllm import LLM
+from nanovllm.engine.engine import Engine
+close = Engine.close
+def report(self):
+    print("closed while finalizing:", sys.is_finalizing(), flush=True)
+    close(self)
+Engine.close = report
+llm = LLM({model!r}, **{ENGINE!r})
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("closed while finalizing: False") == 1, out.stdout + out.stderr
