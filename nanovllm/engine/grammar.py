@@ -3,7 +3,7 @@ sequence, and the bitmask of the tokens each constrained row may take next.
 
 ``check(spec)`` parses the constraint without a tokenizer (milliseconds): a bad schema, regex or grammar raises
 ``ValueError`` naming the field, before the request is queued.  ``Grammars`` compiles against the checkpoint's
-tokenizer on a thread pool as requests arrive (equal constraints once), so compiling overlaps the steps
+tokenizer on a thread pool as requests arrive (each distinct constraint once), so compiling overlaps the steps
 before the request samples.  JSON is compiled without free whitespace (``", "`` and ``": "`` separators): a small
 model cannot then loop on blank space.  A matcher advances only over resolved tokens; the engine resolves a
 constrained sequence's tokens before it builds the sequence's next mask (``Engine.step``).
