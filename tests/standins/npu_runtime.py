@@ -5,8 +5,9 @@ Each function nanovllm calls is here with the signature of Ascend/pytorch (commi
 ``(free, total)`` bytes), ``torch_npu/npu/utils.py`` (``synchronize``, ``set_device``, ``current_device``,
 ``get_cann_version(module="CANN")``), ``torch_npu/npu/memory.py`` (``empty_cache``, ``reset_peak_memory_stats``,
 ``max_memory_allocated``, ``memory_reserved``), ``torch_npu/npu/streams.py`` (``Event`` with ``record`` and
-``synchronize``; ``Stream`` with ``wait_stream``, ``current_stream`` and ``stream``), and ``torch_npu.__version__``.  ``import torch_npu`` on a card renames PrivateUse1 to "npu"
-and registers ``torch.npu``; ``install`` does the same with the host-memory device of ``host_device.py``.
+``synchronize``; ``Stream`` with ``wait_stream``, ``current_stream`` and ``stream``), and ``torch_npu.__version__``.
+``import torch_npu`` on a card renames PrivateUse1 to "npu" and registers ``torch.npu``; ``install`` does the same
+with the host-memory device of ``host_device.py``.
 
 The device reports ``DEVICES`` cards of ``TOTAL_BYTES`` each, ``FREE_BYTES`` free; the allocator statistics are
 the stand-in's own bookkeeping (``stats``), not measurements.  Work is synchronous, so events and
