@@ -108,9 +108,13 @@ class Engine:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             slot = self.pipeline.next_slot()
-            if _samples_constrained(batch) and self.runner.splits(batch):
+            constrained = _constrained_samples(batch)
+            if constrained and self.runner.splits(batch):
                 kept, prepare_seconds = self.runner.launch_forward(batch, slot)
-                while _awaits_tokens(batch) and len(self.pipeline):  # resolve the steps before it meanwhile
+                # a grammar whose newest token a queued step still samples (a decode step's; a prefill's sequences
+                # have none pending, as the scheduler readmits a preempted one only once its tokens are resolved)
+                # fills its mask only once that step is resolved: resolve the steps before it meanwhile
+                while len(self.pipeline) and any(seq.token_ids[-1] == PENDING_TOKEN for seq in constrained):
                     wait += self._collect(collected)
                 event = self.runner.finish(batch, slot, kept)
             else:  # or an eager prefill: a prefilling sequence has no token pending, its mask is filled now
@@ -174,17 +178,9 @@ class Engine:
         return len(self.pipeline) > 0 or self.scheduler.has_work()
 
 
-def _samples_constrained(batch: ScheduledBatch) -> bool:
-    """Whether ``batch`` samples the next token of a sequence with a grammar."""
-    return any(seq.grammar is not None and samples for seq, samples in zip(batch.seqs, batch.sampling()))
-
-
-def _awaits_tokens(batch: ScheduledBatch) -> bool:
-    """Whether ``batch`` samples for a sequence with a grammar whose newest token a queued step still samples: its
-    mask can be filled only once that step is resolved.  A prefill's sequences have none pending (the scheduler
-    readmits a preempted sequence only once its tokens are resolved)."""
-    return any(seq.grammar is not None and samples and seq.token_ids[-1] == PENDING_TOKEN
-               for seq, samples in zip(batch.seqs, batch.sampling()))
+def _constrained_samples(batch: ScheduledBatch) -> list[Sequence]:
+    """The sequences with a grammar whose next token ``batch`` samples."""
+    return [seq for seq, samples in zip(batch.seqs, batch.sampling()) if seq.grammar is not None and samples]
 
 
 def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:
