@@ -6,7 +6,7 @@
 
 Steps run in the order given, each run in a folder of its own, ``OUT/NAME-N``, with one log per command and the
 JSON its commands wrote (``$OUT`` is that folder).  A command runs as a subprocess in a session of its own, so
-that one past the step's time limit is stopped with all it started.  After every run ``OUT/results.json`` (every
+that one past the step's time limit is stopped with all it started, and it is killed if the runner itself dies.  After every run ``OUT/results.json`` (every
 run in OUT: its row, commands, exit status, seconds and JSON) and ``OUT/results.md`` (one line per run with its
 headline numbers) are rewritten.  ``--peers`` holds peer_vllm.py and configs/ (../shared/peers, or a staged copy);
 ``--site`` the folder vLLM's packages were unpacked into (/tmp/site).  ``--env VAR=VALUE`` adds a
@@ -83,6 +83,16 @@ def environment(extra: dict, run: Path) -> dict:
     return env
 
 
+def die_with_runner() -> None:
+    """In a step's command, before it runs: have Linux kill it (SIGKILL) when the runner that started it dies, so a
+    runner killed from outside (its own time limit, the device's) leaves no step running; its tensor-parallel ranks
+    follow their rank 0 (``nanovllm/distributed/liveness.py``)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the runner died before the call: nothing would signal this process any more
+        os._exit(1)
+
+
 def stop(proc: subprocess.Popen) -> None:
     """End ``proc`` and everything it started (its own session), politely first."""
     if proc.poll() is None:
@@ -116,7 +126,8 @@ def execute(step, cmds, run: Path, tree: str, extra_env: dict) -> dict:
         for i, cmd in enumerate(cmds):
             with open(run / f"{i}-{cmd.label}.log", "w") as log:
                 proc = subprocess.Popen(cmd.argv, cwd=tree, env=environment({**cmd.env, **extra_env}, run),
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_runner)
             if cmd.background:
                 servers.append(proc)
                 if not healthy(SERVER, proc, deadline):

@@ -88,8 +88,9 @@ _VARIABLES = (
            _choice("one_shot", "nccl")),
     EnvVar("NANOVLLM_MPS_COMPILE", False, "`1` compiles the step on MPS with MPSInductor, with a warning; `0` "
            "(default: eager)", _flag),
-    EnvVar("NANOVLLM_TP_TIMEOUT_S", 600.0, "seconds a tensor-parallel collective waits for a peer before failing "
-           "(default 600)", _positive_seconds),
+    EnvVar("NANOVLLM_TP_TIMEOUT_S", 30.0, "seconds a tensor-parallel peer may stop answering (no heartbeat, or a "
+           "step or collective that waits for it) before rank 0 raises naming it; also the collectives' timeout "
+           "(default 30)", _positive_seconds),
     EnvVar("NANOVLLM_API_KEY", None, "the server's API key when `--api-key` is not given (default: none, no key "
            "required)", _text),
     # read, never set, by nanovllm: other projects' variables that change what it does

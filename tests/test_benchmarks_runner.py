@@ -81,6 +81,40 @@ def test_a_step_past_its_time_limit_is_stopped(monkeypatch, tmp_path):
     assert record["rc"] == "timeout" and record["seconds"] < 30 and record["log_tail"] == "started"
 
 
+def test_a_step_ends_when_the_runner_is_killed(tmp_path):
+    """The runner killed from outside (SIGKILL: no ``finally`` runs) takes its step's command with it."""
+    import signal
+    import subprocess
+    import time
+    pid_file = tmp_path / "pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    runner = (f"import sys; from benchmarks import gpu; from benchmarks.gpu_steps import Command; "
+              f"gpu.commands = lambda step, ctx: [Command([sys.executable, '-c', {sleeper!r}])]; "
+              f"gpu.main(['parity', '--out', {str(tmp_path / 'out')!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", runner], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "the step never started"
+            time.sleep(0.1)
+        step = int(pid_file.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _running(step) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(step), "the step outlived its runner by 10 s"
+    finally:
+        proc.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
 def _benchmark_files() -> list[Path]:
     return [p for p in (ROOT / "benchmarks").iterdir() if p.name != "__pycache__"]
 

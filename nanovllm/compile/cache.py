@@ -11,7 +11,8 @@ Inductor works in the entry's own directory while the entry is active (``TORCHIN
 ``TRITON_CACHE_DIR`` are set for that scope and restored after), so a graph cached under other sources is never
 found.  An ``fcntl`` lock serialises processes on one key; files are written to temporaries and renamed; an entry
 whose checksums do not match is discarded with a warning and rebuilt, never loaded; a "hit" that still compiled is
-saved again.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.
+saved again.  Under tensor parallelism each rank has its own entry (the key holds the rank), and the ranks agree
+before loading: if any lacks its entry (or its saved step), every rank rebuilds it.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.
 """
 import contextlib
 import fcntl
@@ -227,6 +228,16 @@ class CompileCache:
         inductor = self.entry / "inductor"
         with _locked(self.root / f".{self.key}.lock"), _inductor_dir(inductor):
             data = self._verified_artifacts()
+            # every rank of a tensor-parallel group loads, or rebuilds, alike: one rank compiling for minutes while
+            # the others wait in its first collective would look like a peer that stopped answering
+            held = 0 if data is None else 2 if self.saved_step is not None else 1
+            agreed = distributed.agree_min(held)
+            if agreed < held:
+                logger.info("compile cache: another tensor-parallel rank lacks its %s; rebuilding this rank's too",
+                            "entry" if agreed == 0 else "saved step")
+                if agreed == 0:
+                    data = None
+                self.saved_step = self._step = None
             # an entry whose build recorded no artifacts (everything is in step.bin) has nothing to hot-load
             loaded = data is not None and (data == b"" or torch.compiler.load_cache_artifacts(data) is not None)
             if data is not None and not loaded:

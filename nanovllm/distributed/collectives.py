@@ -85,11 +85,23 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return (traced.lookup("tp_all_gather_last_dim", x.device) or torch.ops.nanovllm.tp_all_gather_last_dim)(x, size)
 
 
-def agree_min(value: int, device) -> int:
-    """The smallest of the ranks' ``value`` (every rank gets it): e.g. the KV blocks all ranks can hold."""
+def _agreement_device() -> torch.device:
+    """Where the default group's backend takes tensors: this process's current CUDA or NPU device, else the CPU."""
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "hccl":
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
+
+
+def agree_min(value: int, device=None) -> int:
+    """The smallest of the ranks' ``value`` (every rank gets it): e.g. the KV blocks all ranks can hold, or whether
+    every rank holds a compile-cache entry.  ``device``: where the backend takes the tensor (default: this
+    process's current device of the backend)."""
     if current().size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.int64, device=device if device is not None else _agreement_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 

@@ -38,6 +38,16 @@ def connect(port: int, size: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(HOST, port, size, False, datetime.timedelta(seconds=timeout_s))
 
 
+def connect_watch(port: int | None, size: int, timeout_s: float) -> dist.TCPStore:
+    """A store client of its own for a rank's liveness watch (``liveness.py``): rank 0's store on ``port``, or, with
+    None, torchrun's (``MASTER_ADDR``:``MASTER_PORT``)."""
+    if port is None:
+        import os
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, False,
+                             datetime.timedelta(seconds=timeout_s))
+    return connect(port, size, timeout_s)
+
+
 def announce(store: dist.TCPStore, rank: int) -> None:
     """Tell rank 0 that ``rank`` started and is about to join the group."""
     store.set(_key(rank), "1")
@@ -82,12 +92,14 @@ def reported_errors(store: dist.Store | None, ranks) -> dict[int, str]:
     return errors
 
 
-def describe_dead(dead: list[tuple[int, int | None]], errors: dict[int, str] | None = None) -> str:
-    """"tensor-parallel worker(s) died: rank 1 (exit code 1): ValueError: ..., rank 2 (exit code -9)" for (rank,
-    exit code) pairs (None: a torchrun rank known only by its report) and the errors they reported."""
-    errors = errors or {}
-    parts = [f"rank {r} ({'failed' if c is None else f'exit code {c}'})" + (f": {errors[r]}" if r in errors else "")
-             for r, c in dead]
+def describe_dead(dead: list[tuple[int, int | None]], errors: dict[int, str] | None = None,
+                  doing: dict[int, str] | None = None) -> str:
+    """"tensor-parallel worker(s) died: rank 1 (exit code 1) while running step (call 7): ValueError: ..., rank 2
+    (exit code -9)" for (rank, exit code) pairs (None: a torchrun rank known only by its report), what they were
+    doing (their last liveness beat) and the errors they reported."""
+    errors, doing = errors or {}, doing or {}
+    parts = [f"rank {r} ({'failed' if c is None else f'exit code {c}'})" + (f" while {doing[r]}" if r in doing else "")
+             + (f": {errors[r]}" if r in errors else "") for r, c in dead]
     return f"tensor-parallel worker(s) died: {', '.join(parts)}"
 
 

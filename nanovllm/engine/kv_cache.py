@@ -7,8 +7,8 @@ updates a mutated graph input in place only when it is not a view of a larger ba
 Sizing: a fixed ``num_kvcache_blocks``; else, where the platform measures memory, what is left of
 ``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler at full
 batch), the probe's temporary cache counted as free; else ``DEFAULT_KV_BYTES``.  When that is short of one sequence of
-``max_model_len`` tokens, garbage is collected (an engine dropped in a reference cycle holds memory until then) and
-memory measured again; if it is still short, the error names the other live engines of the process
+``max_model_len`` tokens (the count agreed by every rank of a tensor-parallel group), garbage is collected (an
+engine dropped in a reference cycle holds memory until then) and memory measured again, on every rank; if it is still short, the error names the other live engines of the process
 (``register_engine``) and what they hold.
 """
 import gc
@@ -65,16 +65,20 @@ def _measure(platform, utilization: float, probe: Callable[[], list]) -> int:
 
 
 def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float, platform,
-                    max_blocks_per_seq: int, max_model_len: int, probe: Callable[[], list]) -> int:
+                    max_blocks_per_seq: int, max_model_len: int, probe: Callable[[], list],
+                    agree: Callable[[int], int] = lambda n: n) -> int:
     """The number of KV blocks to allocate.  ``probe`` runs the step at its most memory-hungry shape with a
     temporary cache and returns that cache (a list of (K, V)); it is only called where the platform measures
-    memory."""
+    memory.  ``agree`` turns a rank's count into the group's (the smallest, under tensor parallelism): whether to
+    collect garbage and probe again is decided on the agreed count, so every rank runs the same probes and
+    collectives, and raises alike."""
     if fixed is not None:
         num_blocks = fixed
     elif platform.measures_memory:
-        num_blocks = max(0, _measure(platform, utilization, probe) // spec.bytes_per_block)
-        if num_blocks < max_blocks_per_seq and gc.collect():  # unreachable objects found: maybe a dropped engine
-            num_blocks = max(0, _measure(platform, utilization, probe) // spec.bytes_per_block)
+        num_blocks = agree(max(0, _measure(platform, utilization, probe) // spec.bytes_per_block))
+        if num_blocks < max_blocks_per_seq:  # every rank alike (agreed): collect, maybe a dropped engine, and retry
+            gc.collect()
+            num_blocks = agree(max(0, _measure(platform, utilization, probe) // spec.bytes_per_block))
     else:
         num_blocks = DEFAULT_KV_BYTES // spec.bytes_per_block
     if num_blocks < max_blocks_per_seq:

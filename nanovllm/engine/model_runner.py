@@ -17,6 +17,7 @@ import time
 import torch
 
 import nanovllm.distributed as distributed
+from nanovllm.distributed import liveness
 from nanovllm.compile.cache import key_fields
 from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
 from nanovllm.compile.factory import make_executor
@@ -44,11 +45,14 @@ class ModelRunner:
         self.init_phases: dict[str, float] = {}  # start-up seconds per phase, for the "ready" log line
         clock = time.perf_counter()
 
-        def phase(name: str) -> None:
+        def phase(name: str, next_activity: str) -> None:
             nonlocal clock
             now = time.perf_counter()
             self.init_phases[name] = round(now - clock, 2)
             clock = now
+            liveness.doing(next_activity)  # what a tensor-parallel rank's beat reports it is doing
+
+        liveness.doing("building the model")
 
         self.config, self.platform, self.device = config, platform, platform.device
         hf = config.hf_config
@@ -58,7 +62,7 @@ class ModelRunner:
                                  offload_experts=config.offload_experts, experts_on_device=config.experts_on_device,
                                  offload_host_share=config.offload_host_share,
                                  quantization=config.online_quantization)
-        phase("build_model")
+        phase("build_model", "sizing the KV cache")
         a = self.model.args
         self.vocab_size = a.vocab_size
         self.block_size = config.kvcache_block_size
@@ -79,12 +83,14 @@ class ModelRunner:
         self.num_blocks = plan_num_blocks(
             self.kv_spec, fixed=config.num_kvcache_blocks, utilization=config.gpu_memory_utilization,
             platform=platform, max_blocks_per_seq=self.max_blocks_per_seq, max_model_len=config.max_model_len,
-            probe=functools.partial(runner_setup.probe_peak_memory, self))
-        self.num_blocks = distributed.agree_min(self.num_blocks, self.device)  # tensor parallelism: one size
+            probe=functools.partial(runner_setup.probe_peak_memory, self),
+            agree=functools.partial(distributed.agree_min, device=self.device))
+        # one size on every rank, and a rank that failed to build is seen here, by every rank alike
+        self.num_blocks = distributed.agree_min(self.num_blocks, self.device)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         register_engine(self)
         platform.prepare_tensor_parallel(self.dtype, config.max_num_seqs * a.hidden_size)
-        phase("size_kv_cache")
+        phase("size_kv_cache", "making the executor (graph mode: compiling and capturing)")
         spec = ExecutorSpec(
             step=make_step(self.model, self.kv_caches, self.token_buffer),
             variants={name: make_step(self.model, self.kv_caches, self.token_buffer, name, self.logits_state)
@@ -99,10 +105,10 @@ class ModelRunner:
                                       capturable=self.model.graph_capturable,
                                       not_capturable_reason=self.model.not_capturable_reason)
         self.mode = self.executor.mode
-        phase("compile_and_capture" if self.mode == "graph" else "executor")
+        phase("compile_and_capture" if self.mode == "graph" else "executor", "warming the largest prefill")
         if platform.supports_graph_capture and not self.executor.captures_every_prefill():
             runner_setup.warm_largest_prefill(self)
-            phase("warm_largest_prefill")
+            phase("warm_largest_prefill", "ready")
 
     def describe(self) -> dict:
         """What this runner is, for the start-up log line and benchmarks."""
@@ -137,7 +143,8 @@ class ModelRunner:
         cannot launch a step afterwards."""
         if self.model is None:
             return
-        self.platform.synchronize()  # no queued step still reads what is dropped here
+        if liveness.failure() is None:  # a failed tensor-parallel group's queued collectives may never finish
+            self.platform.synchronize()  # no queued step still reads what is dropped here
         self.executor.close()
         self.grammars.close()
         self.executor = self.model = self.token_buffer = self.logits_state = self.logits_slots = None

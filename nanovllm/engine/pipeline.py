@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from nanovllm.distributed import liveness
+
 
 class StepSlot:
     def __init__(self, index: int, host_tokens: torch.Tensor):
@@ -65,7 +67,7 @@ class StepPipeline:
         ``StepSlot.prompt_logprobs`` with numpy arrays) and frees its slot."""
         work, slot, n = self._queued.popleft()
         if slot.event is not None:
-            slot.event.synchronize()
+            liveness.wait(slot.event)  # under tensor parallelism, bounded: a peer that stops answering raises
         tokens = slot.host_tokens[:n].tolist()
         logprobs = None
         if slot.has_logprobs:

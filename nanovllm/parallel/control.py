@@ -12,7 +12,8 @@ Contract:
   ``build_failed`` (rank 0's build failed) raise ``RuntimeError`` naming each dead rank, its exit code and the
   error it reported (``distributed/rendezvous.py``), chaining the collective's; later calls raise at once;
   ``close`` sends ``CLOSE``, leaves the group, ends spawned ranks and never raises for a peer already gone.
-* ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 600), seconds a default-group collective waits for a peer.
+* ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 30), seconds a default-group collective waits for a peer,
+  and how long a peer may stop answering (``distributed/liveness.py``) before rank 0 raises.
 """
 import collections
 import datetime
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 import nanovllm.distributed as distributed
 from nanovllm import envs
-from nanovllm.distributed import rendezvous
+from nanovllm.distributed import liveness, rendezvous
 
 CLOSE = -1  # the op that ends a rank's replay
 MAX_IN_FLIGHT = 16
@@ -59,6 +60,10 @@ def flush() -> None:
 
 def _wait_oldest() -> None:
     for work in _in_flight.popleft()[0]:
+        while not work.is_completed():  # a peer that stops answering fails here, not in a wait without end
+            if liveness.failure() is not None:
+                raise RuntimeError(liveness.failure())
+            time.sleep(1e-4)
         work.wait()  # raises if that send failed
 
 
@@ -80,10 +85,12 @@ def leave_group() -> None:
     global _control
     _control = None
     _in_flight.clear()
+    liveness.stop()
     distributed.release_one_shot_all_reduce()
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
-            torch.cuda.synchronize()
+            if liveness.failure() is None:  # a failed group's queued collectives may never finish
+                torch.cuda.synchronize()
             dist.distributed_c10d._abort_process_group()
         else:
             dist.destroy_process_group()
@@ -107,8 +114,15 @@ class _Peers:
         return self.dead()
 
     def describe(self, dead: list[tuple[int, int | None]]) -> str:
-        """``dead`` named with the errors those ranks reported (``rendezvous.describe_dead``)."""
-        return rendezvous.describe_dead(dead, rendezvous.reported_errors(self.store, [r for r, _ in dead]))
+        """``dead`` named with the errors those ranks reported (``rendezvous.describe_dead``), after what the
+        liveness watch found (which rank stopped answering, and what it was doing)."""
+        found = liveness.failure()
+        named = rendezvous.describe_dead(dead, rendezvous.reported_errors(self.store, [r for r, _ in dead]),
+                                         liveness.activities())
+        return f"{found}; {named}" if found else named
+
+    def kill(self) -> None:
+        """End the peers' processes this rank can reach (the liveness watch found one failed)."""
 
     def send(self, op: int, arg: int = 0, payload: bytes = b"") -> None:
         if self.closed:
@@ -169,6 +183,11 @@ class SpawnedPeers(_Peers):
     def dead(self) -> list[tuple[int, int | None]]:
         return [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
 
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+
     def close(self, serving: bool = True) -> None:
         """Send ``CLOSE``, leave the group with the peers and join them.  ``serving=False`` (rank 0 failed before
         they served calls; each may wait in a collective of its engine's start), a peer that cannot be told, or
@@ -176,6 +195,7 @@ class SpawnedPeers(_Peers):
         if self.closed:
             return
         self.closed = True
+        liveness.stop()  # from here on a peer that ends is closing, not failing
         told = serving and not self.broken and not self.dead()
         if told:
             try:
@@ -213,6 +233,7 @@ class TorchrunPeers(_Peers):
         and leave the group.  Idempotent."""
         if self.closed:
             return
+        liveness.stop()
         if not serving:
             self.broken = "rank 0 failed to build its engine"
         if not self.broken:

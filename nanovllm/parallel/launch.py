@@ -13,8 +13,12 @@ before it builds rank 0's engine, returns rank 0's peers (``control.py``) or Non
   store (``rendezvous.report_error``) and exits with code 1, so that rank 0's next call or collective fails and
   raises ``RuntimeError`` carrying that message (``control.py``) instead of waiting for it.
 * Options are validated (``EngineConfig``) before any process starts or any group is joined.
+* A script that builds its ``LLM`` at module level (no ``if __name__ == "__main__":``) builds it again in each
+  spawned rank as it re-imports the script: that call raises ``RuntimeError`` saying so, reported to rank 0, whose
+  ``start`` raises it naming the rank.
 """
 import atexit
+import functools
 import os
 import sys
 
@@ -22,10 +26,12 @@ import torch.multiprocessing as mp
 
 import nanovllm.distributed as distributed
 from nanovllm.config import EngineConfig
-from nanovllm.distributed import rendezvous
+from nanovllm.distributed import liveness, rendezvous
 from nanovllm.logger import logger
 from nanovllm.parallel import control, mirror
 from nanovllm.platforms import platform_class
+
+SPAWNED_NAME = "nanovllm-tp-spawned-rank-"  # + "rank:port:size": a spawned rank's process name until _serve runs
 
 
 def launched_by_torchrun() -> tuple[int, int, int] | None:
@@ -51,20 +57,27 @@ def rank_options(options: dict) -> dict:
     return dict(options, device=rank_device(options.get("device", "auto"), tp.rank))
 
 
-def join(device: str, rank: int, size: int, store=None) -> None:
+def join(device: str, rank: int, size: int, store=None, peers=None) -> None:
     """Bind this rank's device, join the default group over the platform's backend (through rank 0's ``store``,
-    announcing this rank there first; None: env://), then open the control channel."""
+    announcing this rank there first; None: env://), open the control channel and start this rank's liveness
+    watch (``distributed/liveness.py``; on rank 0 over ``peers``, the ranks it spawned)."""
     platform = platform_class(device)
     platform.bind_rank(rank_device(device, rank))
     if store is not None and rank:
         rendezvous.announce(store, rank)
-    distributed.init_process_group(platform.distributed_backend, rank, size, None, control.timeout_s(), store=store)
+    timeout = control.timeout_s()
+    distributed.init_process_group(platform.distributed_backend, rank, size, None, timeout, store=store)
     control.open_channel()
+    port = store.port if store is not None else None
+    liveness.start(rank, size, functools.partial(rendezvous.connect_watch, port, size, timeout), timeout,
+                   dead=peers.dead if peers is not None else None, kill=peers.kill if peers is not None else None)
 
 
 def start(model, options: dict, engine_class):
     """Rank 0's peers, or None at one rank (see the module docstring)."""
     size = options.get("tensor_parallel_size", 1)
+    if mp.current_process().name.startswith(SPAWNED_NAME):
+        _refuse_in_spawned_rank(size)
     if distributed.current().size > 1:  # already in a group: this process is one rank of it
         return None
     launched = launched_by_torchrun()
@@ -87,6 +100,23 @@ def start(model, options: dict, engine_class):
     return None
 
 
+def _refuse_in_spawned_rank(size) -> None:
+    """``LLM(...)`` called in a rank this module spawned, before its ``_serve`` ran: the spawn start method
+    re-imports the script's main module in every rank, and this script builds its engine at module level.  Report
+    that to rank 0 (so its error says so) and raise."""
+    rank, port, world = (int(x) for x in mp.current_process().name[len(SPAWNED_NAME):].split(":"))
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
+    error = RuntimeError(
+        f"LLM(..., tensor_parallel_size={size}) was called while tensor-parallel rank {rank} imported {main}: "
+        f"ranks are started with the 'spawn' method, which imports the script's main module again in each of them, "
+        f"so a script must build its LLM under `if __name__ == \"__main__\":` (see the README, Tensor "
+        f"parallelism)")
+    try:
+        rendezvous.report_error(rendezvous.connect(port, world, 10.0), rank, error)
+    finally:
+        raise error
+
+
 def _spawn(engine_class, model, options: dict, size: int) -> control.SpawnedPeers:
     platform = platform_class(options.get("device", "auto"))
     count = platform.visible_device_count()
@@ -100,12 +130,12 @@ def _spawn(engine_class, model, options: dict, size: int) -> control.SpawnedPeer
     try:
         for rank in range(1, size):
             p = ctx.Process(target=_serve, args=(engine_class, model, options, rank, size, store.port),
-                            daemon=True)
+                            daemon=True, name=f"{SPAWNED_NAME}{rank}:{store.port}:{size}")
             p.start()
             peers.procs.append(p)
         rendezvous.wait_for_ranks(store, list(range(1, size)), peers.dead, timeout)
         try:
-            join(options.get("device", "auto"), 0, size, store)
+            join(options.get("device", "auto"), 0, size, store, peers)
         except Exception as e:  # a rank that died while joining: its own error, not the transport's
             peers.build_failed(e)
             raise
@@ -121,6 +151,7 @@ def _serve(engine_class, model, options: dict, rank: int, size: int, port: int |
     build the engine, replay rank 0's calls, leave the group; on any exception, log it, report it to rank 0 in the
     store and exit with code 1."""
     store = None
+    mp.current_process().name = f"nanovllm-tp-rank-{rank}"  # serving now: an LLM(...) here is no re-import
     try:
         if port is not None:
             store = rendezvous.connect(port, size, control.timeout_s())

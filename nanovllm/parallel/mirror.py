@@ -14,6 +14,7 @@ A replaying rank treats any exception as a bug: it propagates (``launch.py`` log
 import pickle
 import weakref
 
+from nanovllm.distributed import liveness
 from nanovllm.engine.engine import Engine
 from nanovllm.engine.sequence import Sequence
 from nanovllm.parallel import control
@@ -131,8 +132,21 @@ class EngineReplica:
         return True
 
 
+_DOING = {STEP: "running step", ADD_REQUEST: "adding request", ABORT: "aborting sequence",
+          RESET_PREFIX_CACHE: "resetting the prefix cache", RESET_STATS: "resetting stats", control.CLOSE: "closing"}
+
+
 def serve(engine: Engine) -> None:
-    """Replay rank 0's calls on ``engine`` until rank 0 closes it."""
+    """Replay rank 0's calls on ``engine`` until rank 0 closes it, saying which call it runs (its liveness beat,
+    ``distributed/liveness.py``)."""
     replica = EngineReplica(engine)
-    while replica(*control.receive()):
-        pass
+    calls = 0
+    while True:
+        liveness.doing(f"waiting for rank 0's call {calls + 1}")
+        op, arg, payload = control.receive()
+        calls += 1
+        if op == control.CLOSE:
+            liveness.stop(closing=True)  # rank 0 may end before this rank has left the group
+        liveness.doing(f"{_DOING.get(op, 'running op ' + str(op))} (call {calls})")
+        if not replica(op, arg, payload):
+            return

@@ -1,0 +1,214 @@
+"""Liveness of a tensor-parallel group: each rank says what it is doing, rank 0 learns within a bounded time that a
+peer stopped answering, and no rank outlives rank 0.
+
+Contract:
+* ``start(rank, size, connect, timeout_s, dead=None, kill=None)``, on every rank once it joined its group, runs a
+  daemon thread with its own store client (``connect()``).  Every ``BEAT_S`` it writes this rank's beat,
+  ``nanovllm/beat/<rank>`` = "<counter> <activity>", and reads the others':
+  - on rank r > 0: when the store cannot be reached (rank 0 hosted it and is gone), rank 0's counter has not moved
+    for ``timeout_s``, or rank 0 set the stop key, it logs why and ends the process (``os._exit(1)``, or 0 once the
+    rank was told to close): no rank outlives rank 0 by more than a few beats.
+  - on rank 0: a peer whose process ended (``dead()``: (rank, exit code) of the ranks rank 0 spawned), that
+    reported an error (``rendezvous.report_error``) or whose counter has not moved for ``timeout_s`` has failed.
+    ``failure()`` then names it and what its last beat said it was doing; the thread sets the stop key, ends the
+    peers' processes it can (``kill()``) and aborts the default group, so that a collective rank 0 waits in
+    returns with an error instead of waiting for the peer.
+* ``doing(activity)`` sets this rank's activity ("running step 57"), carried by its next beat.
+* ``wait(event)`` is ``event.synchronize()``, except on rank 0 of a watched group, where it polls ``event.query()``
+  and raises ``RuntimeError`` once a peer failed, or once it waited ``timeout_s`` (a peer alive but stuck).
+* ``stop(closing=False)`` ends rank 0's watch (before it tells the peers to close) or marks a peer as closing.
+* ``failure()``: what rank 0's watch found, kept until the next ``start``: a group that failed is left without
+  synchronising its device, whose queued collectives may never finish.
+* ``activities()``: what each peer's last beat said it was doing (rank 0), for the error that names a dead peer.
+* ``max_gap_s()``: the longest time rank 0 saw a peer's counter stand still: how close a legitimate wait came to
+  ``timeout_s`` (reported by ``describe``).
+"""
+import os
+import threading
+import time
+from typing import Callable
+
+import torch.distributed as dist
+
+from nanovllm.logger import logger
+
+BEAT_S = 0.5  # seconds between two beats (and two looks at the peers)
+STOP_KEY = "nanovllm/beat/stop"
+CLOSING_GRACE_S = 30.0  # a rank told to close that is still alive this long after rank 0 went ends itself
+
+
+def _beat_key(rank: int) -> str:
+    return f"nanovllm/beat/{rank}"
+
+
+class _Watch:
+    def __init__(self, rank, size, connect, timeout_s, dead, kill):
+        self.rank, self.size, self.connect, self.timeout_s = rank, size, connect, timeout_s
+        self.dead, self.kill = dead or (lambda: []), kill or (lambda: None)
+        self.activity = "joining the group"
+        self.failure: str | None = None
+        self.closing = False
+        self.stopped = threading.Event()
+        self.seen: dict[int, tuple[str, float]] = {}  # peer -> (its last beat, when rank 0 saw it change)
+        self.max_gap = 0.0
+        self.thread = threading.Thread(target=self._run, name=f"nanovllm-tp-liveness-{rank}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            store = self.connect()
+        except Exception as e:  # noqa: BLE001 - no store: rank 0 is already gone
+            self._peer_lost(f"its store could not be reached ({type(e).__name__}: {e})")
+            return
+        counter = 0
+        while not self.stopped.wait(BEAT_S):
+            counter += 1
+            try:
+                store.set(_beat_key(self.rank), f"{counter} {self.activity}")
+                if self.rank:
+                    self._watch_rank0(store)
+                elif self.failure is None:
+                    self._watch_peers(store)
+            except Exception as e:  # noqa: BLE001 - the store went with rank 0
+                if self.rank:
+                    self._peer_lost(f"rank 0's store stopped answering ({type(e).__name__})")
+                    return
+
+    # ---- rank r > 0 -------------------------------------------------------------------------------------
+    def _watch_rank0(self, store) -> None:
+        if store.check([STOP_KEY]):
+            self._peer_lost("rank 0 stopped the group (a rank failed)")
+        beat = store.get(_beat_key(0)).decode() if store.check([_beat_key(0)]) else ""
+        now = time.monotonic()
+        last, since = self.seen.get(0, (None, now))
+        if beat != last:
+            self.seen[0] = (beat, now)
+        elif now - since > self.timeout_s:
+            self._peer_lost(f"rank 0 has not answered for {now - since:.0f} s (NANOVLLM_TP_TIMEOUT_S="
+                            f"{self.timeout_s:g})")
+
+    def _peer_lost(self, why: str) -> None:
+        if self.closing:  # told to close: rank 0 may simply be done; give this rank's own exit a moment
+            if not self.stopped.wait(CLOSING_GRACE_S):
+                os._exit(0)
+            return
+        logger.error("tensor-parallel rank %d: %s; ending this process (it was %s)", self.rank, why, self.activity)
+        os._exit(1)
+
+    # ---- rank 0 -----------------------------------------------------------------------------------------
+    def _watch_peers(self, store) -> None:
+        from nanovllm.distributed.rendezvous import reported_errors
+        now = time.monotonic()
+        beats = {}
+        for peer in range(1, self.size):
+            key = _beat_key(peer)
+            beat = store.get(key).decode() if store.check([key]) else ""
+            last, since = self.seen.get(peer, (None, now))
+            if beat != last:
+                self.seen[peer] = (beat, now)
+                since = now
+            self.max_gap = max(self.max_gap, now - since)
+            beats[peer] = (beat.partition(" ")[2] or "starting", now - since)
+        problems = [f"rank {r} ({'exit code ' + str(c) if c is not None else 'ended'}) while {beats[r][0]}"
+                    for r, c in self.dead()]
+        errors = reported_errors(store, [r for r in beats if not any(r == d for d, _ in self.dead())])
+        problems += [f"rank {r} raised {e} while {beats[r][0]}" for r, e in errors.items()]
+        problems += [f"rank {r} has not answered for {gap:.0f} s (NANOVLLM_TP_TIMEOUT_S={self.timeout_s:g}), "
+                     f"last {doing}" for r, (doing, gap) in beats.items() if gap > self.timeout_s]
+        if problems:
+            self.fail("tensor-parallel peer(s) stopped answering: " + "; ".join(problems), store)
+
+    def fail(self, message: str, store=None) -> None:
+        """Record ``message`` as the group's failure, stop the peers and abort the default group (rank 0)."""
+        global _failure
+        if self.failure is not None:
+            return
+        self.failure = _failure = message
+        logger.error("%s; stopping the other ranks", message)
+        try:
+            if store is not None:
+                store.set(STOP_KEY, "1")
+            self.kill()
+        finally:
+            try:
+                if dist.is_initialized():
+                    dist.distributed_c10d._abort_process_group()
+            except Exception:  # noqa: BLE001 - a backend without abort: the killed peers close its connections
+                pass
+
+    def describe_peers(self) -> str:
+        now = time.monotonic()
+        return ", ".join(f"rank {r}: {beat.partition(' ')[2] or 'starting'} (changed {now - t:.0f} s ago)"
+                         for r, (beat, t) in sorted(self.seen.items())) or "no beat seen yet"
+
+
+_watch: _Watch | None = None
+_failure: str | None = None  # the last watch's failure, kept after it stopped (a broken group is not synchronised)
+
+
+def start(rank: int, size: int, connect: Callable, timeout_s: float, dead: Callable | None = None,
+          kill: Callable | None = None) -> None:
+    """Start this rank's beat and watch (see the module docstring); replaces an earlier one."""
+    global _watch, _failure
+    stop()
+    _failure = None
+    _watch = _Watch(rank, size, connect, timeout_s, dead, kill)
+    _watch.thread.start()
+
+
+def stop(closing: bool = False) -> None:
+    """Rank 0: end the watch (the peers are about to be closed).  Another rank with ``closing``: it was told to
+    close, so rank 0 going away is no longer a failure."""
+    global _watch
+    if _watch is None:
+        return
+    if closing and _watch.rank:
+        _watch.closing = True
+        return
+    _watch.stopped.set()
+    _watch = None
+
+
+def doing(activity: str) -> None:
+    """This rank's current activity, as its next beat reports it."""
+    if _watch is not None:
+        _watch.activity = activity
+
+
+def failure() -> str | None:
+    """What rank 0's watch found wrong with a peer (kept once the watch stopped, until the next ``start``), or
+    None."""
+    return _failure
+
+
+def activities() -> dict[int, str]:
+    """What each peer's last beat seen by rank 0's watch said it was doing, by rank ({} elsewhere)."""
+    watch = _watch
+    if watch is None or watch.rank:
+        return {}
+    return {r: beat.partition(" ")[2] for r, (beat, _) in list(watch.seen.items()) if beat}
+
+
+def max_gap_s() -> float | None:
+    """The longest a peer's beat stood still as rank 0 saw it, or None outside a watched group."""
+    return round(_watch.max_gap, 2) if _watch is not None and not _watch.rank else None
+
+
+def wait(event) -> None:
+    """Wait for ``event`` (see the module docstring)."""
+    watch = _watch
+    query = getattr(event, "query", None)
+    if watch is None or watch.rank or query is None:
+        event.synchronize()
+        return
+    start_t = time.monotonic()
+    pause = 20e-6
+    while not query():
+        if watch.failure is not None:
+            raise RuntimeError(watch.failure)
+        waited = time.monotonic() - start_t
+        if waited > watch.timeout_s:
+            watch.fail(f"tensor-parallel rank 0 waited {waited:.0f} s for a step that needs every rank "
+                       f"(NANOVLLM_TP_TIMEOUT_S={watch.timeout_s:g}); {watch.describe_peers()}")
+            raise RuntimeError(watch.failure)
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
