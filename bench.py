@@ -183,7 +183,12 @@ def run_once(llm, args, info: dict) -> dict:
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
     engine = llm.engine
     if args.repetition_penalty != 1:  # the variant's graphs, built when first asked for, are built before timing
-        engine.runner.executor.build_variant_graphs("processed")
+        if engine.config.tensor_parallel_size > 1:  # on every rank: through mirrored steps, one per decode bucket
+            for bs in engine.config.graph_batch_sizes:
+                llm.generate([[1, 2, 3, 4]] * bs, SamplingParams(max_tokens=2, repetition_penalty=1.1),
+                             use_tqdm=False)
+        else:
+            engine.runner.executor.build_variant_graphs("processed")
     engine.reset_stats()
     engine.reset_prefix_cache()  # a repeated run must prefill in full, like the first
     cuda = info["device_type"] == "cuda"
@@ -233,8 +238,10 @@ def bench_process(args) -> list[dict]:
     if info["device_type"] == "cuda":
         device = kwargs.get("device", "cuda")
         bandwidth = copy_bandwidth(device if device.startswith("cuda") else "cuda")
+    waits = {k: v for k, v in llm.engine.describe().items() if k.startswith("tp_")}  # tensor parallelism's
     for r in results:
         add_floor(r, info, bandwidth)
+        r.update(waits)
     return results
 
 

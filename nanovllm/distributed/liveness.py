@@ -1,27 +1,15 @@
 """Liveness of a tensor-parallel group: each rank says what it is doing, rank 0 learns within a bounded time that a
 peer stopped answering, and no rank outlives rank 0.
 
-Contract:
-* ``start(rank, size, connect, timeout_s, dead=None, kill=None)``, on every rank once it joined its group, runs a
-  daemon thread with its own store client (``connect()``).  Every ``BEAT_S`` it writes this rank's beat,
-  ``nanovllm/beat/<rank>`` = "<counter> <activity>", and reads the others':
-  - on rank r > 0: when the store cannot be reached (rank 0 hosted it and is gone), rank 0's counter has not moved
-    for ``timeout_s``, or rank 0 set the stop key, it logs why and ends the process (``os._exit(1)``, or 0 once the
-    rank was told to close): no rank outlives rank 0 by more than a few beats.
-  - on rank 0: a peer whose process ended (``dead()``: (rank, exit code) of the ranks rank 0 spawned), that
-    reported an error (``rendezvous.report_error``) or whose counter has not moved for ``timeout_s`` has failed.
-    ``failure()`` then names it and what its last beat said it was doing; the thread sets the stop key, ends the
-    peers' processes it can (``kill()``) and aborts the default group, so that a collective rank 0 waits in
-    returns with an error instead of waiting for the peer.
-* ``doing(activity)`` sets this rank's activity ("running step 57"), carried by its next beat.
-* ``wait(event)`` is ``event.synchronize()``, except on rank 0 of a watched group, where it polls ``event.query()``
-  and raises ``RuntimeError`` once a peer failed, or once it waited ``timeout_s`` (a peer alive but stuck).
-* ``stop(closing=False)`` ends rank 0's watch (before it tells the peers to close) or marks a peer as closing.
-* ``failure()``: what rank 0's watch found, kept until the next ``start``: a group that failed is left without
-  synchronising its device, whose queued collectives may never finish.
-* ``activities()``: what each peer's last beat said it was doing (rank 0), for the error that names a dead peer.
-* ``max_gap_s()``: the longest time rank 0 saw a peer's counter stand still: how close a legitimate wait came to
-  ``timeout_s`` (reported by ``describe``).
+``start`` (every rank, once it joined) runs a thread that writes this rank's beat, "<counter> <activity>", to the
+group's store every ``BEAT_S`` (``doing`` sets the activity) and reads the others'.  A rank r > 0 ends its process
+when rank 0's store is gone, its beat stood still for ``timeout_s`` or it set the stop key.  On rank 0, a peer whose
+process ended, that reported an error, or whose beat stood still for ``timeout_s`` has failed: ``failure()`` names it
+and what it was doing, and the thread sets the stop key, kills the peers it can and aborts the default group, so a
+collective waiting for the peer returns.  ``wait(event)`` is rank 0's bounded ``event.synchronize()``: it raises
+once a peer failed or after ``timeout_s`` (a peer alive but stuck).  ``failure()`` outlives the watch (a failed
+group's queued collectives may never finish: it is not synchronised); ``activities()`` and ``longest_waits()``
+report the peers' last activities and how close legitimate waits came to ``timeout_s``.
 """
 import os
 import threading
@@ -51,6 +39,7 @@ class _Watch:
         self.stopped = threading.Event()
         self.seen: dict[int, tuple[str, float]] = {}  # peer -> (its last beat, when rank 0 saw it change)
         self.max_gap = 0.0
+        self.max_wait = 0.0  # the longest ``wait`` of rank 0 for a step
         self.thread = threading.Thread(target=self._run, name=f"nanovllm-tp-liveness-{rank}", daemon=True)
 
     def _run(self) -> None:
@@ -188,9 +177,14 @@ def activities() -> dict[int, str]:
     return {r: beat.partition(" ")[2] for r, (beat, _) in list(watch.seen.items()) if beat}
 
 
-def max_gap_s() -> float | None:
-    """The longest a peer's beat stood still as rank 0 saw it, or None outside a watched group."""
-    return round(_watch.max_gap, 2) if _watch is not None and not _watch.rank else None
+def longest_waits() -> dict:
+    """Rank 0's longest legitimate waits so far, against ``timeout_s``: ``tp_max_beat_gap_s`` (the longest a peer's
+    beat stood still) and ``tp_max_step_wait_s`` (the longest ``wait`` for a step); {} outside a watched group."""
+    watch = _watch
+    if watch is None or watch.rank:
+        return {}
+    return {"tp_max_beat_gap_s": round(watch.max_gap, 2), "tp_max_step_wait_s": round(watch.max_wait, 3),
+            "tp_timeout_s": watch.timeout_s}
 
 
 def wait(event) -> None:
@@ -212,3 +206,4 @@ def wait(event) -> None:
             raise RuntimeError(watch.failure)
         time.sleep(pause)
         pause = min(pause * 2, 1e-3)
+    watch.max_wait = max(watch.max_wait, time.monotonic() - start_t)

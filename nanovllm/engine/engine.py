@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from nanovllm.config import EngineConfig
+from nanovllm.distributed import liveness
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.outputs import SequenceOutput, StepResult
@@ -76,7 +77,7 @@ class Engine:
         return {"platform": self.platform.name, "device": self.platform.arch(), **self.runner.describe(),
                 "graph_batch_sizes": list(cfg.graph_batch_sizes), "max_num_seqs": cfg.max_num_seqs,
                 "max_num_batched_tokens": cfg.max_num_batched_tokens, "pipeline_depth": cfg.pipeline_depth,
-                "kernel_options": self.platform.options.as_dict()}
+                "kernel_options": self.platform.options.as_dict(), **liveness.longest_waits()}
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     images: ImageInputs | None = None) -> Sequence:

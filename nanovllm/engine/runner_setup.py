@@ -1,8 +1,12 @@
 """The start-up runs of a ``ModelRunner`` (``model_runner.py``) beside its step launches: calibrating an FP8 KV
 cache's scales, probing the peak memory of the largest step before the KV cache is sized, and warming the
 largest uncaptured prefill so its activations sit in the caching allocator before the first request.
-Each takes the runner and reads its model, builders, specs and config; none changes what a step computes."""
+Each takes the runner and reads its model, builders, specs and config; none changes what a step computes.  Under
+tensor parallelism every rank runs the same of them (what could differ, whether the checkpoint holds scales, is
+agreed), so their collectives pair up."""
 import torch
+
+import nanovllm.distributed as distributed
 
 from nanovllm.engine.kv_cache import KVCacheSpec
 from nanovllm.layers.sampler import sample
@@ -17,9 +21,10 @@ def set_kv_scales(runner) -> str:
     "checkpoint", "one", or the calibration ("tensor", "head") over ``CALIBRATION_TOKENS`` random tokens.
     Without checkpoint scales ``auto`` calibrates per head, the scheme that measured best."""
     choice, cfg = runner.config.kv_cache_scales, runner.config
-    if choice == "auto" and cfg.load_format == "safetensors" and \
-            kv_scales.load_checkpoint_scales(runner.model, checkpoint_files(cfg.model)):
-        return "checkpoint"
+    if choice == "auto" and cfg.load_format == "safetensors":
+        found = kv_scales.load_checkpoint_scales(runner.model, checkpoint_files(cfg.model))
+        if distributed.agree_min(int(found), runner.device):  # every rank calibrates, or none (its collectives)
+            return "checkpoint"
     if choice == "one":
         return "one"
     choice = "head" if choice == "auto" else choice

@@ -1,6 +1,5 @@
 """The control channel of a tensor-parallel group, and rank 0's handle on the other ranks.
 
-Contract:
 * ``open_channel`` (every rank, right after joining the default group) makes the gloo group calls travel on; it
   never times out, since rank 0 may idle for hours between two calls.  ``leave_group`` forgets it and leaves the
   default group: this process is a rank of one again.
@@ -12,8 +11,8 @@ Contract:
   ``build_failed`` (rank 0's build failed) raise ``RuntimeError`` naming each dead rank, its exit code and the
   error it reported (``distributed/rendezvous.py``), chaining the collective's; later calls raise at once;
   ``close`` sends ``CLOSE``, leaves the group, ends spawned ranks and never raises for a peer already gone.
-* ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 30), seconds a default-group collective waits for a peer,
-  and how long a peer may stop answering (``distributed/liveness.py``) before rank 0 raises.
+* ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 30): a collective's wait, and how long a peer may stop
+  answering (``distributed/liveness.py``) before rank 0 raises.
 """
 import collections
 import datetime

@@ -8,14 +8,11 @@ before it builds rank 0's engine, returns rank 0's peers (``control.py``) or Non
 * Under torchrun (``RANK``, ``WORLD_SIZE`` > 1, ``MASTER_ADDR`` set): joins torchrun's env:// group; N must equal
   ``WORLD_SIZE`` (``ValueError``).  Rank 0 returns; any other rank builds its engine, replays rank 0's calls
   (``mirror.serve``) until rank 0 closes, leaves the group and ends its process (exit code 0) inside ``start``.
-* A rank other than 0 builds ``engine_class(config)`` (importable in a spawned process) with the options of its
-  rank (``rank_options``).  Any exception there ends it: it logs the traceback, reports "TypeName: message" in the
-  store (``rendezvous.report_error``) and exits with code 1, so that rank 0's next call or collective fails and
-  raises ``RuntimeError`` carrying that message (``control.py``) instead of waiting for it.
-* Options are validated (``EngineConfig``) before any process starts or any group is joined.
-* A script that builds its ``LLM`` at module level (no ``if __name__ == "__main__":``) builds it again in each
-  spawned rank as it re-imports the script: that call raises ``RuntimeError`` saying so, reported to rank 0, whose
-  ``start`` raises it naming the rank.
+* A rank other than 0 builds ``engine_class(config)`` (importable in a spawned process) with its rank's options.
+  Any exception there ends it: it logs the traceback, reports "TypeName: message" in the store and exits with
+  code 1, so that rank 0's next call fails, raising ``RuntimeError`` with that message (``control.py``).
+* Options are validated (``EngineConfig``) before any process starts.  A script that builds its ``LLM`` at module
+  level builds it again in each spawned rank (spawn re-imports the main module): that raises, saying so, on rank 0.
 """
 import atexit
 import functools
