@@ -204,3 +204,43 @@ def test_an_engine_built_at_module_level_is_refused_with_the_reason(tmp_path, mo
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "rank 1" in out and 'if __name__ == "__main__":' in out and "script.py" in out, out
+
+
+def _one_shot_on_rank(rank: int, port: int, made_before: bool, results) -> None:
+    import torch.distributed as dist
+
+    from nanovllm import distributed
+    from nanovllm.distributed import collectives
+    distributed.init_process_group("gloo", rank, 2, init_method=f"tcp://127.0.0.1:{port}", timeout_s=20)
+    collectives._rendezvous_made = made_before and rank == 0  # rank 0 on its second group, rank 1 fresh
+    results[rank] = collectives.one_shot_allowed("cpu")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("made_before", [False, True], ids=["first-group", "rank-0s-second-group"])
+def test_a_group_takes_the_one_shot_all_reduce_only_where_no_rank_made_a_rendezvous_before(made_before):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        within_bound(lambda: mp.spawn(_one_shot_on_rank, args=(_free_port(), made_before, results), nprocs=2),
+                     "the ranks disagree")
+        assert dict(results) == {0: not made_before, 1: not made_before}
+
+
+def test_a_teardown_that_hangs_is_given_up_and_named_when_joining_again(monkeypatch):
+    from nanovllm import distributed
+    from nanovllm.distributed import group
+    from nanovllm.parallel import control
+    monkeypatch.setattr(group, "_abandoned", None)
+    start = time.monotonic()
+    control._bounded(lambda: time.sleep(5), 0.2)
+    assert time.monotonic() - start < 2
+    assert distributed.current() == distributed.TensorParallel(0, 1)
+    with pytest.raises(RuntimeError, match="took over 0.2 s; start a new process"):
+        distributed.init_process_group("gloo", 0, 1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+
+
+def test_a_closed_worker_ends_with_exit_code_0(model):
+    llm = LLM(model, tensor_parallel_size=2, **ENGINE)
+    procs = list(llm.engine.peers.procs)
+    llm.close()
+    assert [p.exitcode for p in procs] == [0]

@@ -11,28 +11,48 @@ with a traced implementation registered (``nanovllm/traced.py``; the NPU platfor
 Dynamo traces that in place of the op.
 
 On CUDA, ``use_one_shot_all_reduce`` routes the all-reduces of up to a given size (a decode step's) through
-PyTorch's symmetric-memory one-shot kernel instead of NCCL; larger all-reduces (prefill) stay on NCCL.
+PyTorch's symmetric-memory one-shot kernel instead of NCCL; larger all-reduces (prefill) stay on NCCL, and so do all
+of a group one of whose processes took part in an earlier group's rendezvous (``one_shot_allowed``).
 """
 import torch
 import torch.distributed as dist
 
 from nanovllm import traced
 from nanovllm.distributed.group import current
+from nanovllm.logger import logger
 
 
 _one_shot: dict = {}  # dtype -> (symmetric buffer, group name), set by ``use_one_shot_all_reduce``
 
 
-def use_one_shot_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int) -> None:
+_rendezvous_made = False  # this process made a symmetric-memory rendezvous, in this group or an earlier one
+
+
+def use_one_shot_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int) -> bool:
     """Make all-reduces of at most ``max_numel`` elements of ``dtype`` take the symmetric-memory one-shot kernel
-    (CUDA, every rank of the group must call it: the buffer's rendezvous is collective)."""
+    (CUDA, every rank of the group must call it: the buffer's rendezvous is collective).  Returns whether they do:
+    not where any rank's process made a rendezvous in an earlier group (agreed), since PyTorch numbers a process's
+    rendezvous from its start, so a fresh rank and a rank 0 on its second group would wait on different keys; those
+    all-reduces then stay on NCCL."""
     # Each rank copies its part into a buffer its peers map over NVLink, then every rank sums all parts with peer
     # loads.  No multicast object is made (``group.py`` sets ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``).
+    global _rendezvous_made
+    if not one_shot_allowed(device):
+        logger.info("tensor parallelism: a rank made a symmetric-memory rendezvous in an earlier group of its "
+                    "process; this group's all-reduces all take NCCL")
+        return False
     import torch.distributed._symmetric_memory as symm_mem
     group = dist.group.WORLD.group_name
     buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)
+    _rendezvous_made = True
     symm_mem.rendezvous(buffer, group)
     _one_shot[dtype] = (buffer, group)
+    return True
+
+
+def one_shot_allowed(device=None) -> bool:
+    """Whether no rank of the group made a symmetric-memory rendezvous before (every rank gets the same answer)."""
+    return agree_min(0 if _rendezvous_made else 1, device) == 1
 
 
 def release_one_shot_all_reduce() -> None:

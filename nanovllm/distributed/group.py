@@ -5,7 +5,8 @@ layers read them to size their shards) and read by the collectives.
 platform names it) and records the rank and size.  Every process nanovllm starts keeps NVLink multicast off
 (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``): on shared machines a multicast object can take
 the host's GPUs out of service.  A group whose rank 0 spawned the others meets through rank 0's store
-(``rendezvous.py``), so a rank that dies before joining is seen at once.
+(``rendezvous.py``), so a rank that dies before joining is seen at once.  A group whose teardown hung is given up
+(``abandon_group``): the process then refuses to join another.
 """
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from nanovllm import envs
+from nanovllm.logger import logger
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
@@ -28,6 +30,16 @@ class TensorParallel:
 
 
 _current = TensorParallel()
+_abandoned: str | None = None  # why this process gave its last group up without leaving it
+
+
+def abandon_group(reason: str) -> None:
+    """Give up a group this process could not leave (its teardown hangs): it is a rank of one again, and joining
+    another group raises ``RuntimeError`` naming ``reason``."""
+    global _abandoned
+    logger.warning("%s; giving the group up (its device memory is freed when this process ends)", reason)
+    _abandoned = reason
+    set_current(TensorParallel())
 
 
 def current() -> TensorParallel:
@@ -47,6 +59,9 @@ def init_process_group(backend: str, rank: int, size: int, init_method: str | No
     """Join the default process group of ``size`` ranks as ``rank`` and make it current: through ``store`` when
     given (``rendezvous.py``), else ``init_method`` (None: env://, as torchrun sets it)."""
     import datetime
+    if _abandoned is not None:
+        raise RuntimeError(f"this process cannot join another tensor-parallel group: {_abandoned}; start a new "
+                           f"process for the next tensor-parallel engine")
     for key, value in NO_MULTICAST.items():  # process-wide: NCCL reads them when the group forms
         os.environ[key] = value
         envs.note_process_setting(key, value)

@@ -16,6 +16,7 @@
 """
 import collections
 import datetime
+import threading
 import time
 
 import torch
@@ -27,6 +28,7 @@ from nanovllm.distributed import liveness, rendezvous
 
 CLOSE = -1  # the op that ends a rank's replay
 MAX_IN_FLIGHT = 16
+ABORT_BOUND_S = 30.0  # how long leaving an NCCL group may take before this process gives the group up
 _control = None  # the gloo group calls travel on
 _in_flight: collections.deque = collections.deque()  # ([work], [tensor]) of each send not yet seen complete
 _header = torch.zeros(3, dtype=torch.int64)  # a receiving rank's
@@ -80,7 +82,7 @@ def receive() -> tuple[int, int, bytes]:
 def leave_group() -> None:
     """Forget the control group and leave the default one.  NCCL groups are aborted after a device sync, not
     destroyed: ``destroy_process_group`` waits on every rank's teardown and can hang at exit; the sync means no
-    work is in flight, so the abort loses nothing."""
+    work is in flight, so the abort loses nothing.  The abort itself is bounded (``ABORT_BOUND_S``)."""
     global _control
     _control = None
     _in_flight.clear()
@@ -90,10 +92,20 @@ def leave_group() -> None:
         if dist.get_backend() == "nccl":
             if liveness.failure() is None:  # a failed group's queued collectives may never finish
                 torch.cuda.synchronize()
-            dist.distributed_c10d._abort_process_group()
+            _bounded(dist.distributed_c10d._abort_process_group, ABORT_BOUND_S)
         else:
             dist.destroy_process_group()
     distributed.set_current(distributed.TensorParallel())
+
+
+def _bounded(teardown, seconds: float) -> None:
+    """Run ``teardown`` (NCCL's abort) in a thread for at most ``seconds``.  Past that, this process gives the group
+    up (``distributed.abandon_group``: a later group in it raises, naming why) rather than wait without end."""
+    thread = threading.Thread(target=teardown, name="nanovllm-tp-abort", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        distributed.abandon_group(f"tearing down the last tensor-parallel group (NCCL's abort) took over {seconds:g} s")
 
 
 class _Peers:

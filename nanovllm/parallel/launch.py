@@ -7,7 +7,7 @@ before it builds rank 0's engine, returns rank 0's peers (``control.py``) or Non
   process and this process a rank of one.
 * Under torchrun (``RANK``, ``WORLD_SIZE`` > 1, ``MASTER_ADDR`` set): joins torchrun's env:// group; N must equal
   ``WORLD_SIZE`` (``ValueError``).  Rank 0 returns; any other rank builds its engine, replays rank 0's calls
-  (``mirror.serve``) until rank 0 closes, leaves the group and ends its process (exit code 0) inside ``start``.
+  (``mirror.serve``) until rank 0 closes, and ends its process (exit code 0) inside ``start``.
 * A rank other than 0 builds ``engine_class(config)`` (importable in a spawned process) with its rank's options.
   Any exception there ends it: it logs the traceback, reports "TypeName: message" in the store and exits with
   code 1, so that rank 0's next call fails, raising ``RuntimeError`` with that message (``control.py``).
@@ -89,8 +89,7 @@ def start(model, options: dict, engine_class):
             peers = control.TorchrunPeers(world)
             atexit.register(peers.close)
             return peers
-        _serve(engine_class, model, options, rank, world)
-        raise SystemExit(0)
+        _serve(engine_class, model, options, rank, world)  # ends the process
     if isinstance(size, int) and size > 1:
         EngineConfig(model=model, **options)  # bad options fail here, before any process starts
         return _spawn(engine_class, model, options, size)
@@ -145,8 +144,10 @@ def _spawn(engine_class, model, options: dict, size: int) -> control.SpawnedPeer
 
 def _serve(engine_class, model, options: dict, rank: int, size: int, port: int | None = None) -> None:
     """A rank other than 0: join through rank 0's store on ``port`` (a spawned rank; torchrun's joined already),
-    build the engine, replay rank 0's calls, leave the group; on any exception, log it, report it to rank 0 in the
-    store and exit with code 1."""
+    build the engine, replay rank 0's calls until ``CLOSE`` (the engine is closed then, its device synchronised) and
+    end the process with code 0 without tearing the group down: NCCL's abort or destroy can wait on a peer, and the
+    process's end frees all it held.  On any exception, log it, report it to rank 0 in the store and exit with
+    code 1."""
     store = None
     mp.current_process().name = f"nanovllm-tp-rank-{rank}"  # serving now: an LLM(...) here is no re-import
     try:
@@ -154,9 +155,11 @@ def _serve(engine_class, model, options: dict, rank: int, size: int, port: int |
             store = rendezvous.connect(port, size, control.timeout_s())
             join(options.get("device", "auto"), rank, size, store)
         mirror.serve(engine_class(EngineConfig(model=model, **rank_options(options))))
-        control.leave_group()
     except BaseException as e:  # noqa: BLE001 - rank 0 must see it, not wait for this rank
         logger.exception("tensor-parallel rank %d failed; ending its process with exit code 1", rank)
         rendezvous.report_error(store if store is not None else rendezvous.group_store(), rank, e)
         sys.stderr.flush()
         os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
