@@ -183,12 +183,7 @@ def run_once(llm, args, info: dict) -> dict:
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up, as nano-vllm does
     engine = llm.engine
     if args.repetition_penalty != 1:  # the variant's graphs, built when first asked for, are built before timing
-        if engine.config.tensor_parallel_size > 1:  # on every rank: through mirrored steps, one per decode bucket
-            for bs in engine.config.graph_batch_sizes:
-                llm.generate([[1, 2, 3, 4]] * bs, SamplingParams(max_tokens=2, repetition_penalty=1.1),
-                             use_tqdm=False)
-        else:
-            engine.runner.executor.build_variant_graphs("processed")
+        engine.build_variant_graphs("processed")  # on every rank of a tensor-parallel engine
     engine.reset_stats()
     engine.reset_prefix_cache()  # a repeated run must prefill in full, like the first
     cuda = info["device_type"] == "cuda"
@@ -222,13 +217,6 @@ def run_once(llm, args, info: dict) -> dict:
 def bench_process(args) -> list[dict]:
     """Build the engine at ``--bs`` and time the workload ``--repeat`` times."""
     kwargs = llm_kwargs(args, args.bs)
-    # The copy ceiling of the floor, measured before the engine exists and its memory given back: measured after
-    # the timed runs (to keep its 2 GiB test from disturbing them), it hung on rank 0 of a two-GPU engine.
-    bandwidth = None
-    device = kwargs.get("device", "auto")
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        bandwidth = copy_bandwidth(device if device.startswith("cuda") else "cuda")
-        torch.cuda.empty_cache()
     t = time.perf_counter()
     llm = LLM(args.model, **kwargs)
     init_seconds = time.perf_counter() - t
@@ -241,6 +229,12 @@ def bench_process(args) -> list[dict]:
         print(f"Total: {r['tokens']}tok, Time: {r['seconds']:.2f}s, Throughput: {r['tok_per_s']:.2f}tok/s",
               flush=True)
     waits = {k: v for k, v in llm.engine.describe().items() if k.startswith("tp_")}  # tensor parallelism's
+    llm.close()
+    # the copy ceiling: after the timed runs (PERFORMANCE.md) and the close (beside a live TP=2 engine it hung)
+    bandwidth = None
+    if info["device_type"] == "cuda":
+        device = kwargs.get("device", "cuda")
+        bandwidth = copy_bandwidth(device if device.startswith("cuda") else "cuda")
     for r in results:
         add_floor(r, info, bandwidth)
         r.update(waits)

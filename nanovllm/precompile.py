@@ -56,7 +56,7 @@ def main(argv=None):
           f"compiling; cache {d['compile_cache']}; step {d['step_origin']}; key {entry.key} at {entry.entry}")
     for variant in args.variants:
         start = time.perf_counter()
-        executor.build_variant_graphs(variant)
+        llm.engine.build_variant_graphs(variant)  # on every rank of a tensor-parallel engine
         print(f"{variant} variant: {time.perf_counter() - start:.1f} s for buckets "
               f"{executor.variant_graph_sizes(variant)}")
 

@@ -49,6 +49,10 @@ class FakeLLM:
     def __init__(self, model, short_by: int = 0, **kwargs):
         self.model, self.kwargs = model, kwargs
         self.engine = FakeEngine(short_by)
+        self.closed = False
+
+    def close(self):
+        self.closed = True
 
     def generate(self, prompts, params, use_tqdm=True):
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -131,7 +135,7 @@ def test_a_run_uses_the_public_engine_api_and_reports_describe(monkeypatch, tmp_
     assert r["prefill_step_ms"] == [250.0] and r["decode_by_batch"] == {"1-15": {"steps": 1, "seconds": 0.1}}
     out = capsys.readouterr().out
     assert out.count(f"Total: {r['tokens']}tok, Time: ") == 2 and "Throughput: " in out
-    assert (tmp_path / "r.json").is_file()
+    assert (tmp_path / "r.json").is_file() and built[0].closed  # closed before the copy-bandwidth test
 
 
 def test_dummy_weights_without_model_use_the_synthesized_checkpoint(monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ ranks (gloo):
 * rank 0 killed with SIGKILL takes its worker with it within seconds; a script that ends without closing exits by
   itself, and one that builds a TP engine at module level (no ``__main__`` guard) is told so.
 Each wait runs with a bound, so that a regression fails the test instead of hanging it."""
+import json
 import os
 import re
 import signal
@@ -244,3 +245,21 @@ def test_a_closed_worker_ends_with_exit_code_0(model):
     procs = list(llm.engine.peers.procs)
     llm.close()
     assert [p.exitcode for p in procs] == [0]
+
+
+@pytest.mark.slow
+def test_precompile_at_two_ranks_builds_every_ranks_variant_and_exits(tmp_path, model):
+    """``python -m nanovllm.precompile ... --tensor-parallel-size 2 --variants processed``: the variant's graphs are
+    built on both ranks through the mirrored engine (rank 0 alone would wait in their collectives), and the
+    command exits by itself; each rank's compile-cache entry is written."""
+    env = dict(os.environ, NANOVLLM_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "nanovllm.precompile", "--model", model, "--tensor-parallel-size", "2",
+           "--device", "cpu", "--graph-batch-sizes", "2", "--max-num-seqs", "2", "--max-model-len", "64",
+           "--kvcache-block-size", "16", "--num-kvcache-blocks", "16", "--variants", "processed"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "processed variant:" in done.stdout, done.stdout
+    manifests = list((tmp_path / "cache" / "compile").glob("*/manifest.json"))
+    ranks = {json.loads(m.read_text())["fields"]["rank"] for m in manifests}
+    assert ranks == {0, 1}, manifests

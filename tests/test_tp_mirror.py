@@ -68,6 +68,9 @@ class StubEngine:
     def reset_stats(self):
         self.log.append(("reset_stats",))
 
+    def build_variant_graphs(self, variant):
+        self.log.append(("build", variant))
+
 
 class LoopbackPeers:
     """Sends each call straight into ``replica``, logging it in the shared log."""
@@ -101,10 +104,13 @@ def test_the_replica_replays_rank_0s_calls_in_order(pair):
     assert engine.abort(seq) and not engine.abort(seq)  # the second: finished everywhere, nothing sent
     engine.reset_prefix_cache()
     engine.reset_stats()
+    engine.build_variant_graphs("processed")  # sent first, as a step is: capturing runs the collectives
     assert log == [("add", 0), ("send", mirror.ADD_REQUEST), ("send", mirror.STEP), ("step",), ("abort", 0),
                    ("send", mirror.ABORT), ("abort", 0), ("reset_prefix_cache",), ("send", mirror.RESET_PREFIX_CACHE),
-                   ("reset_stats",), ("send", mirror.RESET_STATS)]
-    assert replica_log == [("add", 0), ("step",), ("abort", 0), ("reset_prefix_cache",), ("reset_stats",)]
+                   ("reset_stats",), ("send", mirror.RESET_STATS), ("send", mirror.BUILD_VARIANT_GRAPHS),
+                   ("build", "processed")]
+    assert replica_log == [("add", 0), ("step",), ("abort", 0), ("reset_prefix_cache",), ("reset_stats",),
+                           ("build", "processed")]
     engine.close()
     assert engine.peers.closed
 

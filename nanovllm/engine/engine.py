@@ -71,6 +71,11 @@ class Engine:
         """Forget every cached prefix (blocks in use stay), so the next prompts are computed in full."""
         self.block_manager.reset_prefix_cache()
 
+    def build_variant_graphs(self, variant: str) -> None:
+        """Build ``variant``'s graph of every decode bucket now (``nanovllm.step.VARIANTS``), rather than when a
+        batch first asks for it: before a timed run, or ahead of time (``python -m nanovllm.precompile``)."""
+        self.runner.executor.build_variant_graphs(variant)
+
     def describe(self) -> dict:
         """What this engine runs: platform, device, dtype, mode, KV cache, graphs, start-up phases, options."""
         cfg = self.config

@@ -10,7 +10,7 @@
 * ``SpawnedPeers`` and ``TorchrunPeers``: ``send``, ``failed`` (a call failed after the peers had it) and
   ``build_failed`` (rank 0's build failed) raise ``RuntimeError`` naming each dead rank, its exit code and the
   error it reported (``distributed/rendezvous.py``), chaining the collective's; later calls raise at once;
-  ``close`` sends ``CLOSE``, leaves the group, ends spawned ranks and never raises for a peer already gone.
+  ``close`` sends ``CLOSE``, ends spawned ranks, leaves the group and never raises for a peer already gone.
 * ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 30): a collective's wait, and how long a peer may stop
   answering (``distributed/liveness.py``) before rank 0 raises.
 """
@@ -200,7 +200,7 @@ class SpawnedPeers(_Peers):
                 p.kill()
 
     def close(self, serving: bool = True) -> None:
-        """Send ``CLOSE``, leave the group with the peers and join them.  ``serving=False`` (rank 0 failed before
+        """Send ``CLOSE``, join the peers, then leave the group.  ``serving=False`` (rank 0 failed before
         they served calls; each may wait in a collective of its engine's start), a peer that cannot be told, or
         one alive after 30 s: ended by signal.  Idempotent."""
         if self.closed:
@@ -215,17 +215,14 @@ class SpawnedPeers(_Peers):
             except RuntimeError:  # a peer died since the check (gloo: connection closed)
                 told = False
         try:
-            if told:
-                leave_group()  # the peers leave too, on CLOSE
-        finally:
-            for p in self.procs:
+            for p in self.procs:  # told: each closes its engine and ends its process
                 if not told:
                     p.terminate()
                 p.join(timeout=30)
                 if p.is_alive():
                     p.kill()
-            if not told:
-                leave_group()
+        finally:
+            leave_group()  # once the peers are gone: nothing of theirs still waits on this rank's teardown
 
 
 class TorchrunPeers(_Peers):

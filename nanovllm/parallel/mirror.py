@@ -19,7 +19,7 @@ from nanovllm.engine.engine import Engine
 from nanovllm.engine.sequence import Sequence
 from nanovllm.parallel import control
 
-STEP, ADD_REQUEST, ABORT, RESET_PREFIX_CACHE, RESET_STATS = range(5)
+STEP, ADD_REQUEST, ABORT, RESET_PREFIX_CACHE, RESET_STATS, BUILD_VARIANT_GRAPHS = range(6)
 
 
 class _Read:
@@ -43,7 +43,7 @@ class _Read:
 class MirroredEngine:
     """Rank 0's ``engine`` at N > 1 (see the module docstring); ``peers`` is ``control.SpawnedPeers`` or
     ``control.TorchrunPeers``."""
-    MIRRORED = ("add_request", "step", "abort", "reset_prefix_cache", "reset_stats", "close")
+    MIRRORED = ("add_request", "step", "abort", "reset_prefix_cache", "reset_stats", "build_variant_graphs", "close")
     READ_ONLY = ("config", "platform", "runner", "block_manager", "scheduler", "pipeline", "stats", "step_log",
                  "describe", "has_work")
 
@@ -89,8 +89,17 @@ class MirroredEngine:
         self._engine.reset_stats()
         self.peers.send(RESET_STATS)
 
+    def build_variant_graphs(self, variant: str) -> None:
+        """Sent first, as ``step`` is: capturing the graphs runs the step's collectives on every rank."""
+        self.peers.send(BUILD_VARIANT_GRAPHS, payload=variant.encode())
+        try:
+            self._engine.build_variant_graphs(variant)
+        except BaseException as e:
+            self.peers.failed(e)
+            raise
+
     def close(self) -> None:
-        """Close the other ranks (each closes its engine and leaves the group), then rank 0's engine."""
+        """Close the other ranks (each closes its engine and ends its process), then rank 0's engine."""
         try:
             self.peers.close()
         finally:
@@ -122,6 +131,8 @@ class EngineReplica:
             engine.reset_prefix_cache()
         elif op == RESET_STATS:
             engine.reset_stats()
+        elif op == BUILD_VARIANT_GRAPHS:
+            engine.build_variant_graphs(payload.decode())
         elif op == control.CLOSE:
             close = getattr(engine, "close", None)
             if close is not None:
@@ -133,7 +144,8 @@ class EngineReplica:
 
 
 _DOING = {STEP: "running step", ADD_REQUEST: "adding request", ABORT: "aborting sequence",
-          RESET_PREFIX_CACHE: "resetting the prefix cache", RESET_STATS: "resetting stats", control.CLOSE: "closing"}
+          RESET_PREFIX_CACHE: "resetting the prefix cache", RESET_STATS: "resetting stats",
+          BUILD_VARIANT_GRAPHS: "building variant graphs", control.CLOSE: "closing"}
 
 
 def serve(engine: Engine) -> None:
