@@ -16,6 +16,24 @@ TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_la
             bos_token_id=1, eos_token_id=2)
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is neither a zombie nor dead (an orphan's zombie may never be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def ends_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` stops ``running`` within ``seconds``."""
+    import time
+    deadline = time.monotonic() + seconds
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not running(pid)
+
+
 def make_config(arch: str, **overrides):
     import transformers
     kw = dict(TINY, **overrides)

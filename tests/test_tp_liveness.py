@@ -22,7 +22,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import build_checkpoint
+from conftest import build_checkpoint, ends_within, running
 from nanovllm import LLM, SamplingParams
 from test_tp_collectives import _free_port
 from test_tp_sizes import spawned_workers
@@ -161,14 +161,6 @@ def _run_script(tmp_path, model, mode: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except FileNotFoundError:
-        return False
-
-
 def _worker_pid(proc: subprocess.Popen) -> int:
     for line in proc.stdout:
         if line.startswith("WORKER"):
@@ -181,13 +173,10 @@ def test_rank_0_killed_takes_its_worker_with_it(tmp_path, model):
     try:
         worker = _worker_pid(proc)
         proc.stdout.readline()  # generated: both ranks are serving
-        assert _alive(worker)
+        assert running(worker)
         proc.kill()
         proc.wait(10)
-        deadline = time.monotonic() + 10
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(worker), "the worker outlived rank 0 by 10 s"
+        assert ends_within(worker, 10), "the worker outlived rank 0 by 10 s"
     finally:
         proc.kill()
 
@@ -197,7 +186,7 @@ def test_a_script_that_ends_without_closing_exits_by_itself(tmp_path, model):
     worker = _worker_pid(proc)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert not _alive(worker)
+    assert not running(worker)
 
 
 def test_an_engine_built_at_module_level_is_refused_with_the_reason(tmp_path, model):

@@ -20,6 +20,7 @@ import os
 import sys
 
 import torch.multiprocessing as mp
+from multiprocessing import util as mp_util
 
 import nanovllm.distributed as distributed
 from nanovllm.config import EngineConfig
@@ -160,6 +161,7 @@ def _serve(engine_class, model, options: dict, rank: int, size: int, port: int |
         rendezvous.report_error(store if store is not None else rendezvous.group_store(), rank, e)
         sys.stderr.flush()
         os._exit(1)
+    mp_util._exit_function()  # what multiprocessing runs at a process's end: its finalizers (semaphores, pools)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
