@@ -48,6 +48,8 @@ class _Watch:
         except Exception as e:  # noqa: BLE001 - no store: rank 0 is already gone
             self._peer_lost(f"its store could not be reached ({type(e).__name__}: {e})")
             return
+        if not self.rank:  # an earlier group's stop (torchrun keeps one store) is not this group's
+            store.delete_key(STOP_KEY)
         counter = 0
         while not self.stopped.wait(BEAT_S):
             counter += 1
@@ -100,10 +102,10 @@ class _Watch:
             self.max_gap = max(self.max_gap, now - since)
             beats[peer] = (beat.partition(" ")[2] or "starting", now - since)
         dead = self.dead()
-        problems = [f"rank {r} ({'exit code ' + str(c) if c is not None else 'ended'}) while {beats[r][0]}"
+        problems = [f"rank {r} ({'exit code ' + str(c) if c is not None else 'ended'}), while it was {beats[r][0]}"
                     for r, c in dead]
         errors = reported_errors(store, [r for r in beats if r not in dict(dead)])
-        problems += [f"rank {r} raised {e} while {beats[r][0]}" for r, e in errors.items()]
+        problems += [f"rank {r} raised {e}, while it was {beats[r][0]}" for r, e in errors.items()]
         problems += [f"rank {r} has not answered for {gap:.0f} s (NANOVLLM_TP_TIMEOUT_S={self.timeout_s:g}), "
                      f"last {doing}" for r, (doing, gap) in beats.items() if gap > self.timeout_s]
         if problems:

@@ -94,12 +94,12 @@ def reported_errors(store: dist.Store | None, ranks) -> dict[int, str]:
 
 def describe_dead(dead: list[tuple[int, int | None]], errors: dict[int, str] | None = None,
                   doing: dict[int, str] | None = None) -> str:
-    """"tensor-parallel worker(s) died: rank 1 (exit code 1) while running step (call 7): ValueError: ..., rank 2
-    (exit code -9)" for (rank, exit code) pairs (None: a torchrun rank known only by its report), what they were
-    doing (their last liveness beat) and the errors they reported."""
+    """"tensor-parallel worker(s) died: rank 1 (exit code 1): ValueError: ..., while it was running step (call 7),
+    rank 2 (exit code -9)" for (rank, exit code) pairs (None: a torchrun rank known only by its report), the errors
+    they reported and what they were doing (their last liveness beat, where rank 0 saw one)."""
     errors, doing = errors or {}, doing or {}
-    parts = [f"rank {r} ({'failed' if c is None else f'exit code {c}'})" + (f" while {doing[r]}" if r in doing else "")
-             + (f": {errors[r]}" if r in errors else "") for r, c in dead]
+    parts = [f"rank {r} ({'failed' if c is None else f'exit code {c}'})" + (f": {errors[r]}" if r in errors else "")
+             + (f", while it was {doing[r]}" if r in doing else "") for r, c in dead]
     return f"tensor-parallel worker(s) died: {', '.join(parts)}"
 
 
