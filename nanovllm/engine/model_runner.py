@@ -139,17 +139,21 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
 
     def close(self) -> None:
-        """Release the executor's graphs, the KV cache, the model and the token buffer (idempotent); the runner
-        cannot launch a step afterwards."""
+        """Release the executor's graphs, the KV cache, the model and the token buffer (idempotent; after a
+        tensor-parallel peer failed, without waiting on the device); the runner cannot launch a step afterwards."""
         if self.model is None:
             return
-        if liveness.failure() is None:  # a failed tensor-parallel group's queued collectives may never finish
+        # a failed tensor-parallel group's queued collectives may never finish: nothing here may wait for them
+        # (freeing device memory synchronises the device too); the memory goes back when the process ends
+        healthy = liveness.failure() is None
+        if healthy:
             self.platform.synchronize()  # no queued step still reads what is dropped here
         self.executor.close()
         self.grammars.close()
         self.executor = self.model = self.token_buffer = self.logits_state = self.logits_slots = None
         self.kv_caches = []
-        self.platform.release_memory()
+        if healthy:
+            self.platform.release_memory()
 
     @property
     def expert_caches(self) -> list:
