@@ -240,3 +240,30 @@ def test_platform_compiler_files_are_kept_checksummed_and_verified(tmp_path):
     with third.activate():
         assert not (third.platform_dir / "decode_4").exists()  # discarded before the compiler runs
     assert not third.hit
+
+
+def _activate_on_rank(rank: int, port: int, held: tuple, results) -> None:
+    from nanovllm import distributed
+    distributed.init_process_group("gloo", rank, 2, init_method=f"tcp://127.0.0.1:{port}", timeout_s=20)
+    store = cache.CompileCache(dict(FIELDS, rank=rank), root=None)
+    store.enabled = True
+    # an entry with nothing to hot-load (b"") where this rank holds one; None: no entry
+    store._verified_artifacts = lambda: b"" if held[rank] else None
+    with store.activate():
+        pass
+    results[rank] = store.loaded
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("held", [(True, True), (True, False)], ids=["both", "rank-0-only"])
+def test_tensor_parallel_ranks_load_their_entries_only_if_every_rank_has_one(held, tmp_path, monkeypatch):
+    """One rank loading while another compiles for minutes would look like a peer that stopped answering: the
+    ranks agree, and if any lacks its entry every rank rebuilds."""
+    import torch.multiprocessing as mp
+    from test_tp_collectives import _free_port
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))  # the spawned ranks inherit it
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_activate_on_rank, args=(_free_port(), held, results), nprocs=2)
+        assert dict(results) == {0: all(held), 1: all(held)}
