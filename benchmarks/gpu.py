@@ -4,14 +4,14 @@
     python -m benchmarks.gpu --list                      # the table
     python -m benchmarks.gpu bench-ours bench-vllm bench-ours bench-vllm   # interleaved rounds
 
-Steps run in the order given, each run in a folder of its own, ``OUT/NAME-N``, with one log per command and the
-JSON its commands wrote (``$OUT`` is that folder).  A command runs as a subprocess in a session of its own, so
-that one past the step's time limit is stopped with all it started, and it is killed if the runner itself dies.  After every run ``OUT/results.json`` (every
-run in OUT: its row, commands, exit status, seconds and JSON) and ``OUT/results.md`` (one line per run with its
-headline numbers) are rewritten.  ``--peers`` holds peer_vllm.py and configs/ (../shared/peers, or a staged copy);
-``--site`` the folder vLLM's packages were unpacked into (/tmp/site).  ``--env VAR=VALUE`` adds a
-variable to every command, ``--tree DIR`` runs another source tree of ours (e.g. ``git archive REV``); both are
-recorded with each run.  ``--dry-run`` prints the commands without running them.
+Steps run in the order given, each run in a folder of its own, ``OUT/NAME-N``, with one log per command and the JSON
+its commands wrote (``$OUT`` is that folder). A command runs as a subprocess in a session of its own, so that one
+past the step's time limit is stopped with all it started, and it is killed if the runner itself dies. After every
+run ``OUT/results.json`` (every run in OUT: its row, commands, exit status, seconds and JSON) and ``OUT/results.md``
+(one line per run with its headline numbers) are rewritten. ``--peers`` holds peer_vllm.py and configs/
+(../shared/peers, or a staged copy); ``--site`` the folder vLLM's packages were unpacked into (/tmp/site). ``--env
+VAR=VALUE`` adds a variable to every command, ``--tree DIR`` runs another source tree of ours (e.g. ``git archive
+REV``); both are recorded with each run. ``--dry-run`` prints the commands without running them.
 """
 import argparse
 import json

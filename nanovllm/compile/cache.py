@@ -9,10 +9,10 @@ sizes and sha256 of every file; written last, it marks the entry complete).
 The key (``key_fields``) hashes everything that changes the generated code, the traced source files included.
 Inductor works in the entry's own directory while the entry is active (``TORCHINDUCTOR_CACHE_DIR`` and
 ``TRITON_CACHE_DIR`` are set for that scope and restored after), so a graph cached under other sources is never
-found.  An ``fcntl`` lock serialises processes on one key; files are written to temporaries and renamed; an entry
+found. An ``fcntl`` lock serialises processes on one key; files are written to temporaries and renamed; an entry
 whose checksums do not match is discarded with a warning and rebuilt, never loaded; a "hit" that still compiled is
-saved again.  Under tensor parallelism each rank has its own entry (the key holds the rank), and the ranks agree
-before loading: if any lacks its entry (or its saved step), every rank rebuilds it.  ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.
+saved again. Each tensor-parallel rank has its own entry; if any lacks its entry (or step), every rank rebuilds.
+``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.
 """
 import contextlib
 import fcntl

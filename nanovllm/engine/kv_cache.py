@@ -5,11 +5,12 @@ tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``, separate tensors, n
 updates a mutated graph input in place only when it is not a view of a larger base).
 
 Sizing: a fixed ``num_kvcache_blocks``; else, where the platform measures memory, what is left of
-``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler at full
-batch), the probe's temporary cache counted as free; else ``DEFAULT_KV_BYTES``.  When that is short of one sequence of
-``max_model_len`` tokens (the count agreed by every rank of a tensor-parallel group), garbage is collected (an
-engine dropped in a reference cycle holds memory until then) and memory measured again, on every rank; if it is still short, the error names the other live engines of the process
-(``register_engine``) and what they hold.
+``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler at
+full batch), the probe's temporary cache counted as free; else ``DEFAULT_KV_BYTES``. When that is short of one
+sequence of ``max_model_len`` tokens (the count agreed by every rank of a tensor-parallel group), garbage is
+collected (an engine dropped in a reference cycle holds memory until then) and memory measured again, on every rank;
+if it is still short, the error names the other live engines of the process (``register_engine``) and what they
+hold.
 """
 import gc
 import weakref

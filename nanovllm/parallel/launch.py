@@ -161,7 +161,7 @@ def _serve(engine_class, model, options: dict, rank: int, size: int, port: int |
         rendezvous.report_error(store if store is not None else rendezvous.group_store(), rank, e)
         sys.stderr.flush()
         os._exit(1)
-    mp_util._exit_function()  # what multiprocessing runs at a process's end: its finalizers (semaphores, pools)
+    mp_util._run_finalizers(0)  # multiprocessing's own end-of-process finalizers (semaphores), joining nothing
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
