@@ -14,6 +14,7 @@ VAR=VALUE`` adds a variable to every command, ``--tree DIR`` runs another source
 REV``); both are recorded with each run. ``--dry-run`` prints the commands without running them.
 """
 import argparse
+import functools
 import json
 import os
 import signal
@@ -83,13 +84,13 @@ def environment(extra: dict, run: Path) -> dict:
     return env
 
 
-def die_with_runner() -> None:
-    """In a step's command, before it runs: have Linux kill it (SIGKILL) when the runner that started it dies, so a
-    runner killed from outside (its own time limit, the device's) leaves no step running; its tensor-parallel ranks
-    follow their rank 0 (``nanovllm/distributed/liveness.py``)."""
+def die_with_runner(runner: int) -> None:
+    """In a step's command, before it runs: have Linux kill it (SIGKILL) when the runner that started it (pid
+    ``runner``) dies, so a runner killed from outside (its own time limit, the device's) leaves no step running;
+    its tensor-parallel ranks follow their rank 0 (``nanovllm/distributed/liveness.py``)."""
     import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the runner died before the call: nothing would signal this process any more
+    if os.getppid() != runner:  # the runner died before the call: nothing would signal this process any more
         os._exit(1)
 
 
@@ -127,7 +128,7 @@ def execute(step, cmds, run: Path, tree: str, extra_env: dict) -> dict:
             with open(run / f"{i}-{cmd.label}.log", "w") as log:
                 proc = subprocess.Popen(cmd.argv, cwd=tree, env=environment({**cmd.env, **extra_env}, run),
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=die_with_runner)
+                                        preexec_fn=functools.partial(die_with_runner, os.getpid()))
             if cmd.background:
                 servers.append(proc)
                 if not healthy(SERVER, proc, deadline):

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from nanovllm.distributed.rendezvous import reported_errors
 from nanovllm.logger import logger
 
 BEAT_S = 0.5  # seconds between two beats (and two looks at the peers)
@@ -34,7 +35,6 @@ class _Watch:
         self.rank, self.size, self.connect, self.timeout_s = rank, size, connect, timeout_s
         self.dead, self.kill = dead or (lambda: []), kill or (lambda: None)
         self.activity = "joining the group"
-        self.failure: str | None = None
         self.closing = False
         self.stopped = threading.Event()
         self.seen: dict[int, tuple[str, float]] = {}  # peer -> (its last beat, when rank 0 saw it change)
@@ -57,7 +57,7 @@ class _Watch:
                 store.set(_beat_key(self.rank), f"{counter} {self.activity}")
                 if self.rank:
                     self._watch_rank0(store)
-                elif self.failure is None:
+                elif _failure is None:
                     self._watch_peers(store)
             except Exception as e:  # noqa: BLE001 - the store went with rank 0
                 if self.rank:
@@ -68,14 +68,9 @@ class _Watch:
     def _watch_rank0(self, store) -> None:
         if store.check([STOP_KEY]):
             self._peer_lost("rank 0 stopped the group (a rank failed)")
-        beat = store.get(_beat_key(0)).decode() if store.check([_beat_key(0)]) else ""
-        now = time.monotonic()
-        last, since = self.seen.get(0, (None, now))
-        if beat != last:
-            self.seen[0] = (beat, now)
-        elif now - since > self.timeout_s:
-            self._peer_lost(f"rank 0 has not answered for {now - since:.0f} s (NANOVLLM_TP_TIMEOUT_S="
-                            f"{self.timeout_s:g})")
+        _, still = self._read_beat(store, 0, time.monotonic())
+        if still > self.timeout_s:
+            self._peer_lost(f"rank 0 has not answered for {still:.0f} s (NANOVLLM_TP_TIMEOUT_S={self.timeout_s:g})")
 
     def _peer_lost(self, why: str) -> None:
         if self.closing:  # told to close: rank 0 may simply be done; give this rank's own exit a moment
@@ -85,22 +80,24 @@ class _Watch:
         logger.error("tensor-parallel rank %d: %s; ending this process (it was %s)", self.rank, why, self.activity)
         os._exit(1)
 
+    def _read_beat(self, store, rank: int, now: float) -> tuple[str, float]:
+        """(what ``rank``'s beat says it is doing, seconds its beat has stood still), noting in ``max_gap`` the
+        longest time between two of its beats seen here (``BEAT_S`` unless it stalled)."""
+        key = _beat_key(rank)
+        beat = store.get(key).decode() if store.check([key]) else ""
+        last, since = self.seen.get(rank, (None, None))
+        if beat != last:
+            if since is not None:
+                self.max_gap = max(self.max_gap, now - since)
+            self.seen[rank] = (beat, now)
+            since = now
+        self.max_gap = max(self.max_gap, now - since)
+        return beat.partition(" ")[2] or "starting", now - since
+
     # ---- rank 0 -----------------------------------------------------------------------------------------
     def _watch_peers(self, store) -> None:
-        from nanovllm.distributed.rendezvous import reported_errors
         now = time.monotonic()
-        beats = {}
-        for peer in range(1, self.size):
-            key = _beat_key(peer)
-            beat = store.get(key).decode() if store.check([key]) else ""
-            last, since = self.seen.get(peer, (None, None))
-            if beat != last:
-                if since is not None:  # the time between two beats rank 0 saw: BEAT_S unless the peer stalled
-                    self.max_gap = max(self.max_gap, now - since)
-                self.seen[peer] = (beat, now)
-                since = now
-            self.max_gap = max(self.max_gap, now - since)
-            beats[peer] = (beat.partition(" ")[2] or "starting", now - since)
+        beats = {peer: self._read_beat(store, peer, now) for peer in range(1, self.size)}
         dead = self.dead()
         problems = [f"rank {r} ({'exit code ' + str(c) if c is not None else 'ended'}), while it was {beats[r][0]}"
                     for r, c in dead]
@@ -114,9 +111,9 @@ class _Watch:
     def fail(self, message: str, store=None) -> None:
         """Record ``message`` as the group's failure, stop the peers and abort the default group (rank 0)."""
         global _failure
-        if self.failure is not None:
+        if _failure is not None or self.stopped.is_set():  # a stopped watch's peers are closing, not failing
             return
-        self.failure = _failure = message
+        _failure = message
         logger.error("%s; stopping the other ranks", message)
         try:
             if store is not None:
@@ -202,13 +199,13 @@ def wait(event) -> None:
     start_t = time.monotonic()
     pause = 20e-6
     while not query():
-        if watch.failure is not None:
-            raise RuntimeError(watch.failure)
+        if _failure is not None:
+            raise RuntimeError(_failure)
         waited = time.monotonic() - start_t
         if waited > watch.timeout_s:
             watch.fail(f"tensor-parallel rank 0 waited {waited:.0f} s for a step that needs every rank "
                        f"(NANOVLLM_TP_TIMEOUT_S={watch.timeout_s:g}); {watch.describe_peers()}")
-            raise RuntimeError(watch.failure)
+            raise RuntimeError(_failure)
         time.sleep(pause)
         pause = min(pause * 2, 1e-4)  # a step late by at most 0.1 ms
     watch.max_wait = max(watch.max_wait, time.monotonic() - start_t)

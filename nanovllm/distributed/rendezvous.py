@@ -14,6 +14,7 @@ seen here (the group's own collectives or timeout catch it).  A failing rank cal
 (the rendezvous store, or ``group_store()``: torchrun's) before it ends; reporting and reading never raise.
 """
 import datetime
+import os
 import time
 from collections.abc import Callable
 
@@ -42,7 +43,6 @@ def connect_watch(port: int | None, size: int, timeout_s: float) -> dist.TCPStor
     """A store client of its own for a rank's liveness watch (``liveness.py``): rank 0's store on ``port``, or, with
     None, torchrun's (``MASTER_ADDR``:``MASTER_PORT``)."""
     if port is None:
-        import os
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, False,
                              datetime.timedelta(seconds=timeout_s))
     return connect(port, size, timeout_s)

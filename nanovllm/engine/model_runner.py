@@ -84,9 +84,7 @@ class ModelRunner:
             self.kv_spec, fixed=config.num_kvcache_blocks, utilization=config.gpu_memory_utilization,
             platform=platform, max_blocks_per_seq=self.max_blocks_per_seq, max_model_len=config.max_model_len,
             probe=functools.partial(runner_setup.probe_peak_memory, self),
-            agree=functools.partial(distributed.agree_min, device=self.device))
-        # one size on every rank, and a rank that failed to build is seen here, by every rank alike
-        self.num_blocks = distributed.agree_min(self.num_blocks, self.device)
+            agree=functools.partial(distributed.agree_min, device=self.device))  # one size on every rank
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         register_engine(self)
         platform.prepare_tensor_parallel(self.dtype, config.max_num_seqs * a.hidden_size)
