@@ -263,7 +263,7 @@ def test_tensor_parallel_ranks_load_their_entries_only_if_every_rank_has_one(hel
     import torch.multiprocessing as mp
     from test_tp_collectives import _free_port
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))  # the spawned ranks inherit it
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # no fork of this threaded process
         results = manager.dict()
         mp.spawn(_activate_on_rank, args=(_free_port(), held, results), nprocs=2)
         assert dict(results) == {0: all(held), 1: all(held)}

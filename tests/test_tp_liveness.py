@@ -84,10 +84,11 @@ def _plan_on_rank(rank: int, port: int, results) -> None:
 
 
 def test_ranks_whose_garbage_collection_differs_size_the_kv_cache_alike():
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # no fork of this threaded process
         results = manager.dict()
-        within_bound(lambda: mp.spawn(_plan_on_rank, args=(_free_port(), results), nprocs=2, join=True),
-                     "the ranks wait in different collectives")
+        raised, _ = within_bound(lambda: mp.spawn(_plan_on_rank, args=(_free_port(), results), nprocs=2),
+                                 "the ranks wait in different collectives")
+        assert raised is None, raised
         assert results[0] == results[1], dict(results)
         message, probes = results[0]
         assert "the KV cache holds 0 blocks" in message and probes == 2
@@ -209,10 +210,11 @@ def _one_shot_on_rank(rank: int, port: int, made_before: bool, results) -> None:
 
 @pytest.mark.parametrize("made_before", [False, True], ids=["first-group", "rank-0s-second-group"])
 def test_a_group_takes_the_one_shot_all_reduce_only_where_no_rank_made_a_rendezvous_before(made_before):
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # no fork of this threaded process
         results = manager.dict()
-        within_bound(lambda: mp.spawn(_one_shot_on_rank, args=(_free_port(), made_before, results), nprocs=2),
-                     "the ranks disagree")
+        raised, _ = within_bound(lambda: mp.spawn(_one_shot_on_rank, args=(_free_port(), made_before, results),
+                                                  nprocs=2), "the ranks disagree")
+        assert raised is None, raised
         assert dict(results) == {0: not made_before, 1: not made_before}
 
 
