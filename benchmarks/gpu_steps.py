@@ -40,7 +40,8 @@ class Step:
 
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
-FP8 = ("--quantization", "fp8")
+FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
+VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -92,15 +93,23 @@ STEPS = [
     Step("offload-vllm", "vllm", "preset:mixtral-8x7b", "offload", ("--cpu-offload-gb", "80")),
     Step("offload-gptq-ours", "ours", "preset:mixtral-8x7b+gptq", "offload"),
     Step("offload-gptq-vllm", "vllm", "preset:mixtral-8x7b+gptq", "offload", ("--cpu-offload-gb", "20")),
-    Step("tp-ours", "ours", "peer:qwen3-32b", "bench", BENCH + ("--tensor-parallel-size", "2")),
-    Step("tp-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "2"), env=(("VLLM_ENABLE_V1_MULTIPROCESSING", None),)),
+    Step("tp-ours", "ours", "peer:qwen3-32b", "bench", BENCH + TP2),
+    Step("tp-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "2"), env=VLLM_TP),
     Step("tp1-ours", "ours", "peer:qwen3-32b", "bench", BENCH),
+    Step("tp-moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + TP2),
+    Step("tp-moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + ("--tp", "2"), env=VLLM_TP),
+    Step("tp4-ours", "ours", "peer:qwen3-32b", "bench", BENCH + ("--tensor-parallel-size", "4")),
+    Step("tp4-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "4"), env=VLLM_TP),
+    Step("serve-tp-ours", "ours", "peer:qwen3-32b", "serve", DUMMY + TP2),
+    Step("serve-tp-vllm", "vllm", "peer:qwen3-32b", "serve", TP2),
+    Step("profile-tp", "ours", "peer:qwen3-32b", "module", ("benchmarks.profile_run", "--at", "256,64") + TP2),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
     Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
     Step("parity-fp8", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_fp8_weights.py")),
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
+    Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu")),  # two GPUs
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
     Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
     Step("moe-kernel-fp8", "ours", "own", "module", ("benchmarks.moe_kernel", "--fp8", "--tokens", "1,16,64,256,1024,4096")),
@@ -223,8 +232,8 @@ def commands(step: Step, ctx: Context) -> list[Command]:
     if step.workload == "pytest":
         env.update(TRITON_INTERPRET="0", **({"TOKENIZER": ctx.tokenizer} if ctx.tokenizer else {}))
         return [Command([py, "-m", "pytest", "-q", *step.flags], env)]
-    if step.workload == "module":
-        return [Command([py, "-m", *step.flags], env)]
+    if step.workload == "module":  # a preset or peer model comes after the module's own flags
+        return [Command([py, "-m", *step.flags, *model], env)]
     raise ValueError(f"step {step.name!r} has an unknown workload {step.workload!r}")
 
 
