@@ -99,13 +99,15 @@ class MirroredEngine:
             raise
 
     def close(self) -> None:
-        """Close the other ranks (each closes its engine and ends its process), then rank 0's engine."""
+        """Close rank 0's engine, then the other ranks (each closes its engine and ends its process) and the group.
+        In this order: NCCL's abort of a group whose collectives live in CUDA graphs still held waits (30 s, then
+        the group is given up) on CUDA; with the graphs released first it takes under a second."""
         try:
-            self.peers.close()
-        finally:
             close = getattr(self._engine, "close", None)
             if close is not None:
                 close()
+        finally:
+            self.peers.close()
 
 
 class EngineReplica:
