@@ -7,7 +7,8 @@ ranks (gloo):
   and what it was doing, within seconds;
 * a worker that stops answering (SIGSTOP) makes it raise within ``NANOVLLM_TP_TIMEOUT_S`` and leaves no process;
 * rank 0 killed with SIGKILL takes its worker with it within seconds; a script that ends without closing exits by
-  itself, and one that builds a TP engine at module level (no ``__main__`` guard) is told so.
+  itself, and one that builds a TP engine at module level (no ``__main__`` guard) is told so;
+* a process whose group failed ends within its exit bound (``distributed/exit_bound.py``), else with its own status.
 Each wait runs with a bound, so that a regression fails the test instead of hanging it."""
 import json
 import os
@@ -229,6 +230,29 @@ def test_a_teardown_that_hangs_is_given_up_and_named_when_joining_again(monkeypa
     assert distributed.current() == distributed.TensorParallel(0, 1)
     with pytest.raises(RuntimeError, match="took over 0.2 s; start a new process"):
         distributed.init_process_group("gloo", 0, 1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+
+
+EXIT_SCRIPT = """
+import atexit, sys, time
+from nanovllm.distributed import exit_bound
+atexit.register(time.sleep, 600)  # a teardown that never ends (a device waiting for a dead peer)
+if sys.argv[1] == "ends":
+    atexit.unregister(time.sleep)
+exit_bound.arm(2.0)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("teardown", ["hangs", "ends"])
+def test_a_failed_groups_process_ends_within_its_exit_bound_else_with_its_own_status(teardown):
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, teardown], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    if teardown == "hangs":
+        assert done.returncode == -signal.SIGKILL and "killing it (SIGKILL)" in done.stderr, done
+        assert time.monotonic() - start < 30
+    else:
+        assert done.returncode == 3, done
 
 
 def test_a_closed_worker_ends_with_exit_code_0(model):

@@ -6,10 +6,11 @@ group's store every ``BEAT_S`` (``doing`` sets the activity) and reads the other
 when rank 0's store is gone, its beat stood still for ``timeout_s`` or it set the stop key.  On rank 0, a peer whose
 process ended, that reported an error, or whose beat stood still for ``timeout_s`` has failed: ``failure()`` names it
 and what it was doing, and the thread sets the stop key, kills the peers it can and aborts the default group, so a
-collective waiting for the peer returns.  ``wait(event)`` is rank 0's bounded ``event.synchronize()``: it raises
-once a peer failed or after ``timeout_s`` (a peer alive but stuck).  ``failure()`` outlives the watch (a failed
-group's queued collectives may never finish: it is not synchronised); ``activities()`` and ``longest_waits()``
-report the peers' last activities and how close legitimate waits came to ``timeout_s``.
+collective waiting for the peer returns; on a device backend the process's exit is then bounded to ``EXIT_BOUND_S``
+(``exit_bound.py``).  ``wait(event)`` is rank 0's bounded ``event.synchronize()``: it raises once a peer failed or
+after ``timeout_s`` (a peer alive but stuck).  ``failure()`` outlives the watch (a failed group's queued collectives
+may never finish: it is not synchronised); ``activities()`` and ``longest_waits()`` report the peers' last
+activities and how close legitimate waits came to ``timeout_s``.
 """
 import os
 import threading
@@ -18,12 +19,14 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from nanovllm.distributed import exit_bound
 from nanovllm.distributed.rendezvous import reported_errors
 from nanovllm.logger import logger
 
 BEAT_S = 0.5  # seconds between two beats (and two looks at the peers)
 STOP_KEY = "nanovllm/beat/stop"
 CLOSING_GRACE_S = 30.0  # a rank told to close that is still alive this long after rank 0 went ends itself
+EXIT_BOUND_S = 60.0  # after a failure on a device backend, rank 0's exit may take this long (its abort takes 30 s)
 
 
 def _beat_key(rank: int) -> str:
@@ -115,6 +118,8 @@ class _Watch:
             return
         _failure = message
         logger.error("%s; stopping the other ranks", message)
+        if dist.is_initialized() and dist.get_backend() != "gloo":  # device work may wait for the peer forever
+            exit_bound.arm(EXIT_BOUND_S)
         try:
             if store is not None:
                 store.set(STOP_KEY, "1")

@@ -1,7 +1,8 @@
 """A tensor-parallel peer that dies on GPUs (NCCL, CUDA graphs, the one-shot all-reduce) never hangs rank 0: in a
 script, a worker killed with SIGKILL mid-generate makes ``generate`` raise ``RuntimeError`` naming rank 1 within
-seconds, and the script then exits by itself, leaving the GPUs to a new two-rank engine.  The failed engine runs in
-a process of its own: a collective that waits for a dead peer can hold its GPU until that process ends.  ``gpu2``:
+seconds, and the script then exits by itself (within ``liveness.EXIT_BOUND_S`` of its end: a one-shot all-reduce
+left waiting for the dead peer can hold the teardown), leaving the GPUs to a new two-rank engine.  The failed engine
+runs in a process of its own: a collective that waits for a dead peer can hold its GPU until that process ends.
 
     python -m pytest -q -m gpu2 tests/gpu/test_tensor_parallel_failures.py
 """
@@ -21,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ENGINE = dict(device="cuda", tensor_parallel_size=2, kvcache_block_size=16, graph_batch_sizes=[8], max_num_seqs=8,
               max_model_len=512, num_kvcache_blocks=256)
 SCRIPT = """
-import os, signal, sys, threading, time
+import faulthandler, os, signal, sys, threading, time
 from nanovllm import LLM, SamplingParams
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(240, exit=True)  # stuck: every thread's stack on stderr, then exit
     llm = LLM(sys.argv[1], **{engine})
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     raised = []
