@@ -29,7 +29,7 @@ if os.getppid() == parent:
 
 
 def arm(seconds: float) -> None:
-    """Bound this process's exit to ``seconds`` from its start (once per process; later calls do nothing)."""
+    """Bound this process's exit to ``seconds`` from when it begins (once per process; later calls do nothing)."""
     global _armed
     if _armed:
         return

@@ -100,8 +100,8 @@ class MirroredEngine:
 
     def close(self) -> None:
         """Close rank 0's engine, then the other ranks (each closes its engine and ends its process) and the group.
-        In this order: NCCL's abort of a group whose collectives live in CUDA graphs still held waits (30 s, then
-        the group is given up) on CUDA; with the graphs released first it takes under a second."""
+        In this order because NCCL's abort waits while CUDA graphs that captured the group's collectives are alive
+        (until ``control.ABORT_BOUND_S`` gives the group up); with the graphs released first it returns at once."""
         try:
             close = getattr(self._engine, "close", None)
             if close is not None:
