@@ -84,8 +84,8 @@ def oracle_run(*args, **kwargs) -> list[dict]:
 
 
 def greedy(path: str, tp: int, dtype: str, **options):
-    """(outputs on ``PROMPTS``: greedy, ``MAX_TOKENS`` tokens, top-``TOP`` logprobs; the vocabulary size; ``describe()``)
-    of an engine at ``tp`` ranks, closed before this returns."""
+    """(outputs on ``PROMPTS``: greedy, ``MAX_TOKENS`` tokens, top-``TOP`` logprobs; the vocabulary size;
+    ``describe()``) of an engine at ``tp`` ranks, closed before this returns."""
     from nanovllm import LLM, SamplingParams
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP)
     with LLM(path, dtype=dtype, device="cuda", tensor_parallel_size=tp, **ENGINE, **options) as llm:
@@ -129,8 +129,8 @@ def test_bfloat16_two_ranks_part_from_one_only_at_near_ties(checkpoint, arch):
     assert margin_failures(one, two, vocab) == []
 
 
-# id: (arch, checkpoint overrides, int4 layout or None, dtype, engine options; eager unless they say otherwise).  Each as its one-GPU test demands of
-# the oracle: FP8 weights (test_fp8_weights.py) and the FP8 KV cache (test_kv_fp8.py: float32 on std 0.3 weights,
+# id: (arch, checkpoint overrides, int4 layout or None, dtype, engine options; eager unless they say otherwise).
+# Each as its one-GPU test demands of the oracle: FP8 weights (test_fp8_weights.py) and the FP8 KV cache (test_kv_fp8.py: float32 on std 0.3 weights,
 # where rounding K and V changes tokens) float32 identical and bfloat16 near-ties; GPTQ (test_int4_weights.py) bf16
 # near-ties, on llama (head_dim 64: o_proj's 128-column shard is one whole group of 128, qwen3's 64 would cut one).
 QUANTIZED = {
