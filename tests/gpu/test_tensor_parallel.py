@@ -135,7 +135,8 @@ def test_bfloat16_two_ranks_part_from_one_only_at_near_ties(checkpoint, arch):
 # near-ties, on llama (head_dim 64: o_proj's 128-column shard is one whole group of 128, qwen3's 64 would cut one).
 QUANTIZED = {
     "fp8-weights-float32": ("qwen3_moe", SHAPES, None, "float32", dict(quantization="fp8")),
-    "fp8-weights-bfloat16": ("qwen3_moe", SHAPES, None, "bfloat16", dict(quantization="fp8", enforce_eager=False)),
+    "fp8-weights-bfloat16": ("qwen3_moe", SHAPES, None, "bfloat16",
+                             dict(quantization="fp8", enforce_eager=False)),
     "fp8-kv-float32": ("qwen3", dict(std=0.3), None, "float32", dict(kv_cache_dtype="fp8")),
     "fp8-kv-bfloat16": ("qwen3", dict(std=0.08), None, "bfloat16", dict(kv_cache_dtype="fp8")),
     "gptq-bfloat16": ("llama", SHAPES, "gptq", "bfloat16", {}),
