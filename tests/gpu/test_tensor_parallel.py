@@ -130,9 +130,10 @@ def test_bfloat16_two_ranks_part_from_one_only_at_near_ties(checkpoint, arch):
 
 
 # id: (arch, checkpoint overrides, int4 layout or None, dtype, engine options; eager unless they say otherwise).
-# Each as its one-GPU test demands of the oracle: FP8 weights (test_fp8_weights.py) and the FP8 KV cache (test_kv_fp8.py: float32 on std 0.3 weights,
-# where rounding K and V changes tokens) float32 identical and bfloat16 near-ties; GPTQ (test_int4_weights.py) bf16
-# near-ties, on llama (head_dim 64: o_proj's 128-column shard is one whole group of 128, qwen3's 64 would cut one).
+# Each as its one-GPU test demands of the oracle: FP8 weights (test_fp8_weights.py) and the FP8 KV cache
+# (test_kv_fp8.py: float32 on std 0.3 weights, where rounding K and V changes tokens) float32 identical and bfloat16
+# near-ties; GPTQ (test_int4_weights.py) bf16 near-ties, on llama (head_dim 64: o_proj's 128-column shard is one
+# whole group of 128, qwen3's 64 would cut one).
 QUANTIZED = {
     "fp8-weights-float32": ("qwen3_moe", SHAPES, None, "float32", dict(quantization="fp8")),
     "fp8-weights-bfloat16": ("qwen3_moe", SHAPES, None, "bfloat16",
