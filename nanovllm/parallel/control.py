@@ -86,7 +86,6 @@ def leave_group() -> None:
     global _control
     _control = None
     _in_flight.clear()
-    liveness.stop()
     distributed.release_one_shot_all_reduce()
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
