@@ -25,6 +25,22 @@ def running(pid: int) -> bool:
         return False
 
 
+def processes_with(marker: str) -> list[int]:
+    """The ``running`` processes of this machine whose environment holds ``marker`` (a process that started with it
+    passes it on to the processes it starts)."""
+    import os
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if marker.encode() in f.read() and running(int(name)):
+                        found.append(int(name))
+            except OSError:  # gone meanwhile, or another user's
+                pass
+    return found
+
+
 def ends_within(pid: int, seconds: float) -> bool:
     """Whether process ``pid`` stops ``running`` within ``seconds``."""
     import time

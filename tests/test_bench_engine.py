@@ -5,11 +5,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import build_checkpoint, running
+from conftest import build_checkpoint, processes_with
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -54,12 +53,5 @@ def test_bench_at_two_ranks_writes_its_json_and_exits_leaving_no_process(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["tok_per_s"] > 0 and r["tp_timeout_s"] > 0 and r["tp_max_beat_gap_s"] >= 0
-    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _has(p, marker)]
+    left = processes_with(marker)
     assert left == [], f"processes of the run still alive: {left}"
-
-
-def _has(proc: Path, marker: str) -> bool:
-    try:
-        return marker.encode() in (proc / "environ").read_bytes() and running(int(proc.name))
-    except OSError:
-        return False

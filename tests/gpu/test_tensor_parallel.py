@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_checkpoint
+from conftest import build_checkpoint, processes_with
 
 pytestmark = pytest.mark.gpu2
 
@@ -181,19 +181,6 @@ def test_a_second_two_rank_engine_gets_the_memory_the_first_held(checkpoint):
         assert llm.engine.describe()["num_kv_blocks"] >= 0.95 * first, first
         out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 8
-
-
-def processes_with(marker: str) -> list[int]:
-    """This machine's processes whose environment holds ``marker`` (one that started with it passes it on)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker.encode() in (proc / "environ").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:  # gone meanwhile, or another user's
-                pass
-    return found
 
 
 def test_bench_at_two_ranks_writes_its_json_and_leaves_no_process(tmp_path):
