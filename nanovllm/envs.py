@@ -83,9 +83,9 @@ _VARIABLES = (
     EnvVar("NANOVLLM_NPU_GRAPH_MODE", "max-autotune", "torchair's `CompilerConfig().mode` on the NPU: "
            "`max-autotune` (default, Ascend IR) or `reduce-overhead` (aclgraph)",
            _choice("max-autotune", "reduce-overhead")),
-    EnvVar("NANOVLLM_ALLREDUCE", "one_shot", "`nccl` sends a tensor-parallel CUDA step's decode-sized all-reduces "
-           "through NCCL instead of symmetric memory's one-shot kernel; `one_shot` (default)",
-           _choice("one_shot", "nccl")),
+    EnvVar("NANOVLLM_ALLREDUCE", "auto", "a tensor-parallel CUDA step's decode-sized all-reduces: `auto` (default) "
+           "takes symmetric memory's one-shot kernel below 1 MiB and its two-shot kernel from there; `one_shot` the "
+           "one-shot kernel at every such size; `nccl` NCCL", _choice("auto", "one_shot", "nccl")),
     EnvVar("NANOVLLM_MPS_COMPILE", False, "`1` compiles the step on MPS with MPSInductor, with a warning; `0` "
            "(default: eager)", _flag),
     EnvVar("NANOVLLM_TP_TIMEOUT_S", 30.0, "seconds a tensor-parallel peer may stop answering (no heartbeat, or a "

@@ -12,7 +12,7 @@ def test_defaults_when_nothing_is_set():
     assert KernelOptions.from_env({}) == KernelOptions()
     assert KernelOptions().as_dict() == {"reference_kernels": False, "triton_matmul": True, "matmul_table": None,
                                          "pdl": True, "hopper_features": True, "npu_graph_mode": "max-autotune",
-                                         "mps_compile": False, "one_shot_all_reduce": True}
+                                         "mps_compile": False, "all_reduce": "auto"}
 
 
 def test_each_variable_sets_its_option():
@@ -22,7 +22,7 @@ def test_each_variable_sets_its_option():
     assert KernelOptions.from_env(env) == KernelOptions(reference_kernels=True, triton_matmul=False,
                                                         matmul_table="/t.json", pdl=False, hopper_features=False,
                                                         npu_graph_mode="reduce-overhead", mps_compile=True,
-                                                        one_shot_all_reduce=False)
+                                                        all_reduce="nccl")
     assert KernelOptions.from_env({"NANOVLLM_KERNELS": "auto", "NANOVLLM_MATMUL": "auto", "NANOVLLM_PDL": "1",
                                    "NANOVLLM_MATMUL_TABLE": ""}) == KernelOptions()
 

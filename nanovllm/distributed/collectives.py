@@ -10,9 +10,11 @@ At a group size of 1 both return ``x`` itself and no op enters the graph.  While
 with a traced implementation registered (``nanovllm/traced.py``; the NPU platform registers ``functional.py``'s),
 Dynamo traces that in place of the op.
 
-On CUDA, ``use_one_shot_all_reduce`` routes the all-reduces of up to a given size (a decode step's) through
-PyTorch's symmetric-memory one-shot kernel instead of NCCL; larger all-reduces (prefill) stay on NCCL, and so do all
-of a group one of whose processes took part in an earlier group's rendezvous (``one_shot_allowed``).
+On CUDA, ``use_symmetric_all_reduce`` routes the all-reduces of up to a given size (a decode step's) through
+PyTorch's symmetric-memory kernels instead of NCCL: one-shot (every rank loads every peer's whole part) below
+``TWO_SHOT_FROM_BYTES``, two-shot (reduce-scatter then all-gather over peer memory, half the loads at two ranks) from
+there on, unless the caller keeps to one-shot.  Larger all-reduces (prefill) stay on NCCL, and so do all of a group
+one of whose processes took part in an earlier group's rendezvous (``one_shot_allowed``).
 """
 import torch
 import torch.distributed as dist
@@ -22,15 +24,21 @@ from nanovllm.distributed.group import current
 from nanovllm.logger import logger
 
 
-_one_shot: dict = {}  # dtype -> (symmetric buffer, group name), set by ``use_one_shot_all_reduce``
+_one_shot: dict = {}  # dtype -> (symmetric buffer, group name, two-shot from this many elements), set by
+# ``use_symmetric_all_reduce``
+
+# Two-shot beats one-shot from here on at hidden 5120 bf16 on two H200s: 16.8 against 24.9 µs at 256 rows (2.6 MB),
+# while one-shot leads up to 64 rows (655 kB); docs/PERFORMANCE.md, `benchmarks/allreduce_bench.py`.
+TWO_SHOT_FROM_BYTES = 1 << 20
 
 
 _rendezvous_made = False  # this process made a symmetric-memory rendezvous, in this group or an earlier one
 
 
-def use_one_shot_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int) -> bool:
-    """Make all-reduces of at most ``max_numel`` elements of ``dtype`` take the symmetric-memory one-shot kernel
-    (CUDA, every rank of the group must call it: the buffer's rendezvous is collective).  Returns whether they do:
+def use_symmetric_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int, two_shot: bool = True) -> bool:
+    """Make all-reduces of at most ``max_numel`` elements of ``dtype`` take the symmetric-memory kernels: two-shot
+    from ``TWO_SHOT_FROM_BYTES`` on where ``two_shot``, else one-shot (CUDA, every rank of the group must call it:
+    the buffer's rendezvous is collective).  Returns whether they do:
     not where any rank's process made a rendezvous in an earlier group (agreed), since PyTorch numbers a process's
     rendezvous from its start, so a fresh rank and a rank 0 on its second group would wait on different keys; those
     all-reduces then stay on NCCL."""
@@ -46,7 +54,8 @@ def use_one_shot_all_reduce(device: torch.device, dtype: torch.dtype, max_numel:
     buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)
     _rendezvous_made = True
     symm_mem.rendezvous(buffer, group)
-    _one_shot[dtype] = (buffer, group)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    _one_shot[dtype] = (buffer, group, -(-TWO_SHOT_FROM_BYTES // itemsize) if two_shot else max_numel + 1)
     return True
 
 
@@ -55,9 +64,9 @@ def one_shot_allowed(device=None) -> bool:
     return agree_min(0 if _rendezvous_made else 1, device) == 1
 
 
-def release_one_shot_all_reduce() -> None:
+def release_symmetric_all_reduce() -> None:
     """Drop the symmetric buffers (leaving the group): later all-reduces take NCCL or gloo until the next
-    ``use_one_shot_all_reduce``."""
+    ``use_symmetric_all_reduce``."""
     _one_shot.clear()
 
 
@@ -65,9 +74,12 @@ def release_one_shot_all_reduce() -> None:
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     one_shot = _one_shot.get(x.dtype)
     if one_shot is not None and x.numel() <= one_shot[0].numel() and x.is_cuda:
-        buffer, group = one_shot
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buffer[:x.numel()].view(x.shape), x.contiguous(), "sum",
-                                                           group)
+        buffer, group, two_shot_from = one_shot
+        staged = buffer[:x.numel()].view(x.shape)
+        if x.numel() >= two_shot_from:
+            staged.copy_(x)
+            return torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", group, torch.empty_like(staged))
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(staged, x.contiguous(), "sum", group)
     y = x.clone()
     dist.all_reduce(y)
     return y

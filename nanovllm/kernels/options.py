@@ -22,7 +22,7 @@ class KernelOptions:
     hopper_features: bool = True  # TMA and PDL where the GPU has them; False: the pre-Hopper path everywhere
     npu_graph_mode: str = "max-autotune"  # torchair's CompilerConfig().mode on the NPU platform
     mps_compile: bool = False  # compile the step on MPS (MPSInductor) instead of running it eagerly
-    one_shot_all_reduce: bool = True  # tensor parallelism on CUDA: decode-sized all-reduces by symmetric memory
+    all_reduce: str = "auto"  # tensor parallelism on CUDA, decode-sized all-reduces: auto, one_shot or nccl
 
     @classmethod
     def from_env(cls, env=None) -> "KernelOptions":
@@ -34,7 +34,7 @@ class KernelOptions:
                    hopper_features=get("NANOVLLM_HOPPER_FEATURES", env),
                    npu_graph_mode=get("NANOVLLM_NPU_GRAPH_MODE", env),
                    mps_compile=get("NANOVLLM_MPS_COMPILE", env),
-                   one_shot_all_reduce=get("NANOVLLM_ALLREDUCE", env) == "one_shot")
+                   all_reduce=get("NANOVLLM_ALLREDUCE", env))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -86,7 +86,7 @@ def leave_group() -> None:
     global _control
     _control = None
     _in_flight.clear()
-    distributed.release_one_shot_all_reduce()
+    distributed.release_symmetric_all_reduce()
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
             if liveness.failure() is None:  # a failed group's queued collectives may never finish

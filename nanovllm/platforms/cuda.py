@@ -1,6 +1,6 @@
 """CUDA: the checkpoint's dtype, memory measured after a warm-up, pinned host staging, Inductor + CUDA graphs
-sharing one pool, NCCL (small all-reduces through the symmetric-memory one-shot kernel where
-``KernelOptions.one_shot_all_reduce``: ``prepare_tensor_parallel``), and the Triton kernels registered for the ops
+sharing one pool, NCCL (decode-sized all-reduces through the symmetric-memory kernels unless
+``KernelOptions.all_reduce`` is ``nccl``: ``prepare_tensor_parallel``), and the Triton kernels registered for the ops
 (``nanovllm/kernels/cuda.py``).
 
 Below Hopper: TMA loads and programmatic dependent launch need sm_90; ``KernelOptions.hopper_features``
@@ -41,8 +41,9 @@ class CudaPlatform(TorchDevicePlatform):
         register_cuda_kernels()
 
     def prepare_tensor_parallel(self, dtype, max_elements):
-        if distributed.current().size > 1 and self.options.one_shot_all_reduce:
-            distributed.use_one_shot_all_reduce(self.device, dtype, max_elements)
+        if distributed.current().size > 1 and self.options.all_reduce != "nccl":
+            distributed.use_symmetric_all_reduce(self.device, dtype, max_elements,
+                                                 two_shot=self.options.all_reduce == "auto")
 
     def _has_bf16(self) -> bool:
         return torch.cuda.get_device_capability(self.device)[0] >= 8

@@ -26,7 +26,7 @@ import faulthandler, os, signal, sys, threading, time
 from nanovllm import LLM, SamplingParams
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(240, exit=True)  # stuck: every thread's stack on stderr, then exit
+    faulthandler.dump_traceback_later(120, exit=True)  # stuck: every thread's stack on stderr, then exit
     llm = LLM(sys.argv[1], **{engine})
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     raised = []
@@ -55,7 +55,7 @@ def test_a_worker_killed_mid_generate_raises_on_rank_0_and_the_gpus_come_back(tm
     script = tmp_path / "kill_worker.py"
     script.write_text(textwrap.dedent(SCRIPT.format(engine=repr(ENGINE))))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, str(script), path], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), path], env=env, capture_output=True, text=True, timeout=180)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RAISED")), "")
     assert line.startswith("RAISED RuntimeError"), done.stdout[-2000:] + done.stderr[-3000:]
     assert "rank 1 (exit code -9)" in line and float(line.split()[2]) < 20, line
