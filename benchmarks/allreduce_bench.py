@@ -62,8 +62,11 @@ def rank_main(rank: int, size: int, port: int, args, out: list | None):
         two_in = buf[:x.numel()].view_as(x)
         two_in.copy_(x)
         two = torch.ops.symm_mem.two_shot_all_reduce_(two_in, "sum", group).clone()
-        ok = {"one_shot": bool(torch.allclose(one.view_as(want), want, rtol=2e-2, atol=2e-2)),
-              "two_shot": bool(torch.allclose(two, want, rtol=2e-2, atol=2e-2))}
+        # Past two ranks the kernels add in other orders than NCCL, and a bf16 partial sum rounds at its own
+        # magnitude: the tolerance scales with the largest sum (one rank's part missing is far outside it).
+        atol = 2e-2 * float(want.abs().max())
+        ok = {"one_shot": bool(torch.allclose(one.view_as(want), want, rtol=2e-2, atol=atol)),
+              "two_shot": bool(torch.allclose(two, want, rtol=2e-2, atol=atol))}
         y = x.clone()
 
         def nccl():

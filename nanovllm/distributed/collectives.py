@@ -27,9 +27,9 @@ from nanovllm.logger import logger
 _one_shot: dict = {}  # dtype -> (symmetric buffer, group name, two-shot from this many elements), set by
 # ``use_symmetric_all_reduce``
 
-# Two-shot beats one-shot from here on at hidden 5120 bf16 on two H200s: 16.8 against 24.9 µs at 256 rows (2.6 MB),
-# while one-shot leads up to 64 rows (655 kB); docs/PERFORMANCE.md, `benchmarks/allreduce_bench.py`.
-TWO_SHOT_FROM_BYTES = 1 << 20
+# Where two-shot overtakes one-shot in CUDA graphs on two and four H200s (`benchmarks/allreduce_bench.py`, hidden
+# 5120 bf16): one-shot leads at 16 rows (0.16 MB), two-shot from 64 rows (0.66 MB) on; docs/PERFORMANCE.md.
+TWO_SHOT_FROM_BYTES = 512 << 10
 
 
 _rendezvous_made = False  # this process made a symmetric-memory rendezvous, in this group or an earlier one
