@@ -233,8 +233,10 @@ def commands(step: Step, ctx: Context) -> list[Command]:
         return [Command([py, "-m", "benchmarks.structured_bench", "--engine", engine, "--model",
                          with_tokenizer(model_dir(step, ctx), ctx), *step.flags], env)]
     if step.workload == "pytest":
-        env.update(TRITON_INTERPRET="0", **({"TOKENIZER": ctx.tokenizer} if ctx.tokenizer else {}))
-        return [Command([py, "-m", "pytest", "-q", *step.flags], env)]
+        # Each test's name as it starts, written at once: a run cut off by a time limit still shows where it was.
+        env.update(TRITON_INTERPRET="0", PYTHONUNBUFFERED="1",
+                   **({"TOKENIZER": ctx.tokenizer} if ctx.tokenizer else {}))
+        return [Command([py, "-m", "pytest", "-v", "--durations=5", *step.flags], env)]
     if step.workload == "module":  # a preset or peer model comes after the module's own flags
         return [Command([py, "-m", *step.flags, *model], env)]
     raise ValueError(f"step {step.name!r} has an unknown workload {step.workload!r}")
