@@ -10,11 +10,9 @@ At a group size of 1 both return ``x`` itself and no op enters the graph.  While
 with a traced implementation registered (``nanovllm/traced.py``; the NPU platform registers ``functional.py``'s),
 Dynamo traces that in place of the op.
 
-On CUDA, ``use_symmetric_all_reduce`` routes the all-reduces of up to a given size (a decode step's) through
-PyTorch's symmetric-memory kernels instead of NCCL: one-shot (every rank loads every peer's whole part) below
-``TWO_SHOT_FROM_BYTES``, two-shot (reduce-scatter then all-gather over peer memory, half the loads at two ranks) from
-there on, unless the caller keeps to one-shot.  Larger all-reduces (prefill) stay on NCCL, and so do all of a group
-one of whose processes took part in an earlier group's rendezvous (``one_shot_allowed``).
+On CUDA, ``use_symmetric_all_reduce`` sends all-reduces of up to a decode step's size through PyTorch's symmetric-
+memory kernels: one-shot below ``TWO_SHOT_FROM_BYTES``, two-shot (reduce-scatter, then all-gather) from there.
+Prefill's stay on NCCL, as do all of a group where a process made an earlier rendezvous (``one_shot_allowed``).
 """
 import torch
 import torch.distributed as dist
