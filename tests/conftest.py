@@ -41,6 +41,14 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a group's rendezvous or a server)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ends_within(pid: int, seconds: float) -> bool:
     """Whether process ``pid`` stops ``running`` within ``seconds``."""
     import time

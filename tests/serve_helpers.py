@@ -16,7 +16,6 @@ answers; ``post``, ``metrics`` (parsed by prometheus_client), ``wait_for_metrics
 """
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_checkpoint
+from conftest import build_checkpoint, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN_TEXT = "Zoë: ☃𝄞 fine! Paris"
@@ -91,9 +90,7 @@ class ServerURL(str):
 def running_server(model_dir: str, log_dir: Path, *flags: str, **engine):
     """The server on a free port (engine options as keyword arguments), stopped on exit; yields its
     ``ServerURL``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     flags += tuple(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in engine.items())
     log = Path(log_dir) / "server.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

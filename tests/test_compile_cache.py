@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import build_checkpoint
+from conftest import build_checkpoint, free_port
 from nanovllm.compile import cache, saved_step
 
 ARGS = dict(graph_batch_sizes=[2], max_num_seqs=2, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64)
@@ -261,9 +261,8 @@ def test_tensor_parallel_ranks_load_their_entries_only_if_every_rank_has_one(hel
     """One rank loading while another compiles for minutes would look like a peer that stopped answering: the
     ranks agree, and if any lacks its entry every rank rebuilds."""
     import torch.multiprocessing as mp
-    from test_tp_collectives import _free_port
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))  # the spawned ranks inherit it
     with mp.get_context("spawn").Manager() as manager:  # no fork of this threaded process
         results = manager.dict()
-        mp.spawn(_activate_on_rank, args=(_free_port(), held, results), nprocs=2)
+        mp.spawn(_activate_on_rank, args=(free_port(), held, results), nprocs=2)
         assert dict(results) == {0: all(held), 1: all(held)}

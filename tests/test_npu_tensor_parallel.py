@@ -7,13 +7,12 @@ The spawned rank is a fresh interpreter: ``standins/site/sitecustomize.py`` inst
 (``NANOVLLM_TEST_STANDINS=npu`` on its ``PYTHONPATH``).  No Ascend card ran this (see ``standins/host_device.py``).
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import build_checkpoint
+from conftest import build_checkpoint, free_port
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.options import current_options, set_options
 from standins import hccl, install_npu, torchair
@@ -108,9 +107,7 @@ def test_npu_platforms_name_the_backend_and_the_rank_device(npu, model_dir):
 
 
 def test_the_npu_hccl_stand_in_refuses_what_processgrouphccl_refuses(npu):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("hccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         x = torch.arange(6, dtype=torch.float32).view(2, 3).to("npu")

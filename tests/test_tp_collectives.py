@@ -1,20 +1,13 @@
 """The tensor-parallel collectives on two CPU processes over gloo: their values, eager and inside a
 ``torch.compile(fullgraph=True)`` function with no graph break, and the group bookkeeping."""
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from nanovllm import distributed
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, size: int, port: int, results):
@@ -37,7 +30,7 @@ def test_all_reduce_and_gather_over_two_ranks_eager_and_compiled():
     size = 2
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(size, _free_port(), results), nprocs=size, join=True)
+        mp.spawn(_worker, args=(size, free_port(), results), nprocs=size, join=True)
         results = dict(results)
     x = torch.arange(6, dtype=torch.float32).view(2, 3)
     reduced = 2 * x * (1 + 2)  # (t * 2) summed over ranks whose t = x * (rank + 1)

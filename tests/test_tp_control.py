@@ -3,11 +3,12 @@ sent, payloads intact, and rank 0's ``send`` does not wait for a rank that is bu
 not posted a receive yet); ``flush`` waits until rank 1 took every call."""
 import datetime
 import json
-import socket
 import time
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 CALLS = [(0, 0, b""), (1, 7, b"x" * 100_000), (2, 3, b""), (0, 0, b""), (1, 0, b"\x00\x01")]
 BUSY_S = 2.0
@@ -34,9 +35,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
 
 
 def test_calls_arrive_in_order_and_sending_does_not_wait_for_a_busy_rank(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "result")
     mp.spawn(rank_main, args=(port, out), nprocs=2)
     with open(out + ".0") as f:

@@ -23,9 +23,8 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import build_checkpoint, ends_within, running
+from conftest import build_checkpoint, ends_within, free_port, running
 from nanovllm import LLM, SamplingParams
-from test_tp_collectives import _free_port
 from test_tp_sizes import spawned_workers
 from test_tp_worker_failure import within_bound
 
@@ -87,7 +86,7 @@ def _plan_on_rank(rank: int, port: int, results) -> None:
 def test_ranks_whose_garbage_collection_differs_size_the_kv_cache_alike():
     with mp.get_context("spawn").Manager() as manager:  # no fork of this threaded process
         results = manager.dict()
-        raised, _ = within_bound(lambda: mp.spawn(_plan_on_rank, args=(_free_port(), results), nprocs=2),
+        raised, _ = within_bound(lambda: mp.spawn(_plan_on_rank, args=(free_port(), results), nprocs=2),
                                  "the ranks wait in different collectives")
         assert raised is None, raised
         assert results[0] == results[1], dict(results)
@@ -213,7 +212,7 @@ def _one_shot_on_rank(rank: int, port: int, made_before: bool, results) -> None:
 def test_a_group_takes_the_one_shot_all_reduce_only_where_no_rank_made_a_rendezvous_before(made_before):
     with mp.get_context("spawn").Manager() as manager:  # no fork of this threaded process
         results = manager.dict()
-        raised, _ = within_bound(lambda: mp.spawn(_one_shot_on_rank, args=(_free_port(), made_before, results),
+        raised, _ = within_bound(lambda: mp.spawn(_one_shot_on_rank, args=(free_port(), made_before, results),
                                                   nprocs=2), "the ranks disagree")
         assert raised is None, raised
         assert dict(results) == {0: not made_before, 1: not made_before}
@@ -229,7 +228,7 @@ def test_a_teardown_that_hangs_is_given_up_and_named_when_joining_again(monkeypa
     assert time.monotonic() - start < 2
     assert distributed.current() == distributed.TensorParallel(0, 1)
     with pytest.raises(RuntimeError, match="took over 0.2 s; start a new process"):
-        distributed.init_process_group("gloo", 0, 1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+        distributed.init_process_group("gloo", 0, 1, init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
 EXIT_SCRIPT = """

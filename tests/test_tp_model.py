@@ -1,24 +1,17 @@
 """Tensor-parallel models on two CPU ranks over gloo, before the engine starts workers itself: each rank builds
 the same engine (the model reads its rank from ``distributed.current()``), runs the same deterministic generate,
 and its all-reduces and logit gathers meet the other rank's.  Greedy float32 tokens must equal transformers'."""
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import build_checkpoint, hf_greedy
+from conftest import build_checkpoint, free_port, hf_greedy
 from nanovllm import distributed
 
 pytestmark = pytest.mark.slow
 
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
 PROMPTS = [[5, 9, 13, 2, 7], [11, 3], [4, 4, 8, 15, 16, 23, 42, 1, 2]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank, size, port, path, eager, results):
@@ -32,7 +25,7 @@ def _rank(rank, size, port, path, eager, results):
 def _run(path, size, eager):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(size, _free_port(), path, eager, results), nprocs=size, join=True)
+        mp.spawn(_rank, args=(size, free_port(), path, eager, results), nprocs=size, join=True)
         return [results[r] for r in range(size)]
 
 

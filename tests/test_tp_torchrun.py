@@ -6,7 +6,6 @@ a note saying so (not hang), or naming it with its own error when it raised one;
 every process ends."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_checkpoint, hf_greedy
+from conftest import build_checkpoint, free_port, hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,6 @@ def script(tmp_path, model: str, out: Path) -> Path:
         llm.close()
     """))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, **extra_env: str) -> subprocess.Popen:

@@ -22,8 +22,7 @@ from nanovllm.distributed.group import current
 from nanovllm.logger import logger
 
 
-_one_shot: dict = {}  # dtype -> (symmetric buffer, group name, two-shot from this many elements), set by
-# ``use_symmetric_all_reduce``
+_symmetric: dict = {}  # dtype -> (buffer, group name, two-shot from this many elements): use_symmetric_all_reduce
 
 # Where two-shot overtakes one-shot in CUDA graphs on two and four H200s (`benchmarks/allreduce_bench.py`, hidden
 # 5120 bf16): one-shot leads at 16 rows (0.16 MB), two-shot from 64 rows (0.66 MB) on; docs/PERFORMANCE.md.
@@ -52,8 +51,7 @@ def use_symmetric_all_reduce(device: torch.device, dtype: torch.dtype, max_numel
     buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)
     _rendezvous_made = True
     symm_mem.rendezvous(buffer, group)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    _one_shot[dtype] = (buffer, group, -(-TWO_SHOT_FROM_BYTES // itemsize) if two_shot else max_numel + 1)
+    _symmetric[dtype] = (buffer, group, -(-TWO_SHOT_FROM_BYTES // dtype.itemsize) if two_shot else max_numel + 1)
     return True
 
 
@@ -65,14 +63,14 @@ def one_shot_allowed(device=None) -> bool:
 def release_symmetric_all_reduce() -> None:
     """Drop the symmetric buffers (leaving the group): later all-reduces take NCCL or gloo until the next
     ``use_symmetric_all_reduce``."""
-    _one_shot.clear()
+    _symmetric.clear()
 
 
 @torch.library.custom_op("nanovllm::tp_all_reduce", mutates_args=())
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    one_shot = _one_shot.get(x.dtype)
-    if one_shot is not None and x.numel() <= one_shot[0].numel() and x.is_cuda:
-        buffer, group, two_shot_from = one_shot
+    symmetric = _symmetric.get(x.dtype)
+    if symmetric is not None and x.numel() <= symmetric[0].numel() and x.is_cuda:
+        buffer, group, two_shot_from = symmetric
         staged = buffer[:x.numel()].view(x.shape)
         if x.numel() >= two_shot_from:
             staged.copy_(x)

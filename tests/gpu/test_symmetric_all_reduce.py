@@ -10,10 +10,11 @@ and exits non-zero, which fails the test.
 """
 import faulthandler
 import os
-import socket
 
 import pytest
 import torch
+
+from conftest import free_port
 
 pytestmark = pytest.mark.gpu2
 
@@ -32,7 +33,7 @@ def _rank(rank: int, port: int, failures):
     try:
         device = torch.device("cuda", rank)
         assert distributed.use_symmetric_all_reduce(device, torch.bfloat16, 256 * HIDDEN)
-        two_shot_from = collectives._one_shot[torch.bfloat16][2]
+        two_shot_from = collectives._symmetric[torch.bfloat16][2]
         assert 16 * HIDDEN < two_shot_from <= 64 * HIDDEN, two_shot_from
         gen = torch.Generator(device).manual_seed(rank)
         for rows in ROWS:
@@ -64,9 +65,7 @@ def test_one_and_two_shot_sum_what_nccl_sums():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     failures = mp.get_context("spawn").Manager().list()
     mp.start_processes(_rank, args=(port, failures), nprocs=2, start_method="spawn")
     assert list(failures) == []
