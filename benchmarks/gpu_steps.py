@@ -41,7 +41,8 @@ class Step:
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
 FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
-VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
+VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)
+TP_TESTS = "tests/gpu/test_tensor_parallel.py"  # vLLM runs its ranks in processes of their own
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -109,10 +110,15 @@ STEPS = [
     Step("parity-fp8", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_fp8_weights.py")),
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
-    # two GPUs; each fits one device call (the first took 390 s of tests on two H200)
-    Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel.py")),
-    Step("parity-allreduce", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_symmetric_all_reduce.py")),
-    Step("parity-tp-failures", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_failures.py")),
+    # two GPUs; the engine suite in two halves (all of it took 390 s on two H200), each row's limit well inside
+    # one device call, so a hung test still leaves the call time to report the rows after it
+    Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "-k", "transformers", TP_TESTS), limit_s=300),
+    Step("parity-tp-engine", "tests", "own", "pytest", ("-m", "gpu2", "-k", "not transformers", TP_TESTS),
+         limit_s=300),
+    Step("parity-allreduce", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_symmetric_all_reduce.py"),
+         limit_s=120),
+    Step("parity-tp-failures", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_failures.py"),
+         limit_s=300),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
     Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
     Step("moe-kernel-fp8", "ours", "own", "module", ("benchmarks.moe_kernel", "--fp8", "--tokens", "1,16,64,256,1024,4096")),
