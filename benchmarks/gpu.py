@@ -94,16 +94,18 @@ def die_with_runner(runner: int) -> None:
         os._exit(1)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End ``proc`` and everything it started (its own session), politely first."""
-    if proc.poll() is None:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                pass
+def stop(proc: subprocess.Popen) -> str:
+    """End ``proc`` and everything it started (its own session), politely first; says how it ended."""
+    if proc.poll() is not None:
+        return f"exited {proc.returncode} before the stop"
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        t = time.monotonic()
+        os.killpg(proc.pid, sig)
+        try:
+            return f"exit status {proc.wait(wait)} {time.monotonic() - t:.1f} s after {sig.name}"
+        except subprocess.TimeoutExpired:
+            pass
+    return "still running after SIGKILL"
 
 
 def healthy(url: str, proc: subprocess.Popen, deadline: float) -> bool:
@@ -142,9 +144,9 @@ def execute(step, cmds, run: Path, tree: str, extra_env: dict) -> dict:
                 rcs.append("timeout")
                 break
     finally:
-        for proc in servers:
-            stop(proc)
-    return {"rc": next((rc for rc in rcs if rc != 0), 0), "rcs": rcs, "seconds": round(time.monotonic() - start, 1)}
+        stopped = [stop(proc) for proc in servers]
+    return {"rc": next((rc for rc in rcs if rc != 0), 0), "rcs": rcs, "seconds": round(time.monotonic() - start, 1),
+            **({"server": stopped} if stopped else {})}
 
 
 def collect(run: Path) -> dict:

@@ -1,7 +1,7 @@
 """The GPU runner's table on the CPU: ``--list``, every step resolving to commands that parse, an unknown step
 named in the error with the valid ones, a run's JSON collected into results.json and results.md, a step past its
-time limit stopped; and the layout of benchmarks/ (at most 13 files: one program per workload kind, no sys.path edits, nothing importing tests/
-or bench.py)."""
+time limit stopped, a server's end recorded; and the layout of benchmarks/ (at most 13 files: one program per
+workload kind, no sys.path edits, nothing importing tests/ or bench.py)."""
 import dataclasses
 import importlib.util
 import json
@@ -80,6 +80,29 @@ def test_a_step_past_its_time_limit_is_stopped(monkeypatch, tmp_path):
         Command([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"])])
     [record] = gpu.main(["parity", "--out", str(tmp_path)])
     assert record["rc"] == "timeout" and record["seconds"] < 30 and record["log_tail"] == "started"
+
+
+SERVER = """
+import http.server, signal, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_a_servers_end_is_recorded(monkeypatch, tmp_path):
+    from benchmarks import gpu_steps
+    from conftest import free_port
+    port = free_port()
+    monkeypatch.setattr(gpu_steps, "SERVER", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(gpu, "commands", lambda step, ctx: [
+        Command([sys.executable, "-c", SERVER, str(port)], background=True, label="server"),
+        Command([sys.executable, "-c", "print('client')"], label="client")])
+    [record] = gpu.main(["serve-ours", "--out", str(tmp_path)])
+    assert record["rc"] == 0 and record["rcs"] == [0]
+    assert record["server"][0].startswith("exit status 3 ") and record["server"][0].endswith("after SIGTERM")
 
 
 def test_a_step_ends_when_the_runner_is_killed(tmp_path):
