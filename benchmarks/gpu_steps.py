@@ -111,10 +111,13 @@ STEPS = [
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     # two GPUs; the engine suite in two halves (on two H100: 172 s, and 300 s cut the second at its last test),
+    # the commands (bench.py, example.py, precompile, the server) in a third,
     # each row's limit inside one device call, so a hung test still leaves the call time to report
     Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "-k", "transformers", TP_TESTS), limit_s=300),
     Step("parity-tp-engine", "tests", "own", "pytest", ("-m", "gpu2", "-k", "not transformers", TP_TESTS),
          limit_s=450),
+    Step("parity-tp-cli", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_cli.py"),
+         limit_s=400),
     Step("parity-allreduce", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_symmetric_all_reduce.py"),
          limit_s=120),
     Step("parity-tp-failures", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_failures.py"),

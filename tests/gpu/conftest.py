@@ -6,8 +6,9 @@ against their twins), run on the GPU machine with
 Every test here carries the ``gpu`` marker and is skipped without CUDA, so the CPU suite collects and skips them.
 They need Triton compiled, not interpreted: with ``-m gpu`` on a CUDA machine ``TRITON_INTERPRET`` is set to 0
 (tests/conftest.py defaults it to 1 for the CPU); a run that still interprets skips them, saying so.
-Tests marked ``gpu2`` (tensor parallelism, tests/gpu/test_tensor_parallel.py) also need a second CUDA device and are
-skipped, saying so, where fewer than two are visible; ``-m gpu2`` sets ``TRITON_INTERPRET`` to 0 as ``-m gpu`` does.
+Tests marked ``gpu2`` (tensor parallelism: tests/gpu/test_tensor_parallel*.py, test_symmetric_all_reduce.py) also
+need a second CUDA device and are skipped, saying so, where fewer than two are visible; ``-m gpu2`` sets
+``TRITON_INTERPRET`` to 0 as ``-m gpu`` does.
 """
 import os
 from pathlib import Path

@@ -13,30 +13,21 @@ saying so, where fewer than two devices are visible (tests/gpu/conftest.py).  On
   identical where the one-GPU tests demand it of the oracle (FP8 weights, FP8 KV), bfloat16 under the margin rule;
   eager (graph == eager is the one-GPU tests' claim); FP8 MoE weights in bfloat16, as users run them in graph
   mode, against transformers on the dequantized weights (the one-GPU test's oracle);
-* two TP=2 engines one after the other in one process: the second's KV cache as large as the first's;
-* ``bench.py --tensor-parallel-size 2`` writes its JSON and exits by itself, leaving no process behind.
+* two TP=2 engines one after the other in one process: the second's KV cache as large as the first's.
+The commands (bench.py, example.py, precompile, the server) at TP=2: test_tensor_parallel_cli.py.
 A process is a rank of one group at a time: every engine is closed before the next starts, checked after each test.
 """
 import gc
-import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 import traceback
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build_checkpoint, processes_with
+from conftest import build_checkpoint
 
 pytestmark = pytest.mark.gpu2
 
-ROOT = Path(__file__).resolve().parents[2]
 ENGINE = dict(kvcache_block_size=16, graph_batch_sizes=[8], max_model_len=512, max_num_seqs=8,
               num_kvcache_blocks=256)
 MARGIN = 0.1  # transformers' float32 oracle (exact there)
@@ -194,32 +185,3 @@ def test_a_second_two_rank_engine_gets_the_memory_the_first_held(checkpoint):
         assert llm.engine.describe()["num_kv_blocks"] >= 0.95 * first, first
         out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 8
-
-
-def test_bench_at_two_ranks_writes_its_json_and_leaves_no_process(tmp_path):
-    run = f"tp2-{uuid.uuid4().hex}"
-    marker = f"NANOVLLM_TEST_BENCH_RUN={run}"  # in the environment of the bench and of all it starts
-    out = tmp_path / "b.json"
-    cmd = [sys.executable, "bench.py", "--tensor-parallel-size", "2", "--bs", "16", "--num-seqs", "16",
-           "--max-input-len", "128", "--max-output-len", "128", "--json", str(out)]
-    env = dict(os.environ, NANOVLLM_TEST_BENCH_RUN=run)
-    # output to files, not pipes: a process left behind holding a pipe would make reading it hang
-    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        bench = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
-        try:
-            code = bench.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            code = None
-            for pid in processes_with(marker):  # the bench and what it started: none may outlive this test
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            bench.wait()
-    log = (tmp_path / "stderr").read_text()[-3000:]
-    assert code == 0, f"bench.py exit status {code} (None: still running after 300 s); stderr:\n{log}"
-    assert json.loads(out.read_text())["tok_per_s"] > 0
-    deadline = time.monotonic() + 30  # a worker may take a moment to end after rank 0's exit
-    while (left := processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert left == [], f"processes of the bench run still alive: {left}"
