@@ -103,7 +103,8 @@ STEPS = [
     Step("tp4-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "4"), env=VLLM_TP),
     Step("serve-tp-ours", "ours", "peer:qwen3-32b", "serve", DUMMY + TP2),
     Step("serve-tp-vllm", "vllm", "peer:qwen3-32b", "serve", TP2),
-    Step("profile-tp", "ours", "peer:qwen3-32b", "module", ("benchmarks.profile_run", "--at", "256,64") + TP2),
+    Step("profile-tp", "ours", "peer:qwen3-32b", "module", ("benchmarks.profile_run", "--at", "256,128,64", "--prefill")
+         + TP2),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
     Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
