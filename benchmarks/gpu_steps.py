@@ -41,8 +41,8 @@ class Step:
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
 FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
-VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)
-TP_TESTS = "tests/gpu/test_tensor_parallel.py"  # vLLM runs its ranks in processes of their own
+VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
+TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
