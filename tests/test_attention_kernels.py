@@ -211,3 +211,37 @@ def test_prefill_attention_kernel_matches_decode_for_single_tokens(poison):
     pre = ta.prefill_attention_configured(q, k, v, cu, lens, tables, 0.125, block_m=16, block_n=16)
     dec = ta.decode_attention_triton(q, k, v, tables, lens, 0.125)
     assert_close(pre, dec, F32)
+
+
+# ------------------------------------------------------------------------------- decode rows in a prefill step
+
+@pytest.mark.parametrize("dtype,group,num_kv_heads,block_size", [(F32, 4, 2, 16), (BF16, 8, 1, 64), (BF16, 3, 2, 16)])
+def test_a_prefill_with_decode_rows_matches_reference(poison, dtype, group, num_kv_heads, block_size):
+    # Decode rows (one query token over a long context) between prompt chunks, an empty sequence, and a trailing
+    # padding sequence of one token and context 0: the prefill kernel leaves the one-token rows to the packed
+    # decode kernel (``prefill_attention_triton``), and every row is written.
+    q_lens = [1, 30, 1, 0, 9, 1, 1]
+    ctx = [3 * block_size + 7, 30, 1, 0, 2 * block_size + 9, 5 * block_size, 0]
+    k, v, tables, lens = make_cache(ctx, num_kv_heads, 64, block_size, dtype, seed=group)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(q_lens), group * num_kv_heads, 64).to(dtype)
+    want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, 0.125)
+    out = ta.prefill_attention_triton(q, k, v, cu, lens, tables, 0.125)
+    assert_close(out, want, dtype)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the padding sequence: zeros
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_the_packed_decode_kernel_writes_only_one_token_sequences(poison, num_splits):
+    # Split or not, the packed launch writes exactly the rows of one-token sequences (the others stay NaN).
+    q_lens, ctx = [1, 4, 1], [70, 20, 33]
+    k, v, tables, lens = make_cache(ctx, 2, 64, 16, BF16, seed=num_splits)
+    cu = torch.tensor([0, 1, 5, 6], dtype=torch.int32)
+    q = torch.randn(6, 8, 64).to(BF16)
+    out = torch.full_like(q, float("nan"))
+    ta.decode_attention_configured(q, k, v, tables, lens, 0.125, cu_seqlens_q=cu, out=out, num_splits=num_splits,
+                                   block_n=16)
+    want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, 0.125)
+    single = torch.tensor([True, False, False, False, False, True])
+    assert out[~single].isnan().all()
+    assert_close(out[single], want[single], BF16)

@@ -9,7 +9,8 @@ meaning of ``context_lens``.
 * ``prefill_attention_triton``: causal flash attention over queries packed by ``cu_seqlens_q``, reading K/V
   straight from the paged cache (cached prefix and chunked prefill need no copy).  The grid is
   ``(T // BLOCK_M + B, Hq)``, an upper bound on the number of query tiles; each program finds its sequence
-  by binary search over ``cu_seqlens_q`` and exits when its tile is past that sequence's queries.
+  by binary search over ``cu_seqlens_q`` and exits when its tile is past that sequence's queries.  A sequence of
+  one query token (a decode row in a prefill step) is left to the decode kernel, launched packed after it.
 
 No host synchronisation and no data-dependent shapes: everything may run inside a CUDA graph.  The kernels
 also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how CI tests them.
@@ -78,7 +79,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
                     stride_cb, stride_ch, stride_ct,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    FP8: tl.constexpr, PDL: tl.constexpr):
+                    FP8: tl.constexpr, SKIP_SINGLE: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -96,6 +97,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
     m0 = (tile - (q_begin // BLOCK_M + b)) * BLOCK_M
     if m0 >= q_len:
         return
+    if SKIP_SINGLE:  # a sequence of one query token is the packed decode kernel's
+        if q_len == 1:
+            return
     ctx = tl.load(context_lens_ptr + b)
 
     i = m0 + tl.arange(0, BLOCK_M)
@@ -144,8 +148,11 @@ def _prefill_config(q: torch.Tensor):
 
 
 def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale=None,
-                                 v_scale=None, *, block_m=None, block_n=None, num_warps=None, num_stages=None):
-    """``prefill_attention_triton`` with its launch parameters exposed (for benchmarks and tests)."""
+                                 v_scale=None, *, skip_single=False, block_m=None, block_n=None, num_warps=None,
+                                 num_stages=None):
+    """``prefill_attention_triton`` with its launch parameters exposed (for benchmarks and tests); ``skip_single``
+    leaves the rows of one-token sequences unwritten (``prefill_attention_triton`` has the decode kernel write
+    them)."""
     _check_cache(k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -164,8 +171,8 @@ def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), FP8=fp8, num_warps=num_warps, num_stages=num_stages,
-        **pdl_launch(q.device))
+        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), FP8=fp8, SKIP_SINGLE=skip_single, num_warps=num_warps,
+        num_stages=num_stages, **pdl_launch(q.device))
     return out
 
 
@@ -173,9 +180,12 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                              scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
     """Varlen causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache (an FP8 cache
-    with its per-head scales)."""
-    return prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                        k_scale, v_scale)
+    with its per-head scales).  The sequences of one query token (decode rows riding in a prefill step) take the
+    packed decode kernel, which reads their KV once per GQA group; the prefill kernel leaves their rows."""
+    out = prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                       k_scale, v_scale, skip_single=True)
+    return decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                       cu_seqlens_q=cu_seqlens_q, out=out)
 
 
 __all__ = ["store_kv_triton", "decode_attention_triton", "prefill_attention_triton"]

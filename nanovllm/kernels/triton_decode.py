@@ -5,7 +5,9 @@ One program per (sequence, KV head, split) loads each KV tile once for all the q
 ``num_splits`` equal runs of tiles, with ``num_splits`` sized from static shapes to fill two waves of SMs (one
 split at large batches); with more than one split every program writes a partial output and its log-sum-exp,
 which ``_decode_reduce_kernel`` merges.  The grid runs the KV head fastest and the scheduler hands rows over
-longest context first, so the longest programs start first.
+longest context first, so the longest programs start first.  Packed (``cu_seqlens_q``), the kernels take the
+sequences of one query token out of a prefill step's layout and write beside the prefill kernel's rows: a decode
+row riding in a prefill step reads its KV once per GQA group here, where the prefill kernel reads it per head.
 
 The grid and every launch parameter depend only on static shapes (batch, KV heads, block-table width) and the SM
 count, never on ``context_lens`` values, so a launch can be captured in a CUDA graph and replayed with other
@@ -25,17 +27,32 @@ _WAVES = 2  # programs aimed at: this many per SM
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables_ptr, context_lens_ptr,
+def _query_row(cu_seqlens_ptr, b, PACKED: tl.constexpr):
+    """The query row of sequence ``b``: ``b`` itself, or packed (``cu_seqlens``) its one token's, -1 where it has
+    another number of tokens (a prefill's, left to the prefill kernel)."""
+    if PACKED:
+        first = tl.load(cu_seqlens_ptr + b)
+        row = tl.where(tl.load(cu_seqlens_ptr + b + 1) - first == 1, first, -1).to(tl.int64)
+    else:
+        row = b.to(tl.int64)
+    return row
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables_ptr, context_lens_ptr, cu_seqlens_ptr,
                    out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_cb, stride_ch, stride_ct,
                    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                    GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, PACKED: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr):
     pdl_begin(PDL)
     kv_head = tl.program_id(0)  # fastest-varying, so programs start in row order (rows come longest first)
     b = tl.program_id(1)
     split = tl.program_id(2)
+    q_row = _query_row(cu_seqlens_ptr, b, PACKED)
+    if q_row < 0:
+        return
     ctx = tl.load(context_lens_ptr + b)
     # The context cut into num_splits equal runs of whole tiles; an empty run stores lse = -inf.
     tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
@@ -47,7 +64,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
     d = tl.arange(0, HEAD_DIM)
     q_head = kv_head * GROUP + g
     g_mask = g < GROUP
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + q_head[:, None] * stride_qh + d[None, :],
+    q = tl.load(q_ptr + q_row * stride_qb + q_head[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None], other=0.0)
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
@@ -78,7 +95,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
 
     out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]  # empty context or empty split: zeros
     if not PARTIAL:
-        tl.store(out_ptr + b.to(tl.int64) * stride_ob + q_head[:, None] * stride_oh + d[None, :],
+        tl.store(out_ptr + q_row * stride_ob + q_head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
         row = (b.to(tl.int64) * NUM_Q_HEADS + q_head) * num_splits + split  # [GROUP_P]
@@ -88,12 +105,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
 
 
 @triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, cu_seqlens_ptr, num_splits, stride_ob, stride_oh,
                           NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PACKED: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    q_row = _query_row(cu_seqlens_ptr, b, PACKED)
+    if q_row < 0:
+        return
     s = tl.arange(0, SPLITS_P)
     d = tl.arange(0, HEAD_DIM)
     s_mask = s < num_splits
@@ -105,7 +125,7 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, strid
     parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + q_row * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 def _decode_config(q: torch.Tensor, block_size: int):
@@ -139,16 +159,22 @@ def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
 
 
 def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None,
-                                *, num_splits=None, block_n=None, num_warps=None, num_stages=None):
+                                *, cu_seqlens_q=None, out=None, num_splits=None, block_n=None, num_warps=None,
+                                num_stages=None):
     """``decode_attention_triton`` with its launch parameters exposed (tests and kernel benchmarks).  Overrides
-    must stay functions of static shapes for the launch to be graph-capturable."""
+    must stay functions of static shapes for the launch to be graph-capturable.  With ``cu_seqlens_q`` (packed, a
+    prefill step's layout) only the sequences of one query token are computed, into ``out`` at that token's row."""
     _check_cache(k_cache, v_cache)
-    batch, num_q_heads, head_dim = q.shape
+    num_q_heads, head_dim = q.shape[1:]
+    batch = context_lens.shape[0]  # sequences: q's rows, or cu_seqlens_q's intervals when packed
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and num_q_heads % num_kv_heads == 0
+    assert (cu_seqlens_q is None) == (out is None), "a packed launch writes into the prefill's output"
     cfg_n, cfg_w, cfg_s = _decode_config(q, block_size)
     block_n, num_warps, num_stages = block_n or cfg_n, num_warps or cfg_w, num_stages or cfg_s
-    out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    packed = cu_seqlens_q is not None
     if batch == 0:
         return out
     num_splits = num_splits or decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, block_n,
@@ -163,19 +189,20 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
     k_desc, v_desc = _kv_descriptors(k_cache, v_cache, block_n) if tma else (k_cache, v_cache)
     scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, out, part_out, part_lse, *scales,
+        q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, cu_seqlens_q if packed else context_lens,
+        out, part_out, part_lse, *scales,
         scale * _LOG2E,
         num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        PARTIAL=num_splits > 1, DOT_PRECISION=_dot_precision(q), FP8=fp8, TMA=tma, num_warps=num_warps,
+        PARTIAL=num_splits > 1, PACKED=packed, DOT_PRECISION=_dot_precision(q), FP8=fp8, TMA=tma, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(q.device))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits), num_warps=4,
-            **pdl_launch(q.device))
+            part_out, part_lse, out, cu_seqlens_q if packed else context_lens, num_splits, out.stride(0),
+            out.stride(1), NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits),
+            PACKED=packed, num_warps=4, **pdl_launch(q.device))
     return out
 
 
