@@ -95,6 +95,9 @@ class EngineConfig:
                                          "and device each on this node, started by `LLM` (or torchrun's ranks)")
     max_num_seqs: int = _opt(256, "sequences decoding at once")
     max_num_batched_tokens: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
+    mixed_prefill: bool = _opt(False, "a prefill step also carries the next token of every decoding sequence that "
+                                      "fits its token budget (not constrained ones), as vLLM mixes prefill chunks "
+                                      "and decodes, so decoding does not stall while prompts arrive")
     max_model_len: int = _opt(4096, "prompt + completion limit (capped by the checkpoint's "
                                     "`max_position_embeddings`)")
     gpu_memory_utilization: float = _opt(0.92, "share of device memory for weights, activations and KV cache "
@@ -144,8 +147,9 @@ class EngineConfig:
         for name, minimum in dict(tensor_parallel_size=1, max_num_seqs=1, max_num_batched_tokens=1, max_model_len=1,
                                   seed=0, pipeline_depth=1, kvcache_block_size=16).items():
             _check_int(name, getattr(self, name), minimum)
-        if not isinstance(self.offload_experts, bool):
-            raise TypeError(f"offload_experts must be a bool, got {self.offload_experts!r}")
+        for name in ("offload_experts", "mixed_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         share = self.offload_host_share
         if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
                                   or not 0.0 <= share <= 1.0):

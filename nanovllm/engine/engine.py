@@ -48,7 +48,7 @@ class Engine:
         self.runner = ModelRunner(config, self.platform)
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.eos_token_ids)
+                                   config.max_model_len, config.eos_token_ids, config.mixed_prefill)
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens)

@@ -7,7 +7,8 @@ past the real ones all belong to that padding sequence and the rows after it hol
 always ``table_width`` (blocks of a ``max_model_len`` sequence) wide, a static shape.  Real steps are staged in
 one (pinned, where the platform pins) host buffer and reach the device, or a graph's static inputs, in one copy:
 separate pageable copies would each wait for the step before to finish.  ``prompt_logprob_rows`` says which token
-rows of that layout predict a prompt token whose logprob a request asked for.
+rows of that layout predict a prompt token whose logprob a request asked for.  A decode row riding in the step
+(one token, ``scheduler.py``) may still wait for that token: it reads it from its token slot (``token_slots``).
 """
 import numpy as np
 import torch
@@ -54,9 +55,10 @@ class PrefillInputBuilder:
         self.scratch_slot, self.max_model_len = scratch_slot, max_model_len
 
     @torch.inference_mode()  # inputs are always inference tensors, so compiled guards see one kind
-    def _finish(self, packed: bool, target: StepInputs | None, **arrays) -> StepInputs:
-        host = StepInputs.from_arrays(token_slots=np.full(len(arrays["input_ids"]), PADDING["token_slots"]),
-                                      **arrays)
+    def _finish(self, packed: bool, target: StepInputs | None, token_slots=None, **arrays) -> StepInputs:
+        if token_slots is None:
+            token_slots = np.full(len(arrays["input_ids"]), PADDING["token_slots"])
+        host = StepInputs.from_arrays(token_slots=token_slots, **arrays)
         if packed:
             host = host.packed_copy(pin_memory=self.pin_memory)
         if target is not None:
@@ -69,12 +71,17 @@ class PrefillInputBuilder:
         ``target`` (its static inputs) when given; without a shape, one trailing padding sequence of one token."""
         bs = self.block_size
         seqs = batch.seqs
-        tokens, positions, slots, cu = [], [], [], [0]
+        tokens, positions, slots, cu, pending = [], [], [], [0], []
         for seq, n in zip(seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
             chunk = np.asarray(seq.token_ids[start:start + n])
-            assert (chunk != PENDING_TOKEN).all(), "a prefill chunk must not contain an unresolved token"
+            if n and chunk[-1] == PENDING_TOKEN:  # a decode row: its token is still on the device, in its token slot
+                assert n == 1, "only a decode row's one token may be unresolved in a prefill step"
+                pending.append((cu[-1], seq.token_slot))
+                chunk = np.zeros(1, np.int64)
+            else:
+                assert (chunk != PENDING_TOKEN).all(), "a prefill chunk must not contain an unresolved token"
             table = np.asarray(seq.block_table, dtype=np.int64)
             tokens.append(chunk)
             positions.append(seq.rope_positions(start, n))
@@ -95,7 +102,11 @@ class PrefillInputBuilder:
                 out_slots[i] = seq.token_slot
         context = np.zeros(rows, np.int64)
         context[:len(seqs)] = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)]
-        return self._finish(True, target, input_ids=np.concatenate(tokens), positions=np.concatenate(positions),
+        token_slots = np.full(num_tokens, PADDING["token_slots"])
+        for row, token_slot in pending:
+            token_slots[row] = token_slot
+        return self._finish(True, target, token_slots, input_ids=np.concatenate(tokens),
+                            positions=np.concatenate(positions),
                             slot_mapping=np.concatenate(slots), block_tables=tables, context_lens=context,
                             cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=out_slots,
                             **sampling_arrays(seqs, rows))

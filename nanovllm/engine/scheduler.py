@@ -1,7 +1,8 @@
 """Continuous batching, prefill first, with chunked prefill and preemption by recompute.
 
 Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens) or a decode step
-(one token for every running sequence whose prompt is done); prefill wins whenever prefill work fits.  When the KV
+(one token for every running sequence whose prompt is done); prefill wins whenever prefill work fits.  With
+``mixed_prefill`` a prefill step also carries one token of each decoding sequence the budget and free blocks allow.  When the KV
 cache cannot hold every running sequence's next token, the most recently admitted one is preempted: its blocks are
 freed (they stay in the prefix cache) and it goes back to the front of the queue.  No request is ever dropped.
 
@@ -44,8 +45,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...]):
+                 max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool = False):
         self.block_manager = block_manager
+        self.mixed_prefill = mixed_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -90,7 +92,30 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+        if seqs and budget and self.mixed_prefill:
+            self._add_decode_rows(seqs, counts, budget)
         return ScheduledBatch(seqs, counts, is_prefill=True)
+
+    def _add_decode_rows(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
+        """Let running sequences past their prompt ride in this prefill step, one token each (their newest, which
+        may still be pending), while the budget lasts, so they do not stall while prompts arrive.  Not a
+        constrained one (its mask waits for its tokens), one whose next block no free block holds (it waits for a
+        decode step, which may preempt), nor any in a step that runs eagerly (prompt logprobs or images)."""
+        if any(s.wants_prompt_logprobs or s.images is not None for s in seqs):
+            return
+        bm, taken = self.block_manager, {s.seq_id for s in seqs}
+        for seq in self.running:
+            if not budget:
+                break
+            if seq.seq_id in taken or seq.is_prefilling or seq.grammar is not None:
+                continue
+            if bm.needs_block_to_append(seq):
+                if bm.num_free_blocks == 0:
+                    continue
+                bm.append_block(seq)
+            seqs.append(seq)
+            counts.append(1)
+            budget -= 1
 
     def _schedule_decode(self) -> ScheduledBatch:
         bm = self.block_manager
