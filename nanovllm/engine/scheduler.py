@@ -1,10 +1,10 @@
 """Continuous batching, prefill first, with chunked prefill and preemption by recompute.
 
-Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens) or a decode step
-(one token for every running sequence whose prompt is done); prefill wins whenever prefill work fits.  With
-``mixed_prefill`` a prefill step also carries one token of each decoding sequence the budget and free blocks allow.  When the KV
-cache cannot hold every running sequence's next token, the most recently admitted one is preempted: its blocks are
-freed (they stay in the prefix cache) and it goes back to the front of the queue.  No request is ever dropped.
+Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens; with
+``mixed_prefill`` also one token of each decoding sequence that fits) or a decode step (one token for every running
+sequence whose prompt is done); prefill wins whenever prefill work fits.  When the KV cache cannot hold every running
+sequence's next token, the most recently admitted one is preempted: its blocks are freed (they stay in the prefix
+cache) and it goes back to the front of the queue.  No request is ever dropped.
 
 Steps are launched ahead of their tokens (``pipeline_depth``), so each has two halves: ``advance`` (right after
 launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes sequences on
