@@ -1,10 +1,9 @@
 """Continuous batching, prefill first, with chunked prefill and preemption by recompute.
 
-Each step is either a prefill step (chunks of prompts, at most ``max_num_batched_tokens`` tokens; with
-``mixed_prefill`` also one token of each decoding sequence that fits) or a decode step (one token for every running
-sequence whose prompt is done); prefill wins whenever prefill work fits.  When the KV cache cannot hold every running
-sequence's next token, the most recently admitted one is preempted: its blocks are freed (they stay in the prefix
-cache) and it goes back to the front of the queue.  No request is ever dropped.
+A step is a prefill (chunks of prompts, at most ``max_num_batched_tokens`` tokens; ``mixed_prefill`` adds a token
+of each decoding sequence that fits) or a decode (a token of each running sequence past its prompt); prefill wins
+when prefill work fits.  When the KV cache cannot hold every running sequence's next token, the last admitted is
+preempted: its blocks are freed (kept in the prefix cache), it goes back to the queue's front; none is dropped.
 
 Steps are launched ahead of their tokens (``pipeline_depth``), so each has two halves: ``advance`` (right after
 launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes sequences on
@@ -12,8 +11,8 @@ length; ``resolve`` (later) writes the sampled tokens in and finishes sequences 
 by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
 
-The scheduler owns a running sequence's KV blocks and token slot (its row of the device token buffer): it hands out
-both on admission and takes both back on preemption, finish and abort (late writes by queued steps land unread).
+It owns a running sequence's KV blocks and token slot (its row of the device token buffer), handed out on admission
+and taken back on preemption, finish and abort (late writes by queued steps land unread).
 """
 from collections import deque
 from dataclasses import dataclass, field

@@ -7,10 +7,9 @@ meaning of ``context_lens``.
 * ``store_kv_triton``: one program per token writes all its KV heads into their slot (slot -1 is skipped).
 * ``decode_attention_triton``: split-KV decode attention, in ``triton_decode.py`` (re-exported here).
 * ``prefill_attention_triton``: causal flash attention over queries packed by ``cu_seqlens_q``, reading K/V
-  straight from the paged cache (cached prefix and chunked prefill need no copy).  The grid is
-  ``(T // BLOCK_M + B, Hq)``, an upper bound on the number of query tiles; each program finds its sequence
-  by binary search over ``cu_seqlens_q`` and exits when its tile is past that sequence's queries.  A sequence of
-  one query token (a decode row in a prefill step) is left to the decode kernel, launched packed after it.
+  straight from the paged cache (cached prefix and chunked prefill need no copy).  The grid is ``(T // BLOCK_M +
+  B, Hq)``, an upper bound on the query tiles; each program finds its sequence by binary search over
+  ``cu_seqlens_q`` and exits past its queries, or where it has one (the decode kernel's, launched packed after).
 
 No host synchronisation and no data-dependent shapes: everything may run inside a CUDA graph.  The kernels
 also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how CI tests them.
