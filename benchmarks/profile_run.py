@@ -8,8 +8,8 @@ second, with an empty prefix cache, profiles the windows planned from it: ``--st
 decode step whose batch is at most each size in ``--at``, and with ``--prefill`` the first run of prefill steps.
 The device is synchronised before and after each window, so a window holds exactly its steps' kernels.  Per
 window it prints the wall and GPU-busy ms per step, the byte floor of its decode steps (weights + KV read at the
-measured copy bandwidth), GPU time by kernel category, GPU idle time between kernels by the pair of categories
-around the gap, and the top kernels.  Writes ``$OUT/profile_run.json``.
+measured copy bandwidth), GPU time by kernel category (a category's overlapping kernels counted once), GPU idle
+time by the pair of categories around the gap, and the top kernels.  Writes ``$OUT/profile_run.json``.
 """
 import argparse
 import time
@@ -120,10 +120,18 @@ def idle_before(events) -> dict[tuple[str, str], int]:
     return out
 
 
+def busy_by_category(events) -> dict[str, int]:
+    """Busy ns per kernel category, each the union of its kernels' intervals: a kernel launched early under PDL
+    (made resident while the one before it runs, as the split-KV reduce is) adds only the time it runs alone."""
+    groups = {}
+    for event in events:
+        groups.setdefault(category(event[0]), []).append(event)
+    return {cat: busy_ns(group) for cat, group in groups.items()}
+
+
 def summarize(label: str, events, wall_s: float, window: list[Launch], floor_s: float) -> dict:
-    by_cat, by_name = {}, {}
+    by_cat, by_name = busy_by_category(events), {}
     for name, s, e in events:
-        by_cat[category(name)] = by_cat.get(category(name), 0) + e - s
         by_name[name] = by_name.get(name, 0) + e - s
     steps = max(len(window), 1)
     ms = lambda ns: round(ns / 1e6 / steps, 3)  # noqa: E731

@@ -48,6 +48,13 @@ def test_idle_gaps_are_charged_to_the_pair_of_kernel_kinds():
     assert idle_before(events) == {("matmul", "attention"): 2, (other, "matmul"): 5}
 
 
+def test_a_category_counts_its_overlapping_kernels_once():
+    from benchmarks.profile_run import busy_by_category
+    # the split-KV reduce made resident under PDL while the decode kernel still runs: attention is busy 0-25 once
+    events = [("_decode_kernel", 0, 20), ("_decode_reduce_kernel", 10, 25), ("nvjet_a", 25, 40), ("nvjet_b", 50, 55)]
+    assert busy_by_category(events) == {"attention": 25, "matmul": 20}
+
+
 def test_matmul_table_merge_keeps_unswept_batch_sizes(tmp_path):
     from benchmarks.matmul_sweep import merge_table
     path = tmp_path / "table.json"
