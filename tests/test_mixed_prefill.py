@@ -67,7 +67,7 @@ def test_the_budget_free_blocks_grammars_and_eager_steps_limit_the_riders():
     scheduler.add(d)
     assert scheduler.schedule().seqs == [d]  # prompt logprobs run eagerly, whole: no riders
 
-    scheduler = _scheduler(blocks=4)  # 16 tokens a block: a's 21st token needs its second block
+    scheduler = _scheduler(blocks=4)  # 16 tokens a block: a's 17th token needs its second block
     a, = _decoding(scheduler, [5] * 16)
     scheduler.add(c := Sequence(9, [7] * 40, GREEDY, seed=0))  # takes the 3 blocks left
     batch = scheduler.schedule()
