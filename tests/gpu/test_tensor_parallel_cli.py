@@ -64,9 +64,9 @@ def run_to_exit(tmp_path: Path, argv: list[str], **env) -> str:
                 except OSError:
                     pass
             proc.wait()
-    err = (tmp_path / "stderr").read_text()[-3000:]
-    assert code == 0, f"{argv[1]}: exit status {code} (None: still running after {LIMIT_S} s); stderr:\n{err}"
-    assert gone_within(marker, 30) == [], f"processes of {argv[1]} still alive"
+    err, what = (tmp_path / "stderr").read_text()[-3000:], " ".join(argv[1:3])
+    assert code == 0, f"{what}: exit status {code} (None: still running after {LIMIT_S} s); stderr:\n{err}"
+    assert gone_within(marker, 30) == [], f"processes of {what} still alive"
     return (tmp_path / "stdout").read_text()
 
 
