@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_checkpoint, free_port
+from conftest import build_checkpoint, free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN_TEXT = "Zoë: ☃𝄞 fine! Paris"
@@ -183,13 +183,5 @@ def descendants(pid: int) -> list[int]:
 
 
 def alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie waiting to be reaped is not)."""
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(pid)
-        except FileNotFoundError:
-            pass
-    return out
+    """Those of ``pids`` still ``running`` (a zombie waiting to be reaped is not)."""
+    return [pid for pid in pids if running(pid)]

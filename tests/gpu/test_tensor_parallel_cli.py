@@ -37,12 +37,12 @@ def model(tmp_path_factory):
     return build_text_checkpoint(tmp_path_factory.mktemp("text"))[0]
 
 
-def gone_within(marker: str, seconds: float) -> list[int]:
-    """The processes carrying ``marker`` still running after up to ``seconds`` (a worker may take a moment to end
-    after rank 0's exit)."""
+def gone_within(still_running, seconds: float) -> list[int]:
+    """What ``still_running()`` (pids) still returns after up to ``seconds``: a worker may take a moment to end after
+    rank 0's exit."""
     deadline = time.monotonic() + seconds
-    while (left := processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while (left := still_running()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return left
 
 
@@ -66,7 +66,7 @@ def run_to_exit(tmp_path: Path, argv: list[str], **env) -> str:
             proc.wait()
     err, what = (tmp_path / "stderr").read_text()[-3000:], " ".join(argv[1:3])
     assert code == 0, f"{what}: exit status {code} (None: still running after {LIMIT_S} s); stderr:\n{err}"
-    assert gone_within(marker, 30) == [], f"processes of {what} still alive"
+    assert gone_within(lambda: processes_with(marker), 30) == [], f"processes of {what} still alive"
     return (tmp_path / "stdout").read_text()
 
 
@@ -101,7 +101,5 @@ def test_the_server_answers_and_ends_on_ctrl_c(tmp_path, model):
         assert len(tree) >= 3, tree  # the server, its engine and the second rank at least
         for pid in tree:  # Ctrl-C reaches every process of the terminal's foreground group
             os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + 60
-        while (left := [p for p in tree if running(p)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = gone_within(lambda: [p for p in tree if running(p)], 60)
         assert left == [], f"still running 60 s after Ctrl-C: {left}"
