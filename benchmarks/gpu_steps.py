@@ -125,6 +125,7 @@ STEPS = [
          limit_s=120),
     Step("parity-tp-failures", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_failures.py"),
          limit_s=300),
+    Step("parity-mixed", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_mixed_prefill.py"), limit_s=300),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
     Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
     Step("moe-kernel-fp8", "ours", "own", "module", ("benchmarks.moe_kernel", "--fp8", "--tokens", "1,16,64,256,1024,4096")),

@@ -107,9 +107,11 @@ PARAMS = [GREEDY, SamplingParams(temperature=0.9, seed=7, max_tokens=12, ignore_
 
 
 def check_same_tokens(model, params=PARAMS, **options):
+    """``_staggered``'s tokens with and without ``mixed_prefill``, same, and transformers' for the greedy prompts;
+    ``options`` override ``ENGINE`` (tests/gpu/test_mixed_prefill.py passes ``device="auto"``)."""
     got = {}
     for mixed in (False, True):
-        with LLM(model, mixed_prefill=mixed, **ENGINE, **options) as llm:
+        with LLM(model, mixed_prefill=mixed, **dict(ENGINE, **options)) as llm:
             got[mixed] = _staggered(llm, PROMPTS, params, first=4)
     (tokens, logprobs, riders), (mixed_tokens, mixed_logprobs, mixed_riders) = got[False], got[True]
     assert riders == 0 and mixed_riders > 0
