@@ -9,9 +9,10 @@ from test_mixed_prefill import check_same_tokens, model  # noqa: F401 (``model``
 
 
 def test_riders_give_the_same_tokens_in_graph_mode(model):
-    check_same_tokens(model, device="auto", enforce_eager=False, graph_batch_sizes=[8])
+    check_same_tokens(model, device="auto", enforce_eager=False, graph_batch_sizes=[8], max_num_seqs=8)
 
 
 @pytest.mark.gpu2
 def test_riders_give_the_same_tokens_at_two_ranks(model):
-    check_same_tokens(model, device="auto", enforce_eager=False, graph_batch_sizes=[8], tensor_parallel_size=2)
+    check_same_tokens(model, device="auto", enforce_eager=False, graph_batch_sizes=[8], max_num_seqs=8,
+                      tensor_parallel_size=2)
