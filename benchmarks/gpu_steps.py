@@ -40,7 +40,7 @@ class Step:
 
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
-FP8, TP2, MIXED = ("--quantization", "fp8"), ("--tensor-parallel-size", "2"), ("--mixed-prefill",)
+FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'
@@ -82,7 +82,6 @@ STEPS = [
     Step("vl-eager-ours", "ours", "own", "vl", ("--enforce-eager",)),
     Step("vl-vllm", "vllm", "own", "vl"),
     Step("serve-ours", "ours", "default", "serve"),
-    Step("serve-mixed-ours", "ours", "default", "serve", MIXED),
     Step("serve-vllm", "vllm", "default", "serve"),
     Step("serve-json-ours", "ours", "default", "serve", client=("--structured-share", "0.5")),
     # compact JSON, as ours compiles it (structured_bench.py says why)
@@ -104,7 +103,6 @@ STEPS = [
     Step("tp4-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "4"), env=VLLM_TP),
     Step("serve-tp-ours", "ours", "peer:qwen3-32b", "serve", DUMMY + TP2),
     Step("serve-tp-vllm", "vllm", "peer:qwen3-32b", "serve", TP2),
-    Step("serve-tp-mixed-ours", "ours", "peer:qwen3-32b", "serve", DUMMY + TP2 + MIXED),
     Step("profile-tp", "ours", "peer:qwen3-32b", "module", ("benchmarks.profile_run", "--at", "256,128,64", "--prefill")
          + TP2),
     Step("startup-ours", "ours", "default", "startup", BENCH),

@@ -95,7 +95,7 @@ class EngineConfig:
                                          "and device each on this node, started by `LLM` (or torchrun's ranks)")
     max_num_seqs: int = _opt(256, "sequences decoding at once")
     max_num_batched_tokens: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
-    mixed_prefill: bool = _opt(False, "a prefill step also carries the next token of every decoding sequence that "
+    mixed_prefill: bool = _opt(True, "a prefill step also carries the next token of every decoding sequence that "
                                       "fits its token budget (not constrained ones), as vLLM mixes prefill chunks "
                                       "and decodes, so decoding does not stall while prompts arrive")
     max_model_len: int = _opt(4096, "prompt + completion limit (capped by the checkpoint's "

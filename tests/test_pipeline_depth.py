@@ -15,7 +15,7 @@ EOS = 2
 
 def _scheduler(num_blocks=16, block_size=16) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=4, max_num_batched_tokens=256,
-                     max_model_len=256, eos_token_ids=(EOS,))
+                     max_model_len=256, eos_token_ids=(EOS,), mixed_prefill=False)
 
 
 def _launch(scheduler: Scheduler):

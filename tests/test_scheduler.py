@@ -14,7 +14,7 @@ from nanovllm.sampling_params import SamplingParams
 
 def test_decode_rows_come_longest_context_first():
     scheduler = Scheduler(BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=512, max_model_len=256,
-                          eos_token_ids=())
+                          eos_token_ids=(), mixed_prefill=False)
     lengths = [5, 40, 12, 40, 3]
     seqs = [Sequence(i, [1] * n, SamplingParams(max_tokens=4), seed=0) for i, n in enumerate(lengths)]
     for seq in seqs:
@@ -94,7 +94,7 @@ def test_decode_step_data_reused_from_the_last_batch_equals_data_built_anew():
     import random
     rng = random.Random(0)
     scheduler = Scheduler(BlockManager(14, 4), max_num_seqs=6, max_num_batched_tokens=64, max_model_len=64,
-                          eos_token_ids=())
+                          eos_token_ids=(), mixed_prefill=False)
     for i in range(9):
         params = SamplingParams(temperature=0.5 + i / 10, top_k=i + 1, max_tokens=rng.randint(5, 40), ignore_eos=True)
         scheduler.add(Sequence(i, [rng.randint(1, 99) for _ in range(rng.randint(1, 9))], params, seed=i))

@@ -60,7 +60,7 @@ def test_abort_of_a_waiting_sequence_and_step_outputs_carry_each_token_once(llm)
 
 
 def test_abort_is_safe_for_a_preempted_sequence_with_pending_tokens():
-    scheduler = Scheduler(BlockManager(16, 16), 4, 256, 256, (2,))
+    scheduler = Scheduler(BlockManager(16, 16), 4, 256, 256, (2,), mixed_prefill=False)
     seq = Sequence(0, [5] * 10, SamplingParams(max_tokens=8, ignore_eos=True), seed=0)
     scheduler.add(seq)
     prefill = scheduler.schedule()

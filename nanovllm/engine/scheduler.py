@@ -44,7 +44,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool = False):
+                 max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool):
         self.block_manager = block_manager
         self.mixed_prefill = mixed_prefill
         self.max_num_seqs = max_num_seqs
