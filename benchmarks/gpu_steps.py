@@ -109,6 +109,7 @@ STEPS = [
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
     Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
     Step("parity-fp8", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_fp8_weights.py")),
+    Step("parity-int4", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_int4_weights.py")),
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     # two GPUs; the engine suite in two halves (on two H100: 172 s, and 300 s cut the second at its last test),

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
-from nanovllm.quant_config import INT4_METHODS, check_quantization, quantization_config
+from nanovllm.quant import registry
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -19,7 +19,7 @@ LOAD_FORMATS = ("safetensors", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; both FP8 spellings are e4m3
 KV_CACHE_SCALES = ("auto", "one", "tensor", "head")
 CUDA_OFFLOAD_HOST_SHARE = 0.45  # offload_host_share's default on CUDA (docs/PERFORMANCE.md, expert offload)
-QUANTIZATIONS = ("fp8",)  # the ``quantization`` option's values (None: as the checkpoint says)
+QUANTIZATIONS = tuple(registry.ONLINE)  # the ``quantization`` option's values (None: as the checkpoint says)
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|npu)(:\d+)?")
 
 
@@ -192,10 +192,8 @@ class EngineConfig:
             raise FileNotFoundError(f"no config.json in model directory {self.model!r}")
         with open(config_path) as f:
             self.hf_config = json.load(f)
-        check_quantization(self.hf_config)
-        method = (quantization_config(self.hf_config) or {}).get("quant_method")
-        if self.quantization and method in INT4_METHODS:
-            raise ValueError(f"quantization={self.quantization!r} cannot apply to a quant_method={method!r} checkpoint")
+        self.quant_scheme = registry.checkpoint_scheme(self.hf_config)  # every field checked
+        self.online_scheme = registry.online_scheme(self.quantization, self.quant_scheme, self.load_format == "dummy")
         limit = (self.hf_config.get("max_position_embeddings")  # vision-language models: their text config's
                  or (self.hf_config.get("text_config") or {}).get("max_position_embeddings"))
         if limit:
@@ -210,12 +208,9 @@ class EngineConfig:
 
     @property
     def online_quantization(self) -> str | None:
-        """The quantization to apply at load time: ``quantization``, unless the checkpoint is already quantized
-        and read as it is; dummy weights of a quantized checkpoint's config are quantized as it says."""
-        quant = (quantization_config(self.hf_config) or {}).get("quant_method")
-        if quant is not None and self.load_format != "dummy":
-            return None
-        return self.quantization or (quant if quant in INT4_METHODS else quant and "fp8")
+        """The quantization applied at load time (``online_scheme``'s method): ``quantization``, unless the
+        checkpoint is already quantized and read as it is; dummy weights of a quantized config as it says."""
+        return self.online_scheme.method if self.online_scheme is not None else None
 
     @property
     def max_step_tokens(self) -> int:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
-from nanovllm.models.fp8_checkpoint import dequantize, quantize_checkpoint_fp8
+from nanovllm.quant.fp8_checkpoint import dequantize, quantize_checkpoint_fp8
 
 ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128, max_num_seqs=4,
               graph_batch_sizes=[1, 2, 4])

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM
-from nanovllm.models import fp8_checkpoint
-from nanovllm.models.compressed_tensors import ChannelLayout
-from nanovllm.tools import fp8_oracle
+from nanovllm.quant import fp8_checkpoint
+from nanovllm.quant.compressed_tensors import ChannelLayout
+from nanovllm.quant import registry
 from test_fp8_checkpoints import ENGINE, GREEDY, greedy, prompts_of, refused_without_scale
 
 
@@ -25,7 +25,7 @@ def compressed_checkpoint(tmp_path: Path, arch: str, strategy: str = "channel") 
 
 
 def oracle(path: str, out: Path) -> str:
-    return fp8_oracle.write_dequantized(path, out)
+    return registry.write_oracle(path, out)
 
 
 @pytest.fixture(scope="module", params=[("qwen3", "channel"), ("llama", "channel"), ("qwen3", "tensor"),
@@ -94,11 +94,15 @@ def test_a_per_tensor_scale_becomes_each_packed_parts_rows_scale(tmp_path):
 
 def test_the_start_up_line_names_the_layout(quantized):
     path, _, strategy = quantized
-    config = json.loads(Path(path, "config.json").read_text())
-    assert fp8_checkpoint.describe(config) == f"fp8 checkpoint (compressed-tensors, per {strategy}), dequantized " \
-                                              f"at load"
-    assert fp8_checkpoint.describe(config, "fp8 weights (4 of 4)") == \
-        f"fp8 weights (4 of 4), from an fp8 checkpoint (compressed-tensors, per {strategy})"
+    scheme = registry.checkpoint_scheme(json.loads(Path(path, "config.json").read_text()))
+    plain = build_checkpoint(Path(path).parent / "plain", "qwen3")
+    with LLM(plain, enforce_eager=True, **ENGINE) as llm:  # no FP8 weight kept: all dequantized at load
+        assert scheme.describe(llm.engine.runner.model) == \
+            f"fp8 checkpoint (compressed-tensors, per {strategy}), dequantized at load"
+    with LLM(path, enforce_eager=True, **ENGINE) as llm:
+        assert llm.engine.describe()["quantization"].endswith(
+            f"projections and expert stacks, scales per row), from an fp8 checkpoint (compressed-tensors, per "
+            f"{strategy})")
 
 
 def test_scales_follow_a_row_shard_and_stay_whole_over_a_column_shard():

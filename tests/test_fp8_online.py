@@ -3,7 +3,7 @@
 the checkpoint whose weights are those FP8 values dequantized, in eager and graph mode, with chunked prefill,
 prefix hits and preemption; MiniCPM4 and a vision-language model's language part too; two ranks equal one.
 
-The oracle (``tools/fp8_oracle.py``) is independent of our model code: it quantizes each checkpoint tensor the FP8
+The oracle (``quant/fp8_oracle.py``) is independent of our model code: it quantizes each checkpoint tensor the FP8
 layout would store with ``weight_quant.quantize`` and writes back ``dequantize`` of it.  Scales are per row, so
 quantizing q, k and v (or gate and up, or one expert) apart equals quantizing them packed.
 """
@@ -15,7 +15,8 @@ import torch
 
 from conftest import build_checkpoint, build_minicpm_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
-from nanovllm.tools import fp8_oracle, minicpm
+from nanovllm.quant import fp8_oracle
+from nanovllm.tools import minicpm
 
 ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=24, max_model_len=128, max_num_seqs=4,
               graph_batch_sizes=[1, 2, 4], quantization="fp8")

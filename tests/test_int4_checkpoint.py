@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import build_checkpoint
 from nanovllm.kernels import int4_quant
-from nanovllm.models.int4_checkpoint import int4_config, quantize_checkpoint_int4, quantize_linear
-from nanovllm.models.int4_formats import awq_to_int4, gptq_to_int4, int4_to_awq, int4_to_gptq
+from nanovllm.quant.int4_checkpoint import quantize_checkpoint_int4, quantize_linear
+from nanovllm.quant.registry import checkpoint_scheme
+from nanovllm.quant.int4_formats import awq_to_int4, gptq_to_int4, int4_to_awq, int4_to_gptq
 
 
 def i32(*words: int) -> list[int]:
@@ -149,14 +150,14 @@ def gptq(**fields):
                                              sym=True), **fields)}
 
 
-def test_int4_config_normalizes_gptq_and_awq_and_ignores_other_formats():
-    assert int4_config(gptq(checkpoint_format="gptq_v2", desc_act=True, group_size=-1)) == dict(
+def test_the_int4_schemes_normalize_gptq_and_awq_fields():
+    assert checkpoint_scheme(gptq(checkpoint_format="gptq_v2", desc_act=True, group_size=-1)).fields == dict(
         method="gptq", group=-1, sym=True, desc_act=True, v2=True, modules_to_not_convert=[])
     awq = dict(quant_method="awq", bits=4, group_size=128, zero_point=True, version="GEMM",
                modules_to_not_convert=["visual"])
-    assert int4_config({"text_config": {"quantization_config": awq}}) == dict(
+    assert checkpoint_scheme({"text_config": {"quantization_config": awq}}).fields == dict(
         method="awq", group=128, sym=False, desc_act=False, v2=False, modules_to_not_convert=["visual"])
-    assert int4_config({"quantization_config": {"quant_method": "fp8"}}) is None and int4_config({}) is None
+    assert checkpoint_scheme({}) is None
 
 
 @pytest.mark.parametrize("quant, message", [
@@ -169,7 +170,7 @@ def test_int4_config_normalizes_gptq_and_awq_and_ignores_other_formats():
 ])
 def test_int4_config_refuses_an_unsupported_field_by_name(quant, message):
     with pytest.raises(ValueError, match=message):
-        int4_config({"quantization_config": quant})
+        checkpoint_scheme({"quantization_config": quant})
 
 
 @pytest.mark.parametrize("method, args, expected", [

@@ -1,6 +1,6 @@
 """GPTQ and AWQ checkpoints of dense and MoE models (Qwen3, Llama, Qwen3-MoE, Mixtral) load with projections and
 routed experts in int4, run by ``linear_int4`` and ``fused_moe``: greedy float32 tokens equal transformers' on the
-dequantized weights (``tools/int4_oracle.py``) for GPTQ sym with a partial last group, asym, one group per row and
+dequantized weights (``quant/int4_oracle.py``) for GPTQ sym with a partial last group, asym, one group per row and
 desc_act, and AWQ; graph mode equals eager; two ranks equal one; act-ordered experts and a packed projection whose
 parts differ in act order are dequantized at load and still match; desc_act with two ranks, a group a shard would cut,
 an unsupported field and ``quantization="fp8"`` are refused by name; dummy weights and offloaded experts run int4."""
@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from conftest import build_checkpoint, hf_greedy
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import EngineConfig
-from nanovllm.kernels import int4_quant
-from nanovllm.models import int4_weights
-from nanovllm.models.int4_checkpoint import quantize_checkpoint_int4
-from nanovllm.tools.int4_oracle import write_dequantized
+from nanovllm.quant import held
+from nanovllm.quant import int4_weights
+from nanovllm.quant.int4_checkpoint import quantize_checkpoint_int4
+from nanovllm.quant.registry import write_oracle
 
 ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128, max_num_seqs=4,
               graph_batch_sizes=[1, 2, 4])
@@ -56,7 +56,7 @@ def int4_checkpoint(tmp_path: Path, layout: str) -> str:
 def quantized(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     path = int4_checkpoint(tmp, request.param)
-    return request.param, path, write_dequantized(path, tmp / "dequantized")
+    return request.param, path, write_oracle(path, tmp / "dequantized")
 
 
 def test_eager_matches_transformers_on_the_dequantized_weights(quantized):
@@ -71,7 +71,7 @@ def test_eager_matches_transformers_on_the_dequantized_weights(quantized):
     assert llm.engine.describe()["quantization"] == int4_weights.describe(model)  # the start-up line says it
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-        assert int4_quant.is_int4(linear) and linear.weight.dtype == torch.uint8
+        assert held.format_of(linear) is held.INT4 and linear.weight.dtype == torch.uint8
         assert (linear.weight_perm is not None) == quantize.get("desc_act", False)
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
 
@@ -81,7 +81,7 @@ def test_the_oracle_differs_from_the_unquantized_weights(tmp_path):
     original = build_checkpoint(tmp_path / "plain", "qwen3")
     path = shutil.copytree(original, tmp_path / "gptq")
     quantize_checkpoint_int4(path, "gptq", group=32)
-    oracle = write_dequantized(path, tmp_path / "dequantized")
+    oracle = write_oracle(path, tmp_path / "dequantized")
     prompts = prompts_of(5, seed=1, max_len=40)
     assert hf_greedy(oracle, prompts, GREEDY.max_tokens) != hf_greedy(original, prompts, GREEDY.max_tokens)
     before = load_file(f"{original}/model.safetensors")["model.layers.0.mlp.down_proj.weight"]
@@ -104,12 +104,12 @@ def test_modules_to_not_convert_stay_in_the_model_dtype(tmp_path):
     quantize_checkpoint_int4(path, "awq", group=32, skip=["layers.1.mlp"])
     llm = LLM(path, enforce_eager=True, **ENGINE)
     layers = llm.engine.runner.model.model.layers
-    assert int4_quant.is_int4(layers[0].mlp.down_proj) and not int4_quant.is_int4(layers[1].mlp.down_proj)
+    assert held.format_of(layers[0].mlp.down_proj) is held.INT4 and held.format_of(layers[1].mlp.down_proj) is None
     assert layers[1].mlp.gate_up_proj.weight.dtype == torch.float32
     assert int4_weights.describe(llm.engine.runner.model) == ("int4 weights (6 of 8 projections and expert stacks, "
                                                               "awq, group 32)")
     prompts = prompts_of(3, seed=3, max_len=20)
-    plain = write_dequantized(path, tmp_path / "plain")
+    plain = write_oracle(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
 
 
@@ -183,7 +183,7 @@ MOE_LAYOUTS = {
 def moe_quantized(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     path = moe_checkpoint(tmp, *MOE_LAYOUTS[request.param][:1], **MOE_LAYOUTS[request.param][1])
-    return request.param, path, write_dequantized(path, tmp / "dequantized")
+    return request.param, path, write_oracle(path, tmp / "dequantized")
 
 
 def moe_checkpoint(tmp_path: Path, arch: str, method: str, **quantize) -> str:
@@ -197,7 +197,7 @@ def _assert_int4_experts(experts, group: int) -> None:
     hidden, inter = half_h * 2, two_i // 2
     assert experts.down_proj.shape == (num_experts, hidden, inter // 2) and experts.quant_group == group
     for attr, (rows, k) in (("gate_up_proj", (two_i, hidden)), ("down_proj", (hidden, inter))):
-        assert int4_quant.is_int4(experts, attr) and getattr(experts, attr).dtype == torch.uint8
+        assert held.format_of(experts) is held.INT4 and getattr(experts, attr).dtype == torch.uint8
         scale, zero = getattr(experts, f"{attr}_scale"), getattr(experts, f"{attr}_zero")
         assert scale.dtype == torch.float16 and scale.shape == zero.shape == (num_experts, rows, -(-k // group))
 
@@ -239,7 +239,7 @@ def test_moe_experts_with_an_act_order_are_dequantized_and_still_match(tmp_path)
                                             "mixing int4 and plain weights)")
     assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
     prompts = prompts_of(3, seed=9, max_len=30)
-    plain = write_dequantized(path, tmp_path / "plain")
+    plain = write_oracle(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
 
 
@@ -262,7 +262,7 @@ def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path)
     """GPTQ gives q, k and v one act order (one input); a checkpoint where they differ cannot share one
     permutation of x, so that packed projection is dequantized at load."""
     from safetensors.torch import save_file
-    from nanovllm.models.int4_checkpoint import quantize_linear
+    from nanovllm.quant.int4_checkpoint import quantize_linear
     path = build_checkpoint(tmp_path / "llama", "llama")
     k_proj = load_file(f"{path}/model.safetensors")["model.layers.0.self_attn.k_proj.weight"]
     quantize_checkpoint_int4(path, "gptq", group=32, desc_act=True)
@@ -277,7 +277,7 @@ def test_q_k_v_of_different_act_orders_are_dequantized_and_still_match(tmp_path)
                                             "or act orders)")
     assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
     prompts = prompts_of(3, seed=7, max_len=30)
-    plain = write_dequantized(path, tmp_path / "plain")
+    plain = write_oracle(path, tmp_path / "plain")
     assert greedy(llm, prompts) == hf_greedy(plain, prompts, GREEDY.max_tokens)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from nanovllm import LLM
 from nanovllm.kernels import int4_quant
+from nanovllm.quant import held
 from nanovllm.kernels.moe_reference import experts_reference
 from nanovllm.models.expert_cache import ExpertCache, SplitScratch
 from test_expert_offload import _stats, assert_copy_counters
@@ -25,7 +26,7 @@ def checkpoint(request, tmp_path_factory):
     path = moe_checkpoint(tmp_path_factory.mktemp(request.param), *CHECKPOINTS[request.param], group=32)
     prompts = prompts_of(4, seed=7, max_len=30)
     plain = LLM(path, enforce_eager=True, **ENGINE)
-    assert int4_quant.is_int4(plain.engine.runner.model.model.layers[0].mlp.experts, "gate_up_proj")
+    assert held.format_of(plain.engine.runner.model.model.layers[0].mlp.experts) is held.INT4
     return path, prompts, tokens(plain, prompts, 8)
 
 

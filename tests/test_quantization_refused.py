@@ -1,7 +1,8 @@
 """A quantized checkpoint whose ``quantization_config.quant_method`` is not supported is refused by name when the
 ``LLM`` is made, before any weight is read, instead of loading its packed weights as if they were unquantized; a
 block-FP8 checkpoint (``fp8``) loads, compressed-tensors is checked field by field (``test_fp8_compressed.py``), and
-GPTQ and AWQ where the model is built (``test_int4_models.py``)."""
+so are GPTQ and AWQ, by ``EngineConfig`` (``quant/registry.py``), before any process starts or weight is read.  Every
+registered scheme writes a checkpoint that its own config reads back to it."""
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from conftest import build_checkpoint
 from nanovllm import LLM
 from nanovllm.config import EngineConfig
 from nanovllm.kernels import weight_quant
+from nanovllm.quant import registry
 
 OPTIONS = dict(enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=8, max_model_len=64)
 
@@ -92,3 +94,34 @@ def test_a_vision_language_models_text_config_is_checked_too(tmp_path):
 
 def test_an_unquantized_checkpoint_still_loads(tmp_path):
     assert EngineConfig(build_checkpoint(tmp_path, "qwen3"), load_format="dummy").hf_config["architectures"]
+
+
+@pytest.mark.parametrize("quant, message", [
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, r"quantization_config.bits=8 is not supported for "
+                                                              r"quant_method='gptq' \(supported: 4\)"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, r"version='gemv'"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, r"weight_block_size=\[128\] is not supported"),
+])
+def test_engine_config_checks_every_schemes_fields_before_any_weight(tmp_path, quant, message):
+    path = build_checkpoint(tmp_path, "qwen3")
+    (Path(path) / "model.safetensors").unlink()  # nothing to read: the config alone is refused
+    _set_quantization(path, quant)
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(path)
+
+
+@pytest.mark.parametrize("method", list(registry.CHECKPOINT))
+def test_each_registered_scheme_writes_a_checkpoint_its_config_reads_back(tmp_path, method):
+    path = build_checkpoint(tmp_path, "qwen3")
+    registry.CHECKPOINT[method]().write_checkpoint(path)
+    config = EngineConfig(path, **{k: v for k, v in OPTIONS.items() if k != "enforce_eager"})
+    assert type(config.quant_scheme) is registry.CHECKPOINT[method] and config.online_scheme is None
+    assert type(EngineConfig(path, load_format="dummy").online_scheme) is \
+        type(registry.CHECKPOINT[method]().for_dummy_weights())
+
+
+def test_quantization_fp8_is_refused_on_an_int4_checkpoint_by_name(tmp_path):
+    path = build_checkpoint(tmp_path, "qwen3")
+    _set_quantization(path, {"quant_method": "gptq", "bits": 4, "group_size": 128})
+    with pytest.raises(ValueError, match=r"quantization='fp8' cannot apply to a quant_method='gptq' checkpoint"):
+        EngineConfig(path, quantization="fp8")

@@ -30,7 +30,6 @@ from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.models import fp8_checkpoint, fp8_weights, int4_weights
 from nanovllm.models.expert_offload import expert_caches, offload_stats
 from nanovllm.models.loader import build_model
 from nanovllm.models.moe import expert_footprint
@@ -61,7 +60,7 @@ class ModelRunner:
                                  load_format=config.load_format, seed=config.seed,
                                  offload_experts=config.offload_experts, experts_on_device=config.experts_on_device,
                                  offload_host_share=config.offload_host_share,
-                                 quantization=config.online_quantization)
+                                 scheme=config.quant_scheme, online=config.online_scheme)
         phase("build_model", "sizing the KV cache")
         a = self.model.args
         self.vocab_size = a.vocab_size
@@ -114,8 +113,7 @@ class ModelRunner:
                 "kv_cache_dtype": str(self.kv_spec.dtype).replace("torch.", ""), "kv_scales": self.kv_scales,
                 "num_kv_blocks": self.num_blocks, "kvcache_block_size": self.block_size,
                 "kv_bytes_per_token": self.kv_spec.bytes_per_token,
-                "quantization": int4_weights.describe(self.model) or fp8_checkpoint.describe(
-                    self.config.hf_config, fp8_weights.describe(self.model)),
+                "quantization": _describe_quantization(self.config, self.model),
                 "weight_bytes": sum(t.numel() * t.element_size() for t in self.model.parameters()) + sum(
                     t.numel() * t.element_size() for name, t in self.model.named_buffers()
                     if name.endswith(("_scale", "_zero"))),  # quantized weights' scales and zeros are read too
@@ -292,3 +290,9 @@ class ModelRunner:
                 values = rechoose_logprob(raw if raw is not None else logits, values, ids, tokens, rows)
             slot.host_logprobs[0][offset:offset + rows].copy_(values[:rows], non_blocking=True)
             slot.host_logprobs[1][offset:offset + rows].copy_(ids[:rows], non_blocking=True)
+
+
+def _describe_quantization(config, model) -> str | None:
+    """The start-up line's quantization: the checkpoint's scheme's, else the online one's."""
+    scheme = config.quant_scheme or config.online_scheme
+    return scheme.describe(model) if scheme is not None else None

@@ -9,7 +9,7 @@ A quantized weight ``w`` [..., N, K] (K even) is three tensors and a group width
 * the real weight is ``(q[n, k] - zero[n, k // group]) * scale[n, k // group]``, computed in float32 and rounded
   once to the activations' dtype (``dequantize``, the twins'; the GPU kernels scale the product instead).
 
-GPTQ and AWQ checkpoints (``models/int4_checkpoint.py``) are repacked into this layout at load time; rows carry their
+GPTQ and AWQ checkpoints (``quant/int4_checkpoint.py``) are repacked into this layout at load time; rows carry their
 own scales, so packing q/k/v or gate/up, stacking experts and splitting rows over ranks never cut a group, and a
 rank's columns must start on a group boundary.  ``quantize`` is round-to-nearest per group (synthesis and tests).
 """
@@ -71,6 +71,3 @@ def quantize(weight: torch.Tensor, group: int, sym: bool = True) -> tuple[torch.
     return pack(codes.clamp(0, MAX_CODE).to(torch.uint8)), scale, zero
 
 
-def is_int4(module, attr: str = "weight") -> bool:
-    """Whether a module's parameter ``attr`` is held in this format (``models/int4_weights.py``)."""
-    return getattr(module, f"{attr}_zero", None) is not None

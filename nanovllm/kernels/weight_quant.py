@@ -58,6 +58,3 @@ def expand_block_scales(scale_inv: torch.Tensor, rows: int, block_rows: int) -> 
     return scale_inv.float().repeat_interleave(block_rows, dim=0)[:rows]
 
 
-def scale_of(module, attr: str = "weight") -> tuple[torch.Tensor | None, int]:
-    """(scale, group) of a module's parameter ``attr`` that ``models/fp8_weights.py`` quantized, else (None, 0)."""
-    return getattr(module, f"{attr}_scale", None), getattr(module, "quant_group", 0)

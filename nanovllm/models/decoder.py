@@ -68,8 +68,8 @@ class DecoderArgs:
 
 def project(linear: nn.Linear, x: torch.Tensor, bias: bool = True, silu_mul: bool = False) -> torch.Tensor:
     """``linear(x)`` through ``ops.linear`` (the tuned Triton kernel for decode-sized batches), with the weight's
-    FP8 scales where it has them (``models/fp8_weights.py``), or ``ops.linear_int4`` for an int4 weight
-    (``models/int4_weights.py``); ``bias=False`` leaves the bias out."""
+    FP8 scales where it has them (``quant/fp8_weights.py``), or ``ops.linear_int4`` for an int4 weight
+    (``quant/int4_weights.py``); ``bias=False`` leaves the bias out."""
     return tp.matmul(linear, x, linear.bias if bias else None, silu_mul)
 
 
@@ -90,6 +90,10 @@ class Attention(nn.Module):
         # checkpoint or calibration sets them (models/kv_scales.py).
         self.register_buffer("k_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+
+    def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
+        """(module, parameter, row-parallel) of what a weight quantization holds (``DecoderForCausalLM``'s)."""
+        return [(self.qkv_proj, "weight", False), (self.o_proj, "weight", True)]
 
     def attend(self, h, inputs: StepInputs, kv: tuple[torch.Tensor, torch.Tensor], rope: tuple):
         """Project ``h``, norm (Qwen3) and rotate q and k (``rope``: each token's row of the cos and sin tables),
@@ -118,6 +122,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * local, bias=bias)
         self.down_proj = nn.Linear(local, hidden_size, bias=bias)
         self.reduce = reduce
+
+    def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
+        return [(self.gate_up_proj, "weight", False), (self.down_proj, "weight", True)]
 
     def forward(self, x):
         h = project(self.gate_up_proj, x, silu_mul=True)
@@ -183,6 +190,19 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(a.hidden_size, tp.vocab_rows(a.vocab_size), bias=False)
         if a.tie_word_embeddings and self.lm_head.weight.shape == self.model.embed_tokens.weight.shape:
             self.lm_head.weight = self.model.embed_tokens.weight  # else tie_lm_head copies this rank's rows
+
+    def quant_targets(self) -> dict[str, tuple[nn.Module, str, bool]]:
+        """Every parameter a weight quantization holds (``nanovllm/quant/``), by name: (its module, its attribute,
+        whether tensor parallelism splits its input columns).  The decoder layers' attention projections and their
+        MLP's (``quant_targets`` of a dense MLP or a ``SparseMoe``: stacked experts, shared expert); embeddings,
+        the LM head, norms, routers and vision towers stay in the model's dtype."""
+        owners = {id(m): name for name, m in self.named_modules()}
+        out = {}
+        for layer in (m for m in self.modules() if isinstance(m, DecoderLayer)):
+            mlp = getattr(layer.mlp, "quant_targets", None)
+            for module, attr, row_parallel in layer.self_attn.quant_targets() + (mlp() if mlp else []):
+                out[f"{owners[id(module)]}.{attr}"] = (module, attr, row_parallel)
+        return out
 
     def make_mlp(self, hf_config: dict, layer_idx: int) -> nn.Module:
         """Layer ``layer_idx``'s MLP (``self.args`` is set): the dense one of ``intermediate_size``."""

@@ -17,7 +17,8 @@ known only after routing, on the host, and a captured graph would replay the cop
 import torch
 
 from nanovllm.config import CUDA_OFFLOAD_HOST_SHARE
-from nanovllm.kernels import int4_quant, ops, weight_quant
+from nanovllm.kernels import ops
+from nanovllm.quant import held
 from nanovllm.kernels.moe_reference import route_reference
 from nanovllm.models.expert_cache import COUNTERS, ExpertCache, SplitScratch
 from nanovllm.models.moe import SparseMoe
@@ -69,7 +70,7 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     layers = model.model.layers
     moes = [(i, layer.mlp) for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoe)]
     if host_share is None:
-        int4 = any(int4_quant.is_int4(moe.experts, "gate_up_proj") for _, moe in moes)
+        int4 = any(held.format_of(moe.experts) is held.INT4 for _, moe in moes)
         host_share = CUDA_OFFLOAD_HOST_SHARE if device.type == "cuda" and not int4 else 0.0
     if not moes:
         raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer")
@@ -81,10 +82,7 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
     for i, moe in moes:
         ex = moe.experts
         w13, w2 = ex.gate_up_proj.data, ex.down_proj.data
-        w13_scale, group = weight_quant.scale_of(ex, "gate_up_proj")
-        w2_scale, _ = weight_quant.scale_of(ex, "down_proj")
-        group = group if w13_scale is not None else 0  # experts dequantized at load keep no scales
-        w13_zero, w2_zero = getattr(ex, "gate_up_proj_zero", None), getattr(ex, "down_proj_zero", None)  # int4
+        w13_scale, w2_scale, group, w13_zero, w2_zero = held.expert_args(ex)  # zeros: int4 experts
         del moe.experts  # the host copy lives on in the cache only
         key = (w13.dtype, group)  # int4 experts' uint8 codes are a dtype of their own
         if splits and key not in scratches:

@@ -47,7 +47,7 @@ class MiniCPMForCausalLM(DecoderForCausalLM):
         if self.residual_scale != 1.0:
             for layer in self.model.layers:
                 for branch_out in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                    scale = getattr(branch_out, "weight_scale", None)  # an FP8 weight's (models/fp8_weights.py)
+                    scale = getattr(branch_out, "weight_scale", None)  # an FP8 weight's (quant/fp8_weights.py)
                     (branch_out.weight if scale is None else scale).mul_(self.residual_scale)
                     if branch_out.bias is not None:
                         branch_out.bias.mul_(self.residual_scale)

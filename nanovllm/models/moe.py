@@ -5,7 +5,7 @@
 contract), plus, where the architecture has one, a shared expert scaled by a sigmoid gate (Qwen2-MoE).  The
 experts are stacked: ``experts.gate_up_proj`` [E, 2I, H] (gate rows, then up) and ``experts.down_proj`` [E, H, I],
 the names transformers itself uses for them in memory; the loader stacks checkpoints' per-expert tensors into
-them (``loader.py``, named by each model file).  FP8 experts carry their scales, int4 ones scales and zeros
+them (``loader.py`` and ``placement.py``, named by each model file).  FP8 experts carry their scales, int4 ones scales and zeros
 (``fp8_weights.py``, ``int4_weights.py``), passed to the op as they are.  Every shape is static, so an MoE layer
 is captured in graph mode like a dense one.
 """
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import nanovllm.distributed as distributed
-from nanovllm.kernels import ops, weight_quant
+from nanovllm.kernels import ops
 from nanovllm.models import tensor_parallel as tp
+from nanovllm.quant import held
 from nanovllm.models.decoder import MLP
 
 
@@ -72,13 +73,17 @@ class SparseMoe(nn.Module):
             if m.shared_intermediate_size else None
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if m.shared_intermediate_size else None
 
+    def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
+        """The stacked experts' (``Experts`` only: not low-rank ones), then the shared expert's."""
+        ex = self.experts
+        own = [(ex, "gate_up_proj", False), (ex, "down_proj", True)] if isinstance(ex, Experts) else []
+        return own + (self.shared_expert.quant_targets() if self.shared_expert is not None else [])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = ops.linear(x, self.gate.weight)
         ex = self.experts
-        w13_scale, group = weight_quant.scale_of(ex, "gate_up_proj")
-        y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, self.renormalize, w13_scale,
-                          weight_quant.scale_of(ex, "down_proj")[0], group, getattr(ex, "gate_up_proj_zero", None),
-                          getattr(ex, "down_proj_zero", None))  # zeros: int4 experts (int4_weights.py)
+        y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, self.renormalize,
+                          *held.expert_args(ex))  # scales and group, zeros: a quantized stack's (quant/held.py)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return distributed.all_reduce(y)  # one sum over the ranks' partial experts (and shared expert)

@@ -16,7 +16,7 @@ tensor a rank's parameter holds, from the parameter's local shape, so the loader
 import torch
 
 import nanovllm.distributed as distributed
-from nanovllm.kernels import int4_quant, ops, weight_quant
+from nanovllm.quant import held
 
 
 def split(total: int, what: str) -> int:
@@ -50,12 +50,8 @@ def first_rank() -> bool:
 
 
 def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False):
-    """``x @ linear.weight.T + bias`` by the op the weight's format names: ``ops.linear_int4`` for an int4 weight
-    (``models/int4_weights.py``), else ``ops.linear`` with its FP8 scales where it has them."""
-    if int4_quant.is_int4(linear):
-        return ops.linear_int4(x, linear.weight, linear.weight_scale, linear.weight_zero, linear.quant_group,
-                               linear.weight_perm, bias, silu_mul)
-    return ops.linear(x, linear.weight, bias, silu_mul, *weight_quant.scale_of(linear))
+    """``x @ linear.weight.T + bias`` by the op of the format the weight is held in (``quant/held.py``)."""
+    return held.linear(linear, x, bias, silu_mul)
 
 
 def row_parallel(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

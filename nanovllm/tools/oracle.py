@@ -104,24 +104,21 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
 
 @contextlib.contextmanager
 def _transformers_checkpoint(model_dir: str, quantization: str | None = None, dtype=torch.float32):
-    """``model_dir``, or in a temporary directory: for a MiniCPM checkpoint its Llama equivalent, for FP8 weights
-    their dequantized values (``fp8_oracle.py``), for a GPTQ or AWQ checkpoint its (``int4_oracle.py``), or both."""
-    from nanovllm.models import fp8_checkpoint, int4_checkpoint
-    from nanovllm.tools import fp8_oracle, int4_oracle, minicpm
+    """``model_dir``, or in a temporary directory: for a MiniCPM checkpoint its Llama equivalent, for quantized
+    weights (a checkpoint's, or ``quantization``'s) their dequantized values (``quant.registry.write_oracle``), or
+    both."""
+    from nanovllm.quant import registry
+    from nanovllm.tools import minicpm
     config = json.loads((Path(model_dir) / "config.json").read_text())
     minicpm_model = config.get("model_type") in minicpm.MODEL_TYPES
-    fp8 = quantization == "fp8" or fp8_checkpoint.layout(config) is not None
-    if int4_checkpoint.int4_config(config) is not None:
-        with tempfile.TemporaryDirectory(prefix="nanovllm-oracle-") as tmp:
-            yield int4_oracle.write_dequantized(model_dir, f"{tmp}/int4")
-        return
-    if not minicpm_model and not fp8:
+    checkpoint = registry.checkpoint_scheme(config)
+    if not minicpm_model and checkpoint is None and quantization is None:
         yield model_dir
         return
     with tempfile.TemporaryDirectory(prefix="nanovllm-oracle-") as tmp:
         path = str(minicpm.to_llama(model_dir, f"{tmp}/llama")) if minicpm_model else model_dir
-        online = dtype if quantization == "fp8" else None
-        yield fp8_oracle.write_dequantized(path, f"{tmp}/fp8", online) if fp8 else path
+        quantized = checkpoint is not None or quantization is not None
+        yield registry.write_oracle(path, f"{tmp}/dequantized", quantization, dtype) if quantized else path
 
 
 def main():

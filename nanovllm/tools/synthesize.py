@@ -23,9 +23,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from nanovllm.models.compressed_tensors import ChannelLayout
-from nanovllm.models.fp8_checkpoint import BlockLayout, quantize_checkpoint
-from nanovllm.models.int4_checkpoint import METHODS as INT4_METHODS, quantize_checkpoint_int4
+from nanovllm.quant.fp8_schemes import BlockFp8, CompressedFp8
+from nanovllm.quant.int4_schemes import Awq, Gptq
 from nanovllm.paths import models_dir
 from nanovllm.tools import minicpm
 from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
@@ -80,7 +79,9 @@ PRESETS = {
                     rope_parameters=dict(rope_type="default", rope_theta=1e6), sliding_window=None,
                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
 }
-QUANTIZE = {"fp8": BlockLayout, "compressed-fp8": ChannelLayout}  # --quantize: the layout written, by default
+QUANTIZE = {"fp8": BlockFp8, "compressed-fp8": CompressedFp8}  # --quantize: the scheme written, at its defaults
+INT4 = {"gptq": Gptq, "awq": Awq}  # and those that take group_size, sym and desc_act
+INT4_METHODS = tuple(INT4)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
@@ -188,7 +189,7 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
     (Qwen3 tokenizer for Qwen presets if installed, else none); False = no tokenizer.
     ``config_only``: no weights (for ``load_format="dummy"``, e.g. a model too large to write).
     ``quantize``: None, "fp8" (the block-FP8 layout), "compressed-fp8" (compressed-tensors, per channel), "gptq" or
-    "awq" (int4 per ``group_size`` columns, ``sym`` and ``desc_act`` as ``quantize_checkpoint_int4`` takes them);
+    "awq" (int4 per ``group_size`` columns, ``sym`` and ``desc_act`` as ``Int4Checkpoint.write_checkpoint`` takes them);
     the weights are first cast to ``dtype``, then quantized.
     ``overrides`` replace config fields, e.g. ``num_hidden_layers=2, hidden_size=64``.
     """
@@ -228,9 +229,9 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
             raise RuntimeError(f"shared tensors {dropped} but tie_word_embeddings is false")
         arch = _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir)
         if quantize in QUANTIZE:
-            quantize_checkpoint(tmp, QUANTIZE[quantize]())
+            QUANTIZE[quantize]().write_checkpoint(tmp)
         elif quantize is not None:
-            quantize_checkpoint_int4(tmp, quantize, group_size, sym, desc_act, seed=seed)
+            INT4[quantize]().write_checkpoint(tmp, group=group_size, sym=sym, desc_act=desc_act, seed=seed)
     n = sum(p.numel() for p in model.parameters())
     logger.info("synthesized %s (%s, %.1fM params, %s, seed %d) at %s", preset_or_config, arch,
                 n / 1e6, dtype, seed, out_dir)

@@ -1,5 +1,5 @@
 """FP8 weights on a GPU: tiny checkpoints of several families, quantized at load time (``quantization="fp8"``) or
-stored in the block-FP8 layout, against transformers on the dequantized weights (``tools/fp8_oracle.py``, through
+stored in the block-FP8 layout, against transformers on the dequantized weights (``quant/fp8_oracle.py``, through
 ``tools/oracle.run``): float32 token-identical, bfloat16 diverging only at near-ties, in eager and graph mode.  The
 Triton kernels serve bfloat16 (the FP8 linear and grouped MoE kernels); float32 takes the twins."""
 import pytest
@@ -19,7 +19,7 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def block_checkpoint(tmp_path_factory):
-    from nanovllm.models.fp8_checkpoint import quantize_checkpoint_fp8
+    from nanovllm.quant.fp8_checkpoint import quantize_checkpoint_fp8
     path = build_checkpoint(tmp_path_factory.mktemp("block"), "qwen3_moe", **SHAPES)
     quantize_checkpoint_fp8(path, (128, 128))
     return path

@@ -1,7 +1,7 @@
 """Int4 (GPTQ, AWQ) weights on a GPU, where the Triton kernels unpack codes with inline assembly the CPU interpreter
 cannot run: the w4a16 projection and the fused MoE with int4 experts against the real product (float64) at least as
 closely as their twins, in bf16 and fp16; tiny checkpoints against transformers on the dequantized weights
-(``tools/int4_oracle.py``, through ``tools/oracle.run``), bf16 diverging only at near-ties, in eager and graph mode."""
+(``quant/int4_oracle.py``, through ``tools/oracle.run``), bf16 diverging only at near-ties, in eager and graph mode."""
 import pytest
 import torch
 
@@ -63,7 +63,7 @@ def test_fused_moe_with_int4_experts_matches_its_twin(dtype, tokens):
 
 @pytest.fixture(scope="module", params=[("qwen3", "gptq"), ("qwen3_moe", "awq"), ("mixtral", "gptq")])
 def int4_model(request, tmp_path_factory):
-    from nanovllm.models.int4_checkpoint import quantize_checkpoint_int4
+    from nanovllm.quant.int4_checkpoint import quantize_checkpoint_int4
     arch, method = request.param
     path = build_checkpoint(tmp_path_factory.mktemp(f"{arch}-{method}"), arch, **SHAPES)
     quantize_checkpoint_int4(path, method, group=128)

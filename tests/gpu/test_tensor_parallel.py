@@ -137,7 +137,7 @@ QUANTIZED = {
 
 @pytest.mark.parametrize("case", list(QUANTIZED))
 def test_quantized_two_ranks_agree_with_one(tmp_path, case):
-    from nanovllm.models.int4_checkpoint import quantize_checkpoint_int4
+    from nanovllm.quant.int4_checkpoint import quantize_checkpoint_int4
     arch, overrides, int4, dtype, options = QUANTIZED[case]
     path = build_checkpoint(tmp_path, arch, **overrides)
     if int4:
@@ -158,7 +158,7 @@ def test_quantized_two_ranks_agree_with_one(tmp_path, case):
 
 def test_fp8_moe_weights_in_bfloat16_at_two_ranks_match_the_dequantized_oracle(tmp_path):
     """FP8 MoE weights in bf16, in graph mode as users run them, against transformers on the dequantized weights
-    (``tools/fp8_oracle.py``), as the one-GPU test judges them.  Not against TP=1: the two engines' bf16 sums can
+    (``quant/fp8_oracle.py``), as the one-GPU test judges them.  Not against TP=1: the two engines' bf16 sums can
     send a token to another expert where the router's scores nearly tie, and every later position then differs
     (on the CPU, prompt 6: the first MoE layer's second and third experts 0.0068 apart at prompt position 32, TP=2
     took the third; the outputs parted at token 20 with neither's choice in the other's top 5), while both meet

@@ -3,8 +3,8 @@
 Quantized are the projections of every decoder layer (attention's qkv and output, the dense MLP's gate/up and
 down, a shared expert's) and the stacked routed experts; embeddings, the LM head, norms, routers, the shared
 expert's gate and vision towers stay in the model's dtype.  A quantized parameter ``P`` of a module becomes
-float8_e4m3fn, its module gains the float32 buffer ``P_scale`` and the int ``quant_group``
-(``kernels/weight_quant.py`` states the format; ``weight_quant.scale_of`` reads them back for the ops).
+float8_e4m3fn, its module gains the float32 buffer ``P_scale``, the int ``quant_group`` and ``weight_format``
+``held.FP8`` (``kernels/weight_quant.py`` states the format; ``held.py`` passes it to the ops).
 
 * ``quantize_online(model)``: the loaded weights quantized in place with one scale per output row (vLLM's
   ``quantization="fp8"`` on an unquantized checkpoint or dummy weights), one parameter at a time.  A module's
@@ -18,8 +18,7 @@ from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.kernels import weight_quant
-from nanovllm.models.decoder import MLP, DecoderLayer
-from nanovllm.models.moe import Experts, SparseMoe
+from nanovllm.quant import held
 
 
 def quantizable(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -29,33 +28,14 @@ def quantizable(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
     """``quantizable``'s entries with whether tensor parallelism splits the parameter's input columns (row-parallel:
-    attention's output and the down projections)."""
-    owners = {id(m): name for name, m in model.named_modules()}
-    out = {}
-
-    def add(module: nn.Module | None, attr: str, row_parallel: bool) -> None:
-        if module is not None:
-            out[f"{owners[id(module)]}.{attr}"] = (module, attr, row_parallel)
-
-    for layer in (m for m in model.modules() if isinstance(m, DecoderLayer)):
-        add(layer.self_attn.qkv_proj, "weight", False)
-        add(layer.self_attn.o_proj, "weight", True)
-        mlps = [layer.mlp] if isinstance(layer.mlp, MLP) else []
-        if isinstance(layer.mlp, SparseMoe):
-            mlps += [layer.mlp.shared_expert] if layer.mlp.shared_expert is not None else []
-            if isinstance(layer.mlp.experts, Experts):
-                add(layer.mlp.experts, "gate_up_proj", False)
-                add(layer.mlp.experts, "down_proj", True)
-        for mlp in mlps:
-            add(mlp.gate_up_proj, "weight", False)
-            add(mlp.down_proj, "weight", True)
-    return out
+    attention's output and the down projections): the model's own ``quant_targets()``."""
+    return model.quant_targets()
 
 
 def _replace(module: nn.Module, attr: str, weight: torch.Tensor, scale: torch.Tensor, group: int) -> None:
     setattr(module, attr, nn.Parameter(weight, requires_grad=False))
     module.register_buffer(f"{attr}_scale", scale, persistent=False)
-    module.quant_group = group
+    module.quant_group, module.weight_format = group, held.FP8
 
 
 @torch.no_grad()

@@ -6,25 +6,38 @@ or [1] / [] (strategy "tensor"; [N] and [1, 1] are taken too): the real weight i
 In ``kernels/weight_quant.py``'s format that is one scale per row over all K columns (group >= K): a per-tensor
 scale is repeated on every row, so packing q/k/v or gate/up, stacking experts and splitting rows over
 tensor-parallel ranks keep each row's own scale, and a column shard keeps its rows' scales whole.  Input
-activations are not quantized (``quant_config.check_quantization`` takes only dynamic ones, or none): compute is
+activations are not quantized (``check_compressed_fp8`` takes only dynamic ones, or none): compute is
 weight-only.  ``ChannelLayout.quantize`` and ``quantization_config`` write this layout (``synthesize --quantize
 compressed-fp8``, via ``fp8_checkpoint.quantize_checkpoint``).
 """
 import torch
 
-from nanovllm.quant_config import quantization_config
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
 
 STRATEGIES = ("channel", "tensor")
+_COMPRESSED_FP8 = {  # compressed-tensors FP8: config group part -> key -> (the library's default, values supported)
+    "weights": dict(num_bits=(8, [8]), type=("int", ["float"]), strategy=("tensor", ["channel", "tensor"]),
+                    symmetric=(True, [True]), dynamic=(False, [False])),
+    "input_activations": dict(num_bits=(8, [8]), type=("int", ["float"]), dynamic=(False, [True]))}
 
 
-def strategies(hf_config: dict) -> list[str] | None:
-    """The weight strategies of a compressed-tensors checkpoint's config groups (validated by
-    ``quant_config.check_quantization``; "tensor" where left out, as the library defaults), else None."""
-    quant = quantization_config(hf_config)
-    if not quant or quant.get("quant_method") != "compressed-tensors":
-        return None
-    return sorted({group["weights"].get("strategy") or "tensor" for group in quant["config_groups"].values()})
+def check_compressed_fp8(quant: dict) -> None:
+    """llm-compressor's FP8 (``_COMPRESSED_FP8``), computed weight-only: no static input or output activation scales."""
+    groups = quant.get("config_groups")
+    checks = [("format", quant.get("format"), [None, "float-quantized"]),
+              ("config_groups", "a dict" if isinstance(groups, dict) and groups else groups, ["a dict"])]
+    for g, group in (groups if isinstance(groups, dict) else {}).items():
+        checks += [(f"config_groups.{g}.format", group.get("format"), [None, "float-quantized"]),
+                   (f"config_groups.{g}.output_activations", group.get("output_activations"), [None])]
+        for part, rules in _COMPRESSED_FP8.items():
+            spec = group.get(part)
+            if spec is not None or part == "weights":
+                checks += [(f"config_groups.{g}.{part}.{key}", (spec or {}).get(key, default), allowed)
+                           for key, (default, allowed) in rules.items()]
+    for field, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"quantization_config.{field}={value!r} is not supported for quant_method="
+                             f"'compressed-tensors' (supported: {' or '.join(map(repr, allowed))})")
 
 
 class ChannelLayout:

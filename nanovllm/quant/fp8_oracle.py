@@ -1,8 +1,8 @@
 """The weights an FP8 engine computes with, as a plain checkpoint transformers can run: the oracle of FP8 weights.
 
-``write_dequantized(src, dst, online)`` copies checkpoint directory ``src`` to ``dst`` with every weight the FP8
+``write_dequantized(src, dst, layout, online)`` copies checkpoint directory ``src`` to ``dst`` with every weight the FP8
 engine holds in float8 replaced by its dequantized value in the checkpoint's float dtype: an FP8 checkpoint's float8
-tensors times their scales, per block, channel or tensor as its layout says (``fp8_checkpoint.layout``; its
+tensors times their scales, per block, channel or tensor as its layout says (the scheme's ``layout``; its
 ``quantization_config`` dropped), or with ``online`` (the engine's ``quantization="fp8"``; the model's dtype, in
 which the engine quantizes) each decoder-layer projection and expert weight cast to it, quantized and dequantized
 as the engine does (one scale per row, so q/k/v or one expert alone give what the packed tensor gives).
@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from nanovllm.kernels import weight_quant
-from nanovllm.models import fp8_checkpoint
+from nanovllm.quant import fp8_checkpoint
 
 
 def _dequantized(weights: dict, online, layout, every: dict) -> dict:
@@ -32,11 +32,12 @@ def _dequantized(weights: dict, online, layout, every: dict) -> dict:
     return out
 
 
-def write_dequantized(src, dst, online=None) -> str:
+def write_dequantized(src, dst, layout=None, online=None) -> str:
+    """Write ``src``'s oracle to ``dst``: an FP8 checkpoint's of its ``layout`` (``fp8_checkpoint.py``), or with
+    ``online`` (a dtype) an unquantized one's under ``quantization="fp8"``; the path written."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
-    layout = fp8_checkpoint.layout(config)
     files = sorted(src.glob("*.safetensors"))
     every = {n: t for f in files for n, t in load_file(str(f)).items()} if layout else {}
     for f in files:

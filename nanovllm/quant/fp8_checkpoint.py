@@ -11,50 +11,23 @@ rows or columns of the weight and the matching scales; a block-layout piece that
 ``quantize_checkpoint`` rewrites a safetensors checkpoint in a layout (for tests and synthesis).
 """
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from nanovllm.quant_config import quantization_config
 from nanovllm.kernels import weight_quant
 from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
-from nanovllm.models import compressed_tensors, fp8_weights
-from nanovllm.models.compressed_tensors import ChannelLayout
+from nanovllm.quant import fp8_weights
+from nanovllm.quant.checkpoint import clamp, pad
 
 SCALE_SUFFIX = "_scale_inv"
 _FP8_DTYPES = ("F8_E4M3",)  # safetensors' dtype names of the float8 weights these layouts store
 
 
-def is_float8(f, name: str) -> bool:
-    """Whether tensor ``name`` of the open safetensors file ``f`` is stored in float8."""
-    return f.get_slice(name).get_dtype() in _FP8_DTYPES
-
-
-def block_size(hf_config: dict) -> tuple[int, int] | None:
-    """``weight_block_size`` of an fp8 checkpoint (validated by ``quant_config.check_quantization``), else None."""
-    quant = quantization_config(hf_config)
-    if not quant or quant.get("quant_method") != "fp8":
-        return None
-    return tuple(quant["weight_block_size"])
-
-
-def layout(hf_config: dict):
-    """The layout of an FP8 checkpoint's quantized weights (``BlockLayout`` or ``ChannelLayout``), else None."""
-    block, strategies = block_size(hf_config), compressed_tensors.strategies(hf_config)
-    return BlockLayout(block) if block else ChannelLayout(strategies) if strategies else None
-
-
-def describe(hf_config: dict, kept: str | None = None) -> str | None:
-    """The start-up line's quantization of an FP8 checkpoint, its layout named: ``kept`` is ``fp8_weights.describe``
-    of the loaded model (None: no weight stayed float8, so all were dequantized at load).  Else ``kept``."""
-    found = layout(hf_config)
-    if found is None:
-        return kept
-    if kept is None:
-        return f"fp8 checkpoint ({found.name}), dequantized at load"
-    return f"{kept}, from an fp8 checkpoint ({found.name})"
+def is_float8(checkpoint, name: str) -> bool:
+    """Whether tensor ``name`` of ``checkpoint`` (``checkpoint.Checkpoint``) is stored in float8."""
+    return checkpoint.stored_dtype(name) in _FP8_DTYPES
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -142,71 +115,36 @@ def prepare_model(model, names: set[str], layout) -> None:
 
 
 class ScaleReader:
-    """Finds each float8 weight's scale partner (``layout.suffix``) in any file of the checkpoint and reads (a
-    rank's piece of) the weight by ``layout``; use as a context manager (it keeps the files it opened open until
-    exit)."""
+    """Reads (a rank's piece of) a float8 weight of a ``checkpoint.Checkpoint`` with its scale partner
+    (``layout.suffix``) by ``layout``; ``cut`` is a rank's ``(dim, start, length)``, None: all of it."""
 
-    def __init__(self, files: list[str], layout):
-        self.layout = layout
-        self.files = files
-        self.where: dict[str, str] | None = None  # scale name -> its file, found at the first float8 tensor
-        self._stack = ExitStack()
-        self._open: dict[str, object] = {}
+    def __init__(self, checkpoint, layout):
+        self.checkpoint, self.layout = checkpoint, layout
 
-    def __enter__(self):
-        return self
+    def read(self, name: str, cut: tuple[int, int, int] | None) -> torch.Tensor:
+        """The float32 dequantized piece of float8 tensor ``name``, padded with zero rows past its end."""
+        return pad(self.layout.dequantize(*self._pieces(name, clamp(cut, self.checkpoint.slice(name).get_shape()))),
+                   cut)
 
-    def __exit__(self, *exc):
-        self._stack.close()
-
-    def is_scale(self, name: str) -> bool:
-        return is_scale_name(self.layout, name)
-
-    def read(self, f, name: str, cut: tuple[int, int, int] | None) -> torch.Tensor:
-        """The float32 dequantized piece of float8 tensor ``name`` (of open file ``f``): all of it (``cut`` None)
-        or ``(dim, start, stop)``, stop within the tensor."""
-        return self.layout.dequantize(*self._pieces(f, name, cut))
-
-    def read_quantized(self, f, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_quantized(self, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the float8 piece, its float32 scales per row: ``weight_quant.py``'s format)."""
-        weight, scale = self._pieces(f, name, cut)
+        weight, scale = self._pieces(name, None if cut is None else (cut[0], cut[1], cut[1] + cut[2]))
         return weight, self.layout.row_scales(weight, scale)
 
-    def _pieces(self, f, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float8 piece, the stored scales it needs), checked by the layout."""
-        if self.layout is None:
-            raise ValueError(f"tensor {name!r} is float8 but config.json has no FP8 quantization_config "
-                             f"(quant_method 'fp8' or 'compressed-tensors') to read its scales by")
+    def _pieces(self, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float8 piece, the stored scales it needs), checked by the layout; ``cut``: ``(dim, start, stop)``."""
         scale_name = name + self.layout.suffix
-        if self.where is None:
-            self.where = self._scan()
-        if scale_name not in self.where:
+        if scale_name not in self.checkpoint:
             raise ValueError(f"tensor {name!r} is float8 but the checkpoint has no {scale_name!r} to scale it")
-        stored = f.get_slice(name)
+        stored = self.checkpoint.slice(name)
         shape = stored.get_shape()
         if len(shape) != 2:
             raise ValueError(f"tensor {name!r} is float8 of shape {tuple(shape)}; FP8 weights are 2-D")
-        scales = self.layout.scale_piece(name, shape, self._file(self.where[scale_name]).get_slice(scale_name), cut)
+        scales = self.layout.scale_piece(name, shape, self.checkpoint.slice(scale_name), cut)
         if cut is None:
             return stored[:], scales
         dim, start, stop = cut
         return stored[(slice(None),) * dim + (slice(start, stop),)], scales
-
-    def _scan(self) -> dict[str, str]:
-        where = {}
-        for path in self.files:  # headers only: the tensors stay on disk
-            try:
-                with safe_open(path, framework="pt") as f:
-                    where.update((name, path) for name in f.keys() if self.is_scale(name))
-            except SafetensorError as e:
-                raise ValueError(f"safetensors file {path!r} is truncated or corrupt ({e}); copy or download it "
-                                 f"again") from e
-        return where
-
-    def _file(self, path: str):
-        if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
-        return self._open[path]
 
 
 def quantizable(name: str, tensor: torch.Tensor, skip: list[str]) -> bool:

@@ -1,4 +1,4 @@
-"""GPTQ and AWQ int4 checkpoints: their ``quantization_config`` validated and normalized (``int4_config``), and a
+"""GPTQ and AWQ int4 checkpoints: their ``quantization_config`` validated and normalized (``int4_fields``), and a
 safetensors checkpoint rewritten in either layout (``quantize_checkpoint_int4``, for tests and synthesis).
 
 A quantized Linear ``X.weight`` is stored as ``X.qweight``, ``X.qzeros``, ``X.scales`` (and ``X.g_idx`` for GPTQ);
@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from nanovllm.quant_config import quantization_config
 from nanovllm.kernels import int4_quant
-from nanovllm.models import int4_formats
-from nanovllm.models.fp8_checkpoint import quantizable
+from nanovllm.quant import int4_formats
+from nanovllm.quant.fp8_checkpoint import quantizable
+from nanovllm.quant.scheme import refuse
 
 METHODS = ("gptq", "awq")
 GPTQ_FORMATS = {"gptq": False, "gptq_v2": True}  # checkpoint_format -> whether qzeros hold the zero itself (v2)
@@ -25,9 +25,6 @@ _ONE_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "g
               "w1": "w13", "w3": "w13"}  # Linears that read one input, so GPTQ gives them one act order
 
 
-def _refuse(method: str, field: str, value, allowed: str):
-    raise ValueError(f"quantization_config.{field}={value!r} is not supported for quant_method={method!r} "
-                     f"(supported: {allowed})")
 
 
 def _field(quant: dict, names: tuple[str, ...], default):
@@ -42,39 +39,35 @@ def _field(quant: dict, names: tuple[str, ...], default):
 def _flag(method: str, quant: dict, name: str, default: bool) -> bool:
     value = quant.get(name, default)
     if not isinstance(value, bool):
-        _refuse(method, name, value, "true or false")
+        refuse(method, name, value, "true or false")
     return value
 
 
-def int4_config(hf_config: dict) -> dict | None:
-    """The normalized int4 quantization of a GPTQ or AWQ checkpoint's config.json, else None: a dict of ``method``
-    ("gptq" | "awq"), ``group`` (columns per group; -1 means one group per row), ``sym``, ``desc_act``, ``v2``
-    (GPTQ qzeros hold the zero itself, not zero - 1) and ``modules_to_not_convert`` (a list, maybe empty)."""
-    quant = quantization_config(hf_config)
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method not in METHODS:
-        return None
+def int4_fields(method: str, quant: dict) -> dict:
+    """The normalized fields of a GPTQ or AWQ ``quantization_config`` (``method``: "gptq" | "awq"): a dict of
+    ``method``, ``group`` (columns per group; -1 means one group per row), ``sym``, ``desc_act``, ``v2`` (GPTQ
+    qzeros hold the zero itself, not zero - 1) and ``modules_to_not_convert`` (a list, maybe empty)."""
     name, bits = _field(quant, ("bits", "w_bit"), None)
     if bits != 4 or isinstance(bits, bool):
-        _refuse(method, name, bits, "4")
+        refuse(method, name, bits, "4")
     name, group = _field(quant, ("group_size", "q_group_size"), 128)
     if not isinstance(group, int) or isinstance(group, bool) or not (group == -1 or group > 0):
-        _refuse(method, name, group, "-1 (one group per row) or a positive int, e.g. 128")
+        refuse(method, name, group, "-1 (one group per row) or a positive int, e.g. 128")
     skip = quant.get("modules_to_not_convert") or []
     if not (isinstance(skip, list) and all(isinstance(s, str) for s in skip)):
-        _refuse(method, "modules_to_not_convert", skip, "a list of module names")
+        refuse(method, "modules_to_not_convert", skip, "a list of module names")
     if method == "awq":
         version = quant.get("version", "gemm")
         if not isinstance(version, str) or version.lower() != "gemm":
-            _refuse(method, "version", version, "'gemm'")
+            refuse(method, "version", version, "'gemm'")
         if not _flag(method, quant, "zero_point", True):
-            _refuse(method, "zero_point", False, "true")
+            refuse(method, "zero_point", False, "true")
         return dict(method=method, group=group, sym=False, desc_act=False, v2=False, modules_to_not_convert=skip)
     name, fmt = _field(quant, ("checkpoint_format", "format"), "gptq")
     if fmt not in GPTQ_FORMATS:
-        _refuse(method, name, fmt, " or ".join(map(repr, GPTQ_FORMATS)))
+        refuse(method, name, fmt, " or ".join(map(repr, GPTQ_FORMATS)))
     if quant.get("is_marlin_format"):  # AutoGPTQ's pre-repacked Marlin layout
-        _refuse(method, "is_marlin_format", quant["is_marlin_format"], "false")
+        refuse(method, "is_marlin_format", quant["is_marlin_format"], "false")
     return dict(method=method, group=group, sym=_flag(method, quant, "sym", True),
                 desc_act=_flag(method, quant, "desc_act", False), v2=GPTQ_FORMATS[fmt], modules_to_not_convert=skip)
 

@@ -5,7 +5,7 @@ qkv and output, the dense MLP's and a shared expert's gate/up and down: a module
 experts (``Experts.gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], both or neither); embeddings, the LM head,
 norms and routers stay in the model's dtype.  A held parameter ``P`` becomes the uint8 ``qweight`` [..., N, K/2] of
 ``kernels/int4_quant.py``'s format, its module gains the buffers ``P_scale`` (float16 [..., N, G]) and ``P_zero``
-(uint8 [..., N, G]) and the int ``quant_group`` (``int4_quant.is_int4`` checks ``P_zero``).  A projection also has
+(uint8 [..., N, G]), the int ``quant_group`` and ``weight_format`` ``held.INT4``.  A projection also has
 ``weight_perm`` (int32 [K] where GPTQ's act order permutes the input columns, else None); experts have none (the
 loader dequantizes act-ordered ones).  A module's group is the checkpoint's, capped at its widest (this rank's) K,
 which -1 (whole rows) means: the experts' one group serves both stacks, so it is at least max(H, I) there.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nanovllm.kernels import int4_quant
-from nanovllm.models import fp8_weights
+from nanovllm.quant import fp8_weights, held
 
 
 def quantizable(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -48,7 +48,7 @@ def hold(module: nn.Module, attr: str, qweight: torch.Tensor, scale: torch.Tenso
     module.register_buffer(f"{attr}_zero", zero, persistent=False)
     if attr == "weight":
         module.register_buffer("weight_perm", perm, persistent=False)
-    module.quant_group = group
+    module.quant_group, module.weight_format = group, held.INT4
 
 
 def prepare_for_checkpoint(model: nn.Module, names: set[str], group: int) -> None:
@@ -70,7 +70,7 @@ def prepare_for_checkpoint(model: nn.Module, names: set[str], group: int) -> Non
 @torch.no_grad()
 def quantize_online(model: nn.Module, scheme: dict, device: torch.device | None = None) -> None:
     """Quantize every quantizable parameter of the loaded ``model`` to int4 in place, round to nearest per row and
-    ``scheme["group"]`` columns, symmetric as ``scheme["sym"]`` says (``int4_checkpoint.int4_config``'s dict): dummy
+    ``scheme["group"]`` columns, symmetric as ``scheme["sym"]`` says (``int4_checkpoint.int4_fields``' dict): dummy
     weights of a GPTQ or AWQ config.  With ``device`` each weight is quantized there and held where it was."""
     widest = widest_k(model)
     for module, attr in quantizable(model).values():
@@ -88,9 +88,9 @@ def describe(model: nn.Module) -> str | None:
     if scheme is None:
         return None
     targets = quantizable(model)
-    held = sum(int4_quant.is_int4(m, a) for m, a in targets.values())
+    count = sum(held.format_of(m) is held.INT4 for m, _ in targets.values())
     group = "whole rows" if scheme["group"] == -1 else f"group {scheme['group']}"
-    text = f"int4 weights ({held} of {len(targets)} projections and expert stacks, {scheme['method']}, {group})"
+    text = f"int4 weights ({count} of {len(targets)} projections and expert stacks, {scheme['method']}, {group})"
     experts = sum(".experts." in n for n in scheme["dequantized"])
     if experts:
         text += (f"; {experts} routed expert stack{'s' * (experts > 1)} dequantized at load (GPTQ act orders, or "

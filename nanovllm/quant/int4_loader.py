@@ -1,4 +1,4 @@
-"""A GPTQ or AWQ checkpoint's int4 Linears, read into a model (``loader.load_weights`` calls ``load``).
+"""A GPTQ or AWQ checkpoint's int4 Linears, read into a model (``int4_schemes.Int4Checkpoint.load`` calls ``load``).
 
 Every checkpoint Linear ``X`` stored as ``X.qweight``, ``X.qzeros``, ``X.scales`` (and ``X.g_idx``) is converted to
 the in-memory int4 format (``int4_formats.py``: rows are output features) and placed through the loader's own name
@@ -12,89 +12,62 @@ one (down, experts' too) its columns, i.e. qweight bytes and scale/zero groups, 
 on group boundaries or lie inside one group (else a ValueError naming the layer, the group and the shard).
 GPTQ's desc_act is refused with more than one rank.
 """
-from contextlib import ExitStack
-
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.kernels import int4_quant
-from nanovllm.models import int4_formats, int4_weights
-from nanovllm.models.tensor_parallel import checkpoint_slice
+from nanovllm.quant import int4_formats, int4_weights
+from nanovllm.quant.checkpoint import Checkpoint
 
 SUFFIX = ".qweight"
 
 
-class _Tensors:
-    """Every tensor name of the checkpoint -> its file (headers only), read on demand; a context manager."""
-
-    def __init__(self, files: list[str]):
-        self.stack = ExitStack()
-        self.open = {path: self.stack.enter_context(safe_open(path, framework="pt")) for path in files}
-        self.where = {name: f for f in self.open.values() for name in f.keys()}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stack.close()
-
-    def get(self, name: str) -> torch.Tensor | None:
-        f = self.where.get(name)
-        return None if f is None else f.get_tensor(name)
-
-
-def load(model: nn.Module, files: list[str], scheme: dict, filled: dict[str, set], target_of, packed_sizes,
-         copy) -> None:
-    """Place the checkpoint's int4 Linears into ``model`` (``scheme``: ``int4_checkpoint.int4_config``'s dict),
-    recording each part placed in ``filled`` as the loader does; ``target_of``, ``packed_sizes`` and ``copy`` are
-    the loader's name mapping, packed row sizes and placement."""
+def load(model: nn.Module, tensors: Checkpoint, scheme: dict, filled: dict[str, set], placement) -> None:
+    """Place the checkpoint's int4 Linears into ``model`` (``scheme``: ``int4_checkpoint.int4_fields``' dict),
+    recording each part placed in ``filled`` as the loader does; ``placement``: ``models/placement.Placement``."""
     if scheme["desc_act"] and distributed.current().size > 1:
         raise ValueError(f"quantization_config.desc_act=True (GPTQ act order) is not supported with "
                          f"tensor_parallel_size={distributed.current().size}: a rank's input columns would be "
                          f"permuted across shards; use tensor_parallel_size=1 or a checkpoint without desc_act")
-    with _Tensors(files) as tensors:
-        bases = sorted(n[:-len(SUFFIX)] for n in tensors.where if n.endswith(SUFFIX))
-        held = _held_in_int4(model, tensors, bases, target_of, scheme["group"])
-        int4_weights.prepare_for_checkpoint(model, held, scheme["group"])
-        params = dict(model.named_parameters(remove_duplicate=False))
-        dequantized = set()
-        for base in bases:
-            target, where = target_of(base + ".weight", model)
-            if target not in params:
-                continue
-            qweight, scale, zero, perm = _convert(tensors, base, scheme)
-            if target in held:
-                _place_int4(model, base, target, where, (qweight, scale, zero, perm), scheme["group"], packed_sizes,
-                            copy)
-            else:
-                weight = int4_quant.dequantize(qweight, scale, zero, int4_formats.group_width(
-                    scheme["group"], qweight.shape[1] * 2), torch.float32)
-                if perm is not None:  # back to the stored column order
-                    weight = torch.empty_like(weight).index_copy_(1, perm.long(), weight)
-                cut = checkpoint_slice(target, where, _local_shape(model, target, where, params[target],
-                                                                   packed_sizes), model.args)
-                if cut is not None:
-                    weight = weight.narrow(cut[0], cut[1], cut[2])
-                copy(base + ".weight", target, where, weight, params[target], model)
-                dequantized.add(target)
-            filled.setdefault(target, set()).add(where)
+    bases = sorted(n[:-len(SUFFIX)] for n in tensors.names() if n.endswith(SUFFIX))
+    held = _held_in_int4(model, tensors, bases, placement, scheme["group"])
+    int4_weights.prepare_for_checkpoint(model, held, scheme["group"])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    dequantized = set()
+    for base in bases:
+        target, where = placement.target(base + ".weight")
+        if target not in params:
+            continue
+        qweight, scale, zero, perm = _convert(tensors, base, scheme)
+        if target in held:
+            _place_int4(model, base, target, where, (qweight, scale, zero, perm), scheme["group"], placement)
+        else:
+            weight = int4_quant.dequantize(qweight, scale, zero, int4_formats.group_width(
+                scheme["group"], qweight.shape[1] * 2), torch.float32)
+            if perm is not None:  # back to the stored column order
+                weight = torch.empty_like(weight).index_copy_(1, perm.long(), weight)
+            cut = placement.cut(target, where, _local_shape(placement, target, where, params[target]))
+            if cut is not None:
+                weight = weight.narrow(cut[0], cut[1], cut[2])
+            placement.copy(base + ".weight", target, where, weight, params[target])
+            dequantized.add(target)
+        filled.setdefault(target, set()).add(where)
     model.int4_scheme = dict(method=scheme["method"], group=scheme["group"], dequantized=sorted(dequantized))
 
 
-def _held_in_int4(model: nn.Module, tensors: _Tensors, bases: list[str], target_of, group: int) -> set[str]:
+def _held_in_int4(model: nn.Module, tensors: Checkpoint, bases: list[str], placement, group: int) -> set[str]:
     """Our parameters that stay int4: ones ``int4_weights`` may hold, every checkpoint part of which is int4 and
     whose parts share one act order (their ``g_idx``; experts' must be the plain one), a layer's experts whole."""
     parts: dict[str, set] = {}
-    for name in tensors.where:
+    for name in tensors.names():
         if name.endswith(".weight"):
-            target, where = target_of(name, model)
+            target, where = placement.target(name)
             parts.setdefault(target, set()).add(where)
     int4: dict[str, set] = {}
     orders: dict[str, list] = {}
     for base in bases:
-        target, where = target_of(base + ".weight", model)
+        target, where = placement.target(base + ".weight")
         parts.setdefault(target, set()).add(where)
         int4.setdefault(target, set()).add(where)
         orders.setdefault(target, []).append(tensors.get(base + ".g_idx"))
@@ -121,7 +94,7 @@ def _one_order(g_idx: list) -> bool:
                for g in g_idx)
 
 
-def _convert(tensors: _Tensors, base: str, scheme: dict):
+def _convert(tensors: Checkpoint, base: str, scheme: dict):
     """(qweight uint8 [N, K/2], scale, zero, perm or None) of checkpoint Linear ``base``, in our format."""
     qweight, qzeros, scales = (tensors.get(f"{base}.{s}") for s in ("qweight", "qzeros", "scales"))
     missing = [f"{base}.{s}" for s, t in (("qzeros", qzeros), ("scales", scales)) if t is None]
@@ -136,26 +109,20 @@ def _convert(tensors: _Tensors, base: str, scheme: dict):
         raise ValueError(f"checkpoint Linear {base!r}: {e}") from e
 
 
-def _local_shape(model: nn.Module, target: str, where, param: torch.Tensor, packed_sizes) -> tuple:
+def _local_shape(placement, target: str, where, param: torch.Tensor) -> tuple:
     """The shape (in float columns) of this rank's piece of checkpoint part ``where`` of ``target``."""
     shape = tuple(param.shape[:-1]) + (param.shape[-1] * (2 if param.dtype == torch.uint8 else 1),)
-    if where is None:
-        return shape
-    if isinstance(where, tuple):  # one expert: its gate or up rows, or all its rows
-        local = shape[1:]
-        return local if where[1] is None else (local[0] // 2,) + local[1:]
-    return (packed_sizes(target, param, model.args)[where],) + shape[1:]
+    return placement.local_shape(target, where, shape)
 
 
-def _place_int4(model: nn.Module, base: str, target: str, where, weight: tuple, group: int, packed_sizes,
-                copy) -> None:
+def _place_int4(model: nn.Module, base: str, target: str, where, weight: tuple, group: int, placement) -> None:
     """This rank's piece of one converted Linear into int4 parameter ``target``: qweight, scale and zero rows."""
     module, _, attr = target.rpartition(".")
     module = model.get_submodule(module)
     param = getattr(module, attr)
     qweight, scale, zero, perm = weight
     k = qweight.shape[1] * 2
-    cut = checkpoint_slice(target, where, _local_shape(model, target, where, param, packed_sizes), model.args)
+    cut = placement.cut(target, where, _local_shape(placement, target, where, param))
     if cut is not None and cut[0] == 0:
         qweight, scale, zero = (t.narrow(0, cut[1], cut[2]) for t in (qweight, scale, zero))
     elif cut is not None:
@@ -170,9 +137,9 @@ def _place_int4(model: nn.Module, base: str, target: str, where, weight: tuple, 
         qweight = qweight[:, start // 2:stop // 2]
         scale, zero = (t[:, first:first + _scale_count(start, stop, width)] for t in (scale, zero))
     name = base + ".weight"
-    copy(name, target, where, qweight, param, model)
-    copy(name + "_scale", target, where, scale, getattr(module, f"{attr}_scale"), model)
-    copy(name + "_zero", target, where, zero, getattr(module, f"{attr}_zero"), model)
+    placement.copy(name, target, where, qweight, param)
+    placement.copy(name + "_scale", target, where, scale, getattr(module, f"{attr}_scale"))
+    placement.copy(name + "_zero", target, where, zero, getattr(module, f"{attr}_zero"))
     if perm is not None:  # a projection's: experts with an act order are not held in int4
         module.weight_perm = perm.to(param.device)
 

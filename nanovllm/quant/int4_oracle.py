@@ -2,7 +2,7 @@
 
 ``write_dequantized(src, dst)`` copies checkpoint directory ``src`` to ``dst`` with every int4 Linear ``X``
 (``X.qweight``, ``X.qzeros``, ``X.scales``, GPTQ's ``X.g_idx``) replaced by ``X.weight``, its real value computed
-in float32 straight from the stored words, by the formats' own definitions (``models/int4_formats.py`` states
+in float32 straight from the stored words, by the formats' own definitions (``quant/int4_formats.py`` states
 them), not by the engine's loader: GPTQ column k of output row n is ``(code - zero) * scale`` of group
 ``g_idx[k]``, AWQ's of group ``k // group``; then cast to the checkpoint's float dtype (that of the other weights).
 config.json loses its ``quantization_config``; other files are copied as they are.  One safetensors file or an
@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovllm.models import int4_checkpoint
-from nanovllm.models.int4_formats import AWQ_ORDER, GPTQ_ORDER, group_width, unpack_words
+from nanovllm.quant.int4_formats import AWQ_ORDER, GPTQ_ORDER, group_width, unpack_words
 
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -55,13 +54,11 @@ def _dequantized(weights: dict, every: dict, scheme: dict, dtype: torch.dtype) -
     return out
 
 
-def write_dequantized(src, dst) -> str:
-    """Write the dequantized copy of GPTQ or AWQ checkpoint ``src`` to ``dst`` (a directory); its path."""
+def write_dequantized(src, dst, scheme: dict) -> str:
+    """Write the dequantized copy of GPTQ or AWQ checkpoint ``src`` (its fields: ``int4_checkpoint.int4_fields``'
+    ``scheme``) to ``dst`` (a directory); its path."""
     src, dst = Path(src), Path(dst)
     config = json.loads((src / "config.json").read_text())
-    scheme = int4_checkpoint.int4_config(config)
-    if scheme is None:
-        raise ValueError(f"{str(src)!r} is not a GPTQ or AWQ checkpoint (config.json has no such quantization_config)")
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(src.glob("*.safetensors"))
     every = {n: t for f in files for n, t in load_file(str(f)).items()}

@@ -1,0 +1,55 @@
+"""What a layer passes to the ops for a module's weights, by the format the module holds them in.
+
+A scheme that quantizes a module's parameters sets its ``weight_format`` (``FP8`` here: ``kernels/weight_quant.py``'s
+float8 with scales per row and group; ``INT4``: ``kernels/int4_quant.py``'s codes, scales and zeros, and a
+projection's act-order ``weight_perm``); a module without one holds plain weights.  Layers call ``linear`` and
+``expert_args`` and never ask which scheme made the weights.
+"""
+import torch
+
+from nanovllm.kernels import ops
+
+
+class Fp8Format:
+    name = "fp8"
+
+    def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
+        return ops.linear(x, module.weight, bias, silu_mul, module.weight_scale, module.quant_group)
+
+    def expert_args(self, experts) -> tuple:
+        return experts.gate_up_proj_scale, experts.down_proj_scale, experts.quant_group, None, None
+
+
+class Int4Format:
+    name = "int4"
+
+    def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
+        return ops.linear_int4(x, module.weight, module.weight_scale, module.weight_zero, module.quant_group,
+                               module.weight_perm, bias, silu_mul)
+
+    def expert_args(self, experts) -> tuple:
+        return (experts.gate_up_proj_scale, experts.down_proj_scale, experts.quant_group, experts.gate_up_proj_zero,
+                experts.down_proj_zero)
+
+
+FP8, INT4 = Fp8Format(), Int4Format()
+
+
+def format_of(module):
+    """The format ``module`` holds its quantized weights in, or None: plain weights."""
+    return getattr(module, "weight_format", None)
+
+
+def linear(module, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False) -> torch.Tensor:
+    """``x @ module.weight.T + bias`` (``silu_mul``: the gated halves' SiLU product) by the op of its format."""
+    held = format_of(module)
+    if held is None:
+        return ops.linear(x, module.weight, bias, silu_mul)
+    return held.linear(module, x, bias, silu_mul)
+
+
+def expert_args(experts) -> tuple:
+    """(w13_scale, w2_scale, group, w13_zero, w2_zero) of stacked experts for ``ops.fused_moe``: Nones and 0 for
+    plain ones."""
+    held = format_of(experts)
+    return (None, None, 0, None, None) if held is None else held.expert_args(experts)
