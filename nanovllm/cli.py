@@ -4,8 +4,8 @@
 the field); ``engine_kwargs(args)`` returns the ``LLM(...)`` keyword arguments of the flags that were given.
 A flag that is not given is not passed, so ``LLM``'s own default applies.  Bools are switches
 (``--enforce-eager``); list fields take comma-separated ints, and ``none`` for an empty list.
-``python -m nanovllm.cli`` prints the README's argument table, ``python -m nanovllm.cli env`` its table of
-environment variables (``nanovllm/envs.py``).
+``python -m nanovllm.cli`` prints the README's argument table, ``python -m nanovllm.cli env`` the table of
+environment variables (``nanovllm/envs.py``, docs/ENVIRONMENT.md).
 """
 import argparse
 import typing

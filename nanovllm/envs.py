@@ -3,7 +3,8 @@
 ``get(name)`` is the only reader of ``os.environ`` for these names (a test holds the package to it): it returns
 the parsed value, or the default when the variable is unset or empty; a value the variable does not allow raises
 ``ValueError`` naming the variable and the value.  ``get(name, env)`` reads a mapping instead (tests, and
-``KernelOptions.from_env``).  ``python -m nanovllm.cli env`` prints the README's table of the ``NANOVLLM_*`` ones.
+``KernelOptions.from_env``).  ``python -m nanovllm.cli env`` prints the table of the ``NANOVLLM_*`` ones
+(docs/ENVIRONMENT.md).
 
 The process-wide settings nanovllm changes outside itself (an environment variable set for child processes, a
 compiler setting that outlives an engine) are recorded with ``note_process_setting`` where they are made, and
@@ -20,7 +21,7 @@ from typing import Callable, Mapping
 class EnvVar:
     name: str
     default: object  # what ``get`` returns when the variable is unset or empty (a callable: what it returns then)
-    meaning: str  # the README's words for it (markdown)
+    meaning: str  # docs/ENVIRONMENT.md's words for it (markdown)
     parse: Callable[[str, str], object]  # (name, raw value) -> value; raises ValueError naming both
 
     def default_value(self):
@@ -134,7 +135,7 @@ def process_settings() -> dict[str, str]:
 
 
 def markdown_table() -> str:
-    """The README's table of the ``NANOVLLM_*`` variables (a test keeps the README equal to it)."""
+    """docs/ENVIRONMENT.md's table of the ``NANOVLLM_*`` variables (a test keeps that page equal to it)."""
     rows = ["| variable | effect |", "|---|---|"]
     rows += [f"| `{v.name}` | {v.meaning} |" for v in _VARIABLES if v.name.startswith("NANOVLLM_")]
     return "\n".join(rows)
