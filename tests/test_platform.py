@@ -58,6 +58,23 @@ def test_compiled_cpu_steps_inline_the_sampler(restore_options):
     assert torch.equal(tokens, sampling.gumbel_argmax_reference(logits, temperature, seeds, positions))
 
 
+def test_a_compile_before_the_cpu_platform_does_not_hide_its_decompositions(monkeypatch, restore_options):
+    """Inductor memoises a copy of its decomposition table at a process's first compile; a CPU platform made after
+    that compile must still put the twins in the table Inductor uses.  Replays that order: the twins taken out of
+    the table, the copy memoised without them, then the registration done again."""
+    from torch._inductor import decomposition
+
+    from nanovllm.kernels import cpu
+    twins = (torch.ops.nanovllm.gumbel_argmax.default, torch.ops.nanovllm.process_logits.default)
+    for op in twins:
+        monkeypatch.delitem(decomposition.decompositions, op, raising=False)
+    monkeypatch.setattr(cpu, "_registered", False)
+    decomposition.fast_random_decomps.cache_clear()
+    assert not any(op in decomposition.select_decomp_table() for op in twins)  # memoised without the twins
+    get_platform("cpu")
+    assert all(op in decomposition.select_decomp_table() for op in twins)
+
+
 def test_cuda_below_compute_capability_8_gets_float16(monkeypatch):
     """Volta and Turing have no bfloat16: ``auto`` gives float16 there and asking for bfloat16 names the GPU."""
     from nanovllm.platforms.cuda import CudaPlatform

@@ -6,6 +6,10 @@ so a compiled step inlines them and fuses their [B, V] elementwise work (hash, n
 mask) into loops, instead of calling the opaque ops, which run the twins eagerly one [B, V] temporary at a time.
 The decompositions decline (``NotImplemented``) for tensors of any other device, which keep their registered
 kernels.  Registering again is a no-op.
+
+Inductor memoises a copy of its table (``fast_random_decomps``, ``functools.cache``) at the first compile of the
+process; registering clears that copy, so a process that compiled something before making its CPU platform still
+inlines the twins.
 """
 import torch
 
@@ -36,4 +40,14 @@ def register_cpu_kernels() -> None:
     from torch._inductor.decomposition import register_decomposition
     register_decomposition(torch.ops.nanovllm.gumbel_argmax.default)(_gumbel_argmax_inline)
     register_decomposition(torch.ops.nanovllm.process_logits.default)(_process_logits_inline)
+    _forget_memoised_tables()
     _registered = True
+
+
+def _forget_memoised_tables() -> None:
+    """Drop Inductor's memoised copy of its decomposition table, which a compile before registering would have
+    made without our entries (the next compile copies the table anew)."""
+    from torch._inductor import decomposition
+    memoised = getattr(decomposition, "fast_random_decomps", None)
+    if hasattr(memoised, "cache_clear"):
+        memoised.cache_clear()
