@@ -5,8 +5,8 @@
 contract), plus, where the architecture has one, a shared expert scaled by a sigmoid gate (Qwen2-MoE).  The
 experts are stacked: ``experts.gate_up_proj`` [E, 2I, H] (gate rows, then up) and ``experts.down_proj`` [E, H, I],
 the names transformers itself uses for them in memory; the loader stacks checkpoints' per-expert tensors into
-them (``loader.py`` and ``placement.py``, named by each model file).  FP8 experts carry their scales, int4 ones scales and zeros
-(``fp8_weights.py``, ``int4_weights.py``), passed to the op as they are.  Every shape is static, so an MoE layer
+them (``placement.py``, named by each model file).  Quantized experts carry their format's scales (and int4 ones
+zeros), passed to the op by ``quant/held.py``.  Every shape is static, so an MoE layer
 is captured in graph mode like a dense one.
 """
 from dataclasses import dataclass

@@ -3,11 +3,12 @@ compressed-tensors' (``compressed_tensors.py``), each a layout object that ``Sca
 
 Block layout: a quantized Linear ``X.weight`` is float8_e4m3fn [N, K] with ``X.weight_scale_inv`` float32
 [ceil(N/bn), ceil(K/bk)] for ``weight_block_size`` [bn, bk]: the real weight is the float8 value times its block's
-scale (the last block in each dimension may be partial).  The loader keeps such a tensor in float8 with its scales
-expanded per row (``read_quantized``: ``kernels/weight_quant.py``'s format), or dequantizes it in float32 into the
-model's dtype where the model keeps that parameter unquantized (``read``).  A tensor-parallel rank reads only its
-rows or columns of the weight and the matching scales; a block-layout piece that does not start on a block boundary
-(or ends inside a block short of the tensor's end) is an error naming the tensor, the block and the shard.
+scale (the last block in each dimension may be partial).  The FP8 schemes (``fp8_schemes.py``) keep such a tensor
+in float8 with its scales expanded per row (``read_quantized``: ``kernels/weight_quant.py``'s format), or
+dequantize it in float32 into the model's dtype where the model keeps that parameter unquantized (``read``).  A
+tensor-parallel rank reads only its rows or columns of the weight and the matching scales; a block-layout piece
+that does not start on a block boundary (or ends inside a block short of the tensor's end) is an error naming the
+tensor, the block and the shard.
 ``quantize_checkpoint`` rewrites a safetensors checkpoint in a layout (for tests and synthesis).
 """
 import json
