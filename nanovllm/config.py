@@ -180,9 +180,6 @@ class EngineConfig:
                              f"got {self.kv_cache_scales!r}")
         if self.kv_cache_scales != "auto" and self.kv_cache_dtype == "auto":
             raise ValueError(f"kv_cache_scales={self.kv_cache_scales!r} needs kv_cache_dtype='fp8'")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be None or one of {', '.join(map(repr, QUANTIZATIONS))}, "
-                             f"got {self.quantization!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
                              f"got {self.load_format!r}")

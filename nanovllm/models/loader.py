@@ -23,9 +23,8 @@ from nanovllm.models.placement import Placement
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.svd_moe import compressed_class
 from nanovllm.quant.checkpoint import Checkpoint, corrupt, read_piece
+from nanovllm.quant.fp8_checkpoint import is_float8
 from nanovllm.quant.scheme import QuantScheme
-
-_FLOAT8 = ("F8_E4M3", "F8_E5M2")  # safetensors' float8 dtypes: a quantized checkpoint's scheme reads these
 
 
 def build_model(hf_config: dict, *, dtype: torch.dtype, device: torch.device, model_dir: str,
@@ -106,13 +105,12 @@ def load_weights(model: nn.Module, model_dir: str, scheme: QuantScheme | None = 
                     target, where = placement.target(name)
                     if target not in params:
                         continue
-                    stored = checkpoint.slice(name)
-                    if stored.get_dtype() in _FLOAT8:
+                    if is_float8(checkpoint, name):  # an FP8 checkpoint's scheme owns these
                         raise ValueError(f"tensor {name!r} is float8 but config.json has no FP8 quantization_config "
                                          f"(quant_method 'fp8' or 'compressed-tensors') to read its scales by")
                     param = params[target]
                     cut = placement.cut(target, where, placement.local_shape(target, where, param.shape))
-                    placement.copy(name, target, where, read_piece(stored, cut), param)
+                    placement.copy(name, target, where, read_piece(checkpoint.slice(name), cut), param)
                     filled.setdefault(target, set()).add(where)
             except SafetensorError as e:
                 raise corrupt(path, e) from e

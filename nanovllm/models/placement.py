@@ -53,6 +53,14 @@ class Placement:
                     return name.replace(f".{part}.", f".{packed_name}."), i
         return name, None
 
+    def places(self, names) -> dict[str, set]:
+        """Our parameter -> the places (``target``'s ``where``) that the checkpoint tensors ``names`` fill in it."""
+        out: dict[str, set] = {}
+        for name in names:
+            target, where = self.target(name)
+            out.setdefault(target, set()).add(where)
+        return out
+
     def checkpoint_name(self, name: str) -> str:
         """Our name -> the checkpoint's (renames and prefixes undone; the newest naming), for error messages."""
         for old, new in getattr(self.model, "checkpoint_renames", {}).items():

@@ -20,6 +20,7 @@ class Checkpoint:
         self._stack = ExitStack()
         self.handles: dict[str, object] = {}
         self.file_of: dict[str, str] = {}
+        self._names: dict[str, list[str]] = {}  # file -> its tensor names, from the one scan
         for path in self.files:
             try:
                 f = self._stack.enter_context(safe_open(path, framework="pt"))
@@ -28,6 +29,7 @@ class Checkpoint:
                 self._stack.close()
                 raise corrupt(path, e) from e
             self.handles[path] = f
+            self._names[path] = names
             self.file_of.update((name, path) for name in names)
 
     def __enter__(self):
@@ -38,7 +40,7 @@ class Checkpoint:
 
     def names(self, path: str | None = None) -> list[str]:
         """Every tensor name (of one file: ``path``)."""
-        return list(self.file_of) if path is None else [n for n, p in self.file_of.items() if p == path]
+        return list(self.file_of) if path is None else list(self._names[path])
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of

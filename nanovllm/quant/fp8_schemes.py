@@ -75,14 +75,8 @@ class Fp8Checkpoint(QuantScheme):
 def _whole_targets(float8: list[str], checkpoint: Checkpoint, placement) -> set[str]:
     """Our parameters every checkpoint part of which is float8 (a packed or stacked one mixing float8 and other
     parts is dequantized instead)."""
-    parts, got = {}, {}  # target -> the places its checkpoint parts fill; those of float8 parts
-    for name in checkpoint.names():
-        target, where = placement.target(name)
-        parts.setdefault(target, set()).add(where)
-    for name in float8:
-        target, where = placement.target(name)
-        got.setdefault(target, set()).add(where)
-    return {t for t, places in got.items() if places == parts[t]}
+    parts = placement.places(checkpoint.names())
+    return {t for t, places in placement.places(float8).items() if places == parts[t]}
 
 
 class BlockFp8(Fp8Checkpoint):

@@ -19,6 +19,7 @@ import torch
 from nanovllm.kernels import int4_quant
 
 WORD = 8  # codes per int32 word
+PARTS = ("qweight", "qzeros", "scales", "g_idx")  # a quantized Linear X's tensors on disk: X.qweight, ...
 GPTQ_ORDER = (0, 1, 2, 3, 4, 5, 6, 7)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's ``order_map``: word position i holds column AWQ_ORDER[i]
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)

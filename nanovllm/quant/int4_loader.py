@@ -59,18 +59,12 @@ def load(model: nn.Module, tensors: Checkpoint, scheme: dict, filled: dict[str, 
 def _held_in_int4(model: nn.Module, tensors: Checkpoint, bases: list[str], placement, group: int) -> set[str]:
     """Our parameters that stay int4: ones ``int4_weights`` may hold, every checkpoint part of which is int4 and
     whose parts share one act order (their ``g_idx``; experts' must be the plain one), a layer's experts whole."""
-    parts: dict[str, set] = {}
-    for name in tensors.names():
-        if name.endswith(".weight"):
-            target, where = placement.target(name)
-            parts.setdefault(target, set()).add(where)
-    int4: dict[str, set] = {}
+    weights = [base + ".weight" for base in bases]  # the int4 Linears, as the loader names a plain one's weight
+    parts = placement.places([n for n in tensors.names() if n.endswith(".weight")] + weights)
+    int4 = placement.places(weights)
     orders: dict[str, list] = {}
-    for base in bases:
-        target, where = placement.target(base + ".weight")
-        parts.setdefault(target, set()).add(where)
-        int4.setdefault(target, set()).add(where)
-        orders.setdefault(target, []).append(tensors.get(base + ".g_idx"))
+    for base, weight in zip(bases, weights):
+        orders.setdefault(placement.target(weight)[0], []).append(tensors.get(base + ".g_idx"))
     candidates = int4_weights.quantizable(model)
     held = {t for t, got in int4.items() if t in candidates and got == parts[t] and _one_order(orders[t])
             and (candidates[t][1] == "weight" or all(_plain_order(g, group) for g in orders[t]))}

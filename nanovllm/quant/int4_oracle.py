@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovllm.quant.int4_formats import AWQ_ORDER, GPTQ_ORDER, group_width, unpack_words
-
-_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+from nanovllm.quant.int4_formats import AWQ_ORDER, GPTQ_ORDER, PARTS, group_width, unpack_words
 
 
 def gptq_weight(qweight, qzeros, scales, g_idx, group: int, v2: bool) -> torch.Tensor:
@@ -42,7 +40,7 @@ def _dequantized(weights: dict, every: dict, scheme: dict, dtype: torch.dtype) -
     out = {}
     for name, t in weights.items():
         base, _, part = name.rpartition(".")
-        if part not in _PARTS or base + ".qweight" not in every:
+        if part not in PARTS or base + ".qweight" not in every:
             out[name] = t
         elif part == "qweight":
             if scheme["method"] == "awq":

@@ -4,9 +4,10 @@ their fields: ``int4_checkpoint.int4_fields``), read into the in-memory int4 for
 """
 from nanovllm.quant import int4_checkpoint, int4_loader, int4_oracle, int4_weights
 from nanovllm.quant.checkpoint import Checkpoint
+from nanovllm.quant.int4_formats import PARTS
 from nanovllm.quant.scheme import QuantScheme
 
-OWNED = (".qweight", ".qzeros", ".scales", ".g_idx")  # a quantized Linear X's tensors: X.qweight, ...
+OWNED = tuple("." + part for part in PARTS)  # X.qweight, X.qzeros, X.scales, X.g_idx of a quantized Linear X
 
 
 class Int4Checkpoint(QuantScheme):
