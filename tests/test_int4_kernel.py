@@ -104,6 +104,8 @@ def test_w4a16_config_by_rows_split_and_group():
     assert w4a16_config(20, 4096, 4096, 128, 132) == MatmulConfig(32, 128, 128, split_k=8, num_stages=2)
     assert w4a16_config(64, 8192, 4096, 128, 132) == MatmulConfig(64, 128, 128, split_k=4, num_stages=2)  # 64
     assert w4a16_config(1, 4096, 4096, 32, 132).block_k == 32  # BLOCK_K divides the group
+    # groups of 32: the 16-row tile at 64 rows too (Triton cannot compile 64x128x32 on an H100)
+    assert w4a16_config(64, 4096, 4096, 32, 132) == MatmulConfig(16, 64, 32, split_k=1)
     assert w4a16_config(1, 4096, 96, 64, 132) == MatmulConfig(16, 64, 32, split_k=1)  # the partial group's tiles
     assert w4a16_config(1, 4096, 4096, 4096, 132).block_k == 128  # one group
     assert w4a16_config(1, 4096, 1000, 128, 132) is None  # K = 1000: no whole BLOCK_K steps

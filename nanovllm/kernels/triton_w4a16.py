@@ -34,6 +34,7 @@ _MAX_SPLIT = 16
 _DECODE_PROGRAMS_PER_SM = 2
 _TILES = ((16, MatmulConfig(16, 64, 128)), (32, MatmulConfig(32, 128, 128, num_stages=2)),
           (W4A16_TRITON_MAX_M, MatmulConfig(64, 128, 128, num_stages=2)))  # (max_m, tile) in ascending max_m
+_MIN_WIDE_BLOCK_K = 64  # the wider tiles' smallest BLOCK_K
 
 
 @triton.jit
@@ -99,8 +100,17 @@ def fits(cfg: MatmulConfig, k: int, group: int) -> bool:
 def w4a16_config(m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
     """The tile for ``m`` rows of an ``[n_out, k]`` output in groups of ``group``, or None if none fits: BLOCK_M by
     row count; split K, up to ``_MAX_SPLIT`` ways, while the launch has fewer programs than ``num_sms`` (at most 16
-    rows: ``_DECODE_PROGRAMS_PER_SM`` times that); the largest BLOCK_K (128, 64, 32, 16) that fits."""
+    rows: ``_DECODE_PROGRAMS_PER_SM`` times that); the largest BLOCK_K (128, 64, 32, 16) that fits. A group below
+    ``_MIN_WIDE_BLOCK_K`` columns takes the 16-row tile at every row count: Triton 3.6 fails to compile the
+    64x128 tile with BLOCK_K 32 on an H100 (``TritonGPUOptimizeDotOperands``)."""
     tile = next((t for max_m, t in _TILES if m <= max_m), _TILES[-1][1])
+    cfg = _fitted(tile, m, n_out, k, group, num_sms)
+    if cfg is not None and cfg.block_k < _MIN_WIDE_BLOCK_K and tile != _TILES[0][1]:
+        cfg = _fitted(_TILES[0][1], m, n_out, k, group, num_sms)
+    return cfg
+
+
+def _fitted(tile: MatmulConfig, m: int, n_out: int, k: int, group: int, num_sms: int) -> MatmulConfig | None:
     blocks = -(-n_out // tile.block_n) * -(-m // tile.block_m)
     target = num_sms * (_DECODE_PROGRAMS_PER_SM if m <= 16 else 1)
     split = 1
