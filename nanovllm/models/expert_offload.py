@@ -83,10 +83,10 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
         ex = moe.experts
         w13, w2 = ex.gate_up_proj.data, ex.down_proj.data
         w13_scale, w2_scale, group, w13_zero, w2_zero = held.expert_args(ex)  # zeros: int4 experts
+        int4 = held.format_of(ex) is held.INT4
         del moe.experts  # the host copy lives on in the cache only
         key = (w13.dtype, group)  # int4 experts' uint8 codes are a dtype of their own
         if splits and key not in scratches:
-            int4 = w13_zero is not None
             scratches[key] = SplitScratch(w13.shape[1] // 2, w13.shape[2] * (2 if int4 else 1), w13.dtype, device,
                                           group, int4)
         cache = ExpertCache(w13, w2, device, slots or w13.shape[0], pin, scratches.get(key), host_share, w13_scale,
