@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from nanovllm.quant import registry
+from nanovllm.speculative import SpeculativeConfig
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -133,6 +134,12 @@ class EngineConfig:
                                                   "copying them to the device, the expert on the boundary split "
                                                   "along its intermediate rows (0: copy every one; default: "
                                                   f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, else 0; 0 for int4 experts)")
+    speculative_config: dict | None = _opt(None, "speculative decoding, vLLM's keys: `{\"method\": \"ngram\", "
+                                                 "\"num_speculative_tokens\": k, \"prompt_lookup_min\": a, "
+                                                 "\"prompt_lookup_max\": b}` (a JSON object on the command line) "
+                                                 "proposes up to k tokens from the sequence's own text and keeps "
+                                                 "those the model would have drawn: outputs do not change "
+                                                 "(docs/SPECULATIVE.md)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 
@@ -184,6 +191,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
                              f"got {self.load_format!r}")
         self.graph_batch_sizes = normalize_graph_batch_sizes(self.graph_batch_sizes, self.max_num_seqs)
+        self.speculative = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative is not None and self.tensor_parallel_size > 1:
+            raise ValueError(f"speculative_config is not supported with tensor_parallel_size="
+                             f"{self.tensor_parallel_size} yet")
         config_path = os.path.join(self.model, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json in model directory {self.model!r}")

@@ -58,7 +58,9 @@ class DecodeInputBuilder:
         self._staging: dict[tuple, StepInputs] = {}  # (rows, slot) -> pinned staging set
         self._batches: dict[tuple, _Batch] = {}  # (rows, chunk) -> its last batch
 
-    def _staging_for(self, rows: int, slot: tuple) -> StepInputs:
+    def staging_for(self, rows: int, slot: tuple) -> StepInputs:
+        """The packed host set of ``rows`` decode rows for ``slot`` (a key of the caller's: chunk and pipeline
+        slot), one token per row (``cu_seqlens_q`` and ``logits_indices`` filled); made once, then reused."""
         key = (rows, slot)
         if key not in self._staging:
             with torch.inference_mode():  # one pinned buffer: the set reaches the device in one copy
@@ -107,7 +109,7 @@ class DecodeInputBuilder:
         ``chunk`` (of the step) and ``slot`` (the step's pipeline slot) pick the staging set (see the module
         docstring); where the device is the host, the staging set is the result."""
         n = len(seqs)
-        host = self._staging_for(rows, (chunk, slot))
+        host = self.staging_for(rows, (chunk, slot))
         lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
         batch = self._batch(seqs, lens, (rows, chunk))
         pos = lens - 1

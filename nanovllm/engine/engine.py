@@ -48,11 +48,13 @@ class Engine:
         self.runner = ModelRunner(config, self.platform)
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.eos_token_ids, config.mixed_prefill)
+                                   config.max_model_len, config.eos_token_ids, config.mixed_prefill,
+                                   config.speculative)
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens)
         self.stats: dict = {}
+        self._spec_k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
         self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
@@ -60,11 +62,16 @@ class Engine:
         """Zero ``stats``: tokens, steps and wall seconds per step kind, ``host_time`` (seconds the host spent
         scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited for the device),
         ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps read
-        (``decode_kv_tokens``), ``preemptions`` and ``grammar_time`` (host seconds filling masks and advancing
-        grammars, ``Grammars.seconds``)."""
+        (``decode_kv_tokens``), ``preemptions``, ``grammar_time`` (host seconds filling masks and advancing
+        grammars, ``Grammars.seconds``) and, with ``speculative_config``: verify steps, drafts (sequences with a
+        proposal in one), proposed and kept tokens, and per proposal position (0 first) the drafts that reached
+        it and those that kept it."""
         self.stats.update({"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                            "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0,
-                           "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0, "grammar_time": 0.0})
+                           "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0, "grammar_time": 0.0,
+                           "spec_verify_steps": 0, "spec_drafts": 0, "spec_proposed_tokens": 0,
+                           "spec_accepted_tokens": 0, "spec_proposed_by_position": [0] * self._spec_k,
+                           "spec_accepted_by_position": [0] * self._spec_k})
         self.runner.grammars.seconds = 0.0
 
     def reset_prefix_cache(self) -> None:
@@ -108,6 +115,9 @@ class Engine:
         stats = self.stats
         collected = []  # (step, its finished sequences) of each step resolved here, oldest first
         wait = 0.0
+        if self.config.speculative is not None:  # proposals read every token: resolve the queued steps first
+            while len(self.pipeline):
+                wait += self._collect(collected)
         batch = self.scheduler.schedule()
         stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
@@ -125,7 +135,7 @@ class Engine:
                 event = self.runner.finish(batch, slot, kept)
             else:  # or an eager prefill: a prefilling sequence has no token pending, its mask is filled now
                 event, prepare_seconds = self.runner.launch(batch, slot)
-            self.pipeline.push(batch, slot, len(batch.seqs), event)
+            self.pipeline.push(batch, slot, sum(batch.num_new_tokens) if batch.proposals else len(batch.seqs), event)
             stats["decode_prepare_time"] += prepare_seconds
         launch = time.perf_counter() - t0 - wait
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
@@ -162,6 +172,8 @@ class Engine:
         if prompt_logprobs is not None:
             _record_prompt_logprobs(*prompt_logprobs)
         finished = self.scheduler.resolve(previous, tokens, logprobs)
+        if previous.proposals is not None:
+            _count_speculation(self.stats, previous.proposals, previous.accepted)
         resolved = [(seq.grammar, seq.token_ids[index]) for _, seq, index in previous.sampled
                     if seq.grammar is not None and index < len(seq.token_ids)]
         if resolved:
@@ -182,6 +194,19 @@ class Engine:
 
     def has_work(self) -> bool:
         return len(self.pipeline) > 0 or self.scheduler.has_work()
+
+
+def _count_speculation(stats: dict, proposals: list[list[int]], accepted: list[int]) -> None:
+    """Add a resolved verify step to ``stats`` (``Engine.reset_stats``)."""
+    stats["spec_verify_steps"] += 1
+    proposed_at, accepted_at = stats["spec_proposed_by_position"], stats["spec_accepted_by_position"]
+    for proposal, kept in zip(proposals, accepted):
+        stats["spec_drafts"] += bool(proposal)
+        stats["spec_proposed_tokens"] += len(proposal)
+        stats["spec_accepted_tokens"] += kept
+        for i in range(len(proposal)):
+            proposed_at[i] += 1
+            accepted_at[i] += i < kept
 
 
 def _constrained_samples(batch: ScheduledBatch) -> list[Sequence]:

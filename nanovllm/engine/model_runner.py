@@ -7,10 +7,9 @@ the engine's ``StepSlot``.  A batch in which a request asked for logprobs, penal
 of the step (``nanovllm.step.STEPS``; the per-slot rows of penalties and masks are ``logits_slots.py``'s); other
 batches run the plain step and pay nothing.  A batch in which a constrained sequence samples is launched in two
 halves: ``launch_forward`` queues the model, the engine resolves the earlier steps meanwhile, and ``finish`` fills
-the grammar masks and samples.  A prefill that reaches image tokens (``image_step.py``) or computes prompt logprobs
-(``run_step_with_prompt_logprobs``) runs eagerly and whole; prompt logprobs go to the slot's ``prompt_logprobs``.
-Start-up probes and calibration are ``runner_setup.py``'s.
-"""
+the grammar masks and samples.  A prefill that reaches image tokens (``image_step.py``), computes prompt logprobs
+(``run_step_with_prompt_logprobs``; to the slot's ``prompt_logprobs``) or a verify step (``verify_step.py``) runs
+eagerly and whole.  Start-up probes and calibration are ``runner_setup.py``'s."""
 import functools
 import time
 
@@ -22,7 +21,7 @@ from nanovllm.compile.cache import key_fields
 from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
 from nanovllm.compile.factory import make_executor
 from nanovllm.config import EngineConfig
-from nanovllm.engine import image_step, runner_setup
+from nanovllm.engine import image_step, runner_setup, verify_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.grammar import Grammars
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
@@ -122,8 +121,9 @@ class ModelRunner:
                 "init_phases": dict(self.init_phases), **self.executor.describe()}
 
     def new_host_tokens(self) -> torch.Tensor:
-        """A host buffer for one step's sampled tokens (pinned where the platform pins)."""
-        return torch.zeros(self.config.max_num_seqs + 1, dtype=torch.int64, pin_memory=self.platform.pin_memory)
+        """A host buffer for one step's sampled tokens, a verify step's too (pinned where the platform pins)."""
+        return torch.zeros((self.config.max_num_seqs + 1) * verify_step.rows_per_sequence(self.config),
+                           dtype=torch.int64, pin_memory=self.platform.pin_memory)
 
     def device_bytes(self) -> int:
         """Bytes of weights, KV cache and token buffer this runner holds on its device (0 once closed)."""
@@ -159,10 +159,12 @@ class ModelRunner:
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, slot: StepSlot):
-        """Queue the step on the device; its tokens land in the token buffer and, in the background, in
-        ``slot.host_tokens``.  Returns (the platform event recorded after its work, host seconds spent building
+        """Queue the step (a verify step: ``verify_step.py``); its tokens land in the token buffer and, in the
+        background, in ``slot.host_tokens``.  Returns (the platform event after its work, host seconds building
         decode inputs)."""
         filtered, processed, variant = self._begin(batch, slot)
+        if batch.proposals is not None:
+            return verify_step.launch(self, batch, slot), 0.0
         if processed:
             self.logits_slots.prepare(batch.seqs, batch.sampling(), slot.index)
         prepare_seconds = self._run(batch, slot, variant, filtered, processed)

@@ -10,6 +10,8 @@ launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being
 length; ``resolve`` (later) writes the sampled tokens in and finishes sequences on EOS or stop tokens.  A sequence cut
 by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
+With ``speculative_config`` a decode step may verify proposals (``proposals.py``): it computes 1 + k tokens of a
+sequence, and ``resolve`` keeps those ``speculative.accept`` keeps (the engine resolves it before the next step).
 
 It owns a running sequence's KV blocks and token slot (its row of the device token buffer), handed out on admission
 and taken back on preemption, finish and abort (late writes by queued steps land unread).
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from nanovllm.engine.proposals import propose
+from nanovllm.speculative import SpeculativeConfig, accept
 
 
 @dataclass
@@ -30,6 +34,9 @@ class ScheduledBatch:
     # (row, seq, index in seq.token_ids) of every PENDING_TOKEN this step put in
     sampled: list[tuple[int, Sequence, int]] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # finished on length by ``advance``
+    # a verify step's tokens proposed after each sequence's newest (``num_new_tokens``: 1 + their number), and
+    proposals: list[list[int]] | None = None  # once resolved, how many of each were kept
+    accepted: list[int] = field(default_factory=list)
 
     def samples(self, seq_index: int) -> bool:
         """Whether this step reaches the sequence's last token, so its sampled token is kept."""
@@ -44,8 +51,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool):
+                 max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool,
+                 speculative: SpeculativeConfig | None = None):
         self.block_manager = block_manager
+        self.speculative = speculative
         self.mixed_prefill = mixed_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -145,7 +154,9 @@ class Scheduler:
         # Longest context first: the decode attention kernel's programs start in row order, so the longest
         # ones start earliest and the last wave holds the shortest (less idle tail when lengths are mixed).
         scheduled.sort(key=len, reverse=True)
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False, preempted=preempted)
+        proposals = propose(scheduled, self.speculative, self.block_manager, self.max_model_len)
+        counts = [1 + len(p) for p in proposals] if proposals is not None else [1] * len(scheduled)
+        return ScheduledBatch(scheduled, counts, is_prefill=False, preempted=preempted, proposals=proposals)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
@@ -158,6 +169,8 @@ class Scheduler:
         """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample."""
         # The host runs this for every sequence of every step, so it is written for speed: ``batch.samples`` and
         # ``Sequence`` properties inlined, and a decode step samples every sequence.
+        if batch.proposals is not None:  # a verify step: its tokens are known only when it resolves
+            return
         block_size, hashes, decode = self.block_manager.block_size, self.block_manager.seq_hashes, not batch.is_prefill
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is SequenceStatus.FINISHED:  # hit EOS in the step resolved since this one launched
@@ -181,6 +194,8 @@ class Scheduler:
         ``logprobs``: the step's (values [rows, 1 + MAX_LOGPROBS], ids [rows, MAX_LOGPROBS]) when a sequence of
         the batch asked for them (``ModelRunner``).  Steps are resolved in launch order, so each token filled in
         is its sequence's oldest pending one, and ``seq.logprobs`` stays one entry per resolved token."""
+        if batch.proposals is not None:
+            return self._resolve_verify(batch, token_ids)
         finished = list(batch.finished)
         for row, seq, index in batch.sampled:
             if index >= len(seq.token_ids):  # cut off after an EOS resolved in an earlier step, or aborted
@@ -201,6 +216,30 @@ class Scheduler:
                     seq.finish_reason = "stop"
         if self._unpublished:
             for seq in list(self._unpublished):
+                self._publish(seq)
+        return finished
+
+    def _resolve_verify(self, batch: ScheduledBatch, drawn: list[int]) -> list[Sequence]:
+        """Add each sequence's accepted tokens (``speculative.accept``) up to a stop; finish on a stop or length.
+        The KV of rejected proposals lies past ``num_computed_tokens``, to be overwritten."""
+        finished, row, bm = [], 0, self.block_manager
+        for i, (seq, proposal) in enumerate(zip(batch.seqs, batch.proposals)):
+            tokens = accept(proposal, drawn[row:row + len(proposal) + 1])
+            row += len(proposal) + 1
+            batch.accepted.append(len(tokens) - 1)
+            if seq.status is SequenceStatus.FINISHED:  # aborted since
+                continue
+            for token in tokens:
+                seq.token_ids.append(token)
+                seq.num_computed_tokens += 1
+                ends = len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
+                if self._stops_on(seq, token) or ends:
+                    self._finish(seq, "stop" if self._stops_on(seq, token) else "length")
+                    finished.append(seq)
+                    break
+            batch.sampled.append((i, seq, len(seq) - 1))
+            if seq.status is not SequenceStatus.FINISHED and \
+                    seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
                 self._publish(seq)
         return finished
 

@@ -74,7 +74,9 @@ class EngineCore:
         engine = self.engine
         bm = engine.block_manager
         return {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
-                "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks}
+                "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
+                **{k: engine.stats[k] for k in ("spec_drafts", "spec_proposed_tokens", "spec_accepted_tokens",
+                                                "spec_accepted_by_position")}}
 
     def _forget_if_done(self, rid: int) -> None:
         if all(s is None for s in self._seqs[rid]):

@@ -3,7 +3,9 @@
 Gauges (read from the engine loop at each scrape): ``num_requests_running``, ``num_requests_waiting`` (sequences:
 a request of ``n`` choices counts ``n``), ``kv_cache_usage_perc`` (0 to 1, as vLLM).  Counters:
 ``prompt_tokens_total``, ``generation_tokens_total``, ``request_success_total{finished_reason}``.  Histograms:
-``time_to_first_token_seconds``, ``inter_token_latency_seconds``, ``e2e_request_latency_seconds``.  Every metric
+``time_to_first_token_seconds``, ``inter_token_latency_seconds``, ``e2e_request_latency_seconds``.  With
+speculative decoding, counters as vLLM's: ``spec_decode_num_drafts``, ``spec_decode_num_draft_tokens``,
+``spec_decode_num_accepted_tokens``, ``spec_decode_num_accepted_tokens_per_pos{position}``.  Every metric
 has a ``model_name`` label.  Each server has its own registry, so several can live in one process (tests).
 """
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -44,6 +46,15 @@ class ServerMetrics:
         self.e2e = Histogram("nanovllm:e2e_request_latency_seconds", "Seconds from arrival to the last token.",
                              labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
 
+        spec = [("spec_drafts", "num_drafts", "Sequences verified with a proposal."),
+                ("spec_proposed_tokens", "num_draft_tokens", "Proposed tokens verified."),
+                ("spec_accepted_tokens", "num_accepted_tokens", "Proposed tokens kept.")]
+        self._spec = {key: Counter(f"nanovllm:spec_decode_{name}", doc, labels, registry=r).labels(model_name)
+                      for key, name, doc in spec}
+        self._spec_per_pos = Counter("nanovllm:spec_decode_num_accepted_tokens_per_pos", "Proposed tokens kept, "
+                                     "by position in the proposal (0 first).", labels + ["position"], registry=r)
+        self._spec_seen: dict = {}  # the engine's totals at the last scrape
+
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
@@ -67,4 +78,11 @@ class ServerMetrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
+        totals = {key: stats.get(key, 0) for key in self._spec}
+        totals.update(enumerate(stats.get("spec_accepted_by_position", ())))
+        for key, total in totals.items():  # the engine keeps totals: count what came since the last scrape
+            seen = self._spec_seen.get(key, 0)
+            counter = self._spec[key] if key in self._spec else self._spec_per_pos.labels(self._model_name, str(key))
+            counter.inc(total - seen if total >= seen else total)  # below: the engine's stats were reset
+            self._spec_seen[key] = total
         return generate_latest(self.registry)

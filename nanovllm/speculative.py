@@ -1,0 +1,77 @@
+"""Speculative decoding by n-gram lookup: ``SpeculativeConfig`` (the ``speculative_config`` option, vLLM's keys),
+the proposer and the acceptance rule.
+
+``propose(tokens, ...)`` finds the longest suffix of the sequence (``prompt_lookup_max`` down to
+``prompt_lookup_min`` tokens) that occurred earlier in it, most recent occurrence first, and proposes the tokens
+that followed it.  A verify step computes the sequence's newest token and the proposal in one pass and draws a
+token at every position with the sampler's own noise (keyed by seed and position, as a plain decode step draws
+it).  ``accept`` keeps the proposed tokens up to the first that differs from the drawn one, then the drawn token
+there: exactly the tokens plain decoding would have produced, greedy or seeded, so outputs do not change (unlike
+rejection sampling, which keeps only the distribution).
+"""
+import json
+from dataclasses import dataclass
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig | None":
+        """From ``LLM(speculative_config=...)``: a dict, its JSON text (the command line's), or None (off)."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config must be a JSON object, got {value!r}: {e}") from None
+        if not isinstance(value, dict):
+            raise TypeError(f"speculative_config must be a dict, got {type(value).__name__}")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
+        method = value.get("method")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config method must be one of {list(METHODS)}, got {method!r}")
+        out = cls(method, value.get("num_speculative_tokens"), value.get("prompt_lookup_min", 1),
+                  value.get("prompt_lookup_max", 4))
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            v = getattr(out, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"speculative_config {name} must be an int >= 1, got {v!r}")
+        if out.prompt_lookup_max < out.prompt_lookup_min:
+            raise ValueError(f"speculative_config prompt_lookup_max={out.prompt_lookup_max} is below "
+                             f"prompt_lookup_min={out.prompt_lookup_min}")
+        return out
+
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
+        """At most ``min(num_speculative_tokens, limit)`` tokens that followed the latest earlier occurrence of the
+        longest suffix of ``tokens`` (``prompt_lookup_min`` to ``prompt_lookup_max`` long); none if no match."""
+        k = min(self.num_speculative_tokens, limit)
+        if k <= 0:
+            return []
+        n_tokens = len(tokens)
+        for n in range(min(self.prompt_lookup_max, n_tokens - 1), self.prompt_lookup_min - 1, -1):
+            suffix = tokens[n_tokens - n:]
+            for start in range(n_tokens - n - 1, -1, -1):  # latest first; the suffix itself excluded
+                if tokens[start:start + n] == suffix:
+                    return tokens[start + n:start + n + k]
+        return []
+
+
+def accept(proposal: list[int], drawn: list[int]) -> list[int]:
+    """The tokens a verify step adds: ``proposal`` up to its first token that differs from ``drawn`` (the tokens
+    drawn at each of its positions, one more than the proposal), then the drawn token at that position."""
+    assert len(drawn) == len(proposal) + 1
+    a = 0
+    while a < len(proposal) and proposal[a] == drawn[a]:
+        a += 1
+    return drawn[:a + 1]

@@ -1,0 +1,158 @@
+"""Speculative decoding by n-gram lookup (``speculative_config``): the option's errors, the proposer and the
+acceptance rule, and end to end on tiny Qwen3, Llama and Qwen3-MoE checkpoints: greedy and seeded outputs equal
+those without speculation in eager and graph mode, with the n-gram proposer and with proposers that are always
+right or always wrong, through chunked prompts, prefix hits, preemption, stop tokens, ``max_tokens`` and a batch
+whose logprobs request makes its steps plain."""
+import random
+
+import pytest
+
+from conftest import build_checkpoint
+from nanovllm import LLM, SamplingParams
+from nanovllm.speculative import SpeculativeConfig, accept
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=40, max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=64, graph_batch_sizes=[4])
+_rng = random.Random(0)
+_base = [_rng.randint(0, 300) for _ in range(24)]
+PROMPTS = [_base + _base[:12], [_rng.randint(0, 300) for _ in range(40)], _base * 3, _base[:8] * 4]
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"method": "ngram"}, "num_speculative_tokens must be an int >= 1, got None"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an int >= 1, got 0"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2},
+     "prompt_lookup_max=2 is below prompt_lookup_min=3"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown keys ['lookahead']"),
+    ("{not json", "must be a JSON object"),
+])
+def test_bad_speculative_configs_name_the_value(value, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        SpeculativeConfig.parse(value)
+
+
+def test_the_proposer_takes_the_longest_latest_match_and_stays_within_its_limit():
+    c = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}')
+    assert c.propose([1, 2, 9, 1, 2, 7, 8, 5, 1, 2], limit=5) == [7, 8, 5]  # the latest "1 2"
+    assert c.propose([4, 2, 6, 3, 2], limit=5) == [6, 3, 2]  # no "3 2" before: the one-token suffix "2"
+    assert c.propose([1, 2, 9, 1, 2], limit=1) == [9]
+    assert c.propose([1, 2, 9, 1, 2], limit=0) == []
+    assert c.propose([5, 6, 7], limit=5) == []
+
+
+def test_accept_keeps_the_matching_prefix_then_the_drawn_token():
+    assert accept([3, 4, 9], [3, 4, 5, 6]) == [3, 4, 5]
+    assert accept([3, 4], [3, 4, 8]) == [3, 4, 8]
+    assert accept([1], [2, 7]) == [2]
+    assert accept([], [7]) == [7]
+
+
+class Oracle:
+    """A proposer that knows each prompt's plain output: right proposes its next tokens, wrong shifts them."""
+
+    def __init__(self, outputs: dict, wrong: bool, k: int = 3):
+        self.outputs, self.wrong, self.num_speculative_tokens = outputs, wrong, k
+
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
+        for prompt, out in self.outputs.items():
+            if tuple(tokens[:len(prompt)]) == prompt:
+                done = len(tokens) - len(prompt)
+                nxt = out[done:done + min(self.num_speculative_tokens, limit)]
+                return [(t + 1) % 300 for t in nxt] if self.wrong else nxt
+        raise AssertionError("a sequence of no known prompt")
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3_moe"])
+def checkpoint(request, tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def generate(path, params, proposer=None, speculative=NGRAM, eager=True, prompts=PROMPTS, **kw):
+    if proposer is not None:  # the engine sizes its buffers by num_speculative_tokens
+        speculative = {**speculative, "num_speculative_tokens": proposer.num_speculative_tokens}
+    llm = LLM(path, enforce_eager=eager, speculative_config=speculative, **{**ENGINE, **kw})
+    if proposer is not None:
+        llm.engine.scheduler.speculative = proposer
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [o["token_ids"] for o in outs], dict(llm.engine.stats)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
+def test_greedy_and_seeded_outputs_do_not_change(checkpoint, eager):
+    for params in (SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                   SamplingParams(temperature=0.9, seed=7, max_tokens=30, ignore_eos=True)):
+        plain, _ = generate(checkpoint, params, speculative=None, eager=eager)
+        ngram, stats = generate(checkpoint, params, eager=eager)
+        assert ngram == plain
+        assert stats["spec_verify_steps"] > 0 and stats["spec_proposed_tokens"] > 0
+        outputs = {tuple(p): o for p, o in zip(PROMPTS, plain)}
+        right, stats = generate(checkpoint, params, Oracle(outputs, wrong=False), eager=eager)
+        assert right == plain
+        assert stats["spec_accepted_tokens"] == stats["spec_proposed_tokens"] > 0  # every proposal kept
+        assert stats["spec_accepted_by_position"] == stats["spec_proposed_by_position"]
+        assert stats["spec_proposed_by_position"][0] == stats["spec_drafts"] > 0
+        wrong, stats = generate(checkpoint, params, Oracle(outputs, wrong=True), eager=eager)
+        assert wrong == plain
+        assert stats["spec_accepted_tokens"] == 0 < stats["spec_proposed_tokens"]
+        assert stats["spec_accepted_by_position"] == [0, 0, 0]
+
+
+def test_preemption_prefix_hits_stops_and_max_tokens(checkpoint):
+    """A cache of 12 blocks for four sequences of up to 112 tokens: sequences are preempted and recomputed; the
+    repeated prompts hit the prefix cache; a stop token and a short max_tokens end sequences mid-proposal."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain, _ = generate(checkpoint, params, speculative=None, num_kvcache_blocks=12, max_model_len=192)
+    outputs = {tuple(p): o for p, o in zip(PROMPTS, plain)}
+    right, stats = generate(checkpoint, params, Oracle(outputs, wrong=False, k=5), num_kvcache_blocks=12,
+                            max_model_len=192)
+    assert right == plain and stats["preemptions"] > 0
+    stop = plain[0][9]
+    first = plain[0].index(stop)
+    params = [SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop]),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)] * 2
+    plain, _ = generate(checkpoint, params, speculative=None)
+    right, _ = generate(checkpoint, params, Oracle(outputs, wrong=False, k=5))
+    assert right == plain and len(right[0]) == first + 1 and right[0][-1] == stop and len(right[1]) == 7
+
+
+def test_a_request_with_logprobs_makes_the_steps_plain(checkpoint):
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)]
+    plain, _ = generate(checkpoint, params, speculative=None, prompts=PROMPTS[:2])
+    ngram, stats = generate(checkpoint, params, prompts=PROMPTS[:2])
+    assert ngram == plain and stats["spec_verify_steps"] == 0
+
+
+def test_tensor_parallel_speculation_is_refused(tmp_path):
+    path = build_checkpoint(tmp_path, "qwen3")
+    with pytest.raises(ValueError, match="speculative_config is not supported with tensor_parallel_size=2"):
+        LLM(path, tensor_parallel_size=2, speculative_config=NGRAM)
+
+
+def test_the_command_line_flag_takes_the_json_object(tmp_path):
+    import argparse
+    import json
+
+    from nanovllm.cli import add_engine_args, engine_kwargs
+    from nanovllm.config import EngineConfig
+    args = add_engine_args(argparse.ArgumentParser()).parse_args(["--speculative-config", json.dumps(NGRAM)])
+    config = EngineConfig(model=build_checkpoint(tmp_path, "qwen3"), **engine_kwargs(args))
+    assert config.speculative == SpeculativeConfig("ngram", 3, 1, 3)
+
+
+def test_the_server_counts_drafts_and_kept_tokens_per_position():
+    pytest.importorskip("prometheus_client")
+    from nanovllm.entrypoints.metrics import ServerMetrics
+    stats = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0, "spec_drafts": 4, "spec_proposed_tokens": 10,
+             "spec_accepted_tokens": 6, "spec_accepted_by_position": [3, 2, 1]}
+    metrics = ServerMetrics("tiny", lambda: stats)
+    metrics.render()
+    stats.update(spec_drafts=5, spec_proposed_tokens=13, spec_accepted_tokens=8, spec_accepted_by_position=[4, 3, 1])
+    text = metrics.render().decode()
+    for line in ('nanovllm:spec_decode_num_drafts_total{model_name="tiny"} 5.0',
+                 'nanovllm:spec_decode_num_draft_tokens_total{model_name="tiny"} 13.0',
+                 'nanovllm:spec_decode_num_accepted_tokens_total{model_name="tiny"} 8.0',
+                 'nanovllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny",position="1"} 3.0'):
+        assert line in text, line
