@@ -12,6 +12,8 @@ rejection sampling, which keeps only the distribution).
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 METHODS = ("ngram",)
 
 
@@ -54,16 +56,22 @@ class SpeculativeConfig:
 
     def propose(self, tokens: list[int], limit: int) -> list[int]:
         """At most ``min(num_speculative_tokens, limit)`` tokens that followed the latest earlier occurrence of the
-        longest suffix of ``tokens`` (``prompt_lookup_min`` to ``prompt_lookup_max`` long); none if no match."""
+        longest suffix of ``tokens`` (``prompt_lookup_min`` to ``prompt_lookup_max`` long); none if no match.
+        Vectorised: the host runs this for every sequence of every decode step."""
         k = min(self.num_speculative_tokens, limit)
-        if k <= 0:
-            return []
         n_tokens = len(tokens)
+        if k <= 0 or n_tokens < self.prompt_lookup_min + 1:
+            return []
+        arr = np.asarray(tokens, dtype=np.int64)
+        # starts where the first suffix token occurs, the suffix itself excluded; longer suffixes narrow them
         for n in range(min(self.prompt_lookup_max, n_tokens - 1), self.prompt_lookup_min - 1, -1):
-            suffix = tokens[n_tokens - n:]
-            for start in range(n_tokens - n - 1, -1, -1):  # latest first; the suffix itself excluded
-                if tokens[start:start + n] == suffix:
-                    return tokens[start + n:start + n + k]
+            suffix = arr[n_tokens - n:]
+            starts = np.flatnonzero(arr[:n_tokens - n] == suffix[0])
+            for offset in range(1, n):
+                starts = starts[arr[starts + offset] == suffix[offset]]
+            if starts.size:
+                start = int(starts[-1]) + n
+                return tokens[start:start + k]
         return []
 
 

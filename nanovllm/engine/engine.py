@@ -30,6 +30,12 @@ from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
 
 
+# With speculative decoding, a decode step that found nothing to propose is followed by this many decode steps
+# queued ``pipeline_depth`` deep without proposals, so text that repeats nothing loses little to resolving every
+# step; then the engine resolves its steps and tries again.
+SPEC_BACKOFF = 4
+
+
 class StepRecord(NamedTuple):
     """One entry of ``Engine.step_log``: an engine step's wall time, charged to the step whose work it waited for."""
     kind: str  # "prefill" or "decode"
@@ -55,6 +61,7 @@ class Engine:
         self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens)
         self.stats: dict = {}
         self._spec_k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
+        self._spec_wait = 0  # decode steps to queue plainly before the next try at proposing (``step``)
         self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
@@ -115,10 +122,15 @@ class Engine:
         stats = self.stats
         collected = []  # (step, its finished sequences) of each step resolved here, oldest first
         wait = 0.0
-        if self.config.speculative is not None:  # proposals read every token: resolve the queued steps first
+        if self.config.speculative is not None and self._spec_wait == 0:  # proposals read every token
             while len(self.pipeline):
                 wait += self._collect(collected)
         batch = self.scheduler.schedule()
+        if self.config.speculative is not None and batch.seqs and not batch.is_prefill:
+            # a verify step is resolved before the next step (its tokens are unknown until then); a decode step
+            # that found no proposal is followed by SPEC_BACKOFF pipelined ones (unresolved tokens: no proposals)
+            self._spec_wait = 0 if batch.proposals is not None else self._spec_wait - 1 if self._spec_wait \
+                else SPEC_BACKOFF
         stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
