@@ -50,8 +50,8 @@ def main():
         from nanovllm.tools.default_model import default_model_path
         args.model = str(default_model_path())
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max}
-    engines = {"off": LLM(args.model, enforce_eager=args.enforce_eager),
-               "ngram": LLM(args.model, enforce_eager=args.enforce_eager, speculative_config=spec)}
+    both = dict(enforce_eager=args.enforce_eager, gpu_memory_utilization=0.4)  # two engines share the device
+    engines = {"off": LLM(args.model, **both), "ngram": LLM(args.model, speculative_config=spec, **both)}
     chat = engines["off"].apply_chat_template
     sets = {"copy-heavy": [chat([{"role": "user", "content": t}]) for t in copy_heavy()],
             "open": [chat([{"role": "user", "content": t}]) for t in open_prompts()]}
