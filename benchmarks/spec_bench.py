@@ -50,27 +50,32 @@ def main():
         from nanovllm.tools.default_model import default_model_path
         args.model = str(default_model_path())
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max}
-    both = dict(enforce_eager=args.enforce_eager, gpu_memory_utilization=0.4)  # two engines share the device
-    engines = {"off": LLM(args.model, **both), "ngram": LLM(args.model, speculative_config=spec, **both)}
-    chat = engines["off"].apply_chat_template
-    sets = {"copy-heavy": [chat([{"role": "user", "content": t}]) for t in copy_heavy()],
-            "open": [chat([{"role": "user", "content": t}]) for t in open_prompts()]}
+    runs = {}  # (set, batch, temperature, mode) -> run's outputs; one engine at a time holds the device
+    for mode, extra in (("off", {}), ("ngram", {"speculative_config": spec})):
+        llm = LLM(args.model, enforce_eager=args.enforce_eager, **extra)
+        chat = llm.apply_chat_template
+        sets = {"copy-heavy": [chat([{"role": "user", "content": t}]) for t in copy_heavy()],
+                "open": [chat([{"role": "user", "content": t}]) for t in open_prompts()]}
+        for name, prompts in sets.items():
+            for batch in (int(b) for b in args.batch.split(",")):
+                chosen = (prompts * (-(-batch // len(prompts))))[:max(batch, args.requests)]
+                for temperature in _floats(args.temperature):
+                    runs[name, batch, temperature, mode] = run(llm, chosen, batch, temperature, args.max_tokens)
+        llm.close()
     rows = []
-    for name, prompts in sets.items():
-        for batch in (int(b) for b in args.batch.split(",")):
-            chosen = (prompts * (-(-batch // len(prompts))))[:max(batch, args.requests)]
-            for temperature in _floats(args.temperature):
-                plain, plain_s, _ = run(engines["off"], chosen, batch, temperature, args.max_tokens)
-                ours, spec_s, stats = run(engines["ngram"], chosen, batch, temperature, args.max_tokens)
-                off = sum(len(t) for t in plain) / batch / plain_s
-                on = sum(len(t) for t in ours) / batch / spec_s
-                proposed, drafts = stats["spec_proposed_tokens"], stats["spec_drafts"]
-                rows.append(dict(set=name, batch=batch, temperature=temperature, k=args.k, same=plain == ours,
-                                 off_tok_s=round(off, 1), ngram_tok_s=round(on, 1), speedup=round(on / off, 3),
-                                 acceptance=round(stats["spec_accepted_tokens"] / proposed, 3) if proposed else 0.0,
-                                 tokens_per_step=round(1 + stats["spec_accepted_tokens"] / drafts, 3) if drafts
-                                 else 1.0, accepted_by_position=stats["spec_accepted_by_position"],
-                                 proposed_by_position=stats["spec_proposed_by_position"]))
+    for (name, batch, temperature, mode), (plain, plain_s, _) in runs.items():
+        if mode != "off":
+            continue
+        ours, spec_s, stats = runs[name, batch, temperature, "ngram"]
+        off = sum(len(t) for t in plain) / batch / plain_s
+        on = sum(len(t) for t in ours) / batch / spec_s
+        proposed, drafts = stats["spec_proposed_tokens"], stats["spec_drafts"]
+        rows.append(dict(set=name, batch=batch, temperature=temperature, k=args.k, same=plain == ours,
+                         off_tok_s=round(off, 1), ngram_tok_s=round(on, 1), speedup=round(on / off, 3),
+                         acceptance=round(stats["spec_accepted_tokens"] / proposed, 3) if proposed else 0.0,
+                         tokens_per_step=round(1 + stats["spec_accepted_tokens"] / drafts, 3) if drafts else 1.0,
+                         accepted_by_position=stats["spec_accepted_by_position"],
+                         proposed_by_position=stats["spec_proposed_by_position"]))
     print("| set | batch | temperature | off tok/s/req | n-gram tok/s/req | speed-up | acceptance | tokens/step | same |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
