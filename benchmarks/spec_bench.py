@@ -41,6 +41,7 @@ def main():
     p.add_argument("--temperature", default="0,0.7", help="comma-separated temperatures")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max")
+    p.add_argument("--lookup-min", type=int, default=1, help="prompt_lookup_min")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=16, help="requests per set (at least one batch), in batches")
     p.add_argument("--enforce-eager", action="store_true")
@@ -49,7 +50,8 @@ def main():
     if args.model is None:
         from nanovllm.tools.default_model import default_model_path
         args.model = str(default_model_path())
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max}
+    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,
+            "prompt_lookup_min": args.lookup_min}
     runs = {}  # (set, batch, temperature, mode) -> run's outputs; one engine at a time holds the device
     for mode, extra in (("off", {}), ("ngram", {"speculative_config": spec})):
         llm = LLM(args.model, enforce_eager=args.enforce_eager, **extra)
