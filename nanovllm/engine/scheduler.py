@@ -10,9 +10,7 @@ launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being
 length; ``resolve`` (later) writes the sampled tokens in and finishes sequences on EOS or stop tokens.  A sequence cut
 by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
-With ``speculative_config`` a decode step may verify proposals (``proposals.py``): it computes 1 + k tokens of a
-sequence, and ``resolve`` keeps those ``speculative.accept`` keeps (the engine resolves it before the next step).
-
+A decode step may verify proposals (``proposals.py``; ``resolve`` keeps what ``speculative.accept`` keeps).
 It owns a running sequence's KV blocks and token slot (its row of the device token buffer), handed out on admission
 and taken back on preemption, finish and abort (late writes by queued steps land unread).
 """
@@ -54,7 +52,6 @@ class Scheduler:
                  max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool,
                  speculative: SpeculativeConfig | None = None):
         self.block_manager = block_manager
-        self.speculative = speculative
         self.mixed_prefill = mixed_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -65,6 +62,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))  # token slots of no running sequence
         self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
+        self.speculative = speculative  # proposes for decode steps (``proposals.py``), or None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
