@@ -138,7 +138,7 @@ class EngineConfig:
                                                  "\"num_speculative_tokens\": k, \"prompt_lookup_min\": a, "
                                                  "\"prompt_lookup_max\": b}` (a JSON object on the command line) "
                                                  "proposes up to k tokens from the sequence's own text and keeps "
-                                                 "those the model would have drawn: outputs do not change "
+                                                 "those the model itself draws at each position "
                                                  "(docs/SPECULATIVE.md)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)

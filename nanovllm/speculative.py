@@ -6,8 +6,8 @@ the proposer and the acceptance rule.
 that followed it.  A verify step computes the sequence's newest token and the proposal in one pass and draws a
 token at every position with the sampler's own noise (keyed by seed and position, as a plain decode step draws
 it).  ``accept`` keeps the proposed tokens up to the first that differs from the drawn one, then the drawn token
-there: exactly the tokens plain decoding would have produced, greedy or seeded, so outputs do not change (unlike
-rejection sampling, which keeps only the distribution).
+there: the tokens plain decoding draws from the same logits, greedy or seeded (rejection sampling keeps only the
+distribution).  Outputs stay the same where the logits do not depend on a step's row count (docs/SPECULATIVE.md).
 """
 import json
 from dataclasses import dataclass

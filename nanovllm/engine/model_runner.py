@@ -7,9 +7,9 @@ the engine's ``StepSlot``.  A batch in which a request asked for logprobs, penal
 of the step (``nanovllm.step.STEPS``; the per-slot rows of penalties and masks are ``logits_slots.py``'s); other
 batches run the plain step and pay nothing.  A batch in which a constrained sequence samples is launched in two
 halves: ``launch_forward`` queues the model, the engine resolves the earlier steps meanwhile, and ``finish`` fills
-the grammar masks and samples.  A prefill that reaches image tokens (``image_step.py``), computes prompt logprobs
-(``run_step_with_prompt_logprobs``; to the slot's ``prompt_logprobs``) or a verify step (``verify_step.py``) runs
-eagerly and whole.  Start-up probes and calibration are ``runner_setup.py``'s."""
+the grammar masks and samples.  A prefill that reaches image tokens (``image_step.py``) or computes prompt logprobs
+(``run_step_with_prompt_logprobs``; to the slot's ``prompt_logprobs``) runs eagerly and whole; a speculative verify
+step is ``verify_step.py``'s.  Start-up probes and calibration are ``runner_setup.py``'s."""
 import functools
 import time
 
