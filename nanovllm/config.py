@@ -192,9 +192,6 @@ class EngineConfig:
                              f"got {self.load_format!r}")
         self.graph_batch_sizes = normalize_graph_batch_sizes(self.graph_batch_sizes, self.max_num_seqs)
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
-        if self.speculative is not None and self.tensor_parallel_size > 1:
-            raise ValueError(f"speculative_config is not supported with tensor_parallel_size="
-                             f"{self.tensor_parallel_size} yet")
         config_path = os.path.join(self.model, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json in model directory {self.model!r}")

@@ -1,8 +1,8 @@
 """Speculative decoding by n-gram lookup (``speculative_config``): the option's errors, the proposer and the
 acceptance rule, and end to end on tiny Qwen3, Llama and Qwen3-MoE checkpoints: greedy and seeded outputs equal
 those without speculation in eager and graph mode, with the n-gram proposer and with proposers that are always
-right or always wrong, through chunked prompts, prefix hits, preemption, stop tokens, ``max_tokens`` and a batch
-whose logprobs request makes its steps plain."""
+right or always wrong, through chunked prompts sharing prefixes, preemption, stop tokens, ``max_tokens`` and a batch
+whose logprobs request makes its steps plain; two tensor-parallel ranks over gloo."""
 import random
 
 import pytest
@@ -100,8 +100,8 @@ def test_greedy_and_seeded_outputs_do_not_change(checkpoint, eager):
 
 
 def test_preemption_prefix_hits_stops_and_max_tokens(checkpoint):
-    """A cache of 12 blocks for four sequences of up to 112 tokens: sequences are preempted and recomputed; the
-    repeated prompts hit the prefix cache; a stop token and a short max_tokens end sequences mid-proposal."""
+    """A cache of 12 blocks for four sequences of up to 112 tokens: sequences are preempted and recomputed (from
+    the prefix cache their freed blocks went to); a stop token and a short max_tokens end sequences mid-proposal."""
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     plain, _ = generate(checkpoint, params, speculative=None, num_kvcache_blocks=12, max_model_len=192)
     outputs = {tuple(p): o for p, o in zip(PROMPTS, plain)}
@@ -125,10 +125,20 @@ def test_a_request_with_logprobs_makes_the_steps_plain(checkpoint):
     assert ngram == plain and stats["spec_verify_steps"] == 0
 
 
-def test_tensor_parallel_speculation_is_refused(tmp_path):
+def test_two_ranks_speculate_as_one(tmp_path):
+    """TP=2 over gloo: every rank proposes from the same tokens and keeps the same ones, so the mirrored schedulers
+    stay in step; greedy and seeded outputs equal one rank's without speculation."""
     path = build_checkpoint(tmp_path, "qwen3")
-    with pytest.raises(ValueError, match="speculative_config is not supported with tensor_parallel_size=2"):
-        LLM(path, tensor_parallel_size=2, speculative_config=NGRAM)
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=24, ignore_eos=True)]
+    plain, _ = generate(path, params * 2, speculative=None)
+    llm = LLM(path, tensor_parallel_size=2, enforce_eager=True, speculative_config=NGRAM, **ENGINE)
+    try:
+        outs = llm.generate(PROMPTS, params * 2, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == plain
+        assert llm.engine.stats["spec_verify_steps"] > 0
+    finally:
+        llm.close()
 
 
 def test_the_command_line_flag_takes_the_json_object(tmp_path):
