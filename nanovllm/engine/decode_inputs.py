@@ -133,6 +133,11 @@ class DecodeInputBuilder:
             slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
                 + pos % self.block_size
         host.pad_rows(n, n, self.scratch_slot)
+        return self.deliver(host, target)
+
+    def deliver(self, host: StepInputs, target: StepInputs | None) -> StepInputs:
+        """A filled staging set on the device: itself where the device is the host, else copied into ``target``
+        (a graph's static inputs) or to new device tensors."""
         if host.input_ids.device == self.device:
             return host
         if target is None:

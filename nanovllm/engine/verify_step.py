@@ -61,12 +61,7 @@ def build_part(builder: DecodeInputBuilder, rows: dict, part: Part, slot: int) -
     host.token_slots.numpy()[:part.rows] = -1  # every input token is on the host
     host.out_slots.numpy()[:part.rows] = builder.scratch_slot
     host.pad_rows(part.rows, part.rows, builder.scratch_slot)
-    if host.input_ids.device == builder.device:
-        return host
-    if part.target is None:
-        return host.to(builder.device)
-    host.copy_into(part.target)
-    return part.target
+    return builder.deliver(host, part.target)
 
 
 @torch.inference_mode()
