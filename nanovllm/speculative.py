@@ -1,5 +1,5 @@
-"""Speculative decoding by n-gram lookup: ``SpeculativeConfig`` (the ``speculative_config`` option, vLLM's keys),
-the proposer and the acceptance rule.
+"""Speculative decoding: ``SpeculativeConfig`` (the ``speculative_config`` option, vLLM's keys), the n-gram
+proposer and the acceptance rule (the draft-model proposer runs a model: ``engine/drafter.py``).
 
 ``propose(tokens, ...)`` finds the longest suffix of the sequence (``prompt_lookup_max`` down to
 ``prompt_lookup_min`` tokens) that occurred earlier in it, most recent occurrence first, and proposes the tokens
@@ -10,11 +10,13 @@ there: the tokens plain decoding draws from the same logits, greedy or seeded (r
 distribution).  Outputs stay the same where the logits do not depend on a step's row count (docs/SPECULATIVE.md).
 """
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+_KEYS = {"ngram": {"prompt_lookup_min", "prompt_lookup_max"}, "draft_model": {"model"}}
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    model: str | None = None  # the draft model's checkpoint directory (``draft_model``)
 
     @classmethod
     def parse(cls, value) -> "SpeculativeConfig | None":
@@ -36,15 +39,16 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config must be a JSON object, got {value!r}: {e}") from None
         if not isinstance(value, dict):
             raise TypeError(f"speculative_config must be a dict, got {type(value).__name__}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
         method = value.get("method")
         if method not in METHODS:
             raise ValueError(f"speculative_config method must be one of {list(METHODS)}, got {method!r}")
+        known = {"method", "num_speculative_tokens", *_KEYS[method]}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown} for method {method!r}; "
+                             f"known: {sorted(known)}")
         out = cls(method, value.get("num_speculative_tokens"), value.get("prompt_lookup_min", 1),
-                  value.get("prompt_lookup_max", 4))
+                  value.get("prompt_lookup_max", 4), value.get("model"))
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             v = getattr(out, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -52,7 +56,14 @@ class SpeculativeConfig:
         if out.prompt_lookup_max < out.prompt_lookup_min:
             raise ValueError(f"speculative_config prompt_lookup_max={out.prompt_lookup_max} is below "
                              f"prompt_lookup_min={out.prompt_lookup_min}")
+        if method == "draft_model" and not (isinstance(out.model, str) and os.path.isdir(out.model)):
+            raise ValueError(f"speculative_config model must be the draft model's checkpoint directory, "
+                             f"got {out.model!r}")
         return out
+
+    def propose_all(self, seqs: list, limits: list[int]) -> list[list[int]]:
+        """Per sequence (anything with ``token_ids``), its n-gram proposal of at most its limit."""
+        return [self.propose(seq.token_ids, limit) for seq, limit in zip(seqs, limits)]
 
     def propose(self, tokens: list[int], limit: int) -> list[int]:
         """At most ``min(num_speculative_tokens, limit)`` tokens that followed the latest earlier occurrence of the

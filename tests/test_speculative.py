@@ -50,7 +50,14 @@ def test_accept_keeps_the_matching_prefix_then_the_drawn_token():
     assert accept([], [7]) == [7]
 
 
-class Oracle:
+class PerSequence:
+    """A proposer of one sequence at a time (``propose(tokens, limit)``), as the engine calls proposers."""
+
+    def propose_all(self, seqs, limits):
+        return [self.propose(seq.token_ids, limit) for seq, limit in zip(seqs, limits)]
+
+
+class Oracle(PerSequence):
     """A proposer that knows each prompt's plain output: right proposes its next tokens, wrong shifts them."""
 
     def __init__(self, outputs: dict, wrong: bool, k: int = 3):
@@ -70,12 +77,13 @@ def checkpoint(request, tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
 
-def generate(path, params, proposer=None, speculative=NGRAM, eager=True, prompts=PROMPTS, **kw):
+def generate(path, params, proposer=None, speculative=NGRAM, eager=True, prompts=PROMPTS, adaptive=True, **kw):
     if proposer is not None:  # the engine sizes its buffers by num_speculative_tokens
         speculative = {**speculative, "num_speculative_tokens": proposer.num_speculative_tokens}
     llm = LLM(path, enforce_eager=eager, speculative_config=speculative, **{**ENGINE, **kw})
     if proposer is not None:
         llm.engine.scheduler.speculative = proposer
+    llm.engine.spec_gate.adaptive = adaptive  # False: propose wherever it can, paying or not
     outs = llm.generate(prompts, params, use_tqdm=False)
     return [o["token_ids"] for o in outs], dict(llm.engine.stats)
 
@@ -180,7 +188,7 @@ def test_unseeded_draws_in_verify_steps_follow_the_model(tmp_path):
     import torch
     import transformers
 
-    class ProposeZero:
+    class ProposeZero(PerSequence):
         num_speculative_tokens = 1
 
         def propose(self, tokens, limit):
@@ -190,7 +198,7 @@ def test_unseeded_draws_in_verify_steps_follow_the_model(tmp_path):
     prompt, n = PROMPTS[1][:12], 2000
     params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
     outs, stats = generate(path, params, ProposeZero(), prompts=[prompt] * n, max_num_seqs=256,
-                           num_kvcache_blocks=1024, graph_batch_sizes=None)
+                           num_kvcache_blocks=1024, graph_batch_sizes=None, adaptive=False)
     # nearly every second token was drawn in a verify step (a few in plain steps: a decode row riding in a prefill
     # step, or a step queued while proposing backs off)
     assert stats["spec_drafts"] >= 0.95 * n

@@ -13,12 +13,14 @@ channel.  ``abort(seq)`` ends a request at once, even while queued steps still h
 its KV blocks.  ``stats`` counts tokens, steps and host and device time (``reset_stats`` lists them).
 """
 import dataclasses
+import functools
 import time
 from typing import NamedTuple
 
 import numpy as np
 
 from nanovllm.config import EngineConfig
+import nanovllm.distributed as distributed
 from nanovllm.distributed import liveness
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
@@ -26,14 +28,9 @@ from nanovllm.engine.outputs import SequenceOutput, StepResult
 from nanovllm.engine.pipeline import StepPipeline
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import PENDING_TOKEN, ImageInputs, Sequence
+from nanovllm.engine.spec_gate import SpecGate
 from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
-
-
-# With speculative decoding, a decode step that found nothing to propose is followed by this many decode steps
-# queued ``pipeline_depth`` deep without proposals, so text that repeats nothing loses little to resolving every
-# step; then the engine resolves its steps and tries again.
-SPEC_BACKOFF = 4
 
 
 class StepRecord(NamedTuple):
@@ -55,13 +52,14 @@ class Engine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.eos_token_ids, config.mixed_prefill,
-                                   config.speculative)
+                                   self.runner.drafter or config.speculative)
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens)
         self.stats: dict = {}
         self._spec_k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
-        self._spec_wait = 0  # decode steps to queue plainly before the next try at proposing (``step``)
+        self.spec_gate = SpecGate(agree=functools.partial(distributed.agree_min, device=self.runner.device))
+        self._waited_after_launch = False  # whether the last step() resolved a step after its launch
         self.reset_stats()
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
@@ -122,15 +120,15 @@ class Engine:
         stats = self.stats
         collected = []  # (step, its finished sequences) of each step resolved here, oldest first
         wait = 0.0
-        if self.config.speculative is not None and self._spec_wait == 0:  # proposals read every token
+        speculating = self.config.speculative is not None
+        if speculating and self.spec_gate.may_propose:  # proposals read every token (``spec_gate.py``)
             while len(self.pipeline):
                 wait += self._collect(collected)
         batch = self.scheduler.schedule()
-        if self.config.speculative is not None and batch.seqs and not batch.is_prefill:
-            # a verify step is resolved before the next step (its tokens are unknown until then); a decode step
-            # that found no proposal is followed by SPEC_BACKOFF pipelined ones (unresolved tokens: no proposals)
-            self._spec_wait = 0 if batch.proposals is not None else self._spec_wait - 1 if self._spec_wait \
-                else SPEC_BACKOFF
+        if speculating and batch.seqs:  # steady: the engine waited on the device since the last launch
+            self.spec_gate.launched(not batch.is_prefill, batch.proposals is not None,
+                                    steady=bool(collected) or self._waited_after_launch)
+        drained = len(collected)
         stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
@@ -152,6 +150,7 @@ class Engine:
         launch = time.perf_counter() - t0 - wait
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
             wait += self._collect(collected)
+        self._waited_after_launch = len(collected) > drained
         if batch.seqs:
             self.scheduler.advance(batch)
         elapsed = time.perf_counter() - t0
@@ -186,6 +185,7 @@ class Engine:
         finished = self.scheduler.resolve(previous, tokens, logprobs)
         if previous.proposals is not None:
             _count_speculation(self.stats, previous.proposals, previous.accepted)
+            self.spec_gate.resolved(len(previous.seqs), sum(previous.accepted))
         resolved = [(seq.grammar, seq.token_ids[index]) for _, seq, index in previous.sampled
                     if seq.grammar is not None and index < len(seq.token_ids)]
         if resolved:

@@ -67,14 +67,17 @@ def _measure(platform, utilization: float, probe: Callable[[], list]) -> int:
 
 def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float, platform,
                     max_blocks_per_seq: int, max_model_len: int, probe: Callable[[], list],
-                    agree: Callable[[int], int] = lambda n: n) -> int:
+                    agree: Callable[[int], int] = lambda n: n, draft: KVCacheSpec | None = None) -> int:
     """The number of KV blocks to allocate.  ``probe`` runs the step at its most memory-hungry shape with a
     temporary cache and returns that cache (a list of (K, V)); it is only called where the platform measures
     memory.  ``agree`` turns a rank's count into the group's (the smallest, under tensor parallelism), on every
     path: whether to collect garbage and probe again is decided on the agreed count, so every rank runs the same
-    probes and collectives and raises alike, and a rank that failed to build is seen here by all."""
+    probes and collectives and raises alike, and a rank that failed to build is seen here by all.  ``draft``: a
+    draft model's cache of as many blocks (``drafter.py``), sized in the same budget."""
+    per_block = spec.bytes_per_block + (draft.bytes_per_block if draft is not None else 0)
+
     def measured() -> int:
-        return agree(max(0, _measure(platform, utilization, probe) // spec.bytes_per_block))
+        return agree(max(0, _measure(platform, utilization, probe) // per_block))
 
     if fixed is not None:
         num_blocks = agree(fixed)
@@ -84,7 +87,7 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
             gc.collect()
             num_blocks = measured()
     else:
-        num_blocks = agree(DEFAULT_KV_BYTES // spec.bytes_per_block)
+        num_blocks = agree(DEFAULT_KV_BYTES // per_block)
     if num_blocks < max_blocks_per_seq:
         problem = (f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
                    f"max_model_len={max_model_len} needs {max_blocks_per_seq}")

@@ -21,17 +21,17 @@ from nanovllm.compile.cache import key_fields
 from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
 from nanovllm.compile.factory import make_executor
 from nanovllm.config import EngineConfig
-from nanovllm.engine import image_step, runner_setup, verify_step
+from nanovllm.engine import image_step, runner_report, runner_setup, verify_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
+from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.grammar import Grammars
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
 from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.models.expert_offload import expert_caches, offload_stats
+from nanovllm.models.expert_offload import expert_caches
 from nanovllm.models.loader import build_model
-from nanovllm.models.moe import expert_footprint
 from nanovllm.sampling_params import MAX_LOGPROBS
 from nanovllm.step import (VARIANTS, LogitsState, StepInputs, make_step, rechoose_logprob, redraw_filtered,
                            variant_name)
@@ -60,6 +60,8 @@ class ModelRunner:
                                  offload_experts=config.offload_experts, experts_on_device=config.experts_on_device,
                                  offload_host_share=config.offload_host_share,
                                  scheme=config.quant_scheme, online=config.online_scheme)
+        spec_method = config.speculative.method if config.speculative is not None else None
+        self.drafter = Drafter(config, platform, self.dtype) if spec_method == "draft_model" else None
         phase("build_model", "sizing the KV cache")
         a = self.model.args
         self.vocab_size = a.vocab_size
@@ -82,7 +84,8 @@ class ModelRunner:
             self.kv_spec, fixed=config.num_kvcache_blocks, utilization=config.gpu_memory_utilization,
             platform=platform, max_blocks_per_seq=self.max_blocks_per_seq, max_model_len=config.max_model_len,
             probe=functools.partial(runner_setup.probe_peak_memory, self),
-            agree=functools.partial(distributed.agree_min, device=self.device))  # one size on every rank
+            agree=functools.partial(distributed.agree_min, device=self.device),  # one size on every rank
+            draft=self.drafter.kv_spec if self.drafter is not None else None)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         register_engine(self)
         platform.prepare_tensor_parallel(self.dtype, config.max_num_seqs * a.hidden_size)
@@ -101,24 +104,16 @@ class ModelRunner:
                                       capturable=self.model.graph_capturable,
                                       not_capturable_reason=self.model.not_capturable_reason)
         self.mode = self.executor.mode
+        if self.drafter is not None:
+            self.drafter.start(self.num_blocks, self.prefill_builder.dummy)
         phase("compile_and_capture" if self.mode == "graph" else "executor", "warming the largest prefill")
         if platform.supports_graph_capture and not self.executor.captures_every_prefill():
             runner_setup.warm_largest_prefill(self)
             phase("warm_largest_prefill", "ready")
 
     def describe(self) -> dict:
-        """What this runner is, for the start-up log line and benchmarks."""
-        return {"device_type": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
-                "kv_cache_dtype": str(self.kv_spec.dtype).replace("torch.", ""), "kv_scales": self.kv_scales,
-                "num_kv_blocks": self.num_blocks, "kvcache_block_size": self.block_size,
-                "kv_bytes_per_token": self.kv_spec.bytes_per_token,
-                "quantization": _describe_quantization(self.config, self.model),
-                "weight_bytes": sum(t.numel() * t.element_size() for t in self.model.parameters()) + sum(
-                    t.numel() * t.element_size() for name, t in self.model.named_buffers()
-                    if name.endswith(("_scale", "_zero"))),  # quantized weights' scales and zeros are read too
-                **dict(zip(("expert_bytes", "expert_share"), expert_footprint(self.model))),
-                **({"expert_offload": offload_stats(self.model)} if self.expert_caches else {}),
-                "init_phases": dict(self.init_phases), **self.executor.describe()}
+        """What this runner is, for the start-up log line and benchmarks (``runner_report.py``)."""
+        return runner_report.describe(self)
 
     def new_host_tokens(self) -> torch.Tensor:
         """A host buffer for one step's sampled tokens, a verify step's too (pinned where the platform pins)."""
@@ -145,6 +140,8 @@ class ModelRunner:
         if healthy:
             self.platform.synchronize()  # no queued step still reads what is dropped here
         self.executor.close()
+        if self.drafter is not None:
+            self.drafter.close()
         self.grammars.close()
         self.executor = self.model = self.token_buffer = self.logits_state = self.logits_slots = None
         self.kv_caches = []
@@ -293,8 +290,3 @@ class ModelRunner:
             slot.host_logprobs[0][offset:offset + rows].copy_(values[:rows], non_blocking=True)
             slot.host_logprobs[1][offset:offset + rows].copy_(ids[:rows], non_blocking=True)
 
-
-def _describe_quantization(config, model) -> str | None:
-    """The start-up line's quantization: the checkpoint's scheme's, else the online one's."""
-    scheme = config.quant_scheme or config.online_scheme
-    return scheme.describe(model) if scheme is not None else None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from nanovllm.engine.proposals import propose
-from nanovllm.speculative import SpeculativeConfig, accept
+from nanovllm.speculative import accept
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative=None):
         self.block_manager = block_manager
         self.mixed_prefill = mixed_prefill
         self.max_num_seqs = max_num_seqs
@@ -62,7 +62,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))  # token slots of no running sequence
         self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
-        self.speculative = speculative  # proposes for decode steps (``proposals.py``), or None
+        self.speculative = speculative  # the proposer of decode steps (``proposals.py``), or None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

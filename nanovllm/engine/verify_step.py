@@ -18,48 +18,52 @@ from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.step import StepInputs
 
-_PER_ROW = ("input_ids", "positions", "slot_mapping", "context_lens", "temperature", "top_k", "top_p", "seeds",
-            "sample_positions")
-
-
 def rows_per_sequence(config) -> int:
     """Token rows a sequence may take in one step: 1, or 1 + ``num_speculative_tokens`` when speculating."""
     return 1 + (config.speculative.num_speculative_tokens if config.speculative is not None else 0)
 
 
+def sequence_rows(seq, start: int, ids, block_size: int, width: int) -> dict[str, np.ndarray]:
+    """Rows of ``seq``'s tokens ``ids`` at positions ``start``.. (one row each, context up to and with it, drawing
+    the token after it): the per-row fields of ``StepInputs`` and ``block_tables`` [rows, width]."""
+    n = len(ids)
+    pos = np.arange(start, start + n)
+    table = np.zeros(width, np.int32)
+    table[:len(seq.block_table)] = seq.block_table
+    p = seq.params
+    return {"input_ids": np.asarray(ids, np.int64), "positions": seq.rope_positions(start, n),
+            "slot_mapping": table[pos // block_size].astype(np.int64) * block_size + pos % block_size,
+            "context_lens": pos + 1, "sample_positions": pos + 1, "temperature": np.full(n, p.temperature),
+            "top_k": np.full(n, p.top_k), "top_p": np.full(n, p.top_p), "seeds": np.full(n, seq.seed),
+            "block_tables": np.broadcast_to(table, (n, width))}
+
+
+def concatenate(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Several ``sequence_rows`` as one step's rows, in order."""
+    return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+
+
 def verify_rows(batch: ScheduledBatch, block_size: int, width: int) -> dict[str, np.ndarray]:
     """Every row of ``batch``'s verify step: the per-row fields of ``StepInputs`` and ``block_tables`` [R, width]."""
-    cols = {name: [] for name in _PER_ROW}
-    tables = []
+    rows = []
     for seq, proposal in zip(batch.seqs, batch.proposals):
-        start, n = len(seq) - 1, 1 + len(proposal)
-        assert seq.num_computed_tokens == start, "a verify step starts at the sequence's newest token"
-        pos = np.arange(start, start + n)
-        table = np.zeros(width, np.int32)
-        table[:len(seq.block_table)] = seq.block_table
-        p = seq.params
-        cols["input_ids"].append(np.asarray([seq.token_ids[-1], *proposal], np.int64))
-        cols["positions"].append(seq.rope_positions(start, n))
-        cols["slot_mapping"].append(table[pos // block_size].astype(np.int64) * block_size + pos % block_size)
-        cols["context_lens"].append(pos + 1)
-        cols["sample_positions"].append(pos + 1)
-        for name, value in (("temperature", p.temperature), ("top_k", p.top_k), ("top_p", p.top_p),
-                            ("seeds", seq.seed)):
-            cols[name].append(np.full(n, value))
-        tables.append(np.broadcast_to(table, (n, width)))
-    return {**{name: np.concatenate(v) for name, v in cols.items()}, "block_tables": np.concatenate(tables)}
+        assert seq.num_computed_tokens == len(seq) - 1, "a verify step starts at the sequence's newest token"
+        rows.append(sequence_rows(seq, len(seq) - 1, [seq.token_ids[-1], *proposal], block_size, width))
+    return concatenate(rows)
 
 
-def build_part(builder: DecodeInputBuilder, rows: dict, part: Part, slot: int) -> StepInputs:
-    """The inputs of one part of the step: rows [part.start, part.start + part.rows), padded to the part's
-    rows, in the builder's staging set for (verify, part, ``slot``), into ``part.target`` when given."""
+def build_part(builder: DecodeInputBuilder, rows: dict, part: Part, key: tuple) -> StepInputs:
+    """The inputs of one part of a step of ``rows`` (``sequence_rows``; with ``token_slots`` and ``out_slots``
+    where given, else every input token from the host and every drawn one to the scratch row): rows
+    [part.start, part.start + part.rows), padded to the part's rows, in the builder's staging set for
+    (``key``, part), into ``part.target`` when given."""
     padded = part.shape[1]
-    host = builder.staging_for(padded, ("verify", part.index, slot))
+    host = builder.staging_for(padded, (*key, part.index))
     live = slice(part.start, part.start + part.rows)
+    host.token_slots.numpy()[:part.rows] = -1
+    host.out_slots.numpy()[:part.rows] = builder.scratch_slot
     for name, values in rows.items():
         getattr(host, name).numpy()[:part.rows] = values[live]
-    host.token_slots.numpy()[:part.rows] = -1  # every input token is on the host
-    host.out_slots.numpy()[:part.rows] = builder.scratch_slot
     host.pad_rows(part.rows, part.rows, builder.scratch_slot)
     return builder.deliver(host, part.target)
 
@@ -76,5 +80,5 @@ def launch(runner, batch: ScheduledBatch, slot: StepSlot):
         slot.host_tokens[part.start:part.start + part.rows].copy_(outputs[0][:part.rows], non_blocking=True)
 
     runner.executor.run(prefill=False, rows=total, tokens=total, emit=emit,
-                        build=lambda part: build_part(builder, rows, part, slot.index))
+                        build=lambda part: build_part(builder, rows, part, ("verify", slot.index)))
     return runner.platform.record_event()

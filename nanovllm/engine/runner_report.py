@@ -1,0 +1,26 @@
+"""``describe(runner)``: what a ``ModelRunner`` (``model_runner.py``) runs, for the start-up log line and benchmarks:
+dtypes, KV cache, quantization, the bytes a step reads, expert offload, start-up phases, executor and draft model."""
+from nanovllm.models.expert_offload import offload_stats
+from nanovllm.models.moe import expert_footprint
+
+
+def describe(runner) -> dict:
+    model = runner.model
+    return {"device_type": runner.device.type, "dtype": str(runner.dtype).replace("torch.", ""),
+            "kv_cache_dtype": str(runner.kv_spec.dtype).replace("torch.", ""), "kv_scales": runner.kv_scales,
+            "num_kv_blocks": runner.num_blocks, "kvcache_block_size": runner.block_size,
+            "kv_bytes_per_token": runner.kv_spec.bytes_per_token,
+            "quantization": _quantization(runner.config, model),
+            "weight_bytes": sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
+                t.numel() * t.element_size() for name, t in model.named_buffers()
+                if name.endswith(("_scale", "_zero"))),  # quantized weights' scales and zeros are read too
+            **dict(zip(("expert_bytes", "expert_share"), expert_footprint(model))),
+            **({"expert_offload": offload_stats(model)} if runner.expert_caches else {}),
+            "init_phases": dict(runner.init_phases), **runner.executor.describe(),
+            **({"draft": runner.drafter.describe()} if runner.drafter is not None else {})}
+
+
+def _quantization(config, model) -> str | None:
+    """The start-up line's quantization: the checkpoint's scheme's, else the online one's."""
+    scheme = config.quant_scheme or config.online_scheme
+    return scheme.describe(model) if scheme is not None else None
