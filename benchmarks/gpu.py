@@ -171,6 +171,9 @@ def headline(record: dict) -> str:
                              + (f" {r['init_phases']}" if record["step"].startswith("startup") else ""))
             elif "tok_s" in r:
                 parts.append(f"{r['tok_s']:,.0f} tok/s, init {r.get('init_s')} s")
+            elif "rows" in r and "speculative_config" in r:  # offline_bench.py speculative
+                parts.append(", ".join(f"{x['set']} bs {x['batch']} T {x['temperature']} {x['mode']}: "
+                                       f"{x['tok_s_per_request']} tok/s/request" for x in r["rows"]))
             elif "rows" in r:
                 parts.append(", ".join(f"bs {x['batch']}: {x['decode_tok_s']} decode tok/s" for x in r["rows"]))
             elif "runs" in r:

@@ -1,6 +1,7 @@
 """The table of GPU steps (``STEPS``) and the commands each one runs; ``benchmarks/gpu.py`` runs them.
 
 A row names a model, a workload, an engine and flags.  Models: ``default`` (bench.py's random Qwen3-0.6B),
+``smollm2`` (SmolLM2-135M-Instruct's real weights, ``nanovllm.tools.default_model``; the GGUF must be installed),
 ``preset:NAME`` (``nanovllm.tools.synthesize``'s config of NAME), ``peer:NAME`` (``PEERS/configs/NAME.json``),
 the last two with dummy weights (``NAME+gptq`` / ``NAME+awq``: the config with an int4 ``quantization_config``),
 or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
@@ -84,9 +85,16 @@ STEPS = [
     Step("serve-ours", "ours", "default", "serve"),
     Step("serve-vllm", "vllm", "default", "serve"),
     Step("serve-json-ours", "ours", "default", "serve", client=("--structured-share", "0.5")),
-    # compact JSON, as ours compiles it (structured_bench.py says why)
+    # compact JSON, as ours compiles it (offline_bench.py says why)
     Step("serve-json-vllm", "vllm", "default", "serve", ("--structured-outputs-config", COMPACT_JSON),
          client=("--structured-share", "0.5")),
+    # speculative decoding on real weights: ours off and on in one process, vLLM's modes in a process each
+    Step("spec-ours", "ours", "smollm2", "speculative"),
+    Step("spec-off-vllm", "vllm", "smollm2", "speculative", ("--modes", "off")),
+    Step("spec-on-vllm", "vllm", "smollm2", "speculative", ("--modes", "on")),
+    # a draft model's costs: bench.py's Qwen3-0.6B drafting for Qwen3-8B's config, dummy weights, every step verifying
+    Step("spec-draft-ours", "ours", "peer:qwen3-8b", "speculative",
+         ("--draft", "default", "--always-propose", "--temperature", "0", "--requests", "16")),
     Step("json-ours", "ours", "default", "structured"),
     Step("json-vllm", "vllm", "default", "structured"),
     Step("bench-reppen-ours", "ours", "default", "bench", BENCH + ("--repetition-penalty", "1.1")),
@@ -161,10 +169,11 @@ class Context:
 def model_dir(step: Step, ctx: Context) -> str:
     """Our engine's checkpoint directory of ``step``, written if missing (unless ``ctx.dry``)."""
     kind, _, name = step.model.partition(":")
-    if kind == "default":
+    if kind in ("default", "smollm2"):
         if ctx.dry:
-            return "DEFAULT_MODEL"
-        code = "from benchmarks.common import default_model; print(default_model())"
+            return kind.upper()
+        code = ("from benchmarks.common import default_model; print(default_model())" if kind == "default" else
+                "from nanovllm.tools.default_model import default_model_path; print(default_model_path())")
         return subprocess.run([sys.executable, "-c", code], cwd=ctx.tree, check=True, capture_output=True,
                               text=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree))).stdout.strip()
     path = MODELS / name
@@ -185,7 +194,7 @@ def model_dir(step: Step, ctx: Context) -> str:
 def vllm_config(step: Step, ctx: Context) -> list[str]:
     """``peer_vllm.py``'s ``--config`` arguments of ``step`` (none for the default model: it makes its own)."""
     kind, _, name = step.model.partition(":")
-    if kind == "default":
+    if kind in ("default", "smollm2"):
         return []
     if kind == "peer" and not step.vllm_config and "+" not in name:
         return ["--config", str(ctx.peers / "configs" / f"{name}.json")]
@@ -239,11 +248,12 @@ def commands(step: Step, ctx: Context) -> list[Command]:
                          "--experts-on-device", "1", "--batch-sizes", "1,16", "--max-tokens", "32", *step.flags], env)]
     if step.workload == "serve":
         return serve_commands(step, ctx, env)
-    if step.workload == "structured":  # xgrammar: vLLM's staged one, for ours too (it has no other)
+    if step.workload in ("structured", "speculative"):  # structured: xgrammar, vLLM's staged one, for ours too
         env["PYTHONPATH"] = str(ctx.site) if vllm else f"{ctx.tree}:{ctx.site}"
         engine = "vllm" if vllm else "nanovllm"
-        return [Command([py, "-m", "benchmarks.structured_bench", "--engine", engine, "--model",
-                         with_tokenizer(model_dir(step, ctx), ctx), *step.flags], env)]
+        dummy = list(DUMMY) if step.workload == "speculative" and step.model.startswith(("preset:", "peer:")) else []
+        return [Command([py, "-m", "benchmarks.offline_bench", step.workload, "--engine", engine, "--model",
+                         with_tokenizer(model_dir(step, ctx), ctx), *dummy, *step.flags], env)]
     if step.workload == "pytest":
         # Each test's name as it starts, written at once: a run cut off by a time limit still shows where it was.
         env.update(TRITON_INTERPRET="0", PYTHONUNBUFFERED="1",

@@ -35,12 +35,14 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def normalize_graph_batch_sizes(sizes, max_num_seqs: int) -> tuple[int, ...]:
-    """Validate, deduplicate and sort decode buckets; ``None`` gives the defaults capped at ``max_num_seqs``."""
+def normalize_graph_batch_sizes(sizes, max_num_seqs: int, rows_per_sequence: int = 1) -> tuple[int, ...]:
+    """Validate, deduplicate and sort decode buckets; ``None`` gives the defaults capped at the rows a decode step
+    holds: ``max_num_seqs``, times ``rows_per_sequence`` (1 + k when speculating: a verify step's rows)."""
+    rows = max_num_seqs * rows_per_sequence
     if sizes is None:
-        capped = [s for s in DEFAULT_GRAPH_BATCH_SIZES if s <= max_num_seqs]
-        if max_num_seqs not in capped and max_num_seqs < DEFAULT_GRAPH_BATCH_SIZES[-1]:
-            capped.append(max_num_seqs)
+        capped = [s for s in DEFAULT_GRAPH_BATCH_SIZES if s <= rows]
+        if rows not in capped and rows < DEFAULT_GRAPH_BATCH_SIZES[-1]:
+            capped.append(rows)
         return tuple(sorted(set(capped)))
     if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
         raise TypeError(f"graph_batch_sizes must be a list of positive ints, got {sizes!r}")
@@ -50,8 +52,9 @@ def normalize_graph_batch_sizes(sizes, max_num_seqs: int) -> tuple[int, ...]:
     for s in sizes:
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise ValueError(f"graph_batch_sizes must hold positive ints, got {s!r} in {sizes}")
-        if s > max_num_seqs:
-            raise ValueError(f"graph batch size {s} exceeds max_num_seqs={max_num_seqs}; "
+        if s > rows:
+            held = f" x (1 + num_speculative_tokens) = {rows} rows" if rows_per_sequence > 1 else ""
+            raise ValueError(f"graph batch size {s} exceeds max_num_seqs={max_num_seqs}{held}; "
                              f"raise max_num_seqs or drop the bucket")
     return tuple(sorted(set(sizes)))
 
@@ -87,7 +90,8 @@ class EngineConfig:
                             choices=LOAD_FORMATS)
     enforce_eager: bool = _opt(False, "skip compilation and graphs: every step runs eagerly")
     graph_batch_sizes: tuple | None = _opt(None, "decode buckets; default `[1, 2, 4, 8, 16, 32, 48, 64, 96, 128, "
-                                                 "160, 192, 224, 256]` capped at `max_num_seqs`", list_of=int)
+                                                 "160, 192, 224, 256]` capped at `max_num_seqs` (times 1 + k "
+                                                 "when speculating)", list_of=int)
     prefill_graph_sizes: tuple | None = _opt(
         None, "token counts prefill steps are captured at (CUDA default: 512, 1024, ... below a quarter of "
               "`max_num_batched_tokens`, then 1/4, 2/4, 3/4 and all of it); `[]` (flag: `none`) turns prefill "
@@ -134,12 +138,14 @@ class EngineConfig:
                                                   "copying them to the device, the expert on the boundary split "
                                                   "along its intermediate rows (0: copy every one; default: "
                                                   f"{CUDA_OFFLOAD_HOST_SHARE} on CUDA, else 0; 0 for int4 experts)")
-    speculative_config: dict | None = _opt(None, "speculative decoding, vLLM's keys: `{\"method\": \"ngram\", "
+    speculative_config: dict | None = _opt(None, "speculative decoding, vLLM's keys (a JSON object on the "
+                                                 "command line): `{\"method\": \"ngram\", "
                                                  "\"num_speculative_tokens\": k, \"prompt_lookup_min\": a, "
-                                                 "\"prompt_lookup_max\": b}` (a JSON object on the command line) "
-                                                 "proposes up to k tokens from the sequence's own text and keeps "
-                                                 "those the model itself draws at each position "
-                                                 "(docs/SPECULATIVE.md)")
+                                                 "\"prompt_lookup_max\": b}` proposes up to k tokens from the "
+                                                 "sequence's own text, `{\"method\": \"draft_model\", \"model\": "
+                                                 "DIR, \"num_speculative_tokens\": k}` has a small model with the "
+                                                 "same tokenizer draw them; the model keeps those it draws itself "
+                                                 "at each position (docs/SPECULATIVE.md)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 
@@ -190,8 +196,10 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
                              f"got {self.load_format!r}")
-        self.graph_batch_sizes = normalize_graph_batch_sizes(self.graph_batch_sizes, self.max_num_seqs)
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
+        self.graph_batch_sizes = normalize_graph_batch_sizes(
+            self.graph_batch_sizes, self.max_num_seqs,
+            1 + (self.speculative.num_speculative_tokens if self.speculative is not None else 0))
         config_path = os.path.join(self.model, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json in model directory {self.model!r}")

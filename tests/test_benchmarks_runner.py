@@ -143,3 +143,13 @@ def test_benchmarks_edit_no_sys_path_and_import_neither_tests_nor_bench():
         assert not re.search(r"^\s*(from|import) (tests|conftest)\b", text, re.M), path
         if path.parent.name == "benchmarks":
             assert not re.search(r"^\s*(from bench |import bench\b)", text, re.M), path
+
+
+def test_the_headline_of_a_speculative_run_names_each_cell():
+    from benchmarks.gpu import headline
+    rows = [{"set": "copy-heavy", "batch": 1, "temperature": 0.0, "mode": mode, "tok_s_per_request": tok_s}
+            for mode, tok_s in (("off", 1201.1), ("on", 2139.9))]
+    record = {"step": "spec-ours", "results": {"speculative_nanovllm_off_on.json": {
+        "speculative_config": {"method": "ngram"}, "rows": rows}}}
+    assert headline(record) == ("copy-heavy bs 1 T 0.0 off: 1201.1 tok/s/request, "
+                                "copy-heavy bs 1 T 0.0 on: 2139.9 tok/s/request")

@@ -88,7 +88,8 @@ class ModelRunner:
             draft=self.drafter.kv_spec if self.drafter is not None else None)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         register_engine(self)
-        platform.prepare_tensor_parallel(self.dtype, config.max_num_seqs * a.hidden_size)
+        rows = max(config.max_num_seqs, *config.graph_batch_sizes)  # a verify step's may exceed max_num_seqs
+        platform.prepare_tensor_parallel(self.dtype, rows * a.hidden_size)
         phase("size_kv_cache", "making the executor (graph mode: compiling and capturing)")
         spec = ExecutorSpec(
             step=make_step(self.model, self.kv_caches, self.token_buffer),

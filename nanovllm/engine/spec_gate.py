@@ -5,7 +5,7 @@ speculating gives up the pipeline (``pipeline_depth`` queued steps) and runs mor
 the tokens each sequence gains per verify step outweigh the verify cycle's cost: ``gain * plain >= verify``,
 with ``gain`` the tokens per sequence a verify step kept (1 + accepted drafts), ``verify`` the seconds from a
 verify step's launch to the next decode launch and ``plain`` those between two pipelined plain decode launches
-(running averages, each measured only between two decode launches; plain steps are measured first).  After a verify step that did not pay, or
+(running averages, measured only between decode launches; plain steps are measured first).  After a verify step that did not pay, or
 a decode step with nothing to propose, the next ``backoff`` decode steps run plain and pipelined; ``backoff``
 starts at ``BACKOFF``, doubles each time speculating fails to pay in a row, up to ``MAX_BACKOFF``, so text that
 repeats nothing costs one verify step in ``MAX_BACKOFF`` plain ones; a verify step that pays resets it.  The
@@ -24,6 +24,7 @@ class SpecGate:
         self.adaptive = adaptive  # False: back off only after a decode step with nothing to propose (tests)
         self.agree = agree  # the group's verdict from each rank's (tensor parallelism: the smallest)
         self.wait = 0  # decode steps to run plain before the next try at proposing
+        self.backoffs = {"nothing proposed": 0, "did not pay": 0}  # how often each sent steps plain
         self.backoff = BACKOFF
         self.gain = self.verify = self.plain = None  # running averages (module docstring); None until measured
         self._last: tuple[float, bool] | None = None  # (time, was a verify step) of the last decode launch
@@ -45,7 +46,7 @@ class SpecGate:
             seconds = now - self._last[0]
             if self._last[1]:
                 self.verify = _average(self.verify, seconds)
-            else:
+            elif not verifies:  # not the drain before a verify step: that waits for every queued step
                 self.plain = _average(self.plain, seconds)
         self._last = (now, verifies)
         if verifies:  # the engine resolves it before the next step (it may come where the pipeline ran empty)
@@ -55,6 +56,7 @@ class SpecGate:
             self.wait -= 1
         else:  # a decode step that tried and found nothing to propose
             self.wait = self.backoff
+            self.backoffs["nothing proposed"] += 1
 
     def resolved(self, sequences: int, accepted: int) -> None:
         """Note a resolved verify step of ``sequences`` sequences that kept ``accepted`` drafts in all."""
@@ -67,6 +69,7 @@ class SpecGate:
             self.backoff = BACKOFF
         else:
             self.wait, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+            self.backoffs["did not pay"] += 1
 
 
 def _average(old: float | None, sample: float) -> float:
