@@ -123,8 +123,9 @@ def speculative(args) -> list[dict]:
     kw = dict(max_model_len=2048, max_num_seqs=max(_ints(args.batch)))
     if args.load_format:
         kw["load_format"] = args.load_format
-    rows, outputs = [], {}
-    for mode in args.modes.split(","):
+    rows, outputs, gaps = [], {}, {}
+    modes = args.modes.split(",")
+    for mode in modes:
         llm, params = make_engine(args.engine, args.model, **kw, **({"speculative_config": spec} if mode == "on"
                                                                    else {}))
         timer = _time_drafts(llm) if args.engine == "nanovllm" and mode == "on" else None
@@ -146,6 +147,8 @@ def speculative(args) -> list[dict]:
                         row["gate"] = {"gain": g.gain, "verify_ms": g.verify and round(1e3 * g.verify, 3),
                                        "plain_ms": g.plain and round(1e3 * g.plain, 3), "backoffs": dict(g.backoffs)}
                     rows.append(row)
+        if args.engine == "nanovllm" and mode == "on" and "off" in modes:  # where greedy tokens differ, how close
+            gaps.update(_greedy_gaps(llm, params, sets, outputs))
         if hasattr(llm, "close"):
             llm.close()
         del llm
@@ -155,10 +158,33 @@ def speculative(args) -> list[dict]:
             row["same"] = outputs[*key, "on"] == outputs[*key, "off"]
             off = next(r for r in rows if (r["set"], r["batch"], r["temperature"], r["mode"]) == (*key, "off"))
             row["speedup"] = round(row["tok_s_per_request"] / off["tok_s_per_request"], 3)
+            if key in gaps:
+                row["top2_gap_at_divergence"] = gaps[key]
         print(json.dumps(row))
     write_json(f"speculative_{args.engine}_{args.modes.replace(',', '_')}.json",
                {"model": args.model, "speculative_config": spec, "rows": rows})
     return rows
+
+
+def _greedy_gaps(llm, params, sets: dict, outputs: dict) -> dict:
+    """Per greedy cell whose tokens differ with speculation: at each request's first differing token, the gap
+    between the top two logprobs there (nats, from a plain step over the common prefix): how near a tie it was."""
+    found = {}
+    for (name, batch, temperature, mode), on in outputs.items():
+        off = outputs.get((name, batch, temperature, "off"))
+        if mode != "on" or temperature != 0 or off is None or off == on:
+            continue
+        prompts = (sets[name] * -(-len(on) // len(sets[name])))[:len(on)]
+        cells = []
+        for prompt, a, b in zip(prompts, off, on):
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            if at is not None:
+                out = llm.generate([prompt + a[:at]], params(temperature=0, max_tokens=1, logprobs=2),
+                                   use_tqdm=False)[0]["logprobs"][0]
+                top = sorted(out.values(), reverse=True)
+                cells.append(round(top[0] - top[1], 4))
+        found[name, batch, temperature] = sorted(cells)
+    return found
 
 
 def _ints(text: str) -> list[int]:

@@ -1,7 +1,7 @@
 """``SpecGate`` (``engine/spec_gate.py``) on a fake clock: plain steps are measured first; a verify step whose
 kept tokens do not pay for its cycle sends the next decode steps plain, the run doubling up to ``MAX_BACKOFF``;
-one that pays resets it; a verify step launched mid-run is always resolved before the next; the ranks' verdicts
-are agreed; a decode step with nothing to propose backs off without doubling."""
+one that pays resets it; the ranks' verdicts are agreed; a decode step with nothing to propose backs off without
+doubling; the engine asks the scheduler for no proposals while the gate says wait."""
 import pytest
 
 from nanovllm.engine import spec_gate
@@ -47,13 +47,36 @@ def test_ranks_agree_and_a_plain_engine_never_backs_off_after_verifying(clock):
     assert gate.may_propose and gate.gain == 1.0
 
 
-def test_nothing_to_propose_backs_off_and_a_verify_step_always_resolves_first(clock):
+def test_nothing_to_propose_backs_off_and_a_prefill_breaks_the_timing(clock):
     gate = SpecGate()
     gate.launched(True, False, steady=False)  # tried, nothing proposed
-    assert gate.wait == BACKOFF and gate.backoff == BACKOFF
-    gate.launched(True, True, steady=False)  # the pipeline ran empty: a step proposed anyway
-    assert gate.may_propose
-    gate.launched(False, False, steady=True)  # a prefill breaks the timing
+    assert gate.wait == BACKOFF and gate.backoff == BACKOFF and gate.backoffs["nothing proposed"] == 1
+    gate.launched(False, False, steady=True)
     clock[0] += 100.0
     gate.launched(True, False, steady=True)
     assert gate.plain is None and gate.verify is None
+
+
+class Always:
+    num_speculative_tokens = 2
+
+    def propose_all(self, seqs, limits):
+        return [[1] * limit for limit in limits]
+
+
+def test_the_scheduler_proposes_nothing_while_the_gate_says_wait(tmp_path):
+    """All tokens resolved (a fresh batch after its prefill), yet a waiting gate keeps the decode step plain."""
+    from conftest import build_checkpoint
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(build_checkpoint(tmp_path, "qwen3"), enforce_eager=True, num_kvcache_blocks=16, max_model_len=128,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    engine = llm.engine
+    engine.add_request([5, 6, 7, 5, 6, 7, 5, 6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()  # the prefill
+    while len(engine.pipeline):  # resolve it: nothing pending
+        engine._collect([])
+    engine.scheduler.speculative = Always()
+    engine.spec_gate.wait = 3
+    assert engine.scheduler.schedule(propose=engine.spec_gate.may_propose).proposals is None
+    assert engine.scheduler.schedule(propose=True).proposals == [[1, 1]]
+    llm.close()

@@ -41,7 +41,8 @@ def draft_config(config: EngineConfig) -> EngineConfig:
     draft = dataclasses.replace(config, model=path, speculative_config=None, quantization=None,
                                 kv_cache_dtype="auto", kv_cache_scales="auto", offload_experts=False,
                                 experts_on_device=None, offload_host_share=None, num_kvcache_blocks=None,
-                                prefill_graph_sizes=[], tensor_parallel_size=config.tensor_parallel_size)
+                                prefill_graph_sizes=[], graph_batch_sizes=None)
+    draft.graph_batch_sizes = config.graph_batch_sizes  # the target's buckets: a catch-up step has many rows
     if draft.max_model_len < config.max_model_len:
         raise ValueError(f"the draft model {path!r} holds {draft.max_model_len} positions, fewer than "
                          f"max_model_len={config.max_model_len}; lower max_model_len")

@@ -124,7 +124,7 @@ class Engine:
         if speculating and self.spec_gate.may_propose:  # proposals read every token (``spec_gate.py``)
             while len(self.pipeline):
                 wait += self._collect(collected)
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(propose=self.spec_gate.may_propose)
         if speculating and batch.seqs:  # steady: the engine waited on the device since the last launch
             self.spec_gate.launched(not batch.is_prefill, batch.proposals is not None,
                                     steady=bool(collected) or self._waited_after_launch)

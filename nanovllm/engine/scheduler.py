@@ -70,11 +70,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, propose: bool = True) -> ScheduledBatch:
+        """The next step: a prefill while prompts wait and fit, else a decode step (which verifies proposals
+        where ``propose`` allows and the proposer has some, ``proposals.py``)."""
         batch = self._schedule_prefill()
         if batch.seqs:
             return batch
-        return self._schedule_decode()
+        return self._schedule_decode(propose)
 
     def _schedule_prefill(self) -> ScheduledBatch:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
@@ -123,7 +125,7 @@ class Scheduler:
             counts.append(1)
             budget -= 1
 
-    def _schedule_decode(self) -> ScheduledBatch:
+    def _schedule_decode(self, propose_now: bool) -> ScheduledBatch:
         bm = self.block_manager
         scheduled: list[Sequence] = []
         preempted: list[Sequence] = []
@@ -152,7 +154,8 @@ class Scheduler:
         # Longest context first: the decode attention kernel's programs start in row order, so the longest
         # ones start earliest and the last wave holds the shortest (less idle tail when lengths are mixed).
         scheduled.sort(key=len, reverse=True)
-        proposals = propose(scheduled, self.speculative, self.block_manager, self.max_model_len)
+        proposer = self.speculative if propose_now else None
+        proposals = propose(scheduled, proposer, self.block_manager, self.max_model_len)
         counts = [1 + len(p) for p in proposals] if proposals is not None else [1] * len(scheduled)
         return ScheduledBatch(scheduled, counts, is_prefill=False, preempted=preempted, proposals=proposals)
 

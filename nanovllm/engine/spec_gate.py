@@ -31,7 +31,8 @@ class SpecGate:
 
     @property
     def may_propose(self) -> bool:
-        """Whether the next decode step may propose (the engine then resolves every queued step first)."""
+        """Whether the next decode step may propose (the engine then resolves every queued step first; otherwise
+        the scheduler gets no proposals, even where every token happens to be resolved)."""
         return self.wait == 0
 
     def launched(self, is_decode: bool, verifies: bool, steady: bool) -> None:
@@ -49,8 +50,7 @@ class SpecGate:
             elif not verifies:  # not the drain before a verify step: that waits for every queued step
                 self.plain = _average(self.plain, seconds)
         self._last = (now, verifies)
-        if verifies:  # the engine resolves it before the next step (it may come where the pipeline ran empty)
-            self.wait = 0
+        if verifies:  # the engine resolves it before the next step
             return
         if self.wait:
             self.wait -= 1
