@@ -14,7 +14,7 @@ files); vLLM loads it with dummy weights and xgrammar without free whitespace in
 ``speculative``: the prompt sets of ``benchmarks/common.py`` (copy-heavy, open) in the model's chat template, at
 each ``--batch`` and ``--temperature`` (seed 0 per request, at most ``--max-tokens``): ``--requests`` prompts in
 batches, one batch after another, speculation off, then on (``--speculative-config``, vLLM's keys; default n-gram,
-k = 4), each mode in an engine of its own (``--modes``: vLLM runs one per process).  Per run: output tokens per
+k = 4, lookup 1 to 4 tokens), each mode in an engine of its own (``--modes``: vLLM runs one per process).  Per run: output tokens per
 second per request (a batch's tokens over its wall time, over the batch size), and for ours the acceptance (kept
 over proposed tokens), tokens a sequence gains per verify step, verify and decode steps, the draft model's seconds
 (``--draft``) and whether the tokens equal the run without speculation.  ``--always-propose`` turns off ``SpecGate``'s back-off,
@@ -244,7 +244,9 @@ def main(argv=None):
     p.add_argument("--batch", default="1,16", help="speculative: comma-separated batch sizes")
     p.add_argument("--temperature", default="0,0.7", help="speculative: comma-separated temperatures")
     p.add_argument("--requests", type=int, default=16, help="speculative: requests per set (at least a batch)")
-    p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4}')
+    p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
+                   '"prompt_lookup_min": 1, "prompt_lookup_max": 4}', help="speculative: vLLM's keys; the lookup "
+                   "bounds are given, as vLLM's defaults (5, 5) differ from ours (1, 4)")
     p.add_argument("--draft", help="speculative: a draft model's directory (or 'default': bench.py's model) "
                    "instead of --speculative-config's method, at its k")
     p.add_argument("--modes", default="off,on", help="speculative: off, on or both, each in an engine of its own")
