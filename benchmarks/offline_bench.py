@@ -13,12 +13,13 @@ files); vLLM loads it with dummy weights and xgrammar without free whitespace in
 
 ``speculative``: the prompt sets of ``benchmarks/common.py`` (copy-heavy, open) in the model's chat template, at
 each ``--batch`` and ``--temperature`` (seed 0 per request, at most ``--max-tokens``): ``--requests`` prompts in
-batches, one batch after another, speculation off, then on (``--speculative-config``, vLLM's keys; default n-gram,
-k = 4, lookup 1 to 4 tokens), each mode in an engine of its own (``--modes``: vLLM runs one per process).  Per run: output tokens per
-second per request (a batch's tokens over its wall time, over the batch size), and for ours the acceptance (kept
-over proposed tokens), tokens a sequence gains per verify step, verify and decode steps, the draft model's seconds
-(``--draft``) and whether the tokens equal the run without speculation.  ``--always-propose`` turns off ``SpecGate``'s back-off,
-for the cost of a verify step.  The model: SmolLM2-135M-Instruct (``default_model_path``) unless ``--model``.
+batches, one batch after another, speculation off, then on (``--speculative-config``, vLLM's keys; default n-gram, k
+= 4, lookup 1 to 4 tokens), each mode in an engine of its own (``--modes``: vLLM runs one per process). Per run:
+output tokens per second per request (a batch's tokens over its wall time, over the batch size), and for ours the
+acceptance (kept over proposed tokens), tokens a sequence gains per verify step, verify and decode steps, the draft
+model's seconds (``--draft``) and whether the tokens equal the run without speculation. ``--always-propose`` turns
+off ``SpecGate``'s back-off, for the cost of a verify step. The model: SmolLM2-135M-Instruct
+(``default_model_path``) unless ``--model``.
 """
 import argparse
 import json
