@@ -140,6 +140,16 @@ def test_both_caches_share_one_budget(tmp_path):
     llm.close()
 
 
+def test_a_draft_that_does_not_fit_is_named(tmp_path, monkeypatch):
+    from nanovllm.engine import kv_cache
+    target = build_checkpoint(tmp_path / "target", "qwen3")
+    monkeypatch.setattr(kv_cache, "DEFAULT_KV_BYTES", 20 * 2 * 2 * 2 * 32 * 16 * 4)  # 20 blocks of the target's
+    kw = {**ENGINE, "num_kvcache_blocks": None}
+    with pytest.raises(ValueError, match="holds 10 blocks .* needs 16 .the draft model's cache takes 16384 of each "
+                                         "block's 32768 bytes"):
+        LLM(target, enforce_eager=True, speculative_config=draft_of(target), **kw)
+
+
 def test_two_ranks_draft_as_one(tmp_path):
     """TP=2 over gloo: the draft is split like the target and every rank proposes the same drafts."""
     target = build_checkpoint(tmp_path / "target", "qwen3")

@@ -91,6 +91,8 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
     if num_blocks < max_blocks_per_seq:
         problem = (f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
                    f"max_model_len={max_model_len} needs {max_blocks_per_seq}")
+        if draft is not None:
+            problem += f" (the draft model's cache takes {draft.bytes_per_block} of each block's {per_block} bytes)"
         engines, held = held_by_engines(platform.device)
         if engines:
             raise ValueError(
