@@ -41,6 +41,14 @@ def generate(path, params, speculative=None, eager=True, prompts=PROMPTS, spy=No
         llm.close()
 
 
+def test_decode_buckets_hold_a_verify_steps_rows():
+    from nanovllm.config import normalize_graph_batch_sizes
+    assert normalize_graph_batch_sizes(None, 16, 5) == (1, 2, 4, 8, 16, 32, 48, 64, 80)
+    assert normalize_graph_batch_sizes([4, 20], 4, 5) == (4, 20)
+    with pytest.raises(ValueError, match=r"32 exceeds max_num_seqs=4 x \(1 \+ num_speculative_tokens\) = 20 rows"):
+        normalize_graph_batch_sizes([4, 32], 4, 5)
+
+
 def test_bad_draft_configs_name_the_value(tmp_path):
     with pytest.raises(ValueError, match="model must be the draft model's checkpoint directory, got None"):
         SpeculativeConfig.parse({"method": "draft_model", "num_speculative_tokens": 2})
@@ -65,12 +73,13 @@ def test_bad_draft_configs_name_the_value(tmp_path):
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
 def test_outputs_do_not_change_and_a_self_draft_is_always_kept(models, eager):
     target, draft = models
+    kw = {} if eager else {"graph_batch_sizes": [4, 16]}  # a verify step's 16 rows fit a graph past max_num_seqs
     for params in (GREEDY, SEEDED):
         plain, _ = generate(target, params, eager=eager)
-        drafted, stats = generate(target, params, draft_of(draft), eager=eager)
+        drafted, stats = generate(target, params, draft_of(draft), eager=eager, **kw)
         assert drafted == plain
         assert stats["spec_drafts"] > 0 and stats["spec_proposed_tokens"] > 0
-        own, stats = generate(target, params, draft_of(target), eager=eager)
+        own, stats = generate(target, params, draft_of(target), eager=eager, **kw)
         assert own == plain
         assert stats["spec_accepted_tokens"] == stats["spec_proposed_tokens"] > 0
         assert stats["spec_accepted_by_position"] == stats["spec_proposed_by_position"]
