@@ -87,9 +87,7 @@ class Drafter:
         cfg = self.config
         self.model = build_model(cfg.hf_config, dtype=dtype, device=self.device, model_dir=cfg.model,
                                  load_format=cfg.load_format, seed=cfg.seed, scheme=cfg.quant_scheme)
-        a = self.model.args
-        kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        self.kv_spec = KVCacheSpec(a.num_layers, kv_heads, a.head_dim, cfg.kvcache_block_size, dtype)
+        self.kv_spec = KVCacheSpec.of_model(self.model, cfg.kvcache_block_size, dtype)
         self.dtype, self.kv_caches, self.executor = dtype, [], None
         self._seen: dict[int, _Seen] = {}
 

@@ -28,6 +28,13 @@ class KVCacheSpec:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.dtype = block_size, dtype
 
+    @classmethod
+    def of_model(cls, model, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+        """The cache a built model (``nanovllm.models.build_model``) needs: its layers, this rank's KV heads (under
+        tensor parallelism) and head size."""
+        a = model.args
+        return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype)
+
     @property
     def bytes_per_block(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.block_size * self.dtype.itemsize

@@ -67,9 +67,8 @@ class ModelRunner:
         self.vocab_size = a.vocab_size
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this rank's, under tensor parallelism
-        self.kv_spec = KVCacheSpec(a.num_layers, kv_heads, a.head_dim, self.block_size,
-                                   platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
+        self.kv_spec = KVCacheSpec.of_model(self.model, self.block_size,
+                                            platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)

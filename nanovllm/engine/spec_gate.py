@@ -1,15 +1,15 @@
 """``SpecGate``: when the engine lets decode steps propose (speculative decoding), by what it measures pays.
 
-A verify step must be resolved before the next step is scheduled (its tokens are unknown until then), so
-speculating gives up the pipeline (``pipeline_depth`` queued steps) and runs more rows per step.  It pays when
-the tokens each sequence gains per verify step outweigh the verify cycle's cost: ``gain * plain >= verify``,
-with ``gain`` the tokens per sequence a verify step kept (1 + accepted drafts), ``verify`` the seconds from a
-verify step's launch to the next decode launch and ``plain`` those between two pipelined plain decode launches
-(running averages, measured only between decode launches; plain steps are measured first).  After a verify step that did not pay, or
-a decode step with nothing to propose, the next ``backoff`` decode steps run plain and pipelined; ``backoff``
-starts at ``BACKOFF``, doubles each time speculating fails to pay in a row, up to ``MAX_BACKOFF``, so text that
-repeats nothing costs one verify step in ``MAX_BACKOFF`` plain ones; a verify step that pays resets it.  The
-ranks of a tensor-parallel group time themselves but decide alike (``agree``), as their mirrored schedulers must.
+A verify step must be resolved before the next step is scheduled (its tokens are unknown until then), so speculating
+gives up the pipeline (``pipeline_depth`` queued steps) and runs more rows per step. It pays when the tokens each
+sequence gains per verify step outweigh the verify cycle's cost: ``gain * plain >= verify``, with ``gain`` the
+tokens per sequence a verify step kept (1 + accepted drafts), ``verify`` the seconds from a verify step's launch to
+the next decode launch and ``plain`` those between two pipelined plain decode launches (running averages, measured
+only between decode launches; plain steps are measured first). After a verify step that did not pay, or a decode
+step with nothing to propose, the next ``backoff`` decode steps run plain and pipelined; ``backoff`` starts at
+``BACKOFF``, doubles each time speculating fails to pay in a row, up to ``MAX_BACKOFF``, so text that repeats
+nothing costs one verify step in ``MAX_BACKOFF`` plain ones; a verify step that pays resets it. The ranks of a
+tensor-parallel group time themselves but decide alike (``agree``), as their mirrored schedulers must.
 """
 import time
 from typing import Callable
