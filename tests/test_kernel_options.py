@@ -12,7 +12,8 @@ def test_defaults_when_nothing_is_set():
     assert KernelOptions.from_env({}) == KernelOptions()
     assert KernelOptions().as_dict() == {"reference_kernels": False, "triton_matmul": True, "matmul_table": None,
                                          "pdl": True, "hopper_features": True, "npu_graph_mode": "max-autotune",
-                                         "mps_compile": False, "all_reduce": "auto"}
+                                         "mps_compile": False, "all_reduce": "auto",
+                                         "moe_w8a8": True}
 
 
 def test_each_variable_sets_its_option():

@@ -25,12 +25,18 @@ BY_ROWS_PER_EXPERT = (  # (at most this many rows per expert on average, config)
 )
 # FP8 experts (half the bytes per tile) while experts get at most 16 rows: a wider column tile
 FP8_DECODE = MoeConfig(16, 64, 128)
+W8A8_BY_ROWS = (  # the W8A8 kernels (triton_moe_w8a8.py): block_k is 128, the up GEMM's block_n 128
+    (16, MoeConfig(16, 128, 128, num_warps=4, num_stages=3)),
+    (float("inf"), MoeConfig(32, 128, 128, num_warps=4, num_stages=4)),
+)
 
 
-def choose(num_tokens: int, top_k: int, num_experts: int, fp8: bool = False) -> MoeConfig:
+def choose(num_tokens: int, top_k: int, num_experts: int, fp8: bool = False, w8a8: bool = False) -> MoeConfig:
     """The tiles for a step of ``num_tokens`` tokens routed to ``top_k`` of ``num_experts`` experts each (``fp8``:
-    FP8 experts)."""
+    FP8 experts; ``w8a8``: in the W8A8 kernels)."""
     rows = num_tokens * top_k / num_experts
+    if w8a8:
+        return next(cfg for limit, cfg in W8A8_BY_ROWS if rows <= limit)
     if fp8 and rows <= BY_ROWS_PER_EXPERT[0][0]:
         return FP8_DECODE
     return next(cfg for limit, cfg in BY_ROWS_PER_EXPERT if rows <= limit)

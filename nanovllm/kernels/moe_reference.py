@@ -7,8 +7,8 @@ Contract of the op, shared by every implementation:
   ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
 * Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)``, ``[gate; up] = w13[e] @ x`` (gate rows first; FP8 or int4
   experts dequantized to x's dtype first); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
-The twin gathers each (token, k) pair's expert weights, a chunk of pairs at a time: bounded memory, and every shape
-depends only on T, top_k and the weights (no ``.item()``), so it traces whole and replays in a graph.
+* W8A8 FP8 experts (``act_quant.moe_w8a8``): x and ``silu(gate) * up`` rounded as ``act_quant`` says, both
+  products in float32.  The twin gathers each pair's expert weights a chunk of pairs at a time (static shapes).
 
 Layout (``align_reference``; ``triton_moe_align.py`` on the GPU): pair ``p = token * top_k + k`` goes to expert
 ``ids[p]``; pairs are grouped by expert, in pair order inside one, each group starting at a multiple of ``block_m``
@@ -17,7 +17,7 @@ and padded up to one, in ``num_aligned_blocks`` blocks whatever the routing (sta
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels import int4_quant, weight_quant
+from nanovllm.kernels import act_quant, int4_quant, weight_quant
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered expert weight elements held at once, about (at least one pair's)
 
@@ -48,15 +48,19 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     chunk = max(1, _CHUNK_ELEMENTS // per_pair)
     flat_ids = ids.reshape(-1)
     token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    w8a8 = act_quant.moe_w8a8(w13, w13_scale, w13_zero, group)
+    dtype = torch.float32 if w8a8 else x.dtype  # W8A8: e4m3 products summed in float32
+    x_in = act_quant.dequantized(x) if w8a8 else x
     outs = []
     for p0 in range(0, num_pairs, chunk):
         e = flat_ids[p0:p0 + chunk]
-        xs = x.index_select(0, token_of[p0:p0 + chunk])
-        w13_e = _gather(w13, w13_scale, w13_zero, group, e, x.dtype)
+        xs = x_in.index_select(0, token_of[p0:p0 + chunk])
+        w13_e = _gather(w13, w13_scale, w13_zero, group, e, dtype)
         gate_up = torch.bmm(w13_e, xs[:, :, None])[:, :, 0]  # [c, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        down = _gather(w2, w2_scale, w2_zero, group, e, x.dtype)
-        outs.append(torch.bmm(down, (F.silu(gate) * up)[:, :, None])[:, :, 0])  # [c, H]
+        h = F.silu(gate) * up
+        down = _gather(w2, w2_scale, w2_zero, group, e, dtype)
+        outs.append(torch.bmm(down, (act_quant.dequantized(h) if w8a8 else h)[:, :, None])[:, :, 0])  # [c, H]
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     y = y.float() * weights.reshape(-1, 1)
     return y.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -20,24 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels.moe_configs import MoeConfig, choose
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision
-from nanovllm.kernels.triton_moe_tiles import _finish, _int4_tile, _weight_dot
+from nanovllm.kernels.triton_moe_tiles import _block, _finish, _int4_tile, _weight_dot
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
-
-
-@triton.jit
-def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
-    """Block ``pid_b`` of the sorted layout, which holds ``rows`` pairs: (its expert, the mask of its real rows,
-    its slots, their pair indices), all int64 where they meet a stride (``T * top_k * H`` and ``E * 2I * H`` pass
-    2**31 on large models and prefills)."""
-    expert = tl.load(block_expert_ptr + pid_b).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < rows
-    slots = pid_b.to(tl.int64) * BLOCK_M + offs_m
-    pairs = tl.load(sorted_ptr + slots, mask=m_mask, other=0).to(tl.int64)
-    return expert, m_mask, slots, pairs
+from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 
 
 @triton.jit
@@ -179,6 +168,14 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     dev = x.device
     if num_tokens == 0:
         return torch.zeros_like(x)
+    if moe_w8a8(w13, w13_scale, w13_zero, group):
+        args = dict(DOT_PRECISION=_dot_precision(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    **pdl_launch(dev))
+        layout = align_triton(ids, hist, num_experts, cfg.block_m)
+        s13 = _group_args(w13, w13_scale, group, hidden, torch.float32)
+        s2 = _group_args(w2, w2_scale, group, inter_size, torch.float32)
+        per_pair = w8a8_experts(x, layout, weights, w13, w2, s13[0], s2[0], group, cfg, top_k, args)
+        return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
     quantized = w13_scale is not None
     group = group if quantized else 0
     up_k = group_block_k(cfg.block_k, group, hidden) if quantized else cfg.block_k
@@ -215,7 +212,8 @@ def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
                      group: int = 0, w13_zero: torch.Tensor | None = None, w2_zero: torch.Tensor | None = None,
                      cfg: MoeConfig | None = None) -> torch.Tensor:
     """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the tiles."""
-    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0], w13_scale is not None and w13_zero is None)
+    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0], w13_scale is not None and w13_zero is None,
+                        moe_w8a8(w13, w13_scale, w13_zero, group))
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg, w13_scale, w2_scale, group, w13_zero, w2_zero)
 
@@ -227,7 +225,8 @@ def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
     num_experts = w13.shape[0]
-    cfg = choose(x.shape[0], ids.shape[1], num_experts, w13_scale is not None and w13_zero is None)
+    cfg = choose(x.shape[0], ids.shape[1], num_experts, w13_scale is not None and w13_zero is None,
+                 moe_w8a8(w13, w13_scale, w13_zero, group))
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
                           chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group, w13_zero,
                           w2_zero)

@@ -69,3 +69,16 @@ def _finish(acc, scale_rows, n_mask, GROUP: tl.constexpr, ONE_GROUP: tl.constexp
         if ONE_GROUP:
             acc = acc * tl.load(scale_rows, mask=n_mask, other=0.0)[None, :]
     return acc
+
+
+@triton.jit
+def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
+    """Block ``pid_b`` of the sorted layout, which holds ``rows`` pairs: (its expert, the mask of its real rows,
+    its slots, their pair indices), all int64 where they meet a stride (``T * top_k * H`` and ``E * 2I * H`` pass
+    2**31 on large models and prefills)."""
+    expert = tl.load(block_expert_ptr + pid_b).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < rows
+    slots = pid_b.to(tl.int64) * BLOCK_M + offs_m
+    pairs = tl.load(sorted_ptr + slots, mask=m_mask, other=0).to(tl.int64)
+    return expert, m_mask, slots, pairs
