@@ -6,9 +6,10 @@
 [chunks, E]).  Every id is a valid expert, even for a row of NaN logits (an overflow), so such a
 row spoils only its own output.
 
-``align_triton``: one program per chunk of pairs (the same chunks) reads the histogram rows: their column sums
-give each expert's group start (counts padded to ``block_m``, an exclusive prefix sum), the rows above its own
-give how many of the expert's pairs come from earlier chunks, and a running count inside the chunk the rest.
+``align_triton``: the histogram's running sum over chunks (one torch cumsum), then one program per chunk of pairs
+(the same chunks): the sum's last row gives each expert's group start (counts padded to ``block_m``, an exclusive
+prefix sum), its own row how many of the expert's pairs come from earlier chunks, and a running count inside the
+chunk the rest.
 So every pair gets its slot without a sort or an atomic, and pairs keep their order inside an expert.  The
 programs also fill the block table (``block_expert``, ``block_rows``) in strides.  Slots past a block's rows are
 left unwritten: the GEMMs never read them.  ``moe_reference.align_reference`` is the same layout in torch.
@@ -62,23 +63,18 @@ def _route_kernel(logits_ptr, ids_ptr, weights_ptr, hist_ptr, T, E, stride_l, TO
 
 
 @triton.jit
-def _align_kernel(ids_ptr, hist_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, N, E, NUM_CHUNKS, NUM_BLOCKS,
-                  CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+def _align_kernel(ids_ptr, hist_ptr, inclusive_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, N, E, NUM_CHUNKS,
+                  NUM_BLOCKS, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
     c = tl.program_id(0)
     pdl_begin(PDL)
     experts = tl.arange(0, BLOCK_E)
     e_mask = experts < E
-    total = tl.zeros([BLOCK_E], dtype=tl.int32)
-    before = tl.zeros([BLOCK_E], dtype=tl.int32)  # this expert's pairs in earlier chunks
-    # Every program reads the whole chunks x E histogram: nothing at decode, about 0.5 MB per program at a 16k-token
-    # prefill with top-8 of 128 experts (a scan kernel would remove it if a profile shows it matters).
-    for r0 in range(0, NUM_CHUNKS, BLOCK_C):
-        rows = r0 + tl.arange(0, BLOCK_C)
-        h = tl.load(hist_ptr + rows[:, None] * E + experts[None, :],
-                    mask=(rows < NUM_CHUNKS)[:, None] & e_mask[None, :], other=0)
-        total += tl.sum(h, 0)
-        before += tl.sum(tl.where((rows < c)[:, None], h, 0), 0)
+    # the histogram's running sum over chunks: its last row is every expert's total, this chunk's row minus the
+    # chunk's own counts the expert's pairs in earlier chunks
+    total = tl.load(inclusive_ptr + (NUM_CHUNKS - 1) * E + experts, mask=e_mask, other=0)
+    before = tl.load(inclusive_ptr + c * E + experts, mask=e_mask, other=0) \
+        - tl.load(hist_ptr + c * E + experts, mask=e_mask, other=0)
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     start = end - padded
@@ -153,8 +149,9 @@ def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_
     chunks = hist.shape[0]
     assert chunks == triton.cdiv(num_tokens, chunk // top_k), "hist must come from route_triton of these ids"
     if num_pairs:
-        _align_kernel[(chunks,)](ids, hist, sorted_ids, block_expert, block_rows, num_pairs, num_experts, chunks,
-                                 num_blocks, CHUNK=chunk, BLOCK_P=triton.next_power_of_2(chunk),
-                                 BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=32, BLOCK_B=64,
+        inclusive = hist.cumsum(0, dtype=torch.int32)
+        _align_kernel[(chunks,)](ids, hist, inclusive, sorted_ids, block_expert, block_rows, num_pairs, num_experts,
+                                 chunks, num_blocks, CHUNK=chunk, BLOCK_P=triton.next_power_of_2(chunk),
+                                 BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=64,
                                  BLOCK_M=block_m, num_warps=8, **pdl_launch(dev))  # a [128, E] running count
     return sorted_ids, block_expert, block_rows
