@@ -115,15 +115,20 @@ def tiny_model(request, tmp_path_factory):
     return request.param, build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, **load) -> list[list[int]]:
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, w8a8: int = 0,
+              **load) -> list[list[int]]:
     """The oracle: transformers' own generate, greedy, float32, one prompt at a time (no padding); ``load`` goes to
-    ``from_pretrained`` (e.g. an ``attn_implementation``)."""
+    ``from_pretrained`` (e.g. an ``attn_implementation``); ``w8a8`` (True, or a tensor-parallel size): MoE experts
+    as W8A8 FP8 ones compute (``quant/w8a8_oracle.py``)."""
+    import contextlib
+
     import transformers
+    from nanovllm.quant.w8a8_oracle import w8a8_experts
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **load).eval()
     out = []
     for ids in prompts:
         x = torch.tensor([ids])
-        with torch.no_grad():
+        with torch.no_grad(), (w8a8_experts(int(w8a8)) if w8a8 else contextlib.nullcontext()):
             y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
                                min_new_tokens=0, eos_token_id=None, pad_token_id=0)
         out.append(y[0, len(ids):].tolist())

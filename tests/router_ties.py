@@ -16,9 +16,12 @@ a flip precedes it.  In graph mode the generated tokens came from decode graphs 
 (Inductor rounds differently); with no flip replayed, transformers' own router must come within twice the measured
 noise of a tie at a generated position, for at most ``UNSEEN_EXCUSED`` prompts.
 """
+import contextlib
 import random
 
 import torch
+
+from nanovllm.quant.w8a8_oracle import w8a8_experts
 
 # router logits (about 1 to 4): the engines' bf16 roundings differ by up to 0.049 where no flip explains it on the
 # block-FP8 checkpoint's diverging prompts (CPU twins), 0.156 on GPTQ Mixtral's (H100); two experts' logits swapped
@@ -108,7 +111,8 @@ def moe_failures(verdicts: list[dict], path: str, dtype: str, engine: dict, devi
     with oracle._transformers_checkpoint(path, llm_kwargs.get("quantization"), torch_dtype) as hf_dir:
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).to(device).eval()
     top_k = hf.config.num_experts_per_tok
-    theirs = {p: _their_routes(hf, PROMPTS[p], v["position"], device) for p, v in mismatches}
+    with w8a8_experts(verdicts[0]["w8a8"]) if verdicts[0].get("w8a8") else contextlib.nullcontext():  # as oracle.run
+        theirs = {p: _their_routes(hf, PROMPTS[p], v["position"], device) for p, v in mismatches}
     del hf
     bad, evidence, unseen = [], {}, 0
     for p, v in mismatches:

@@ -58,7 +58,7 @@ def test_the_checkpoint_is_stored_in_the_compressed_tensors_layout(quantized):
 def test_eager_and_graph_match_transformers_on_the_dequantized_weights(quantized):
     path, plain, strategy = quantized
     prompts = prompts_of(5, seed=11, max_len=40)
-    want = hf_greedy(plain, prompts, GREEDY.max_tokens)
+    want = hf_greedy(plain, prompts, GREEDY.max_tokens, w8a8=True)
     eager = LLM(path, enforce_eager=True, **ENGINE)
     assert eager.engine.describe()["quantization"].startswith("fp8 weights (")
     layer = eager.engine.runner.model.model.layers[0]
@@ -148,7 +148,8 @@ def test_synthesize_writes_a_compressed_checkpoint_that_loads(tmp_path, arch):
     assert weights["model.layers.0.mlp.gate_proj.weight_scale"].shape == (128, 1)
     llm = LLM(str(out), enforce_eager=True, **ENGINE)
     prompts = prompts_of(2, seed=12, max_len=20)
-    assert greedy(llm, prompts) == hf_greedy(oracle(str(out), tmp_path / "plain"), prompts, GREEDY.max_tokens)
+    want = hf_greedy(oracle(str(out), tmp_path / "plain"), prompts, GREEDY.max_tokens, w8a8=True)
+    assert greedy(llm, prompts) == want
 
 
 @pytest.mark.slow
@@ -156,7 +157,7 @@ def test_two_ranks_equal_one(tmp_path):
     path = compressed_checkpoint(tmp_path, "qwen3")  # o_proj and down_proj split by columns, the rest by rows
     prompts = prompts_of(4, seed=13, max_len=30)
     one = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
-    assert one == hf_greedy(oracle(path, tmp_path / "plain"), prompts, GREEDY.max_tokens)
+    assert one == hf_greedy(oracle(path, tmp_path / "plain"), prompts, GREEDY.max_tokens, w8a8=True)
     two = LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
     try:
         assert greedy(two, prompts) == one

@@ -69,7 +69,7 @@ def test_eager_matches_transformers_on_the_dequantized_weights_with_chunks_hits_
     llm = LLM(path, enforce_eager=True, **dict(ENGINE, max_num_batched_tokens=40, num_kvcache_blocks=10))
     got = greedy(llm, prompts, 24)
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.block_manager.cache_hit_tokens > 0
-    assert got == hf_greedy(oracle, prompts, 24)
+    assert got == hf_greedy(oracle, prompts, 24, w8a8=True)
 
 
 def test_graph_mode_equals_eager_and_the_oracle(checkpoint):
@@ -77,7 +77,7 @@ def test_graph_mode_equals_eager_and_the_oracle(checkpoint):
     prompts = prompts_of(5, seed=2, max_len=40)
     graph = LLM(path, **ENGINE)
     assert graph.engine.runner.mode == "graph"
-    assert greedy(graph, prompts) == hf_greedy(oracle, prompts, 12)
+    assert greedy(graph, prompts) == hf_greedy(oracle, prompts, 12, w8a8=True)
 
 
 def test_quantization_changes_tokens_so_the_oracle_is_not_the_plain_model(tmp_path):
@@ -90,7 +90,7 @@ def test_minicpm4_matches_its_dequantized_oracle(tmp_path):
     path = build_minicpm_checkpoint(tmp_path / "plain")  # its oracle: Llama with the scalings folded in, then FP8
     oracle = fp8_copy(str(minicpm.to_llama(path, tmp_path / "llama")), tmp_path / "oracle")
     prompts = prompts_of(4, seed=4, max_len=30)
-    want = hf_greedy(oracle, prompts, 12)
+    want = hf_greedy(oracle, prompts, 12, w8a8=True)
     assert greedy(LLM(path, enforce_eager=True, **ENGINE), prompts) == want
     assert greedy(LLM(path, **ENGINE), prompts) == want
 

@@ -8,8 +8,8 @@ transformers has no MiniCPM class: for a MiniCPM checkpoint it runs the equivale
 temporary directory by ``nanovllm.tools.minicpm``.  With ``--kv-cache-dtype fp8`` transformers' attention first
 passes each layer's K and V through the FP8 cache's rounding with our engine's scales (``fp8_kv_attention``); FP8
 weights (a block-FP8 checkpoint, or ``--quantization fp8``) are run by transformers dequantized (``fp8_oracle.py``),
-GPTQ and AWQ checkpoints likewise (``int4_oracle.py``).
-Exits non-zero on a failure, so it doubles as a check on checkpoints the tests have never seen.
+GPTQ and AWQ checkpoints likewise (``int4_oracle.py``); W8A8 FP8 experts with their activation rounding
+(``quant/w8a8_oracle.py``).  Exits non-zero on a failure: a check on checkpoints the tests have never seen.
 """
 import argparse
 import contextlib
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from nanovllm.quant.w8a8_oracle import engine_w8a8, w8a8_experts
 
 def hf_greedy_with_logprobs(model, prompt: list[int], max_new_tokens: int, device):
     """transformers' greedy tokens, plus its log-probabilities at each generated position."""
@@ -91,14 +92,18 @@ def run(model_dir: str, dtype: str, device: str, num_prompts: int, max_tokens: i
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)
     scales = engine_kv_scales(llm)
+    # its FP8 experts round activations (each rank its slice's): transformers' must too; 0 where they do not
+    w8a8 = llm_kwargs.get("tensor_parallel_size", 1) if engine_w8a8(llm.engine.runner.model) else 0
     del llm
     attention = {} if scales is None else {"attn_implementation": fp8_kv_attention(scales)}
     with _transformers_checkpoint(model_dir, llm_kwargs.get("quantization"), torch_dtype) as hf_dir:
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, **attention).to(dev).eval()
     verdicts = []
     for prompt, out in zip(prompts, ours):
-        theirs, logprobs = hf_greedy_with_logprobs(hf, prompt, max_tokens, dev)
-        verdicts.append(compare(out["token_ids"], theirs, logprobs, margin, exact=dtype == "float32"))
+        with w8a8_experts(w8a8) if w8a8 else contextlib.nullcontext():
+            theirs, logprobs = hf_greedy_with_logprobs(hf, prompt, max_tokens, dev)
+        verdicts.append(dict(compare(out["token_ids"], theirs, logprobs, margin, exact=dtype == "float32"),
+                             w8a8=w8a8))
     return verdicts
 
 
