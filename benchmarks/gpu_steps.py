@@ -4,6 +4,7 @@ A row names a model, a workload, an engine and flags.  Models: ``default`` (benc
 ``smollm2`` (SmolLM2-135M-Instruct's real weights, ``nanovllm.tools.default_model``; the GGUF must be installed),
 ``preset:NAME`` (``nanovllm.tools.synthesize``'s config of NAME), ``peer:NAME`` (``PEERS/configs/NAME.json``),
 the last two with dummy weights (``NAME+gptq`` / ``NAME+awq``: the config with an int4 ``quantization_config``),
+``fp8:NAME`` (``synthesize NAME --quantize fp8``: a block-FP8 checkpoint on disk, which both engines load as it is)
 or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
 Engines: ``ours``, ``vllm`` (vLLM staged per ../shared/peers/README.md: its packages in ``Context.site``, its
 scripts in ``Context.peers``) or ``tests``.  ``commands(step, ctx)`` turns a row into the commands of one run (a
@@ -42,8 +43,10 @@ class Step:
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
 FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
+WEIGHT_ONLY, PROFILE = ("NANOVLLM_MOE_W8A8", "0"), ("benchmarks.profile_run",)  # FP8 experts weight-only
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
+MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -64,6 +67,13 @@ STEPS = [
     Step("batch1-fp8-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1") + FP8),
     Step("moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8),
     Step("moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8),
+    Step("moe-fp8-wo-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8, env=(WEIGHT_ONLY,)),
+    Step("moe-blockfp8-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH),  # the same checkpoint in both
+    Step("moe-blockfp8-wo-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH, env=(WEIGHT_ONLY,)),
+    Step("moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "bench"),
+    Step("profile-moe-blockfp8", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--at", "256", "--prefill")),
+    Step("profile-moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--engine", "vllm")),
+    Step("count-experts-blockfp8", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--count-experts",)),
     Step("moe-fp8-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + FP8_KV),
     Step("moe-fp8-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + FP8_KV),
     Step("batch1-gptq-ours", "ours", "peer:qwen3-8b+gptq", "bench", ("--bs", "1", "--num-seqs", "2")),
@@ -111,8 +121,7 @@ STEPS = [
     Step("tp4-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "4"), env=VLLM_TP),
     Step("serve-tp-ours", "ours", "peer:qwen3-32b", "serve", DUMMY + TP2),
     Step("serve-tp-vllm", "vllm", "peer:qwen3-32b", "serve", TP2),
-    Step("profile-tp", "ours", "peer:qwen3-32b", "module", ("benchmarks.profile_run", "--at", "256,128,64", "--prefill")
-         + TP2),
+    Step("profile-tp", "ours", "peer:qwen3-32b", "module", PROFILE + ("--at", "256,128,64", "--prefill") + TP2),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
     Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
@@ -134,13 +143,14 @@ STEPS = [
          limit_s=300),
     Step("parity-mixed", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_mixed_prefill.py"), limit_s=300),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
-    Step("moe-kernel", "ours", "own", "module", ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")),
-    Step("moe-kernel-fp8", "ours", "own", "module", ("benchmarks.moe_kernel", "--fp8", "--tokens", "1,16,64,256,1024,4096")),
+    Step("moe-kernel", "ours", "own", "module", MOE_KERNEL),
+    Step("moe-kernel-fp8", "ours", "own", "module", MOE_KERNEL + ("--fp8",)),
+    Step("moe-kernel-blockfp8", "ours", "own", "module",
+         ("benchmarks.moe_kernel", "--fp8", "--group", "128", "--tokens", "1,16,256,1024,4096", "--layers", "2")),
     Step("int4-kernel", "ours", "own", "module",
          ("benchmarks.kernel_bench", "--int4", "--rows", "1,16,64,256", "--tokens", "16,256")),
-    Step("moe-kernel-mixtral", "ours", "own", "module",
-         ("benchmarks.moe_kernel", "--shape", "mixtral", "--tokens", "1,16,64,256,1024,4096")),
-    Step("profile", "ours", "own", "module", ("benchmarks.profile_run", "--prefill")),
+    Step("moe-kernel-mixtral", "ours", "own", "module", MOE_KERNEL + ("--shape", "mixtral")),
+    Step("profile", "ours", "own", "module", PROFILE + ("--prefill",)),
     Step("allreduce", "ours", "own", "module", ("benchmarks.allreduce_bench", "--gpus", "2", "--hidden", "5120")),
 ]
 BY_NAME = {s.name: s for s in STEPS}
@@ -176,11 +186,12 @@ def model_dir(step: Step, ctx: Context) -> str:
                 "from nanovllm.tools.default_model import default_model_path; print(default_model_path())")
         return subprocess.run([sys.executable, "-c", code], cwd=ctx.tree, check=True, capture_output=True,
                               text=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree))).stdout.strip()
-    path = MODELS / name
+    path = MODELS / (f"{name}-fp8" if kind == "fp8" else name)  # fp8: weights written, about 31 GB for the 30B
     base, _, int4 = name.partition("+")
     if not ctx.dry and not (path / "config.json").is_file():
-        if kind == "preset":
-            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", base, str(path), "--config-only"],
+        if kind in ("preset", "fp8"):
+            how = ["--quantize", "fp8", "--force"] if kind == "fp8" else ["--config-only"]
+            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", base, str(path), *how],
                            cwd=ctx.tree, check=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree)))
         else:
             path.mkdir(parents=True, exist_ok=True)
@@ -196,6 +207,8 @@ def vllm_config(step: Step, ctx: Context) -> list[str]:
     kind, _, name = step.model.partition(":")
     if kind in ("default", "smollm2"):
         return []
+    if kind == "fp8":
+        return ["--model", model_dir(step, ctx)]
     if kind == "peer" and not step.vllm_config and "+" not in name:
         return ["--config", str(ctx.peers / "configs" / f"{name}.json")]
     path = MODELS / f"{name}-vllm.json"
@@ -230,7 +243,8 @@ def commands(step: Step, ctx: Context) -> list[Command]:
     if step.workload == "bench" and vllm:
         return [Command([py, str(ctx.peers / "peer_vllm.py"), *vllm_config(step, ctx), *step.flags, "--out", out],
                         env)]
-    model = ["--model", model_dir(step, ctx), *DUMMY] if step.model.startswith(("preset:", "peer:")) else []
+    model = ["--model", model_dir(step, ctx), *DUMMY] if step.model.startswith(("preset:", "peer:")) else \
+        ["--model", model_dir(step, ctx)] if step.model.startswith("fp8:") else []
     if step.workload == "bench":
         return [Command([py, "bench.py", *model, *step.flags, "--json", f"{out}/bench.json"], env)]
     if step.workload == "startup":  # a fresh compile cache: the first process starts cold, the second warm

@@ -8,8 +8,9 @@ Checks: every candidate tile set against ``fused_moe_reference`` (relative error
 token count and at a prefill of 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape) a
 prefill of 140,000 tokens, whose per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its end.
 With ``--fp8`` the experts are also quantized (``weight_quant.quantize``, one scale per row as online quantization
-does, or per ``--group`` columns as a block-FP8 checkpoint) and every check and timing
-runs on them too, against the twin that dequantizes them; FP8 rows sit beside bf16 rows at each token count.
+does, or per ``--group`` columns as a block-FP8 checkpoint) and every check and timing runs on them too, weight-only
+(``FP8_CANDIDATES``) and W8A8 (``W8A8_CANDIDATES``, the engine's default), against the twin of each; their rows sit
+beside bf16 rows at each token count.
 
 Timing: each candidate captured in a CUDA graph and replayed, cycling over ``--layers`` sets of expert weights
 (1.2 GB each, far past L2, as consecutive layers are in a step).  Bandwidth is the bytes of the experts the
@@ -24,7 +25,7 @@ import sys
 import torch
 
 from benchmarks.common import copy_bandwidth, graph_us, write_json
-from nanovllm.kernels import moe_configs, weight_quant
+from nanovllm.kernels import moe_configs, options, weight_quant
 from nanovllm.kernels.moe_configs import MoeConfig
 from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 
@@ -38,6 +39,11 @@ CANDIDATES = [MoeConfig(16, 64, 64), MoeConfig(16, 32, 128), MoeConfig(32, 64, 6
 FP8_CANDIDATES = CANDIDATES + [MoeConfig(16, 64, 128), MoeConfig(32, 64, 128), MoeConfig(64, 64, 128, num_stages=4),
                                MoeConfig(64, 128, 128, num_warps=8, num_stages=3),  # a K tile per 128-column group
                                MoeConfig(128, 128, 64, num_warps=8, num_stages=3)]
+W8A8_CANDIDATES = [MoeConfig(16, 128, 128, num_stages=3), MoeConfig(16, 128, 128, num_stages=4),
+                   MoeConfig(16, 64, 128, num_stages=4), MoeConfig(16, 128, 128, num_stages=5),
+                   MoeConfig(32, 128, 128, num_stages=4), MoeConfig(64, 128, 128, num_stages=4),
+                   MoeConfig(64, 128, 128, num_warps=8, num_stages=3), MoeConfig(128, 128, 128, num_warps=8,
+                                                                                num_stages=3)]
 CHECKS: list[dict] = []
 
 
@@ -73,7 +79,22 @@ def quantized(layer):
 
 
 def label(layer) -> str:
-    return "fp8" if layer[2] else "bf16"
+    return ("w8a8" if options.current_options().moe_w8a8 else "fp8") if layer[2] else "bf16"
+
+
+def w8a8(on: bool) -> None:
+    """FP8 experts in W8A8 (``on``) or weight-only from the next call on: the engine's switch."""
+    options.set_options(options.KernelOptions(**dict(options.current_options().as_dict(), moe_w8a8=on)))
+
+
+def candidates(quant: dict) -> list[MoeConfig]:
+    if not quant:
+        return CANDIDATES
+    return W8A8_CANDIDATES if options.current_options().moe_w8a8 else FP8_CANDIDATES
+
+
+def picked(t: int, fp8: bool) -> MoeConfig:
+    return moe_configs.choose(t, TOP_K, E, fp8, fp8 and options.current_options().moe_w8a8)
 
 
 def rel_err(got, want) -> float:
@@ -93,10 +114,11 @@ def check_exactness(tokens: list[int], variants: list) -> None:
     register_cuda_kernels()
     for t in sorted(set(tokens + [4096])):
         x, logits = make_inputs(t, seed=t)
-        for w13, w2, quant in variants:
+        for (w13, w2, quant), on in variants:
+            w8a8(on)
             name = f"T={t} {label((w13, w2, quant))}"
             want = fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
-            for cfg in FP8_CANDIDATES if quant else CANDIDATES:
+            for cfg in candidates(quant):
                 check(f"{name} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k}",
                       rel_err(fused_moe_triton(x, logits, w13, w2, TOP_K, True, **quant, cfg=cfg), want))
             check(f"{name} ops.fused_moe (registered)",
@@ -104,7 +126,7 @@ def check_exactness(tokens: list[int], variants: list) -> None:
     if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31:
         return
     big = BIG_TOKENS
-    w13, w2, _ = variants[0]
+    w13, w2, _ = variants[0][0]
     x, logits = make_inputs(big, seed=1)
     got = fused_moe_triton(x, logits, w13, w2, TOP_K, True)
     rows = torch.arange(big - 64, big, device=x.device)
@@ -120,19 +142,20 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
           "|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for t in tokens:
-        inputs = [make_inputs(t, seed=100 * t + i) for i in range(len(variants[0]))]
+        inputs = [make_inputs(t, seed=100 * t + i) for i in range(len(variants[0][0]))]
         routed = [route_reference(lg, TOP_K, True)[1] for _, lg in inputs]
         touched = sum(int(torch.unique(ids).numel()) for ids in routed) / len(inputs)
-        for layers in variants:
+        for layers, on in variants:
+            w8a8(on)
             fp8 = bool(layers[0][2])
-            picked = moe_configs.choose(t, TOP_K, E, fp8)
+            pick = picked(t, fp8)
             nbytes = sum(expert_bytes(ids, t, fp8) for ids in routed) / len(inputs)
-            for cfg in FP8_CANDIDATES if fp8 else CANDIDATES:
+            for cfg in candidates(layers[0][2]):
                 calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg)
                          for (x, lg), w in zip(inputs, layers)]
                 us = graph_us(calls, replays=10)
                 row = {"tokens": t, "weights": label(layers[0]), "block_m": cfg.block_m, "block_n": cfg.block_n,
-                       "block_k": cfg.block_k, "picked": cfg == picked, "us": round(us, 1),
+                       "block_k": cfg.block_k, "picked": cfg == pick, "us": round(us, 1),
                        "floor_us": round(nbytes / bandwidth * 1e6, 1), "experts_touched": round(touched, 1),
                        "gbps": round(nbytes / us / 1e3, 1), "of_copy": round(nbytes / us / 1e3 / (bandwidth / 1e9), 3)}
                 rows.append(row)
@@ -167,17 +190,18 @@ def main():
     GROUP = args.group or max(HIDDEN, INTER)
     torch.manual_seed(0)
     layers = [make_weights() for _ in range(max(1, args.layers))]
-    variants = [layers] + ([[quantized(layer) for layer in layers]] if args.fp8 else [])
-    print(f"== exactness ({', '.join(label(v[0]) for v in variants)}; against fused_moe_reference)", flush=True)
-    check_exactness(tokens, [v[0] for v in variants])
+    fp8 = [quantized(layer) for layer in layers] if args.fp8 else None
+    variants = [(layers, False)] + ([(fp8, False), (fp8, True)] if args.fp8 else [])  # FP8: weight-only, W8A8
+    print("== exactness (bf16, FP8 weight-only and W8A8 with --fp8; against fused_moe_reference)", flush=True)
+    check_exactness(tokens, [(v[0], on) for v, on in variants])
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     rows = [] if args.no_timing else timing_rows(tokens, variants, bandwidth)
     failed = [c for c in CHECKS if not c["ok"]]
     print(f"checks: {len(CHECKS) - len(failed)}/{len(CHECKS)} ok")
-    write_json(f"moe_kernel_{args.shape}{'_fp8' if args.fp8 else ''}.json", {"device": torch.cuda.get_device_name(), "shape": dict(E=E, top_k=TOP_K,
-               hidden=HIDDEN, intermediate=INTER), "copy_gbps": round(bandwidth / 1e9, 1),
-               "checks": CHECKS, "timing": rows})
+    write_json(f"moe_kernel_{args.shape}{'_fp8' if args.fp8 else ''}.json",
+               {"device": torch.cuda.get_device_name(), "shape": dict(E=E, top_k=TOP_K, hidden=HIDDEN,
+                intermediate=INTER), "copy_gbps": round(bandwidth / 1e9, 1), "checks": CHECKS, "timing": rows})
     sys.exit(1 if failed else 0)
 
 

@@ -1,17 +1,21 @@
 """Where the GPU time of bench.py's workload goes, per window of engine steps (CUDA only).
 
     python -m benchmarks.profile_run [--at 256,192,128,64,32,8] [--steps 10] [--prefill] [bench's engine flags]
+    python -m benchmarks.profile_run --engine vllm --model DIR [--steps 10]   # vLLM's staged packages on PYTHONPATH
+    python -m benchmarks.profile_run --count-experts --model DIR   # MoE routing: distinct experts per layer and step
 
-The workload runs twice through the engine's public step loop (``add_request``, ``step``, ``has_work``).  The
-first pass records what each step launched (its kind and rows, from the change in ``llm.engine.stats``); the
-second, with an empty prefix cache, profiles the windows planned from it: ``--steps`` steps from the first
-decode step whose batch is at most each size in ``--at``, and with ``--prefill`` the first run of prefill steps.
-The device is synchronised before and after each window, so a window holds exactly its steps' kernels.  Per
-window it prints the wall and GPU-busy ms per step, the byte floor of its decode steps (weights + KV read at the
-measured copy bandwidth), GPU time by kernel category (a category's overlapping kernels counted once), GPU idle
-time by the pair of categories around the gap, and the top kernels.  Writes ``$OUT/profile_run.json``.
+The workload runs through the engine's step loop twice: the first pass records what each step launched (kind,
+rows), the second, with an empty prefix cache, profiles ``--steps`` steps from the first decode step whose batch is
+at most each size in ``--at`` (and the first prefill steps with ``--prefill``), synchronised around each window.
+Per window: wall and GPU-busy ms per step, the byte floor of its decode steps (weights + KV at the measured copy
+bandwidth), GPU time by kernel category, idle time by the categories around each gap, the top kernels
+(``$OUT/profile_run.json``).  ``--count-experts`` instead runs once in eager mode and counts per MoE call the
+distinct experts routing picks and the rows of the busiest one, for decode steps of >= 192 sequences and prefill
+steps (``$OUT/expert_counts.json``).  ``--engine vllm`` profiles vLLM (engine core in process) on the same workload
+and checkpoint: its first two steps and ``--steps`` steps once all 256 requests decode (``profile_run_vllm.json``).
 """
 import argparse
+import json
 import time
 from typing import NamedTuple
 
@@ -174,17 +178,96 @@ def profile_windows(llm, prompts, params, windows, floor_of) -> tuple[list[dict]
     return summaries, plan
 
 
+def profile_vllm(model: str, steps: int) -> list[dict]:
+    """vLLM's windows (module docstring)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+    llm = LLM(model, skip_tokenizer_init=True, max_model_len=4096, seed=0, max_num_seqs=256)
+    prompts, params = workload(256, 1024, 1024)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=8), use_tqdm=False)
+    engine, started, out = llm.llm_engine, set(), []
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), {"prompt_token_ids": ids},
+                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=p.max_tokens))
+    for label, n, kind in (("prefill (first 2 steps)", 2, "prefill"), ("decode 256", steps, "decode")):
+        while kind == "decode" and len(started) < len(prompts) and engine.has_unfinished_requests():
+            started.update(o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids)
+        torch.cuda.synchronize()
+        prof, t = profile(activities=[ProfilerActivity.CUDA]), time.perf_counter()
+        prof.start()
+        for _ in range(n):
+            started.update(o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        prof.stop()
+        out.append(summarize(label, kernel_events(prof), wall, [Launch(kind, 256, 0)] * n, 0.0))
+    return out
+
+
+def count_experts(llm, prompts, params) -> dict:
+    """``--count-experts`` (module docstring): per step kind, the mean distinct experts and busiest expert's rows."""
+    import torch
+    from nanovllm.kernels import ops
+    calls, real = [], ops.fused_moe
+
+    def counting(x, router_logits, w13, w2, top_k, *args, **kwargs):
+        ids = torch.topk(router_logits.float(), top_k, dim=-1).indices.flatten()
+        calls.append((int(ids.unique().numel()), int(ids.bincount().max()), x.shape[0]))
+        return real(x, router_logits, w13, w2, top_k, *args, **kwargs)
+
+    ops.fused_moe = counting
+    try:
+        plan = run_steps(llm.engine, prompts, params)
+    finally:
+        ops.fused_moe = real
+    layers, out = len(calls) // max(len(plan), 1), {}
+    for kind, least in (("decode", 192), ("prefill", 0)):
+        picked = [c for i, s in enumerate(plan) if s.kind == kind and s.size >= least
+                  for c in calls[i * layers:(i + 1) * layers]]
+        if picked:
+            mean = [round(sum(c[j] for c in picked) / len(picked), 1) for j in range(3)]
+            out[f"{kind} >={least}"] = {"calls": len(picked), "layers": layers, "distinct_mean": mean[0],
+                                        "distinct_min": min(picked)[0], "busiest_rows_mean": mean[1],
+                                        "tokens_mean": mean[2]}
+    return out
+
+
+def print_windows(summaries: list[dict]) -> None:
+    print("| window | steps | sizes | wall ms | GPU busy ms | floor ms | floor/busy | kernels | by category (ms) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for w in summaries:
+        cats = ", ".join(f"{k} {v}" for k, v in w["by_category_ms"].items())
+        print(f"| {w['window']} | {w['steps']} | {w['sizes'][0]}-{w['sizes'][1]} | {w['wall_ms']} | "
+              f"{w['gpu_busy_ms']} | {w['floor_ms']} | {w['floor_ms'] / max(w['gpu_busy_ms'], 1e-9):.0%} | "
+              f"{w['kernels_per_step']} | {cats} |")
+    for w in summaries:
+        print(f"\nGPU idle between kernels, {w['window']} (ms/step): "
+              + ", ".join(f"{k} {v}" for k, v in w["idle_ms"].items()))
+        print(f"top kernels, {w['window']} (ms/step, calls/step):")
+        for name, t, calls in w["top_kernels"]:
+            print(f"  {t:8.3f} {calls:4d}  {name}")
+
+
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=("nanovllm", "vllm"), default="nanovllm", help="which engine to profile")
+    p.add_argument("--model", help="HF checkpoint dir (default: bench.py's synthesized Qwen3-0.6B)")
+    p.add_argument("--steps", type=int, default=10, help="engine steps per decode window")
+    if p.parse_known_args()[0].engine == "vllm":
+        args = p.parse_args()
+        summaries = profile_vllm(args.model, args.steps)
+        print_windows(summaries)
+        return write_json("profile_run_vllm.json", {"engine": "vllm", "model": args.model, "windows": summaries})
     from nanovllm import LLM, SamplingParams
     from nanovllm.cli import add_engine_args
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF checkpoint dir (default: bench.py's synthesized Qwen3-0.6B)")
     p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest decode bucket")
     p.add_argument("--at", default="256,192,128,64,32,8", help="running-batch sizes to profile a window at")
-    p.add_argument("--steps", type=int, default=10, help="engine steps per decode window")
     p.add_argument("--prefill", action="store_true", help="also profile the first run of prefill steps")
+    p.add_argument("--count-experts", action="store_true", help="count the experts MoE routing picks (eager)")
     add_engine_args(p, skip=("model", "max_num_seqs"), defaults={"max_model_len": 4096})
     args = p.parse_args()
+    args.enforce_eager = args.count_experts or getattr(args, "enforce_eager", False)
     if args.steps < 1 or args.bs < 1:
         p.error(f"--steps and --bs must be >= 1, got {args.steps} and {args.bs}")
     llm = LLM(args.model or default_model(), **llm_kwargs(args, args.bs))
@@ -199,24 +282,16 @@ def main():
 
     prompts, params = workload(256, 1024, 1024)
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)
+    if args.count_experts:
+        counts = count_experts(llm, prompts, params)
+        print(json.dumps(counts, indent=1))
+        return write_json("expert_counts.json", {"engine": info, "counts": counts})
     plan = run_steps(llm.engine, prompts, params)
     windows = plan_windows(plan, [int(x) for x in args.at.split(",")], args.steps, args.prefill)
     summaries, second = profile_windows(llm, prompts, params, windows, floor_of)
     if second != plan:
         print("note: the profiled pass launched other steps than the planning pass; windows may be off")
-    print("| window | steps | sizes | wall ms | GPU busy ms | floor ms | floor/busy | kernels | by category (ms) |\n"
-          "|---|---|---|---|---|---|---|---|---|")
-    for w in summaries:
-        cats = ", ".join(f"{k} {v}" for k, v in w["by_category_ms"].items())
-        print(f"| {w['window']} | {w['steps']} | {w['sizes'][0]}-{w['sizes'][1]} | {w['wall_ms']} | "
-              f"{w['gpu_busy_ms']} | {w['floor_ms']} | {w['floor_ms'] / max(w['gpu_busy_ms'], 1e-9):.0%} | "
-              f"{w['kernels_per_step']} | {cats} |")
-    for w in summaries:
-        print(f"\nGPU idle between kernels, {w['window']} (ms/step): "
-              + ", ".join(f"{k} {v}" for k, v in w["idle_ms"].items()))
-        print(f"top kernels, {w['window']} (ms/step, calls/step):")
-        for name, t, calls in w["top_kernels"]:
-            print(f"  {t:8.3f} {calls:4d}  {name}")
+    print_windows(summaries)
     write_json("profile_run.json", {"engine": info, "copy_gbps": round(bandwidth / 1e9, 1), "windows": summaries})
 
 
