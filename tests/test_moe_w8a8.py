@@ -137,24 +137,27 @@ def test_qwen3_moe_with_fp8_experts_matches_the_w8a8_oracle_in_eager_and_graph(t
         assert [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)] == want
 
 
-def test_synthesize_streams_a_block_fp8_moe_that_matches_the_w8a8_oracle(tmp_path):
+@pytest.mark.parametrize("arch, expert, router", [
+    ("qwen3_moe", "mlp.experts.7.down_proj", "mlp.gate"),
+    ("mixtral", "block_sparse_moe.experts.3.w2", "block_sparse_moe.gate")])
+def test_synthesize_streams_a_block_fp8_moe_that_matches_the_w8a8_oracle(tmp_path, arch, expert, router):
     """``synthesize --quantize fp8`` writes stacked experts one per expert under the hub's names (what vLLM loads
-    too), the router unquantized and listed so; the engine on it equals transformers on its dequantized weights with W8A8
-    rounding."""
+    too), the router unquantized and listed so; the engine on it equals transformers on its dequantized weights
+    with W8A8 rounding."""
     from safetensors.torch import load_file
 
     from nanovllm.quant import registry
     from nanovllm.tools import synthesize
-    config = build_checkpoint(tmp_path / "src", "qwen3_moe") + "/config.json"
+    config = build_checkpoint(tmp_path / "src", arch) + "/config.json"
     out = tmp_path / "fp8"
     synthesize.main([config, str(out), "--dtype", "float32", "--quantize", "fp8"])
     weights = load_file(f"{out}/model.safetensors")
-    expert = "model.layers.0.mlp.experts.7.down_proj.weight"
+    expert = f"model.layers.0.{expert}.weight"
     assert weights[expert].dtype == torch.float8_e4m3fn and expert + "_scale_inv" in weights
     assert not any("gate_up_proj" in name for name in weights)
-    assert weights["model.layers.0.mlp.gate.weight"].dtype == torch.float32
+    assert weights[f"model.layers.0.{router}.weight"].dtype == torch.float32
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "model.layers.0.mlp.gate" in quant["modules_to_not_convert"]  # else vLLM quantizes the router
+    assert f"model.layers.0.{router}" in quant["modules_to_not_convert"]  # else vLLM quantizes the router
     oracle = registry.write_oracle(str(out), tmp_path / "plain")
     prompts = [[(5 * i + 11 * j) % 380 + 3 for j in range(4 + 3 * i)] for i in range(3)]
     llm = LLM(str(out), enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=24, max_model_len=128,
@@ -163,7 +166,7 @@ def test_synthesize_streams_a_block_fp8_moe_that_matches_the_w8a8_oracle(tmp_pat
     got = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == hf_greedy(oracle, prompts, 8, w8a8=True)
     assert engine_w8a8(llm.engine.runner.model)  # what tools/oracle.py asks before it rounds transformers' experts
-    plain = LLM(build_checkpoint(tmp_path / "bf16", "qwen3_moe"), enforce_eager=True, num_kvcache_blocks=8,
+    plain = LLM(build_checkpoint(tmp_path / "bf16", arch), enforce_eager=True, num_kvcache_blocks=8,
                 max_model_len=64, max_num_seqs=2)
     assert not engine_w8a8(plain.engine.runner.model)
 

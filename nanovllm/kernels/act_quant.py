@@ -3,10 +3,10 @@
 A row of an activation [..., K] is cut into groups of ``ACT_GROUP`` (128) consecutive columns, the last one possibly
 partial; a group whose largest magnitude is ``amax`` gets the scale ``amax / 448`` (1 for an all-zero group), is
 divided by it, clamped to ±448 and rounded to the nearest e4m3 (``q``), and stands for ``q * scale``.  Both
-divisions are IEEE float32.  The Triton kernels do this in registers, one K tile of 128 columns at a time
-(``triton_moe_tiles._quantize_rows``); ``fake_quantize`` is their twin and the oracle's rounding (``quant/
-w8a8_oracle.py``).  Which FP8 weights take W8A8 is ``w8a8_applies``: weight groups that K tiles of 128 columns
-never straddle (one group per row, or a multiple of 128 columns).  Under tensor parallelism each rank rounds its
+divisions are IEEE float32.  The W8A8 kernels (``triton_moe_w8a8.py``) round an expert's input in one pass and its
+``silu(gate) * up`` in registers; ``quantize`` and ``dequantized`` are their twin and the oracle's rounding
+(``quant/w8a8_oracle.py``).  Which FP8 weights take W8A8 is ``w8a8_applies``: weight groups that K tiles of 128
+columns never straddle (one group per row, or a multiple of 128 columns).  Under tensor parallelism each rank rounds its
 slice of an expert's intermediate in groups of its own (those of one GPU where the slice is a multiple of 128).
 """
 import torch
@@ -32,11 +32,6 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.flatten(-2)[..., :k], scale
-
-
-def fake_quantize(x: torch.Tensor) -> torch.Tensor:
-    """``dequantized(x)`` in x's dtype."""
-    return dequantized(x).to(x.dtype)
 
 
 def w8a8_applies(group: int, *ks: int) -> bool:

@@ -9,10 +9,10 @@ token rows of x (``pair // top_k``) and writes ``silu(gate) * up`` to the block'
 weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
 (the layout's static padding) return at once.  Offsets are int64 where a row index meets a stride; accumulation is
 float32; the intermediate and outputs are in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
-memory, as an expert cache keeps it): a constexpr picks the strided load.  Quantized experts are weight-only, and
-a K tile lies inside one group (``group_block_k``; ``group_supported`` says when no tile can).  FP8 experts
-(``weight_quant.py``) and int4 experts (``int4_quant.py``: uint8 ``w13``/``w2`` with fp16 scales and uint8 zeros)
-take the tile paths of ``triton_moe_tiles.py``: int4 tiles are dequantized into x's dtype as the twin does.
+memory, as an expert cache keeps it): a constexpr picks the strided load.  FP8 experts that ``act_quant.moe_w8a8``
+takes run W8A8 (``triton_moe_w8a8.py``); other FP8 (``weight_quant.py``) and int4 experts (``int4_quant.py``: uint8
+``w13``/``w2``, fp16 scales, uint8 zeros) are weight-only, through ``triton_moe_tiles.py``, a K tile inside one
+group (``group_block_k``; ``group_supported`` says when no tile can).
 """
 import math
 

@@ -23,6 +23,7 @@ import torch
 
 from nanovllm.quant.w8a8_oracle import engine_w8a8, w8a8_experts
 
+
 def hf_greedy_with_logprobs(model, prompt: list[int], max_new_tokens: int, device):
     """transformers' greedy tokens, plus its log-probabilities at each generated position."""
     x = torch.tensor([prompt], device=device)

@@ -1,16 +1,15 @@
-"""A random-weight FP8 checkpoint too large to hold: ``synthesize --quantize fp8 --stream`` (e.g. Qwen3-30B-A3B,
-61 GB in bf16, 31 GB as block FP8), written one tensor at a time.
+"""``synthesize --quantize fp8``'s random-weight checkpoint, written one tensor at a time, so that one too large to
+hold fits (Qwen3-30B-A3B: 61 GB in bf16, 31 GB as block FP8).
 
-The tensor names and shapes come from transformers' model built on the meta device, with its stacked experts
-(``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) written per expert under the names
-checkpoints on the hub use (``mlp.experts.<e>.{gate,up,down}_proj.weight``; Mixtral's ``block_sparse_moe.experts
-.<e>.{w1,w3,w2}.weight``), so both this engine and vLLM load the directory as they would the real model.  Each
-tensor is drawn from N(0, 0.02) in float32 on ``device`` (a generator seeded by ``seed`` and the tensor's index),
-cast to ``dtype``, quantized by the block layout where ``fp8_checkpoint.quantizable`` says (a
-``weight_scale_inv`` per 128x128 block) and moved to the host; shards of about ``shard_bytes`` are written with
-an index (one file: ``model.safetensors``).  RMSNorm weights are ones, a tied ``lm_head`` is left out.  The
-Linear weights kept unquantized (LM head, routers) are listed in ``modules_to_not_convert``, as Qwen's FP8
-checkpoints list them: vLLM quantizes a router that is not listed (it then routed on unset scales).
+The tensor names and shapes come from transformers' model built on the meta device, its stacked experts
+(``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) written per expert under the hub's names
+(``mlp.experts.<e>.{gate,up,down}_proj.weight``; Mixtral's ``block_sparse_moe.experts.<e>.{w1,w3,w2}.weight`` and
+``block_sparse_moe.gate``), so this engine and vLLM both load it as the real model.  Each tensor is drawn from
+N(0, 0.02) in float32 on ``device`` (a generator seeded by ``seed`` and its index), cast to ``dtype``, block-quantized
+where ``fp8_checkpoint.quantizable`` says (a ``weight_scale_inv`` per 128x128 block) and moved to the host; shards of
+about ``shard_bytes`` get an index (one file: ``model.safetensors``).  RMSNorm weights are ones, a tied ``lm_head``
+is left out.  Linear weights kept unquantized (LM head, routers) are listed in ``modules_to_not_convert``, as in
+Qwen's FP8 checkpoints: vLLM quantizes a router that is not listed (it then routed on unset scales).
 """
 import json
 import logging
@@ -35,7 +34,7 @@ def hub_tensors(model, model_type: str):
         m = re.fullmatch(r"(.+)\.(mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)", name)
         if m is None:
             if not (tied and name == "lm_head.weight"):
-                yield name, tuple(t.shape)
+                yield name.replace(".mlp.", f".{prefix_leaf}."), tuple(t.shape)  # Mixtral's router too
             continue
         base = f"{m[1]}.{prefix_leaf}.experts"
         experts, rows, cols = t.shape
