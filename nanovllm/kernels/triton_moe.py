@@ -24,7 +24,7 @@ from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels.moe_configs import MoeConfig, choose
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision
-from nanovllm.kernels.triton_moe_tiles import _block, _finish, _int4_tile, _weight_dot
+from nanovllm.kernels.triton_moe_tiles import _block, _finish, _halves, _int4_tile, _weight_dot
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 
@@ -45,12 +45,10 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
     tokens = pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
-    gate_rows = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-    up_rows = gate_rows + I * stride_wn
-    gate_scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
-    up_scales = gate_scales + I * stride_sn
-    gate_zeros = zero_ptr + expert * stride_ze + offs_n.to(tl.int64) * stride_zn
-    up_zeros = gate_zeros + I * stride_zn
+    gate_rows, up_rows = _halves(w13_ptr, expert, offs_n, I, stride_we, stride_wn)
+    gate_rows, up_rows = gate_rows[:, None], up_rows[:, None]
+    gate_scales, up_scales = _halves(scale_ptr, expert, offs_n, I, stride_se, stride_sn)
+    gate_zeros, up_zeros = _halves(zero_ptr, expert, offs_n, I, stride_ze, stride_zn)
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):

@@ -82,3 +82,11 @@ def _block(pid_b, rows, block_expert_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
     slots = pid_b.to(tl.int64) * BLOCK_M + offs_m
     pairs = tl.load(sorted_ptr + slots, mask=m_mask, other=0).to(tl.int64)
     return expert, m_mask, slots, pairs
+
+
+@triton.jit
+def _halves(ptr, expert, offs_n, I, stride_e, stride_n):
+    """Pointers to rows ``offs_n`` of expert ``expert``'s gate half of a [E, 2I, ...] tensor (w13 or its scales or
+    zeros), and to the same rows of its up half, ``I`` rows on."""
+    gate = ptr + expert * stride_e + offs_n.to(tl.int64) * stride_n
+    return gate, gate + I * stride_n

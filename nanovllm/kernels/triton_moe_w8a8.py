@@ -20,7 +20,7 @@ import triton.language as tl
 from nanovllm.kernels.act_quant import ACT_GROUP
 from nanovllm.kernels.pdl import pdl_begin
 from nanovllm.kernels.triton_common import _quantize_fp8
-from nanovllm.kernels.triton_moe_tiles import _block
+from nanovllm.kernels.triton_moe_tiles import _block, _halves
 
 
 @triton.jit
@@ -82,10 +82,8 @@ def _w8a8_up_kernel(xq_ptr, xs_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert
     tokens = pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
-    gate_rows = w13_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-    up_rows = gate_rows + I * stride_wn
-    gate_scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
-    up_scales = gate_scales + I * stride_sn
+    gate_rows, up_rows = _halves(w13_ptr, expert, offs_n, I, stride_we, stride_wn)
+    gate_scales, up_scales = _halves(scale_ptr, expert, offs_n, I, stride_se, stride_sn)
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -95,8 +93,8 @@ def _w8a8_up_kernel(xq_ptr, xs_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert
                     other=0.0)
         a_scale = tl.load(xs_ptr + tokens * stride_xs + k0 // BLOCK_K, mask=m_mask, other=0.0)
         w_mask = n_mask[:, None] & k_mask[None, :]
-        gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
-        up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        gate = tl.load(gate_rows[:, None] + offs_k[None, :], mask=w_mask, other=0.0)
+        up = tl.load(up_rows[:, None] + offs_k[None, :], mask=w_mask, other=0.0)
         acc_gate = _scaled_dot(acc_gate, a, a_scale, gate, gate_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP,
                                SWAP, DOT_PRECISION)
         acc_up = _scaled_dot(acc_up, a, a_scale, up, up_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, SWAP,
