@@ -1,8 +1,8 @@
 """compressed-tensors FP8 checkpoints (llm-compressor's layout: float8 weights, a ``weight_scale`` per channel or per
 tensor) load as stored: the projections and experts stay float8 in memory with one scale per row, and greedy float32
-tokens equal transformers' on the dequantized weights (``fp8_oracle``), in eager and graph mode, dense and MoE, at
-one rank and two; ``synthesize --quantize compressed-fp8`` writes one; a config this engine cannot honour (static
-input scales, 4 bits, integers, ...) is refused naming the field."""
+tokens equal transformers' on the dequantized weights (``fp8_oracle``; MoE experts W8A8, ``w8a8_oracle``), in eager
+and graph mode, dense and MoE, at one rank and two; ``synthesize --quantize compressed-fp8`` writes one; a config
+this engine cannot honour (static input scales, 4 bits, integers, ...) is refused naming the field."""
 import json
 from pathlib import Path
 
@@ -148,8 +148,7 @@ def test_synthesize_writes_a_compressed_checkpoint_that_loads(tmp_path, arch):
     assert weights["model.layers.0.mlp.gate_proj.weight_scale"].shape == (128, 1)
     llm = LLM(str(out), enforce_eager=True, **ENGINE)
     prompts = prompts_of(2, seed=12, max_len=20)
-    want = hf_greedy(oracle(str(out), tmp_path / "plain"), prompts, GREEDY.max_tokens, w8a8=True)
-    assert greedy(llm, prompts) == want
+    assert greedy(llm, prompts) == hf_greedy(oracle(str(out), tmp_path / "plain"), prompts, GREEDY.max_tokens)
 
 
 @pytest.mark.slow
@@ -157,7 +156,7 @@ def test_two_ranks_equal_one(tmp_path):
     path = compressed_checkpoint(tmp_path, "qwen3")  # o_proj and down_proj split by columns, the rest by rows
     prompts = prompts_of(4, seed=13, max_len=30)
     one = greedy(LLM(path, enforce_eager=True, **ENGINE), prompts)
-    assert one == hf_greedy(oracle(path, tmp_path / "plain"), prompts, GREEDY.max_tokens, w8a8=True)
+    assert one == hf_greedy(oracle(path, tmp_path / "plain"), prompts, GREEDY.max_tokens)
     two = LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
     try:
         assert greedy(two, prompts) == one
