@@ -2,36 +2,31 @@
 
 A row of an activation [..., K] is cut into groups of ``ACT_GROUP`` (128) consecutive columns, the last one possibly
 partial; a group whose largest magnitude is ``amax`` gets the scale ``amax / 448`` (1 for an all-zero group), is
-divided by it, clamped to ±448 and rounded to the nearest e4m3 (``q``), and stands for ``q * scale``.  Both
-divisions are IEEE float32.  The W8A8 kernels (``triton_moe_w8a8.py``) round an expert's input in one pass and its
-``silu(gate) * up`` in registers; ``quantize`` and ``dequantized`` are their twin and the oracle's rounding
-(``quant/w8a8_oracle.py``).  Which FP8 weights take W8A8 is ``w8a8_applies``: weight groups that K tiles of 128
-columns never straddle (one group per row, or a multiple of 128 columns).  Under tensor parallelism each rank rounds its
-slice of an expert's intermediate in groups of its own (those of one GPU where the slice is a multiple of 128).
+divided by it, clamped to ±448 and rounded to the nearest e4m3 (``q``), and stands for ``q * scale``: the FP8
+weights' rule (``weight_quant.quantize``, IEEE float32 divisions) per 128 columns.  The W8A8 kernels
+(``triton_moe_w8a8.py``) round an expert's input in one pass and its ``silu(gate) * up`` in registers; ``quantize``
+and ``dequantized`` are their twin and the oracle's rounding (``quant/w8a8_oracle.py``).  Which FP8 weights take
+W8A8 is ``w8a8_applies``: weight groups that K tiles of 128 columns never straddle (one group per row, or a multiple
+of 128 columns).  Under tensor parallelism each rank rounds its slice of an expert's intermediate in groups of its
+own (those of one GPU where the slice is a multiple of 128).
 """
 import torch
 
-from nanovllm.kernels.kv_quant import FP8_DTYPE, FP8_MAX
+from nanovllm.kernels import weight_quant
 from nanovllm.kernels.options import current_options
 
 ACT_GROUP = 128
 
 
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [..., K], float32 scales [..., ceil(K / 128)]) of ``x``: ``weight_quant.quantize``'s rule, each row's
+    groups of 128 columns."""
+    return weight_quant.quantize(x, ACT_GROUP)
+
+
 def dequantized(x: torch.Tensor) -> torch.Tensor:
     """``x`` as W8A8 sees it, in float32: each group's ``q * scale``."""
-    q, scale = quantize(x)
-    return q.float() * scale.repeat_interleave(ACT_GROUP, dim=-1)[..., :x.shape[-1]]
-
-
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 [..., K], float32 scales [..., ceil(K / 128)]) of ``x`` per the module docstring's rule."""
-    k = x.shape[-1]
-    groups = -(-k // ACT_GROUP)
-    xf = torch.nn.functional.pad(x.float(), (0, groups * ACT_GROUP - k)).unflatten(-1, (groups, ACT_GROUP))
-    amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
-    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.flatten(-2)[..., :k], scale
+    return weight_quant.dequantize(*quantize(x), ACT_GROUP, torch.float32)
 
 
 def w8a8_applies(group: int, *ks: int) -> bool:
