@@ -24,7 +24,8 @@ from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels.moe_configs import MoeConfig, choose
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision
-from nanovllm.kernels.triton_moe_tiles import _block, _finish, _halves, _int4_tile, _weight_dot
+from nanovllm.kernels.triton_moe_tiles import (_block, _finish, _halves, _int4_tile, _k_columns, _store_weighted,
+                                                _weight_dot)
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 
@@ -109,16 +110,11 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
             w = _int4_tile(w_rows, k0, I, n_mask, stride_wk, zeros, stride_zg, a, GROUP, W2_STRIDED_K, BLOCK_N,
                            BLOCK_K, DOT_PRECISION != "upcast")
         else:
-            if W2_STRIDED_K:
-                w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk
-            else:
-                w_tile = w_rows + offs_k[None, :]
-            w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(_k_columns(w_rows, offs_k, stride_wk, W2_STRIDED_K), mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0)
         acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, INT4, DOT_PRECISION)
     acc = _finish(acc, scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
-    acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
-    tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask)
 
 
 def group_block_k(block_k: int, group: int, k: int) -> int | None:

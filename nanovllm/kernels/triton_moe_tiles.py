@@ -25,11 +25,8 @@ def _int4_tile(rows, k0, K, n_mask, stride_k, zero_rows, stride_zg, like, GROUP:
     (``_weight_dot`` applies the scales to the product); columns past ``K`` and masked rows read code 0 (x's columns
     there are 0; a masked row's scale is 0).  ``ASM``: ``triton_common._int4_minus_zero``'s register trick."""
     offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    if STRIDED_K:
-        ptrs = rows + offs_byte[None, :].to(tl.int64) * stride_k
-    else:
-        ptrs = rows + offs_byte[None, :]
-    packed = tl.load(ptrs, mask=n_mask[:, None] & (offs_byte < K // 2)[None, :], other=0)
+    k_mask = offs_byte < K // 2
+    packed = tl.load(_k_columns(rows, offs_byte, stride_k, STRIDED_K), mask=n_mask[:, None] & k_mask[None, :], other=0)
     zero = tl.load(zero_rows + (k0 // GROUP) * stride_zg, mask=n_mask, other=0)
     even, odd = _int4_minus_zero(packed, zero[:, None], like.dtype, ASM)
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
@@ -90,3 +87,21 @@ def _halves(ptr, expert, offs_n, I, stride_e, stride_n):
     zeros), and to the same rows of its up half, ``I`` rows on."""
     gate = ptr + expert * stride_e + offs_n.to(tl.int64) * stride_n
     return gate, gate + I * stride_n
+
+
+@triton.jit
+def _k_columns(rows, offs_k, stride_k, STRIDED_K: tl.constexpr):
+    """Pointers to columns ``offs_k`` of the rows ``rows`` ([N, 1]): contiguous, or ``stride_k`` apart where
+    ``STRIDED_K`` (``w2`` as a transposed view)."""
+    if STRIDED_K:
+        return rows + offs_k[None, :].to(tl.int64) * stride_k
+    else:
+        return rows + offs_k[None, :]
+
+
+@triton.jit
+def _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask):
+    """The down GEMM's tile ``acc`` [M, N] times each pair's router weight, stored to the pairs' output rows."""
+    acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
+    tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])

@@ -20,7 +20,7 @@ import triton.language as tl
 from nanovllm.kernels.act_quant import ACT_GROUP
 from nanovllm.kernels.pdl import pdl_begin
 from nanovllm.kernels.triton_common import _quantize_fp8
-from nanovllm.kernels.triton_moe_tiles import _block, _halves
+from nanovllm.kernels.triton_moe_tiles import _block, _halves, _k_columns, _store_weighted
 
 
 @triton.jit
@@ -132,16 +132,11 @@ def _w8a8_down_kernel(inter_ptr, inter_s_ptr, w2_ptr, scale_ptr, sorted_ptr, blo
         a = tl.load(inter_ptr + slots[:, None] * stride_i + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
         a_scale = tl.load(inter_s_ptr + slots * stride_is + k0 // BLOCK_K, mask=m_mask, other=0.0)
-        if W2_STRIDED_K:
-            w_tile = w_rows + offs_k[None, :].to(tl.int64) * stride_wk
-        else:
-            w_tile = w_rows + offs_k[None, :]
-        w = tl.load(w_tile, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(_k_columns(w_rows, offs_k, stride_wk, W2_STRIDED_K), mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)
         acc = _scaled_dot(acc, a, a_scale, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, SWAP, DOT_PRECISION)
     acc = _w8a8_finish(acc, scales, n_mask, ONE_GROUP)
-    acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
-    tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
