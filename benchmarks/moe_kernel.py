@@ -2,21 +2,22 @@
 Mixtral-8x7B's (E=8, top-2, H=4096, I=14336): exact against the PyTorch twin, and fast against the copy ceiling.
 
     python -m benchmarks.moe_kernel [--shape qwen3-30b-a3b|mixtral] [--tokens 1,16,64,256] [--layers 4] [--fp8]
-                                                          # writes $OUT/moe_kernel_<shape>[_fp8].json
+                                    [--group G] [--int4]   # writes $OUT/moe_kernel_<shape>[_fp8][_int4].json
 
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
 token count and at a prefill of 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape) a
 prefill of 140,000 tokens, whose per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its end.
-With ``--fp8`` the experts are also quantized (``weight_quant.quantize``, one scale per row as online quantization
-does, or per ``--group`` columns as a block-FP8 checkpoint) and every check and timing runs on them too, weight-only
-(``FP8_CANDIDATES``) and W8A8 (``W8A8_CANDIDATES``, the engine's default), against the twin of each; their rows sit
-beside bf16 rows at each token count.
+Besides bf16 experts: ``--fp8`` quantizes them (``weight_quant.quantize``, one scale per row as online quantization
+does, or per ``--group`` columns as a block-FP8 checkpoint), run weight-only (``FP8_CANDIDATES``) and W8A8
+(``W8A8_CANDIDATES``, the engine's default); ``--int4`` quantizes them as a GPTQ checkpoint (symmetric, groups of
+128), run by the int4 kernels (``INT4_CANDIDATES``) and dequantized once into the bf16 kernels (``int4-once``,
+``moe_configs.INT4_DEQUANTIZE_ROWS``).  Each mode is checked against its twin; its rows sit beside bf16's.
 
 Timing: each candidate captured in a CUDA graph and replayed, cycling over ``--layers`` sets of expert weights
 (1.2 GB each, far past L2, as consecutive layers are in a step).  Bandwidth is the bytes of the experts the
-routing touched (each once, FP8 ones with their scales) plus activations, over the time; ``floor`` is the time
-those bytes take at the copy bandwidth.  The ``pick`` column marks the candidate
-``moe_configs.choose`` dispatches to: the fastest row per token count is the measurement to put in
+routing touched (each once, quantized ones with their scales and zeros) plus activations, over the time; ``floor``
+is the time those bytes take at the copy bandwidth.  The ``pick`` column marks what the engine dispatches to
+(``moe_configs``): the fastest row per token count is the measurement to put in
 ``nanovllm/kernels/moe_configs.py``.  Exits non-zero if a check fails.
 """
 import argparse
@@ -25,36 +26,44 @@ import sys
 import torch
 
 from benchmarks.common import copy_bandwidth, graph_us, write_json
-from nanovllm.kernels import moe_configs, options, weight_quant
+from nanovllm.kernels import int4_quant, moe_configs, options, weight_quant
 from nanovllm.kernels.moe_configs import MoeConfig
 from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 
 DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336)}  # E, top-k, H, I
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
-GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main()
+GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main() (int4: 128)
+DEQUANTIZE_ROWS = moe_configs.INT4_DEQUANTIZE_ROWS  # the engine's
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
 CANDIDATES = [MoeConfig(16, 64, 64), MoeConfig(16, 32, 128), MoeConfig(32, 64, 64), MoeConfig(64, 64, 64, num_stages=4),
-              MoeConfig(64, 128, 64, num_warps=8, num_stages=4)]
+              MoeConfig(64, 128, 64, num_warps=8, num_stages=4), MoeConfig(16, 64, 64, swap=True),
+              MoeConfig(16, 128, 64, swap=True)]
 FP8_CANDIDATES = CANDIDATES + [MoeConfig(16, 64, 128), MoeConfig(32, 64, 128), MoeConfig(64, 64, 128, num_stages=4),
                                MoeConfig(64, 128, 128, num_warps=8, num_stages=3),  # a K tile per 128-column group
-                               MoeConfig(128, 128, 64, num_warps=8, num_stages=3)]
+                               MoeConfig(128, 128, 64, num_warps=8, num_stages=3), MoeConfig(16, 64, 128, swap=True),
+                               MoeConfig(16, 128, 128, swap=True), MoeConfig(32, 128, 128, swap=True, num_stages=4)]
+INT4_CANDIDATES = CANDIDATES + [MoeConfig(16, 64, 128, swap=True), MoeConfig(16, 128, 128, swap=True),
+                                MoeConfig(32, 128, 64, swap=True), MoeConfig(64, 128, 64, num_warps=8, swap=True)]
 W8A8_CANDIDATES = [MoeConfig(16, 128, 128, num_stages=3), MoeConfig(16, 128, 128, num_stages=4),
                    MoeConfig(16, 64, 128, num_stages=4), MoeConfig(16, 128, 128, num_stages=5),
-                   MoeConfig(32, 128, 128, num_stages=4), MoeConfig(64, 128, 128, num_stages=4),
+                   MoeConfig(16, 128, 128, swap=False), MoeConfig(32, 128, 128, num_stages=4),
+                   MoeConfig(32, 128, 128, num_stages=4, swap=False), MoeConfig(64, 128, 128, num_stages=4),
                    MoeConfig(64, 128, 128, num_warps=8, num_stages=3), MoeConfig(128, 128, 128, num_warps=8,
                                                                                 num_stages=3)]
+MODES = {"bf16": CANDIDATES, "fp8": FP8_CANDIDATES, "w8a8": W8A8_CANDIDATES, "int4": INT4_CANDIDATES,
+         "int4-once": CANDIDATES}  # the candidates of each way experts run
 CHECKS: list[dict] = []
 
 
-def expert_bytes(ids: torch.Tensor, num_tokens: int, fp8: bool = False) -> int:
+def expert_bytes(ids: torch.Tensor, num_tokens: int, mode: str = "bf16") -> int:
     """Bytes a step must move: each expert the routing chose, once (w13 and w2; FP8: a byte per weight and a float32
-    scale per row and group), plus bf16 x in and out."""
+    scale per row and group; int4: half a byte, an fp16 scale and a uint8 zero), plus bf16 x in and out."""
     touched = int(torch.unique(ids).numel())
-    per_expert = 3 * INTER * HIDDEN * 2
-    if fp8:
-        per_expert = 3 * INTER * HIDDEN + 4 * (2 * INTER * weight_quant.num_groups(HIDDEN, GROUP)
-                                               + HIDDEN * weight_quant.num_groups(INTER, GROUP))
+    weights = 3 * INTER * HIDDEN
+    groups = 2 * INTER * weight_quant.num_groups(HIDDEN, GROUP) + HIDDEN * weight_quant.num_groups(INTER, GROUP)
+    per_expert = {"bf16": 2 * weights, "fp8": weights + 4 * groups, "w8a8": weights + 4 * groups,
+                  "int4": weights // 2 + 3 * groups, "int4-once": weights // 2 + 3 * groups}[mode]
     return touched * per_expert + 2 * num_tokens * HIDDEN * 2
 
 
@@ -72,29 +81,27 @@ def make_weights():
     return w13, w2, {}
 
 
-def quantized(layer):
-    """The FP8 experts of a bf16 ``layer``, as ``make_weights`` gives them."""
+def quantized(layer, int4: bool = False):
+    """The FP8 (or int4) experts of a bf16 ``layer``, as ``make_weights`` gives them."""
+    if int4:
+        (w13, s13, z13), (w2, s2, z2) = (int4_quant.quantize(w, GROUP) for w in layer[:2])
+        return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=GROUP, w13_zero=z13, w2_zero=z2)
     (w13, s13), (w2, s2) = (weight_quant.quantize(w, GROUP) for w in layer[:2])
     return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=GROUP)
 
 
-def label(layer) -> str:
-    return ("w8a8" if options.current_options().moe_w8a8 else "fp8") if layer[2] else "bf16"
+def use(mode: str) -> None:
+    """Experts run as ``mode`` says from the next call on: the engine's W8A8 switch, and where int4 experts are
+    dequantized once (always for ``int4-once``, never for ``int4``)."""
+    options.set_options(options.KernelOptions(**dict(options.current_options().as_dict(), moe_w8a8=mode == "w8a8")))
+    moe_configs.INT4_DEQUANTIZE_ROWS = {"int4": float("inf"), "int4-once": -1}.get(mode, DEQUANTIZE_ROWS)
 
 
-def w8a8(on: bool) -> None:
-    """FP8 experts in W8A8 (``on``) or weight-only from the next call on: the engine's switch."""
-    options.set_options(options.KernelOptions(**dict(options.current_options().as_dict(), moe_w8a8=on)))
-
-
-def candidates(quant: dict) -> list[MoeConfig]:
-    if not quant:
-        return CANDIDATES
-    return W8A8_CANDIDATES if options.current_options().moe_w8a8 else FP8_CANDIDATES
-
-
-def picked(t: int, fp8: bool) -> MoeConfig:
-    return moe_configs.choose(t, TOP_K, E, fp8, fp8 and options.current_options().moe_w8a8)
+def picked(t: int, mode: str) -> MoeConfig | None:
+    """The tiles the engine runs ``t`` tokens with in ``mode`` (None: it runs another mode)."""
+    if mode.startswith("int4") and (mode == "int4-once") != (t * TOP_K / E > DEQUANTIZE_ROWS):
+        return None
+    return moe_configs.choose(t, TOP_K, E, mode in ("fp8", "w8a8"), mode == "w8a8")
 
 
 def rel_err(got, want) -> float:
@@ -107,19 +114,19 @@ def check(case: str, err: float, limit: float = 2e-2) -> None:
 
 
 def check_exactness(tokens: list[int], variants: list) -> None:
-    """Each candidate on each layer variant (bf16, and FP8 with ``--fp8``) against the twin."""
+    """Each candidate of each mode on its first layer (``variants``: (layer, mode)) against the twin."""
     from nanovllm.kernels import ops
     from nanovllm.kernels.cuda import register_cuda_kernels
     from nanovllm.kernels.triton_moe import fused_moe_triton
     register_cuda_kernels()
     for t in sorted(set(tokens + [4096])):
         x, logits = make_inputs(t, seed=t)
-        for (w13, w2, quant), on in variants:
-            w8a8(on)
-            name = f"T={t} {label((w13, w2, quant))}"
+        for (w13, w2, quant), mode in variants:
+            use(mode)
+            name = f"T={t} {mode}"
             want = fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
-            for cfg in candidates(quant):
-                check(f"{name} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k}",
+            for cfg in MODES[mode]:
+                check(f"{name} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k} swap={cfg.swap}",
                       rel_err(fused_moe_triton(x, logits, w13, w2, TOP_K, True, **quant, cfg=cfg), want))
             check(f"{name} ops.fused_moe (registered)",
                   rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True, **quant), want))
@@ -136,30 +143,29 @@ def check_exactness(tokens: list[int], variants: list) -> None:
 
 
 def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dict]:
-    """``variants``: per weight format (bf16, FP8), its ``--layers`` layers."""
+    """``variants``: per mode, its ``--layers`` layers and the mode."""
     from nanovllm.kernels.triton_moe import fused_moe_triton
-    print("| T | weights | block_m | block_n | block_k | pick | us | floor us | experts | GB/s | of copy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | weights | block_m | block_n | block_k | swap | pick | us | floor us | experts | GB/s | of copy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for t in tokens:
         inputs = [make_inputs(t, seed=100 * t + i) for i in range(len(variants[0][0]))]
         routed = [route_reference(lg, TOP_K, True)[1] for _, lg in inputs]
         touched = sum(int(torch.unique(ids).numel()) for ids in routed) / len(inputs)
-        for layers, on in variants:
-            w8a8(on)
-            fp8 = bool(layers[0][2])
-            pick = picked(t, fp8)
-            nbytes = sum(expert_bytes(ids, t, fp8) for ids in routed) / len(inputs)
-            for cfg in candidates(layers[0][2]):
+        for layers, mode in variants:
+            use(mode)
+            pick = picked(t, mode)
+            nbytes = sum(expert_bytes(ids, t, mode) for ids in routed) / len(inputs)
+            for cfg in MODES[mode]:
                 calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg)
                          for (x, lg), w in zip(inputs, layers)]
                 us = graph_us(calls, replays=10)
-                row = {"tokens": t, "weights": label(layers[0]), "block_m": cfg.block_m, "block_n": cfg.block_n,
-                       "block_k": cfg.block_k, "picked": cfg == pick, "us": round(us, 1),
+                row = {"tokens": t, "weights": mode, "block_m": cfg.block_m, "block_n": cfg.block_n,
+                       "block_k": cfg.block_k, "swap": cfg.swap, "picked": cfg == pick, "us": round(us, 1),
                        "floor_us": round(nbytes / bandwidth * 1e6, 1), "experts_touched": round(touched, 1),
                        "gbps": round(nbytes / us / 1e3, 1), "of_copy": round(nbytes / us / 1e3 / (bandwidth / 1e9), 3)}
                 rows.append(row)
-                print(f"| {t} | {row['weights']} | {cfg.block_m} | {cfg.block_n} | {cfg.block_k} | "
+                print(f"| {t} | {mode} | {cfg.block_m} | {cfg.block_n} | {cfg.block_k} | {cfg.swap} | "
                       f"{'*' if row['picked'] else ''} | {row['us']} | {row['floor_us']} | {row['experts_touched']} | "
                       f"{row['gbps']} | {row['of_copy']:.1%} |", flush=True)
     return rows
@@ -183,23 +189,28 @@ def main():
     p.add_argument("--no-timing", action="store_true", help="run the exactness checks only")
     p.add_argument("--fp8", action="store_true", help="also FP8 experts (weight_quant), beside bf16")
     p.add_argument("--group", type=int, default=0, help="FP8 columns per scale (default: one scale per row)")
+    p.add_argument("--int4", action="store_true", help="also int4 experts (int4_quant, groups of 128), beside bf16")
     args = p.parse_args()
+    if args.int4 and (args.fp8 or args.group not in (0, 128)):
+        raise SystemExit("--int4 runs beside bf16 alone, in groups of 128: leave out --fp8 and --group")
     tokens = parse_tokens(args.tokens)
     global E, TOP_K, HIDDEN, INTER, GROUP
     E, TOP_K, HIDDEN, INTER = SHAPES[args.shape]
-    GROUP = args.group or max(HIDDEN, INTER)
+    GROUP = 128 if args.int4 else args.group or max(HIDDEN, INTER)
     torch.manual_seed(0)
     layers = [make_weights() for _ in range(max(1, args.layers))]
-    fp8 = [quantized(layer) for layer in layers] if args.fp8 else None
-    variants = [(layers, False)] + ([(fp8, False), (fp8, True)] if args.fp8 else [])  # FP8: weight-only, W8A8
-    print("== exactness (bf16, FP8 weight-only and W8A8 with --fp8; against fused_moe_reference)", flush=True)
-    check_exactness(tokens, [(v[0], on) for v, on in variants])
+    variants = [(layers, "bf16")]
+    if args.fp8 or args.int4:
+        quant = [quantized(layer, args.int4) for layer in layers]
+        variants += [(quant, mode) for mode in (("int4", "int4-once") if args.int4 else ("fp8", "w8a8"))]
+    print(f"== exactness ({', '.join(m for _, m in variants)}; against fused_moe_reference)", flush=True)
+    check_exactness(tokens, [(v[0], mode) for v, mode in variants])
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     rows = [] if args.no_timing else timing_rows(tokens, variants, bandwidth)
     failed = [c for c in CHECKS if not c["ok"]]
     print(f"checks: {len(CHECKS) - len(failed)}/{len(CHECKS)} ok")
-    write_json(f"moe_kernel_{args.shape}{'_fp8' if args.fp8 else ''}.json",
+    write_json(f"moe_kernel_{args.shape}{'_fp8' if args.fp8 else ''}{'_int4' if args.int4 else ''}.json",
                {"device": torch.cuda.get_device_name(), "shape": dict(E=E, top_k=TOP_K, hidden=HIDDEN,
                 intermediate=INTER), "copy_gbps": round(bandwidth / 1e9, 1), "checks": CHECKS, "timing": rows})
     sys.exit(1 if failed else 0)

@@ -175,3 +175,29 @@ def test_cuda_dispatch_sends_int4_to_triton_where_a_tile_fits(op, monkeypatch):
             want = ref.experts_reference(x.to(dtype), weights, ids, w13, w2, s13, s2, group, z13, z2)
         assert bool(calls) == triton, (group, dtype)
         assert got.dtype == dtype and rel_err(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 40])
+def test_past_the_row_threshold_int4_experts_are_dequantized_once(num_tokens, monkeypatch):
+    """Above ``INT4_DEQUANTIZE_ROWS`` rows per expert the step dequantizes every expert once and runs the bf16 kernels
+    on them: the twin's weights, so float32 agrees to rounding; at or below it the int4 kernels run; a transposed
+    ``w2`` (an expert cache) stays on the int4 kernels."""
+    from nanovllm.kernels import moe_configs, triton_moe
+    group = GROUPS["partial_last_group"]
+    w13, s13, z13, w2, s2, z2 = int4_experts(group, seed=17)
+    x, logits = inputs(num_tokens, seed=17)
+    calls = []
+    real = triton_moe.dequantize_int4_triton
+    monkeypatch.setattr(triton_moe, "dequantize_int4_triton", lambda *a: calls.append(a[0].shape) or real(*a))
+    want = ref.fused_moe_reference(x, logits, w13, w2, TOP_K, True, s13, s2, group, z13, z2)
+    rows = num_tokens * TOP_K / EXPERTS
+    for limit, once in ((rows, False), (rows - 0.5, True)):
+        monkeypatch.setattr(moe_configs, "INT4_DEQUANTIZE_ROWS", limit)
+        calls.clear()
+        got = fused_moe_triton(x, logits, w13, w2, TOP_K, True, s13, s2, group, z13, z2, cfg=CFG)
+        assert calls == ([(EXPERTS * 2 * INTER, HIDDEN // 2), (EXPERTS * HIDDEN, INTER // 2)] if once else [])
+        assert rel_err(got, want) < 1e-6
+        calls.clear()
+        got = fused_moe_triton(x, logits, w13, transposed_view(w2), TOP_K, True, s13, transposed_view(s2), group,
+                               z13, transposed_view(z2), cfg=CFG)
+        assert not calls and rel_err(got, want) < 1e-5

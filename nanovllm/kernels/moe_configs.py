@@ -2,7 +2,8 @@
 expert gets, ``T * top_k / E``, since that, not the token count alone, says how full a block of ``block_m`` rows is.
 
 ``BY_ROWS_PER_EXPERT`` maps that mean to a tile set: small tiles while experts get few rows (decode), larger ones
-as they fill; FP8 experts take a wider column tile at decode sizes (``FP8_DECODE``).  The thresholds come from
+as they fill; FP8 experts take a wider column tile at decode sizes (``FP8_DECODE``).  Int4 experts take the bf16
+tiles, and past ``INT4_DEQUANTIZE_ROWS`` the bf16 kernels on experts dequantized once.  The thresholds come from
 timing the candidate tile sets on real MoE shapes (``benchmarks/moe_kernel.py``; the measurements are in
 docs/PERFORMANCE.md).
 """
@@ -16,6 +17,7 @@ class MoeConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    swap: bool | None = None  # the weight tile is the MMA's A operand (triton_moe_tiles.py); None: the kernel's rule
 
 
 BY_ROWS_PER_EXPERT = (  # (at most this many rows per expert on average, config), ascending; the last serves all
@@ -29,6 +31,16 @@ W8A8_BY_ROWS = (  # the W8A8 kernels (triton_moe_w8a8.py): block_k is 128, the u
     (16, MoeConfig(16, 128, 128, num_warps=4, num_stages=3)),
     (float("inf"), MoeConfig(32, 128, 128, num_warps=4, num_stages=4)),
 )
+
+
+# int4 experts: where experts get more rows than this on average, a step dequantizes them once into x's dtype and
+# runs the bf16 kernels, since the int4 kernels dequantize each weight tile again for every block of rows
+INT4_DEQUANTIZE_ROWS = 256
+
+
+def int4_dequantize_once(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether a step of ``num_tokens`` tokens dequantizes its int4 experts once (``INT4_DEQUANTIZE_ROWS``)."""
+    return num_tokens * top_k / num_experts > INT4_DEQUANTIZE_ROWS
 
 
 def choose(num_tokens: int, top_k: int, num_experts: int, fp8: bool = False, w8a8: bool = False) -> MoeConfig:

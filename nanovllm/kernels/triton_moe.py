@@ -7,12 +7,12 @@ picks the tiles).  A program of ``_grouped_up_kernel`` takes one block and one c
 token rows of x (``pair // top_k``) and writes ``silu(gate) * up`` to the block's rows of the intermediate
 ``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2`` tile, scales each row by its router
 weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
-(the layout's static padding) return at once.  Offsets are int64 where a row index meets a stride; accumulation is
-float32; the intermediate and outputs are in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
+return at once.  Offsets are int64 where a row index meets a stride; sums are float32, outputs in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
 memory, as an expert cache keeps it): a constexpr picks the strided load.  FP8 experts that ``act_quant.moe_w8a8``
 takes run W8A8 (``triton_moe_w8a8.py``); other FP8 (``weight_quant.py``) and int4 experts (``int4_quant.py``: uint8
 ``w13``/``w2``, fp16 scales, uint8 zeros) are weight-only, through ``triton_moe_tiles.py``, a K tile inside one
-group (``group_block_k``; ``group_supported`` says when no tile can).
+group (``group_block_k``; ``group_supported`` says when no tile can); from ``moe_configs.INT4_DEQUANTIZE_ROWS``
+rows per expert, int4 experts are dequantized once per step and run as bf16 ones.
 """
 import math
 
@@ -21,21 +21,22 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.act_quant import moe_w8a8
-from nanovllm.kernels.moe_configs import MoeConfig, choose
+from nanovllm.kernels.moe_configs import MoeConfig, choose, int4_dequantize_once
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision
-from nanovllm.kernels.triton_moe_tiles import (_block, _finish, _halves, _int4_tile, _k_columns, _store_weighted,
-                                                _weight_dot)
+from nanovllm.kernels.triton_moe_tiles import (_block, _finish, _halves, _int4_tile, _k_columns, _oriented,
+                                                _store_weighted, _weight_dot, _zeros)
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
+from nanovllm.kernels.triton_w4a16 import dequantize_int4_triton
 
 
 @triton.jit
 def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr,
                        I, H, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
                        stride_zg, stride_i, TOP_K: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
-                       FP16_MMA: tl.constexpr, INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                       FP16_MMA: tl.constexpr, INT4: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -50,8 +51,8 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
     gate_rows, up_rows = gate_rows[:, None], up_rows[:, None]
     gate_scales, up_scales = _halves(scale_ptr, expert, offs_n, I, stride_se, stride_sn)
     gate_zeros, up_zeros = _halves(zero_ptr, expert, offs_n, I, stride_ze, stride_zn)
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_gate = _zeros(BLOCK_M, BLOCK_N, SWAP)
+    acc_up = _zeros(BLOCK_M, BLOCK_N, SWAP)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < H
@@ -69,12 +70,12 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
             gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
             up = tl.load(up_rows + offs_k[None, :], mask=w_mask, other=0.0)
         acc_gate = _weight_dot(acc_gate, a, gate, gate_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA,
-                               INT4, DOT_PRECISION)
+                               INT4, DOT_PRECISION, SWAP)
         acc_up = _weight_dot(acc_up, a, up, up_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, INT4,
-                             DOT_PRECISION)
-    acc_gate = _finish(acc_gate, gate_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
-    acc_up = _finish(acc_up, up_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
-    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+                             DOT_PRECISION, SWAP)
+    acc_gate = _finish(acc_gate, gate_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA, SWAP)
+    acc_up = _finish(acc_up, up_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA, SWAP)
+    h = _oriented(acc_gate * tl.sigmoid(acc_gate) * acc_up, SWAP)
     tl.store(inter_ptr + slots[:, None] * stride_i + offs_n[None, :], h.to(inter_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -84,7 +85,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
                          weights_ptr, out_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se, stride_sn,
                          stride_sg, stride_ze, stride_zn, stride_zg, stride_o, W2_STRIDED_K: tl.constexpr,
                          GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, INT4: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,7 +99,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
     w_rows = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
     scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
     zeros = zero_ptr + expert * stride_ze + offs_n.to(tl.int64) * stride_zn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, SWAP)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < I
@@ -112,8 +113,9 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
         else:
             w = tl.load(_k_columns(w_rows, offs_k, stride_wk, W2_STRIDED_K), mask=n_mask[:, None] & k_mask[None, :],
                         other=0.0)
-        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, INT4, DOT_PRECISION)
-    acc = _finish(acc, scales, n_mask, GROUP, ONE_GROUP, FP16_MMA)
+        acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, INT4, DOT_PRECISION,
+                          SWAP)
+    acc = _oriented(_finish(acc, scales, n_mask, GROUP, ONE_GROUP, FP16_MMA, SWAP), SWAP)
     _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask)
 
 
@@ -143,6 +145,15 @@ def _group_args(w: torch.Tensor, t: torch.Tensor | None, group: int, k: int, dty
     return t, *t.stride()
 
 
+def _dequantized(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Int4 experts [E, N, K // 2] -> [E, N, K] in ``dtype``: ``int4_quant.dequantize``'s values (the twin's)."""
+    e, n, half_k = w.shape
+    flat = dequantize_int4_triton(w.reshape(e * n, half_k), scale.reshape(e * n, -1), zero.reshape(e * n, -1),
+                                  group, dtype)
+    return flat.view(e, n, 2 * half_k)
+
+
 def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor, cfg: MoeConfig, w13_scale: torch.Tensor | None = None,
                    w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
@@ -170,6 +181,9 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         s2 = _group_args(w2, w2_scale, group, inter_size, torch.float32)
         per_pair = w8a8_experts(x, layout, weights, w13, w2, s13[0], s2[0], group, cfg, top_k, args)
         return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
+    if int4 and w2.stride(2) == 1 and int4_dequantize_once(num_tokens, top_k, num_experts):
+        w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
+        return experts_triton(x, weights, ids, hist, w13, _dequantized(w2, w2_scale, w2_zero, group, x.dtype), cfg)
     quantized = w13_scale is not None
     group = group if quantized else 0
     up_k = group_block_k(cfg.block_k, group, hidden) if quantized else cfg.block_k
@@ -177,7 +191,8 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     assert up_k and down_k, f"no K tile fits group {group} (group_supported)"
     fp16_mma = quantized and not int4 and x.dtype == torch.bfloat16
     scale_dtype = torch.float16 if int4 else torch.float32
-    args = dict(BLOCK_N=cfg.block_n, FP16_MMA=fp16_mma, INT4=int4, BLOCK_M=cfg.block_m, GROUP=group,
+    args = dict(BLOCK_N=cfg.block_n, FP16_MMA=fp16_mma, INT4=int4, SWAP=bool(cfg.swap), BLOCK_M=cfg.block_m,
+                GROUP=group,
                 DOT_PRECISION=_dot_precision(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **pdl_launch(dev))
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)

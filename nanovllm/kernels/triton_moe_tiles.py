@@ -3,13 +3,16 @@ tile is read and meets the activation tile, for bf16/fp16, FP8 (``weight_quant.p
 experts.  A K tile never straddles two groups of a quantized weight (``triton_moe.group_block_k`` picks it), so a
 tile has one scale (and zero) per row.
 
-* bf16/fp16: the tile as stored, multiplied as is.
-* FP8: ``_weight_dot`` and ``_finish`` (their docstrings): beside bf16 x an fp16 MMA (x scaled into fp16 by the
-  kernel) with the scales applied to products, beside fp16 x the tile dequantized into x's dtype.
-* int4: ``_int4_tile`` reads the tile's [BLOCK_N, BLOCK_K / 2] bytes and splits each byte into its even (low nibble)
-  and odd (high nibble) column as exact ``q - zero`` in x's dtype; the product with x is scaled by the rows' scales
-  of the tile's group (a tile lies inside one group), so the weight is never rounded: closer to the real product
-  than the twin, which rounds ``(q - zero) * scale`` to x's dtype first.
+* bf16/fp16: the tile as stored.  FP8: ``_weight_dot`` and ``_finish`` (their docstrings): beside bf16 x an fp16
+  MMA with the scales applied to products, beside fp16 x the tile dequantized into x's dtype.
+* int4: ``_int4_tile`` splits each byte of the tile into its even (low nibble) and odd (high nibble) column as
+  exact ``q - zero`` in x's dtype; the product is scaled by the rows' scales of the tile's group, so the weight is
+  never rounded (the twin rounds ``(q - zero) * scale`` to x's dtype first).
+
+``SWAP`` (``MoeConfig.swap``) multiplies the weight tile by the activations (``_product``), so the weight is the
+MMA's A operand, which a Hopper tensor core reads from registers: a tile widened or dequantized there need not pass
+through shared memory, and few rows are the MMA's narrow side.  The accumulator is then [N, M] (``_per_n``
+broadcasts a vector over N against either orientation; ``_oriented`` transposes once after the K loop).
 """
 import triton
 import triton.language as tl
@@ -33,9 +36,45 @@ def _int4_tile(rows, k0, K, n_mask, stride_k, zero_rows, stride_zg, like, GROUP:
 
 
 @triton.jit
+def _product(a, w, DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr):
+    """``a`` [M, K] times the weight tile ``w`` [N, K] transposed, in float32: [M, N], or [N, M] where ``SWAP``."""
+    if SWAP:
+        return _dot(w, tl.trans(a), DOT_PRECISION)
+    else:
+        return _dot(a, tl.trans(w), DOT_PRECISION)
+
+
+@triton.jit
+def _per_n(v, SWAP: tl.constexpr):
+    """A vector over the tile's N columns, broadcast against a product or accumulator of ``SWAP``'s orientation."""
+    if SWAP:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """The float32 accumulator of a [BLOCK_M, BLOCK_N] output tile, in ``SWAP``'s orientation."""
+    if SWAP:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def _oriented(acc, SWAP: tl.constexpr):
+    """An accumulator of ``SWAP``'s orientation as [M, N]."""
+    if SWAP:
+        return tl.trans(acc)
+    else:
+        return acc
+
+
+@triton.jit
 def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
-                FP16_MMA: tl.constexpr, INT4: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32).
+                FP16_MMA: tl.constexpr, INT4: tl.constexpr, DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr):
+    """``acc`` plus ``a`` [M, K] times the weight tile ``w`` [N, K] transposed (float32, ``SWAP``'s orientation).
 
     An FP8 tile (``GROUP`` > 0, not ``INT4``) with ``FP16_MMA`` is widened to fp16 (one instruction from e4m3) and
     multiplied by ``a`` (scaled into fp16 by the caller); the product is scaled by its rows' scales of the group
@@ -44,27 +83,28 @@ def _weight_dot(acc, a, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexp
     dequantizes.  An int4 tile comes as exact ``q - zero`` (``_int4_tile``) and its product is scaled as FP8's."""
     if INT4:
         scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
-        return acc + _dot(a, tl.trans(w), DOT_PRECISION) * scale[None, :]
+        return acc + _product(a, w, DOT_PRECISION, SWAP) * _per_n(scale, SWAP)
     if GROUP > 0:
-        if FP16_MMA:
-            part = tl.dot(a, tl.trans(w.to(tl.float16)))
+        if FP16_MMA:  # fp16 operands (the interpreter multiplies them too): tl.dot's default mode
+            part = _product(a, w.to(tl.float16), "tf32", SWAP)
             if ONE_GROUP:
                 return acc + part
             scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
-            return acc + part * scale[None, :]
+            return acc + part * _per_n(scale, SWAP)
         scale = tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
         w = (w.to(tl.float32) * scale[:, None]).to(a.dtype)
-    return acc + _dot(a, tl.trans(w), DOT_PRECISION)
+    return acc + _product(a, w, DOT_PRECISION, SWAP)
 
 
 @triton.jit
-def _finish(acc, scale_rows, n_mask, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr):
-    """The sum of ``_weight_dot``'s products, with what they left for the end: 2^4 (``FP16_MMA``) and the rows'
-    one scale (``ONE_GROUP``)."""
+def _finish(acc, scale_rows, n_mask, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr,
+            SWAP: tl.constexpr):
+    """The sum of ``_weight_dot``'s products (``SWAP``'s orientation), with what they left for the end: 2^4
+    (``FP16_MMA``) and the rows' one scale (``ONE_GROUP``)."""
     if FP16_MMA:
         acc = acc * 16.0
         if ONE_GROUP:
-            acc = acc * tl.load(scale_rows, mask=n_mask, other=0.0)[None, :]
+            acc = acc * _per_n(tl.load(scale_rows, mask=n_mask, other=0.0), SWAP)
     return acc
 
 

@@ -9,9 +9,10 @@ after the K loop.  The activation rounding is ``act_quant.py``'s (groups of 128 
   group);
 * ``_w8a8_down_kernel``: the intermediate times the expert's ``w2`` tile, scaled by the router weight.
 
-Blocks of fewer than 64 rows swap the operands (the weight tile is the MMA's M side), since a tensor-core MMA
-is at least 64 rows tall.  Under the Triton interpreter (``DOT_PRECISION`` "upcast") the e4m3 operands are widened
-to float32 first; the products are the same.
+Blocks of fewer than 64 rows swap the operands unless ``MoeConfig.swap`` says otherwise (the weight tile is the
+MMA's M side: a tensor-core MMA is at least 64 rows tall), accumulating [N, M] (``triton_moe_tiles.py``).  Under
+the Triton interpreter (``DOT_PRECISION`` "upcast") the e4m3 operands are widened to float32 first; the products
+are the same.
 """
 import torch
 import triton
@@ -20,7 +21,8 @@ import triton.language as tl
 from nanovllm.kernels.act_quant import ACT_GROUP
 from nanovllm.kernels.pdl import pdl_begin
 from nanovllm.kernels.triton_common import _quantize_fp8
-from nanovllm.kernels.triton_moe_tiles import _block, _halves, _k_columns, _store_weighted
+from nanovllm.kernels.triton_moe_tiles import (_block, _halves, _k_columns, _oriented, _per_n, _product,
+                                                _store_weighted, _zeros)
 
 
 @triton.jit
@@ -45,24 +47,29 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s, 
 @triton.jit
 def _scaled_dot(acc, a, a_scale, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl.constexpr,
                 ONE_GROUP: tl.constexpr, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc`` plus e4m3 ``a`` [M, K] times the e4m3 tile ``w`` [N, K] transposed, scaled by ``a_scale`` [M] and,
-    unless ``ONE_GROUP`` (then ``_w8a8_finish``), by the rows' scales of the weight group holding column ``k0``."""
+    """``acc`` plus e4m3 ``a`` [M, K] times the e4m3 tile ``w`` [N, K] transposed (``SWAP``'s orientation,
+    ``triton_moe_tiles._product``), scaled by ``a_scale`` [M] and, unless ``ONE_GROUP`` (then ``_w8a8_finish``), by
+    the rows' scales of the weight group holding column ``k0``."""
     if DOT_PRECISION == "upcast":
-        part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        part = _product(a.to(tl.float32), w.to(tl.float32), "ieee", SWAP)
     elif SWAP:
-        part = tl.trans(tl.dot(w, tl.trans(a)))
+        part = tl.dot(w, tl.trans(a))
     else:
         part = tl.dot(a, tl.trans(w))
-    part = part * a_scale[:, None]
+    if SWAP:
+        part = part * a_scale[None, :]
+    else:
+        part = part * a_scale[:, None]
     if not ONE_GROUP:
-        part = part * tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)[None, :]
+        part = part * _per_n(tl.load(scale_rows + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0), SWAP)
     return acc + part
 
 
 @triton.jit
-def _w8a8_finish(acc, scale_rows, n_mask, ONE_GROUP: tl.constexpr):
+def _w8a8_finish(acc, scale_rows, n_mask, ONE_GROUP: tl.constexpr, SWAP: tl.constexpr):
+    """The sum of ``_scaled_dot``'s products, with the rows' one weight scale where ``ONE_GROUP``."""
     if ONE_GROUP:
-        acc = acc * tl.load(scale_rows, mask=n_mask, other=0.0)[None, :]
+        acc = acc * _per_n(tl.load(scale_rows, mask=n_mask, other=0.0), SWAP)
     return acc
 
 
@@ -84,8 +91,8 @@ def _w8a8_up_kernel(xq_ptr, xs_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert
     n_mask = offs_n < I
     gate_rows, up_rows = _halves(w13_ptr, expert, offs_n, I, stride_we, stride_wn)
     gate_scales, up_scales = _halves(scale_ptr, expert, offs_n, I, stride_se, stride_sn)
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_gate = _zeros(BLOCK_M, BLOCK_N, SWAP)
+    acc_up = _zeros(BLOCK_M, BLOCK_N, SWAP)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < H
@@ -99,9 +106,9 @@ def _w8a8_up_kernel(xq_ptr, xs_ptr, w13_ptr, scale_ptr, sorted_ptr, block_expert
                                SWAP, DOT_PRECISION)
         acc_up = _scaled_dot(acc_up, a, a_scale, up, up_scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, SWAP,
                              DOT_PRECISION)
-    acc_gate = _w8a8_finish(acc_gate, gate_scales, n_mask, ONE_GROUP)
-    acc_up = _w8a8_finish(acc_up, up_scales, n_mask, ONE_GROUP)
-    h = acc_gate * tl.sigmoid(acc_gate) * acc_up  # columns past I are 0: their weights read as 0
+    acc_gate = _w8a8_finish(acc_gate, gate_scales, n_mask, ONE_GROUP, SWAP)
+    acc_up = _w8a8_finish(acc_up, up_scales, n_mask, ONE_GROUP, SWAP)
+    h = _oriented(acc_gate * tl.sigmoid(acc_gate) * acc_up, SWAP)  # columns past I are 0: their weights read as 0
     scale = _row_scales(h)
     tl.store(inter_ptr + slots[:, None] * stride_i + offs_n[None, :], _quantize_fp8(h, scale[:, None]),
              mask=m_mask[:, None] & n_mask[None, :])
@@ -125,7 +132,7 @@ def _w8a8_down_kernel(inter_ptr, inter_s_ptr, w2_ptr, scale_ptr, sorted_ptr, blo
     n_mask = offs_n < H
     w_rows = w2_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
     scales = scale_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, SWAP)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < I
@@ -135,7 +142,7 @@ def _w8a8_down_kernel(inter_ptr, inter_s_ptr, w2_ptr, scale_ptr, sorted_ptr, blo
         w = tl.load(_k_columns(w_rows, offs_k, stride_wk, W2_STRIDED_K), mask=n_mask[:, None] & k_mask[None, :],
                     other=0.0)
         acc = _scaled_dot(acc, a, a_scale, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, SWAP, DOT_PRECISION)
-    acc = _w8a8_finish(acc, scales, n_mask, ONE_GROUP)
+    acc = _oriented(_w8a8_finish(acc, scales, n_mask, ONE_GROUP, SWAP), SWAP)
     _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask)
 
 
@@ -163,7 +170,8 @@ def w8a8_experts(x, layout, weights, w13, w2, w13_scale, w2_scale, group: int, c
     slots = num_blocks * cfg.block_m
     inter = torch.empty(slots, inter_size, dtype=torch.float8_e4m3fn, device=x.device)
     inter_s = torch.empty(slots, triton.cdiv(inter_size, ACT_GROUP), dtype=torch.float32, device=x.device)
-    tiles = dict(SWAP=cfg.block_m < 64, BLOCK_M=cfg.block_m, BLOCK_K=ACT_GROUP, GROUP=group, **args)
+    swap = cfg.block_m < 64 if cfg.swap is None else cfg.swap
+    tiles = dict(SWAP=swap, BLOCK_M=cfg.block_m, BLOCK_K=ACT_GROUP, GROUP=group, **args)
     _w8a8_up_kernel[(num_blocks, triton.cdiv(inter_size, ACT_GROUP))](
         xq, xs, w13, w13_scale, sorted_ids, block_expert, block_rows, inter, inter_s, inter_size, hidden,
         xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), *w13_scale.stride(), inter.stride(0),
