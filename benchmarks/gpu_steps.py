@@ -47,7 +47,7 @@ WEIGHT_ONLY, PROFILE = ("NANOVLLM_MOE_W8A8", "0"), ("benchmarks.profile_run",)  
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
-MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--tokens", "1,16,256,1024,4096")  # the last --tokens counts
+MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--tokens", "1,16,256,1024,4096")
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),

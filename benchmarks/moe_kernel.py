@@ -2,7 +2,7 @@
 Mixtral-8x7B's (E=8, top-2, H=4096, I=14336): exact against the PyTorch twin, and fast against the copy ceiling.
 
     python -m benchmarks.moe_kernel [--shape qwen3-30b-a3b|mixtral] [--tokens 1,16,64,256] [--layers 4] [--fp8]
-                                    [--group G] [--int4]   # writes $OUT/moe_kernel_<shape>[_fp8][_int4].json
+                                    [--group G] [--int4] [--write-table]   # $OUT/moe_kernel_<shape>[_fp8][_int4].json
 
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
 token count and at a prefill of 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape) a
@@ -17,11 +17,14 @@ Timing: each candidate captured in a CUDA graph and replayed, cycling over ``--l
 (1.2 GB each, far past L2, as consecutive layers are in a step).  Bandwidth is the bytes of the experts the
 routing touched (each once, quantized ones with their scales and zeros) plus activations, over the time; ``floor``
 is the time those bytes take at the copy bandwidth.  The ``pick`` column marks what the engine dispatches to
-(``moe_configs``): the fastest row per token count is the measurement to put in
-``nanovllm/kernels/moe_configs.py``.  Exits non-zero if a check fails.
+(``moe_configs``); ``--write-table`` merges the fastest of each mode and token count into the tile table in force
+(``moe_tuned.json``, or ``NANOVLLM_MOE_TABLE``) if every check passed.  Exits non-zero if a check fails.
 """
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -34,7 +37,6 @@ DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336)}  # E, top-k, H, I
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
 GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main() (int4: 128)
-DEQUANTIZE_ROWS = moe_configs.INT4_DEQUANTIZE_ROWS  # the engine's
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
 CANDIDATES = [MoeConfig(16, 64, 64), MoeConfig(16, 32, 128), MoeConfig(32, 64, 64), MoeConfig(64, 64, 64, num_stages=4),
               MoeConfig(64, 128, 64, num_warps=8, num_stages=4), MoeConfig(16, 64, 64, swap=True),
@@ -90,18 +92,25 @@ def quantized(layer, int4: bool = False):
     return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=GROUP)
 
 
-def use(mode: str) -> None:
-    """Experts run as ``mode`` says from the next call on: the engine's W8A8 switch, and where int4 experts are
-    dequantized once (always for ``int4-once``, never for ``int4``)."""
+def use(mode: str) -> dict:
+    """Experts run as ``mode`` says from the next call on (the engine's W8A8 switch) -> the keywords that make
+    int4 experts dequantize once (``int4-once``) or not (``int4``)."""
     options.set_options(options.KernelOptions(**dict(options.current_options().as_dict(), moe_w8a8=mode == "w8a8")))
-    moe_configs.INT4_DEQUANTIZE_ROWS = {"int4": float("inf"), "int4-once": -1}.get(mode, DEQUANTIZE_ROWS)
+    return {"int4": dict(once=False), "int4-once": dict(once=True)}.get(mode, {})
+
+
+def entry() -> dict:
+    """The tile table's entry in force for this shape on this GPU."""
+    return moe_configs.tuned("%d.%d" % torch.cuda.get_device_capability(), E, INTER, HIDDEN)
 
 
 def picked(t: int, mode: str) -> MoeConfig | None:
     """The tiles the engine runs ``t`` tokens with in ``mode`` (None: it runs another mode)."""
-    if mode.startswith("int4") and (mode == "int4-once") != (t * TOP_K / E > DEQUANTIZE_ROWS):
-        return None
-    return moe_configs.choose(t, TOP_K, E, mode in ("fp8", "w8a8"), mode == "w8a8")
+    if mode.startswith("int4"):
+        once = moe_configs.int4_dequantize_once(t, TOP_K, E, entry())
+        return moe_configs.choose(t, TOP_K, E, "bf16" if once else "int4", entry()) if once == (
+            mode == "int4-once") else None
+    return moe_configs.choose(t, TOP_K, E, mode, entry())
 
 
 def rel_err(got, want) -> float:
@@ -122,12 +131,12 @@ def check_exactness(tokens: list[int], variants: list) -> None:
     for t in sorted(set(tokens + [4096])):
         x, logits = make_inputs(t, seed=t)
         for (w13, w2, quant), mode in variants:
-            use(mode)
+            how = use(mode)
             name = f"T={t} {mode}"
             want = fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
             for cfg in MODES[mode]:
                 check(f"{name} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k} swap={cfg.swap}",
-                      rel_err(fused_moe_triton(x, logits, w13, w2, TOP_K, True, **quant, cfg=cfg), want))
+                      rel_err(fused_moe_triton(x, logits, w13, w2, TOP_K, True, **quant, cfg=cfg, **how), want))
             check(f"{name} ops.fused_moe (registered)",
                   rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True, **quant), want))
     if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31:
@@ -153,15 +162,14 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
         routed = [route_reference(lg, TOP_K, True)[1] for _, lg in inputs]
         touched = sum(int(torch.unique(ids).numel()) for ids in routed) / len(inputs)
         for layers, mode in variants:
-            use(mode)
+            how = use(mode)
             pick = picked(t, mode)
             nbytes = sum(expert_bytes(ids, t, mode) for ids in routed) / len(inputs)
             for cfg in MODES[mode]:
-                calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg)
-                         for (x, lg), w in zip(inputs, layers)]
+                calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg,
+                                                                  **how) for (x, lg), w in zip(inputs, layers)]
                 us = graph_us(calls, replays=10)
-                row = {"tokens": t, "weights": mode, "block_m": cfg.block_m, "block_n": cfg.block_n,
-                       "block_k": cfg.block_k, "swap": cfg.swap, "picked": cfg == pick, "us": round(us, 1),
+                row = {"tokens": t, "weights": mode, **dataclasses.asdict(cfg), "picked": cfg == pick, "us": round(us, 1),
                        "floor_us": round(nbytes / bandwidth * 1e6, 1), "experts_touched": round(touched, 1),
                        "gbps": round(nbytes / us / 1e3, 1), "of_copy": round(nbytes / us / 1e3 / (bandwidth / 1e9), 3)}
                 rows.append(row)
@@ -169,6 +177,42 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
                       f"{'*' if row['picked'] else ''} | {row['us']} | {row['floor_us']} | {row['experts_touched']} | "
                       f"{row['gbps']} | {row['of_copy']:.1%} |", flush=True)
     return rows
+
+
+def write_table(rows: list[dict]) -> str:
+    """The fastest candidate of each mode at each token count, as buckets of rows per expert (a bucket reaches a
+    measured count; the last serves all), merged into the tile table in force (``moe_configs.table_path``) under
+    this GPU and shape; ``int4_once_rows``: past the last count where the int4 kernels beat dequantizing once
+    (null where they win at the largest)."""
+    best = {}
+    for r in rows:
+        if (r["weights"], r["tokens"]) not in best or r["us"] < best[r["weights"], r["tokens"]]["us"]:
+            best[r["weights"], r["tokens"]] = r
+    fields = [f.name for f in dataclasses.fields(MoeConfig)]
+    buckets = {}
+    for mode in moe_configs.MODES:
+        tokens = sorted(t for m, t in best if m == mode)
+        merged = []
+        for i, t in enumerate(tokens):
+            limit = t * TOP_K / E if i < len(tokens) - 1 else float("inf")
+            cfg = MoeConfig(**{k: best[mode, t][k] for k in fields})
+            merged = merged[:-1] if merged and merged[-1][1] == cfg else merged
+            merged.append((limit, cfg))
+        if merged:
+            buckets[mode] = merged
+    paired = sorted(t for m, t in best if m == "int4" and ("int4-once", t) in best)
+    wins = [t for t in paired if best["int4", t]["us"] <= best["int4-once", t]["us"]]  # the int4 kernels'
+    once_rows = None if paired and wins and wins[-1] == paired[-1] else wins[-1] * TOP_K / E if wins else 0.0
+    path = moe_configs.table_path()
+    table = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    arch = "%d.%d" % torch.cuda.get_device_capability()
+    shapes = table.setdefault("arch", {}).setdefault(arch, {})
+    key = moe_configs.table_key(E, INTER, HIDDEN)
+    shapes[key] = dict(shapes.get(key, {}), **moe_configs.entry_json(buckets, once_rows))
+    table.setdefault("devices", {})[arch] = torch.cuda.get_device_name()
+    Path(path).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"tile table: {path} [{arch}][{key}] <- {', '.join(buckets)}")
+    return path
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -190,6 +234,7 @@ def main():
     p.add_argument("--fp8", action="store_true", help="also FP8 experts (weight_quant), beside bf16")
     p.add_argument("--group", type=int, default=0, help="FP8 columns per scale (default: one scale per row)")
     p.add_argument("--int4", action="store_true", help="also int4 experts (int4_quant, groups of 128), beside bf16")
+    p.add_argument("--write-table", action="store_true", help="merge the winners into the tile table in force")
     args = p.parse_args()
     if args.int4 and (args.fp8 or args.group not in (0, 128)):
         raise SystemExit("--int4 runs beside bf16 alone, in groups of 128: leave out --fp8 and --group")
@@ -210,6 +255,8 @@ def main():
     rows = [] if args.no_timing else timing_rows(tokens, variants, bandwidth)
     failed = [c for c in CHECKS if not c["ok"]]
     print(f"checks: {len(CHECKS) - len(failed)}/{len(CHECKS)} ok")
+    if args.write_table and rows and not failed:
+        write_table(rows)
     write_json(f"moe_kernel_{args.shape}{'_fp8' if args.fp8 else ''}{'_int4' if args.int4 else ''}.json",
                {"device": torch.cuda.get_device_name(), "shape": dict(E=E, top_k=TOP_K, hidden=HIDDEN,
                 intermediate=INTER), "copy_gbps": round(bandwidth / 1e9, 1), "checks": CHECKS, "timing": rows})

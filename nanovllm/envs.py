@@ -81,6 +81,8 @@ _VARIABLES = (
            "Hopper and newer; always off under `TRITON_INTERPRET=1`; `nanovllm/kernels/pdl.py`)", _flag),
     EnvVar("NANOVLLM_MOE_W8A8", True, "`0` keeps FP8 experts weight-only (activations in the model's dtype); `1` "
            "(default): W8A8, activations rounded to e4m3 per 128 columns (`nanovllm/kernels/act_quant.py`)", _flag),
+    EnvVar("NANOVLLM_MOE_TABLE", None, "path of another fused-MoE tile table (what `python -m benchmarks.moe_kernel "
+           "--write-table` writes; default: `nanovllm/kernels/moe_tuned.json`)", _text),
     EnvVar("NANOVLLM_HOPPER_FEATURES", True, "`0` sends a Hopper GPU down the pre-Hopper path: no TMA loads, no "
            "programmatic dependent launch; `1` (default)", _flag),
     EnvVar("NANOVLLM_NPU_GRAPH_MODE", "max-autotune", "torchair's `CompilerConfig().mode` on the NPU: "

@@ -1,13 +1,22 @@
 """Which tiles the Triton fused MoE (``triton_moe.py``) takes for a step: chosen by the mean number of rows each
 expert gets, ``T * top_k / E``, since that, not the token count alone, says how full a block of ``block_m`` rows is.
 
-``BY_ROWS_PER_EXPERT`` maps that mean to a tile set: small tiles while experts get few rows (decode), larger ones
-as they fill; FP8 experts take a wider column tile at decode sizes (``FP8_DECODE``).  Int4 experts take the bf16
-tiles, and past ``INT4_DEQUANTIZE_ROWS`` the bf16 kernels on experts dequantized once.  The thresholds come from
-timing the candidate tile sets on real MoE shapes (``benchmarks/moe_kernel.py``; the measurements are in
-docs/PERFORMANCE.md).
+Each way experts run (a mode: ``bf16``, ``fp8`` weight-only, ``w8a8``, ``int4``) has buckets of that mean, each
+with a tile set.  Measured tables come first: ``benchmarks/moe_kernel.py --write-table`` times the candidates on a
+GPU and writes the winners to ``moe_tuned.json`` beside this file (``KernelOptions.moe_table``,
+``NANOVLLM_MOE_TABLE``, names another), keyed by compute capability, then ``"E,I,H"`` (experts, intermediate,
+hidden), then mode, with ``int4_once_rows``: past that mean, int4 experts are dequantized once into the bf16
+kernels (null: never).  A GPU or shape without an entry, and the CPU, take ``DEFAULTS`` and
+``INT4_DEQUANTIZE_ROWS``.
 """
-from dataclasses import dataclass
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nanovllm.kernels.options import current_options
+
+TABLE_PATH = Path(__file__).with_name("moe_tuned.json")
 
 
 @dataclass(frozen=True)
@@ -25,30 +34,67 @@ BY_ROWS_PER_EXPERT = (  # (at most this many rows per expert on average, config)
     (64, MoeConfig(64, 64, 64, num_warps=4, num_stages=4)),
     (float("inf"), MoeConfig(64, 128, 64, num_warps=8, num_stages=4)),
 )
-# FP8 experts (half the bytes per tile) while experts get at most 16 rows: a wider column tile
-FP8_DECODE = MoeConfig(16, 64, 128)
-W8A8_BY_ROWS = (  # the W8A8 kernels (triton_moe_w8a8.py): block_k is 128, the up GEMM's block_n 128
-    (16, MoeConfig(16, 128, 128, num_warps=4, num_stages=3)),
-    (float("inf"), MoeConfig(32, 128, 128, num_warps=4, num_stages=4)),
-)
-
-
+DEFAULTS = {  # per mode; FP8 experts (half the bytes per tile) take a wider column tile at decode sizes
+    "bf16": BY_ROWS_PER_EXPERT,
+    "int4": BY_ROWS_PER_EXPERT,
+    "fp8": ((16, MoeConfig(16, 64, 128)),) + BY_ROWS_PER_EXPERT[1:],
+    "w8a8": ((16, MoeConfig(16, 128, 128, num_warps=4, num_stages=3)),  # block_k 128; the up GEMM's block_n 128
+             (float("inf"), MoeConfig(32, 128, 128, num_warps=4, num_stages=4))),
+}
+MODES = tuple(DEFAULTS)
 # int4 experts: where experts get more rows than this on average, a step dequantizes them once into x's dtype and
 # runs the bf16 kernels, since the int4 kernels dequantize each weight tile again for every block of rows
 INT4_DEQUANTIZE_ROWS = 256
 
 
-def int4_dequantize_once(num_tokens: int, top_k: int, num_experts: int) -> bool:
-    """Whether a step of ``num_tokens`` tokens dequantizes its int4 experts once (``INT4_DEQUANTIZE_ROWS``)."""
-    return num_tokens * top_k / num_experts > INT4_DEQUANTIZE_ROWS
+def table_key(num_experts: int, inter: int, hidden: int) -> str:
+    return f"{num_experts},{inter},{hidden}"
 
 
-def choose(num_tokens: int, top_k: int, num_experts: int, fp8: bool = False, w8a8: bool = False) -> MoeConfig:
-    """The tiles for a step of ``num_tokens`` tokens routed to ``top_k`` of ``num_experts`` experts each (``fp8``:
-    FP8 experts; ``w8a8``: in the W8A8 kernels)."""
+@functools.lru_cache(maxsize=None)
+def load(path: str) -> dict:
+    """The table at ``path`` as written (``{}`` if there is none): ``{"arch": {cc: {key: entry}}}``."""
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def table_path() -> str:
+    return current_options().moe_table or str(TABLE_PATH)
+
+
+def tuned(arch: str | None, num_experts: int, inter: int, hidden: int) -> dict:
+    """The table's entry for this shape on a GPU of compute capability ``arch`` ("9.0"; None: no GPU) ->
+    ``{mode: ((max_rows, MoeConfig), ...), "int4_once_rows": rows or None}``, empty if it has none."""
+    return {} if arch is None else _tuned(table_path(), arch, table_key(num_experts, inter, hidden))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(path: str, arch: str, key: str) -> dict:
+    raw = load(path).get("arch", {}).get(arch, {}).get(key, {})
+    entry = {mode: tuple((float("inf") if limit is None else limit, MoeConfig(**cfg)) for limit, cfg in raw[mode])
+             for mode in MODES if raw.get(mode)}
+    if "int4_once_rows" in raw:
+        entry["int4_once_rows"] = raw["int4_once_rows"]
+    return entry
+
+
+def entry_json(buckets, once_rows=None) -> dict:
+    """A tuned entry as the table stores it (``buckets``: per mode, ``(max_rows, MoeConfig)`` ascending)."""
+    out = {mode: [[None if limit == float("inf") else limit, asdict(cfg)] for limit, cfg in rows]
+           for mode, rows in buckets.items()}
+    return dict(out, int4_once_rows=once_rows) if "int4" in buckets else out
+
+
+def choose(num_tokens: int, top_k: int, num_experts: int, mode: str = "bf16", entry: dict | None = None) -> MoeConfig:
+    """The tiles for a step of ``num_tokens`` tokens routed to ``top_k`` of ``num_experts`` experts each, run as
+    ``mode``; ``entry``: the measured table's for this shape and GPU (``tuned``), else ``DEFAULTS``."""
     rows = num_tokens * top_k / num_experts
-    if w8a8:
-        return next(cfg for limit, cfg in W8A8_BY_ROWS if rows <= limit)
-    if fp8 and rows <= BY_ROWS_PER_EXPERT[0][0]:
-        return FP8_DECODE
-    return next(cfg for limit, cfg in BY_ROWS_PER_EXPERT if rows <= limit)
+    buckets = (entry or {}).get(mode) or DEFAULTS[mode]
+    return next((cfg for limit, cfg in buckets if rows <= limit), buckets[-1][1])
+
+
+def int4_dequantize_once(num_tokens: int, top_k: int, num_experts: int, entry: dict | None = None) -> bool:
+    """Whether a step of ``num_tokens`` tokens dequantizes its int4 experts once: past the entry's
+    ``int4_once_rows`` (None: never), else ``INT4_DEQUANTIZE_ROWS``, rows per expert."""
+    limit = (entry or {}).get("int4_once_rows", INT4_DEQUANTIZE_ROWS)
+    return limit is not None and num_tokens * top_k / num_experts > limit

@@ -24,6 +24,7 @@ class KernelOptions:
     mps_compile: bool = False  # compile the step on MPS (MPSInductor) instead of running it eagerly
     all_reduce: str = "auto"  # tensor parallelism on CUDA, decode-sized all-reduces: auto, one_shot or nccl
     moe_w8a8: bool = True  # FP8 experts multiply e4m3 activations (act_quant.py); False: weight-only
+    moe_table: str | None = None  # another fused-MoE tile table (None: the one shipped beside the kernels)
 
     @classmethod
     def from_env(cls, env=None) -> "KernelOptions":
@@ -36,7 +37,8 @@ class KernelOptions:
                    npu_graph_mode=get("NANOVLLM_NPU_GRAPH_MODE", env),
                    mps_compile=get("NANOVLLM_MPS_COMPILE", env),
                    all_reduce=get("NANOVLLM_ALLREDUCE", env),
-                   moe_w8a8=get("NANOVLLM_MOE_W8A8", env))
+                   moe_w8a8=get("NANOVLLM_MOE_W8A8", env),
+                   moe_table=get("NANOVLLM_MOE_TABLE", env))
 
     def as_dict(self) -> dict:
         return asdict(self)

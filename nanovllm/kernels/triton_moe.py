@@ -7,12 +7,12 @@ picks the tiles).  A program of ``_grouped_up_kernel`` takes one block and one c
 token rows of x (``pair // top_k``) and writes ``silu(gate) * up`` to the block's rows of the intermediate
 ``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2`` tile, scales each row by its router
 weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
-return at once.  Offsets are int64 where a row index meets a stride; sums are float32, outputs in x's dtype.  ``w2`` may be a transposed view ([E, H, I] over [E, I, H]
-memory, as an expert cache keeps it): a constexpr picks the strided load.  FP8 experts that ``act_quant.moe_w8a8``
-takes run W8A8 (``triton_moe_w8a8.py``); other FP8 (``weight_quant.py``) and int4 experts (``int4_quant.py``: uint8
-``w13``/``w2``, fp16 scales, uint8 zeros) are weight-only, through ``triton_moe_tiles.py``, a K tile inside one
-group (``group_block_k``; ``group_supported`` says when no tile can); from ``moe_configs.INT4_DEQUANTIZE_ROWS``
-rows per expert, int4 experts are dequantized once per step and run as bf16 ones.
+return at once.  Offsets are int64 where a row index meets a stride; sums are float32, outputs in x's dtype.
+``w2`` may be a transposed view ([E, H, I] over [E, I, H] memory, as an expert cache keeps it).  FP8 experts that
+``act_quant.moe_w8a8`` takes run W8A8 (``triton_moe_w8a8.py``); other FP8 (``weight_quant.py``) and int4 experts
+(``int4_quant.py``: uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) are weight-only, through
+``triton_moe_tiles.py``, a K tile inside one group (``group_block_k``; ``group_supported`` says when no tile can),
+or, past ``moe_configs.int4_dequantize_once``'s rows per expert, int4 experts are dequantized once per step.
 """
 import math
 
@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.act_quant import moe_w8a8
-from nanovllm.kernels.moe_configs import MoeConfig, choose, int4_dequantize_once
+from nanovllm.kernels.moe_configs import MoeConfig, choose, int4_dequantize_once, tuned
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
-from nanovllm.kernels.triton_common import _dot_precision
+from nanovllm.kernels.triton_common import _dot_precision, device_capability
 from nanovllm.kernels.triton_moe_tiles import (_block, _finish, _halves, _int4_tile, _k_columns, _oriented,
                                                 _store_weighted, _weight_dot, _zeros)
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
@@ -154,13 +154,32 @@ def _dequantized(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group
     return flat.view(e, n, 2 * half_k)
 
 
+def _entry(x: torch.Tensor, w13: torch.Tensor) -> dict:
+    """The measured tile table's entry for these experts on x's GPU (``moe_configs.tuned``; none off the GPU)."""
+    arch = "%d.%d" % device_capability(x.device) if x.is_cuda else None
+    return tuned(arch, w13.shape[0], w13.shape[1] // 2, x.shape[1])
+
+
+def _plan(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+          w13_zero: torch.Tensor | None, group: int, once: bool | None) -> tuple[MoeConfig, bool]:
+    """(the tiles, whether int4 experts are dequantized once) of a step: ``once`` None asks
+    ``moe_configs.int4_dequantize_once`` (never for a transposed ``w2``), then the tiles of the mode that runs."""
+    mode = "int4" if w13_zero is not None else "bf16" if w13_scale is None else \
+        "w8a8" if moe_w8a8(w13, w13_scale, w13_zero, group) else "fp8"
+    entry = _entry(x, w13)
+    if once is None:
+        once = mode == "int4" and w2.stride(2) == 1 and int4_dequantize_once(x.shape[0], top_k, w13.shape[0], entry)
+    return choose(x.shape[0], top_k, w13.shape[0], "bf16" if once else mode, entry), once
+
+
 def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor, cfg: MoeConfig, w13_scale: torch.Tensor | None = None,
                    w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
-                   w2_zero: torch.Tensor | None = None) -> torch.Tensor:
+                   w2_zero: torch.Tensor | None = None, once: bool = False) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
     -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group``, int4 ones (uint8 ``w13``/``w2``)
-    with their scales, zeros and ``group`` (``group_supported`` must hold)."""
+    with their scales, zeros and ``group`` (``group_supported`` must hold); ``once``: int4 experts are dequantized
+    first and run by the bf16 kernels (``w2`` not transposed)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -181,7 +200,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         s2 = _group_args(w2, w2_scale, group, inter_size, torch.float32)
         per_pair = w8a8_experts(x, layout, weights, w13, w2, s13[0], s2[0], group, cfg, top_k, args)
         return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
-    if int4 and w2.stride(2) == 1 and int4_dequantize_once(num_tokens, top_k, num_experts):
+    if int4 and once:
         w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
         return experts_triton(x, weights, ids, hist, w13, _dequantized(w2, w2_scale, w2_zero, group, x.dtype), cfg)
     quantized = w13_scale is not None
@@ -219,12 +238,13 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
 def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
                      renormalize: bool, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                      group: int = 0, w13_zero: torch.Tensor | None = None, w2_zero: torch.Tensor | None = None,
-                     cfg: MoeConfig | None = None) -> torch.Tensor:
-    """``nanovllm::fused_moe`` in Triton; ``cfg`` (default: ``moe_configs.choose``) picks the tiles."""
-    cfg = cfg or choose(x.shape[0], top_k, w13.shape[0], w13_scale is not None and w13_zero is None,
-                        moe_w8a8(w13, w13_scale, w13_zero, group))
+                     cfg: MoeConfig | None = None, once: bool | None = None) -> torch.Tensor:
+    """``nanovllm::fused_moe`` in Triton; ``cfg`` and ``once`` (``experts_triton``; default: ``_plan``'s) the tiles
+    and whether int4 experts are dequantized first."""
+    planned, once = _plan(x, top_k, w13, w2, w13_scale, w13_zero, group, once)
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
-    return experts_triton(x, weights, ids, hist, w13, w2, cfg, w13_scale, w2_scale, group, w13_zero, w2_zero)
+    return experts_triton(x, weights, ids, hist, w13, w2, cfg or planned, w13_scale, w2_scale, group, w13_zero,
+                          w2_zero, once)
 
 
 def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
@@ -234,8 +254,7 @@ def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
     num_experts = w13.shape[0]
-    cfg = choose(x.shape[0], ids.shape[1], num_experts, w13_scale is not None and w13_zero is None,
-                 moe_w8a8(w13, w13_scale, w13_zero, group))
+    cfg, once = _plan(x, ids.shape[1], w13, w2, w13_scale, w13_zero, group, None)
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
                           chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group, w13_zero,
-                          w2_zero)
+                          w2_zero, once)

@@ -1,0 +1,75 @@
+"""The fused MoE's measured tile table (``nanovllm/kernels/moe_configs.py``): how ``choose`` and
+``int4_dequantize_once`` read an entry for a GPU and shape, the defaults without one, the table a user names with
+``NANOVLLM_MOE_TABLE``, and ``benchmarks/moe_kernel.py --write-table`` turning timed rows into buckets (on CPU, with
+the GPU's name and capability stood in).
+"""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from nanovllm.kernels import moe_configs
+from nanovllm.kernels.moe_configs import DEFAULTS, MoeConfig, choose, int4_dequantize_once, tuned
+from nanovllm.kernels.options import KernelOptions, current_options, set_options
+
+SHAPE = (128, 768, 2048)  # Qwen3-30B-A3B: E, I, H
+
+
+@pytest.fixture
+def table(tmp_path):
+    """A table path in force (NANOVLLM_MOE_TABLE), restored afterwards."""
+    saved = current_options()
+    path = tmp_path / "moe_tuned.json"
+    set_options(KernelOptions.from_env({"NANOVLLM_MOE_TABLE": str(path)}))
+    yield path
+    set_options(saved)
+
+
+def write(path, entry):
+    path.write_text(json.dumps({"arch": {"9.0": {moe_configs.table_key(*SHAPE): entry}}}))
+    moe_configs.load.cache_clear()
+    moe_configs._tuned.cache_clear()
+
+
+def test_defaults_serve_every_mode_without_an_entry(table):
+    assert tuned(None, *SHAPE) == {} and tuned("9.0", *SHAPE) == {}  # the CPU; a GPU the table lacks
+    assert choose(256, 8, 128, "w8a8") == DEFAULTS["w8a8"][0][1] and choose(4096, 8, 128, "w8a8").block_m == 32
+    assert choose(16, 8, 128, "fp8").block_n == 64 and choose(16, 8, 128, "int4") == choose(16, 8, 128, "bf16")
+    rows = moe_configs.INT4_DEQUANTIZE_ROWS
+    assert not int4_dequantize_once(rows * 16, 8, 128) and int4_dequantize_once(rows * 16 + 16, 8, 128)
+
+
+def test_an_entry_decides_for_its_gpu_and_shape_only(table):
+    small, large = MoeConfig(16, 64, 128, swap=True), MoeConfig(64, 128, 64, num_warps=8, num_stages=4)
+    write(table, moe_configs.entry_json({"int4": [(16, small), (float("inf"), large)]}, once_rows=64))
+    entry = tuned("9.0", *SHAPE)
+    assert entry["int4"] == ((16, small), (float("inf"), large)) and entry["int4_once_rows"] == 64
+    assert choose(256, 8, 128, "int4", entry) == small and choose(257, 8, 128, "int4", entry) == large
+    assert choose(256, 8, 128, "bf16", entry) == DEFAULTS["bf16"][0][1]  # a mode the entry lacks
+    assert not int4_dequantize_once(1024, 8, 128, entry) and int4_dequantize_once(1040, 8, 128, entry)
+    assert tuned("8.0", *SHAPE) == {} and tuned("9.0", 8, 14336, 4096) == {}
+    write(table, moe_configs.entry_json({"int4": [(float("inf"), small)]}, once_rows=None))
+    assert not int4_dequantize_once(10 ** 6, 8, 128, tuned("9.0", *SHAPE))  # null: never
+
+
+def test_write_table_keeps_the_fastest_per_count_and_merges(table, monkeypatch):
+    moe_kernel = pytest.importorskip("benchmarks.moe_kernel")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in H100")
+    a, b = MoeConfig(16, 64, 128), MoeConfig(32, 128, 64, swap=True)
+
+    def row(mode, t, cfg, us):
+        return {"weights": mode, "tokens": t, "us": us, **dataclasses.asdict(cfg)}
+    rows = [row("int4", 16, a, 5.0), row("int4", 16, b, 6.0), row("int4", 256, a, 9.0), row("int4", 256, b, 8.0),
+            row("int4", 4096, b, 90.0), row("int4-once", 16, b, 50.0), row("int4-once", 256, b, 20.0),
+            row("int4-once", 4096, b, 60.0), row("w8a8", 16, a, 4.0)]
+    write(table, {"bf16": [[None, dataclasses.asdict(a)]]})  # an entry already there keeps its other modes
+    moe_kernel.write_table(rows)
+    moe_configs.load.cache_clear()
+    moe_configs._tuned.cache_clear()
+    entry = tuned("9.0", *SHAPE)
+    assert entry["int4"] == ((1.0, a), (float("inf"), b))  # 256 and 4096 took b: one bucket
+    assert entry["int4_once_rows"] == 16.0  # the int4 kernels last won at 256 tokens, 16 rows per expert
+    assert entry["w8a8"] == ((float("inf"), a),) and entry["bf16"] == ((float("inf"), a),)
+    assert json.loads(table.read_text())["devices"] == {"9.0": "stand-in H100"}
