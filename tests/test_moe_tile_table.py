@@ -73,3 +73,18 @@ def test_write_table_keeps_the_fastest_per_count_and_merges(table, monkeypatch):
     assert entry["int4_once_rows"] == 16.0  # the int4 kernels last won at 256 tokens, 16 rows per expert
     assert entry["w8a8"] == ((float("inf"), a),) and entry["bf16"] == ((float("inf"), a),)
     assert json.loads(table.read_text())["devices"] == {"9.0": "stand-in H100"}
+
+
+def test_the_shipped_table_loads_and_its_buckets_ascend():
+    raw = moe_configs.load(str(moe_configs.TABLE_PATH))
+    assert raw["arch"], "moe_tuned.json has no GPU"
+    for arch, shapes in raw["arch"].items():
+        assert arch in raw["devices"]
+        for key, entry in shapes.items():
+            e, i, h = map(int, key.split(","))
+            parsed = moe_configs._tuned(str(moe_configs.TABLE_PATH), arch, key)
+            assert set(parsed) - {"int4_once_rows"} <= set(moe_configs.MODES) and parsed, key
+            for mode, buckets in ((m, b) for m, b in parsed.items() if m in moe_configs.MODES):
+                limits = [limit for limit, _ in buckets]
+                assert limits == sorted(limits) and limits[-1] == float("inf"), (key, mode, limits)
+                assert all(cfg.block_k <= max(h, i) and cfg.block_m in (16, 32, 64, 128) for _, cfg in buckets)
