@@ -4,7 +4,10 @@ stored in the block-FP8 layout, against transformers on the dequantized weights 
 Triton kernels serve bfloat16 (the FP8 linear and grouped MoE kernels); float32 takes the twins.
 
 bfloat16 Qwen3-MoE has a second kind of near-tie, the router's: such a divergence passes only when both engines'
-routing shows it (``router_ties.py``).
+routing shows it (``router_ties.py``).  Float32 Qwen3-MoE, whose experts are W8A8, is held to the bfloat16 rule:
+an activation within an ulp of an e4m3 rounding boundary rounds apart in the two engines (their float32 sums differ
+in order), a step of 1/16 (seen on the H100: block-FP8, graph mode, a divergence where transformers' top two were
+0.0076 nats apart).
 """
 import json
 from pathlib import Path
@@ -38,10 +41,13 @@ def block_checkpoint(tmp_path_factory):
 
 
 def failures(verdicts, dtype, path=None, graph=False, **llm_kwargs) -> list[dict]:
-    """The verdicts this test fails: float32 any divergence; bfloat16 one past ``MARGIN``, except for an MoE
-    checkpoint (``path`` given) one a router near-tie explains (``router_ties.moe_failures``)."""
-    if dtype == "float32":
+    """The verdicts this test fails: float32 any divergence; bfloat16 one past ``MARGIN``; for an MoE checkpoint
+    (``path`` given) in either dtype, one past ``MARGIN`` that no router near-tie explains (``router_ties``)."""
+    if dtype == "float32" and path is None:
         return [v for v in verdicts if v["status"] != "identical"]
+    if dtype == "float32":  # oracle.run's float32 verdicts are exact: a divergence within MARGIN is a near-tie here
+        verdicts = [dict(v, status="near-tie") if v["status"] == "MISMATCH" and v["logprob_gap"] <= MARGIN else v
+                    for v in verdicts]
     if path is None:
         return [v for v in verdicts if v["status"] not in ("identical", "near-tie")]
     return router_ties.moe_failures(verdicts, path, dtype, ENGINE, DEVICE, graph, **llm_kwargs)
