@@ -211,8 +211,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     fp16_mma = quantized and not int4 and x.dtype == torch.bfloat16
     scale_dtype = torch.float16 if int4 else torch.float32
     args = dict(BLOCK_N=cfg.block_n, FP16_MMA=fp16_mma, INT4=int4, SWAP=bool(cfg.swap), BLOCK_M=cfg.block_m,
-                GROUP=group,
-                DOT_PRECISION=_dot_precision(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                GROUP=group, DOT_PRECISION=_dot_precision(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **pdl_launch(dev))
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)
     num_blocks = block_expert.shape[0]
