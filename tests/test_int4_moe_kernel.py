@@ -177,8 +177,7 @@ def test_cuda_dispatch_sends_int4_to_triton_where_a_tile_fits(op, monkeypatch):
         assert got.dtype == dtype and rel_err(got, want) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("num_tokens", [1, 40])
-def test_past_the_row_threshold_int4_experts_are_dequantized_once(num_tokens, monkeypatch):
+def test_past_the_row_threshold_int4_experts_are_dequantized_once(monkeypatch, num_tokens=40):
     """Above ``INT4_DEQUANTIZE_ROWS`` rows per expert the step dequantizes every expert once and runs the bf16 kernels
     on them: the twin's weights, so float32 agrees to rounding; at or below it the int4 kernels run; a transposed
     ``w2`` (an expert cache) stays on the int4 kernels."""
