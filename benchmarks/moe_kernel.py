@@ -10,8 +10,8 @@ prefill of 140,000 tokens, whose per-pair rows pass 2**31 elements (the int32-of
 Besides bf16 experts: ``--fp8`` quantizes them (``weight_quant.quantize``, one scale per row as online quantization
 does, or per ``--group`` columns as a block-FP8 checkpoint), run weight-only (``FP8_CANDIDATES``) and W8A8
 (``W8A8_CANDIDATES``, the engine's default); ``--int4`` quantizes them as a GPTQ checkpoint (symmetric, groups of
-128), run by the int4 kernels (``INT4_CANDIDATES``) and dequantized once into the bf16 kernels (``int4-once``,
-``moe_configs.INT4_DEQUANTIZE_ROWS``).  Each mode is checked against its twin; its rows sit beside bf16's.
+128), run by the int4 kernels (``INT4_CANDIDATES``) and dequantized once into the bf16 kernels (``int4-once``;
+where the engine switches: ``moe_configs.int4_dequantize_once``).  Each mode is checked against its twin.
 
 Timing: each candidate captured in a CUDA graph and replayed, cycling over ``--layers`` sets of expert weights
 (1.2 GB each, far past L2, as consecutive layers are in a step).  Bandwidth is the bytes of the experts the
