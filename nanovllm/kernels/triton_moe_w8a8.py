@@ -50,12 +50,8 @@ def _scaled_dot(acc, a, a_scale, w, scale_rows, k0, n_mask, stride_sg, GROUP: tl
     """``acc`` plus e4m3 ``a`` [M, K] times the e4m3 tile ``w`` [N, K] transposed (``SWAP``'s orientation,
     ``triton_moe_tiles._product``), scaled by ``a_scale`` [M] and, unless ``ONE_GROUP`` (then ``_w8a8_finish``), by
     the rows' scales of the weight group holding column ``k0``."""
-    if DOT_PRECISION == "upcast":
-        part = _product(a.to(tl.float32), w.to(tl.float32), "ieee", SWAP)
-    elif SWAP:
-        part = tl.dot(w, tl.trans(a))
-    else:
-        part = tl.dot(a, tl.trans(w))
+    # e4m3 operands: tl.dot's default mode on the GPU ("tf32" has no say below fp32); "upcast" widens them first
+    part = _product(a, w, "upcast" if DOT_PRECISION == "upcast" else "tf32", SWAP)
     if SWAP:
         part = part * a_scale[None, :]
     else:
