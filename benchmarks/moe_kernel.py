@@ -101,18 +101,14 @@ def use(mode: str) -> dict:
     return {"int4": dict(once=False), "int4-once": dict(once=True)}.get(mode, {})
 
 
-def entry() -> dict:
-    """The tile table's entry in force for this shape on this GPU."""
-    return moe_configs.tuned("%d.%d" % torch.cuda.get_device_capability(), E, INTER, HIDDEN)
-
-
-def picked(t: int, mode: str) -> MoeConfig | None:
-    """The tiles the engine runs ``t`` tokens with in ``mode`` (None: it runs another mode)."""
-    if mode.startswith("int4"):
-        once = moe_configs.int4_dequantize_once(t, TOP_K, E, entry())
-        return moe_configs.choose(t, TOP_K, E, "bf16" if once else "int4", entry()) if once == (
-            mode == "int4-once") else None
-    return moe_configs.choose(t, TOP_K, E, mode, entry())
+def picked(x: torch.Tensor, layer, mode: str) -> MoeConfig | None:
+    """The tiles the engine runs ``x`` on ``layer`` with in ``mode`` (``triton_moe.moe_plan``; None: it runs the
+    int4 experts the other way)."""
+    from nanovllm.kernels.triton_moe import moe_plan
+    w13, w2, quant = layer
+    cfg, once = moe_plan(x, TOP_K, w13, w2, quant.get("w13_scale"), quant.get("w13_zero"), quant.get("group", 0),
+                         None)
+    return None if mode.startswith("int4") and once != (mode == "int4-once") else cfg
 
 
 def rel_err(got, want) -> float:
@@ -171,7 +167,7 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
         touched = sum(int(torch.unique(ids).numel()) for ids in routed) / len(inputs)
         for layers, mode in variants:
             how = use(mode)
-            pick = picked(t, mode)
+            pick = picked(inputs[0][0], layers[0], mode)
             nbytes = sum(expert_bytes(ids, t, mode) for ids in routed) / len(inputs)
             for cfg in (c for c in MODES[mode] if (mode, c) not in BROKEN):  # failed checks are neither timed nor kept
                 calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg,

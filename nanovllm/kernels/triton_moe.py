@@ -160,8 +160,8 @@ def _entry(x: torch.Tensor, w13: torch.Tensor) -> dict:
     return tuned(arch, w13.shape[0], w13.shape[1] // 2, x.shape[1])
 
 
-def _plan(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
-          w13_zero: torch.Tensor | None, group: int, once: bool | None) -> tuple[MoeConfig, bool]:
+def moe_plan(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+             w13_zero: torch.Tensor | None, group: int, once: bool | None) -> tuple[MoeConfig, bool]:
     """(the tiles, whether int4 experts are dequantized once) of a step: ``once`` None asks
     ``moe_configs.int4_dequantize_once`` (never for a transposed ``w2``), then the tiles of the mode that runs."""
     mode = "int4" if w13_zero is not None else "bf16" if w13_scale is None else \
@@ -238,9 +238,9 @@ def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
                      renormalize: bool, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                      group: int = 0, w13_zero: torch.Tensor | None = None, w2_zero: torch.Tensor | None = None,
                      cfg: MoeConfig | None = None, once: bool | None = None) -> torch.Tensor:
-    """``nanovllm::fused_moe`` in Triton; ``cfg`` and ``once`` (``experts_triton``; default: ``_plan``'s) the tiles
+    """``nanovllm::fused_moe`` in Triton; ``cfg`` and ``once`` (``experts_triton``; default: ``moe_plan``'s) the tiles
     and whether int4 experts are dequantized first."""
-    planned, once = _plan(x, top_k, w13, w2, w13_scale, w13_zero, group, once)
+    planned, once = moe_plan(x, top_k, w13, w2, w13_scale, w13_zero, group, once)
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg or planned, w13_scale, w2_scale, group, w13_zero,
                           w2_zero, once)
@@ -253,7 +253,7 @@ def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
     num_experts = w13.shape[0]
-    cfg, once = _plan(x, ids.shape[1], w13, w2, w13_scale, w13_zero, group, None)
+    cfg, once = moe_plan(x, ids.shape[1], w13, w2, w13_scale, w13_zero, group, None)
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
                           chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group, w13_zero,
                           w2_zero, once)
