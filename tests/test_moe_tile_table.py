@@ -26,10 +26,15 @@ def table(tmp_path):
     set_options(saved)
 
 
-def write(path, entry):
-    path.write_text(json.dumps({"arch": {"9.0": {moe_configs.table_key(*SHAPE): entry}}}))
+def reread():
+    """Forget the tables read so far (the module caches them by path)."""
     moe_configs.load.cache_clear()
     moe_configs._tuned.cache_clear()
+
+
+def write(path, entry):
+    path.write_text(json.dumps({"arch": {"9.0": {moe_configs.table_key(*SHAPE): entry}}}))
+    reread()
 
 
 def test_defaults_serve_every_mode_without_an_entry(table):
@@ -66,8 +71,7 @@ def test_write_table_keeps_the_fastest_per_count_and_merges(table, monkeypatch):
             row("int4-once", 4096, b, 60.0), row("w8a8", 16, a, 4.0)]
     write(table, {"bf16": [[None, dataclasses.asdict(a)]]})  # an entry already there keeps its other modes
     moe_kernel.write_table(rows)
-    moe_configs.load.cache_clear()
-    moe_configs._tuned.cache_clear()
+    reread()
     entry = tuned("9.0", *SHAPE)
     assert entry["int4"] == ((1.0, a), (float("inf"), b))  # 256 and 4096 took b: one bucket
     assert entry["int4_once_rows"] == 16.0  # the int4 kernels last won at 256 tokens, 16 rows per expert
