@@ -24,6 +24,8 @@ from nanovllm.kernels.triton_common import _quantize_fp8
 from nanovllm.kernels.triton_moe_tiles import (_block, _halves, _k_columns, _oriented, _per_n, _product,
                                                 _store_weighted, _zeros)
 
+QUANTIZE_ROWS = 16  # rows per program of the activation's quantize pass
+
 
 @triton.jit
 def _row_scales(t):
@@ -33,15 +35,19 @@ def _row_scales(t):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, T, K, stride_x, stride_q, stride_s, BLOCK_T: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """``BLOCK_T`` rows of one group of ``BLOCK`` columns: rounded to e4m3 with a scale per row."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.program_id(1)
     offs = g * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = _row_scales(x[None, :])
-    tl.store(q_ptr + row * stride_q + offs, _quantize_fp8(x[None, :], scale[:, None]).reshape(BLOCK), mask=mask)
-    tl.store(s_ptr + row * stride_s + g + tl.arange(0, 1), scale)
+    row_mask = rows < T
+    rows = rows.to(tl.int64)
+    mask = row_mask[:, None] & (offs < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = _row_scales(x)
+    tl.store(q_ptr + rows[:, None] * stride_q + offs[None, :], _quantize_fp8(x, scale[:, None]), mask=mask)
+    tl.store(s_ptr + rows * stride_s + g, scale, mask=row_mask)
 
 
 @triton.jit
@@ -148,8 +154,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = triton.cdiv(k, ACT_GROUP)
     q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
-    if rows:
-        _quantize_rows_kernel[(rows, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0), BLOCK=ACT_GROUP)
+    if rows:  # tiles of 16 rows: a program per row and group (128 elements) left prefill steps far from copy speed
+        _quantize_rows_kernel[(triton.cdiv(rows, QUANTIZE_ROWS), groups)](x, q, s, rows, k, x.stride(0), q.stride(0),
+                                                                          s.stride(0), BLOCK_T=QUANTIZE_ROWS,
+                                                                          BLOCK=ACT_GROUP)
     return q, s
 
 
