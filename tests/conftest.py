@@ -7,9 +7,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # imported without it keeps its library functions (tl.max, tl.sum, ...) compiled, and interpreted kernels that
 # call them fail, so the outcome would depend on which test module pytest happens to import first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (the README's ``-n``) the workers share the cores: one OpenMP thread each, passed on to the
+# processes tests start, since spinning threads of several workers on a core made some tests ten times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
 TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
