@@ -20,7 +20,7 @@ from nanovllm.kernels import moe_configs  # noqa: E402
 from nanovllm.kernels import moe_reference as ref  # noqa: E402
 from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe import fused_moe_triton  # noqa: E402
-from nanovllm.kernels.triton_moe_align import align_triton, route_triton  # noqa: E402
+from nanovllm.kernels.triton_moe_align import align_triton, chunk_scan, route_triton  # noqa: E402
 
 GROUPED = MoeConfig(16, 32, 32)
 
@@ -103,6 +103,13 @@ def test_layout_over_several_routing_chunks_keeps_pair_order_inside_each_expert(
     valid = want[0] >= 0
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     assert torch.equal(got[0][valid], want[0][valid])
+
+
+@pytest.mark.parametrize("chunks,num_experts", [(1, 8), (70, 20), (130, 128)])
+def test_the_chunk_scan_is_torchs_cumsum(chunks, num_experts):
+    """One chunk; chunks and experts that leave partial tiles (64 chunks, 16 experts a tile); several tiles of both."""
+    hist = torch.randint(0, 9, (chunks, num_experts), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(chunk_scan(hist), hist.cumsum(0, dtype=torch.int32))
 
 
 CASES = {
