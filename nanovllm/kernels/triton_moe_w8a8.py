@@ -154,7 +154,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = triton.cdiv(k, ACT_GROUP)
     q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
-    if rows:  # tiles of 16 rows: a program per row and group (128 elements) left prefill steps far from copy speed
+    if rows:
         _quantize_rows_kernel[(triton.cdiv(rows, QUANTIZE_ROWS), groups)](x, q, s, rows, k, x.stride(0), q.stride(0),
                                                                           s.stride(0), BLOCK_T=QUANTIZE_ROWS,
                                                                           BLOCK=ACT_GROUP)
