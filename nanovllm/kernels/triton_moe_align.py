@@ -176,7 +176,8 @@ def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_
     chunks = hist.shape[0]
     assert chunks == triton.cdiv(num_tokens, chunk // top_k), "hist must come from route_triton of these ids"
     if num_pairs:
-        inclusive = chunk_scan(hist.contiguous())
+        hist = hist.contiguous()  # both kernels index it as [chunks, E] rows
+        inclusive = chunk_scan(hist)
         _align_kernel[(chunks,)](ids, hist, inclusive, sorted_ids, block_expert, block_rows, num_pairs, num_experts,
                                  chunks, num_blocks, CHUNK=chunk, BLOCK_P=triton.next_power_of_2(chunk),
                                  BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=64,
