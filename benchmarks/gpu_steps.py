@@ -47,7 +47,7 @@ WEIGHT_ONLY, PROFILE = ("NANOVLLM_MOE_W8A8", "0"), ("benchmarks.profile_run",)  
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
-MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--tokens", "1,16,256,1024,4096")
+MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--tokens", "1,16,256,1024,4096,16384")
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -129,8 +129,7 @@ STEPS = [
     Step("parity-int4", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_int4_weights.py")),
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
-    # two GPUs; the engine suite in two halves (two H100: 172 s; 300 s cut the second), the commands in a third,
-    # each row's limit inside one device call, so a hung test still leaves the call time to report
+    # two GPUs, each row's limit inside one device call (a hung test leaves the call time to report)
     Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "-k", "transformers", TP_TESTS), limit_s=300),
     Step("parity-tp-engine", "tests", "own", "pytest", ("-m", "gpu2", "-k", "not transformers", TP_TESTS),
          limit_s=450),
@@ -145,7 +144,8 @@ STEPS = [
     Step("moe-kernel", "ours", "own", "module", MOE_KERNEL),
     Step("moe-kernel-fp8", "ours", "own", "module", MOE_KERNEL + ("--fp8",)),
     Step("moe-kernel-blockfp8", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128")),
-    Step("moe-kernel-int4", "ours", "own", "module", MOE_SWEEP + ("--int4", "--tokens", "1,16,256,1024,4096,16384")),
+    Step("moe-kernel-w8a8", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128", "--modes", "w8a8")),
+    Step("moe-kernel-int4", "ours", "own", "module", MOE_SWEEP + ("--int4",)),
     Step("moe-kernel-mixtral-int4", "ours", "own", "module", MOE_SWEEP + ("--int4", "--shape", "mixtral")),
     Step("int4-kernel", "ours", "own", "module",
          ("benchmarks.kernel_bench", "--int4", "--rows", "1,16,64,256", "--tokens", "16,256")),

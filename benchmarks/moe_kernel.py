@@ -2,7 +2,8 @@
 Mixtral-8x7B's (E=8, top-2, H=4096, I=14336): exact against the PyTorch twin, and fast against the copy ceiling.
 
     python -m benchmarks.moe_kernel [--shape qwen3-30b-a3b|mixtral] [--tokens 1,16,64,256] [--layers 4] [--fp8]
-                                    [--group G] [--int4] [--write-table]   # $OUT/moe_kernel_<shape>[_fp8][_int4].json
+                                    [--group G] [--int4] [--modes w8a8] [--write-table]
+                                    # $OUT/moe_kernel_<shape>[_fp8][_int4].json
 
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
 token count and at a prefill of 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape) a
@@ -48,12 +49,13 @@ FP8_CANDIDATES = CANDIDATES + [MoeConfig(16, 64, 128), MoeConfig(32, 64, 128), M
                                MoeConfig(16, 128, 128, swap=True), MoeConfig(32, 128, 128, swap=True, num_stages=4)]
 INT4_CANDIDATES = CANDIDATES + [MoeConfig(16, 64, 128, swap=True), MoeConfig(16, 128, 128, swap=True),
                                 MoeConfig(32, 128, 64, swap=True), MoeConfig(64, 128, 64, num_warps=8, swap=True)]
-W8A8_CANDIDATES = [MoeConfig(16, 128, 128, num_stages=3), MoeConfig(16, 128, 128, num_stages=4),
-                   MoeConfig(16, 64, 128, num_stages=4), MoeConfig(16, 128, 128, num_stages=5),
-                   MoeConfig(16, 128, 128, swap=False), MoeConfig(32, 128, 128, num_stages=4),
-                   MoeConfig(32, 128, 128, num_stages=4, swap=False), MoeConfig(64, 128, 128, num_stages=4),
-                   MoeConfig(64, 128, 128, num_warps=8, num_stages=3), MoeConfig(128, 128, 128, num_warps=8,
-                                                                                num_stages=3)]
+W8A8_CANDIDATES = [MoeConfig(16, 128, 128), MoeConfig(16, 128, 128, num_warps=8), MoeConfig(16, 64, 128, num_stages=4),
+                   MoeConfig(32, 128, 128, num_stages=4), MoeConfig(32, 128, 128, num_warps=8, num_stages=4),
+                   MoeConfig(32, 64, 128, num_warps=8, num_stages=4), MoeConfig(64, 128, 128, num_warps=8),
+                   MoeConfig(64, 128, 128, num_warps=8, swap=True), MoeConfig(64, 256, 128, num_warps=8, swap=True)]
+W8A8_DOWN = [MoeConfig(0, 64, 128), MoeConfig(0, 64, 128, num_stages=4), MoeConfig(0, 128, 128, num_stages=4),
+             MoeConfig(0, 256, 128, num_warps=8), MoeConfig(0, 256, 128, num_warps=8, swap=False),
+             MoeConfig(0, 128, 128, swap=False)]  # the down GEMM's own tiles, tried on each count's fastest W8A8 set
 MODES = {"bf16": CANDIDATES, "fp8": FP8_CANDIDATES, "w8a8": W8A8_CANDIDATES, "int4": INT4_CANDIDATES,
          "int4-once": CANDIDATES}  # the candidates of each way experts run
 CHECKS: list[dict] = []
@@ -143,7 +145,7 @@ def check_exactness(tokens: list[int], variants: list) -> None:
                     BROKEN.add((mode, cfg))
             check(f"{name} ops.fused_moe (registered)",
                   rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True, **quant), want))
-    if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31:
+    if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31 or variants[0][1] != "bf16":
         return
     big = BIG_TOKENS
     w13, w2, _ = variants[0][0]
@@ -155,11 +157,17 @@ def check_exactness(tokens: list[int], variants: list) -> None:
     del x, logits, got
 
 
+def down_variants(best: MoeConfig) -> list[MoeConfig]:
+    """``best`` with each of ``W8A8_DOWN``'s tiles for its down GEMM."""
+    return [dataclasses.replace(best, down=dataclasses.replace(d, block_m=best.block_m)) for d in W8A8_DOWN]
+
+
 def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dict]:
-    """``variants``: per mode, its ``--layers`` layers and the mode."""
+    """``variants``: per mode, its ``--layers`` layers and the mode.  W8A8's fastest tile set at each count is then
+    timed with each of ``W8A8_DOWN``'s down tiles, each checked first."""
     from nanovllm.kernels.triton_moe import fused_moe_triton
-    print("| T | weights | block_m | block_n | block_k | swap | pick | us | floor us | experts | GB/s | of copy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | weights | block_m | block_n | block_k | swap | down: n, warps, stages, swap | pick | us | floor us | "
+          "experts | GB/s | of copy |\n" + "|---" * 13 + "|")
     rows = []
     for t in tokens:
         inputs = [make_inputs(t, seed=100 * t + i) for i in range(len(variants[0][0]))]
@@ -169,7 +177,8 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
             how = use(mode)
             pick = picked(inputs[0][0], layers[0], mode)
             nbytes = sum(expert_bytes(ids, t, mode) for ids in routed) / len(inputs)
-            for cfg in (c for c in MODES[mode] if (mode, c) not in BROKEN):  # failed checks are neither timed nor kept
+
+            def timed(cfg):
                 calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg,
                                                                   **how) for (x, lg), w in zip(inputs, layers)]
                 us = graph_us(calls, replays=10)
@@ -177,10 +186,22 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
                        "us": round(us, 1),
                        "floor_us": round(nbytes / bandwidth * 1e6, 1), "experts_touched": round(touched, 1),
                        "gbps": round(nbytes / us / 1e3, 1), "of_copy": round(nbytes / us / 1e3 / (bandwidth / 1e9), 3)}
-                rows.append(row)
+                d = cfg.down
                 print(f"| {t} | {mode} | {cfg.block_m} | {cfg.block_n} | {cfg.block_k} | {cfg.swap} | "
-                      f"{'*' if row['picked'] else ''} | {row['us']} | {row['floor_us']} | {row['experts_touched']} | "
-                      f"{row['gbps']} | {row['of_copy']:.1%} |", flush=True)
+                      f"{d and (d.block_n, d.num_warps, d.num_stages, d.swap)} | {'*' if row['picked'] else ''} | "
+                      f"{row['us']} | {row['floor_us']} | {row['experts_touched']} | {row['gbps']} | "
+                      f"{row['of_copy']:.1%} |", flush=True)
+                rows.append(row)
+                return us, cfg
+            # failed checks are neither timed nor kept
+            results = [timed(c) for c in MODES[mode] if (mode, c) not in BROKEN]
+            if mode == "w8a8" and results:
+                (x, lg), (w13, w2, quant) = inputs[0], layers[0]
+                want = fused_moe_reference(x, lg, w13, w2, TOP_K, True, **quant)
+                for cfg in down_variants(min(results, key=lambda r: r[0])[1]):
+                    if check(f"T={t} w8a8 {cfg}"[:120], rel_err(fused_moe_triton(x, lg, w13, w2, TOP_K, True, **quant,
+                                                                                  cfg=cfg, **how), want)):
+                        timed(cfg)
     return rows
 
 
@@ -200,7 +221,7 @@ def write_table(rows: list[dict]) -> str:
         merged = []
         for i, t in enumerate(tokens):
             limit = t * TOP_K / E if i < len(tokens) - 1 else float("inf")
-            cfg = MoeConfig(**{k: best[mode, t][k] for k in fields})
+            cfg = MoeConfig.from_json({k: best[mode, t][k] for k in fields})
             merged = merged[:-1] if merged and merged[-1][1] == cfg else merged
             merged.append((limit, cfg))
         if merged:
@@ -240,6 +261,7 @@ def main():
     p.add_argument("--group", type=int, default=0, help="FP8 columns per scale (default: one scale per row)")
     p.add_argument("--int4", action="store_true", help="also int4 experts (int4_quant, groups of 128), beside bf16")
     p.add_argument("--write-table", action="store_true", help="merge the winners into the tile table in force")
+    p.add_argument("--modes", default="", help="only these of the modes (comma-separated, e.g. w8a8)")
     args = p.parse_args()
     if args.int4 and (args.fp8 or args.group not in (0, 128)):
         raise SystemExit("--int4 runs beside bf16 alone, in groups of 128: leave out --fp8 and --group")
@@ -253,6 +275,9 @@ def main():
     if args.fp8 or args.int4:
         quant = [quantized(layer, args.int4) for layer in layers]
         variants += [(quant, mode) for mode in (("int4", "int4-once") if args.int4 else ("fp8", "w8a8"))]
+    variants = [v for v in variants if not args.modes or v[1] in args.modes.split(",")]
+    if not variants:
+        raise SystemExit(f"--modes {args.modes!r} names none of this run's modes")
     print(f"== exactness ({', '.join(m for _, m in variants)}; against fused_moe_reference)", flush=True)
     check_exactness(tokens, [(v[0], mode) for v, mode in variants])
     bandwidth = copy_bandwidth()

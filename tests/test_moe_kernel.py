@@ -2,7 +2,7 @@
 routing, layout and grouped GEMMs against the twin, on CPU under the Triton interpreter (tiny shapes: it is
 slow).  Cases: random routing, every token on one expert, experts that get no token, top-k equal to the number
 of experts, padded rows (zero inputs, tied logits), a row of NaN logits, several routing chunks, dims that are
-not tile multiples.
+not tile multiples; the down GEMM on tiles of its own (``MoeConfig.down``).
 
 The GPU check and timing at Qwen3-30B-A3B's and Mixtral's shapes is benchmarks/moe_kernel.py.
 """
@@ -121,8 +121,12 @@ CASES = {
 }
 
 
+OWN_DOWN = MoeConfig(16, 32, 32, down=MoeConfig(16, 64, 16, num_warps=2, swap=True))  # the down GEMM's own tiles
+
+
+@pytest.mark.parametrize("cfg", [GROUPED, OWN_DOWN], ids=["shared_tiles", "own_down_tiles"])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_moe_matches_the_twin(case, cfg=GROUPED):
+def test_triton_moe_matches_the_twin(case, cfg):
     kw = dict(CASES[case])
     top_k = kw.pop("top_k")
     x, logits, w13, w2 = make_case(**kw)

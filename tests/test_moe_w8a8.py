@@ -66,7 +66,9 @@ def experts(hidden, inter, group, seed):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("num_tokens", [1, 7, 40])  # 1: six of eight experts get no token; 7: partial blocks
-@pytest.mark.parametrize("cfg", [MoeConfig(16, 64, 128), MoeConfig(64, 128, 128)], ids=["swapped", "plain"])
+@pytest.mark.parametrize("cfg", [MoeConfig(16, 64, 128), MoeConfig(64, 128, 128),
+                                 MoeConfig(32, 128, 128, down=MoeConfig(32, 64, 128, num_stages=4, swap=False))],
+                         ids=["swapped", "plain", "own_down_tiles"])
 def test_w8a8_kernels_match_the_twin(shape, num_tokens, cfg):
     hidden, inter, group = SHAPES[shape]
     w13, s13, w2, s2 = experts(hidden, inter, group, seed=num_tokens)

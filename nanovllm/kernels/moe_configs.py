@@ -27,6 +27,27 @@ class MoeConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap: bool | None = None  # the weight tile is the MMA's A operand (triton_moe_tiles.py); None: the kernel's rule
+    down: "MoeConfig | None" = None  # the down GEMM's own tiles (the same block_m: both read one layout); None: these
+
+    def __post_init__(self):
+        if self.down is not None and (self.down.block_m != self.block_m or self.down.down is not None):
+            raise ValueError(f"down tiles {self.down} need block_m {self.block_m} and no down of their own")
+
+    @property
+    def down_tiles(self) -> "MoeConfig":
+        """The tiles the down GEMM runs with."""
+        return self.down or self
+
+    def launch(self, swap_below: int = 0) -> dict:
+        """A GEMM's launch keywords from these tiles (block_n apart): ``swap`` None swaps below ``swap_below`` rows."""
+        swap = self.block_m < swap_below if self.swap is None else self.swap
+        return dict(SWAP=swap, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "MoeConfig":
+        """A config as ``entry_json`` stores it (``down`` nested, or null or absent)."""
+        down = raw.get("down")
+        return cls(**dict(raw, down=None if down is None else cls(**down)))
 
 
 BY_ROWS_PER_EXPERT = (  # (at most this many rows per expert on average, config), ascending; the last serves all
@@ -38,8 +59,10 @@ DEFAULTS = {  # per mode; FP8 experts (half the bytes per tile) take a wider col
     "bf16": BY_ROWS_PER_EXPERT,
     "int4": BY_ROWS_PER_EXPERT,
     "fp8": ((16, MoeConfig(16, 64, 128)),) + BY_ROWS_PER_EXPERT[1:],
-    "w8a8": ((16, MoeConfig(16, 128, 128, num_warps=4, num_stages=3)),  # block_k 128; the up GEMM's block_n 128
-             (float("inf"), MoeConfig(32, 128, 128, num_warps=4, num_stages=4))),
+    # block_k 128, the up GEMM's block_n 128 (one activation group); an H100's best at Qwen3-30B-A3B's shape
+    "w8a8": ((16, MoeConfig(32, 64, 128, num_warps=8, num_stages=4, down=MoeConfig(32, 64, 128, num_stages=4))),
+             (float("inf"), MoeConfig(64, 256, 128, num_warps=8, swap=True,
+                                      down=MoeConfig(64, 256, 128, num_warps=8, swap=False)))),
 }
 MODES = tuple(DEFAULTS)
 # int4 experts: where experts get more rows than this on average, a step dequantizes them once into x's dtype and
@@ -71,8 +94,8 @@ def tuned(arch: str | None, num_experts: int, inter: int, hidden: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def _tuned(path: str, arch: str, key: str) -> dict:
     raw = load(path).get("arch", {}).get(arch, {}).get(key, {})
-    entry = {mode: tuple((float("inf") if limit is None else limit, MoeConfig(**cfg)) for limit, cfg in raw[mode])
-             for mode in MODES if raw.get(mode)}
+    entry = {mode: tuple((float("inf") if limit is None else limit, MoeConfig.from_json(cfg))
+                         for limit, cfg in raw[mode]) for mode in MODES if raw.get(mode)}
     if "int4_once_rows" in raw:
         entry["int4_once_rows"] = raw["int4_once_rows"]
     return entry

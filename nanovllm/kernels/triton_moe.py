@@ -193,8 +193,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     if num_tokens == 0:
         return torch.zeros_like(x)
     if moe_w8a8(w13, w13_scale, w13_zero, group):
-        args = dict(DOT_PRECISION=_dot_precision(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    **pdl_launch(dev))
+        args = dict(DOT_PRECISION=_dot_precision(x), **pdl_launch(dev))
         layout = align_triton(ids, hist, num_experts, cfg.block_m)
         s13 = _group_args(w13, w13_scale, group, hidden, torch.float32)
         s2 = _group_args(w2, w2_scale, group, inter_size, torch.float32)
@@ -205,13 +204,13 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         return experts_triton(x, weights, ids, hist, w13, _dequantized(w2, w2_scale, w2_zero, group, x.dtype), cfg)
     quantized = w13_scale is not None
     group = group if quantized else 0
+    down = cfg.down_tiles
     up_k = group_block_k(cfg.block_k, group, hidden) if quantized else cfg.block_k
-    down_k = group_block_k(cfg.block_k, group, inter_size) if quantized else cfg.block_k
+    down_k = group_block_k(down.block_k, group, inter_size) if quantized else down.block_k
     assert up_k and down_k, f"no K tile fits group {group} (group_supported)"
     fp16_mma = quantized and not int4 and x.dtype == torch.bfloat16
     scale_dtype = torch.float16 if int4 else torch.float32
-    args = dict(BLOCK_N=cfg.block_n, FP16_MMA=fp16_mma, INT4=int4, SWAP=bool(cfg.swap), BLOCK_M=cfg.block_m,
-                GROUP=group, DOT_PRECISION=_dot_precision(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    args = dict(FP16_MMA=fp16_mma, INT4=int4, BLOCK_M=cfg.block_m, GROUP=group, DOT_PRECISION=_dot_precision(x),
                 **pdl_launch(dev))
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)
     num_blocks = block_expert.shape[0]
@@ -223,14 +222,15 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     _grouped_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
         x, w13, s13[0], z13[0], sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0),
         w13.stride(0), w13.stride(1), *s13[1:], *z13[1:], inter.stride(0), TOP_K=top_k, ONE_GROUP=group >= hidden,
-        BLOCK_K=up_k, **args)
+        BLOCK_K=up_k, BLOCK_N=cfg.block_n, **cfg.launch(), **args)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
     s2 = _group_args(w2, w2_scale, group, inter_size, scale_dtype)
     z2 = _group_args(w2, w2_zero, group, inter_size, torch.uint8)
-    _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
+    _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, down.block_n))](
         inter, w2, s2[0], z2[0], sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden,
         inter.stride(0), *w2.stride(), *s2[1:], *z2[1:], per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
-        ONE_GROUP=group >= inter_size, BLOCK_K=down_k, **args)
+        ONE_GROUP=group >= inter_size, BLOCK_K=down_k, BLOCK_N=down.block_n, **down.launch(),
+        **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
 
 

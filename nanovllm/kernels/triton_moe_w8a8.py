@@ -25,6 +25,7 @@ from nanovllm.kernels.triton_moe_tiles import (_block, _halves, _k_columns, _ori
                                                 _store_weighted, _zeros)
 
 QUANTIZE_ROWS = 16  # rows per program of the activation's quantize pass
+SWAP_BELOW = 64  # MoeConfig.swap None: blocks of fewer rows swap the operands
 
 
 @triton.jit
@@ -164,8 +165,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def w8a8_experts(x, layout, weights, w13, w2, w13_scale, w2_scale, group: int, cfg, top_k: int,
                  args: dict) -> torch.Tensor:
     """The experts of routed pairs in W8A8 -> per-pair rows [T * top_k, H] in x's dtype.  ``layout``:
-    ``align_triton``'s (sorted ids, block experts, block rows) at ``cfg.block_m``; ``args``: the launch keywords
-    (``DOT_PRECISION``, warps, stages, PDL)."""
+    ``align_triton``'s (sorted ids, block experts, block rows) at ``cfg.block_m``; ``cfg.down_tiles`` the down
+    GEMM's; ``args``: the launch keywords both share (``DOT_PRECISION``, PDL)."""
     num_tokens, hidden = x.shape
     inter_size = w13.shape[1] // 2
     sorted_ids, block_expert, block_rows = layout
@@ -174,15 +175,17 @@ def w8a8_experts(x, layout, weights, w13, w2, w13_scale, w2_scale, group: int, c
     slots = num_blocks * cfg.block_m
     inter = torch.empty(slots, inter_size, dtype=torch.float8_e4m3fn, device=x.device)
     inter_s = torch.empty(slots, triton.cdiv(inter_size, ACT_GROUP), dtype=torch.float32, device=x.device)
-    swap = cfg.block_m < 64 if cfg.swap is None else cfg.swap
-    tiles = dict(SWAP=swap, BLOCK_M=cfg.block_m, BLOCK_K=ACT_GROUP, GROUP=group, **args)
+    down = cfg.down_tiles
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_K=ACT_GROUP, GROUP=group, **args)
     _w8a8_up_kernel[(num_blocks, triton.cdiv(inter_size, ACT_GROUP))](
         xq, xs, w13, w13_scale, sorted_ids, block_expert, block_rows, inter, inter_s, inter_size, hidden,
         xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), *w13_scale.stride(), inter.stride(0),
-        inter_s.stride(0), TOP_K=top_k, ONE_GROUP=group >= hidden, BLOCK_N=ACT_GROUP, **tiles)
+        inter_s.stride(0), TOP_K=top_k, ONE_GROUP=group >= hidden, BLOCK_N=ACT_GROUP, **cfg.launch(SWAP_BELOW),
+        **tiles)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
-    _w8a8_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
+    _w8a8_down_kernel[(num_blocks, triton.cdiv(hidden, down.block_n))](
         inter, inter_s, w2, w2_scale, sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden,
         inter.stride(0), inter_s.stride(0), *w2.stride(), *w2_scale.stride(), per_pair.stride(0),
-        W2_STRIDED_K=w2.stride(2) != 1, ONE_GROUP=group >= inter_size, BLOCK_N=cfg.block_n, **tiles)
+        W2_STRIDED_K=w2.stride(2) != 1, ONE_GROUP=group >= inter_size, BLOCK_N=down.block_n,
+        **down.launch(SWAP_BELOW), **tiles)
     return per_pair
