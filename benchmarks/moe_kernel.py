@@ -1,8 +1,9 @@
-"""The fused MoE's Triton kernels on a GPU, at Qwen3-30B-A3B's shape (E=128, top-8, H=2048, I=768, bf16) or
-Mixtral-8x7B's (E=8, top-2, H=4096, I=14336): exact against the PyTorch twin, and fast against the copy ceiling.
+"""The fused MoE's Triton kernels on a GPU, at Qwen3-30B-A3B's shape (E=128, top-8, H=2048, I=768, bf16),
+Mixtral-8x7B's (E=8, top-2, H=4096, I=14336) or Qwen3-235B-A22B's (E=128, top-8, H=4096, I=1536): exact against the
+PyTorch twin, and fast against the copy ceiling.
 
-    python -m benchmarks.moe_kernel [--shape qwen3-30b-a3b|mixtral] [--tokens 1,16,64,256] [--layers 4] [--fp8]
-                                    [--group G] [--int4] [--modes w8a8] [--write-table]
+    python -m benchmarks.moe_kernel [--shape qwen3-30b-a3b|mixtral|qwen3-235b-a22b] [--tokens 1,16,64,256] [--fp8]
+                                    [--layers 4] [--group G] [--int4] [--modes w8a8] [--write-table]
                                     # $OUT/moe_kernel_<shape>[_fp8][_int4].json
 
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
@@ -36,7 +37,8 @@ from nanovllm.kernels.moe_configs import MoeConfig
 from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 
 DEV = "cuda"
-SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336)}  # E, top-k, H, I
+SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336),  # E, top-k, H, I
+          "qwen3-235b-a22b": (128, 8, 4096, 1536)}
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
 GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main() (int4: 128)
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
