@@ -6,22 +6,19 @@ PyTorch twin, and fast against the copy ceiling.
                                     [--layers 4] [--group G] [--int4] [--modes w8a8] [--write-table]
                                     # $OUT/moe_kernel_<shape>[_fp8][_int4].json
 
-Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each
-token count and at a prefill of 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape) a
-prefill of 140,000 tokens, whose per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its end.
-Besides bf16 experts: ``--fp8`` quantizes them (``weight_quant.quantize``, one scale per row as online quantization
-does, or per ``--group`` columns as a block-FP8 checkpoint), run weight-only (``FP8_CANDIDATES``) and W8A8
-(``W8A8_CANDIDATES``, the engine's default); ``--int4`` quantizes them as a GPTQ checkpoint (symmetric, groups of
-128), run by the int4 kernels (``INT4_CANDIDATES``) and dequantized once into the bf16 kernels (``int4-once``;
-where the engine switches: ``moe_configs.int4_dequantize_once``).  Each mode is checked against its twin.
+Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each token count and
+at 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape, bf16) 140,000 tokens, whose
+per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its end.  ``--fp8`` quantizes the experts
+(``weight_quant.quantize``: a scale per row as online quantization, or per ``--group`` columns as block FP8), run
+weight-only (``FP8_CANDIDATES``) and W8A8 (``W8A8_CANDIDATES``, the engine's default; then ``W8A8_DOWN``'s down
+tiles on each count's fastest); ``--int4`` as a GPTQ checkpoint (symmetric, groups of 128), run by the int4 kernels
+(``INT4_CANDIDATES``) and dequantized once (``int4-once``, ``moe_configs.int4_dequantize_once``).
 
-Timing: each candidate captured in a CUDA graph and replayed, cycling over ``--layers`` sets of expert weights
-(1.2 GB each, far past L2, as consecutive layers are in a step).  Bandwidth is the bytes of the experts the
-routing touched (each once, quantized ones with their scales and zeros) plus activations, over the time; ``floor``
-is the time those bytes take at the copy bandwidth.  The ``pick`` column marks what the engine dispatches to
-(``moe_configs``); ``--write-table`` merges the fastest of each mode and token count into the tile table in force
-(``moe_tuned.json``, or ``NANOVLLM_MOE_TABLE``); a candidate that failed a check is neither timed nor kept.  Exits
-non-zero if a check fails.
+Timing: each candidate in a CUDA graph, cycling over ``--layers`` sets of expert weights (far past L2, as layers
+are).  Bandwidth: the bytes of the experts the routing touched (each once, with scales and zeros) plus activations,
+over the time; ``floor``: those bytes at the copy bandwidth; ``pick``: what the engine dispatches to.
+``--write-table`` merges the fastest of each mode and token count into the tile table in force (``moe_tuned.json``,
+or ``NANOVLLM_MOE_TABLE``); a failed candidate is neither timed nor kept.  Exits non-zero if a check fails.
 """
 import argparse
 import dataclasses
@@ -125,6 +122,21 @@ def check(case: str, err: float, limit: float = 2e-2) -> bool:
     return err < limit
 
 
+def check_tiles(name: str, mode: str, cfg: MoeConfig, x, logits, layer, how: dict, want) -> bool:
+    """``cfg`` on ``layer`` against the twin's ``want``; a set that fails, or cannot compile or run, joins BROKEN."""
+    from nanovllm.kernels.triton_moe import fused_moe_triton
+    try:
+        err = rel_err(fused_moe_triton(x, logits, *layer[:2], TOP_K, True, **layer[2], cfg=cfg, **how), want)
+    except Exception as e:  # noqa: BLE001 - a candidate that cannot compile or run is a failed check
+        print(f"  {type(e).__name__}: {str(e)[:300]}")
+        err = float("inf")
+    d = cfg.down
+    if not check(f"{name} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k} swap={cfg.swap} down="
+                 f"{d and (d.block_n, d.num_warps, d.num_stages, d.swap)}", err):
+        BROKEN.add((mode, cfg))
+    return (mode, cfg) not in BROKEN
+
+
 def check_exactness(tokens: list[int], variants: list) -> None:
     """Each candidate of each mode on its first layer (``variants``: (layer, mode)) against the twin."""
     from nanovllm.kernels import ops
@@ -138,13 +150,7 @@ def check_exactness(tokens: list[int], variants: list) -> None:
             name = f"T={t} {mode}"
             want = fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
             for cfg in MODES[mode]:
-                try:
-                    err = rel_err(fused_moe_triton(x, logits, w13, w2, TOP_K, True, **quant, cfg=cfg, **how), want)
-                except Exception as e:  # noqa: BLE001 - a candidate that cannot compile or run is a failed check
-                    print(f"  {type(e).__name__}: {str(e)[:300]}")
-                    err = float("inf")
-                if not check(f"{name} block_m={cfg.block_m} n={cfg.block_n} k={cfg.block_k} swap={cfg.swap}", err):
-                    BROKEN.add((mode, cfg))
+                check_tiles(name, mode, cfg, x, logits, (w13, w2, quant), how, want)
             check(f"{name} ops.fused_moe (registered)",
                   rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True, **quant), want))
     if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31 or variants[0][1] != "bf16":
@@ -159,14 +165,8 @@ def check_exactness(tokens: list[int], variants: list) -> None:
     del x, logits, got
 
 
-def down_variants(best: MoeConfig) -> list[MoeConfig]:
-    """``best`` with each of ``W8A8_DOWN``'s tiles for its down GEMM."""
-    return [dataclasses.replace(best, down=dataclasses.replace(d, block_m=best.block_m)) for d in W8A8_DOWN]
-
-
 def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dict]:
-    """``variants``: per mode, its ``--layers`` layers and the mode.  W8A8's fastest tile set at each count is then
-    timed with each of ``W8A8_DOWN``'s down tiles, each checked first."""
+    """``variants``: per mode, its ``--layers`` layers and the mode; W8A8 then tries ``W8A8_DOWN`` (checked first)."""
     from nanovllm.kernels.triton_moe import fused_moe_triton
     print("| T | weights | block_m | block_n | block_k | swap | down: n, warps, stages, swap | pick | us | floor us | "
           "experts | GB/s | of copy |\n" + "|---" * 13 + "|")
@@ -195,14 +195,14 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
                       f"{row['of_copy']:.1%} |", flush=True)
                 rows.append(row)
                 return us, cfg
-            # failed checks are neither timed nor kept
-            results = [timed(c) for c in MODES[mode] if (mode, c) not in BROKEN]
+            results = [timed(c) for c in MODES[mode] if (mode, c) not in BROKEN]  # failed: neither timed nor kept
             if mode == "w8a8" and results:
                 (x, lg), (w13, w2, quant) = inputs[0], layers[0]
                 want = fused_moe_reference(x, lg, w13, w2, TOP_K, True, **quant)
-                for cfg in down_variants(min(results, key=lambda r: r[0])[1]):
-                    if check(f"T={t} w8a8 {cfg}"[:120], rel_err(fused_moe_triton(x, lg, w13, w2, TOP_K, True, **quant,
-                                                                                  cfg=cfg, **how), want)):
+                best = min(results, key=lambda r: r[0])[1]
+                for d in W8A8_DOWN:
+                    cfg = dataclasses.replace(best, down=dataclasses.replace(d, block_m=best.block_m))
+                    if check_tiles(f"T={t} w8a8", mode, cfg, x, lg, layers[0], how, want):
                         timed(cfg)
     return rows
 
