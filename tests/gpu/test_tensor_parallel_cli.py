@@ -93,6 +93,8 @@ def test_precompile_writes_both_ranks_entries_and_exits(tmp_path, model):
 
 def test_the_server_answers_and_ends_on_ctrl_c(tmp_path, model):
     httpx = pytest.importorskip("httpx")
+    for module in ("fastapi", "uvicorn", "pydantic"):  # the `serve` extra (setup.py): carried as wheels to a GPU
+        pytest.importorskip(module, reason=f"the server needs the `serve` extra; {module} is missing")
     with running_server(model, tmp_path, "--tensor-parallel-size", "2", "--device", "cuda", *SMALL) as base:
         r = httpx.post(base + "/v1/chat/completions", timeout=120,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
