@@ -6,10 +6,9 @@ A row names a model, a workload, an engine and flags.  Models: ``default`` (benc
 the last two with dummy weights (``NAME+gptq`` / ``NAME+awq``: the config with an int4 ``quantization_config``),
 ``fp8:NAME`` (``synthesize NAME --quantize fp8``: a block-FP8 checkpoint on disk, which both engines load as it is)
 or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
-Engines: ``ours``, ``vllm`` (vLLM staged per ../shared/peers/README.md: its packages in ``Context.site``, its
-scripts in ``Context.peers``) or ``tests``.  ``commands(step, ctx)`` turns a row into the commands of one run (a
-server runs in the background while its clients run); each writes its JSON into the run's folder, its ``$OUT``.
-A new GPU comparison is a new row, not a new script.
+Engines: ``ours``, ``vllm`` (staged per ../shared/peers/README.md into ``Context.site`` and ``.peers``) or ``tests``.
+``commands(step, ctx)`` turns a row into the commands of one run (a server's clients run while it serves), each
+writing its JSON into its run's folder, its ``$OUT``.  A new GPU comparison is a new row, not a new script.
 """
 import json
 import os
@@ -145,6 +144,8 @@ STEPS = [
     Step("moe-kernel-fp8", "ours", "own", "module", MOE_KERNEL + ("--fp8",)),
     Step("moe-kernel-blockfp8", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128")),
     Step("moe-kernel-w8a8", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128", "--modes", "w8a8")),
+    Step("matmul-fp8-30b", "ours", "own", "module", ("benchmarks.matmul_sweep", "--fp8", "--group", "128",
+                                                     "--preset", "qwen3-30b-a3b", "--shapes", "qkv,o")),
     Step("moe-kernel-int4", "ours", "own", "module", MOE_SWEEP + ("--int4",)),
     Step("moe-kernel-mixtral-int4", "ours", "own", "module", MOE_SWEEP + ("--int4", "--shape", "mixtral")),
     Step("int4-kernel", "ours", "own", "module",
@@ -166,8 +167,7 @@ class Command:
 
 @dataclass
 class Context:
-    """Where a run happens: its folder, the source tree of our engine, vLLM's staging, and whether to prepare
-    models (a dry run only names them)."""
+    """Where a run happens: its folder, our source tree, vLLM's staging; ``dry``: models named, not written."""
     run_dir: Path
     tree: Path
     peers: Path

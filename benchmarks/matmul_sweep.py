@@ -2,13 +2,16 @@
 
     python -m benchmarks.matmul_sweep                      # Qwen3-0.6B shapes, the default decode buckets
     python -m benchmarks.matmul_sweep --preset llama-3.2-1b --buckets 2,8,64,256
+    python -m benchmarks.matmul_sweep --fp8 --group 128 --preset qwen3-30b-a3b --shapes qkv,o   # FP8 weights
 
 For each projection of the model (qkv, o, gate/up with the fused SiLU-and-multiply, down, LM head) and each
 batch size, it checks every candidate against ``F.linear`` (relative error < 1e-2) and times it as the engine
 runs it: a CUDA graph of one launch per layer, each on its own weight tensor (so nothing is served from L2
 that a real step would read from memory), replayed.  The baseline is cuBLAS (``F.linear``; for gate/up plus
 the unfused SiLU-and-multiply kernel).  A Triton config enters the table only where it beats the baseline by
-``--margin``.  Writes all timings to ``$OUT/matmul_sweep.json`` and the winners into the dispatch table
+``--margin``.  ``--fp8`` sweeps FP8 weights (``weight_quant.quantize``, ``--group`` columns per scale, 0: one per
+row) against the large-M path they replace (dequantize + cuBLAS), swapped tiles among the candidates, and writes
+rows under the FP8 key.  Writes all timings to ``$OUT/matmul_sweep.json`` and the winners into the dispatch table
 (``nanovllm/kernels/matmul_tuned.json`` by default, merged under this GPU's compute capability: a swept batch
 size replaces its row, the rows of other batch sizes stay).  ``--margin -1`` takes the best Triton config
 everywhere, for an end-to-end comparison with cuBLAS (``NANOVLLM_MATMUL_TABLE=... python bench.py``).
@@ -23,9 +26,11 @@ import torch.nn.functional as F
 
 from benchmarks.common import graph_us, write_json
 from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES
-from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, table_key
+from nanovllm.kernels import weight_quant
+from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, fp8_config, table_key
 from nanovllm.kernels.reference import linear_reference
-from nanovllm.kernels.triton_matmul import linear_triton, silu_mul_triton
+from nanovllm.kernels.triton_common import _num_sms
+from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
 
 
 def model_shapes(fields: dict) -> dict[str, tuple[int, int, int, bool]]:
@@ -60,31 +65,56 @@ def candidates(m: int) -> list[MatmulConfig]:
     return out
 
 
-def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log):
+def fp8_candidates(m: int, n_out: int, k: int, group: int) -> list[MatmulConfig]:
+    """FP8 configs worth timing at batch m: the built-in tiles (``fp8_config``, up to 64 rows), swapped tiles with
+    M tiles near m, and unswapped ones past 64 rows."""
+    out = [fp8_config(m, n_out, k, group, _num_sms(torch.device("cuda")))] if m <= 64 else []
+    block_ms = (max(16, 1 << (m - 1).bit_length()),) if m <= 64 else (64, 128) if m <= 128 else (64, 128, 256)
+    for bm in block_ms:
+        for bn in (64, 128):
+            for warps, stages in ((8, 3),) if bm == 256 else ((4, 3), (4, 4), (8, 3)):
+                for split in (1, 2) if m <= 64 else (1,):
+                    out.append(MatmulConfig(bm, bn, 128, split, True, warps, stages))
+    if m > 64:
+        out += [MatmulConfig(bm, bn, 128, 1, False, w, 3) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)]
+    return [c for c in out if c is not None]
+
+
+def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log, group=None):
+    """Time the candidates of one weight shape at each batch size; with ``group`` (FP8 weights, columns per scale)
+    the FP8 kernel against dequantize + cuBLAS."""
     copies = layers if n * k < 1 << 26 else 1  # the LM head is larger than L2 on its own
     weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for _ in range(copies)]
+    fp8 = group is not None
+    if fp8:
+        group = group or k
+        weights = [weight_quant.quantize(w, group) for w in weights]
     n_out = n // 2 if silu else n
     rows, table = [], []
     for m in buckets:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        want = linear_reference(x.float(), weights[0].float(), None, silu)
+        want = linear_reference(x.float(), weights[0][0], None, silu, weights[0][1], group) if fp8 else \
+            linear_reference(x.float(), weights[0].float(), None, silu)
 
         def baseline(w):
-            y = F.linear(x, w)
+            y = F.linear(x, dequantize_triton(*w, group, x.dtype) if fp8 else w)
             return silu_mul_triton(y) if silu else y
+
+        def triton(w, cfg):
+            return linear_triton(x, w[0], None, cfg, silu, w[1], group) if fp8 else linear_triton(x, w, None, cfg, silu)
         per_layer = [weights[i % len(weights)] for i in range(layers)]
         base_us = graph_us([lambda w=w: baseline(w) for w in per_layer])
         results = []
-        for cfg in candidates(m):
-            if not cfg.fits(m, n_out, k):
+        for cfg in fp8_candidates(m, n_out, k, group) if fp8 else candidates(m):
+            if not (cfg.fits_fp8(k, group) if fp8 else cfg.fits(m, n_out, k)):
                 continue
             try:
-                got = linear_triton(x, weights[0], None, cfg, silu)
+                got = triton(weights[0], cfg)
                 err = ((got.float() - want).norm() / want.norm()).item()
                 if not err < 1e-2:
                     log(f"  {name} m={m} {cfg}: WRONG (relative error {err:.2e})")
                     continue
-                us = graph_us([lambda w=w, c=cfg: linear_triton(x, w, None, c, silu) for w in per_layer])
+                us = graph_us([lambda w=w, c=cfg: triton(w, c) for w in per_layer])
             except Exception as e:  # e.g. out of shared memory: the config is not a candidate here
                 log(f"  {name} m={m} {cfg}: {type(e).__name__}: {str(e)[:80]}")
                 continue
@@ -98,7 +128,7 @@ def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log):
                      "chosen": "triton" if win else "cublas",
                      "top": [[round(us, 2), vars(c)] for us, c in results[:5]]})
         log(f"| {name} | {m} | {base_us:.1f} | {best_us:.1f} | {base_us / best_us:.2f}x | {best} |")
-    return rows, table_key(n_out, k, silu), table
+    return rows, table_key(n_out, k, silu, group if fp8 else None), table
 
 
 def main():
@@ -108,24 +138,29 @@ def main():
     p.add_argument("--shapes", default="gate_up,down,qkv,o,lm_head")
     p.add_argument("--margin", type=float, default=0.03, help="required speed-up over cuBLAS (fraction)")
     p.add_argument("--table", default=str(TABLE_PATH), help="dispatch table to merge the winners into")
+    p.add_argument("--fp8", action="store_true", help="FP8 weights (weight_quant.py) against dequantize + cuBLAS")
+    p.add_argument("--group", type=int, default=0, help="with --fp8: columns per scale (0: one per row)")
     args = p.parse_args()
     from nanovllm.tools.synthesize import PRESETS
     shapes = model_shapes(PRESETS[args.preset]["fields"])
     buckets = sorted({int(b) for b in args.buckets.split(",")})
     dtype = torch.bfloat16
     arch = _arch(torch.device("cuda"))  # the key the dispatch table is read under
-    print(f"{torch.cuda.get_device_name()} (sm {arch}), {args.preset}, buckets {buckets}")
-    print("| shape | m | cuBLAS us | Triton us | speed-up | best config |\n|---|---|---|---|---|---|", flush=True)
+    weights = f"FP8 weights, groups of {args.group or 'a row'}" if args.fp8 else "bf16 weights"
+    print(f"{torch.cuda.get_device_name()} (sm {arch}), {args.preset}, {weights}, buckets {buckets}")
+    base = "dequantize + cuBLAS" if args.fp8 else "cuBLAS"
+    print(f"| shape | m | {base} us | Triton us | speed-up | best config |\n|---|---|---|---|---|---|", flush=True)
     all_rows, tuned = [], {}
     start = time.perf_counter()
     for name in args.shapes.split(","):  # results are saved after every shape, so a cut-off run keeps them
         n, k, layers, silu = shapes[name]
         rows, key, table = sweep_shape(name, n, k, layers, silu, buckets, dtype, args.margin,
-                                       lambda s: print(s, flush=True))
+                                       lambda s: print(s, flush=True), args.group if args.fp8 else None)
         all_rows += rows
         tuned[key] = table
         write_json("matmul_sweep.json", {"device": torch.cuda.get_device_name(), "arch": arch,
-                                         "preset": args.preset, "seconds": round(time.perf_counter() - start, 1),
+                                         "preset": args.preset, "fp8_group": args.group if args.fp8 else None,
+                                         "seconds": round(time.perf_counter() - start, 1),
                                          "rows": all_rows})
         merge_table(args.table, arch, {key: table})
     print(f"table: {args.table} ({len(tuned)} shapes for sm {arch}), sweep {time.perf_counter() - start:.0f}s")

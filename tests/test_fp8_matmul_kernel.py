@@ -112,6 +112,37 @@ def test_choose_fp8_picks_a_fitting_config_by_row_count(restore_options):
     assert choose_fp8(torch.empty(4, 1024, dtype=torch.bfloat16), w, False, 128) is None
 
 
+def test_choose_fp8_reads_the_table_rows_of_its_group(tmp_path, monkeypatch, restore_options):
+    """A shape the table measured in FP8 takes its rows (a null row or past the last: dequantize + cuBLAS, None);
+    the key holds the group, one per row keyed as K; another group or a bf16 key leaves the built-in tiles."""
+    import json
+    swapped = {"block_m": 128, "block_n": 64, "block_k": 128, "swap": True, "num_warps": 8, "num_stages": 3}
+    table = {"arch": {"9.0": {
+        matmul_configs.table_key(2048, 1024, False, 128): [[16, None], [256, swapped]],
+        matmul_configs.table_key(2048, 1024, False, 4096): [[64, {"block_m": 64, "block_n": 64, "block_k": 256,
+                                                                      "split_k": 8}]],
+        matmul_configs.table_key(2048, 1024, False): [[256, None]]}}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    set_options(KernelOptions.from_env({"NANOVLLM_MATMUL_TABLE": str(path)}))
+    monkeypatch.setattr(matmul_configs, "_arch", lambda device: "9.0")
+
+    class FakeCuda:  # choose_fp8 reads dtype, shape, device and is_cuda
+        is_cuda, device = True, torch.device("cpu")  # _num_sms: 8 SMs off the GPU
+
+        def __init__(self, m, k=1024):
+            self.dtype, self.shape = torch.bfloat16, (m, k)
+
+    w = torch.empty(2048, 1024, dtype=weight_quant.FP8_DTYPE)
+    assert matmul_configs.table_key(2048, 1024, False, 4096) == "2048,1024,0,fp8:1024"
+    assert choose_fp8(FakeCuda(8), w, False, 128) is None  # the row says dequantize + cuBLAS
+    assert choose_fp8(FakeCuda(200), w, False, 128) == MatmulConfig(128, 64, 128, swap=True, num_warps=8,
+                                                                    num_stages=3)
+    assert choose_fp8(FakeCuda(257), w, False, 128) is None  # past the rows
+    assert choose_fp8(FakeCuda(8), w, False, 1024) is None  # one scale per row; 8 splits of 256 do not fit K
+    assert choose_fp8(FakeCuda(8), w, False, 64) == fp8_config(8, 2048, 1024, 64, 8)  # unmeasured group
+
+
 def test_fp8_config_splits_k_until_the_sms_are_busy():
     # Qwen3-8B on 132 SMs: qkv (6144 rows, 96 tiles of 64) splits in two at M = 1; gate_up's 12288 do not split
     assert fp8_config(1, 6144, 4096, 128, 132) == MatmulConfig(16, 64, 128, split_k=2)

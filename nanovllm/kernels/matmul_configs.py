@@ -3,12 +3,13 @@
 The table is data measured on the GPU, not guessed: ``benchmarks/matmul_sweep.py`` times every candidate
 configuration of ``triton_matmul.py`` against cuBLAS for each weight shape of a model and each decode bucket,
 and writes ``matmul_tuned.json`` (beside this file) with the winners.  Entries are keyed by the GPU's compute
-capability, then by ``"N_OUT,K,silu"``; each holds ``[max_m, config or null]`` pairs in ascending ``max_m``
-(null: cuBLAS won).  A shape, batch or GPU without an entry runs cuBLAS (``F.linear``), as does every fp32
+capability, then by ``"N_OUT,K,silu"`` (an FP8 weight's: ``",fp8:GROUP"`` added, from ``matmul_sweep --fp8``);
+each holds ``[max_m, config or null]`` pairs in ascending ``max_m`` (null: cuBLAS won; FP8: dequantize + cuBLAS).
+A shape, batch or GPU without an entry runs cuBLAS (``F.linear``), as does every fp32
 matmul (so fp32 results stay those of torch) and everything when ``KernelOptions.triton_matmul`` is off
 (``NANOVLLM_MATMUL=cublas``).  ``KernelOptions.matmul_table`` (``NANOVLLM_MATMUL_TABLE``) names another table.
 Only the CUDA implementation of ``nanovllm::linear`` (``cuda.py``) asks ``choose``, and for an FP8 weight
-``choose_fp8``: tiles by row count, measured on the H100 (docs/PERFORMANCE.md, FP8 weights).
+``choose_fp8`` (a shape without FP8 rows: ``fp8_config``'s tiles by row count, measured on the H100).
 """
 import functools
 import json
@@ -48,8 +49,10 @@ class MatmulConfig:
                                                            or group % self.block_k == 0)
 
 
-def table_key(n_out: int, k: int, silu_mul: bool) -> str:
-    return f"{n_out},{k},{int(silu_mul)}"
+def table_key(n_out: int, k: int, silu_mul: bool, group: int | None = None) -> str:
+    """A shape's key; an FP8 weight's (``group`` columns per scale) adds ``fp8:G`` (G: the group, at most K)."""
+    key = f"{n_out},{k},{int(silu_mul)}"
+    return key if group is None else f"{key},fp8:{min(group, k)}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,15 +114,20 @@ _FP8_TILES = ((16, MatmulConfig(16, 64, 128, num_warps=4, num_stages=4)),
 
 def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int) -> MatmulConfig | None:
     """The Triton config for ``x @ dequantize(weight).T`` with an FP8 ``weight`` in groups of ``group`` columns
-    (``weight_quant.py``), or None: dequantize once and run cuBLAS (past ``FP8_TRITON_MAX_M`` rows, fp32, no
-    config fits, or ``KernelOptions.triton_matmul`` off)."""
+    (``weight_quant.py``), or None: dequantize once and run cuBLAS.  A shape the table measured in FP8
+    (``table_key`` with the group; ``matmul_sweep --fp8``) takes its rows; any other, ``fp8_config`` up to
+    ``FP8_TRITON_MAX_M`` rows.  fp32, no fitting config or ``KernelOptions.triton_matmul`` off: None."""
     if x.dtype not in (torch.bfloat16, torch.float16) or not current_options().triton_matmul:
         return None
     m, k = x.shape
+    n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    rows = _table(x.device).get(table_key(n_out, k, silu_mul, group)) if x.is_cuda else None
+    if rows is not None:  # measured for this shape: the row's tiles, or dequantize + cuBLAS (null, or past them)
+        cfg = next((cfg for max_m, cfg in rows if m <= max_m), None)
+        return cfg if cfg is not None and cfg.fits_fp8(k, group) else None
     if m > FP8_TRITON_MAX_M:
         return None
     from nanovllm.kernels.triton_common import _num_sms  # triton: present wherever this kernel runs
-    n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return fp8_config(m, n_out, k, group, _num_sms(x.device))
 
 
