@@ -135,7 +135,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-0.6b", help="a preset of nanovllm.tools.synthesize")
     p.add_argument("--buckets", default=",".join(str(max(2, b)) for b in DEFAULT_GRAPH_BATCH_SIZES))
-    p.add_argument("--shapes", default="gate_up,down,qkv,o,lm_head")
+    p.add_argument("--shapes", help="default: gate_up,down,qkv,o and, without --fp8, lm_head (kept in bf16)")
     p.add_argument("--margin", type=float, default=0.03, help="required speed-up over cuBLAS (fraction)")
     p.add_argument("--table", default=str(TABLE_PATH), help="dispatch table to merge the winners into")
     p.add_argument("--fp8", action="store_true", help="FP8 weights (weight_quant.py) against dequantize + cuBLAS")
@@ -152,7 +152,8 @@ def main():
     print(f"| shape | m | {base} us | Triton us | speed-up | best config |\n|---|---|---|---|---|---|", flush=True)
     all_rows, tuned = [], {}
     start = time.perf_counter()
-    for name in args.shapes.split(","):  # results are saved after every shape, so a cut-off run keeps them
+    names = args.shapes or "gate_up,down,qkv,o" + ("" if args.fp8 else ",lm_head")
+    for name in names.split(","):  # results are saved after every shape, so a cut-off run keeps them
         n, k, layers, silu = shapes[name]
         rows, key, table = sweep_shape(name, n, k, layers, silu, buckets, dtype, args.margin,
                                        lambda s: print(s, flush=True), args.group if args.fp8 else None)
