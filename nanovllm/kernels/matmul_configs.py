@@ -83,11 +83,13 @@ def choose(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> MatmulConfi
         return None
     m, k = x.shape
     n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    rows = _table(x.device).get(table_key(n_out, k, silu_mul), ())
-    for max_m, cfg in rows:
-        if m <= max_m:
-            return cfg if cfg is not None and cfg.fits(m, n_out, k) else None
-    return None
+    cfg = _row(_table(x.device).get(table_key(n_out, k, silu_mul), ()), m)
+    return cfg if cfg is not None and cfg.fits(m, n_out, k) else None
+
+
+def _row(rows, m: int) -> MatmulConfig | None:
+    """The config of the first of a table's ``(max_m, config or None)`` rows that takes ``m`` rows, or None."""
+    return next((cfg for max_m, cfg in rows if m <= max_m), None)
 
 
 def triton_row_limits(device: torch.device) -> list[int]:
@@ -123,7 +125,7 @@ def choose_fp8(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, group: int
     n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     rows = _table(x.device).get(table_key(n_out, k, silu_mul, group)) if x.is_cuda else None
     if rows is not None:  # measured for this shape: the row's tiles, or dequantize + cuBLAS (null, or past them)
-        cfg = next((cfg for max_m, cfg in rows if m <= max_m), None)
+        cfg = _row(rows, m)
         return cfg if cfg is not None and cfg.fits_fp8(k, group) else None
     if m > FP8_TRITON_MAX_M:
         return None
