@@ -89,7 +89,32 @@ def make_config(arch: str, **overrides):
         return transformers.Qwen2MoeConfig(rope_theta=1e6, num_experts=6, num_experts_per_tok=2,
                                            moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                            norm_topk_prob=False, decoder_sparse_step=2, **kw)
+    if arch in HYBRID:  # linear, linear, full, linear
+        return HYBRID[arch](**dict(kw, **HYBRID_KW, **(HYBRID_MOE_KW if "moe" in arch or "next" in arch else {})))
     raise ValueError(arch)
+
+
+def _hybrid_configs() -> dict:
+    import transformers
+    return {"qwen3_next": transformers.Qwen3NextConfig, "qwen3_5": transformers.Qwen3_5TextConfig,
+            "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig}
+
+
+class _Lazy(dict):
+    def __getitem__(self, key):
+        return _hybrid_configs()[key]
+
+    def __contains__(self, key):
+        return key in ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
+HYBRID = _Lazy()  # tiny Gated DeltaNet hybrids (models/hybrid.py)
+HYBRID_KW = dict(num_hidden_layers=4, head_dim=32, layer_types=["linear_attention", "linear_attention",
+                 "full_attention", "linear_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25})
+HYBRID_MOE_KW = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=48)
 
 
 def build_checkpoint(path, arch: str, seed: int = 0, std: float = 0.08, **overrides):

@@ -30,8 +30,9 @@ def chain_hash(prev_hash: int, tokens) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, hits: bool = True):
         self.num_blocks = num_blocks
+        self.hits = hits  # False: blocks are still published, but no sequence starts from them
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -77,7 +78,7 @@ class BlockManager:
         wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit: a hit would skip positions whose
         logprobs it asked for (it still publishes its blocks for others)."""
         assert not seq.block_table
-        hits, hashes = ([], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
+        hits, hashes = ([], []) if seq.wants_prompt_logprobs or not self.hits else self._cached_prefix(seq)
         fresh_needed = self.blocks_for(len(seq)) - len(hits)
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)
         if fresh_needed > self.num_free_blocks - revived:

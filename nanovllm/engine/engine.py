@@ -49,7 +49,8 @@ class Engine:
         self.platform = get_platform(config.device)
         self.platform.check_tensor_parallel(config.tensor_parallel_size)
         self.runner = ModelRunner(config, self.platform)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
+                                          hits=not self.runner.hybrid)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.eos_token_ids, config.mixed_prefill,
                                    self.runner.drafter or config.speculative)

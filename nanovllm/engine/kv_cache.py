@@ -4,6 +4,8 @@ Layout (shared by every attention implementation, ``nanovllm/kernels/reference.p
 tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``, separate tensors, never views of one buffer (Inductor
 updates a mutated graph input in place only when it is not a view of a larger base).
 
+A hybrid model's linear-attention layers keep state pools instead (``KVCacheSpec.states``), taken first.
+
 Sizing: a fixed ``num_kvcache_blocks``; else, where the platform measures memory, what is left of
 ``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler at
 full batch), the probe's temporary cache counted as free; else ``DEFAULT_KV_BYTES``. When that is short of one
@@ -13,6 +15,7 @@ if it is still short, the error names the other live engines of the process (``r
 hold.
 """
 import gc
+import math
 import weakref
 from typing import Callable
 
@@ -22,32 +25,66 @@ DEFAULT_KV_BYTES = 1 << 30  # where memory cannot be measured (CPU)
 
 
 class KVCacheSpec:
-    """The shape of one engine's cache: layers, KV heads, head size, block size and dtype."""
+    """The shape of one engine's cache: layers, KV heads, head size, block size and dtype; for a hybrid model
+    (``cache_layout``) also, per linear-attention layer, the shapes of its state pools, which hold
+    ``num_state_slots`` rows (set by the runner before the cache is sized) in ``state_dtype`` (the recurrent
+    state always in float32)."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                 states: list | None = None, state_dtype: torch.dtype | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.dtype = block_size, dtype
+        self.states = states or [None] * num_layers  # per layer: None (paged KV) or (conv shape, ssm shape)
+        self.state_dtype = state_dtype or dtype
+        self.num_state_slots = 0
 
     @classmethod
     def of_model(cls, model, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
         """The cache a built model (``nanovllm.models.build_model``) needs: its layers, this rank's KV heads (under
-        tensor parallelism) and head size."""
+        tensor parallelism) and head size, and a hybrid model's state pools."""
         a = model.args
-        return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype)
+        layout = getattr(model, "cache_layout", None)
+        if layout is None:
+            return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype)
+        attn = model.attention_layer()
+        return cls(a.num_layers, attn.num_kv_heads, attn.head_dim, block_size, dtype, layout(),
+                   model.model.embed_tokens.weight.dtype)
+
+    @property
+    def attention_layers(self) -> int:
+        return sum(1 for s in self.states if s is None)
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.block_size * self.dtype.itemsize
+        return 2 * self.attention_layers * self.num_kv_heads * self.head_dim * self.block_size * self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:
         return self.bytes_per_block // self.block_size
 
+    @property
+    def bytes_per_state_slot(self) -> int:
+        """One slot of every state pool: a sequence's convolution and recurrent states in all layers."""
+        return sum(math.prod(conv) * self.state_dtype.itemsize + math.prod(ssm) * 4
+                   for conv, ssm in (s for s in self.states if s is not None))
+
+    @property
+    def state_bytes(self) -> int:
+        return self.num_state_slots * self.bytes_per_state_slot
+
     def allocate(self, num_blocks: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed (K, V) tensors per layer."""
+        """Zeroed (K, V) tensors per attention layer; zeroed (convolution, recurrent) state pools per linear one."""
         shape = (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=device),
-                 torch.zeros(shape, dtype=self.dtype, device=device)) for _ in range(self.num_layers)]
+        out = []
+        for state in self.states:
+            if state is None:
+                out.append((torch.zeros(shape, dtype=self.dtype, device=device),
+                            torch.zeros(shape, dtype=self.dtype, device=device)))
+            else:
+                n = self.num_state_slots
+                out.append((torch.zeros((n, *state[0]), dtype=self.state_dtype, device=device),
+                            torch.zeros((n, *state[1]), dtype=torch.float32, device=device)))
+        return out
 
 
 _ENGINES: "weakref.WeakSet" = weakref.WeakSet()  # live engines' runners, for the error when memory is short
@@ -83,8 +120,8 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
     draft model's cache of as many blocks (``drafter.py``), sized in the same budget."""
     per_block = spec.bytes_per_block + (draft.bytes_per_block if draft is not None else 0)
 
-    def measured() -> int:
-        return agree(max(0, _measure(platform, utilization, probe) // per_block))
+    def measured() -> int:  # what the state pools (hybrid models) leave to the blocks
+        return agree(max(0, (_measure(platform, utilization, probe) - spec.state_bytes) // per_block))
 
     if fixed is not None:
         num_blocks = agree(fixed)
@@ -98,6 +135,9 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
     if num_blocks < max_blocks_per_seq:
         problem = (f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
                    f"max_model_len={max_model_len} needs {max_blocks_per_seq}")
+        if spec.state_bytes:
+            problem += (f" (the linear-attention states of {spec.num_state_slots} slots take "
+                        f"{spec.state_bytes / 2**30:.2f} GiB first; lower max_num_seqs to free some)")
         if draft is not None:
             problem += f" (the draft model's cache takes {draft.bytes_per_block} of each block's {per_block} bytes)"
         engines, held = held_by_engines(platform.device)

@@ -25,6 +25,7 @@ from nanovllm.engine import image_step, runner_report, runner_setup, verify_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.grammar import Grammars
+from nanovllm.engine.hybrid_state import refuse_for_hybrid
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
 from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
@@ -69,6 +70,10 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.kv_spec = KVCacheSpec.of_model(self.model, self.block_size,
                                             platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
+        self.hybrid = any(s is not None for s in self.kv_spec.states)  # linear-attention state pools
+        if self.hybrid:
+            refuse_for_hybrid(type(self.model).__name__, config)
+            self.kv_spec.num_state_slots = config.max_num_seqs + 1  # a slot per token slot, the scratch row too
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)

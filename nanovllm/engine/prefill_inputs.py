@@ -95,9 +95,11 @@ class PrefillInputBuilder:
         slots.append(np.full(pad, PADDING["slot_mapping"], np.int64))
         cu = np.asarray(cu + [num_tokens] * (rows - len(seqs)))
         out_slots = np.full(rows, self.scratch_slot)
+        state_slots = np.full(rows, self.scratch_slot)
         tables = np.zeros((rows, self.table_width), np.int32)
         for i, seq in enumerate(seqs):
             tables[i, :len(seq.block_table)] = seq.block_table
+            state_slots[i] = seq.token_slot
             if batch.samples(i):
                 out_slots[i] = seq.token_slot
         context = np.zeros(rows, np.int64)
@@ -108,7 +110,7 @@ class PrefillInputBuilder:
         return self._finish(True, target, token_slots, input_ids=np.concatenate(tokens),
                             positions=np.concatenate(positions),
                             slot_mapping=np.concatenate(slots), block_tables=tables, context_lens=context,
-                            cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=out_slots,
+                            cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=out_slots, state_slots=state_slots,
                             **sampling_arrays(seqs, rows))
 
     def dummy(self, tokens: int = 7, rows: int = 3, packed: bool = False) -> StepInputs:
@@ -125,6 +127,7 @@ class PrefillInputBuilder:
                             slot_mapping=np.full(tokens, PADDING["slot_mapping"]),
                             block_tables=np.zeros((rows, self.table_width), np.int32), context_lens=lengths,
                             cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=np.full(rows, self.scratch_slot),
+                            state_slots=np.full(rows, self.scratch_slot),
                             **sampling_arrays((), rows))
 
     def probe(self, num_seqs: int, seq_len: int) -> StepInputs:
@@ -139,4 +142,5 @@ class PrefillInputBuilder:
         return self._finish(False, None, input_ids=np.zeros(num_seqs * seq_len, np.int64),
                             positions=np.tile(pos, num_seqs), slot_mapping=slots.reshape(-1), block_tables=tables,
                             context_lens=np.full(num_seqs, seq_len), cu_seqlens_q=cu, logits_indices=cu[1:] - 1,
-                            out_slots=np.full(num_seqs, self.scratch_slot), **sampling_arrays((), num_seqs))
+                            out_slots=np.full(num_seqs, self.scratch_slot),
+                            state_slots=np.full(num_seqs, self.scratch_slot), **sampling_arrays((), num_seqs))

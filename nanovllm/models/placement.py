@@ -72,7 +72,10 @@ class Placement:
 
     def packed_sizes(self, target: str, rows: int) -> list[int]:
         """The rows of each part of packed parameter ``target`` of (this rank's) ``rows`` (q/k/v sizes from the
-        attention, gate/up halves)."""
+        attention, gate/up halves; a model with its own layout answers through its ``packed_sizes``)."""
+        own = getattr(self.model, "packed_sizes", None)
+        if own is not None:
+            return own(target, rows)
         a = self.args
         if ".qkv_proj." in target:
             kv = (rows - a.head_dim * a.num_heads // distributed.current().size) // 2

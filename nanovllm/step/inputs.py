@@ -6,13 +6,13 @@ skips it) and a padded sequence row context length 0 (attention returns zeros), 
 token buffer's scratch row, so its token is thrown away.  Builders fill real rows and call ``pad_rows``.
 
 Sampled tokens live in a small device buffer, one row per running sequence (its "token slot"), so a step can
-read the token the previous step sampled without a round trip through the host: ``token_slots`` says where
-to read an input token, ``out_slots`` where to write each sampled one (the buffer's last row is a
-scratch row for padding and for prefill chunks that sample nothing).
+read the token the previous step sampled without a round trip through the host: ``token_slots`` says where to read
+an input token, ``out_slots`` where to write each sampled one (the last row is a scratch row for padding and for
+chunks that sample nothing); ``state_slots`` is each row's slot in a hybrid model's state pools (its token slot).
 
 A packed instance (``StepInputs.packed``) keeps all its tensors as views of one byte buffer, so that moving it
-between host and device, or into a graph's static inputs packed the same way, is one copy instead of one per
-field.  Each small copy costs the device a few microseconds between two decode steps.
+between host and device, or into a graph's static inputs packed the same way, is one copy instead of one per field
+(each small copy costs the device a few microseconds between two decode steps).
 """
 from dataclasses import dataclass, fields
 
@@ -29,7 +29,7 @@ DTYPES = {"input_ids": torch.int64, "token_slots": torch.int64, "positions": tor
           "slot_mapping": torch.int64, "block_tables": torch.int32, "context_lens": torch.int32,
           "cu_seqlens_q": torch.int32, "logits_indices": torch.int64, "temperature": torch.float32,
           "top_k": torch.int64, "top_p": torch.float32, "seeds": torch.int64, "sample_positions": torch.int64,
-          "out_slots": torch.int64}
+          "out_slots": torch.int64, "state_slots": torch.int64}
 _PER_TOKEN = ("input_ids", "token_slots", "positions", "slot_mapping")
 
 
@@ -49,6 +49,7 @@ class StepInputs:
     seeds: torch.Tensor           # [B] int64, per-request noise seed
     sample_positions: torch.Tensor  # [B] int64, index of the token being drawn (keys the noise)
     out_slots: torch.Tensor       # [B] int64, token-buffer row that receives each sampled token
+    state_slots: torch.Tensor     # [B] int64, each row's slot of a hybrid model's state pools (its token slot)
 
     @classmethod
     def shaped(cls, tokens: int, rows: int, table_width: int, device="meta") -> "StepInputs":
@@ -75,6 +76,7 @@ class StepInputs:
         for name, value in PADDING.items():  # numpy views: a few microseconds for all fields, every decode step
             getattr(self, name).numpy()[first_token if name in _PER_TOKEN else first_row:] = value
         self.out_slots.numpy()[first_row:] = scratch_slot
+        self.state_slots.numpy()[first_row:] = scratch_slot
 
     @classmethod
     def packed(cls, like: "StepInputs", device=None, pin_memory: bool = False) -> "StepInputs":
