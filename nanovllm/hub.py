@@ -98,9 +98,10 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None, weig
                                 f"reached ({'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'offline'}): "
                                 f"{e}") from None
     except LocalEntryNotFoundError as e:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise FileNotFoundError(f"{not_here}{why}, and no snapshot of {where} is cached in {cache!r}: unset "
-                                f"HF_HUB_OFFLINE or download it first ({type(e).__name__})") from e
+        why, fix = (("HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE or download it first") if constants.HF_HUB_OFFLINE
+                    else (f"the hub ({constants.ENDPOINT}) cannot be reached", "check the connection"))
+        raise FileNotFoundError(f"{not_here}{why}, and no snapshot of {where} is cached in {cache!r}: {fix} "
+                                f"({type(e).__name__})") from e
     except EntryNotFoundError as e:  # a file the hub listed but would not serve
         raise FileNotFoundError(f"{where}: a file it lists could not be fetched: {e}") from e
 
