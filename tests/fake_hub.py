@@ -9,7 +9,7 @@
 
 A branch name or a commit sha names a revision.  Unknown repo, revision or file: 404 with ``X-Error-Code``
 ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``, as the hub answers, which huggingface_hub turns into
-its error classes.  ``downloads`` lists the ``(repo, path)`` of every ``GET`` of a file; ``url`` is the endpoint;
+its error classes.  ``requests`` lists the ``(method, path)`` of every request, ``downloads`` the ``(repo, path)`` of every ``GET`` of a file; ``url`` is the endpoint;
 ``stop()`` shuts the server (later requests are refused).
 """
 import hashlib
@@ -31,6 +31,7 @@ class FakeHub:
     def __init__(self):
         self.repos: dict[str, dict] = {}
         self.downloads: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,6 +63,7 @@ class FakeHub:
         self._server.server_close()
 
     def _answer(self, req: BaseHTTPRequestHandler, body: bool) -> None:
+        self.requests.append((req.command, req.path))
         parts = [unquote(p) for p in urlsplit(req.path).path.strip("/").split("/")]
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo_id, kind, rev = "/".join(parts[2:4]), parts[4], parts[5]

@@ -148,6 +148,17 @@ def test_errors_name_the_repo_revision_and_file(online, tmp_path):
         LLM("org/missing", tensor_paralel_size=1)
 
 
+def test_tensor_parallel_ranks_are_started_on_the_snapshot(online, expected, tmp_path, monkeypatch):
+    """The spawned rank reads HF_ENDPOINT from the environment: had it resolved the repo id itself, the hub would
+    have seen a second revision request."""
+    monkeypatch.setenv("HF_ENDPOINT", online.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    online.requests.clear()
+    tokens, snapshot = _generate("org/tiny", download_dir=str(tmp_path), tensor_parallel_size=2)
+    assert tokens == expected[0]
+    assert [path for _, path in online.requests if "/revision/" in path] == ["/api/models/org/tiny/revision/main"]
+
+
 def test_serve_lists_the_repo_id_it_was_given(online, tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
