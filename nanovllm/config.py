@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from nanovllm.hub import resolve_model
 from nanovllm.quant import registry
 from nanovllm.speculative import SpeculativeConfig
 
@@ -80,7 +81,14 @@ def normalize_prefill_graph_sizes(sizes, max_num_seqs: int, max_step_tokens: int
 @dataclass
 class EngineConfig:
     model: str = field(metadata={"help": "HF checkpoint directory (config.json plus safetensors, one file or "
-                                         "sharded with an index; with load_format='dummy' config.json alone)"})
+                                         "sharded with an index; with load_format='dummy' config.json alone), or "
+                                         "a hub repo id `org/name` whose config, tokenizer and safetensors are "
+                                         "downloaded (`nanovllm/hub.py`)"})
+    revision: str | None = _opt(None, "with a hub repo id: the branch, tag or commit hash to download (default: "
+                                      "`main`); unused for a directory")
+    download_dir: str | None = _opt(None, "with a hub repo id: the cache directory it is downloaded to (default: "
+                                          "huggingface_hub's cache, `$HF_HUB_CACHE`); `HF_HUB_OFFLINE=1` reads "
+                                          "the snapshot already there")
     device: str = _opt("auto", "`auto` (CUDA, else an Ascend NPU, else Apple MPS, else CPU), `cpu`, `cuda`, `cuda:N`, "
                                "`npu`, `npu:N` or `mps`")
     dtype: str = _opt("auto", "the checkpoint's dtype on CUDA (float16 below compute capability 8.0) and NPU, "
@@ -152,9 +160,12 @@ class EngineConfig:
     def __post_init__(self):
         if not isinstance(self.model, (str, os.PathLike)):
             raise TypeError(f"model must be a path to an HF checkpoint directory, got {type(self.model).__name__}")
-        self.model = os.fspath(self.model)
-        if not os.path.isdir(self.model):
-            raise FileNotFoundError(f"model directory not found: {self.model!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
+                             f"got {self.load_format!r}")
+        # a directory stays as given; a hub repo id becomes its downloaded snapshot (LLM resolves it first)
+        self.model = resolve_model(self.model, self.revision, self.download_dir,
+                                   weights=self.load_format != "dummy")
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         for name, minimum in dict(tensor_parallel_size=1, max_num_seqs=1, max_num_batched_tokens=1, max_model_len=1,
@@ -193,9 +204,6 @@ class EngineConfig:
                              f"got {self.kv_cache_scales!r}")
         if self.kv_cache_scales != "auto" and self.kv_cache_dtype == "auto":
             raise ValueError(f"kv_cache_scales={self.kv_cache_scales!r} needs kv_cache_dtype='fp8'")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
-                             f"got {self.load_format!r}")
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.graph_batch_sizes = normalize_graph_batch_sizes(
             self.graph_batch_sizes, self.max_num_seqs,
@@ -234,6 +242,18 @@ class EngineConfig:
 def engine_fields() -> list:
     """The user-settable fields of ``EngineConfig`` (``model`` first), in declaration order."""
     return [f for f in fields(EngineConfig) if f.init]
+
+
+def resolve_model_option(model, options: dict) -> str:
+    """``LLM(model, **options)``'s checkpoint directory, before any rank starts: ``model`` itself if a directory,
+    else the hub repo's snapshot (``nanovllm/hub.py``, with the options ``revision``, ``download_dir`` and
+    ``load_format``).  Unknown option names raise ``TypeError`` first, so that a typo costs no download."""
+    unknown = sorted(set(options) - {f.name for f in engine_fields()})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}: the options are "
+                        f"EngineConfig's fields (nanovllm/config.py)")
+    return resolve_model(model, options.get("revision"), options.get("download_dir"),
+                         weights=options.get("load_format", "safetensors") != "dummy")
 
 
 def read_eos_token_ids(model_dir: str, hf_config: dict) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from nanovllm import envs, parallel
 from nanovllm.completion import Completion
-from nanovllm.config import EngineConfig
+from nanovllm.config import EngineConfig, resolve_model_option
 from nanovllm.engine import grammar
 from nanovllm.engine.engine import Engine
 from nanovllm.logger import logger
@@ -24,8 +24,10 @@ def _close_engine(engine) -> None:
 
 
 class LLM:
-    """``LLM(model, **options)``: an engine on one HF checkpoint.  Every option is keyword-only and is a field of
-    ``EngineConfig`` (``nanovllm/config.py``, where each is documented); an unknown one raises ``TypeError``.
+    """``LLM(model, **options)``: an engine on one HF checkpoint, a directory or a hub repo id (``nanovllm/hub.py``:
+    downloaded before anything else, and ``config.model`` is then the local snapshot directory).  Every option is
+    keyword-only and is a field of ``EngineConfig`` (``nanovllm/config.py``, where each is documented); an unknown
+    one raises ``TypeError``.
 
     ``tensor_parallel_size=N`` > 1: ``LLM`` starts ranks 1..N-1 (or joins torchrun's; ``nanovllm/parallel/``),
     and ``engine`` is then a ``MirroredEngine``: rank 0 validates and encodes every request, and only engine calls
@@ -37,6 +39,9 @@ class LLM:
     engine_class = Engine  # what every rank builds; a subclass must be importable in a spawned process
 
     def __init__(self, model, **options):
+        # a hub repo id is downloaded here, once: every later stage and rank sees only the local snapshot directory
+        # (under torchrun each process resolves it; huggingface_hub's file locks let one of them fetch each file)
+        model = resolve_model_option(model, options)
         peers = parallel.start(model, options, self.engine_class)  # None at one rank
         self.config = EngineConfig(model=model, **parallel.rank_options(options))
         start = time.perf_counter()

@@ -20,7 +20,7 @@ from nanovllm.step import VARIANTS
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--model", help="HF checkpoint directory or hub repo id org/name")
     p.add_argument("--list", action="store_true", help="list cache entries (key fields, size, age)")
     p.add_argument("--clear", action="store_true", help="remove every cache entry")
     p.add_argument("--variants", nargs="+", default=[], choices=VARIANTS,

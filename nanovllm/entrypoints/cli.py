@@ -20,7 +20,8 @@ SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")  # what 
 def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server (/v1/completions, "
                                 "/v1/chat/completions, /v1/models, /health, /version, /metrics)")
-    p.add_argument("model", help="HF checkpoint directory")
+    p.add_argument("model", help="HF checkpoint directory, or a hub repo id org/name (downloaded: --revision, "
+                   "--download-dir); /v1/models lists it as given")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=None,
