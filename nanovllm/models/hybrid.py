@@ -172,6 +172,10 @@ class HybridForCausalLM(DecoderForCausalLM):
         return h
 
 
+class Qwen3NextForCausalLM(HybridForCausalLM):
+    """Qwen3-Next: the base layout."""
+
+
 class Qwen3_5ForCausalLM(HybridForCausalLM):
     interleaved_projections = False
     checkpoint_prefixes = {"model.language_model.": "model."}

@@ -1,5 +1,5 @@
 """Maps a checkpoint's ``config.architectures`` to the class that implements it."""
-from nanovllm.models.hybrid import HybridForCausalLM, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
+from nanovllm.models.hybrid import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3NextForCausalLM
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.minicpm import MiniCPM4ForCausalLM, MiniCPMForCausalLM
 from nanovllm.models.mixtral import MixtralForCausalLM
@@ -20,7 +20,7 @@ MODEL_REGISTRY = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
-    "Qwen3NextForCausalLM": HybridForCausalLM,
+    "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
     "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
     "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForCausalLM": Qwen3_5MoeForCausalLM,

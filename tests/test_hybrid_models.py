@@ -1,0 +1,90 @@
+"""Hybrid linear-attention models (Qwen3-Next, Qwen3.5, Qwen3.5-MoE; ``models/hybrid.py``): greedy float32 tokens
+identical to transformers in eager and graph mode, on prompts longer than a prefill chunk and than several KV
+blocks, in batches whose sequences start and finish at different steps (so each row's state slot carries across
+chunks, mixed prefill and decode steps); a published multimodal Qwen3.5 checkpoint runs its text path; graph mode
+compiles once; the features a recurrent state cannot serve are refused by name.
+"""
+import pytest
+import torch
+
+from conftest import build_checkpoint, hf_greedy
+from nanovllm import LLM, SamplingParams
+
+# 16-token blocks, 48-token prefill chunks: the long prompts below span several blocks and chunks
+ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=160,
+              max_num_batched_tokens=48)
+PROMPTS = [[5, 9, 33, 100, 7, 8] * 12, [3, 4, 5], list(range(10, 110)), [200, 17, 17, 3] * 5, [42]]
+
+
+def tokens(llm, prompts, max_tokens):
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module", params=["qwen3_next", "qwen3_5", "qwen3_5_moe"])
+def engines(request, tmp_path_factory):
+    """(checkpoint dir, eager LLM, graph LLM) of one family."""
+    path = build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    return path, LLM(path, enforce_eager=True, **ENGINE), LLM(path, graph_batch_sizes=[1, 2, 4], **ENGINE)
+
+
+def test_layers_follow_the_config_and_graph_mode_is_used(engines):
+    _, eager, graph = engines
+    assert (eager.engine.runner.mode, graph.engine.runner.mode) == ("eager", "graph")
+    kinds = [layer.kind for layer in graph.engine.runner.model.model.layers]
+    assert kinds == graph.config.hf_config["layer_types"]
+    caches = graph.engine.runner.kv_caches
+    ssm = [c[1] for c, kind in zip(caches, kinds) if kind == "linear_attention"]
+    assert ssm and all(s.dtype == torch.float32 and s.shape[0] == ENGINE["max_num_seqs"] + 1 for s in ssm)
+
+
+def test_staggered_batch_matches_transformers_in_both_modes(engines):
+    path, eager, graph = engines
+    lengths = [12, 5, 9, 16, 3]  # rows finish at different steps; the 5 prompts outnumber max_num_seqs
+    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
+    assert tokens(eager, PROMPTS, lengths) == want
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert tokens(graph, PROMPTS, lengths) == want
+
+
+def test_a_rerun_starts_from_fresh_states(engines):
+    """Slots are reused by later sequences: a second run of the same prompts gives the same tokens."""
+    _, eager, _ = engines
+    first = tokens(eager, PROMPTS[:3], [6, 6, 6])
+    assert tokens(eager, PROMPTS[2:3] + PROMPTS[:2], [6, 6, 6]) == first[2:3] + first[:2]
+
+
+def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
+    import transformers
+    text = transformers.Qwen3_5TextConfig(**build_kwargs())
+    vision = transformers.models.qwen3_5.Qwen3_5VisionConfig(depth=1, hidden_size=32, intermediate_size=64,
+                                                             num_heads=2, out_hidden_size=64)
+    config = transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision.to_dict())
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForConditionalGeneration(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.08)
+    model.save_pretrained(tmp_path)
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6,
+                              eos_token_id=None, pad_token_id=0)[0, x.shape[1]:].tolist()
+    llm = LLM(str(tmp_path), enforce_eager=True, **ENGINE)
+    assert type(llm.engine.runner.model).__name__ == "Qwen3_5ForCausalLM"
+    assert tokens(llm, PROMPTS[:1], [6]) == [want]
+
+
+def build_kwargs() -> dict:
+    from conftest import HYBRID_KW, TINY
+    return dict(TINY, **HYBRID_KW)
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("speculative_config", {"method": "ngram", "num_speculative_tokens": 2}, "speculative_config"),
+    ("kv_cache_dtype", "fp8", "kv_cache_dtype"),
+])
+def test_features_a_recurrent_state_cannot_serve_are_refused_by_name(tmp_path, option, value, named):
+    path = build_checkpoint(tmp_path, "qwen3_next")
+    with pytest.raises(ValueError, match=f"{named}.*Qwen3NextForCausalLM|Qwen3NextForCausalLM.*{named}"):
+        LLM(path, enforce_eager=True, **dict(ENGINE, **{option: value}))
