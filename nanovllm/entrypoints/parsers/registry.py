@@ -6,16 +6,13 @@ Contract of a ``ReasoningParser`` (one instance per choice; stateless for ``spli
   stripped of surrounding whitespace (``None`` when the reply has no reasoning or an empty one), and the rest,
   with the whitespace that follows ``</think>`` dropped.
 * ``push(delta)`` -> ``(reasoning delta, content delta)`` as a reply streams, and ``finish()`` -> the same for what
-  was held back; the deltas concatenate to exactly ``split`` of the whole text (``None`` reasoning read as ""),
-  however the text is cut, tags split across deltas included.  Text that could still be part of a tag (a prefix
-  of ``</think>`` at the end), or whitespace whose side of a tag is not yet known, is held back until it is.
-
-A format subclasses ``ReasoningParser``, setting ``opens_in_prompt``: False when the model writes ``<think>``
-itself (a reply that does not open with it has no reasoning: all content), True when the chat template has
-already opened it (the reply is reasoning until ``</think>``; a leading ``<think>`` is dropped if the model writes
-one anyway).  Either way a reply whose ``</think>`` never comes is reasoning to its end.  ``register`` adds a class
-under its ``name``; ``reasoning_parser(name)`` returns it, or raises ``ValueError`` naming the name and the known
-ones.
+  was held back; the deltas concatenate to exactly ``split`` of the whole text (``None`` read as ""), however
+  the text is cut.  Text that may still be part of a tag, or whitespace whose side of a tag is not yet known, is
+  held back until it is known.
+A format sets ``opens_in_prompt``: False when the model writes ``<think>`` itself (a reply that does not open with
+it is all content), True when the chat template opened it (the reply is reasoning until ``</think>``; a leading
+``<think>`` is dropped).  A reply whose ``</think>`` never comes is reasoning to its end.  ``register`` adds a
+class under its ``name``; ``reasoning_parser(name)`` returns it, or a ``ValueError`` naming it and the known ones.
 """
 
 START, END = "<think>", "</think>"
