@@ -5,9 +5,12 @@ Rules, the same offline and online (vLLM's defaults):
 * The text is ``detokenizer.decode`` of the tokens that count (special tokens skipped, spaces not cleaned up),
   built incrementally by a ``TextStream`` when the caller streams it or the request has stop strings.
 * A stop token (EOS or ``stop_token_ids``) ends the completion with "stop": it stays in ``token_ids`` (and in
-  usage counts), and its text is not part of the text.
-* A stop string ends it with "stop": the text ends just before it, ``token_ids`` with the token that completed
-  it, and ``stopped_by_string`` tells the caller to abort the engine's sequence.
+  usage counts), and its text is not part of the text (unless ``include_stop_str_in_output``, and then only if
+  ``skip_special_tokens`` leaves it: EOS is special).
+* A stop string ends it with "stop": the text ends just before it (after it with ``include_stop_str_in_output``),
+  ``token_ids`` with the token that completed it, and ``stopped_by_string`` tells the caller to abort the
+  engine's sequence.
+* ``skip_special_tokens`` (default True) leaves special tokens' text out.
 * ``logprobs`` has one entry per token that counts; ``prompt_logprobs`` (when asked) one per prompt token.
 """
 from dataclasses import dataclass
@@ -34,8 +37,11 @@ class CompletionDelta:
 class Completion:
     def __init__(self, tokenizer, params: SamplingParams, incremental: bool = False):
         self.tokenizer = tokenizer
-        self.stream = TextStream(tokenizer, params.stop) if tokenizer is not None and (incremental or params.stop) \
-            else None
+        self.skip_special_tokens = params.skip_special_tokens
+        self.include_stop_token = params.include_stop_str_in_output
+        self.stream = TextStream(tokenizer, params.stop, params.skip_special_tokens,
+                                 params.include_stop_str_in_output) \
+            if tokenizer is not None and (incremental or params.stop) else None
         self.token_ids: list[int] = []
         self.logprobs: list | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
@@ -54,7 +60,7 @@ class Completion:
         if self.prompt_logprobs is not None and prompt_logprobs:
             self.prompt_logprobs += prompt_logprobs
         tokens = output.token_ids
-        stop_token = output.finish_reason == "stop" and bool(tokens)
+        stop_token = output.finish_reason == "stop" and bool(tokens) and not self.include_stop_token
         text = ""
         if self.stream is not None:
             before = self.stream.num_tokens
@@ -86,7 +92,8 @@ class Completion:
             return self.stream.text
         if self.tokenizer is None:
             return ""
-        return decode(self.tokenizer, self.token_ids[:-1] if self._stop_token else self.token_ids)
+        return decode(self.tokenizer, self.token_ids[:-1] if self._stop_token else self.token_ids,
+                      self.skip_special_tokens)
 
     def output(self) -> dict:
         """``LLM.generate``'s output of a finished completion: text, token ids, finish reason, if asked logprobs as

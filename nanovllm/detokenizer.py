@@ -1,13 +1,13 @@
 """``TextStream``: one completion's text as its tokens arrive, with stop strings.
 
-* The text is that of ``tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)``
+* The text is that of ``tokenizer.decode(token_ids, skip_special_tokens, clean_up_tokenization_spaces=False)``
   (a tokenizer's clean-up of spaces, " ," -> ",", would rewrite text already returned), built incrementally: the
   concatenation of everything ``push`` and ``finish`` return equals ``text``, and, for a completion that no stop
   string cut, ``text`` equals that one-shot decode of the tokens pushed (``finish`` checks it and completes the
   text from it); ``skip`` counts a token without its text.  A character whose UTF-8 bytes span several tokens
   comes out whole, once its last token arrives.
-* A stop string ends the text just before it: ``stopped`` becomes True, ``text`` is cut there and
-  ``num_tokens`` is the number of tokens pushed up to the one that completed it (later tokens are ignored).
+* A stop string ends the text just before it (after it with ``include_stop``): ``stopped`` becomes True, ``text``
+  is cut there and ``num_tokens`` is the number of tokens pushed up to the one that completed it (later ignored).
   While a stop string could still begin in the last ``len(longest stop) - 1`` characters, those are held back
   from ``push``'s return, so no returned text is ever taken back.
 
@@ -22,20 +22,22 @@ except ImportError:  # older tokenizers
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
 
-def decode(tokenizer, token_ids) -> str:
+def decode(tokenizer, token_ids, skip_special_tokens: bool = True) -> str:
     """A completion's text, decoded at once: what ``TextStream`` builds incrementally."""
-    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True,
+                 include_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        self.skip_special_tokens, self.include_stop = skip_special_tokens, include_stop
         self._hold = max(map(len, self.stop), default=1) - 1
         backend = getattr(tokenizer, "backend_tokenizer", None)
         fast = DecodeStream is not None and backend is not None
         self._backend = backend if fast else None
-        self._decoder = DecodeStream(skip_special_tokens=True) if fast else None
+        self._decoder = DecodeStream(skip_special_tokens=skip_special_tokens) if fast else None
         self.token_ids: list[int] = []
         self.text = ""
         self.num_tokens = 0  # tokens that count: all pushed, or those up to the stop string
@@ -77,16 +79,17 @@ class TextStream:
         return full[len(self.text):]
 
     def _decode_all(self) -> str:
-        return decode(self.tokenizer, self.token_ids)
+        return decode(self.tokenizer, self.token_ids, self.skip_special_tokens)
 
     def _append(self, piece: str) -> None:
         start = max(0, len(self.text) - self._hold)
         self.text += piece
         if not self.stop:
             return
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            begin, end = min(hits)  # the first stop string to start (the shortest of those starting there)
+            self.text = self.text[:end if self.include_stop else begin]
             self.stopped = True
 
     def _take(self, final: bool) -> str:

@@ -145,11 +145,13 @@ class LLM:
         """One conversation's token ids through the chat template (``Prompts.apply_chat_template``)."""
         return self.prompts.apply_chat_template(messages)
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[dict]:
         """``generate`` for one conversation (a list of ``{"role", "content"}`` dicts) or a list of them, each
         through the chat template; returns one output per conversation.  A content may be a list of OpenAI-style
         parts, ``{"type": "text", "text": ...}`` and, for vision-language models, ``{"type": "image", "image":
-        PIL.Image or path}``."""
+        PIL.Image or path}``.  ``chat_template_kwargs``: extra template variables (``{"enable_thinking": False}``),
+        ``Prompts.apply_chat_template``."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             messages = [messages]
         if not isinstance(messages, list) or not all(isinstance(m, list) for m in messages):
@@ -157,7 +159,7 @@ class LLM:
         prompts = []
         for conversation in messages:
             text_messages, images = chat_prompt(conversation)
-            ids = self.apply_chat_template(text_messages)
+            ids = self.prompts.apply_chat_template(text_messages, chat_template_kwargs=chat_template_kwargs)
             prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -9,13 +9,20 @@ tokenized and checked where the requests arrive.
   (``max_model_len``) or out-of-vocabulary prompts raise ``TypeError``/``ValueError`` naming prompt ``index``.
 * ``encode_request``: (token ids, ``ImageInputs`` or None) of a str, a token-id list or a dict prompt with
   ``multi_modal_data``.
-* ``apply_chat_template``: one conversation's token ids, ready for the assistant's reply, with the tools (OpenAI
-  function tools, transformers' tools API) rendered by the template when given.
+* ``apply_chat_template``: one conversation's token ids, ready for the assistant's reply, the tools (OpenAI function
+  tools) rendered when given, ``chat_template_kwargs`` as template variables (a ``TEMPLATE_ARGUMENTS`` key: a
+  ``ValueError`` naming it).  ``use_chat_template``: a Jinja text replaces the checkpoint's template.
 """
 import os
 
 from nanovllm.logger import logger
 from nanovllm.multimodal import ImagePrompts
+
+# ``tokenizer.apply_chat_template``'s own arguments and the template's ``messages``: not chat_template_kwargs
+TEMPLATE_ARGUMENTS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 class Prompts:
@@ -64,16 +71,30 @@ class Prompts:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, more than max_model_len={limit}")
         return ids
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            chat_template_kwargs: dict | None = None) -> list[int]:
         """The token ids of one conversation through the checkpoint's chat template, ready for the assistant's
-        reply; ``tools`` (OpenAI function tools) are passed to the template as transformers' ``tools``.  Raises
-        ``ValueError`` if there is no tokenizer or no template."""
+        reply; ``tools`` (OpenAI function tools) are passed to the template as transformers' ``tools``, and
+        ``chat_template_kwargs`` as template variables.  Raises ``ValueError`` if there is no tokenizer or no
+        template, or a kwarg is one of ``TEMPLATE_ARGUMENTS``."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model!r} has no chat template (tokenizer_config.json "
                              f"'chat_template' or chat_template.jinja)")
+        kwargs = dict(chat_template_kwargs or {})
+        clash = sorted(TEMPLATE_ARGUMENTS.intersection(kwargs))
+        if clash:
+            raise ValueError(f"chat_template_kwargs may not set {clash}: apply_chat_template sets them itself")
         text = self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+
+    def use_chat_template(self, template: str) -> None:
+        """Render chats with ``template`` (Jinja text) instead of the checkpoint's; needs a tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError(f"a chat template needs a tokenizer, and {self.model!r} has none")
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError(f"the chat template must be non-empty Jinja text, got {template!r}")
+        self.tokenizer.chat_template = template
 
 
 def load_tokenizer(model_dir: str):

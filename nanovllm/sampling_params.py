@@ -88,6 +88,9 @@ class SamplingParams:
     ``frequency_penalty`` (in [-2, 2]) subtracts itself times a token's count in the completion so far, and
     ``presence_penalty`` (in [-2, 2]) subtracts itself from every token the completion holds.
     ``structured_outputs``: a ``StructuredOutputsParams`` the completion's text is constrained to.
+    Text only, no effect on sampling (``nanovllm/detokenizer.py``): ``skip_special_tokens`` (default True) leaves
+    special tokens' text out of the text; ``include_stop_str_in_output`` (default False) keeps the stop string that
+    ended the text, or the stop token's text, at its end.
     """
     temperature: float = 1.0
     top_k: int = -1
@@ -103,6 +106,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     structured_outputs: StructuredOutputsParams | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         self.stop_token_ids = tuple(self.stop_token_ids)
@@ -137,8 +142,9 @@ class SamplingParams:
             raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not all(is_int(t) for t in self.stop_token_ids):
             raise TypeError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
         if self.seed is not None and not is_int(self.seed):

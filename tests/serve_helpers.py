@@ -8,7 +8,7 @@ The weights are random except for a planted chain: the embedding of each token o
 hidden direction, far larger than anything the layers add, and the LM head row of the next token of the chain
 reads that direction.  So wherever the last token is a chain token, the greedy next token is the following one,
 and after the chat template's generation prompt (which ends with the chain's first token) the model answers
-``CHAIN_TEXT`` and then EOS, whatever came before.
+``CHAIN_TEXT`` (or the ``chain_text`` given, whose tokens must all differ) and then EOS, whatever came before.
 
 ``running_server`` starts ``python -m nanovllm.serve`` in a subprocess and yields its base URL once ``/health``
 answers; ``post``, ``metrics`` (parsed by prometheus_client), ``wait_for_metrics`` and ``stream_text`` talk to it;
@@ -35,15 +35,17 @@ _CORPUS = ("The quick brown fox jumps over the lazy dog. A server streams tokens
            "Stop strings end a completion; logprobs report how likely each token was. Paris is in France.\n")
 
 
-def build_tokenizer(out_dir) -> "object":
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out_dir, added: tuple[str, ...] = ()) -> "object":
+    """The tiny tokenizer, with ``added`` as extra tokens that are not special (as Qwen3's ``<think>``)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=384 - len(added), special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS * 3], trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     assert tok.get_vocab_size() == 384
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                  clean_up_tokenization_spaces=False)
@@ -52,14 +54,16 @@ def build_tokenizer(out_dir) -> "object":
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def build_text_checkpoint(out_dir) -> tuple[str, list[int]]:
-    """(checkpoint dir, the chain's token ids: the generation prompt's last token, CHAIN_TEXT's tokens, EOS)."""
+def build_text_checkpoint(out_dir, chain_text: str = CHAIN_TEXT,
+                          added: tuple[str, ...] = ()) -> tuple[str, list[int]]:
+    """(checkpoint dir, the chain's token ids: the generation prompt's last token, ``chain_text``'s tokens, EOS);
+    ``added``: extra tokens of the tokenizer (``build_tokenizer``)."""
     out_dir = Path(out_dir)
-    tok = build_tokenizer(out_dir)
+    tok = build_tokenizer(out_dir, added)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    chain = [tok.encode(prompt)[-1]] + tok.encode(CHAIN_TEXT) + [eos]
-    assert len(set(chain)) == len(chain) and tok.decode(chain[1:], skip_special_tokens=True) == CHAIN_TEXT
+    chain = [tok.encode(prompt)[-1]] + tok.encode(chain_text) + [eos]
+    assert len(set(chain)) == len(chain) and tok.decode(chain[1:], skip_special_tokens=True) == chain_text
     build_checkpoint(out_dir, "qwen3", eos_token_id=eos, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
                      max_position_embeddings=4096)
     _plant_chain(out_dir, chain)

@@ -4,7 +4,8 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 set: ``Authorization: Bearer KEY``, else 401), and, always open, ``GET /health`` (503 once the engine has
 failed), ``GET /version`` and ``GET /metrics`` (Prometheus text).  Every error is
 ``{"error": {"message", "type", "param", "code"}}``: a body that fails validation is a 400 naming the field and
-the value, an unknown route a 404; the server stays up after all of them.  The engine loop starts and stops with
+the value (a field the request models do not declare: a 400 naming it, ``fields.unknown_field``), an unknown route
+a 404; the server stays up after all of them.  The engine loop starts and stops with
 the application (its lifespan).
 """
 import hmac
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from nanovllm.entrypoints.chat import create_chat_completion
 from nanovllm.entrypoints.completions import create_completion
+from nanovllm.entrypoints.fields import unknown_field
 from nanovllm.entrypoints.metrics import CONTENT_TYPE
 from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
 from nanovllm.entrypoints.serving import Serving
@@ -103,6 +105,9 @@ def _validation_error(e: RequestValidationError) -> APIError:
     # a union (prompt, stop, content) reports one error per member type: name the field, not the member
     members = {"str", "list[str]", "list[int]", "list[list[int]]", "int", "float", "bool"}
     param = ".".join(x for x in loc if x not in members and not x.startswith(("function-", "list[", "dict[")))
+    if first.get("type") == "extra_forbidden":
+        message, param = unknown_field(loc, first.get("input"))
+        return APIError(400, message, param)
     message = f"{param or 'body'}: {first.get('msg')}"
     if "input" in first and first.get("type") != "missing":
         message += f" (got {first['input']!r})"

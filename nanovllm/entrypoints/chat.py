@@ -9,7 +9,10 @@ the finish reason, the usage chunk if ``stream_options.include_usage``, and ``da
 vision-language models and refused, with a 400, by the others.  ``tools`` and ``tool_choice`` (``tool_calls.py``)
 give a message with ``tool_calls`` and finish on "tool_calls"; streamed as OpenAI streams them: each call's id and
 name, then its arguments, once the choice has finished.  ``response_format`` and vLLM's ``structured_outputs``
-constrain the output (``structured.py``).
+constrain the output (``structured.py``).  ``chat_template_kwargs`` (over ``--default-chat-template-kwargs``)
+are template variables.  A reasoning parser (``--reasoning-parser``, ``parsers/``) takes the think block out of
+``content`` into ``reasoning`` and ``reasoning_content`` (vLLM's newer and older names; null without reasoning),
+streamed as ``delta.reasoning`` and ``delta.reasoning_content``; tool calls are parsed from the content left.
 """
 import time
 
@@ -34,7 +37,8 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
         raise bad_request(f"an image part is malformed: {e}", "messages") from None
     try:
         ids = await serving.batch_tokenizer.call(serving.prompts.apply_chat_template, messages,
-                                               plan.render if plan is not None else None)
+                                               plan.render if plan is not None else None,
+                                               {**serving.chat_template_kwargs, **(req.chat_template_kwargs or {})})
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     except Exception as e:  # noqa: BLE001 - a template that rejects these messages (jinja raise_exception)
@@ -96,6 +100,12 @@ class _Reply:
                 if choice["logprobs"] is None:
                     choice["logprobs"] = {"content": []}
                 choice["logprobs"]["content"] += logprobs["content"]
+        parser = self.serving.reasoning_parser
+        if parser is not None:
+            for choice in choices:
+                message = choice["message"]
+                reasoning, message["content"] = parser().split(message["content"])
+                message["reasoning"] = message["reasoning_content"] = reasoning
         if self.plan is not None:
             for choice in choices:
                 message = choice["message"]
@@ -103,6 +113,10 @@ class _Reply:
                                                                                      choice["finish_reason"])
                 if calls:
                     message["tool_calls"] = calls
+        if parser is not None:
+            for choice in choices:  # a reply that is all reasoning has no content
+                if not choice["message"]["content"] and choice["message"]["reasoning"] is not None:
+                    choice["message"]["content"] = None
         return self._body("chat.completion", choices, self._usage())
 
     def _chunk(self, choices: list, usage=None) -> str:
@@ -114,37 +128,52 @@ class _Reply:
     def _piece(self, index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
         return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
+    @staticmethod
+    def _delta(text: str, reasoning: str) -> dict:
+        delta = {"reasoning": reasoning, "reasoning_content": reasoning} if reasoning else {}
+        if text:
+            delta["content"] = text
+        return delta
+
     async def stream(self, handles):
         tools = [ToolStream(self.plan) for _ in range(self.req.n)] if self.plan is not None else None
+        parser = self.serving.reasoning_parser
+        thinking = [parser() for _ in range(self.req.n)] if parser is not None else None
         try:  # with tools, the content is null until some is sent, as in OpenAI's streams
             yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": None if tools else ""},
                                 "logprobs": None, "finish_reason": None} for i in range(self.req.n)])
             async for _, update in self.serving.updates(handles):
                 self.completion_tokens += len(update.token_ids)
                 logprobs = self._logprobs(update)
-                text, reason = update.text, update.finish_reason
+                text, reason, reasoning = update.text, update.finish_reason, ""
+                if thinking is not None:  # the think block out of the text (held back while a tag may be cut)
+                    reasoning, text = thinking[update.index].push(text)
+                    if reason is not None:
+                        more, rest = thinking[update.index].finish()
+                        reasoning, text = reasoning + more, text + rest
                 if tools is not None:
                     text = tools[update.index].push(text)
                     if reason is not None:
-                        for event in self._tool_finish(tools[update.index], update.index, text, logprobs, reason):
+                        for event in self._tool_finish(tools[update.index], update.index, text, logprobs, reason,
+                                                       reasoning):
                             yield event
                         continue
-                if not (text or reason or (logprobs and logprobs["content"])):
+                if not (text or reasoning or reason or (logprobs and logprobs["content"])):
                     continue  # tokens whose text is held back (an incomplete character, a possible stop string)
-                yield self._piece(update.index, {"content": text} if text else {}, logprobs, reason)
+                yield self._piece(update.index, self._delta(text, reasoning), logprobs, reason)
             if self.req.stream_options and self.req.stream_options.include_usage:
                 yield self._chunk([], self._usage())
         except APIError as e:
             yield sse(e.body())
         yield DONE
 
-    def _tool_finish(self, tool: ToolStream, index: int, text: str, logprobs, reason: str):
-        """The last chunks of a streamed choice under tools: the content left, each call (its id and name, then its
-        arguments) and the finish reason."""
+    def _tool_finish(self, tool: ToolStream, index: int, text: str, logprobs, reason: str, reasoning: str):
+        """The last chunks of a streamed choice under tools: the reasoning and content left, each call (its id and
+        name, then its arguments) and the finish reason."""
         rest, calls, reason = tool.finish(reason)
         text += rest
-        if text or (logprobs and logprobs["content"]):
-            yield self._piece(index, {"content": text} if text else {}, logprobs)
+        if text or reasoning or (logprobs and logprobs["content"]):
+            yield self._piece(index, self._delta(text, reasoning), logprobs)
         for i, call in enumerate(calls):
             function = call["function"]
             yield self._piece(index, {"tool_calls": [{"index": i, "id": call["id"], "type": "function",

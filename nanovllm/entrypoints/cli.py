@@ -1,6 +1,8 @@
 """The server's command line: ``python -m nanovllm.serve MODEL [flags]`` and ``nanovllm serve MODEL [flags]``.
 
-Server flags (host, port, served model name, API key, the waiting-queue bound) are this file's; every ``LLM(...)``
+Server flags (host, port, served model name, API key, the waiting-queue bound, the chat template and its default
+kwargs, the reasoning parser) are this file's; a bad one (a template file that cannot be read, kwargs that are not
+a JSON object, an unknown parser) exits before the engine is built, naming the value; every ``LLM(...)``
 option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``) with its default, so none is written here.
 The engine runs in a process of its own (``entrypoints/engine_process.py``) and is built (weights, KV cache,
 compilation) before the port opens, so a client that reaches ``/health`` finds it ready; if it fails to build, the
@@ -31,6 +33,14 @@ def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentPars
     p.add_argument("--max-waiting-seqs", type=int, default=DEFAULT_MAX_WAITING_SEQS,
                    help="sequences that may wait for a batch slot; a request that would pass it gets 503 "
                         f"(default: {DEFAULT_MAX_WAITING_SEQS})")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file that replaces the checkpoint's")
+    p.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
+                   help="a JSON object of chat template variables for every chat request, under the request's own "
+                        "chat_template_kwargs (e.g. '{\"enable_thinking\": false}')")
+    p.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="take the model's <think>...</think> reasoning out of chat replies' content into "
+                        "'reasoning' and 'reasoning_content': qwen3 or deepseek_r1")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p)
@@ -42,6 +52,7 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
     if args.max_waiting_seqs < 0:
         raise SystemExit(f"--max-waiting-seqs must be >= 0, got {args.max_waiting_seqs}")
     require_serve_extra()
+    chat = chat_options(args)
     import uvicorn
 
     from nanovllm.entrypoints.app import build_app
@@ -55,8 +66,10 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
     except RuntimeError as e:
         raise SystemExit(f"nanovllm serve: {e}") from None
     try:
-        serving = Serving(loop, Prompts(info["model"], info["hf_config"], info["vocab_size"], info["max_model_len"]),
-                          args.served_model_name or args.model)
+        prompts = Prompts(info["model"], info["hf_config"], info["vocab_size"], info["max_model_len"])
+        if chat["template"] is not None:
+            prompts.use_chat_template(chat["template"])
+        serving = Serving(loop, prompts, args.served_model_name or args.model, chat["kwargs"], chat["parser"])
     except BaseException:
         loop.shutdown()
         raise
@@ -64,6 +77,41 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
     logger.info("serving %r on http://%s:%d (API key %s)", serving.model_name, args.host, args.port,
                 "required" if args.api_key else "not required")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=30)
+
+
+def chat_options(args) -> dict:
+    """``{"template", "kwargs", "parser"}`` of the chat flags, read and checked; ``SystemExit`` naming a bad one."""
+    import json
+
+    from nanovllm.entrypoints.parsers import reasoning_parser
+    from nanovllm.prompts import TEMPLATE_ARGUMENTS
+    out = {"template": None, "kwargs": {}, "parser": None}
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template) as f:
+                out["template"] = f.read()
+        except OSError as e:
+            raise SystemExit(f"nanovllm serve: --chat-template {args.chat_template!r} cannot be read: {e}") from None
+        if not out["template"].strip():
+            raise SystemExit(f"nanovllm serve: --chat-template {args.chat_template!r} is empty")
+    if args.default_chat_template_kwargs is not None:
+        try:
+            out["kwargs"] = json.loads(args.default_chat_template_kwargs)
+        except ValueError as e:
+            raise SystemExit(f"nanovllm serve: --default-chat-template-kwargs {args.default_chat_template_kwargs!r} "
+                             f"is not JSON: {e}") from None
+        if not isinstance(out["kwargs"], dict):
+            raise SystemExit(f"nanovllm serve: --default-chat-template-kwargs must be a JSON object, got "
+                             f"{args.default_chat_template_kwargs!r}")
+        clash = sorted(TEMPLATE_ARGUMENTS.intersection(out["kwargs"]))
+        if clash:
+            raise SystemExit(f"nanovllm serve: --default-chat-template-kwargs may not set {clash}")
+    if args.reasoning_parser is not None:
+        try:
+            out["parser"] = reasoning_parser(args.reasoning_parser)
+        except ValueError as e:
+            raise SystemExit(f"nanovllm serve: --reasoning-parser: {e}") from None
+    return out
 
 
 def require_serve_extra() -> None:

@@ -1,17 +1,21 @@
 """The OpenAI request bodies (pydantic), the error shape, and turning a request into ``SamplingParams``.
 
 Errors a client causes are raised as ``APIError`` and answered as ``{"error": {"message", "type", "param",
-"code"}}`` with the status it carries (``app.py``).  Fields vLLM accepts beyond OpenAI's (``top_k``,
-``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``, ``structured_outputs``, ``guided_*``) are read from
-the body.  Fields whose feature nanovllm lacks (``logit_bias``, ``min_tokens``) are accepted at their neutral value
-and rejected with a 400 naming them otherwise, never silently ignored; unknown fields are ignored, as OpenAI clients
-send extras.  Every text a request carries (dict keys included) must be valid Unicode: ``check_text``.
+"code"}}`` with the status it carries (``app.py``).  The models declare every field of OpenAI's two request
+bodies and the vLLM extras nanovllm takes (``top_k``, ``min_p``, ``min_tokens``, ``stop_token_ids``,
+``ignore_eos``, ``repetition_penalty``, ``skip_special_tokens``, ``include_stop_str_in_output``,
+``chat_template_kwargs``, ``structured_outputs``, ``guided_*``); any other field is a 400 naming it (extras are
+forbidden; ``app.py`` words the error with ``fields.unknown_field``).  Fields whose feature nanovllm lacks
+(``fields.NEUTRAL``) are accepted at their neutral value and rejected with a 400 naming them otherwise, never
+silently ignored.  Every text a request carries (dict keys included) must be valid Unicode: ``check_text``.
 """
 import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from nanovllm.entrypoints.fields import non_neutral
+from nanovllm.prompts import TEMPLATE_ARGUMENTS
 from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions ``logprobs``
@@ -53,17 +57,16 @@ def check_text(value, param: str) -> None:
             check_text(item, param)
 
 
-# fields of features nanovllm lacks, and the values that mean "off" (the only ones accepted)
-_NEUTRAL = {"logit_bias": (None, {}), "min_tokens": (None, 0)}
-
-
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted only at the value that means "off" (fields.NEUTRAL)
+    continuous_usage_stats: bool | None = None
 
 
 class _Request(BaseModel):
     """What completions and chat share: the sampling fields."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -80,6 +83,8 @@ class _Request(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     # the output's constraint, in any one of its spellings (``structured.py``)
     response_format: dict | None = None
     structured_outputs: dict | None = None
@@ -87,17 +92,18 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # accepted only at the value that means "off"
+    # accepted only at the value that means "off" (fields.NEUTRAL)
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
+    min_p: float | None = None
 
     def check_unsupported(self) -> None:
         for name in type(self).model_fields:
             check_text(getattr(self, name), name)
-        for name, allowed in _NEUTRAL.items():
-            if getattr(self, name) not in allowed:
-                raise bad_request(f"{name}={getattr(self, name)!r} is not supported by nanovllm (only "
-                                  f"{allowed[-1]!r})", name)
+        for model, prefix in ((self, ""), (self.stream_options, "stream_options.")):
+            refused = non_neutral(model, prefix) if model is not None else None
+            if refused is not None:
+                raise bad_request(*refused)
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         if self.n < 1:
@@ -122,7 +128,9 @@ class _Request(BaseModel):
                 stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []), logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, presence_penalty=pick("presence_penalty", 0.0),
                 frequency_penalty=pick("frequency_penalty", 0.0),
-                repetition_penalty=pick("repetition_penalty", 1.0), structured_outputs=structured_outputs)
+                repetition_penalty=pick("repetition_penalty", 1.0), structured_outputs=structured_outputs,
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output)
         except (TypeError, ValueError) as e:
             name = str(e).split(" ")[0]
             raise bad_request(str(e), name if name in type(self).model_fields else None) from None
@@ -137,8 +145,6 @@ class CompletionRequest(_Request):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.suffix:
-            raise bad_request("suffix is not supported by nanovllm", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request(f"best_of={self.best_of} is not supported by nanovllm (only best_of = n)", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
@@ -206,11 +212,32 @@ class ChatRequest(_Request):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
+    # taken, with no effect on the output: identifiers for the caller's own bookkeeping
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # the prefix cache needs no key
+    # accepted only at the value that means "off" (fields.NEUTRAL)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
         if not self.messages:
             raise bad_request("messages must not be empty", "messages")
+        clash = sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or ()))
+        if clash:
+            raise bad_request(f"chat_template_kwargs may not set {clash}: the server sets "
+                              f"{sorted(TEMPLATE_ARGUMENTS)} itself", "chat_template_kwargs")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
