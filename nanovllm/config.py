@@ -131,6 +131,9 @@ class EngineConfig:
                                       choices=QUANTIZATIONS)
     num_kvcache_blocks: int | None = _opt(None, "fixed number of KV blocks (default: from free device memory; on "
                                                 "CPU 1 GiB worth)")
+    state_snapshots: int | None = _opt(None, "hybrid linear-attention models: state slots kept as prefix-cache "
+                                             "snapshots, each a sequence's recurrent and convolution states in "
+                                             "every layer (default: max_num_seqs // 4 + 2; 0: no prefix hits)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")
     pipeline_depth: int = _opt(3, "engine steps queued on the device before the host reads the oldest one's "
                                   "tokens (1 queues only the next step), offline and in the server alike; deeper "
@@ -171,6 +174,8 @@ class EngineConfig:
         for name, minimum in dict(tensor_parallel_size=1, max_num_seqs=1, max_num_batched_tokens=1, max_model_len=1,
                                   seed=0, pipeline_depth=1, kvcache_block_size=16).items():
             _check_int(name, getattr(self, name), minimum)
+        if self.state_snapshots is not None:
+            _check_int("state_snapshots", self.state_snapshots, 0)
         for name in ("offload_experts", "mixed_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

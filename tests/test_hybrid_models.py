@@ -88,3 +88,35 @@ def test_features_a_recurrent_state_cannot_serve_are_refused_by_name(tmp_path, o
     path = build_checkpoint(tmp_path, "qwen3_next")
     with pytest.raises(ValueError, match=f"{named}.*Qwen3NextForCausalLM|Qwen3NextForCausalLM.*{named}"):
         LLM(path, enforce_eager=True, **dict(ENGINE, **{option: value}))
+
+
+def test_prefix_hits_restore_snapshots_and_match_a_cold_run(engines):
+    """The whole prompt again, a prompt sharing only a system prefix (a hit from the third one on: the second
+    snapshots where the shared part ends), and half of an earlier prompt (likewise): the same tokens as
+    transformers, and the hit counter grows by the blocks each hit took.  More snapshot-worthy prefixes than
+    snapshot slots, so snapshots are evicted and reused on the way."""
+    path, eager, graph = engines
+    system = list(range(100, 140))  # 2 full blocks of 16, and 8 tokens
+    first = system + [7, 8, 9] * 10  # 70 tokens: its last full block ends at 64
+    other = list(range(200, 270))
+    runs = [  # (prompt, tokens the hit must cover)
+        (first, 0), (first, 64),
+        (system + [50, 51, 52], 0), (system + [60, 61], 32), (system + [70] * 20, 32),
+        (other, 0), (other[:35] + [300, 301], 0), (other[:35] + [310], 32)]
+    want = hf_greedy(path, [p for p, _ in runs], 5)
+    for llm in (eager, graph):
+        llm.generate([[1]], SamplingParams(max_tokens=1), use_tqdm=False)  # warm
+        bm = llm.engine.block_manager
+        for (prompt, hit), expected in zip(runs, want):
+            before = bm.cache_hit_tokens
+            assert tokens(llm, [prompt], [5]) == [expected]
+            assert bm.cache_hit_tokens - before >= hit
+        assert bm.snapshots.captured > len(bm.snapshots.by_hash)  # some were evicted and their slots reused
+
+
+def test_no_snapshot_slots_means_no_hits_and_the_same_tokens(tmp_path):
+    path = build_checkpoint(tmp_path, "qwen3_5")
+    llm = LLM(path, enforce_eager=True, state_snapshots=0, **ENGINE)
+    once = tokens(llm, [PROMPTS[0]] * 2, [4, 4])
+    assert once[0] == once[1] == tokens(llm, [PROMPTS[0]], [4])[0]
+    assert llm.engine.block_manager.cache_hit_tokens == 0 and llm.engine.block_manager.snapshots.captured == 0

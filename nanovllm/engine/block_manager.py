@@ -19,6 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
+from nanovllm.engine.hybrid_state import StateSnapshots
 from nanovllm.engine.sequence import Sequence
 
 
@@ -30,9 +31,9 @@ def chain_hash(prev_hash: int, tokens) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, hits: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, snapshots: StateSnapshots | None = None):
         self.num_blocks = num_blocks
-        self.hits = hits  # False: blocks are still published, but no sequence starts from them
+        self.snapshots = snapshots  # a hybrid model's: a hit must also find the state where it ends
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -78,7 +79,10 @@ class BlockManager:
         wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit: a hit would skip positions whose
         logprobs it asked for (it still publishes its blocks for others)."""
         assert not seq.block_table
-        hits, hashes = ([], []) if seq.wants_prompt_logprobs or not self.hits else self._cached_prefix(seq)
+        hits, hashes = ([], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
+        if self.snapshots is not None:  # a hybrid model: only as far as a state snapshot reaches
+            depth = self.snapshots.deepest(hashes)
+            kv_depth, hits, hashes = len(hits), hits[:depth], hashes[:depth]
         fresh_needed = self.blocks_for(len(seq)) - len(hits)
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)
         if fresh_needed > self.num_free_blocks - revived:
@@ -91,7 +95,19 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.cache_hit_tokens += seq.num_cached_tokens
         self.seq_hashes[seq.seq_id] = hashes
+        if self.snapshots is not None:
+            seq.state_restore = self.snapshots.slot(hashes[-1]) if hashes else None
+            points = {kv_depth, (len(seq) - 1) // self.block_size} - {0} if self.snapshots.count else set()
+            seq.capture_points = [(n * self.block_size, self.prefix_hash(seq, n)) for n in sorted(points)
+                                  if n > len(hits)]
         return True
+
+    def prefix_hash(self, seq: Sequence, num_blocks: int) -> int:
+        """The chain hash of the sequence's first ``num_blocks`` blocks."""
+        h, bs = 0, self.block_size
+        for i in range(num_blocks):
+            h = chain_hash(h, seq.block_key(i * bs, (i + 1) * bs))
+        return h
 
     def needs_block_to_append(self, seq: Sequence) -> bool:
         return len(seq.block_table) < self.blocks_for(len(seq))

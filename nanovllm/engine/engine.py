@@ -22,6 +22,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 import nanovllm.distributed as distributed
 from nanovllm.distributed import liveness
+from nanovllm.engine import hybrid_state
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.outputs import SequenceOutput, StepResult
@@ -50,7 +51,7 @@ class Engine:
         self.platform.check_tensor_parallel(config.tensor_parallel_size)
         self.runner = ModelRunner(config, self.platform)
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
-                                          hits=not self.runner.hybrid)
+                                          hybrid_state.snapshots(self.runner))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.eos_token_ids, config.mixed_prefill,
                                    self.runner.drafter or config.speculative)

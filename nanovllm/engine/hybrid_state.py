@@ -1,6 +1,107 @@
 """What the engine does differently for a hybrid model (linear-attention layers with per-sequence state pools,
-``models/hybrid.py``): the features it refuses by name, because a recurrent state cannot be rolled back or rebuilt
-from the paged cache."""
+``models/hybrid.py``): prefix-cache snapshots of the states, and the features it refuses by name.
+
+A recurrent state cannot be rebuilt from KV blocks, so a prefix hit needs the state at the hit's last block
+boundary.  ``StateSnapshots`` keeps such states in the pools' rows past the running sequences' (``first`` ..
+``first + count - 1``), keyed by the hash of the block that ends the prefix (``block_manager.chain_hash``), least
+recently used evicted first.  The policy (``BlockManager.try_allocate``): a prompt takes the deepest cached prefix
+whose KV blocks are all cached *and* whose state is snapshotted, and snapshots its state at up to two boundaries:
+where its cached KV ends (a prefix another prompt shares, such as a system prompt) and its last full block before
+its last token (where an identical prompt, or the next turn of its conversation, will hit).  Its prefill chunks are
+cut at those boundaries (``cut_chunk``), so each snapshot is a copy of the state at a chunk's end, queued right
+after that step; a hit is a copy into the sequence's slot queued before its first chunk.  A hit gives the same
+tokens as a cold run: the state it restores is the one a cold run would have at that position.
+"""
+from collections import OrderedDict
+
+import torch
+
+
+class StateSnapshots:
+    def __init__(self, first: int, count: int):
+        self.count = count  # 0: prefix hits off
+        self.free = list(range(first + count - 1, first - 1, -1))
+        self.by_hash: OrderedDict[int, int] = OrderedDict()  # block hash -> snapshot slot, least recent first
+        self.pending: dict[int, int] = {}  # taken while scheduling the step being built, readable after it
+        self.captured = 0  # snapshots taken (a statistic)
+
+    def deepest(self, hashes: list[int]) -> int:
+        """The most leading blocks of ``hashes`` (a prefix's chain) whose last one has a snapshot (0: none)."""
+        for depth in range(len(hashes), 0, -1):
+            if hashes[depth - 1] in self.by_hash:
+                self.by_hash.move_to_end(hashes[depth - 1])
+                return depth
+        return 0
+
+    def slot(self, block_hash: int) -> int:
+        return self.by_hash[block_hash]
+
+    def take(self, block_hash: int) -> int:
+        """A slot to snapshot the state at ``block_hash`` into, after this step: the one it has, a free one, or
+        the least recently used (whose restores are all queued before this step's captures)."""
+        if block_hash in self.pending:
+            return self.pending[block_hash]
+        if block_hash in self.by_hash:
+            slot = self.by_hash.pop(block_hash)
+        elif self.free:
+            slot = self.free.pop()
+        else:
+            _, slot = self.by_hash.popitem(last=False)
+        self.pending[block_hash] = slot
+        self.captured += 1
+        return slot
+
+    def commit(self) -> None:
+        """The step is built: its snapshots may be restored by later steps (queued after its captures)."""
+        self.by_hash.update(self.pending)
+        self.pending.clear()
+
+
+def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:
+    """The tokens of ``seq``'s next prefill chunk, at most ``n``, ending at its next capture point if one lies
+    inside; adds the copies the chunk needs to ``batch``: (snapshot, slot) to restore before the step, (slot,
+    snapshot) to capture after it.  ``n`` itself for a model without snapshots."""
+    if snapshots is None:
+        return n
+    restores, captures = batch.restores, batch.captures
+    start = seq.num_computed_tokens
+    if seq.state_restore is not None:
+        restores.append((seq.state_restore, seq.token_slot))
+        seq.state_restore = None
+    for tokens, block_hash in seq.capture_points:
+        if start < tokens <= start + n:
+            captures.append((seq.token_slot, snapshots.take(block_hash)))
+            return tokens - start
+    return n
+
+
+def size_state_pools(spec, model_name: str, config) -> bool:
+    """Whether the model is hybrid (``spec``: its ``KVCacheSpec``); if so, refuse what it cannot serve and give its
+    state pools a slot per token slot (the scratch row too), then ``state_snapshots`` snapshot slots."""
+    if all(s is None for s in spec.states):
+        return False
+    refuse_for_hybrid(model_name, config)
+    extra = config.state_snapshots if config.state_snapshots is not None else config.max_num_seqs // 4 + 2
+    spec.num_state_slots = config.max_num_seqs + 1 + extra
+    return True
+
+
+def snapshots(runner) -> StateSnapshots | None:
+    """A hybrid runner's prefix-cache snapshots (the state pools' rows past the running sequences'; maybe none, which
+    turns its prefix hits off); None for a model without state pools."""
+    first = runner.config.max_num_seqs + 1
+    return StateSnapshots(first, runner.kv_spec.num_state_slots - first) if runner.hybrid else None
+
+
+def copy_states(runner, pairs: list[tuple[int, int]]) -> None:
+    """Copy each (from, to) row of every state pool of ``runner``, queued on its device in step order."""
+    if not pairs:
+        return
+    src, dst = (torch.tensor(side, dtype=torch.int64).to(runner.device, non_blocking=True) for side in zip(*pairs))
+    for kind, pools in zip(runner.kv_spec.states, runner.kv_caches):
+        if kind is not None:
+            for pool in pools:
+                pool.index_copy_(0, dst, pool.index_select(0, src))
 
 
 def refuse_for_hybrid(model_name: str, config) -> None:

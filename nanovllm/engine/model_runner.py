@@ -21,11 +21,10 @@ from nanovllm.compile.cache import key_fields
 from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
 from nanovllm.compile.factory import make_executor
 from nanovllm.config import EngineConfig
-from nanovllm.engine import image_step, runner_report, runner_setup, verify_step
+from nanovllm.engine import hybrid_state, image_step, runner_report, runner_setup, verify_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.grammar import Grammars
-from nanovllm.engine.hybrid_state import refuse_for_hybrid
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
 from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
@@ -70,10 +69,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.kv_spec = KVCacheSpec.of_model(self.model, self.block_size,
                                             platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
-        self.hybrid = any(s is not None for s in self.kv_spec.states)  # linear-attention state pools
-        if self.hybrid:
-            refuse_for_hybrid(type(self.model).__name__, config)
-            self.kv_spec.num_state_slots = config.max_num_seqs + 1  # a slot per token slot, the scratch row too
+        self.hybrid = hybrid_state.size_state_pools(self.kv_spec, type(self.model).__name__, config)
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)
@@ -223,6 +219,7 @@ class ModelRunner:
         ``kept``, one per part (its tokens come from its second half; a later part may reuse a part's buffers, so
         those are copied).  Returns the seconds spent building decode inputs."""
         prepare_seconds = 0.0
+        hybrid_state.copy_states(self, batch.restores)  # a hybrid model's prefix hits, then (below) its snapshots
         lp = slot.has_logprobs
         several = not batch.is_prefill and len(self.executor.decode_chunks(len(batch.seqs))) > 1
 
@@ -259,6 +256,7 @@ class ModelRunner:
         else:
             self.executor.run(prefill=False, rows=len(batch.seqs), tokens=len(batch.seqs), variant=variant,
                               build=build_decode, emit=emit)
+        hybrid_state.copy_states(self, batch.captures)
         return prepare_seconds
 
     def _launch_prompt_logprobs(self, inputs: StepInputs, mm, prompt: tuple, logprobs: bool, filtered: bool,

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.hybrid_state import cut_chunk
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from nanovllm.engine.proposals import propose
 from nanovllm.speculative import accept
@@ -35,6 +36,9 @@ class ScheduledBatch:
     # a verify step's tokens proposed after each sequence's newest (``num_new_tokens``: 1 + their number), and
     proposals: list[list[int]] | None = None  # once resolved, how many of each were kept
     accepted: list[int] = field(default_factory=list)
+    # a hybrid model's state copies (``hybrid_state.py``): (from slot, to slot) before the step, and after it
+    restores: list[tuple[int, int]] = field(default_factory=list)
+    captures: list[tuple[int, int]] = field(default_factory=list)
 
     def samples(self, seq_index: int) -> bool:
         """Whether this step reaches the sequence's last token, so its sampled token is kept."""
@@ -80,9 +84,12 @@ class Scheduler:
 
     def _schedule_prefill(self) -> ScheduledBatch:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
+        batch = ScheduledBatch(seqs, counts, is_prefill=True)
+        snapshots = self.block_manager.snapshots
         for seq in self.running:  # unfinished chunked prefills continue first
             if budget and seq.is_prefilling:
                 n = min(len(seq) - seq.num_computed_tokens, budget)
+                n = cut_chunk(seq, n, snapshots, batch)
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
@@ -97,12 +104,15 @@ class Scheduler:
             seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
+            n = cut_chunk(seq, n, snapshots, batch)
             seqs.append(seq)
             counts.append(n)
             budget -= n
         if seqs and budget and self.mixed_prefill:
             self._add_decode_rows(seqs, counts, budget)
-        return ScheduledBatch(seqs, counts, is_prefill=True)
+        if snapshots is not None:
+            snapshots.commit()
+        return batch
 
     def _add_decode_rows(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
         """Let running sequences past their prompt ride in this prefill step, one token each (their newest, which

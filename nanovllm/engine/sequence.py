@@ -63,6 +63,8 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
+        self.state_restore: int | None = None  # hybrid models: the snapshot its first chunk starts from
+        self.capture_points: list = []  # hybrid models: (tokens, block hash) where its state is snapshotted
         self.num_reported_tokens = 0  # completion tokens the engine's step outputs carried so far
         self.finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort", once finished
         # per resolved completion token, if ``params.logprobs`` is set: (its logprob, top ids, top logprobs)
