@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
+from nanovllm.kernels.linear_attention import ops as la_ops  # noqa: F401  (the linear-attention ops)
+from nanovllm.kernels.linear_attention import reference as la_reference
+from nanovllm.kernels.linear_attention.triton_kernels import causal_conv1d_triton, gated_delta_rule_triton
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
 from nanovllm.kernels.triton_logits import process_logits_triton
@@ -128,11 +131,22 @@ def _process_logits(logits, slots, params, bitmask, counts, seen):
     return process_logits_triton(logits, slots, params, bitmask, counts, seen)
 
 
+def _causal_conv1d(x, weight, conv_state, state_slots, cu_seqlens_q, context_lens):
+    fn = la_reference.causal_conv1d_reference if current_options().reference_kernels else causal_conv1d_triton
+    return fn(x, weight, conv_state, state_slots, cu_seqlens_q, context_lens)
+
+
+def _gated_delta_rule(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens):
+    fn = la_reference.gated_delta_rule_reference if current_options().reference_kernels else gated_delta_rule_triton
+    return fn(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens)
+
+
 KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_attention,
            "nanovllm::rope_store_kv": _rope_store_kv, "nanovllm::linear": _linear,
            "nanovllm::linear_int4": _linear_int4, "nanovllm::fused_moe": _fused_moe,
            "nanovllm::moe_experts": _moe_experts,
-           "nanovllm::process_logits": _process_logits, "nanovllm::gumbel_argmax": _gumbel_argmax}
+           "nanovllm::process_logits": _process_logits, "nanovllm::gumbel_argmax": _gumbel_argmax,
+           "nanovllm::causal_conv1d": _causal_conv1d, "nanovllm::gated_delta_rule": _gated_delta_rule}
 
 
 def register_cuda_kernels(device_type: str = "cuda") -> None:

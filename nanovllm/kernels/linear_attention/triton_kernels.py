@@ -1,0 +1,129 @@
+"""Triton kernels of the linear-attention ops, with the contracts of their twins (``reference.py``): the causal
+depthwise convolution over each row's history and the gated delta rule, for prefill and decode alike.
+
+* ``causal_conv1d_triton``: one program per (token, channel block) sums the K taps, reading taps before the row's
+  first token from its slot's state (zeros for a new row), then one program per (row, channel block) writes the
+  row's last K-1 inputs back to its slot (after every token program has read the old state: a second launch).
+* ``gated_delta_rule_triton``: one program per (row, value head, block of value dims) keeps its slice of the
+  float32 state [DK, BV] in registers, walks the row's tokens in order (L2-normalising q and k, decaying, writing
+  the delta, reading the output) and stores the slice back in the row's slot.  A decode step is the same launch
+  with one token per row.
+Token-to-row maps are built with torch ops before the launch: no host sync, so both are graph-capturable.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels.linear_attention.reference import row_layout
+
+
+@triton.jit
+def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr, has_state_ptr, D,
+                 stride_x, stride_s0, stride_s1, K: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = offs < D
+    row = tl.load(row_ptr + t)
+    local = tl.load(local_ptr + t)
+    slot = tl.load(slot_ptr + row)
+    zero = tl.zeros([BD], dtype=tl.int64)  # scalars broadcast to blocks: masks must be blocks of int1
+    has_state = (zero + tl.load(has_state_ptr + row)) != 0
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for j in tl.static_range(K):
+        src = zero + local + j - (K - 1)
+        w = tl.load(w_ptr + offs * K + j, mask=mask, other=0.0).to(tl.float32)
+        from_x = tl.load(x_ptr + (t + j - (K - 1)) * stride_x + offs, mask=mask & (src >= 0), other=0.0)
+        col = tl.maximum(src + K - 1, 0)
+        from_state = tl.load(state_ptr + slot * stride_s0 + offs * stride_s1 + col,
+                             mask=mask & (src < 0) & has_state, other=0.0)
+        acc += w * (from_x.to(tl.float32) + from_state.to(tl.float32))
+    acc = acc / (1.0 + tl.exp(-acc))
+    tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1,
+                K: tl.constexpr, BD: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = offs < D
+    first = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - first
+    slot = tl.load(slot_ptr + b)
+    zero = tl.zeros([BD], dtype=tl.int64)
+    has_state = (zero + tl.load(has_state_ptr + b)) != 0
+    base = state_ptr + slot * stride_s0 + offs * stride_s1
+    for m in tl.static_range(K - 1):  # ascending: column m reads column m + q_len (> m) before it is written
+        src = zero + q_len - (K - 1) + m
+        from_x = tl.load(x_ptr + (first + src) * stride_x + offs, mask=mask & (src >= 0), other=0.0)
+        col = tl.maximum(src + K - 1, 0)
+        from_state = tl.load(base + col, mask=mask & (src < 0) & has_state, other=0.0)
+        value = tl.where(src >= 0, from_x.to(tl.float32), from_state.to(tl.float32))
+        tl.store(base + m, value.to(state_ptr.dtype.element_ty), mask=mask)
+
+
+def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, state_slots: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    T, D = x.shape
+    K = weight.shape[1]
+    row, local, _, has_state = row_layout(cu_seqlens_q, context_lens, T)
+    has_state = has_state.to(torch.int32)
+    out = torch.empty_like(x)
+    weight = weight.contiguous()
+    BD = 256
+    _conv_tokens[(T, triton.cdiv(D, BD))](x, weight, conv_state, out, row, local, state_slots, has_state, D,
+                                          x.stride(0), conv_state.stride(0), conv_state.stride(1), K=K, BD=BD)
+    _conv_state[(context_lens.shape[0], triton.cdiv(D, BD))](x, conv_state, cu_seqlens_q, state_slots, has_state, D,
+                                                             x.stride(0), conv_state.stride(0),
+                                                             conv_state.stride(1), K=K, BD=BD)
+    return out
+
+
+@triton.jit
+def _delta_rule(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr,
+                HK, HV, DK, DV, scale, BK: tl.constexpr, BV: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // (HV // HK)
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < DK, offs_v < DV
+    first = tl.load(cu_ptr + b)
+    last = tl.load(cu_ptr + b + 1)
+    slot = tl.load(slot_ptr + b)
+    has_state = (tl.zeros([BK, BV], dtype=tl.int32) + tl.load(has_state_ptr + b)) != 0
+    s_ptrs = state_ptr + ((slot * HV + h) * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    s_mask = mask_k[:, None] & mask_v[None, :]
+    S = tl.load(s_ptrs, mask=s_mask & has_state, other=0.0)
+    for t in range(first, last):
+        qk_off = (t * HK + hk) * DK + offs_k
+        q = tl.load(q_ptr + qk_off, mask=mask_k, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_off, mask=mask_k, other=0.0).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k) + 1e-6)
+        v = tl.load(v_ptr + (t * HV + h) * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + t * HV + h)
+        beta = tl.load(beta_ptr + t * HV + h)
+        S = S * tl.exp(g)
+        delta = (v - tl.sum(S * k[:, None], 0)) * beta
+        S = S + k[:, None] * delta[None, :]
+        o = tl.sum(S * q[:, None], 0)
+        tl.store(out_ptr + (t * HV + h) * DV + offs_v, o.to(out_ptr.dtype.element_ty), mask=mask_v)
+    tl.store(s_ptrs, S, mask=s_mask)
+
+
+def gated_delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                            ssm_state: torch.Tensor, state_slots: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            context_lens: torch.Tensor) -> torch.Tensor:
+    T, HK, DK = q.shape
+    HV, DV = v.shape[1], v.shape[2]
+    rows = context_lens.shape[0]
+    q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    has_state = ((context_lens - q_len) > 0).to(torch.int32)
+    out = torch.empty_like(v)
+    BK = triton.next_power_of_2(DK)
+    BV = min(32, triton.next_power_of_2(DV))
+    _delta_rule[(rows, HV, triton.cdiv(DV, BV))](q, k, v, g, beta, ssm_state, out, cu_seqlens_q, state_slots,
+                                                 has_state, HK, HV, DK, DV, DK ** -0.5, BK=BK, BV=BV,
+                                                 num_warps=4)
+    return out
