@@ -35,7 +35,8 @@ def test_layers_follow_the_config_and_graph_mode_is_used(engines):
     assert kinds == graph.config.hf_config["layer_types"]
     caches = graph.engine.runner.kv_caches
     ssm = [c[1] for c, kind in zip(caches, kinds) if kind == "linear_attention"]
-    assert ssm and all(s.dtype == torch.float32 and s.shape[0] == ENGINE["max_num_seqs"] + 1 for s in ssm)
+    slots = ENGINE["max_num_seqs"] + 1 + ENGINE["max_num_seqs"] // 4 + 2  # running rows, scratch, snapshots
+    assert ssm and all(s.dtype == torch.float32 and s.shape[0] == slots for s in ssm)
 
 
 def test_staggered_batch_matches_transformers_in_both_modes(engines):
@@ -120,3 +121,16 @@ def test_no_snapshot_slots_means_no_hits_and_the_same_tokens(tmp_path):
     once = tokens(llm, [PROMPTS[0]] * 2, [4, 4])
     assert once[0] == once[1] == tokens(llm, [PROMPTS[0]], [4])[0]
     assert llm.engine.block_manager.cache_hit_tokens == 0 and llm.engine.block_manager.snapshots.captured == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
+def test_online_fp8_matches_its_oracle(tmp_path, arch):
+    """quantization="fp8": every projection (the linear-attention inputs too) in float8 with a scale per row, MoE
+    experts W8A8; transformers on the dequantized copy (``quant/fp8_oracle.py``) gives the same tokens."""
+    from nanovllm.quant import fp8_oracle
+    path = build_checkpoint(tmp_path / "plain", arch)
+    oracle = fp8_oracle.write_dequantized(path, tmp_path / "oracle", online=torch.float32)
+    want = hf_greedy(oracle, PROMPTS[:3], 6, w8a8=True)
+    llm = LLM(path, enforce_eager=True, quantization="fp8", **ENGINE)
+    assert "in_proj" in " ".join(llm.engine.runner.model.quant_targets())
+    assert tokens(llm, PROMPTS[:3], [6, 6, 6]) == want

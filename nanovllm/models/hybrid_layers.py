@@ -78,8 +78,9 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(la.value_dim, hidden_size, bias=False)
 
     def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
-        """The projections a weight quantization holds (the tiny b/a projections stay in the model dtype)."""
-        ins = [self.in_proj_qkvz] if self.interleaved else [self.in_proj_qkv, self.in_proj_z]
+        """The projections a weight quantization holds: every input projection and the output one."""
+        ins = [self.in_proj_qkvz, self.in_proj_ba] if self.interleaved else \
+            [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
         return [(m, "weight", False) for m in ins] + [(self.out_proj, "weight", True)]
 
     def _project(self, h: torch.Tensor):

@@ -149,12 +149,13 @@ class ScaleReader:
 
 
 def quantizable(name: str, tensor: torch.Tensor, skip: list[str]) -> bool:
-    """A Linear weight that the FP8 layouts store in float8: 2-D ``*proj.weight`` / ``w1|w2|w3.weight`` outside
-    the embeddings, the LM head, MoE routers and the modules listed in ``skip``."""
+    """A Linear weight that the FP8 layouts store in float8: 2-D ``*proj.weight`` / ``in_proj_*.weight`` (the
+    hybrid models' linear-attention inputs) / ``w1|w2|w3.weight`` outside the embeddings, the LM head, MoE routers
+    and the modules listed in ``skip``."""
     if tensor.ndim != 2 or not name.endswith(".weight") or any(s in name for s in skip):
         return False
     leaf = name.rsplit(".", 2)[-2]
-    return leaf.endswith("proj") or leaf in ("w1", "w2", "w3")
+    return leaf.endswith("proj") or leaf.startswith("in_proj_") or leaf in ("w1", "w2", "w3")
 
 
 def quantize_checkpoint(model_dir, layout, skip: list[str] | None = None) -> None:

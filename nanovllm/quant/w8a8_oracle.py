@@ -14,8 +14,10 @@ from nanovllm.kernels import act_quant
 def _experts_classes():
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeExperts
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
-    return Qwen3MoeExperts, Qwen2MoeExperts, MixtralExperts
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextExperts
+    return Qwen3MoeExperts, Qwen2MoeExperts, MixtralExperts, Qwen3NextExperts, Qwen3_5MoeExperts
 
 
 def w8a8_forward(self, hidden_states, top_k_index, top_k_weights, shards: int = 1):
