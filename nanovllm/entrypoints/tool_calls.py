@@ -151,6 +151,9 @@ class ToolStream:
 
     def push(self, text: str) -> tuple[str, list[dict]]:
         self.text += text
+        if self.plan.mode == "none":  # nothing parsed: all content, as it comes
+            self.sent += len(text)
+            return text, []
         if self.plan.mode != "auto":  # a forced call's text is the call: nothing is content until it fails to parse
             return "", []
         safe = self.text[:self.plan.parser.content_end(self.text)]
