@@ -143,6 +143,23 @@ def test_tool_choice_none_leaves_the_markup_in_the_content(parser, reply):
     assert (content, calls, reason) == (reply, [], "stop")
 
 
+@pytest.mark.parametrize("parser", sorted(TOOL_PARSERS))
+def test_forced_calls_read_the_constrained_json_whatever_the_parser(parser):
+    required = '[{"name": "get_time", "parameters": {"timezone": "UTC"}}, {"name": "get_weather", "parameters": ' \
+               '{"city": "Rome", "days": 1}}]'
+    named = '{"city": "Paris", "days": 3}'
+    for choice, text, want in [("required", required, [("get_time", {"timezone": "UTC"}), ROME]),
+                               ({"type": "function", "function": {"name": "get_weather"}}, named, [PARIS])]:
+        tool_plan = plan(parser, choice)
+        assert tool_plan.constraint() is not None
+        content, calls, reason = tool_plan.reply(text, "stop")
+        assert (content, reason) == (None, "tool_calls")
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == want
+        got_content, got_calls, _, early = streamed(tool_plan, [text[:9], text[9:]])
+        assert got_content is None and not any(early)  # given once the choice has finished
+        assert [(c["name"], c["arguments"]) for c in got_calls] == [tuple(c["function"].values()) for c in calls]
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call_with_every_parser():
     for parser, reply, _, calls in CASES:
         if len(calls) == 2:
@@ -163,3 +180,96 @@ def test_the_server_refuses_an_unknown_tool_call_parser_at_start_up(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "--tool-call-parser" in out.stderr and "'xml'" in out.stderr and "qwen3_coder" in out.stderr
+
+
+# --- end to end: per parser, a tiny checkpoint answering a recorded reply in pieces (each a token of its own) ---
+
+openai = pytest.importorskip("openai")
+TIME_CALL = ("get_time", {"timezone": "Europe/Paris"})
+SERVED = {  # parser: (the reply's pieces, content, reasoning); each reply calls get_weather (Paris, 3), then get_time
+    "hermes": (["I'll check both.", "\n\n<tool_call>\n", '{"name": "get_weather", "arguments": ',
+                '{"city": "Paris", "days": 3}', "}\n</tool_call>\n", "<tool_call>\n",
+                '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}', "\n</tool_call>"],
+               "I'll check both.", None),
+    "qwen3_coder": (["<think>\n", "The user wants the weather and the time.", "\n</think>\n\n", "Checking.\n",
+                     "<tool_call>\n<function=get_weather>\n", "<parameter=city>\n", "Paris", "\n</parameter>\n",
+                     "<parameter=days>\n3", "\n</parameter>\n</function>\n</tool_call>\n",
+                     "<tool_call>\n<function=get_time>\n<parameter=timezone>\n", "Europe/", "Paris\n",
+                     "</parameter>\n</function>\n</tool_call>"],
+                    "Checking.", "The user wants the weather and the time."),
+    "llama3_json": (["<|python_tag|>", '{"name": "get_weather", "parameters": ', '{"city": "Paris", "days": 3}}',
+                     "; ", '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}'], None, None),
+    "mistral": (["Checking both.", "[TOOL_CALLS]", '[{"name": "get_weather", "arguments": {"city": "Paris", ',
+                 '"days": 3}}', ", ", '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]'],
+                "Checking both.", None),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SERVED))
+def served(request, tmp_path_factory):
+    """(parser name, openai client) of a server whose model answers ``SERVED[parser]`` (qwen3_coder's behind the
+    qwen3 reasoning parser)."""
+    from serve_helpers import build_reply_checkpoint, running_server
+    name = request.param
+    model_dir = build_reply_checkpoint(tmp_path_factory.mktemp(name), SERVED[name][0])
+    flags = ["--tool-call-parser", name] + (["--reasoning-parser", "qwen3"] if name == "qwen3_coder" else [])
+    with running_server(model_dir, tmp_path_factory.mktemp("log"), "--served-model-name", "tiny", *flags,
+                        enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=128, max_model_len=512,
+                        max_num_seqs=4) as base:
+        yield name, openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def reply_and_stream(client, **body):
+    """(the non-streamed choice, the streamed one as the openai client accumulates it, the streamed tool deltas)"""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=64, **body)
+    reply = client.chat.completions.create(**ask)
+    state, deltas = ChatCompletionStreamState(), []
+    for chunk in client.chat.completions.create(stream=True, **ask):
+        state.handle_chunk(chunk)
+        deltas += [d for c in chunk.choices for d in c.delta.tool_calls or ()]
+    return reply.choices[0], state.get_final_completion().choices[0], deltas
+
+
+def calls_of(choice) -> list[tuple[str, str]]:
+    return [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
+
+
+def test_auto_calls_streamed_add_up_to_exactly_the_non_streamed_ones(served):
+    name, client = served
+    _, content, reasoning = SERVED[name]
+    reply, streamed_choice, deltas = reply_and_stream(client, tools=TOOLS)
+    calls = calls_of(reply)
+    assert [(n, json.loads(a)) for n, a in calls] == [PARIS, TIME_CALL]
+    assert calls_of(streamed_choice) == calls  # the arguments strings, exactly
+    assert reply.finish_reason == streamed_choice.finish_reason == "tool_calls"
+    assert reply.message.content == streamed_choice.message.content == content
+    assert getattr(reply.message, "reasoning", None) == reasoning
+    assert [(d.index, d.id is not None, d.function.name) for d in deltas if d.id] == [
+        (0, True, "get_weather"), (1, True, "get_time")]  # each call opens with its id and name
+    assert all(c.id.startswith("call_") for c in streamed_choice.message.tool_calls)
+    if name == "qwen3_coder":  # arguments in fragments: the brace once the name is read, then each parameter
+        assert [d.function.arguments for d in deltas if d.index == 0 and not d.id] == ['{', '"city": "Paris"',
+                                                                                       ', "days": 3}']
+
+
+def test_tool_choice_none_leaves_the_models_markup_in_the_content(served):
+    name, client = served
+    pieces, _, reasoning = SERVED[name]
+    text = "".join(pieces)
+    if reasoning is not None:
+        text = text[text.index("</think>") + len("</think>"):].lstrip()
+    reply, streamed_choice, deltas = reply_and_stream(client, tools=TOOLS, tool_choice="none")
+    assert reply.message.content == streamed_choice.message.content == text
+    assert not reply.message.tool_calls and not deltas and reply.finish_reason == "stop"
+
+
+def test_a_named_function_is_a_valid_call_under_every_parser_streamed_or_not(served):
+    jsonschema = pytest.importorskip("jsonschema")
+    _, client = served
+    reply, streamed_choice, _ = reply_and_stream(client, tools=[WEATHER, TIME],
+                                                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert reply.finish_reason == streamed_choice.finish_reason == "tool_calls"
+    calls = calls_of(reply)
+    assert len(calls) == 1 and calls == calls_of(streamed_choice) and calls[0][0] == "get_weather"
+    jsonschema.validate(json.loads(calls[0][1]), WEATHER["function"]["parameters"])
