@@ -7,10 +7,9 @@ tokens'.  A stream first sends each choice's ``{"role": "assistant", "content": 
 the finish reason, the usage chunk if ``stream_options.include_usage``, and ``data: [DONE]``.  Image parts
 (``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..." or a local path}}``) are taken by
 vision-language models and refused, with a 400, by the others.  ``tools`` and ``tool_choice`` (``tool_calls.py``)
-give a message with ``tool_calls`` and finish on "tool_calls", "auto" replies read by the server's tool-call parser
-(``--tool-call-parser``); streamed as OpenAI streams them: each call's id and name, then its argument fragments, as
-the parser reads them (forced calls once the choice has finished).  ``response_format`` and vLLM's ``structured_outputs``
-constrain the output (``structured.py``).  ``chat_template_kwargs`` (over ``--default-chat-template-kwargs``)
+give a message with ``tool_calls`` ("auto": read by ``--tool-call-parser``), finishing on "tool_calls"; streamed
+as OpenAI streams them, each call's id and name, then argument fragments (``ToolStream``).  ``response_format`` and
+vLLM's ``structured_outputs`` constrain the output (``structured.py``).  ``chat_template_kwargs`` (over ``--default-chat-template-kwargs``)
 are template variables.  A reasoning parser (``--reasoning-parser``, ``parsers/``) takes the think block out of
 ``content`` into ``reasoning`` and ``reasoning_content`` (vLLM's newer and older names; null without reasoning),
 streamed as ``delta.reasoning`` and ``delta.reasoning_content``; tool calls are parsed from the content left.

@@ -3,8 +3,7 @@ metrics, and the steps from a validated request to submitted sequences.
 
 * It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
 * ``chat_template_kwargs``: the server's default template variables (``--default-chat-template-kwargs``), under a
-  request's own; ``reasoning_parser``: the ``ReasoningParser`` class of ``--reasoning-parser``, or None;
-  ``tool_parser``: the ``ToolParser`` class of ``--tool-call-parser`` (None: hermes).
+  request's own; ``reasoning_parser``, ``tool_parser``: the parser classes of the flags (None: none, hermes).
 * ``check_model``: a request naming another model gets a 404.
 * ``encode``: a prompt's token ids, checked (400 naming the prompt); text is tokenized off the event loop, with the
   other text prompts that arrive with it (``tokenizing.BatchTokenizer``).
