@@ -73,8 +73,8 @@ def build_text_checkpoint(out_dir, chain_text: str = CHAIN_TEXT,
 
 def build_reply_checkpoint(out_dir, pieces: list[str]) -> str:
     """A checkpoint whose chat reply is ``"".join(pieces)``: each piece is an added token of its own, so a reply may
-    repeat characters (markup, JSON), as long as the pieces differ (at most 60 of them, none a token already, such as one character,
-    nor in the prompt)."""
+    repeat characters (markup, JSON), as long as the pieces differ (at most 60 of them, none a token already, such
+    as one character, nor in the prompt)."""
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir, tuple(pieces))
     eos = tok.convert_tokens_to_ids("<|im_end|>")

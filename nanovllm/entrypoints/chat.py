@@ -9,10 +9,10 @@ the finish reason, the usage chunk if ``stream_options.include_usage``, and ``da
 vision-language models and refused, with a 400, by the others.  ``tools`` and ``tool_choice`` (``tool_calls.py``)
 give a message with ``tool_calls`` ("auto": read by ``--tool-call-parser``), finishing on "tool_calls"; streamed
 as OpenAI streams them, each call's id and name, then argument fragments (``ToolStream``).  ``response_format`` and
-vLLM's ``structured_outputs`` constrain the output (``structured.py``).  ``chat_template_kwargs`` (over ``--default-chat-template-kwargs``)
-are template variables.  A reasoning parser (``--reasoning-parser``, ``parsers/``) takes the think block out of
-``content`` into ``reasoning`` and ``reasoning_content`` (vLLM's newer and older names; null without reasoning),
-streamed as ``delta.reasoning`` and ``delta.reasoning_content``; tool calls are parsed from the content left.
+vLLM's ``structured_outputs`` constrain the output (``structured.py``).  ``chat_template_kwargs`` (over
+``--default-chat-template-kwargs``) are template variables.  A reasoning parser (``--reasoning-parser``) takes the
+think block out of ``content`` into ``reasoning`` and ``reasoning_content`` (vLLM's newer and older names; null
+without reasoning), streamed as ``delta.reasoning``/``delta.reasoning_content``; tool calls are read from the rest.
 """
 import time
 

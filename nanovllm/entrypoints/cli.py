@@ -1,8 +1,8 @@
 """The server's command line: ``python -m nanovllm.serve MODEL [flags]`` and ``nanovllm serve MODEL [flags]``.
 
 Server flags (host, port, served model name, API key, the waiting-queue bound, the chat template and its default
-kwargs, the reasoning and tool-call parsers) are this file's; a bad one (a template file that cannot be read, kwargs that are not
-a JSON object, an unknown parser) exits before the engine is built, naming the value; every ``LLM(...)``
+kwargs, the reasoning and tool-call parsers) are this file's; a bad one (a template file that cannot be read, kwargs
+that are not a JSON object, an unknown parser) exits before the engine is built, naming the value; every ``LLM(...)``
 option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``) with its default, so none is written here.
 The engine runs in a process of its own (``entrypoints/engine_process.py``) and is built (weights, KV cache,
 compilation) before the port opens, so a client that reaches ``/health`` finds it ready; if it fails to build, the
@@ -84,7 +84,8 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
 
 
 def chat_options(args) -> dict:
-    """``{"template", "kwargs", "parser", "tool_parser"}`` of the chat flags, read and checked; ``SystemExit`` naming a bad one."""
+    """``{"template", "kwargs", "parser", "tool_parser"}`` of the chat flags, read and checked; ``SystemExit``
+    naming a bad one."""
     import json
 
     from nanovllm.entrypoints.parsers import reasoning_parser, tool_parser
