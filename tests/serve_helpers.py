@@ -9,6 +9,7 @@ hidden direction, far larger than anything the layers add, and the LM head row o
 reads that direction.  So wherever the last token is a chain token, the greedy next token is the following one,
 and after the chat template's generation prompt (which ends with the chain's first token) the model answers
 ``CHAIN_TEXT`` (or the ``chain_text`` given, whose tokens must all differ) and then EOS, whatever came before.
+``build_reply_checkpoint(dir, pieces)`` answers ``"".join(pieces)``, each piece a token of its own (any text).
 
 ``running_server`` starts ``python -m nanovllm.serve`` in a subprocess and yields its base URL once ``/health``
 answers; ``post``, ``metrics`` (parsed by prometheus_client), ``wait_for_metrics`` and ``stream_text`` talk to it;
@@ -68,6 +69,22 @@ def build_text_checkpoint(out_dir, chain_text: str = CHAIN_TEXT,
                      max_position_embeddings=4096)
     _plant_chain(out_dir, chain)
     return str(out_dir), chain
+
+
+def build_reply_checkpoint(out_dir, pieces: list[str]) -> str:
+    """A checkpoint whose chat reply is ``"".join(pieces)``: each piece is an added token of its own, so a reply may
+    repeat characters (markup, JSON), as long as the pieces differ (at most 60 of them, none a token already, such
+    as one character, nor in the prompt)."""
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(out_dir, tuple(pieces))
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chain = [tok.encode(prompt)[-1]] + [tok.convert_tokens_to_ids(p) for p in pieces] + [eos]
+    assert len(set(chain)) == len(chain) and tok.decode(chain[1:], skip_special_tokens=True) == "".join(pieces)
+    build_checkpoint(out_dir, "qwen3", eos_token_id=eos, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                     max_position_embeddings=4096)
+    _plant_chain(out_dir, chain)
+    return str(out_dir)
 
 
 def _plant_chain(out_dir: Path, chain: list[int]) -> None:

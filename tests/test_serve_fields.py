@@ -185,6 +185,7 @@ def test_offline_chat_passes_chat_template_kwargs_to_the_template():
     (["--default-chat-template-kwargs", "[1]"], "JSON object"),
     (["--default-chat-template-kwargs", '{"tools": []}'], "tools"),
     (["--reasoning-parser", "qwen9"], "'qwen9'"),
+    (["--tool-call-parser", "xml"], "'xml'"),
 ])
 def test_bad_chat_flags_exit_naming_the_value(flags, words):
     from nanovllm.entrypoints.cli import chat_options, make_parser

@@ -9,7 +9,8 @@ pytest.importorskip("pydantic")
 pytest.importorskip("xgrammar")
 
 from nanovllm.entrypoints.protocol import APIError, ChatRequest  # noqa: E402
-from nanovllm.entrypoints.tool_calls import PARSERS, ToolPlan, ToolStream  # noqa: E402
+from nanovllm.entrypoints.parsers import tool_parser  # noqa: E402
+from nanovllm.entrypoints.tool_calls import ToolPlan, ToolStream  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -105,7 +106,7 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "uni
     ("Just text, no call.", "Just text, no call.", []),
 ])
 def test_the_hermes_parser(text, content, calls):
-    got_content, got_calls = PARSERS["hermes"](text)
+    got_content, got_calls = tool_parser("hermes")().parse(text)
     assert got_content == content
     assert [(name, json.loads(arguments)) for name, arguments in got_calls] == calls
 
@@ -126,11 +127,18 @@ def test_a_streamed_choice_adds_up_to_the_reply_whatever_the_pieces(text, choice
     want_content, want_calls, want_reason = tool_plan.reply(text, "stop")
     for size in (1, 3, 7):
         stream = ToolStream(tool_plan)
-        sent = "".join(stream.push(text[i:i + size]) for i in range(0, len(text), size))
+        pushed = [stream.push(text[i:i + size]) for i in range(0, len(text), size)]
+        sent = "".join(content for content, _ in pushed)
         assert "<tool_call" not in sent.replace(want_content or "", "")  # no markup of a call goes out early
-        rest, calls, reason = stream.finish("stop")
+        rest, deltas, reason = stream.finish("stop")
         assert (sent + rest or None, reason) == (want_content, want_reason)
-        assert [c["function"] for c in calls] == [c["function"] for c in want_calls]
+        deltas = [d for _, early in pushed for d in early] + deltas
+        calls = {}
+        for d in deltas:
+            calls.setdefault(d["index"], {"name": "", "arguments": ""})
+            calls[d["index"]]["name"] += d["function"].get("name", "")
+            calls[d["index"]]["arguments"] += d["function"]["arguments"]
+        assert [calls[i] for i in range(len(calls))] == [c["function"] for c in want_calls]
 
 
 def test_the_chat_template_renders_tools_and_tool_history(tmp_path):

@@ -7,12 +7,12 @@ tokens'.  A stream first sends each choice's ``{"role": "assistant", "content": 
 the finish reason, the usage chunk if ``stream_options.include_usage``, and ``data: [DONE]``.  Image parts
 (``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..." or a local path}}``) are taken by
 vision-language models and refused, with a 400, by the others.  ``tools`` and ``tool_choice`` (``tool_calls.py``)
-give a message with ``tool_calls`` and finish on "tool_calls"; streamed as OpenAI streams them: each call's id and
-name, then its arguments, once the choice has finished.  ``response_format`` and vLLM's ``structured_outputs``
-constrain the output (``structured.py``).  ``chat_template_kwargs`` (over ``--default-chat-template-kwargs``)
-are template variables.  A reasoning parser (``--reasoning-parser``, ``parsers/``) takes the think block out of
-``content`` into ``reasoning`` and ``reasoning_content`` (vLLM's newer and older names; null without reasoning),
-streamed as ``delta.reasoning`` and ``delta.reasoning_content``; tool calls are parsed from the content left.
+give a message with ``tool_calls`` ("auto": read by ``--tool-call-parser``), finishing on "tool_calls"; streamed
+as OpenAI streams them, each call's id and name, then argument fragments (``ToolStream``).  ``response_format`` and
+vLLM's ``structured_outputs`` constrain the output (``structured.py``).  ``chat_template_kwargs`` (over
+``--default-chat-template-kwargs``) are template variables.  A reasoning parser (``--reasoning-parser``) takes the
+think block out of ``content`` into ``reasoning`` and ``reasoning_content`` (vLLM's newer and older names; null
+without reasoning), streamed as ``delta.reasoning``/``delta.reasoning_content``; tool calls are read from the rest.
 """
 import time
 
@@ -29,7 +29,9 @@ from nanovllm.multimodal import chat_prompt
 async def create_chat_completion(serving: Serving, req: ChatRequest, request) -> Response:
     req.check_unsupported()
     serving.check_model(req.model)
-    plan = ToolPlan.of(req)
+    plan = ToolPlan.of(req, serving.tool_parser)
+    if plan is not None and not plan.skip_special_tokens:
+        req.skip_special_tokens = False  # the parser reads markup that is a special token ([TOOL_CALLS])
     constraint = request_constraint(req, plan.constraint() if plan is not None else None)
     try:
         messages, images = chat_prompt([m.template_dict(i) for i, m in enumerate(req.messages)])
@@ -151,32 +153,21 @@ class _Reply:
                     if reason is not None:
                         more, rest = thinking[update.index].finish()
                         reasoning, text = reasoning + more, text + rest
-                if tools is not None:
-                    text = tools[update.index].push(text)
+                calls = []
+                if tools is not None:  # content while no call may have started; calls as the parser reads them
+                    text, calls = tools[update.index].push(text)
                     if reason is not None:
-                        for event in self._tool_finish(tools[update.index], update.index, text, logprobs, reason,
-                                                       reasoning):
-                            yield event
-                        continue
-                if not (text or reasoning or reason or (logprobs and logprobs["content"])):
-                    continue  # tokens whose text is held back (an incomplete character, a possible stop string)
-                yield self._piece(update.index, self._delta(text, reasoning), logprobs, reason)
+                        rest, more, reason = tools[update.index].finish(reason)
+                        text, calls = text + rest, calls + more
+                ends_here = None if calls else reason  # a choice with calls ends on a chunk of its own
+                if text or reasoning or ends_here or (logprobs and logprobs["content"]):
+                    yield self._piece(update.index, self._delta(text, reasoning), logprobs, ends_here)
+                for call in calls:
+                    yield self._piece(update.index, {"tool_calls": [call]})
+                if calls and reason is not None:
+                    yield self._piece(update.index, {}, None, reason)
             if self.req.stream_options and self.req.stream_options.include_usage:
                 yield self._chunk([], self._usage())
         except APIError as e:
             yield sse(e.body())
         yield DONE
-
-    def _tool_finish(self, tool: ToolStream, index: int, text: str, logprobs, reason: str, reasoning: str):
-        """The last chunks of a streamed choice under tools: the reasoning and content left, each call (its id and
-        name, then its arguments) and the finish reason."""
-        rest, calls, reason = tool.finish(reason)
-        text += rest
-        if text or reasoning or (logprobs and logprobs["content"]):
-            yield self._piece(index, self._delta(text, reasoning), logprobs)
-        for i, call in enumerate(calls):
-            function = call["function"]
-            yield self._piece(index, {"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                                      "function": {"name": function["name"], "arguments": ""}}]})
-            yield self._piece(index, {"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]})
-        yield self._piece(index, {}, None, reason)

@@ -1,8 +1,8 @@
 """The server's command line: ``python -m nanovllm.serve MODEL [flags]`` and ``nanovllm serve MODEL [flags]``.
 
 Server flags (host, port, served model name, API key, the waiting-queue bound, the chat template and its default
-kwargs, the reasoning parser) are this file's; a bad one (a template file that cannot be read, kwargs that are not
-a JSON object, an unknown parser) exits before the engine is built, naming the value; every ``LLM(...)``
+kwargs, the reasoning and tool-call parsers) are this file's; a bad one (a template file that cannot be read, kwargs
+that are not a JSON object, an unknown parser) exits before the engine is built, naming the value; every ``LLM(...)``
 option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``) with its default, so none is written here.
 The engine runs in a process of its own (``entrypoints/engine_process.py``) and is built (weights, KV cache,
 compilation) before the port opens, so a client that reaches ``/health`` finds it ready; if it fails to build, the
@@ -41,6 +41,9 @@ def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentPars
     p.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="take the model's <think>...</think> reasoning out of chat replies' content into "
                         "'reasoning' and 'reasoning_content': qwen3 or deepseek_r1")
+    p.add_argument("--tool-call-parser", default="hermes", metavar="NAME",
+                   help="the format of the model's own tool calls, read in chat replies with tool_choice \"auto\": "
+                        "hermes (default), qwen3_coder, llama3_json or mistral")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p)
@@ -69,7 +72,8 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
         prompts = Prompts(info["model"], info["hf_config"], info["vocab_size"], info["max_model_len"])
         if chat["template"] is not None:
             prompts.use_chat_template(chat["template"])
-        serving = Serving(loop, prompts, args.served_model_name or args.model, chat["kwargs"], chat["parser"])
+        serving = Serving(loop, prompts, args.served_model_name or args.model, chat["kwargs"], chat["parser"],
+                          chat["tool_parser"])
     except BaseException:
         loop.shutdown()
         raise
@@ -80,12 +84,13 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
 
 
 def chat_options(args) -> dict:
-    """``{"template", "kwargs", "parser"}`` of the chat flags, read and checked; ``SystemExit`` naming a bad one."""
+    """``{"template", "kwargs", "parser", "tool_parser"}`` of the chat flags, read and checked; ``SystemExit``
+    naming a bad one."""
     import json
 
-    from nanovllm.entrypoints.parsers import reasoning_parser
+    from nanovllm.entrypoints.parsers import reasoning_parser, tool_parser
     from nanovllm.prompts import TEMPLATE_ARGUMENTS
-    out = {"template": None, "kwargs": {}, "parser": None}
+    out = {"template": None, "kwargs": {}, "parser": None, "tool_parser": None}
     if args.chat_template is not None:
         try:
             with open(args.chat_template) as f:
@@ -111,6 +116,10 @@ def chat_options(args) -> dict:
             out["parser"] = reasoning_parser(args.reasoning_parser)
         except ValueError as e:
             raise SystemExit(f"nanovllm serve: --reasoning-parser: {e}") from None
+    try:
+        out["tool_parser"] = tool_parser(args.tool_call_parser)
+    except ValueError as e:
+        raise SystemExit(f"nanovllm serve: --tool-call-parser: {e}") from None
     return out
 
 

@@ -3,7 +3,7 @@ metrics, and the steps from a validated request to submitted sequences.
 
 * It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
 * ``chat_template_kwargs``: the server's default template variables (``--default-chat-template-kwargs``), under a
-  request's own; ``reasoning_parser``: the ``ReasoningParser`` class of ``--reasoning-parser``, or None.
+  request's own; ``reasoning_parser``, ``tool_parser``: the parser classes of the flags (None: none, hermes).
 * ``check_model``: a request naming another model gets a 404.
 * ``encode``: a prompt's token ids, checked (400 naming the prompt); text is tokenized off the event loop, with the
   other text prompts that arrive with it (``tokenizing.BatchTokenizer``).
@@ -34,7 +34,8 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.jso
 
 class Serving:
     def __init__(self, loop: EngineLoop, prompts: Prompts, served_model_name: str,
-                 chat_template_kwargs: dict | None = None, reasoning_parser: type | None = None):
+                 chat_template_kwargs: dict | None = None, reasoning_parser: type | None = None,
+                 tool_parser: type | None = None):
         """``loop``: the engine (``EngineLoop``); ``prompts``: the checkpoint's tokenizer and prompt checks."""
         if prompts.tokenizer is None:
             raise ValueError(f"the server needs a tokenizer, and {prompts.model!r} has none (tokenizer.json)")
@@ -43,6 +44,7 @@ class Serving:
         self.model_name = served_model_name
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.reasoning_parser = reasoning_parser
+        self.tool_parser = tool_parser
         self.max_model_len = prompts.max_model_len
         self.metrics = ServerMetrics(served_model_name, self.loop.stats)
         self.defaults = _generation_defaults(prompts.model)

@@ -1,68 +1,28 @@
 """Tool calls in ``/v1/chat/completions``: ``tools`` and ``tool_choice`` checked, the constraint a forced call
 needs, and a reply's text turned into OpenAI tool calls.
 
-``ToolPlan.of(req)`` reads the request (None without tools and without ``tool_choice``); ``tool_choice`` is
+``ToolPlan.of(req, parser)`` reads the request (None without tools and without ``tool_choice``); ``tool_choice`` is
 "auto" by default when tools are given.  The chat template renders the tools (``render``) unless it is "none".
 * "none": free text, nothing parsed.
-* "auto": free text; the model's own markup is parsed by a parser of ``PARSERS``.  They are: "hermes", Qwen's and
-  Hermes' ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (one or more).  Text outside the calls is
-  the content (None if empty); markup that does not parse stays in the content.
+* "auto": free text; the model's own markup is parsed by the server's tool-call parser (``parsers/tool_*.py``,
+  ``--tool-call-parser``, hermes by default).  Text outside the calls is the content (None if empty); markup that
+  does not parse stays in the content.
 * a named function: the output is constrained to its ``parameters`` schema; the reply is one call to it.
 * "required": the output is constrained to a JSON array (at least one item; exactly one with
   ``parallel_tool_calls=false``) of ``{"name", "parameters"}``; each item is a call.
-A reply with calls finishes on "tool_calls".  ``ToolStream`` streams a choice's content while holding back the
-text from where a call may start, and gives the calls once the choice has finished.
+A reply with calls finishes on "tool_calls".  ``ToolStream`` streams a choice: content while no call may have
+started, each call (its id and name, then argument fragments) as the parser reads it, the rest at the end.
 """
 import dataclasses
 import json
-import re
 import uuid
 
 from nanovllm.engine.grammar import check
+from nanovllm.entrypoints.parsers import DEFAULT_TOOL_PARSER, ToolParser, tool_parser
 from nanovllm.entrypoints.protocol import bad_request
 from nanovllm.sampling_params import StructuredOutputsParams
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
-_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
-HERMES_START = "<tool_call>"
-
-
-def parse_hermes(text: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """(content, [(name, arguments JSON text)]) of a reply in the hermes format.  Without a call that parses, the
-    content is ``text`` as it is; with calls, it is the text around them, trimmed next to them."""
-    pieces, calls, pos = [], [], 0
-    for match in _HERMES.finditer(text):
-        call = _hermes_call(match.group(1))
-        if call is not None:
-            pieces.append(text[pos:match.start()])
-            calls.append(call)
-            pos = match.end()
-    if not calls:
-        return text, []
-    pieces.append(text[pos:])
-    last = len(pieces) - 1
-    trimmed = [p.rstrip() if i == 0 else p.lstrip() if i == last else p.strip() for i, p in enumerate(pieces)]
-    return "\n".join(p for p in trimmed if p) or None, calls
-
-
-def _hermes_call(inner: str) -> tuple[str, str] | None:
-    try:
-        call = json.loads(inner)
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
-        return None
-    arguments = call.get("arguments", call.get("parameters", {}))
-    if isinstance(arguments, str):  # already JSON text: kept if it is
-        try:
-            json.loads(arguments)
-        except ValueError:
-            return None
-        return call["name"], arguments
-    return call["name"], json.dumps(arguments, ensure_ascii=False)
-
-
-PARSERS = {"hermes": parse_hermes}  # each: text -> (content or None, [(name, arguments JSON text)])
 
 
 def openai_tool_call(name: str, arguments: str) -> dict:
@@ -76,12 +36,12 @@ class ToolPlan:
     tools: list[dict]  # the request's tools, as sent
     name: str | None = None  # the named function
     parallel: bool = True  # more than one call allowed
-    parser: str = "hermes"
+    parser: ToolParser | None = None  # reads "auto" replies
 
     @classmethod
-    def of(cls, req) -> "ToolPlan | None":
+    def of(cls, req, parser: type[ToolParser] | None = None) -> "ToolPlan | None":
         """The plan of a chat request, or None when it has no tools; a 400 naming a bad ``tools`` or
-        ``tool_choice``."""
+        ``tool_choice``.  ``parser``: the tool-call parser's class (hermes by default)."""
         tools, choice = req.tools, req.tool_choice
         for i, tool in enumerate(tools or ()):
             if tool.get("type", "function") != "function":
@@ -114,7 +74,13 @@ class ToolPlan:
             raise bad_request(f"tool_choice={choice!r} needs tools", "tool_choice")
         if not tools:
             return None
-        return cls(mode, list(tools), name, req.parallel_tool_calls is not False)
+        parser = parser or tool_parser(DEFAULT_TOOL_PARSER)
+        return cls(mode, list(tools), name, req.parallel_tool_calls is not False, parser(tools))
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        """False where the parser reads markup that is a special token (the reply's text must keep it)."""
+        return self.mode != "auto" or self.parser.skip_special_tokens
 
     @property
     def render(self) -> list[dict] | None:
@@ -144,14 +110,19 @@ class ToolPlan:
             array["maxItems"] = 1
         return StructuredOutputsParams(json=array)
 
+    def auto_calls(self, text: str, final: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
+        """The parser's (content, [(name, arguments)]) of an "auto" reply (``final=False``: still streaming), only
+        the first call without ``parallel_tool_calls``."""
+        content, calls = self.parser.parse(text, final)
+        return content, calls if self.parallel else calls[:1]
+
     def reply(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict], str | None]:
         """(content, OpenAI tool calls, finish reason) of a choice's whole text.  Text that holds no call, such as
         a forced call cut short by ``max_tokens``, is the content, with the finish reason as it was."""
         calls: list[tuple[str, str]] = []
         content: str | None = text
         if self.mode == "auto":
-            content, calls = PARSERS[self.parser](text)
-            calls = calls if self.parallel else calls[:1]
+            content, calls = self.auto_calls(text)
         elif self.mode in ("named", "required"):
             try:
                 value = json.loads(text)
@@ -169,37 +140,45 @@ class ToolPlan:
 
 
 class ToolStream:
-    """One streamed choice under a ``ToolPlan``: ``push`` each text delta and send what it returns as content;
-    ``finish`` gives the rest of the content, the calls and the finish reason, so that the deltas sent add up to
-    ``ToolPlan.reply`` of the whole text."""
+    """One streamed choice under a ``ToolPlan``: ``push`` each text delta, ``finish`` once it has ended; each gives
+    the content to send and the ``delta.tool_calls`` entries (a call's index, id, type and name with empty
+    arguments first, then its argument fragments), so that what is sent adds up to ``ToolPlan.reply`` of the whole
+    text as the ``openai`` client accumulates it.  Forced calls (named, required) are given at the end."""
 
     def __init__(self, plan: ToolPlan):
         self.plan, self.text, self.sent = plan, "", 0
+        self.calls: list[list[str]] = []  # per call sent: its id, name and the arguments sent
 
-    def push(self, text: str) -> str:
+    def push(self, text: str) -> tuple[str, list[dict]]:
         self.text += text
+        if self.plan.mode == "none":  # nothing parsed: all content, as it comes
+            self.sent += len(text)
+            return text, []
         if self.plan.mode != "auto":  # a forced call's text is the call: nothing is content until it fails to parse
-            return ""
-        safe = _before_call(self.text)
+            return "", []
+        safe = self.text[:self.plan.parser.content_end(self.text)]
         delta, self.sent = safe[self.sent:], max(self.sent, len(safe))
-        return delta
+        return delta, self._deltas(self.plan.auto_calls(self.text, final=False)[1])
 
     def finish(self, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
+        """(the rest of the content, the rest of the calls' deltas, the finish reason)."""
         content, calls, reason = self.plan.reply(self.text, finish_reason)
         content = content or ""
         assert content.startswith(self.text[:self.sent]), (content, self.text[:self.sent])
-        return content[self.sent:], calls, reason
+        deltas = self._deltas([(c["function"]["name"], c["function"]["arguments"]) for c in calls])
+        return content[self.sent:], deltas, reason
 
-
-def _before_call(text: str) -> str:
-    """The part of ``text`` that stays content whatever follows: the text before the first possible call
-    markup (a prefix of ``<tool_call>`` at its end included), less the whitespace that would be trimmed next to a
-    call."""
-    start = text.find(HERMES_START)
-    if start < 0:
-        start = len(text)
-        for k in range(min(len(HERMES_START) - 1, len(text)), 0, -1):
-            if text.endswith(HERMES_START[:k]):
-                start = len(text) - k
-                break
-    return text[:start].rstrip()
+    def _deltas(self, calls: list[tuple[str, str]]) -> list[dict]:
+        out = []
+        for index, (name, arguments) in enumerate(calls):
+            if index == len(self.calls):
+                self.calls.append([f"call_{uuid.uuid4().hex[:24]}", name, ""])
+                out.append({"index": index, "id": self.calls[index][0], "type": "function",
+                            "function": {"name": name, "arguments": ""}})
+            _, sent_name, sent = self.calls[index]
+            assert name == sent_name and arguments.startswith(sent), (name, arguments, sent_name, sent)
+            if len(arguments) > len(sent):
+                out.append({"index": index, "function": {"arguments": arguments[len(sent):]}})
+                self.calls[index][2] = arguments
+        assert len(calls) >= len(self.calls), (calls, self.calls)
+        return out
