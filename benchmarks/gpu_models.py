@@ -57,7 +57,7 @@ def vllm_config(step: Step, ctx: Context) -> list[str]:
         return ["--config", str(ctx.peers / "configs" / f"{name}.json")]
     path = MODELS / f"{name}-vllm.json"
     if not ctx.dry:
-        config = json.loads((Path(model_dir(step, ctx)) / "config.json").read_text())
+        config = _as_vllm_serves(json.loads((Path(model_dir(step, ctx)) / "config.json").read_text()))
         path.write_text(json.dumps(dict(config, **dict(step.vllm_config))))
     return ["--config", str(path)]
 
@@ -75,3 +75,18 @@ def with_tokenizer(model: str, ctx: Context) -> str:
         if (source / name).is_file():
             (Path(model) / name).write_bytes((source / name).read_bytes())
     return model
+
+
+# text-only architectures vLLM 0.26 serves only as their published multimodal checkpoint (run language-model-only)
+_MULTIMODAL_TWIN = {"Qwen3_5ForCausalLM": ("Qwen3_5ForConditionalGeneration", "qwen3_5"),
+                    "Qwen3_5MoeForCausalLM": ("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe")}
+
+
+def _as_vllm_serves(config: dict) -> dict:
+    """``config``, or for a text-only architecture vLLM lacks, its published multimodal form: the text config under
+    ``text_config`` and the family's default vision tower (which ``language_model_only`` leaves unbuilt)."""
+    twin = _MULTIMODAL_TWIN.get((config.get("architectures") or [None])[0])
+    if twin is None:
+        return config
+    return {"architectures": [twin[0]], "model_type": twin[1], "text_config": config, "vision_config": {},
+            "tie_word_embeddings": config.get("tie_word_embeddings", False)}

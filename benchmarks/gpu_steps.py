@@ -44,6 +44,7 @@ MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--token
 # Qwen3.5-27B: 54 GB of bf16 weights and 154 MB of float32 state per sequence: 64 sequences fit one H100
 HYBRID_TESTS = ("tests/gpu/test_hybrid.py", "tests/gpu/test_parity.py")
 HYBRID_BS, HYBRID_VLLM_BS = ("--bs", "64", "--num-seqs", "256"), ("--max-num-seqs", "64", "--num-seqs", "256")
+TEXT_ONLY = ("--llm-kwargs", '{"language_model_only": true}')  # vLLM: Qwen3.5 as its multimodal class, no tower
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -119,9 +120,9 @@ STEPS = [
     Step("serve-tp-vllm", "vllm", "peer:qwen3-32b", "serve", TP2),
     Step("profile-tp", "ours", "peer:qwen3-32b", "module", PROFILE + ("--at", "256,128,64", "--prefill") + TP2),
     Step("hybrid27b-ours", "ours", "preset:qwen3.5-27b", "bench", HYBRID_BS),
-    Step("hybrid27b-vllm", "vllm", "preset:qwen3.5-27b", "bench", HYBRID_VLLM_BS),
+    Step("hybrid27b-vllm", "vllm", "preset:qwen3.5-27b", "bench", HYBRID_VLLM_BS + TEXT_ONLY),
     Step("hybrid35b-fp8-ours", "ours", "preset:qwen3.5-35b-a3b", "bench", BENCH + FP8),
-    Step("hybrid35b-fp8-vllm", "vllm", "preset:qwen3.5-35b-a3b", "bench", FP8),
+    Step("hybrid35b-fp8-vllm", "vllm", "preset:qwen3.5-35b-a3b", "bench", FP8 + TEXT_ONLY),
     Step("parity-hybrid", "tests", "own", "pytest", ("-m", "gpu", "-k", "hybrid or qwen3_next or qwen3_5", *HYBRID_TESTS)),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
