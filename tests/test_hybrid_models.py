@@ -134,3 +134,13 @@ def test_online_fp8_matches_its_oracle(tmp_path, arch):
     llm = LLM(path, enforce_eager=True, quantization="fp8", **ENGINE)
     assert "in_proj" in " ".join(llm.engine.runner.model.quant_targets())
     assert tokens(llm, PROMPTS[:3], [6, 6, 6]) == want
+
+
+def test_more_captures_in_one_step_than_snapshot_slots_skip_the_rest(tmp_path):
+    """Four prompts prefilled in one step, each with a boundary to snapshot, and one snapshot slot: one is
+    captured, the others go without, and every prompt still gets transformers' tokens."""
+    path = build_checkpoint(tmp_path, "qwen3_5")
+    prompts = [[i] * 40 for i in range(10, 14)]
+    llm = LLM(path, enforce_eager=True, state_snapshots=1, **dict(ENGINE, max_num_batched_tokens=200))
+    assert tokens(llm, prompts, [4] * 4) == hf_greedy(path, prompts, 4)
+    assert llm.engine.block_manager.snapshots.captured == 1

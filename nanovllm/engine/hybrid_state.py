@@ -36,17 +36,20 @@ class StateSnapshots:
     def slot(self, block_hash: int) -> int:
         return self.by_hash[block_hash]
 
-    def take(self, block_hash: int) -> int:
+    def take(self, block_hash: int) -> int | None:
         """A slot to snapshot the state at ``block_hash`` into, after this step: the one it has, a free one, or
-        the least recently used (whose restores are all queued before this step's captures)."""
+        the least recently used (whose restores are all queued before this step's captures); None while every slot
+        is taken by this step's own captures."""
         if block_hash in self.pending:
             return self.pending[block_hash]
         if block_hash in self.by_hash:
             slot = self.by_hash.pop(block_hash)
         elif self.free:
             slot = self.free.pop()
-        else:
+        elif self.by_hash:
             _, slot = self.by_hash.popitem(last=False)
+        else:
+            return None
         self.pending[block_hash] = slot
         self.captured += 1
         return slot
@@ -70,7 +73,10 @@ def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:
         seq.state_restore = None
     for tokens, block_hash in seq.capture_points:
         if start < tokens <= start + n:
-            captures.append((seq.token_slot, snapshots.take(block_hash)))
+            slot = snapshots.take(block_hash)
+            if slot is None:  # no room this step: this prefix goes without a snapshot
+                continue
+            captures.append((seq.token_slot, slot))
             return tokens - start
     return n
 
