@@ -91,6 +91,7 @@ class HybridForCausalLM(DecoderForCausalLM):
     def __init__(self, hf_config: dict):
         nn.Module.__init__(self)
         cfg = self.text_config(hf_config)
+        cfg.setdefault("intermediate_size", cfg.get("moe_intermediate_size"))  # an all-MoE config names none
         if distributed.current().size > 1:
             raise ValueError(f"{type(self).__name__} (a hybrid linear-attention model) runs at tensor_parallel_size=1 "
                              f"only; got {distributed.current().size}")
