@@ -30,6 +30,10 @@ def failures(verdicts: list[dict], allowed: set[str]) -> list[dict]:
 # max_model_len): in graph mode on CUDA its first tokens differ from transformers (eager mode and the CPU match);
 # found by this suite, already so at abb1673, not yet fixed.  MiniCPM4-0.5B's own config has no such switch.
 KNOWN = {("minicpm", False): "MiniCPM with a reachable LongRoPE switch diverges in graph mode on CUDA"}
+# The hybrid families are token-identical in float32, eager and graph, but in bfloat16 (two H200s, 2026-11-27)
+# diverge from transformers past the 0.1 margin on 1 to 6 of the 8 prompts, some at the first token; not yet found.
+KNOWN_BF16 = {family: "hybrid linear attention in bfloat16 diverges past the margin (float32 is identical)"
+              for family in ("qwen3_next", "qwen3_5", "qwen3_5_moe")}
 
 
 def expect_known_failure(request, checkpoint: str, eager: bool) -> None:
@@ -49,6 +53,9 @@ def test_float32_is_token_identical_to_transformers(request, checkpoint, eager):
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
 def test_bfloat16_diverges_only_at_near_ties(request, checkpoint, eager):
     expect_known_failure(request, checkpoint, eager)
+    family = request.node.callspec.params["checkpoint"]
+    if family in KNOWN_BF16:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BF16[family]))
     from nanovllm.tools import oracle
     verdicts = oracle.run(checkpoint, "bfloat16", "cuda", 8, 24, 0.1, enforce_eager=eager, **ENGINE)
     assert failures(verdicts, {"identical", "near-tie"}) == []
