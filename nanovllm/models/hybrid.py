@@ -92,27 +92,26 @@ class HybridForCausalLM(DecoderForCausalLM):
         nn.Module.__init__(self)
         cfg = self.text_config(hf_config)
         cfg.setdefault("intermediate_size", cfg.get("moe_intermediate_size"))  # an all-MoE config names none
-        if distributed.current().size > 1:
-            raise ValueError(f"{type(self).__name__} (a hybrid linear-attention model) runs at tensor_parallel_size=1 "
-                             f"only; got {distributed.current().size}")
         self.args = a = DecoderArgs.from_hf(cfg, qk_norm=True)
         self.kinds = layer_types(cfg)
-        self.linear = LinearArgs.from_hf(cfg)
+        whole = LinearArgs.from_hf(cfg)
+        self.linear = whole.local(distributed.current().size)  # this rank's heads (tensor_parallel.py)
         rope = cfg.get("rope_parameters") or {}
         factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         rotary_dim = int(a.head_dim * factor)
         layers = []
         for i, kind in enumerate(self.kinds):
             if kind == "linear_attention":
-                mixer = GatedDeltaNet(a.hidden_size, self.linear, a.rms_norm_eps, self.interleaved_projections)
+                mixer = GatedDeltaNet(a.hidden_size, self.linear, a.rms_norm_eps, self.interleaved_projections, whole)
             else:
-                mixer = GatedAttention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, rotary_dim,
-                                       a.rms_norm_eps, a.qkv_bias)
+                mixer = GatedAttention(a.hidden_size, tp.split(a.num_heads, "num_attention_heads"),
+                                       tp.kv_heads(a.num_kv_heads)[0], a.head_dim, rotary_dim, a.rms_norm_eps,
+                                       a.qkv_bias)
             layers.append(HybridLayer(a, kind, mixer, self.make_mlp(cfg, i)))
         self.model = HybridBody(a, rotary_dim, layers)
         self.lm_head = nn.Linear(a.hidden_size, tp.vocab_rows(a.vocab_size), bias=False)
-        if a.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if a.tie_word_embeddings and self.lm_head.weight.shape == self.model.embed_tokens.weight.shape:
+            self.lm_head.weight = self.model.embed_tokens.weight  # else tie_lm_head copies this rank's rows
 
     @staticmethod
     def text_config(hf_config: dict) -> dict:
@@ -130,6 +129,13 @@ class HybridForCausalLM(DecoderForCausalLM):
                               renormalize=self.always_sparse or cfg.get("norm_topk_prob", False),
                               shared_key="shared_expert_intermediate_size")
         return SparseMoe(a.hidden_size, moe)
+
+    def after_loading(self) -> None:
+        """Under tensor parallelism: each linear-attention layer keeps its rank's convolution channels."""
+        rank = distributed.current().rank
+        for layer in self.model.layers:
+            if layer.kind == "linear_attention":
+                layer.linear_attn.keep_rank_channels(rank)
 
     def cache_layout(self) -> list[tuple | None]:
         """Per layer: None for full attention (paged KV), else the shapes per slot of its (convolution state,

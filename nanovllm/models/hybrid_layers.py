@@ -54,28 +54,56 @@ class LinearArgs:
     def conv_dim(self) -> int:
         return 2 * self.key_dim + self.value_dim
 
+    def local(self, size: int) -> "LinearArgs":
+        """This rank's share under tensor parallelism of ``size`` ranks: key and value heads split."""
+        for name, heads in (("linear_num_key_heads", self.num_k_heads), ("linear_num_value_heads", self.num_v_heads)):
+            if heads % size:
+                raise ValueError(f"tensor_parallel_size={size} does not divide {name}={heads}")
+        return LinearArgs(self.num_k_heads // size, self.num_v_heads // size, self.head_k_dim, self.head_v_dim,
+                          self.conv_kernel)
+
     def state_shapes(self) -> tuple[tuple, tuple]:
         """Per slot: the convolution state (channels, K-1) and the recurrent state (HV, DK, DV)."""
         return (self.conv_dim, self.conv_kernel - 1), (self.num_v_heads, self.head_k_dim, self.head_v_dim)
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, hidden_size: int, la: LinearArgs, eps: float, interleaved: bool):
+    """``la``: this rank's heads; ``whole``: all of them.  The concatenated q/k/v projection (Qwen3.5) and the
+    convolution are built and loaded whole, then ``keep_rank_channels`` cuts this rank's q, k and v channels out of
+    them (the checkpoint lays them out [all q | all k | all v]); every other tensor is loaded as this rank's slice."""
+
+    def __init__(self, hidden_size: int, la: LinearArgs, eps: float, interleaved: bool, whole: LinearArgs):
         super().__init__()
-        self.la, self.interleaved = la, interleaved
+        self.la, self.whole, self.interleaved = la, whole, interleaved
         if interleaved:
             self.in_proj_qkvz = nn.Linear(hidden_size, 2 * la.key_dim + 2 * la.value_dim, bias=False)
             self.in_proj_ba = nn.Linear(hidden_size, 2 * la.num_v_heads, bias=False)
         else:
-            self.in_proj_qkv = nn.Linear(hidden_size, la.conv_dim, bias=False)
+            self.in_proj_qkv = nn.Linear(hidden_size, whole.conv_dim, bias=False)
             self.in_proj_z = nn.Linear(hidden_size, la.value_dim, bias=False)
             self.in_proj_b = nn.Linear(hidden_size, la.num_v_heads, bias=False)
             self.in_proj_a = nn.Linear(hidden_size, la.num_v_heads, bias=False)
-        self.conv1d = nn.Conv1d(la.conv_dim, la.conv_dim, la.conv_kernel, groups=la.conv_dim, bias=False)
+        self.conv1d = nn.Conv1d(whole.conv_dim, whole.conv_dim, la.conv_kernel, groups=whole.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(la.num_v_heads))
         self.A_log = nn.Parameter(torch.zeros(la.num_v_heads))
         self.norm = GatedRMSNorm(la.head_v_dim, eps)
         self.out_proj = nn.Linear(la.value_dim, hidden_size, bias=False)
+
+    @torch.no_grad()
+    def keep_rank_channels(self, rank: int) -> None:
+        """Cut this rank's q, k and v channels out of the whole convolution (and Qwen3.5's q/k/v projection)."""
+        la, whole = self.la, self.whole
+        if la.conv_dim == whole.conv_dim:
+            return
+        rows = torch.cat([torch.arange(start + rank * n, start + (rank + 1) * n) for start, n in
+                          ((0, la.key_dim), (whole.key_dim, la.key_dim), (2 * whole.key_dim, la.value_dim))])
+        modules = [self.conv1d] + ([] if self.interleaved else [self.in_proj_qkv])
+        for module in modules:
+            if getattr(module, "weight_format", None) is not None:
+                raise ValueError("a quantized checkpoint's linear-attention projections cannot be split over "
+                                 "tensor-parallel ranks yet; use tensor_parallel_size=1 or quantization='fp8'")
+            module.weight = nn.Parameter(module.weight[rows.to(module.weight.device)].contiguous(),
+                                         requires_grad=False)
 
     def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
         """The projections a weight quantization holds: every input projection and the output one."""

@@ -8,7 +8,8 @@ splits them:
   gathered back in rank order and the padding cut);
 * row-parallel (inputs split, then one all-reduce): attention's output projection and the MLP's (or the experts')
   down projection; a bias is added once, after the sum;
-* replicated: embeddings, norms, routers.
+* replicated: embeddings, norms, routers;
+* a hybrid model's linear-attention layers split by key and value heads (``LINEAR_ATTENTION_SPLIT``).
 
 ``matmul`` runs one projection by its weight's format.  ``checkpoint_slice`` says which piece of a checkpoint
 tensor a rank's parameter holds, from the parameter's local shape, so the loader copies only that piece.
@@ -17,6 +18,11 @@ import torch
 
 import nanovllm.distributed as distributed
 from nanovllm.quant import held
+
+
+# a Gated DeltaNet layer's tensors whose rows split by head like a column-parallel projection's (``models/hybrid.py``;
+# its concatenated q/k/v projection and convolution are loaded whole and cut by the model, in three pieces)
+LINEAR_ATTENTION_SPLIT = ("in_proj_qkvz", "in_proj_ba", "in_proj_z", "in_proj_b", "in_proj_a", "A_log", "dt_bias")
 
 
 def split(total: int, what: str) -> int:
@@ -77,10 +83,10 @@ def checkpoint_slice(target: str, part, local_shape: tuple, args) -> tuple[int, 
     if tp.size == 1:
         return None
     names = target.split(".")
-    if ("o_proj" in names or "down_proj" in names) and not target.endswith(".bias"):  # row-parallel: inputs
+    if any(n in names for n in ("o_proj", "down_proj", "out_proj")) and not target.endswith(".bias"):  # row-parallel
         length = local_shape[-1]
         return len(local_shape) - 1, tp.rank * length, length
-    if not any(n in names for n in ("qkv_proj", "gate_up_proj", "lm_head")):
+    if not any(n in names for n in ("qkv_proj", "gate_up_proj", "lm_head") + LINEAR_ATTENTION_SPLIT):
         return None
     length = local_shape[0]
     if "qkv_proj" in names and part in (1, 2):
