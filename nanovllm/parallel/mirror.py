@@ -60,6 +60,9 @@ class MirroredEngine:
 
     def __init__(self, engine: Engine, peers):
         self._engine, self.peers = engine, peers
+        attach = getattr(peers, "attach", None)
+        if attach is not None:  # closing the peers alone (their exit hook) releases this engine first too
+            attach(engine)
 
     def add_request(self, prompt_token_ids, params, images=None) -> Sequence:
         seq = self._engine.add_request(prompt_token_ids, params, images)
