@@ -6,14 +6,23 @@ process (design rule 11), on two CPU ranks (gloo), in eager and graph mode (``te
   waiting 30 s on the engine's CUDA graphs and the process aborted, on two GPUs: the atexit hook of ``LLM``);
 * it ends within ``FACTOR`` times the end of the same script that calls ``close()``, plus one interpreter's start
   and exit, both measured in the test;
+* a process whose group failed ends within its exit bound (``distributed/exit_bound.py``), a bound measured as
+  ``FACTOR`` times the same script's whole run unarmed, else with its own status;
 * closing the peers alone (their exit hook, ``control.SpawnedPeers.close``) closes the engine attached to them
   first too, and a peer that never takes ``CLOSE`` is ended by signal instead of waited on without end.
 The two-GPU twin is ``tests/gpu/test_tensor_parallel_exit.py``."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from conftest import build_checkpoint
 from nanovllm.parallel import control
-from tp_exit_helpers import check_exits_cleanly
+from test_tp_close import Proc
+from tp_exit_helpers import FACTOR, ROOT, check_exits_cleanly
 
 ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64, device="cpu")
 
@@ -33,25 +42,41 @@ def test_a_graph_mode_script_that_ends_without_closing_exits_cleanly(tmp_path, m
     check_exits_cleanly(tmp_path, model, dict(ENGINE, graph_batch_sizes=[1, 2]))
 
 
-class Proc:
-    """A stand-in rank process: alive until it is signalled."""
+EXIT_SCRIPT = """
+import atexit, sys, time
+from nanovllm.distributed import exit_bound
+atexit.register(time.sleep, 600)  # a teardown that never ends (a device waiting for a dead peer)
+if sys.argv[1] != "hangs":
+    atexit.unregister(time.sleep)
+if sys.argv[1] != "unarmed":
+    exit_bound.arm(float(sys.argv[2]))
+sys.exit(3)
+"""
 
-    def __init__(self):
-        self.alive, self.did, self.exitcode = True, [], None
 
-    def is_alive(self):
-        return self.alive
+def _exit_script(teardown: str, bound_s: float, timeout: float | None = None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", EXIT_SCRIPT, teardown, f"{bound_s:.3f}"], capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
-    def join(self, timeout=None):
-        self.did.append("join")
 
-    def terminate(self):
-        self.did.append("terminate")
-        self.alive = False
-
-    def kill(self):
-        self.did.append("kill")
-        self.alive = False
+@pytest.mark.parametrize("teardown", ["hangs", "ends"])
+def test_a_failed_groups_process_ends_within_its_exit_bound_else_with_its_own_status(teardown):
+    """The bound is ``FACTOR`` times the same script's whole run unarmed (its start, import and teardown),
+    measured first: a teardown that ends is never cut short by it, one that hangs is killed once it passed (the
+    run then lasts at most the bound and ``FACTOR`` more such runs: its own start, the watcher's, the kill)."""
+    start = time.monotonic()
+    assert _exit_script("unarmed", 0.0).returncode == 3
+    run_s = time.monotonic() - start
+    bound_s = FACTOR * run_s
+    limit_s = bound_s + 2 * FACTOR * run_s  # past the asserted bound: the assertion reports, not a timeout
+    start = time.monotonic()
+    done = _exit_script(teardown, bound_s, timeout=limit_s)
+    if teardown == "hangs":
+        assert done.returncode == -signal.SIGKILL and "killing it (SIGKILL)" in done.stderr, done
+        assert time.monotonic() - start < bound_s + FACTOR * run_s
+    else:
+        assert done.returncode == 3, done
 
 
 class StandInEngine:
