@@ -7,13 +7,10 @@
   header ``[op, arg, len(payload)]``, then the payload's bytes only when there are any.  ``send`` does not wait
   for the peers to take the call (gloo would wait for each to post its receive, i.e. to finish its last call):
   up to ``MAX_IN_FLIGHT`` calls stay in flight, and a failed one raises from a later ``send`` or ``flush``.
-* ``SpawnedPeers`` and ``TorchrunPeers``: ``send``, ``failed`` (a call failed after the peers had it) and
-  ``build_failed`` (rank 0's build failed) raise ``RuntimeError`` naming each dead rank, its exit code and the
-  error it reported (``distributed/rendezvous.py``), chaining the collective's; later calls raise at once;
-  ``close`` first closes the engine ``attach`` named (its CUDA graphs hold the group: NCCL's abort waits while
-  they live), then sends ``CLOSE``, ends spawned ranks, leaves the group and never raises for a peer already
-  gone.  No step of ``close`` waits on a peer without a deadline: a peer that does not take ``CLOSE`` within
-  ``timeout_s()`` is ended by signal, one alive ``JOIN_BOUND_S`` later is killed, and leaving is bounded.
+* ``SpawnedPeers``, ``TorchrunPeers``: ``send``, ``failed`` and ``build_failed`` raise ``RuntimeError`` naming
+  each dead rank, its exit code and error; later calls raise at once; ``close`` closes the engine ``attach`` named
+  first (NCCL's abort waits while its CUDA graphs live), then sends ``CLOSE``, ends spawned ranks and leaves the
+  group, never raising for a peer gone nor waiting on one without a deadline (``timeout_s()``, then a signal).
 * ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 30): a collective's wait, and how long a peer may stop
   answering (``distributed/liveness.py``) before rank 0 raises.
 """
@@ -130,8 +127,9 @@ class _Peers:
         self._engine = weakref.ref(engine)
 
     def _close_engine(self) -> None:
-        """Close the attached engine, if it is still alive (``Engine.close`` is idempotent)."""
+        """Close the attached engine once, if it is still alive."""
         engine = self._engine() if self._engine is not None else None
+        self._engine = None
         close = getattr(engine, "close", None)
         if close is not None:
             close()
