@@ -4,11 +4,13 @@ without (it falls off its end), run as a process of its own, and what the exit t
 
 Contract of ``run_script``: it starts ``SCRIPT`` from the repository root with this worktree first on
 ``PYTHONPATH`` and a marker in its environment (every process it starts inherits it), waits at most ``limit_s``
-for it to end (past that it kills every process carrying the marker and reports ``code=None``), and returns an
-``Ending``: the exit status, the seconds from the script's last statement (``ENDING``) to its exit, the pids of
-the ranks it spawned, the order in which rank 0 closed its engine and left the group, the processes with its
-marker still running, and its stdout and stderr.  No bound here is a constant: the tests derive theirs from
-``measure_baseline`` and ``interpreter_seconds``, measured in the same test.
+for it to end (past that it reports ``code=None``), gives what it started (multiprocessing's resource tracker
+ends once its pipe closes) ``grace_s`` more to end, kills every process still carrying the marker, and returns
+an ``Ending``: the exit status, the seconds from the script's last statement (``ENDING``) to its exit, the pids
+of the ranks it spawned, the order in which rank 0 closed its engine and left the group, the processes with its
+marker still running after the grace (with their command lines), and its stdout and stderr.  No bound here is
+a constant: the tests derive theirs from ``measure_baseline`` and ``interpreter_seconds``, measured in the same
+test.
 """
 import json
 import os
@@ -57,7 +59,7 @@ class Ending:
     exit_s: float | None  # seconds from ENDING to the process's end
     workers: list[int]
     teardown: list[str]  # "engine" / "group", as rank 0 ran them
-    left: list[int]  # processes of the run still running once it ended
+    left: list[str]  # "pid: command line" of each process of the run still running ``grace_s`` after it ended
     out: str
     err: str
 
@@ -75,7 +77,7 @@ def script_env(**extra) -> dict:
     return dict(os.environ, PYTHONPATH=path, **extra)
 
 
-def run_script(tmp_path: Path, model: str, ending: str, options: dict, limit_s: float) -> Ending:
+def run_script(tmp_path: Path, model: str, ending: str, options: dict, limit_s: float, grace_s: float) -> Ending:
     """Run ``SCRIPT`` (``ending``: "close" or "end") on ``model`` with the LLM ``options``; see the module."""
     name, marker = "NANOVLLM_TEST_TP_EXIT", uuid.uuid4().hex
     path = tmp_path / f"script_{ending}.py"
@@ -89,8 +91,11 @@ def run_script(tmp_path: Path, model: str, ending: str, options: dict, limit_s: 
         except subprocess.TimeoutExpired:
             code = None
         ended = time.time()
-        left = processes_with(f"{name}={marker}")
-        for pid in left:  # none may outlive the test
+        deadline = time.monotonic() + grace_s
+        while (left := processes_with(f"{name}={marker}")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [f"{pid}: {_command(pid)}" for pid in left]
+        for pid in processes_with(f"{name}={marker}"):  # none may outlive the test
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -102,7 +107,15 @@ def run_script(tmp_path: Path, model: str, ending: str, options: dict, limit_s: 
     return Ending(code, ended - float(ending_at[0]) if ending_at and code is not None else None,
                   [int(p) for p in fields.get("WORKERS", [])],
                   [line.split()[1] for line in text.splitlines() if line.startswith("TEARDOWN ")],
-                  [p for p in left if running(p)], text, err_path.read_text())
+                  left, text, err_path.read_text())
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
 
 
 def measure_baseline(model: str, options: dict) -> float:
@@ -119,12 +132,13 @@ def check_exits_cleanly(tmp_path: Path, model: str, options: dict) -> tuple[Endi
     """Run the script with ``close()`` (the baseline), then without; assert of the second: status 0, the same
     orderly teardown as ``close()`` (rank 0's engine closed before the group is left, the group left once), no
     worker or other process of it left running, "terminate called" nowhere in its stderr, and its end within
-    ``FACTOR`` times the baseline's end plus one interpreter's start and exit.  Returns (baseline, run)."""
+    ``FACTOR`` times the baseline's end plus one interpreter's start and exit; what the script started may take
+    one interpreter's start and exit more to end.  Returns (baseline, run)."""
     unit = interpreter_seconds()
     limit = FACTOR * (measure_baseline(model, options) + unit)
-    closed = run_script(tmp_path, model, "close", options, limit)
+    closed = run_script(tmp_path, model, "close", options, limit, unit)
     assert closed.code == 0, (closed.code, closed.err[-3000:])
-    ended = run_script(tmp_path, model, "end", options, limit)
+    ended = run_script(tmp_path, model, "end", options, limit, unit)
     assert ended.code == 0, f"status {ended.code} (None: still running after {limit:.0f} s)\n{ended.err[-3000:]}"
     assert "terminate called" not in ended.err, ended.err[-3000:]
     assert ended.workers and not any(running(w) for w in ended.workers), ended.workers
