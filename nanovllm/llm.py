@@ -1,4 +1,5 @@
 """``LLM``: the user-facing offline batch-generation API (vLLM style)."""
+import atexit
 import os
 import time
 import weakref
@@ -52,6 +53,10 @@ class LLM:
             # closed when this LLM is collected, or at exit while every module still works (a __del__ left for
             # the interpreter's teardown finds torch half dismantled)
             self._finalizer = weakref.finalize(self, _close_engine, self.engine)
+            # ... and at exit before any hook registered earlier (atexit runs last-registered first): weakref's
+            # own exit hook was registered at import, after the peers' (launch.py), which would leave the group
+            # while this engine's CUDA graphs still hold it (NCCL's abort then waits 30 s and the process aborts)
+            atexit.register(self._finalizer)
             self.prompts = Prompts(self.config.model, self.config.hf_config, engine.runner.vocab_size,
                                    self.config.max_model_len)
             self.tokenizer = self.prompts.tokenizer
@@ -84,12 +89,16 @@ class LLM:
                         o["expert_host_bytes"] / 2**30)
 
     def close(self) -> None:
-        """Release the engine: the other tensor-parallel ranks close theirs and the group is left, then this
-        rank's engine is closed (its device memory freed).  Idempotent; also on leaving a ``with`` block, on
-        deletion and at interpreter exit.  The LLM cannot generate afterwards."""
+        """Release the engine: this rank's engine is closed (its device memory and CUDA graphs freed), then the
+        other tensor-parallel ranks close theirs, end their processes, and the group is left; no step waits on a
+        peer without a deadline (``parallel/control.py``).  Idempotent; also on leaving a ``with`` block, on
+        deletion and at interpreter exit, where it runs in an ``atexit`` hook before the interpreter's
+        finalization, so a script that ends without calling it exits with status 0 and leaves no process.  The
+        LLM cannot generate afterwards."""
         finalizer = getattr(self, "_finalizer", None)  # None: __init__ failed before the engine existed
         if finalizer is not None:
             finalizer()  # runs once
+            atexit.unregister(finalizer)
 
     def __enter__(self) -> "LLM":
         return self

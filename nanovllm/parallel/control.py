@@ -7,10 +7,10 @@
   header ``[op, arg, len(payload)]``, then the payload's bytes only when there are any.  ``send`` does not wait
   for the peers to take the call (gloo would wait for each to post its receive, i.e. to finish its last call):
   up to ``MAX_IN_FLIGHT`` calls stay in flight, and a failed one raises from a later ``send`` or ``flush``.
-* ``SpawnedPeers`` and ``TorchrunPeers``: ``send``, ``failed`` (a call failed after the peers had it) and
-  ``build_failed`` (rank 0's build failed) raise ``RuntimeError`` naming each dead rank, its exit code and the
-  error it reported (``distributed/rendezvous.py``), chaining the collective's; later calls raise at once;
-  ``close`` sends ``CLOSE``, ends spawned ranks, leaves the group and never raises for a peer already gone.
+* ``SpawnedPeers``, ``TorchrunPeers``: ``send``, ``failed`` and ``build_failed`` raise ``RuntimeError`` naming
+  each dead rank, its exit code and error; later calls raise at once; ``close`` closes the engine ``attach`` named
+  first (NCCL's abort waits while its CUDA graphs live), then sends ``CLOSE``, ends spawned ranks and leaves the
+  group, never raising for a peer gone nor waiting on one without a deadline (``timeout_s()``, then a signal).
 * ``timeout_s()``: ``$NANOVLLM_TP_TIMEOUT_S`` (default 30): a collective's wait, and how long a peer may stop
   answering (``distributed/liveness.py``) before rank 0 raises.
 """
@@ -18,6 +18,7 @@ import collections
 import datetime
 import threading
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from nanovllm.distributed import liveness, rendezvous
 CLOSE = -1  # the op that ends a rank's replay
 MAX_IN_FLIGHT = 16
 ABORT_BOUND_S = 30.0  # how long leaving an NCCL group may take before this process gives the group up
+JOIN_BOUND_S = 30.0  # how long a closing rank 0 waits for a spawned rank's process to end before killing it
 _control = None  # the gloo group calls travel on
 _in_flight: collections.deque = collections.deque()  # ([work], [tensor]) of each send not yet seen complete
 _header = torch.zeros(3, dtype=torch.int64)  # a receiving rank's
@@ -53,17 +55,21 @@ def send(op: int, arg: int = 0, payload: bytes = b"") -> None:
         _wait_oldest()
 
 
-def flush() -> None:
-    """Wait until every call sent has been taken by every peer."""
+def flush(timeout: float | None = None) -> None:
+    """Wait until every call sent has been taken by every peer; with ``timeout`` (seconds), raise
+    ``RuntimeError`` once that has passed (a peer alive but not answering, after the liveness watch stopped)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while _in_flight:
-        _wait_oldest()
+        _wait_oldest(deadline)
 
 
-def _wait_oldest() -> None:
+def _wait_oldest(deadline: float | None = None) -> None:
     for work in _in_flight.popleft()[0]:
         while not work.is_completed():  # a peer that stops answering fails here, not in a wait without end
             if liveness.failure() is not None:
                 raise RuntimeError(liveness.failure())
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError("a tensor-parallel peer did not take rank 0's call in time")
             time.sleep(1e-4)
         work.wait()  # raises if that send failed
 
@@ -114,6 +120,19 @@ class _Peers:
     label = "tensor-parallel rank 0"
     death_grace_s = 0.0  # how long a failed call waits for the peer that caused it to show as dead
     store = None  # where a failing peer reports its error (rendezvous.report_error)
+    _engine = None  # a weak reference to rank 0's engine (``attach``)
+
+    def attach(self, engine) -> None:
+        """``engine`` (rank 0's, held weakly) is closed first by ``close``, before the group is left."""
+        self._engine = weakref.ref(engine)
+
+    def _close_engine(self) -> None:
+        """Close the attached engine once, if it is still alive."""
+        engine = self._engine() if self._engine is not None else None
+        self._engine = None
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
 
     def dead(self) -> list[tuple[int, int | None]]:
         """(rank, exit code) of each peer known to have ended."""
@@ -199,27 +218,35 @@ class SpawnedPeers(_Peers):
                 p.kill()
 
     def close(self, serving: bool = True) -> None:
-        """Send ``CLOSE``, join the peers, then leave the group.  ``serving=False`` (rank 0 failed before
-        they served calls; each may wait in a collective of its engine's start), a peer that cannot be told, or
-        one alive after 30 s: ended by signal.  Idempotent."""
+        """Close the attached engine, send ``CLOSE``, join the peers, then leave the group.  ``serving=False``
+        (rank 0 failed before they served calls; each may wait in a collective of its engine's start), a peer
+        that cannot be told or does not take ``CLOSE`` within ``timeout_s()``: ended by signal; one alive after
+        ``JOIN_BOUND_S``: killed.  Idempotent."""
         if self.closed:
             return
         self.closed = True
+        try:
+            self._close_engine()
+        finally:
+            self._end_peers(serving)
+
+    def _end_peers(self, serving: bool) -> None:
         liveness.stop()  # from here on a peer that ends is closing, not failing
         told = serving and not self.broken and not self.dead()
         if told:
             try:
                 send(CLOSE)
-                flush()
-            except RuntimeError:  # a peer died since the check (gloo: connection closed)
+                flush(timeout_s())
+            except RuntimeError:  # a peer died since the check (gloo: connection closed), or hangs
                 told = False
         try:
             for p in self.procs:  # told: each closes its engine and ends its process
                 if not told:
                     p.terminate()
-                p.join(timeout=30)
+                p.join(timeout=JOIN_BOUND_S)
                 if p.is_alive():
                     p.kill()
+                    p.join(timeout=JOIN_BOUND_S)
         finally:
             leave_group()  # once the peers are gone: nothing of theirs still waits on this rank's teardown
 
@@ -236,20 +263,27 @@ class TorchrunPeers(_Peers):
         return [(r, None) for r in rendezvous.reported_errors(self.store, range(1, self.world))]
 
     def close(self, serving: bool = True) -> None:
-        """Send ``CLOSE`` (not with ``serving=False``: the peers' collectives then fail and torchrun ends them)
-        and leave the group.  Idempotent."""
+        """Close the attached engine, send ``CLOSE`` (not with ``serving=False``: the peers' collectives then fail
+        and torchrun ends them; a peer that does not take it within ``timeout_s()`` is left to torchrun) and
+        leave the group.  Idempotent."""
         if self.closed:
             return
+        self.closed = True
+        try:
+            self._close_engine()
+        finally:
+            self._end_peers(serving)
+
+    def _end_peers(self, serving: bool) -> None:
         liveness.stop()
         if not serving:
             self.broken = "rank 0 failed to build its engine"
         if not self.broken:
             try:
                 send(CLOSE)
-                flush()
+                flush(timeout_s())
             except RuntimeError as e:  # a peer is already gone: nothing to tell it; still leave the group
                 self.broken = f"{type(e).__name__}: {e}"[:300]
-        self.closed = True
         try:
             leave_group()
         except Exception:

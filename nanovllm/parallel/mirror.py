@@ -60,6 +60,9 @@ class MirroredEngine:
 
     def __init__(self, engine: Engine, peers):
         self._engine, self.peers = engine, peers
+        attach = getattr(peers, "attach", None)
+        if attach is not None:  # closing the peers alone (their exit hook) releases this engine first too
+            attach(engine)
 
     def add_request(self, prompt_token_ids, params, images=None) -> Sequence:
         seq = self._engine.add_request(prompt_token_ids, params, images)
@@ -101,10 +104,11 @@ class MirroredEngine:
     def close(self) -> None:
         """Close rank 0's engine, then the other ranks (each closes its engine and ends its process) and the group.
         In this order because NCCL's abort waits while CUDA graphs that captured the group's collectives are alive
-        (until ``control.ABORT_BOUND_S`` gives the group up); with the graphs released first it returns at once."""
+        (until ``control.ABORT_BOUND_S`` gives the group up); with the graphs released first it returns at once.
+        Peers that hold the engine (``attach``) do both, in this order, in their own ``close``."""
         try:
             close = getattr(self._engine, "close", None)
-            if close is not None:
+            if close is not None and getattr(self.peers, "attach", None) is None:
                 close()
         finally:
             self.peers.close()
