@@ -49,3 +49,14 @@ def test_heads_that_do_not_split_are_refused_by_name(tmp_path):
             split(4, "num_attention_heads")
     finally:
         distributed.set_current(previous)
+
+
+@pytest.mark.parametrize("arch,eager", [("qwen3_next", True), ("qwen3_5", False)],
+                         ids=["qwen3_next-eager", "qwen3_5-graph"])
+def test_hybrid_models_at_two_ranks_give_transformers_tokens(tmp_path, arch, eager):
+    """Gated DeltaNet heads split over two ranks (Qwen3-Next's interleaved projections, Qwen3.5's separate ones, the
+    convolution's three pieces), the full-attention layers as the decoder's."""
+    path = build_checkpoint(tmp_path, arch)
+    want = hf_greedy(path, PROMPTS, 6)
+    for tokens in _run(path, 2, eager):
+        assert tokens == want
