@@ -16,6 +16,7 @@ tokenized and checked where the requests arrive.
 import os
 
 from nanovllm.logger import logger
+from nanovllm.models.registry import resolve_model_class
 from nanovllm.multimodal import ImagePrompts
 
 # ``tokenizer.apply_chat_template``'s own arguments and the template's ``messages``: not chat_template_kwargs
@@ -28,8 +29,11 @@ TEMPLATE_ARGUMENTS = frozenset({
 class Prompts:
     def __init__(self, model_dir: str, hf_config: dict, vocab_size: int, max_model_len: int):
         self.model, self.vocab_size, self.max_model_len = model_dir, vocab_size, max_model_len
+        self.hf_config = hf_config
         self.tokenizer = load_tokenizer(model_dir)
-        self.images = ImagePrompts(model_dir, hf_config, self.tokenizer) if "vision_config" in hf_config else None
+        # a vision tower we run (a hybrid Qwen3.5 checkpoint's config has one that we do not)
+        takes_images = hasattr(resolve_model_class(hf_config), "encode_images")
+        self.images = ImagePrompts(model_dir, hf_config, self.tokenizer) if takes_images else None
 
     def encode_request(self, prompt, index: int = 0):
         """(token ids, ``ImageInputs`` or None) of a prompt: a str, a token-id list, or a dict with ``prompt`` (or
@@ -39,8 +43,10 @@ class Prompts:
             return self.encode_prompt(prompt, index), None
         if self.images is None:
             if (prompt.get("multi_modal_data") or {}).get("image") is not None:
-                raise ValueError(f"prompt {index} has images but {self.model!r} is not a vision-language "
-                                 f"model (its config has no vision_config)")
+                why = "its vision tower is not supported" if "vision_config" in self.hf_config else \
+                    "its config has no vision_config"
+                raise ValueError(f"prompt {index} has images but {self.model!r} is not a vision-language model here "
+                                 f"({resolve_model_class(self.hf_config).__name__}: {why})")
             return self.encode_prompt(prompt.get("prompt", prompt.get("prompt_token_ids")), index), None
         ids, image_inputs = self.images.encode(prompt, index)
         ids = self.encode_prompt(ids, index)  # the vocabulary and max_model_len checks, image tokens included

@@ -21,6 +21,7 @@ import torch
 from nanovllm import traced
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import moe_reference, reference, sampling
+from nanovllm.kernels.linear_attention import ops as la_ops
 
 
 @torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
@@ -227,4 +228,4 @@ def process_logits(logits, slots, params, bitmask, counts, seen) -> torch.Tensor
 
 
 _OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "linear_int4", "fused_moe", "moe_experts",
-        "process_logits", "gumbel_argmax")
+        "process_logits", "gumbel_argmax") + la_ops.OPS  # and the linear-attention ops (kernels/linear_attention)
