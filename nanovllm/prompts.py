@@ -31,8 +31,9 @@ class Prompts:
         self.model, self.vocab_size, self.max_model_len = model_dir, vocab_size, max_model_len
         self.hf_config = hf_config
         self.tokenizer = load_tokenizer(model_dir)
-        # a vision tower we run (a hybrid Qwen3.5 checkpoint's config has one that we do not)
-        takes_images = hasattr(resolve_model_class(hf_config), "encode_images")
+        # a config with a vision tower we do not run (a hybrid Qwen3.5 checkpoint's) is text-only here
+        self.text_only = "vision_config" in hf_config and not hasattr(resolve_model_class(hf_config), "encode_images")
+        takes_images = "vision_config" in hf_config and not self.text_only
         self.images = ImagePrompts(model_dir, hf_config, self.tokenizer) if takes_images else None
 
     def encode_request(self, prompt, index: int = 0):
@@ -43,10 +44,10 @@ class Prompts:
             return self.encode_prompt(prompt, index), None
         if self.images is None:
             if (prompt.get("multi_modal_data") or {}).get("image") is not None:
-                why = "its vision tower is not supported" if "vision_config" in self.hf_config else \
-                    "its config has no vision_config"
-                raise ValueError(f"prompt {index} has images but {self.model!r} is not a vision-language model here "
-                                 f"({resolve_model_class(self.hf_config).__name__}: {why})")
+                why = (f"{resolve_model_class(self.hf_config).__name__}: its vision tower is not supported"
+                       if self.text_only else "its config has no vision_config")
+                raise ValueError(f"prompt {index} has images but {self.model!r} is not a vision-language model "
+                                 f"({why})")
             return self.encode_prompt(prompt.get("prompt", prompt.get("prompt_token_ids")), index), None
         ids, image_inputs = self.images.encode(prompt, index)
         ids = self.encode_prompt(ids, index)  # the vocabulary and max_model_len checks, image tokens included
