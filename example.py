@@ -46,7 +46,7 @@ def main():
         model = str(default_model_path())
     llm = LLM(model, **engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    if "vision_config" in llm.config.hf_config:
+    if llm.prompts.images is not None:  # a vision-language model we run with images
         image = args.image or drawn_picture()
         messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                  {"type": "text", "text": "Describe this image."}]}]
