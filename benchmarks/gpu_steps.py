@@ -44,7 +44,9 @@ MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--token
 # Qwen3.5-27B: 54 GB of bf16 weights and 154 MB of float32 state per sequence: 64 sequences fit one H100
 HYBRID_TESTS = ("tests/gpu/test_hybrid.py", "tests/gpu/test_parity.py")
 HYBRID_BS, HYBRID_VLLM_BS = ("--bs", "64", "--num-seqs", "256"), ("--max-num-seqs", "64", "--num-seqs", "256")
-TEXT_ONLY = ("--llm-kwargs", '{"language_model_only": true}')  # vLLM: Qwen3.5 as its multimodal class, no tower
+# vLLM: Qwen3.5 as its multimodal class without the tower, and its Triton GDN prefill (FlashInfer's is not staged);
+# --llm-kwargs is a flag the staged peer_vllm.py needs (docs/BENCHMARKS.md)
+TEXT_ONLY = ("--llm-kwargs", '{"language_model_only": true, "additional_config": {"gdn_prefill_backend": "triton"}}')
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
