@@ -1,7 +1,8 @@
 """The FastAPI application: routes, the API key and the OpenAI error shape.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (behind the API key when one is
-set: ``Authorization: Bearer KEY``, else 401), and, always open, ``GET /health`` (503 once the engine has
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize`` and
+``/detokenize`` (``tokenize.py``; behind the API key when one is set: ``Authorization: Bearer KEY``, else 401), and,
+always open, ``GET /health`` (503 once the engine has
 failed), ``GET /version`` and ``GET /metrics`` (Prometheus text).  Every error is
 ``{"error": {"message", "type", "param", "code"}}``: a body that fails validation is a 400 naming the field and
 the value (a field the request models do not declare: a 400 naming it, ``fields.unknown_field``), an unknown route
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from nanovllm.entrypoints.chat import create_chat_completion
 from nanovllm.entrypoints.completions import create_completion
 from nanovllm.entrypoints.fields import unknown_field
+from nanovllm.entrypoints.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from nanovllm.entrypoints.metrics import CONTENT_TYPE
 from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
 from nanovllm.entrypoints.serving import Serving
@@ -59,6 +61,14 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await create_chat_completion(serving, body, request)
+
+    @app.post("/tokenize", dependencies=[Depends(check_api_key)])
+    async def tokenize_route(body: TokenizeRequest):
+        return await tokenize(serving, body)
+
+    @app.post("/detokenize", dependencies=[Depends(check_api_key)])
+    async def detokenize_route(body: DetokenizeRequest):
+        return await detokenize(serving, body)
 
     app.include_router(v1)
 
