@@ -1,5 +1,6 @@
 """``LLM``: the user-facing offline batch-generation API (vLLM style)."""
 import atexit
+import dataclasses
 import os
 import time
 import weakref
@@ -181,10 +182,14 @@ class LLM:
           logprob}``, the sampled token first, then the ``k`` most likely tokens (1 to k + 1 entries);
         * ``"prompt_logprobs"``: None unless ``SamplingParams(prompt_logprobs=k)``, else a list as long as the
           prompt: None for its first token, then per prompt token a dict ``{token id: logprob}``, that token first
-          (its logprob given the tokens before it), then the ``k`` most likely tokens there (1 to k + 1 entries)."""
+          (its logprob given the tokens before it), then the ``k`` most likely tokens there (1 to k + 1 entries);
+        * ``"outputs"``, only with ``SamplingParams(n=k)``, k > 1: the k completions' outputs (the first is the dict
+          itself), choice i drawn with ``seed + i`` where the params give a seed."""
         token_lists, params, images = self._validate(prompts, sampling_params)
         engine = self.engine
-        seqs = [engine.add_request(ids, p, im) for ids, p, im in zip(token_lists, params, images)]
+        groups = [[engine.add_request(ids, c, im) for c in _choices(p)]
+                  for ids, p, im in zip(token_lists, params, images)]
+        seqs = [s for group in groups for s in group]
         completions = {s.seq_id: Completion(self.tokenizer, s.params) for s in seqs}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         outputs = {}  # seq_id -> output, made as each finishes (while the device runs the steps queued)
@@ -192,7 +197,8 @@ class LLM:
             self._steps(engine, {s.seq_id: s for s in seqs}, completions, outputs, bar)
         finally:
             bar.close()
-        return [outputs[seq.seq_id] for seq in seqs]
+        return [outputs[g[0].seq_id] if len(g) == 1 else
+                dict(outputs[g[0].seq_id], outputs=[outputs[s.seq_id] for s in g]) for g in groups]
 
     def _steps(self, engine, seqs: dict, completions: dict, outputs: dict, bar) -> None:
         """``generate``'s loop: step until every request finished, feeding each step's outputs to the
@@ -217,3 +223,11 @@ class LLM:
                 decode_tps = rate
             bar.set_postfix(Prefill=f"{prefill_tps:.0f}tok/s", Decode=f"{decode_tps:.0f}tok/s", refresh=False)
             bar.update(done)
+
+
+def _choices(params: SamplingParams) -> list[SamplingParams]:
+    """The ``n`` requests of a prompt: choice i draws with ``seed + i`` where a seed is given (as the server's)."""
+    if params.n == 1:
+        return [params]
+    return [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            for i in range(params.n)]

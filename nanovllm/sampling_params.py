@@ -108,6 +108,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    n: int = 1  # completions per prompt (``LLM.generate``: choice i with ``seed + i`` where a seed is given)
 
     def __post_init__(self):
         self.stop_token_ids = tuple(self.stop_token_ids)
@@ -142,6 +143,8 @@ class SamplingParams:
             raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
