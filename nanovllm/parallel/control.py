@@ -134,6 +134,17 @@ class _Peers:
         if close is not None:
             close()
 
+    def close(self, serving: bool = True) -> None:
+        """Close the attached engine first, then end the peers and leave the group (``_end_peers``, each kind's own
+        way; ``serving=False``: rank 0 failed before the peers served calls).  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._close_engine()
+        finally:
+            self._end_peers(serving)
+
     def dead(self) -> list[tuple[int, int | None]]:
         """(rank, exit code) of each peer known to have ended."""
         return []
@@ -217,20 +228,10 @@ class SpawnedPeers(_Peers):
             if p.is_alive():
                 p.kill()
 
-    def close(self, serving: bool = True) -> None:
-        """Close the attached engine, send ``CLOSE``, join the peers, then leave the group.  ``serving=False``
-        (rank 0 failed before they served calls; each may wait in a collective of its engine's start), a peer
-        that cannot be told or does not take ``CLOSE`` within ``timeout_s()``: ended by signal; one alive after
-        ``JOIN_BOUND_S``: killed.  Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self._close_engine()
-        finally:
-            self._end_peers(serving)
-
     def _end_peers(self, serving: bool) -> None:
+        """Send ``CLOSE``, join the peers, then leave the group.  ``serving=False`` (each may wait in a collective
+        of its engine's start), a peer that cannot be told or does not take ``CLOSE`` within ``timeout_s()``: ended
+        by signal; one alive after ``JOIN_BOUND_S``: killed."""
         liveness.stop()  # from here on a peer that ends is closing, not failing
         told = serving and not self.broken and not self.dead()
         if told:
@@ -262,19 +263,9 @@ class TorchrunPeers(_Peers):
         """The ranks that reported an error (their processes are torchrun's: no exit code here)."""
         return [(r, None) for r in rendezvous.reported_errors(self.store, range(1, self.world))]
 
-    def close(self, serving: bool = True) -> None:
-        """Close the attached engine, send ``CLOSE`` (not with ``serving=False``: the peers' collectives then fail
-        and torchrun ends them; a peer that does not take it within ``timeout_s()`` is left to torchrun) and
-        leave the group.  Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self._close_engine()
-        finally:
-            self._end_peers(serving)
-
     def _end_peers(self, serving: bool) -> None:
+        """Send ``CLOSE`` (not with ``serving=False``: the peers' collectives then fail and torchrun ends them; a
+        peer that does not take it within ``timeout_s()`` is left to torchrun) and leave the group."""
         liveness.stop()
         if not serving:
             self.broken = "rank 0 failed to build its engine"
