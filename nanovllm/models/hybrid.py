@@ -23,6 +23,7 @@ from nanovllm.models.decoder import MLP, DecoderArgs, DecoderForCausalLM, _compi
 from nanovllm.models.hybrid_layers import GatedAttention, GatedDeltaNet, LinearArgs
 from nanovllm.models.moe import MoeArgs, SparseMoe
 from nanovllm.models.qwen3_moe import _is_sparse
+from nanovllm.models.qwen_vl import text_config
 from nanovllm.step import StepInputs
 
 
@@ -90,7 +91,7 @@ class HybridForCausalLM(DecoderForCausalLM):
 
     def __init__(self, hf_config: dict):
         nn.Module.__init__(self)
-        cfg = self.text_config(hf_config)
+        cfg = text_config(hf_config)  # a published multimodal checkpoint's text part (M-RoPE: plain rope on text)
         cfg.setdefault("intermediate_size", cfg.get("moe_intermediate_size"))  # an all-MoE config names none
         self.args = a = DecoderArgs.from_hf(cfg, qk_norm=True)
         self.kinds = layer_types(cfg)
@@ -112,14 +113,6 @@ class HybridForCausalLM(DecoderForCausalLM):
         self.lm_head = nn.Linear(a.hidden_size, tp.vocab_rows(a.vocab_size), bias=False)
         if a.tie_word_embeddings and self.lm_head.weight.shape == self.model.embed_tokens.weight.shape:
             self.lm_head.weight = self.model.embed_tokens.weight  # else tie_lm_head copies this rank's rows
-
-    @staticmethod
-    def text_config(hf_config: dict) -> dict:
-        """The language model's config: a published multimodal checkpoint's ``text_config`` over its top level."""
-        text = {k: v for k, v in hf_config.items() if k not in ("vision_config", "text_config")}
-        text.update(hf_config.get("text_config") or {})
-        text["tie_word_embeddings"] = bool(hf_config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
-        return text
 
     def make_mlp(self, cfg: dict, layer_idx: int) -> nn.Module:
         a = self.args
