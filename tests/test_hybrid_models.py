@@ -21,7 +21,9 @@ def tokens(llm, prompts, max_tokens):
     return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.fixture(scope="module", params=["qwen3_next", "qwen3_5", "qwen3_5_moe"])
+# Qwen3-Next (interleaved projections, MoE) in the quick tests; the other two families' runs are slow ones
+@pytest.fixture(scope="module", params=["qwen3_next", pytest.param("qwen3_5", marks=pytest.mark.slow),
+                                        pytest.param("qwen3_5_moe", marks=pytest.mark.slow)])
 def engines(request, tmp_path_factory):
     """(checkpoint dir, eager LLM, graph LLM) of one family."""
     path = build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
