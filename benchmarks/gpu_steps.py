@@ -46,7 +46,8 @@ HYBRID_TESTS = ("tests/gpu/test_hybrid.py", "tests/gpu/test_parity.py")
 HYBRID_BS, HYBRID_VLLM_BS = ("--bs", "64", "--num-seqs", "256"), ("--max-num-seqs", "64", "--num-seqs", "256")
 # vLLM: Qwen3.5 as its multimodal class without the tower, and its Triton GDN prefill (FlashInfer's is not staged);
 # --llm-kwargs is a flag the staged peer_vllm.py needs (docs/BENCHMARKS.md)
-TEXT_ONLY = ("--llm-kwargs", '{"language_model_only": true, "additional_config": {"gdn_prefill_backend": "triton"}}')
+TEXT_ONLY = ("--llm-kwargs", '{"language_model_only": true, "mamba_ssm_cache_dtype": "float32", '
+                             '"additional_config": {"gdn_prefill_backend": "triton"}}')  # our state: float32 too
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),

@@ -9,6 +9,7 @@ _HYBRID = dict(vocab_size=248320, max_position_embeddings=262144, rms_norm_eps=1
                linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
                rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25),
                attention_bias=False, tie_word_embeddings=False, **_QWEN_TOKENS)
+_QWEN35 = dict(_HYBRID, mamba_ssm_dtype="float32")  # Qwen3.5's published configs declare their float32 state
 PRESETS = {
     "qwen3-0.6b": dict(
         config="Qwen3Config", tokenizer="qwen", generation=_QWEN_GEN,
@@ -57,12 +58,12 @@ PRESETS = {
     "qwen3.5-27b": dict(  # 27B parameters (54 GB in bf16): --config-only and load_format=dummy
         config="Qwen3_5TextConfig", architecture="Qwen3_5ForCausalLM", tokenizer="qwen", generation=_QWEN_GEN,
         fields=dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=24, num_key_value_heads=4,
-                    head_dim=256, intermediate_size=17408, **_HYBRID, linear_num_value_heads=48)),
+                    head_dim=256, intermediate_size=17408, **_QWEN35, linear_num_value_heads=48)),
     "qwen3.5-35b-a3b": dict(
         config="Qwen3_5MoeTextConfig", architecture="Qwen3_5MoeForCausalLM", tokenizer="qwen", generation=_QWEN_GEN,
         fields=dict(hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
                     head_dim=256, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=256,
-                    num_experts_per_tok=8, **_HYBRID, linear_num_value_heads=32)),
+                    num_experts_per_tok=8, **_QWEN35, linear_num_value_heads=32)),
     "qwen3-next-80b-a3b": dict(
         config="Qwen3NextConfig", tokenizer="qwen", generation=_QWEN_GEN,
         fields=dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
