@@ -46,8 +46,8 @@ HYBRID_TESTS = ("tests/gpu/test_hybrid.py", "tests/gpu/test_parity.py")
 HYBRID_BS, HYBRID_VLLM_BS = ("--bs", "64", "--num-seqs", "256"), ("--max-num-seqs", "64", "--num-seqs", "256")
 # vLLM: Qwen3.5 as its multimodal class without the tower, and its Triton GDN prefill (FlashInfer's is not staged);
 # --llm-kwargs is a flag the staged peer_vllm.py needs (docs/BENCHMARKS.md)
-TEXT_ONLY = ("--llm-kwargs", '{"language_model_only": true, "mamba_ssm_cache_dtype": "float32", '
-                             '"additional_config": {"gdn_prefill_backend": "triton"}}')  # our state: float32 too
+_GDN = '"mamba_ssm_cache_dtype": "float32", "additional_config": {"gdn_prefill_backend": "triton"}'  # our state: fp32
+GDN_VLLM, TEXT_ONLY = ("--llm-kwargs", "{" + _GDN + "}"), ("--llm-kwargs", '{"language_model_only": true, ' + _GDN + "}")
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -126,6 +126,10 @@ STEPS = [
     Step("hybrid27b-vllm", "vllm", "preset:qwen3.5-27b", "bench", HYBRID_VLLM_BS + TEXT_ONLY),
     Step("hybrid35b-fp8-ours", "ours", "preset:qwen3.5-35b-a3b", "bench", BENCH + FP8),
     Step("hybrid35b-fp8-vllm", "vllm", "preset:qwen3.5-35b-a3b", "bench", FP8 + TEXT_ONLY),
+    Step("hybrid80b-fp8-tp2-ours", "ours", "preset:qwen3-next-80b-a3b", "bench", BENCH + FP8 + TP2),
+    Step("hybrid80b-fp8-tp2-vllm", "vllm", "preset:qwen3-next-80b-a3b", "bench", FP8 + ("--tp", "2") + GDN_VLLM,
+         env=VLLM_TP),
+    Step("profile-hybrid35b", "ours", "preset:qwen3.5-35b-a3b", "module", PROFILE + ("--at", "256", "--prefill") + FP8),
     Step("parity-hybrid", "tests", "own", "pytest", ("-m", "gpu", "-k", "hybrid or qwen3_next or qwen3_5", *HYBRID_TESTS)),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),

@@ -23,7 +23,7 @@ from benchmarks.common import copy_bandwidth, default_model, llm_kwargs, workloa
 
 CATEGORIES = (("collective", ("nccl", "all_reduce", "one_shot", "two_shot")),  # tensor parallelism
               ("attention", ("_decode", "_prefill")),  # our Triton kernels (nanovllm/kernels)
-              ("store_kv", ("_store_kv",)),
+              ("store_kv", ("_store_kv",)), ("linear attention", ("_delta_rule", "_conv_", "_gdn")),
               ("sampler", ("_gumbel_argmax",)),
               ("matmul", ("_linear_kernel", "nvjet", "gemm", "cutlass", "sm90_", "cublas", "splitK")))
 OTHER = "other (fused elementwise / norms / rope)"
