@@ -48,8 +48,9 @@ def source_hash(package_dir: Path = _PACKAGE_DIR) -> str:
     return h.hexdigest()
 
 
-def key_fields(config, *, dtype, kv_dtype, num_kv_blocks: int, platform) -> dict:
-    """Everything that changes the code the compiler generates for an engine of ``config`` on ``platform``."""
+def key_fields(config, *, dtype, kv_dtype, num_kv_blocks: int, platform, num_window_blocks: int = 0) -> dict:
+    """Everything that changes the code the compiler generates for an engine of ``config`` on ``platform``
+    (``num_window_blocks``: a window pool's, where there is one)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -66,7 +67,7 @@ def key_fields(config, *, dtype, kv_dtype, num_kv_blocks: int, platform) -> dict
         "device_arch": platform.arch(), "platform_versions": platform.versions(),
         "kernel_options": platform.options.as_dict(), "torch": torch.__version__,
         "triton": triton_version, "nanovllm": __version__, "source_sha256": source_hash(),
-        "inductor_pdl": _inductor_pdl(),
+        "inductor_pdl": _inductor_pdl(), **({"num_window_blocks": num_window_blocks} if num_window_blocks else {}),
     }
 
 

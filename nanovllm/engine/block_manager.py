@@ -5,7 +5,7 @@ is the block's tokens followed by the hashes of any images among them (``Sequenc
 the same image placeholder tokens but different images never share a block, nor any block after it.
 A cache hit needs both the hash and the exact key to match, so a hash collision cannot alias two prefixes.
 
-Three rules keep it correct where nano-vllm was not:
+Three rules keep it correct where nano-vllm was not (a window pool's blocks, ``window_blocks.py``, follow them too):
 * A block is registered in the cache only after a step has *computed* its KV, never at allocation.  So two
   identical prompts in the same step each compute their own block (no one reads a block not yet written),
   and a chunked prefill never hands out blocks whose KV is still pending.
@@ -21,6 +21,7 @@ import xxhash
 
 from nanovllm.engine.hybrid_state import StateSnapshots
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.window_blocks import WindowBlocks
 
 
 def chain_hash(prev_hash: int, tokens) -> int:
@@ -31,9 +32,11 @@ def chain_hash(prev_hash: int, tokens) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, snapshots: StateSnapshots | None = None):
+    def __init__(self, num_blocks: int, block_size: int, snapshots: StateSnapshots | None = None,
+                 window: WindowBlocks | None = None):
         self.num_blocks = num_blocks
         self.snapshots = snapshots  # a hybrid model's: a hit must also find the state where it ends
+        self.window = window  # a sliding-window model's window pool: a hit must also find the window where it ends
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -60,9 +63,9 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
-        """Blocks (and their hashes) that hold a computed copy of this sequence's leading full blocks."""
-        blocks, hashes, h = [], [], 0
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int], list[tuple]]:
+        """Blocks (and their hashes and keys) that hold a computed copy of this sequence's leading full blocks."""
+        blocks, hashes, keys, h = [], [], [], 0
         bs = self.block_size
         for i in range((len(seq) - 1) // bs):
             tokens = seq.block_key(i * bs, (i + 1) * bs)
@@ -72,14 +75,18 @@ class BlockManager:
                 break
             blocks.append(block)
             hashes.append(h)
-        return blocks, hashes
+            keys.append(tokens)
+        return blocks, hashes, keys
 
     def try_allocate(self, seq: Sequence) -> bool:
         """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit.  One that
         wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit: a hit would skip positions whose
         logprobs it asked for (it still publishes its blocks for others)."""
         assert not seq.block_table
-        hits, hashes = ([], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
+        hits, hashes, keys = ([], [], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
+        if self.window is not None and hits:  # only as deep as the window pool holds the window where it ends
+            depth = self.window.cached_depth(hashes, keys)
+            hits, hashes = hits[:depth], hashes[:depth]
         if self.snapshots is not None:  # a hybrid model: only as far as a state snapshot reaches
             depth = self.snapshots.deepest(hashes)
             kv_depth, hits, hashes = len(hits), hits[:depth], hashes[:depth]
@@ -95,6 +102,8 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.cache_hit_tokens += seq.num_cached_tokens
         self.seq_hashes[seq.seq_id] = hashes
+        if self.window is not None:
+            self.window.take_hits(seq, hashes, keys, len(hits))
         if self.snapshots is not None:
             seq.state_restore = self.snapshots.slot(hashes[-1]) if hashes else None
             points = {kv_depth, (len(seq) - 1) // self.block_size} - {0} if self.snapshots.count else set()
@@ -116,6 +125,12 @@ class BlockManager:
         """Give a decoding sequence the block its newest token needs (caller checked one is free)."""
         seq.block_table.append(self._take_free_block())
 
+    def reserve_window(self, seq: Sequence, start: int, end: int) -> None:
+        """Before a step that computes the sequence's tokens [start, end): its window blocks (``window_blocks.py``);
+        nothing without a window pool."""
+        if self.window is not None:
+            self.window.reserve(seq, start, end)
+
     def register_computed(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Publish every full block whose KV is now computed (within the first ``num_tokens`` tokens, default
         ``seq.num_computed_tokens``: the caller leaves out tokens still being sampled), so later requests can
@@ -132,6 +147,8 @@ class BlockManager:
             self.block_tokens[block] = tokens
             self.hash_to_block[h] = block
             hashes.append(h)
+            if self.window is not None:
+                self.window.register(seq, i, h, tokens)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (benchmarks: repeated runs of one workload must not hit each other's KV).
@@ -142,6 +159,8 @@ class BlockManager:
         self.hash_to_block.clear()
         self.block_hash = [None] * self.num_blocks
         self.block_tokens = [None] * self.num_blocks
+        if self.window is not None:
+            self.window.reset()
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; its blocks stay hashed (reusable as cache) until reallocated."""
@@ -151,5 +170,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
         seq.block_table = []
+        if self.window is not None:
+            self.window.free(seq)
         seq.num_computed_tokens = 0
         self.seq_hashes.pop(seq.seq_id, None)

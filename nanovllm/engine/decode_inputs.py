@@ -10,13 +10,14 @@
   again only after the step that last used it was collected;
 * on a capturing platform the staging tensors are copied straight into the graph's static input buffers.
 
+A window pool's tables (``window``: its W) are written anew every step: a few blocks a row (``_window_rows``).
 Padded rows are ``StepInputs.pad_rows``'s.  A sequence whose newest token is still ``PENDING_TOKEN`` reads it
 from its token slot on the device.
 """
 import numpy as np
 import torch
 
-from nanovllm.step import StepInputs
+from nanovllm.step import StepInputs, WindowStepInputs
 
 
 class _SeqRow:
@@ -49,8 +50,9 @@ class _Batch:
 
 class DecodeInputBuilder:
     def __init__(self, *, device: torch.device, pin_memory: bool, block_size: int, table_width: int,
-                 scratch_slot: int):
+                 scratch_slot: int, window: int = 0):
         self.device, self.pin_memory = device, pin_memory
+        self.window = window  # the window pool's W, 0 without one
         self.scratch_slot = scratch_slot
         self.block_size = block_size
         self.width = table_width
@@ -64,7 +66,8 @@ class DecodeInputBuilder:
         key = (rows, slot)
         if key not in self._staging:
             with torch.inference_mode():  # one pinned buffer: the set reaches the device in one copy
-                host = StepInputs.packed(StepInputs.shaped(rows, rows, self.width), pin_memory=self.pin_memory)
+                kind = WindowStepInputs if self.window else StepInputs
+                host = StepInputs.packed(kind.shaped(rows, rows, self.width), pin_memory=self.pin_memory)
                 host.cu_seqlens_q.copy_(torch.arange(rows + 1, dtype=torch.int32))
                 host.logits_indices.copy_(torch.arange(rows))
             self._staging[key] = host
@@ -133,8 +136,20 @@ class DecodeInputBuilder:
             host.seeds.numpy()[:n] = batch.seeds
             slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
                 + pos % self.block_size
+        if self.window:
+            self._window_rows(host, seqs, pos)
         host.pad_rows(n, n, self.scratch_slot)
         return self.deliver(host, target)
+
+    def _window_rows(self, host: WindowStepInputs, seqs: list, pos: np.ndarray) -> None:
+        """Rows' window tables (the blocks from their window's first on) and window slots of tokens at ``pos``."""
+        n, bs = len(seqs), self.block_size
+        tables = host.window_tables.numpy()
+        tables[:n] = 0
+        for i, (seq, first) in enumerate(zip(seqs, np.maximum(pos - self.window + 1, 0) // bs)):
+            table = seq.window_table
+            tables[i, first:len(table)] = table[first:]
+        host.window_slot_mapping.numpy()[:n] = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
 
     def deliver(self, host: StepInputs, target: StepInputs | None) -> StepInputs:
         """A filled staging set on the device: itself where the device is the host, else copied into ``target``

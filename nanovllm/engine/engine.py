@@ -30,6 +30,7 @@ from nanovllm.engine.pipeline import StepPipeline
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import PENDING_TOKEN, ImageInputs, Sequence
 from nanovllm.engine.spec_gate import SpecGate
+from nanovllm.engine.window_blocks import window_pool
 from nanovllm.platforms import get_platform
 from nanovllm.sampling_params import SamplingParams
 
@@ -51,7 +52,7 @@ class Engine:
         self.platform.check_tensor_parallel(config.tensor_parallel_size)
         self.runner = ModelRunner(config, self.platform)
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
-                                          hybrid_state.snapshots(self.runner))
+                                          hybrid_state.snapshots(self.runner), window_pool(self.runner))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.eos_token_ids, config.mixed_prefill,
                                    self.runner.drafter or config.speculative)

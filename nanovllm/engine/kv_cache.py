@@ -4,15 +4,15 @@ Layout (shared by every attention implementation, ``nanovllm/kernels/reference.p
 tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``, separate tensors, never views of one buffer (Inductor
 updates a mutated graph input in place only when it is not a view of a larger base).
 
-A hybrid model's linear-attention layers keep state pools instead (``KVCacheSpec.states``), taken first.
+Linear-attention layers keep state pools instead (``KVCacheSpec.states``), taken first; sliding-window layers a
+pool of blocks of their own (``plan_window_pool``), sized with the full one in the same budget.
 
 Sizing: a fixed ``num_kvcache_blocks``; else, where the platform measures memory, what is left of
 ``gpu_memory_utilization`` after the weights and the peak of a probe step (the largest prefill and the sampler at
 full batch), the probe's temporary cache counted as free; else ``DEFAULT_KV_BYTES``. When that is short of one
 sequence of ``max_model_len`` tokens (the count agreed by every rank of a tensor-parallel group), garbage is
 collected (an engine dropped in a reference cycle holds memory until then) and memory measured again, on every rank;
-if it is still short, the error names the other live engines of the process (``register_engine``) and what they
-hold.
+if it is still short, the error names the other live engines of the process (``register_engine``) and their bytes.
 """
 import gc
 import math
@@ -21,6 +21,9 @@ from typing import Callable
 
 import torch
 
+from nanovllm.engine.window_blocks import pool_size, window_bound
+from nanovllm.logger import logger
+
 DEFAULT_KV_BYTES = 1 << 30  # where memory cannot be measured (CPU)
 
 
@@ -28,15 +31,19 @@ class KVCacheSpec:
     """The shape of one engine's cache: layers, KV heads, head size, block size and dtype; for a hybrid model
     (``cache_layout``) also, per linear-attention layer, the shapes of its state pools, which hold
     ``num_state_slots`` rows (set by the runner before the cache is sized) in ``state_dtype`` (the recurrent
-    state always in float32)."""
+    state always in float32); for a model with sliding windows (``windows``, per layer) the window pool's W and
+    bounds, once ``plan_window_pool`` gave them one."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                 states: list | None = None, state_dtype: torch.dtype | None = None):
+                 states: list | None = None, state_dtype: torch.dtype | None = None, windows: list | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.dtype = block_size, dtype
         self.states = states or [None] * num_layers  # per layer: None (paged KV) or (conv shape, ssm shape)
         self.state_dtype = state_dtype or dtype
         self.num_state_slots = 0
+        self.windows = windows or [0] * num_layers  # per layer: its sliding window W (0: full attention)
+        self.window = 0  # the window pool's W (0: none, every attention layer's blocks in the full pool)
+        self.window_bound = self.window_kept = 0  # window blocks running sequences may hold; more kept for hits
 
     @classmethod
     def of_model(cls, model, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
@@ -44,19 +51,63 @@ class KVCacheSpec:
         tensor parallelism) and head size, and a hybrid model's state pools."""
         a = model.args
         layout = getattr(model, "cache_layout", None)
+        windows = [getattr(getattr(layer, "self_attn", None), "window", 0) or 0 for layer in model.model.layers]
         if layout is None:
-            return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype)
+            return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype,
+                       windows=windows)
         attn = model.attention_layer()
         return cls(a.num_layers, attn.num_kv_heads, attn.head_dim, block_size, dtype, layout(),
-                   model.model.embed_tokens.weight.dtype)
+                   model.model.embed_tokens.weight.dtype, windows)
+
+    def plan_window_pool(self, max_model_len: int, max_num_seqs: int, max_step_tokens: int) -> None:
+        """Give the sliding-window layers a pool of their own (of W the largest window), sized never to run out
+        while sequences run (``window_blocks.window_bound``) with as many blocks again as ``max_num_seqs`` windows
+        take kept for prefix hits; none where no window is shorter than ``max_model_len`` (nothing to save)."""
+        windows = [w for w, s in zip(self.windows, self.states) if s is None and w]
+        if not windows or max(windows) >= max_model_len:
+            return
+        self.window = w = max(windows)
+        self.window_bound = window_bound(w, self.block_size, max_num_seqs, max_step_tokens)
+        self.window_kept = max_num_seqs * (-(-(w - 1) // self.block_size) + 1)
+
+    def in_window_pool(self, layer: int) -> bool:
+        return bool(self.window and self.windows[layer]) and self.states[layer] is None
+
+    def num_window_blocks(self, num_blocks: int) -> int:
+        """Blocks of the window pool (its null block included) beside ``num_blocks`` full ones; 0 without one."""
+        return pool_size(self.window_bound, self.window_kept, num_blocks) if self.window else 0
 
     @property
     def attention_layers(self) -> int:
-        return sum(1 for s in self.states if s is None)
+        """Layers with blocks in the full pool."""
+        return sum(1 for i, s in enumerate(self.states) if s is None and not self.in_window_pool(i))
+
+    def _block_bytes(self, layers: int) -> int:
+        return 2 * layers * self.num_kv_heads * self.head_dim * self.block_size * self.dtype.itemsize
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.attention_layers * self.num_kv_heads * self.head_dim * self.block_size * self.dtype.itemsize
+        return self._block_bytes(self.attention_layers)
+
+    @property
+    def window_layers(self) -> int:
+        """Layers with blocks in the window pool."""
+        return sum(map(self.in_window_pool, range(self.num_layers)))
+
+    @property
+    def bytes_per_window_block(self) -> int:
+        return self._block_bytes(self.window_layers)
+
+    def blocks_within(self, budget: int, per_block: int) -> int:
+        """The most full blocks (``per_block`` bytes each, a draft model's share included) that fit in ``budget``
+        bytes beside their window pool."""
+        if not self.window:
+            return max(0, budget // per_block)
+        window, fixed = self.bytes_per_window_block, (self.window_kept + 1) * self.bytes_per_window_block
+        n = (budget - fixed) // (per_block + window)  # while the pool grows with the full one (pool_size)
+        if n >= self.window_bound:
+            n = max(self.window_bound, (budget - fixed - self.window_bound * window) // per_block)
+        return max(0, n)
 
     @property
     def bytes_per_token(self) -> int:
@@ -72,12 +123,17 @@ class KVCacheSpec:
     def state_bytes(self) -> int:
         return self.num_state_slots * self.bytes_per_state_slot
 
-    def allocate(self, num_blocks: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed (K, V) tensors per attention layer; zeroed (convolution, recurrent) state pools per linear one."""
-        shape = (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+    def allocate(self, num_blocks: int, device, num_window_blocks: int | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed (K, V) tensors per attention layer, of ``num_blocks`` blocks, or in the window pool
+        ``num_window_blocks`` (default: ``num_window_blocks(num_blocks)``); zeroed (convolution, recurrent) state
+        pools per linear one."""
+        window = self.num_window_blocks(num_blocks) if num_window_blocks is None else num_window_blocks
         out = []
-        for state in self.states:
+        for i, state in enumerate(self.states):
             if state is None:
+                shape = (window if self.in_window_pool(i) else num_blocks, self.num_kv_heads, self.block_size,
+                         self.head_dim)
                 out.append((torch.zeros(shape, dtype=self.dtype, device=device),
                             torch.zeros(shape, dtype=self.dtype, device=device)))
             else:
@@ -121,7 +177,7 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
     per_block = spec.bytes_per_block + (draft.bytes_per_block if draft is not None else 0)
 
     def measured() -> int:  # what the state pools (hybrid models) leave to the blocks
-        return agree(max(0, (_measure(platform, utilization, probe) - spec.state_bytes) // per_block))
+        return agree(spec.blocks_within(_measure(platform, utilization, probe) - spec.state_bytes, per_block))
 
     if fixed is not None:
         num_blocks = agree(fixed)
@@ -131,7 +187,7 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
             gc.collect()
             num_blocks = measured()
     else:
-        num_blocks = agree(DEFAULT_KV_BYTES // per_block)
+        num_blocks = agree(spec.blocks_within(DEFAULT_KV_BYTES, per_block))
     if num_blocks < max_blocks_per_seq:
         problem = (f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
                    f"max_model_len={max_model_len} needs {max_blocks_per_seq}")
@@ -140,10 +196,20 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
                         f"{spec.state_bytes / 2**30:.2f} GiB first; lower max_num_seqs to free some)")
         if draft is not None:
             problem += f" (the draft model's cache takes {draft.bytes_per_block} of each block's {per_block} bytes)"
+        if spec.window:
+            problem += (f" (the sliding-window layers' pool of {spec.num_window_blocks(num_blocks)} blocks takes "
+                        f"{spec.num_window_blocks(num_blocks) * spec.bytes_per_window_block / 2**30:.2f} GiB; "
+                        f"lower max_num_seqs to shrink it)")
         engines, held = held_by_engines(platform.device)
         if engines:
             raise ValueError(
                 f"{problem}: {engines} other engine(s) of this process still hold {held / 2**30:.2f} GiB on "
                 f"{platform.device}; close them (LLM.close()) or drop every reference to them first")
         raise ValueError(f"{problem}; lower max_model_len, raise num_kvcache_blocks or gpu_memory_utilization")
+    if spec.window:
+        bs, window_blocks = spec.block_size, spec.num_window_blocks(num_blocks)
+        logger.info("KV cache: %d full-attention layers hold %d tokens (%d blocks); %d sliding layers (window %d) "
+                    "%d tokens (%d blocks: at most %d held by running sequences, the rest kept for prefix hits)",
+                    spec.attention_layers, num_blocks * bs, num_blocks, spec.window_layers,
+                    spec.window, (window_blocks - 1) * bs, window_blocks - 1, min(spec.window_bound, num_blocks))
     return num_blocks

@@ -70,13 +70,15 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec.of_model(self.model, self.block_size,
                                             platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
         self.hybrid = hybrid_state.size_state_pools(self.kv_spec, type(self.model).__name__, config)
+        self.kv_spec.plan_window_pool(config.max_model_len, config.max_num_seqs, verify_step.max_step_rows(config))
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)
         self.grammars = Grammars(config.model, self.vocab_size, config.eos_token_ids)
         self.logits_slots = LogitsSlots(self.logits_state, platform, self.grammars)
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
-                            table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
+                            table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot,
+                            window=self.kv_spec.window)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)
         self.decode_builder = DecodeInputBuilder(**builder_args)
         self.kv_scales = runner_setup.set_kv_scales(self) if config.fp8_kv_cache else None
@@ -86,6 +88,7 @@ class ModelRunner:
             probe=functools.partial(runner_setup.probe_peak_memory, self),
             agree=functools.partial(distributed.agree_min, device=self.device),  # one size on every rank
             draft=self.drafter.kv_spec if self.drafter is not None else None)
+        self.num_window_blocks = self.kv_spec.num_window_blocks(self.num_blocks)  # 0 without a window pool
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         register_engine(self)
         rows = max(config.max_num_seqs, *config.graph_batch_sizes)  # a verify step's may exceed max_num_seqs
@@ -100,7 +103,7 @@ class ModelRunner:
             dummy_prefill=self.prefill_builder.dummy,
             decode_inputs=functools.partial(self.decode_builder.build, []),  # not a closure over the runner
             cache_key=key_fields(config, dtype=self.dtype, kv_dtype=self.kv_spec.dtype, num_kv_blocks=self.num_blocks,
-                                 platform=platform))
+                                 platform=platform, num_window_blocks=self.num_window_blocks))
         self.executor = make_executor(spec, enforce_eager=config.enforce_eager,
                                       capturable=self.model.graph_capturable,
                                       not_capturable_reason=self.model.not_capturable_reason)

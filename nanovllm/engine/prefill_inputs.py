@@ -9,12 +9,14 @@ one (pinned, where the platform pins) host buffer and reach the device, or a gra
 separate pageable copies would each wait for the step before to finish.  ``prompt_logprob_rows`` says which token
 rows of that layout predict a prompt token whose logprob a request asked for.  A decode row riding in the step
 (one token, ``scheduler.py``) may still wait for that token: it reads it from its token slot (``token_slots``).
+With a window pool (``window``: its W) the inputs are ``WindowStepInputs``, the window fields built like the others
+from each sequence's ``window_table`` (start-up runs: the full pool's block tables and slots, in both).
 """
 import numpy as np
 import torch
 
 from nanovllm.engine.sequence import PENDING_TOKEN
-from nanovllm.step import PADDING, StepInputs
+from nanovllm.step import PADDING, StepInputs, WindowStepInputs
 
 
 def sampling_arrays(seqs, rows: int) -> dict:
@@ -49,8 +51,9 @@ def prompt_logprob_rows(batch) -> tuple[list, np.ndarray, np.ndarray]:
 
 class PrefillInputBuilder:
     def __init__(self, *, device: torch.device, pin_memory: bool, block_size: int, table_width: int,
-                 scratch_slot: int, max_model_len: int):
+                 scratch_slot: int, max_model_len: int, window: int = 0):
         self.device, self.pin_memory = device, pin_memory
+        self.window = window  # the window pool's W, 0 without one
         self.block_size, self.table_width = block_size, table_width
         self.scratch_slot, self.max_model_len = scratch_slot, max_model_len
 
@@ -58,7 +61,9 @@ class PrefillInputBuilder:
     def _finish(self, packed: bool, target: StepInputs | None, token_slots=None, **arrays) -> StepInputs:
         if token_slots is None:
             token_slots = np.full(len(arrays["input_ids"]), PADDING["token_slots"])
-        host = StepInputs.from_arrays(token_slots=token_slots, **arrays)
+        if self.window and "window_tables" not in arrays:  # a start-up run: the full pool's blocks in both
+            arrays.update(window_tables=arrays["block_tables"], window_slot_mapping=arrays["slot_mapping"])
+        host = (WindowStepInputs if self.window else StepInputs).from_arrays(token_slots=token_slots, **arrays)
         if packed:
             host = host.packed_copy(pin_memory=self.pin_memory)
         if target is not None:
@@ -71,7 +76,7 @@ class PrefillInputBuilder:
         ``target`` (its static inputs) when given; without a shape, one trailing padding sequence of one token."""
         bs = self.block_size
         seqs = batch.seqs
-        tokens, positions, slots, cu, pending = [], [], [], [0], []
+        tokens, positions, slots, cu, pending, window_slots = [], [], [], [0], [], []
         for seq, n in zip(seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
@@ -86,6 +91,8 @@ class PrefillInputBuilder:
             tokens.append(chunk)
             positions.append(seq.rope_positions(start, n))
             slots.append(table[pos // bs] * bs + pos % bs)
+            if self.window:
+                window_slots.append(np.asarray(seq.window_table, np.int64)[pos // bs] * bs + pos % bs)
             cu.append(cu[-1] + n)
         num_tokens, rows = shape or (cu[-1] + 1, len(seqs) + 1)
         assert num_tokens >= cu[-1] and rows > len(seqs), "the padded shape must hold the step and a padding row"
@@ -93,6 +100,13 @@ class PrefillInputBuilder:
         tokens.append(np.full(pad, PADDING["input_ids"], np.int64))
         positions.append(np.full(pad, PADDING["positions"], np.int64))
         slots.append(np.full(pad, PADDING["slot_mapping"], np.int64))
+        window = {}
+        if self.window:
+            window_slots.append(slots[-1])
+            window["window_slot_mapping"] = np.concatenate(window_slots)
+            window["window_tables"] = np.zeros((rows, self.table_width), np.int32)
+            for i, seq in enumerate(seqs):
+                window["window_tables"][i, :len(seq.window_table)] = seq.window_table
         cu = np.asarray(cu + [num_tokens] * (rows - len(seqs)))
         out_slots = np.full(rows, self.scratch_slot)
         state_slots = np.full(rows, self.scratch_slot)
@@ -111,7 +125,7 @@ class PrefillInputBuilder:
                             positions=np.concatenate(positions),
                             slot_mapping=np.concatenate(slots), block_tables=tables, context_lens=context,
                             cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=out_slots, state_slots=state_slots,
-                            **sampling_arrays(seqs, rows))
+                            **window, **sampling_arrays(seqs, rows))
 
     def dummy(self, tokens: int = 7, rows: int = 3, packed: bool = False) -> StepInputs:
         """A prefill of ``tokens`` tokens in ``rows`` sequences (the last of one token) that writes nothing (every

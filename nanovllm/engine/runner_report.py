@@ -1,5 +1,6 @@
 """``describe(runner)``: what a ``ModelRunner`` (``model_runner.py``) runs, for the start-up log line and benchmarks:
-dtypes, KV cache, quantization, the bytes a step reads, expert offload, start-up phases, executor and draft model."""
+dtypes, KV cache (a window pool's too), quantization, the bytes a step reads, expert offload, start-up phases,
+executor and draft model."""
 from nanovllm.models.expert_offload import offload_stats
 from nanovllm.models.moe import expert_footprint
 
@@ -9,7 +10,7 @@ def describe(runner) -> dict:
     return {"device_type": runner.device.type, "dtype": str(runner.dtype).replace("torch.", ""),
             "kv_cache_dtype": str(runner.kv_spec.dtype).replace("torch.", ""), "kv_scales": runner.kv_scales,
             "num_kv_blocks": runner.num_blocks, "kvcache_block_size": runner.block_size,
-            "kv_bytes_per_token": runner.kv_spec.bytes_per_token,
+            "kv_bytes_per_token": runner.kv_spec.bytes_per_token, **_window_pool(runner),
             "quantization": _quantization(runner.config, model),
             "weight_bytes": sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
                 t.numel() * t.element_size() for name, t in model.named_buffers()
@@ -24,3 +25,12 @@ def _quantization(config, model) -> str | None:
     """The start-up line's quantization: the checkpoint's scheme's, else the online one's."""
     scheme = config.quant_scheme or config.online_scheme
     return scheme.describe(model) if scheme is not None else None
+
+
+def _window_pool(runner) -> dict:
+    """A window pool's (``kv_cache.KVCacheSpec.plan_window_pool``) W, blocks and bytes per token; none without."""
+    spec = runner.kv_spec
+    if not spec.window:
+        return {}
+    return {"kv_window": spec.window, "num_window_blocks": runner.num_window_blocks - 1,
+            "window_kv_bytes_per_token": spec.bytes_per_window_block // spec.block_size}

@@ -45,7 +45,8 @@ def probe_peak_memory(runner) -> list:
     cfg = runner.config
     seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
     num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
-    kv = runner.kv_spec.allocate(num_seqs * -(-seq_len // runner.block_size), runner.device)
+    blocks = num_seqs * -(-seq_len // runner.block_size)  # as many in a window pool: the probe writes both alike
+    kv = runner.kv_spec.allocate(blocks, runner.device, blocks)
     inputs = runner.prefill_builder.probe(num_seqs, seq_len)
     with torch.inference_mode():
         runner.model(inputs.input_ids, inputs, kv)

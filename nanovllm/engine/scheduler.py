@@ -86,13 +86,17 @@ class Scheduler:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
         batch = ScheduledBatch(seqs, counts, is_prefill=True)
         snapshots = self.block_manager.snapshots
+
+        def add_chunk(seq: Sequence) -> int:  # the sequence's next chunk, within the budget; returns its tokens
+            n = cut_chunk(seq, min(len(seq) - seq.num_computed_tokens, budget), snapshots, batch)
+            self.block_manager.reserve_window(seq, seq.num_computed_tokens, seq.num_computed_tokens + n)  # no fail
+            seqs.append(seq)
+            counts.append(n)
+            return n
+
         for seq in self.running:  # unfinished chunked prefills continue first
             if budget and seq.is_prefilling:
-                n = min(len(seq) - seq.num_computed_tokens, budget)
-                n = cut_chunk(seq, n, snapshots, batch)
-                seqs.append(seq)
-                counts.append(n)
-                budget -= n
+                budget -= add_chunk(seq)
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING_TOKEN:  # preempted with tokens still being sampled: wait for them
@@ -103,11 +107,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)
-            n = min(len(seq) - seq.num_computed_tokens, budget)
-            n = cut_chunk(seq, n, snapshots, batch)
-            seqs.append(seq)
-            counts.append(n)
-            budget -= n
+            budget -= add_chunk(seq)
         if seqs and budget and self.mixed_prefill:
             self._add_decode_rows(seqs, counts, budget)
         if snapshots is not None:
@@ -131,14 +131,14 @@ class Scheduler:
                 if bm.num_free_blocks == 0:
                     continue
                 bm.append_block(seq)
+            bm.reserve_window(seq, seq.num_computed_tokens, seq.num_computed_tokens + 1)
             seqs.append(seq)
             counts.append(1)
             budget -= 1
 
     def _schedule_decode(self, propose_now: bool) -> ScheduledBatch:
         bm = self.block_manager
-        scheduled: list[Sequence] = []
-        preempted: list[Sequence] = []
+        scheduled, preempted = [], []
         queue = list(self.running)
         head, tail = 0, len(queue)  # queue[head:tail] are still to be scheduled
         block_size = bm.block_size
@@ -164,9 +164,10 @@ class Scheduler:
         # Longest context first: the decode attention kernel's programs start in row order, so the longest
         # ones start earliest and the last wave holds the shortest (less idle tail when lengths are mixed).
         scheduled.sort(key=len, reverse=True)
-        proposer = self.speculative if propose_now else None
-        proposals = propose(scheduled, proposer, self.block_manager, self.max_model_len)
+        proposals = propose(scheduled, self.speculative if propose_now else None, bm, self.max_model_len)
         counts = [1 + len(p) for p in proposals] if proposals is not None else [1] * len(scheduled)
+        for seq, n in zip(scheduled, counts) if bm.window is not None else ():  # from its newest token on
+            bm.reserve_window(seq, len(seq) - 1, len(seq) - 1 + n)
         return ScheduledBatch(scheduled, counts, is_prefill=False, preempted=preempted, proposals=proposals)
 
     def _preempt(self, seq: Sequence) -> None:

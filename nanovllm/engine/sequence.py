@@ -60,6 +60,7 @@ class Sequence:
         self.seed = seed
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.window_table: list[int] = []  # sliding-window layers' blocks, where they have a pool (window_blocks.py)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token

@@ -23,19 +23,32 @@ def rows_per_sequence(config) -> int:
     return 1 + (config.speculative.num_speculative_tokens if config.speculative is not None else 0)
 
 
-def sequence_rows(seq, start: int, ids, block_size: int, width: int) -> dict[str, np.ndarray]:
+def max_step_rows(config) -> int:
+    """The most token rows a step holds: a prefill's ``max_step_tokens``, or a verify step's."""
+    return max(config.max_step_tokens, config.max_num_seqs * rows_per_sequence(config))
+
+
+def sequence_rows(seq, start: int, ids, block_size: int, width: int, window: int = 0) -> dict[str, np.ndarray]:
     """Rows of ``seq``'s tokens ``ids`` at positions ``start``.. (one row each, context up to and with it, drawing
-    the token after it): the per-row fields of ``StepInputs`` and ``block_tables`` [rows, width]."""
+    the token after it): the per-row fields of ``StepInputs`` and ``block_tables`` [rows, width]; with a window
+    pool (``window``: its W), ``WindowStepInputs``' window fields too (its blocks from the window of ``start`` on)."""
     n = len(ids)
     pos = np.arange(start, start + n)
     table = np.zeros(width, np.int32)
     table[:len(seq.block_table)] = seq.block_table
     p = seq.params
-    return {"input_ids": np.asarray(ids, np.int64), "positions": seq.rope_positions(start, n),
+    rows = {"input_ids": np.asarray(ids, np.int64), "positions": seq.rope_positions(start, n),
             "slot_mapping": table[pos // block_size].astype(np.int64) * block_size + pos % block_size,
             "context_lens": pos + 1, "sample_positions": pos + 1, "temperature": np.full(n, p.temperature),
             "top_k": np.full(n, p.top_k), "top_p": np.full(n, p.top_p), "seeds": np.full(n, seq.seed),
             "block_tables": np.broadcast_to(table, (n, width))}
+    if window:
+        held = np.zeros(width, np.int32)
+        first = max(0, start - window + 1) // block_size
+        held[first:len(seq.window_table)] = seq.window_table[first:]
+        rows["window_tables"] = np.broadcast_to(held, (n, width))
+        rows["window_slot_mapping"] = held[pos // block_size].astype(np.int64) * block_size + pos % block_size
+    return rows
 
 
 def concatenate(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -43,12 +56,13 @@ def concatenate(rows: list[dict]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
 
 
-def verify_rows(batch: ScheduledBatch, block_size: int, width: int) -> dict[str, np.ndarray]:
-    """Every row of ``batch``'s verify step: the per-row fields of ``StepInputs`` and ``block_tables`` [R, width]."""
+def verify_rows(batch: ScheduledBatch, block_size: int, width: int, window: int = 0) -> dict[str, np.ndarray]:
+    """Every row of ``batch``'s verify step: the per-row fields of ``StepInputs`` and ``block_tables`` [R, width]
+    (``sequence_rows``)."""
     rows = []
     for seq, proposal in zip(batch.seqs, batch.proposals):
         assert seq.num_computed_tokens == len(seq) - 1, "a verify step starts at the sequence's newest token"
-        rows.append(sequence_rows(seq, len(seq) - 1, [seq.token_ids[-1], *proposal], block_size, width))
+        rows.append(sequence_rows(seq, len(seq) - 1, [seq.token_ids[-1], *proposal], block_size, width, window))
     return concatenate(rows)
 
 
@@ -73,7 +87,7 @@ def launch(runner, batch: ScheduledBatch, slot: StepSlot):
     """Queue ``batch``'s verify step on ``runner`` (a ``ModelRunner``) through its executor; the drawn tokens, one
     per row, are copied to ``slot.host_tokens`` in the background.  Returns the platform event after its work."""
     builder = runner.decode_builder
-    rows = verify_rows(batch, builder.block_size, builder.width)
+    rows = verify_rows(batch, builder.block_size, builder.width, builder.window)
     total = len(rows["input_ids"])
 
     def emit(outputs, inputs, part: Part) -> None:  # outputs: ``step_outputs``'s, tokens first

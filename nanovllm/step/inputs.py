@@ -8,11 +8,11 @@ token buffer's scratch row, so its token is thrown away.  Builders fill real row
 Sampled tokens live in a small device buffer, one row per running sequence (its "token slot"), so a step can
 read the token the previous step sampled without a round trip through the host: ``token_slots`` says where to read
 an input token, ``out_slots`` where to write each sampled one (the last row is a scratch row for padding and for
-chunks that sample nothing); ``state_slots`` is each row's slot in a hybrid model's state pools (its token slot).
+chunks that sample nothing); ``state_slots`` is each row's slot in a hybrid model's state pools (its token slot);
+``WindowStepInputs`` adds a window pool's block tables and slots (a layer takes its own from ``kv_tables``).
 
 A packed instance (``StepInputs.packed``) keeps all its tensors as views of one byte buffer, so that moving it
-between host and device, or into a graph's static inputs packed the same way, is one copy instead of one per field
-(each small copy costs the device a few microseconds between two decode steps).
+between host and device, or into a graph's static inputs packed the same way, is one copy, not one per field.
 """
 from dataclasses import dataclass, fields
 
@@ -23,14 +23,18 @@ import torch.utils._pytree as pytree
 # Value of each per-token / per-row field in a padding position.  ``out_slots`` pads to the scratch row, whose
 # index depends on the engine (``max_num_seqs``); ``cu_seqlens_q`` and ``logits_indices`` describe the layout.
 PADDING = {"input_ids": 0, "token_slots": -1, "positions": 0, "slot_mapping": -1, "block_tables": 0,
-           "context_lens": 0, "temperature": 0.0, "top_k": -1, "top_p": 1.0, "seeds": 0, "sample_positions": 0}
+           "context_lens": 0, "temperature": 0.0, "top_k": -1, "top_p": 1.0, "seeds": 0, "sample_positions": 0,
+           "window_tables": 0, "window_slot_mapping": -1}
 # dtype of every field: int64 ids, slots and positions; int32 block tables, lengths and offsets.
 DTYPES = {"input_ids": torch.int64, "token_slots": torch.int64, "positions": torch.int64,
           "slot_mapping": torch.int64, "block_tables": torch.int32, "context_lens": torch.int32,
           "cu_seqlens_q": torch.int32, "logits_indices": torch.int64, "temperature": torch.float32,
           "top_k": torch.int64, "top_p": torch.float32, "seeds": torch.int64, "sample_positions": torch.int64,
           "out_slots": torch.int64, "state_slots": torch.int64}
-_PER_TOKEN = ("input_ids", "token_slots", "positions", "slot_mapping")
+# ... and of the fields only ``WindowStepInputs`` has
+WINDOW_DTYPES = {"window_tables": torch.int32, "window_slot_mapping": torch.int64}
+_PER_TOKEN = ("input_ids", "token_slots", "positions", "slot_mapping", "window_slot_mapping")
+_TABLES = ("block_tables", "window_tables")
 
 
 @dataclass
@@ -52,38 +56,54 @@ class StepInputs:
     state_slots: torch.Tensor     # [B] int64, each row's slot of a hybrid model's state pools (its token slot)
 
     @classmethod
+    def dtypes(cls) -> dict:
+        """Every field's dtype, by name, in field order."""
+        return DTYPES
+
+    def kv_tables(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block tables, slot mapping) of a layer of sliding window ``window`` (0: full attention): here the one
+        pool's for every layer."""
+        return self.block_tables, self.slot_mapping
+
+    @classmethod
     def shaped(cls, tokens: int, rows: int, table_width: int, device="meta") -> "StepInputs":
         """Uninitialised inputs of ``tokens`` tokens in ``rows`` sequence rows (``meta``: shapes only)."""
         def shape(name):
             if name in _PER_TOKEN:
                 return (tokens,)
-            if name == "block_tables":
+            if name in _TABLES:
                 return (rows, table_width)
             return (rows + 1,) if name == "cu_seqlens_q" else (rows,)
-        return cls(**{name: torch.empty(shape(name), dtype=dtype, device=device) for name, dtype in DTYPES.items()})
+        return cls(**{name: torch.empty(shape(name), dtype=dtype, device=device)
+                      for name, dtype in cls.dtypes().items()})
 
     @classmethod
     def from_arrays(cls, **arrays) -> "StepInputs":
         """Host tensors from numpy arrays (or lists) named by field, each converted to its field's dtype."""
-        missing = DTYPES.keys() - arrays.keys()
-        assert not missing, f"StepInputs.from_arrays lacks {sorted(missing)}"
+        missing = cls.dtypes().keys() - arrays.keys()
+        assert not missing, f"{cls.__name__}.from_arrays lacks {sorted(missing)}"
         return cls(**{name: torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dtype)
-                      for name, dtype in DTYPES.items()})
+                      for name, dtype in cls.dtypes().items()})
 
     def pad_rows(self, first_token: int, first_row: int, scratch_slot: int) -> None:
         """Make tokens from ``first_token`` and sequence rows from ``first_row`` padding (``PADDING``), in place.
         Host tensors only; ``cu_seqlens_q`` and ``logits_indices`` are the builder's."""
-        for name, value in PADDING.items():  # numpy views: a few microseconds for all fields, every decode step
+        for name, value in self._padding().items():  # numpy views: a few microseconds, every decode step
             getattr(self, name).numpy()[first_token if name in _PER_TOKEN else first_row:] = value
         self.out_slots.numpy()[first_row:] = scratch_slot
         self.state_slots.numpy()[first_row:] = scratch_slot
 
     @classmethod
+    def _padding(cls) -> dict:
+        return _BASE_PADDING
+
+    @classmethod
     def packed(cls, like: "StepInputs", device=None, pin_memory: bool = False) -> "StepInputs":
-        """Zeroed inputs with the shapes and dtypes of ``like``, all views of one byte buffer on ``device``."""
+        """Zeroed inputs with the shapes and dtypes of ``like``, all views of one byte buffer on ``device`` (each
+        small copy would cost the device a few microseconds between two decode steps)."""
         layout, size = _layout(like)
         buffer = torch.zeros(size, dtype=torch.uint8, device=device, pin_memory=pin_memory)
-        return cls._views(buffer, layout)
+        return type(like)._views(buffer, layout)  # a ``WindowStepInputs`` stays one
 
     @classmethod
     def _views(cls, buffer: torch.Tensor, layout: list) -> "StepInputs":
@@ -94,7 +114,7 @@ class StepInputs:
 
     def packed_copy(self, pin_memory: bool = False) -> "StepInputs":
         """These values in a new packed instance on the host (pinned if asked), to move in one copy."""
-        out = StepInputs.packed(self, pin_memory=pin_memory)
+        out = type(self).packed(self, pin_memory=pin_memory)
         for f in fields(self):
             getattr(out, f.name).copy_(getattr(self, f.name))
         return out
@@ -103,12 +123,12 @@ class StepInputs:
         """A copy on the same device (packed if this is), which later writes to this one leave alone."""
         if getattr(self, "buffer", None) is not None:
             return self._views(self.buffer.clone(), self.layout)
-        return StepInputs(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
 
     def to(self, device) -> "StepInputs":
         if getattr(self, "buffer", None) is not None:
             return self._views(self.buffer.to(device, non_blocking=True), self.layout)
-        return StepInputs(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
     def copy_into(self, static: "StepInputs") -> None:
         """Copy this batch, already padded to the bucket's shapes, into the static buffers of a graph."""
@@ -119,6 +139,30 @@ class StepInputs:
             getattr(static, f.name).copy_(getattr(self, f.name), non_blocking=True)
 
 
+@dataclass
+class WindowStepInputs(StepInputs):
+    """``StepInputs`` of an engine whose sliding-window layers keep their KV in a pool of their own
+    (``engine/window_blocks.py``): for those layers ``window_tables`` and ``window_slot_mapping``, the same logical
+    blocks in the window pool (entries of blocks no query of the step can see are 0).  Models without windows keep
+    ``StepInputs`` as it was."""
+    window_tables: torch.Tensor        # [B, M] int32, window-pool blocks of each sequence (0: not held)
+    window_slot_mapping: torch.Tensor  # [T] int64, window-pool KV slot of each token (-1: padding)
+
+    @classmethod
+    def dtypes(cls) -> dict:
+        return _WINDOWED
+
+    @classmethod
+    def _padding(cls) -> dict:
+        return PADDING
+
+    def kv_tables(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window pool's (tables, slot mapping) for a sliding layer, the full pool's for the others."""
+        return (self.window_tables, self.window_slot_mapping) if window else (self.block_tables, self.slot_mapping)
+
+
+_WINDOWED = {**DTYPES, **WINDOW_DTYPES}
+_BASE_PADDING = {name: value for name, value in PADDING.items() if name in DTYPES}
 _ALIGN = 64  # bytes: every view starts aligned, as the compiled kernels assume of their inputs
 
 
@@ -134,3 +178,4 @@ def _layout(like: StepInputs) -> tuple[list, int]:
 
 
 pytree.register_dataclass(StepInputs)
+pytree.register_dataclass(WindowStepInputs)
