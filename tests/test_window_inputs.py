@@ -115,9 +115,9 @@ def test_the_window_pool_takes_its_blocks_from_the_budget_and_is_allocated_per_l
     assert spec.bytes_per_block == block and spec.bytes_per_window_block == 3 * block
     bound = window_bound(W, BS, 4, 16)
     assert spec.window_bound == bound and spec.window_kept == 4 * 3  # a window of each sequence
-    assert spec.blocks_within(10 * block, block) == 0  # the pool's kept blocks alone take more
+    assert spec.blocks_within(10 * block) == 0  # the pool's kept blocks alone take more
     for budget in (50 * block, 200 * block, 5000 * block, 1 << 20):
-        n = spec.blocks_within(budget, block)
+        n = spec.blocks_within(budget)
         used = n * block + spec.num_window_blocks(n) * 3 * block
         assert used <= budget < (n + 1) * block + spec.num_window_blocks(n + 1) * 3 * block, budget
     assert spec.num_window_blocks(100) == pool_size(bound, 12, 100) == bound + 13
@@ -129,5 +129,21 @@ def test_the_window_pool_takes_its_blocks_from_the_budget_and_is_allocated_per_l
 def test_no_window_pool_without_a_window_shorter_than_max_model_len():
     for spec in (_spec([0, 0]), _spec([W, 0], max_model_len=W)):
         assert spec.window == 0 and spec.attention_layers == 2 and spec.num_window_blocks(40) == 0
-        assert spec.blocks_within(1000 * spec.bytes_per_block + 5, spec.bytes_per_block) == 1000
+        assert spec.blocks_within(1000 * spec.bytes_per_block + 5) == 1000
         assert [k.shape[0] for k, _ in spec.allocate(40, CPU)] == [40, 40]
+
+
+def test_a_budget_keeps_the_window_pool_only_where_it_holds_more_full_blocks():
+    """1 GiB (the CPU's default budget) over blocks of 0.5 MiB a layer: with four sequences the pool's 33 blocks
+    leave room for 1949 full blocks (512 without a pool); with 256 sequences the pool alone would not fit, so every
+    layer goes to the full pool."""
+    from types import SimpleNamespace
+    from nanovllm.engine.kv_cache import plan_num_blocks
+    platform = SimpleNamespace(measures_memory=False, device=CPU)
+    for seqs, pooled, blocks in ((4, True, 1949), (256, False, 512)):
+        spec = KVCacheSpec(4, 64, 256, BS, torch.float32, windows=[W, W, 0, W])
+        spec.plan_window_pool(256, max_num_seqs=seqs, max_step_tokens=16)
+        n = plan_num_blocks(spec, fixed=None, utilization=0.9, platform=platform, max_blocks_per_seq=8,
+                            max_model_len=32, probe=lambda: [])
+        assert (bool(spec.window), n) == (pooled, blocks)
+        assert n * spec.bytes_per_block + spec.num_window_blocks(n) * spec.bytes_per_window_block <= 1 << 30

@@ -62,7 +62,8 @@ class KVCacheSpec:
     def plan_window_pool(self, max_model_len: int, max_num_seqs: int, max_step_tokens: int) -> None:
         """Give the sliding-window layers a pool of their own (of W the largest window), sized never to run out
         while sequences run (``window_blocks.window_bound``) with as many blocks again as ``max_num_seqs`` windows
-        take kept for prefix hits; none where no window is shorter than ``max_model_len`` (nothing to save)."""
+        take kept for prefix hits; none where no window is shorter than ``max_model_len``.  ``plan_num_blocks`` drops
+        it again where a budget it sizes holds no more full blocks with it than without (a fixed count keeps it)."""
         windows = [w for w, s in zip(self.windows, self.states) if s is None and w]
         if not windows or max(windows) >= max_model_len:
             return
@@ -98,11 +99,12 @@ class KVCacheSpec:
     def bytes_per_window_block(self) -> int:
         return self._block_bytes(self.window_layers)
 
-    def blocks_within(self, budget: int, per_block: int) -> int:
-        """The most full blocks (``per_block`` bytes each, a draft model's share included) that fit in ``budget``
-        bytes beside their window pool."""
-        if not self.window:
-            return max(0, budget // per_block)
+    def blocks_within(self, budget: int, extra: int = 0, pooled: bool = True) -> int:
+        """The most full blocks (each with ``extra`` bytes more: a draft model's) that fit in ``budget`` bytes beside
+        their window pool, or with none (``pooled`` False: every attention layer's blocks in the full pool)."""
+        per_block = self.bytes_per_block + extra
+        if not self.window or not pooled:
+            return max(0, budget // (per_block + (self.bytes_per_window_block if self.window else 0)))
         window, fixed = self.bytes_per_window_block, (self.window_kept + 1) * self.bytes_per_window_block
         n = (budget - fixed) // (per_block + window)  # while the pool grows with the full one (pool_size)
         if n >= self.window_bound:
@@ -174,10 +176,17 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
     path: whether to collect garbage and probe again is decided on the agreed count, so every rank runs the same
     probes and collectives and raises alike, and a rank that failed to build is seen here by all.  ``draft``: a
     draft model's cache of as many blocks (``drafter.py``), sized in the same budget."""
-    per_block = spec.bytes_per_block + (draft.bytes_per_block if draft is not None else 0)
+    extra = draft.bytes_per_block if draft is not None else 0
+
+    def counted(budget: int) -> int:  # full blocks in ``budget``, in one size on every rank (agreed)
+        pooled = agree(spec.blocks_within(budget, extra))
+        if spec.window and agree(spec.blocks_within(budget, extra, pooled=False)) >= pooled:
+            spec.window = 0  # running sequences could need as many window blocks as full ones: no room saved
+            return agree(spec.blocks_within(budget, extra))
+        return pooled
 
     def measured() -> int:  # what the state pools (hybrid models) leave to the blocks
-        return agree(spec.blocks_within(_measure(platform, utilization, probe) - spec.state_bytes, per_block))
+        return counted(_measure(platform, utilization, probe) - spec.state_bytes)
 
     if fixed is not None:
         num_blocks = agree(fixed)
@@ -187,7 +196,8 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
             gc.collect()
             num_blocks = measured()
     else:
-        num_blocks = agree(spec.blocks_within(DEFAULT_KV_BYTES, per_block))
+        num_blocks = counted(DEFAULT_KV_BYTES)
+    per_block = spec.bytes_per_block + extra
     if num_blocks < max_blocks_per_seq:
         problem = (f"the KV cache holds {num_blocks} blocks of {spec.block_size} tokens, but one sequence of "
                    f"max_model_len={max_model_len} needs {max_blocks_per_seq}")

@@ -77,8 +77,7 @@ class ModelRunner:
         self.grammars = Grammars(config.model, self.vocab_size, config.eos_token_ids)
         self.logits_slots = LogitsSlots(self.logits_state, platform, self.grammars)
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
-                            table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot,
-                            window=self.kv_spec.window)
+                            table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)
         self.decode_builder = DecodeInputBuilder(**builder_args)
         self.kv_scales = runner_setup.set_kv_scales(self) if config.fp8_kv_cache else None
@@ -89,6 +88,7 @@ class ModelRunner:
             agree=functools.partial(distributed.agree_min, device=self.device),  # one size on every rank
             draft=self.drafter.kv_spec if self.drafter is not None else None)
         self.num_window_blocks = self.kv_spec.num_window_blocks(self.num_blocks)  # 0 without a window pool
+        self.prefill_builder.window = self.decode_builder.window = self.kv_spec.window  # (start-up runs: none)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         register_engine(self)
         rows = max(config.max_num_seqs, *config.graph_batch_sizes)  # a verify step's may exceed max_num_seqs

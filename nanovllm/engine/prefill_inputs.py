@@ -10,7 +10,7 @@ separate pageable copies would each wait for the step before to finish.  ``promp
 rows of that layout predict a prompt token whose logprob a request asked for.  A decode row riding in the step
 (one token, ``scheduler.py``) may still wait for that token: it reads it from its token slot (``token_slots``).
 With a window pool (``window``: its W) the inputs are ``WindowStepInputs``, the window fields built like the others
-from each sequence's ``window_table`` (start-up runs: the full pool's block tables and slots, in both).
+from each sequence's ``window_table`` (an all-padding prefill's: the full pool's, all padding too).
 """
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class PrefillInputBuilder:
     def _finish(self, packed: bool, target: StepInputs | None, token_slots=None, **arrays) -> StepInputs:
         if token_slots is None:
             token_slots = np.full(len(arrays["input_ids"]), PADDING["token_slots"])
-        if self.window and "window_tables" not in arrays:  # a start-up run: the full pool's blocks in both
+        if self.window and "window_tables" not in arrays:  # ``dummy``, ``probe``: the full pool's blocks in both
             arrays.update(window_tables=arrays["block_tables"], window_slot_mapping=arrays["slot_mapping"])
         host = (WindowStepInputs if self.window else StepInputs).from_arrays(token_slots=token_slots, **arrays)
         if packed:
