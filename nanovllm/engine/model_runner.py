@@ -109,7 +109,8 @@ class ModelRunner:
                                       not_capturable_reason=self.model.not_capturable_reason)
         self.mode = self.executor.mode
         if self.drafter is not None:
-            self.drafter.start(self.num_blocks, self.prefill_builder.dummy)
+            self.drafter.start(self.num_blocks, PrefillInputBuilder(max_model_len=config.max_model_len,
+                                                                    **builder_args).dummy)  # no window pool
         phase("compile_and_capture" if self.mode == "graph" else "executor", "warming the largest prefill")
         if platform.supports_graph_capture and not self.executor.captures_every_prefill():
             runner_setup.warm_largest_prefill(self)
