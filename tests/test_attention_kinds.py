@@ -250,3 +250,28 @@ def test_fp8_cache_with_window_sinks_and_softcap():
     want = ref.decode_attention_reference(q[dec], k8, v8, tables, lens[[0, 1, 3]], *args)
     got = ta.decode_attention_configured(q[dec], k8, v8, tables, lens[[0, 1, 3]], *args, num_splits=2, block_n=16)
     assert_close(got, want, F32)
+
+
+# ---------------------------------------------------------------------------------- the op and its routes
+
+def test_op_traces_and_the_cuda_route_takes_the_kinds():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from nanovllm.kernels import cuda, ops
+    q_lens, ctx = [1, 1, 1], [30, 5, 0]
+    q, k, v, tables, lens, cu, sinks = make_case(q_lens, ctx, 2, 2, 32, 16, F32, seed=2)
+    args = (q, k, v, cu, lens, tables, SCALE, None, None, 9, sinks, CAP)
+    torch.library.opcheck(torch.ops.nanovllm.paged_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    want = ref.paged_attention_reference(*args)
+    assert torch.equal(ops.paged_attention(q, k, v, cu, lens, tables, SCALE, window=9, sinks=sinks, softcap=CAP),
+                       want)
+    for fn in (ref.decode_attention_reference, ref.prefill_attention_reference):  # static shapes: no host reads
+        call = (q, k, v, tables, lens) if fn is ref.decode_attention_reference else (q, k, v, cu, lens, tables)
+        graph = make_fx(lambda s, *a: fn(*a, SCALE, None, None, 9, s, CAP), tracing_mode="fake")(sinks, *call).graph
+        assert not [n for n in graph.nodes if "_local_scalar_dense" in str(n.target)]
+    assert_close(cuda._paged_attention(*args), want, F32)  # the decode kernel
+    q_lens, ctx = [20, 1], [40, 9]
+    q, k, v, tables, lens, cu, sinks = make_case(q_lens, ctx, 2, 2, 32, 16, F32, seed=4)
+    args = (q, k, v, cu, lens, tables, SCALE, None, None, 9, sinks, CAP)
+    assert_close(cuda._paged_attention(*args), ref.paged_attention_reference(*args), F32)  # prefill + packed decode

@@ -9,9 +9,8 @@ Every vendor call follows the torch_npu/torchair documentation named at it; ``te
   mode is for debugging.  Graph (``register_npu_traced``): Dynamo traces, in place of each opaque op, a function of
   torch, torch_npu and torchair ops only.  In ``max-autotune`` attention is torchair's FIA with the lengths as a
   device tensor (no host reads); in ``reduce-overhead`` (aclgraph) it is the pure-PyTorch twin.
-* Prefill attention is the twin everywhere (FIA's paged prefill needs ``block_size`` a multiple of 128 and, in
-  the TND layout, head_dim 128), and so is attention with a sliding window, sinks or a softcap (not mapped onto
-  FIA's arguments yet).
+* The twin everywhere: prefill attention (FIA's paged prefill needs ``block_size`` a multiple of 128 and, in the
+  TND layout, head_dim 128), and attention with a sliding window, sinks or a softcap (not mapped onto FIA yet).
 * KV store: one ``npu_scatter_nd_update_`` per cache.  That op does not skip out-of-range indices, so padded rows
   (slot -1) are sent where they rewrite equal values (``_scatter_rows``): they leave the cache unchanged.
 """

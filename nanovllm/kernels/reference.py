@@ -1,25 +1,18 @@
 """Pure-PyTorch paged attention, KV store, q/k norm + rope and projections: the default implementations of the ops
-in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.  KV cache layout, shared by every implementation (one tensor per layer for K, one for V):
-``cache[num_blocks, num_kv_heads, block_size, head_dim]``, so one KV head's tokens inside a block are contiguous.
-A slot id is ``block * block_size + offset``; slot -1 means "padded row, write nothing".
+in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.  KV cache layout, one tensor per layer for K
+and one for V: ``cache[num_blocks, num_kv_heads, block_size, head_dim]``; slot ``block * block_size + offset``;
+slot -1 means "padded row, write nothing".  An FP8 cache (``kv_quant.py``): the store quantises, attention
+dequantises to float32 before it multiplies.
 
-``context_lens[b]`` is the number of KV tokens sequence ``b`` has in the cache *including* the tokens of
-the current step (they are stored before attention runs).  In prefill the query token ``j`` of a sequence
-with ``q_len`` new tokens sits at absolute position ``context_lens[b] - q_len + j`` and attends causally to
-KV positions ``0 .. that position``.  A token at a negative position (a row with ``context_lens == 0``) gets
-zeros.  Cache entries at or past a row's context are never read into its result, whatever they hold.  An FP8
-cache (``kv_quant.py``): the store quantises, attention dequantises to float32 before it multiplies.
-
-Attention kinds (``paged_attention_reference``): a sliding ``window`` W > 0 lets the query at position p see keys
-p - W < j <= p only, transformers' ``sliding_window_causal_mask_function`` (W keys, itself included); learned
-``sinks`` add one logit per query head to the softmax denominator (GPT-OSS); ``softcap`` caps scores to
-``softcap * tanh(s / softcap)`` before masking (Gemma 2).  With a window no block lying wholly before the earliest
-key a sequence's queries see is read, nor its block-table entry used: those blocks may be freed and their entries
-hold anything.
-
-Every twin uses only static shapes (no ``.item()``, ``.tolist()``, ``nonzero`` or boolean-mask indexing): none syncs
-with the host, and each traces whole (``fullgraph=True``, ``make_fx``).  Full-causal attention reads every column
-of the block table; windowed attention a static number of columns from each tile's first visible block on.
+``context_lens[b]`` counts sequence ``b``'s KV tokens *including* this step's (stored before attention runs).  Its
+query token ``j`` of ``q_len`` sits at position ``context_lens[b] - q_len + j`` and sees keys ``0 .. position``, or
+with a sliding ``window`` W > 0 only keys j with ``position - W < j <= position`` (transformers' sliding window);
+``sinks`` add a logit per query head to the softmax denominator, ``softcap`` caps scores before the mask
+(``paged_attention_reference``).  A negative position (context 0) gets zeros.  Cache entries at or past a context,
+and with a window the blocks wholly before a sequence's earliest visible key (their table entries too), are
+never read into a result, whatever they hold.  Every twin uses only static shapes (no ``.item()``, ``.tolist()``,
+``nonzero`` or boolean-mask indexing): none syncs with the host, and each traces whole (``fullgraph=True``,
+``make_fx``).
 """
 import torch
 import torch.nn.functional as F

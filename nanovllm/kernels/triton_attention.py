@@ -1,8 +1,7 @@
 """Fused Triton kernels for the paged KV cache: KV store, decode attention and varlen prefill attention.
 
 ``cuda.py`` registers them for CUDA tensors as implementations of the ops in ``ops.py``; ``reference.py`` holds
-their pure-PyTorch twins, the cache layout ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` and the
-meaning of ``context_lens``.
+their pure-PyTorch twins, the cache layout and the meaning of ``context_lens``, ``window``, ``sinks``, ``softcap``.
 
 * ``store_kv_triton``: one program per token writes all its KV heads into their slot (slot -1 is skipped).
 * ``decode_attention_triton``: split-KV decode attention, in ``triton_decode.py`` (re-exported here).
@@ -10,13 +9,10 @@ meaning of ``context_lens``.
   straight from the paged cache (cached prefix and chunked prefill need no copy).  The grid is ``(T // BLOCK_M +
   B, Hq)``, an upper bound on the query tiles; each program finds its sequence by binary search over
   ``cu_seqlens_q`` and exits past its queries, or where it has one (the decode kernel's, launched packed after).
-  With a sliding window a tile reads only the KV tiles from the one holding its first row's earliest key.
+  A windowed tile reads KV only from the tile holding its first row's earliest key on.  Window, sinks and
+  softcap are compile-time constants: 0, None, 0.0 compile the plain causal kernels.
 
-Both attention kernels take ``window``, ``sinks`` and ``softcap`` as the twin defines them (``reference.py``), as
-compile-time constants: 0, None, 0.0 compile the plain causal kernels unchanged.
-
-No host synchronisation and no data-dependent shapes: everything may run inside a CUDA graph.  The kernels
-also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how CI tests them.
+No host sync, no data-dependent shapes (all CUDA-graph capturable); CI runs them under ``TRITON_INTERPRET=1`` on CPU.
 """
 import torch
 import triton

@@ -1,21 +1,17 @@
 """Paged decode attention in Triton: the split-KV kernel, its log-sum-exp reduce and their launch.
 
 One program per (sequence, KV head, split) loads each KV tile once for all the query heads of its GQA group (a
-``tl.dot`` over the group padded to 16 rows) and keeps an online softmax.  Each sequence's context is cut into
-``num_splits`` equal runs of tiles, with ``num_splits`` sized from static shapes to fill two waves of SMs (one
-split at large batches); with more than one split every program writes a partial output and its log-sum-exp,
-which ``_decode_reduce_kernel`` merges.  The grid runs the KV head fastest and the scheduler hands rows over
-longest context first, so the longest programs start first.  Packed (``cu_seqlens_q``), the kernels take the
-sequences of one query token out of a prefill step's layout and write beside the prefill kernel's rows: a decode
-row riding in a prefill step reads its KV once per GQA group here, where the prefill kernel reads it per head.
+``tl.dot`` over the group padded to 16 rows) and keeps an online softmax.  Each sequence's context (windowed: from
+the tile holding the window's first key, no block wholly before it read) is cut into ``num_splits`` equal runs of
+tiles, ``num_splits`` sized from static shapes to fill two waves of SMs; with more than one split every program
+writes a partial output and its log-sum-exp, which ``_decode_reduce_kernel`` merges.  Split 0 seeds its softmax
+with the head's sink logit, so the merge counts a sink once.  The grid runs the KV head fastest and rows come
+longest first.  Packed (``cu_seqlens_q``), the kernels take the sequences of one query token out of a prefill
+step's layout and write beside the prefill kernel's rows (KV read once per GQA group, not per head).
 
-The grid and every launch parameter depend only on static shapes (batch, KV heads, block-table width) and the SM
-count, never on ``context_lens`` values, so a launch can be captured in a CUDA graph and replayed with other
-lengths.  A row with ``context_lens == 0`` yields zeros.
-
-With a sliding window (``reference.py`` states it, and sinks and softcap) the run cut into splits starts at the
-tile holding the window's first key, so a row reads at most about ``window`` tokens and no block wholly before
-its window; split 0 seeds its softmax with the head's sink logit, so the reduce counts the sink once.  On Hopper, in bf16/fp16, whole KV tiles are loaded
+The grid and every launch parameter depend only on static shapes (batch, KV heads, block-table width, window) and
+the SM count, never on ``context_lens`` values, so a launch can be captured in a CUDA graph and replayed with other
+lengths.  A row with ``context_lens == 0`` yields zeros.  On Hopper, in bf16/fp16, whole KV tiles are loaded
 through TMA descriptors of the cache (``use_tma``); the results are bit-identical to the pointer loads.
 """
 import torch
