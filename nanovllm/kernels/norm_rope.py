@@ -1,4 +1,5 @@
-"""RMSNorm and rotary position embedding as pure torch functions, computed the way transformers computes them.
+"""RMSNorm and rotary position embedding (with Llama-3, YaRN and LongRoPE scaling) as pure torch functions, computed
+the way transformers computes them.
 
 float32 results equal transformers' bit for bit (the parity tests rely on it), so the rounding steps are those of
 its code: RMSNorm's statistics in float32 with the normed value rounded to the input's dtype before the weight
@@ -69,6 +70,50 @@ def longrope_attention_factor(scaling: dict, max_position: int) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def _yarn_mscale(factor: float, weight: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * weight * ln(factor) + 1 for factor > 1, else 1."""
+    return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(head_dim: int, base: float, scaling: dict, max_position: int) -> tuple[torch.Tensor, float]:
+    """YaRN ("NTK-by-parts"): (inverse frequencies, the factor cos and sin are multiplied by).
+
+    ``head_dim`` is the rotated width (a partial rope passes its part).  With L = ``original_max_position_embeddings``
+    (default ``max_position``) and s = ``factor`` (default ``max_position`` / L), pair i of the rotation keeps its
+    frequency where it turns more than ``beta_fast`` (32) times over L, is divided by s where it turns fewer than
+    ``beta_slow`` (1) times, and blends the two linearly in between.  The boundaries are the pair indices d(b) =
+    head_dim * ln(L / (2 pi b)) / (2 ln base), floored / ceiled unless ``truncate`` is false (GPT-OSS), then clamped
+    to [0, head_dim - 1].  The attention factor is ``attention_factor`` if set, else mscale(s, ``mscale``) /
+    mscale(s, ``mscale_all_dim``) when both are set (DeepSeek-style), else mscale(s) = 0.1 ln s + 1.  float32 steps
+    in transformers' order, so the tables equal its ``_compute_yarn_parameters`` bit for bit."""
+    original = scaling.get("original_max_position_embeddings") or max_position
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = max_position / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        weight, weight_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if weight and weight_all:
+            attention = _yarn_mscale(factor, weight) / _yarn_mscale(factor, weight_all)
+        else:
+            attention = _yarn_mscale(factor)
+
+    def pair_turning(rotations: float) -> float:  # the (fractional) pair index that turns `rotations` times over L
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    fast, slow = pair_turning(scaling.get("beta_fast") or 32), pair_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        fast, slow = math.floor(fast), math.ceil(slow)
+    fast, slow = max(fast, 0), min(slow, head_dim - 1)
+    if fast == slow:
+        slow += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - fast) / (slow - fast)).clamp(0, 1)
+    keep = 1 - ramp  # the weight of the unscaled frequency: 1 for fast pairs, 0 for slow ones
+    powers = base ** _frequency_exponents(head_dim)  # base^(2i / head_dim), 1 / the unscaled frequency
+    scaled, unscaled = 1.0 / (factor * powers), 1.0 / powers
+    return scaled * (1 - keep) + unscaled * keep, float(attention)
+
+
 def longrope_switch(scaling: dict | None, max_position: int) -> int | None:
     """For LongRoPE whose long factors can be reached and differ from the short ones: the context length past which
     a sequence's tokens take the long factors (``original_max_position_embeddings``).  None otherwise, so that a
@@ -96,8 +141,9 @@ def _cos_sin(inv_freq: torch.Tensor, max_position: int, attention_factor: float 
 
 def rope_cos_sin(head_dim: int, max_position: int, base: float, scaling: dict | None = None):
     """float32 (cos, sin) tables [max_position, head_dim] of the rotate-half rope, scaled as ``scaling`` asks
-    (``llama3``, ``longrope``).  LongRoPE uses the short factors; where ``longrope_switch`` is not None the tables
-    are [2 * max_position, head_dim]: the short-factor rows, then the long-factor rows."""
+    (``linear``, ``llama3``, ``yarn``, ``longrope``; another type raises NotImplementedError naming it).  LongRoPE uses the
+    short factors; where ``longrope_switch`` is not None the tables are [2 * max_position, head_dim]: the
+    short-factor rows, then the long-factor rows."""
     rope_type = _rope_type(scaling)
     if rope_type == "longrope":
         missing = [k for k in ("short_factor", "long_factor") if k not in scaling]
@@ -109,10 +155,15 @@ def rope_cos_sin(head_dim: int, max_position: int, base: float, scaling: dict | 
             return short
         long = _cos_sin(longrope_inv_freq(head_dim, base, scaling, "long_factor"), max_position, factor)
         return torch.cat((short[0], long[0])), torch.cat((short[1], long[1]))
+    if rope_type == "yarn":
+        inv_freq, attention_factor = yarn_inv_freq(head_dim, base, scaling, max_position)
+        return _cos_sin(inv_freq, max_position, attention_factor)
     inv_freq = 1.0 / (base ** _frequency_exponents(head_dim))
     if rope_type == "llama3":
         inv_freq = llama3_inv_freq(inv_freq, scaling)
+    elif rope_type == "linear":  # positions divided by the factor (Gemma 3's global layers)
+        inv_freq = inv_freq / scaling["factor"]
     elif rope_type not in ("default", None):
         raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported "
-                                  f"(supported: default, llama3, longrope)")
+                                  f"(supported: default, linear, llama3, longrope, yarn)")
     return _cos_sin(inv_freq, max_position)

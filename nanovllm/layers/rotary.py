@@ -1,4 +1,4 @@
-"""Rotary position embedding tables (rotate-half form; Llama-3 and LongRoPE scaling) held as module buffers.
+"""Rotary position embedding tables (rotate-half form; Llama-3, LongRoPE and YaRN scaling) held as module buffers.
 
 The float32 ``cos_cache`` / ``sin_cache`` hold a row for every position up to ``max_position``; the model hands
 them to ``ops.rope_store_kv`` with one table row per token (``table_rows``), which the op gathers inside the graph

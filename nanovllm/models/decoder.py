@@ -51,6 +51,8 @@ class DecoderArgs:
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling and cfg.get("original_max_position_embeddings"):  # top level wins, as in transformers (Phi-3)
+            scaling = dict(scaling, original_max_position_embeddings=cfg["original_max_position_embeddings"])
         attention_bias = bool(cfg.get("attention_bias", False))
         heads = cfg["num_attention_heads"]
         return cls(
