@@ -76,3 +76,7 @@ def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
     llm = LLM(str(tmp_path), enforce_eager=True, **ENGINE)
     assert type(llm.engine.runner.model).__name__ == "Gemma3ForCausalLM"
     assert tokens(llm, PROMPTS[:1], [6]) == [want]
+    from PIL import Image
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM: its vision tower is not supported"):
+        llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": Image.new("RGB", (32, 32))}},
+                     use_tqdm=False)

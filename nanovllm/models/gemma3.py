@@ -10,7 +10,7 @@ What differs from the shared decoder (``decoder.py``), each as transformers' ``m
   scales by ``query_pre_attn_scalar ** -0.5``; optional logit soft-capping of attention scores and of the final
   logits (None in Gemma 3's configs).
 
-Published checkpoints are ``Gemma3ForConditionalGeneration`` (the text model under ``model.language_model.``, its
+Published checkpoints are ``Gemma3ForConditionalGeneration`` (the text model under ``language_model.model.``, its
 config under ``text_config``): the text path loads and an image is refused by name; ``Gemma3ForCausalLM`` (1B,
 text only) loads as is.  The config is normalised through transformers' ``Gemma3TextConfig`` so old and new
 spellings of the rope settings and layer kinds read alike.
@@ -132,7 +132,10 @@ class Gemma3Body(nn.Module):
 
 
 class Gemma3ForCausalLM(DecoderForCausalLM):
-    checkpoint_prefixes = {"model.language_model.": "model."}
+    # published multimodal checkpoints: the text model under language_model.model. (transformers 5 reads
+    # model.language_model. too)
+    checkpoint_prefixes = {"language_model.model.": "model.", "model.language_model.": "model.",
+                           "language_model.lm_head.": "lm_head."}
 
     def __init__(self, hf_config: dict):
         nn.Module.__init__(self)
