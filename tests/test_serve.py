@@ -1,10 +1,11 @@
 """The OpenAI-compatible server, started in a subprocess on a tiny checkpoint and driven by the official ``openai``
 client (and ``httpx`` where the raw response matters): outputs equal offline ``LLM``'s, streams equal non-streamed
 replies, stop strings, ``n``, logprobs, 32 concurrent streams, dropped streams, the bounded queue, errors, the API
-key and the metrics."""
+key and the metrics (the prefix cache's counters too)."""
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -261,6 +262,21 @@ def test_models_version_and_metrics(server, client):
     assert m["nanovllm:inter_token_latency_seconds_count"] >= 2
 
 
+def test_the_prefix_cache_counters_grow_by_the_shared_full_blocks(server, client):
+    """As vLLM's: queries count every prompt token admitted, hits those served from the cache.  Two prompts share 40
+    tokens, two full blocks of 16 and 8 more: the second is served the two blocks."""
+    rng = random.Random(7)
+    shared = [rng.randint(0, 383) for _ in range(40)]
+    prompts = [shared + [rng.randint(0, 383) for _ in range(n)] for n in (5, 9)]
+    before = metrics(server)
+    for prompt in prompts:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    after = metrics(server)
+    grew = {k: after[f"nanovllm:prefix_cache_{k}_total"] - before[f"nanovllm:prefix_cache_{k}_total"]
+            for k in ("queries", "hits")}
+    assert grew == {"queries": 45 + 49, "hits": 32}
+
+
 def test_every_engine_option_is_a_server_flag(capsys):
     from nanovllm.cli import flag_name
     from nanovllm.config import engine_fields
@@ -293,3 +309,4 @@ def test_serve_bench_runs_against_the_server(server, tmp_path):
     result = json.loads((tmp_path / "serve_bench.json").read_text())
     assert [(r["completed"], r["failed"]) for r in result["runs"]] == [(6, 0), (6, 0)]
     assert all(r["ttft_ms"]["p50"] > 0 and r["output_throughput"] > 0 for r in result["runs"])
+
