@@ -33,8 +33,8 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import re
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
