@@ -10,10 +10,9 @@ What differs from the shared decoder (``decoder.py``), each as transformers' ``m
   scales by ``query_pre_attn_scalar ** -0.5``; optional logit soft-capping of attention scores and of the final
   logits (None in Gemma 3's configs).
 
-Published checkpoints are ``Gemma3ForConditionalGeneration`` (the text model under ``language_model.model.``, its
-config under ``text_config``): the text path loads and an image is refused by name; ``Gemma3ForCausalLM`` (1B,
-text only) loads as is.  The config is normalised through transformers' ``Gemma3TextConfig`` so old and new
-spellings of the rope settings and layer kinds read alike.
+Published ``Gemma3ForConditionalGeneration`` checkpoints load their text path (an image is refused by name), text-only
+``Gemma3ForCausalLM`` ones as they are; the config is normalised by transformers' ``Gemma3TextConfig``, so old and
+new spellings of the rope settings and layer kinds read alike.
 """
 import torch
 import torch.nn.functional as F
