@@ -37,6 +37,7 @@ def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr,
         from_state = tl.load(state_ptr + slot * stride_s0 + offs * stride_s1 + col,
                              mask=mask & (src < 0) & has_state, other=0.0)
         acc += w * (from_x.to(tl.float32) + from_state.to(tl.float32))
+    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded before the SiLU too (reference.py)
     acc = acc / (1.0 + tl.exp(-acc))
     tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
