@@ -58,6 +58,7 @@ def test_long_contexts_match_transformers_holding_only_their_windows(gemma, eage
     try:
         runner = llm.engine.runner
         assert runner.kv_spec.window == W and runner.num_window_blocks > 1
+        assert runner.mode == ("eager" if eager else "graph")
         peak = _watch_held_blocks(llm)
         assert [o["token_ids"] for o in llm.generate(prompts, GREEDY)] == want
         assert 0 < peak[0] <= 3 * (-(-(W - 1) // BS) + 2) + 64 // BS  # vs 17 blocks a full pool holds at the end

@@ -76,9 +76,10 @@ class GemmaAttention(nn.Module):
         k = self.k_norm(k.view(T, self.num_kv_heads, D))
         rows, cos, sin = rope
         q, k = apply_rotary(rows, q, k, cos, sin)
-        ops.store_kv(k, v.reshape(T, self.num_kv_heads, D), k_cache, v_cache, inputs.slot_mapping, *scales)
+        tables, slots = inputs.kv_tables(self.window)  # a sliding layer's: its window pool's, where it has one
+        ops.store_kv(k, v.reshape(T, self.num_kv_heads, D), k_cache, v_cache, slots, *scales)
         o = ops.paged_attention(q.contiguous(), k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens,
-                                inputs.block_tables, self.scale, *scales, window=self.window, softcap=self.softcap)
+                                tables, self.scale, *scales, window=self.window, softcap=self.softcap)
         return o.reshape(T, self.q_size)
 
 
