@@ -48,10 +48,12 @@ class KVCacheSpec:
     @classmethod
     def of_model(cls, model, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
         """The cache a built model (``nanovllm.models.build_model``) needs: its layers, this rank's KV heads (under
-        tensor parallelism) and head size, and a hybrid model's state pools."""
+        tensor parallelism) and head size, a hybrid model's state pools, and the windows of a model that declares
+        them (``layer_windows()``, per layer; its sliding layers read ``StepInputs.kv_tables``)."""
         a = model.args
         layout = getattr(model, "cache_layout", None)
-        windows = [getattr(getattr(layer, "self_attn", None), "window", 0) or 0 for layer in model.model.layers]
+        # a model whose sliding layers take their tables from ``StepInputs.kv_tables`` says so with its windows
+        windows = model.layer_windows() if hasattr(model, "layer_windows") else None
         if layout is None:
             return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype,
                        windows=windows)
