@@ -62,7 +62,8 @@ class PrefillInputBuilder:
         if token_slots is None:
             token_slots = np.full(len(arrays["input_ids"]), PADDING["token_slots"])
         if self.window and "window_tables" not in arrays:  # ``dummy``, ``probe``: the full pool's blocks in both
-            arrays.update(window_tables=arrays["block_tables"], window_slot_mapping=arrays["slot_mapping"])
+            arrays.update(window_tables=arrays["block_tables"].copy(),  # copies: inputs that alias would be traced
+                          window_slot_mapping=arrays["slot_mapping"].copy())  # as such (guards on aliasing)
         host = (WindowStepInputs if self.window else StepInputs).from_arrays(token_slots=token_slots, **arrays)
         if packed:
             host = host.packed_copy(pin_memory=self.pin_memory)
