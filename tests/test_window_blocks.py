@@ -18,8 +18,11 @@ def _engine(full_blocks: int, max_num_seqs: int = 4, budget: int = 16, window_bl
             mixed_prefill: bool = False) -> Scheduler:
     bound = window_bound(W, BS, max_num_seqs, budget)
     window = WindowBlocks(window_blocks or pool_size(bound, 3, full_blocks), BS, W)
-    return Scheduler(BlockManager(full_blocks, BS, window=window), max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=budget, max_model_len=256, eos_token_ids=(), mixed_prefill=mixed_prefill)
+    scheduler = Scheduler(BlockManager(full_blocks, BS, window=window), max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=budget, max_model_len=256, eos_token_ids=(),
+                          mixed_prefill=mixed_prefill)
+    scheduler.window_bound = bound  # (for ``_check_step``)
+    return scheduler
 
 
 def _check_step(scheduler: Scheduler, batch) -> None:
@@ -42,6 +45,10 @@ def _check_step(scheduler: Scheduler, batch) -> None:
     assert wb.ref_counts[NULL] == 0 and NULL not in wb.free_blocks
     full_held = bm.num_blocks - bm.num_free_blocks
     assert wb.num_held_blocks <= full_held  # a sequence holds window blocks only where it holds full ones
+    assert wb.num_held_blocks <= scheduler.window_bound
+    for seq in scheduler.running:  # between its steps a sequence holds its window's blocks and its new ones' only
+        if seq not in batch.seqs and seq.window_table:
+            assert all(b == NULL for b in seq.window_table[:wb.first_needed(seq.num_computed_tokens)])
 
 
 def _drive(scheduler: Scheduler, seqs: list[Sequence], rng: random.Random, depth: int = 2, on_step=None) -> int:
@@ -176,4 +183,15 @@ def test_a_decode_only_engine_never_runs_the_window_pool_out_at_its_bound(depth)
     scheduler = _engine(full_blocks=200, max_num_seqs=4, budget=16, window_blocks=bound + 1)
     seqs = [_seq(i, [rng.randint(3, 99) for _ in range(rng.randint(5, 30))], rng.randint(20, 50)) for i in range(8)]
     _drive(scheduler, seqs, rng, depth=depth)
+    assert scheduler.block_manager.window.peak_held <= bound
+
+
+def test_sequences_waiting_through_prefill_steps_hold_only_their_windows():
+    """Without mixed prefill, a sequence whose prompt was just prefilled waits while later prompts are: it holds its
+    window only, not its last chunk's blocks, so four whole 64-token prompts fit a pool of the bound's size."""
+    bound = window_bound(W, BS, 4, 64)
+    scheduler = _engine(full_blocks=200, max_num_seqs=4, budget=64, window_blocks=bound + 1)
+    rng = random.Random(7)
+    seqs = [_seq(i, [rng.randint(3, 99) for _ in range(64)], 3) for i in range(4)]
+    _drive(scheduler, seqs, rng)
     assert scheduler.block_manager.window.peak_held <= bound

@@ -102,9 +102,14 @@ def test_start_up_inputs_carry_the_full_pools_blocks_in_both():
     assert type(plain_prefill.dummy()) is StepInputs and type(plain_decode.build([], 4)) is StepInputs
 
 
+def _config(max_model_len: int, max_num_seqs: int):
+    from types import SimpleNamespace
+    return SimpleNamespace(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_step_tokens=16)
+
+
 def _spec(windows, max_model_len=256) -> KVCacheSpec:
     spec = KVCacheSpec(len(windows), 2, 8, BS, torch.float32, windows=windows)
-    spec.plan_window_pool(max_model_len, max_num_seqs=4, max_step_tokens=16)
+    spec.plan_window_pool(_config(max_model_len, 4))
     return spec
 
 
@@ -142,7 +147,7 @@ def test_a_budget_keeps_the_window_pool_only_where_it_holds_more_full_blocks():
     platform = SimpleNamespace(measures_memory=False, device=CPU)
     for seqs, pooled, blocks in ((4, True, 1949), (256, False, 512)):
         spec = KVCacheSpec(4, 64, 256, BS, torch.float32, windows=[W, W, 0, W])
-        spec.plan_window_pool(256, max_num_seqs=seqs, max_step_tokens=16)
+        spec.plan_window_pool(_config(256, seqs))
         n = plan_num_blocks(spec, fixed=None, utilization=0.9, platform=platform, max_blocks_per_seq=8,
                             max_model_len=32, probe=lambda: [])
         assert (bool(spec.window), n) == (pooled, blocks)

@@ -138,6 +138,12 @@ class BlockManager:
         if self.window is not None:
             self.window.reserve(seq, start, end)
 
+    def reserve_decode_windows(self, seqs: list[Sequence], counts: list[int]) -> None:
+        """``reserve_window`` for a decode step's sequences, of ``counts`` tokens each from its newest."""
+        if self.window is not None:
+            for seq, n in zip(seqs, counts):
+                self.window.reserve(seq, len(seq) - 1, len(seq) - 1 + n)
+
     def register_computed(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Publish every full block whose KV is now computed (within the first ``num_tokens`` tokens, default
         ``seq.num_computed_tokens``: the caller leaves out tokens still being sampled), so later requests can

@@ -61,17 +61,19 @@ class KVCacheSpec:
         return cls(a.num_layers, attn.num_kv_heads, attn.head_dim, block_size, dtype, layout(),
                    model.model.embed_tokens.weight.dtype, windows)
 
-    def plan_window_pool(self, max_model_len: int, max_num_seqs: int, max_step_tokens: int) -> None:
+    def plan_window_pool(self, config, rows_per_sequence: int = 1) -> None:
         """Give the sliding-window layers a pool of their own (of W the largest window), sized never to run out
-        while sequences run (``window_blocks.window_bound``) with as many blocks again as ``max_num_seqs`` windows
-        take kept for prefix hits; none where no window is shorter than ``max_model_len``.  ``plan_num_blocks`` drops
-        it again where a budget it sizes holds no more full blocks with it than without (a fixed count keeps it)."""
+        while sequences run (``window_blocks.window_bound``; a verify step has ``rows_per_sequence`` rows a sequence),
+        with as many blocks again as ``max_num_seqs`` windows take kept for prefix hits; none where no window is
+        shorter than ``max_model_len``.  ``plan_num_blocks`` drops it again where a budget it sizes holds no more
+        full blocks with it than without (a fixed count keeps it)."""
         windows = [w for w, s in zip(self.windows, self.states) if s is None and w]
-        if not windows or max(windows) >= max_model_len:
+        if not windows or max(windows) >= config.max_model_len:
             return
         self.window = w = max(windows)
-        self.window_bound = window_bound(w, self.block_size, max_num_seqs, max_step_tokens)
-        self.window_kept = max_num_seqs * (-(-(w - 1) // self.block_size) + 1)
+        seqs, rows = config.max_num_seqs, rows_per_sequence
+        self.window_bound = window_bound(w, self.block_size, seqs, max(config.max_step_tokens, seqs * rows), rows - 1)
+        self.window_kept = seqs * (-(-(w - 1) // self.block_size) + 1)
 
     def in_window_pool(self, layer: int) -> bool:
         return bool(self.window and self.windows[layer]) and self.states[layer] is None

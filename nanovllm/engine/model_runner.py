@@ -70,7 +70,7 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec.of_model(self.model, self.block_size,
                                             platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
         self.hybrid = hybrid_state.size_state_pools(self.kv_spec, type(self.model).__name__, config)
-        self.kv_spec.plan_window_pool(config.max_model_len, config.max_num_seqs, verify_step.max_step_rows(config))
+        self.kv_spec.plan_window_pool(config, verify_step.rows_per_sequence(config))
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)

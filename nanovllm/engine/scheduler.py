@@ -46,20 +46,15 @@ class ScheduledBatch:
         return seq.num_computed_tokens + self.num_new_tokens[seq_index] == len(seq)
 
     def sampling(self) -> list[bool]:
-        """Per sequence: whether this step samples its next token (every decode row; a prefill chunk that
-        ``samples``)."""
+        """Per sequence: whether this step samples its next token (every decode row; a prefill chunk that samples)."""
         return [not self.is_prefill or self.samples(i) for i in range(len(self.seqs))]
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool,
-                 speculative=None):
-        self.block_manager = block_manager
-        self.mixed_prefill = mixed_prefill
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
+                 max_model_len: int, eos_token_ids: tuple[int, ...], mixed_prefill: bool, speculative=None):
+        self.block_manager, self.mixed_prefill, self.max_model_len = block_manager, mixed_prefill, max_model_len
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -166,8 +161,7 @@ class Scheduler:
         scheduled.sort(key=len, reverse=True)
         proposals = propose(scheduled, self.speculative if propose_now else None, bm, self.max_model_len)
         counts = [1 + len(p) for p in proposals] if proposals is not None else [1] * len(scheduled)
-        for seq, n in zip(scheduled, counts) if bm.window is not None else ():  # from its newest token on
-            bm.reserve_window(seq, len(seq) - 1, len(seq) - 1 + n)
+        bm.reserve_decode_windows(scheduled, counts)
         return ScheduledBatch(scheduled, counts, is_prefill=False, preempted=preempted, proposals=proposals)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -184,7 +178,8 @@ class Scheduler:
         # ``Sequence`` properties inlined, and a decode step samples every sequence.
         if batch.proposals is not None:  # a verify step: its tokens are known only when it resolves
             return
-        block_size, hashes, decode = self.block_manager.block_size, self.block_manager.seq_hashes, not batch.is_prefill
+        bm = self.block_manager
+        block_size, hashes, window, decode = bm.block_size, bm.seq_hashes, bm.window, not batch.is_prefill
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is SequenceStatus.FINISHED:  # hit EOS in the step resolved since this one launched
                 continue
@@ -193,6 +188,8 @@ class Scheduler:
             seq.num_computed_tokens = computed
             if computed // block_size > len(hashes[seq.seq_id]):
                 self._publish(seq)  # a block just filled up
+            if window is not None:  # (after publishing: a released block keeps its hash)
+                window.release(seq, computed)
             if not (decode or computed == len(tokens)):  # a prefill chunk short of the last token samples nothing
                 continue
             batch.sampled.append((i, seq, len(tokens)))
@@ -254,6 +251,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.FINISHED and \
                     seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
                 self._publish(seq)
+            if seq.status is not SequenceStatus.FINISHED and bm.window is not None:
+                bm.window.release(seq, seq.num_computed_tokens)
         return finished
 
     def _publish(self, seq: Sequence) -> None:

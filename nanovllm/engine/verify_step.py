@@ -23,11 +23,6 @@ def rows_per_sequence(config) -> int:
     return 1 + (config.speculative.num_speculative_tokens if config.speculative is not None else 0)
 
 
-def max_step_rows(config) -> int:
-    """The most token rows a step holds: a prefill's ``max_step_tokens``, or a verify step's."""
-    return max(config.max_step_tokens, config.max_num_seqs * rows_per_sequence(config))
-
-
 def sequence_rows(seq, start: int, ids, block_size: int, width: int, window: int = 0) -> dict[str, np.ndarray]:
     """Rows of ``seq``'s tokens ``ids`` at positions ``start``.. (one row each, context up to and with it, drawing
     the token after it): the per-row fields of ``StepInputs`` and ``block_tables`` [rows, width]; with a window

@@ -10,22 +10,21 @@ pool (``KVCacheSpec``; W the largest window), indexed by ``Sequence.window_table
   block's chain hash (``register``), and keeps it once released until reused, least recently released first.  A hit
   of depth d also needs the blocks of keys [d*bs - W + 1, d*bs), the window of its first new token
   (``cached_depth``): a prompt takes the deepest d for which both pools hold theirs.
-* The pool never runs out (``pool_size``): a sequence holds window blocks only where it holds full ones, and at
-  most ``ceil((W - 1) / bs) + 1`` besides its step's new tokens' (``window_bound``); kept blocks serve prefix hits.
+* The pool never runs out (``pool_size``): a sequence holds window blocks only where it holds full ones, and between
+  its steps (``release``, once one is launched) only its window's (``window_bound``); kept blocks serve prefix hits.
 """
 from collections import OrderedDict
 
 NULL = 0  # the window-table entry of a block a sequence does not hold
 
 
-def window_bound(window: int, block_size: int, max_num_seqs: int, max_step_tokens: int) -> int:
-    """The most window blocks running sequences hold at once.  Before a step a sequence holds the blocks of keys
-    [start - W + 1, start): at most ceil((W - 1) / bs) + 1 blocks; a step adds the blocks of its n new tokens: at
-    most ceil(n / bs) + 1 more (the first may straddle a boundary), n summing to at most ``max_step_tokens`` over
-    the step's sequences.  So ``max_num_seqs * (ceil(W / bs) + 1) + ceil(max_step_tokens / bs) + max_num_seqs``
-    bounds it (ceil(W / bs) >= ceil((W - 1) / bs))."""
-    per_seq = -(-window // block_size) + 1
-    return max_num_seqs * per_seq + -(-max_step_tokens // block_size) + max_num_seqs
+def window_bound(window: int, block_size: int, max_num_seqs: int, step_tokens: int, tail: int = 0) -> int:
+    """The most window blocks running sequences hold at once.  Between its steps a sequence holds the blocks of keys
+    [c - W + 1, c + r), c its computed tokens (``release``, once a step of it is launched) and r <= ``tail`` those of
+    rejected proposals (speculative decoding: k): at most ceil((W - 1 + tail) / bs) + 1 blocks.  A step adds to
+    each of its sequences the blocks of its n new tokens, at most ceil(n / bs) < n / bs + 1 more, n summing to at
+    most ``step_tokens``.  So ``max_num_seqs * (ceil((W - 1 + tail) / bs) + 2) + ceil(step_tokens / bs)``."""
+    return max_num_seqs * (-(-(window - 1 + tail) // block_size) + 2) + -(-step_tokens // block_size)
 
 
 def pool_size(bound: int, kept: int, num_full_blocks: int) -> int:
@@ -85,10 +84,10 @@ class WindowBlocks:
         self.first[seq.seq_id] = first
         self._note_peak()
 
-    def reserve(self, seq, start: int, end: int) -> None:
-        """Before a step that computes the sequence's tokens [start, end): release the blocks wholly before the
-        window of ``start`` and take blocks for the tokens up to ``end``."""
-        table, bs = seq.window_table, self.block_size
+    def release(self, seq, start: int) -> int:
+        """Give back the sequence's blocks wholly before the window of position ``start`` (its next step's first new
+        token: a step already queued reads them before a later one can write them); returns the first kept."""
+        table = seq.window_table
         first = self.first_needed(start)
         held_from = self.first.get(seq.seq_id, 0)
         for i in range(held_from, min(first, len(table))):
@@ -96,7 +95,13 @@ class WindowBlocks:
             table[i] = NULL
         if first > held_from:
             self.first[seq.seq_id] = first
-        needed = -(-end // bs)
+        return first
+
+    def reserve(self, seq, start: int, end: int) -> None:
+        """Before a step that computes the sequence's tokens [start, end): ``release`` what lies before the window
+        of ``start`` and take blocks for the tokens up to ``end``."""
+        table, first = seq.window_table, self.release(seq, start)
+        needed = -(-end // self.block_size)
         if needed > len(table):
             if needed - max(len(table), first) > len(self.free_blocks):
                 raise RuntimeError(f"the window pool ran out ({self.num_blocks - 1} blocks, {self.num_held_blocks} "
