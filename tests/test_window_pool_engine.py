@@ -1,7 +1,8 @@
 """Gemma 3's sliding layers keep only a window's KV (``engine/window_blocks.py``), end to end on a tiny model whose
 window is 12 tokens over blocks of 16: long contexts give transformers' greedy tokens in eager and graph mode while a
 sequence holds at most its window's blocks and its step's; prefix hits (a whole prompt, half of one, a shared system
-prompt) give a cold run's tokens and count their tokens; preemption by a tiny cache still matches."""
+prompt) give a cold run's tokens and count their tokens; preemption by a tiny cache and n-gram speculative decoding
+(verify steps over the window pool) still match."""
 import random
 
 import pytest
@@ -97,5 +98,19 @@ def test_preemption_with_a_tiny_cache_matches_transformers(gemma):
         _watch_held_blocks(llm)
         assert [o["token_ids"] for o in llm.generate(prompts, GREEDY)] == want
         assert llm.engine.scheduler.num_preemptions > 0
+    finally:
+        llm.close()
+
+
+def test_ngram_speculation_verifies_over_the_window_pool(gemma):
+    rng = random.Random(5)
+    base = [rng.randint(3, 300) for _ in range(8)]
+    prompts = [base * 6, [rng.randint(3, 300) for _ in range(30)] + base * 3]  # repeats: n-gram proposals
+    want = hf_greedy(gemma, prompts, 40)
+    llm = _llm(gemma, speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})
+    try:
+        _watch_held_blocks(llm)
+        assert [o["token_ids"] for o in llm.generate(prompts, GREEDY)] == want
+        assert llm.engine.stats["spec_accepted_tokens"] > 0
     finally:
         llm.close()
