@@ -7,7 +7,7 @@ hard case of the triangular inverse (its Neumann series would cancel badly).
 
 Measured on CPU (float32, seeds 0-2): the outputs differ from the twin's by at most 1.5e-7 (|o| up to 0.5), the
 states by at most 7e-7 (random) and 9e-6 (nearly equal keys; |S| up to 4); the tolerances below leave a margin of
-3x or more.  The file runs in ~8 s on a 2-core CPU.
+3x or more.  The file's tests take ~11 s on a shared 2-core CPU (~17 s with imports).
 """
 import os
 

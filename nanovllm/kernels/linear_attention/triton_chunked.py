@@ -24,9 +24,10 @@ scale the dots' results, so q and k enter the dots as loaded: exact in tf32 when
 Precision: dots of float32 operands run as three tf32 passes for float32 inputs (float32 accuracy) and one tf32
 pass otherwise; ``ieee`` float32 dots were 40x slower.  Measured on an H200 (Triton 3.6) against the recurrent
 kernel at Qwen3.5's shapes (HK 16, HV 32, DK = DV = 128), relative L2 error: float32 inputs 5e-7 (outputs) and
-9e-7 (states); bf16 inputs 2.4e-3 and 6e-4.  Time for one row of 16384 bf16 tokens: 2.7 ms against 30.8 ms token
-by token; 8 rows of 2048: 2.2 ms against 8.1 ms.  (With C = 32 a 1-warp prep gave wrong results there; 2 warps do
-not, nor does C = 64.)
+3e-7 (states); bf16 inputs 2.4e-3 and 6e-4.  Time for one row of 16384 bf16 tokens: 2.7-2.8 ms against
+30.8 ms token by token (11x); 8 rows of 2048: 2.2-2.3 ms against 8.1 ms (3.5x); CUDA-graph replay with a new
+layout matches.  (A 1-warp prep gave wrong results there with C = 32, though not with C = 64: not understood,
+hence 2 warps.)
 
 Graph-capturable: the chunk table (row and first token of each of the P = (T + B (C - 1)) // C possible chunks,
 an upper bound of the sum over rows of ceil(q_len / C)) is built with torch ops on the device; grids depend only on
