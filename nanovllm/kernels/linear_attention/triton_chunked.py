@@ -1,37 +1,17 @@
-"""The chunked (WY) Triton kernel of the gated delta rule for prefill steps, with the contract of its twin
-``reference.gated_delta_rule_reference``: q, k [T, HK, DK], v [T, HV, DV], g and beta [T, HV] float32, all
-contiguous; the state pool ``ssm_state`` [S, HV, DK, DV] float32.  Each row starts from its slot's state iff
-``context_lens[b] - q_len[b] > 0`` (else zeros) and writes its final state back to ``ssm_state[state_slots[b]]``
-(a row of no tokens writes back what it started from, as the recurrent kernel does); outputs [T, HV, DV] in v's
-dtype.
+"""The chunked (WY) Triton kernel of the gated delta rule for prefill steps (``gated_delta_rule_chunked``), with
+the contract of its twin ``reference.gated_delta_rule_reference``: q, k [T, HK, DK], v [T, HV, DV], g and beta
+[T, HV] float32, contiguous; states ``ssm_state`` [S, HV, DK, DV] float32.  Each row starts from its slot's state iff
+``context_lens[b] - q_len[b] > 0`` (else zeros) and writes its final state back (a row of no tokens writes back what
+it started from, as the recurrent kernel does); outputs [T, HV, DV] in v's dtype.
 
-The row's tokens are cut into chunks of C.  Within a chunk (Gc the cumulative sum of g from the chunk start, S the
-state at the chunk start, q L2-normalised and scaled by DK ** -0.5, k L2-normalised), the recurrence is
-
-    A[i, j] = beta_i (k_i . k_j) exp(Gc_i - Gc_j) for i > j, else 0;        Ti = (I + A)^-1
-    U = Ti @ (beta v - (beta exp(Gc) k) @ S)                                 (the deltas each token writes)
-    o = (q exp(Gc)) @ S + Att @ U,    Att[i, j] = (q_i . k_j) exp(Gc_i - Gc_j) for i >= j, else 0
-    S' = exp(Gc_last) S + (k exp(Gc_last - Gc))^T @ U
-
-Two launches.  ``_chunk_prep``, one program per (chunk, value head) over every chunk of the step at once, builds A
-and Att with dots and inverts the unit lower-triangular I + A by forward substitution (elementwise float32: no
-Neumann series, whose powers of A cancel badly when keys are alike), writing Ti and Att to a float32 scratch
-[P, HV, 2, C, C].  ``_chunk_scan``, one program per (row, value head, block of BV value dims), keeps its float32
-state slice [DK, BV] in registers and walks the row's chunks in order with the formulas above (five dots a chunk).
-Tail tokens of a chunk load as zeros (beta = g = 0), which leaves U, the state and Gc_last untouched.  L2 norms
-scale the dots' results, so q and k enter the dots as loaded: exact in tf32 when they are 16-bit.
-
-Precision: dots of float32 operands run as three tf32 passes for float32 inputs (float32 accuracy) and one tf32
-pass otherwise; ``ieee`` float32 dots were 40x slower.  Measured on an H200 (Triton 3.6) against the recurrent
-kernel at Qwen3.5's shapes (HK 16, HV 32, DK = DV = 128), relative L2 error: float32 inputs 5e-7 (outputs) and
-3e-7 (states); bf16 inputs 2.4e-3 and 6e-4.  Time for one row of 16384 bf16 tokens: 2.7-2.8 ms against
-30.8 ms token by token (11x); 8 rows of 2048: 2.2-2.3 ms against 8.1 ms (3.5x); CUDA-graph replay with a new
-layout matches.  (A 1-warp prep gave wrong results there with C = 32, though not with C = 64: not understood,
-hence 2 warps.)
-
-Graph-capturable: the chunk table (row and first token of each of the P = (T + B (C - 1)) // C possible chunks,
-an upper bound of the sum over rows of ceil(q_len / C)) is built with torch ops on the device; grids depend only on
-T, B, HV and DV; no host sync.  Unused table entries have length 0 and do nothing harmful.
+Two launches: ``_chunk_prep`` (one program per chunk and value head, every chunk of the step at once) inverts each
+chunk's unit lower-triangular I + A by forward substitution in float32 (no Neumann series: its powers of A cancel
+badly when keys are alike) and writes it with the chunk's causal q.k weights to a float32 scratch; ``_chunk_scan``
+(one program per row, value head and block of value dims) keeps its state slice in registers and walks the row's
+chunks in order with tensor-core dots (formulas: ``gated_delta_rule_chunked``).  Float32 inputs take three tf32
+passes per dot (float32 accuracy), 16-bit ones one.  Graph-capturable: the chunk table (P = (T + B (C - 1)) // C
+entries, an upper bound of the chunks) is built on the device, grids depend only on shapes, no host sync.  Timings
+and errors against the recurrent kernel: docs/PERFORMANCE.md.
 """
 import torch
 import triton
@@ -148,6 +128,17 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, chunk: int = 32,
                              block_v: int = 32, precision: str | None = None, num_warps: int = 4,
                              num_stages: int = 2, prep_warps: int = 2) -> torch.Tensor:
+    """Within a chunk of C tokens (Gc the cumulative sum of g from the chunk start, S the state at its start, q
+    L2-normalised and scaled by DK ** -0.5, k L2-normalised):
+
+        A[i, j] = beta_i (k_i . k_j) exp(Gc_i - Gc_j) for i > j, else 0;        Ti = (I + A)^-1
+        U = Ti @ (beta v - (beta exp(Gc) k) @ S)                                 (the deltas each token writes)
+        o = (q exp(Gc)) @ S + Att @ U,    Att[i, j] = (q_i . k_j) exp(Gc_i - Gc_j) for i >= j, else 0
+        S' = exp(Gc_last) S + (k exp(Gc_last - Gc))^T @ U
+
+    Tail tokens load as zeros (beta = g = 0), which leaves U, the state and Gc_last untouched; L2 norms scale the
+    dots' results, so 16-bit q and k enter the dots exactly.  ``prep_warps`` stays 2: one warp gave wrong results
+    on an H200 with C = 32 (not with 64), not understood."""
     T, HK, DK = q.shape
     HV, DV = v.shape[1], v.shape[2]
     rows = context_lens.shape[0]
