@@ -179,6 +179,8 @@ def headline(record: dict) -> str:
             elif "runs" in r:
                 parts += [f"rate {x['request_rate']}: {x['output_throughput']:,.0f} tok/s, TTFT p50 "
                           f"{x['ttft_ms']['p50'] or 0:.0f} ms, TPOT p50 {x['tpot_ms']['p50'] or 0:.1f} ms"
+                          + (f", prefix hits {x['prefix_cache']['hit_rate']:.0%}" if isinstance(
+                              x.get("prefix_cache"), dict) and x["prefix_cache"]["hit_rate"] is not None else "")
                           for x in r["runs"]]
     if not parts and record.get("log_tail"):
         parts.append(record["log_tail"])

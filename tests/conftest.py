@@ -91,6 +91,12 @@ def make_config(arch: str, **overrides):
                                            norm_topk_prob=False, decoder_sparse_step=2, **kw)
     if arch == "gpt_oss":  # sliding, full, sliding, full (transformers' default alternation)
         return transformers.GptOssConfig(**dict(kw, **GPT_OSS_KW))
+    if arch == "gemma3":  # sliding, sliding, full: a 12-token window ends mid-block in 16-token blocks
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+        return transformers.Gemma3TextConfig(head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
+                                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                             rope_parameters=rope, **dict(kw, num_hidden_layers=3, tie_word_embeddings=True))
     if arch in HYBRID:  # linear, linear, full, linear
         return HYBRID[arch](**dict(kw, **HYBRID_KW, **(HYBRID_MOE_KW if "moe" in arch or "next" in arch else {})))
     raise ValueError(arch)

@@ -153,3 +153,13 @@ def test_the_headline_of_a_speculative_run_names_each_cell():
         "speculative_config": {"method": "ngram"}, "rows": rows}}}
     assert headline(record) == ("copy-heavy bs 1 T 0.0 off: 1201.1 tok/s/request, "
                                 "copy-heavy bs 1 T 0.0 on: 2139.9 tok/s/request")
+
+
+def test_the_headline_of_a_serve_run_names_the_prefix_hit_rate():
+    from benchmarks.gpu import headline
+    run = {"request_rate": 4.0, "output_throughput": 1234.0, "ttft_ms": {"p50": 21.2}, "tpot_ms": {"p50": 3.14},
+           "prefix_cache": {"metrics": "vllm", "queried_tokens": 1000, "hit_tokens": 870, "hit_rate": 0.87}}
+    record = {"step": "multiturn-vllm", "results": {"paced.json": {"runs": [run]},
+                                                    "old.json": {"runs": [dict(run, prefix_cache="unavailable")]}}}
+    assert headline(record) == ("rate 4.0: 1,234 tok/s, TTFT p50 21 ms, TPOT p50 3.1 ms, prefix hits 87%; "
+                                "rate 4.0: 1,234 tok/s, TTFT p50 21 ms, TPOT p50 3.1 ms")

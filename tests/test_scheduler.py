@@ -46,6 +46,30 @@ def test_reset_prefix_cache_forgets_cached_blocks_and_refuses_while_blocks_are_h
     assert bm.try_allocate(fresh) and bm.cache_hit_tokens == 8  # no new hits after the reset
 
 
+def test_prefix_cache_statistics_count_first_admissions_as_vllm_does():
+    """``prefix_cache_queries``/``_hits`` (the server's counters): every prompt token at a sequence's first admission
+    and those served from the cache; a readmission after preemption and a sequence wanting prompt logprobs (which
+    takes no hit) are left out, as vLLM leaves them out of its counters."""
+    scheduler = Scheduler(BlockManager(8, 4), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32,
+                          eos_token_ids=(), mixed_prefill=False)
+    bm = scheduler.block_manager
+    first = Sequence(0, list(range(9)), SamplingParams(), seed=0)
+    assert bm.try_allocate(first)
+    first.num_computed_tokens = 9
+    bm.register_computed(first)
+    bm.free(first)
+    again = Sequence(1, list(range(9)), SamplingParams(), seed=0)
+    scheduler.add(again)
+    scheduler.schedule()
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (18, 8)  # two full blocks served from the cache
+    scheduler._preempt(again)
+    assert again.num_preemptions == 1
+    assert bm.try_allocate(again) and bm.cache_hit_tokens == 16  # a hit again, not counted again
+    logprobs = Sequence(2, list(range(9)), SamplingParams(prompt_logprobs=1), seed=0)
+    assert bm.try_allocate(logprobs)
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (18, 8)
+
+
 def _decoding(seq_id: int, length: int) -> Sequence:
     seq = Sequence(seq_id, list(range(1, length + 1)), SamplingParams(), seed=seq_id)
     seq.block_table = [seq_id]

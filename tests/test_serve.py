@@ -1,10 +1,11 @@
 """The OpenAI-compatible server, started in a subprocess on a tiny checkpoint and driven by the official ``openai``
 client (and ``httpx`` where the raw response matters): outputs equal offline ``LLM``'s, streams equal non-streamed
 replies, stop strings, ``n``, logprobs, 32 concurrent streams, dropped streams, the bounded queue, errors, the API
-key and the metrics."""
+key and the metrics (the prefix cache's counters too), and serve_bench.py's workloads against it."""
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -261,6 +262,21 @@ def test_models_version_and_metrics(server, client):
     assert m["nanovllm:inter_token_latency_seconds_count"] >= 2
 
 
+def test_the_prefix_cache_counters_grow_by_the_shared_full_blocks(server, client):
+    """As vLLM's: queries count every prompt token admitted, hits those served from the cache.  Two prompts share 40
+    tokens, two full blocks of 16 and 8 more: the second is served the two blocks."""
+    rng = random.Random(7)
+    shared = [rng.randint(0, 383) for _ in range(40)]
+    prompts = [shared + [rng.randint(0, 383) for _ in range(n)] for n in (5, 9)]
+    before = metrics(server)
+    for prompt in prompts:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    after = metrics(server)
+    grew = {k: after[f"nanovllm:prefix_cache_{k}_total"] - before[f"nanovllm:prefix_cache_{k}_total"]
+            for k in ("queries", "hits")}
+    assert grew == {"queries": 45 + 49, "hits": 32}
+
+
 def test_every_engine_option_is_a_server_flag(capsys):
     from nanovllm.cli import flag_name
     from nanovllm.config import engine_fields
@@ -293,3 +309,35 @@ def test_serve_bench_runs_against_the_server(server, tmp_path):
     result = json.loads((tmp_path / "serve_bench.json").read_text())
     assert [(r["completed"], r["failed"]) for r in result["runs"]] == [(6, 0), (6, 0)]
     assert all(r["ttft_ms"]["p50"] > 0 and r["output_throughput"] > 0 for r in result["runs"])
+
+
+@pytest.mark.slow
+def test_serve_bench_multi_turn_runs_against_the_server(server, tmp_path):
+    """--multi-turn at a tiny scale: 3 conversations of 2 turns over a 40-token system prompt send 6 requests, each
+    turn's prompt the previous one's plus its reply and the next user ids; the server took exactly those prompt
+    tokens, and its prefix cache served some (the system prompt's and the first turns' full blocks)."""
+    from benchmarks.serve_bench import conversations, make_parser
+    flags = ["--multi-turn", "3,2", "--system-len", "40", "--turn-len", "6", "--reply-len", "4",
+             "--max-token-id", "383", "--seed", "5"]
+    convs = conversations(make_parser().parse_args(flags))
+    assert [len(turns) for turns in convs] == [2, 2, 2]
+    for (first, _, _), (second, max_tokens, _) in convs:
+        assert second[:len(first)] == first and len(second) == len(first) + 4 + 6 and max_tokens == 4
+        assert first[:40] == convs[0][0][0][:40] and len(first) == 46
+    before = metrics(server)
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "benchmarks.serve_bench", "--base-url", server, "--api-key", KEY,
+                          *flags], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    after = metrics(server)
+    result = json.loads((tmp_path / "serve_bench.json").read_text())
+    [row] = result["runs"]
+    assert result["num_prompts"] == 6 and (row["completed"], row["failed"]) == (6, 0)
+    done = "nanovllm:request_success_total{length}"
+    assert after[done] - before.get(done, 0) == 6
+    sent = sum(len(prompt) for turns in convs for prompt, _, _ in turns)
+    assert after["nanovllm:prompt_tokens_total"] - before["nanovllm:prompt_tokens_total"] == sent == 3 * (46 + 56)
+    cache = row["prefix_cache"]
+    assert cache["metrics"] == "nanovllm" and cache["queried_tokens"] == sent and cache["hit_rate"] > 0
+    assert [len(t) for t in row["ttft_ms_by_turn"]] == [3, 3] and all(t["p50"] > 0 for t in row["ttft_ms_by_turn"])
+    assert "prefix cache hit rate" in run.stdout

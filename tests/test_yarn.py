@@ -1,4 +1,4 @@
-"""YaRN rope scaling: the float32 cos/sin tables equal transformers' (``ROPE_INIT_FUNCTIONS["yarn"]`` and its rotary
+"""YaRN (and linear) rope scaling: the float32 cos/sin tables equal transformers' (``ROPE_INIT_FUNCTIONS["yarn"]`` and its rotary
 modules) bit for bit, with and without mscale / mscale_all_dim, truncated or not (GPT-OSS); a tiny Qwen3 with YaRN
 gives transformers' greedy tokens in eager and graph mode past ``original_max_position_embeddings``; a rope type
 we lack is refused by name."""
@@ -154,3 +154,13 @@ def test_legacy_rope_scaling_spelling_runs_the_same(checkpoint, oracle_tokens, t
     (path / "config.json").write_text(json.dumps(cfg))
     llm = LLM(str(path), enforce_eager=True, **ENGINE)
     assert _tokens(llm, PROMPTS[:2]) == oracle_tokens[:2]
+
+
+def test_linear_scaling_equals_transformers():
+    """Gemma 3's global layers: positions divided by the factor."""
+    import transformers
+    rope = dict(rope_type="linear", rope_theta=1e6, factor=8.0)
+    config = transformers.Qwen3Config(hidden_size=128, num_attention_heads=4, head_dim=64, rope_parameters=rope)
+    want = _hf_cos_sin(transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(config), 96, 64)
+    cos, sin = rope_cos_sin(64, 96, 1e6, rope)
+    assert torch.equal(cos, want[0][0]) and torch.equal(sin, want[1][0])

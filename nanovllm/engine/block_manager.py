@@ -42,6 +42,10 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.seq_hashes: dict[int, list[int]] = {}  # seq_id -> hashes of its registered blocks, in order
         self.cache_hit_tokens = 0  # total tokens served from the prefix cache (a statistic)
+        # vLLM's prefix-cache statistics (its ``PrefixCacheStats``): prompt tokens looked up and those served from
+        # the cache, at first admissions only (a readmission after preemption is not counted, nor a sequence that
+        # wants its prompt logprobs, which takes no hit)
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -94,6 +98,9 @@ class BlockManager:
         seq.block_table = hits + [self._take_free_block() for _ in range(fresh_needed)]
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.cache_hit_tokens += seq.num_cached_tokens
+        if not seq.num_preemptions and not seq.wants_prompt_logprobs:
+            self.prefix_cache_queries += len(seq)
+            self.prefix_cache_hits += seq.num_cached_tokens
         self.seq_hashes[seq.seq_id] = hashes
         if self.snapshots is not None:
             seq.state_restore = self.snapshots.slot(hashes[-1]) if hashes else None

@@ -175,6 +175,7 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        seq.num_preemptions += 1
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample."""

@@ -62,6 +62,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
+        self.num_preemptions = 0  # times it was sent back to the queue
         self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
         self.state_restore: int | None = None  # hybrid models: the snapshot its first chunk starts from
         self.capture_points: list = []  # hybrid models: (tokens, block hash) where its state is snapshotted

@@ -5,9 +5,9 @@ Messages, each one pickle (``send_bytes``):
 * front -> core: ``("add", rid, prompt_ids, [SamplingParams per choice], ImageInputs or None)``,
   ``("abort", rid, [choice indices] or None for all)``, ``("stop",)``.
 * core -> front: ``("step", [(rid, choice, SequenceOutput)], snapshot, added)`` after each step, and after commands
-  that arrived while the engine was idle; ``snapshot`` is ``{"running", "waiting", "kv_cache_usage"}`` and
-  ``added`` the number of sequences handed to the engine so far.  ``("failed", message)`` if the engine raised,
-  after which the core stops; ``("stopped",)`` after a ``stop``.
+  that arrived while the engine was idle; ``snapshot`` is ``{"running", "waiting", "kv_cache_usage"}`` and the prefix
+  cache's and speculative decoding's totals, ``added`` the number of sequences handed to the engine so far.
+  ``("failed", message)`` if the engine raised, after which the core stops; ``("stopped",)`` after a ``stop``.
 
 The outputs are the engine's own (``nanovllm/engine/outputs.py``), each tagged with its request and choice.
 ``abort`` ends the choices at once and frees their KV blocks (``Engine.abort``); nothing more is sent for them.  A
@@ -75,6 +75,7 @@ class EngineCore:
         bm = engine.block_manager
         return {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
                 "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
+                "prefix_cache_queries": bm.prefix_cache_queries, "prefix_cache_hits": bm.prefix_cache_hits,
                 **{k: engine.stats[k] for k in ("spec_drafts", "spec_proposed_tokens", "spec_accepted_tokens",
                                                 "spec_accepted_by_position")}}
 

@@ -2,7 +2,10 @@
 
 Gauges (read from the engine loop at each scrape): ``num_requests_running``, ``num_requests_waiting`` (sequences:
 a request of ``n`` choices counts ``n``), ``kv_cache_usage_perc`` (0 to 1, as vLLM).  Counters:
-``prompt_tokens_total``, ``generation_tokens_total``, ``request_success_total{finished_reason}``.  Histograms:
+``prompt_tokens_total``, ``generation_tokens_total``, ``request_success_total{finished_reason}``, and as vLLM's
+``prefix_cache_queries`` / ``prefix_cache_hits`` (tokens: the prompt tokens of each sequence admitted, and those of
+them served from the prefix cache, whole blocks; first admissions only, not readmissions after preemption nor
+sequences that want prompt logprobs, as vLLM; read from the engine's totals at each scrape).  Histograms:
 ``time_to_first_token_seconds``, ``inter_token_latency_seconds``, ``e2e_request_latency_seconds``.  With
 speculative decoding, counters as vLLM's: ``spec_decode_num_drafts``, ``spec_decode_num_draft_tokens``,
 ``spec_decode_num_accepted_tokens``, ``spec_decode_num_accepted_tokens_per_pos{position}``.  Every metric
@@ -21,7 +24,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class ServerMetrics:
     def __init__(self, model_name: str, engine_stats):
-        """``engine_stats()`` returns ``{"running", "waiting", "kv_cache_usage"}`` (``EngineLoop.stats``)."""
+        """``engine_stats()`` returns ``{"running", "waiting", "kv_cache_usage"}`` and the engine's totals
+        (``prefix_cache_queries``, ``prefix_cache_hits``, ``spec_*``; a missing one counts 0) (``EngineLoop.stats``)."""
         self.registry = r = CollectorRegistry()
         self._engine_stats = engine_stats
         labels = ["model_name"]
@@ -46,14 +50,18 @@ class ServerMetrics:
         self.e2e = Histogram("nanovllm:e2e_request_latency_seconds", "Seconds from arrival to the last token.",
                              labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
 
-        spec = [("spec_drafts", "num_drafts", "Sequences verified with a proposal."),
-                ("spec_proposed_tokens", "num_draft_tokens", "Proposed tokens verified."),
-                ("spec_accepted_tokens", "num_accepted_tokens", "Proposed tokens kept.")]
-        self._spec = {key: Counter(f"nanovllm:spec_decode_{name}", doc, labels, registry=r).labels(model_name)
-                      for key, name, doc in spec}
+        # counters of totals the engine keeps (its stats key, the counter's name after "nanovllm:", its doc)
+        totals = [("prefix_cache_queries", "prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                   "queried tokens."),
+                  ("prefix_cache_hits", "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+                  ("spec_drafts", "spec_decode_num_drafts", "Sequences verified with a proposal."),
+                  ("spec_proposed_tokens", "spec_decode_num_draft_tokens", "Proposed tokens verified."),
+                  ("spec_accepted_tokens", "spec_decode_num_accepted_tokens", "Proposed tokens kept.")]
+        self._totals = {key: Counter(f"nanovllm:{name}", doc, labels, registry=r).labels(model_name)
+                        for key, name, doc in totals}
         self._spec_per_pos = Counter("nanovllm:spec_decode_num_accepted_tokens_per_pos", "Proposed tokens kept, "
                                      "by position in the proposal (0 first).", labels + ["position"], registry=r)
-        self._spec_seen: dict = {}  # the engine's totals at the last scrape
+        self._seen: dict = {}  # the engine's totals at the last scrape
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -78,11 +86,12 @@ class ServerMetrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
-        totals = {key: stats.get(key, 0) for key in self._spec}
+        totals = {key: stats.get(key, 0) for key in self._totals}
         totals.update(enumerate(stats.get("spec_accepted_by_position", ())))
         for key, total in totals.items():  # the engine keeps totals: count what came since the last scrape
-            seen = self._spec_seen.get(key, 0)
-            counter = self._spec[key] if key in self._spec else self._spec_per_pos.labels(self._model_name, str(key))
+            seen = self._seen.get(key, 0)
+            counter = self._totals[key] if key in self._totals else self._spec_per_pos.labels(self._model_name,
+                                                                                                str(key))
             counter.inc(total - seen if total >= seen else total)  # below: the engine's stats were reset
-            self._spec_seen[key] = total
+            self._seen[key] = total
         return generate_latest(self.registry)

@@ -42,14 +42,16 @@ def _store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def _paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale):
+def _paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale,
+                     window=0, sinks=None, softcap=0.0):
     if current_options().reference_kernels:
         return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                   scale, k_scale, v_scale)
+                                                   scale, k_scale, v_scale, window, sinks, softcap)
     if q.shape[0] == context_lens.shape[0]:  # one new token per sequence: every decode step
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                       window, sinks, softcap)
     return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale,
-                                    v_scale)
+                                    v_scale, window, sinks, softcap)
 
 
 def _rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,

@@ -141,7 +141,7 @@ def _cos_sin(inv_freq: torch.Tensor, max_position: int, attention_factor: float 
 
 def rope_cos_sin(head_dim: int, max_position: int, base: float, scaling: dict | None = None):
     """float32 (cos, sin) tables [max_position, head_dim] of the rotate-half rope, scaled as ``scaling`` asks
-    (``llama3``, ``yarn``, ``longrope``; another type raises NotImplementedError naming it).  LongRoPE uses the
+    (``linear``, ``llama3``, ``yarn``, ``longrope``; another type raises NotImplementedError naming it).  LongRoPE uses the
     short factors; where ``longrope_switch`` is not None the tables are [2 * max_position, head_dim]: the
     short-factor rows, then the long-factor rows."""
     rope_type = _rope_type(scaling)
@@ -161,7 +161,9 @@ def rope_cos_sin(head_dim: int, max_position: int, base: float, scaling: dict | 
     inv_freq = 1.0 / (base ** _frequency_exponents(head_dim))
     if rope_type == "llama3":
         inv_freq = llama3_inv_freq(inv_freq, scaling)
+    elif rope_type == "linear":  # positions divided by the factor (Gemma 3's global layers)
+        inv_freq = inv_freq / scaling["factor"]
     elif rope_type not in ("default", None):
         raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported "
-                                  f"(supported: default, llama3, longrope, yarn)")
+                                  f"(supported: default, linear, llama3, longrope, yarn)")
     return _cos_sin(inv_freq, max_position)

@@ -9,8 +9,8 @@ Every vendor call follows the torch_npu/torchair documentation named at it; ``te
   mode is for debugging.  Graph (``register_npu_traced``): Dynamo traces, in place of each opaque op, a function of
   torch, torch_npu and torchair ops only.  In ``max-autotune`` attention is torchair's FIA with the lengths as a
   device tensor (no host reads); in ``reduce-overhead`` (aclgraph) it is the pure-PyTorch twin.
-* Prefill attention is the twin everywhere (FIA's paged prefill needs ``block_size`` a multiple of 128 and, in
-  the TND layout, head_dim 128).
+* The twin everywhere: prefill attention (FIA's paged prefill needs ``block_size`` a multiple of 128 and, in the
+  TND layout, head_dim 128), and attention with a sliding window, sinks or a softcap (not mapped onto FIA yet).
 * KV store: one ``npu_scatter_nd_update_`` per cache.  That op does not skip out-of-range indices, so padded rows
   (slot -1) are sent where they rewrite equal values (``_scatter_rows``): they leave the cache unchanged.
 """
@@ -79,16 +79,19 @@ def _fia_decode(fia, q, k_cache, v_cache, context_lens, block_tables, scale, len
     return torch.where((context_lens > 0)[:, None, None], out.reshape(batch, num_heads, head_dim), 0.0).to(q.dtype)
 
 
-def _is_fia_decode(q, context_lens) -> bool:
-    return q.shape[0] == context_lens.shape[0] and q.dtype in _FIA_DTYPES
+def _is_fia_decode(q, context_lens, window=0, sinks=None, softcap=0.0) -> bool:
+    """Whether FIA takes the call: decode in float16/bfloat16, plain causal (a window, sinks or a softcap: the
+    twin, which computes them)."""
+    return (q.shape[0] == context_lens.shape[0] and q.dtype in _FIA_DTYPES and window == 0 and sinks is None
+            and softcap == 0.0)
 
 
 def paged_attention_npu(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale=None,
-                        v_scale=None):
+                        v_scale=None, window=0, sinks=None, softcap=0.0):
     """Eager: FIA for decode (lengths read to the host), the twin otherwise."""
-    if not _is_fia_decode(q, context_lens) or k_scale is not None:
+    if not _is_fia_decode(q, context_lens, window, sinks, softcap) or k_scale is not None:
         return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                   scale, k_scale, v_scale)
+                                                   scale, k_scale, v_scale, window, sinks, softcap)
     import torch_npu
     lengths = context_lens.clamp(min=1).tolist()
     return _fia_decode(torch_npu.npu_fused_infer_attention_score, q, k_cache, v_cache, context_lens, block_tables,
@@ -96,11 +99,11 @@ def paged_attention_npu(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_t
 
 
 def traced_paged_attention_ascend_ir(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                     k_scale=None, v_scale=None):
+                                     k_scale=None, v_scale=None, window=0, sinks=None, softcap=0.0):
     """Graph, max-autotune: torchair's FIA with the lengths as an int64 device tensor, the twin for prefill."""
-    if not _is_fia_decode(q, context_lens) or k_scale is not None:
+    if not _is_fia_decode(q, context_lens, window, sinks, softcap) or k_scale is not None:
         return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                   scale, k_scale, v_scale)
+                                                   scale, k_scale, v_scale, window, sinks, softcap)
     import torchair
     return _fia_decode(torchair.ops.npu_fused_infer_attention_score, q, k_cache, v_cache, context_lens,
                        block_tables, scale, context_lens.clamp(min=1).to(torch.int64))

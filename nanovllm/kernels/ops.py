@@ -39,18 +39,26 @@ def _(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
 @torch.library.custom_op("nanovllm::paged_attention", mutates_args=())
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                     k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> torch.Tensor:
+                     k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], window: int,
+                     sinks: Optional[torch.Tensor], softcap: float) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV, for prefill and decode alike.
 
     Implementations choose their kernel when the op runs, not when it is traced, so one compiled step serves
     both: a batch with one new token per sequence (every decode step) may take a decode kernel, any other the
-    varlen prefill kernel.  Both compute the same thing for one token per sequence."""
+    varlen prefill kernel.  Both compute the same thing for one token per sequence.
+
+    ``window`` W > 0: the query at position p sees keys p - W < j <= p only (transformers' sliding window; 0: full
+    causal), and no implementation reads a KV block lying wholly before the earliest key a sequence's queries see
+    (its block-table entry may hold anything).  ``sinks`` [Hq] (any float dtype, used in float32): a logit per
+    query head in the softmax denominator only (GPT-OSS).  ``softcap`` > 0: scores ``softcap * tanh(s / softcap)``
+    before masking (Gemma 2; 0: off).  See ``reference.paged_attention_reference``."""
     return reference.paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                               k_scale, v_scale)
+                                               k_scale, v_scale, window, sinks, softcap)
 
 
 @_paged_attention.register_fake
-def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale):
+def _(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale, window, sinks,
+      softcap):
     return torch.empty_like(q)
 
 
@@ -194,9 +202,13 @@ def rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_we
 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float, k_scale=None,
-                    v_scale=None) -> torch.Tensor:
+                    v_scale=None, window: int = 0, sinks: Optional[torch.Tensor] = None,
+                    softcap: float = 0.0) -> torch.Tensor:
+    """Attention of q [T, Hq, D] over the paged cache (see ``_paged_attention``): a sliding ``window`` (0: full
+    causal), per-head ``sinks`` logits (None: none) and a score ``softcap`` (0: off)."""
     fn = _traced("paged_attention", q.device) or torch.ops.nanovllm.paged_attention
-    return fn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale)
+    return fn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale, v_scale, int(window),
+              sinks, float(softcap))
 
 
 def linear(x, weight, bias=None, silu_mul: bool = False, weight_scale=None, group: int = 0) -> torch.Tensor:

@@ -1,17 +1,18 @@
 """Pure-PyTorch paged attention, KV store, q/k norm + rope and projections: the default implementations of the ops
-in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.  KV cache layout, shared by every implementation (one tensor per layer for K, one for V):
-``cache[num_blocks, num_kv_heads, block_size, head_dim]``, so one KV head's tokens inside a block are contiguous.
-A slot id is ``block * block_size + offset``; slot -1 means "padded row, write nothing".
+in ``ops.py`` (the CPU path) and the oracle for the Triton kernels.  KV cache layout, one tensor per layer for K
+and one for V: ``cache[num_blocks, num_kv_heads, block_size, head_dim]``; slot ``block * block_size + offset``;
+slot -1 means "padded row, write nothing".  An FP8 cache (``kv_quant.py``): the store quantises, attention
+dequantises to float32 before it multiplies.
 
-``context_lens[b]`` is the number of KV tokens sequence ``b`` has in the cache *including* the tokens of
-the current step (they are stored before attention runs).  In prefill the query token ``j`` of a sequence
-with ``q_len`` new tokens sits at absolute position ``context_lens[b] - q_len + j`` and attends causally to
-KV positions ``0 .. that position``.  A token at a negative position (a row with ``context_lens == 0``) gets
-zeros.  Cache entries at or past a row's context are never read into its result, whatever they hold.  An FP8
-cache (``kv_quant.py``): the store quantises, attention dequantises to float32 before it multiplies.
-
-Every twin uses only static shapes (no ``.item()``, ``.tolist()``, ``nonzero`` or boolean-mask indexing): none syncs
-with the host, each traces whole (``fullgraph=True``, ``make_fx``), and attention reads every column of the block table.
+``context_lens[b]`` counts sequence ``b``'s KV tokens *including* this step's (stored before attention runs).  Its
+query token ``j`` of ``q_len`` sits at position ``context_lens[b] - q_len + j`` and sees keys ``0 .. position``, or
+with a sliding ``window`` W > 0 only keys j with ``position - W < j <= position`` (transformers' sliding window);
+``sinks`` add a logit per query head to the softmax denominator, ``softcap`` caps scores before the mask
+(``paged_attention_reference``).  A negative position (context 0) gets zeros.  Cache entries at or past a context,
+and with a window the blocks wholly before a sequence's earliest visible key (their table entries too), are
+never read into a result, whatever they hold.  Every twin uses only static shapes (no ``.item()``, ``.tolist()``,
+``nonzero`` or boolean-mask indexing): none syncs with the host, and each traces whole (``fullgraph=True``,
+``make_fx``).
 """
 import torch
 import torch.nn.functional as F
@@ -77,63 +78,106 @@ def _silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 # Attention works on query tiles: [N, M] query rows that share one sequence (decode: one row per sequence; prefill:
 # runs of _PREFILL_TILE consecutive tokens, the Triton prefill kernel's tiling), each with its sequence's block-table
-# row.  A tile gathers its sequence's KV once for all its rows and attends in float32 with SDPA under a causal mask
-# by position; tiles are taken a group at a time so that the gathered KV stays near _CHUNK_ELEMENTS.
+# row.  A tile gathers its sequence's KV once for all its rows and attends in float32 (SDPA, or the explicit softmax
+# of _softmax_attend with sinks or a softcap) under a causal mask by position; tiles are taken a group at a time so
+# that the gathered KV stays near _CHUNK_ELEMENTS.
 def _attend_tiles(q: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, tables: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, kv_scales: tuple) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, kv_scales: tuple, window: int = 0,
+                  sinks: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Causal attention of query tiles q [N, M, Hq, D] at positions ``q_pos`` [N, M] over the paged KV of their
     sequences (context ``ctx`` [N], block-table rows ``tables`` [N, W]) -> float32 [N, M, Hq, D].
 
-    Each tile gathers W x block_size KV positions.  Positions at or past the context read position 0 instead (the
-    mask hides them; what the cache holds there, NaN included, never reaches the result).  A row at a negative
-    position sees nothing and gets zeros, set explicitly: not every attention backend returns zeros for a fully
-    masked row."""
+    Without a window each tile gathers W x block_size KV positions from position 0.  With ``window`` it gathers a
+    static run of blocks from the block of its first row's earliest key (positions rise along a tile), enough for
+    every row, and never reads a block-table entry before it: those blocks may be freed.  Positions past the
+    context (and, windowed, before that earliest key) read the first readable position instead; the mask hides
+    them, so what the cache holds there, NaN included, never reaches the result.  A row at a negative position sees
+    nothing and gets zeros, set explicitly: not every attention backend returns zeros for a fully masked row."""
     num_tiles, rows, num_q_heads, head_dim = q.shape
     num_blocks, num_kv_heads, block_size, _ = k_cache.shape
-    length = tables.shape[1] * block_size
+    width = tables.shape[1]
+    if window > 0:  # blocks that cover window + rows - 1 positions wherever they start in a block
+        width = min(width, -(-(window + rows - 1) // block_size) + 1)
+    length = width * block_size
     tiles_per_group = max(1, min(num_tiles, _CHUNK_ELEMENTS // (length * (2 * num_kv_heads * head_dim + rows))))
     k_rows, v_rows = k_cache.reshape(-1, head_dim), v_cache.reshape(-1, head_dim)  # row (block, head, offset)
-    kv_pos = torch.arange(length, device=q.device)
+    offsets = torch.arange(length, device=q.device)
     heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
     q_pos, ctx = q_pos.long(), ctx.long()
     outs = []
     for t0 in range(0, num_tiles, tiles_per_group):
         t1 = min(t0 + tiles_per_group, num_tiles)
         n = t1 - t0
-        src = torch.where(kv_pos[None, :] < ctx[t0:t1, None], kv_pos[None, :], 0)  # [n, L]
-        blocks = tables[t0:t1].long().clamp(0, num_blocks - 1).gather(1, src // block_size)
+        pos = q_pos[t0:t1]
+        if window > 0:
+            lo = (pos[:, :1] - window + 1).clamp(min=0)  # [n, 1]: the earliest key of the tile's first row
+            kv_pos = lo // block_size * block_size + offsets[None, :]  # [n, L]
+            src = torch.where((kv_pos >= lo) & (kv_pos < ctx[t0:t1, None]), kv_pos, lo)
+        else:
+            kv_pos = offsets[None, :]
+            src = torch.where(kv_pos < ctx[t0:t1, None], kv_pos, 0)  # [n, L]
+        blocks = tables[t0:t1].long().gather(1, src // block_size).clamp(0, num_blocks - 1)
         index = ((blocks[:, None, :] * num_kv_heads + heads) * block_size + (src % block_size)[:, None, :]).flatten()
         k, v = (c.index_select(0, index).view(n, num_kv_heads, length, head_dim) for c in (k_rows, v_rows))
         if kv_scales[0] is not None:
             k, v = kv_quant.dequantize(k, kv_scales[0]), kv_quant.dequantize(v, kv_scales[1])
         k, v = k.float(), v.float()
-        pos = q_pos[t0:t1]
-        keep = kv_pos[None, None, :] <= pos[:, :, None]  # [n, M, L]
-        out = F.scaled_dot_product_attention(q[t0:t1].float().transpose(1, 2), k, v, attn_mask=keep[:, None],
-                                             scale=scale, enable_gqa=True)  # [n, Hq, M, D]
+        keep = kv_pos[:, None, :] <= pos[:, :, None]  # [n, M, L]
+        if window > 0:
+            keep = keep & (kv_pos[:, None, :] > pos[:, :, None] - window)
+        qt = q[t0:t1].float().transpose(1, 2)
+        if sinks is None and softcap == 0.0:
+            out = F.scaled_dot_product_attention(qt, k, v, attn_mask=keep[:, None], scale=scale,
+                                                 enable_gqa=True)  # [n, Hq, M, D]
+        else:
+            out = _softmax_attend(qt, k, v, keep, scale, sinks, softcap)
         out = torch.where((pos >= 0)[:, None, :, None], out, 0.0)
         outs.append(out.transpose(1, 2))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def _softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                    sinks: torch.Tensor | None, softcap: float) -> torch.Tensor:
+    """float32 attention of q [n, Hq, M, D] over k, v [n, Hkv, L, D] (query head h reads KV head h // (Hq/Hkv))
+    under ``keep`` [n, M, L]: scores ``scale * q.k``, capped to ``softcap * tanh(s / softcap)`` (softcap > 0), then
+    masked; each head's ``sinks`` logit (if given) joins the softmax denominator and carries no value."""
+    n, num_q_heads, rows, head_dim = q.shape
+    num_kv_heads, length = k.shape[1], k.shape[2]
+    grouped = q.reshape(n, num_kv_heads, num_q_heads // num_kv_heads * rows, head_dim)
+    s = (grouped @ k.transpose(-1, -2)).view(n, num_q_heads, rows, length) * scale
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    s = torch.where(keep[:, None], s, float("-inf"))
+    if sinks is not None:
+        column = sinks.float().view(1, num_q_heads, 1, 1).expand(n, num_q_heads, rows, 1)
+        p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :length]
+    else:
+        p = torch.softmax(s, dim=-1)
+    return (p.reshape(n, num_kv_heads, -1, length) @ v).view(n, num_q_heads, rows, head_dim)
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+                               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                               window: int = 0, sinks: torch.Tensor | None = None, softcap: float = 0.0
                                ) -> torch.Tensor:
-    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each row's ``context_lens`` tokens."""
+    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each row's ``context_lens`` tokens (the last
+    ``window`` of them when ``window`` > 0); ``sinks``, ``softcap`` as ``paged_attention_reference``'s."""
     if q.shape[0] == 0:
         return torch.zeros_like(q)
     ctx = context_lens.long()
     out = _attend_tiles(q[:, None], (ctx - 1)[:, None], ctx, block_tables, k_cache, v_cache, scale,
-                        (k_scale, v_scale))
+                        (k_scale, v_scale), window, sinks, softcap)
     return out[:, 0].to(q.dtype)
 
 
 def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                                 scale: float, k_scale: torch.Tensor | None = None,
-                                v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Variable-length causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache.
+                                v_scale: torch.Tensor | None = None, window: int = 0,
+                                sinks: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """Variable-length causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache;
+    ``window``, ``sinks``, ``softcap`` as ``paged_attention_reference``'s.
 
     Sequence b owns query tiles ``first[b] ..`` with ``first[b] = cu[b] // M + b``; ``T // M + B`` tiles cover
     every sequence, whatever its length (the Triton prefill kernel's grid), so the tile count is static."""
@@ -152,7 +196,8 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     q_pos = torch.where(valid, ctx[:, None] - q_lens[seq][:, None] + i, -1)
     token = torch.where(valid, starts[seq][:, None] + i, num_tokens)  # row num_tokens: a scratch row
     q_tiles = q[token.clamp(max=num_tokens - 1)]
-    out = _attend_tiles(q_tiles, q_pos, ctx, block_tables[seq], k_cache, v_cache, scale, (k_scale, v_scale))
+    out = _attend_tiles(q_tiles, q_pos, ctx, block_tables[seq], k_cache, v_cache, scale, (k_scale, v_scale),
+                        window, sinks, softcap)
     full = q.new_zeros(num_tokens + 1, *q.shape[1:])
     full.index_copy_(0, token.flatten(), out.flatten(0, 1).to(q.dtype))
     return full[:num_tokens]
@@ -161,13 +206,31 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                               scale: float, k_scale: torch.Tensor | None = None,
-                              v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                              v_scale: torch.Tensor | None = None, window: int = 0,
+                              sinks: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """The twin of ``nanovllm::paged_attention``: decode attention when every sequence has one new token (a
-    cheaper tiling of the same computation), varlen prefill attention otherwise."""
+    cheaper tiling of the same computation), varlen prefill attention otherwise.
+
+    ``window`` W > 0: the query at position p sees keys p - W < j <= p (transformers' sliding window), 0: all
+    j <= p.  ``sinks`` [Hq]: one logit per query head in the softmax denominator only.  ``softcap`` > 0: scores
+    become ``softcap * tanh(scores / softcap)`` before masking."""
+    check_attention_kinds(q, window, sinks, softcap)
     if q.shape[0] == context_lens.shape[0]:
-        return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+        return decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                          window, sinks, softcap)
     return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                       k_scale, v_scale)
+                                       k_scale, v_scale, window, sinks, softcap)
+
+
+def check_attention_kinds(q: torch.Tensor, window: int, sinks: torch.Tensor | None, softcap: float) -> None:
+    """Refuse, by name, a negative ``window`` or ``softcap`` and ``sinks`` not of shape [Hq] (static checks)."""
+    if window < 0:
+        raise ValueError(f"paged_attention: window must be >= 0 (0: full causal), got {window}")
+    if softcap < 0.0:
+        raise ValueError(f"paged_attention: softcap must be >= 0 (0: off), got {softcap}")
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"paged_attention: sinks must have shape [num_q_heads] = [{q.shape[1]}], "
+                         f"got {list(sinks.shape)}")
 
 
 def norm_rope_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,

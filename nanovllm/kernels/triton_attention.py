@@ -1,8 +1,7 @@
 """Fused Triton kernels for the paged KV cache: KV store, decode attention and varlen prefill attention.
 
 ``cuda.py`` registers them for CUDA tensors as implementations of the ops in ``ops.py``; ``reference.py`` holds
-their pure-PyTorch twins, the cache layout ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` and the
-meaning of ``context_lens``.
+their pure-PyTorch twins, the cache layout and the meaning of ``context_lens``, ``window``, ``sinks``, ``softcap``.
 
 * ``store_kv_triton``: one program per token writes all its KV heads into their slot (slot -1 is skipped).
 * ``decode_attention_triton``: split-KV decode attention, in ``triton_decode.py`` (re-exported here).
@@ -10,9 +9,10 @@ meaning of ``context_lens``.
   straight from the paged cache (cached prefix and chunked prefill need no copy).  The grid is ``(T // BLOCK_M +
   B, Hq)``, an upper bound on the query tiles; each program finds its sequence by binary search over
   ``cu_seqlens_q`` and exits past its queries, or where it has one (the decode kernel's, launched packed after).
+  A windowed tile reads KV only from the tile holding its first row's earliest key on.  Window, sinks and
+  softcap are compile-time constants: 0, None, 0.0 compile the plain causal kernels.
 
-No host synchronisation and no data-dependent shapes: everything may run inside a CUDA graph.  The kernels
-also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how CI tests them.
+No host sync, no data-dependent shapes (all CUDA-graph capturable); CI runs them under ``TRITON_INTERPRET=1`` on CPU.
 """
 import torch
 import triton
@@ -20,7 +20,8 @@ import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets,
-                                            _fp8_mma_dtype, _kv_scales, _quantize_fp8, kv_scale_args)
+                                            _fp8_mma_dtype, _kv_scales, _quantize_fp8, _softmax_start,
+                                            attention_kind_args, kv_scale_args)
 from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its own modules; re-exported here)
     _decode_config, decode_attention_configured, decode_attention_triton, decode_num_splits)
 
@@ -74,11 +75,12 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tenso
 # JIT-compile a new variant) on whether each is 1 or a multiple of 16, seconds of compilation inside generate.
 @triton.jit(do_not_specialize=["num_seqs", "stride_btb"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, out_ptr,
-                    k_scale_ptr, v_scale_ptr, qk_scale, num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_btb,
-                    stride_cb, stride_ch, stride_ct,
+                    k_scale_ptr, v_scale_ptr, sinks_ptr, qk_scale, num_seqs, stride_qt, stride_qh, stride_ot,
+                    stride_oh, stride_btb, stride_cb, stride_ch, stride_ct,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    FP8: tl.constexpr, SKIP_SINGLE: tl.constexpr, PDL: tl.constexpr):
+                    FP8: tl.constexpr, SKIP_SINGLE: tl.constexpr, PDL: tl.constexpr, WINDOW: tl.constexpr,
+                    SINKS: tl.constexpr, SOFTCAP: tl.constexpr):
     pdl_begin(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -108,8 +110,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
     rows = (q_begin + i).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :], mask=row_valid[:, None],
                 other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = _softmax_start(sinks_ptr, head, head >= 0, head >= 0, BLOCK_M, SINKS)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     head_off = (head // GROUP).to(tl.int64) * stride_ch
@@ -121,19 +122,39 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
     # KV tiles every row of this tile sees whole.  At least 0: a padding sequence (context 0, any number of
     # tokens) has negative positions, attends to nothing and gets zeros, reading no block-table entry.
     full_end = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, 0)
-    kv_end = tl.minimum(ctx, first_pos + BLOCK_M)  # nothing past the last row's position
-    for start in range(0, full_end, BLOCK_N):  # unmasked tiles
+    kv_end = tl.minimum(ctx, first_pos + BLOCK_M)  # nothing past the last row's position (kv_end - 1)
+    if WINDOW > 0:
+        # Keys from kv_lo (the first row's earliest) on, in tiles from the one holding it: no block wholly before
+        # kv_lo is read (masked loads skip its table entry).  Tiles from front_end on are in every row's window.
+        kv_lo = tl.maximum(first_pos - WINDOW + 1, 0)
+        lo = (kv_lo // BLOCK_N) * BLOCK_N
+        shared = tl.maximum(kv_end - WINDOW, 0)  # the last row's earliest key
+        front_end = tl.minimum(tl.maximum(tl.cdiv(shared, BLOCK_N) * BLOCK_N, lo), full_end)
+        for start in range(lo, front_end, BLOCK_N):  # window-edge tiles, before the diagonal
+            n = start + tl.arange(0, BLOCK_N)
+            valid = n >= kv_lo
+            offs = head_off + _kv_offsets(bt_row, start, n, valid, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
+            keep = (n[None, :] > pos[:, None] - WINDOW) & valid[None, :]
+            m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], valid, keep,
+                                         m_i, l_i, acc, qk_scale, True, DOT_PRECISION, SOFTCAP)
+    else:
+        front_end = 0
+    for start in range(front_end, full_end, BLOCK_N):  # unmasked tiles
         n = start + tl.arange(0, BLOCK_N)
         offs = head_off + _kv_offsets(bt_row, start, n, n < full_end, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], None, None,
-                                     m_i, l_i, acc, qk_scale, False, DOT_PRECISION)
+                                     m_i, l_i, acc, qk_scale, False, DOT_PRECISION, SOFTCAP)
     for start in range(full_end, kv_end, BLOCK_N):  # diagonal tiles
         n = start + tl.arange(0, BLOCK_N)
         valid = n < kv_end
+        if WINDOW > 0:
+            valid = valid & (n >= kv_lo)
         offs = head_off + _kv_offsets(bt_row, start, n, valid, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
         keep = (n[None, :] <= pos[:, None]) & valid[None, :]
+        if WINDOW > 0:
+            keep = keep & (n[None, :] > pos[:, None] - WINDOW)
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], valid, keep,
-                                     m_i, l_i, acc, qk_scale, True, DOT_PRECISION)
+                                     m_i, l_i, acc, qk_scale, True, DOT_PRECISION, SOFTCAP)
     out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -147,8 +168,8 @@ def _prefill_config(q: torch.Tensor):
 
 
 def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale=None,
-                                 v_scale=None, *, skip_single=False, block_m=None, block_n=None, num_warps=None,
-                                 num_stages=None):
+                                 v_scale=None, window=0, sinks=None, softcap=0.0, *, skip_single=False, block_m=None,
+                                 block_n=None, num_warps=None, num_stages=None):
     """``prefill_attention_triton`` with its launch parameters exposed (for benchmarks and tests); ``skip_single``
     leaves the rows of one-token sequences unwritten (``prefill_attention_triton`` has the decode kernel write
     them)."""
@@ -165,26 +186,29 @@ def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens
         return out
     grid = (num_tokens // block_m + num_seqs, num_q_heads)  # upper bound on query tiles over all sequences
     scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
+    sinks_arg, kinds = attention_kind_args(q, window, sinks, softcap)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, *scales, scale * _LOG2E, num_seqs,
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, *scales, sinks_arg, scale * _LOG2E,
+        num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), FP8=fp8, SKIP_SINGLE=skip_single, num_warps=num_warps,
-        num_stages=num_stages, **pdl_launch(q.device))
+        num_stages=num_stages, **kinds, **pdl_launch(q.device))
     return out
 
 
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                             scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+                             scale: float, k_scale=None, v_scale=None, window: int = 0, sinks=None,
+                             softcap: float = 0.0) -> torch.Tensor:
     """Varlen causal attention: q [T, Hq, D] packed by ``cu_seqlens_q`` [B+1] over the paged cache (an FP8 cache
     with its per-head scales).  The sequences of one query token (decode rows riding in a prefill step) take the
     packed decode kernel, which reads their KV once per GQA group; the prefill kernel leaves their rows."""
     out = prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                       k_scale, v_scale, skip_single=True)
+                                       k_scale, v_scale, window, sinks, softcap, skip_single=True)
     return decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
-                                       cu_seqlens_q=cu_seqlens_q, out=out)
+                                       window, sinks, softcap, cu_seqlens_q=cu_seqlens_q, out=out)
 
 
 __all__ = ["store_kv_triton", "decode_attention_triton", "prefill_attention_triton"]

@@ -1,5 +1,6 @@
 """Pieces shared by the Triton attention kernels: device facts, the ``tl.dot`` mode, paged-KV addressing, the FP8
-KV element's rounding (``kv_quant.py``) and the online-softmax step over one KV tile.
+KV element's rounding (``kv_quant.py``) and the online-softmax step over one KV tile, with its score softcap and
+the sink-seeded start of the softmax (``reference.py`` states what window, sinks and softcap mean).
 
 ``triton_attention.py`` (KV store, prefill) and ``triton_decode.py`` (decode) build on these.  The cache
 layout is ``cache[num_blocks, num_kv_heads, block_size, head_dim]`` (see ``reference.py``).
@@ -14,6 +15,7 @@ from nanovllm.kernels import kv_quant
 from nanovllm.kernels.options import current_options
 
 _LOG2E = 1.4426950408889634
+_LOG2E_C = tl.constexpr(_LOG2E)  # the same, readable inside kernels
 _SM_COUNT: dict = {}
 
 
@@ -133,7 +135,7 @@ def _kv_offsets(block_table_row, start, n, valid, stride_cb, stride_ct,
 
 @triton.jit
 def _attend_tile(q, k_cache_ptr, v_cache_ptr, offs, kv_valid, keep, m_i, l_i, acc, qk_scale,
-                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step of q [M, D] over the KV tile at ``offs`` [N, D]; ``keep`` [M, N] if MASKED."""
     if MASKED:
         k = tl.load(k_cache_ptr + offs, mask=kv_valid[:, None], other=0.0)
@@ -141,22 +143,62 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, offs, kv_valid, keep, m_i, l_i, ac
     else:
         k = tl.load(k_cache_ptr + offs)
         v = tl.load(v_cache_ptr + offs)
-    return _softmax_step(q, k, v, keep, m_i, l_i, acc, qk_scale, MASKED, DOT_PRECISION)
+    return _softmax_step(q, k, v, keep, m_i, l_i, acc, qk_scale, MASKED, DOT_PRECISION, SOFTCAP)
 
 
 @triton.jit
-def _softmax_step(q, k, v, keep, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _softmax_step(q, k, v, keep, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     """The online-softmax update of ``_attend_tile`` for K and V tiles already loaded.  K and V of an FP8 cache
-    are widened to q's dtype here (exact), and multiplied in it; their scales are the callers'."""
+    are widened to q's dtype here (exact), and multiplied in it; their scales are the callers'.  ``SOFTCAP`` > 0
+    caps the scores before the mask.  A row that has seen no key yet and sees none here (a window's first tiles)
+    keeps m = -inf, l = 0 and acc = 0."""
     s = _dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION) * qk_scale  # log2 units
+    if SOFTCAP > 0:
+        s = _softcap(s, SOFTCAP)
     if MASKED:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # -inf - -inf is NaN: a row with nothing seen yet subtracts 0 instead (its p and alpha are 0)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _softcap(s, SOFTCAP: tl.constexpr):
+    """Scores ``s`` in log2 units capped as ``SOFTCAP * tanh(natural score / SOFTCAP)``, still in log2 units.
+    tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: no overflow (Triton has no tanh)."""
+    cap = SOFTCAP * _LOG2E_C  # the cap in log2 units: s / cap is the natural score over SOFTCAP
+    e = tl.exp2(tl.abs(s) * (-2.0 * _LOG2E_C / cap))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(s < 0, -t, t) * cap
+
+
+@triton.jit
+def _softmax_start(sinks_ptr, heads, heads_mask, first, ROWS: tl.constexpr, SINKS: tl.constexpr):
+    """(m, l) to start an online softmax of ROWS rows: (-inf, 0), or where ``first`` (the program that owns the
+    sink; split 0 of a split decode) each row's head's sink logit in log2 units with weight 1 (e^0), so the sink
+    joins the denominator once and adds no value.  ``heads``: each row's query head (a scalar for a prefill tile)."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    if SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=heads_mask, other=0.0).to(tl.float32) * _LOG2E_C
+        m = tl.where(first, l_i + sink, m)
+        l_i = tl.where(first, l_i + 1.0, l_i)
+    return m, l_i
+
+
+def attention_kind_args(q: torch.Tensor, window: int, sinks, softcap: float) -> tuple:
+    """(sinks or a placeholder, the launch's WINDOW, SINKS and SOFTCAP constants), checked as the twin checks."""
+    from nanovllm.kernels.reference import check_attention_kinds
+    check_attention_kinds(q, window, sinks, softcap)
+    if sinks is not None:
+        assert sinks.is_contiguous() and sinks.device == q.device, "sinks: a contiguous [Hq] tensor beside q"
+    return (q if sinks is None else sinks), dict(WINDOW=int(window), SINKS=sinks is not None, SOFTCAP=float(softcap))
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

@@ -1,16 +1,16 @@
 """Paged decode attention in Triton: the split-KV kernel, its log-sum-exp reduce and their launch.
 
 One program per (sequence, KV head, split) loads each KV tile once for all the query heads of its GQA group (a
-``tl.dot`` over the group padded to 16 rows) and keeps an online softmax.  Each sequence's context is cut into
-``num_splits`` equal runs of tiles, with ``num_splits`` sized from static shapes to fill two waves of SMs (one
-split at large batches); with more than one split every program writes a partial output and its log-sum-exp,
-which ``_decode_reduce_kernel`` merges.  The grid runs the KV head fastest and the scheduler hands rows over
-longest context first, so the longest programs start first.  Packed (``cu_seqlens_q``), the kernels take the
-sequences of one query token out of a prefill step's layout and write beside the prefill kernel's rows: a decode
-row riding in a prefill step reads its KV once per GQA group here, where the prefill kernel reads it per head.
+``tl.dot`` over the group padded to 16 rows) and keeps an online softmax.  Each sequence's context (windowed: from
+the tile holding the window's first key, no block wholly before it read) is cut into ``num_splits`` equal runs of
+tiles, ``num_splits`` sized from static shapes to fill two waves of SMs; with more than one split every program
+writes a partial output and its log-sum-exp, which ``_decode_reduce_kernel`` merges.  Split 0 seeds its softmax
+with the head's sink logit, so the merge counts a sink once.  The grid runs the KV head fastest and rows come
+longest first.  Packed (``cu_seqlens_q``), the kernels take the sequences of one query token out of a prefill
+step's layout and write beside the prefill kernel's rows (KV read once per GQA group, not per head).
 
-The grid and every launch parameter depend only on static shapes (batch, KV heads, block-table width) and the SM
-count, never on ``context_lens`` values, so a launch can be captured in a CUDA graph and replayed with other
+The grid and every launch parameter depend only on static shapes (batch, KV heads, block-table width, window) and
+the SM count, never on ``context_lens`` values, so a launch can be captured in a CUDA graph and replayed with other
 lengths.  A row with ``context_lens == 0`` yields zeros.  On Hopper, in bf16/fp16, whole KV tiles are loaded
 through TMA descriptors of the cache (``use_tma``); the results are bit-identical to the pointer loads.
 """
@@ -20,8 +20,8 @@ import triton.language as tl
 
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _hopper_or_newer,
-                                            _fp8_mma_dtype, _kv_offsets, _kv_scales, _num_sms, _softmax_step,
-                                            kv_scale_args)
+                                            _fp8_mma_dtype, _kv_offsets, _kv_scales, _num_sms, _softmax_start,
+                                            _softmax_step, attention_kind_args, kv_scale_args)
 
 _WAVES = 2  # programs aimed at: this many per SM
 
@@ -40,12 +40,13 @@ def _query_row(cu_seqlens_ptr, b, PACKED: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables_ptr, context_lens_ptr, cu_seqlens_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
+                   out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr, sinks_ptr, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_cb, stride_ch, stride_ct,
                    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                    GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, PACKED: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
+                   WINDOW: tl.constexpr, SINKS: tl.constexpr, SOFTCAP: tl.constexpr):
     pdl_begin(PDL)
     kv_head = tl.program_id(0)  # fastest-varying, so programs start in row order (rows come longest first)
     b = tl.program_id(1)
@@ -54,11 +55,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
     if q_row < 0:
         return
     ctx = tl.load(context_lens_ptr + b)
-    # The context cut into num_splits equal runs of whole tiles; an empty run stores lse = -inf.
-    tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
-    lo = split * tiles_per_split * BLOCK_N
+    # The context (windowed: from the tile holding its first key, kv_lo) cut into num_splits equal runs of whole
+    # tiles; an empty run stores lse = -inf.  Split 0's first tile is masked below kv_lo, whose block it holds.
+    if WINDOW > 0:
+        kv_lo = tl.maximum(ctx - WINDOW, 0)
+        base = (kv_lo // BLOCK_N) * BLOCK_N
+    else:
+        base = 0
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx - base, BLOCK_N), num_splits)
+    lo = base + split * tiles_per_split * BLOCK_N
     hi = tl.maximum(tl.minimum(lo + tiles_per_split * BLOCK_N, ctx), lo)
-    full_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N  # [lo, full_hi) is whole tiles; at most one partial after
+    if WINDOW > 0:
+        body_lo = tl.where(lo < kv_lo, lo + BLOCK_N, lo)  # past the masked first tile
+        full_hi = body_lo + (tl.maximum(hi - body_lo, 0) // BLOCK_N) * BLOCK_N
+    else:
+        body_lo = lo
+        full_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N  # [lo, full_hi) is whole tiles; at most one partial after
 
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, HEAD_DIM)
@@ -66,8 +78,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
     g_mask = g < GROUP
     q = tl.load(q_ptr + q_row * stride_qb + q_head[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None], other=0.0)
-    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_P], tl.float32)
+    m_i, l_i = _softmax_start(sinks_ptr, q_head, g_mask, split == 0, GROUP_P, SINKS)  # split 0 holds the sink
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     head_off = kv_head.to(tl.int64) * stride_ch
@@ -75,23 +86,30 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_tables
     qk_scale = qk_scale * k_scale
     if FP8:
         q = _fp8_mma_dtype(q)
-    for start in range(lo, full_hi, BLOCK_N):
+    if WINDOW > 0:
+        for start in range(lo, body_lo, BLOCK_N):  # the tile holding kv_lo, keys before it masked
+            n = start + tl.arange(0, BLOCK_N)
+            valid = (n >= kv_lo) & (n < hi)
+            offs = head_off + _kv_offsets(bt_row, start, n, valid, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
+            m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], valid,
+                                         valid[None, :], m_i, l_i, acc, qk_scale, True, DOT_PRECISION, SOFTCAP)
+    for start in range(body_lo, full_hi, BLOCK_N):
         if TMA:  # whole tiles as bulk copies: row (block, head, token) of the cache viewed as [rows, HEAD_DIM]
             block = tl.load(bt_row + start // BLOCK_SIZE)
             row = (block * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + start % BLOCK_SIZE
             m_i, l_i, acc = _softmax_step(q, k_desc.load([row, 0]), v_desc.load([row, 0]), None, m_i, l_i, acc,
-                                          qk_scale, False, DOT_PRECISION)
+                                          qk_scale, False, DOT_PRECISION, SOFTCAP)
         else:
             n = start + tl.arange(0, BLOCK_N)
             offs = head_off + _kv_offsets(bt_row, start, n, n < full_hi, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
             m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], None, None,
-                                         m_i, l_i, acc, qk_scale, False, DOT_PRECISION)
+                                         m_i, l_i, acc, qk_scale, False, DOT_PRECISION, SOFTCAP)
     for start in range(full_hi, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         valid = n < hi
         offs = head_off + _kv_offsets(bt_row, start, n, valid, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N)
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, offs[:, None] + d[None, :], valid,
-                                     valid[None, :], m_i, l_i, acc, qk_scale, True, DOT_PRECISION)
+                                     valid[None, :], m_i, l_i, acc, qk_scale, True, DOT_PRECISION, SOFTCAP)
 
     out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]  # empty context or empty split: zeros
     if not PARTIAL:
@@ -159,8 +177,8 @@ def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
 
 
 def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None,
-                                *, cu_seqlens_q=None, out=None, num_splits=None, block_n=None, num_warps=None,
-                                num_stages=None):
+                                window=0, sinks=None, softcap=0.0, *, cu_seqlens_q=None, out=None, num_splits=None,
+                                block_n=None, num_warps=None, num_stages=None):
     """``decode_attention_triton`` with its launch parameters exposed (tests and kernel benchmarks).  Overrides
     must stay functions of static shapes for the launch to be graph-capturable.  With ``cu_seqlens_q`` (packed, a
     prefill step's layout) only the sequences of one query token are computed, into ``out`` at that token's row."""
@@ -177,8 +195,10 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
     packed = cu_seqlens_q is not None
     if batch == 0:
         return out
-    num_splits = num_splits or decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, block_n,
-                                                 q.device)
+    max_blocks = block_tables.shape[1]
+    if window > 0:  # a window spans at most this many blocks' worth of tiles
+        max_blocks = min(max_blocks, triton.cdiv(window + block_n, block_size))
+    num_splits = num_splits or decode_num_splits(batch, num_kv_heads, max_blocks, block_size, block_n, q.device)
     if num_splits > 1:
         part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -188,16 +208,17 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
     tma = use_tma(q, k_cache, block_n)
     k_desc, v_desc = _kv_descriptors(k_cache, v_cache, block_n) if tma else (k_cache, v_cache)
     scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
+    sinks_arg, kinds = attention_kind_args(q, window, sinks, softcap)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, cu_seqlens_q if packed else context_lens,
-        out, part_out, part_lse, *scales,
+        out, part_out, part_lse, *scales, sinks_arg,
         scale * _LOG2E,
         num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         PARTIAL=num_splits > 1, PACKED=packed, DOT_PRECISION=_dot_precision(q), FP8=fp8, TMA=tma, num_warps=num_warps,
-        num_stages=num_stages, **pdl_launch(q.device))
+        num_stages=num_stages, **kinds, **pdl_launch(q.device))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
             part_out, part_lse, out, cu_seqlens_q if packed else context_lens, num_splits, out.stride(0),
@@ -208,7 +229,8 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, k_scale=None,
-                            v_scale=None) -> torch.Tensor:
+                            v_scale=None, window: int = 0, sinks=None, softcap: float = 0.0) -> torch.Tensor:
     """Paged decode attention: q [B, Hq, D] -> [B, Hq, D] over each row's ``context_lens`` cached tokens (an FP8
-    cache with its per-head scales)."""
-    return decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    cache with its per-head scales); ``window``, ``sinks``, ``softcap`` as the twin's (``reference.py``)."""
+    return decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                       window, sinks, softcap)
