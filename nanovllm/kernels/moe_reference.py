@@ -1,17 +1,12 @@
 """Pure-PyTorch twin of ``nanovllm::fused_moe`` (the CPU path and the oracle of the Triton kernels), and the
 reference of the expert-sorted, block-aligned layout the Triton grouped GEMMs read.
 
-Contract of the op, shared by every implementation:
-``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
+Contract: ``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
 * Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities, divided by their sum with
   ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
-* Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)``, ``[gate; up] = w13[e] @ x`` (gate rows first; FP8 or int4
-  experts dequantized to x's dtype first); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
-* Optional trailing arguments, defaults keeping the above: ``w13_bias`` [E, 2I] added to ``[gate; up]`` before the
-  activation, ``w2_bias`` [E, H] added to each expert's output before its router weight multiplies it, and the
-  ``activation`` of the gated halves (``ACTIVATIONS``, ``activate``): "silu" is ``silu(gate) * up``; "swiglu_oss"
-  (GPT-OSS) is ``(up' + 1) * gate' * sigmoid(alpha * gate')`` with ``gate' = min(gate, limit)`` and
-  ``up' = clamp(up, -limit, limit)`` (``swiglu_alpha``, ``swiglu_limit``).
+* Expert ``e``: ``w2[e] @ act(gate, up) + w2_bias[e]``, ``[gate; up] = w13[e] @ x + w13_bias[e]`` (gate rows first;
+  FP8 or int4 experts dequantized to x's dtype first; biases None by default; ``act``: ``activate``, SiLU-and-multiply
+  or GPT-OSS's clamped SwiGLU); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
 * W8A8 FP8 experts (``act_quant.moe_w8a8``): x and the activation's output rounded as ``act_quant`` says, both
   products in float32.  The twin gathers each pair's expert weights a chunk of pairs at a time (static shapes).
 
@@ -30,8 +25,9 @@ ACTIVATIONS = ("silu", "swiglu_oss")
 
 def activate(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", alpha: float = 1.702,
              limit: float = 7.0) -> torch.Tensor:
-    """The gated halves' product (module docstring): ``silu(gate) * up``, or GPT-OSS's clamped SwiGLU
-    (transformers' ``GptOssExperts._apply_gate``, in its order of operations)."""
+    """The gated halves' product (``activation`` one of ``ACTIVATIONS``): "silu" ``silu(gate) * up``; "swiglu_oss"
+    (GPT-OSS; transformers' ``GptOssExperts._apply_gate``, in its order of operations) ``(u + 1) * g * sigmoid(alpha
+    * g)`` with ``g = min(gate, limit)`` and ``u = clamp(up, -limit, limit)``."""
     if activation == "silu":
         return F.silu(gate) * up
     if activation == "swiglu_oss":
@@ -58,7 +54,7 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                       swiglu_limit: float = 7.0) -> torch.Tensor:
     """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype.
     FP8 experts (with scales) and int4 ones (with scales and zeros) are dequantized into x's dtype, a chunk of
-    pairs at a time; biases and ``activation`` as the module docstring says."""
+    pairs at a time; biases and ``activation`` (``activate``) as the module docstring says."""
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
     if num_tokens == 0:

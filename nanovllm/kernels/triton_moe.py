@@ -1,7 +1,6 @@
-"""The fused MoE on CUDA: routing, the experts' gate/up GEMM with the gated activation fused (SiLU-and-multiply, or
-GPT-OSS's clamped SwiGLU, after the optional expert bias), the down GEMM with its optional bias added and the router
-weight multiplied in, then the sum over each token's top-k; static shapes and grids (no host sync, so a step
-replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
+"""The fused MoE on CUDA: routing, the experts' gate/up GEMM with the optional bias and the activation fused, the down
+GEMM with its optional bias and the router weight, then the sum over each token's top-k; static shapes and grids
+(no host sync, so a step replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
 
 The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``; ``moe_configs.py``
 picks the tiles).  A program of ``_grouped_up_kernel`` takes one block and one column tile: it gathers the block's

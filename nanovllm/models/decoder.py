@@ -1,14 +1,13 @@
 """The decoder-only transformer that every architecture shares, as a function of ``StepInputs``.
 
 Variants differ in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention and MLP
-bias (some Llamas), rope scaling (Llama-3, LongRoPE, YaRN) and tied embeddings; in each layer's attention
-(``attention_options``: a sliding window, per-head sink logits, GPT-OSS) and MLP (``make_mlp``): dense, or a
-mixture of experts (``moe.py``) in the MoE architectures; and a subclass may rewrite its weights once
-they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv, gate_up)
-so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
-or, for an int4 weight, ``ops.linear_int4`` (the MLP's SiLU-and-multiply fused into its gate/up matmul).  The KV
-cache is handed in per call, so the forward has no hidden state besides weights and is traced unchanged by the
-graph compiler.
+bias (some Llamas), rope scaling and tied embeddings; in each layer's attention (``attention_options``: a sliding
+window, sinks) and MLP (``make_mlp``): dense, or a mixture of experts (``moe.py``); and a subclass may rewrite its
+weights once loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv,
+gate_up) so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through
+``ops.linear`` or, for an int4 weight, ``ops.linear_int4`` (the MLP's SiLU-and-multiply fused into its gate/up
+matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is traced
+unchanged by the graph compiler.
 
 A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``), attention,
 then everything after attention as one nested compile region that the compiler lowers once for every layer.  The

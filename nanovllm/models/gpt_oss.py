@@ -1,31 +1,17 @@
 """GPT-OSS (gpt-oss-20b, gpt-oss-120b; ``GptOssForCausalLM``) with float32 or 16-bit weights: the shared decoder
-(``decoder.py``) with what transformers' ``modeling_gpt_oss.py`` adds, each computed as it does:
+(``decoder.py``) plus what transformers' ``modeling_gpt_oss.py`` adds, computed as it does: q/k/v/o biases; a
+learned sink logit per query head and, on ``sliding_attention`` layers (``layer_types``; by default the even ones),
+a window of ``sliding_window`` keys, the query's own included (``ops.paged_attention``'s ``sinks``, ``window``);
+YaRN rope (``rope_parameters``); and in every layer a mixture of experts (``GptOssMoe``): a router with a bias,
+experts with biases and the clamped SwiGLU (``ops.fused_moe``'s ``"swiglu_oss"``).
 
-- attention with q/k/v/o biases, a learned sink logit per query head (``sinks``: in the softmax denominator only)
-  and, on ``sliding_attention`` layers (``layer_types``; by default the even ones), a sliding window of
-  ``sliding_window`` keys (the query's own included), through ``ops.paged_attention``'s ``window`` and ``sinks``;
-- YaRN rope (``rope_parameters``, read by ``DecoderArgs``; NeoX halves over the whole head);
-- every layer's MLP a mixture of experts (``GptOssMoe``): a router with a bias, then ``num_experts_per_tok`` of
-  ``num_local_experts`` experts with biases and the clamped SwiGLU (``ops.fused_moe``'s ``"swiglu_oss"``,
-  ``swiglu_alpha``, ``swiglu_limit``).
+Checkpoints: transformers' and OpenAI's names; the stacked experts interleaved and transposed (``GATE_UP``, ``DOWN``
+below), read into ours (``moe.Experts``) by the loader.  Under tensor parallelism each rank holds its heads (and
+their sinks) and its slice of every expert's intermediate; the down bias is added on the first rank only.
 
-Routing: transformers takes the top-k router logits and a softmax over those k.  We pass ``renormalize=True`` to
-``ops.fused_moe``: a float32 softmax over all logits, its top k, divided by their sum.  The experts are the same
-(softmax is monotonic) and so are the weights, ``exp(l_i - m) / sum_topk exp(l_j - m)`` with m the largest logit
-either way, up to float32 rounding of a few ulps, the size of any reordered sum (the tests check greedy tokens
-against transformers in float32).  Mixtral routes alike.
-
-Checkpoint layout (transformers' and OpenAI's names): ``mlp.router.{weight,bias}``; the experts stacked as
-``mlp.experts.gate_up_proj`` [E, H, 2I] with gate and up interleaved on the last dim (gate ``[..., ::2]``, up
-``[..., 1::2]``), ``gate_up_proj_bias`` [E, 2I] likewise, ``down_proj`` [E, I, H], ``down_proj_bias`` [E, H].  The
-loader reads them through ``stored_layouts`` (``placement.StoredLayout``) into ours (``moe.Experts``: w13
-[E, 2I, H] gate rows then up rows, w2 [E, H, I]): de-interleaved and transposed; a rank's piece of the
-interleaved tensors is contiguous (its gate and up columns alternate in one run).  Under tensor parallelism the
-down bias is added on the first rank only, before the sum over ranks.
-
-Not yet: MXFP4 experts (published checkpoints' ``*_blocks``/``*_scales``: a quantization scheme that fills
-``GptOssExperts`` in place of the plain tensors, ``quant/held.py``'s ``expert_args``), expert offloading and
-low-rank expert compression (refused).
+Not yet: MXFP4 experts (published checkpoints' ``*_blocks``/``*_scales``: a quantization scheme would fill
+``GptOssExperts`` as schemes fill ``moe.Experts``, and hand them to the op through ``quant/held.py``), expert
+offloading and low-rank expert compression (refused).
 """
 import torch
 from torch import nn
@@ -52,12 +38,15 @@ def layer_types(cfg: dict) -> list[str]:
     return list(types)
 
 
+# The checkpoint's experts: gate_up_proj [E, H, 2I] with gate and up interleaved on the last dim (gate [..., ::2],
+# up [..., 1::2]), gate_up_proj_bias [E, 2I] likewise, down_proj [E, I, H], down_proj_bias [E, H] (ours as is).
+# Ours: w13 [E, 2I, H] gate rows then up rows, w2 [E, H, I].  A rank's slice of the intermediate is one contiguous
+# run of the interleaved columns (its gate and up columns alternate there), cut before de-interleaving.
 def deinterleave(t: torch.Tensor) -> torch.Tensor:
     """The last dim's even entries (gate) then its odd ones (up)."""
     return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
 
 
-# checkpoint [E, H, 2I] interleaved -> w13 [E, 2I, H]; bias [E, 2I] interleaved -> halves; [E, I, H] -> w2 [E, H, I]
 GATE_UP = StoredLayout(dims=(0, 2, 1), split_dim=2, to_ours=lambda t: deinterleave(t).transpose(1, 2))
 GATE_UP_BIAS = StoredLayout(dims=(0, 1), split_dim=1, to_ours=deinterleave)
 DOWN = StoredLayout(dims=(0, 2, 1), split_dim=1, to_ours=lambda t: t.transpose(1, 2))
@@ -86,6 +75,10 @@ class GptOssMoe(nn.Module):
         return [(ex, "gate_up_proj", False), (ex, "down_proj", True)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # transformers routes by a softmax over the top-k logits; ``renormalize=True`` takes a float32 softmax over
+        # all of them, its top k, divided by their sum: the same experts (softmax is monotonic) and the same weights,
+        # exp(l_i - m) / sum_topk exp(l_j - m) with m the largest logit either way, up to float32 rounding of a few
+        # ulps (as any reordered sum); Mixtral routes alike.  The tests check greedy tokens against transformers.
         logits = ops.linear(x, self.router.weight, self.router.bias)
         ex = self.experts
         y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, True, *held.expert_args(ex),
