@@ -32,7 +32,8 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, conv_state: t
                             context_lens: torch.Tensor) -> torch.Tensor:
     """SiLU of the causal depthwise convolution of ``x`` [T, D] by ``weight`` [D, K], each row's history taken
     from its slot of ``conv_state`` [S, D, K-1] (zeros for a new row); the last K-1 inputs of each row are written
-    back to its slot.  Returns [T, D] in x's dtype."""
+    back to its slot.  Returns [T, D] in x's dtype, rounded twice as transformers' ``causal_conv1d_fn`` rounds it
+    (a convolution in x's dtype, then SiLU): the float32 sum to x's dtype, then its SiLU."""
     T, D = x.shape
     K = weight.shape[1]
     row, local, q_len, has_state = row_layout(cu_seqlens_q, context_lens, T)
@@ -56,7 +57,7 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, conv_state: t
         from_state = from_state * has_state[:, None]
         new.append(torch.where((src >= 0)[:, None], from_x, from_state))
     conv_state[slots] = torch.stack(new, dim=-1).to(conv_state.dtype)
-    return F.silu(acc).to(x.dtype)
+    return F.silu(acc.to(x.dtype).float()).to(x.dtype)  # rounded before the SiLU too, as transformers' conv
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
