@@ -265,10 +265,10 @@ class ModelRunner:
         and copy them to ``slot.prompt_logprobs`` in the background, its tokens as ``_emit`` does."""
         groups, token_rows, targets = prompt
         token_rows, targets = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (token_rows, targets))
-        tokens, logits, sampled, raw, (values, ids) = run_step_with_prompt_logprobs(
+        tokens, logits, sampled, raw, hidden, (values, ids) = run_step_with_prompt_logprobs(
             self.model, self.kv_caches, self.token_buffer, inputs, token_rows, targets, logprobs, mm,
             self.logits_state if processed else None)
-        self._emit((tokens, logits, sampled, raw), inputs, rows, filtered, slot, 0, processed)
+        self._emit((tokens, logits, sampled, raw, hidden), inputs, rows, filtered, slot, 0, processed)
         pin = self.platform.pin_memory
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in (values, ids)]
         for h, t in zip(host, (values, ids)):
@@ -281,7 +281,7 @@ class ModelRunner:
         (``step_outputs``) to ``slot``'s host buffers in the background; batches with top-k/top-p re-draw the
         tokens first (a processed step's counts follow).  This runs before the next graph replays, whose outputs
         may share memory with these."""
-        tokens, logits, logprobs, raw = outputs
+        tokens, logits, logprobs, raw, _ = outputs
         if filtered:
             tokens = redraw_filtered(self.token_buffer, logits, inputs, rows, tokens,
                                      self.logits_state if processed else None)
