@@ -1,6 +1,7 @@
 """``POST /v1/embeddings`` through the server's front (FastAPI's TestClient) and an ``EngineCore`` in a thread over the
 engine process's pipes: every input shape gives ``LLM.embed``'s vectors in order, as floats or base64, with usage;
-``dimensions`` follows vLLM's Matryoshka rule; bad requests are 400s naming the field; completions still run."""
+``dimensions`` follows vLLM's Matryoshka rule; bad requests are 400s naming the field; completions still run.  Then
+the ``nanovllm.serve`` command with ``--pooler-config``, through the ``openai`` client (which asks for base64)."""
 import base64
 import multiprocessing
 import threading
@@ -17,17 +18,21 @@ from nanovllm.entrypoints.engine_core import EngineCore  # noqa: E402
 from nanovllm.entrypoints.engine_loop import EngineLoop  # noqa: E402
 from nanovllm.entrypoints.serving import Serving  # noqa: E402
 from nanovllm.pooling_params import PoolerConfig  # noqa: E402
-from serve_helpers import build_text_checkpoint  # noqa: E402
+from serve_helpers import build_text_checkpoint, running_server  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is in France.", "Hello world"]
 IDS = [[5, 6, 7, 8], list(range(20, 90))]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def path(tmp_path_factory):
+    return build_text_checkpoint(tmp_path_factory.mktemp("embed_serve"))[0]
+
+
+@pytest.fixture(scope="module")
+def server(path):
     """(client, the LLM's own embeddings of TEXTS and IDS by token ids, those ids, the MEAN embedding of IDS[1],
     the ``Serving``); the engine runs in a thread."""
-    path, _ = build_text_checkpoint(tmp_path_factory.mktemp("embed_serve"))
     llm = LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=128,
               max_num_batched_tokens=32)
     expected = {tuple(o.prompt_token_ids): o.outputs.embedding for o in llm.embed(TEXTS + IDS, use_tqdm=False)}
@@ -124,3 +129,15 @@ def test_a_server_pools_as_its_pooler_says(server):
         serving.pooler = default
     r = client.post("/v1/embeddings", json={"input": IDS[1]})
     np.testing.assert_allclose(_vectors(r.json())[0], expected[tuple(IDS[1])], atol=1e-6, rtol=0)
+
+
+def test_the_serve_command_pools_as_its_pooler_config_says(server, path, tmp_path):
+    openai = pytest.importorskip("openai")
+    mean = server[3]
+    with running_server(path, tmp_path, "--served-model-name", "tiny", enforce_eager=True, kvcache_block_size=16,
+                        num_kvcache_blocks=64, max_model_len=128, max_num_batched_tokens=32,
+                        pooler_config='{"pooling_type": "MEAN"}') as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.embeddings.create(model="tiny", input=[IDS[1], IDS[0]])
+    assert [d.index for d in out.data] == [0, 1] and out.usage.prompt_tokens == len(IDS[0]) + len(IDS[1])
+    np.testing.assert_allclose(out.data[0].embedding, mean, atol=1e-6, rtol=0)
