@@ -80,10 +80,10 @@ class BlockManager:
 
     def try_allocate(self, seq: Sequence) -> bool:
         """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit.  One that
-        wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit: a hit would skip positions whose
-        logprobs it asked for (it still publishes its blocks for others)."""
+        wants its prompt logprobs, or pools the mean of its tokens (``Sequence.skips_cache_hits``), takes no hit: a
+        hit would skip positions it needs (it still publishes its blocks for others)."""
         assert not seq.block_table
-        hits, hashes = ([], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
+        hits, hashes = ([], []) if seq.skips_cache_hits else self._cached_prefix(seq)
         if self.snapshots is not None:  # a hybrid model: only as far as a state snapshot reaches
             depth = self.snapshots.deepest(hashes)
             kv_depth, hits, hashes = len(hits), hits[:depth], hashes[:depth]

@@ -39,11 +39,12 @@ class ScheduledBatch:
     # a hybrid model's state copies (``hybrid_state.py``): (from slot, to slot) before the step, and after it
     restores: list[tuple[int, int]] = field(default_factory=list)
     captures: list[tuple[int, int]] = field(default_factory=list)
+    pooled: tuple | None = None  # set at launch: (pooling sequences it ends, their vectors' host copy), pooling.py
 
     def samples(self, seq_index: int) -> bool:
-        """Whether this step reaches the sequence's last token, so its sampled token is kept."""
+        """Whether this step reaches the sequence's last token, so its sampled token is kept (never a pooling one's)."""
         seq = self.seqs[seq_index]
-        return seq.num_computed_tokens + self.num_new_tokens[seq_index] == len(seq)
+        return seq.num_computed_tokens + self.num_new_tokens[seq_index] == len(seq) and seq.pooling is None
 
     def sampling(self) -> list[bool]:
         """Per sequence: whether this step samples its next token (every decode row; a prefill chunk that
@@ -58,8 +59,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.mixed_prefill = mixed_prefill
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
+        self.max_num_batched_tokens, self.max_model_len = max_num_batched_tokens, max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -78,9 +78,7 @@ class Scheduler:
         """The next step: a prefill while prompts wait and fit, else a decode step (which verifies proposals
         where ``propose`` allows and the proposer has some, ``proposals.py``)."""
         batch = self._schedule_prefill()
-        if batch.seqs:
-            return batch
-        return self._schedule_decode(propose)
+        return batch if batch.seqs else self._schedule_decode(propose)
 
     def _schedule_prefill(self) -> ScheduledBatch:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
@@ -88,8 +86,7 @@ class Scheduler:
         snapshots = self.block_manager.snapshots
         for seq in self.running:  # unfinished chunked prefills continue first
             if budget and seq.is_prefilling:
-                n = min(len(seq) - seq.num_computed_tokens, budget)
-                n = cut_chunk(seq, n, snapshots, batch)
+                n = cut_chunk(seq, min(len(seq) - seq.num_computed_tokens, budget), snapshots, batch)
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
@@ -103,8 +100,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)
-            n = min(len(seq) - seq.num_computed_tokens, budget)
-            n = cut_chunk(seq, n, snapshots, batch)
+            n = cut_chunk(seq, min(len(seq) - seq.num_computed_tokens, budget), snapshots, batch)
             seqs.append(seq)
             counts.append(n)
             budget -= n
@@ -178,7 +174,8 @@ class Scheduler:
         seq.num_preemptions += 1
 
     def advance(self, batch: ScheduledBatch) -> None:
-        """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample."""
+        """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample; a pooling
+        sequence whose prompt it completes finishes ("stop"), reported once the step resolves."""
         # The host runs this for every sequence of every step, so it is written for speed: ``batch.samples`` and
         # ``Sequence`` properties inlined, and a decode step samples every sequence.
         if batch.proposals is not None:  # a verify step: its tokens are known only when it resolves
@@ -193,6 +190,10 @@ class Scheduler:
             if computed // block_size > len(hashes[seq.seq_id]):
                 self._publish(seq)  # a block just filled up
             if not (decode or computed == len(tokens)):  # a prefill chunk short of the last token samples nothing
+                continue
+            if seq.pooling is not None:  # a pooling request ends with its prompt; it is reported once resolved
+                self._finish(seq, "stop")
+                batch.finished.append(seq)
                 continue
             batch.sampled.append((i, seq, len(tokens)))
             tokens.append(PENDING_TOKEN)
