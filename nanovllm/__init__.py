@@ -1,6 +1,7 @@
 """nanovllm: a compiler-centric, graph-mode LLM inference engine with a vLLM-style offline API."""
 from nanovllm.llm import LLM
+from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "PoolingParams", "SamplingParams", "__version__"]

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from nanovllm.hub import resolve_model
+from nanovllm.pooling_params import resolve_pooler
 from nanovllm.quant import registry
 from nanovllm.speculative import SpeculativeConfig
 
@@ -157,6 +158,11 @@ class EngineConfig:
                                                  "DIR, \"num_speculative_tokens\": k}` has a small model with the "
                                                  "same tokenizer draw them; the model keeps those it draws itself "
                                                  "at each position (docs/SPECULATIVE.md)")
+    pooler_config: dict | None = _opt(None, "how `LLM.embed` and `/v1/embeddings` pool, vLLM's keys (a JSON object "
+                                            "on the command line): `{\"pooling_type\": \"LAST\" or \"MEAN\", "
+                                            "\"normalize\": true}` over the checkpoint's sentence-transformers "
+                                            "`modules.json`, itself over LAST + normalize "
+                                            "(`nanovllm/pooling_params.py`)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 
@@ -225,6 +231,7 @@ class EngineConfig:
         if limit:
             self.max_model_len = min(self.max_model_len, int(limit))
         self.eos_token_ids = read_eos_token_ids(self.model, self.hf_config)
+        self.pooler = resolve_pooler(self.model, self.pooler_config)  # an unsupported override raises here
         self.prefill_graph_sizes = normalize_prefill_graph_sizes(self.prefill_graph_sizes, self.max_num_seqs,
                                                                  self.max_step_tokens)
 

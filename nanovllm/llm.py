@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
-from nanovllm import envs, parallel
+from nanovllm import embedding, envs, parallel
 from nanovllm.completion import Completion
 from nanovllm.config import EngineConfig, resolve_model_option
 from nanovllm.engine import grammar
@@ -199,6 +199,14 @@ class LLM:
             bar.close()
         return [outputs[g[0].seq_id] if len(g) == 1 else
                 dict(outputs[g[0].seq_id], outputs=[outputs[s.seq_id] for s in g]) for g in groups]
+
+    def embed(self, prompts, pooling_params=None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None) -> list:
+        """One embedding per prompt (a str or token ids), in input order, as vLLM's ``EmbeddingRequestOutput``
+        (``.outputs.embedding``, a list of floats); pooled as the engine's pooler says (``pooler_config``, the
+        checkpoint's sentence-transformers modules, else LAST + normalize) or ``PoolingParams`` ask
+        (``nanovllm/embedding.py``, ``nanovllm/pooling_params.py``)."""
+        return embedding.embed(self, prompts, pooling_params, truncate_prompt_tokens, use_tqdm)
 
     def _steps(self, engine, seqs: dict, completions: dict, outputs: dict, bar) -> None:
         """``generate``'s loop: step until every request finished, feeding each step's outputs to the

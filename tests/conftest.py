@@ -89,6 +89,8 @@ def make_config(arch: str, **overrides):
         return transformers.Qwen2MoeConfig(rope_theta=1e6, num_experts=6, num_experts_per_tok=2,
                                            moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                            norm_topk_prob=False, decoder_sparse_step=2, **kw)
+    if arch == "gpt_oss":  # sliding, full, sliding, full (transformers' default alternation)
+        return transformers.GptOssConfig(**dict(kw, **GPT_OSS_KW))
     if arch == "gemma3":  # sliding, sliding, full: a 12-token window ends mid-block in 16-token blocks
         rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
@@ -119,6 +121,12 @@ HYBRID_KW = dict(num_hidden_layers=4, head_dim=32, layer_types=["linear_attentio
                  "full_attention", "linear_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
                  linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25})
+# GPT-OSS: a 12-token window ends mid-block (16-token blocks); YaRN as its configs declare it (original length 32,
+# so the tests run past it); swiglu_limit 1 so the clamps bite at these weights' scale
+GPT_OSS_KW = dict(num_hidden_layers=4, head_dim=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                  sliding_window=12, swiglu_limit=1.0,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 16.0, "beta_fast": 32.0,
+                                   "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
 HYBRID_MOE_KW = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      shared_expert_intermediate_size=48)
 
@@ -131,12 +139,21 @@ def build_checkpoint(path, arch: str, seed: int = 0, std: float = 0.08, **overri
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and arch in ZERO_CENTRED and "linear_attn.norm" not in name:
+                p.uniform_(-0.2, 0.2)  # a zero-centred norm's weight is an offset from 1: the same gains
+            elif "norm" in name:
                 p.uniform_(0.8, 1.2)
+            elif name.endswith(".sinks"):  # GPT-OSS's per-head sink logits: large enough to matter
+                p.normal_(0.0, 1.0)
             else:
                 p.normal_(0.0, std)
     model.save_pretrained(path)
     return str(path)
+
+
+# families whose RMSNorm weights (all but a Gated DeltaNet's output norm) multiply by 1 + w: drawn near 0, as trained
+# ones are, not near 1 (a gain near 2 at every norm made bf16 rounding 20 times louder than in the dense families)
+ZERO_CENTRED = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "gemma3")
 
 
 @pytest.fixture

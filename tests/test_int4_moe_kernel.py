@@ -135,10 +135,12 @@ def test_twin_is_the_hand_computed_expert(monkeypatch):
 
 
 def test_the_ops_take_int4_experts_as_trailing_optional_arguments():
-    """Existing callers (no zeros) keep working; int4 zeros come last, by keyword in the wrappers; the fakes agree."""
+    """Existing callers (no zeros) keep working; int4 zeros follow the group (then only the expert biases and the
+    activation, GPT-OSS's), by keyword in the wrappers; the fakes agree."""
     for op in (torch.ops.nanovllm.fused_moe.default, torch.ops.nanovllm.moe_experts.default):
         names = [a.name for a in op._schema.arguments]
-        assert names[-3:] == ["group", "w13_zero", "w2_zero"], names
+        assert names[-8:] == ["group", "w13_zero", "w2_zero", "w13_bias", "w2_bias", "activation", "swiglu_alpha",
+                              "swiglu_limit"], names
     group = GROUPS["partial_last_group"]
     w13, s13, z13, w2, s2, z2 = int4_experts(group, seed=13)
     x, logits = inputs(3, seed=13)
@@ -148,10 +150,11 @@ def test_the_ops_take_int4_experts_as_trailing_optional_arguments():
     got = ops.moe_experts(x, weights, ids, w13, w2, s13, s2, group, w13_zero=z13, w2_zero=z2)
     torch.testing.assert_close(got, ref.experts_reference(x, weights, ids, w13, w2, s13, s2, group, z13, z2))
     checks = ("test_schema", "test_faketensor")
+    plain = (None, None, "silu", 1.702, 7.0)
     torch.library.opcheck(torch.ops.nanovllm.fused_moe.default,
-                          (x, logits, w13, w2, TOP_K, True, s13, s2, group, z13, z2), test_utils=checks)
+                          (x, logits, w13, w2, TOP_K, True, s13, s2, group, z13, z2, *plain), test_utils=checks)
     torch.library.opcheck(torch.ops.nanovllm.moe_experts.default,
-                          (x, weights, ids, w13, w2, s13, s2, group, z13, z2), test_utils=checks)
+                          (x, weights, ids, w13, w2, s13, s2, group, z13, z2, *plain), test_utils=checks)
 
 
 @pytest.mark.parametrize("op", ["fused_moe", "moe_experts"])

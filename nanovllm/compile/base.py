@@ -20,7 +20,7 @@ from nanovllm.step import StepInputs
 
 @dataclass(frozen=True)
 class ExecutorSpec:
-    step: Callable  # make_step(model, kv_caches, token_buffer): StepInputs -> (tokens, logits)
+    step: Callable  # make_step(model, kv_caches, token_buffer): StepInputs -> (tokens, logits, hidden)
     variants: dict  # name -> make_step(..., variant=name) (nanovllm.step.STEPS)
     platform: object  # nanovllm.platforms.base.Platform
     graph_batch_sizes: tuple[int, ...]
@@ -42,14 +42,16 @@ class Part(NamedTuple):
 
 
 def step_outputs(out: tuple) -> tuple:
-    """(tokens, logits, None or (values, ids), None or the raw logits) of the outputs of the step or a variant
-    (``nanovllm.step.STEPS``): a processed variant's logits are those it sampled from, its raw logits the model's;
-    the ``forward`` variant samples nothing (tokens None)."""
+    """(tokens, logits, None or (values, ids), None or the raw logits, hidden states [T, H] or None) of the outputs
+    of the step or a variant (``nanovllm.step.STEPS``, each with the hidden states last): a processed variant's
+    logits are those it sampled from, its raw logits the model's; the ``forward`` variant samples nothing (tokens
+    None); the ``sample`` variants run no model (hidden states None)."""
+    *out, hidden = out
     if len(out) == 1:
-        return None, out[0], None, None
+        return None, out[0], None, None, hidden
     logprobs = (out[2], out[3]) if len(out) >= 4 else None
     raw = out[-1] if len(out) in (3, 5) else None
-    return out[0], out[1], logprobs, raw
+    return out[0], out[1], logprobs, raw, hidden
 
 
 class Executor:

@@ -84,10 +84,10 @@ class BlockManager:
 
     def try_allocate(self, seq: Sequence) -> bool:
         """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit.  One that
-        wants its prompt logprobs (``Sequence.wants_prompt_logprobs``) takes no hit: a hit would skip positions whose
-        logprobs it asked for (it still publishes its blocks for others)."""
+        wants its prompt logprobs, or pools the mean of its tokens (``Sequence.skips_cache_hits``), takes no hit: a
+        hit would skip positions it needs (it still publishes its blocks for others)."""
         assert not seq.block_table
-        hits, hashes, keys = ([], [], []) if seq.wants_prompt_logprobs else self._cached_prefix(seq)
+        hits, hashes, keys = ([], [], []) if seq.skips_cache_hits else self._cached_prefix(seq)
         if self.window is not None and hits:  # only as deep as the window pool holds the window where it ends
             depth = self.window.cached_depth(hashes, keys)
             hits, hashes = hits[:depth], hashes[:depth]
@@ -143,6 +143,14 @@ class BlockManager:
         if self.window is not None:
             for seq, n in zip(seqs, counts):
                 self.window.reserve(seq, len(seq) - 1, len(seq) - 1 + n)
+
+    def release_windows(self, seqs: list[Sequence]) -> None:
+        """Once a step of ``seqs`` is launched (or a verify step resolved): give back each live one's window blocks
+        before the window of its next token (``WindowBlocks.release``)."""
+        if self.window is not None:
+            for seq in seqs:
+                if seq.seq_id in self.seq_hashes:  # not freed since
+                    self.window.release(seq, seq.num_computed_tokens)
 
     def register_computed(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Publish every full block whose KV is now computed (within the first ``num_tokens`` tokens, default

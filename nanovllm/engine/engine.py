@@ -10,7 +10,8 @@ model half (``ModelRunner.launch_forward``), resolves the steps queued before it
 ``step()`` returns a ``StepResult`` (``outputs.py``): each sequence's newly resolved tokens and, on its last
 output, its finish reason (and a request's prompt logprobs, on its first output); it is the engine's one output
 channel.  ``abort(seq)`` ends a request at once, even while queued steps still hold its pending tokens, and frees
-its KV blocks.  ``stats`` counts tokens, steps and host and device time (``reset_stats`` lists them).
+its KV blocks.  ``stats`` counts tokens, steps and host and device time (``reset_stats`` lists them).  A pooling
+request (``PoolingParams``) is prefilled, samples nothing and ends there, its embedding on its one output.
 """
 import dataclasses
 import functools
@@ -22,7 +23,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 import nanovllm.distributed as distributed
 from nanovllm.distributed import liveness
-from nanovllm.engine import hybrid_state
+from nanovllm.engine import hybrid_state, pooling
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.outputs import SequenceOutput, StepResult
@@ -32,7 +33,10 @@ from nanovllm.engine.sequence import PENDING_TOKEN, ImageInputs, Sequence
 from nanovllm.engine.spec_gate import SpecGate
 from nanovllm.engine.window_blocks import window_pool
 from nanovllm.platforms import get_platform
+from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import SamplingParams
+
+POOLING_SAMPLING = SamplingParams(temperature=0.0, max_tokens=1)  # a pooling request's: it samples nothing
 
 
 class StepRecord(NamedTuple):
@@ -99,13 +103,18 @@ class Engine:
                 "max_num_batched_tokens": cfg.max_num_batched_tokens, "pipeline_depth": cfg.pipeline_depth,
                 "kernel_options": self.platform.options.as_dict(), **liveness.longest_waits()}
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
                     images: ImageInputs | None = None) -> Sequence:
         """Queue a request; ``images`` for a prompt with images (vision-language models), copied: each sequence
-        keeps its own tower output while it prefills."""
-        seed = params.seed % 2**63 if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        keeps its own tower output while it prefills.  ``PoolingParams`` make it a pooling request, resolved against
+        the engine's pooler (``PoolingParams.resolve`` raises ``ValueError`` first for what it refuses)."""
+        pooling = None
+        if isinstance(params, PoolingParams):
+            pooling, params = params.resolve(self.config.pooler, self.config.hf_config), POOLING_SAMPLING
+        seed = (params.seed % 2**63 if params.seed is not None else 0 if pooling is not None
+                else int(self._rng.integers(0, 2**31 - 1)))  # a pooling request draws nothing
         images = dataclasses.replace(images, encoded=None) if images is not None else None
-        seq = Sequence(self._next_id, prompt_token_ids, params, seed, images)
+        seq = Sequence(self._next_id, prompt_token_ids, params, seed, images, pooling)
         if params.structured_outputs is not None:
             seq.grammar = self.runner.grammars.start(params.structured_outputs)
         self._next_id += 1
@@ -185,6 +194,8 @@ class Engine:
         wait = time.perf_counter() - t
         if prompt_logprobs is not None:
             _record_prompt_logprobs(*prompt_logprobs)
+        if previous.pooled is not None:
+            pooling.finish(previous.pooled)
         finished = self.scheduler.resolve(previous, tokens, logprobs)
         if previous.proposals is not None:
             _count_speculation(self.stats, previous.proposals, previous.accepted)
@@ -264,7 +275,7 @@ def _output(seq: Sequence, resolved: int, ends: bool) -> SequenceOutput:
         prompt = seq.prompt_logprobs[seq.num_reported_prompt_logprobs:]
         seq.num_reported_prompt_logprobs = len(seq.prompt_logprobs)
     return SequenceOutput(seq.seq_id, seq.token_ids[seq.num_prompt_tokens + start:resolved], logprobs,
-                          seq.finish_reason if ends else None, prompt)
+                          seq.finish_reason if ends else None, prompt, seq.embedding)
 
 
 def _record_prompt_logprobs(groups: list, values, ids) -> None:

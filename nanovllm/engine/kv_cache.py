@@ -53,7 +53,7 @@ class KVCacheSpec:
         a = model.args
         layout = getattr(model, "cache_layout", None)
         # a model whose sliding layers take their tables from ``StepInputs.kv_tables`` says so with its windows
-        windows = model.layer_windows() if hasattr(model, "layer_windows") else None
+        windows = model.layer_windows() if hasattr(model, "layer_windows") else None  # (every decoder's do)
         if layout is None:
             return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype,
                        windows=windows)

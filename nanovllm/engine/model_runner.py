@@ -9,7 +9,8 @@ batches run the plain step and pay nothing.  A batch in which a constrained sequ
 halves: ``launch_forward`` queues the model, the engine resolves the earlier steps meanwhile, and ``finish`` fills
 the grammar masks and samples.  A prefill that reaches image tokens (``image_step.py``) or computes prompt logprobs
 (``run_step_with_prompt_logprobs``; to the slot's ``prompt_logprobs``) runs eagerly and whole; a speculative verify
-step is ``verify_step.py``'s.  Start-up probes and calibration are ``runner_setup.py``'s."""
+step is ``verify_step.py``'s.  A prefill's pooling rows are reduced from its outputs' hidden states as soon as it is
+queued (``pooling.py``).  Start-up probes and calibration are ``runner_setup.py``'s."""
 import functools
 import time
 
@@ -21,7 +22,7 @@ from nanovllm.compile.cache import key_fields
 from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
 from nanovllm.compile.factory import make_executor
 from nanovllm.config import EngineConfig
-from nanovllm.engine import hybrid_state, image_step, runner_report, runner_setup, verify_step
+from nanovllm.engine import hybrid_state, image_step, pooling, runner_report, runner_setup, verify_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.grammar import Grammars
@@ -187,8 +188,7 @@ class ModelRunner:
         seconds spent building decode inputs)."""
         filtered, processed, _ = self._begin(batch, slot)
         kept = []
-        variant = None if batch.is_prefill else "forward"
-        prepare_seconds = self._run(batch, slot, variant, filtered, processed, kept)
+        prepare_seconds = self._run(batch, slot, None if batch.is_prefill else "forward", filtered, processed, kept)
         return (kept, batch.sampling(), filtered), prepare_seconds
 
     @torch.inference_mode()
@@ -224,10 +224,13 @@ class ModelRunner:
         those are copied).  Returns the seconds spent building decode inputs."""
         prepare_seconds = 0.0
         hybrid_state.copy_states(self, batch.restores)  # a hybrid model's prefix hits, then (below) its snapshots
-        lp = slot.has_logprobs
         several = not batch.is_prefill and len(self.executor.decode_chunks(len(batch.seqs))) > 1
 
+        pool = pooling.plan(batch) if batch.is_prefill else None
+
         def emit(outputs, inputs, part: Part) -> None:
+            if pool is not None:  # before a later replay may overwrite the hidden states
+                batch.pooled = pooling.launch(outputs[4], pool, self.platform.pin_memory)
             if kept is not None:
                 if variant is None:  # the plain step's logits, kept as ``forward`` keeps its own
                     self.logits_state.keep(outputs[1], inputs.out_slots)
@@ -249,10 +252,11 @@ class ModelRunner:
             inputs = self.prefill_builder.build(batch)
             mm = image_step.build(self.model, batch, inputs.input_ids.shape[0], self.device) if images else None
             if prompt[0]:
-                self._launch_prompt_logprobs(inputs, mm, prompt, lp, filtered, slot, len(batch.seqs), processed)
+                outputs = self._launch_prompt_logprobs(inputs, mm, prompt, slot.has_logprobs, slot, processed)
             else:
-                step = make_step(self.model, self.kv_caches, self.token_buffer, variant, self.logits_state)
-                self._emit(step_outputs(step(inputs, mm)), inputs, len(batch.seqs), filtered, slot, 0, processed)
+                outputs = step_outputs(make_step(self.model, self.kv_caches, self.token_buffer, variant,
+                                                 self.logits_state)(inputs, mm))
+            emit(outputs, inputs, Part(0, 0, len(batch.seqs), None, None))
         elif batch.is_prefill:
             self.executor.run(prefill=True, rows=len(batch.seqs), tokens=sum(batch.num_new_tokens), variant=variant,
                               build=lambda part: self.prefill_builder.build(batch, part.shape, part.target),
@@ -263,21 +267,21 @@ class ModelRunner:
         hybrid_state.copy_states(self, batch.captures)
         return prepare_seconds
 
-    def _launch_prompt_logprobs(self, inputs: StepInputs, mm, prompt: tuple, logprobs: bool, filtered: bool,
-                                slot: StepSlot, rows: int, processed: bool) -> None:
-        """Run a prefill of ``rows`` sequences that computes prompt logprobs (``prompt``: ``prompt_logprob_rows``)
-        and copy them to ``slot.prompt_logprobs`` in the background, its tokens as ``_emit`` does."""
+    def _launch_prompt_logprobs(self, inputs: StepInputs, mm, prompt: tuple, logprobs: bool, slot: StepSlot,
+                                processed: bool) -> tuple:
+        """Run a prefill that computes prompt logprobs (``prompt``: ``prompt_logprob_rows``) and copy them to
+        ``slot.prompt_logprobs`` in the background; returns its outputs, as ``step_outputs`` gives them."""
         groups, token_rows, targets = prompt
         token_rows, targets = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (token_rows, targets))
-        tokens, logits, sampled, raw, (values, ids) = run_step_with_prompt_logprobs(
+        *outputs, (values, ids) = run_step_with_prompt_logprobs(
             self.model, self.kv_caches, self.token_buffer, inputs, token_rows, targets, logprobs, mm,
             self.logits_state if processed else None)
-        self._emit((tokens, logits, sampled, raw), inputs, rows, filtered, slot, 0, processed)
         pin = self.platform.pin_memory
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in (values, ids)]
         for h, t in zip(host, (values, ids)):
             h.copy_(t, non_blocking=True)
         slot.prompt_logprobs = (groups, *host)
+        return tuple(outputs)
 
     def _emit(self, outputs, inputs, rows: int, filtered: bool, slot: StepSlot, offset: int,
               processed: bool) -> None:
@@ -285,7 +289,7 @@ class ModelRunner:
         (``step_outputs``) to ``slot``'s host buffers in the background; batches with top-k/top-p re-draw the
         tokens first (a processed step's counts follow).  This runs before the next graph replays, whose outputs
         may share memory with these."""
-        tokens, logits, logprobs, raw = outputs
+        tokens, logits, logprobs, raw, _ = outputs
         if filtered:
             tokens = redraw_filtered(self.token_buffer, logits, inputs, rows, tokens,
                                      self.logits_state if processed else None)

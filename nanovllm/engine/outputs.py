@@ -5,7 +5,7 @@ output (with their logprobs, when asked); ``finish_reason`` is set on its last o
 token, "length"), after which the engine reports nothing more for it.  A stop token is always the last token of
 the output that carries ``finish_reason == "stop"``.  An aborted sequence gets no output (the caller ended it).
 ``prompt_logprobs`` (when asked) are the prompt positions' entries not carried before: all of them, on the first
-output.
+output.  A pooling request has one output, with no tokens, finish reason "stop" and its ``embedding`` (numpy float32).
 Outputs are plain data (no ``Sequence``), so they cross a pipe to the server's front unchanged.
 """
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ class SequenceOutput:
     # per prompt position, when the request asked for prompt logprobs: None for the first, then (the prompt token,
     # its logprob, top ids, top logprobs)
     prompt_logprobs: list | None = None
+    embedding: object = None  # a pooling request's vector, numpy float32 (``engine/pooling.py``)
 
 
 class StepResult(NamedTuple):

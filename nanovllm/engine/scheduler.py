@@ -39,11 +39,12 @@ class ScheduledBatch:
     # a hybrid model's state copies (``hybrid_state.py``): (from slot, to slot) before the step, and after it
     restores: list[tuple[int, int]] = field(default_factory=list)
     captures: list[tuple[int, int]] = field(default_factory=list)
+    pooled: tuple | None = None  # set at launch: (pooling sequences it ends, their vectors' host copy), pooling.py
 
     def samples(self, seq_index: int) -> bool:
-        """Whether this step reaches the sequence's last token, so its sampled token is kept."""
+        """Whether this step reaches the sequence's last token, so its sampled token is kept (never a pooling one's)."""
         seq = self.seqs[seq_index]
-        return seq.num_computed_tokens + self.num_new_tokens[seq_index] == len(seq)
+        return seq.num_computed_tokens + self.num_new_tokens[seq_index] == len(seq) and seq.pooling is None
 
     def sampling(self) -> list[bool]:
         """Per sequence: whether this step samples its next token (every decode row; a prefill chunk that samples)."""
@@ -73,9 +74,7 @@ class Scheduler:
         """The next step: a prefill while prompts wait and fit, else a decode step (which verifies proposals
         where ``propose`` allows and the proposer has some, ``proposals.py``)."""
         batch = self._schedule_prefill()
-        if batch.seqs:
-            return batch
-        return self._schedule_decode(propose)
+        return batch if batch.seqs else self._schedule_decode(propose)
 
     def _schedule_prefill(self) -> ScheduledBatch:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
@@ -173,13 +172,13 @@ class Scheduler:
         seq.num_preemptions += 1
 
     def advance(self, batch: ScheduledBatch) -> None:
-        """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample."""
+        """Account for a launched step: computed tokens, new full blocks, a ``PENDING_TOKEN`` per sample; a pooling
+        sequence whose prompt it completes finishes ("stop"), reported once the step resolves."""
         # The host runs this for every sequence of every step, so it is written for speed: ``batch.samples`` and
         # ``Sequence`` properties inlined, and a decode step samples every sequence.
         if batch.proposals is not None:  # a verify step: its tokens are known only when it resolves
             return
-        bm = self.block_manager
-        block_size, hashes, window, decode = bm.block_size, bm.seq_hashes, bm.window, not batch.is_prefill
+        block_size, hashes, decode = self.block_manager.block_size, self.block_manager.seq_hashes, not batch.is_prefill
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is SequenceStatus.FINISHED:  # hit EOS in the step resolved since this one launched
                 continue
@@ -188,15 +187,18 @@ class Scheduler:
             seq.num_computed_tokens = computed
             if computed // block_size > len(hashes[seq.seq_id]):
                 self._publish(seq)  # a block just filled up
-            if window is not None:  # (after publishing: a released block keeps its hash)
-                window.release(seq, computed)
             if not (decode or computed == len(tokens)):  # a prefill chunk short of the last token samples nothing
+                continue
+            if seq.pooling is not None:  # a pooling request ends with its prompt; it is reported once resolved
+                self._finish(seq, "stop")
+                batch.finished.append(seq)
                 continue
             batch.sampled.append((i, seq, len(tokens)))
             tokens.append(PENDING_TOKEN)
             if len(tokens) - seq.num_prompt_tokens >= seq.params.max_tokens or len(tokens) >= self.max_model_len:
                 self._finish(seq, "length")
                 batch.finished.append(seq)
+        self.block_manager.release_windows(batch.seqs)  # (once published: a released block keeps its hash)
 
     def resolve(self, batch: ScheduledBatch, token_ids: list[int], logprobs=None) -> list[Sequence]:
         """Write an advanced step's sampled tokens in; return the sequences that are now complete.
@@ -251,8 +253,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.FINISHED and \
                     seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
                 self._publish(seq)
-            if seq.status is not SequenceStatus.FINISHED and bm.window is not None:
-                bm.window.release(seq, seq.num_computed_tokens)
+        bm.release_windows(batch.seqs)
         return finished
 
     def _publish(self, seq: Sequence) -> None:

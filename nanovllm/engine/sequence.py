@@ -6,12 +6,15 @@ in front of different images never share KV) and the prompt's M-RoPE positions (
 
 A request with ``prompt_logprobs`` computes them while its prompt is prefilled for the first time
 (``wants_prompt_logprobs``): ``prompt_logprobs`` collects one entry per prompt position, ``None`` for the first.
+A pooling request (``pooling``: its resolved ``PoolingParams``) prefills every prompt token, samples nothing and
+ends when its last chunk launches; ``embedding`` holds its vector once that step resolves (``pooling.py``).
 """
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import numpy as np
 
+from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import SamplingParams
 
 # Stands in ``token_ids`` for a token that a launched step is still sampling on the device (the engine runs
@@ -50,8 +53,11 @@ class Sequence:
     """Invariant: the KV of ``token_ids[:num_computed_tokens]`` is in the blocks of ``block_table``."""
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams, seed: int,
-                 images: ImageInputs | None = None):
+                 images: ImageInputs | None = None, pooling: PoolingParams | None = None):
         self.seq_id = seq_id
+        self.pooling = pooling
+        self.pool_sum = None  # MEAN pooling: the float32 sum of its computed tokens' hidden states, on the device
+        self.embedding = None  # a pooling request's vector (numpy float32), once its last step resolved
         self.images = images
         self.rope_delta = images.rope_delta if images is not None else 0
         self.token_ids = list(prompt_token_ids)
@@ -113,6 +119,11 @@ class Sequence:
         prompt is not a readmission after preemption (whose prompt logprobs were computed the first time)."""
         return self.prompt_logprobs is not None and len(self.token_ids) == self.num_prompt_tokens
 
+    @property
+    def skips_cache_hits(self) -> bool:
+        """A prefix-cache hit would skip tokens it needs: prompt logprobs it still computes, or MEAN pooling's."""
+        return self.wants_prompt_logprobs or (self.pooling is not None and self.pooling.pooling_type == "MEAN")
+
     def prompt_logprob_span(self, n: int) -> tuple[int, int]:
         """(first prompt position, count) whose logprobs a prefill chunk of ``n`` tokens from
         ``num_computed_tokens`` yields: row i of the chunk predicts position ``start + i + 1``, a prompt logprob up
@@ -124,5 +135,6 @@ class Sequence:
 
     @property
     def is_prefilling(self) -> bool:
-        """More than the last token still lacks KV, so its next step is a prefill chunk, not a decode."""
-        return self.num_computed_tokens < len(self.token_ids) - 1
+        """More than the last token still lacks KV (any token, for a pooling request), so its next step is a prefill
+        chunk, not a decode."""
+        return self.num_computed_tokens < len(self.token_ids) - (self.pooling is None)

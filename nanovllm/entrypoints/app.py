@@ -1,6 +1,7 @@
 """The FastAPI application: routes, the API key and the OpenAI error shape.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize`` and
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``
+(``embeddings.py``), ``POST /tokenize`` and
 ``/detokenize`` (``tokenize.py``; behind the API key when one is set: ``Authorization: Bearer KEY``, else 401), and,
 always open, ``GET /health`` (503 once the engine has
 failed), ``GET /version`` and ``GET /metrics`` (Prometheus text).  Every error is
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from nanovllm.entrypoints.chat import create_chat_completion
 from nanovllm.entrypoints.completions import create_completion
+from nanovllm.entrypoints.embeddings import EmbeddingRequest, create_embedding
 from nanovllm.entrypoints.fields import unknown_field
 from nanovllm.entrypoints.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from nanovllm.entrypoints.metrics import CONTENT_TYPE
@@ -61,6 +63,10 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await create_chat_completion(serving, body, request)
+
+    @v1.post("/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        return await create_embedding(serving, body, request)
 
     @app.post("/tokenize", dependencies=[Depends(check_api_key)])
     async def tokenize_route(body: TokenizeRequest):

@@ -73,7 +73,7 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
         if chat["template"] is not None:
             prompts.use_chat_template(chat["template"])
         serving = Serving(loop, prompts, args.served_model_name or args.model, chat["kwargs"], chat["parser"],
-                          chat["tool_parser"])
+                          chat["tool_parser"], info.get("pooler"))
     except BaseException:
         loop.shutdown()
         raise

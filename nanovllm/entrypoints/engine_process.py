@@ -4,8 +4,9 @@ engine's host work (scheduling, launching graphs) then run on two cores instead 
 
 Contract:
 * ``start`` returns ``(process, to_core, from_core, info)`` once the engine is built; ``info`` has ``model``,
-  ``hf_config``, ``vocab_size`` and ``max_model_len`` (what ``prompts.Prompts`` needs).  If the engine fails to
-  build, or the process dies first, it raises ``RuntimeError`` with the cause; the process is gone by then.
+  ``hf_config``, ``vocab_size`` and ``max_model_len`` (what ``prompts.Prompts`` needs) and ``pooler`` (its
+  ``PoolerConfig``).  If the engine fails to build, or the process dies first, it raises ``RuntimeError`` with
+  the cause; the process is gone by then.
 * The process ignores SIGINT: Ctrl-C reaches the whole process group, and the front stops the engine in order
   (``("stop",)``, which also closes the LLM's tensor-parallel workers).  When the front's process dies, the engine's
   pipe closes and the process exits at its next step.  It is not a daemon, so that it may start tensor-parallel
@@ -64,7 +65,8 @@ def main(model: str, options: dict, inbox, outbox) -> None:
         raise SystemExit(1) from None
     config = llm.config
     outbox.send_bytes(dumps(("ready", {"model": config.model, "hf_config": config.hf_config,
-                                       "vocab_size": llm.prompts.vocab_size, "max_model_len": config.max_model_len})))
+                                       "vocab_size": llm.prompts.vocab_size, "max_model_len": config.max_model_len,
+                                       "pooler": config.pooler})))
     try:
         EngineCore(llm.engine).serve(inbox, outbox)
     finally:

@@ -1,5 +1,5 @@
-"""``Serving``: what the completion and chat handlers share: the checkpoint's ``Prompts``, the engine loop, the
-metrics, and the steps from a validated request to submitted sequences.
+"""``Serving``: what the handlers share: the checkpoint's ``Prompts``, the engine loop, the metrics, the engine's
+``pooler`` (embeddings) and the steps from a validated request to submitted sequences.
 
 * It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
 * ``chat_template_kwargs``: the server's default template variables (``--default-chat-template-kwargs``), under a
@@ -10,7 +10,7 @@ metrics, and the steps from a validated request to submitted sequences.
 * ``max_tokens_for``: a prompt that leaves no room under ``max_model_len`` gets a 400, as does an explicit
   ``max_tokens`` that would pass it; without one, the endpoint's default is capped to the room left.
 * ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
-  full waiting queue gets a 503 and the prompts already submitted are aborted.
+  full waiting queue gets a 503 and the prompts already submitted are aborted (``PoolingParams``: embeddings).
 * ``abort``: ends a request's sequences still running (a client that went away).
 * ``updates``: the ``ChoiceUpdate``s of all of a request's prompts as they come, tagged with the prompt's index.
 """
@@ -27,6 +27,7 @@ from nanovllm.entrypoints.engine_loop import EngineDead, EngineLoop, Overloaded
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.protocol import APIError, bad_request
 from nanovllm.entrypoints.tokenizing import BatchTokenizer
+from nanovllm.pooling_params import PoolerConfig, resolve_pooler
 from nanovllm.prompts import Prompts
 
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields requests default to
@@ -35,8 +36,10 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.jso
 class Serving:
     def __init__(self, loop: EngineLoop, prompts: Prompts, served_model_name: str,
                  chat_template_kwargs: dict | None = None, reasoning_parser: type | None = None,
-                 tool_parser: type | None = None):
-        """``loop``: the engine (``EngineLoop``); ``prompts``: the checkpoint's tokenizer and prompt checks."""
+                 tool_parser: type | None = None, pooler: PoolerConfig | None = None):
+        """``loop``: the engine (``EngineLoop``); ``prompts``: the checkpoint's tokenizer and prompt checks;
+        ``pooler``: the engine's (default: the checkpoint's, ``resolve_pooler``)."""
+        self.pooler = pooler if pooler is not None else resolve_pooler(prompts.model)
         if prompts.tokenizer is None:
             raise ValueError(f"the server needs a tokenizer, and {prompts.model!r} has none (tokenizer.json)")
         self.loop, self.prompts, self.tokenizer = loop, prompts, prompts.tokenizer
@@ -88,7 +91,8 @@ class Serving:
         handles = []
         try:
             for ids, p, *images in prompts:
-                choices = [p if p.seed is None else dataclasses.replace(p, seed=p.seed + i) for i in range(n)]
+                choices = [p if getattr(p, "seed", None) is None else dataclasses.replace(p, seed=p.seed + i)
+                           for i in range(n)]
                 handles.append(self.loop.submit(ids, choices, *images))
         except (Overloaded, EngineDead) as e:
             self.abort(handles)

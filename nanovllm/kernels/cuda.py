@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels import logits as logits_twin
+from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
 from nanovllm.kernels.linear_attention import ops as la_ops  # noqa: F401  (the linear-attention ops)
 from nanovllm.kernels.linear_attention import reference as la_reference
@@ -98,27 +99,41 @@ def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
     return silu_mul_triton(y) if silu_mul else y
 
 
-def _moe_on_twin(x, w13, w13_scale, group) -> bool:
-    """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), or quantized experts (FP8 or int4:
-    the same K tiles fit a group) whose group no K tile fits."""
+def _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue: dict) -> bool:
+    """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), quantized experts (FP8 or int4: the
+    same K tiles fit a group) whose group no K tile fits, or W8A8 experts with biases or a non-SiLU activation
+    (GPT-OSS's; the W8A8 kernels fuse SiLU only)."""
     return (current_options().reference_kernels or x.dtype == torch.float32
-            or w13_scale is not None and not group_supported(group, x.shape[1], w13.shape[1] // 2))
+            or w13_scale is not None and not group_supported(group, x.shape[1], w13.shape[1] // 2)
+            or bool(epilogue) and moe_w8a8(w13, w13_scale, w13_zero, group))
+
+
+def _epilogue(w13_bias, w2_bias, activation, swiglu_alpha, swiglu_limit) -> dict:
+    """The biases and activation as keywords for the implementations; none for plain SiLU experts without biases
+    (every call but GPT-OSS's)."""
+    if w13_bias is None and w2_bias is None and activation == "silu":
+        return {}
+    return dict(w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, swiglu_alpha=swiglu_alpha,
+                swiglu_limit=swiglu_limit)
 
 
 def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero=None,
-               w2_zero=None):
-    if _moe_on_twin(x, w13, w13_scale, group):
+               w2_zero=None, w13_bias=None, w2_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
+    epilogue = _epilogue(w13_bias, w2_bias, activation, swiglu_alpha, swiglu_limit)
+    if _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue):
         return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
-                                                 group, w13_zero, w2_zero)
+                                                 group, w13_zero, w2_zero, **epilogue)
     return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero,
-                            w2_zero)
+                            w2_zero, **epilogue)
 
 
-def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero=None, w2_zero=None):
-    if _moe_on_twin(x, w13, w13_scale, group):
+def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero=None, w2_zero=None, w13_bias=None,
+                 w2_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
+    epilogue = _epilogue(w13_bias, w2_bias, activation, swiglu_alpha, swiglu_limit)
+    if _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue):
         return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero,
-                                               w2_zero)
-    return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero)
+                                               w2_zero, **epilogue)
+    return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero, **epilogue)
 
 
 def _gumbel_argmax(logits, temperature, seeds, positions):

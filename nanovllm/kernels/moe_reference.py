@@ -1,13 +1,13 @@
 """Pure-PyTorch twin of ``nanovllm::fused_moe`` (the CPU path and the oracle of the Triton kernels), and the
 reference of the expert-sorted, block-aligned layout the Triton grouped GEMMs read.
 
-Contract of the op, shared by every implementation:
-``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
+Contract: ``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
 * Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities, divided by their sum with
   ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
-* Expert ``e`` of a token: ``w2[e] @ (silu(gate) * up)``, ``[gate; up] = w13[e] @ x`` (gate rows first; FP8 or int4
-  experts dequantized to x's dtype first); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
-* W8A8 FP8 experts (``act_quant.moe_w8a8``): x and ``silu(gate) * up`` rounded as ``act_quant`` says, both
+* Expert ``e``: ``w2[e] @ act(gate, up) + w2_bias[e]``, ``[gate; up] = w13[e] @ x + w13_bias[e]`` (gate rows first;
+  FP8 or int4 experts dequantized to x's dtype first; biases None by default; ``act``: ``activate``, SiLU-and-multiply
+  or GPT-OSS's clamped SwiGLU); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
+* W8A8 FP8 experts (``act_quant.moe_w8a8``): x and the activation's output rounded as ``act_quant`` says, both
   products in float32.  The twin gathers each pair's expert weights a chunk of pairs at a time (static shapes).
 
 Layout (``align_reference``; ``triton_moe_align.py`` on the GPU): pair ``p = token * top_k + k`` goes to expert
@@ -20,6 +20,21 @@ import torch.nn.functional as F
 from nanovllm.kernels import act_quant, int4_quant, weight_quant
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered expert weight elements held at once, about (at least one pair's)
+ACTIVATIONS = ("silu", "swiglu_oss")
+
+
+def activate(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", alpha: float = 1.702,
+             limit: float = 7.0) -> torch.Tensor:
+    """The gated halves' product (``activation`` one of ``ACTIVATIONS``): "silu" ``silu(gate) * up``; "swiglu_oss"
+    (GPT-OSS; transformers' ``GptOssExperts._apply_gate``, in its order of operations) ``(u + 1) * g * sigmoid(alpha
+    * g)`` with ``g = min(gate, limit)`` and ``u = clamp(up, -limit, limit)``."""
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "swiglu_oss":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    raise ValueError(f"MoE activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
 
 
 def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool):
@@ -34,10 +49,12 @@ def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
                       w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                       group: int = 0, w13_zero: torch.Tensor | None = None,
-                      w2_zero: torch.Tensor | None = None) -> torch.Tensor:
+                      w2_zero: torch.Tensor | None = None, w13_bias: torch.Tensor | None = None,
+                      w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
+                      swiglu_limit: float = 7.0) -> torch.Tensor:
     """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype.
     FP8 experts (with scales) and int4 ones (with scales and zeros) are dequantized into x's dtype, a chunk of
-    pairs at a time."""
+    pairs at a time; biases and ``activation`` (``activate``) as the module docstring says."""
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
     if num_tokens == 0:
@@ -57,10 +74,13 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         xs = x_in.index_select(0, token_of[p0:p0 + chunk])
         w13_e = _gather(w13, w13_scale, w13_zero, group, e, dtype)
         gate_up = torch.bmm(w13_e, xs[:, :, None])[:, :, 0]  # [c, 2I]
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias.index_select(0, e).to(dtype)
         gate, up = gate_up.chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = activate(gate, up, activation, swiglu_alpha, swiglu_limit)
         down = _gather(w2, w2_scale, w2_zero, group, e, dtype)
-        outs.append(torch.bmm(down, (act_quant.dequantized(h) if w8a8 else h)[:, :, None])[:, :, 0])  # [c, H]
+        y = torch.bmm(down, (act_quant.dequantized(h) if w8a8 else h)[:, :, None])[:, :, 0]  # [c, H]
+        outs.append(y if w2_bias is None else y + w2_bias.index_select(0, e).to(dtype))
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     y = y.float() * weights.reshape(-1, 1)
     return y.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
@@ -80,10 +100,13 @@ def _gather(w: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | No
 def fused_moe_reference(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                         top_k: int, renormalize: bool, w13_scale: torch.Tensor | None = None,
                         w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
-                        w2_zero: torch.Tensor | None = None) -> torch.Tensor:
+                        w2_zero: torch.Tensor | None = None, w13_bias: torch.Tensor | None = None,
+                        w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
+                        swiglu_limit: float = 7.0) -> torch.Tensor:
     """The twin of ``nanovllm::fused_moe`` (see the module docstring)."""
     weights, ids = route_reference(router_logits, top_k, renormalize)
-    return experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero)
+    return experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero, w13_bias,
+                             w2_bias, activation, swiglu_alpha, swiglu_limit)
 
 
 def num_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:

@@ -1,12 +1,12 @@
-"""The fused MoE on CUDA: routing, the experts' gate/up GEMM with SiLU-and-multiply fused, the down GEMM with the
-router weight multiplied in, then the sum over each token's top-k; static shapes and grids (no host sync, so a step
-replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
+"""The fused MoE on CUDA: routing, the experts' gate/up GEMM with the optional bias and the activation fused, the down
+GEMM with its optional bias and the router weight, then the sum over each token's top-k; static shapes and grids
+(no host sync, so a step replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
 
 The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``; ``moe_configs.py``
 picks the tiles).  A program of ``_grouped_up_kernel`` takes one block and one column tile: it gathers the block's
-token rows of x (``pair // top_k``) and writes ``silu(gate) * up`` to the block's rows of the intermediate
-``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2`` tile, scales each row by its router
-weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
+token rows of x (``pair // top_k``) and writes the activation (e.g. ``silu(gate) * up``) to the block's rows of the
+intermediate ``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2`` tile, adds its bias,
+scales each row by its router weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
 return at once.  Offsets are int64 where a row index meets a stride; sums are float32, outputs in x's dtype.
 ``w2`` may be a transposed view ([E, H, I] over [E, I, H] memory, as an expert cache keeps it).  FP8 experts that
 ``act_quant.moe_w8a8`` takes run W8A8 (``triton_moe_w8a8.py``); other FP8 (``weight_quant.py``) and int4 experts
@@ -24,8 +24,8 @@ from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels.moe_configs import MoeConfig, choose, int4_dequantize_once, tuned
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision, device_capability
-from nanovllm.kernels.triton_moe_tiles import (_block, _finish, _halves, _int4_tile, _k_columns, _oriented,
-                                                _store_weighted, _weight_dot, _zeros)
+from nanovllm.kernels.triton_moe_tiles import (ACTIVATION_CODES, _activate, _block, _finish, _halves, _int4_tile,
+                                                _k_columns, _oriented, _per_n, _store_weighted, _weight_dot, _zeros)
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 from nanovllm.kernels.triton_w4a16 import dequantize_int4_triton
@@ -33,8 +33,9 @@ from nanovllm.kernels.triton_w4a16 import dequantize_int4_triton
 
 @triton.jit
 def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, inter_ptr,
-                       I, H, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                       stride_zg, stride_i, TOP_K: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                       bias_ptr, I, H, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ze,
+                       stride_zn, stride_zg, stride_i, stride_be, alpha, limit, HAS_BIAS: tl.constexpr,
+                       ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
                        FP16_MMA: tl.constexpr, INT4: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
@@ -75,15 +76,20 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
                              DOT_PRECISION, SWAP)
     acc_gate = _finish(acc_gate, gate_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA, SWAP)
     acc_up = _finish(acc_up, up_scales, n_mask, GROUP, ONE_GROUP, FP16_MMA, SWAP)
-    h = _oriented(acc_gate * tl.sigmoid(acc_gate) * acc_up, SWAP)
+    if HAS_BIAS:
+        gate_bias, up_bias = _halves(bias_ptr, expert, offs_n, I, stride_be, 1)
+        acc_gate += _per_n(tl.load(gate_bias, mask=n_mask, other=0.0).to(tl.float32), SWAP)
+        acc_up += _per_n(tl.load(up_bias, mask=n_mask, other=0.0).to(tl.float32), SWAP)
+    h = _oriented(_activate(acc_gate, acc_up, alpha, limit, ACTIVATION), SWAP)
     tl.store(inter_ptr + slots[:, None] * stride_i + offs_n[None, :], h.to(inter_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr,
-                         weights_ptr, out_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se, stride_sn,
-                         stride_sg, stride_ze, stride_zn, stride_zg, stride_o, W2_STRIDED_K: tl.constexpr,
+                         weights_ptr, out_ptr, bias_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se,
+                         stride_sn, stride_sg, stride_ze, stride_zn, stride_zg, stride_o, stride_be,
+                         HAS_BIAS: tl.constexpr, W2_STRIDED_K: tl.constexpr,
                          GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, INT4: tl.constexpr,
                          SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
@@ -116,6 +122,8 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
         acc = _weight_dot(acc, a, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, FP16_MMA, INT4, DOT_PRECISION,
                           SWAP)
     acc = _oriented(_finish(acc, scales, n_mask, GROUP, ONE_GROUP, FP16_MMA, SWAP), SWAP)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask)
 
 
@@ -143,6 +151,14 @@ def _group_args(w: torch.Tensor, t: torch.Tensor | None, group: int, k: int, dty
     assert t.dtype == dtype and t.shape == (*w.shape[:2], -(-k // group)), \
         f"{t.dtype} {tuple(t.shape)}: {dtype} [{w.shape[0]}, {w.shape[1]}, ceil({k} / {group})] expected"
     return t, *t.stride()
+
+
+def _bias_arg(bias: torch.Tensor | None, w13: torch.Tensor, width: int) -> torch.Tensor:
+    """An expert bias [E, ``width``] for the kernels (checked, contiguous rows), or a placeholder where None."""
+    if bias is None:
+        return w13
+    assert bias.shape == (w13.shape[0], width) and bias.stride(1) == 1, f"bias {tuple(bias.shape)} [E, {width}]"
+    return bias
 
 
 def _dequantized(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
@@ -175,11 +191,14 @@ def moe_plan(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, w
 def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor, cfg: MoeConfig, w13_scale: torch.Tensor | None = None,
                    w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
-                   w2_zero: torch.Tensor | None = None, once: bool = False) -> torch.Tensor:
+                   w2_zero: torch.Tensor | None = None, once: bool = False, w13_bias: torch.Tensor | None = None,
+                   w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
+                   swiglu_limit: float = 7.0) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
     -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group``, int4 ones (uint8 ``w13``/``w2``)
     with their scales, zeros and ``group`` (``group_supported`` must hold); ``once``: int4 experts are dequantized
-    first and run by the bf16 kernels (``w2`` not transposed)."""
+    first and run by the bf16 kernels (``w2`` not transposed).  Biases and ``activation`` as the op's (not with
+    W8A8 experts: the CUDA dispatch sends those calls to the twin)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -192,7 +211,10 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     dev = x.device
     if num_tokens == 0:
         return torch.zeros_like(x)
+    epilogue = dict(w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, swiglu_alpha=swiglu_alpha,
+                    swiglu_limit=swiglu_limit)
     if moe_w8a8(w13, w13_scale, w13_zero, group):
+        assert w13_bias is None and w2_bias is None and activation == "silu", "W8A8 experts: SiLU, no biases"
         args = dict(DOT_PRECISION=_dot_precision(x), **pdl_launch(dev))
         layout = align_triton(ids, hist, num_experts, cfg.block_m)
         s13 = _group_args(w13, w13_scale, group, hidden, torch.float32)
@@ -201,7 +223,8 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
     if int4 and once:
         w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
-        return experts_triton(x, weights, ids, hist, w13, _dequantized(w2, w2_scale, w2_zero, group, x.dtype), cfg)
+        w2 = _dequantized(w2, w2_scale, w2_zero, group, x.dtype)
+        return experts_triton(x, weights, ids, hist, w13, w2, cfg, **epilogue)
     quantized = w13_scale is not None
     group = group if quantized else 0
     down = cfg.down_tiles
@@ -219,16 +242,19 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     # through L2.
     s13 = _group_args(w13, w13_scale, group, hidden, scale_dtype)
     z13 = _group_args(w13, w13_zero, group, hidden, torch.uint8)
+    b13, b2 = _bias_arg(w13_bias, w13, 2 * inter_size), _bias_arg(w2_bias, w13, hidden)
     _grouped_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
-        x, w13, s13[0], z13[0], sorted_ids, block_expert, block_rows, inter, inter_size, hidden, x.stride(0),
-        w13.stride(0), w13.stride(1), *s13[1:], *z13[1:], inter.stride(0), TOP_K=top_k, ONE_GROUP=group >= hidden,
-        BLOCK_K=up_k, BLOCK_N=cfg.block_n, **cfg.launch(), **args)
+        x, w13, s13[0], z13[0], sorted_ids, block_expert, block_rows, inter, b13, inter_size, hidden, x.stride(0),
+        w13.stride(0), w13.stride(1), *s13[1:], *z13[1:], inter.stride(0), b13.stride(0), float(swiglu_alpha),
+        float(swiglu_limit), HAS_BIAS=w13_bias is not None, ACTIVATION=ACTIVATION_CODES[activation], TOP_K=top_k,
+        ONE_GROUP=group >= hidden, BLOCK_K=up_k, BLOCK_N=cfg.block_n, **cfg.launch(), **args)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
     s2 = _group_args(w2, w2_scale, group, inter_size, scale_dtype)
     z2 = _group_args(w2, w2_zero, group, inter_size, torch.uint8)
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, down.block_n))](
-        inter, w2, s2[0], z2[0], sorted_ids, block_expert, block_rows, weights, per_pair, inter_size, hidden,
-        inter.stride(0), *w2.stride(), *s2[1:], *z2[1:], per_pair.stride(0), W2_STRIDED_K=w2.stride(2) != 1,
+        inter, w2, s2[0], z2[0], sorted_ids, block_expert, block_rows, weights, per_pair, b2, inter_size, hidden,
+        inter.stride(0), *w2.stride(), *s2[1:], *z2[1:], per_pair.stride(0), b2.stride(0),
+        HAS_BIAS=w2_bias is not None, W2_STRIDED_K=w2.stride(2) != 1,
         ONE_GROUP=group >= inter_size, BLOCK_K=down_k, BLOCK_N=down.block_n, **down.launch(),
         **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
@@ -237,23 +263,23 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
 def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
                      renormalize: bool, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                      group: int = 0, w13_zero: torch.Tensor | None = None, w2_zero: torch.Tensor | None = None,
-                     cfg: MoeConfig | None = None, once: bool | None = None) -> torch.Tensor:
+                     cfg: MoeConfig | None = None, once: bool | None = None, **epilogue) -> torch.Tensor:
     """``nanovllm::fused_moe`` in Triton; ``cfg`` and ``once`` (``experts_triton``; default: ``moe_plan``'s) the tiles
-    and whether int4 experts are dequantized first."""
+    and whether int4 experts are dequantized first; ``epilogue``: ``experts_triton``'s biases and activation."""
     planned, once = moe_plan(x, top_k, w13, w2, w13_scale, w13_zero, group, once)
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg or planned, w13_scale, w2_scale, group, w13_zero,
-                          w2_zero, once)
+                          w2_zero, once, **epilogue)
 
 
 def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
                        w2: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                        group: int = 0, w13_zero: torch.Tensor | None = None,
-                       w2_zero: torch.Tensor | None = None) -> torch.Tensor:
+                       w2_zero: torch.Tensor | None = None, **epilogue) -> torch.Tensor:
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
-    ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32)."""
+    ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32); ``epilogue`` as ``fused_moe_triton``'s."""
     num_experts = w13.shape[0]
     cfg, once = moe_plan(x, ids.shape[1], w13, w2, w13_scale, w13_zero, group, None)
     return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
                           chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group, w13_zero,
-                          w2_zero, once)
+                          w2_zero, once, **epilogue)

@@ -1,13 +1,13 @@
 """The decoder-only transformer that every architecture shares, as a function of ``StepInputs``.
 
 Variants differ in flags read from the HF config: q/k RMSNorm (Qwen3), qkv bias (Qwen2), attention and MLP
-bias (some Llamas), rope scaling (Llama-3, LongRoPE) and tied embeddings; in each layer's MLP (``make_mlp``):
-dense, or a mixture of experts (``moe.py``) in the MoE architectures; and a subclass may rewrite its weights once
-they are loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv, gate_up)
-so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through ``ops.linear``
-or, for an int4 weight, ``ops.linear_int4`` (the MLP's SiLU-and-multiply fused into its gate/up matmul).  The KV
-cache is handed in per call, so the forward has no hidden state besides weights and is traced unchanged by the
-graph compiler.
+bias (some Llamas), rope scaling and tied embeddings; in each layer's attention (``attention_options``: a sliding
+window, sinks) and MLP (``make_mlp``): dense, or a mixture of experts (``moe.py``); and a subclass may rewrite its
+weights once loaded (``after_loading``: MiniCPM folds its scalings into them).  Projections are packed (qkv,
+gate_up) so each is one matmul; the loader slices the HF tensors into them.  Every projection goes through
+``ops.linear`` or, for an int4 weight, ``ops.linear_int4`` (the MLP's SiLU-and-multiply fused into its gate/up
+matmul).  The KV cache is handed in per call, so the forward has no hidden state besides weights and is traced
+unchanged by the graph compiler.
 
 A layer is: the qkv matmul, one fused op for the q/k norm, rope and KV store (``ops.rope_store_kv``), attention,
 then everything after attention as one nested compile region that the compiler lowers once for every layer.  The
@@ -76,7 +76,10 @@ def project(linear: nn.Linear, x: torch.Tensor, bias: bool = True, silu_mul: boo
 
 
 class Attention(nn.Module):
-    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding):
+    """``window`` > 0: each query sees its last ``window`` keys only (a sliding-window layer); ``sinks``: a learned
+    logit per query head in the softmax denominator (the parameter ``sinks``, this rank's heads; GPT-OSS)."""
+
+    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding, window: int = 0, sinks: bool = False):
         super().__init__()
         self.num_heads = tp.split(a.num_heads, "num_attention_heads")  # this rank's (tensor_parallel.py)
         self.num_kv_heads, self.head_dim = tp.kv_heads(a.num_kv_heads)[0], a.head_dim
@@ -88,6 +91,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
+        self.window = window
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if sinks else None
         # An FP8 KV cache's per-head scales (kernels/kv_quant.py), float32 in any model dtype: 1 until the
         # checkpoint or calibration sets them (models/kv_scales.py).
         self.register_buffer("k_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
@@ -104,12 +109,13 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         scales = (self.k_scale, self.v_scale) if kv_quant.is_fp8(k_cache) else (None, None)
         rows, cos, sin = rope
+        tables, slots = inputs.kv_tables(self.window)  # a sliding layer's: its window pool's, where it has one
         q = ops.rope_store_kv(project(self.qkv_proj, h), rows, cos, sin,
                               self.q_norm.weight if self.q_norm is not None else None,
                               self.k_norm.weight if self.k_norm is not None else None, self.eps, k_cache, v_cache,
-                              inputs.slot_mapping, self.num_heads, self.num_kv_heads, *scales)
-        o = ops.paged_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens, inputs.block_tables,
-                                self.scale, *scales)
+                              slots, self.num_heads, self.num_kv_heads, *scales)
+        o = ops.paged_attention(q, k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens, tables,
+                                self.scale, *scales, window=self.window, sinks=self.sinks)
         return o.reshape(-1, self.q_size)
 
 
@@ -136,10 +142,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding, mlp: nn.Module):
+    def __init__(self, a: DecoderArgs, rotary: RotaryEmbedding, mlp: nn.Module, attention: dict | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = Attention(a, rotary)
+        self.self_attn = Attention(a, rotary, **(attention or {}))
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = mlp  # [T, H] -> [T, H]: MLP, or a mixture of experts (moe.py)
 
@@ -167,11 +173,12 @@ def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, a: DecoderArgs, mlps: list[nn.Module]):
+    def __init__(self, a: DecoderArgs, mlps: list[nn.Module], attention: list[dict] | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.rotary = rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(a, rotary, mlp) for mlp in mlps)
+        attention = attention or [{}] * len(mlps)
+        self.layers = nn.ModuleList(DecoderLayer(a, rotary, mlp, kw) for mlp, kw in zip(mlps, attention))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
 
@@ -188,10 +195,16 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, hf_config: dict):
         super().__init__()
         self.args = a = DecoderArgs.from_hf(hf_config, self.qk_norm, self.qkv_bias)
-        self.model = DecoderBody(a, [self.make_mlp(hf_config, i) for i in range(a.num_layers)])
+        self.model = DecoderBody(a, [self.make_mlp(hf_config, i) for i in range(a.num_layers)],
+                                 [self.attention_options(hf_config, i) for i in range(a.num_layers)])
         self.lm_head = nn.Linear(a.hidden_size, tp.vocab_rows(a.vocab_size), bias=False)
         if a.tie_word_embeddings and self.lm_head.weight.shape == self.model.embed_tokens.weight.shape:
             self.lm_head.weight = self.model.embed_tokens.weight  # else tie_lm_head copies this rank's rows
+
+    def layer_windows(self) -> list[int]:
+        """Each layer's sliding window (0: full attention; GPT-OSS, Gemma 3).  The engine keeps the sliding layers'
+        KV in a pool of its own, from which their attention reads through ``StepInputs.kv_tables``."""
+        return [getattr(getattr(layer, "self_attn", None), "window", 0) for layer in self.model.layers]
 
     def quant_targets(self) -> dict[str, tuple[nn.Module, str, bool]]:
         """Every parameter a weight quantization holds (``nanovllm/quant/``), by name: (its module, its attribute,
@@ -205,6 +218,10 @@ class DecoderForCausalLM(nn.Module):
             for module, attr, row_parallel in layer.self_attn.quant_targets() + (mlp() if mlp else []):
                 out[f"{owners[id(module)]}.{attr}"] = (module, attr, row_parallel)
         return out
+
+    def attention_options(self, hf_config: dict, layer_idx: int) -> dict:
+        """Layer ``layer_idx``'s ``Attention`` keywords (``self.args`` is set): none, full causal attention."""
+        return {}
 
     def make_mlp(self, hf_config: dict, layer_idx: int) -> nn.Module:
         """Layer ``layer_idx``'s MLP (``self.args`` is set): the dense one of ``intermediate_size``."""

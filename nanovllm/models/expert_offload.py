@@ -73,7 +73,8 @@ def offload_experts(model: torch.nn.Module, device: torch.device, slots: int | N
         int4 = any(held.format_of(moe.experts) is held.INT4 for _, moe in moes)
         host_share = CUDA_OFFLOAD_HOST_SHARE if device.type == "cuda" and not int4 else 0.0
     if not moes:
-        raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer")
+        raise ValueError("offload_experts=True, but the model has no mixture-of-experts layer that can be offloaded "
+                         "(plain SiLU experts without biases: not GPT-OSS's)")
     pin = device.type == "cuda"
     num_experts = moes[0][1].experts.gate_up_proj.shape[0]
     splits = host_share > 0 and slots is not None and slots < num_experts

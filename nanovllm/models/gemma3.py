@@ -159,11 +159,6 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
         if a.tie_word_embeddings and self.lm_head.weight.shape == self.model.embed_tokens.weight.shape:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def layer_windows(self) -> list[int]:
-        """Each layer's sliding window (0: full attention): the engine keeps the sliding layers' KV in a pool of its
-        own, from which they read through ``StepInputs.kv_tables``."""
-        return [layer.self_attn.window for layer in self.model.layers]
-
     def quant_targets(self) -> dict[str, tuple[nn.Module, str, bool]]:
         owners = {id(m): name for name, m in self.named_modules()}
         return {f"{owners[id(module)]}.{attr}": (module, attr, row_parallel)

@@ -5,10 +5,14 @@ Names are mapped as the model declares: ``checkpoint_prefixes`` (a leading prefi
 (names taken as they are), ``checkpoint_renames`` (a module renamed), ``packed_modules`` (q/k/v, gate/up copied
 into their rows of the packed parameter) and ``expert_weights`` (per-expert tensors stacked into
 ``experts.<stacked>``).  A place (``where``) is None for the whole parameter, ``i`` for part i of a packed one, or
-``(expert, half)`` for one expert of a stacked one (half None: all its rows, else 0 gate, 1 up).  A tensor of the
-wrong shape is a ValueError naming it and both shapes.
+``(expert, half)`` for one expert of a stacked one (half None: all its rows, else 0 gate, 1 up).  A whole parameter
+that the checkpoint stores in another layout (``stored_layouts``: a ``StoredLayout`` by the ending of our name, e.g.
+GPT-OSS's transposed, interleaved experts) is read in that layout, cut there for a rank, then turned into ours.  A
+tensor of the wrong shape is a ValueError naming it and both shapes.
 """
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,6 +21,16 @@ import nanovllm.distributed as distributed
 from nanovllm.models.tensor_parallel import checkpoint_slice
 
 _EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
+
+
+@dataclass(frozen=True)
+class StoredLayout:
+    """A parameter the checkpoint stores otherwise: stored dim i is our dim ``dims[i]``; tensor parallelism cuts
+    stored dim ``split_dim`` into equal pieces, one a rank (None: every rank reads all of it); ``to_ours`` turns a
+    stored tensor (or a rank's piece) into our layout."""
+    dims: tuple[int, ...]
+    split_dim: int | None
+    to_ours: Callable[[torch.Tensor], torch.Tensor]
 
 
 class Placement:
@@ -30,6 +44,14 @@ class Placement:
         if getattr(self.args, "tie_word_embeddings", False):
             params.pop("lm_head.weight", None)
         return params
+
+    def layout(self, target: str, where) -> StoredLayout | None:
+        """The stored layout of the whole parameter ``target`` where the model declares one (else None)."""
+        if where is None:
+            for ending, layout in getattr(self.model, "stored_layouts", {}).items():
+                if target.endswith(ending):
+                    return layout
+        return None
 
     def target(self, name: str) -> tuple[str, object]:
         """HF tensor name -> (our parameter name, where in it the tensor goes)."""
@@ -88,7 +110,8 @@ class Placement:
         """The shape of this rank's piece of checkpoint part ``where`` of a parameter of (this rank's) ``shape``,
         in the checkpoint tensor's layout (a packed int4 parameter: ``shape`` in float columns)."""
         if where is None:
-            return tuple(shape)
+            layout = self.layout(target, where)
+            return tuple(shape) if layout is None else tuple(shape[d] for d in layout.dims)
         if isinstance(where, tuple):  # one expert: its gate or up rows, or all its rows
             local = tuple(shape[1:])
             return local if where[1] is None else (local[0] // 2,) + local[1:]
@@ -96,13 +119,26 @@ class Placement:
 
     def cut(self, target: str, where, local_shape: tuple) -> tuple[int, int, int] | None:
         """(dim, start, length) of the checkpoint tensor this rank's piece reads, or None: all of it."""
-        return checkpoint_slice(target, where, local_shape, self.args)
+        layout = self.layout(target, where)
+        if layout is None:
+            return checkpoint_slice(target, where, local_shape, self.args)
+        tp = distributed.current()
+        if tp.size == 1 or layout.split_dim is None:
+            return None
+        length = local_shape[layout.split_dim]
+        return layout.split_dim, tp.rank * length, length
 
     @torch.no_grad()
     def copy(self, name: str, target: str, where, tensor: torch.Tensor, param: torch.Tensor) -> None:
         """Copy checkpoint tensor ``name`` (this rank's piece) into its place ``where`` in ``param``."""
         if where is None:
             dst = param
+            layout = self.layout(target, where)
+            if layout is not None:
+                stored = tuple(param.shape[d] for d in layout.dims)
+                if tuple(tensor.shape) != stored:
+                    raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {stored}")
+                tensor = layout.to_ours(tensor)
         elif isinstance(where, tuple):
             expert, half = where
             if expert >= param.shape[0]:

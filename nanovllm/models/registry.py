@@ -1,5 +1,6 @@
 """Maps a checkpoint's ``config.architectures`` to the class that implements it."""
 from nanovllm.models.gemma3 import Gemma3ForCausalLM
+from nanovllm.models.gpt_oss import GptOssForCausalLM
 from nanovllm.models.hybrid import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3NextForCausalLM
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.minicpm import MiniCPM4ForCausalLM, MiniCPMForCausalLM
@@ -19,6 +20,7 @@ MODEL_REGISTRY = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
     "Qwen3NextForCausalLM": Qwen3NextForCausalLM,

@@ -4,7 +4,7 @@ splits them:
 * attention heads: each rank takes ``num_heads / N`` query heads and ``num_kv_heads / N`` KV heads; with fewer KV
   heads than ranks each KV head is replicated, rank r using head ``r * num_kv_heads // N``;
 * column-parallel (outputs split, no collective): the packed qkv and gate/up projections (each part split on its
-  own), the experts' gate/up, and the LM head (vocabulary rows, padded to a multiple of N; the logits are
+  own), attention sinks (GPT-OSS: one per query head), the experts' gate/up, and the LM head (vocabulary rows, padded to a multiple of N; the logits are
   gathered back in rank order and the padding cut);
 * row-parallel (inputs split, then one all-reduce): attention's output projection and the MLP's (or the experts')
   down projection; a bias is added once, after the sum;
@@ -86,7 +86,7 @@ def checkpoint_slice(target: str, part, local_shape: tuple, args) -> tuple[int, 
     if any(n in names for n in ("o_proj", "down_proj", "out_proj")) and not target.endswith(".bias"):  # row-parallel
         length = local_shape[-1]
         return len(local_shape) - 1, tp.rank * length, length
-    if not any(n in names for n in ("qkv_proj", "gate_up_proj", "lm_head") + LINEAR_ATTENTION_SPLIT):
+    if not any(n in names for n in ("qkv_proj", "gate_up_proj", "lm_head", "sinks") + LINEAR_ATTENTION_SPLIT):
         return None
     length = local_shape[0]
     if "qkv_proj" in names and part in (1, 2):

@@ -11,6 +11,8 @@ the sampled token's and the top ``MAX_LOGPROBS``); ``processed`` samples from lo
 ``sample`` (or ``sample_logprobs``) are a processed step in two halves, between which the host fills masks.  When
 ``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its logprob from the step's outputs
 (the log-normaliser follows from the top token's raw logit and logprob) and the state's counts follow the new token.
+Every step that runs the model also returns, last, the final normed hidden states of all its tokens [T, H] (what
+``engine/pooling.py`` pools into embeddings): an output the step computes anyway, so it costs no work.
 """
 import functools
 
@@ -23,9 +25,11 @@ from nanovllm.step.logits_state import LogitsState
 
 
 def _forward(model, kv_caches, token_buffer, inputs: StepInputs, mm):
+    """(logits [B, V] of the rows ``inputs.logits_indices``, the final normed hidden states [T, H])."""
     from_buffer = token_buffer[inputs.token_slots.clamp(min=0)]
     input_ids = torch.where(inputs.token_slots >= 0, from_buffer, inputs.input_ids)
-    return model(input_ids, inputs, kv_caches) if mm is None else model(input_ids, inputs, kv_caches, mm)
+    hidden = model.hidden_states(input_ids, inputs, kv_caches, mm)
+    return model.logits(hidden[inputs.logits_indices]), hidden
 
 
 def sample_tokens(token_buffer, logits, inputs: StepInputs) -> torch.Tensor:
@@ -36,46 +40,49 @@ def sample_tokens(token_buffer, logits, inputs: StepInputs) -> torch.Tensor:
 
 
 def run_step(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
-    """The whole step: (tokens [B], logits [B, V]).  ``mm``: a vision-language model's extra inputs for a prefill
-    chunk with image tokens (``nanovllm/models/qwen_vl.py``), handed to the model."""
-    logits = _forward(model, kv_caches, token_buffer, inputs, mm)
-    return sample_tokens(token_buffer, logits, inputs), logits
+    """The whole step: (tokens [B], logits [B, V], hidden states [T, H]).  ``mm``: a vision-language model's extra
+    inputs for a prefill chunk with image tokens (``nanovllm/models/qwen_vl.py``), handed to the model."""
+    logits, hidden = _forward(model, kv_caches, token_buffer, inputs, mm)
+    return sample_tokens(token_buffer, logits, inputs), logits, hidden
 
 
 def run_step_with_logprobs(model, kv_caches, token_buffer, inputs: StepInputs, mm=None):
     """``run_step`` and its logprobs: (tokens [B], logits [B, V], values [B, 1 + MAX_LOGPROBS], ids
-    [B, MAX_LOGPROBS]) (see ``token_logprobs``).  A code object of its own, so Dynamo compiles it apart from
-    ``run_step``."""
-    tokens, logits = run_step(model, kv_caches, token_buffer, inputs, mm)
+    [B, MAX_LOGPROBS], hidden states) (see ``token_logprobs``).  A code object of its own, so Dynamo compiles it
+    apart from ``run_step``."""
+    tokens, logits, hidden = run_step(model, kv_caches, token_buffer, inputs, mm)
     values, ids = token_logprobs(logits, tokens)
-    return tokens, logits, values, ids
+    return tokens, logits, values, ids, hidden
 
 
 def run_processed_step(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
     """``run_step`` for a batch in which a request has penalties or a grammar: the sampler draws from the logits
-    ``state`` processed, and the sampled tokens are counted.  (tokens [B], processed logits [B, V], raw logits)."""
-    return sample_processed(token_buffer, state, _forward(model, kv_caches, token_buffer, inputs, mm), inputs)
+    ``state`` processed, and the sampled tokens are counted.  (tokens [B], processed logits [B, V], raw logits,
+    hidden states)."""
+    raw, hidden = _forward(model, kv_caches, token_buffer, inputs, mm)
+    return sample_processed(token_buffer, state, raw, inputs) + (hidden,)
 
 
 def run_forward(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
     """A split step's first half, for a batch whose grammar masks are filled while it runs: the model's logits,
-    kept in ``state.logits`` by token slot for the second half (``run_sample``).  Returns (raw logits [B, V],)."""
-    raw = _forward(model, kv_caches, token_buffer, inputs, mm)
+    kept in ``state.logits`` by token slot for the second half (``run_sample``).  Returns (raw logits [B, V],
+    hidden states)."""
+    raw, hidden = _forward(model, kv_caches, token_buffer, inputs, mm)
     state.keep(raw, inputs.out_slots)
-    return (raw,)
+    return raw, hidden
 
 
 def run_sample(token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
     """A split step's second half: ``run_processed_step`` on the logits its first half kept, with the same
-    inputs."""
-    return sample_processed(token_buffer, state, state.logits.index_select(0, inputs.out_slots), inputs)
+    inputs; no model runs, so its hidden states are None."""
+    return sample_processed(token_buffer, state, state.logits.index_select(0, inputs.out_slots), inputs) + (None,)
 
 
 def run_sample_with_logprobs(token_buffer, state: LogitsState, inputs: StepInputs, mm=None):
     """``run_sample`` and the logprobs of the raw logits, as ``run_processed_step_with_logprobs``."""
-    tokens, logits, raw = run_sample(token_buffer, state, inputs)
+    tokens, logits, raw, _ = run_sample(token_buffer, state, inputs)
     values, ids = token_logprobs(raw, tokens)
-    return tokens, logits, values, ids, raw
+    return tokens, logits, values, ids, raw, None
 
 
 def sample_processed(token_buffer, state: LogitsState, raw: torch.Tensor, inputs: StepInputs):
@@ -90,10 +97,10 @@ def sample_processed(token_buffer, state: LogitsState, raw: torch.Tensor, inputs
 def run_processed_step_with_logprobs(model, kv_caches, token_buffer, state: LogitsState, inputs: StepInputs,
                                      mm=None):
     """``run_processed_step`` and the logprobs of the raw logits (as every step reports them): (tokens, logits,
-    values, ids, raw logits)."""
-    tokens, logits, raw = run_processed_step(model, kv_caches, token_buffer, state, inputs, mm)
+    values, ids, raw logits, hidden states)."""
+    tokens, logits, raw, hidden = run_processed_step(model, kv_caches, token_buffer, state, inputs, mm)
     values, ids = token_logprobs(raw, tokens)
-    return tokens, logits, values, ids, raw
+    return tokens, logits, values, ids, raw, hidden
 
 
 STEPS = {None: run_step, "logprobs": run_step_with_logprobs, "processed": run_processed_step,

@@ -20,9 +20,9 @@ def run_step_with_prompt_logprobs(model, kv_caches, token_buffer, inputs: StepIn
                                   targets: torch.Tensor, logprobs: bool, mm=None,
                                   state: LogitsState | None = None) -> tuple:
     """(tokens [B], logits [B, V] sampled from, None or the sampled rows' (values, ids) when ``logprobs``, None or
-    the raw logits (with ``state``: processed as ``run_processed_step`` does), the prompt rows' (values
-    [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])).  ``rows`` [n]: token rows whose next token is a prompt token,
-    ``targets`` [n]: those tokens.  A prefill's inputs carry every token (no ``token_slots``)."""
+    the raw logits (with ``state``: processed as ``run_processed_step`` does), the hidden states [T, H], the prompt
+    rows' (values [n, 1 + MAX_LOGPROBS], ids [n, MAX_LOGPROBS])).  ``rows`` [n]: token rows whose next token is a
+    prompt token, ``targets`` [n]: those tokens.  A prefill's inputs carry every token (no ``token_slots``)."""
     hidden = model.hidden_states(inputs.input_ids, inputs, kv_caches, mm)
     raw = model.logits(hidden[inputs.logits_indices])
     if state is not None:
@@ -33,4 +33,4 @@ def run_step_with_prompt_logprobs(model, kv_caches, token_buffer, inputs: StepIn
               for lo in range(0, rows.shape[0], PIECE_ROWS)]
     prompt = (torch.cat([v for v, _ in pieces]), torch.cat([i for _, i in pieces]))
     return (tokens, logits, token_logprobs(raw, tokens) if logprobs else None, raw if state is not None else None,
-            prompt)
+            hidden, prompt)

@@ -4,10 +4,10 @@ depthwise convolution over each row's history and the gated delta rule, for pref
 * ``causal_conv1d_triton``: one program per (token, channel block) sums the K taps, reading taps before the row's
   first token from its slot's state (zeros for a new row), then one program per (row, channel block) writes the
   row's last K-1 inputs back to its slot (after every token program has read the old state: a second launch).
-* ``gated_delta_rule_triton``: one program per (row, value head, block of value dims) keeps its slice of the
-  float32 state [DK, BV] in registers, walks the row's tokens in order (L2-normalising q and k, decaying, writing
-  the delta, reading the output) and stores the slice back in the row's slot.  A decode step is the same launch
-  with one token per row.
+* ``gated_delta_rule_triton``: a decode step (as many tokens as rows) runs the recurrent kernel, one program per
+  (row, value head, block of value dims) keeping its slice of the float32 state [DK, BV] in registers, walking
+  the row's tokens in order (L2-normalising q and k, decaying, writing the delta, reading the output) and storing
+  the slice back in the row's slot; every other step runs the chunked WY kernel (``triton_chunked.py``).
 Token-to-row maps are built with torch ops before the launch: no host sync, so both are graph-capturable.
 """
 import torch
@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.linear_attention.reference import row_layout
+from nanovllm.kernels.linear_attention.triton_chunked import gated_delta_rule_chunked
 
 
 @triton.jit
@@ -116,6 +117,14 @@ def _delta_rule(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, cu_ptr
 def gated_delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                             ssm_state: torch.Tensor, state_slots: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             context_lens: torch.Tensor) -> torch.Tensor:
+    fn = gated_delta_rule_recurrent if q.shape[0] == context_lens.shape[0] else gated_delta_rule_chunked
+    return fn(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens)
+
+
+def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                               beta: torch.Tensor, ssm_state: torch.Tensor, state_slots: torch.Tensor,
+                               cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Token by token, any step (decode steps run it; prefill steps run the chunked kernel)."""
     T, HK, DK = q.shape
     HV, DV = v.shape[1], v.shape[2]
     rows = context_lens.shape[0]
