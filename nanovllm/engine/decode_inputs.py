@@ -10,7 +10,7 @@
   again only after the step that last used it was collected;
 * on a capturing platform the staging tensors are copied straight into the graph's static input buffers.
 
-A window pool's tables (``window``: its W) are written anew every step: a few blocks a row (``_window_rows``).
+A window pool's tables (``window``: its W) are kept alike: a row changes where a block opens or leaves the window.
 Padded rows are ``StepInputs.pad_rows``'s.  A sequence whose newest token is still ``PENDING_TOKEN`` reads it
 from its token slot on the device.
 """
@@ -35,11 +35,14 @@ class _SeqRow:
 class _Batch:
     """One row count's last batch: its sequences, their block-table lists and lengths, and the arrays built
     (``tables`` [n, width], the per-row sampling fields ``temperature``, ``top_k``, ``top_p``, ``seeds``, and
-    ``rope_delta``, each row's position minus its token index: nonzero after images, ``mrope.py``)."""
-    __slots__ = ("seqs", "table_lists", "lens", "tables", "temperature", "top_k", "top_p", "seeds", "rope_delta")
+    ``rope_delta``, each row's position minus its token index: nonzero after images, ``mrope.py``); with a window
+    pool also their window-table lists and ``window_tables`` [n, width]."""
+    __slots__ = ("seqs", "table_lists", "lens", "tables", "temperature", "top_k", "top_p", "seeds", "rope_delta",
+                 "window_lists", "window_tables")
 
-    def __init__(self, seqs, table_lists, lens, tables, entries):
+    def __init__(self, seqs, table_lists, lens, tables, entries, window_lists=None, window_tables=None):
         self.seqs, self.table_lists, self.lens, self.tables = seqs, table_lists, lens, tables
+        self.window_lists, self.window_tables = window_lists, window_tables
         n = len(entries)
         self.temperature = np.fromiter((e.params.temperature for e in entries), np.float32, n)
         self.top_k = np.fromiter((e.params.top_k for e in entries), np.int64, n)
@@ -87,13 +90,21 @@ class DecodeInputBuilder:
         """The block tables [n, width] and sampling settings of ``seqs``: the last batch of ``key`` one decode step
         later (same sequences, same block-table lists, each one token longer), or built anew."""
         table_lists = [s.block_table for s in seqs]
+        window_lists = [s.window_table for s in seqs] if self.window else None
         last = self._batches.get(key)
         if (last is not None and last.seqs == seqs and last.table_lists == table_lists
-                and np.array_equal(last.lens + 1, lens)):
+                and last.window_lists == window_lists and np.array_equal(last.lens + 1, lens)):
             pos = lens - 1
             for i in np.flatnonzero(pos % self.block_size == 0):  # the rows whose newest token opened a block
                 b = pos[i] // self.block_size
                 last.tables[i, b] = table_lists[i][b]
+                if window_lists is not None:
+                    last.window_tables[i, b] = window_lists[i][b]
+            if window_lists is not None:  # the rows whose window left a block (given back: NULL in the list)
+                start = pos - self.window + 1
+                for i in np.flatnonzero((start > 0) & (start % self.block_size == 0)):
+                    b = start[i] // self.block_size - 1
+                    last.window_tables[i, b] = window_lists[i][b]
             last.lens = lens
             return last
         if len(self._rows) > 4 * max(len(seqs), 64):  # forget finished sequences now and then
@@ -102,7 +113,13 @@ class DecodeInputBuilder:
         entries = [self._row(s) for s in seqs]
         n = len(seqs)
         tables = np.stack([e.row for e in entries]) if n else np.zeros((0, self.width), np.int32)
-        self._batches[key] = batch = _Batch(list(seqs), table_lists, lens, tables, entries)
+        window_tables = None
+        if window_lists is not None:  # each row's blocks from its window's first on
+            window_tables = np.zeros((n, self.width), np.int32)
+            for i, first in enumerate(np.maximum(lens - self.window, 0) // self.block_size):
+                window_tables[i, first:len(window_lists[i])] = window_lists[i][first:]
+        self._batches[key] = batch = _Batch(list(seqs), table_lists, lens, tables, entries, window_lists,
+                                            window_tables)
         return batch
 
     def build(self, seqs: list, rows: int, *, target: StepInputs | None = None, chunk: int = 0,
@@ -136,20 +153,13 @@ class DecodeInputBuilder:
             host.seeds.numpy()[:n] = batch.seeds
             slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
                 + pos % self.block_size
-        if self.window:
-            self._window_rows(host, seqs, pos)
+        if self.window and n:
+            window = host.window_tables.numpy()
+            window[:n] = batch.window_tables
+            host.window_slot_mapping.numpy()[:n] = window[np.arange(n), pos // self.block_size].astype(np.int64) \
+                * self.block_size + pos % self.block_size
         host.pad_rows(n, n, self.scratch_slot)
         return self.deliver(host, target)
-
-    def _window_rows(self, host: WindowStepInputs, seqs: list, pos: np.ndarray) -> None:
-        """Rows' window tables (the blocks from their window's first on) and window slots of tokens at ``pos``."""
-        n, bs = len(seqs), self.block_size
-        tables = host.window_tables.numpy()
-        tables[:n] = 0
-        for i, (seq, first) in enumerate(zip(seqs, np.maximum(pos - self.window + 1, 0) // bs)):
-            table = seq.window_table
-            tables[i, first:len(table)] = table[first:]
-        host.window_slot_mapping.numpy()[:n] = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
 
     def deliver(self, host: StepInputs, target: StepInputs | None) -> StepInputs:
         """A filled staging set on the device: itself where the device is the host, else copied into ``target``
