@@ -12,6 +12,8 @@
 * ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
   full waiting queue gets a 503 and the prompts already submitted are aborted (``PoolingParams``: embeddings).
 * ``abort``: ends a request's sequences still running (a client that went away).
+* ``score_head``: the yes/no reranker's head when the pooler names ``classifier_from_token`` (else None), built
+  once from the checkpoint (``scoring.YesNoHead``; its ``ValueError`` is raised on every call).
 * ``updates``: the ``ChoiceUpdate``s of all of a request's prompts as they come, tagged with the prompt's index.
 """
 import asyncio
@@ -29,6 +31,7 @@ from nanovllm.entrypoints.protocol import APIError, bad_request
 from nanovllm.entrypoints.tokenizing import BatchTokenizer
 from nanovllm.pooling_params import PoolerConfig, resolve_pooler
 from nanovllm.prompts import Prompts
+from nanovllm.scoring import YesNoHead
 
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields requests default to
 
@@ -98,6 +101,14 @@ class Serving:
             self.abort(handles)
             raise APIError(503, str(e), None, "overloaded" if isinstance(e, Overloaded) else "engine_dead") from None
         return handles
+
+    def score_head(self) -> YesNoHead | None:
+        tokens = self.pooler.classifier_from_token
+        if tokens is None:
+            return None
+        if getattr(self, "_score_head", None) is None:
+            self._score_head = YesNoHead(self.prompts.model, self.prompts.hf_config, self.tokenizer, tokens)
+        return self._score_head
 
     def abort(self, handles) -> None:
         """End every sequence of ``handles`` still running (those finished are left as they are)."""
