@@ -11,8 +11,7 @@
 * ``PoolingParams(dimensions, normalize, pooling_type)``: None follows the engine's pooler; ``dimensions`` keeps
   the first d values (Matryoshka) before normalising, allowed only where config.json declares ``is_matryoshka``
   or ``matryoshka_dimensions`` (then one of those), vLLM's rule; ``pooling_type`` per request is nanovllm's own.
-* ``classifier_from_token`` (vLLM's ``hf_overrides`` key, from ``pooler_config`` or config.json): ``[no, yes]``
-  makes ``LLM.score`` and the score/rerank endpoints a yes/no reranker (``nanovllm/scoring.py``); unset: cosine.
+* ``classifier_from_token`` ``[no, yes]`` (``pooler_config``'s, else config.json's): a yes/no reranker (scoring.py).
 """
 import json
 import os
@@ -53,7 +52,7 @@ def parse_override(value) -> dict:
     unknown = sorted(set(value) - set(_OVERRIDE_KEYS))
     if unknown:
         raise ValueError(f"pooler_config: unknown key(s) {', '.join(map(repr, unknown))}; nanovllm takes "
-                         f"{' and '.join(map(repr, _OVERRIDE_KEYS))}")
+                         f"{', '.join(map(repr, _OVERRIDE_KEYS))}")
     out = {}
     if "pooling_type" in value:
         out["pooling_type"] = check_type(value["pooling_type"], "pooler_config's pooling_type")

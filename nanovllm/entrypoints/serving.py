@@ -1,7 +1,7 @@
 """``Serving``: what the handlers share: the checkpoint's ``Prompts``, the engine loop, the metrics, the engine's
-``pooler`` (embeddings) and the steps from a validated request to submitted sequences.
+``pooler`` (embeddings; ``score_head``: the yes/no reranker's ``scoring.YesNoHead``, or None) and the steps from a
+validated request to submitted sequences.  It needs a tokenizer (text out, stop strings, chat): none is refused.
 
-* It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
 * ``chat_template_kwargs``: the server's default template variables (``--default-chat-template-kwargs``), under a
   request's own; ``reasoning_parser``, ``tool_parser``: the parser classes of the flags (None: none, hermes).
 * ``check_model``: a request naming another model gets a 404.
@@ -12,8 +12,6 @@
 * ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
   full waiting queue gets a 503 and the prompts already submitted are aborted (``PoolingParams``: embeddings).
 * ``abort``: ends a request's sequences still running (a client that went away).
-* ``score_head``: the yes/no reranker's head when the pooler names ``classifier_from_token`` (else None), built
-  once from the checkpoint (``scoring.YesNoHead``; its ``ValueError`` is raised on every call).
 * ``updates``: the ``ChoiceUpdate``s of all of a request's prompts as they come, tagged with the prompt's index.
 """
 import asyncio
@@ -103,6 +101,7 @@ class Serving:
         return handles
 
     def score_head(self) -> YesNoHead | None:
+        """The reranker's head where the pooler names ``classifier_from_token`` (built once), else None."""
         tokens = self.pooler.classifier_from_token
         if tokens is None:
             return None
