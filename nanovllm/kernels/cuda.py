@@ -102,11 +102,11 @@ def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
 
 def _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue: dict) -> bool:
     """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), quantized experts (FP8 or int4: the
-    same K tiles fit a group) whose group no K tile fits, MXFP4 experts, or W8A8 experts with biases or a non-SiLU activation
-    (GPT-OSS's; the W8A8 kernels fuse SiLU only)."""
+    same K tiles fit a group) whose group no K tile fits (MXFP4's tiles are dequantized whole: any fits), or W8A8
+    experts with biases or a non-SiLU activation (GPT-OSS's; the W8A8 kernels fuse SiLU only)."""
     return (current_options().reference_kernels or x.dtype == torch.float32
-            or w13_scale is not None and not group_supported(group, x.shape[1], w13.shape[1] // 2)
-            or mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)
+            or w13_scale is not None and not mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)
+            and not group_supported(group, x.shape[1], w13.shape[1] // 2)
             or bool(epilogue) and moe_w8a8(w13, w13_scale, w13_zero, group))
 
 
