@@ -162,7 +162,9 @@ class EngineConfig:
                                             "on the command line): `{\"pooling_type\": \"LAST\" or \"MEAN\", "
                                             "\"normalize\": true}` over the checkpoint's sentence-transformers "
                                             "`modules.json`, itself over LAST + normalize "
-                                            "(`nanovllm/pooling_params.py`)")
+                                            "(`nanovllm/pooling_params.py`); `\"classifier_from_token\": "
+                                            "[\"no\", \"yes\"]` makes `LLM.score` and the score/rerank "
+                                            "endpoints a yes/no reranker (`nanovllm/scoring.py`)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 

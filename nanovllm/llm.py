@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
-from nanovllm import embedding, envs, parallel
+from nanovllm import embedding, envs, parallel, scoring
 from nanovllm.completion import Completion
 from nanovllm.config import EngineConfig, resolve_model_option
 from nanovllm.engine import grammar
@@ -207,6 +207,25 @@ class LLM:
         checkpoint's sentence-transformers modules, else LAST + normalize) or ``PoolingParams`` ask
         (``nanovllm/embedding.py``, ``nanovllm/pooling_params.py``)."""
         return embedding.embed(self, prompts, pooling_params, truncate_prompt_tokens, use_tqdm)
+
+    def score(self, text_1, text_2, instruction: str | None = None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None) -> list:
+        """One score per pair, in pair order, as vLLM's ``ScoringRequestOutput`` (``.outputs.score``, a float):
+        ``text_1`` and ``text_2`` a str and a str (one pair), a str and a list (1:N) or two lists (zipped N:N).  With
+        ``pooler_config={"classifier_from_token": ["no", "yes"]}`` (or config.json's) a yes/no reranker: each pair
+        through the Qwen3-Reranker template (``instruction``, else its default), the probability of yes against no
+        at the last token; otherwise the cosine similarity of the two embeddings (``nanovllm/scoring.py``)."""
+        return scoring.score(self, text_1, text_2, instruction, truncate_prompt_tokens, use_tqdm)
+
+    def score_head(self) -> "scoring.YesNoHead":
+        """The yes/no reranker's head (W[yes] - W[no] from the checkpoint), built once; ``ValueError`` if the
+        pooler names no ``classifier_from_token`` or the checkpoint cannot give one."""
+        if getattr(self, "_score_head", None) is None:
+            tokens = self.config.pooler.classifier_from_token
+            if tokens is None:
+                raise ValueError("this engine's pooler names no classifier_from_token: it scores by cosine")
+            self._score_head = scoring.YesNoHead(self.config.model, self.config.hf_config, self.tokenizer, tokens)
+        return self._score_head
 
     def _steps(self, engine, seqs: dict, completions: dict, outputs: dict, bar) -> None:
         """``generate``'s loop: step until every request finished, feeding each step's outputs to the

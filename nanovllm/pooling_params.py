@@ -11,6 +11,7 @@
 * ``PoolingParams(dimensions, normalize, pooling_type)``: None follows the engine's pooler; ``dimensions`` keeps
   the first d values (Matryoshka) before normalising, allowed only where config.json declares ``is_matryoshka``
   or ``matryoshka_dimensions`` (then one of those), vLLM's rule; ``pooling_type`` per request is nanovllm's own.
+* ``classifier_from_token`` ``[no, yes]`` (``pooler_config``'s, else config.json's): a yes/no reranker (scoring.py).
 """
 import json
 import os
@@ -20,7 +21,7 @@ POOLING_TYPES = ("LAST", "MEAN")
 _MODES = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS",
           "pooling_mode_max_tokens": "MAX", "pooling_mode_mean_sqrt_len_tokens": "MEAN_SQRT_LEN",
           "pooling_mode_weightedmean_tokens": "WEIGHTEDMEAN"}  # sentence-transformers' Pooling config keys
-_OVERRIDE_KEYS = ("pooling_type", "normalize")
+_OVERRIDE_KEYS = ("pooling_type", "normalize", "classifier_from_token")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class PoolerConfig:
     pooling_type: str = "LAST"
     normalize: bool = True
     source: str = "the default of causal language models"  # where ``pooling_type`` comes from, for errors
+    classifier_from_token: tuple[str, str] | None = None  # (no, yes) tokens of a yes/no reranker (scoring.py)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the type and where it came from unless nanovllm pools that way."""
@@ -50,7 +52,7 @@ def parse_override(value) -> dict:
     unknown = sorted(set(value) - set(_OVERRIDE_KEYS))
     if unknown:
         raise ValueError(f"pooler_config: unknown key(s) {', '.join(map(repr, unknown))}; nanovllm takes "
-                         f"{' and '.join(map(repr, _OVERRIDE_KEYS))}")
+                         f"{', '.join(map(repr, _OVERRIDE_KEYS))}")
     out = {}
     if "pooling_type" in value:
         out["pooling_type"] = check_type(value["pooling_type"], "pooler_config's pooling_type")
@@ -59,7 +61,17 @@ def parse_override(value) -> dict:
         if not isinstance(value["normalize"], bool):
             raise TypeError(f"pooler_config's normalize must be a bool, got {value['normalize']!r}")
         out["normalize"] = value["normalize"]
+    if "classifier_from_token" in value:
+        out["classifier_from_token"] = check_tokens(value["classifier_from_token"], "pooler_config's")
     return out
+
+
+def check_tokens(value, where: str) -> tuple[str, str]:
+    """``classifier_from_token`` as a (no, yes) tuple of two token strings, else ``ValueError`` naming ``where``."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(t, str) and t for t in value)):
+        raise ValueError(f"{where} classifier_from_token must be a list of two tokens, [no, yes] "
+                         f"(as [\"no\", \"yes\"]), got {value!r}")
+    return tuple(value)
 
 
 def check_type(value, what: str) -> str:
@@ -95,7 +107,18 @@ def read_sentence_transformers(model_dir: str) -> dict:
 
 def resolve_pooler(model_dir: str, override=None) -> PoolerConfig:
     """The engine's ``PoolerConfig`` (module docstring)."""
-    return PoolerConfig(**{**read_sentence_transformers(model_dir), **parse_override(override)})
+    return PoolerConfig(**{**read_sentence_transformers(model_dir), **_read_config(model_dir),
+                           **parse_override(override)})
+
+
+def _read_config(model_dir: str) -> dict:
+    """``classifier_from_token`` of the checkpoint's config.json (as vLLM's ``hf_overrides`` put it), if any."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        tokens = json.load(f).get("classifier_from_token")
+    return {} if tokens is None else {"classifier_from_token": check_tokens(tokens, "config.json's")}
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def test_every_other_quant_method_is_refused_by_name(tmp_path, method):
     path = build_checkpoint(tmp_path, "qwen3")
     _set_quantization(path, {"quant_method": method, "bits": 4})
     with pytest.raises(ValueError, match=rf"quant_method={method!r} is not supported \(supported: fp8, "
-                                         rf"compressed-tensors, gptq, awq\)"):
+                                         rf"compressed-tensors, gptq, awq, mxfp4\)"):
         LLM(path, load_format="dummy", **OPTIONS)
 
 

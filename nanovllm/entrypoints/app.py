@@ -1,7 +1,8 @@
 """The FastAPI application: routes, the API key and the OpenAI error shape.
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``
-(``embeddings.py``), ``POST /tokenize`` and
+(``embeddings.py``), ``POST /v1/score`` and ``/score``, ``POST /v1/rerank``, ``/rerank`` and ``/v2/rerank``
+(``score.py``), ``POST /tokenize`` and
 ``/detokenize`` (``tokenize.py``; behind the API key when one is set: ``Authorization: Bearer KEY``, else 401), and,
 always open, ``GET /health`` (503 once the engine has
 failed), ``GET /version`` and ``GET /metrics`` (Prometheus text).  Every error is
@@ -25,6 +26,7 @@ from nanovllm.entrypoints.fields import unknown_field
 from nanovllm.entrypoints.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from nanovllm.entrypoints.metrics import CONTENT_TYPE
 from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
+from nanovllm.entrypoints.score import RerankRequest, ScoreRequest, create_rerank, create_score
 from nanovllm.entrypoints.serving import Serving
 from nanovllm.logger import logger
 from nanovllm.version import __version__
@@ -67,6 +69,16 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     @v1.post("/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
         return await create_embedding(serving, body, request)
+
+    for path in ("/v1/score", "/score"):
+        @app.post(path, dependencies=[Depends(check_api_key)])
+        async def score(body: ScoreRequest, request: Request):
+            return await create_score(serving, body, request)
+
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        @app.post(path, dependencies=[Depends(check_api_key)])
+        async def rerank(body: RerankRequest, request: Request):
+            return await create_rerank(serving, body, request)
 
     @app.post("/tokenize", dependencies=[Depends(check_api_key)])
     async def tokenize_route(body: TokenizeRequest):

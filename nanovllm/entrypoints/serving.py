@@ -1,7 +1,7 @@
 """``Serving``: what the handlers share: the checkpoint's ``Prompts``, the engine loop, the metrics, the engine's
-``pooler`` (embeddings) and the steps from a validated request to submitted sequences.
+``pooler`` (embeddings; ``score_head``: the yes/no reranker's ``scoring.YesNoHead``, or None) and the steps from a
+validated request to submitted sequences.  It needs a tokenizer (text out, stop strings, chat): none is refused.
 
-* It needs a tokenizer (text out, stop strings, chat); one without is refused at start-up.
 * ``chat_template_kwargs``: the server's default template variables (``--default-chat-template-kwargs``), under a
   request's own; ``reasoning_parser``, ``tool_parser``: the parser classes of the flags (None: none, hermes).
 * ``check_model``: a request naming another model gets a 404.
@@ -29,6 +29,7 @@ from nanovllm.entrypoints.protocol import APIError, bad_request
 from nanovllm.entrypoints.tokenizing import BatchTokenizer
 from nanovllm.pooling_params import PoolerConfig, resolve_pooler
 from nanovllm.prompts import Prompts
+from nanovllm.scoring import YesNoHead
 
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields requests default to
 
@@ -98,6 +99,15 @@ class Serving:
             self.abort(handles)
             raise APIError(503, str(e), None, "overloaded" if isinstance(e, Overloaded) else "engine_dead") from None
         return handles
+
+    def score_head(self) -> YesNoHead | None:
+        """The reranker's head where the pooler names ``classifier_from_token`` (built once), else None."""
+        tokens = self.pooler.classifier_from_token
+        if tokens is None:
+            return None
+        if getattr(self, "_score_head", None) is None:
+            self._score_head = YesNoHead(self.prompts.model, self.prompts.hf_config, self.tokenizer, tokens)
+        return self._score_head
 
     def abort(self, handles) -> None:
         """End every sequence of ``handles`` still running (those finished are left as they are)."""

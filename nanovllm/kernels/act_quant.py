@@ -37,6 +37,7 @@ def w8a8_applies(group: int, *ks: int) -> bool:
 
 def moe_w8a8(w13: torch.Tensor, w13_scale, w13_zero, group: int) -> bool:
     """Whether a fused-MoE call on experts ``w13`` [E, 2I, H] runs W8A8 (every implementation asks this): FP8
-    experts (scales, no zeros) whose group ``w8a8_applies``, unless ``KernelOptions.moe_w8a8`` is off."""
-    return (w13_scale is not None and w13_zero is None and current_options().moe_w8a8
+    experts (float8 with scales, no zeros: not MXFP4's uint8) whose group ``w8a8_applies``, unless
+    ``KernelOptions.moe_w8a8`` is off."""
+    return (w13_scale is not None and w13_zero is None and w13.dtype != torch.uint8 and current_options().moe_w8a8
             and w8a8_applies(group, w13.shape[2], w13.shape[1] // 2))

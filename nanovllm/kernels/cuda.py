@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
+from nanovllm.kernels import mxfp4_quant
 from nanovllm.kernels.linear_attention import ops as la_ops  # noqa: F401  (the linear-attention ops)
 from nanovllm.kernels.linear_attention import reference as la_reference
 from nanovllm.kernels.linear_attention.triton_kernels import causal_conv1d_triton, gated_delta_rule_triton
@@ -101,10 +102,11 @@ def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
 
 def _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue: dict) -> bool:
     """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), quantized experts (FP8 or int4: the
-    same K tiles fit a group) whose group no K tile fits, or W8A8 experts with biases or a non-SiLU activation
-    (GPT-OSS's; the W8A8 kernels fuse SiLU only)."""
+    same K tiles fit a group) whose group no K tile fits (MXFP4's tiles are dequantized whole: any fits), or W8A8
+    experts with biases or a non-SiLU activation (GPT-OSS's; the W8A8 kernels fuse SiLU only)."""
     return (current_options().reference_kernels or x.dtype == torch.float32
-            or w13_scale is not None and not group_supported(group, x.shape[1], w13.shape[1] // 2)
+            or w13_scale is not None and not mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)
+            and not group_supported(group, x.shape[1], w13.shape[1] // 2)
             or bool(epilogue) and moe_w8a8(w13, w13_scale, w13_zero, group))
 
 

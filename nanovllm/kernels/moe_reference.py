@@ -5,7 +5,7 @@ Contract: ``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, 
 * Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities, divided by their sum with
   ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
 * Expert ``e``: ``w2[e] @ act(gate, up) + w2_bias[e]``, ``[gate; up] = w13[e] @ x + w13_bias[e]`` (gate rows first;
-  FP8 or int4 experts dequantized to x's dtype first; biases None by default; ``act``: ``activate``, SiLU-and-multiply
+  FP8, int4 or MXFP4 (``mxfp4_quant.is_mxfp4``) experts dequantized to x's dtype first; biases None by default; ``act``: ``activate``, SiLU-and-multiply
   or GPT-OSS's clamped SwiGLU); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
 * W8A8 FP8 experts (``act_quant.moe_w8a8``): x and the activation's output rounded as ``act_quant`` says, both
   products in float32.  The twin gathers each pair's expert weights a chunk of pairs at a time (static shapes).
@@ -17,7 +17,7 @@ and padded up to one, in ``num_aligned_blocks`` blocks whatever the routing (sta
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels import act_quant, int4_quant, weight_quant
+from nanovllm.kernels import act_quant, int4_quant, mxfp4_quant, weight_quant
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered expert weight elements held at once, about (at least one pair's)
 ACTIVATIONS = ("silu", "swiglu_oss")
@@ -53,14 +53,14 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                       w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
                       swiglu_limit: float = 7.0) -> torch.Tensor:
     """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype.
-    FP8 experts (with scales) and int4 ones (with scales and zeros) are dequantized into x's dtype, a chunk of
-    pairs at a time; biases and ``activation`` (``activate``) as the module docstring says."""
+    FP8 experts (with scales), int4 ones (with scales and zeros) and MXFP4 ones (uint8 with uint8 scales) are
+    dequantized into x's dtype, a chunk of pairs at a time; biases and ``activation`` (``activate``) as the module docstring says."""
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
     if num_tokens == 0:
         return torch.zeros_like(x)
     num_pairs = num_tokens * top_k
-    columns = 2 if w13_zero is not None else 1  # an int4 byte holds two
+    columns = 2 if w13.dtype == torch.uint8 else 1  # an int4 or MXFP4 byte holds two
     per_pair = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * columns
     chunk = max(1, _CHUNK_ELEMENTS // per_pair)
     flat_ids = ids.reshape(-1)
@@ -88,9 +88,12 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 
 def _gather(w: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None, group: int, e: torch.Tensor,
             dtype: torch.dtype):
-    """Experts ``e`` of stacked ``w``, dequantized into ``dtype`` where they are FP8 or int4 (with ``zero``)."""
+    """Experts ``e`` of stacked ``w``, dequantized into ``dtype`` where they are FP8, int4 (with ``zero``) or
+    MXFP4."""
     if scale is None:
         return w.index_select(0, e)
+    if mxfp4_quant.is_mxfp4(w, scale, zero):
+        return mxfp4_quant.dequantize(w.index_select(0, e), scale.index_select(0, e), dtype)
     if zero is not None:
         return int4_quant.dequantize(w.index_select(0, e), scale.index_select(0, e), zero.index_select(0, e), group,
                                      dtype)

@@ -10,8 +10,8 @@ scales each row by its router weight and writes the pair's row of ``[P, H]``, wh
 return at once.  Offsets are int64 where a row index meets a stride; sums are float32, outputs in x's dtype.
 ``w2`` may be a transposed view ([E, H, I] over [E, I, H] memory, as an expert cache keeps it).  FP8 experts that
 ``act_quant.moe_w8a8`` takes run W8A8 (``triton_moe_w8a8.py``); other FP8 (``weight_quant.py``) and int4 experts
-(``int4_quant.py``: uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) are weight-only, through
-``triton_moe_tiles.py``, a K tile inside one group (``group_block_k``; ``group_supported`` says when no tile can),
+(``int4_quant.py``: uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) and MXFP4 ones (``mxfp4_quant.py``: uint8
+codes and e8m0 scales, each tile dequantized in the kernel) are weight-only, through ``triton_moe_tiles.py``, a K tile inside one group (``group_block_k``; ``group_supported`` says when no tile can),
 or, past ``moe_configs.int4_dequantize_once``'s rows per expert, int4 experts are dequantized once per step.
 """
 import math
@@ -20,12 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import mxfp4_quant
 from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels.moe_configs import MoeConfig, choose, int4_dequantize_once, tuned
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision, device_capability
 from nanovllm.kernels.triton_moe_tiles import (ACTIVATION_CODES, _activate, _block, _finish, _halves, _int4_tile,
-                                                _k_columns, _oriented, _per_n, _store_weighted, _weight_dot, _zeros)
+                                                _k_columns, _mxfp4_tile, _oriented, _per_n, _store_weighted,
+                                                _weight_dot, _zeros)
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 from nanovllm.kernels.triton_w4a16 import dequantize_int4_triton
@@ -36,8 +38,9 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
                        bias_ptr, I, H, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ze,
                        stride_zn, stride_zg, stride_i, stride_be, alpha, limit, HAS_BIAS: tl.constexpr,
                        ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
-                       FP16_MMA: tl.constexpr, INT4: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                       FP16_MMA: tl.constexpr, INT4: tl.constexpr, MXFP4: tl.constexpr, SWAP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -66,6 +69,9 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
                               BLOCK_K, DOT_PRECISION != "upcast")
             up = _int4_tile(up_rows, k0, H, n_mask, 1, up_zeros, stride_zg, a, GROUP, False, BLOCK_N, BLOCK_K,
                             DOT_PRECISION != "upcast")
+        elif MXFP4:
+            gate = _mxfp4_tile(gate_rows, k0, H, n_mask, gate_scales, stride_sg, a, BLOCK_N, BLOCK_K)
+            up = _mxfp4_tile(up_rows, k0, H, n_mask, up_scales, stride_sg, a, BLOCK_N, BLOCK_K)
         else:
             w_mask = n_mask[:, None] & k_mask[None, :]
             gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
@@ -91,8 +97,8 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
                          stride_sn, stride_sg, stride_ze, stride_zn, stride_zg, stride_o, stride_be,
                          HAS_BIAS: tl.constexpr, W2_STRIDED_K: tl.constexpr,
                          GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, INT4: tl.constexpr,
-                         SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         MXFP4: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pdl_begin(PDL)
@@ -116,6 +122,8 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
         if INT4:
             w = _int4_tile(w_rows, k0, I, n_mask, stride_wk, zeros, stride_zg, a, GROUP, W2_STRIDED_K, BLOCK_N,
                            BLOCK_K, DOT_PRECISION != "upcast")
+        elif MXFP4:  # w2 as stored (an expert cache's transposed view holds no MXFP4)
+            w = _mxfp4_tile(w_rows, k0, I, n_mask, scales, stride_sg, a, BLOCK_N, BLOCK_K)
         else:
             w = tl.load(_k_columns(w_rows, offs_k, stride_wk, W2_STRIDED_K), mask=n_mask[:, None] & k_mask[None, :],
                         other=0.0)
@@ -180,7 +188,8 @@ def moe_plan(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, w
              w13_zero: torch.Tensor | None, group: int, once: bool | None) -> tuple[MoeConfig, bool]:
     """(the tiles, whether int4 experts are dequantized once) of a step: ``once`` None asks
     ``moe_configs.int4_dequantize_once`` (never for a transposed ``w2``), then the tiles of the mode that runs."""
-    mode = "int4" if w13_zero is not None else "bf16" if w13_scale is None else \
+    mxfp4 = mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)  # dequantized tile by tile: bf16's tiles
+    mode = "int4" if w13_zero is not None else "bf16" if w13_scale is None or mxfp4 else \
         "w8a8" if moe_w8a8(w13, w13_scale, w13_zero, group) else "fp8"
     entry = _entry(x, w13)
     if once is None:
@@ -204,10 +213,12 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     num_experts, two_i, _ = w13.shape
     inter_size = two_i // 2
     int4 = w13_zero is not None
-    per_byte = 2 if int4 else 1  # columns a stored element holds
+    mxfp4 = mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)
+    per_byte = 2 if int4 or mxfp4 else 1  # columns a stored element holds
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w13.shape[2] * per_byte == hidden
     assert w2.shape == (num_experts, hidden, inter_size // per_byte), f"w2 {tuple(w2.shape)} for I={inter_size}"
     assert not int4 or (w13.dtype == w2.dtype == torch.uint8 and w2_zero is not None), "int4: uint8 w13, w2, zeros"
+    assert not mxfp4 or (w2.dtype == torch.uint8 and w2.stride(2) == 1), "MXFP4: uint8 w2 as stored"
     dev = x.device
     if num_tokens == 0:
         return torch.zeros_like(x)
@@ -225,22 +236,23 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
         w2 = _dequantized(w2, w2_scale, w2_zero, group, x.dtype)
         return experts_triton(x, weights, ids, hist, w13, w2, cfg, **epilogue)
-    quantized = w13_scale is not None
+    quantized = w13_scale is not None and not mxfp4  # MXFP4 tiles are dequantized whole: no group constraint
     group = group if quantized else 0
     down = cfg.down_tiles
     up_k = group_block_k(cfg.block_k, group, hidden) if quantized else cfg.block_k
     down_k = group_block_k(down.block_k, group, inter_size) if quantized else down.block_k
     assert up_k and down_k, f"no K tile fits group {group} (group_supported)"
     fp16_mma = quantized and not int4 and x.dtype == torch.bfloat16
-    scale_dtype = torch.float16 if int4 else torch.float32
-    args = dict(FP16_MMA=fp16_mma, INT4=int4, BLOCK_M=cfg.block_m, GROUP=group, DOT_PRECISION=_dot_precision(x),
-                **pdl_launch(dev))
+    scale_dtype = torch.float16 if int4 else torch.uint8 if mxfp4 else torch.float32
+    scale_group = mxfp4_quant.BLOCK if mxfp4 else group
+    args = dict(FP16_MMA=fp16_mma, INT4=int4, MXFP4=mxfp4, BLOCK_M=cfg.block_m, GROUP=group,
+                DOT_PRECISION=_dot_precision(x), **pdl_launch(dev))
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, cfg.block_m)
     num_blocks = block_expert.shape[0]
     inter = x.new_empty(num_blocks * cfg.block_m, inter_size)
     # Block index runs fastest in the grid, so the programs that read one expert tile run together and share it
     # through L2.
-    s13 = _group_args(w13, w13_scale, group, hidden, scale_dtype)
+    s13 = _group_args(w13, w13_scale, scale_group, hidden, scale_dtype)
     z13 = _group_args(w13, w13_zero, group, hidden, torch.uint8)
     b13, b2 = _bias_arg(w13_bias, w13, 2 * inter_size), _bias_arg(w2_bias, w13, hidden)
     _grouped_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
@@ -249,7 +261,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         float(swiglu_limit), HAS_BIAS=w13_bias is not None, ACTIVATION=ACTIVATION_CODES[activation], TOP_K=top_k,
         ONE_GROUP=group >= hidden, BLOCK_K=up_k, BLOCK_N=cfg.block_n, **cfg.launch(), **args)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
-    s2 = _group_args(w2, w2_scale, group, inter_size, scale_dtype)
+    s2 = _group_args(w2, w2_scale, scale_group, inter_size, scale_dtype)
     z2 = _group_args(w2, w2_zero, group, inter_size, torch.uint8)
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, down.block_n))](
         inter, w2, s2[0], z2[0], sorted_ids, block_expert, block_rows, weights, per_pair, b2, inter_size, hidden,

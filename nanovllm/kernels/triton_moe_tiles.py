@@ -1,13 +1,13 @@
 """The weight side of the fused MoE's grouped GEMMs (``triton_moe.py``): how one expert's [BLOCK_N, BLOCK_K] weight
 tile is read and meets the activation tile, for bf16/fp16, FP8 (``weight_quant.py``) and int4 (``int4_quant.py``)
-experts; and the up GEMM's gated activation (``_activate``: SiLU, or GPT-OSS's clamped SwiGLU).  A K tile never straddles two groups of a quantized weight (``triton_moe.group_block_k`` picks it), so a
+experts, MXFP4 ones (``mxfp4_quant.py``); and the up GEMM's gated activation (``_activate``: SiLU, or GPT-OSS's clamped SwiGLU).  A K tile never straddles two groups of a quantized weight (``triton_moe.group_block_k`` picks it), so a
 tile has one scale (and zero) per row.
 
 * bf16/fp16: the tile as stored.  FP8: ``_weight_dot`` and ``_finish`` (their docstrings): beside bf16 x an fp16
   MMA with the scales applied to products, beside fp16 x the tile dequantized into x's dtype.
 * int4: ``_int4_tile`` splits each byte of the tile into its even (low nibble) and odd (high nibble) column as
   exact ``q - zero`` in x's dtype; the product is scaled by the rows' scales of the tile's group, so the weight is
-  never rounded (the twin rounds ``(q - zero) * scale`` to x's dtype first).
+  never rounded (the twin rounds ``(q - zero) * scale`` to x's dtype first).  MXFP4: ``_mxfp4_tile``, any K tile.
 
 ``SWAP`` (``MoeConfig.swap``) multiplies the weight tile by the activations (``_product``), so the weight is the
 MMA's A operand, which a Hopper tensor core reads from registers: a tile widened or dequantized there need not pass
@@ -48,6 +48,27 @@ def _int4_tile(rows, k0, K, n_mask, stride_k, zero_rows, stride_zg, like, GROUP:
     zero = tl.load(zero_rows + (k0 // GROUP) * stride_zg, mask=n_mask, other=0)
     even, odd = _int4_minus_zero(packed, zero[:, None], like.dtype, ASM)
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
+
+
+@triton.jit
+def _mxfp4_tile(rows, k0, K, n_mask, scale_rows, stride_sg, like, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of the MXFP4 rows ``rows`` (byte pointers [BLOCK_N, 1]) dequantized into
+    ``like``'s dtype as the twin does (``mxfp4_quant.dequantize``: e2m1 value times 2^(scale - 127), exact in float32,
+    rounded once); each column reads the e8m0 scale of its block of 32 (``scale_rows`` [BLOCK_N] pointers,
+    ``stride_sg`` apart).  Columns past ``K`` and masked rows are 0."""
+    offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    mask = n_mask[:, None] & (offs_byte < K // 2)[None, :]
+    packed = tl.load(rows + offs_byte[None, :], mask=mask, other=0)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)  # columns in order
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    scale = tl.load(scale_rows[:, None] + (offs_k // 32)[None, :].to(tl.int64) * stride_sg,
+                    mask=n_mask[:, None] & (offs_k < K)[None, :], other=127).to(tl.int32)
+    pow2 = tl.where(scale == 0, 0x00400000, scale << 23).to(tl.float32, bitcast=True)  # 2^(s-127); 255: inf
+    mag = codes & 7
+    big = tl.where(mag >= 6, 4.0, tl.where(mag >= 4, 2.0, 1.0)) * (1.0 + (mag & 1).to(tl.float32) * 0.5)
+    value = tl.where(mag < 2, mag.to(tl.float32) * 0.5, big)
+    value = tl.where((codes & 8) != 0, -value, value)
+    return (value * pow2).to(like.dtype)
 
 
 @triton.jit

@@ -9,8 +9,8 @@ Checkpoints: transformers' and OpenAI's names; the stacked experts interleaved a
 below), read into ours (``moe.Experts``) by the loader.  Under tensor parallelism each rank holds its heads (and
 their sinks) and its slice of every expert's intermediate; the down bias is added on the first rank only.
 
-Not yet: MXFP4 experts (published checkpoints' ``*_blocks``/``*_scales``: a quantization scheme would fill
-``GptOssExperts`` as schemes fill ``moe.Experts``, and hand them to the op through ``quant/held.py``), expert
+MXFP4 experts (the published checkpoints') are the ``mxfp4`` scheme's (``quant/mxfp4_schemes.py``): it fills
+``GptOssExperts`` as schemes fill ``moe.Experts``, and ``quant/held.py`` hands them to the op.  Not yet: expert
 offloading and low-rank expert compression (refused).
 """
 import torch

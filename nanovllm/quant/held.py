@@ -2,12 +2,13 @@
 
 A scheme that quantizes a module's parameters sets its ``weight_format`` (``FP8`` here: ``kernels/weight_quant.py``'s
 float8 with scales per row and group; ``INT4``: ``kernels/int4_quant.py``'s codes, scales and zeros, and a
-projection's act-order ``weight_perm``); a module without one holds plain weights.  Layers call ``linear`` and
+projection's act-order ``weight_perm``; ``MXFP4``: ``kernels/mxfp4_quant.py``'s e2m1 codes and e8m0 scales, stacked
+experts only); a module without one holds plain weights.  Layers call ``linear`` and
 ``expert_args`` and never ask which scheme made the weights.
 """
 import torch
 
-from nanovllm.kernels import ops
+from nanovllm.kernels import mxfp4_quant, ops
 
 
 class Fp8Format:
@@ -32,7 +33,18 @@ class Int4Format:
                 experts.down_proj_zero)
 
 
-FP8, INT4 = Fp8Format(), Int4Format()
+class Mxfp4Format:
+    """Stacked experts only (``quant/mxfp4_weights.py``): the ops tell MXFP4 by its uint8 scales and no zeros."""
+    name = "mxfp4"
+
+    def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
+        raise ValueError("MXFP4 holds stacked experts only, not a projection")
+
+    def expert_args(self, experts) -> tuple:
+        return experts.gate_up_proj_scale, experts.down_proj_scale, mxfp4_quant.BLOCK, None, None
+
+
+FP8, INT4, MXFP4 = Fp8Format(), Int4Format(), Mxfp4Format()
 
 
 def format_of(module):

