@@ -70,8 +70,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.kv_spec = KVCacheSpec.of_model(self.model, self.block_size,
                                             platform.kv_cache_dtype(config.kv_cache_dtype, self.dtype))
-        self.hybrid = hybrid_state.size_state_pools(self.kv_spec, type(self.model).__name__, config)
-        self.kv_spec.plan_window_pool(config, verify_step.rows_per_sequence(config))
+        self.hybrid = runner_setup.plan_pools(self)
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)
@@ -88,9 +87,7 @@ class ModelRunner:
             probe=functools.partial(runner_setup.probe_peak_memory, self),
             agree=functools.partial(distributed.agree_min, device=self.device),  # one size on every rank
             draft=self.drafter.kv_spec if self.drafter is not None else None)
-        self.num_window_blocks = self.kv_spec.num_window_blocks(self.num_blocks)  # 0 without a window pool
-        self.prefill_builder.window = self.decode_builder.window = self.kv_spec.window  # (start-up runs: none)
-        self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
+        self.kv_caches = runner_setup.allocate_kv_cache(self)
         register_engine(self)
         rows = max(config.max_num_seqs, *config.graph_batch_sizes)  # a verify step's may exceed max_num_seqs
         platform.prepare_tensor_parallel(self.dtype, rows * a.hidden_size)
@@ -104,14 +101,13 @@ class ModelRunner:
             dummy_prefill=self.prefill_builder.dummy,
             decode_inputs=functools.partial(self.decode_builder.build, []),  # not a closure over the runner
             cache_key=key_fields(config, dtype=self.dtype, kv_dtype=self.kv_spec.dtype, num_kv_blocks=self.num_blocks,
-                                 platform=platform, num_window_blocks=self.num_window_blocks))
+                                 platform=platform, num_window_blocks=self.kv_spec.num_window_blocks(self.num_blocks)))
         self.executor = make_executor(spec, enforce_eager=config.enforce_eager,
                                       capturable=self.model.graph_capturable,
                                       not_capturable_reason=self.model.not_capturable_reason)
         self.mode = self.executor.mode
         if self.drafter is not None:
-            self.drafter.start(self.num_blocks, PrefillInputBuilder(max_model_len=config.max_model_len,
-                                                                    **builder_args).dummy)  # no window pool
+            self.drafter.start(self.num_blocks, functools.partial(self.prefill_builder.dummy, windowed=False))
         phase("compile_and_capture" if self.mode == "graph" else "executor", "warming the largest prefill")
         if platform.supports_graph_capture and not self.executor.captures_every_prefill():
             runner_setup.warm_largest_prefill(self)

@@ -58,13 +58,15 @@ class PrefillInputBuilder:
         self.scratch_slot, self.max_model_len = scratch_slot, max_model_len
 
     @torch.inference_mode()  # inputs are always inference tensors, so compiled guards see one kind
-    def _finish(self, packed: bool, target: StepInputs | None, token_slots=None, **arrays) -> StepInputs:
+    def _finish(self, packed: bool, target: StepInputs | None, token_slots=None, windowed: bool = True,
+                **arrays) -> StepInputs:
         if token_slots is None:
             token_slots = np.full(len(arrays["input_ids"]), PADDING["token_slots"])
-        if self.window and "window_tables" not in arrays:  # ``dummy``, ``probe``: the full pool's blocks in both
+        windowed = windowed and bool(self.window)
+        if windowed and "window_tables" not in arrays:  # ``dummy``, ``probe``: the full pool's blocks in both
             arrays.update(window_tables=arrays["block_tables"].copy(),  # copies: inputs that alias would be traced
                           window_slot_mapping=arrays["slot_mapping"].copy())  # as such (guards on aliasing)
-        host = (WindowStepInputs if self.window else StepInputs).from_arrays(token_slots=token_slots, **arrays)
+        host = (WindowStepInputs if windowed else StepInputs).from_arrays(token_slots=token_slots, **arrays)
         if packed:
             host = host.packed_copy(pin_memory=self.pin_memory)
         if target is not None:
@@ -128,16 +130,17 @@ class PrefillInputBuilder:
                             cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=out_slots, state_slots=state_slots,
                             **window, **sampling_arrays(seqs, rows))
 
-    def dummy(self, tokens: int = 7, rows: int = 3, packed: bool = False) -> StepInputs:
+    def dummy(self, tokens: int = 7, rows: int = 3, packed: bool = False, windowed: bool = True) -> StepInputs:
         """A prefill of ``tokens`` tokens in ``rows`` sequences (the last of one token) that writes nothing (every
-        slot -1).  Each sequence is a whole prompt (context = its tokens, positions from 0), as the attention
-        kernel requires, and reads KV block 0 only.  The step is first traced on the default 7 tokens in 3
-        sequences: token and sequence counts differ, so the compiler gives them separate symbols."""
+        slot -1; ``windowed`` False: plain ``StepInputs`` whatever the window pool, for a draft model).  Each
+        sequence is a whole prompt (context = its tokens, positions from 0), as the attention kernel requires, and
+        reads KV block 0 only.  The step is first traced on the default 7 tokens in 3 sequences: token and sequence
+        counts differ, so the compiler gives them separate symbols."""
         assert 2 <= rows <= tokens
         cu = np.append(np.linspace(0, tokens - 1, rows).astype(np.int64), tokens)
         lengths = np.diff(cu)
         assert lengths.max() <= self.max_model_len, "dummy sequences longer than max_model_len"
-        return self._finish(packed, None, input_ids=np.zeros(tokens, np.int64),
+        return self._finish(packed, None, windowed=windowed, input_ids=np.zeros(tokens, np.int64),
                             positions=np.arange(tokens) - np.repeat(cu[:-1], lengths),
                             slot_mapping=np.full(tokens, PADDING["slot_mapping"]),
                             block_tables=np.zeros((rows, self.table_width), np.int32), context_lens=lengths,

@@ -32,5 +32,5 @@ def _window_pool(runner) -> dict:
     spec = runner.kv_spec
     if not spec.window:
         return {}
-    return {"kv_window": spec.window, "num_window_blocks": runner.num_window_blocks - 1,
+    return {"kv_window": spec.window, "num_window_blocks": spec.num_window_blocks(runner.num_blocks) - 1,
             "window_kv_bytes_per_token": spec.bytes_per_window_block // spec.block_size}

@@ -1,6 +1,7 @@
-"""The start-up runs of a ``ModelRunner`` (``model_runner.py``) beside its step launches: calibrating an FP8 KV
-cache's scales, probing the peak memory of the largest step before the KV cache is sized, and warming the
-largest uncaptured prefill so its activations sit in the caching allocator before the first request.
+"""The start-up runs of a ``ModelRunner`` (``model_runner.py``) beside its step launches: planning the pools beside
+the KV blocks, calibrating an FP8 KV cache's scales, probing the peak memory of the largest step before the KV cache
+is sized, allocating it, and warming the largest uncaptured prefill so its activations sit in the caching allocator
+before the first request.
 Each takes the runner and reads its model, builders, specs and config; none changes what a step computes.  Under
 tensor parallelism every rank runs the same of them (what could differ, whether the checkpoint holds scales, is
 agreed), so their collectives pair up."""
@@ -8,12 +9,29 @@ import torch
 
 import nanovllm.distributed as distributed
 
+from nanovllm.engine import hybrid_state, verify_step
 from nanovllm.engine.kv_cache import KVCacheSpec
 from nanovllm.layers.sampler import sample
 from nanovllm.models import kv_scales
 from nanovllm.models.loader import checkpoint_files
 
 CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
+
+
+def plan_pools(runner) -> bool:
+    """Plan the pools beside the KV blocks: a hybrid model's state pools (``hybrid_state``; returns whether it is
+    one) and a sliding-window model's window pool (``KVCacheSpec.plan_window_pool``; a verify step's rows too)."""
+    config = runner.config
+    hybrid = hybrid_state.size_state_pools(runner.kv_spec, type(runner.model).__name__, config)
+    runner.kv_spec.plan_window_pool(config, verify_step.rows_per_sequence(config))
+    return hybrid
+
+
+def allocate_kv_cache(runner) -> list:
+    """The KV cache of ``runner.num_blocks`` blocks (and their window pool); the input builders learn whether the
+    sliding layers have that pool (the start-up probes before ran without it)."""
+    runner.prefill_builder.window = runner.decode_builder.window = runner.kv_spec.window
+    return runner.kv_spec.allocate(runner.num_blocks, runner.device)
 
 
 def set_kv_scales(runner) -> str:

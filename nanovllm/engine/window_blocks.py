@@ -160,4 +160,6 @@ class WindowBlocks:
 def window_pool(runner) -> "WindowBlocks | None":
     """The bookkeeping of a ``ModelRunner``'s window pool (``KVCacheSpec.plan_window_pool``), or None."""
     spec = runner.kv_spec
-    return WindowBlocks(runner.num_window_blocks, spec.block_size, spec.window) if spec.window else None
+    if not spec.window:
+        return None
+    return WindowBlocks(spec.num_window_blocks(runner.num_blocks), spec.block_size, spec.window)
