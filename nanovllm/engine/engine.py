@@ -28,7 +28,8 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.outputs import SequenceOutput, StepResult
 from nanovllm.engine.pipeline import StepPipeline
-from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
+from nanovllm.engine.batch import ScheduledBatch
+from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import PENDING_TOKEN, ImageInputs, Sequence
 from nanovllm.engine.spec_gate import SpecGate
 from nanovllm.engine.window_blocks import window_pool

@@ -30,7 +30,7 @@ from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engi
 from nanovllm.engine.logits_slots import LogitsSlots
 from nanovllm.engine.pipeline import StepSlot
 from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_rows
-from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.models.expert_offload import expert_caches
 from nanovllm.models.loader import build_model
 from nanovllm.sampling_params import MAX_LOGPROBS

@@ -15,40 +15,13 @@ It owns a running sequence's KV blocks and token slot (its row of the device tok
 and taken back on preemption, finish and abort (late writes by queued steps land unread).
 """
 from collections import deque
-from dataclasses import dataclass, field
 
+from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.hybrid_state import cut_chunk
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from nanovllm.engine.proposals import propose
 from nanovllm.speculative import accept
-
-
-@dataclass
-class ScheduledBatch:
-    seqs: list[Sequence]
-    num_new_tokens: list[int]  # per sequence: tokens computed this step, starting at seq.num_computed_tokens
-    is_prefill: bool
-    preempted: list[Sequence] = field(default_factory=list)  # sent back to the queue while scheduling this
-    # (row, seq, index in seq.token_ids) of every PENDING_TOKEN this step put in
-    sampled: list[tuple[int, Sequence, int]] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)  # finished on length by ``advance``
-    # a verify step's tokens proposed after each sequence's newest (``num_new_tokens``: 1 + their number), and
-    proposals: list[list[int]] | None = None  # once resolved, how many of each were kept
-    accepted: list[int] = field(default_factory=list)
-    # a hybrid model's state copies (``hybrid_state.py``): (from slot, to slot) before the step, and after it
-    restores: list[tuple[int, int]] = field(default_factory=list)
-    captures: list[tuple[int, int]] = field(default_factory=list)
-    pooled: tuple | None = None  # set at launch: (pooling sequences it ends, their vectors' host copy), pooling.py
-
-    def samples(self, seq_index: int) -> bool:
-        """Whether this step reaches the sequence's last token, so its sampled token is kept (never a pooling one's)."""
-        seq = self.seqs[seq_index]
-        return seq.num_computed_tokens + self.num_new_tokens[seq_index] == len(seq) and seq.pooling is None
-
-    def sampling(self) -> list[bool]:
-        """Per sequence: whether this step samples its next token (every decode row; a prefill chunk that samples)."""
-        return [not self.is_prefill or self.samples(i) for i in range(len(self.seqs))]
 
 
 class Scheduler:

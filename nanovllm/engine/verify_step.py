@@ -15,7 +15,7 @@ import torch
 from nanovllm.compile.base import Part
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
 from nanovllm.engine.pipeline import StepSlot
-from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.step import StepInputs
 
 def rows_per_sequence(config) -> int:
