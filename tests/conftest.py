@@ -245,3 +245,17 @@ def build_minicpm_checkpoint(path, seed: int = 0, **overrides) -> str:
     with open(f"{path}/config.json", "w") as f:
         json.dump(cfg, f)
     return str(path)
+
+
+# the model-family tests' engine and prompts (gemma3, gpt_oss, hybrid): 16-token blocks, 48-token prefill chunks, so
+# the long prompts span several blocks and chunks; 5 prompts outnumber the 4 rows, so rows start at different steps
+STAGGERED_ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=160,
+                        max_num_batched_tokens=48)
+STAGGERED_PROMPTS = [[5, 9, 33, 100, 7, 8] * 12, [3, 4, 5], list(range(10, 110)), [200, 17, 17, 3] * 5, [42]]
+
+
+def greedy_tokens(llm, prompts, max_tokens: list[int]) -> list[list[int]]:
+    """Each prompt's greedy tokens from ``llm``, exactly ``max_tokens[i]`` of them (EOS ignored)."""
+    from nanovllm import SamplingParams
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -10,18 +10,9 @@ not served (expert offloading) is refused by name.  The MoE op itself: ``test_gp
 import pytest
 import torch
 
-from conftest import build_checkpoint, hf_greedy
-from nanovllm import LLM, SamplingParams
-
-# 16-token blocks, 48-token prefill chunks
-ENGINE = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=160,
-              max_num_batched_tokens=48)
-PROMPTS = [[5, 9, 33, 100, 7, 8] * 12, [3, 4, 5], list(range(10, 110)), [200, 17, 17, 3] * 5, [42]]
-
-
-def tokens(llm, prompts, max_tokens):
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens]
-    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+from conftest import STAGGERED_ENGINE as ENGINE, STAGGERED_PROMPTS as PROMPTS, build_checkpoint, hf_greedy
+from conftest import greedy_tokens as tokens
+from nanovllm import LLM
 
 
 @pytest.fixture(scope="module")

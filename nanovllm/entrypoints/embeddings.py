@@ -82,9 +82,10 @@ async def _encode(serving, req: EmbeddingRequest, prompt, index: int) -> list[in
         raise bad_request(f"input: {e}", "input") from None
 
 
-async def _collect(serving, req: EmbeddingRequest, handles, ids: list[list[int]]) -> dict:
-    """The response body once every input's embedding came; a request left early aborts what still runs."""
-    data = []
+async def pooled(serving, handles, ids: list[list[int]]) -> list:
+    """Each submitted pooling request's vector, in order, with the metrics of each; a request left early (the client
+    gone, the engine failed) aborts what still runs.  Shared by the score and rerank routes."""
+    vectors = []
     try:
         for index, handle in enumerate(handles):
             choice, out = await handle.queue.get()
@@ -92,12 +93,20 @@ async def _collect(serving, req: EmbeddingRequest, handles, ids: list[list[int]]
                 raise APIError(500, f"the engine failed: {out!r}")
             serving.metrics.prompt(len(ids[index]))
             serving.metrics.finished(out.finish_reason, time.perf_counter() - handle.arrival)
-            vector = np.asarray(out.embedding, dtype="<f4")
-            embedding = (base64.b64encode(vector.tobytes()).decode() if req.encoding_format == "base64"
-                         else vector.tolist())
-            data.append({"index": index, "object": "embedding", "embedding": embedding})
+            vectors.append(out.embedding)
     finally:
         serving.abort(handles)  # those that finished are left as they are
+    return vectors
+
+
+async def _collect(serving, req: EmbeddingRequest, handles, ids: list[list[int]]) -> dict:
+    """The response body once every input's embedding came."""
+    data = []
+    for index, vector in enumerate(await pooled(serving, handles, ids)):
+        vector = np.asarray(vector, dtype="<f4")
+        embedding = (base64.b64encode(vector.tobytes()).decode() if req.encoding_format == "base64"
+                     else vector.tolist())
+        data.append({"index": index, "object": "embedding", "embedding": embedding})
     tokens = sum(len(x) for x in ids)
     return {"id": request_id("embd"), "object": "list", "created": int(time.time()), "model": serving.model_name,
             "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,

@@ -18,7 +18,8 @@ import time
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse, Response
 
-from nanovllm.entrypoints.protocol import APIError, bad_request, check_text
+from nanovllm.entrypoints.embeddings import pooled
+from nanovllm.entrypoints.protocol import bad_request, check_text
 from nanovllm.entrypoints.serving import request_id
 from nanovllm.entrypoints.sse import unless_disconnected
 from nanovllm.pooling_params import PoolingParams
@@ -134,17 +135,5 @@ async def _encode(serving, text: str, index: int, special: bool, keep: int | Non
 
 
 async def _pool(serving, ids: list[list[int]], params: PoolingParams) -> list:
-    """Every prompt's pooled vector, in order; one left running when the request ends is aborted."""
-    handles = serving.submit([(prompt, params) for prompt in ids], 1)
-    vectors = []
-    try:
-        for index, handle in enumerate(handles):
-            choice, out = await handle.queue.get()
-            if choice is None:  # the engine failed (``EngineLoop``)
-                raise APIError(500, f"the engine failed: {out!r}")
-            serving.metrics.prompt(len(ids[index]))
-            serving.metrics.finished(out.finish_reason, time.perf_counter() - handle.arrival)
-            vectors.append(out.embedding)
-    finally:
-        serving.abort(handles)
-    return vectors
+    """Every prompt's pooled vector, in order (``embeddings.pooled``)."""
+    return await pooled(serving, serving.submit([(prompt, params) for prompt in ids], 1), ids)
