@@ -132,6 +132,31 @@ def running_server(model_dir: str, log_dir: Path, *flags: str, **engine):
             proc.wait()
 
 
+@contextlib.contextmanager
+def threaded_server(llm, max_waiting_seqs: int = 8, **serving_kw):
+    """(a TestClient of the server's front on ``llm``'s engine, its ``Serving``), the engine stepped by an
+    ``EngineCore`` in a thread; the core has ended when the block exits."""
+    import multiprocessing
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from nanovllm.entrypoints.app import build_app
+    from nanovllm.entrypoints.engine_core import EngineCore
+    from nanovllm.entrypoints.engine_loop import EngineLoop
+    from nanovllm.entrypoints.serving import Serving
+    core_inbox, to_core = multiprocessing.Pipe(duplex=False)
+    from_core, core_outbox = multiprocessing.Pipe(duplex=False)
+    core = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox), daemon=True)
+    core.start()
+    serving = Serving(EngineLoop(to_core, from_core, max_waiting_seqs=max_waiting_seqs), llm.prompts, "tiny",
+                      **serving_kw)
+    with TestClient(build_app(serving)) as client:
+        yield client, serving
+    core.join(timeout=30)
+    assert not core.is_alive()
+
+
 def _wait_until_healthy(proc, base: str, log: Path) -> None:
     import httpx
     deadline = time.monotonic() + 300

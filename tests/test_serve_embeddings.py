@@ -3,22 +3,15 @@ engine process's pipes: every input shape gives ``LLM.embed``'s vectors in order
 ``dimensions`` follows vLLM's Matryoshka rule; bad requests are 400s naming the field; completions still run.  Then
 the ``nanovllm.serve`` command with ``--pooler-config``, through the ``openai`` client (which asks for base64)."""
 import base64
-import multiprocessing
-import threading
 
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
 
 from nanovllm import LLM, PoolingParams  # noqa: E402
-from nanovllm.entrypoints.app import build_app  # noqa: E402
-from nanovllm.entrypoints.engine_core import EngineCore  # noqa: E402
-from nanovllm.entrypoints.engine_loop import EngineLoop  # noqa: E402
-from nanovllm.entrypoints.serving import Serving  # noqa: E402
 from nanovllm.pooling_params import PoolerConfig  # noqa: E402
-from serve_helpers import build_text_checkpoint, running_server  # noqa: E402
+from serve_helpers import build_text_checkpoint, running_server, threaded_server  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is in France.", "Hello world"]
 IDS = [[5, 6, 7, 8], list(range(20, 90))]
@@ -38,16 +31,9 @@ def server(path):
     expected = {tuple(o.prompt_token_ids): o.outputs.embedding for o in llm.embed(TEXTS + IDS, use_tqdm=False)}
     mean = llm.embed(IDS[1], PoolingParams(pooling_type="MEAN"), use_tqdm=False)[0].outputs.embedding
     tokens = [llm.tokenizer.encode(t) for t in TEXTS] + IDS
-    core_inbox, to_core = multiprocessing.Pipe(duplex=False)
-    from_core, core_outbox = multiprocessing.Pipe(duplex=False)
-    core = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox), daemon=True)
-    core.start()
-    loop = EngineLoop(to_core, from_core, max_waiting_seqs=16)
     try:
-        serving = Serving(loop, llm.prompts, "tiny", pooler=llm.config.pooler)
-        with TestClient(build_app(serving)) as client:
+        with threaded_server(llm, max_waiting_seqs=16, pooler=llm.config.pooler) as (client, serving):
             yield client, expected, tokens, mean, serving
-        core.join(timeout=30)
     finally:
         llm.close()
 

@@ -2,20 +2,14 @@
 TestClient) and an ``EngineCore`` in a thread: the reranker's scores are ``LLM.score``'s, in pair order, with
 usage; rerank sorts by score, keeps each document's index and honours ``top_n``; with a pooler naming no classifier
 tokens the score is the cosine of embeddings; bad and unknown fields are 400s naming them."""
-import multiprocessing
-import threading
 
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
 
 from nanovllm import LLM  # noqa: E402
-from nanovllm.entrypoints.app import build_app  # noqa: E402
-from nanovllm.entrypoints.engine_core import EngineCore  # noqa: E402
-from nanovllm.entrypoints.engine_loop import EngineLoop  # noqa: E402
-from nanovllm.entrypoints.serving import Serving  # noqa: E402
 from nanovllm.pooling_params import PoolerConfig  # noqa: E402
+from serve_helpers import threaded_server  # noqa: E402
 from test_score import build_yes_no_checkpoint  # noqa: E402
 
 QUERY = "Where is Paris?"
@@ -35,16 +29,9 @@ def server(tmp_path_factory):
     cosine_llm = LLM(path, enforce_eager=True, num_kvcache_blocks=16, max_model_len=512)
     cosines = [o.outputs.score for o in cosine_llm.score(DOCS[0], DOCS, use_tqdm=False)]
     cosine_llm.close()
-    core_inbox, to_core = multiprocessing.Pipe(duplex=False)
-    from_core, core_outbox = multiprocessing.Pipe(duplex=False)
-    core = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox), daemon=True)
-    core.start()
-    loop = EngineLoop(to_core, from_core, max_waiting_seqs=16)
     try:
-        serving = Serving(loop, llm.prompts, "tiny", pooler=llm.config.pooler)
-        with TestClient(build_app(serving)) as client:
+        with threaded_server(llm, max_waiting_seqs=16, pooler=llm.config.pooler) as (client, serving):
             yield client, rerank, cosines, lengths, serving
-        core.join(timeout=30)
     finally:
         llm.close()
 

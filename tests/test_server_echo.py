@@ -4,21 +4,14 @@ prompt's tokens come first in the legacy ``logprobs`` object, with the numbers o
 lm-eval-harness's ``local-completions`` backend sends for loglikelihood tasks."""
 import contextlib
 import json
-import multiprocessing
-import threading
 
 import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi.testclient import TestClient  # noqa: E402
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.entrypoints.app import build_app  # noqa: E402
-from nanovllm.entrypoints.engine_core import EngineCore  # noqa: E402
-from nanovllm.entrypoints.engine_loop import EngineLoop  # noqa: E402
-from nanovllm.entrypoints.serving import Serving  # noqa: E402
-from serve_helpers import build_text_checkpoint  # noqa: E402
+from serve_helpers import build_text_checkpoint, threaded_server  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -32,16 +25,9 @@ def llm(tmp_path_factory):
 
 @contextlib.contextmanager
 def served(llm):
-    """A client of the server's front on ``llm``'s engine, stepped by an ``EngineCore`` in a thread."""
-    core_inbox, to_core = multiprocessing.Pipe(duplex=False)
-    from_core, core_outbox = multiprocessing.Pipe(duplex=False)
-    core = threading.Thread(target=EngineCore(llm.engine).serve, args=(core_inbox, core_outbox), daemon=True)
-    core.start()
-    loop = EngineLoop(to_core, from_core, max_waiting_seqs=8)
-    with TestClient(build_app(Serving(loop, llm.prompts, "tiny"))) as client:
+    """A client of the server's front on ``llm``'s engine (``serve_helpers.threaded_server``)."""
+    with threaded_server(llm) as (client, _):
         yield client
-    core.join(timeout=30)
-    assert not core.is_alive()
 
 
 def completion(client, **body) -> dict:
