@@ -145,6 +145,16 @@ STEPS = [
     Step("hybrid80b-fp8-tp2-vllm", "vllm", "preset:qwen3-next-80b-a3b", "bench", FP8 + ("--tp", "2") + GDN_VLLM,
          env=VLLM_TP),
     Step("profile-hybrid35b", "ours", "preset:qwen3.5-35b-a3b", "module", PROFILE + ("--at", "256", "--prefill") + FP8),
+    Step("embed-ours", "ours", "default", "embed"),  # Qwen3-Embedding-0.6B's shape: bench's Qwen3-0.6B
+    Step("embed-vllm", "vllm", "default", "embed"),
+    Step("rerank-ours", "ours", "default", "rerank"),  # as a Qwen3-Reranker-0.6B (yes/no head)
+    Step("rerank-vllm", "vllm", "default", "rerank"),
+    Step("gptoss20b-ours", "ours", "preset:gpt-oss-20b", "bench", BENCH),  # bf16 experts (no MXFP4): both engines
+    Step("gptoss20b-vllm", "vllm", "preset:gpt-oss-20b", "bench"),
+    Step("gemma3-27b-ours", "ours", "preset:gemma3-27b", "bench", BENCH),
+    Step("gemma3-27b-vllm", "vllm", "preset:gemma3-27b", "bench"),
+    Step("parity-windows", "tests", "own", "pytest", ("-m", "gpu", "-k", "gemma or gpt_oss or window or sink",
+                                                      "tests/gpu")),
     Step("parity-hybrid", "tests", "own", "pytest", ("-m", "gpu", "-k", "hybrid or qwen3_next or qwen3_5", *HYBRID_TESTS)),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
@@ -230,7 +240,7 @@ def commands(step: Step, ctx: Context) -> list[Command]:
                          "--experts-on-device", "1", "--batch-sizes", "1,16", "--max-tokens", "32", *step.flags], env)]
     if step.workload in ("serve", "multiturn"):
         return serve_commands(step, ctx, env)
-    if step.workload in ("structured", "speculative"):  # structured: xgrammar, vLLM's staged one, for ours too
+    if step.workload in ("structured", "speculative", "embed", "rerank"):  # structured: xgrammar, vLLM's staged one, for ours too
         env["PYTHONPATH"] = str(ctx.site) if vllm else f"{ctx.tree}:{ctx.site}"
         engine = "vllm" if vllm else "nanovllm"
         dummy = list(DUMMY) if step.workload == "speculative" and step.model.startswith(("preset:", "peer:")) else []

@@ -4,22 +4,17 @@
     env PYTHONPATH=/tmp/site python -m benchmarks.offline_bench structured --engine vllm --model DIR  # peers/
     python -m benchmarks.offline_bench speculative --engine nanovllm [--model DIR] [--speculative-config JSON]
 
-``structured``: ``--num-seqs`` (256) prompts drawn as bench.py draws them (``random.seed(0)``, 100 to
-``--max-input-len`` random token ids), request ``i`` constrained by ``benchmarks.common.json_schema(i)`` (4 to 6
-typed fields), temperature 0.6, at most ``--max-tokens``.  Then the same prompts unconstrained, each with
-``max_tokens`` = the tokens its constrained run generated and ``ignore_eos``, each run from an empty prefix cache
-and timed after a warm-up of its kind.  The model is bench.py's random Qwen3-0.6B (or ``--model``, with tokenizer
-files); vLLM loads it with dummy weights and xgrammar without free whitespace in JSON, as ours compiles it.
-
-``speculative``: the prompt sets of ``benchmarks/common.py`` (copy-heavy, open) in the model's chat template, at
-each ``--batch`` and ``--temperature`` (seed 0 per request, at most ``--max-tokens``): ``--requests`` prompts in
-batches, one batch after another, speculation off, then on (``--speculative-config``, vLLM's keys; default n-gram, k
-= 4, lookup 1 to 4 tokens), each mode in an engine of its own (``--modes``: vLLM runs one per process). Per run:
-output tokens per second per request (a batch's tokens over its wall time, over the batch size), and for ours the
-acceptance (kept over proposed tokens), tokens a sequence gains per verify step, verify and decode steps, the draft
-model's seconds (``--draft``) and whether the tokens equal the run without speculation. ``--always-propose`` turns
-off ``SpecGate``'s back-off, for the cost of a verify step. The model: SmolLM2-135M-Instruct
-(``default_model_path``) unless ``--model``.
+``structured``: 256 prompts drawn as bench.py draws them, each constrained by ``common.json_schema(i)``, against the
+same prompts unconstrained (each its constrained run's length, ``ignore_eos``), from an empty prefix cache after a
+warm-up of its kind; vLLM with dummy weights and xgrammar without free whitespace, as ours compiles JSON.
+``embed`` / ``rerank``: 4,096 passages of ``--passage-len`` (256) random ids: embedded (LAST, normalised), or as
+text scored against one query by a Qwen3-Reranker yes/no head (vLLM as its converted classifier, given the pairs
+in the template ours applies); timed after a warm-up.
+``speculative``: ``common.py``'s prompt sets (copy-heavy, open) in the chat template, at each ``--batch`` and
+``--temperature``, speculation off then on (``--speculative-config``, vLLM's keys; default n-gram k = 4, lookup 1 to
+4), each mode in an engine of its own: output tok/s per request, and for ours the acceptance, tokens gained per
+verify step, the draft's seconds (``--draft``) and whether the tokens equal the run without speculation. The
+model: SmolLM2-135M-Instruct unless ``--model``.  docs/BENCHMARKS.md says more.
 """
 import argparse
 import json
@@ -97,6 +92,41 @@ def structured(args) -> dict:
           f"{len(prompts)} parse as JSON); plain {result['plain_tok_s']:.0f} tok/s; ratio "
           f"{result['constrained_over_plain']}")
     write_json(f"structured_{args.engine}.json", result)
+    return result
+
+
+def pooling(args) -> dict:
+    seed(0)
+    passages = [[randint(0, 10000) for _ in range(args.passage_len)] for _ in range(args.num_seqs)]
+    rerank, model, kw = args.workload == "rerank", args.model or default_model(), dict(max_model_len=4096)
+    if args.engine == "nanovllm":
+        kw.update(pooler_config={"classifier_from_token": ["no", "yes"]} if rerank else None)
+    else:
+        kw.update(load_format="dummy", runner="pooling", hf_overrides=dict(
+            architectures=["Qwen3ForSequenceClassification"], classifier_from_token=["no", "yes"],
+            is_original_qwen3_reranker=True) if rerank else {})
+    start = time.perf_counter()
+    llm, _ = make_engine(args.engine, model, **kw)
+    init_s, query = time.perf_counter() - start, "what does the passage say about the weather"
+    docs = [(llm.get_tokenizer() if hasattr(llm, "get_tokenizer") else llm.tokenizer).decode(p) for p in passages]
+    if args.engine == "nanovllm":
+        run = (lambda n: llm.score(query, docs[:n], use_tqdm=False)) if rerank else \
+            (lambda n: llm.embed(passages[:n], use_tqdm=False))
+    else:
+        from nanovllm.scoring import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
+        q = f"{PREFIX}<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: {query}\n"
+        run = (lambda n: llm.score(q, [f"<Document>: {d}{SUFFIX}" for d in docs[:n]], use_tqdm=False)) if rerank \
+            else (lambda n: llm.embed([{"prompt_token_ids": p} for p in passages[:n]], use_tqdm=False))
+    run(64)  # warm-up
+    t = time.perf_counter()
+    outs = run(len(passages))
+    seconds = time.perf_counter() - t
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    result = dict(engine=args.engine, workload=args.workload, init_s=round(init_s, 1), num_seqs=len(outs),
+                  tokens=tokens, seconds=round(seconds, 2), seqs_s=round(len(outs) / seconds, 1),
+                  tok_s=round(tokens / seconds, 1))
+    print(f"{args.engine} {args.workload}: {result['seqs_s']} passages/s, {result['tok_s']} tok/s, {seconds:.2f} s")
+    write_json(f"{args.workload}_{args.engine}.json", result)
     return result
 
 
@@ -234,10 +264,12 @@ def _spec_stats(s: dict, timer) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workload", choices=["structured", "speculative"])
+    p.add_argument("workload", choices=["structured", "speculative", "embed", "rerank"])
     p.add_argument("--engine", choices=["nanovllm", "vllm"], default="nanovllm")
     p.add_argument("--model", help="checkpoint dir with tokenizer files")
-    p.add_argument("--num-seqs", type=int, default=256, help="structured: requests")
+    p.add_argument("--num-seqs", type=int, default=None, help="structured: requests (256); embed, rerank: "
+                   "passages (4096)")
+    p.add_argument("--passage-len", type=int, default=256, help="embed, rerank: tokens of a passage")
     p.add_argument("--max-input-len", type=int, default=1024, help="structured: longest prompt")
     p.add_argument("--max-tokens", type=int, default=None, help="most tokens a request generates "
                    "(default: structured 512, speculative 128)")
@@ -256,6 +288,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.max_tokens is None:
         args.max_tokens = 512 if args.workload == "structured" else 128
+    if args.num_seqs is None:
+        args.num_seqs = 256 if args.workload == "structured" else 4096
+    if args.workload in ("embed", "rerank"):
+        return pooling(args)
     return structured(args) if args.workload == "structured" else speculative(args)
 
 
