@@ -155,3 +155,50 @@ def test_graph_mode_equals_eager(checkpoint, llm, tmp_path, monkeypatch):
             [o["token_ids"] for o in want]
     finally:
         graph.close()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    pytest.importorskip("fastapi")
+    from serve_helpers import threaded_server
+    engine = LLM(checkpoint[0], enforce_eager=True, **ENGINE)
+    try:
+        with threaded_server(engine) as (client, serving):
+            yield client, serving
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_the_server_maps_the_fields_to_sampling_params(endpoint):
+    from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
+    body = dict(min_p=0.25, min_tokens=2, logit_bias={"5": 200.0, "7": -3})
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"}], **body) if endpoint == "chat" \
+        else CompletionRequest(prompt="hi", **body)
+    req.check_unsupported()  # no longer refused
+    p = req.sampling_params(8, {}, None, vocab_size=384)
+    assert (p.min_p, p.min_tokens, p.logit_bias) == (0.25, 2, {5: 200.0, 7: -3.0})
+    for bias in ({"x": 1.0}, {"384": 1.0}, {"-1": 1.0}):
+        with pytest.raises(APIError) as e:
+            type(req)(**{**req.model_dump(exclude_unset=True), "logit_bias": bias}).sampling_params(
+                8, {}, None, vocab_size=384)
+        assert e.value.status == 400 and e.value.param == "logit_bias", e.value.message
+
+
+def test_the_server_honours_the_fields(server, checkpoint):
+    client, _ = server
+    chain, messages = checkpoint[1], [{"role": "user", "content": "hi"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 1.0, "seed": 5, "min_p": 1.0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == CHAIN_TEXT  # min_p 1: the greedy answer
+    r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 40,
+                                                  "min_tokens": len(chain) + 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= len(chain) + 2  # EOS held back past the chain
+    r = client.post("/v1/completions", json={"prompt": chain[:1], "temperature": 0, "max_tokens": 4,
+                                             "ignore_eos": True, "logit_bias": {str(chain[3]): 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == server[1].tokenizer.decode([chain[3]] * 4)
+    for bias in ({"x": 1}, {"384": 1}):
+        r = client.post("/v1/completions", json={"prompt": "hi", "logit_bias": bias})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
