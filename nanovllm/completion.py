@@ -40,7 +40,7 @@ class Completion:
         self.skip_special_tokens = params.skip_special_tokens
         self.include_stop_token = params.include_stop_str_in_output
         self.stream = TextStream(tokenizer, params.stop, params.skip_special_tokens,
-                                 params.include_stop_str_in_output) \
+                                 params.include_stop_str_in_output, params.min_tokens) \
             if tokenizer is not None and (incremental or params.stop) else None
         self.token_ids: list[int] = []
         self.logprobs: list | None = [] if params.logprobs is not None else None

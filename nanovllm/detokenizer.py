@@ -9,7 +9,7 @@
 * A stop string ends the text just before it (after it with ``include_stop``): ``stopped`` becomes True, ``text``
   is cut there and ``num_tokens`` is the number of tokens pushed up to the one that completed it (later ignored).
   While a stop string could still begin in the last ``len(longest stop) - 1`` characters, those are held back
-  from ``push``'s return, so no returned text is ever taken back.
+  from ``push``'s return, so no returned text is ever taken back.  Before ``min_tokens`` tokens, none is looked for.
 
 With a fast tokenizer, decoding uses the tokenizers library's ``DecodeStream``; otherwise it re-decodes the whole
 completion per token (exact, but quadratic).
@@ -29,8 +29,9 @@ def decode(tokenizer, token_ids, skip_special_tokens: bool = True) -> str:
 
 class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True,
-                 include_stop: bool = False):
+                 include_stop: bool = False, min_tokens: int = 0):
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens  # stop strings end the text only once it holds this many tokens
         self.stop = tuple(stop)
         self.skip_special_tokens, self.include_stop = skip_special_tokens, include_stop
         self._hold = max(map(len, self.stop), default=1) - 1
@@ -84,7 +85,7 @@ class TextStream:
     def _append(self, piece: str) -> None:
         start = max(0, len(self.text) - self._hold)
         self.text += piece
-        if not self.stop:
+        if not self.stop or self.num_tokens < self.min_tokens:
             return
         hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
         if hits:

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 # Alternatives a step can report per sampled token (``logprobs``): a static size, so the tensor the runner reads
 # them from has one shape for every batch.
 MAX_LOGPROBS = 20
+# Tokens a request may bias (``logit_bias``, plus its ``stop_token_ids`` while ``min_tokens`` holds them back): the
+# width of the static per-request table a processed step reads them from (``nanovllm/step/logits_state.py``).
+MAX_BIASED_TOKENS = 1024
+LOGIT_BIAS_LIMIT = 100.0  # a bias is clamped to [-100, 100], as vLLM does
 
 
 @dataclass
@@ -88,6 +92,10 @@ class SamplingParams:
     ``frequency_penalty`` (in [-2, 2]) subtracts itself times a token's count in the completion so far, and
     ``presence_penalty`` (in [-2, 2]) subtracts itself from every token the completion holds.
     ``structured_outputs``: a ``StructuredOutputsParams`` the completion's text is constrained to.
+    vLLM's semantics too: ``min_p`` (in [0, 1], 0 is off) keeps, after temperature, the tokens whose probability
+    is at least ``min_p`` times the most likely one's; ``min_tokens``: until the completion holds that many tokens,
+    EOS and ``stop_token_ids`` cannot be sampled and stop strings do not end it; ``logit_bias`` ({token id: bias},
+    each bias clamped to [-100, 100]) is added to the logits before penalties.
     Text only, no effect on sampling (``nanovllm/detokenizer.py``): ``skip_special_tokens`` (default True) leaves
     special tokens' text out of the text; ``include_stop_str_in_output`` (default False) keeps the stop string that
     ended the text, or the stop token's text, at its end.
@@ -108,6 +116,9 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
     n: int = 1  # completions per prompt (``LLM.generate``: choice i with ``seed + i`` where a seed is given)
 
     def __post_init__(self):
@@ -122,7 +133,7 @@ class SamplingParams:
         def is_num(x):
             return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "min_p"):
             value = getattr(self, name)
             if is_num(value) and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
@@ -139,10 +150,21 @@ class SamplingParams:
             raise TypeError(f"top_p must be a number, got {type(self.top_p).__name__}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not is_num(self.min_p):
+            raise TypeError(f"min_p must be a number, got {type(self.min_p).__name__}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 is off), got {self.min_p}")
+        if not is_int(self.min_tokens):
+            raise TypeError(f"min_tokens must be an int, got {type(self.min_tokens).__name__}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        self._validate_logit_bias(is_int, is_num)
         if not is_int(self.max_tokens):
             raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
@@ -184,6 +206,30 @@ class SamplingParams:
                                 f"got {type(self.structured_outputs).__name__}")
             self.structured_outputs.validate()
 
+    def _validate_logit_bias(self, is_int, is_num) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+        for token, value in bias.items():
+            if not is_int(token):
+                raise TypeError(f"logit_bias keys must be int token ids, got {token!r}")
+            if token < 0:
+                raise ValueError(f"logit_bias token id {token} is negative")
+            if not is_num(value) or not math.isfinite(value):
+                raise ValueError(f"logit_bias[{token}] must be a finite number, got {value!r}")
+        banned = len(set(self.stop_token_ids)) if self.min_tokens > 0 else 0
+        if len(bias) + banned > MAX_BIASED_TOKENS:
+            raise ValueError(f"logit_bias holds {len(bias)} tokens" + (f" and min_tokens holds back {banned} "
+                             f"stop_token_ids" if banned else "") + f": at most {MAX_BIASED_TOKENS} in all")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first ``logit_bias`` token id outside a vocabulary of ``vocab_size``."""
+        for token in self.logit_bias or ():
+            if token >= vocab_size:
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary (size {vocab_size})")
+
     @property
     def has_penalties(self) -> bool:
         """True when a penalty changes the logits."""
@@ -191,10 +237,12 @@ class SamplingParams:
 
     @property
     def needs_processing(self) -> bool:
-        """True when the step must change this request's logits before sampling (penalties, a grammar)."""
-        return self.has_penalties or self.structured_outputs is not None
+        """True when the step must change this request's logits before sampling (penalties, a grammar, a logit
+        bias, a minimum length)."""
+        return self.has_penalties or self.structured_outputs is not None or bool(self.logit_bias) or \
+            self.min_tokens > 0
 
     @property
     def needs_filter(self) -> bool:
-        """True when top-k or top-p actually restricts the candidates (and sampling is not greedy)."""
-        return self.temperature > 0 and (self.top_k != -1 or self.top_p < 1.0)
+        """True when top-k, top-p or min-p actually restricts the candidates (and sampling is not greedy)."""
+        return self.temperature > 0 and (self.top_k != -1 or self.top_p < 1.0 or self.min_p > 0)

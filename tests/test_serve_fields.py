@@ -64,9 +64,6 @@ def test_an_unknown_field_is_a_400_naming_it(http, path, body, param):
 
 
 REFUSED = [  # (endpoints, field, a neutral value, a value nanovllm cannot honour)
-    (("chat", "completions"), "logit_bias", {}, {"5": 1.0}),
-    (("chat", "completions"), "min_tokens", 0, 3),
-    (("chat", "completions"), "min_p", 0.0, 0.1),
     (("completions",), "suffix", "", " end"),
     (("chat",), "audio", None, {"voice": "alloy", "format": "wav"}),
     (("chat",), "modalities", ["text"], ["text", "audio"]),

@@ -34,11 +34,11 @@ class _SeqRow:
 
 class _Batch:
     """One row count's last batch: its sequences, their block-table lists and lengths, and the arrays built
-    (``tables`` [n, width], the per-row sampling fields ``temperature``, ``top_k``, ``top_p``, ``seeds``, and
-    ``rope_delta``, each row's position minus its token index: nonzero after images, ``mrope.py``); with a window
-    pool also their window-table lists and ``window_tables`` [n, width]."""
-    __slots__ = ("seqs", "table_lists", "lens", "tables", "temperature", "top_k", "top_p", "seeds", "rope_delta",
-                 "window_lists", "window_tables")
+    (``tables`` [n, width], the per-row sampling fields ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+    ``seeds``, and ``rope_delta``, each row's position minus its token index: nonzero after images, ``mrope.py``);
+    with a window pool also their window-table lists and ``window_tables`` [n, width]."""
+    __slots__ = ("seqs", "table_lists", "lens", "tables", "temperature", "top_k", "top_p", "min_p", "seeds",
+                 "rope_delta", "window_lists", "window_tables")
 
     def __init__(self, seqs, table_lists, lens, tables, entries, window_lists=None, window_tables=None):
         self.seqs, self.table_lists, self.lens, self.tables = seqs, table_lists, lens, tables
@@ -47,6 +47,7 @@ class _Batch:
         self.temperature = np.fromiter((e.params.temperature for e in entries), np.float32, n)
         self.top_k = np.fromiter((e.params.top_k for e in entries), np.int64, n)
         self.top_p = np.fromiter((e.params.top_p for e in entries), np.float32, n)
+        self.min_p = np.fromiter((e.params.min_p for e in entries), np.float32, n)
         self.seeds = np.fromiter((e.seed for e in entries), np.int64, n)
         self.rope_delta = np.fromiter((e.rope_delta for e in entries), np.int64, n)
 
@@ -150,6 +151,7 @@ class DecodeInputBuilder:
             host.temperature.numpy()[:n] = batch.temperature
             host.top_k.numpy()[:n] = batch.top_k
             host.top_p.numpy()[:n] = batch.top_p
+            host.min_p.numpy()[:n] = batch.min_p
             host.seeds.numpy()[:n] = batch.seeds
             slots[:n] = tables[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size \
                 + pos % self.block_size

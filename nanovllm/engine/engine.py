@@ -112,6 +112,8 @@ class Engine:
         pooling = None
         if isinstance(params, PoolingParams):
             pooling, params = params.resolve(self.config.pooler, self.config.hf_config), POOLING_SAMPLING
+        else:
+            params.check_vocab(self.runner.vocab_size)  # ``logit_bias`` ids: only the engine knows its vocabulary
         seed = (params.seed % 2**63 if params.seed is not None else 0 if pooling is not None
                 else int(self._rng.integers(0, 2**31 - 1)))  # a pooling request draws nothing
         images = dataclasses.replace(images, encoded=None) if images is not None else None

@@ -33,7 +33,7 @@ from nanovllm.engine.prefill_inputs import PrefillInputBuilder, prompt_logprob_r
 from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.models.expert_offload import expert_caches
 from nanovllm.models.loader import build_model
-from nanovllm.sampling_params import MAX_LOGPROBS
+from nanovllm.sampling_params import MAX_BIASED_TOKENS, MAX_LOGPROBS
 from nanovllm.step import (VARIANTS, LogitsState, StepInputs, make_step, rechoose_logprob, redraw_filtered,
                            variant_name)
 from nanovllm.step.prompt_logprobs import run_step_with_prompt_logprobs
@@ -73,9 +73,10 @@ class ModelRunner:
         self.hybrid = runner_setup.plan_pools(self)
         self.scratch_slot = config.max_num_seqs
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
-        self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype)
+        self.logits_state = LogitsState.allocate(config.max_num_seqs + 1, self.vocab_size, self.device, self.dtype,
+                                                 MAX_BIASED_TOKENS + len(config.eos_token_ids))
         self.grammars = Grammars(config.model, self.vocab_size, config.eos_token_ids)
-        self.logits_slots = LogitsSlots(self.logits_state, platform, self.grammars)
+        self.logits_slots = LogitsSlots(self.logits_state, platform, self.grammars, config.eos_token_ids)
         builder_args = dict(device=self.device, pin_memory=platform.pin_memory, block_size=self.block_size,
                             table_width=self.max_blocks_per_seq, scratch_slot=self.scratch_slot)
         self.prefill_builder = PrefillInputBuilder(max_model_len=config.max_model_len, **builder_args)
@@ -127,8 +128,8 @@ class ModelRunner:
         if self.model is None:
             return 0
         state = self.logits_state
-        tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer, state.params, state.bitmask,
-                   state.counts, state.seen, state.logits, *(t for kv in self.kv_caches for t in kv)]
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer, *vars(state).values(),
+                   *(t for kv in self.kv_caches for t in kv)]
         return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
 
     def close(self) -> None:
@@ -221,7 +222,6 @@ class ModelRunner:
         prepare_seconds = 0.0
         hybrid_state.copy_states(self, batch.restores)  # a hybrid model's prefix hits, then (below) its snapshots
         several = not batch.is_prefill and len(self.executor.decode_chunks(len(batch.seqs))) > 1
-
         pool = pooling.plan(batch) if batch.is_prefill else None
 
         def emit(outputs, inputs, part: Part) -> None:

@@ -23,11 +23,13 @@ def sampling_arrays(seqs, rows: int) -> dict:
     """Per-row sampling fields of ``seqs``, padded to ``rows``."""
     out = {"temperature": np.full(rows, PADDING["temperature"], np.float32),
            "top_k": np.full(rows, PADDING["top_k"], np.int64), "top_p": np.full(rows, PADDING["top_p"], np.float32),
+           "min_p": np.full(rows, PADDING["min_p"], np.float32),
            "seeds": np.full(rows, PADDING["seeds"], np.int64),
            "sample_positions": np.full(rows, PADDING["sample_positions"], np.int64)}
     for i, seq in enumerate(seqs):
         p = seq.params
         out["temperature"][i], out["top_k"][i], out["top_p"][i] = p.temperature, p.top_k, p.top_p
+        out["min_p"][i] = p.min_p
         out["seeds"][i], out["sample_positions"][i] = seq.seed, len(seq)
     return out
 

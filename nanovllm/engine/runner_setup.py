@@ -70,7 +70,7 @@ def probe_peak_memory(runner) -> list:
         runner.model(inputs.input_ids, inputs, kv)
         logits = torch.zeros(cfg.max_num_seqs, runner.vocab_size, device=runner.device)
         z = torch.zeros(cfg.max_num_seqs, device=runner.device)
-        sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True)
+        sample(logits, z + 1, z.long() + 5, z + 0.5, z.long(), z.long(), filtered=True, min_p=z + 0.1)
     return kv
 
 

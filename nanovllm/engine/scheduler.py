@@ -192,7 +192,7 @@ class Scheduler:
                 values, ids = logprobs
                 k = seq.params.logprobs
                 seq.logprobs.append((float(values[row, 0]), ids[row, :k].tolist(), values[row, 1:k + 1].tolist()))
-            if self._stops_on(seq, token):
+            if self._stops_on(seq, token, index):
                 del seq.token_ids[index + 1:]  # tokens sampled after the stop token, by steps already launched
                 if seq.status is not SequenceStatus.FINISHED:
                     self._finish(seq, "stop")
@@ -218,8 +218,9 @@ class Scheduler:
                 seq.token_ids.append(token)
                 seq.num_computed_tokens += 1
                 ends = len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
-                if self._stops_on(seq, token) or ends:
-                    self._finish(seq, "stop" if self._stops_on(seq, token) else "length")
+                stops = self._stops_on(seq, token, len(seq) - 1)
+                if stops or ends:
+                    self._finish(seq, "stop" if stops else "length")
                     finished.append(seq)
                     break
             batch.sampled.append((i, seq, len(seq) - 1))
@@ -269,5 +270,8 @@ class Scheduler:
             self.free_slots.append(seq.token_slot)
             seq.token_slot = None
 
-    def _stops_on(self, seq: Sequence, token: int) -> bool:
+    def _stops_on(self, seq: Sequence, token: int, index: int) -> bool:
+        """Whether ``token``, at ``index`` of ``seq``, ends it (never before ``min_tokens`` completion tokens)."""
+        if index + 1 - seq.num_prompt_tokens < seq.params.min_tokens:
+            return False
         return (not seq.params.ignore_eos and token in self.eos_token_ids) or token in seq.params.stop_token_ids

@@ -35,7 +35,8 @@ def sequence_rows(seq, start: int, ids, block_size: int, width: int, window: int
     rows = {"input_ids": np.asarray(ids, np.int64), "positions": seq.rope_positions(start, n),
             "slot_mapping": table[pos // block_size].astype(np.int64) * block_size + pos % block_size,
             "context_lens": pos + 1, "sample_positions": pos + 1, "temperature": np.full(n, p.temperature),
-            "top_k": np.full(n, p.top_k), "top_p": np.full(n, p.top_p), "seeds": np.full(n, seq.seed),
+            "top_k": np.full(n, p.top_k), "top_p": np.full(n, p.top_p),
+            "min_p": np.full(n, p.min_p), "seeds": np.full(n, seq.seed),
             "block_tables": np.broadcast_to(table, (n, width))}
     if window:
         held = np.zeros(width, np.int32)

@@ -55,7 +55,8 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.max_tokens_for(len(ids), req.requested_max_tokens(), None, field)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = req.sampling_params(max_tokens, serving.defaults, k, structured_outputs=constraint)
+    params = req.sampling_params(max_tokens, serving.defaults, k, structured_outputs=constraint,
+                                 vocab_size=serving.prompts.vocab_size)
     handles = serving.submit([(ids, params, image_inputs)], req.n)
     reply = _Reply(serving, req, request_id("chatcmpl"), len(ids), plan)
     if req.stream:

@@ -37,7 +37,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request) -
         max_tokens = serving.max_tokens_for(len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
         prompt_logprobs = req.logprobs if req.echo else None
         prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs, prompt_logprobs,
-                                                 constraint)))
+                                                 constraint, serving.prompts.vocab_size)))
         if req.echo:
             echoes.append(prompt if isinstance(prompt, str) else serving.tokenizer.decode(ids))
     handles = serving.submit(prompts, req.n)

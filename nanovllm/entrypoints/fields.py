@@ -10,9 +10,6 @@ from typing import Any
 
 # field: (values that mean "off", what is missing)
 NEUTRAL: dict[str, tuple[tuple, str]] = {
-    "logit_bias": ((None, {}), "the sampler has no logit bias"),
-    "min_tokens": ((None, 0), "the engine has no minimum length"),
-    "min_p": ((None, 0, 0.0), "the sampler has no min-p filter"),
     "suffix": ((None, ""), "no insertion (fill-in-the-middle) mode"),
     "audio": ((None,), "no audio output"),
     "modalities": ((None, ["text"]), "text is the only output modality"),

@@ -10,6 +10,7 @@ forbidden; ``app.py`` words the error with ``fields.unknown_field``).  Fields wh
 silently ignored.  Every text a request carries (dict keys included) must be valid Unicode: ``check_text``.
 """
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -92,8 +93,7 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # accepted only at the value that means "off" (fields.NEUTRAL)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token ids as JSON keys: strings
     min_tokens: int | None = None
     min_p: float | None = None
 
@@ -111,29 +111,51 @@ class _Request(BaseModel):
 
     def sampling_params(self, max_tokens: int, defaults: dict, logprobs: int | None,
                         prompt_logprobs: int | None = None,
-                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+                        structured_outputs: StructuredOutputsParams | None = None,
+                        vocab_size: int | None = None) -> SamplingParams:
         """The request's ``SamplingParams``; a field it leaves out takes the checkpoint's generation_config.json
         value (``defaults``), then OpenAI's default.  Bad values raise a 400 naming the field.
-        ``structured_outputs``: the request's checked constraint (``structured.request_constraint``)."""
+        ``structured_outputs``: the request's checked constraint (``structured.request_constraint``);
+        ``vocab_size``: the model's, which ``logit_bias`` token ids must fall inside."""
         def pick(name, default):
             value = getattr(self, name)
             return value if value is not None else defaults.get(name, default)
 
         top_k = pick("top_k", -1)
         try:
-            return SamplingParams(
-                temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-                top_k=-1 if top_k == 0 else top_k, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
-                stop_token_ids=self.stop_token_ids or (), seed=self.seed,
-                stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []), logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, presence_penalty=pick("presence_penalty", 0.0),
-                frequency_penalty=pick("frequency_penalty", 0.0),
-                repetition_penalty=pick("repetition_penalty", 1.0), structured_outputs=structured_outputs,
-                skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+            params = self._sampling_params(pick, top_k, max_tokens, logprobs, prompt_logprobs, structured_outputs)
+            if vocab_size is not None:
+                params.check_vocab(vocab_size)
+            return params
         except (TypeError, ValueError) as e:
-            name = str(e).split(" ")[0]
+            name = re.match(r"\w*", str(e)).group()
             raise bad_request(str(e), name if name in type(self).model_fields else None) from None
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` with its keys (JSON strings) as token ids; a key that is not one is a 400."""
+        if self.logit_bias is None:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids (integers), got {key!r}", "logit_bias") from None
+        return bias
+
+    def _sampling_params(self, pick, top_k, max_tokens, logprobs, prompt_logprobs, structured_outputs):
+        """``SamplingParams`` of the request's fields (``pick``: a field or its default); raises what it raises."""
+        return SamplingParams(
+            temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            top_k=-1 if top_k == 0 else top_k, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids or (), seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, presence_penalty=pick("presence_penalty", 0.0),
+            frequency_penalty=pick("frequency_penalty", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0), structured_outputs=structured_outputs,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output, min_p=pick("min_p", 0.0),
+            min_tokens=self.min_tokens or 0, logit_bias=self._logit_bias())
 
 
 class CompletionRequest(_Request):

@@ -1,5 +1,5 @@
 """Token sampling math in pure torch: the counter-based Gumbel noise, the twin of ``nanovllm::gumbel_argmax`` and
-the top-k / top-p filter.
+the min-p / top-k / top-p filter.
 
 Randomness comes from a counter-based hash of (request seed, token index, vocabulary id), turned into Gumbel
 noise: ``argmax(logits / T + gumbel)`` is an exact draw from ``softmax(logits / T)``.  There is no generator
@@ -80,11 +80,24 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] (already divided by the temperature) with every token whose probability is below its row's
+    ``min_p`` times the row's largest probability set to -inf (``min_p`` 0: nothing dropped)."""
+    probs = logits.softmax(dim=-1)
+    floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
 def filtered_gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                           top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``gumbel_argmax_reference`` over the logits that survive ``apply_top_k_top_p``, with the same noise."""
+                           top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                           min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """``gumbel_argmax_reference`` over the logits that survive ``apply_min_p`` (when ``min_p`` is given) and then
+    ``apply_top_k_top_p`` (on what min-p kept, renormalised), with the same noise."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    scaled = apply_top_k_top_p(logits * inverse_temperature(temperature)[:, None], top_k, top_p)
+    scaled = logits * inverse_temperature(temperature)[:, None]
+    if min_p is not None:
+        scaled = apply_min_p(scaled, min_p.float())
+    scaled = apply_top_k_top_p(scaled, top_k, top_p)
     drawn = (scaled + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(dim=-1)
     return torch.where(temperature > 0, drawn, greedy)

@@ -1,10 +1,10 @@
-"""The sampler of a step: token ids from logits with greedy, temperature, top-k, top-p and per-request seeds.
+"""The sampler of a step: token ids from logits with greedy, temperature, min-p, top-k, top-p and per-request seeds.
 
 ``sample(..., filtered=False)`` (every decode step) is the op ``nanovllm::gumbel_argmax``, one opaque node in a
 compiled step whose implementation the platform chose (the fused Triton kernel on CUDA, the torch twin
 elsewhere).  Top-k / top-p need a full sort of the vocabulary, which costs more than the rest of a small model's
-decode step, so the plain path skips it and the runner calls ``sample(..., filtered=True)`` only for batches that
-need it; that path is torch code with the same noise.  The math, and why draws are reproducible whatever shares
+decode step, so the plain path skips them (and min-p, applied first where filtered) and the runner calls
+``sample(..., filtered=True)`` only for batches that need it; that path is torch code with the same noise.  The math, and why draws are reproducible whatever shares
 a batch, is ``nanovllm/kernels/sampling.py``.
 """
 import torch
@@ -15,10 +15,12 @@ from nanovllm.kernels.sampling import (  # noqa: F401  (re-exported: the sampler
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, positions: torch.Tensor, filtered: bool = False) -> torch.Tensor:
+           seeds: torch.Tensor, positions: torch.Tensor, filtered: bool = False,
+           min_p: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> token ids [B] int64: greedy where temperature == 0.
 
-    ``filtered`` applies each row's ``top_k`` (< 0: off) and ``top_p``; without it they are ignored."""
+    ``filtered`` applies each row's ``min_p`` (0: off; None: none), ``top_k`` (< 0: off) and ``top_p``; without
+    it they are ignored."""
     if not filtered:
         return ops.gumbel_argmax(logits, temperature, seeds, positions)
-    return filtered_gumbel_argmax(logits, temperature, top_k, top_p, seeds, positions)
+    return filtered_gumbel_argmax(logits, temperature, top_k, top_p, seeds, positions, min_p)

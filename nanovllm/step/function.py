@@ -2,12 +2,12 @@
 
 ``run_step`` goes from the device token buffer to the device token buffer: input tokens still being sampled are
 read from it (``StepInputs.token_slots``) and every sampled token is written back (``out_slots``), so queued steps
-never wait for the host.  Top-k / top-p need a sort of the vocabulary: the compiled step draws without them and
-``redraw_filtered`` re-draws, after the step, the rows of a batch that asked for them (same noise).
+never wait for the host.  Top-k / top-p need a sort of the vocabulary: the compiled step draws without them (and
+without min-p) and ``redraw_filtered`` re-draws, after the step, the rows of a batch that asked for them (same noise).
 Variants (``STEPS``), each a code object of its own, so Dynamo compiles each apart and a batch pays only for what
 its requests ask: ``logprobs`` adds, per row, fixed-size float32 logprobs of the raw logits (``token_logprobs``:
 the sampled token's and the top ``MAX_LOGPROBS``); ``processed`` samples from logits a ``LogitsState`` changed
-(penalties, grammar masks) and counts the sampled tokens; ``processed_logprobs`` is both; ``forward`` and
+(penalties, biases, grammar masks) and counts the sampled tokens; ``processed_logprobs`` is both; ``forward`` and
 ``sample`` (or ``sample_logprobs``) are a processed step in two halves, between which the host fills masks.  When
 ``redraw_filtered`` replaces a row's token, ``rechoose_logprob`` recomputes its logprob from the step's outputs
 (the log-normaliser follows from the top token's raw logit and logprob) and the state's counts follow the new token.
@@ -88,7 +88,7 @@ def run_sample_with_logprobs(token_buffer, state: LogitsState, inputs: StepInput
 def sample_processed(token_buffer, state: LogitsState, raw: torch.Tensor, inputs: StepInputs):
     """Sample from ``raw`` logits processed by ``state``, write the tokens to the token buffer and count them:
     (tokens [B], processed logits [B, V], raw)."""
-    logits = state.process(raw, inputs.out_slots)
+    logits = state.process(raw, inputs.out_slots, inputs.sample_positions)
     tokens = sample_tokens(token_buffer, logits, inputs)
     state.count(inputs.out_slots, tokens)
     return tokens, logits, raw
@@ -128,11 +128,11 @@ def make_step(model, kv_caches, token_buffer, variant: str | None = None, state:
 
 def redraw_filtered(token_buffer, logits, inputs: StepInputs, rows: int, drawn: torch.Tensor,
                     state: LogitsState | None = None) -> torch.Tensor:
-    """Re-draw the first ``rows`` rows of a step with their top-k / top-p filters and write them back to the
+    """Re-draw the first ``rows`` rows of a step with their min-p / top-k / top-p filters and write them back to the
     token buffer; returns the tokens [rows].  ``drawn``: the tokens the step drew, which a processed step counted
     in ``state``: the count moves to the new token."""
     tokens = sample(logits[:rows], inputs.temperature[:rows], inputs.top_k[:rows], inputs.top_p[:rows],
-                    inputs.seeds[:rows], inputs.sample_positions[:rows], filtered=True)
+                    inputs.seeds[:rows], inputs.sample_positions[:rows], filtered=True, min_p=inputs.min_p[:rows])
     token_buffer.index_copy_(0, inputs.out_slots[:rows], tokens)
     if state is not None:
         state.count(inputs.out_slots[:rows], drawn[:rows], -1)

@@ -23,13 +23,14 @@ import torch.utils._pytree as pytree
 # Value of each per-token / per-row field in a padding position.  ``out_slots`` pads to the scratch row, whose
 # index depends on the engine (``max_num_seqs``); ``cu_seqlens_q`` and ``logits_indices`` describe the layout.
 PADDING = {"input_ids": 0, "token_slots": -1, "positions": 0, "slot_mapping": -1, "block_tables": 0,
-           "context_lens": 0, "temperature": 0.0, "top_k": -1, "top_p": 1.0, "seeds": 0, "sample_positions": 0,
-           "window_tables": 0, "window_slot_mapping": -1}
+           "context_lens": 0, "temperature": 0.0, "top_k": -1, "top_p": 1.0, "min_p": 0.0, "seeds": 0,
+           "sample_positions": 0, "window_tables": 0, "window_slot_mapping": -1}
 # dtype of every field: int64 ids, slots and positions; int32 block tables, lengths and offsets.
 DTYPES = {"input_ids": torch.int64, "token_slots": torch.int64, "positions": torch.int64,
           "slot_mapping": torch.int64, "block_tables": torch.int32, "context_lens": torch.int32,
           "cu_seqlens_q": torch.int32, "logits_indices": torch.int64, "temperature": torch.float32,
-          "top_k": torch.int64, "top_p": torch.float32, "seeds": torch.int64, "sample_positions": torch.int64,
+          "top_k": torch.int64, "top_p": torch.float32, "min_p": torch.float32, "seeds": torch.int64,
+          "sample_positions": torch.int64,
           "out_slots": torch.int64, "state_slots": torch.int64}
 # ... and of the fields only ``WindowStepInputs`` has
 WINDOW_DTYPES = {"window_tables": torch.int32, "window_slot_mapping": torch.int64}
@@ -50,6 +51,7 @@ class StepInputs:
     temperature: torch.Tensor     # [B] float32, 0 means greedy
     top_k: torch.Tensor           # [B] int64, -1 means off
     top_p: torch.Tensor           # [B] float32, 1 means off
+    min_p: torch.Tensor           # [B] float32, 0 means off
     seeds: torch.Tensor           # [B] int64, per-request noise seed
     sample_positions: torch.Tensor  # [B] int64, index of the token being drawn (keys the noise)
     out_slots: torch.Tensor       # [B] int64, token-buffer row that receives each sampled token
