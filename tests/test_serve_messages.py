@@ -2,7 +2,7 @@
 thread) on the tiny chain checkpoint: the text, streamed or not, is ``/v1/chat/completions``' answer to the same
 greedy request, with Anthropic's shape, events, stop reasons (end_turn, stop_sequence naming the string,
 max_tokens) and usage; unknown fields, a missing ``max_tokens``, ``tools`` and non-text blocks are 400s naming
-them in Anthropic's error shape."""
+them in Anthropic's error shape; the API key may come as ``x-api-key`` there."""
 import json
 
 import pytest
@@ -19,7 +19,8 @@ USER = [{"role": "user", "content": "hi"}]
 def client(tmp_path_factory):
     path, _ = build_text_checkpoint(tmp_path_factory.mktemp("messages"))
     with LLM(path, enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=256) as llm:
-        with threaded_server(llm) as (client, _):
+        with threaded_server(llm) as (client, serving):
+            client.serving = serving
             yield client
 
 
@@ -121,3 +122,16 @@ def test_another_model_is_anthropics_not_found(client):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = client.post("/v1/chat/completions", json={"model": "other", "messages": USER})  # OpenAI's shape stays
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_api_key_may_come_as_x_api_key(client):
+    from fastapi.testclient import TestClient
+
+    from nanovllm.entrypoints.app import build_app
+    keyed = TestClient(build_app(client.serving, api_key="k"))  # no lifespan: only requests refused before the engine
+    body = {"model": "tiny", "messages": USER}  # no max_tokens: a 400 once past the key
+    r = keyed.post("/v1/messages", json=body, headers={"x-api-key": "wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert keyed.post("/v1/messages", json=body, headers={"x-api-key": "k"}).status_code == 400
+    assert keyed.post("/v1/messages", json=body, headers={"Authorization": "Bearer k"}).status_code == 400
+    assert keyed.post("/v1/chat/completions", json=body, headers={"x-api-key": "k"}).status_code == 401
