@@ -52,6 +52,11 @@ class Completion:
     def stopped_by_string(self) -> bool:
         return self.stream is not None and self.stream.stopped
 
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the completion, if one did."""
+        return self.stream.stop_string if self.stopped_by_string else None
+
     def add(self, output: SequenceOutput) -> CompletionDelta:
         """Take the engine's next output of this sequence (ignored once the completion finished)."""
         if self.finish_reason is not None:

@@ -43,6 +43,7 @@ class TextStream:
         self.text = ""
         self.num_tokens = 0  # tokens that count: all pushed, or those up to the stop string
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that ended it
         self._sent = 0  # characters of ``text`` already returned
 
     def push(self, token_ids) -> str:
@@ -87,9 +88,9 @@ class TextStream:
         self.text += piece
         if not self.stop or self.num_tokens < self.min_tokens:
             return
-        hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
+        hits = [(i, i + len(s), s) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
         if hits:
-            begin, end = min(hits)  # the first stop string to start (the shortest of those starting there)
+            begin, end, self.stop_string = min(hits)  # the first stop string to start (the shortest there)
             self.text = self.text[:end if self.include_stop else begin]
             self.stopped = True
 

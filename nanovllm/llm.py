@@ -214,17 +214,20 @@ class LLM:
         ``text_1`` and ``text_2`` a str and a str (one pair), a str and a list (1:N) or two lists (zipped N:N).  With
         ``pooler_config={"classifier_from_token": ["no", "yes"]}`` (or config.json's) a yes/no reranker: each pair
         through the Qwen3-Reranker template (``instruction``, else its default), the probability of yes against no
-        at the last token; otherwise the cosine similarity of the two embeddings (``nanovllm/scoring.py``)."""
+        at the last token; a ``*ForSequenceClassification`` checkpoint: its ``score.weight`` head on the pair's last
+        token, sigmoid (one label) or label 1's softmax probability; otherwise the cosine similarity of the two
+        embeddings (``nanovllm/scoring.py``)."""
         return scoring.score(self, text_1, text_2, instruction, truncate_prompt_tokens, use_tqdm)
 
-    def score_head(self) -> "scoring.YesNoHead":
-        """The yes/no reranker's head (W[yes] - W[no] from the checkpoint), built once; ``ValueError`` if the
-        pooler names no ``classifier_from_token`` or the checkpoint cannot give one."""
+    def score_head(self):
+        """The scoring head (``scoring.make_head``: a ``ClassifierHead`` for a ``*ForSequenceClassification``
+        checkpoint, a ``YesNoHead`` where the pooler names ``classifier_from_token``), built once; ``ValueError`` if
+        this engine scores by cosine or the checkpoint cannot give one."""
         if getattr(self, "_score_head", None) is None:
-            tokens = self.config.pooler.classifier_from_token
-            if tokens is None:
+            head = scoring.make_head(self.config.model, self.config.hf_config, self.tokenizer, self.config.pooler)
+            if head is None:
                 raise ValueError("this engine's pooler names no classifier_from_token: it scores by cosine")
-            self._score_head = scoring.YesNoHead(self.config.model, self.config.hf_config, self.tokenizer, tokens)
+            self._score_head = head
         return self._score_head
 
     def _steps(self, engine, seqs: dict, completions: dict, outputs: dict, bar) -> None:

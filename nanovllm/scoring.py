@@ -1,15 +1,17 @@
-"""``LLM.score``: a score per text pair, vLLM's two kinds (also the score and rerank endpoints' rules).
+"""``LLM.score``: a score per text pair (also the score and rerank endpoints' rules), by one of three heads.
 
 * Pairs (``pairs``): str and str, one pair; str and a list, 1:N; two lists of one length, zipped N:N.
-* Yes/no reranker, where the engine's pooler names ``classifier_from_token`` ``[no, yes]`` (Qwen3-Reranker served
-  as vLLM's converted classifier): each pair is sent as ``format_pair(query, document, instruction)``, the
-  Qwen3-Reranker template, tokenized without special tokens; pooled LAST, not normalised (h, the final normed
-  hidden state of its last token); scored ``sigmoid(h . (W[yes] - W[no]))`` in float32, W the checkpoint's LM head
-  rows (``YesNoHead``): vLLM's ``from_2_way_softmax``, softmax over the [no, yes] logits, yes's probability.
-* Otherwise, an embedding model: each distinct text is embedded by the engine's pooler (tokenized with special
-  tokens) and the score is the cosine similarity of the two vectors.
-* ``truncate_prompt_tokens=k`` keeps each prompt's last k tokens (-1: ``max_model_len``), as ``LLM.embed`` does.
-Results come in pair order as vLLM's ``ScoringRequestOutput`` (``.outputs.score``, a float).
+* Yes/no reranker, the pooler naming ``classifier_from_token`` ``[no, yes]`` (``YesNoHead``, Qwen3-Reranker): each
+  pair as ``format_pair(query, document, instruction)``, no special tokens; h the final normed hidden state of the
+  last token (pooled LAST, not normalised); ``sigmoid(h . (W[yes] - W[no]))``, W the LM head: vLLM's 2-way softmax.
+* A Llama/Qwen2/Qwen3 ``*ForSequenceClassification`` checkpoint (``ClassifierHead``): each pair as the tokenizer's
+  pair encoding (``tokenizer(query, document)``, trailing pad tokens dropped: transformers' last non-pad token),
+  pooled LAST; logits ``W h``, W its ``score.weight`` [num_labels, H].  num_labels 1: ``sigmoid(logit)`` (vLLM's
+  cross-encoder rule); >= 2: softmax, label 1's probability (nanovllm's own: vLLM scores only num_labels == 1).
+* Otherwise an embedding model: the cosine of the two texts' embeddings (the engine's pooler, special tokens).
+Heads compute in float32 on the host; ``instruction`` is the yes/no reranker's only.  ``truncate_prompt_tokens=k``
+keeps each prompt's last k tokens (-1: ``max_model_len``).  Results come in pair order as vLLM's
+``ScoringRequestOutput`` (``.outputs.score``, a float).
 """
 import glob
 import math
@@ -25,7 +27,7 @@ PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements
           "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-RERANK_PARAMS = PoolingParams(pooling_type="LAST", normalize=False)  # the reranker's: h itself
+RERANK_PARAMS = PoolingParams(pooling_type="LAST", normalize=False)  # the heads': h itself
 # config.json fields under which the logits are not h . W (scaled or capped): refused by name
 _LOGIT_FIELDS = ("final_logit_softcapping", "logit_softcapping", "logits_scaling", "logit_scale", "dim_model_base")
 
@@ -65,16 +67,30 @@ def pairs(text_1, text_2, names: tuple[str, str] = ("text_1", "text_2")) -> list
     return list(zip(text_1, text_2))
 
 
+def is_classifier(hf_config: dict) -> bool:
+    """Whether config.json names a ``*ForSequenceClassification`` architecture (``ClassifierHead``'s)."""
+    return any(str(a).endswith("ForSequenceClassification") for a in hf_config.get("architectures") or [])
+
+
+def make_head(model_dir: str, hf_config: dict, tokenizer, pooler):
+    """The scoring head of an engine (module docstring): a ``ClassifierHead``, a ``YesNoHead`` where the pooler names
+    ``classifier_from_token``, else None (cosine); ``ValueError`` naming what it cannot use."""
+    if pooler.classifier_from_token is not None:
+        return YesNoHead(model_dir, hf_config, tokenizer, pooler.classifier_from_token)
+    return ClassifierHead(model_dir, hf_config, tokenizer) if is_classifier(hf_config) else None
+
+
 class YesNoHead:
     """``weight`` = W[yes] - W[no] (float32 [H]) of a checkpoint's LM head (its tied embeddings if tied);
     ``token_ids`` = (no, yes).  ``ValueError`` naming what it cannot use: a token that is not one token of the
     vocabulary, a classification checkpoint, logits that are not h . W, no such tensor."""
+    takes_instruction = True
 
     def __init__(self, model_dir: str, hf_config: dict, tokenizer, tokens: tuple[str, str]):
         archs = hf_config.get("architectures") or []
-        if any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ValueError(f"{archs[0]} checkpoints are not served: nanovllm scores with a causal LM's head "
-                             f"(pooler_config classifier_from_token [no, yes]); use the original causal-LM reranker")
+        if is_classifier(hf_config):
+            raise ValueError(f"{archs[0]} checkpoints score with their own head (score.weight), not with "
+                             f"classifier_from_token [no, yes]: leave pooler_config's classifier_from_token out")
         text = hf_config.get("text_config") or hf_config
         bad = [f for f in _LOGIT_FIELDS if text.get(f) not in (None, 1, 1.0) or hf_config.get(f) not in (None, 1, 1.0)]
         if bad:
@@ -89,33 +105,99 @@ class YesNoHead:
                 raise ValueError(f"classifier_from_token: {t!r} is not a token of the vocabulary")
             ids.append(int(i))
         self.token_ids = tuple(ids)
-        no, yes = _head_rows(model_dir, bool(hf_config.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
-                             ids)
-        self.weight = (yes - no).astype(np.float32)
+        tied = bool(hf_config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+        rows = _stored_tensor(model_dir, ("lm_head.weight",) + (("embed_tokens.weight",) if tied else ()),
+                              "the yes/no reranker's LM head", ids)
+        self.weight = (rows[1] - rows[0]).astype(np.float32)
+
+    def prompt(self, tokenizer, query: str, document: str, instruction: str | None) -> list[int]:
+        """The token ids of one pair: the Qwen3-Reranker prompt, no special tokens added."""
+        return tokenizer.encode(format_pair(query, document, instruction), add_special_tokens=False)
 
     def score(self, hidden) -> float:
         """sigmoid(h . weight), the dot product in float32."""
-        x = float(np.dot(np.asarray(hidden, dtype=np.float32), self.weight))
-        return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+        return _sigmoid(float(np.dot(np.asarray(hidden, dtype=np.float32), self.weight)))
 
 
-def _head_rows(model_dir: str, tied: bool, ids: list[int]) -> list[np.ndarray]:
-    """Rows ``ids`` of the checkpoint's LM head (its embedding matrix when tied and no head is stored), float32."""
+class ClassifierHead:
+    """``weight``: a ``*ForSequenceClassification`` checkpoint's ``score.weight`` (float32 [num_labels, H]);
+    ``pad_token_id``: config.json's (None: none).  ``ValueError`` without a tokenizer, the tensor, or where its rows
+    disagree with config.json's ``id2label``; a ``score.bias`` (not transformers' layout) is refused."""
+    takes_instruction = False
+
+    def __init__(self, model_dir: str, hf_config: dict, tokenizer):
+        if tokenizer is None:
+            raise ValueError("a sequence classifier needs the checkpoint's tokenizer to encode its pairs")
+        self.weight = _stored_tensor(model_dir, ("score.weight",), "the classifier's head").astype(np.float32)
+        if self.weight.ndim != 2:
+            raise ValueError(f"score.weight must be [num_labels, hidden_size], got shape {list(self.weight.shape)}")
+        labels = hf_config.get("id2label")
+        if labels and len(labels) != self.weight.shape[0]:
+            raise ValueError(f"score.weight has {self.weight.shape[0]} rows but config.json's id2label names "
+                             f"{len(labels)} labels")
+        if _has_tensor(model_dir, "score.bias"):
+            raise ValueError("score.bias: nanovllm's classifier head is transformers' layout, score.weight only")
+        self.num_labels = self.weight.shape[0]
+        self.pad_token_id = hf_config.get("pad_token_id")
+
+    def prompt(self, tokenizer, query: str, document: str, instruction: str | None) -> list[int]:
+        """The token ids of one pair: the tokenizer's pair encoding, its trailing pad tokens dropped."""
+        if instruction is not None:
+            raise ValueError("instruction is for yes/no rerankers (pooler_config classifier_from_token); a sequence "
+                             "classifier scores the tokenizer's encoding of the pair as it is")
+        ids = list(tokenizer(query, document)["input_ids"])
+        while len(ids) > 1 and self.pad_token_id is not None and ids[-1] == self.pad_token_id:
+            ids.pop()
+        return ids
+
+    def logits(self, hidden) -> np.ndarray:
+        """W h in float32, [num_labels]."""
+        return self.weight @ np.asarray(hidden, dtype=np.float32)
+
+    def score(self, hidden) -> float:
+        """sigmoid(logit) with one label, else label 1's softmax probability."""
+        z = self.logits(hidden).astype(np.float64)
+        if self.num_labels == 1:
+            return _sigmoid(float(z[0]))
+        e = np.exp(z - z.max())
+        return float(e[1] / e.sum())
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _files(model_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+
+
+def _has_tensor(model_dir: str, suffix: str) -> bool:
     from safetensors import safe_open
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    for suffixes in (("lm_head.weight",), ("embed_tokens.weight",) if tied else ()):
-        for path in files:
+    for path in _files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            if any(n.endswith(suffix) for n in f.keys()):
+                return True
+    return False
+
+
+def _stored_tensor(model_dir: str, suffixes: tuple[str, ...], what: str, rows: list[int] | None = None):
+    """The first tensor stored under one of ``suffixes`` (tried in order; the shortest name of a file, MTP and vision
+    towers' left out), float32: its rows ``rows`` (a list of arrays) or the whole of it (an array)."""
+    from safetensors import safe_open
+    for suffix in suffixes:
+        for path in _files(model_dir):
             with safe_open(path, framework="pt") as f:
-                names = [n for n in f.keys() if n.endswith(suffixes) and "mtp" not in n and "vision" not in n]
+                names = [n for n in f.keys() if n.endswith(suffix) and "mtp" not in n and "vision" not in n]
                 if not names:
                     continue
                 tensor = f.get_slice(sorted(names, key=len)[0])
                 if tensor.get_dtype() not in ("F32", "F16", "BF16"):
-                    raise ValueError(f"the LM head is stored as {tensor.get_dtype()}: the yes/no reranker head "
-                                     f"reads float32, float16 or bfloat16 rows")
-                return [tensor[i:i + 1].float().numpy()[0] for i in ids]
-    raise ValueError(f"no LM head tensor (lm_head.weight{', embed_tokens.weight' if tied else ''}) in the "
-                     f"safetensors files of {model_dir!r}")
+                    raise ValueError(f"{what} is stored as {tensor.get_dtype()}: nanovllm reads float32, float16 or "
+                                     f"bfloat16 rows")
+                if rows is None:
+                    return tensor[:].float().numpy()
+                return [tensor[i:i + 1].float().numpy()[0] for i in rows]
+    raise ValueError(f"no tensor for {what} ({', '.join(suffixes)}) in the safetensors files of {model_dir!r}")
 
 
 def cosine(a, b) -> float:
@@ -130,10 +212,9 @@ def score(llm, text_1, text_2, instruction: str | None = None, truncate_prompt_t
     todo = pairs(text_1, text_2)
     if instruction is not None and not isinstance(instruction, str):
         raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
-    tokens = llm.config.pooler.classifier_from_token
-    if tokens is not None:
+    if llm.config.pooler.classifier_from_token is not None or is_classifier(llm.config.hf_config):
         head = llm.score_head()
-        prompts = [llm.tokenizer.encode(format_pair(q, d, instruction), add_special_tokens=False) for q, d in todo]
+        prompts = [head.prompt(llm.tokenizer, q, d, instruction) for q, d in todo]
         outs = embedding.embed(llm, prompts, RERANK_PARAMS, truncate_prompt_tokens, use_tqdm)
         return [ScoringRequestOutput(str(i), ScoringOutput(head.score(o.outputs.embedding)), o.prompt_token_ids)
                 for i, o in enumerate(outs)]

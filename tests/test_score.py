@@ -132,7 +132,7 @@ def test_classifier_tokens_come_from_config_json_and_bad_ones_are_refused(tmp_pa
     tok = AutoTokenizer.from_pretrained(path)
     with pytest.raises(ValueError, match="'maybe' is not a token"):
         YesNoHead(path, config, tok, ("no", "maybe"))
-    with pytest.raises(ValueError, match="Qwen3ForSequenceClassification checkpoints are not served"):
+    with pytest.raises(ValueError, match="Qwen3ForSequenceClassification checkpoints score with their own head"):
         YesNoHead(path, dict(config, architectures=["Qwen3ForSequenceClassification"]), tok, ("no", "yes"))
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         YesNoHead(path, dict(config, final_logit_softcapping=30.0), tok, ("no", "yes"))

@@ -2,13 +2,13 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``
 (``embeddings.py``), ``POST /v1/score`` and ``/score``, ``POST /v1/rerank``, ``/rerank`` and ``/v2/rerank``
-(``score.py``), ``POST /tokenize`` and
-``/detokenize`` (``tokenize.py``; behind the API key when one is set: ``Authorization: Bearer KEY``, else 401), and,
-always open, ``GET /health`` (503 once the engine has
-failed), ``GET /version`` and ``GET /metrics`` (Prometheus text).  Every error is
-``{"error": {"message", "type", "param", "code"}}``: a body that fails validation is a 400 naming the field and
-the value (a field the request models do not declare: a 400 naming it, ``fields.unknown_field``), an unknown route
-a 404; the server stays up after all of them.  The engine loop starts and stops with
+(``score.py``), Anthropic's ``POST /v1/messages`` (``messages.py``), ``POST /tokenize`` and ``/detokenize``
+(``tokenize.py``; behind the API key when one is set: ``Authorization: Bearer KEY``, for /v1/messages also
+``x-api-key: KEY``, else 401), and, always open, ``GET /health`` (503 once the engine has failed), ``GET /version``
+and ``GET /metrics`` (Prometheus text).  Every error is ``{"error": {"message", "type", "param", "code"}}`` (on
+/v1/messages Anthropic's ``{"type": "error", "error": {"type", "message"}}``): a body that fails validation is a
+400 naming the field and the value (a field the request models do not declare: a 400 naming it,
+``fields.unknown_field``), an unknown route a 404; the server stays up after all of them.  The engine loop starts and stops with
 the application (its lifespan).
 """
 import hmac
@@ -24,12 +24,16 @@ from nanovllm.entrypoints.completions import create_completion
 from nanovllm.entrypoints.embeddings import EmbeddingRequest, create_embedding
 from nanovllm.entrypoints.fields import unknown_field
 from nanovllm.entrypoints.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from nanovllm.entrypoints.messages import create_message
 from nanovllm.entrypoints.metrics import CONTENT_TYPE
 from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
+from nanovllm.entrypoints.protocol_messages import MessagesRequest, error_body
 from nanovllm.entrypoints.score import RerankRequest, ScoreRequest, create_rerank, create_score
 from nanovllm.entrypoints.serving import Serving
 from nanovllm.logger import logger
 from nanovllm.version import __version__
+
+MESSAGES = "/v1/messages"  # Anthropic's route: its own error shape and API-key header
 
 
 def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
@@ -46,6 +50,8 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
+        if request.url.path == MESSAGES and "x-api-key" in request.headers:  # Anthropic's header
+            given = f"Bearer {request.headers['x-api-key']}"
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
                            None, "invalid_api_key")
@@ -65,6 +71,10 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await create_chat_completion(serving, body, request)
+
+    @v1.post("/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        return await create_message(serving, body, request)
 
     @v1.post("/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
@@ -106,22 +116,27 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return _error(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, e: RequestValidationError):
-        return JSONResponse(_validation_error(e).body(), status_code=400)
+        return _error(request, _validation_error(e))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+        return _error(request, APIError(e.status_code, str(e.detail)))
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
         logger.exception("request %s failed", request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {e!r}").body(), status_code=500)
+        return _error(request, APIError(500, f"internal error: {e!r}"))
 
     return app
+
+
+def _error(request, e: APIError) -> JSONResponse:
+    """The error in the shape of the request's API: Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    return JSONResponse(error_body(e) if request.url.path == MESSAGES else e.body(), status_code=e.status)
 
 
 def _validation_error(e: RequestValidationError) -> APIError:

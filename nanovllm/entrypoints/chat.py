@@ -27,6 +27,17 @@ from nanovllm.multimodal import chat_prompt
 
 
 async def create_chat_completion(serving: Serving, req: ChatRequest, request) -> Response:
+    handles, prompt_len, plan = await start_chat(serving, req)
+    reply = _Reply(serving, req, request_id("chatcmpl"), prompt_len, plan)
+    if req.stream:
+        return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))
+    body = await unless_disconnected(request, reply.collect(handles))
+    return JSONResponse(body) if body is not None else Response(status_code=499)
+
+
+async def start_chat(serving: Serving, req: ChatRequest) -> tuple[list, int, ToolPlan | None]:
+    """Check ``req``, render its messages through the chat template and submit it: (the engine handles, the
+    prompt's token count, the tool plan or None).  Shared with Anthropic's ``/v1/messages`` (``messages.py``)."""
     req.check_unsupported()
     serving.check_model(req.model)
     plan = ToolPlan.of(req, serving.tool_parser)
@@ -57,12 +68,7 @@ async def create_chat_completion(serving: Serving, req: ChatRequest, request) ->
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(max_tokens, serving.defaults, k, structured_outputs=constraint,
                                  vocab_size=serving.prompts.vocab_size)
-    handles = serving.submit([(ids, params, image_inputs)], req.n)
-    reply = _Reply(serving, req, request_id("chatcmpl"), len(ids), plan)
-    if req.stream:
-        return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))
-    body = await unless_disconnected(request, reply.collect(handles))
-    return JSONResponse(body) if body is not None else Response(status_code=499)
+    return serving.submit([(ids, params, image_inputs)], req.n), len(ids), plan
 
 
 class _Reply:

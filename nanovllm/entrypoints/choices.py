@@ -27,6 +27,7 @@ class ChoiceUpdate:
     logprobs: list | None  # per token (logprob, top ids, top logprobs)
     finish_reason: str | None
     prompt_logprobs: list | None = None  # new prompt positions' entries (``SequenceOutput.prompt_logprobs``)
+    stop_string: str | None = None  # on the last update: the stop string that ended the choice, if one did
 
 
 class Choice:
@@ -41,7 +42,8 @@ class Choice:
 
     def add(self, output: SequenceOutput) -> ChoiceUpdate:
         d = self.completion.add(output)
-        return ChoiceUpdate(self.index, d.text, d.token_ids, d.logprobs, d.finish_reason, d.prompt_logprobs)
+        return ChoiceUpdate(self.index, d.text, d.token_ids, d.logprobs, d.finish_reason, d.prompt_logprobs,
+                            self.completion.stop_string)
 
 
 async def run_choices(loop, handle, tokenizer, metrics):

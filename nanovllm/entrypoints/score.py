@@ -7,9 +7,8 @@
 * Rerank: ``query`` against ``documents`` (a list of str); ``top_n`` 0 or omitted: all.  Answers ``{"id":
   "rerank-...", "model", "usage": {"total_tokens"}, "results": [{"index", "document": {"text"},
   "relevance_score"}]}``, highest score first (ties in input order), ``index`` the document's in the request.
-* A score is ``nanovllm/scoring.py``'s: with ``--pooler-config '{"classifier_from_token": ["no", "yes"]}'`` (or
-  config.json's) the yes/no reranker over the Qwen3-Reranker prompt (``instruction``, else its default), else the
-  cosine of the two embeddings.  ``truncate_prompt_tokens=k`` keeps each prompt's last k tokens (-1: the limit).
+* A score is ``nanovllm/scoring.py``'s: a ``*ForSequenceClassification`` checkpoint's head; with ``--pooler-config
+  '{"classifier_from_token": ["no", "yes"]}'`` the yes/no reranker (``instruction``), else embeddings' cosine.  ``truncate_prompt_tokens=k`` keeps each prompt's last k tokens (-1: the limit).
 Usage counts the tokens prefilled.  A bad or unknown field is a 400 naming it; each prompt is one engine request.
 """
 import asyncio
@@ -23,7 +22,7 @@ from nanovllm.entrypoints.protocol import bad_request, check_text
 from nanovllm.entrypoints.serving import request_id
 from nanovllm.entrypoints.sse import unless_disconnected
 from nanovllm.pooling_params import PoolingParams
-from nanovllm.scoring import RERANK_PARAMS, cosine, format_pair, pairs
+from nanovllm.scoring import RERANK_PARAMS, cosine, pairs
 
 
 class ScoreRequest(BaseModel):
@@ -106,13 +105,20 @@ async def score_pairs(serving, todo: list[tuple[str, str]], instruction: str | N
     except ValueError as e:
         raise bad_request(str(e)) from None
     if head is not None:
-        texts = [format_pair(q, d, instruction) for q, d in todo]
+        tokenizer = serving.tokenizer
+        if instruction is not None and not head.takes_instruction:
+            raise bad_request("instruction is for yes/no rerankers (--pooler-config classifier_from_token); a "
+                              "sequence classifier scores the tokenizer's encoding of the pair", "instruction")
+        ids = await asyncio.gather(*(_encode(serving, serving.batch_tokenizer.call(head.prompt, tokenizer, q, d,
+                                                                                   instruction), i, keep)
+                                     for i, (q, d) in enumerate(todo)))
     elif instruction is not None:
         raise bad_request("instruction is for yes/no rerankers (--pooler-config classifier_from_token); this "
                           "server scores by the cosine of embeddings", "instruction")
     else:
         texts = list(dict.fromkeys(t for pair in todo for t in pair))
-    ids = await asyncio.gather(*(_encode(serving, t, i, head is None, keep) for i, t in enumerate(texts)))
+        ids = await asyncio.gather(*(_encode(serving, serving.batch_tokenizer.encode(t), i, keep)
+                                     for i, t in enumerate(texts)))
     vectors = await _pool(serving, ids, params)
     if head is not None:
         scores = [head.score(v) for v in vectors]
@@ -122,10 +128,9 @@ async def score_pairs(serving, todo: list[tuple[str, str]], instruction: str | N
     return scores, sum(len(x) for x in ids)
 
 
-async def _encode(serving, text: str, index: int, special: bool, keep: int | None) -> list[int]:
-    tokenizer = serving.tokenizer
-    ids = await (serving.batch_tokenizer.encode(text) if special else
-                 serving.batch_tokenizer.call(lambda: tokenizer.encode(text, add_special_tokens=False)))
+async def _encode(serving, tokenized, index: int, keep: int | None) -> list[int]:
+    """One prompt's checked token ids from the awaitable ``tokenized``, its last ``keep`` only where set."""
+    ids = await tokenized
     if keep is not None:
         ids = ids[-(serving.max_model_len if keep == -1 else keep):]
     try:

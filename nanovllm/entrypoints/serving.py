@@ -1,5 +1,5 @@
 """``Serving``: what the handlers share: the checkpoint's ``Prompts``, the engine loop, the metrics, the engine's
-``pooler`` (embeddings; ``score_head``: the yes/no reranker's ``scoring.YesNoHead``, or None) and the steps from a
+``pooler`` (embeddings; ``score_head``: ``scoring.make_head``'s, or None) and the steps from a
 validated request to submitted sequences.  It needs a tokenizer (text out, stop strings, chat): none is refused.
 
 * ``chat_template_kwargs``: the server's default template variables (``--default-chat-template-kwargs``), under a
@@ -29,7 +29,7 @@ from nanovllm.entrypoints.protocol import APIError, bad_request
 from nanovllm.entrypoints.tokenizing import BatchTokenizer
 from nanovllm.pooling_params import PoolerConfig, resolve_pooler
 from nanovllm.prompts import Prompts
-from nanovllm.scoring import YesNoHead
+from nanovllm.scoring import make_head
 
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields requests default to
 
@@ -100,14 +100,14 @@ class Serving:
             raise APIError(503, str(e), None, "overloaded" if isinstance(e, Overloaded) else "engine_dead") from None
         return handles
 
-    def score_head(self) -> YesNoHead | None:
-        """The reranker's head where the pooler names ``classifier_from_token`` (built once), else None."""
-        tokens = self.pooler.classifier_from_token
-        if tokens is None:
-            return None
-        if getattr(self, "_score_head", None) is None:
-            self._score_head = YesNoHead(self.prompts.model, self.prompts.hf_config, self.tokenizer, tokens)
-        return self._score_head
+    def score_head(self):
+        """The scoring head (``scoring.make_head``: a sequence classifier's or the yes/no reranker's, built once), or
+        None where the server scores by cosine."""
+        cached = getattr(self, "_score_head", None)
+        if cached is None or cached[0] is not self.pooler:  # built for this pooler
+            self._score_head = (self.pooler, make_head(self.prompts.model, self.prompts.hf_config, self.tokenizer,
+                                                       self.pooler))
+        return self._score_head[1]
 
     def abort(self, handles) -> None:
         """End every sequence of ``handles`` still running (those finished are left as they are)."""

@@ -10,6 +10,8 @@ from nanovllm.models.qwen2_moe import Qwen2MoeForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM
 from nanovllm.models.qwen_vl import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from nanovllm.models.seq_cls import (LlamaForSequenceClassification, Qwen2ForSequenceClassification,
+                                     Qwen3ForSequenceClassification)
 
 MODEL_REGISTRY = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
@@ -30,6 +32,10 @@ MODEL_REGISTRY = {
     "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForCausalLM": Qwen3_5MoeForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5MoeForCausalLM,
+    # bodies only: the classifier head is scoring.ClassifierHead's (seq_cls.py)
+    "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
 }
 
 
