@@ -3,7 +3,7 @@ tiny model with per-layer inputs, full layers of their own head size and KV head
 a 12-token window ending mid-block (16-token blocks), staggered rows past the window and a prefill chunk; a prefix
 hit gives a cold engine's tokens; KV sharing (the last layers reading earlier layers' caches and keeping none, double
 wide MLPs); a published ``Gemma4ForConditionalGeneration`` checkpoint runs its text path and refuses an image by
-name; the MoE block is refused by name.
+name; the MoE block beside the MLP (GELU experts) against transformers.
 """
 import pytest
 import torch
@@ -121,9 +121,13 @@ def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
                      use_tqdm=False)
 
 
-def test_moe_block_is_refused_by_name():
-    from nanovllm.models.gemma4 import Gemma4ForCausalLM
-    cfg = dict(text_config(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32).to_dict(),
-               architectures=["Gemma4ForCausalLM"])
-    with pytest.raises(ValueError, match="enable_moe_block"):
-        Gemma4ForCausalLM(cfg)
+def test_moe_block_matches_transformers(tmp_path):
+    """A MoE block beside every MLP (4 experts, top 2; GELU experts through ``ops.moe_experts``), with KV sharing."""
+    path = build(tmp_path, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                 num_kv_shared_layers=1)
+    lengths = [16, 4, 10, 18, 3]
+    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
+    for llm in (LLM(path, enforce_eager=True, **ENGINE), LLM(path, graph_batch_sizes=[1, 4], **ENGINE)):
+        assert all(layer.moe for layer in llm.engine.runner.model.model.layers)
+        assert tokens(llm, PROMPTS, lengths) == want
+        llm.close()

@@ -7,7 +7,7 @@
   ``layer_kv_shapes``), and rope table (``proportional``, partly rotated); attention scales by 1.0;
 - KV sharing: the last ``num_kv_shared_layers`` layers compute no K/V and keep no cache; each reads the cache of the
   last earlier layer of its kind (``kv_sources``), so sharing saves their cache memory as in transformers;
-- ``use_double_wide_mlp``: shared layers' MLP twice as wide; ``enable_moe_block`` is refused by name.
+- ``use_double_wide_mlp``: shared layers' MLP twice as wide; ``enable_moe_block``: a MoE block beside every MLP.
 q, k and v are separate matmuls (a full layer with ``attention_k_eq_v`` has no v). Published
 ``Gemma4ForConditionalGeneration`` checkpoints load their text path (an image is refused by name),
 ``Gemma4ForCausalLM`` ones as they are; the config is normalised by transformers' ``Gemma4TextConfig``.
@@ -73,8 +73,6 @@ class Gemma4ForCausalLM(DecoderForCausalLM):
     def __init__(self, hf_config: dict):
         nn.Module.__init__(self)
         cfg = gemma4_text_config(hf_config)
-        if cfg.enable_moe_block:
-            raise ValueError("Gemma 4 enable_moe_block=True (the MoE block beside the MLP) is not supported")
         self.args = a = DecoderArgs.from_hf(dict(cfg.to_dict(), rope_parameters=None), qk_norm=True)
         self.kinds = list(cfg.layer_types)
         unknown = sorted(set(self.kinds) - {SLIDING, FULL})
@@ -86,6 +84,7 @@ class Gemma4ForCausalLM(DecoderForCausalLM):
         self.final_softcap = float(cfg.final_logit_softcapping or 0.0)
         self.sources = kv_sources(cfg)
         self.per_layer_dim = pld = cfg.hidden_size_per_layer_input or 0
+        moe = (cfg.num_experts, cfg.top_k_experts, cfg.moe_intermediate_size) if cfg.enable_moe_block else None
         layers = []
         for i, kind in enumerate(self.kinds):
             lc, shared = cfg.per_layer_config[i], self.sources[i] is not None
@@ -94,7 +93,7 @@ class Gemma4ForCausalLM(DecoderForCausalLM):
                                    shared, cfg.attention_bias)
             wide = 2 if cfg.use_double_wide_mlp and shared else 1
             layers.append(Gemma4Layer(a.hidden_size, a.rms_norm_eps, kind, attn,
-                                      GeluMLP(a.hidden_size, wide * a.intermediate_size), pld))
+                                      GeluMLP(a.hidden_size, wide * a.intermediate_size), pld, moe))
         self.model = Gemma4Body(a, pld, cfg.vocab_size_per_layer_input, layers)
         for kind in set(self.kinds):
             cos, sin = rope_tables(cfg.per_layer_config[kind].head_dim, a.max_position, cfg.rope_parameters[kind])

@@ -6,7 +6,9 @@
 - ``Gemma4Attention``: q/k norms, v normed without a weight, scale 1.0, V = K's projection where
   ``attention_k_eq_v`` (full layers), and, for a KV-shared layer, no K/V of its own: it reads the cache handed in
   (its source layer's) and stores nothing;
-- ``Gemma4Layer``: four norms around attention and the GeGLU MLP (beside which the MoE block adds its experts), then
+- ``Gemma4Router``/``Gemma4Experts``: the MoE block beside the MLP (softmax top-k renormalised, then times a scale per
+  expert; GELU experts through ``ops.moe_experts``), each output normed before the two are summed;
+- ``Gemma4Layer``: four norms around attention and the GeGLU MLP (and the MoE block where enabled), then
   the per-layer input (gate, GELU, times this layer's slice of the per-layer inputs, projection, norm) and the
   layer's scalar, all after attention in one compile region.
 """
@@ -105,9 +107,41 @@ class Gemma4Attention(nn.Module):
         return o.reshape(T, self.q_size)
 
 
+class Gemma4Router(nn.Module):
+    """Expert weights and ids [T, top_k] of x [T, H]: logits of ``norm(x) * scale * H ** -0.5``, float32 softmax,
+    top-k, renormalised, each times its expert's ``per_expert_scale``."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, eps: float):
+        super().__init__()
+        self.top_k, self.root = top_k, hidden ** -0.5
+        self.norm = Gemma4Norm(hidden, eps, scale=False)
+        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(hidden))
+        self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = project(self.proj, self.norm(x) * self.scale * self.root)
+        weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class Gemma4Experts(nn.Module):
+    """Stacked experts as the checkpoint holds them: ``gate_up_proj`` [E, 2I, H] (gate rows first), ``down_proj``
+    [E, H, I]; GELU (tanh) of the gate times up."""
+
+    def __init__(self, hidden: int, num_experts: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x, weights, ids):
+        return ops.moe_experts(x, weights, ids, self.gate_up_proj, self.down_proj, activation="gelu_tanh")
+
+
 class Gemma4Layer(nn.Module):
     def __init__(self, hidden: int, eps: float, kind: str, attn: Gemma4Attention, mlp: nn.Module,
-                 per_layer_dim: int, moe: nn.Module | None = None):
+                 per_layer_dim: int, moe: tuple[int, int, int] | None = None):
         super().__init__()
         self.kind = kind
         self.input_layernorm = Gemma4Norm(hidden, eps)
@@ -116,7 +150,13 @@ class Gemma4Layer(nn.Module):
         self.pre_feedforward_layernorm = Gemma4Norm(hidden, eps)
         self.post_feedforward_layernorm = Gemma4Norm(hidden, eps)
         self.mlp = mlp
-        self.moe = moe  # the MoE block beside the MLP (gemma4_moe.py), or None
+        self.moe = moe is not None  # (experts, top k, intermediate size) of the MoE block beside the MLP, or None
+        if moe is not None:
+            self.router = Gemma4Router(hidden, moe[0], moe[1], eps)
+            self.experts = Gemma4Experts(hidden, moe[0], moe[2])
+            self.pre_feedforward_layernorm_2 = Gemma4Norm(hidden, eps)
+            self.post_feedforward_layernorm_1 = Gemma4Norm(hidden, eps)
+            self.post_feedforward_layernorm_2 = Gemma4Norm(hidden, eps)
         self.per_layer_dim = per_layer_dim
         if per_layer_dim:
             self.per_layer_input_gate = nn.Linear(hidden, per_layer_dim, bias=False)
@@ -133,8 +173,9 @@ class Gemma4Layer(nn.Module):
 def _after_attention(layer: Gemma4Layer, next_norm: nn.Module, x, o, per_layer_input):
     x = x + layer.post_attention_layernorm(tp.row_parallel(layer.self_attn.o_proj, o))
     m = layer.mlp(layer.pre_feedforward_layernorm(x))
-    if layer.moe is not None:
-        m = layer.moe(x, m)
+    if layer.moe:  # the experts take x before its MLP norm, the router x unnormed
+        e = layer.experts(layer.pre_feedforward_layernorm_2(x), *layer.router(x))
+        m = layer.post_feedforward_layernorm_1(m) + layer.post_feedforward_layernorm_2(e)
     x = x + layer.post_feedforward_layernorm(m)
     if layer.per_layer_dim:
         g = F.gelu(project(layer.per_layer_input_gate, x), approximate="tanh") * per_layer_input
