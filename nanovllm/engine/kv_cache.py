@@ -2,8 +2,8 @@
 
 Layout (shared by every attention implementation, ``nanovllm/kernels/reference.py``): per layer one K and one V
 tensor ``[num_blocks, num_kv_heads, block_size, head_dim]``, separate tensors, never views of one buffer (Inductor
-updates a mutated graph input in place only when it is not a view of a larger base).
-
+updates a mutated graph input in place only when it is not a view of a larger base); heads and size per layer where
+a model gives them (``layer_kv_shapes()``, Gemma 4), a layer given None keeping a 0-block cache (KV sharing).
 Linear-attention layers keep state pools instead (``KVCacheSpec.states``), taken first; sliding-window layers a
 pool of blocks of their own (``plan_window_pool``), sized with the full one in the same budget.
 
@@ -32,11 +32,14 @@ class KVCacheSpec:
     (``cache_layout``) also, per linear-attention layer, the shapes of its state pools, which hold
     ``num_state_slots`` rows (set by the runner before the cache is sized) in ``state_dtype`` (the recurrent
     state always in float32); for a model with sliding windows (``windows``, per layer) the window pool's W and
-    bounds, once ``plan_window_pool`` gave them one."""
+    bounds, once ``plan_window_pool`` gave them one; ``shapes``: per layer (KV heads, head size), or None where the
+    layer keeps no cache (default: ``num_kv_heads`` and ``head_dim`` in every layer)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                 states: list | None = None, state_dtype: torch.dtype | None = None, windows: list | None = None):
+                 states: list | None = None, state_dtype: torch.dtype | None = None, windows: list | None = None,
+                 shapes: list | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.shapes = list(shapes) if shapes is not None else [(num_kv_heads, head_dim)] * num_layers
         self.block_size, self.dtype = block_size, dtype
         self.states = states or [None] * num_layers  # per layer: None (paged KV) or (conv shape, ssm shape)
         self.state_dtype = state_dtype or dtype
@@ -55,8 +58,9 @@ class KVCacheSpec:
         # a model whose sliding layers take their tables from ``StepInputs.kv_tables`` says so with its windows
         windows = model.layer_windows() if hasattr(model, "layer_windows") else None  # (every decoder's do)
         if layout is None:
+            shapes = model.layer_kv_shapes() if hasattr(model, "layer_kv_shapes") else None
             return cls(a.num_layers, model.model.layers[0].self_attn.num_kv_heads, a.head_dim, block_size, dtype,
-                       windows=windows)
+                       windows=windows, shapes=shapes)
         attn = model.attention_layer()
         return cls(a.num_layers, attn.num_kv_heads, attn.head_dim, block_size, dtype, layout(),
                    model.model.embed_tokens.weight.dtype, windows)
@@ -82,26 +86,31 @@ class KVCacheSpec:
         """Blocks of the window pool (its null block included) beside ``num_blocks`` full ones; 0 without one."""
         return pool_size(self.window_bound, self.window_kept, num_blocks) if self.window else 0
 
+    def _pool_layers(self, window: bool) -> list[int]:
+        """The layers with blocks in the window pool (``window``) or in the full one."""
+        return [i for i, s in enumerate(self.states)
+                if s is None and self.shapes[i] is not None and self.in_window_pool(i) == window]
+
     @property
     def attention_layers(self) -> int:
         """Layers with blocks in the full pool."""
-        return sum(1 for i, s in enumerate(self.states) if s is None and not self.in_window_pool(i))
+        return len(self._pool_layers(False))
 
-    def _block_bytes(self, layers: int) -> int:
-        return 2 * layers * self.num_kv_heads * self.head_dim * self.block_size * self.dtype.itemsize
+    def _block_bytes(self, layers: list[int]) -> int:
+        return 2 * sum(h * d for h, d in (self.shapes[i] for i in layers)) * self.block_size * self.dtype.itemsize
 
     @property
     def bytes_per_block(self) -> int:
-        return self._block_bytes(self.attention_layers)
+        return self._block_bytes(self._pool_layers(False))
 
     @property
     def window_layers(self) -> int:
         """Layers with blocks in the window pool."""
-        return sum(map(self.in_window_pool, range(self.num_layers)))
+        return len(self._pool_layers(True))
 
     @property
     def bytes_per_window_block(self) -> int:
-        return self._block_bytes(self.window_layers)
+        return self._block_bytes(self._pool_layers(True))
 
     def blocks_within(self, budget: int, extra: int = 0, pooled: bool = True) -> int:
         """The most full blocks (each with ``extra`` bytes more: a draft model's) that fit in ``budget`` bytes beside
@@ -132,14 +141,15 @@ class KVCacheSpec:
     def allocate(self, num_blocks: int, device, num_window_blocks: int | None = None
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (K, V) tensors per attention layer, of ``num_blocks`` blocks, or in the window pool
-        ``num_window_blocks`` (default: ``num_window_blocks(num_blocks)``); zeroed (convolution, recurrent) state
-        pools per linear one."""
+        ``num_window_blocks`` (default: ``num_window_blocks(num_blocks)``; none for a layer without a cache);
+        zeroed (convolution, recurrent) state pools per linear one."""
         window = self.num_window_blocks(num_blocks) if num_window_blocks is None else num_window_blocks
         out = []
         for i, state in enumerate(self.states):
             if state is None:
-                shape = (window if self.in_window_pool(i) else num_blocks, self.num_kv_heads, self.block_size,
-                         self.head_dim)
+                heads, dim = self.shapes[i] or (self.num_kv_heads, self.head_dim)
+                blocks = 0 if self.shapes[i] is None else window if self.in_window_pool(i) else num_blocks
+                shape = (blocks, heads, self.block_size, dim)
                 out.append((torch.zeros(shape, dtype=self.dtype, device=device),
                             torch.zeros(shape, dtype=self.dtype, device=device)))
             else:

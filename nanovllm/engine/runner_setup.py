@@ -48,8 +48,8 @@ def set_kv_scales(runner) -> str:
     choice = "head" if choice == "auto" else choice
     n = min(CALIBRATION_TOKENS, cfg.max_model_len, cfg.max_num_batched_tokens)
     spec = runner.kv_spec
-    kv = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, runner.dtype).allocate(
-        -(-n // runner.block_size), runner.device)
+    kv = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, runner.dtype,
+                     shapes=spec.shapes).allocate(-(-n // runner.block_size), runner.device)
     ids = torch.randint(runner.vocab_size, (n,), generator=torch.Generator().manual_seed(cfg.seed))
     with torch.inference_mode():
         runner.model(ids.to(runner.device), runner.prefill_builder.probe(1, n), kv)

@@ -29,6 +29,7 @@ from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_a
 from nanovllm.kernels.triton_logits import process_logits_triton
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
 from nanovllm.kernels.triton_moe import group_supported, fused_moe_triton, moe_experts_triton
+from nanovllm.kernels.triton_moe_tiles import ACTIVATION_CODES
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
 from nanovllm.kernels.triton_w4a16 import choose_w4a16, dequantize_int4_triton, linear_w4a16_triton
@@ -103,8 +104,10 @@ def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
 def _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue: dict) -> bool:
     """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), quantized experts (FP8 or int4: the
     same K tiles fit a group) whose group no K tile fits (MXFP4's tiles are dequantized whole: any fits), or W8A8
-    experts with biases or a non-SiLU activation (GPT-OSS's; the W8A8 kernels fuse SiLU only)."""
+    experts with biases or a non-SiLU activation (GPT-OSS's; the W8A8 kernels fuse SiLU only), or an activation the
+    Triton kernels lack (Gemma 4's GELU)."""
     return (current_options().reference_kernels or x.dtype == torch.float32
+            or epilogue.get("activation", "silu") not in ACTIVATION_CODES
             or w13_scale is not None and not mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)
             and not group_supported(group, x.shape[1], w13.shape[1] // 2)
             or bool(epilogue) and moe_w8a8(w13, w13_scale, w13_zero, group))

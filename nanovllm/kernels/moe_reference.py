@@ -20,16 +20,19 @@ import torch.nn.functional as F
 from nanovllm.kernels import act_quant, int4_quant, mxfp4_quant, weight_quant
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered expert weight elements held at once, about (at least one pair's)
-ACTIVATIONS = ("silu", "swiglu_oss")
+ACTIVATIONS = ("silu", "swiglu_oss", "gelu_tanh")
 
 
 def activate(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", alpha: float = 1.702,
              limit: float = 7.0) -> torch.Tensor:
-    """The gated halves' product (``activation`` one of ``ACTIVATIONS``): "silu" ``silu(gate) * up``; "swiglu_oss"
+    """The gated halves' product (``activation`` one of ``ACTIVATIONS``): "silu" ``silu(gate) * up``; "gelu_tanh"
+    (Gemma 4) ``gelu_tanh(gate) * up``; "swiglu_oss"
     (GPT-OSS; transformers' ``GptOssExperts._apply_gate``, in its order of operations) ``(u + 1) * g * sigmoid(alpha
     * g)`` with ``g = min(gate, limit)`` and ``u = clamp(up, -limit, limit)``."""
     if activation == "silu":
         return F.silu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     if activation == "swiglu_oss":
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)

@@ -1,0 +1,133 @@
+"""Gemma 4 text (``models/gemma4.py``): greedy float32 tokens identical to transformers in eager and graph mode, for a
+tiny model with per-layer inputs, full layers of their own head size and KV heads with K as V and proportional rope,
+a 12-token window ending mid-block (16-token blocks), staggered rows past the window and a prefill chunk; a prefix
+hit gives a cold engine's tokens; KV sharing (the last layers reading earlier layers' caches and keeping none, double
+wide MLPs); a published ``Gemma4ForConditionalGeneration`` checkpoint runs its text path and refuses an image by
+name; the MoE block beside the MLP (GELU experts) against transformers.
+"""
+import pytest
+import torch
+
+from conftest import STAGGERED_ENGINE as ENGINE, STAGGERED_PROMPTS as PROMPTS, hf_greedy
+from conftest import greedy_tokens as tokens
+from nanovllm import LLM
+
+pytestmark = pytest.mark.slow
+
+KINDS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def text_config(**overrides):
+    import transformers
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+              attention_k_eq_v=True, sliding_window=12, layer_types=KINDS, hidden_size_per_layer_input=8,
+              vocab_size_per_layer_input=256, max_position_embeddings=512, final_logit_softcapping=30.0,
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                                  "rope_theta": 1e6}},
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return transformers.Gemma4TextConfig(**dict(kw, **overrides))
+
+
+def randomize(model):
+    """Weights drawn at random: norms (plain ``x * w``) and router scales near 1, layer scalars in [0.5, 1.5]."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.8, 1.2) if "norm" in name or "scale" in name else p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+    return model
+
+
+def build(path, **overrides) -> str:
+    import transformers
+    randomize(transformers.Gemma4ForCausalLM(text_config(**overrides)).float()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    path = build(tmp_path_factory.mktemp("gemma4"))
+    return path, LLM(path, enforce_eager=True, **ENGINE), LLM(path, graph_batch_sizes=[1, 2, 4], **ENGINE)
+
+
+def test_layers_follow_the_config(engines):
+    _, _, graph = engines
+    runner = graph.engine.runner
+    attn = [layer.self_attn for layer in runner.model.model.layers]
+    assert [a.window for a in attn] == [12, 12, 0, 12, 0]
+    assert [(a.num_kv_heads, a.head_dim, a.v_proj is None) for a in attn[1:3]] == [(2, 16, False), (1, 32, True)]
+    assert [tuple(k.shape[1:]) for k, _ in runner.kv_caches[1:3]] == [(2, 16, 16), (1, 16, 32)]
+    assert runner.mode == "graph"
+
+
+def test_staggered_batch_past_the_window_matches_transformers_in_both_modes(engines):
+    path, eager, graph = engines
+    lengths = [20, 5, 14, 24, 3]  # generations longer than the window; rows finish at different steps
+    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
+    assert tokens(eager, PROMPTS, lengths) == want
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert tokens(graph, PROMPTS, lengths) == want
+
+
+def test_prefix_hits_give_transformers_tokens(engines):
+    """Four shared full blocks (past the window), then different tails: the second and third runs hit them."""
+    path, eager, _ = engines
+    shared = list(range(30, 94))
+    prompts = [shared + [7, 8, 9], shared + [11, 12]]
+    want = hf_greedy(path, prompts, 8)
+    manager = eager.engine.block_manager
+    assert tokens(eager, prompts[:1], [8]) == want[:1]
+    before = manager.cache_hit_tokens
+    assert tokens(eager, prompts, [8, 8]) == want
+    assert manager.cache_hit_tokens >= before + 2 * 64
+
+
+@pytest.mark.parametrize("shared, sources", [(1, [2]), (2, [1, 2])])
+def test_kv_shared_layers_match_transformers(tmp_path, shared, sources):
+    """The last ``shared`` layers read the caches of layer 1 (sliding) or 2 (full) and keep none of their own."""
+    path = build(tmp_path, num_kv_shared_layers=shared, use_double_wide_mlp=True)
+    lengths = [16, 4, 10, 18, 3]
+    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
+    for llm in (LLM(path, enforce_eager=True, **ENGINE), LLM(path, graph_batch_sizes=[1, 4], **ENGINE)):
+        runner = llm.engine.runner
+        assert runner.model.sources == [None] * (5 - shared) + sources
+        assert [k.shape[0] == 0 for k, _ in runner.kv_caches] == [False] * (5 - shared) + [True] * shared
+        assert tokens(llm, PROMPTS, lengths) == want
+        llm.close()
+
+
+def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
+    import transformers
+    vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                             patch_size=4, pooling_kernel_size=2)
+    config = transformers.Gemma4Config(text_config=text_config().to_dict(), vision_config=vision.to_dict())
+    model = randomize(transformers.Gemma4ForConditionalGeneration(config).float())
+    model.save_pretrained(tmp_path)
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6,
+                              eos_token_id=None, pad_token_id=0)[0, x.shape[1]:].tolist()
+    llm = LLM(str(tmp_path), enforce_eager=True, **ENGINE)
+    assert type(llm.engine.runner.model).__name__ == "Gemma4ForCausalLM"
+    assert tokens(llm, PROMPTS[:1], [6]) == [want]
+    from PIL import Image
+    with pytest.raises(ValueError, match="Gemma4ForCausalLM: its vision tower is not supported"):
+        llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": Image.new("RGB", (32, 32))}},
+                     use_tqdm=False)
+
+
+def test_moe_block_matches_transformers(tmp_path):
+    """A MoE block beside every MLP (4 experts, top 2; GELU experts through ``ops.moe_experts``), with KV sharing."""
+    path = build(tmp_path, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                 num_kv_shared_layers=1)
+    lengths = [16, 4, 10, 18, 3]
+    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
+    for llm in (LLM(path, enforce_eager=True, **ENGINE), LLM(path, graph_batch_sizes=[1, 4], **ENGINE)):
+        assert all(layer.moe for layer in llm.engine.runner.model.model.layers)
+        assert tokens(llm, PROMPTS, lengths) == want
+        llm.close()
