@@ -11,6 +11,7 @@ Qwen3's vocabulary, and each tuned matmul of this GPU's dispatch table at the la
 ``--int4``: the w4a16 projection on Qwen3-8B's shapes and the fused MoE with int4 experts on Qwen3-30B-A3B's, each
 checked against its twin (relative error < 2e-2; exit 1 otherwise), timed against bf16 over four weights cycled and
 against the int4 byte floor; ``--sweep`` also times every candidate tile (BLOCK_N 32-128, split K 1-16, 2 or 4 stages).
+``--delta``: the decode delta rule's value block and warps, against its float32 state's read and write.
 """
 import argparse
 import math
@@ -202,6 +203,30 @@ def int4_main(args) -> int:
     return 1 if failed else 0
 
 
+def delta_sweep(bandwidth: float) -> list[dict]:
+    """``--delta``: the recurrent delta rule of a decode step (Qwen3.5-35B-A3B's GDN heads: HK 16, HV 32, 128 x
+    128 float32 state) at 64 and 256 rows, for each value block and warp count, checked against the default."""
+    from nanovllm.kernels.linear_attention.triton_kernels import gated_delta_rule_recurrent as rule
+    rows, (hk, hv, d) = [], (16, 32, 128)
+    for b in (64, 256):
+        sets = []
+        for _ in range(copies(b * hv * d * d * 4 * 2)):
+            state = torch.randn(b + 1, hv, d, d, device=DEV) * 0.1
+            qkv = [torch.randn(b, h, d, device=DEV, dtype=BF16) for h in (hk, hk, hv)]
+            gb = [-torch.rand(b, hv, device=DEV), torch.rand(b, hv, device=DEV)]
+            sets.append((*qkv, *gb, state, torch.arange(1, b + 1, device=DEV, dtype=torch.int32),
+                         torch.arange(b + 1, device=DEV, dtype=torch.int32), torch.full((b,), 9, device=DEV,
+                                                                                         dtype=torch.int32)))
+        want = rule(*[x.clone() for x in sets[0]])
+        for bv in (16, 32, 64, 128):
+            for warps in (1, 2, 4, 8):
+                got = rule(*[x.clone() for x in sets[0]], block_v=bv, num_warps=warps)
+                row = timed("delta rule decode", f"B{b} BV{bv} w{warps}", b * hv * d * d * 4 * 2,
+                            [lambda a=a, bv=bv, w=warps: rule(*a, block_v=bv, num_warps=w) for a in sets], bandwidth)
+                rows.append(dict(row, max_err=float((got.float() - want.float()).abs().max())))
+    return rows
+
+
 def main():
     import triton
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +234,7 @@ def main():
     p.add_argument("--rows", default="1,16,64,256", help="--int4: projection row counts")
     p.add_argument("--tokens", default="16,256", help="--int4: MoE token counts")
     p.add_argument("--sweep", default="", help="--int4: row counts at which to time every candidate tile")
+    p.add_argument("--delta", action="store_true", help="sweep the decode delta rule's blocks instead")
     args = p.parse_args()
     if args.int4:
         sys.exit(int4_main(args))
@@ -216,8 +242,8 @@ def main():
     bandwidth = copy_bandwidth(DEV)
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     print("| kernel | case | us | GB/s | of copy |\n|---|---|---|---|---|")
-    rows = timing_rows(bandwidth)
-    write_json("kernel_bench.json", {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    rows = delta_sweep(bandwidth) if args.delta else timing_rows(bandwidth)
+    write_json("delta_sweep.json" if args.delta else "kernel_bench.json", {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                      "triton": triton.__version__, "copy_gbps": round(bandwidth / 1e9, 1),
                                      "timing": rows})
 

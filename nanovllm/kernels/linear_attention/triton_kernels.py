@@ -17,6 +17,8 @@ import triton.language as tl
 from nanovllm.kernels.linear_attention.reference import row_layout
 from nanovllm.kernels.linear_attention.triton_chunked import gated_delta_rule_chunked
 
+DECODE_BV, DECODE_WARPS = 32, 4  # the recurrent kernel's value block and warps
+
 
 @triton.jit
 def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr, has_state_ptr, D,
@@ -123,8 +125,10 @@ def gated_delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
 
 def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                beta: torch.Tensor, ssm_state: torch.Tensor, state_slots: torch.Tensor,
-                               cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """Token by token, any step (decode steps run it; prefill steps run the chunked kernel)."""
+                               cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_v: int = DECODE_BV,
+                               num_warps: int = DECODE_WARPS) -> torch.Tensor:
+    """Token by token, any step (decode steps run it; prefill steps run the chunked kernel); each program holds a
+    [DK, ``block_v``] slice of a row's state (``benchmarks/kernel_bench.py --delta`` times the choices)."""
     T, HK, DK = q.shape
     HV, DV = v.shape[1], v.shape[2]
     rows = context_lens.shape[0]
@@ -132,8 +136,8 @@ def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     has_state = ((context_lens - q_len) > 0).to(torch.int32)
     out = torch.empty_like(v)
     BK = triton.next_power_of_2(DK)
-    BV = min(32, triton.next_power_of_2(DV))
+    BV = min(block_v, triton.next_power_of_2(DV))
     _delta_rule[(rows, HV, triton.cdiv(DV, BV))](q, k, v, g, beta, ssm_state, out, cu_seqlens_q, state_slots,
                                                  has_state, HK, HV, DK, DV, DK ** -0.5, BK=BK, BV=BV,
-                                                 num_warps=4)
+                                                 num_warps=num_warps)
     return out
