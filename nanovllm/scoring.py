@@ -110,9 +110,10 @@ class YesNoHead:
                               "the yes/no reranker's LM head", ids)
         self.weight = (rows[1] - rows[0]).astype(np.float32)
 
-    def prompt(self, tokenizer, query: str, document: str, instruction: str | None) -> list[int]:
-        """The token ids of one pair: the Qwen3-Reranker prompt, no special tokens added."""
-        return tokenizer.encode(format_pair(query, document, instruction), add_special_tokens=False)
+    def prompts(self, tokenizer, todo: list[tuple[str, str]], instruction: str | None) -> list[list[int]]:
+        """The token ids of each pair: the Qwen3-Reranker prompt, no special tokens added (one batched call)."""
+        texts = [format_pair(q, d, instruction) for q, d in todo]
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def score(self, hidden) -> float:
         """sigmoid(h . weight), the dot product in float32."""
@@ -140,15 +141,18 @@ class ClassifierHead:
         self.num_labels = self.weight.shape[0]
         self.pad_token_id = hf_config.get("pad_token_id")
 
-    def prompt(self, tokenizer, query: str, document: str, instruction: str | None) -> list[int]:
-        """The token ids of one pair: the tokenizer's pair encoding, its trailing pad tokens dropped."""
+    def prompts(self, tokenizer, todo: list[tuple[str, str]], instruction: str | None) -> list[list[int]]:
+        """The token ids of each pair: the tokenizer's pair encoding, trailing pad tokens dropped (one batched call)."""
         if instruction is not None:
             raise ValueError("instruction is for yes/no rerankers (pooler_config classifier_from_token); a sequence "
                              "classifier scores the tokenizer's encoding of the pair as it is")
-        ids = list(tokenizer(query, document)["input_ids"])
-        while len(ids) > 1 and self.pad_token_id is not None and ids[-1] == self.pad_token_id:
-            ids.pop()
-        return ids
+        out = []
+        for ids in tokenizer([q for q, _ in todo], [d for _, d in todo])["input_ids"]:
+            ids = list(ids)
+            while len(ids) > 1 and self.pad_token_id is not None and ids[-1] == self.pad_token_id:
+                ids.pop()
+            out.append(ids)
+        return out
 
     def logits(self, hidden) -> np.ndarray:
         """W h in float32, [num_labels]."""
@@ -214,7 +218,7 @@ def score(llm, text_1, text_2, instruction: str | None = None, truncate_prompt_t
         raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
     if llm.config.pooler.classifier_from_token is not None or is_classifier(llm.config.hf_config):
         head = llm.score_head()
-        prompts = [head.prompt(llm.tokenizer, q, d, instruction) for q, d in todo]
+        prompts = head.prompts(llm.tokenizer, todo, instruction)
         outs = embedding.embed(llm, prompts, RERANK_PARAMS, truncate_prompt_tokens, use_tqdm)
         return [ScoringRequestOutput(str(i), ScoringOutput(head.score(o.outputs.embedding)), o.prompt_token_ids)
                 for i, o in enumerate(outs)]

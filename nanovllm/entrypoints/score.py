@@ -109,16 +109,18 @@ async def score_pairs(serving, todo: list[tuple[str, str]], instruction: str | N
         if instruction is not None and not head.takes_instruction:
             raise bad_request("instruction is for yes/no rerankers (--pooler-config classifier_from_token); a "
                               "sequence classifier scores the tokenizer's encoding of the pair", "instruction")
-        ids = await asyncio.gather(*(_encode(serving, serving.batch_tokenizer.call(head.prompt, tokenizer, q, d,
-                                                                                   instruction), i, keep)
-                                     for i, (q, d) in enumerate(todo)))
+        try:
+            encoded = await serving.batch_tokenizer.call(head.prompts, tokenizer, todo, instruction)
+        except ValueError as e:
+            raise bad_request(str(e), "instruction") from None
+        ids = [_checked(serving, x, i, keep) for i, x in enumerate(encoded)]
     elif instruction is not None:
         raise bad_request("instruction is for yes/no rerankers (--pooler-config classifier_from_token); this "
                           "server scores by the cosine of embeddings", "instruction")
     else:
         texts = list(dict.fromkeys(t for pair in todo for t in pair))
-        ids = await asyncio.gather(*(_encode(serving, serving.batch_tokenizer.encode(t), i, keep)
-                                     for i, t in enumerate(texts)))
+        encoded = await asyncio.gather(*(serving.batch_tokenizer.encode(t) for t in texts))
+        ids = [_checked(serving, x, i, keep) for i, x in enumerate(encoded)]
     vectors = await _pool(serving, ids, params)
     if head is not None:
         scores = [head.score(v) for v in vectors]
@@ -128,9 +130,8 @@ async def score_pairs(serving, todo: list[tuple[str, str]], instruction: str | N
     return scores, sum(len(x) for x in ids)
 
 
-async def _encode(serving, tokenized, index: int, keep: int | None) -> list[int]:
-    """One prompt's checked token ids from the awaitable ``tokenized``, its last ``keep`` only where set."""
-    ids = await tokenized
+def _checked(serving, ids: list[int], index: int, keep: int | None) -> list[int]:
+    """One prompt's checked token ids, its last ``keep`` only where set."""
     if keep is not None:
         ids = ids[-(serving.max_model_len if keep == -1 else keep):]
     try:
