@@ -64,3 +64,16 @@ def test_configs_without_a_window_keep_full_attention():
     with pytest.raises(ValueError, match="layer_types"):
         qwen2_windows({"num_hidden_layers": 2, "use_sliding_window": True, "sliding_window": 8,
                        "layer_types": ["sliding_attention", "chunked_attention"]})
+
+
+def test_a_cache_of_windowed_layers_only_sizes_its_full_blocks():
+    """Every layer windowed (Mistral): a full block holds no KV, so past the window pool a budget gives a fixed count
+    (every sequence at max_model_len, twice) instead of dividing by a zero block size."""
+    from types import SimpleNamespace
+
+    from nanovllm.engine.kv_cache import KVCacheSpec
+    spec = KVCacheSpec(2, 2, 16, 16, torch.float32, windows=[W, W])
+    spec.plan_window_pool(SimpleNamespace(max_model_len=160, max_num_seqs=4, max_step_tokens=48))
+    assert spec.window == W and spec.bytes_per_block == 0
+    assert spec.blocks_within(2**30) == 2 * 4 * 10
+    assert spec.blocks_within(spec.bytes_per_window_block * (spec.window_kept + 3)) == 2  # the pool still grows
