@@ -84,7 +84,9 @@ def make_config(arch: str, **overrides):
                                            mlp_only_layers=[1], **dict(kw, num_hidden_layers=3))
     if arch == "mixtral":
         return transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
-                                          sliding_window=None, **dict(kw, intermediate_size=48))
+                                          **{"sliding_window": None, **kw, "intermediate_size": 48})
+    if arch == "mistral":  # full attention unless a test sets sliding_window (transformers' default is 4096)
+        return transformers.MistralConfig(rope_theta=1e6, **{"sliding_window": None, **kw})
     if arch == "qwen2_moe":  # dense, then sparse with a shared expert
         return transformers.Qwen2MoeConfig(rope_theta=1e6, num_experts=6, num_experts_per_tok=2,
                                            moe_intermediate_size=32, shared_expert_intermediate_size=64,

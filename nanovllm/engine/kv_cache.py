@@ -47,6 +47,7 @@ class KVCacheSpec:
         self.windows = windows or [0] * num_layers  # per layer: its sliding window W (0: full attention)
         self.window = 0  # the window pool's W (0: none, every attention layer's blocks in the full pool)
         self.window_bound = self.window_kept = 0  # window blocks running sequences may hold; more kept for hits
+        self.free_full_blocks = 0  # full blocks where they cost nothing (every attention layer windowed)
 
     @classmethod
     def of_model(cls, model, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
@@ -78,6 +79,9 @@ class KVCacheSpec:
         seqs, rows = config.max_num_seqs, rows_per_sequence
         self.window_bound = window_bound(w, self.block_size, seqs, max(config.max_step_tokens, seqs * rows), rows - 1)
         self.window_kept = seqs * (-(-(w - 1) // self.block_size) + 1)
+        # every attention layer windowed (Mistral): a full block holds no KV, only a table entry, so as many as
+        # every running sequence at max_model_len needs, and as many again for prefix hits
+        self.free_full_blocks = 2 * seqs * -(-config.max_model_len // self.block_size)
 
     def in_window_pool(self, layer: int) -> bool:
         return bool(self.window and self.windows[layer]) and self.states[layer] is None
@@ -121,6 +125,8 @@ class KVCacheSpec:
         window, fixed = self.bytes_per_window_block, (self.window_kept + 1) * self.bytes_per_window_block
         n = (budget - fixed) // (per_block + window)  # while the pool grows with the full one (pool_size)
         if n >= self.window_bound:
+            if per_block == 0:  # no layer in the full pool: its blocks cost nothing once the window pool fits
+                return max(self.window_bound, self.free_full_blocks)
             n = max(self.window_bound, (budget - fixed - self.window_bound * window) // per_block)
         return max(0, n)
 

@@ -5,6 +5,7 @@ from nanovllm.models.gpt_oss import GptOssForCausalLM
 from nanovllm.models.hybrid import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3NextForCausalLM
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.minicpm import MiniCPM4ForCausalLM, MiniCPMForCausalLM
+from nanovllm.models.mistral import MistralForCausalLM
 from nanovllm.models.mixtral import MixtralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -18,6 +19,7 @@ MODEL_REGISTRY = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
     "MiniCPMForCausalLM": MiniCPMForCausalLM,
     "MiniCPM4ForCausalLM": MiniCPM4ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
