@@ -1,9 +1,10 @@
 """Triton kernels of the linear-attention ops, with the contracts of their twins (``reference.py``): the causal
 depthwise convolution over each row's history and the gated delta rule, for prefill and decode alike.
 
-* ``causal_conv1d_triton``: one program per (token, channel block) sums the K taps, reading taps before the row's
-  first token from its slot's state (zeros for a new row), then one program per (row, channel block) writes the
-  row's last K-1 inputs back to its slot (after every token program has read the old state: a second launch).
+* ``causal_conv1d_triton``: one program per (block of tokens, block of channels) sums the K taps, reading taps
+  before a row's first token from its slot's state (zeros for a new row), then one program per (row, channel block)
+  writes the row's last K-1 inputs back to its slot (after every token program has read the old state: a second
+  launch).
 * ``gated_delta_rule_triton``: a decode step (as many tokens as rows) runs the recurrent kernel, one program per
   (row, value head, block of value dims) keeping its slice of the float32 state [DK, BV] in registers, walking
   the row's tokens in order (L2-normalising q and k, decaying, writing the delta, reading the output) and storing
@@ -17,32 +18,34 @@ import triton.language as tl
 from nanovllm.kernels.linear_attention.reference import row_layout
 from nanovllm.kernels.linear_attention.triton_chunked import gated_delta_rule_chunked
 
+CONV_TOKENS = 16  # tokens a convolution program computes (each over a block of 256 channels)
 DECODE_BV, DECODE_WARPS = 128, 4  # the recurrent kernel's value block and warps: the best of the H100 sweep
 
 
 @triton.jit
-def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr, has_state_ptr, D,
-                 stride_x, stride_s0, stride_s1, K: tl.constexpr, BD: tl.constexpr):
-    t = tl.program_id(0)
+def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr, has_state_ptr, T, D,
+                 stride_x, stride_s0, stride_s1, K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
-    mask = offs < D
-    row = tl.load(row_ptr + t)
-    local = tl.load(local_ptr + t)
-    slot = tl.load(slot_ptr + row)
-    zero = tl.zeros([BD], dtype=tl.int64)  # scalars broadcast to blocks: masks must be blocks of int1
-    has_state = (zero + tl.load(has_state_ptr + row)) != 0
-    acc = tl.zeros([BD], dtype=tl.float32)
+    mask_t, mask = offs_t < T, offs < D
+    row = tl.load(row_ptr + offs_t, mask=mask_t, other=0)
+    local = tl.load(local_ptr + offs_t, mask=mask_t, other=0)
+    slot = tl.load(slot_ptr + row, mask=mask_t, other=0).to(tl.int64)
+    has_state = tl.load(has_state_ptr + row, mask=mask_t, other=0) != 0
+    both = mask_t[:, None] & mask[None, :]
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
     for j in tl.static_range(K):
-        src = zero + local + j - (K - 1)
+        src = local + j - (K - 1)  # the tap's index in the token's row; < 0: from the slot's state
         w = tl.load(w_ptr + offs * K + j, mask=mask, other=0.0).to(tl.float32)
-        from_x = tl.load(x_ptr + (t + j - (K - 1)) * stride_x + offs, mask=mask & (src >= 0), other=0.0)
+        from_x = tl.load(x_ptr + (offs_t + j - (K - 1))[:, None] * stride_x + offs[None, :],
+                         mask=both & (src >= 0)[:, None], other=0.0)
         col = tl.maximum(src + K - 1, 0)
-        from_state = tl.load(state_ptr + slot * stride_s0 + offs * stride_s1 + col,
-                             mask=mask & (src < 0) & has_state, other=0.0)
-        acc += w * (from_x.to(tl.float32) + from_state.to(tl.float32))
+        from_state = tl.load(state_ptr + slot[:, None] * stride_s0 + offs[None, :] * stride_s1 + col[:, None],
+                             mask=both & ((src < 0) & has_state)[:, None], other=0.0)
+        acc += w[None, :] * (from_x.to(tl.float32) + from_state.to(tl.float32))
     acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded before the SiLU too (reference.py)
     acc = acc / (1.0 + tl.exp(-acc))
-    tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs_t[:, None] * D + offs[None, :], acc.to(out_ptr.dtype.element_ty), mask=both)
 
 
 @triton.jit
@@ -74,9 +77,10 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torc
     has_state = has_state.to(torch.int32)
     out = torch.empty_like(x)
     weight = weight.contiguous()
-    BD = 256
-    _conv_tokens[(T, triton.cdiv(D, BD))](x, weight, conv_state, out, row, local, state_slots, has_state, D,
-                                          x.stride(0), conv_state.stride(0), conv_state.stride(1), K=K, BD=BD)
+    BD, BT = 256, CONV_TOKENS
+    _conv_tokens[(triton.cdiv(T, BT), triton.cdiv(D, BD))](x, weight, conv_state, out, row, local, state_slots,
+                                                           has_state, T, D, x.stride(0), conv_state.stride(0),
+                                                           conv_state.stride(1), K=K, BT=BT, BD=BD)
     _conv_state[(context_lens.shape[0], triton.cdiv(D, BD))](x, conv_state, cu_seqlens_q, state_slots, has_state, D,
                                                              x.stride(0), conv_state.stride(0),
                                                              conv_state.stride(1), K=K, BD=BD)
