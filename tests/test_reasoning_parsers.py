@@ -1,6 +1,7 @@
 """Reasoning parsers (``nanovllm/entrypoints/parsers/``) on recorded model outputs: each reply split whole
 (``split``, the non-streamed path) and streamed token by token through the real Qwen3 tokenizer's incremental
-detokenizer, and in pieces of every size (tags cut anywhere), the streamed deltas adding up to the whole split."""
+detokenizer, and in pieces of every size (tags cut anywhere), the streamed deltas adding up to the whole split;
+GPT-OSS's harmony channels (``gpt_oss``) too, and the server keeping special tokens for a parser whose tags are some."""
 import importlib.util
 import os
 
@@ -20,6 +21,12 @@ R1 = ("Okay, so I need to find 2 + 2. Adding two and two gives four.\n</think>\n
       "The sum of 2 and 2 is **4**.")
 R1_OPENED_AGAIN = "<think>\nHmm, 2 + 2 < 5 and > 3.\n</think>\n\nIt is 4."
 R1_CUT_SHORT = "Okay, so I need to find 2 + 2. Adding"
+# GPT-OSS's harmony channels, as the text reads with special tokens kept (the prompt ended with <|start|>assistant)
+GPT_OSS = ('<|channel|>analysis<|message|>The user asks "2 + 2?". Simple arithmetic: 4.<|end|>'
+           "<|start|>assistant<|channel|>final<|message|>2 + 2 = **4**.")
+GPT_OSS_FINAL_ONLY = "<|channel|>final<|message|>2 + 2 = **4**."
+GPT_OSS_CUT_SHORT = "<|channel|>analysis<|message|>The user asks. Let me"
+GPT_OSS_EMPTY_ANALYSIS = "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>Hi"
 
 CASES = [  # (parser, reply, reasoning, content)
     ("qwen3", QWEN3_THINKING, "Okay, the user asks what 2 + 2 is. That's simple arithmetic: 4.", "2 + 2 = **4**."),
@@ -36,6 +43,13 @@ CASES = [  # (parser, reply, reasoning, content)
     ("deepseek_r1", R1_CUT_SHORT, R1_CUT_SHORT, ""),
     ("deepseek_r1", "</think>\n\nJust the answer.", None, "Just the answer."),
     ("deepseek_r1", "", None, ""),
+    ("gpt_oss", GPT_OSS, 'The user asks "2 + 2?". Simple arithmetic: 4.', "2 + 2 = **4**."),
+    ("gpt_oss", GPT_OSS_FINAL_ONLY, None, "2 + 2 = **4**."),
+    ("gpt_oss", GPT_OSS_CUT_SHORT, "The user asks. Let me", ""),
+    ("gpt_oss", GPT_OSS_EMPTY_ANALYSIS, None, "Hi"),
+    ("gpt_oss", "<|channel|>final<|message|>", None, ""),
+    ("gpt_oss", "2 + 2 = 4, <|channel|>final<|message|> later", None, "2 + 2 = 4, <|channel|>final<|message|> later"),
+    ("gpt_oss", "", None, ""),
 ]
 
 
@@ -56,8 +70,9 @@ def pushed(name: str, pieces) -> tuple[str, str, list[tuple[str, str]]]:
 def test_a_streamed_reply_adds_up_to_the_split_whatever_the_pieces(name, reply, reasoning, content, size):
     got_reasoning, got_content, deltas = pushed(name, [reply[i:i + size] for i in range(0, len(reply), size)])
     assert (got_reasoning, got_content) == (reasoning or "", content)
-    sent = "".join(r + c for r, c in deltas)
-    assert "</think>" not in sent and not sent.startswith("<think>")  # no tag ever goes out, even in part
+    sent, parser = "".join(r + c for r, c in deltas), reasoning_parser(name)
+    assert parser.end not in sent and not sent.startswith(parser.start)  # no tag ever goes out, even in part
+    assert not (parser.answer_start and sent.startswith(parser.answer_start))
 
 
 def test_reasoning_streams_as_it_comes_and_holds_back_only_a_possible_tag():
@@ -97,9 +112,46 @@ def test_a_reply_streamed_token_by_token_through_qwen3s_detokenizer_adds_up_to_t
     assert (got_reasoning, got_content) == (reasoning or "", content)
 
 
+def test_gpt_oss_holds_back_its_channel_markers_until_they_are_known():
+    parser = reasoning_parser("gpt_oss")()
+    assert parser.push("<|channel|>") == ("", "")  # analysis or final: not yet known
+    assert parser.push("analysis<|message|>Think") == ("Think", "")
+    assert parser.push("ing.<|end|><|start|>assis") == ("ing.", "")
+    assert parser.push("tant<|channel|>final<|message|>An") == ("", "An")
+    assert parser.push("swer") == ("", "swer") and parser.finish() == ("", "")
+    final = reasoning_parser("gpt_oss")()
+    assert final.push("<|channel|>fin") == ("", "") and final.push("al<|message|>Hi") == ("", "Hi")
+
+
 def test_parsers_are_registered_by_name_and_an_unknown_name_is_an_error_naming_the_known_ones():
-    assert {"qwen3", "deepseek_r1"} <= set(REASONING_PARSERS)
+    assert {"qwen3", "deepseek_r1", "gpt_oss"} <= set(REASONING_PARSERS)
+    assert [n for n, cls in sorted(REASONING_PARSERS.items()) if cls.keeps_special_tokens] == ["gpt_oss"]
     assert reasoning_parser("qwen3").name == "qwen3" and reasoning_parser("deepseek_r1").opens_in_prompt
     with pytest.raises(ValueError) as e:
         reasoning_parser("qwen4")
     assert "'qwen4'" in str(e.value) and "deepseek_r1" in str(e.value) and "qwen3" in str(e.value)
+
+
+@pytest.mark.parametrize("name,skips", [(None, True), ("qwen3", True), ("gpt_oss", False)])
+def test_the_server_keeps_special_tokens_for_a_parser_whose_tags_are_special(name, skips):
+    """``start_chat`` over a stand-in serving: gpt_oss's channel markers must reach it, so they are not skipped."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from nanovllm.entrypoints.chat import start_chat
+    from nanovllm.entrypoints.parsers import tool_parser
+    from nanovllm.entrypoints.protocol import ChatRequest
+
+    async def call(fn, *args):
+        return fn(*args)
+    submitted = []
+    serving = SimpleNamespace(
+        reasoning_parser=reasoning_parser(name) if name else None, tool_parser=tool_parser("hermes"),
+        check_model=lambda model: None, chat_template_kwargs={}, defaults={},
+        batch_tokenizer=SimpleNamespace(call=call),
+        prompts=SimpleNamespace(apply_chat_template=lambda messages, tools, kwargs: [1, 2, 3], vocab_size=384),
+        max_tokens_for=lambda n, requested, default, field: 16,
+        submit=lambda prompts, n: submitted.extend(prompts) or ["handle"])
+    req = ChatRequest(messages=[{"role": "user", "content": "2 + 2?"}])
+    asyncio.run(start_chat(serving, req))
+    assert submitted[0][1].skip_special_tokens is skips

@@ -11,8 +11,8 @@ give a message with ``tool_calls`` ("auto": read by ``--tool-call-parser``), fin
 as OpenAI streams them, each call's id and name, then argument fragments (``ToolStream``).  ``response_format`` and
 vLLM's ``structured_outputs`` constrain the output (``structured.py``).  ``chat_template_kwargs`` (over
 ``--default-chat-template-kwargs``) are template variables.  A reasoning parser (``--reasoning-parser``) takes the
-think block out of ``content`` into ``reasoning`` and ``reasoning_content`` (vLLM's newer and older names; null
-without reasoning), streamed as ``delta.reasoning``/``delta.reasoning_content``; tool calls are read from the rest.
+reasoning out of ``content`` into ``reasoning`` and ``reasoning_content`` (null without; streamed as ``delta.*``;
+special tokens kept when its tags are some, as gpt_oss's are); tool calls are read from the rest.
 """
 import time
 
@@ -43,6 +43,8 @@ async def start_chat(serving: Serving, req: ChatRequest) -> tuple[list, int, Too
     plan = ToolPlan.of(req, serving.tool_parser)
     if plan is not None and not plan.skip_special_tokens:
         req.skip_special_tokens = False  # the parser reads markup that is a special token ([TOOL_CALLS])
+    if serving.reasoning_parser is not None and serving.reasoning_parser.keeps_special_tokens:
+        req.skip_special_tokens = False  # the reasoning parser's tags are special tokens (gpt_oss's harmony channels)
     constraint = request_constraint(req, plan.constraint() if plan is not None else None)
     try:
         messages, images = chat_prompt([m.template_dict(i) for i, m in enumerate(req.messages)])

@@ -39,8 +39,8 @@ def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentPars
                    help="a JSON object of chat template variables for every chat request, under the request's own "
                         "chat_template_kwargs (e.g. '{\"enable_thinking\": false}')")
     p.add_argument("--reasoning-parser", default=None, metavar="NAME",
-                   help="take the model's <think>...</think> reasoning out of chat replies' content into "
-                        "'reasoning' and 'reasoning_content': qwen3 or deepseek_r1")
+                   help="take the model's reasoning (<think>...</think>, or GPT-OSS's analysis channel) out of chat "
+                        "replies' content into 'reasoning' and 'reasoning_content': qwen3, deepseek_r1 or gpt_oss")
     p.add_argument("--tool-call-parser", default="hermes", metavar="NAME",
                    help="the format of the model's own tool calls, read in chat replies with tool_choice \"auto\": "
                         "hermes (default), qwen3_coder, llama3_json or mistral")
