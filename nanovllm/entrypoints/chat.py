@@ -18,11 +18,10 @@ import time
 
 from starlette.responses import JSONResponse, Response
 
-from nanovllm.entrypoints.protocol import APIError, ChatRequest, bad_request
+from nanovllm.entrypoints.protocol import APIError, ChatRequest, bad_request, check_model
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
-from nanovllm.entrypoints.structured import request_constraint
-from nanovllm.entrypoints.tool_calls import ToolPlan, ToolStream
+from nanovllm.entrypoints.tool_calls import ToolPlan, ToolStream, chat_tools
 from nanovllm.multimodal import chat_prompt
 
 
@@ -39,13 +38,10 @@ async def start_chat(serving: Serving, req: ChatRequest) -> tuple[list, int, Too
     """Check ``req``, render its messages through the chat template and submit it: (the engine handles, the
     prompt's token count, the tool plan or None).  Shared with Anthropic's ``/v1/messages`` (``messages.py``)."""
     req.check_unsupported()
-    serving.check_model(req.model)
-    plan = ToolPlan.of(req, serving.tool_parser)
-    if plan is not None and not plan.skip_special_tokens:
-        req.skip_special_tokens = False  # the parser reads markup that is a special token ([TOOL_CALLS])
+    check_model(req.model, serving.model_name)
+    plan, constraint = chat_tools(req, serving.tool_parser)
     if serving.reasoning_parser is not None and serving.reasoning_parser.keeps_special_tokens:
         req.skip_special_tokens = False  # the reasoning parser's tags are special tokens (gpt_oss's harmony channels)
-    constraint = request_constraint(req, plan.constraint() if plan is not None else None)
     try:
         messages, images = chat_prompt([m.template_dict(i) for i, m in enumerate(req.messages)])
     except (ValueError, KeyError, TypeError) as e:
@@ -65,13 +61,9 @@ async def start_chat(serving: Serving, req: ChatRequest) -> tuple[list, int, Too
                                                             "multi_modal_data": {"image": images}})
         except (ValueError, TypeError) as e:
             raise bad_request(str(e).replace("prompt 0", "the conversation"), "messages") from None
-    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = serving.max_tokens_for(len(ids), req.requested_max_tokens(), None, field)
-    k = (req.top_logprobs or 0) if req.logprobs else None
-    params = req.sampling_params(max_tokens, serving.defaults, k, structured_outputs=constraint,
-                                 vocab_size=serving.prompts.vocab_size)
+    params = req.prompt_params(len(ids), serving.max_model_len, serving.defaults, constraint,
+                               serving.prompts.vocab_size)
     return serving.submit([(ids, params, image_inputs)], req.n), len(ids), plan
-
 
 class _Reply:
     def __init__(self, serving: Serving, req: ChatRequest, rid: str, prompt_len: int, plan: ToolPlan | None):

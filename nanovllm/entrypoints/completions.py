@@ -18,7 +18,7 @@ import time
 from starlette.responses import JSONResponse, Response
 
 from nanovllm.completion import logprob_dict
-from nanovllm.entrypoints.protocol import APIError, CompletionRequest
+from nanovllm.entrypoints.protocol import APIError, CompletionRequest, max_tokens_for
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
 from nanovllm.entrypoints.structured import request_constraint
@@ -34,7 +34,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request) -
     texts = list(req.prompts())
     encoded = await asyncio.gather(*(serving.encode(prompt, i) for i, prompt in enumerate(texts)))
     for prompt, ids in zip(texts, encoded):
-        max_tokens = serving.max_tokens_for(len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
+        max_tokens = max_tokens_for(serving.max_model_len, len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
         prompt_logprobs = req.logprobs if req.echo else None
         prompts.append((ids, req.sampling_params(max_tokens, serving.defaults, req.logprobs, prompt_logprobs,
                                                  constraint, serving.prompts.vocab_size)))

@@ -26,7 +26,8 @@ _EMPTY = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking",
 
 
 async def create_message(serving, req: MessagesRequest, request) -> Response:
-    handles, prompt_len, _ = await start_chat(serving, req.to_chat())
+    chat = req.to_chat()
+    handles, prompt_len, _ = await start_chat(serving, chat)
     reply = _Message(serving, f"msg_{uuid.uuid4().hex}", prompt_len)
     if req.stream:
         return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))

@@ -8,6 +8,8 @@ bodies and the vLLM extras nanovllm takes (``top_k``, ``min_p``, ``min_tokens``,
 forbidden; ``app.py`` words the error with ``fields.unknown_field``).  Fields whose feature nanovllm lacks
 (``fields.NEUTRAL``) are accepted at their neutral value and rejected with a 400 naming them otherwise, never
 silently ignored.  Every text a request carries (dict keys included) must be valid Unicode: ``check_text``.
+A request naming another model is a 404 (``check_model``); a prompt leaving no room under ``max_model_len``, or an
+explicit ``max_tokens`` past it, a 400 (``max_tokens_for``: without one, the default is capped to the room left).
 """
 import json
 import re
@@ -36,6 +38,27 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
+
+
+def check_model(model: str | None, served: str) -> None:
+    if model is not None and model != served:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{served}`.", "model",
+                       "model_not_found")
+
+
+def max_tokens_for(max_model_len: int, num_prompt_tokens: int, requested: int | None, default: int | None,
+                   field: str = "max_tokens") -> int:
+    room = max_model_len - num_prompt_tokens
+    if room <= 0:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
+                          f"{num_prompt_tokens}: no room is left for a completion.", "prompt")
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                          f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, {requested} in "
+                          f"the completion). Please reduce the prompt or {field}.", field)
+    return requested
 
 
 def check_text(value, param: str) -> None:
@@ -267,5 +290,10 @@ class ChatRequest(_Request):
                 raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
                                   "top_logprobs")
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def prompt_params(self, prompt_len: int, max_model_len: int, defaults: dict,
+                      constraint: StructuredOutputsParams | None, vocab_size: int | None) -> SamplingParams:
+        """The chat's ``SamplingParams`` for a prompt of ``prompt_len`` tokens (``max_tokens_for``, ``constraint``)."""
+        field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return self.sampling_params(max_tokens_for(max_model_len, prompt_len, getattr(self, field), None, field),
+                                    defaults, (self.top_logprobs or 0) if self.logprobs else None,
+                                    structured_outputs=constraint, vocab_size=vocab_size)

@@ -7,8 +7,6 @@ validated request to submitted sequences.  It needs a tokenizer (text out, stop 
 * ``check_model``: a request naming another model gets a 404.
 * ``encode``: a prompt's token ids, checked (400 naming the prompt); text is tokenized off the event loop, with the
   other text prompts that arrive with it (``tokenizing.BatchTokenizer``).
-* ``max_tokens_for``: a prompt that leaves no room under ``max_model_len`` gets a 400, as does an explicit
-  ``max_tokens`` that would pass it; without one, the endpoint's default is capped to the room left.
 * ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
   full waiting queue gets a 503 and the prompts already submitted are aborted (``PoolingParams``: embeddings).
 * ``abort``: ends a request's sequences still running (a client that went away).
@@ -25,7 +23,7 @@ import uuid
 from nanovllm.entrypoints.choices import run_choices
 from nanovllm.entrypoints.engine_loop import EngineDead, EngineLoop, Overloaded
 from nanovllm.entrypoints.metrics import ServerMetrics
-from nanovllm.entrypoints.protocol import APIError, bad_request
+from nanovllm.entrypoints.protocol import APIError, bad_request, check_model
 from nanovllm.entrypoints.tokenizing import BatchTokenizer
 from nanovllm.pooling_params import PoolerConfig, resolve_pooler
 from nanovllm.prompts import Prompts
@@ -57,9 +55,7 @@ class Serving:
         self._byte_decoder = _unicode_to_byte() if type(decoder).__name__ == "ByteLevel" else None
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
-                           "model", "model_not_found")
+        check_model(model, self.model_name)
 
     async def encode(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -68,20 +64,6 @@ class Serving:
             return self.prompts.encode_prompt(prompt, index)
         except (TypeError, ValueError) as e:
             raise bad_request(str(e), "prompt") from None
-
-    def max_tokens_for(self, num_prompt_tokens: int, requested: int | None, default: int | None,
-                       field: str = "max_tokens") -> int:
-        room = self.max_model_len - num_prompt_tokens
-        if room <= 0:
-            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens, and the prompt "
-                              f"has {num_prompt_tokens}: no room is left for a completion.", "prompt")
-        if requested is None:
-            return room if default is None else min(default, room)
-        if requested > room:
-            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                              f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
-                              f"prompt, {requested} in the completion). Please reduce the prompt or {field}.", field)
-        return requested
 
     def submit(self, prompts: list[tuple], n: int) -> list:
         """Submit each (prompt ids, SamplingParams[, ImageInputs]) as ``n`` sequences; returns one handle per

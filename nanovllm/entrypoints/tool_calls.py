@@ -20,6 +20,7 @@ import uuid
 from nanovllm.engine.grammar import check
 from nanovllm.entrypoints.parsers import DEFAULT_TOOL_PARSER, ToolParser, tool_parser
 from nanovllm.entrypoints.protocol import bad_request
+from nanovllm.entrypoints.structured import request_constraint
 from nanovllm.sampling_params import StructuredOutputsParams
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -137,6 +138,16 @@ class ToolPlan:
         if not calls:
             return content or None, [], finish_reason
         return content, [openai_tool_call(name, arguments) for name, arguments in calls], "tool_calls"
+
+
+def chat_tools(req, parser: type[ToolParser] | None = None) -> tuple[ToolPlan | None, StructuredOutputsParams | None]:
+    """A chat request's ``ToolPlan`` (or None) and its one output constraint (``structured.request_constraint``, a
+    forced call's among them); a parser that reads special-token markup keeps it in the text."""
+    plan = ToolPlan.of(req, parser)
+    if plan is not None and not plan.skip_special_tokens:
+        req.skip_special_tokens = False  # the parser reads markup that is a special token ([TOOL_CALLS])
+    forced = plan.constraint() if plan is not None else None
+    return plan, request_constraint(req, forced)
 
 
 class ToolStream:
