@@ -168,3 +168,16 @@ def test_dispatch_by_rows_per_expert():
     for k, e in ((8, 128), (2, 8)):  # more rows per expert never takes smaller blocks
         blocks = [picks[(t, k, e)] for t in (1, 16, 64, 256, 1024, 4096)]
         assert blocks == sorted(blocks)
+
+
+def test_round_weights_matches_the_twin_in_bf16_and_changes_nothing_in_float32(cfg=GROUPED):
+    """``round_weights`` (the Qwen MoE families): weights and weighted outputs rounded to x's dtype before the sum;
+    float32 results stay exactly as they were."""
+    x, logits, w13, w2 = make_case(33, 4)
+    args = (x, logits, w13, w2, 2, True)
+    assert torch.equal(fused_moe_triton(*args, cfg=cfg, round_weights=True), fused_moe_triton(*args, cfg=cfg))
+    assert torch.equal(ref.fused_moe_reference(*args, round_weights=True), ref.fused_moe_reference(*args))
+    bf16 = tuple(t.bfloat16() for t in args[:4]) + args[4:]
+    got = fused_moe_triton(*bf16, cfg=cfg, round_weights=True)
+    want = ref.fused_moe_reference(*bf16, round_weights=True)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2

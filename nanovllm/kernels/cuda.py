@@ -123,13 +123,15 @@ def _epilogue(w13_bias, w2_bias, activation, swiglu_alpha, swiglu_limit) -> dict
 
 
 def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero=None,
-               w2_zero=None, w13_bias=None, w2_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
+               w2_zero=None, w13_bias=None, w2_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0,
+               round_weights=False):
     epilogue = _epilogue(w13_bias, w2_bias, activation, swiglu_alpha, swiglu_limit)
+    rounding = {"round_weights": True} if round_weights else {}  # a keyword only where on, as the epilogue's
     if _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue):
         return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
-                                                 group, w13_zero, w2_zero, **epilogue)
+                                                 group, w13_zero, w2_zero, **epilogue, **rounding)
     return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero,
-                            w2_zero, **epilogue)
+                            w2_zero, **epilogue, **rounding)
 
 
 def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero=None, w2_zero=None, w13_bias=None,

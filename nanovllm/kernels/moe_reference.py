@@ -4,9 +4,13 @@ reference of the expert-sorted, block-aligned layout the Triton grouped GEMMs re
 Contract: ``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
 * Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities, divided by their sum with
   ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
+  ``round_weights`` (the Qwen MoE families, whose transformers router casts the top-k weights to the logits' dtype):
+  each weight rounded to x's dtype, and each expert's weighted output ``y_e * w_e`` rounded to it, before the sum
+  (a no-op in float32; not for W8A8 experts, whose products stay float32).
 * Expert ``e``: ``w2[e] @ act(gate, up) + w2_bias[e]``, ``[gate; up] = w13[e] @ x + w13_bias[e]`` (gate rows first;
   FP8, int4 or MXFP4 (``mxfp4_quant.is_mxfp4``) experts dequantized to x's dtype first; biases None by default; ``act``: ``activate``, SiLU-and-multiply
-  or GPT-OSS's clamped SwiGLU); the result: the router-weighted sum of its ``top_k`` ones, in x's dtype.
+  or GPT-OSS's clamped SwiGLU); the result: the router-weighted sum of its ``top_k`` ones (summed in float32),
+  in x's dtype.
 * W8A8 FP8 experts (``act_quant.moe_w8a8``): x and the activation's output rounded as ``act_quant`` says, both
   products in float32.  The twin gathers each pair's expert weights a chunk of pairs at a time (static shapes).
 
@@ -54,10 +58,11 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                       group: int = 0, w13_zero: torch.Tensor | None = None,
                       w2_zero: torch.Tensor | None = None, w13_bias: torch.Tensor | None = None,
                       w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
-                      swiglu_limit: float = 7.0) -> torch.Tensor:
+                      swiglu_limit: float = 7.0, round_weights: bool = False) -> torch.Tensor:
     """The weighted sum over each token's chosen experts (``weights``/``ids`` [T, top_k]) -> [T, H] in x's dtype.
     FP8 experts (with scales), int4 ones (with scales and zeros) and MXFP4 ones (uint8 with uint8 scales) are
-    dequantized into x's dtype, a chunk of pairs at a time; biases and ``activation`` (``activate``) as the module docstring says."""
+    dequantized into x's dtype, a chunk of pairs at a time; biases, ``activation`` (``activate``) and
+    ``round_weights`` as the module docstring says."""
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
     if num_tokens == 0:
@@ -85,7 +90,10 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         y = torch.bmm(down, (act_quant.dequantized(h) if w8a8 else h)[:, :, None])[:, :, 0]  # [c, H]
         outs.append(y if w2_bias is None else y + w2_bias.index_select(0, e).to(dtype))
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
-    y = y.float() * weights.reshape(-1, 1)
+    if round_weights and not w8a8:  # weight and product rounded to x's dtype (y's)
+        y = (y * weights.reshape(-1, 1).to(y.dtype)).float()
+    else:
+        y = y.float() * weights.reshape(-1, 1)
     return y.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 
 
@@ -108,11 +116,11 @@ def fused_moe_reference(x: torch.Tensor, router_logits: torch.Tensor, w13: torch
                         w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
                         w2_zero: torch.Tensor | None = None, w13_bias: torch.Tensor | None = None,
                         w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
-                        swiglu_limit: float = 7.0) -> torch.Tensor:
+                        swiglu_limit: float = 7.0, round_weights: bool = False) -> torch.Tensor:
     """The twin of ``nanovllm::fused_moe`` (see the module docstring)."""
     weights, ids = route_reference(router_logits, top_k, renormalize)
     return experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero, w13_bias,
-                             w2_bias, activation, swiglu_alpha, swiglu_limit)
+                             w2_bias, activation, swiglu_alpha, swiglu_limit, round_weights)
 
 
 def num_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:

@@ -113,22 +113,23 @@ def _fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, 
                renormalize: bool, w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor], group: int,
                w13_zero: Optional[torch.Tensor], w2_zero: Optional[torch.Tensor], w13_bias: Optional[torch.Tensor],
                w2_bias: Optional[torch.Tensor], activation: str, swiglu_alpha: float,
-               swiglu_limit: float) -> torch.Tensor:
+               swiglu_limit: float, round_weights: bool) -> torch.Tensor:
     """A mixture-of-experts MLP: x [T, H], router logits [T, E], stacked experts w13 [E, 2I, H] (gate rows, then
     up) and w2 [E, H, I] -> [T, H]; routing, experts and the weighted top-k sum (``moe_reference.py``).  FP8
     experts come with their scales per row and ``group`` columns (``weight_quant.py``), zeros None.  Int4 experts
     (``int4_quant.py``; ``w13_zero`` not None says so) are uint8 qweights w13 [E, 2I, H/2] and w2 [E, H, I/2] with
     their fp16 scales and uint8 zeros [E, rows, ceil(columns / group)].  Unquantized: None, None, 0, None, None.
     Expert biases w13_bias [E, 2I] and w2_bias [E, H] (None: none) and the gated ``activation`` ("silu", or
-    GPT-OSS's "swiglu_oss" with ``swiglu_alpha``/``swiglu_limit``) as ``moe_reference.py`` says."""
+    GPT-OSS's "swiglu_oss" with ``swiglu_alpha``/``swiglu_limit``) as ``moe_reference.py`` says; ``round_weights``:
+    router weights and weighted expert outputs rounded to x's dtype before the sum (the Qwen MoE families)."""
     return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
                                              group, w13_zero, w2_zero, w13_bias, w2_bias, activation, swiglu_alpha,
-                                             swiglu_limit)
+                                             swiglu_limit, round_weights)
 
 
 @_fused_moe.register_fake
 def _(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero, w2_zero, w13_bias,
-      w2_bias, activation, swiglu_alpha, swiglu_limit):
+      w2_bias, activation, swiglu_alpha, swiglu_limit, round_weights):
     return torch.empty_like(x)
 
 
@@ -225,12 +226,12 @@ def linear_int4(x, qweight, scale, zero, group: int, perm=None, bias=None, silu_
 
 def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, w13_scale=None, w2_scale=None,
               group: int = 0, w13_zero=None, w2_zero=None, w13_bias=None, w2_bias=None, activation: str = "silu",
-              swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> torch.Tensor:
+              swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0, round_weights: bool = False) -> torch.Tensor:
     """The MoE MLP of ``x`` [T, H] (see ``_fused_moe``); int4 experts come with ``w13_zero``/``w2_zero``; expert
-    biases and a non-SiLU ``activation`` (GPT-OSS) by keyword."""
+    biases and a non-SiLU ``activation`` (GPT-OSS), and ``round_weights`` (the Qwen MoE families), by keyword."""
     fn = _traced("fused_moe", x.device) or torch.ops.nanovllm.fused_moe
     return fn(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero, w2_zero, w13_bias,
-              w2_bias, activation, float(swiglu_alpha), float(swiglu_limit))
+              w2_bias, activation, float(swiglu_alpha), float(swiglu_limit), bool(round_weights))
 
 
 def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None, group: int = 0, w13_zero=None,

@@ -95,7 +95,7 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
 def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr,
                          weights_ptr, out_ptr, bias_ptr, I, H, stride_i, stride_we, stride_wn, stride_wk, stride_se,
                          stride_sn, stride_sg, stride_ze, stride_zn, stride_zg, stride_o, stride_be,
-                         HAS_BIAS: tl.constexpr, W2_STRIDED_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, W2_STRIDED_K: tl.constexpr, ROUND_WEIGHTS: tl.constexpr,
                          GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, FP16_MMA: tl.constexpr, INT4: tl.constexpr,
                          MXFP4: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
@@ -132,7 +132,7 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
     acc = _oriented(_finish(acc, scales, n_mask, GROUP, ONE_GROUP, FP16_MMA, SWAP), SWAP)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask)
+    _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask, ROUND_WEIGHTS)
 
 
 def group_block_k(block_k: int, group: int, k: int) -> int | None:
@@ -202,12 +202,13 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
                    w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
                    w2_zero: torch.Tensor | None = None, once: bool = False, w13_bias: torch.Tensor | None = None,
                    w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
-                   swiglu_limit: float = 7.0) -> torch.Tensor:
+                   swiglu_limit: float = 7.0, round_weights: bool = False) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
     -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group``, int4 ones (uint8 ``w13``/``w2``)
     with their scales, zeros and ``group`` (``group_supported`` must hold); ``once``: int4 experts are dequantized
     first and run by the bf16 kernels (``w2`` not transposed).  Biases and ``activation`` as the op's (not with
-    W8A8 experts: the CUDA dispatch sends those calls to the twin)."""
+    W8A8 experts: the CUDA dispatch sends those calls to the twin); ``round_weights`` as the op's (W8A8 experts
+    keep float32 products, as the twin does)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -223,7 +224,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     if num_tokens == 0:
         return torch.zeros_like(x)
     epilogue = dict(w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, swiglu_alpha=swiglu_alpha,
-                    swiglu_limit=swiglu_limit)
+                    swiglu_limit=swiglu_limit, round_weights=round_weights)
     if moe_w8a8(w13, w13_scale, w13_zero, group):
         assert w13_bias is None and w2_bias is None and activation == "silu", "W8A8 experts: SiLU, no biases"
         args = dict(DOT_PRECISION=_dot_precision(x), **pdl_launch(dev))
@@ -266,7 +267,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, down.block_n))](
         inter, w2, s2[0], z2[0], sorted_ids, block_expert, block_rows, weights, per_pair, b2, inter_size, hidden,
         inter.stride(0), *w2.stride(), *s2[1:], *z2[1:], per_pair.stride(0), b2.stride(0),
-        HAS_BIAS=w2_bias is not None, W2_STRIDED_K=w2.stride(2) != 1,
+        HAS_BIAS=w2_bias is not None, W2_STRIDED_K=w2.stride(2) != 1, ROUND_WEIGHTS=bool(round_weights),
         ONE_GROUP=group >= inter_size, BLOCK_K=down_k, BLOCK_N=down.block_n, **down.launch(),
         **args)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -176,8 +176,14 @@ def _k_columns(rows, offs_k, stride_k, STRIDED_K: tl.constexpr):
 
 
 @triton.jit
-def _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask):
-    """The down GEMM's tile ``acc`` [M, N] times each pair's router weight, stored to the pairs' output rows."""
-    acc *= tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)[:, None]
+def _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask, ROUND: tl.constexpr):
+    """The down GEMM's tile ``acc`` [M, N] times each pair's router weight, stored to the pairs' output rows;
+    ``ROUND`` (the op's ``round_weights``): tile and weight rounded to the output's dtype first, as the twin's."""
+    w = tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)
+    if ROUND:  # a product of two bf16/fp16 values is exact in float32: the store rounds it once, as torch does
+        out_dtype = out_ptr.dtype.element_ty
+        acc = acc.to(out_dtype).to(tl.float32)
+        w = w.to(out_dtype).to(tl.float32)
+    acc *= w[:, None]
     tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])

@@ -146,7 +146,7 @@ def _w8a8_down_kernel(inter_ptr, inter_s_ptr, w2_ptr, scale_ptr, sorted_ptr, blo
                     other=0.0)
         acc = _scaled_dot(acc, a, a_scale, w, scales, k0, n_mask, stride_sg, GROUP, ONE_GROUP, SWAP, DOT_PRECISION)
     acc = _oriented(_w8a8_finish(acc, scales, n_mask, ONE_GROUP, SWAP), SWAP)
-    _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask)
+    _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask, False)  # float32 (twin)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,7 +120,7 @@ class HybridForCausalLM(DecoderForCausalLM):
             return MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
         moe = MoeArgs.from_hf(cfg, experts_keys=("num_experts",), intermediate_key="moe_intermediate_size",
                               renormalize=self.always_sparse or cfg.get("norm_topk_prob", False),
-                              shared_key="shared_expert_intermediate_size")
+                              shared_key="shared_expert_intermediate_size", round_weights=True)
         return SparseMoe(a.hidden_size, moe)
 
     def after_loading(self) -> None:

@@ -28,10 +28,13 @@ class MoeArgs:
     intermediate_size: int  # per expert
     renormalize: bool  # divide the top-k probabilities by their sum
     shared_intermediate_size: int = 0  # the shared expert's (Qwen2-MoE); 0: none
+    # the op's ``round_weights``: top-k weights rounded to the activations' dtype, as transformers' Qwen MoE routers
+    # do (Qwen2/3-MoE, Qwen3-Next, Qwen3.5-MoE); Mixtral's keeps them float32
+    round_weights: bool = False
 
     @classmethod
     def from_hf(cls, cfg: dict, *, experts_keys: tuple[str, ...], intermediate_key: str, renormalize: bool,
-                shared_key: str | None = None) -> "MoeArgs":
+                shared_key: str | None = None, round_weights: bool = False) -> "MoeArgs":
         """Read from an HF config; the first of ``experts_keys`` present gives the number of experts; with
         ``shared_key`` the architecture has a shared expert, whose size must be given."""
         key = next((k for k in experts_keys if cfg.get(k) is not None), None)
@@ -39,7 +42,7 @@ class MoeArgs:
             raise ValueError(f"the config gives no number of experts (looked for {', '.join(experts_keys)})")
         args = cls(num_experts=cfg[key], top_k=cfg.get("num_experts_per_tok"),
                    intermediate_size=cfg.get(intermediate_key), renormalize=bool(renormalize),
-                   shared_intermediate_size=cfg.get(shared_key) if shared_key else 0)
+                   shared_intermediate_size=cfg.get(shared_key) if shared_key else 0, round_weights=round_weights)
         checked = [(key, args.num_experts), ("num_experts_per_tok", args.top_k),
                    (intermediate_key, args.intermediate_size)]
         if shared_key:  # missing or 0 would drop the checkpoint's shared expert without a word
@@ -65,7 +68,7 @@ class Experts(nn.Module):
 class SparseMoe(nn.Module):
     def __init__(self, hidden_size: int, m: MoeArgs):
         super().__init__()
-        self.top_k, self.renormalize = m.top_k, m.renormalize
+        self.top_k, self.renormalize, self.round_weights = m.top_k, m.renormalize, m.round_weights
         self.gate = nn.Linear(hidden_size, m.num_experts, bias=False)
         # tensor parallelism: each rank holds every expert's slice of the intermediate size (tensor_parallel.py)
         self.experts = Experts(m.num_experts, hidden_size, tp.split(m.intermediate_size, "moe_intermediate_size"))
@@ -83,7 +86,8 @@ class SparseMoe(nn.Module):
         logits = ops.linear(x, self.gate.weight)
         ex = self.experts
         y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, self.renormalize,
-                          *held.expert_args(ex))  # scales and group, zeros: a quantized stack's (quant/held.py)
+                          *held.expert_args(ex),  # scales and group, zeros: a quantized stack's (quant/held.py)
+                          round_weights=self.round_weights)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return distributed.all_reduce(y)  # one sum over the ranks' partial experts (and shared expert)

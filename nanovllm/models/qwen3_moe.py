@@ -24,7 +24,7 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
         moe = MoeArgs.from_hf(hf_config, experts_keys=("num_experts", "num_local_experts"),
                               intermediate_key="moe_intermediate_size",
                               renormalize=hf_config.get("norm_topk_prob", False),
-                              shared_key=self.shared_expert_key)
+                              shared_key=self.shared_expert_key, round_weights=True)
         return SparseMoe(self.args.hidden_size, moe)
 
 

@@ -37,10 +37,13 @@ KNOWN.update({("gpt_oss", eager): "GPT-OSS diverges on CUDA (cause not found; id
               for eager in (True, False)})
 # The hybrid families are token-identical in float32, eager and graph.  In bfloat16, with the convolution rounded as
 # transformers rounds it (tests/test_hybrid_bf16.py) and zero-centred norm weights drawn near 0 (tests/conftest.py),
-# Qwen3-Next, Qwen3.5 and Gemma 3 pass in eager and graph mode on an H200 (transformers 5.17); Qwen3.5-MoE still
-# fails in both (on the CPU its remainder is the MoE's rounding of the weighted experts; not yet checked on CUDA).
-KNOWN_BF16 = {("qwen3_5_moe", eager): "Qwen3.5-MoE's bf16 rounding (likely the weighted experts' sum)"
-              for eager in (True, False)}
+# Qwen3-Next, Qwen3.5 and Gemma 3 pass in eager and graph mode on an H200 (transformers 5.17).  Qwen3.5-MoE failed in
+# both: transformers rounds the top-k weights and each weighted expert output to bf16 before the sum, our op did
+# not; with ``fused_moe(round_weights=True)`` its block is bit for bit transformers' on the CPU and the eager CPU run
+# passes (tests/test_hybrid_bf16.py), so eager is off this list; the GPU run (Triton's down kernel rounds the same
+# way) is pending, and graph mode stays listed until that run says otherwise.
+KNOWN_BF16 = {("qwen3_5_moe", False): "Qwen3.5-MoE's bf16 rounding in graph mode (GPU run pending since "
+                                      "round_weights)"}
 
 
 def expect_known_failure(request, checkpoint: str, eager: bool) -> None:
