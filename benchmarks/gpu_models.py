@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 MODELS = Path("/tmp/nanovllm-models")  # configs written for dummy weights, on the GPU machine's scratch disk
-INT4_CONFIGS = {  # a model name's "+gptq" / "+awq": the quantization_config its dummy weights are quantized by
+QUANT_CONFIGS = {  # a model name's "+gptq" / "+awq" / "+mxfp4": the quantization_config its dummy weights take
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "mxfp4": {"quant_method": "mxfp4", "modules_to_not_convert": [  # GPT-OSS's published: experts only
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
 }
 
 
@@ -26,7 +28,7 @@ def model_dir(step, ctx) -> str:
         return subprocess.run([sys.executable, "-c", code], cwd=ctx.tree, check=True, capture_output=True,
                               text=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree))).stdout.strip()
     path = MODELS / (f"{name}-fp8" if kind == "fp8" else name)  # fp8: weights written, about 31 GB for the 30B
-    base, _, int4 = name.partition("+")
+    base, _, quant = name.partition("+")
     if not ctx.dry and not (path / "config.json").is_file():
         if kind in ("preset", "fp8"):
             how = ["--quantize", "fp8", "--force"] if kind == "fp8" else ["--config-only"]
@@ -35,9 +37,9 @@ def model_dir(step, ctx) -> str:
         else:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text((ctx.peers / "configs" / f"{base}.json").read_text())
-        if int4:
+        if quant:
             config = json.loads((path / "config.json").read_text())
-            (path / "config.json").write_text(json.dumps(dict(config, quantization_config=INT4_CONFIGS[int4])))
+            (path / "config.json").write_text(json.dumps(dict(config, quantization_config=QUANT_CONFIGS[quant])))
     return str(path)
 
 

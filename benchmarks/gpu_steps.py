@@ -151,6 +151,8 @@ STEPS = [
     Step("rerank-vllm", "vllm", "default", "rerank"),
     Step("gptoss20b-ours", "ours", "preset:gpt-oss-20b", "bench", BENCH),  # bf16 experts (no MXFP4): both engines
     Step("gptoss20b-vllm", "vllm", "preset:gpt-oss-20b", "bench"),
+    Step("gptoss20b-mxfp4-ours", "ours", "preset:gpt-oss-20b+mxfp4", "bench", BENCH),  # MXFP4 experts, as published
+    Step("gptoss20b-mxfp4-vllm", "vllm", "preset:gpt-oss-20b+mxfp4", "bench"),
     Step("gemma3-27b-ours", "ours", "preset:gemma3-27b", "bench", BENCH),
     Step("gemma3-27b-vllm", "vllm", "preset:gemma3-27b", "bench"),
     Step("parity-windows", "tests", "own", "pytest", ("-m", "gpu", "-k", "gemma or gpt_oss or window or sink",
