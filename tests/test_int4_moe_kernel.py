@@ -136,11 +136,12 @@ def test_twin_is_the_hand_computed_expert(monkeypatch):
 
 def test_the_ops_take_int4_experts_as_trailing_optional_arguments():
     """Existing callers (no zeros) keep working; int4 zeros follow the group (then only the expert biases and the
-    activation, GPT-OSS's), by keyword in the wrappers; the fakes agree."""
-    for op in (torch.ops.nanovllm.fused_moe.default, torch.ops.nanovllm.moe_experts.default):
+    activation, GPT-OSS's, and fused_moe's round_weights), by keyword in the wrappers; the fakes agree."""
+    trailing = ["group", "w13_zero", "w2_zero", "w13_bias", "w2_bias", "activation", "swiglu_alpha", "swiglu_limit"]
+    for op, last in ((torch.ops.nanovllm.fused_moe.default, ["round_weights"]),
+                     (torch.ops.nanovllm.moe_experts.default, [])):
         names = [a.name for a in op._schema.arguments]
-        assert names[-8:] == ["group", "w13_zero", "w2_zero", "w13_bias", "w2_bias", "activation", "swiglu_alpha",
-                              "swiglu_limit"], names
+        assert names[-len(trailing + last):] == trailing + last, names
     group = GROUPS["partial_last_group"]
     w13, s13, z13, w2, s2, z2 = int4_experts(group, seed=13)
     x, logits = inputs(3, seed=13)
@@ -152,7 +153,8 @@ def test_the_ops_take_int4_experts_as_trailing_optional_arguments():
     checks = ("test_schema", "test_faketensor")
     plain = (None, None, "silu", 1.702, 7.0)
     torch.library.opcheck(torch.ops.nanovllm.fused_moe.default,
-                          (x, logits, w13, w2, TOP_K, True, s13, s2, group, z13, z2, *plain), test_utils=checks)
+                          (x, logits, w13, w2, TOP_K, True, s13, s2, group, z13, z2, *plain, False),
+                          test_utils=checks)
     torch.library.opcheck(torch.ops.nanovllm.moe_experts.default,
                           (x, weights, ids, w13, w2, s13, s2, group, z13, z2, *plain), test_utils=checks)
 

@@ -1,19 +1,14 @@
 """Pure-PyTorch twin of ``nanovllm::fused_moe`` (the CPU path and the oracle of the Triton kernels), and the
 reference of the expert-sorted, block-aligned layout the Triton grouped GEMMs read.
 
-Contract: ``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``.
-* Routing: softmax of the logits in float32, then the ``top_k`` largest probabilities, divided by their sum with
-  ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``; always for Mixtral); they stay float32 until they weight an expert.
-  ``round_weights`` (the Qwen MoE families, whose transformers router casts the top-k weights to the logits' dtype):
-  each weight rounded to x's dtype, and each expert's weighted output ``y_e * w_e`` rounded to it, before the sum
-  (a no-op in float32; not for W8A8 experts, whose products stay float32).
-* Expert ``e``: ``w2[e] @ act(gate, up) + w2_bias[e]``, ``[gate; up] = w13[e] @ x + w13_bias[e]`` (gate rows first;
-  FP8, int4 or MXFP4 (``mxfp4_quant.is_mxfp4``) experts dequantized to x's dtype first; biases None by default; ``act``: ``activate``, SiLU-and-multiply
-  or GPT-OSS's clamped SwiGLU); the result: the router-weighted sum of its ``top_k`` ones (summed in float32),
-  in x's dtype.
-* W8A8 FP8 experts (``act_quant.moe_w8a8``): x and the activation's output rounded as ``act_quant`` says, both
-  products in float32.  The twin gathers each pair's expert weights a chunk of pairs at a time (static shapes).
-
+``fused_moe(x [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k, renormalize) -> [T, H]``:
+* Routing: float32 softmax of the logits, the ``top_k`` largest, divided by their sum with ``renormalize``; float32
+  until they weight an expert, or with ``round_weights`` (Qwen MoE families, as their transformers routers) each
+  weight and each weighted output ``y_e * w_e`` rounded to x's dtype before the sum (a no-op in float32 and W8A8).
+* Expert ``e``: ``w2[e] @ act(gate, up) + w2_bias[e]``, ``[gate; up] = w13[e] @ x + w13_bias[e]`` (FP8, int4 or
+  MXFP4 experts dequantized to x's dtype first; ``act``: SiLU-and-multiply, GPT-OSS's clamped SwiGLU or GELU); the
+  router-weighted sum of its ``top_k`` ones, summed in float32, in x's dtype.  W8A8 FP8 experts (``act_quant``):
+  x and the activation's output rounded as ``act_quant`` says, both products in float32, a chunk of pairs at a time.
 Layout (``align_reference``; ``triton_moe_align.py`` on the GPU): pair ``p = token * top_k + k`` goes to expert
 ``ids[p]``; pairs are grouped by expert, in pair order inside one, each group starting at a multiple of ``block_m``
 and padded up to one, in ``num_aligned_blocks`` blocks whatever the routing (static sizes).
