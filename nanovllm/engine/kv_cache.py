@@ -73,8 +73,9 @@ class KVCacheSpec:
         """Give the sliding-window layers a pool of their own (of W the largest window), sized never to run out
         while sequences run (``window_blocks.window_bound``; a verify step has ``rows_per_sequence`` rows a sequence),
         with as many blocks again as ``max_num_seqs`` windows take kept for prefix hits; none where no window is
-        shorter than ``max_model_len``.  ``plan_num_blocks`` drops it again where a budget it sizes holds no more
-        full blocks with it than without (a fixed count keeps it)."""
+        shorter than ``max_model_len``.  Where a budget ``plan_num_blocks`` sizes holds no more full blocks with it
+        than without, the pool may run out instead (``pressured``, ``num_window_blocks``), or, if that saves nothing
+        either, is dropped (a fixed count keeps it)."""
         windows = [w for w, s in zip(self.windows, self.states) if s is None and w]
         if not windows or max(windows) >= config.max_model_len:
             return

@@ -10,8 +10,9 @@ pool (``KVCacheSpec``; W the largest window), indexed by ``Sequence.window_table
   block's chain hash (``register``), and keeps it once released until reused, least recently released first.  A hit
   of depth d also needs the blocks of keys [d*bs - W + 1, d*bs), the window of its first new token
   (``cached_depth``): a prompt takes the deepest d for which both pools hold theirs.
-* The pool never runs out (``pool_size``): a sequence holds window blocks only where it holds full ones, and between
-  its steps (``release``, once one is launched) only its window's (``window_bound``); kept blocks serve prefix hits.
+* Between steps (``release``) a sequence holds only its window's blocks: sized to that for all (``window_bound``,
+  ``pool_size``) the pool never runs out; smaller (``KVCacheSpec.pressured``) it may, so every step is cut to
+  ``reach`` (the scheduler admits, chunks and preempts by it) and ``reserve`` running out is a bug.
 """
 from collections import OrderedDict
 
