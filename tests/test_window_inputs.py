@@ -139,16 +139,45 @@ def test_no_window_pool_without_a_window_shorter_than_max_model_len():
 
 
 def test_a_budget_keeps_the_window_pool_only_where_it_holds_more_full_blocks():
-    """1 GiB (the CPU's default budget) over blocks of 0.5 MiB a layer: with four sequences the pool's 33 blocks
-    leave room for 1949 full blocks (512 without a pool); with 256 sequences the pool alone would not fit, so every
-    layer goes to the full pool."""
+    """1 GiB (the CPU's default budget) over blocks of 0.5 MiB a layer: with four sequences the never-run-out pool's
+    33 blocks leave room for 1949 full blocks (512 without a pool); with 256 sequences that pool alone would not
+    fit, so the pool may run out (``pressured``): 108 blocks beside 1721 full ones (1721 * 4 / 64, a sequence's
+    window need over its full need at max_model_len); with max_model_len 8 (2 full blocks a sequence, fewer than
+    a window's 4) no pool saves anything, so every layer goes to the full pool."""
     from types import SimpleNamespace
     from nanovllm.engine.kv_cache import plan_num_blocks
     platform = SimpleNamespace(measures_memory=False, device=CPU)
-    for seqs, pooled, blocks in ((4, True, 1949), (256, False, 512)):
+    for seqs, length, pooled, pressured, blocks in ((4, 256, True, False, 1949), (256, 256, True, True, 1721),
+                                                    (256, 8, False, False, 512)):
         spec = KVCacheSpec(4, 64, 256, BS, torch.float32, windows=[W, W, 0, W])
-        spec.plan_window_pool(_config(256, seqs))
-        n = plan_num_blocks(spec, fixed=None, utilization=0.9, platform=platform, max_blocks_per_seq=8,
-                            max_model_len=32, probe=lambda: [])
-        assert (bool(spec.window), n) == (pooled, blocks)
+        spec.plan_window_pool(_config(length, seqs))
+        n = plan_num_blocks(spec, fixed=None, utilization=0.9, platform=platform, max_blocks_per_seq=2,
+                            max_model_len=length, probe=lambda: [])
+        assert (bool(spec.window), spec.pressured, n) == (pooled, pressured, blocks)
         assert n * spec.bytes_per_block + spec.num_window_blocks(n) * spec.bytes_per_window_block <= 1 << 30
+    assert spec.num_window_blocks(n) == 0
+
+
+def test_a_pool_that_may_run_out_shares_the_budget_by_a_window_over_max_model_len():
+    """W = 6 over blocks of 4, 256 sequences of up to 256 tokens: a sequence needs ceil(5 / 4) + 2 = 4 window blocks
+    and 64 full ones, so the pool has 4 / 64 of the full blocks, at least one sequence's 4 and a step's 64 (256
+    tokens), at most the never-run-out bound (256 * 4 + 64), and keeps none for prefix hits; the budget fits the
+    most full blocks beside it."""
+    from types import SimpleNamespace
+    spec = KVCacheSpec(4, 64, 256, BS, torch.float32, windows=[W, W, 0, W])
+    spec.plan_window_pool(_config(256, 256))
+    spec.pressured = True
+    assert (spec.window_need, spec.full_need, spec.step_blocks, spec.window_bound) == (4, 64, 64, 1088)
+    assert [spec.num_window_blocks(n) for n in (10, 1088, 1089, 6400, 17408, 10**6)] == \
+        [68 + 1, 68 + 1, 69 + 1, 400 + 1, 1088 + 1, 1088 + 1]
+    block, window = spec.bytes_per_block, spec.bytes_per_window_block
+    for budget in (500 * block, 3000 * block + 7, 1 << 30):
+        n = spec.blocks_within(budget)
+        assert n * block + spec.num_window_blocks(n) * window <= budget
+        assert (n + 1) * block + spec.num_window_blocks(n + 1) * window > budget
+    assert spec.blocks_within(69 * window) == 0  # the pool's least alone fills it
+    mistral = KVCacheSpec(2, 2, 16, BS, torch.float32, windows=[W, W])  # full blocks cost nothing: as many as
+    mistral.plan_window_pool(SimpleNamespace(max_model_len=256, max_num_seqs=256, max_step_tokens=16))
+    mistral.pressured = True  # the pool's share allows, at most every sequence's twice
+    assert mistral.blocks_within(201 * mistral.bytes_per_window_block) == 200 * 64 // 4
+    assert mistral.blocks_within(1 << 40) == mistral.free_full_blocks == 2 * 256 * 64

@@ -82,10 +82,11 @@ class BlockManager:
             keys.append(tokens)
         return blocks, hashes, keys
 
-    def try_allocate(self, seq: Sequence) -> bool:
-        """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit.  One that
-        wants its prompt logprobs, or pools the mean of its tokens (``Sequence.skips_cache_hits``), takes no hit: a
-        hit would skip positions it needs (it still publishes its blocks for others)."""
+    def try_allocate(self, seq: Sequence, chunk: int | None = None) -> bool:
+        """Give a waiting sequence blocks for all its tokens, reusing cached ones; False if they don't fit, nor (a
+        window pool's) the window blocks of its first ``chunk`` tokens to compute.  One that wants its prompt
+        logprobs, or pools the mean of its tokens (``Sequence.skips_cache_hits``), takes no hit: a hit would skip
+        positions it needs (it still publishes its blocks for others)."""
         assert not seq.block_table
         hits, hashes, keys = ([], [], []) if seq.skips_cache_hits else self._cached_prefix(seq)
         if self.window is not None and hits:  # only as deep as the window pool holds the window where it ends
@@ -98,6 +99,10 @@ class BlockManager:
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)
         if fresh_needed > self.num_free_blocks - revived:
             return False
+        if self.window is not None and chunk is not None:
+            start = len(hits) * self.block_size
+            if not self.window.hit_room(hashes, keys, len(hits), start + min(chunk, len(seq) - start)):
+                return False
         for b in hits:
             if self.ref_counts[b] == 0:
                 del self.free_blocks[b]
@@ -128,6 +133,14 @@ class BlockManager:
     def needs_block_to_append(self, seq: Sequence) -> bool:
         return len(seq.block_table) < self.blocks_for(len(seq))
 
+    def decode_shortage(self, seq: Sequence) -> str | None:
+        """What the sequence's next decode token (its newest) lacks: "full" (a free block, where its blocks have no
+        room), "window" (the window blocks of it, ``window_reach``), or None."""
+        n = len(seq)
+        if self.needs_block_to_append(seq) and not self.free_blocks:
+            return "full"
+        return "window" if self.window is not None and self.window.reach(seq, n - 1) < n else None
+
     def append_block(self, seq: Sequence) -> None:
         """Give a decoding sequence the block its newest token needs (caller checked one is free)."""
         seq.block_table.append(self._take_free_block())
@@ -137,6 +150,11 @@ class BlockManager:
         nothing without a window pool."""
         if self.window is not None:
             self.window.reserve(seq, start, end)
+
+    def window_reach(self, seq: Sequence, start: int) -> int:
+        """The most tokens a step of the sequence from ``start`` may reach with the window blocks it can get
+        (``WindowBlocks.reach``); no limit without a window pool."""
+        return self.window.reach(seq, start) if self.window is not None else 1 << 62
 
     def reserve_decode_windows(self, seqs: list[Sequence], counts: list[int]) -> None:
         """``reserve_window`` for a decode step's sequences, of ``counts`` tokens each from its newest."""

@@ -48,6 +48,9 @@ class KVCacheSpec:
         self.window = 0  # the window pool's W (0: none, every attention layer's blocks in the full pool)
         self.window_bound = self.window_kept = 0  # window blocks running sequences may hold; more kept for hits
         self.free_full_blocks = 0  # full blocks where they cost nothing (every attention layer windowed)
+        # a pool that may run out (``pressured``): its blocks are the full ones' times window_need / full_need (a
+        # sequence's window and step blocks over its blocks at max_model_len), at least those of one sequence
+        self.pressured, self.window_need, self.full_need, self.step_blocks = False, 0, 1, 0
 
     @classmethod
     def of_model(cls, model, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
@@ -70,8 +73,9 @@ class KVCacheSpec:
         """Give the sliding-window layers a pool of their own (of W the largest window), sized never to run out
         while sequences run (``window_blocks.window_bound``; a verify step has ``rows_per_sequence`` rows a sequence),
         with as many blocks again as ``max_num_seqs`` windows take kept for prefix hits; none where no window is
-        shorter than ``max_model_len``.  ``plan_num_blocks`` drops it again where a budget it sizes holds no more
-        full blocks with it than without (a fixed count keeps it)."""
+        shorter than ``max_model_len``.  Where a budget ``plan_num_blocks`` sizes holds no more full blocks with it
+        than without, the pool may run out instead (``pressured``, ``num_window_blocks``), or, if that saves nothing
+        either, is dropped (a fixed count keeps it)."""
         windows = [w for w, s in zip(self.windows, self.states) if s is None and w]
         if not windows or max(windows) >= config.max_model_len:
             return
@@ -79,6 +83,9 @@ class KVCacheSpec:
         seqs, rows = config.max_num_seqs, rows_per_sequence
         self.window_bound = window_bound(w, self.block_size, seqs, max(config.max_step_tokens, seqs * rows), rows - 1)
         self.window_kept = seqs * (-(-(w - 1) // self.block_size) + 1)
+        self.window_need = -(-(w - 1 + rows - 1) // self.block_size) + 2
+        self.full_need = -(-config.max_model_len // self.block_size)
+        self.step_blocks = -(-max(config.max_step_tokens, seqs * rows) // self.block_size)
         # every attention layer windowed (Mistral): a full block holds no KV, only a table entry, so as many as
         # every running sequence at max_model_len needs, and as many again for prefix hits
         self.free_full_blocks = 2 * seqs * -(-config.max_model_len // self.block_size)
@@ -88,7 +95,12 @@ class KVCacheSpec:
 
     def num_window_blocks(self, num_blocks: int) -> int:
         """Blocks of the window pool (its null block included) beside ``num_blocks`` full ones; 0 without one."""
-        return pool_size(self.window_bound, self.window_kept, num_blocks) if self.window else 0
+        if not self.window:
+            return 0
+        if self.pressured:  # full and window pools run out together for sequences of max_model_len
+            share = -(-num_blocks * self.window_need // self.full_need)
+            return min(max(share, self.window_need + self.step_blocks), self.window_bound) + 1
+        return pool_size(self.window_bound, self.window_kept, num_blocks)
 
     def _pool_layers(self, window: bool) -> list[int]:
         """The layers with blocks in the window pool (``window``) or in the full one."""
@@ -122,6 +134,13 @@ class KVCacheSpec:
         per_block = self.bytes_per_block + extra
         if not self.window or not pooled:
             return max(0, budget // (per_block + (self.bytes_per_window_block if self.window else 0)))
+        if self.pressured:  # the most that fit (the bytes grow with the count): a binary search
+            low, high = 0, budget // per_block if per_block else self.free_full_blocks
+            while low < high:
+                mid = (low + high + 1) // 2
+                fits = mid * per_block + self.num_window_blocks(mid) * self.bytes_per_window_block <= budget
+                low, high = (mid, high) if fits else (low, mid - 1)
+            return low
         window, fixed = self.bytes_per_window_block, (self.window_kept + 1) * self.bytes_per_window_block
         n = (budget - fixed) // (per_block + window)  # while the pool grows with the full one (pool_size)
         if n >= self.window_bound:
@@ -199,10 +218,15 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
     extra = draft.bytes_per_block if draft is not None else 0
 
     def counted(budget: int) -> int:  # full blocks in ``budget``, in one size on every rank (agreed)
+        spec.pressured = False
         pooled = agree(spec.blocks_within(budget, extra))
-        if spec.window and agree(spec.blocks_within(budget, extra, pooled=False)) >= pooled:
-            spec.window = 0  # running sequences could need as many window blocks as full ones: no room saved
-            return agree(spec.blocks_within(budget, extra))
+        unpooled = agree(spec.blocks_within(budget, extra, pooled=False)) if spec.window else 0
+        if spec.window and unpooled >= pooled:  # a pool that never runs out saves nothing: one that may
+            spec.pressured = True
+            pooled = agree(spec.blocks_within(budget, extra))
+            if unpooled >= pooled:  # still nothing saved (a window near max_model_len): every layer in the full pool
+                spec.window, spec.pressured = 0, False
+                return unpooled
         return pooled
 
     def measured() -> int:  # what the state pools (hybrid models) leave to the blocks
@@ -238,8 +262,11 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
         raise ValueError(f"{problem}; lower max_model_len, raise num_kvcache_blocks or gpu_memory_utilization")
     if spec.window:
         bs, window_blocks = spec.block_size, spec.num_window_blocks(num_blocks)
+        sizing = (f"may run out: {spec.window_need} a sequence to {spec.full_need} full ones, the scheduler "
+                  f"preempts for them; never-run-out needs {spec.window_bound} + {spec.window_kept} kept"
+                  if spec.pressured else f"never runs out: at most {min(spec.window_bound, num_blocks)} held by "
+                  f"running sequences, the rest kept for prefix hits")
         logger.info("KV cache: %d full-attention layers hold %d tokens (%d blocks); %d sliding layers (window %d) "
-                    "%d tokens (%d blocks: at most %d held by running sequences, the rest kept for prefix hits)",
-                    spec.attention_layers, num_blocks * bs, num_blocks, spec.window_layers,
-                    spec.window, (window_blocks - 1) * bs, window_blocks - 1, min(spec.window_bound, num_blocks))
+                    "%d tokens (%d blocks; the window pool %s)", spec.attention_layers, num_blocks * bs, num_blocks,
+                    spec.window_layers, spec.window, (window_blocks - 1) * bs, window_blocks - 1, sizing)
     return num_blocks

@@ -3,9 +3,10 @@
 A step verifies only when every sequence in it has all its tokens resolved and none asks for logprobs, penalties,
 top-k/top-p or a grammar (those steps run plain, one token each), and some sequence has a proposal.  A proposal
 never reaches past the request's ``max_tokens`` or ``max_model_len``, and takes further KV blocks only while free
-ones last (its limit is cut to the room its blocks have, never preempting anyone).  The blocks are taken before
-proposing, since a draft model (``drafter.py``) writes its own KV at those positions.  The proposer is the n-gram
-``SpeculativeConfig`` or a ``Drafter``: anything with ``propose_all(seqs, limits)``.
+ones last, in the full pool and a window pool (its limit is cut to the room its blocks have, never preempting
+anyone).  The blocks are taken before proposing, since a draft model (``drafter.py``) writes its own KV at those
+positions.  The proposer is the n-gram ``SpeculativeConfig`` or a ``Drafter``: anything with
+``propose_all(seqs, limits)``.
 """
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
@@ -27,6 +28,8 @@ def propose(seqs: list[Sequence], proposer, block_manager: BlockManager, max_mod
                 limit = len(seq.block_table) * bm.block_size - len(seq)
                 break
             bm.append_block(seq)
+        limit = min(limit, bm.window_reach(seq, len(seq) - 1) - len(seq))  # and window blocks, while they last
+        bm.reserve_window(seq, len(seq) - 1, len(seq) + limit)
         limits.append(limit)
     if not any(limits):
         return None

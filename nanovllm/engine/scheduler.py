@@ -2,8 +2,8 @@
 
 A step is a prefill (chunks of prompts, at most ``max_num_batched_tokens`` tokens; ``mixed_prefill`` adds a token
 of each decoding sequence that fits) or a decode (a token of each running sequence past its prompt); prefill wins
-when prefill work fits.  When the KV cache cannot hold every running sequence's next token, the last admitted is
-preempted: its blocks are freed (kept in the prefix cache), it goes back to the queue's front; none is dropped.
+when prefill work fits.  When the KV cache (or window pool) cannot hold every running sequence's next token, the last
+admitted is preempted: its blocks are freed (kept in the prefix cache), it goes back to the queue's front.
 
 Steps are launched ahead of their tokens (``pipeline_depth``), so each has two halves: ``advance`` (right after
 launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes sequences on
@@ -33,6 +33,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.window_preemptions = 0  # of them, those for want of a window block (the full pool had room)
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))  # token slots of no running sequence
         self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
         self.speculative = speculative  # the proposer of decode steps (``proposals.py``), or None
@@ -46,29 +47,33 @@ class Scheduler:
     def schedule(self, propose: bool = True) -> ScheduledBatch:
         """The next step: a prefill while prompts wait and fit, else a decode step (which verifies proposals
         where ``propose`` allows and the proposer has some, ``proposals.py``)."""
-        batch = self._schedule_prefill()
-        return batch if batch.seqs else self._schedule_decode(propose)
+        batch = self._schedule_prefill()  # (a prefill may preempt, for window blocks, and still schedule none)
+        return batch if batch.seqs else self._schedule_decode(propose, batch.preempted)
 
     def _schedule_prefill(self) -> ScheduledBatch:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
         batch = ScheduledBatch(seqs, counts, is_prefill=True)
         snapshots = self.block_manager.snapshots
 
-        def add_chunk(seq: Sequence) -> int:  # the sequence's next chunk, within the budget; returns its tokens
-            n = cut_chunk(seq, min(len(seq) - seq.num_computed_tokens, budget), snapshots, batch)
-            self.block_manager.reserve_window(seq, seq.num_computed_tokens, seq.num_computed_tokens + n)  # no fail
+        def add_chunk(seq: Sequence) -> int:  # the sequence's next chunk, within the budget and the window blocks
+            start = seq.num_computed_tokens  # it can get (``window_reach``); returns its tokens
+            n = min(len(seq) - start, budget, bm.window_reach(seq, start) - start)
+            n = cut_chunk(seq, n, snapshots, batch)
+            bm.reserve_window(seq, start, start + n)  # within its reach: no fail
             seqs.append(seq)
             counts.append(n)
             return n
 
-        for seq in self.running:  # unfinished chunked prefills continue first
-            if budget and seq.is_prefilling:
+        bm = self.block_manager
+        for seq in list(self.running):  # unfinished chunked prefills continue first (preempted since: not)
+            if budget and seq.is_prefilling and seq.status is SequenceStatus.RUNNING \
+                    and self._window_room(seq, batch.preempted):
                 budget -= add_chunk(seq)
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING_TOKEN:  # preempted with tokens still being sampled: wait for them
                 break
-            if not self.block_manager.try_allocate(seq):
+            if not bm.try_allocate(seq, budget):  # its blocks, and its first chunk's window blocks
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -84,8 +89,8 @@ class Scheduler:
     def _add_decode_rows(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
         """Let running sequences past their prompt ride in this prefill step, one token each (their newest, which
         may still be pending), while the budget lasts, so they do not stall while prompts arrive.  Not a
-        constrained one (its mask waits for its tokens), one whose next block no free block holds (it waits for a
-        decode step, which may preempt), nor any in a step that runs eagerly (prompt logprobs or images)."""
+        constrained one (its mask waits for its tokens), one whose next block no free block holds, in either pool
+        (it waits for a decode step, which may preempt), nor any in a step that runs eagerly (prompt logprobs or images)."""
         if any(s.wants_prompt_logprobs or s.images is not None for s in seqs):
             return
         bm, taken = self.block_manager, {s.seq_id for s in seqs}
@@ -94,37 +99,39 @@ class Scheduler:
                 break
             if seq.seq_id in taken or seq.is_prefilling or seq.grammar is not None:
                 continue
+            if bm.decode_shortage(seq):
+                continue
             if bm.needs_block_to_append(seq):
-                if bm.num_free_blocks == 0:
-                    continue
                 bm.append_block(seq)
             bm.reserve_window(seq, seq.num_computed_tokens, seq.num_computed_tokens + 1)
             seqs.append(seq)
             counts.append(1)
             budget -= 1
 
-    def _schedule_decode(self, propose_now: bool) -> ScheduledBatch:
-        bm = self.block_manager
-        scheduled, preempted = [], []
+    def _schedule_decode(self, propose_now: bool, preempted: list[Sequence]) -> ScheduledBatch:
+        bm, scheduled = self.block_manager, []
         queue = list(self.running)
         head, tail = 0, len(queue)  # queue[head:tail] are still to be scheduled
-        block_size = bm.block_size
+        block_size, windowed = bm.block_size, bm.window is not None
         while head < tail:
             seq = queue[head]
             head += 1
-            if len(seq.block_table) * block_size >= len(seq.token_ids):  # the common case: its blocks have room
+            n = len(seq.token_ids)  # the common case: its blocks, and its window's, have room
+            if len(seq.block_table) * block_size >= n and (not windowed or len(seq.window_table) * block_size >= n):
                 scheduled.append(seq)
                 continue
-            while bm.needs_block_to_append(seq) and bm.num_free_blocks == 0:
+            while short := bm.decode_shortage(seq):
                 victim = queue[tail - 1] if tail > head else seq
                 tail -= victim is not seq
                 self._preempt(victim)
+                self.window_preemptions += short == "window"
                 preempted.append(victim)
                 if victim is seq:
                     break
             else:
                 if bm.needs_block_to_append(seq):
                     bm.append_block(seq)
+                bm.reserve_window(seq, n - 1, n)
                 scheduled.append(seq)
         if not scheduled and self.running:
             raise RuntimeError("KV cache too small to decode even one sequence; raise num_kvcache_blocks")
@@ -135,6 +142,18 @@ class Scheduler:
         counts = [1 + len(p) for p in proposals] if proposals is not None else [1] * len(scheduled)
         bm.reserve_decode_windows(scheduled, counts)
         return ScheduledBatch(scheduled, counts, is_prefill=False, preempted=preempted, proposals=proposals)
+
+    def _window_room(self, seq: Sequence, preempted: list[Sequence]) -> bool:
+        """Preempt the newest running sequences till a prefilling one's next token has its window block; False if
+        it went itself."""
+        while self.block_manager.window_reach(seq, seq.num_computed_tokens) <= seq.num_computed_tokens:
+            victim = self.running[-1]
+            self._preempt(victim)
+            self.window_preemptions += 1
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

@@ -10,8 +10,9 @@ pool (``KVCacheSpec``; W the largest window), indexed by ``Sequence.window_table
   block's chain hash (``register``), and keeps it once released until reused, least recently released first.  A hit
   of depth d also needs the blocks of keys [d*bs - W + 1, d*bs), the window of its first new token
   (``cached_depth``): a prompt takes the deepest d for which both pools hold theirs.
-* The pool never runs out (``pool_size``): a sequence holds window blocks only where it holds full ones, and between
-  its steps (``release``, once one is launched) only its window's (``window_bound``); kept blocks serve prefix hits.
+* Between steps (``release``) a sequence holds only its window's blocks: sized to that for all (``window_bound``,
+  ``pool_size``) the pool never runs out; smaller (``KVCacheSpec.pressured``) it may, so every step is cut to
+  ``reach`` (the scheduler admits, chunks and preempts by it) and ``reserve`` running out is a bug.
 """
 from collections import OrderedDict
 
@@ -97,6 +98,20 @@ class WindowBlocks:
             self.first[seq.seq_id] = first
         return first
 
+    def reach(self, seq, start: int) -> int:
+        """The most tokens a step from ``start`` may reach: ``reserve(seq, start, end)`` does not run out for any
+        ``end`` up to it (blocks held, blocks its release frees, and the free ones)."""
+        table, first = seq.window_table, self.first_needed(start)
+        freed = sum(1 for b in table[self.first.get(seq.seq_id, 0):first] if b != NULL and self.ref_counts[b] == 1)
+        return (max(len(table), first) + len(self.free_blocks) + freed) * self.block_size
+
+    def hit_room(self, hashes: list[int], keys: list[tuple], depth: int, end: int) -> bool:
+        """Whether a waiting sequence admitted with a hit of ``depth`` blocks (``take_hits``) can then ``reserve``
+        its first chunk, up to token ``end``: the hit's blocks that lie free and the chunk's new ones are free."""
+        revived = sum(1 for i in range(self.first_needed(depth * self.block_size), depth)
+                      if self.ref_counts[self._cached(hashes[i], keys[i])] == 0)
+        return revived + max(0, -(-end // self.block_size) - depth) <= len(self.free_blocks)
+
     def reserve(self, seq, start: int, end: int) -> None:
         """Before a step that computes the sequence's tokens [start, end): ``release`` what lies before the window
         of ``start`` and take blocks for the tokens up to ``end``."""
@@ -105,7 +120,7 @@ class WindowBlocks:
         if needed > len(table):
             if needed - max(len(table), first) > len(self.free_blocks):
                 raise RuntimeError(f"the window pool ran out ({self.num_blocks - 1} blocks, {self.num_held_blocks} "
-                                   f"held): it is sized never to, so this is a bug")
+                                   f"held): every step is cut to its room (``reach``), so this is a bug")
             table.extend(self._take() if i >= first else NULL for i in range(len(table), needed))
             self._note_peak()
 
