@@ -83,6 +83,11 @@ class GemmaAttention(nn.Module):
         return o.reshape(T, self.q_size)
 
 
+def soft_capped(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma's final logit soft-capping, ``tanh(logits / cap) * cap``; ``logits`` as they are where ``cap`` is 0."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class GeluMLP(nn.Module):
     """GeGLU: ``down(gelu_tanh(gate(x)) * up(x))``, gate and up packed; split over ranks as the dense MLP."""
 
@@ -179,7 +184,4 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = super().logits(h)
-        if self.final_softcap:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
+        return soft_capped(super().logits(h), self.final_softcap)

@@ -17,7 +17,7 @@ from torch import nn
 
 from nanovllm.models import tensor_parallel as tp
 from nanovllm.models.decoder import DecoderArgs, DecoderForCausalLM, project
-from nanovllm.models.gemma3 import GeluMLP
+from nanovllm.models.gemma3 import GeluMLP, soft_capped
 from nanovllm.models.gemma4_layers import Gemma4Attention, Gemma4Layer, Gemma4Norm, rope_tables
 from nanovllm.step import StepInputs
 
@@ -142,7 +142,4 @@ class Gemma4ForCausalLM(DecoderForCausalLM):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = super().logits(h)
-        if self.final_softcap:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
+        return soft_capped(super().logits(h), self.final_softcap)
