@@ -7,8 +7,8 @@ its text path and refuses an image by name.
 import pytest
 import torch
 
-from conftest import STAGGERED_ENGINE as ENGINE, STAGGERED_PROMPTS as PROMPTS, build_checkpoint, hf_greedy
-from conftest import greedy_tokens as tokens
+from conftest import STAGGERED_ENGINE as ENGINE, build_checkpoint
+from family_checks import check_prefix_hits, check_staggered_batch, check_text_path
 from nanovllm import LLM
 
 
@@ -28,23 +28,13 @@ def test_layers_follow_the_config(engines):
 def test_staggered_batch_past_the_window_matches_transformers_in_both_modes(engines):
     path, eager, graph = engines
     lengths = [20, 5, 14, 24, 3]  # generations longer than the window; rows finish at different steps
-    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
-    assert tokens(eager, PROMPTS, lengths) == want
-    with torch.compiler.set_stance("fail_on_recompile"):
-        assert tokens(graph, PROMPTS, lengths) == want
+    check_staggered_batch(path, eager, graph, lengths)
 
 
 def test_prefix_hits_give_transformers_tokens(engines):
     """Four shared full blocks (past the window), then different tails: the second and third runs hit them."""
     path, eager, _ = engines
-    shared = list(range(30, 94))
-    prompts = [shared + [7, 8, 9], shared + [11, 12]]
-    want = hf_greedy(path, prompts, 8)
-    manager = eager.engine.block_manager
-    assert tokens(eager, prompts[:1], [8]) == want[:1]
-    before = manager.cache_hit_tokens
-    assert tokens(eager, prompts, [8, 8]) == want
-    assert manager.cache_hit_tokens >= before + 2 * 64
+    check_prefix_hits(path, eager)
 
 
 def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
@@ -60,15 +50,4 @@ def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.08)
-    model.save_pretrained(tmp_path)
-    x = torch.tensor([PROMPTS[0]])
-    with torch.no_grad():
-        want = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6,
-                              eos_token_id=None, pad_token_id=0)[0, x.shape[1]:].tolist()
-    llm = LLM(str(tmp_path), enforce_eager=True, **ENGINE)
-    assert type(llm.engine.runner.model).__name__ == "Gemma3ForCausalLM"
-    assert tokens(llm, PROMPTS[:1], [6]) == [want]
-    from PIL import Image
-    with pytest.raises(ValueError, match="Gemma3ForCausalLM: its vision tower is not supported"):
-        llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": Image.new("RGB", (32, 32))}},
-                     use_tqdm=False)
+    check_text_path(model, tmp_path, "Gemma3ForCausalLM")

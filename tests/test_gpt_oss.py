@@ -12,6 +12,7 @@ import torch
 
 from conftest import STAGGERED_ENGINE as ENGINE, STAGGERED_PROMPTS as PROMPTS, build_checkpoint, hf_greedy
 from conftest import greedy_tokens as tokens
+from family_checks import check_staggered_batch
 from nanovllm import LLM
 
 
@@ -50,10 +51,7 @@ def test_experts_are_read_into_our_layout(engines):
 def test_staggered_batch_matches_transformers_in_both_modes(engines):
     path, eager, graph = engines
     lengths = [12, 5, 20, 16, 3]  # rows finish at different steps; the 5 prompts outnumber max_num_seqs
-    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
-    assert tokens(eager, PROMPTS, lengths) == want
-    with torch.compiler.set_stance("fail_on_recompile"):
-        assert tokens(graph, PROMPTS, lengths) == want
+    check_staggered_batch(path, eager, graph, lengths)
 
 
 def test_sinks_and_the_window_change_the_tokens(engines, tmp_path):

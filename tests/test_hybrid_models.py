@@ -9,6 +9,7 @@ import torch
 
 from conftest import STAGGERED_ENGINE as ENGINE, STAGGERED_PROMPTS as PROMPTS, build_checkpoint, hf_greedy
 from conftest import greedy_tokens as tokens
+from family_checks import check_staggered_batch, check_text_path
 from nanovllm import LLM, SamplingParams
 
 
@@ -35,10 +36,7 @@ def test_layers_follow_the_config_and_graph_mode_is_used(engines):
 def test_staggered_batch_matches_transformers_in_both_modes(engines):
     path, eager, graph = engines
     lengths = [12, 5, 9, 16, 3]  # rows finish at different steps; the 5 prompts outnumber max_num_seqs
-    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
-    assert tokens(eager, PROMPTS, lengths) == want
-    with torch.compiler.set_stance("fail_on_recompile"):
-        assert tokens(graph, PROMPTS, lengths) == want
+    check_staggered_batch(path, eager, graph, lengths)
 
 
 def test_a_rerun_starts_from_fresh_states(engines):
@@ -59,18 +57,7 @@ def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.08)
-    model.save_pretrained(tmp_path)
-    x = torch.tensor([PROMPTS[0]])
-    with torch.no_grad():
-        want = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6,
-                              eos_token_id=None, pad_token_id=0)[0, x.shape[1]:].tolist()
-    llm = LLM(str(tmp_path), enforce_eager=True, **ENGINE)
-    assert type(llm.engine.runner.model).__name__ == "Qwen3_5ForCausalLM"
-    assert tokens(llm, PROMPTS[:1], [6]) == [want]
-    from PIL import Image
-    with pytest.raises(ValueError, match="Qwen3_5ForCausalLM: its vision tower is not supported"):
-        llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": Image.new("RGB", (32, 32))}},
-                     use_tqdm=False)
+    check_text_path(model, tmp_path, "Qwen3_5ForCausalLM")
 
 
 def build_kwargs() -> dict:

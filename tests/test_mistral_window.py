@@ -7,8 +7,8 @@ and than a prefill chunk, and sequences that start and finish at different steps
 import pytest
 import torch
 
-from conftest import STAGGERED_ENGINE as ENGINE, STAGGERED_PROMPTS as PROMPTS, build_checkpoint, hf_greedy
-from conftest import greedy_tokens as tokens
+from conftest import STAGGERED_ENGINE as ENGINE, build_checkpoint
+from family_checks import check_staggered_batch
 from nanovllm import LLM
 from nanovllm.models.mistral import config_window
 from nanovllm.models.qwen2 import qwen2_windows
@@ -46,10 +46,7 @@ def test_layers_take_the_config_window_and_its_pool(engines):
 def test_staggered_batch_past_the_window_matches_transformers_in_both_modes(engines):
     path, _, eager, graph = engines
     lengths = [20, 5, 14, 24, 3]  # generations longer than the window; rows finish at different steps
-    want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
-    assert tokens(eager, PROMPTS, lengths) == want
-    with torch.compiler.set_stance("fail_on_recompile"):
-        assert tokens(graph, PROMPTS, lengths) == want
+    check_staggered_batch(path, eager, graph, lengths)
 
 
 def test_configs_without_a_window_keep_full_attention():
