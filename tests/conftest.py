@@ -92,7 +92,7 @@ def make_config(arch: str, **overrides):
                                            moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                            norm_topk_prob=False, decoder_sparse_step=2, **kw)
     if arch == "gpt_oss":  # sliding, full, sliding, full (transformers' default alternation)
-        return transformers.GptOssConfig(**dict(kw, **GPT_OSS_KW))
+        return transformers.GptOssConfig(**dict(kw, **GPT_OSS_KW, swiglu_limit=gpt_oss_limit(GPT_OSS_LIMIT)))
     if arch == "gemma3":  # sliding, sliding, full: a 12-token window ends mid-block in 16-token blocks
         rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
@@ -124,11 +124,24 @@ HYBRID_KW = dict(num_hidden_layers=4, head_dim=32, layer_types=["linear_attentio
                  linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25})
 # GPT-OSS: a 12-token window ends mid-block (16-token blocks); YaRN as its configs declare it (original length 32,
-# so the tests run past it); swiglu_limit 1 so the clamps bite at these weights' scale
+# so the tests run past it); swiglu_limit 1 so the clamps bite at these weights' scale (``gpt_oss_limit``)
+GPT_OSS_LIMIT = 1.0
 GPT_OSS_KW = dict(num_hidden_layers=4, head_dim=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-                  sliding_window=12, swiglu_limit=1.0,
+                  sliding_window=12,
                   rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 16.0, "beta_fast": 32.0,
                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
+
+
+def gpt_oss_limit(wanted: float) -> float:
+    """``wanted`` where the installed transformers honours a config's ``swiglu_limit``; else the limit its experts
+    hard-code (transformers 5.17, the GPU image's, sets 7.0 whatever the config says, so an oracle built with
+    another limit would compute a model the checkpoint does not describe)."""
+    import transformers
+    from transformers.models.gpt_oss import modeling_gpt_oss
+    config = transformers.GptOssConfig(**dict(TINY, num_local_experts=1, intermediate_size=4, swiglu_limit=wanted))
+    return float(modeling_gpt_oss.GptOssExperts(config).limit)
+
+
 HYBRID_MOE_KW = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      shared_expert_intermediate_size=48)
 

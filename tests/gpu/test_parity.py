@@ -30,20 +30,9 @@ def failures(verdicts: list[dict], allowed: set[str]) -> list[dict]:
 # max_model_len): in graph mode on CUDA its first tokens differ from transformers (eager mode and the CPU match);
 # found by this suite, already so at abb1673, not yet fixed.  MiniCPM4-0.5B's own config has no such switch.
 KNOWN = {("minicpm", False): "MiniCPM with a reachable LongRoPE switch diverges in graph mode on CUDA"}
-# GPT-OSS on CUDA (H100, 2026-11-28): float32 greedy tokens leave transformers' within 1-4 tokens on 7 of 8 prompts,
-# in eager and graph mode and with NANOVLLM_KERNELS=reference too (so not a Triton kernel); the same checkpoint and
-# engine settings are identical on the CPU, and transformers' own CPU and CUDA tokens agree.  Cause not yet found.
-KNOWN.update({("gpt_oss", eager): "GPT-OSS diverges on CUDA (cause not found; identical on the CPU)"
-              for eager in (True, False)})
-# The hybrid families are token-identical in float32, eager and graph.  In bfloat16, with the convolution rounded as
-# transformers rounds it (tests/test_hybrid_bf16.py) and zero-centred norm weights drawn near 0 (tests/conftest.py),
-# Qwen3-Next, Qwen3.5 and Gemma 3 pass in eager and graph mode on an H200 (transformers 5.17).  Qwen3.5-MoE failed in
-# both: transformers rounds the top-k weights and each weighted expert output to bf16 before the sum, our op did
-# not; with ``fused_moe(round_weights=True)`` its block is bit for bit transformers' on the CPU and the eager CPU run
-# passes (tests/test_hybrid_bf16.py), so eager is off this list; the GPU run (Triton's down kernel rounds the same
-# way) is pending, and graph mode stays listed until that run says otherwise.
-KNOWN_BF16 = {("qwen3_5_moe", False): "Qwen3.5-MoE's bf16 rounding in graph mode (GPU run pending since "
-                                      "round_weights)"}
+# bfloat16 holds for the hybrid and Qwen MoE families because the engine rounds where transformers rounds: the
+# convolution (tests/test_hybrid_bf16.py) and Qwen3.5-MoE's weighted expert outputs (``fused_moe(round_weights)``);
+# their zero-centred norm weights are drawn near 0 (tests/conftest.py).
 
 
 def expect_known_failure(request, checkpoint: str, eager: bool) -> None:
@@ -63,9 +52,6 @@ def test_float32_is_token_identical_to_transformers(request, checkpoint, eager):
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
 def test_bfloat16_diverges_only_at_near_ties(request, checkpoint, eager):
     expect_known_failure(request, checkpoint, eager)
-    family = request.node.callspec.params["checkpoint"]
-    if (family, eager) in KNOWN_BF16:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BF16[family, eager]))
     from nanovllm.tools import oracle
     verdicts = oracle.run(checkpoint, "bfloat16", "cuda", 8, 24, 0.1, enforce_eager=eager, **ENGINE)
     assert failures(verdicts, {"identical", "near-tie"}) == []
