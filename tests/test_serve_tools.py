@@ -10,7 +10,8 @@ pytest.importorskip("xgrammar")
 
 from nanovllm.entrypoints.protocol import APIError, ChatRequest  # noqa: E402
 from nanovllm.entrypoints.parsers import tool_parser  # noqa: E402
-from nanovllm.entrypoints.tool_calls import ToolPlan, ToolStream  # noqa: E402
+from nanovllm.entrypoints.chat_reply import ToolStream, tool_reply  # noqa: E402
+from nanovllm.entrypoints.tool_calls import ToolPlan  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -34,7 +35,7 @@ def test_tool_choice_defaults_to_auto_with_tools_and_none_renders_no_tools():
     assert auto.mode == "auto" and auto.render == [WEATHER] and auto.constraint() is None
     none = plan(tools=[WEATHER], tool_choice="none")
     assert none.mode == "none" and none.render is None
-    assert none.reply('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', "stop")[1] == []
+    assert tool_reply(none, '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', "stop")[1] == []
 
 
 def test_a_named_function_is_constrained_to_its_parameters():
@@ -42,11 +43,11 @@ def test_a_named_function_is_constrained_to_its_parameters():
     assert named.mode == "named" and named.constraint().json == WEATHER["function"]["parameters"]
     empty = plan(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert empty.constraint().json == {"type": "object", "properties": {}}
-    content, calls, reason = named.reply('{"city": "Paris", "unit": "c"}', "stop")
+    content, calls, reason = tool_reply(named, '{"city": "Paris", "unit": "c"}', "stop")
     assert content is None and reason == "tool_calls" and len(calls) == 1
     assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}
     assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
-    assert named.reply('{"city": "Par', "length") == ('{"city": "Par', [], "length")  # cut short: no call
+    assert tool_reply(named, '{"city": "Par', "length") == ('{"city": "Par', [], "length")  # cut short: no call
 
 
 def test_required_is_an_array_of_calls_to_any_tool():
@@ -58,7 +59,7 @@ def test_required_is_an_array_of_calls_to_any_tool():
     assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
     text = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo", ' \
            '"unit": "f"}}]'
-    content, calls, reason = required.reply(text, "stop")
+    content, calls, reason = tool_reply(required, text, "stop")
     assert content is None and reason == "tool_calls"
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("get_time", {}), ("get_weather", {"city": "Oslo", "unit": "f"})]
@@ -113,9 +114,9 @@ def test_the_hermes_parser(text, content, calls):
 
 def test_auto_replies_finish_on_tool_calls_only_when_a_call_parsed():
     auto = plan(tools=[WEATHER])
-    assert auto.reply("Hello", "stop") == ("Hello", [], "stop")
-    assert auto.reply("", "length") == (None, [], "length")
-    content, calls, reason = auto.reply("Sure. " + CALL, "stop")
+    assert tool_reply(auto, "Hello", "stop") == ("Hello", [], "stop")
+    assert tool_reply(auto, "", "length") == (None, [], "length")
+    content, calls, reason = tool_reply(auto, "Sure. " + CALL, "stop")
     assert (content, reason, [c["function"]["name"] for c in calls]) == ("Sure.", "tool_calls", ["get_weather"])
 
 
@@ -124,7 +125,7 @@ def test_auto_replies_finish_on_tool_calls_only_when_a_call_parsed():
 @pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_a_streamed_choice_adds_up_to_the_reply_whatever_the_pieces(text, choice):
     tool_plan = plan(tools=[WEATHER], tool_choice=choice)
-    want_content, want_calls, want_reason = tool_plan.reply(text, "stop")
+    want_content, want_calls, want_reason = tool_reply(tool_plan, text, "stop")
     for size in (1, 3, 7):
         stream = ToolStream(tool_plan)
         pushed = [stream.push(text[i:i + size]) for i in range(0, len(text), size)]

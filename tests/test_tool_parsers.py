@@ -14,7 +14,8 @@ pytest.importorskip("xgrammar")
 
 from nanovllm.entrypoints.parsers import TOOL_PARSERS, tool_parser  # noqa: E402
 from nanovllm.entrypoints.protocol import ChatRequest  # noqa: E402
-from nanovllm.entrypoints.tool_calls import ToolPlan, ToolStream  # noqa: E402
+from nanovllm.entrypoints.chat_reply import ToolStream, tool_reply  # noqa: E402
+from nanovllm.entrypoints.tool_calls import ToolPlan  # noqa: E402
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string", "pattern": "^[A-Za-z]{1,10}$"}, "days": {"type": "integer", "enum": [1, 2, 3]}},
@@ -116,7 +117,7 @@ def streamed(tool_plan: ToolPlan, pieces) -> tuple[str | None, list[dict], str |
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
 def test_a_streamed_reply_adds_up_to_the_whole_reply_whatever_the_pieces(parser, reply, content, calls, size):
     tool_plan = plan(parser)
-    want_content, want_calls, want_reason = tool_plan.reply(reply, "stop")
+    want_content, want_calls, want_reason = tool_reply(tool_plan, reply, "stop")
     got_content, got_calls, reason, _ = streamed(tool_plan, [reply[i:i + size] for i in range(0, len(reply), size)])
     assert (got_content, reason) == (want_content, want_reason) and got_content == content
     assert [(c["name"], c["arguments"]) for c in got_calls] == [(c["function"]["name"], c["function"]["arguments"])
@@ -138,7 +139,7 @@ def test_calls_stream_as_they_are_read_not_at_the_end():
 
 @pytest.mark.parametrize("parser,reply", [(p, r) for p, r, _, calls in CASES if calls])
 def test_tool_choice_none_leaves_the_markup_in_the_content(parser, reply):
-    assert plan(parser, "none").reply(reply, "stop") == (reply, [], "stop")
+    assert tool_reply(plan(parser, "none"), reply, "stop") == (reply, [], "stop")
     content, calls, reason, _ = streamed(plan(parser, "none"), [reply[:5], reply[5:]])
     assert (content, calls, reason) == (reply, [], "stop")
 
@@ -152,7 +153,7 @@ def test_forced_calls_read_the_constrained_json_whatever_the_parser(parser):
                                ({"type": "function", "function": {"name": "get_weather"}}, named, [PARIS])]:
         tool_plan = plan(parser, choice)
         assert tool_plan.constraint() is not None
-        content, calls, reason = tool_plan.reply(text, "stop")
+        content, calls, reason = tool_reply(tool_plan, text, "stop")
         assert (content, reason) == (None, "tool_calls")
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == want
         got_content, got_calls, _, early = streamed(tool_plan, [text[:9], text[9:]])
@@ -163,7 +164,7 @@ def test_forced_calls_read_the_constrained_json_whatever_the_parser(parser):
 def test_parallel_tool_calls_false_keeps_the_first_call_with_every_parser():
     for parser, reply, _, calls in CASES:
         if len(calls) == 2:
-            _, got, _ = plan(parser, parallel_tool_calls=False).reply(reply, "stop")
+            _, got, _ = tool_reply(plan(parser, parallel_tool_calls=False), reply, "stop")
             assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == calls[:1]
 
 

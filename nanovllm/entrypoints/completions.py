@@ -18,7 +18,8 @@ import time
 from starlette.responses import JSONResponse, Response
 
 from nanovllm.completion import logprob_dict
-from nanovllm.entrypoints.protocol import APIError, CompletionRequest, max_tokens_for
+from nanovllm.entrypoints.limits import max_tokens_for
+from nanovllm.entrypoints.protocol import APIError, CompletionRequest
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import DONE, EventStreamResponse, sse, unless_disconnected
 from nanovllm.entrypoints.structured import request_constraint

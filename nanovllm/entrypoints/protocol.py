@@ -1,15 +1,16 @@
-"""The OpenAI request bodies (pydantic), the error shape, and turning a request into ``SamplingParams``.
+"""The OpenAI request bodies (pydantic), their checks, and turning a request into ``SamplingParams``.
 
-Errors a client causes are raised as ``APIError`` and answered as ``{"error": {"message", "type", "param",
-"code"}}`` with the status it carries (``app.py``).  The models declare every field of OpenAI's two request
-bodies and the vLLM extras nanovllm takes (``top_k``, ``min_p``, ``min_tokens``, ``stop_token_ids``,
+Errors a client causes are raised as ``APIError`` (``errors.py``) and answered as ``{"error": {"message",
+"type", "param", "code"}}`` with the status it carries (``app.py``).  The models declare every field of OpenAI's
+two request bodies and the vLLM extras nanovllm takes (``top_k``, ``min_p``, ``min_tokens``, ``stop_token_ids``,
 ``ignore_eos``, ``repetition_penalty``, ``skip_special_tokens``, ``include_stop_str_in_output``,
 ``chat_template_kwargs``, ``structured_outputs``, ``guided_*``); any other field is a 400 naming it (extras are
 forbidden; ``app.py`` words the error with ``fields.unknown_field``).  Fields whose feature nanovllm lacks
 (``fields.NEUTRAL``) are accepted at their neutral value and rejected with a 400 naming them otherwise, never
 silently ignored.  Every text a request carries (dict keys included) must be valid Unicode: ``check_text``.
-A request naming another model is a 404 (``check_model``); a prompt leaving no room under ``max_model_len``, or an
-explicit ``max_tokens`` past it, a 400 (``max_tokens_for``: without one, the default is capped to the room left).
+A request naming another model is a 404 (``check_model``); a prompt leaving no room under ``max_model_len``, or
+an explicit ``max_tokens`` past it, a 400 (``limits.max_tokens_for``: without one, the default is capped to the
+room left).
 """
 import json
 import re
@@ -17,48 +18,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from nanovllm.entrypoints.errors import APIError, bad_request
 from nanovllm.entrypoints.fields import non_neutral
 from nanovllm.prompts import TEMPLATE_ARGUMENTS
 from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions ``logprobs``
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               500: "server_error", 503: "server_error"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param)
-
-
 def check_model(model: str | None, served: str) -> None:
     if model is not None and model != served:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{served}`.", "model",
                        "model_not_found")
-
-
-def max_tokens_for(max_model_len: int, num_prompt_tokens: int, requested: int | None, default: int | None,
-                   field: str = "max_tokens") -> int:
-    room = max_model_len - num_prompt_tokens
-    if room <= 0:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
-                          f"{num_prompt_tokens}: no room is left for a completion.", "prompt")
-    if requested is None:
-        return room if default is None else min(default, room)
-    if requested > room:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                          f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, {requested} in "
-                          f"the completion). Please reduce the prompt or {field}.", field)
-    return requested
 
 
 def check_text(value, param: str) -> None:
@@ -290,10 +259,12 @@ class ChatRequest(_Request):
                 raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
                                   "top_logprobs")
 
-    def prompt_params(self, prompt_len: int, max_model_len: int, defaults: dict,
-                      constraint: StructuredOutputsParams | None, vocab_size: int | None) -> SamplingParams:
-        """The chat's ``SamplingParams`` for a prompt of ``prompt_len`` tokens (``max_tokens_for``, ``constraint``)."""
-        field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-        return self.sampling_params(max_tokens_for(max_model_len, prompt_len, getattr(self, field), None, field),
-                                    defaults, (self.top_logprobs or 0) if self.logprobs else None,
-                                    structured_outputs=constraint, vocab_size=vocab_size)
+    def chat_params(self, served_model: str, defaults: dict, vocab_size: int | None) -> SamplingParams:
+        """The checked request's (``check_unsupported``) model checked (``check_model``) and its ``SamplingParams``,
+        ``max_tokens`` the one asked for or, without one, a stand-in (``min_tokens``, at least 1) until the prompt's
+        length sets the room left (``limits.fit_params``, which checks ``min_tokens`` against it)."""
+        check_model(self.model, served_model)
+        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        stand_in = max(self.min_tokens or 0, 1)
+        return self.sampling_params(requested if requested is not None else stand_in, defaults,
+                                    (self.top_logprobs or 0) if self.logprobs else None, vocab_size=vocab_size)

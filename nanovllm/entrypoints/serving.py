@@ -22,8 +22,9 @@ import uuid
 
 from nanovllm.entrypoints.choices import run_choices
 from nanovllm.entrypoints.engine_loop import EngineDead, EngineLoop, Overloaded
+from nanovllm.entrypoints.errors import APIError, bad_request
 from nanovllm.entrypoints.metrics import ServerMetrics
-from nanovllm.entrypoints.protocol import APIError, bad_request, check_model
+from nanovllm.entrypoints.protocol import check_model
 from nanovllm.entrypoints.tokenizing import BatchTokenizer
 from nanovllm.pooling_params import PoolerConfig, resolve_pooler
 from nanovllm.prompts import Prompts

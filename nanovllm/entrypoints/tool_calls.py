@@ -1,5 +1,6 @@
-"""Tool calls in ``/v1/chat/completions``: ``tools`` and ``tool_choice`` checked, the constraint a forced call
-needs, and a reply's text turned into OpenAI tool calls.
+"""Tool calls in ``/v1/chat/completions``, the request side: ``tools`` and ``tool_choice`` checked into a
+``ToolPlan`` and the constraint a forced call needs; a reply's text is turned into OpenAI tool calls in
+``chat_reply.py`` (``tool_reply``, ``ToolStream``), which takes the plan as data.
 
 ``ToolPlan.of(req, parser)`` reads the request (None without tools and without ``tool_choice``); ``tool_choice`` is
 "auto" by default when tools are given.  The chat template renders the tools (``render``) unless it is "none".
@@ -10,12 +11,10 @@ needs, and a reply's text turned into OpenAI tool calls.
 * a named function: the output is constrained to its ``parameters`` schema; the reply is one call to it.
 * "required": the output is constrained to a JSON array (at least one item; exactly one with
   ``parallel_tool_calls=false``) of ``{"name", "parameters"}``; each item is a call.
-A reply with calls finishes on "tool_calls".  ``ToolStream`` streams a choice: content while no call may have
-started, each call (its id and name, then argument fragments) as the parser reads it, the rest at the end.
+A reply with calls finishes on "tool_calls".  ``skip_special_tokens`` is False where the parser's markup is a
+special token (the reply's text must keep it: ``chat.start_chat``).
 """
 import dataclasses
-import json
-import uuid
 
 from nanovllm.engine.grammar import check
 from nanovllm.entrypoints.parsers import DEFAULT_TOOL_PARSER, ToolParser, tool_parser
@@ -24,11 +23,6 @@ from nanovllm.entrypoints.structured import request_constraint
 from nanovllm.sampling_params import StructuredOutputsParams
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
-
-
-def openai_tool_call(name: str, arguments: str) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
 
 
 @dataclasses.dataclass
@@ -111,85 +105,10 @@ class ToolPlan:
             array["maxItems"] = 1
         return StructuredOutputsParams(json=array)
 
-    def auto_calls(self, text: str, final: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
-        """The parser's (content, [(name, arguments)]) of an "auto" reply (``final=False``: still streaming), only
-        the first call without ``parallel_tool_calls``."""
-        content, calls = self.parser.parse(text, final)
-        return content, calls if self.parallel else calls[:1]
-
-    def reply(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict], str | None]:
-        """(content, OpenAI tool calls, finish reason) of a choice's whole text.  Text that holds no call, such as
-        a forced call cut short by ``max_tokens``, is the content, with the finish reason as it was."""
-        calls: list[tuple[str, str]] = []
-        content: str | None = text
-        if self.mode == "auto":
-            content, calls = self.auto_calls(text)
-        elif self.mode in ("named", "required"):
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = None
-            if self.mode == "named" and isinstance(value, dict):
-                content, calls = None, [(self.name, text)]
-            elif self.mode == "required" and isinstance(value, list) and value and all(
-                    isinstance(v, dict) and isinstance(v.get("name"), str) for v in value):
-                content = None
-                calls = [(v["name"], json.dumps(v.get("parameters", {}), ensure_ascii=False)) for v in value]
-        if not calls:
-            return content or None, [], finish_reason
-        return content, [openai_tool_call(name, arguments) for name, arguments in calls], "tool_calls"
-
 
 def chat_tools(req, parser: type[ToolParser] | None = None) -> tuple[ToolPlan | None, StructuredOutputsParams | None]:
     """A chat request's ``ToolPlan`` (or None) and its one output constraint (``structured.request_constraint``, a
-    forced call's among them); a parser that reads special-token markup keeps it in the text."""
+    forced call's among them)."""
     plan = ToolPlan.of(req, parser)
-    if plan is not None and not plan.skip_special_tokens:
-        req.skip_special_tokens = False  # the parser reads markup that is a special token ([TOOL_CALLS])
     forced = plan.constraint() if plan is not None else None
     return plan, request_constraint(req, forced)
-
-
-class ToolStream:
-    """One streamed choice under a ``ToolPlan``: ``push`` each text delta, ``finish`` once it has ended; each gives
-    the content to send and the ``delta.tool_calls`` entries (a call's index, id, type and name with empty
-    arguments first, then its argument fragments), so that what is sent adds up to ``ToolPlan.reply`` of the whole
-    text as the ``openai`` client accumulates it.  Forced calls (named, required) are given at the end."""
-
-    def __init__(self, plan: ToolPlan):
-        self.plan, self.text, self.sent = plan, "", 0
-        self.calls: list[list[str]] = []  # per call sent: its id, name and the arguments sent
-
-    def push(self, text: str) -> tuple[str, list[dict]]:
-        self.text += text
-        if self.plan.mode == "none":  # nothing parsed: all content, as it comes
-            self.sent += len(text)
-            return text, []
-        if self.plan.mode != "auto":  # a forced call's text is the call: nothing is content until it fails to parse
-            return "", []
-        safe = self.text[:self.plan.parser.content_end(self.text)]
-        delta, self.sent = safe[self.sent:], max(self.sent, len(safe))
-        return delta, self._deltas(self.plan.auto_calls(self.text, final=False)[1])
-
-    def finish(self, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
-        """(the rest of the content, the rest of the calls' deltas, the finish reason)."""
-        content, calls, reason = self.plan.reply(self.text, finish_reason)
-        content = content or ""
-        assert content.startswith(self.text[:self.sent]), (content, self.text[:self.sent])
-        deltas = self._deltas([(c["function"]["name"], c["function"]["arguments"]) for c in calls])
-        return content[self.sent:], deltas, reason
-
-    def _deltas(self, calls: list[tuple[str, str]]) -> list[dict]:
-        out = []
-        for index, (name, arguments) in enumerate(calls):
-            if index == len(self.calls):
-                self.calls.append([f"call_{uuid.uuid4().hex[:24]}", name, ""])
-                out.append({"index": index, "id": self.calls[index][0], "type": "function",
-                            "function": {"name": name, "arguments": ""}})
-            _, sent_name, sent = self.calls[index]
-            assert name == sent_name and arguments.startswith(sent), (name, arguments, sent_name, sent)
-            if len(arguments) > len(sent):
-                out.append({"index": index, "function": {"arguments": arguments[len(sent):]}})
-                self.calls[index][2] = arguments
-        assert len(calls) >= len(self.calls), (calls, self.calls)
-        return out
