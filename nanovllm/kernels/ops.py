@@ -22,6 +22,7 @@ from nanovllm import traced
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import moe_reference, reference, sampling
 from nanovllm.kernels.linear_attention import ops as la_ops
+from nanovllm.kernels.lora import ops as lora_ops
 
 
 @torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
@@ -257,4 +258,4 @@ def process_logits(logits, slots, params, bitmask, counts, seen) -> torch.Tensor
 
 
 _OPS = ("store_kv", "rope_store_kv", "paged_attention", "linear", "linear_int4", "fused_moe", "moe_experts",
-        "process_logits", "gumbel_argmax") + la_ops.OPS  # and the linear-attention ops (kernels/linear_attention)
+        "process_logits", "gumbel_argmax") + la_ops.OPS + lora_ops.OPS  # and kernels/linear_attention's, kernels/lora's
