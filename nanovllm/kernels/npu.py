@@ -19,6 +19,7 @@ import torch
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels import moe_reference, ops, reference, sampling  # noqa: F401  (ops: defines the ops)
 from nanovllm.kernels.linear_attention import reference as la_reference
+from nanovllm.kernels.lora import reference as lora_reference
 
 _registered: set[str] = set()
 _FIA_DTYPES = (torch.float16, torch.bfloat16)
@@ -139,5 +140,6 @@ def register_npu_traced(graph_mode: str) -> None:
                      ("process_logits", logits_twin.process_logits_reference),
                      ("gumbel_argmax", sampling.gumbel_argmax_reference),
                      ("causal_conv1d", la_reference.causal_conv1d_reference),
-                     ("gated_delta_rule", la_reference.gated_delta_rule_reference)):
+                     ("gated_delta_rule", la_reference.gated_delta_rule_reference),
+                     ("lora_add", lora_reference.lora_add_reference)):
         ops.register_traced(name, "npu", fn)
