@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import graph_us, write_json
-from nanovllm.config import DEFAULT_GRAPH_BATCH_SIZES
+from nanovllm.graph_sizes import DEFAULT_GRAPH_BATCH_SIZES
 from nanovllm.kernels import weight_quant
 from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, fp8_config, table_key
 from nanovllm.kernels.reference import linear_reference
