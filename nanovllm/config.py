@@ -123,6 +123,14 @@ class EngineConfig:
                                             "(`nanovllm/pooling_params.py`); `\"classifier_from_token\": "
                                             "[\"no\", \"yes\"]` makes `LLM.score` and the score/rerank "
                                             "endpoints a yes/no reranker (`nanovllm/scoring.py`)")
+    enable_lora: bool = _opt(False, "serve LoRA adapters (PEFT format, on q/k/v/o/gate/up/down) beside the base "
+                                    "model, several in one batch (`LoRARequest`; `nanovllm/lora/`)")
+    max_loras: int = _opt(1, "with `enable_lora`: adapters held on the device at once (a request for another "
+                             "waits for a slot)")
+    max_lora_rank: int = _opt(16, "with `enable_lora`: the largest adapter rank (the pool's); a higher one is "
+                                  "refused")
+    max_cpu_loras: int | None = _opt(None, "with `enable_lora`: adapters kept loaded in host memory, least recently "
+                                           "used evicted (default: `max_loras`)")
     hf_config: dict = field(default_factory=dict, init=False)
     eos_token_ids: tuple = field(default=(), init=False)
 
@@ -155,6 +163,12 @@ class EngineConfig:
             _check_int("experts_on_device", self.experts_on_device, 1)
             if not self.offload_experts:
                 raise ValueError(f"experts_on_device={self.experts_on_device} needs offload_experts=True")
+        if not isinstance(self.enable_lora, bool):
+            raise TypeError(f"enable_lora must be a bool, got {self.enable_lora!r}")
+        _check_int("max_loras", self.max_loras, 1)
+        _check_int("max_lora_rank", self.max_lora_rank, 1)
+        self.max_cpu_loras = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+        _check_int("max_cpu_loras", self.max_cpu_loras, self.max_loras)
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")
         if self.num_kvcache_blocks is not None:

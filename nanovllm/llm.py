@@ -173,7 +173,7 @@ class LLM:
             prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, lora_request=None) -> list[dict]:
         """Generate for every prompt; returns one output per prompt, in input order (``Completion.output``,
         ``nanovllm/completion.py``), a dict of:
 
@@ -184,12 +184,23 @@ class LLM:
           prompt: None for its first token, then per prompt token a dict ``{token id: logprob}``, that token first
           (its logprob given the tokens before it), then the ``k`` most likely tokens there (1 to k + 1 entries);
         * ``"outputs"``, only with ``SamplingParams(n=k)``, k > 1: the k completions' outputs (the first is the dict
-          itself), choice i drawn with ``seed + i`` where the params give a seed."""
+          itself), choice i drawn with ``seed + i`` where the params give a seed.
+
+        ``lora_request``: a ``LoRARequest`` for every prompt, or a list of one per prompt (None: the base model),
+        with ``enable_lora``; an adapter that fails to load or fit queues no prompt of the call."""
         token_lists, params, images = self._validate(prompts, sampling_params)
-        engine = self.engine
-        groups = [[engine.add_request(ids, c, im) for c in _choices(p)]
-                  for ids, p, im in zip(token_lists, params, images)]
-        seqs = [s for group in groups for s in group]
+        loras = _per_prompt(lora_request, len(token_lists))
+        engine, seqs, groups = self.engine, [], []
+        try:
+            for ids, p, im, lora in zip(token_lists, params, images, loras):
+                groups.append([])
+                for choice in _choices(p):
+                    seqs.append(engine.add_request(ids, choice, im, lora))
+                    groups[-1].append(seqs[-1])
+        except BaseException:
+            for seq in seqs:
+                engine.abort(seq)
+            raise
         completions = {s.seq_id: Completion(self.tokenizer, s.params) for s in seqs}
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         outputs = {}  # seq_id -> output, made as each finishes (while the device runs the steps queued)
@@ -261,3 +272,13 @@ def _choices(params: SamplingParams) -> list[SamplingParams]:
         return [params]
     return [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
             for i in range(params.n)]
+
+
+def _per_prompt(lora_request, n: int) -> list:
+    """``generate``'s ``lora_request`` as one entry per prompt."""
+    if isinstance(lora_request, (list, tuple)):
+        if len(lora_request) != n:
+            raise ValueError(f"lora_request has {len(lora_request)} entries for {n} prompts: give one, or one per "
+                             f"prompt")
+        return list(lora_request)
+    return [lora_request] * n

@@ -68,6 +68,7 @@ def key_fields(config, *, dtype, kv_dtype, num_kv_blocks: int, platform, num_win
         "kernel_options": platform.options.as_dict(), "torch": torch.__version__,
         "triton": triton_version, "nanovllm": __version__, "source_sha256": source_hash(),
         "inductor_pdl": _inductor_pdl(), **({"num_window_blocks": num_window_blocks} if num_window_blocks else {}),
+        **({"lora": [config.max_loras, config.max_lora_rank]} if config.enable_lora else {}),
     }
 
 

@@ -79,6 +79,12 @@ class _Seen(NamedTuple):
 
 
 class Drafter:
+    @classmethod
+    def make(cls, config: EngineConfig, platform, dtype: torch.dtype) -> "Drafter | None":
+        """The draft model of a ``draft_model`` speculative config, else None."""
+        method = config.speculative.method if config.speculative is not None else None
+        return cls(config, platform, dtype) if method == "draft_model" else None
+
     def __init__(self, config: EngineConfig, platform, dtype: torch.dtype):
         """Load the draft model (before the target's KV cache is sized: its weights count); ``start`` makes the
         rest once the number of blocks is known."""

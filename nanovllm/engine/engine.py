@@ -23,7 +23,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 import nanovllm.distributed as distributed
 from nanovllm.distributed import liveness
-from nanovllm.engine import hybrid_state, pooling
+from nanovllm.engine import hybrid_state, lora_slots, pooling
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.outputs import SequenceOutput, StepResult
@@ -61,6 +61,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.eos_token_ids, config.mixed_prefill,
                                    self.runner.drafter or config.speculative)
+        self.scheduler.loras = self.runner.loras
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens)
@@ -105,10 +106,13 @@ class Engine:
                 "kernel_options": self.platform.options.as_dict(), **liveness.longest_waits()}
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
-                    images: ImageInputs | None = None) -> Sequence:
+                    images: ImageInputs | None = None, lora_request=None) -> Sequence:
         """Queue a request; ``images`` for a prompt with images (vision-language models), copied: each sequence
         keeps its own tower output while it prefills.  ``PoolingParams`` make it a pooling request, resolved against
-        the engine's pooler (``PoolingParams.resolve`` raises ``ValueError`` first for what it refuses)."""
+        the engine's pooler (``PoolingParams.resolve`` raises ``ValueError`` first for what it refuses);
+        ``lora_request`` the adapter it runs with (``lora_slots.check``)."""
+        if lora_request is not None:
+            lora_slots.check(self.runner.loras, lora_request)
         pooling = None
         if isinstance(params, PoolingParams):
             pooling, params = params.resolve(self.config.pooler, self.config.hf_config), POOLING_SAMPLING
@@ -118,6 +122,7 @@ class Engine:
                 else int(self._rng.integers(0, 2**31 - 1)))  # a pooling request draws nothing
         images = dataclasses.replace(images, encoded=None) if images is not None else None
         seq = Sequence(self._next_id, prompt_token_ids, params, seed, images, pooling)
+        seq.lora = lora_request
         if params.structured_outputs is not None:
             seq.grammar = self.runner.grammars.start(params.structured_outputs)
         self._next_id += 1

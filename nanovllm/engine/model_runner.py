@@ -24,7 +24,6 @@ from nanovllm.compile.factory import make_executor
 from nanovllm.config import EngineConfig
 from nanovllm.engine import hybrid_state, image_step, pooling, runner_report, runner_setup, verify_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
-from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.grammar import Grammars
 from nanovllm.engine.kv_cache import KVCacheSpec, plan_num_blocks, register_engine
 from nanovllm.engine.logits_slots import LogitsSlots
@@ -61,8 +60,7 @@ class ModelRunner:
                                  offload_experts=config.offload_experts, experts_on_device=config.experts_on_device,
                                  offload_host_share=config.offload_host_share,
                                  scheme=config.quant_scheme, online=config.online_scheme)
-        spec_method = config.speculative.method if config.speculative is not None else None
-        self.drafter = Drafter(config, platform, self.dtype) if spec_method == "draft_model" else None
+        self.loras, self.drafter = runner_setup.beside_model(self)  # LoRA pool, draft model: before KV sizing
         phase("build_model", "sizing the KV cache")
         a = self.model.args
         self.vocab_size = a.vocab_size

@@ -64,6 +64,7 @@ class PrefillInputBuilder:
                 **arrays) -> StepInputs:
         if token_slots is None:
             token_slots = np.full(len(arrays["input_ids"]), PADDING["token_slots"])
+        arrays.setdefault("lora_slots", np.zeros(len(arrays["input_ids"]), np.int64))  # ``dummy``, ``probe``: none
         windowed = windowed and bool(self.window)
         if windowed and "window_tables" not in arrays:  # ``dummy``, ``probe``: the full pool's blocks in both
             arrays.update(window_tables=arrays["block_tables"].copy(),  # copies: inputs that alias would be traced
@@ -124,13 +125,15 @@ class PrefillInputBuilder:
         context = np.zeros(rows, np.int64)
         context[:len(seqs)] = [s.num_computed_tokens + n for s, n in zip(seqs, batch.num_new_tokens)]
         token_slots = np.full(num_tokens, PADDING["token_slots"])
+        lora = np.zeros(num_tokens, np.int64)
+        lora[:cu[len(seqs)]] = np.repeat([s.lora_slot for s in seqs], batch.num_new_tokens)
         for row, token_slot in pending:
             token_slots[row] = token_slot
         return self._finish(True, target, token_slots, input_ids=np.concatenate(tokens),
                             positions=np.concatenate(positions),
                             slot_mapping=np.concatenate(slots), block_tables=tables, context_lens=context,
                             cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=out_slots, state_slots=state_slots,
-                            **window, **sampling_arrays(seqs, rows))
+                            lora_slots=lora, **window, **sampling_arrays(seqs, rows))
 
     def dummy(self, tokens: int = 7, rows: int = 3, packed: bool = False, windowed: bool = True) -> StepInputs:
         """A prefill of ``tokens`` tokens in ``rows`` sequences (the last of one token) that writes nothing (every

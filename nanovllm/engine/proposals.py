@@ -6,10 +6,11 @@ never reaches past the request's ``max_tokens`` or ``max_model_len``, and takes 
 ones last, in the full pool and a window pool (its limit is cut to the room its blocks have, never preempting
 anyone).  The blocks are taken before proposing, since a draft model (``drafter.py``) writes its own KV at those
 positions.  The proposer is the n-gram ``SpeculativeConfig`` or a ``Drafter``: anything with
-``propose_all(seqs, limits)``.
+``propose_all(seqs, limits)``.  ``resolve_verify`` takes a resolved verify step's accepted tokens in.
 """
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from nanovllm.speculative import accept
 
 
 def propose(seqs: list[Sequence], proposer, block_manager: BlockManager, max_model_len: int
@@ -35,3 +36,30 @@ def propose(seqs: list[Sequence], proposer, block_manager: BlockManager, max_mod
         return None
     proposals = [p[:limit] for p, limit in zip(proposer.propose_all(seqs, limits), limits)]
     return proposals if any(proposals) else None
+
+
+def resolve_verify(scheduler, batch, drawn: list[int]) -> list[Sequence]:
+    """Add each sequence's accepted tokens (``speculative.accept``) up to a stop; finish on a stop or length.
+    The KV of rejected proposals lies past ``num_computed_tokens``, to be overwritten."""
+    finished, row, bm = [], 0, scheduler.block_manager
+    for i, (seq, proposal) in enumerate(zip(batch.seqs, batch.proposals)):
+        tokens = accept(proposal, drawn[row:row + len(proposal) + 1])
+        row += len(proposal) + 1
+        batch.accepted.append(len(tokens) - 1)
+        if seq.status is SequenceStatus.FINISHED:  # aborted since
+            continue
+        for token in tokens:
+            seq.token_ids.append(token)
+            seq.num_computed_tokens += 1
+            ends = len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= scheduler.max_model_len
+            stops = scheduler.stops_on(seq, token, len(seq) - 1)
+            if stops or ends:
+                scheduler.finish(seq, "stop" if stops else "length")
+                finished.append(seq)
+                break
+        batch.sampled.append((i, seq, len(seq) - 1))
+        if seq.status is not SequenceStatus.FINISHED and \
+                seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
+            scheduler.publish(seq)
+    bm.release_windows(batch.seqs)
+    return finished

@@ -1,4 +1,5 @@
-"""The start-up runs of a ``ModelRunner`` (``model_runner.py``) beside its step launches: planning the pools beside
+"""The start-up runs of a ``ModelRunner`` (``model_runner.py``) beside its step launches: what sits beside the
+model (a LoRA adapters' pool, a draft model), planning the pools beside
 the KV blocks, calibrating an FP8 KV cache's scales, probing the peak memory of the largest step before the KV cache
 is sized, allocating it, and warming the largest uncaptured prefill so its activations sit in the caching allocator
 before the first request.
@@ -10,12 +11,21 @@ import torch
 import nanovllm.distributed as distributed
 
 from nanovllm.engine import hybrid_state, verify_step
+from nanovllm.engine.drafter import Drafter
+from nanovllm.engine.lora_slots import EngineLoras
 from nanovllm.engine.kv_cache import KVCacheSpec
 from nanovllm.layers.sampler import sample
 from nanovllm.models import kv_scales
 from nanovllm.models.loader import checkpoint_files
 
 CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
+
+
+def beside_model(runner) -> tuple:
+    """(the ``EngineLoras`` of ``enable_lora``, the ``Drafter`` of a draft-model speculative config), each or None:
+    made after the model and before the KV cache is sized, so their memory counts."""
+    config = runner.config
+    return EngineLoras.make(runner.model, config), Drafter.make(config, runner.platform, runner.dtype)
 
 
 def plan_pools(runner) -> bool:

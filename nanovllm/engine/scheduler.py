@@ -12,7 +12,8 @@ by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows fo
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
 A decode step may verify proposals (``proposals.py``; ``resolve`` keeps what ``speculative.accept`` keeps).
 It owns a running sequence's KV blocks and token slot (its row of the device token buffer), handed out on admission
-and taken back on preemption, finish and abort (late writes by queued steps land unread).
+and taken back on preemption, finish and abort (late writes by queued steps land unread), and its LoRA adapter's
+slot pin (``lora_slots.py``): a sequence whose adapter finds no slot waits, never dropped.
 """
 from collections import deque
 
@@ -20,8 +21,7 @@ from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.hybrid_state import cut_chunk
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
-from nanovllm.engine.proposals import propose
-from nanovllm.speculative import accept
+from nanovllm.engine.proposals import propose, resolve_verify
 
 
 class Scheduler:
@@ -37,6 +37,7 @@ class Scheduler:
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))  # token slots of no running sequence
         self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
         self.speculative = speculative  # the proposer of decode steps (``proposals.py``), or None
+        self.loras = None  # the engine's LoRA adapters (``lora_slots.EngineLoras``), with ``enable_lora``
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,7 +74,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING_TOKEN:  # preempted with tokens still being sampled: wait for them
                 break
-            if not bm.try_allocate(seq, budget):  # its blocks, and its first chunk's window blocks
+            if not self._admit(seq, budget):  # its adapter's slot, its blocks and its first chunk's window blocks
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -85,6 +86,17 @@ class Scheduler:
         if snapshots is not None:
             snapshots.commit()
         return batch
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Pin a waiting sequence's LoRA adapter in a device slot (``EngineLoras``), then give it its blocks; False
+        (holding neither) when every slot is pinned or the blocks do not fit: it waits."""
+        if self.loras is not None and not self.loras.admit(seq):
+            return False
+        if self.block_manager.try_allocate(seq, budget):
+            return True
+        if self.loras is not None:
+            self.loras.release(seq)
+        return False
 
     def _add_decode_rows(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
         """Let running sequences past their prompt ride in this prefill step, one token each (their newest, which
@@ -178,17 +190,17 @@ class Scheduler:
             computed = seq.num_computed_tokens + n
             seq.num_computed_tokens = computed
             if computed // block_size > len(hashes[seq.seq_id]):
-                self._publish(seq)  # a block just filled up
+                self.publish(seq)  # a block just filled up
             if not (decode or computed == len(tokens)):  # a prefill chunk short of the last token samples nothing
                 continue
             if seq.pooling is not None:  # a pooling request ends with its prompt; it is reported once resolved
-                self._finish(seq, "stop")
+                self.finish(seq, "stop")
                 batch.finished.append(seq)
                 continue
             batch.sampled.append((i, seq, len(tokens)))
             tokens.append(PENDING_TOKEN)
             if len(tokens) - seq.num_prompt_tokens >= seq.params.max_tokens or len(tokens) >= self.max_model_len:
-                self._finish(seq, "length")
+                self.finish(seq, "length")
                 batch.finished.append(seq)
         self.block_manager.release_windows(batch.seqs)  # (once published: a released block keeps its hash)
 
@@ -199,7 +211,7 @@ class Scheduler:
         the batch asked for them (``ModelRunner``).  Steps are resolved in launch order, so each token filled in
         is its sequence's oldest pending one, and ``seq.logprobs`` stays one entry per resolved token."""
         if batch.proposals is not None:
-            return self._resolve_verify(batch, token_ids)
+            return resolve_verify(self, batch, token_ids)
         finished = list(batch.finished)
         for row, seq, index in batch.sampled:
             if index >= len(seq.token_ids):  # cut off after an EOS resolved in an earlier step, or aborted
@@ -211,45 +223,19 @@ class Scheduler:
                 values, ids = logprobs
                 k = seq.params.logprobs
                 seq.logprobs.append((float(values[row, 0]), ids[row, :k].tolist(), values[row, 1:k + 1].tolist()))
-            if self._stops_on(seq, token, index):
+            if self.stops_on(seq, token, index):
                 del seq.token_ids[index + 1:]  # tokens sampled after the stop token, by steps already launched
                 if seq.status is not SequenceStatus.FINISHED:
-                    self._finish(seq, "stop")
+                    self.finish(seq, "stop")
                     finished.append(seq)
                 else:  # finished on length by a later step's ``advance``; reported when that step resolves
                     seq.finish_reason = "stop"
         if self._unpublished:
             for seq in list(self._unpublished):
-                self._publish(seq)
+                self.publish(seq)
         return finished
 
-    def _resolve_verify(self, batch: ScheduledBatch, drawn: list[int]) -> list[Sequence]:
-        """Add each sequence's accepted tokens (``speculative.accept``) up to a stop; finish on a stop or length.
-        The KV of rejected proposals lies past ``num_computed_tokens``, to be overwritten."""
-        finished, row, bm = [], 0, self.block_manager
-        for i, (seq, proposal) in enumerate(zip(batch.seqs, batch.proposals)):
-            tokens = accept(proposal, drawn[row:row + len(proposal) + 1])
-            row += len(proposal) + 1
-            batch.accepted.append(len(tokens) - 1)
-            if seq.status is SequenceStatus.FINISHED:  # aborted since
-                continue
-            for token in tokens:
-                seq.token_ids.append(token)
-                seq.num_computed_tokens += 1
-                ends = len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
-                stops = self._stops_on(seq, token, len(seq) - 1)
-                if stops or ends:
-                    self._finish(seq, "stop" if stops else "length")
-                    finished.append(seq)
-                    break
-            batch.sampled.append((i, seq, len(seq) - 1))
-            if seq.status is not SequenceStatus.FINISHED and \
-                    seq.num_computed_tokens // bm.block_size > len(bm.seq_hashes[seq.seq_id]):
-                self._publish(seq)
-        bm.release_windows(batch.seqs)
-        return finished
-
-    def _publish(self, seq: Sequence) -> None:
+    def publish(self, seq: Sequence) -> None:
         """Register the sequence's computed full blocks whose tokens are all resolved; remember it if a pending
         token holds one back."""
         resolved = len(seq.token_ids)
@@ -269,10 +255,10 @@ class Scheduler:
         if seq.status is SequenceStatus.FINISHED:
             return False
         del seq.token_ids[seq.num_resolved_tokens:]
-        self._finish(seq, "abort")
+        self.finish(seq, "abort")
         return True
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
@@ -282,14 +268,16 @@ class Scheduler:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Give back the sequence's KV blocks and token slot (a preempted one may hold neither any more)."""
+        """Give back the sequence's KV blocks, adapter pin and token slot (a preempted one may hold none any more)."""
         self.block_manager.free(seq)
+        if self.loras is not None:
+            self.loras.release(seq)
         self._unpublished.discard(seq)
         if seq.token_slot is not None:
             self.free_slots.append(seq.token_slot)
             seq.token_slot = None
 
-    def _stops_on(self, seq: Sequence, token: int, index: int) -> bool:
+    def stops_on(self, seq: Sequence, token: int, index: int) -> bool:
         """Whether ``token``, at ``index`` of ``seq``, ends it (never before ``min_tokens`` completion tokens)."""
         if index + 1 - seq.num_prompt_tokens < seq.params.min_tokens:
             return False

@@ -71,6 +71,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
         self.num_preemptions = 0  # times it was sent back to the queue
         self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
+        self.lora = None  # its ``LoRARequest`` (None: the base model)
+        self.lora_slot = 0  # its adapter's slot in the device pool while running (kernels/lora; 0: none)
         self.state_restore: int | None = None  # hybrid models: the snapshot its first chunk starts from
         self.capture_points: list = []  # hybrid models: (tokens, block hash) where its state is snapshotted
         self.num_reported_tokens = 0  # completion tokens the engine's step outputs carried so far
@@ -85,8 +87,11 @@ class Sequence:
         self.grammar = None  # a ``grammar.SequenceGrammar`` if ``params.structured_outputs`` is set (the engine's)
 
     def block_key(self, start: int, end: int) -> tuple:
-        """The identity of the KV of tokens [start, end): their ids, then the hashes of images among them."""
+        """The identity of the KV of tokens [start, end): their ids, minus its LoRA adapter's id if it has one, then
+        the hashes of images among them."""
         tokens = tuple(self.token_ids[start:end])
+        if self.lora is not None:  # an adapter's KV is its own: never shared with the base or another adapter
+            tokens += (-self.lora.lora_int_id,)
         return tokens + self.images.keys_between(start, end) if self.images is not None else tokens
 
     def rope_positions(self, start: int, n: int) -> np.ndarray:

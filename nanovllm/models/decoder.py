@@ -68,11 +68,13 @@ class DecoderArgs:
         )
 
 
-def project(linear: nn.Linear, x: torch.Tensor, bias: bool = True, silu_mul: bool = False) -> torch.Tensor:
+def project(linear: nn.Linear, x: torch.Tensor, bias: bool = True, silu_mul: bool = False,
+            lora_slots: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(x)`` through ``ops.linear`` (the tuned Triton kernel for decode-sized batches), with the weight's
     FP8 scales where it has them (``quant/fp8_weights.py``), or ``ops.linear_int4`` for an int4 weight
-    (``quant/int4_weights.py``); ``bias=False`` leaves the bias out."""
-    return tp.matmul(linear, x, linear.bias if bias else None, silu_mul)
+    (``quant/int4_weights.py``); ``bias=False`` leaves the bias out; LoRA adapters by ``lora_slots``
+    (``tp.matmul``)."""
+    return tp.matmul(linear, x, linear.bias if bias else None, silu_mul, lora_slots)
 
 
 class Attention(nn.Module):
@@ -110,7 +112,7 @@ class Attention(nn.Module):
         scales = (self.k_scale, self.v_scale) if kv_quant.is_fp8(k_cache) else (None, None)
         rows, cos, sin = rope
         tables, slots = inputs.kv_tables(self.window)  # a sliding layer's: its window pool's, where it has one
-        q = ops.rope_store_kv(project(self.qkv_proj, h), rows, cos, sin,
+        q = ops.rope_store_kv(project(self.qkv_proj, h, lora_slots=inputs.lora_slots), rows, cos, sin,
                               self.q_norm.weight if self.q_norm is not None else None,
                               self.k_norm.weight if self.k_norm is not None else None, self.eps, k_cache, v_cache,
                               slots, self.num_heads, self.num_kv_heads, *scales)
@@ -134,11 +136,11 @@ class MLP(nn.Module):
     def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
         return [(self.gate_up_proj, "weight", False), (self.down_proj, "weight", True)]
 
-    def forward(self, x):
-        h = project(self.gate_up_proj, x, silu_mul=True)
+    def forward(self, x, lora_slots=None):
+        h = project(self.gate_up_proj, x, silu_mul=True, lora_slots=lora_slots)
         if self.reduce:
-            return tp.row_parallel(self.down_proj, h)
-        return project(self.down_proj, h, bias=tp.first_rank())
+            return tp.row_parallel(self.down_proj, h, lora_slots)
+        return project(self.down_proj, h, bias=tp.first_rank(), lora_slots=lora_slots)
 
 
 class DecoderLayer(nn.Module):
@@ -152,7 +154,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, h, inputs, kv, next_norm: RMSNorm, rope: tuple):
         """x: the residual stream; h: x through this layer's input norm.  Returns the new x, and it through
         ``next_norm`` (the next layer's input norm, or the final norm), so that norm fuses into this layer."""
-        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope))
+        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope), inputs.lora_slots)
 
 
 def _compile_once(fn):
@@ -166,9 +168,10 @@ def _compile_once(fn):
 
 
 @_compile_once
-def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o):
-    x = x + tp.row_parallel(layer.self_attn.o_proj, o)
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
+def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o, lora_slots=None):
+    x = x + tp.row_parallel(layer.self_attn.o_proj, o, lora_slots)
+    h = layer.post_attention_layernorm(x)
+    x = x + (layer.mlp(h, lora_slots) if isinstance(layer.mlp, MLP) else layer.mlp(h))  # MoE blocks: no adapters
     return x, next_norm(x)
 
 

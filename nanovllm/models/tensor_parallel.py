@@ -17,6 +17,7 @@ tensor a rank's parameter holds, from the parameter's local shape, so the loader
 import torch
 
 import nanovllm.distributed as distributed
+from nanovllm.kernels.lora import ops as lora_ops
 from nanovllm.quant import held
 
 
@@ -55,16 +56,27 @@ def first_rank() -> bool:
     return distributed.current().rank == 0
 
 
-def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False):
-    """``x @ linear.weight.T + bias`` by the op of the format the weight is held in (``quant/held.py``)."""
-    return held.linear(linear, x, bias, silu_mul)
+def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False,
+           lora_slots: torch.Tensor | None = None):
+    """``x @ linear.weight.T + bias`` by the op of the format the weight is held in (``quant/held.py``), plus each
+    token's LoRA adapter's product (before the SiLU-and-multiply) where the projection holds a pool (``lora_a``,
+    ``lora_b``, ``lora_scaling``: ``lora/pool.py``) and ``lora_slots`` names each token's slot."""
+    a = getattr(linear, "lora_a", None)
+    if a is None or lora_slots is None:
+        return held.linear(linear, x, bias, silu_mul)
+    y = lora_ops.lora_add(held.linear(linear, x, bias, False), x, lora_slots, a, linear.lora_b, linear.lora_scaling)
+    if not silu_mul:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
-def row_parallel(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` of a row-parallel projection: this rank's partial product, summed over the group."""
+def row_parallel(linear: torch.nn.Linear, x: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x)`` of a row-parallel projection: this rank's partial product (its LoRA product from its slice of
+    the input too, ``matmul``), summed over the group."""
     if distributed.current().size == 1:
-        return matmul(linear, x, linear.bias)
-    y = distributed.all_reduce(matmul(linear, x, None))
+        return matmul(linear, x, linear.bias, lora_slots=lora_slots)
+    y = distributed.all_reduce(matmul(linear, x, None, lora_slots=lora_slots))
     return y if linear.bias is None else y + linear.bias
 
 

@@ -64,9 +64,9 @@ class MirroredEngine:
         if attach is not None:  # closing the peers alone (their exit hook) releases this engine first too
             attach(engine)
 
-    def add_request(self, prompt_token_ids, params, images=None) -> Sequence:
-        seq = self._engine.add_request(prompt_token_ids, params, images)
-        self.peers.send(ADD_REQUEST, payload=pickle.dumps((prompt_token_ids, params, images),
+    def add_request(self, prompt_token_ids, params, images=None, lora_request=None) -> Sequence:
+        seq = self._engine.add_request(prompt_token_ids, params, images, lora_request)
+        self.peers.send(ADD_REQUEST, payload=pickle.dumps((prompt_token_ids, params, images, lora_request),
                                                           protocol=pickle.HIGHEST_PROTOCOL))
         return seq
 

@@ -8,7 +8,8 @@ token buffer's scratch row, so its token is thrown away.  Builders fill real row
 Sampled tokens live in a small device buffer, one row per running sequence (its "token slot"), so a step can
 read the token the previous step sampled without a round trip through the host: ``token_slots`` says where to read
 an input token, ``out_slots`` where to write each sampled one (the last row is a scratch row for padding and for
-chunks that sample nothing); ``state_slots`` is each row's slot in a hybrid model's state pools (its token slot);
+chunks that sample nothing); ``state_slots`` is each row's slot in a hybrid model's state pools (its token slot),
+``lora_slots`` each token's adapter slot (``kernels/lora``; 0: the base model);
 ``WindowStepInputs`` adds a window pool's block tables and slots (a layer takes its own from ``kv_tables``).
 
 A packed instance (``StepInputs.packed``) keeps all its tensors as views of one byte buffer, so that moving it
@@ -24,17 +25,17 @@ import torch.utils._pytree as pytree
 # index depends on the engine (``max_num_seqs``); ``cu_seqlens_q`` and ``logits_indices`` describe the layout.
 PADDING = {"input_ids": 0, "token_slots": -1, "positions": 0, "slot_mapping": -1, "block_tables": 0,
            "context_lens": 0, "temperature": 0.0, "top_k": -1, "top_p": 1.0, "min_p": 0.0, "seeds": 0,
-           "sample_positions": 0, "window_tables": 0, "window_slot_mapping": -1}
+           "sample_positions": 0, "window_tables": 0, "window_slot_mapping": -1, "lora_slots": 0}
 # dtype of every field: int64 ids, slots and positions; int32 block tables, lengths and offsets.
 DTYPES = {"input_ids": torch.int64, "token_slots": torch.int64, "positions": torch.int64,
           "slot_mapping": torch.int64, "block_tables": torch.int32, "context_lens": torch.int32,
           "cu_seqlens_q": torch.int32, "logits_indices": torch.int64, "temperature": torch.float32,
           "top_k": torch.int64, "top_p": torch.float32, "min_p": torch.float32, "seeds": torch.int64,
           "sample_positions": torch.int64,
-          "out_slots": torch.int64, "state_slots": torch.int64}
+          "out_slots": torch.int64, "state_slots": torch.int64, "lora_slots": torch.int64}
 # ... and of the fields only ``WindowStepInputs`` has
 WINDOW_DTYPES = {"window_tables": torch.int32, "window_slot_mapping": torch.int64}
-_PER_TOKEN = ("input_ids", "token_slots", "positions", "slot_mapping", "window_slot_mapping")
+_PER_TOKEN = ("input_ids", "token_slots", "positions", "slot_mapping", "window_slot_mapping", "lora_slots")
 _TABLES = ("block_tables", "window_tables")
 
 
@@ -56,6 +57,7 @@ class StepInputs:
     sample_positions: torch.Tensor  # [B] int64, index of the token being drawn (keys the noise)
     out_slots: torch.Tensor       # [B] int64, token-buffer row that receives each sampled token
     state_slots: torch.Tensor     # [B] int64, each row's slot of a hybrid model's state pools (its token slot)
+    lora_slots: torch.Tensor      # [T] int64, each token's LoRA adapter slot (0: none; kernels/lora)
 
     @classmethod
     def dtypes(cls) -> dict:
