@@ -1,7 +1,7 @@
-"""The multi-LoRA op (nanovllm/kernels/lora): the Triton kernels against the twin on CPU under the Triton
-interpreter (mixed slots with slot 0 among them, every token on slot 0, float32, bfloat16 and float16, a rank
-padded to a power of two and one that is not, K and N not multiples of the blocks, a strided y, no tokens), and
-the op's default implementation (the twin) on CPU.
+"""The multi-LoRA op (nanovllm/kernels/lora): the Triton kernels, per token (BGMV) and grouped by slot (SGMV),
+against the twin on CPU under the Triton interpreter (mixed slots with slot 0 among them, every token on slot 0,
+float32, bfloat16 and float16, a rank padded to a power of two and one that is not, K and N not multiples of the
+blocks, a strided y, no tokens), and the op's default implementation (the twin) on CPU.
 """
 import os
 
@@ -47,6 +47,33 @@ def test_triton_matches_the_twin_on_mixed_slots(dtype, R, rank):
     y = args[0]
     assert torch.equal(got[slots == 0], y[slots == 0])  # slot 0 adds nothing
     assert not torch.allclose(got[slots != 0], y[slots != 0])
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    """The grouped (SGMV) kernels from one token on, with blocks small enough that a slot spans several."""
+    for name, value in dict(GROUP_MIN_TOKENS=1, GROUP_BT=16, GROUP_BK=32, GROUP_BN=32).items():
+        monkeypatch.setattr(tl_lora, name, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,rank", [(8, 5), (12, None)])
+def test_grouped_kernels_match_the_twin(small_groups, dtype, R, rank):
+    T, K, N, S = 45, 70, 50, 4  # slot 1 holds more than one token block
+    g = torch.Generator().manual_seed(1)
+    slots = torch.where(torch.rand(T, generator=g) < 0.5, 1, torch.randint(0, S, (T,), generator=g))
+    args = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=R)
+    got, want = tl_lora.lora_add_triton(*args), ref.lora_add_reference(*args)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert torch.equal(got[slots == 0], args[0][slots == 0])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_token_on_slot_zero_returns_y_grouped_or_not(monkeypatch, grouped):
+    if grouped:
+        monkeypatch.setattr(tl_lora, "GROUP_MIN_TOKENS", 1)
+    args = case(5, 40, 70, 3, 4, torch.bfloat16, slots=torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(tl_lora.lora_add_triton(*args), args[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
