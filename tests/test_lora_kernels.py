@@ -1,0 +1,106 @@
+"""The multi-LoRA op (nanovllm/kernels/lora): the Triton kernels, per token (BGMV) and grouped by slot (SGMV),
+against the twin on CPU under the Triton interpreter (mixed slots with slot 0 among them, every token on slot 0,
+float32, bfloat16 and float16, a rank padded to a power of two and one that is not, K and N not multiples of the
+blocks, a strided y, no tokens), and the op's default implementation (the twin) on CPU.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from nanovllm.kernels.lora import ops as lora_ops  # noqa: E402
+from nanovllm.kernels.lora import reference as ref  # noqa: E402
+from nanovllm.kernels.lora import triton_lora as tl_lora  # noqa: E402
+
+
+def case(T, K, N, S, R, dtype, slots=None, rank=None, seed=0):
+    """y, x, slots, a, b, scaling; ``rank`` < R leaves a's and b's last rows and columns zero (a padded pool)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    a, b = r(S, R, K) / K ** 0.5, r(S, N, R)
+    if rank is not None:
+        a[:, rank:], b[:, :, rank:] = 0, 0
+    a[0], b[0] = 0, 0  # slot 0: no adapter
+    if slots is None:
+        slots = torch.randint(0, S, (T,), generator=g)
+    scaling = torch.rand(S, generator=g) * 2 + 0.25
+    return (r(T, N).to(dtype), r(T, K).to(dtype), slots.to(torch.int64), a.to(dtype), b.to(dtype), scaling)
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2),
+       torch.float16: dict(rtol=1e-3, atol=4e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,rank", [(8, 5), (12, None)])
+def test_triton_matches_the_twin_on_mixed_slots(dtype, R, rank):
+    T, K, N, S = 7, 300, 150, 4  # K past one shrink block, N past one expand block, neither a multiple
+    slots = torch.tensor([0, 1, 3, 0, 2, 1, 3])
+    args = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=R)
+    got, want = tl_lora.lora_add_triton(*args), ref.lora_add_reference(*args)
+    assert got.dtype == dtype and got.shape == (T, N)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    y = args[0]
+    assert torch.equal(got[slots == 0], y[slots == 0])  # slot 0 adds nothing
+    assert not torch.allclose(got[slots != 0], y[slots != 0])
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    """The grouped (SGMV) kernels from one token on, with blocks small enough that a slot spans several."""
+    for name, value in dict(GROUP_MIN_TOKENS=1, GROUP_BT=16, GROUP_BK=32, GROUP_BN=32).items():
+        monkeypatch.setattr(tl_lora, name, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,rank", [(8, 5), (12, None)])
+def test_grouped_kernels_match_the_twin(small_groups, dtype, R, rank):
+    T, K, N, S = 45, 70, 50, 4  # slot 1 holds more than one token block
+    g = torch.Generator().manual_seed(1)
+    slots = torch.where(torch.rand(T, generator=g) < 0.5, 1, torch.randint(0, S, (T,), generator=g))
+    args = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=R)
+    got, want = tl_lora.lora_add_triton(*args), ref.lora_add_reference(*args)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert torch.equal(got[slots == 0], args[0][slots == 0])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_token_on_slot_zero_returns_y_grouped_or_not(monkeypatch, grouped):
+    if grouped:
+        monkeypatch.setattr(tl_lora, "GROUP_MIN_TOKENS", 1)
+    args = case(5, 40, 70, 3, 4, torch.bfloat16, slots=torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(tl_lora.lora_add_triton(*args), args[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_token_on_slot_zero_returns_y(dtype):
+    args = case(5, 40, 70, 3, 4, dtype, slots=torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(tl_lora.lora_add_triton(*args), args[0])
+
+
+def test_strided_y_and_an_empty_batch():
+    y, x, slots, a, b, scaling = case(6, 24, 40, 3, 4, torch.float32, slots=torch.tensor([1, 2, 0, 2, 1, 1]))
+    wide = torch.randn(6, 80)
+    wide[:, ::2] = y  # a non-contiguous y
+    got = tl_lora.lora_add_triton(wide[:, ::2], x, slots, a, b, scaling)
+    torch.testing.assert_close(got, ref.lora_add_reference(y, x, slots, a, b, scaling), rtol=1e-5, atol=1e-5)
+    empty = tl_lora.lora_add_triton(y[:0], x[:0], slots[:0], a, b, scaling)
+    assert empty.shape == (0, 40)
+
+
+def test_the_op_on_cpu_is_the_twin():
+    args = case(9, 32, 48, 4, 8, torch.float32, slots=torch.tensor([3, 0, 1, 2, 2, 0, 1, 3, 1]))
+    assert torch.equal(lora_ops.lora_add(*args), ref.lora_add_reference(*args))
+    assert torch.equal(torch.ops.nanovllm.lora_add(*args), ref.lora_add_reference(*args))
+
+
+def test_the_registered_cpu_kernel_runs_triton_or_the_twin_by_option():
+    """``kernels/cuda.py``'s registered function, called directly (registering it for CPU would outlive the test)."""
+    from nanovllm.kernels import cuda
+    assert cuda.KERNELS["nanovllm::lora_add"] is cuda._lora_add
+    args = case(4, 20, 30, 3, 4, torch.float32, slots=torch.tensor([2, 0, 1, 2]))
+    torch.testing.assert_close(cuda._lora_add(*args), ref.lora_add_reference(*args), rtol=1e-5, atol=1e-5)
