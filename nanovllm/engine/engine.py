@@ -26,7 +26,7 @@ from nanovllm.distributed import liveness
 from nanovllm.engine import hybrid_state, lora_slots, pooling
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.outputs import SequenceOutput, StepResult
+from nanovllm.engine.outputs import StepResult, step_outputs
 from nanovllm.engine.pipeline import StepPipeline
 from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.scheduler import Scheduler
@@ -91,6 +91,10 @@ class Engine:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use stay), so the next prompts are computed in full."""
         self.block_manager.reset_prefix_cache()
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Forget a LoRA adapter (``lora_slots.remove``)."""
+        lora_slots.remove(self.runner.loras, lora_int_id)
 
     def build_variant_graphs(self, variant: str) -> None:
         """Build ``variant``'s graph of every decode bucket now (``nanovllm.step.VARIANTS``), rather than when a
@@ -191,7 +195,7 @@ class Engine:
             kind = "prefill" if batch.is_prefill else "decode"
             stats[f"{kind}_tokens"] += computed
             stats[f"{kind}_steps"] += 1
-        outputs = [out for step, finished in collected for out in _outputs(step, finished)]
+        outputs = [out for step, finished in collected for out in step_outputs(step, finished)]
         return StepResult(outputs, batch.is_prefill, computed)
 
     def _collect(self, collected: list) -> float:
@@ -246,44 +250,6 @@ def _count_speculation(stats: dict, proposals: list[list[int]], accepted: list[i
 def _constrained_samples(batch: ScheduledBatch) -> list[Sequence]:
     """The sequences with a grammar whose next token ``batch`` samples."""
     return [seq for seq, samples in zip(batch.seqs, batch.sampling()) if seq.grammar is not None and samples]
-
-
-def _outputs(batch, finished: list[Sequence]) -> list[SequenceOutput]:
-    """The outputs of a resolved step: each sequence it wrote a token into, then each other one it finished.
-
-    Steps resolve in launch order, so the token a step wrote at ``index`` is its sequence's newest resolved one.
-    A sequence finished on length when a later step launched, whose token resolved here is a stop token, is
-    reported once, with the finish reason "stop", when that later step resolves and finishes it."""
-    done = set(finished)
-    outputs = []
-    for _, seq, index in batch.sampled:
-        tokens = seq.token_ids
-        if index >= len(tokens):  # cut after an EOS resolved earlier, or aborted
-            continue
-        ends = seq in done
-        if ends:
-            done.discard(seq)
-        elif seq.finish_reason == "stop":
-            continue
-        outputs.append(_output(seq, index + 1, ends))
-    for seq in finished:
-        if seq in done:
-            outputs.append(_output(seq, seq.num_resolved_tokens, True))
-    return outputs
-
-
-def _output(seq: Sequence, resolved: int, ends: bool) -> SequenceOutput:
-    """``seq``'s tokens past those reported, up to its first ``resolved`` tokens, and its prompt logprobs not
-    reported yet (all of them come with its first output: the steps that computed them resolved before)."""
-    start, end = seq.num_reported_tokens, resolved - seq.num_prompt_tokens
-    seq.num_reported_tokens = end
-    logprobs = seq.logprobs[start:end] if seq.logprobs is not None else None
-    prompt = None
-    if seq.prompt_logprobs is not None:
-        prompt = seq.prompt_logprobs[seq.num_reported_prompt_logprobs:]
-        seq.num_reported_prompt_logprobs = len(seq.prompt_logprobs)
-    return SequenceOutput(seq.seq_id, seq.token_ids[seq.num_prompt_tokens + start:resolved], logprobs,
-                          seq.finish_reason if ends else None, prompt, seq.embedding)
 
 
 def _record_prompt_logprobs(groups: list, values, ids) -> None:

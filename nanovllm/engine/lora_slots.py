@@ -23,6 +23,13 @@ def check(loras: "EngineLoras | None", request) -> None:
     loras.load(request)
 
 
+def remove(loras: "EngineLoras | None", lora_int_id: int) -> None:
+    """``EngineLoras.remove``; a ``ValueError`` where the engine has no adapters."""
+    if loras is None:
+        raise ValueError(f"remove_lora({lora_int_id}): this engine was built without enable_lora=True")
+    loras.remove(lora_int_id)
+
+
 class EngineLoras:
     def __init__(self, model, config):
         self.pool = LoraPool(model, config.max_loras, config.max_lora_rank)

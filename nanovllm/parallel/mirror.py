@@ -19,7 +19,7 @@ from nanovllm.engine.engine import Engine
 from nanovllm.engine.sequence import Sequence
 from nanovllm.parallel import control
 
-STEP, ADD_REQUEST, ABORT, RESET_PREFIX_CACHE, RESET_STATS, BUILD_VARIANT_GRAPHS = range(6)
+STEP, ADD_REQUEST, ABORT, RESET_PREFIX_CACHE, RESET_STATS, BUILD_VARIANT_GRAPHS, REMOVE_LORA = range(7)
 
 
 class _Read:
@@ -43,7 +43,8 @@ class _Read:
 class MirroredEngine:
     """Rank 0's ``engine`` at N > 1 (see the module docstring); ``peers`` is ``control.SpawnedPeers`` or
     ``control.TorchrunPeers``."""
-    MIRRORED = ("add_request", "step", "abort", "reset_prefix_cache", "reset_stats", "build_variant_graphs", "close")
+    MIRRORED = ("add_request", "step", "abort", "reset_prefix_cache", "reset_stats", "build_variant_graphs", "remove_lora",
+                "close")
     READ_ONLY = ("config", "platform", "runner", "block_manager", "scheduler", "pipeline", "stats", "step_log",
                  "describe", "has_work")
 
@@ -92,6 +93,10 @@ class MirroredEngine:
         self._engine.reset_stats()
         self.peers.send(RESET_STATS)
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        self._engine.remove_lora(lora_int_id)
+        self.peers.send(REMOVE_LORA, lora_int_id)
+
     def build_variant_graphs(self, variant: str) -> None:
         """Sent first, as ``step`` is: capturing the graphs runs the step's collectives on every rank."""
         self.peers.send(BUILD_VARIANT_GRAPHS, payload=variant.encode())
@@ -139,6 +144,8 @@ class EngineReplica:
             engine.reset_stats()
         elif op == BUILD_VARIANT_GRAPHS:
             engine.build_variant_graphs(payload.decode())
+        elif op == REMOVE_LORA:
+            engine.remove_lora(arg)
         elif op == control.CLOSE:
             close = getattr(engine, "close", None)
             if close is not None:
@@ -151,7 +158,8 @@ class EngineReplica:
 
 _DOING = {STEP: "running step", ADD_REQUEST: "adding request", ABORT: "aborting sequence",
           RESET_PREFIX_CACHE: "resetting the prefix cache", RESET_STATS: "resetting stats",
-          BUILD_VARIANT_GRAPHS: "building variant graphs", control.CLOSE: "closing"}
+          BUILD_VARIANT_GRAPHS: "building variant graphs", REMOVE_LORA: "removing a LoRA adapter",
+          control.CLOSE: "closing"}
 
 
 def serve(engine: Engine) -> None:
