@@ -9,8 +9,8 @@ Sampled tokens live in a small device buffer, one row per running sequence (its 
 read the token the previous step sampled without a round trip through the host: ``token_slots`` says where to read
 an input token, ``out_slots`` where to write each sampled one (the last row is a scratch row for padding and for
 chunks that sample nothing); ``state_slots`` is each row's slot in a hybrid model's state pools (its token slot),
-``lora_slots`` each token's adapter slot (``kernels/lora``; 0: the base model);
-``WindowStepInputs`` adds a window pool's block tables and slots (a layer takes its own from ``kv_tables``).
+``lora_slots`` each token's LoRA adapter slot (``kernels/lora``; 0: none); ``WindowStepInputs`` adds a window
+pool's block tables and slots (a layer takes its own from ``kv_tables``).
 
 A packed instance (``StepInputs.packed``) keeps all its tensors as views of one byte buffer, so that moving it
 between host and device, or into a graph's static inputs packed the same way, is one copy, not one per field.
