@@ -1,19 +1,18 @@
 """``StepInputs``: the whole interface between host and device for one model step.
 
-A pytree of tensors and nothing else, so a compiled step can take it as input and a graph replay can copy
-into a static instance.  Padding is defined once, here (``PADDING``): a padded token has slot -1 (the KV store
-skips it) and a padded sequence row context length 0 (attention returns zeros), is greedy, and samples into the
-token buffer's scratch row, so its token is thrown away.  Builders fill real rows and call ``pad_rows``.
+A pytree of tensors and nothing else, so a compiled step can take it as input and a graph replay can copy into a
+static instance.  Padding is defined once, here (``PADDING``): a padded token has slot -1 (the KV store skips it)
+and adapter slot 0, a padded sequence row context length 0 (attention returns zeros), is greedy, and samples into
+the token buffer's scratch row.  Builders fill real rows and call ``pad_rows``.
 
-Sampled tokens live in a small device buffer, one row per running sequence (its "token slot"), so a step can
-read the token the previous step sampled without a round trip through the host: ``token_slots`` says where to read
-an input token, ``out_slots`` where to write each sampled one (the last row is a scratch row for padding and for
-chunks that sample nothing); ``state_slots`` is each row's slot in a hybrid model's state pools (its token slot),
-``lora_slots`` each token's LoRA adapter slot (``kernels/lora``; 0: none); ``WindowStepInputs`` adds a window
-pool's block tables and slots (a layer takes its own from ``kv_tables``).
+Sampled tokens live in a small device buffer, one row per running sequence (its "token slot"), so a step reads the
+token the previous step sampled without a round trip through the host: ``token_slots`` says where to read an input
+token, ``out_slots`` where to write each sampled one (the last row: a scratch row for padding and chunks that sample
+nothing); ``state_slots`` each row's slot in a hybrid model's state pools, ``lora_slots`` each token's LoRA adapter
+slot (``kernels/lora``); ``WindowStepInputs`` adds a window pool's tables and slots (``kv_tables``).
 
-A packed instance (``StepInputs.packed``) keeps all its tensors as views of one byte buffer, so that moving it
-between host and device, or into a graph's static inputs packed the same way, is one copy, not one per field.
+A packed instance (``StepInputs.packed``) keeps its tensors as views of one byte buffer: moving it between host and
+device, or into a graph's static inputs packed alike, is one copy.
 """
 from dataclasses import dataclass, fields
 
