@@ -36,7 +36,7 @@ def sequence_rows(seq, start: int, ids, block_size: int, width: int, window: int
             "slot_mapping": table[pos // block_size].astype(np.int64) * block_size + pos % block_size,
             "context_lens": pos + 1, "sample_positions": pos + 1, "temperature": np.full(n, p.temperature),
             "top_k": np.full(n, p.top_k), "top_p": np.full(n, p.top_p),
-            "min_p": np.full(n, p.min_p), "seeds": np.full(n, seq.seed),
+            "min_p": np.full(n, p.min_p), "seeds": np.full(n, seq.seed), "lora_slots": np.full(n, seq.lora_slot),
             "block_tables": np.broadcast_to(table, (n, width))}
     if window:
         held = np.zeros(width, np.int32)
