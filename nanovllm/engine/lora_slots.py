@@ -56,7 +56,7 @@ class EngineLoras:
             raise ValueError(f"lora_int_id {request.lora_int_id} names adapter {known.lora_name!r} at "
                              f"{known.lora_path!r}; {request.lora_name!r} at {request.lora_path!r} needs another id")
         if known is None:
-            self._read(request)
+            self.slots.fetch(request)  # read and checked once, then kept in the host cache for its first slot
             self.known[request.lora_int_id] = request
 
     def admit(self, seq) -> bool:

@@ -38,7 +38,7 @@ class SlotManager:
         slot = self._victim()
         if slot is None:
             return None
-        adapter = self._fetch(request)  # may raise; nothing has changed yet
+        adapter = self.fetch(request)  # may raise; nothing has changed yet
         if (old := self._ids[slot]) is not None:
             del self._slot[old]
         self._ids[slot], self._slot[lid], self._pins[slot] = lid, slot, 1
@@ -53,7 +53,9 @@ class SlotManager:
                 return slot
         return next((s for s in self._recent if self._pins[s] == 0), None)
 
-    def _fetch(self, request: LoRARequest) -> Adapter:
+    def fetch(self, request: LoRARequest) -> Adapter:
+        """The request's adapter from the host cache, else loaded (``load``) and cached (a failure: ValueError
+        naming it, nothing cached)."""
         lid = request.lora_int_id
         if lid in self._host:
             self._host.move_to_end(lid)
