@@ -155,6 +155,16 @@ STEPS = [
     Step("gptoss20b-mxfp4-vllm", "vllm", "preset:gpt-oss-20b+mxfp4", "bench"),
     Step("gemma3-27b-ours", "ours", "preset:gemma3-27b", "bench", BENCH),
     Step("gemma3-27b-vllm", "vllm", "preset:gemma3-27b", "bench"),
+    # multi-LoRA (benchmarks/lora_bench.py): Qwen3-8B's config, bench's workload over 8 rank-16 adapters, the engine
+    # without LoRA (adapters 0: ours' own baseline), batch 1, and 64 adapters through 8 device slots
+    *[Step(f"lora{tag}-{who}", who, "peer:qwen3-8b", "module",
+           ("benchmarks.lora_bench", "--engine", "nanovllm" if who == "ours" else "vllm", *flags))
+      for tag, flags in (("", ()), ("-b1", ("--bs", "1", "--num-seqs", "4")), ("-swap", ("--adapters", "64")))
+      for who in ("ours", "vllm")],
+    Step("lora-base-ours", "ours", "peer:qwen3-8b", "module", ("benchmarks.lora_bench", "--adapters", "0")),
+    Step("lora-b1-base-ours", "ours", "peer:qwen3-8b", "module",
+         ("benchmarks.lora_bench", "--adapters", "0", "--bs", "1", "--num-seqs", "4")),
+    Step("parity-lora", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_lora.py")),
     Step("parity-windows", "tests", "own", "pytest", ("-m", "gpu", "-k", "gemma or gpt_oss or window or sink",
                                                       "tests/gpu")),
     Step("parity-hybrid", "tests", "own", "pytest", ("-m", "gpu", "-k", "hybrid or qwen3_next or qwen3_5", *HYBRID_TESTS)),
