@@ -74,17 +74,13 @@ class LoraPool:
 
     @torch.no_grad()
     def write(self, slot: int, adapter) -> None:
-        """Slot ``slot`` (1..max_loras) holds ``adapter`` (a ``lora.peft.Adapter``); a module whose A or B has
-        the wrong shape for this model is a ``ValueError`` naming it, and leaves the slot empty."""
+        """Slot ``slot`` (1..max_loras) holds ``adapter`` (a ``lora.peft.Adapter`` whose shapes ``sizes`` checked,
+        ``peft.check_shapes``); a layer the model lacks is a ``ValueError`` naming it, and leaves the slot as it was."""
         assert 1 <= slot <= self.max_loras, slot
-        for (layer, module), (a, b) in adapter.weights.items():
-            want = self.sizes.get(module)
-            if want is None or a.shape[1] != want[0] or b.shape[0] != want[1] or a.shape[0] > self.max_rank:
-                raise ValueError(f"LoRA adapter: layers.{layer}.{module} has A {list(a.shape)} and B "
-                                 f"{list(b.shape)}; this model's {module} takes {want[0] if want else '?'} inputs "
-                                 f"to {want[1] if want else '?'} outputs, rank at most {self.max_rank}")
-            if layer >= len({t[0] for t in self.targets}):
-                raise ValueError(f"LoRA adapter: layers.{layer}.{module}: the model has no layer {layer}")
+        layers = 1 + max(t[0] for t in self.targets)
+        bad = sorted({layer for layer, _ in adapter.weights if layer >= layers})
+        if bad:
+            raise ValueError(f"LoRA adapter: layers {bad} are past this model's {layers} layers")
         self.clear(slot)
         r = self.max_rank
         for layer, linear, parts, column in self.targets:
