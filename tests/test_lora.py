@@ -13,7 +13,7 @@ import pytest
 
 from conftest import build_checkpoint
 from lora_helpers import ENGINE, PROMPTS, build_family, expected, generate, make_adapter
-from nanovllm import LLM, LoRARequest
+from nanovllm import LLM, LoRARequest, SamplingParams
 
 peft = pytest.importorskip("peft")
 
@@ -65,7 +65,7 @@ def test_remove_then_load_another_and_bad_adapters(qwen3, tmp_path):
     with pytest.raises(ValueError, match="needs another id"):
         generate(llm, PROMPTS[:1], LoRARequest("other", 7, a["a1"].lora_path))
     # a running sequence pins its adapter: removing it then refuses
-    seq = llm.engine.add_request(PROMPTS[0], _params(), None, a["a2"])
+    seq = llm.engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), None, a["a2"])
     llm.engine.step()
     assert seq.lora_slot
     with pytest.raises(ValueError, match="in use"):
@@ -84,11 +84,6 @@ def test_remove_then_load_another_and_bad_adapters(qwen3, tmp_path):
         assert os.path.basename(path) in str(info.value)
         assert not llm.engine.scheduler.waiting and not llm.engine.scheduler.running
     assert generate(llm, PROMPTS[:2], [a["a2"], None]) == expected(base, [a["a2"], None], PROMPTS[:2])
-
-
-def _params():
-    from nanovllm import SamplingParams
-    return SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 def test_more_adapters_than_device_slots(qwen3):
