@@ -25,8 +25,9 @@ def rows_per_sequence(config) -> int:
 
 def sequence_rows(seq, start: int, ids, block_size: int, width: int, window: int = 0) -> dict[str, np.ndarray]:
     """Rows of ``seq``'s tokens ``ids`` at positions ``start``.. (one row each, context up to and with it, drawing
-    the token after it): the per-row fields of ``StepInputs`` and ``block_tables`` [rows, width]; with a window
-    pool (``window``: its W), ``WindowStepInputs``' window fields too (its blocks from the window of ``start`` on)."""
+    the token after it, through ``seq``'s LoRA slot): the per-row fields of ``StepInputs`` and ``block_tables``
+    [rows, width]; with a window pool (``window``: its W), ``WindowStepInputs``' window fields too (its blocks from
+    the window of ``start`` on)."""
     n = len(ids)
     pos = np.arange(start, start + n)
     table = np.zeros(width, np.int32)
