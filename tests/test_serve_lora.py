@@ -39,8 +39,8 @@ def save_adapter(model_dir, out_dir, seed: int, r: int = 8) -> str:
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     model, _ = build_text_checkpoint(root / "model")
-    return {"model": model, "alpha": save_adapter(model, root / "alpha", 1), "beta": save_adapter(model, root / "beta", 2),
-            "wide": save_adapter(model, root / "wide", 3, r=16)}
+    return {"model": model, "alpha": save_adapter(model, root / "alpha", 1),
+            "beta": save_adapter(model, root / "beta", 2), "wide": save_adapter(model, root / "wide", 3, r=16)}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,8 @@ def test_load_use_and_unload_at_run_time(server, paths):
     # in use by a running sequence: 409, then unloaded once it has ended
     with httpx.stream("POST", server + "/v1/completions", timeout=60, json={
             "model": "gamma", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}) as stream:
-        assert next(stream.iter_lines()).startswith("data: ")  # a token out: the sequence runs
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the stream, which aborts the request
+        assert next(lines).startswith("data: ")  # a token out: the sequence runs
         r = post(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"}, None)
         assert r.status_code == 409 and "gamma" in r.json()["error"]["message"], r.text
     deadline = time.monotonic() + 30
