@@ -135,3 +135,17 @@ def test_bad_lora_flags_exit_before_the_engine_is_built(argv, match):
     from nanovllm.entrypoints.cli import serve
     with pytest.raises(SystemExit, match=match):
         serve(["/nonexistent-model", *argv])
+
+
+def test_an_adapter_that_does_not_load_stops_the_server_naming_it(paths, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from serve_helpers import ROOT
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    flags = ["--enable-lora", "--max-lora-rank", "8", "--enforce-eager", "--max-model-len", "512",
+             "--num-kvcache-blocks", "64", "--lora-modules", f"wide={paths['wide']}"]
+    done = subprocess.run([sys.executable, "-m", "nanovllm.serve", paths["model"], "--port", "0", *flags],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode != 0 and "--lora-modules wide=" in done.stderr + done.stdout
