@@ -147,10 +147,10 @@ def test_the_server_keeps_special_tokens_for_a_parser_whose_tags_are_special(nam
     submitted = []
     serving = SimpleNamespace(
         reasoning_parser=reasoning_parser(name) if name else None, tool_parser=tool_parser("hermes"),
-        model_name="m", max_model_len=64, chat_template_kwargs={}, defaults={},
+        model_name="m", loras=None, max_model_len=64, chat_template_kwargs={}, defaults={},
         batch_tokenizer=SimpleNamespace(call=call),
         prompts=SimpleNamespace(apply_chat_template=lambda messages, tools, kwargs: [1, 2, 3], vocab_size=384),
-        submit=lambda prompts, n: submitted.extend(prompts) or ["handle"])
+        submit=lambda prompts, n, lora=None: submitted.extend(prompts) or ["handle"])
     req = ChatRequest(messages=[{"role": "user", "content": "2 + 2?"}])
     asyncio.run(start_chat(serving, req))
     assert submitted[0][1].skip_special_tokens is skips

@@ -39,7 +39,7 @@ VLLM_EXTRAS = ["top_k", "min_p", "min_tokens", "repetition_penalty", "logit_bias
 @pytest.fixture(scope="module")
 def http():
     """The app over a stand-in serving: a refused request never reaches it (nor an engine)."""
-    return TestClient(build_app(SimpleNamespace()))
+    return TestClient(build_app(SimpleNamespace(loras=None)))
 
 
 def test_every_openai_and_vllm_field_is_declared():

@@ -25,7 +25,7 @@ class _Inline:
 def setup():
     prompts = Prompts(qwen3_dir(), {}, vocab_size=151936, max_model_len=4096)
     serving = SimpleNamespace(tokenizer=prompts.tokenizer, prompts=prompts, max_model_len=4096,
-                              batch_tokenizer=_Inline(), chat_template_kwargs={})
+                              batch_tokenizer=_Inline(), chat_template_kwargs={}, loras=None)
     return TestClient(build_app(serving)), prompts
 
 

@@ -92,6 +92,11 @@ class Engine:
         """Forget every cached prefix (blocks in use stay), so the next prompts are computed in full."""
         self.block_manager.reset_prefix_cache()
 
+    def add_lora(self, lora_request) -> None:
+        """Check that a LoRA adapter loads and fits (``lora_slots.check``: ``ValueError`` naming it), before any
+        request names it; as vLLM's ``add_lora``, it is then known by its id."""
+        lora_slots.check(self.runner.loras, lora_request)
+
     def remove_lora(self, lora_int_id: int) -> None:
         """Forget a LoRA adapter (``lora_slots.remove``)."""
         lora_slots.remove(self.runner.loras, lora_int_id)

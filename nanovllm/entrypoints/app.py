@@ -1,15 +1,16 @@
 """The FastAPI application: routes, the API key and the OpenAI error shape.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``
-(``embeddings.py``), ``POST /v1/score`` and ``/score``, ``POST /v1/rerank``, ``/rerank`` and ``/v2/rerank``
-(``score.py``), Anthropic's ``POST /v1/messages`` (``messages.py``), ``POST /tokenize`` and ``/detokenize``
-(``tokenize.py``; behind the API key when one is set: ``Authorization: Bearer KEY``, for /v1/messages also
-``x-api-key: KEY``, else 401), and, always open, ``GET /health`` (503 once the engine has failed), ``GET /version``
-and ``GET /metrics`` (Prometheus text).  Every error is ``{"error": {"message", "type", "param", "code"}}`` (on
-/v1/messages Anthropic's ``{"type": "error", "error": {"type", "message"}}``): a body that fails validation is a
-400 naming the field and the value (a field the request models do not declare: a 400 naming it,
-``fields.unknown_field``), an unknown route a 404; the server stays up after all of them.  The engine loop starts and stops with
-the application (its lifespan).
+Routes: ``GET /v1/models`` (the base model and its LoRA adapters), ``POST /v1/completions``, ``POST
+/v1/chat/completions``, ``POST /v1/embeddings`` (``embeddings.py``), ``POST /v1/score`` and ``/score``, ``POST
+/v1/rerank``, ``/rerank`` and ``/v2/rerank`` (``score.py``), Anthropic's ``POST /v1/messages`` (``messages.py``),
+with ``--enable-lora`` vLLM's ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (``lora_models.py``),
+``POST /tokenize`` and ``/detokenize`` (``tokenize.py``; behind the API key when one is set: ``Authorization: Bearer
+KEY``, for /v1/messages also ``x-api-key: KEY``, else 401), and, always open, ``GET /health`` (503 once the engine
+has failed), ``GET /version`` and ``GET /metrics`` (Prometheus text).  Every error is ``{"error": {"message",
+"type", "param", "code"}}`` (on /v1/messages Anthropic's ``{"type": "error", "error": {"type", "message"}}``): a
+body that fails validation is a 400 naming the field and the value (a field the request models do not declare: a
+400 naming it, ``fields.unknown_field``), an unknown route a 404; the server stays up after all of them.  The engine
+loop starts and stops with the application (its lifespan), which loads ``--lora-modules`` before the port opens.
 """
 import hmac
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from nanovllm.entrypoints.chat import create_chat_completion
 from nanovllm.entrypoints.completions import create_completion
 from nanovllm.entrypoints.embeddings import EmbeddingRequest, create_embedding
 from nanovllm.entrypoints.fields import unknown_field
+from nanovllm.entrypoints.lora_models import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from nanovllm.entrypoints.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from nanovllm.entrypoints.messages import create_message
 from nanovllm.entrypoints.metrics import CONTENT_TYPE
@@ -40,6 +42,13 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         serving.loop.start()
+        try:
+            if serving.loras is not None:
+                await serving.loras.load_modules()
+        except BaseException:
+            serving.loop.shutdown()
+            serving.batch_tokenizer.close()
+            raise
         yield
         serving.loop.shutdown()
         serving.batch_tokenizer.close()
@@ -62,7 +71,20 @@ def build_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{
             "id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "nanovllm",
-            "root": serving.prompts.model, "max_model_len": serving.max_model_len}]}
+            "root": serving.prompts.model, "max_model_len": serving.max_model_len},
+            *(serving.loras.cards(serving.created) if serving.loras is not None else ())]}
+
+    if serving.loras is not None:  # vLLM's run-time adapter routes, on with --enable-lora
+        @v1.post("/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+            await serving.loras.load(body.lora_name, body.lora_path)
+            return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+        @v1.post("/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+            await serving.loras.unload(body.lora_name)
+            return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+                            media_type="text/plain")
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):

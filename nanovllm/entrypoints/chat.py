@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from nanovllm.entrypoints.chat_reply import ChatReply
 from nanovllm.entrypoints.limits import fit_params
-from nanovllm.entrypoints.protocol import ChatRequest, bad_request
+from nanovllm.entrypoints.protocol import ChatRequest, bad_request, check_model
 from nanovllm.entrypoints.serving import Serving, request_id
 from nanovllm.entrypoints.sse import EventStreamResponse, unless_disconnected
 from nanovllm.entrypoints.tool_calls import ToolPlan, chat_tools
@@ -37,7 +37,8 @@ async def start_chat(serving: Serving, req: ChatRequest) -> tuple[list, int, Too
     """Check ``req``, render its messages through the chat template and submit it: (the engine handles, the
     prompt's token count, the tool plan or None).  Shared with Anthropic's ``/v1/messages`` (``messages.py``)."""
     req.check_unsupported()  # before anything of serving is read: a refused request never reaches it
-    params = req.chat_params(serving.model_name, serving.defaults, serving.prompts.vocab_size)
+    lora = check_model(req.model, serving.model_name, serving.loras.adapters if serving.loras is not None else None)
+    params = req.chat_params(serving.defaults, serving.prompts.vocab_size)
     plan, constraint = chat_tools(req, serving.tool_parser)
     # markup that is a special token stays in the text: the tool parser's ([TOOL_CALLS]), the reasoning parser's
     # tags (gpt_oss's harmony channels)
@@ -66,4 +67,4 @@ async def start_chat(serving: Serving, req: ChatRequest) -> tuple[list, int, Too
     params = fit_params(params, serving.max_model_len, len(ids), getattr(req, field), field,
                         structured_outputs=constraint,
                         skip_special_tokens=params.skip_special_tokens and not keep_special)
-    return serving.submit([(ids, params, image_inputs)], req.n), len(ids), plan
+    return serving.submit([(ids, params, image_inputs)], req.n, lora), len(ids), plan

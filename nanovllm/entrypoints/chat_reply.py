@@ -125,8 +125,8 @@ class ChatReply:
                 "total_tokens": self.prompt_len + self.completion_tokens}
 
     def _body(self, obj: str, choices: list, usage) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.serving.model_name,
-                "choices": choices, "usage": usage}
+        return {"id": self.id, "object": obj, "created": self.created,
+                "model": self.req.model or self.serving.model_name, "choices": choices, "usage": usage}
 
     async def collect(self, handles) -> dict:
         choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "logprobs": None,

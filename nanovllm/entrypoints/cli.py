@@ -1,13 +1,14 @@
 """The server's command line: ``python -m nanovllm.serve MODEL [flags]`` and ``nanovllm serve MODEL [flags]``.
 
 Server flags (host, port, served model name, API key, the waiting-queue bound, the chat template and its default
-kwargs, the reasoning and tool-call parsers) are this file's; a bad one (a template file that cannot be read, kwargs
-that are not a JSON object, an unknown parser) exits before the engine is built, naming the value; every ``LLM(...)``
-option is a flag too, derived from ``EngineConfig`` (``nanovllm/cli.py``) with its default, so none is written here.
-The engine runs in a process of its own (``entrypoints/engine_process.py``) and is built (weights, KV cache,
-compilation) before the port opens, so a client that reaches ``/health`` finds it ready; if it fails to build, the
-command exits with its error.  Without the ``serve`` extra (FastAPI, uvicorn) the command exits with one line naming
-the missing module and the extra to install.
+kwargs, the reasoning and tool-call parsers, ``--lora-modules``) are this file's; a bad one (a template file that
+cannot be read, kwargs that are not a JSON object, an unknown parser, adapters without ``--enable-lora``) exits before
+the engine is built, naming the value; every ``LLM(...)`` option is a flag too, derived from ``EngineConfig``
+(``nanovllm/cli.py``) with its default, so none is written here.  The engine runs in a process of its own
+(``entrypoints/engine_process.py``) and is built (weights, KV cache, compilation), and ``--lora-modules`` loaded
+(``lora_models.py``), before the port opens, so a client that reaches ``/health`` finds it ready; if either fails,
+the command exits with its error.  Without the ``serve`` extra (FastAPI, uvicorn) the command exits with one line
+naming the missing module and the extra to install.
 """
 import argparse
 import sys
@@ -44,6 +45,9 @@ def make_parser(prog: str = "python -m nanovllm.serve") -> argparse.ArgumentPars
     p.add_argument("--tool-call-parser", default="hermes", metavar="NAME",
                    help="the format of the model's own tool calls, read in chat replies with tool_choice \"auto\": "
                         "hermes (default), qwen3_coder, llama3_json or mistral")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) served as models NAME, with --enable-lora; each item "
+                        "name=path or a JSON object '{\"name\": ..., \"path\": ...}'")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p)
@@ -56,6 +60,7 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
         raise SystemExit(f"--max-waiting-seqs must be >= 0, got {args.max_waiting_seqs}")
     require_serve_extra()
     chat = chat_options(args)
+    loras = lora_options(args)
     import uvicorn
 
     from nanovllm.entrypoints.app import build_app
@@ -73,7 +78,7 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
         if chat["template"] is not None:
             prompts.use_chat_template(chat["template"])
         serving = Serving(loop, prompts, args.served_model_name or args.model, chat["kwargs"], chat["parser"],
-                          chat["tool_parser"], info.get("pooler"))
+                          chat["tool_parser"], info.get("pooler"), loras)
     except BaseException:
         loop.shutdown()
         raise
@@ -121,6 +126,23 @@ def chat_options(args) -> dict:
     except ValueError as e:
         raise SystemExit(f"nanovllm serve: --tool-call-parser: {e}") from None
     return out
+
+
+def lora_options(args) -> list | None:
+    """``--lora-modules`` read and checked (``lora_models.lora_modules``), ``[]`` without it; None without
+    ``--enable-lora``.  ``SystemExit`` naming a bad one, or the flag without ``--enable-lora``."""
+    from nanovllm.entrypoints.lora_models import lora_modules
+    enabled = getattr(args, "enable_lora", False)
+    if args.lora_modules and not enabled:
+        raise SystemExit("nanovllm serve: --lora-modules needs --enable-lora (the engine serves adapters only with it)")
+    try:
+        modules = lora_modules(args.lora_modules)
+    except ValueError as e:
+        raise SystemExit(f"nanovllm serve: {e}") from None
+    served = args.served_model_name or args.model
+    if any(name == served for name, _, _ in modules):
+        raise SystemExit(f"nanovllm serve: --lora-modules names {served!r}, the base model's name")
+    return modules if enabled else None
 
 
 def require_serve_extra() -> None:

@@ -29,7 +29,7 @@ DEFAULT_MAX_TOKENS = 16
 
 async def create_completion(serving: Serving, req: CompletionRequest, request) -> Response:
     req.check_unsupported()
-    serving.check_model(req.model)
+    lora = serving.lora_for(req.model)
     constraint = request_constraint(req)
     prompts, echoes = [], []
     texts = list(req.prompts())
@@ -41,7 +41,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request) -
                                                  constraint, serving.prompts.vocab_size)))
         if req.echo:
             echoes.append(prompt if isinstance(prompt, str) else serving.tokenizer.decode(ids))
-    handles = serving.submit(prompts, req.n)
+    handles = serving.submit(prompts, req.n, lora)
     reply = _Reply(serving, req, request_id("cmpl"), [ids for ids, _ in prompts], echoes)
     if req.stream:
         return EventStreamResponse(reply.stream(handles), on_close=lambda: serving.abort(handles))
@@ -99,7 +99,7 @@ class _Reply:
 
     def _body(self, choices: list, usage) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.serving.model_name, "choices": choices, "usage": usage}
+                "model": self.req.model or self.serving.model_name, "choices": choices, "usage": usage}
 
     async def collect(self, handles) -> dict:
         choices = [None] * self.total

@@ -2,13 +2,13 @@
 pair of pipes only, so it runs the same in a thread or in a process of its own (``engine_process.py``, the default).
 
 Messages, each one pickle (``send_bytes``):
-* front -> core: ``("add", rid, prompt_ids, [SamplingParams per choice], ImageInputs or None)``,
-  ``("abort", rid, [choice indices] or None for all)``, ``("stop",)``.
+* front -> core: ``("add", rid, prompt_ids, [SamplingParams per choice], ImageInputs or None, LoRARequest or
+  None)``, ``("abort", rid, [choice indices] or None for all)``, ``("lora", token, "load" or "remove", LoRARequest
+  or its id)`` (``Engine.add_lora``/``remove_lora``), ``("stop",)``.
 * core -> front: ``("step", [(rid, choice, SequenceOutput)], snapshot, added)`` after each step, and after commands
-  that arrived while the engine was idle; ``snapshot`` is ``{"running", "waiting", "kv_cache_usage"}`` and the prefix
-  cache's and speculative decoding's totals, ``added`` the number of sequences handed to the engine so far.
+  that arrived while the engine was idle (``snapshot``: running, waiting, KV usage, prefix cache and speculative
+  totals; ``added``: sequences handed to the engine so far); ``("lora", token, None or the error's message)``;
   ``("failed", message)`` if the engine raised, after which the core stops; ``("stopped",)`` after a ``stop``.
-
 The outputs are the engine's own (``nanovllm/engine/outputs.py``), each tagged with its request and choice.
 ``abort`` ends the choices at once and frees their KV blocks (``Engine.abort``); nothing more is sent for them.  A
 request whose choices all ended is forgotten.  The core stops, closing the engine's LLM, on ``stop`` or when the
@@ -30,13 +30,13 @@ class EngineCore:
         self._live: dict[int, tuple] = {}  # seq_id -> (rid, choice)
         self._seqs: dict[int, list] = {}  # rid -> its sequences (None once ended), by choice
 
-    def apply(self, command) -> None:
-        """Run one ``add`` or ``abort`` command."""
+    def apply(self, command) -> tuple | None:
+        """Run one ``add``, ``abort`` or ``lora`` command; the reply to send (``lora``'s), or None."""
         if command[0] == "add":
-            _, rid, prompt_ids, params, images = command
+            _, rid, prompt_ids, params, images, *lora = command
             seqs = []
             for i, p in enumerate(params):
-                seq = self.engine.add_request(prompt_ids, p, images)
+                seq = self.engine.add_request(prompt_ids, p, images, *lora)
                 self._live[seq.seq_id] = (rid, i)
                 seqs.append(seq)
             self._seqs[rid] = seqs
@@ -52,6 +52,13 @@ class EngineCore:
                     self.engine.abort(seq)
                 seqs[i] = None
             self._forget_if_done(rid)
+        elif command[0] == "lora":
+            _, token, op, arg = command
+            try:
+                (self.engine.add_lora if op == "load" else self.engine.remove_lora)(arg)
+            except (ValueError, TypeError, OSError) as e:
+                return ("lora", token, str(e))
+            return ("lora", token, None)
         else:
             raise ValueError(f"unknown engine command {command[0]!r}")
 
@@ -95,7 +102,9 @@ class EngineCore:
                     if command[0] == "stop":
                         outbox.send_bytes(dumps(("stopped",)))
                         return
-                    self.apply(command)
+                    reply = self.apply(command)
+                    if reply is not None:
+                        outbox.send_bytes(dumps(reply))
                 events = self.step() if engine.has_work() else []
                 outbox.send_bytes(dumps(("step", events, self.snapshot(), self.added)))
         except (EOFError, BrokenPipeError, ConnectionResetError):  # the front is gone

@@ -11,6 +11,7 @@
 * If the engine fails or its process dies, every live request gets ``(None, error)``, ``error`` is set and
   later submits raise ``EngineDead``.
 * ``stats``: sequences running and waiting, and the share of KV blocks in use, as of the last step.
+* ``lora``: awaits ``Engine.add_lora`` or ``remove_lora`` run in the engine between steps (the server's adapters).
 """
 import asyncio
 import itertools
@@ -37,8 +38,8 @@ class EngineDead(Exception):
 class RequestHandle:
     """One API request on the asyncio side: its queue of ``(choice index, SequenceOutput)`` events."""
 
-    def __init__(self, prompt_ids: list[int], params: list, images=None):
-        self.prompt_ids, self.params, self.images = prompt_ids, params, images
+    def __init__(self, prompt_ids: list[int], params: list, images=None, lora=None):
+        self.prompt_ids, self.params, self.images, self.lora = prompt_ids, params, images, lora
         self.queue: asyncio.Queue = asyncio.Queue()
         self.arrival = time.perf_counter()
         self.rid: int | None = None
@@ -57,6 +58,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._rids = itertools.count()
         self._handles: dict[int, RequestHandle] = {}  # event loop's thread only
+        self._lora_calls: dict[int, asyncio.Future] = {}  # ``lora`` calls awaiting the engine's reply, by token
         self._submitted = self._added = 0  # sequences submitted here, and handed to the engine (as last reported)
         self._snapshot = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
         self._stopping = False
@@ -85,9 +87,9 @@ class EngineLoop:
             self._writer.join(timeout=10)
             engine_process.stop(self._process, self._to_core)
 
-    def submit(self, prompt_ids: list[int], params: list, images=None) -> RequestHandle:
-        """Queue a request of ``len(params)`` sequences on one prompt (with its ``ImageInputs``, if it has images);
-        raises ``Overloaded``/``EngineDead``."""
+    def submit(self, prompt_ids: list[int], params: list, images=None, lora=None) -> RequestHandle:
+        """Queue a request of ``len(params)`` sequences on one prompt (with its ``ImageInputs``, if it has images,
+        and its ``LoRARequest``, if it names an adapter); raises ``Overloaded``/``EngineDead``."""
         with self._lock:
             if self.error is not None:
                 raise EngineDead(f"the engine failed: {self.error!r}")
@@ -96,11 +98,26 @@ class EngineLoop:
                 raise Overloaded(f"{waiting} sequences are waiting for a batch slot; this request's {len(params)} "
                                  f"would pass --max-waiting-seqs={self.max_waiting_seqs}")
             self._submitted += len(params)
-        handle = RequestHandle(prompt_ids, params, images)
+        handle = RequestHandle(prompt_ids, params, images, lora)
         handle.rid = next(self._rids)
         self._handles[handle.rid] = handle
-        self._send(("add", handle.rid, prompt_ids, params, images))
+        self._send(("add", handle.rid, prompt_ids, params, images, lora))
         return handle
+
+    async def lora(self, op: str, arg) -> str | None:
+        """Run ``Engine.add_lora(arg)`` (``op`` "load") or ``Engine.remove_lora(arg)`` ("remove") in the engine
+        between steps; returns the error's message (a bad adapter, one in use) or None.  Raises ``EngineDead``."""
+        if self.error is not None:
+            raise EngineDead(f"the engine failed: {self.error!r}")
+        token = next(self._rids)
+        future = self._lora_calls[token] = asyncio.get_running_loop().create_future()
+        self._send(("lora", token, op, arg))
+        return await future
+
+    def _lora_done(self, token: int, error: str | None) -> None:
+        future = self._lora_calls.pop(token, None)
+        if future is not None and not future.done():
+            future.set_result(error)
 
     def abort(self, handle: RequestHandle, choices=None) -> None:
         """End the request's choices (``choices``: their indices; default all) and free their KV blocks."""
@@ -132,6 +149,10 @@ class EngineLoop:
             handle.queue.put_nowait((None, error))
             handle.open.clear()
         self._handles.clear()
+        for future in self._lora_calls.values():
+            if not future.done():
+                future.set_exception(EngineDead(f"the engine failed: {error!r}"))
+        self._lora_calls.clear()
 
     # ---- the writer and reader threads --------------------------------------------------------------
     def _send(self, command) -> None:
@@ -161,6 +182,8 @@ class EngineLoop:
                         self._snapshot, self._added = snapshot, added
                     if events:
                         self._loop.call_soon_threadsafe(self._dispatch, events)
+                elif message[0] == "lora":
+                    self._loop.call_soon_threadsafe(self._lora_done, message[1], message[2])
                 elif message[0] == "failed":
                     self._fail(RuntimeError(message[1]))
                     return

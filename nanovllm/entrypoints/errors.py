@@ -3,7 +3,7 @@ code), answered as ``{"error": {"message", "type", "param", "code"}}`` with the 
 ``bad_request``, the 400 of a field.  Below every other server module: it imports none of them.
 """
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               500: "server_error", 503: "server_error"}
+               409: "invalid_request_error",                500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):

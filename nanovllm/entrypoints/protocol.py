@@ -8,7 +8,8 @@ two request bodies and the vLLM extras nanovllm takes (``top_k``, ``min_p``, ``m
 forbidden; ``app.py`` words the error with ``fields.unknown_field``).  Fields whose feature nanovllm lacks
 (``fields.NEUTRAL``) are accepted at their neutral value and rejected with a 400 naming them otherwise, never
 silently ignored.  Every text a request carries (dict keys included) must be valid Unicode: ``check_text``.
-A request naming another model is a 404 (``check_model``); a prompt leaving no room under ``max_model_len``, or
+A request naming a model that is neither the served one nor one of its LoRA adapters is a 404 (``check_model``,
+which gives the adapter's ``LoRARequest``); a prompt leaving no room under ``max_model_len``, or
 an explicit ``max_tokens`` past it, a 400 (``limits.max_tokens_for``: without one, the default is capped to the
 room left).
 """
@@ -24,10 +25,15 @@ from nanovllm.prompts import TEMPLATE_ARGUMENTS
 from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions ``logprobs``
-def check_model(model: str | None, served: str) -> None:
-    if model is not None and model != served:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{served}`.", "model",
-                       "model_not_found")
+def check_model(model: str | None, served: str, adapters: dict | None = None):
+    """None for the base model (``served``, or no model named); the ``LoRARequest`` of an adapter's name
+    (``adapters``: by name); a 404 naming any other model."""
+    if model is None or model == served:
+        return None
+    if adapters and model in adapters:
+        return adapters[model]
+    raise APIError(404, f"The model `{model}` does not exist; this server serves `{served}`"
+                   + (f" and the LoRA adapters {sorted(adapters)}." if adapters else "."), "model", "model_not_found")
 
 
 def check_text(value, param: str) -> None:
@@ -259,11 +265,10 @@ class ChatRequest(_Request):
                 raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
                                   "top_logprobs")
 
-    def chat_params(self, served_model: str, defaults: dict, vocab_size: int | None) -> SamplingParams:
-        """The checked request's (``check_unsupported``) model checked (``check_model``) and its ``SamplingParams``,
+    def chat_params(self, defaults: dict, vocab_size: int | None) -> SamplingParams:
+        """The checked request's (``check_unsupported``; its model: ``check_model``) ``SamplingParams``,
         ``max_tokens`` the one asked for or, without one, a stand-in (``min_tokens``, at least 1) until the prompt's
         length sets the room left (``limits.fit_params``, which checks ``min_tokens`` against it)."""
-        check_model(self.model, served_model)
         requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         stand_in = max(self.min_tokens or 0, 1)
         return self.sampling_params(requested if requested is not None else stand_in, defaults,

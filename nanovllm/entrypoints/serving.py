@@ -4,11 +4,12 @@ validated request to submitted sequences.  It needs a tokenizer (text out, stop 
 
 * ``chat_template_kwargs``: the server's default template variables (``--default-chat-template-kwargs``), under a
   request's own; ``reasoning_parser``, ``tool_parser``: the parser classes of the flags (None: none, hermes).
-* ``check_model``: a request naming another model gets a 404.
+* ``check_model``: a request naming another model gets a 404; ``lora_for``: the ``LoRARequest`` of a LoRA
+  adapter's name (``loras``: ``lora_models.ServedLoras``, None without ``--enable-lora``), None for the base model.
 * ``encode``: a prompt's token ids, checked (400 naming the prompt); text is tokenized off the event loop, with the
   other text prompts that arrive with it (``tokenizing.BatchTokenizer``).
-* ``submit``: one engine request of ``n`` sequences per prompt (choice ``i`` with a seed gets ``seed + i``); a
-  full waiting queue gets a 503 and the prompts already submitted are aborted (``PoolingParams``: embeddings).
+* ``submit``: one engine request of ``n`` sequences per prompt, with its adapter if any (choice ``i`` with a seed
+  gets ``seed + i``); a full waiting queue gets a 503 and the prompts already submitted are aborted.
 * ``abort``: ends a request's sequences still running (a client that went away).
 * ``updates``: the ``ChoiceUpdate``s of all of a request's prompts as they come, tagged with the prompt's index.
 """
@@ -23,6 +24,7 @@ import uuid
 from nanovllm.entrypoints.choices import run_choices
 from nanovllm.entrypoints.engine_loop import EngineDead, EngineLoop, Overloaded
 from nanovllm.entrypoints.errors import APIError, bad_request
+from nanovllm.entrypoints.lora_models import ServedLoras
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.protocol import check_model
 from nanovllm.entrypoints.tokenizing import BatchTokenizer
@@ -36,15 +38,18 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.jso
 class Serving:
     def __init__(self, loop: EngineLoop, prompts: Prompts, served_model_name: str,
                  chat_template_kwargs: dict | None = None, reasoning_parser: type | None = None,
-                 tool_parser: type | None = None, pooler: PoolerConfig | None = None):
+                 tool_parser: type | None = None, pooler: PoolerConfig | None = None, lora_modules: list | None = None):
         """``loop``: the engine (``EngineLoop``); ``prompts``: the checkpoint's tokenizer and prompt checks;
-        ``pooler``: the engine's (default: the checkpoint's, ``resolve_pooler``)."""
+        ``pooler``: the engine's (default: the checkpoint's, ``resolve_pooler``); ``lora_modules``: None
+        without ``--enable-lora``, else the adapters to load as the server starts (``lora_models.lora_modules``)."""
         self.pooler = pooler if pooler is not None else resolve_pooler(prompts.model)
         if prompts.tokenizer is None:
             raise ValueError(f"the server needs a tokenizer, and {prompts.model!r} has none (tokenizer.json)")
         self.loop, self.prompts, self.tokenizer = loop, prompts, prompts.tokenizer
         self.batch_tokenizer = BatchTokenizer(prompts.tokenizer)
         self.model_name = served_model_name
+        self.loras = (ServedLoras(loop, served_model_name, lora_modules)
+                      if lora_modules is not None else None)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.reasoning_parser = reasoning_parser
         self.tool_parser = tool_parser
@@ -56,7 +61,13 @@ class Serving:
         self._byte_decoder = _unicode_to_byte() if type(decoder).__name__ == "ByteLevel" else None
 
     def check_model(self, model: str | None) -> None:
+        """The base model only (pooling runs no adapter)."""
+        if self.loras is not None and model in self.loras.adapters:
+            raise bad_request(f"`{model}` is a LoRA adapter: adapters serve completions and chat only", "model")
         check_model(model, self.model_name)
+
+    def lora_for(self, model: str | None):
+        return check_model(model, self.model_name, self.loras.adapters if self.loras is not None else None)
 
     async def encode(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -66,9 +77,9 @@ class Serving:
         except (TypeError, ValueError) as e:
             raise bad_request(str(e), "prompt") from None
 
-    def submit(self, prompts: list[tuple], n: int) -> list:
-        """Submit each (prompt ids, SamplingParams[, ImageInputs]) as ``n`` sequences; returns one handle per
-        prompt."""
+    def submit(self, prompts: list[tuple], n: int, lora=None) -> list:
+        """Submit each (prompt ids, SamplingParams[, ImageInputs]) as ``n`` sequences, with ``lora`` (a
+        ``LoRARequest``, or None for the base model); returns one handle per prompt."""
         if n * len(prompts) > self.loop.max_waiting_seqs:
             raise APIError(503, f"{len(prompts)} prompt(s) x n={n} sequences would pass --max-waiting-seqs="
                                 f"{self.loop.max_waiting_seqs}", "n", "overloaded")
@@ -77,7 +88,7 @@ class Serving:
             for ids, p, *images in prompts:
                 choices = [p if getattr(p, "seed", None) is None else dataclasses.replace(p, seed=p.seed + i)
                            for i in range(n)]
-                handles.append(self.loop.submit(ids, choices, *images))
+                handles.append(self.loop.submit(ids, choices, images[0] if images else None, lora))
         except (Overloaded, EngineDead) as e:
             self.abort(handles)
             raise APIError(503, str(e), None, "overloaded" if isinstance(e, Overloaded) else "engine_dead") from None
