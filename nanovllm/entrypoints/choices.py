@@ -105,6 +105,8 @@ def _observe(metrics, handle, choice: Choice, update: ChoiceUpdate, generated: i
     if generated:
         if choice.last_token_time is None:
             metrics.first_token(now - handle.arrival)
+            if generated > 1:  # the tokens that came with the first one: no time after it
+                metrics.inter_token(0.0, generated - 1)
         else:
             metrics.inter_token(now - choice.last_token_time, generated)
         choice.last_token_time = now

@@ -6,7 +6,8 @@ a request of ``n`` choices counts ``n``), ``kv_cache_usage_perc`` (0 to 1, as vL
 ``prefix_cache_queries`` / ``prefix_cache_hits`` (tokens: the prompt tokens of each sequence admitted, and those of
 them served from the prefix cache, whole blocks; first admissions only, not readmissions after preemption nor
 sequences that want prompt logprobs, as vLLM; read from the engine's totals at each scrape).  Histograms:
-``time_to_first_token_seconds``, ``inter_token_latency_seconds``, ``e2e_request_latency_seconds``.  With
+``time_to_first_token_seconds``, ``inter_token_latency_seconds`` (one per token after a sequence's first, so
+n - 1 of them; tokens that arrive together share the wait), ``e2e_request_latency_seconds``.  With
 speculative decoding, counters as vLLM's: ``spec_decode_num_drafts``, ``spec_decode_num_draft_tokens``,
 ``spec_decode_num_accepted_tokens``, ``spec_decode_num_accepted_tokens_per_pos{position}``.  Every metric
 has a ``model_name`` label.  Each server has its own registry, so several can live in one process (tests).
