@@ -150,7 +150,8 @@ def test_corrupt_entry_is_discarded_with_one_warning_and_rebuilt(built_entry, co
 def _key(**overrides):
     """key_fields of a small config on a fake CPU platform, with one field or argument changed."""
     cfg = SimpleNamespace(hf_config={"hidden_size": 64}, graph_batch_sizes=(1, 2, 4), kvcache_block_size=16,
-                          max_model_len=128, max_num_seqs=4, tensor_parallel_size=1, online_quantization=None)
+                          max_model_len=128, max_num_seqs=4, tensor_parallel_size=1, online_quantization=None,
+                          enable_lora=False, max_loras=1, max_lora_rank=16)
     option_values = overrides.pop("options", {"pdl": False})
     options = SimpleNamespace(as_dict=lambda: option_values)
     versions = overrides.pop("versions", {})
@@ -171,7 +172,7 @@ def test_changing_any_key_field_misses(monkeypatch):
                         ("kvcache_block_size", 32), ("max_model_len", 64), ("max_num_seqs", 8),
                         ("tensor_parallel_size", 2), ("hf_config", {"hidden_size": 128}),
                         ("platform", other_platform), ("options", {"pdl": True}),
-                        ("versions", {"cann": "8.5.0", "torch_npu": "2.13.0"})]:
+                        ("versions", {"cann": "8.5.0", "torch_npu": "2.13.0"}), ("enable_lora", True)]:
         assert _key(**{name: value}) != key, name
     monkeypatch.setattr(cache, "source_hash", lambda: "0" * 64)
     assert _key() != key, "traced source"

@@ -28,6 +28,7 @@ def test_two_tensor_parallel_ranks(qwen3):
     try:
         assert generate(llm, PROMPTS, mixed(a)) == expected(base, mixed(a), PROMPTS)
         llm.engine.remove_lora(a["a1"].lora_int_id)  # mirrored to the other rank
+        llm.engine.add_lora(LoRARequest("again", 5, a["a3"].lora_path))  # so is adding one (the server's load)
         requests = [LoRARequest("again", 5, a["a3"].lora_path), a["a2"], None, a["a1"]]
         assert generate(llm, PROMPTS, requests) == expected(base, requests, PROMPTS)
     finally:

@@ -47,7 +47,7 @@ class StubEngine:
     def __init__(self, log):
         self.log, self.seqs, self.step_log, self.stats = log, [], None, {"steps": 0}
 
-    def add_request(self, ids, params, images=None):
+    def add_request(self, ids, params, images=None, lora_request=None):
         seq = Seq(len(self.seqs))
         self.seqs.append(seq)
         self.log.append(("add", seq.seq_id))

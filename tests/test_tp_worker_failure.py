@@ -23,7 +23,7 @@ class FailsOnRankOne(Engine):
     """``add_request`` raises ``TypeError`` on rank 1 for a prompt starting with 99; ``step`` raises
     ``ValueError`` on rank 1 once a prompt starting with 98 was added."""
 
-    def add_request(self, prompt_token_ids, params, images=None):
+    def add_request(self, prompt_token_ids, params, images=None, lora_request=None):
         if distributed.current().rank == 1 and prompt_token_ids[0] == 99:
             raise TypeError("injected on rank 1")
         self.fail_steps = getattr(self, "fail_steps", False) or prompt_token_ids[0] == 98

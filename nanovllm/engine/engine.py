@@ -99,7 +99,7 @@ class Engine:
 
     def remove_lora(self, lora_int_id: int) -> None:
         """Forget a LoRA adapter (``lora_slots.remove``)."""
-        lora_slots.remove(self.runner.loras, lora_int_id)
+        lora_slots.remove(self.runner.loras, lora_int_id, self.scheduler.waiting)
 
     def build_variant_graphs(self, variant: str) -> None:
         """Build ``variant``'s graph of every decode bucket now (``nanovllm.step.VARIANTS``), rather than when a

@@ -23,10 +23,13 @@ def check(loras: "EngineLoras | None", request) -> None:
     loras.load(request)
 
 
-def remove(loras: "EngineLoras | None", lora_int_id: int) -> None:
-    """``EngineLoras.remove``; a ``ValueError`` where the engine has no adapters."""
+def remove(loras: "EngineLoras | None", lora_int_id: int, waiting) -> None:
+    """``EngineLoras.remove``; a ``ValueError`` where the engine has no adapters, or while a request of ``waiting``
+    (the queue) still names the adapter (it would be read again when admitted)."""
     if loras is None:
         raise ValueError(f"remove_lora({lora_int_id}): this engine was built without enable_lora=True")
+    if any(seq.lora is not None and seq.lora.lora_int_id == lora_int_id for seq in waiting):
+        raise ValueError(f"LoRA adapter {lora_int_id} is in use (requests waiting for it); cannot remove it")
     loras.remove(lora_int_id)
 
 

@@ -19,7 +19,7 @@ from nanovllm.engine.engine import Engine
 from nanovllm.engine.sequence import Sequence
 from nanovllm.parallel import control
 
-STEP, ADD_REQUEST, ABORT, RESET_PREFIX_CACHE, RESET_STATS, BUILD_VARIANT_GRAPHS, REMOVE_LORA = range(7)
+STEP, ADD_REQUEST, ABORT, RESET_PREFIX_CACHE, RESET_STATS, BUILD_VARIANT_GRAPHS, REMOVE_LORA, ADD_LORA = range(8)
 
 
 class _Read:
@@ -43,8 +43,8 @@ class _Read:
 class MirroredEngine:
     """Rank 0's ``engine`` at N > 1 (see the module docstring); ``peers`` is ``control.SpawnedPeers`` or
     ``control.TorchrunPeers``."""
-    MIRRORED = ("add_request", "step", "abort", "reset_prefix_cache", "reset_stats", "build_variant_graphs", "remove_lora",
-                "close")
+    MIRRORED = ("add_request", "step", "abort", "reset_prefix_cache", "reset_stats", "build_variant_graphs", "add_lora",
+                "remove_lora", "close")
     READ_ONLY = ("config", "platform", "runner", "block_manager", "scheduler", "pipeline", "stats", "step_log",
                  "describe", "has_work")
 
@@ -92,6 +92,10 @@ class MirroredEngine:
     def reset_stats(self) -> None:
         self._engine.reset_stats()
         self.peers.send(RESET_STATS)
+
+    def add_lora(self, lora_request) -> None:
+        self._engine.add_lora(lora_request)
+        self.peers.send(ADD_LORA, payload=pickle.dumps(lora_request, protocol=pickle.HIGHEST_PROTOCOL))
 
     def remove_lora(self, lora_int_id: int) -> None:
         self._engine.remove_lora(lora_int_id)
@@ -146,6 +150,8 @@ class EngineReplica:
             engine.build_variant_graphs(payload.decode())
         elif op == REMOVE_LORA:
             engine.remove_lora(arg)
+        elif op == ADD_LORA:
+            engine.add_lora(pickle.loads(payload))
         elif op == control.CLOSE:
             close = getattr(engine, "close", None)
             if close is not None:
@@ -159,6 +165,7 @@ class EngineReplica:
 _DOING = {STEP: "running step", ADD_REQUEST: "adding request", ABORT: "aborting sequence",
           RESET_PREFIX_CACHE: "resetting the prefix cache", RESET_STATS: "resetting stats",
           BUILD_VARIANT_GRAPHS: "building variant graphs", REMOVE_LORA: "removing a LoRA adapter",
+          ADD_LORA: "adding a LoRA adapter",
           control.CLOSE: "closing"}
 
 
