@@ -92,6 +92,15 @@ def test_more_adapters_than_device_slots(qwen3):
     requests = [a["a1"], a["a2"], None, a["a3"], a["a1"]]
     prompts = PROMPTS + [[42, 43]]
     assert generate(llm, prompts, requests) == expected(base, requests, prompts)
+    # the one slot holds a1: a2 and a3 wait, and the base request and a1's second go past them, keeping their places
+    engine = llm.engine
+    seqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=2), None, r)
+            for p, r in zip(prompts, requests)]
+    engine.step()
+    assert [s.seq_id for s in engine.scheduler.running] == [seqs[i].seq_id for i in (0, 2, 4)]
+    assert [s.seq_id for s in engine.scheduler.waiting] == [seqs[i].seq_id for i in (1, 3)]
+    while engine.has_work():
+        engine.step()
 
 
 def test_prefix_blocks_are_keyed_by_adapter(qwen3):

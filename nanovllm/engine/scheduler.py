@@ -11,8 +11,8 @@ length; ``resolve`` (later) writes the sampled tokens in and finishes sequences 
 by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
 A decode step may verify proposals (``proposals.py``).  It owns a running sequence's KV blocks, token slot (its
-row of the device token buffer) and LoRA slot pin (``lora_slots.py``: no free slot, it waits), handed out on
-admission and taken back on preemption, finish and abort (late writes by queued steps land unread).
+row of the device token buffer) and LoRA slot pin (``lora_slots.py``: with no free slot it waits, and those behind
+it may go first, as vLLM's), handed out on admission and taken back on preemption, finish and abort.
 """
 from collections import deque
 
@@ -69,33 +69,29 @@ class Scheduler:
             if budget and seq.is_prefilling and seq.status is SequenceStatus.RUNNING \
                     and self._window_room(seq, batch.preempted):
                 budget -= add_chunk(seq)
+        passed = []  # waiting sequences whose LoRA adapter has no free slot: those behind them may go first
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING_TOKEN:  # preempted with tokens still being sampled: wait for them
                 break
-            if not self._admit(seq, budget):  # its adapter's slot, its blocks and its first chunk's window blocks
+            if self.loras is not None and not self.loras.admit(seq):  # every slot pinned by other adapters
+                passed.append(self.waiting.popleft())
+                continue
+            if not bm.try_allocate(seq, budget):  # its blocks, and its first chunk's window blocks
+                if self.loras is not None:
+                    self.loras.release(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)
             budget -= add_chunk(seq)
+        self.waiting.extendleft(reversed(passed))  # in their places at the queue's front
         if seqs and budget and self.mixed_prefill:
             self._add_decode_rows(seqs, counts, budget)
         if snapshots is not None:
             snapshots.commit()
         return batch
-
-    def _admit(self, seq: Sequence, budget: int) -> bool:
-        """Pin a waiting sequence's LoRA adapter in a device slot (``EngineLoras``), then give it its blocks; False
-        (holding neither) when every slot is pinned or the blocks do not fit: it waits."""
-        if self.loras is not None and not self.loras.admit(seq):
-            return False
-        if self.block_manager.try_allocate(seq, budget):
-            return True
-        if self.loras is not None:
-            self.loras.release(seq)
-        return False
 
     def _add_decode_rows(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
         """Let running sequences past their prompt ride in this prefill step, one token each (their newest, which
