@@ -56,7 +56,7 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if weight_scale is not None:
         weight = weight_quant.dequantize(weight, weight_scale, group, x.dtype)
     y = F.linear(x, weight, bias)
-    return _silu_mul(y) if silu_mul else y
+    return silu_and_mul(y) if silu_mul else y
 
 
 def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -67,10 +67,10 @@ def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.T
     if perm is not None:
         x = x.index_select(1, perm)
     y = F.linear(x, int4_quant.dequantize(qweight, scale, zero, group, x.dtype), bias)
-    return _silu_mul(y) if silu_mul else y
+    return silu_and_mul(y) if silu_mul else y
 
 
-def _silu_mul(y: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of the two halves of a packed [T, 2I] MLP projection."""
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -45,13 +45,10 @@ class LoraPool:
             inter = (rank * local, (rank + 1) * local)
             self._attach(i, mlp.gate_up_proj, [("gate_proj", inter, 0), ("up_proj", inter, local)], True)
             self._attach(i, mlp.down_proj, [("down_proj", inter, 0)], False)
-        self.sizes = {}  # module -> (in_features, out_features) of the whole (unsplit) projection, for checks
-        for module, (k, n) in dict(q_proj=(a.hidden_size, a.num_heads * hd), k_proj=(a.hidden_size, a.num_kv_heads * hd),
-                                   v_proj=(a.hidden_size, a.num_kv_heads * hd), o_proj=(a.num_heads * hd, a.hidden_size),
-                                   gate_proj=(a.hidden_size, a.intermediate_size),
-                                   up_proj=(a.hidden_size, a.intermediate_size),
-                                   down_proj=(a.intermediate_size, a.hidden_size)).items():
-            self.sizes[module] = (k, n)
+        q, kv = a.num_heads * hd, a.num_kv_heads * hd  # module -> (in, out) of the whole (unsplit) projection
+        self.sizes = dict(q_proj=(a.hidden_size, q), k_proj=(a.hidden_size, kv), v_proj=(a.hidden_size, kv),
+                          o_proj=(q, a.hidden_size), gate_proj=(a.hidden_size, a.intermediate_size),
+                          up_proj=(a.hidden_size, a.intermediate_size), down_proj=(a.intermediate_size, a.hidden_size))
 
     def _attach(self, layer_idx: int, linear: torch.nn.Linear, parts: list, column: bool) -> None:
         s, r = self.max_loras + 1, self.max_rank

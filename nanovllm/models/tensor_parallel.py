@@ -17,6 +17,7 @@ tensor a rank's parameter holds, from the parameter's local shape, so the loader
 import torch
 
 import nanovllm.distributed as distributed
+from nanovllm.kernels import reference
 from nanovllm.kernels.lora import ops as lora_ops
 from nanovllm.quant import held
 
@@ -65,10 +66,7 @@ def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, 
     if a is None or lora_slots is None:
         return held.linear(linear, x, bias, silu_mul)
     y = lora_ops.lora_add(held.linear(linear, x, bias, False), x, lora_slots, a, linear.lora_b, linear.lora_scaling)
-    if not silu_mul:
-        return y
-    gate, up = y.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    return reference.silu_and_mul(y) if silu_mul else y
 
 
 def row_parallel(linear: torch.nn.Linear, x: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:

@@ -68,16 +68,21 @@ def _expand(y_ptr, s_ptr, b_ptr, slot_ptr, scaling_ptr, out_ptr, N, R, stride_y,
 
 
 @triton.jit
+def _slot_block(order_ptr, start_ptr, count_ptr, slot, BT: tl.constexpr):
+    """(token rows [BT], their mask) of this program's block (axis 0) of ``slot``'s tokens, in sorted order."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    mask_t = offs_t < tl.load(count_ptr + slot)
+    tok = tl.load(order_ptr + tl.load(start_ptr + slot) + offs_t, mask=mask_t, other=0).to(tl.int64)
+    return tok, mask_t
+
+
+@triton.jit
 def _shrink_grouped(x_ptr, a_ptr, order_ptr, start_ptr, count_ptr, s_ptr, K, R, stride_x, stride_a0, stride_a1,
                     BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     slot = tl.program_id(1).to(tl.int64) + 1  # slot 0's tokens add nothing: no programs
-    first = tl.program_id(0) * BT
-    count = tl.load(count_ptr + slot)
-    if first >= count:
+    if tl.program_id(0) * BT >= tl.load(count_ptr + slot):
         return
-    offs_t = first + tl.arange(0, BT)
-    mask_t = offs_t < count
-    tok = tl.load(order_ptr + tl.load(start_ptr + slot) + offs_t, mask=mask_t, other=0).to(tl.int64)
+    tok, mask_t = _slot_block(order_ptr, start_ptr, count_ptr, slot, BT)
     offs_r = tl.arange(0, BR)
     mask_r = offs_r < R
     acc = tl.zeros([BT, BR], dtype=tl.float32)
@@ -98,13 +103,9 @@ def _expand_grouped(y_ptr, s_ptr, b_ptr, order_ptr, start_ptr, count_ptr, scalin
                     stride_out, stride_b0, stride_b1, BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
                     PREC: tl.constexpr):
     slot = tl.program_id(2).to(tl.int64)  # slot 0's programs copy y
-    first = tl.program_id(0) * BT
-    count = tl.load(count_ptr + slot)
-    if first >= count:
+    if tl.program_id(0) * BT >= tl.load(count_ptr + slot):
         return
-    offs_t = first + tl.arange(0, BT)
-    mask_t = offs_t < count
-    tok = tl.load(order_ptr + tl.load(start_ptr + slot) + offs_t, mask=mask_t, other=0).to(tl.int64)
+    tok, mask_t = _slot_block(order_ptr, start_ptr, count_ptr, slot, BT)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = mask_t[:, None] & (offs_n < N)[None, :]
     yv = tl.load(y_ptr + tok[:, None] * stride_y + offs_n[None, :], mask=mask, other=0.0)
