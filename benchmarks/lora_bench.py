@@ -95,7 +95,7 @@ def run(args) -> dict:
         kwargs = {"lora_request": lr} if lr is not None else {}
         return llm.generate(items, ps, use_tqdm=False, **kwargs)
 
-    warm = max(len(loras), 2)  # every adapter once, a few tokens each (loads, compiles)
+    warm = min(max(len(loras), 2), len(inputs))  # every adapter the run uses once, a few tokens each (loads, compiles)
     generate(inputs[:warm], [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4)] * warm,
              per_prompt[:warm] if per_prompt else None)
     t = time.perf_counter()
