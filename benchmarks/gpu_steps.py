@@ -187,6 +187,7 @@ STEPS = [
          limit_s=300),
     Step("parity-mixed", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_mixed_prefill.py"), limit_s=300),
     Step("kernels", "ours", "own", "module", ("benchmarks.kernel_bench",)),
+    Step("kernels-lora", "ours", "own", "module", ("benchmarks.kernel_bench", "--lora")),
     Step("delta-sweep", "ours", "own", "module", ("benchmarks.kernel_bench", "--delta")),
     Step("moe-kernel", "ours", "own", "module", MOE_KERNEL),
     Step("moe-kernel-fp8", "ours", "own", "module", MOE_KERNEL + ("--fp8",)),

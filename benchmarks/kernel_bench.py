@@ -12,6 +12,8 @@ Qwen3's vocabulary, and each tuned matmul of this GPU's dispatch table at the la
 checked against its twin (relative error < 2e-2; exit 1 otherwise), timed against bf16 over four weights cycled and
 against the int4 byte floor; ``--sweep`` also times every candidate tile (BLOCK_N 32-128, split K 1-16, 2 or 4 stages).
 ``--delta``: the decode delta rule's value block and warps, against its float32 state's read and write.
+``--lora``: the multi-LoRA op on Qwen3-8B's projections (rank 16 on 8 of 9 slots, tokens round robin), checked
+against its twin, beside the base product's bf16 matmul of the same tokens.
 """
 import argparse
 import math
@@ -227,6 +229,32 @@ def delta_sweep(bandwidth: float) -> list[dict]:
     return rows
 
 
+def lora_rows(bandwidth: float) -> list[dict]:
+    """``--lora``: ``lora_add`` at 1 to 4,096 tokens on qkv, o, gate_up and down (merged projections: ranks 48 and
+    32), its bytes the x, y and output rows and the adapters read; the base matmul (cuBLAS) beside it."""
+    from nanovllm.kernels.lora.reference import lora_add_reference
+    from nanovllm.kernels.lora.triton_lora import lora_add_triton
+    rows, slots_n = [], 9
+    for name, k, n, r in (("qkv", 4096, 6144, 48), ("o", 4096, 4096, 16), ("gate_up", 4096, 24576, 32),
+                          ("down", 12288, 4096, 16)):
+        a = torch.randn(slots_n, r, k, device=DEV, dtype=BF16) / k ** 0.5
+        b = torch.randn(slots_n, n, r, device=DEV, dtype=BF16) * 0.01
+        w = torch.randn(n, k, device=DEV, dtype=BF16)
+        scaling = torch.full((slots_n,), 2.0, device=DEV)
+        for t in (1, 16, 64, 256, 4096):
+            x, y = torch.randn(t, k, device=DEV, dtype=BF16), torch.randn(t, n, device=DEV, dtype=BF16)
+            slots = torch.arange(t, device=DEV) % slots_n
+            err = rel_err(lora_add_triton(y, x, slots, a, b, scaling) - y,  # the added products
+                          lora_add_reference(y, x, slots, a, b, scaling) - y)
+            nbytes = 2 * (t * k + 2 * t * n + min(t, slots_n - 1) * r * (k + n))
+            row = timed("lora_add", f"{name} T={t}", nbytes,
+                        [lambda: lora_add_triton(y, x, slots, a, b, scaling)] * 5, bandwidth)
+            base = timed("base matmul", f"{name} T={t}", 2 * (n * k + t * k + t * n),
+                         [lambda: torch.nn.functional.linear(x, w)] * 5, bandwidth)
+            rows.append(dict(row, rel_err=err, base_us=base["us"]))
+    return rows
+
+
 def main():
     import triton
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +263,7 @@ def main():
     p.add_argument("--tokens", default="16,256", help="--int4: MoE token counts")
     p.add_argument("--sweep", default="", help="--int4: row counts at which to time every candidate tile")
     p.add_argument("--delta", action="store_true", help="sweep the decode delta rule's blocks instead")
+    p.add_argument("--lora", action="store_true", help="the multi-LoRA op instead")
     args = p.parse_args()
     if args.int4:
         sys.exit(int4_main(args))
@@ -242,10 +271,11 @@ def main():
     bandwidth = copy_bandwidth(DEV)
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     print("| kernel | case | us | GB/s | of copy |\n|---|---|---|---|---|")
-    rows = delta_sweep(bandwidth) if args.delta else timing_rows(bandwidth)
-    write_json("delta_sweep.json" if args.delta else "kernel_bench.json", {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                     "triton": triton.__version__, "copy_gbps": round(bandwidth / 1e9, 1),
-                                     "timing": rows})
+    mode = "delta" if args.delta else "lora" if args.lora else ""
+    rows = {"delta": delta_sweep, "lora": lora_rows, "": timing_rows}[mode](bandwidth)
+    write_json(f"{mode}_sweep.json" if mode else "kernel_bench.json", {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "copy_gbps": round(bandwidth / 1e9, 1), "timing": rows})
 
 
 if __name__ == "__main__":

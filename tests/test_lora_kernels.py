@@ -1,7 +1,7 @@
-"""The multi-LoRA op (nanovllm/kernels/lora): the Triton kernels, per token (BGMV) and grouped by slot (SGMV),
-against the twin on CPU under the Triton interpreter (mixed slots with slot 0 among them, every token on slot 0,
-float32, bfloat16 and float16, a rank padded to a power of two and one that is not, K and N not multiples of the
-blocks, a strided y, no tokens), and the op's default implementation (the twin) on CPU.
+"""The multi-LoRA op (nanovllm/kernels/lora): the Triton kernels (token blocks, the shrink's K in one split or
+several) against the twin on CPU under the Triton interpreter (mixed slots with slot 0 among them, every token on
+slot 0, float32, bfloat16 and float16, a rank padded to a power of two and one that is not, K and N not multiples of
+the blocks, a strided y, no tokens), the split's policy, and the op's default implementation (the twin) on CPU.
 """
 import os
 
@@ -10,7 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from nanovllm.kernels.lora import ops as lora_ops  # noqa: E402
 from nanovllm.kernels.lora import reference as ref  # noqa: E402
@@ -49,29 +49,43 @@ def test_triton_matches_the_twin_on_mixed_slots(dtype, R, rank):
     assert not torch.allclose(got[slots != 0], y[slots != 0])
 
 
-@pytest.fixture
-def small_groups(monkeypatch):
-    """The grouped (SGMV) kernels from one token on, with blocks small enough that a slot spans several."""
-    for name, value in dict(GROUP_MIN_TOKENS=1, GROUP_BT=16, GROUP_BK=32, GROUP_BN=32).items():
-        monkeypatch.setattr(tl_lora, name, value)
+@pytest.fixture(params=[("one split", "slot axis"), ("several splits", "slot axis"), ("one split", "slot loop"),
+                        ("several splits", "slot loop")], ids=" ".join)
+def small_blocks(request, monkeypatch):
+    """Token blocks of 16 (a slot spans several); the shrink's K in one split or in as many as it has K steps (the
+    expand adds them); a program per slot (decode's grid) or one walking its block's slots (prefill's)."""
+    monkeypatch.setattr(tl_lora, "BT_MAX", 16)
+    monkeypatch.setattr(tl_lora, "BK", 32)
+    monkeypatch.setattr(tl_lora, "TARGET_PROGRAMS", 1 if request.param[0] == "one split" else 1024)
+    monkeypatch.setattr(tl_lora, "SLOT_AXIS_TOKENS", 10 ** 9 if request.param[1] == "slot axis" else 0)
+    return request.param[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("R,rank", [(8, 5), (12, None)])
-def test_grouped_kernels_match_the_twin(small_groups, dtype, R, rank):
-    T, K, N, S = 45, 70, 50, 4  # slot 1 holds more than one token block
+def test_token_blocks_and_k_splits_match_the_twin(small_blocks, dtype, R, rank):
+    T, K, N, S = 45, 70, 50, 4  # slot 1 holds more than one token block; K is three steps, the last partial
     g = torch.Generator().manual_seed(1)
     slots = torch.where(torch.rand(T, generator=g) < 0.5, 1, torch.randint(0, S, (T,), generator=g))
     args = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=R)
+    assert tl_lora.split_k(T, K, 16, 16)[0] == (1 if small_blocks == "one split" else 3)
     got, want = tl_lora.lora_add_triton(*args), ref.lora_add_reference(*args)
     torch.testing.assert_close(got, want, **TOL[dtype])
     assert torch.equal(got[slots == 0], args[0][slots == 0])
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_every_token_on_slot_zero_returns_y_grouped_or_not(monkeypatch, grouped):
-    if grouped:
-        monkeypatch.setattr(tl_lora, "GROUP_MIN_TOKENS", 1)
+def test_the_split_covers_k_once_and_spreads_a_single_token_wide():
+    for T, K, BR in [(1, 4096, 64), (1, 12288, 16), (256, 4096, 64), (16384, 12288, 64), (7, 300, 16)]:
+        bt = min(tl_lora.BT_MAX, max(16, triton.next_power_of_2(T)))
+        p, k_per = tl_lora.split_k(T, K, bt, BR)
+        assert k_per % tl_lora.BK == 0 and (p - 1) * k_per < K <= p * k_per  # every split has K to do
+        assert p * T * BR * 4 <= max(tl_lora.PARTIAL_BYTES, T * BR * 4)
+        assert p <= tl_lora.P_MAX or T > tl_lora.SLOT_AXIS_TOKENS  # the expand adds at most P_MAX itself
+    assert tl_lora.split_k(1, 4096, 16, 64)[0] == tl_lora.P_MAX  # decode: K over as many programs as the expand adds
+    assert tl_lora.split_k(16384, 4096, 64, 64)[0] == 1  # a long prefill has blocks enough
+
+
+def test_every_token_on_slot_zero_returns_y_split_or_not(small_blocks):
     args = case(5, 40, 70, 3, 4, torch.bfloat16, slots=torch.zeros(5, dtype=torch.int64))
     assert torch.equal(tl_lora.lora_add_triton(*args), args[0])
 

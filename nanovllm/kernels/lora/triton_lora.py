@@ -1,15 +1,17 @@
-"""Triton kernels of ``nanovllm::lora_add`` (Punica's BGMV and SGMV designs), with the contract of the twin
+"""Triton kernels of ``nanovllm::lora_add`` (Punica's SGMV design, without the sort), with the contract of the twin
 (``reference.lora_add_reference``): ``y`` [T, N] plus, for each token t of slot s = ``slots[t]`` != 0,
 ``((x[t] @ a[s].T) @ b[s].T) * scaling[s]``, rounded as PEFT rounds (shrink, expand, scale, add: each to the
-dtype, to nearest even).  Two launches: a shrink into a float32 buffer [T, R] (dtype-rounded values), an expand.
+dtype, to nearest even).  Two launches (three past ``SLOT_AXIS_TOKENS``):
 
-* Fewer than ``GROUP_MIN_TOKENS`` tokens (decode), per token: one shrink program per token walks K in blocks over
-  its slot's ``a[s]`` (R padded to a power of two, masked); one expand program per (token, N block).
-* More (prefill), grouped: tokens sorted by slot on the device (argsort, per-slot counts and starts); a program
-  takes a block of one slot's tokens and ``tl.dot``s it with that slot's ``a`` / ``b`` tiles; programs past
-  their slot's count exit.
-Slot 0 costs nothing: its tokens' shrink is skipped and their expand only copies ``y``.  Grids depend on shapes
-alone: no host sync, no data-dependent shape, so both paths are graph-capturable.
+* Shrink, split over K: a program takes a block of BT tokens, one of ``P`` ranges of K and a slot, and ``tl.dot``s
+  that slot's rows of x (the others masked: never read) with the slot's ``a`` tile, into a float32 [P, T, BR]
+  buffer.  P grows as tokens shrink, so one decode token still spreads its K over many SMs.
+* Expand: a program takes a block of tokens, one of N and a slot; it adds its rows' P partial sums in order
+  (deterministic, no atomics; past ``SLOT_AXIS_TOKENS`` a reduce launch adds them first), rounds, ``tl.dot``s
+  them with the slot's ``b`` tile, scales and adds to ``y``.
+Up to ``SLOT_AXIS_TOKENS`` tokens (small decode batches) the slot is a grid axis and programs whose slot has no
+token in their block exit at once; past it a program walks the slots present in its block.  Grids come from
+shapes alone: no host sync, graph capture holds.
 """
 import torch
 import triton
@@ -18,148 +20,131 @@ import triton.language as tl
 from nanovllm.kernels.triton_common import _dot, _dot_precision  # "upcast" off GPU (interpreter's bf16 dot)
 from nanovllm.kernels.triton_rope_store import _round  # to the dtype, nearest even (the interpreter's cast truncates)
 
-SHRINK_TILE = 8192  # elements of a shrink step's a tile [BR, BK] (BK: 32 to 256)
-EXPAND_BN = 128  # the N block of an expand program
-GROUP_MIN_TOKENS = 64  # from this many tokens on, the grouped (SGMV) kernels
-GROUP_BT, GROUP_BK, GROUP_BN = 64, 64, 64  # the grouped kernels' token, K and N blocks (tl.dot tiles)
+BT_MAX, BK, BN = 64, 64, 64  # token block (tl.dot's M, 16 to 64), K step of the shrink, N block of the expand
+P_MAX = 16  # most K splits the expand adds itself (more: a reduce launch adds them first)
+TARGET_PROGRAMS = 256  # (token block, split) pairs to aim for (about two per SM of an H100)
+PARTIAL_BYTES = 32 << 20  # at most this much float32 for the shrink's partial sums
+SLOT_AXIS_TOKENS = 16  # up to this many tokens, one program per slot; past it, each walks its block's slots
 
 
 @triton.jit
-def _shrink(x_ptr, a_ptr, slot_ptr, s_ptr, K, R, stride_x, stride_a0, stride_a1,
-            BR: tl.constexpr, BK: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot == 0:
+def _slot_range(slot, mask_t, S, SLOT_AXIS: tl.constexpr, FIRST: tl.constexpr):
+    """(first, end) of the slots this program serves, and the token rows it owns, from grid axis 2."""
+    if SLOT_AXIS:
+        lo = tl.program_id(2) + FIRST
+        return lo, lo + 1, mask_t & (slot == lo)
+    return FIRST, S, mask_t
+
+
+@triton.jit
+def _shrink(x_ptr, a_ptr, slot_ptr, part_ptr, T, K, R, S, K_PER, stride_x, stride_a0, stride_a1,
+            BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SLOT_AXIS: tl.constexpr):
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    mask_t = offs_t < T
+    slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=0)
+    lo, hi, owned = _slot_range(slot, mask_t, S, SLOT_AXIS, 1)
+    if tl.max(owned.to(tl.int32), axis=0) == 0:
         return
     offs_r = tl.arange(0, BR)
     mask_r = offs_r < R
-    a_base = a_ptr + slot * stride_a0 + offs_r[:, None] * stride_a1
-    x_base = x_ptr + t * stride_x
-    acc = tl.zeros([BR], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < K
-        xv = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        av = tl.load(a_base + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(av * xv[None, :], axis=1)
-    acc = _round(acc, x_ptr.dtype.element_ty)  # the shrink result in the dtype, as PEFT's
-    tl.store(s_ptr + t * BR + offs_r, acc, mask=mask_r)
+    rows = offs_t[:, None].to(tl.int64)
+    k_lo = tl.program_id(1) * K_PER
+    acc = tl.zeros([BT, BR], dtype=tl.float32)
+    for s in range(lo, hi):
+        mine = owned & (slot == s)
+        if tl.max(mine.to(tl.int32), axis=0) > 0:
+            for k0 in range(k_lo, k_lo + K_PER, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                mask_k = offs_k < K
+                xv = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=mine[:, None] & mask_k[None, :],
+                             other=0.0)
+                av = tl.load(a_ptr + s * stride_a0 + offs_r[None, :] * stride_a1 + offs_k[:, None],
+                             mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # a[s].T block [BK, BR]
+                acc += _dot(xv, av, PREC)
+    part = part_ptr + tl.program_id(1).to(tl.int64) * T * BR
+    tl.store(part + rows * BR + offs_r[None, :], acc, mask=owned[:, None])
 
 
 @triton.jit
-def _expand(y_ptr, s_ptr, b_ptr, slot_ptr, scaling_ptr, out_ptr, N, R, stride_y, stride_out, stride_b0,
-            stride_b1, BR: tl.constexpr, BN: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _reduce(part_ptr, T, P, BT: tl.constexpr, BR: tl.constexpr):
+    """Adds the P partial sums of a block of rows, in order, into the first."""
+    offs = tl.program_id(0) * BT * BR + tl.arange(0, BT * BR)
+    mask = offs < T * BR
+    acc = tl.zeros([BT * BR], dtype=tl.float32)
+    for p in range(0, P):
+        acc += tl.load(part_ptr + p * T * BR + offs, mask=mask, other=0.0)
+    tl.store(part_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _expand(y_ptr, part_ptr, b_ptr, slot_ptr, scaling_ptr, out_ptr, T, N, R, S, P, stride_y, stride_out,
+            stride_b0, stride_b1, BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, P_MAX: tl.constexpr,
+            PREC: tl.constexpr, SLOT_AXIS: tl.constexpr):
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    mask_t = offs_t < T
+    slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=0)
+    lo, hi, owned = _slot_range(slot, mask_t, S, SLOT_AXIS, 0)  # slot 0's program copies its rows of y
+    if tl.max(owned.to(tl.int32), axis=0) == 0:
+        return
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    yv = tl.load(y_ptr + t * stride_y + offs_n, mask=mask_n, other=0.0)
-    if slot != 0:
-        dtype = y_ptr.dtype.element_ty
-        offs_r = tl.arange(0, BR)
-        mask_r = offs_r < R
-        sv = tl.load(s_ptr + t * BR + offs_r, mask=mask_r, other=0.0)
-        bv = tl.load(b_ptr + slot * stride_b0 + offs_n[:, None] * stride_b1 + offs_r[None, :],
-                     mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        delta = _round(tl.sum(bv * sv[None, :], axis=1), dtype)  # the expand result in the dtype
-        scale = _round(tl.load(scaling_ptr + slot), dtype)
-        yv = _round(yv.to(tl.float32) + _round(delta * scale, dtype), dtype).to(dtype)  # exact cast
-    tl.store(out_ptr + t * stride_out + offs_n, yv, mask=mask_n)
-
-
-@triton.jit
-def _slot_block(order_ptr, start_ptr, count_ptr, slot, BT: tl.constexpr):
-    """(token rows [BT], their mask) of this program's block (axis 0) of ``slot``'s tokens, in sorted order."""
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    mask_t = offs_t < tl.load(count_ptr + slot)
-    tok = tl.load(order_ptr + tl.load(start_ptr + slot) + offs_t, mask=mask_t, other=0).to(tl.int64)
-    return tok, mask_t
-
-
-@triton.jit
-def _shrink_grouped(x_ptr, a_ptr, order_ptr, start_ptr, count_ptr, s_ptr, K, R, stride_x, stride_a0, stride_a1,
-                    BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    slot = tl.program_id(1).to(tl.int64) + 1  # slot 0's tokens add nothing: no programs
-    if tl.program_id(0) * BT >= tl.load(count_ptr + slot):
-        return
-    tok, mask_t = _slot_block(order_ptr, start_ptr, count_ptr, slot, BT)
+    rows = offs_t[:, None].to(tl.int64)
+    yv = tl.load(y_ptr + rows * stride_y + offs_n[None, :], mask=owned[:, None] & mask_n[None, :],
+                 other=0.0).to(tl.float32)
+    dtype = y_ptr.dtype.element_ty
     offs_r = tl.arange(0, BR)
     mask_r = offs_r < R
-    acc = tl.zeros([BT, BR], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < K
-        xv = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
-                     other=0.0)
-        av = tl.load(a_ptr + slot * stride_a0 + offs_r[None, :] * stride_a1 + offs_k[:, None],
-                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # a[slot].T block [BK, BR]
-        acc += _dot(xv, av, PREC)
-    acc = _round(acc, x_ptr.dtype.element_ty)
-    tl.store(s_ptr + tok[:, None] * BR + offs_r[None, :], acc, mask=mask_t[:, None] & mask_r[None, :])
+    out = yv
+    for s in range(lo, hi):
+        mine = owned & (slot == s) & (slot != 0)  # slot 0 adds nothing
+        if tl.max(mine.to(tl.int32), axis=0) > 0:
+            sums = tl.zeros([BT, BR], dtype=tl.float32)
+            for p in tl.static_range(P_MAX):  # in order: the same sums every run; loads issued together
+                live = tl.full([1, BR], p, tl.int32) < P
+                sums += tl.load(part_ptr + p * T * BR + rows * BR + offs_r[None, :],
+                                mask=(mine[:, None] & mask_r[None, :]) & live, other=0.0)
+            sv = _round(sums, dtype).to(dtype)  # the shrink result in the dtype, as PEFT's (exact cast)
+            bv = tl.load(b_ptr + s * stride_b0 + offs_n[None, :] * stride_b1 + offs_r[:, None],
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # b[s].T block [BR, BN]
+            delta = _round(_dot(sv, bv, PREC), dtype)  # the expand result in the dtype
+            scale = _round(tl.load(scaling_ptr + s), dtype)
+            out = tl.where(mine[:, None], _round(yv + _round(delta * scale, dtype), dtype), out)
+    tl.store(out_ptr + rows * stride_out + offs_n[None, :], out.to(dtype), mask=owned[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _expand_grouped(y_ptr, s_ptr, b_ptr, order_ptr, start_ptr, count_ptr, scaling_ptr, out_ptr, N, R, stride_y,
-                    stride_out, stride_b0, stride_b1, BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
-                    PREC: tl.constexpr):
-    slot = tl.program_id(2).to(tl.int64)  # slot 0's programs copy y
-    if tl.program_id(0) * BT >= tl.load(count_ptr + slot):
-        return
-    tok, mask_t = _slot_block(order_ptr, start_ptr, count_ptr, slot, BT)
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = mask_t[:, None] & (offs_n < N)[None, :]
-    yv = tl.load(y_ptr + tok[:, None] * stride_y + offs_n[None, :], mask=mask, other=0.0)
-    if slot != 0:
-        dtype = y_ptr.dtype.element_ty
-        offs_r = tl.arange(0, BR)
-        mask_r = offs_r < R
-        sv = tl.load(s_ptr + tok[:, None] * BR + offs_r[None, :], mask=mask_t[:, None] & mask_r[None, :],
-                     other=0.0).to(dtype)  # dtype values already: exact
-        bv = tl.load(b_ptr + slot * stride_b0 + offs_n[None, :] * stride_b1 + offs_r[:, None],
-                     mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)  # b[slot].T block [BR, BN]
-        delta = _round(_dot(sv, bv, PREC), dtype)
-        scale = _round(tl.load(scaling_ptr + slot), dtype)
-        yv = _round(yv.to(tl.float32) + _round(delta * scale, dtype), dtype).to(dtype)
-    tl.store(out_ptr + tok[:, None] * stride_out + offs_n[None, :], yv, mask=mask)
-
-
-def _lora_add_grouped(out, y, x, slots, a, b, scaling):
-    """SGMV: tokens sorted by slot (a stable argsort and per-slot counts, on the device), each program one block of
-    BT tokens of one slot: tl.dot over the block for the shrink and the expand."""
-    (T, N), K, (S, R) = y.shape, x.shape[1], a.shape[:2]
-    order = torch.argsort(slots, stable=True)
-    count = torch.zeros(S, dtype=torch.int64, device=slots.device).scatter_add_(0, slots, torch.ones_like(slots))
-    start = torch.cumsum(count, 0) - count
-    BR = max(16, triton.next_power_of_2(R))
-    prec = _dot_precision(x)  # exact fp32 for fp32; bf16 and fp16 products are exact in any mode
-    s = torch.empty((T, BR), dtype=torch.float32, device=x.device)
-    blocks = triton.cdiv(T, GROUP_BT)
-    if S > 1:
-        _shrink_grouped[(blocks, S - 1)](x, a, order, start, count, s, K, R, x.stride(0), a.stride(0), a.stride(1),
-                                         BT=GROUP_BT, BR=BR, BK=GROUP_BK, PREC=prec)
-    _expand_grouped[(blocks, triton.cdiv(N, GROUP_BN), S)](
-        y, s, b, order, start, count, scaling, out, N, R, y.stride(0), out.stride(0), b.stride(0), b.stride(1),
-        BT=GROUP_BT, BR=BR, BN=GROUP_BN, PREC=prec)
-    return out
+def split_k(T: int, K: int, BT: int, BR: int) -> tuple[int, int]:
+    """(splits P, K per split) of the shrink: about ``TARGET_PROGRAMS`` (block, split) pairs within
+    ``PARTIAL_BYTES``; at most ``P_MAX`` where the expand adds them (up to ``SLOT_AXIS_TOKENS`` tokens)."""
+    k_blocks = triton.cdiv(K, BK)
+    p = min(k_blocks, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(T, BT)), max(1, PARTIAL_BYTES // (T * BR * 4)))
+    p = min(p, P_MAX) if T <= SLOT_AXIS_TOKENS else p
+    k_per = triton.cdiv(k_blocks, p) * BK
+    return triton.cdiv(K, k_per), k_per
 
 
 def lora_add_triton(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                     scaling: torch.Tensor) -> torch.Tensor:
-    T, N = y.shape
-    K, R = x.shape[1], a.shape[1]
+    (T, N), K, (S, R) = y.shape, x.shape[1], a.shape[:2]
     out = torch.empty((T, N), dtype=y.dtype, device=y.device)
     if T == 0 or N == 0:
         return out
     x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
     y = y if y.stride(1) == 1 else y.contiguous()
-    slots = slots.contiguous()
-    scaling = scaling.to(torch.float32).contiguous()
-    if T >= GROUP_MIN_TOKENS:
-        return _lora_add_grouped(out, y, x, slots, a, b, scaling)
-    BR = max(triton.next_power_of_2(R), 2)
-    BK = max(32, min(256, SHRINK_TILE // BR))
-    s = torch.empty((T, BR), dtype=torch.float32, device=x.device)  # shrink results; slot-0 rows never read
-    _shrink[(T,)](x, a, slots, s, K, R, x.stride(0), a.stride(0), a.stride(1), BR=BR, BK=BK)
-    _expand[(T, triton.cdiv(N, EXPAND_BN))](y, s, b, slots, scaling, out, N, R, y.stride(0), out.stride(0),
-                                            b.stride(0), b.stride(1), BR=BR, BN=EXPAND_BN)
+    slots, scaling = slots.contiguous(), scaling.to(torch.float32).contiguous()
+    BT = min(BT_MAX, max(16, triton.next_power_of_2(T)))
+    BR = max(16, triton.next_power_of_2(R))
+    prec = _dot_precision(x)  # exact fp32 for fp32; bf16 and fp16 products are exact in any mode
+    P, k_per = split_k(T, K, BT, BR)
+    part = torch.empty((P, T, BR), dtype=torch.float32, device=x.device)
+    axis = T <= SLOT_AXIS_TOKENS
+    blocks = triton.cdiv(T, BT)
+    if S > 1:
+        _shrink[(blocks, P, S - 1 if axis else 1)](x, a, slots, part, T, K, R, S, k_per, x.stride(0), a.stride(0),
+                                                   a.stride(1), BT=BT, BR=BR, BK=BK, PREC=prec, SLOT_AXIS=axis)
+    if not axis and P > 1:  # larger blocks: the sums in one more launch, not in every expand program
+        _reduce[(blocks,)](part, T, P, BT=BT, BR=BR)
+        P = 1
+    _expand[(blocks, triton.cdiv(N, BN), S if axis else 1)](
+        y, part, b, slots, scaling, out, T, N, R, S, P, y.stride(0), out.stride(0), b.stride(0), b.stride(1),
+        BT=BT, BR=BR, BN=BN, P_MAX=P_MAX if axis else 1, PREC=prec, SLOT_AXIS=axis)
     return out
