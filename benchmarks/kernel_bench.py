@@ -243,7 +243,7 @@ def lora_rows(bandwidth: float) -> list[dict]:
         scaling = torch.full((slots_n,), 2.0, device=DEV)
         for t in (1, 16, 64, 256, 4096):
             x, y = torch.randn(t, k, device=DEV, dtype=BF16), torch.randn(t, n, device=DEV, dtype=BF16)
-            slots = torch.arange(t, device=DEV) % slots_n
+            slots = torch.arange(1, t + 1, device=DEV) % slots_n  # one token: slot 1
             err = rel_err(lora_add_triton(y, x, slots, a, b, scaling) - y,  # the added products
                           lora_add_reference(y, x, slots, a, b, scaling) - y)
             nbytes = 2 * (t * k + 2 * t * n + min(t, slots_n - 1) * r * (k + n))
