@@ -4,7 +4,8 @@ random adapters (rank 8 on all seven projections, rank 16 on q v down, rank 8 rs
 Checked: a batch mixing three adapters and the base (Qwen3 and Llama, eager and graph mode); one adapter per call;
 removing an adapter and loading another between calls (an unknown id is a no-op, a pinned one refuses); a bad
 adapter (rank above max_lora_rank, DoRA) raises naming it and queues nothing; three adapters through one device
-slot; prefix-cache blocks keyed by adapter; and the refusals (a MoE family, lora_request without enable_lora, a
+slot, and the bound on how many requests may pass one waiting for a slot; prefix-cache blocks keyed by adapter; and
+the refusals (a MoE family, lora_request without enable_lora, a
 list of the wrong length).  ``test_lora_variants.py``: tensor parallel, FP8 weights, n-gram speculation.
 """
 import os
@@ -14,6 +15,7 @@ import pytest
 from conftest import build_checkpoint
 from lora_helpers import ENGINE, PROMPTS, build_family, expected, generate, make_adapter
 from nanovllm import LLM, LoRARequest, SamplingParams
+from nanovllm.engine.sequence import SequenceStatus
 
 peft = pytest.importorskip("peft")
 
@@ -101,6 +103,23 @@ def test_more_adapters_than_device_slots(qwen3):
     assert [s.seq_id for s in engine.scheduler.waiting] == [seqs[i].seq_id for i in (1, 3)]
     while engine.has_work():
         engine.step()
+
+
+def test_at_most_a_batch_passes_a_request_waiting_for_a_slot(qwen3):
+    """One slot, held by a1 under a steady stream of a1 requests: a2's request lets ``max_num_seqs`` of them go
+    first, then the queue waits until a1's running requests finish and a2 gets the slot."""
+    base, a = qwen3
+    llm = LLM(base, **dict(ENGINE, max_loras=1, max_cpu_loras=2))
+    engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)  # a1's slot stays pinned while it runs
+    seqs = [engine.add_request([7, 8, 9], long, None, a["a1"]), engine.add_request([4, 5], params, None, a["a2"])]
+    seqs += [engine.add_request([10 + i, 11], params, None, a["a1"]) for i in range(12)]
+    admitted = []
+    while engine.has_work():
+        engine.step()
+        admitted += [s.seq_id for s in seqs if s.status is not SequenceStatus.WAITING and s.seq_id not in admitted]
+    assert all(s.status is SequenceStatus.FINISHED for s in seqs)
+    assert admitted.index(seqs[1].seq_id) == 1 + ENGINE["max_num_seqs"]  # the first, then a batch of the stream
 
 
 def test_prefix_blocks_are_keyed_by_adapter(qwen3):

@@ -12,7 +12,8 @@ by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows fo
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
 A decode step may verify proposals (``proposals.py``).  It owns a running sequence's KV blocks, token slot (its
 row of the device token buffer) and LoRA slot pin (``lora_slots.py``: with no free slot it waits, and those behind
-it may go first, as vLLM's), handed out on admission and taken back on preemption, finish and abort.
+it may go first, as vLLM's, until ``max_num_seqs`` of them have: then the queue waits for its slot), handed out on
+admission and taken back on preemption, finish and abort.
 """
 from collections import deque
 
@@ -74,6 +75,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING_TOKEN:  # preempted with tokens still being sampled: wait for them
                 break
+            if passed and max(p.lora_passed_by for p in passed) >= self.max_num_seqs:
+                break  # a batch went past one waiting for a LoRA slot: the rest wait until it has one
             if self.loras is not None and not self.loras.admit(seq):  # every slot pinned by other adapters
                 passed.append(self.waiting.popleft())
                 continue
@@ -82,6 +85,8 @@ class Scheduler:
                     self.loras.release(seq)
                 break
             self.waiting.popleft()
+            for p in passed:
+                p.lora_passed_by += 1
             seq.status = SequenceStatus.RUNNING
             seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)

@@ -73,6 +73,7 @@ class Sequence:
         self.token_slot: int | None = None  # row of the device token buffer holding its newest sampled token
         self.lora = None  # its ``LoRARequest`` (None: the base model)
         self.lora_slot = 0  # its adapter's slot in the device pool while running (kernels/lora; 0: none)
+        self.lora_passed_by = 0  # requests admitted before it while it waited for a slot (the scheduler's bound)
         self.state_restore: int | None = None  # hybrid models: the snapshot its first chunk starts from
         self.capture_points: list = []  # hybrid models: (tokens, block hash) where its state is snapshotted
         self.num_reported_tokens = 0  # completion tokens the engine's step outputs carried so far
