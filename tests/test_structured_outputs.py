@@ -91,7 +91,8 @@ def test_a_stop_string_ends_a_constrained_request_and_its_batch_goes_on(llm):
 
 
 def test_a_deeper_pipeline_gives_the_same_constrained_texts(smollm2, llm):
-    deep = LLM(smollm2, **dict(ENGINE, pipeline_depth=3))
+    deep = llm  # ENGINE leaves pipeline_depth at its default, 3
+    assert deep.config.pipeline_depth == 3
     prompts = [_chat(llm, "Describe a club member as JSON."), _chat(llm, "Write about the sea.")]
     params = [_constrained(json=SCHEMA), SamplingParams(temperature=0, max_tokens=24)]
     assert [o["text"] for o in deep.generate(prompts, params, use_tqdm=False)] == \

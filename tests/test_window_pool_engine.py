@@ -51,10 +51,16 @@ def _watch_held_blocks(llm: LLM) -> list[int]:
     return peak
 
 
+@pytest.fixture(scope="module")
+def long_contexts(gemma):
+    """(prompts, transformers' tokens): prompt and completion many windows long, prefilled in chunks of 64."""
+    prompts = _prompts(0, (70, 45, 9))
+    return prompts, hf_greedy(gemma, prompts, 40)
+
+
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
-def test_long_contexts_match_transformers_holding_only_their_windows(gemma, eager):
-    prompts = _prompts(0, (70, 45, 9))  # prompt and completion many windows long, prefilled in chunks of 64
-    want = hf_greedy(gemma, prompts, 40)
+def test_long_contexts_match_transformers_holding_only_their_windows(gemma, long_contexts, eager):
+    prompts, want = long_contexts
     llm = _llm(gemma, enforce_eager=eager, **({} if eager else dict(graph_batch_sizes=[1, 2, 4])))
     try:
         runner = llm.engine.runner
