@@ -15,9 +15,8 @@ CHAT = ["What is the capital of France?", "Name a fruit that is yellow.", "What 
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    import os
-    os.environ["NANOVLLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+def smollm2():
+    """The converted model in the default cache (converted once per machine; ``test_tools.py`` tests converting)."""
     from nanovllm.tools.default_model import default_model_path
     return str(default_model_path())
 
