@@ -10,10 +10,9 @@ launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being
 length; ``resolve`` (later) writes the sampled tokens in and finishes sequences on EOS or stop tokens.  A sequence cut
 by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
 published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
-A decode step may verify proposals (``proposals.py``).  It owns a running sequence's KV blocks, token slot (its
-row of the device token buffer) and LoRA slot pin (``lora_slots.py``: with no free slot it waits, and those behind
-it may go first, as vLLM's, until ``max_num_seqs`` of them have: then the queue waits for its slot), handed out on
-admission and taken back on preemption, finish and abort.
+A decode step may verify proposals (``proposals.py``).  It owns a running sequence's KV blocks, token slot (device
+token buffer row) and LoRA slot pin (``lora_slots.py``; with no free slot it waits, and up to ``max_num_seqs``
+behind it may go first), handed out on admission and taken back on preemption, finish and abort.
 """
 from collections import deque
 
