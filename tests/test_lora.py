@@ -5,8 +5,8 @@ Checked: a batch mixing three adapters and the base (Qwen3 and Llama, eager and 
 removing an adapter and loading another between calls (an unknown id is a no-op, a pinned one refuses); a bad
 adapter (rank above max_lora_rank, DoRA) raises naming it and queues nothing; three adapters through one device
 slot, and the bound on how many requests may pass one waiting for a slot; prefix-cache blocks keyed by adapter; and
-the refusals (a MoE family, lora_request without enable_lora, a
-list of the wrong length).  ``test_lora_variants.py``: tensor parallel, FP8 weights, n-gram speculation.
+the refusals (a MoE family, lora_request without enable_lora, a list of the wrong length).
+``test_lora_variants.py``: tensor parallel, FP8 and int4 weights, n-gram speculation.
 """
 import os
 
