@@ -16,7 +16,8 @@ import argparse
 import json
 import os
 import time
-from random import randint, seed
+
+from benchmarks.common import workload, write_json
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -64,11 +65,8 @@ def write_adapters(model_dir: str, count: int, rank: int, root: str) -> list[str
 
 
 def run(args) -> dict:
-    with open(os.path.join(args.model, "config.json")) as f:
-        top = min(10000, json.load(f).get("vocab_size", 10001) - 1)  # bench's ids; a tiny test model's fewer
-    seed(0)
-    prompts = [[randint(0, top) for _ in range(randint(100, args.max_input_len))] for _ in range(args.num_seqs)]
-    lengths = [randint(100, args.max_output_len) for _ in range(args.num_seqs)]
+    prompts, bench_params = workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    lengths = [p.max_tokens for p in bench_params]  # each engine gets its own SamplingParams of these
     kw = dict(max_num_seqs=args.bs, max_model_len=4096, **({"load_format": args.load_format} if args.load_format
                                                           else {}))
     if args.adapters:
@@ -107,10 +105,7 @@ def run(args) -> dict:
                   seconds=round(seconds, 2), tok_s=round(tokens / seconds, 1))
     print(f"{args.engine} lora: {result['tok_s']} tok/s ({args.adapters} adapters, max_loras {kw.get('max_loras')}, "
           f"bs {args.bs}, {seconds:.2f} s)")
-    path = os.path.join(os.environ.get("OUT", "results"), f"lora_{args.engine}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(f"lora_{args.engine}.json", result)
     return result
 
 

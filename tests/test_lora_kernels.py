@@ -10,7 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 from nanovllm.kernels.lora import ops as lora_ops  # noqa: E402
 from nanovllm.kernels.lora import reference as ref  # noqa: E402
@@ -68,7 +68,7 @@ def test_token_blocks_and_k_splits_match_the_twin(small_blocks, dtype, R, rank):
     g = torch.Generator().manual_seed(1)
     slots = torch.where(torch.rand(T, generator=g) < 0.5, 1, torch.randint(0, S, (T,), generator=g))
     args = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=R)
-    assert tl_lora.split_k(T, K, 16, 16)[0] == (1 if small_blocks == "one split" else 3)
+    assert tl_lora.split_k(T, K, 16)[0] == (1 if small_blocks == "one split" else 3)
     got, want = tl_lora.lora_add_triton(*args), ref.lora_add_reference(*args)
     torch.testing.assert_close(got, want, **TOL[dtype])
     assert torch.equal(got[slots == 0], args[0][slots == 0])
@@ -76,13 +76,12 @@ def test_token_blocks_and_k_splits_match_the_twin(small_blocks, dtype, R, rank):
 
 def test_the_split_covers_k_once_and_spreads_a_single_token_wide():
     for T, K, BR in [(1, 4096, 64), (1, 12288, 16), (256, 4096, 64), (16384, 12288, 64), (7, 300, 16)]:
-        bt = min(tl_lora.BT_MAX, max(16, triton.next_power_of_2(T)))
-        p, k_per = tl_lora.split_k(T, K, bt, BR)
+        p, k_per = tl_lora.split_k(T, K, BR)
         assert k_per % tl_lora.BK == 0 and (p - 1) * k_per < K <= p * k_per  # every split has K to do
         assert p * T * BR * 4 <= max(tl_lora.PARTIAL_BYTES, T * BR * 4)
         assert p <= tl_lora.P_MAX or T > tl_lora.SLOT_AXIS_TOKENS  # the expand adds at most P_MAX itself
-    assert tl_lora.split_k(1, 4096, 16, 64)[0] == tl_lora.P_MAX  # decode: K over as many programs as the expand adds
-    assert tl_lora.split_k(16384, 4096, 64, 64)[0] == 1  # a long prefill has blocks enough
+    assert tl_lora.split_k(1, 4096, 64)[0] == tl_lora.P_MAX  # decode: K over as many programs as the expand adds
+    assert tl_lora.split_k(16384, 4096, 64)[0] == 1  # a long prefill has blocks enough
 
 
 def test_every_token_on_slot_zero_returns_y_split_or_not(small_blocks):

@@ -112,11 +112,17 @@ def _expand(y_ptr, part_ptr, b_ptr, slot_ptr, scaling_ptr, out_ptr, T, N, R, S, 
     tl.store(out_ptr + rows * stride_out + offs_n[None, :], out.to(dtype), mask=owned[:, None] & mask_n[None, :])
 
 
-def split_k(T: int, K: int, BT: int, BR: int) -> tuple[int, int]:
+def token_block(T: int) -> int:
+    """Rows of a program's token block for ``T`` tokens: a power of two, 16 (tl.dot's least) to ``BT_MAX``."""
+    return min(BT_MAX, max(16, triton.next_power_of_2(T)))
+
+
+def split_k(T: int, K: int, BR: int) -> tuple[int, int]:
     """(splits P, K per split) of the shrink: about ``TARGET_PROGRAMS`` (block, split) pairs within
     ``PARTIAL_BYTES``; at most ``P_MAX`` where the expand adds them (up to ``SLOT_AXIS_TOKENS`` tokens)."""
     k_blocks = triton.cdiv(K, BK)
-    p = min(k_blocks, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(T, BT)), max(1, PARTIAL_BYTES // (T * BR * 4)))
+    p = min(k_blocks, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(T, token_block(T))),
+            max(1, PARTIAL_BYTES // (T * BR * 4)))
     p = min(p, P_MAX) if T <= SLOT_AXIS_TOKENS else p
     k_per = triton.cdiv(k_blocks, p) * BK
     return triton.cdiv(K, k_per), k_per
@@ -131,10 +137,9 @@ def lora_add_triton(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: to
     x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
     y = y if y.stride(1) == 1 else y.contiguous()
     slots, scaling = slots.contiguous(), scaling.to(torch.float32).contiguous()
-    BT = min(BT_MAX, max(16, triton.next_power_of_2(T)))
-    BR = max(16, triton.next_power_of_2(R))
+    BT, BR = token_block(T), max(16, triton.next_power_of_2(R))
     prec = _dot_precision(x)  # exact fp32 for fp32; bf16 and fp16 products are exact in any mode
-    P, k_per = split_k(T, K, BT, BR)
+    P, k_per = split_k(T, K, BR)
     part = torch.empty((P, T, BR), dtype=torch.float32, device=x.device)
     axis = T <= SLOT_AXIS_TOKENS
     blocks = triton.cdiv(T, BT)
