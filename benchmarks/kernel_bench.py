@@ -231,14 +231,17 @@ def delta_sweep(bandwidth: float) -> list[dict]:
 
 def lora_rows(bandwidth: float) -> list[dict]:
     """``--lora``: ``lora_add`` at 1 to 4,096 tokens on qkv, o, gate_up and down (merged projections: ranks 48 and
-    32), its bytes the x, y and output rows and the adapters read; the base matmul (cuBLAS) beside it."""
+    32; B side by side as the pool holds it), its bytes the x, y and output rows and the adapters read; beside it
+    both of its paths (the per-slot kernels, up to ``stacked.MIN_TOKENS``; the stacked products) and the base
+    matmul (cuBLAS)."""
     from nanovllm.kernels.lora.reference import lora_add_reference
-    from nanovllm.kernels.lora.triton_lora import lora_add_triton
+    from nanovllm.kernels.lora.stacked import lora_add_stacked
+    from nanovllm.kernels.lora.triton_lora import lora_add_slots, lora_add_triton
     rows, slots_n = [], 9
     for name, k, n, r in (("qkv", 4096, 6144, 48), ("o", 4096, 4096, 16), ("gate_up", 4096, 24576, 32),
                           ("down", 12288, 4096, 16)):
         a = torch.randn(slots_n, r, k, device=DEV, dtype=BF16) / k ** 0.5
-        b = torch.randn(slots_n, n, r, device=DEV, dtype=BF16) * 0.01
+        b = (torch.randn(n, slots_n, r, device=DEV, dtype=BF16) * 0.01).permute(1, 0, 2)
         w = torch.randn(n, k, device=DEV, dtype=BF16)
         scaling = torch.full((slots_n,), 2.0, device=DEV)
         for t in (1, 16, 64, 256, 4096):
@@ -249,9 +252,12 @@ def lora_rows(bandwidth: float) -> list[dict]:
             nbytes = 2 * (t * k + 2 * t * n + min(t, slots_n - 1) * r * (k + n))
             row = timed("lora_add", f"{name} T={t}", nbytes,
                         [lambda: lora_add_triton(y, x, slots, a, b, scaling)] * 5, bandwidth)
+            paths = {p: timed(f"lora_add {p}", f"{name} T={t}", nbytes, [lambda f=f: f(y, x, slots, a, b, scaling)] * 5,
+                              bandwidth)["us"] for p, f in (("per slot", lora_add_slots), ("stacked", lora_add_stacked))}
             base = timed("base matmul", f"{name} T={t}", 2 * (n * k + t * k + t * n),
                          [lambda: torch.nn.functional.linear(x, w)] * 5, bandwidth)
-            rows.append(dict(row, rel_err=err, base_us=base["us"]))
+            rows.append(dict(row, rel_err=err, per_slot_us=paths["per slot"], stacked_us=paths["stacked"],
+                             base_us=base["us"]))
     return rows
 
 

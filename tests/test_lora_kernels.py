@@ -1,7 +1,8 @@
 """The multi-LoRA op (nanovllm/kernels/lora): the Triton kernels (token blocks, the shrink's K in one split or
 several) against the twin on CPU under the Triton interpreter (mixed slots with slot 0 among them, every token on
 slot 0, float32, bfloat16 and float16, a rank padded to a power of two and one that is not, K and N not multiples of
-the blocks, a strided y, no tokens), the split's policy, and the op's default implementation (the twin) on CPU.
+the blocks, a strided y, no tokens), the split's policy, the stacked dense path (``stacked.py``) and which path
+``ops.lora_add`` takes, and the op's default implementation (the twin) on CPU.
 """
 import os
 
@@ -14,6 +15,7 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels.lora import ops as lora_ops  # noqa: E402
 from nanovllm.kernels.lora import reference as ref  # noqa: E402
+from nanovllm.kernels.lora import stacked  # noqa: E402
 from nanovllm.kernels.lora import triton_lora as tl_lora  # noqa: E402
 
 
@@ -41,7 +43,7 @@ def test_triton_matches_the_twin_on_mixed_slots(dtype, R, rank):
     T, K, N, S = 7, 300, 150, 4  # K past one shrink block, N past one expand block, neither a multiple
     slots = torch.tensor([0, 1, 3, 0, 2, 1, 3])
     args = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=R)
-    got, want = tl_lora.lora_add_triton(*args), ref.lora_add_reference(*args)
+    got, want = tl_lora.lora_add_slots(*args), ref.lora_add_reference(*args)
     assert got.dtype == dtype and got.shape == (T, N)
     torch.testing.assert_close(got, want, **TOL[dtype])
     y = args[0]
@@ -69,7 +71,7 @@ def test_token_blocks_and_k_splits_match_the_twin(small_blocks, dtype, R, rank):
     slots = torch.where(torch.rand(T, generator=g) < 0.5, 1, torch.randint(0, S, (T,), generator=g))
     args = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=R)
     assert tl_lora.split_k(T, K, 16)[0] == (1 if small_blocks == "one split" else 3)
-    got, want = tl_lora.lora_add_triton(*args), ref.lora_add_reference(*args)
+    got, want = tl_lora.lora_add_slots(*args), ref.lora_add_reference(*args)
     torch.testing.assert_close(got, want, **TOL[dtype])
     assert torch.equal(got[slots == 0], args[0][slots == 0])
 
@@ -86,23 +88,60 @@ def test_the_split_covers_k_once_and_spreads_a_single_token_wide():
 
 def test_every_token_on_slot_zero_returns_y_split_or_not(small_blocks):
     args = case(5, 40, 70, 3, 4, torch.bfloat16, slots=torch.zeros(5, dtype=torch.int64))
-    assert torch.equal(tl_lora.lora_add_triton(*args), args[0])
+    assert torch.equal(tl_lora.lora_add_slots(*args), args[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_token_on_slot_zero_returns_y(dtype):
     args = case(5, 40, 70, 3, 4, dtype, slots=torch.zeros(5, dtype=torch.int64))
-    assert torch.equal(tl_lora.lora_add_triton(*args), args[0])
+    assert torch.equal(tl_lora.lora_add_slots(*args), args[0])
 
 
-def test_strided_y_and_an_empty_batch():
+@pytest.mark.parametrize("path", ["lora_add_slots", "lora_add_stacked"])
+def test_strided_y_and_an_empty_batch(path):
+    fn = getattr(tl_lora, path, None) or getattr(stacked, path)
     y, x, slots, a, b, scaling = case(6, 24, 40, 3, 4, torch.float32, slots=torch.tensor([1, 2, 0, 2, 1, 1]))
     wide = torch.randn(6, 80)
     wide[:, ::2] = y  # a non-contiguous y
-    got = tl_lora.lora_add_triton(wide[:, ::2], x, slots, a, b, scaling)
+    got = fn(wide[:, ::2], x, slots, a, b, scaling)
     torch.testing.assert_close(got, ref.lora_add_reference(y, x, slots, a, b, scaling), rtol=1e-5, atol=1e-5)
-    empty = tl_lora.lora_add_triton(y[:0], x[:0], slots[:0], a, b, scaling)
+    empty = fn(y[:0], x[:0], slots[:0], a, b, scaling)
     assert empty.shape == (0, 40)
+
+
+def side_by_side(b):
+    """``b`` [S, N, R] as the pool holds it: a view of [N, S, R] storage."""
+    return b.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_stacked_products_match_the_twin(dtype):
+    T, K, N, S, R = 40, 70, 50, 5, 8
+    y, x, slots, a, b, scaling = case(T, K, N, S, R, dtype, rank=6, seed=3)
+    for bb in (b, side_by_side(b)):
+        got = stacked.lora_add_stacked(y, x, slots, a, bb, scaling)
+        want = ref.lora_add_reference(y, x, slots, a, b, scaling)
+        assert got.dtype == dtype and got.shape == (T, N)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        assert torch.equal(got[slots == 0], y[slots == 0])  # slot 0 adds nothing, even where its scaling is not 0
+        assert not torch.allclose(got[slots != 0], y[slots != 0])
+
+
+def test_the_triton_kernels_read_the_pools_side_by_side_b_in_place():
+    args = case(7, 300, 150, 4, 8, torch.float32, slots=torch.tensor([0, 1, 3, 0, 2, 1, 3]))
+    y, x, slots, a, b, scaling = args
+    torch.testing.assert_close(tl_lora.lora_add_slots(y, x, slots, a, side_by_side(b), scaling),
+                               ref.lora_add_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cuda_entry_takes_the_stacked_products_past_min_tokens_only():
+    many = case(stacked.MIN_TOKENS + 1, 32, 48, 4, 8, torch.float32)
+    few = case(stacked.MIN_TOKENS, 32, 48, 4, 8, torch.float32)
+    assert stacked.chosen(many[1], many[3]) and not stacked.chosen(few[1], few[3])
+    assert torch.equal(tl_lora.lora_add_triton(*many), stacked.lora_add_stacked(*many))
+    assert torch.equal(tl_lora.lora_add_triton(*few), tl_lora.lora_add_slots(*few))
+    wide = case(stacked.MIN_TOKENS + 1, 32, 48, 2, stacked.MAX_COLUMNS // 2 + 1, torch.float32)
+    assert not stacked.chosen(wide[1], wide[3])  # too many stacked columns: the per-slot kernels
 
 
 def test_the_op_on_cpu_is_the_twin():

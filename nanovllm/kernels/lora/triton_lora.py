@@ -1,7 +1,7 @@
-"""Triton kernels of ``nanovllm::lora_add`` (Punica's SGMV design, without the sort), with the contract of the twin
-(``reference.lora_add_reference``): ``y`` [T, N] plus, for each token t of slot s = ``slots[t]`` != 0,
-``((x[t] @ a[s].T) @ b[s].T) * scaling[s]``, rounded as PEFT rounds (shrink, expand, scale, add: each to the
-dtype, to nearest even).  Two launches (three past ``SLOT_AXIS_TOKENS``):
+"""``nanovllm::lora_add`` on CUDA (``lora_add_triton``): past ``stacked.MIN_TOKENS`` tokens the stacked products
+(``stacked.py``), else these per-slot kernels (``lora_add_slots``; Punica's SGMV design without the sort), both
+with the twin's contract (``reference.lora_add_reference``, rounded as PEFT rounds).  Two launches (three past
+``SLOT_AXIS_TOKENS``, where the stacked pool is too wide for ``stacked.py``):
 
 * Shrink, split over K: a program takes a block of BT tokens, one of ``P`` ranges of K and a slot, and ``tl.dot``s
   that slot's rows of x (the others masked: never read) with the slot's ``a`` tile, into a float32 [P, T, BR]
@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.lora import stacked
 from nanovllm.kernels.triton_common import _dot, _dot_precision  # "upcast" off GPU (interpreter's bf16 dot)
 from nanovllm.kernels.triton_rope_store import _round  # to the dtype, nearest even (the interpreter's cast truncates)
 
@@ -130,11 +131,20 @@ def split_k(T: int, K: int, BR: int) -> tuple[int, int]:
 
 def lora_add_triton(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                     scaling: torch.Tensor) -> torch.Tensor:
+    """The op on CUDA: the stacked products past ``stacked.MIN_TOKENS`` tokens (``stacked.chosen``), else the
+    per-slot kernels (``lora_add_slots``)."""
+    fn = stacked.lora_add_stacked if stacked.chosen(x, a) else lora_add_slots
+    return fn(y, x, slots, a, b, scaling)
+
+
+def lora_add_slots(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scaling: torch.Tensor) -> torch.Tensor:
     (T, N), K, (S, R) = y.shape, x.shape[1], a.shape[:2]
     out = torch.empty((T, N), dtype=y.dtype, device=y.device)
     if T == 0 or N == 0:
         return out
-    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
+    x, a = x.contiguous(), a.contiguous()
+    b = b if b.stride(2) == 1 else b.contiguous()  # the pool's [S, N, R] view of [N, S, R]: read in place
     y = y if y.stride(1) == 1 else y.contiguous()
     slots, scaling = slots.contiguous(), scaling.to(torch.float32).contiguous()
     BT, BR = token_block(T), max(16, triton.next_power_of_2(R))
