@@ -54,16 +54,17 @@ def _int4_tile(rows, k0, K, n_mask, stride_k, zero_rows, stride_zg, like, GROUP:
 def _mxfp4_tile(rows, k0, K, n_mask, scale_rows, stride_sg, like, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns [k0, k0 + BLOCK_K) of the MXFP4 rows ``rows`` (byte pointers [BLOCK_N, 1]) dequantized into
     ``like``'s dtype as the twin does (``mxfp4_quant.dequantize``: e2m1 value times 2^(scale - 127), exact in float32,
-    rounded once); each column reads the e8m0 scale of its block of 32 (``scale_rows`` [BLOCK_N] pointers,
-    ``stride_sg`` apart).  Columns past ``K`` and masked rows are 0."""
+    rounded once); each block of 32 columns reads its e8m0 scale once (``scale_rows`` [BLOCK_N] pointers,
+    ``stride_sg`` apart; ``BLOCK_K`` a multiple of 32).  Columns past ``K`` and masked rows are 0."""
     offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     mask = n_mask[:, None] & (offs_byte < K // 2)[None, :]
     packed = tl.load(rows + offs_byte[None, :], mask=mask, other=0)
     codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)  # columns in order
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    scale = tl.load(scale_rows[:, None] + (offs_k // 32)[None, :].to(tl.int64) * stride_sg,
-                    mask=n_mask[:, None] & (offs_k < K)[None, :], other=127).to(tl.int32)
+    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)  # one scale per 32 columns, loaded once, then broadcast
+    scale = tl.load(scale_rows[:, None] + offs_g[None, :].to(tl.int64) * stride_sg,
+                    mask=n_mask[:, None] & (offs_g * 32 < K)[None, :], other=127).to(tl.int32)
     pow2 = tl.where(scale == 0, 0x00400000, scale << 23).to(tl.float32, bitcast=True)  # 2^(s-127); 255: inf
+    pow2 = tl.reshape(tl.broadcast_to(pow2[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)), (BLOCK_N, BLOCK_K))
     mag = codes & 7
     big = tl.where(mag >= 6, 4.0, tl.where(mag >= 4, 2.0, 1.0)) * (1.0 + (mag & 1).to(tl.float32) * 0.5)
     value = tl.where(mag < 2, mag.to(tl.float32) * 0.5, big)
