@@ -4,8 +4,8 @@ projection of a dense decoder that PEFT adapts (q, k, v, o, gate, up, down).
 Each packed projection of P parts (qkv: 3, gate/up: 2, o and down: 1) holds ``lora_a`` [S, P*R, K] and ``lora_b``
 [S, N, P*R], a view of [N, S, P*R] storage (R = ``max_lora_rank``, K and N this rank's input and output sizes):
 part p's A in rows p*R.., its B in its output rows and columns p*R.. (block-diagonal, so one shrink and one expand
-serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.  ``kernels/lora`` adds them;
-``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B rows are its output rows
+serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.  ``kernels/lora``
+adds them; ``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B rows are its output rows
 (column-parallel projections) and its A columns its input columns (row-parallel ones), as the base weight splits.
 ``write(slot, adapter)`` fills a slot from a ``peft.Adapter`` (modules it does not adapt: zeros); ``clear`` empties
 one.  The pool is allocated before the KV cache is sized, so it lives inside ``gpu_memory_utilization``.

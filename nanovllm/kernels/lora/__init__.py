@@ -1,9 +1,10 @@
 """Multi-LoRA (Punica's design): one op adds, to a projection's output, each token's own adapter's low-rank
 product.  The op (``ops.py``), its pure-PyTorch twin (``reference.py``, any device, the CPU path and the oracle)
-and, for CUDA, Triton kernels (``triton_lora.py``, registered by ``kernels/cuda.py``).
+and, for CUDA, Triton kernels (``triton_lora.py``, registered by ``kernels/cuda.py``; past 16 tokens the stacked
+products of ``stacked.py``).
 
 Adapters live in a pool of slots per projection: ``a`` [S, R, K] (the shrink, rank R padded with zero rows) and
-``b`` [S, N, R] (the expand), ``scaling`` [S] float32; slot 0 is "no adapter" and its rows are never computed.  A
+``b`` [S, N, R] (the expand), ``scaling`` [S] float32; slot 0 is "no adapter" and adds nothing.  A
 step names each token's slot (``StepInputs.lora_slots``); the pool's contents change between steps, never its
 shapes, so a captured graph serves every mix of adapters.
 """
