@@ -234,8 +234,8 @@ def lora_rows(bandwidth: float) -> list[dict]:
     32; B side by side as the pool holds it), its bytes the x, y and output rows and the adapters read; beside it
     both of its paths (the per-slot kernels, up to ``stacked.MIN_TOKENS``; the stacked products) and the base
     matmul (cuBLAS)."""
+    from nanovllm.kernels.lora import stacked
     from nanovllm.kernels.lora.reference import lora_add_reference
-    from nanovllm.kernels.lora.stacked import lora_add_stacked
     from nanovllm.kernels.lora.triton_lora import lora_add_slots, lora_add_triton
     rows, slots_n = [], 9
     for name, k, n, r in (("qkv", 4096, 6144, 48), ("o", 4096, 4096, 16), ("gate_up", 4096, 24576, 32),
@@ -250,14 +250,14 @@ def lora_rows(bandwidth: float) -> list[dict]:
             err = rel_err(lora_add_triton(y, x, slots, a, b, scaling) - y,  # the added products
                           lora_add_reference(y, x, slots, a, b, scaling) - y)
             nbytes = 2 * (t * k + 2 * t * n + min(t, slots_n - 1) * r * (k + n))
-            row = timed("lora_add", f"{name} T={t}", nbytes,
-                        [lambda: lora_add_triton(y, x, slots, a, b, scaling)] * 5, bandwidth)
-            paths = {p: timed(f"lora_add {p}", f"{name} T={t}", nbytes, [lambda f=f: f(y, x, slots, a, b, scaling)] * 5,
-                              bandwidth)["us"] for p, f in (("per slot", lora_add_slots), ("stacked", lora_add_stacked))}
+            paths = {p: timed(f"lora_add {p}", f"{name} T={t}", nbytes,
+                              [lambda f=f: f(y, x, slots, a, b, scaling)] * 5, bandwidth)
+                     for p, f in (("per slot", lora_add_slots), ("stacked", stacked.lora_add_stacked))}
+            row = paths["stacked" if stacked.chosen(x, a) else "per slot"]  # the path lora_add_triton takes
             base = timed("base matmul", f"{name} T={t}", 2 * (n * k + t * k + t * n),
                          [lambda: torch.nn.functional.linear(x, w)] * 5, bandwidth)
-            rows.append(dict(row, rel_err=err, per_slot_us=paths["per slot"], stacked_us=paths["stacked"],
-                             base_us=base["us"]))
+            rows.append(dict(row, kernel="lora_add", rel_err=err, per_slot_us=paths["per slot"]["us"],
+                             stacked_us=paths["stacked"]["us"], base_us=base["us"]))
     return rows
 
 

@@ -2,7 +2,7 @@
 several) against the twin on CPU under the Triton interpreter (mixed slots with slot 0 among them, every token on
 slot 0, float32, bfloat16 and float16, a rank padded to a power of two and one that is not, K and N not multiples of
 the blocks, a strided y, no tokens), the split's policy, the stacked dense path (``stacked.py``) and which path
-``ops.lora_add`` takes, and the op's default implementation (the twin) on CPU.
+the CUDA entry (``lora_add_triton``) takes, and the op's default implementation (the twin) on CPU.
 """
 import os
 
