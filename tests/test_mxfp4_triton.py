@@ -1,8 +1,9 @@
 """The Triton grouped GEMMs on MXFP4 experts (``kernels/triton_moe_tiles._mxfp4_tile``: each weight tile dequantized
 in the kernel, column by column with its block's e8m0 scale) against the twin (``moe_reference``, which dequantizes
 whole experts first), on CPU under the Triton interpreter: GPT-OSS's biases and clamped SwiGLU and plain SiLU,
-both operand orientations, partial row tiles, scales spread over many binades, float32 and bf16; and the CUDA
-dispatch sends bf16 MXFP4 calls to the kernels, not the twin.
+both operand orientations, partial row tiles, scales spread over many binades, float32 and bf16; the dequantize
+kernel and the dequantize-once path past the row threshold; and the CUDA dispatch sends bf16 MXFP4 calls to the
+kernels, not the twin.
 """
 import os
 
@@ -14,6 +15,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from nanovllm.kernels import cuda, mxfp4_quant  # noqa: E402
+from nanovllm.kernels import triton_moe_tiles as tiles  # noqa: E402
 from nanovllm.kernels import moe_reference as ref  # noqa: E402
 from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton  # noqa: E402
@@ -69,3 +71,31 @@ def test_cuda_dispatch_sends_bf16_mxfp4_to_the_kernels():
     x = torch.randn(4, H, dtype=torch.bfloat16)
     assert not cuda._moe_on_twin(x, w["w13"], w["w13_scale"], None, 32, {"activation": "swiglu_oss"})
     assert cuda._moe_on_twin(x.float(), w["w13"], w["w13_scale"], None, 32, {})
+
+
+def test_the_dequantize_kernel_gives_the_twins_values():
+    w = experts(seed=4)
+    rows, scales = w["w13"].reshape(E * 2 * I, H // 2), w["w13_scale"].reshape(E * 2 * I, -1)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = tiles.dequantize_mxfp4_triton(rows[:37], scales[:37], dtype)  # a partial row block
+        assert torch.equal(got, mxfp4_quant.dequantize(rows[:37], scales[:37], dtype))
+
+
+def test_past_the_row_threshold_mxfp4_experts_are_dequantized_once(monkeypatch, num_tokens=21):
+    """Above ``INT4_DEQUANTIZE_ROWS`` rows per expert the step dequantizes both stacks once and runs the bf16
+    kernels on them (the twin's weights); at or below it the MXFP4 tiles run; both give the twin's result."""
+    from nanovllm.kernels import moe_configs, triton_moe
+    w = experts(seed=5)
+    x, logits = torch.randn(num_tokens, H), torch.randn(num_tokens, E)
+    kw = dict(w13_bias=w["w13_bias"], w2_bias=w["w2_bias"], activation="swiglu_oss", swiglu_limit=1.5)
+    args = (x, logits, w["w13"], w["w2"], TOP_K, True, w["w13_scale"], w["w2_scale"], 32)
+    want = ref.fused_moe_reference(*args, **kw)
+    calls, real = [], triton_moe.dequantize_mxfp4_triton
+    monkeypatch.setattr(triton_moe, "dequantize_mxfp4_triton", lambda *a: calls.append(a[0].shape) or real(*a))
+    rows = num_tokens * TOP_K / E
+    for limit, once in ((rows, False), (rows - 0.5, True)):
+        monkeypatch.setattr(moe_configs, "INT4_DEQUANTIZE_ROWS", limit)
+        calls.clear()
+        got = fused_moe_triton(*args, cfg=MoeConfig(16, 16, 32), **kw)
+        assert calls == ([(E * 2 * I, H // 2), (E * H, I // 2)] if once else [])
+        assert rel_err(got, want) < 1e-5

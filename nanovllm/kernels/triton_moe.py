@@ -2,17 +2,17 @@
 GEMM with its optional bias and the router weight, then the sum over each token's top-k; static shapes and grids
 (no host sync, so a step replays in a CUDA graph).  The contract is ``moe_reference.py``'s.
 
-The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``; ``moe_configs.py``
-picks the tiles).  A program of ``_grouped_up_kernel`` takes one block and one column tile: it gathers the block's
-token rows of x (``pair // top_k``) and writes the activation (e.g. ``silu(gate) * up``) to the block's rows of the
-intermediate ``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2`` tile, adds its bias,
-scales each row by its router weight and writes the pair's row of ``[P, H]``, which a torch sum over top-k folds into ``[T, H]``.  Empty blocks
-return at once.  Offsets are int64 where a row index meets a stride; sums are float32, outputs in x's dtype.
-``w2`` may be a transposed view ([E, H, I] over [E, I, H] memory, as an expert cache keeps it).  FP8 experts that
-``act_quant.moe_w8a8`` takes run W8A8 (``triton_moe_w8a8.py``); other FP8 (``weight_quant.py``) and int4 experts
-(``int4_quant.py``: uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) and MXFP4 ones (``mxfp4_quant.py``: uint8
-codes and e8m0 scales, each tile dequantized in the kernel) are weight-only, through ``triton_moe_tiles.py``, a K tile inside one group (``group_block_k``; ``group_supported`` says when no tile can),
-or, past ``moe_configs.int4_dequantize_once``'s rows per expert, int4 experts are dequantized once per step.
+The (token, k) pairs are sorted by expert into blocks of ``block_m`` rows (``triton_moe_align.py``;
+``moe_configs.py`` picks the tiles). A program of ``_grouped_up_kernel`` takes one block and one column tile: it
+gathers the block's token rows of x (``pair // top_k``) and writes the activation (e.g. ``silu(gate) * up``) to the
+block's rows of the intermediate ``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2``
+tile, adds its bias, scales each row by its router weight and writes the pair's row of ``[P, H]``, summed over top-k
+into ``[T, H]``. Empty blocks return at once; int64 offsets, float32 sums, outputs in x's dtype. ``w2`` may be a
+transposed view ([E, H, I] over [E, I, H], an expert cache's). FP8 experts that ``act_quant.moe_w8a8`` takes run
+W8A8 (``triton_moe_w8a8.py``); other FP8, int4 (uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) and MXFP4 experts
+(uint8 codes, e8m0 scales) are weight-only, through ``triton_moe_tiles.py`` (a K tile inside one group:
+``group_block_k``, ``group_supported``), or, past ``moe_configs.int4_dequantize_once``'s rows per expert, int4 and
+MXFP4 experts are dequantized once a step.
 """
 import math
 
@@ -27,7 +27,7 @@ from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision, device_capability
 from nanovllm.kernels.triton_moe_tiles import (ACTIVATION_CODES, _activate, _block, _finish, _halves, _int4_tile,
                                                 _k_columns, _mxfp4_tile, _oriented, _per_n, _store_weighted,
-                                                _weight_dot, _zeros)
+                                                _weight_dot, _zeros, dequantize_mxfp4_triton)
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 from nanovllm.kernels.triton_w4a16 import dequantize_int4_triton
@@ -169,12 +169,12 @@ def _bias_arg(bias: torch.Tensor | None, w13: torch.Tensor, width: int) -> torch
     return bias
 
 
-def _dequantized(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Int4 experts [E, N, K // 2] -> [E, N, K] in ``dtype``: ``int4_quant.dequantize``'s values (the twin's)."""
+def _dequantized(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, dtype) -> torch.Tensor:
+    """Int4 (with ``zero``) or MXFP4 experts [E, N, K // 2] -> [E, N, K] in ``dtype``: the twin's values."""
     e, n, half_k = w.shape
-    flat = dequantize_int4_triton(w.reshape(e * n, half_k), scale.reshape(e * n, -1), zero.reshape(e * n, -1),
-                                  group, dtype)
+    rows, scales = w.reshape(e * n, half_k), scale.reshape(e * n, -1)
+    flat = dequantize_mxfp4_triton(rows, scales, dtype) if zero is None else \
+        dequantize_int4_triton(rows, scales, zero.reshape(e * n, -1), group, dtype)
     return flat.view(e, n, 2 * half_k)
 
 
@@ -186,14 +186,15 @@ def _entry(x: torch.Tensor, w13: torch.Tensor) -> dict:
 
 def moe_plan(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
              w13_zero: torch.Tensor | None, group: int, once: bool | None) -> tuple[MoeConfig, bool]:
-    """(the tiles, whether int4 experts are dequantized once) of a step: ``once`` None asks
+    """(the tiles, whether int4 or MXFP4 experts are dequantized once) of a step: ``once`` None asks
     ``moe_configs.int4_dequantize_once`` (never for a transposed ``w2``), then the tiles of the mode that runs."""
     mxfp4 = mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)  # dequantized tile by tile: bf16's tiles
     mode = "int4" if w13_zero is not None else "bf16" if w13_scale is None or mxfp4 else \
         "w8a8" if moe_w8a8(w13, w13_scale, w13_zero, group) else "fp8"
     entry = _entry(x, w13)
     if once is None:
-        once = mode == "int4" and w2.stride(2) == 1 and int4_dequantize_once(x.shape[0], top_k, w13.shape[0], entry)
+        once = (mode == "int4" or mxfp4) and w2.stride(2) == 1 and \
+            int4_dequantize_once(x.shape[0], top_k, w13.shape[0], entry)
     return choose(x.shape[0], top_k, w13.shape[0], "bf16" if once else mode, entry), once
 
 
@@ -205,10 +206,9 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
                    swiglu_limit: float = 7.0, round_weights: bool = False) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
     -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group``, int4 ones (uint8 ``w13``/``w2``)
-    with their scales, zeros and ``group`` (``group_supported`` must hold); ``once``: int4 experts are dequantized
-    first and run by the bf16 kernels (``w2`` not transposed).  Biases and ``activation`` as the op's (not with
-    W8A8 experts: the CUDA dispatch sends those calls to the twin); ``round_weights`` as the op's (W8A8 experts
-    keep float32 products, as the twin does)."""
+    with their scales, zeros and ``group`` (``group_supported`` must hold); ``once``: int4 or MXFP4 experts are
+    dequantized first and run by the bf16 kernels (``w2`` not transposed).  Biases and ``activation`` as the op's
+    (not with W8A8 experts: the CUDA dispatch sends those to the twin); ``round_weights`` as the op's."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -233,7 +233,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         s2 = _group_args(w2, w2_scale, group, inter_size, torch.float32)
         per_pair = w8a8_experts(x, layout, weights, w13, w2, s13[0], s2[0], group, cfg, top_k, args)
         return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
-    if int4 and once:
+    if (int4 or mxfp4) and once:
         w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
         w2 = _dequantized(w2, w2_scale, w2_zero, group, x.dtype)
         return experts_triton(x, weights, ids, hist, w13, w2, cfg, **epilogue)
