@@ -34,6 +34,17 @@ def out_dir() -> str:
     return path
 
 
+def positive_ints(text: str, flag: str) -> list[int]:
+    """``text`` as comma-separated positive ints, or exit naming ``flag`` and the bad value."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag} must be comma-separated ints, got {text!r}")
+    if not values or min(values) < 1:
+        raise SystemExit(f"{flag} must be positive, got {text!r}")
+    return values
+
+
 def write_json(name: str, obj) -> str:
     """Write ``obj`` as ``<out_dir>/<name>`` (what JSON cannot hold as its ``str``) and return the path."""
     path = os.path.join(out_dir(), name)

@@ -1,10 +1,10 @@
 """The fused MoE's Triton kernels on a GPU, at Qwen3-30B-A3B's shape (E=128, top-8, H=2048, I=768, bf16),
-Mixtral-8x7B's (E=8, top-2, H=4096, I=14336) or Qwen3-235B-A22B's (E=128, top-8, H=4096, I=1536): exact against the
-PyTorch twin, and fast against the copy ceiling.
+Mixtral-8x7B's (E=8, top-2, H=4096, I=14336), Qwen3-235B-A22B's (E=128, top-8, H=4096, I=1536) or GPT-OSS-20B's
+(E=32, top-4, H=I=2880): exact against the PyTorch twin, and fast against the copy ceiling.
 
-    python -m benchmarks.moe_kernel [--shape qwen3-30b-a3b|mixtral|qwen3-235b-a22b] [--tokens 1,16,64,256] [--fp8]
-                                    [--layers 4] [--group G] [--int4] [--modes w8a8] [--write-table]
-                                    # $OUT/moe_kernel_<shape>[_fp8][_int4].json
+    python -m benchmarks.moe_kernel [--shape NAME] [--tokens 1,16,64,256] [--fp8] [--layers 4] [--group G]
+                                    [--int4 | --mxfp4] [--modes w8a8] [--write-table]
+                                    # $OUT/moe_kernel_<shape>[_fp8][_int4][_mxfp4].json
 
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each token count and
 at 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape, bf16) 140,000 tokens, whose
@@ -12,7 +12,8 @@ per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its e
 (``weight_quant.quantize``: a scale per row as online quantization, or per ``--group`` columns as block FP8), run
 weight-only (``FP8_CANDIDATES``) and W8A8 (``W8A8_CANDIDATES``, the engine's default; then ``W8A8_DOWN``'s down
 tiles on each count's fastest); ``--int4`` as a GPTQ checkpoint (symmetric, groups of 128), run by the int4 kernels
-(``INT4_CANDIDATES``) and dequantized once (``int4-once``, ``moe_configs.int4_dequantize_once``).
+(``INT4_CANDIDATES``) and dequantized once (``int4-once``, ``moe_configs.int4_dequantize_once``); ``--mxfp4`` as
+``mxfp4_quant.quantize`` stores them, each tile dequantized in the kernel (FP8's candidates).
 
 Timing: each candidate in a CUDA graph, cycling over ``--layers`` sets of expert weights (far past L2, as layers
 are).  Bandwidth: the bytes of the experts the routing touched (each once, with scales and zeros) plus activations,
@@ -28,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import copy_bandwidth, graph_us, write_json
-from nanovllm.kernels import int4_quant, moe_configs, options, weight_quant
+from benchmarks.common import copy_bandwidth, graph_us, positive_ints, write_json
+from nanovllm.kernels import int4_quant, moe_configs, mxfp4_quant, options, weight_quant
 from nanovllm.kernels.moe_configs import MoeConfig
 from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 
 DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336),  # E, top-k, H, I
-          "qwen3-235b-a22b": (128, 8, 4096, 1536)}
+          "qwen3-235b-a22b": (128, 8, 4096, 1536), "gpt-oss-20b": (32, 4, 2880, 2880)}
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
 GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main() (int4: 128)
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
@@ -56,7 +57,7 @@ W8A8_DOWN = [MoeConfig(0, 64, 128), MoeConfig(0, 64, 128, num_stages=4), MoeConf
              MoeConfig(0, 256, 128, num_warps=8), MoeConfig(0, 256, 128, num_warps=8, swap=False),
              MoeConfig(0, 128, 128, swap=False)]  # the down GEMM's own tiles, tried on each count's fastest W8A8 set
 MODES = {"bf16": CANDIDATES, "fp8": FP8_CANDIDATES, "w8a8": W8A8_CANDIDATES, "int4": INT4_CANDIDATES,
-         "int4-once": CANDIDATES}  # the candidates of each way experts run
+         "int4-once": CANDIDATES, "mxfp4": FP8_CANDIDATES}  # the candidates of each way experts run (MXFP4: FP8's)
 CHECKS: list[dict] = []
 BROKEN: set = set()  # (mode, candidate) that failed a check
 
@@ -68,7 +69,8 @@ def expert_bytes(ids: torch.Tensor, num_tokens: int, mode: str = "bf16") -> int:
     weights = 3 * INTER * HIDDEN
     groups = 2 * INTER * weight_quant.num_groups(HIDDEN, GROUP) + HIDDEN * weight_quant.num_groups(INTER, GROUP)
     per_expert = {"bf16": 2 * weights, "fp8": weights + 4 * groups, "w8a8": weights + 4 * groups,
-                  "int4": weights // 2 + 3 * groups, "int4-once": weights // 2 + 3 * groups}[mode]
+                  "int4": weights // 2 + 3 * groups, "int4-once": weights // 2 + 3 * groups,
+                  "mxfp4": weights // 2 + weights // 32}[mode]
     return touched * per_expert + 2 * num_tokens * HIDDEN * 2
 
 
@@ -86,8 +88,11 @@ def make_weights():
     return w13, w2, {}
 
 
-def quantized(layer, int4: bool = False):
-    """The FP8 (or int4) experts of a bf16 ``layer``, as ``make_weights`` gives them."""
+def quantized(layer, int4: bool = False, mxfp4: bool = False):
+    """The FP8 (or int4, or MXFP4) experts of a bf16 ``layer``, as ``make_weights`` gives them."""
+    if mxfp4:
+        (w13, s13), (w2, s2) = (mxfp4_quant.quantize(w) for w in layer[:2])
+        return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=mxfp4_quant.BLOCK)
     if int4:
         (w13, s13, z13), (w2, s2, z2) = (int4_quant.quantize(w, GROUP) for w in layer[:2])
         return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=GROUP, w13_zero=z13, w2_zero=z2)
@@ -99,7 +104,7 @@ def use(mode: str) -> dict:
     """Experts run as ``mode`` says from the next call on (the engine's W8A8 switch) -> the keywords that make
     int4 experts dequantize once (``int4-once``) or not (``int4``)."""
     options.set_options(options.KernelOptions(**dict(options.current_options().as_dict(), moe_w8a8=mode == "w8a8")))
-    return {"int4": dict(once=False), "int4-once": dict(once=True)}.get(mode, {})
+    return {"int4": dict(once=False), "int4-once": dict(once=True), "mxfp4": dict(once=False)}.get(mode, {})
 
 
 def picked(x: torch.Tensor, layer, mode: str) -> MoeConfig | None:
@@ -109,7 +114,7 @@ def picked(x: torch.Tensor, layer, mode: str) -> MoeConfig | None:
     w13, w2, quant = layer
     cfg, once = moe_plan(x, TOP_K, w13, w2, quant.get("w13_scale"), quant.get("w13_zero"), quant.get("group", 0),
                          None)
-    return None if mode.startswith("int4") and once != (mode == "int4-once") else cfg
+    return None if mode.startswith(("int4", "mxfp4")) and once != (mode == "int4-once") else cfg
 
 
 def rel_err(got, want) -> float:
@@ -243,16 +248,6 @@ def write_table(rows: list[dict]) -> str:
     return path
 
 
-def parse_tokens(text: str) -> list[int]:
-    try:
-        tokens = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--tokens must be comma-separated ints, got {text!r}")
-    if not tokens or min(tokens) < 1:
-        raise SystemExit(f"--tokens must be positive, got {text!r}")
-    return tokens
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
@@ -262,21 +257,23 @@ def main():
     p.add_argument("--fp8", action="store_true", help="also FP8 experts (weight_quant), beside bf16")
     p.add_argument("--group", type=int, default=0, help="FP8 columns per scale (default: one scale per row)")
     p.add_argument("--int4", action="store_true", help="also int4 experts (int4_quant, groups of 128), beside bf16")
+    p.add_argument("--mxfp4", action="store_true", help="also MXFP4 experts (mxfp4_quant), beside bf16")
     p.add_argument("--write-table", action="store_true", help="merge the winners into the tile table in force")
     p.add_argument("--modes", default="", help="only these of the modes (comma-separated, e.g. w8a8)")
     args = p.parse_args()
-    if args.int4 and (args.fp8 or args.group not in (0, 128)):
-        raise SystemExit("--int4 runs beside bf16 alone, in groups of 128: leave out --fp8 and --group")
-    tokens = parse_tokens(args.tokens)
+    if (args.int4 or args.mxfp4) and (args.fp8 or args.int4 and args.mxfp4 or args.group not in (0, 128)):
+        raise SystemExit("--int4 or --mxfp4 runs beside bf16 alone: leave out --fp8, --group and the other")
+    tokens = positive_ints(args.tokens, "--tokens")
     global E, TOP_K, HIDDEN, INTER, GROUP
     E, TOP_K, HIDDEN, INTER = SHAPES[args.shape]
     GROUP = 128 if args.int4 else args.group or max(HIDDEN, INTER)
     torch.manual_seed(0)
     layers = [make_weights() for _ in range(max(1, args.layers))]
     variants = [(layers, "bf16")]
-    if args.fp8 or args.int4:
-        quant = [quantized(layer, args.int4) for layer in layers]
-        variants += [(quant, mode) for mode in (("int4", "int4-once") if args.int4 else ("fp8", "w8a8"))]
+    if args.fp8 or args.int4 or args.mxfp4:
+        quant = [quantized(layer, args.int4, args.mxfp4) for layer in layers]
+        modes = ("int4", "int4-once") if args.int4 else ("mxfp4",) if args.mxfp4 else ("fp8", "w8a8")
+        variants += [(quant, mode) for mode in modes]
     variants = [v for v in variants if not args.modes or v[1] in args.modes.split(",")]
     if not variants:
         raise SystemExit(f"--modes {args.modes!r} names none of this run's modes")
@@ -289,7 +286,8 @@ def main():
     print(f"checks: {len(CHECKS) - len(failed)}/{len(CHECKS)} ok")
     if args.write_table and rows:
         write_table(rows)
-    write_json(f"moe_kernel_{args.shape}{'_fp8' if args.fp8 else ''}{'_int4' if args.int4 else ''}.json",
+    suffix = "".join(f"_{m}" for m in ("fp8", "int4", "mxfp4") if getattr(args, m))
+    write_json(f"moe_kernel_{args.shape}{suffix}.json",
                {"device": torch.cuda.get_device_name(), "shape": dict(E=E, top_k=TOP_K, hidden=HIDDEN,
                 intermediate=INTER), "copy_gbps": round(bandwidth / 1e9, 1), "checks": CHECKS, "timing": rows})
     sys.exit(1 if failed else 0)

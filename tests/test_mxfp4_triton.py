@@ -81,6 +81,21 @@ def test_the_dequantize_kernel_gives_the_twins_values():
         assert torch.equal(got, mxfp4_quant.dequantize(rows[:37], scales[:37], dtype))
 
 
+def test_every_code_at_every_kind_of_scale_dequantizes_to_the_twins_value():
+    """All 16 codes (code 1 is 2^-126 times 0.5 before the scale: a float32 subnormal) against scales 0 (2^-127),
+    1, 100, 127 and 140 to 254 (2^127) in float32, bit for bit; in bf16 and fp16 from scale 2 on (the interpreter
+    rounds a bf16 subnormal wrongly; a GPU is checked in tests/gpu/test_mxfp4.py)."""
+    codes = torch.arange(16, dtype=torch.uint8).repeat(4)  # 64 columns: two blocks
+    every = torch.tensor([0, 1, 2, 100, 120, 126, 127, 128, 140, 200, 254], dtype=torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        scales = every if dtype == torch.float32 else every[2:]
+        rows = mxfp4_quant.pack(codes.repeat(len(scales), 1))
+        row_scales = torch.stack((scales, scales.flip(0)), dim=1)  # each row's two blocks differ
+        got = tiles.dequantize_mxfp4_triton(rows, row_scales, dtype)
+        want = mxfp4_quant.dequantize(rows, row_scales, dtype)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), dtype
+
+
 def test_past_the_row_threshold_mxfp4_experts_are_dequantized_once(monkeypatch, num_tokens=21):
     """Above ``INT4_DEQUANTIZE_ROWS`` rows per expert the step dequantizes both stacks once and runs the bf16
     kernels on them (the twin's weights); at or below it the MXFP4 tiles run; both give the twin's result."""

@@ -1,12 +1,12 @@
 """Which tiles the Triton fused MoE (``triton_moe.py``) takes for a step: chosen by the mean number of rows each
 expert gets, ``T * top_k / E``, since that, not the token count alone, says how full a block of ``block_m`` rows is.
 
-Each way experts run (a mode: ``bf16``, ``fp8`` weight-only, ``w8a8``, ``int4``) has buckets of that mean, each
-with a tile set.  Measured tables come first: ``benchmarks/moe_kernel.py --write-table`` times the candidates on a
-GPU and writes the winners to ``moe_tuned.json`` beside this file (``KernelOptions.moe_table``,
+Each way experts run (a mode: ``bf16``, ``fp8`` weight-only, ``w8a8``, ``int4``, ``mxfp4``) has buckets of that
+mean, each with a tile set.  Measured tables come first: ``benchmarks/moe_kernel.py --write-table`` times the
+candidates on a GPU and writes the winners to ``moe_tuned.json`` beside this file (``KernelOptions.moe_table``,
 ``NANOVLLM_MOE_TABLE``, names another), keyed by compute capability, then ``"E,I,H"`` (experts, intermediate,
-hidden), then mode, with ``int4_once_rows``: past that mean, int4 experts are dequantized once into the bf16
-kernels (null: never).  A GPU or shape without an entry, and the CPU, take ``DEFAULTS`` and
+hidden), then mode, with ``int4_once_rows``: past that mean, int4 and MXFP4 experts are dequantized once into the
+bf16 kernels (null: never).  A GPU or shape without an entry, and the CPU, take ``DEFAULTS`` and
 ``INT4_DEQUANTIZE_ROWS``.
 """
 import functools
@@ -58,6 +58,7 @@ BY_ROWS_PER_EXPERT = (  # (at most this many rows per expert on average, config)
 DEFAULTS = {  # per mode; FP8 experts (half the bytes per tile) take a wider column tile at decode sizes
     "bf16": BY_ROWS_PER_EXPERT,
     "int4": BY_ROWS_PER_EXPERT,
+    "mxfp4": BY_ROWS_PER_EXPERT,
     "fp8": ((16, MoeConfig(16, 64, 128)),) + BY_ROWS_PER_EXPERT[1:],
     # block_k 128, the up GEMM's block_n 128 (one activation group); an H100's best at Qwen3-30B-A3B's shape
     "w8a8": ((16, MoeConfig(32, 64, 128, num_warps=8, num_stages=4, down=MoeConfig(32, 64, 128, num_stages=4))),

@@ -66,10 +66,10 @@ def _mxfp4_tile(rows, k0, K, n_mask, scale_rows, stride_sg, like, BLOCK_N: tl.co
                     mask=n_mask[:, None] & (offs_g * 32 < K)[None, :], other=127).to(tl.int32)
     pow2 = tl.where(scale == 0, 0x00400000, scale << 23).to(tl.float32, bitcast=True)  # 2^(s-127); 255: inf
     pow2 = tl.reshape(tl.broadcast_to(pow2[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)), (BLOCK_N, BLOCK_K))
-    mag = codes & 7
-    big = tl.where(mag >= 6, 4.0, tl.where(mag >= 4, 2.0, 1.0)) * (1.0 + (mag & 1).to(tl.float32) * 0.5)
-    value = tl.where(mag < 2, mag.to(tl.float32) * 0.5, big)
-    value = tl.where((codes & 8) != 0, -value, value)
+    # sign and magnitude bits put in a float32's sign, low exponent bits and top mantissa bit read e2m1 * 2^-126
+    # (code 1 as a subnormal): no table, no compare; times 2^126, then the scale, both exact
+    bits = ((codes & 8) << 28) | ((codes & 7) << 22)
+    value = bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
     return (value * pow2).to(like.dtype)
 
 
