@@ -5,7 +5,7 @@ A row names a model, a workload, an engine and flags.  Models: ``default`` (benc
 ``preset:NAME`` (``nanovllm.tools.synthesize``'s config of NAME), ``peer:NAME`` (``PEERS/configs/NAME.json``),
 the last two with dummy weights (``NAME+gptq`` / ``NAME+awq``: the config with an int4 ``quantization_config``),
 ``fp8:NAME`` (``synthesize NAME --quantize fp8``: a block-FP8 checkpoint on disk, which both engines load as it is)
-or ``own`` (the program's own, e.g. vl_bench.py's Qwen2.5-VL-3B config).
+or ``own`` (the program's own, e.g. inputs_bench.py's Qwen2.5-VL-3B config).
 Engines: ``ours``, ``vllm`` (staged per ../shared/peers/README.md into ``Context.site`` and ``.peers``) or ``tests``.
 ``commands(step, ctx)`` turns a row into the commands of one run (a server's clients run while it serves), each
 writing its JSON into its run's folder, its ``$OUT``.  A new GPU comparison is a new row, not a new script.
@@ -155,15 +155,15 @@ STEPS = [
     Step("gptoss20b-mxfp4-vllm", "vllm", "preset:gpt-oss-20b+mxfp4", "bench"),
     Step("gemma3-27b-ours", "ours", "preset:gemma3-27b", "bench", BENCH),
     Step("gemma3-27b-vllm", "vllm", "preset:gemma3-27b", "bench"),
-    # multi-LoRA (benchmarks/lora_bench.py): Qwen3-8B's config, bench's workload over 8 rank-16 adapters, the engine
-    # without LoRA (adapters 0: ours' own baseline), batch 1, and 64 adapters through 8 device slots
+    # multi-LoRA (benchmarks/inputs_bench.py lora): Qwen3-8B's config, bench's workload over 8 rank-16 adapters, the
+    # engine without LoRA (adapters 0: ours' own baseline), batch 1, and 64 adapters through 8 device slots
     *[Step(f"lora{tag}-{who}", who, "peer:qwen3-8b", "module",
-           ("benchmarks.lora_bench", "--engine", "nanovllm" if who == "ours" else "vllm", *flags))
+           ("benchmarks.inputs_bench", "lora", "--engine", "nanovllm" if who == "ours" else "vllm", *flags))
       for tag, flags in (("", ()), ("-b1", ("--bs", "1", "--num-seqs", "4")), ("-swap", ("--adapters", "64")))
       for who in ("ours", "vllm")],
-    Step("lora-base-ours", "ours", "peer:qwen3-8b", "module", ("benchmarks.lora_bench", "--adapters", "0")),
+    Step("lora-base-ours", "ours", "peer:qwen3-8b", "module", ("benchmarks.inputs_bench", "lora", "--adapters", "0")),
     Step("lora-b1-base-ours", "ours", "peer:qwen3-8b", "module",
-         ("benchmarks.lora_bench", "--adapters", "0", "--bs", "1", "--num-seqs", "4")),
+         ("benchmarks.inputs_bench", "lora", "--adapters", "0", "--bs", "1", "--num-seqs", "4")),
     Step("parity-lora", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_lora.py")),
     Step("parity-windows", "tests", "own", "pytest", ("-m", "gpu", "-k", "gemma or gpt_oss or window or sink or mxfp4",
                                                       "tests/gpu")),
@@ -204,7 +204,6 @@ STEPS = [
          ("benchmarks.kernel_bench", "--int4", "--rows", "1,16,64,256", "--tokens", "16,256")),
     Step("moe-kernel-mixtral", "ours", "own", "module", MOE_KERNEL + ("--shape", "mixtral")),
     Step("profile", "ours", "own", "module", PROFILE + ("--prefill",)),
-    Step("allreduce", "ours", "own", "module", ("benchmarks.allreduce_bench", "--gpus", "2", "--hidden", "5120")),
 ]
 BY_NAME = {s.name: s for s in STEPS}
 
@@ -250,7 +249,7 @@ def commands(step: Step, ctx: Context) -> list[Command]:
                 for phase in ("cold", "warm")]
     if step.workload == "vl":
         engine = "vllm" if vllm else "nanovllm"
-        return [Command([py, "-m", "benchmarks.vl_bench", "--engine", engine, *tok, *step.flags], env)]
+        return [Command([py, "-m", "benchmarks.inputs_bench", "vl", "--engine", engine, *tok, *step.flags], env)]
     if step.workload == "offload":
         engine = ["--engine", "vllm"] if vllm else []
         return [Command([py, "-m", "benchmarks.offload_bench", *engine, *model, "--budget-gb", "16",

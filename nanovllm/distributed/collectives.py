@@ -24,8 +24,8 @@ from nanovllm.logger import logger
 
 _symmetric: dict = {}  # dtype -> (buffer, group name, two-shot from this many elements): use_symmetric_all_reduce
 
-# Where two-shot overtakes one-shot in CUDA graphs on two and four H200s (`benchmarks/allreduce_bench.py`, hidden
-# 5120 bf16): one-shot leads at 16 rows (0.16 MB), two-shot from 64 rows (0.66 MB) on; docs/PERFORMANCE.md.
+# Where two-shot overtakes one-shot in CUDA graphs on two and four H200s (hidden 5120 bf16; the benchmark that
+# measured it is in git history, 2026-11-26): one-shot leads at 16 rows (0.16 MB), two-shot from 64 rows (0.66 MB) on; docs/PERFORMANCE.md.
 TWO_SHOT_FROM_BYTES = 512 << 10
 
 
