@@ -60,7 +60,8 @@ def greedy(llm, prompts):
     return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("qwen3_moe", marks=pytest.mark.slow)])
 def quantized(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     path = fp8_checkpoint(tmp, request.param)

@@ -40,7 +40,8 @@ def fp8_copy(path: str, out: Path) -> str:
     return fp8_oracle.write_dequantized(path, out, online=torch.float32)
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", pytest.param("qwen3_moe", marks=pytest.mark.slow),
+@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("qwen3_moe", marks=pytest.mark.slow),
                                         pytest.param("mixtral", marks=pytest.mark.slow)])
 def checkpoint(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
@@ -87,6 +88,7 @@ def test_quantization_changes_tokens_so_the_oracle_is_not_the_plain_model(tmp_pa
     assert hf_greedy(path, prompts, 24) != hf_greedy(fp8_copy(path, tmp_path / "oracle"), prompts, 24)
 
 
+@pytest.mark.slow
 def test_minicpm4_matches_its_dequantized_oracle(tmp_path):
     path = build_minicpm_checkpoint(tmp_path / "plain")  # its oracle: Llama with the scalings folded in, then FP8
     oracle = fp8_copy(str(minicpm.to_llama(path, tmp_path / "llama")), tmp_path / "oracle")

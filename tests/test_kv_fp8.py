@@ -40,8 +40,8 @@ def greedy(llm, prompts, n):
     return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2", "llama", pytest.param("qwen3_moe", marks=pytest.mark.slow),
-                                        pytest.param("mixtral", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["qwen3", *(pytest.param(arch, marks=pytest.mark.slow)
+                                                   for arch in ("qwen2", "llama", "qwen3_moe", "mixtral"))])
 def checkpoint(request, tmp_path_factory):
     # std 0.3: K and V spread over e4m3's range, so that rounding changes tokens (checked below)
     return build_checkpoint(tmp_path_factory.mktemp(request.param), request.param, std=0.3)

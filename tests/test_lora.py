@@ -20,7 +20,7 @@ from nanovllm.engine.sequence import SequenceStatus
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
+@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow)])
 def family(request, tmp_path_factory):
     base, paths = build_family(str(tmp_path_factory.mktemp(request.param)), request.param)
     return base, {name: LoRARequest(name, i + 1, p) for i, (name, p) in enumerate(sorted(paths.items()))}

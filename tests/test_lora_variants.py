@@ -56,7 +56,7 @@ def test_int4_base_weights(qwen3, tmp_path):
     assert generate(llm, PROMPTS, mixed(a)) == expected(oracle, mixed(a), PROMPTS)
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
+@pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["eager", "graph"])
 def test_ngram_speculation(qwen3, eager):
     base, a = qwen3
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}

@@ -19,7 +19,8 @@ DOCS = ["Paris is in France.", "The quick brown fox jumps over the lazy dog.", "
         "Hello world<|endoftext|><|endoftext|>"]  # the last ends in pad tokens
 COMMON = dict(max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=256,
               max_num_batched_tokens=64)
-CASES = [("qwen3", 1, "eager"), ("qwen3", 2, "graph"), ("llama", 2, "eager"), ("llama", 1, "graph")]
+CASES = [("qwen3", 1, "eager"), ("qwen3", 2, "graph"), ("llama", 2, "eager"),
+         pytest.param("llama", 1, "graph", marks=pytest.mark.slow)]
 
 
 def build_classifier(out_dir, arch: str, num_labels: int) -> str:

@@ -72,7 +72,8 @@ class Oracle(PerSequence):
         raise AssertionError("a sequence of no known prompt")
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("qwen3_moe", marks=pytest.mark.slow)])
 def checkpoint(request, tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 

@@ -22,7 +22,8 @@ def draft_of(path, k=3):
     return {"method": "draft_model", "model": path, "num_speculative_tokens": k}
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("qwen3_moe", marks=pytest.mark.slow)])
 def models(request, tmp_path_factory):
     """(target, draft): the draft has one layer and other weights, the same vocabulary."""
     root = tmp_path_factory.mktemp(request.param)

@@ -58,7 +58,7 @@ def long_contexts(gemma):
     return prompts, hf_greedy(gemma, prompts, 40)
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
+@pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["eager", "graph"])
 def test_long_contexts_match_transformers_holding_only_their_windows(gemma, long_contexts, eager):
     prompts, want = long_contexts
     llm = _llm(gemma, enforce_eager=eager, **({} if eager else dict(graph_batch_sizes=[1, 2, 4])))

@@ -56,7 +56,7 @@ def _run(path: str, prompts, monkeypatch, **options) -> tuple[list[list[int]], L
     return tokens, llm
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
+@pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["eager", "graph"])
 def test_many_sequences_through_a_pool_that_runs_out_match_transformers(gemma, prompts_and_want, monkeypatch, eager):
     prompts, want = prompts_and_want
     options = {} if eager else dict(enforce_eager=False, graph_batch_sizes=[1, 2, 4, 8])
