@@ -28,7 +28,7 @@ def oracle(path: str, out: Path) -> str:
     return registry.write_oracle(path, out)
 
 
-@pytest.fixture(scope="module", params=[("qwen3", "channel"), ("qwen3", "tensor"),
+@pytest.fixture(scope="module", params=[("qwen3", "channel"), pytest.param(("qwen3", "tensor"), marks=pytest.mark.slow),
                                         pytest.param(("llama", "channel"), marks=pytest.mark.slow),
                                         pytest.param(("qwen3_moe", "channel"), marks=pytest.mark.slow),
                                         pytest.param(("mixtral", "tensor"), marks=pytest.mark.slow)],

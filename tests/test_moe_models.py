@@ -32,7 +32,7 @@ def tokens(llm, prompts, max_tokens):
     return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+@pytest.fixture(scope="module", params=["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def engines(request, tmp_path_factory):
     """(checkpoint dir, eager LLM, graph LLM) of one architecture."""
     path = build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)

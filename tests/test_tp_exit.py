@@ -55,7 +55,7 @@ def _exit_script(teardown: str, bound_s: float, timeout: float | None = None):
                           text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("teardown", ["hangs", "ends"])
+@pytest.mark.parametrize("teardown", [pytest.param("hangs", marks=pytest.mark.slow), "ends"])
 def test_a_failed_groups_process_ends_within_its_exit_bound_else_with_its_own_status(teardown):
     """The bound is ``FACTOR`` times the same script's whole run unarmed (its start, import and teardown),
     measured first: a teardown that ends is never cut short by it, one that hangs is killed once it passed (the
