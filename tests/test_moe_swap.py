@@ -38,7 +38,7 @@ def experts(fmt: str, seed: int):
     return q13, q2, dict(w13_scale=s13, w2_scale=s2, group=group)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 40])  # 40: 10 rows per expert on average, partial blocks
+@pytest.mark.parametrize("num_tokens", [1, pytest.param(40, marks=pytest.mark.slow)])  # 40: partial blocks
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4", "w8a8"])
 def test_swapped_tiles_give_the_twins_and_the_plain_tiles_result(fmt, num_tokens):
     w13, w2, quant = experts(fmt, seed=num_tokens)

@@ -128,7 +128,8 @@ def _generate_in_thread(llm) -> tuple[list, threading.Thread]:
 
 
 @pytest.mark.parametrize("signum, expected", [(signal.SIGKILL, "rank 1 (exit code -9), while it was "),
-                                              (signal.SIGSTOP, "rank 1 has not answered for ")],
+                                              pytest.param(signal.SIGSTOP, "rank 1 has not answered for ",
+                                                           marks=pytest.mark.slow)],
                          ids=["killed", "stopped"])
 def test_a_worker_that_dies_or_stops_mid_step_raises_on_rank_0_naming_it(model, monkeypatch, signum, expected,
                                                                          start_s):
