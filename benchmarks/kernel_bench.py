@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from benchmarks.common import copy_bandwidth, graph_us, write_json
+from benchmarks.common import copy_bandwidth, graph_us, positive_ints, write_json
 from nanovllm.kernels import int4_quant, moe_reference, ops, reference
 from nanovllm.kernels.matmul_configs import MatmulConfig
 
@@ -192,11 +192,11 @@ def int4_main(args) -> int:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()  # bytes read + written per second, as every floor in docs/PERFORMANCE.md
     table = ["| op | rows | int4 us | bf16 us | floor us | rel err |", "|---|---|---|---|---|---|"]
-    rows = int4_projections([int(r) for r in args.rows.split(",")], bandwidth, table)
-    rows += int4_experts([int(t) for t in args.tokens.split(",")], bandwidth, table)
+    rows = int4_projections(positive_ints(args.rows, "--rows"), bandwidth, table)
+    rows += int4_experts(positive_ints(args.tokens, "--tokens"), bandwidth, table)
     print("\n".join(table))
     tiles = ["| op | rows | best tile (BLOCK_N x split): us | dispatched: us |", "|---|---|---|---|"]
-    swept = int4_sweep([int(r) for r in args.sweep.split(",")], tiles) if args.sweep else []
+    swept = int4_sweep(positive_ints(args.sweep, "--sweep"), tiles) if args.sweep else []
     print("\n".join(tiles if swept else []))
     failed = [r for r in rows if not r["err"] < 2e-2]
     write_json("int4_kernel.json", {"device": torch.cuda.get_device_name(), "rows": rows, "failed": failed,

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import graph_us, write_json
+from benchmarks.common import graph_us, positive_ints, write_json
 from nanovllm.graph_sizes import DEFAULT_GRAPH_BATCH_SIZES
 from nanovllm.kernels import weight_quant
 from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, fp8_config, table_key
@@ -143,7 +143,7 @@ def main():
     args = p.parse_args()
     from nanovllm.tools.synthesize import PRESETS
     shapes = model_shapes(PRESETS[args.preset]["fields"])
-    buckets = sorted({int(b) for b in args.buckets.split(",")})
+    buckets = sorted(set(positive_ints(args.buckets, "--buckets")))
     dtype = torch.bfloat16
     arch = _arch(torch.device("cuda"))  # the key the dispatch table is read under
     weights = f"FP8 weights, groups of {args.group or 'a row'}" if args.fp8 else "bf16 weights"

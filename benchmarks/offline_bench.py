@@ -21,7 +21,7 @@ import json
 import time
 from random import randint, seed
 
-from benchmarks.common import MIN_LEN, OPEN, copy_heavy, default_model, json_schema, write_json
+from benchmarks.common import MIN_LEN, OPEN, copy_heavy, default_model, json_schema, positive_ints, write_json
 
 
 def make_engine(name: str, model: str, **kw):
@@ -151,7 +151,7 @@ def speculative(args) -> list[dict]:
     if args.draft:
         spec = {"method": "draft_model", "model": default_model() if args.draft == "default" else args.draft,
                 "num_speculative_tokens": spec["num_speculative_tokens"]}
-    kw = dict(max_model_len=2048, max_num_seqs=max(_ints(args.batch)))
+    kw = dict(max_model_len=2048, max_num_seqs=max(positive_ints(args.batch, "--batch")))
     if args.load_format:
         kw["load_format"] = args.load_format
     rows, outputs, gaps = [], {}, {}
@@ -164,7 +164,7 @@ def speculative(args) -> list[dict]:
             llm.engine.spec_gate.adaptive = False
         generate(llm, sets["open"][:2], params(temperature=0, max_tokens=8))  # warm-up
         for name, prompts in sets.items():
-            for batch in _ints(args.batch):
+            for batch in positive_ints(args.batch, "--batch"):
                 chosen = (prompts * -(-max(batch, args.requests) // len(prompts)))[:max(batch, args.requests)]
                 for temperature in map(float, args.temperature.split(",")):
                     p = params(temperature=temperature, seed=0, max_tokens=args.max_tokens)
@@ -216,10 +216,6 @@ def _greedy_gaps(llm, params, sets: dict, outputs: dict) -> dict:
                 cells.append(round(top[0] - top[1], 4))
         found[name, batch, temperature] = sorted(cells)
     return found
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
 
 
 def _time_drafts(llm) -> dict | None:

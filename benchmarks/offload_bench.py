@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.common import out_dir, write_json
+from benchmarks.common import out_dir, positive_ints, write_json
 
 
 def expert_copy_bandwidth(cache, reps: int = 5) -> float:
@@ -123,7 +123,7 @@ def parse(argv=None) -> argparse.Namespace:
         a.model = os.path.join(out_dir(), "mixtral-8x7b-config")
         if not os.path.isfile(os.path.join(a.model, "config.json")):
             synthesize("mixtral-8x7b", a.model, dtype="bfloat16", config_only=True)
-    a.sizes = [int(b) for b in a.batch_sizes.split(",")]
+    a.sizes = positive_ints(a.batch_sizes, "--batch-sizes")
     return a
 
 

@@ -19,7 +19,7 @@ import json
 import time
 from typing import NamedTuple
 
-from benchmarks.common import copy_bandwidth, default_model, llm_kwargs, workload, write_json
+from benchmarks.common import copy_bandwidth, default_model, llm_kwargs, positive_ints, workload, write_json
 
 CATEGORIES = (("collective", ("nccl", "all_reduce", "one_shot", "two_shot")),  # tensor parallelism
               ("attention", ("_decode", "_prefill")),  # our Triton kernels (nanovllm/kernels)
@@ -287,7 +287,7 @@ def main():
         print(json.dumps(counts, indent=1))
         return write_json("expert_counts.json", {"engine": info, "counts": counts})
     plan = run_steps(llm.engine, prompts, params)
-    windows = plan_windows(plan, [int(x) for x in args.at.split(",")], args.steps, args.prefill)
+    windows = plan_windows(plan, positive_ints(args.at, "--at"), args.steps, args.prefill)
     summaries, second = profile_windows(llm, prompts, params, windows, floor_of)
     if second != plan:
         print("note: the profiled pass launched other steps than the planning pass; windows may be off")
