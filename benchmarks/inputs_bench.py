@@ -10,7 +10,8 @@ robin over ``--adapters`` random PEFT adapters of ``--rank`` on all seven projec
 without LoRA, the baseline our target is a share of); ids past ``--distinct`` files share them. ``lora_<engine>.json``.
 ``vl``: Qwen2.5-VL-3B's config, dummy weights; each request one distinct synthetic 448x448 picture (256 image
 tokens) before bench's text; for ours also the tower alone on the same images, 16 per call (its share of the run).
-``vl_<engine>[_eager].json``.  Both engines get the same token ids, adapters and images; vLLM skips its tokenizer.
+``vl_<engine>[_eager].json``.  Both engines get the same token ids, adapters and images; under ``lora`` vLLM skips
+its tokenizer.
 """
 import argparse
 import json
@@ -167,7 +168,7 @@ def vl_workload(num_seqs: int):
     return prompts, max_tokens
 
 
-def run_nanovllm(path, prompts, max_tokens, eager: bool) -> dict:
+def vl_nanovllm(path, prompts, max_tokens, eager: bool) -> dict:
     import torch
     from nanovllm import LLM, SamplingParams
     t = time.perf_counter()
@@ -198,7 +199,7 @@ def run_nanovllm(path, prompts, max_tokens, eager: bool) -> dict:
                 tower_share=round(tower_s / seconds, 3), mode=llm.engine.describe()["mode"])
 
 
-def run_vllm(path, prompts, max_tokens, eager: bool) -> dict:
+def vl_vllm(path, prompts, max_tokens, eager: bool) -> dict:
     from vllm import LLM, SamplingParams
     import vllm
     t = time.perf_counter()
@@ -217,7 +218,7 @@ def run_vllm(path, prompts, max_tokens, eager: bool) -> dict:
 def run_vl(args) -> dict:
     path = checkpoint(args.tokenizer)
     prompts, max_tokens = vl_workload(args.num_seqs)
-    res = (run_nanovllm if args.engine == "nanovllm" else run_vllm)(path, prompts, max_tokens, args.enforce_eager)
+    res = (vl_nanovllm if args.engine == "nanovllm" else vl_vllm)(path, prompts, max_tokens, args.enforce_eager)
     import torch
     res.update(expected=sum(max_tokens), num_seqs=args.num_seqs, gpu=torch.cuda.get_device_name(0))
     print(f"Total: {res['tokens']}tok, Time: {res['seconds']:.2f}s, Throughput: {res['tok_s']:.2f}tok/s")
