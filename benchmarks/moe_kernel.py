@@ -102,7 +102,7 @@ def quantized(layer, int4: bool = False, mxfp4: bool = False):
 
 def use(mode: str) -> dict:
     """Experts run as ``mode`` says from the next call on (the engine's W8A8 switch) -> the keywords that make
-    int4 experts dequantize once (``int4-once``) or not (``int4``)."""
+    int4 experts dequantize once (``int4-once``) or not (``int4``, and MXFP4's ``mxfp4``)."""
     options.set_options(options.KernelOptions(**dict(options.current_options().as_dict(), moe_w8a8=mode == "w8a8")))
     return {"int4": dict(once=False), "int4-once": dict(once=True), "mxfp4": dict(once=False)}.get(mode, {})
 
