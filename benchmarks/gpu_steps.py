@@ -145,16 +145,17 @@ STEPS = [
     Step("hybrid80b-fp8-tp2-vllm", "vllm", "preset:qwen3-next-80b-a3b", "bench", FP8 + ("--tp", "2") + GDN_VLLM,
          env=VLLM_TP),
     Step("profile-hybrid35b", "ours", "preset:qwen3.5-35b-a3b", "module", PROFILE + ("--at", "256", "--prefill") + FP8),
+    Step("profile-hybrid27b", "ours", "preset:qwen3.5-27b", "module", PROFILE + ("--at", "64") + HYBRID_BS[:2]),
+    Step("profile-hybrid80b-tp2", "ours", "preset:qwen3-next-80b-a3b", "module", PROFILE + ("--at", "256") + FP8 + TP2),
     Step("embed-ours", "ours", "default", "embed"),  # Qwen3-Embedding-0.6B's shape: bench's Qwen3-0.6B
     Step("embed-vllm", "vllm", "default", "embed"),
     Step("rerank-ours", "ours", "default", "rerank"),  # as a Qwen3-Reranker-0.6B (yes/no head)
     Step("rerank-vllm", "vllm", "default", "rerank"),
-    Step("gptoss20b-ours", "ours", "preset:gpt-oss-20b", "bench", BENCH),  # bf16 experts (no MXFP4): both engines
-    Step("gptoss20b-vllm", "vllm", "preset:gpt-oss-20b", "bench"),
-    Step("gptoss20b-mxfp4-ours", "ours", "preset:gpt-oss-20b+mxfp4", "bench", BENCH),  # MXFP4 experts, as published
-    Step("gptoss20b-mxfp4-vllm", "vllm", "preset:gpt-oss-20b+mxfp4", "bench"),
-    Step("gemma3-27b-ours", "ours", "preset:gemma3-27b", "bench", BENCH),
-    Step("gemma3-27b-vllm", "vllm", "preset:gemma3-27b", "bench"),
+    # sliding windows: GPT-OSS with bf16 experts (no MXFP4) or MXFP4 ones as published, Gemma 3, Gemma 4
+    *[Step(f"{tag}-{who}", who, f"preset:{name}", "bench", BENCH if who == "ours" else ())
+      for tag, name in (("gptoss20b", "gpt-oss-20b"), ("gptoss20b-mxfp4", "gpt-oss-20b+mxfp4"),
+                        ("gptoss120b-mxfp4", "gpt-oss-120b+mxfp4"), ("gemma3-27b", "gemma3-27b"),
+                        ("gemma4", "gemma4-text")) for who in ("ours", "vllm")],
     # multi-LoRA (benchmarks/inputs_bench.py lora): Qwen3-8B's config, bench's workload over 8 rank-16 adapters, the
     # engine without LoRA (adapters 0: ours' own baseline), batch 1, and 64 adapters through 8 device slots
     *[Step(f"lora{tag}-{who}", who, "peer:qwen3-8b", "module",

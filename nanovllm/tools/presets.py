@@ -10,6 +10,14 @@ _HYBRID = dict(vocab_size=248320, max_position_embeddings=262144, rms_norm_eps=1
                rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25),
                attention_bias=False, tie_word_embeddings=False, **_QWEN_TOKENS)
 _QWEN35 = dict(_HYBRID, mamba_ssm_dtype="float32")  # Qwen3.5's published configs declare their float32 state
+# GPT-OSS: the shape both sizes share (transformers' GptOssConfig defaults are the 120b's)
+_GPT_OSS = dict(num_experts_per_tok=4, hidden_size=2880, intermediate_size=2880, head_dim=64, num_attention_heads=64,
+                num_key_value_heads=8, sliding_window=128, vocab_size=201088, max_position_embeddings=131072,
+                rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False, eos_token_id=200002,
+                pad_token_id=199999, rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                                          truncate=False, original_max_position_embeddings=4096,
+                                                          rope_theta=150000.0))
+_GPT_OSS_GEN = dict(bos=199998, eos=[200002, 199999, 200012], pad=199999)
 PRESETS = {
     "qwen3-0.6b": dict(
         config="Qwen3Config", tokenizer="qwen", generation=_QWEN_GEN,
@@ -74,14 +82,10 @@ PRESETS = {
                                                                     partial_rotary_factor=0.25)),
                     linear_num_value_heads=32)),
     # sliding windows (issue 72): the published text configs
-    "gpt-oss-20b": dict(  # 20.9B parameters (42 GB in bf16): --config-only and load_format=dummy
-        config="GptOssConfig", tokenizer=None, generation=dict(bos=199998, eos=[200002, 199999, 200012], pad=199999),
-        fields=dict(num_hidden_layers=24, num_local_experts=32, num_experts_per_tok=4, hidden_size=2880,
-                    intermediate_size=2880, head_dim=64, num_attention_heads=64, num_key_value_heads=8,
-                    sliding_window=128, vocab_size=201088, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                    rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                                         truncate=False, original_max_position_embeddings=4096, rope_theta=150000.0),
-                    attention_bias=True, tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999)),
+    "gpt-oss-20b": dict(config="GptOssConfig", tokenizer=None, generation=_GPT_OSS_GEN,  # 20.9B parameters (42 GB in
+                        fields=dict(_GPT_OSS, num_hidden_layers=24, num_local_experts=32)),  # bf16): --config-only
+    "gpt-oss-120b": dict(config="GptOssConfig", tokenizer=None, generation=_GPT_OSS_GEN,  # 116.8B (63 GB with MXFP4
+                         fields=dict(_GPT_OSS, num_hidden_layers=36, num_local_experts=128)),  # experts), the same way
     "gemma3-27b": dict(  # 27.4B parameters (55 GB in bf16): --config-only and load_format=dummy
         config="Gemma3TextConfig", architecture="Gemma3ForCausalLM", tokenizer=None,
         generation=dict(bos=2, eos=[1, 106], pad=0),
@@ -91,4 +95,7 @@ PRESETS = {
                     rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10000.0),
                                          full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1e6)),
                     tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)),
+    "gemma4-text": dict(  # transformers' Gemma4TextConfig as it comes (5.1B: per-layer inputs, 512-wide full heads)
+        config="Gemma4TextConfig", architecture="Gemma4ForCausalLM", tokenizer=None,
+        generation=dict(bos=2, eos=[1], pad=0), fields=dict()),
 }

@@ -9,7 +9,7 @@ import pytest
 from conftest import build_checkpoint, build_minicpm_checkpoint
 
 FAMILIES = ["qwen3", "qwen2", "llama", "llama3", "qwen3_moe", "mixtral", "qwen2_moe", "minicpm", "qwen3_next",
-            "qwen3_5", "qwen3_5_moe", "gemma3", "gpt_oss"]
+            "qwen3_5", "qwen3_5_moe", "gemma3", "gpt_oss", "gemma4"]
 ENGINE = dict(kvcache_block_size=16, graph_batch_sizes=[8], max_model_len=512, max_num_seqs=8,
               num_kvcache_blocks=256)
 
@@ -19,6 +19,9 @@ def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     if request.param == "minicpm":
         return build_minicpm_checkpoint(path)
+    if request.param == "gemma4":  # its own tiny config: per-layer inputs, wider full heads, K as V
+        from test_gemma4 import build
+        return build(path)
     return build_checkpoint(path, request.param)
 
 
