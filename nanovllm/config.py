@@ -92,7 +92,9 @@ class EngineConfig:
                                                 "CPU 1 GiB worth)")
     state_snapshots: int | None = _opt(None, "hybrid linear-attention models: state slots kept as prefix-cache "
                                              "snapshots, each a sequence's recurrent and convolution states in "
-                                             "every layer (default: max_num_seqs // 4 + 2; 0: no prefix hits)")
+                                             "every layer (default: max_num_seqs // 4 + 2, plus, where device memory "
+                                             "is measured, half of what the running sequences' KV blocks leave; 0: "
+                                             "no prefix hits)")
     seed: int = _opt(0, "seeds requests that have no seed of their own, and dummy weights")
     pipeline_depth: int = _opt(3, "engine steps queued on the device before the host reads the oldest one's "
                                   "tokens (1 queues only the next step), offline and in the server alike; deeper "

@@ -10,8 +10,11 @@ where its cached KV ends (a prefix another prompt shares, such as a system promp
 its last token (where an identical prompt, or the next turn of its conversation, will hit).  Its prefill chunks are
 cut at those boundaries (``cut_chunk``), so each snapshot is a copy of the state at a chunk's end, queued right
 after that step; a hit is a copy into the sequence's slot queued before its first chunk.  A hit gives the same
-tokens as a cold run: the state it restores is the one a cold run would have at that position.
+tokens as a cold run: the state it restores is the one a cold run would have at that position.  A snapshot that a
+prompt of the step being built restores is not evicted by that step's captures (the next prompt sharing it hits too).
+How many: ``state_snapshots``, or by default (``grow_snapshots``) half the memory the running sequences cannot use.
 """
+import functools
 from collections import OrderedDict
 
 import torch
@@ -23,6 +26,7 @@ class StateSnapshots:
         self.free = list(range(first + count - 1, first - 1, -1))
         self.by_hash: OrderedDict[int, int] = OrderedDict()  # block hash -> snapshot slot, least recent first
         self.pending: dict[int, int] = {}  # taken while scheduling the step being built, readable after it
+        self.restored: set[int] = set()  # hashes the step being built restores: kept from its captures
         self.captured = 0  # snapshots taken (a statistic)
 
     def deepest(self, hashes: list[int]) -> int:
@@ -30,6 +34,7 @@ class StateSnapshots:
         for depth in range(len(hashes), 0, -1):
             if hashes[depth - 1] in self.by_hash:
                 self.by_hash.move_to_end(hashes[depth - 1])
+                self.restored.add(hashes[depth - 1])
                 return depth
         return 0
 
@@ -38,15 +43,15 @@ class StateSnapshots:
 
     def take(self, block_hash: int) -> int | None:
         """A slot to snapshot the state at ``block_hash`` into, after this step: the one it has, a free one, or
-        the least recently used (whose restores are all queued before this step's captures); None while every slot
-        is taken by this step's own captures."""
+        the least recently used that this step does not restore (restores are queued before captures, but the next
+        prompts sharing it would miss); None while every slot is this step's own capture or restore."""
         if block_hash in self.pending:
             return self.pending[block_hash]
         if block_hash in self.by_hash:
             slot = self.by_hash.pop(block_hash)
         elif self.free:
             slot = self.free.pop()
-        elif self.by_hash:
+        elif self.by_hash and next(iter(self.by_hash)) not in self.restored:  # (restored ones are the most recent)
             _, slot = self.by_hash.popitem(last=False)
         else:
             return None
@@ -58,6 +63,7 @@ class StateSnapshots:
         """The step is built: its snapshots may be restored by later steps (queued after its captures)."""
         self.by_hash.update(self.pending)
         self.pending.clear()
+        self.restored.clear()
 
 
 def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:
@@ -87,9 +93,22 @@ def size_state_pools(spec, model_name: str, config) -> bool:
     if all(s is None for s in spec.states):
         return False
     refuse_for_hybrid(model_name, config)
-    extra = config.state_snapshots if config.state_snapshots is not None else config.max_num_seqs // 4 + 2
-    spec.num_state_slots = config.max_num_seqs + 1 + extra
+    fixed = config.state_snapshots if config.state_snapshots is not None else config.max_num_seqs // 4 + 2
+    spec.num_state_slots = config.max_num_seqs + 1 + fixed
+    if config.state_snapshots is None:
+        spec.grow_states = functools.partial(grow_snapshots, spec, spec.num_state_slots, config)
     return True
+
+
+def grow_snapshots(spec, slots: int, config, budget: int, agree) -> None:
+    """With ``state_snapshots`` left to its default, where the platform measures memory: ``slots`` (running
+    sequences, scratch, ``max_num_seqs // 4 + 2`` snapshots) plus half of the cache's ``budget`` bytes that neither
+    they nor the KV blocks of ``max_num_seqs`` sequences at ``max_model_len`` take, as more snapshots.  Blocks past
+    those only serve prefix hits, and a hybrid model's hit needs a snapshot where it ends as well as its blocks: so
+    a conversation's next turn finds its own (``agree``: one count on every rank)."""
+    running = config.max_num_seqs * -(-config.max_model_len // spec.block_size) * spec.bytes_per_block
+    spare = budget - slots * spec.bytes_per_state_slot - running
+    spec.num_state_slots = slots + agree(max(0, spare // 2 // spec.bytes_per_state_slot))
 
 
 def snapshots(runner) -> StateSnapshots | None:

@@ -30,7 +30,8 @@ DEFAULT_KV_BYTES = 1 << 30  # where memory cannot be measured (CPU)
 class KVCacheSpec:
     """The shape of one engine's cache: layers, KV heads, head size, block size and dtype; for a hybrid model
     (``cache_layout``) also, per linear-attention layer, the shapes of its state pools, which hold
-    ``num_state_slots`` rows (set by the runner before the cache is sized) in ``state_dtype`` (the recurrent
+    ``num_state_slots`` rows (set before the cache is sized; ``grow_states`` may add snapshot slots once the
+    budget is measured) in ``state_dtype`` (the recurrent
     state always in float32); for a model with sliding windows (``windows``, per layer) the window pool's W and
     bounds, once ``plan_window_pool`` gave them one; ``shapes``: per layer (KV heads, head size), or None where the
     layer keeps no cache (default: ``num_kv_heads`` and ``head_dim`` in every layer)."""
@@ -44,6 +45,7 @@ class KVCacheSpec:
         self.states = states or [None] * num_layers  # per layer: None (paged KV) or (conv shape, ssm shape)
         self.state_dtype = state_dtype or dtype
         self.num_state_slots = 0
+        self.grow_states = None  # a hybrid model's: (measured budget, agree) -> more state slots (hybrid_state.py)
         self.windows = windows or [0] * num_layers  # per layer: its sliding window W (0: full attention)
         self.window = 0  # the window pool's W (0: none, every attention layer's blocks in the full pool)
         self.window_bound = self.window_kept = 0  # window blocks running sequences may hold; more kept for hits
@@ -229,8 +231,11 @@ def plan_num_blocks(spec: KVCacheSpec, *, fixed: int | None, utilization: float,
                 return unpooled
         return pooled
 
-    def measured() -> int:  # what the state pools (hybrid models) leave to the blocks
-        return counted(_measure(platform, utilization, probe) - spec.state_bytes)
+    def measured() -> int:  # what the state pools (hybrid models: maybe grown into the budget) leave to the blocks
+        budget = _measure(platform, utilization, probe)
+        if spec.grow_states is not None:
+            spec.grow_states(budget, agree)
+        return counted(budget - spec.state_bytes)
 
     if fixed is not None:
         num_blocks = agree(fixed)

@@ -1,5 +1,5 @@
 """``describe(runner)``: what a ``ModelRunner`` (``model_runner.py``) runs, for the start-up log line and benchmarks:
-dtypes, KV cache (a window pool's too), quantization, the bytes a step reads, expert offload, start-up phases,
+dtypes, KV cache (a window pool's, a hybrid model's state pools too), quantization, the bytes a step reads, expert offload, start-up phases,
 executor and draft model."""
 from nanovllm.models.expert_offload import offload_stats
 from nanovllm.models.moe import expert_footprint
@@ -10,7 +10,7 @@ def describe(runner) -> dict:
     return {"device_type": runner.device.type, "dtype": str(runner.dtype).replace("torch.", ""),
             "kv_cache_dtype": str(runner.kv_spec.dtype).replace("torch.", ""), "kv_scales": runner.kv_scales,
             "num_kv_blocks": runner.num_blocks, "kvcache_block_size": runner.block_size,
-            "kv_bytes_per_token": runner.kv_spec.bytes_per_token, **_window_pool(runner),
+            "kv_bytes_per_token": runner.kv_spec.bytes_per_token, **_window_pool(runner), **_state_pools(runner),
             "quantization": _quantization(runner.config, model),
             "weight_bytes": sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
                 t.numel() * t.element_size() for name, t in model.named_buffers()
@@ -34,3 +34,12 @@ def _window_pool(runner) -> dict:
         return {}
     return {"kv_window": spec.window, "num_window_blocks": spec.num_window_blocks(runner.num_blocks) - 1,
             "window_kv_bytes_per_token": spec.bytes_per_window_block // spec.block_size}
+
+
+def _state_pools(runner) -> dict:
+    """A hybrid model's state slots: running sequences' and scratch, prefix-cache snapshots, their bytes; none
+    without."""
+    spec, running = runner.kv_spec, runner.config.max_num_seqs + 1
+    if not runner.hybrid:
+        return {}
+    return {"state_slots": running, "state_snapshots": spec.num_state_slots - running, "state_bytes": spec.state_bytes}
