@@ -245,3 +245,18 @@ def test_the_packed_decode_kernel_writes_only_one_token_sequences(poison, num_sp
     single = torch.tensor([True, False, False, False, False, True])
     assert out[~single].isnan().all()
     assert_close(out[single], want[single], BF16)
+
+
+def test_wide_heads_shrink_the_kv_tiles_to_fit_shared_memory_and_tuned_ones_stay():
+    """Hopper's 232,448 bytes a program (less Triton's 4 KB): heads of 128-256 keep the tuned tiles; Gemma 4's 512 in
+    bf16 (which asked for 328,704 bytes on an H200) drops a stage, in float32 halves BLOCK_N as well."""
+    from nanovllm.kernels.triton_common import fit_tiles
+    limit = 232_448 - 4096
+    for head_dim in (64, 128, 256):
+        assert fit_tiles(limit, 64, 64, 3, head_dim, 2) == (64, 3)  # prefill, bf16
+        assert fit_tiles(limit, 16, 64, 3, head_dim, 2) == (64, 3)  # decode, bf16
+    assert fit_tiles(limit, 64, 64, 3, 512, 2) == (64, 2)
+    assert fit_tiles(limit, 64, 32, 2, 512, 4) == (16, 2)
+    for rows, n, stages, size in ((64, 64, 3, 2), (64, 32, 2, 4), (16, 64, 3, 2), (16, 64, 3, 4)):
+        n, stages = fit_tiles(limit, rows, n, stages, 512, size)
+        assert (rows + 2 * (stages - 1) * n) * 512 * size <= limit

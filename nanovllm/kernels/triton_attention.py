@@ -21,7 +21,7 @@ import triton.language as tl
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets,
                                             _fp8_mma_dtype, _kv_scales, _quantize_fp8, _softmax_start,
-                                            attention_kind_args, kv_scale_args)
+                                            attention_kind_args, fit_kv_tiles, kv_scale_args)
 from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its own modules; re-exported here)
     _decode_config, decode_attention_configured, decode_attention_triton, decode_num_splits)
 
@@ -161,10 +161,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
 
 
 def _prefill_config(q: torch.Tensor):
-    """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel (bf16: the best of a GPU sweep)."""
-    if q.dtype == torch.float32:
-        return 64, 32, 4, 2
-    return 64, 64, 4, 3
+    """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel (bf16: the best of a GPU sweep), its
+    KV tiles shrunk where a wide head would overflow shared memory (``fit_kv_tiles``)."""
+    block_m, block_n, warps, stages = (64, 32, 4, 2) if q.dtype == torch.float32 else (64, 64, 4, 3)
+    block_n, stages = fit_kv_tiles(q, block_m, block_n, stages)
+    return block_m, block_n, warps, stages
 
 
 def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale=None,

@@ -42,6 +42,33 @@ def _capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_memory(index: int) -> int:
+    """Bytes of shared memory one program may take on CUDA device ``index`` (232,448 on Hopper)."""
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0) or 101_376
+
+
+def fit_tiles(limit: int, rows: int, block_n: int, num_stages: int, head_dim: int, itemsize: int) -> tuple[int, int]:
+    """(block_n, num_stages) shrunk, stages first (to 2), then ``block_n`` (to 16), until a kernel holding a
+    [rows, head_dim] query tile and ``num_stages - 1`` buffers of a K and a V tile [block_n, head_dim] fits ``limit``
+    bytes: a wide head (Gemma 4's full layers: 512) overflows the tiles tuned for 128-256, which stay as they are."""
+    def need(n: int, stages: int) -> int:
+        return (rows + 2 * (stages - 1) * n) * head_dim * itemsize
+
+    while need(block_n, num_stages) > limit and (num_stages > 2 or block_n > 16):
+        num_stages, block_n = (num_stages - 1, block_n) if num_stages > 2 else (num_stages, block_n // 2)
+    return block_n, num_stages
+
+
+def fit_kv_tiles(q: torch.Tensor, rows: int, block_n: int, num_stages: int) -> tuple[int, int]:
+    """``fit_tiles`` for an attention launch on ``q``'s device, less 4 KB for Triton's own scratch; as given off
+    CUDA (the interpreter has no limit)."""
+    if q.device.type != "cuda":
+        return block_n, num_stages
+    limit = _shared_memory(_index(q.device)) - 4096
+    return fit_tiles(limit, rows, block_n, num_stages, q.shape[-1], q.element_size())
+
+
 def _hopper_or_newer(device: torch.device) -> bool:
     """Whether kernels on ``device`` may use Hopper features (TMA loads, PDL): a CUDA GPU of compute capability 9.0
     or newer, unless ``KernelOptions.hopper_features`` is off (``NANOVLLM_HOPPER_FEATURES=0``), which sends a

@@ -21,7 +21,7 @@ import triton.language as tl
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _hopper_or_newer,
                                             _fp8_mma_dtype, _kv_offsets, _kv_scales, _num_sms, _softmax_start,
-                                            _softmax_step, attention_kind_args, kv_scale_args)
+                                            _softmax_step, attention_kind_args, fit_kv_tiles, kv_scale_args)
 
 _WAVES = 2  # programs aimed at: this many per SM
 
@@ -147,10 +147,11 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, cu_seqlens_ptr, n
 
 
 def _decode_config(q: torch.Tensor, block_size: int):
-    """Default (BLOCK_N, num_warps, num_stages): the best of a GPU sweep (``benchmarks/attention_kernels.py``)."""
-    if q.dtype == torch.float32:
-        return 64, 4, 3
-    return 64, 2, 3
+    """Default (BLOCK_N, num_warps, num_stages): the best of a GPU sweep (``benchmarks/attention_kernels.py``), the
+    KV tiles shrunk where a wide head would overflow shared memory (``fit_kv_tiles``; 16 query rows of a KV head)."""
+    block_n, warps, stages = (64, 4, 3) if q.dtype == torch.float32 else (64, 2, 3)
+    block_n, stages = fit_kv_tiles(q, 16, block_n, stages)
+    return block_n, warps, stages
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, block_n: int,
@@ -166,7 +167,8 @@ def use_tma(q: torch.Tensor, k_cache: torch.Tensor, block_n: int) -> bool:
     bf16/fp16, and a contiguous cache whose blocks hold whole tiles."""
     if q.device.type != "cuda" or q.dtype == torch.float32:
         return False  # an FP8 cache loads its tiles the same way (half the bytes per box)
-    return _hopper_or_newer(q.device) and k_cache.is_contiguous() and k_cache.shape[2] % block_n == 0
+    return _hopper_or_newer(q.device) and k_cache.is_contiguous() and k_cache.shape[2] % block_n == 0 \
+        and k_cache.shape[3] <= 256  # a TMA box spans at most 256 elements a dimension
 
 
 def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
