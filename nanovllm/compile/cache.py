@@ -67,15 +67,16 @@ def key_fields(config, *, dtype, kv_dtype, num_kv_blocks: int, platform, num_win
         "device_arch": platform.arch(), "platform_versions": platform.versions(),
         "kernel_options": platform.options.as_dict(), "torch": torch.__version__,
         "triton": triton_version, "nanovllm": __version__, "source_sha256": source_hash(),
-        "inductor_pdl": _inductor_pdl(), **({"num_window_blocks": num_window_blocks} if num_window_blocks else {}),
+        **_inductor_settings(), **({"num_window_blocks": num_window_blocks} if num_window_blocks else {}),
         **({"lora": [config.max_loras, config.max_lora_rank]} if config.enable_lora else {}),
     }
 
 
-def _inductor_pdl() -> bool:
-    """Whether Inductor emits programmatic-dependent-launch code (``nanovllm/kernels/pdl.py``)."""
+def _inductor_settings() -> dict:
+    """The Inductor settings nanovllm may change: PDL (``kernels/pdl.py``), eager rounding (``round_like_eager``)."""
     from torch._inductor import config
-    return bool(getattr(config.triton, "enable_pdl", False))
+    return {"inductor_pdl": bool(getattr(config.triton, "enable_pdl", False)),
+            "inductor_emulate_casts": bool(getattr(config, "emulate_precision_casts", False))}
 
 
 def key_of(fields: dict) -> str:

@@ -1,4 +1,6 @@
-"""``make_executor``: the executor a model runs under, chosen from the engine's options, the model and the platform."""
+"""``make_executor``: the executor a model runs under, chosen from the engine's options, the model and the platform;
+``round_like_eager``: the Inductor setting a model may ask for so that its graph mode rounds as eager mode does."""
+from nanovllm import envs
 from nanovllm.compile.base import Executor, ExecutorSpec
 from nanovllm.compile.eager import EagerExecutor
 from nanovllm.compile.graph import GraphExecutor
@@ -23,3 +25,14 @@ def make_executor(spec: ExecutorSpec, *, enforce_eager: bool, capturable: bool,
     if platform.static_shapes:
         return StaticGraphExecutor(spec)
     return GraphExecutor(spec)
+
+
+def round_like_eager(model) -> None:
+    """For a model that declares ``emulate_precision_casts`` (Gemma 4, whose bf16 graph mode otherwise left
+    transformers' tokens beyond near ties): Inductor rounds each intermediate its fused kernels keep in float32
+    where eager mode rounds it to the model's dtype.  Process-wide: once on it stays on (the start-up line lists
+    it; compile-cache keys record it)."""
+    from torch._inductor import config
+    if getattr(model, "emulate_precision_casts", False) and not config.emulate_precision_casts:
+        config.emulate_precision_casts = True
+        envs.note_process_setting("torch._inductor.config.emulate_precision_casts", True)

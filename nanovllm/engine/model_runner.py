@@ -20,7 +20,7 @@ import nanovllm.distributed as distributed
 from nanovllm.distributed import liveness
 from nanovllm.compile.cache import key_fields
 from nanovllm.compile.base import ExecutorSpec, Part, step_outputs
-from nanovllm.compile.factory import make_executor
+from nanovllm.compile.factory import make_executor, round_like_eager
 from nanovllm.config import EngineConfig
 from nanovllm.engine import hybrid_state, image_step, pooling, runner_report, runner_setup, verify_step
 from nanovllm.engine.decode_inputs import DecodeInputBuilder
@@ -91,6 +91,7 @@ class ModelRunner:
         rows = max(config.max_num_seqs, *config.graph_batch_sizes)  # a verify step's may exceed max_num_seqs
         platform.prepare_tensor_parallel(self.dtype, rows * a.hidden_size)
         phase("size_kv_cache", "making the executor (graph mode: compiling and capturing)")
+        round_like_eager(self.model)  # before the compile-cache key, which records it
         spec = ExecutorSpec(
             step=make_step(self.model, self.kv_caches, self.token_buffer),
             variants={name: make_step(self.model, self.kv_caches, self.token_buffer, name, self.logits_state)

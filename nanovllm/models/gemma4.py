@@ -69,6 +69,7 @@ class Gemma4ForCausalLM(DecoderForCausalLM):
     checkpoint_prefixes = {"model.language_model.": "model.", "language_model.model.": "model.",
                            "language_model.lm_head.": "lm_head."}
     packed_modules = {"gate_up_proj": ("gate_proj", "up_proj")}
+    emulate_precision_casts = True  # graph mode rounds as eager does (compile/factory.round_like_eager)
 
     def __init__(self, hf_config: dict):
         nn.Module.__init__(self)
