@@ -58,6 +58,9 @@ MULTITURN = ("--multi-turn", "64,4", "--system-len", "2000", "--turn-len", "100"
 PREFIX_VLLM = ("--enable-prefix-caching",)
 HYBRID_PREFIX_VLLM = PREFIX_VLLM + ("--mamba-cache-mode", "align")
 HYBRID_SERVE = ("--max-num-seqs", "64", "--max-model-len", "4096")  # 64 sequences of 154 MB state fit one H100
+# Gemma 3's long prompts (100 to 16k tokens, 256 out, 64 sequences at once; vLLM's LLM(...) is made at 4096 otherwise)
+LONG = ("--num-seqs", "64", "--max-input-len", "16384", "--max-output-len", "256")
+LONG_VLLM = ("--max-num-seqs", "64", "--llm-kwargs", json.dumps({"max_model_len": 16640}))
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH),
@@ -147,17 +150,16 @@ STEPS = [
     Step("profile-hybrid35b", "ours", "preset:qwen3.5-35b-a3b", "module", PROFILE + ("--at", "256", "--prefill") + FP8),
     Step("profile-hybrid27b", "ours", "preset:qwen3.5-27b", "module", PROFILE + ("--at", "64") + HYBRID_BS[:2]),
     Step("profile-hybrid80b-tp2", "ours", "preset:qwen3-next-80b-a3b", "module", PROFILE + ("--at", "256") + FP8 + TP2),
-    Step("embed-ours", "ours", "default", "embed"),  # Qwen3-Embedding-0.6B's shape: bench's Qwen3-0.6B
-    Step("embed-vllm", "vllm", "default", "embed"),
-    Step("rerank-ours", "ours", "default", "rerank"),  # as a Qwen3-Reranker-0.6B (yes/no head)
-    Step("rerank-vllm", "vllm", "default", "rerank"),
+    # pooling on bench's Qwen3-0.6B: Qwen3-Embedding-0.6B's shape, and as a Qwen3-Reranker-0.6B (yes/no head)
+    *[Step(f"{w}-{who}", who, "default", w) for w in ("embed", "rerank") for who in ("ours", "vllm")],
     # sliding windows: GPT-OSS with bf16 experts (no MXFP4) or MXFP4 ones as published, Gemma 3, Gemma 4
     *[Step(f"{tag}-{who}", who, f"preset:{name}", "bench", BENCH if who == "ours" else ())
       for tag, name in (("gptoss20b", "gpt-oss-20b"), ("gptoss20b-mxfp4", "gpt-oss-20b+mxfp4"),
                         ("gptoss120b-mxfp4", "gpt-oss-120b+mxfp4"), ("gemma3-27b", "gemma3-27b"),
                         ("gemma4", "gemma4-text")) for who in ("ours", "vllm")],
-    # multi-LoRA (benchmarks/inputs_bench.py lora): Qwen3-8B's config, bench's workload over 8 rank-16 adapters, the
-    # engine without LoRA (adapters 0: ours' own baseline), batch 1, and 64 adapters through 8 device slots
+    *[Step(f"gemma3-27b-long-{who}", who, "preset:gemma3-27b", "bench", LONG + flags) for who, flags in
+      (("ours", ("--bs", "64", "--max-model-len", "16640")), ("vllm", LONG_VLLM))],
+    # multi-LoRA (inputs_bench.py lora), Qwen3-8B: 8 rank-16 adapters, batch 1, 64 in 8 slots; base: no adapters
     *[Step(f"lora{tag}-{who}", who, "peer:qwen3-8b", "module",
            ("benchmarks.inputs_bench", "lora", "--engine", "nanovllm" if who == "ours" else "vllm", *flags))
       for tag, flags in (("", ()), ("-b1", ("--bs", "1", "--num-seqs", "4")), ("-swap", ("--adapters", "64")))
@@ -171,9 +173,8 @@ STEPS = [
     Step("parity-hybrid", "tests", "own", "pytest", ("-m", "gpu", "-k", "hybrid or qwen3_next or qwen3_5", *HYBRID_TESTS)),
     Step("startup-ours", "ours", "default", "startup", BENCH),
     Step("parity", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu")),
-    Step("parity-fp8kv", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_kv_fp8.py")),
-    Step("parity-fp8", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_fp8_weights.py")),
-    Step("parity-int4", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_int4_weights.py")),
+    *[Step(f"parity-{tag}", "tests", "own", "pytest", ("-m", "gpu", f"tests/gpu/test_{name}.py"))
+      for tag, name in (("fp8kv", "kv_fp8"), ("fp8", "fp8_weights"), ("int4", "int4_weights"))],
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     # two GPUs, each row's limit inside one device call (a hung test leaves the call time to report)
