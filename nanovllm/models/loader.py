@@ -11,6 +11,7 @@ runs after loading.
 ``load_format="dummy"``: config.json only (``dummy_weights.py``).  ``offload_experts``: the model is built on the
 host, its experts kept there behind a device cache (``expert_offload.py``).
 """
+import contextlib
 import json
 import os
 
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from nanovllm.models import dummy_weights, expert_offload
+from nanovllm.models import dummy_weights, expert_offload, moe
 from nanovllm.models.placement import Placement
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.models.svd_moe import compressed_class
@@ -57,13 +58,14 @@ def _build(hf_config: dict, dtype: torch.dtype, device: torch.device, model_dir:
         model_cls = compressed_class(model_cls, hf_config["expert_compression"])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    held = load_format == "dummy" and online is not None and online.draws_held  # experts drawn an expert at a time
     try:
-        with torch.device(device):
+        with torch.device(device), (moe.deferred_experts() if held else contextlib.nullcontext()):
             model = model_cls(hf_config)
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":
-        dummy_weights.fill_dummy_weights(model, seed, draw_device)
+        dummy_weights.fill_dummy_weights(model, seed, draw_device, online if held else None)
     else:
         load_weights(model, model_dir, scheme)
     if hasattr(model, "tie_lm_head"):

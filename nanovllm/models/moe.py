@@ -9,6 +9,8 @@ them (``placement.py``, named by each model file).  Quantized experts carry thei
 zeros), passed to the op by ``quant/held.py``.  Every shape is static, so an MoE layer
 is captured in graph mode like a dense one.
 """
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -56,13 +58,29 @@ class MoeArgs:
         return args
 
 
+_DEFERRED = contextvars.ContextVar("deferred_experts", default=False)
+
+
+@contextlib.contextmanager
+def deferred_experts():
+    """While a model is built: ``Experts`` stacks made on the meta device, for dummy weights that a scheme draws
+    straight into its held format an expert at a time (``QuantScheme.draw_held``: never whole in 16 bits)."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
 class Experts(nn.Module):
-    """The stacked expert weights (uninitialised: the loader fills them)."""
+    """The stacked expert weights (uninitialised: the loader fills them; on the meta device under
+    ``deferred_experts``)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        device = "meta" if _DEFERRED.get() else None
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, device=device))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, device=device))
 
 
 class SparseMoe(nn.Module):

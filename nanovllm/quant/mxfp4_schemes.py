@@ -1,7 +1,7 @@
 """The MXFP4 scheme (``scheme.QuantScheme``, ``quant_method`` "mxfp4"): GPT-OSS's published checkpoints, whose
 stacked routed experts are MXFP4 (``mxfp4_checkpoint.py``: the layout and config), read into the held MXFP4 format
 (``mxfp4_weights.py``; ``kernels/mxfp4_quant.py`` states the numbers).  Every other weight loads as a plain one.
-Dummy weights of such a config are drawn plain and quantized (``mxfp4_quant.quantize``).
+Dummy weights of such a config are drawn plain and quantized (``mxfp4_quant.quantize``), an expert at a time.
 
 Fields: ``modules_to_not_convert`` (a list: what the checkpoint left plain; informative, the stored tensors say
 it) and transformers' loading option ``dequantize`` (false only); any other is refused by name.
@@ -15,6 +15,7 @@ OWNED = tuple(f".experts.{p}_{part}" for p in mxfp4_checkpoint.PROJECTIONS for p
 
 class Mxfp4(QuantScheme):
     method = "mxfp4"
+    draws_held = True  # GPT-OSS-120B's experts are 234 GB in bf16
 
     def __init__(self, quant: dict | None = None):
         super().__init__(quant)
@@ -33,6 +34,9 @@ class Mxfp4(QuantScheme):
 
     def load(self, model, checkpoint: Checkpoint, placement, filled: dict[str, set]) -> None:
         mxfp4_weights.load(model, checkpoint, placement, filled)
+
+    def draw_held(self, name: str, module, attr: str, draw, device) -> None:
+        mxfp4_weights.draw_held(name, module, attr, draw, device)
 
     def quantize_online(self, model, device=None) -> None:
         mxfp4_weights.quantize_online(model, device)

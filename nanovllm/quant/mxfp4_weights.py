@@ -88,16 +88,32 @@ def _both_or_neither(targets: dict) -> None:
 
 
 @torch.no_grad()
+def draw_held(name: str, module: nn.Module, attr: str, draw, device: torch.device) -> None:
+    """Dummy MXFP4 experts for the meta stack ``attr`` [E, R, C] of ``module``: each expert's values ``draw((R,
+    C))``, quantized and held on ``device``, so no stack is ever whole in 16 bits."""
+    num, rows, cols = getattr(module, attr).shape
+    _check_columns(name, cols)
+    blocks = torch.empty((num, rows, cols // 2), dtype=torch.uint8, device=device)
+    scales = torch.empty((num, rows, cols // mxfp4_quant.BLOCK), dtype=torch.uint8, device=device)
+    for e in range(num):
+        blocks[e], scales[e] = mxfp4_quant.quantize(draw((rows, cols)))
+    hold(module, attr, blocks, scales)
+
+
+@torch.no_grad()
 def quantize_online(model: nn.Module, device: torch.device | None = None) -> None:
     """Quantize every stacked-expert parameter of the loaded ``model`` to MXFP4 in place (dummy weights of an MXFP4
-    config); with ``device`` each is quantized there and held where it was."""
+    config; those ``draw_held`` made are held already); with ``device`` each is quantized there and held where it
+    was."""
     count = 0
     for name, (module, attr) in experts(model).items():
+        count += 1
+        if hasattr(module, f"{attr}_scale"):
+            continue
         weight = getattr(module, attr)
         _check_columns(name, weight.shape[-1])
         blocks, scales = mxfp4_quant.quantize(weight.to(device or weight.device))
         hold(module, attr, blocks.to(weight.device), scales.to(weight.device))
-        count += 1
     model.mxfp4_scheme = dict(count=count)
 
 

@@ -21,6 +21,7 @@ class QuantScheme:
     method = ""
     takes_quantization: tuple[str, ...] = ()  # ``quantization=`` values allowed on such a checkpoint (read as stored)
     quantize_from_host = False  # dummy weights too large in 16 bits: drawn on the host, quantized on the device
+    draws_held = False  # dummy experts drawn straight into the held format (``draw_held``), built on meta first
 
     def __init__(self, quant: dict | None = None):
         self.quant = dict(quant or {})
@@ -39,6 +40,11 @@ class QuantScheme:
     def for_dummy_weights(self) -> "QuantScheme":
         """The scheme that quantizes dummy weights of this scheme's config (``load_format="dummy"``)."""
         return self
+
+    def draw_held(self, name: str, module, attr: str, draw, device) -> None:
+        """With ``draws_held``: make ``module``'s meta parameter ``attr`` (``name``) held, on ``device``, from
+        random values ``draw(shape)`` gives a piece at a time."""
+        raise NotImplementedError(f"{self.method} does not draw held dummy weights")
 
     def quantize_online(self, model, device=None) -> None:
         """Quantize the loaded ``model``'s weights in place (``device``: where to compute, else where each is)."""

@@ -108,7 +108,7 @@ def margin_failures(one: list[dict], two: list[dict], vocab: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
-@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen3_moe", "mixtral", "qwen3_next", "qwen3_5", "qwen3_5_moe"])
 def test_float32_two_ranks_are_token_identical_to_transformers(checkpoint, arch, eager):
     verdicts = oracle_run(checkpoint(arch), "float32", "cuda", len(PROMPTS), MAX_TOKENS, MARGIN, enforce_eager=eager,
                           tensor_parallel_size=2, **ENGINE)
