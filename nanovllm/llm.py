@@ -73,7 +73,7 @@ class LLM:
         notes = f", scales {d['kv_scales']}" if d["kv_scales"] else ""
         if "state_slots" in d:  # a hybrid model's state pools (engine/hybrid_state.py)
             notes += (f"; state pools: {d['state_slots']} slots + {d['state_snapshots']} prefix snapshots, "
-                          f"{d['state_bytes'] / 2**30:.2f} GiB")
+                      f"{d['state_bytes'] / 2**30:.2f} GiB")
         logger.info("ready in %.1fs: device=%s dtype=%s quantization=%s mode=%s kv_blocks=%d x %d tokens (%.2f GiB, "
                     "%s%s); kernel options: %s; seconds by phase: %s", self.init_seconds, self.engine.platform.device,
                     d["dtype"], d["quantization"], d["mode"], d["num_kv_blocks"], d["kvcache_block_size"],

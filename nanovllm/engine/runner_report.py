@@ -1,6 +1,6 @@
 """``describe(runner)``: what a ``ModelRunner`` (``model_runner.py``) runs, for the start-up log line and benchmarks:
-dtypes, KV cache (a window pool's, a hybrid model's state pools too), quantization, the bytes a step reads, expert offload, start-up phases,
-executor and draft model."""
+dtypes, KV cache (a window pool's and a hybrid model's state pools too), quantization, the bytes a step reads, expert
+offload, start-up phases, executor and draft model."""
 from nanovllm.models.expert_offload import offload_stats
 from nanovllm.models.moe import expert_footprint
 
@@ -39,7 +39,7 @@ def _window_pool(runner) -> dict:
 def _state_pools(runner) -> dict:
     """A hybrid model's state slots: running sequences' and scratch, prefix-cache snapshots, their bytes; none
     without."""
-    spec, running = runner.kv_spec, runner.config.max_num_seqs + 1
     if not runner.hybrid:
         return {}
+    spec, running = runner.kv_spec, runner.config.max_num_seqs + 1
     return {"state_slots": running, "state_snapshots": spec.num_state_slots - running, "state_bytes": spec.state_bytes}
