@@ -115,10 +115,10 @@ def test_moe_block_matches_transformers(tmp_path):
 
 def test_bf16_graph_mode_diverges_only_at_near_ties(tmp_path):
     """bf16 graph mode under the logprob-margin rule (``tools.oracle``): without Inductor rounding its fused
-    intermediates as eager does (``compile.factory.round_like_eager``), 3 of these 8 prompts left transformers'
-    tokens past near ties, on the CPU as on an H200."""
+    intermediates as eager does (``compile.factory.round_like_eager``), these prompts left transformers' tokens past
+    near ties, on the CPU as on an H200."""
     from nanovllm.tools import oracle
     engine = dict(kvcache_block_size=16, graph_batch_sizes=[8], max_model_len=512, max_num_seqs=8,
                   num_kvcache_blocks=256)
-    verdicts = oracle.run(build(tmp_path), "bfloat16", "cpu", 8, 24, 0.1, enforce_eager=False, **engine)
+    verdicts = oracle.run(build(tmp_path), "bfloat16", "cpu", 4, 8, 0.1, enforce_eager=False, **engine)
     assert [v for v in verdicts if v["status"] not in ("identical", "near-tie")] == []

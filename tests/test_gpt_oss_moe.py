@@ -88,7 +88,7 @@ def test_the_twin_adds_biases_to_silu_experts():
 
 
 @pytest.mark.parametrize("swap", [False, True], ids=["weights_as_b", "weights_as_a"])
-@pytest.mark.parametrize("activation", ["swiglu_oss", "silu"])
+@pytest.mark.parametrize("activation", ["swiglu_oss", "silu", "gelu_tanh"])
 def test_triton_matches_the_twin_with_biases(activation, swap):
     router, experts = hf_mlp(seed=2)
     w = ours(experts)

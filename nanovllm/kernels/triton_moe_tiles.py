@@ -1,6 +1,6 @@
 """The weight side of the fused MoE's grouped GEMMs (``triton_moe.py``): how one expert's [BLOCK_N, BLOCK_K] weight
 tile is read and meets the activation tile, for bf16/fp16, FP8 (``weight_quant.py``) and int4 (``int4_quant.py``)
-experts, MXFP4 ones (``mxfp4_quant.py``); and the up GEMM's gated activation (``_activate``: SiLU, or GPT-OSS's
+experts, MXFP4 ones (``mxfp4_quant.py``); and the up GEMM's gated activation (``_activate``: SiLU, GELU, or GPT-OSS's
 clamped SwiGLU).  A K tile never straddles two groups (``triton_moe.group_block_k``): one scale (and zero) a row.
 
 * bf16/fp16: the tile as stored.  FP8: ``_weight_dot`` and ``_finish`` (their docstrings): beside bf16 x an fp16
@@ -20,18 +20,20 @@ import triton.language as tl
 
 from nanovllm.kernels.triton_common import _dot, _int4_minus_zero
 
-ACTIVATION_CODES = {"silu": 0, "swiglu_oss": 1}  # ``_activate``'s ACTIVATION for ``moe_reference.ACTIVATIONS``
+ACTIVATION_CODES = {"silu": 0, "swiglu_oss": 1, "gelu_tanh": 2}  # ``_activate``'s, for ``moe_reference.ACTIVATIONS``
 
 
 @triton.jit
 def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     """The up GEMM's epilogue on float32 gate and up tiles (``moe_reference.activate``): ``silu(gate) * up`` (0),
-    or GPT-OSS's clamped SwiGLU (1) ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``,
-    ``g = min(gate, limit)``."""
+    GPT-OSS's clamped SwiGLU (1) ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate,
+    limit)``, or Gemma 4's (2) ``gelu_tanh(gate) * up``, its tanh written as a sigmoid."""
     if ACTIVATION == 1:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    elif ACTIVATION == 2:  # 0.5 * (1 + tanh(z)) = sigmoid(2 z); 2 * sqrt(2 / pi) = 1.5957691216057308
+        return gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
     else:
         return gate * tl.sigmoid(gate) * up
 
