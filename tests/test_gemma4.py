@@ -77,16 +77,16 @@ def test_prefix_hits_give_transformers_tokens(engines):
     check_prefix_hits(path, eager)
 
 
-@pytest.mark.parametrize("shared, sources", [(1, [2]), (2, [1, 2])])
-def test_kv_shared_layers_match_transformers(tmp_path, shared, sources):
-    """The last ``shared`` layers read the caches of layer 1 (sliding) or 2 (full) and keep none of their own."""
-    path = build(tmp_path, num_kv_shared_layers=shared, use_double_wide_mlp=True)
+def test_kv_shared_layers_match_transformers(tmp_path):
+    """The last two layers read the caches of layer 1 (sliding) and 2 (full) and keep none of their own (one shared
+    layer: the MoE test)."""
+    path = build(tmp_path, num_kv_shared_layers=2, use_double_wide_mlp=True)
     lengths = [16, 4, 10, 18, 3]
     want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
     for llm in (LLM(path, enforce_eager=True, **ENGINE), LLM(path, graph_batch_sizes=[1, 4], **ENGINE)):
         runner = llm.engine.runner
-        assert runner.model.sources == [None] * (5 - shared) + sources
-        assert [k.shape[0] == 0 for k, _ in runner.kv_caches] == [False] * (5 - shared) + [True] * shared
+        assert runner.model.sources == [None] * 3 + [1, 2]
+        assert [k.shape[0] == 0 for k, _ in runner.kv_caches] == [False] * 3 + [True] * 2
         assert tokens(llm, PROMPTS, lengths) == want
         llm.close()
 
@@ -102,13 +102,16 @@ def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
 
 
 def test_moe_block_matches_transformers(tmp_path):
-    """A MoE block beside every MLP (4 experts, top 2; GELU experts through ``ops.moe_experts``), with KV sharing."""
+    """A MoE block beside every MLP (4 experts, top 2; GELU experts through ``ops.moe_experts``), with the last layer
+    reading layer 2's (full) cache, its MLP double wide."""
     path = build(tmp_path, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
-                 num_kv_shared_layers=1)
+                 num_kv_shared_layers=1, use_double_wide_mlp=True)
     lengths = [16, 4, 10, 18, 3]
     want = [w[:n] for w, n in zip(hf_greedy(path, PROMPTS, max(lengths)), lengths)]
     for llm in (LLM(path, enforce_eager=True, **ENGINE), LLM(path, graph_batch_sizes=[1, 4], **ENGINE)):
-        assert all(layer.moe for layer in llm.engine.runner.model.model.layers)
+        runner = llm.engine.runner
+        assert all(layer.moe for layer in runner.model.model.layers)
+        assert runner.model.sources == [None] * 4 + [2] and runner.kv_caches[4][0].shape[0] == 0
         assert tokens(llm, PROMPTS, lengths) == want
         llm.close()
 

@@ -136,8 +136,7 @@ def test_moe_op_on_mxfp4_experts_is_the_op_on_their_dequantized_weights(dtype):
 
 
 def test_dummy_weights_of_an_mxfp4_config_are_mxfp4_drawn_an_expert_at_a_time(engines, monkeypatch):
-    """Dummy MXFP4 experts are drawn and quantized one expert at a time (GPT-OSS-120B's stacks are 234 GB in bf16),
-    the same under one seed."""
+    """Dummy MXFP4 experts are drawn and quantized one expert at a time (GPT-OSS-120B's stacks are 234 GB in bf16)."""
     path, quantized = engines[0], []
     real = mxfp4_quant.quantize
     monkeypatch.setattr(mxfp4_quant, "quantize", lambda w: quantized.append(tuple(w.shape)) or real(w))
@@ -145,10 +144,6 @@ def test_dummy_weights_of_an_mxfp4_config_are_mxfp4_drawn_an_expert_at_a_time(en
     ex = llm.engine.runner.model.model.layers[0].mlp.experts
     assert ex.gate_up_proj.dtype == ex.down_proj_scale.dtype == torch.uint8
     assert quantized and all(len(shape) == 2 for shape in quantized)
-    again = LLM(path, enforce_eager=True, load_format="dummy", **ENGINE)
-    mlp = again.engine.runner.model.model.layers[0].mlp
-    assert torch.equal(mlp.experts.gate_up_proj, ex.gate_up_proj) and torch.equal(mlp.experts.down_proj_scale,
-                                                                                    ex.down_proj_scale)
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 3
 
