@@ -108,7 +108,7 @@ def _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue: dict) -> bool:
     """Whether an MoE call stays with the twin: fp32 x (torch, as for linear), quantized experts (FP8 or int4: the
     same K tiles fit a group) whose group no K tile fits (MXFP4's tiles are dequantized whole: any fits), or W8A8
     experts with biases or a non-SiLU activation (GPT-OSS's, Gemma 4's; the W8A8 kernels fuse SiLU only), or an
-    activation the Triton kernels lack (none of ``moe_reference.ACTIVATIONS`` now)."""
+    activation without a Triton code (``ACTIVATION_CODES``; the twin's error then names it)."""
     return (current_options().reference_kernels or x.dtype == torch.float32
             or epilogue.get("activation", "silu") not in ACTIVATION_CODES
             or w13_scale is not None and not mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)
