@@ -44,6 +44,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--site", default="/tmp/site", help="vLLM's unpacked packages (../shared/peers/README.md)")
     p.add_argument("--tokenizer", default=os.environ.get("TOKENIZER"), help="Qwen tokenizer files (vl, serve)")
     p.add_argument("--tree", default=str(ROOT), help="the source tree our engine runs from")
+    p.add_argument("--port", type=int, default=8000, help="a serve step's server port")
     p.add_argument("--env", action="append", default=[], metavar="VAR=VALUE", help="add to every command")
     p.add_argument("--dry-run", action="store_true", help="print each step's commands without running them")
     args = p.parse_args(argv)
@@ -122,7 +123,6 @@ def healthy(url: str, proc: subprocess.Popen, deadline: float) -> bool:
 
 def execute(step, cmds, run: Path, tree: str, extra_env: dict) -> dict:
     """Run ``cmds`` in order within the step's time limit; a background server is stopped after the others."""
-    from benchmarks.gpu_steps import SERVER
     start, deadline = time.monotonic(), time.monotonic() + step.limit_s
     rcs, servers = [], []
     try:
@@ -133,7 +133,7 @@ def execute(step, cmds, run: Path, tree: str, extra_env: dict) -> dict:
                                         preexec_fn=functools.partial(die_with_runner, os.getpid()))
             if cmd.background:
                 servers.append(proc)
-                if not healthy(SERVER, proc, deadline):
+                if not healthy(cmd.background, proc, deadline):
                     rcs.append(proc.poll() if proc.poll() is not None else "no /health")
                     break
                 continue
@@ -223,7 +223,7 @@ def main(argv=None) -> list[dict]:
         step = BY_NAME[name]
         run = run_dir(out, name) if not args.dry_run else out / f"{name}-N"
         ctx = Context(run, Path(args.tree).resolve(), Path(args.peers).resolve(), Path(args.site), args.tokenizer,
-                      dry=args.dry_run)
+                      dry=args.dry_run, port=args.port)
         cmds = commands(step, ctx)
         if args.dry_run:
             for cmd in cmds:

@@ -19,7 +19,6 @@ from pathlib import Path
 from benchmarks.gpu_models import model_dir, vllm_config, vllm_serve_dir, with_tokenizer
 
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-SERVER = "http://127.0.0.1:8000"
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Step:
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
 FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
-WEIGHT_ONLY, PROFILE = ("NANOVLLM_MOE_W8A8", "0"), ("benchmarks.profile_run",)  # FP8 experts weight-only
+PROFILE = ("benchmarks.profile_run",)
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
@@ -81,9 +80,7 @@ STEPS = [
     Step("batch1-fp8-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1") + FP8),
     Step("moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8),
     Step("moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8),
-    Step("moe-fp8-wo-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8, env=(WEIGHT_ONLY,)),
     Step("moe-blockfp8-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH),  # the same checkpoint in both
-    Step("moe-blockfp8-wo-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH, env=(WEIGHT_ONLY,)),
     Step("moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "bench"),
     Step("profile-moe-blockfp8", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--at", "256", "--prefill")),
     Step("profile-moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--engine", "vllm")),
@@ -147,9 +144,10 @@ STEPS = [
     Step("hybrid80b-fp8-tp2-ours", "ours", "preset:qwen3-next-80b-a3b", "bench", BENCH + FP8 + TP2),
     Step("hybrid80b-fp8-tp2-vllm", "vllm", "preset:qwen3-next-80b-a3b", "bench", FP8 + ("--tp", "2") + GDN_VLLM,
          env=VLLM_TP),
-    Step("profile-hybrid35b", "ours", "preset:qwen3.5-35b-a3b", "module", PROFILE + ("--at", "256", "--prefill") + FP8),
-    Step("profile-hybrid27b", "ours", "preset:qwen3.5-27b", "module", PROFILE + ("--at", "64") + HYBRID_BS[:2]),
-    Step("profile-hybrid80b-tp2", "ours", "preset:qwen3-next-80b-a3b", "module", PROFILE + ("--at", "256") + FP8 + TP2),
+    *[Step(f"profile-{tag}", "ours", f"preset:{name}", "module", PROFILE + ("--at", at, *flags)) for tag, name, at, flags
+      in (("hybrid35b", "qwen3.5-35b-a3b", "256", ("--prefill", *FP8)), ("gemma4", "gemma4-text", "256", ()),
+          ("hybrid27b", "qwen3.5-27b", "64", ("--prefill", *HYBRID_BS[:2])), ("hybrid80b-tp2", "qwen3-next-80b-a3b",
+                                                                               "256", (*FP8, *TP2)))],
     # pooling on bench's Qwen3-0.6B: Qwen3-Embedding-0.6B's shape, and as a Qwen3-Reranker-0.6B (yes/no head)
     *[Step(f"{w}-{who}", who, "default", w) for w in ("embed", "rerank") for who in ("ours", "vllm")],
     # sliding windows: GPT-OSS with bf16 experts (no MXFP4) or MXFP4 ones as published, Gemma 3, Gemma 4
@@ -214,7 +212,7 @@ BY_NAME = {s.name: s for s in STEPS}
 class Command:
     argv: list[str]
     env: dict[str, str | None] = field(default_factory=dict)  # added to the runner's environment; None unsets
-    background: bool = False  # a server: the next commands start once SERVER/health answers
+    background: str = ""  # a server's URL: the next commands start once its /health answers
     label: str = "run"
 
 
@@ -227,6 +225,7 @@ class Context:
     site: Path
     tokenizer: str | None = None
     dry: bool = False
+    port: int = 8000  # a server's (serve steps run at once on ports of their own)
 
 
 def commands(step: Step, ctx: Context) -> list[Command]:
@@ -278,22 +277,24 @@ def serve_commands(step: Step, ctx: Context, env: dict) -> list[Command]:
     """A server (ours as users start it, or vLLM's OpenAI server, its engine core in its own process) on the step's
     checkpoint, and our client (serve_bench.py): ``serve`` at a light rate and at a medium and a saturating one;
     ``multiturn`` its chat workload with conversations paced (4/s) and then, new ones (another seed), all at once."""
-    py, name = sys.executable, ["--served-model-name", "qwen3"]
+    py, name, url = sys.executable, ["--served-model-name", "qwen3", "--port", str(ctx.port)], \
+        f"http://127.0.0.1:{ctx.port}"
     if step.engine == "vllm":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
         model = with_tokenizer(vllm_serve_dir(step, ctx), ctx)
-        defaults = {"--max-model-len": "4096", "--max-num-seqs": "256", "--seed": "0", "--port": "8000"}
+        defaults = {"--max-model-len": "4096", "--max-num-seqs": "256", "--seed": "0"}
         server = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *name, *DUMMY,
                   *(x for flag, value in defaults.items() if flag not in step.flags for x in (flag, value))]
     else:
         env["PYTHONPATH"] = f"{ctx.tree}:{ctx.site}"  # fastapi and uvicorn come with the staged vLLM
         server = [py, "-m", "nanovllm.serve", with_tokenizer(model_dir(step, ctx), ctx), *name]
-    client = [py, "-m", "benchmarks.serve_bench", "--base-url", SERVER, "--model", "qwen3"]
-    ours = {"PYTHONPATH": str(ctx.tree)}
-    if step.workload == "multiturn":
-        runs = [("paced", ["--request-rate", "4", "--seed", "0"]), ("burst", ["--request-rate", "inf", "--seed", "1"])]
+    client = [py, "-m", "benchmarks.serve_bench", "--base-url", url, "--model", "qwen3"]
+    if step.workload == "multiturn":  # alone: 4 conversations one request at a time, TTFT without queueing
+        runs = [("paced", ["--request-rate", "4", "--seed", "0"]), ("burst", ["--request-rate", "inf", "--seed", "1"]),
+                ("alone", ["--max-concurrency", "1", "--multi-turn", "4,4", "--seed", "2"])]
     else:
         runs = [("light", ["--request-rate", "4", "--num-prompts", "128"]),
                 ("load", ["--request-rate", "16,inf", "--num-prompts", "256"])]
-    return [Command(server + list(step.flags), env, background=True, label="server")] + [
-        Command(client + flags + ["--json", f"{label}.json", *step.client], ours, label=label) for label, flags in runs]
+    return [Command(server + list(step.flags), env, background=url, label="server")] + [
+        Command(client + [*step.client, *flags, "--json", f"{label}.json"], {"PYTHONPATH": str(ctx.tree)}, label=label)
+        for label, flags in runs]

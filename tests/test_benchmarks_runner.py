@@ -54,6 +54,19 @@ def test_every_step_resolves_to_commands_that_parse(name, tmp_path):
     assert (step.engine == "vllm") == (cmds[0].env.get("PYTHONPATH") == "/tmp/site")
 
 
+@pytest.mark.parametrize("name", ["multiturn-ours", "multiturn-vllm"])
+def test_a_serve_step_serves_and_asks_on_the_runners_port(name, tmp_path):
+    from benchmarks import serve_bench
+    ctx = Context(tmp_path / "run", ROOT, tmp_path / "peers", Path("/tmp/site"), dry=True, port=8123)
+    server, *clients = commands(BY_NAME[name], ctx)
+    assert server.background == "http://127.0.0.1:8123" and server.argv[server.argv.index("--port") + 1] == "8123"
+    args = {c.label: serve_bench.make_parser().parse_args(c.argv[3:]) for c in clients}
+    assert {a.base_url for a in args.values()} == {server.background}
+    # the chat workload's flags, then each run's own: "alone" holds 4 conversations, one request at a time
+    assert args["paced"].multi_turn == (64, 4) and args["alone"].multi_turn == (4, 4)
+    assert args["alone"].max_concurrency == 1 and args["burst"].max_concurrency == 0
+
+
 def test_an_unknown_step_is_named_with_the_valid_ones(capsys):
     with pytest.raises(SystemExit) as e:
         gpu.main(["bench-ours", "bench-ourz"])
@@ -93,12 +106,10 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
 
 
 def test_a_servers_end_is_recorded(monkeypatch, tmp_path):
-    from benchmarks import gpu_steps
     from conftest import free_port
     port = free_port()
-    monkeypatch.setattr(gpu_steps, "SERVER", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(gpu, "commands", lambda step, ctx: [
-        Command([sys.executable, "-c", SERVER, str(port)], background=True, label="server"),
+        Command([sys.executable, "-c", SERVER, str(port)], background=f"http://127.0.0.1:{port}", label="server"),
         Command([sys.executable, "-c", "print('client')"], label="client")])
     [record] = gpu.main(["serve-ours", "--out", str(tmp_path)])
     assert record["rc"] == 0 and record["rcs"] == [0]
