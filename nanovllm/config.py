@@ -60,9 +60,9 @@ class EngineConfig:
                                                  "160, 192, 224, 256]` capped at `max_num_seqs` (times 1 + k "
                                                  "when speculating)", list_of=int)
     prefill_graph_sizes: tuple | None = _opt(
-        None, "token counts prefill steps are captured at (CUDA default: 512, 1024, ... below a quarter of "
-              "`max_num_batched_tokens`, then 1/4, 2/4, 3/4 and all of it); `[]` (flag: `none`) turns prefill "
-              "graphs off", list_of=int)
+        None, "token counts prefill steps are captured at (CUDA default: 128, 192, 256, 384, ..., powers of two "
+              "and 1.5 times each, below a quarter of `max_num_batched_tokens`, then 1/4, 2/4, 3/4 and all of "
+              "it, those above `max_num_seqs + 1`); `[]` (flag: `none`) turns prefill graphs off", list_of=int)
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (heads, MLP and vocabulary), one process "
                                          "and device each on this node, started by `LLM` (or torchrun's ranks)")
     max_num_seqs: int = _opt(256, "sequences decoding at once")

@@ -157,8 +157,9 @@ def test_dummy_prefills_are_valid_prompts_inside_the_model_length(eager_llm):
 def test_default_prefill_graph_sizes_and_bad_ones(path):
     from nanovllm.compile.prefill_graphs import default_prefill_sizes
     from nanovllm.config import EngineConfig
-    assert default_prefill_sizes(256, 16384) == (512, 1024, 2048, 4096, 8192, 12288, 16384)
-    assert default_prefill_sizes(600, 16384) == (1024, 2048, 4096, 8192, 12288, 16384)
+    assert default_prefill_sizes(256, 16384) == (384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 12288, 16384)
+    assert default_prefill_sizes(600, 16384) == (768, 1024, 1536, 2048, 3072, 4096, 8192, 12288, 16384)
+    assert default_prefill_sizes(64, 16384)[:4] == (128, 192, 256, 384)  # a step pads to at most 1.5 times its tokens
     assert default_prefill_sizes(256, 1000) == (448, 704, 1000)  # sizes up to max_num_seqs + 1 are dropped
     assert EngineConfig(path, max_num_seqs=8, max_model_len=512).max_step_tokens == 4096
     assert EngineConfig(path, prefill_graph_sizes=[]).prefill_graph_sizes == ()

@@ -67,7 +67,7 @@ def test_twins_over_chunks_equal_transformers_on_the_whole_prompt():
 
 BATCHES = {  # (tokens per row, earlier tokens per row, each row's slot); the last slot (7) is the scratch row
     "prefill": ([5, 1, 7, 3, 0], [0, 12, 4, 0, 0], [2, 0, 5, 7, 7]),
-    "decode": ([1, 1, 1, 1], [9, 1, 3, 0], [4, 1, 6, 7]),
+    "decode": ([1, 1, 1, 1], [9, 1, 3, 0], [4, 1, 6, 7]),  # (the convolution's one-launch path)
     "short rows": ([2, 1, 1], [0, 2, 1], [3, 0, 7]),
     "rows across token blocks": ([21, 3, 9], [0, 5, 2], [2, 0, 5]),  # 33 tokens: the convolution's blocks of 16
 }

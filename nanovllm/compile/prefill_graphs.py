@@ -20,14 +20,16 @@ from nanovllm.compile.bucket_graph import BucketGraph
 
 
 def default_prefill_sizes(max_num_seqs: int, max_step_tokens: int) -> tuple[int, ...]:
-    """Powers of two from 512 below a quarter of the most tokens a step holds (``EngineConfig.max_step_tokens``),
-    then 1/4, 2/4, 3/4 (multiples of 64) and all of it; only those above ``max_num_seqs + 1``."""
-    # The fractions serve chunked prefill, which fills every step of a batch but the last; the powers of two serve
-    # the small prefills of sequences admitted while others decode.
+    """Powers of two from 128 and one and a half times each, below a quarter of the most tokens a step holds
+    (``EngineConfig.max_step_tokens``), then 1/4, 2/4, 3/4 (multiples of 64) and all of it; only those above
+    ``max_num_seqs + 1``."""
+    # The fractions serve chunked prefill, which fills every step of a batch but the last; the small sizes serve
+    # the prefills of sequences admitted while others decode (a step pads to the next size: at most 1.5 times its
+    # tokens, where a large model's step costs about its tokens), and a hybrid model's chunk cut at a snapshot.
     sizes = {max_step_tokens * k // 4 // 64 * 64 for k in (1, 2, 3)} | {max_step_tokens}
-    size = 512
+    size = 128
     while size < max_step_tokens // 4:
-        sizes.add(size)
+        sizes |= {size, size * 3 // 2} if size * 3 // 2 < max_step_tokens // 4 else {size}
         size *= 2
     return tuple(sorted(s for s in sizes if s > max_num_seqs + 1))
 

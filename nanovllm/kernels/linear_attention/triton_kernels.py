@@ -4,7 +4,7 @@ depthwise convolution over each row's history and the gated delta rule, for pref
 * ``causal_conv1d_triton``: one program per (block of tokens, block of channels) sums the K taps, reading taps
   before a row's first token from its slot's state (zeros for a new row), then one program per (row, channel block)
   writes the row's last K-1 inputs back to its slot (after every token program has read the old state: a second
-  launch).
+  launch).  A decode step (as many tokens as rows) takes one launch: a program per (row, channel block) does both.
 * ``gated_delta_rule_triton``: a decode step (as many tokens as rows) runs the recurrent kernel, one program per
   (row, value head, block of value dims) keeping its slice of the float32 state [DK, BV] in registers, walking
   the row's tokens in order (L2-normalising q and k, decaying, writing the delta, reading the output) and storing
@@ -51,6 +51,41 @@ def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr,
 @triton.jit
 def _conv_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1,
                 K: tl.constexpr, BD: tl.constexpr):
+    _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD)
+
+
+@triton.jit
+def _conv_rows(x_ptr, w_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0,
+               stride_s1, K: tl.constexpr, BD: tl.constexpr):
+    """A row's tokens in order (a decode step: one), each as ``_conv_tokens`` sums it, then its state written back:
+    the program reads its slot before writing it."""
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = offs < D
+    first = tl.load(cu_ptr + b)
+    last = tl.load(cu_ptr + b + 1)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    has_state = (tl.zeros([BD], dtype=tl.int32) + tl.load(has_state_ptr + b)) != 0
+    base = state_ptr + slot * stride_s0 + offs * stride_s1
+    zero = tl.zeros([BD], dtype=tl.int32)
+    for t in range(first, last):
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for j in tl.static_range(K):
+            src = zero + (t - first + j - (K - 1))  # the tap's index in the row; < 0: from the slot's state
+            w = tl.load(w_ptr + offs * K + j, mask=mask, other=0.0).to(tl.float32)
+            from_x = tl.load(x_ptr + (t + j - (K - 1)) * stride_x + offs, mask=mask & (src >= 0), other=0.0)
+            from_state = tl.load(base + tl.maximum(src + K - 1, 0), mask=mask & (src < 0) & has_state, other=0.0)
+            acc += w * (from_x.to(tl.float32) + from_state.to(tl.float32))
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = acc / (1.0 + tl.exp(-acc))
+        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD)
+
+
+@triton.jit
+def _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1,
+                 K: tl.constexpr, BD: tl.constexpr):
+    """Row ``program_id(0)``'s last K-1 inputs (from x, or its old state where the row is shorter) into its slot."""
     b = tl.program_id(0)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = offs < D
@@ -72,12 +107,18 @@ def _conv_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, state_slots: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
     T, D = x.shape
-    K = weight.shape[1]
-    row, local, _, has_state = row_layout(cu_seqlens_q, context_lens, T)
-    has_state = has_state.to(torch.int32)
+    K, rows = weight.shape[1], context_lens.shape[0]
     out = torch.empty_like(x)
     weight = weight.contiguous()
     BD, BT = 256, CONV_TOKENS
+    if T == rows:  # a decode step: one launch
+        q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        has_state = ((context_lens - q_len) > 0).to(torch.int32)
+        _conv_rows[(rows, triton.cdiv(D, BD))](x, weight, conv_state, out, cu_seqlens_q, state_slots, has_state, D,
+                                               x.stride(0), conv_state.stride(0), conv_state.stride(1), K=K, BD=BD)
+        return out
+    row, local, _, has_state = row_layout(cu_seqlens_q, context_lens, T)
+    has_state = has_state.to(torch.int32)
     _conv_tokens[(triton.cdiv(T, BT), triton.cdiv(D, BD))](x, weight, conv_state, out, row, local, state_slots,
                                                            has_state, T, D, x.stride(0), conv_state.stride(0),
                                                            conv_state.stride(1), K=K, BT=BT, BD=BD)
