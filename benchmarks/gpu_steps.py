@@ -176,7 +176,7 @@ STEPS = [
     Step("parity-pre-hopper", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu"),
          env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     # two GPUs, each row's limit inside one device call (a hung test leaves the call time to report)
-    Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "-k", "transformers", TP_TESTS), limit_s=300),
+    Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "-k", "transformers", TP_TESTS), limit_s=420),
     Step("parity-tp-engine", "tests", "own", "pytest", ("-m", "gpu2", "-k", "not transformers", TP_TESTS),
          limit_s=450),
     Step("parity-tp-cli", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_cli.py"),

@@ -247,16 +247,53 @@ def test_the_packed_decode_kernel_writes_only_one_token_sequences(poison, num_sp
     assert_close(out[single], want[single], BF16)
 
 
-def test_wide_heads_shrink_the_kv_tiles_to_fit_shared_memory_and_tuned_ones_stay():
-    """Hopper's 232,448 bytes a program (less Triton's 4 KB): heads of 128-256 keep the tuned tiles; Gemma 4's 512 in
-    bf16 (which asked for 328,704 bytes on an H200) drops a stage, in float32 halves BLOCK_N as well."""
-    from nanovllm.kernels.triton_common import fit_tiles
-    limit = 232_448 - 4096
-    for head_dim in (64, 128, 256):
-        assert fit_tiles(limit, 64, 64, 3, head_dim, 2) == (64, 3)  # prefill, bf16
-        assert fit_tiles(limit, 16, 64, 3, head_dim, 2) == (64, 3)  # decode, bf16
-    assert fit_tiles(limit, 64, 64, 3, 512, 2) == (64, 2)
-    assert fit_tiles(limit, 64, 32, 2, 512, 4) == (16, 2)
-    for rows, n, stages, size in ((64, 64, 3, 2), (64, 32, 2, 4), (16, 64, 3, 2), (16, 64, 3, 4)):
-        n, stages = fit_tiles(limit, rows, n, stages, 512, size)
-        assert (rows + 2 * (stages - 1) * n) * 512 * size <= limit
+class SharedMemoryLimit:
+    """A Triton kernel whose launches raise ``OutOfResources`` as the GPU's do when the tiles (a query tile and
+    stage buffers of K and V tiles, head_dim wide, as a rough model) pass ``limit`` bytes; else it runs."""
+
+    def __init__(self, kernel, limit: int, rows: int | None = None):
+        self.kernel, self.limit, self.rows, self.launched = kernel, limit, rows, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            from triton.runtime.errors import OutOfResources
+            tiles = (kw.get("BLOCK_M", self.rows), kw["BLOCK_N"], kw["num_stages"])
+            need = (tiles[0] + 2 * tiles[1] * tiles[2]) * kw["HEAD_DIM"] * 2
+            self.launched.append((tiles, need <= self.limit))
+            if need > self.limit:
+                raise OutOfResources(need, self.limit, "shared memory")
+            return self.kernel[grid](*args, **kw)
+        return run
+
+
+def test_a_head_too_wide_for_the_tuned_tiles_launches_with_smaller_ones(monkeypatch):
+    """A 512-wide head (Gemma 4's full layers) asked 327,680 bytes of an H200's 232,448 at the tuned prefill tiles:
+    the launch tries smaller tiles (stages, then BLOCK_N, then BLOCK_M) until one fits, gives the twin's result,
+    and later launches start at the one that fit; the tuned tiles stay where they fit (heads up to 256)."""
+    from nanovllm.kernels import triton_common, triton_decode
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(triton_common, "_FITTED", {})
+    assert triton_common.shrink_configs(64, 64, 3) == [(64, 64, 3), (64, 64, 2), (64, 32, 2), (64, 16, 2),
+                                                       (32, 16, 2), (16, 16, 2), (16, 16, 1)]
+    k, v, tables, lens = make_cache([40, 9], 1, 512, 16, BF16, seed=3)
+    cu = torch.tensor([0, 40, 49], dtype=torch.int32)
+    q = torch.randn(49, 2, 512).to(BF16)
+    want = ref.prefill_attention_reference(q, k, v, cu, lens, tables, 0.05)
+    prefill = SharedMemoryLimit(ta._prefill_kernel, limit=100_000)
+    decode = SharedMemoryLimit(triton_decode._decode_kernel, limit=100_000, rows=16)
+    monkeypatch.setattr(ta, "_prefill_kernel", prefill)
+    monkeypatch.setattr(triton_decode, "_decode_kernel", decode)
+    for _ in range(2):
+        assert_close(ta.prefill_attention_triton(q, k, v, cu, lens, tables, 0.05), want, BF16)
+    assert [t for t, fit in prefill.launched] == [(64, 64, 3), (64, 64, 2), (64, 32, 2), (64, 16, 2), (32, 16, 2),
+                                                  (32, 16, 2)] and prefill.launched[-1][1]
+    assert decode.launched[-1] == ((16, 16, 2), True) and decode.launched.count(decode.launched[-1]) == 2
+    narrow = SharedMemoryLimit(prefill.kernel, limit=232_448)  # a 128-wide head: the tuned tiles
+    monkeypatch.setattr(ta, "_prefill_kernel", narrow)
+    ta.prefill_attention_triton(q[..., :128].contiguous(), k[..., :128].contiguous(), v[..., :128].contiguous(),
+                                cu, lens, tables, 0.05)
+    assert narrow.launched == [((64, 64, 3), True)]
+    monkeypatch.setattr(ta, "_prefill_kernel", SharedMemoryLimit(prefill.kernel, limit=0))
+    with pytest.raises(OutOfResources):  # no config fits: Triton's error
+        ta.prefill_attention_triton(q, k, v, cu, lens, tables, 0.05)
+

@@ -21,7 +21,8 @@ import triton.language as tl
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _kv_offsets,
                                             _fp8_mma_dtype, _kv_scales, _quantize_fp8, _softmax_start,
-                                            attention_kind_args, fit_kv_tiles, kv_scale_args)
+                                            attention_kind_args, kv_scale_args, launch_fitting,
+                                            shrink_configs)
 from nanovllm.kernels.triton_decode import (  # noqa: F401  (decode lives in its own modules; re-exported here)
     _decode_config, decode_attention_configured, decode_attention_triton, decode_num_splits)
 
@@ -161,11 +162,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_len
 
 
 def _prefill_config(q: torch.Tensor):
-    """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel (bf16: the best of a GPU sweep), its
-    KV tiles shrunk where a wide head would overflow shared memory (``fit_kv_tiles``)."""
-    block_m, block_n, warps, stages = (64, 32, 4, 2) if q.dtype == torch.float32 else (64, 64, 4, 3)
-    block_n, stages = fit_kv_tiles(q, block_m, block_n, stages)
-    return block_m, block_n, warps, stages
+    """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel (bf16: the best of a GPU sweep); a
+    head too wide for them takes smaller tiles at launch (``launch_fitting``)."""
+    return (64, 32, 4, 2) if q.dtype == torch.float32 else (64, 64, 4, 3)
 
 
 def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, k_scale=None,
@@ -180,22 +179,27 @@ def prefill_attention_configured(q, k_cache, v_cache, cu_seqlens_q, context_lens
     num_seqs = cu_seqlens_q.shape[0] - 1
     assert q.stride(2) == 1 and num_q_heads % num_kv_heads == 0
     cfg = _prefill_config(q)
-    block_m, block_n = block_m or cfg[0], block_n or cfg[1]
-    num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
+    tiles = (block_m or cfg[0], block_n or cfg[1], num_stages or cfg[3])
+    configs = shrink_configs(*tiles) if (block_m, block_n, num_stages) == (None, None, None) else [tiles]
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    grid = (num_tokens // block_m + num_seqs, num_q_heads)  # upper bound on query tiles over all sequences
     scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
     sinks_arg, kinds = attention_kind_args(q, window, sinks, softcap)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, *scales, sinks_arg, scale * _LOG2E,
-        num_seqs,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), FP8=fp8, SKIP_SINGLE=skip_single, num_warps=num_warps,
-        num_stages=num_stages, **kinds, **pdl_launch(q.device))
+
+    def launch(config):
+        block_m, block_n, stages = config
+        grid = (num_tokens // block_m + num_seqs, num_q_heads)  # upper bound on query tiles over all sequences
+        _prefill_kernel[grid](
+            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, *scales, sinks_arg, scale * _LOG2E,
+            num_seqs,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+            BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q), FP8=fp8, SKIP_SINGLE=skip_single,
+            num_warps=num_warps or cfg[2], num_stages=stages, **kinds, **pdl_launch(q.device))
+
+    launch_fitting(("prefill", head_dim, q.dtype, k_cache.dtype, q.device, *kinds.values()), configs, launch)
     return out
 
 

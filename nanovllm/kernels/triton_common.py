@@ -42,31 +42,46 @@ def _capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_memory(index: int) -> int:
-    """Bytes of shared memory one program may take on CUDA device ``index`` (232,448 on Hopper)."""
-    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0) or 101_376
+_FITTED: dict = {}  # (kernel, its launch's static facts) -> index of the first of its configs that fit
 
 
-def fit_tiles(limit: int, rows: int, block_n: int, num_stages: int, head_dim: int, itemsize: int) -> tuple[int, int]:
-    """(block_n, num_stages) shrunk, stages first (to 2), then ``block_n`` (to 16), until a kernel holding a
-    [rows, head_dim] query tile and ``num_stages - 1`` buffers of a K and a V tile [block_n, head_dim] fits ``limit``
-    bytes: a wide head (Gemma 4's full layers: 512) overflows the tiles tuned for 128-256, which stay as they are."""
-    def need(n: int, stages: int) -> int:
-        return (rows + 2 * (stages - 1) * n) * head_dim * itemsize
+def shrink_configs(block_m: int, block_n: int, num_stages: int) -> list[tuple[int, int, int]]:
+    """(block_m, block_n, num_stages) from the tuned ones down: stages to 2, then ``block_n`` halved to 16, then
+    ``block_m`` halved to 16, then one stage: smaller tiles for heads wider than the tuning's (Gemma 4's 512)."""
+    configs = [(block_m, block_n, num_stages)]
+    while True:
+        m, n, s = configs[-1]
+        if s > 2:
+            s -= 1
+        elif n > 16:
+            n //= 2
+        elif m > 16:
+            m //= 2
+        elif s > 1:
+            s = 1
+        else:
+            return configs
+        configs.append((m, n, s))
 
-    while need(block_n, num_stages) > limit and (num_stages > 2 or block_n > 16):
-        num_stages, block_n = (num_stages - 1, block_n) if num_stages > 2 else (num_stages, block_n // 2)
-    return block_n, num_stages
 
-
-def fit_kv_tiles(q: torch.Tensor, rows: int, block_n: int, num_stages: int) -> tuple[int, int]:
-    """``fit_tiles`` for an attention launch on ``q``'s device, less 4 KB for Triton's own scratch; as given off
-    CUDA (the interpreter has no limit)."""
-    if q.device.type != "cuda":
-        return block_n, num_stages
-    limit = _shared_memory(_index(q.device)) - 4096
-    return fit_tiles(limit, rows, block_n, num_stages, q.shape[-1], q.element_size())
+def launch_fitting(key: tuple, configs: list, launch):
+    """``launch(config)`` for the first of ``configs`` whose kernel the device can hold: Triton raises
+    ``OutOfResources`` (shared memory) when a compiled kernel asks for more than a program may take, before it
+    queues anything, so the next config is tried.  The one that fit is kept per ``key`` (the kernel and what its
+    resources depend on: head size, dtypes, constant arguments), so later launches, graph captures among them
+    (after the warm-up), start there.  The tuned tiles fit heads of up to 256; estimating the need beforehand missed
+    Triton's own buffers (a 512-wide head asked 327,680 bytes of 232,448)."""
+    from triton.runtime.errors import OutOfResources
+    first = _FITTED.get(key, 0)
+    for i in range(first, len(configs)):
+        try:
+            result = launch(configs[i])
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _FITTED[key] = i
+        return result
 
 
 def _hopper_or_newer(device: torch.device) -> bool:

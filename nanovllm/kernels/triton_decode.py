@@ -21,7 +21,8 @@ import triton.language as tl
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import (_LOG2E, _attend_tile, _check_cache, _dot_precision, _hopper_or_newer,
                                             _fp8_mma_dtype, _kv_offsets, _kv_scales, _num_sms, _softmax_start,
-                                            _softmax_step, attention_kind_args, fit_kv_tiles, kv_scale_args)
+                                            _softmax_step, attention_kind_args, kv_scale_args, launch_fitting,
+                                            shrink_configs)
 
 _WAVES = 2  # programs aimed at: this many per SM
 
@@ -147,11 +148,9 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, cu_seqlens_ptr, n
 
 
 def _decode_config(q: torch.Tensor, block_size: int):
-    """Default (BLOCK_N, num_warps, num_stages): the best of a GPU sweep (``benchmarks/attention_kernels.py``), the
-    KV tiles shrunk where a wide head would overflow shared memory (``fit_kv_tiles``; 16 query rows of a KV head)."""
-    block_n, warps, stages = (64, 4, 3) if q.dtype == torch.float32 else (64, 2, 3)
-    block_n, stages = fit_kv_tiles(q, 16, block_n, stages)
-    return block_n, warps, stages
+    """Default (BLOCK_N, num_warps, num_stages): the best of a GPU sweep (``benchmarks/attention_kernels.py``); a head
+    too wide for them takes smaller KV tiles at launch (``launch_fitting``)."""
+    return (64, 4, 3) if q.dtype == torch.float32 else (64, 2, 3)
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, block_n: int,
@@ -191,12 +190,49 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
     assert q.stride(2) == 1 and num_q_heads % num_kv_heads == 0
     assert (cu_seqlens_q is None) == (out is None), "a packed launch writes into the prefill's output"
     cfg_n, cfg_w, cfg_s = _decode_config(q, block_size)
-    block_n, num_warps, num_stages = block_n or cfg_n, num_warps or cfg_w, num_stages or cfg_s
+    num_warps = num_warps or cfg_w
+    configs = [c[1:] for c in shrink_configs(16, block_n or cfg_n, num_stages or cfg_s)] \
+        if (block_n, num_stages) == (None, None) else [(block_n or cfg_n, num_stages or cfg_s)]
     if out is None:
         out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     packed = cu_seqlens_q is not None
     if batch == 0:
         return out
+    scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
+    sinks_arg, kinds = attention_kind_args(q, window, sinks, softcap)
+    group = num_q_heads // num_kv_heads
+
+    def launch(config):
+        block_n, num_stages = config
+        max_blocks = block_tables.shape[1]
+        if window > 0:  # a window spans at most this many blocks' worth of tiles
+            max_blocks = min(max_blocks, triton.cdiv(window + block_n, block_size))
+        splits = num_splits or decode_num_splits(batch, num_kv_heads, max_blocks, block_size, block_n, q.device)
+        if splits > 1:
+            part_out = torch.empty((batch, num_q_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+            part_lse = torch.empty((batch, num_q_heads, splits), dtype=torch.float32, device=q.device)
+        else:
+            part_out = part_lse = out  # unused
+        tma = use_tma(q, k_cache, block_n)
+        k_desc, v_desc = _kv_descriptors(k_cache, v_cache, block_n) if tma else (k_cache, v_cache)
+        _decode_kernel[(num_kv_heads, batch, splits)](
+            q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, cu_seqlens_q if packed else context_lens,
+            out, part_out, part_lse, *scales, sinks_arg,
+            scale * _LOG2E,
+            splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+            GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            BLOCK_N=block_n, PARTIAL=splits > 1, PACKED=packed, DOT_PRECISION=_dot_precision(q), FP8=fp8, TMA=tma,
+            num_warps=num_warps, num_stages=num_stages, **kinds, **pdl_launch(q.device))
+        if splits > 1:
+            _decode_reduce_kernel[(batch, num_q_heads)](
+                part_out, part_lse, out, cu_seqlens_q if packed else context_lens, splits, out.stride(0),
+                out.stride(1), NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(splits),
+                PACKED=packed, num_warps=4, **pdl_launch(q.device))
+
+    launch_fitting(("decode", head_dim, q.dtype, k_cache.dtype, q.device, packed, *kinds.values()), configs, launch)
+    return out
     max_blocks = block_tables.shape[1]
     if window > 0:  # a window spans at most this many blocks' worth of tiles
         max_blocks = min(max_blocks, triton.cdiv(window + block_n, block_size))
