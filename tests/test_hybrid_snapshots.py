@@ -84,6 +84,28 @@ def test_a_snapshot_restored_in_a_step_is_not_evicted_by_its_captures():
     assert set(snaps.by_hash) == {3, 5}
 
 
+def test_a_prefix_kept_already_is_not_captured_again():
+    snaps = StateSnapshots(first=10, count=2)
+    assert snaps.take(1) == 10
+    snaps.commit()
+    assert snaps.take(1) is None and snaps.captured == 1  # a prompt still computing through it: no cut, no copy
+    assert snaps.deepest([1]) == 1 and snaps.slot(1) == 10  # a new prompt of the same step restores it
+
+
+def test_prompts_arriving_together_hit_a_shared_prefix_while_others_compute_through_it(tmp_path):
+    """Four prompts on a 32-token system prompt at once, 48 tokens a step.  A computes it; B snapshots it (KV cached,
+    no state yet); C, admitted beside B, computes through it a step later, while D is admitted and restores it.
+    C's chunk once took B's snapshot back to write it again, so D missed (as 64 conversations on a GPU missed their
+    system prompt for 12.8 s).  Every prompt gets transformers' tokens."""
+    path = build_checkpoint(tmp_path, "qwen3_5")
+    system = list(range(100, 132))
+    prompts = [system + [t] * 20 for t in (7, 8, 9, 10)]
+    want = hf_greedy(path, prompts, 3)
+    llm = LLM(path, enforce_eager=True, **ENGINE)
+    assert tokens(llm, prompts, [3] * 4) == want
+    assert llm.engine.block_manager.cache_hit_tokens == 32  # D's
+
+
 def test_a_shared_prefix_stays_a_hit_while_its_steps_captures_want_its_slot(tmp_path):
     """Two snapshot slots.  A snapshots its last full block; B the shared 32-token prefix and its own last block
     (evicting A's); C and D restore the prefix in one step, C's last block takes B's slot and D's finds none (the

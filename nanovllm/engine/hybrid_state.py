@@ -42,14 +42,17 @@ class StateSnapshots:
         return self.by_hash[block_hash]
 
     def take(self, block_hash: int) -> int | None:
-        """A slot to snapshot the state at ``block_hash`` into, after this step: the one it has, a free one, or
-        the least recently used that this step does not restore (restores are queued before captures, but the next
-        prompts sharing it would miss); None while every slot is this step's own capture or restore."""
+        """A slot to snapshot the state at ``block_hash`` into, after this step: the one this step already writes
+        it into, a free one, or the least recently used that this step does not restore (restores are queued before
+        captures, but the next prompts sharing it would miss); None where a snapshot of that prefix is kept already
+        (the same tokens give that state: taking it back to write it again hid it from the step's new prompts, so
+        a burst sharing a system prompt missed it step after step) or while every slot is this step's own."""
         if block_hash in self.pending:
             return self.pending[block_hash]
         if block_hash in self.by_hash:
-            slot = self.by_hash.pop(block_hash)
-        elif self.free:
+            self.by_hash.move_to_end(block_hash)
+            return None
+        if self.free:
             slot = self.free.pop()
         elif self.by_hash and next(iter(self.by_hash)) not in self.restored:  # (restored ones are the most recent)
             _, slot = self.by_hash.popitem(last=False)
@@ -80,7 +83,7 @@ def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:
     for tokens, block_hash in seq.capture_points:
         if start < tokens <= start + n:
             slot = snapshots.take(block_hash)
-            if slot is None:  # no room this step: this prefix goes without a snapshot
+            if slot is None:  # kept already, or no room this step: no cut here
                 continue
             captures.append((seq.token_slot, slot))
             return tokens - start
