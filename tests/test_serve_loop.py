@@ -62,6 +62,19 @@ def test_a_server_needs_a_tokenizer(tmp_path):
         Serving(EngineLoop(None, None, max_waiting_seqs=8), prompts_of(path), "tiny")
 
 
+def test_the_server_command_names_a_missing_tokenizer_and_stops_its_engine(tmp_path):
+    """``python -m nanovllm.serve`` on a checkpoint without a tokenizer: its engine process starts, then the
+    command exits naming what is missing (the front's threads never started: shutting down must not wait on them)."""
+    import subprocess
+    import sys
+    from conftest import build_checkpoint
+    path = build_checkpoint(tmp_path, "qwen3")
+    proc = subprocess.run([sys.executable, "-m", "nanovllm.serve", path, "--enforce-eager", "--port", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "nanovllm serve: the server needs a tokenizer" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_request_of_n_choices_counts_its_prompt_once():
     import asyncio
 

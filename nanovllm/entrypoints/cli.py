@@ -79,6 +79,9 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
             prompts.use_chat_template(chat["template"])
         serving = Serving(loop, prompts, args.served_model_name or args.model, chat["kwargs"], chat["parser"],
                           chat["tool_parser"], info.get("pooler"), loras)
+    except ValueError as e:  # what the server cannot serve (no tokenizer, a bad chat template): named
+        loop.shutdown()
+        raise SystemExit(f"nanovllm serve: {e}") from None
     except BaseException:
         loop.shutdown()
         raise

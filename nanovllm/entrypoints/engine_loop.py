@@ -84,7 +84,8 @@ class EngineLoop:
         self._stopping = True
         self._send(("stop",))
         if self._process is not None:
-            self._writer.join(timeout=10)
+            if self._writer.ident is not None:  # (not started: the server failed before serving)
+                self._writer.join(timeout=10)
             engine_process.stop(self._process, self._to_core)
 
     def submit(self, prompt_ids: list[int], params: list, images=None, lora=None) -> RequestHandle:
