@@ -95,12 +95,8 @@ _MULTIMODAL_TWIN = {"Qwen3_5ForCausalLM": ("Qwen3_5ForConditionalGeneration", "q
 
 
 def _as_vllm_serves(config: dict) -> dict:
-    """``config`` as published (without transformers' ``per_layer_config``), or for a text-only architecture vLLM
-    lacks, its published multimodal form: the text config under ``text_config`` and the family's default vision
-    tower (which ``language_model_only`` leaves unbuilt)."""
-    # transformers writes Gemma 4's per-layer sizes as ``per_layer_config`` too, which makes its config answer vLLM's
-    # read of ``head_dim`` with AmbiguousGlobalPerLayerAttributeError; published configs have no such field
-    config = {key: value for key, value in config.items() if key != "per_layer_config"}
+    """``config``, or for a text-only architecture vLLM lacks, its published multimodal form: the text config under
+    ``text_config`` and the family's default vision tower (which ``language_model_only`` leaves unbuilt)."""
     twin = _MULTIMODAL_TWIN.get((config.get("architectures") or [None])[0])
     if twin is None:
         return config

@@ -154,7 +154,7 @@ STEPS = [
     *[Step(f"{tag}-{who}", who, f"preset:{name}", "bench", BENCH if who == "ours" else ())
       for tag, name in (("gptoss20b", "gpt-oss-20b"), ("gptoss20b-mxfp4", "gpt-oss-20b+mxfp4"),
                         ("gptoss120b-mxfp4", "gpt-oss-120b+mxfp4"), ("gemma3-27b", "gemma3-27b"),
-                        ("gemma4", "gemma4-text")) for who in ("ours", "vllm")],
+                        ("gemma4", "gemma4-text-uniform")) for who in ("ours", "vllm")],
     *[Step(f"gemma3-27b-long-{who}", who, "preset:gemma3-27b", "bench", LONG + flags) for who, flags in
       (("ours", ("--bs", "64", "--max-model-len", "16640")), ("vllm", LONG_VLLM))],
     # multi-LoRA (inputs_bench.py lora), Qwen3-8B: 8 rank-16 adapters, batch 1, 64 in 8 slots; base: no adapters

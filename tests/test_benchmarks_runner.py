@@ -175,10 +175,3 @@ def test_the_headline_of_a_serve_run_names_the_prefix_hit_rate():
     assert headline(record) == ("rate 4.0: 1,234 tok/s, TTFT p50 21 ms, TPOT p50 3.1 ms, prefix hits 87%; "
                                 "rate 4.0: 1,234 tok/s, TTFT p50 21 ms, TPOT p50 3.1 ms")
 
-
-def test_vllm_gets_a_config_as_published_without_transformers_per_layer_config():
-    """vLLM 0.26 read ``head_dim`` of transformers' Gemma 4 config, which answers AmbiguousGlobalPerLayerAttributeError
-    while ``per_layer_config`` (written by transformers' ``to_dict``) is present."""
-    from benchmarks.gpu_models import _as_vllm_serves
-    config = {"architectures": ["Gemma4ForCausalLM"], "head_dim": 256, "per_layer_config": [{"head_dim": 512}]}
-    assert _as_vllm_serves(config) == {"architectures": ["Gemma4ForCausalLM"], "head_dim": 256}

@@ -212,3 +212,15 @@ def test_smollm2_answers_paris(smol):
     answer = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
     print("SmolLM2 answered:", repr(answer))
     assert "Paris" in answer
+
+
+def test_the_uniform_gemma4_preset_has_one_head_size_where_the_default_has_two(tmp_path):
+    """vLLM 0.26 reads the full layers' head size from ``global_head_dim`` only, which the GPU image's transformers
+    (5.17) reads as per-layer sizes instead, and refuses the global ``head_dim`` of a config that has them: the bench
+    rows run Gemma 4 with 256-wide heads everywhere (``gemma4-text-uniform``), the same model in both engines."""
+    from transformers import AutoConfig
+    sizes = {}
+    for preset in ("gemma4-text", "gemma4-text-uniform"):
+        cfg = AutoConfig.from_pretrained(syn.synthesize(preset, tmp_path / preset, config_only=True))
+        sizes[preset] = {cfg.per_layer_config[i].head_dim for i in range(cfg.num_hidden_layers)}
+    assert sizes == {"gemma4-text": {256, 512}, "gemma4-text-uniform": {256}}

@@ -98,4 +98,9 @@ PRESETS = {
     "gemma4-text": dict(  # transformers' Gemma4TextConfig as it comes (5.1B: per-layer inputs, 512-wide full heads)
         config="Gemma4TextConfig", architecture="Gemma4ForCausalLM", tokenizer=None,
         generation=dict(bos=2, eos=[1], pad=0), fields=dict()),
+    # the same with 256-wide heads in every layer: vLLM 0.26 takes the full layers' size only from
+    # ``global_head_dim``, which transformers 5.17 reads as per-layer sizes (``per_layer_config``) instead
+    "gemma4-text-uniform": dict(
+        config="Gemma4TextConfig", architecture="Gemma4ForCausalLM", tokenizer=None,
+        generation=dict(bos=2, eos=[1], pad=0), fields=dict(per_layer_config={})),
 }
