@@ -37,12 +37,14 @@ def test_convolution_rounds_as_transformers_conv1d_in_bfloat16():
     w = (torch.randn(D, 4) * 0.3).bfloat16()
     state = torch.zeros(1, D, 3, dtype=torch.bfloat16)
     slot = torch.tensor([0])
-    ours = reference.causal_conv1d_reference(x[:T], w, state, slot, torch.tensor([0, T]), torch.tensor([T]))
+    none = (torch.zeros(1, dtype=torch.int64),) * 2  # no snapshot
+    ours = reference.causal_conv1d_reference(x[:T], w, state, slot, torch.tensor([0, T]), torch.tensor([T]), *none)
     theirs = hf.causal_conv1d_fn(x[:T].T[None], w, None, activation="silu")[0].T
     assert torch.equal(ours, theirs)
     their_state = x[T - 3:T].T[None].clone()
     assert torch.equal(state, their_state)
-    ours = reference.causal_conv1d_reference(x[T:], w, state, slot, torch.tensor([0, 1]), torch.tensor([T + 1]))
+    ours = reference.causal_conv1d_reference(x[T:], w, state, slot, torch.tensor([0, 1]), torch.tensor([T + 1]),
+                                             *none)
     theirs = hf.causal_conv1d_update(x[T:].T[None], their_state, w, None, "silu")[0].T
     assert torch.equal(ours, theirs)
 

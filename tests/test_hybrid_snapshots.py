@@ -132,3 +132,17 @@ def test_the_start_up_description_names_the_state_pools(tmp_path, snapshots):
     d = llm.engine.describe()
     assert (d["state_slots"], d["state_snapshots"]) == (5, 3 if snapshots is None else 2)
     assert d["state_bytes"] > 0
+
+
+def test_a_boundary_inside_a_chunk_is_snapshotted_in_the_step_without_a_cut(tmp_path):
+    """64-token blocks: a 150-token prompt's last full block ends 128 tokens in, a multiple of CAPTURE_ALIGN from its
+    chunk's start, so the kernels snapshot it during the one prefill step (before: a step to 128, then one to 150).
+    The same prompt again restores it: 128 hit tokens, and both match transformers."""
+    path = build_checkpoint(tmp_path, "qwen3_5")
+    prompt = [(7 * i) % 200 + 3 for i in range(150)]
+    want = hf_greedy(path, [prompt], 3)
+    llm = LLM(path, enforce_eager=True, kvcache_block_size=64, max_num_seqs=2, max_model_len=256)
+    engine, bm = llm.engine, llm.engine.block_manager
+    assert tokens(llm, [prompt], [3]) == want and engine.stats["prefill_steps"] == 1
+    assert bm.snapshots.captured == 1 and bm.cache_hit_tokens == 0
+    assert tokens(llm, [prompt], [3]) == want and bm.cache_hit_tokens == 128

@@ -26,6 +26,11 @@ def layout(q_lens, prior):
     return cu, (torch.tensor(q_lens) + torch.tensor(prior)).to(torch.int32)
 
 
+def none(rows):
+    """Capture slots and lengths of a step that snapshots nothing."""
+    return torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, dtype=torch.int64)
+
+
 def step_tensors(T, seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -41,7 +46,7 @@ def test_twins_over_chunks_equal_transformers_on_the_whole_prompt():
     want_conv = hf.causal_conv1d_fn(x.T[None], w, None, activation="silu")[0].T
     conv_state = torch.zeros(3, D, K - 1)
     slots = torch.tensor([1])
-    got = [ref.causal_conv1d_reference(x[a:b], w, conv_state, slots, *layout([b - a], [a]))
+    got = [ref.causal_conv1d_reference(x[a:b], w, conv_state, slots, *layout([b - a], [a]), *none(1))
            for a, b in ((0, split), (split, T))]
     torch.testing.assert_close(torch.cat(got), want_conv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv_state[1], x[-(K - 1):].T)
@@ -51,7 +56,7 @@ def test_twins_over_chunks_equal_transformers_on_the_whole_prompt():
         *(s[n][None] for n in ("q", "k", "v", "g", "beta")), output_final_state=True, use_qk_l2norm_in_kernel=True)
     ssm = torch.zeros(3, HV, DK, DV)
     got = [ref.gated_delta_rule_reference(*(s[n][a:b] for n in ("q", "k", "v", "g", "beta")), ssm, slots,
-                                          *layout([b - a], [a])) for a, b in ((0, split), (split, T))]
+                                          *layout([b - a], [a]), *none(1)) for a, b in ((0, split), (split, T))]
     torch.testing.assert_close(torch.cat(got), want[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ssm[1], want_state[0], rtol=1e-4, atol=1e-5)
 
@@ -60,7 +65,7 @@ def test_twins_over_chunks_equal_transformers_on_the_whole_prompt():
         *(one[n][None] for n in ("q", "k", "v", "g", "beta")), initial_state=ssm[1:2].clone(),
         output_final_state=True, use_qk_l2norm_in_kernel=True)
     got = ref.gated_delta_rule_reference(*(one[n] for n in ("q", "k", "v", "g", "beta")), ssm, slots,
-                                         *layout([1], [T]))
+                                         *layout([1], [T]), *none(1))
     torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ssm[1], want_state[0], rtol=1e-4, atol=1e-5)
 
@@ -86,8 +91,8 @@ def test_triton_kernels_match_their_twins(name):
     outs = []
     for (conv, ssm), conv_fn, rule_fn in zip(pools, (ref.causal_conv1d_reference, tk.causal_conv1d_triton),
                                              (ref.gated_delta_rule_reference, tk.gated_delta_rule_triton)):
-        y = conv_fn(x, w, conv, slots, cu, context)
-        o = rule_fn(*(s[n] for n in ("q", "k", "v", "g", "beta")), ssm, slots, cu, context)
+        y = conv_fn(x, w, conv, slots, cu, context, *none(len(slots)))
+        o = rule_fn(*(s[n] for n in ("q", "k", "v", "g", "beta")), ssm, slots, cu, context, *none(len(slots)))
         outs.append((y, o))
     (y_ref, o_ref), (y, o) = outs
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -98,3 +103,33 @@ def test_triton_kernels_match_their_twins(name):
         untouched = [i for i in range(7) if i not in real]
         assert torch.equal(pools[1][pool][untouched], (conv0, ssm0)[pool][untouched])
     assert torch.isfinite(o).all() and F.silu(torch.zeros(1)).item() == 0.0
+
+
+@pytest.mark.parametrize("kernels", ["twins", "triton"])
+def test_a_snapshot_inside_a_chunk_is_the_state_a_chunk_ending_there_leaves(kernels):
+    """Row 0 (70 new tokens after 64) snapshots into slot 6 after 64 of them; rows 1 (20 tokens, length 0) and 2 (7
+    tokens, length 7: its end, which the copy after the step takes) none, their slots the scratch row's.  Slot 6 then holds what the row's first
+    64 tokens alone leave in its slot; outputs and final states are those of the step without snapshots."""
+    conv_fn, rule_fn = ((ref.causal_conv1d_reference, ref.gated_delta_rule_reference) if kernels == "twins" else
+                        (tk.causal_conv1d_triton, tk.gated_delta_rule_triton))
+    q_lens, prior, slots = [70, 20, 7], [64, 5, 0], torch.tensor([2, 0, 5])
+    cu, context = layout(q_lens, prior)
+    x, w = torch.randn(97, D), torch.randn(D, K)
+    s = step_tensors(97, 4)
+    pools0 = torch.randn(8, D, K - 1), torch.randn(8, HV, DK, DV)
+
+    def run(rows, captures, n=97):
+        conv, ssm = (p.clone() for p in pools0)
+        c, ctx = layout([q_lens[r] if n == 97 else n for r in rows], [prior[r] for r in rows])
+        y = conv_fn(x[:n], w, conv, slots[rows], c, ctx, *captures)
+        o = rule_fn(*(s[k][:n] for k in ("q", "k", "v", "g", "beta")), ssm, slots[rows], c, ctx, *captures)
+        return y, o, conv, ssm
+
+    y, o, conv, ssm = run([0, 1, 2], (torch.tensor([6, 7, 7]), torch.tensor([64, 0, 7])))  # 7: the scratch row
+    y0, o0, conv0, ssm0 = run([0, 1, 2], none(3))
+    _, _, conv_cut, ssm_cut = run([0], none(1), n=64)  # row 0's first 64 tokens alone
+    torch.testing.assert_close(conv[6], conv_cut[2], rtol=0, atol=0)
+    torch.testing.assert_close(ssm[6], ssm_cut[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((y, o), (y0, o0), rtol=0, atol=0)
+    keep = [i for i in range(8) if i != 6]
+    assert torch.equal(conv[keep], conv0[keep]) and torch.equal(ssm[keep], ssm0[keep])

@@ -20,6 +20,8 @@ class ScheduledBatch:
     # a hybrid model's state copies (``hybrid_state.py``): (from slot, to slot) before the step, and after it
     restores: list[tuple[int, int]] = field(default_factory=list)
     captures: list[tuple[int, int]] = field(default_factory=list)
+    # ... and snapshots taken inside the step: seq_id -> (snapshot slot, tokens of its chunk before the boundary)
+    inner_captures: dict[int, tuple[int, int]] = field(default_factory=dict)
     pooled: tuple | None = None  # set at launch: (pooling sequences it ends, their vectors' host copy), pooling.py
 
     def samples(self, seq_index: int) -> bool:

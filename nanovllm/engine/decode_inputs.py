@@ -140,6 +140,7 @@ class DecodeInputBuilder:
         token_slots, out_slots = host.token_slots.numpy(), host.out_slots.numpy()
         out_slots[:n] = [self.scratch_slot if s.token_slot is None else s.token_slot for s in seqs]
         host.state_slots.numpy()[:n] = out_slots[:n]
+        host.capture_slots.numpy()[:n], host.capture_lens.numpy()[:n] = self.scratch_slot, 0  # none in decode
         host.lora_slots.numpy()[:n] = [s.lora_slot for s in seqs]
         pending = ids[:n] < 0
         token_slots[:n] = np.where(pending, out_slots[:n], -1)

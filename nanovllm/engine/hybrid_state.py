@@ -2,22 +2,23 @@
 ``models/hybrid.py``): prefix-cache snapshots of the states, and the features it refuses by name.
 
 A recurrent state cannot be rebuilt from KV blocks, so a prefix hit needs the state at the hit's last block
-boundary.  ``StateSnapshots`` keeps such states in the pools' rows past the running sequences' (``first`` ..
-``first + count - 1``), keyed by the hash of the block that ends the prefix (``block_manager.chain_hash``), least
-recently used evicted first.  The policy (``BlockManager.try_allocate``): a prompt takes the deepest cached prefix
-whose KV blocks are all cached *and* whose state is snapshotted, and snapshots its state at up to two boundaries:
-where its cached KV ends (a prefix another prompt shares, such as a system prompt) and its last full block before
-its last token (where an identical prompt, or the next turn of its conversation, will hit).  Its prefill chunks are
-cut at those boundaries (``cut_chunk``), so each snapshot is a copy of the state at a chunk's end, queued right
-after that step; a hit is a copy into the sequence's slot queued before its first chunk.  A hit gives the same
-tokens as a cold run: the state it restores is the one a cold run would have at that position.  A snapshot that a
-prompt of the step being built restores is not evicted by that step's captures (the next prompt sharing it hits too).
-How many: ``state_snapshots``, or by default (``grow_snapshots``) half the memory the running sequences cannot use.
+boundary.  ``StateSnapshots`` keeps such states in the pools' rows past the running sequences', keyed by the hash of
+the block that ends the prefix (``block_manager.chain_hash``), least recently used evicted first.  The policy
+(``BlockManager.try_allocate``): a prompt takes the deepest cached prefix whose KV blocks are all cached *and* whose
+state is snapshotted, and snapshots its state where its cached KV ends (a prefix others share: a system prompt) and at
+its last full block before its last token (an identical prompt, or its conversation's next turn, hits there).  The
+kernels write such a boundary a multiple of ``CAPTURE_ALIGN`` tokens into a chunk to its slot during the step; at any
+other the chunk is cut (``cut_chunk``) and its end's state copied after the step.  A hit, a copy into the sequence's
+slot before its first chunk, gives the same tokens as a cold run.  A snapshot a prompt of the step being built
+restores is not evicted by that step's captures (the next prompt sharing it hits too).  How many:
+``state_snapshots``, or by default (``grow_snapshots``) half the memory the running sequences cannot use.
 """
 import functools
 from collections import OrderedDict
 
 import torch
+
+from nanovllm.kernels.linear_attention.ops import CAPTURE_ALIGN
 
 
 class StateSnapshots:
@@ -70,9 +71,10 @@ class StateSnapshots:
 
 
 def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:
-    """The tokens of ``seq``'s next prefill chunk, at most ``n``, ending at its next capture point if one lies
-    inside; adds the copies the chunk needs to ``batch``: (snapshot, slot) to restore before the step, (slot,
-    snapshot) to capture after it.  ``n`` itself for a model without snapshots."""
+    """The tokens of ``seq``'s next prefill chunk, at most ``n``; adds the copies the chunk needs to ``batch``:
+    (snapshot, slot) to restore before the step, and for each capture point in the chunk, either the kernels'
+    snapshot inside it (``inner_captures``: one a row, a multiple of ``CAPTURE_ALIGN`` tokens in) or (slot,
+    snapshot) to copy after the step, the chunk cut there.  ``n`` itself for a model without snapshots."""
     if snapshots is None:
         return n
     restores, captures = batch.restores, batch.captures
@@ -82,8 +84,13 @@ def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:
         seq.state_restore = None
     for tokens, block_hash in seq.capture_points:
         if start < tokens <= start + n:
+            inside = tokens < start + n and (tokens - start) % CAPTURE_ALIGN == 0 \
+                and seq.seq_id not in batch.inner_captures
             slot = snapshots.take(block_hash)
-            if slot is None:  # kept already, or no room this step: no cut here
+            if slot is None:  # kept already, or no room this step: no snapshot here
+                continue
+            if inside:
+                batch.inner_captures[seq.seq_id] = (slot, tokens - start)
                 continue
             captures.append((seq.token_slot, slot))
             return tokens - start

@@ -115,11 +115,14 @@ class PrefillInputBuilder:
                 window["window_tables"][i, :len(seq.window_table)] = seq.window_table
         cu = np.asarray(cu + [num_tokens] * (rows - len(seqs)))
         out_slots = np.full(rows, self.scratch_slot)
-        state_slots = np.full(rows, self.scratch_slot)
+        state_slots, capture_slots = np.full(rows, self.scratch_slot), np.full(rows, self.scratch_slot)
+        capture_lens = np.zeros(rows, np.int64)
         tables = np.zeros((rows, self.table_width), np.int32)
         for i, seq in enumerate(seqs):
             tables[i, :len(seq.block_table)] = seq.block_table
             state_slots[i] = seq.token_slot
+            if seq.seq_id in batch.inner_captures:
+                capture_slots[i], capture_lens[i] = batch.inner_captures[seq.seq_id]
             if batch.samples(i):
                 out_slots[i] = seq.token_slot
         context = np.zeros(rows, np.int64)
@@ -133,7 +136,8 @@ class PrefillInputBuilder:
                             positions=np.concatenate(positions),
                             slot_mapping=np.concatenate(slots), block_tables=tables, context_lens=context,
                             cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=out_slots, state_slots=state_slots,
-                            lora_slots=lora, **window, **sampling_arrays(seqs, rows))
+                            lora_slots=lora, capture_slots=capture_slots, capture_lens=capture_lens, **window,
+                            **sampling_arrays(seqs, rows))
 
     def dummy(self, tokens: int = 7, rows: int = 3, packed: bool = False, windowed: bool = True) -> StepInputs:
         """A prefill of ``tokens`` tokens in ``rows`` sequences (the last of one token) that writes nothing (every
@@ -150,7 +154,7 @@ class PrefillInputBuilder:
                             slot_mapping=np.full(tokens, PADDING["slot_mapping"]),
                             block_tables=np.zeros((rows, self.table_width), np.int32), context_lens=lengths,
                             cu_seqlens_q=cu, logits_indices=cu[1:] - 1, out_slots=np.full(rows, self.scratch_slot),
-                            state_slots=np.full(rows, self.scratch_slot),
+                            state_slots=np.full(rows, self.scratch_slot), **self._no_captures(rows),
                             **sampling_arrays((), rows))
 
     def probe(self, num_seqs: int, seq_len: int) -> StepInputs:
@@ -166,4 +170,8 @@ class PrefillInputBuilder:
                             positions=np.tile(pos, num_seqs), slot_mapping=slots.reshape(-1), block_tables=tables,
                             context_lens=np.full(num_seqs, seq_len), cu_seqlens_q=cu, logits_indices=cu[1:] - 1,
                             out_slots=np.full(num_seqs, self.scratch_slot),
-                            state_slots=np.full(num_seqs, self.scratch_slot), **sampling_arrays((), num_seqs))
+                            state_slots=np.full(num_seqs, self.scratch_slot), **self._no_captures(num_seqs),
+                            **sampling_arrays((), num_seqs))
+
+    def _no_captures(self, rows: int) -> dict:
+        return {"capture_slots": np.full(rows, self.scratch_slot), "capture_lens": np.zeros(rows, np.int64)}

@@ -129,8 +129,9 @@ class GatedDeltaNet(nn.Module):
         la, T = self.la, h.shape[0]
         conv_state, ssm_state = state
         mixed, z, b, a = self._project(h)
+        captures = (inputs.capture_slots, inputs.capture_lens)
         mixed = la_ops.causal_conv1d(mixed.contiguous(), self.conv1d.weight[:, 0], conv_state, inputs.state_slots,
-                                     inputs.cu_seqlens_q, inputs.context_lens)
+                                     inputs.cu_seqlens_q, inputs.context_lens, *captures)
         q, k, v = torch.split(mixed, [la.key_dim, la.key_dim, la.value_dim], dim=1)
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
@@ -138,7 +139,7 @@ class GatedDeltaNet(nn.Module):
                                     k.reshape(T, la.num_k_heads, la.head_k_dim).contiguous(),
                                     v.reshape(T, la.num_v_heads, la.head_v_dim).contiguous(), g.contiguous(),
                                     beta.contiguous(), ssm_state, inputs.state_slots, inputs.cu_seqlens_q,
-                                    inputs.context_lens)
+                                    inputs.context_lens, *captures)
         o = self.norm(o.reshape(-1, la.head_v_dim), z.reshape(-1, la.head_v_dim))
         return o.reshape(T, la.value_dim)
 

@@ -20,7 +20,13 @@ def test_kernels_match_their_twins_at_model_shapes(q_lens, prior):
     dev = torch.device("cuda")
     cu = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
     context = (torch.tensor(q_lens) + torch.tensor(prior)).to(torch.int32).to(dev)
-    slots = torch.randperm(len(q_lens) + 3, device=dev)[:len(q_lens)]
+    order = torch.randperm(len(q_lens) + 3, device=dev)
+    slots, spare = order[:len(q_lens)], order[len(q_lens):]
+    # a prefill's first row snapshots its first 256 tokens into a spare slot (the others: none, into another)
+    capture_slots = torch.full((len(q_lens),), int(spare[1]), device=dev)
+    capture_lens = torch.zeros(len(q_lens), dtype=torch.int64, device=dev)
+    if q_lens[0] > 256:
+        capture_slots[0], capture_lens[0] = spare[0], 256
     T = int(cu[-1])
     x, w = torch.randn(T, D, device=dev, dtype=torch.bfloat16), torch.randn(D, K, device=dev, dtype=torch.bfloat16)
     q, k = (torch.randn(T, HK, DK, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -32,8 +38,9 @@ def test_kernels_match_their_twins_at_model_shapes(q_lens, prior):
     for conv_fn, rule_fn in ((ref.causal_conv1d_reference, ref.gated_delta_rule_reference),
                              (tk.causal_conv1d_triton, tk.gated_delta_rule_triton)):
         conv, ssm = conv0.clone(), ssm0.clone()
-        results.append((conv_fn(x, w, conv, slots, cu, context), rule_fn(q, k, v, g, beta, ssm, slots, cu, context),
-                        conv, ssm))
+        captures = (capture_slots, capture_lens)
+        results.append((conv_fn(x, w, conv, slots, cu, context, *captures),
+                        rule_fn(q, k, v, g, beta, ssm, slots, cu, context, *captures), conv, ssm))
     for want, got in zip(*results):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 

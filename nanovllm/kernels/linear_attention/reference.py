@@ -28,12 +28,14 @@ def row_layout(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, tokens: i
 
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor,
-                            state_slots: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            context_lens: torch.Tensor) -> torch.Tensor:
+                            state_slots: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                            capture_slots: torch.Tensor, capture_lens: torch.Tensor) -> torch.Tensor:
     """SiLU of the causal depthwise convolution of ``x`` [T, D] by ``weight`` [D, K], each row's history taken
     from its slot of ``conv_state`` [S, D, K-1] (zeros for a new row); the last K-1 inputs of each row are written
-    back to its slot.  Returns [T, D] in x's dtype, rounded twice as transformers' ``causal_conv1d_fn`` rounds it
-    (a convolution in x's dtype, then SiLU): the float32 sum to x's dtype, then its SiLU."""
+    back to its slot, and, where ``0 < capture_lens[b] < q_len[b]`` (a prefill step's snapshot), the K-1 inputs
+    before its ``capture_lens[b]``-th token to slot ``capture_slots[b]``.  Returns [T, D] in x's dtype, rounded
+    twice as transformers' ``causal_conv1d_fn`` rounds it (a convolution in x's dtype, then SiLU): the float32 sum
+    to x's dtype, then its SiLU."""
     T, D = x.shape
     K = weight.shape[1]
     row, local, q_len, has_state = row_layout(cu_seqlens_q, context_lens, T)
@@ -48,15 +50,23 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, conv_state: t
         from_x = xf[(t + back).clamp(min=0)]
         from_state = old[row, :, (src + K - 1).clamp(0, K - 2)] * has_state[row, None]
         acc += torch.where((src >= 0)[:, None], from_x, from_state) * w[:, j]
-    new = []
     cu = cu_seqlens_q.long()
-    for m in range(K - 1):
-        src = q_len - (K - 1) + m  # local index of the input that ends up in state column m
-        from_x = xf[(cu[:-1] + src).clamp(0, T - 1)]
-        from_state = torch.gather(old, 2, (src + K - 1).clamp(0, K - 2)[:, None, None].expand(-1, D, 1))[..., 0]
-        from_state = from_state * has_state[:, None]
-        new.append(torch.where((src >= 0)[:, None], from_x, from_state))
-    conv_state[slots] = torch.stack(new, dim=-1).to(conv_state.dtype)
+
+    def inputs_before(length):  # [B, D, K-1]: each row's K-1 inputs before its ``length``-th token of the step
+        cols = []
+        for m in range(K - 1):
+            src = length - (K - 1) + m  # local index of the input that ends up in state column m
+            from_x = xf[(cu[:-1] + src).clamp(0, max(T - 1, 0))]
+            from_state = torch.gather(old, 2, (src + K - 1).clamp(0, K - 2)[:, None, None].expand(-1, D, 1))[..., 0]
+            cols.append(torch.where((src >= 0)[:, None], from_x, from_state * has_state[:, None]))
+        return torch.stack(cols, dim=-1)
+
+    if T != context_lens.shape[0]:  # (a decode step takes no snapshot)
+        cap = capture_slots.long()
+        taken = ((capture_lens > 0) & (capture_lens < q_len))[:, None, None]
+        conv_state[cap] = torch.where(taken, inputs_before(capture_lens.long()), conv_state[cap].float()).to(
+            conv_state.dtype)
+    conv_state[slots] = inputs_before(q_len).to(conv_state.dtype)
     return F.silu(acc.to(x.dtype).float()).to(x.dtype)  # rounded before the SiLU too, as transformers' conv
 
 
@@ -68,10 +78,13 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                beta: torch.Tensor, ssm_state: torch.Tensor, state_slots: torch.Tensor,
-                               cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+                               cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, capture_slots: torch.Tensor,
+                               capture_lens: torch.Tensor) -> torch.Tensor:
     """The gated delta rule over each row's tokens: q, k [T, HK, DK], v [T, HV, DV] (HV a multiple of HK: each
     q/k head serves HV/HK consecutive value heads), log decays ``g`` and rates ``beta`` [T, HV] (float32), states
-    ``ssm_state`` [S, HV, DK, DV] float32.  Returns the outputs [T, HV, DV] in v's dtype."""
+    ``ssm_state`` [S, HV, DK, DV] float32; where ``0 < capture_lens[b] < q_len[b]``, the row's state after its
+    first ``capture_lens[b]`` tokens is written to slot ``capture_slots[b]`` too (a multiple of ``CAPTURE_ALIGN``
+    tokens, ``ops.py``).  Returns the outputs [T, HV, DV] in v's dtype."""
     T, HK, DK = q.shape
     HV = v.shape[1]
     row, local, q_len, has_state = row_layout(cu_seqlens_q, context_lens, T)
@@ -92,12 +105,17 @@ def gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     else:
         out = torch.zeros(T + 1, HV, v.shape[2], dtype=torch.float32, device=v.device)  # row T: a sink
         first = cu_seqlens_q.long()[:-1]
+        cap = capture_slots.long()
+        captured = ssm_state[cap].float()
+        taken = (capture_lens > 0) & (capture_lens < q_len)
         for i in range(T):
             live = i < q_len
             idx = (first + i).clamp(max=T - 1)
             new, o = update(state, qf[idx], kf[idx], vf[idx], gf[idx], bf[idx])
             state = torch.where(live[:, None, None, None], new, state)
+            captured = torch.where((taken & (capture_lens == i + 1))[:, None, None, None], state, captured)
             out[torch.where(live, idx, T)] = o
         out = out[:T]
+        ssm_state[cap] = captured.to(ssm_state.dtype)
     ssm_state[slots] = state.to(ssm_state.dtype)
     return out.to(v.dtype)

@@ -66,8 +66,8 @@ def _chunk_prep(q_ptr, k_ptr, g_ptr, beta_ptr, start_ptr, len_ptr, ti_ptr, HK, H
 
 @triton.jit
 def _chunk_scan(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ti_ptr, state_ptr, out_ptr, cu_ptr, chunk0_ptr, slot_ptr,
-                has_state_ptr, HK, HV, DK, DV, scale, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                PREC: tl.constexpr):
+                has_state_ptr, cap_slot_ptr, cap_len_ptr, HK, HV, DK, DV, scale, C: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HV // HK)
@@ -83,6 +83,10 @@ def _chunk_scan(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ti_ptr, state_ptr, out_ptr
     s_ptrs = state_ptr + ((slot * HV + h) * DK + offs_k[:, None]) * DV + offs_v[None, :]
     s_mask = mask_k[:, None] & mask_v[None, :]
     S = tl.load(s_ptrs, mask=s_mask & has_state, other=0.0)
+    cap_len = tl.load(cap_len_ptr + b)
+    cap_chunks = tl.where((cap_len > 0) & (cap_len < last - first) & (cap_len % C == 0), cap_len // C, -1)
+    cap_ptrs = state_ptr + ((tl.load(cap_slot_ptr + b).to(tl.int64) * HV + h) * DK + offs_k[:, None]) * DV \
+        + offs_v[None, :]
     for c in range(0, tl.cdiv(last - first, C)):
         tok = first + c * C + r
         live = tok < last
@@ -105,6 +109,8 @@ def _chunk_scan(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ti_ptr, state_ptr, out_ptr
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=live[:, None] & mask_v[None, :])
         ud = u * (rk * tl.exp(g_last - gc))[:, None]
         S = S * tl.exp(g_last) + tl.dot(tl.trans(k.to(tl.float32)), ud, input_precision=PREC)
+        if c + 1 == cap_chunks:
+            tl.store(cap_ptrs, S, mask=s_mask)
     tl.store(s_ptrs, S, mask=s_mask)
 
 
@@ -127,7 +133,7 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              beta: torch.Tensor, ssm_state: torch.Tensor, state_slots: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, chunk: int = 32,
                              block_v: int = 32, precision: str | None = None, num_warps: int = 4,
-                             num_stages: int = 2, prep_warps: int = 2) -> torch.Tensor:
+                             num_stages: int = 2, prep_warps: int = 2, captures=None) -> torch.Tensor:
     """Within a chunk of C tokens (Gc the cumulative sum of g from the chunk start, S the state at its start, q
     L2-normalised and scaled by DK ** -0.5, k L2-normalised):
 
@@ -153,8 +159,11 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _chunk_prep[(start.shape[0], HV)](q, k, g, beta, start, length, ti, HK, HV, DK, DK ** -0.5, C=chunk, BK=BK,
                                       PREC=precision, num_warps=prep_warps)
     out = torch.empty_like(v)
+    if captures is None:  # (``captures``: the op's snapshot slots and lengths, multiples of ``chunk``)
+        captures = (state_slots, torch.zeros_like(state_slots))
     _chunk_scan[(rows, HV, triton.cdiv(DV, BV))](q, k, v, g, beta, ti, ssm_state, out, cu_seqlens_q, chunk0,
-                                                 state_slots, has_state, HK, HV, DK, DV, DK ** -0.5, C=chunk,
+                                                 state_slots, has_state, *captures, HK, HV, DK, DV, DK ** -0.5,
+                                                 C=chunk,
                                                  BK=BK, BV=BV, PREC=precision,
                                                  num_warps=num_warps, num_stages=num_stages)
     return out

@@ -4,7 +4,8 @@ depthwise convolution over each row's history and the gated delta rule, for pref
 * ``causal_conv1d_triton``: one program per (block of tokens, block of channels) sums the K taps, reading taps
   before a row's first token from its slot's state (zeros for a new row), then one program per (row, channel block)
   writes the row's last K-1 inputs back to its slot (after every token program has read the old state: a second
-  launch).  A decode step (as many tokens as rows) takes one launch: a program per (row, channel block) does both.
+  launch), and a snapshot's inputs inside a row's chunk first.  A decode step (as many tokens as rows) takes one
+  launch: a program per (row, channel block) does both.
 * ``gated_delta_rule_triton``: a decode step (as many tokens as rows) runs the recurrent kernel, one program per
   (row, value head, block of value dims) keeping its slice of the float32 state [DK, BV] in registers, walking
   the row's tokens in order (L2-normalising q and k, decaying, writing the delta, reading the output) and storing
@@ -49,9 +50,16 @@ def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr,
 
 
 @triton.jit
-def _conv_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1,
-                K: tl.constexpr, BD: tl.constexpr):
-    _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD)
+def _conv_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, cap_slot_ptr, cap_len_ptr, D, stride_x,
+                stride_s0, stride_s1, K: tl.constexpr, BD: tl.constexpr):
+    b = tl.program_id(0)
+    q_len = tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)
+    cap_len = tl.load(cap_len_ptr + b)
+    if (cap_len > 0) & (cap_len < q_len):  # a snapshot inside the chunk: before the final write, which it may read
+        _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD,
+                     cap_len, tl.load(cap_slot_ptr + b))
+    _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD,
+                 q_len, tl.load(slot_ptr + b))
 
 
 @triton.jit
@@ -79,33 +87,35 @@ def _conv_rows(x_ptr, w_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr
         acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         acc = acc / (1.0 + tl.exp(-acc))
         tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD)
+    _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD,
+                 last - first, slot)
 
 
 @triton.jit
 def _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1,
-                 K: tl.constexpr, BD: tl.constexpr):
-    """Row ``program_id(0)``'s last K-1 inputs (from x, or its old state where the row is shorter) into its slot."""
+                 K: tl.constexpr, BD: tl.constexpr, q_len, to_slot):
+    """The K-1 inputs of row ``program_id(0)`` before its ``q_len``-th token of the step (from x, or its old state
+    where the row is shorter) into slot ``to_slot`` (its own: after its last token, ``q_len`` its tokens)."""
     b = tl.program_id(0)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = offs < D
     first = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - first
-    slot = tl.load(slot_ptr + b)
+    old = state_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_s0 + offs * stride_s1
     zero = tl.zeros([BD], dtype=tl.int64)
     has_state = (zero + tl.load(has_state_ptr + b)) != 0
-    base = state_ptr + slot * stride_s0 + offs * stride_s1
+    base = state_ptr + to_slot.to(tl.int64) * stride_s0 + offs * stride_s1
     for m in tl.static_range(K - 1):  # ascending: column m reads column m + q_len (> m) before it is written
         src = zero + q_len - (K - 1) + m
         from_x = tl.load(x_ptr + (first + src) * stride_x + offs, mask=mask & (src >= 0), other=0.0)
         col = tl.maximum(src + K - 1, 0)
-        from_state = tl.load(base + col, mask=mask & (src < 0) & has_state, other=0.0)
+        from_state = tl.load(old + col, mask=mask & (src < 0) & has_state, other=0.0)
         value = tl.where(src >= 0, from_x.to(tl.float32), from_state.to(tl.float32))
         tl.store(base + m, value.to(state_ptr.dtype.element_ty), mask=mask)
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, state_slots: torch.Tensor,
-                         cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+                         cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, capture_slots: torch.Tensor,
+                         capture_lens: torch.Tensor) -> torch.Tensor:
     T, D = x.shape
     K, rows = weight.shape[1], context_lens.shape[0]
     out = torch.empty_like(x)
@@ -122,9 +132,9 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torc
     _conv_tokens[(triton.cdiv(T, BT), triton.cdiv(D, BD))](x, weight, conv_state, out, row, local, state_slots,
                                                            has_state, T, D, x.stride(0), conv_state.stride(0),
                                                            conv_state.stride(1), K=K, BT=BT, BD=BD)
-    _conv_state[(context_lens.shape[0], triton.cdiv(D, BD))](x, conv_state, cu_seqlens_q, state_slots, has_state, D,
-                                                             x.stride(0), conv_state.stride(0),
-                                                             conv_state.stride(1), K=K, BD=BD)
+    _conv_state[(rows, triton.cdiv(D, BD))](x, conv_state, cu_seqlens_q, state_slots, has_state, capture_slots,
+                                            capture_lens, D, x.stride(0), conv_state.stride(0), conv_state.stride(1),
+                                            K=K, BD=BD)
     return out
 
 
@@ -163,9 +173,12 @@ def _delta_rule(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, cu_ptr
 
 def gated_delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                             ssm_state: torch.Tensor, state_slots: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            context_lens: torch.Tensor) -> torch.Tensor:
-    fn = gated_delta_rule_recurrent if q.shape[0] == context_lens.shape[0] else gated_delta_rule_chunked
-    return fn(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens)
+                            context_lens: torch.Tensor, capture_slots: torch.Tensor,
+                            capture_lens: torch.Tensor) -> torch.Tensor:
+    if q.shape[0] == context_lens.shape[0]:  # a decode step: no snapshot inside one token
+        return gated_delta_rule_recurrent(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens)
+    return gated_delta_rule_chunked(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens,
+                                    captures=(capture_slots, capture_lens))
 
 
 def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
