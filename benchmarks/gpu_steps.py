@@ -103,8 +103,7 @@ STEPS = [
     Step("vl-ours", "ours", "own", "vl"),
     Step("vl-eager-ours", "ours", "own", "vl", ("--enforce-eager",)),
     Step("vl-vllm", "vllm", "own", "vl"),
-    Step("serve-ours", "ours", "default", "serve"),
-    Step("serve-vllm", "vllm", "default", "serve"),
+    Step("serve-ours", "ours", "default", "serve"), Step("serve-vllm", "vllm", "default", "serve"),
     Step("serve-json-ours", "ours", "default", "serve", client=("--structured-share", "0.5")),
     Step("serve-json-vllm", "vllm", "default", "serve", ("--structured-outputs-config", COMPACT_JSON),
          client=("--structured-share", "0.5")),
@@ -144,10 +143,10 @@ STEPS = [
     Step("hybrid80b-fp8-tp2-ours", "ours", "preset:qwen3-next-80b-a3b", "bench", BENCH + FP8 + TP2),
     Step("hybrid80b-fp8-tp2-vllm", "vllm", "preset:qwen3-next-80b-a3b", "bench", FP8 + ("--tp", "2") + GDN_VLLM,
          env=VLLM_TP),
-    *[Step(f"profile-{tag}", "ours", f"preset:{name}", "module", PROFILE + ("--at", at, *flags)) for tag, name, at, flags
-      in (("hybrid35b", "qwen3.5-35b-a3b", "256", ("--prefill", *FP8)), ("gemma4", "gemma4-text", "256", ()),
-          ("hybrid27b", "qwen3.5-27b", "64", ("--prefill", *HYBRID_BS[:2])), ("hybrid80b-tp2", "qwen3-next-80b-a3b",
-                                                                               "256", (*FP8, *TP2)))],
+    *[Step(f"profile-{tag}", "ours", f"preset:{name}", "module", PROFILE + ("--at", *flags)) for tag, name, flags in (
+        ("hybrid35b", "qwen3.5-35b-a3b", ("256", "--prefill", *FP8)), ("gemma4", "gemma4-text", ("256",)),
+        ("hybrid27b", "qwen3.5-27b", ("64", "--prefill", *HYBRID_BS[:2])),
+        ("hybrid80b-tp2", "qwen3-next-80b-a3b", ("256", *FP8, *TP2)))],
     # pooling on bench's Qwen3-0.6B: Qwen3-Embedding-0.6B's shape, and as a Qwen3-Reranker-0.6B (yes/no head)
     *[Step(f"{w}-{who}", who, "default", w) for w in ("embed", "rerank") for who in ("ours", "vllm")],
     # sliding windows: GPT-OSS with bf16 experts (no MXFP4) or MXFP4 ones as published, Gemma 3, Gemma 4
