@@ -233,37 +233,6 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
 
     launch_fitting(("decode", head_dim, q.dtype, k_cache.dtype, q.device, packed, *kinds.values()), configs, launch)
     return out
-    max_blocks = block_tables.shape[1]
-    if window > 0:  # a window spans at most this many blocks' worth of tiles
-        max_blocks = min(max_blocks, triton.cdiv(window + block_n, block_size))
-    num_splits = num_splits or decode_num_splits(batch, num_kv_heads, max_blocks, block_size, block_n, q.device)
-    if num_splits > 1:
-        part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
-    group = num_q_heads // num_kv_heads
-    tma = use_tma(q, k_cache, block_n)
-    k_desc, v_desc = _kv_descriptors(k_cache, v_cache, block_n) if tma else (k_cache, v_cache)
-    scales, fp8 = kv_scale_args(k_cache, k_scale, v_scale)
-    sinks_arg, kinds = attention_kind_args(q, window, sinks, softcap)
-    _decode_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, k_desc, v_desc, block_tables, context_lens, cu_seqlens_q if packed else context_lens,
-        out, part_out, part_lse, *scales, sinks_arg,
-        scale * _LOG2E,
-        num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        PARTIAL=num_splits > 1, PACKED=packed, DOT_PRECISION=_dot_precision(q), FP8=fp8, TMA=tma, num_warps=num_warps,
-        num_stages=num_stages, **kinds, **pdl_launch(q.device))
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_q_heads)](
-            part_out, part_lse, out, cu_seqlens_q if packed else context_lens, num_splits, out.stride(0),
-            out.stride(1), NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits),
-            PACKED=packed, num_warps=4, **pdl_launch(q.device))
-    return out
-
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, k_scale=None,
