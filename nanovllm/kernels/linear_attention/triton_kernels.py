@@ -44,9 +44,14 @@ def _conv_tokens(x_ptr, w_ptr, state_ptr, out_ptr, row_ptr, local_ptr, slot_ptr,
         from_state = tl.load(state_ptr + slot[:, None] * stride_s0 + offs[None, :] * stride_s1 + col[:, None],
                              mask=both & ((src < 0) & has_state)[:, None], other=0.0)
         acc += w[None, :] * (from_x.to(tl.float32) + from_state.to(tl.float32))
-    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded before the SiLU too (reference.py)
-    acc = acc / (1.0 + tl.exp(-acc))
-    tl.store(out_ptr + offs_t[:, None] * D + offs[None, :], acc.to(out_ptr.dtype.element_ty), mask=both)
+    tl.store(out_ptr + offs_t[:, None] * D + offs[None, :], _silu_rounded(acc, out_ptr.dtype.element_ty), mask=both)
+
+
+@triton.jit
+def _silu_rounded(acc, dtype: tl.constexpr):
+    """SiLU of the float32 sum rounded to ``dtype`` first, as the twin rounds it (``reference.py``), in ``dtype``."""
+    acc = acc.to(dtype).to(tl.float32)
+    return (acc / (1.0 + tl.exp(-acc))).to(dtype)
 
 
 @triton.jit
@@ -73,9 +78,9 @@ def _conv_rows(x_ptr, w_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr
     first = tl.load(cu_ptr + b)
     last = tl.load(cu_ptr + b + 1)
     slot = tl.load(slot_ptr + b).to(tl.int64)
-    has_state = (tl.zeros([BD], dtype=tl.int32) + tl.load(has_state_ptr + b)) != 0
-    base = state_ptr + slot * stride_s0 + offs * stride_s1
     zero = tl.zeros([BD], dtype=tl.int32)
+    has_state = (zero + tl.load(has_state_ptr + b)) != 0
+    base = state_ptr + slot * stride_s0 + offs * stride_s1
     for t in range(first, last):
         acc = tl.zeros([BD], dtype=tl.float32)
         for j in tl.static_range(K):
@@ -84,9 +89,7 @@ def _conv_rows(x_ptr, w_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr
             from_x = tl.load(x_ptr + (t + j - (K - 1)) * stride_x + offs, mask=mask & (src >= 0), other=0.0)
             from_state = tl.load(base + tl.maximum(src + K - 1, 0), mask=mask & (src < 0) & has_state, other=0.0)
             acc += w * (from_x.to(tl.float32) + from_state.to(tl.float32))
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        acc = acc / (1.0 + tl.exp(-acc))
-        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + t * D + offs, _silu_rounded(acc, out_ptr.dtype.element_ty), mask=mask)
     _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD,
                  last - first, slot)
 
