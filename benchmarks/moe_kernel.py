@@ -1,6 +1,7 @@
 """The fused MoE's Triton kernels on a GPU, at Qwen3-30B-A3B's shape (E=128, top-8, H=2048, I=768, bf16),
-Mixtral-8x7B's (E=8, top-2, H=4096, I=14336), Qwen3-235B-A22B's (E=128, top-8, H=4096, I=1536) or GPT-OSS-20B's
-(E=32, top-4, H=I=2880): exact against the PyTorch twin, and fast against the copy ceiling.
+Mixtral-8x7B's (E=8, top-2, H=4096, I=14336), Qwen3-235B-A22B's (E=128, top-8, H=4096, I=1536), GPT-OSS-20B's
+(E=32, top-4, H=I=2880) or GPT-OSS-120B's (E=128, top-4): exact against the PyTorch twin, and fast against the
+copy ceiling.
 
     python -m benchmarks.moe_kernel [--shape NAME] [--tokens 1,16,64,256] [--fp8] [--layers 4] [--group G]
                                     [--int4 | --mxfp4] [--modes w8a8] [--write-table]
@@ -36,7 +37,8 @@ from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 
 DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336),  # E, top-k, H, I
-          "qwen3-235b-a22b": (128, 8, 4096, 1536), "gpt-oss-20b": (32, 4, 2880, 2880)}
+          "qwen3-235b-a22b": (128, 8, 4096, 1536), "gpt-oss-20b": (32, 4, 2880, 2880),
+          "gpt-oss-120b": (128, 4, 2880, 2880)}
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
 GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main() (int4: 128)
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
@@ -91,7 +93,7 @@ def make_weights():
 def quantized(layer, int4: bool = False, mxfp4: bool = False):
     """The FP8 (or int4, or MXFP4) experts of a bf16 ``layer``, as ``make_weights`` gives them."""
     if mxfp4:
-        (w13, s13), (w2, s2) = (mxfp4_quant.quantize(w) for w in layer[:2])
+        (w13, s13), (w2, s2) = (map(torch.stack, zip(*map(mxfp4_quant.quantize, w))) for w in layer[:2])  # per expert
         return w13, w2, dict(w13_scale=s13, w2_scale=s2, group=mxfp4_quant.BLOCK)
     if int4:
         (w13, s13, z13), (w2, s2, z2) = (int4_quant.quantize(w, GROUP) for w in layer[:2])

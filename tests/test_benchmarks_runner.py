@@ -1,6 +1,6 @@
 """The GPU runner's table on the CPU: ``--list``, every step resolving to commands that parse, an unknown step
 named in the error with the valid ones, a run's JSON collected into results.json and results.md, a step past its
-time limit stopped, a server's end recorded; and the layout of benchmarks/ (at most 14 files: one program per
+time limit stopped, a server's end recorded, a preset another lane wrote first taken; and the layout of benchmarks/ (at most 14 files: one program per
 workload kind, the runner in three, no sys.path edits, nothing importing tests/ or bench.py)."""
 import dataclasses
 import importlib.util
@@ -175,3 +175,26 @@ def test_the_headline_of_a_serve_run_names_the_prefix_hit_rate():
     assert headline(record) == ("rate 4.0: 1,234 tok/s, TTFT p50 21 ms, TPOT p50 3.1 ms, prefix hits 87%; "
                                 "rate 4.0: 1,234 tok/s, TTFT p50 21 ms, TPOT p50 3.1 ms")
 
+
+
+def test_a_preset_another_lane_wrote_first_is_used_with_its_quantization(monkeypatch, tmp_path):
+    """Two lanes synthesizing one preset at once: the one whose ``synthesize`` finds the directory already written
+    (exit status 2) goes on with it, and the quantization config is added whichever lane wrote the file."""
+    from benchmarks import gpu_models
+
+    def other_lane_won(argv, **kw):
+        out = Path(argv[4])
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
+        return dataclasses.make_dataclass("Done", ["returncode", "args"])(2, argv)
+
+    monkeypatch.setattr(gpu_models, "MODELS", tmp_path)
+    monkeypatch.setattr(gpu_models.subprocess, "run", other_lane_won)
+    ctx = Context(tmp_path / "run", ROOT, tmp_path / "peers", Path("/tmp/site"))
+    path = gpu_models.model_dir(BY_NAME["gptoss20b-mxfp4-ours"], ctx)
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert config["model_type"] == "gpt_oss" and config["quantization_config"]["quant_method"] == "mxfp4"
+    monkeypatch.setattr(gpu_models.subprocess, "run", lambda argv, **kw: dataclasses.make_dataclass(
+        "Done", ["returncode", "args"])(2, argv))  # failed, and nothing written: the error stands
+    with pytest.raises(gpu_models.subprocess.CalledProcessError):
+        gpu_models.model_dir(BY_NAME["gptoss120b-mxfp4-ours"], ctx)

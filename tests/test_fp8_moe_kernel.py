@@ -17,9 +17,8 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels import cuda, weight_quant  # noqa: E402
 from nanovllm.kernels import moe_reference as ref  # noqa: E402
-from nanovllm.kernels.triton_moe import (experts_triton, group_block_k, group_supported,  # noqa: E402
-                                         fused_moe_triton, moe_experts_triton)
-from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
+from nanovllm.kernels.triton_moe import experts_triton, fused_moe_triton, moe_experts_triton  # noqa: E402
+from nanovllm.kernels.moe_configs import MoeConfig, group_block_k, group_supported  # noqa: E402
 from nanovllm.kernels.triton_moe_align import chunk_histogram  # noqa: E402
 from moe_kernel_cases import (CFG, EXPERTS, GROUPS, HIDDEN, INTER, TOP_K, inputs, rel_err,  # noqa: E402
                               transposed_view)

@@ -1,5 +1,5 @@
-"""The Triton grouped GEMMs on MXFP4 experts (``kernels/triton_moe_tiles._mxfp4_tile``: each weight tile dequantized
-in the kernel, column by column with its block's e8m0 scale) against the twin (``moe_reference``, which dequantizes
+"""The Triton grouped GEMMs on MXFP4 experts (``kernels/triton_mxfp4.py``: each group of 32 columns dequantized in
+the kernel with its e8m0 scale, even and odd columns apart) against the twin (``moe_reference``, which dequantizes
 whole experts first), on CPU under the Triton interpreter: GPT-OSS's biases and clamped SwiGLU and plain SiLU,
 both operand orientations, partial row tiles, scales spread over many binades, float32 and bf16; the dequantize
 kernel and the dequantize-once path past the row threshold; and the CUDA dispatch sends bf16 MXFP4 calls to the
@@ -15,7 +15,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from nanovllm.kernels import cuda, mxfp4_quant  # noqa: E402
-from nanovllm.kernels import triton_moe_tiles as tiles  # noqa: E402
+from nanovllm.kernels import triton_mxfp4 as tiles  # noqa: E402
 from nanovllm.kernels import moe_reference as ref  # noqa: E402
 from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton  # noqa: E402

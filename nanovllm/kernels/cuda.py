@@ -31,7 +31,8 @@ from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
 from nanovllm.kernels.triton_logits import process_logits_triton
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
-from nanovllm.kernels.triton_moe import group_supported, fused_moe_triton, moe_experts_triton
+from nanovllm.kernels.moe_configs import group_supported
+from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton
 from nanovllm.kernels.triton_moe_tiles import ACTIVATION_CODES
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton

@@ -10,6 +10,7 @@ bf16 kernels (null: never).  A GPU or shape without an entry, and the CPU, take 
 ``INT4_DEQUANTIZE_ROWS``.
 """
 import functools
+import math
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,3 +123,19 @@ def int4_dequantize_once(num_tokens: int, top_k: int, num_experts: int, entry: d
     ``int4_once_rows`` (None: never), else ``INT4_DEQUANTIZE_ROWS``, rows per expert."""
     limit = (entry or {}).get("int4_once_rows", INT4_DEQUANTIZE_ROWS)
     return limit is not None and num_tokens * top_k / num_experts > limit
+
+
+def group_block_k(block_k: int, group: int, k: int) -> int | None:
+    """The K tile over ``k`` columns of a weight quantized per ``group`` (FP8 or int4): ``block_k`` where every
+    tile lies inside one group, else the largest power of two dividing both; None where that is below
+    ``tl.dot``'s 16."""
+    if group >= k or group % block_k == 0:
+        return block_k
+    tile = math.gcd(block_k, group)
+    return tile if tile >= 16 else None
+
+
+def group_supported(group: int, hidden: int, inter: int) -> bool:
+    """Whether the kernels take quantized (FP8 or int4) experts of this ``group`` (else the twin must): some tile
+    fits both GEMMs."""
+    return group > 0 and all(group_block_k(16, group, k) for k in (hidden, inter))

@@ -11,23 +11,21 @@ into ``[T, H]``. Empty blocks return at once; int64 offsets, float32 sums, outpu
 transposed view ([E, H, I] over [E, I, H], an expert cache's). FP8 experts that ``act_quant.moe_w8a8`` takes run
 W8A8 (``triton_moe_w8a8.py``); other FP8, int4 (uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) and MXFP4 experts
 (uint8 codes, e8m0 scales) are weight-only, through ``triton_moe_tiles.py`` (a K tile inside one group:
-``group_block_k``, ``group_supported``), or, past ``moe_configs.int4_dequantize_once``'s rows per expert, int4 and
-MXFP4 experts are dequantized once a step.
+``moe_configs.group_block_k``; MXFP4 tiles: ``triton_mxfp4.py``), or, past ``moe_configs.int4_dequantize_once``'s
+rows per expert, int4 and MXFP4 experts are dequantized once a step.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm.kernels import mxfp4_quant
 from nanovllm.kernels.act_quant import moe_w8a8
-from nanovllm.kernels.moe_configs import MoeConfig, choose, int4_dequantize_once, tuned
+from nanovllm.kernels.moe_configs import MoeConfig, choose, group_block_k, int4_dequantize_once, tuned
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision, device_capability
 from nanovllm.kernels.triton_moe_tiles import (ACTIVATION_CODES, _activate, _block, _finish, _halves, _int4_tile,
-                                                _k_columns, _mxfp4_tile, _oriented, _per_n, _store_weighted,
-                                                _weight_dot, _zeros, dequantize_mxfp4_triton)
+                                                _k_columns, _oriented, _per_n, _store_weighted, _weight_dot, _zeros)
+from nanovllm.kernels.triton_mxfp4 import _mxfp4_tile, dequantize_mxfp4_triton
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 from nanovllm.kernels.triton_w4a16 import dequantize_int4_triton
@@ -70,8 +68,10 @@ def _grouped_up_kernel(x_ptr, w13_ptr, scale_ptr, zero_ptr, sorted_ptr, block_ex
             up = _int4_tile(up_rows, k0, H, n_mask, 1, up_zeros, stride_zg, a, GROUP, False, BLOCK_N, BLOCK_K,
                             DOT_PRECISION != "upcast")
         elif MXFP4:
-            gate = _mxfp4_tile(gate_rows, k0, H, n_mask, gate_scales, stride_sg, a, BLOCK_N, BLOCK_K)
-            up = _mxfp4_tile(up_rows, k0, H, n_mask, up_scales, stride_sg, a, BLOCK_N, BLOCK_K)
+            gate = _mxfp4_tile(gate_rows, k0, H, n_mask, gate_scales, stride_sg, a, DOT_PRECISION != "upcast", BLOCK_N,
+                               BLOCK_K)
+            up = _mxfp4_tile(up_rows, k0, H, n_mask, up_scales, stride_sg, a, DOT_PRECISION != "upcast", BLOCK_N,
+                             BLOCK_K)
         else:
             w_mask = n_mask[:, None] & k_mask[None, :]
             gate = tl.load(gate_rows + offs_k[None, :], mask=w_mask, other=0.0)
@@ -123,7 +123,8 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
             w = _int4_tile(w_rows, k0, I, n_mask, stride_wk, zeros, stride_zg, a, GROUP, W2_STRIDED_K, BLOCK_N,
                            BLOCK_K, DOT_PRECISION != "upcast")
         elif MXFP4:  # w2 as stored (an expert cache's transposed view holds no MXFP4)
-            w = _mxfp4_tile(w_rows, k0, I, n_mask, scales, stride_sg, a, BLOCK_N, BLOCK_K)
+            w = _mxfp4_tile(w_rows, k0, I, n_mask, scales, stride_sg, a, DOT_PRECISION != "upcast", BLOCK_N,
+                            BLOCK_K)
         else:
             w = tl.load(_k_columns(w_rows, offs_k, stride_wk, W2_STRIDED_K), mask=n_mask[:, None] & k_mask[None, :],
                         other=0.0)
@@ -133,22 +134,6 @@ def _grouped_down_kernel(inter_ptr, w2_ptr, scale_ptr, zero_ptr, sorted_ptr, blo
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, n_mask, ROUND_WEIGHTS)
-
-
-def group_block_k(block_k: int, group: int, k: int) -> int | None:
-    """The K tile over ``k`` columns of a weight quantized per ``group`` (FP8 or int4): ``block_k`` where every
-    tile lies inside one group, else the largest power of two dividing both; None where that is below
-    ``tl.dot``'s 16."""
-    if group >= k or group % block_k == 0:
-        return block_k
-    tile = math.gcd(block_k, group)
-    return tile if tile >= 16 else None
-
-
-def group_supported(group: int, hidden: int, inter: int) -> bool:
-    """Whether the kernels take quantized (FP8 or int4) experts of this ``group`` (else the twin must): some tile
-    fits both GEMMs."""
-    return group > 0 and all(group_block_k(16, group, k) for k in (hidden, inter))
 
 
 def _group_args(w: torch.Tensor, t: torch.Tensor | None, group: int, k: int, dtype: torch.dtype) -> tuple:

@@ -1,20 +1,18 @@
 """The weight side of the fused MoE's grouped GEMMs (``triton_moe.py``): how one expert's [BLOCK_N, BLOCK_K] weight
 tile is read and meets the activation tile, for bf16/fp16, FP8 (``weight_quant.py``) and int4 (``int4_quant.py``)
 experts, MXFP4 ones (``mxfp4_quant.py``); and the up GEMM's gated activation (``_activate``: SiLU, GELU, or GPT-OSS's
-clamped SwiGLU).  A K tile never straddles two groups (``triton_moe.group_block_k``): one scale (and zero) a row.
+clamped SwiGLU).  A K tile never straddles two groups (``moe_configs.group_block_k``): one scale (and zero) a row.
 
 * bf16/fp16: the tile as stored.  FP8: ``_weight_dot`` and ``_finish`` (their docstrings): beside bf16 x an fp16
   MMA with the scales applied to products, beside fp16 x the tile dequantized into x's dtype.
 * int4: ``_int4_tile`` splits each byte of the tile into its even (low nibble) and odd (high nibble) column as
   exact ``q - zero`` in x's dtype; the product is scaled by the rows' scales of the tile's group, so the weight is
-  never rounded (the twin rounds ``(q - zero) * scale`` to x's dtype first).  MXFP4: ``_mxfp4_tile`` (any K tile;
-  ``dequantize_mxfp4_triton``: whole stacks, the dequantize-once path).
+  never rounded (the twin rounds ``(q - zero) * scale`` to x's dtype first).  MXFP4: ``triton_mxfp4.py``.
 
 ``SWAP`` (``MoeConfig.swap``) multiplies the weight tile by the activations (``_product``): the weight is the MMA's
 A operand, which a Hopper tensor core reads from registers (a tile dequantized there skips shared memory; few rows
 are the narrow side).  The accumulator is then [N, M] (``_per_n``, ``_oriented`` handle either orientation).
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -51,28 +49,6 @@ def _int4_tile(rows, k0, K, n_mask, stride_k, zero_rows, stride_zg, like, GROUP:
     zero = tl.load(zero_rows + (k0 // GROUP) * stride_zg, mask=n_mask, other=0)
     even, odd = _int4_minus_zero(packed, zero[:, None], like.dtype, ASM)
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # columns back in order: 2j, 2j + 1
-
-
-@triton.jit
-def _mxfp4_tile(rows, k0, K, n_mask, scale_rows, stride_sg, like, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) of the MXFP4 rows ``rows`` (byte pointers [BLOCK_N, 1]) dequantized into
-    ``like``'s dtype as the twin does (``mxfp4_quant.dequantize``: e2m1 value times 2^(scale - 127), exact in float32,
-    rounded once); each block of 32 columns reads its e8m0 scale once (``scale_rows`` [BLOCK_N] pointers,
-    ``stride_sg`` apart; ``BLOCK_K`` a multiple of 32).  Columns past ``K`` and masked rows are 0."""
-    offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    mask = n_mask[:, None] & (offs_byte < K // 2)[None, :]
-    packed = tl.load(rows + offs_byte[None, :], mask=mask, other=0)
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)  # columns in order
-    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)  # one scale per 32 columns, loaded once, then broadcast
-    scale = tl.load(scale_rows[:, None] + offs_g[None, :].to(tl.int64) * stride_sg,
-                    mask=n_mask[:, None] & (offs_g * 32 < K)[None, :], other=127).to(tl.int32)
-    pow2 = tl.where(scale == 0, 0x00400000, scale << 23).to(tl.float32, bitcast=True)  # 2^(s-127); 255: inf
-    pow2 = tl.reshape(tl.broadcast_to(pow2[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)), (BLOCK_N, BLOCK_K))
-    # sign and magnitude bits put in a float32's sign, low exponent bits and top mantissa bit read e2m1 * 2^-126
-    # (code 1 as a subnormal): no table, no compare; times 2^126, then the scale, both exact
-    bits = ((codes & 8) << 28) | ((codes & 7) << 22)
-    value = bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
-    return (value * pow2).to(like.dtype)
 
 
 @triton.jit
@@ -191,29 +167,3 @@ def _store_weighted(acc, weights_ptr, pairs, m_mask, out_ptr, stride_o, offs_n, 
     acc *= w[:, None]
     tl.store(out_ptr + pairs[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _mxfp4_dequantize_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_w, stride_s, stride_o, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < R
-    k0 = tl.program_id(1) * BLOCK_K
-    like = tl.zeros([1], dtype=out_ptr.dtype.element_ty)
-    tile = _mxfp4_tile(w_ptr + offs_n[:, None].to(tl.int64) * stride_w, k0, K, n_mask,
-                       s_ptr + offs_n.to(tl.int64) * stride_s, 1, like, BLOCK_N, BLOCK_K)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_o + offs_k[None, :], tile,
-             mask=n_mask[:, None] & (offs_k < K)[None, :])
-
-
-def dequantize_mxfp4_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """MXFP4 rows ``blocks`` uint8 [R, K // 2] with ``scales`` uint8 [R, K // 32] -> [R, K] in ``dtype``: the twin's
-    values (``mxfp4_quant.dequantize``), one ``_mxfp4_tile`` per program."""
-    r, k = blocks.shape[0], 2 * blocks.shape[1]
-    out = torch.empty((r, k), dtype=dtype, device=blocks.device)
-    block_n, block_k = 32, 128
-    _mxfp4_dequantize_kernel[(triton.cdiv(r, block_n), triton.cdiv(k, block_k))](
-        blocks, scales, out, r, k, blocks.stride(0), scales.stride(0), out.stride(0), BLOCK_N=block_n,
-        BLOCK_K=block_k)
-    return out

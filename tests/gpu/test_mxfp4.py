@@ -17,7 +17,7 @@ def rel_err(got, want) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_code_at_every_scale_dequantizes_to_the_twins_value(dtype):
-    from nanovllm.kernels.triton_moe_tiles import dequantize_mxfp4_triton
+    from nanovllm.kernels.triton_mxfp4 import dequantize_mxfp4_triton
     codes = torch.arange(16, dtype=torch.uint8, device=DEV).repeat(4)  # two blocks of 32 columns
     scales = torch.arange(255, dtype=torch.uint8, device=DEV)  # 255 is e8m0's NaN
     rows = mxfp4_quant.pack(codes.repeat(255, 1))
