@@ -32,15 +32,24 @@ def model_dir(step, ctx) -> str:
     if not ctx.dry and not (path / "config.json").is_file():
         if kind in ("preset", "fp8"):
             how = ["--quantize", "fp8", "--force"] if kind == "fp8" else ["--config-only"]
-            subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", base, str(path), *how],
-                           cwd=ctx.tree, check=True, env=dict(os.environ, PYTHONPATH=str(ctx.tree)))
+            done = subprocess.run([sys.executable, "-m", "nanovllm.tools.synthesize", base, str(path), *how],
+                                  cwd=ctx.tree, env=dict(os.environ, PYTHONPATH=str(ctx.tree)))
+            if done.returncode and not (path / "config.json").is_file():  # else a lane beside wrote it first
+                raise subprocess.CalledProcessError(done.returncode, done.args)
         else:
             path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text((ctx.peers / "configs" / f"{base}.json").read_text())
-        if quant:
-            config = json.loads((path / "config.json").read_text())
-            (path / "config.json").write_text(json.dumps(dict(config, quantization_config=QUANT_CONFIGS[quant])))
+            _write_atomic(path / "config.json", (ctx.peers / "configs" / f"{base}.json").read_text())
+    if quant and not ctx.dry:  # every time (it is idempotent): a lane beside may not have added it yet
+        config = json.loads((path / "config.json").read_text())
+        _write_atomic(path / "config.json", json.dumps(dict(config, quantization_config=QUANT_CONFIGS[quant])))
     return str(path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` with ``text``, renamed into place, so a lane beside never reads it half written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def vllm_config(step, ctx) -> list[str]:
