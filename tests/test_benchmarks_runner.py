@@ -1,7 +1,8 @@
 """The GPU runner's table on the CPU: ``--list``, every step resolving to commands that parse, an unknown step
 named in the error with the valid ones, a run's JSON collected into results.json and results.md, a step past its
-time limit stopped, a server's end recorded, a preset another lane wrote first taken; and the layout of benchmarks/ (at most 14 files: one program per
-workload kind, the runner in three, no sys.path edits, nothing importing tests/ or bench.py)."""
+time limit stopped, a server's end recorded, a preset another lane wrote first taken; and the layout of
+benchmarks/ (at most 14 files: one program per workload kind, the runner in three, no sys.path edits, nothing
+importing tests/ or bench.py)."""
 import dataclasses
 import importlib.util
 import json
