@@ -196,9 +196,9 @@ STEPS = [
                                                      "--preset", "qwen3-30b-a3b", "--shapes", "qkv,o")),
     Step("moe-kernel-int4", "ours", "own", "module", MOE_SWEEP + ("--int4",)),
     Step("moe-kernel-mixtral-int4", "ours", "own", "module", MOE_SWEEP + ("--int4", "--shape", "mixtral")),
-    Step("moe-kernel-mxfp4", "ours", "own", "module", ("benchmarks.moe_kernel", "--layers", "2", "--write-table",
-                                                       "--tokens", "1,16,64,256,1024,2048", "--mxfp4",
-                                                       "--shape", "gpt-oss-20b")),
+    *[Step(f"moe-kernel-mxfp4{tag}", "ours", "own", "module", ("benchmarks.moe_kernel", "--layers", "2",
+           "--write-table", "--tokens", "1,16,64,256,1024", "--mxfp4", "--modes", "mxfp4", "--shape", shape))
+      for tag, shape in (("", "gpt-oss-20b"), ("-120b", "gpt-oss-120b"))],
     Step("int4-kernel", "ours", "own", "module",
          ("benchmarks.kernel_bench", "--int4", "--rows", "1,16,64,256", "--tokens", "16,256")),
     Step("moe-kernel-mixtral", "ours", "own", "module", MOE_KERNEL + ("--shape", "mixtral")),
