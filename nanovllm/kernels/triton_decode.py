@@ -234,6 +234,7 @@ def decode_attention_configured(q, k_cache, v_cache, block_tables, context_lens,
     launch_fitting(("decode", head_dim, q.dtype, k_cache.dtype, q.device, packed, *kinds.values()), configs, launch)
     return out
 
+
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, k_scale=None,
                             v_scale=None, window: int = 0, sinks=None, softcap: float = 0.0) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.linear_attention.ops import CAPTURE_ALIGN
+
 
 @triton.jit
 def _load_rows(ptr, tok, live, head, heads, D, offs, mask_d):
@@ -159,11 +161,12 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _chunk_prep[(start.shape[0], HV)](q, k, g, beta, start, length, ti, HK, HV, DK, DK ** -0.5, C=chunk, BK=BK,
                                       PREC=precision, num_warps=prep_warps)
     out = torch.empty_like(v)
-    if captures is None:  # (``captures``: the op's snapshot slots and lengths, multiples of ``chunk``)
+    if captures is None:  # (``captures``: the op's snapshot slots and lengths, multiples of CAPTURE_ALIGN)
         captures = (state_slots, torch.zeros_like(state_slots))
+    # the scan stores a snapshot at a chunk's end only: one CAPTURE_ALIGN tokens in must end a chunk
+    assert CAPTURE_ALIGN % chunk == 0, f"chunk {chunk} does not divide CAPTURE_ALIGN {CAPTURE_ALIGN}"
     _chunk_scan[(rows, HV, triton.cdiv(DV, BV))](q, k, v, g, beta, ti, ssm_state, out, cu_seqlens_q, chunk0,
                                                  state_slots, has_state, *captures, HK, HV, DK, DV, DK ** -0.5,
-                                                 C=chunk,
-                                                 BK=BK, BV=BV, PREC=precision,
-                                                 num_warps=num_warps, num_stages=num_stages)
+                                                 C=chunk, BK=BK, BV=BV, PREC=precision, num_warps=num_warps,
+                                                 num_stages=num_stages)
     return out
