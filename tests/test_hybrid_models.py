@@ -77,17 +77,17 @@ def test_features_a_recurrent_state_cannot_serve_are_refused_by_name(tmp_path, o
 
 def test_prefix_hits_restore_snapshots_and_match_a_cold_run(engines):
     """The whole prompt again, a prompt sharing only a system prefix (a hit from the third one on: the second
-    snapshots where the shared part ends), and half of an earlier prompt (likewise): the same tokens as
-    transformers, and the hit counter grows by the blocks each hit took.  More snapshot-worthy prefixes than
+    snapshots where the shared part ends, moved down to 64 tokens), and most of an earlier prompt: the same tokens
+    as transformers, and the hit counter grows by the blocks each hit took.  More snapshot-worthy prefixes than
     snapshot slots, so snapshots are evicted and reused on the way."""
     path, eager, graph = engines
-    system = list(range(100, 140))  # 2 full blocks of 16, and 8 tokens
-    first = system + [7, 8, 9] * 10  # 70 tokens: its last full block ends at 64
-    other = list(range(200, 270))
+    system = list(range(100, 200))  # 6 full blocks of 16, and 4 tokens
+    first = system + [7, 8, 9] * 10  # 130 tokens: its last full block ends at 128, a multiple of 64
+    other = list(range(200, 300))  # its last full block ends at 96: snapshotted at 64
     runs = [  # (prompt, tokens the hit must cover)
-        (first, 0), (first, 64),
-        (system + [50, 51, 52], 0), (system + [60, 61], 32), (system + [70] * 20, 32),
-        (other, 0), (other[:35] + [300, 301], 0), (other[:35] + [310], 32)]
+        (first, 0), (first, 128),
+        (system + [50, 51, 52], 0), (system + [60] * 30, 64), (system + [70] * 20, 64),
+        (other, 0), (other[:80] + [301], 64)]
     want = hf_greedy(path, [p for p, _ in runs], 5)
     for llm in (eager, graph):
         llm.generate([[1]], SamplingParams(max_tokens=1), use_tqdm=False)  # warm
@@ -124,7 +124,7 @@ def test_more_captures_in_one_step_than_snapshot_slots_skip_the_rest(tmp_path):
     """Four prompts prefilled in one step, each with a boundary to snapshot, and one snapshot slot: one is
     captured, the others go without, and every prompt still gets transformers' tokens."""
     path = build_checkpoint(tmp_path, "qwen3_5")
-    prompts = [[i] * 40 for i in range(10, 14)]
-    llm = LLM(path, enforce_eager=True, state_snapshots=1, **dict(ENGINE, max_num_batched_tokens=200))
+    prompts = [[i] * 80 for i in range(10, 14)]  # each snapshots 64 tokens in
+    llm = LLM(path, enforce_eager=True, state_snapshots=1, **dict(ENGINE, max_num_batched_tokens=400))
     assert tokens(llm, prompts, [4] * 4) == hf_greedy(path, prompts, 4)
     assert llm.engine.block_manager.snapshots.captured == 1

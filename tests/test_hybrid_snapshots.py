@@ -92,37 +92,41 @@ def test_a_prefix_kept_already_is_not_captured_again():
     assert snaps.deepest([1]) == 1 and snaps.slot(1) == 10  # a new prompt of the same step restores it
 
 
-def test_prompts_arriving_together_hit_a_shared_prefix_while_others_compute_through_it(tmp_path):
-    """Four prompts on a 32-token system prompt at once, 48 tokens a step.  A computes it; B snapshots it (KV cached,
-    no state yet); C, admitted beside B, computes through it a step later, while D is admitted and restores it.
-    C's chunk once took B's snapshot back to write it again, so D missed (as 64 conversations on a GPU missed their
-    system prompt for 12.8 s).  Every prompt gets transformers' tokens."""
+def test_prompts_arriving_together_wait_a_step_and_hit_the_prefix_one_of_them_computes(tmp_path):
+    """Four prompts on a 64-token system prompt at once.  A computes it and snapshots it inside its chunk (64 tokens
+    in, no cut); B, C and D share 64 of their 84 tokens with it, so they wait a step (``shared_prefix.py``) and
+    restore it.  Before, they computed it beside A and missed (as 64 conversations on a GPU missed their system
+    prompt for 12.8 s).  Every prompt gets transformers' tokens."""
     path = build_checkpoint(tmp_path, "qwen3_5")
-    system = list(range(100, 132))
+    system = list(range(100, 164))
     prompts = [system + [t] * 20 for t in (7, 8, 9, 10)]
     want = hf_greedy(path, prompts, 3)
-    llm = LLM(path, enforce_eager=True, **ENGINE)
+    llm = LLM(path, enforce_eager=True, **dict(ENGINE, max_num_batched_tokens=256))
+    bm = llm.engine.block_manager
     assert tokens(llm, prompts, [3] * 4) == want
-    assert llm.engine.block_manager.cache_hit_tokens == 32  # D's
+    assert bm.cache_hit_tokens == 3 * 64 and llm.engine.scheduler.sharing.deferred == 3
+    assert bm.snapshots.captured == 1  # the shared prefix's; each prompt's own last block is < 64 tokens past it
 
 
 def test_a_shared_prefix_stays_a_hit_while_its_steps_captures_want_its_slot(tmp_path):
-    """Two snapshot slots.  A snapshots its last full block; B the shared 32-token prefix and its own last block
-    (evicting A's); C and D restore the prefix in one step, C's last block takes B's slot and D's finds none (the
-    prefix's is kept); E hits the prefix still.  Every prompt gets transformers' tokens."""
+    """Two snapshot slots, a 64-token system prompt, 70 tokens after it.  A snapshots its last full block (128
+    tokens in); B the shared prefix and its own last block (evicting A's); C and D restore the prefix in one step, C's
+    last block takes B's slot and D's finds none (the prefix's is kept); E hits the prefix still.  Every prompt gets
+    transformers' tokens."""
     path = build_checkpoint(tmp_path, "qwen3_next")
-    system = list(range(100, 132))
-    prompts = [system + [t] * 20 for t in (7, 8, 9, 10, 11)]
+    system = list(range(100, 164))
+    prompts = [system + [t] * 70 for t in (7, 8, 9, 10, 11)]
     want = hf_greedy(path, prompts, 3)
-    llm = LLM(path, enforce_eager=True, state_snapshots=2, **ENGINE)
+    llm = LLM(path, enforce_eager=True, state_snapshots=2, **dict(ENGINE, max_num_batched_tokens=256))
     bm = llm.engine.block_manager
     assert tokens(llm, prompts[:1], [3]) == want[:1] and tokens(llm, prompts[1:2], [3]) == want[1:2]
+    assert bm.cache_hit_tokens == 0 and bm.snapshots.captured == 3
     before = bm.cache_hit_tokens
     assert tokens(llm, prompts[2:4], [3, 3]) == want[2:4]
-    assert bm.cache_hit_tokens - before == 64  # both restored the shared prefix
+    assert bm.cache_hit_tokens - before == 128 and bm.snapshots.captured == 4  # both restored the shared prefix
     before = bm.cache_hit_tokens
     assert tokens(llm, prompts[4:], [3]) == want[4:]
-    assert bm.cache_hit_tokens - before == 32
+    assert bm.cache_hit_tokens - before == 64
 
 
 @pytest.mark.parametrize("snapshots", [None, 2])

@@ -16,7 +16,7 @@ def test_decode_rows_come_longest_context_first():
     scheduler = Scheduler(BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=512, max_model_len=256,
                           eos_token_ids=(), mixed_prefill=False)
     lengths = [5, 40, 12, 40, 3]
-    seqs = [Sequence(i, [1] * n, SamplingParams(max_tokens=4), seed=0) for i, n in enumerate(lengths)]
+    seqs = [Sequence(i, [i + 1] * n, SamplingParams(max_tokens=4), seed=0) for i, n in enumerate(lengths)]
     for seq in seqs:
         scheduler.add(seq)
     prefill = scheduler.schedule()

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
-from nanovllm.engine.hybrid_state import StateSnapshots
+from nanovllm.engine.hybrid_state import StateSnapshots, capture_depths
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.window_blocks import WindowBlocks
 
@@ -29,6 +29,20 @@ def chain_hash(prev_hash: int, tokens) -> int:
     h.update(prev_hash.to_bytes(8, "little"))
     h.update(np.asarray(tokens, dtype=np.int64).tobytes())
     return h.intdigest()
+
+
+def block_chain(seq: Sequence, block_size: int, blocks: int | None = None) -> list[int]:
+    """The chain hashes of the sequence's full blocks before its last token, or at least its first ``blocks`` of them
+    (kept on it, and extended, while its tokens last)."""
+    key, full = (len(seq), seq.token_ids[-1]), (len(seq) - 1) // block_size
+    chain = seq.block_chain[1] if seq.block_chain is not None and seq.block_chain[0] == key else []
+    want = full if blocks is None else min(blocks, full)
+    h = chain[-1] if chain else 0
+    for i in range(len(chain), want):
+        h = chain_hash(h, seq.block_key(i * block_size, (i + 1) * block_size))
+        chain.append(h)
+    seq.block_chain = (key, chain)
+    return chain
 
 
 class BlockManager:
@@ -118,17 +132,14 @@ class BlockManager:
             self.window.take_hits(seq, hashes, keys, len(hits))
         if self.snapshots is not None:
             seq.state_restore = self.snapshots.slot(hashes[-1]) if hashes else None
-            points = {kv_depth, (len(seq) - 1) // self.block_size} - {0} if self.snapshots.count else set()
-            seq.capture_points = [(n * self.block_size, self.prefix_hash(seq, n)) for n in sorted(points)
-                                  if n > len(hits)]
+            points = capture_depths(len(hits), (kv_depth, (len(seq) - 1) // self.block_size), self.block_size) \
+                if self.snapshots.count else []
+            seq.capture_points = [(n * self.block_size, self.prefix_hash(seq, n)) for n in points]
         return True
 
     def prefix_hash(self, seq: Sequence, num_blocks: int) -> int:
-        """The chain hash of the sequence's first ``num_blocks`` blocks."""
-        h, bs = 0, self.block_size
-        for i in range(num_blocks):
-            h = chain_hash(h, seq.block_key(i * bs, (i + 1) * bs))
-        return h
+        """The chain hash of the sequence's first ``num_blocks`` blocks (full ones before its last token)."""
+        return block_chain(seq, self.block_size, num_blocks)[num_blocks - 1] if num_blocks else 0
 
     def needs_block_to_append(self, seq: Sequence) -> bool:
         return len(seq.block_table) < self.blocks_for(len(seq))

@@ -6,11 +6,11 @@ boundary.  ``StateSnapshots`` keeps such states in the pools' rows past the runn
 the block that ends the prefix (``block_manager.chain_hash``), least recently used evicted first.  The policy
 (``BlockManager.try_allocate``): a prompt takes the deepest cached prefix whose KV blocks are all cached *and* whose
 state is snapshotted, and snapshots its state where its cached KV ends (a prefix others share: a system prompt) and at
-its last full block before its last token (an identical prompt, or its conversation's next turn, hits there).  The
-kernels write such a boundary a multiple of ``CAPTURE_ALIGN`` tokens into a chunk to its slot during the step; at any
-other the chunk is cut (``cut_chunk``) and its end's state copied after the step.  A hit, a copy into the sequence's
-slot before its first chunk, gives the same tokens as a cold run.  A snapshot a prompt of the step being built
-restores is not evicted by that step's captures (the next prompt sharing it hits too).  How many:
+its last full block before its last token (its conversation's next turn hits there), each moved down to a multiple of
+``CAPTURE_ALIGN`` tokens past the hit (``capture_depths``), which the kernels write during the step; at any other
+boundary (``shared_prefix.py``'s, a later chunk's) the chunk is cut (``cut_chunk``) and its end's state copied after
+the step.  A hit, a copy into the sequence's slot before its first chunk, gives the same tokens as a cold run.  A
+snapshot a prompt of the step being built restores is not evicted by that step's captures.  How many:
 ``state_snapshots``, or by default (``grow_snapshots``) half the memory the running sequences cannot use.
 """
 import functools
@@ -68,6 +68,16 @@ class StateSnapshots:
         self.by_hash.update(self.pending)
         self.pending.clear()
         self.restored.clear()
+
+
+def capture_depths(start: int, depths, block_size: int) -> list[int]:
+    """The block counts, past ``start`` (the hit's), at which a prompt's state is snapshotted, from the ``depths``
+    the policy names (its cached KV's end, its last full block): each moved down to a multiple of ``CAPTURE_ALIGN``
+    tokens past ``start``, where the kernels write it inside the first chunk.  A boundary elsewhere would cut the
+    chunk there and cost the prompt a step before its first token; a later hit then recomputes < CAPTURE_ALIGN
+    tokens more.  Sorted, each once; none at ``start`` or before."""
+    step = CAPTURE_ALIGN // block_size if CAPTURE_ALIGN % block_size == 0 else 1
+    return sorted({start + (d - start) // step * step for d in depths if d - start >= step})
 
 
 def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:

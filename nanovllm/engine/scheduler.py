@@ -2,17 +2,17 @@
 
 A step is a prefill (chunks of prompts, at most ``max_num_batched_tokens`` tokens; ``mixed_prefill`` adds a token
 of each decoding sequence that fits) or a decode (a token of each running sequence past its prompt); prefill wins
-when prefill work fits.  When the KV cache (or window pool) cannot hold every running sequence's next token, the last
-admitted is preempted: its blocks are freed (kept in the prefix cache), it goes back to the queue's front.
+when prefill work fits; a prompt sharing an uncached prefix with one just admitted waits a step to hit it
+(``shared_prefix.py``).  When the KV cache (or window pool) cannot hold every running sequence's next token, the
+last admitted is preempted: its blocks are freed (kept in the prefix cache), it goes back to the queue's front.
 
-Steps are launched ahead of their tokens (``pipeline_depth``), so each has two halves: ``advance`` (right after
-launch) moves sequences forward, puts a ``PENDING_TOKEN`` where a token is being sampled and finishes sequences on
-length; ``resolve`` (later) writes the sampled tokens in and finishes sequences on EOS or stop tokens.  A sequence cut
-by an EOS, or by ``abort``, loses the tokens after it; the queued steps' rows for it are ignored.  A full block is
-published to the prefix cache only once its tokens are resolved, and a preempted sequence is readmitted only then.
-A decode step may verify proposals (``proposals.py``).  It owns a running sequence's KV blocks, token slot (device
-token buffer row) and LoRA slot pin (``lora_slots.py``; with no free slot it waits, and up to ``max_num_seqs``
-behind it may go first), handed out on admission and taken back on preemption, finish and abort.
+Steps are launched ahead of their tokens (``pipeline_depth``): ``advance`` (at launch) moves sequences forward, puts a
+``PENDING_TOKEN`` where a token is sampled and finishes on length; ``resolve`` (later) writes the tokens in and
+finishes on EOS or stop tokens (cutting the tokens after it, as ``abort`` does).  A full block is published to the
+prefix cache once its tokens are resolved, and a preempted sequence is readmitted only then.
+A decode step may verify proposals (``proposals.py``).  It owns a running sequence's KV blocks, token slot and LoRA
+slot pin (``lora_slots.py``; with none free it waits, up to ``max_num_seqs`` behind it going first), handed out on
+admission and taken back on preemption, finish and abort.
 """
 from collections import deque
 
@@ -20,6 +20,7 @@ from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.hybrid_state import cut_chunk
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from nanovllm.engine.shared_prefix import PrefixSharing
 from nanovllm.engine.proposals import propose, resolve_verify
 
 
@@ -37,6 +38,7 @@ class Scheduler:
         self._unpublished: set[Sequence] = set()  # running, with a computed full block that holds a pending token
         self.speculative = speculative  # the proposer of decode steps (``proposals.py``), or None
         self.loras = None  # the engine's LoRA adapters (``lora_slots.EngineLoras``), with ``enable_lora``
+        self.sharing = PrefixSharing(block_manager)  # prompts admitted a step after the prefix they share
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -65,19 +67,25 @@ class Scheduler:
             return n
 
         bm = self.block_manager
+        self.sharing.begin(self.running)
         for seq in list(self.running):  # unfinished chunked prefills continue first (preempted since: not)
             if budget and seq.is_prefilling and seq.status is SequenceStatus.RUNNING \
                     and self._window_room(seq, batch.preempted):
                 budget -= add_chunk(seq)
         passed = []  # waiting sequences whose LoRA adapter has no free slot: those behind them may go first
+        held = []  # those and the ones waiting for a leader's prefix (``shared_prefix.py``), in queue order
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING_TOKEN:  # preempted with tokens still being sampled: wait for them
                 break
             if passed and max(p.lora_passed_by for p in passed) >= self.max_num_seqs:
                 break  # a batch went past one waiting for a LoRA slot: the rest wait until it has one
+            if self.sharing.waits(seq):
+                held.append(self.waiting.popleft())
+                continue
             if self.loras is not None and not self.loras.admit(seq):  # every slot pinned by other adapters
                 passed.append(self.waiting.popleft())
+                held.append(passed[-1])
                 continue
             if not bm.try_allocate(seq, budget):  # its blocks, and its first chunk's window blocks
                 if self.loras is not None:
@@ -89,8 +97,9 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.token_slot = self.free_slots.pop()  # running sequences <= max_num_seqs: one is free
             self.running.append(seq)
+            self.sharing.lead(seq, self.waiting)
             budget -= add_chunk(seq)
-        self.waiting.extendleft(reversed(passed))  # in their places at the queue's front
+        self.waiting.extendleft(reversed(held))  # in their places at the queue's front
         if seqs and budget and self.mixed_prefill:
             self._add_decode_rows(seqs, counts, budget)
         if snapshots is not None:

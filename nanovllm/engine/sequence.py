@@ -76,6 +76,8 @@ class Sequence:
         self.lora_passed_by = 0  # requests admitted before it while it waited for a slot (the scheduler's bound)
         self.state_restore: int | None = None  # hybrid models: the snapshot its first chunk starts from
         self.capture_points: list = []  # hybrid models: (tokens, block hash) where its state is snapshotted
+        self.lead_depth = 0  # blocks it computes for waiting prompts that share them (``shared_prefix.py``)
+        self.block_chain: tuple | None = None  # ((length, last token), its full blocks' chain hashes), block_manager
         self.num_reported_tokens = 0  # completion tokens the engine's step outputs carried so far
         self.finish_reason: str | None = None  # "stop" (EOS or a stop token), "length" or "abort", once finished
         # per resolved completion token, if ``params.logprobs`` is set: (its logprob, top ids, top logprobs)
