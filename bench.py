@@ -138,7 +138,7 @@ def summarize(stats: dict, seconds: float, tokens: int, input_tokens: int, log: 
         "host_ms_per_step": round(1000 * stats["host_time"] / engine_steps, 3),
         "device_wait_ms_per_step": round(1000 * stats["wait_time"] / engine_steps, 3),
         "preemptions": stats["preemptions"], "decode_kv_tokens": stats["decode_kv_tokens"],
-        "decode_by_batch": decode_by_batch(log),
+        "pipeline_depth_at_end": stats.get("pipeline_depth"), "decode_by_batch": decode_by_batch(log),
         "prefill_step_ms": [round(1000 * r.seconds, 1) for r in log if r.kind == "prefill"],
     }
 

@@ -99,7 +99,8 @@ class EngineConfig:
     pipeline_depth: int = _opt(3, "engine steps queued on the device before the host reads the oldest one's "
                                   "tokens (1 queues only the next step), offline and in the server alike; deeper "
                                   "hides longer host stalls, and a sequence that stops on EOS is computed for up to "
-                                  "this many steps past it")
+                                  "this many steps past it.  The most: on a GPU with one rank, fewer while steps "
+                                  "are long enough to cover the host's time (a new prompt waits behind them)")
     offload_experts: bool = _opt(False, "keep mixture-of-experts weights in (pinned) host memory and a per-layer "
                                         "device cache of `experts_on_device` experts, evicted least recently "
                                         "used; the model then runs eagerly")

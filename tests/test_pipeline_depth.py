@@ -146,3 +146,47 @@ def test_a_pipeline_slot_is_not_handed_out_before_its_step_is_collected():
         pipe.next_slot()
     assert pipe.should_collect(launched=True) and pipe.collect() == ("step0", [0], None, None)
     assert pipe.next_slot().index == 0 and len(pipe) == 2
+
+
+def test_an_adaptive_pipeline_keeps_the_fewest_steps_that_cover_the_host():
+    """``paced``: one 22 ms device step covers 2 ms of host work plus LEAD_SECONDS; 6 ms ones need two; 3 ms ones
+    three, the cap.  Intervals before the host first waits (the queue filling) are not the device's pace."""
+    from nanovllm.engine.pipeline import LEAD_SECONDS, StepPipeline
+
+    def settle(device, host, steps=40):
+        pipe = StepPipeline(3, lambda: torch.zeros(4, dtype=torch.int64), adaptive=True)
+        pipe.paced(0.0, steady=False, host_seconds=host)
+        pipe.paced(0.0005, steady=False, host_seconds=host)  # not steady: no sample
+        assert pipe.device_seconds is None and pipe.depth == 3
+        for i in range(steps):
+            pipe.paced(0.0005 + (i + 1) * device, steady=True, host_seconds=host)
+        return pipe
+
+    assert LEAD_SECONDS == 0.008
+    assert settle(0.022, 0.002).depth == 1
+    assert settle(0.006, 0.002).depth == 2
+    assert settle(0.003, 0.002).depth == 3
+    fixed = StepPipeline(3, lambda: torch.zeros(4, dtype=torch.int64))
+    fixed.paced(0.0, True, 0.002)
+    fixed.paced(0.022, True, 0.002)
+    assert fixed.depth == 3 and fixed.device_seconds is None  # not adaptive: the depth asked for
+
+
+def test_a_fallen_depth_collects_the_steps_past_it():
+    from nanovllm.engine.pipeline import StepPipeline
+    pipe = StepPipeline(3, lambda: torch.zeros(4, dtype=torch.int64), adaptive=True)
+    for i in range(4):
+        pipe.push(f"step{i}", pipe.next_slot(), 1, None)
+    pipe.depth = 1
+    collected = 0
+    while pipe.should_collect(launched=True):
+        pipe.collect()
+        collected += 1
+    assert collected == 3 and len(pipe) == 1
+
+
+def test_a_cpu_engine_keeps_the_depth_asked_for(tmp_path):
+    """The host runs a CPU step as it is queued: nothing to adapt to, so tests see the depth they ask for."""
+    path = build_checkpoint(tmp_path, "qwen3")
+    llm = LLM(path, enforce_eager=True, num_kvcache_blocks=16, pipeline_depth=2)
+    assert not llm.engine.pipeline.adaptive and llm.engine.pipeline.depth == 2

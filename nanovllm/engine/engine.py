@@ -64,7 +64,8 @@ class Engine:
         self.scheduler.loras = self.runner.loras
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
-        self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens)
+        self.pipeline = StepPipeline(config.pipeline_depth, self.runner.new_host_tokens,
+                                     adaptive=self.platform.queues_work and config.tensor_parallel_size == 1)
         self.stats: dict = {}
         self._spec_k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
         self.spec_gate = SpecGate(agree=functools.partial(distributed.agree_min, device=self.runner.device))
@@ -77,12 +78,13 @@ class Engine:
         scheduling, preparing and bookkeeping), ``wait_time`` (seconds it waited for the device),
         ``decode_prepare_time`` (of the host time, building decode inputs), the KV tokens decode steps read
         (``decode_kv_tokens``), ``preemptions``, ``grammar_time`` (host seconds filling masks and advancing
-        grammars, ``Grammars.seconds``) and, with ``speculative_config``: verify steps, drafts (sequences with a
-        proposal in one), proposed and kept tokens, and per proposal position (0 first) the drafts that reached
-        it and those that kept it."""
+        grammars, ``Grammars.seconds``), ``pipeline_depth`` (the steps kept queued now, ``pipeline.py``) and, with
+        ``speculative_config``: verify steps, drafts (sequences with a proposal in one), proposed and kept tokens,
+        and per proposal position (0 first) the drafts that reached it and those that kept it."""
         self.stats.update({"prefill_tokens": 0, "prefill_time": 0.0, "decode_tokens": 0, "decode_time": 0.0,
                            "decode_steps": 0, "prefill_steps": 0, "host_time": 0.0, "wait_time": 0.0,
                            "decode_prepare_time": 0.0, "decode_kv_tokens": 0, "preemptions": 0, "grammar_time": 0.0,
+                           "pipeline_depth": self.pipeline.depth,
                            "spec_verify_steps": 0, "spec_drafts": 0, "spec_proposed_tokens": 0,
                            "spec_accepted_tokens": 0, "spec_proposed_by_position": [0] * self._spec_k,
                            "spec_accepted_by_position": [0] * self._spec_k})
@@ -176,15 +178,21 @@ class Engine:
                 event, prepare_seconds = self.runner.launch(batch, slot)
             self.pipeline.push(batch, slot, sum(batch.num_new_tokens) if batch.proposals else len(batch.seqs), event)
             stats["decode_prepare_time"] += prepare_seconds
-        launch = time.perf_counter() - t0 - wait
+        launched_at = time.perf_counter()
+        launch = launched_at - t0 - wait
+        steady = self._waited_after_launch
         if self.pipeline.should_collect(launched=bool(batch.seqs)):
             wait += self._collect(collected)
+            while self.pipeline.should_collect(launched=True):  # the depth fell
+                wait += self._collect(collected)
         self._waited_after_launch = len(collected) > drained
         if batch.seqs:
             self.scheduler.advance(batch)
         elapsed = time.perf_counter() - t0
         stats["wait_time"] += wait
         stats["host_time"] += elapsed - wait
+        self.pipeline.paced(launched_at if batch.seqs else None, steady, elapsed - wait)
+        stats["pipeline_depth"] = self.pipeline.depth
         stats["grammar_time"] = self.runner.grammars.seconds
         # Wall time is charged to the step whose device work it waited for, or else to the oldest queued one.
         previous = collected[-1][0] if collected else None

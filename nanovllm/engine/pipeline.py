@@ -1,16 +1,19 @@
 """``StepPipeline``: the steps queued on the device, and the host buffers each one may use.
 
-The engine keeps up to ``depth`` steps queued: it launches step n, then reads the tokens of step n - depth.
-Each launched step owns a ``StepSlot``: a (pinned) host buffer its sampled tokens are copied to in the
-background, the index that picks its input staging buffers (``DecodeInputBuilder``), and the event that says the
-device is done with it.  There are ``depth + 1`` slots, used round robin, so a slot is reused by the step launched
-``depth + 1`` launches later, by which time the engine has read the step that last held it.
+The engine keeps up to ``depth`` steps queued: it launches step n, then reads the tokens of step n - depth.  Each
+launched step owns a ``StepSlot``: a (pinned) host buffer its sampled tokens are copied to in the background, the
+index that picks its input staging buffers (``DecodeInputBuilder``), and the event that says the device is done with
+it.  There are ``max_depth + 1`` slots, used round robin.  The rule that makes this safe, enforced here: a slot is
+handed out again only after ``collect`` has waited for its previous step (the device may still be copying that
+step's inputs out of the slot's staging buffers and its tokens into its host buffer, and its prompt logprobs).
 
-The rule that makes this safe, enforced here: a slot is handed out again only after ``collect`` has waited for
-its previous step.  Until then the device may still be copying that step's inputs out of the slot's staging
-buffers and its tokens into the slot's host buffer.  A prefill step that computes prompt logprobs leaves them on its
-slot too (``prompt_logprobs``), handed back with its tokens.
+With ``adaptive`` (one rank, on a device that runs queued work while the host goes on), ``paced`` measures the
+device's pace (seconds between launches once the host waits for it) and the host's seconds a step, and ``depth`` is
+the fewest steps whose device time covers the host's time plus ``LEAD_SECONDS``, at most ``max_depth``
+(``pipeline_depth``): a step arriving behind the queue waits for all of it (a prompt's first token, in a server), so
+long steps keep fewer.  Tokens are the same at every depth.
 """
+import math
 from collections import deque
 from typing import Any, Callable
 
@@ -34,13 +37,35 @@ class StepSlot:
         self.busy = False
 
 
+LEAD_SECONDS = 0.008  # device work kept queued past the host's own time a step: covers its stalls
+_WEIGHT = 0.25  # of a new sample in the running averages
+
+
 class StepPipeline:
-    def __init__(self, depth: int, make_host_tokens: Callable[[], torch.Tensor]):
+    def __init__(self, depth: int, make_host_tokens: Callable[[], torch.Tensor], adaptive: bool = False):
         assert depth >= 1
-        self.depth = depth
+        self.max_depth = self.depth = depth  # the most steps kept queued, and those kept now
+        self.adaptive = adaptive
+        self.host_seconds = self.device_seconds = None  # running averages a step (None until measured)
+        self._last_launch: float | None = None
         self._slots = [StepSlot(i, make_host_tokens()) for i in range(depth + 1)]
         self._queued: deque = deque()  # (what the caller launched, slot, number of tokens)
         self._launches = 0
+
+    def paced(self, launched_at: float | None, steady: bool, host_seconds: float) -> None:
+        """Note an engine step: when it launched one (None: it did not), whether the host waited for the device
+        since the launch before (so the interval is the device's pace) and the host's own seconds; with
+        ``adaptive``, sets ``depth`` from the running averages."""
+        if not self.adaptive:
+            return
+        self.host_seconds = _average(self.host_seconds, host_seconds)
+        if launched_at is not None:
+            if steady and self._last_launch is not None:
+                self.device_seconds = _average(self.device_seconds, launched_at - self._last_launch)
+            self._last_launch = launched_at
+        if self.device_seconds:
+            self.depth = max(1, min(self.max_depth, math.ceil((self.host_seconds + LEAD_SECONDS) /
+                                                              self.device_seconds)))
 
     def next_slot(self) -> StepSlot:
         """The slot for the step about to be launched (round robin); it must have been collected."""
@@ -58,7 +83,8 @@ class StepPipeline:
         self._queued.append((work, slot, num_tokens))
 
     def should_collect(self, launched: bool) -> bool:
-        """Whether to read the oldest step now: more than ``depth`` are queued, or nothing new was launched."""
+        """Whether to read the oldest step now: more than ``depth`` are queued (after it fell, maybe several), or
+        nothing new was launched."""
         return bool(self._queued) and (len(self._queued) > self.depth or not launched)
 
     def collect(self) -> tuple[Any, list[int], tuple | None, tuple | None]:
@@ -85,3 +111,7 @@ class StepPipeline:
 
     def __len__(self) -> int:
         return len(self._queued)
+
+
+def _average(old: float | None, sample: float) -> float:
+    return sample if old is None else old + _WEIGHT * (sample - old)

@@ -38,6 +38,7 @@ class Platform:
     compile_backend = "inductor"
     pin_memory = False  # whether host staging buffers for device copies should be page-locked
     fp8_kv_cache = True  # whether K and V may be stored as float8 e4m3 (kv_cache_dtype="fp8") here
+    queues_work = False  # the device runs queued work while the host goes on (the engine's pipeline adapts its depth)
 
     def __init__(self, device: torch.device, options: KernelOptions | None = None):
         self.device = device
@@ -154,6 +155,7 @@ class TorchDevicePlatform(Platform):
     synchronisation, completion events and memory measured after a probe step are written once, here."""
     measures_memory = True
     pin_memory = True
+    queues_work = True
 
     def __init__(self, device: torch.device, options: KernelOptions | None = None):
         self._api = self.device_api()  # read once: ``record_event`` runs every step

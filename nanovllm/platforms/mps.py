@@ -25,6 +25,7 @@ from nanovllm.platforms.base import Platform
 class MpsPlatform(Platform):
     name = "mps"
     measures_memory = True
+    queues_work = True
     fp8_kv_cache = False  # MPS has no float8 tensors
 
     def __init__(self, device: torch.device, options=None):
