@@ -99,8 +99,9 @@ def make_config(arch: str, **overrides):
         return transformers.Gemma3TextConfig(head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
                                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                              rope_parameters=rope, **dict(kw, num_hidden_layers=3, tie_word_embeddings=True))
-    if arch in HYBRID:  # linear, linear, full, linear
-        return HYBRID[arch](**dict(kw, **HYBRID_KW, **(HYBRID_MOE_KW if "moe" in arch or "next" in arch else {})))
+    if arch in HYBRID:  # linear, linear, full, linear (what the caller overrides wins)
+        moe = HYBRID_MOE_KW if "moe" in arch or "next" in arch else {}
+        return HYBRID[arch](**dict(dict(kw, **HYBRID_KW, **moe), **overrides))
     raise ValueError(arch)
 
 

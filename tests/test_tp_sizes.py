@@ -1,7 +1,8 @@
-"""Tensor-parallel sizes other than 2, from ``LLM(...)`` on the CPU (gloo): four ranks on a model with 8 query heads
-and 2 KV heads (each KV head replicated on two ranks) give TP=1's and transformers' greedy float32 tokens; a size
-that does not divide the query heads (3) raises a ``ValueError`` naming both numbers, and an engine that fails to
-build on rank 0 alone stops its workers: either way no worker process is left and rank 0 is a rank of one again."""
+"""Tensor-parallel sizes other than 2, from ``LLM(...)`` on the CPU (gloo): four ranks on a model with 8 query heads and
+2 KV heads (each KV head replicated on two ranks), and on a hybrid one split by its linear-attention heads, give
+TP=1's and transformers' greedy float32 tokens; a size that does not divide the query heads (3) raises a
+``ValueError`` naming both numbers, and an engine that fails to build on rank 0 alone stops its workers: either way
+no worker process is left and rank 0 is a rank of one again."""
 import time
 
 import psutil
@@ -85,3 +86,20 @@ def test_an_engine_that_fails_on_rank_0_alone_stops_its_workers(model, monkeypat
     assert time.monotonic() - start < 45  # not the timeout
     assert spawned_workers() == []
     assert distributed.current() == distributed.TensorParallel(0, 1)
+
+
+def test_four_ranks_split_a_hybrid_model_by_its_linear_attention_heads(tmp_path):
+    """Qwen3-Next (Gated DeltaNet and full attention, MoE) with 4 key and 8 value heads in its linear layers: each
+    of four ranks holds one key head and two value heads, a quarter of the state, and greedy float32 tokens are
+    transformers'."""
+    path = build_checkpoint(tmp_path, "qwen3_next", linear_num_key_heads=4, linear_num_value_heads=8)
+    want = hf_greedy(path, PROMPTS, 5)
+    llm = LLM(path, tensor_parallel_size=4, **ENGINE)
+    try:
+        linear = next(layer.linear_attn for layer in llm.engine.runner.model.model.layers
+                      if hasattr(layer, "linear_attn"))
+        assert (linear.la.num_k_heads, linear.la.num_v_heads) == (1, 2)
+        assert tokens(llm) == want
+    finally:
+        llm.close()
+    assert spawned_workers() == [] and distributed.current() == distributed.TensorParallel(0, 1)
