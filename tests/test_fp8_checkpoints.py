@@ -1,8 +1,8 @@
 """Block-FP8 checkpoints (the Qwen3-*-FP8 layout: float8 weights, a ``weight_scale_inv`` per block) load as stored:
 the projections and experts stay float8 in memory with their scales, and greedy float32 tokens equal transformers'
-on a float32 copy whose weights are the dequantized ones, in eager and graph mode, dense and MoE, at one rank and
-two; a misaligned shard, a bad block size or format is refused by name; ``synthesize --quantize fp8`` writes one
-that loads."""
+on a float32 copy whose weights are the dequantized ones, in eager and graph mode, dense, MoE and hybrid, at one
+rank and two (a rank's rows may start inside a block; its columns may not: refused by name, as a bad block size or
+format is); ``synthesize --quantize fp8`` writes one that loads."""
 import json
 import random
 import re
@@ -180,6 +180,35 @@ def test_two_ranks_equal_one(tmp_path):
     two = LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
     try:
         assert greedy(two, prompts) == one
+    finally:
+        two.close()
+
+
+HYBRID_BLOCK = (16, 8)  # in_proj_b / in_proj_a (Qwen3.5: 4 rows) and in_proj_ba (Qwen3-Next: 8): each rank's
+# rows lie inside one block; every rank's columns (32 value channels, 16 and 24 expert rows) are whole blocks
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", pytest.param("qwen3_next", marks=pytest.mark.slow)])
+def test_a_hybrid_checkpoint_at_one_and_two_ranks_matches_the_dequantized_weights(tmp_path, arch):
+    """Gated DeltaNet projections in float8 blocks: Qwen3.5's q/k/v projection is loaded whole and each rank keeps
+    its q, k and v channels with their scales (``quant/held.keep_rows``); rows that start inside a block are read
+    with the whole block's scales, then cut."""
+    path = fp8_checkpoint(tmp_path, arch, block=HYBRID_BLOCK)
+    prompts = prompts_of(3, seed=6, max_len=40)
+    want = hf_greedy(dequantized_copy(path, tmp_path / "plain", block=HYBRID_BLOCK), prompts, GREEDY.max_tokens)
+    assert greedy(LLM(path, enforce_eager=True, **ENGINE), prompts) == want
+    two = LLM(path, tensor_parallel_size=2, enforce_eager=True, **ENGINE)
+    try:
+        linear = next(layer.linear_attn for layer in two.engine.runner.model.model.layers
+                      if layer.kind == "linear_attention")
+        ba = linear.in_proj_ba if arch == "qwen3_next" else linear.in_proj_b
+        assert ba.weight.dtype == torch.float8_e4m3fn and ba.weight.shape[0] == ba.weight_scale.shape[0] == 2 * (
+            1 + (arch == "qwen3_next"))  # 2 of the 4 value heads (b and a interleaved in Qwen3-Next's)
+        if arch == "qwen3_5":
+            qkv = linear.in_proj_qkv
+            assert qkv.weight.dtype == torch.float8_e4m3fn
+            assert qkv.weight.shape[0] == qkv.weight_scale.shape[0] == linear.la.conv_dim < linear.whole.conv_dim
+        assert greedy(two, prompts) == want
     finally:
         two.close()
 

@@ -21,6 +21,7 @@ from nanovllm.kernels.linear_attention import ops as la_ops
 from nanovllm.kernels.norm_rope import apply_rotary
 from nanovllm.layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from nanovllm.models.decoder import project
+from nanovllm.quant import held
 from nanovllm.step import StepInputs
 
 
@@ -91,19 +92,15 @@ class GatedDeltaNet(nn.Module):
 
     @torch.no_grad()
     def keep_rank_channels(self, rank: int) -> None:
-        """Cut this rank's q, k and v channels out of the whole convolution (and Qwen3.5's q/k/v projection)."""
+        """Cut this rank's q, k and v channels out of the whole convolution (and Qwen3.5's q/k/v projection, in
+        whatever format it holds: ``quant/held.keep_rows``)."""
         la, whole = self.la, self.whole
         if la.conv_dim == whole.conv_dim:
             return
         rows = torch.cat([torch.arange(start + rank * n, start + (rank + 1) * n) for start, n in
                           ((0, la.key_dim), (whole.key_dim, la.key_dim), (2 * whole.key_dim, la.value_dim))])
-        modules = [self.conv1d] + ([] if self.interleaved else [self.in_proj_qkv])
-        for module in modules:
-            if getattr(module, "weight_format", None) is not None:
-                raise ValueError("a quantized checkpoint's linear-attention projections cannot be split over "
-                                 "tensor-parallel ranks yet; use tensor_parallel_size=1 or quantization='fp8'")
-            module.weight = nn.Parameter(module.weight[rows.to(module.weight.device)].contiguous(),
-                                         requires_grad=False)
+        for module in [self.conv1d] + ([] if self.interleaved else [self.in_proj_qkv]):
+            held.keep_rows(module, rows)  # a quantized projection's scales too
 
     def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
         """The projections a weight quantization holds: every input projection and the output one."""

@@ -43,6 +43,7 @@ def check_compressed_fp8(quant: dict) -> None:
 class ChannelLayout:
     """One float32 scale per output row (or one per tensor, repeated on every row) over all the weight's columns."""
     suffix = "_scale"  # X.weight -> X.weight_scale
+    row_block = 1  # rows are scaled one by one: a rank's rows are read as they are (``fp8_checkpoint.ScaleReader``)
 
     def __init__(self, strategy: str | list[str] = "channel"):
         self.strategies = [strategy] if isinstance(strategy, str) else list(strategy)

@@ -6,9 +6,10 @@ Block layout: a quantized Linear ``X.weight`` is float8_e4m3fn [N, K] with ``X.w
 scale (the last block in each dimension may be partial).  The FP8 schemes (``fp8_schemes.py``) keep such a tensor
 in float8 with its scales expanded per row (``read_quantized``: ``kernels/weight_quant.py``'s format), or
 dequantize it in float32 into the model's dtype where the model keeps that parameter unquantized (``read``).  A
-tensor-parallel rank reads only its rows or columns of the weight and the matching scales; a block-layout piece
-that does not start on a block boundary (or ends inside a block short of the tensor's end) is an error naming the
-tensor, the block and the shard.
+tensor-parallel rank reads only its rows or columns of the weight and the matching scales.  Rows carry their own
+scales once read, so a rank's rows may start and end inside a block (the whole blocks are read, then cut); a
+block-layout column piece that does not start on a block boundary (or ends inside a block short of the tensor's
+end) is an error naming the tensor, the block and the shard.
 ``quantize_checkpoint`` rewrites a safetensors checkpoint in a layout (for tests and synthesis).
 """
 import json
@@ -51,6 +52,7 @@ class BlockLayout:
     def __init__(self, block: tuple[int, int] = (128, 128)):
         self.block = tuple(block)
         self.name = f"block {self.block[0]}x{self.block[1]}"
+        self.row_block = self.block[0]  # a rank's rows are read widened to whole blocks (``ScaleReader``)
 
     def group(self, k: int) -> int:
         return self.block[1]
@@ -124,16 +126,17 @@ class ScaleReader:
 
     def read(self, name: str, cut: tuple[int, int, int] | None) -> torch.Tensor:
         """The float32 dequantized piece of float8 tensor ``name``, padded with zero rows past its end."""
-        return pad(self.layout.dequantize(*self._pieces(name, clamp(cut, self.checkpoint.slice(name).get_shape()))),
-                   cut)
+        weight, scale, rows = self._pieces(name, clamp(cut, self.checkpoint.slice(name).get_shape()))
+        return pad(self.layout.dequantize(weight, scale)[rows], cut)
 
     def read_quantized(self, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the float8 piece, its float32 scales per row: ``weight_quant.py``'s format)."""
-        weight, scale = self._pieces(name, None if cut is None else (cut[0], cut[1], cut[1] + cut[2]))
-        return weight, self.layout.row_scales(weight, scale)
+        weight, scale, rows = self._pieces(name, None if cut is None else (cut[0], cut[1], cut[1] + cut[2]))
+        return weight[rows], self.layout.row_scales(weight, scale)[rows]
 
-    def _pieces(self, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float8 piece, the stored scales it needs), checked by the layout; ``cut``: ``(dim, start, stop)``."""
+    def _pieces(self, name: str, cut: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(float8 piece, the stored scales it needs, the rows of the piece ``cut`` asked for), checked by the
+        layout; ``cut``: ``(dim, start, stop)``, a row cut widened to the layout's whole blocks of rows."""
         scale_name = name + self.layout.suffix
         if scale_name not in self.checkpoint:
             raise ValueError(f"tensor {name!r} is float8 but the checkpoint has no {scale_name!r} to scale it")
@@ -141,11 +144,16 @@ class ScaleReader:
         shape = stored.get_shape()
         if len(shape) != 2:
             raise ValueError(f"tensor {name!r} is float8 of shape {tuple(shape)}; FP8 weights are 2-D")
+        rows = slice(None)
+        if cut is not None and cut[0] == 0:
+            b, (_, start, stop) = self.layout.row_block, cut
+            cut = (0, start // b * b, min(-(-stop // b) * b, shape[0]))
+            rows = slice(start - cut[1], stop - cut[1])
         scales = self.layout.scale_piece(name, shape, self.checkpoint.slice(scale_name), cut)
         if cut is None:
-            return stored[:], scales
+            return stored[:], scales, rows
         dim, start, stop = cut
-        return stored[(slice(None),) * dim + (slice(start, stop),)], scales
+        return stored[(slice(None),) * dim + (slice(start, stop),)], scales, rows
 
 
 def quantizable(name: str, tensor: torch.Tensor, skip: list[str]) -> bool:

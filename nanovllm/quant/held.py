@@ -3,16 +3,18 @@
 A scheme that quantizes a module's parameters sets its ``weight_format`` (``FP8`` here: ``kernels/weight_quant.py``'s
 float8 with scales per row and group; ``INT4``: ``kernels/int4_quant.py``'s codes, scales and zeros, and a
 projection's act-order ``weight_perm``; ``MXFP4``: ``kernels/mxfp4_quant.py``'s e2m1 codes and e8m0 scales, stacked
-experts only); a module without one holds plain weights.  Layers call ``linear`` and
-``expert_args`` and never ask which scheme made the weights.
+experts only); a module without one holds plain weights.  Layers call ``linear``, ``expert_args`` and
+``keep_rows`` and never ask which scheme made the weights.
 """
 import torch
+from torch import nn
 
 from nanovllm.kernels import mxfp4_quant, ops
 
 
 class Fp8Format:
     name = "fp8"
+    row_tensors = ("weight", "weight_scale")  # what holds one entry per output row
 
     def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
         return ops.linear(x, module.weight, bias, silu_mul, module.weight_scale, module.quant_group)
@@ -23,6 +25,7 @@ class Fp8Format:
 
 class Int4Format:
     name = "int4"
+    row_tensors = ("weight", "weight_scale", "weight_zero")  # ``weight_perm`` orders columns: every row keeps it
 
     def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
         return ops.linear_int4(x, module.weight, module.weight_scale, module.weight_zero, module.quant_group,
@@ -36,6 +39,7 @@ class Int4Format:
 class Mxfp4Format:
     """Stacked experts only (``quant/mxfp4_weights.py``): the ops tell MXFP4 by its uint8 scales and no zeros."""
     name = "mxfp4"
+    row_tensors = ()  # no projection holds it
 
     def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
         raise ValueError("MXFP4 holds stacked experts only, not a projection")
@@ -65,3 +69,19 @@ def expert_args(experts) -> tuple:
     plain ones."""
     held = format_of(experts)
     return (None, None, 0, None, None) if held is None else held.expert_args(experts)
+
+
+def keep_rows(module, rows: torch.Tensor) -> None:
+    """Keep only output rows ``rows`` of ``module``'s weight (a rank's channels of a projection loaded whole), in
+    the format it holds them: each tensor with an entry per row is cut alike (the formats scale rows one by one)."""
+    held = format_of(module)
+    names = ("weight",) if held is None else held.row_tensors
+    if not names:
+        raise ValueError(f"{held.name} weights have no rows to keep: {held.name} holds stacked experts only")
+    for name in names:
+        tensor = getattr(module, name)
+        kept = tensor[rows.to(tensor.device)].contiguous()
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, nn.Parameter(kept, requires_grad=False))
+        else:
+            setattr(module, name, kept)  # a buffer stays one
