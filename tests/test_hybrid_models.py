@@ -2,7 +2,8 @@
 identical to transformers in eager and graph mode, on prompts longer than a prefill chunk and than several KV
 blocks, in batches whose sequences start and finish at different steps (so each row's state slot carries across
 chunks, mixed prefill and decode steps); a published multimodal Qwen3.5 checkpoint runs its text path; graph mode
-compiles once; the features a recurrent state cannot serve are refused by name.
+compiles once; an FP8 KV cache in the full-attention layers matches its oracle; speculative decoding (a rejected
+draft token needs the state before it) is refused by name.
 """
 import pytest
 import torch
@@ -65,14 +66,30 @@ def build_kwargs() -> dict:
     return dict(TINY, **HYBRID_KW)
 
 
-@pytest.mark.parametrize("option, value, named", [
-    ("speculative_config", {"method": "ngram", "num_speculative_tokens": 2}, "speculative_config"),
-    ("kv_cache_dtype", "fp8", "kv_cache_dtype"),
-])
-def test_features_a_recurrent_state_cannot_serve_are_refused_by_name(tmp_path, option, value, named):
+def test_speculative_decoding_is_refused_by_name(tmp_path):
     path = build_checkpoint(tmp_path, "qwen3_next")
-    with pytest.raises(ValueError, match=f"{named}.*Qwen3NextForCausalLM|Qwen3NextForCausalLM.*{named}"):
-        LLM(path, enforce_eager=True, **dict(ENGINE, **{option: value}))
+    with pytest.raises(ValueError, match="speculative_config is not supported for Qwen3NextForCausalLM"):
+        LLM(path, enforce_eager=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **ENGINE)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", pytest.param("qwen3_next", marks=pytest.mark.slow)])
+def test_fp8_kv_cache_matches_its_oracle(tmp_path, arch):
+    """kv_cache_dtype="fp8": the full-attention layers' K and V in e4m3 with scales calibrated per head (the
+    linear-attention layers' states as without it); transformers with K and V rounded alike
+    (``tools/oracle.fp8_kv_attention``) gives the same tokens in eager and graph mode."""
+    from nanovllm.tools import oracle
+    path = build_checkpoint(tmp_path, arch)
+    eager = LLM(path, enforce_eager=True, kv_cache_dtype="fp8", **ENGINE)
+    kinds = eager.config.hf_config["layer_types"]
+    scales = oracle.engine_kv_scales(eager)
+    assert [s is None for s in scales] == [kind == "linear_attention" for kind in kinds]
+    full = kinds.index("full_attention")
+    assert eager.engine.runner.kv_caches[full][0].dtype == torch.float8_e4m3fn
+    assert not torch.equal(scales[full][0], torch.ones_like(scales[full][0]))  # calibrated
+    want = hf_greedy(path, PROMPTS[:3], 6, attn_implementation=oracle.fp8_kv_attention(scales))
+    assert tokens(eager, PROMPTS[:3], [6, 6, 6]) == want
+    graph = LLM(path, graph_batch_sizes=[1, 2, 4], kv_cache_dtype="fp8", **ENGINE)
+    assert tokens(graph, PROMPTS[:3], [6, 6, 6]) == want
 
 
 def test_prefix_hits_restore_snapshots_and_match_a_cold_run(engines):

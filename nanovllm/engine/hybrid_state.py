@@ -150,10 +150,7 @@ def copy_states(runner, pairs: list[tuple[int, int]]) -> None:
 
 
 def refuse_for_hybrid(model_name: str, config) -> None:
-    """A ValueError naming the model and the option, for the options a hybrid model does not support."""
+    """A ValueError naming the model and the option, for the option a hybrid model does not support."""
     if config.speculative is not None:
         raise ValueError(f"speculative_config is not supported for {model_name}, a hybrid linear-attention model: "
                          f"a rejected draft token would need the recurrent state before it (see docs/MODELS.md)")
-    if config.fp8_kv_cache:
-        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not supported for {model_name}, a hybrid "
-                         f"linear-attention model; use kv_cache_dtype='auto'")

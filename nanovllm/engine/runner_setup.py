@@ -6,6 +6,8 @@ before the first request.
 Each takes the runner and reads its model, builders, specs and config; none changes what a step computes.  Under
 tensor parallelism every rank runs the same of them (what could differ, whether the checkpoint holds scales, is
 agreed), so their collectives pair up."""
+import dataclasses
+
 import torch
 
 import nanovllm.distributed as distributed
@@ -58,11 +60,16 @@ def set_kv_scales(runner) -> str:
     choice = "head" if choice == "auto" else choice
     n = min(CALIBRATION_TOKENS, cfg.max_model_len, cfg.max_num_batched_tokens)
     spec = runner.kv_spec
-    kv = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, runner.dtype,
-                     shapes=spec.shapes).allocate(-(-n // runner.block_size), runner.device)
+    calibration = KVCacheSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, runner.dtype,
+                              spec.states, spec.state_dtype, shapes=spec.shapes)
+    calibration.num_state_slots = 1  # a hybrid model's one prompt runs in state slot 0 and snapshots nothing
+    kv = calibration.allocate(-(-n // runner.block_size), runner.device)
+    inputs = runner.prefill_builder.probe(1, n)
+    inputs = dataclasses.replace(inputs, state_slots=torch.zeros_like(inputs.state_slots),
+                                 capture_slots=torch.zeros_like(inputs.capture_slots))
     ids = torch.randint(runner.vocab_size, (n,), generator=torch.Generator().manual_seed(cfg.seed))
     with torch.inference_mode():
-        runner.model(ids.to(runner.device), runner.prefill_builder.probe(1, n), kv)
+        runner.model(ids.to(runner.device), inputs, kv)
     kv_scales.calibrate(runner.model, kv, per_head=choice == "head")
     return choice
 

@@ -23,7 +23,8 @@ _NAME = re.compile(r"layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\
 
 
 def attention_layers(model) -> list:
-    return [layer.self_attn for layer in model.model.layers]
+    """Per layer, its attention module, or None where it has none (a hybrid model's linear-attention layers)."""
+    return [getattr(layer, "self_attn", None) for layer in model.model.layers]
 
 
 def _local(value: torch.Tensor, attn, name: str, total_heads: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ def load_checkpoint_scales(model, files: list[str]) -> bool:
         return False
     total = model.args.num_kv_heads
     for i, attn in enumerate(attention_layers(model)):
-        for kind in ("k", "v"):
+        for kind in ("k", "v") if attn is not None else ():
             if (i, kind) not in found:
                 raise ValueError(f"the checkpoint has KV cache scales, but none for layer {i}'s {kind.upper()} "
                                  f"(self_attn.{kind}_scale)")
@@ -66,9 +67,10 @@ def load_checkpoint_scales(model, files: list[str]) -> bool:
 
 @torch.no_grad()
 def calibrate(model, caches: list, per_head: bool) -> None:
-    """Set every layer's scales from ``caches`` [(K, V)] per layer, in the model's dtype, zero where unwritten."""
+    """Set every layer's scales from ``caches`` [(K, V)] per layer, in the model's dtype, zero where unwritten (a
+    layer without attention: its state pools, passed over)."""
     for attn, kv in zip(attention_layers(model), caches):
-        for cache, scale in zip(kv, (attn.k_scale, attn.v_scale)):
+        for cache, scale in zip(kv, (attn.k_scale, attn.v_scale)) if attn is not None else ():
             amax = cache.abs().amax(dim=(0, 2, 3)).float()
             if not per_head:
                 amax = distributed.agree_max(amax.max().reshape(1)).expand(amax.shape[0])

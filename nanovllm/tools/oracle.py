@@ -57,11 +57,12 @@ def fp8_kv_attention(scales: list) -> str:
 
 
 def engine_kv_scales(llm) -> list | None:
-    """Each layer's (k_scale, v_scale) of an engine with an FP8 KV cache (None without one)."""
+    """Each layer's (k_scale, v_scale) of an engine with an FP8 KV cache, None for a layer without attention (None
+    without such a cache)."""
     from nanovllm.models.kv_scales import attention_layers
     if not llm.config.fp8_kv_cache:
         return None
-    return [(a.k_scale.cpu(), a.v_scale.cpu()) for a in attention_layers(llm.engine.runner.model)]
+    return [a and (a.k_scale.cpu(), a.v_scale.cpu()) for a in attention_layers(llm.engine.runner.model)]
 
 
 def compare(ours: list[int], theirs: list[int], logprobs, margin: float, exact: bool) -> dict:
