@@ -59,7 +59,7 @@ class LLM:
             # while this engine's CUDA graphs still hold it (NCCL's abort then waits 30 s and the process aborts)
             atexit.register(self._finalizer)
             self.prompts = Prompts(self.config.model, self.config.hf_config, engine.runner.vocab_size,
-                                   self.config.max_model_len, getattr(engine.runner.model, "visual", None) is not None)
+                                   self.config.max_model_len)
             self.tokenizer = self.prompts.tokenizer
         except BaseException as e:  # the other ranks started (and may wait on a collective): stop them, leave the group
             if peers is not None:

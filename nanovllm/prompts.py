@@ -27,19 +27,14 @@ TEMPLATE_ARGUMENTS = frozenset({
 
 
 class Prompts:
-    def __init__(self, model_dir: str, hf_config: dict, vocab_size: int, max_model_len: int,
-                 takes_images: bool | None = None):
-        """``takes_images``: whether the engine's model runs its vision tower (False: the engine built it without,
-        at ``tensor_parallel_size`` > 1); None: wherever its class has one."""
+    def __init__(self, model_dir: str, hf_config: dict, vocab_size: int, max_model_len: int):
         self.model, self.vocab_size, self.max_model_len = model_dir, vocab_size, max_model_len
         self.hf_config = hf_config
         self.tokenizer = load_tokenizer(model_dir)
-        # a config with a vision tower we do not run (Gemma 3's, or one the engine left out) is text-only here
-        towered = "vision_config" in hf_config and hasattr(resolve_model_class(hf_config), "encode_images")
-        self.text_only = "vision_config" in hf_config and not (towered and takes_images is not False)
-        self._without_tower = "its vision tower runs at tensor_parallel_size=1 only" if towered else \
-            "its vision tower is not supported"
-        self.images = ImagePrompts(model_dir, hf_config, self.tokenizer) if towered and not self.text_only else None
+        # a config with a vision tower we do not run (Gemma 3's, Gemma 4's) is text-only here
+        self.text_only = "vision_config" in hf_config and not hasattr(resolve_model_class(hf_config), "encode_images")
+        takes_images = "vision_config" in hf_config and not self.text_only
+        self.images = ImagePrompts(model_dir, hf_config, self.tokenizer) if takes_images else None
 
     def encode_request(self, prompt, index: int = 0):
         """(token ids, ``ImageInputs`` or None) of a prompt: a str, a token-id list, or a dict with ``prompt`` (or
@@ -49,7 +44,7 @@ class Prompts:
             return self.encode_prompt(prompt, index), None
         if self.images is None:
             if (prompt.get("multi_modal_data") or {}).get("image") is not None:
-                why = (f"{resolve_model_class(self.hf_config).__name__}: {self._without_tower}"
+                why = (f"{resolve_model_class(self.hf_config).__name__}: its vision tower is not supported"
                        if self.text_only else "its config has no vision_config")
                 raise ValueError(f"prompt {index} has images but {self.model!r} is not a vision-language model "
                                  f"({why})")

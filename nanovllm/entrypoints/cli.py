@@ -74,8 +74,7 @@ def serve(argv=None, prog: str = "python -m nanovllm.serve") -> None:
     except RuntimeError as e:
         raise SystemExit(f"nanovllm serve: {e}") from None
     try:
-        prompts = Prompts(info["model"], info["hf_config"], info["vocab_size"], info["max_model_len"],
-                          info["takes_images"])
+        prompts = Prompts(info["model"], info["hf_config"], info["vocab_size"], info["max_model_len"])
         if chat["template"] is not None:
             prompts.use_chat_template(chat["template"])
         serving = Serving(loop, prompts, args.served_model_name or args.model, chat["kwargs"], chat["parser"],

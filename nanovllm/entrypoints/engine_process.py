@@ -66,7 +66,7 @@ def main(model: str, options: dict, inbox, outbox) -> None:
     config = llm.config
     outbox.send_bytes(dumps(("ready", {"model": config.model, "hf_config": config.hf_config,
                                        "vocab_size": llm.prompts.vocab_size, "max_model_len": config.max_model_len,
-                                       "takes_images": llm.prompts.images is not None, "pooler": config.pooler})))
+                                       "pooler": config.pooler})))
     try:
         EngineCore(llm.engine).serve(inbox, outbox)
     finally:

@@ -5,12 +5,12 @@ decoder (``hybrid.py``), and Qwen3-VL's interleaved M-RoPE over the full-attenti
 As for Qwen3-VL (``qwen_vl.py``): decode steps and text-only prefill chunks are the hybrid model's ordinary steps
 (positions already shifted by each sequence's ``rope_delta``), compiled and captured; a prefill chunk with image
 tokens runs eagerly with a ``MultiModalStep`` (the tower's embeddings at the image tokens, three-component positions).
-At ``tensor_parallel_size`` > 1 the tower is not built (it is not split across ranks): the text path runs and
-``prompts.py`` refuses an image by name.  Checkpoint names: ``model.language_model.`` and ``model.visual.``.
+Under tensor parallelism every rank holds the whole tower (none of its names is split, ``tensor_parallel.py``;
+a few hundred MB beside the decoder) and encodes a prompt's images itself: the ranks' requests and steps are
+mirrored, so their image steps pair up.  Checkpoint names: ``model.language_model.`` and ``model.visual.``.
 """
 import torch
 
-import nanovllm.distributed as distributed
 from nanovllm.models.hybrid import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 from nanovllm.models.mrope import frequency_components, per_token_tables
 from nanovllm.models.qwen3_vision import Qwen3VisionTower
@@ -31,15 +31,13 @@ class _WithVision:
         self.image_token_id = int(hf_config.get("image_token_id", text.get("image_token_id", 248056)))
         vision = dict(hf_config.get("vision_config") or {}, deepstack_visual_indexes=())
         self.merge_size = int(vision.get("spatial_merge_size", 2))
-        self.visual = Qwen3VisionTower(vision) if distributed.current().size == 1 else None
+        self.visual = Qwen3VisionTower(vision)
         rotary_dim = self.model.rotary.cos_cache.shape[-1]
         section = list(text.get("mrope_section") or MROPE_SECTION)
         self.register_buffer("mrope_components", frequency_components(rotary_dim, section, True), persistent=False)
 
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list]:
         """The tower on a prompt's images: (embeddings [image tokens, H], no deepstack features)."""
-        if self.visual is None:
-            raise ValueError(f"{type(self).__name__} takes images at tensor_parallel_size=1 only")
         embeds, _ = self.visual(pixel_values.to(next(self.visual.parameters()).dtype), grid_thw)
         return embeds, []
 
