@@ -141,6 +141,7 @@ class DecodeInputBuilder:
         out_slots[:n] = [self.scratch_slot if s.token_slot is None else s.token_slot for s in seqs]
         host.state_slots.numpy()[:n] = out_slots[:n]
         host.capture_slots.numpy()[:n], host.capture_lens.numpy()[:n] = self.scratch_slot, 0  # none in decode
+        host.state_chain.numpy()[:n] = 1
         host.lora_slots.numpy()[:n] = [s.lora_slot for s in seqs]
         pending = ids[:n] < 0
         token_slots[:n] = np.where(pending, out_slots[:n], -1)

@@ -65,6 +65,7 @@ class PrefillInputBuilder:
         if token_slots is None:
             token_slots = np.full(len(arrays["input_ids"]), PADDING["token_slots"])
         arrays.setdefault("lora_slots", np.zeros(len(arrays["input_ids"]), np.int64))  # ``dummy``, ``probe``: none
+        arrays.setdefault("state_chain", np.ones(len(arrays["context_lens"]), np.int64))  # prefill: every row alone
         windowed = windowed and bool(self.window)
         if windowed and "window_tables" not in arrays:  # ``dummy``, ``probe``: the full pool's blocks in both
             arrays.update(window_tables=arrays["block_tables"].copy(),  # copies: inputs that alias would be traced

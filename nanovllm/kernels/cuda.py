@@ -159,15 +159,18 @@ def _process_logits(logits, slots, params, bitmask, counts, seen):
     return process_logits_triton(logits, slots, params, bitmask, counts, seen)
 
 
-def _causal_conv1d(x, weight, conv_state, state_slots, cu_seqlens_q, context_lens, capture_slots, capture_lens):
+def _causal_conv1d(x, weight, conv_state, state_slots, cu_seqlens_q, context_lens, capture_slots, capture_lens,
+                   state_chain, max_chain):
     fn = la_reference.causal_conv1d_reference if current_options().reference_kernels else causal_conv1d_triton
-    return fn(x, weight, conv_state, state_slots, cu_seqlens_q, context_lens, capture_slots, capture_lens)
+    return fn(x, weight, conv_state, state_slots, cu_seqlens_q, context_lens, capture_slots, capture_lens,
+              state_chain, max_chain)
 
 
 def _gated_delta_rule(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens, capture_slots,
-                      capture_lens):
+                      capture_lens, state_chain, max_chain):
     fn = la_reference.gated_delta_rule_reference if current_options().reference_kernels else gated_delta_rule_triton
-    return fn(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens, capture_slots, capture_lens)
+    return fn(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens, capture_slots, capture_lens,
+              state_chain, max_chain)
 
 
 def _lora_add(y, x, slots, a, b, scaling):

@@ -130,6 +130,13 @@ class HybridForCausalLM(DecoderForCausalLM):
             if layer.kind == "linear_attention":
                 layer.linear_attn.keep_rank_channels(rank)
 
+    def chain_rows(self, rows: int) -> None:
+        """Let a step chain up to ``rows`` rows of one sequence (speculative decoding's verify steps), before the
+        step is compiled."""
+        for layer in self.model.layers:
+            if layer.kind == "linear_attention":
+                layer.linear_attn.max_chain = rows
+
     def cache_layout(self) -> list[tuple | None]:
         """Per layer: None for full attention (paged KV), else the shapes per slot of its (convolution state,
         recurrent state) pools."""

@@ -89,6 +89,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(la.num_v_heads))
         self.norm = GatedRMSNorm(la.head_v_dim, eps)
         self.out_proj = nn.Linear(la.value_dim, hidden_size, bias=False)
+        self.max_chain = 1  # the most rows a step chains (``kernels/linear_attention/ops.py``; a verify step's)
 
     @torch.no_grad()
     def keep_rank_channels(self, rank: int) -> None:
@@ -126,7 +127,7 @@ class GatedDeltaNet(nn.Module):
         la, T = self.la, h.shape[0]
         conv_state, ssm_state = state
         mixed, z, b, a = self._project(h)
-        captures = (inputs.capture_slots, inputs.capture_lens)
+        captures = (inputs.capture_slots, inputs.capture_lens, inputs.state_chain, self.max_chain)
         mixed = la_ops.causal_conv1d(mixed.contiguous(), self.conv1d.weight[:, 0], conv_state, inputs.state_slots,
                                      inputs.cu_seqlens_q, inputs.context_lens, *captures)
         q, k, v = torch.split(mixed, [la.key_dim, la.key_dim, la.value_dim], dim=1)

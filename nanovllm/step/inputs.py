@@ -9,8 +9,9 @@ Sampled tokens live in a small device buffer, one row per running sequence (its 
 token the previous step sampled without a round trip through the host: ``token_slots`` says where to read an input
 token, ``out_slots`` where to write each sampled one (the last row: a scratch row for padding and chunks that sample
 nothing); ``state_slots`` each row's slot in a hybrid model's state pools (``capture_*``: a snapshot inside the step,
-``engine/hybrid_state.py``), ``lora_slots`` each token's LoRA adapter slot; ``WindowStepInputs`` adds a window pool's
-tables and slots (``kv_tables``).
+``state_chain``: a verify step's rows that continue one sequence's state, ``engine/hybrid_state.py``),
+``lora_slots`` each token's LoRA adapter slot; ``WindowStepInputs`` adds a window pool's tables and slots
+(``kv_tables``).
 
 A packed instance (``StepInputs.packed``) is views of one byte buffer: to the device or a graph's inputs, one copy.
 """
@@ -24,7 +25,8 @@ import torch.utils._pytree as pytree
 # index depends on the engine (``max_num_seqs``); ``cu_seqlens_q`` and ``logits_indices`` describe the layout.
 PADDING = {"input_ids": 0, "token_slots": -1, "positions": 0, "slot_mapping": -1, "block_tables": 0,
            "context_lens": 0, "temperature": 0.0, "top_k": -1, "top_p": 1.0, "min_p": 0.0, "seeds": 0,
-           "sample_positions": 0, "window_tables": 0, "window_slot_mapping": -1, "lora_slots": 0, "capture_lens": 0}
+           "sample_positions": 0, "window_tables": 0, "window_slot_mapping": -1, "lora_slots": 0, "capture_lens": 0,
+           "state_chain": 1}
 # dtype of every field: int64 ids, slots and positions; int32 block tables, lengths and offsets.
 DTYPES = {"input_ids": torch.int64, "token_slots": torch.int64, "positions": torch.int64,
           "slot_mapping": torch.int64, "block_tables": torch.int32, "context_lens": torch.int32,
@@ -32,7 +34,7 @@ DTYPES = {"input_ids": torch.int64, "token_slots": torch.int64, "positions": tor
           "top_k": torch.int64, "top_p": torch.float32, "min_p": torch.float32, "seeds": torch.int64,
           "sample_positions": torch.int64,
           "out_slots": torch.int64, "state_slots": torch.int64, "lora_slots": torch.int64,
-          "capture_slots": torch.int64, "capture_lens": torch.int64}
+          "capture_slots": torch.int64, "capture_lens": torch.int64, "state_chain": torch.int64}
 # ... and of the fields only ``WindowStepInputs`` has
 WINDOW_DTYPES = {"window_tables": torch.int32, "window_slot_mapping": torch.int64}
 _PER_TOKEN = ("input_ids", "token_slots", "positions", "slot_mapping", "window_slot_mapping", "lora_slots")
@@ -60,6 +62,7 @@ class StepInputs:
     lora_slots: torch.Tensor      # [T] int64, each token's LoRA adapter slot (0: none; kernels/lora)
     capture_slots: torch.Tensor   # [B] int64, a hybrid model's snapshot slot that takes the row's states ...
     capture_lens: torch.Tensor    # [B] int64, ... after its first this many tokens of the step (0: none)
+    state_chain: torch.Tensor     # [B] int64, a verify step's rows of one sequence: n at its first, 0 after (1: alone)
 
     @classmethod
     def dtypes(cls) -> dict:

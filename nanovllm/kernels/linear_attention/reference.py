@@ -15,6 +15,14 @@ import torch
 import torch.nn.functional as F
 
 
+def chain_layout(state_chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first row of each row's chain [B], the row's place in it [B]) of a decode or verify step, from
+    ``state_chain`` (n at a chain's first row, 0 at the n - 1 rows that continue it)."""
+    idx = torch.arange(state_chain.shape[0], device=state_chain.device)
+    head = torch.cummax(torch.where(state_chain > 0, idx, 0), 0).values
+    return head, idx - head
+
+
 def row_layout(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, tokens: int):
     """(row of each token [T], each token's index in its row [T], tokens per row [B], whether each row starts from a
     stored state [B])."""
@@ -29,16 +37,21 @@ def row_layout(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, tokens: i
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor,
                             state_slots: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                            capture_slots: torch.Tensor, capture_lens: torch.Tensor) -> torch.Tensor:
+                            capture_slots: torch.Tensor, capture_lens: torch.Tensor,
+                            state_chain: torch.Tensor | None = None, max_chain: int = 1) -> torch.Tensor:
     """SiLU of the causal depthwise convolution of ``x`` [T, D] by ``weight`` [D, K], each row's history taken
     from its slot of ``conv_state`` [S, D, K-1] (zeros for a new row); the last K-1 inputs of each row are written
     back to its slot, and, where ``0 < capture_lens[b] < q_len[b]`` (a prefill step's snapshot), the K-1 inputs
     before its ``capture_lens[b]``-th token to slot ``capture_slots[b]``.  Returns [T, D] in x's dtype, rounded
     twice as transformers' ``causal_conv1d_fn`` rounds it (a convolution in x's dtype, then SiLU): the float32 sum
-    to x's dtype, then its SiLU."""
+    to x's dtype, then its SiLU.  A decode step with chains (``max_chain`` > 1, ``ops.py``): a chain's rows are one
+    row's tokens in order from its first row's slot, each row's K-1 inputs written to its own slot."""
     T, D = x.shape
     K = weight.shape[1]
     row, local, q_len, has_state = row_layout(cu_seqlens_q, context_lens, T)
+    chained = max_chain > 1 and T == context_lens.shape[0]
+    if chained:  # each token a row of one: its chain's first row gives the slot it starts from
+        row, local = chain_layout(state_chain)
     slots = state_slots.long()
     old = conv_state[slots].float()  # [B, D, K-1], read before any row writes
     xf, w = x.float(), weight.float()
@@ -52,13 +65,16 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, conv_state: t
         acc += torch.where((src >= 0)[:, None], from_x, from_state) * w[:, j]
     cu = cu_seqlens_q.long()
 
-    def inputs_before(length):  # [B, D, K-1]: each row's K-1 inputs before its ``length``-th token of the step
+    def inputs_before(length, first=cu[:-1], owner=None):  # [B, D, K-1]: each row's K-1 inputs before its
+        # ``length``-th token of the step (chained: before a row's own token's successor in its chain, ``owner``)
+        owner = torch.arange(length.shape[0], device=x.device) if owner is None else owner
         cols = []
         for m in range(K - 1):
             src = length - (K - 1) + m  # local index of the input that ends up in state column m
-            from_x = xf[(cu[:-1] + src).clamp(0, max(T - 1, 0))]
-            from_state = torch.gather(old, 2, (src + K - 1).clamp(0, K - 2)[:, None, None].expand(-1, D, 1))[..., 0]
-            cols.append(torch.where((src >= 0)[:, None], from_x, from_state * has_state[:, None]))
+            from_x = xf[(first + src).clamp(0, max(T - 1, 0))]
+            from_state = torch.gather(old[owner], 2,
+                                      (src + K - 1).clamp(0, K - 2)[:, None, None].expand(-1, D, 1))[..., 0]
+            cols.append(torch.where((src >= 0)[:, None], from_x, from_state * has_state[owner, None]))
         return torch.stack(cols, dim=-1)
 
     if T != context_lens.shape[0]:  # (a decode step takes no snapshot)
@@ -66,7 +82,10 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, conv_state: t
         taken = ((capture_lens > 0) & (capture_lens < q_len))[:, None, None]
         conv_state[cap] = torch.where(taken, inputs_before(capture_lens.long()), conv_state[cap].float()).to(
             conv_state.dtype)
-    conv_state[slots] = inputs_before(q_len).to(conv_state.dtype)
+    if chained:
+        conv_state[slots] = inputs_before(local + 1, row, row).to(conv_state.dtype)
+    else:
+        conv_state[slots] = inputs_before(q_len).to(conv_state.dtype)
     return F.silu(acc.to(x.dtype).float()).to(x.dtype)  # rounded before the SiLU too, as transformers' conv
 
 
@@ -79,12 +98,15 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 def gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                beta: torch.Tensor, ssm_state: torch.Tensor, state_slots: torch.Tensor,
                                cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, capture_slots: torch.Tensor,
-                               capture_lens: torch.Tensor) -> torch.Tensor:
+                               capture_lens: torch.Tensor, state_chain: torch.Tensor | None = None,
+                               max_chain: int = 1) -> torch.Tensor:
     """The gated delta rule over each row's tokens: q, k [T, HK, DK], v [T, HV, DV] (HV a multiple of HK: each
     q/k head serves HV/HK consecutive value heads), log decays ``g`` and rates ``beta`` [T, HV] (float32), states
     ``ssm_state`` [S, HV, DK, DV] float32; where ``0 < capture_lens[b] < q_len[b]``, the row's state after its
     first ``capture_lens[b]`` tokens is written to slot ``capture_slots[b]`` too (a multiple of ``CAPTURE_ALIGN``
-    tokens, ``ops.py``).  Returns the outputs [T, HV, DV] in v's dtype."""
+    tokens, ``ops.py``).  A decode step with chains (``max_chain`` > 1): a chain's rows update in order from its
+    first row's slot, each writing the state after it to its own slot.  Returns the outputs [T, HV, DV] in v's
+    dtype."""
     T, HK, DK = q.shape
     HV = v.shape[1]
     row, local, q_len, has_state = row_layout(cu_seqlens_q, context_lens, T)
@@ -100,7 +122,15 @@ def gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         S = S + kt[..., None] * delta[..., None, :]
         return S, (S * qt[..., None]).sum(-2)
 
-    if T == context_lens.shape[0]:  # decode: one token per row
+    if T == context_lens.shape[0] and max_chain > 1:  # decode or verify: chains of rows, in order
+        _, place = chain_layout(state_chain)
+        start, out = state, torch.zeros(T, HV, v.shape[2], dtype=torch.float32, device=v.device)
+        for i in range(max_chain):  # rows at place i continue from the state after the row before
+            new, o = update(start if i == 0 else state.roll(1, 0), qf, kf, vf, gf, bf)
+            here = place == i
+            state = torch.where(here[:, None, None, None], new, state)
+            out = torch.where(here[:, None, None], o, out)
+    elif T == context_lens.shape[0]:  # decode: one token per row
         state, out = update(state, qf, kf, vf, gf, bf)
     else:
         out = torch.zeros(T + 1, HV, v.shape[2], dtype=torch.float32, device=v.device)  # row T: a sink

@@ -5,11 +5,13 @@ depthwise convolution over each row's history and the gated delta rule, for pref
   before a row's first token from its slot's state (zeros for a new row), then one program per (row, channel block)
   writes the row's last K-1 inputs back to its slot (after every token program has read the old state: a second
   launch), and a snapshot's inputs inside a row's chunk first.  A decode step (as many tokens as rows) takes one
-  launch: a program per (row, channel block) does both.
+  launch: a program per (row, channel block) does both; with chains (a verify step, ``ops.py``) a chain's first row
+  walks its rows' tokens and then writes each row's K-1 inputs to the row's slot, its own (the chain's source) last.
 * ``gated_delta_rule_triton``: a decode step (as many tokens as rows) runs the recurrent kernel, one program per
   (row, value head, block of value dims) keeping its slice of the float32 state [DK, BV] in registers, walking
   the row's tokens in order (L2-normalising q and k, decaying, writing the delta, reading the output) and storing
-  the slice back in the row's slot; every other step runs the chunked WY kernel (``triton_chunked.py``).
+  the slice back in the row's slot (with chains: a chain's first row walks its rows, storing the slice after each
+  in that row's slot); every other step runs the chunked WY kernel (``triton_chunked.py``).
 Token-to-row maps are built with torch ops before the launch: no host sync, so both are graph-capturable.
 """
 import torch
@@ -68,15 +70,19 @@ def _conv_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, cap_slot_ptr,
 
 
 @triton.jit
-def _conv_rows(x_ptr, w_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0,
-               stride_s1, K: tl.constexpr, BD: tl.constexpr):
-    """A row's tokens in order (a decode step: one), each as ``_conv_tokens`` sums it, then its state written back:
-    the program reads its slot before writing it."""
+def _conv_rows(x_ptr, w_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr, chain_ptr, D, stride_x,
+               stride_s0, stride_s1, K: tl.constexpr, BD: tl.constexpr, CHAINED: tl.constexpr):
+    """A row's tokens in order (a decode step: one; ``CHAINED``: its chain's, none for a row that continues one),
+    each as ``_conv_tokens`` sums it, then its state written back: the program reads its slot before writing it."""
     b = tl.program_id(0)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = offs < D
-    first = tl.load(cu_ptr + b)
-    last = tl.load(cu_ptr + b + 1)
+    if CHAINED:  # one token a row: the chain's tokens are its rows'
+        first = b.to(tl.int64)
+        last = first + tl.load(chain_ptr + b)
+    else:
+        first = tl.load(cu_ptr + b)
+        last = tl.load(cu_ptr + b + 1)
     slot = tl.load(slot_ptr + b).to(tl.int64)
     zero = tl.zeros([BD], dtype=tl.int32)
     has_state = (zero + tl.load(has_state_ptr + b)) != 0
@@ -90,8 +96,15 @@ def _conv_rows(x_ptr, w_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr
             from_state = tl.load(base + tl.maximum(src + K - 1, 0), mask=mask & (src < 0) & has_state, other=0.0)
             acc += w * (from_x.to(tl.float32) + from_state.to(tl.float32))
         tl.store(out_ptr + t * D + offs, _silu_rounded(acc, out_ptr.dtype.element_ty), mask=mask)
-    _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD,
-                 last - first, slot)
+    if CHAINED:
+        n = last - first
+        for r in range(0, n):  # the last row's first: the chain's own slot, which the others read, is written last
+            i = n - 1 - r
+            _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K,
+                         BD, i + 1, tl.load(slot_ptr + first + i))
+    else:
+        _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x, stride_s0, stride_s1, K, BD,
+                     last - first, slot)
 
 
 @triton.jit
@@ -118,7 +131,8 @@ def _write_state(x_ptr, state_ptr, cu_ptr, slot_ptr, has_state_ptr, D, stride_x,
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, state_slots: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, capture_slots: torch.Tensor,
-                         capture_lens: torch.Tensor) -> torch.Tensor:
+                         capture_lens: torch.Tensor, state_chain: torch.Tensor | None = None,
+                         max_chain: int = 1) -> torch.Tensor:
     T, D = x.shape
     K, rows = weight.shape[1], context_lens.shape[0]
     out = torch.empty_like(x)
@@ -127,8 +141,11 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torc
     if T == rows:  # a decode step: one launch
         q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
         has_state = ((context_lens - q_len) > 0).to(torch.int32)
-        _conv_rows[(rows, triton.cdiv(D, BD))](x, weight, conv_state, out, cu_seqlens_q, state_slots, has_state, D,
-                                               x.stride(0), conv_state.stride(0), conv_state.stride(1), K=K, BD=BD)
+        chained = max_chain > 1
+        _conv_rows[(rows, triton.cdiv(D, BD))](x, weight, conv_state, out, cu_seqlens_q, state_slots, has_state,
+                                               state_chain if chained else state_slots, D, x.stride(0),
+                                               conv_state.stride(0), conv_state.stride(1), K=K, BD=BD,
+                                               CHAINED=chained)
         return out
     row, local, _, has_state = row_layout(cu_seqlens_q, context_lens, T)
     has_state = has_state.to(torch.int32)
@@ -142,19 +159,25 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, conv_state: torc
 
 
 @triton.jit
-def _delta_rule(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr,
-                HK, HV, DK, DV, scale, BK: tl.constexpr, BV: tl.constexpr):
+def _delta_rule(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, cu_ptr, slot_ptr, has_state_ptr, chain_ptr,
+                HK, HV, DK, DV, scale, BK: tl.constexpr, BV: tl.constexpr, CHAINED: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HV // HK)
     offs_k = tl.arange(0, BK)
     offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
     mask_k, mask_v = offs_k < DK, offs_v < DV
-    first = tl.load(cu_ptr + b)
-    last = tl.load(cu_ptr + b + 1)
+    if CHAINED:  # one token a row: the chain's tokens are its rows' (none for a row that continues a chain)
+        first = b.to(tl.int64)
+        last = first + tl.load(chain_ptr + b)
+    else:
+        first = tl.load(cu_ptr + b)
+        last = tl.load(cu_ptr + b + 1)
     slot = tl.load(slot_ptr + b)
-    has_state = (tl.zeros([BK, BV], dtype=tl.int32) + tl.load(has_state_ptr + b)) != 0
-    s_ptrs = state_ptr + ((slot * HV + h) * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    live = tl.minimum(last - first, 1)  # 0: a row that continues a chain reads no state
+    has_state = (tl.zeros([BK, BV], dtype=tl.int32) + tl.load(has_state_ptr + b) * live) != 0
+    state_offs = (h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    s_ptrs = state_ptr + slot * HV * DK * DV + state_offs
     s_mask = mask_k[:, None] & mask_v[None, :]
     S = tl.load(s_ptrs, mask=s_mask & has_state, other=0.0)
     for t in range(first, last):
@@ -171,15 +194,19 @@ def _delta_rule(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, cu_ptr
         S = S + k[:, None] * delta[None, :]
         o = tl.sum(S * q[:, None], 0)
         tl.store(out_ptr + (t * HV + h) * DV + offs_v, o.to(out_ptr.dtype.element_ty), mask=mask_v)
-    tl.store(s_ptrs, S, mask=s_mask)
+        if CHAINED:  # the state after this row's token, in the row's slot
+            tl.store(state_ptr + tl.load(slot_ptr + t) * HV * DK * DV + state_offs, S, mask=s_mask)
+    if not CHAINED:
+        tl.store(s_ptrs, S, mask=s_mask)
 
 
 def gated_delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                             ssm_state: torch.Tensor, state_slots: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            context_lens: torch.Tensor, capture_slots: torch.Tensor,
-                            capture_lens: torch.Tensor) -> torch.Tensor:
+                            context_lens: torch.Tensor, capture_slots: torch.Tensor, capture_lens: torch.Tensor,
+                            state_chain: torch.Tensor | None = None, max_chain: int = 1) -> torch.Tensor:
     if q.shape[0] == context_lens.shape[0]:  # a decode step: no snapshot inside one token
-        return gated_delta_rule_recurrent(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens)
+        return gated_delta_rule_recurrent(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens,
+                                          chains=state_chain if max_chain > 1 else None)
     return gated_delta_rule_chunked(q, k, v, g, beta, ssm_state, state_slots, cu_seqlens_q, context_lens,
                                     captures=(capture_slots, capture_lens))
 
@@ -187,9 +214,10 @@ def gated_delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
 def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                beta: torch.Tensor, ssm_state: torch.Tensor, state_slots: torch.Tensor,
                                cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_v: int = DECODE_BV,
-                               num_warps: int = DECODE_WARPS) -> torch.Tensor:
+                               num_warps: int = DECODE_WARPS, chains: torch.Tensor | None = None) -> torch.Tensor:
     """Token by token, any step (decode steps run it; prefill steps run the chunked kernel); each program holds a
-    [DK, ``block_v``] slice of a row's state (``benchmarks/kernel_bench.py --delta`` times the choices)."""
+    [DK, ``block_v``] slice of a row's state (``benchmarks/kernel_bench.py --delta`` times the choices).  ``chains``:
+    a decode step's ``state_chain`` (``ops.py``), its chains' rows walked in order."""
     T, HK, DK = q.shape
     HV, DV = v.shape[1], v.shape[2]
     rows = context_lens.shape[0]
@@ -199,6 +227,7 @@ def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     BK = triton.next_power_of_2(DK)
     BV = min(block_v, triton.next_power_of_2(DV))
     _delta_rule[(rows, HV, triton.cdiv(DV, BV))](q, k, v, g, beta, ssm_state, out, cu_seqlens_q, state_slots,
-                                                 has_state, HK, HV, DK, DV, DK ** -0.5, BK=BK, BV=BV,
+                                                 has_state, state_slots if chains is None else chains, HK, HV, DK,
+                                                 DV, DK ** -0.5, BK=BK, BV=BV, CHAINED=chains is not None,
                                                  num_warps=num_warps)
     return out
