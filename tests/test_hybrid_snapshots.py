@@ -36,9 +36,8 @@ def _spec(state_snapshots):
     for 4 sequences of 64 tokens."""
     spec = kv_cache.KVCacheSpec(2, 1, 8, 16, torch.float32, states=[None, ((4, 3), (2, 8, 8))],
                                 state_dtype=torch.float32)
-    config = SimpleNamespace(max_num_seqs=4, max_model_len=64, state_snapshots=state_snapshots, speculative=None,
-                             fp8_kv_cache=False)
-    assert hybrid_state.size_state_pools(spec, "Tiny", config)
+    config = SimpleNamespace(max_num_seqs=4, max_model_len=64, state_snapshots=state_snapshots, speculative=None)
+    assert hybrid_state.size_state_pools(spec, config)
     assert (spec.bytes_per_block, spec.bytes_per_state_slot) == (1024, 560)
     return spec
 

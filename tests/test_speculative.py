@@ -73,7 +73,8 @@ class Oracle(PerSequence):
 
 
 @pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow),
-                                        pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+                                        pytest.param("qwen3_moe", marks=pytest.mark.slow), "qwen3_next",
+                                        pytest.param("qwen3_5", marks=pytest.mark.slow)])
 def checkpoint(request, tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 

@@ -94,6 +94,9 @@ class Drafter:
         self.model = build_model(cfg.hf_config, dtype=dtype, device=self.device, model_dir=cfg.model,
                                  load_format=cfg.load_format, seed=cfg.seed, scheme=cfg.quant_scheme)
         self.kv_spec = KVCacheSpec.of_model(self.model, cfg.kvcache_block_size, dtype)
+        if any(state is not None for state in self.kv_spec.states):
+            raise ValueError(f"the draft model {cfg.model!r} is a hybrid linear-attention model "
+                             f"({type(self.model).__name__}); a draft model must keep its context in KV blocks")
         self.dtype, self.kv_caches, self.executor = dtype, [], None
         self._seen: dict[int, _Seen] = {}
 

@@ -68,6 +68,7 @@ class Engine:
                                      adaptive=self.platform.queues_work and config.tensor_parallel_size == 1)
         self.stats: dict = {}
         self._spec_k = config.speculative.num_speculative_tokens if config.speculative is not None else 0
+        self._state_moves: list[tuple[int, int]] = []  # (from, to) state slots to copy before the next step
         self.spec_gate = SpecGate(agree=functools.partial(distributed.agree_min, device=self.runner.device))
         self._waited_after_launch = False  # whether the last step() resolved a step after its launch
         self.reset_stats()
@@ -162,6 +163,7 @@ class Engine:
         drained = len(collected)
         stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
+            batch.restores[:0], self._state_moves = self._state_moves, []  # before the step: what verifying kept
             if not batch.is_prefill:  # KV tokens this decode step reads: the byte floor's dominant term
                 stats["decode_kv_tokens"] += sum(len(s.token_ids) for s in batch.seqs)
             slot = self.pipeline.next_slot()
@@ -225,6 +227,8 @@ class Engine:
         if previous.proposals is not None:
             _count_speculation(self.stats, previous.proposals, previous.accepted)
             self.spec_gate.resolved(len(previous.seqs), sum(previous.accepted))
+            if self.runner.hybrid:  # each sequence's state after its last accepted row (``hybrid_state.py``)
+                self._state_moves += hybrid_state.verified_moves(previous, self.config.max_num_seqs, self._spec_k)
         resolved = [(seq.grammar, seq.token_ids[index]) for _, seq, index in previous.sampled
                     if seq.grammar is not None and index < len(seq.token_ids)]
         if resolved:

@@ -1,5 +1,5 @@
 """What the engine does differently for a hybrid model (linear-attention layers with per-sequence state pools,
-``models/hybrid.py``): prefix-cache snapshots of the states, and the features it refuses by name.
+``models/hybrid.py``): prefix-cache snapshots of the states, and the spare states of speculative decoding.
 
 A recurrent state cannot be rebuilt from KV blocks, so a prefix hit needs the state at the hit's last block
 boundary.  ``StateSnapshots`` keeps such states in the pools' rows past the running sequences', keyed by the hash of
@@ -12,6 +12,11 @@ boundary (``shared_prefix.py``'s, a later chunk's) the chunk is cut (``cut_chunk
 the step.  A hit, a copy into the sequence's slot before its first chunk, gives the same tokens as a cold run.  A
 snapshot a prompt of the step being built restores is not evicted by that step's captures.  How many:
 ``state_snapshots``, or by default (``grow_snapshots``) half the memory the running sequences cannot use.
+
+Speculative decoding: a verify step chains a sequence's rows (``kernels/linear_attention/ops.py``), row 0 in its
+token slot and row j in its j-th spare (``verify_slot``: ``num_speculative_tokens`` spares per token slot, after
+the scratch row), each keeping the state after its token; once the step is resolved, the spare of the last accepted
+row is copied into the token slot before the next step (``verified_moves``).
 """
 import functools
 from collections import OrderedDict
@@ -107,14 +112,31 @@ def cut_chunk(seq, n: int, snapshots: StateSnapshots | None, batch) -> int:
     return n
 
 
-def size_state_pools(spec, model_name: str, config) -> bool:
-    """Whether the model is hybrid (``spec``: its ``KVCacheSpec``); if so, refuse what it cannot serve and give its
-    state pools a slot per token slot (the scratch row too), then ``state_snapshots`` snapshot slots."""
+def spares(config) -> int:
+    """State slots a token slot has beside its own for verify steps: ``num_speculative_tokens`` (0 without)."""
+    return config.speculative.num_speculative_tokens if config.speculative is not None else 0
+
+
+def verify_slot(token_slot: int, row: int, max_num_seqs: int, per_slot: int) -> int:
+    """The state slot of row ``row`` of a verify step's rows of the sequence in ``token_slot``: the token slot, then
+    its spares (``per_slot`` of them) past the scratch row."""
+    return token_slot if row == 0 else max_num_seqs + 1 + token_slot * per_slot + row - 1
+
+
+def verified_moves(batch, max_num_seqs: int, per_slot: int) -> list[tuple[int, int]]:
+    """(spare, token slot) of each sequence of a resolved verify ``batch`` still running that accepted a proposed
+    token: the state after its last accepted row, copied into its token slot before the next step."""
+    return [(verify_slot(seq.token_slot, kept, max_num_seqs, per_slot), seq.token_slot)
+            for seq, kept in zip(batch.seqs, batch.accepted) if kept and seq.token_slot is not None]
+
+
+def size_state_pools(spec, config) -> bool:
+    """Whether the model is hybrid (``spec``: its ``KVCacheSpec``); if so, give its state pools a slot per token
+    slot (the scratch row too), the verify steps' spares, then ``state_snapshots`` snapshot slots."""
     if all(s is None for s in spec.states):
         return False
-    refuse_for_hybrid(model_name, config)
     fixed = config.state_snapshots if config.state_snapshots is not None else config.max_num_seqs // 4 + 2
-    spec.num_state_slots = config.max_num_seqs + 1 + fixed
+    spec.num_state_slots = config.max_num_seqs * (1 + spares(config)) + 1 + fixed
     if config.state_snapshots is None:
         spec.grow_states = functools.partial(grow_snapshots, spec, spec.num_state_slots, config)
     return True
@@ -134,7 +156,7 @@ def grow_snapshots(spec, slots: int, config, budget: int, agree) -> None:
 def snapshots(runner) -> StateSnapshots | None:
     """A hybrid runner's prefix-cache snapshots (the state pools' rows past the running sequences'; maybe none, which
     turns its prefix hits off); None for a model without state pools."""
-    first = runner.config.max_num_seqs + 1
+    first = runner.config.max_num_seqs * (1 + spares(runner.config)) + 1
     return StateSnapshots(first, runner.kv_spec.num_state_slots - first) if runner.hybrid else None
 
 
@@ -147,10 +169,3 @@ def copy_states(runner, pairs: list[tuple[int, int]]) -> None:
         if kind is not None:
             for pool in pools:
                 pool.index_copy_(0, dst, pool.index_select(0, src))
-
-
-def refuse_for_hybrid(model_name: str, config) -> None:
-    """A ValueError naming the model and the option, for the option a hybrid model does not support."""
-    if config.speculative is not None:
-        raise ValueError(f"speculative_config is not supported for {model_name}, a hybrid linear-attention model: "
-                         f"a rejected draft token would need the recurrent state before it (see docs/MODELS.md)")

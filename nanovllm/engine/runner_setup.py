@@ -32,9 +32,12 @@ def beside_model(runner) -> tuple:
 
 def plan_pools(runner) -> bool:
     """Plan the pools beside the KV blocks: a hybrid model's state pools (``hybrid_state``; returns whether it is
-    one) and a sliding-window model's window pool (``KVCacheSpec.plan_window_pool``; a verify step's rows too)."""
+    one, whose verify steps then chain a sequence's rows) and a sliding-window model's window pool
+    (``KVCacheSpec.plan_window_pool``; a verify step's rows too)."""
     config = runner.config
-    hybrid = hybrid_state.size_state_pools(runner.kv_spec, type(runner.model).__name__, config)
+    hybrid = hybrid_state.size_state_pools(runner.kv_spec, config)
+    if hybrid:
+        runner.model.chain_rows(verify_step.rows_per_sequence(config))
     runner.kv_spec.plan_window_pool(config, verify_step.rows_per_sequence(config))
     return hybrid
 
