@@ -2,8 +2,8 @@
 identical to transformers in eager and graph mode, on prompts longer than a prefill chunk and than several KV
 blocks, in batches whose sequences start and finish at different steps (so each row's state slot carries across
 chunks, mixed prefill and decode steps); graph mode compiles once (a published multimodal Qwen3.5 checkpoint, its
-tower included: ``tests/test_vision_language.py``); an FP8 KV cache in the full-attention layers matches its oracle; speculative decoding (a rejected
-draft token needs the state before it) is refused by name.
+tower included: ``tests/test_vision_language.py``); an FP8 KV cache in the full-attention layers matches its oracle;
+speculative decoding keeps the tokens, and a hybrid draft model is refused by name.
 """
 import pytest
 import torch
@@ -47,10 +47,23 @@ def test_a_rerun_starts_from_fresh_states(engines):
     assert tokens(eager, PROMPTS[2:3] + PROMPTS[:2], [6, 6, 6]) == first[2:3] + first[:2]
 
 
-def test_speculative_decoding_is_refused_by_name(tmp_path):
+def test_speculative_decoding_gives_the_plain_tokens(tmp_path):
+    """An always-right proposer in graph mode (every proposed token kept: the state after the last one is copied into
+    the token slot; verify steps of up to 16 rows run in parts of 4, which cut chains) gives the tokens of a run
+    without speculation; ``test_speculative.py`` runs the n-gram and wrong proposers on both families (slow)."""
+    from test_speculative import PROMPTS, Oracle, generate
     path = build_checkpoint(tmp_path, "qwen3_next")
-    with pytest.raises(ValueError, match="speculative_config is not supported for Qwen3NextForCausalLM"):
-        LLM(path, enforce_eager=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **ENGINE)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain, _ = generate(path, params, speculative=None, eager=False)
+    right, stats = generate(path, params, Oracle(dict(zip(map(tuple, PROMPTS), plain)), wrong=False), eager=False)
+    assert right == plain and stats["spec_accepted_tokens"] == stats["spec_proposed_tokens"] > 0
+
+
+def test_a_hybrid_draft_model_is_refused_by_name(tmp_path):
+    target, draft = build_checkpoint(tmp_path / "target", "qwen3"), build_checkpoint(tmp_path / "draft", "qwen3_next")
+    with pytest.raises(ValueError, match="is a hybrid linear-attention model \\(Qwen3NextForCausalLM\\)"):
+        LLM(target, enforce_eager=True, speculative_config={"method": "draft_model", "model": draft,
+                                                            "num_speculative_tokens": 2}, **ENGINE)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", pytest.param("qwen3_next", marks=pytest.mark.slow)])
