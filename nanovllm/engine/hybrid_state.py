@@ -136,7 +136,7 @@ def size_state_pools(spec, config) -> bool:
     if all(s is None for s in spec.states):
         return False
     fixed = config.state_snapshots if config.state_snapshots is not None else config.max_num_seqs // 4 + 2
-    spec.num_state_slots = config.max_num_seqs * (1 + spares(config)) + 1 + fixed
+    spec.num_state_slots = snapshots_start(config) + fixed
     if config.state_snapshots is None:
         spec.grow_states = functools.partial(grow_snapshots, spec, spec.num_state_slots, config)
     return True
@@ -153,10 +153,15 @@ def grow_snapshots(spec, slots: int, config, budget: int, agree) -> None:
     spec.num_state_slots = slots + agree(max(0, spare // 2 // spec.bytes_per_state_slot))
 
 
+def snapshots_start(config) -> int:
+    """The first snapshot slot: past the running sequences' slots, their spares and the scratch row."""
+    return config.max_num_seqs * (1 + spares(config)) + 1
+
+
 def snapshots(runner) -> StateSnapshots | None:
     """A hybrid runner's prefix-cache snapshots (the state pools' rows past the running sequences'; maybe none, which
     turns its prefix hits off); None for a model without state pools."""
-    first = runner.config.max_num_seqs * (1 + spares(runner.config)) + 1
+    first = snapshots_start(runner.config)
     return StateSnapshots(first, runner.kv_spec.num_state_slots - first) if runner.hybrid else None
 
 

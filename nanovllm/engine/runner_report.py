@@ -1,6 +1,7 @@
 """``describe(runner)``: what a ``ModelRunner`` (``model_runner.py``) runs, for the start-up log line and benchmarks:
 dtypes, KV cache (a window pool's and a hybrid model's state pools too), quantization, the bytes a step reads, expert
 offload, start-up phases, executor and draft model."""
+from nanovllm.engine import hybrid_state
 from nanovllm.models.expert_offload import offload_stats
 from nanovllm.models.moe import expert_footprint
 
@@ -37,9 +38,9 @@ def _window_pool(runner) -> dict:
 
 
 def _state_pools(runner) -> dict:
-    """A hybrid model's state slots: running sequences' and scratch, prefix-cache snapshots, their bytes; none
-    without."""
+    """A hybrid model's state slots: running sequences' (with their verify steps' spares) and scratch, prefix-cache
+    snapshots, their bytes; none without."""
     if not runner.hybrid:
         return {}
-    spec, running = runner.kv_spec, runner.config.max_num_seqs + 1
+    spec, running = runner.kv_spec, hybrid_state.snapshots_start(runner.config)
     return {"state_slots": running, "state_snapshots": spec.num_state_slots - running, "state_bytes": spec.state_bytes}
