@@ -174,8 +174,10 @@ def _delta_rule(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, cu_ptr
         first = tl.load(cu_ptr + b)
         last = tl.load(cu_ptr + b + 1)
     slot = tl.load(slot_ptr + b)
-    live = tl.minimum(last - first, 1)  # 0: a row that continues a chain reads no state
-    has_state = (tl.zeros([BK, BV], dtype=tl.int32) + tl.load(has_state_ptr + b) * live) != 0
+    has = tl.load(has_state_ptr + b)
+    if CHAINED:
+        has = has * tl.minimum(last - first, 1)  # a row that continues a chain reads no state
+    has_state = (tl.zeros([BK, BV], dtype=tl.int32) + has) != 0
     state_offs = (h * DK + offs_k[:, None]) * DV + offs_v[None, :]
     s_ptrs = state_ptr + slot * HV * DK * DV + state_offs
     s_mask = mask_k[:, None] & mask_v[None, :]
