@@ -1,22 +1,17 @@
 """What the engine does differently for a hybrid model (linear-attention layers with per-sequence state pools,
 ``models/hybrid.py``): prefix-cache snapshots of the states, and the spare states of speculative decoding.
 
-A recurrent state cannot be rebuilt from KV blocks, so a prefix hit needs the state at the hit's last block
-boundary.  ``StateSnapshots`` keeps such states in the pools' rows past the running sequences', keyed by the hash of
-the block that ends the prefix (``block_manager.chain_hash``), least recently used evicted first.  The policy
-(``BlockManager.try_allocate``): a prompt takes the deepest cached prefix whose KV blocks are all cached *and* whose
-state is snapshotted, and snapshots its state where its cached KV ends (a prefix others share: a system prompt) and at
-its last full block before its last token (its conversation's next turn hits there), each moved down to a multiple of
-``CAPTURE_ALIGN`` tokens past the hit (``capture_depths``), which the kernels write during the step; at any other
-boundary (``shared_prefix.py``'s, a later chunk's) the chunk is cut (``cut_chunk``) and its end's state copied after
-the step.  A hit, a copy into the sequence's slot before its first chunk, gives the same tokens as a cold run.  A
-snapshot a prompt of the step being built restores is not evicted by that step's captures.  How many:
+A prefix hit needs the state at the hit's last block boundary.  ``StateSnapshots`` keeps such states in the pools'
+rows past the running sequences', keyed by the hash of the block ending the prefix, least recently used evicted
+first.  A prompt takes the deepest cached prefix whose KV blocks are cached *and* whose state is snapshotted
+(``BlockManager.try_allocate``), and snapshots where its cached KV ends and at its last full block, each moved down to
+a multiple of ``CAPTURE_ALIGN`` tokens past the hit (``capture_depths``; the kernels write it during the step); at any
+other boundary (``shared_prefix.py``'s, a later chunk's) the chunk is cut (``cut_chunk``) and the state copied after
+the step.  A snapshot a prompt of the step being built restores survives that step's captures.  How many:
 ``state_snapshots``, or by default (``grow_snapshots``) half the memory the running sequences cannot use.
-
-Speculative decoding: a verify step chains a sequence's rows (``kernels/linear_attention/ops.py``), row 0 in its
-token slot and row j in its j-th spare (``verify_slot``: ``num_speculative_tokens`` spares per token slot, after
-the scratch row), each keeping the state after its token; once the step is resolved, the spare of the last accepted
-row is copied into the token slot before the next step (``verified_moves``).
+Speculative decoding: a verify step chains a sequence's rows (``kernels/linear_attention/ops.py``), row j's state kept
+in its token slot (j = 0) or its j-th spare past the scratch row (``verify_slot``); once the step is resolved, the
+last accepted row's is copied into the token slot before the next step (``verified_moves``).
 """
 import functools
 from collections import OrderedDict

@@ -9,9 +9,8 @@ Sampled tokens live in a small device buffer, one row per running sequence (its 
 token the previous step sampled without a round trip through the host: ``token_slots`` says where to read an input
 token, ``out_slots`` where to write each sampled one (the last row: a scratch row for padding and chunks that sample
 nothing); ``state_slots`` each row's slot in a hybrid model's state pools (``capture_*``: a snapshot inside the step,
-``state_chain``: a verify step's rows that continue one sequence's state, ``engine/hybrid_state.py``),
-``lora_slots`` each token's LoRA adapter slot; ``WindowStepInputs`` adds a window pool's tables and slots
-(``kv_tables``).
+``state_chain``: a verify step's rows chained, ``engine/hybrid_state.py``), ``lora_slots`` each token's LoRA adapter
+slot; ``WindowStepInputs`` adds a window pool's tables and slots (``kv_tables``).
 
 A packed instance (``StepInputs.packed``) is views of one byte buffer: to the device or a graph's inputs, one copy.
 """
