@@ -188,7 +188,7 @@ HYBRID_BLOCK = (16, 8)  # in_proj_b / in_proj_a (Qwen3.5: 4 rows) and in_proj_ba
 # rows lie inside one block; every rank's columns (32 value channels, 16 and 24 expert rows) are whole blocks
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", pytest.param("qwen3_next", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["qwen3_5", pytest.param("qwen3_next", marks=pytest.mark.slow)])  # 5 s, 25 s
 def test_a_hybrid_checkpoint_at_one_and_two_ranks_matches_the_dequantized_weights(tmp_path, arch):
     """Gated DeltaNet projections in float8 blocks: Qwen3.5's q/k/v projection is loaded whole and each rank keeps
     its q, k and v channels with their scales (``quant/held.keep_rows``); rows that start inside a block are read

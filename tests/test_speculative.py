@@ -1,6 +1,6 @@
 """Speculative decoding by n-gram lookup (``speculative_config``): the option's errors, the proposer and the
-acceptance rule, and end to end on tiny Qwen3, Llama, Qwen3-MoE, Qwen3-Next and Qwen3.5 checkpoints (hybrid: the
-linear layers' states chained through each verify step): greedy and seeded outputs equal
+acceptance rule, and end to end on tiny Qwen3, Llama and Qwen3-MoE checkpoints (the hybrid models':
+``test_hybrid_models.py``): greedy and seeded outputs equal
 those without speculation in eager and graph mode, with the n-gram proposer and with proposers that are always
 right or always wrong, through chunked prompts sharing prefixes, preemption, stop tokens, ``max_tokens`` and a batch
 whose logprobs request makes its steps plain; two tensor-parallel ranks over gloo; a chi-squared test of unseeded
@@ -73,8 +73,8 @@ class Oracle(PerSequence):
         raise AssertionError("a sequence of no known prompt")
 
 
-@pytest.fixture(scope="module", params=["qwen3"] + [pytest.param(arch, marks=pytest.mark.slow) for arch in (
-    "llama", "qwen3_moe", "qwen3_next", "qwen3_5")])  # the hybrid two: test_hybrid_models.py has a quick one
+@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("qwen3_moe", marks=pytest.mark.slow)])
 def checkpoint(request, tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
@@ -136,12 +136,10 @@ def test_a_request_with_logprobs_makes_the_steps_plain(checkpoint):
     assert ngram == plain and stats["spec_verify_steps"] == 0
 
 
-@pytest.mark.parametrize("arch", ["qwen3", pytest.param("qwen3_next", marks=pytest.mark.slow)])
-def test_two_ranks_speculate_as_one(tmp_path, arch):
-    """TP=2 over gloo: every rank proposes from the same tokens and keeps the same ones (a hybrid model: the same
-    states), so the mirrored schedulers stay in step; greedy and seeded outputs equal one rank's without
-    speculation."""
-    path = build_checkpoint(tmp_path, arch)
+def test_two_ranks_speculate_as_one(tmp_path):
+    """TP=2 over gloo: every rank proposes from the same tokens and keeps the same ones, so the mirrored schedulers
+    stay in step; greedy and seeded outputs equal one rank's without speculation."""
+    path = build_checkpoint(tmp_path, "qwen3")
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=0.9, seed=3, max_tokens=24, ignore_eos=True)]
     plain, _ = generate(path, params * 2, speculative=None)
