@@ -12,9 +12,9 @@ mirrored, so their image steps pair up.  Checkpoint names: ``model.language_mode
 import torch
 
 from nanovllm.models.hybrid import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
-from nanovllm.models.mrope import frequency_components, per_token_tables
+from nanovllm.models.mrope import frequency_components
 from nanovllm.models.qwen3_vision import Qwen3VisionTower
-from nanovllm.models.qwen_vl import MultiModalStep, text_config
+from nanovllm.models.qwen_vl import MultiModalStep, image_step_inputs, text_config
 from nanovllm.step import StepInputs
 
 MROPE_SECTION = (11, 11, 10)  # transformers' default for Qwen3.5 (t, h, w frequencies of the rotary dims)
@@ -45,12 +45,8 @@ class _WithVision:
                       mm: MultiModalStep | None = None) -> torch.Tensor:
         if mm is None:
             return super().hidden_states(input_ids, inputs, kv_caches)
-        x = self.model.embed_tokens(input_ids)
-        x = x.index_copy(0, mm.image_rows, mm.image_embeds.to(x.dtype))
-        rotary = self.model.rotary
-        cos, sin = per_token_tables(rotary.cos_cache, rotary.sin_cache, mm.positions3, self.mrope_components)
-        rows = torch.arange(x.shape[0], device=x.device, dtype=inputs.positions.dtype)
-        return self.run_layers(x, inputs, kv_caches, (rows, cos, sin))
+        x, rope = image_step_inputs(self.model, input_ids, inputs, mm, self.mrope_components)
+        return self.run_layers(x, inputs, kv_caches, rope)
 
 
 class Qwen3_5ForConditionalGeneration(_WithVision, Qwen3_5ForCausalLM):

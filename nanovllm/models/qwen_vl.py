@@ -33,6 +33,18 @@ class MultiModalStep:
     deepstack: list
 
 
+def image_step_inputs(body, input_ids: torch.Tensor, inputs, mm: MultiModalStep,
+                      components: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A prefill chunk with image tokens, for a decoder ``body`` (``embed_tokens``, ``rotary``): its embeddings
+    with the tower's at the image rows, and (rows, cos, sin) rotating every token by its three-component position
+    (``components``: ``mrope.frequency_components``)."""
+    x = body.embed_tokens(input_ids)
+    x = x.index_copy(0, mm.image_rows, mm.image_embeds.to(x.dtype))
+    cos, sin = per_token_tables(body.rotary.cos_cache, body.rotary.sin_cache, mm.positions3, components)
+    rows = torch.arange(x.shape[0], device=x.device, dtype=inputs.positions.dtype)
+    return x, (rows, cos, sin)
+
+
 def text_config(hf_config: dict) -> dict:
     """The language model's config: ``text_config`` over the top level (older checkpoints are flat), with the
     M-RoPE keys taken out of the rope settings (``mrope.py`` handles them) and tied embeddings from either."""
@@ -84,13 +96,8 @@ class QwenVLBase(DecoderForCausalLM):
     def hidden_states(self, input_ids: torch.Tensor, inputs, kv_caches: list, mm: MultiModalStep | None = None):
         if mm is None:
             return super().hidden_states(input_ids, inputs, kv_caches)
-        x = self.model.embed_tokens(input_ids)
-        x = x.index_copy(0, mm.image_rows, mm.image_embeds.to(x.dtype))
-        rotary = self.model.rotary
-        cos, sin = per_token_tables(rotary.cos_cache, rotary.sin_cache, mm.positions3, self.mrope_components)
-        rows = torch.arange(x.shape[0], device=x.device, dtype=inputs.positions.dtype)
-        return self.run_layers(x, inputs, kv_caches, (rows, cos, sin),
-                               (mm.image_rows, mm.deepstack) if mm.deepstack else ())
+        x, rope = image_step_inputs(self.model, input_ids, inputs, mm, self.mrope_components)
+        return self.run_layers(x, inputs, kv_caches, rope, (mm.image_rows, mm.deepstack) if mm.deepstack else ())
 
 
 class Qwen2_5_VLForConditionalGeneration(QwenVLBase):
