@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.lora import stacked
+from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot, _dot_precision  # "upcast" off GPU (interpreter's bf16 dot)
 from nanovllm.kernels.triton_rope_store import _round  # to the dtype, nearest even (the interpreter's cast truncates)
 
@@ -39,7 +40,9 @@ def _slot_range(slot, mask_t, S, SLOT_AXIS: tl.constexpr, FIRST: tl.constexpr):
 
 @triton.jit
 def _shrink(x_ptr, a_ptr, slot_ptr, part_ptr, T, K, R, S, K_PER, stride_x, stride_a0, stride_a1,
-            BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SLOT_AXIS: tl.constexpr):
+            BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SLOT_AXIS: tl.constexpr,
+            PDL: tl.constexpr):
+    pdl_begin(PDL)
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     mask_t = offs_t < T
     slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=0)
@@ -67,8 +70,9 @@ def _shrink(x_ptr, a_ptr, slot_ptr, part_ptr, T, K, R, S, K_PER, stride_x, strid
 
 
 @triton.jit
-def _reduce(part_ptr, T, P, BT: tl.constexpr, BR: tl.constexpr):
+def _reduce(part_ptr, T, P, BT: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr):
     """Adds the P partial sums of a block of rows, in order, into the first."""
+    pdl_begin(PDL)
     offs = tl.program_id(0) * BT * BR + tl.arange(0, BT * BR)
     mask = offs < T * BR
     acc = tl.zeros([BT * BR], dtype=tl.float32)
@@ -80,7 +84,8 @@ def _reduce(part_ptr, T, P, BT: tl.constexpr, BR: tl.constexpr):
 @triton.jit
 def _expand(y_ptr, part_ptr, b_ptr, slot_ptr, scaling_ptr, out_ptr, T, N, R, S, P, stride_y, stride_out,
             stride_b0, stride_b1, BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, P_MAX: tl.constexpr,
-            PREC: tl.constexpr, SLOT_AXIS: tl.constexpr):
+            PREC: tl.constexpr, SLOT_AXIS: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     mask_t = offs_t < T
     slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=0)
@@ -153,13 +158,14 @@ def lora_add_slots(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: tor
     part = torch.empty((P, T, BR), dtype=torch.float32, device=x.device)
     axis = T <= SLOT_AXIS_TOKENS
     blocks = triton.cdiv(T, BT)
+    pdl = pdl_launch(x.device)  # launch latency overlaps the kernel ahead (``kernels/pdl.py``)
     if S > 1:
         _shrink[(blocks, P, S - 1 if axis else 1)](x, a, slots, part, T, K, R, S, k_per, x.stride(0), a.stride(0),
-                                                   a.stride(1), BT=BT, BR=BR, BK=BK, PREC=prec, SLOT_AXIS=axis)
+                                                   a.stride(1), BT=BT, BR=BR, BK=BK, PREC=prec, SLOT_AXIS=axis, **pdl)
     if not axis and P > 1:  # larger blocks: the sums in one more launch, not in every expand program
-        _reduce[(blocks,)](part, T, P, BT=BT, BR=BR)
+        _reduce[(blocks,)](part, T, P, BT=BT, BR=BR, **pdl)
         P = 1
     _expand[(blocks, triton.cdiv(N, BN), S if axis else 1)](
         y, part, b, slots, scaling, out, T, N, R, S, P, y.stride(0), out.stride(0), b.stride(0), b.stride(1),
-        BT=BT, BR=BR, BN=BN, P_MAX=P_MAX if axis else 1, PREC=prec, SLOT_AXIS=axis)
+        BT=BT, BR=BR, BN=BN, P_MAX=P_MAX if axis else 1, PREC=prec, SLOT_AXIS=axis, **pdl)
     return out
