@@ -232,7 +232,7 @@ def delta_sweep(bandwidth: float) -> list[dict]:
 def lora_rows(bandwidth: float) -> list[dict]:
     """``--lora``: ``lora_add`` at 1 to 4,096 tokens on qkv, o, gate_up and down (merged projections: ranks 48 and
     32; B side by side as the pool holds it), its bytes the x, y and output rows and the adapters read; beside it
-    both of its paths (the per-slot kernels, up to ``stacked.MIN_TOKENS``; the stacked products) and the base
+    both of its paths (the per-slot kernels for a few tokens, ``stacked.chosen``; the stacked products) and the base
     matmul (cuBLAS)."""
     from nanovllm.kernels.lora import stacked
     from nanovllm.kernels.lora.reference import lora_add_reference
@@ -244,7 +244,7 @@ def lora_rows(bandwidth: float) -> list[dict]:
         b = (torch.randn(n, slots_n, r, device=DEV, dtype=BF16) * 0.01).permute(1, 0, 2)
         w = torch.randn(n, k, device=DEV, dtype=BF16)
         scaling = torch.full((slots_n,), 2.0, device=DEV)
-        for t in (1, 16, 64, 256, 4096):
+        for t in (1, 4, 8, 16, 64, 256, 4096):
             x, y = torch.randn(t, k, device=DEV, dtype=BF16), torch.randn(t, n, device=DEV, dtype=BF16)
             slots = torch.arange(1, t + 1, device=DEV) % slots_n  # one token: slot 1
             err = rel_err(lora_add_triton(y, x, slots, a, b, scaling) - y,  # the added products
@@ -253,7 +253,7 @@ def lora_rows(bandwidth: float) -> list[dict]:
             paths = {p: timed(f"lora_add {p}", f"{name} T={t}", nbytes,
                               [lambda f=f: f(y, x, slots, a, b, scaling)] * 5, bandwidth)
                      for p, f in (("per slot", lora_add_slots), ("stacked", stacked.lora_add_stacked))}
-            row = paths["stacked" if stacked.chosen(x, a) else "per slot"]  # the path lora_add_triton takes
+            row = paths["stacked" if stacked.chosen(x, a, n) else "per slot"]  # the path lora_add_triton takes
             base = timed("base matmul", f"{name} T={t}", 2 * (n * k + t * k + t * n),
                          [lambda: torch.nn.functional.linear(x, w)] * 5, bandwidth)
             rows.append(dict(row, kernel="lora_add", rel_err=err, per_slot_us=paths["per slot"]["us"],

@@ -137,11 +137,20 @@ def test_the_triton_kernels_read_the_pools_side_by_side_b_in_place():
 def test_the_cuda_entry_takes_the_stacked_products_past_min_tokens_only():
     many = case(stacked.MIN_TOKENS + 1, 32, 48, 4, 8, torch.float32)
     few = case(stacked.MIN_TOKENS, 32, 48, 4, 8, torch.float32)
-    assert stacked.chosen(many[1], many[3]) and not stacked.chosen(few[1], few[3])
+    assert stacked.chosen(many[1], many[3], 48) and not stacked.chosen(few[1], few[3], 48)
     assert torch.equal(tl_lora.lora_add_triton(*many), stacked.lora_add_stacked(*many))
     assert torch.equal(tl_lora.lora_add_triton(*few), tl_lora.lora_add_slots(*few))
     wide = case(stacked.MIN_TOKENS + 1, 32, 48, 2, stacked.MAX_COLUMNS // 2 + 1, torch.float32)
-    assert not stacked.chosen(wide[1], wide[3])  # too many stacked columns: the per-slot kernels
+    assert not stacked.chosen(wide[1], wide[3], 48)  # too many stacked columns: the per-slot kernels
+
+
+def test_wide_outputs_take_the_stacked_products_from_fewer_tokens(monkeypatch):
+    monkeypatch.setattr(stacked, "WIDE_N", 48)  # the rule at a width the interpreter runs quickly
+    at, below = (case(t, 32, 48, 4, 8, torch.float32) for t in (stacked.WIDE_MIN_TOKENS, stacked.WIDE_MIN_TOKENS - 1))
+    assert stacked.chosen(at[1], at[3], 48) and not stacked.chosen(below[1], below[3], 48)
+    assert not stacked.chosen(at[1], at[3], 47)  # a narrower output keeps the per-slot kernels to MIN_TOKENS
+    assert torch.equal(tl_lora.lora_add_triton(*at), stacked.lora_add_stacked(*at))
+    assert torch.equal(tl_lora.lora_add_triton(*below), tl_lora.lora_add_slots(*below))
 
 
 def test_the_op_on_cpu_is_the_twin():

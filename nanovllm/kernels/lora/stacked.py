@@ -9,7 +9,7 @@
 Each stage is rounded to the dtype as the twin rounds it.  It reads every slot's weights whatever the tokens' slots
 and multiplies S times the rank: for a batch spread over the adapters that is the bytes of reading each present
 slot once, and the extra products are cheap up to ``MAX_COLUMNS`` stacked columns.  Past ``MIN_TOKENS`` tokens
-``triton_lora.lora_add_triton`` takes this path (a runtime choice inside the op: graphs keep one node).
+(``WIDE_MIN_TOKENS`` for outputs of ``WIDE_N`` columns or more) ``triton_lora.lora_add_triton`` takes this path (a runtime choice inside the op: graphs keep one node).
 """
 import torch
 import triton
@@ -17,14 +17,17 @@ import triton.language as tl
 
 from nanovllm.kernels.triton_rope_store import _round  # to the dtype, nearest even (the interpreter's cast truncates)
 
-MIN_TOKENS = 16  # at or below: the per-slot kernels (a decode step with few tokens reads only its slots)
+MIN_TOKENS = 16  # at or below: the per-slot kernels (a decode step with few tokens reads only its slots) ...
+WIDE_N, WIDE_MIN_TOKENS = 6144, 4  # ... but from 4 tokens where the output is this wide (its expand grid grows)
 MAX_COLUMNS = 4096  # most stacked columns (S * R) for which the dense products pay
 BLOCK = 1024  # columns of a program in the two glue kernels
 
 
-def chosen(x: torch.Tensor, a: torch.Tensor) -> bool:
-    """Whether ``lora_add_triton`` takes this path for tokens ``x`` [T, K] and pool ``a`` [S, R, K]."""
-    return x.shape[0] > MIN_TOKENS and a.shape[0] * a.shape[1] <= MAX_COLUMNS
+def chosen(x: torch.Tensor, a: torch.Tensor, n: int) -> bool:
+    """Whether ``lora_add_triton`` takes this path for tokens ``x`` [T, K], pool ``a`` [S, R, K] and ``n`` output
+    columns (docs/PERFORMANCE.md, Multi-LoRA, has the timings behind the two thresholds)."""
+    fewest = WIDE_MIN_TOKENS - 1 if n >= WIDE_N else MIN_TOKENS
+    return x.shape[0] > fewest and a.shape[0] * a.shape[1] <= MAX_COLUMNS
 
 
 @triton.jit

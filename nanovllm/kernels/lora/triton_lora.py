@@ -1,4 +1,4 @@
-"""``nanovllm::lora_add`` on CUDA (``lora_add_triton``): past ``stacked.MIN_TOKENS`` tokens the stacked products
+"""``nanovllm::lora_add`` on CUDA (``lora_add_triton``): past a few tokens (``stacked.chosen``) the stacked products
 (``stacked.py``), else these per-slot kernels (``lora_add_slots``; Punica's SGMV design without the sort), both
 with the twin's contract (``reference.lora_add_reference``, rounded as PEFT rounds).  Two launches (three past
 ``SLOT_AXIS_TOKENS``, where the stacked pool is too wide for ``stacked.py``):
@@ -136,9 +136,9 @@ def split_k(T: int, K: int, BR: int) -> tuple[int, int]:
 
 def lora_add_triton(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                     scaling: torch.Tensor) -> torch.Tensor:
-    """The op on CUDA: the stacked products past ``stacked.MIN_TOKENS`` tokens (``stacked.chosen``), else the
+    """The op on CUDA: the stacked products past a few tokens (``stacked.chosen``), else the
     per-slot kernels (``lora_add_slots``)."""
-    fn = stacked.lora_add_stacked if stacked.chosen(x, a) else lora_add_slots
+    fn = stacked.lora_add_stacked if stacked.chosen(x, a, y.shape[1]) else lora_add_slots
     return fn(y, x, slots, a, b, scaling)
 
 
