@@ -15,6 +15,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 import torch
 
+pytest_plugins = ["slow_tests"]  # the slow tests run only when asked for
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
