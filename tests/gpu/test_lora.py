@@ -1,5 +1,6 @@
 """Multi-LoRA on a GPU: the Triton ``lora_add`` (kernels/lora) against its twin at model shapes, in both its paths
-(per token below 64 tokens, grouped by slot above), eager and replayed from a CUDA graph with new slots; and a tiny
+(per-slot kernels for a few tokens, the stacked products past them, from 4 tokens on a wide output:
+``stacked.chosen``), eager and replayed from a CUDA graph with new slots; and a tiny
 Qwen3 with two PEFT adapters and the base in one batch, float32 greedy in graph mode, token-identical to
 transformers + PEFT on the same GPU."""
 import math
@@ -34,7 +35,7 @@ def pool(tokens: int, k: int, n: int, r: int, slots: int, dtype, seed: int = 0):
 def test_lora_add_matches_its_twin_at_model_shapes(tokens, dtype):
     from nanovllm.kernels.lora.reference import lora_add_reference
     from nanovllm.kernels.lora.triton_lora import lora_add_triton
-    for k, n in ((1024, 3072), (4096, 1024)):
+    for k, n in ((1024, 3072), (4096, 1024), (1024, 6144)):  # the last: wide, stacked from 4 tokens
         y, x, ids, a, b, scaling = pool(tokens, k, n, 16, 5, dtype)
         out, want = lora_add_triton(y, x, ids, a, b, scaling), lora_add_reference(y, x, ids, a, b, scaling)
         assert rel_err(out - y, want - y) < (2e-2 if dtype == torch.bfloat16 else 1e-4), (k, n)
