@@ -19,9 +19,9 @@ def wanted(config: pytest.Config) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if wanted(config):
         return
-    named = {a for a in config.args if "::" in a}
-    left = [i for i in items if i.get_closest_marker("slow") and not any(i.nodeid.endswith(n) or n in i.nodeid
-                                                                        for n in named)]
+    named = [a.split("::", 1) for a in config.args if "::" in a]  # FILE::TEST[...], the file as given
+    left = [i for i in items if i.get_closest_marker("slow") and not any(
+        os.path.basename(f) == i.path.name and i.nodeid.split("::", 1)[1].startswith(t) for f, t in named)]
     if left:
         out = set(map(id, left))
         items[:] = [i for i in items if id(i) not in out]

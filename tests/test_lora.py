@@ -1,11 +1,11 @@
 """Multi-LoRA end to end on the CPU, PEFT as the oracle: greedy float32 tokens equal transformers + PEFT's for
 random adapters (rank 8 on all seven projections, rank 16 on q v down, rank 8 rsLoRA on the MLP only).
 
-Checked: a batch mixing three adapters and the base (Qwen3 and Llama, eager and graph mode); one adapter per call;
-removing an adapter and loading another between calls (an unknown id is a no-op, a pinned one refuses); a bad
-adapter (rank above max_lora_rank, DoRA) raises naming it and queues nothing; three adapters through one device
-slot, and the bound on how many requests may pass one waiting for a slot; prefix-cache blocks keyed by adapter; and
-the refusals (a MoE family, lora_request without enable_lora, a list of the wrong length).
+Checked: a batch mixing three adapters and the base (Qwen3, Llama and Gemma 3 with its sliding window, eager and
+graph mode); one adapter per call; removing an adapter and loading another between calls (an unknown id is a no-op,
+a pinned one refuses); a bad adapter (rank above max_lora_rank, DoRA) raises naming it and queues nothing; three
+adapters through one device slot, and the bound on how many requests may pass one waiting for a slot; prefix-cache
+blocks keyed by adapter; and the refusals (a MoE family, lora_request without enable_lora, a list of the wrong length).
 ``test_lora_variants.py``: tensor parallel, FP8 and int4 weights, n-gram speculation.
 """
 import os
@@ -20,7 +20,8 @@ from nanovllm.engine.sequence import SequenceStatus
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["qwen3", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("gemma3", marks=pytest.mark.slow)])
 def family(request, tmp_path_factory):
     base, paths = build_family(str(tmp_path_factory.mktemp(request.param)), request.param)
     return base, {name: LoRARequest(name, i + 1, p) for i, (name, p) in enumerate(sorted(paths.items()))}

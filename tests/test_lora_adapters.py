@@ -92,6 +92,18 @@ def test_names_without_prefix_and_bin_files(tmp_path, adapter_dir):
         assert got.keys() == want.keys() and all(torch.equal(got[k][1], want[k][1]) for k in want)
 
 
+def test_a_multimodal_models_language_model_names(tmp_path, adapter_dir):
+    """An adapter of a published multimodal checkpoint names its decoder ``model.language_model.layers``."""
+    from safetensors.torch import load_file, save_file
+    src, _ = adapter_dir
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    save_file({k.replace("model.layers.", "model.language_model.layers."): v for k, v in tensors.items()},
+              str(tmp_path / "adapter_model.safetensors"))
+    want, got = read_adapter(src, 8).weights, read_adapter(tmp_path, 8).weights
+    assert got.keys() == want.keys() and all(torch.equal(got[k][0], want[k][0]) for k in want)
+
+
 def test_check_shapes_names_the_module(adapter_dir):
     adapter = read_adapter(adapter_dir[0], 8)
     with pytest.raises(ValueError, match="down_proj"):

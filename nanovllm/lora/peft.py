@@ -2,8 +2,9 @@
 
 The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``adapter_model.bin``, a plain
 tensor dict). ``Adapter.weights`` maps (layer index, module) to (A [r, in_features], B [out_features, r]) in
-``dtype``, for the modules ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` of decoder layers;
-``scaling`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+``dtype``, for the modules ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` of decoder layers (a
+multimodal model's ``language_model`` layers too); ``scaling`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)``
+with ``use_rslora``).
 
 Anything the slot pool cannot serve raises a ``ValueError`` naming the value: a missing file, ``peft_type`` other
 than LORA, ``r`` above ``max_rank``, DoRA, ``modules_to_save``, embedding or lm_head adapters, another target
@@ -23,7 +24,7 @@ from torch import Tensor
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_NAME = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
+_NAME = re.compile(r"^(?:base_model\.model\.)?model\.(?:language_model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
                    r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _EMBEDDING = ("embed_tokens", "lm_head", "lora_embedding_A", "lora_embedding_B")
 

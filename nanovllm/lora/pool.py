@@ -15,16 +15,18 @@ import torch
 import nanovllm.distributed as distributed
 from nanovllm.models import tensor_parallel as tp
 
-# the families whose layers are the shared decoder's (``models/decoder.py``) with its dense MLP and whose loader
-# writes the checkpoint's weights unchanged (MiniCPM folds scalings into them: its adapters would need the same)
-FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+# the families whose layers pass ``lora_slots`` to packed q/k/v, o, gate/up and down projections (the shared
+# decoder's, ``models/decoder.py``, and Gemma 3's) with a dense MLP, and whose loader writes the checkpoint's weights
+# unchanged (MiniCPM folds scalings into them: its adapters would need the same)
+FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
 
 
 class LoraPool:
     def __init__(self, model, max_loras: int, max_rank: int):
         from nanovllm.models.decoder import MLP
+        from nanovllm.models.gemma3 import GeluMLP
         name = type(model).__name__
-        if name not in FAMILIES or not all(isinstance(layer.mlp, MLP) for layer in model.model.layers):
+        if name not in FAMILIES or not all(isinstance(layer.mlp, (MLP, GeluMLP)) for layer in model.model.layers):
             raise ValueError(f"enable_lora: {name} is not supported; LoRA adapters run on the dense families "
                              f"({', '.join(FAMILIES)})")
         weight = model.model.embed_tokens.weight

@@ -71,7 +71,8 @@ class GemmaAttention(nn.Module):
         T, D = h.shape[0], self.head_dim
         k_cache, v_cache = kv
         scales = (self.k_scale, self.v_scale) if kv_quant.is_fp8(k_cache) else (None, None)
-        q, k, v = torch.split(project(self.qkv_proj, h), [self.q_size, self.kv_size, self.kv_size], dim=1)
+        q, k, v = torch.split(project(self.qkv_proj, h, lora_slots=inputs.lora_slots),
+                              [self.q_size, self.kv_size, self.kv_size], dim=1)
         q = self.q_norm(q.view(T, self.num_heads, D))
         k = self.k_norm(k.view(T, self.num_kv_heads, D))
         rows, cos, sin = rope
@@ -100,9 +101,9 @@ class GeluMLP(nn.Module):
     def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
         return [(self.gate_up_proj, "weight", False), (self.down_proj, "weight", True)]
 
-    def forward(self, x):
-        gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)
-        return tp.row_parallel(self.down_proj, F.gelu(gate, approximate="tanh") * up)
+    def forward(self, x, lora_slots=None):
+        gate, up = project(self.gate_up_proj, x, lora_slots=lora_slots).chunk(2, dim=-1)
+        return tp.row_parallel(self.down_proj, F.gelu(gate, approximate="tanh") * up, lora_slots)
 
 
 class Gemma3Layer(nn.Module):
@@ -117,13 +118,13 @@ class Gemma3Layer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, h, inputs, kv, next_norm: nn.Module, rope: tuple):
-        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope))
+        return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope), inputs.lora_slots)
 
 
 @_compile_once
-def _after_attention(layer: Gemma3Layer, next_norm: nn.Module, x, o):
-    x = x + layer.post_attention_layernorm(tp.row_parallel(layer.self_attn.o_proj, o))
-    x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+def _after_attention(layer: Gemma3Layer, next_norm: nn.Module, x, o, lora_slots=None):
+    x = x + layer.post_attention_layernorm(tp.row_parallel(layer.self_attn.o_proj, o, lora_slots))
+    x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x), lora_slots))
     return x, next_norm(x)
 
 

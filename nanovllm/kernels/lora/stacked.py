@@ -9,7 +9,8 @@
 Each stage is rounded to the dtype as the twin rounds it.  It reads every slot's weights whatever the tokens' slots
 and multiplies S times the rank: for a batch spread over the adapters that is the bytes of reading each present
 slot once, and the extra products are cheap up to ``MAX_COLUMNS`` stacked columns.  Past ``MIN_TOKENS`` tokens
-(``WIDE_MIN_TOKENS`` for outputs of ``WIDE_N`` columns or more) ``triton_lora.lora_add_triton`` takes this path (a runtime choice inside the op: graphs keep one node).
+(``WIDE_MIN_TOKENS`` for outputs of ``WIDE_N`` columns or more) ``triton_lora.lora_add_triton`` takes this path (a
+runtime choice inside the op: graphs keep one node).
 """
 import torch
 import triton
