@@ -12,7 +12,7 @@ import pytest
 
 from conftest import build_checkpoint
 from nanovllm import LLM, distributed
-from nanovllm.distributed import rendezvous
+from nanovllm.distributed import liveness, rendezvous
 from nanovllm.engine.engine import Engine
 from nanovllm.parallel import control
 from test_tp_close import Proc
@@ -46,7 +46,9 @@ def test_a_build_failure_on_rank_1_alone_raises_its_own_error_on_rank_0(tmp_path
 
 
 @pytest.fixture
-def store():
+def store(monkeypatch):
+    # no watch runs here: what an earlier test's watch found in this process (kept until the next start) is not ours
+    monkeypatch.setattr(liveness, "_failure", None)
     return rendezvous.host(2, 5.0)
 
 
