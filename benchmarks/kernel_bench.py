@@ -232,17 +232,19 @@ def delta_sweep(bandwidth: float) -> list[dict]:
 def lora_rows(bandwidth: float) -> list[dict]:
     """``--lora``: ``lora_add`` at 1 to 4,096 tokens on qkv, o, gate_up and down (merged projections: ranks 48 and
     32; B side by side as the pool holds it), its bytes the x, y and output rows and the adapters read; beside it
-    both of its paths (the per-slot kernels for a few tokens, ``stacked.chosen``; the stacked products) and the base
-    matmul (cuBLAS)."""
+    both of its paths (the per-slot kernels for a few tokens, ``stacked.chosen``; the stacked products), the base
+    matmul (cuBLAS) and, for plain weights, the pool stacked under the weight (``lora/pool.py``): the base matmul with
+    every slot's shrink rows, then ``lora_expand`` (checked against its twin too)."""
     from nanovllm.kernels.lora import stacked
-    from nanovllm.kernels.lora.reference import lora_add_reference
-    from nanovllm.kernels.lora.triton_lora import lora_add_slots, lora_add_triton
+    from nanovllm.kernels.lora.reference import lora_add_reference, lora_expand_reference
+    from nanovllm.kernels.lora.triton_lora import lora_add_slots, lora_add_triton, lora_expand_triton
     rows, slots_n = [], 9
     for name, k, n, r in (("qkv", 4096, 6144, 48), ("o", 4096, 4096, 16), ("gate_up", 4096, 24576, 32),
                           ("down", 12288, 4096, 16)):
         a = torch.randn(slots_n, r, k, device=DEV, dtype=BF16) / k ** 0.5
         b = (torch.randn(n, slots_n, r, device=DEV, dtype=BF16) * 0.01).permute(1, 0, 2)
         w = torch.randn(n, k, device=DEV, dtype=BF16)
+        fold = torch.cat([w, a.reshape(slots_n * r, k)])
         scaling = torch.full((slots_n,), 2.0, device=DEV)
         for t in (1, 4, 8, 16, 64, 256, 4096):
             x, y = torch.randn(t, k, device=DEV, dtype=BF16), torch.randn(t, n, device=DEV, dtype=BF16)
@@ -256,8 +258,15 @@ def lora_rows(bandwidth: float) -> list[dict]:
             row = paths["stacked" if stacked.chosen(x, a, n) else "per slot"]  # the path lora_add_triton takes
             base = timed("base matmul", f"{name} T={t}", 2 * (n * k + t * k + t * n),
                          [lambda: torch.nn.functional.linear(x, w)] * 5, bandwidth)
+            z = torch.nn.functional.linear(x, fold)  # the base product and every slot's shrink
+            fold_err = rel_err(lora_expand_triton(z[:, :n], z[:, n:], slots, b, scaling) - z[:, :n],
+                               lora_expand_reference(z[:, :n], z[:, n:], slots, b, scaling) - z[:, :n])
+            stack = timed("matmul + lora_expand", f"{name} T={t}", 2 * (fold.numel() + t * k + t * n),
+                          [lambda: (lambda z: lora_expand_triton(z[:, :n], z[:, n:], slots, b, scaling))(
+                              torch.nn.functional.linear(x, fold))] * 5, bandwidth)
             rows.append(dict(row, kernel="lora_add", rel_err=err, per_slot_us=paths["per slot"]["us"],
-                             stacked_us=paths["stacked"]["us"], base_us=base["us"]))
+                             stacked_us=paths["stacked"]["us"], base_us=base["us"], folded_us=stack["us"],
+                             folded_rel_err=fold_err))
     return rows
 
 

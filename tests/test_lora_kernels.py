@@ -165,3 +165,45 @@ def test_the_registered_cpu_kernel_runs_triton_or_the_twin_by_option():
     assert cuda.KERNELS["nanovllm::lora_add"] is cuda._lora_add
     args = case(4, 20, 30, 3, 4, torch.float32, slots=torch.tensor([2, 0, 1, 2]))
     torch.testing.assert_close(cuda._lora_add(*args), ref.lora_add_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def folded(T, K, N, S, R, dtype, slots=None, rank=None, seed=0):
+    """(y, h, slots, b, scaling, x, a): y and every slot's shrink h as views of one [T, N + S*R] product, as a
+    projection whose pool is stacked under its weight makes them (``lora/pool.py``); b side by side."""
+    y, x, slots, a, b, scaling = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=seed)
+    z = torch.cat([y, x @ a.reshape(S * R, K).T], dim=1)
+    return z[:, :N], z[:, N:], slots, side_by_side(b), scaling, x, a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,block", [(1, 64), (7, 64), (45, 16)])
+def test_the_expand_alone_matches_the_twin_on_the_stacked_shrink(dtype, T, block, monkeypatch):
+    monkeypatch.setattr(tl_lora, "BT_MAX", block)  # 45 tokens: three token blocks
+    K, N, S, R = 70, 150, 4, 12
+    slots = torch.arange(T) % S
+    y, h, slots, b, scaling, x, a = folded(T, K, N, S, R, dtype, slots=slots, rank=9, seed=T)
+    assert y.stride(0) == h.stride(0) == N + S * R  # read in place
+    got, want = tl_lora.lora_expand_triton(y, h, slots, b, scaling), ref.lora_expand_reference(y, h, slots, b, scaling)
+    assert got.dtype == dtype and got.shape == (T, N)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert torch.equal(got[slots == 0], y[slots == 0])
+    if T > 1:
+        assert not torch.allclose(got[slots != 0], y[slots != 0])
+    # the two ops are one LoRA product: the expand of the stacked shrink is lora_add's
+    torch.testing.assert_close(want, ref.lora_add_reference(y, x, slots, a, b, scaling), **TOL[dtype])
+
+
+def test_the_expand_alone_on_slot_zero_and_an_empty_batch():
+    y, h, slots, b, scaling, _, _ = folded(5, 40, 70, 3, 4, torch.bfloat16, slots=torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(tl_lora.lora_expand_triton(y, h, slots, b, scaling), y)
+    assert tl_lora.lora_expand_triton(y[:0], h[:0], slots[:0], b, scaling).shape == (0, 70)
+
+
+def test_the_expand_op_on_cpu_is_the_twin_and_cuda_registers_the_kernel():
+    from nanovllm.kernels import cuda
+    slots = torch.tensor([3, 0, 1, 2, 2, 0, 1, 3, 1])
+    y, h, slots, b, scaling, _, _ = folded(9, 32, 48, 4, 8, torch.float32, slots=slots)
+    want = ref.lora_expand_reference(y, h, slots, b, scaling)
+    assert torch.equal(lora_ops.lora_expand(y, h, slots, b, scaling), want)
+    assert cuda.KERNELS["nanovllm::lora_expand"] is cuda._lora_expand
+    torch.testing.assert_close(cuda._lora_expand(y, h, slots, b, scaling), want, rtol=1e-5, atol=1e-5)

@@ -123,13 +123,14 @@ class ModelRunner:
                            dtype=torch.int64, pin_memory=self.platform.pin_memory)
 
     def device_bytes(self) -> int:
-        """Bytes of weights, KV cache and token buffer this runner holds on its device (0 once closed)."""
+        """Bytes of weights, KV cache and token buffer this runner holds on its device (0 once closed); storage
+        that tensors share (a LoRA pool stacked under its weight) counts once."""
         if self.model is None:
             return 0
-        state = self.logits_state
-        tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer, *vars(state).values(),
-                   *(t for kv in self.kv_caches for t in kv)]
-        return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.token_buffer,
+                   *vars(self.logits_state).values(), *(t for kv in self.kv_caches for t in kv)]
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.device == self.device}
+        return sum(held.values())
 
     def close(self) -> None:
         """Release the executor's graphs, the KV cache, the model and the token buffer (idempotent; after a

@@ -4,8 +4,10 @@ projection of a dense decoder that PEFT adapts (q, k, v, o, gate, up, down).
 Each packed projection of P parts (qkv: 3, gate/up: 2, o and down: 1) holds ``lora_a`` [S, P*R, K] and ``lora_b``
 [S, N, P*R], a view of [N, S, P*R] storage (R = ``max_lora_rank``, K and N this rank's input and output sizes):
 part p's A in rows p*R.., its B in its output rows and columns p*R.. (block-diagonal, so one shrink and one expand
-serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.  ``kernels/lora``
-adds them; ``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B rows are its output rows
+serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.  Over plain weights
+``lora_a`` is the rows under the base weight in one ``lora_fold`` [N + S*P*R, K] (the weight a view of its top), so
+the base product makes every slot's shrink too.  ``kernels/lora`` adds them; ``models/tensor_parallel.matmul`` calls
+it.  Under tensor parallelism a rank's B rows are its output rows
 (column-parallel projections) and its A columns its input columns (row-parallel ones), as the base weight splits.
 ``write(slot, adapter)`` fills a slot from a ``peft.Adapter`` (modules it does not adapt: zeros); ``clear`` empties
 one.  The pool is allocated before the KV cache is sized, so it lives inside ``gpu_memory_utilization``.
@@ -14,6 +16,7 @@ import torch
 
 import nanovllm.distributed as distributed
 from nanovllm.models import tensor_parallel as tp
+from nanovllm.quant import held
 
 # the families whose layers pass ``lora_slots`` to packed q/k/v, o, gate/up and down projections (the shared
 # decoder's, ``models/decoder.py``, and Gemma 3's) with a dense MLP, and whose loader writes the checkpoint's weights
@@ -56,14 +59,20 @@ class LoraPool:
         s, r = self.max_loras + 1, self.max_rank
         p = len(parts)
         kw = dict(dtype=self.dtype, device=self.device)
-        linear.register_buffer("lora_a", torch.zeros(s, p * r, linear.in_features, **kw), persistent=False)
+        weight = linear.weight
+        if held.format_of(linear) is None and weight.dtype == self.dtype:  # stack A under the base weight
+            n = weight.shape[0]
+            fold = torch.zeros(n + s * p * r, weight.shape[1], **kw)
+            fold[:n] = weight.detach()
+            linear.weight = torch.nn.Parameter(fold[:n], requires_grad=False)
+            linear.register_buffer("lora_fold", fold, persistent=False)
+            linear.register_buffer("lora_a", fold[n:].view(s, p * r, -1), persistent=False)
+        else:  # quantized weights: the shrink is its own product
+            linear.register_buffer("lora_a", torch.zeros(s, p * r, linear.in_features, **kw), persistent=False)
         b = torch.zeros(linear.out_features, s, p * r, **kw)  # slots side by side: ``kernels/lora/stacked.py``
         linear.register_buffer("lora_b", b.permute(1, 0, 2), persistent=False)
         linear.register_buffer("lora_scaling", self.scaling, persistent=False)
         self.targets.append((layer_idx, linear, parts, column))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, lin, _, _ in self.targets for t in (lin.lora_a, lin.lora_b))
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:

@@ -17,7 +17,7 @@ tensor a rank's parameter holds, from the parameter's local shape, so the loader
 import torch
 
 import nanovllm.distributed as distributed
-from nanovllm.kernels import reference
+from nanovllm.kernels import ops, reference
 from nanovllm.kernels.lora import ops as lora_ops
 from nanovllm.quant import held
 
@@ -61,11 +61,20 @@ def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, 
            lora_slots: torch.Tensor | None = None):
     """``x @ linear.weight.T + bias`` by the op of the format the weight is held in (``quant/held.py``), plus each
     token's LoRA adapter's product (before the SiLU-and-multiply) where the projection holds a pool (``lora_a``,
-    ``lora_b``, ``lora_scaling``: ``lora/pool.py``) and ``lora_slots`` names each token's slot."""
+    ``lora_b``, ``lora_scaling``: ``lora/pool.py``) and ``lora_slots`` names each token's slot.  A pool stacked
+    under plain weights (``lora_fold``) makes the shrink in the base product, and only the expand is left."""
     a = getattr(linear, "lora_a", None)
     if a is None or lora_slots is None:
         return held.linear(linear, x, bias, silu_mul)
-    y = lora_ops.lora_add(held.linear(linear, x, bias, False), x, lora_slots, a, linear.lora_b, linear.lora_scaling)
+    fold = getattr(linear, "lora_fold", None)
+    if fold is None:
+        y = lora_ops.lora_add(held.linear(linear, x, bias, False), x, lora_slots, a, linear.lora_b,
+                              linear.lora_scaling)
+    else:
+        n = linear.weight.shape[0]
+        z = ops.linear(x, fold)
+        y = z[:, :n] if bias is None else z[:, :n] + bias
+        y = lora_ops.lora_expand(y, z[:, n:], lora_slots, linear.lora_b, linear.lora_scaling)
     return reference.silu_and_mul(y) if silu_mul else y
 
 

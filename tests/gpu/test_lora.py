@@ -1,6 +1,7 @@
 """Multi-LoRA on a GPU: the Triton ``lora_add`` (kernels/lora) against its twin at model shapes, in both its paths
 (per-slot kernels for a few tokens, the stacked products past them, from 4 tokens on a wide output:
-``stacked.chosen``), eager and replayed from a CUDA graph with new slots; and a tiny
+``stacked.chosen``), eager and replayed from a CUDA graph with new slots; ``lora_expand`` on a shrink made beside
+the base product (a pool stacked under plain weights), the same two ways; and a tiny
 Qwen3 with two PEFT adapters and the base in one batch, float32 greedy in graph mode, token-identical to
 transformers + PEFT on the same GPU."""
 import math
@@ -93,3 +94,24 @@ def test_a_mixed_batch_of_adapters_is_token_identical_to_peft_in_graph_mode(tmp_
         out = model.to("cuda").generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12,
                                         eos_token_id=None, pad_token_id=0)
         assert got == out[0, len(prompt):].tolist(), lora
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 256])
+def test_lora_expand_on_the_stacked_shrink_matches_its_twin_and_replays_in_a_cuda_graph(tokens):
+    from nanovllm.kernels.lora.reference import lora_expand_reference
+    from nanovllm.kernels.lora.triton_lora import lora_expand_triton
+    k, n, r, slots = 1024, 6144, 16, 5
+    y, x, ids, a, b, scaling = pool(tokens, k, n, r, slots, torch.bfloat16)
+    fold = torch.cat([torch.randn(n, k, device="cuda").to(torch.bfloat16) * 0.03, a.reshape(slots * r, k)])
+    z = x @ fold.T  # the base product with every slot's shrink beside it (lora/pool.py)
+    lora_expand_triton(z[:, :n], z[:, n:], ids, b, scaling)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lora_expand_triton(z[:, :n], z[:, n:], ids, b, scaling)
+    for seed in (1, 2):
+        g = torch.Generator("cuda").manual_seed(seed)
+        ids.copy_(torch.randint(0, slots, (tokens,), device="cuda", generator=g))
+        graph.replay()
+        want = lora_expand_reference(z[:, :n], z[:, n:], ids, b, scaling)
+        assert rel_err(out - z[:, :n], want - z[:, :n]) < 2e-2
+        assert torch.equal(out[ids == 0], z[:, :n][ids == 0])

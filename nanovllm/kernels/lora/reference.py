@@ -1,4 +1,5 @@
-"""The twin of ``nanovllm::lora_add``: the definition every kernel must match (``ops.py``)."""
+"""The twins of ``nanovllm::lora_add`` and ``nanovllm::lora_expand``: the definitions every kernel must match
+(``ops.py``)."""
 import torch
 
 
@@ -11,6 +12,20 @@ def lora_add_reference(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a:
     out = y.clone()
     for s in range(1, a.shape[0]):
         delta = (x @ a[s].T) @ b[s].T
+        delta = delta * scaling[s].to(delta.dtype)
+        out = torch.where((slots == s)[:, None], out + delta, out)
+    return out
+
+
+def lora_expand_reference(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor, b: torch.Tensor,
+                          scaling: torch.Tensor) -> torch.Tensor:
+    """``lora_add_reference`` with the shrink already done: ``h`` [T, S*R] holds every slot's ``x @ a[s].T`` side
+    by side (slot s in columns s*R..), as one product with the slots' A stacked gives it (``lora/pool.py`` stacks
+    them under the base weight); each token adds its own slot's ``(h[t, s*R:(s+1)*R] @ b[s].T) * scaling[s]``."""
+    out = y.clone()
+    r = b.shape[2]
+    for s in range(1, b.shape[0]):
+        delta = h[:, s * r:(s + 1) * r] @ b[s].T
         delta = delta * scaling[s].to(delta.dtype)
         out = torch.where((slots == s)[:, None], out + delta, out)
     return out

@@ -11,7 +11,8 @@ with the twin's contract (``reference.lora_add_reference``, rounded as PEFT roun
   them with the slot's ``b`` tile, scales and adds to ``y``.
 Up to ``SLOT_AXIS_TOKENS`` tokens (small decode batches) the slot is a grid axis and programs whose slot has no
 token in their block exit at once; past it a program walks the slots present in its block.  Grids come from
-shapes alone: no host sync, graph capture holds.
+shapes alone: no host sync, graph capture holds.  ``lora_expand_triton`` (``nanovllm::lora_expand``) is the expand
+launch alone, on a shrink the base product already made.
 """
 import torch
 import triton
@@ -83,8 +84,10 @@ def _reduce(part_ptr, T, P, BT: tl.constexpr, BR: tl.constexpr, PDL: tl.constexp
 
 @triton.jit
 def _expand(y_ptr, part_ptr, b_ptr, slot_ptr, scaling_ptr, out_ptr, T, N, R, S, P, stride_y, stride_out,
-            stride_b0, stride_b1, BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, P_MAX: tl.constexpr,
-            PREC: tl.constexpr, SLOT_AXIS: tl.constexpr, PDL: tl.constexpr):
+            stride_b0, stride_b1, stride_pp, stride_pt, stride_ps, BT: tl.constexpr, BR: tl.constexpr,
+            BN: tl.constexpr, P_MAX: tl.constexpr, PREC: tl.constexpr, SLOT_AXIS: tl.constexpr, PDL: tl.constexpr):
+    """Partial sums p of token t's slot s at ``part_ptr + p*stride_pp + t*stride_pt + s*stride_ps`` (the shrink's
+    buffer: [P, T, BR], ``stride_ps`` 0; a stacked shrink's product: one sum, slot s in columns s*R..)."""
     pdl_begin(PDL)
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     mask_t = offs_t < T
@@ -107,7 +110,7 @@ def _expand(y_ptr, part_ptr, b_ptr, slot_ptr, scaling_ptr, out_ptr, T, N, R, S, 
             sums = tl.zeros([BT, BR], dtype=tl.float32)
             for p in tl.static_range(P_MAX):  # in order: the same sums every run; loads issued together
                 live = tl.full([1, BR], p, tl.int32) < P
-                sums += tl.load(part_ptr + p * T * BR + rows * BR + offs_r[None, :],
+                sums += tl.load(part_ptr + p * stride_pp + rows * stride_pt + s * stride_ps + offs_r[None, :],
                                 mask=(mine[:, None] & mask_r[None, :]) & live, other=0.0)
             sv = _round(sums, dtype).to(dtype)  # the shrink result in the dtype, as PEFT's (exact cast)
             bv = tl.load(b_ptr + s * stride_b0 + offs_n[None, :] * stride_b1 + offs_r[:, None],
@@ -167,5 +170,26 @@ def lora_add_slots(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: tor
         P = 1
     _expand[(blocks, triton.cdiv(N, BN), S if axis else 1)](
         y, part, b, slots, scaling, out, T, N, R, S, P, y.stride(0), out.stride(0), b.stride(0), b.stride(1),
-        BT=BT, BR=BR, BN=BN, P_MAX=P_MAX if axis else 1, PREC=prec, SLOT_AXIS=axis, **pdl)
+        T * BR, BR, 0, BT=BT, BR=BR, BN=BN, P_MAX=P_MAX if axis else 1, PREC=prec, SLOT_AXIS=axis, **pdl)
+    return out
+
+
+def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor, b: torch.Tensor,
+                       scaling: torch.Tensor) -> torch.Tensor:
+    """``nanovllm::lora_expand`` on CUDA: the expand kernel alone, one program per block of tokens and of N walking
+    the slots present in its block, reading each token's own slot's columns of ``h`` (a strided view is read in
+    place: the columns past a projection's base outputs, ``models/tensor_parallel.matmul``)."""
+    (T, N), (S, _, R) = y.shape, b.shape
+    out = torch.empty((T, N), dtype=y.dtype, device=y.device)
+    if T == 0 or N == 0:
+        return out
+    b = b if b.stride(2) == 1 else b.contiguous()
+    y = y if y.stride(1) == 1 else y.contiguous()
+    h = h if h.stride(1) == 1 else h.contiguous()
+    slots, scaling = slots.contiguous(), scaling.to(torch.float32).contiguous()
+    BT, BR = token_block(T), max(16, triton.next_power_of_2(R))
+    _expand[(triton.cdiv(T, BT), triton.cdiv(N, BN), 1)](
+        y, h, b, slots, scaling, out, T, N, R, S, 1, y.stride(0), out.stride(0), b.stride(0), b.stride(1),
+        0, h.stride(0), R, BT=BT, BR=BR, BN=BN, P_MAX=1, PREC=_dot_precision(h), SLOT_AXIS=False,
+        **pdl_launch(y.device))
     return out
