@@ -232,9 +232,8 @@ def delta_sweep(bandwidth: float) -> list[dict]:
 def lora_rows(bandwidth: float) -> list[dict]:
     """``--lora``: ``lora_add`` at 1 to 4,096 tokens on qkv, o, gate_up and down (merged projections: ranks 48 and
     32; B side by side as the pool holds it), its bytes the x, y and output rows and the adapters read; beside it
-    both of its paths (the per-slot kernels for a few tokens, ``stacked.chosen``; the stacked products), the base
-    matmul (cuBLAS) and, for plain weights, the pool stacked under the weight (``lora/pool.py``): the base matmul with
-    every slot's shrink rows, then ``lora_expand`` (checked against its twin too)."""
+    both of its paths (per-slot kernels, stacked products: ``stacked.chosen``), the base matmul (cuBLAS), and the
+    pool stacked under the weight (``lora/pool.py``): that matmul alone, then with ``lora_expand`` (checked too)."""
     from nanovllm.kernels.lora import stacked
     from nanovllm.kernels.lora.reference import lora_add_reference, lora_expand_reference
     from nanovllm.kernels.lora.triton_lora import lora_add_slots, lora_add_triton, lora_expand_triton
@@ -244,9 +243,10 @@ def lora_rows(bandwidth: float) -> list[dict]:
         a = torch.randn(slots_n, r, k, device=DEV, dtype=BF16) / k ** 0.5
         b = (torch.randn(n, slots_n, r, device=DEV, dtype=BF16) * 0.01).permute(1, 0, 2)
         w = torch.randn(n, k, device=DEV, dtype=BF16)
-        fold = torch.cat([w, a.reshape(slots_n * r, k)])
+        pad = -(-(n + slots_n * r) // 128) * 128 - n - slots_n * r  # as lora/pool.py stacks it (FOLD_ROWS)
+        fold = torch.cat([w, w.new_zeros(pad, k), a.reshape(slots_n * r, k)])
         scaling = torch.full((slots_n,), 2.0, device=DEV)
-        for t in (1, 4, 8, 16, 64, 256, 4096):
+        for t in (1, 2, 4, 8, 16, 64, 256, 4096):
             x, y = torch.randn(t, k, device=DEV, dtype=BF16), torch.randn(t, n, device=DEV, dtype=BF16)
             slots = torch.arange(1, t + 1, device=DEV) % slots_n  # one token: slot 1
             err = rel_err(lora_add_triton(y, x, slots, a, b, scaling) - y,  # the added products
@@ -258,15 +258,17 @@ def lora_rows(bandwidth: float) -> list[dict]:
             row = paths["stacked" if stacked.chosen(x, a, n) else "per slot"]  # the path lora_add_triton takes
             base = timed("base matmul", f"{name} T={t}", 2 * (n * k + t * k + t * n),
                          [lambda: torch.nn.functional.linear(x, w)] * 5, bandwidth)
-            z = torch.nn.functional.linear(x, fold)  # the base product and every slot's shrink
-            fold_err = rel_err(lora_expand_triton(z[:, :n], z[:, n:], slots, b, scaling) - z[:, :n],
-                               lora_expand_reference(z[:, :n], z[:, n:], slots, b, scaling) - z[:, :n])
+            z, c = torch.nn.functional.linear(x, fold), n + pad  # the base product, every slot's shrink at c..
+            fold_err = rel_err(lora_expand_triton(z[:, :n], z[:, c:], slots, b, scaling) - z[:, :n],
+                               lora_expand_reference(z[:, :n], z[:, c:], slots, b, scaling) - z[:, :n])
+            alone = timed("stacked matmul", f"{name} T={t}", 2 * (fold.numel() + t * k + t * fold.shape[0]),
+                          [lambda: torch.nn.functional.linear(x, fold)] * 5, bandwidth)
             stack = timed("matmul + lora_expand", f"{name} T={t}", 2 * (fold.numel() + t * k + t * n),
-                          [lambda: (lambda z: lora_expand_triton(z[:, :n], z[:, n:], slots, b, scaling))(
+                          [lambda: (lambda z: lora_expand_triton(z[:, :n], z[:, c:], slots, b, scaling))(
                               torch.nn.functional.linear(x, fold))] * 5, bandwidth)
             rows.append(dict(row, kernel="lora_add", rel_err=err, per_slot_us=paths["per slot"]["us"],
                              stacked_us=paths["stacked"]["us"], base_us=base["us"], folded_us=stack["us"],
-                             folded_rel_err=fold_err))
+                             folded_matmul_us=alone["us"], folded_rel_err=fold_err))
     return rows
 
 

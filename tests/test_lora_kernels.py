@@ -1,8 +1,10 @@
-"""The multi-LoRA op (nanovllm/kernels/lora): the Triton kernels (token blocks, the shrink's K in one split or
+"""The multi-LoRA ops (nanovllm/kernels/lora): the Triton kernels (token blocks, the shrink's K in one split or
 several) against the twin on CPU under the Triton interpreter (mixed slots with slot 0 among them, every token on
 slot 0, float32, bfloat16 and float16, a rank padded to a power of two and one that is not, K and N not multiples of
 the blocks, a strided y, no tokens), the split's policy, the stacked dense path (``stacked.py``) and which path
-the CUDA entry (``lora_add_triton``) takes, and the op's default implementation (the twin) on CPU.
+the CUDA entry (``lora_add_triton``) takes; the expand alone on a shrink made beside the base outputs, and
+``lora_linear``'s CUDA entry on both sides of its fold limit (``folded.py``); and the ops' CPU implementations (the
+twins).
 """
 import os
 
@@ -15,6 +17,7 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels.lora import ops as lora_ops  # noqa: E402
 from nanovllm.kernels.lora import reference as ref  # noqa: E402
+from nanovllm.kernels.lora import folded as folded_path  # noqa: E402
 from nanovllm.kernels.lora import stacked  # noqa: E402
 from nanovllm.kernels.lora import triton_lora as tl_lora  # noqa: E402
 
@@ -167,43 +170,60 @@ def test_the_registered_cpu_kernel_runs_triton_or_the_twin_by_option():
     torch.testing.assert_close(cuda._lora_add(*args), ref.lora_add_reference(*args), rtol=1e-5, atol=1e-5)
 
 
-def folded(T, K, N, S, R, dtype, slots=None, rank=None, seed=0):
-    """(y, h, slots, b, scaling, x, a): y and every slot's shrink h as views of one [T, N + S*R] product, as a
-    projection whose pool is stacked under its weight makes them (``lora/pool.py``); b side by side."""
+def folded(T, K, N, S, R, dtype, slots=None, rank=None, seed=0, bias=False):
+    """(x, fold, bias, slots, b, scaling, N, a_row) as ``lora/pool.py`` stacks a projection: a weight [N, K], zero
+    rows to a multiple of 16, then every slot's A; b side by side."""
     y, x, slots, a, b, scaling = case(T, K, N, S, R, dtype, slots=slots, rank=rank, seed=seed)
-    z = torch.cat([y, x @ a.reshape(S * R, K).T], dim=1)
-    return z[:, :N], z[:, N:], slots, side_by_side(b), scaling, x, a
+    weight = (torch.randn(N, K, generator=torch.Generator().manual_seed(seed + 1)) / K ** 0.5).to(dtype)
+    pad = -(N + S * R) % 16
+    fold = torch.cat([weight, weight.new_zeros(pad, K), a.reshape(S * R, K)])
+    b_ = (torch.randn(N, dtype=torch.float32) * 0.1).to(dtype) if bias else None
+    return x, fold, b_, slots, side_by_side(b), scaling, N, N + pad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,block", [(1, 64), (7, 64), (45, 16)])
 def test_the_expand_alone_matches_the_twin_on_the_stacked_shrink(dtype, T, block, monkeypatch):
     monkeypatch.setattr(tl_lora, "BT_MAX", block)  # 45 tokens: three token blocks
-    K, N, S, R = 70, 150, 4, 12
-    slots = torch.arange(T) % S
-    y, h, slots, b, scaling, x, a = folded(T, K, N, S, R, dtype, slots=slots, rank=9, seed=T)
-    assert y.stride(0) == h.stride(0) == N + S * R  # read in place
+    slots = torch.arange(T) % 4
+    x, fold, _, slots, b, scaling, n, a_row = folded(T, 70, 150, 4, 12, dtype, slots=slots, rank=9, seed=T)
+    z = x @ fold.T  # the base outputs and every slot's shrink, read in place
+    y, h = z[:, :n], z[:, a_row:]
     got, want = tl_lora.lora_expand_triton(y, h, slots, b, scaling), ref.lora_expand_reference(y, h, slots, b, scaling)
-    assert got.dtype == dtype and got.shape == (T, N)
+    assert got.dtype == dtype and got.shape == (T, n)
     torch.testing.assert_close(got, want, **TOL[dtype])
     assert torch.equal(got[slots == 0], y[slots == 0])
     if T > 1:
         assert not torch.allclose(got[slots != 0], y[slots != 0])
-    # the two ops are one LoRA product: the expand of the stacked shrink is lora_add's
+    # the expand of the stacked shrink is lora_add's product
+    a = fold[a_row:].view(4, 12, 70)
     torch.testing.assert_close(want, ref.lora_add_reference(y, x, slots, a, b, scaling), **TOL[dtype])
 
 
 def test_the_expand_alone_on_slot_zero_and_an_empty_batch():
-    y, h, slots, b, scaling, _, _ = folded(5, 40, 70, 3, 4, torch.bfloat16, slots=torch.zeros(5, dtype=torch.int64))
-    assert torch.equal(tl_lora.lora_expand_triton(y, h, slots, b, scaling), y)
-    assert tl_lora.lora_expand_triton(y[:0], h[:0], slots[:0], b, scaling).shape == (0, 70)
+    x, fold, _, slots, b, scaling, n, a_row = folded(5, 40, 70, 3, 4, torch.bfloat16,
+                                                     slots=torch.zeros(5, dtype=torch.int64))
+    z = x @ fold.T
+    assert torch.equal(tl_lora.lora_expand_triton(z[:, :n], z[:, a_row:], slots, b, scaling), z[:, :n])
+    assert tl_lora.lora_expand_triton(z[:0, :n], z[:0, a_row:], slots[:0], b, scaling).shape == (0, 70)
 
 
-def test_the_expand_op_on_cpu_is_the_twin_and_cuda_registers_the_kernel():
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("T", [folded_path.FOLD_MAX_TOKENS, folded_path.FOLD_MAX_TOKENS + 1])
+def test_lora_linear_on_either_side_of_the_fold_limit_matches_the_twin(T, bias):
+    """Up to the limit one product by the stack and the expand; past it the base rows and ``lora_add``."""
+    args = folded(T, 40, 48, 4, 8, torch.float32, slots=torch.arange(T) % 4, bias=bias)
+    want = ref.lora_linear_reference(*args)
+    torch.testing.assert_close(folded_path.lora_linear_cuda(*args), want, rtol=1e-5, atol=1e-5)
+    x, fold, b_, slots, b, scaling, n, a_row = args
+    plain = x @ fold[:n].T + (0 if b_ is None else b_)
+    assert torch.equal(want[slots == 0], plain[slots == 0]) and not torch.allclose(want, plain)
+
+
+def test_the_linear_op_on_cpu_is_the_twin_and_cuda_registers_its_kernels():
     from nanovllm.kernels import cuda
-    slots = torch.tensor([3, 0, 1, 2, 2, 0, 1, 3, 1])
-    y, h, slots, b, scaling, _, _ = folded(9, 32, 48, 4, 8, torch.float32, slots=slots)
-    want = ref.lora_expand_reference(y, h, slots, b, scaling)
-    assert torch.equal(lora_ops.lora_expand(y, h, slots, b, scaling), want)
-    assert cuda.KERNELS["nanovllm::lora_expand"] is cuda._lora_expand
-    torch.testing.assert_close(cuda._lora_expand(y, h, slots, b, scaling), want, rtol=1e-5, atol=1e-5)
+    args = folded(9, 32, 48, 4, 8, torch.float32, slots=torch.tensor([3, 0, 1, 2, 2, 0, 1, 3, 1]))
+    want = ref.lora_linear_reference(*args)
+    assert torch.equal(lora_ops.lora_linear(*args), want)
+    assert cuda.KERNELS["nanovllm::lora_linear"] is cuda._lora_linear
+    torch.testing.assert_close(cuda._lora_linear(*args), want, rtol=1e-5, atol=1e-5)

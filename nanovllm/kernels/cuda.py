@@ -26,7 +26,8 @@ from nanovllm.kernels.linear_attention import reference as la_reference
 from nanovllm.kernels.linear_attention.triton_kernels import causal_conv1d_triton, gated_delta_rule_triton
 from nanovllm.kernels.lora import ops as lora_ops  # noqa: F401  (the multi-LoRA op)
 from nanovllm.kernels.lora import reference as lora_reference
-from nanovllm.kernels.lora.triton_lora import lora_add_triton, lora_expand_triton
+from nanovllm.kernels.lora.folded import lora_linear_cuda
+from nanovllm.kernels.lora.triton_lora import lora_add_triton
 from nanovllm.kernels.options import current_options
 from nanovllm.kernels.triton_attention import decode_attention_triton, prefill_attention_triton, store_kv_triton
 from nanovllm.kernels.triton_logits import process_logits_triton
@@ -178,9 +179,9 @@ def _lora_add(y, x, slots, a, b, scaling):
     return fn(y, x, slots, a, b, scaling)
 
 
-def _lora_expand(y, h, slots, b, scaling):
-    fn = lora_reference.lora_expand_reference if current_options().reference_kernels else lora_expand_triton
-    return fn(y, h, slots, b, scaling)
+def _lora_linear(x, fold, bias, slots, b, scaling, n, a_row):
+    fn = lora_reference.lora_linear_reference if current_options().reference_kernels else lora_linear_cuda
+    return fn(x, fold, bias, slots, b, scaling, n, a_row)
 
 
 KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_attention,
@@ -189,7 +190,7 @@ KERNELS = {"nanovllm::store_kv": _store_kv, "nanovllm::paged_attention": _paged_
            "nanovllm::moe_experts": _moe_experts,
            "nanovllm::process_logits": _process_logits, "nanovllm::gumbel_argmax": _gumbel_argmax,
            "nanovllm::causal_conv1d": _causal_conv1d, "nanovllm::gated_delta_rule": _gated_delta_rule,
-           "nanovllm::lora_add": _lora_add, "nanovllm::lora_expand": _lora_expand}
+           "nanovllm::lora_add": _lora_add, "nanovllm::lora_linear": _lora_linear}
 
 
 def register_cuda_kernels(device_type: str = "cuda") -> None:

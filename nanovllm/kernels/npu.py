@@ -142,5 +142,5 @@ def register_npu_traced(graph_mode: str) -> None:
                      ("causal_conv1d", la_reference.causal_conv1d_reference),
                      ("gated_delta_rule", la_reference.gated_delta_rule_reference),
                      ("lora_add", lora_reference.lora_add_reference),
-                     ("lora_expand", lora_reference.lora_expand_reference)):
+                     ("lora_linear", lora_reference.lora_linear_reference)):
         ops.register_traced(name, "npu", fn)

@@ -5,10 +5,10 @@ Each packed projection of P parts (qkv: 3, gate/up: 2, o and down: 1) holds ``lo
 [S, N, P*R], a view of [N, S, P*R] storage (R = ``max_lora_rank``, K and N this rank's input and output sizes):
 part p's A in rows p*R.., its B in its output rows and columns p*R.. (block-diagonal, so one shrink and one expand
 serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.  Over plain weights
-``lora_a`` is the rows under the base weight in one ``lora_fold`` [N + S*P*R, K] (the weight a view of its top), so
-the base product makes every slot's shrink too.  ``kernels/lora`` adds them; ``models/tensor_parallel.matmul`` calls
-it.  Under tensor parallelism a rank's B rows are its output rows
-(column-parallel projections) and its A columns its input columns (row-parallel ones), as the base weight splits.
+``lora_a`` is the last rows of a ``lora_fold`` whose top rows are the weight (zeros between, to a multiple of
+``FOLD_ROWS``; ``lora_fold_rows``: (N, A's first row)), so one product can make the shrinks beside the base outputs.
+``kernels/lora`` adds them; ``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B rows are
+its output rows (column-parallel projections) and its A columns its input columns (row-parallel ones).
 ``write(slot, adapter)`` fills a slot from a ``peft.Adapter`` (modules it does not adapt: zeros); ``clear`` empties
 one.  The pool is allocated before the KV cache is sized, so it lives inside ``gpu_memory_utilization``.
 """
@@ -22,6 +22,9 @@ from nanovllm.quant import held
 # decoder's, ``models/decoder.py``, and Gemma 3's) with a dense MLP, and whose loader writes the checkpoint's weights
 # unchanged (MiniCPM folds scalings into them: its adapters would need the same)
 FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
+
+
+FOLD_ROWS = 128  # a stacked weight's rows are a multiple of this (cuBLAS's tile; measured in PERFORMANCE.md)
 
 
 class LoraPool:
@@ -62,11 +65,13 @@ class LoraPool:
         weight = linear.weight
         if held.format_of(linear) is None and weight.dtype == self.dtype:  # stack A under the base weight
             n = weight.shape[0]
-            fold = torch.zeros(n + s * p * r, weight.shape[1], **kw)
+            rows = -(-(n + s * p * r) // FOLD_ROWS) * FOLD_ROWS  # zero rows between the weight and A pad it
+            fold = torch.zeros(rows, weight.shape[1], **kw)
             fold[:n] = weight.detach()
             linear.weight = torch.nn.Parameter(fold[:n], requires_grad=False)
             linear.register_buffer("lora_fold", fold, persistent=False)
-            linear.register_buffer("lora_a", fold[n:].view(s, p * r, -1), persistent=False)
+            linear.register_buffer("lora_a", fold[rows - s * p * r:].view(s, p * r, -1), persistent=False)
+            linear.lora_fold_rows = (n, rows - s * p * r)  # where the base outputs end and ``lora_a`` starts
         else:  # quantized weights: the shrink is its own product
             linear.register_buffer("lora_a", torch.zeros(s, p * r, linear.in_features, **kw), persistent=False)
         b = torch.zeros(linear.out_features, s, p * r, **kw)  # slots side by side: ``kernels/lora/stacked.py``

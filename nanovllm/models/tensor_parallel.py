@@ -4,8 +4,8 @@ splits them:
 * attention heads: each rank takes ``num_heads / N`` query heads and ``num_kv_heads / N`` KV heads; with fewer KV
   heads than ranks each KV head is replicated, rank r using head ``r * num_kv_heads // N``;
 * column-parallel (outputs split, no collective): the packed qkv and gate/up projections (each part split on its
-  own), attention sinks (GPT-OSS: one per query head), the experts' gate/up, and the LM head (vocabulary rows, padded to a multiple of N; the logits are
-  gathered back in rank order and the padding cut);
+  own), attention sinks (GPT-OSS: one per query head), the experts' gate/up, and the LM head (vocabulary rows,
+  padded to a multiple of N; the logits are gathered back in rank order and the padding cut);
 * row-parallel (inputs split, then one all-reduce): attention's output projection and the MLP's (or the experts')
   down projection; a bias is added once, after the sum;
 * replicated: embeddings, norms, routers;
@@ -17,7 +17,7 @@ tensor a rank's parameter holds, from the parameter's local shape, so the loader
 import torch
 
 import nanovllm.distributed as distributed
-from nanovllm.kernels import ops, reference
+from nanovllm.kernels import reference
 from nanovllm.kernels.lora import ops as lora_ops
 from nanovllm.quant import held
 
@@ -61,8 +61,9 @@ def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, 
            lora_slots: torch.Tensor | None = None):
     """``x @ linear.weight.T + bias`` by the op of the format the weight is held in (``quant/held.py``), plus each
     token's LoRA adapter's product (before the SiLU-and-multiply) where the projection holds a pool (``lora_a``,
-    ``lora_b``, ``lora_scaling``: ``lora/pool.py``) and ``lora_slots`` names each token's slot.  A pool stacked
-    under plain weights (``lora_fold``) makes the shrink in the base product, and only the expand is left."""
+    ``lora_b``, ``lora_scaling``: ``lora/pool.py``) and ``lora_slots`` names each token's slot; with one op where the
+    pool's A is stacked under plain weights (``lora_fold``: its views are taken in the op, so no two inputs of a
+    compiled region alias)."""
     a = getattr(linear, "lora_a", None)
     if a is None or lora_slots is None:
         return held.linear(linear, x, bias, silu_mul)
@@ -71,10 +72,8 @@ def matmul(linear: torch.nn.Linear, x: torch.Tensor, bias: torch.Tensor | None, 
         y = lora_ops.lora_add(held.linear(linear, x, bias, False), x, lora_slots, a, linear.lora_b,
                               linear.lora_scaling)
     else:
-        n = linear.weight.shape[0]
-        z = ops.linear(x, fold)
-        y = z[:, :n] if bias is None else z[:, :n] + bias
-        y = lora_ops.lora_expand(y, z[:, n:], lora_slots, linear.lora_b, linear.lora_scaling)
+        y = lora_ops.lora_linear(x, fold, bias, lora_slots, linear.lora_b, linear.lora_scaling,
+                                 *linear.lora_fold_rows)
     return reference.silu_and_mul(y) if silu_mul else y
 
 

@@ -1,7 +1,7 @@
-"""Multi-LoRA (Punica's design): one op adds, to a projection's output, each token's own adapter's low-rank
-product.  The op (``ops.py``), its pure-PyTorch twin (``reference.py``, any device, the CPU path and the oracle)
-and, for CUDA, Triton kernels (``triton_lora.py``, registered by ``kernels/cuda.py``; past 16 tokens the stacked
-products of ``stacked.py``).
+"""Multi-LoRA (Punica's design): ops add, to a projection's output, each token's own adapter's low-rank product.
+The ops (``ops.py``), their pure-PyTorch twins (``reference.py``, any device, the CPU path and the oracle) and, for
+CUDA, Triton kernels (``triton_lora.py``, registered by ``kernels/cuda.py``; past 16 tokens the stacked products of
+``stacked.py``; a pool stacked under its weight: ``folded.py``).
 
 Adapters live in a pool of slots per projection: ``a`` [S, R, K] (the shrink, rank R padded with zero rows) and
 ``b`` [S, N, R] (the expand), ``scaling`` [S] float32; slot 0 is "no adapter" and adds nothing.  A

@@ -1,5 +1,5 @@
-"""The twins of ``nanovllm::lora_add`` and ``nanovllm::lora_expand``: the definitions every kernel must match
-(``ops.py``)."""
+"""The twins of ``nanovllm::lora_add`` and ``nanovllm::lora_linear`` (and of the expand alone, ``lora_linear``'s
+second half): the definitions every kernel must match (``ops.py``)."""
 import torch
 
 
@@ -29,3 +29,13 @@ def lora_expand_reference(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor,
         delta = delta * scaling[s].to(delta.dtype)
         out = torch.where((slots == s)[:, None], out + delta, out)
     return out
+
+
+def lora_linear_reference(x: torch.Tensor, fold: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
+                          b: torch.Tensor, scaling: torch.Tensor, n: int, a_row: int) -> torch.Tensor:
+    """``x @ fold[:n].T + bias`` plus ``lora_add_reference``'s products with A = ``fold[a_row:]`` viewed [S, R, K]
+    (the pool stacks it under the weight, ``lora/pool.py``): one product by ``fold`` makes the base outputs and
+    every slot's shrink, and ``lora_expand_reference`` adds the rest."""
+    z = x @ fold.T
+    y = z[:, :n] if bias is None else z[:, :n] + bias
+    return lora_expand_reference(y, z[:, a_row:], slots, b, scaling)

@@ -11,8 +11,8 @@ with the twin's contract (``reference.lora_add_reference``, rounded as PEFT roun
   them with the slot's ``b`` tile, scales and adds to ``y``.
 Up to ``SLOT_AXIS_TOKENS`` tokens (small decode batches) the slot is a grid axis and programs whose slot has no
 token in their block exit at once; past it a program walks the slots present in its block.  Grids come from
-shapes alone: no host sync, graph capture holds.  ``lora_expand_triton`` (``nanovllm::lora_expand``) is the expand
-launch alone, on a shrink the base product already made.
+shapes alone: no host sync, graph capture holds.  ``lora_expand_triton`` is the expand launch alone, on a shrink
+the base product already made (``folded.py``).
 """
 import torch
 import triton
@@ -176,9 +176,9 @@ def lora_add_slots(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: tor
 
 def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor, b: torch.Tensor,
                        scaling: torch.Tensor) -> torch.Tensor:
-    """``nanovllm::lora_expand`` on CUDA: the expand kernel alone, one program per block of tokens and of N walking
-    the slots present in its block, reading each token's own slot's columns of ``h`` (a strided view is read in
-    place: the columns past a projection's base outputs, ``models/tensor_parallel.matmul``)."""
+    """``reference.lora_expand_reference`` on CUDA: the expand kernel alone (a slot axis up to ``SLOT_AXIS_TOKENS``, as
+    ``lora_add_slots``'s), reading each token's own slot's columns of ``h`` (a strided view is read in place: the
+    columns past a projection's base outputs, ``folded.py``)."""
     (T, N), (S, _, R) = y.shape, b.shape
     out = torch.empty((T, N), dtype=y.dtype, device=y.device)
     if T == 0 or N == 0:
@@ -188,8 +188,9 @@ def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor, b:
     h = h if h.stride(1) == 1 else h.contiguous()
     slots, scaling = slots.contiguous(), scaling.to(torch.float32).contiguous()
     BT, BR = token_block(T), max(16, triton.next_power_of_2(R))
-    _expand[(triton.cdiv(T, BT), triton.cdiv(N, BN), 1)](
+    axis = T <= SLOT_AXIS_TOKENS
+    _expand[(triton.cdiv(T, BT), triton.cdiv(N, BN), S if axis else 1)](
         y, h, b, slots, scaling, out, T, N, R, S, 1, y.stride(0), out.stride(0), b.stride(0), b.stride(1),
-        0, h.stride(0), R, BT=BT, BR=BR, BN=BN, P_MAX=1, PREC=_dot_precision(h), SLOT_AXIS=False,
+        0, h.stride(0), R, BT=BT, BR=BR, BN=BN, P_MAX=1, PREC=_dot_precision(h), SLOT_AXIS=axis,
         **pdl_launch(y.device))
     return out
