@@ -1,20 +1,22 @@
 """The device pool of LoRA adapters: ``max_loras`` slots (1..max_loras; slot 0 is the base model) on every
 projection PEFT adapts (q, k, v, o, gate, up, down) as the model declares them (``model.lora_targets()``).
 
-Each projection of P parts (packed qkv: 3, gate/up: 2, o, down and Gemma 4's separate q, k, v: 1) holds ``lora_a`` [S, P*R, K] and ``lora_b``
-[S, N, P*R], a view of [N, S, P*R] storage (R = ``max_lora_rank``, K and N this rank's input and output sizes):
-part p's A in rows p*R.., its B in its output rows and columns p*R.. (block-diagonal, so one shrink and one expand
-serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.  ``kernels/lora``
-adds them; ``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B rows are its output rows
-(column-parallel projections) and its A columns its input columns (row-parallel ones), as the base weight splits.
-``write(slot, adapter)`` fills a slot from a ``peft.Adapter`` (modules it does not adapt: zeros; B times the
-projection's output scale, MiniCPM's); ``clear`` empties one.  The pool is allocated before the KV cache is sized, so it lives inside ``gpu_memory_utilization``.
+Each projection of P parts (packed qkv: 3, gate/up: 2; o, down and Gemma 4's separate q, k, v: 1) holds ``lora_a``
+[S, P*R, K] and ``lora_b`` [S, N, P*R], a view of [N, S, P*R] storage (R = ``max_lora_rank``, K and N this rank's
+input and output sizes): part p's A in rows p*R.., its B in its output rows and columns p*R.. (block-diagonal, so one
+shrink and one expand serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.
+``kernels/lora`` adds them; ``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B rows are
+its output rows (column-parallel projections) and its A columns its input columns (row-parallel ones), as the base
+weight splits.  ``write(slot, adapter)`` fills a slot from a ``peft.Adapter`` (modules it does not adapt: zeros; B
+times the projection's output scale, MiniCPM's); ``clear`` empties one.  The pool is allocated before the KV cache is
+sized, so it lives inside ``gpu_memory_utilization``.
 """
 import torch
 
 # the families checked against transformers + PEFT; each declares its projections' parts, split and output scale
-# (``model.lora_targets()``, ``models/lora_targets.py``): the shared decoder's and Gemma 3's
-FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
+# (``model.lora_targets()``, ``models/lora_targets.py``): the shared decoder's, Gemma 3's and 4's, MiniCPM's
+FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
+            "Gemma4ForCausalLM", "MiniCPMForCausalLM", "MiniCPM4ForCausalLM")
 
 
 class LoraPool:
