@@ -110,6 +110,10 @@ def test_check_shapes_names_the_module(adapter_dir):
         check_shapes(adapter, {**SIZES, "down_proj": (256, 64)})
     with pytest.raises(ValueError, match="gate_proj"):
         check_shapes(adapter, {k: v for k, v in SIZES.items() if k != "gate_proj"})
+    per_layer = {(layer, m): size for layer in range(2) for m, size in SIZES.items()}  # the pool's ``sizes``
+    check_shapes(adapter, per_layer)
+    with pytest.raises(ValueError, match=r"down_proj \(layer 1\)"):
+        check_shapes(adapter, {**per_layer, (1, "down_proj"): (256, 64)})
 
 
 def copy_adapter(src, dst):

@@ -10,7 +10,7 @@ Anything the slot pool cannot serve raises a ``ValueError`` naming the value: a 
 than LORA, ``r`` above ``max_rank``, DoRA, ``modules_to_save``, embedding or lm_head adapters, another target
 module, a ``bias`` other than "none", per-module ranks or alphas (``rank_pattern``/``alpha_pattern``), an unknown
 tensor, a tensor whose shape disagrees with ``r`` or an A without its B. ``check_shapes`` compares the adapter's
-(in, out) per module with the base model's.
+(in, out) per layer and module with the base model's.
 """
 import json
 import math
@@ -121,11 +121,13 @@ def read_adapter(path, max_rank: int, dtype: torch.dtype = torch.float32) -> Ada
     return Adapter(rank=r, scaling=float(scaling), weights=weights)
 
 
-def check_shapes(adapter: Adapter, expected: dict[str, tuple[int, int]]) -> None:
-    """ValueError naming the module where the adapter's (in, out) differs from the base model's ``expected``."""
+def check_shapes(adapter: Adapter, expected: dict) -> None:
+    """ValueError naming the module where the adapter's (in, out) differs from the base model's ``expected``: (in,
+    out) by (layer, module) (the pool's ``sizes``: a layer's own, Gemma 4's differ), or by module for every layer."""
     for (layer, module), (a, b) in adapter.weights.items():
-        if module not in expected:
+        want = expected.get((layer, module), expected.get(module))
+        if want is None:
             raise ValueError(f"LoRA module {module} (layer {layer}) is not a projection of the base model")
-        if (a.shape[1], b.shape[0]) != tuple(expected[module]):
+        if (a.shape[1], b.shape[0]) != tuple(want):
             raise ValueError(f"LoRA module {module} (layer {layer}) maps {a.shape[1]} -> {b.shape[0]} features, "
-                             f"the base model's {expected[module][0]} -> {expected[module][1]}")
+                             f"the base model's {want[0]} -> {want[1]}")

@@ -1,27 +1,25 @@
 """The device pool of LoRA adapters: ``max_loras`` slots (1..max_loras; slot 0 is the base model) on every
-projection of a dense decoder that PEFT adapts (q, k, v, o, gate, up, down).
+projection PEFT adapts (q, k, v, o, gate, up, down) as the model declares them (``model.lora_targets()``).
 
-Each packed projection of P parts (qkv: 3, gate/up: 2, o and down: 1) holds ``lora_a`` [S, P*R, K] and ``lora_b``
-[S, N, P*R], a view of [N, S, P*R] storage (R = ``max_lora_rank``, K and N this rank's input and output sizes):
-part p's A in rows p*R.., its B in its output rows and columns p*R.. (block-diagonal, so one shrink and one expand
-serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.  Over plain weights
-``lora_a`` is the last rows of a ``lora_fold`` whose top rows are the weight (zeros between, to a multiple of
-``FOLD_ROWS``; ``lora_fold_rows``: (N, A's first row)), so one product can make the shrinks beside the base outputs.
-``kernels/lora`` adds them; ``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B rows are
-its output rows (column-parallel projections) and its A columns its input columns (row-parallel ones).
-``write(slot, adapter)`` fills a slot from a ``peft.Adapter`` (modules it does not adapt: zeros); ``clear`` empties
-one.  The pool is allocated before the KV cache is sized, so it lives inside ``gpu_memory_utilization``.
+Each projection of P parts (packed qkv: 3, gate/up: 2; o, down and Gemma 4's separate q, k, v: 1) holds ``lora_a``
+[S, P*R, K] and ``lora_b`` [S, N, P*R], a view of [N, S, P*R] storage (R = ``max_lora_rank``, K and N this rank's
+input and output sizes): part p's A in rows p*R.., its B in its output rows and columns p*R.. (block-diagonal, so one
+shrink and one expand serve all parts, and zeros add nothing); every projection shares ``lora_scaling`` [S] float32.
+Over plain weights ``lora_a`` is the last rows of a ``lora_fold`` whose top rows are the weight (zeros between, to a
+multiple of ``FOLD_ROWS``; ``lora_fold_rows``: (N, A's first row)): one product can make the shrinks beside the base
+outputs.  ``kernels/lora`` adds them; ``models/tensor_parallel.matmul`` calls it.  Under tensor parallelism a rank's B
+rows are its output rows (column-parallel projections) and its A columns its input columns (row-parallel ones).
+``write(slot, adapter)`` fills a slot from a ``peft.Adapter`` (modules it does not adapt: zeros; B times the
+projection's output scale, MiniCPM's); ``clear`` empties one.  The pool lives inside ``gpu_memory_utilization``.
 """
 import torch
 
-import nanovllm.distributed as distributed
-from nanovllm.models import tensor_parallel as tp
 from nanovllm.quant import held
 
-# the families whose layers pass ``lora_slots`` to packed q/k/v, o, gate/up and down projections (the shared
-# decoder's, ``models/decoder.py``, and Gemma 3's) with a dense MLP, and whose loader writes the checkpoint's weights
-# unchanged (MiniCPM folds scalings into them: its adapters would need the same)
-FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
+# the families checked against transformers + PEFT; each declares its projections' parts, split and output scale
+# (``model.lora_targets()``, ``models/lora_targets.py``): the shared decoder's, Gemma 3's and 4's, MiniCPM's
+FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
+            "Gemma4ForCausalLM", "MiniCPMForCausalLM", "MiniCPM4ForCausalLM")
 
 
 FOLD_ROWS = 128  # a stacked weight's rows are a multiple of this (cuBLAS's tile; measured in PERFORMANCE.md)
@@ -29,34 +27,21 @@ FOLD_ROWS = 128  # a stacked weight's rows are a multiple of this (cuBLAS's tile
 
 class LoraPool:
     def __init__(self, model, max_loras: int, max_rank: int):
-        from nanovllm.models.decoder import MLP
-        from nanovllm.models.gemma3 import GeluMLP
         name = type(model).__name__
-        if name not in FAMILIES or not all(isinstance(layer.mlp, (MLP, GeluMLP)) for layer in model.model.layers):
+        if name not in FAMILIES:
             raise ValueError(f"enable_lora: {name} is not supported; LoRA adapters run on the dense families "
                              f"({', '.join(FAMILIES)})")
+        layers = model.lora_targets()
         weight = model.model.embed_tokens.weight
         self.max_loras, self.max_rank, self.dtype, self.device = max_loras, max_rank, weight.dtype, weight.device
         self.scaling = torch.zeros(max_loras + 1, dtype=torch.float32, device=self.device)
-        self.targets = []  # (layer index, projection, [(module, global row/column range, local offset)], column)
-        a, rank = model.args, distributed.current().rank
-        hd = a.head_dim
-        for i, layer in enumerate(model.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            q = (rank * attn.q_size, (rank + 1) * attn.q_size)
-            first = tp.kv_heads(a.num_kv_heads)[1] * hd
-            kv = (first, first + attn.kv_size)
-            self._attach(i, attn.qkv_proj, [("q_proj", q, 0), ("k_proj", kv, attn.q_size),
-                                            ("v_proj", kv, attn.q_size + attn.kv_size)], True)
-            self._attach(i, attn.o_proj, [("o_proj", q, 0)], False)
-            local = mlp.down_proj.in_features
-            inter = (rank * local, (rank + 1) * local)
-            self._attach(i, mlp.gate_up_proj, [("gate_proj", inter, 0), ("up_proj", inter, local)], True)
-            self._attach(i, mlp.down_proj, [("down_proj", inter, 0)], False)
-        q, kv = a.num_heads * hd, a.num_kv_heads * hd  # module -> (in, out) of the whole (unsplit) projection
-        self.sizes = dict(q_proj=(a.hidden_size, q), k_proj=(a.hidden_size, kv), v_proj=(a.hidden_size, kv),
-                          o_proj=(q, a.hidden_size), gate_proj=(a.hidden_size, a.intermediate_size),
-                          up_proj=(a.hidden_size, a.intermediate_size), down_proj=(a.intermediate_size, a.hidden_size))
+        # (layer index, projection, [(module, global row/column range, local offset, output scale)], column)
+        self.targets = []
+        self.sizes = {}  # (layer, module) -> (in, out) of the whole (unsplit) projection: ``peft.check_shapes``
+        for i, targets in enumerate(layers):
+            for t in targets:
+                self._attach(i, t.linear, [(p.module, p.span, p.offset, t.scale) for p in t.parts], t.column)
+                self.sizes.update({(i, p.module): p.size for p in t.parts})
 
     def _attach(self, layer_idx: int, linear: torch.nn.Linear, parts: list, column: bool) -> None:
         s, r = self.max_loras + 1, self.max_rank
@@ -98,11 +83,11 @@ class LoraPool:
         self.clear(slot)
         r = self.max_rank
         for layer, linear, parts, column in self.targets:
-            for p, (module, (lo, hi), offset) in enumerate(parts):
+            for p, (module, (lo, hi), offset, scale) in enumerate(parts):
                 w = adapter.weights.get((layer, module))
                 if w is None:
                     continue
-                a, b = w[0].to(self.device, self.dtype), w[1].to(self.device, self.dtype)
+                a, b = w[0].to(self.device, self.dtype), (w[1] * scale).to(self.device, self.dtype)
                 rank = a.shape[0]
                 if column:  # every input, this rank's output rows
                     linear.lora_a[slot, p * r:p * r + rank] = a

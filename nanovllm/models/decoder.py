@@ -24,7 +24,7 @@ from nanovllm.step import StepInputs
 from nanovllm.kernels import kv_quant, ops
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding
-from nanovllm.models import tensor_parallel as tp
+from nanovllm.models import lora_targets, tensor_parallel as tp
 
 
 @dataclass
@@ -221,6 +221,12 @@ class DecoderForCausalLM(nn.Module):
             for module, attr, row_parallel in layer.self_attn.quant_targets() + (mlp() if mlp else []):
                 out[f"{owners[id(module)]}.{attr}"] = (module, attr, row_parallel)
         return out
+
+    def lora_targets(self) -> list[list[lora_targets.Target]]:
+        """Per layer, the projections LoRA adapters run on (``lora_targets.py``): packed q/k/v, o, and the dense
+        MLP's gate/up and down (``ValueError`` for a mixture of experts); ``lora/pool.py`` serves listed families."""
+        return [lora_targets.attention(layer.self_attn, self.args.num_kv_heads) + lora_targets.mlp(layer.mlp)
+                for layer in self.model.layers]
 
     def attention_options(self, hf_config: dict, layer_idx: int) -> dict:
         """Layer ``layer_idx``'s ``Attention`` keywords (``self.args`` is set): none, full causal attention."""

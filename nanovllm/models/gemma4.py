@@ -8,14 +8,15 @@
 - KV sharing: the last ``num_kv_shared_layers`` layers compute no K/V and keep no cache; each reads the cache of the
   last earlier layer of its kind (``kv_sources``), so sharing saves their cache memory as in transformers;
 - ``use_double_wide_mlp``: shared layers' MLP twice as wide; ``enable_moe_block``: a MoE block beside every MLP.
-q, k and v are separate matmuls (a full layer with ``attention_k_eq_v`` has no v). Published
-``Gemma4ForConditionalGeneration`` checkpoints load their text path (an image is refused by name),
-``Gemma4ForCausalLM`` ones as they are; the config is normalised by transformers' ``Gemma4TextConfig``.
+q, k and v are separate matmuls (a full layer with ``attention_k_eq_v`` has no v), each with its LoRA adapters
+(``lora_targets``), as o and the MLP's projections. Published ``Gemma4ForConditionalGeneration`` checkpoints load
+their text path (an image is refused by name), ``Gemma4ForCausalLM`` ones as they are; the config is normalised by
+transformers' ``Gemma4TextConfig``.
 """
 import torch
 from torch import nn
 
-from nanovllm.models import tensor_parallel as tp
+from nanovllm.models import lora_targets, tensor_parallel as tp
 from nanovllm.models.decoder import DecoderArgs, DecoderForCausalLM, project
 from nanovllm.models.gemma3 import GeluMLP, soft_capped
 from nanovllm.models.gemma4_layers import Gemma4Attention, Gemma4Layer, Gemma4Norm, rope_tables
@@ -111,6 +112,12 @@ class Gemma4ForCausalLM(DecoderForCausalLM):
         """Per layer (KV heads, head size) of its cache; None for a KV-shared layer (it keeps none)."""
         return [None if src is not None else (layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
                 for layer, src in zip(self.model.layers, self.sources)]
+
+    def lora_targets(self) -> list[list[lora_targets.Target]]:
+        """The decoder's, with each layer's own KV heads and q, k and v separate (a shared layer's k/v, and v where K
+        is V, absent as in transformers, so PEFT adapts none); the MoE block's experts take none (PEFT targets none)."""
+        return [lora_targets.attention(layer.self_attn, layer.self_attn.total_kv_heads) + lora_targets.mlp(layer.mlp)
+                for layer in self.model.layers]
 
     def quant_targets(self) -> dict[str, tuple[nn.Module, str, bool]]:
         owners = {id(m): name for name, m in self.named_modules()}

@@ -68,6 +68,7 @@ class Gemma4Attention(nn.Module):
         super().__init__()
         self.num_heads = tp.split(heads, "num_attention_heads")
         self.num_kv_heads, self.head_dim = tp.kv_heads(kv_heads)[0], head_dim
+        self.total_kv_heads = kv_heads  # unsplit: LoRA's k/v sizes (``lora_targets``)
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.window, self.shared = window, shared
         self.q_proj = nn.Linear(hidden, self.q_size, bias=bias)
@@ -94,12 +95,12 @@ class Gemma4Attention(nn.Module):
             scales = (None, None)
         elif scales[0] is None:
             scales = (self.k_scale, self.v_scale)
-        rows, cos, sin = rope
-        q = _rotate(self.q_norm(project(self.q_proj, h).view(T, self.num_heads, D)), rows, cos, sin)
+        (rows, cos, sin), lora = rope, inputs.lora_slots
+        q = _rotate(self.q_norm(project(self.q_proj, h, lora_slots=lora).view(T, self.num_heads, D)), rows, cos, sin)
         tables, slots = inputs.kv_tables(self.window)  # a sliding layer's: its window pool's, where it has one
         if not self.shared:
-            k = project(self.k_proj, h).view(T, self.num_kv_heads, D)
-            v = project(self.v_proj, h).view(T, self.num_kv_heads, D) if self.v_proj is not None else k
+            k = project(self.k_proj, h, lora_slots=lora).view(T, self.num_kv_heads, D)
+            v = project(self.v_proj, h, lora_slots=lora).view(T, self.num_kv_heads, D) if self.v_proj is not None else k
             k, v = _rotate(self.k_norm(k), rows, cos, sin), self.v_norm(v)
             ops.store_kv(k, v, k_cache, v_cache, slots, *scales)
         o = ops.paged_attention(q.contiguous(), k_cache, v_cache, inputs.cu_seqlens_q, inputs.context_lens,
@@ -166,13 +167,13 @@ class Gemma4Layer(nn.Module):
 
     def forward(self, x, h, inputs, kv, next_norm: nn.Module, rope: tuple, per_layer_input, scales=(None, None)):
         return _after_attention(self, next_norm, x, self.self_attn.attend(h, inputs, kv, rope, scales),
-                                per_layer_input)
+                                per_layer_input, inputs.lora_slots)
 
 
 @_compile_once
-def _after_attention(layer: Gemma4Layer, next_norm: nn.Module, x, o, per_layer_input):
-    x = x + layer.post_attention_layernorm(tp.row_parallel(layer.self_attn.o_proj, o))
-    m = layer.mlp(layer.pre_feedforward_layernorm(x))
+def _after_attention(layer: Gemma4Layer, next_norm: nn.Module, x, o, per_layer_input, lora_slots=None):
+    x = x + layer.post_attention_layernorm(tp.row_parallel(layer.self_attn.o_proj, o, lora_slots))
+    m = layer.mlp(layer.pre_feedforward_layernorm(x), lora_slots)
     if layer.moe:  # the experts take x before its MLP norm, the router x unnormed
         e = layer.experts(layer.pre_feedforward_layernorm_2(x), *layer.router(x))
         m = layer.post_feedforward_layernorm_1(m) + layer.post_feedforward_layernorm_2(e)

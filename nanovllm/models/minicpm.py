@@ -7,11 +7,12 @@ read from config.json, and LongRoPE (``layers/rotary.py``).  The scalings of the
 - the LM head's input is divided by ``hidden_size / dim_model_base``.
 
 They are folded into the weights once these are loaded (``after_loading``), so the shared decoder runs unchanged:
-``embed_tokens`` times ``scale_emb``; ``o_proj`` and ``down_proj`` times the residual scale; the final norm's weight
-divided by the width ratio, and also by ``scale_emb`` when the LM head is tied to the (now scaled) embedding.  The
-math is the reference's; only where products are rounded differs.  Fields a config.json leaves out take its
-architecture's config class's defaults (``config_defaults``; None means no scaling).  InfLLM-v2 sparse attention
-(``sparse_config``, MiniCPM4-8B) and MiniCPM-MoE (``num_experts``) are refused.
+``embed_tokens`` times ``scale_emb``; ``o_proj`` and ``down_proj`` (and LoRA adapters' products on them:
+``lora_targets``) times the residual scale; the final norm's weight divided by the width ratio, and also by
+``scale_emb`` when the LM head is tied to the (now scaled) embedding.  The math is the reference's; only where
+products are rounded differs.  Fields a config.json leaves out take its architecture's config class's defaults
+(``config_defaults``; None means no scaling).  InfLLM-v2 sparse attention (``sparse_config``, MiniCPM4-8B) and
+MiniCPM-MoE (``num_experts``) are refused.
 """
 import math
 
@@ -45,12 +46,22 @@ class MiniCPMForCausalLM(DecoderForCausalLM):
         if divisor != 1.0:
             self.model.norm.weight.div_(divisor)
         if self.residual_scale != 1.0:
-            for layer in self.model.layers:
-                for branch_out in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                    scale = getattr(branch_out, "weight_scale", None)  # an FP8 weight's (quant/fp8_weights.py)
-                    (branch_out.weight if scale is None else scale).mul_(self.residual_scale)
-                    if branch_out.bias is not None:
-                        branch_out.bias.mul_(self.residual_scale)
+            for branch_out in self._branch_outs():
+                scale = getattr(branch_out, "weight_scale", None)  # an FP8 weight's (quant/fp8_weights.py)
+                (branch_out.weight if scale is None else scale).mul_(self.residual_scale)
+                if branch_out.bias is not None:
+                    branch_out.bias.mul_(self.residual_scale)
+
+    def _branch_outs(self) -> list[torch.nn.Linear]:
+        """The projections whose outputs join the residual stream: each layer's ``o_proj`` and ``down_proj``."""
+        return [m for layer in self.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+
+    def lora_targets(self) -> list:
+        """The decoder's, an adapter's product on ``o_proj`` and ``down_proj`` times the residual scale as their
+        weights are (openbmb's model scales the branch output, adapter included)."""
+        scaled = set(map(id, self._branch_outs()))
+        return [[t._replace(scale=self.residual_scale) if id(t.linear) in scaled else t for t in targets]
+                for targets in super().lora_targets()]
 
 
 class MiniCPM4ForCausalLM(MiniCPMForCausalLM):
