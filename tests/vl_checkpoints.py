@@ -94,11 +94,16 @@ def picture(width: int, height: int, seed: int):
     return Image.fromarray(rgb, "RGB")
 
 
-def hf_greedy_vl(model_dir: str, prompts: list, max_new_tokens: int, llm) -> list[list[int]]:
-    """transformers' generate, greedy float32, one prompt at a time.  ``prompts`` are nanovllm dict prompts; the
-    token ids and pixels come from ``llm``'s preprocessing, so both sides see the same inputs."""
+def hf_greedy_vl(model_dir: str, prompts: list, max_new_tokens: int, llm,
+                 adapter: str | None = None) -> list[list[int]]:
+    """transformers' generate, greedy float32, one prompt at a time (with PEFT adapter ``adapter``: the LoRA
+    oracle).  ``prompts`` are nanovllm dict prompts; the token ids and pixels come from ``llm``'s preprocessing, so
+    both sides see the same inputs."""
     import transformers
     model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        import peft
+        model = peft.PeftModel.from_pretrained(model, adapter).eval()
     out = []
     for i, prompt in enumerate(prompts):
         ids, images = llm.encode_request(prompt, i)

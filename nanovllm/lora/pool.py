@@ -17,9 +17,11 @@ import torch
 from nanovllm.quant import held
 
 # the families checked against transformers + PEFT; each declares its projections' parts, split and output scale
-# (``model.lora_targets()``, ``models/lora_targets.py``): the shared decoder's, Gemma 3's and 4's, MiniCPM's
+# (``model.lora_targets()``, ``models/lora_targets.py``): the shared decoder's (the VL models' language model too),
+# Gemma 3's and 4's, MiniCPM's
 FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
-            "Gemma4ForCausalLM", "MiniCPMForCausalLM", "MiniCPM4ForCausalLM")
+            "Gemma4ForCausalLM", "MiniCPMForCausalLM", "MiniCPM4ForCausalLM", "Qwen2_5_VLForConditionalGeneration",
+            "Qwen3VLForConditionalGeneration")
 
 
 FOLD_ROWS = 128  # a stacked weight's rows are a multiple of this (cuBLAS's tile; measured in PERFORMANCE.md)
