@@ -19,12 +19,13 @@ PROMPTS = [[5, 9, 33, 100, 7, 8] * 6, [3, 4, 5], list(range(10, 40)), [200, 17, 
 N = 8
 
 
-def make_adapter(base: str, path: str, r: int, targets: list[str], seed: int, **kw) -> str:
-    """Save a PEFT LoRA adapter of ``base`` (rank ``r`` on ``targets``, every lora weight drawn N(0, 0.1))."""
+def make_adapter(base: str, path: str, r: int, targets, seed: int, auto: str = "AutoModelForCausalLM", **kw) -> str:
+    """Save a PEFT LoRA adapter of ``base`` (loaded by transformers' ``auto`` class; rank ``r`` on ``targets``, a
+    list of module names or a regex, every lora weight drawn N(0, 0.1))."""
     import peft
     import transformers
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = getattr(transformers, auto).from_pretrained(base, dtype=torch.float32)
     config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **kw)
     pm = peft.get_peft_model(model, config)
     with torch.no_grad():

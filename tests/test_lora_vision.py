@@ -5,8 +5,8 @@ transformers + PEFT's float32 greedy tokens (Qwen2.5-VL eager and graph mode, Qw
 path).  A bias dropped from the stacked product fails the Qwen2.5-VL case.  An adapter on the vision tower is
 refused naming its tensor."""
 import pytest
-import torch
 
+from lora_helpers import make_adapter
 from test_vision_language import MAX_NEW, greedy, mixed_prompts
 from vl_checkpoints import build_vl_checkpoint, hf_greedy_vl
 from nanovllm import LLM, LoRARequest
@@ -18,17 +18,7 @@ LANGUAGE = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|u
 
 
 def vl_adapter(base: str, path: str, r: int, seed: int, targets=LANGUAGE) -> str:
-    import transformers
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                                    init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.1)
-    pm.save_pretrained(path)
-    return path
+    return make_adapter(base, path, r, targets, seed, auto="AutoModelForImageTextToText")
 
 
 @pytest.fixture(scope="module")
