@@ -2,7 +2,7 @@
 Up to ``FOLD_MAX_TOKENS`` tokens one cuBLAS product by the whole stack makes the base outputs and every slot's
 shrink, and ``triton_lora.lora_expand_triton`` adds each token's expand (two launches where ``lora_add`` takes three
 with the base product).  Past it the base product by the weight's rows (``nanovllm::linear``, its tuned configs too)
-and ``lora_add`` (its stacked products): the extra rows cost more than the launch they save there
+and ``lora_add`` (its stacked products), which the expand walking its block's slots loses to from 64 tokens
 (docs/PERFORMANCE.md, Multi-LoRA).  The choice is made inside the op, so a graph keeps one node.
 """
 import torch
