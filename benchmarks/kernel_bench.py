@@ -237,14 +237,14 @@ def lora_rows(bandwidth: float) -> list[dict]:
     from nanovllm.kernels.lora import stacked
     from nanovllm.kernels.lora.reference import lora_add_reference, lora_expand_reference
     from nanovllm.kernels.lora.triton_lora import lora_add_slots, lora_add_triton, lora_expand_triton
+    from nanovllm.lora.pool import fold_rows
     rows, slots_n = [], 9
     for name, k, n, r in (("qkv", 4096, 6144, 48), ("o", 4096, 4096, 16), ("gate_up", 4096, 24576, 32),
                           ("down", 12288, 4096, 16)):
         a = torch.randn(slots_n, r, k, device=DEV, dtype=BF16) / k ** 0.5
         b = (torch.randn(n, slots_n, r, device=DEV, dtype=BF16) * 0.01).permute(1, 0, 2)
         w = torch.randn(n, k, device=DEV, dtype=BF16)
-        pad = -(-(n + slots_n * r) // 128) * 128 - n - slots_n * r  # as lora/pool.py stacks it (FOLD_ROWS)
-        fold = torch.cat([w, w.new_zeros(pad, k), a.reshape(slots_n * r, k)])
+        fold = torch.cat([w, w.new_zeros(fold_rows(n, slots_n * r) - n - slots_n * r, k), a.reshape(slots_n * r, k)])
         scaling = torch.full((slots_n,), 2.0, device=DEV)
         for t in (1, 2, 4, 8, 16, 64, 256, 4096):
             x, y = torch.randn(t, k, device=DEV, dtype=BF16), torch.randn(t, n, device=DEV, dtype=BF16)
@@ -258,7 +258,7 @@ def lora_rows(bandwidth: float) -> list[dict]:
             row = paths["stacked" if stacked.chosen(x, a, n) else "per slot"]  # the path lora_add_triton takes
             base = timed("base matmul", f"{name} T={t}", 2 * (n * k + t * k + t * n),
                          [lambda: torch.nn.functional.linear(x, w)] * 5, bandwidth)
-            z, c = torch.nn.functional.linear(x, fold), n + pad  # the base product, every slot's shrink at c..
+            z, c = torch.nn.functional.linear(x, fold), fold.shape[0] - slots_n * r  # base outputs; shrinks at c..
             fold_err = rel_err(lora_expand_triton(z[:, :n], z[:, c:], slots, b, scaling) - z[:, :n],
                                lora_expand_reference(z[:, :n], z[:, c:], slots, b, scaling) - z[:, :n])
             alone = timed("stacked matmul", f"{name} T={t}", 2 * (fold.numel() + t * k + t * fold.shape[0]),

@@ -27,6 +27,12 @@ FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "Mistral
 FOLD_ROWS = 128  # a stacked weight's rows are a multiple of this (cuBLAS's tile; measured in PERFORMANCE.md)
 
 
+def fold_rows(n: int, stacked: int) -> int:
+    """Rows of a ``lora_fold``: ``n`` weight rows and ``stacked`` rows of A, zeros between to a multiple of
+    ``FOLD_ROWS``."""
+    return -(-(n + stacked) // FOLD_ROWS) * FOLD_ROWS
+
+
 class LoraPool:
     def __init__(self, model, max_loras: int, max_rank: int):
         name = type(model).__name__
@@ -52,7 +58,7 @@ class LoraPool:
         weight = linear.weight
         if held.format_of(linear) is None and weight.dtype == self.dtype:  # stack A under the base weight
             n = weight.shape[0]
-            rows = -(-(n + s * p * r) // FOLD_ROWS) * FOLD_ROWS  # zero rows between the weight and A pad it
+            rows = fold_rows(n, s * p * r)
             fold = torch.zeros(rows, weight.shape[1], **kw)
             fold[:n] = weight.detach()
             linear.weight = torch.nn.Parameter(fold[:n], requires_grad=False)

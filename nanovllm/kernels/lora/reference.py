@@ -9,12 +9,7 @@ def lora_add_reference(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a:
     scaling[s]`` in ``y``'s dtype, computed as PEFT computes a LoRA layer (shrink, expand, then scale, each rounded
     to the dtype).  ``x`` [T, K], ``a`` [S, R, K], ``b`` [S, N, R], ``scaling`` [S] float32.  One pass per slot over
     every token (static shapes, no host sync): the CPU path, not a fast one."""
-    out = y.clone()
-    for s in range(1, a.shape[0]):
-        delta = (x @ a[s].T) @ b[s].T
-        delta = delta * scaling[s].to(delta.dtype)
-        out = torch.where((slots == s)[:, None], out + delta, out)
-    return out
+    return _add_per_slot(y, slots, b, scaling, lambda s: x @ a[s].T)
 
 
 def lora_expand_reference(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor, b: torch.Tensor,
@@ -22,13 +17,8 @@ def lora_expand_reference(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor,
     """``lora_add_reference`` with the shrink already done: ``h`` [T, S*R] holds every slot's ``x @ a[s].T`` side
     by side (slot s in columns s*R..), as one product with the slots' A stacked gives it (``lora/pool.py`` stacks
     them under the base weight); each token adds its own slot's ``(h[t, s*R:(s+1)*R] @ b[s].T) * scaling[s]``."""
-    out = y.clone()
     r = b.shape[2]
-    for s in range(1, b.shape[0]):
-        delta = h[:, s * r:(s + 1) * r] @ b[s].T
-        delta = delta * scaling[s].to(delta.dtype)
-        out = torch.where((slots == s)[:, None], out + delta, out)
-    return out
+    return _add_per_slot(y, slots, b, scaling, lambda s: h[:, s * r:(s + 1) * r])
 
 
 def lora_linear_reference(x: torch.Tensor, fold: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
@@ -39,3 +29,13 @@ def lora_linear_reference(x: torch.Tensor, fold: torch.Tensor, bias: torch.Tenso
     z = x @ fold.T
     y = z[:, :n] if bias is None else z[:, :n] + bias
     return lora_expand_reference(y, z[:, a_row:], slots, b, scaling)
+
+
+def _add_per_slot(y, slots, b, scaling, shrink) -> torch.Tensor:
+    """``y`` plus, in the rows of each slot s past 0, ``(shrink(s) @ b[s].T) * scaling[s]`` in the dtype."""
+    out = y.clone()
+    for s in range(1, b.shape[0]):
+        delta = shrink(s) @ b[s].T
+        delta = delta * scaling[s].to(delta.dtype)
+        out = torch.where((slots == s)[:, None], out + delta, out)
+    return out
