@@ -278,3 +278,8 @@ PASSAGES = (
     'OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN'
     ' IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.',
 )
+
+
+def rel_err(got, want) -> float:
+    """||got - want|| / ||want||, in float32."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
