@@ -1,5 +1,5 @@
 """The start-up runs of a ``ModelRunner`` (``model_runner.py``) beside its step launches: what sits beside the
-model (a LoRA adapters' pool, a draft model), planning the pools beside
+model (a LoRA adapters' pool, a draft model, the CUDA C++ kernels its weights take), planning the pools beside
 the KV blocks, calibrating an FP8 KV cache's scales, probing the peak memory of the largest step before the KV cache
 is sized, allocating it, and warming the largest uncaptured prefill so its activations sit in the caching allocator
 before the first request.
@@ -16,17 +16,22 @@ from nanovllm.engine import hybrid_state, verify_step
 from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.lora_slots import EngineLoras
 from nanovllm.engine.kv_cache import KVCacheSpec
+from nanovllm.kernels import cuda_w4a16
 from nanovllm.layers.sampler import sample
 from nanovllm.models import kv_scales
 from nanovllm.models.loader import checkpoint_files
+from nanovllm.quant import held
 
 CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
 
 
 def beside_model(runner) -> tuple:
     """(the ``EngineLoras`` of ``enable_lora``, the ``Drafter`` of a draft-model speculative config), each or None:
-    made after the model and before the KV cache is sized, so their memory counts."""
+    made after the model and before the KV cache is sized, so their memory counts.  The CUDA C++ kernels the
+    model's weights take are built and loaded here too (``kernels/cuda_build.py``), not in the first request."""
     config = runner.config
+    if runner.device.type == "cuda" and any(held.format_of(m) is held.INT4 for m in runner.model.modules()):
+        cuda_w4a16.prepare(runner.device)
     return EngineLoras.make(runner.model, config), Drafter.make(config, runner.platform, runner.dtype)
 
 

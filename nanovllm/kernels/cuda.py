@@ -1,4 +1,4 @@
-"""The Triton implementations of the ops in ``ops.py``, registered for CUDA tensors by the CUDA platform.
+"""The Triton (and CUDA C++) implementations of the ops in ``ops.py``, registered for CUDA tensors by the platform.
 
 ``register_cuda_kernels()`` registers one function per op with ``torch.library.register_kernel`` for device type
 "cuda"; from then on the dispatcher sends CUDA inputs there and every other device keeps the op's pure-PyTorch
@@ -6,9 +6,9 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 ``current_options()`` once per call: with ``reference_kernels`` set it runs the twin, so options installed by a
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
-configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``), the MoE tiles by rows
-per expert (``moe_configs.py``), and float32 rope, MoE and int4 projections on torch so that results stay
-transformers' bit for bit.
+configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, one row ``cuda_w4a16.py``),
+the MoE tiles by rows per expert (``moe_configs.py``), and float32 rope, MoE and int4 projections on torch so that
+results stay transformers' bit for bit.
 
 A platform for another device registers its own implementations the same way, under its device type, without
 touching models or layers.  ``device_type`` lets a test register these functions for CPU tensors, which the
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
-from nanovllm.kernels import mxfp4_quant
+from nanovllm.kernels import cuda_w4a16, mxfp4_quant
 from nanovllm.kernels.linear_attention import ops as la_ops  # noqa: F401  (the linear-attention ops)
 from nanovllm.kernels.linear_attention import reference as la_reference
 from nanovllm.kernels.linear_attention.triton_kernels import causal_conv1d_triton, gated_delta_rule_triton
@@ -97,6 +97,8 @@ def _linear(x, weight, bias, silu_mul, weight_scale, group):
 def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
     if current_options().reference_kernels or x.dtype == torch.float32:  # fp32 stays exact, on the twin
         return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul)
+    if cuda_w4a16.usable(x, qweight, scale, zero, group):  # one row: the CUDA C++ kernel, where nvcc built it
+        return cuda_w4a16.linear_w4a16_gemv_cuda(x, qweight, scale, zero, group, perm, bias, silu_mul)
     cfg = choose_w4a16(x, qweight, silu_mul, group)
     if cfg is not None:  # stream the packed weight at small M; past that, dequantize once for cuBLAS
         return linear_w4a16_triton(x, qweight, scale, zero, group, perm, bias, cfg, silu_mul)

@@ -25,6 +25,7 @@ class KernelOptions:
     all_reduce: str = "auto"  # tensor parallelism on CUDA, decode-sized all-reduces: auto, one_shot or nccl
     moe_w8a8: bool = True  # FP8 experts multiply e4m3 activations (act_quant.py); False: weight-only
     moe_table: str | None = None  # another fused-MoE tile table (None: the one shipped beside the kernels)
+    cuda_kernels: bool = True  # the CUDA C++ kernels (cuda_build.py) where nvcc can build them; else Triton's
 
     @classmethod
     def from_env(cls, env=None) -> "KernelOptions":
@@ -38,7 +39,8 @@ class KernelOptions:
                    mps_compile=get("NANOVLLM_MPS_COMPILE", env),
                    all_reduce=get("NANOVLLM_ALLREDUCE", env),
                    moe_w8a8=get("NANOVLLM_MOE_W8A8", env),
-                   moe_table=get("NANOVLLM_MOE_TABLE", env))
+                   moe_table=get("NANOVLLM_MOE_TABLE", env),
+                   cuda_kernels=get("NANOVLLM_CUDA_KERNELS", env) == "auto")
 
     def as_dict(self) -> dict:
         return asdict(self)

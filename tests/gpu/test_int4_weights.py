@@ -1,8 +1,9 @@
 """Int4 (GPTQ, AWQ) weights on a GPU, where the Triton kernels unpack codes with inline assembly the CPU interpreter
-cannot run: the w4a16 projection and the fused MoE with int4 experts against the real product (float64) at least as
-closely as their twins, in bf16 and fp16; tiny checkpoints against transformers on the dequantized weights
-(``quant/int4_oracle.py``, through ``tools/oracle.run``), bf16 diverging only at near-ties, in eager and graph mode;
-for the mixtures of experts, also at the router's near-ties (``router_ties.py``)."""
+cannot run: the w4a16 projection, its one-row CUDA C++ kernel (where nvcc builds it) and the fused MoE with int4
+experts against the real product (float64) at least as closely as their twins, in bf16 and fp16; tiny checkpoints
+against transformers on the dequantized weights (``quant/int4_oracle.py``, through ``tools/oracle.run``), bf16
+diverging only at near-ties, in eager and graph mode; for the mixtures of experts, also at the router's near-ties
+(``router_ties.py``)."""
 import json
 from pathlib import Path
 
@@ -45,6 +46,31 @@ def test_w4a16_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, m, k, g
         gate, up = exact.chunk(2, dim=-1)
         exact = torch.nn.functional.silu(gate) * up
     assert got.shape == twin.shape and got.dtype == dtype
+    assert rel_err(got, exact) <= 1.1 * rel_err(twin, exact) + 1e-4, (rel_err(got, exact), rel_err(twin, exact))
+    assert rel_err(got, twin) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group,silu,perm", [(192, 512, 128, False, False), (200, 384, 64, True, False),
+                                                 (72, 256, 256, False, True), (192, 2048, 32, True, True)])
+def test_cuda_one_row_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, n, k, group, silu, perm):
+    from nanovllm.kernels import cuda_build, cuda_w4a16
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("no nvcc: the one-row int4 projection stays on Triton")
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    q, s, z = int4_quant.quantize(torch.randn(n, k, device="cuda", generator=g) / k ** 0.5, group, sym=group != 64)
+    x = torch.randn(1, k, device="cuda", generator=g).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype) / 4
+    p = torch.randperm(k, device="cuda", generator=g).to(torch.int32) if perm else None
+    assert cuda_w4a16.usable(x, q, s, z, group), "nvcc is here: the kernel must build and take this call"
+    got = cuda_w4a16.linear_w4a16_gemv_cuda(x, q, s, z, group, p, bias, silu)
+    twin = reference.linear_int4_reference(x, q, s, z, group, p, bias, silu)
+    xs = x.double()[:, p.long()] if perm else x.double()
+    exact = xs @ int4_quant.dequantize(q, s, z, group, torch.float64).T + bias.double()
+    if silu:
+        gate, up = exact.chunk(2, dim=-1)
+        exact = torch.nn.functional.silu(gate) * up
+    assert got.shape == twin.shape == (1, n // 2 if silu else n) and got.dtype == dtype
     assert rel_err(got, exact) <= 1.1 * rel_err(twin, exact) + 1e-4, (rel_err(got, exact), rel_err(twin, exact))
     assert rel_err(got, twin) < 1e-2
 
