@@ -18,12 +18,14 @@ from nanovllm.logger import logger
 
 @pytest.fixture
 def log_lines():
-    lines = []
+    lines, level = [], logger.level
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # whatever NANOVLLM_LOG_LEVEL says
     yield lines
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture
