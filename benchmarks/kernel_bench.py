@@ -8,7 +8,10 @@ Each case is timed as CUDA-graph replays, each call on its own buffers where one
 kernel must move over its time, as a share of the device-to-device copy bandwidth.  Decode attention at bench's
 shapes (Qwen3-0.6B heads, bf16, KV block 64; over a bf16 and an FP8 cache, half the KV bytes), the sampler over
 Qwen3's vocabulary, and each tuned matmul of this GPU's dispatch table at the largest batch its Triton config serves.
-``--int4``: the int4 kernels (``kernel_bench_int4.py``).
+``--int4``: the w4a16 projection on Qwen3-8B's shapes and the fused MoE with int4 experts on Qwen3-30B-A3B's, each
+checked against its twin (relative error < 2e-2; exit 1 otherwise), timed against bf16 over four weights cycled and
+against the int4 byte floor; ``--sweep ROWS`` also times every candidate Triton tile (BLOCK_N 32-128, split K 1-16,
+2 or 4 stages) and, at one row, the CUDA C++ kernel at 1, 2 and 4 rows a warp.
 ``--delta``: the decode delta rule's value block and warps, against its float32 state's read and write.
 ``--lora``: the multi-LoRA op on Qwen3-8B's projections (rank 16 on 8 of 9 slots, tokens round robin), checked
 against its twin, beside the base product's bf16 matmul of the same tokens.
@@ -19,7 +22,9 @@ import sys
 
 import torch
 
-from benchmarks.common import copy_bandwidth, graph_us, rel_err, write_json
+from benchmarks.common import copy_bandwidth, graph_us, positive_ints, rel_err, write_json
+from nanovllm.kernels import int4_quant, moe_reference, ops, reference
+from nanovllm.kernels.matmul_configs import MatmulConfig
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -101,6 +106,101 @@ def timing_rows(bandwidth: float) -> list[dict]:
     return rows
 
 
+INT4_GROUP = 128
+INT4_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}  # Qwen3-8B
+INT4_MOE = (128, 8, 2048, 768)  # Qwen3-30B-A3B: experts, top-k, hidden, intermediate
+
+
+def int4_projections(rows: list[int], sweep: list[int], bandwidth: float, table: list, tiles: list) -> tuple:
+    """(rows, swept): each projection shape at each of ``rows``, the dispatched op checked against its twin and timed
+    beside bf16 and the int4 floor; at each of ``sweep`` rows every candidate Triton tile and, at one row, the CUDA
+    C++ kernel at each rows-a-warp, on the same weights, each checked too (Triton's pick marked)."""
+    from nanovllm.kernels import cuda_w4a16
+    from nanovllm.kernels.triton_common import _num_sms
+    from nanovllm.kernels.triton_w4a16 import fits, linear_w4a16_triton, w4a16_config
+    out, swept = [], []
+    for name, (n, k) in INT4_SHAPES.items():
+        silu = name == "gate_up"
+        dense = [torch.randn(n, k, device=DEV) / k ** 0.5 for _ in range(4)]
+        packed = [int4_quant.quantize(w, INT4_GROUP) for w in dense]
+        bf16 = [w.bfloat16() for w in dense]
+        nbytes = n * k // 2 + 3 * n * int4_quant.num_groups(k, INT4_GROUP)
+        for m in rows:
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            err = rel_err(ops.linear_int4(x, *packed[0], INT4_GROUP, silu_mul=silu),
+                          reference.linear_int4_reference(x, *packed[0], INT4_GROUP, None, None, silu))
+            us = graph_us([lambda p=p: ops.linear_int4(x, *p, INT4_GROUP, silu_mul=silu) for p in packed])
+            base = graph_us([lambda w=w: ops.linear(x, w, None, silu) for w in bf16])
+            row = dict(op=name, rows=m, err=err, us=us, bf16_us=base, floor_us=nbytes / bandwidth * 1e6)
+            out.append(row)
+            table.append(f"| {name} | {m} | {us:.1f} | {base:.1f} | {row['floor_us']:.1f} | {err:.1e} |")
+        for m in sweep:
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            tiled = (MatmulConfig(16 if m <= 16 else 32 if m <= 32 else 64, bn, 128, split_k=s, num_stages=st)
+                     for bn in (32, 64, 128) for s in (1, 2, 4, 8, 16) for st in (2, 4))
+            calls = {_short(c): lambda p, c=c: linear_w4a16_triton(x, *p, INT4_GROUP, None, None, c, silu)
+                     for c in tiled if fits(c, k, INT4_GROUP)}
+            if m == 1 and cuda_w4a16.usable(x, *packed[0], INT4_GROUP):
+                calls.update({f"cuda rows {r}": lambda p, r=r: cuda_w4a16.linear_w4a16_gemv_cuda(
+                    x, *p, INT4_GROUP, None, None, silu, r) for r in ((2, 4) if silu else (1, 2, 4))})
+            want = reference.linear_int4_reference(x, *packed[0], INT4_GROUP, None, None, silu)
+            errs = {label: rel_err(f(packed[0]), want) for label, f in calls.items()}
+            times = {label: graph_us([lambda p=p, f=f: f(p) for p in packed]) for label, f in calls.items()}
+            picked = _short(w4a16_config(m, n // 2 if silu else n, k, INT4_GROUP, _num_sms(x.device)))
+            best = min(times, key=times.get)
+            swept.append(dict(op=name, rows=m, best=best, best_us=times[best], picked=picked,
+                              picked_us=times.get(picked), all=times, rel_err=errs))
+            tiles.append(f"| {name} | {m} | {best}: {times[best]:.1f} | {picked}: {times.get(picked, math.nan):.1f} |")
+    return out, swept
+
+
+def _short(cfg: MatmulConfig) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} split {cfg.split_k} s{cfg.num_stages} w{cfg.num_warps}"
+
+
+def int4_experts(tokens: list[int], bandwidth: float, table: list) -> list[dict]:
+    e, top_k, h, i = INT4_MOE
+    w13 = torch.randn(e, 2 * i, h, device=DEV) / h ** 0.5
+    w2 = torch.randn(e, h, i, device=DEV) / i ** 0.5
+    (q13, s13, z13), (q2, s2, z2) = int4_quant.quantize(w13, INT4_GROUP), int4_quant.quantize(w2, INT4_GROUP)
+    b13, b2 = w13.bfloat16(), w2.bfloat16()
+    out = []
+    for t in tokens:
+        x, logits = torch.randn(t, h, device=DEV).bfloat16(), torch.randn(t, e, device=DEV).bfloat16()
+        got = ops.fused_moe(x, logits, q13, q2, top_k, True, s13, s2, INT4_GROUP, w13_zero=z13, w2_zero=z2)
+        want = moe_reference.fused_moe_reference(x, logits, q13, q2, top_k, True, s13, s2, INT4_GROUP, z13, z2)
+        err = rel_err(got, want)
+        touched = int(torch.unique(moe_reference.route_reference(logits, top_k, True)[1]).numel())
+        nbytes = touched * 3 * i * h // 2 * (1 + 3 * 2 / INT4_GROUP)
+        us = graph_us([lambda: ops.fused_moe(x, logits, q13, q2, top_k, True, s13, s2, INT4_GROUP, w13_zero=z13,
+                                             w2_zero=z2)])
+        base = graph_us([lambda: ops.fused_moe(x, logits, b13, b2, top_k, True)])
+        row = dict(op="moe", rows=t, err=err, us=us, bf16_us=base, floor_us=nbytes / bandwidth * 1e6)
+        out.append(row)
+        table.append(f"| moe | {t} | {us:.1f} | {base:.1f} | {row['floor_us']:.1f} | {err:.1e} |")
+    return out
+
+
+def int4_main(args) -> int:
+    """``--int4``: the int4 checks and timings (and ``--sweep``), written to $OUT/int4_kernel.json."""
+    from nanovllm.kernels.cuda import register_cuda_kernels
+    register_cuda_kernels()
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()  # bytes read + written per second, as every floor in docs/PERFORMANCE.md
+    table = ["| op | rows | int4 us | bf16 us | floor us | rel err |", "|---|---|---|---|---|---|"]
+    tiles = ["| op | rows | best (rows x BLOCK_N x BLOCK_K, split, stages, warps): us | Triton's pick: us |",
+             "|---|---|---|---|"]
+    rows, swept = int4_projections(positive_ints(args.rows, "--rows"), positive_ints(args.sweep, "--sweep")
+                                   if args.sweep else [], bandwidth, table, tiles)
+    rows += int4_experts(positive_ints(args.tokens, "--tokens"), bandwidth, table)
+    print("\n".join(table + (tiles if swept else [])))
+    failed = [r for r in rows if not r["err"] < 2e-2]
+    write_json("int4_kernel.json", {"device": torch.cuda.get_device_name(), "rows": rows, "failed": failed,
+                                    "sweep": swept})
+    print(f"checks: {len(rows) - len(failed)}/{len(rows)} ok")
+    return 1 if failed else 0
+
+
 def delta_sweep(bandwidth: float) -> list[dict]:
     """``--delta``: the recurrent delta rule of a decode step (Qwen3.5-35B-A3B's GDN heads: HK 16, HV 32, 128 x
     128 float32 state) at 64 and 256 rows, for each value block and warp count, checked against the default."""
@@ -179,7 +279,6 @@ def main():
     p.add_argument("--lora", action="store_true", help="the multi-LoRA op instead")
     args = p.parse_args()
     if args.int4:
-        from benchmarks.kernel_bench_int4 import int4_main
         sys.exit(int4_main(args))
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(DEV)
