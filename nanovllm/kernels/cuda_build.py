@@ -11,6 +11,7 @@ first load asked for inside a graph capture gets None and loads nothing.
 """
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from nanovllm.kernels.options import current_options
+from nanovllm.kernels.triton_common import device_capability
 from nanovllm.logger import logger
 from nanovllm.paths import cache_root
 
@@ -53,7 +55,7 @@ def build(name: str, arch: str, nvcc: str) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{threading.get_ident()}.tmp")
+    partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # TP ranks build at once
     cmd = [nvcc, "-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", "-o", str(partial),
            str(SOURCES / f"{name}.cu")]
     logger.info("building the CUDA kernel %s for %s with %s (once; cached in %s)", name, arch, nvcc, target.parent)
@@ -68,8 +70,7 @@ def load(name: str, device: torch.device) -> ctypes.CDLL | None:
     """The built library ``name`` for ``device``'s GPU, or None (the reason logged once per name)."""
     if device.type != "cuda" or not current_options().cuda_kernels:
         return None
-    major, minor = torch.cuda.get_device_capability(device)
-    arch = f"sm_{major}{minor}"
+    arch = "sm_%d%d" % device_capability(device)
     if (name, arch) not in _loaded and torch.cuda.is_current_stream_capturing():
         return None  # no build or module load inside a graph capture; the eager warm-up before it loads it
     with _lock:
