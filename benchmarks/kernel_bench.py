@@ -11,7 +11,7 @@ Qwen3's vocabulary, and each tuned matmul of this GPU's dispatch table at the la
 ``--int4``: the w4a16 projection on Qwen3-8B's shapes and the fused MoE with int4 experts on Qwen3-30B-A3B's, each
 checked against its twin (relative error < 2e-2; exit 1 otherwise), timed against bf16 over four weights cycled and
 against the int4 byte floor; ``--sweep ROWS`` also times every candidate Triton tile (BLOCK_N 32-128, split K 1-16,
-2 or 4 stages) and, at one row, the CUDA C++ kernel at 1, 2 and 4 rows a warp.
+2 or 4 stages) and, up to 8 rows, the CUDA C++ tensor-core kernel.
 ``--delta``: the decode delta rule's value block and warps, against its float32 state's read and write.
 ``--lora``: the multi-LoRA op on Qwen3-8B's projections (rank 16 on 8 of 9 slots, tokens round robin), checked
 against its twin, beside the base product's bf16 matmul of the same tokens.
@@ -113,8 +113,8 @@ INT4_MOE = (128, 8, 2048, 768)  # Qwen3-30B-A3B: experts, top-k, hidden, interme
 
 def int4_projections(rows: list[int], sweep: list[int], bandwidth: float, table: list, tiles: list) -> tuple:
     """(rows, swept): each projection shape at each of ``rows``, the dispatched op checked against its twin and timed
-    beside bf16 and the int4 floor; at each of ``sweep`` rows every candidate Triton tile and, at one row, the CUDA
-    C++ kernel at each rows-a-warp, on the same weights, each checked too (Triton's pick marked)."""
+    beside bf16 and the int4 floor; at each of ``sweep`` rows every candidate Triton tile and, up to 8 rows, the
+    CUDA C++ kernel, on the same weights, each checked too (Triton's pick marked)."""
     from nanovllm.kernels import cuda_w4a16
     from nanovllm.kernels.triton_common import _num_sms
     from nanovllm.kernels.triton_w4a16 import fits, linear_w4a16_triton, w4a16_config
@@ -140,9 +140,8 @@ def int4_projections(rows: list[int], sweep: list[int], bandwidth: float, table:
                      for bn in (32, 64, 128) for s in (1, 2, 4, 8, 16) for st in (2, 4))
             calls = {_short(c): lambda p, c=c: linear_w4a16_triton(x, *p, INT4_GROUP, None, None, c, silu)
                      for c in tiled if fits(c, k, INT4_GROUP)}
-            if m == 1 and cuda_w4a16.usable(x, *packed[0], INT4_GROUP):
-                calls.update({f"cuda rows {r}": lambda p, r=r: cuda_w4a16.linear_w4a16_gemv_cuda(
-                    x, *p, INT4_GROUP, None, None, silu, r) for r in ((2, 4) if silu else (1, 2, 4))})
+            if cuda_w4a16.usable(x, *packed[0], INT4_GROUP):
+                calls["cuda mma"] = lambda p: cuda_w4a16.linear_w4a16_cuda(x, *p, INT4_GROUP, None, None, silu)
             want = reference.linear_int4_reference(x, *packed[0], INT4_GROUP, None, None, silu)
             errs = {label: rel_err(f(packed[0]), want) for label, f in calls.items()}
             times = {label: graph_us([lambda p=p, f=f: f(p) for p in packed]) for label, f in calls.items()}

@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels' build and load (nanovllm/kernels/cuda_build.py) and the one-row int4 kernel's gate
+"""The CUDA C++ kernels' build and load (nanovllm/kernels/cuda_build.py) and the few-row int4 kernel's gate
 (nanovllm/kernels/cuda_w4a16.py) on a machine without a GPU: the switch, the reasons a kernel stays off (logged),
 the cached build through a stand-in nvcc (a shell script compiling a C stub of the library's one function), and
 the calls the kernel refuses.  Its numbers are tests/gpu/test_int4_weights.py's, on a GPU."""
@@ -50,33 +50,33 @@ def test_the_switch_and_its_bad_value():
 
 
 def test_nothing_loads_off_cuda_or_switched_off(fresh, monkeypatch):
-    assert cuda_build.load("w4a16_gemv", torch.device("cpu")) is None
+    assert cuda_build.load("w4a16_mma", torch.device("cpu")) is None
     set_options(KernelOptions(cuda_kernels=False))
     try:
-        assert cuda_build.load("w4a16_gemv", torch.device("cuda", 0)) is None  # before asking the device anything
+        assert cuda_build.load("w4a16_mma", torch.device("cuda", 0)) is None  # before asking the device anything
     finally:
         set_options(KernelOptions())
 
 
 def test_no_nvcc_is_said_once_and_the_kernel_stays_off(fresh, monkeypatch, log_lines):
     monkeypatch.setattr(cuda_build, "nvcc_path", lambda: None)
-    assert cuda_build._load("w4a16_gemv", "sm_90") is None
-    assert log_lines == ["CUDA kernel w4a16_gemv off: no nvcc (CUDA_HOME or PATH); its Triton path runs"]
+    assert cuda_build._load("w4a16_mma", "sm_90") is None
+    assert log_lines == ["CUDA kernel w4a16_mma off: no nvcc (CUDA_HOME or PATH); its Triton path runs"]
 
 
 def test_a_failed_build_names_nvcc_and_its_error(fresh, monkeypatch, log_lines):
-    nvcc = fake_nvcc(fresh, "echo 'w4a16_gemv.cu(3): error: no such type' >&2\nexit 2\n")
-    with pytest.raises(RuntimeError, match=r"nvcc exited 2: w4a16_gemv.cu\(3\): error: no such type"):
-        cuda_build.build("w4a16_gemv", "sm_90", nvcc)
+    nvcc = fake_nvcc(fresh, "echo 'w4a16_mma.cu(3): error: no such type' >&2\nexit 2\n")
+    with pytest.raises(RuntimeError, match=r"nvcc exited 2: w4a16_mma.cu\(3\): error: no such type"):
+        cuda_build.build("w4a16_mma", "sm_90", nvcc)
     monkeypatch.setattr(cuda_build, "nvcc_path", lambda: nvcc)
-    assert cuda_build._load("w4a16_gemv", "sm_90") is None  # the loader: a warning, and the Triton path
+    assert cuda_build._load("w4a16_mma", "sm_90") is None  # the loader: a warning, and the Triton path
     assert len(log_lines) == 3 and "its build failed (nvcc exited 2" in log_lines[-1], log_lines
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the stand-in library")
 def test_a_build_is_cached_by_source_arch_and_nvcc_and_loads(fresh):
     stub = fresh / "stub.c"
-    stub.write_text("int nvl_w4a16_gemv(void) { return 42; }\n")
+    stub.write_text("int nvl_w4a16_mma(void) { return 42; }\n")
     calls = fresh / "calls"
     # the stand-in takes nvcc's arguments, counts its runs and compiles the stub to the -o path
     nvcc = fake_nvcc(fresh, f"""
@@ -84,31 +84,35 @@ def test_a_build_is_cached_by_source_arch_and_nvcc_and_loads(fresh):
         while [ "$1" != "-o" ]; do shift; done
         cc -shared -fPIC -o "$2" {stub}
     """)
-    first = cuda_build.build("w4a16_gemv", "sm_90", nvcc)
-    assert first == cuda_build.library_path("w4a16_gemv", "sm_90", nvcc) and first.is_file()
-    assert cuda_build.build("w4a16_gemv", "sm_90", nvcc) == first
+    first = cuda_build.build("w4a16_mma", "sm_90", nvcc)
+    assert first == cuda_build.library_path("w4a16_mma", "sm_90", nvcc) and first.is_file()
+    assert cuda_build.build("w4a16_mma", "sm_90", nvcc) == first
     args = calls.read_text().splitlines()
-    assert len(args) == 1 and "-arch=sm_90" in args[0] and args[0].endswith("w4a16_gemv.cu"), args
-    assert cuda_build.library_path("w4a16_gemv", "sm_89", nvcc) != first  # another GPU: another build
-    assert ctypes.CDLL(str(first)).nvl_w4a16_gemv() == 42
+    assert len(args) == 1 and "-arch=sm_90" in args[0] and args[0].endswith("w4a16_mma.cu"), args
+    assert cuda_build.library_path("w4a16_mma", "sm_89", nvcc) != first  # another GPU: another build
+    assert ctypes.CDLL(str(first)).nvl_w4a16_mma() == 42
     assert not list(first.parent.glob("*.tmp")), "the partial library was renamed into place"
 
 
-def test_the_kernel_takes_one_row_and_whole_32_column_groups_only():
+def test_the_kernel_takes_one_to_eight_rows_and_whole_128_column_groups_only():
     q, s, z = int4_quant.quantize(torch.randn(64, 256), 128)
-    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
     assert cuda_w4a16.fits(x, q, s, z, 128) and cuda_w4a16.fits(x, q, s, z, 256)  # groups of 128; one group
+    assert cuda_w4a16.fits(x[:1], q, s, z, 128) and cuda_w4a16.fits(x.half()[:3], q, s, z, 128)
+    assert cuda_w4a16.fits(torch.randn(2, 512, dtype=torch.bfloat16)[:, :256], q, s, z, 128)  # a row stride of 512
     assert not cuda_w4a16.usable(x, q, s, z, 128)  # ... but not on a GPU
-    refused = {"two rows": (torch.randn(2, 256, dtype=torch.bfloat16), q, s, z, 128),
-               "fp32": (x.float(), q, s, z, 128), "groups of 48": (x, q, s, z, 48),
+    q64, s64, z64 = int4_quant.quantize(torch.randn(64, 256), 64)
+    refused = {"nine rows": (torch.randn(9, 256, dtype=torch.bfloat16), q, s, z, 128),
+               "fp32": (x.float(), q, s, z, 128), "groups of 64": (x, q64, s64, z64, 64),
                "an x not 16-byte aligned": (torch.randn(1, 257, dtype=torch.bfloat16)[:, 1:], q, s, z, 128),
-               "K of 240": (x[:, :240], q[:, :120], s, z, 128),
+               "a row stride not a multiple of 8": (torch.randn(2, 260, dtype=torch.bfloat16)[:, :256], q, s, z, 128),
+               "K of 128 + 64": (x[:, :192], q[:, :96], s, z, 128),
                "strided scales": (x, q, s.t().contiguous().t(), z, 128)}
     for why, args in refused.items():
         assert not cuda_w4a16.fits(*args), why
 
 
 def test_the_source_ships_with_the_package():
-    assert (cuda_build.SOURCES / "w4a16_gemv.cu").is_file()
+    assert (cuda_build.SOURCES / "w4a16_mma.cu").is_file()
     setup = (cuda_build.SOURCES.parents[2] / "setup.py").read_text()
     assert '"cuda_src/*.cu"' in setup, "setup.py's package_data must ship the kernels' sources"

@@ -6,7 +6,7 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 ``current_options()`` once per call: with ``reference_kernels`` set it runs the twin, so options installed by a
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
-configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, one row ``cuda_w4a16.py``),
+configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, up to 8 rows ``cuda_w4a16.py``),
 the MoE tiles by rows per expert (``moe_configs.py``), and float32 rope, MoE and int4 projections on torch so that
 results stay transformers' bit for bit.
 
@@ -97,8 +97,8 @@ def _linear(x, weight, bias, silu_mul, weight_scale, group):
 def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
     if current_options().reference_kernels or x.dtype == torch.float32:  # fp32 stays exact, on the twin
         return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul)
-    if cuda_w4a16.usable(x, qweight, scale, zero, group):  # one row: the CUDA C++ kernel, where nvcc built it
-        return cuda_w4a16.linear_w4a16_gemv_cuda(x, qweight, scale, zero, group, perm, bias, silu_mul)
+    if cuda_w4a16.usable(x, qweight, scale, zero, group):  # up to 8 rows: the CUDA C++ kernel, where nvcc built it
+        return cuda_w4a16.linear_w4a16_cuda(x, qweight, scale, zero, group, perm, bias, silu_mul)
     cfg = choose_w4a16(x, qweight, silu_mul, group)
     if cfg is not None:  # stream the packed weight at small M; past that, dequantize once for cuBLAS
         return linear_w4a16_triton(x, qweight, scale, zero, group, perm, bias, cfg, silu_mul)

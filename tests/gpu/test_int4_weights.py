@@ -1,5 +1,5 @@
 """Int4 (GPTQ, AWQ) weights on a GPU, where the Triton kernels unpack codes with inline assembly the CPU interpreter
-cannot run: the w4a16 projection, its one-row CUDA C++ kernel (where nvcc builds it) and the fused MoE with int4
+cannot run: the w4a16 projection, its few-row CUDA C++ kernel (where nvcc builds it) and the fused MoE with int4
 experts against the real product (float64) at least as closely as their twins, in bf16 and fp16; tiny checkpoints
 against transformers on the dequantized weights (``quant/int4_oracle.py``, through ``tools/oracle.run``), bf16
 diverging only at near-ties, in eager and graph mode; for the mixtures of experts, also at the router's near-ties
@@ -51,28 +51,43 @@ def test_w4a16_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, m, k, g
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,group,silu,perm", [(192, 512, 128, False, False), (200, 384, 64, True, False),
-                                                 (72, 256, 256, False, True), (192, 2048, 32, True, True)])
-def test_cuda_one_row_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, n, k, group, silu, perm):
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("n,k,group,silu,perm,sym", [(192, 512, 128, False, False, True),
+                                                     (200, 384, 128, True, False, False),
+                                                     (72, 256, 256, False, True, False),
+                                                     (136, 2048, 128, True, True, True)])
+def test_cuda_few_row_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, m, n, k, group, silu, perm, sym):
     from nanovllm.kernels import cuda_build, cuda_w4a16
     if cuda_build.nvcc_path() is None:
-        pytest.skip("no nvcc: the one-row int4 projection stays on Triton")
-    g = torch.Generator(device="cuda").manual_seed(n + k)
-    q, s, z = int4_quant.quantize(torch.randn(n, k, device="cuda", generator=g) / k ** 0.5, group, sym=group != 64)
-    x = torch.randn(1, k, device="cuda", generator=g).to(dtype)
+        pytest.skip("no nvcc: the few-row int4 projection stays on Triton")
+    g = torch.Generator(device="cuda").manual_seed(n + k + m)
+    q, s, z = int4_quant.quantize(torch.randn(n, k, device="cuda", generator=g) / k ** 0.5, group, sym=sym)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     bias = torch.randn(n, device="cuda", generator=g).to(dtype) / 4
     p = torch.randperm(k, device="cuda", generator=g).to(torch.int32) if perm else None
     assert cuda_w4a16.usable(x, q, s, z, group), "nvcc is here: the kernel must build and take this call"
-    got = cuda_w4a16.linear_w4a16_gemv_cuda(x, q, s, z, group, p, bias, silu)
+    got = cuda_w4a16.linear_w4a16_cuda(x, q, s, z, group, p, bias, silu)
     twin = reference.linear_int4_reference(x, q, s, z, group, p, bias, silu)
     xs = x.double()[:, p.long()] if perm else x.double()
     exact = xs @ int4_quant.dequantize(q, s, z, group, torch.float64).T + bias.double()
     if silu:
         gate, up = exact.chunk(2, dim=-1)
         exact = torch.nn.functional.silu(gate) * up
-    assert got.shape == twin.shape == (1, n // 2 if silu else n) and got.dtype == dtype
+    assert got.shape == twin.shape == (m, n // 2 if silu else n) and got.dtype == dtype
     assert rel_err(got, exact) <= 1.1 * rel_err(twin, exact) + 1e-4, (rel_err(got, exact), rel_err(twin, exact))
     assert rel_err(got, twin) < 1e-2
+
+
+def test_cuda_few_row_kernel_reads_a_strided_x_and_leaves_other_calls_to_triton():
+    from nanovllm.kernels import cuda_build, cuda_w4a16
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("no nvcc: the few-row int4 projection stays on Triton")
+    q, s, z = int4_quant.quantize(torch.randn(64, 256, device="cuda") / 16, 128)
+    wide = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    x = wide[:, :256]  # row stride 512
+    want = reference.linear_int4_reference(x.contiguous(), q, s, z, 128, None, None, False)
+    assert rel_err(cuda_w4a16.linear_w4a16_cuda(x, q, s, z, 128, None, None), want) < 1e-2
+    assert not cuda_w4a16.usable(torch.randn(9, 256, device="cuda", dtype=torch.bfloat16), q, s, z, 128)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
