@@ -4,7 +4,8 @@
 ``usable(x, qweight, scale, zero, group)`` says whether the library is built for x's GPU and the call ``fits`` its
 contract (1 to ``MAX_ROWS`` rows: decode steps, graph mode's padded batch 1 included); ``linear_w4a16_cuda`` then
 computes what ``linear_w4a16_triton`` does (``x[:, perm] @ W.T + bias``, or with ``silu_mul`` the fused MLP
-activation), gathering x through ``perm`` first.  Elsewhere the caller keeps the Triton kernels.
+activation), gathering x through ``perm`` first.  Elsewhere the caller keeps the Triton kernels, as on a GPU older
+than sm_80 (no bf16 ``mma``: its build fails, and ``cuda_build`` logs it).
 """
 import ctypes
 
