@@ -15,7 +15,7 @@ from nanovllm.kernels import cuda_build
 from nanovllm.kernels.pdl import pdl_enabled
 
 MAX_ROWS = 8  # the n of one mma.m16n8k16
-CHUNK = 128  # columns a block's warp sums at a time: K and groups are multiples of it
+CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -74,4 +74,3 @@ def linear_w4a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     if err:
         raise RuntimeError(f"w4a16_mma: CUDA error {err} (silu_mul={silu_mul}, x {tuple(x.shape)})")
     return out
-
