@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, t = lane & 3;
   const int row_a = SILU ? blockIdx.x * 8 + r : blockIdx.x * 16 + r;  // the output rows (features) of the lane
   const int row_b = SILU ? row_a + n_out : row_a + 8;
-  const bool live_a = SILU ? row_a < n_out : row_a < n_out, live_b = SILU ? live_a : row_b < n_out;
+  const bool live_a = row_a < n_out, live_b = SILU ? live_a : row_b < n_out;
   const long long wa_row = live_a ? row_a : 0, wb_row = live_b ? row_b : 0;
   const uint8_t* qa = q + wa_row * ldq + t * 16;
   const uint8_t* qb = q + wb_row * ldq + t * 16;
