@@ -18,12 +18,14 @@ tiles on each count's fastest); ``--int4`` as a GPTQ checkpoint (symmetric, grou
 
 Timing: each candidate in a CUDA graph, cycling over ``--layers`` sets of expert weights (far past L2, as layers
 are).  Bandwidth: the bytes of the experts the routing touched (each once, with scales and zeros) plus activations,
-over the time; ``floor``: those bytes at the copy bandwidth; ``pick``: what the engine dispatches to.
+over the time; ``floor``: those bytes at the copy bandwidth; ``pick``: the tiles the engine dispatches to; ``int4 op``:
+``ops.fused_moe`` as registered (the CUDA C++ int4 experts where nvcc builds them).
 ``--write-table`` merges the fastest of each mode and token count into the tile table in force (``moe_tuned.json``,
 or ``NANOVLLM_MOE_TABLE``); a failed candidate is neither timed nor kept.  Exits non-zero if a check fails.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -154,26 +156,21 @@ def check_exactness(tokens: list[int], variants: list) -> None:
         x, logits = make_inputs(t, seed=t)
         for (w13, w2, quant), mode in variants:
             how = use(mode)
-            name = f"T={t} {mode}"
-            want = fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
+            name, want = f"T={t} {mode}", fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
             for cfg in MODES[mode]:
                 check_tiles(name, mode, cfg, x, logits, (w13, w2, quant), how, want)
-            check(f"{name} ops.fused_moe (registered)",
-                  rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True, **quant), want))
+            check(f"{name} ops.fused_moe", rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True, **quant), want))
     if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31 or variants[0][1] != "bf16":
         return
-    big = BIG_TOKENS
-    w13, w2, _ = variants[0][0]
-    x, logits = make_inputs(big, seed=1)
-    got = fused_moe_triton(x, logits, w13, w2, TOP_K, True)
-    rows = torch.arange(big - 64, big, device=x.device)
-    check(f"T={big} rows past 2**31 elements",
+    (w13, w2, _), (x, logits) = variants[0][0], make_inputs(BIG_TOKENS, seed=1)
+    got, rows = fused_moe_triton(x, logits, w13, w2, TOP_K, True), torch.arange(BIG_TOKENS - 64, BIG_TOKENS, device=DEV)
+    check(f"T={BIG_TOKENS} rows past 2**31 elements",
           rel_err(got[rows], fused_moe_reference(x[rows], logits[rows], w13, w2, TOP_K, True)))
-    del x, logits, got
 
 
 def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dict]:
     """``variants``: per mode, its ``--layers`` layers and the mode; W8A8 then tries ``W8A8_DOWN`` (checked first)."""
+    from nanovllm.kernels import ops
     from nanovllm.kernels.triton_moe import fused_moe_triton
     print("| T | weights | block_m | block_n | block_k | swap | down: n, warps, stages, swap | pick | us | floor us | "
           "experts | GB/s | of copy |\n" + "|---" * 13 + "|")
@@ -187,22 +184,25 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
             pick = picked(inputs[0][0], layers[0], mode)
             nbytes = sum(expert_bytes(ids, t, mode) for ids in routed) / len(inputs)
 
-            def timed(cfg):
-                calls = [lambda x=x, lg=lg, w=w: fused_moe_triton(x, lg, w[0], w[1], TOP_K, True, **w[2], cfg=cfg,
-                                                                  **how) for (x, lg), w in zip(inputs, layers)]
+            def timed(cfg):  # None: the registered op, as the engine runs it (int4: CUDA C++ where nvcc builds)
+                op = ops.fused_moe if cfg is None else functools.partial(fused_moe_triton, cfg=cfg, **how)
+                calls = [lambda x=x, lg=lg, w=w: op(x, lg, w[0], w[1], TOP_K, True, **w[2])
+                         for (x, lg), w in zip(inputs, layers)]
                 us = graph_us(calls, replays=10)
-                row = {"tokens": t, "weights": mode, **dataclasses.asdict(cfg), "picked": cfg == pick,
-                       "us": round(us, 1),
-                       "floor_us": round(nbytes / bandwidth * 1e6, 1), "experts_touched": round(touched, 1),
+                name, cfg = (mode, cfg) if cfg is not None else (f"{mode} op", MoeConfig(0, 0, 0))
+                row = {"tokens": t, "weights": name, **dataclasses.asdict(cfg), "picked": name == mode and cfg == pick,
+                       "us": round(us, 1), "floor_us": round(nbytes / bandwidth * 1e6, 1),
+                       "experts_touched": round(touched, 1),
                        "gbps": round(nbytes / us / 1e3, 1), "of_copy": round(nbytes / us / 1e3 / (bandwidth / 1e9), 3)}
                 d = cfg.down
-                print(f"| {t} | {mode} | {cfg.block_m} | {cfg.block_n} | {cfg.block_k} | {cfg.swap} | "
+                print(f"| {t} | {name} | {cfg.block_m} | {cfg.block_n} | {cfg.block_k} | {cfg.swap} | "
                       f"{d and (d.block_n, d.num_warps, d.num_stages, d.swap)} | {'*' if row['picked'] else ''} | "
                       f"{row['us']} | {row['floor_us']} | {row['experts_touched']} | {row['gbps']} | "
                       f"{row['of_copy']:.1%} |", flush=True)
                 rows.append(row)
                 return us, cfg
             results = [timed(c) for c in MODES[mode] if (mode, c) not in BROKEN]  # failed: neither timed nor kept
+            results += [timed(None)] if mode == "int4" else []
             if mode == "w8a8" and results:
                 (x, lg), (w13, w2, quant) = inputs[0], layers[0]
                 want = fused_moe_reference(x, lg, w13, w2, TOP_K, True, **quant)

@@ -1,7 +1,8 @@
-"""The CUDA C++ kernels' build and load (nanovllm/kernels/cuda_build.py) and the few-row int4 kernel's gate
-(nanovllm/kernels/cuda_w4a16.py) on a machine without a GPU: the switch, the reasons a kernel stays off (logged),
-the cached build through a stand-in nvcc (a shell script compiling a C stub of the library's one function), and
-the calls the kernel refuses.  Its numbers are tests/gpu/test_int4_weights.py's, on a GPU."""
+"""The CUDA C++ kernels' build and load (nanovllm/kernels/cuda_build.py) and the int4 kernels' gates
+(nanovllm/kernels/cuda_w4a16.py: few-row projections, MoE experts) on a machine without a GPU: the switch, the
+reasons a kernel stays off (logged), the cached build through a stand-in nvcc (a shell script compiling a C stub
+of the library's one function), and the calls the kernels refuse.  Their numbers are
+tests/gpu/test_int4_weights.py's, on a GPU."""
 import ctypes
 import logging
 import shutil
@@ -112,7 +113,50 @@ def test_the_kernel_takes_one_to_eight_rows_and_whole_128_column_groups_only():
         assert not cuda_w4a16.fits(*args), why
 
 
-def test_the_source_ships_with_the_package():
-    assert (cuda_build.SOURCES / "w4a16_mma.cu").is_file()
+def test_the_moe_kernel_takes_int4_experts_in_its_contract_only():
+    e, h, i = 4, 256, 384
+
+    def experts(i=i, group=128):  # (w13, w2, scales, zeros) of int4 experts
+        (q13, s13, z13), (q2, s2, z2) = (int4_quant.quantize(w, group) for w in (torch.randn(e, 2 * i, h),
+                                                                                 torch.randn(e, h, i)))
+        return q13, q2, (s13, s2), (z13, z2)
+    q13, q2, scales, zeros = experts()
+    x = torch.randn(5, h, dtype=torch.bfloat16)
+    assert cuda_w4a16.moe_fits(x, q13, q2, scales, zeros, 128) and cuda_w4a16.moe_fits(x.half(), *experts(), 384)
+    assert not cuda_w4a16.moe_usable(x, 2, q13, q2, scales, zeros, 128)  # ... but not on a GPU
+    transposed = q2.transpose(1, 2).contiguous().transpose(1, 2)
+    refused = {"fp32": (x.float(), q13, q2, scales, zeros, 128), "groups of 64": (x, *experts(group=64), 64),
+               "I of 192 (one group)": (x, *experts(i=192, group=h), h),
+               "a transposed w2 (an expert cache's view)": (x, q13, transposed, scales, zeros, 128),
+               "fp32 scales": (x, q13, q2, tuple(t.float() for t in scales), zeros, 128),
+               "an x not 16-byte aligned": (torch.randn(5, h + 1, dtype=torch.bfloat16)[:, 1:], q13, q2, scales,
+                                            zeros, 128)}
+    for why, args in refused.items():
+        assert not cuda_w4a16.moe_fits(*args), why
+
+
+def test_the_moe_kernel_takes_steps_of_few_pairs_per_expert():
+    assert cuda_w4a16.MOE_MAX_MEAN_ROWS == 4
+    assert cuda_w4a16.moe_faster(16, 2, 8) and not cuda_w4a16.moe_faster(17, 2, 8)  # Mixtral
+    assert cuda_w4a16.moe_faster(64, 8, 128) and not cuda_w4a16.moe_faster(65, 8, 128)  # Qwen3-30B-A3B
+    assert cuda_w4a16.moe_faster(1, 8, 128)
+
+
+def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):
+    sources = tmp_path / "cuda_src"
+    shutil.copytree(cuda_build.SOURCES, sources)
+    monkeypatch.setattr(cuda_build, "SOURCES", sources)
+    nvcc = fake_nvcc(tmp_path, "exit 0\n")
+    before = cuda_build.library_path("w4a16_moe", "sm_90", nvcc)
+    header = sources / "w4a16_common.cuh"
+    header.write_text(header.read_text() + "// changed\n")
+    assert cuda_build.library_path("w4a16_moe", "sm_90", nvcc) != before
+
+
+def test_the_sources_and_their_headers_ship_with_the_package():
+    for name in ("w4a16_mma", "w4a16_moe"):
+        source = (cuda_build.SOURCES / f"{name}.cu").read_text()
+        included = [line.split('"')[1] for line in source.splitlines() if line.startswith('#include "')]
+        assert included and all((cuda_build.SOURCES / h).is_file() for h in included), (name, included)
     setup = (cuda_build.SOURCES.parents[2] / "setup.py").read_text()
-    assert '"cuda_src/*.cu"' in setup, "setup.py's package_data must ship the kernels' sources"
+    assert '"cuda_src/*.cu", "cuda_src/*.cuh"' in setup, "setup.py's package_data must ship the sources and headers"

@@ -6,9 +6,9 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 ``current_options()`` once per call: with ``reference_kernels`` set it runs the twin, so options installed by a
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
-configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, up to 8 rows ``cuda_w4a16.py``),
-the MoE tiles by rows per expert (``moe_configs.py``), and float32 rope, MoE and int4 projections on torch so that
-results stay transformers' bit for bit.
+configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, up to 8 rows
+``cuda_w4a16.py``), the MoE tiles by rows per expert (``moe_configs.py``; int4 experts streamed: ``cuda_w4a16.py``),
+and float32 rope, MoE and int4 projections on torch so that results stay transformers' bit for bit.
 
 A platform for another device registers its own implementations the same way, under its device type, without
 touching models or layers.  ``device_type`` lets a test register these functions for CPU tensors, which the
@@ -34,6 +34,7 @@ from nanovllm.kernels.triton_logits import process_logits_triton
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
 from nanovllm.kernels.moe_configs import group_supported
 from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton
+from nanovllm.kernels.triton_moe_align import chunk_histogram, route_triton
 from nanovllm.kernels.triton_moe_tiles import ACTIVATION_CODES
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
@@ -120,6 +121,11 @@ def _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue: dict) -> bool:
             or bool(epilogue) and moe_w8a8(w13, w13_scale, w13_zero, group))
 
 
+def _int4_moe_on_cuda(x, top_k, w13, w2, scales, zeros, group, epilogue: dict) -> bool:
+    """Whether int4 SiLU experts without biases run on the CUDA C++ kernels (``cuda_w4a16.moe_usable``)."""
+    return zeros[0] is not None and not epilogue and cuda_w4a16.moe_usable(x, top_k, w13, w2, scales, zeros, group)
+
+
 def _epilogue(w13_bias, w2_bias, activation, swiglu_alpha, swiglu_limit) -> dict:
     """The biases and activation as keywords for the implementations; none for plain SiLU experts without biases
     (every call but GPT-OSS's)."""
@@ -137,6 +143,10 @@ def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scal
     if _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue):
         return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
                                                  group, w13_zero, w2_zero, **epilogue, **rounding)
+    if _int4_moe_on_cuda(x, top_k, w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group, epilogue):
+        weights, ids, hist = route_triton(router_logits, top_k, renormalize)
+        return cuda_w4a16.experts_int4_cuda(x, weights, ids, hist, w13, w2, (w13_scale, w2_scale),
+                                            (w13_zero, w2_zero), group, round_weights)
     return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero,
                             w2_zero, **epilogue, **rounding)
 
@@ -147,6 +157,10 @@ def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero=
     if _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue):
         return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero,
                                                w2_zero, **epilogue)
+    if _int4_moe_on_cuda(x, ids.shape[1], w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group, epilogue):
+        return cuda_w4a16.experts_int4_cuda(x.contiguous(), weights.float().contiguous(),
+                                            ids.to(torch.int32).contiguous(), chunk_histogram(ids, w13.shape[0]),
+                                            w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group)
     return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero, **epilogue)
 
 

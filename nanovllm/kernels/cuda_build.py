@@ -5,7 +5,7 @@ capability, or None, saying why once in the log: ``KernelOptions.cuda_kernels`` 
 no nvcc (``torch.utils.cpp_extension.CUDA_HOME``, then ``PATH``), or a failed build.  Callers then keep their Triton
 path, which stays the fallback and the reference.  The library's C functions take raw pointers and the stream, so no
 torch headers are compiled and any torch build can load it.  Builds are cached under
-``$NANOVLLM_CACHE_DIR/cuda/<hash of source, capability and nvcc>``; the first build of a kernel takes tens of seconds
+``$NANOVLLM_CACHE_DIR/cuda/<hash of source, headers, capability and nvcc>``; the first build of a kernel takes tens of seconds
 and happens at engine start-up (``engine/runner_setup.py``; ``python -m nanovllm.precompile`` builds it too).  A
 first load asked for inside a graph capture gets None and loads nothing.
 """
@@ -42,8 +42,9 @@ def nvcc_path() -> str | None:
 
 
 def library_path(name: str, arch: str, nvcc: str) -> Path:
-    """Where the build of ``name`` for ``arch`` by ``nvcc`` is cached (a new source or nvcc is a new path)."""
-    source = (SOURCES / f"{name}.cu").read_bytes()
+    """Where the build of ``name`` for ``arch`` by ``nvcc`` is cached (a new source, shared header or nvcc is a new
+    path)."""
+    source = b"".join(p.read_bytes() for p in [SOURCES / f"{name}.cu", *sorted(SOURCES.glob("*.cuh"))])
     stat = Path(nvcc).stat()
     key = hashlib.sha256(source + f"{arch} {nvcc} {stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_root() / "cuda" / key / f"lib{name}.so"

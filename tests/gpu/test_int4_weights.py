@@ -1,9 +1,9 @@
 """Int4 (GPTQ, AWQ) weights on a GPU, where the Triton kernels unpack codes with inline assembly the CPU interpreter
 cannot run: the w4a16 projection, its few-row CUDA C++ kernel (where nvcc builds it) and the fused MoE with int4
-experts against the real product (float64) at least as closely as their twins, in bf16 and fp16; tiny checkpoints
-against transformers on the dequantized weights (``quant/int4_oracle.py``, through ``tools/oracle.run``), bf16
-diverging only at near-ties, in eager and graph mode; for the mixtures of experts, also at the router's near-ties
-(``router_ties.py``)."""
+experts (Triton; CUDA C++ where nvcc builds it) against the real product (float64) at least as closely as their
+twins, in bf16 and fp16; tiny checkpoints against transformers on the dequantized weights
+(``quant/int4_oracle.py``, through ``tools/oracle.run``), bf16 diverging only at near-ties, in eager and graph mode;
+for the mixtures of experts, also at the router's near-ties (``router_ties.py``)."""
 import json
 from pathlib import Path
 
@@ -105,6 +105,30 @@ def test_fused_moe_with_int4_experts_matches_its_twin(dtype, tokens):
     got = ops.fused_moe(x, logits, q13, q2, top_k, True, s13, s2, group, w13_zero=z13, w2_zero=z2)
     want = moe_reference.fused_moe_reference(x, logits, q13, q2, top_k, True, s13, s2, group, z13, z2)
     assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens,group,rounding", [(1, 128, False), (7, 128, True), (40, 128, False),
+                                                   (96, 1024, True)])  # 0.25 to 24 pairs per expert
+def test_cuda_moe_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, tokens, group, rounding):
+    from nanovllm.kernels import cuda_build, cuda_w4a16
+    from nanovllm.kernels.triton_moe_align import route_triton
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("no nvcc: int4 experts stay on Triton")
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    e, top_k, h, i = 8, 2, 1024, 384
+    q13, s13, z13 = int4_quant.quantize(torch.randn(e, 2 * i, h, device="cuda", generator=g) / h ** 0.5, group)
+    q2, s2, z2 = int4_quant.quantize(torch.randn(e, h, i, device="cuda", generator=g) / i ** 0.5, group, sym=False)
+    x = torch.randn(tokens, h, device="cuda", generator=g).to(dtype)
+    weights, ids, hist = route_triton(torch.randn(tokens, e, device="cuda", generator=g), top_k, True)
+    experts = (q13, q2, (s13, s2), (z13, z2))
+    assert cuda_w4a16.moe_usable(x, top_k, *experts, group) == cuda_w4a16.moe_faster(tokens, top_k, e)
+    got = cuda_w4a16.experts_int4_cuda(x, weights, ids, hist, *experts, group, rounding)
+    twin = moe_reference.experts_reference(x, weights, ids, q13, q2, s13, s2, group, z13, z2, round_weights=rounding)
+    exact = moe_reference.experts_reference(x.double(), weights, ids, q13, q2, s13, s2, group, z13, z2)
+    assert got.shape == twin.shape == (tokens, h) and got.dtype == dtype
+    assert rel_err(got, exact) <= 1.1 * rel_err(twin, exact) + 1e-4, (rel_err(got, exact), rel_err(twin, exact))
+    assert rel_err(got, twin) < 1e-2
 
 
 @pytest.fixture(scope="module", params=[("qwen3", "gptq"), ("qwen3_moe", "awq"), ("mixtral", "gptq")])

@@ -8,94 +8,17 @@
 // N entries.  The weight is read in place (the layout the Triton kernels read): no repacked copy.
 //
 // One block owns a tile of 16 weight rows (with silu_mul 8 gate rows and their 8 up rows) and its warps split K in
-// chunks of 128 columns.  In a chunk, lane (r, t) (r = lane / 4, t = lane % 4) reads 16 bytes of rows r and r + 8
-// (columns 32t .. 32t + 31) and the same 32 columns of x row r: the reduction order inside mma.m16n8k16 is free, so
-// each lane's operands are its own contiguous columns.  A byte word's codes come out as exact 16-bit floats in pairs,
-// (word >> s & 0x000F000F) | magic, minus the zero's magic value; x is regrouped to the same pairs with PRMT.  The
-// tensor cores sum each chunk in fp32, times the group's scale in fp32: the weight is never rounded.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// chunks of 128 columns, x row r beside weight rows r and r + 8 (w4a16_common.cuh: the lane layout, the exact
+// dequantization).  The tensor cores sum each chunk in fp32, times the group's scale in fp32: the weight is never
+// rounded.
 #include <cuda_runtime.h>
-#include <stdint.h>
+
+#include "w4a16_common.cuh"
 
 namespace {
 
 constexpr int kUnroll = 4;  // chunks a warp loads before using the first
 constexpr int kManyTiles = 1024;  // from this many tiles on, 4 warps a block split K, else 8 (the H200's best)
-constexpr int kChunk = 128;  // columns of a chunk: one scale group at most
-
-template <typename T>
-struct Half;
-template <>
-struct Half<__nv_bfloat16> {  // 0x4300 is 128.0: 128 + q exactly for q < 16
-  static constexpr uint32_t kMagic = 0x43004300u;
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16(v); }
-};
-template <>
-struct Half<__half> {  // 0x6400 is 1024.0: 1024 + q exactly
-  static constexpr uint32_t kMagic = 0x64006400u;
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ __half out(float v) { return __float2half(v); }
-};
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-
-// codes (k + s/4, k + 4 + s/4) of an 8-code word as two exact 16-bit floats, less the zero
-template <typename T, int S>
-__device__ __forceinline__ uint32_t pair(uint32_t word, uint32_t zero2) {
-  return Half<T>::sub(((word >> S) & 0x000F000Fu) | Half<T>::kMagic, zero2);
-}
-
-// one chunk: the lane's 32 columns of rows r (wa) and r + 8 (wb) against x's (xw, 16 words of two), fp32 sums of
-// (row r, x rows 2t and 2t + 1) in d[0..1] and of row r + 8 in d[2..3]
-template <typename T>
-__device__ __forceinline__ void chunk(const uint4& wa, const uint4& wb, const uint4 (&xv)[4], uint32_t za,
-                                      uint32_t zb, float (&d)[4]) {
-  const uint32_t a[4] = {wa.x, wa.y, wa.z, wa.w}, b[4] = {wb.x, wb.y, wb.z, wb.w};
-  const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
-                           xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i + 7 of the lane's 32
-    const uint32_t x0 = xw[4 * i], x1 = xw[4 * i + 1], x2 = xw[4 * i + 2], x3 = xw[4 * i + 3];
-    const uint32_t lo[4] = {pair<T, 0>(a[i], za), pair<T, 0>(b[i], zb), pair<T, 4>(a[i], za), pair<T, 4>(b[i], zb)};
-    Half<T>::mma(d, lo, prmt(x0, x2, 0x5410), prmt(x0, x2, 0x7632));  // columns (0, 4), (1, 5)
-    const uint32_t hi[4] = {pair<T, 8>(a[i], za), pair<T, 8>(b[i], zb), pair<T, 12>(a[i], za),
-                            pair<T, 12>(b[i], zb)};
-    Half<T>::mma(d, hi, prmt(x1, x3, 0x5410), prmt(x1, x3, 0x7632));  // columns (2, 6), (3, 7)
-  }
-}
-
-// Programmatic dependent launch (nanovllm/kernels/pdl.py's protocol): wait for the previous kernel and its writes,
-// then let the next one launch.  Before waiting, only the weight (which no kernel writes) is touched.
-__device__ __forceinline__ void pdl_begin() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
 
 template <typename T, int kWarps, bool SILU, bool PDL>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -140,9 +63,10 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (first + u * kWarps >= chunks) break;
+      uint32_t a[8][4];
+      weight_fragments<T>(wa[u], wb[u], zero2<T>(za[u]), zero2<T>(zb[u]), a);
       float d[4] = {0.f, 0.f, 0.f, 0.f};
-      chunk<T>(wa[u], wb[u], xv[u], (Half<T>::kMagic & 0xFFFFu | za[u]) * 0x10001u,
-               (Half<T>::kMagic & 0xFFFFu | zb[u]) * 0x10001u, d);
+      chunk_mma<T>(d, a, xv[u]);
       acc[0] = fmaf(d[0], sa[u], acc[0]);
       acc[1] = fmaf(d[1], sa[u], acc[1]);
       acc[2] = fmaf(d[2], sb[u], acc[2]);

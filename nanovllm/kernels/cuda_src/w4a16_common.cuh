@@ -1,0 +1,112 @@
+// What the int4 tensor-core kernels share (w4a16_mma.cu: dense rows; w4a16_moe.cu: grouped experts): the 16-bit
+// float traits, the dequantization of a lane's codes, the regrouping of x and the mma.m16n8k16 of one chunk.
+//
+// A chunk is 128 columns of 16 weight rows.  Lane (r, t) (r = lane / 4, t = lane % 4) holds 16 bytes of rows r
+// (wa) and r + 8 (wb): columns 32t .. 32t + 31, two codes a byte (column 2b in the low nibble, 2b + 1 in the high),
+// and the same 32 columns of one x row (xv, 64 bytes).  The reduction order inside an mma is free, so the eight k16
+// steps of a chunk take the lane's own columns: step 2i takes columns (8i, 8i + 4) and (8i + 1, 8i + 5) of its 32,
+// step 2i + 1 (8i + 2, 8i + 6) and (8i + 3, 8i + 7).  Codes become exact 16-bit floats in pairs,
+// (word >> s & 0x000F000F) | magic, minus the zero's magic value (zero2); x is regrouped to the same pairs with PRMT.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kChunk = 128;  // columns of a chunk: one scale group at most
+
+template <typename T>
+struct Half;
+template <>
+struct Half<__nv_bfloat16> {  // 0x4300 is 128.0: 128 + q exactly for q < 16
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16(v); }
+};
+template <>
+struct Half<__half> {  // 0x6400 is 1024.0: 1024 + q exactly
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  static __device__ __forceinline__ __half out(float v) { return __float2half(v); }
+};
+
+// a zero code z as the pair of 16-bit floats the codes are reduced by (magic + z, twice)
+template <typename T>
+__device__ __forceinline__ uint32_t zero2(uint32_t z) {
+  return (Half<T>::kMagic & 0xFFFFu | z) * 0x10001u;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+// codes (s/4, 4 + s/4) of an 8-code word as two exact 16-bit floats, less the zero
+template <typename T, int S>
+__device__ __forceinline__ uint32_t pair(uint32_t word, uint32_t zero2) {
+  return Half<T>::sub(((word >> S) & 0x000F000Fu) | Half<T>::kMagic, zero2);
+}
+
+// the A fragments of a chunk's eight k16 steps, from the lane's words of rows r (wa) and r + 8 (wb)
+template <typename T>
+__device__ __forceinline__ void weight_fragments(const uint4& wa, const uint4& wb, uint32_t za, uint32_t zb,
+                                                 uint32_t (&a)[8][4]) {
+  const uint32_t ra[4] = {wa.x, wa.y, wa.z, wa.w}, rb[4] = {wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i][0] = pair<T, 0>(ra[i], za);
+    a[2 * i][1] = pair<T, 0>(rb[i], zb);
+    a[2 * i][2] = pair<T, 4>(ra[i], za);
+    a[2 * i][3] = pair<T, 4>(rb[i], zb);
+    a[2 * i + 1][0] = pair<T, 8>(ra[i], za);
+    a[2 * i + 1][1] = pair<T, 8>(rb[i], zb);
+    a[2 * i + 1][2] = pair<T, 12>(ra[i], za);
+    a[2 * i + 1][3] = pair<T, 12>(rb[i], zb);
+  }
+}
+
+// the fp32 sums of a chunk into d (rows r, r + 8 against x rows 2t, 2t + 1), x's words regrouped step by step
+template <typename T>
+__device__ __forceinline__ void chunk_mma(float (&d)[4], const uint32_t (&a)[8][4], const uint4 (&xv)[4]) {
+  const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
+                           xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i + 7 of the lane's 32
+    const uint32_t x0 = xw[4 * i], x1 = xw[4 * i + 1], x2 = xw[4 * i + 2], x3 = xw[4 * i + 3];
+    const uint32_t lo[2] = {prmt(x0, x2, 0x5410), prmt(x0, x2, 0x7632)};  // columns (0, 4), (1, 5)
+    Half<T>::mma(d, a[2 * i], lo);
+    const uint32_t hi[2] = {prmt(x1, x3, 0x5410), prmt(x1, x3, 0x7632)};  // columns (2, 6), (3, 7)
+    Half<T>::mma(d, a[2 * i + 1], hi);
+  }
+}
+
+// Programmatic dependent launch (nanovllm/kernels/pdl.py's protocol): wait for the previous kernel and its writes,
+// then let the next one launch.  A no-op for a launch without the attribute.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+}  // namespace
