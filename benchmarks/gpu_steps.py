@@ -36,7 +36,7 @@ class Step:
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
 FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
-PROFILE = ("benchmarks.profile_run",)
+PROFILE, B16 = ("benchmarks.profile_run",), ("--num-seqs", "32", "--max-output-len", "512")  # B16: batches of 16
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
@@ -93,6 +93,8 @@ STEPS = [
     Step("batch1-awq-vllm", "vllm", "peer:qwen3-8b+awq", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
     Step("moe-gptq-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", BENCH),
     Step("moe-gptq-vllm", "vllm", "preset:qwen3-30b-a3b+gptq", "bench"),
+    Step("moe-gptq-b16-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", ("--bs", "16") + B16),  # batches of 16
+    Step("moe-gptq-b16-vllm", "vllm", "preset:qwen3-30b-a3b+gptq", "bench", ("--max-num-seqs", "16") + B16),
     Step("mixtral-gptq-ours", "ours", "preset:mixtral-8x7b+gptq", "bench", BENCH),
     Step("mixtral-gptq-vllm", "vllm", "preset:mixtral-8x7b+gptq", "bench"),
     Step("dense32b-fp8-ours", "ours", "peer:qwen3-32b", "bench", BENCH + FP8),
@@ -100,9 +102,8 @@ STEPS = [
     Step("minicpm-ours", "ours", "preset:minicpm4-0.5b", "bench", BENCH),
     # vLLM refuses model_type "minicpm" without remote code; as "llama" it resolves its own MiniCPM class
     Step("minicpm-vllm", "vllm", "preset:minicpm4-0.5b", "bench", vllm_config=(("model_type", "llama"),)),
-    Step("vl-ours", "ours", "own", "vl"),
+    Step("vl-ours", "ours", "own", "vl"), Step("vl-vllm", "vllm", "own", "vl"),
     Step("vl-eager-ours", "ours", "own", "vl", ("--enforce-eager",)),
-    Step("vl-vllm", "vllm", "own", "vl"),
     Step("serve-ours", "ours", "default", "serve"), Step("serve-vllm", "vllm", "default", "serve"),
     Step("serve-json-ours", "ours", "default", "serve", client=("--structured-share", "0.5")),
     Step("serve-json-vllm", "vllm", "default", "serve", ("--structured-outputs-config", COMPACT_JSON),
@@ -119,8 +120,7 @@ STEPS = [
     # a draft model's costs: bench.py's Qwen3-0.6B drafting for Qwen3-8B's config, dummy weights, every step verifying
     Step("spec-draft-ours", "ours", "peer:qwen3-8b", "speculative",
          ("--draft", "default", "--always-propose", "--temperature", "0", "--requests", "16")),
-    Step("json-ours", "ours", "default", "structured"),
-    Step("json-vllm", "vllm", "default", "structured"),
+    Step("json-ours", "ours", "default", "structured"), Step("json-vllm", "vllm", "default", "structured"),
     Step("bench-reppen-ours", "ours", "default", "bench", BENCH + ("--repetition-penalty", "1.1")),
     Step("offload-ours", "ours", "preset:mixtral-8x7b", "offload"),
     Step("offload-vllm", "vllm", "preset:mixtral-8x7b", "offload", ("--cpu-offload-gb", "80")),
