@@ -10,7 +10,6 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <stdint.h>
 
 namespace {
@@ -109,23 +108,5 @@ __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
-
-// A launch configuration of `grid` blocks of `threads` on `stream`, with programmatic dependent launch where `pdl`
-// (its attribute lives in the object, which therefore is not copied).
-struct Launch {
-  cudaLaunchAttribute attr = {};
-  cudaLaunchConfig_t config = {};
-  Launch(dim3 grid, int threads, cudaStream_t stream, bool pdl) {
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    config.gridDim = grid;
-    config.blockDim = dim3(threads);
-    config.stream = stream;
-    config.attrs = &attr;
-    config.numAttrs = pdl ? 1 : 0;
-  }
-  Launch(const Launch&) = delete;
-  Launch& operator=(const Launch&) = delete;
-};
 
 }  // namespace

@@ -11,6 +11,8 @@
 // chunks of 128 columns, x row r beside weight rows r and r + 8 (w4a16_common.cuh: the lane layout, the exact
 // dequantization).  The tensor cores sum each chunk in fp32, times the group's scale in fp32: the weight is never
 // rounded.
+#include <cuda_runtime.h>
+
 #include "w4a16_common.cuh"
 
 namespace {
@@ -104,19 +106,27 @@ template <typename T>
 cudaError_t launch(const void* x, long long ldx, int m, const void* q, long long ldq, const void* scale,
                    long long lds, const void* zero, long long ldz, const void* bias, void* out, long long ldo,
                    int n_out, int k, int group, int silu, int pdl, cudaStream_t stream) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
   const int rows = silu ? 8 : 16;
   const int tiles = (n_out + rows - 1) / rows;
   const int warps = tiles >= kManyTiles ? 4 : 8;
-  const Launch cfg(dim3(tiles), warps * 32, stream, pdl);
+  config.gridDim = dim3(tiles);
+  config.blockDim = dim3(warps * 32);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = pdl ? 1 : 0;
   const auto* xt = static_cast<const T*>(x);
   const auto* qt = static_cast<const uint8_t*>(q);
   const auto* st = static_cast<const __half*>(scale);
   const auto* zt = static_cast<const uint8_t*>(zero);
   const auto* bt = static_cast<const T*>(bias);
   auto* ot = static_cast<T*>(out);
-#define NVL_MMA(W, S, P)                                                                                       \
-  cudaLaunchKernelEx(&cfg.config, mma_kernel<T, W, S, P>, xt, ldx, m, qt, ldq, st, lds, zt, ldz, bt, ot, ldo, n_out, \
-                     k, group)
+#define NVL_MMA(W, S, P) \
+  cudaLaunchKernelEx(&config, mma_kernel<T, W, S, P>, xt, ldx, m, qt, ldq, st, lds, zt, ldz, bt, ot, ldo, n_out, k, \
+                     group)
 #define NVL_MMA_W(S, P) (warps == 4 ? NVL_MMA(4, S, P) : NVL_MMA(8, S, P))
   cudaError_t err = silu ? (pdl ? NVL_MMA_W(true, true) : NVL_MMA_W(true, false))
                          : (pdl ? NVL_MMA_W(false, true) : NVL_MMA_W(false, false));

@@ -12,6 +12,8 @@
 // columns) and 4 warps' weight rows of its expert, each warp 16 (up: 8 gate rows and their 8 up rows) over all of
 // K in chunks of 128 columns; the warps read the same x through L1 (w4a16_common.cuh: the lane layout).  The tensor
 // cores sum each chunk in fp32, times the group's scale in fp32.
+#include <cuda_runtime.h>
+
 #include "w4a16_common.cuh"
 
 namespace {
@@ -112,17 +114,24 @@ cudaError_t launch(const void* x, long long ldx, const int* sorted, const int* b
                    long long s_e, long long lds, const void* zero, long long z_e, long long ldz, const float* weights,
                    void* out, long long ldo, int n_out, int k, int group, int up, int round_weights, int pdl,
                    cudaStream_t stream) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
   const int features = (up ? 8 : 16) * kWarps;  // output features a block computes
-  const dim3 grid(num_blocks, (n_out + features - 1) / features);  // blocks fastest: one tile's readers together
-  const Launch cfg(grid, kWarps * 32, stream, pdl);
+  config.gridDim = dim3(num_blocks, (n_out + features - 1) / features);  // blocks fastest: one tile's readers together
+  config.blockDim = dim3(kWarps * 32);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = pdl ? 1 : 0;
   const auto* xt = static_cast<const T*>(x);
   const auto* qt = static_cast<const uint8_t*>(q);
   const auto* st = static_cast<const __half*>(scale);
   const auto* zt = static_cast<const uint8_t*>(zero);
   auto* ot = static_cast<T*>(out);
-#define NVL_MOE(UP)                                                                                              \
-  cudaLaunchKernelEx(&cfg.config, moe_kernel<T, UP>, xt, ldx, sorted, block_expert, block_rows, top_k, qt, q_e, ldq, \
-                     st, s_e, lds, zt, z_e, ldz, weights, ot, ldo, n_out, k, group, round_weights)
+#define NVL_MOE(UP)                                                                                                \
+  cudaLaunchKernelEx(&config, moe_kernel<T, UP>, xt, ldx, sorted, block_expert, block_rows, top_k, qt, q_e, ldq, st, \
+                     s_e, lds, zt, z_e, ldz, weights, ot, ldo, n_out, k, group, round_weights)
   cudaError_t err = up ? NVL_MOE(true) : NVL_MOE(false);
 #undef NVL_MOE
   if (err != cudaSuccess) return err;
