@@ -129,6 +129,7 @@ def test_the_moe_kernel_takes_int4_experts_in_its_contract_only():
                "I of 192 (one group)": (x, *experts(i=192, group=h), h),
                "a transposed w2 (an expert cache's view)": (x, q13, transposed, scales, zeros, 128),
                "fp32 scales": (x, q13, q2, tuple(t.float() for t in scales), zeros, 128),
+               "int32 zeros": (x, q13, q2, scales, tuple(t.int() for t in zeros), 128),
                "an x not 16-byte aligned": (torch.randn(5, h + 1, dtype=torch.bfloat16)[:, 1:], q13, q2, scales,
                                             zeros, 128)}
     for why, args in refused.items():

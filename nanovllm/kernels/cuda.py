@@ -7,7 +7,7 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
 configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, up to 8 rows
-``cuda_w4a16.py``), the MoE tiles by rows per expert (``moe_configs.py``; int4 experts streamed: ``cuda_w4a16.py``),
+``cuda_w4a16.py``), the MoE tiles by rows per expert (``moe_configs.py``; int4 experts at few rows: ``cuda_w4a16.py``),
 and float32 rope, MoE and int4 projections on torch so that results stay transformers' bit for bit.
 
 A platform for another device registers its own implementations the same way, under its device type, without

@@ -5,8 +5,8 @@ capability, or None, saying why once in the log: ``KernelOptions.cuda_kernels`` 
 no nvcc (``torch.utils.cpp_extension.CUDA_HOME``, then ``PATH``), or a failed build.  Callers then keep their Triton
 path, which stays the fallback and the reference.  The library's C functions take raw pointers and the stream, so no
 torch headers are compiled and any torch build can load it.  Builds are cached under
-``$NANOVLLM_CACHE_DIR/cuda/<hash of source, headers, capability and nvcc>``; the first build of a kernel takes tens of seconds
-and happens at engine start-up (``engine/runner_setup.py``; ``python -m nanovllm.precompile`` builds it too).  A
+``$NANOVLLM_CACHE_DIR/cuda/<hash of source, headers, capability and nvcc>``; the first build of a kernel takes tens of
+seconds and happens at engine start-up (``engine/runner_setup.py``; ``python -m nanovllm.precompile`` builds it too).  A
 first load asked for inside a graph capture gets None and loads nothing.
 """
 import ctypes

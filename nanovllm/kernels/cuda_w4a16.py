@@ -45,7 +45,7 @@ def fits(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torc
 def usable(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> bool:
     """Whether the CUDA kernel runs this call (else the caller's Triton path does): ``fits``, on a GPU for which
     the library is built."""
-    return x.is_cuda and fits(x, qweight, scale, zero, group) and _library(x.device) is not None
+    return x.is_cuda and fits(x, qweight, scale, zero, group) and _library(x.device, "w4a16_mma") is not None
 
 
 def moe_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, scales: tuple, zeros: tuple, group: int) -> bool:
@@ -58,7 +58,8 @@ def moe_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, scales: tuple
     if hidden % CHUNK or inter % CHUNK or group <= 0 or (group % CHUNK and group < max(hidden, inter)):
         return False
     tensors = (x, w13, w2, *scales, *zeros)
-    if any(t.stride(-1) != 1 for t in tensors) or any(t.dtype != torch.float16 for t in scales):
+    if any(t.stride(-1) != 1 for t in tensors) or any(t.dtype != torch.float16 for t in scales) \
+            or any(t.dtype != torch.uint8 for t in zeros):
         return False
     rows_aligned = all(t.stride(-2) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (w13, w2))
     return rows_aligned and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
@@ -83,11 +84,11 @@ def moe_faster(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 def prepare(device: torch.device) -> bool:
     """Build (once per machine) and load both kernels for ``device`` now, at start-up, rather than at the first
-    call; whether they are ready.  The reason it is not is logged by ``cuda_build``."""
+    call; whether they are ready.  The reason one is not is logged by ``cuda_build``."""
     return all([_library(device, name) is not None for name in _SIGNATURES])
 
 
-def _library(device: torch.device, name: str = "w4a16_mma"):
+def _library(device: torch.device, name: str):
     lib = cuda_build.load(name, device)
     fn = None if lib is None else getattr(lib, f"nvl_{name}")
     if fn is not None and fn.argtypes is None:
@@ -108,7 +109,7 @@ def linear_w4a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
         x = x.index_select(1, perm)
     out = x.new_empty(x.shape[0], n // 2 if silu_mul else n)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    err = _library(x.device).nvl_w4a16_mma(
+    err = _library(x.device, "w4a16_mma").nvl_w4a16_mma(
         x.data_ptr(), x.stride(0), x.shape[0], qweight.data_ptr(), qweight.stride(0), scale.data_ptr(),
         scale.stride(0), zero.data_ptr(), zero.stride(0), bias.data_ptr() if bias is not None else None,
         out.data_ptr(), out.stride(0), out.shape[1], k, min(group, k), int(silu_mul), _DTYPES[x.dtype],
@@ -121,8 +122,9 @@ def linear_w4a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
 def experts_int4_cuda(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor, scales: tuple, zeros: tuple, group: int,
                       round_weights: bool = False) -> torch.Tensor:
-    """``triton_moe.experts_triton`` for int4 SiLU experts without biases (``moe_usable`` must hold): routed
-    ``weights``/``ids``/``hist`` (``route_triton``) -> [T, H] in x's dtype."""
+    """``triton_moe.experts_triton`` for int4 SiLU experts without biases, on the CUDA kernels (``moe_fits`` and
+    a built library must hold; ``moe_usable`` says when they are the faster): routed ``weights`` (float32),
+    ``ids`` and ``hist`` (``route_triton``) -> [T, H] in x's dtype."""
     num_tokens, hidden = x.shape
     top_k, num_experts, inter = ids.shape[1], w13.shape[0], w2.shape[2] * 2
     assert w13.shape == (num_experts, 2 * inter, hidden // 2) and w2.shape == (num_experts, hidden, inter // 2)
