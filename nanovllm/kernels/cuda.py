@@ -34,7 +34,7 @@ from nanovllm.kernels.triton_logits import process_logits_triton
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
 from nanovllm.kernels.moe_configs import group_supported
 from nanovllm.kernels.triton_moe import fused_moe_triton, moe_experts_triton
-from nanovllm.kernels.triton_moe_align import chunk_histogram, route_triton
+from nanovllm.kernels.triton_moe_align import route_triton, routed_elsewhere
 from nanovllm.kernels.triton_moe_tiles import ACTIVATION_CODES
 from nanovllm.kernels.triton_rope_store import rope_store_kv_triton
 from nanovllm.kernels.triton_sampler import gumbel_argmax_triton
@@ -158,9 +158,8 @@ def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero=
         return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero,
                                                w2_zero, **epilogue)
     if _int4_moe_on_cuda(x, ids.shape[1], w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group, epilogue):
-        return cuda_w4a16.experts_int4_cuda(x.contiguous(), weights.float().contiguous(),
-                                            ids.to(torch.int32).contiguous(), chunk_histogram(ids, w13.shape[0]),
-                                            w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group)
+        return cuda_w4a16.experts_int4_cuda(x.contiguous(), *routed_elsewhere(weights, ids, w13.shape[0]), w13, w2,
+                                            (w13_scale, w2_scale), (w13_zero, w2_zero), group)
     return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero, **epilogue)
 
 

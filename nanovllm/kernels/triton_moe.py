@@ -26,7 +26,7 @@ from nanovllm.kernels.triton_common import _dot_precision, device_capability
 from nanovllm.kernels.triton_moe_tiles import (ACTIVATION_CODES, _activate, _block, _finish, _halves, _int4_tile,
                                                 _k_columns, _oriented, _per_n, _store_weighted, _weight_dot, _zeros)
 from nanovllm.kernels.triton_mxfp4 import _mxfp4_tile, dequantize_mxfp4_triton
-from nanovllm.kernels.triton_moe_align import align_triton, chunk_histogram, route_triton
+from nanovllm.kernels.triton_moe_align import align_triton, route_triton, routed_elsewhere
 from nanovllm.kernels.triton_moe_w8a8 import w8a8_experts
 from nanovllm.kernels.triton_w4a16 import dequantize_int4_triton
 
@@ -276,8 +276,6 @@ def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                        w2_zero: torch.Tensor | None = None, **epilogue) -> torch.Tensor:
     """``nanovllm::moe_experts`` in Triton: the experts' part for tokens routed elsewhere (``ids`` [T, top_k] into
     ``w13``'s experts, e.g. an expert cache's slots; ``weights`` float32); ``epilogue`` as ``fused_moe_triton``'s."""
-    num_experts = w13.shape[0]
     cfg, once = moe_plan(x, ids.shape[1], w13, w2, w13_scale, w13_zero, group, None)
-    return experts_triton(x.contiguous(), weights.float().contiguous(), ids.to(torch.int32).contiguous(),
-                          chunk_histogram(ids, num_experts), w13, w2, cfg, w13_scale, w2_scale, group, w13_zero,
-                          w2_zero, once, **epilogue)
+    return experts_triton(x.contiguous(), *routed_elsewhere(weights, ids, w13.shape[0]), w13, w2, cfg, w13_scale,
+                          w2_scale, group, w13_zero, w2_zero, once, **epilogue)

@@ -162,6 +162,12 @@ def chunk_histogram(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.to(torch.int32).contiguous()
 
 
+def routed_elsewhere(weights: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """Routing done elsewhere (an expert cache's slot ``ids`` [T, top_k], their ``weights``) in ``route_triton``'s
+    form: (weights float32, ids int32, hist), contiguous."""
+    return weights.float().contiguous(), ids.to(torch.int32).contiguous(), chunk_histogram(ids, num_experts)
+
+
 def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_ids, block_expert, block_rows) of ``route_triton``'s ids and histogram (``align_reference``'s
     layout; padding slots of ``sorted_ids`` are left unwritten)."""
