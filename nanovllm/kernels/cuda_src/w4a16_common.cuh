@@ -64,7 +64,9 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 // codes (s/4, 4 + s/4) of an 8-code word as two exact 16-bit floats, less the zero
 template <typename T, int S>
 __device__ __forceinline__ uint32_t pair(uint32_t word, uint32_t zero2) {
-  return Half<T>::sub(((word >> S) & 0x000F000Fu) | Half<T>::kMagic, zero2);
+  uint32_t r;  // one LOP3: C++'s & and | with two immediates compile to two
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(S ? word >> S : word), "n"(0x000F000F), "n"(Half<T>::kMagic));
+  return Half<T>::sub(r, zero2);
 }
 
 // the A fragments of a chunk's eight k16 steps, from the lane's words of rows r (wa) and r + 8 (wb)

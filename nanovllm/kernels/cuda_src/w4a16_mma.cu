@@ -7,10 +7,10 @@
 // With silu_mul the weight packs [gate; up] (N = 2 * n_out) and the output is silu(gate) * up.  bias (or null) has
 // N entries.  The weight is read in place (the layout the Triton kernels read): no repacked copy.
 //
-// One block owns a tile of 16 weight rows (with silu_mul 8 gate rows and their 8 up rows) and its warps split K in
-// chunks of 128 columns, x row r beside weight rows r and r + 8 (w4a16_common.cuh: the lane layout, the exact
-// dequantization).  The tensor cores sum each chunk in fp32, times the group's scale in fp32: the weight is never
-// rounded.
+// One block owns a tile of 16 weight rows (with silu_mul 8 gate rows and their 8 up rows) and its warps (8 while the
+// tiles fit one wave of such blocks, else 4) split K in chunks of 128 columns, x row r beside weight rows r and r + 8
+// (w4a16_common.cuh: the lane layout, the exact dequantization).  The tensor cores sum each chunk in fp32, times the
+// group's scale in fp32: the weight is never rounded.
 #include <cuda_runtime.h>
 
 #include "w4a16_common.cuh"
@@ -18,10 +18,12 @@
 namespace {
 
 constexpr int kUnroll = 4;  // chunks a warp loads before using the first
-constexpr int kManyTiles = 1024;  // from this many tiles on, 4 warps a block split K, else 8 (the H200's best)
+constexpr int kWarpsPerSm = 16;  // the registers' budget: 128 a thread
 
-template <typename T, int kWarps, bool SILU, bool PDL>
-__global__ void __launch_bounds__(kWarps * 32)
+// kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group: group = K).
+// kExact: the warps' rounds of kUnroll chunks cover K exactly, so no chunk is out of range.
+template <typename T, int kWarps, bool SILU, bool kPerChunk, bool kExact>
+__global__ void __launch_bounds__(kWarps * 32, kWarpsPerSm / kWarps)
     mma_kernel(const T* __restrict__ x, long long ldx, int m, const uint8_t* __restrict__ q, long long ldq,
                const __half* __restrict__ scale, long long lds, const uint8_t* __restrict__ zero, long long ldz,
                const T* __restrict__ bias, T* __restrict__ out, long long ldo, int n_out, int k, int group) {
@@ -32,6 +34,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const long long wa_row = live_a ? row_a : 0, wb_row = live_b ? row_b : 0;
   const uint8_t* qa = q + wa_row * ldq + t * 16;
   const uint8_t* qb = q + wb_row * ldq + t * 16;
+  const __half *sa = scale + wa_row * lds, *sb = scale + wb_row * lds;  // the lane's rows of scales and zeros
+  const uint8_t *za = zero + wa_row * ldz, *zb = zero + wb_row * ldz;
+  const int chunks_per_group = group / kChunk;
   const bool x_live = r < m;
   const T* xr = x + (x_live ? r : 0) * ldx + t * 32;
   const int chunks = k / kChunk;
@@ -39,38 +44,38 @@ __global__ void __launch_bounds__(kWarps * 32)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(qa + warp * (kChunk / 2)));
     asm volatile("prefetch.global.L2 [%0];" ::"l"(qb + warp * (kChunk / 2)));
   }
-  if (PDL) pdl_begin();
+  pdl_begin();  // a no-op unless launched with the PDL attribute
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int first = warp; first < chunks; first += kWarps * kUnroll) {
     uint4 wa[kUnroll], wb[kUnroll], xv[kUnroll][4];
-    float sa[kUnroll], sb[kUnroll];
-    uint32_t za[kUnroll], zb[kUnroll];
+    float fa[kUnroll], fb[kUnroll];  // scales
+    uint32_t ca[kUnroll], cb[kUnroll];  // zero codes
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = first + u * kWarps;
-      const bool in = c < chunks;
-      const int col = c * kChunk, g = col / group;
+      const bool in = kExact || c < chunks;
+      const int col = c * kChunk, g = kPerChunk ? c : c / chunks_per_group;
       wa[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qa + col / 2)) : uint4{};
       wb[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qb + col / 2)) : uint4{};
 #pragma unroll
       for (int v = 0; v < 4; ++v)
         xv[u][v] = in && x_live ? __ldg(reinterpret_cast<const uint4*>(xr + col) + v) : uint4{};
-      sa[u] = in ? __half2float(scale[wa_row * lds + g]) : 0.f;
-      sb[u] = in ? __half2float(scale[wb_row * lds + g]) : 0.f;
-      za[u] = in ? zero[wa_row * ldz + g] : 0u;
-      zb[u] = in ? zero[wb_row * ldz + g] : 0u;
+      fa[u] = in ? __half2float(sa[g]) : 0.f;
+      fb[u] = in ? __half2float(sb[g]) : 0.f;
+      ca[u] = in ? za[g] : 0u;
+      cb[u] = in ? zb[g] : 0u;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (first + u * kWarps >= chunks) break;
+      if (!kExact && first + u * kWarps >= chunks) break;
       uint32_t a[8][4];
-      weight_fragments<T>(wa[u], wb[u], zero2<T>(za[u]), zero2<T>(zb[u]), a);
+      weight_fragments<T>(wa[u], wb[u], zero2<T>(ca[u]), zero2<T>(cb[u]), a);
       float d[4] = {0.f, 0.f, 0.f, 0.f};
       chunk_mma<T>(d, a, xv[u]);
-      acc[0] = fmaf(d[0], sa[u], acc[0]);
-      acc[1] = fmaf(d[1], sa[u], acc[1]);
-      acc[2] = fmaf(d[2], sb[u], acc[2]);
-      acc[3] = fmaf(d[3], sb[u], acc[3]);
+      acc[0] = fmaf(d[0], fa[u], acc[0]);
+      acc[1] = fmaf(d[1], fa[u], acc[1]);
+      acc[2] = fmaf(d[2], fb[u], acc[2]);
+      acc[3] = fmaf(d[3], fb[u], acc[3]);
     }
   }
   __shared__ float partial[kWarps][4][32];
@@ -103,6 +108,26 @@ __global__ void __launch_bounds__(kWarps * 32)
 // ---- host launch ----
 
 template <typename T>
+using Kernel = void (*)(const T*, long long, int, const uint8_t*, long long, const __half*, long long, const uint8_t*,
+                        long long, const T*, T*, long long, int, int, int);
+
+template <typename T, int W, bool S>
+Kernel<T> pick(bool per_chunk, bool exact) {
+  if (per_chunk) return exact ? mma_kernel<T, W, S, true, true> : mma_kernel<T, W, S, true, false>;
+  return exact ? mma_kernel<T, W, S, false, true> : mma_kernel<T, W, S, false, false>;
+}
+
+int sm_count() {  // of the current device, read once
+  static int sms = 0;
+  if (sms == 0) {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
+      sms = 0;
+  }
+  return sms;
+}
+
+template <typename T>
 cudaError_t launch(const void* x, long long ldx, int m, const void* q, long long ldq, const void* scale,
                    long long lds, const void* zero, long long ldz, const void* bias, void* out, long long ldo,
                    int n_out, int k, int group, int silu, int pdl, cudaStream_t stream) {
@@ -112,26 +137,22 @@ cudaError_t launch(const void* x, long long ldx, int m, const void* q, long long
   cudaLaunchConfig_t config = {};
   const int rows = silu ? 8 : 16;
   const int tiles = (n_out + rows - 1) / rows;
-  const int warps = tiles >= kManyTiles ? 4 : 8;
+  // 8 warps a block split K while the tiles fit one wave of such blocks; past it, 4 (a partial second wave of 8-warp
+  // blocks leaves most SMs idle)
+  const int warps = tiles <= kWarpsPerSm / 8 * sm_count() ? 8 : 4;
+  const bool per_chunk = group == kChunk, exact = (k / kChunk) % (warps * kUnroll) == 0;
   config.gridDim = dim3(tiles);
   config.blockDim = dim3(warps * 32);
   config.stream = stream;
   config.attrs = &attr;
   config.numAttrs = pdl ? 1 : 0;
-  const auto* xt = static_cast<const T*>(x);
-  const auto* qt = static_cast<const uint8_t*>(q);
-  const auto* st = static_cast<const __half*>(scale);
-  const auto* zt = static_cast<const uint8_t*>(zero);
-  const auto* bt = static_cast<const T*>(bias);
-  auto* ot = static_cast<T*>(out);
-#define NVL_MMA(W, S, P) \
-  cudaLaunchKernelEx(&config, mma_kernel<T, W, S, P>, xt, ldx, m, qt, ldq, st, lds, zt, ldz, bt, ot, ldo, n_out, k, \
-                     group)
-#define NVL_MMA_W(S, P) (warps == 4 ? NVL_MMA(4, S, P) : NVL_MMA(8, S, P))
-  cudaError_t err = silu ? (pdl ? NVL_MMA_W(true, true) : NVL_MMA_W(true, false))
-                         : (pdl ? NVL_MMA_W(false, true) : NVL_MMA_W(false, false));
-#undef NVL_MMA_W
-#undef NVL_MMA
+  const Kernel<T> kernel = warps == 4
+                              ? (silu ? pick<T, 4, true>(per_chunk, exact) : pick<T, 4, false>(per_chunk, exact))
+                              : (silu ? pick<T, 8, true>(per_chunk, exact) : pick<T, 8, false>(per_chunk, exact));
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), ldx, m,
+                                             static_cast<const uint8_t*>(q), ldq, static_cast<const __half*>(scale),
+                                             lds, static_cast<const uint8_t*>(zero), ldz, static_cast<const T*>(bias),
+                                             static_cast<T*>(out), ldo, n_out, k, group);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

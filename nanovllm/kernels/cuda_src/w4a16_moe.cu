@@ -22,7 +22,8 @@ constexpr int kWarps = 4;
 constexpr int kBlockM = 8;  // slots of a layout block: the n of one mma
 constexpr int kUnroll = 4;  // chunks a warp loads before using the first
 
-template <typename T, bool UP>
+// kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group: group = K)
+template <typename T, bool UP, bool kPerChunk>
 __global__ void __launch_bounds__(kWarps * 32)
     moe_kernel(const T* __restrict__ x, long long ldx, const int* __restrict__ sorted,
                const int* __restrict__ block_expert, const int* __restrict__ block_rows, int top_k,
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const long long slot_r = b * kBlockM + r;  // the lane's x row: the block's r-th, or none past its rows
   const T* xr = r < rows ? x + (UP ? sorted[slot_r] / top_k : slot_r) * ldx + t * 32 : nullptr;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const int chunks = k / kChunk;
+  const int chunks = k / kChunk, chunks_per_group = group / kChunk;
   for (int first = 0; first < chunks; first += kUnroll) {
     uint4 wa[kUnroll], wb[kUnroll];
     float sa[kUnroll], sb[kUnroll];
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int u = 0; u < kUnroll; ++u) {
       const int c = first + u;
       const bool in = c < chunks;
-      const int col = c * kChunk, g = col / group;
+      const int col = c * kChunk, g = kPerChunk ? c : c / chunks_per_group;
       wa[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qa + col / 2)) : uint4{};
       wb[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qb + col / 2)) : uint4{};
       sa[u] = in ? __half2float(sa_p[g]) : 0.f;
@@ -129,10 +130,12 @@ cudaError_t launch(const void* x, long long ldx, const int* sorted, const int* b
   const auto* st = static_cast<const __half*>(scale);
   const auto* zt = static_cast<const uint8_t*>(zero);
   auto* ot = static_cast<T*>(out);
-#define NVL_MOE(UP)                                                                                                \
-  cudaLaunchKernelEx(&config, moe_kernel<T, UP>, xt, ldx, sorted, block_expert, block_rows, top_k, qt, q_e, ldq, st, \
-                     s_e, lds, zt, z_e, ldz, weights, ot, ldo, n_out, k, group, round_weights)
-  cudaError_t err = up ? NVL_MOE(true) : NVL_MOE(false);
+#define NVL_MOE(UP, G)                                                                                        \
+  cudaLaunchKernelEx(&config, moe_kernel<T, UP, G>, xt, ldx, sorted, block_expert, block_rows, top_k, qt, q_e, ldq, \
+                     st, s_e, lds, zt, z_e, ldz, weights, ot, ldo, n_out, k, group, round_weights)
+  const bool per_chunk = group == kChunk;
+  cudaError_t err = up ? (per_chunk ? NVL_MOE(true, true) : NVL_MOE(true, false))
+                       : (per_chunk ? NVL_MOE(false, true) : NVL_MOE(false, false));
 #undef NVL_MOE
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
