@@ -57,6 +57,21 @@ def test_w4a16_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, m, k, g
                                                      (72, 256, 256, False, True, False),
                                                      (136, 2048, 128, True, True, True)])
 def test_cuda_few_row_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, m, n, k, group, silu, perm, sym):
+    _check_few_row_kernel(dtype, m, n, k, group, silu, perm, sym)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("waves,k,group,silu", [(0.5, 4096, 128, False), (1.5, 2048, 128, False),
+                                                (1.5, 384, 128, True), (1.5, 4096, 4096, True)])
+def test_cuda_few_row_kernel_takes_each_launch_shape(dtype, m, waves, k, group, silu):
+    """Blocks of 8 warps (tiles within one wave of them) and of 4 (past it), with K a whole number of the warps'
+    rounds of chunks (no bounds checks) or not, groups of one chunk or one group."""
+    tiles = int(waves * 2 * torch.cuda.get_device_properties(0).multi_processor_count)  # 2 blocks of 8 warps an SM
+    _check_few_row_kernel(dtype, m, tiles * 16, k, group, silu, False, True)
+
+
+def _check_few_row_kernel(dtype, m, n, k, group, silu, perm, sym):
     from nanovllm.kernels import cuda_build, cuda_w4a16
     if cuda_build.nvcc_path() is None:
         pytest.skip("no nvcc: the few-row int4 projection stays on Triton")
