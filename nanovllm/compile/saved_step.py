@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from nanovllm.distributed import liveness
 from nanovllm.logger import logger
 
 
@@ -94,8 +95,11 @@ def compiled_step(platform, step: functools.partial, make_trace_inputs: Callable
     if cache.saved_step is not None:
         try:
             loaded = load(cache.saved_step, step)
+            liveness.meet("running the loaded step")  # its collectives wait only NANOVLLM_TP_TIMEOUT_S for a peer
             loaded(make_trace_inputs())  # unmarked inputs: a loaded guard rejects a dynamic-dim marking
             return loaded, "loaded"
+        except liveness.PeerFailed:  # the group is broken: no step would run
+            raise
         except Exception as e:  # never crash, never use a step that did not load cleanly
             logger.warning("compile cache: the saved step in %s could not be used (%s: %s); tracing it again",
                            cache.entry, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -107,9 +111,12 @@ def compiled_step(platform, step: functools.partial, make_trace_inputs: Callable
                 inputs = make_trace_inputs()
                 mark_dynamic(inputs)
                 compiled, data = aot_compile(platform, step, inputs)
+                liveness.meet("running the compiled step")  # a peer may still be compiling
                 compiled(make_trace_inputs())
                 cache.store_step(data)
                 return compiled, "aot"
+            except liveness.PeerFailed:
+                raise
             except Exception as e:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         logger.info("compile cache: the step is not saved (%s); warm starts will trace it", reason)

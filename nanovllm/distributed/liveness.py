@@ -10,7 +10,8 @@ collective waiting for the peer returns; on a device backend the process's exit 
 (``exit_bound.py``).  ``wait(event)`` is rank 0's bounded ``event.synchronize()``: it raises once a peer failed or
 after ``timeout_s`` (a peer alive but stuck).  ``failure()`` outlives the watch (a failed group's queued collectives
 may never finish: it is not synchronised); ``activities()`` and ``longest_waits()`` report the peers' last
-activities and how close legitimate waits came to ``timeout_s``.
+activities and how close legitimate waits came to ``timeout_s``.  ``meet(activity)`` waits, with no bound but this
+watch, until every rank reached its meeting of the same order: for work whose length differs by rank (compiling).
 """
 import os
 import threading
@@ -20,10 +21,11 @@ from typing import Callable
 import torch.distributed as dist
 
 from nanovllm.distributed import exit_bound
-from nanovllm.distributed.rendezvous import reported_errors
+from nanovllm.distributed.rendezvous import group_store, reported_errors
 from nanovllm.logger import logger
 
 BEAT_S = 0.5  # seconds between two beats (and two looks at the peers)
+MEET_POLL_S = 0.05  # seconds between two looks at a meeting's count
 STOP_KEY = "nanovllm/beat/stop"
 CLOSING_GRACE_S = 30.0  # a rank told to close that is still alive this long after rank 0 went ends itself
 EXIT_BOUND_S = 60.0  # after a failure on a device backend, rank 0's exit may take this long (its abort takes 30 s)
@@ -139,14 +141,15 @@ class _Watch:
 
 _watch: _Watch | None = None
 _failure: str | None = None  # the last watch's failure, kept after it stopped (a broken group is not synchronised)
+_meetings = 0  # ``meet`` calls since this rank's watch started
 
 
 def start(rank: int, size: int, connect: Callable, timeout_s: float, dead: Callable | None = None,
           kill: Callable | None = None) -> None:
     """Start this rank's beat and watch (see the module docstring); replaces an earlier one."""
-    global _watch, _failure
+    global _watch, _failure, _meetings
     stop()
-    _failure = None
+    _failure, _meetings = None, 0
     _watch = _Watch(rank, size, connect, timeout_s, dead, kill)
     _watch.thread.start()
 
@@ -168,6 +171,33 @@ def doing(activity: str) -> None:
     """This rank's current activity, as its next beat reports it."""
     if _watch is not None:
         _watch.activity = activity
+
+
+class PeerFailed(RuntimeError):
+    """A peer failed while this rank waited for it in ``meet``."""
+
+
+def meet(activity: str) -> None:
+    """Report ``activity``, then wait until every rank of the watched group has made as many ``meet`` calls as this
+    one (ranks make them at the same points: they replay the same calls).  A rank may compile for longer than a
+    collective may wait (``timeout_s``) without failing: ranks meet before running what they compiled.  No bound but
+    the watch's: rank 0 raises ``PeerFailed`` once it found a peer failed; another rank ends with rank 0.  A no-op
+    without a watch (a rank of one)."""
+    global _meetings
+    watch, store = _watch, group_store()
+    if watch is None or store is None:
+        return
+    _meetings += 1
+    arrived, left = f"nanovllm/meet/{_meetings}/arrived", f"nanovllm/meet/{_meetings}/left"
+    doing(activity)
+    store.add(arrived, 1)
+    while store.add(arrived, 0) < watch.size:
+        if _failure is not None:
+            raise PeerFailed(_failure)
+        time.sleep(MEET_POLL_S)
+    if store.add(left, 1) == watch.size:  # the last to leave clears the meeting for a later group on this store
+        store.delete_key(arrived)
+        store.delete_key(left)
 
 
 def failure() -> str | None:
