@@ -136,11 +136,17 @@ def test_the_moe_kernel_takes_int4_experts_in_its_contract_only():
         assert not cuda_w4a16.moe_fits(*args), why
 
 
-def test_the_moe_kernel_takes_steps_of_few_pairs_per_expert():
-    assert cuda_w4a16.MOE_MAX_MEAN_ROWS == 4
-    assert cuda_w4a16.moe_faster(16, 2, 8) and not cuda_w4a16.moe_faster(17, 2, 8)  # Mixtral
-    assert cuda_w4a16.moe_faster(64, 8, 128) and not cuda_w4a16.moe_faster(65, 8, 128)  # Qwen3-30B-A3B
+def test_the_moe_kernel_takes_steps_of_up_to_64_pairs_per_expert():
+    assert cuda_w4a16.MOE_MAX_MEAN_ROWS == 64
+    assert cuda_w4a16.moe_faster(256, 2, 8) and not cuda_w4a16.moe_faster(257, 2, 8)  # Mixtral
+    assert cuda_w4a16.moe_faster(1024, 8, 128) and not cuda_w4a16.moe_faster(1025, 8, 128)  # Qwen3-30B-A3B
     assert cuda_w4a16.moe_faster(1, 8, 128)
+
+
+def test_the_moe_layout_block_holds_an_experts_mean_pairs():
+    blocks = {tokens: cuda_w4a16.moe_block(tokens, 2, 8) for tokens in (1, 32, 33, 64, 100, 256, 1000)}
+    assert blocks == {1: 8, 32: 8, 33: 16, 64: 16, 100: 32, 256: 64, 1000: 64}
+    assert cuda_w4a16.moe_block(256, 8, 128) == 16  # Qwen3-30B-A3B at --bs 256
 
 
 def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):

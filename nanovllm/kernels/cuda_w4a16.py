@@ -19,13 +19,13 @@ from nanovllm.kernels.triton_moe import moe_plan
 from nanovllm.kernels.triton_moe_align import align_triton
 
 MAX_ROWS = 8  # the n of one mma.m16n8k16
-MOE_BLOCK = 8  # the MoE kernel's layout block: the n of one mma
-MOE_MAX_MEAN_ROWS = 4  # pairs per expert, on average, up to which the MoE kernel beats the Triton tiles (H200)
+MOE_BLOCKS = (8, 16, 32, 64)  # the MoE kernel's layout blocks: 1, 2, 4 or 8 mma's of n = 8 on one dequantized chunk
+MOE_MAX_MEAN_ROWS = 64  # pairs per expert, on average, up to which the MoE kernel beats the Triton tiles (H200)
 CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _C_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong}
 # each C function's parameters, in order: p a pointer, i an int, l a long long
-_SIGNATURES = {"w4a16_mma": "pliplplplppliiiiiip", "w4a16_moe": "plpppiipllpllpllppliiiiiiip"}
+_SIGNATURES = {"w4a16_mma": "pliplplplppliiiiiip", "w4a16_moe": "plpppiiipllpllpllppliiiiiiip"}
 
 
 def fits(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> bool:
@@ -77,9 +77,16 @@ def moe_usable(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
 
 def moe_faster(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """Whether the MoE kernel beats the Triton tiles on such a step, as measured: at most ``MOE_MAX_MEAN_ROWS``
-    pairs per expert on average (decode steps of up to 16 tokens at Mixtral's 8 experts and top 2, 64 at
+    pairs per expert on average (steps of up to 256 tokens at Mixtral's 8 experts and top 2, 1,024 at
     Qwen3-30B-A3B's 128 and top 8)."""
     return num_tokens * top_k <= MOE_MAX_MEAN_ROWS * num_experts
+
+
+def moe_block(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """The layout block for such a step: the smallest of ``MOE_BLOCKS`` that holds the pairs an expert gets on
+    average (its chunks are dequantized once per block)."""
+    mean = num_tokens * top_k / num_experts
+    return next((b for b in MOE_BLOCKS if b >= mean), MOE_BLOCKS[-1])
 
 
 def prepare(device: torch.device) -> bool:
@@ -121,20 +128,23 @@ def linear_w4a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
 
 def experts_int4_cuda(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor, scales: tuple, zeros: tuple, group: int,
-                      round_weights: bool = False) -> torch.Tensor:
+                      round_weights: bool = False, block: int | None = None) -> torch.Tensor:
     """``triton_moe.experts_triton`` for int4 SiLU experts without biases, on the CUDA kernels (``moe_fits`` and
     a built library must hold; ``moe_usable`` says when they are the faster): routed ``weights`` (float32),
-    ``ids`` and ``hist`` (``route_triton``) -> [T, H] in x's dtype."""
+    ``ids`` and ``hist`` (``route_triton``) -> [T, H] in x's dtype.  ``block``: one of ``MOE_BLOCKS``, by default
+    ``moe_block``'s."""
     num_tokens, hidden = x.shape
     top_k, num_experts, inter = ids.shape[1], w13.shape[0], w2.shape[2] * 2
     assert w13.shape == (num_experts, 2 * inter, hidden // 2) and w2.shape == (num_experts, hidden, inter // 2)
     if num_tokens == 0:
         return torch.zeros_like(x)
-    sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, MOE_BLOCK)
+    block = block or moe_block(num_tokens, top_k, num_experts)
+    assert block in MOE_BLOCKS, f"block {block} is not one of {MOE_BLOCKS}"
+    sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, block)
     num_blocks = block_expert.shape[0]
-    inter_rows = x.new_empty(num_blocks * MOE_BLOCK, inter)
+    inter_rows = x.new_empty(num_blocks * block, inter)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
-    layout = (sorted_ids.data_ptr(), block_expert.data_ptr(), block_rows.data_ptr(), num_blocks, top_k)
+    layout = (sorted_ids.data_ptr(), block_expert.data_ptr(), block_rows.data_ptr(), num_blocks, block, top_k)
     _moe_gemm(x, layout, w13, scales[0], zeros[0], group, weights, inter_rows, True, round_weights)
     _moe_gemm(inter_rows, layout, w2, scales[1], zeros[1], group, weights, per_pair, False, round_weights)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)

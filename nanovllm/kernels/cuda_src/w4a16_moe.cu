@@ -1,6 +1,6 @@
 // Grouped int4 experts on the tensor cores, in CUDA: the fused MoE's two GEMMs over the expert-sorted layout of
-// nanovllm/kernels/triton_moe_align.py with blocks of 8 slots (block b holds block_rows[b] <= 8 (token, k) pairs of
-// expert block_expert[b], in slots 8b ..; sorted[slot] is the pair).
+// nanovllm/kernels/triton_moe_align.py with blocks of 8S slots, S = 1, 2, 4 or 8 (block b holds block_rows[b] <= 8S
+// (token, k) pairs of expert block_expert[b], in slots 8Sb ..; sorted[slot] is the pair).
 //
 // up:   inter[slot, n] = silu(gate) * up, gate = x[pair / top_k] . w13[e, n], up = x[pair / top_k] . w13[e, I + n]
 // down: out[pair, n] = weights[pair] * (inter[slot] . w2[e, n])  (with round_weights both factors are rounded to
@@ -8,10 +8,11 @@
 //
 // Contract (checked by nanovllm/kernels/cuda_w4a16.py): bf16 or fp16 x / inter rows, 16-byte aligned; q uint8
 // [E, N, K / 2] (two codes a byte, column 2b in the low nibble), rows 16-byte aligned; scale fp16 and zero uint8
-// [E, N, groups]; K % 128 == 0 and (group % 128 == 0 or group >= K).  A block takes one layout block (the mma's 8
+// [E, N, groups]; K % 128 == 0 and (group % 128 == 0 or group >= K).  A block takes one layout block (S mma's of 8
 // columns) and 4 warps' weight rows of its expert, each warp 16 (up: 8 gate rows and their 8 up rows) over all of
-// K in chunks of 128 columns; the warps read the same x through L1 (w4a16_common.cuh: the lane layout).  The tensor
-// cores sum each chunk in fp32, times the group's scale in fp32.
+// K in chunks of 128 columns, dequantizing each chunk once for the S sub-blocks that hold pairs (w4a16_common.cuh:
+// the lane layout).  With S = 1 the warps read x through L1; with more, the block stages each chunk's x rows in
+// shared memory first.  The tensor cores sum each chunk in fp32, times the group's scale in fp32.
 #include <cuda_runtime.h>
 
 #include "w4a16_common.cuh"
@@ -19,11 +20,33 @@
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kBlockM = 8;  // slots of a layout block: the n of one mma
+constexpr int kSubM = 8;  // slots of a sub-block: the n of one mma
 constexpr int kUnroll = 4;  // chunks a warp loads before using the first
 
-// kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group: group = K)
-template <typename T, bool UP, bool kPerChunk>
+// where 16-byte unit u (columns 8u .. 8u + 7) of a staged row lives in it: a lane reads units 4t .. 4t + 3 of row r,
+// so the 8 lanes of a shared-memory phase (rows r, r + 1 and t = 0 .. 3) each take a different 16 bytes of a 128-byte
+// line; the copying threads of a phase (one row, units 0 .. 7 or 8 .. 15) too
+__device__ __forceinline__ int unit_at(int row, int u) { return u ^ (u >> 3 << 1) ^ (row & 1); }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// acc += a chunk's sums d times its scales (rows r: sa, r + 8: sb)
+__device__ __forceinline__ void accumulate(float (&acc)[4], const float (&d)[4], float sa, float sb) {
+  acc[0] = fmaf(d[0], sa, acc[0]);
+  acc[1] = fmaf(d[1], sa, acc[1]);
+  acc[2] = fmaf(d[2], sb, acc[2]);
+  acc[3] = fmaf(d[3], sb, acc[3]);
+}
+
+// kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group: group = K); S: the
+// sub-blocks of 8 slots in a layout block
+template <typename T, bool UP, bool kPerChunk, int S>
 __global__ void __launch_bounds__(kWarps * 32)
     moe_kernel(const T* __restrict__ x, long long ldx, const int* __restrict__ sorted,
                const int* __restrict__ block_expert, const int* __restrict__ block_rows, int top_k,
@@ -47,10 +70,34 @@ __global__ void __launch_bounds__(kWarps * 32)
   const __half* sb_p = scale + expert * s_e + wb_row * lds;
   const uint8_t* za_p = zero + expert * z_e + wa_row * ldz;
   const uint8_t* zb_p = zero + expert * z_e + wb_row * ldz;
-  const long long slot_r = b * kBlockM + r;  // the lane's x row: the block's r-th, or none past its rows
-  const T* xr = r < rows ? x + (UP ? sorted[slot_r] / top_k : slot_r) * ldx + t * 32 : nullptr;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // a layout block of one sub-block: each lane loads its x row through L1.  Of more: the block stages each chunk's
+  // x rows in shared memory, double-buffered (cp.async), for all its warps; thread i copies 16-byte unit i % 16 of
+  // rows i / 16, i / 16 + kFillRows, .. (none past the block's rows)
+  constexpr bool kStage = S > 1;
+  const T* xr = nullptr;
+  if (!kStage && r < rows) xr = x + (UP ? sorted[b * kSubM + r] / top_k : b * kSubM + r) * ldx + t * 32;
+  extern __shared__ uint4 stage[];  // [2][8S rows][16 units], units swizzled (unit_at)
+  constexpr int kFillRows = kWarps * 2, kFills = kStage ? S * kSubM / kFillRows : 0;
+  const int fill_row = threadIdx.x >> 4, fill_unit = threadIdx.x & 15;
+  const T* src[kFills > 0 ? kFills : 1];
+#pragma unroll
+  for (int f = 0; f < kFills; ++f) {
+    const int row = f * kFillRows + fill_row;
+    const long long slot = b * S * kSubM + row;
+    src[f] = row < rows ? x + (UP ? sorted[slot] / top_k : slot) * ldx + fill_unit * 8 : nullptr;
+  }
+  const auto fill = [&](int c) {
+    uint4* buf = stage + (c & 1) * (S * kSubM * 16);
+#pragma unroll
+    for (int f = 0; f < kFills; ++f) {
+      const int row = f * kFillRows + fill_row;
+      if (src[f] != nullptr) cp_async16(buf + row * 16 + unit_at(row, fill_unit), src[f] + c * kChunk);
+    }
+    cp_async_commit();
+  };
+  float acc[S][4] = {};
   const int chunks = k / kChunk, chunks_per_group = group / kChunk;
+  if (kStage) fill(0);
   for (int first = 0; first < chunks; first += kUnroll) {
     uint4 wa[kUnroll], wb[kUnroll];
     float sa[kUnroll], sb[kUnroll];
@@ -73,36 +120,51 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (c >= chunks) break;
       uint32_t a[8][4];
       weight_fragments<T>(wa[u], wb[u], zero2<T>(za[u]), zero2<T>(zb[u]), a);
-      uint4 xv[4];
+      const uint4* buf = stage + (c & 1) * (S * kSubM * 16);
+      if (kStage) {
+        if (c + 1 < chunks) fill(c + 1);  // into the other buffer, which every warp finished with (below)
+        else cp_async_commit();  // an empty group: the wait below then always leaves one
+        cp_async_wait_one();
+        __syncthreads();  // chunk c's rows, from every thread's copies
+      }
 #pragma unroll
-      for (int v = 0; v < 4; ++v)
-        xv[v] = xr != nullptr ? __ldg(reinterpret_cast<const uint4*>(xr + c * kChunk) + v) : uint4{};
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
-      chunk_mma<T>(d, a, xv);
-      acc[0] = fmaf(d[0], sa[u], acc[0]);
-      acc[1] = fmaf(d[1], sa[u], acc[1]);
-      acc[2] = fmaf(d[2], sb[u], acc[2]);
-      acc[3] = fmaf(d[3], sb[u], acc[3]);
+      for (int j = 0; j < S; ++j) {
+        if (j * kSubM >= rows) break;  // block-uniform: sub-blocks past the rows hold no pairs
+        const int row = j * kSubM + r;
+        uint4 xv[4];
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          if (kStage) xv[v] = buf[row * 16 + unit_at(row, 4 * t + v)];
+          else xv[v] = xr != nullptr ? __ldg(reinterpret_cast<const uint4*>(xr + c * kChunk) + v) : uint4{};
+        }
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        chunk_mma<T>(d, a, xv);
+        accumulate(acc[j], d, sa[u], sb[u]);
+      }
+      if (kStage) __syncthreads();  // every warp is done with this buffer before chunk c + 2 is copied into it
     }
   }
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {  // the lane's slots 2t and 2t + 1 of the block
-    const int m = 2 * t + e;
-    if (m >= rows) break;
-    const long long slot = b * kBlockM + m;
-    if (UP) {
-      const float gate = acc[e], up = acc[2 + e];
-      if (live_a) out[slot * ldo + row_a] = Half<T>::out(gate / (1.0f + __expf(-gate)) * up);
-    } else {
-      const long long pair = sorted[slot];
-      float w = weights[pair], va = acc[e], vb = acc[2 + e];
-      if (round_weights) {  // a product of two 16-bit floats is exact in fp32: the store rounds it once
-        w = static_cast<float>(Half<T>::out(w));
-        va = static_cast<float>(Half<T>::out(va));
-        vb = static_cast<float>(Half<T>::out(vb));
+  for (int j = 0; j < S; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {  // the lane's slots 2t and 2t + 1 of the sub-block
+      const int m = j * kSubM + 2 * t + e;
+      if (m >= rows) break;
+      const long long slot = b * S * kSubM + m;
+      if (UP) {
+        const float gate = acc[j][e], up = acc[j][2 + e];
+        if (live_a) out[slot * ldo + row_a] = Half<T>::out(gate / (1.0f + __expf(-gate)) * up);
+      } else {
+        const long long pair = sorted[slot];
+        float w = weights[pair], va = acc[j][e], vb = acc[j][2 + e];
+        if (round_weights) {  // a product of two 16-bit floats is exact in fp32: the store rounds it once
+          w = static_cast<float>(Half<T>::out(w));
+          va = static_cast<float>(Half<T>::out(va));
+          vb = static_cast<float>(Half<T>::out(vb));
+        }
+        if (live_a) out[pair * ldo + row_a] = Half<T>::out(va * w);
+        if (live_b) out[pair * ldo + row_b] = Half<T>::out(vb * w);
       }
-      if (live_a) out[pair * ldo + row_a] = Half<T>::out(va * w);
-      if (live_b) out[pair * ldo + row_b] = Half<T>::out(vb * w);
     }
   }
 }
@@ -110,11 +172,22 @@ __global__ void __launch_bounds__(kWarps * 32)
 // ---- host launch ----
 
 template <typename T>
+using Kernel = void (*)(const T*, long long, const int*, const int*, const int*, int, const uint8_t*, long long,
+                        long long, const __half*, long long, long long, const uint8_t*, long long, long long,
+                        const float*, T*, long long, int, int, int, int);
+
+template <typename T, bool UP, bool G>
+Kernel<T> pick(int sub) {
+  return sub == 1 ? moe_kernel<T, UP, G, 1>
+                  : sub == 2 ? moe_kernel<T, UP, G, 2> : sub == 4 ? moe_kernel<T, UP, G, 4> : moe_kernel<T, UP, G, 8>;
+}
+
+template <typename T>
 cudaError_t launch(const void* x, long long ldx, const int* sorted, const int* block_expert, const int* block_rows,
-                   int num_blocks, int top_k, const void* q, long long q_e, long long ldq, const void* scale,
-                   long long s_e, long long lds, const void* zero, long long z_e, long long ldz, const float* weights,
-                   void* out, long long ldo, int n_out, int k, int group, int up, int round_weights, int pdl,
-                   cudaStream_t stream) {
+                   int num_blocks, int block, int top_k, const void* q, long long q_e, long long ldq,
+                   const void* scale, long long s_e, long long lds, const void* zero, long long z_e, long long ldz,
+                   const float* weights, void* out, long long ldo, int n_out, int k, int group, int up,
+                   int round_weights, int pdl, cudaStream_t stream) {
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -122,39 +195,39 @@ cudaError_t launch(const void* x, long long ldx, const int* sorted, const int* b
   const int features = (up ? 8 : 16) * kWarps;  // output features a block computes
   config.gridDim = dim3(num_blocks, (n_out + features - 1) / features);  // blocks fastest: one tile's readers together
   config.blockDim = dim3(kWarps * 32);
+  config.dynamicSmemBytes = block > kSubM ? 2 * block * kChunk * sizeof(T) : 0;  // two chunks of the block's x rows
   config.stream = stream;
   config.attrs = &attr;
   config.numAttrs = pdl ? 1 : 0;
-  const auto* xt = static_cast<const T*>(x);
-  const auto* qt = static_cast<const uint8_t*>(q);
-  const auto* st = static_cast<const __half*>(scale);
-  const auto* zt = static_cast<const uint8_t*>(zero);
-  auto* ot = static_cast<T*>(out);
-#define NVL_MOE(UP, G)                                                                                        \
-  cudaLaunchKernelEx(&config, moe_kernel<T, UP, G>, xt, ldx, sorted, block_expert, block_rows, top_k, qt, q_e, ldq, \
-                     st, s_e, lds, zt, z_e, ldz, weights, ot, ldo, n_out, k, group, round_weights)
   const bool per_chunk = group == kChunk;
-  cudaError_t err = up ? (per_chunk ? NVL_MOE(true, true) : NVL_MOE(true, false))
-                       : (per_chunk ? NVL_MOE(false, true) : NVL_MOE(false, false));
-#undef NVL_MOE
+  const int sub = block / kSubM;
+  const Kernel<T> kernel = up ? (per_chunk ? pick<T, true, true>(sub) : pick<T, true, false>(sub))
+                              : (per_chunk ? pick<T, false, true>(sub) : pick<T, false, false>(sub));
+  const cudaError_t err = cudaLaunchKernelEx(
+      &config, kernel, static_cast<const T*>(x), ldx, sorted, block_expert, block_rows, top_k,
+      static_cast<const uint8_t*>(q), q_e, ldq, static_cast<const __half*>(scale), s_e, lds,
+      static_cast<const uint8_t*>(zero), z_e, ldz, weights, static_cast<T*>(out), ldo, n_out, k, group, round_weights);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
 }  // namespace
 
-// up: the gate/up GEMM (n_out = I, the weight's rows 2I), else the down GEMM (n_out = H); dtype: 0 bf16, 1 fp16;
-// pdl: launch with programmatic dependent launch (sm_90 and newer).  Returns a cudaError_t.
+// block: slots of a layout block (8, 16, 32 or 64); up: the gate/up GEMM (n_out = I, the weight's rows 2I), else the
+// down GEMM (n_out = H); dtype: 0 bf16, 1 fp16; pdl: launch with programmatic dependent launch (sm_90 and newer).
+// Returns a cudaError_t.
 extern "C" int nvl_w4a16_moe(const void* x, long long ldx, const int* sorted, const int* block_expert,
-                             const int* block_rows, int num_blocks, int top_k, const void* q, long long q_e,
+                             const int* block_rows, int num_blocks, int block, int top_k, const void* q, long long q_e,
                              long long ldq, const void* scale, long long s_e, long long lds, const void* zero,
                              long long z_e, long long ldz, const float* weights, void* out, long long ldo, int n_out,
                              int k, int group, int up, int round_weights, int dtype, int pdl, void* stream) {
-  if (k % kChunk != 0 || (group % kChunk != 0 && group < k) || num_blocks < 1) return cudaErrorInvalidValue;
+  const bool block_ok = block == 8 || block == 16 || block == 32 || block == 64;
+  if (k % kChunk != 0 || (group % kChunk != 0 && group < k) || num_blocks < 1 || !block_ok)
+    return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
-#define NVL_ARGS                                                                                                    \
-  x, ldx, sorted, block_expert, block_rows, num_blocks, top_k, q, q_e, ldq, scale, s_e, lds, zero, z_e, ldz, weights, \
-      out, ldo, n_out, k, group, up, round_weights, pdl, s
+#define NVL_ARGS                                                                                                \
+  x, ldx, sorted, block_expert, block_rows, num_blocks, block, top_k, q, q_e, ldq, scale, s_e, lds, zero, z_e, ldz, \
+      weights, out, ldo, n_out, k, group, up, round_weights, pdl, s
   const cudaError_t err = dtype == 0 ? launch<__nv_bfloat16>(NVL_ARGS) : launch<__half>(NVL_ARGS);
 #undef NVL_ARGS
   return err;
