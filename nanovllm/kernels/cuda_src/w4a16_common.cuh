@@ -1,5 +1,6 @@
 // What the int4 tensor-core kernels share (w4a16_mma.cu: dense rows; w4a16_moe.cu: grouped experts): the 16-bit
-// float traits, the dequantization of a lane's codes, the regrouping of x and the mma.m16n8k16 of one chunk.
+// float traits, the dequantization of a lane's codes, the regrouping of x, the mma.m16n8k16 of one chunk and its
+// scaled sum.
 //
 // A chunk is 128 columns of 16 weight rows.  Lane (r, t) (r = lane / 4, t = lane % 4) holds 16 bytes of rows r
 // (wa) and r + 8 (wb): columns 32t .. 32t + 31, two codes a byte (column 2b in the low nibble, 2b + 1 in the high),
@@ -100,6 +101,14 @@ __device__ __forceinline__ void chunk_mma(float (&d)[4], const uint32_t (&a)[8][
     const uint32_t hi[2] = {prmt(x1, x3, 0x5410), prmt(x1, x3, 0x7632)};  // columns (2, 6), (3, 7)
     Half<T>::mma(d, a[2 * i + 1], hi);
   }
+}
+
+// acc += a chunk's sums d times its scales (rows r: sa, r + 8: sb)
+__device__ __forceinline__ void accumulate(float (&acc)[4], const float (&d)[4], float sa, float sb) {
+  acc[0] = fmaf(d[0], sa, acc[0]);
+  acc[1] = fmaf(d[1], sa, acc[1]);
+  acc[2] = fmaf(d[2], sb, acc[2]);
+  acc[3] = fmaf(d[3], sb, acc[3]);
 }
 
 // Programmatic dependent launch (nanovllm/kernels/pdl.py's protocol): wait for the previous kernel and its writes,

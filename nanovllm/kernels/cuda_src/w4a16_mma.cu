@@ -72,10 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarpsPerSm / kWarps)
       weight_fragments<T>(wa[u], wb[u], zero2<T>(ca[u]), zero2<T>(cb[u]), a);
       float d[4] = {0.f, 0.f, 0.f, 0.f};
       chunk_mma<T>(d, a, xv[u]);
-      acc[0] = fmaf(d[0], fa[u], acc[0]);
-      acc[1] = fmaf(d[1], fa[u], acc[1]);
-      acc[2] = fmaf(d[2], fb[u], acc[2]);
-      acc[3] = fmaf(d[3], fb[u], acc[3]);
+      accumulate(acc, d, fa[u], fb[u]);
     }
   }
   __shared__ float partial[kWarps][4][32];

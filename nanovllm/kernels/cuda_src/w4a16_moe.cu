@@ -36,14 +36,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-// acc += a chunk's sums d times its scales (rows r: sa, r + 8: sb)
-__device__ __forceinline__ void accumulate(float (&acc)[4], const float (&d)[4], float sa, float sb) {
-  acc[0] = fmaf(d[0], sa, acc[0]);
-  acc[1] = fmaf(d[1], sa, acc[1]);
-  acc[2] = fmaf(d[2], sb, acc[2]);
-  acc[3] = fmaf(d[3], sb, acc[3]);
-}
-
 // kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group: group = K); S: the
 // sub-blocks of 8 slots in a layout block
 template <typename T, bool UP, bool kPerChunk, int S>
@@ -74,8 +66,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   // x rows in shared memory, double-buffered (cp.async), for all its warps; thread i copies 16-byte unit i % 16 of
   // rows i / 16, i / 16 + kFillRows, .. (none past the block's rows)
   constexpr bool kStage = S > 1;
-  const T* xr = nullptr;
-  if (!kStage && r < rows) xr = x + (UP ? sorted[b * kSubM + r] / top_k : b * kSubM + r) * ldx + t * 32;
+  const auto x_row = [&](long long slot) { return x + (UP ? sorted[slot] / top_k : slot) * ldx; };  // slot's x row
+  const T* xr = !kStage && r < rows ? x_row(b * kSubM + r) + t * 32 : nullptr;
   extern __shared__ uint4 stage[];  // [2][8S rows][16 units], units swizzled (unit_at)
   constexpr int kFillRows = kWarps * 2, kFills = kStage ? S * kSubM / kFillRows : 0;
   const int fill_row = threadIdx.x >> 4, fill_unit = threadIdx.x & 15;
@@ -83,8 +75,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int f = 0; f < kFills; ++f) {
     const int row = f * kFillRows + fill_row;
-    const long long slot = b * S * kSubM + row;
-    src[f] = row < rows ? x + (UP ? sorted[slot] / top_k : slot) * ldx + fill_unit * 8 : nullptr;
+    src[f] = row < rows ? x_row(b * S * kSubM + row) + fill_unit * 8 : nullptr;
   }
   const auto fill = [&](int c) {
     uint4* buf = stage + (c & 1) * (S * kSubM * 16);
