@@ -15,7 +15,7 @@ import torch
 
 from nanovllm.kernels import cuda_build
 from nanovllm.kernels.pdl import pdl_enabled
-from nanovllm.kernels.triton_moe import moe_plan
+from nanovllm.kernels.triton_moe import dequantized_once
 from nanovllm.kernels.triton_moe_align import align_triton
 
 MAX_ROWS = 8  # the n of one mma.m16n8k16
@@ -70,10 +70,10 @@ def moe_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, scales: tuple
 def moe_usable(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, scales: tuple, zeros: tuple,
                group: int) -> bool:
     """Whether the CUDA kernels run these int4 experts (SiLU, no biases: the caller's to check): ``moe_fits``,
-    ``moe_faster``, the Triton MoE would stream them rather than dequantize them once (``triton_moe.moe_plan``),
-    and the library is built for x's GPU."""
+    ``moe_faster``, the Triton MoE would stream them rather than dequantize them once
+    (``triton_moe.dequantized_once``), and the library is built for x's GPU."""
     return (x.is_cuda and moe_faster(x.shape[0], top_k, w13.shape[0]) and moe_fits(x, w13, w2, scales, zeros, group)
-            and not moe_plan(x, top_k, w13, w2, scales[0], zeros[0], group, None)[1]
+            and not dequantized_once(x, top_k, w13, w2, scales[0], zeros[0])
             and _library(x.device, "w4a16_moe") is not None)
 
 

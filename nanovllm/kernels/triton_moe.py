@@ -169,18 +169,24 @@ def _entry(x: torch.Tensor, w13: torch.Tensor) -> dict:
     return tuned(arch, w13.shape[0], w13.shape[1] // 2, x.shape[1])
 
 
+def dequantized_once(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
+                     w13_scale: torch.Tensor | None, w13_zero: torch.Tensor | None) -> bool:
+    """Whether int4 or MXFP4 experts are dequantized first at this step and run by the bf16 kernels
+    (``moe_configs.int4_dequantize_once``; never for a transposed ``w2``)."""
+    low_bit = w13_zero is not None or mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)
+    return low_bit and w2.stride(2) == 1 and int4_dequantize_once(x.shape[0], top_k, w13.shape[0], _entry(x, w13))
+
+
 def moe_plan(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
              w13_zero: torch.Tensor | None, group: int, once: bool | None) -> tuple[MoeConfig, bool]:
     """(the tiles, whether int4 or MXFP4 experts are dequantized once) of a step: ``once`` None asks
-    ``moe_configs.int4_dequantize_once`` (never for a transposed ``w2``), then the tiles of the mode that runs."""
+    ``dequantized_once``, then the tiles of the mode that runs."""
     mxfp4 = mxfp4_quant.is_mxfp4(w13, w13_scale, w13_zero)  # dequantized tile by tile: tiles of their own
     mode = "int4" if w13_zero is not None else "mxfp4" if mxfp4 else "bf16" if w13_scale is None else \
         "w8a8" if moe_w8a8(w13, w13_scale, w13_zero, group) else "fp8"
-    entry = _entry(x, w13)
     if once is None:
-        once = mode in ("int4", "mxfp4") and w2.stride(2) == 1 and \
-            int4_dequantize_once(x.shape[0], top_k, w13.shape[0], entry)
-    return choose(x.shape[0], top_k, w13.shape[0], "bf16" if once else mode, entry), once
+        once = dequantized_once(x, top_k, w13, w2, w13_scale, w13_zero)
+    return choose(x.shape[0], top_k, w13.shape[0], "bf16" if once else mode, _entry(x, w13)), once
 
 
 def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist: torch.Tensor,
