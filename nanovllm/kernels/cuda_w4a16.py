@@ -20,8 +20,7 @@ from nanovllm.kernels.triton_moe_align import align_triton
 
 MAX_ROWS = 8  # the n of one mma.m16n8k16
 MOE_BLOCKS = (8, 16, 32, 64)  # the MoE kernel's layout blocks: 1, 2, 4 or 8 mma's of n = 8 on one dequantized chunk
-MOE_MAX_BLOCK = 32  # the largest layout block moe_block picks: past it, 8 mma's a chunk cost more registers than
-# the blocks save (H200)
+MOE_MAX_BLOCK = 32  # moe_block's largest pick: blocks of 64 were no faster at 64 pairs per expert (H200)
 MOE_MAX_MEAN_ROWS = 64  # pairs per expert, on average, up to which the MoE kernel beats the Triton tiles (H200)
 CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kWarps * 32)
           else xv[v] = xr != nullptr ? __ldg(reinterpret_cast<const uint4*>(xr + c * kChunk) + v) : uint4{};
         }
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        chunk_mma<T, (S > 1)>(d, a, xv);  // two mma chains where blocks hold more (docs/PERFORMANCE.md)
+        chunk_mma<T, (S > 1)>(d, a, xv);  // two mma chains past one sub-block: faster there, not at one (H200)
         accumulate(acc[j], d, sa[u], sb[u]);
       }
       if (kStage) __syncthreads();  // every warp is done with this buffer before chunk c + 2 is copied into it
