@@ -165,31 +165,35 @@ def linear_w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 
 
 @triton.jit
-def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, HALF_K, stride_qn, stride_sn, stride_zn, stride_on, group,
-                       BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, HALF_K, stride_qn, stride_sn, stride_zn, stride_on,
+                       GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     byte = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = byte < HALF_K
-    packed = tl.load(qw_ptr + row * stride_qn + byte, mask=mask, other=0)
-    for half in tl.static_range(2):
-        col = 2 * byte + half
-        code = ((packed >> (4 * half)) & 0xF).to(tl.float32)
-        scale = tl.load(s_ptr + row * stride_sn + col // group, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + row * stride_zn + col // group, mask=mask, other=0).to(tl.float32)
-        tl.store(out_ptr + row * stride_on + col, ((code - zero) * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)[:, None]
+    packed = tl.load(qw_ptr + r64 * stride_qn + byte[None, :], mask=rmask[:, None] & (byte < HALF_K)[None, :],
+                     other=0)
+    codes = tl.interleave(packed & 0xF, (packed >> 4) & 0xF)  # column 2b: byte b's low nibble, 2b + 1: its high
+    cols = tl.program_id(1) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    mask = rmask[:, None] & (cols < 2 * HALF_K)[None, :]
+    scale = tl.load(s_ptr + r64 * stride_sn + (cols // GROUP)[None, :], mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + r64 * stride_zn + (cols // GROUP)[None, :], mask=mask, other=0).to(tl.float32)
+    out = (codes.to(tl.float32) - zero) * scale
+    tl.store(out_ptr + r64 * stride_on + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def dequantize_int4_triton(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                            dtype: torch.dtype) -> torch.Tensor:
     """``int4_quant.dequantize`` of a weight [N, K] in one pass (the same values), with no float32 temporaries:
-    the large-M path of an int4 projection, ahead of cuBLAS."""
+    the large-M path of an int4 projection, ahead of cuBLAS, and MoE's dequantize-once.  A program writes a tile of
+    4 rows x 1,024 columns with contiguous stores."""
     n, half_k = qweight.shape
     assert qweight.stride(1) == 1 and scale.stride(1) == 1 and zero.stride(1) == 1
     assert scale.shape == zero.shape == (n, num_groups(2 * half_k, group)), f"scale {tuple(scale.shape)}"
     out = torch.empty(n, 2 * half_k, dtype=dtype, device=qweight.device)
     if n and half_k:
-        block = 512
-        _dequantize_kernel[(n, triton.cdiv(half_k, block))](qweight, scale, zero, out, half_k, qweight.stride(0),
-                                                             scale.stride(0), zero.stride(0), out.stride(0), group,
-                                                             BLOCK=block)
+        rows, block = 4, 512
+        _dequantize_kernel[(triton.cdiv(n, rows), triton.cdiv(half_k, block))](
+            qweight, scale, zero, out, n, half_k, qweight.stride(0), scale.stride(0), zero.stride(0), out.stride(0),
+            GROUP=min(group, 2 * half_k), ROWS=rows, BLOCK=block)
     return out
