@@ -8,11 +8,11 @@ gathers the block's token rows of x (``pair // top_k``) and writes the activatio
 block's rows of the intermediate ``[slots, I]``; ``_grouped_down_kernel`` multiplies those by the expert's ``w2``
 tile, adds its bias, scales each row by its router weight and writes the pair's row of ``[P, H]``, summed over top-k
 into ``[T, H]``. Empty blocks return at once; int64 offsets, float32 sums, outputs in x's dtype. ``w2`` may be a
-transposed view ([E, H, I] over [E, I, H], an expert cache's). FP8 experts that ``act_quant.moe_w8a8`` takes run
-W8A8 (``triton_moe_w8a8.py``); other FP8, int4 (uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) and MXFP4 experts
-(uint8 codes, e8m0 scales) are weight-only, through ``triton_moe_tiles.py`` (a K tile inside one group:
-``moe_configs.group_block_k``; MXFP4 tiles: ``triton_mxfp4.py``), or, past ``moe_configs.int4_dequantize_once``'s
-rows per expert, int4 and MXFP4 experts are dequantized once a step.
+transposed view (an expert cache's). FP8 experts that ``act_quant.moe_w8a8`` takes run W8A8 (``triton_moe_w8a8.py``);
+other FP8, int4 (uint8 ``w13``/``w2``, fp16 scales, uint8 zeros) and MXFP4 experts (uint8 codes, e8m0 scales) are
+weight-only, through ``triton_moe_tiles.py`` (``moe_configs.group_block_k``; MXFP4: ``triton_mxfp4.py``), or, past
+``moe_configs.int4_dequantize_once``'s rows per expert, dequantized once a step. bf16 experts at many rows per expert
+(prefill) run as two grouped GEMMs (``grouped_moe.py``).
 """
 import torch
 import triton
@@ -20,6 +20,7 @@ import triton.language as tl
 
 from nanovllm.kernels import mxfp4_quant
 from nanovllm.kernels.act_quant import moe_w8a8
+from nanovllm.kernels.grouped_moe import experts_grouped, grouped_usable
 from nanovllm.kernels.moe_configs import MoeConfig, choose, group_block_k, int4_dequantize_once, tuned
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 from nanovllm.kernels.triton_common import _dot_precision, device_capability
@@ -228,6 +229,8 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
         w2 = _dequantized(w2, w2_scale, w2_zero, group, x.dtype)
         return experts_triton(x, weights, ids, hist, w13, w2, cfg, **epilogue)
+    if grouped_usable(x, top_k, w13, w2, w13_scale is not None, w13_bias is not None or w2_bias is not None):
+        return experts_grouped(x, weights, ids, hist, w13, w2, activation, swiglu_alpha, swiglu_limit, round_weights)
     quantized = w13_scale is not None and not mxfp4  # MXFP4 tiles are dequantized whole: no group constraint
     group = group if quantized else 0
     down = cfg.down_tiles
