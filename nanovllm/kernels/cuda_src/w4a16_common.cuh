@@ -17,37 +17,44 @@ namespace {
 
 constexpr int kChunk = 128;  // columns of a chunk: one scale group at most
 
+// T is __nv_bfloat16 or __half.  kMagic: 128.0 (0x4300) or 1024.0 (0x6400) twice, so magic + q is exact for q < 16.
 template <typename T>
-struct Half;
-template <>
-struct Half<__nv_bfloat16> {  // 0x4300 is 128.0: 128 + q exactly for q < 16
-  static constexpr uint32_t kMagic = 0x43004300u;
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16(v); }
+struct Pair {
+  using type = __half2;
+  static constexpr bool kBf16 = false;
 };
 template <>
-struct Half<__half> {  // 0x6400 is 1024.0: 1024 + q exactly
-  static constexpr uint32_t kMagic = 0x64006400u;
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static constexpr bool kBf16 = true;
+};
+template <typename T>
+struct Half {
+  using T2 = typename Pair<T>::type;
+  static constexpr bool kBf16 = Pair<T>::kBf16;
+  static constexpr uint32_t kMagic = kBf16 ? 0x43004300u : 0x64006400u;
   static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    T2 r = __hsub2(*reinterpret_cast<T2*>(&a), *reinterpret_cast<T2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    if constexpr (kBf16)
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                   "{%0,%1,%2,%3};"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                   "{%0,%1,%2,%3};"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
-  static __device__ __forceinline__ __half out(float v) { return __float2half(v); }
+  static __device__ __forceinline__ T out(float v) {
+    if constexpr (kBf16)
+      return __float2bfloat16(v);
+    else
+      return __float2half(v);
+  }
 };
 
 // a zero code z as the pair of 16-bit floats the codes are reduced by (magic + z, twice)
