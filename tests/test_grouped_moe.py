@@ -1,7 +1,8 @@
 """bf16 experts as two grouped GEMMs (``grouped_moe.experts_grouped``) against the twin (``moe_reference``), on CPU:
 ``torch._grouped_mm``'s loop and the activation kernel under the Triton interpreter.  Covered: every activation,
-``round_weights``, experts that get no pair, and ``experts_triton`` handing such experts over only on sm90/sm100 GPUs
-(``grouped_usable``).  Float32 checks the sorting, gathering and weighting tightly; bf16 the production dtype."""
+``round_weights``, experts that get no pair, ``experts_triton`` handing experts over, and where it does
+(``grouped_usable``: sm90, the lab's widths and rows).  Float32 checks the sorting, gathering and weighting
+tightly; bf16 the production dtype."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -46,26 +47,35 @@ def test_grouped_experts_match_the_twin(num_tokens, activation):
             assert err < TOLERANCE[dtype], f"{dtype} round_weights={round_weights}: relative error {err:.2e}"
 
 
-def test_grouped_experts_are_taken_only_where_cutlass_runs_them(monkeypatch):
+def meta_experts(e, h, i, tokens, dtype=torch.bfloat16):
+    """x, w13, w2 of these sizes with no storage (``grouped_usable`` reads shapes, strides and dtypes only)."""
+    return (torch.empty(tokens, h, dtype=dtype, device="meta"), torch.empty(e, 2 * i, h, dtype=dtype, device="meta"),
+            torch.empty(e, h, i, dtype=dtype, device="meta"))
+
+
+def test_grouped_experts_are_taken_where_the_lab_measured_them_faster(monkeypatch):
     w13, w2 = experts(torch.bfloat16)
-    many = grouped_moe.GROUPED_MIN_ROWS * EXPERTS // TOP_K  # tokens for GROUPED_MIN_ROWS mean pairs per expert
-    x = torch.empty(many, HIDDEN, dtype=torch.bfloat16)
-    monkeypatch.setattr(grouped_moe, "GROUPED_MIN_INTER", INTER)
-    assert not grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False)  # CPU: torch's loop syncs the host
+    x = torch.empty(4096, HIDDEN, dtype=torch.bfloat16)
+    assert not grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False)  # CPU: torch's loop copies to the host
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
-    for capability, taken in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
-        monkeypatch.setattr(grouped_moe, "device_capability", lambda dev, c=capability: c)
-        assert grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False) == taken, capability
     monkeypatch.setattr(grouped_moe, "device_capability", lambda dev: (9, 0))
-    assert not grouped_moe.grouped_usable(x[:many - 1], TOP_K, w13, w2, False, False)  # under the mean
-    monkeypatch.setattr(grouped_moe, "GROUPED_MIN_INTER", INTER + 1)
-    assert not grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False)  # small experts: the Triton tiles
-    monkeypatch.setattr(grouped_moe, "GROUPED_MIN_INTER", INTER)
-    assert not grouped_moe.grouped_usable(x, TOP_K, w13, w2, True, False)  # quantized
-    assert not grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, True)  # biased
-    assert not grouped_moe.grouped_usable(x.half(), TOP_K, w13.half(), w2.half(), False, False)  # fp16: torch's loop
-    t2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
-    assert not grouped_moe.grouped_usable(x, TOP_K, w13, t2, False, False)  # w2 as a transposed view
+    usable = grouped_moe.grouped_usable
+    # Mixtral (8 experts of 14,336, top 2) from 512 mean rows (2,048 tokens); 4,096 and 2,560 columns from 1,024
+    for e, h, i, top_k, tokens, taken in ((8, 4096, 14336, 2, 2048, True), (8, 4096, 14336, 2, 2047, False),
+                                          (8, 4096, 4096, 2, 2048, False),
+                                          (8, 4096, 4096, 2, 4096, True), (64, 3584, 2560, 8, 4096, False),
+                                          (64, 3584, 2560, 8, 8192, True), (128, 2048, 768, 8, 16384, False)):
+        x, w13, w2 = meta_experts(e, h, i, tokens)
+        assert usable(x, top_k, w13, w2, False, False) == taken, (e, h, i, tokens)
+    x, w13, w2 = meta_experts(8, 4096, 14336, 4096)
+    assert not usable(x, 2, w13, w2, True, False)  # quantized
+    assert not usable(x, 2, w13, w2, False, True)  # biased
+    half = meta_experts(8, 4096, 14336, 4096, torch.float16)
+    assert not usable(half[0], 2, half[1], half[2], False, False)  # fp16: torch's loop
+    assert not usable(x, 2, w13, w2.transpose(1, 2).contiguous().transpose(1, 2), False, False)  # w2 transposed
+    for capability in ((10, 0), (8, 9)):  # crossovers not measured there
+        monkeypatch.setattr(grouped_moe, "device_capability", lambda dev, c=capability: c)
+        assert not usable(x, 2, w13, w2, False, False), capability
 
 
 def test_experts_triton_hands_usable_experts_over(monkeypatch):

@@ -1,12 +1,11 @@
-"""bf16 experts as two grouped GEMMs (``torch._grouped_mm``, CUTLASS's grouped GEMM on sm90/sm100): the (token, k)
+"""bf16 experts as two grouped GEMMs (``torch._grouped_mm``, CUTLASS's grouped GEMM on sm90): the (token, k)
 pairs sorted by expert, x's rows gathered in that order, the gate/up GEMM, the activation (``triton_moe_tiles.
 _activate``, in float32 on the GEMM's rounded output), the down GEMM, each pair's router weight and the sum over top-k
 -> [T, H] in x's dtype.  Static shapes and no host sync (a step replays in a CUDA graph).
 
 ``experts_triton`` sends experts here (``grouped_usable``) where they are not quantized (or were dequantized once),
-have no biases, an intermediate size of ``GROUPED_MIN_INTER`` or more and ``GROUPED_MIN_ROWS`` or more rows per expert
-on average: Mixtral-class prefill, where they beat the Triton tiles (docs/PERFORMANCE.md); with small experts the
-tiles win.  Torch's loop on other GPUs would copy the offsets to the host: not taken there.
+have no biases, run on sm90 and are wide and busy enough (``GROUPED_FROM``): prefill of Mixtral-class experts, where
+they beat the Triton tiles (docs/PERFORMANCE.md); narrow experts (Qwen3-30B-A3B's 768) stay on the tiles.
 ``w13`` [E, 2I, H] holds the gate rows then the up rows; ``w2`` [E, H, I].
 """
 import torch
@@ -16,20 +15,21 @@ import triton.language as tl
 from nanovllm.kernels.triton_common import device_capability
 from nanovllm.kernels.triton_moe_tiles import ACTIVATION_CODES, _activate
 
-# From the H200 lab: at an intermediate size of 14,336 the grouped GEMMs win from 512 mean rows (1.2x) to 4,096
-# (1.47x) and lose at 256; at 768 they lose at every size up to 1,024 rows.  Sizes between were not measured.
-GROUPED_MIN_ROWS = 512
-GROUPED_MIN_INTER = 8192
+# (intermediate size at least, mean pairs per expert at least) from which the grouped GEMMs win, the H200 lab's
+# crossovers: from 512 rows at 6,400-16,384 columns (not at 4,096 or 2,560), from 1,024 at 2,560-4,096 (not at 768)
+GROUPED_FROM = ((6400, 512), (2560, 1024))
 
 
 def grouped_usable(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, quantized: bool,
                    biased: bool) -> bool:
-    """Whether ``experts_grouped`` runs these experts: bf16 on an sm90/sm100 GPU, unquantized, without biases, ``w2``
-    not a transposed view, ``GROUPED_MIN_INTER`` intermediate columns and ``GROUPED_MIN_ROWS`` mean pairs per
-    expert."""
-    return (x.is_cuda and x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and not quantized and not biased
-            and device_capability(x.device)[0] in (9, 10) and w2.stride(2) == 1 and w2.shape[2] >= GROUPED_MIN_INTER
-            and x.shape[0] * top_k >= GROUPED_MIN_ROWS * w13.shape[0])
+    """Whether ``experts_grouped`` runs these experts: bf16 on an sm90 GPU (where the crossovers were measured and
+    torch's grouped GEMM needs no host copy), unquantized, without biases, ``w2`` not a transposed view, and
+    ``GROUPED_FROM``'s width and rows."""
+    if not (x.is_cuda and x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and not quantized and not biased
+            and w2.stride(2) == 1 and device_capability(x.device)[0] == 9):
+        return False
+    mean_rows = x.shape[0] * top_k / w13.shape[0]
+    return any(w2.shape[2] >= inter and mean_rows >= rows for inter, rows in GROUPED_FROM)
 
 
 @triton.jit
