@@ -73,6 +73,8 @@ def test_grouped_experts_are_taken_where_the_lab_measured_them_faster(monkeypatc
     half = meta_experts(8, 4096, 14336, 4096, torch.float16)
     assert not usable(half[0], 2, half[1], half[2], False, False)  # fp16: torch's loop
     assert not usable(x, 2, w13, w2.transpose(1, 2).contiguous().transpose(1, 2), False, False)  # w2 transposed
+    odd = meta_experts(8, 4096, 14340, 4096)
+    assert not usable(odd[0], 2, odd[1], odd[2], False, False)  # 14,340 columns: rows not 16-byte multiples
     for capability in ((10, 0), (8, 9)):  # crossovers not measured there
         monkeypatch.setattr(grouped_moe, "device_capability", lambda dev, c=capability: c)
         assert not usable(x, 2, w13, w2, False, False), capability

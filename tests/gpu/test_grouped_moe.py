@@ -52,6 +52,7 @@ def test_int4_experts_dequantized_once_match_the_twin():
     q13, s13, z13 = int4_quant.quantize(w13, 128)
     q2, s2, z2 = int4_quant.quantize(w2, 128, sym=False)
     assert triton_moe.dequantized_once(x, TOP_K, q13, q2, s13, z13)
+    assert grouped_moe.grouped_usable(x, TOP_K, w13.bfloat16(), w2.bfloat16(), False, False)  # once dequantized
     got = ops.fused_moe(x, logits, q13, q2, TOP_K, True, s13, s2, 128, w13_zero=z13, w2_zero=z2)
     want = moe_reference.fused_moe_reference(x, logits, q13, q2, TOP_K, True, s13, s2, 128, z13, z2)
     assert rel_err(got, want) < 1e-2
