@@ -1,7 +1,6 @@
-"""The fused MoE's Triton kernels on a GPU, at Qwen3-30B-A3B's shape (E=128, top-8, H=2048, I=768, bf16),
-Mixtral-8x7B's (E=8, top-2, H=4096, I=14336), Qwen3-235B-A22B's (E=128, top-8, H=4096, I=1536), GPT-OSS-20B's
-(E=32, top-4, H=I=2880) or GPT-OSS-120B's (E=128, top-4): exact against the PyTorch twin, and fast against the
-copy ceiling.
+"""The fused MoE's kernels on a GPU at a published model's shape (``SHAPES``: E, top-k, H, I; by default
+Qwen3-30B-A3B's, E=128, top-8, H=2048, I=768, bf16): exact against the PyTorch twin, and fast against the copy
+ceiling.
 
     python -m benchmarks.moe_kernel [--shape NAME] [--tokens 1,16,64,256] [--fp8] [--layers 4] [--group G]
                                     [--int4 | --mxfp4] [--modes w8a8] [--write-table]
@@ -16,10 +15,10 @@ tiles on each count's fastest); ``--int4`` as a GPTQ checkpoint (symmetric, grou
 (``INT4_CANDIDATES``) and dequantized once (``int4-once``, ``moe_configs.int4_dequantize_once``); ``--mxfp4`` as
 ``mxfp4_quant.quantize`` stores them, each tile dequantized in the kernel (FP8's candidates).
 
-Timing: each candidate in a CUDA graph, cycling over ``--layers`` sets of expert weights (far past L2, as layers
-are).  Bandwidth: the bytes of the experts the routing touched (each once, with scales and zeros) plus activations,
-over the time; ``floor``: those bytes at the copy bandwidth; ``pick``: the tiles the engine dispatches to; ``int4 op``:
-``ops.fused_moe`` as registered (the CUDA C++ int4 experts where nvcc builds them).
+Timing: each candidate in a CUDA graph, cycling over ``--layers`` sets of expert weights (far past L2).  Bandwidth:
+the bytes of the experts the routing touched (each once, with scales and zeros) plus activations, over the time;
+``floor``: those bytes at the copy bandwidth; ``pick``: the tiles the engine dispatches to; ``bf16 op``, ``int4 op``:
+``ops.fused_moe`` as registered (bf16: the grouped GEMMs where ``grouped_moe`` takes them; int4: CUDA C++ by nvcc).
 ``--write-table`` merges the fastest of each mode and token count into the tile table in force (``moe_tuned.json``,
 or ``NANOVLLM_MOE_TABLE``); a failed candidate is neither timed nor kept.  Exits non-zero if a check fails.
 """
@@ -40,7 +39,8 @@ from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 DEV = "cuda"
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336),  # E, top-k, H, I
           "qwen3-235b-a22b": (128, 8, 4096, 1536), "gpt-oss-20b": (32, 4, 2880, 2880),
-          "gpt-oss-120b": (128, 4, 2880, 2880)}
+          "gpt-oss-120b": (128, 4, 2880, 2880), "mixtral-8x22b": (8, 2, 6144, 16384),
+          "phi-3.5-moe": (16, 2, 4096, 6400), "qwen2-57b-a14b": (64, 8, 3584, 2560)}
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
 GROUP = max(HIDDEN, INTER)  # FP8 columns per scale, set from --group by main() (int4: 128)
 BIG_TOKENS = 140_000  # BIG_TOKENS * TOP_K * HIDDEN > 2**31: the per-pair rows' offsets need int64
@@ -113,12 +113,13 @@ def use(mode: str) -> dict:
 
 def picked(x: torch.Tensor, layer, mode: str) -> MoeConfig | None:
     """The tiles the engine runs ``x`` on ``layer`` with in ``mode`` (``triton_moe.moe_plan``; None: it runs the
-    int4 experts the other way)."""
-    from nanovllm.kernels.triton_moe import moe_plan
+    int4 experts the other way, or bf16 ones on the grouped GEMMs)."""
+    from nanovllm.kernels import grouped_moe, triton_moe
     w13, w2, quant = layer
-    cfg, once = moe_plan(x, TOP_K, w13, w2, quant.get("w13_scale"), quant.get("w13_zero"), quant.get("group", 0),
-                         None)
-    return None if mode.startswith(("int4", "mxfp4")) and once != (mode == "int4-once") else cfg
+    cfg, once = triton_moe.moe_plan(x, TOP_K, w13, w2, quant.get("w13_scale"), quant.get("w13_zero"),
+                                    quant.get("group", 0), None)
+    grouped = mode == "bf16" and grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False)
+    return None if (once != (mode == "int4-once") if mode.startswith(("int4", "mxfp4")) else grouped) else cfg
 
 
 def rel_err(got, want) -> float:
@@ -184,7 +185,7 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
             pick = picked(inputs[0][0], layers[0], mode)
             nbytes = sum(expert_bytes(ids, t, mode) for ids in routed) / len(inputs)
 
-            def timed(cfg):  # None: the registered op, as the engine runs it (int4: CUDA C++ where nvcc builds)
+            def timed(cfg):  # None: the registered op, as the engine runs it
                 op = ops.fused_moe if cfg is None else functools.partial(fused_moe_triton, cfg=cfg, **how)
                 calls = [lambda x=x, lg=lg, w=w: op(x, lg, w[0], w[1], TOP_K, True, **w[2])
                          for (x, lg), w in zip(inputs, layers)]
@@ -202,7 +203,7 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
                 rows.append(row)
                 return us, cfg
             results = [timed(c) for c in MODES[mode] if (mode, c) not in BROKEN]  # failed: neither timed nor kept
-            results += [timed(None)] if mode == "int4" else []
+            results += [timed(None)] if mode in ("int4", "bf16") else []
             if mode == "w8a8" and results:
                 (x, lg), (w13, w2, quant) = inputs[0], layers[0]
                 want = fused_moe_reference(x, lg, w13, w2, TOP_K, True, **quant)

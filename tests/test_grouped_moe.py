@@ -94,3 +94,9 @@ def test_experts_triton_hands_usable_experts_over(monkeypatch):
     got = triton_moe.experts_triton(x, weights, ids, chunk_histogram(ids, EXPERTS), w13, w2, cfg)
     assert calls == [1]
     assert rel_err(got, ref.experts_reference(x, weights, ids, w13, w2)) < TOLERANCE[torch.bfloat16]
+    triton_moe.experts_triton(x, weights, ids, chunk_histogram(ids, EXPERTS), w13, w2, cfg, grouped=False)
+    logits = torch.randn(12, EXPERTS, generator=gen)
+    triton_moe.fused_moe_triton(x, logits, w13, w2, TOP_K, True, cfg=cfg)  # given tiles run as given
+    assert calls == [1]
+    triton_moe.fused_moe_triton(x, logits, w13, w2, TOP_K, True)
+    assert calls == [1, 1]

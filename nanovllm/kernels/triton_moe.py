@@ -195,12 +195,13 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
                    w2_scale: torch.Tensor | None = None, group: int = 0, w13_zero: torch.Tensor | None = None,
                    w2_zero: torch.Tensor | None = None, once: bool = False, w13_bias: torch.Tensor | None = None,
                    w2_bias: torch.Tensor | None = None, activation: str = "silu", swiglu_alpha: float = 1.702,
-                   swiglu_limit: float = 7.0, round_weights: bool = False) -> torch.Tensor:
+                   swiglu_limit: float = 7.0, round_weights: bool = False, grouped: bool = True) -> torch.Tensor:
     """The experts' part of the op for routed tokens (``route_triton``'s ``weights``, ``ids`` and ``hist``)
     -> [T, H] in x's dtype.  FP8 experts come with their scales and ``group``, int4 ones (uint8 ``w13``/``w2``)
     with their scales, zeros and ``group`` (``group_supported`` must hold); ``once``: int4 or MXFP4 experts are
     dequantized first and run by the bf16 kernels (``w2`` not transposed).  Biases and ``activation`` as the op's
-    (not with W8A8 experts: the CUDA dispatch sends those to the twin); ``round_weights`` as the op's."""
+    (not with W8A8 experts: the CUDA dispatch sends those to the twin); ``round_weights`` as the op's; ``grouped``: bf16
+    experts may run as grouped GEMMs where ``grouped_moe.grouped_usable`` says (else always ``cfg``'s tiles)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -228,8 +229,9 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
     if (int4 or mxfp4) and once:
         w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
         w2 = _dequantized(w2, w2_scale, w2_zero, group, x.dtype)
-        return experts_triton(x, weights, ids, hist, w13, w2, cfg, **epilogue)
-    if grouped_usable(x, top_k, w13, w2, w13_scale is not None, w13_bias is not None or w2_bias is not None):
+        return experts_triton(x, weights, ids, hist, w13, w2, cfg, **epilogue, grouped=grouped)
+    biased = w13_bias is not None or w2_bias is not None
+    if grouped and grouped_usable(x, top_k, w13, w2, w13_scale is not None, biased):
         return experts_grouped(x, weights, ids, hist, w13, w2, activation, swiglu_alpha, swiglu_limit, round_weights)
     quantized = w13_scale is not None and not mxfp4  # MXFP4 tiles are dequantized whole: no group constraint
     group = group if quantized else 0
@@ -272,11 +274,12 @@ def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
                      group: int = 0, w13_zero: torch.Tensor | None = None, w2_zero: torch.Tensor | None = None,
                      cfg: MoeConfig | None = None, once: bool | None = None, **epilogue) -> torch.Tensor:
     """``nanovllm::fused_moe`` in Triton; ``cfg`` and ``once`` (``experts_triton``; default: ``moe_plan``'s) the tiles
-    and whether int4 experts are dequantized first; ``epilogue``: ``experts_triton``'s biases and activation."""
+    and whether int4 experts are dequantized first (a given ``cfg`` runs as given: no grouped GEMMs);
+    ``epilogue``: ``experts_triton``'s biases and activation."""
     planned, once = moe_plan(x, top_k, w13, w2, w13_scale, w13_zero, group, once)
     weights, ids, hist = route_triton(router_logits, top_k, renormalize)
     return experts_triton(x, weights, ids, hist, w13, w2, cfg or planned, w13_scale, w2_scale, group, w13_zero,
-                          w2_zero, once, **epilogue)
+                          w2_zero, once, **epilogue, grouped=cfg is None)
 
 
 def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
