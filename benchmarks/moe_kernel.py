@@ -118,7 +118,7 @@ def picked(x: torch.Tensor, layer, mode: str) -> MoeConfig | None:
     w13, w2, quant = layer
     cfg, once = triton_moe.moe_plan(x, TOP_K, w13, w2, quant.get("w13_scale"), quant.get("w13_zero"),
                                     quant.get("group", 0), None)
-    grouped = mode == "bf16" and grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False)
+    grouped = mode == "bf16" and grouped_moe.grouped_usable(x, TOP_K, w13, w2, False)
     return None if (once != (mode == "int4-once") if mode.startswith(("int4", "mxfp4")) else grouped) else cfg
 
 

@@ -56,7 +56,7 @@ def meta_experts(e, h, i, tokens, dtype=torch.bfloat16):
 def test_grouped_experts_are_taken_where_the_lab_measured_them_faster(monkeypatch):
     w13, w2 = experts(torch.bfloat16)
     x = torch.empty(4096, HIDDEN, dtype=torch.bfloat16)
-    assert not grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False)  # CPU: torch's loop copies to the host
+    assert not grouped_moe.grouped_usable(x, TOP_K, w13, w2, False)  # CPU: torch's loop copies to the host
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     monkeypatch.setattr(grouped_moe, "device_capability", lambda dev: (9, 0))
     usable = grouped_moe.grouped_usable
@@ -66,18 +66,19 @@ def test_grouped_experts_are_taken_where_the_lab_measured_them_faster(monkeypatc
                                           (8, 4096, 4096, 2, 4096, True), (64, 3584, 2560, 8, 4096, False),
                                           (64, 3584, 2560, 8, 8192, True), (128, 2048, 768, 8, 16384, False)):
         x, w13, w2 = meta_experts(e, h, i, tokens)
-        assert usable(x, top_k, w13, w2, False, False) == taken, (e, h, i, tokens)
+        assert usable(x, top_k, w13, w2, False) == taken, (e, h, i, tokens)
     x, w13, w2 = meta_experts(8, 4096, 14336, 4096)
-    assert not usable(x, 2, w13, w2, True, False)  # quantized
-    assert not usable(x, 2, w13, w2, False, True)  # biased
+    for dtype in (torch.float8_e4m3fn, torch.uint8):  # quantized: FP8, int4 / MXFP4 codes
+        assert not usable(x, 2, w13.to(dtype), w2.to(dtype), False), dtype
+    assert not usable(x, 2, w13, w2, True)  # biased
     half = meta_experts(8, 4096, 14336, 4096, torch.float16)
-    assert not usable(half[0], 2, half[1], half[2], False, False)  # fp16: torch's loop
-    assert not usable(x, 2, w13, w2.transpose(1, 2).contiguous().transpose(1, 2), False, False)  # w2 transposed
+    assert not usable(half[0], 2, half[1], half[2], False)  # fp16: torch's loop
+    assert not usable(x, 2, w13, w2.transpose(1, 2).contiguous().transpose(1, 2), False)  # w2 transposed
     odd = meta_experts(8, 4096, 14340, 4096)
-    assert not usable(odd[0], 2, odd[1], odd[2], False, False)  # 14,340 columns: rows not 16-byte multiples
+    assert not usable(odd[0], 2, odd[1], odd[2], False)  # 14,340 columns: rows not 16-byte multiples
     for capability in ((10, 0), (8, 9)):  # crossovers not measured there
         monkeypatch.setattr(grouped_moe, "device_capability", lambda dev, c=capability: c)
-        assert not usable(x, 2, w13, w2, False, False), capability
+        assert not usable(x, 2, w13, w2, False), capability
 
 
 def test_experts_triton_hands_usable_experts_over(monkeypatch):

@@ -20,12 +20,11 @@ from nanovllm.kernels.triton_moe_tiles import ACTIVATION_CODES, _activate
 GROUPED_FROM = ((6400, 512), (2560, 1024))
 
 
-def grouped_usable(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, quantized: bool,
-                   biased: bool) -> bool:
-    """Whether ``experts_grouped`` runs these experts: bf16 on an sm90 GPU (where the crossovers were measured and
-    torch's grouped GEMM needs no host copy), unquantized, without biases, ``w2`` not a transposed view, H and I
-    multiples of 8 (the GEMM's 16-byte rows), and ``GROUPED_FROM``'s width and rows."""
-    if not (x.is_cuda and x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and not quantized and not biased
+def grouped_usable(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor, biased: bool) -> bool:
+    """Whether ``experts_grouped`` runs these experts: bf16 weights and x (so not quantized) on an sm90 GPU (where
+    the crossovers were measured and torch's grouped GEMM needs no host copy), without biases, ``w2`` not a
+    transposed view, H and I multiples of 8 (the GEMM's 16-byte rows), and ``GROUPED_FROM``'s width and rows."""
+    if not (x.is_cuda and x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and not biased
             and w2.stride(2) == 1 and w2.shape[1] % 8 == 0 and w2.shape[2] % 8 == 0
             and device_capability(x.device)[0] == 9):
         return False

@@ -230,8 +230,7 @@ def experts_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hi
         w13 = _dequantized(w13, w13_scale, w13_zero, group, x.dtype)
         w2 = _dequantized(w2, w2_scale, w2_zero, group, x.dtype)
         return experts_triton(x, weights, ids, hist, w13, w2, cfg, **epilogue, grouped=grouped)
-    biased = w13_bias is not None or w2_bias is not None
-    if grouped and grouped_usable(x, top_k, w13, w2, w13_scale is not None, biased):
+    if grouped and grouped_usable(x, top_k, w13, w2, w13_bias is not None or w2_bias is not None):
         return experts_grouped(x, weights, ids, hist, w13, w2, activation, swiglu_alpha, swiglu_limit, round_weights)
     quantized = w13_scale is not None and not mxfp4  # MXFP4 tiles are dequantized whole: no group constraint
     group = group if quantized else 0

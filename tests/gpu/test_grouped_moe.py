@@ -34,7 +34,7 @@ def test_bf16_experts_on_grouped_gemms_match_the_twin(round_weights):
     from nanovllm.kernels import ops
     w13, w2, x, logits = case(1)
     w13, w2 = w13.bfloat16(), w2.bfloat16()
-    assert grouped_moe.grouped_usable(x, TOP_K, w13, w2, False, False)
+    assert grouped_moe.grouped_usable(x, TOP_K, w13, w2, False)
     got = ops.fused_moe(x, logits, w13, w2, TOP_K, True, round_weights=round_weights)
     want = moe_reference.fused_moe_reference(x, logits, w13, w2, TOP_K, True, round_weights=round_weights)
     assert rel_err(got, want) < 1e-2
@@ -52,7 +52,7 @@ def test_int4_experts_dequantized_once_match_the_twin():
     q13, s13, z13 = int4_quant.quantize(w13, 128)
     q2, s2, z2 = int4_quant.quantize(w2, 128, sym=False)
     assert triton_moe.dequantized_once(x, TOP_K, q13, q2, s13, z13)
-    assert grouped_moe.grouped_usable(x, TOP_K, w13.bfloat16(), w2.bfloat16(), False, False)  # once dequantized
+    assert grouped_moe.grouped_usable(x, TOP_K, w13.bfloat16(), w2.bfloat16(), False)  # once dequantized
     got = ops.fused_moe(x, logits, q13, q2, TOP_K, True, s13, s2, 128, w13_zero=z13, w2_zero=z2)
     want = moe_reference.fused_moe_reference(x, logits, q13, q2, TOP_K, True, s13, s2, 128, z13, z2)
     assert rel_err(got, want) < 1e-2
