@@ -77,11 +77,41 @@ __device__ __forceinline__ uint32_t pair(uint32_t word, uint32_t zero2) {
   return Half<T>::sub(r, zero2);
 }
 
+// a lane's part of one chunk: its 16 bytes of codes in rows r (wa) and r + 8 (wb), their scales and zero codes
+struct Chunk {
+  uint4 wa, wb;
+  float sa, sb;
+  uint32_t za, zb;
+};
+
+// where a lane's two weight rows start (q, scale and zero at the lane's matrix): codes from column 32t on
+struct LaneRows {
+  const uint8_t *qa, *qb;
+  const __half *sa, *sb;
+  const uint8_t *za, *zb;
+  __device__ __forceinline__ LaneRows(const uint8_t* q, long long ldq, const __half* scale, long long lds,
+                                      const uint8_t* zero, long long ldz, long long row_a, long long row_b, int t)
+      : qa(q + row_a * ldq + t * 16), qb(q + row_b * ldq + t * 16), sa(scale + row_a * lds),
+        sb(scale + row_b * lds), za(zero + row_a * ldz), zb(zero + row_b * ldz) {}
+  // chunk c, of scale group g; zeros where !in (nothing is read)
+  __device__ __forceinline__ Chunk load(int c, int g, bool in) const {
+    const int col = c * kChunk;
+    Chunk k;
+    k.wa = in ? __ldcs(reinterpret_cast<const uint4*>(qa + col / 2)) : uint4{};
+    k.wb = in ? __ldcs(reinterpret_cast<const uint4*>(qb + col / 2)) : uint4{};
+    k.sa = in ? __half2float(sa[g]) : 0.f;
+    k.sb = in ? __half2float(sb[g]) : 0.f;
+    k.za = in ? za[g] : 0u;
+    k.zb = in ? zb[g] : 0u;
+    return k;
+  }
+};
+
 // the A fragments of a chunk's eight k16 steps, from the lane's words of rows r (wa) and r + 8 (wb)
 template <typename T>
-__device__ __forceinline__ void weight_fragments(const uint4& wa, const uint4& wb, uint32_t za, uint32_t zb,
-                                                 uint32_t (&a)[8][4]) {
-  const uint32_t ra[4] = {wa.x, wa.y, wa.z, wa.w}, rb[4] = {wb.x, wb.y, wb.z, wb.w};
+__device__ __forceinline__ void weight_fragments(const Chunk& ch, uint32_t (&a)[8][4]) {
+  const uint32_t za = zero2<T>(ch.za), zb = zero2<T>(ch.zb);
+  const uint32_t ra[4] = {ch.wa.x, ch.wa.y, ch.wa.z, ch.wa.w}, rb[4] = {ch.wb.x, ch.wb.y, ch.wb.z, ch.wb.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     a[2 * i][0] = pair<T, 0>(ra[i], za);
@@ -117,11 +147,11 @@ __device__ __forceinline__ void chunk_mma(float (&d)[4], const uint32_t (&a)[8][
 }
 
 // acc += a chunk's sums d times its scales (rows r: sa, r + 8: sb)
-__device__ __forceinline__ void accumulate(float (&acc)[4], const float (&d)[4], float sa, float sb) {
-  acc[0] = fmaf(d[0], sa, acc[0]);
-  acc[1] = fmaf(d[1], sa, acc[1]);
-  acc[2] = fmaf(d[2], sb, acc[2]);
-  acc[3] = fmaf(d[3], sb, acc[3]);
+__device__ __forceinline__ void accumulate(float (&acc)[4], const float (&d)[4], const Chunk& ch) {
+  acc[0] = fmaf(d[0], ch.sa, acc[0]);
+  acc[1] = fmaf(d[1], ch.sa, acc[1]);
+  acc[2] = fmaf(d[2], ch.sb, acc[2]);
+  acc[3] = fmaf(d[3], ch.sb, acc[3]);
 }
 
 // Programmatic dependent launch (nanovllm/kernels/pdl.py's protocol): wait for the previous kernel and its writes,

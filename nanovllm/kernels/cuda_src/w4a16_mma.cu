@@ -31,48 +31,37 @@ __global__ void __launch_bounds__(kWarps * 32, kWarpsPerSm / kWarps)
   const int row_a = SILU ? blockIdx.x * 8 + r : blockIdx.x * 16 + r;  // the output rows (features) of the lane
   const int row_b = SILU ? row_a + n_out : row_a + 8;
   const bool live_a = row_a < n_out, live_b = SILU ? live_a : row_b < n_out;
-  const long long wa_row = live_a ? row_a : 0, wb_row = live_b ? row_b : 0;
-  const uint8_t* qa = q + wa_row * ldq + t * 16;
-  const uint8_t* qb = q + wb_row * ldq + t * 16;
-  const __half *sa = scale + wa_row * lds, *sb = scale + wb_row * lds;  // the lane's rows of scales and zeros
-  const uint8_t *za = zero + wa_row * ldz, *zb = zero + wb_row * ldz;
+  const LaneRows w(q, ldq, scale, lds, zero, ldz, live_a ? row_a : 0, live_b ? row_b : 0, t);
   const int chunks_per_group = group / kChunk;
   const bool x_live = r < m;
   const T* xr = x + (x_live ? r : 0) * ldx + t * 32;
   const int chunks = k / kChunk;
   if (warp < chunks) {  // the first chunk's weight starts on its way to L2 while the previous kernel finishes
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(qa + warp * (kChunk / 2)));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(qb + warp * (kChunk / 2)));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(w.qa + warp * (kChunk / 2)));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(w.qb + warp * (kChunk / 2)));
   }
   pdl_begin();  // a no-op unless launched with the PDL attribute
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int first = warp; first < chunks; first += kWarps * kUnroll) {
-    uint4 wa[kUnroll], wb[kUnroll], xv[kUnroll][4];
-    float fa[kUnroll], fb[kUnroll];  // scales
-    uint32_t ca[kUnroll], cb[kUnroll];  // zero codes
+    Chunk ch[kUnroll];
+    uint4 xv[kUnroll][4];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = first + u * kWarps;
       const bool in = kExact || c < chunks;
-      const int col = c * kChunk, g = kPerChunk ? c : c / chunks_per_group;
-      wa[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qa + col / 2)) : uint4{};
-      wb[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qb + col / 2)) : uint4{};
+      ch[u] = w.load(c, kPerChunk ? c : c / chunks_per_group, in);
 #pragma unroll
       for (int v = 0; v < 4; ++v)
-        xv[u][v] = in && x_live ? __ldg(reinterpret_cast<const uint4*>(xr + col) + v) : uint4{};
-      fa[u] = in ? __half2float(sa[g]) : 0.f;
-      fb[u] = in ? __half2float(sb[g]) : 0.f;
-      ca[u] = in ? za[g] : 0u;
-      cb[u] = in ? zb[g] : 0u;
+        xv[u][v] = in && x_live ? __ldg(reinterpret_cast<const uint4*>(xr + c * kChunk) + v) : uint4{};
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!kExact && first + u * kWarps >= chunks) break;
       uint32_t a[8][4];
-      weight_fragments<T>(wa[u], wb[u], zero2<T>(ca[u]), zero2<T>(cb[u]), a);
+      weight_fragments<T>(ch[u], a);
       float d[4] = {0.f, 0.f, 0.f, 0.f};
       chunk_mma<T>(d, a, xv[u]);
-      accumulate(acc, d, fa[u], fb[u]);
+      accumulate(acc, d, ch[u]);
     }
   }
   __shared__ float partial[kWarps][4][32];

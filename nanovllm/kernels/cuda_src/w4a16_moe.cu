@@ -55,13 +55,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int row_a = UP ? (blockIdx.y * kWarps + warp) * 8 + r : (blockIdx.y * kWarps + warp) * 16 + r;  // the lane's
   const int row_b = UP ? row_a + n_out : row_a + 8;  // weight rows (output features): the warp owns 16
   const bool live_a = row_a < n_out, live_b = UP ? live_a : row_b < n_out;
-  const long long wa_row = live_a ? row_a : 0, wb_row = live_b ? row_b : 0;
-  const uint8_t* qa = q + expert * q_e + wa_row * ldq + t * 16;
-  const uint8_t* qb = q + expert * q_e + wb_row * ldq + t * 16;
-  const __half* sa_p = scale + expert * s_e + wa_row * lds;
-  const __half* sb_p = scale + expert * s_e + wb_row * lds;
-  const uint8_t* za_p = zero + expert * z_e + wa_row * ldz;
-  const uint8_t* zb_p = zero + expert * z_e + wb_row * ldz;
+  const LaneRows w(q + expert * q_e, ldq, scale + expert * s_e, lds, zero + expert * z_e, ldz, live_a ? row_a : 0,
+                   live_b ? row_b : 0, t);
   // a layout block of one sub-block: each lane loads its x row through L1.  Of more: the block stages each chunk's
   // x rows in shared memory, double-buffered (cp.async), for all its warps; thread i copies 16-byte unit i % 16 of
   // rows i / 16, i / 16 + kFillRows, .. (none past the block's rows)
@@ -90,27 +85,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int chunks = k / kChunk, chunks_per_group = group / kChunk;
   if (kStage) fill(0);
   for (int first = 0; first < chunks; first += kUnroll) {
-    uint4 wa[kUnroll], wb[kUnroll];
-    float sa[kUnroll], sb[kUnroll];
-    uint32_t za[kUnroll], zb[kUnroll];
+    Chunk ch[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = first + u;
-      const bool in = c < chunks;
-      const int col = c * kChunk, g = kPerChunk ? c : c / chunks_per_group;
-      wa[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qa + col / 2)) : uint4{};
-      wb[u] = in ? __ldcs(reinterpret_cast<const uint4*>(qb + col / 2)) : uint4{};
-      sa[u] = in ? __half2float(sa_p[g]) : 0.f;
-      sb[u] = in ? __half2float(sb_p[g]) : 0.f;
-      za[u] = in ? za_p[g] : 0u;
-      zb[u] = in ? zb_p[g] : 0u;
+      ch[u] = w.load(c, kPerChunk ? c : c / chunks_per_group, c < chunks);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = first + u;
       if (c >= chunks) break;
       uint32_t a[8][4];
-      weight_fragments<T>(wa[u], wb[u], zero2<T>(za[u]), zero2<T>(zb[u]), a);
+      weight_fragments<T>(ch[u], a);
       const uint4* buf = stage + (c & 1) * (S * kSubM * 16);
       if (kStage) {
         if (c + 1 < chunks) fill(c + 1);  // into the other buffer, which every warp finished with (below)
@@ -130,7 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         chunk_mma<T, (S > 1)>(d, a, xv);  // two mma chains past one sub-block: faster there, not at one (H200)
-        accumulate(acc[j], d, sa[u], sb[u]);
+        accumulate(acc[j], d, ch[u]);
       }
       if (kStage) __syncthreads();  // every warp is done with this buffer before chunk c + 2 is copied into it
     }
