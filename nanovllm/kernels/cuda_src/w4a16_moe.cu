@@ -22,6 +22,11 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kSubM = 8;  // slots of a sub-block: the n of one mma
 constexpr int kUnroll = 4;  // chunks a warp loads before using the first
+// blocks an SM holds at S = 4 (decode batches of a few hundred tokens): 4 caps the kernel at 128 registers (151
+// uncapped: 3 blocks), with at most 32 bytes of spill, and the H200 lab timed it faster; S = 8 spills ~0.5 KB under
+// that cap and was slower, S = 2 timed the same either way.  The others get 0 (no bound): an explicit 1 changes
+// ptxas's register choice and was slower
+constexpr int kBlocksAtS4 = 4;
 
 // where 16-byte unit u (columns 8u .. 8u + 7) of a staged row lives in it: a lane reads units 4t .. 4t + 3 of row r,
 // so the 8 lanes of a shared-memory phase (rows r, r + 1 and t = 0 .. 3) each take a different 16 bytes of a 128-byte
@@ -39,7 +44,7 @@ __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wai
 // kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group: group = K); S: the
 // sub-blocks of 8 slots in a layout block
 template <typename T, bool UP, bool kPerChunk, int S>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, S == 4 ? kBlocksAtS4 : 0)
     moe_kernel(const T* __restrict__ x, long long ldx, const int* __restrict__ sorted,
                const int* __restrict__ block_expert, const int* __restrict__ block_rows, int top_k,
                const uint8_t* __restrict__ q, long long q_e, long long ldq, const __half* __restrict__ scale,
