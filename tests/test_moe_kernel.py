@@ -20,6 +20,7 @@ from nanovllm.kernels import moe_configs  # noqa: E402
 from nanovllm.kernels import moe_reference as ref  # noqa: E402
 from nanovllm.kernels.moe_configs import MoeConfig  # noqa: E402
 from nanovllm.kernels.triton_moe import fused_moe_triton  # noqa: E402
+from nanovllm.kernels import triton_moe_align as align_module  # noqa: E402
 from nanovllm.kernels.triton_moe_align import align_triton, chunk_scan, route_triton  # noqa: E402
 
 GROUPED = MoeConfig(16, 32, 32)
@@ -94,11 +95,17 @@ def test_triton_layout_matches_the_reference_layout(ids):
         assert sorted(want[0][valid].tolist()) == list(range(ids.numel()))
 
 
-def test_layout_over_several_routing_chunks_keeps_pair_order_inside_each_expert():
+@pytest.mark.parametrize("inline_up_to", [align_module.INLINE_SCAN_CHUNKS, 2, 0])
+def test_layout_over_several_routing_chunks_keeps_pair_order_inside_each_expert(monkeypatch, inline_up_to):
+    """Three chunks, the histogram summed in the align programs (the default: up to 32 chunks) or by chunk_scan."""
+    monkeypatch.setattr(align_module, "INLINE_SCAN_CHUNKS", inline_up_to)
+    scans = []
+    monkeypatch.setattr(align_module, "chunk_scan", lambda hist: scans.append(1) or hist.cumsum(0, dtype=torch.int32))
     _, logits, _, _ = make_case(150, 5, seed=3)  # top-2: 64 tokens per chunk, three chunks
     _, ids, hist = route_triton(logits, 2, True)
     assert hist.shape == (3, 5)
     got = align_triton(ids, hist, 5, 16)
+    assert len(scans) == (0 if inline_up_to >= 3 else 1)
     want = ref.align_reference(ids, 5, 16)
     valid = want[0] >= 0
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])

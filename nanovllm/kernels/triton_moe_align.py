@@ -1,4 +1,4 @@
-"""Routing and the expert-sorted, block-aligned layout of the fused MoE, in three Triton launches with static grids.
+"""Routing and the expert-sorted, block-aligned layout of the fused MoE, in 2-3 Triton launches with static grids.
 
 ``route_triton``: one program per chunk of tokens takes the float32 softmax of its router logits, picks the
 ``top_k`` largest (the lowest expert index among equal ones), renormalises them when asked and writes
@@ -7,7 +7,8 @@
 row spoils only its own output.
 
 ``align_triton``: the histogram's running sum over chunks (``chunk_scan``: a program per 16 experts walks the chunks
-in tiles), then one program per chunk of pairs (the same chunks): the sum's last row gives each expert's group start
+in tiles; up to ``INLINE_SCAN_CHUNKS`` chunks, each program below sums the histogram itself and this launch is
+saved), then one program per chunk of pairs (the same chunks): the sum's last row gives each expert's group start
 (counts padded to ``block_m``, an exclusive prefix sum), its own row how many of the expert's pairs come from earlier
 chunks, and a running count inside the chunk the rest.  So every pair gets its slot without a sort or an atomic,
 and pairs keep their order inside an expert.  The programs also fill the block table (``block_expert``,
@@ -22,6 +23,7 @@ from nanovllm.kernels.moe_reference import num_aligned_blocks
 from nanovllm.kernels.pdl import pdl_begin, pdl_launch
 
 _PAIRS_PER_CHUNK = 128  # (token, k) pairs a routing/align program handles, at most
+INLINE_SCAN_CHUNKS = 32  # up to this many chunks, each align program sums the histogram itself (no chunk_scan)
 
 
 @triton.jit
@@ -92,16 +94,24 @@ def chunk_scan(hist: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _align_kernel(ids_ptr, hist_ptr, inclusive_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, N, E, NUM_CHUNKS,
                   NUM_BLOCKS, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, INLINE_SCAN: tl.constexpr, PDL: tl.constexpr):
     c = tl.program_id(0)
     pdl_begin(PDL)
     experts = tl.arange(0, BLOCK_E)
     e_mask = experts < E
-    # the histogram's running sum over chunks: its last row is every expert's total, this chunk's row minus the
-    # chunk's own counts the expert's pairs in earlier chunks
-    total = tl.load(inclusive_ptr + (NUM_CHUNKS - 1) * E + experts, mask=e_mask, other=0)
-    before = tl.load(inclusive_ptr + c * E + experts, mask=e_mask, other=0) \
-        - tl.load(hist_ptr + c * E + experts, mask=e_mask, other=0)
+    # every expert's total and its pairs in chunks before this one: summed here from the whole histogram (few
+    # chunks: INLINE_SCAN, a power of 2 >= NUM_CHUNKS) or read from its running sum (the last row; this chunk's row
+    # minus the chunk's own counts)
+    if INLINE_SCAN > 0:
+        rows = tl.arange(0, INLINE_SCAN)
+        h = tl.load(hist_ptr + rows[:, None] * E + experts[None, :],
+                    mask=(rows < NUM_CHUNKS)[:, None] & e_mask[None, :], other=0)
+        total = tl.sum(h, 0)
+        before = tl.sum(tl.where((rows < c)[:, None], h, 0), 0)
+    else:
+        total = tl.load(inclusive_ptr + (NUM_CHUNKS - 1) * E + experts, mask=e_mask, other=0)
+        before = tl.load(inclusive_ptr + c * E + experts, mask=e_mask, other=0) \
+            - tl.load(hist_ptr + c * E + experts, mask=e_mask, other=0)
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     start = end - padded
@@ -183,9 +193,11 @@ def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_
     assert chunks == triton.cdiv(num_tokens, chunk // top_k), "hist must come from route_triton of these ids"
     if num_pairs:
         hist = hist.contiguous()  # both kernels index it as [chunks, E] rows
-        inclusive = chunk_scan(hist)
+        inline = chunks <= INLINE_SCAN_CHUNKS
+        inclusive = hist if inline else chunk_scan(hist)
         _align_kernel[(chunks,)](ids, hist, inclusive, sorted_ids, block_expert, block_rows, num_pairs, num_experts,
                                  chunks, num_blocks, CHUNK=chunk, BLOCK_P=triton.next_power_of_2(chunk),
-                                 BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=64,
-                                 BLOCK_M=block_m, num_warps=8, **pdl_launch(dev))  # a [128, E] running count
+                                 BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=64, BLOCK_M=block_m,
+                                 INLINE_SCAN=triton.next_power_of_2(chunks) if inline else 0, num_warps=8,
+                                 **pdl_launch(dev))  # a [128, E] running count
     return sorted_ids, block_expert, block_rows
