@@ -112,6 +112,20 @@ def test_layout_over_several_routing_chunks_keeps_pair_order_inside_each_expert(
     assert torch.equal(got[0][valid], want[0][valid])
 
 
+@pytest.mark.parametrize("num_tokens,top_k,num_experts", [(16, 8, 128), (100, 8, 128), (20, 10, 512)])
+def test_layout_of_many_experts_ranks_pairs_by_comparing_them(num_tokens, top_k, num_experts):
+    """As many experts as a chunk's pairs or more (Qwen3-30B-A3B's 128, Qwen3-Next's 512): the other rank path,
+    over one chunk and several."""
+    _, logits, _, _ = make_case(num_tokens, num_experts, seed=num_tokens)
+    _, ids, hist = route_triton(logits, top_k, True)
+    for block_m in (8, 32):
+        got = align_triton(ids, hist, num_experts, block_m)
+        want = ref.align_reference(ids, num_experts, block_m)
+        valid = want[0] >= 0
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        assert torch.equal(got[0][valid], want[0][valid])
+
+
 @pytest.mark.parametrize("chunks,num_experts", [(1, 8), (70, 20), (130, 128)])
 def test_the_chunk_scan_is_torchs_cumsum(chunks, num_experts):
     """One chunk; chunks and experts that leave partial tiles (64 chunks, 16 experts a tile); several tiles of both."""

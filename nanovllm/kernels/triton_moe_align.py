@@ -6,14 +6,13 @@
 [chunks, E]).  Every id is a valid expert, even for a row of NaN logits (an overflow), so such a
 row spoils only its own output.
 
-``align_triton``: the histogram's running sum over chunks (``chunk_scan``: a program per 16 experts walks the chunks
-in tiles; up to ``INLINE_SCAN_CHUNKS`` chunks, each program below sums the histogram itself and this launch is
-saved), then one program per chunk of pairs (the same chunks): the sum's last row gives each expert's group start
-(counts padded to ``block_m``, an exclusive prefix sum), its own row how many of the expert's pairs come from earlier
-chunks, and a running count inside the chunk the rest.  So every pair gets its slot without a sort or an atomic,
-and pairs keep their order inside an expert.  The programs also fill the block table (``block_expert``,
-``block_rows``) in strides.  Slots past a block's rows are left unwritten: the GEMMs never read them.
-``moe_reference.align_reference`` is the same layout in torch.
+``align_triton``: each expert's total and its pairs in earlier chunks (the histogram's running sum, ``chunk_scan``,
+or up to ``INLINE_SCAN_CHUNKS`` chunks summed in the programs below), then one program per chunk of pairs: the
+totals give each expert's group start (counts padded to ``block_m``, an exclusive prefix sum), and a pair's rank
+among the chunk's pairs of its expert the rest (for as many experts as pairs or more, by comparing the pairs; else
+by a running count per expert, a [pairs, E] tile).  So every pair gets its slot without a sort or an atomic, and
+pairs keep their order inside an expert.  The programs also fill the block table (``block_expert``, ``block_rows``)
+in strides.  Slots past a block's rows are left unwritten.  ``moe_reference.align_reference`` is that layout in torch.
 """
 import torch
 import triton
@@ -120,9 +119,14 @@ def _align_kernel(ids_ptr, hist_ptr, inclusive_ptr, sorted_ptr, block_expert_ptr
     pairs = c * CHUNK + offs
     p_mask = (offs < CHUNK) & (pairs < N)
     e = tl.load(ids_ptr + pairs, mask=p_mask, other=0)
-    onehot = ((e[:, None] == experts[None, :]) & p_mask[:, None]).to(tl.int32)  # [BLOCK_P, BLOCK_E]
-    rank = tl.sum(tl.where(onehot != 0, tl.cumsum(onehot, 0) - 1, 0), 1)  # earlier pairs of this chunk
-    base = tl.sum(tl.where(onehot != 0, (start + before)[None, :], 0), 1)
+    if BLOCK_E >= BLOCK_P:  # many experts: a pair's rank from its earlier pairs ([P, P]), its base gathered
+        same = (e[:, None] == e[None, :]) & (offs[None, :] < offs[:, None]) & p_mask[None, :]
+        rank = tl.sum(same.to(tl.int32), 1)
+        base = tl.gather(start + before, e, 0)
+    else:  # few: a running count per expert ([P, E])
+        onehot = ((e[:, None] == experts[None, :]) & p_mask[:, None]).to(tl.int32)
+        rank = tl.sum(tl.where(onehot != 0, tl.cumsum(onehot, 0) - 1, 0), 1)  # earlier pairs of this chunk
+        base = tl.sum(tl.where(onehot != 0, (start + before)[None, :], 0), 1)
     tl.store(sorted_ptr + (base + rank).to(tl.int64), pairs, mask=p_mask)
 
     for b0 in range(c * BLOCK_B, NUM_BLOCKS, NUM_CHUNKS * BLOCK_B):
