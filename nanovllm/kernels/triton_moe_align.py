@@ -203,5 +203,5 @@ def align_triton(ids: torch.Tensor, hist: torch.Tensor, num_experts: int, block_
                                  chunks, num_blocks, CHUNK=chunk, BLOCK_P=triton.next_power_of_2(chunk),
                                  BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=64, BLOCK_M=block_m,
                                  INLINE_SCAN=triton.next_power_of_2(chunks) if inline else 0, num_warps=8,
-                                 **pdl_launch(dev))  # a [128, E] running count
+                                 **pdl_launch(dev))  # a [128, E] running count or [128, 128] comparison
     return sorted_ids, block_expert, block_rows
