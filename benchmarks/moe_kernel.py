@@ -112,14 +112,14 @@ def use(mode: str) -> dict:
 
 
 def picked(x: torch.Tensor, layer, mode: str) -> MoeConfig | None:
-    """The tiles the engine runs ``x`` on ``layer`` with in ``mode`` (``triton_moe.moe_plan``; None: it runs the
-    int4 experts the other way, or bf16 ones on the grouped GEMMs)."""
+    """The tiles the engine runs ``x`` on ``layer`` with in ``mode`` (None: int4 the other way, bf16 grouped)."""
     from nanovllm.kernels import grouped_moe, triton_moe
     w13, w2, quant = layer
     cfg, once = triton_moe.moe_plan(x, TOP_K, w13, w2, quant.get("w13_scale"), quant.get("w13_zero"),
                                     quant.get("group", 0), None)
-    grouped = mode == "bf16" and grouped_moe.grouped_usable(x, TOP_K, w13, w2, False)
-    return None if (once != (mode == "int4-once") if mode.startswith(("int4", "mxfp4")) else grouped) else cfg
+    if mode.startswith(("int4", "mxfp4")):
+        return None if once != (mode == "int4-once") else cfg
+    return None if mode == "bf16" and grouped_moe.grouped_usable(x, TOP_K, w13, w2, False) else cfg
 
 
 def rel_err(got, want) -> float:
