@@ -6,18 +6,19 @@ inside is captured with the rest of the step's CUDA graph.  Both return a new te
 * ``all_gather_last_dim(x)``: the ranks' ``x`` concatenated along the last dimension, rank order (the logits of a
   vocabulary-parallel LM head).
 
-At a group size of 1 both return ``x`` itself and no op enters the graph.  While compiling for a device type
-with a traced implementation registered (``nanovllm/traced.py``; the NPU platform registers ``functional.py``'s),
-Dynamo traces that in place of the op.
+At a group size of 1 both return ``x`` itself.  While compiling for a device type with a traced implementation
+registered (``traced.py``; the NPU platform registers ``functional.py``'s), Dynamo traces that in place of the op.
 
 On CUDA, ``use_symmetric_all_reduce`` sends all-reduces of up to a decode step's size through PyTorch's symmetric-
-memory kernels: one-shot below ``TWO_SHOT_FROM_BYTES``, two-shot (reduce-scatter, then all-gather) from there.
+memory kernels: one-shot below ``TWO_SHOT_FROM_BYTES``, two-shot (reduce-scatter, then all-gather) from there;
+asked to, a sum that a residual add and RMSNorm follow takes ``fused_norm.py``'s one launch with them instead.
 Prefill's stay on NCCL, as do all of a group where a process made an earlier rendezvous (``one_shot_allowed``).
 """
 import torch
 import torch.distributed as dist
 
 from nanovllm import traced
+from nanovllm.distributed import fused_norm
 from nanovllm.distributed.group import current
 from nanovllm.logger import logger
 
@@ -32,10 +33,11 @@ TWO_SHOT_FROM_BYTES = 512 << 10
 _rendezvous_made = False  # this process made a symmetric-memory rendezvous, in this group or an earlier one
 
 
-def use_symmetric_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int, two_shot: bool = True) -> bool:
+def use_symmetric_all_reduce(device: torch.device, dtype: torch.dtype, max_numel: int, two_shot: bool = True,
+                              fuse_norm: bool = False) -> bool:
     """Make all-reduces of at most ``max_numel`` elements of ``dtype`` take the symmetric-memory kernels: two-shot
     from ``TWO_SHOT_FROM_BYTES`` on where ``two_shot``, else one-shot (CUDA, every rank of the group must call it:
-    the buffer's rendezvous is collective).  Returns whether they do:
+    the buffer's rendezvous is collective); with ``fuse_norm`` also ``fused_norm``'s buffer.  Returns whether they do:
     not where any rank's process made a rendezvous in an earlier group (agreed), since PyTorch numbers a process's
     rendezvous from its start, so a fresh rank and a rank 0 on its second group would wait on different keys; those
     all-reduces then stay on NCCL."""
@@ -52,6 +54,8 @@ def use_symmetric_all_reduce(device: torch.device, dtype: torch.dtype, max_numel
     _rendezvous_made = True
     symm_mem.rendezvous(buffer, group)
     _symmetric[dtype] = (buffer, group, -(-TWO_SHOT_FROM_BYTES // dtype.itemsize) if two_shot else max_numel + 1)
+    if fuse_norm:  # a sum that a residual add and RMSNorm follow: one launch with them
+        fused_norm.prepare(device, dtype, max_numel, group)
     return True
 
 
@@ -64,6 +68,7 @@ def release_symmetric_all_reduce() -> None:
     """Drop the symmetric buffers (leaving the group): later all-reduces take NCCL or gloo until the next
     ``use_symmetric_all_reduce``."""
     _symmetric.clear()
+    fused_norm.release()
 
 
 @torch.library.custom_op("nanovllm::tp_all_reduce", mutates_args=())

@@ -136,8 +136,12 @@ class MLP(nn.Module):
     def quant_targets(self) -> list[tuple[nn.Module, str, bool]]:
         return [(self.gate_up_proj, "weight", False), (self.down_proj, "weight", True)]
 
+    def activated(self, x, lora_slots=None):
+        """silu(gate) * up: the down projection's input."""
+        return project(self.gate_up_proj, x, silu_mul=True, lora_slots=lora_slots)
+
     def forward(self, x, lora_slots=None):
-        h = project(self.gate_up_proj, x, silu_mul=True, lora_slots=lora_slots)
+        h = self.activated(x, lora_slots)
         if self.reduce:
             return tp.row_parallel(self.down_proj, h, lora_slots)
         return project(self.down_proj, h, bias=tp.first_rank(), lora_slots=lora_slots)
@@ -169,8 +173,10 @@ def _compile_once(fn):
 
 @_compile_once
 def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o, lora_slots=None):
-    x = x + tp.row_parallel(layer.self_attn.o_proj, o, lora_slots)
-    h = layer.post_attention_layernorm(x)
+    x, h = tp.row_parallel_add_norm(layer.self_attn.o_proj, o, x, layer.post_attention_layernorm, lora_slots)
+    if isinstance(layer.mlp, MLP) and layer.mlp.reduce:  # its down projection's sum fuses with the next norm too
+        return tp.row_parallel_add_norm(layer.mlp.down_proj, layer.mlp.activated(h, lora_slots), x, next_norm,
+                                        lora_slots)
     x = x + (layer.mlp(h, lora_slots) if isinstance(layer.mlp, MLP) else layer.mlp(h))  # MoE blocks: no adapters
     return x, next_norm(x)
 

@@ -17,8 +17,10 @@ tensor a rank's parameter holds, from the parameter's local shape, so the loader
 import torch
 
 import nanovllm.distributed as distributed
+from nanovllm.distributed import fused_norm
 from nanovllm.kernels import reference
 from nanovllm.kernels.lora import ops as lora_ops
+from nanovllm.layers.norm import RMSNorm
 from nanovllm.quant import held
 
 
@@ -84,6 +86,20 @@ def row_parallel(linear: torch.nn.Linear, x: torch.Tensor, lora_slots: torch.Ten
         return matmul(linear, x, linear.bias, lora_slots=lora_slots)
     y = distributed.all_reduce(matmul(linear, x, None, lora_slots=lora_slots))
     return y if linear.bias is None else y + linear.bias
+
+
+def row_parallel_add_norm(linear: torch.nn.Linear, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                          lora_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(residual + row_parallel(linear, x), norm of it)``: the sum, the add and the norm in one launch where
+    ``distributed.fused_norm`` takes it (a decode-sized step on CUDA, a plain RMSNorm, no bias)."""
+    if distributed.current().size > 1 and linear.bias is None and type(norm) is RMSNorm:
+        y = matmul(linear, x, None, lora_slots=lora_slots)
+        if fused_norm.usable(y, residual, norm.weight):
+            return fused_norm.all_reduce_add_rms_norm(y, residual, norm.weight, norm.eps)
+        residual = residual + distributed.all_reduce(y)
+    else:
+        residual = residual + row_parallel(linear, x, lora_slots)
+    return residual, norm(residual)
 
 
 def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""The fused all-reduce + residual add + RMSNorm (nanovllm/distributed/fused_norm.py, triton_fused_norm.py) on the
+CPU: one rank of two under the Triton interpreter, its peer played by the test (the peer's rows written into the
+peer's buffer and its flags raised beforehand), so the kernel's protocol and arithmetic run end to end; where the
+models take it; and the op's torch path where a process has no buffer."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, as in the other kernel tests
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nanovllm.distributed import fused_norm  # noqa: E402
+from nanovllm.distributed.triton_fused_norm import fused  # noqa: E402
+from nanovllm.kernels.norm_rope import rms_norm  # noqa: E402
+
+FLAG_BYTES = fused_norm._FLAG_BYTES
+
+
+class TwoRanks:
+    """Rank 0's buffers and its peer's, as host tensors laid out as ``fused_norm._Buffers`` lays them out."""
+
+    def __init__(self, max_numel: int, dtype: torch.dtype, programs: int):
+        self.raw = [torch.zeros(FLAG_BYTES + 2 * max_numel * dtype.itemsize, dtype=torch.uint8) for _ in range(2)]
+        self.flag_pads = tuple(r[:FLAG_BYTES].view(torch.int32) for r in self.raw)
+        self.datas = tuple(r[FLAG_BYTES:].view(dtype) for r in self.raw)
+        self.counters = torch.zeros(2, dtype=torch.int32)
+        self.max_numel, self.dtype, self.programs = max_numel, dtype, programs
+
+    def flags(self, rank: int) -> torch.Tensor:
+        return self.flag_pads[rank]
+
+    def half(self, rank: int, which: int, rows: int, hidden: int) -> torch.Tensor:
+        data = self.datas[rank]
+        return data[which * self.max_numel:which * self.max_numel + rows * hidden].view(rows, hidden)
+
+    def peer_arrives(self, y_peer: torch.Tensor, programs: int):
+        """What rank 1 does before rank 0's call: copies its rows into its half of this call, takes rank 0's
+        previous flags and raises its own in rank 0's pad."""
+        which = int(self.counters[0]) % 2
+        self.half(1, which, *y_peer.shape).copy_(y_peer)
+        for p in range(programs):
+            self.flags(1)[p * 2 + 0] = 0
+            self.flags(0)[p * 2 + 1] = 1
+
+    def call(self, y, residual, weight, eps):
+        return fused(y, residual, weight, eps, self.datas, self.flag_pads, self.counters, 0, self.programs,
+                     self.max_numel)
+
+
+def expected(ys, residual, weight, eps):
+    summed = (ys[0].float() + ys[1].float()).to(ys[0].dtype)
+    x = residual + summed
+    return x, rms_norm(x, weight, eps)
+
+
+@pytest.mark.parametrize("rows,hidden,programs,dtype", [(5, 96, 3, torch.float16), (2, 64, 4, torch.float16),
+                                                        (7, 100, 7, torch.bfloat16)])
+def test_one_rank_of_two_sums_adds_and_norms(rows, hidden, programs, dtype):
+    """float16 sums and adds bit for bit; bfloat16 within its truncations (the interpreter's float32 to bfloat16
+    conversion truncates, a GPU's rounds to nearest: tests/gpu/test_fused_norm.py checks those bits)."""
+    torch.manual_seed(rows)
+    eps = 1e-6
+    ranks = TwoRanks(max_numel=8 * 128, dtype=dtype, programs=programs)
+    weight = torch.randn(hidden, dtype=dtype)
+    used = min(rows, programs)
+    for call in range(3):  # the halves alternate: 0, 1, 0
+        ys = [torch.randn(rows, hidden, dtype=dtype) for _ in range(2)]
+        residual = torch.randn(rows, hidden + 3, dtype=dtype)[:, :hidden]  # rows with a stride of their own
+        ranks.peer_arrives(ys[1], used)
+        x, h = ranks.call(ys[0], residual, weight, eps)
+        want_x, want_h = expected(ys, residual, weight, eps)
+        if dtype == torch.float16:
+            assert torch.equal(x, want_x)
+            assert torch.allclose(h.float(), want_h.float(), rtol=2 ** -10, atol=0)  # rsqrt may round apart
+        else:  # two truncations, each within one unit in the last place of its operands
+            size = residual.float().abs() + ys[0].float().abs() + ys[1].float().abs()
+            assert ((x.float() - want_x.float()).abs() <= 2 ** -6 * size).all()
+            assert torch.allclose(h.float(), rms_norm(x, weight, eps).float(), rtol=2 ** -6, atol=0)
+        assert torch.equal(ranks.half(0, call % 2, rows, hidden), ys[0])  # rank 0's rows, where its peer reads them
+        flags0, flags1 = ranks.flags(0), ranks.flags(1)
+        assert all(flags1[p * 2 + 0] == 1 for p in range(used))  # raised in the peer's pad
+        assert all(flags0[p * 2 + 1] == 0 for p in range(used))  # the peer's taken
+        assert ranks.counters.tolist() == [call + 1, 0]
+
+
+def test_where_it_applies(monkeypatch):
+    y = torch.zeros(4, 64, dtype=torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16)
+    assert not fused_norm.usable(y, y, w)  # no buffer in this process
+    buffers = type("B", (), {"max_numel": 256})()
+    monkeypatch.setitem(fused_norm._state, torch.bfloat16, buffers)
+    assert not fused_norm.usable(y, y, w)  # a CPU tensor
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    assert fused_norm.usable(y, y, w)
+    big = torch.zeros(5, 64, dtype=torch.bfloat16)
+    assert fused_norm.usable(big, big, w)  # no guard on the rows: past the buffer the op's torch path runs
+    assert not fused_norm.usable(y, y, w.float())
+    assert not fused_norm.usable(y.float(), y.float(), w.float())  # no float32 buffer
+    assert not fused_norm.usable(y, y[:, :32], w)
+    assert not fused_norm.usable(y.t().contiguous().t(), y, w)  # columns not unit-strided
+
+
+def test_prepare_keeps_only_16_bit_buffers():
+    fused_norm.prepare(torch.device("cpu"), torch.float32, 1024, "unused")
+    assert torch.float32 not in fused_norm._state
+
+
+def test_only_the_fused_setting_makes_the_buffer(monkeypatch):
+    """``NANOVLLM_ALLREDUCE=fused`` prepares the fused buffer beside the two-shot kernels; ``auto`` does not."""
+    from types import SimpleNamespace
+
+    import nanovllm.distributed as distributed
+    from nanovllm.kernels.options import KernelOptions
+    from nanovllm.platforms.cuda import CudaPlatform
+    calls = []
+    monkeypatch.setattr(distributed, "current", lambda: SimpleNamespace(size=2, rank=0))
+    monkeypatch.setattr(distributed, "use_symmetric_all_reduce", lambda *a, **kw: calls.append(kw))
+    platform = object.__new__(CudaPlatform)
+    platform.device = torch.device("cuda", 0)
+    for setting in ("auto", "fused", "one_shot", "nccl"):
+        platform.options = KernelOptions.from_env({"NANOVLLM_ALLREDUCE": setting})
+        platform.prepare_tensor_parallel(torch.bfloat16, 1024)
+    assert calls == [{"two_shot": True, "fuse_norm": False}, {"two_shot": True, "fuse_norm": True},
+                     {"two_shot": False, "fuse_norm": False}]
+
+
+def test_a_row_parallel_sum_takes_the_fused_op_where_usable(monkeypatch):
+    from types import SimpleNamespace
+
+    import nanovllm.distributed as distributed
+    from nanovllm.layers.norm import RMSNorm
+    from nanovllm.models import tensor_parallel as tp
+    torch.manual_seed(0)
+    linear, norm = torch.nn.Linear(8, 16, bias=False), RMSNorm(16, 1e-6)
+    x, residual = torch.randn(3, 8), torch.randn(3, 16)
+    monkeypatch.setattr(distributed, "current", lambda: SimpleNamespace(size=2, rank=0))
+    monkeypatch.setattr(distributed, "all_reduce", lambda y: 2 * y)  # a peer holding the same partial
+    unfused = tp.row_parallel_add_norm(linear, x, residual, norm)
+    want = residual + 2 * (x @ linear.weight.T)
+    assert torch.allclose(unfused[0], want) and torch.allclose(unfused[1], norm(want))
+    seen = []
+    monkeypatch.setattr(fused_norm, "usable", lambda y, r, w: True)
+    monkeypatch.setattr(fused_norm, "all_reduce_add_rms_norm", lambda y, r, w, eps: seen.append(eps) or (r, r))
+    assert tp.row_parallel_add_norm(linear, x, residual, norm)[0] is residual and seen == [1e-6]
+    linear.bias = torch.nn.Parameter(torch.zeros(16))  # a bias is added after the sum: not fused
+    tp.row_parallel_add_norm(linear, x, residual, norm)
+    assert seen == [1e-6]
