@@ -145,3 +145,13 @@ def test_a_row_parallel_sum_takes_the_fused_op_where_usable(monkeypatch):
     linear.bias = torch.nn.Parameter(torch.zeros(16))  # a bias is added after the sum: not fused
     tp.row_parallel_add_norm(linear, x, residual, norm)
     assert seen == [1e-6]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_torch_path_rounds_as_rms_norm(dtype):
+    """The op's torch path (and the NPU's traced one) is ``kernels/norm_rope.rms_norm`` after the add, bit for bit."""
+    torch.manual_seed(1)
+    residual, summed = torch.randn(4, 48, dtype=dtype), torch.randn(4, 48, dtype=dtype)
+    weight = torch.randn(48, dtype=dtype)
+    x, h = fused_norm.add_rms_norm(residual, summed, weight, 1e-5)
+    assert torch.equal(x, residual + summed) and torch.equal(h, rms_norm(residual + summed, weight, 1e-5))

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from nanovllm import traced
+from nanovllm.distributed import fused_norm
 
 
 def all_reduce_functional(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,13 @@ def all_gather_last_dim_functional(x: torch.Tensor, size: int) -> torch.Tensor:
     return funcol.all_gather_single(x.contiguous(), x.dim() - 1, dist.group.WORLD)
 
 
-TRACED = {"tp_all_reduce": all_reduce_functional, "tp_all_gather_last_dim": all_gather_last_dim_functional}
+def all_reduce_add_rms_norm_functional(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``nanovllm::tp_all_reduce_add_rms_norm``: the functional sum, then the op's own add and RMSNorm."""
+    return fused_norm.add_rms_norm(residual, all_reduce_functional(y), weight, eps)
+
+
+TRACED = {"tp_all_reduce": all_reduce_functional, "tp_all_gather_last_dim": all_gather_last_dim_functional,
+          "tp_all_reduce_add_rms_norm": all_reduce_add_rms_norm_functional}
 
 
 def register_traced_collectives(device_type: str) -> None:

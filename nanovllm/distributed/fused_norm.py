@@ -14,6 +14,8 @@ compile-cache entry made by another), sums with ``collectives``' all-reduce and 
 """
 import torch
 
+from nanovllm import traced
+
 MAX_HIDDEN = 8192  # one program holds a whole row (8,192 wide: the widest block run on a GPU)
 _FLAG_BYTES = 1 << 16  # room for the flags of every program (at most the SMs) and every rank
 _state: dict = {}  # dtype -> _Buffers
@@ -72,9 +74,14 @@ def _all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: to
         from nanovllm.distributed.triton_fused_norm import fused  # triton: present wherever CUDA is
         b = _state[y.dtype]
         return fused(y, residual, weight, eps, b.datas, b.flags, b.counters, b.rank, b.programs, b.max_numel)
-    summed = torch.ops.nanovllm.tp_all_reduce(y)
+    return add_rms_norm(residual, torch.ops.nanovllm.tp_all_reduce(y), weight, eps)
+
+
+def add_rms_norm(residual: torch.Tensor, summed: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The op's torch path after the sum: ``(residual + summed, its RMSNorm)`` by ``kernels/norm_rope.rms_norm``'s
+    rounding (that layer is not importable from here)."""
     x = residual + summed
-    xf = x.float()  # kernels/norm_rope.rms_norm's rounding
+    xf = x.float()
     return x, weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -85,4 +92,5 @@ def _(y, residual, weight, eps):
 
 def all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """``(residual + sum of y over the group, its RMSNorm by weight)`` in one launch where ``usable``."""
-    return torch.ops.nanovllm.tp_all_reduce_add_rms_norm(y, residual, weight, eps)
+    op = traced.lookup("tp_all_reduce_add_rms_norm", y.device) or torch.ops.nanovllm.tp_all_reduce_add_rms_norm
+    return op(y, residual, weight, eps)
