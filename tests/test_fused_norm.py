@@ -95,6 +95,7 @@ def test_where_it_applies(monkeypatch):
     big = torch.zeros(5, 64, dtype=torch.bfloat16)
     assert fused_norm.usable(big, big, w)  # no guard on the rows: past the buffer the op's torch path runs
     assert not fused_norm.usable(y, y, w.float())
+    assert not fused_norm.usable(y, y.float(), w)
     assert not fused_norm.usable(y.float(), y.float(), w.float())  # no float32 buffer
     assert not fused_norm.usable(y, y[:, :32], w)
     assert not fused_norm.usable(y.t().contiguous().t(), y, w)  # columns not unit-strided

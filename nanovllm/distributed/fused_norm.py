@@ -60,10 +60,11 @@ def _prepared(dtype: torch.dtype) -> bool:  # (another process's group) runs the
 def usable(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether calls like this one take the fused kernel in this process, from what a traced step knows without
     its row count (so no guard on it): a prepared buffer of y's dtype, y [rows, H] on CUDA with H at most
-    ``MAX_HIDDEN``, residual of y's shape, weight of y's dtype, unit column strides.  A call past the buffer's
-    numel (a prefill step) then takes the op's torch path."""
+    ``MAX_HIDDEN``, residual of y's shape, residual and weight of y's dtype, unit column strides.  A call past the
+    buffer's numel (a prefill step) then takes the op's torch path."""
     return (_prepared(y.dtype) and y.is_cuda and y.dim() == 2 and y.shape[1] <= MAX_HIDDEN
-            and residual.shape == y.shape and weight.dtype == y.dtype and weight.shape == (y.shape[1],)
+            and residual.shape == y.shape and residual.dtype == weight.dtype == y.dtype
+            and weight.shape == (y.shape[1],)
             and y.stride(1) == 1 and residual.stride(1) == 1)
 
 
