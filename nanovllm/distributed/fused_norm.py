@@ -24,18 +24,18 @@ _state: dict = {}  # dtype -> _Buffers
 class _Buffers:
     def __init__(self, device: torch.device, dtype: torch.dtype, max_numel: int, group: str):
         import torch.distributed._symmetric_memory as symm_mem
-        self.max_numel, self.dtype = max_numel, dtype
+        self.max_numel = max_numel
         data_bytes = 2 * max_numel * dtype.itemsize
         self.raw = symm_mem.empty(_FLAG_BYTES + data_bytes, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(self.raw, group)
-        self.rank, self.world = handle.rank, handle.world_size
+        self.rank, world = handle.rank, handle.world_size
         offset = self.raw.data_ptr() - handle.buffer_ptrs[self.rank]  # this tensor inside its allocation
-        whole = [handle.get_buffer(r, (self.raw.numel(),), torch.uint8, offset) for r in range(self.world)]
+        whole = [handle.get_buffer(r, (self.raw.numel(),), torch.uint8, offset) for r in range(world)]
         self.flags = tuple(b[:_FLAG_BYTES].view(torch.int32) for b in whole)
         self.datas = tuple(b[_FLAG_BYTES:_FLAG_BYTES + data_bytes].view(dtype) for b in whole)
         self.counters = torch.zeros(2, dtype=torch.int32, device=device)  # calls made, programs done in this one
         self.programs = min(torch.cuda.get_device_properties(device).multi_processor_count,
-                            _FLAG_BYTES // (4 * self.world))
+                            _FLAG_BYTES // (4 * world))
         self.raw.zero_()
         torch.cuda.synchronize(device)
         handle.barrier()  # no peer signals before every rank's flags are zero
