@@ -1,7 +1,12 @@
 """Closing rank 0's side of a tensor-parallel group (``nanovllm/parallel/control.py``) when a peer is already gone:
 the close message fails as gloo fails it (``RuntimeError``), yet ``close`` does not raise, still ends and joins
 every spawned rank, and leaves the group once; a close for a failed start sends no message at all; a closed or
-broken group refuses calls.  No process starts: the ranks are stand-ins."""
+broken group refuses calls.  The ranks are stand-ins, but for the failed group's kill: a rank that is ending itself
+(it reported its error) keeps its exit code 1, and one that hangs is killed."""
+import multiprocessing as mp
+import os
+import time
+
 import pytest
 
 from nanovllm.parallel import control
@@ -83,3 +88,19 @@ def test_a_dead_spawned_rank_is_named_with_its_exit_code(sent):
     with pytest.raises(RuntimeError, match=r"died: rank 2 \(exit code 1\)"):
         control.SpawnedPeers(procs).send(0)
     assert sent == []
+
+
+def _exit_soon(code: int, after_s: float) -> None:
+    time.sleep(after_s)
+    os._exit(code)
+
+
+def test_the_kill_of_a_failed_group_lets_a_rank_ending_itself_keep_its_exit_code():
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_exit_soon, args=(1, 0.1)), ctx.Process(target=time.sleep, args=(600,))]
+    for p in procs:
+        p.start()
+    control.SpawnedPeers(procs).kill()
+    for p in procs:
+        p.join(timeout=control.JOIN_BOUND_S)
+    assert [p.exitcode for p in procs] == [1, -9]  # the first ended itself within the grace; the other was killed

@@ -31,6 +31,7 @@ CLOSE = -1  # the op that ends a rank's replay
 MAX_IN_FLIGHT = 16
 ABORT_BOUND_S = 30.0  # how long leaving an NCCL group may take before this process gives the group up
 JOIN_BOUND_S = 30.0  # how long a closing rank 0 waits for a spawned rank's process to end before killing it
+KILL_GRACE_S = 2.0  # how long a failed group's peers get to end themselves (a rank that reported its error exits 1)
 _control = None  # the gloo group calls travel on
 _in_flight: collections.deque = collections.deque()  # ([work], [tensor]) of each send not yet seen complete
 _header = torch.zeros(3, dtype=torch.int64)  # a receiving rank's
@@ -224,7 +225,11 @@ class SpawnedPeers(_Peers):
         return [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
 
     def kill(self) -> None:
+        """Kill each peer still alive ``KILL_GRACE_S`` from now: a rank that reported its error is already ending
+        its process (exit code 1), and a kill in between would hide that code behind the signal's."""
+        deadline = time.monotonic() + KILL_GRACE_S
         for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
 
