@@ -156,3 +156,42 @@ def test_the_torch_path_rounds_as_rms_norm(dtype):
     weight = torch.randn(48, dtype=dtype)
     x, h = fused_norm.add_rms_norm(residual, summed, weight, 1e-5)
     assert torch.equal(x, residual + summed) and torch.equal(h, rms_norm(residual + summed, weight, 1e-5))
+
+
+def test_a_moe_layer_fuses_its_attention_and_expert_sums_with_the_norms_after_them(monkeypatch):
+    """``decoder._after_attention`` on a mixture-of-experts layer: the attention output's sum and the experts'
+    (``SparseMoe.forward(reduce=False)``, then ``tensor_parallel.sum_add_norm``) each take the fused op where it
+    is usable, and give what the unfused sums give."""
+    from types import SimpleNamespace
+
+    import nanovllm.distributed as distributed
+    from nanovllm.layers.norm import RMSNorm
+    from nanovllm.models import decoder
+    from nanovllm.models.moe import MoeArgs, SparseMoe
+    torch.manual_seed(3)
+    hidden = 16
+    moe = SparseMoe(hidden, MoeArgs(num_experts=4, top_k=2, intermediate_size=8, renormalize=True))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layer = SimpleNamespace(self_attn=SimpleNamespace(o_proj=torch.nn.Linear(12, hidden, bias=False)),
+                            post_attention_layernorm=RMSNorm(hidden, 1e-6), mlp=moe)
+    next_norm = RMSNorm(hidden, 1e-6)
+    x, o = torch.randn(3, hidden), torch.randn(3, 12)
+    monkeypatch.setattr(distributed, "current", lambda: SimpleNamespace(size=2, rank=0))
+    monkeypatch.setattr(distributed, "all_reduce", lambda y: 2 * y)  # a peer holding the same partial
+    x1 = x + 2 * layer.self_attn.o_proj(o)
+    x2 = x1 + 2 * moe(layer.post_attention_layernorm(x1), reduce=False)
+    unfused = decoder._after_attention(layer, next_norm, x, o)
+    assert torch.allclose(unfused[0], x2, atol=1e-6) and torch.allclose(unfused[1], next_norm(x2), atol=1e-6)
+    calls = []
+
+    def fake_fused(y, residual, weight, eps):
+        calls.append(weight)
+        summed = residual + 2 * y
+        return summed, weight * rms_norm(summed, torch.ones_like(weight), eps)
+
+    monkeypatch.setattr(fused_norm, "usable", lambda y, r, w: True)
+    monkeypatch.setattr(fused_norm, "all_reduce_add_rms_norm", fake_fused)
+    fused_out = decoder._after_attention(layer, next_norm, x, o)
+    assert [w is n.weight for w, n in zip(calls, (layer.post_attention_layernorm, next_norm))] == [True, True]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused_out, unfused))

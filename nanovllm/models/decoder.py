@@ -177,6 +177,8 @@ def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o, lora_slots=N
     if isinstance(layer.mlp, MLP) and layer.mlp.reduce:  # its down projection's sum fuses with the next norm too
         return tp.row_parallel_add_norm(layer.mlp.down_proj, layer.mlp.activated(h, lora_slots), x, next_norm,
                                         lora_slots)
+    if getattr(layer.mlp, "reducible", False):  # a MoE block's part before its sum, which fuses too
+        return tp.sum_add_norm(layer.mlp(h, reduce=False), x, next_norm)
     x = x + (layer.mlp(h, lora_slots) if isinstance(layer.mlp, MLP) else layer.mlp(h))  # MoE blocks: no adapters
     return x, next_norm(x)
 

@@ -64,6 +64,8 @@ class GptOssExperts(Experts):
 
 
 class GptOssMoe(nn.Module):
+    reducible = True  # ``forward(x, reduce=False)`` gives this rank's part before the sum
+
     def __init__(self, hidden_size: int, m: MoeArgs, alpha: float, limit: float):
         super().__init__()
         self.top_k, self.alpha, self.limit = m.top_k, alpha, limit
@@ -74,7 +76,8 @@ class GptOssMoe(nn.Module):
         ex = self.experts
         return [(ex, "gate_up_proj", False), (ex, "down_proj", True)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """As ``SparseMoe.forward``: summed over the ranks, or (``reduce=False``) this rank's part."""
         # transformers routes by a softmax over the top-k logits; ``renormalize=True`` takes a float32 softmax over
         # all of them, its top k, divided by their sum: the same experts (softmax is monotonic) and the same weights,
         # exp(l_i - m) / sum_topk exp(l_j - m) with m the largest logit either way, up to float32 rounding of a few
@@ -84,7 +87,7 @@ class GptOssMoe(nn.Module):
         y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, True, *held.expert_args(ex),
                           w13_bias=ex.gate_up_proj_bias, w2_bias=ex.down_proj_bias if tp.first_rank() else None,
                           activation="swiglu_oss", swiglu_alpha=self.alpha, swiglu_limit=self.limit)
-        return distributed.all_reduce(y)
+        return distributed.all_reduce(y) if reduce else y
 
 
 class GptOssForCausalLM(DecoderForCausalLM):

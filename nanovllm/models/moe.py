@@ -84,6 +84,8 @@ class Experts(nn.Module):
 
 
 class SparseMoe(nn.Module):
+    reducible = True  # ``forward(x, reduce=False)`` gives this rank's part before the sum
+
     def __init__(self, hidden_size: int, m: MoeArgs):
         super().__init__()
         self.top_k, self.renormalize, self.round_weights = m.top_k, m.renormalize, m.round_weights
@@ -100,7 +102,9 @@ class SparseMoe(nn.Module):
         own = [(ex, "gate_up_proj", False), (ex, "down_proj", True)] if isinstance(ex, Experts) else []
         return own + (self.shared_expert.quant_targets() if self.shared_expert is not None else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The block's output summed over the ranks; ``reduce=False``: this rank's part (its slice of every expert
+        and of the shared expert), for a caller that fuses the sum (``decoder._after_attention``)."""
         logits = ops.linear(x, self.gate.weight)
         ex = self.experts
         y = ops.fused_moe(x, logits, ex.gate_up_proj, ex.down_proj, self.top_k, self.renormalize,
@@ -108,7 +112,7 @@ class SparseMoe(nn.Module):
                           round_weights=self.round_weights)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(ops.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
-        return distributed.all_reduce(y)  # one sum over the ranks' partial experts (and shared expert)
+        return distributed.all_reduce(y) if reduce else y
 
 
 def expert_footprint(model: nn.Module) -> tuple[int, float]:

@@ -92,13 +92,18 @@ def row_parallel_add_norm(linear: torch.nn.Linear, x: torch.Tensor, residual: to
                           lora_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(residual + row_parallel(linear, x), norm of it)``: the sum, the add and the norm in one launch where
     ``distributed.fused_norm`` takes it (a decode-sized step on CUDA, a plain RMSNorm, no bias)."""
-    if distributed.current().size > 1 and linear.bias is None and type(norm) is RMSNorm:
-        y = matmul(linear, x, None, lora_slots=lora_slots)
-        if fused_norm.usable(y, residual, norm.weight):
-            return fused_norm.all_reduce_add_rms_norm(y, residual, norm.weight, norm.eps)
-        residual = residual + distributed.all_reduce(y)
-    else:
-        residual = residual + row_parallel(linear, x, lora_slots)
+    if distributed.current().size > 1 and linear.bias is None:
+        return sum_add_norm(matmul(linear, x, None, lora_slots=lora_slots), residual, norm)
+    residual = residual + row_parallel(linear, x, lora_slots)
+    return residual, norm(residual)
+
+
+def sum_add_norm(y: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(residual + sum of this rank's partial y over the group, norm of it)``, in one launch where
+    ``distributed.fused_norm`` takes it (a plain ``RMSNorm``, a decode-sized step on CUDA)."""
+    if type(norm) is RMSNorm and distributed.current().size > 1 and fused_norm.usable(y, residual, norm.weight):
+        return fused_norm.all_reduce_add_rms_norm(y, residual, norm.weight, norm.eps)
+    residual = residual + distributed.all_reduce(y)
     return residual, norm(residual)
 
 
