@@ -82,7 +82,11 @@ def test_concurrent_cold_starts_then_a_new_process_traces_and_compiles_nothing(t
         assert (root / "compile" / child["key"] / "step.bin").is_file()
     else:  # Dynamo traces; AOTAutograd and Inductor come from the cache
         assert warm["origin"] == "traced" and warm["fx_hit"] > 0 and warm["aot_hit"] > 0
-    assert not list(warm_inductor.rglob("*.so")), "Inductor compiled outside the cache entry"
+    probes = {p for d in (warm_inductor, root / "compile" / child["key"] / "inductor") for p in d.rglob("*.cpp")
+              if "_chk_kernel" in p.read_text(errors="replace")}  # Inductor's probes of the CPU's vector kinds
+    assert probes and all(warm_inductor in p.parents for p in probes), "the probes went into the entry"
+    assert not [so for so in warm_inductor.rglob("*.so") if so.with_suffix(".cpp") not in probes], \
+        "Inductor compiled outside the cache entry"
     assert warm["init"] < cold_init
     assert warm["tokens"] == child["tokens"]
 
