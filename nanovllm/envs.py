@@ -94,8 +94,8 @@ _VARIABLES = (
     EnvVar("NANOVLLM_ALLREDUCE", "auto", "a tensor-parallel CUDA step's decode-sized all-reduces: `auto` (default) "
            "takes symmetric memory's one-shot kernel below 512 KiB and its two-shot kernel from there; `fused` as "
            "`auto`, and a sum that a residual add and RMSNorm follow (attention's, the MLP's or the experts') runs in "
-           "one launch with them (decode-sized; a larger sum takes NCCL and the norm unfused); `one_shot` the one-shot kernel at every such size; `nccl` "
-           "NCCL",
+           "one launch with them (decode-sized; a larger sum takes NCCL and the norm unfused); `one_shot` the "
+           "one-shot kernel at every such size; `nccl` NCCL",
            _choice("auto", "fused", "one_shot", "nccl")),
     EnvVar("NANOVLLM_MPS_COMPILE", False, "`1` compiles the step on MPS with MPSInductor, with a warning; `0` "
            "(default: eager)", _flag),

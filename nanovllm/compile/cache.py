@@ -8,11 +8,11 @@ sizes and sha256 of every file; written last, it marks the entry complete).
 
 The key (``key_fields``) hashes everything that changes the generated code, the traced source files included.
 Inductor works in the entry's own directory while the entry is active (``TORCHINDUCTOR_CACHE_DIR`` and
-``TRITON_CACHE_DIR`` are set for that scope and restored after), so a graph cached under other sources is never
-found; its probe of the CPU's vector instructions runs before, where it is kept for every process. An ``fcntl`` lock serialises processes on one key; files are written to temporaries and renamed; an entry
-whose checksums do not match is discarded with a warning and rebuilt, never loaded; a "hit" that still compiled is
-saved again. Each tensor-parallel rank has its own entry; if any lacks its entry (or step), every rank rebuilds.
-``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.
+``TRITON_CACHE_DIR`` set for that scope), so a graph cached under other sources is never found; its probe of the
+CPU's vector instructions runs before, where every process finds it. An ``fcntl`` lock serialises processes on one
+key; files are written to temporaries and renamed; an entry whose checksums do not match is discarded with a warning
+and rebuilt, never loaded; a "hit" that still compiled is saved again. Each tensor-parallel rank has its own entry;
+if any lacks its entry (or step), every rank rebuilds. ``NANOVLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off.
 """
 import contextlib
 import fcntl
@@ -145,8 +145,9 @@ def _locked(path: Path):
 
 def _probe_cpu_isa() -> None:
     """Inductor's probe of the CPU's vector instructions (a compile and a load of a file for each kind), run where it
-    keeps its results across processes (the directory in effect before an entry's own): it is remembered for the
-    process, so inside an entry every new entry's process compiled the probes again (12 of 16 s on two cores)."""
+    keeps its results across processes (the directory in effect before an entry's own).  Inductor remembers it for
+    the process only, so run inside an entry, every process that compiles a new entry would compile the probes
+    again."""
     from torch._inductor import cpu_vec_isa
     cpu_vec_isa.pick_vec_isa()
 
