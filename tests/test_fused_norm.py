@@ -1,7 +1,8 @@
 """The fused all-reduce + residual add + RMSNorm (nanovllm/distributed/fused_norm.py, triton_fused_norm.py) on the
 CPU: one rank of two under the Triton interpreter, its peer played by the test (the peer's rows written into the
-peer's buffer and its flags raised beforehand), so the kernel's protocol and arithmetic run end to end; where the
-models take it; and the op's torch path where a process has no buffer."""
+peer's buffer and its flags raised beforehand), so the kernel's protocol and arithmetic run end to end; a call past
+the buffer (the collective's sum, then the kernel's add and norm); where the models take it; and the op's torch path
+where a process has no buffer."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, as in the other kernel tests
@@ -10,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nanovllm.distributed import fused_norm  # noqa: E402
-from nanovllm.distributed.triton_fused_norm import fused  # noqa: E402
+from nanovllm.distributed.triton_fused_norm import add_norm, fused  # noqa: E402
 from nanovllm.kernels.norm_rope import rms_norm  # noqa: E402
 
 FLAG_BYTES = fused_norm._FLAG_BYTES
@@ -195,3 +196,30 @@ def test_a_moe_layer_fuses_its_attention_and_expert_sums_with_the_norms_after_th
     fused_out = decoder._after_attention(layer, next_norm, x, o)
     assert [w is n.weight for w, n in zip(calls, (layer.post_attention_layernorm, next_norm))] == [True, True]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused_out, unfused))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_call_past_the_buffer_sums_collectively_then_adds_and_norms_in_one_launch(monkeypatch, dtype):
+    """Past the buffer's numel (a prefill step), the op takes the collective's sum and the kernel's add and norm,
+    which round as ``rms_norm`` after the add (float16 bit for bit but the rsqrt; bfloat16 within the interpreter's
+    truncation); rows with a stride of their own."""
+    from nanovllm.distributed import collectives, triton_fused_norm
+    launched = []
+    monkeypatch.setattr(triton_fused_norm, "add_norm", lambda *a: launched.append(1) or add_norm(*a))
+    torch.manual_seed(2)
+    rows, hidden, eps = 9, 80, 1e-6
+    y, weight = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, dtype=dtype)
+    residual = torch.randn(rows, hidden + 5, dtype=dtype)[:, :hidden]
+    monkeypatch.setitem(fused_norm._state, dtype, type("B", (), {"max_numel": rows * hidden - 1})())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(collectives.dist, "all_reduce", lambda t: t.mul_(2))  # a peer holding the same partial
+    x, h = torch.ops.nanovllm.tp_all_reduce_add_rms_norm(y, residual, weight, eps)
+    want_x = residual + 2 * y
+    if dtype == torch.float16:
+        assert torch.equal(x, want_x)
+        assert torch.allclose(h.float(), rms_norm(want_x, weight, eps).float(), rtol=2 ** -10, atol=0)
+    else:
+        assert ((x.float() - want_x.float()).abs() <= 2 ** -7 * (residual.float().abs() + 2 * y.float().abs())).all()
+        assert torch.allclose(h.float(), rms_norm(x, weight, eps).float(), rtol=2 ** -6, atol=0)
+    assert launched == [1]
+    assert add_norm(y[:0], residual[:0], weight, eps)[0].shape == (0, hidden)  # no rows: no launch

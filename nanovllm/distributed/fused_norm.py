@@ -9,8 +9,9 @@ buffer, sums the ranks' rows in rank order (so every rank gets the same bits), a
 outputs.  The data area has two halves, alternated by a device counter; a rank writes a half again only after
 every peer has met it in the call between, so after the peer read it.  ``prepare`` makes the buffer (collective,
 beside ``collectives.use_symmetric_all_reduce``); ``usable`` says whether the models call the op (16-bit rows of
-at most ``MAX_HIDDEN`` columns); a call past the decode-sized numel prepared, or in a process with no buffer (a
-compile-cache entry made by another), sums with ``collectives``' all-reduce and norms in torch instead.
+at most ``MAX_HIDDEN`` columns); a call past the decode-sized numel prepared (prefill) sums with ``collectives``'
+all-reduce, then adds and norms in one Triton launch of the same arithmetic; a process with no buffer (a
+compile-cache entry made by another) norms in torch instead.
 """
 import torch
 
@@ -75,7 +76,11 @@ def _all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: to
         from nanovllm.distributed.triton_fused_norm import fused  # triton: present wherever CUDA is
         b = _state[y.dtype]
         return fused(y, residual, weight, eps, b.datas, b.flags, b.counters, b.rank, b.programs, b.max_numel)
-    return add_rms_norm(residual, torch.ops.nanovllm.tp_all_reduce(y), weight, eps)
+    summed = torch.ops.nanovllm.tp_all_reduce(y)
+    if usable(y, residual, weight):  # past the buffer (prefill): the kernel's add and norm after the collective sum
+        from nanovllm.distributed.triton_fused_norm import add_norm
+        return add_norm(summed, residual, weight, eps)
+    return add_rms_norm(residual, summed, weight, eps)
 
 
 def add_rms_norm(residual: torch.Tensor, summed: torch.Tensor, weight: torch.Tensor, eps: float):

@@ -7,11 +7,23 @@ flag in its own (slot [p, peer]): after that, every peer's copy of the same rows
 ranks' rows in rank order in float32, rounds the sum to y's dtype, adds the residual (rounded), and writes it
 and its RMSNorm.  The last program to finish counts the call, which picks the next call's half.  Flags are
 32-bit words set 0 -> 1 by the sender and 1 -> 0 by the receiver with system-scope release/acquire
-compare-and-swaps, so they need no reset.
+compare-and-swaps, so they need no reset.  ``add_norm`` is the add and norm alone, one program a row, for rows
+already summed (a call past the buffer).
 """
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _add_and_norm(summed, res_row, w, x_row, h_row, cols, live, H, eps):
+    """x = residual + summed, rounded to summed's dtype; h = w * RMSNorm(x) by ``rms_norm``'s rounding."""
+    dtype = summed.dtype
+    x = (tl.load(res_row + cols, mask=live, other=0.0).to(tl.float32) + summed.to(tl.float32)).to(dtype)
+    tl.store(x_row + cols, x, mask=live)
+    xf = x.to(tl.float32)
+    normed = (xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps))).to(dtype)
+    tl.store(h_row + cols, (w * normed.to(tl.float32)).to(dtype), mask=live)
 
 
 @triton.jit
@@ -43,12 +55,8 @@ def _fused_kernel(y_ptr, res_ptr, w_ptr, x_out, h_out, datas, flags, counters, M
         for r in tl.static_range(WORLD):
             part = datas[r] + half + row * H + cols
             total += tl.load(part, mask=live, other=0.0, cache_modifier=".cg").to(tl.float32)
-        summed = total.to(dtype).to(tl.float32)
-        x = (tl.load(res_ptr + row * stride_r + cols, mask=live, other=0.0).to(tl.float32) + summed).to(dtype)
-        tl.store(x_out + row * H + cols, x, mask=live)
-        xf = x.to(tl.float32)
-        normed = (xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps))).to(dtype)
-        tl.store(h_out + row * H + cols, (w * normed.to(tl.float32)).to(dtype), mask=live)
+        _add_and_norm(total.to(dtype), res_ptr + row * stride_r, w, x_out + row * H, h_out + row * H, cols, live,
+                      H, eps)
     # the last program to finish moves the calls' count on (the next call's half)
     if tl.atomic_add(counters + 1, 1, sem="acq_rel") == programs - 1:
         tl.store(counters + 1, 0)
@@ -67,4 +75,26 @@ def fused(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: fl
         y, residual, weight, x, h, tuple(datas), tuple(flags), counters, rows, hidden, y.stride(0),
         residual.stride(0), half_numel, eps, RANK=rank, WORLD=len(datas), BLOCK=block,
         num_warps=min(16, max(4, block // 512)))
+    return x, h
+
+
+@triton.jit
+def _add_norm_kernel(s_ptr, res_ptr, w_ptr, x_out, h_out, H, stride_s, stride_r, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    live = cols < H
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    summed = tl.load(s_ptr + row * stride_s + cols, mask=live, other=0.0)
+    _add_and_norm(summed, res_ptr + row * stride_r, w, x_out + row * H, h_out + row * H, cols, live, H, eps)
+
+
+def add_norm(summed: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(residual + summed, its RMSNorm)`` by the fused kernel's arithmetic, one program a row: what a call past
+    the buffer (prefill) does after the collective sum."""
+    x, h = torch.empty_like(summed), torch.empty_like(summed)
+    rows, hidden = summed.shape
+    block = triton.next_power_of_2(hidden)
+    if rows:
+        _add_norm_kernel[(rows,)](summed, residual, weight, x, h, hidden, summed.stride(0), residual.stride(0), eps,
+                                  BLOCK=block, num_warps=min(16, max(4, block // 512)))
     return x, h
