@@ -2,7 +2,8 @@
 place, sizes on both sides of ``TWO_SHOT_FROM_BYTES`` (one-shot below, two-shot from it) sum what NCCL sums, run
 eagerly and replayed from a CUDA graph, and a size past the buffer falls back to NCCL (eagerly).  The sum fused
 with the residual add and RMSNorm (``fused_norm.py``) gives NCCL's sum plus the residual bit for bit and
-``rms_norm`` of it (within two units in the last place), eagerly and from graphs replayed in turn (its buffer's halves alternate across calls).
+``rms_norm`` of it (within two units in the last place), eagerly and from graphs replayed in turn (its buffer's
+halves alternate across calls); so do calls past its buffer, which sum with NCCL and then add and norm in Triton.
 
 Each rank ends its process without tearing NCCL down, as the engine's workers do: a group aborted while CUDA
 graphs that captured its collectives are alive can wait for a long time.  A rank stuck for 90 s prints its stacks
@@ -96,7 +97,7 @@ def _fused_sums(rank: int, device: torch.device, failures) -> list:
     weight = torch.randn(HIDDEN, device=device, dtype=torch.bfloat16,
                          generator=torch.Generator(device).manual_seed(7))
     cases = []
-    for rows in (1, 16, 64, 200, 256):
+    for rows in (1, 16, 64, 200, 256, 300, 1000):  # past 256 rows: NCCL's sum, then the add and norm kernel
         y = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16, generator=gen) * (rank + 1)
         residual = torch.randn(rows, HIDDEN + 64, device=device, dtype=torch.bfloat16,
                                generator=torch.Generator(device).manual_seed(rows))[:, :HIDDEN]
