@@ -92,11 +92,11 @@ _VARIABLES = (
            "`max-autotune` (default, Ascend IR) or `reduce-overhead` (aclgraph)",
            _choice("max-autotune", "reduce-overhead")),
     EnvVar("NANOVLLM_ALLREDUCE", "auto", "a tensor-parallel CUDA step's decode-sized all-reduces: `auto` (default) "
-           "takes symmetric memory's one-shot kernel below 512 KiB and its two-shot kernel from there; `fused` as "
-           "`auto`, and a sum that a residual add and RMSNorm follow (attention's, the MLP's or the experts') runs in "
-           "one launch with them (decode-sized; a larger sum takes NCCL and the norm unfused); `one_shot` the "
-           "one-shot kernel at every such size; `nccl` NCCL",
-           _choice("auto", "fused", "one_shot", "nccl")),
+           "takes symmetric memory's one-shot kernel below 512 KiB and its two-shot kernel from there, and a sum "
+           "that a residual add and RMSNorm follow (attention's, the MLP's or the experts') runs in one launch with "
+           "them (a sum past the decode size: NCCL's, then the add and norm in one launch); `unfused` as `auto`, "
+           "the norm apart; `one_shot` the one-shot kernel at every such size, unfused; `nccl` NCCL",
+           _choice("auto", "unfused", "one_shot", "nccl")),
     EnvVar("NANOVLLM_MPS_COMPILE", False, "`1` compiles the step on MPS with MPSInductor, with a warning; `0` "
            "(default: eager)", _flag),
     EnvVar("NANOVLLM_TP_TIMEOUT_S", 30.0, "seconds a tensor-parallel peer may stop answering (no heartbeat, or a "

@@ -107,8 +107,9 @@ def test_prepare_keeps_only_16_bit_buffers():
     assert torch.float32 not in fused_norm._state
 
 
-def test_only_the_fused_setting_makes_the_buffer(monkeypatch):
-    """``NANOVLLM_ALLREDUCE=fused`` prepares the fused buffer beside the two-shot kernels; ``auto`` does not."""
+def test_only_the_default_setting_makes_the_buffer(monkeypatch):
+    """``NANOVLLM_ALLREDUCE=auto`` (the default) prepares the fused buffer beside the two-shot kernels; ``unfused``
+    does not."""
     from types import SimpleNamespace
 
     import nanovllm.distributed as distributed
@@ -119,10 +120,11 @@ def test_only_the_fused_setting_makes_the_buffer(monkeypatch):
     monkeypatch.setattr(distributed, "use_symmetric_all_reduce", lambda *a, **kw: calls.append(kw))
     platform = object.__new__(CudaPlatform)
     platform.device = torch.device("cuda", 0)
-    for setting in ("auto", "fused", "one_shot", "nccl"):
-        platform.options = KernelOptions.from_env({"NANOVLLM_ALLREDUCE": setting})
+    for setting in (None, "unfused", "one_shot", "nccl"):
+        env = {} if setting is None else {"NANOVLLM_ALLREDUCE": setting}
+        platform.options = KernelOptions.from_env(env)
         platform.prepare_tensor_parallel(torch.bfloat16, 1024)
-    assert calls == [{"two_shot": True, "fuse_norm": False}, {"two_shot": True, "fuse_norm": True},
+    assert calls == [{"two_shot": True, "fuse_norm": True}, {"two_shot": True, "fuse_norm": False},
                      {"two_shot": False, "fuse_norm": False}]
 
 

@@ -22,7 +22,7 @@ class KernelOptions:
     hopper_features: bool = True  # TMA and PDL where the GPU has them; False: the pre-Hopper path everywhere
     npu_graph_mode: str = "max-autotune"  # torchair's CompilerConfig().mode on the NPU platform
     mps_compile: bool = False  # compile the step on MPS (MPSInductor) instead of running it eagerly
-    all_reduce: str = "auto"  # tensor parallelism on CUDA, decode-sized all-reduces: auto, fused, one_shot or nccl
+    all_reduce: str = "auto"  # tensor parallelism on CUDA, decode-sized all-reduces: auto, unfused, one_shot or nccl
     moe_w8a8: bool = True  # FP8 experts multiply e4m3 activations (act_quant.py); False: weight-only
     moe_table: str | None = None  # another fused-MoE tile table (None: the one shipped beside the kernels)
     cuda_kernels: bool = True  # the CUDA C++ kernels (cuda_build.py) where nvcc can build them; else Triton's

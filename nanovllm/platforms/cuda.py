@@ -43,8 +43,8 @@ class CudaPlatform(TorchDevicePlatform):
     def prepare_tensor_parallel(self, dtype, max_elements):
         if distributed.current().size > 1 and self.options.all_reduce != "nccl":
             distributed.use_symmetric_all_reduce(self.device, dtype, max_elements,
-                                                 two_shot=self.options.all_reduce in ("auto", "fused"),
-                                                 fuse_norm=self.options.all_reduce == "fused")
+                                                 two_shot=self.options.all_reduce in ("auto", "unfused"),
+                                                 fuse_norm=self.options.all_reduce == "auto")
 
     def _has_bf16(self) -> bool:
         return torch.cuda.get_device_capability(self.device)[0] >= 8
