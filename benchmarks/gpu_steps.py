@@ -35,7 +35,7 @@ class Step:
 
 
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
-FP8, TP2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2")
+FP8, TP2, GPU2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2"), ("-m", "gpu2")
 PROFILE, B16 = ("benchmarks.profile_run",), ("--num-seqs", "32", "--max-output-len", "512")  # B16: batches of 16
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
@@ -131,6 +131,8 @@ STEPS = [
     Step("tp1-ours", "ours", "peer:qwen3-32b", "bench", BENCH),
     Step("tp-moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + TP2),
     Step("tp-moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + ("--tp", "2"), env=VLLM_TP),
+    Step("tp-moe-blockfp8-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH + TP2),  # the same checkpoint in both
+    Step("tp-moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "bench", ("--tp", "2"), env=VLLM_TP),
     Step("tp4-ours", "ours", "peer:qwen3-32b", "bench", BENCH + ("--tensor-parallel-size", "4")),
     Step("tp4-vllm", "vllm", "peer:qwen3-32b", "bench", ("--tp", "4"), env=VLLM_TP),
     Step("serve-tp-ours", "ours", "peer:qwen3-32b", "serve", DUMMY + TP2),
@@ -179,10 +181,8 @@ STEPS = [
     Step("parity-tp", "tests", "own", "pytest", ("-m", "gpu2", "-k", "transformers", TP_TESTS), limit_s=420),
     Step("parity-tp-engine", "tests", "own", "pytest", ("-m", "gpu2", "-k", "not transformers", TP_TESTS),
          limit_s=450),
-    Step("parity-tp-cli", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_cli.py"),
-         limit_s=400),
-    Step("parity-allreduce", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_symmetric_all_reduce.py"),
-         limit_s=120),
+    Step("parity-tp-cli", "tests", "own", "pytest", GPU2 + ("tests/gpu/test_tensor_parallel_cli.py",), limit_s=400),
+    Step("parity-allreduce", "tests", "own", "pytest", GPU2 + ("tests/gpu/test_symmetric_all_reduce.py",), limit_s=120),
     Step("parity-tp-failures", "tests", "own", "pytest", ("-m", "gpu2", "tests/gpu/test_tensor_parallel_failures.py"),
          limit_s=300),
     Step("parity-mixed", "tests", "own", "pytest", ("-m", "gpu", "tests/gpu/test_mixed_prefill.py"), limit_s=300),
