@@ -97,9 +97,6 @@ _VARIABLES = (
            "them (a sum past the decode size: NCCL's, then the add and norm in one launch); `unfused` as `auto`, "
            "the norm apart; `one_shot` the one-shot kernel at every such size, unfused; `nccl` NCCL",
            _choice("auto", "unfused", "one_shot", "nccl")),
-    EnvVar("NANOVLLM_CPU_VECTORIZE", True, "`1` (default): Inductor's C++ kernels use the CPU's vector instructions; "
-           "`0` scalar loops, which Inductor writes and compiles faster and which run slower (the test suite's "
-           "setting, `tests/conftest.py`; docs/PERFORMANCE.md, Start-up)", _flag),
     EnvVar("NANOVLLM_MPS_COMPILE", False, "`1` compiles the step on MPS with MPSInductor, with a warning; `0` "
            "(default: eager)", _flag),
     EnvVar("NANOVLLM_TP_TIMEOUT_S", 30.0, "seconds a tensor-parallel peer may stop answering (no heartbeat, or a "

@@ -11,9 +11,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # processes tests start, since spinning threads of several workers on a core made some tests ten times slower.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Inductor writes and compiles scalar C++ loops faster than vectorized ones (docs/PERFORMANCE.md, Start-up), and the
-# tiny models here gain nothing from vectors; tests/test_cpu_vectorize.py covers the vectorized default.
-os.environ.setdefault("NANOVLLM_CPU_VECTORIZE", "0")
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ def test_defaults_when_nothing_is_set():
     assert KernelOptions.from_env({}) == KernelOptions()
     assert KernelOptions().as_dict() == {"reference_kernels": False, "triton_matmul": True, "matmul_table": None,
                                          "pdl": True, "hopper_features": True, "npu_graph_mode": "max-autotune",
-                                         "mps_compile": False, "cpu_vectorize": True, "all_reduce": "auto",
+                                         "mps_compile": False, "all_reduce": "auto",
                                          "moe_w8a8": True, "moe_table": None, "cuda_kernels": True}
 
 
@@ -20,12 +20,11 @@ def test_each_variable_sets_its_option():
     env = {"NANOVLLM_KERNELS": "reference", "NANOVLLM_MATMUL": "cublas", "NANOVLLM_MATMUL_TABLE": "/t.json",
            "NANOVLLM_PDL": "0", "NANOVLLM_HOPPER_FEATURES": "0", "NANOVLLM_NPU_GRAPH_MODE": "reduce-overhead",
            "NANOVLLM_MPS_COMPILE": "1", "NANOVLLM_ALLREDUCE": "nccl", "NANOVLLM_MOE_TABLE": "/m.json",
-           "NANOVLLM_CUDA_KERNELS": "off", "NANOVLLM_CPU_VECTORIZE": "0"}
+           "NANOVLLM_CUDA_KERNELS": "off"}
     assert KernelOptions.from_env(env) == KernelOptions(reference_kernels=True, triton_matmul=False,
                                                         matmul_table="/t.json", pdl=False, hopper_features=False,
                                                         npu_graph_mode="reduce-overhead", mps_compile=True,
-                                                        all_reduce="nccl", moe_table="/m.json", cuda_kernels=False,
-                                                        cpu_vectorize=False)
+                                                        all_reduce="nccl", moe_table="/m.json", cuda_kernels=False)
     assert KernelOptions.from_env({"NANOVLLM_KERNELS": "auto", "NANOVLLM_MATMUL": "auto", "NANOVLLM_PDL": "1",
                                    "NANOVLLM_MATMUL_TABLE": ""}) == KernelOptions()
 
@@ -38,7 +37,7 @@ def test_the_triton_interpreter_turns_pdl_off():
 @pytest.mark.parametrize("name,value", [("NANOVLLM_KERNELS", "triton"), ("NANOVLLM_MATMUL", "Cublas"),
                                         ("NANOVLLM_PDL", "off"), ("NANOVLLM_HOPPER_FEATURES", "no"),
                                         ("NANOVLLM_NPU_GRAPH_MODE", "eager"), ("NANOVLLM_MPS_COMPILE", "yes"),
-                                        ("NANOVLLM_ALLREDUCE", "custom"), ("NANOVLLM_CPU_VECTORIZE", "no")])
+                                        ("NANOVLLM_ALLREDUCE", "custom")])
 def test_a_bad_value_names_the_variable_and_the_value(name, value):
     with pytest.raises(ValueError, match=f"{name}={value!r}"):
         KernelOptions.from_env({name: value})

@@ -22,7 +22,6 @@ class KernelOptions:
     hopper_features: bool = True  # TMA and PDL where the GPU has them; False: the pre-Hopper path everywhere
     npu_graph_mode: str = "max-autotune"  # torchair's CompilerConfig().mode on the NPU platform
     mps_compile: bool = False  # compile the step on MPS (MPSInductor) instead of running it eagerly
-    cpu_vectorize: bool = True  # Inductor's C++ kernels use the CPU's vector instructions (False: scalar loops)
     all_reduce: str = "auto"  # tensor parallelism on CUDA, decode-sized all-reduces: auto, unfused, one_shot or nccl
     moe_w8a8: bool = True  # FP8 experts multiply e4m3 activations (act_quant.py); False: weight-only
     moe_table: str | None = None  # another fused-MoE tile table (None: the one shipped beside the kernels)
@@ -38,7 +37,6 @@ class KernelOptions:
                    hopper_features=get("NANOVLLM_HOPPER_FEATURES", env),
                    npu_graph_mode=get("NANOVLLM_NPU_GRAPH_MODE", env),
                    mps_compile=get("NANOVLLM_MPS_COMPILE", env),
-                   cpu_vectorize=get("NANOVLLM_CPU_VECTORIZE", env),
                    all_reduce=get("NANOVLLM_ALLREDUCE", env),
                    moe_w8a8=get("NANOVLLM_MOE_W8A8", env),
                    moe_table=get("NANOVLLM_MOE_TABLE", env),
