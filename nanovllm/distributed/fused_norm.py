@@ -72,12 +72,13 @@ def usable(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> boo
 @torch.library.custom_op("nanovllm::tp_all_reduce_add_rms_norm", mutates_args=())
 def _all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if usable(y, residual, weight) and 0 < y.numel() <= _state[y.dtype].max_numel:
+    kernels = usable(y, residual, weight)
+    if kernels and 0 < y.numel() <= _state[y.dtype].max_numel:
         from nanovllm.distributed.triton_fused_norm import fused  # triton: present wherever CUDA is
         b = _state[y.dtype]
         return fused(y, residual, weight, eps, b.datas, b.flags, b.counters, b.rank, b.programs, b.max_numel)
     summed = torch.ops.nanovllm.tp_all_reduce(y)
-    if usable(y, residual, weight):  # past the buffer (prefill): the kernel's add and norm after the collective sum
+    if kernels:  # past the buffer (prefill): the kernel's add and norm after the collective sum
         from nanovllm.distributed.triton_fused_norm import add_norm
         return add_norm(summed, residual, weight, eps)
     return add_rms_norm(residual, summed, weight, eps)
