@@ -63,6 +63,12 @@ def _fused_kernel(y_ptr, res_ptr, w_ptr, x_out, h_out, datas, flags, counters, M
         tl.store(counters, calls + 1)
 
 
+def _row_tiles(hidden: int) -> dict:
+    """The launch keywords of a kernel whose program holds one whole row of ``hidden`` columns."""
+    block = triton.next_power_of_2(hidden)
+    return dict(BLOCK=block, num_warps=min(16, max(4, block // 512)))
+
+
 def fused(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, datas: tuple, flags: tuple,
           counters: torch.Tensor, rank: int, programs: int, half_numel: int):
     """``(residual + sum of y over the ranks, its RMSNorm)``.  ``datas``: every rank's data area (two halves of
@@ -70,11 +76,9 @@ def fused(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: fl
     counters, all ``fused_norm``'s buffers.  At most ``programs`` programs, so that all are resident at once."""
     x, h = torch.empty_like(y), torch.empty_like(y)
     rows, hidden = y.shape
-    block = triton.next_power_of_2(hidden)
     _fused_kernel[(min(rows, programs),)](
         y, residual, weight, x, h, tuple(datas), tuple(flags), counters, rows, hidden, y.stride(0),
-        residual.stride(0), half_numel, eps, RANK=rank, WORLD=len(datas), BLOCK=block,
-        num_warps=min(16, max(4, block // 512)))
+        residual.stride(0), half_numel, eps, RANK=rank, WORLD=len(datas), **_row_tiles(hidden))
     return x, h
 
 
@@ -93,8 +97,7 @@ def add_norm(summed: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     the buffer (prefill) does after the collective sum."""
     x, h = torch.empty_like(summed), torch.empty_like(summed)
     rows, hidden = summed.shape
-    block = triton.next_power_of_2(hidden)
     if rows:
         _add_norm_kernel[(rows,)](summed, residual, weight, x, h, hidden, summed.stride(0), residual.stride(0), eps,
-                                  BLOCK=block, num_warps=min(16, max(4, block // 512)))
+                                  **_row_tiles(hidden))
     return x, h
