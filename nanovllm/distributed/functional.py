@@ -30,9 +30,10 @@ def all_gather_last_dim_functional(x: torch.Tensor, size: int) -> torch.Tensor:
     return funcol.all_gather_single(x.contiguous(), x.dim() - 1, dist.group.WORLD)
 
 
-def all_reduce_add_rms_norm_functional(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def all_reduce_add_rms_norm_functional(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                       zero_centered: bool = False):
     """``nanovllm::tp_all_reduce_add_rms_norm``: the functional sum, then the op's own add and RMSNorm."""
-    return fused_norm.add_rms_norm(residual, all_reduce_functional(y), weight, eps)
+    return fused_norm.add_rms_norm(residual, all_reduce_functional(y), weight, eps, zero_centered)
 
 
 TRACED = {"tp_all_reduce": all_reduce_functional, "tp_all_gather_last_dim": all_gather_last_dim_functional,

@@ -1,17 +1,17 @@
 """The all-reduce of a row-parallel projection fused with the residual add and RMSNorm after it, on CUDA.
 
-``all_reduce_add_rms_norm(y, residual, weight, eps)`` (the op ``nanovllm::tp_all_reduce_add_rms_norm``) returns
-``(x, h)``: ``x = residual + (sum of y over the ranks)``, the sum rounded to y's dtype as an all-reduce returns it,
-then the add rounded; ``h`` is RMSNorm of x by ``kernels/norm_rope.rms_norm``'s rule (statistics in float32, the
-normed value rounded to x's dtype before ``weight`` scales it).  One Triton launch does it: each program copies
-its rows of y into this rank's symmetric buffer, meets the same program of every peer through flags in that
-buffer, sums the ranks' rows in rank order (so every rank gets the same bits), adds, normalizes and writes both
-outputs.  The data area has two halves, alternated by a device counter; a rank writes a half again only after
-every peer has met it in the call between, so after the peer read it.  ``prepare`` makes the buffer (collective,
-beside ``collectives.use_symmetric_all_reduce``); ``usable`` says whether the models call the op (16-bit rows of
-at most ``MAX_HIDDEN`` columns); a call past the decode-sized numel prepared (prefill) sums with ``collectives``'
-all-reduce, then adds and norms in one Triton launch of the same arithmetic; a process with no buffer (a
-compile-cache entry made by another) norms in torch instead.
+``all_reduce_add_rms_norm(y, residual, weight, eps, zero_centered)`` (the op ``nanovllm::tp_all_reduce_add_rms_norm``)
+returns ``(x, h)``: ``x = residual + (sum of y over the ranks)``, the sum rounded to y's dtype as an all-reduce
+returns it, then the add rounded; ``h`` is RMSNorm of x by ``kernels/norm_rope.rms_norm``'s rule (statistics in
+float32, the normed value rounded to x's dtype before ``weight`` scales it), or, ``zero_centered``, by
+``ZeroCenteredRMSNorm``'s (``norm(x) * (1 + weight)`` in float32, rounded once).  One Triton launch does it: each
+program copies its rows of y into this rank's symmetric buffer, meets the same program of every peer through flags
+in that buffer, sums the ranks' rows in rank order (so every rank gets the same bits), adds, normalizes and writes
+both outputs.  The data area has two halves, alternated by a device counter; a rank writes a half again only after
+every peer has met it in the call between.  ``prepare`` makes the buffer (collective, beside
+``collectives.use_symmetric_all_reduce``); ``usable`` says whether the models call the op (16-bit rows of at most
+``MAX_HIDDEN`` columns); a call past the decode-sized numel prepared (prefill) sums with ``collectives``' all-reduce,
+then adds and norms in one Triton launch of the same arithmetic; a process with no buffer norms in torch instead.
 """
 import torch
 
@@ -70,34 +70,41 @@ def usable(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> boo
 
 
 @torch.library.custom_op("nanovllm::tp_all_reduce_add_rms_norm", mutates_args=())
-def _all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             zero_centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     kernels = usable(y, residual, weight)
     if kernels and 0 < y.numel() <= _state[y.dtype].max_numel:
         from nanovllm.distributed.triton_fused_norm import fused  # triton: present wherever CUDA is
         b = _state[y.dtype]
-        return fused(y, residual, weight, eps, b.datas, b.flags, b.counters, b.rank, b.programs, b.max_numel)
+        return fused(y, residual, weight, eps, b.datas, b.flags, b.counters, b.rank, b.programs, b.max_numel,
+                     zero_centered)
     summed = torch.ops.nanovllm.tp_all_reduce(y)
     if kernels:  # past the buffer (prefill): the kernel's add and norm after the collective sum
         from nanovllm.distributed.triton_fused_norm import add_norm
-        return add_norm(summed, residual, weight, eps)
-    return add_rms_norm(residual, summed, weight, eps)
+        return add_norm(summed, residual, weight, eps, zero_centered)
+    return add_rms_norm(residual, summed, weight, eps, zero_centered)
 
 
-def add_rms_norm(residual: torch.Tensor, summed: torch.Tensor, weight: torch.Tensor, eps: float):
+def add_rms_norm(residual: torch.Tensor, summed: torch.Tensor, weight: torch.Tensor, eps: float,
+                 zero_centered: bool = False):
     """The op's torch path after the sum: ``(residual + summed, its RMSNorm)`` by ``kernels/norm_rope.rms_norm``'s
-    rounding (that layer is not importable from here)."""
+    rounding, or ``ZeroCenteredRMSNorm``'s (those layers are not importable from here)."""
     x = residual + summed
     xf = x.float()
-    return x, weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if zero_centered:
+        return x, (normed * (1.0 + weight.float())).to(x.dtype)
+    return x, weight * normed.to(x.dtype)
 
 
 @_all_reduce_add_rms_norm.register_fake
-def _(y, residual, weight, eps):
+def _(y, residual, weight, eps, zero_centered=False):
     return torch.empty_like(y), torch.empty_like(y)
 
 
-def all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``(residual + sum of y over the group, its RMSNorm by weight)`` in one launch where ``usable``."""
+def all_reduce_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            zero_centered: bool = False):
+    """``(residual + sum of y over the group, its RMSNorm by weight)`` in one launch where ``usable``;
+    ``zero_centered``: the norm scales by ``1 + weight`` (``ZeroCenteredRMSNorm``)."""
     op = traced.lookup("tp_all_reduce_add_rms_norm", y.device) or torch.ops.nanovllm.tp_all_reduce_add_rms_norm
-    return op(y, residual, weight, eps)
+    return op(y, residual, weight, eps, zero_centered)

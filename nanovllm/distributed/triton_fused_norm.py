@@ -16,19 +16,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_and_norm(summed, res_row, w, x_row, h_row, cols, live, H, eps):
-    """x = residual + summed, rounded to summed's dtype; h = w * RMSNorm(x) by ``rms_norm``'s rounding."""
+def _add_and_norm(summed, res_row, w, x_row, h_row, cols, live, H, eps, ZERO_CENTERED: tl.constexpr):
+    """x = residual + summed, rounded to summed's dtype; h = w * RMSNorm(x) by ``rms_norm``'s rounding, or
+    (``ZERO_CENTERED``) RMSNorm(x) * (1 + w) in float32, rounded once."""
     dtype = summed.dtype
     x = (tl.load(res_row + cols, mask=live, other=0.0).to(tl.float32) + summed.to(tl.float32)).to(dtype)
     tl.store(x_row + cols, x, mask=live)
     xf = x.to(tl.float32)
-    normed = (xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps))).to(dtype)
-    tl.store(h_row + cols, (w * normed.to(tl.float32)).to(dtype), mask=live)
+    normed = xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps))
+    if ZERO_CENTERED:
+        h = (normed * (1.0 + w)).to(dtype)
+    else:
+        h = (w * normed.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(h_row + cols, h, mask=live)
 
 
 @triton.jit
 def _fused_kernel(y_ptr, res_ptr, w_ptr, x_out, h_out, datas, flags, counters, M, H, stride_y, stride_r, half_numel,
-                  eps, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                  eps, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ZERO_CENTERED: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     dtype = y_ptr.dtype.element_ty
@@ -56,7 +61,7 @@ def _fused_kernel(y_ptr, res_ptr, w_ptr, x_out, h_out, datas, flags, counters, M
             part = datas[r] + half + row * H + cols
             total += tl.load(part, mask=live, other=0.0, cache_modifier=".cg").to(tl.float32)
         _add_and_norm(total.to(dtype), res_ptr + row * stride_r, w, x_out + row * H, h_out + row * H, cols, live,
-                      H, eps)
+                      H, eps, ZERO_CENTERED)
     # the last program to finish moves the calls' count on (the next call's half)
     if tl.atomic_add(counters + 1, 1, sem="acq_rel") == programs - 1:
         tl.store(counters + 1, 0)
@@ -70,34 +75,39 @@ def _row_tiles(hidden: int) -> dict:
 
 
 def fused(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, datas: tuple, flags: tuple,
-          counters: torch.Tensor, rank: int, programs: int, half_numel: int):
-    """``(residual + sum of y over the ranks, its RMSNorm)``.  ``datas``: every rank's data area (two halves of
-    ``half_numel`` elements of y's dtype), ``flags``: every rank's int32 flags, ``counters``: this rank's two int32
-    counters, all ``fused_norm``'s buffers.  At most ``programs`` programs, so that all are resident at once."""
+          counters: torch.Tensor, rank: int, programs: int, half_numel: int, zero_centered: bool = False):
+    """``(residual + sum of y over the ranks, its RMSNorm)``; ``zero_centered``: the norm scales by ``1 + weight``.
+    ``datas``: every rank's data area (two halves of ``half_numel`` elements of y's dtype), ``flags``: every rank's
+    int32 flags, ``counters``: this rank's two int32 counters, all ``fused_norm``'s buffers.  At most ``programs``
+    programs, so that all are resident at once."""
     x, h = torch.empty_like(y), torch.empty_like(y)
     rows, hidden = y.shape
     _fused_kernel[(min(rows, programs),)](
         y, residual, weight, x, h, tuple(datas), tuple(flags), counters, rows, hidden, y.stride(0),
-        residual.stride(0), half_numel, eps, RANK=rank, WORLD=len(datas), **_row_tiles(hidden))
+        residual.stride(0), half_numel, eps, RANK=rank, WORLD=len(datas), ZERO_CENTERED=zero_centered,
+        **_row_tiles(hidden))
     return x, h
 
 
 @triton.jit
-def _add_norm_kernel(s_ptr, res_ptr, w_ptr, x_out, h_out, H, stride_s, stride_r, eps, BLOCK: tl.constexpr):
+def _add_norm_kernel(s_ptr, res_ptr, w_ptr, x_out, h_out, H, stride_s, stride_r, eps, BLOCK: tl.constexpr,
+                     ZERO_CENTERED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     live = cols < H
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     summed = tl.load(s_ptr + row * stride_s + cols, mask=live, other=0.0)
-    _add_and_norm(summed, res_ptr + row * stride_r, w, x_out + row * H, h_out + row * H, cols, live, H, eps)
+    _add_and_norm(summed, res_ptr + row * stride_r, w, x_out + row * H, h_out + row * H, cols, live, H, eps,
+                  ZERO_CENTERED)
 
 
-def add_norm(summed: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def add_norm(summed: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+             zero_centered: bool = False):
     """``(residual + summed, its RMSNorm)`` by the fused kernel's arithmetic, one program a row: what a call past
     the buffer (prefill) does after the collective sum."""
     x, h = torch.empty_like(summed), torch.empty_like(summed)
     rows, hidden = summed.shape
     if rows:
         _add_norm_kernel[(rows,)](summed, residual, weight, x, h, hidden, summed.stride(0), residual.stride(0), eps,
-                                  **_row_tiles(hidden))
+                                  ZERO_CENTERED=zero_centered, **_row_tiles(hidden))
     return x, h

@@ -174,12 +174,17 @@ def _compile_once(fn):
 @_compile_once
 def _after_attention(layer: DecoderLayer, next_norm: RMSNorm, x, o, lora_slots=None):
     x, h = tp.row_parallel_add_norm(layer.self_attn.o_proj, o, x, layer.post_attention_layernorm, lora_slots)
-    if isinstance(layer.mlp, MLP) and layer.mlp.reduce:  # its down projection's sum fuses with the next norm too
-        return tp.row_parallel_add_norm(layer.mlp.down_proj, layer.mlp.activated(h, lora_slots), x, next_norm,
-                                        lora_slots)
-    if getattr(layer.mlp, "reducible", False):  # a MoE block's part before its sum, which fuses too
-        return tp.sum_add_norm(layer.mlp(h, reduce=False), x, next_norm)
-    x = x + (layer.mlp(h, lora_slots) if isinstance(layer.mlp, MLP) else layer.mlp(h))  # MoE blocks: no adapters
+    return mlp_add_norm(layer.mlp, h, x, next_norm, lora_slots)
+
+
+def mlp_add_norm(mlp: nn.Module, h, x, next_norm: nn.Module, lora_slots=None):
+    """``(x + mlp(h), next_norm of it)``, the MLP's (or a MoE block's) sum over the ranks fused with the add and
+    the norm where ``tensor_parallel.sum_add_norm`` fuses them."""
+    if isinstance(mlp, MLP) and mlp.reduce:  # its down projection's sum
+        return tp.row_parallel_add_norm(mlp.down_proj, mlp.activated(h, lora_slots), x, next_norm, lora_slots)
+    if getattr(mlp, "reducible", False):  # a MoE block's part before its sum
+        return tp.sum_add_norm(mlp(h, reduce=False), x, next_norm)
+    x = x + (mlp(h, lora_slots) if isinstance(mlp, MLP) else mlp(h))  # MoE blocks: no adapters
     return x, next_norm(x)
 
 

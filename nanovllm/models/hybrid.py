@@ -19,7 +19,7 @@ import nanovllm.distributed as distributed
 from nanovllm.layers.norm import ZeroCenteredRMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding
 from nanovllm.models import tensor_parallel as tp
-from nanovllm.models.decoder import MLP, DecoderArgs, DecoderForCausalLM, _compile_once
+from nanovllm.models.decoder import MLP, DecoderArgs, DecoderForCausalLM, _compile_once, mlp_add_norm
 from nanovllm.models.hybrid_layers import GatedAttention, GatedDeltaNet, LinearArgs
 from nanovllm.models.moe import MoeArgs, SparseMoe
 from nanovllm.models.qwen3_moe import _is_sparse
@@ -66,9 +66,8 @@ class HybridLayer(nn.Module):
 
 @_compile_once
 def _after_mixer(out_proj: nn.Linear, layer: HybridLayer, next_norm: nn.Module, x, o):
-    x = x + tp.row_parallel(out_proj, o)
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return x, next_norm(x)
+    x, h = tp.row_parallel_add_norm(out_proj, o, x, layer.post_attention_layernorm)
+    return mlp_add_norm(layer.mlp, h, x, next_norm)
 
 
 class HybridBody(nn.Module):

@@ -20,7 +20,7 @@ import nanovllm.distributed as distributed
 from nanovllm.distributed import fused_norm
 from nanovllm.kernels import reference
 from nanovllm.kernels.lora import ops as lora_ops
-from nanovllm.layers.norm import RMSNorm
+from nanovllm.layers.norm import RMSNorm, ZeroCenteredRMSNorm
 from nanovllm.quant import held
 
 
@@ -88,21 +88,25 @@ def row_parallel(linear: torch.nn.Linear, x: torch.Tensor, lora_slots: torch.Ten
     return y if linear.bias is None else y + linear.bias
 
 
-def row_parallel_add_norm(linear: torch.nn.Linear, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+def row_parallel_add_norm(linear: torch.nn.Linear, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module,
                           lora_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(residual + row_parallel(linear, x), norm of it)``: the sum, the add and the norm in one launch where
-    ``distributed.fused_norm`` takes it (a decode-sized step on CUDA, a plain RMSNorm, no bias)."""
+    ``sum_add_norm`` fuses them (no bias)."""
     if distributed.current().size > 1 and linear.bias is None:
         return sum_add_norm(matmul(linear, x, None, lora_slots=lora_slots), residual, norm)
     residual = residual + row_parallel(linear, x, lora_slots)
     return residual, norm(residual)
 
 
+_FUSED_NORMS = (RMSNorm, ZeroCenteredRMSNorm)  # the norms fused_norm computes, each by its own rounding
+
+
 def sum_add_norm(y: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(residual + sum of this rank's partial y over the group, norm of it)``, in one launch where
-    ``distributed.fused_norm`` takes it (a plain ``RMSNorm``, a decode-sized step on CUDA)."""
-    if type(norm) is RMSNorm and distributed.current().size > 1 and fused_norm.usable(y, residual, norm.weight):
-        return fused_norm.all_reduce_add_rms_norm(y, residual, norm.weight, norm.eps)
+    ``distributed.fused_norm`` takes it (an ``RMSNorm`` or ``ZeroCenteredRMSNorm``, 16-bit rows on CUDA)."""
+    kind = type(norm)
+    if kind in _FUSED_NORMS and distributed.current().size > 1 and fused_norm.usable(y, residual, norm.weight):
+        return fused_norm.all_reduce_add_rms_norm(y, residual, norm.weight, norm.eps, kind is ZeroCenteredRMSNorm)
     residual = residual + distributed.all_reduce(y)
     return residual, norm(residual)
 

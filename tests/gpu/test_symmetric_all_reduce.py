@@ -2,8 +2,9 @@
 place, sizes on both sides of ``TWO_SHOT_FROM_BYTES`` (one-shot below, two-shot from it) sum what NCCL sums, run
 eagerly and replayed from a CUDA graph, and a size past the buffer falls back to NCCL (eagerly).  The sum fused
 with the residual add and RMSNorm (``fused_norm.py``) gives NCCL's sum plus the residual bit for bit and
-``rms_norm`` of it (within two units in the last place), eagerly and from graphs replayed in turn (its buffer's
-halves alternate across calls); so do calls past its buffer, which sum with NCCL and then add and norm in Triton.
+``rms_norm`` of it, or ``ZeroCenteredRMSNorm``'s (within two units in the last place), eagerly and from graphs
+replayed in turn (its buffer's halves alternate across calls); so do calls past its buffer, which sum with NCCL and
+then add and norm in Triton.
 
 Each rank ends its process without tearing NCCL down, as the engine's workers do: a group aborted while CUDA
 graphs that captured its collectives are alive can wait for a long time.  A rank stuck for 90 s prints its stacks
@@ -91,11 +92,14 @@ def _fused_sums(rank: int, device: torch.device, failures) -> list:
     from nanovllm import distributed
     from nanovllm.distributed import fused_norm
     from nanovllm.kernels.norm_rope import rms_norm
+    from nanovllm.layers.norm import ZeroCenteredRMSNorm
     graphs = []
     assert distributed.use_symmetric_all_reduce(device, torch.bfloat16, 256 * HIDDEN, fuse_norm=True)
     gen = torch.Generator(device).manual_seed(rank)
     weight = torch.randn(HIDDEN, device=device, dtype=torch.bfloat16,
                          generator=torch.Generator(device).manual_seed(7))
+    zero_centered_norm = ZeroCenteredRMSNorm(HIDDEN, 1e-6).to(device)
+    zero_centered_norm.weight.data = weight * 0.1  # an offset from 1, as such checkpoints hold
     cases = []
     for rows in (1, 16, 64, 200, 256, 300, 1000):  # past 256 rows: NCCL's sum, then the add and norm kernel
         y = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16, generator=gen) * (rank + 1)
@@ -105,16 +109,18 @@ def _fused_sums(rank: int, device: torch.device, failures) -> list:
         summed = y.clone()
         dist.all_reduce(summed)
         want_x = residual + summed
-        cases.append((rows, y, residual, want_x, rms_norm(want_x, weight, 1e-6)))
+        cases.append((rows, False, weight, y, residual, want_x, rms_norm(want_x, weight, 1e-6)))
+        cases.append((f"{rows}, zero-centred", True, zero_centered_norm.weight, y, residual, want_x,
+                      zero_centered_norm(want_x)))
     results = []
-    for rows, y, residual, want_x, want_h in cases:
-        results.append((rows, "eager", *fused_norm.all_reduce_add_rms_norm(y, residual, weight, 1e-6),
+    for rows, zc, w, y, residual, want_x, want_h in cases:
+        results.append((rows, "eager", *fused_norm.all_reduce_add_rms_norm(y, residual, w, 1e-6, zc),
                         want_x, want_h))
     torch.cuda.synchronize()
-    for rows, y, residual, want_x, want_h in cases:
+    for rows, zc, w, y, residual, want_x, want_h in cases:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            x, h = fused_norm.all_reduce_add_rms_norm(y, residual, weight, 1e-6)
+            x, h = fused_norm.all_reduce_add_rms_norm(y, residual, w, 1e-6, zc)
         graphs.append((graph, rows, x, h, want_x, want_h))
     for _ in range(3):  # each graph once a round: the halves a graph finds differ from round to round
         for graph, rows, x, h, want_x, want_h in graphs:

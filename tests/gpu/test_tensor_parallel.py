@@ -115,7 +115,7 @@ def test_float32_two_ranks_are_token_identical_to_transformers(checkpoint, arch,
     assert [v for v in verdicts if v["status"] != "identical"] == []
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "qwen3_next", "qwen3_5"])  # the hybrids: zero-centred norms
 def test_bfloat16_two_ranks_part_from_one_only_at_near_ties(checkpoint, arch):
     one, vocab, _ = greedy(checkpoint(arch), 1, "bfloat16")
     two, _, _ = greedy(checkpoint(arch), 2, "bfloat16")
