@@ -62,8 +62,7 @@ LONG = ("--num-seqs", "64", "--max-input-len", "16384", "--max-output-len", "256
 LONG_VLLM = ("--max-num-seqs", "64", "--llm-kwargs", json.dumps({"max_model_len": 16640}))
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
-    Step("bench-ours", "ours", "default", "bench", BENCH),
-    Step("bench-vllm", "vllm", "default", "bench"),
+    Step("bench-ours", "ours", "default", "bench", BENCH), Step("bench-vllm", "vllm", "default", "bench"),
     Step("bench-fp8kv-ours", "ours", "default", "bench", BENCH + FP8_KV),
     Step("bench-fp8kv-vllm", "vllm", "default", "bench", FP8_KV),
     Step("eager-ours", "ours", "default", "bench", BENCH + ("--enforce-eager",)),
@@ -82,7 +81,8 @@ STEPS = [
     Step("moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8),
     Step("moe-blockfp8-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH),  # the same checkpoint in both
     Step("moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "bench"),
-    Step("profile-moe-blockfp8", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--at", "256", "--prefill")),
+    *[Step(f"profile-moe-blockfp8{tag}", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--at", "256", "--prefill")
+           + tp) for tag, tp in (("", ()), ("-tp2", TP2))],
     Step("profile-moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--engine", "vllm")),
     Step("count-experts-blockfp8", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--count-experts",)),
     Step("moe-fp8-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + FP8_KV),
