@@ -63,8 +63,8 @@ LONG_VLLM = ("--max-num-seqs", "64", "--llm-kwargs", json.dumps({"max_model_len"
 COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as ours compiles JSON (offline_bench.py)
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH), Step("bench-vllm", "vllm", "default", "bench"),
-    Step("bench-fp8kv-ours", "ours", "default", "bench", BENCH + FP8_KV),
-    Step("bench-fp8kv-vllm", "vllm", "default", "bench", FP8_KV),
+    *[Step(f"bench-{tag}-{who}", who, "default", "bench", (BENCH if who == "ours" else ()) + flags)
+      for tag, flags in (("fp8kv", FP8_KV), ("fp8", FP8)) for who in ("ours", "vllm")],
     Step("eager-ours", "ours", "default", "bench", BENCH + ("--enforce-eager",)),
     Step("pre-hopper-ours", "ours", "default", "bench", BENCH, env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     Step("batch1-ours", "ours", "peer:qwen3-8b", "bench", ("--bs", "1", "--num-seqs", "2")),
@@ -73,8 +73,6 @@ STEPS = [
     Step("moe-vllm", "vllm", "preset:qwen3-30b-a3b", "bench"),
     Step("moe-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8_KV),
     Step("moe-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8_KV),
-    Step("bench-fp8-ours", "ours", "default", "bench", BENCH + FP8),
-    Step("bench-fp8-vllm", "vllm", "default", "bench", FP8),
     Step("batch1-fp8-ours", "ours", "peer:qwen3-8b", "bench", ("--bs", "1", "--num-seqs", "2") + FP8),
     Step("batch1-fp8-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1") + FP8),
     Step("moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8),
@@ -192,7 +190,8 @@ STEPS = [
     Step("moe-kernel", "ours", "own", "module", MOE_KERNEL),
     Step("moe-kernel-fp8", "ours", "own", "module", MOE_KERNEL + ("--fp8",)),
     Step("moe-kernel-blockfp8", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128")),
-    Step("moe-kernel-w8a8", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128", "--modes", "w8a8")),
+    *[Step(f"moe-kernel-w8a8{tag}", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128", "--modes",
+           "w8a8", "--shape", f"qwen3-30b-a3b{tag}")) for tag in ("", "-tp2")],  # -tp2: one rank's experts at TP=2
     Step("matmul-fp8-30b", "ours", "own", "module", ("benchmarks.matmul_sweep", "--fp8", "--group", "128",
                                                      "--preset", "qwen3-30b-a3b", "--shapes", "qkv,o")),
     Step("moe-kernel-int4", "ours", "own", "module", MOE_SWEEP + ("--int4",)),

@@ -37,8 +37,8 @@ from nanovllm.kernels.moe_configs import MoeConfig
 from nanovllm.kernels.moe_reference import fused_moe_reference, route_reference
 
 DEV = "cuda"
-SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral": (8, 2, 4096, 14336),  # E, top-k, H, I
-          "qwen3-235b-a22b": (128, 8, 4096, 1536), "gpt-oss-20b": (32, 4, 2880, 2880),
+SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "qwen3-30b-a3b-tp2": (128, 8, 2048, 384),  # E, top-k, H, I (a rank's)
+          "mixtral": (8, 2, 4096, 14336), "qwen3-235b-a22b": (128, 8, 4096, 1536), "gpt-oss-20b": (32, 4, 2880, 2880),
           "gpt-oss-120b": (128, 4, 2880, 2880), "mixtral-8x22b": (8, 2, 6144, 16384),
           "phi-3.5-moe": (16, 2, 4096, 6400), "qwen2-57b-a14b": (64, 8, 3584, 2560)}
 E, TOP_K, HIDDEN, INTER = SHAPES["qwen3-30b-a3b"]  # set from --shape by main()
