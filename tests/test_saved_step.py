@@ -121,3 +121,32 @@ def test_unloadable_saved_step_is_traced_with_one_warning_and_dropped(tmp_path, 
     assert json.loads((store.entry / "manifest.json").read_text())["step"] is None
     _, origin, warnings, _, store = _start(tmp_path, _objects(2), caplog)  # not tried again
     assert (origin, warnings) == ("traced", []) and store.hit
+
+
+def _no_aot(*args, **kwargs):
+    raise RuntimeError("no ahead-of-time compile here")
+
+
+@pytest.mark.parametrize("path", ["cold", "warm", "unloadable", "cache-off", "aot-fails"])
+def test_every_path_meets_the_other_ranks_once_after_compiling_and_before_running(tmp_path, caplog, monkeypatch, path):
+    if path in ("warm", "unloadable", "cache-off"):  # an entry with a saved step
+        _start(tmp_path, _objects(0), caplog)
+    if path == "unloadable":
+        step_file = CompileCache(FIELDS, root=tmp_path).entry / "step.bin"
+        step_file.write_bytes(b"garbage")
+        manifest_file = step_file.parent / "manifest.json"
+        manifest = json.loads(manifest_file.read_text())
+        manifest["step"] = {"size": 7, "sha256": hashlib.sha256(b"garbage").hexdigest()}
+        manifest_file.write_text(json.dumps(manifest))
+    if path == "cache-off":
+        monkeypatch.setenv("NANOVLLM_DISABLE_COMPILE_CACHE", "1")
+    if path == "aot-fails":
+        monkeypatch.setattr(saved_step, "aot_compile", _no_aot)
+    objects = _objects(1)
+    buffer = objects[2]
+    meetings = []  # what the step's buffer (incremented by each run) held at each meeting
+    monkeypatch.setattr(saved_step.liveness, "meet", lambda activity: meetings.append((activity, buffer.tolist())))
+    _, origin, _, _, _ = _start(tmp_path, objects, caplog)
+    assert origin == {"cold": "aot", "warm": "loaded"}.get(path, "traced")
+    assert len(meetings) == 1 and meetings[0][1] == [0, 0], meetings
+    assert buffer.tolist() == [1, 1]  # one run, after the meeting

@@ -66,18 +66,21 @@ def trace(platform, step: functools.partial) -> BoundStep:
     return BoundStep(platform.compile(fn, dynamic=None), bound)
 
 
-def aot_compile(platform, step: functools.partial, trace_inputs) -> tuple[BoundStep, bytes]:
-    """Trace and lower the step now (``trace_inputs`` marked dynamic); returns it and its serialized form."""
+def aot_compile(platform, step: functools.partial, trace_inputs) -> BoundStep:
+    """Trace and lower the step now (``trace_inputs`` marked dynamic) without running it."""
     fn, bound = _unbind(step)
     # torch.compile attaches ``.aot_compile`` only under this flag, off by default in older releases
     with torch._dynamo.config.patch(enable_aot_compile=True):
-        compiled = platform.compile(fn, dynamic=None).aot_compile(((*bound, trace_inputs), {}))
+        return BoundStep(platform.compile(fn, dynamic=None).aot_compile(((*bound, trace_inputs), {})), bound)
+
+
+def serialize(compiled: BoundStep) -> bytes:
+    """What ``load`` takes back: an ``aot_compile`` step without its bound objects."""
     with tempfile.TemporaryDirectory() as d:  # the save API takes a path (and returns bytes only in newer torch)
         path = os.path.join(d, "step.bin")
-        compiled.save_compiled_function(path)
+        compiled.compiled.save_compiled_function(path)
         with open(path, "rb") as f:
-            data = f.read()
-    return BoundStep(compiled, bound), data
+            return f.read()
 
 
 def load(data: bytes, step: functools.partial) -> BoundStep:
@@ -91,37 +94,55 @@ def load(data: bytes, step: functools.partial) -> BoundStep:
 def compiled_step(platform, step: functools.partial, make_trace_inputs: Callable, cache) -> tuple[BoundStep, str]:
     """The step compiled with symbolic token and sequence counts, run once on a dummy prefill, and how it was
     obtained: ``"loaded"`` (from ``cache``'s entry; no Dynamo trace), ``"aot"`` (traced now, kept in the entry)
-    or ``"traced"`` (plain ``torch.compile``: the cache is off, the API is missing, or it failed)."""
+    or ``"traced"`` (traced now, not kept: the cache is off, its entry keeps no step, or saving failed).
+
+    Every path compiles before it meets the other tensor-parallel ranks (``liveness.meet``, once) and runs the step
+    only after: a rank's first collective waits only NANOVLLM_TP_TIMEOUT_S for a peer still compiling.  Only plain
+    ``torch.compile`` (this torch cannot compile ahead, or that failed) compiles inside its first run."""
+    met = []
+
+    def first_run(compiled: BoundStep, inputs, activity: str) -> None:
+        if not met:
+            liveness.meet(activity)
+            met.append(activity)
+        compiled(inputs)
+
     if cache.saved_step is not None:
         try:
             loaded = load(cache.saved_step, step)
-            liveness.meet("running the loaded step")  # its collectives wait only NANOVLLM_TP_TIMEOUT_S for a peer
-            loaded(make_trace_inputs())  # unmarked inputs: a loaded guard rejects a dynamic-dim marking
+            # unmarked inputs: a loaded guard rejects a dynamic-dim marking
+            first_run(loaded, make_trace_inputs(), "running the loaded step")
             return loaded, "loaded"
         except liveness.PeerFailed:  # the group is broken: no step would run
             raise
         except Exception as e:  # never crash, never use a step that did not load cleanly
             logger.warning("compile cache: the saved step in %s could not be used (%s: %s); tracing it again",
-                           cache.entry, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                           cache.entry, type(e).__name__, _first_line(e))
             cache.drop_step()
-    elif cache.enabled and not cache.loaded:
-        reason = aot_unsupported_reason()
-        if reason is None:
-            try:
-                inputs = make_trace_inputs()
-                mark_dynamic(inputs)
-                compiled, data = aot_compile(platform, step, inputs)
-                liveness.meet("running the compiled step")  # a peer may still be compiling
-                compiled(make_trace_inputs())
+    keep = cache.enabled and not cache.loaded  # a loaded entry without a step had it dropped: it stays without
+    reason = aot_unsupported_reason()
+    if reason is None:
+        try:
+            inputs = make_trace_inputs()
+            mark_dynamic(inputs)
+            compiled = aot_compile(platform, step, inputs)
+            data = serialize(compiled) if keep else None  # (a step that cannot be saved is traced below)
+            first_run(compiled, make_trace_inputs(), "running the compiled step")
+            if keep:
                 cache.store_step(data)
-                return compiled, "aot"
-            except liveness.PeerFailed:
-                raise
-            except Exception as e:
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return compiled, "aot" if keep else "traced"
+        except liveness.PeerFailed:
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+    if keep:
         logger.info("compile cache: the step is not saved (%s); warm starts will trace it", reason)
     traced = trace(platform, step)
     inputs = make_trace_inputs()
     mark_dynamic(inputs)
-    traced(inputs)
+    first_run(traced, inputs, "compiling and running the traced step")
     return traced, "traced"
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
