@@ -1,7 +1,7 @@
 """Which tests a run leaves out: those marked ``slow`` (more models, modes and process set-ups of capabilities the
 quick tests already cover), unless the run asks for them.  A run asks by a marker expression (``-m slow``,
 ``-m "slow or not slow"``: pytest's own selection then decides), by naming a test (``FILE::TEST``), or with
-``RUN_SLOW_TESTS=1`` (CI: the README's command, quick and slow tests in one session).  The summary counts what
+``RUN_SLOW_TESTS=1`` (the README's command then runs quick and slow tests in one session).  The summary counts what
 was left out.
 """
 import os

@@ -13,8 +13,6 @@ from conftest import greedy_tokens as tokens
 from family_checks import check_prefix_hits, check_staggered_batch, check_text_path
 from nanovllm import LLM
 
-pytestmark = pytest.mark.slow
-
 KINDS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 
@@ -77,6 +75,7 @@ def test_prefix_hits_give_transformers_tokens(engines):
     check_prefix_hits(path, eager)
 
 
+@pytest.mark.slow
 def test_kv_shared_layers_match_transformers(tmp_path):
     """The last two layers read the caches of layer 1 (sliding) and 2 (full) and keep none of their own (one shared
     layer: the MoE test)."""
@@ -101,6 +100,7 @@ def test_published_multimodal_checkpoint_runs_its_text_path(tmp_path):
     check_text_path(model, tmp_path, "Gemma4ForCausalLM")
 
 
+@pytest.mark.slow
 def test_moe_block_matches_transformers(tmp_path):
     """A MoE block beside every MLP (4 experts, top 2; GELU experts through ``ops.moe_experts``), with the last layer
     reading layer 2's (full) cache, its MLP double wide."""
@@ -116,6 +116,7 @@ def test_moe_block_matches_transformers(tmp_path):
         llm.close()
 
 
+@pytest.mark.slow
 def test_bf16_graph_mode_diverges_only_at_near_ties(tmp_path):
     """bf16 graph mode under the logprob-margin rule (``tools.oracle``): without Inductor rounding its fused
     intermediates as eager does (``compile.factory.round_like_eager``), these prompts left transformers' tokens past

