@@ -104,14 +104,19 @@ def test_corrupt_saved_step_is_discarded_with_one_warning_and_rebuilt(tmp_path, 
     assert (origin, warnings, graphs) == ("loaded", [], 0)
 
 
-def test_unloadable_saved_step_is_traced_with_one_warning_and_dropped(tmp_path, caplog):
-    _start(tmp_path, _objects(0), caplog)
-    store = CompileCache(FIELDS, root=tmp_path)
-    garbage = b"not a compiled function"  # checksummed correctly, but torch cannot load it
+def _replace_step(root, garbage: bytes) -> CompileCache:
+    """Put ``garbage`` in the entry's step.bin, checksummed correctly, though torch cannot load it."""
+    store = CompileCache(FIELDS, root=root)
     (store.entry / "step.bin").write_bytes(garbage)
     manifest = json.loads((store.entry / "manifest.json").read_text())
     manifest["step"] = {"size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
     (store.entry / "manifest.json").write_text(json.dumps(manifest))
+    return store
+
+
+def test_unloadable_saved_step_is_traced_with_one_warning_and_dropped(tmp_path, caplog):
+    _start(tmp_path, _objects(0), caplog)
+    store = _replace_step(tmp_path, b"not a compiled function")
     objects = _objects(1)
     compiled, origin, warnings, graphs, _ = _start(tmp_path, objects, caplog)
     assert origin == "traced" and graphs == 1
@@ -132,12 +137,7 @@ def test_every_path_meets_the_other_ranks_once_after_compiling_and_before_runnin
     if path in ("warm", "unloadable", "cache-off"):  # an entry with a saved step
         _start(tmp_path, _objects(0), caplog)
     if path == "unloadable":
-        step_file = CompileCache(FIELDS, root=tmp_path).entry / "step.bin"
-        step_file.write_bytes(b"garbage")
-        manifest_file = step_file.parent / "manifest.json"
-        manifest = json.loads(manifest_file.read_text())
-        manifest["step"] = {"size": 7, "sha256": hashlib.sha256(b"garbage").hexdigest()}
-        manifest_file.write_text(json.dumps(manifest))
+        _replace_step(tmp_path, b"garbage")
     if path == "cache-off":
         monkeypatch.setenv("NANOVLLM_DISABLE_COMPILE_CACHE", "1")
     if path == "aot-fails":
