@@ -13,8 +13,6 @@ from nanovllm import LLM
 from nanovllm.models.mistral import config_window
 from nanovllm.models.qwen2 import qwen2_windows
 
-pytestmark = pytest.mark.slow
-
 W = 12
 CASES = {  # arch: (config overrides, each layer's window)
     "mistral": (dict(sliding_window=W), [W, W]),
