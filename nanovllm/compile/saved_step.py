@@ -99,12 +99,13 @@ def compiled_step(platform, step: functools.partial, make_trace_inputs: Callable
     Every path compiles before it meets the other tensor-parallel ranks (``liveness.meet``, once) and runs the step
     only after: a rank's first collective waits only NANOVLLM_TP_TIMEOUT_S for a peer still compiling.  Only plain
     ``torch.compile`` (this torch cannot compile ahead, or that failed) compiles inside its first run."""
-    met = []
+    met = False
 
     def first_run(compiled: BoundStep, inputs, activity: str) -> None:
+        nonlocal met
         if not met:
             liveness.meet(activity)
-            met.append(activity)
+            met = True
         compiled(inputs)
 
     if cache.saved_step is not None:
