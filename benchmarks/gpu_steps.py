@@ -37,6 +37,7 @@ class Step:
 BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache-dtype", "fp8")
 FP8, TP2, GPU2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2"), ("-m", "gpu2")
 PROFILE, B16 = ("benchmarks.profile_run",), ("--num-seqs", "32", "--max-output-len", "512")  # B16: batches of 16
+B1, V1 = ("--bs", "1", "--num-seqs", "2"), ("--num-seqs", "2", "--max-num-seqs", "1")  # batch 1: ours, vLLM
 VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
@@ -67,14 +68,14 @@ STEPS = [
       for tag, flags in (("fp8kv", FP8_KV), ("fp8", FP8)) for who in ("ours", "vllm")],
     Step("eager-ours", "ours", "default", "bench", BENCH + ("--enforce-eager",)),
     Step("pre-hopper-ours", "ours", "default", "bench", BENCH, env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
-    Step("batch1-ours", "ours", "peer:qwen3-8b", "bench", ("--bs", "1", "--num-seqs", "2")),
-    Step("batch1-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
+    *[Step(f"batch1{tag}-{who}", who, f"peer:qwen3-8b{q}", "bench", (B1 if who == "ours" else V1) + flags)
+      for tag, q, flags in (("", "", ()), ("-fp8", "", FP8), ("-gptq", "+gptq", ()), ("-awq", "+awq", ()))
+      for who in ("ours", "vllm")],
     Step("moe-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH),
     Step("moe-vllm", "vllm", "preset:qwen3-30b-a3b", "bench"),
     Step("moe-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8_KV),
     Step("moe-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8_KV),
-    Step("batch1-fp8-ours", "ours", "peer:qwen3-8b", "bench", ("--bs", "1", "--num-seqs", "2") + FP8),
-    Step("batch1-fp8-vllm", "vllm", "peer:qwen3-8b", "bench", ("--num-seqs", "2", "--max-num-seqs", "1") + FP8),
+    Step("profile-batch1-fp8", "ours", "peer:qwen3-8b", "module", PROFILE + ("--at", "1") + B1 + FP8),
     Step("moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8),
     Step("moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8),
     Step("moe-blockfp8-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH),  # the same checkpoint in both
@@ -85,10 +86,6 @@ STEPS = [
     Step("count-experts-blockfp8", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--count-experts",)),
     Step("moe-fp8-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + FP8_KV),
     Step("moe-fp8-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + FP8_KV),
-    Step("batch1-gptq-ours", "ours", "peer:qwen3-8b+gptq", "bench", ("--bs", "1", "--num-seqs", "2")),
-    Step("batch1-gptq-vllm", "vllm", "peer:qwen3-8b+gptq", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
-    Step("batch1-awq-ours", "ours", "peer:qwen3-8b+awq", "bench", ("--bs", "1", "--num-seqs", "2")),
-    Step("batch1-awq-vllm", "vllm", "peer:qwen3-8b+awq", "bench", ("--num-seqs", "2", "--max-num-seqs", "1")),
     Step("moe-gptq-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", BENCH),
     Step("moe-gptq-vllm", "vllm", "preset:qwen3-30b-a3b+gptq", "bench"),
     Step("moe-gptq-b16-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", ("--bs", "16") + B16),  # batches of 16

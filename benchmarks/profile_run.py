@@ -4,15 +4,14 @@
     python -m benchmarks.profile_run --engine vllm --model DIR [--steps 10]   # vLLM's staged packages on PYTHONPATH
     python -m benchmarks.profile_run --count-experts --model DIR   # MoE routing: distinct experts per layer and step
 
-The workload runs through the engine's step loop twice: the first pass records what each step launched (kind,
-rows), the second, with an empty prefix cache, profiles ``--steps`` steps from the first decode step whose batch is
-at most each size in ``--at`` (and the first prefill steps with ``--prefill``), synchronised around each window.
-Per window: wall and GPU-busy ms per step, the byte floor of its decode steps (weights + KV at the measured copy
-bandwidth), GPU time by kernel category, idle time by the categories around each gap, the top kernels
-(``$OUT/profile_run.json``).  ``--count-experts`` instead runs once in eager mode and counts per MoE call the
-distinct experts routing picks and the rows of the busiest one, for decode steps of >= 192 sequences and prefill
-steps (``$OUT/expert_counts.json``).  ``--engine vllm`` profiles vLLM (engine core in process) on the same workload
-and checkpoint: its first two steps and ``--steps`` steps once all 256 requests decode (``profile_run_vllm.json``).
+bench's workload (``--num-seqs`` requests) runs through the step loop twice: the first pass records each step's
+launches, the second (prefix cache emptied) profiles ``--steps`` steps from the first decode step whose batch is at
+most each size in ``--at`` (and the first prefill steps with ``--prefill``).  Per window: wall and GPU-busy ms a step,
+the decode byte floor (weights + KV at the measured copy bandwidth), GPU time by kernel category, idle time by the
+categories around each gap, the top kernels (``$OUT/profile_run.json``; overlapping kernels, as under PDL, each count
+in full).  ``--count-experts`` runs once in eager mode and counts per MoE call the distinct experts routing picks and
+the busiest one's rows, for decode steps of >= 192 sequences and prefill steps (``$OUT/expert_counts.json``).
+``--engine vllm``: vLLM, 256 requests: its first 2 steps, ``--steps`` once all decode (``profile_run_vllm.json``).
 """
 import argparse
 import json
@@ -262,14 +261,15 @@ def main():
     from nanovllm import LLM, SamplingParams
     from nanovllm.cli import add_engine_args
     p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest decode bucket")
+    p.add_argument("--num-seqs", type=int, default=256, help="requests in bench's workload (256; ours only)")
     p.add_argument("--at", default="256,192,128,64,32,8", help="running-batch sizes to profile a window at")
     p.add_argument("--prefill", action="store_true", help="also profile the first run of prefill steps")
     p.add_argument("--count-experts", action="store_true", help="count the experts MoE routing picks (eager)")
     add_engine_args(p, skip=("model", "max_num_seqs"), defaults={"max_model_len": 4096})
     args = p.parse_args()
     args.enforce_eager = args.count_experts or getattr(args, "enforce_eager", False)
-    if args.steps < 1 or args.bs < 1:
-        p.error(f"--steps and --bs must be >= 1, got {args.steps} and {args.bs}")
+    if min(args.steps, args.bs, args.num_seqs) < 1:
+        p.error(f"--steps, --bs and --num-seqs must be >= 1, got {args.steps}, {args.bs} and {args.num_seqs}")
     llm = LLM(args.model or default_model(), **llm_kwargs(args, args.bs))
     info = llm.engine.describe()
     if info["device_type"] != "cuda":
@@ -280,7 +280,7 @@ def main():
         return sum(info["weight_bytes"] + s.kv_tokens * info["kv_bytes_per_token"]
                    for s in window if s.kind == "decode") / bandwidth
 
-    prompts, params = workload(256, 1024, 1024)
+    prompts, params = workload(args.num_seqs, 1024, 1024)
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)
     if args.count_experts:
         counts = count_experts(llm, prompts, params)
