@@ -47,6 +47,12 @@ PRESETS = {
                     eos_token_id=[128001, 128008, 128009])),
     "minicpm4-0.5b": dict(config="minicpm", tokenizer=None, generation=minicpm.MINICPM4_0_5B_GENERATION,
                           fields=minicpm.MINICPM4_0_5B),
+    "qwen3-8b": dict(  # 8.2B parameters (16 GB in bf16): --config-only and load_format=dummy
+        config="Qwen3Config", tokenizer="qwen", generation=_QWEN_GEN,
+        fields=dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960,
+                    rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                    attention_bias=False, tie_word_embeddings=False, **_QWEN_TOKENS)),
     "qwen3-30b-a3b": dict(  # 30.5B parameters (61 GB in bf16): write it with --config-only, run load_format=dummy
         config="Qwen3MoeConfig", tokenizer="qwen", generation=_QWEN_GEN,
         fields=dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
