@@ -76,8 +76,8 @@ _VARIABLES = (
     EnvVar("NANOVLLM_MATMUL", "auto", "`cublas` turns the tuned Triton decode matmuls off "
            "(`nanovllm/kernels/matmul_configs.py`); `auto` (default)", _choice("auto", "cublas")),
     EnvVar("NANOVLLM_CUDA_KERNELS", "auto", "`off` keeps every projection on its Triton kernel; `auto` (default) "
-           "builds the CUDA C++ kernels (`nanovllm/kernels/cuda_build.py`: the few-row int4 projection) with the "
-           "system's nvcc where there is one", _choice("auto", "off")),
+           "builds the CUDA C++ kernels (`nanovllm/kernels/cuda_build.py`: the few-row int4 and FP8 projections) "
+           "with the system's nvcc where there is one", _choice("auto", "off")),
     EnvVar("NANOVLLM_MATMUL_TABLE", None, "path of another matmul dispatch table (what a tuning benchmark writes; "
            "default: the one shipped beside the kernels)", _text),
     EnvVar("NANOVLLM_PDL", True, "`0` turns programmatic dependent launch off (`1`, default: on where the GPU has it, "

@@ -16,7 +16,7 @@ from nanovllm.engine import hybrid_state, verify_step
 from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.lora_slots import EngineLoras
 from nanovllm.engine.kv_cache import KVCacheSpec
-from nanovllm.kernels import cuda_w4a16
+from nanovllm.kernels import cuda_w4a16, cuda_w8a16
 from nanovllm.layers.sampler import sample
 from nanovllm.models import kv_scales
 from nanovllm.models.loader import checkpoint_files
@@ -30,8 +30,11 @@ def beside_model(runner) -> tuple:
     made after the model and before the KV cache is sized, so their memory counts.  The CUDA C++ kernels the
     model's weights take are built and loaded here too (``kernels/cuda_build.py``), not in the first request."""
     config = runner.config
-    if runner.device.type == "cuda" and any(held.format_of(m) is held.INT4 for m in runner.model.modules()):
+    formats = {held.format_of(m) for m in runner.model.modules()} if runner.device.type == "cuda" else set()
+    if held.INT4 in formats:
         cuda_w4a16.prepare(runner.device)
+    if held.FP8 in formats:
+        cuda_w8a16.prepare(runner.device)
     return EngineLoras.make(runner.model, config), Drafter.make(config, runner.platform, runner.dtype)
 
 

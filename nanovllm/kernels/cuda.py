@@ -7,8 +7,9 @@ twin.  Registering again is a no-op (a process may make several engines).  Each 
 later engine take effect without registering anything again.  Choices that are by design made at run time stay
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
 configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, up to 8 rows
-``cuda_w4a16.py``), the MoE tiles by rows per expert (``moe_configs.py``; int4 experts at few rows: ``cuda_w4a16.py``),
-and float32 rope, MoE and int4 projections on torch so that results stay transformers' bit for bit.
+``cuda_w4a16.py``; FP8 weights up to 8 rows: ``cuda_w8a16.py``), the MoE tiles by rows per expert
+(``moe_configs.py``; int4 experts at few rows: ``cuda_w4a16.py``), and float32 rope, MoE and int4 projections on
+torch so that results stay transformers' bit for bit.
 
 A platform for another device registers its own implementations the same way, under its device type, without
 touching models or layers.  ``device_type`` lets a test register these functions for CPU tensors, which the
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
-from nanovllm.kernels import cuda_w4a16, mxfp4_quant
+from nanovllm.kernels import cuda_w4a16, cuda_w8a16, mxfp4_quant
 from nanovllm.kernels.linear_attention import ops as la_ops  # noqa: F401  (the linear-attention ops)
 from nanovllm.kernels.linear_attention import reference as la_reference
 from nanovllm.kernels.linear_attention.triton_kernels import causal_conv1d_triton, gated_delta_rule_triton
@@ -81,6 +82,8 @@ def _linear(x, weight, bias, silu_mul, weight_scale, group):
     if current_options().reference_kernels or (weight_scale is not None and x.dtype == torch.float32):
         return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group)
     if weight_scale is not None:  # FP8: stream it at small M; past that, dequantize once for cuBLAS
+        if cuda_w8a16.usable(x, weight, weight_scale, group):  # up to 8 rows: the CUDA C++ kernel, where nvcc built it
+            return cuda_w8a16.linear_w8a16_cuda(x, weight, weight_scale, group, bias, silu_mul)
         cfg = matmul_configs.choose_fp8(x, weight, silu_mul, group)
         if cfg is not None:
             return linear_triton(x, weight, bias, cfg, silu_mul, weight_scale, group)

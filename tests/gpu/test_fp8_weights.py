@@ -71,3 +71,37 @@ def test_a_block_fp8_checkpoint_matches_its_dequantized_oracle(block_checkpoint,
                           enforce_eager=False, **ENGINE)
     bad = failures(verdicts, dtype, block_checkpoint, graph=True)
     assert not bad, bad
+
+
+def _rel_err(got, want) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("waves,k,group,silu", [(0.5, 4096, 4096, False), (1.5, 2048, 128, False),
+                                                (1.5, 384, 256, True), (0.5, 12288, 12288, False)])
+def test_cuda_few_row_fp8_kernel_matches_float64_as_the_twin_does(dtype, m, waves, k, group, silu):
+    """``cuda_w8a16`` (``cuda_src/w8a16_mma.cu``) against the float64 product of the dequantized weight: blocks of 8
+    warps (tiles within one wave) and of 4, a scale per row (online FP8) or per 128 / 256 columns (block FP8, a
+    partial last group at K=384), the fused SiLU product, a bias; no worse than the twin (``linear_reference``)."""
+    import torch
+    from nanovllm.kernels import cuda_build, cuda_w8a16, reference, weight_quant
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("no nvcc: the few-row FP8 projection stays on Triton")
+    dtype = getattr(torch, dtype)
+    n = int(waves * 2 * torch.cuda.get_device_properties(0).multi_processor_count) * 16
+    g = torch.Generator(device=DEVICE).manual_seed(n + k + m)
+    weight, scale = weight_quant.quantize(torch.randn(n, k, device=DEVICE, generator=g) / k ** 0.5, group)
+    x = torch.randn(m, k, device=DEVICE, generator=g).to(dtype)
+    bias = (torch.randn(n, device=DEVICE, generator=g) / 4).to(dtype)
+    assert cuda_w8a16.usable(x, weight, scale, group), "nvcc is here: the kernel must build and take this call"
+    got = cuda_w8a16.linear_w8a16_cuda(x, weight, scale, group, bias, silu)
+    twin = reference.linear_reference(x, weight, bias, silu, scale, group)
+    exact = x.double() @ weight_quant.dequantize(weight, scale, group, torch.float64).T + bias.double()
+    if silu:
+        gate, up = exact.chunk(2, dim=-1)
+        exact = torch.nn.functional.silu(gate) * up
+    assert got.shape == twin.shape == (m, n // 2 if silu else n) and got.dtype == dtype
+    assert _rel_err(got, exact) <= 1.1 * _rel_err(twin, exact) + 1e-4, (_rel_err(got, exact), _rel_err(twin, exact))
+    assert not cuda_w8a16.usable(torch.randn(9, k, device=DEVICE, dtype=dtype), weight, scale, group)
