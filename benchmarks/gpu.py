@@ -174,7 +174,7 @@ def headline(record: dict) -> str:
             elif "rows" in r and "speculative_config" in r:  # offline_bench.py speculative
                 parts.append(", ".join(f"{x['set']} bs {x['batch']} T {x['temperature']} {x['mode']}: "
                                        f"{x['tok_s_per_request']} tok/s/request" for x in r["rows"]))
-            elif "rows" in r:
+            elif "rows" in r and all("decode_tok_s" in x for x in r["rows"]):  # offload_bench.py
                 parts.append(", ".join(f"bs {x['batch']}: {x['decode_tok_s']} decode tok/s" for x in r["rows"]))
             elif "runs" in r:
                 parts += [f"rate {x['request_rate']}: {x['output_throughput']:,.0f} tok/s, TTFT p50 "

@@ -11,9 +11,11 @@ that a real step would read from memory), replayed.  The baseline is cuBLAS (``F
 the unfused SiLU-and-multiply kernel).  A Triton config enters the table only where it beats the baseline by
 ``--margin``.  ``--fp8`` sweeps FP8 weights (``weight_quant.quantize``, ``--group`` columns per scale, 0: one per
 row) against the large-M path they replace (dequantize + cuBLAS), swapped tiles among the candidates, and writes
-rows under the FP8 key.  Writes all timings to ``$OUT/matmul_sweep.json`` and the winners into the dispatch table
-(``nanovllm/kernels/matmul_tuned.json`` by default, merged under this GPU's compute capability: a swept batch
-size replaces its row, the rows of other batch sizes stay).  ``--margin -1`` takes the best Triton config
+rows under the FP8 key; up to 8 rows it also times the CUDA C++ kernel (``cuda_w8a16``, which the engine runs there
+when built) and each row gives the weight bytes' time at the copy bandwidth (``floor_us``).  Writes all timings
+to ``$OUT/matmul_sweep.json`` and the winners into the dispatch table (``nanovllm/kernels/matmul_tuned.json`` by
+default, merged under this GPU's compute capability: a swept batch size replaces its row, the rows of other batch
+sizes stay).  ``--margin -1`` takes the best Triton config
 everywhere, for an end-to-end comparison with cuBLAS (``NANOVLLM_MATMUL_TABLE=... python bench.py``).
 """
 import argparse
@@ -24,9 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import graph_us, positive_ints, write_json
+from benchmarks.common import copy_bandwidth, graph_us, positive_ints, write_json
 from nanovllm.graph_sizes import DEFAULT_GRAPH_BATCH_SIZES
-from nanovllm.kernels import weight_quant
+from nanovllm.kernels import cuda_w8a16, weight_quant
 from nanovllm.kernels.matmul_configs import TABLE_PATH, MatmulConfig, _arch, fp8_config, table_key
 from nanovllm.kernels.reference import linear_reference
 from nanovllm.kernels.triton_common import _num_sms
@@ -80,7 +82,7 @@ def fp8_candidates(m: int, n_out: int, k: int, group: int) -> list[MatmulConfig]
     return [c for c in out if c is not None]
 
 
-def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log, group=None):
+def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log, group=None, bandwidth=None):
     """Time the candidates of one weight shape at each batch size; with ``group`` (FP8 weights, columns per scale)
     the FP8 kernel against dequantize + cuBLAS."""
     copies = layers if n * k < 1 << 26 else 1  # the LM head is larger than L2 on its own
@@ -121,13 +123,22 @@ def sweep_shape(name, n, k, layers, silu, buckets, dtype, margin, log, group=Non
             results.append((us, cfg))
         results.sort(key=lambda r: r[0])
         best_us, best = results[0] if results else (float("inf"), None)
+        extra = {}
+        if fp8 and cuda_w8a16.usable(x, *weights[0], group):  # the few-row kernel the engine takes first
+            err = ((cuda_w8a16.linear_w8a16_cuda(x, *weights[0], group, None, silu).float() - want).norm()
+                   / want.norm()).item()
+            extra["cuda_us"] = round(graph_us([lambda w=w: cuda_w8a16.linear_w8a16_cuda(x, *w, group, None, silu)
+                                               for w in per_layer]), 2) if err < 1e-2 else f"WRONG {err:.2e}"
+        if fp8 and bandwidth:  # the weight's bytes (one a code, four a scale) read once at the copy bandwidth
+            extra["floor_us"] = round(n * (k + 4 * -(-k // group)) / bandwidth * 1e6, 2)
         win = best is not None and best_us < base_us * (1 - margin)
         table.append([m, vars(best) if win else None])
         rows.append({"shape": name, "n_out": n_out, "k": k, "m": m, "cublas_us": round(base_us, 2),
                      "best_us": round(best_us, 2), "best": vars(best) if best else None,
                      "chosen": "triton" if win else "cublas",
-                     "top": [[round(us, 2), vars(c)] for us, c in results[:5]]})
-        log(f"| {name} | {m} | {base_us:.1f} | {best_us:.1f} | {base_us / best_us:.2f}x | {best} |")
+                     "top": [[round(us, 2), vars(c)] for us, c in results[:5]], **extra})
+        log(f"| {name} | {m} | {base_us:.1f} | {best_us:.1f} | {base_us / best_us:.2f}x | {best} |"
+            + "".join(f" {key} {value} |" for key, value in extra.items()))
     return rows, table_key(n_out, k, silu, group if fp8 else None), table
 
 
@@ -156,7 +167,8 @@ def main():
     for name in names.split(","):  # results are saved after every shape, so a cut-off run keeps them
         n, k, layers, silu = shapes[name]
         rows, key, table = sweep_shape(name, n, k, layers, silu, buckets, dtype, args.margin,
-                                       lambda s: print(s, flush=True), args.group if args.fp8 else None)
+                                       lambda s: print(s, flush=True), args.group if args.fp8 else None,
+                                       copy_bandwidth() if args.fp8 else None)
         all_rows += rows
         tuned[key] = table
         write_json("matmul_sweep.json", {"device": torch.cuda.get_device_name(), "arch": arch,
