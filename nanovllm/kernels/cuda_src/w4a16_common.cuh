@@ -93,6 +93,10 @@ struct LaneRows {
                                       const uint8_t* zero, long long ldz, long long row_a, long long row_b, int t)
       : qa(q + row_a * ldq + t * 16), qb(q + row_b * ldq + t * 16), sa(scale + row_a * lds),
         sb(scale + row_b * lds), za(zero + row_a * ldz), zb(zero + row_b * ldz) {}
+  __device__ __forceinline__ void prefetch(int c) const {  // chunk c's codes towards L2
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(qa + c * (kChunk / 2)));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(qb + c * (kChunk / 2)));
+  }
   // chunk c, of scale group g; zeros where !in (nothing is read)
   __device__ __forceinline__ Chunk load(int c, int g, bool in) const {
     const int col = c * kChunk;
@@ -146,8 +150,17 @@ __device__ __forceinline__ void chunk_mma(float (&d)[4], const uint32_t (&a)[8][
   }
 }
 
-// acc += a chunk's sums d times its scales (rows r: sa, r + 8: sb)
-__device__ __forceinline__ void accumulate(float (&acc)[4], const float (&d)[4], const Chunk& ch) {
+// d = a chunk's unscaled sums against x's words (few_rows.cuh's chunk product for int4 weights)
+template <typename T>
+__device__ __forceinline__ void chunk_product(float (&d)[4], const Chunk& ch, const uint4 (&xv)[4]) {
+  uint32_t a[8][4];
+  weight_fragments<T>(ch, a);
+  chunk_mma<T>(d, a, xv);
+}
+
+// acc += a chunk's sums d times its scales (rows r: sa, r + 8: sb); C: any chunk with float scales sa and sb
+template <typename C>
+__device__ __forceinline__ void accumulate(float (&acc)[4], const float (&d)[4], const C& ch) {
   acc[0] = fmaf(d[0], ch.sa, acc[0]);
   acc[1] = fmaf(d[1], ch.sa, acc[1]);
   acc[2] = fmaf(d[2], ch.sb, acc[2]);

@@ -13,9 +13,8 @@
 // x's words 2s and 2s + 1, so x needs no regrouping.  e4m3 becomes fp16 exactly (cvt), and bf16 exactly through
 // fp32; the tensor cores sum in fp32, times the group's scale in fp32.
 #include <cuda_fp8.h>
-#include <cuda_runtime.h>
 
-#include "w4a16_common.cuh"
+#include "few_rows.cuh"
 
 namespace {
 
@@ -48,6 +47,10 @@ struct LaneRows8 {
   __device__ __forceinline__ LaneRows8(const uint8_t* q, long long ldq, const float* scale, long long lds,
                                        long long row_a, long long row_b, int t)
       : qa(q + row_a * ldq + t * 32), qb(q + row_b * ldq + t * 32), sa(scale + row_a * lds), sb(scale + row_b * lds) {}
+  __device__ __forceinline__ void prefetch(int c) const {  // chunk c's codes towards L2
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(qa + c * kChunk));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(qb + c * kChunk));
+  }
   // chunk c, of scale group g; zeros where !in (nothing is read)
   __device__ __forceinline__ Chunk8 load(int c, int g, bool in) const {
     const uint4* a = reinterpret_cast<const uint4*>(qa + c * kChunk);
@@ -63,9 +66,9 @@ struct LaneRows8 {
   }
 };
 
-// the fp32 sums of a chunk into d (rows r, r + 8 against x rows 2t, 2t + 1)
+// the fp32 sums of a chunk into d (rows r, r + 8 against x rows 2t, 2t + 1): few_rows.cuh's chunk product for e4m3
 template <typename T>
-__device__ __forceinline__ void chunk_mma8(float (&d)[4], const Chunk8& ch, const uint4 (&xv)[4]) {
+__device__ __forceinline__ void chunk_product(float (&d)[4], const Chunk8& ch, const uint4 (&xv)[4]) {
   const uint32_t ra[8] = {ch.wa[0].x, ch.wa[0].y, ch.wa[0].z, ch.wa[0].w, ch.wa[1].x, ch.wa[1].y, ch.wa[1].z,
                           ch.wa[1].w};
   const uint32_t rb[8] = {ch.wb[0].x, ch.wb[0].y, ch.wb[0].z, ch.wb[0].w, ch.wb[1].x, ch.wb[1].y, ch.wb[1].z,
@@ -86,68 +89,11 @@ __global__ void __launch_bounds__(kWarps * 32, kWarpsPerSm8 / kWarps)
     mma8_kernel(const T* __restrict__ x, long long ldx, int m, const uint8_t* __restrict__ q, long long ldq,
                 const float* __restrict__ scale, long long lds, const T* __restrict__ bias, T* __restrict__ out,
                 long long ldo, int n_out, int k, int group) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, t = lane & 3;
-  const int row_a = SILU ? blockIdx.x * 8 + r : blockIdx.x * 16 + r;  // the output rows (features) of the lane
-  const int row_b = SILU ? row_a + n_out : row_a + 8;
-  const bool live_a = row_a < n_out, live_b = SILU ? live_a : row_b < n_out;
-  const LaneRows8 w(q, ldq, scale, lds, live_a ? row_a : 0, live_b ? row_b : 0, t);
-  const int chunks_per_group = group / kChunk, chunks = k / kChunk;
-  const bool x_live = r < m;
-  const T* xr = x + (x_live ? r : 0) * ldx + t * 32;
-  if (warp < chunks) {  // the first chunk's weight starts on its way to L2 while the previous kernel finishes
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(w.qa + warp * kChunk));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(w.qb + warp * kChunk));
-  }
-  pdl_begin();  // a no-op unless launched with the PDL attribute
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int first = warp; first < chunks; first += kWarps * kUnroll8) {
-    Chunk8 ch[kUnroll8];
-    uint4 xv[kUnroll8][4];
-#pragma unroll
-    for (int u = 0; u < kUnroll8; ++u) {
-      const int c = first + u * kWarps;
-      const bool in = kExact || c < chunks;
-      ch[u] = w.load(c, kPerChunk ? c : c / chunks_per_group, in);
-#pragma unroll
-      for (int v = 0; v < 4; ++v)
-        xv[u][v] = in && x_live ? __ldg(reinterpret_cast<const uint4*>(xr + c * kChunk) + v) : uint4{};
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll8; ++u) {
-      if (!kExact && first + u * kWarps >= chunks) break;
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
-      chunk_mma8<T>(d, ch[u], xv[u]);
-      acc[0] = fmaf(d[0], ch[u].sa, acc[0]);
-      acc[1] = fmaf(d[1], ch[u].sa, acc[1]);
-      acc[2] = fmaf(d[2], ch[u].sb, acc[2]);
-      acc[3] = fmaf(d[3], ch[u].sb, acc[3]);
-    }
-  }
-  __shared__ float partial[kWarps][4][32];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) partial[warp][j][lane] = acc[j];
-  __syncthreads();
-  if (warp != 0) return;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    acc[j] = 0.f;
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) acc[j] += partial[v][j][lane];
-  }
-  const float bias_a = bias != nullptr && live_a ? static_cast<float>(bias[row_a]) : 0.f;
-  const float bias_b = bias != nullptr && live_b ? static_cast<float>(bias[row_b]) : 0.f;
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {  // x rows 2t and 2t + 1
-    const int xm = 2 * t + e;
-    if (xm >= m) break;
-    if (SILU) {
-      const float gate = acc[e] + bias_a, up = acc[2 + e] + bias_b;
-      if (live_a) out[xm * ldo + row_a] = Half<T>::out(gate / (1.0f + __expf(-gate)) * up);
-    } else {
-      if (live_a) out[xm * ldo + row_a] = Half<T>::out(acc[e] + bias_a);
-      if (live_b) out[xm * ldo + row_b] = Half<T>::out(acc[2 + e] + bias_b);
-    }
-  }
+  const Tile<T, SILU> tile(x, ldx, m, n_out);
+  const LaneRows8 w(q, ldq, scale, lds, tile.live_a ? tile.row_a : 0, tile.live_b ? tile.row_b : 0, tile.t);
+  float acc[4];
+  lane_sums<T, kWarps, kUnroll8, kPerChunk, kExact>(acc, w, tile.xr, tile.x_live, k, group);
+  finish_tile<T, kWarps, SILU>(acc, m, bias, out, ldo, tile.row_a, tile.row_b, tile.live_a, tile.live_b);
 }
 
 // ---- host launch ----
@@ -162,42 +108,18 @@ Kernel8<T> pick8(bool per_chunk, bool exact) {
   return exact ? mma8_kernel<T, W, S, false, true> : mma8_kernel<T, W, S, false, false>;
 }
 
-int sm_count8() {  // of the current device, read once
-  static int sms = 0;
-  if (sms == 0) {
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
-      sms = 0;
-  }
-  return sms;
-}
-
 template <typename T>
 cudaError_t launch8(const void* x, long long ldx, int m, const void* q, long long ldq, const void* scale,
                     long long lds, const void* bias, void* out, long long ldo, int n_out, int k, int group, int silu,
                     int pdl, cudaStream_t stream) {
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
   const int rows = silu ? 8 : 16;
-  const int tiles = (n_out + rows - 1) / rows;
-  const int warps = tiles <= kWarpsPerSm8 / 8 * sm_count8() ? 8 : 4;  // as w4a16_mma.cu chooses
+  const int tiles = (n_out + rows - 1) / rows, warps = warps_for(tiles, kWarpsPerSm8);
   const bool per_chunk = group == kChunk, exact = (k / kChunk) % (warps * kUnroll8) == 0;
-  config.gridDim = dim3(tiles);
-  config.blockDim = dim3(warps * 32);
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = pdl ? 1 : 0;
   const Kernel8<T> kernel = warps == 4
                                ? (silu ? pick8<T, 4, true>(per_chunk, exact) : pick8<T, 4, false>(per_chunk, exact))
                                : (silu ? pick8<T, 8, true>(per_chunk, exact) : pick8<T, 8, false>(per_chunk, exact));
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), ldx, m,
-                                             static_cast<const uint8_t*>(q), ldq, static_cast<const float*>(scale),
-                                             lds, static_cast<const T*>(bias), static_cast<T*>(out), ldo, n_out, k,
-                                             group);
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
+  return launch_tiles(kernel, tiles, warps, pdl, stream, x, ldx, m, q, ldq, scale, lds, bias, out, ldo, n_out, k,
+                      group);
 }
 
 }  // namespace
