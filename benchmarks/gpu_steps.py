@@ -190,7 +190,9 @@ STEPS = [
     *[Step(f"moe-kernel-w8a8{tag}", "ours", "own", "module", MOE_SWEEP + ("--fp8", "--group", "128", "--modes",
            "w8a8", "--shape", f"qwen3-30b-a3b{tag}")) for tag in ("", "-tp2")],  # -tp2: one rank's experts at TP=2
     *[Step(f"matmul-fp8-{tag}", "ours", "own", "module", ("benchmarks.matmul_sweep", "--fp8", "--preset", *flags))
-      for tag, flags in (("30b", ("qwen3-30b-a3b", "--group", "128", "--shapes", "qkv,o")),  # block FP8
+      for tag, flags in (*[(f"30b{t}", ("qwen3-30b-a3b", "--group", "128", "--shapes", "qkv,o", "--buckets",  # block
+                                        "2,8,16,32,64,96,128,192,256", "--tp", tp))
+                           for t, tp in (("", "1"), ("-tp2", "2"))],
                          ("8b", ("qwen3-8b", "--buckets", "2,8,16,64")))],  # quantization="fp8": a scale per row
     Step("moe-kernel-int4", "ours", "own", "module", MOE_SWEEP + ("--int4",)),
     Step("moe-kernel-mixtral-int4", "ours", "own", "module", MOE_SWEEP + ("--int4", "--shape", "mixtral")),

@@ -3,6 +3,7 @@
     python -m benchmarks.matmul_sweep                      # Qwen3-0.6B shapes, the default decode buckets
     python -m benchmarks.matmul_sweep --preset llama-3.2-1b --buckets 2,8,64,256
     python -m benchmarks.matmul_sweep --fp8 --group 128 --preset qwen3-30b-a3b --shapes qkv,o   # FP8 weights
+    python -m benchmarks.matmul_sweep ... --tp 2                    # the shapes one of two ranks holds
 
 For each projection of the model (qkv, o, gate/up with the fused SiLU-and-multiply, down, LM head) and each
 batch size, it checks every candidate against ``F.linear`` (relative error < 1e-2) and times it as the engine
@@ -35,15 +36,16 @@ from nanovllm.kernels.triton_common import _num_sms
 from nanovllm.kernels.triton_matmul import dequantize_triton, linear_triton, silu_mul_triton
 
 
-def model_shapes(fields: dict) -> dict[str, tuple[int, int, int, bool]]:
-    """name -> (weight rows N, K, layers, silu_mul) of every decode projection."""
+def model_shapes(fields: dict, tp: int = 1) -> dict[str, tuple[int, int, int, bool]]:
+    """name -> (weight rows N, K, layers, silu_mul) of every decode projection, as one of ``tp`` ranks holds it
+    (column-parallel qkv, gate/up and LM head split N; row-parallel o and down split K)."""
     h, layers = fields["hidden_size"], fields["num_hidden_layers"]
     heads = fields["num_attention_heads"]
     d = fields.get("head_dim") or h // heads
     q, kv, inter = heads * d, fields["num_key_value_heads"] * d, fields["intermediate_size"]
-    return {"qkv": (q + 2 * kv, h, layers, False), "o": (h, q, layers, False),
-            "gate_up": (2 * inter, h, layers, True), "down": (h, inter, layers, False),
-            "lm_head": (fields["vocab_size"], h, 4, False)}
+    return {"qkv": ((q + 2 * kv) // tp, h, layers, False), "o": (h, q // tp, layers, False),
+            "gate_up": (2 * inter // tp, h, layers, True), "down": (h, inter // tp, layers, False),
+            "lm_head": (fields["vocab_size"] // tp, h, 4, False)}
 
 
 def candidates(m: int) -> list[MatmulConfig]:
@@ -151,14 +153,16 @@ def main():
     p.add_argument("--table", default=str(TABLE_PATH), help="dispatch table to merge the winners into")
     p.add_argument("--fp8", action="store_true", help="FP8 weights (weight_quant.py) against dequantize + cuBLAS")
     p.add_argument("--group", type=int, default=0, help="with --fp8: columns per scale (0: one per row)")
+    p.add_argument("--tp", type=int, default=1, help="the shapes one of this many tensor-parallel ranks holds")
     args = p.parse_args()
     from nanovllm.tools.synthesize import PRESETS
-    shapes = model_shapes(PRESETS[args.preset]["fields"])
+    shapes = model_shapes(PRESETS[args.preset]["fields"], args.tp)
     buckets = sorted(set(positive_ints(args.buckets, "--buckets")))
     dtype = torch.bfloat16
     arch = _arch(torch.device("cuda"))  # the key the dispatch table is read under
     weights = f"FP8 weights, groups of {args.group or 'a row'}" if args.fp8 else "bf16 weights"
-    print(f"{torch.cuda.get_device_name()} (sm {arch}), {args.preset}, {weights}, buckets {buckets}")
+    print(f"{torch.cuda.get_device_name()} (sm {arch}), {args.preset} (a rank of {args.tp}), {weights}, "
+          f"buckets {buckets}")
     base = "dequantize + cuBLAS" if args.fp8 else "cuBLAS"
     print(f"| shape | m | {base} us | Triton us | speed-up | best config |\n|---|---|---|---|---|---|", flush=True)
     all_rows, tuned = [], {}
@@ -172,7 +176,8 @@ def main():
         all_rows += rows
         tuned[key] = table
         write_json("matmul_sweep.json", {"device": torch.cuda.get_device_name(), "arch": arch,
-                                         "preset": args.preset, "fp8_group": args.group if args.fp8 else None,
+                                         "preset": args.preset, "tp": args.tp,
+                                         "fp8_group": args.group if args.fp8 else None,
                                          "seconds": round(time.perf_counter() - start, 1),
                                          "rows": all_rows})
         merge_table(args.table, arch, {key: table})
