@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from nanovllm.compile import saved_step
+from nanovllm import distributed
+from nanovllm.compile import cache, saved_step
 from nanovllm.compile.cache import CompileCache
 from nanovllm.platforms.cpu import CpuPlatform
 
@@ -144,9 +145,12 @@ def test_every_path_meets_the_other_ranks_once_after_compiling_and_before_runnin
         monkeypatch.setattr(saved_step, "aot_compile", _no_aot)
     objects = _objects(1)
     buffer = objects[2]
-    meetings = []  # what the step's buffer (incremented by each run) held at each meeting
+    meetings = []  # what the step's buffer (incremented by each run) held at each meeting, and the cache's agreement
     monkeypatch.setattr(saved_step.liveness, "meet", lambda activity: meetings.append((activity, buffer.tolist())))
+    monkeypatch.setattr(distributed, "agree_min", lambda value, device=None: meetings.append(("agree", None)) or value)
     _, origin, _, _, _ = _start(tmp_path, objects, caplog)
     assert origin == {"cold": "aot", "warm": "loaded"}.get(path, "traced")
-    assert len(meetings) == 1 and meetings[0][1] == [0, 0], meetings
+    # with the cache on, the ranks meet before they agree on their entries (what came before may take one longer)
+    assert [a for a, _ in meetings[:-1]] == ([] if path == "cache-off" else [cache.AGREEMENT, "agree"]), meetings
+    assert meetings[-1][1] == [0, 0] and meetings[-1][0] not in (cache.AGREEMENT, "agree"), meetings
     assert buffer.tolist() == [1, 1]  # one run, after the meeting

@@ -27,10 +27,13 @@ from pathlib import Path
 import torch
 
 import nanovllm.distributed as distributed
+from nanovllm.distributed import liveness
 from nanovllm import envs
 from nanovllm.logger import logger
 from nanovllm.paths import compile_cache_dir
 from nanovllm.version import __version__
+
+AGREEMENT = "agreeing which compile-cache entries the ranks hold"  # the ranks' meeting before they agree
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _TRACED_SOURCES = ("models", "layers", "kernels", "distributed", "compile", "platforms", "step", "traced.py")
@@ -243,8 +246,10 @@ class CompileCache:
         with _locked(self.root / f".{self.key}.lock"), _inductor_dir(inductor):
             data = self._verified_artifacts()
             # every rank of a tensor-parallel group loads, or rebuilds, alike: one rank compiling for minutes while
-            # the others wait in its first collective would look like a peer that stopped answering
+            # the others wait in its first collective would look like a peer that stopped answering.  The ranks meet
+            # first: what came before (the CPU probe above: compiles) may take one rank longer than a collective waits
             held = 0 if data is None else 2 if self.saved_step is not None else 1
+            liveness.meet(AGREEMENT)
             agreed = distributed.agree_min(held)
             if agreed < held:
                 logger.info("compile cache: another tensor-parallel rank lacks its %s; rebuilding this rank's too",

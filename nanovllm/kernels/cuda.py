@@ -9,11 +9,9 @@ inside the functions: the decode or the prefill kernel by the shape of the batch
 configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, up to 8 rows
 ``cuda_w4a16.py``; FP8 weights up to 8 rows: ``cuda_w8a16.py``), the MoE tiles by rows per expert
 (``moe_configs.py``; int4 experts at few rows: ``cuda_w4a16.py``), and float32 rope, MoE and int4 projections on
-torch so that results stay transformers' bit for bit.
-
-A platform for another device registers its own implementations the same way, under its device type, without
-touching models or layers.  ``device_type`` lets a test register these functions for CPU tensors, which the
-Triton interpreter (``TRITON_INTERPRET=1``) runs.
+torch so that results stay transformers' bit for bit.  A platform for another device registers its own the same
+way, under its device type, without touching models or layers; ``device_type`` lets a test register these
+functions for CPU tensors, which the Triton interpreter (``TRITON_INTERPRET=1``) runs.
 """
 import torch
 import torch.nn.functional as F
