@@ -16,8 +16,8 @@ rows under the FP8 key; up to 8 rows it also times the CUDA C++ kernel (``cuda_w
 when built) and each row gives the weight bytes' time at the copy bandwidth (``floor_us``).  Writes all timings
 to ``$OUT/matmul_sweep.json`` and the winners into the dispatch table (``nanovllm/kernels/matmul_tuned.json`` by
 default, merged under this GPU's compute capability: a swept batch size replaces its row, the rows of other batch
-sizes stay).  ``--margin -1`` takes the best Triton config
-everywhere, for an end-to-end comparison with cuBLAS (``NANOVLLM_MATMUL_TABLE=... python bench.py``).
+sizes stay).  ``--margin -1`` takes the best Triton config everywhere, for an end-to-end comparison with cuBLAS
+(``NANOVLLM_MATMUL_TABLE=... python bench.py``).
 """
 import argparse
 import json
@@ -166,13 +166,13 @@ def main():
     base = "dequantize + cuBLAS" if args.fp8 else "cuBLAS"
     print(f"| shape | m | {base} us | Triton us | speed-up | best config |\n|---|---|---|---|---|---|", flush=True)
     all_rows, tuned = [], {}
+    bandwidth = copy_bandwidth() if args.fp8 else None  # for the FP8 rows' floors
     start = time.perf_counter()
     names = args.shapes or "gate_up,down,qkv,o" + ("" if args.fp8 else ",lm_head")
     for name in names.split(","):  # results are saved after every shape, so a cut-off run keeps them
         n, k, layers, silu = shapes[name]
         rows, key, table = sweep_shape(name, n, k, layers, silu, buckets, dtype, args.margin,
-                                       lambda s: print(s, flush=True), args.group if args.fp8 else None,
-                                       copy_bandwidth() if args.fp8 else None)
+                                       lambda s: print(s, flush=True), args.group if args.fp8 else None, bandwidth)
         all_rows += rows
         tuned[key] = table
         write_json("matmul_sweep.json", {"device": torch.cuda.get_device_name(), "arch": arch,
