@@ -1,5 +1,7 @@
 """The contract of the few-row FP8 CUDA kernel (``nanovllm/kernels/cuda_w8a16.py``), on the CPU: which calls it
-takes, and that off CUDA none is ``usable`` (the Triton path keeps them).  The kernel itself: tests/gpu."""
+takes, that off CUDA none is ``usable`` (the Triton path keeps them), and that ``cuda._linear`` asks it before
+Triton.  The kernel itself: tests/gpu."""
+import pytest
 import torch
 
 from nanovllm.kernels import cuda_w8a16, weight_quant
@@ -33,3 +35,18 @@ def test_fits_wants_unit_column_strides_and_aligned_rows():
 def test_nothing_is_usable_off_cuda():
     w, s = _weight(32, 256, 128)
     assert not cuda_w8a16.usable(torch.randn(1, 256, dtype=torch.bfloat16), w, s, 128)
+
+
+
+def test_an_fp8_projection_goes_to_the_cuda_kernel_ahead_of_triton_where_it_is_usable(monkeypatch):
+    """``cuda._linear``'s order for an FP8 weight: the CUDA kernel where ``usable`` (standing in for a GPU here),
+    with the call's group and ``silu_mul``; without it, the Triton path (``test_fp8_matmul_kernel.py``)."""
+    from nanovllm.kernels import cuda
+    calls = []
+    monkeypatch.setattr(cuda_w8a16, "usable", lambda x, w, s, g: True)
+    monkeypatch.setattr(cuda_w8a16, "linear_w8a16_cuda",
+                        lambda x, w, s, g, bias, silu: calls.append((tuple(x.shape), g, silu)) or "cuda")
+    monkeypatch.setattr(cuda, "linear_triton", lambda *args, **kwargs: pytest.fail("Triton ran instead"))
+    w, s = _weight(32, 256, 128)
+    assert cuda._linear(torch.randn(2, 256, dtype=torch.bfloat16), w, None, True, s, 128) == "cuda"
+    assert calls == [((2, 256), 128, True)]
