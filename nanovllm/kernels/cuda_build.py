@@ -1,10 +1,11 @@
 """The CUDA C++ kernels of ``cuda_src/``: built on first use with the system's nvcc for this GPU, cached, loaded.
 
 ``load(name, device)`` returns the ``ctypes`` library built from ``cuda_src/<name>.cu`` for the device's compute
-capability, or None, saying why once in the log: ``KernelOptions.cuda_kernels`` off (``NANOVLLM_CUDA_KERNELS=off``),
-no nvcc (``torch.utils.cpp_extension.CUDA_HOME``, then ``PATH``), or a failed build.  Callers then keep their Triton
-path, which stays the fallback and the reference.  The library's C functions take raw pointers and the stream, so no
-torch headers are compiled and any torch build can load it.  Builds are cached under
+capability (``load_function``: its typed C function ``nvl_<name>``), or None, saying why once in the log:
+``KernelOptions.cuda_kernels`` off (``NANOVLLM_CUDA_KERNELS=off``), no nvcc (``torch.utils.cpp_extension.CUDA_HOME``,
+then ``PATH``), or a failed build.  Callers then keep their Triton path, which stays the fallback and the reference.
+The library's C functions take raw pointers and the stream, so no torch headers are compiled and any torch build can
+load it.  Builds are cached under
 ``$NANOVLLM_CACHE_DIR/cuda/<hash of source, headers, capability and nvcc>``; the first build of a kernel takes tens of
 seconds and happens at engine start-up (``engine/runner_setup.py``; ``python -m nanovllm.precompile`` builds it too).  A
 first load asked for inside a graph capture gets None and loads nothing.
@@ -65,6 +66,22 @@ def build(name: str, arch: str, nvcc: str) -> Path:
         raise RuntimeError(f"nvcc exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     partial.replace(target)  # atomic: another process sees the whole library or none
     return target
+
+
+_C_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong}
+
+
+def load_function(name: str, device: torch.device, signature: str):
+    """The C function ``nvl_<name>`` of ``load(name, device)``, its parameters typed by ``signature`` (one letter
+    each, in order: p a pointer, i an int, l a long long; it returns an int, a cudaError_t), or None."""
+    lib = load(name, device)
+    if lib is None:
+        return None
+    fn = getattr(lib, f"nvl_{name}")
+    if fn.argtypes is None:
+        fn.argtypes = [_C_TYPES[c] for c in signature]
+        fn.restype = ctypes.c_int
+    return fn
 
 
 def load(name: str, device: torch.device) -> ctypes.CDLL | None:

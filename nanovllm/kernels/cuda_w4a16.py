@@ -9,7 +9,6 @@ activation), gathering x through ``perm`` first.  Elsewhere the caller keeps the
 than sm_80 (no bf16 ``mma``: its build fails, and ``cuda_build`` logs it).  ``moe_usable`` and
 ``experts_int4_cuda`` do the same for int4 experts (SiLU, no biases) that the Triton MoE would not dequantize once.
 """
-import ctypes
 
 import torch
 
@@ -24,8 +23,7 @@ MOE_MAX_BLOCK = 32  # moe_block's largest pick: blocks of 64 were no faster at 6
 MOE_MAX_MEAN_ROWS = 64  # pairs per expert, on average, up to which the MoE kernel beats the Triton tiles (H200)
 CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
-_C_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong}
-# each C function's parameters, in order: p a pointer, i an int, l a long long
+# each C function's parameters, in order (cuda_build.load_function): p a pointer, i an int, l a long long
 _SIGNATURES = {"w4a16_mma": "pliplplplppliiiiiip", "w4a16_moe": "plpppiiipllpllpllppliiiiiiip"}
 
 
@@ -46,7 +44,7 @@ def fits(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torc
 def usable(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> bool:
     """Whether the CUDA kernel runs this call (else the caller's Triton path does): ``fits``, on a GPU for which
     the library is built."""
-    return x.is_cuda and fits(x, qweight, scale, zero, group) and _library(x.device, "w4a16_mma") is not None
+    return x.is_cuda and fits(x, qweight, scale, zero, group) and _function(x.device, "w4a16_mma") is not None
 
 
 def moe_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, scales: tuple, zeros: tuple, group: int) -> bool:
@@ -73,7 +71,7 @@ def moe_usable(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
     (``triton_moe.dequantized_once``), and the library is built for x's GPU."""
     return (x.is_cuda and moe_faster(x.shape[0], top_k, w13.shape[0]) and moe_fits(x, w13, w2, scales, zeros, group)
             and not dequantized_once(x, top_k, w13, w2, scales[0], zeros[0])
-            and _library(x.device, "w4a16_moe") is not None)
+            and _function(x.device, "w4a16_moe") is not None)
 
 
 def moe_faster(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -94,16 +92,11 @@ def moe_block(num_tokens: int, top_k: int, num_experts: int) -> int:
 def prepare(device: torch.device) -> bool:
     """Build (once per machine) and load both kernels for ``device`` now, at start-up, rather than at the first
     call; whether they are ready.  The reason one is not is logged by ``cuda_build``."""
-    return all([_library(device, name) is not None for name in _SIGNATURES])
+    return all([_function(device, name) is not None for name in _SIGNATURES])
 
 
-def _library(device: torch.device, name: str):
-    lib = cuda_build.load(name, device)
-    fn = None if lib is None else getattr(lib, f"nvl_{name}")
-    if fn is not None and fn.argtypes is None:
-        fn.argtypes = [_C_TYPES[c] for c in _SIGNATURES[name]]
-        fn.restype = ctypes.c_int
-    return lib
+def _function(device: torch.device, name: str):
+    return cuda_build.load_function(name, device, _SIGNATURES[name])
 
 
 def linear_w4a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
@@ -118,7 +111,7 @@ def linear_w4a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
         x = x.index_select(1, perm)
     out = x.new_empty(x.shape[0], n // 2 if silu_mul else n)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    err = _library(x.device, "w4a16_mma").nvl_w4a16_mma(
+    err = _function(x.device, "w4a16_mma")(
         x.data_ptr(), x.stride(0), x.shape[0], qweight.data_ptr(), qweight.stride(0), scale.data_ptr(),
         scale.stride(0), zero.data_ptr(), zero.stride(0), bias.data_ptr() if bias is not None else None,
         out.data_ptr(), out.stride(0), out.shape[1], k, min(group, k), int(silu_mul), _DTYPES[x.dtype],
@@ -155,7 +148,7 @@ def experts_int4_cuda(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 def _moe_gemm(src, layout, w, scale, zero, group, weights, dst, up: bool, round_weights: bool) -> None:
     """One of the two grouped GEMMs (``up``: x -> the intermediate rows; else those -> the weighted pair rows)."""
     k, dev = src.shape[1], src.device
-    err = _library(dev, "w4a16_moe").nvl_w4a16_moe(
+    err = _function(dev, "w4a16_moe")(
         src.data_ptr(), src.stride(0), *layout, w.data_ptr(), w.stride(0), w.stride(1), scale.data_ptr(),
         scale.stride(0), scale.stride(1), zero.data_ptr(), zero.stride(0), zero.stride(1), weights.data_ptr(),
         dst.data_ptr(), dst.stride(0), dst.shape[1], k, min(group, k), int(up), int(round_weights),

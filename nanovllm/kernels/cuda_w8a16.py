@@ -8,7 +8,6 @@ what ``linear_triton`` does for an FP8 weight (``weight_quant.py``'s format): ``
 ``silu_mul`` the fused MLP activation.  Elsewhere the caller keeps the Triton kernel, as on a GPU older than sm_89
 (no e4m3 conversion: the build fails, and ``cuda_build`` logs it).
 """
-import ctypes
 
 import torch
 
@@ -20,8 +19,7 @@ MAX_ROWS = 8  # the n of one mma.m16n8k16
 CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 NAME = "w8a16_mma"
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
-_C_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong}
-_SIGNATURE = "pliplplppliiiiiip"  # the C function's parameters: p a pointer, i an int, l a long long
+_SIGNATURE = "pliplplppliiiiiip"  # its parameters (cuda_build.load_function): p a pointer, i an int, l a long long
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group: int) -> bool:
@@ -44,21 +42,16 @@ def fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group: int)
 def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group: int) -> bool:
     """Whether the CUDA kernel runs this call (else the caller's Triton path does): ``fits``, on a GPU for which
     the library is built."""
-    return x.is_cuda and fits(x, weight, scale, group) and _library(x.device) is not None
+    return x.is_cuda and fits(x, weight, scale, group) and _function(x.device) is not None
 
 
 def prepare(device: torch.device) -> bool:
     """Build (once per machine) and load the kernel for ``device`` now, at start-up; whether it is ready."""
-    return _library(device) is not None
+    return _function(device) is not None
 
 
-def _library(device: torch.device):
-    lib = cuda_build.load(NAME, device)
-    fn = None if lib is None else getattr(lib, f"nvl_{NAME}")
-    if fn is not None and fn.argtypes is None:
-        fn.argtypes = [_C_TYPES[c] for c in _SIGNATURE]
-        fn.restype = ctypes.c_int
-    return lib
+def _function(device: torch.device):
+    return cuda_build.load_function(NAME, device, _SIGNATURE)
 
 
 def linear_w8a16_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group: int,
@@ -69,7 +62,7 @@ def linear_w8a16_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     assert scale.shape[0] == n and scale.shape[1] == -(-k // min(group, k)), f"scale {tuple(scale.shape)} for {n}x{k}"
     assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == (n,))
     out = x.new_empty(x.shape[0], n // 2 if silu_mul else n)
-    err = _library(x.device).nvl_w8a16_mma(
+    err = _function(x.device)(
         x.data_ptr(), x.stride(0), x.shape[0], weight.data_ptr(), weight.stride(0), scale.data_ptr(),
         scale.stride(0), bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), out.shape[1],
         k, min(group, k), int(silu_mul), _DTYPES[x.dtype], int(pdl_enabled(x.device)),
