@@ -48,5 +48,5 @@ def test_an_fp8_projection_goes_to_the_cuda_kernel_ahead_of_triton_where_it_is_u
                         lambda x, w, s, g, bias, silu: calls.append((tuple(x.shape), g, silu)) or "cuda")
     monkeypatch.setattr(cuda, "linear_triton", lambda *args, **kwargs: pytest.fail("Triton ran instead"))
     w, s = _weight(32, 256, 128)
-    assert cuda._linear(torch.randn(2, 256, dtype=torch.bfloat16), w, None, True, s, 128) == "cuda"
+    assert cuda._linear(torch.randn(2, 256, dtype=torch.bfloat16), w, None, True, s, 128, None) == "cuda"
     assert calls == [((2, 256), 128, True)]

@@ -155,8 +155,9 @@ def test_fp8_config_splits_k_until_the_sms_are_busy():
 @pytest.mark.parametrize("m", [3, matmul_configs.FP8_TRITON_MAX_M + 1])
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_cuda_linear_dispatch_of_fp8_matches_twin(monkeypatch, restore_options, m, silu_mul):
-    """``cuda._linear`` runs the FP8 kernel at small M, dequantize + F.linear past FP8_TRITON_MAX_M, and the twin
-    for float32 activations or reference kernels, all agreeing with the twin."""
+    """``cuda._linear`` runs the FP8 kernel at small M, dequantize + F.linear past FP8_TRITON_MAX_M (F.linear alone
+    on a kept dequantized copy, bit for bit the same), and the twin for float32 activations or reference kernels,
+    all agreeing with the twin."""
     from nanovllm.kernels import cuda
     calls = []
     for name in ("linear_triton", "dequantize_triton"):
@@ -168,14 +169,20 @@ def test_cuda_linear_dispatch_of_fp8_matches_twin(monkeypatch, restore_options, 
     w, scale = fp8_weight(n, k, group)
     x, b = torch.randn(m, k), torch.randn(n)
     want = reference.linear_reference(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group)
-    got = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group)
+    got = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, None)
     assert calls == (["linear_triton"] if m <= matmul_configs.FP8_TRITON_MAX_M else ["dequantize_triton"])
     assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
+    calls.clear()  # with the dequantized copy kept (fp8_weights.keep_dequantized): cuBLAS takes it, the same values
+    kept = dequantize_triton(w, scale, group, torch.bfloat16)  # on the GPU weight_quant.dequantize's (tests/gpu)
+    again = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, kept)
+    assert calls == (["linear_triton"] if m <= matmul_configs.FP8_TRITON_MAX_M else []) and torch.equal(again, got)
     calls.clear()
-    fp32 = cuda._linear(x, w, b, silu_mul, scale, group)
+    fp32 = cuda._linear(x, w, b, silu_mul, scale, group, None)
     assert calls == [] and torch.equal(fp32, reference.linear_reference(x, w, b, silu_mul, scale, group))
     set_options(KernelOptions(reference_kernels=True))
-    assert torch.equal(cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group), want)
+    kept = weight_quant.dequantize(w, scale, group, torch.bfloat16)  # the copy keep_dequantized makes
+    assert torch.equal(cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, kept),
+                       want)
     assert calls == []
 
 

@@ -76,16 +76,18 @@ def _rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_w
                                 v_cache, slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
 
 
-def _linear(x, weight, bias, silu_mul, weight_scale, group):
+def _linear(x, weight, bias, silu_mul, weight_scale, group, dequantized):
     if current_options().reference_kernels or (weight_scale is not None and x.dtype == torch.float32):
-        return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group)
-    if weight_scale is not None:  # FP8: stream it at small M; past that, dequantize once for cuBLAS
+        return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group, dequantized)
+    if weight_scale is not None:  # FP8: stream it at small M; past that, cuBLAS on the dequantized weight
         if cuda_w8a16.usable(x, weight, weight_scale, group):  # up to 8 rows: the CUDA C++ kernel, where nvcc built it
             return cuda_w8a16.linear_w8a16_cuda(x, weight, weight_scale, group, bias, silu_mul)
         cfg = matmul_configs.choose_fp8(x, weight, silu_mul, group)
         if cfg is not None:
             return linear_triton(x, weight, bias, cfg, silu_mul, weight_scale, group)
-        y = F.linear(x, dequantize_triton(weight, weight_scale, group, x.dtype), bias)
+        if not reference.is_kept(dequantized, x.dtype):  # no copy kept: dequantize it for this call
+            dequantized = dequantize_triton(weight, weight_scale, group, x.dtype)
+        y = F.linear(x, dequantized, bias)
         return silu_mul_triton(y) if silu_mul else y
     cfg = matmul_configs.choose(x, weight, silu_mul)
     if cfg is not None:

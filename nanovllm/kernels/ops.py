@@ -83,14 +83,16 @@ def _(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps, k
 
 @torch.library.custom_op("nanovllm::linear", mutates_args=())
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu_mul: bool,
-            weight_scale: Optional[torch.Tensor], group: int) -> torch.Tensor:
+            weight_scale: Optional[torch.Tensor], group: int, dequantized: Optional[torch.Tensor]) -> torch.Tensor:
     """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves.  An FP8
-    ``weight`` comes with its ``weight_scale`` per row and ``group`` columns (``weight_quant.py``), else None, 0."""
-    return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group)
+    ``weight`` comes with its ``weight_scale`` per row and ``group`` columns (``weight_quant.py``), else None, 0;
+    and may come with ``dequantized``, ``weight_quant.dequantize`` of it kept in the model's dtype (None: not kept),
+    which an implementation may multiply by in place of dequantizing: the same values."""
+    return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group, dequantized)
 
 
 @_linear.register_fake
-def _(x, weight, bias, silu_mul, weight_scale, group):
+def _(x, weight, bias, silu_mul, weight_scale, group, dequantized):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty(x.shape[0], n)
 
@@ -213,10 +215,11 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
               sinks, float(softcap))
 
 
-def linear(x, weight, bias=None, silu_mul: bool = False, weight_scale=None, group: int = 0) -> torch.Tensor:
+def linear(x, weight, bias=None, silu_mul: bool = False, weight_scale=None, group: int = 0,
+           dequantized=None) -> torch.Tensor:
     """A projection of ``x`` [T, K] (see ``_linear``); ``silu_mul`` takes the packed MLP gate/up weight."""
     fn = _traced("linear", x.device) or torch.ops.nanovllm.linear
-    return fn(x, weight, bias, silu_mul, weight_scale, group)
+    return fn(x, weight, bias, silu_mul, weight_scale, group, dequantized)
 
 
 def linear_int4(x, qweight, scale, zero, group: int, perm=None, bias=None, silu_mul: bool = False) -> torch.Tensor:

@@ -50,13 +50,21 @@ def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
-                     weight_scale: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+                     weight_scale: torch.Tensor | None = None, group: int = 0,
+                     dequantized: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves.  An FP8
-    weight is dequantized into x's dtype first (``weight_quant.py``)."""
+    weight is dequantized into x's dtype first (``weight_quant.py``), or taken from ``dequantized`` where that
+    copy is kept in x's dtype."""
     if weight_scale is not None:
-        weight = weight_quant.dequantize(weight, weight_scale, group, x.dtype)
+        weight = dequantized if is_kept(dequantized, x.dtype) else weight_quant.dequantize(weight, weight_scale,
+                                                                                           group, x.dtype)
     y = F.linear(x, weight, bias)
     return silu_and_mul(y) if silu_mul else y
+
+
+def is_kept(dequantized: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether an FP8 weight's kept ``dequantized`` copy serves a product in ``dtype``."""
+    return dequantized is not None and dequantized.dtype == dtype
 
 
 def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

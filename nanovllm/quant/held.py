@@ -17,7 +17,8 @@ class Fp8Format:
     row_tensors = ("weight", "weight_scale")  # what holds one entry per output row
 
     def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
-        return ops.linear(x, module.weight, bias, silu_mul, module.weight_scale, module.quant_group)
+        return ops.linear(x, module.weight, bias, silu_mul, module.weight_scale, module.quant_group,
+                          getattr(module, "weight_dequantized", None))  # fp8_weights.keep_dequantized's copy
 
     def expert_args(self, experts) -> tuple:
         return experts.gate_up_proj_scale, experts.down_proj_scale, experts.quant_group, None, None
