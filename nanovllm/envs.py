@@ -78,9 +78,9 @@ _VARIABLES = (
     EnvVar("NANOVLLM_CUDA_KERNELS", "auto", "`off` keeps every projection on its Triton kernel; `auto` (default) "
            "builds the CUDA C++ kernels (`nanovllm/kernels/cuda_build.py`: the few-row int4 and FP8 projections) "
            "with the system's nvcc where there is one", _choice("auto", "off")),
-    EnvVar("NANOVLLM_FP8_DEQUANTIZED", "auto", "whether FP8 projections keep their weight dequantized beside it, "
-           "for the products cuBLAS takes (past the few-row kernels) to skip dequantizing it each call "
-           "(`nanovllm/quant/fp8_weights.py`): `auto` (default) where the copies add at most an eighth to the "
+    EnvVar("NANOVLLM_DEQUANTIZED_COPIES", "auto", "whether FP8 and int4 projections keep their weight dequantized "
+           "beside it, so the products cuBLAS takes (past the few-row kernels) skip dequantizing it on every call "
+           "(`nanovllm/quant/dequantized.py`): `auto` (default) where the copies add at most an eighth to the "
            "weights' bytes (a mixture of experts' attention), `on`, `off`", _choice("auto", "on", "off")),
     EnvVar("NANOVLLM_MATMUL_TABLE", None, "path of another matmul dispatch table (what a tuning benchmark writes; "
            "default: the one shipped beside the kernels)", _text),

@@ -172,7 +172,7 @@ def test_cuda_linear_dispatch_of_fp8_matches_twin(monkeypatch, restore_options, 
     got = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, None)
     assert calls == (["linear_triton"] if m <= matmul_configs.FP8_TRITON_MAX_M else ["dequantize_triton"])
     assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
-    calls.clear()  # with the dequantized copy kept (fp8_weights.keep_dequantized): cuBLAS takes it, the same values
+    calls.clear()  # with the dequantized copy kept (quant/dequantized.py): cuBLAS takes it, the same values
     kept = dequantize_triton(w, scale, group, torch.bfloat16)  # on the GPU weight_quant.dequantize's (tests/gpu)
     again = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, kept)
     assert calls == (["linear_triton"] if m <= matmul_configs.FP8_TRITON_MAX_M else []) and torch.equal(again, got)
@@ -180,7 +180,7 @@ def test_cuda_linear_dispatch_of_fp8_matches_twin(monkeypatch, restore_options, 
     fp32 = cuda._linear(x, w, b, silu_mul, scale, group, None)
     assert calls == [] and torch.equal(fp32, reference.linear_reference(x, w, b, silu_mul, scale, group))
     set_options(KernelOptions(reference_kernels=True))
-    kept = weight_quant.dequantize(w, scale, group, torch.bfloat16)  # the copy keep_dequantized makes
+    kept = weight_quant.dequantize(w, scale, group, torch.bfloat16)  # the copy dequantized.keep makes
     assert torch.equal(cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, kept),
                        want)
     assert calls == []

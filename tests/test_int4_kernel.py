@@ -123,8 +123,9 @@ def test_choose_w4a16_leaves_fp32_and_prefill_to_others(restore_options):
 @pytest.mark.parametrize("m", [3, W4A16_TRITON_MAX_M + 1])
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_cuda_linear_int4_dispatch_matches_twin(monkeypatch, restore_options, m, silu_mul):
-    """``cuda._linear_int4`` runs the kernel at small M, dequantize + F.linear past W4A16_TRITON_MAX_M, and the
-    twin for float32 activations or reference kernels, all agreeing with the twin."""
+    """``cuda._linear_int4`` runs the kernel at small M, dequantize + F.linear past W4A16_TRITON_MAX_M (F.linear
+    alone on a kept dequantized copy, bit for bit the same), and the twin for float32 activations or reference
+    kernels, all agreeing with the twin."""
     from nanovllm.kernels import cuda
     calls = []
     for name in ("linear_w4a16_triton", "dequantize_int4_triton"):
@@ -138,15 +139,20 @@ def test_cuda_linear_int4_dispatch_matches_twin(monkeypatch, restore_options, m,
     perm = torch.randperm(k).to(torch.int32)
     xb, bb = x.to(torch.bfloat16), b.to(torch.bfloat16)
     want = reference.linear_int4_reference(xb, qweight, scale, zero, group, perm, bb, silu_mul)
-    got = cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul)
+    got = cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul, None)
     assert calls == (["linear_w4a16_triton"] if m <= W4A16_TRITON_MAX_M else ["dequantize_int4_triton"])
     assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
+    calls.clear()  # with the dequantized copy kept (quant/dequantized.py): cuBLAS takes it, the same values
+    kept = dequantize_int4_triton(qweight, scale, zero, group, torch.bfloat16)  # on the GPU int4_quant's (tests/gpu)
+    again = cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul, kept)
+    assert calls == (["linear_w4a16_triton"] if m <= W4A16_TRITON_MAX_M else []) and torch.equal(again, got)
     calls.clear()
-    fp32 = cuda._linear_int4(x, qweight, scale, zero, group, perm, b, silu_mul)
+    fp32 = cuda._linear_int4(x, qweight, scale, zero, group, perm, b, silu_mul, None)
     assert calls == [] and torch.equal(fp32, reference.linear_int4_reference(x, qweight, scale, zero, group, perm, b,
                                                                              silu_mul))
     set_options(KernelOptions(reference_kernels=True))
-    assert torch.equal(cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul), want)
+    kept = int4_quant.dequantize(qweight, scale, zero, group, torch.bfloat16)  # the copy dequantized.keep makes
+    assert torch.equal(cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul, kept), want)
     assert calls == []
 
 
@@ -157,5 +163,5 @@ def test_registered_op_is_the_twin_and_its_fake_matches():
                        reference.linear_int4_reference(x, qweight, scale, zero, 32, perm, None, True))
     # schema and fake only: the AOT-dispatch check reads every backend's RNG state, which the NPU tests' stand-in
     # backend (installed for the rest of the session) lacks
-    torch.library.opcheck(torch.ops.nanovllm.linear_int4.default, (x, qweight, scale, zero, 32, perm, None, True),
+    torch.library.opcheck(torch.ops.nanovllm.linear_int4.default, (x, qweight, scale, zero, 32, perm, None, True, None),
                           test_utils=("test_schema", "test_faketensor"))

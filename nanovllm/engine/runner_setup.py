@@ -20,7 +20,7 @@ from nanovllm.kernels import cuda_w4a16, cuda_w8a16
 from nanovllm.layers.sampler import sample
 from nanovllm.models import kv_scales
 from nanovllm.models.loader import checkpoint_files
-from nanovllm.quant import fp8_weights, held
+from nanovllm.quant import dequantized, held
 
 CALIBRATION_TOKENS = 1024  # random tokens of the one prefill that calibrates an FP8 cache's scales
 
@@ -29,14 +29,15 @@ def beside_model(runner) -> tuple:
     """(the ``EngineLoras`` of ``enable_lora``, the ``Drafter`` of a draft-model speculative config), each or None:
     made after the model and before the KV cache is sized, so their memory counts.  The CUDA C++ kernels the
     model's weights take are built and loaded here too (``kernels/cuda_build.py``), not in the first request, and
-    FP8 projections keep their dequantized copies where the options allow (``fp8_weights.keep_dequantized``)."""
+    quantized projections keep their dequantized copies where the options allow (``quant/dequantized.py``)."""
     config = runner.config
     formats = {held.format_of(m) for m in runner.model.modules()} if runner.device.type == "cuda" else set()
     if held.INT4 in formats:
         cuda_w4a16.prepare(runner.device)
     if held.FP8 in formats:
         cuda_w8a16.prepare(runner.device)
-        fp8_weights.keep_dequantized(runner.model, runner.dtype, runner.platform.options.fp8_dequantized)
+    if formats & {held.FP8, held.INT4}:
+        dequantized.keep(runner.model, runner.dtype, runner.platform.options.dequantized_copies)
     return EngineLoras.make(runner.model, config), Drafter.make(config, runner.platform, runner.dtype)
 
 

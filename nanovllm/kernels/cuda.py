@@ -98,17 +98,19 @@ def _linear(x, weight, bias, silu_mul, weight_scale, group, dequantized):
     return silu_mul_triton(y) if silu_mul else y
 
 
-def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul):
+def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul, dequantized):
     if current_options().reference_kernels or x.dtype == torch.float32:  # fp32 stays exact, on the twin
-        return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul)
+        return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul, dequantized)
     if cuda_w4a16.usable(x, qweight, scale, zero, group):  # up to 8 rows: the CUDA C++ kernel, where nvcc built it
         return cuda_w4a16.linear_w4a16_cuda(x, qweight, scale, zero, group, perm, bias, silu_mul)
     cfg = choose_w4a16(x, qweight, silu_mul, group)
-    if cfg is not None:  # stream the packed weight at small M; past that, dequantize once for cuBLAS
+    if cfg is not None:  # stream the packed weight at small M; past that, cuBLAS on the dequantized weight
         return linear_w4a16_triton(x, qweight, scale, zero, group, perm, bias, cfg, silu_mul)
     if perm is not None:
         x = x.index_select(1, perm)
-    y = F.linear(x, dequantize_int4_triton(qweight, scale, zero, group, x.dtype), bias)
+    if not reference.is_kept(dequantized, x.dtype):  # no copy kept: dequantize it for this call
+        dequantized = dequantize_int4_triton(qweight, scale, zero, group, x.dtype)
+    y = F.linear(x, dequantized, bias)
     return silu_mul_triton(y) if silu_mul else y
 
 

@@ -86,8 +86,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             weight_scale: Optional[torch.Tensor], group: int, dequantized: Optional[torch.Tensor]) -> torch.Tensor:
     """``x @ weight.T + bias``; with ``silu_mul``, ``silu(gate) * up`` of that product's two halves.  An FP8
     ``weight`` comes with its ``weight_scale`` per row and ``group`` columns (``weight_quant.py``), else None, 0;
-    and may come with ``dequantized``, ``weight_quant.dequantize`` of it kept in the model's dtype (None: not kept),
-    which an implementation may multiply by in place of dequantizing: the same values."""
+    and may come with ``dequantized``, ``weight_quant.dequantize`` of it kept in the model's dtype (None: not kept;
+    ``quant/dequantized.py``), which an implementation may multiply by in place of dequantizing: the same values."""
     return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group, dequantized)
 
 
@@ -99,14 +99,15 @@ def _(x, weight, bias, silu_mul, weight_scale, group, dequantized):
 
 @torch.library.custom_op("nanovllm::linear_int4", mutates_args=())
 def _linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-                 perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
+                 perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], silu_mul: bool,
+                 dequantized: Optional[torch.Tensor]) -> torch.Tensor:
     """``x[:, perm] @ W.T + bias`` (``perm`` None: x as is) for an int4 weight W = (qweight, scale, zero) in groups
-    of ``group`` columns (``int4_quant.py``); ``silu_mul`` as ``_linear``'s."""
-    return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul)
+    of ``group`` columns (``int4_quant.py``); ``silu_mul`` and ``dequantized`` (W kept dequantized) as ``_linear``'s."""
+    return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul, dequantized)
 
 
 @_linear_int4.register_fake
-def _(x, qweight, scale, zero, group, perm, bias, silu_mul):
+def _(x, qweight, scale, zero, group, perm, bias, silu_mul, dequantized):
     n = qweight.shape[0] // 2 if silu_mul else qweight.shape[0]
     return x.new_empty(x.shape[0], n)
 
@@ -222,10 +223,11 @@ def linear(x, weight, bias=None, silu_mul: bool = False, weight_scale=None, grou
     return fn(x, weight, bias, silu_mul, weight_scale, group, dequantized)
 
 
-def linear_int4(x, qweight, scale, zero, group: int, perm=None, bias=None, silu_mul: bool = False) -> torch.Tensor:
+def linear_int4(x, qweight, scale, zero, group: int, perm=None, bias=None, silu_mul: bool = False,
+                dequantized=None) -> torch.Tensor:
     """A projection of ``x`` [T, K] by an int4 weight (see ``_linear_int4``)."""
     fn = _traced("linear_int4", x.device) or torch.ops.nanovllm.linear_int4
-    return fn(x, qweight, scale, zero, group, perm, bias, silu_mul)
+    return fn(x, qweight, scale, zero, group, perm, bias, silu_mul, dequantized)
 
 
 def fused_moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, w13_scale=None, w2_scale=None,

@@ -26,7 +26,7 @@ class KernelOptions:
     moe_w8a8: bool = True  # FP8 experts multiply e4m3 activations (act_quant.py); False: weight-only
     moe_table: str | None = None  # another fused-MoE tile table (None: the one shipped beside the kernels)
     cuda_kernels: bool = True  # the CUDA C++ kernels (cuda_build.py) where nvcc can build them; else Triton's
-    fp8_dequantized: str = "auto"  # FP8 projections keep a dequantized copy (quant/fp8_weights.py): auto, on, off
+    dequantized_copies: str = "auto"  # quantized projections keep a dequantized copy (quant/dequantized.py)
 
     @classmethod
     def from_env(cls, env=None) -> "KernelOptions":
@@ -42,7 +42,7 @@ class KernelOptions:
                    moe_w8a8=get("NANOVLLM_MOE_W8A8", env),
                    moe_table=get("NANOVLLM_MOE_TABLE", env),
                    cuda_kernels=get("NANOVLLM_CUDA_KERNELS", env) == "auto",
-                   fp8_dequantized=get("NANOVLLM_FP8_DEQUANTIZED", env))
+                   dequantized_copies=get("NANOVLLM_DEQUANTIZED_COPIES", env))
 
     def as_dict(self) -> dict:
         return asdict(self)

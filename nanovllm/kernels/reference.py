@@ -69,12 +69,15 @@ def is_kept(dequantized: torch.Tensor | None, dtype: torch.dtype) -> bool:
 
 def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                           group: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                          silu_mul: bool = False) -> torch.Tensor:
+                          silu_mul: bool = False, dequantized: torch.Tensor | None = None) -> torch.Tensor:
     """``x[:, perm] @ W.T + bias`` (``perm`` None: x as is) for the int4 weight W = (qweight, scale, zero, group)
-    (``int4_quant.py``), dequantized into x's dtype first; ``silu_mul`` as in ``linear_reference``."""
+    (``int4_quant.py``), dequantized into x's dtype first (or taken from ``dequantized`` where that copy is kept
+    in x's dtype); ``silu_mul`` as in ``linear_reference``."""
     if perm is not None:
         x = x.index_select(1, perm)
-    y = F.linear(x, int4_quant.dequantize(qweight, scale, zero, group, x.dtype), bias)
+    if not is_kept(dequantized, x.dtype):
+        dequantized = int4_quant.dequantize(qweight, scale, zero, group, x.dtype)
+    y = F.linear(x, dequantized, bias)
     return silu_and_mul(y) if silu_mul else y
 
 

@@ -12,19 +12,13 @@ float8_e4m3fn, its module gains the float32 buffer ``P_scale``, the int ``quant_
   rank, so tensor parallelism quantizes exactly as one GPU does.
 * ``prepare_for_checkpoint(model, names, group)``: the parameters ``names`` (those whose every checkpoint part is
   float8) made FP8 and empty, for the loader to fill with the checkpoint's bytes and scales.
-* ``keep_dequantized(model, dtype, mode)``: the loaded projections' dequantized copies, where they cost little.
 """
-import itertools
-
 import torch
 from torch import nn
 
 import nanovllm.distributed as distributed
 from nanovllm.kernels import weight_quant
-from nanovllm.logger import logger
 from nanovllm.quant import held
-
-DEQUANTIZED_SHARE = 1 / 8  # "auto" keeps the copies while they add at most this share to the weights' bytes
 
 
 def quantizable(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -83,29 +77,3 @@ def describe(model: nn.Module) -> str | None:
     groups = "row" if per_row else "row and " + "/".join(map(str, sorted({m.quant_group for m, _ in quantized}))) \
         + " columns"
     return f"fp8 weights ({len(quantized)} of {len(targets)} projections and expert stacks, scales per {groups})"
-
-
-@torch.no_grad()
-def keep_dequantized(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> int:
-    """Keep beside each FP8 projection (a module's ``weight`` with ``weight_scale``; never stacked experts) its
-    ``weight_quant.dequantize`` in ``dtype``, the buffer ``weight_dequantized``, which ``held.linear`` hands to
-    ``ops.linear``: where a product goes to cuBLAS (past the few-row kernels) it then multiplies by the copy
-    instead of dequantizing the weight on every call.  The products are the same bit for bit; the copies cost
-    memory.  ``mode``: "auto" keeps them where they add at most ``DEQUANTIZED_SHARE`` to the model's weight bytes
-    (a mixture of experts' attention; a dense FP8 model keeps none), "on" always, "off" never.  Returns how many
-    were kept."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"fp8 dequantized copies: mode {mode!r} is not one of auto, on, off")
-    projections = [m for m in model.modules()
-                   if held.format_of(m) is held.FP8 and isinstance(getattr(m, "weight_scale", None), torch.Tensor)]
-    cost = sum(m.weight.numel() for m in projections) * dtype.itemsize
-    weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
-    if not projections or mode == "off" or (mode == "auto" and cost > DEQUANTIZED_SHARE * weights):
-        return 0
-    for m in projections:
-        m.register_buffer("weight_dequantized", weight_quant.dequantize(m.weight, m.weight_scale, m.quant_group,
-                                                                        dtype), persistent=False)
-    logger.info("kept %d FP8 projections dequantized beside their weights (%.2f GiB, %.1f%% of the weights' %.2f): "
-                "cuBLAS takes them without dequantizing each call", len(projections), cost / 2**30,
-                100 * cost / weights, weights / 2**30)
-    return len(projections)

@@ -4,12 +4,13 @@ A scheme that quantizes a module's parameters sets its ``weight_format`` (``FP8`
 float8 with scales per row and group; ``INT4``: ``kernels/int4_quant.py``'s codes, scales and zeros, and a
 projection's act-order ``weight_perm``; ``MXFP4``: ``kernels/mxfp4_quant.py``'s e2m1 codes and e8m0 scales, stacked
 experts only); a module without one holds plain weights.  Layers call ``linear``, ``expert_args`` and
-``keep_rows`` and never ask which scheme made the weights.
+``keep_rows`` and never ask which scheme made the weights.  A projection's ``weight_dequantized`` (``dequantized.py``:
+``dequantize`` of it, kept where memory allows) goes to the op beside the quantized weight.
 """
 import torch
 from torch import nn
 
-from nanovllm.kernels import mxfp4_quant, ops
+from nanovllm.kernels import int4_quant, mxfp4_quant, ops, weight_quant
 
 
 class Fp8Format:
@@ -18,7 +19,13 @@ class Fp8Format:
 
     def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
         return ops.linear(x, module.weight, bias, silu_mul, module.weight_scale, module.quant_group,
-                          getattr(module, "weight_dequantized", None))  # fp8_weights.keep_dequantized's copy
+                          getattr(module, "weight_dequantized", None))
+
+    def dequantize(self, module, dtype: torch.dtype) -> torch.Tensor:
+        return weight_quant.dequantize(module.weight, module.weight_scale, module.quant_group, dtype)
+
+    def dequantized_numel(self, module) -> int:
+        return module.weight.numel()
 
     def expert_args(self, experts) -> tuple:
         return experts.gate_up_proj_scale, experts.down_proj_scale, experts.quant_group, None, None
@@ -30,7 +37,14 @@ class Int4Format:
 
     def linear(self, module, x, bias, silu_mul: bool) -> torch.Tensor:
         return ops.linear_int4(x, module.weight, module.weight_scale, module.weight_zero, module.quant_group,
-                               module.weight_perm, bias, silu_mul)
+                               module.weight_perm, bias, silu_mul, getattr(module, "weight_dequantized", None))
+
+    def dequantize(self, module, dtype: torch.dtype) -> torch.Tensor:
+        """[N, K] in the packed codes' column order (an act-order ``weight_perm`` still orders x's columns)."""
+        return int4_quant.dequantize(module.weight, module.weight_scale, module.weight_zero, module.quant_group, dtype)
+
+    def dequantized_numel(self, module) -> int:
+        return module.weight.numel() * 2  # two codes a byte
 
     def expert_args(self, experts) -> tuple:
         return (experts.gate_up_proj_scale, experts.down_proj_scale, experts.quant_group, experts.gate_up_proj_zero,

@@ -106,27 +106,3 @@ def test_cuda_few_row_fp8_kernel_matches_float64_as_the_twin_does(dtype, m, wave
     assert _rel_err(got, exact) <= 1.1 * _rel_err(twin, exact) + 1e-4, (_rel_err(got, exact), _rel_err(twin, exact))
     assert not cuda_w8a16.usable(torch.randn(9, k, device=DEVICE, dtype=dtype), weight, scale, group)
 
-
-def test_kept_dequantized_copies_change_no_token(block_checkpoint, monkeypatch):
-    """``NANOVLLM_FP8_DEQUANTIZED=on`` (``fp8_weights.keep_dequantized``: cuBLAS multiplies by the kept copies in
-    place of dequantizing, in 96-row decode steps and the prompts' prefill) gives ``off``'s tokens exactly: each
-    copy equals what the GPU's dequantize kernel makes, bit for bit."""
-    import random
-    import torch
-    from nanovllm import LLM, SamplingParams
-    from nanovllm.kernels.triton_matmul import dequantize_triton
-    rng = random.Random(7)
-    prompts = [[rng.randint(3, 300) for _ in range(rng.randint(4, 30))] for _ in range(96)]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    tokens = {}
-    for mode in ("off", "on"):
-        monkeypatch.setenv("NANOVLLM_FP8_DEQUANTIZED", mode)
-        llm = LLM(block_checkpoint, dtype="bfloat16", **dict(ENGINE, max_num_seqs=96, graph_batch_sizes=[8, 96]))
-        kept = [m for m in llm.engine.runner.model.modules() if hasattr(m, "weight_dequantized")]
-        assert bool(kept) == (mode == "on")
-        for m in kept:
-            assert torch.equal(m.weight_dequantized, dequantize_triton(m.weight, m.weight_scale, m.quant_group,
-                                                                       torch.bfloat16))
-        tokens[mode] = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
-        llm.close()
-    assert tokens["on"] == tokens["off"]
