@@ -13,18 +13,20 @@ def test_defaults_when_nothing_is_set():
     assert KernelOptions().as_dict() == {"reference_kernels": False, "triton_matmul": True, "matmul_table": None,
                                          "pdl": True, "hopper_features": True, "npu_graph_mode": "max-autotune",
                                          "mps_compile": False, "all_reduce": "auto",
-                                         "moe_w8a8": True, "moe_table": None, "cuda_kernels": True}
+                                         "moe_w8a8": True, "moe_table": None, "cuda_kernels": True,
+                                         "dequantized_copies": "auto"}
 
 
 def test_each_variable_sets_its_option():
     env = {"NANOVLLM_KERNELS": "reference", "NANOVLLM_MATMUL": "cublas", "NANOVLLM_MATMUL_TABLE": "/t.json",
            "NANOVLLM_PDL": "0", "NANOVLLM_HOPPER_FEATURES": "0", "NANOVLLM_NPU_GRAPH_MODE": "reduce-overhead",
            "NANOVLLM_MPS_COMPILE": "1", "NANOVLLM_ALLREDUCE": "nccl", "NANOVLLM_MOE_TABLE": "/m.json",
-           "NANOVLLM_CUDA_KERNELS": "off"}
+           "NANOVLLM_CUDA_KERNELS": "off", "NANOVLLM_DEQUANTIZED_COPIES": "off"}
     assert KernelOptions.from_env(env) == KernelOptions(reference_kernels=True, triton_matmul=False,
                                                         matmul_table="/t.json", pdl=False, hopper_features=False,
                                                         npu_graph_mode="reduce-overhead", mps_compile=True,
-                                                        all_reduce="nccl", moe_table="/m.json", cuda_kernels=False)
+                                                        all_reduce="nccl", moe_table="/m.json", cuda_kernels=False,
+                                                        dequantized_copies="off")
     assert KernelOptions.from_env({"NANOVLLM_KERNELS": "auto", "NANOVLLM_MATMUL": "auto", "NANOVLLM_PDL": "1",
                                    "NANOVLLM_MATMUL_TABLE": ""}) == KernelOptions()
 
