@@ -63,7 +63,7 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def is_kept(dequantized: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    """Whether an FP8 weight's kept ``dequantized`` copy serves a product in ``dtype``."""
+    """Whether a quantized weight's kept ``dequantized`` copy (``quant/dequantized.py``) serves a ``dtype`` product."""
     return dequantized is not None and dequantized.dtype == dtype
 
 
