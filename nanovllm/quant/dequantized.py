@@ -42,6 +42,6 @@ def keep(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> int:
     for m in kept:
         m.register_buffer("weight_dequantized", held.format_of(m).dequantize(m, dtype), persistent=False)
     logger.info("kept %d quantized projections dequantized beside their weights (%.2f GiB, %.1f%% of the weights' "
-                "%.2f): cuBLAS takes them without dequantizing each call", len(kept), cost / 2**30,
-                100 * cost / weights, weights / 2**30)
+                "%.2f): cuBLAS takes them without dequantizing each call (NANOVLLM_DEQUANTIZED_COPIES=off leaves "
+                "that memory to the KV cache)", len(kept), cost / 2**30, 100 * cost / weights, weights / 2**30)
     return len(kept)
