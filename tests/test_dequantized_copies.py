@@ -50,6 +50,22 @@ def test_the_mode_and_the_share_decide_which_projections_keep_a_copy(moe, monkey
     assert count == 0 or count >= 3 * 2 + 2  # qkv and o of each of the 3 layers, and the dense layer's MLP
 
 
+def test_auto_counts_only_the_weights_on_the_projections_device(moe, monkeypatch):
+    """Experts on another device (``offload_experts`` keeps them on the host) leave the share: the copies that fit
+    an eighth of the whole model do not fit an eighth of what the device holds."""
+    model = build(moe)
+    cost = sum(held.format_of(m).dequantized_numel(m) for m in dequantized.projections(model)) * DTYPE.itemsize
+    whole = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    monkeypatch.setattr(dequantized, "SHARE", 1.01 * cost / whole)
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj_scale")]
+    for m in experts:  # a stand-in for the host: any other device
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            setattr(m, name, torch.nn.Parameter(t.to("meta"), requires_grad=False) if isinstance(
+                t, torch.nn.Parameter) else t.to("meta"))
+    assert experts and dequantized.keep(model, DTYPE, "auto") == 0
+    assert dequantized.keep(build(moe), DTYPE, "auto") == len(dequantized.projections(model))  # all on one device
+
+
 def test_the_copy_is_the_dequantized_weight_and_experts_keep_none(moe):
     model = build(moe)
     projections = dequantized.projections(model)

@@ -7,8 +7,8 @@ how, and hand it to the ops), for every quantized projection; stacked experts ne
 same bit for bit (the ops multiply the same values); the copies cost memory, counted before the KV cache is sized.
 
 ``mode`` (``NANOVLLM_DEQUANTIZED_COPIES``): "auto" keeps them where they add at most ``SHARE`` to the model's weight
-bytes (a mixture of experts, whose projections are its attention; a dense quantized model keeps none), "on" always,
-"off" never.
+bytes on their device (a mixture of experts, whose projections are its attention; a dense quantized model keeps
+none, and neither does one whose experts live on the host, ``offload_experts``), "on" always, "off" never.
 """
 import itertools
 
@@ -36,7 +36,9 @@ def keep(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> int:
         raise ValueError(f"dequantized copies: mode {mode!r} is not one of {', '.join(MODES)}")
     kept = projections(model)
     cost = sum(held.format_of(m).dequantized_numel(m) for m in kept) * dtype.itemsize
-    weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    device = kept[0].weight.device if kept else None
+    weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())
+                  if t.device == device)  # what the device holds: offloaded experts stay out
     if not kept or mode == "off" or (mode == "auto" and cost > SHARE * weights):
         return 0
     for m in kept:
