@@ -105,4 +105,3 @@ def test_cuda_few_row_fp8_kernel_matches_float64_as_the_twin_does(dtype, m, wave
     assert got.shape == twin.shape == (m, n // 2 if silu else n) and got.dtype == dtype
     assert _rel_err(got, exact) <= 1.1 * _rel_err(twin, exact) + 1e-4, (_rel_err(got, exact), _rel_err(twin, exact))
     assert not cuda_w8a16.usable(torch.randn(9, k, device=DEVICE, dtype=dtype), weight, scale, group)
-
