@@ -1,9 +1,11 @@
 """``quant/dequantized.py``: which quantized projections keep a dequantized copy (by mode and the share of the
 weights' bytes the copies would add), that the copy is the format's ``dequantize`` bit for bit (FP8, int4), that
 stacked experts never get one, that ``held.linear`` hands it to the op, and that the product
-stays the same bit for bit.  Where cuBLAS takes the copy in place of dequantizing: ``test_fp8_matmul_kernel.py`` and
+stays the same bit for bit; an engine keeps them at start-up, and its graph mode's tokens equal eager's without them.
+Where cuBLAS takes the copy in place of dequantizing: ``test_fp8_matmul_kernel.py`` and
 ``test_int4_kernel.py`` (an act order too: x's columns are permuted, the copy's are not)."""
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,22 @@ def test_held_linear_hands_the_copy_to_the_op_and_the_product_is_unchanged(moe, 
 def test_a_bad_mode_is_refused_by_name(moe):
     with pytest.raises(ValueError, match="'sometimes'"):
         dequantized.keep(build(moe), DTYPE, "sometimes")
+
+
+def test_an_engine_keeps_them_at_start_up_and_its_tokens_do_not_change(moe, monkeypatch):
+    """``NANOVLLM_DEQUANTIZED_COPIES=on`` on the CPU (the twins multiply by the copies): graph mode's greedy float32
+    tokens equal eager's without the copies."""
+    from nanovllm import LLM, SamplingParams
+    form, path = moe
+    rng = random.Random(3)
+    prompts = [[rng.randint(3, 300) for _ in range(rng.randint(20, 40))] for _ in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    tokens = {}
+    for mode, eager in (("off", True), ("on", False)):
+        monkeypatch.setenv("NANOVLLM_DEQUANTIZED_COPIES", mode)
+        llm = LLM(path, enforce_eager=eager, quantization="fp8" if form == "fp8" else None, kvcache_block_size=16,
+                  num_kvcache_blocks=24, max_model_len=128, max_num_seqs=4, graph_batch_sizes=[4])
+        assert bool(kept(llm.engine.runner.model)) == (mode == "on")
+        tokens[mode] = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.close()
+    assert tokens["on"] == tokens["off"]

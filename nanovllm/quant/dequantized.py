@@ -1,10 +1,11 @@
-"""Quantized projections' dequantized copies: memory spent where it is cheap, so cuBLAS skips the dequantizing.
+"""Quantized projections' dequantized copies: memory spent where it is cheap, so large products skip dequantizing.
 
 Past the few-row kernels an FP8 or int4 projection is multiplied by cuBLAS on its weight dequantized into the
-model's dtype, which the ops otherwise do on every call (``kernels/cuda.py``).  ``keep(model, dtype, mode)`` makes
-that dequantized weight once, at start-up, as the module's buffer ``weight_dequantized`` (``held.py``'s formats say
-how, and hand it to the ops), for every quantized projection; stacked experts never get one.  The products are the
-same bit for bit (the ops multiply the same values); the copies cost memory, counted before the KV cache is sized.
+model's dtype, which the ops otherwise do on every call (``kernels/cuda.py``; the PyTorch twins that other devices
+run do too).  ``keep(model, dtype, mode)`` makes that dequantized weight once, at start-up, as the module's buffer
+``weight_dequantized`` (``held.py``'s formats say how, and hand it to the ops), for every quantized projection;
+stacked experts never get one.  The products are the same bit for bit (the ops multiply the same values); the
+copies cost memory, counted before the KV cache is sized.
 
 ``mode`` (``NANOVLLM_DEQUANTIZED_COPIES``): "auto" keeps them where they add at most ``SHARE`` to the model's weight
 bytes on their device (a mixture of experts, whose projections are its attention; a dense quantized model keeps
