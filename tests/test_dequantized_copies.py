@@ -118,6 +118,8 @@ def test_an_engine_keeps_them_at_start_up_and_its_tokens_do_not_change(moe, monk
         llm = LLM(path, enforce_eager=eager, quantization="fp8" if form == "fp8" else None, kvcache_block_size=16,
                   num_kvcache_blocks=24, max_model_len=128, max_num_seqs=4, graph_batch_sizes=[4])
         assert bool(kept(llm.engine.runner.model)) == (mode == "on")
+        want = sum(m.weight_dequantized.numel() * 4 for m in kept(llm.engine.runner.model))  # float32 copies
+        assert llm.engine.describe().get("dequantized_copy_bytes", 0) == want  # bench.py's JSON carries it
         tokens[mode] = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.close()
     assert tokens["on"] == tokens["off"]

@@ -1,9 +1,10 @@
 """``describe(runner)``: what a ``ModelRunner`` (``model_runner.py``) runs, for the start-up log line and benchmarks:
-dtypes, KV cache (a window pool's and a hybrid model's state pools too), quantization, the bytes a step reads, expert
-offload, start-up phases, executor and draft model."""
+dtypes, KV cache (a window pool's and a hybrid model's state pools too), quantization, the bytes a step reads, the
+quantized projections' dequantized copies, expert offload, start-up phases, executor and draft model."""
 from nanovllm.engine import hybrid_state
 from nanovllm.models.expert_offload import offload_stats
 from nanovllm.models.moe import expert_footprint
+from nanovllm.quant import dequantized
 
 
 def describe(runner) -> dict:
@@ -17,6 +18,7 @@ def describe(runner) -> dict:
                 t.numel() * t.element_size() for name, t in model.named_buffers()
                 if name.endswith(("_scale", "_zero"))),  # quantized weights' scales and zeros are read too
             **dict(zip(("expert_bytes", "expert_share"), expert_footprint(model))),
+            **({"dequantized_copy_bytes": copies} if (copies := dequantized.copy_bytes(model)) else {}),
             **({"expert_offload": offload_stats(model)} if runner.expert_caches else {}),
             "init_phases": dict(runner.init_phases), **runner.executor.describe(),
             **({"draft": runner.drafter.describe()} if runner.drafter is not None else {})}

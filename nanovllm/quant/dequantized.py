@@ -48,3 +48,9 @@ def keep(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> int:
                 "%.2f): cuBLAS takes them without dequantizing each call (NANOVLLM_DEQUANTIZED_COPIES=off leaves "
                 "that memory to the KV cache)", len(kept), cost / 2**30, 100 * cost / weights, weights / 2**30)
     return len(kept)
+
+
+def copy_bytes(model: nn.Module) -> int:
+    """The bytes of the dequantized copies ``model``'s projections keep (0: none)."""
+    return sum(m.weight_dequantized.numel() * m.weight_dequantized.element_size() for m in model.modules()
+               if isinstance(getattr(m, "weight_dequantized", None), torch.Tensor))
