@@ -37,7 +37,6 @@ def test_nothing_is_usable_off_cuda():
     assert not cuda_w8a16.usable(torch.randn(1, 256, dtype=torch.bfloat16), w, s, 128)
 
 
-
 def test_an_fp8_projection_goes_to_the_cuda_kernel_ahead_of_triton_where_it_is_usable(monkeypatch):
     """``cuda._linear``'s order for an FP8 weight: the CUDA kernel where ``usable`` (standing in for a GPU here),
     with the call's group and ``silu_mul``; without it, the Triton path (``test_fp8_matmul_kernel.py``)."""
