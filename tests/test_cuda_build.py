@@ -151,6 +151,16 @@ def test_the_moe_layout_block_holds_twice_an_experts_mean_pairs_up_to_32():
     assert picks == sorted(picks) and picks[-1] == cuda_w4a16.MOE_MAX_BLOCK
 
 
+def test_the_moe_kernel_reads_x_with_each_8_columns_in_its_mma_pairing():
+    x = torch.arange(3 * 24, dtype=torch.float32).view(3, 24)
+    got = cuda_w4a16.permute_columns(x[:, :16])  # a strided x
+    assert got.shape == (3, 16) and got.is_contiguous()
+    for n in range(16):  # column 8i + j lands at 8i + 2 (j % 4) + j // 4: 0, 4, 1, 5, 2, 6, 3, 7
+        assert torch.equal(got[:, n // 8 * 8 + 2 * (n % 4) + n % 8 // 4], x[:, n]), n
+    with pytest.raises(AssertionError, match="12 columns"):
+        cuda_w4a16.permute_columns(x[:, :12])
+
+
 def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):
     sources = tmp_path / "cuda_src"
     shutil.copytree(cuda_build.SOURCES, sources)

@@ -137,12 +137,23 @@ def experts_int4_cuda(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     assert block in MOE_BLOCKS, f"block {block} is not one of {MOE_BLOCKS}"
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, block)
     num_blocks = block_expert.shape[0]
+    if block > MOE_BLOCKS[0]:  # the kernel's contract: past one sub-block, x comes with its columns paired
+        x = permute_columns(x)
     inter_rows = x.new_empty(num_blocks * block, inter)
     per_pair = x.new_empty(num_tokens * top_k, hidden)
     layout = (sorted_ids.data_ptr(), block_expert.data_ptr(), block_rows.data_ptr(), num_blocks, block, top_k)
     _moe_gemm(x, layout, w13, scales[0], zeros[0], group, weights, inter_rows, True, round_weights)
     _moe_gemm(inter_rows, layout, w2, scales[1], zeros[1], group, weights, per_pair, False, round_weights)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def permute_columns(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of 2-D ``x`` with each 8 columns in the order the MoE kernel's mma pairs them: column
+    8i + j at 8i + 2 (j % 4) + j // 4, so 0, 4, 1, 5, 2, 6, 3, 7 (the kernel's layout blocks of more than 8 slots
+    read x so, and the up GEMM writes the intermediate rows so)."""
+    rows, cols = x.shape
+    assert cols % 8 == 0, f"{cols} columns are not a multiple of 8"
+    return x.unflatten(1, (cols // 8, 2, 4)).transpose(2, 3).reshape(rows, cols)
 
 
 def _moe_gemm(src, layout, w, scale, zero, group, weights, dst, up: bool, round_weights: bool) -> None:

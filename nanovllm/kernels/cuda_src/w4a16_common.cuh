@@ -129,9 +129,10 @@ __device__ __forceinline__ void weight_fragments(const Chunk& ch, uint32_t (&a)[
   }
 }
 
-// the fp32 sums of a chunk into d (rows r, r + 8 against x rows 2t, 2t + 1), x's words regrouped step by step.
-// kSplit: the odd k16 steps sum apart and join d at the end, two chains of 4 mma's rather than one of 8
-template <typename T, bool kSplit = false>
+// the fp32 sums of a chunk into d (rows r, r + 8 against x rows 2t, 2t + 1), x's words regrouped step by step, or
+// with kPermuted taken as they are (x's columns stored permuted in each 8: 0, 4, 1, 5, 2, 6, 3, 7).  kSplit: the odd
+// k16 steps sum apart and join d at the end, two chains of 4 mma's rather than one of 8
+template <typename T, bool kSplit = false, bool kPermuted = false>
 __device__ __forceinline__ void chunk_mma(float (&d)[4], const uint32_t (&a)[8][4], const uint4 (&xv)[4]) {
   const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
                            xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
@@ -139,9 +140,9 @@ __device__ __forceinline__ void chunk_mma(float (&d)[4], const uint32_t (&a)[8][
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i + 7 of the lane's 32
     const uint32_t x0 = xw[4 * i], x1 = xw[4 * i + 1], x2 = xw[4 * i + 2], x3 = xw[4 * i + 3];
-    const uint32_t lo[2] = {prmt(x0, x2, 0x5410), prmt(x0, x2, 0x7632)};  // columns (0, 4), (1, 5)
-    Half<T>::mma(d, a[2 * i], lo);
-    const uint32_t hi[2] = {prmt(x1, x3, 0x5410), prmt(x1, x3, 0x7632)};  // columns (2, 6), (3, 7)
+    const uint32_t lo[2] = {kPermuted ? x0 : prmt(x0, x2, 0x5410), kPermuted ? x1 : prmt(x0, x2, 0x7632)};
+    Half<T>::mma(d, a[2 * i], lo);  // columns (0, 4), (1, 5)
+    const uint32_t hi[2] = {kPermuted ? x2 : prmt(x1, x3, 0x5410), kPermuted ? x3 : prmt(x1, x3, 0x7632)};
     Half<T>::mma(kSplit ? odd : d, a[2 * i + 1], hi);
   }
   if (kSplit) {

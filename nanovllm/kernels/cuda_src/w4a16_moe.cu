@@ -6,13 +6,15 @@
 // down: out[pair, n] = weights[pair] * (inter[slot] . w2[e, n])  (with round_weights both factors are rounded to
 //       the output's dtype first, as the twin does)
 //
-// Contract (checked by nanovllm/kernels/cuda_w4a16.py): bf16 or fp16 x / inter rows, 16-byte aligned; q uint8
+// Contract (checked by nanovllm/kernels/cuda_w4a16.py): bf16 or fp16 x / inter rows, 16-byte aligned, with blocks of
+// more than 8 slots permuted in each 8 columns (column 8i + j at 8i + 2(j % 4) + j / 4: the order the mma pairs them
+// in, so the kernel regroups no x; cuda_w4a16.permute_columns, and the up GEMM writes inter so); q uint8
 // [E, N, K / 2] (two codes a byte, column 2b in the low nibble), rows 16-byte aligned; scale fp16 and zero uint8
 // [E, N, groups]; K % 128 == 0 and (group % 128 == 0 or group >= K).  A block takes one layout block (S mma's of 8
 // columns) and 4 warps' weight rows of its expert, each warp 16 (up: 8 gate rows and their 8 up rows) over all of
 // K in chunks of 128 columns, dequantizing each chunk once for the S sub-blocks that hold pairs (w4a16_common.cuh:
 // the lane layout).  With S = 1 the warps read x through L1; with more, the block stages each chunk's x rows in
-// shared memory first.  The tensor cores sum each chunk in fp32, times the group's scale in fp32.
+// shared memory first, one chunk ahead.  The tensor cores sum each chunk in fp32, times the group's scale in fp32.
 #include <cuda_runtime.h>
 
 #include "w4a16_common.cuh"
@@ -39,7 +41,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// where column n of an 8S-slot block's rows lies (the contract's permutation past one sub-block)
+template <int S>
+__device__ __forceinline__ int permuted(int n) { return S > 1 ? (n & ~7) | (n & 3) << 1 | (n >> 2 & 1) : n; }
 
 // kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group: group = K); S: the
 // sub-blocks of 8 slots in a layout block
@@ -64,7 +70,8 @@ __global__ void __launch_bounds__(kWarps * 32, S == 4 ? kBlocksAtS4 : 0)
                    live_b ? row_b : 0, t);
   // a layout block of one sub-block: each lane loads its x row through L1.  Of more: the block stages each chunk's
   // x rows in shared memory, double-buffered (cp.async), for all its warps; thread i copies 16-byte unit i % 16 of
-  // rows i / 16, i / 16 + kFillRows, .. (none past the block's rows)
+  // rows i / 16, i / 16 + kFillRows, .. (none past the block's rows).  One barrier a chunk: once every thread's
+  // copies of chunk c are in, every warp is also done with chunk c - 1, so chunk c + 1 may fill its buffer
   constexpr bool kStage = S > 1;
   const auto x_row = [&](long long slot) { return x + (UP ? sorted[slot] / top_k : slot) * ldx; };  // slot's x row
   const T* xr = !kStage && r < rows ? x_row(b * kSubM + r) + t * 32 : nullptr;
@@ -104,10 +111,9 @@ __global__ void __launch_bounds__(kWarps * 32, S == 4 ? kBlocksAtS4 : 0)
       weight_fragments<T>(ch[u], a);
       const uint4* buf = stage + (c & 1) * (S * kSubM * 16);
       if (kStage) {
-        if (c + 1 < chunks) fill(c + 1);  // into the other buffer, which every warp finished with (below)
-        else cp_async_commit();  // an empty group: the wait below then always leaves one
-        cp_async_wait_one();
-        __syncthreads();  // chunk c's rows, from every thread's copies
+        cp_async_wait_all();  // this thread's copies of chunk c
+        __syncthreads();
+        if (c + 1 < chunks) fill(c + 1);  // into chunk c - 1's buffer
       }
 #pragma unroll
       for (int j = 0; j < S; ++j) {
@@ -120,10 +126,9 @@ __global__ void __launch_bounds__(kWarps * 32, S == 4 ? kBlocksAtS4 : 0)
           else xv[v] = xr != nullptr ? __ldg(reinterpret_cast<const uint4*>(xr + c * kChunk) + v) : uint4{};
         }
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        chunk_mma<T, (S > 1)>(d, a, xv);  // two mma chains past one sub-block: faster there, not at one (H200)
+        chunk_mma<T, (S > 1), (S > 1)>(d, a, xv);  // past one sub-block: two mma chains, permuted x (H200: faster)
         accumulate(acc[j], d, ch[u]);
       }
-      if (kStage) __syncthreads();  // every warp is done with this buffer before chunk c + 2 is copied into it
     }
   }
 #pragma unroll
@@ -135,7 +140,7 @@ __global__ void __launch_bounds__(kWarps * 32, S == 4 ? kBlocksAtS4 : 0)
       const long long slot = b * S * kSubM + m;
       if (UP) {
         const float gate = acc[j][e], up = acc[j][2 + e];
-        if (live_a) out[slot * ldo + row_a] = Half<T>::out(gate / (1.0f + __expf(-gate)) * up);
+        if (live_a) out[slot * ldo + permuted<S>(row_a)] = Half<T>::out(gate / (1.0f + __expf(-gate)) * up);
       } else {
         const long long pair = sorted[slot];
         float w = weights[pair], va = acc[j][e], vb = acc[j][2 + e];
