@@ -35,10 +35,8 @@ constexpr int kBlocksAtS4 = 4;
 // line; the copying threads of a phase (one row, units 0 .. 7 or 8 .. 15) too
 __device__ __forceinline__ int unit_at(int row, int u) { return u ^ (u >> 3 << 1) ^ (row & 1); }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src)
-               : "memory");
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {  // dst: a shared-memory address
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
@@ -84,13 +82,15 @@ __global__ void __launch_bounds__(kWarps * 32, S == 4 ? kBlocksAtS4 : 0)
     const int row = f * kFillRows + fill_row;
     src[f] = row < rows ? x_row(b * S * kSubM + row) + fill_unit * 8 : nullptr;
   }
+  // the thread's unit of row fill_row in buffer 0; its rows f * kFillRows further on (row & 1 alike) hold it at the
+  // same place, so every copy's address is this one plus constants
+  const uint32_t fill_at =
+      static_cast<uint32_t>(__cvta_generic_to_shared(stage + fill_row * 16 + unit_at(fill_row, fill_unit)));
   const auto fill = [&](int c) {
-    uint4* buf = stage + (c & 1) * (S * kSubM * 16);
+    const uint32_t at = fill_at + (c & 1) * (S * kSubM * 16 * 16);
 #pragma unroll
-    for (int f = 0; f < kFills; ++f) {
-      const int row = f * kFillRows + fill_row;
-      if (src[f] != nullptr) cp_async16(buf + row * 16 + unit_at(row, fill_unit), src[f] + c * kChunk);
-    }
+    for (int f = 0; f < kFills; ++f)
+      if (src[f] != nullptr) cp_async16(at + f * kFillRows * 16 * 16, src[f] + c * kChunk);
     cp_async_commit();
   };
   float acc[S][4] = {};
