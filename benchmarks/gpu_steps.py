@@ -143,6 +143,7 @@ STEPS = [
     *[Step(f"profile-{tag}", "ours", f"preset:{name}", "module", PROFILE + ("--at", *flags)) for tag, name, flags in (
         ("hybrid35b", "qwen3.5-35b-a3b", ("256", "--prefill", *FP8)), ("gemma4", "gemma4-text", ("256",)),
         ("gemma3-27b", "gemma3-27b", ("256,64", "--prefill")), ("mixtral", "mixtral-8x7b+gptq", ("256", "--prefill")),
+        ("moe-gptq", "qwen3-30b-a3b+gptq", ("256",)),
         ("hybrid27b", "qwen3.5-27b", ("64", "--prefill", *HYBRID_BS[:2])),
         ("hybrid80b-tp2", "qwen3-next-80b-a3b", ("256", *FP8, *TP2)))],
     # pooling on bench's Qwen3-0.6B: Qwen3-Embedding-0.6B's shape, and as a Qwen3-Reranker-0.6B (yes/no head)
