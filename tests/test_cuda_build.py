@@ -161,6 +161,24 @@ def test_the_moe_kernel_reads_x_with_each_8_columns_in_its_mma_pairing():
         cuda_w4a16.permute_columns(x[:, :12])
 
 
+@pytest.mark.parametrize("block", cuda_w4a16.MOE_BLOCKS)
+def test_the_moe_kernel_gets_x_paired_past_blocks_of_8_and_as_it_is_at_8(monkeypatch, block):
+    tokens, top_k, experts, hidden, inter = 4, 2, 4, 256, 128
+    calls = []
+    monkeypatch.setattr(cuda_w4a16, "align_triton", lambda ids, hist, e, b: (
+        torch.zeros(e * b, dtype=torch.int32), torch.zeros(e, dtype=torch.int32), torch.zeros(e, dtype=torch.int32)))
+    monkeypatch.setattr(cuda_w4a16, "_moe_gemm", lambda src, *args: calls.append((src.clone(), args[-2])))
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    w13 = torch.zeros(experts, 2 * inter, hidden // 2, dtype=torch.uint8)
+    w2 = torch.zeros(experts, hidden, inter // 2, dtype=torch.uint8)
+    ids = torch.zeros(tokens, top_k, dtype=torch.int32)
+    cuda_w4a16.experts_int4_cuda(x, torch.ones(tokens, top_k), ids, None, w13, w2, (None, None), (None, None), 128,
+                                 block=block)
+    (up_x, up), (_, down) = calls
+    assert up and not down
+    assert torch.equal(up_x, cuda_w4a16.permute_columns(x) if block > 8 else x)
+
+
 def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):
     sources = tmp_path / "cuda_src"
     shutil.copytree(cuda_build.SOURCES, sources)
