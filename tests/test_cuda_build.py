@@ -1,8 +1,8 @@
 """The CUDA C++ kernels' build and load (nanovllm/kernels/cuda_build.py) and the int4 kernels' gates
 (nanovllm/kernels/cuda_w4a16.py: few-row projections, MoE experts) on a machine without a GPU: the switch, the
 reasons a kernel stays off (logged), the cached build through a stand-in nvcc (a shell script compiling a C stub
-of the library's one function), and the calls the kernels refuse.  Their numbers are
-tests/gpu/test_int4_weights.py's, on a GPU."""
+of the library's one function), the calls the kernels refuse, and the column pairing the MoE kernel reads x in.
+Their numbers are tests/gpu/test_int4_weights.py's, on a GPU."""
 import ctypes
 import logging
 import shutil
