@@ -31,10 +31,10 @@ def beside_model(runner) -> tuple:
     model's weights take are built and loaded here too (``kernels/cuda_build.py``), not in the first request, and
     quantized projections keep their dequantized copies where the options allow (``quant/dequantized.py``)."""
     config = runner.config
-    formats = {held.format_of(m) for m in runner.model.modules()}
-    if runner.device.type == "cuda" and held.INT4 in formats:
+    formats = {held.format_of(m) for m in runner.model.modules()} if runner.device.type == "cuda" else set()
+    if held.INT4 in formats:
         cuda_w4a16.prepare(runner.device)
-    if runner.device.type == "cuda" and held.FP8 in formats:
+    if held.FP8 in formats:
         cuda_w8a16.prepare(runner.device)
     dequantized.keep(runner.model, runner.dtype, runner.platform.options.dequantized_copies)
     return EngineLoras.make(runner.model, config), Drafter.make(config, runner.platform, runner.dtype)
