@@ -36,11 +36,13 @@ def keep(model: nn.Module, dtype: torch.dtype, mode: str = "auto") -> int:
     if mode not in MODES:
         raise ValueError(f"dequantized copies: mode {mode!r} is not one of {', '.join(MODES)}")
     kept = projections(model)
+    if not kept or mode == "off":
+        return 0
     cost = sum(held.format_of(m).dequantized_numel(m) for m in kept) * dtype.itemsize
-    device = kept[0].weight.device if kept else None
+    device = kept[0].weight.device
     weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())
                   if t.device == device)  # what the device holds: offloaded experts stay out
-    if not kept or mode == "off" or (mode == "auto" and cost > SHARE * weights):
+    if mode == "auto" and cost > SHARE * weights:
         return 0
     for m in kept:
         m.register_buffer("weight_dequantized", held.format_of(m).dequantize(m, dtype), persistent=False)
