@@ -152,12 +152,12 @@ def test_fp8_config_splits_k_until_the_sms_are_busy():
     assert fp8_config(8192, 4096, 4096, 128, 132) == MatmulConfig(64, 64, 128)  # past the table: its last tile
 
 
-@pytest.mark.parametrize("m", [3, matmul_configs.FP8_TRITON_MAX_M + 1])
+@pytest.mark.parametrize("m", [3, 17, matmul_configs.FP8_TRITON_MAX_M + 1])
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_cuda_linear_dispatch_of_fp8_matches_twin(monkeypatch, restore_options, m, silu_mul):
     """``cuda._linear`` runs the FP8 kernel at small M, dequantize + F.linear past FP8_TRITON_MAX_M (F.linear alone
-    on a kept dequantized copy, bit for bit the same), and the twin for float32 activations or reference kernels,
-    all agreeing with the twin."""
+    on a kept dequantized copy, from KEPT_COPY_FROM rows: bit for bit dequantize + F.linear), and the twin for
+    float32 activations or reference kernels, all agreeing with the twin."""
     from nanovllm.kernels import cuda
     calls = []
     for name in ("linear_triton", "dequantize_triton"):
@@ -172,10 +172,15 @@ def test_cuda_linear_dispatch_of_fp8_matches_twin(monkeypatch, restore_options, 
     got = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, None)
     assert calls == (["linear_triton"] if m <= matmul_configs.FP8_TRITON_MAX_M else ["dequantize_triton"])
     assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
-    calls.clear()  # with the dequantized copy kept (quant/dequantized.py): cuBLAS takes it, the same values
+    calls.clear()  # with the dequantized copy kept (quant/dequantized.py): cuBLAS takes it from KEPT_COPY_FROM rows
     kept = dequantize_triton(w, scale, group, torch.bfloat16)  # on the GPU weight_quant.dequantize's (tests/gpu)
     again = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, kept)
-    assert calls == (["linear_triton"] if m <= matmul_configs.FP8_TRITON_MAX_M else []) and torch.equal(again, got)
+    assert 3 < cuda.KEPT_COPY_FROM <= 17 <= matmul_configs.FP8_TRITON_MAX_M  # before it, past it in the rows
+    assert calls == (["linear_triton"] if m < cuda.KEPT_COPY_FROM else [])
+    set_options(KernelOptions(triton_matmul=False))  # dequantize + F.linear at every M: what the copy must equal
+    plain = cuda._linear(x.to(torch.bfloat16), w, b.to(torch.bfloat16), silu_mul, scale, group, None)
+    assert torch.equal(again, got if m < cuda.KEPT_COPY_FROM else plain)
+    set_options(KernelOptions())
     calls.clear()
     fp32 = cuda._linear(x, w, b, silu_mul, scale, group, None)
     assert calls == [] and torch.equal(fp32, reference.linear_reference(x, w, b, silu_mul, scale, group))

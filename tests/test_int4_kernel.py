@@ -120,12 +120,12 @@ def test_choose_w4a16_leaves_fp32_and_prefill_to_others(restore_options):
     assert choose_w4a16(torch.empty(4, 1024, dtype=torch.bfloat16), qweight, False, 128) is None
 
 
-@pytest.mark.parametrize("m", [3, W4A16_TRITON_MAX_M + 1])
+@pytest.mark.parametrize("m", [3, 17, W4A16_TRITON_MAX_M + 1])
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_cuda_linear_int4_dispatch_matches_twin(monkeypatch, restore_options, m, silu_mul):
     """``cuda._linear_int4`` runs the kernel at small M, dequantize + F.linear past W4A16_TRITON_MAX_M (F.linear
-    alone on a kept dequantized copy, bit for bit the same), and the twin for float32 activations or reference
-    kernels, all agreeing with the twin."""
+    alone on a kept dequantized copy, from KEPT_COPY_FROM rows: bit for bit dequantize + F.linear), and the twin for
+    float32 activations or reference kernels, all agreeing with the twin."""
     from nanovllm.kernels import cuda
     calls = []
     for name in ("linear_w4a16_triton", "dequantize_int4_triton"):
@@ -142,10 +142,15 @@ def test_cuda_linear_int4_dispatch_matches_twin(monkeypatch, restore_options, m,
     got = cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul, None)
     assert calls == (["linear_w4a16_triton"] if m <= W4A16_TRITON_MAX_M else ["dequantize_int4_triton"])
     assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
-    calls.clear()  # with the dequantized copy kept (quant/dequantized.py): cuBLAS takes it, the same values
+    calls.clear()  # with the dequantized copy kept (quant/dequantized.py): cuBLAS takes it from KEPT_COPY_FROM rows
     kept = dequantize_int4_triton(qweight, scale, zero, group, torch.bfloat16)  # on the GPU int4_quant's (tests/gpu)
     again = cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul, kept)
-    assert calls == (["linear_w4a16_triton"] if m <= W4A16_TRITON_MAX_M else []) and torch.equal(again, got)
+    assert 3 < cuda.KEPT_COPY_FROM <= 17 <= W4A16_TRITON_MAX_M  # the cases: before it, past it in the kernel's rows
+    assert calls == (["linear_w4a16_triton"] if m < cuda.KEPT_COPY_FROM else [])
+    set_options(KernelOptions(triton_matmul=False))  # dequantize + F.linear at every M: what the copy must equal
+    plain = cuda._linear_int4(xb, qweight, scale, zero, group, perm, bb, silu_mul, None)
+    assert torch.equal(again, got if m < cuda.KEPT_COPY_FROM else plain)
+    set_options(KernelOptions())
     calls.clear()
     fp32 = cuda._linear_int4(x, qweight, scale, zero, group, perm, b, silu_mul, None)
     assert calls == [] and torch.equal(fp32, reference.linear_int4_reference(x, qweight, scale, zero, group, perm, b,

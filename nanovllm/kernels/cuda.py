@@ -76,13 +76,24 @@ def _rope_store_kv(qkv, positions, cos_cache, sin_cache, q_norm_weight, k_norm_w
                                 v_cache, slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
 
 
+# rows from which cuBLAS on a kept dequantized copy (quant/dequantized.py) beats the Triton kernels that stream the
+# FP8 or int4 weight (docs/PERFORMANCE.md, "Kernels behind defaults"); the few-row CUDA kernels stay ahead of both
+KEPT_COPY_FROM = 17
+
+
+def _streams(x, dequantized) -> bool:
+    """Whether a quantized projection of ``x`` may stream its weight through a Triton kernel: no kept copy, or fewer
+    than ``KEPT_COPY_FROM`` rows."""
+    return x.shape[0] < KEPT_COPY_FROM or not reference.is_kept(dequantized, x.dtype)
+
+
 def _linear(x, weight, bias, silu_mul, weight_scale, group, dequantized):
     if current_options().reference_kernels or (weight_scale is not None and x.dtype == torch.float32):
         return reference.linear_reference(x, weight, bias, silu_mul, weight_scale, group, dequantized)
     if weight_scale is not None:  # FP8: stream it at small M; past that, cuBLAS on the dequantized weight
         if cuda_w8a16.usable(x, weight, weight_scale, group):  # up to 8 rows: the CUDA C++ kernel, where nvcc built it
             return cuda_w8a16.linear_w8a16_cuda(x, weight, weight_scale, group, bias, silu_mul)
-        cfg = matmul_configs.choose_fp8(x, weight, silu_mul, group)
+        cfg = matmul_configs.choose_fp8(x, weight, silu_mul, group) if _streams(x, dequantized) else None
         if cfg is not None:
             return linear_triton(x, weight, bias, cfg, silu_mul, weight_scale, group)
         if not reference.is_kept(dequantized, x.dtype):  # no copy kept: dequantize it for this call
@@ -103,7 +114,7 @@ def _linear_int4(x, qweight, scale, zero, group, perm, bias, silu_mul, dequantiz
         return reference.linear_int4_reference(x, qweight, scale, zero, group, perm, bias, silu_mul, dequantized)
     if cuda_w4a16.usable(x, qweight, scale, zero, group):  # up to 8 rows: the CUDA C++ kernel, where nvcc built it
         return cuda_w4a16.linear_w4a16_cuda(x, qweight, scale, zero, group, perm, bias, silu_mul)
-    cfg = choose_w4a16(x, qweight, silu_mul, group)
+    cfg = choose_w4a16(x, qweight, silu_mul, group) if _streams(x, dequantized) else None
     if cfg is not None:  # stream the packed weight at small M; past that, cuBLAS on the dequantized weight
         return linear_w4a16_triton(x, qweight, scale, zero, group, perm, bias, cfg, silu_mul)
     if perm is not None:

@@ -4,7 +4,8 @@ Past the few-row kernels an FP8 or int4 projection is multiplied by cuBLAS on it
 model's dtype, which the ops otherwise do on every call (``kernels/cuda.py``; the PyTorch twins that other devices
 run do too).  ``keep(model, dtype, mode)`` makes that dequantized weight once, at start-up, as the module's buffer
 ``weight_dequantized`` (``held.py``'s formats say how, and hand it to the ops), for every quantized projection;
-stacked experts never get one.  The products are the same bit for bit (the ops multiply the same values); the
+stacked experts never get one.  Where the ops would dequantize, the products are the same bit for bit; with a copy
+cuBLAS also takes the rows the Triton kernels would stream (``cuda.KEPT_COPY_FROM`` on), in its own sum order.  The
 copies cost memory, counted before the KV cache is sized.
 
 ``mode`` (``NANOVLLM_DEQUANTIZED_COPIES``): "auto" keeps them where they add at most ``SHARE`` to the model's weight
