@@ -38,7 +38,7 @@ BENCH, DUMMY, FP8_KV = ("--bs", "256"), ("--load-format", "dummy"), ("--kv-cache
 FP8, TP2, GPU2 = ("--quantization", "fp8"), ("--tensor-parallel-size", "2"), ("-m", "gpu2")
 PROFILE, B16 = ("benchmarks.profile_run",), ("--num-seqs", "32", "--max-output-len", "512")  # B16: batches of 16
 B1, V1 = ("--bs", "1", "--num-seqs", "2"), ("--num-seqs", "2", "--max-num-seqs", "1")  # batch 1: ours, vLLM
-VLLM_TP = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),)  # vLLM runs its ranks in processes of their own
+VLLM_TP, OURS_VLLM = (("VLLM_ENABLE_V1_MULTIPROCESSING", None),), ("ours", "vllm")  # VLLM_TP: ranks as processes
 TP_TESTS = "tests/gpu/test_tensor_parallel.py"
 MOE_KERNEL = ("benchmarks.moe_kernel", "--tokens", "1,16,64,256,1024,4096")
 MOE_SWEEP = ("benchmarks.moe_kernel", "--layers", "2", "--write-table", "--tokens", "1,16,256,1024,4096,16384")
@@ -82,12 +82,12 @@ STEPS = [
     Step("moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "bench"),
     *[Step(f"profile-moe-blockfp8{tag}", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--at", "256", "--prefill")
            + tp) for tag, tp in (("", ()), ("-tp2", TP2))],
-    Step("profile-moe-blockfp8-vllm", "vllm", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--engine", "vllm")),
+    *[Step(f"profile-{tag}-vllm", "vllm", model, "module", PROFILE + ("--engine", "vllm"))
+      for tag, model in (("moe-blockfp8", "fp8:qwen3-30b-a3b"), ("moe-gptq", "preset:qwen3-30b-a3b+gptq"))],
     Step("count-experts-blockfp8", "ours", "fp8:qwen3-30b-a3b", "module", PROFILE + ("--count-experts",)),
     Step("moe-fp8-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8 + FP8_KV),
     Step("moe-fp8-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8 + FP8_KV),
-    Step("moe-gptq-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", BENCH),
-    Step("moe-gptq-vllm", "vllm", "preset:qwen3-30b-a3b+gptq", "bench"),
+    *[Step(f"moe-gptq-{w}", w, "preset:qwen3-30b-a3b+gptq", "bench", BENCH if w == "ours" else ()) for w in OURS_VLLM],
     Step("moe-gptq-b16-ours", "ours", "preset:qwen3-30b-a3b+gptq", "bench", ("--bs", "16") + B16),  # batches of 16
     Step("moe-gptq-b16-vllm", "vllm", "preset:qwen3-30b-a3b+gptq", "bench", ("--max-num-seqs", "16") + B16),
     Step("mixtral-gptq-ours", "ours", "preset:mixtral-8x7b+gptq", "bench", BENCH),
@@ -143,7 +143,7 @@ STEPS = [
     *[Step(f"profile-{tag}", "ours", f"preset:{name}", "module", PROFILE + ("--at", *flags)) for tag, name, flags in (
         ("hybrid35b", "qwen3.5-35b-a3b", ("256", "--prefill", *FP8)), ("gemma4", "gemma4-text", ("256",)),
         ("gemma3-27b", "gemma3-27b", ("256,64", "--prefill")), ("mixtral", "mixtral-8x7b+gptq", ("256", "--prefill")),
-        ("moe-gptq", "qwen3-30b-a3b+gptq", ("256",)),
+        ("moe-gptq", "qwen3-30b-a3b+gptq", ("256,128,64,32",)),
         ("hybrid27b", "qwen3.5-27b", ("64", "--prefill", *HYBRID_BS[:2])),
         ("hybrid80b-tp2", "qwen3-next-80b-a3b", ("256", *FP8, *TP2)))],
     # pooling on bench's Qwen3-0.6B: Qwen3-Embedding-0.6B's shape, and as a Qwen3-Reranker-0.6B (yes/no head)

@@ -1,7 +1,7 @@
 """Where the GPU time of bench.py's workload goes, per window of engine steps (CUDA only).
 
     python -m benchmarks.profile_run [--at 256,192,128,64,32,8] [--steps 10] [--prefill] [bench's engine flags]
-    python -m benchmarks.profile_run --engine vllm --model DIR [--steps 10]   # vLLM's staged packages on PYTHONPATH
+    python -m benchmarks.profile_run --engine vllm --model DIR [--at 256] [--steps 10]   # vLLM staged on PYTHONPATH
     python -m benchmarks.profile_run --count-experts --model DIR   # MoE routing: distinct experts per layer and step
 
 bench's workload (``--num-seqs`` requests) runs through the step loop twice: the first pass records each step's
@@ -11,7 +11,7 @@ the decode byte floor (weights + KV at the measured copy bandwidth), GPU time by
 categories around each gap, the top kernels (``$OUT/profile_run.json``; overlapping kernels, as under PDL, each count
 in full).  ``--count-experts`` runs once in eager mode and counts per MoE call the distinct experts routing picks and
 the busiest one's rows, for decode steps of >= 192 sequences and prefill steps (``$OUT/expert_counts.json``).
-``--engine vllm``: vLLM, 256 requests: its first 2 steps, ``--steps`` once all decode (``profile_run_vllm.json``).
+``--engine vllm``: vLLM, 256 requests: its first 2 steps, then ``--steps`` at each ``--at`` (``profile_run_vllm.json``).
 """
 import argparse
 import json
@@ -62,21 +62,18 @@ def plan_windows(plan: list[Launch], at: list[int], steps: int, prefill: bool) -
     return windows
 
 
-def run_steps(engine, prompts, params, hook=None) -> list[Launch]:
+def run_steps(engine, prompts, params, hook=lambda i, phase: None) -> list[Launch]:
     """Add the workload and step the engine until it is done; ``hook(i, phase)`` runs before ("start") and after
     ("end") step ``i``.  Returns what each step launched."""
     for ids, p in zip(prompts, params):
         engine.add_request(ids, p)
     plan = []
     while engine.has_work():
-        i = len(plan)
-        if hook:
-            hook(i, "start")
-        before = dict(engine.stats)
+        i, before = len(plan), dict(engine.stats)
+        hook(i, "start")
         engine.step()
         plan.append(launched(before, engine.stats))
-        if hook:
-            hook(i, "end")
+        hook(i, "end")
     return plan
 
 
@@ -177,20 +174,23 @@ def profile_windows(llm, prompts, params, windows, floor_of) -> tuple[list[dict]
     return summaries, plan
 
 
-def profile_vllm(model: str, steps: int) -> list[dict]:
-    """vLLM's windows (module docstring)."""
+def profile_vllm(model: str, steps: int, sizes: list[int], load_format: str = "auto") -> list[dict]:
+    """vLLM's windows (module docstring), each decode one once all requests have started and at most its size are
+    unfinished; ``load_format`` "dummy" for a config without weights."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
-    llm = LLM(model, skip_tokenizer_init=True, max_model_len=4096, seed=0, max_num_seqs=256)
+    llm = LLM(model, skip_tokenizer_init=True, max_model_len=4096, seed=0, max_num_seqs=256, load_format=load_format)
     prompts, params = workload(256, 1024, 1024)
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=8), use_tqdm=False)
     engine, started, out = llm.llm_engine, set(), []
     for i, (ids, p) in enumerate(zip(prompts, params)):
         engine.add_request(str(i), {"prompt_token_ids": ids},
                            SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=p.max_tokens))
-    for label, n, kind in (("prefill (first 2 steps)", 2, "prefill"), ("decode 256", steps, "decode")):
-        while kind == "decode" and len(started) < len(prompts) and engine.has_unfinished_requests():
+    for label, n, kind, size in (("prefill (first 2 steps)", 2, "prefill", 256),
+                                 *[(f"decode {size}", steps, "decode", size) for size in sorted(sizes, reverse=True)]):
+        while kind == "decode" and engine.has_unfinished_requests() and (
+                len(started) < len(prompts) or engine.get_num_unfinished_requests() > size):
             started.update(o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids)
         torch.cuda.synchronize()
         prof, t = profile(activities=[ProfilerActivity.CUDA]), time.perf_counter()
@@ -200,7 +200,7 @@ def profile_vllm(model: str, steps: int) -> list[dict]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
         prof.stop()
-        out.append(summarize(label, kernel_events(prof), wall, [Launch(kind, 256, 0)] * n, 0.0))
+        out.append(summarize(label, kernel_events(prof), wall, [Launch(kind, size, 0)] * n, 0.0))
     return out
 
 
@@ -253,16 +253,17 @@ def main():
     p.add_argument("--engine", choices=("nanovllm", "vllm"), default="nanovllm", help="which engine to profile")
     p.add_argument("--model", help="HF checkpoint dir (default: bench.py's synthesized Qwen3-0.6B)")
     p.add_argument("--steps", type=int, default=10, help="engine steps per decode window")
+    p.add_argument("--at", default="256,192,128,64,32,8", help="running-batch sizes to profile a window at")
     if p.parse_known_args()[0].engine == "vllm":
+        p.add_argument("--load-format", default="auto", help="vLLM's load_format (dummy: a config's random weights)")
         args = p.parse_args()
-        summaries = profile_vllm(args.model, args.steps)
+        summaries = profile_vllm(args.model, args.steps, positive_ints(args.at, "--at"), args.load_format)
         print_windows(summaries)
         return write_json("profile_run_vllm.json", {"engine": "vllm", "model": args.model, "windows": summaries})
     from nanovllm import LLM, SamplingParams
     from nanovllm.cli import add_engine_args
     p.add_argument("--bs", type=int, default=256, help="max_num_seqs and the largest decode bucket")
     p.add_argument("--num-seqs", type=int, default=256, help="requests in bench's workload (256; ours only)")
-    p.add_argument("--at", default="256,192,128,64,32,8", help="running-batch sizes to profile a window at")
     p.add_argument("--prefill", action="store_true", help="also profile the first run of prefill steps")
     p.add_argument("--count-experts", action="store_true", help="count the experts MoE routing picks (eager)")
     add_engine_args(p, skip=("model", "max_num_seqs"), defaults={"max_model_len": 4096})
