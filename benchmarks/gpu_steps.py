@@ -65,12 +65,12 @@ COMPACT_JSON = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # as o
 STEPS = [
     Step("bench-ours", "ours", "default", "bench", BENCH), Step("bench-vllm", "vllm", "default", "bench"),
     *[Step(f"bench-{tag}-{who}", who, "default", "bench", (BENCH if who == "ours" else ()) + flags)
-      for tag, flags in (("fp8kv", FP8_KV), ("fp8", FP8)) for who in ("ours", "vllm")],
+      for tag, flags in (("fp8kv", FP8_KV), ("fp8", FP8)) for who in OURS_VLLM],
     Step("eager-ours", "ours", "default", "bench", BENCH + ("--enforce-eager",)),
     Step("pre-hopper-ours", "ours", "default", "bench", BENCH, env=(("NANOVLLM_HOPPER_FEATURES", "0"),)),
     *[Step(f"batch1{tag}-{who}", who, f"peer:qwen3-8b{q}", "bench", (B1 if who == "ours" else V1) + flags)
       for tag, q, flags in (("", "", ()), ("-fp8", "", FP8), ("-gptq", "+gptq", ()), ("-awq", "+awq", ()))
-      for who in ("ours", "vllm")],
+      for who in OURS_VLLM],
     Step("moe-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH),
     Step("moe-vllm", "vllm", "preset:qwen3-30b-a3b", "bench"),
     Step("moe-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8_KV),
@@ -147,19 +147,19 @@ STEPS = [
         ("hybrid27b", "qwen3.5-27b", ("64", "--prefill", *HYBRID_BS[:2])),
         ("hybrid80b-tp2", "qwen3-next-80b-a3b", ("256", *FP8, *TP2)))],
     # pooling on bench's Qwen3-0.6B: Qwen3-Embedding-0.6B's shape, and as a Qwen3-Reranker-0.6B (yes/no head)
-    *[Step(f"{w}-{who}", who, "default", w) for w in ("embed", "rerank") for who in ("ours", "vllm")],
+    *[Step(f"{w}-{who}", who, "default", w) for w in ("embed", "rerank") for who in OURS_VLLM],
     # sliding windows: GPT-OSS with bf16 experts (no MXFP4) or MXFP4 ones as published, Gemma 3, Gemma 4
     *[Step(f"{tag}-{who}", who, f"preset:{name}", "bench", BENCH if who == "ours" else ())
       for tag, name in (("gptoss20b", "gpt-oss-20b"), ("gptoss20b-mxfp4", "gpt-oss-20b+mxfp4"),
                         ("gptoss120b-mxfp4", "gpt-oss-120b+mxfp4"), ("gemma3-27b", "gemma3-27b"),
-                        ("gemma4", "gemma4-text-uniform")) for who in ("ours", "vllm")],
+                        ("gemma4", "gemma4-text-uniform")) for who in OURS_VLLM],
     *[Step(f"gemma3-27b-long-{who}", who, "preset:gemma3-27b", "bench", LONG + flags) for who, flags in
       (("ours", ("--bs", "64", "--max-model-len", "16640")), ("vllm", LONG_VLLM))],
     # multi-LoRA (inputs_bench.py lora), Qwen3-8B: 8 rank-16 adapters, batch 1, 64 in 8 slots; base: no adapters
     *[Step(f"lora{tag}-{who}", who, "peer:qwen3-8b", "module",
            ("benchmarks.inputs_bench", "lora", "--engine", "nanovllm" if who == "ours" else "vllm", *flags))
       for tag, flags in (("", ()), ("-b1", ("--bs", "1", "--num-seqs", "4")), ("-swap", ("--adapters", "64")))
-      for who in ("ours", "vllm")],
+      for who in OURS_VLLM],
     Step("lora-base-ours", "ours", "peer:qwen3-8b", "module", ("benchmarks.inputs_bench", "lora", "--adapters", "0")),
     Step("lora-b1-base-ours", "ours", "peer:qwen3-8b", "module",
          ("benchmarks.inputs_bench", "lora", "--adapters", "0", "--bs", "1", "--num-seqs", "4")),
