@@ -1,8 +1,8 @@
-"""The CUDA C++ kernels' build and load (nanovllm/kernels/cuda_build.py) and the int4 kernels' gates
-(nanovllm/kernels/cuda_w4a16.py: few-row projections, MoE experts) on a machine without a GPU: the switch, the
-reasons a kernel stays off (logged), the cached build through a stand-in nvcc (a shell script compiling a C stub
-of the library's one function), the calls the kernels refuse, and the column pairing the MoE kernel reads x in.
-Their numbers are tests/gpu/test_int4_weights.py's, on a GPU."""
+"""The CUDA C++ kernels' build and load (nanovllm/kernels/cuda_build.py) and the gates of the int4 projection
+(nanovllm/kernels/cuda_w4a16.py) and the int4 and FP8 MoE experts (cuda_moe.py) on a machine without a GPU: the
+switch, the reasons a kernel stays off (logged), the cached build through a stand-in nvcc (a shell script compiling a
+C stub of the library's one function), the calls the kernels refuse, and the column order the MoE kernel reads x in.
+Their numbers are tests/gpu/test_int4_weights.py's and test_fp8_weights.py's, on a GPU."""
 import ctypes
 import logging
 import shutil
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanovllm.envs import get
-from nanovllm.kernels import cuda_build, cuda_w4a16, int4_quant
+from nanovllm.kernels import cuda_build, cuda_moe, cuda_w4a16, int4_quant, weight_quant
 from nanovllm.kernels.options import KernelOptions, set_options
 from nanovllm.logger import logger
 
@@ -122,8 +122,8 @@ def test_the_moe_kernel_takes_int4_experts_in_its_contract_only():
         return q13, q2, (s13, s2), (z13, z2)
     q13, q2, scales, zeros = experts()
     x = torch.randn(5, h, dtype=torch.bfloat16)
-    assert cuda_w4a16.moe_fits(x, q13, q2, scales, zeros, 128) and cuda_w4a16.moe_fits(x.half(), *experts(), 384)
-    assert not cuda_w4a16.moe_usable(x, 2, q13, q2, scales, zeros, 128)  # ... but not on a GPU
+    assert cuda_moe.moe_fits(x, q13, q2, scales, zeros, 128) and cuda_moe.moe_fits(x.half(), *experts(), 384)
+    assert not cuda_moe.moe_usable(x, 2, q13, q2, scales, zeros, 128)  # ... but not on a GPU
     transposed = q2.transpose(1, 2).contiguous().transpose(1, 2)
     refused = {"fp32": (x.float(), q13, q2, scales, zeros, 128), "groups of 64": (x, *experts(group=64), 64),
                "I of 192 (one group)": (x, *experts(i=192, group=h), h),
@@ -133,50 +133,75 @@ def test_the_moe_kernel_takes_int4_experts_in_its_contract_only():
                "an x not 16-byte aligned": (torch.randn(5, h + 1, dtype=torch.bfloat16)[:, 1:], q13, q2, scales,
                                             zeros, 128)}
     for why, args in refused.items():
-        assert not cuda_w4a16.moe_fits(*args), why
+        assert not cuda_moe.moe_fits(*args), why
 
 
-def test_the_moe_kernel_takes_steps_of_up_to_64_pairs_per_expert():
-    assert cuda_w4a16.MOE_MAX_MEAN_ROWS == 64
-    assert cuda_w4a16.moe_faster(256, 2, 8) and not cuda_w4a16.moe_faster(257, 2, 8)  # Mixtral
-    assert cuda_w4a16.moe_faster(1024, 8, 128) and not cuda_w4a16.moe_faster(1025, 8, 128)  # Qwen3-30B-A3B
-    assert cuda_w4a16.moe_faster(1, 8, 128)
+def test_the_moe_kernel_takes_fp8_experts_in_its_contract_only():
+    e, h, i, none = 4, 256, 384, (None, None)
+
+    def experts(i=i, group=128):  # (w13, w2, scales) of e4m3 experts, float32 scales per row and group
+        (q13, s13), (q2, s2) = (weight_quant.quantize(w, group) for w in (torch.randn(e, 2 * i, h),
+                                                                          torch.randn(e, h, i)))
+        return q13, q2, (s13, s2)
+    q13, q2, scales = experts()
+    x = torch.randn(5, h, dtype=torch.bfloat16)
+    assert cuda_moe.moe_fits(x, q13, q2, scales, none, 128) and cuda_moe.moe_fits(x.half(), *experts(group=384), none,
+                                                                                  384)
+    assert not cuda_moe.moe_usable(x, 2, q13, q2, scales, none, 128)  # ... but not on a GPU
+    refused = {"fp32": (x.float(), q13, q2, scales, none, 128), "groups of 64": (x, *experts(group=64), none, 64),
+               "I of 192": (x, *experts(i=192), none, 128),
+               "a transposed w2": (x, q13, q2.transpose(1, 2).contiguous().transpose(1, 2), scales, none, 128),
+               "fp16 scales": (x, q13, q2, tuple(t.half() for t in scales), none, 128),
+               "zeros given": (x, q13, q2, scales, (q13, q2), 128), "no scales": (x, q13, q2, none, none, 128),
+               "bf16 experts": (x, q13.bfloat16(), q2.bfloat16(), scales, none, 128)}
+    for why, args in refused.items():
+        assert not cuda_moe.moe_fits(*args), why
+
+
+def test_the_moe_kernel_takes_steps_of_up_to_64_pairs_per_int4_expert_and_8_per_fp8_one():
+    assert cuda_moe.MOE_MAX_MEAN_ROWS == 64 and cuda_moe.FP8_MAX_MEAN_ROWS == 8
+    assert cuda_moe.moe_faster(256, 2, 8) and not cuda_moe.moe_faster(257, 2, 8)  # Mixtral
+    assert cuda_moe.moe_faster(1024, 8, 128) and not cuda_moe.moe_faster(1025, 8, 128)  # Qwen3-30B-A3B
+    assert cuda_moe.moe_faster(128, 8, 128, fp8=True) and not cuda_moe.moe_faster(129, 8, 128, fp8=True)
+    assert cuda_moe.moe_faster(1, 8, 128) and cuda_moe.moe_faster(1, 8, 128, fp8=True)
 
 
 def test_the_moe_layout_block_holds_twice_an_experts_mean_pairs_up_to_32():
-    blocks = {tokens: cuda_w4a16.moe_block(tokens, 2, 8) for tokens in (1, 16, 17, 32, 33, 64, 256, 1000)}  # Mixtral
+    blocks = {tokens: cuda_moe.moe_block(tokens, 2, 8) for tokens in (1, 16, 17, 32, 33, 64, 256, 1000)}  # Mixtral
     assert blocks == {1: 8, 16: 8, 17: 16, 32: 16, 33: 32, 64: 32, 256: 32, 1000: 32}
-    assert [cuda_w4a16.moe_block(t, 8, 128) for t in (64, 65, 128, 129, 256, 1024)] == [8, 16, 16, 32, 32, 32]
-    picks = [cuda_w4a16.moe_block(t, 8, 128) for t in range(1, 2000, 37)]  # never smaller for more tokens
-    assert picks == sorted(picks) and picks[-1] == cuda_w4a16.MOE_MAX_BLOCK
+    assert [cuda_moe.moe_block(t, 8, 128) for t in (64, 65, 128, 129, 256, 1024)] == [8, 16, 16, 32, 32, 32]
+    picks = [cuda_moe.moe_block(t, 8, 128) for t in range(1, 2000, 37)]  # never smaller for more tokens
+    assert picks == sorted(picks) and picks[-1] == cuda_moe.MOE_MAX_BLOCK
 
 
 def test_the_moe_kernel_reads_x_with_each_8_columns_in_its_mma_pairing():
     x = torch.arange(3 * 24, dtype=torch.float32).view(3, 24)
-    got = cuda_w4a16.permute_columns(x[:, :16])  # a strided x
+    got = cuda_moe.permute_columns(x[:, :16])  # a strided x
     assert got.shape == (3, 16) and got.is_contiguous()
     for n in range(16):  # column 8i + j lands at 8i + 2 (j % 4) + j // 4: 0, 4, 1, 5, 2, 6, 3, 7
         assert torch.equal(got[:, n // 8 * 8 + 2 * (n % 4) + n % 8 // 4], x[:, n]), n
     with pytest.raises(AssertionError, match="12 columns"):
-        cuda_w4a16.permute_columns(x[:, :12])
+        cuda_moe.permute_columns(x[:, :12])
 
 
-@pytest.mark.parametrize("block", cuda_w4a16.MOE_BLOCKS)
-def test_the_moe_kernel_gets_x_paired_past_blocks_of_8_and_as_it_is_at_8(monkeypatch, block):
+@pytest.mark.parametrize("fp8", [False, True], ids=["int4", "fp8"])
+@pytest.mark.parametrize("block", cuda_moe.MOE_BLOCKS)
+def test_the_moe_kernel_gets_int4_x_paired_past_blocks_of_8_and_fp8_x_as_it_is(monkeypatch, block, fp8):
     tokens, top_k, experts, hidden, inter = 4, 2, 4, 256, 128
     calls = []
-    monkeypatch.setattr(cuda_w4a16, "align_triton", lambda ids, hist, e, b: (
+    monkeypatch.setattr(cuda_moe, "align_triton", lambda ids, hist, e, b: (
         torch.zeros(e * b, dtype=torch.int32), torch.zeros(e, dtype=torch.int32), torch.zeros(e, dtype=torch.int32)))
-    monkeypatch.setattr(cuda_w4a16, "_moe_gemm", lambda src, *args: calls.append((src.clone(), args[-2])))
+    monkeypatch.setattr(cuda_moe, "_moe_gemm", lambda fp8, src, *args: calls.append((src.clone(), args[-2])))
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
-    w13 = torch.zeros(experts, 2 * inter, hidden // 2, dtype=torch.uint8)
-    w2 = torch.zeros(experts, hidden, inter // 2, dtype=torch.uint8)
+    per_byte, dtype = (1, torch.float8_e4m3fn) if fp8 else (2, torch.uint8)
+    w13 = torch.zeros(experts, 2 * inter, hidden // per_byte, dtype=dtype)
+    w2 = torch.zeros(experts, hidden, inter // per_byte, dtype=dtype)
     ids = torch.zeros(tokens, top_k, dtype=torch.int32)
-    cuda_w4a16.experts_int4_cuda(x, torch.ones(tokens, top_k), ids, None, w13, w2, (None, None), (None, None), 128,
-                                 block=block)
+    cuda_moe.experts_cuda(x, torch.ones(tokens, top_k), ids, None, w13, w2, (None, None), (None, None), 128,
+                          block=block)
     (up_x, up), (_, down) = calls
     assert up and not down
-    assert torch.equal(up_x, cuda_w4a16.permute_columns(x) if block > 8 else x)
+    assert torch.equal(up_x, cuda_moe.permute_columns(x) if block > 8 and not fp8 else x)
 
 
 def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):

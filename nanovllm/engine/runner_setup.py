@@ -16,7 +16,7 @@ from nanovllm.engine import hybrid_state, verify_step
 from nanovllm.engine.drafter import Drafter
 from nanovllm.engine.lora_slots import EngineLoras
 from nanovllm.engine.kv_cache import KVCacheSpec
-from nanovllm.kernels import cuda_w4a16, cuda_w8a16
+from nanovllm.kernels import cuda_moe, cuda_w4a16, cuda_w8a16
 from nanovllm.layers.sampler import sample
 from nanovllm.models import kv_scales
 from nanovllm.models.loader import checkpoint_files
@@ -34,8 +34,10 @@ def beside_model(runner) -> tuple:
     formats = {held.format_of(m) for m in runner.model.modules()} if runner.device.type == "cuda" else set()
     if held.INT4 in formats:
         cuda_w4a16.prepare(runner.device)
+        cuda_moe.prepare(runner.device, fp8=False)
     if held.FP8 in formats:
         cuda_w8a16.prepare(runner.device)
+        cuda_moe.prepare(runner.device, fp8=True)
     dequantized.keep(runner.model, runner.dtype, runner.platform.options.dequantized_copies)
     return EngineLoras.make(runner.model, config), Drafter.make(config, runner.platform, runner.dtype)
 

@@ -8,7 +8,7 @@ later engine take effect without registering anything again.  Choices that are b
 inside the functions: the decode or the prefill kernel by the shape of the batch, the skinny-matmul
 configuration by row count (``matmul_configs.py``; int4 weights: ``triton_w4a16.py``, up to 8 rows
 ``cuda_w4a16.py``; FP8 weights up to 8 rows: ``cuda_w8a16.py``), the MoE tiles by rows per expert
-(``moe_configs.py``; int4 experts at few rows: ``cuda_w4a16.py``), and float32 rope, MoE and int4 projections on
+(``moe_configs.py``; int4 and FP8 experts at few rows: ``cuda_moe.py``), and float32 rope, MoE and int4 projections on
 torch so that results stay transformers' bit for bit.  A platform for another device registers its own the same
 way, under its device type, without touching models or layers; ``device_type`` lets a test register these
 functions for CPU tensors, which the Triton interpreter (``TRITON_INTERPRET=1``) runs.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from nanovllm.kernels import logits as logits_twin
 from nanovllm.kernels.act_quant import moe_w8a8
 from nanovllm.kernels import matmul_configs, moe_reference, ops, reference, sampling  # noqa: F401  (ops: the ops)
-from nanovllm.kernels import cuda_w4a16, cuda_w8a16, mxfp4_quant
+from nanovllm.kernels import cuda_moe, cuda_w4a16, cuda_w8a16, mxfp4_quant
 from nanovllm.kernels.linear_attention import ops as la_ops  # noqa: F401  (the linear-attention ops)
 from nanovllm.kernels.linear_attention import reference as la_reference
 from nanovllm.kernels.linear_attention.triton_kernels import causal_conv1d_triton, gated_delta_rule_triton
@@ -137,9 +137,10 @@ def _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue: dict) -> bool:
             or bool(epilogue) and moe_w8a8(w13, w13_scale, w13_zero, group))
 
 
-def _int4_moe_on_cuda(x, top_k, w13, w2, scales, zeros, group, epilogue: dict) -> bool:
-    """Whether int4 SiLU experts without biases run on the CUDA C++ kernels (``cuda_w4a16.moe_usable``)."""
-    return zeros[0] is not None and not epilogue and cuda_w4a16.moe_usable(x, top_k, w13, w2, scales, zeros, group)
+def _moe_on_cuda(x, top_k, w13, w2, scales, zeros, group, epilogue: dict) -> bool:
+    """Whether int4 or FP8 SiLU experts without biases run on the CUDA C++ kernels (``cuda_moe.moe_usable``; FP8
+    ones there weight-only, not W8A8)."""
+    return scales[0] is not None and not epilogue and cuda_moe.moe_usable(x, top_k, w13, w2, scales, zeros, group)
 
 
 def _epilogue(w13_bias, w2_bias, activation, swiglu_alpha, swiglu_limit) -> dict:
@@ -159,10 +160,10 @@ def _fused_moe(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scal
     if _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue):
         return moe_reference.fused_moe_reference(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale,
                                                  group, w13_zero, w2_zero, **epilogue, **rounding)
-    if _int4_moe_on_cuda(x, top_k, w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group, epilogue):
+    if _moe_on_cuda(x, top_k, w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group, epilogue):
         weights, ids, hist = route_triton(router_logits, top_k, renormalize)
-        return cuda_w4a16.experts_int4_cuda(x, weights, ids, hist, w13, w2, (w13_scale, w2_scale),
-                                            (w13_zero, w2_zero), group, round_weights)
+        return cuda_moe.experts_cuda(x, weights, ids, hist, w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero),
+                                     group, round_weights)
     return fused_moe_triton(x, router_logits, w13, w2, top_k, renormalize, w13_scale, w2_scale, group, w13_zero,
                             w2_zero, **epilogue, **rounding)
 
@@ -173,9 +174,9 @@ def _moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero=
     if _moe_on_twin(x, w13, w13_scale, w13_zero, group, epilogue):
         return moe_reference.experts_reference(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero,
                                                w2_zero, **epilogue)
-    if _int4_moe_on_cuda(x, ids.shape[1], w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group, epilogue):
-        return cuda_w4a16.experts_int4_cuda(x.contiguous(), *routed_elsewhere(weights, ids, w13.shape[0]), w13, w2,
-                                            (w13_scale, w2_scale), (w13_zero, w2_zero), group)
+    if _moe_on_cuda(x, ids.shape[1], w13, w2, (w13_scale, w2_scale), (w13_zero, w2_zero), group, epilogue):
+        return cuda_moe.experts_cuda(x.contiguous(), *routed_elsewhere(weights, ids, w13.shape[0]), w13, w2,
+                                     (w13_scale, w2_scale), (w13_zero, w2_zero), group)
     return moe_experts_triton(x, weights, ids, w13, w2, w13_scale, w2_scale, group, w13_zero, w2_zero, **epilogue)
 
 

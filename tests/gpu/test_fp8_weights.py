@@ -1,7 +1,8 @@
 """FP8 weights on a GPU: tiny checkpoints of several families, quantized at load time (``quantization="fp8"``) or
 stored in the block-FP8 layout, against transformers on the dequantized weights (``quant/fp8_oracle.py``, through
 ``tools/oracle.run``): float32 token-identical, bfloat16 diverging only at near-ties, in eager and graph mode.  The
-Triton kernels serve bfloat16 (the FP8 linear and grouped MoE kernels); float32 takes the twins.
+Triton kernels serve bfloat16 (the FP8 linear and grouped MoE kernels; CUDA C++ ones at few rows where nvcc builds
+them); float32 takes the twins.
 
 bfloat16 Qwen3-MoE has a second kind of near-tie, the router's: such a divergence passes only when both engines'
 routing shows it (``router_ties.py``).  Float32 Qwen3-MoE, whose experts are W8A8, is held to the bfloat16 rule:
@@ -105,3 +106,40 @@ def test_cuda_few_row_fp8_kernel_matches_float64_as_the_twin_does(dtype, m, wave
     assert got.shape == twin.shape == (m, n // 2 if silu else n) and got.dtype == dtype
     assert _rel_err(got, exact) <= 1.1 * _rel_err(twin, exact) + 1e-4, (_rel_err(got, exact), _rel_err(twin, exact))
     assert not cuda_w8a16.usable(torch.randn(9, k, device=DEVICE, dtype=dtype), weight, scale, group)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("tokens,group,rounding,block", [
+    (1, 128, False, None), (7, 128, True, None), (40, 1024, False, None), (96, 128, True, None),  # 0.25-24 per expert
+    (300, 128, False, 8), (300, 128, True, 16), (300, 1024, False, 32), (300, 128, True, 64)])
+def test_cuda_fp8_moe_kernel_matches_float64_as_the_weight_only_twin_does(dtype, tokens, group, rounding, block):
+    """``cuda_moe.experts_cuda`` on e4m3 experts (``cuda_src/w8a16_moe.cu``, weight-only) against the float64 product
+    of the dequantized experts: each layout block size, scales per 128 columns (block FP8) and one a row (online FP8,
+    group >= K), rounded router weights; no worse than the weight-only twin (``experts_reference`` with
+    ``moe_w8a8`` off), and ``moe_usable`` at the rows ``moe_faster`` allows."""
+    import torch
+    from nanovllm.kernels import cuda_build, cuda_moe, moe_reference, weight_quant
+    from nanovllm.kernels.options import KernelOptions, current_options, set_options
+    from nanovllm.kernels.triton_moe_align import route_triton
+    if cuda_build.nvcc_path() is None:
+        pytest.skip("no nvcc: FP8 experts stay on Triton")
+    dtype = getattr(torch, dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(tokens + group)
+    e, top_k, h, i = 8, 2, 1024, 384
+    q13, s13 = weight_quant.quantize(torch.randn(e, 2 * i, h, device=DEVICE, generator=g) / h ** 0.5, group)
+    q2, s2 = weight_quant.quantize(torch.randn(e, h, i, device=DEVICE, generator=g) / i ** 0.5, group)
+    x = torch.randn(tokens, h, device=DEVICE, generator=g).to(dtype)
+    weights, ids, hist = route_triton(torch.randn(tokens, e, device=DEVICE, generator=g), top_k, True)
+    experts = (q13, q2, (s13, s2), (None, None))
+    assert cuda_moe.moe_usable(x, top_k, *experts, group) == cuda_moe.moe_faster(tokens, top_k, e, fp8=True)
+    got = cuda_moe.experts_cuda(x, weights, ids, hist, *experts, group, rounding, block)
+    saved = current_options()
+    set_options(KernelOptions(**dict(saved.as_dict(), moe_w8a8=False)))
+    try:
+        twin = moe_reference.experts_reference(x, weights, ids, q13, q2, s13, s2, group, round_weights=rounding)
+        exact = moe_reference.experts_reference(x.double(), weights, ids, q13, q2, s13, s2, group)
+    finally:
+        set_options(saved)
+    assert got.shape == twin.shape == (tokens, h) and got.dtype == dtype
+    assert _rel_err(got, exact) <= 1.1 * _rel_err(twin, exact) + 1e-4, (_rel_err(got, exact), _rel_err(twin, exact))
+    assert _rel_err(got, twin) < 1e-2

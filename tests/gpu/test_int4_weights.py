@@ -127,7 +127,7 @@ def test_fused_moe_with_int4_experts_matches_its_twin(dtype, tokens):
     (1, 128, False, None), (7, 128, True, None), (40, 128, False, None), (96, 1024, True, None),  # 0.25-24 per expert
     (300, 128, False, 8), (300, 128, True, 16), (300, 1024, False, 32), (300, 128, True, 64), (150, 128, False, 64)])
 def test_cuda_moe_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, tokens, group, rounding, block):
-    from nanovllm.kernels import cuda_build, cuda_w4a16
+    from nanovllm.kernels import cuda_build, cuda_moe
     from nanovllm.kernels.triton_moe_align import route_triton
     if cuda_build.nvcc_path() is None:
         pytest.skip("no nvcc: int4 experts stay on Triton")
@@ -138,8 +138,8 @@ def test_cuda_moe_kernel_is_as_close_to_the_real_product_as_its_twin(dtype, toke
     x = torch.randn(tokens, h, device="cuda", generator=g).to(dtype)
     weights, ids, hist = route_triton(torch.randn(tokens, e, device="cuda", generator=g), top_k, True)
     experts = (q13, q2, (s13, s2), (z13, z2))
-    assert cuda_w4a16.moe_usable(x, top_k, *experts, group) == cuda_w4a16.moe_faster(tokens, top_k, e)
-    got = cuda_w4a16.experts_int4_cuda(x, weights, ids, hist, *experts, group, rounding, block)
+    assert cuda_moe.moe_usable(x, top_k, *experts, group) == cuda_moe.moe_faster(tokens, top_k, e)
+    got = cuda_moe.experts_cuda(x, weights, ids, hist, *experts, group, rounding, block)
     twin = moe_reference.experts_reference(x, weights, ids, q13, q2, s13, s2, group, z13, z2, round_weights=rounding)
     exact = moe_reference.experts_reference(x.double(), weights, ids, q13, q2, s13, s2, group, z13, z2)
     assert got.shape == twin.shape == (tokens, h) and got.dtype == dtype

@@ -8,81 +8,15 @@
 //
 // The layout is w4a16_mma.cu's: one block owns 16 weight rows (with silu_mul 8 gate rows and their 8 up rows), its
 // warps split K in chunks of 128 columns, and lane (r, t) holds 32 columns (32t .. 32t + 31) of weight rows r and
-// r + 8 and of x row r.  With a byte a code, a lane's columns are eight words: word s holds columns 4s .. 4s + 3, and
-// k16 step s takes them, the A pairs (4s, 4s + 1) and (4s + 2, 4s + 3) straight from its bytes and the B pairs from
-// x's words 2s and 2s + 1, so x needs no regrouping.  e4m3 becomes fp16 exactly (cvt), and bf16 exactly through
-// fp32; the tensor cores sum in fp32, times the group's scale in fp32.
-#include <cuda_fp8.h>
-
+// r + 8 and of x row r (fp8_rows.cuh: the lane's codes, exact in fp16 and bf16); the tensor cores sum in fp32, times
+// the group's scale in fp32.
 #include "few_rows.cuh"
+#include "fp8_rows.cuh"
 
 namespace {
 
 constexpr int kUnroll8 = 2;  // chunks a warp loads before using the first: 64 bytes a lane each, int4's 4 x 32
 constexpr int kWarpsPerSm8 = 16;  // the registers' budget: 128 a thread
-
-// bytes 2h and 2h + 1 of a word of e4m3 codes as the pair of T (the low byte in the low half)
-template <typename T>
-__device__ __forceinline__ uint32_t fp8_pair(uint32_t word, int h) {
-  const auto codes = static_cast<__nv_fp8x2_storage_t>(h ? word >> 16 : word & 0xFFFFu);
-  __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(codes, __NV_E4M3);
-  if constexpr (Half<T>::kBf16) {
-    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&raw));
-    __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
-    return *reinterpret_cast<uint32_t*>(&b);
-  } else {
-    return *reinterpret_cast<uint32_t*>(&raw);
-  }
-}
-
-// a lane's part of one chunk: 32 codes of rows r (wa) and r + 8 (wb), and their groups' scales
-struct Chunk8 {
-  uint4 wa[2], wb[2];
-  float sa, sb;
-};
-
-struct LaneRows8 {
-  const uint8_t *qa, *qb;
-  const float *sa, *sb;
-  __device__ __forceinline__ LaneRows8(const uint8_t* q, long long ldq, const float* scale, long long lds,
-                                       long long row_a, long long row_b, int t)
-      : qa(q + row_a * ldq + t * 32), qb(q + row_b * ldq + t * 32), sa(scale + row_a * lds), sb(scale + row_b * lds) {}
-  __device__ __forceinline__ void prefetch(int c) const {  // chunk c's codes towards L2
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(qa + c * kChunk));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(qb + c * kChunk));
-  }
-  // chunk c, of scale group g; zeros where !in (nothing is read)
-  __device__ __forceinline__ Chunk8 load(int c, int g, bool in) const {
-    const uint4* a = reinterpret_cast<const uint4*>(qa + c * kChunk);
-    const uint4* b = reinterpret_cast<const uint4*>(qb + c * kChunk);
-    Chunk8 k;
-    k.wa[0] = in ? __ldcs(a) : uint4{};
-    k.wa[1] = in ? __ldcs(a + 1) : uint4{};
-    k.wb[0] = in ? __ldcs(b) : uint4{};
-    k.wb[1] = in ? __ldcs(b + 1) : uint4{};
-    k.sa = in ? sa[g] : 0.f;
-    k.sb = in ? sb[g] : 0.f;
-    return k;
-  }
-};
-
-// the fp32 sums of a chunk into d (rows r, r + 8 against x rows 2t, 2t + 1): few_rows.cuh's chunk product for e4m3
-template <typename T>
-__device__ __forceinline__ void chunk_product(float (&d)[4], const Chunk8& ch, const uint4 (&xv)[4]) {
-  const uint32_t ra[8] = {ch.wa[0].x, ch.wa[0].y, ch.wa[0].z, ch.wa[0].w, ch.wa[1].x, ch.wa[1].y, ch.wa[1].z,
-                          ch.wa[1].w};
-  const uint32_t rb[8] = {ch.wb[0].x, ch.wb[0].y, ch.wb[0].z, ch.wb[0].w, ch.wb[1].x, ch.wb[1].y, ch.wb[1].z,
-                          ch.wb[1].w};
-  const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
-                           xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
-#pragma unroll
-  for (int s = 0; s < 8; ++s) {
-    const uint32_t a[4] = {fp8_pair<T>(ra[s], 0), fp8_pair<T>(rb[s], 0), fp8_pair<T>(ra[s], 1),
-                           fp8_pair<T>(rb[s], 1)};
-    const uint32_t b[2] = {xw[2 * s], xw[2 * s + 1]};
-    Half<T>::mma(d, a, b);
-  }
-}
 
 template <typename T, int kWarps, bool SILU, bool kPerChunk, bool kExact>
 __global__ void __launch_bounds__(kWarps * 32, kWarpsPerSm8 / kWarps)

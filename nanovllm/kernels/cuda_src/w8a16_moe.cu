@@ -1,0 +1,37 @@
+// Grouped e4m3 experts on the tensor cores, weight-only: moe_grouped.cuh's kernel with FP8 weights.
+//
+// Contract (checked by nanovllm/kernels/cuda_w8a16.py): bf16 or fp16 x / inter rows in their own column order,
+// 16-byte aligned; q e4m3 bytes [E, N, K], rows 16-byte aligned; scale float32 [E, N, groups] (block-FP8
+// checkpoints' scales expanded per row); K % 128 == 0 and (group % 128 == 0 or group >= K); zero unused.  Each
+// chunk's codes become mma fragments once for the S sub-blocks (fp8_rows.cuh: the lane layout, exact in fp16 and
+// bf16).
+#include "fp8_rows.cuh"
+#include "moe_grouped.cuh"
+
+namespace {
+
+struct Fp8 {
+  using Scale = float;
+  using Chunk = Chunk8;
+  static constexpr bool kPermutes = false;  // x's words pair as they are
+  static constexpr int kUnroll = 2;  // chunks a warp loads before using the first: 64 bytes a lane each
+  static constexpr int kBlocksAtS4 = 0;
+  static __device__ __forceinline__ LaneRows8 rows(const uint8_t* q, long long ldq, const float* scale, long long lds,
+                                                   const uint8_t*, long long, long long row_a, long long row_b,
+                                                   int t) {
+    return LaneRows8(q, ldq, scale, lds, row_a, row_b, t);
+  }
+  template <typename T>
+  static __device__ __forceinline__ void fragments(const Chunk8& ch, uint32_t (&a)[8][4]) {
+    weight_fragments8<T>(ch, a);
+  }
+  template <typename T, int S>
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[8][4], const uint4 (&xv)[4]) {
+    chunk_mma8<T, (S > 1)>(d, a, xv);
+  }
+};
+
+}  // namespace
+
+// nvl_w8a16_moe: moe_grouped.cuh's moe_entry for e4m3 weights (zero and its strides ignored)
+NVL_MOE_ENTRY(w8a16_moe, Fp8)
