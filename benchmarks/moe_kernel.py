@@ -1,26 +1,23 @@
 """The fused MoE's kernels on a GPU at a published model's shape (``SHAPES``: E, top-k, H, I; by default
-Qwen3-30B-A3B's, E=128, top-8, H=2048, I=768, bf16): exact against the PyTorch twin, and fast against the copy
-ceiling.
+Qwen3-30B-A3B's, 128, 8, 2048, 768; bf16): exact against the PyTorch twin, and fast against the copy ceiling.
 
     python -m benchmarks.moe_kernel [--shape NAME] [--tokens 1,16,64,256] [--fp8] [--layers 4] [--group G]
                                     [--int4 | --mxfp4] [--modes w8a8] [--write-table]
                                     # $OUT/moe_kernel_<shape>[_fp8][_int4][_mxfp4].json
 
 Checks: every candidate tile set against ``fused_moe_reference`` (relative error < 2e-2), at each token count and
-at 4096 tokens; ``ops.fused_moe`` through the CUDA registration; and (Qwen3 shape, bf16) 140,000 tokens, whose
-per-pair rows pass 2**31 elements (the int32-offset pitfall), on rows near its end.  ``--fp8`` quantizes the experts
-(``weight_quant.quantize``: a scale per row as online quantization, or per ``--group`` columns as block FP8), run
-weight-only (``FP8_CANDIDATES``) and W8A8 (``W8A8_CANDIDATES``, the engine's default; then ``W8A8_DOWN``'s down
-tiles on each count's fastest); ``--int4`` as a GPTQ checkpoint (symmetric, groups of 128), run by the int4 kernels
-(``INT4_CANDIDATES``) and dequantized once (``int4-once``, ``moe_configs.int4_dequantize_once``); ``--mxfp4`` as
-``mxfp4_quant.quantize`` stores them, each tile dequantized in the kernel (FP8's candidates).
+4096; ``ops.fused_moe`` as registered; (Qwen3 shape, bf16) rows near the end of 140,000 tokens, past 2**31 elements
+(int32 offsets).  ``--fp8``: the experts quantized (``weight_quant``: a scale per row, or per ``--group`` columns),
+weight-only (``FP8_CANDIDATES``) and W8A8 (``W8A8_CANDIDATES``; then ``W8A8_DOWN``'s down tiles on each count's
+fastest); ``--int4``: as GPTQ (symmetric, groups of 128), by the int4 kernels (``INT4_CANDIDATES``) and dequantized
+once (``int4-once``); ``--mxfp4``: as ``mxfp4_quant`` stores them, each tile dequantized (FP8's candidates).
 
-Timing: each candidate in a CUDA graph, cycling over ``--layers`` sets of expert weights (far past L2).  Bandwidth:
-the bytes of the experts the routing touched (each once, with scales and zeros) plus activations, over the time;
-``floor``: those bytes at the copy bandwidth; ``pick``: the tiles the engine dispatches to; ``bf16 op``, ``int4 op``:
-``ops.fused_moe`` as registered (bf16: the grouped GEMMs where ``grouped_moe`` takes them; int4: CUDA C++ by nvcc).
-``--write-table`` merges the fastest of each mode and token count into the tile table in force (``moe_tuned.json``,
-or ``NANOVLLM_MOE_TABLE``); a failed candidate is neither timed nor kept.  Exits non-zero if a check fails.
+Timing: in a CUDA graph over ``--layers`` sets of experts (past L2); bandwidth: the touched experts' bytes (with
+scales, zeros) and activations over the time; ``floor``: those bytes at copy bandwidth; ``pick``: the engine's tiles;
+``bf16 op``, ``int4 op``, ``w8a8 op``: ``ops.fused_moe`` as registered (bf16: grouped GEMMs where ``grouped_moe``
+takes them; int4, and FP8 up to ``cuda_moe.FP8_MAX_MEAN_ROWS``: CUDA C++, FP8 then checked against the weight-only
+twin).  ``--write-table`` merges each mode's fastest per token count into the tile table in force
+(``moe_tuned.json``, or ``NANOVLLM_MOE_TABLE``); failed candidates are not timed.  Exits non-zero if a check fails.
 """
 import argparse
 import dataclasses
@@ -62,8 +59,7 @@ W8A8_DOWN = [MoeConfig(0, 64, 128), MoeConfig(0, 64, 128, num_stages=4), MoeConf
              MoeConfig(0, 128, 128, swap=False)]  # the down GEMM's own tiles, tried on each count's fastest W8A8 set
 MODES = {"bf16": CANDIDATES, "fp8": FP8_CANDIDATES, "w8a8": W8A8_CANDIDATES, "int4": INT4_CANDIDATES,
          "int4-once": CANDIDATES, "mxfp4": FP8_CANDIDATES}  # the candidates of each way experts run (MXFP4: FP8's)
-CHECKS: list[dict] = []
-BROKEN: set = set()  # (mode, candidate) that failed a check
+CHECKS, BROKEN = [], set()  # every check's record; (mode, candidate) that failed one
 
 
 def expert_bytes(ids: torch.Tensor, num_tokens: int, mode: str = "bf16") -> int:
@@ -149,10 +145,9 @@ def check_tiles(name: str, mode: str, cfg: MoeConfig, x, logits, layer, how: dic
 
 def check_exactness(tokens: list[int], variants: list) -> None:
     """Each candidate of each mode on its first layer (``variants``: (layer, mode)) against the twin."""
-    from nanovllm.kernels import ops
-    from nanovllm.kernels.cuda import register_cuda_kernels
+    from nanovllm.kernels import cuda, cuda_moe, ops
     from nanovllm.kernels.triton_moe import fused_moe_triton
-    register_cuda_kernels()
+    cuda.register_cuda_kernels()
     for t in sorted(set(tokens + [4096])):
         x, logits = make_inputs(t, seed=t)
         for (w13, w2, quant), mode in variants:
@@ -160,6 +155,10 @@ def check_exactness(tokens: list[int], variants: list) -> None:
             name, want = f"T={t} {mode}", fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
             for cfg in MODES[mode]:
                 check_tiles(name, mode, cfg, x, logits, (w13, w2, quant), how, want)
+            if mode == "w8a8" and cuda_moe.moe_usable(x, TOP_K, w13, w2, (quant["w13_scale"], quant["w2_scale"]),
+                                                      (None, None), GROUP):  # the CUDA kernel's: weight-only
+                use("fp8")
+                want = fused_moe_reference(x, logits, w13, w2, TOP_K, True, **quant)
             check(f"{name} ops.fused_moe", rel_err(ops.fused_moe(x, logits, w13, w2, TOP_K, True, **quant), want))
     if BIG_TOKENS * TOP_K * HIDDEN < 2 ** 31 or variants[0][1] != "bf16":
         return
@@ -203,7 +202,8 @@ def timing_rows(tokens: list[int], variants: list, bandwidth: float) -> list[dic
                 rows.append(row)
                 return us, cfg
             results = [timed(c) for c in MODES[mode] if (mode, c) not in BROKEN]  # failed: neither timed nor kept
-            results += [timed(None)] if mode in ("int4", "bf16") else []
+            if mode in ("int4", "bf16", "w8a8"):  # the registered op too, apart from the tiles' results
+                timed(None)
             if mode == "w8a8" and results:
                 (x, lg), (w13, w2, quant) = inputs[0], layers[0]
                 want = fused_moe_reference(x, lg, w13, w2, TOP_K, True, **quant)
