@@ -186,22 +186,26 @@ def test_the_moe_kernel_reads_x_with_each_8_columns_in_its_mma_pairing():
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["int4", "fp8"])
 @pytest.mark.parametrize("block", cuda_moe.MOE_BLOCKS)
-def test_the_moe_kernel_gets_int4_x_paired_past_blocks_of_8_and_fp8_x_as_it_is(monkeypatch, block, fp8):
+def test_the_moe_kernel_gets_int4_x_paired_past_blocks_of_8_and_fp8_x_in_fp16_over_16(monkeypatch, block, fp8):
     tokens, top_k, experts, hidden, inter = 4, 2, 4, 256, 128
     calls = []
     monkeypatch.setattr(cuda_moe, "align_triton", lambda ids, hist, e, b: (
         torch.zeros(e * b, dtype=torch.int32), torch.zeros(e, dtype=torch.int32), torch.zeros(e, dtype=torch.int32)))
-    monkeypatch.setattr(cuda_moe, "_moe_gemm", lambda fp8, src, *args: calls.append((src.clone(), args[-2])))
-    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    monkeypatch.setattr(cuda_moe, "_moe_gemm", lambda *a: calls.append((a[7].clone(), a[11], a[1], a[12])))
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16) * 1e5  # past fp16's range, but not once divided by 16
     per_byte, dtype = (1, torch.float8_e4m3fn) if fp8 else (2, torch.uint8)
     w13 = torch.zeros(experts, 2 * inter, hidden // per_byte, dtype=dtype)
     w2 = torch.zeros(experts, hidden, inter // per_byte, dtype=dtype)
     ids = torch.zeros(tokens, top_k, dtype=torch.int32)
     cuda_moe.experts_cuda(x, torch.ones(tokens, top_k), ids, None, w13, w2, (None, None), (None, None), 128,
                           block=block)
-    (up_x, up), (_, down) = calls
-    assert up and not down
-    assert torch.equal(up_x, cuda_moe.permute_columns(x) if block > 8 and not fp8 else x)
+    (up_x, inter_rows, up_fp16, up), (down_x, out, down_fp16, down) = calls
+    assert up and not down and up_fp16 == down_fp16 == fp8 and out.dtype == torch.bfloat16
+    if fp8:  # x / 16 in fp16, in its own column order; the intermediate rows fp16 too
+        assert up_x.dtype == inter_rows.dtype == down_x.dtype == torch.float16 and up_x.isfinite().all()
+        assert torch.equal(up_x, (x.float() / cuda_moe.FP16_X_SCALE).half())
+    else:
+        assert torch.equal(up_x, cuda_moe.permute_columns(x) if block > 8 else x) and inter_rows.dtype == x.dtype
 
 
 def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):

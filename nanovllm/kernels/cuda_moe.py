@@ -8,7 +8,9 @@ such experts (SiLU, no biases: the caller's to check): int4 ones (``zeros`` give
 (None, None), float32 scales per row and group), inside ``moe_fits``'s contract, at most ``MOE_MAX_MEAN_ROWS`` pairs
 per expert (int4; FP8: ``FP8_MAX_MEAN_ROWS``; ``moe_faster``), not dequantized once (``triton_moe.dequantized_once``), the library built for x's GPU.
 ``experts_cuda`` then computes ``triton_moe.experts_triton``'s output.  FP8 experts run here weight-only (x is not
-rounded to e4m3), as the dequantized oracle does; past these rows they keep the W8A8 Triton kernels.
+rounded to e4m3), as the dequantized oracle does; past these rows they keep the W8A8 Triton kernels.  A bf16 model's x
+meets them as fp16 rows of x / 16 (``FP16_X_SCALE``; exact from 2^-10 to 1e6), and so does the intermediate, since
+e4m3 becomes fp16 in one instruction a pair and bf16 in four.
 """
 import torch
 
@@ -27,7 +29,8 @@ FP8_MAX_MEAN_ROWS = 8
 CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _NAMES = {False: "w4a16_moe", True: "w8a16_moe"}  # by fp8
-_SIGNATURE = "plpppiiipllpllpllppliiiiiiip"  # the C functions' parameters (cuda_build.load_function)
+_SIGNATURE = "plpppiiipllpllpllppliiiiiiiip"  # the C functions' parameters (cuda_build.load_function)
+FP16_X_SCALE = 16.0  # the kernel's kFp16XScale: a bf16 model's x and intermediate rows go to FP8 experts as fp16 / 16
 
 
 def _fp8(w13: torch.Tensor) -> bool:
@@ -109,13 +112,17 @@ def experts_cuda(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist
     assert block in MOE_BLOCKS, f"block {block} is not one of {MOE_BLOCKS}"
     sorted_ids, block_expert, block_rows = align_triton(ids, hist, num_experts, block)
     num_blocks = block_expert.shape[0]
+    per_pair = x.new_empty(num_tokens * top_k, hidden)
+    fp16_x = fp8 and x.dtype == torch.bfloat16
+    if fp16_x:  # one pass: x / 16 is exact in bf16, then rounded to fp16
+        x = torch.mul(x, 1 / FP16_X_SCALE, out=torch.empty(x.shape, dtype=torch.float16, device=x.device))
     if block > MOE_BLOCKS[0] and not fp8:  # int4's contract: past one sub-block, x comes with its columns paired
         x = permute_columns(x)
     inter_rows = x.new_empty(num_blocks * block, inter)
-    per_pair = x.new_empty(num_tokens * top_k, hidden)
     layout = (sorted_ids.data_ptr(), block_expert.data_ptr(), block_rows.data_ptr(), num_blocks, block, top_k)
-    _moe_gemm(fp8, x, layout, w13, scales[0], zeros[0], group, weights, inter_rows, True, round_weights)
-    _moe_gemm(fp8, inter_rows, layout, w2, scales[1], zeros[1], group, weights, per_pair, False, round_weights)
+    gemm = (fp8, fp16_x, layout, group, weights, round_weights, _DTYPES[per_pair.dtype])
+    _moe_gemm(*gemm, x, w13, scales[0], zeros[0], inter_rows, True)
+    _moe_gemm(*gemm, inter_rows, w2, scales[1], zeros[1], per_pair, False)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
@@ -128,14 +135,15 @@ def permute_columns(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(1, (cols // 8, 2, 4)).transpose(2, 3).reshape(rows, cols)
 
 
-def _moe_gemm(fp8, src, layout, w, scale, zero, group, weights, dst, up: bool, round_weights: bool) -> None:
-    """One of the two grouped GEMMs (``up``: x -> the intermediate rows; else those -> the weighted pair rows)."""
+def _moe_gemm(fp8, fp16_x, layout, group, weights, round_weights, dtype, src, w, scale, zero, dst, up: bool) -> None:
+    """One of the two grouped GEMMs (``up``: x -> the intermediate rows; else those -> the weighted pair rows, in
+    the model's ``dtype``); ``fp16_x``: src (and up's dst) are fp16 rows / ``FP16_X_SCALE``."""
     k, dev = src.shape[1], src.device
     zero_args = (w.data_ptr(), 0, 0) if zero is None else (zero.data_ptr(), zero.stride(0), zero.stride(1))
     err = _function(dev, fp8)(
         src.data_ptr(), src.stride(0), *layout, w.data_ptr(), w.stride(0), w.stride(1), scale.data_ptr(),
         scale.stride(0), scale.stride(1), *zero_args, weights.data_ptr(), dst.data_ptr(), dst.stride(0), dst.shape[1],
-        k, min(group, k), int(up), int(round_weights), _DTYPES[src.dtype], int(pdl_enabled(dev)),
+        k, min(group, k), int(up), int(round_weights), dtype, int(fp16_x), int(pdl_enabled(dev)),
         torch.cuda.current_stream(dev).cuda_stream)
     if err:
         raise RuntimeError(f"{_NAMES[fp8]}: CUDA error {err} ({'up' if up else 'down'}, {tuple(src.shape)} rows)")

@@ -13,16 +13,20 @@
 // chunk's x rows in shared memory first, one chunk ahead.  The tensor cores sum each chunk in fp32, times the
 // group's scale in fp32.  F brings: Scale (the scales' type), Chunk and rows(...) (a lane's view of its two weight
 // rows: load(c, g, in), float scales sa and sb), fragments<T> (a chunk's A fragments), mma<T, S> (a chunk's sums
-// against a sub-block's x words), kPermutes (x and inter columns permuted in each 8 past one sub-block), kUnroll
-// (chunks loaded before the first is used) and kBlocksAtS4 (the S = 4 kernels' __launch_bounds__ minimum, 0: none).
+// against a sub-block's x words), kPermutes (x and inter columns permuted in each 8 past one sub-block), kFp16X (x
+// and inter may come as fp16 rows of the real values / 16, for a bf16 model: moe_entry), kUnroll (chunks loaded
+// before the first is used) and kBlocksAtS4 (the S = 4 kernels' __launch_bounds__ minimum, 0: none).
 #pragma once
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "w4a16_common.cuh"
 
 namespace {
 
 constexpr int kWarps = 4;
+constexpr float kFp16XScale = 16.f;  // an fp16_x row holds the real values / 16: fp16's range then reaches ~1e6
 constexpr int kSubM = 8;  // slots of a sub-block: the n of one mma
 
 // where 16-byte unit u (columns 8u .. 8u + 7) of a staged row lives in it: a lane reads units 4t .. 4t + 3 of row r,
@@ -40,17 +44,18 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <bool kPermutes>
 __device__ __forceinline__ int permuted(int n) { return kPermutes ? (n & ~7) | (n & 3) << 1 | (n >> 2 & 1) : n; }
 
-// F: the weight format; kPerChunk: a group is one chunk (g = chunk), else g = chunk / (group / kChunk) (one group:
-// group = K); S: the sub-blocks of 8 slots in a layout block
-template <typename F, typename T, bool UP, bool kPerChunk, int S>
+// F: the weight format; T: x's (and the mma's) 16-bit type, TO: out's; kPerChunk: a group is one chunk (g = chunk),
+// else g = chunk / (group / kChunk) (one group: group = K); S: the sub-blocks of 8 slots in a layout block.  The sums
+// are multiplied by unscale (x given as x / unscale) and the up GEMM's outputs by out_scale before they are stored
+template <typename F, typename T, typename TO, bool UP, bool kPerChunk, int S>
 __global__ void __launch_bounds__(kWarps * 32, S == 4 ? F::kBlocksAtS4 : 0)
     moe_kernel(const T* __restrict__ x, long long ldx, const int* __restrict__ sorted,
                const int* __restrict__ block_expert, const int* __restrict__ block_rows, int top_k,
                const uint8_t* __restrict__ q, long long q_e, long long ldq,
                const typename F::Scale* __restrict__ scale, long long s_e, long long lds,
                const uint8_t* __restrict__ zero, long long z_e, long long ldz,
-               const float* __restrict__ weights, T* __restrict__ out, long long ldo, int n_out, int k, int group,
-               int round_weights) {
+               const float* __restrict__ weights, TO* __restrict__ out, long long ldo, int n_out, int k, int group,
+               int round_weights, float unscale, float out_scale) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, t = lane & 3;
   const long long b = blockIdx.x;
   pdl_begin();  // the layout is the previous kernels' output
@@ -136,19 +141,19 @@ __global__ void __launch_bounds__(kWarps * 32, S == 4 ? F::kBlocksAtS4 : 0)
       if (m >= rows) break;
       const long long slot = b * S * kSubM + m;
       if (UP) {
-        const float gate = acc[j][e], up = acc[j][2 + e];
+        const float gate = acc[j][e] * unscale, up = acc[j][2 + e] * unscale;
         const int col = permuted<F::kPermutes && (S > 1)>(row_a);
-        if (live_a) out[slot * ldo + col] = Half<T>::out(gate / (1.0f + __expf(-gate)) * up);
+        if (live_a) out[slot * ldo + col] = Half<TO>::out(gate / (1.0f + __expf(-gate)) * up * out_scale);
       } else {
         const long long pair = sorted[slot];
-        float w = weights[pair], va = acc[j][e], vb = acc[j][2 + e];
+        float w = weights[pair], va = acc[j][e] * unscale, vb = acc[j][2 + e] * unscale;
         if (round_weights) {  // a product of two 16-bit floats is exact in fp32: the store rounds it once
-          w = static_cast<float>(Half<T>::out(w));
-          va = static_cast<float>(Half<T>::out(va));
-          vb = static_cast<float>(Half<T>::out(vb));
+          w = static_cast<float>(Half<TO>::out(w));
+          va = static_cast<float>(Half<TO>::out(va));
+          vb = static_cast<float>(Half<TO>::out(vb));
         }
-        if (live_a) out[pair * ldo + row_a] = Half<T>::out(va * w);
-        if (live_b) out[pair * ldo + row_b] = Half<T>::out(vb * w);
+        if (live_a) out[pair * ldo + row_a] = Half<TO>::out(va * w);
+        if (live_b) out[pair * ldo + row_b] = Half<TO>::out(vb * w);
       }
     }
   }
@@ -156,26 +161,26 @@ __global__ void __launch_bounds__(kWarps * 32, S == 4 ? F::kBlocksAtS4 : 0)
 
 // ---- host launch ----
 
-template <typename F, typename T>
+template <typename F, typename T, typename TO>
 using Kernel = void (*)(const T*, long long, const int*, const int*, const int*, int, const uint8_t*, long long,
                         long long, const typename F::Scale*, long long, long long, const uint8_t*, long long,
-                        long long, const float*, T*, long long, int, int, int, int);
+                        long long, const float*, TO*, long long, int, int, int, int, float, float);
 
-template <typename F, typename T, bool UP, bool G>
-Kernel<F, T> pick(int sub) {
-  return sub == 1   ? moe_kernel<F, T, UP, G, 1>
-         : sub == 2 ? moe_kernel<F, T, UP, G, 2>
-         : sub == 4 ? moe_kernel<F, T, UP, G, 4>
-                    : moe_kernel<F, T, UP, G, 8>;
+template <typename F, typename T, typename TO, bool UP, bool G>
+Kernel<F, T, TO> pick(int sub) {
+  return sub == 1   ? moe_kernel<F, T, TO, UP, G, 1>
+         : sub == 2 ? moe_kernel<F, T, TO, UP, G, 2>
+         : sub == 4 ? moe_kernel<F, T, TO, UP, G, 4>
+                    : moe_kernel<F, T, TO, UP, G, 8>;
 }
 
 // the kernel of format F for these arguments, launched on stream (with programmatic dependent launch where pdl)
-template <typename F, typename T>
+template <typename F, typename T, typename TO>
 cudaError_t launch(const void* x, long long ldx, const int* sorted, const int* block_expert, const int* block_rows,
                    int num_blocks, int block, int top_k, const void* q, long long q_e, long long ldq,
                    const void* scale, long long s_e, long long lds, const void* zero, long long z_e, long long ldz,
                    const float* weights, void* out, long long ldo, int n_out, int k, int group, int up,
-                   int round_weights, int pdl, cudaStream_t stream) {
+                   int round_weights, float unscale, float out_scale, int pdl, cudaStream_t stream) {
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -189,34 +194,46 @@ cudaError_t launch(const void* x, long long ldx, const int* sorted, const int* b
   config.numAttrs = pdl ? 1 : 0;
   const bool per_chunk = group == kChunk;
   const int sub = block / kSubM;
-  const Kernel<F, T> kernel = up ? (per_chunk ? pick<F, T, true, true>(sub) : pick<F, T, true, false>(sub))
-                                 : (per_chunk ? pick<F, T, false, true>(sub) : pick<F, T, false, false>(sub));
+  Kernel<F, T, TO> kernel;
+  if constexpr (std::is_same_v<T, TO>)
+    kernel = up ? (per_chunk ? pick<F, T, TO, true, true>(sub) : pick<F, T, TO, true, false>(sub))
+                : (per_chunk ? pick<F, T, TO, false, true>(sub) : pick<F, T, TO, false, false>(sub));
+  else  // an fp16_x down GEMM: fp16 in, the model's dtype out
+    kernel = per_chunk ? pick<F, T, TO, false, true>(sub) : pick<F, T, TO, false, false>(sub);
   const cudaError_t err = cudaLaunchKernelEx(
       &config, kernel, static_cast<const T*>(x), ldx, sorted, block_expert, block_rows, top_k,
       static_cast<const uint8_t*>(q), q_e, ldq, static_cast<const typename F::Scale*>(scale), s_e, lds,
-      static_cast<const uint8_t*>(zero), z_e, ldz, weights, static_cast<T*>(out), ldo, n_out, k, group, round_weights);
+      static_cast<const uint8_t*>(zero), z_e, ldz, weights, static_cast<TO*>(out), ldo, n_out, k, group,
+      round_weights, unscale, out_scale);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
-// the C entry of format F (nvl_w4a16_moe, nvl_w8a16_moe): the contract's shapes checked, then launch for x's dtype;
+// the C entry of format F (nvl_w4a16_moe, nvl_w8a16_moe): the contract's shapes checked, then launch for the types;
 // block: slots of a layout block (8, 16, 32 or 64); up: the gate/up GEMM (n_out = I, the weight's rows 2I), else the
-// down GEMM (n_out = H); dtype: 0 bf16, 1 fp16; pdl: launch with programmatic dependent launch (sm_90 and newer).
-// Returns a cudaError_t.
+// down GEMM (n_out = H); dtype: the model's, 0 bf16, 1 fp16; fp16_x (formats with kFp16X): x and inter are fp16
+// rows of the real values / 16 (the up GEMM reads and writes such rows, the down GEMM reads them and writes dtype);
+// pdl: launch with programmatic dependent launch (sm_90 and newer).  Returns a cudaError_t.
 template <typename F>
 int moe_entry(const void* x, long long ldx, const int* sorted, const int* block_expert, const int* block_rows,
               int num_blocks, int block, int top_k, const void* q, long long q_e, long long ldq, const void* scale,
               long long s_e, long long lds, const void* zero, long long z_e, long long ldz, const float* weights,
-              void* out, long long ldo, int n_out, int k, int group, int up, int round_weights, int dtype, int pdl,
-              void* stream) {
+              void* out, long long ldo, int n_out, int k, int group, int up, int round_weights, int dtype, int fp16_x,
+              int pdl, void* stream) {
   const bool block_ok = block == 8 || block == 16 || block == 32 || block == 64;
-  if (k % kChunk != 0 || (group % kChunk != 0 && group < k) || num_blocks < 1 || !block_ok)
+  if (k % kChunk != 0 || (group % kChunk != 0 && group < k) || num_blocks < 1 || !block_ok ||
+      (fp16_x && !F::kFp16X))
     return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
+  const float unscale = fp16_x ? kFp16XScale : 1.f, out_scale = fp16_x && up ? 1.f / kFp16XScale : 1.f;
 #define NVL_ARGS                                                                                                \
   x, ldx, sorted, block_expert, block_rows, num_blocks, block, top_k, q, q_e, ldq, scale, s_e, lds, zero, z_e, ldz, \
-      weights, out, ldo, n_out, k, group, up, round_weights, pdl, s
-  return dtype == 0 ? launch<F, __nv_bfloat16>(NVL_ARGS) : launch<F, __half>(NVL_ARGS);
+      weights, out, ldo, n_out, k, group, up, round_weights, unscale, out_scale, pdl, s
+  if (fp16_x && !up && dtype == 0) {
+    if constexpr (F::kFp16X) return launch<F, __half, __nv_bfloat16>(NVL_ARGS);
+  }
+  if (dtype == 0 && !fp16_x) return launch<F, __nv_bfloat16, __nv_bfloat16>(NVL_ARGS);
+  return launch<F, __half, __half>(NVL_ARGS);
 #undef NVL_ARGS
 }
 
@@ -229,8 +246,8 @@ int moe_entry(const void* x, long long ldx, const int* sorted, const int* block_
                             long long q_e, long long ldq, const void* scale, long long s_e, long long lds,        \
                             const void* zero, long long z_e, long long ldz, const float* weights, void* out,      \
                             long long ldo, int n_out, int k, int group, int up, int round_weights, int dtype,     \
-                            int pdl, void* stream) {                                                              \
+                            int fp16_x, int pdl, void* stream) {                                                  \
     return moe_entry<F>(x, ldx, sorted, block_expert, block_rows, num_blocks, block, top_k, q, q_e, ldq, scale,   \
                         s_e, lds, zero, z_e, ldz, weights, out, ldo, n_out, k, group, up, round_weights, dtype,    \
-                        pdl, stream);                                                                             \
+                        fp16_x, pdl, stream);                                                                     \
   }

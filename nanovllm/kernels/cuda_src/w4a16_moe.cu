@@ -14,6 +14,7 @@ struct Int4 {
   using Scale = __half;
   using Chunk = ::Chunk;
   static constexpr bool kPermutes = true;  // past one sub-block: two mma chains on permuted x (H200: faster)
+  static constexpr bool kFp16X = false;  // int4 codes are exact in bf16 too: x as the model gives it
   static constexpr int kUnroll = 4;
   // S = 4 (decode batches of a few hundred tokens): 4 blocks an SM caps the kernel at 128 registers (151 uncapped:
   // 3 blocks), with at most 32 bytes of spill, and the H200 lab timed it faster; S = 8 spills ~0.5 KB under that cap

@@ -14,6 +14,7 @@ struct Fp8 {
   using Scale = float;
   using Chunk = Chunk8;
   static constexpr bool kPermutes = false;  // x's words pair as they are
+  static constexpr bool kFp16X = true;  // bf16 models' x in fp16 (/ 16): e4m3 -> fp16 is one cvt a pair
   static constexpr int kUnroll = 2;  // chunks a warp loads before using the first: 64 bytes a lane each
   static constexpr int kBlocksAtS4 = 0;
   static __device__ __forceinline__ LaneRows8 rows(const uint8_t* q, long long ldq, const float* scale, long long lds,
