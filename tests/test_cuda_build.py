@@ -158,11 +158,11 @@ def test_the_moe_kernel_takes_fp8_experts_in_its_contract_only():
         assert not cuda_moe.moe_fits(*args), why
 
 
-def test_the_moe_kernel_takes_steps_of_up_to_64_pairs_per_int4_expert_and_8_per_fp8_one():
-    assert cuda_moe.MOE_MAX_MEAN_ROWS == 64 and cuda_moe.FP8_MAX_MEAN_ROWS == 8
+def test_the_moe_kernel_takes_steps_of_up_to_64_pairs_per_int4_expert_and_12_per_fp8_one():
+    assert cuda_moe.MOE_MAX_MEAN_ROWS == 64 and cuda_moe.FP8_MAX_MEAN_ROWS == 12
     assert cuda_moe.moe_faster(256, 2, 8) and not cuda_moe.moe_faster(257, 2, 8)  # Mixtral
     assert cuda_moe.moe_faster(1024, 8, 128) and not cuda_moe.moe_faster(1025, 8, 128)  # Qwen3-30B-A3B
-    assert cuda_moe.moe_faster(128, 8, 128, fp8=True) and not cuda_moe.moe_faster(129, 8, 128, fp8=True)
+    assert cuda_moe.moe_faster(192, 8, 128, fp8=True) and not cuda_moe.moe_faster(193, 8, 128, fp8=True)
     assert cuda_moe.moe_faster(1, 8, 128) and cuda_moe.moe_faster(1, 8, 128, fp8=True)
 
 

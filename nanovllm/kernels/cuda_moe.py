@@ -5,8 +5,8 @@
 ``prepare(device, fp8)`` builds and loads a format's kernel at start-up (an int4 or FP8 model on CUDA:
 ``engine/runner_setup.py``).  ``moe_usable(x, top_k, w13, w2, scales, zeros, group)`` says whether the kernel runs
 such experts (SiLU, no biases: the caller's to check): int4 ones (``zeros`` given) or e4m3 ones (``zeros``
-(None, None), float32 scales per row and group), inside ``moe_fits``'s contract, at most ``MOE_MAX_MEAN_ROWS`` pairs
-per expert (int4; FP8: ``FP8_MAX_MEAN_ROWS``; ``moe_faster``), not dequantized once (``triton_moe.dequantized_once``), the library built for x's GPU.
+(None, None), float32 scales per row and group) inside ``moe_fits``'s contract, at steps of at most
+``MOE_MAX_MEAN_ROWS`` (FP8: ``FP8_MAX_MEAN_ROWS``) pairs per expert, not dequantized once, the library built.
 ``experts_cuda`` then computes ``triton_moe.experts_triton``'s output.  FP8 experts run here weight-only (x is not
 rounded to e4m3), as the dequantized oracle does; past these rows they keep the W8A8 Triton kernels.  A bf16 model's x
 meets them as fp16 rows of x / 16 (``FP16_X_SCALE``; exact from 2^-10 to 1e6), and so does the intermediate, since
@@ -23,9 +23,9 @@ from nanovllm.kernels.triton_moe_align import align_triton
 MOE_BLOCKS = (8, 16, 32, 64)  # the kernel's layout blocks: 1, 2, 4 or 8 mma's of n = 8 on one dequantized chunk
 MOE_MAX_BLOCK = 32  # moe_block's largest pick: blocks of 64 were no faster at 64 pairs per expert (H200, int4)
 MOE_MAX_MEAN_ROWS = 64  # pairs per expert, on average, up to which the kernel beats the Triton tiles (H200, int4)
-# FP8: up to which it beats W8A8 Triton (H200, Qwen3-30B-A3B's experts, whole and a TP=2 rank's, at 4 to 8 pairs:
-# 0.76-0.91 of its time; at 12 and 16: 1.00-1.10)
-FP8_MAX_MEAN_ROWS = 8
+# FP8: up to which it beats W8A8 Triton (H200, Qwen3-30B-A3B's experts, the whole op: 0.76-0.93 of its time at 4 to
+# 10 pairs, 0.96 at 12, 1.00 at 16)
+FP8_MAX_MEAN_ROWS = 12
 CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _NAMES = {False: "w4a16_moe", True: "w8a16_moe"}  # by fp8
@@ -72,7 +72,7 @@ def moe_usable(x: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
 def moe_faster(num_tokens: int, top_k: int, num_experts: int, fp8: bool = False) -> bool:
     """Whether the kernel beats the Triton tiles on such a step, as measured: at most ``MOE_MAX_MEAN_ROWS`` pairs per
     expert on average (steps of up to 256 tokens at Mixtral's 8 experts and top 2, 1,024 at Qwen3-30B-A3B's 128 and
-    top 8); FP8 experts at most ``FP8_MAX_MEAN_ROWS`` (Qwen3-30B-A3B: 128 tokens)."""
+    top 8); FP8 experts at most ``FP8_MAX_MEAN_ROWS`` (Qwen3-30B-A3B: 192 tokens)."""
     return num_tokens * top_k <= (FP8_MAX_MEAN_ROWS if fp8 else MOE_MAX_MEAN_ROWS) * num_experts
 
 
