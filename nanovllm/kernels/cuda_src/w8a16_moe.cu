@@ -16,8 +16,8 @@ struct Fp8 {
   static constexpr bool kPermutes = false;  // x's words pair as they are
   static constexpr bool kFp16X = true;  // bf16 models' x in fp16 (/ 16): e4m3 -> fp16 is one cvt a pair
   static constexpr int kUnroll = 2;  // chunks a warp loads before using the first: 64 bytes a lane each (3, 4: slower)
-  // 4 blocks an SM at S = 4 (ptxas uses 127 registers either way): H200 lab, 192 / 256 / 512 tokens, bit for bit,
-  // 197.8 / 211.2 / 310.1 us a layer against 222.1 / 235.8 / 336.8 with no bound
+  // a minimum of 4 blocks an SM at S = 4 (the kernels fit 128 registers without it too; ptxas schedules them apart):
+  // H200 lab, 192 / 256 / 512 tokens, bit for bit, 197.8 / 211.2 / 310.1 us a layer against 222.1 / 235.8 / 336.8
   static constexpr int kBlocksAtS4 = 4;
   static __device__ __forceinline__ LaneRows8 rows(const uint8_t* q, long long ldq, const float* scale, long long lds,
                                                    const uint8_t*, long long, long long row_a, long long row_b,
