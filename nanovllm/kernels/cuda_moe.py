@@ -49,10 +49,10 @@ def moe_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, scales: tuple
     hidden, inter = x.shape[1], w2.shape[2] * (1 if fp8 else 2)
     if hidden % CHUNK or inter % CHUNK or group <= 0 or (group % CHUNK and group < max(hidden, inter)):
         return False
-    tensors = (x, w13, w2, *scales, *(zeros if int4 else ()))
-    if any(t.stride(-1) != 1 for t in tensors) or any(t.dtype != (torch.float32 if fp8 else torch.float16)
-                                                      for t in scales) or any(t.dtype != torch.uint8 for t in
-                                                                              (zeros if int4 else ())):
+    zeros = zeros if int4 else ()
+    if any(t.stride(-1) != 1 for t in (x, w13, w2, *scales, *zeros)) or any(t.dtype != torch.uint8 for t in zeros):
+        return False
+    if any(t.dtype != (torch.float32 if fp8 else torch.float16) for t in scales):
         return False
     rows_aligned = all(t.stride(-2) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (w13, w2))
     return rows_aligned and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
