@@ -1,8 +1,8 @@
 // Grouped int4 experts on the tensor cores: moe_grouped.cuh's kernel with int4 weights.
 //
-// Contract (checked by nanovllm/kernels/cuda_w4a16.py): bf16 or fp16 x / inter rows, 16-byte aligned, with blocks of
+// Contract (checked by nanovllm/kernels/cuda_moe.py): bf16 or fp16 x / inter rows, 16-byte aligned, with blocks of
 // more than 8 slots permuted in each 8 columns (column 8i + j at 8i + 2(j % 4) + j / 4: the order the mma pairs them
-// in, so the kernel regroups no x; cuda_w4a16.permute_columns, and the up GEMM writes inter so); q uint8
+// in, so the kernel regroups no x; cuda_moe.permute_columns, and the up GEMM writes inter so); q uint8
 // [E, N, K / 2] (two codes a byte, column 2b in the low nibble), rows 16-byte aligned; scale fp16 and zero uint8
 // [E, N, groups]; K % 128 == 0 and (group % 128 == 0 or group >= K).  Each chunk's codes are dequantized once for
 // the S sub-blocks (w4a16_common.cuh: the lane layout).

@@ -1,10 +1,10 @@
 // Grouped e4m3 experts on the tensor cores, weight-only: moe_grouped.cuh's kernel with FP8 weights.
 //
-// Contract (checked by nanovllm/kernels/cuda_w8a16.py): bf16 or fp16 x / inter rows in their own column order,
-// 16-byte aligned; q e4m3 bytes [E, N, K], rows 16-byte aligned; scale float32 [E, N, groups] (block-FP8
-// checkpoints' scales expanded per row); K % 128 == 0 and (group % 128 == 0 or group >= K); zero unused.  Each
-// chunk's codes become mma fragments once for the S sub-blocks (fp8_rows.cuh: the lane layout, exact in fp16 and
-// bf16).
+// Contract (checked by nanovllm/kernels/cuda_moe.py): bf16 or fp16 x / inter rows in their own column order (or,
+// with fp16_x, fp16 rows of a bf16 model's values / 16), 16-byte aligned; q e4m3 bytes [E, N, K], rows 16-byte
+// aligned; scale float32 [E, N, groups] (block-FP8 checkpoints' scales expanded per row); K % 128 == 0 and
+// (group % 128 == 0 or group >= K); zero unused.  Each chunk's codes become mma fragments once for the S sub-blocks
+// (fp8_rows.cuh: the lane layout, exact in fp16 and bf16).
 #include "fp8_rows.cuh"
 #include "moe_grouped.cuh"
 
