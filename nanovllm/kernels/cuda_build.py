@@ -8,7 +8,8 @@ The library's C functions take raw pointers and the stream, so no torch headers 
 load it.  Builds are cached under
 ``$NANOVLLM_CACHE_DIR/cuda/<hash of source, headers, capability and nvcc>``; the first build of a kernel takes tens of
 seconds and happens at engine start-up (``engine/runner_setup.py``; ``python -m nanovllm.precompile`` builds it too).  A
-first load asked for inside a graph capture gets None and loads nothing.
+first load asked for inside a graph capture gets None and loads nothing.  ``CHUNK``, ``DTYPES`` and ``chunked`` are
+the conventions the C functions share (the chunk of K they sum at a time, x's dtype codes).
 """
 import ctypes
 import hashlib
@@ -27,6 +28,18 @@ from nanovllm.paths import cache_root
 
 SOURCES = Path(__file__).parent / "cuda_src"
 _BUILD_SECONDS = 600  # one nvcc run's limit
+# the conventions the C functions share: kChunk (cuda_src/w4a16_common.cuh), the columns a warp sums at a time, so K
+# and groups are multiples of it; the code each takes for x's dtype
+CHUNK = 128
+DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def chunked(k: int, group: int) -> bool:
+    """Whether a C kernel sums K columns in ``group``-column scale groups: K whole chunks, and a group a multiple of
+    a chunk or all of K."""
+    return k % CHUNK == 0 and group > 0 and (group % CHUNK == 0 or group >= k)
+
+
 _loaded: dict = {}
 _lock = threading.Lock()
 

@@ -26,8 +26,6 @@ MOE_MAX_MEAN_ROWS = 64  # pairs per expert, on average, up to which the kernel b
 # FP8: up to which it beats W8A8 Triton (H200, Qwen3-30B-A3B's experts, the whole op: 0.76-0.93 of its time at 4 to
 # 10 pairs, 0.96 at 12, 1.00 at 16)
 FP8_MAX_MEAN_ROWS = 12
-CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
-_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _NAMES = {False: "w4a16_moe", True: "w8a16_moe"}  # by fp8
 _SIGNATURE = "plpppiiipllpllpllppliiiiiiiip"  # the C functions' parameters (cuda_build.load_function)
 FP16_X_SCALE = 16.0  # the kernel's kFp16XScale: a bf16 model's x and intermediate rows go to FP8 experts as fp16 / 16
@@ -44,10 +42,10 @@ def moe_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, scales: tuple
     columns (or one), unit column strides, 16-byte aligned rows."""
     fp8 = _fp8(w13) and w2.dtype == FP8_DTYPE and zeros[0] is None and zeros[1] is None
     int4 = w13.dtype == w2.dtype == torch.uint8 and zeros[0] is not None and zeros[1] is not None
-    if x.dim() != 2 or x.dtype not in _DTYPES or not (fp8 or int4) or any(s is None for s in scales):
+    if x.dim() != 2 or x.dtype not in cuda_build.DTYPES or not (fp8 or int4) or any(s is None for s in scales):
         return False
     hidden, inter = x.shape[1], w2.shape[2] * (1 if fp8 else 2)
-    if hidden % CHUNK or inter % CHUNK or group <= 0 or (group % CHUNK and group < max(hidden, inter)):
+    if not (cuda_build.chunked(hidden, group) and cuda_build.chunked(inter, group)):
         return False
     zeros = zeros if int4 else ()
     if any(t.stride(-1) != 1 for t in (x, w13, w2, *scales, *zeros)) or any(t.dtype != torch.uint8 for t in zeros):
@@ -102,8 +100,8 @@ def experts_cuda(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist
     (``route_triton``) -> [T, H] in x's dtype.  ``block``: one of ``MOE_BLOCKS``, by default ``moe_block``'s."""
     num_tokens, hidden = x.shape
     fp8 = _fp8(w13)
-    top_k, num_experts, inter = ids.shape[1], w13.shape[0], w2.shape[2] * (1 if fp8 else 2)
-    per_byte = 1 if fp8 else 2
+    per_byte = 1 if fp8 else 2  # columns a stored element holds
+    top_k, num_experts, inter = ids.shape[1], w13.shape[0], w2.shape[2] * per_byte
     assert w13.shape == (num_experts, 2 * inter, hidden // per_byte), f"w13 {tuple(w13.shape)} for H={hidden}"
     assert w2.shape == (num_experts, hidden, inter // per_byte), f"w2 {tuple(w2.shape)} for I={inter}"
     if num_tokens == 0:
@@ -120,7 +118,7 @@ def experts_cuda(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, hist
         x = permute_columns(x)
     inter_rows = x.new_empty(num_blocks * block, inter)
     layout = (sorted_ids.data_ptr(), block_expert.data_ptr(), block_rows.data_ptr(), num_blocks, block, top_k)
-    gemm = (fp8, fp16_x, layout, group, weights, round_weights, _DTYPES[per_pair.dtype])
+    gemm = (fp8, fp16_x, layout, group, weights, round_weights, cuda_build.DTYPES[per_pair.dtype])
     _moe_gemm(*gemm, x, w13, scales[0], zeros[0], inter_rows, True)
     _moe_gemm(*gemm, inter_rows, w2, scales[1], zeros[1], per_pair, False)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)

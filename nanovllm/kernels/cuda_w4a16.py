@@ -15,8 +15,6 @@ from nanovllm.kernels import cuda_build
 from nanovllm.kernels.pdl import pdl_enabled
 
 MAX_ROWS = 8  # the n of one mma.m16n8k16
-CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
-_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 # the C function's parameters, in order (cuda_build.load_function): p a pointer, i an int, l a long long
 _SIGNATURE = "pliplplplppliiiiiip"
 
@@ -24,10 +22,10 @@ _SIGNATURE = "pliplplplppliiiiiip"
 def fits(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> bool:
     """Whether the call is inside the kernel's contract, on any device: 1 to 8 bf16/fp16 rows, K a multiple of 128,
     groups of a multiple of 128 columns (or one group), unit column strides, 16-byte aligned x and weight rows."""
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in _DTYPES:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in cuda_build.DTYPES:
         return False
     k = x.shape[1]
-    if k % CHUNK or group <= 0 or (group % CHUNK and group < k):
+    if not cuda_build.chunked(k, group):
         return False
     strides = (x.stride(1), qweight.stride(1), scale.stride(1), zero.stride(1))
     aligned = not (qweight.stride(0) % 16 or qweight.data_ptr() % 16 or x.data_ptr() % 16
@@ -66,7 +64,7 @@ def linear_w4a16_cuda(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     err = _function(x.device)(
         x.data_ptr(), x.stride(0), x.shape[0], qweight.data_ptr(), qweight.stride(0), scale.data_ptr(),
         scale.stride(0), zero.data_ptr(), zero.stride(0), bias.data_ptr() if bias is not None else None,
-        out.data_ptr(), out.stride(0), out.shape[1], k, min(group, k), int(silu_mul), _DTYPES[x.dtype],
+        out.data_ptr(), out.stride(0), out.shape[1], k, min(group, k), int(silu_mul), cuda_build.DTYPES[x.dtype],
         int(pdl_enabled(x.device)), stream)
     if err:
         raise RuntimeError(f"w4a16_mma: CUDA error {err} (silu_mul={silu_mul}, x {tuple(x.shape)})")

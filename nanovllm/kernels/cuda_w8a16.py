@@ -16,9 +16,7 @@ from nanovllm.kernels.kv_quant import FP8_DTYPE
 from nanovllm.kernels.pdl import pdl_enabled
 
 MAX_ROWS = 8  # the n of one mma.m16n8k16
-CHUNK = 128  # the kernel's kChunk: columns a warp sums at a time; K and groups are multiples of it
 NAME = "w8a16_mma"
-_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _SIGNATURE = "pliplplppliiiiiip"  # its parameters (cuda_build.load_function): p a pointer, i an int, l a long long
 
 
@@ -26,12 +24,12 @@ def fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group: int)
     """Whether the call is inside the kernel's contract, on any device: 1 to 8 bf16/fp16 rows, an e4m3 weight [N, K]
     with K a multiple of 128, float32 scales in groups of a multiple of 128 columns (or one a row), unit column
     strides, 16-byte aligned x and weight rows."""
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in _DTYPES:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in cuda_build.DTYPES:
         return False
     k = x.shape[1]
     if weight.dtype != FP8_DTYPE or weight.dim() != 2 or weight.shape[1] != k or scale.dtype != torch.float32:
         return False
-    if k % CHUNK or group <= 0 or (group % CHUNK and group < k):
+    if not cuda_build.chunked(k, group):
         return False
     if (x.stride(1), weight.stride(1), scale.stride(1)) != (1, 1, 1):
         return False
@@ -65,7 +63,7 @@ def linear_w8a16_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     err = _function(x.device)(
         x.data_ptr(), x.stride(0), x.shape[0], weight.data_ptr(), weight.stride(0), scale.data_ptr(),
         scale.stride(0), bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), out.shape[1],
-        k, min(group, k), int(silu_mul), _DTYPES[x.dtype], int(pdl_enabled(x.device)),
+        k, min(group, k), int(silu_mul), cuda_build.DTYPES[x.dtype], int(pdl_enabled(x.device)),
         torch.cuda.current_stream(x.device).cuda_stream)
     if err:
         raise RuntimeError(f"{NAME}: CUDA error {err} (silu_mul={silu_mul}, x {tuple(x.shape)})")
