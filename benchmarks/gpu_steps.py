@@ -71,11 +71,11 @@ STEPS = [
     *[Step(f"batch1{tag}-{who}", who, f"peer:qwen3-8b{q}", "bench", (B1 if who == "ours" else V1) + flags)
       for tag, q, flags in (("", "", ()), ("-fp8", "", FP8), ("-gptq", "+gptq", ()), ("-awq", "+awq", ()))
       for who in OURS_VLLM],
-    Step("moe-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH),
-    Step("moe-vllm", "vllm", "preset:qwen3-30b-a3b", "bench"),
+    *[Step(f"moe-{w}", w, "preset:qwen3-30b-a3b", "bench", BENCH if w == "ours" else ()) for w in OURS_VLLM],
     Step("moe-fp8kv-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8_KV),
     Step("moe-fp8kv-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8_KV),
-    Step("profile-batch1-fp8", "ours", "peer:qwen3-8b", "module", PROFILE + ("--at", "1") + B1 + FP8),
+    *[Step(f"profile-batch1-{tag}", "ours", f"peer:qwen3-8b{q}", "module", PROFILE + ("--at", "1") + B1 + flags)
+      for tag, q, flags in (("fp8", "", FP8), ("gptq", "+gptq", ()))],
     Step("moe-fp8-ours", "ours", "preset:qwen3-30b-a3b", "bench", BENCH + FP8),
     Step("moe-fp8-vllm", "vllm", "preset:qwen3-30b-a3b", "bench", FP8),
     Step("moe-blockfp8-ours", "ours", "fp8:qwen3-30b-a3b", "bench", BENCH),  # the same checkpoint in both
